@@ -1,0 +1,55 @@
+# Thin wrapper over CMake for the targets users expect. See README.md.
+BUILD      ?= build
+SAN_BUILD  ?= build-san
+JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
+KVSIM      := $(BUILD)/kvsim
+
+# Debian packages kvsim builds and tests with.
+DEB_PACKAGES := build-essential cmake pkg-config libhdf5-dev hdf5-tools libopenblas-dev \
+                libgsl-dev libcmocka-dev libinih-dev libcjson-dev libpcre2-dev gnuplot-nox
+
+.PHONY: all deps build test test-release test-sanitize run bench clean
+
+all: build
+
+# Installs missing Debian packages when run as root; otherwise prints the one command needed.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else \
+	    echo "kvsim needs these Debian packages: sudo apt-get install -y $$missing"; exit 1; \
+	  fi; \
+	fi
+
+$(BUILD)/CMakeCache.txt: | deps
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release
+
+build: deps $(BUILD)/CMakeCache.txt
+	cmake --build $(BUILD) -j $(JOBS)
+
+$(SAN_BUILD)/CMakeCache.txt: | deps
+	cmake -S . -B $(SAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DKVSIM_SANITIZE=ON
+
+# The test suite, twice: the release build, then the ASan+UBSan build.
+test: test-release test-sanitize
+
+test-release: build
+	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+
+test-sanitize: deps $(SAN_BUILD)/CMakeCache.txt
+	cmake --build $(SAN_BUILD) -j $(JOBS)
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  ctest --test-dir $(SAN_BUILD) --output-on-failure -j $(JOBS)
+
+# The main job on the embedded default.
+run: build
+	$(KVSIM) run configs/default.ini
+
+bench: build
+	$(BUILD)/bench_replay
+
+clean:
+	rm -rf $(BUILD) $(SAN_BUILD)

@@ -1,0 +1,184 @@
+/* policy.h — the one interface every eviction policy implements.
+ *
+ * A policy is one .c file that defines a `const PolicyType` and adds one line to
+ * policies/registry.c. The replay engine never knows which algorithm it drives.
+ *
+ * The engine replays a trace layer by layer. For each (configured policy, layer) it creates one
+ * Policy instance, which keeps one cache (KVCache) per KV head of the layer. Calls, in order:
+ *
+ *   create(params, layer, env)   the policy sets its `base` fields, including what it needs
+ *   prefill(p, prefill_view)     once: the prompt [0, P) has been processed; fill the caches with
+ *                                the prompt tokens the policy keeps
+ *   for t = P .. T-1:
+ *     step(p, step_view)         token t arrives: admit it and decide what query t attends over
+ *     [engine: query t attends over each KV head's cache; metrics are recorded]
+ *     observe(p, step_view, attn) the attention query t really computed over the caches
+ *                                 (softmax renormalised on the cache), for scores and eviction
+ *   destroy(p)
+ *
+ * Information rules. A policy may read q, k, v and the metadata of positions <= t (the past and
+ * the present). Only policies whose `base.is_oracle` is set may read step_view->full_attn or
+ * decode_mass (the true attention, or the future): those are upper bounds, not methods.
+ *
+ * GQA. A KV head g serves query heads [g*group, (g+1)*group). A policy that scores tokens from
+ * attention must combine all query heads of the group and document the reduction it uses. */
+#ifndef KVSIM_POLICY_H
+#define KVSIM_POLICY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "sim/trace.h"
+#include "sim/util.h"
+
+/* ---- Parameters: declared as a table, parsed and validated by the config loader ---- */
+typedef enum { PARAM_INT, PARAM_DOUBLE, PARAM_BOOL, PARAM_ENUM, PARAM_STRING } ParamKind;
+
+#define PARAM_STRING_MAX 512
+
+typedef struct {
+    const char *key;     /* INI key */
+    ParamKind kind;      /* int -> int, double -> double, bool -> bool, enum -> int, string -> char[PARAM_STRING_MAX] */
+    size_t offset;       /* offsetof(the policy's params struct, field) */
+    const char *dflt;    /* default, as it would be written in the INI file */
+    double min, max;     /* inclusive range for int and double */
+    const char *choices; /* enum: "a|b|c" (value = index) */
+    const char *help;    /* one line, shown by `kvsim policies` */
+} ParamSpec;
+
+/* ---- What a policy instance sees ---- */
+
+/* One layer of the trace, as the engine holds it in memory. */
+typedef struct {
+    const TraceMeta *meta; /* tokens, positions, segments, needles, probes, rope */
+    int layer;
+    int n_q_heads, n_kv_heads, group; /* group = n_q_heads / n_kv_heads */
+    int head_dim;
+    int n_tokens, n_prompt; /* T, P */
+    float attn_scale;
+    const float *q; /* [n_q_heads][T][head_dim] post-RoPE */
+    const float *k; /* [n_kv_heads][T][head_dim] post-RoPE */
+    const float *v; /* [n_kv_heads][T][head_dim] */
+} LayerView;
+
+typedef struct {
+    uint64_t seed; /* derived from the run seed, the policy label and the layer */
+    int kv_bits;   /* precision of K and V on the device (16 = fp16) */
+} PolicyEnv;
+
+/* The prompt's attention, computed by the engine only when an instance asks for it. */
+typedef struct {
+    const LayerView *L;
+    /* [n_q_heads][P]: sum over prompt queries i in [0,P) of p_i(j), causal (i >= j);
+     * NULL unless base.want_prefill_mass. */
+    const float *prefill_mass;
+    /* [n_q_heads][obs_rows][P]: attention rows of the last obs_rows prompt queries
+     * (query P-obs_rows+r in row r; zero beyond the query); NULL unless want_prefill_rows > 0. */
+    const float *obs_attn;
+    int obs_rows;
+    /* [n_q_heads][T]: sum over decode steps t in [P,T) of p_t(j) (oracle_future only). */
+    const float *decode_mass;
+} PrefillView;
+
+typedef struct {
+    const LayerView *L;
+    int t; /* the decode step: the new token's index and the query's */
+    /* [n_q_heads][T]: the true attention of query t over [0, t] (zero beyond); oracles only. */
+    const float *full_attn;
+} StepView;
+
+/* ---- The cache of one KV head ----
+ * A list of slots. A slot holds a trace position whose K and V come from the trace, or, when
+ * alt_kv[i] is set, an approximation of them (e.g. a dequantized restored token: pos >= 0) or a
+ * synthetic entry (pos = -1, e.g. a summary of skipped tokens). Query t attends over all slots.
+ * Membership of real positions is O(1) through slot_of. Slot order is the policy's; removal
+ * moves the last slot into the hole. */
+typedef struct {
+    int n;          /* slots in use */
+    int cap;
+    int head_dim;
+    int32_t *pos;   /* [cap] */
+    float **alt_kv; /* [cap] NULL, or 2*head_dim floats (k then v) owned by the cache */
+    int32_t *slot_of; /* [n_tokens]: slot index of a position, -1 if not cached */
+    int n_tokens;
+} KVCache;
+
+void kvcache_init(KVCache *c, int n_tokens, int head_dim);
+void kvcache_free(KVCache *c);
+static inline bool kvcache_has(const KVCache *c, int pos) { return c->slot_of[pos] >= 0; }
+/* Adds a real position with the trace's K and V (no-op if already cached). */
+void kvcache_add(KVCache *c, int pos);
+/* Adds a slot with approximate or synthetic K,V (copied); pos = -1 for synthetic. If pos is
+ * already cached, its slot takes the new K,V. Returns the slot index. */
+int kvcache_add_alt(KVCache *c, int pos, const float *k, const float *v);
+void kvcache_remove(KVCache *c, int pos);   /* real position; no-op if absent */
+void kvcache_remove_slot(KVCache *c, int slot);
+void kvcache_clear(KVCache *c);
+/* Number of slots holding real positions (pos >= 0). */
+int kvcache_real_count(const KVCache *c);
+
+/* ---- Memory accounting, reported after each step's eviction (per layer, all KV heads) ---- */
+typedef struct {
+    double device_bytes;    /* live K+V bytes on the accelerator */
+    double allocated_bytes; /* device bytes allocated (>= live; engines grow buffers in steps) */
+    double host_bytes;      /* second-tier bytes (offloaded, possibly quantized) */
+    double to_host_bytes;   /* moved device -> host during this step */
+    double to_device_bytes; /* moved host -> device during this step */
+    double fetched_tokens;  /* tokens brought from the host tier for this step */
+    double restored_tokens; /* tokens restored from the host tier this step */
+    double restore_k_err;   /* sum over tokens restored this step of ||k~ - k|| / ||k|| */
+    double restore_v_err;   /* likewise for v */
+} MemReport;
+
+/* Device bytes of `tokens` cached entries (K and V) of head_dim at kv_bits. */
+double kv_entry_bytes(double tokens, int head_dim, int kv_bits);
+
+/* ---- The instance base: every policy struct starts with `Policy base;` ---- */
+typedef struct PolicyType PolicyType;
+
+typedef struct {
+    const PolicyType *type;
+    int n_kv_heads;
+    KVCache *cache; /* [n_kv_heads] */
+    bool is_oracle;
+    /* What the engine must compute for this instance (set by create). */
+    bool want_prefill_mass;
+    int want_prefill_rows;
+    bool want_decode_mass;
+} Policy;
+
+struct PolicyType {
+    const char *name;        /* the value of type= */
+    const char *description; /* one line */
+    size_t params_size;      /* sizeof the policy's parameter struct */
+    const ParamSpec *params; /* terminated by an entry with key == NULL */
+    /* Checks parameter combinations the table cannot express; may be NULL. */
+    int (*validate)(const void *params, KvErr *err);
+    Policy *(*create)(const void *params, const LayerView *L, const PolicyEnv *env);
+    void (*prefill)(Policy *p, const PrefillView *pv);
+    void (*step)(Policy *p, const StepView *sv);
+    /* attn[g] is [group][cache[g].n]: query head g*group+i's attention over cache g's slots,
+     * in slot order. May be NULL when the policy does not use attention. */
+    void (*observe)(Policy *p, const StepView *sv, const float *const *attn);
+    /* May be NULL: the engine then reports live slots at env.kv_bits, allocated = live. */
+    void (*memory)(const Policy *p, MemReport *m);
+    void (*destroy)(Policy *p);
+};
+
+/* Base helpers for create/destroy: allocate and free the per-KV-head caches. */
+void policy_base_init(Policy *p, const PolicyType *type, const LayerView *L);
+void policy_base_free(Policy *p);
+
+/* ---- Registry (policies/registry.c) ---- */
+const PolicyType *policy_find(const char *name);
+const PolicyType *const *policy_types(int *count);
+
+/* Parameter handling, shared by the config loader and the tests. */
+void policy_params_defaults(const PolicyType *type, void *params);
+/* Parses `value` into the field of `key`. Returns -1 with a message (without file/line: the
+ * caller prefixes them) for an unknown key, a malformed value or one out of range. */
+int policy_param_set(const PolicyType *type, void *params, const char *key, const char *value,
+                     KvErr *err);
+
+#endif

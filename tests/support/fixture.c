@@ -1,0 +1,222 @@
+#include "tests/support/fixture.h"
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <gsl/gsl_randist.h>
+#include <gsl/gsl_rng.h>
+
+Fixture *fixture_new(int n_q_heads, int n_kv_heads, int head_dim, int n_tokens, int n_prompt)
+{
+    Fixture *fx = kv_calloc(1, sizeof *fx);
+    TraceMeta *m = &fx->meta;
+    snprintf(m->model, sizeof m->model, "fixture");
+    m->n_layers = 1;
+    m->n_q_heads = n_q_heads;
+    m->n_kv_heads = n_kv_heads;
+    m->head_dim = head_dim;
+    m->n_tokens = n_tokens;
+    m->n_prompt = n_prompt;
+    m->rope_theta = 10000.0;
+    m->rope_layout = ROPE_HALF;
+    m->attn_scale = 1.0 / sqrt((double)head_dim);
+    trace_meta_alloc(m);
+    for (int i = 0; i < n_tokens; i++)
+        m->positions[i] = i;
+    fx->q = kv_calloc((size_t)n_q_heads * n_tokens * head_dim, sizeof(float));
+    fx->k = kv_calloc((size_t)n_kv_heads * n_tokens * head_dim, sizeof(float));
+    fx->v = kv_calloc((size_t)n_kv_heads * n_tokens * head_dim, sizeof(float));
+    fx->L = (LayerView){
+        .meta = m, .layer = 0, .n_q_heads = n_q_heads, .n_kv_heads = n_kv_heads,
+        .group = n_q_heads / n_kv_heads, .head_dim = head_dim, .n_tokens = n_tokens,
+        .n_prompt = n_prompt, .attn_scale = (float)m->attn_scale, .q = fx->q, .k = fx->k,
+        .v = fx->v,
+    };
+    return fx;
+}
+
+void fixture_free(Fixture *fx)
+{
+    trace_meta_free(&fx->meta);
+    free(fx->q);
+    free(fx->k);
+    free(fx->v);
+    free(fx);
+}
+
+void fixture_randomize(Fixture *fx, uint64_t seed, double sigma)
+{
+    gsl_rng *r = gsl_rng_alloc(gsl_rng_mt19937);
+    gsl_rng_set(r, (unsigned long)seed);
+    size_t nq = (size_t)fx->L.n_q_heads * fx->L.n_tokens * fx->L.head_dim;
+    size_t nk = (size_t)fx->L.n_kv_heads * fx->L.n_tokens * fx->L.head_dim;
+    for (size_t i = 0; i < nq; i++)
+        fx->q[i] = (float)gsl_ran_gaussian(r, sigma);
+    for (size_t i = 0; i < nk; i++)
+        fx->k[i] = (float)gsl_ran_gaussian(r, sigma);
+    for (size_t i = 0; i < nk; i++)
+        fx->v[i] = (float)gsl_ran_gaussian(r, sigma);
+    gsl_rng_free(r);
+}
+
+Policy *fixture_policy(Fixture *fx, const char *type_name, const char *params, uint64_t seed)
+{
+    const PolicyType *type = policy_find(type_name);
+    if (!type)
+        fail_msg("unknown policy type %s", type_name);
+    void *prm = kv_calloc(1, type->params_size);
+    policy_params_defaults(type, prm);
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", params ? params : "");
+    char *save = NULL;
+    for (char *tok = strtok_r(buf, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
+        char *eq = strchr(tok, '=');
+        if (!eq)
+            fail_msg("fixture_policy: '%s' is not key=value", tok);
+        *eq = '\0';
+        KvErr err;
+        if (policy_param_set(type, prm, tok, eq + 1, &err) != 0)
+            fail_msg("fixture_policy: %s", err.msg);
+    }
+    KvErr err;
+    if (type->validate && type->validate(prm, &err) != 0)
+        fail_msg("fixture_policy: %s", err.msg);
+    PolicyEnv env = {.seed = seed, .kv_bits = 16};
+    Policy *p = type->create(prm, &fx->L, &env);
+    free(prm);
+    return p;
+}
+
+/* logits of query (h, t) over keys [0, t] of its KV head, softmaxed into out[0..t]. */
+static void attn_row(const Fixture *fx, int h, int t, float *out)
+{
+    const LayerView *L = &fx->L;
+    int g = h / L->group, D = L->head_dim;
+    const float *q = L->q + ((size_t)h * L->n_tokens + t) * D;
+    double mx = -INFINITY;
+    double *s = kv_malloc((size_t)(t + 1) * sizeof *s);
+    for (int j = 0; j <= t; j++) {
+        const float *k = L->k + ((size_t)g * L->n_tokens + j) * D;
+        double dot = 0;
+        for (int d = 0; d < D; d++)
+            dot += (double)q[d] * k[d];
+        s[j] = dot * L->attn_scale;
+        if (s[j] > mx)
+            mx = s[j];
+    }
+    double z = 0;
+    for (int j = 0; j <= t; j++)
+        z += (s[j] = exp(s[j] - mx));
+    for (int j = 0; j < L->n_tokens; j++)
+        out[j] = j <= t ? (float)(s[j] / z) : 0.0f;
+    free(s);
+}
+
+void fixture_full_attn(const Fixture *fx, int t, float *out)
+{
+    for (int h = 0; h < fx->L.n_q_heads; h++)
+        attn_row(fx, h, t, out + (size_t)h * fx->L.n_tokens);
+}
+
+/* Attention of query (h, t) over the slots of cache c (alt K/V where set). */
+static void cache_attn(const Fixture *fx, const KVCache *c, int h, int t, float *out)
+{
+    const LayerView *L = &fx->L;
+    int g = h / L->group, D = L->head_dim;
+    const float *q = L->q + ((size_t)h * L->n_tokens + t) * D;
+    double mx = -INFINITY;
+    double *s = kv_malloc((size_t)(c->n + 1) * sizeof *s);
+    for (int i = 0; i < c->n; i++) {
+        const float *k = c->alt_kv[i] ? c->alt_kv[i]
+                                      : L->k + ((size_t)g * L->n_tokens + c->pos[i]) * D;
+        double dot = 0;
+        for (int d = 0; d < D; d++)
+            dot += (double)q[d] * k[d];
+        s[i] = dot * L->attn_scale;
+        if (s[i] > mx)
+            mx = s[i];
+    }
+    double z = 0;
+    for (int i = 0; i < c->n; i++)
+        z += (s[i] = exp(s[i] - mx));
+    for (int i = 0; i < c->n; i++)
+        out[i] = (float)(s[i] / z);
+    free(s);
+}
+
+void fixture_run(Fixture *fx, Policy *p, int t_end, FixtureStepFn fn, void *ud)
+{
+    const LayerView *L = &fx->L;
+    int Hq = L->n_q_heads, T = L->n_tokens, P = L->n_prompt;
+    float *row = kv_malloc((size_t)Hq * T * sizeof *row);
+
+    PrefillView pv = {.L = L};
+    float *mass = NULL, *obs = NULL, *dmass = NULL;
+    if (p->want_prefill_mass || p->want_prefill_rows > 0) {
+        int W = p->want_prefill_rows < P ? p->want_prefill_rows : P;
+        mass = kv_calloc((size_t)Hq * P, sizeof *mass);
+        obs = kv_calloc((size_t)Hq * (W > 0 ? W : 1) * P, sizeof *obs);
+        for (int i = 0; i < P; i++) {
+            fixture_full_attn(fx, i, row);
+            for (int h = 0; h < Hq; h++)
+                for (int j = 0; j <= i; j++) {
+                    mass[(size_t)h * P + j] += row[(size_t)h * T + j];
+                    if (i >= P - W)
+                        obs[((size_t)h * W + (i - (P - W))) * P + j] = row[(size_t)h * T + j];
+                }
+        }
+        pv.prefill_mass = p->want_prefill_mass ? mass : NULL;
+        pv.obs_attn = W > 0 ? obs : NULL;
+        pv.obs_rows = W > 0 ? W : 0;
+    }
+    if (p->want_decode_mass) {
+        dmass = kv_calloc((size_t)Hq * T, sizeof *dmass);
+        for (int t = P; t < T; t++) {
+            fixture_full_attn(fx, t, row);
+            for (size_t i = 0; i < (size_t)Hq * T; i++)
+                dmass[i] += row[i];
+        }
+        pv.decode_mass = dmass;
+    }
+    p->type->prefill(p, &pv);
+
+    float **attn = kv_calloc((size_t)L->n_kv_heads, sizeof *attn);
+    for (int t = P; t < t_end; t++) {
+        fixture_full_attn(fx, t, row);
+        StepView sv = {.L = L, .t = t, .full_attn = p->is_oracle ? row : NULL};
+        p->type->step(p, &sv);
+        for (int g = 0; g < L->n_kv_heads; g++) {
+            const KVCache *c = &p->cache[g];
+            attn[g] = kv_realloc(attn[g], (size_t)L->group * (c->n + 1) * sizeof(float));
+            for (int i = 0; i < L->group; i++)
+                cache_attn(fx, c, g * L->group + i, t, attn[g] + (size_t)i * c->n);
+        }
+        if (fn)
+            fn(t, p, row, ud);
+        if (p->type->observe)
+            p->type->observe(p, &sv, (const float *const *)attn);
+    }
+    for (int g = 0; g < L->n_kv_heads; g++)
+        free(attn[g]);
+    free(attn);
+    free(row);
+    free(mass);
+    free(obs);
+    free(dmass);
+}
+
+double fixture_mass(const Fixture *fx, const Policy *p, const float *full_attn, int h)
+{
+    const KVCache *c = &p->cache[h / fx->L.group];
+    double m = 0;
+    for (int i = 0; i < c->n; i++)
+        if (c->pos[i] >= 0)
+            m += full_attn[(size_t)h * fx->L.n_tokens + c->pos[i]];
+    return m;
+}

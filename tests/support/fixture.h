@@ -1,0 +1,48 @@
+/* fixture.h — hand-built layers for policy tests, and a plain reference driver.
+ *
+ * fixture_run() drives a policy exactly as the replay engine does (prefill, then step /
+ * attention over the cache / observe for each decode step), but with plain loops written
+ * independently of sim/engine.c, so a policy's tests do not depend on the engine's code. */
+#ifndef KVSIM_TEST_FIXTURE_H
+#define KVSIM_TEST_FIXTURE_H
+
+#include <stdint.h>
+
+#include "policies/policy.h"
+
+typedef struct {
+    TraceMeta meta; /* positions = index, segments 0, tokens 0, no needles/probes */
+    LayerView L;
+    float *q, *k, *v; /* owned, writable: [Hq][T][D], [Hkv][T][D], [Hkv][T][D] */
+} Fixture;
+
+/* Zero-filled layer; attn_scale = 1/sqrt(D), rope_theta 10000, half layout. */
+Fixture *fixture_new(int n_q_heads, int n_kv_heads, int head_dim, int n_tokens, int n_prompt);
+void fixture_free(Fixture *fx);
+/* Fills q, k, v with independent N(0, sigma^2) values (GSL RNG, deterministic in seed). */
+void fixture_randomize(Fixture *fx, uint64_t seed, double sigma);
+static inline float *fx_q(Fixture *fx, int h, int t) { return fx->q + ((size_t)h * fx->L.n_tokens + t) * fx->L.head_dim; }
+static inline float *fx_k(Fixture *fx, int g, int t) { return fx->k + ((size_t)g * fx->L.n_tokens + t) * fx->L.head_dim; }
+static inline float *fx_v(Fixture *fx, int g, int t) { return fx->v + ((size_t)g * fx->L.n_tokens + t) * fx->L.head_dim; }
+
+/* Creates a policy of `type` with parameters "key=value key=value ..." (space separated) over
+ * the fixture's layer; fails the test on an unknown type or bad parameter. */
+Policy *fixture_policy(Fixture *fx, const char *type, const char *params, uint64_t seed);
+
+/* Naive attention of every query head at query position t over keys [0, t]:
+ * out[h][j] for j <= t, zero beyond. out is [Hq][T]. */
+void fixture_full_attn(const Fixture *fx, int t, float *out);
+
+/* Called at each decode step t after step() and the attention, before observe(): p->cache is
+ * exactly what query t attended over. full_attn is [Hq][T], the true attention of query t. */
+typedef void (*FixtureStepFn)(int t, const Policy *p, const float *full_attn, void *ud);
+
+/* Runs prefill and decode steps [P, t_end) (t_end <= T); after each step calls fn (may be NULL).
+ * Computes the prefill statistics the policy asks for. */
+void fixture_run(Fixture *fx, Policy *p, int t_end, FixtureStepFn fn, void *ud);
+
+/* Retained attention mass of the cache of KV head g for query head h: sum of full_attn over
+ * the real positions cached. */
+double fixture_mass(const Fixture *fx, const Policy *p, const float *full_attn, int h);
+
+#endif

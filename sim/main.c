@@ -1,13 +1,40 @@
-/* kvsim — command-line front end. */
+/* kvsim — command-line front end: one table of subcommands.
+ * Exit status: 0 success, 1 a check failed (e.g. `kvsim check` above tolerance), 2 bad input
+ * or usage (with a one-line message on stderr), 3 out of memory. */
 #include <stdio.h>
 #include <string.h>
 
+typedef struct {
+    const char *name;
+    int (*run)(int argc, char **argv); /* argv[0] is the subcommand name */
+    const char *summary;
+} Command;
+
+static const Command commands[] = {
+    {NULL, NULL, NULL},
+};
+
+static void usage(FILE *out)
+{
+    fprintf(out, "usage: kvsim COMMAND [ARGS]   (kvsim COMMAND --help for its options)\n\n"
+                 "commands:\n");
+    for (const Command *c = commands; c->name; c++)
+        fprintf(out, "  %-10s %s\n", c->name, c->summary);
+}
+
 int main(int argc, char **argv)
 {
-    if (argc < 2 || !strcmp(argv[1], "--help")) {
-        printf("usage: kvsim COMMAND ...\n");
-        return argc < 2 ? 2 : 0;
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
     }
-    fprintf(stderr, "kvsim: unknown command '%s'\n", argv[1]);
+    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return 0;
+    }
+    for (const Command *c = commands; c->name; c++)
+        if (!strcmp(c->name, argv[1]))
+            return c->run(argc - 1, argv + 1);
+    fprintf(stderr, "kvsim: unknown command '%s' (kvsim --help lists them)\n", argv[1]);
     return 2;
 }

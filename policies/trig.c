@@ -5,6 +5,7 @@
  * is pruned to the budget at the end of prefill. Between prunes the cache grows by one token per
  * step, so it holds between budget and budget + divide_length − 1 tokens at attention time. */
 #include <math.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -225,9 +226,13 @@ static int trig_validate(const void *params, KvErr *err)
 }
 
 /* The policy interface has no error path out of create(); a calibration trace that does not
- * fit the layer is bad input, reported the way the command line reports it. */
+ * fit the layer is bad input, reported the way the command line reports it (status 2). Layers
+ * are created by several workers at once: the first to fail reports and exits, the others wait
+ * here for the process to end (exit() must not run twice concurrently). */
 static void calibration_die(const char *path, const char *what)
 {
+    static pthread_mutex_t dying = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_lock(&dying);
     fprintf(stderr, "kvsim: trig: calibration %s: %s\n", path, what);
     exit(2);
 }
@@ -242,11 +247,17 @@ static void calibrate_from_file(Trig *tr, const LayerView *L)
         calibration_die(path, err.msg);
     const TraceMeta *m = trace_meta(cal);
     char what[512];
-    if (m->n_layers <= L->layer || m->n_q_heads != L->n_q_heads || m->head_dim != L->head_dim) {
+    /* The same model: the recovered pre-RoPE queries must live in the simulated model's
+     * dimensions, so the RoPE layout has to agree too. */
+    if (m->n_layers <= L->layer || m->n_q_heads != L->n_q_heads || m->head_dim != L->head_dim ||
+        m->rope_layout != L->meta->rope_layout) {
         snprintf(what, sizeof what,
-                 "has %d layers, %d query heads, head_dim %d; expected layer %d, %d query heads, "
-                 "head_dim %d",
-                 m->n_layers, m->n_q_heads, m->head_dim, L->layer, L->n_q_heads, L->head_dim);
+                 "has %d layers, %d query heads, head_dim %d, rope_layout %s; layer %d of the "
+                 "simulated trace needs that layer, %d query heads, head_dim %d, rope_layout %s "
+                 "(a trace of the same model)",
+                 m->n_layers, m->n_q_heads, m->head_dim,
+                 m->rope_layout == ROPE_HALF ? "half" : "interleaved", L->layer, L->n_q_heads,
+                 L->head_dim, L->meta->rope_layout == ROPE_HALF ? "half" : "interleaved");
         trace_close(cal);
         calibration_die(path, what);
     }

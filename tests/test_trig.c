@@ -12,6 +12,7 @@
 
 #include "policies/trig.h"
 #include "tests/support/fixture.h"
+#include "tests/support/scratch.h"
 
 /* ---- Layers built from pre-RoPE vectors ---- */
 
@@ -611,6 +612,82 @@ static void test_ties_keep_newer(void **state)
     rope_layer_free(&rl);
 }
 
+/* Writes a 2-layer calibration trace of T_cal tokens (n_prompt T_cal/2, positions 500 + 2j,
+ * the layout of rl) whose layer l holds, before RoPE, the queries of tokens
+ * [first[l], first[l] + T_cal) of rl. */
+static void write_calibration(const RopeLayer *rl, const char *path, int T_cal, const int first[2])
+{
+    const LayerView *L = &rl->fx->L;
+    int Hq = L->n_q_heads, Hkv = L->n_kv_heads, D = L->head_dim, T = L->n_tokens;
+    TraceMeta m = {0};
+    snprintf(m.model, sizeof m.model, "calibration");
+    snprintf(m.generator, sizeof m.generator, "test_trig");
+    m.n_layers = 2;
+    m.n_q_heads = Hq;
+    m.n_kv_heads = Hkv;
+    m.head_dim = D;
+    m.n_tokens = T_cal;
+    m.n_prompt = T_cal / 2;
+    m.rope_theta = 10000.0;
+    m.rope_layout = L->meta->rope_layout;
+    m.attn_scale = 1.0 / sqrt((double)D);
+    trace_meta_alloc(&m);
+    for (int j = 0; j < T_cal; j++)
+        m.positions[j] = 500 + 2 * j;
+    KvErr err;
+    TraceWriter *w = trace_writer_create(path, &m, TRACE_F32, &err);
+    if (!w)
+        fail_msg("%s", err.msg);
+    float *q = kv_malloc((size_t)Hq * T_cal * D * sizeof *q);
+    float *kv = kv_calloc((size_t)Hkv * T_cal * D, sizeof *kv);
+    for (int layer = 0; layer < 2; layer++) {
+        for (int h = 0; h < Hq; h++)
+            for (int j = 0; j < T_cal; j++) {
+                float *x = q + ((size_t)h * T_cal + j) * D;
+                memcpy(x, rl->q_pre + ((size_t)h * T + first[layer] + j) * D,
+                       (size_t)D * sizeof *x);
+                rope_apply(x, D, m.rope_layout, m.rope_inv_freq, m.positions[j]);
+            }
+        if (trace_writer_put_qkv(w, layer, 0, T_cal, q, kv, kv, &err) != 0)
+            fail_msg("%s", err.msg);
+    }
+    if (trace_writer_finish(w, &err) != 0)
+        fail_msg("%s", err.msg);
+    free(q);
+    free(kv);
+    trace_meta_free(&m);
+}
+
+/* calibration = FILE: the statistics come from every query of the same layer of another trace
+ * (rotated back by that trace's own positions). A file whose queries are the prompt's queries keeps
+ * exactly what online calibration keeps; the statistics of another layer do not. */
+static void test_calibration_from_file(void **state)
+{
+    (void)state;
+    const int Hq = 4, Hkv = 2, D = 16, T = 200, P = 60;
+    RopeLayer rl = rope_layer(Hq, Hkv, D, T, P, ROPE_HALF, 0, 91);
+    char *dir = scratch_create();
+    const char *path = scratch_path(dir, "calibration.h5", 0);
+    const int first[2] = {120, 0}; /* layer 1: the prompt's queries; layer 0: later ones */
+    write_calibration(&rl, path, P, first);
+    const char *base = "budget=30 divide_length=10 protect_initial=2 protect_recent=6";
+    char params[1024];
+    snprintf(params, sizeof params, "%s calibration=%s", base, path);
+
+    rl.fx->L.layer = 1;
+    Record online = run_recorded(&rl, base), from_file = run_recorded(&rl, params);
+    assert_memory_equal(online.in, from_file.in, (size_t)(T - P) * Hkv * T);
+    rl.fx->L.layer = 0;
+    Record other_layer = run_recorded(&rl, params);
+    assert_memory_not_equal(online.in, other_layer.in, (size_t)(T - P) * Hkv * T);
+
+    record_free(&online);
+    record_free(&from_file);
+    record_free(&other_layer);
+    scratch_remove(dir);
+    rope_layer_free(&rl);
+}
+
 static void test_parameters_validated(void **state)
 {
     (void)state;
@@ -646,6 +723,7 @@ int main(void)
         cmocka_unit_test(test_pruning_rules_long_prompt),
         cmocka_unit_test(test_layer_granularity_one_set),
         cmocka_unit_test(test_ties_keep_newer),
+        cmocka_unit_test(test_calibration_from_file),
         cmocka_unit_test(test_parameters_validated),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

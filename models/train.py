@@ -20,6 +20,7 @@ Needs only PyTorch (1.13 or newer; CPU is enough) and the Python standard librar
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -744,7 +745,9 @@ def train(args):
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y, is_ans, valid = make_batch(corpus, r, B, T, flo, fhi, dev)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+            ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else \
+                contextlib.nullcontext()
+            with ctx:
                 logits = model(x)
             logits = logits.float()
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),

@@ -1,4 +1,5 @@
-/* rank.h — choosing tokens by score, the same way in every score-based policy.
+/* rank.h — choosing tokens by score, the same way in every score-based policy, and the sum of
+ * attention rows over a GQA group or an observation window that those scores start from.
  *
  * Scores are doubles indexed by trace position. The order is total and deterministic: a higher
  * score is better, and between equal scores the later position is better, so that on a tie the

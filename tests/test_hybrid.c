@@ -11,6 +11,7 @@
 #include <cmocka.h>
 
 #include "tests/support/fixture.h"
+#include "tests/support/group_attention.h"
 
 /* ---- ratio 0 against the window policy ---- */
 
@@ -77,32 +78,6 @@ static void test_ratio0_equals_window(void **state)
 }
 
 /* ---- the split, checked against an independent computation of the importance ---- */
-
-/* The group's attention from query t to each slot of c (sum over the group's query heads). */
-static void group_attention(Fixture *fx, const KVCache *c, int g, int t, double *out)
-{
-    int D = fx->L.head_dim, group = fx->L.group;
-    double *logit = kv_malloc((size_t)c->n * sizeof *logit);
-    for (int s = 0; s < c->n; s++)
-        out[s] = 0;
-    for (int h = g * group; h < (g + 1) * group; h++) {
-        const float *q = fx_q(fx, h, t);
-        double top = -INFINITY, z = 0;
-        for (int s = 0; s < c->n; s++) {
-            const float *k = fx_k(fx, g, c->pos[s]);
-            double dot = 0;
-            for (int d = 0; d < D; d++)
-                dot += (double)q[d] * k[d];
-            logit[s] = dot / sqrt((double)D);
-            top = fmax(top, logit[s]);
-        }
-        for (int s = 0; s < c->n; s++)
-            z += exp(logit[s] - top);
-        for (int s = 0; s < c->n; s++)
-            out[s] += exp(logit[s] - top) / z;
-    }
-    free(logit);
-}
 
 /* keep[] := the `recent` largest positions of cand plus the n_imp others of highest score. */
 static void expected_truncation(const int *cand, const double *score, int n, int recent,
@@ -193,7 +168,7 @@ static void check_split(int t, const Policy *p, const float *full_attn, void *ud
         }
         double *score = kv_malloc((size_t)c->n * sizeof *score);
         int *cand = kv_malloc((size_t)c->n * sizeof *cand);
-        group_attention(fx, c, g, t, score);
+        group_attention_over_cache(fx, c, g, t, score);
         for (int s = 0; s < c->n; s++)
             cand[s] = c->pos[s];
         expected_truncation(cand, score, c->n, sc->budget - 1 - sc->n_imp, sc->n_imp, keep);

@@ -20,12 +20,18 @@ typedef struct {
 } DecayParams;
 
 typedef struct {
+    double score;
+    int pos;
+} Candidate;
+
+typedef struct {
     Policy base;
     DecayParams prm;
     int n_tokens, group;
-    bool *pinned;     /* [T] system-segment prompt tokens, never evicted */
-    double *acc;      /* [n_kv_heads][T] attention mass accumulated over the group's heads */
+    bool *pinned;      /* [T] system-segment prompt tokens, never evicted */
+    double *acc;       /* [n_kv_heads][T] attention mass accumulated over the group's heads */
     double *inv_decay; /* [T] 1 / ln(age + e) by age */
+    Candidate *cand;   /* scratch: room for every slot of a cache */
 } Decay;
 
 static const ParamSpec decay_params[] = {
@@ -61,6 +67,9 @@ static Policy *decay_create(const void *params, const LayerView *L, const Policy
     d->pinned = kv_calloc((size_t)L->n_tokens, sizeof *d->pinned);
     d->acc = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *d->acc);
     d->inv_decay = kv_malloc((size_t)L->n_tokens * sizeof *d->inv_decay);
+    /* A cache holds at most the whole prompt (before its trim) or budget tokens. */
+    int most = L->n_prompt > d->prm.budget ? L->n_prompt : d->prm.budget;
+    d->cand = kv_malloc((size_t)most * sizeof *d->cand);
     const double e = exp(1.0);
     for (int age = 0; age < L->n_tokens; age++)
         d->inv_decay[age] = 1.0 / log(age + e);
@@ -75,12 +84,6 @@ static Policy *decay_create(const void *params, const LayerView *L, const Policy
     }
     return &d->base;
 }
-
-typedef struct {
-    double score;
-    int pos;
-    int slot;
-} Candidate;
 
 /* Lowest score first; equal scores evict the older token first. */
 static int candidate_cmp(const void *a, const void *b)
@@ -101,13 +104,13 @@ static void decay_evict(Decay *d, int g, int t)
         return;
     const double *acc = d->acc + (size_t)g * d->n_tokens;
     int first_local = t + 2 - d->prm.local;
-    Candidate *cand = kv_malloc((size_t)c->n * sizeof *cand);
+    Candidate *cand = d->cand;
     int n = 0;
     for (int s = 0; s < c->n; s++) {
         int pos = c->pos[s];
         if (pos < 0 || pos >= first_local || d->pinned[pos])
             continue;
-        cand[n++] = (Candidate){acc[pos] * d->inv_decay[t - pos], pos, s};
+        cand[n++] = (Candidate){acc[pos] * d->inv_decay[t - pos], pos};
     }
     if (excess > n)
         excess = n; /* cannot happen: pinned + local <= budget − 1 by construction */
@@ -122,7 +125,6 @@ static void decay_evict(Decay *d, int g, int t)
         for (int i = 0; i < excess; i++)
             kvcache_remove(c, cand[i].pos);
     }
-    free(cand);
 }
 
 static void decay_prefill(Policy *p, const PrefillView *pv)
@@ -170,6 +172,7 @@ static void decay_destroy(Policy *p)
     free(d->pinned);
     free(d->acc);
     free(d->inv_decay);
+    free(d->cand);
     policy_base_free(p);
     free(d);
 }

@@ -4,6 +4,9 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "sim/check.h"
+#include "sim/synth.h"
+
 typedef struct {
     const char *name;
     int (*run)(int argc, char **argv); /* argv[0] is the subcommand name */
@@ -11,6 +14,9 @@ typedef struct {
 } Command;
 
 static const Command commands[] = {
+    {"synth", cmd_synth, "write a synthetic trace with planted attention structure"},
+    {"info", cmd_info, "print a trace's header and datasets"},
+    {"check", cmd_check, "compare a trace's stored attention rows with its Q and K"},
     {NULL, NULL, NULL},
 };
 

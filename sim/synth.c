@@ -24,17 +24,20 @@
 #define SINK_VALUE_SCALE 0.1 /* sinks carry little value, as in real models */
 #define KEY_AMP 3.0          /* key-side amplitude of the sink and needle directions, units u */
 #define LOCAL_KEY_ENERGY 2.0 /* |recency band of a key|^2, units u^2 */
+#define LOCAL_WINDOW 16.0    /* the band is the pairs turning at least 1 rad per this many tokens */
+#define TOPIC_KEY_ENERGY 2.0 /* |topic of a key|^2, units u^2 */
+#define TOPIC_TAU 8.0        /* tokens: correlation of the topic at distance d is exp(-d/tau) */
 #define JITTER_LO 0.75       /* per-query-head scale of the planted components */
 #define JITTER_HI 1.25
 
 typedef struct {
-    double sink, local, needle; /* target logits; needle only at probe queries */
+    double sink, band, topic, needle; /* target logits; needle only at probe queries */
 } KindLogits;
 
 static const KindLogits kind_logits[3] = {
-    [SYNTH_LOCAL] = {3.0, 6.0, 0.0},
-    [SYNTH_SINK] = {10.0, 2.0, 0.0},
-    [SYNTH_RETRIEVAL] = {4.0, 2.0, 9.0},
+    [SYNTH_LOCAL] = {3.0, 3.0, 6.0, 0.0},
+    [SYNTH_SINK] = {10.0, 2.0, 1.0, 0.0},
+    [SYNTH_RETRIEVAL] = {4.0, 2.0, 1.0, 8.0},
 };
 
 void synth_defaults(SynthParams *sp)
@@ -172,12 +175,24 @@ static void fill_meta(const SynthParams *sp, TraceMeta *m, gsl_rng *rng)
 typedef struct {
     float *sink;   /* unit vector in the slowest RoPE pair */
     float *needle; /* unit vector in the second slowest pair */
-    float *band;   /* recency band: the fastest D/4 pairs, |band|^2 = LOCAL_KEY_ENERGY u^2 */
+    float *band;   /* recency band (band_pairs), |band|^2 = LOCAL_KEY_ENERGY u^2 */
 } HeadDirections;
 
-static void draw_directions(gsl_rng *rng, const SynthParams *sp, double u, HeadDirections *dir)
+/* The recency band: the pairs fast enough (inv_freq >= 1/LOCAL_WINDOW) to dephase within a few
+ * LOCAL_WINDOWs, so that q·k through them peaks at distance 0 and fades. Pairs are in order of
+ * decreasing frequency; the two slowest are kept for the sink and needle directions. */
+static int band_pairs(const double *inv_freq, int pairs)
 {
-    int D = sp->head_dim, pairs = D / 2, band_pairs = D / 4;
+    int n = 0;
+    while (n < pairs - 2 && inv_freq[n] >= 1.0 / LOCAL_WINDOW)
+        n++;
+    return n > 0 ? n : 1;
+}
+
+static void draw_directions(gsl_rng *rng, const SynthParams *sp, const double *inv_freq,
+                            double u, HeadDirections *dir)
+{
+    int D = sp->head_dim, pairs = D / 2, n_band = band_pairs(inv_freq, pairs);
     memset(dir->sink, 0, (size_t)D * sizeof(float));
     memset(dir->needle, 0, (size_t)D * sizeof(float));
     memset(dir->band, 0, (size_t)D * sizeof(float));
@@ -190,13 +205,40 @@ static void draw_directions(gsl_rng *rng, const SynthParams *sp, double u, HeadD
     rope_pair(sp->rope_layout, D, pairs - 2, &i0, &i1);
     dir->needle[i0] = (float)cos(phi);
     dir->needle[i1] = (float)sin(phi);
-    double amp = u * sqrt(LOCAL_KEY_ENERGY / band_pairs);
-    for (int f = 0; f < band_pairs; f++) {
+    double amp = u * sqrt(LOCAL_KEY_ENERGY / n_band);
+    for (int f = 0; f < n_band; f++) {
         phi = TWO_PI * gsl_rng_uniform(rng);
         rope_pair(sp->rope_layout, D, f, &i0, &i1);
         dir->band[i0] = (float)(amp * cos(phi));
         dir->band[i1] = (float)(amp * sin(phi));
     }
+}
+
+/* The topic: an AR(1) process over tokens in every dimension but the sink and needle pairs,
+ * stationary, with E|topic|^2 = TOPIC_KEY_ENERGY u^2. Queries looking for their own topic
+ * find the keys of the last few tokens: content locality on top of RoPE's. */
+static void draw_topics(gsl_rng *rng, const SynthParams *sp, double u, float *topic, int T)
+{
+    int D = sp->head_dim, pairs = D / 2;
+    unsigned char *free_dim = kv_calloc((size_t)D, 1);
+    for (int f = 0; f < pairs - 2; f++) {
+        int i0, i1;
+        rope_pair(sp->rope_layout, D, f, &i0, &i1);
+        free_dim[i0] = free_dim[i1] = 1;
+    }
+    double rho = exp(-1.0 / TOPIC_TAU), sigma = u * sqrt(TOPIC_KEY_ENERGY / (D - 4));
+    double step = sigma * sqrt(1 - rho * rho);
+    for (int t = 0; t < T; t++)
+        for (int d = 0; d < D; d++) {
+            float *x = topic + (size_t)t * D + d;
+            if (!free_dim[d])
+                *x = 0;
+            else if (t == 0)
+                *x = (float)gsl_ran_gaussian_ziggurat(rng, sigma);
+            else
+                *x = (float)(rho * x[-D] + gsl_ran_gaussian_ziggurat(rng, step));
+        }
+    free(free_dim);
 }
 
 typedef struct {
@@ -207,6 +249,7 @@ typedef struct {
     float *q, *k, *v;         /* one layer */
     float *rows;              /* [Hq][R][T] */
     double *kd, *qd, *logits; /* attention row scratch */
+    float *topic;             /* [T][D] the topic of each token, pre-RoPE */
     HeadDirections dir;
 } Generator;
 
@@ -221,13 +264,15 @@ static void generate_layer(Generator *g, int layer)
     gsl_rng_set(rng, (unsigned long)sp->seed * 1000003UL + (unsigned long)layer + 1);
     for (int kvh = 0; kvh < sp->n_kv_heads; kvh++) {
         const KindLogits *kl = &kind_logits[synth_head_kind(layer, kvh)];
-        draw_directions(rng, sp, u, &g->dir);
+        draw_directions(rng, sp, m->rope_inv_freq, u, &g->dir);
+        draw_topics(rng, sp, u, g->topic, T);
         for (int t = 0; t < T; t++) {
             float *k = g->k + ((size_t)kvh * T + t) * D, *v = g->v + ((size_t)kvh * T + t) * D;
             double sink = t < sp->n_sinks ? KEY_AMP * u : 0, needle = g->in_needle[t] ? KEY_AMP * u : 0;
             for (int d = 0; d < D; d++)
                 k[d] = (float)(gsl_ran_gaussian_ziggurat(rng, NOISE_SIGMA) + g->dir.band[d] +
-                               sink * g->dir.sink[d] + needle * g->dir.needle[d]);
+                               g->topic[(size_t)t * D + d] + sink * g->dir.sink[d] +
+                               needle * g->dir.needle[d]);
             rope_apply(k, D, sp->rope_layout, m->rope_inv_freq, m->positions[t]);
             double vscale = t < sp->n_sinks ? SINK_VALUE_SCALE : 1.0;
             for (int d = 0; d < D; d++)
@@ -236,14 +281,16 @@ static void generate_layer(Generator *g, int layer)
         for (int i = 0; i < group; i++) {
             int h = kvh * group + i;
             double jitter = JITTER_LO + (JITTER_HI - JITTER_LO) * gsl_rng_uniform(rng);
-            double band = jitter * kl->local / LOCAL_KEY_ENERGY, sink = jitter * kl->sink / KEY_AMP * u;
+            double band = jitter * kl->band / LOCAL_KEY_ENERGY, sink = jitter * kl->sink / KEY_AMP * u;
+            double topic = jitter * kl->topic / TOPIC_KEY_ENERGY;
             double needle = jitter * kl->needle / KEY_AMP * u;
             for (int t = 0; t < T; t++) {
                 float *q = g->q + ((size_t)h * T + t) * D;
                 double nd = g->is_probe[t] ? needle : 0;
                 for (int d = 0; d < D; d++)
                     q[d] = (float)(gsl_ran_gaussian_ziggurat(rng, NOISE_SIGMA) + band * g->dir.band[d] +
-                                   sink * g->dir.sink[d] + nd * g->dir.needle[d]);
+                                   topic * g->topic[(size_t)t * D + d] + sink * g->dir.sink[d] +
+                                   nd * g->dir.needle[d]);
                 rope_apply(q, D, sp->rope_layout, m->rope_inv_freq, m->positions[t]);
             }
         }
@@ -317,6 +364,7 @@ int synth_write(const SynthParams *sp, const char *path, KvErr *err)
     g.dir.sink = kv_malloc((size_t)D * sizeof(float));
     g.dir.needle = kv_malloc((size_t)D * sizeof(float));
     g.dir.band = kv_malloc((size_t)D * sizeof(float));
+    g.topic = kv_malloc((size_t)T * D * sizeof(float));
     if (R > 0) {
         int cols = meta.attn_rows_at[R - 1] + 1;
         g.rows = kv_malloc((size_t)sp->n_q_heads * R * T * sizeof(float));
@@ -365,6 +413,7 @@ int synth_write(const SynthParams *sp, const char *path, KvErr *err)
     free(g.dir.sink);
     free(g.dir.needle);
     free(g.dir.band);
+    free(g.topic);
     trace_meta_free(&meta);
     return rc;
 }

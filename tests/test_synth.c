@@ -1,0 +1,368 @@
+/* The synthetic trace generator: determinism, metadata layout, and the planted attention
+ * structure measured with an attention computed here from the stored Q and K. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "sim/synth.h"
+#include "sim/trace.h"
+#include "tests/support/scratch.h"
+
+/* Three layers over two KV heads give every head kind twice (kind = (layer + g) mod 3). */
+static void small_params(SynthParams *sp)
+{
+    synth_defaults(sp);
+    sp->seed = 7;
+    sp->n_layers = 3;
+    sp->n_q_heads = 4;
+    sp->n_kv_heads = 2;
+    sp->head_dim = 32;
+    sp->n_prompt = 384;
+    sp->n_decode = 64;
+    sp->n_needles = 4;
+    sp->n_system = 24;
+    sp->n_turns = 3;
+    sp->attn_rows_every = 16;
+}
+
+typedef struct {
+    Trace *tr;
+    float *q, *k, *v; /* one layer */
+} Loaded;
+
+static Loaded load(const char *path)
+{
+    KvErr err;
+    Loaded ld = {.tr = trace_open(path, &err)};
+    if (!ld.tr)
+        fail_msg("%s", err.msg);
+    const TraceMeta *m = trace_meta(ld.tr);
+    size_t per_head = (size_t)m->n_tokens * m->head_dim;
+    ld.q = kv_malloc((size_t)m->n_q_heads * per_head * sizeof(float));
+    ld.k = kv_malloc((size_t)m->n_kv_heads * per_head * sizeof(float));
+    ld.v = kv_malloc((size_t)m->n_kv_heads * per_head * sizeof(float));
+    return ld;
+}
+
+static void read_layer(Loaded *ld, int layer)
+{
+    KvErr err;
+    if (trace_read_layer(ld->tr, layer, ld->q, ld->k, ld->v, &err) != 0)
+        fail_msg("%s", err.msg);
+}
+
+static void unload(Loaded *ld)
+{
+    trace_close(ld->tr);
+    free(ld->q);
+    free(ld->k);
+    free(ld->v);
+}
+
+static void write_or_fail(const SynthParams *sp, const char *path)
+{
+    KvErr err;
+    if (synth_write(sp, path, &err) != 0)
+        fail_msg("%s", err.msg);
+}
+
+static void test_same_seed_identical_other_seed_different(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    SynthParams sp;
+    small_params(&sp);
+    sp.n_layers = 2;
+    sp.dtype = TRACE_F16;
+    write_or_fail(&sp, scratch_path(dir, "a.h5", 0));
+    write_or_fail(&sp, scratch_path(dir, "b.h5", 1));
+    sp.seed = 8;
+    write_or_fail(&sp, scratch_path(dir, "c.h5", 2));
+    Loaded a = load(scratch_path(dir, "a.h5", 0)), b = load(scratch_path(dir, "b.h5", 1)),
+           c = load(scratch_path(dir, "c.h5", 2));
+    const TraceMeta *ma = trace_meta(a.tr), *mb = trace_meta(b.tr), *mc = trace_meta(c.tr);
+    size_t per_head = (size_t)ma->n_tokens * ma->head_dim * sizeof(float);
+    assert_memory_equal(ma->tokens, mb->tokens, (size_t)ma->n_tokens * sizeof(int32_t));
+    assert_memory_equal(ma->needles, mb->needles, (size_t)ma->n_needles * 2 * sizeof(int32_t));
+    assert_memory_not_equal(ma->tokens, mc->tokens, (size_t)ma->n_tokens * sizeof(int32_t));
+    for (int l = 0; l < ma->n_layers; l++) {
+        read_layer(&a, l);
+        read_layer(&b, l);
+        read_layer(&c, l);
+        assert_memory_equal(a.q, b.q, ma->n_q_heads * per_head);
+        assert_memory_equal(a.k, b.k, ma->n_kv_heads * per_head);
+        assert_memory_equal(a.v, b.v, ma->n_kv_heads * per_head);
+        assert_memory_not_equal(a.q, c.q, ma->n_q_heads * per_head);
+        assert_memory_not_equal(a.k, c.k, ma->n_kv_heads * per_head);
+    }
+    unload(&a);
+    unload(&b);
+    unload(&c);
+    scratch_remove(dir);
+}
+
+static void test_metadata_layout(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    SynthParams sp;
+    small_params(&sp);
+    sp.n_layers = 1;
+    write_or_fail(&sp, scratch_path(dir, "m.h5", 0));
+    Loaded ld = load(scratch_path(dir, "m.h5", 0));
+    const TraceMeta *m = trace_meta(ld.tr);
+    int P = sp.n_prompt, T = P + sp.n_decode;
+    assert_int_equal(m->n_tokens, T);
+    assert_int_equal(m->n_prompt, P);
+    assert_true(fabs(m->attn_scale - 1.0 / sqrt(32.0)) < 1e-15);
+    assert_string_equal(m->model, "synthetic");
+    /* probes: the last prompt token, every 16th decode step, the last token */
+    assert_int_equal(m->n_probes, 5);
+    const int32_t probes[5] = {P - 1, P + 15, P + 31, P + 47, T - 1};
+    assert_memory_equal(m->probes, probes, sizeof probes);
+    /* rows: the last prompt token and every 16th decode step (here the last one is T-1) */
+    assert_int_equal(m->n_attn_rows, 5);
+    const int32_t rows_at[5] = {P - 1, P + 15, P + 31, P + 47, P + 63};
+    assert_memory_equal(m->attn_rows_at, rows_at, sizeof rows_at);
+    /* segments: system prompt, then three non-empty turns in order, decode in the last */
+    int count[4] = {0};
+    for (int t = 0; t < T; t++) {
+        assert_int_equal(m->positions[t], t);
+        assert_true(m->segments[t] >= 0 && m->segments[t] <= 3);
+        if (t < P)
+            count[m->segments[t]]++;
+        else
+            assert_int_equal(m->segments[t], 3);
+    }
+    assert_int_equal(count[0], sp.n_system);
+    for (int s = 1; s <= 3; s++)
+        assert_true(count[s] >= (P - sp.n_system) / 3 - 1);
+    /* needles: disjoint spans of needle_len tokens after the system prompt, before P-1 */
+    assert_int_equal(m->n_needles, 4);
+    for (int i = 0; i < m->n_needles; i++) {
+        int s = m->needles[2 * i], e = m->needles[2 * i + 1];
+        assert_int_equal(e - s, sp.needle_len);
+        assert_true(s >= sp.n_system && e <= P - 1);
+        if (i > 0)
+            assert_true(s >= m->needles[2 * i - 1]);
+    }
+    unload(&ld);
+    scratch_remove(dir);
+}
+
+/* Attention of query head h at position t, computed here in double from the stored q and k. */
+static void attention(const Loaded *ld, int h, int t, double *p)
+{
+    const TraceMeta *m = trace_meta(ld->tr);
+    int D = m->head_dim, T = m->n_tokens, g = h / (m->n_q_heads / m->n_kv_heads);
+    const float *q = ld->q + ((size_t)h * T + t) * D;
+    double mx = -INFINITY, sum = 0;
+    for (int j = 0; j <= t; j++) {
+        const float *k = ld->k + ((size_t)g * T + j) * D;
+        double dot = 0;
+        for (int d = 0; d < D; d++)
+            dot += (double)q[d] * k[d];
+        p[j] = dot * m->attn_scale;
+        mx = p[j] > mx ? p[j] : mx;
+    }
+    for (int j = 0; j <= t; j++)
+        sum += (p[j] = exp(p[j] - mx));
+    for (int j = 0; j <= t; j++)
+        p[j] /= sum;
+}
+
+typedef struct {
+    double sink, recent, needle; /* mean attention mass, over heads of a kind and probes */
+    int needle_tokens;
+} KindMass;
+
+enum { SINKS = 4, RECENT = 16 };
+
+/* Mean mass on the sinks, on the RECENT most recent tokens and on needle tokens, per head
+ * kind, over all probe queries. */
+static void measure(const char *path, KindMass out[3])
+{
+    Loaded ld = load(path);
+    const TraceMeta *m = trace_meta(ld.tr);
+    double *p = kv_malloc((size_t)m->n_tokens * sizeof *p);
+    unsigned char *in_needle = kv_calloc((size_t)m->n_tokens, 1);
+    int needle_tokens = 0;
+    for (int i = 0; i < m->n_needles; i++)
+        for (int j = m->needles[2 * i]; j < m->needles[2 * i + 1]; j++)
+            needle_tokens += !in_needle[j], in_needle[j] = 1;
+    int samples[3] = {0};
+    memset(out, 0, 3 * sizeof *out);
+    int group = m->n_q_heads / m->n_kv_heads;
+    for (int l = 0; l < m->n_layers; l++) {
+        read_layer(&ld, l);
+        for (int h = 0; h < m->n_q_heads; h++) {
+            SynthHeadKind kind = synth_head_kind(l, h / group);
+            for (int i = 0; i < m->n_probes; i++) {
+                int t = m->probes[i];
+                attention(&ld, h, t, p);
+                for (int j = 0; j <= t; j++) {
+                    out[kind].sink += j < SINKS ? p[j] : 0;
+                    out[kind].recent += j > t - RECENT ? p[j] : 0;
+                    out[kind].needle += in_needle[j] ? p[j] : 0;
+                }
+                samples[kind]++;
+            }
+        }
+    }
+    for (int k = 0; k < 3; k++) {
+        assert_true(samples[k] > 0);
+        out[k].sink /= samples[k];
+        out[k].recent /= samples[k];
+        out[k].needle /= samples[k];
+        out[k].needle_tokens = needle_tokens;
+    }
+    free(p);
+    free(in_needle);
+    unload(&ld);
+}
+
+static void check_planted(const KindMass km[3], int T_probe_min)
+{
+    static const char *names[3] = {"local", "sink", "retrieval"};
+    for (int k = 0; k < 3; k++)
+        print_message("  %-9s sinks %.3f  last %d tokens %.3f  needles %.3f\n", names[k],
+                      km[k].sink, RECENT, km[k].recent, km[k].needle);
+    double needle_share = (double)km[0].needle_tokens / T_probe_min; /* uniform, at most */
+    /* sink heads put most of their attention on the first tokens */
+    assert_true(km[SYNTH_SINK].sink > 0.5);
+    assert_true(km[SYNTH_SINK].sink > 2 * km[SYNTH_LOCAL].sink);
+    /* local heads put most of theirs on the recent tokens */
+    assert_true(km[SYNTH_LOCAL].recent > 0.5);
+    assert_true(km[SYNTH_LOCAL].recent > 2 * km[SYNTH_SINK].recent);
+    /* retrieval heads at probes find the needles; the other kinds do not */
+    assert_true(km[SYNTH_RETRIEVAL].needle > 0.3);
+    assert_true(km[SYNTH_RETRIEVAL].needle > 10 * needle_share);
+    assert_true(km[SYNTH_LOCAL].needle < 3 * needle_share);
+    assert_true(km[SYNTH_SINK].needle < 3 * needle_share);
+}
+
+static void test_planted_structure(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    SynthParams sp;
+    small_params(&sp);
+    sp.attn_rows_every = 0;
+    const char *path = scratch_path(dir, "s.h5", 0);
+    write_or_fail(&sp, path);
+    KindMass km[3];
+    measure(path, km);
+    check_planted(km, sp.n_prompt);
+    scratch_remove(dir);
+}
+
+/* The structure survives the other RoPE layout, float16 storage and a long-context base. */
+static void test_planted_structure_interleaved_f16(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    SynthParams sp;
+    small_params(&sp);
+    sp.attn_rows_every = 0;
+    sp.rope_layout = ROPE_INTERLEAVED;
+    sp.dtype = TRACE_F16;
+    sp.rope_theta = 500000.0;
+    sp.seed = 99;
+    const char *path = scratch_path(dir, "s.h5", 0);
+    write_or_fail(&sp, path);
+    KindMass km[3];
+    measure(path, km);
+    check_planted(km, sp.n_prompt);
+    scratch_remove(dir);
+}
+
+/* The stored keys really are rotated: every key of a head shares one pre-RoPE recency
+ * component in the fast pairs. Undoing RoPE at each token's position makes the keys' mean point
+ * along it; the stored (rotated) keys average out in those pairs. */
+static void test_keys_carry_rope_phase(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    SynthParams sp;
+    small_params(&sp);
+    sp.n_layers = 1;
+    sp.attn_rows_every = 0;
+    const char *path = scratch_path(dir, "r.h5", 0);
+    write_or_fail(&sp, path);
+    Loaded ld = load(path);
+    const TraceMeta *m = trace_meta(ld.tr);
+    read_layer(&ld, 0);
+    int D = m->head_dim, T = m->n_tokens;
+    double *mean_rot = kv_calloc((size_t)D, sizeof(double)), *mean_unrot = kv_calloc((size_t)D, sizeof(double));
+    float *kj = kv_malloc((size_t)D * sizeof(float));
+    for (int j = 0; j < T; j++) {
+        const float *raw = ld.k + (size_t)j * D; /* KV head 0 */
+        memcpy(kj, raw, (size_t)D * sizeof(float));
+        rope_apply(kj, D, m->rope_layout, m->rope_inv_freq, -m->positions[j]);
+        for (int d = 0; d < D; d++) {
+            mean_rot[d] += raw[d] / T;
+            mean_unrot[d] += kj[d] / T;
+        }
+    }
+    double norm_rot = 0, norm_unrot = 0;
+    for (int f = 0; f < 2; f++) { /* the two fastest pairs are always in the band */
+        int i0, i1;
+        rope_pair(m->rope_layout, D, f, &i0, &i1);
+        norm_rot += mean_rot[i0] * mean_rot[i0] + mean_rot[i1] * mean_rot[i1];
+        norm_unrot += mean_unrot[i0] * mean_unrot[i0] + mean_unrot[i1] * mean_unrot[i1];
+    }
+    print_message("  keys' mean in the fast pairs: |rotated| %.3f, |un-rotated| %.3f\n",
+                  sqrt(norm_rot), sqrt(norm_unrot));
+    assert_true(sqrt(norm_unrot) > 3 * sqrt(norm_rot));
+    free(mean_rot);
+    free(mean_unrot);
+    free(kj);
+    unload(&ld);
+    scratch_remove(dir);
+}
+
+static void test_rejects_bad_parameters(void **state)
+{
+    (void)state;
+    SynthParams sp;
+    KvErr err;
+    small_params(&sp);
+    sp.n_needles = 200;
+    assert_int_equal(synth_validate(&sp, &err), -1);
+    assert_non_null(strstr(err.msg, "--needles"));
+    small_params(&sp);
+    sp.n_kv_heads = 3;
+    assert_int_equal(synth_validate(&sp, &err), -1);
+    assert_non_null(strstr(err.msg, "--kv-heads"));
+    small_params(&sp);
+    sp.head_dim = 6;
+    assert_int_equal(synth_validate(&sp, &err), -1);
+    assert_non_null(strstr(err.msg, "--head-dim"));
+    small_params(&sp);
+    sp.n_system = sp.n_prompt;
+    assert_int_equal(synth_validate(&sp, &err), -1);
+    assert_non_null(strstr(err.msg, "--system"));
+    char *dir = scratch_create();
+    assert_int_equal(synth_write(&sp, scratch_path(dir, "x.h5", 0), &err), -1);
+    assert_int_equal(scratch_count(dir), 0);
+    scratch_remove(dir);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_same_seed_identical_other_seed_different),
+        cmocka_unit_test(test_metadata_layout),
+        cmocka_unit_test(test_planted_structure),
+        cmocka_unit_test(test_planted_structure_interleaved_f16),
+        cmocka_unit_test(test_keys_carry_rope_phase),
+        cmocka_unit_test(test_rejects_bad_parameters),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

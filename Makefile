@@ -62,3 +62,6 @@ bench: build
 
 clean:
 	rm -rf $(BUILD) $(SAN_BUILD)
+
+# Budget sweeps and plots (make sweep, make plots).
+-include analysis/analysis.mk

@@ -108,10 +108,11 @@ int main(int argc, char **argv)
            m->n_tokens - m->n_prompt);
     printf("config: %s (%d policies)\n\n", config_path, one->n_policies);
     printf("OpenBLAS sgemm 1024^3, 1 thread     %8.1f GFLOP/s\n", gemm);
-    printf("full attention, 1 thread            %8.1f GFLOP/s  (%.1f GFLOP in %.2f s) = %.0f%% of sgemm\n",
+    printf("exact attention, 1 thread           %8.1f GFLOP/s  (%.1f GFLOP in %.2f s) = %.0f%% of sgemm\n",
            attn_rate, one->attention_flops / 1e9, one->attention_seconds, 100 * attn_rate / gemm);
-    printf("replay wall time, 1 thread          %8.2f s  (attention %.2f s, policies+metrics %.2f s)\n",
-           one->wall_seconds, one->attention_seconds, policy_total);
+    printf("replay wall time, 1 thread          %8.2f s  (shared attention %.2f s, metrics %.2f s, "
+           "policy callbacks %.2f s)\n",
+           one->wall_seconds, one->attention_seconds, one->metric_seconds, policy_total);
     for (int pi = 0; pi < one->n_policies; pi++)
         printf("    %-28s %8.2f s\n", one->label[pi], one->policy_seconds[pi]);
     printf("replay wall time, 2 threads         %8.2f s  speed-up %.2fx\n\n", two->wall_seconds, speedup);

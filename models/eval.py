@@ -141,7 +141,7 @@ def write_prompts(model, tok, corpus, args, device):
         [(f"heldout_{L}_{i}", L, 8 + 2 * i, 0.5 if i == 0 else 1.0)
          for L in (2048, 4096) for i in range(2)]
     for j, (name, L, nf, dm) in enumerate(specs):
-        text, plain, ids, a, fact = make(args.seed + 100 + j, L, nf, dm)
+        text, plain, ids, a, fact = make(args.seed + 100 + j, L + 64, nf, dm)
         n_tok = len(tok.encode(plain))
         info = {"tokens_without_bos": n_tok, "answer": tok.decode([ids[a]]).strip(),
                 "question": plain[plain.rfind("\n") + 1:],

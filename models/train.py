@@ -290,7 +290,6 @@ class Corpus:
     def __init__(self, tok):
         self.tok = tok
         t = tok.tok
-        self.sp = lambda w: t(" " + w)
         self.adj = [self.sp(w) for w in ADJECTIVES]
         self.noun = [self.sp(w) for w in NOUNS]
         self.vt = [self.sp(w) for w in VERBS_T]
@@ -306,6 +305,9 @@ class Corpus:
         self.dot, self.comma, self.qmark = t("."), t(","), t("?")
         self.nl = t("\n")
         self.value_set = set(self.value)
+
+    def sp(self, w):
+        return self.tok.tok(" " + w)
 
     def sentence(self, r):
         """One filler sentence (list of ids, first token in its space-prefixed form)."""
@@ -672,18 +674,18 @@ def load_exported(d, device="cpu"):
 # (name, seq_len, batch, steps, facts_lo, facts_hi); steps scaled by --step-scale
 PRESETS = {
     "cuda": [
-        ("p256", 256, 128, 2500, 6, 12),
-        ("p512", 512, 64, 800, 8, 16),
-        ("p1024", 1024, 32, 600, 10, 20),
-        ("p2048", 2048, 16, 700, 12, 24),
-        ("p4608", 4608, 8, 1200, 12, 24),
+        ("p256", 256, 128, 3000, 6, 12),
+        ("p512", 512, 64, 1500, 8, 16),
+        ("p1024", 1024, 32, 1200, 10, 20),
+        ("p2048", 2048, 16, 1500, 12, 24),
+        ("p4608", 4608, 8, 2500, 12, 24),
     ],
     "cpu": [
-        ("p256", 256, 32, 2500, 6, 12),
-        ("p512", 512, 16, 400, 8, 16),
-        ("p1024", 1024, 8, 250, 10, 20),
-        ("p2048", 2048, 4, 200, 12, 24),
-        ("p4608", 4608, 2, 200, 12, 24),
+        ("p256", 256, 16, 1500, 6, 12),
+        ("p512", 512, 8, 300, 8, 16),
+        ("p1024", 1024, 4, 200, 10, 20),
+        ("p2048", 2048, 2, 150, 12, 24),
+        ("p4608", 4608, 1, 100, 12, 24),
     ],
 }
 
@@ -699,14 +701,31 @@ def lr_at(step, total, base, warmup):
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+class Batches(torch.utils.data.Dataset):
+    """Batch number i of the curriculum, generated from its own seed (seed, i): the stream is
+    the same whatever the number of loader workers, and resuming needs no replay."""
+
+    def __init__(self, seed, schedule):
+        self.seed, self.schedule = seed, schedule  # schedule[i] = (T, B, facts_lo, facts_hi)
+        self.corpus = None
+
+    def __len__(self):
+        return len(self.schedule)
+
+    def __getitem__(self, i):
+        if self.corpus is None:
+            self.corpus = Corpus(Tokenizer())
+        T, B, flo, fhi = self.schedule[i]
+        r = random.Random(self.seed * 1000003 + i)
+        return make_batch(self.corpus, r, B, T, flo, fhi, "cpu")
+
+
 def train(args):
     torch.manual_seed(args.seed)
-    r = random.Random(args.seed)
     dev = torch.device(args.device)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     tok = Tokenizer()
-    corpus = Corpus(tok)
     c = make_config(tok, args)
     model = LlamaLM(c)
     model.init_weights(args.seed)
@@ -722,7 +741,11 @@ def train(args):
     phases = [list(p) for p in PRESETS[args.preset or args.device]]
     for p in phases:
         p[3] = max(1, int(p[3] * args.step_scale)) if not args.smoke else args.smoke
-    total = sum(p[3] for p in phases)
+    schedule, names = [], []
+    for (name, T, B, steps, flo, fhi) in phases:
+        schedule += [(T, B, flo, fhi)] * steps
+        names += [name] * steps
+    total = len(schedule)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
@@ -730,52 +753,64 @@ def train(args):
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     use_amp = dev.type == "cuda"
+    data = Batches(args.seed, schedule)
+    sampler = range(start_step, total)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler,
+                                         num_workers=args.workers,
+                                         pin_memory=dev.type == "cuda",
+                                         prefetch_factor=4 if args.workers else None) \
+        if args.workers else (data[i] for i in sampler)
     t0 = time.time()
-    step = 0
-    log_every = args.log_every
-    for (name, T, B, steps, flo, fhi) in phases:
-        acc_hist, loss_hist = [], []
-        tp = time.time()
-        for _ in range(steps):
-            if step < start_step:  # keep the data stream identical when resuming
-                make_batch(corpus, r, B, T, flo, fhi, "cpu")
-                step += 1
-                continue
-            lr = lr_at(step, total, args.lr, args.warmup)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x, y, is_ans, valid = make_batch(corpus, r, B, T, flo, fhi, dev)
-            ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else \
-                contextlib.nullcontext()
-            with ctx:
-                logits = model(x)
-            logits = logits.float()
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                 reduction="none").view(B, T)
-            other = valid & ~is_ans
-            l_ans = (ce * is_ans).sum() / is_ans.sum().clamp(min=1)
-            l_lm = (ce * other).sum() / other.sum().clamp(min=1)
-            loss = l_ans + args.lm_weight * l_lm
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            with torch.no_grad():
-                acc = ((logits.argmax(-1) == y) & is_ans).sum().item() / \
-                    max(1, is_ans.sum().item())
-            acc_hist.append(acc)
-            loss_hist.append((l_ans.item(), l_lm.item()))
-            step += 1
-            if step % log_every == 0 or step == total:
-                k = min(len(acc_hist), log_every)
-                la = sum(a for a, _ in loss_hist[-k:]) / k
-                ll = sum(b for _, b in loss_hist[-k:]) / k
-                print(f"step {step:5d}/{total} {name} T={T} B={B} lr {lr:.2e} "
-                      f"ans_loss {la:.3f} lm_loss {ll:.3f} ans_acc {sum(acc_hist[-k:]) / k:.3f}"
-                      f"  {time.time() - t0:.0f}s", flush=True)
-        if acc_hist:
+    tp = t0
+    step = start_step
+    acc_hist, loss_hist = [], []
+    stopped = False
+    for x, y, is_ans, valid in loader:
+        name, (T, B, _, _) = names[step], schedule[step]
+        lr = lr_at(step, total, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        is_ans, valid = is_ans.to(dev, non_blocking=True), valid.to(dev, non_blocking=True)
+        ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else \
+            contextlib.nullcontext()
+        with ctx:
+            logits = model(x)
+        logits = logits.float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                             reduction="none").view(B, T)
+        other = valid & ~is_ans
+        n_ans = is_ans.sum().clamp(min=1)
+        l_ans = (ce * is_ans).sum() / n_ans
+        l_lm = (ce * other).sum() / other.sum().clamp(min=1)
+        loss = l_ans + args.lm_weight * l_lm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            acc = ((logits.argmax(-1) == y) & is_ans).sum() / n_ans
+        acc_hist.append(acc.detach())
+        loss_hist.append(torch.stack([l_ans.detach(), l_lm.detach()]))
+        step += 1
+        last_of_phase = step == total or names[step] != name
+        if step % args.log_every == 0 or last_of_phase:
+            k = len(acc_hist)
+            la, ll = (torch.stack(loss_hist).sum(0) / k).tolist()
+            ac = (torch.stack(acc_hist).sum() / k).item()
+            acc_hist, loss_hist = [], []
+            print(f"step {step:5d}/{total} {name} T={T} B={B} lr {lr:.2e} "
+                  f"ans_loss {la:.3f} lm_loss {ll:.3f} ans_acc {ac:.3f}"
+                  f"  {time.time() - t0:.0f}s", flush=True)
+        if last_of_phase:
             print(f"phase {name} done in {time.time() - tp:.0f}s", flush=True)
-    print(f"training took {time.time() - t0:.0f}s")
+            tp = time.time()
+        if args.time_limit and time.time() - t0 > args.time_limit:
+            print(f"time limit reached at step {step}", flush=True)
+            stopped = True
+            break
+    print(f"training took {time.time() - t0:.0f}s ({step - start_step} steps"
+          f"{', stopped early' if stopped else ''})")
     model.cpu()
     if args.ckpt:
         torch.save({"model": model.state_dict(), "step": step, "config": c}, args.ckpt)
@@ -806,11 +841,17 @@ def main():
                     help="weight of the loss on non-answer tokens (answers weigh 1)")
     ap.add_argument("--step-scale", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="data loader processes (default: 8 with CUDA, 0 on the CPU)")
+    ap.add_argument("--time-limit", type=float, default=0,
+                    help="stop training after this many seconds (0: no limit)")
     ap.add_argument("--smoke", type=int, default=0, help="run only this many steps per phase")
     ap.add_argument("--ckpt", default=None, help="also save a float32 checkpoint here")
     ap.add_argument("--resume", default=None, help="continue from a checkpoint")
     args = ap.parse_args()
+    if args.workers is None:
+        args.workers = 8 if args.device.startswith("cuda") else 0
     train(args)
 
 

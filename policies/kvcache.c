@@ -51,8 +51,10 @@ void kvcache_add(KVCache *c, int pos)
 int kvcache_add_alt(KVCache *c, int pos, const float *k, const float *v)
 {
     int s = (pos >= 0 && c->slot_of[pos] >= 0) ? c->slot_of[pos] : push_slot(c, pos);
-    if (!c->alt_kv[s])
+    if (!c->alt_kv[s]) {
         c->alt_kv[s] = kv_malloc(2 * (size_t)c->head_dim * sizeof(float));
+        c->n_alt++;
+    }
     memcpy(c->alt_kv[s], k, (size_t)c->head_dim * sizeof(float));
     memcpy(c->alt_kv[s] + c->head_dim, v, (size_t)c->head_dim * sizeof(float));
     return s;
@@ -62,7 +64,10 @@ void kvcache_remove_slot(KVCache *c, int slot)
 {
     if (c->pos[slot] >= 0)
         c->slot_of[c->pos[slot]] = -1;
-    free(c->alt_kv[slot]);
+    if (c->alt_kv[slot]) {
+        free(c->alt_kv[slot]);
+        c->n_alt--;
+    }
     int last = --c->n;
     if (slot != last) {
         c->pos[slot] = c->pos[last];

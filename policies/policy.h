@@ -102,6 +102,7 @@ typedef struct {
     float **alt_kv; /* [cap] NULL, or 2*head_dim floats (k then v) owned by the cache */
     int32_t *slot_of; /* [n_tokens]: slot index of a position, -1 if not cached */
     int n_tokens;
+    int n_alt;        /* slots with alt_kv set; the other n - n_alt hold exact trace K/V */
 } KVCache;
 
 void kvcache_init(KVCache *c, int n_tokens, int head_dim);

@@ -40,8 +40,11 @@ typedef struct {
     int32_t *topk;         /* [Hq][topk] */
     float **attn;          /* [Hkv] -> [group][slots] */
     int *attn_cap;
-    double attention_seconds, attention_flops;
-    double *policy_seconds; /* [n_policies] */
+    float *scratch;        /* gathered cache values and outputs for output_errors */
+    size_t scratch_cap;
+    double attention_seconds, attention_flops; /* the shared exact attention, prompt included */
+    double metric_seconds;
+    double *policy_seconds; /* [n_policies]: the policies' own callbacks */
 } Worker;
 
 static uint64_t splitmix64(uint64_t x)
@@ -98,6 +101,7 @@ static void worker_free(Worker *w, int n_kv_heads)
         free(w->attn[g]);
     free(w->attn);
     free(w->attn_cap);
+    free(w->scratch);
     free(w->policy_seconds);
 }
 
@@ -113,6 +117,7 @@ static void prefill_statistics(Worker *w, const LayerView *L, float *mass, float
             int B = P - i0 < PREFILL_BLOCK ? P - i0 : PREFILL_BLOCK;
             attention_block(q + (size_t)i0 * D, B, i0, k, NULL, D, L->attn_scale,
                             w->prefill_probs, T, NULL, mx, z);
+            w->attention_flops += attention_block_flops(B, i0, D, 0);
             if (mass) /* column sums of the block: probs^T . 1 */
                 cblas_sgemv(CblasRowMajor, CblasTrans, B, i0 + B, 1.0f, w->prefill_probs, T,
                             w->ones, 1, 1.0f, mass + (size_t)h * P, 1);
@@ -140,6 +145,7 @@ static void decode_mass_statistics(Worker *w, const LayerView *L, float *dmass)
             int B = T - i0 < PREFILL_BLOCK ? T - i0 : PREFILL_BLOCK;
             attention_block(q + (size_t)i0 * D, B, i0, k, NULL, D, L->attn_scale,
                             w->prefill_probs, T, NULL, mx, z);
+            w->attention_flops += attention_block_flops(B, i0, D, 0);
             cblas_sgemv(CblasRowMajor, CblasTrans, B, i0 + B, 1.0f, w->prefill_probs, T, w->ones,
                         1, 1.0f, dmass + (size_t)h * T, 1);
         }
@@ -154,46 +160,95 @@ static void ensure_attn_capacity(Worker *w, int g, int need)
     }
 }
 
-/* One policy instance at decode step t: step, attention over its caches, metrics, observe. */
+static void ensure_scratch(Worker *w, size_t need)
+{
+    if (w->scratch_cap < need) {
+        w->scratch_cap = need + need / 2;
+        w->scratch = kv_realloc(w->scratch, w->scratch_cap * sizeof(float));
+    }
+}
+
+/* Query t's attention over one KV head's cache, for each head of its group: the metrics at an
+ * evaluated step, and the renormalised attention the policy observes. */
+static void attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, const KVCache *c,
+                           int g, int t, int b, int e, bool observe)
+{
+    const EngineConfig *cfg = job->cfg;
+    int T = L->n_tokens, D = L->head_dim, G = L->group, Hq = L->n_q_heads;
+    int k = cfg->topk < t + 1 ? cfg->topk : t + 1;
+    bool want_err = e >= 0 && output_errors_needed(c, t);
+    bool want_attn = observe || want_err;
+    FullRow rows[G];
+    double mass[G], err[G];
+    if (want_attn)
+        ensure_attn_capacity(w, g, G * c->n);
+    for (int i = 0; i < G; i++) {
+        int h = g * G + i;
+        rows[i] = (FullRow){
+            .t = t, .head_dim = D, .scale = L->attn_scale,
+            .q = L->q + ((size_t)h * T + t) * D,
+            .p = w->probs + ((size_t)b * Hq + h) * T,
+            .logit_max = w->row_max[h * DECODE_BLOCK + b],
+            .logit_z = w->row_z[h * DECODE_BLOCK + b],
+            .v = L->v + (size_t)g * T * D,
+            .o_full = w->out + ((size_t)h * DECODE_BLOCK + b) * D,
+        };
+        mass[i] = cache_attention(c, &rows[i], want_attn ? w->attn[g] + (size_t)i * c->n : NULL)
+                      .retained_mass;
+    }
+    if (e < 0)
+        return;
+    for (int i = 0; i < G; i++)
+        err[i] = 0.0;
+    if (want_err) {
+        ensure_scratch(w, (size_t)(c->n + G) * D);
+        output_errors(c, rows, G, w->attn[g], w->scratch, err);
+    }
+    for (int i = 0; i < G; i++) {
+        int h = g * G + i;
+        float *hm = results_head(job->res, pi, L->layer, e, h);
+        hm[HM_MASS] = (float)mass[i];
+        hm[HM_RECALL] = (float)recall_at_k(c, w->topk + (size_t)h * cfg->topk, k);
+        hm[HM_OUT_ERR] = (float)err[i];
+    }
+}
+
+/* One policy instance at decode step t: step, attention over its caches and metrics, observe,
+ * memory. Callback time and metric time are accounted separately. */
 static void replay_step(Job *job, Worker *w, const LayerView *L, int pi, Policy *inst, int t,
                         int b, int e)
 {
     const EngineConfig *cfg = job->cfg;
     Results *res = job->res;
-    int T = L->n_tokens, D = L->head_dim, Hq = L->n_q_heads, G = L->group;
-    int k = cfg->topk < t + 1 ? cfg->topk : t + 1;
-    const float *full_attn = w->probs + (size_t)b * Hq * T;
-    StepView sv = {.L = L, .t = t, .full_attn = inst->is_oracle ? full_attn : NULL};
+    int T = L->n_tokens, D = L->head_dim, Hq = L->n_q_heads;
+    StepView sv = {.L = L, .t = t,
+                   .full_attn = inst->is_oracle ? w->probs + (size_t)b * Hq * T : NULL};
     bool observe = inst->type->observe != NULL;
 
+    double t0 = now_seconds();
     inst->type->step(inst, &sv);
-    double cache_tokens = 0;
+    double t1 = now_seconds();
+    double cache_tokens = 0, needles = NAN;
     for (int g = 0; g < L->n_kv_heads; g++) {
-        const KVCache *c = &inst->cache[g];
-        cache_tokens += c->n;
-        if (!observe && e < 0)
-            continue;
-        ensure_attn_capacity(w, g, G * c->n);
-        for (int i = 0; i < G; i++) {
-            int h = g * G + i;
-            FullRow row = {
-                .t = t, .head_dim = D, .scale = L->attn_scale,
-                .q = L->q + ((size_t)h * T + t) * D,
-                .p = full_attn + (size_t)h * T,
-                .logit_max = w->row_max[h * DECODE_BLOCK + b],
-                .logit_z = w->row_z[h * DECODE_BLOCK + b],
-                .v = L->v + (size_t)g * T * D,
-                .o_full = w->out + ((size_t)h * DECODE_BLOCK + b) * D,
-            };
-            CacheAttention ca = cache_attention(c, &row, observe ? w->attn[g] + (size_t)i * c->n : NULL);
-            if (e >= 0) {
-                float *hm = results_head(res, pi, L->layer, e, h);
-                hm[HM_MASS] = (float)ca.retained_mass;
-                hm[HM_RECALL] = (float)recall_at_k(c, w->topk + (size_t)h * cfg->topk, k);
-                hm[HM_OUT_ERR] = (float)output_error(c, &row, ca);
+        cache_tokens += inst->cache[g].n;
+        if (observe || e >= 0)
+            attend_kv_head(job, w, L, pi, &inst->cache[g], g, t, b, e, observe);
+    }
+    if (e >= 0 && res->eval_probe[e]) {
+        /* The needles the probe query could attend to: the cache as it attended, before
+         * observe() evicts for the next step. Mean over KV heads. */
+        double sum = 0;
+        int counted = 0;
+        for (int g = 0; g < L->n_kv_heads; g++) {
+            double s = needle_survival(&inst->cache[g], L->meta, t);
+            if (!isnan(s)) {
+                sum += s;
+                counted++;
             }
         }
+        needles = counted ? sum / counted : NAN;
     }
+    double t2 = now_seconds();
     if (observe)
         inst->type->observe(inst, &sv, (const float *const *)w->attn);
 
@@ -206,6 +261,10 @@ static void replay_step(Job *job, Worker *w, const LayerView *L, int pi, Policy 
             live += inst->cache[g].n;
         mem.device_bytes = mem.allocated_bytes = kv_entry_bytes(live, D, cfg->kv_bits);
     }
+    double t3 = now_seconds();
+    w->policy_seconds[pi] += (t1 - t0) + (t3 - t2);
+    w->metric_seconds += t2 - t1;
+
     double *tot = results_total(res, pi, L->layer);
     tot[TM_TO_HOST_BYTES] += mem.to_host_bytes;
     tot[TM_TO_DEVICE_BYTES] += mem.to_device_bytes;
@@ -220,22 +279,7 @@ static void replay_step(Job *job, Worker *w, const LayerView *L, int pi, Policy 
         sm[SM_ALLOCATED_BYTES] = mem.allocated_bytes;
         sm[SM_HOST_BYTES] = mem.host_bytes;
         sm[SM_FETCHED_TOKENS] = mem.fetched_tokens;
-        sm[SM_NEEDLE_SURVIVAL] = NAN;
-        if (res->eval_probe[e]) {
-            /* Needles are checked against the cache the query attended over; observe() may
-             * have evicted since, so this reads the state after it: a needle evicted by this
-             * very step's observe counts as lost, which is what the next query will see. */
-            double sum = 0;
-            int counted = 0;
-            for (int g = 0; g < L->n_kv_heads; g++) {
-                double s = needle_survival(&inst->cache[g], L->meta, t);
-                if (!isnan(s)) {
-                    sum += s;
-                    counted++;
-                }
-            }
-            sm[SM_NEEDLE_SURVIVAL] = counted ? sum / counted : NAN;
-        }
+        sm[SM_NEEDLE_SURVIVAL] = needles;
     }
 }
 
@@ -276,10 +320,12 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     float *mass = want_mass ? kv_calloc((size_t)Hq * P, sizeof(float)) : NULL;
     float *obs = want_rows ? kv_calloc((size_t)Hq * want_rows * P, sizeof(float)) : NULL;
     float *dmass = want_dmass ? kv_calloc((size_t)Hq * T, sizeof(float)) : NULL;
+    double s0 = now_seconds();
     if (mass || obs)
         prefill_statistics(w, &L, mass, obs, want_rows);
     if (dmass)
         decode_mass_statistics(w, &L, dmass);
+    w->attention_seconds += now_seconds() - s0;
     for (int pi = 0; pi < n_pol; pi++) {
         PrefillView pv = {
             .L = &L,
@@ -315,9 +361,7 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
                                  w->topk + (size_t)h * cfg->topk);
             }
             for (int pi = 0; pi < n_pol; pi++) {
-                double p0 = now_seconds();
                 replay_step(job, w, &L, pi, inst[pi], t, b, e);
-                w->policy_seconds[pi] += now_seconds() - p0;
             }
         }
         atomic_fetch_add(&job->steps_done, B);
@@ -357,6 +401,7 @@ static void *worker_main(void *arg)
     pthread_mutex_lock(&job->lock);
     job->res->attention_seconds += w.attention_seconds;
     job->res->attention_flops += w.attention_flops;
+    job->res->metric_seconds += w.metric_seconds;
     for (int pi = 0; pi < job->cfg->n_policies && pi < 64; pi++)
         job->res->policy_seconds[pi] += w.policy_seconds[pi];
     pthread_mutex_unlock(&job->lock);
@@ -364,14 +409,16 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-/* Evaluated steps: every eval_every-th decode step, plus the probe steps (a probe inside the
- * prompt is checked at the first decode step, against what the policy kept of the prompt). */
+/* Evaluated steps: every eval_every-th decode step, plus the decode steps that are probes. A
+ * probe inside the prompt says nothing about eviction: prefill attends over the whole prompt
+ * in every engine kvsim models (compression happens after it), so it is not evaluated. */
 static void plan_evaluations(Results *r, const TraceMeta *m, int eval_every, int32_t *eval_of_step)
 {
     int T = m->n_tokens, P = m->n_prompt;
     bool *probe = kv_calloc((size_t)T, sizeof *probe);
     for (int i = 0; i < m->n_probes; i++)
-        probe[m->probes[i] < P ? P : m->probes[i]] = true;
+        if (m->probes[i] >= P)
+            probe[m->probes[i]] = true;
     r->eval_step = kv_malloc((size_t)(T - P + 1) * sizeof *r->eval_step);
     r->eval_probe = kv_malloc((size_t)(T - P + 1) * sizeof *r->eval_probe);
     r->n_evals = 0;

@@ -68,9 +68,11 @@ typedef struct {
     double *total; /* [policy][layer][N_TOTAL_METRICS] */
     int n_steps;   /* decode steps replayed: T - P */
     double wall_seconds;
-    double attention_seconds; /* summed over workers: the shared full-attention computation */
+    /* Timings, summed over workers (not part of any output file: they vary run to run). */
+    double attention_seconds; /* the shared exact attention: decode rows, prompt statistics */
     double attention_flops;
-    double policy_seconds[64]; /* per policy, summed over workers (first 64 policies) */
+    double metric_seconds;     /* metrics and the renormalised attention over the caches */
+    double policy_seconds[64]; /* each policy's own callbacks (first 64 policies) */
     int threads_used;
 } Results;
 

@@ -10,12 +10,10 @@ static bool slot_is_exact(const KVCache *c, int slot)
     return c->pos[slot] >= 0 && c->alt_kv[slot] == NULL;
 }
 
-static int exact_count(const KVCache *c)
+/* Every key [0, t] present with its exact K/V: attention over the cache is the full row. */
+static bool cache_is_complete(const KVCache *c, int t)
 {
-    int n = 0;
-    for (int i = 0; i < c->n; i++)
-        n += slot_is_exact(c, i);
-    return n;
+    return c->n_alt == 0 && c->n == t + 1;
 }
 
 /* Weight of an alt slot relative to the full row's normaliser: exp(s - max) / Z. */
@@ -29,7 +27,7 @@ CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn
 {
     CacheAttention ca = {0, 0};
     double alt_total = 0;
-    int n_exact = exact_count(c);
+    int n_exact = c->n - c->n_alt;
     if (n_exact == row->t + 1) {
         ca.retained_mass = 1.0; /* every key present: the renormalisation is the identity */
     } else if (n_exact > (row->t + 1) / 2) {
@@ -109,38 +107,34 @@ double recall_at_k(const KVCache *c, const int32_t *topk, int k)
     return (double)hit / k;
 }
 
-double output_error(const KVCache *c, const FullRow *row, CacheAttention ca)
+bool output_errors_needed(const KVCache *c, int t)
 {
-    int D = row->head_dim;
-    float *num = kv_calloc((size_t)D, sizeof *num); /* sum of weight * value over the cache */
-    float *diff = kv_malloc((size_t)D * sizeof *diff);
-    int n_exact = exact_count(c);
-    if (n_exact > (row->t + 1) / 2) {
-        /* sum over exact slots = o_full - sum over the complement */
-        cblas_scopy(D, row->o_full, 1, num, 1);
-        for (int j = 0; j <= row->t; j++) {
-            int s = c->slot_of[j];
-            if (s < 0 || c->alt_kv[s])
-                cblas_saxpy(D, -row->p[j], row->v + (size_t)j * D, 1, num, 1);
-        }
-    } else {
-        for (int i = 0; i < c->n; i++)
-            if (slot_is_exact(c, i))
-                cblas_saxpy(D, row->p[c->pos[i]], row->v + (size_t)c->pos[i] * D, 1, num, 1);
+    return !cache_is_complete(c, t);
+}
+
+void output_errors(const KVCache *c, const FullRow *rows, int n_heads, const float *attn,
+                   float *scratch, double *err)
+{
+    int D = rows[0].head_dim, n = c->n;
+    if (cache_is_complete(c, rows[0].t)) {
+        for (int i = 0; i < n_heads; i++)
+            err[i] = 0.0; /* the renormalisation is the identity: o_S = o_full */
+        return;
     }
-    for (int i = 0; i < c->n; i++)
-        if (c->alt_kv[i])
-            cblas_saxpy(D, (float)alt_weight(c, i, row), c->alt_kv[i] + D, 1, num, 1);
-    double err = NAN;
-    if (ca.denominator > 0) {
-        cblas_scopy(D, row->o_full, 1, diff, 1);
-        cblas_saxpy(D, (float)(-1.0 / ca.denominator), num, 1, diff, 1);
-        double norm_full = cblas_snrm2(D, row->o_full, 1);
-        err = norm_full > 0 ? cblas_snrm2(D, diff, 1) / norm_full : 0.0;
+    /* Gather the cache's values once for the whole group, then one sgemm: out = attn . V_S. */
+    float *values = scratch, *out = scratch + (size_t)n * D;
+    for (int i = 0; i < n; i++) {
+        const float *v = c->alt_kv[i] ? c->alt_kv[i] + D : rows[0].v + (size_t)c->pos[i] * D;
+        memcpy(values + (size_t)i * D, v, (size_t)D * sizeof(float));
     }
-    free(num);
-    free(diff);
-    return err;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n_heads, D, n, 1.0f, attn, n, values,
+                D, 0.0f, out, D);
+    for (int h = 0; h < n_heads; h++) {
+        float *o = out + (size_t)h * D;
+        cblas_saxpy(D, -1.0f, rows[h].o_full, 1, o, 1);
+        double norm_full = cblas_snrm2(D, rows[h].o_full, 1);
+        err[h] = norm_full > 0 ? cblas_snrm2(D, o, 1) / norm_full : 0.0;
+    }
 }
 
 double needle_survival(const KVCache *c, const TraceMeta *meta, int t)

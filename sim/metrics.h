@@ -6,6 +6,7 @@
 #ifndef KVSIM_METRICS_H
 #define KVSIM_METRICS_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "policies/policy.h"
@@ -40,9 +41,16 @@ void topk_indices(const float *p, int n, int k, int32_t *out);
 /* recall@k = |cache ∩ top-k| / k, counting real positions cached (exact or approximate). */
 double recall_at_k(const KVCache *c, const int32_t *topk, int k);
 
-/* Relative output error ||o_S - o_full|| / ||o_full||, where o_S is the attention output over
- * the cache (alt slots with their own K and V). ca is cache_attention's result. */
-double output_error(const KVCache *c, const FullRow *row, CacheAttention ca);
+/* Whether output_errors has anything to compute: false when the cache holds every key [0, t]
+ * with its exact K/V (the error is then 0 by definition, and the attention is not needed). */
+bool output_errors_needed(const KVCache *c, int t);
+
+/* Relative output error ||o_S - o_full|| / ||o_full|| of n_heads query heads sharing cache c,
+ * where o_S is the attention output over the cache (alt slots with their own K and V).
+ * attn is [n_heads][c->n], each head's normalised attention from cache_attention; rows[h] its
+ * full row. scratch holds (c->n + n_heads) * head_dim floats. Writes err[n_heads]. */
+void output_errors(const KVCache *c, const FullRow *rows, int n_heads, const float *attn,
+                   float *scratch, double *err);
 
 /* Fraction of needle tokens at positions <= t that the cache holds; NaN if there are none. */
 double needle_survival(const KVCache *c, const TraceMeta *meta, int t);

@@ -155,12 +155,12 @@ static void test_needles_checked_at_probe_steps(void **state)
 {
     Setup *s = *state;
     Results *r = replay(s, 1, 5);
-    /* every 5th decode step from P, plus probes 60 and 79 (the prompt probe maps to P) */
+    /* every 5th decode step from P, plus probes 60 and 79 (the prompt probe is not a step) */
     int expected[] = {48, 53, 58, 60, 63, 68, 73, 78, 79};
     assert_int_equal(r->n_evals, 9);
     for (int e = 0; e < r->n_evals; e++) {
         assert_int_equal(r->eval_step[e], expected[e]);
-        bool probe = expected[e] == 48 || expected[e] == 60 || expected[e] == 79;
+        bool probe = expected[e] == 60 || expected[e] == 79;
         assert_int_equal(r->eval_probe[e], probe);
         for (int l = 0; l < LAYERS; l++) {
             double full = results_step(r, 0, l, e)[SM_NEEDLE_SURVIVAL];

@@ -182,7 +182,7 @@ static int add_file(SafetensorsCheckpoint *ck, const char *path, KvErr *err)
         return kv_fail(err, "%s: header length %llu is impossible for a %zu-byte file "
                        "(truncated or not safetensors)", path, (unsigned long long)header_len,
                        size);
-    cJSON *header = cJSON_ParseWithLength((const char *)bytes + 8, (size_t)header_len);
+    cJSON *header = json_parse_exact((const char *)bytes + 8, (size_t)header_len, NULL);
     if (!header || !cJSON_IsObject(header)) {
         cJSON_Delete(header);
         return kv_fail(err, "%s: header is not a valid JSON object", path);
@@ -262,17 +262,33 @@ char *read_text_file(const char *path, size_t *len, KvErr *err)
     return buf;
 }
 
+cJSON *json_parse_exact(const char *text, size_t len, size_t *error_at)
+{
+    const char *end = NULL;
+    cJSON *json = cJSON_ParseWithLengthOpts(text, len, &end, 0);
+    if (json) {
+        /* cJSON stops after the first value; anything but whitespace after it is an error. */
+        while (end < text + len && strchr(" \t\r\n", *end) && *end)
+            end++;
+        if (end == text + len)
+            return json;
+        cJSON_Delete(json);
+    }
+    if (error_at)
+        *error_at = end && end >= text && end <= text + len ? (size_t)(end - text) : 0;
+    return NULL;
+}
+
 cJSON *json_read_file(const char *path, KvErr *err)
 {
     size_t len;
     char *text = read_text_file(path, &len, err);
     if (!text)
         return NULL;
-    const char *parse_end = NULL;
-    cJSON *json = cJSON_ParseWithLengthOpts(text, len, &parse_end, 0);
+    size_t at = 0;
+    cJSON *json = json_parse_exact(text, len, &at);
     if (!json) {
         /* Line of the error, so that a hand-edited config can be fixed. */
-        size_t at = parse_end ? (size_t)(parse_end - text) : 0;
         int line = 1;
         for (size_t i = 0; i < at && i < len; i++)
             line += text[i] == '\n';

@@ -63,9 +63,12 @@ float bf16_to_f32(uint16_t b);
 
 /* Small text files of a checkpoint directory (config.json, the shard index). read_text_file
  * returns the malloc'ed, NUL-terminated contents; json_read_file the parsed JSON, or NULL with
- * an error naming the file and the line where parsing stopped. */
+ * an error naming the file and the line where parsing stopped. json_parse_exact parses len
+ * bytes that must hold exactly one JSON value (whitespace around it allowed); on failure
+ * *error_at (may be NULL) is the byte offset where parsing stopped. */
 struct cJSON;
 char *read_text_file(const char *path, size_t *len, KvErr *err);
 struct cJSON *json_read_file(const char *path, KvErr *err);
+struct cJSON *json_parse_exact(const char *text, size_t len, size_t *error_at);
 
 #endif

@@ -44,9 +44,17 @@ test-sanitize: deps $(SAN_BUILD)/CMakeCache.txt
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --test-dir $(SAN_BUILD) --output-on-failure -j $(JOBS)
 
-# The main job on the embedded default.
-run: build
-	$(KVSIM) run configs/default.ini
+# The main job on the embedded default: a synthetic trace with planted sinks, local and
+# retrieval heads and needles, replayed through the configured policies.
+DEFAULT_TRACE  := traces/default.h5
+DEFAULT_CONFIG ?= configs/baselines.ini
+
+$(DEFAULT_TRACE): | build
+	$(KVSIM) synth --out $@ --seed 1 --layers 8 --q-heads 16 --kv-heads 4 --head-dim 64 \
+	  --prompt 4096 --decode 512 --needles 8
+
+run: build $(DEFAULT_TRACE)
+	$(KVSIM) run $(DEFAULT_CONFIG) --trace $(DEFAULT_TRACE)
 
 bench: build
 	$(BUILD)/bench_replay

@@ -4,6 +4,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "sim/run_cmd.h"
+
 typedef struct {
     const char *name;
     int (*run)(int argc, char **argv); /* argv[0] is the subcommand name */
@@ -11,6 +13,8 @@ typedef struct {
 } Command;
 
 static const Command commands[] = {
+    {"run", cmd_run, "replay a trace through the policies of a config; write CSVs"},
+    {"policies", cmd_policies, "list the policy types with their parameters and defaults"},
     {NULL, NULL, NULL},
 };
 

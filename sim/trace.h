@@ -57,6 +57,9 @@ typedef struct {
  * rope_inv_freq filled with the unscaled frequencies of rope_theta and head_dim. */
 void trace_meta_alloc(TraceMeta *meta);
 void trace_meta_free(TraceMeta *meta);
+/* Checks the header and metadata constraints of docs/trace-format.md (the reader's checks of
+ * values; the writer applies it before creating anything). Messages name `path`. */
+int trace_meta_validate(const TraceMeta *meta, const char *path, KvErr *err);
 
 /* ---- Reader ---- */
 typedef struct Trace Trace;
@@ -69,6 +72,7 @@ void trace_close(Trace *tr);
 const TraceMeta *trace_meta(const Trace *tr);
 const char *trace_path(const Trace *tr);
 TraceDtype trace_dtype(const Trace *tr);
+const char *trace_dtype_name(TraceDtype dtype); /* "float32" or "float16" */
 
 /* Reads one layer's post-RoPE q, k, v (any may be NULL to skip it). Safe to call from several
  * threads at once on the same Trace. */
@@ -95,6 +99,9 @@ int trace_writer_finish(TraceWriter *w, KvErr *err);
 void trace_writer_abort(TraceWriter *w);
 
 /* ---- Helpers shared by the writer's users ---- */
+/* Rounds n floats in place to what a trace of `dtype` stores and a reader gets back (the same
+ * HDF5 conversion the writer and reader use); no-op for TRACE_F32. */
+void trace_round_to_dtype(float *x, size_t n, TraceDtype dtype);
 /* Unscaled RoPE inverse frequencies: out[f] = theta^(-2f/head_dim), f < head_dim/2. */
 void rope_default_inv_freq(double theta, int head_dim, double *out);
 /* Index of the two components of pair f in a head vector for the given layout:

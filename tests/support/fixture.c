@@ -220,3 +220,21 @@ double fixture_mass(const Fixture *fx, const Policy *p, const float *full_attn, 
             m += full_attn[(size_t)h * fx->L.n_tokens + c->pos[i]];
     return m;
 }
+
+void fixture_write_trace(Fixture *fx, int n_layers, uint64_t seed, const char *path)
+{
+    TraceMeta meta = fx->meta;
+    meta.n_layers = n_layers;
+    snprintf(meta.generator, sizeof meta.generator, "test fixture");
+    KvErr err;
+    TraceWriter *w = trace_writer_create(path, &meta, TRACE_F32, &err);
+    if (!w)
+        fail_msg("fixture_write_trace: %s", err.msg);
+    for (int l = 0; l < n_layers; l++) {
+        fixture_randomize(fx, seed + (uint64_t)l, 1.0);
+        if (trace_writer_put_qkv(w, l, 0, fx->L.n_tokens, fx->q, fx->k, fx->v, &err) != 0)
+            fail_msg("fixture_write_trace: %s", err.msg);
+    }
+    if (trace_writer_finish(w, &err) != 0)
+        fail_msg("fixture_write_trace: %s", err.msg);
+}

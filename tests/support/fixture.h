@@ -45,4 +45,9 @@ void fixture_run(Fixture *fx, Policy *p, int t_end, FixtureStepFn fn, void *ud);
  * the real positions cached. */
 double fixture_mass(const Fixture *fx, const Policy *p, const float *full_attn, int h);
 
+/* Writes a float32 trace of n_layers layers through the trace writer: layer l holds the
+ * fixture's arrays after fixture_randomize(fx, seed + l, 1.0) (so fx ends holding the last
+ * layer). Needles, probes, segments and tokens come from fx->meta. Fails the test on error. */
+void fixture_write_trace(Fixture *fx, int n_layers, uint64_t seed, const char *path);
+
 #endif

@@ -1,0 +1,818 @@
+#!/usr/bin/env python3
+"""Train kvsim's tiny retrieval model: a small Llama-architecture causal LM.
+
+The model learns to answer questions about key->value facts planted at random depths in long
+documents of filler prose ("The code for Lisbon is 482." ... "What is the code for Lisbon? 482").
+That task makes it grow the attention structure eviction policies care about: an attention sink
+on the first token, local (previous-token) heads and long-range retrieval heads.
+
+Everything is generated and built here: the corpus, a byte-level BPE tokenizer in which every
+key, value and filler word is a single token, the model (RMSNorm, RoPE in the rotate_half layout,
+grouped-query attention, SwiGLU, no biases, tied embeddings) and an exporter that writes a
+Hugging Face style directory (config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json).
+
+Needs only PyTorch (1.13 or newer; CPU is enough) and the Python standard library.
+
+    python3 models/train.py --device cuda          # GPU preset (the shipped model)
+    python3 models/train.py --device cpu           # 2-core CPU preset (shorter curriculum)
+    python3 models/train.py --device cpu --smoke   # a few steps per phase, to test the script
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import struct
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------
+# Word lists. Every word is a single token of the tokenizer built below.
+# --------------------------------------------------------------------------------------------
+
+CITIES = """
+Lisbon Porto Madrid Seville Valencia Bilbao Malaga Granada Toledo Cadiz Paris Lyon Marseille
+Nice Toulouse Bordeaux Nantes Lille Rennes Dijon Grenoble Reims Brest Rome Milan Naples Turin
+Florence Venice Genoa Bologna Verona Palermo Bari Pisa Parma Siena Trieste Berlin Munich
+Hamburg Cologne Dresden Leipzig Bremen Hanover Stuttgart Frankfurt Bonn Kiel Mainz Vienna Graz
+Salzburg Linz Zurich Geneva Basel Bern Lausanne Lucerne Brussels Antwerp Ghent Bruges Liege
+Amsterdam Rotterdam Utrecht Leiden Delft Groningen London Leeds Bristol York Oxford Cambridge
+Glasgow Edinburgh Dublin Cork Galway Belfast Cardiff Swansea Oslo Bergen Stockholm Uppsala Malmo
+Copenhagen Aarhus Helsinki Turku Tampere Reykjavik Warsaw Krakow Gdansk Poznan Prague Brno Bratislava
+Budapest Szeged Bucharest Sofia Varna Athens Patras Belgrade Zagreb Split Sarajevo Skopje Tirana
+Riga Vilnius Tallinn Tartu Minsk Kiev Odessa Lviv Moscow Kazan Samara Omsk Tomsk Irkutsk Istanbul
+Ankara Izmir Bursa Antalya Cairo Alexandria Tunis Algiers Rabat Casablanca Tangier Dakar Lagos
+Accra Nairobi Mombasa Kampala Kigali Lusaka Harare Durban Windhoek Luanda Khartoum Tehran
+Isfahan Tabriz Shiraz Baghdad Basra Damascus Beirut Amman Riyadh Jeddah Doha Muscat Kabul
+Karachi Lahore Delhi Mumbai Chennai Kolkata Pune Jaipur Agra Colombo Kathmandu Dhaka Yangon
+Bangkok Hanoi Manila Jakarta Surabaya Bandung Singapore Penang Beijing Shanghai Tianjin Wuhan
+Chengdu Nanjing Xiamen Harbin Seoul Busan Incheon Tokyo Osaka Kyoto Nagoya Sapporo Kobe Sendai
+Sydney Melbourne Brisbane Perth Adelaide Hobart Darwin Auckland Wellington Christchurch Toronto
+Montreal Ottawa Calgary Edmonton Winnipeg Halifax Quebec Vancouver Victoria Boston Chicago
+Denver Dallas Houston Austin Phoenix Seattle Portland Atlanta Miami Detroit Memphis Nashville
+Omaha Tulsa Tucson Fresno Sacramento Honolulu Anchorage Havana Kingston Lima Quito Bogota
+Caracas Santiago Valparaiso Montevideo Asuncion Rosario Cordoba Mendoza Recife Salvador
+Fortaleza Manaus Belem Curitiba Natal
+""".split()
+
+ADJECTIVES = """
+old new small large quiet busy green blue grey bright dark warm cold long short narrow wide
+gentle calm soft heavy light early late simple plain ancient modern distant nearby hidden open
+empty full steady slow quick careful patient rough smooth silent golden wooden stone broken
+tired young humble proud rural lonely crowded pale sharp dull deep shallow dusty sunny windy
+""".split()
+
+NOUNS = """
+river valley village garden market window road bridge forest field meadow hill mountain lake
+harbor island tower castle church school library station train boat ship wagon cart horse dog
+cat bird farmer baker teacher student traveler merchant sailor painter writer doctor child
+woman man family neighbor friend stranger letter book story song poem map lamp candle table
+chair door wall roof kitchen room house street corner square fountain well stream shore beach
+cliff path trail wind rain snow cloud storm morning evening night winter summer autumn spring
+season year week day hour bread soup tea apple orchard vineyard barn mill bell clock coat
+basket blanket fire smoke stone shadow light voice crowd festival journey
+""".split()
+
+VERBS_T = """
+crossed painted carried watched followed visited repaired opened closed found lost built cleaned
+noticed passed reached admired described remembered gathered collected shared sold
+bought fixed moved lifted pulled pushed guarded measured studied counted mended washed
+""".split()
+
+VERBS_I = """
+slept waited rested walked wandered arrived departed returned smiled laughed listened worked
+stayed lingered paused vanished appeared settled drifted faded glowed shimmered rustled
+""".split()
+
+ADVERBS = """
+quietly slowly softly gently calmly briefly rarely often always sometimes carefully happily
+patiently silently steadily suddenly finally again together alone nearby outside inside
+""".split()
+
+PREPS = """
+near beside behind under over across along through past toward around between beyond above
+""".split()
+
+# Sentence starters (capitalised; they also get a line-start form without the leading space).
+STARTERS = ["The", "A", "In", "Every", "Some", "After", "Near", "Each", "Later", "Then",
+            "This", "Meanwhile", "What"]
+
+FUNCTION_WORDS = ["the", "a", "and", "of", "to", "in", "on", "with", "some", "every", "while",
+                  "was", "were", "is", "code", "for", "what", "that", "by", "at", "it", "its",
+                  "their", "her", "his", "from", "as", "once"]
+
+VALUES = [str(v) for v in range(100, 1000)]  # three-digit codes, one token each
+
+# --------------------------------------------------------------------------------------------
+# Byte-level BPE tokenizer (GPT-2 byte mapping and split regex, as Hugging Face's ByteLevel).
+# --------------------------------------------------------------------------------------------
+
+
+def bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+BYTE_ENC = bytes_to_unicode()
+BYTE_DEC = {v: k for k, v in BYTE_ENC.items()}
+SPACE = BYTE_ENC[ord(" ")]  # 'Ġ'
+
+try:  # the exact GPT-2 pattern when the third-party 'regex' module is present
+    import regex as _re
+    SPLIT_RE = _re.compile(
+        r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+except ImportError:  # the same classes spelled with the standard library (identical on ASCII)
+    SPLIT_RE = re.compile(
+        r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
+
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|eos|>"
+
+
+class Tokenizer:
+    """Byte-level BPE. Vocabulary: the 256 byte symbols, then one token per merge, then the
+    special tokens. Merges build every word of the lists above left to right (each prefix is a
+    token); all merges of space-prefixed words rank before those of line-start words, so a word
+    of the lists always encodes to exactly one token whatever the other merges are."""
+
+    def __init__(self):
+        words_sp = []  # words that follow a space
+        for w in CITIES + ADJECTIVES + NOUNS + VERBS_T + VERBS_I + ADVERBS + PREPS + \
+                STARTERS + FUNCTION_WORDS + VALUES:
+            words_sp.append(" " + w)
+        words_ls = list(STARTERS)  # line-start forms
+        self.vocab = {}
+        for b in range(256):
+            self.vocab[BYTE_ENC[b]] = b
+        self.merges = []
+        for group in (words_sp, words_ls):
+            for w in group:
+                u = "".join(BYTE_ENC[b] for b in w.encode("utf-8"))
+                for i in range(2, len(u) + 1):
+                    if u[:i] not in self.vocab:
+                        self.vocab[u[:i]] = len(self.vocab)
+                        self.merges.append((u[:i - 1], u[i - 1]))
+        self.bos_id = len(self.vocab)
+        self.vocab[BOS_TOKEN] = self.bos_id
+        self.eos_id = len(self.vocab)
+        self.vocab[EOS_TOKEN] = self.eos_id
+        self.id_to_tok = {i: t for t, i in self.vocab.items()}
+        self.ranks = {m: i for i, m in enumerate(self.merges)}
+        self.cache = {}
+        self.special = {BOS_TOKEN: self.bos_id, EOS_TOKEN: self.eos_id}
+        self.special_re = re.compile("(" + "|".join(re.escape(s) for s in self.special) + ")")
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def _bpe(self, piece):
+        if piece in self.cache:
+            return self.cache[piece]
+        syms = list(piece)
+        while len(syms) > 1:
+            best, best_i = None, -1
+            for i in range(len(syms) - 1):
+                r = self.ranks.get((syms[i], syms[i + 1]))
+                if r is not None and (best is None or r < best):
+                    best, best_i = r, i
+            if best is None:
+                break
+            syms[best_i:best_i + 2] = [syms[best_i] + syms[best_i + 1]]
+        ids = [self.vocab[s] for s in syms]
+        self.cache[piece] = ids
+        return ids
+
+    def encode(self, text):
+        ids = []
+        for part in self.special_re.split(text):
+            if not part:
+                continue
+            if part in self.special:
+                ids.append(self.special[part])
+                continue
+            for m in SPLIT_RE.findall(part):
+                ids.extend(self._bpe("".join(BYTE_ENC[b] for b in m.encode("utf-8"))))
+        return ids
+
+    def decode(self, ids):
+        out = bytearray()
+        for i in ids:
+            t = self.id_to_tok[int(i)]
+            if t in self.special:
+                out += t.encode("utf-8")
+            else:
+                out += bytes(BYTE_DEC[c] for c in t)
+        return out.decode("utf-8", errors="replace")
+
+    def tok(self, word):
+        """Id of a single-token word (e.g. ' Lisbon')."""
+        ids = self.encode(word)
+        assert len(ids) == 1, (word, ids)
+        return ids[0]
+
+    def save(self, d):
+        added = []
+        for s in (BOS_TOKEN, EOS_TOKEN):
+            added.append({"id": self.vocab[s], "content": s, "single_word": False,
+                          "lstrip": False, "rstrip": False, "normalized": False,
+                          "special": True})
+        tj = {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": added,
+            "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
+                              "trim_offsets": True, "use_regex": True},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                        "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                      "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": self.vocab,
+                      "merges": [a + " " + b for a, b in self.merges]},
+        }
+        with open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(tj, f, ensure_ascii=False, indent=1)
+        tc = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "add_bos_token": True,
+              "add_eos_token": False, "model_max_length": None,
+              "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        with open(os.path.join(d, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(tc, f, indent=1)
+
+    @staticmethod
+    def load(d):
+        """Loads tokenizer.json (as written by save) into this class's encoder."""
+        with open(os.path.join(d, "tokenizer.json"), encoding="utf-8") as f:
+            tj = json.load(f)
+        t = Tokenizer.__new__(Tokenizer)
+        t.vocab = dict(tj["model"]["vocab"])
+        for a in tj["added_tokens"]:
+            t.vocab[a["content"]] = a["id"]
+        t.merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                    for m in tj["model"]["merges"]]
+        t.id_to_tok = {i: s for s, i in t.vocab.items()}
+        t.ranks = {m: i for i, m in enumerate(t.merges)}
+        t.cache = {}
+        t.special = {a["content"]: a["id"] for a in tj["added_tokens"]}
+        t.special_re = re.compile("(" + "|".join(re.escape(s) for s in t.special) + ")")
+        t.bos_id = t.special[BOS_TOKEN]
+        t.eos_id = t.special[EOS_TOKEN]
+        return t
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic corpus, built directly as token ids (every word is one token).
+# --------------------------------------------------------------------------------------------
+
+
+class Corpus:
+    """Documents: filler prose with facts "The code for <city> is <ddd>." planted at random
+    depths, then a block of questions "What is the code for <city>? <ddd>" (one per line)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        t = tok.tok
+        self.sp = lambda w: t(" " + w)
+        self.adj = [self.sp(w) for w in ADJECTIVES]
+        self.noun = [self.sp(w) for w in NOUNS]
+        self.vt = [self.sp(w) for w in VERBS_T]
+        self.vi = [self.sp(w) for w in VERBS_I]
+        self.adv = [self.sp(w) for w in ADVERBS]
+        self.prep = [self.sp(w) for w in PREPS]
+        self.city = [self.sp(w) for w in CITIES]
+        self.value = [self.sp(w) for w in VALUES]
+        self.start_sp = {w: self.sp(w) for w in STARTERS}
+        self.start_ls = {self.sp(w): t(w) for w in STARTERS}  # space form -> line-start form
+        s = self.sp
+        self.w = {w: s(w) for w in FUNCTION_WORDS}
+        self.dot, self.comma, self.qmark = t("."), t(","), t("?")
+        self.nl = t("\n")
+        self.value_set = set(self.value)
+
+    def sentence(self, r):
+        """One filler sentence (list of ids, first token in its space-prefixed form)."""
+        W, st = self.w, self.start_sp
+        ch = r.choice
+        k = r.randrange(8)
+        def np_():  # noun phrase
+            out = [W["the"]] if r.random() < 0.7 else [W["a"]]
+            if r.random() < 0.5:
+                out.append(ch(self.adj))
+            out.append(ch(self.noun))
+            return out
+        if k == 0:
+            s = [st["The"], ch(self.adj), ch(self.noun), ch(self.vt)] + np_() + \
+                [ch(self.prep)] + np_()
+        elif k == 1:
+            s = [st["A"], ch(self.noun), ch(self.vi), ch(self.adv)]
+        elif k == 2:
+            s = [st["In"], W["the"], ch(self.noun), self.comma] + np_() + [ch(self.vi),
+                                                                          ch(self.adv)]
+        elif k == 3:
+            s = [st["Every"], ch(self.noun), ch(self.vt), W["some"], ch(self.adj),
+                 ch(self.noun)]
+        elif k == 4:
+            s = [st[ch(["After", "Later", "Then", "Meanwhile"])], self.comma] + np_() + \
+                [ch(self.vt)] + np_() + [W["and"], ch(self.vi), ch(self.adv)]
+        elif k == 5:
+            s = [st["Near"], W["the"], ch(self.adj), ch(self.noun), self.comma] + np_() + \
+                [ch(self.vi), W["while"]] + np_() + [ch(self.vi)]
+        elif k == 6:
+            s = [st["This"], ch(self.noun), W["was"], ch(self.adj), W["and"], ch(self.adj)]
+        else:
+            s = [st[ch(["Some", "Each"])], ch(self.noun), ch(self.vt)] + np_() + \
+                [ch(self.prep)] + np_()
+        return s + [self.dot]
+
+    def fact(self, key, val):
+        W = self.w
+        return [self.start_sp["The"], W["code"], W["for"], key, W["is"], val, self.dot]
+
+    def question(self, key):
+        """Question line without its answer; first token in line-start form."""
+        W = self.w
+        return [self.start_ls[self.start_sp["What"]], W["is"], W["the"], W["code"], W["for"],
+                key, self.qmark]
+
+    def document(self, r, n_tokens, n_facts, n_questions, para_p=0.04, answer_last=True):
+        """Returns (ids, answer_pos, segments).
+        ids: BOS + document; about n_tokens long in all (the filler is sized so that the
+        document ends near n_tokens; the caller crops or pads).
+        answer_pos: indices i such that ids[i] is an answer token (predicted at i - 1).
+        segments: list of (kind, start, end) spans: 'fact', 'question', 'answer'."""
+        keys = r.sample(self.city, n_facts)
+        vals = [r.choice(self.value) for _ in keys]
+        asked = r.sample(range(n_facts), n_questions)
+        qblock_len = 2 + 9 * n_questions
+        budget = max(0, n_tokens - 1 - qblock_len - 7 * n_facts)
+        sents = []
+        total = 0
+        while total < budget or not sents:
+            s = self.sentence(r)
+            sents.append(s)
+            total += len(s)
+        # fact i goes before sentence slot[i]; slots are random depths, in document order
+        slots = sorted(r.randrange(len(sents) + 1) for _ in range(n_facts))
+        order = list(range(n_facts))
+        r.shuffle(order)
+        ids = [self.tok.bos_id]
+        segs = []
+        fi = 0
+        line_start = True
+        for si in range(len(sents) + 1):
+            while fi < n_facts and slots[fi] == si:
+                f = self.fact(keys[order[fi]], vals[order[fi]])
+                if line_start:
+                    f = [self.start_ls[f[0]]] + f[1:]
+                segs.append(("fact", len(ids), len(ids) + len(f)))
+                ids += f
+                fi += 1
+                line_start = False
+            if si < len(sents):
+                s = sents[si]
+                if not line_start and r.random() < para_p:
+                    ids += [self.nl, self.nl]
+                    line_start = True
+                if line_start:
+                    s = [self.start_ls[s[0]]] + s[1:]
+                ids += s
+                line_start = False
+        ids += [self.nl, self.nl]
+        ans = []
+        for q in asked:
+            ql = self.question(keys[q])
+            segs.append(("question", len(ids), len(ids) + len(ql)))
+            ids += ql
+            ans.append(len(ids))
+            segs.append(("answer", len(ids), len(ids) + 1))
+            ids += [vals[q], self.nl]
+        return ids, ans, segs, keys, vals, asked
+
+
+def make_batch(corpus, r, B, T, facts_lo, facts_hi, device):
+    """B documents cropped/padded to exactly T tokens; loss weights mark answer targets."""
+    x = torch.zeros(B, T + 1, dtype=torch.long)
+    is_ans = torch.zeros(B, T, dtype=torch.bool)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        nf = r.randint(facts_lo, facts_hi)
+        ids, ans, _, _, _, _ = corpus.document(r, T + 1, nf, nf)
+        ids = ids[:T + 1]
+        n = len(ids)
+        x[b, :n] = torch.tensor(ids)
+        valid[b, :n - 1] = True
+        for a in ans:
+            if a <= T:
+                is_ans[b, a - 1] = True
+    return x[:, :-1].to(device), x[:, 1:].to(device), is_ans.to(device), valid.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Model: Llama architecture, matching Hugging Face's LlamaForCausalLM numerics.
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        dt = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dt)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rope_cos_sin(T, head_dim, theta, device, offset=0):
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    pos = torch.arange(offset, offset + T, device=device).float()
+    f = torch.outer(pos, inv)
+    emb = torch.cat((f, f), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.nh, self.nkv, self.hd = c["num_attention_heads"], c["num_key_value_heads"], \
+            c["head_dim"]
+        d = c["hidden_size"]
+        self.q_proj = nn.Linear(d, self.nh * self.hd, bias=False)
+        self.k_proj = nn.Linear(d, self.nkv * self.hd, bias=False)
+        self.v_proj = nn.Linear(d, self.nkv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.hd, d, bias=False)
+
+    def forward(self, x, cos, sin, fused=True, want_probs=False):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        rep = self.nh // self.nkv
+        k = k.repeat_interleave(rep, dim=1)  # head h reads KV head h // rep (HF repeat_kv)
+        v = v.repeat_interleave(rep, dim=1)
+        probs = None
+        if fused and not want_probs and hasattr(F, "scaled_dot_product_attention"):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.hd))
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            s = s.masked_fill(mask, float("-inf"))
+            probs = torch.softmax(s.float(), dim=-1).to(q.dtype)
+            y = probs @ v
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
+        return self.o_proj(y), probs
+
+
+class MLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d, i = c["hidden_size"], c["intermediate_size"]
+        self.gate_proj = nn.Linear(d, i, bias=False)
+        self.up_proj = nn.Linear(d, i, bias=False)
+        self.down_proj = nn.Linear(i, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, fused=True, want_probs=False):
+        a, p = self.self_attn(self.input_layernorm(x), cos, sin, fused, want_probs)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, p
+
+
+class Inner(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"])
+        self.layers = nn.ModuleList([Layer(c) for _ in range(c["num_hidden_layers"])])
+        self.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+
+
+class LlamaLM(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.model = Inner(c)
+        if not c["tie_word_embeddings"]:
+            self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
+
+    def init_weights(self, seed):
+        g = torch.Generator().manual_seed(seed)
+        L = self.c["num_hidden_layers"]
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                continue
+            std = 0.02
+            if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+                std = 0.02 / math.sqrt(2 * L)
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def forward(self, ids, fused=True, want_probs=False):
+        T = ids.shape[1]
+        cos, sin = rope_cos_sin(T, self.c["head_dim"], self.c["rope_theta"], ids.device)
+        x = self.model.embed_tokens(ids)
+        probs = []
+        for layer in self.model.layers:
+            x, p = layer(x, cos, sin, fused, want_probs)
+            probs.append(p)
+        x = self.model.norm(x)
+        w = self.model.embed_tokens.weight if self.c["tie_word_embeddings"] else \
+            self.lm_head.weight
+        logits = x @ w.to(x.dtype).t()
+        return (logits, probs) if want_probs else logits
+
+
+def make_config(tok, args):
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "head_dim": args.hidden // args.heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "vocab_size": len(tok),
+        "max_position_embeddings": args.max_pos,
+        "tie_word_embeddings": True,
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "float16",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors, written and read by hand.
+# --------------------------------------------------------------------------------------------
+
+ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+ST_BACK = {v: k for k, v in ST_DTYPES.items()}
+
+
+def save_safetensors(path, tensors):
+    header = {"__metadata__": {"format": "pt"}}
+    blobs = []
+    off = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        # raw little-endian bytes; bf16 goes through int16 since numpy has no bfloat16
+        raw = t.view(torch.int16).numpy().tobytes() if t.dtype in (torch.float16,
+                                                                   torch.bfloat16) \
+            else t.numpy().tobytes()
+        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for raw in blobs:
+            f.write(raw)
+
+
+def load_safetensors(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        dt = ST_BACK[info["dtype"]]
+        buf = bytearray(data[a:b])
+        if dt == torch.float32:
+            t = torch.frombuffer(buf, dtype=torch.float32)
+        else:
+            t = torch.frombuffer(buf, dtype=torch.int16).view(dt)
+        out[name] = t.reshape(info["shape"]).clone()
+    return out
+
+
+def export(model, tok, out_dir, dtype=torch.float16):
+    os.makedirs(out_dir, exist_ok=True)
+    c = dict(model.c)
+    c["torch_dtype"] = "float16" if dtype == torch.float16 else "bfloat16"
+    tensors = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    save_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(c, f, indent=2)
+    tok.save(out_dir)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+                   "do_sample": False}, f, indent=2)
+
+
+def load_exported(d, device="cpu"):
+    """Loads config.json + model.safetensors (to float32) + tokenizer.json from d."""
+    with open(os.path.join(d, "config.json")) as f:
+        c = json.load(f)
+    m = LlamaLM(c)
+    sd = load_safetensors(os.path.join(d, "model.safetensors"))
+    m.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    m.eval().to(device)
+    return m, Tokenizer.load(d)
+
+
+# --------------------------------------------------------------------------------------------
+# Training.
+# --------------------------------------------------------------------------------------------
+
+# (name, seq_len, batch, steps, facts_lo, facts_hi); steps scaled by --step-scale
+PRESETS = {
+    "cuda": [
+        ("p256", 256, 128, 2500, 6, 12),
+        ("p512", 512, 64, 800, 8, 16),
+        ("p1024", 1024, 32, 600, 10, 20),
+        ("p2048", 2048, 16, 700, 12, 24),
+        ("p4608", 4608, 8, 1200, 12, 24),
+    ],
+    "cpu": [
+        ("p256", 256, 32, 2500, 6, 12),
+        ("p512", 512, 16, 400, 8, 16),
+        ("p1024", 1024, 8, 250, 10, 20),
+        ("p2048", 2048, 4, 200, 12, 24),
+        ("p4608", 4608, 2, 200, 12, 24),
+    ],
+}
+
+
+def lr_at(step, total, base, warmup):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    # constant, then cosine decay to 10% over the last 25% of training
+    start = int(total * 0.75)
+    if step < start:
+        return base
+    p = (step - start) / max(1, total - start)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train(args):
+    torch.manual_seed(args.seed)
+    r = random.Random(args.seed)
+    dev = torch.device(args.device)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    tok = Tokenizer()
+    corpus = Corpus(tok)
+    c = make_config(tok, args)
+    model = LlamaLM(c)
+    model.init_weights(args.seed)
+    start_step = 0
+    if args.resume:
+        ck = torch.load(args.resume, map_location="cpu")
+        model.load_state_dict(ck["model"])
+        start_step = ck["step"]
+        print(f"resumed from {args.resume} at step {start_step}")
+    model.to(dev)
+    nparams = sum(p.numel() for p in model.parameters())
+    print(f"vocab {len(tok)}  params {nparams}  ({nparams * 2 / 1e6:.2f} MB as F16)")
+    phases = [list(p) for p in PRESETS[args.preset or args.device]]
+    for p in phases:
+        p[3] = max(1, int(p[3] * args.step_scale)) if not args.smoke else args.smoke
+    total = sum(p[3] for p in phases)
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    use_amp = dev.type == "cuda"
+    t0 = time.time()
+    step = 0
+    log_every = args.log_every
+    for (name, T, B, steps, flo, fhi) in phases:
+        acc_hist, loss_hist = [], []
+        tp = time.time()
+        for _ in range(steps):
+            if step < start_step:  # keep the data stream identical when resuming
+                make_batch(corpus, r, B, T, flo, fhi, "cpu")
+                step += 1
+                continue
+            lr = lr_at(step, total, args.lr, args.warmup)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y, is_ans, valid = make_batch(corpus, r, B, T, flo, fhi, dev)
+            ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else \
+                contextlib.nullcontext()
+            with ctx:
+                logits = model(x)
+            logits = logits.float()
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                 reduction="none").view(B, T)
+            other = valid & ~is_ans
+            l_ans = (ce * is_ans).sum() / is_ans.sum().clamp(min=1)
+            l_lm = (ce * other).sum() / other.sum().clamp(min=1)
+            loss = l_ans + args.lm_weight * l_lm
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                acc = ((logits.argmax(-1) == y) & is_ans).sum().item() / \
+                    max(1, is_ans.sum().item())
+            acc_hist.append(acc)
+            loss_hist.append((l_ans.item(), l_lm.item()))
+            step += 1
+            if step % log_every == 0 or step == total:
+                k = min(len(acc_hist), log_every)
+                la = sum(a for a, _ in loss_hist[-k:]) / k
+                ll = sum(b for _, b in loss_hist[-k:]) / k
+                print(f"step {step:5d}/{total} {name} T={T} B={B} lr {lr:.2e} "
+                      f"ans_loss {la:.3f} lm_loss {ll:.3f} ans_acc {sum(acc_hist[-k:]) / k:.3f}"
+                      f"  {time.time() - t0:.0f}s", flush=True)
+        if acc_hist:
+            print(f"phase {name} done in {time.time() - tp:.0f}s", flush=True)
+    print(f"training took {time.time() - t0:.0f}s")
+    model.cpu()
+    if args.ckpt:
+        torch.save({"model": model.state_dict(), "step": step, "config": c}, args.ckpt)
+    export(model, tok, args.out)
+    print(f"exported to {args.out}")
+    return model, tok
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="curriculum preset (default: the one named like --device)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "tiny-retrieval"))
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--max-pos", type=int, default=4608)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--wd", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--lm-weight", type=float, default=0.2,
+                    help="weight of the loss on non-answer tokens (answers weigh 1)")
+    ap.add_argument("--step-scale", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--smoke", type=int, default=0, help="run only this many steps per phase")
+    ap.add_argument("--ckpt", default=None, help="also save a float32 checkpoint here")
+    ap.add_argument("--resume", default=None, help="continue from a checkpoint")
+    args = ap.parse_args()
+    train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+/* attention.h — exact causal attention over a block of consecutive queries, with OpenBLAS.
+ *
+ * Queries i0 .. i0+B-1 of one head attend over keys [0, i]: one sgemm for the logits
+ * (B x (i0+B)), a causal row softmax, one sgemm for the outputs. The engine uses it for the
+ * prompt (blockwise, never a T x T matrix) and for the decode steps. */
+#ifndef KVSIM_ATTENTION_H
+#define KVSIM_ATTENTION_H
+
+#include <stddef.h>
+
+/* p: [B][ld] with ld >= i0+B; on return row b holds the probabilities over keys [0, i0+b] and
+ * zeros up to column i0+B-1. o (may be NULL): [B][D] outputs. row_max/row_z: the max scaled
+ * logit and the normaliser of each row (so a key outside the trace can be weighted later). */
+void attention_block(const float *q, int B, int i0, const float *k, const float *v, int D,
+                     float scale, float *p, int ld, float *o, float *row_max, float *row_z);
+
+/* The softmax step alone: row b of s has first_len + b valid logits (scaled by `scale`). */
+void softmax_causal_rows(float *s, int rows, int ld, int first_len, float scale, float *row_max,
+                         float *row_z);
+
+/* Floating-point operations of attention_block (both products), for throughput figures. */
+double attention_block_flops(int B, int i0, int D, int with_output);
+
+#endif

@@ -1,0 +1,490 @@
+/* The replay engine: see engine.h for what it promises. */
+#include "sim/engine.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "sim/attention.h"
+#include "sim/metrics.h"
+
+/* Decode steps whose attention is computed by one sgemm per head. */
+enum { DECODE_BLOCK = 64, PREFILL_BLOCK = 128 };
+
+typedef struct {
+    Trace *tr;
+    const TraceMeta *meta;
+    const EngineConfig *cfg;
+    Results *res;
+    int32_t *eval_of_step; /* [T]: evaluated-step index of a decode step, or -1 */
+    pthread_mutex_t lock;
+    int next_layer;
+    bool failed;
+    KvErr err;
+    atomic_long steps_done;
+} Job;
+
+/* Per-worker buffers, allocated once and reused for every layer the worker takes. */
+typedef struct {
+    float *q, *k, *v;
+    float *probs;          /* [DECODE_BLOCK][Hq][T]: full attention rows of a block of steps */
+    float *out;            /* [Hq][DECODE_BLOCK][D]: full attention outputs */
+    float *row_max, *row_z; /* [Hq][DECODE_BLOCK] */
+    float *prefill_probs;  /* [PREFILL_BLOCK][T] */
+    float *ones;           /* [T] */
+    int32_t *topk;         /* [Hq][topk] */
+    float **attn;          /* [Hkv] -> [group][slots] */
+    int *attn_cap;
+    double attention_seconds, attention_flops;
+    double *policy_seconds; /* [n_policies] */
+} Worker;
+
+static uint64_t splitmix64(uint64_t x)
+{
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+static uint64_t label_hash(const char *s)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+
+static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg)
+{
+    size_t T = (size_t)m->n_tokens, D = (size_t)m->head_dim;
+    size_t Hq = (size_t)m->n_q_heads, Hkv = (size_t)m->n_kv_heads;
+    memset(w, 0, sizeof *w);
+    w->q = kv_malloc(Hq * T * D * sizeof(float));
+    w->k = kv_malloc(Hkv * T * D * sizeof(float));
+    w->v = kv_malloc(Hkv * T * D * sizeof(float));
+    w->probs = kv_malloc((size_t)DECODE_BLOCK * Hq * T * sizeof(float));
+    w->out = kv_malloc(Hq * DECODE_BLOCK * D * sizeof(float));
+    w->row_max = kv_malloc(Hq * DECODE_BLOCK * sizeof(float));
+    w->row_z = kv_malloc(Hq * DECODE_BLOCK * sizeof(float));
+    w->prefill_probs = kv_malloc((size_t)PREFILL_BLOCK * T * sizeof(float));
+    w->ones = kv_malloc(T * sizeof(float));
+    for (size_t i = 0; i < T; i++)
+        w->ones[i] = 1.0f;
+    w->topk = kv_malloc(Hq * (size_t)cfg->topk * sizeof(int32_t));
+    w->attn = kv_calloc(Hkv, sizeof *w->attn);
+    w->attn_cap = kv_calloc(Hkv, sizeof *w->attn_cap);
+    w->policy_seconds = kv_calloc((size_t)cfg->n_policies, sizeof(double));
+}
+
+static void worker_free(Worker *w, int n_kv_heads)
+{
+    free(w->q);
+    free(w->k);
+    free(w->v);
+    free(w->probs);
+    free(w->out);
+    free(w->row_max);
+    free(w->row_z);
+    free(w->prefill_probs);
+    free(w->ones);
+    free(w->topk);
+    for (int g = 0; g < n_kv_heads; g++)
+        free(w->attn[g]);
+    free(w->attn);
+    free(w->attn_cap);
+    free(w->policy_seconds);
+}
+
+/* The prompt's attention statistics the instances asked for, blockwise: never a P x P matrix. */
+static void prefill_statistics(Worker *w, const LayerView *L, float *mass, float *obs, int W)
+{
+    int T = L->n_tokens, P = L->n_prompt, D = L->head_dim;
+    float mx[PREFILL_BLOCK], z[PREFILL_BLOCK];
+    for (int h = 0; h < L->n_q_heads; h++) {
+        const float *q = L->q + (size_t)h * T * D;
+        const float *k = L->k + (size_t)(h / L->group) * T * D;
+        for (int i0 = 0; i0 < P; i0 += PREFILL_BLOCK) {
+            int B = P - i0 < PREFILL_BLOCK ? P - i0 : PREFILL_BLOCK;
+            attention_block(q + (size_t)i0 * D, B, i0, k, NULL, D, L->attn_scale,
+                            w->prefill_probs, T, NULL, mx, z);
+            if (mass) /* column sums of the block: probs^T . 1 */
+                cblas_sgemv(CblasRowMajor, CblasTrans, B, i0 + B, 1.0f, w->prefill_probs, T,
+                            w->ones, 1, 1.0f, mass + (size_t)h * P, 1);
+            for (int b = 0; b < B; b++) {
+                int r = i0 + b - (P - W);
+                if (obs && r >= 0) {
+                    float *dst = obs + ((size_t)h * W + r) * P;
+                    memcpy(dst, w->prefill_probs + (size_t)b * T, (size_t)(i0 + B) * sizeof(float));
+                    memset(dst + i0 + B, 0, (size_t)(P - i0 - B) * sizeof(float));
+                }
+            }
+        }
+    }
+}
+
+/* Sum over all decode steps of each key's true attention: what oracle_future knows. */
+static void decode_mass_statistics(Worker *w, const LayerView *L, float *dmass)
+{
+    int T = L->n_tokens, P = L->n_prompt, D = L->head_dim;
+    float mx[PREFILL_BLOCK], z[PREFILL_BLOCK];
+    for (int h = 0; h < L->n_q_heads; h++) {
+        const float *q = L->q + (size_t)h * T * D;
+        const float *k = L->k + (size_t)(h / L->group) * T * D;
+        for (int i0 = P; i0 < T; i0 += PREFILL_BLOCK) {
+            int B = T - i0 < PREFILL_BLOCK ? T - i0 : PREFILL_BLOCK;
+            attention_block(q + (size_t)i0 * D, B, i0, k, NULL, D, L->attn_scale,
+                            w->prefill_probs, T, NULL, mx, z);
+            cblas_sgemv(CblasRowMajor, CblasTrans, B, i0 + B, 1.0f, w->prefill_probs, T, w->ones,
+                        1, 1.0f, dmass + (size_t)h * T, 1);
+        }
+    }
+}
+
+static void ensure_attn_capacity(Worker *w, int g, int need)
+{
+    if (w->attn_cap[g] < need) {
+        w->attn_cap[g] = need + need / 2 + 64;
+        w->attn[g] = kv_realloc(w->attn[g], (size_t)w->attn_cap[g] * sizeof(float));
+    }
+}
+
+/* One policy instance at decode step t: step, attention over its caches, metrics, observe. */
+static void replay_step(Job *job, Worker *w, const LayerView *L, int pi, Policy *inst, int t,
+                        int b, int e)
+{
+    const EngineConfig *cfg = job->cfg;
+    Results *res = job->res;
+    int T = L->n_tokens, D = L->head_dim, Hq = L->n_q_heads, G = L->group;
+    int k = cfg->topk < t + 1 ? cfg->topk : t + 1;
+    const float *full_attn = w->probs + (size_t)b * Hq * T;
+    StepView sv = {.L = L, .t = t, .full_attn = inst->is_oracle ? full_attn : NULL};
+    bool observe = inst->type->observe != NULL;
+
+    inst->type->step(inst, &sv);
+    double cache_tokens = 0;
+    for (int g = 0; g < L->n_kv_heads; g++) {
+        const KVCache *c = &inst->cache[g];
+        cache_tokens += c->n;
+        if (!observe && e < 0)
+            continue;
+        ensure_attn_capacity(w, g, G * c->n);
+        for (int i = 0; i < G; i++) {
+            int h = g * G + i;
+            FullRow row = {
+                .t = t, .head_dim = D, .scale = L->attn_scale,
+                .q = L->q + ((size_t)h * T + t) * D,
+                .p = full_attn + (size_t)h * T,
+                .logit_max = w->row_max[h * DECODE_BLOCK + b],
+                .logit_z = w->row_z[h * DECODE_BLOCK + b],
+                .v = L->v + (size_t)g * T * D,
+                .o_full = w->out + ((size_t)h * DECODE_BLOCK + b) * D,
+            };
+            CacheAttention ca = cache_attention(c, &row, observe ? w->attn[g] + (size_t)i * c->n : NULL);
+            if (e >= 0) {
+                float *hm = results_head(res, pi, L->layer, e, h);
+                hm[HM_MASS] = (float)ca.retained_mass;
+                hm[HM_RECALL] = (float)recall_at_k(c, w->topk + (size_t)h * cfg->topk, k);
+                hm[HM_OUT_ERR] = (float)output_error(c, &row, ca);
+            }
+        }
+    }
+    if (observe)
+        inst->type->observe(inst, &sv, (const float *const *)w->attn);
+
+    MemReport mem = {0};
+    if (inst->type->memory) {
+        inst->type->memory(inst, &mem);
+    } else {
+        double live = 0;
+        for (int g = 0; g < L->n_kv_heads; g++)
+            live += inst->cache[g].n;
+        mem.device_bytes = mem.allocated_bytes = kv_entry_bytes(live, D, cfg->kv_bits);
+    }
+    double *tot = results_total(res, pi, L->layer);
+    tot[TM_TO_HOST_BYTES] += mem.to_host_bytes;
+    tot[TM_TO_DEVICE_BYTES] += mem.to_device_bytes;
+    tot[TM_FETCHED_TOKENS] += mem.fetched_tokens;
+    tot[TM_RESTORED_TOKENS] += mem.restored_tokens;
+    tot[TM_RESTORE_K_ERR] += mem.restore_k_err;
+    tot[TM_RESTORE_V_ERR] += mem.restore_v_err;
+    if (e >= 0) {
+        double *sm = results_step(res, pi, L->layer, e);
+        sm[SM_CACHE_TOKENS] = cache_tokens / L->n_kv_heads;
+        sm[SM_DEVICE_BYTES] = mem.device_bytes;
+        sm[SM_ALLOCATED_BYTES] = mem.allocated_bytes;
+        sm[SM_HOST_BYTES] = mem.host_bytes;
+        sm[SM_FETCHED_TOKENS] = mem.fetched_tokens;
+        sm[SM_NEEDLE_SURVIVAL] = NAN;
+        if (res->eval_probe[e]) {
+            /* Needles are checked against the cache the query attended over; observe() may
+             * have evicted since, so this reads the state after it: a needle evicted by this
+             * very step's observe counts as lost, which is what the next query will see. */
+            double sum = 0;
+            int counted = 0;
+            for (int g = 0; g < L->n_kv_heads; g++) {
+                double s = needle_survival(&inst->cache[g], L->meta, t);
+                if (!isnan(s)) {
+                    sum += s;
+                    counted++;
+                }
+            }
+            sm[SM_NEEDLE_SURVIVAL] = counted ? sum / counted : NAN;
+        }
+    }
+}
+
+static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
+{
+    const TraceMeta *m = job->meta;
+    const EngineConfig *cfg = job->cfg;
+    int T = m->n_tokens, P = m->n_prompt, D = m->head_dim, Hq = m->n_q_heads;
+    if (trace_read_layer(job->tr, layer, w->q, w->k, w->v, err) != 0)
+        return -1;
+    LayerView L = {
+        .meta = m, .layer = layer, .n_q_heads = Hq, .n_kv_heads = m->n_kv_heads,
+        .group = Hq / m->n_kv_heads, .head_dim = D, .n_tokens = T, .n_prompt = P,
+        .attn_scale = (float)m->attn_scale, .q = w->q, .k = w->k, .v = w->v,
+    };
+
+    int n_pol = cfg->n_policies;
+    Policy **inst = kv_calloc((size_t)n_pol, sizeof *inst);
+    bool want_mass = false, want_dmass = false;
+    int want_rows = 0;
+    for (int pi = 0; pi < n_pol; pi++) {
+        const PolicySpec *ps = &cfg->policies[pi];
+        PolicyEnv env = {
+            .seed = splitmix64(cfg->seed ^ label_hash(ps->label) ^ splitmix64((uint64_t)layer)),
+            .kv_bits = cfg->kv_bits,
+        };
+        inst[pi] = ps->type->create(ps->params, &L, &env);
+        if (layer == 0) /* one writer: only one worker takes layer 0 */
+            job->res->is_oracle[pi] = inst[pi]->is_oracle;
+        want_mass |= inst[pi]->want_prefill_mass;
+        want_dmass |= inst[pi]->want_decode_mass;
+        if (inst[pi]->want_prefill_rows > want_rows)
+            want_rows = inst[pi]->want_prefill_rows;
+    }
+    if (want_rows > P)
+        want_rows = P;
+
+    float *mass = want_mass ? kv_calloc((size_t)Hq * P, sizeof(float)) : NULL;
+    float *obs = want_rows ? kv_calloc((size_t)Hq * want_rows * P, sizeof(float)) : NULL;
+    float *dmass = want_dmass ? kv_calloc((size_t)Hq * T, sizeof(float)) : NULL;
+    if (mass || obs)
+        prefill_statistics(w, &L, mass, obs, want_rows);
+    if (dmass)
+        decode_mass_statistics(w, &L, dmass);
+    for (int pi = 0; pi < n_pol; pi++) {
+        PrefillView pv = {
+            .L = &L,
+            .prefill_mass = inst[pi]->want_prefill_mass ? mass : NULL,
+            .obs_attn = inst[pi]->want_prefill_rows ? obs : NULL,
+            .obs_rows = inst[pi]->want_prefill_rows ? want_rows : 0,
+            .decode_mass = inst[pi]->is_oracle ? dmass : NULL,
+        };
+        double t0 = now_seconds();
+        inst[pi]->type->prefill(inst[pi], &pv);
+        w->policy_seconds[pi] += now_seconds() - t0;
+    }
+
+    for (int t0 = P; t0 < T && !job->failed; t0 += DECODE_BLOCK) {
+        int B = T - t0 < DECODE_BLOCK ? T - t0 : DECODE_BLOCK;
+        double a0 = now_seconds();
+        for (int h = 0; h < Hq; h++) {
+            int g = h / L.group;
+            attention_block(w->q + ((size_t)h * T + t0) * D, B, t0, w->k + (size_t)g * T * D,
+                            w->v + (size_t)g * T * D, D, L.attn_scale, w->probs + (size_t)h * T,
+                            Hq * T, w->out + (size_t)h * DECODE_BLOCK * D,
+                            w->row_max + h * DECODE_BLOCK, w->row_z + h * DECODE_BLOCK);
+            w->attention_flops += attention_block_flops(B, t0, D, 1);
+        }
+        w->attention_seconds += now_seconds() - a0;
+
+        for (int b = 0; b < B; b++) {
+            int t = t0 + b, e = job->eval_of_step[t];
+            if (e >= 0) {
+                int k = cfg->topk < t + 1 ? cfg->topk : t + 1;
+                for (int h = 0; h < Hq; h++)
+                    topk_indices(w->probs + ((size_t)b * Hq + h) * T, t + 1, k,
+                                 w->topk + (size_t)h * cfg->topk);
+            }
+            for (int pi = 0; pi < n_pol; pi++) {
+                double p0 = now_seconds();
+                replay_step(job, w, &L, pi, inst[pi], t, b, e);
+                w->policy_seconds[pi] += now_seconds() - p0;
+            }
+        }
+        atomic_fetch_add(&job->steps_done, B);
+    }
+
+    for (int pi = 0; pi < n_pol; pi++)
+        inst[pi]->type->destroy(inst[pi]);
+    free(inst);
+    free(mass);
+    free(obs);
+    free(dmass);
+    return 0;
+}
+
+static void *worker_main(void *arg)
+{
+    Job *job = arg;
+    Worker w;
+    worker_init(&w, job->meta, job->cfg);
+    for (;;) {
+        pthread_mutex_lock(&job->lock);
+        int layer = job->failed ? job->meta->n_layers : job->next_layer++;
+        pthread_mutex_unlock(&job->lock);
+        if (layer >= job->meta->n_layers)
+            break;
+        KvErr err;
+        if (process_layer(job, &w, layer, &err) != 0) {
+            pthread_mutex_lock(&job->lock);
+            if (!job->failed) {
+                job->failed = true;
+                job->err = err;
+            }
+            pthread_mutex_unlock(&job->lock);
+            break;
+        }
+    }
+    pthread_mutex_lock(&job->lock);
+    job->res->attention_seconds += w.attention_seconds;
+    job->res->attention_flops += w.attention_flops;
+    for (int pi = 0; pi < job->cfg->n_policies && pi < 64; pi++)
+        job->res->policy_seconds[pi] += w.policy_seconds[pi];
+    pthread_mutex_unlock(&job->lock);
+    worker_free(&w, job->meta->n_kv_heads);
+    return NULL;
+}
+
+/* Evaluated steps: every eval_every-th decode step, plus the probe steps (a probe inside the
+ * prompt is checked at the first decode step, against what the policy kept of the prompt). */
+static void plan_evaluations(Results *r, const TraceMeta *m, int eval_every, int32_t *eval_of_step)
+{
+    int T = m->n_tokens, P = m->n_prompt;
+    bool *probe = kv_calloc((size_t)T, sizeof *probe);
+    for (int i = 0; i < m->n_probes; i++)
+        probe[m->probes[i] < P ? P : m->probes[i]] = true;
+    r->eval_step = kv_malloc((size_t)(T - P + 1) * sizeof *r->eval_step);
+    r->eval_probe = kv_malloc((size_t)(T - P + 1) * sizeof *r->eval_probe);
+    r->n_evals = 0;
+    for (int t = 0; t < T; t++) {
+        eval_of_step[t] = -1;
+        if (t >= P && ((t - P) % eval_every == 0 || probe[t])) {
+            eval_of_step[t] = r->n_evals;
+            r->eval_step[r->n_evals] = t;
+            r->eval_probe[r->n_evals] = probe[t] && m->n_needles > 0;
+            r->n_evals++;
+        }
+    }
+    free(probe);
+}
+
+static void print_progress(Job *job, long total, double started)
+{
+    long done = atomic_load(&job->steps_done);
+    double elapsed = now_seconds() - started;
+    double frac = total ? (double)done / total : 1.0;
+    double eta = frac > 0 ? elapsed * (1 - frac) / frac : 0;
+    fprintf(stderr, "\rreplay: %5.1f%%  %ld/%ld layer-steps  %.0fs elapsed  ETA %.0fs   ",
+            100 * frac, done, total, elapsed, eta);
+}
+
+Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
+{
+    const TraceMeta *m = trace_meta(tr);
+    if (m->n_prompt >= m->n_tokens) {
+        kv_fail(err, "%s: the trace has no decode steps (n_prompt = n_tokens = %d)",
+                trace_path(tr), m->n_tokens);
+        return NULL;
+    }
+    Results *r = kv_calloc(1, sizeof *r);
+    r->n_policies = cfg->n_policies;
+    r->n_layers = m->n_layers;
+    r->n_q_heads = m->n_q_heads;
+    r->n_kv_heads = m->n_kv_heads;
+    r->n_prompt = m->n_prompt;
+    r->n_tokens = m->n_tokens;
+    r->n_steps = m->n_tokens - m->n_prompt;
+    r->label = kv_calloc((size_t)cfg->n_policies, sizeof *r->label);
+    r->type = kv_calloc((size_t)cfg->n_policies, sizeof *r->type);
+    r->is_oracle = kv_calloc((size_t)cfg->n_policies, sizeof *r->is_oracle);
+    for (int pi = 0; pi < cfg->n_policies; pi++) {
+        memcpy(r->label[pi], cfg->policies[pi].label, sizeof r->label[pi]);
+        r->type[pi] = cfg->policies[pi].type;
+    }
+    Job job = {.tr = tr, .meta = m, .cfg = cfg, .res = r};
+    job.eval_of_step = kv_malloc((size_t)m->n_tokens * sizeof *job.eval_of_step);
+    plan_evaluations(r, m, cfg->eval_every, job.eval_of_step);
+    size_t n_head = (size_t)cfg->n_policies * m->n_layers * r->n_evals * m->n_q_heads;
+    size_t n_step = (size_t)cfg->n_policies * m->n_layers * r->n_evals;
+    r->head = kv_calloc(n_head * N_HEAD_METRICS, sizeof *r->head);
+    r->step = kv_calloc(n_step * N_STEP_METRICS, sizeof *r->step);
+    r->total = kv_calloc((size_t)cfg->n_policies * m->n_layers * N_TOTAL_METRICS, sizeof *r->total);
+
+    int threads = cfg->threads > 0 ? cfg->threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (threads < 1)
+        threads = 1;
+    if (threads > m->n_layers)
+        threads = m->n_layers;
+    r->threads_used = threads;
+    /* Parallelism is across layers; BLAS inside a worker stays single-threaded. */
+    openblas_set_num_threads(1);
+    pthread_mutex_init(&job.lock, NULL);
+    atomic_init(&job.steps_done, 0);
+
+    double started = now_seconds();
+    pthread_t *tids = kv_malloc((size_t)threads * sizeof *tids);
+    for (int i = 0; i < threads; i++)
+        pthread_create(&tids[i], NULL, worker_main, &job);
+    long total = (long)m->n_layers * r->n_steps;
+    if (cfg->progress) {
+        while (atomic_load(&job.steps_done) < total && !job.failed) {
+            print_progress(&job, total, started);
+            nanosleep(&(struct timespec){.tv_sec = 0, .tv_nsec = 250000000}, NULL);
+            pthread_mutex_lock(&job.lock);
+            bool all_taken = job.next_layer >= m->n_layers;
+            pthread_mutex_unlock(&job.lock);
+            if (all_taken && atomic_load(&job.steps_done) >= total)
+                break;
+        }
+    }
+    for (int i = 0; i < threads; i++)
+        pthread_join(tids[i], NULL);
+    if (cfg->progress) {
+        print_progress(&job, total, started);
+        fputc('\n', stderr);
+    }
+    r->wall_seconds = now_seconds() - started;
+    free(tids);
+    free(job.eval_of_step);
+    pthread_mutex_destroy(&job.lock);
+    if (job.failed) {
+        *err = job.err;
+        results_free(r);
+        return NULL;
+    }
+    return r;
+}
+
+void results_free(Results *r)
+{
+    if (!r)
+        return;
+    free(r->eval_step);
+    free(r->eval_probe);
+    free(r->label);
+    free(r->type);
+    free(r->is_oracle);
+    free(r->head);
+    free(r->step);
+    free(r->total);
+    free(r);
+}

@@ -1,0 +1,94 @@
+/* engine.h — open-loop replay of a trace through many policies side by side.
+ *
+ * For every layer (a unit of work for the thread pool), the engine reads that layer's Q/K/V,
+ * creates one instance of every configured policy, computes the true attention of every decode
+ * query once (OpenBLAS, blocks of decode steps batched into sgemm) and shares it with all
+ * policies: each policy's query attends only over its own cache, renormalised there. Metrics
+ * land in per-(policy, layer, step, head) slots and are reduced in a fixed order, so results
+ * are byte-identical at any thread count. Memory: one layer's Q/K/V per worker. */
+#ifndef KVSIM_ENGINE_H
+#define KVSIM_ENGINE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "policies/policy.h"
+#include "sim/trace.h"
+
+typedef struct {
+    char label[64];         /* [policy.LABEL] */
+    const PolicyType *type;
+    void *params;           /* the type's parameter struct */
+} PolicySpec;
+
+typedef struct {
+    int threads;    /* 0 = all cores */
+    int topk;       /* k of recall@k */
+    int eval_every; /* record metrics every N decode steps (probe steps always) */
+    int kv_bits;    /* device precision of K and V */
+    uint64_t seed;
+    bool progress;  /* progress with ETA on stderr */
+    int n_policies;
+    PolicySpec *policies;
+} EngineConfig;
+
+/* Per-(policy, layer, evaluated step, query head) metrics. */
+enum { HM_MASS, HM_RECALL, HM_OUT_ERR, N_HEAD_METRICS };
+/* Per-(policy, layer, evaluated step) metrics; bytes are this layer's. */
+enum {
+    SM_CACHE_TOKENS, /* mean over KV heads of the slots attended over */
+    SM_DEVICE_BYTES,
+    SM_ALLOCATED_BYTES,
+    SM_HOST_BYTES,
+    SM_FETCHED_TOKENS,
+    SM_NEEDLE_SURVIVAL, /* NaN except at probe steps with needles */
+    N_STEP_METRICS
+};
+/* Per-(policy, layer) totals over every decode step. */
+enum {
+    TM_TO_HOST_BYTES,
+    TM_TO_DEVICE_BYTES,
+    TM_FETCHED_TOKENS,
+    TM_RESTORED_TOKENS,
+    TM_RESTORE_K_ERR,
+    TM_RESTORE_V_ERR,
+    N_TOTAL_METRICS
+};
+
+typedef struct {
+    int n_policies, n_layers, n_q_heads, n_kv_heads, n_prompt, n_tokens;
+    int n_evals;
+    int32_t *eval_step; /* [n_evals] decode positions t, ascending */
+    bool *eval_probe;   /* [n_evals] a probe is checked at this step */
+    char (*label)[64];  /* [n_policies] */
+    const PolicyType **type;
+    bool *is_oracle;
+    float *head;   /* [policy][layer][eval][q head][N_HEAD_METRICS] */
+    double *step;  /* [policy][layer][eval][N_STEP_METRICS] */
+    double *total; /* [policy][layer][N_TOTAL_METRICS] */
+    int n_steps;   /* decode steps replayed: T - P */
+    double wall_seconds;
+    double attention_seconds; /* summed over workers: the shared full-attention computation */
+    double attention_flops;
+    double policy_seconds[64]; /* per policy, summed over workers (first 64 policies) */
+    int threads_used;
+} Results;
+
+Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err);
+void results_free(Results *r);
+
+static inline float *results_head(const Results *r, int pol, int layer, int e, int h)
+{
+    return r->head + ((((size_t)pol * r->n_layers + layer) * r->n_evals + e) * r->n_q_heads + h) *
+                         N_HEAD_METRICS;
+}
+static inline double *results_step(const Results *r, int pol, int layer, int e)
+{
+    return r->step + (((size_t)pol * r->n_layers + layer) * r->n_evals + e) * N_STEP_METRICS;
+}
+static inline double *results_total(const Results *r, int pol, int layer)
+{
+    return r->total + ((size_t)pol * r->n_layers + layer) * N_TOTAL_METRICS;
+}
+
+#endif

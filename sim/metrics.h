@@ -1,0 +1,50 @@
+/* metrics.h — what one query's attention over one cache is worth (docs/metrics.md).
+ *
+ * Every function here scores one query head at one decode step against one KV head's cache:
+ * the engine calls them for every policy, layer, query head and evaluated step, and the tests
+ * check them against hand-computed values. */
+#ifndef KVSIM_METRICS_H
+#define KVSIM_METRICS_H
+
+#include <stdint.h>
+
+#include "policies/policy.h"
+
+/* The full (uncompressed) attention of one query head at step t, as the engine computed it. */
+typedef struct {
+    int t;              /* keys [0, t] */
+    int head_dim;
+    float scale;        /* attn_scale */
+    const float *q;     /* [D] the query */
+    const float *p;     /* [t+1] softmax over all keys */
+    float logit_max;    /* max_j scale*q.k_j */
+    float logit_z;      /* sum_j exp(scale*q.k_j - logit_max) */
+    const float *v;     /* [T][D] the KV head's values from the trace */
+    const float *o_full; /* [D] sum_j p_j v_j */
+} FullRow;
+
+/* The attention the query really computes over a cache, in slot order. */
+typedef struct {
+    double retained_mass; /* sum of p over the cache's real, exact slots */
+    double denominator;   /* retained_mass + the weight of alt slots, in units of logit_z */
+} CacheAttention;
+
+/* Retained attention mass and the renormalised attention over the cache's slots: attn[i] is
+ * slot i's share (sums to 1). attn may be NULL when only the mass is wanted. Slots holding
+ * approximate K/V (alt_kv) get their weight from their own key. */
+CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn);
+
+/* Indices of the k largest p[0..n) (ties: lower index first), in out[0..k). Requires k <= n. */
+void topk_indices(const float *p, int n, int k, int32_t *out);
+
+/* recall@k = |cache ∩ top-k| / k, counting real positions cached (exact or approximate). */
+double recall_at_k(const KVCache *c, const int32_t *topk, int k);
+
+/* Relative output error ||o_S - o_full|| / ||o_full||, where o_S is the attention output over
+ * the cache (alt slots with their own K and V). ca is cache_attention's result. */
+double output_error(const KVCache *c, const FullRow *row, CacheAttention ca);
+
+/* Fraction of needle tokens at positions <= t that the cache holds; NaN if there are none. */
+double needle_survival(const KVCache *c, const TraceMeta *meta, int t);
+
+#endif

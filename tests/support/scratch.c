@@ -1,0 +1,116 @@
+#include "tests/support/scratch.h"
+
+#include <dirent.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "sim/util.h"
+
+char *scratch_create(void)
+{
+    const char *base = getenv("TMPDIR");
+    char templ[4096];
+    snprintf(templ, sizeof templ, "%s/kvsim-test-XXXXXX", base && *base ? base : "/tmp");
+    if (!mkdtemp(templ))
+        fail_msg("mkdtemp %s failed", templ);
+    return kv_strdup(templ);
+}
+
+int scratch_count(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        fail_msg("cannot list %s", dir);
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));)
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+            n++;
+    closedir(d);
+    return n;
+}
+
+void scratch_remove(char *dir)
+{
+    DIR *d = opendir(dir);
+    if (d) {
+        char path[8192];
+        for (struct dirent *e; (e = readdir(d));) {
+            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+                continue;
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            unlink(path);
+        }
+        closedir(d);
+    }
+    rmdir(dir);
+    free(dir);
+}
+
+const char *scratch_path(const char *dir, const char *name, int slot)
+{
+    static char bufs[4][8192];
+    snprintf(bufs[slot & 3], sizeof bufs[0], "%s/%s", dir, name);
+    return bufs[slot & 3];
+}
+
+static char *slurp(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return kv_strdup("");
+    size_t cap = 4096, n = 0;
+    char *buf = kv_malloc(cap);
+    for (size_t got; (got = fread(buf + n, 1, cap - n - 1, f)) > 0;) {
+        n += got;
+        if (cap - n - 1 == 0)
+            buf = kv_realloc(buf, cap *= 2);
+    }
+    buf[n] = '\0';
+    fclose(f);
+    return buf;
+}
+
+KvsimRun run_kvsim(const char *args)
+{
+    const char *bin = getenv("KVSIM_BIN");
+    if (!bin || !*bin)
+        fail_msg("KVSIM_BIN is not set (run the tests through ctest)");
+    char *dir = scratch_create();
+    char out_path[8192], err_path[8192];
+    snprintf(out_path, sizeof out_path, "%s/stdout", dir);
+    snprintf(err_path, sizeof err_path, "%s/stderr", dir);
+    size_t len = strlen(bin) + strlen(args) + strlen(out_path) + strlen(err_path) + 32;
+    char *cmd = kv_malloc(len);
+    snprintf(cmd, len, "'%s' %s >'%s' 2>'%s'", bin, args, out_path, err_path);
+    int raw = system(cmd);
+    free(cmd);
+    KvsimRun r;
+    r.status = raw != -1 && WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+    r.out = slurp(out_path);
+    r.err = slurp(err_path);
+    scratch_remove(dir);
+    return r;
+}
+
+void kvsim_run_free(KvsimRun *r)
+{
+    free(r->out);
+    free(r->err);
+    r->out = r->err = NULL;
+}
+
+int count_lines(const char *s)
+{
+    int n = 0;
+    for (; *s; s++)
+        n += *s == '\n';
+    return n;
+}

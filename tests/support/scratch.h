@@ -1,0 +1,28 @@
+/* scratch.h — scratch directories for tests that write files, and running the built kvsim
+ * binary (located through $KVSIM_BIN, which CMake sets for every test). Failures fail the
+ * calling cmocka test. */
+#ifndef KVSIM_TEST_SCRATCH_H
+#define KVSIM_TEST_SCRATCH_H
+
+/* A fresh directory under $TMPDIR (or /tmp); free it with scratch_remove. */
+char *scratch_create(void);
+/* Removes the files in dir, then dir itself, and frees the name. */
+void scratch_remove(char *dir);
+/* Number of entries in dir besides . and .. */
+int scratch_count(const char *dir);
+/* dir/name into a static buffer of one of `slot` 0..3 (so up to four can be live at once). */
+const char *scratch_path(const char *dir, const char *name, int slot);
+
+typedef struct {
+    int status; /* exit status, or -1 when the process did not exit normally */
+    char *out;  /* stdout, NUL-terminated */
+    char *err;  /* stderr, NUL-terminated */
+} KvsimRun;
+
+/* Runs `$KVSIM_BIN args` through the shell (args are inserted verbatim). */
+KvsimRun run_kvsim(const char *args);
+void kvsim_run_free(KvsimRun *r);
+/* Number of '\n'-terminated lines in s. */
+int count_lines(const char *s);
+
+#endif

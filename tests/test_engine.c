@@ -1,0 +1,235 @@
+/* The replay engine against a plain recomputation: full and window on a random 3-layer trace,
+ * every metric at every step, and byte-identical results at any thread count. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "sim/engine.h"
+#include "sim/report.h"
+#include "tests/support/fixture.h"
+#include "tests/support/scratch.h"
+
+enum { HQ = 4, HKV = 2, D = 16, T = 80, P = 48, LAYERS = 3, WINDOW = 8, SINKS = 2, TOPK = 4 };
+static const uint64_t SEED = 11;
+
+typedef struct {
+    char *dir;
+    const char *trace;
+    Fixture *fx;
+    PolicySpec spec[2];
+} Setup;
+
+static int setup(void **state)
+{
+    Setup *s = kv_calloc(1, sizeof *s);
+    s->dir = scratch_create();
+    s->trace = kv_strdup(scratch_path(s->dir, "t.h5", 0));
+    s->fx = fixture_new(HQ, HKV, D, T, P);
+    TraceMeta *m = &s->fx->meta;
+    free(m->needles);
+    free(m->probes);
+    m->n_needles = 1;
+    m->needles = kv_malloc(2 * sizeof(int32_t));
+    m->needles[0] = 5;
+    m->needles[1] = 9;
+    m->n_probes = 3;
+    m->probes = kv_malloc(3 * sizeof(int32_t));
+    m->probes[0] = P - 1;
+    m->probes[1] = 60;
+    m->probes[2] = T - 1;
+    fixture_write_trace(s->fx, LAYERS, SEED, s->trace);
+
+    const char *types[2] = {"full", "window"};
+    for (int i = 0; i < 2; i++) {
+        s->spec[i].type = policy_find(types[i]);
+        snprintf(s->spec[i].label, sizeof s->spec[i].label, "%s_test", types[i]);
+        s->spec[i].params = kv_calloc(1, s->spec[i].type->params_size);
+        policy_params_defaults(s->spec[i].type, s->spec[i].params);
+    }
+    KvErr err;
+    assert_int_equal(policy_param_set(s->spec[1].type, s->spec[1].params, "window", "8", &err), 0);
+    assert_int_equal(policy_param_set(s->spec[1].type, s->spec[1].params, "sinks", "2", &err), 0);
+    *state = s;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    Setup *s = *state;
+    for (int i = 0; i < 2; i++)
+        free(s->spec[i].params);
+    fixture_free(s->fx);
+    free((char *)s->trace);
+    scratch_remove(s->dir);
+    free(s);
+    return 0;
+}
+
+static Results *replay(Setup *s, int threads, int eval_every)
+{
+    KvErr err;
+    Trace *tr = trace_open(s->trace, &err);
+    if (!tr)
+        fail_msg("%s", err.msg);
+    EngineConfig cfg = {.threads = threads, .topk = TOPK, .eval_every = eval_every,
+                        .kv_bits = 16, .seed = 1, .n_policies = 2, .policies = s->spec};
+    Results *r = engine_run(tr, &cfg, &err);
+    if (!r)
+        fail_msg("%s", err.msg);
+    trace_close(tr);
+    return r;
+}
+
+static bool in_window(int j, int t) { return j < SINKS || j > t - WINDOW; }
+
+static void test_metrics_match_plain_recomputation(void **state)
+{
+    Setup *s = *state;
+    Results *r = replay(s, 2, 1);
+    assert_int_equal(r->n_evals, T - P);
+    float *row = kv_malloc((size_t)HQ * T * sizeof *row);
+    for (int l = 0; l < LAYERS; l++) {
+        fixture_randomize(s->fx, SEED + (uint64_t)l, 1.0);
+        for (int e = 0; e < r->n_evals; e++) {
+            int t = r->eval_step[e];
+            fixture_full_attn(s->fx, t, row);
+            for (int h = 0; h < HQ; h++) {
+                const float *p = row + (size_t)h * T;
+                const float *full = results_head(r, 0, l, e, h);
+                assert_float_equal(full[HM_MASS], 1.0, 1e-6);
+                assert_float_equal(full[HM_RECALL], 1.0, 0);
+                assert_float_equal(full[HM_OUT_ERR], 0.0, 1e-5);
+
+                /* window: mass, recall and output error from scratch, in double */
+                double mass = 0, o_full[D] = {0}, o_win[D] = {0};
+                const float *v = s->fx->v + (size_t)(h / (HQ / HKV)) * T * D;
+                for (int j = 0; j <= t; j++) {
+                    for (int d = 0; d < D; d++)
+                        o_full[d] += p[j] * v[j * D + d];
+                    if (in_window(j, t)) {
+                        mass += p[j];
+                        for (int d = 0; d < D; d++)
+                            o_win[d] += p[j] * v[j * D + d];
+                    }
+                }
+                double diff = 0, norm = 0;
+                for (int d = 0; d < D; d++) {
+                    diff += pow(o_win[d] / mass - o_full[d], 2);
+                    norm += o_full[d] * o_full[d];
+                }
+                int hits = 0;
+                for (int k = 0; k < TOPK; k++) { /* the k-th largest, by selection */
+                    int best = -1;
+                    for (int j = 0; j <= t; j++) {
+                        int rank = 0;
+                        for (int j2 = 0; j2 <= t; j2++)
+                            rank += p[j2] > p[j] || (p[j2] == p[j] && j2 < j);
+                        if (rank == k)
+                            best = j;
+                    }
+                    hits += in_window(best, t);
+                }
+                const float *win = results_head(r, 1, l, e, h);
+                assert_float_equal(win[HM_MASS], mass, 1e-5);
+                assert_float_equal(win[HM_RECALL], (double)hits / TOPK, 1e-9);
+                assert_float_equal(win[HM_OUT_ERR], sqrt(diff / norm), 1e-4);
+            }
+            assert_float_equal(results_step(r, 0, l, e)[SM_CACHE_TOKENS], t + 1, 0);
+            assert_float_equal(results_step(r, 1, l, e)[SM_CACHE_TOKENS], WINDOW + SINKS, 0);
+            /* 2 KV heads x tokens x (K+V) x 16 dims x 2 bytes */
+            assert_float_equal(results_step(r, 0, l, e)[SM_DEVICE_BYTES], 2.0 * (t + 1) * 64, 0);
+            assert_float_equal(results_step(r, 1, l, e)[SM_DEVICE_BYTES], 2.0 * 10 * 64, 0);
+        }
+    }
+    free(row);
+    results_free(r);
+}
+
+static void test_needles_checked_at_probe_steps(void **state)
+{
+    Setup *s = *state;
+    Results *r = replay(s, 1, 5);
+    /* every 5th decode step from P, plus probes 60 and 79 (the prompt probe maps to P) */
+    int expected[] = {48, 53, 58, 60, 63, 68, 73, 78, 79};
+    assert_int_equal(r->n_evals, 9);
+    for (int e = 0; e < r->n_evals; e++) {
+        assert_int_equal(r->eval_step[e], expected[e]);
+        bool probe = expected[e] == 48 || expected[e] == 60 || expected[e] == 79;
+        assert_int_equal(r->eval_probe[e], probe);
+        for (int l = 0; l < LAYERS; l++) {
+            double full = results_step(r, 0, l, e)[SM_NEEDLE_SURVIVAL];
+            double win = results_step(r, 1, l, e)[SM_NEEDLE_SURVIVAL];
+            if (probe) {
+                assert_float_equal(full, 1.0, 0);
+                assert_float_equal(win, 0.0, 0); /* needle 5..8 left the window long ago */
+            } else {
+                assert_true(isnan(full) && isnan(win));
+            }
+        }
+    }
+    results_free(r);
+}
+
+static char *slurp(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = kv_malloc((size_t)n + 1);
+    assert_int_equal(fread(buf, 1, (size_t)n, f), (size_t)n);
+    buf[n] = '\0';
+    fclose(f);
+    return buf;
+}
+
+static void test_identical_results_at_any_thread_count(void **state)
+{
+    Setup *s = *state;
+    Results *one = replay(s, 1, 1), *three = replay(s, 3, 1);
+    assert_int_equal(three->threads_used, 3);
+    size_t nh = (size_t)2 * LAYERS * one->n_evals * HQ * N_HEAD_METRICS;
+    size_t ns = (size_t)2 * LAYERS * one->n_evals * N_STEP_METRICS;
+    assert_memory_equal(one->head, three->head, nh * sizeof(float));
+    assert_memory_equal(one->step, three->step, ns * sizeof(double));
+    KvErr err;
+    char d1[4096], d3[4096];
+    snprintf(d1, sizeof d1, "%s/out1", s->dir);
+    snprintf(d3, sizeof d3, "%s/out3", s->dir);
+    assert_int_equal(report_write_csv(one, d1, &err), 0);
+    assert_int_equal(report_write_csv(three, d3, &err), 0);
+    const char *files[3] = {"summary.csv", "layers.csv", "steps.csv"};
+    for (int i = 0; i < 3; i++) {
+        char p1[4200], p3[4200];
+        snprintf(p1, sizeof p1, "%s/%s", d1, files[i]);
+        snprintf(p3, sizeof p3, "%s/%s", d3, files[i]);
+        char *a = slurp(p1), *b = slurp(p3);
+        assert_string_equal(a, b);
+        assert_true(strlen(a) > 100);
+        free(a);
+        free(b);
+        remove(p1);
+        remove(p3);
+    }
+    remove(d1);
+    remove(d3);
+    results_free(one);
+    results_free(three);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_metrics_match_plain_recomputation, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_needles_checked_at_probe_steps, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_identical_results_at_any_thread_count, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

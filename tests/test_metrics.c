@@ -1,0 +1,180 @@
+/* Each metric against values computed by hand on a 3-token example. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+
+#include <cmocka.h>
+
+#include "sim/metrics.h"
+
+/* One query head, scale 1, q = (1, 0); keys (0,0), (1,0), (2,0): logits 0, 1, 2.
+ * Values (1,0), (0,1), (1,1). */
+static const float q[2] = {1, 0};
+/* (the keys enter only through the logits 0, 1, 2 built into p) */
+static const float values[3][2] = {{1, 0}, {0, 1}, {1, 1}};
+
+typedef struct {
+    float p[3];
+    float o_full[2];
+    FullRow row;
+    KVCache cache;
+    TraceMeta meta;
+} Example;
+
+static void example_init(Example *x)
+{
+    double z = 1 + exp(1) + exp(2);
+    x->p[0] = (float)(1 / z);
+    x->p[1] = (float)(exp(1) / z);
+    x->p[2] = (float)(exp(2) / z);
+    x->o_full[0] = x->p[0] + x->p[2];
+    x->o_full[1] = x->p[1] + x->p[2];
+    x->row = (FullRow){
+        .t = 2, .head_dim = 2, .scale = 1.0f, .q = q, .p = x->p, .logit_max = 2.0f,
+        .logit_z = (float)(z / exp(2)), .v = &values[0][0], .o_full = x->o_full,
+    };
+    kvcache_init(&x->cache, 3, 2);
+}
+
+static void test_retained_mass_and_renormalised_attention(void **state)
+{
+    (void)state;
+    Example x;
+    example_init(&x);
+    kvcache_add(&x.cache, 0);
+    kvcache_add(&x.cache, 2);
+    float attn[2];
+    CacheAttention ca = cache_attention(&x.cache, &x.row, attn);
+    double z = 1 + exp(1) + exp(2);
+    assert_float_equal(ca.retained_mass, (1 + exp(2)) / z, 1e-6);
+    /* Renormalised on {0, 2}: 1/(1+e^2) and e^2/(1+e^2), in slot order. */
+    assert_float_equal(attn[0], 1 / (1 + exp(2)), 1e-6);
+    assert_float_equal(attn[1], exp(2) / (1 + exp(2)), 1e-6);
+    /* All three keys: mass 1 exactly, attention = p. */
+    kvcache_add(&x.cache, 1);
+    float all[3];
+    ca = cache_attention(&x.cache, &x.row, all);
+    assert_float_equal(ca.retained_mass, 1.0, 1e-12);
+    assert_float_equal(all[2], exp(1) / z, 1e-6);
+    kvcache_free(&x.cache);
+}
+
+static void test_large_cache_uses_complement_consistently(void **state)
+{
+    (void)state;
+    Example x;
+    example_init(&x);
+    kvcache_add(&x.cache, 1);
+    kvcache_add(&x.cache, 2); /* two of three: the complement path */
+    CacheAttention ca = cache_attention(&x.cache, &x.row, NULL);
+    double z = 1 + exp(1) + exp(2);
+    assert_float_equal(ca.retained_mass, (exp(1) + exp(2)) / z, 1e-6);
+    kvcache_free(&x.cache);
+}
+
+static void test_recall_at_k(void **state)
+{
+    (void)state;
+    Example x;
+    example_init(&x);
+    kvcache_add(&x.cache, 0);
+    kvcache_add(&x.cache, 2);
+    int32_t top[3];
+    topk_indices(x.p, 3, 1, top);
+    assert_int_equal(top[0], 2);
+    assert_float_equal(recall_at_k(&x.cache, top, 1), 1.0, 0);
+    topk_indices(x.p, 3, 2, top); /* {2, 1}: only 2 is cached */
+    assert_float_equal(recall_at_k(&x.cache, top, 2), 0.5, 0);
+    topk_indices(x.p, 3, 3, top);
+    assert_float_equal(recall_at_k(&x.cache, top, 3), 2.0 / 3.0, 1e-12);
+    /* Ties go to the lower index. */
+    const float tied[4] = {0.25f, 0.5f, 0.125f, 0.125f};
+    topk_indices(tied, 4, 3, top);
+    int has2 = top[0] == 2 || top[1] == 2 || top[2] == 2;
+    int has3 = top[0] == 3 || top[1] == 3 || top[2] == 3;
+    assert_true(has2 && !has3);
+    kvcache_free(&x.cache);
+}
+
+static void test_output_error(void **state)
+{
+    (void)state;
+    Example x;
+    example_init(&x);
+    kvcache_add(&x.cache, 0);
+    kvcache_add(&x.cache, 2);
+    CacheAttention ca = cache_attention(&x.cache, &x.row, NULL);
+    /* o_S = (p0 v0 + p2 v2) / (p0 + p2) = (1, e^2/(1+e^2)). */
+    double z = 1 + exp(1) + exp(2);
+    double p0 = 1 / z, p1 = exp(1) / z, p2 = exp(2) / z;
+    double os0 = 1, os1 = exp(2) / (1 + exp(2));
+    double of0 = p0 + p2, of1 = p1 + p2;
+    double want = sqrt((os0 - of0) * (os0 - of0) + (os1 - of1) * (os1 - of1)) /
+                  sqrt(of0 * of0 + of1 * of1);
+    assert_float_equal(output_error(&x.cache, &x.row, ca), want, 1e-5);
+    /* The full cache reproduces the full output. */
+    kvcache_add(&x.cache, 1);
+    ca = cache_attention(&x.cache, &x.row, NULL);
+    assert_float_equal(output_error(&x.cache, &x.row, ca), 0.0, 1e-6);
+    kvcache_free(&x.cache);
+}
+
+static void test_alt_slot_weighs_with_its_own_key(void **state)
+{
+    (void)state;
+    Example x;
+    example_init(&x);
+    /* Position 1 restored with an approximate key (2,0) and value (0,2); position 0 exact. */
+    kvcache_add(&x.cache, 0);
+    const float k_alt[2] = {2, 0}, v_alt[2] = {0, 2};
+    kvcache_add_alt(&x.cache, 1, k_alt, v_alt);
+    float attn[2];
+    CacheAttention ca = cache_attention(&x.cache, &x.row, attn);
+    double z = 1 + exp(1) + exp(2);
+    /* Exact mass counts position 0 only; the alt slot weighs exp(2)/z. */
+    assert_float_equal(ca.retained_mass, 1 / z, 1e-6);
+    assert_float_equal(ca.denominator, (1 + exp(2)) / z, 1e-6);
+    assert_float_equal(attn[1], exp(2) / (1 + exp(2)), 1e-6);
+    /* o_S = (1*(1,0) + e^2*(0,2)) / (1 + e^2) */
+    double os0 = 1 / (1 + exp(2)), os1 = 2 * exp(2) / (1 + exp(2));
+    double of0 = (1 + exp(2)) / z, of1 = (exp(1) + exp(2)) / z;
+    double want = sqrt((os0 - of0) * (os0 - of0) + (os1 - of1) * (os1 - of1)) /
+                  sqrt(of0 * of0 + of1 * of1);
+    assert_float_equal(output_error(&x.cache, &x.row, ca), want, 1e-5);
+    /* recall counts the restored position as present */
+    int32_t top[2];
+    topk_indices(x.p, 3, 2, top);
+    assert_float_equal(recall_at_k(&x.cache, top, 2), 0.5, 0);
+    kvcache_free(&x.cache);
+}
+
+static void test_needle_survival(void **state)
+{
+    (void)state;
+    Example x;
+    example_init(&x);
+    kvcache_add(&x.cache, 0);
+    kvcache_add(&x.cache, 2);
+    int32_t needles[4] = {0, 2, 2, 3};
+    x.meta.n_needles = 2;
+    x.meta.needles = needles;
+    assert_float_equal(needle_survival(&x.cache, &x.meta, 2), 2.0 / 3.0, 1e-12);
+    assert_float_equal(needle_survival(&x.cache, &x.meta, 1), 0.5, 1e-12); /* only 0, 1 exist */
+    x.meta.n_needles = 0;
+    assert_true(isnan(needle_survival(&x.cache, &x.meta, 2)));
+    kvcache_free(&x.cache);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_retained_mass_and_renormalised_attention),
+        cmocka_unit_test(test_large_cache_uses_complement_consistently),
+        cmocka_unit_test(test_recall_at_k),
+        cmocka_unit_test(test_output_error),
+        cmocka_unit_test(test_alt_slot_weighs_with_its_own_key),
+        cmocka_unit_test(test_needle_survival),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

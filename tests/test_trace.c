@@ -1,0 +1,715 @@
+/* The trace reader and writer: round trips in both precisions, concurrent reads, every
+ * validation path of trace_open, and the writer's atomic output. */
+#include <math.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <gsl/gsl_randist.h>
+#include <gsl/gsl_rng.h>
+#include <hdf5.h>
+
+#include "sim/trace.h"
+#include "tests/support/scratch.h"
+
+enum { L = 3, HQ = 4, HKV = 2, D = 8, T = 37, P = 30 };
+
+/* A trace in memory: metadata and every layer's q, k, v and attention rows. */
+typedef struct {
+    TraceMeta meta;
+    float *q[L], *k[L], *v[L], *rows[L];
+} Sample;
+
+static size_t q_len(void) { return (size_t)HQ * T * D; }
+static size_t kv_len(void) { return (size_t)HKV * T * D; }
+
+static void sample_init(Sample *s, int n_needles, int n_probes, int n_rows, uint64_t seed)
+{
+    memset(s, 0, sizeof *s);
+    TraceMeta *m = &s->meta;
+    snprintf(m->model, sizeof m->model, "unit-model");
+    snprintf(m->generator, sizeof m->generator, "test_trace seed=%llu", (unsigned long long)seed);
+    snprintf(m->rope_scaling, sizeof m->rope_scaling, "linear factor=2");
+    m->n_layers = L;
+    m->n_q_heads = HQ;
+    m->n_kv_heads = HKV;
+    m->head_dim = D;
+    m->n_tokens = T;
+    m->n_prompt = P;
+    m->rope_theta = 500000.0;
+    m->rope_layout = ROPE_INTERLEAVED;
+    m->attn_scale = 0.3;
+    m->n_needles = n_needles;
+    m->n_probes = n_probes;
+    m->n_attn_rows = n_rows;
+    trace_meta_alloc(m);
+    for (int t = 0; t < T; t++) {
+        m->tokens[t] = 1000 + 7 * t;
+        m->positions[t] = 3 + 2 * t;
+        m->segments[t] = t < 5 ? 0 : t < 20 ? 1 : 2;
+    }
+    for (int i = 0; i < n_needles; i++) {
+        m->needles[2 * i] = 6 + 5 * i;
+        m->needles[2 * i + 1] = 8 + 5 * i;
+    }
+    for (int i = 0; i < n_probes; i++)
+        m->probes[i] = P - 1 + 2 * i;
+    for (int r = 0; r < n_rows; r++)
+        m->attn_rows_at[r] = P - 1 + 3 * r;
+    for (int f = 0; f < D / 2; f++)
+        m->rope_inv_freq[f] *= 0.5; /* scaled: must not be replaced by the default on read */
+
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    gsl_rng_set(rng, (unsigned long)seed);
+    for (int l = 0; l < L; l++) {
+        s->q[l] = kv_malloc(q_len() * sizeof(float));
+        s->k[l] = kv_malloc(kv_len() * sizeof(float));
+        s->v[l] = kv_malloc(kv_len() * sizeof(float));
+        for (size_t i = 0; i < q_len(); i++)
+            s->q[l][i] = (float)gsl_ran_gaussian(rng, 2.0);
+        for (size_t i = 0; i < kv_len(); i++) {
+            s->k[l][i] = (float)gsl_ran_gaussian(rng, 2.0);
+            s->v[l][i] = (float)gsl_ran_gaussian(rng, 0.5);
+        }
+        s->rows[l] = kv_malloc((size_t)HQ * (n_rows ? n_rows : 1) * T * sizeof(float));
+        for (size_t i = 0; i < (size_t)HQ * n_rows * T; i++)
+            s->rows[l][i] = (float)gsl_rng_uniform(rng);
+    }
+    gsl_rng_free(rng);
+}
+
+static void sample_free(Sample *s)
+{
+    trace_meta_free(&s->meta);
+    for (int l = 0; l < L; l++) {
+        free(s->q[l]);
+        free(s->k[l]);
+        free(s->v[l]);
+        free(s->rows[l]);
+    }
+}
+
+/* Copies tokens [t0, t0+nt) of a [heads][T][D] array into [heads][nt][D]. */
+static float *token_slice(const float *x, int heads, int t0, int nt)
+{
+    float *out = kv_malloc((size_t)heads * nt * D * sizeof(float));
+    for (int h = 0; h < heads; h++)
+        memcpy(out + (size_t)h * nt * D, x + ((size_t)h * T + t0) * D, (size_t)nt * D * sizeof(float));
+    return out;
+}
+
+static void put_range(TraceWriter *w, const Sample *s, int l, int t0, int nt)
+{
+    float *q = token_slice(s->q[l], HQ, t0, nt), *k = token_slice(s->k[l], HKV, t0, nt),
+          *v = token_slice(s->v[l], HKV, t0, nt);
+    KvErr err;
+    if (trace_writer_put_qkv(w, l, t0, nt, q, k, v, &err) != 0)
+        fail_msg("%s", err.msg);
+    free(q);
+    free(k);
+    free(v);
+}
+
+/* Writes the sample: layer 0 whole, layer 1 one token at a time, layer 2 in two uneven parts. */
+static void sample_write(const Sample *s, const char *path, TraceDtype dtype)
+{
+    KvErr err;
+    TraceWriter *w = trace_writer_create(path, &s->meta, dtype, &err);
+    if (!w)
+        fail_msg("%s", err.msg);
+    put_range(w, s, 0, 0, T);
+    for (int t = 0; t < T; t++)
+        put_range(w, s, 1, t, 1);
+    put_range(w, s, 2, 11, T - 11);
+    put_range(w, s, 2, 0, 11);
+    int R = s->meta.n_attn_rows;
+    float *row = kv_malloc((size_t)HQ * T * sizeof(float));
+    for (int l = 0; l < L; l++)
+        for (int r = R - 1; r >= 0; r--) {
+            for (int h = 0; h < HQ; h++)
+                memcpy(row + (size_t)h * T, s->rows[l] + ((size_t)h * R + r) * T, T * sizeof(float));
+            if (trace_writer_put_attn_row(w, l, r, row, &err) != 0)
+                fail_msg("%s", err.msg);
+        }
+    free(row);
+    if (trace_writer_finish(w, &err) != 0)
+        fail_msg("%s", err.msg);
+}
+
+static void assert_meta_equal(const TraceMeta *a, const TraceMeta *b)
+{
+    assert_string_equal(a->model, b->model);
+    assert_string_equal(a->generator, b->generator);
+    assert_string_equal(a->rope_scaling, b->rope_scaling);
+    assert_int_equal(a->n_layers, b->n_layers);
+    assert_int_equal(a->n_q_heads, b->n_q_heads);
+    assert_int_equal(a->n_kv_heads, b->n_kv_heads);
+    assert_int_equal(a->head_dim, b->head_dim);
+    assert_int_equal(a->n_tokens, b->n_tokens);
+    assert_int_equal(a->n_prompt, b->n_prompt);
+    assert_true(a->rope_theta == b->rope_theta);
+    assert_int_equal(a->rope_layout, b->rope_layout);
+    assert_true(a->attn_scale == b->attn_scale);
+    assert_memory_equal(a->tokens, b->tokens, (size_t)T * sizeof(int32_t));
+    assert_memory_equal(a->positions, b->positions, (size_t)T * sizeof(int32_t));
+    assert_memory_equal(a->segments, b->segments, (size_t)T * sizeof(int32_t));
+    assert_int_equal(a->n_needles, b->n_needles);
+    assert_int_equal(a->n_probes, b->n_probes);
+    assert_int_equal(a->n_attn_rows, b->n_attn_rows);
+    if (a->n_needles)
+        assert_memory_equal(a->needles, b->needles, (size_t)a->n_needles * 2 * sizeof(int32_t));
+    if (a->n_probes)
+        assert_memory_equal(a->probes, b->probes, (size_t)a->n_probes * sizeof(int32_t));
+    if (a->n_attn_rows)
+        assert_memory_equal(a->attn_rows_at, b->attn_rows_at, (size_t)a->n_attn_rows * sizeof(int32_t));
+    for (int f = 0; f < D / 2; f++)
+        assert_true(a->rope_inv_freq[f] == b->rope_inv_freq[f]);
+}
+
+static Trace *open_ok(const char *path)
+{
+    KvErr err;
+    Trace *tr = trace_open(path, &err);
+    if (!tr)
+        fail_msg("%s", err.msg);
+    return tr;
+}
+
+static void test_roundtrip_f32_exact(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    const char *path = scratch_path(dir, "t.h5", 0);
+    Sample s;
+    sample_init(&s, 3, 4, 3, 11);
+    sample_write(&s, path, TRACE_F32);
+    Trace *tr = open_ok(path);
+    assert_string_equal(trace_path(tr), path);
+    assert_int_equal(trace_dtype(tr), TRACE_F32);
+    assert_meta_equal(trace_meta(tr), &s.meta);
+    float *q = kv_malloc(q_len() * sizeof(float)), *k = kv_malloc(kv_len() * sizeof(float)),
+          *v = kv_malloc(kv_len() * sizeof(float)), *rows = kv_malloc((size_t)HQ * 3 * T * sizeof(float));
+    KvErr err;
+    for (int l = 0; l < L; l++) {
+        assert_int_equal(trace_read_layer(tr, l, q, k, v, &err), 0);
+        assert_memory_equal(q, s.q[l], q_len() * sizeof(float));
+        assert_memory_equal(k, s.k[l], kv_len() * sizeof(float));
+        assert_memory_equal(v, s.v[l], kv_len() * sizeof(float));
+        assert_int_equal(trace_read_attn_rows(tr, l, rows, &err), 0);
+        assert_memory_equal(rows, s.rows[l], (size_t)HQ * 3 * T * sizeof(float));
+    }
+    /* Skipping some of q, k, v leaves those buffers alone. */
+    memset(q, 0, q_len() * sizeof(float));
+    assert_int_equal(trace_read_layer(tr, 2, NULL, k, NULL, &err), 0);
+    assert_memory_equal(k, s.k[2], kv_len() * sizeof(float));
+    assert_true(q[0] == 0.0f);
+    assert_int_equal(trace_read_layer(tr, L, q, k, v, &err), -1);
+    assert_non_null(strstr(err.msg, "layer 3"));
+    free(q);
+    free(k);
+    free(v);
+    free(rows);
+    trace_close(tr);
+    sample_free(&s);
+    scratch_remove(dir);
+}
+
+/* Half precision keeps 11 significant bits: relative error <= 2^-11 in the normal range. */
+static void test_roundtrip_f16_within_half_precision(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    const char *path = scratch_path(dir, "t16.h5", 0);
+    Sample s;
+    sample_init(&s, 2, 1, 2, 12);
+    s.q[0][0] = 0.1f;     /* not representable: must come back rounded */
+    s.q[0][1] = 1.25f;    /* representable: must come back exact */
+    s.k[0][0] = -2048.5f; /* spacing is 2 there: rounds to -2048 */
+    sample_write(&s, path, TRACE_F16);
+    Trace *tr = open_ok(path);
+    assert_int_equal(trace_dtype(tr), TRACE_F16);
+    assert_meta_equal(trace_meta(tr), &s.meta);
+    float *q = kv_malloc(q_len() * sizeof(float)), *k = kv_malloc(kv_len() * sizeof(float)),
+          *v = kv_malloc(kv_len() * sizeof(float)), *rows = kv_malloc((size_t)HQ * 2 * T * sizeof(float));
+    KvErr err;
+    for (int l = 0; l < L; l++) {
+        assert_int_equal(trace_read_layer(tr, l, q, k, v, &err), 0);
+        const float *got[3] = {q, k, v}, *want[3] = {s.q[l], s.k[l], s.v[l]};
+        size_t len[3] = {q_len(), kv_len(), kv_len()};
+        for (int a = 0; a < 3; a++) {
+            float *rounded = kv_malloc(len[a] * sizeof(float));
+            memcpy(rounded, want[a], len[a] * sizeof(float));
+            trace_round_to_dtype(rounded, len[a], TRACE_F16);
+            for (size_t i = 0; i < len[a]; i++) {
+                double tol = fabs(want[a][i]) * ldexp(1.0, -11) + ldexp(1.0, -25);
+                assert_true(fabs((double)got[a][i] - want[a][i]) <= tol);
+                assert_true(got[a][i] == rounded[i]); /* the reader and the helper agree */
+            }
+            free(rounded);
+        }
+        /* attention rows are float32 whatever the Q/K/V precision */
+        assert_int_equal(trace_read_attn_rows(tr, l, rows, &err), 0);
+        assert_memory_equal(rows, s.rows[l], (size_t)HQ * 2 * T * sizeof(float));
+    }
+    assert_int_equal(trace_read_layer(tr, 0, q, k, NULL, &err), 0);
+    assert_true(q[0] != 0.1f && fabsf(q[0] - 0.1f) < 1e-4f);
+    assert_true(q[1] == 1.25f);
+    assert_true(k[0] == -2048.0f);
+    free(q);
+    free(k);
+    free(v);
+    free(rows);
+    trace_close(tr);
+    sample_free(&s);
+    scratch_remove(dir);
+}
+
+static void test_roundtrip_empty_needles_probes_rows(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    const char *path = scratch_path(dir, "empty.h5", 0);
+    Sample s;
+    sample_init(&s, 0, 0, 0, 13);
+    s.meta.rope_scaling[0] = '\0';
+    s.meta.n_prompt = T; /* P = T: no decode steps is allowed */
+    sample_write(&s, path, TRACE_F32);
+    Trace *tr = open_ok(path);
+    const TraceMeta *m = trace_meta(tr);
+    assert_meta_equal(m, &s.meta);
+    assert_int_equal(m->n_needles, 0);
+    assert_int_equal(m->n_probes, 0);
+    assert_int_equal(m->n_attn_rows, 0);
+    assert_string_equal(m->rope_scaling, "");
+    float rows[1];
+    KvErr err;
+    assert_int_equal(trace_read_attn_rows(tr, 0, rows, &err), -1);
+    assert_non_null(strstr(err.msg, "no attention rows"));
+    trace_close(tr);
+    sample_free(&s);
+    scratch_remove(dir);
+}
+
+typedef struct {
+    Trace *tr;
+    int first_layer;
+    int ok;
+    float *q[6], *k[6], *v[6];
+} ReaderJob;
+
+static void *read_all_layers(void *arg)
+{
+    ReaderJob *job = arg;
+    const TraceMeta *m = trace_meta(job->tr);
+    job->ok = 1;
+    for (int i = 0; i < m->n_layers; i++) {
+        int l = (job->first_layer + i) % m->n_layers;
+        KvErr err;
+        if (trace_read_layer(job->tr, l, job->q[l], job->k[l], job->v[l], &err) != 0)
+            job->ok = 0;
+    }
+    return NULL;
+}
+
+/* Four threads read every layer of one open Trace at once, each starting at another layer. */
+static void test_concurrent_reads_agree(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    const char *path = scratch_path(dir, "mt.h5", 0);
+    Sample s;
+    sample_init(&s, 1, 1, 0, 14);
+    sample_write(&s, path, TRACE_F16);
+    Trace *tr = open_ok(path);
+    enum { THREADS = 4 };
+    ReaderJob jobs[THREADS];
+    pthread_t tid[THREADS];
+    for (int j = 0; j < THREADS; j++) {
+        jobs[j] = (ReaderJob){.tr = tr, .first_layer = j};
+        for (int l = 0; l < L; l++) {
+            jobs[j].q[l] = kv_malloc(q_len() * sizeof(float));
+            jobs[j].k[l] = kv_malloc(kv_len() * sizeof(float));
+            jobs[j].v[l] = kv_malloc(kv_len() * sizeof(float));
+        }
+        assert_int_equal(pthread_create(&tid[j], NULL, read_all_layers, &jobs[j]), 0);
+    }
+    for (int j = 0; j < THREADS; j++)
+        pthread_join(tid[j], NULL);
+    float *q = kv_malloc(q_len() * sizeof(float)), *k = kv_malloc(kv_len() * sizeof(float)),
+          *v = kv_malloc(kv_len() * sizeof(float));
+    for (int l = 0; l < L; l++) {
+        KvErr err;
+        assert_int_equal(trace_read_layer(tr, l, q, k, v, &err), 0);
+        for (int j = 0; j < THREADS; j++) {
+            assert_true(jobs[j].ok);
+            assert_memory_equal(jobs[j].q[l], q, q_len() * sizeof(float));
+            assert_memory_equal(jobs[j].k[l], k, kv_len() * sizeof(float));
+            assert_memory_equal(jobs[j].v[l], v, kv_len() * sizeof(float));
+        }
+    }
+    for (int j = 0; j < THREADS; j++)
+        for (int l = 0; l < L; l++) {
+            free(jobs[j].q[l]);
+            free(jobs[j].k[l]);
+            free(jobs[j].v[l]);
+        }
+    free(q);
+    free(k);
+    free(v);
+    trace_close(tr);
+    sample_free(&s);
+    scratch_remove(dir);
+}
+
+/* ---- Validation: write a good trace, break one thing with the HDF5 API, expect the message ---- */
+
+typedef void (*Breaker)(hid_t file);
+
+static void set_int_attr(hid_t file, const char *name, int value)
+{
+    if (H5Aexists(file, name) > 0)
+        H5Adelete(file, name);
+    hid_t sp = H5Screate(H5S_SCALAR);
+    hid_t a = H5Acreate2(file, name, H5T_STD_I64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
+    long long v = value;
+    assert_true(H5Awrite(a, H5T_NATIVE_LLONG, &v) >= 0);
+    H5Aclose(a);
+    H5Sclose(sp);
+}
+
+static void set_string_attr(hid_t file, const char *name, const char *value, int variable)
+{
+    if (H5Aexists(file, name) > 0)
+        H5Adelete(file, name);
+    hid_t type = H5Tcopy(H5T_C_S1);
+    H5Tset_size(type, variable ? H5T_VARIABLE : strlen(value) + 1);
+    hid_t sp = H5Screate(H5S_SCALAR);
+    hid_t a = H5Acreate2(file, name, type, sp, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(H5Awrite(a, type, variable ? (const void *)&value : (const void *)value) >= 0);
+    H5Aclose(a);
+    H5Sclose(sp);
+    H5Tclose(type);
+}
+
+static void replace_int_dataset(hid_t file, const char *name, int rank, const hsize_t *dims,
+                                const int32_t *data)
+{
+    if (H5Lexists(file, name, H5P_DEFAULT) > 0)
+        assert_true(H5Ldelete(file, name, H5P_DEFAULT) >= 0);
+    hid_t sp = H5Screate_simple(rank, dims, NULL);
+    hid_t ds = H5Dcreate2(file, name, H5T_STD_I32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(ds >= 0);
+    assert_true(H5Dwrite(ds, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0);
+    H5Dclose(ds);
+    H5Sclose(sp);
+}
+
+static void break_format(hid_t f) { set_string_attr(f, "format", "other-trace", 0); }
+static void break_version(hid_t f) { set_int_attr(f, "version", 2); }
+static void break_missing_attr(hid_t f) { assert_true(H5Adelete(f, "head_dim") >= 0); }
+static void break_missing_v(hid_t f) { assert_true(H5Ldelete(f, "/layers/002/v", H5P_DEFAULT) >= 0); }
+static void break_missing_layer(hid_t f) { assert_true(H5Ldelete(f, "/layers/001", H5P_DEFAULT) >= 0); }
+static void break_kv_heads(hid_t f) { set_int_attr(f, "n_kv_heads", 3); }
+static void break_prompt(hid_t f) { set_int_attr(f, "n_prompt", T + 1); }
+static void break_odd_head_dim(hid_t f) { set_int_attr(f, "head_dim", 7); }
+static void break_layout(hid_t f) { set_string_attr(f, "rope_layout", "spiral", 0); }
+
+static void break_attr_type(hid_t f)
+{
+    set_string_attr(f, "n_layers", "3", 0);
+}
+
+static void break_float_attr_type(hid_t f)
+{
+    set_int_attr(f, "attn_scale", 1);
+}
+
+static void break_shape(hid_t f)
+{
+    assert_true(H5Ldelete(f, "/layers/001/k", H5P_DEFAULT) >= 0);
+    hsize_t dims[3] = {HKV, T, D / 2};
+    hid_t sp = H5Screate_simple(3, dims, NULL);
+    hid_t ds = H5Dcreate2(f, "/layers/001/k", H5T_IEEE_F32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(ds >= 0);
+    H5Dclose(ds);
+    H5Sclose(sp);
+}
+
+static void break_dtype(hid_t f)
+{
+    assert_true(H5Ldelete(f, "/layers/002/q", H5P_DEFAULT) >= 0);
+    hsize_t dims[3] = {HQ, T, D};
+    hid_t sp = H5Screate_simple(3, dims, NULL);
+    hid_t ds = H5Dcreate2(f, "/layers/002/q", H5T_IEEE_F64LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(ds >= 0);
+    H5Dclose(ds);
+    H5Sclose(sp);
+}
+
+static void break_needle(hid_t f)
+{
+    hsize_t dims[2] = {2, 2};
+    int32_t spans[4] = {1, 3, 30, T + 5};
+    replace_int_dataset(f, "/needles", 2, dims, spans);
+}
+
+static void break_empty_needle(hid_t f)
+{
+    hsize_t dims[2] = {1, 2};
+    int32_t spans[2] = {9, 9};
+    replace_int_dataset(f, "/needles", 2, dims, spans);
+}
+
+static void break_probe(hid_t f)
+{
+    hsize_t dims[1] = {2};
+    int32_t probes[2] = {P, T};
+    replace_int_dataset(f, "/probes", 1, dims, probes);
+}
+
+static void break_positions(hid_t f)
+{
+    hsize_t dims[1] = {T};
+    int32_t pos[T];
+    for (int t = 0; t < T; t++)
+        pos[t] = t == 20 ? 5 : t;
+    replace_int_dataset(f, "/positions", 1, dims, pos);
+}
+
+static void break_segments_length(hid_t f)
+{
+    hsize_t dims[1] = {T - 1};
+    int32_t seg[T] = {0};
+    replace_int_dataset(f, "/segments", 1, dims, seg);
+}
+
+static void break_rows_order(hid_t f)
+{
+    hsize_t dims[1] = {3};
+    int32_t at[3] = {P, P - 2, T - 1};
+    replace_int_dataset(f, "/attn_rows_at", 1, dims, at);
+}
+
+static void break_rows_missing(hid_t f)
+{
+    assert_true(H5Ldelete(f, "/layers/001/attn_rows", H5P_DEFAULT) >= 0);
+}
+
+/* Writes a good trace, applies `breaker`, and returns trace_open's message (static). */
+static const char *open_broken(Breaker breaker, const char *dir)
+{
+    static char msg[1024];
+    const char *path = scratch_path(dir, "bad.h5", 0);
+    Sample s;
+    sample_init(&s, 2, 2, 3, 21);
+    sample_write(&s, path, TRACE_F32);
+    sample_free(&s);
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    assert_true(f >= 0);
+    breaker(f);
+    assert_true(H5Fclose(f) >= 0);
+    KvErr err = {{0}};
+    Trace *tr = trace_open(path, &err);
+    if (tr)
+        fail_msg("a broken trace opened");
+    snprintf(msg, sizeof msg, "%s", err.msg);
+    /* One line, starting with the file's name. */
+    assert_null(strchr(msg, '\n'));
+    assert_int_equal(strncmp(msg, path, strlen(path)), 0);
+    unlink(path);
+    return msg;
+}
+
+static void expect_broken(Breaker breaker, const char *needle1, const char *needle2)
+{
+    char *dir = scratch_create();
+    const char *msg = open_broken(breaker, dir);
+    if (!strstr(msg, needle1) || (needle2 && !strstr(msg, needle2)))
+        fail_msg("message \"%s\" lacks \"%s\" / \"%s\"", msg, needle1, needle2 ? needle2 : "");
+    scratch_remove(dir);
+}
+
+static void test_rejects_wrong_format(void **state)
+{
+    (void)state;
+    expect_broken(break_format, "attribute format", "other-trace");
+}
+
+static void test_rejects_wrong_version(void **state)
+{
+    (void)state;
+    expect_broken(break_version, "attribute version", "expected 1, found 2");
+}
+
+static void test_rejects_missing_attribute(void **state)
+{
+    (void)state;
+    expect_broken(break_missing_attr, "attribute head_dim", "missing");
+}
+
+static void test_rejects_bad_attribute_values(void **state)
+{
+    (void)state;
+    expect_broken(break_kv_heads, "attribute n_kv_heads", "found 3");
+    expect_broken(break_prompt, "attribute n_prompt", NULL);
+    expect_broken(break_odd_head_dim, "attribute head_dim", "even");
+    expect_broken(break_layout, "attribute rope_layout", "spiral");
+    expect_broken(break_attr_type, "attribute n_layers", "expected integer, found string");
+    expect_broken(break_float_attr_type, "attribute attn_scale", "expected float, found integer");
+}
+
+static void test_rejects_missing_layer_dataset(void **state)
+{
+    (void)state;
+    expect_broken(break_missing_v, "dataset /layers/002/v", "missing");
+    expect_broken(break_missing_layer, "dataset /layers/001/q", "missing");
+    expect_broken(break_rows_missing, "dataset /layers/001/attn_rows", "missing");
+}
+
+static void test_rejects_wrong_shape_and_type(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    char want[256];
+    snprintf(want, sizeof want, "dataset /layers/001/k: expected shape [%d,%d,%d], found [%d,%d,%d]",
+             HKV, T, D, HKV, T, D / 2);
+    const char *msg = open_broken(break_shape, dir);
+    if (!strstr(msg, want))
+        fail_msg("message \"%s\" lacks \"%s\"", msg, want);
+    scratch_remove(dir);
+    expect_broken(break_dtype, "dataset /layers/002/q", "float16 or float32");
+    expect_broken(break_segments_length, "dataset /segments", "expected shape [37], found [36]");
+}
+
+static void test_rejects_bad_metadata_values(void **state)
+{
+    (void)state;
+    expect_broken(break_needle, "dataset /needles", "span 1 is [30,42)");
+    expect_broken(break_empty_needle, "dataset /needles", "span 0 is [9,9)");
+    expect_broken(break_probe, "dataset /probes", "probe 1 is 37");
+    expect_broken(break_positions, "dataset /positions", "token 20");
+    expect_broken(break_rows_order, "dataset /attn_rows_at", "row 1");
+}
+
+static void test_rejects_missing_and_non_hdf5_files(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    KvErr err;
+    const char *missing = scratch_path(dir, "nope.h5", 0);
+    assert_null(trace_open(missing, &err));
+    assert_non_null(strstr(err.msg, missing));
+    assert_non_null(strstr(err.msg, "cannot open"));
+    const char *text = scratch_path(dir, "text.h5", 1);
+    FILE *f = fopen(text, "w");
+    fputs("not a trace\n", f);
+    fclose(f);
+    assert_null(trace_open(text, &err));
+    assert_non_null(strstr(err.msg, "not an HDF5 file"));
+    scratch_remove(dir);
+}
+
+/* What the format leaves to writers: variable-length strings, no /rope_inv_freq, any integer
+ * width, null dataspaces for empty arrays. */
+static void test_accepts_format_variants(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    const char *path = scratch_path(dir, "variant.h5", 0);
+    Sample s;
+    sample_init(&s, 1, 1, 0, 31);
+    sample_write(&s, path, TRACE_F32);
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    set_string_attr(f, "model", "vlen-model", 1);
+    set_int_attr(f, "n_layers", L); /* 64-bit on disk */
+    assert_true(H5Ldelete(f, "/rope_inv_freq", H5P_DEFAULT) >= 0);
+    assert_true(H5Ldelete(f, "/needles", H5P_DEFAULT) >= 0);
+    hid_t null_space = H5Screate(H5S_NULL);
+    hid_t ds = H5Dcreate2(f, "/needles", H5T_STD_I32LE, null_space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    H5Dclose(ds);
+    H5Sclose(null_space);
+    H5Fclose(f);
+    Trace *tr = open_ok(path);
+    const TraceMeta *m = trace_meta(tr);
+    assert_string_equal(m->model, "vlen-model");
+    assert_int_equal(m->n_layers, L);
+    assert_int_equal(m->n_needles, 0);
+    for (int fi = 0; fi < D / 2; fi++)
+        assert_true(fabs(m->rope_inv_freq[fi] - pow(500000.0, -2.0 * fi / D)) < 1e-15);
+    trace_close(tr);
+    sample_free(&s);
+    scratch_remove(dir);
+}
+
+/* ---- Atomic output ---- */
+
+static void test_writer_is_atomic(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    const char *path = scratch_path(dir, "atomic.h5", 0);
+    char tmp[8192];
+    atomic_tmp_name(path, tmp, sizeof tmp);
+    Sample s;
+    sample_init(&s, 1, 1, 1, 41);
+    KvErr err;
+
+    TraceWriter *w = trace_writer_create(path, &s.meta, TRACE_F32, &err);
+    assert_non_null(w);
+    assert_int_equal(access(path, F_OK), -1);
+    assert_int_equal(access(tmp, F_OK), 0);
+    trace_writer_abort(w);
+    assert_int_equal(scratch_count(dir), 0);
+
+    /* An unfinished trace (a token never written) is refused and removed. */
+    w = trace_writer_create(path, &s.meta, TRACE_F32, &err);
+    for (int l = 0; l < L; l++) {
+        put_range(w, &s, l, 0, 20);
+        put_range(w, &s, l, 21, T - 21);
+    }
+    assert_int_equal(trace_writer_finish(w, &err), -1);
+    assert_non_null(strstr(err.msg, "token 20 was never written"));
+    assert_int_equal(scratch_count(dir), 0);
+
+    /* An invalid header creates nothing. */
+    s.meta.needles[1] = T + 1;
+    assert_null(trace_writer_create(path, &s.meta, TRACE_F32, &err));
+    assert_non_null(strstr(err.msg, "dataset /needles"));
+    assert_int_equal(scratch_count(dir), 0);
+    s.meta.needles[1] = s.meta.needles[0] + 1;
+
+    sample_write(&s, path, TRACE_F32);
+    assert_int_equal(access(path, F_OK), 0);
+    assert_int_equal(access(tmp, F_OK), -1);
+    assert_int_equal(scratch_count(dir), 1);
+    sample_free(&s);
+    scratch_remove(dir);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_roundtrip_f32_exact),
+        cmocka_unit_test(test_roundtrip_f16_within_half_precision),
+        cmocka_unit_test(test_roundtrip_empty_needles_probes_rows),
+        cmocka_unit_test(test_concurrent_reads_agree),
+        cmocka_unit_test(test_rejects_wrong_format),
+        cmocka_unit_test(test_rejects_wrong_version),
+        cmocka_unit_test(test_rejects_missing_attribute),
+        cmocka_unit_test(test_rejects_bad_attribute_values),
+        cmocka_unit_test(test_rejects_missing_layer_dataset),
+        cmocka_unit_test(test_rejects_wrong_shape_and_type),
+        cmocka_unit_test(test_rejects_bad_metadata_values),
+        cmocka_unit_test(test_rejects_missing_and_non_hdf5_files),
+        cmocka_unit_test(test_accepts_format_variants),
+        cmocka_unit_test(test_writer_is_atomic),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

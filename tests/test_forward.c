@@ -13,6 +13,7 @@
 
 #include <cmocka.h>
 
+#include "tests/support/scratch.h"
 #include "tests/support/tiny_ckpt.h"
 #include "traces/forward.h"
 #include "traces/model.h"
@@ -352,8 +353,7 @@ static void run_and_compare(Model *model, const TinyCheckpoint *ck, const Refere
 
 static void check_variant(const Variant *variant)
 {
-    char dir[64];
-    tiny_make_dir("fwd", dir);
+    char *dir = scratch_create();
     TinyCheckpoint *ck = tiny_ckpt_write(dir, &variant->spec);
     KvErr err = {{0}};
     Model *model = model_load(dir, &err);
@@ -378,7 +378,7 @@ static void check_variant(const Variant *variant)
     reference_free(ref);
     model_free(model);
     tiny_ckpt_free(ck);
-    tiny_remove_dir(dir);
+    scratch_remove(dir);
 }
 
 static Variant base_variant(void)

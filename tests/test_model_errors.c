@@ -10,19 +10,20 @@
 
 #include <cmocka.h>
 
+#include "tests/support/scratch.h"
 #include "tests/support/tiny_ckpt.h"
 #include "traces/model.h"
 
 typedef struct {
-    char dir[64];
-    char weights[128]; /* path of model.safetensors */
+    char *dir;
+    char weights[8192]; /* path of model.safetensors */
     TinyCheckpoint *ck;
 } BadCase;
 
 static int setup(void **state)
 {
     BadCase *bc = kv_calloc(1, sizeof *bc);
-    tiny_make_dir("bad", bc->dir);
+    bc->dir = scratch_create();
     TinyCheckpointSpec spec = tiny_ckpt_default_spec();
     spec.n_layers = 1;
     bc->ck = tiny_ckpt_write(bc->dir, &spec);
@@ -35,7 +36,7 @@ static int teardown(void **state)
 {
     BadCase *bc = *state;
     tiny_ckpt_free(bc->ck);
-    tiny_remove_dir(bc->dir);
+    scratch_remove(bc->dir);
     free(bc);
     return 0;
 }
@@ -92,7 +93,7 @@ static void test_bad_config_value(void **state)
 static void test_invalid_config_json(void **state)
 {
     BadCase *bc = *state;
-    char path[128];
+    char path[8192];
     snprintf(path, sizeof path, "%s/config.json", bc->dir);
     FILE *fp = fopen(path, "w");
     fputs("{\n  \"hidden_size\": 64,\n  oops\n}\n", fp);
@@ -203,13 +204,13 @@ static void test_index_names_wrong_shard(void **state)
 {
     BadCase *bc = *state;
     tiny_ckpt_free(bc->ck);
-    tiny_remove_dir(bc->dir);
-    tiny_make_dir("bad", bc->dir);
+    scratch_remove(bc->dir);
+    bc->dir = scratch_create();
     TinyCheckpointSpec spec = tiny_ckpt_default_spec();
     spec.n_layers = 1;
     spec.n_shards = 2;
     bc->ck = tiny_ckpt_write(bc->dir, &spec);
-    char path[128];
+    char path[8192];
     snprintf(path, sizeof path, "%s/model-00002-of-00002.safetensors", bc->dir);
     tiny_ckpt_edit_header(path, "model.norm.weight", NULL, NULL);
     expect_load_error(bc, (const char *[]){"model.safetensors.index.json", "model.norm.weight",

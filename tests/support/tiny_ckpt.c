@@ -1,6 +1,5 @@
 #include "tests/support/tiny_ckpt.h"
 
-#include <dirent.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -8,7 +7,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include <cjson/cJSON.h>
 #include <cmocka.h>
@@ -394,27 +392,4 @@ void tiny_ckpt_edit_header(const char *path, const char *tensor, const char *fie
     cJSON_free(text);
     cJSON_Delete(header);
     free(bytes);
-}
-
-void tiny_make_dir(const char *prefix, char *out)
-{
-    snprintf(out, 64, "%s-XXXXXX", prefix);
-    if (!mkdtemp(out))
-        fail_msg("cannot create a directory %s", out);
-}
-
-void tiny_remove_dir(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (!d)
-        return;
-    struct dirent *e;
-    char path[4096];
-    while ((e = readdir(d)))
-        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
-            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-            unlink(path);
-        }
-    closedir(d);
-    rmdir(dir);
 }

@@ -45,7 +45,7 @@ typedef struct {
  * Llama, theta 10000, eps 1e-5, one file, seed 1. */
 TinyCheckpointSpec tiny_ckpt_default_spec(void);
 
-/* Writes the checkpoint into dir (which must exist). */
+/* Writes the checkpoint into dir (which must exist, e.g. from scratch_create()). */
 TinyCheckpoint *tiny_ckpt_write(const char *dir, const TinyCheckpointSpec *spec);
 void tiny_ckpt_free(TinyCheckpoint *ck);
 /* The decoded values of tensor `name`, or NULL when the checkpoint has none. */
@@ -58,10 +58,5 @@ void tiny_ckpt_set_config(const char *dir, const char *key, const char *json_val
  * whole tensor entry. */
 void tiny_ckpt_edit_header(const char *path, const char *tensor, const char *field,
                            const char *json_value);
-
-/* A fresh empty directory under the current one ("prefix-XXXXXX"); out holds >= 64 bytes. */
-void tiny_make_dir(const char *prefix, char *out);
-/* Removes a directory and the plain files in it. */
-void tiny_remove_dir(const char *dir);
 
 #endif

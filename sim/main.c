@@ -4,7 +4,9 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "sim/check.h"
 #include "sim/run_cmd.h"
+#include "sim/synth.h"
 
 typedef struct {
     const char *name;
@@ -14,6 +16,9 @@ typedef struct {
 
 static const Command commands[] = {
     {"run", cmd_run, "replay a trace through the policies of a config; write CSVs"},
+    {"synth", cmd_synth, "write a synthetic trace with planted attention structure"},
+    {"info", cmd_info, "print a trace's header and datasets"},
+    {"check", cmd_check, "compare a trace's stored attention rows with its Q and K"},
     {"policies", cmd_policies, "list the policy types with their parameters and defaults"},
     {NULL, NULL, NULL},
 };

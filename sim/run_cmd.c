@@ -126,6 +126,8 @@ int cmd_policies(int argc, char **argv)
             char range[64] = "";
             if (s->kind == PARAM_ENUM)
                 snprintf(range, sizeof range, "%s", s->choices);
+            else if ((s->kind == PARAM_INT || s->kind == PARAM_DOUBLE) && s->max >= 1e6)
+                snprintf(range, sizeof range, ">= %g", s->min);
             else if (s->kind == PARAM_INT || s->kind == PARAM_DOUBLE)
                 snprintf(range, sizeof range, "[%g, %g]", s->min, s->max);
             printf("    %-18s = %-10s %-22s %s\n", s->key, s->dflt, range, s->help);

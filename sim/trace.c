@@ -34,8 +34,9 @@ static void h5_quiet(void)
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
 }
 
-/* IEEE binary16, little-endian. HDF5 1.10 has no predefined half type; it converts between this
- * and H5T_NATIVE_FLOAT with its soft float conversion. The caller closes the type. */
+/* IEEE binary16, little-endian, as an HDF5 type (HDF5 1.10 has no predefined one). Q/K/V are
+ * moved through HDF5 as raw 16-bit patterns of this type and converted here: HDF5's own soft
+ * float conversion costs about 100 ns per value, which would dominate reading a trace. */
 static hid_t half_type(void)
 {
     hid_t t = H5Tcopy(H5T_IEEE_F32LE);
@@ -45,6 +46,47 @@ static hid_t half_type(void)
     H5Tset_offset(t, 0);
     H5Tset_ebias(t, 15);
     return t;
+}
+
+/* Largest float32 (bit pattern) that rounds to a finite half: 65520 rounds to infinity. */
+#define HALF_OVERFLOW_BITS 0x477ff000u
+
+/* Round to nearest, ties to even; callers reject values that would overflow. */
+static uint16_t half_from_float(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u)
+        return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0));
+    if (ax >= HALF_OVERFLOW_BITS)
+        return (uint16_t)(sign | 0x7c00u);
+    if (ax < 0x38800000u) { /* below 2^-14: a half subnormal, in units of 2^-24 */
+        if (ax < 0x33000000u)
+            return (uint16_t)sign;
+        uint32_t shift = 126 - (ax >> 23), mant = (ax & 0x7fffffu) | 0x800000u;
+        uint32_t r = mant >> shift, rem = mant & ((1u << shift) - 1), tie = 1u << (shift - 1);
+        if (rem > tie || (rem == tie && (r & 1)))
+            r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = (ax - 0x38000000u) >> 13, rem = ax & 0x1fffu; /* rebias 127 -> 15 */
+    if (rem > 0x1000u || (rem == 0x1000u && (r & 1)))
+        r++; /* a carry out of the mantissa correctly bumps the exponent */
+    return (uint16_t)(sign | r);
+}
+
+static float float_from_half(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, x;
+    float f;
+    if (e == 0) {
+        f = (float)m * 0x1p-24f;
+        return sign ? -f : f;
+    }
+    x = e == 31 ? sign | 0x7f800000u | (m << 13) : sign | ((e + 112) << 23) | (m << 13);
+    memcpy(&f, &x, sizeof f);
+    return f;
 }
 
 static void layer_name(char *buf, size_t n, int layer, const char *leaf)
@@ -580,15 +622,34 @@ const TraceMeta *trace_meta(const Trace *tr) { return &tr->meta; }
 const char *trace_path(const Trace *tr) { return tr->path; }
 TraceDtype trace_dtype(const Trace *tr) { return tr->dtype; }
 
-static int read_whole(Trace *tr, const char *name, float *out, KvErr *err)
+/* Reads a whole q/k/v dataset as float32. float16 data is read as raw half patterns into the
+ * first half of `out` and widened in place from the end, so no second buffer is needed. */
+static int read_values(Trace *tr, const char *name, float *out, size_t n, bool check_finite,
+                       KvErr *err)
 {
     hid_t ds = H5Dopen2(tr->file, name, H5P_DEFAULT);
     if (ds < 0)
         return kv_fail(err, "%s: dataset %s: cannot open", tr->path, name);
-    herr_t st = H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out);
+    hid_t type = H5Dget_type(ds);
+    TraceDtype dt = TRACE_F32;
+    bool half = float_dtype(type, &dt) == 0 && dt == TRACE_F16;
+    H5Tclose(type);
+    hid_t mem = half ? half_type() : H5Tcopy(H5T_NATIVE_FLOAT);
+    herr_t st = H5Dread(ds, mem, H5S_ALL, H5S_ALL, H5P_DEFAULT, out);
+    H5Tclose(mem);
     H5Dclose(ds);
     if (st < 0)
         return kv_fail(err, "%s: dataset %s: read failed", tr->path, name);
+    if (half) {
+        const uint16_t *raw = (const uint16_t *)(void *)out;
+        for (size_t i = n; i-- > 0;)
+            out[i] = float_from_half(raw[i]);
+    }
+    if (check_finite)
+        for (size_t i = 0; i < n; i++)
+            if (!isfinite(out[i]))
+                return kv_fail(err, "%s: dataset %s: non-finite value at flat index %zu", tr->path,
+                               name, i);
     return 0;
 }
 
@@ -598,14 +659,18 @@ int trace_read_layer(Trace *tr, int layer, float *q, float *k, float *v, KvErr *
     if (layer < 0 || layer >= tr->meta.n_layers)
         return kv_fail(err, "%s: layer %d out of range [0,%d)", tr->path, layer,
                        tr->meta.n_layers);
+    const TraceMeta *m = &tr->meta;
     const char *leaves[3] = {"q", "k", "v"};
     float *outs[3] = {q, k, v};
+    size_t per_head = (size_t)m->n_tokens * m->head_dim;
+    size_t lens[3] = {(size_t)m->n_q_heads * per_head, (size_t)m->n_kv_heads * per_head,
+                      (size_t)m->n_kv_heads * per_head};
     char name[64];
     for (int i = 0; i < 3; i++) {
         if (!outs[i])
             continue;
         layer_name(name, sizeof name, layer, leaves[i]);
-        if (read_whole(tr, name, outs[i], err) < 0)
+        if (read_values(tr, name, outs[i], lens[i], true, err) < 0)
             return -1;
     }
     return 0;
@@ -622,21 +687,19 @@ int trace_read_attn_rows(Trace *tr, int layer, float *rows, KvErr *err)
                        tr->meta.n_layers);
     char name[64];
     layer_name(name, sizeof name, layer, "attn_rows");
-    return read_whole(tr, name, rows, err);
+    const TraceMeta *m = &tr->meta;
+    size_t n = (size_t)m->n_q_heads * m->n_attn_rows * m->n_tokens;
+    return read_values(tr, name, rows, n, true, err);
 }
 
 /* ---- In-memory rounding ---- */
 
 void trace_round_to_dtype(float *x, size_t n, TraceDtype dtype)
 {
-    if (dtype != TRACE_F16 || n == 0)
+    if (dtype != TRACE_F16)
         return;
-    h5_quiet();
-    hid_t half = half_type();
-    /* In place: the buffer is large enough for the wider (float32) side of both conversions. */
-    H5Tconvert(H5T_NATIVE_FLOAT, half, n, x, NULL, H5P_DEFAULT);
-    H5Tconvert(half, H5T_NATIVE_FLOAT, n, x, NULL, H5P_DEFAULT);
-    H5Tclose(half);
+    for (size_t i = 0; i < n; i++)
+        x[i] = float_from_half(half_from_float(x[i]));
 }
 
 /* ---- Writer ---- */
@@ -646,6 +709,9 @@ struct TraceWriter {
     char tmp_path[4096 + 16];
     hid_t file;
     int n_layers, n_q_heads, n_kv_heads, head_dim, n_tokens, n_attn_rows;
+    TraceDtype dtype;
+    uint16_t *half_buf; /* conversion buffer for float16 writes */
+    size_t half_cap;
     hid_t *q, *k, *v, *rows;       /* [n_layers] open datasets */
     unsigned char *token_written;  /* [n_layers][n_tokens] */
     unsigned char *row_written;    /* [n_layers][n_attn_rows] */
@@ -792,6 +858,7 @@ static void writer_free(TraceWriter *w)
     writer_close_handles(w);
     free(w->token_written);
     free(w->row_written);
+    free(w->half_buf);
     free(w);
 }
 
@@ -820,6 +887,7 @@ TraceWriter *trace_writer_create(const char *path, const TraceMeta *meta, TraceD
     w->head_dim = meta->head_dim;
     w->n_tokens = meta->n_tokens;
     w->n_attn_rows = meta->n_attn_rows;
+    w->dtype = dtype;
     w->token_written = kv_calloc((size_t)w->n_layers * w->n_tokens, 1);
     w->row_written = kv_calloc((size_t)w->n_layers * (size_t)w->n_attn_rows, 1);
     w->q = kv_malloc((size_t)w->n_layers * sizeof(hid_t));
@@ -876,17 +944,46 @@ TraceWriter *trace_writer_create(const char *path, const TraceMeta *meta, TraceD
     return w;
 }
 
-/* Writes mem [heads][nt][D] floats into tokens [t0, t0+nt) of a [heads][T][D] dataset. */
-static int write_tokens(hid_t ds, int heads, int t0, int nt, int D, const float *data)
+/* Writes data [heads][nt][D] into tokens [t0, t0+nt) of a [heads][T][D] dataset, after checking
+ * that every value is finite and representable in the trace's precision. */
+static int write_tokens(TraceWriter *w, hid_t ds, const char *leaf, int layer, int heads, int t0,
+                        int nt, const float *data, KvErr *err)
 {
+    int D = w->head_dim;
+    size_t n = (size_t)heads * nt * D;
+    const float limit = w->dtype == TRACE_F16 ? 65504.0f : 3.4028235e38f;
+    for (size_t i = 0; i < n; i++)
+        if (!(fabsf(data[i]) <= limit)) {
+            size_t h = i / ((size_t)nt * D), t = t0 + (i / D) % nt;
+            return kv_fail(err, "%s: layer %d %s: head %zu token %zu holds %g, not a finite %s value",
+                           w->path, layer, leaf, h, t, data[i], trace_dtype_name(w->dtype));
+        }
+    const void *buf = data;
+    hid_t mem;
+    if (w->dtype == TRACE_F16) {
+        if (w->half_cap < n) {
+            w->half_buf = kv_realloc(w->half_buf, n * sizeof *w->half_buf);
+            w->half_cap = n;
+        }
+        for (size_t i = 0; i < n; i++)
+            w->half_buf[i] = half_from_float(data[i]);
+        buf = w->half_buf;
+        mem = half_type();
+    } else {
+        mem = H5Tcopy(H5T_NATIVE_FLOAT);
+    }
     hsize_t start[3] = {0, (hsize_t)t0, 0}, count[3] = {(hsize_t)heads, (hsize_t)nt, (hsize_t)D};
     hid_t fspace = H5Dget_space(ds);
     H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, NULL, count, NULL);
     hid_t mspace = H5Screate_simple(3, count, NULL);
-    herr_t st = H5Dwrite(ds, H5T_NATIVE_FLOAT, mspace, fspace, H5P_DEFAULT, data);
+    herr_t st = H5Dwrite(ds, mem, mspace, fspace, H5P_DEFAULT, buf);
     H5Sclose(mspace);
     H5Sclose(fspace);
-    return st < 0 ? -1 : 0;
+    H5Tclose(mem);
+    if (st < 0)
+        return kv_fail(err, "%s: layer %d %s: writing tokens [%d,%d) failed", w->path, layer, leaf,
+                       t0, t0 + nt);
+    return 0;
 }
 
 int trace_writer_put_qkv(TraceWriter *w, int layer, int t0, int nt, const float *q,
@@ -900,11 +997,10 @@ int trace_writer_put_qkv(TraceWriter *w, int layer, int t0, int nt, const float 
                        w->n_tokens);
     if (!q || !k || !v)
         return kv_fail(err, "%s: layer %d: q, k and v must all be given", w->path, layer);
-    if (write_tokens(w->q[layer], w->n_q_heads, t0, nt, w->head_dim, q) < 0 ||
-        write_tokens(w->k[layer], w->n_kv_heads, t0, nt, w->head_dim, k) < 0 ||
-        write_tokens(w->v[layer], w->n_kv_heads, t0, nt, w->head_dim, v) < 0)
-        return kv_fail(err, "%s: layer %d: writing tokens [%d,%d) failed", w->path, layer, t0,
-                       t0 + nt);
+    if (write_tokens(w, w->q[layer], "q", layer, w->n_q_heads, t0, nt, q, err) < 0 ||
+        write_tokens(w, w->k[layer], "k", layer, w->n_kv_heads, t0, nt, k, err) < 0 ||
+        write_tokens(w, w->v[layer], "v", layer, w->n_kv_heads, t0, nt, v, err) < 0)
+        return -1;
     memset(w->token_written + (size_t)layer * w->n_tokens + t0, 1, (size_t)nt);
     return 0;
 }
@@ -917,6 +1013,10 @@ int trace_writer_put_attn_row(TraceWriter *w, int layer, int r, const float *row
     if (r < 0 || r >= w->n_attn_rows)
         return kv_fail(err, "%s: attention row %d out of range [0,%d)", w->path, r,
                        w->n_attn_rows);
+    for (size_t i = 0; i < (size_t)w->n_q_heads * w->n_tokens; i++)
+        if (!isfinite(rows[i]))
+            return kv_fail(err, "%s: layer %d: attention row %d holds a non-finite value", w->path,
+                           layer, r);
     hsize_t start[3] = {0, (hsize_t)r, 0};
     hsize_t count[3] = {(hsize_t)w->n_q_heads, 1, (hsize_t)w->n_tokens};
     hid_t fspace = H5Dget_space(w->rows[layer]);

@@ -74,8 +74,8 @@ const char *trace_path(const Trace *tr);
 TraceDtype trace_dtype(const Trace *tr);
 const char *trace_dtype_name(TraceDtype dtype); /* "float32" or "float16" */
 
-/* Reads one layer's post-RoPE q, k, v (any may be NULL to skip it). Safe to call from several
- * threads at once on the same Trace. */
+/* Reads one layer's post-RoPE q, k, v (any may be NULL to skip it). Fails on a non-finite
+ * value. Safe to call from several threads at once on the same Trace. */
 int trace_read_layer(Trace *tr, int layer, float *q, float *k, float *v, KvErr *err);
 /* Reads /layers/NNN/attn_rows; only when trace_meta(tr)->n_attn_rows > 0. */
 int trace_read_attn_rows(Trace *tr, int layer, float *rows, KvErr *err);
@@ -88,7 +88,8 @@ typedef struct TraceWriter TraceWriter;
 TraceWriter *trace_writer_create(const char *path, const TraceMeta *meta, TraceDtype dtype,
                                  KvErr *err);
 /* Writes tokens [t0, t0+nt) of one layer. q is [n_q_heads][nt][head_dim], k and v
- * [n_kv_heads][nt][head_dim]. Writing the whole layer is t0 = 0, nt = n_tokens. */
+ * [n_kv_heads][nt][head_dim]. Writing the whole layer is t0 = 0, nt = n_tokens. Fails on a
+ * value that is not finite or, for float16, beyond its range (|x| >= 65520 rounds to inf). */
 int trace_writer_put_qkv(TraceWriter *w, int layer, int t0, int nt, const float *q,
                          const float *k, const float *v, KvErr *err);
 /* Writes attention row r of one layer: rows is [n_q_heads][n_tokens]. */
@@ -99,8 +100,8 @@ int trace_writer_finish(TraceWriter *w, KvErr *err);
 void trace_writer_abort(TraceWriter *w);
 
 /* ---- Helpers shared by the writer's users ---- */
-/* Rounds n floats in place to what a trace of `dtype` stores and a reader gets back (the same
- * HDF5 conversion the writer and reader use); no-op for TRACE_F32. */
+/* Rounds n floats in place to what a trace of `dtype` stores and a reader gets back (the
+ * writer's conversion: IEEE round to nearest, ties to even); no-op for TRACE_F32. */
 void trace_round_to_dtype(float *x, size_t n, TraceDtype dtype);
 /* Unscaled RoPE inverse frequencies: out[f] = theta^(-2f/head_dim), f < head_dim/2. */
 void rope_default_inv_freq(double theta, int head_dim, double *out);

@@ -648,6 +648,98 @@ static void test_accepts_format_variants(void **state)
     scratch_remove(dir);
 }
 
+/* ---- float16 conversion, against HDF5's own (slow) converter as the reference ---- */
+
+static hid_t reference_half(void)
+{
+    hid_t t = H5Tcopy(H5T_IEEE_F32LE);
+    H5Tset_fields(t, 15, 10, 5, 0, 10);
+    H5Tset_size(t, 2);
+    H5Tset_precision(t, 16);
+    H5Tset_offset(t, 0);
+    H5Tset_ebias(t, 15);
+    return t;
+}
+
+/* Every finite half value survives float -> half -> float unchanged, and equals HDF5's
+ * widening of the same bit pattern; values between two halves round to the nearer one. */
+static void test_half_conversion_matches_hdf5(void **state)
+{
+    (void)state;
+    hid_t half = reference_half();
+    enum { N = 65536 };
+    uint16_t *bits = kv_malloc(N * sizeof(float));
+    for (int i = 0; i < N; i++)
+        bits[i] = (uint16_t)i;
+    float *wide = (float *)(void *)bits; /* H5Tconvert works in place, widening */
+    assert_true(H5Tconvert(half, H5T_NATIVE_FLOAT, N, wide, NULL, H5P_DEFAULT) >= 0);
+    int finite = 0;
+    for (int i = 0; i < N; i++) {
+        if (!isfinite(wide[i]))
+            continue;
+        float x = wide[i];
+        trace_round_to_dtype(&x, 1, TRACE_F16);
+        assert_true(x == wide[i] && signbit(x) == signbit(wide[i]));
+        finite++;
+    }
+    assert_int_equal(finite, 65536 - 2 * 1024); /* all but exponent 31 */
+
+    /* Random floats across the half range, subnormals included: the result is one of the two
+     * neighbouring halves and never the farther one. */
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    gsl_rng_set(rng, 5);
+    for (int i = 0; i < 20000; i++) {
+        double mag = ldexp(1.0 + gsl_rng_uniform(rng), (int)gsl_rng_uniform_int(rng, 41) - 26);
+        float x = (float)(gsl_rng_uniform(rng) < 0.5 ? -mag : mag), r = x;
+        trace_round_to_dtype(&r, 1, TRACE_F16);
+        /* the spacing of halves around x */
+        int e;
+        frexp(fabs(x), &e);
+        double ulp = ldexp(1.0, (e - 1 < -14 ? -14 : e - 1) - 10);
+        assert_true(fabs((double)r - x) <= ulp / 2);
+        assert_true(fabs(r / ulp - nearbyint(r / ulp)) == 0); /* r is on the half grid */
+    }
+    /* Ties go to the even neighbour: 1 + 2^-11 lies halfway between 1 and 1 + 2^-10. */
+    float tie_down = 1.0f + 0x1p-11f, tie_up = 1.0f + 3 * 0x1p-11f;
+    trace_round_to_dtype(&tie_down, 1, TRACE_F16);
+    trace_round_to_dtype(&tie_up, 1, TRACE_F16);
+    assert_true(tie_down == 1.0f);
+    assert_true(tie_up == 1.0f + 0x1p-9f);
+    gsl_rng_free(rng);
+    free(bits);
+    H5Tclose(half);
+}
+
+static void test_writer_rejects_unrepresentable_values(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    const char *path = scratch_path(dir, "range.h5", 0);
+    Sample s;
+    sample_init(&s, 0, 0, 0, 51);
+    KvErr err;
+    TraceWriter *w = trace_writer_create(path, &s.meta, TRACE_F16, &err);
+    assert_non_null(w);
+    s.k[1][(size_t)1 * T * D + 5 * D + 3] = 70000.0f; /* head 1, token 5 */
+    float *q = token_slice(s.q[1], HQ, 0, T), *k = token_slice(s.k[1], HKV, 0, T);
+    assert_int_equal(trace_writer_put_qkv(w, 1, 0, T, q, k, s.v[1], &err), -1);
+    assert_non_null(strstr(err.msg, "layer 1 k: head 1 token 5 holds 70000"));
+    trace_writer_abort(w);
+    /* 65504 is the largest half and is accepted; NaN is refused in float32 too. */
+    k[(size_t)1 * T * D + 5 * D + 3] = 65504.0f;
+    w = trace_writer_create(path, &s.meta, TRACE_F32, &err);
+    assert_int_equal(trace_writer_put_qkv(w, 1, 0, T, q, k, s.v[1], &err), 0);
+    q[7] = NAN;
+    assert_int_equal(trace_writer_put_qkv(w, 0, 0, T, q, k, s.v[1], &err), -1);
+    assert_non_null(strstr(err.msg, "layer 0 q: head 0 token 0"));
+    trace_writer_abort(w);
+    assert_int_equal(scratch_count(dir), 0);
+    free(q);
+    free(k);
+    sample_free(&s);
+    scratch_remove(dir);
+}
+
 /* ---- Atomic output ---- */
 
 static void test_writer_is_atomic(void **state)
@@ -709,6 +801,8 @@ int main(void)
         cmocka_unit_test(test_rejects_bad_metadata_values),
         cmocka_unit_test(test_rejects_missing_and_non_hdf5_files),
         cmocka_unit_test(test_accepts_format_variants),
+        cmocka_unit_test(test_half_conversion_matches_hdf5),
+        cmocka_unit_test(test_writer_rejects_unrepresentable_values),
         cmocka_unit_test(test_writer_is_atomic),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,0 +1,192 @@
+/* decay — TriCache's attention-driven eviction. Each cached token accumulates the attention
+ * probability the queries of its KV group give it; its score is accumulated / ln(age + e), with
+ * age = t − position. After query t has attended, each KV head's cache is trimmed to budget − 1
+ * tokens by dropping the lowest scores, so that admitting token t + 1 keeps |cache| <= budget.
+ * Never dropped: the pinned system-prompt segment and the tokens that will be in query t + 1's
+ * local window (the last `local` tokens). The prompt starts with the attention every prompt query
+ * paid it (prefill mass) and is trimmed once at the end of prefill. */
+#include <math.h>
+#include <stddef.h>
+#include <stdlib.h>
+
+#include "policies/policy.h"
+
+extern const PolicyType policy_decay;
+
+typedef struct {
+    int budget;
+    int local;
+    bool pin_system;
+} DecayParams;
+
+typedef struct {
+    double score;
+    int pos;
+} Candidate;
+
+typedef struct {
+    Policy base;
+    DecayParams prm;
+    int n_tokens, group;
+    bool *pinned;      /* [T] system-segment prompt tokens, never evicted */
+    double *acc;       /* [n_kv_heads][T] attention mass accumulated over the group's heads */
+    double *inv_decay; /* [T] 1 / ln(age + e) by age */
+    Candidate *cand;   /* scratch: room for every slot of a cache */
+} Decay;
+
+static const ParamSpec decay_params[] = {
+    {"budget", PARAM_INT, offsetof(DecayParams, budget), "8192", 2, 1 << 30, NULL,
+     "tokens per KV head at attention time (TriCache max_memory_tokens)"},
+    {"local", PARAM_INT, offsetof(DecayParams, local), "1024", 1, 1 << 30, NULL,
+     "last tokens never evicted, the current one included (TriCache local window)"},
+    {"pin_system", PARAM_BOOL, offsetof(DecayParams, pin_system), "true", 0, 0, NULL,
+     "never evict the system-prompt segment (segment 0), up to budget - local tokens"},
+    {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
+};
+
+static int decay_validate(const void *params, KvErr *err)
+{
+    const DecayParams *prm = params;
+    if (prm->local >= prm->budget)
+        return kv_fail(err,
+                       "decay: local = %d must be below budget = %d (the local window is kept "
+                       "inside the budget, with room for at least one scored token)",
+                       prm->local, prm->budget);
+    return 0;
+}
+
+static Policy *decay_create(const void *params, const LayerView *L, const PolicyEnv *env)
+{
+    (void)env;
+    Decay *d = kv_calloc(1, sizeof *d);
+    policy_base_init(&d->base, &policy_decay, L);
+    d->base.want_prefill_mass = true;
+    d->prm = *(const DecayParams *)params;
+    d->n_tokens = L->n_tokens;
+    d->group = L->group;
+    d->pinned = kv_calloc((size_t)L->n_tokens, sizeof *d->pinned);
+    d->acc = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *d->acc);
+    d->inv_decay = kv_malloc((size_t)L->n_tokens * sizeof *d->inv_decay);
+    /* A cache holds at most the whole prompt (before its trim) or budget tokens. */
+    int most = L->n_prompt > d->prm.budget ? L->n_prompt : d->prm.budget;
+    d->cand = kv_malloc((size_t)most * sizeof *d->cand);
+    const double e = exp(1.0);
+    for (int age = 0; age < L->n_tokens; age++)
+        d->inv_decay[age] = 1.0 / log(age + e);
+    /* Pinning more than budget − local tokens would leave no room for the local window. */
+    if (d->prm.pin_system) {
+        int room = d->prm.budget - d->prm.local;
+        for (int j = 0; j < L->n_prompt && room > 0; j++)
+            if (L->meta->segments[j] == 0) {
+                d->pinned[j] = true;
+                room--;
+            }
+    }
+    return &d->base;
+}
+
+/* Lowest score first; equal scores evict the older token first. */
+static int candidate_cmp(const void *a, const void *b)
+{
+    const Candidate *x = a, *y = b;
+    if (x->score != y->score)
+        return x->score < y->score ? -1 : 1;
+    return (x->pos > y->pos) - (x->pos < y->pos);
+}
+
+/* After query t: trims KV head g's cache to budget − 1 tokens, keeping pinned tokens and the
+ * tokens of query t + 1's local window, positions [t + 2 − local, t]. */
+static void decay_evict(Decay *d, int g, int t)
+{
+    KVCache *c = &d->base.cache[g];
+    int excess = c->n - (d->prm.budget - 1);
+    if (excess <= 0)
+        return;
+    const double *acc = d->acc + (size_t)g * d->n_tokens;
+    int first_local = t + 2 - d->prm.local;
+    Candidate *cand = d->cand;
+    int n = 0;
+    for (int s = 0; s < c->n; s++) {
+        int pos = c->pos[s];
+        if (pos < 0 || pos >= first_local || d->pinned[pos])
+            continue;
+        cand[n++] = (Candidate){acc[pos] * d->inv_decay[t - pos], pos};
+    }
+    if (excess > n)
+        excess = n; /* cannot happen: pinned + local <= budget − 1 by construction */
+    if (excess == 1) {
+        int best = 0;
+        for (int i = 1; i < n; i++)
+            if (candidate_cmp(&cand[i], &cand[best]) < 0)
+                best = i;
+        kvcache_remove(c, cand[best].pos);
+    } else if (excess > 1) {
+        qsort(cand, (size_t)n, sizeof *cand, candidate_cmp);
+        for (int i = 0; i < excess; i++)
+            kvcache_remove(c, cand[i].pos);
+    }
+}
+
+static void decay_prefill(Policy *p, const PrefillView *pv)
+{
+    Decay *d = (Decay *)p;
+    int P = pv->L->n_prompt;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        double *acc = d->acc + (size_t)g * d->n_tokens;
+        for (int i = 0; i < d->group; i++) {
+            const float *mass = pv->prefill_mass + (size_t)(g * d->group + i) * P;
+            for (int j = 0; j < P; j++)
+                acc[j] += mass[j];
+        }
+        for (int j = 0; j < P; j++)
+            kvcache_add(&p->cache[g], j);
+        decay_evict(d, g, P - 1);
+    }
+}
+
+static void decay_step(Policy *p, const StepView *sv)
+{
+    for (int g = 0; g < p->n_kv_heads; g++)
+        kvcache_add(&p->cache[g], sv->t);
+}
+
+static void decay_observe(Policy *p, const StepView *sv, const float *const *attn)
+{
+    Decay *d = (Decay *)p;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        const KVCache *c = &p->cache[g];
+        double *acc = d->acc + (size_t)g * d->n_tokens;
+        for (int i = 0; i < d->group; i++) {
+            const float *row = attn[g] + (size_t)i * c->n;
+            for (int s = 0; s < c->n; s++)
+                if (c->pos[s] >= 0)
+                    acc[c->pos[s]] += row[s];
+        }
+        decay_evict(d, g, sv->t);
+    }
+}
+
+static void decay_destroy(Policy *p)
+{
+    Decay *d = (Decay *)p;
+    free(d->pinned);
+    free(d->acc);
+    free(d->inv_decay);
+    free(d->cand);
+    policy_base_free(p);
+    free(d);
+}
+
+const PolicyType policy_decay = {
+    .name = "decay",
+    .description = "TriCache eviction: accumulated attention / ln(age + e), system prompt and "
+                   "last `local` tokens kept",
+    .params_size = sizeof(DecayParams),
+    .params = decay_params,
+    .validate = decay_validate,
+    .create = decay_create,
+    .prefill = decay_prefill,
+    .step = decay_step,
+    .observe = decay_observe,
+    .destroy = decay_destroy,
+};

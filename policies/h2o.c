@@ -1,0 +1,149 @@
+/* h2o — Heavy-Hitter Oracle: the `recent` most recent tokens (the current one included) plus
+ * the `heavy` tokens outside that window with the highest accumulated attention.
+ *
+ * heavy = floor(budget * heavy_ratio), recent = budget - heavy. A token's score is the sum, over
+ * every query that attended over it so far and over the query heads of its KV group, of the
+ * attention that query computed over the actual cache (a real engine sees nothing else). The
+ * prompt's scores are its causal attention mass summed over all prompt queries; at prefill end
+ * the prompt is cut to budget - 1 tokens so that the first decode token fits. Eviction follows
+ * the attention: after query t attended, the cache is cut to budget - 1 by dropping, one at a
+ * time, the lowest-scored token outside the next step's recent window (ties: the older). */
+#include <stddef.h>
+#include <stdlib.h>
+
+#include "policies/policy.h"
+#include "policies/rank.h"
+
+extern const PolicyType policy_h2o;
+
+typedef struct {
+    int budget;
+    double heavy_ratio;
+} H2oParams;
+
+typedef struct {
+    Policy base;
+    int budget, heavy, recent;
+    int group, n_tokens;
+    double *score;      /* [n_kv_heads][T] accumulated attention, group sum */
+    float *slot_score;  /* [T] scratch: one query's group-summed attention per slot */
+    int32_t *candidates; /* [T] scratch */
+} H2o;
+
+static const ParamSpec h2o_params[] = {
+    {"budget", PARAM_INT, offsetof(H2oParams, budget), "512", 1, 1 << 30, NULL,
+     "tokens per KV head at attention time, the current one included"},
+    {"heavy_ratio", PARAM_DOUBLE, offsetof(H2oParams, heavy_ratio), "0.5", 0, 1, NULL,
+     "share of the budget given to heavy hitters; the rest is the recent window"},
+    {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
+};
+
+static int heavy_count(const H2oParams *prm)
+{
+    return (int)(prm->budget * prm->heavy_ratio);
+}
+
+static int h2o_validate(const void *params, KvErr *err)
+{
+    const H2oParams *prm = params;
+    if (prm->budget - heavy_count(prm) < 1)
+        return kv_fail(err,
+                       "heavy_ratio = %g leaves no recent slot of budget = %d: the current token "
+                       "needs one (use heavy_ratio < 1)",
+                       prm->heavy_ratio, prm->budget);
+    return 0;
+}
+
+static Policy *h2o_create(const void *params, const LayerView *L, const PolicyEnv *env)
+{
+    (void)env;
+    const H2oParams *prm = params;
+    H2o *h = kv_calloc(1, sizeof *h);
+    policy_base_init(&h->base, &policy_h2o, L);
+    h->base.want_prefill_mass = true;
+    h->budget = prm->budget;
+    h->heavy = heavy_count(prm);
+    h->recent = prm->budget - h->heavy;
+    h->group = L->group;
+    h->n_tokens = L->n_tokens;
+    h->score = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *h->score);
+    h->slot_score = kv_malloc((size_t)L->n_tokens * sizeof *h->slot_score);
+    h->candidates = kv_malloc((size_t)L->n_tokens * sizeof *h->candidates);
+    return &h->base;
+}
+
+static void h2o_prefill(Policy *p, const PrefillView *pv)
+{
+    H2o *h = (H2o *)p;
+    int P = pv->L->n_prompt;
+    /* After prefill the cache is what it would be after query P-1's eviction: the last
+     * recent-1 prompt tokens and the `heavy` best of the others by prompt attention mass. */
+    int window_start = P - (h->recent - 1);
+    if (window_start < 0)
+        window_start = 0;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        double *score = h->score + (size_t)g * h->n_tokens;
+        rank_sum_rows(pv->prefill_mass + (size_t)g * h->group * P, h->group, P, P, 1.0f,
+                      h->slot_score);
+        for (int j = 0; j < P; j++)
+            score[j] = h->slot_score[j];
+        for (int j = 0; j < window_start; j++)
+            h->candidates[j] = j;
+        int keep = P <= h->budget - 1 ? window_start : h->heavy;
+        rank_keep_best(h->candidates, window_start, keep, score);
+        for (int i = 0; i < keep && i < window_start; i++)
+            kvcache_add(&p->cache[g], h->candidates[i]);
+        for (int j = window_start; j < P; j++)
+            kvcache_add(&p->cache[g], j);
+    }
+}
+
+static void h2o_step(Policy *p, const StepView *sv)
+{
+    for (int g = 0; g < p->n_kv_heads; g++)
+        kvcache_add(&p->cache[g], sv->t);
+}
+
+static void h2o_observe(Policy *p, const StepView *sv, const float *const *attn)
+{
+    H2o *h = (H2o *)p;
+    /* Tokens after this one stay in the next step's recent window (t+1-recent, t+1]. */
+    int last_candidate = sv->t + 1 - h->recent;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        KVCache *c = &p->cache[g];
+        double *score = h->score + (size_t)g * h->n_tokens;
+        rank_sum_rows(attn[g], h->group, c->n, c->n, 1.0f, h->slot_score);
+        for (int s = 0; s < c->n; s++)
+            if (c->pos[s] >= 0)
+                score[c->pos[s]] += h->slot_score[s];
+        while (c->n > h->budget - 1) {
+            int worst = rank_worst_slot(c, score, last_candidate);
+            if (worst < 0)
+                break;
+            kvcache_remove_slot(c, worst);
+        }
+    }
+}
+
+static void h2o_destroy(Policy *p)
+{
+    H2o *h = (H2o *)p;
+    free(h->score);
+    free(h->slot_score);
+    free(h->candidates);
+    policy_base_free(p);
+    free(h);
+}
+
+const PolicyType policy_h2o = {
+    .name = "h2o",
+    .description = "heavy hitters by accumulated attention plus a recent window",
+    .params_size = sizeof(H2oParams),
+    .params = h2o_params,
+    .validate = h2o_validate,
+    .create = h2o_create,
+    .prefill = h2o_prefill,
+    .step = h2o_step,
+    .observe = h2o_observe,
+    .destroy = h2o_destroy,
+};

@@ -1,0 +1,112 @@
+/* oracle_topk — upper bound for query-aware retrieval: at every step the cache is the `budget`
+ * keys with the highest true attention of the current query.
+ *
+ * Score of token j <= t for KV head g: the sum over the group's query heads of query t's true
+ * attention (sv->full_attn) on j. The group's mean retained mass is (1/group) times the sum of
+ * these scores over the cached tokens, so the top `budget` by this sum maximise it exactly: no
+ * method that attends over at most `budget` real tokens can retain more. Nothing is ever lost:
+ * every step chooses afresh among all tokens [0, t] (ties: the later position), the current one
+ * included only if it ranks. The state after prefill does not matter; it holds the last
+ * budget - 1 prompt tokens. An oracle: it reads the true attention, which no method can. */
+#include <stddef.h>
+#include <stdlib.h>
+
+#include "policies/policy.h"
+#include "policies/rank.h"
+
+extern const PolicyType policy_oracle_topk;
+
+typedef struct {
+    int budget;
+} OracleTopkParams;
+
+typedef struct {
+    Policy base;
+    int budget, group, n_tokens;
+    float *summed;       /* [T] scratch */
+    double *score;       /* [T] scratch */
+    int32_t *candidates; /* [T] scratch */
+    uint8_t *chosen;     /* [T] scratch */
+} OracleTopk;
+
+static const ParamSpec oracle_topk_params[] = {
+    {"budget", PARAM_INT, offsetof(OracleTopkParams, budget), "512", 1, 1 << 30, NULL,
+     "tokens per KV head at attention time"},
+    {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
+};
+
+static Policy *oracle_topk_create(const void *params, const LayerView *L, const PolicyEnv *env)
+{
+    (void)env;
+    OracleTopk *o = kv_calloc(1, sizeof *o);
+    policy_base_init(&o->base, &policy_oracle_topk, L);
+    o->base.is_oracle = true;
+    o->budget = ((const OracleTopkParams *)params)->budget;
+    o->group = L->group;
+    o->n_tokens = L->n_tokens;
+    o->summed = kv_malloc((size_t)L->n_tokens * sizeof *o->summed);
+    o->score = kv_malloc((size_t)L->n_tokens * sizeof *o->score);
+    o->candidates = kv_malloc((size_t)L->n_tokens * sizeof *o->candidates);
+    o->chosen = kv_calloc((size_t)L->n_tokens, sizeof *o->chosen);
+    return &o->base;
+}
+
+static void oracle_topk_prefill(Policy *p, const PrefillView *pv)
+{
+    OracleTopk *o = (OracleTopk *)p;
+    int P = pv->L->n_prompt;
+    int first = P - (o->budget - 1) > 0 ? P - (o->budget - 1) : 0;
+    for (int g = 0; g < p->n_kv_heads; g++)
+        for (int j = first; j < P; j++)
+            kvcache_add(&p->cache[g], j);
+}
+
+static void oracle_topk_step(Policy *p, const StepView *sv)
+{
+    OracleTopk *o = (OracleTopk *)p;
+    int n = sv->t + 1;
+    int keep = n < o->budget ? n : o->budget;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        KVCache *c = &p->cache[g];
+        rank_sum_rows(sv->full_attn + (size_t)g * o->group * o->n_tokens, o->group, n,
+                      o->n_tokens, 1.0f, o->summed);
+        for (int j = 0; j < n; j++) {
+            o->score[j] = o->summed[j];
+            o->candidates[j] = j;
+        }
+        rank_keep_best(o->candidates, n, keep, o->score);
+        for (int i = 0; i < keep; i++)
+            o->chosen[o->candidates[i]] = 1;
+        /* Drop what is no longer chosen (backwards: removal moves the last slot into the hole),
+         * then add what is newly chosen. */
+        for (int s = c->n - 1; s >= 0; s--)
+            if (c->pos[s] < 0 || !o->chosen[c->pos[s]])
+                kvcache_remove_slot(c, s);
+        for (int i = 0; i < keep; i++) {
+            kvcache_add(c, o->candidates[i]);
+            o->chosen[o->candidates[i]] = 0;
+        }
+    }
+}
+
+static void oracle_topk_destroy(Policy *p)
+{
+    OracleTopk *o = (OracleTopk *)p;
+    free(o->summed);
+    free(o->score);
+    free(o->candidates);
+    free(o->chosen);
+    policy_base_free(p);
+    free(o);
+}
+
+const PolicyType policy_oracle_topk = {
+    .name = "oracle_topk",
+    .description = "oracle: the budget keys of highest true attention at every step",
+    .params_size = sizeof(OracleTopkParams),
+    .params = oracle_topk_params,
+    .create = oracle_topk_create,
+    .prefill = oracle_topk_prefill,
+    .step = oracle_topk_step,
+    .destroy = oracle_topk_destroy,
+};

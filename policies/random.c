@@ -1,0 +1,104 @@
+/* random — uniform random eviction: the floor every policy must beat.
+ *
+ * Once the cache is full, after each attention one cached token, drawn uniformly (the current
+ * one included), is evicted so that |cache| <= budget at every attention; at prefill end the
+ * prompt is cut to a uniform random subset of budget - 1 tokens. Each KV head draws
+ * independently, from one GSL Mersenne Twister per instance seeded with env->seed: the same
+ * seed gives the same choices. */
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <gsl/gsl_randist.h>
+#include <gsl/gsl_rng.h>
+
+#include "policies/policy.h"
+
+extern const PolicyType policy_random;
+
+typedef struct {
+    int budget;
+} RandomParams;
+
+typedef struct {
+    Policy base;
+    int budget;
+    gsl_rng *rng;
+} RandomPolicy;
+
+static const ParamSpec random_params[] = {
+    {"budget", PARAM_INT, offsetof(RandomParams, budget), "512", 1, 1 << 30, NULL,
+     "tokens per KV head at attention time, the current one included"},
+    {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
+};
+
+static Policy *random_create(const void *params, const LayerView *L, const PolicyEnv *env)
+{
+    RandomPolicy *r = kv_calloc(1, sizeof *r);
+    policy_base_init(&r->base, &policy_random, L);
+    r->budget = ((const RandomParams *)params)->budget;
+    r->rng = gsl_rng_alloc(gsl_rng_mt19937);
+    if (!r->rng) {
+        fprintf(stderr, "kvsim: out of memory allocating a random number generator\n");
+        exit(3);
+    }
+    gsl_rng_set(r->rng, (unsigned long)env->seed);
+    return &r->base;
+}
+
+static void random_prefill(Policy *p, const PrefillView *pv)
+{
+    RandomPolicy *r = (RandomPolicy *)p;
+    int P = pv->L->n_prompt;
+    int keep = P < r->budget - 1 ? P : r->budget - 1;
+    int32_t *prompt = kv_malloc((size_t)P * sizeof *prompt);
+    int32_t *kept = kv_malloc((size_t)(keep > 0 ? keep : 1) * sizeof *kept);
+    for (int j = 0; j < P; j++)
+        prompt[j] = j;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        if (keep > 0)
+            gsl_ran_choose(r->rng, kept, (size_t)keep, prompt, (size_t)P, sizeof *prompt);
+        for (int i = 0; i < keep; i++)
+            kvcache_add(&p->cache[g], kept[i]);
+    }
+    free(prompt);
+    free(kept);
+}
+
+static void random_step(Policy *p, const StepView *sv)
+{
+    for (int g = 0; g < p->n_kv_heads; g++)
+        kvcache_add(&p->cache[g], sv->t);
+}
+
+static void random_observe(Policy *p, const StepView *sv, const float *const *attn)
+{
+    (void)sv;
+    (void)attn;
+    RandomPolicy *r = (RandomPolicy *)p;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        KVCache *c = &p->cache[g];
+        while (c->n > r->budget - 1 && c->n > 0)
+            kvcache_remove_slot(c, (int)gsl_rng_uniform_int(r->rng, (unsigned long)c->n));
+    }
+}
+
+static void random_destroy(Policy *p)
+{
+    RandomPolicy *r = (RandomPolicy *)p;
+    gsl_rng_free(r->rng);
+    policy_base_free(p);
+    free(r);
+}
+
+const PolicyType policy_random = {
+    .name = "random",
+    .description = "uniform random eviction at the budget (seeded): the floor",
+    .params_size = sizeof(RandomParams),
+    .params = random_params,
+    .create = random_create,
+    .prefill = random_prefill,
+    .step = random_step,
+    .observe = random_observe,
+    .destroy = random_destroy,
+};

@@ -1,0 +1,26 @@
+/* rank.h — choosing tokens by score, the same way in every score-based policy, and the sum of
+ * attention rows over a GQA group or an observation window that those scores start from.
+ *
+ * Scores are doubles indexed by trace position. The order is total and deterministic: a higher
+ * score is better, and between equal scores the later position is better, so that on a tie the
+ * older token is the one evicted. Results never depend on memory addresses or sort stability. */
+#ifndef KVSIM_RANK_H
+#define KVSIM_RANK_H
+
+#include <stdint.h>
+
+#include "policies/policy.h"
+
+/* Reorders pos[0, n) so that pos[0, k) are the k best positions by score[pos] (k >= n keeps
+ * all). Order inside each part is unspecified but deterministic. Average O(n). */
+void rank_keep_best(int32_t *pos, int n, int k, const double *score);
+
+/* The slot of `c` holding the worst real position by score[pos] among those <= max_pos;
+ * -1 when there is none. */
+int rank_worst_slot(const KVCache *c, const double *score, int max_pos);
+
+/* Group reduction of attention rows: out[j] = weight * sum over r < rows of a[r*lda + j],
+ * j < n (CBLAS saxpy per row). */
+void rank_sum_rows(const float *a, int rows, int n, int lda, float weight, float *out);
+
+#endif

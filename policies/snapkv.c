@@ -1,0 +1,177 @@
+/* snapkv — SnapKV: the prompt is compressed once, at prefill end, to the tokens its last
+ * `observation` queries attend to most, plus those queries' own tokens (the observation window).
+ *
+ * Score of prompt token j before the window: the attention the window's queries give it, summed
+ * over the window's queries and over the query heads of the KV group, then max-pooled over the
+ * `kernel` neighbours centred on j (so that a token's neighbours survive with it). The prompt is
+ * cut to budget - 1 tokens: the window and the best budget - 1 - observation tokens before it
+ * (ties: the later position). Decode, `decode = window` (the default): the chosen tokens before
+ * the window stay for good, and the rest of the budget is a sliding window that starts with the
+ * observation window and then takes each new token, evicting its oldest token after the
+ * attention, so that |cache| <= budget at every attention. `decode = grow` is the published
+ * method: nothing is evicted after the prompt and the cache grows by one token per step. */
+#include <stddef.h>
+#include <stdlib.h>
+
+#include "policies/policy.h"
+#include "policies/rank.h"
+
+extern const PolicyType policy_snapkv;
+
+enum { SNAPKV_DECODE_WINDOW = 0, SNAPKV_DECODE_GROW = 1 };
+
+typedef struct {
+    int budget;
+    int observation;
+    int kernel;
+    int decode;
+} SnapkvParams;
+
+typedef struct {
+    Policy base;
+    SnapkvParams prm;
+    int group, n_tokens;
+    /* Oldest position of the sliding part (every KV head's is the same), P - observation at
+     * first: the pinned prompt tokens all lie before it. */
+    int tail_oldest;
+} Snapkv;
+
+static const ParamSpec snapkv_params[] = {
+    {"budget", PARAM_INT, offsetof(SnapkvParams, budget), "512", 1, 1 << 30, NULL,
+     "tokens per KV head at attention time, the current one included"},
+    {"observation", PARAM_INT, offsetof(SnapkvParams, observation), "32", 1, 1 << 30, NULL,
+     "last prompt queries whose attention selects the prompt tokens (kept themselves)"},
+    {"kernel", PARAM_INT, offsetof(SnapkvParams, kernel), "7", 1, 1 << 20, NULL,
+     "width of the max-pooling over neighbouring tokens' scores (odd)"},
+    {"decode", PARAM_ENUM, offsetof(SnapkvParams, decode), "window", 0, 0, "window|grow",
+     "window: recent tokens beyond the budget evicted oldest first; grow: no decode eviction"},
+    {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
+};
+
+static int snapkv_validate(const void *params, KvErr *err)
+{
+    const SnapkvParams *prm = params;
+    if (prm->kernel % 2 == 0)
+        return kv_fail(err, "kernel = %d: expected an odd width (a window centred on the token)",
+                       prm->kernel);
+    if (prm->observation >= prm->budget)
+        return kv_fail(err,
+                       "observation = %d must be below budget = %d: the window and the new "
+                       "token must fit in the budget",
+                       prm->observation, prm->budget);
+    return 0;
+}
+
+static Policy *snapkv_create(const void *params, const LayerView *L, const PolicyEnv *env)
+{
+    (void)env;
+    Snapkv *s = kv_calloc(1, sizeof *s);
+    policy_base_init(&s->base, &policy_snapkv, L);
+    s->prm = *(const SnapkvParams *)params;
+    s->base.want_prefill_rows = s->prm.observation;
+    s->group = L->group;
+    s->n_tokens = L->n_tokens;
+    return &s->base;
+}
+
+/* pooled[j] = max of score[i] over i in [j - kernel/2, j + kernel/2] ∩ [0, n). */
+static void max_pool(const double *score, int n, int kernel, double *pooled)
+{
+    int half = kernel / 2;
+    for (int j = 0; j < n; j++) {
+        int lo = j - half < 0 ? 0 : j - half;
+        int hi = j + half >= n ? n - 1 : j + half;
+        double best = score[lo];
+        for (int i = lo + 1; i <= hi; i++)
+            if (score[i] > best)
+                best = score[i];
+        pooled[j] = best;
+    }
+}
+
+static void snapkv_prefill(Policy *p, const PrefillView *pv)
+{
+    Snapkv *s = (Snapkv *)p;
+    int P = pv->L->n_prompt, W = pv->obs_rows;
+    int prefix = P - W; /* tokens before the observation window */
+    s->tail_oldest = prefix;
+    int keep = s->prm.budget - 1 - W;
+    float *summed = kv_malloc((size_t)(P > 0 ? P : 1) * sizeof *summed);
+    float *head_sum = kv_malloc((size_t)(P > 0 ? P : 1) * sizeof *head_sum);
+    double *score = kv_malloc((size_t)(P > 0 ? P : 1) * sizeof *score);
+    double *pooled = kv_malloc((size_t)(P > 0 ? P : 1) * sizeof *pooled);
+    int32_t *candidates = kv_malloc((size_t)(P > 0 ? P : 1) * sizeof *candidates);
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        KVCache *c = &p->cache[g];
+        if (P <= s->prm.budget - 1) {
+            for (int j = 0; j < P; j++)
+                kvcache_add(c, j);
+            continue;
+        }
+        /* Sum over the window's queries of each head, then over the group's heads. */
+        for (int j = 0; j < prefix; j++)
+            summed[j] = 0.0f;
+        for (int i = 0; i < s->group; i++) {
+            int h = g * s->group + i;
+            rank_sum_rows(pv->obs_attn + (size_t)h * W * P, W, prefix, P, 1.0f, head_sum);
+            for (int j = 0; j < prefix; j++)
+                summed[j] += head_sum[j];
+        }
+        for (int j = 0; j < prefix; j++)
+            score[j] = summed[j];
+        max_pool(score, prefix, s->prm.kernel, pooled);
+        for (int j = 0; j < prefix; j++)
+            candidates[j] = j;
+        rank_keep_best(candidates, prefix, keep, pooled);
+        for (int i = 0; i < keep; i++)
+            kvcache_add(c, candidates[i]);
+        for (int j = prefix; j < P; j++)
+            kvcache_add(c, j);
+    }
+    free(summed);
+    free(head_sum);
+    free(score);
+    free(pooled);
+    free(candidates);
+}
+
+static void snapkv_step(Policy *p, const StepView *sv)
+{
+    for (int g = 0; g < p->n_kv_heads; g++)
+        kvcache_add(&p->cache[g], sv->t);
+}
+
+static void snapkv_observe(Policy *p, const StepView *sv, const float *const *attn)
+{
+    (void)attn;
+    Snapkv *s = (Snapkv *)p;
+    if (s->prm.decode == SNAPKV_DECODE_GROW)
+        return;
+    /* The sliding part holds every position in [tail_oldest, t]: evicting its oldest keeps it
+     * contiguous, so the oldest is always the next position. */
+    while (p->cache[0].n > s->prm.budget - 1 && s->tail_oldest <= sv->t) {
+        for (int g = 0; g < p->n_kv_heads; g++)
+            kvcache_remove(&p->cache[g], s->tail_oldest);
+        s->tail_oldest++;
+    }
+}
+
+static void snapkv_destroy(Policy *p)
+{
+    Snapkv *s = (Snapkv *)p;
+    policy_base_free(p);
+    free(s);
+}
+
+const PolicyType policy_snapkv = {
+    .name = "snapkv",
+    .description = "prompt compressed by the observation window's pooled attention; decode window",
+    .params_size = sizeof(SnapkvParams),
+    .params = snapkv_params,
+    .validate = snapkv_validate,
+    .create = snapkv_create,
+    .prefill = snapkv_prefill,
+    .step = snapkv_step,
+    .observe = snapkv_observe,
+    .destroy = snapkv_destroy,
+};

@@ -1,0 +1,142 @@
+/* tova — Token Omission Via Attention: once the cache is full, each step evicts the token the
+ * current query attends to least.
+ *
+ * Score of a cached token: the attention query t computed over the actual cache, averaged over
+ * the query heads of the KV group (`heads = group`, the default: each KV head chooses for
+ * itself), or over all query heads of the layer (`heads = layer`: one choice for every KV head,
+ * as the reference implementation does). Every cached token is a candidate, the current one
+ * included. Eviction follows the attention: after query t attended, the cache is cut to
+ * budget - 1 (ties: the older token goes), so that |cache| <= budget at every attention. The
+ * prompt is cut to budget - 1 at prefill end by the same rule applied to the last prompt query's
+ * attention. */
+#include <stddef.h>
+#include <stdlib.h>
+
+#include "policies/policy.h"
+#include "policies/rank.h"
+
+extern const PolicyType policy_tova;
+
+enum { TOVA_HEADS_GROUP = 0, TOVA_HEADS_LAYER = 1 };
+
+typedef struct {
+    int budget;
+    int heads;
+} TovaParams;
+
+typedef struct {
+    Policy base;
+    TovaParams prm;
+    int group, n_q_heads, n_tokens;
+    double *score;       /* [n_kv_heads][T] (layer mode: [T]) current query's attention */
+    float *slot_score;   /* [T] scratch */
+    int32_t *candidates; /* [T] scratch */
+} Tova;
+
+static const ParamSpec tova_params[] = {
+    {"budget", PARAM_INT, offsetof(TovaParams, budget), "512", 1, 1 << 30, NULL,
+     "tokens per KV head at attention time, the current one included"},
+    {"heads", PARAM_ENUM, offsetof(TovaParams, heads), "group", 0, 0, "group|layer",
+     "attention averaged over the KV head's group (group) or over the whole layer (layer)"},
+    {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
+};
+
+static Policy *tova_create(const void *params, const LayerView *L, const PolicyEnv *env)
+{
+    (void)env;
+    Tova *v = kv_calloc(1, sizeof *v);
+    policy_base_init(&v->base, &policy_tova, L);
+    v->prm = *(const TovaParams *)params;
+    v->base.want_prefill_rows = 1;
+    v->group = L->group;
+    v->n_q_heads = L->n_q_heads;
+    v->n_tokens = L->n_tokens;
+    v->score = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *v->score);
+    v->slot_score = kv_malloc((size_t)L->n_tokens * sizeof *v->slot_score);
+    v->candidates = kv_malloc((size_t)L->n_tokens * sizeof *v->candidates);
+    return &v->base;
+}
+
+/* The scores KV head g chooses by: its own, or in layer mode the one array of the layer. */
+static double *scores_of(Tova *v, int g)
+{
+    return v->score + (v->prm.heads == TOVA_HEADS_LAYER ? 0 : (size_t)g * v->n_tokens);
+}
+
+static void tova_prefill(Policy *p, const PrefillView *pv)
+{
+    Tova *v = (Tova *)p;
+    int P = pv->L->n_prompt;
+    bool layer = v->prm.heads == TOVA_HEADS_LAYER;
+    /* obs_attn holds one row per query head: the last prompt query's attention. */
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        double *score = scores_of(v, g);
+        rank_sum_rows(pv->obs_attn + (size_t)g * v->group * P, v->group, P, P,
+                      1.0f / (float)(layer ? v->n_q_heads : v->group), v->slot_score);
+        for (int j = 0; j < P; j++)
+            score[j] = (layer && g > 0 ? score[j] : 0.0) + v->slot_score[j];
+    }
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        for (int j = 0; j < P; j++)
+            v->candidates[j] = j;
+        int keep = P < v->prm.budget - 1 ? P : v->prm.budget - 1;
+        rank_keep_best(v->candidates, P, keep, scores_of(v, g));
+        for (int i = 0; i < keep; i++)
+            kvcache_add(&p->cache[g], v->candidates[i]);
+    }
+}
+
+static void tova_step(Policy *p, const StepView *sv)
+{
+    for (int g = 0; g < p->n_kv_heads; g++)
+        kvcache_add(&p->cache[g], sv->t);
+}
+
+static void tova_observe(Policy *p, const StepView *sv, const float *const *attn)
+{
+    Tova *v = (Tova *)p;
+    bool layer = v->prm.heads == TOVA_HEADS_LAYER;
+    if (p->cache[0].n <= v->prm.budget - 1)
+        return;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        const KVCache *c = &p->cache[g];
+        double *score = scores_of(v, g);
+        rank_sum_rows(attn[g], v->group, c->n, c->n,
+                      1.0f / (float)(layer ? v->n_q_heads : v->group), v->slot_score);
+        for (int s = 0; s < c->n; s++)
+            if (c->pos[s] >= 0)
+                score[c->pos[s]] = (layer && g > 0 ? score[c->pos[s]] : 0.0) + v->slot_score[s];
+    }
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        KVCache *c = &p->cache[g];
+        const double *score = scores_of(v, g);
+        while (c->n > v->prm.budget - 1) {
+            int worst = rank_worst_slot(c, score, sv->t);
+            if (worst < 0)
+                break;
+            kvcache_remove_slot(c, worst);
+        }
+    }
+}
+
+static void tova_destroy(Policy *p)
+{
+    Tova *v = (Tova *)p;
+    free(v->score);
+    free(v->slot_score);
+    free(v->candidates);
+    policy_base_free(p);
+    free(v);
+}
+
+const PolicyType policy_tova = {
+    .name = "tova",
+    .description = "evicts the token the current query attends to least (group-mean attention)",
+    .params_size = sizeof(TovaParams),
+    .params = tova_params,
+    .create = tova_create,
+    .prefill = tova_prefill,
+    .step = tova_step,
+    .observe = tova_observe,
+    .destroy = tova_destroy,
+};

@@ -1,0 +1,451 @@
+/* trig — TriAttention: keys are ranked by a query-free trigonometric score (policies/trig.h)
+ * computed from calibrated pre-RoPE query statistics. Every `divide_length` tokens, if a cache
+ * holds more than `budget` tokens, it keeps the `budget` best: the first `protect_initial` and the
+ * last `protect_recent` tokens unconditionally, the rest by score. A prompt longer than the budget
+ * is pruned to the budget at the end of prefill. Between prunes the cache grows by one token per
+ * step, so it holds between budget and budget + divide_length − 1 tokens at attention time. */
+#include <math.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cblas.h>
+#include <gsl/gsl_statistics_float.h>
+
+#include "policies/policy.h"
+#include "policies/trig.h"
+
+extern const PolicyType policy_trig;
+
+/* ---- The score ---- */
+
+void trig_scorer_init(TrigScorer *s, int n_q_heads, int head_dim, RopeLayout pairing,
+                      const double *inv_freq)
+{
+    int F = head_dim / 2;
+    memset(s, 0, sizeof *s);
+    s->n_q_heads = n_q_heads;
+    s->head_dim = head_dim;
+    s->pairing = pairing;
+    s->pair_re = kv_malloc((size_t)F * sizeof *s->pair_re);
+    s->pair_im = kv_malloc((size_t)F * sizeof *s->pair_im);
+    s->inv_freq = kv_malloc((size_t)F * sizeof *s->inv_freq);
+    s->offset_re = kv_malloc((size_t)F * sizeof *s->offset_re);
+    s->offset_im = kv_malloc((size_t)F * sizeof *s->offset_im);
+    s->mean_re = kv_calloc((size_t)n_q_heads * F, sizeof *s->mean_re);
+    s->mean_im = kv_calloc((size_t)n_q_heads * F, sizeof *s->mean_im);
+    s->mean_abs = kv_calloc((size_t)n_q_heads * F, sizeof *s->mean_abs);
+    for (int f = 0; f < F; f++) {
+        rope_pair(pairing, head_dim, f, &s->pair_re[f], &s->pair_im[f]);
+        s->inv_freq[f] = inv_freq[f];
+        double re = 0, im = 0;
+        for (int e = 0; e < TRIG_N_OFFSETS; e++) {
+            double a = inv_freq[f] * ldexp(1.0, e);
+            re += cos(a);
+            im += sin(a);
+        }
+        s->offset_re[f] = re / TRIG_N_OFFSETS;
+        s->offset_im[f] = im / TRIG_N_OFFSETS;
+    }
+}
+
+void trig_scorer_free(TrigScorer *s)
+{
+    free(s->pair_re);
+    free(s->pair_im);
+    free(s->inv_freq);
+    free(s->offset_re);
+    free(s->offset_im);
+    free(s->mean_re);
+    free(s->mean_im);
+    free(s->mean_abs);
+    memset(s, 0, sizeof *s);
+}
+
+void trig_scorer_calibrate(TrigScorer *s, const float *q, int n_tokens, int n_used,
+                           const int32_t *positions, RopeLayout q_layout,
+                           const double *q_inv_freq)
+{
+    int D = s->head_dim, F = D / 2, Hq = s->n_q_heads;
+    int *q_re = kv_malloc((size_t)F * sizeof *q_re), *q_im = kv_malloc((size_t)F * sizeof *q_im);
+    for (int f = 0; f < F; f++)
+        rope_pair(q_layout, D, f, &q_re[f], &q_im[f]);
+    /* The inverse rotation of token j is the same for every head: one table per token instead of
+     * rope_apply's per-vector cos/sin keeps calibration at O(P·D/2) trigonometric calls. */
+    double *rot_cos = kv_malloc((size_t)F * sizeof *rot_cos);
+    double *rot_sin = kv_malloc((size_t)F * sizeof *rot_sin);
+    double *pre = kv_malloc((size_t)D * sizeof *pre);
+    memset(s->mean_re, 0, (size_t)Hq * F * sizeof *s->mean_re);
+    memset(s->mean_im, 0, (size_t)Hq * F * sizeof *s->mean_im);
+    memset(s->mean_abs, 0, (size_t)Hq * F * sizeof *s->mean_abs);
+    for (int j = 0; j < n_used; j++) {
+        for (int f = 0; f < F; f++) {
+            double a = -(double)positions[j] * q_inv_freq[f];
+            rot_cos[f] = cos(a);
+            rot_sin[f] = sin(a);
+        }
+        for (int h = 0; h < Hq; h++) {
+            const float *x = q + ((size_t)h * n_tokens + j) * D;
+            for (int f = 0; f < F; f++) {
+                double x0 = x[q_re[f]], x1 = x[q_im[f]];
+                pre[q_re[f]] = x0 * rot_cos[f] - x1 * rot_sin[f];
+                pre[q_im[f]] = x0 * rot_sin[f] + x1 * rot_cos[f];
+            }
+            double *mre = s->mean_re + (size_t)h * F, *mim = s->mean_im + (size_t)h * F;
+            double *mabs = s->mean_abs + (size_t)h * F;
+            for (int f = 0; f < F; f++) {
+                double re = pre[s->pair_re[f]], im = pre[s->pair_im[f]];
+                mre[f] += re;
+                mim[f] += im;
+                mabs[f] += hypot(re, im);
+            }
+        }
+    }
+    for (size_t i = 0; i < (size_t)Hq * F; i++) {
+        s->mean_re[i] /= n_used;
+        s->mean_im[i] /= n_used;
+        s->mean_abs[i] /= n_used;
+    }
+    free(q_re);
+    free(q_im);
+    free(rot_cos);
+    free(rot_sin);
+    free(pre);
+}
+
+void trig_scorer_score(const TrigScorer *s, int h0, int nh, const float *keys, int n, double t,
+                       float *out)
+{
+    int D = s->head_dim, F = D / 2;
+    /* mean_δ |Eq||k| cos(ω(t+δ) + arg Eq − arg k) = Re(z · conj(k)) with
+     * z = Eq · e^{iωt} · mean_δ e^{iωδ}: a linear form in the key's components. */
+    float *linear = kv_calloc((size_t)nh * D, sizeof *linear);
+    float *radial = kv_malloc((size_t)nh * F * sizeof *radial);
+    float *key_abs = kv_malloc((size_t)n * F * sizeof *key_abs);
+    for (int i = 0; i < nh; i++) {
+        size_t hf = (size_t)(h0 + i) * F;
+        for (int f = 0; f < F; f++) {
+            double a = s->inv_freq[f] * t;
+            double rot_re = cos(a), rot_im = sin(a);
+            double mre = s->mean_re[hf + f], mim = s->mean_im[hf + f];
+            double u_re = mre * rot_re - mim * rot_im, u_im = mre * rot_im + mim * rot_re;
+            double z_re = u_re * s->offset_re[f] - u_im * s->offset_im[f];
+            double z_im = u_re * s->offset_im[f] + u_im * s->offset_re[f];
+            linear[(size_t)i * D + s->pair_re[f]] = (float)z_re;
+            linear[(size_t)i * D + s->pair_im[f]] = (float)z_im;
+            radial[(size_t)i * F + f] = (float)(s->mean_abs[hf + f] - hypot(mre, mim));
+        }
+    }
+    for (int j = 0; j < n; j++) {
+        const float *k = keys + (size_t)j * D;
+        for (int f = 0; f < F; f++)
+            key_abs[(size_t)j * F + f] = hypotf(k[s->pair_re[f]], k[s->pair_im[f]]);
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nh, n, D, 1.0f, linear, D, keys, D, 0.0f,
+                out, n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nh, n, F, 1.0f, radial, F, key_abs, F,
+                1.0f, out, n);
+    free(linear);
+    free(radial);
+    free(key_abs);
+}
+
+/* ---- The policy ---- */
+
+enum { GRANULARITY_HEAD = 0, GRANULARITY_LAYER = 1 };
+enum { PAIRING_TRACE = 0, PAIRING_HALF = 1, PAIRING_INTERLEAVED = 2 };
+
+typedef struct {
+    int budget;
+    int divide_length;
+    int protect_initial;
+    int protect_recent;
+    int granularity;
+    int pairing;
+    char calibration[PARAM_STRING_MAX];
+} TrigParams;
+
+typedef struct {
+    Policy base;
+    TrigParams prm;
+    TrigScorer scorer;
+    bool calibrated;
+    int since_prune; /* tokens admitted since the last prune (or the end of prefill) */
+} Trig;
+
+/* A candidate for eviction: its combined score and position. */
+typedef struct {
+    float score;
+    int pos;
+} Ranked;
+
+static const ParamSpec trig_params[] = {
+    {"budget", PARAM_INT, offsetof(TrigParams, budget), "2048", 1, 1 << 30, NULL,
+     "tokens per KV head kept by a prune"},
+    {"divide_length", PARAM_INT, offsetof(TrigParams, divide_length), "128", 1, 1 << 30, NULL,
+     "tokens between prunes"},
+    {"protect_initial", PARAM_INT, offsetof(TrigParams, protect_initial), "4", 0, 1 << 30, NULL,
+     "first tokens never evicted (attention sinks)"},
+    {"protect_recent", PARAM_INT, offsetof(TrigParams, protect_recent), "128", 1, 1 << 30, NULL,
+     "last tokens never evicted, the current one included"},
+    {"granularity", PARAM_ENUM, offsetof(TrigParams, granularity), "head", 0, 0, "head|layer",
+     "one token set per KV head, or one per layer (scores averaged over KV heads)"},
+    {"pairing", PARAM_ENUM, offsetof(TrigParams, pairing), "trace", 0, 0,
+     "trace|half|interleaved",
+     "dimension pairs of the score: the trace's RoPE layout, or forced (to reproduce a mismatch)"},
+    {"calibration", PARAM_STRING, offsetof(TrigParams, calibration), "online", 0, 0, NULL,
+     "online (the prompt's queries) or a trace file whose queries calibrate the statistics"},
+    {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
+};
+
+static bool calibration_online(const TrigParams *prm)
+{
+    return strcmp(prm->calibration, "online") == 0;
+}
+
+static int trig_validate(const void *params, KvErr *err)
+{
+    const TrigParams *prm = params;
+    if ((long)prm->protect_initial + prm->protect_recent >= prm->budget)
+        return kv_fail(err,
+                       "trig: protect_initial + protect_recent = %d must be below budget = %d "
+                       "(otherwise no token is chosen by score)",
+                       prm->protect_initial + prm->protect_recent, prm->budget);
+    if (prm->calibration[0] == '\0')
+        return kv_fail(err, "trig: calibration is empty: expected 'online' or a trace file");
+    if (!calibration_online(prm)) {
+        KvErr terr;
+        Trace *tr = trace_open(prm->calibration, &terr);
+        if (!tr)
+            return kv_fail(err, "trig: calibration: %s", terr.msg);
+        trace_close(tr);
+    }
+    return 0;
+}
+
+/* The policy interface has no error path out of create(); a calibration trace that does not
+ * fit the layer is bad input, reported the way the command line reports it (status 2). Layers
+ * are created by several workers at once: the first to fail reports and exits, the others wait
+ * here for the process to end (exit() must not run twice concurrently). */
+static void calibration_die(const char *path, const char *what)
+{
+    static pthread_mutex_t dying = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_lock(&dying);
+    fprintf(stderr, "kvsim: trig: calibration %s: %s\n", path, what);
+    exit(2);
+}
+
+/* Statistics from the queries of the same layer of another trace, over all its tokens. */
+static void calibrate_from_file(Trig *tr, const LayerView *L)
+{
+    const char *path = tr->prm.calibration;
+    KvErr err;
+    Trace *cal = trace_open(path, &err);
+    if (!cal)
+        calibration_die(path, err.msg);
+    const TraceMeta *m = trace_meta(cal);
+    char what[512];
+    /* The same model: the recovered pre-RoPE queries must live in the simulated model's
+     * dimensions, so the RoPE layout has to agree too. */
+    if (m->n_layers <= L->layer || m->n_q_heads != L->n_q_heads || m->head_dim != L->head_dim ||
+        m->rope_layout != L->meta->rope_layout) {
+        snprintf(what, sizeof what,
+                 "has %d layers, %d query heads, head_dim %d, rope_layout %s; layer %d of the "
+                 "simulated trace needs that layer, %d query heads, head_dim %d, rope_layout %s "
+                 "(a trace of the same model)",
+                 m->n_layers, m->n_q_heads, m->head_dim,
+                 m->rope_layout == ROPE_HALF ? "half" : "interleaved", L->layer, L->n_q_heads,
+                 L->head_dim, L->meta->rope_layout == ROPE_HALF ? "half" : "interleaved");
+        trace_close(cal);
+        calibration_die(path, what);
+    }
+    float *q = kv_malloc((size_t)m->n_q_heads * m->n_tokens * m->head_dim * sizeof *q);
+    if (trace_read_layer(cal, L->layer, q, NULL, NULL, &err) != 0) {
+        free(q);
+        trace_close(cal);
+        calibration_die(path, err.msg);
+    }
+    trig_scorer_calibrate(&tr->scorer, q, m->n_tokens, m->n_tokens, m->positions, m->rope_layout,
+                          m->rope_inv_freq);
+    tr->calibrated = true;
+    free(q);
+    trace_close(cal);
+}
+
+static Policy *trig_create(const void *params, const LayerView *L, const PolicyEnv *env)
+{
+    (void)env;
+    Trig *tr = kv_calloc(1, sizeof *tr);
+    policy_base_init(&tr->base, &policy_trig, L);
+    tr->prm = *(const TrigParams *)params;
+    RopeLayout pairing = tr->prm.pairing == PAIRING_HALF          ? ROPE_HALF
+                         : tr->prm.pairing == PAIRING_INTERLEAVED ? ROPE_INTERLEAVED
+                                                                  : L->meta->rope_layout;
+    trig_scorer_init(&tr->scorer, L->n_q_heads, L->head_dim, pairing, L->meta->rope_inv_freq);
+    if (!calibration_online(&tr->prm))
+        calibrate_from_file(tr, L);
+    return &tr->base;
+}
+
+/* Cached positions of KV head g that compete for the budget at token index t_index, ascending
+ * (so that ties and float sums never depend on the cache's slot order), written to cand;
+ * returns their count. */
+static int gather_candidates(const Trig *tr, int g, int t_index, int *cand)
+{
+    const KVCache *c = &tr->base.cache[g];
+    int recent_from = t_index - tr->prm.protect_recent + 1, n = 0;
+    for (int pos = tr->prm.protect_initial; pos < recent_from; pos++)
+        if (kvcache_has(c, pos))
+            cand[n++] = pos;
+    return n;
+}
+
+/* Combined score of KV head g's candidates: S z-scored per query head over the candidates,
+ * then the max over the group's query heads. keys and raw are scratch ([n][D], [group][n]). */
+static void head_scores(const Trig *tr, const LayerView *L, int g, const int *cand, int n,
+                        double t_pos, float *keys, float *raw, float *out)
+{
+    int D = L->head_dim, group = L->group;
+    for (int j = 0; j < n; j++)
+        memcpy(keys + (size_t)j * D, L->k + ((size_t)g * L->n_tokens + cand[j]) * D,
+               (size_t)D * sizeof *keys);
+    trig_scorer_score(&tr->scorer, g * group, group, keys, n, t_pos, raw);
+    for (int j = 0; j < n; j++)
+        out[j] = -INFINITY;
+    for (int i = 0; i < group; i++) {
+        const float *row = raw + (size_t)i * n;
+        double mean = gsl_stats_float_mean(row, 1, (size_t)n);
+        double var = n > 1 ? gsl_stats_float_variance_m(row, 1, (size_t)n, mean) : 0.0;
+        double inv_sd = 1.0 / sqrt(var + 1e-8);
+        for (int j = 0; j < n; j++) {
+            float z = (float)((row[j] - mean) * inv_sd);
+            if (z > out[j])
+                out[j] = z;
+        }
+    }
+}
+
+/* Best first; on equal scores the newer token is kept. */
+static int ranked_cmp(const void *a, const void *b)
+{
+    const Ranked *x = a, *y = b;
+    if (x->score != y->score)
+        return x->score > y->score ? -1 : 1;
+    return (x->pos < y->pos) - (x->pos > y->pos);
+}
+
+/* Evicts the lowest-scoring candidates until `keep` of them remain, from the caches of KV heads
+ * [g0, g1). */
+static void evict_worst(Trig *tr, int g0, int g1, const int *cand, const float *score, int n,
+                        int keep)
+{
+    Ranked *rank = kv_malloc((size_t)n * sizeof *rank);
+    for (int j = 0; j < n; j++)
+        rank[j] = (Ranked){score[j], cand[j]};
+    qsort(rank, (size_t)n, sizeof *rank, ranked_cmp);
+    for (int j = keep; j < n; j++)
+        for (int g = g0; g < g1; g++)
+            kvcache_remove(&tr->base.cache[g], rank[j].pos);
+    free(rank);
+}
+
+/* Brings every cache over budget back to exactly budget, scoring at token index t_index. */
+static void prune(Trig *tr, const LayerView *L, int t_index)
+{
+    int G = L->n_kv_heads, D = L->head_dim;
+    double t_pos = L->meta->positions[t_index];
+    size_t cap = (size_t)tr->base.cache[0].n;
+    for (int g = 1; g < G; g++)
+        if ((size_t)tr->base.cache[g].n > cap)
+            cap = (size_t)tr->base.cache[g].n;
+    int *cand = kv_malloc(cap * sizeof *cand);
+    float *keys = kv_malloc(cap * D * sizeof *keys);
+    float *raw = kv_malloc(cap * L->group * sizeof *raw);
+    float *score = kv_malloc(cap * sizeof *score);
+
+    if (tr->prm.granularity == GRANULARITY_LAYER) {
+        /* Every KV head holds the same set: rank it once on the mean over KV heads. */
+        if (tr->base.cache[0].n > tr->prm.budget) {
+            int n = gather_candidates(tr, 0, t_index, cand);
+            int keep = tr->prm.budget - (tr->base.cache[0].n - n);
+            float *mean = kv_calloc(cap, sizeof *mean);
+            for (int g = 0; g < G; g++) {
+                head_scores(tr, L, g, cand, n, t_pos, keys, raw, score);
+                for (int j = 0; j < n; j++)
+                    mean[j] += score[j] / G;
+            }
+            evict_worst(tr, 0, G, cand, mean, n, keep);
+            free(mean);
+        }
+    } else {
+        for (int g = 0; g < G; g++) {
+            if (tr->base.cache[g].n <= tr->prm.budget)
+                continue;
+            int n = gather_candidates(tr, g, t_index, cand);
+            int keep = tr->prm.budget - (tr->base.cache[g].n - n);
+            head_scores(tr, L, g, cand, n, t_pos, keys, raw, score);
+            evict_worst(tr, g, g + 1, cand, score, n, keep);
+        }
+    }
+    free(cand);
+    free(keys);
+    free(raw);
+    free(score);
+}
+
+static void trig_prefill(Policy *p, const PrefillView *pv)
+{
+    Trig *tr = (Trig *)p;
+    const LayerView *L = pv->L;
+    int P = L->n_prompt;
+    if (!tr->calibrated) {
+        trig_scorer_calibrate(&tr->scorer, L->q, L->n_tokens, P, L->meta->positions,
+                              L->meta->rope_layout, L->meta->rope_inv_freq);
+        tr->calibrated = true;
+    }
+    for (int g = 0; g < p->n_kv_heads; g++)
+        for (int j = 0; j < P; j++)
+            kvcache_add(&p->cache[g], j);
+    /* TriAttention compresses a prompt longer than the budget as soon as it is cached. */
+    if (P > tr->prm.budget)
+        prune(tr, L, P - 1);
+    tr->since_prune = 0;
+}
+
+static void trig_step(Policy *p, const StepView *sv)
+{
+    Trig *tr = (Trig *)p;
+    bool over = false;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        kvcache_add(&p->cache[g], sv->t);
+        over |= p->cache[g].n > tr->prm.budget;
+    }
+    tr->since_prune++;
+    if (tr->since_prune >= tr->prm.divide_length && over) {
+        prune(tr, sv->L, sv->t);
+        tr->since_prune = 0;
+    }
+}
+
+static void trig_destroy(Policy *p)
+{
+    Trig *tr = (Trig *)p;
+    trig_scorer_free(&tr->scorer);
+    policy_base_free(p);
+    free(p);
+}
+
+const PolicyType policy_trig = {
+    .name = "trig",
+    .description = "TriAttention: calibrated trigonometric key scores, pruned to `budget` every "
+                   "`divide_length` tokens",
+    .params_size = sizeof(TrigParams),
+    .params = trig_params,
+    .validate = trig_validate,
+    .create = trig_create,
+    .prefill = trig_prefill,
+    .step = trig_step,
+    .destroy = trig_destroy,
+};

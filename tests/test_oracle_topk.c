@@ -1,0 +1,98 @@
+/* oracle_topk's defining property: at every step its cache is the `budget` keys of highest true
+ * attention summed over the group, so its group-mean retained mass is at least that of any
+ * policy holding at most `budget` tokens, step by step. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+
+#include <cmocka.h>
+
+#include "tests/support/fixture.h"
+#include "tests/support/mass_trace.h"
+
+typedef struct {
+    const Fixture *fx;
+    int budget, steps;
+} TopkCheck;
+
+static void check_topk(int t, const Policy *p, const float *full_attn, void *ud)
+{
+    TopkCheck *tc = ud;
+    const LayerView *L = &tc->fx->L;
+    int T = L->n_tokens;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        const KVCache *c = &p->cache[g];
+        assert_int_equal(c->n, t + 1 < tc->budget ? t + 1 : tc->budget);
+        double lowest_kept = 1e300, highest_dropped = -1e300;
+        for (int j = 0; j <= t; j++) {
+            double score = 0;
+            for (int h = g * L->group; h < (g + 1) * L->group; h++)
+                score += full_attn[(size_t)h * T + j];
+            if (kvcache_has(c, j))
+                lowest_kept = score < lowest_kept ? score : lowest_kept;
+            else if (score > highest_dropped)
+                highest_dropped = score;
+        }
+        assert_true(lowest_kept >= highest_dropped - 1e-6);
+    }
+    tc->steps++;
+}
+
+static void test_oracle_topk_is_top_budget_by_group_sum(void **state)
+{
+    (void)state;
+    for (uint64_t seed = 1; seed <= 3; seed++) {
+        Fixture *fx = fixture_new(4, 2, 8, 90, 30);
+        fixture_randomize(fx, seed, 0.8 + seed * 0.6);
+        Policy *p = fixture_policy(fx, "oracle_topk", "budget=12", 7);
+        assert_true(p->is_oracle);
+        TopkCheck tc = {fx, 12, 0};
+        fixture_run(fx, p, 90, check_topk, &tc);
+        assert_int_equal(tc.steps, 60);
+        p->type->destroy(p);
+        fixture_free(fx);
+    }
+}
+
+/* Every other policy at the same budget, driven on the same layer: at no step and no KV head
+ * does any of them retain more group-mean mass than the oracle. */
+static void test_oracle_topk_dominates_every_policy_each_step(void **state)
+{
+    (void)state;
+    static const char *const others[][2] = {
+        {"h2o", "budget=16"},
+        {"tova", "budget=16"},
+        {"random", "budget=16"},
+        {"window", "window=12 sinks=4"},
+        {"snapkv", "budget=16 observation=4"},
+        {"oracle_future", "budget=16"},
+    };
+    enum { HKV = 2, T = 120, P = 40, STEPS = T - P };
+    for (uint64_t seed = 1; seed <= 3; seed++) {
+        Fixture *fx = fixture_new(4, HKV, 8, T, P);
+        fixture_randomize(fx, seed, 1.0 + seed * 0.5);
+        double bound[STEPS * HKV], mass[STEPS * HKV];
+        mass_trace_run(fx, "oracle_topk", "budget=16", 7, bound);
+        for (size_t k = 0; k < sizeof others / sizeof others[0]; k++) {
+            mass_trace_run(fx, others[k][0], others[k][1], 7, mass);
+            int strictly_below = 0;
+            for (int i = 0; i < STEPS * HKV; i++) {
+                assert_true(bound[i] >= mass[i] - 1e-6);
+                strictly_below += mass[i] < bound[i] - 1e-4;
+            }
+            /* Not equal by accident: every one of them loses mass at some step. */
+            assert_true(strictly_below > 0);
+        }
+        fixture_free(fx);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_oracle_topk_is_top_budget_by_group_sum),
+        cmocka_unit_test(test_oracle_topk_dominates_every_policy_each_step),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

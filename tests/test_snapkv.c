@@ -1,0 +1,184 @@
+/* snapkv's defining property: after prefill the cache is exactly the observation window plus
+ * the prompt tokens of highest pooled observation-window attention; during decode those stay
+ * and the rest of the budget slides. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "tests/support/fixture.h"
+
+/* The test's own scores: attention of the last `obs` prompt queries on each prompt token
+ * before the window, summed over the queries and the group's heads, max-pooled over `kernel`. */
+static void pooled_scores(const Fixture *fx, int g, int obs, int kernel, double *pooled)
+{
+    const LayerView *L = &fx->L;
+    int P = L->n_prompt, T = L->n_tokens, prefix = P - obs;
+    double *raw = calloc((size_t)P, sizeof *raw);
+    float *row = malloc((size_t)L->n_q_heads * T * sizeof *row);
+    for (int i = prefix; i < P; i++) {
+        fixture_full_attn(fx, i, row);
+        for (int h = g * L->group; h < (g + 1) * L->group; h++)
+            for (int j = 0; j < prefix; j++)
+                raw[j] += row[(size_t)h * T + j];
+    }
+    for (int j = 0; j < prefix; j++) {
+        pooled[j] = 0;
+        for (int i = j - kernel / 2; i <= j + kernel / 2; i++)
+            if (i >= 0 && i < prefix && raw[i] > pooled[j])
+                pooled[j] = raw[i];
+    }
+    free(raw);
+    free(row);
+}
+
+typedef struct {
+    const Fixture *fx;
+    int budget, obs, kernel;
+    bool grow;
+    int32_t *pinned; /* [Hkv][T] 1 if kept from before the window at the first step */
+    int steps;
+} SnapCheck;
+
+static void check_snapkv(int t, const Policy *p, const float *full_attn, void *ud)
+{
+    (void)full_attn;
+    SnapCheck *sc = ud;
+    const LayerView *L = &sc->fx->L;
+    int P = L->n_prompt, T = L->n_tokens, prefix = P - sc->obs;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        const KVCache *c = &p->cache[g];
+        int32_t *pinned = sc->pinned + (size_t)g * T;
+        if (t == P) {
+            /* The prompt as compressed: the window, and the best budget-1-obs before it. */
+            for (int j = prefix; j <= P; j++)
+                assert_true(kvcache_has(c, j));
+            assert_int_equal(c->n, sc->budget);
+            double *pooled = malloc((size_t)P * sizeof *pooled);
+            pooled_scores(sc->fx, g, sc->obs, sc->kernel, pooled);
+            double lowest_kept = 1e300, highest_dropped = -1e300;
+            int kept = 0;
+            for (int j = 0; j < prefix; j++) {
+                pinned[j] = kvcache_has(c, j);
+                if (pinned[j]) {
+                    kept++;
+                    lowest_kept = pooled[j] < lowest_kept ? pooled[j] : lowest_kept;
+                } else if (pooled[j] > highest_dropped) {
+                    highest_dropped = pooled[j];
+                }
+            }
+            assert_int_equal(kept, sc->budget - 1 - sc->obs);
+            assert_true(lowest_kept >= highest_dropped - 1e-5);
+            free(pooled);
+            continue;
+        }
+        /* Decode: the pinned prompt tokens stay. */
+        for (int j = 0; j < prefix; j++)
+            assert_int_equal(kvcache_has(c, j), pinned[j]);
+        int n_pinned = sc->budget - 1 - sc->obs;
+        if (sc->grow) {
+            /* Nothing evicted: everything from the window on is there. */
+            assert_int_equal(c->n, n_pinned + (t - prefix + 1));
+            continue;
+        }
+        /* The rest is the most recent budget - n_pinned tokens. */
+        assert_int_equal(c->n, sc->budget);
+        int tail = sc->budget - n_pinned;
+        for (int j = prefix; j <= t; j++)
+            assert_int_equal(kvcache_has(c, j), j > t - tail);
+    }
+    sc->steps++;
+}
+
+static void run_snapkv(uint64_t seed, double sigma, int budget, int obs, int kernel, bool grow)
+{
+    Fixture *fx = fixture_new(4, 2, 8, 110, 70);
+    fixture_randomize(fx, seed, sigma);
+    char params[128];
+    snprintf(params, sizeof params, "budget=%d observation=%d kernel=%d decode=%s", budget, obs,
+             kernel, grow ? "grow" : "window");
+    Policy *p = fixture_policy(fx, "snapkv", params, 7);
+    assert_int_equal(p->want_prefill_rows, obs);
+    SnapCheck sc = {fx, budget, obs, kernel, grow, NULL, 0};
+    sc.pinned = calloc((size_t)2 * 110, sizeof *sc.pinned);
+    fixture_run(fx, p, 110, check_snapkv, &sc);
+    assert_int_equal(sc.steps, 40);
+    free(sc.pinned);
+    p->type->destroy(p);
+    fixture_free(fx);
+}
+
+static void test_snapkv_window_plus_top_pooled(void **state)
+{
+    (void)state;
+    run_snapkv(1, 1.0, 24, 8, 7, false);
+    run_snapkv(2, 2.0, 24, 8, 1, false);
+    run_snapkv(3, 1.5, 30, 4, 3, false);
+    run_snapkv(4, 1.5, 24, 8, 7, true);
+}
+
+/* The window's queries point at four chosen tokens: those are kept (with kernel 1 exactly those;
+ * with kernel 7 also their three neighbours on each side) and the rest of the prefix is not. */
+static void test_snapkv_keeps_tokens_the_window_attends(void **state)
+{
+    (void)state;
+    const int chosen[4] = {5, 20, 33, 47};
+    for (int kernel = 1; kernel <= 7; kernel += 6) {
+        Fixture *fx = fixture_new(2, 1, 16, 80, 64);
+        fixture_randomize(fx, 9, 0.2);
+        for (int i = 0; i < 4; i++)
+            fx_k(fx, 0, chosen[i])[0] = 6.0f;
+        for (int t = 64 - 8; t < 64; t++)
+            for (int h = 0; h < 2; h++)
+                fx_q(fx, h, t)[0] = 6.0f;
+        int budget = 8 + 1 + 4 * kernel;
+        char params[96];
+        snprintf(params, sizeof params, "budget=%d observation=8 kernel=%d", budget, kernel);
+        Policy *p = fixture_policy(fx, "snapkv", params, 7);
+        fixture_run(fx, p, 64, NULL, NULL); /* prefill only */
+        const KVCache *c = &p->cache[0];
+        assert_int_equal(c->n, budget - 1);
+        for (int j = 0; j < 64 - 8; j++) {
+            int want = 0;
+            for (int i = 0; i < 4; i++)
+                want |= abs(j - chosen[i]) <= kernel / 2;
+            assert_int_equal(kvcache_has(c, j), want);
+        }
+        for (int j = 64 - 8; j < 64; j++)
+            assert_true(kvcache_has(c, j));
+        p->type->destroy(p);
+        fixture_free(fx);
+    }
+}
+
+static void test_snapkv_rejects_bad_shapes(void **state)
+{
+    (void)state;
+    const PolicyType *type = policy_find("snapkv");
+    assert_non_null(type);
+    void *prm = calloc(1, type->params_size);
+    policy_params_defaults(type, prm);
+    KvErr err;
+    assert_int_equal(type->validate(prm, &err), 0);
+    assert_int_equal(policy_param_set(type, prm, "kernel", "6", &err), 0);
+    assert_int_equal(type->validate(prm, &err), -1);
+    assert_non_null(strstr(err.msg, "kernel"));
+    policy_params_defaults(type, prm);
+    assert_int_equal(policy_param_set(type, prm, "budget", "32", &err), 0);
+    assert_int_equal(type->validate(prm, &err), -1);
+    assert_non_null(strstr(err.msg, "observation"));
+    free(prm);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_snapkv_window_plus_top_pooled),
+        cmocka_unit_test(test_snapkv_keeps_tokens_the_window_attends),
+        cmocka_unit_test(test_snapkv_rejects_bad_shapes),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

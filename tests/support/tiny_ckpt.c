@@ -393,3 +393,89 @@ void tiny_ckpt_edit_header(const char *path, const char *tensor, const char *fie
     cJSON_Delete(header);
     free(bytes);
 }
+
+/* GPT-2's bytes_to_unicode: printable bytes map to themselves, the others to 256, 257, ... */
+static unsigned byte_code_point(unsigned b)
+{
+    unsigned next = 256;
+    for (unsigned x = 0; x < 256; x++) {
+        int printable = (x >= '!' && x <= '~') || (x >= 0xA1 && x <= 0xAC) || x >= 0xAE;
+        if (x == b)
+            return printable ? x : next;
+        if (!printable)
+            next++;
+    }
+    return 0;
+}
+
+/* The byte-level spelling of raw text as a JSON string (with quotes). */
+static cJSON *byte_level_string(const char *raw)
+{
+    char buf[64];
+    size_t at = 0;
+    for (const unsigned char *c = (const unsigned char *)raw; *c; c++) {
+        unsigned cp = byte_code_point(*c);
+        if (cp < 0x80) {
+            buf[at++] = (char)cp;
+        } else {
+            buf[at++] = (char)(0xC0 | (cp >> 6));
+            buf[at++] = (char)(0x80 | (cp & 0x3F));
+        }
+    }
+    buf[at] = '\0';
+    return cJSON_CreateString(buf);
+}
+
+void tiny_ckpt_write_tokenizer(const char *dir)
+{
+    static const char *const merged[][3] = {
+        {"t", "h", "th"}, {"th", "e", "the"}, {" ", "t", " t"}, {"i", "n", "in"}};
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "version", "1.0");
+    cJSON *added = cJSON_AddArrayToObject(root, "added_tokens");
+    const char *specials[2] = {"<s>", "</s>"};
+    for (int i = 0; i < 2; i++) {
+        cJSON *t = cJSON_CreateObject();
+        cJSON_AddNumberToObject(t, "id", TINY_BOS + i);
+        cJSON_AddStringToObject(t, "content", specials[i]);
+        cJSON_AddBoolToObject(t, "special", 1);
+        cJSON_AddItemToArray(added, t);
+    }
+    cJSON_AddNullToObject(root, "normalizer");
+    cJSON *pre = cJSON_AddObjectToObject(root, "pre_tokenizer");
+    cJSON_AddStringToObject(pre, "type", "ByteLevel");
+    cJSON_AddBoolToObject(pre, "add_prefix_space", 0);
+    cJSON_AddBoolToObject(pre, "use_regex", 1);
+    cJSON *decoder = cJSON_AddObjectToObject(root, "decoder");
+    cJSON_AddStringToObject(decoder, "type", "ByteLevel");
+    cJSON *model = cJSON_AddObjectToObject(root, "model");
+    cJSON_AddStringToObject(model, "type", "BPE");
+    cJSON *vocab = cJSON_AddObjectToObject(model, "vocab");
+    for (int b = 0; b < 256; b++) {
+        char raw[2] = {(char)b, 0};
+        cJSON *spelled = b ? byte_level_string(raw) : cJSON_CreateString("\xC4\x80");
+        cJSON_AddNumberToObject(vocab, spelled->valuestring, b);
+        cJSON_Delete(spelled);
+    }
+    cJSON *merges = cJSON_AddArrayToObject(model, "merges");
+    for (int i = 0; i < 4; i++) {
+        cJSON *left = byte_level_string(merged[i][0]), *right = byte_level_string(merged[i][1]);
+        cJSON *whole = byte_level_string(merged[i][2]);
+        char pair[64];
+        snprintf(pair, sizeof pair, "%s %s", left->valuestring, right->valuestring);
+        cJSON_AddItemToArray(merges, cJSON_CreateString(pair));
+        cJSON_AddNumberToObject(vocab, whole->valuestring, 256 + i);
+        cJSON_Delete(left);
+        cJSON_Delete(right);
+        cJSON_Delete(whole);
+    }
+    char *text = cJSON_Print(root);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    write_file(path, text, strlen(text));
+    cJSON_free(text);
+    cJSON_Delete(root);
+    const char *config = "{\"bos_token\": \"<s>\", \"eos_token\": \"</s>\", \"add_bos_token\": true}";
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
+    write_file(path, config, strlen(config));
+}

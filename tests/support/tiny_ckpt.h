@@ -51,6 +51,13 @@ void tiny_ckpt_free(TinyCheckpoint *ck);
 /* The decoded values of tensor `name`, or NULL when the checkpoint has none. */
 const float *tiny_ckpt_tensor(const TinyCheckpoint *ck, const char *name);
 
+/* A byte-level BPE tokenizer.json (GPT-2 style) and tokenizer_config.json in dir: ids 0..255
+ * are the bytes, 256.. a few merges ("th", "the", " t", "in"), added tokens "<s>" = 290 (BOS,
+ * prepended) and "</s>" = 291 (EOS); every id fits the default vocab of 300. */
+void tiny_ckpt_write_tokenizer(const char *dir);
+#define TINY_BOS 290
+#define TINY_EOS 291
+
 /* Config edits for error tests: sets key to the JSON value text, or deletes it (value NULL). */
 void tiny_ckpt_set_config(const char *dir, const char *key, const char *json_value);
 /* Replaces field (e.g. "dtype", "shape", "data_offsets") of a tensor's entry in the header of

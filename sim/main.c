@@ -7,6 +7,7 @@
 #include "sim/check.h"
 #include "sim/run_cmd.h"
 #include "sim/synth.h"
+#include "traces/trace_cmd.h"
 
 typedef struct {
     const char *name;
@@ -20,6 +21,7 @@ static const Command commands[] = {
     {"info", cmd_info, "print a trace's header and datasets"},
     {"check", cmd_check, "compare a trace's stored attention rows with its Q and K"},
     {"policies", cmd_policies, "list the policy types with their parameters and defaults"},
+    {"trace", cmd_trace, "run a Hugging Face checkpoint on a prompt and write its trace"},
     {NULL, NULL, NULL},
 };
 

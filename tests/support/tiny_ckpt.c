@@ -1,0 +1,481 @@
+#include "tests/support/tiny_ckpt.h"
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+#include <cmocka.h>
+#include <gsl/gsl_randist.h>
+#include <gsl/gsl_rng.h>
+
+#include "sim/util.h"
+
+TinyCheckpointSpec tiny_ckpt_default_spec(void)
+{
+    return (TinyCheckpointSpec){
+        .architecture = "LlamaForCausalLM", .n_layers = 2, .hidden_size = 64,
+        .intermediate_size = 96, .n_q_heads = 4, .n_kv_heads = 2, .vocab_size = 300,
+        .head_dim = 16, .rope_theta = 10000.0, .rms_norm_eps = 1e-5, .dtype = TINY_F32,
+        .n_shards = 1, .max_position_embeddings = 512, .eos_token_id = -1, .seed = 1,
+    };
+}
+
+/* ---- Number formats, written here independently of the loader's decoders ---- */
+
+static uint16_t encode_bf16(float f)
+{
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    uint32_t round_to_nearest_even = 0x7fff + ((bits >> 16) & 1);
+    return (uint16_t)((bits + round_to_nearest_even) >> 16);
+}
+
+static float decode_bf16(uint16_t b)
+{
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Round to nearest even; the test weights are finite and far below the half range. */
+static uint16_t encode_f16(float f)
+{
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    uint32_t sign = (bits >> 16) & 0x8000, mantissa = bits & 0x7fffff;
+    int exponent = (int)((bits >> 23) & 0xff) - 127 + 15;
+    if (exponent >= 31)
+        return (uint16_t)(sign | 0x7c00);
+    if (exponent <= 0) {
+        if (exponent < -10)
+            return (uint16_t)sign;
+        mantissa |= 0x800000;
+        int shift = 14 - exponent;
+        uint32_t half = mantissa >> shift, rest = mantissa & ((1u << shift) - 1),
+                 halfway = 1u << (shift - 1);
+        if (rest > halfway || (rest == halfway && (half & 1)))
+            half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = sign | ((uint32_t)exponent << 10) | (mantissa >> 13), rest = mantissa & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (half & 1)))
+        half++; /* a carry into the exponent is still the right rounding */
+    return (uint16_t)half;
+}
+
+static float decode_f16(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    float f;
+    if (exponent == 0) {
+        f = (float)mantissa * 0x1p-24f;
+        return sign ? -f : f;
+    }
+    uint32_t bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static size_t dtype_bytes(TinyDtype d) { return d == TINY_F32 ? 4 : 2; }
+static const char *dtype_name(TinyDtype d) { return d == TINY_F32 ? "F32" : d == TINY_F16 ? "F16" : "BF16"; }
+
+/* ---- Tensors ---- */
+
+static TinyTensor *add_tensor(TinyCheckpoint *ck, const char *name, int rows, int cols)
+{
+    ck->tensors = kv_realloc(ck->tensors, (size_t)(ck->n_tensors + 1) * sizeof *ck->tensors);
+    TinyTensor *t = &ck->tensors[ck->n_tensors++];
+    memset(t, 0, sizeof *t);
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->n_dims = cols ? 2 : 1;
+    t->shape[0] = rows;
+    t->shape[1] = cols;
+    t->values = kv_malloc((size_t)rows * (cols ? cols : 1) * sizeof(float));
+    return t;
+}
+
+static size_t tensor_size(const TinyTensor *t)
+{
+    return (size_t)t->shape[0] * (t->n_dims == 2 ? (size_t)t->shape[1] : 1);
+}
+
+/* N(mean, sd^2) values rounded to the checkpoint's dtype. */
+static void fill(TinyCheckpoint *ck, gsl_rng *rng, const char *name, int rows, int cols,
+                 double mean, double sd)
+{
+    TinyTensor *t = add_tensor(ck, name, rows, cols);
+    for (size_t i = 0; i < tensor_size(t); i++) {
+        float x = (float)(mean + gsl_ran_gaussian(rng, sd));
+        if (ck->spec.dtype == TINY_BF16)
+            x = decode_bf16(encode_bf16(x));
+        else if (ck->spec.dtype == TINY_F16)
+            x = decode_f16(encode_f16(x));
+        t->values[i] = x;
+    }
+}
+
+static void generate(TinyCheckpoint *ck)
+{
+    const TinyCheckpointSpec *s = &ck->spec;
+    int H = s->hidden_size, D = s->head_dim > 0 ? s->head_dim : s->hidden_size / s->n_q_heads;
+    int q_dim = s->n_q_heads * D, kv_dim = s->n_kv_heads * D, I = s->intermediate_size;
+    int qwen2 = !strcmp(s->architecture, "Qwen2ForCausalLM");
+    int qwen3 = !strcmp(s->architecture, "Qwen3ForCausalLM");
+    int qkv_bias = qwen2 || s->attention_bias, o_bias = !qwen2 && s->attention_bias;
+    /* Projections scaled so that attention is far from uniform: scores have sd ~ 2. */
+    double proj_sd = 1.5 / sqrt((double)H);
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    gsl_rng_set(rng, (unsigned long)s->seed);
+    fill(ck, rng, "model.embed_tokens.weight", s->vocab_size, H, 0, 1);
+    char name[128];
+    for (int l = 0; l < s->n_layers; l++) {
+#define NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix), name)
+        fill(ck, rng, NAME("input_layernorm.weight"), H, 0, 1, 0.1);
+        fill(ck, rng, NAME("self_attn.q_proj.weight"), q_dim, H, 0, proj_sd);
+        fill(ck, rng, NAME("self_attn.k_proj.weight"), kv_dim, H, 0, proj_sd);
+        fill(ck, rng, NAME("self_attn.v_proj.weight"), kv_dim, H, 0, proj_sd);
+        fill(ck, rng, NAME("self_attn.o_proj.weight"), H, q_dim, 0, 1 / sqrt((double)q_dim));
+        if (qkv_bias) {
+            fill(ck, rng, NAME("self_attn.q_proj.bias"), q_dim, 0, 0, 0.3);
+            fill(ck, rng, NAME("self_attn.k_proj.bias"), kv_dim, 0, 0, 0.3);
+            fill(ck, rng, NAME("self_attn.v_proj.bias"), kv_dim, 0, 0, 0.3);
+        }
+        if (o_bias)
+            fill(ck, rng, NAME("self_attn.o_proj.bias"), H, 0, 0, 0.3);
+        if (qwen3) {
+            fill(ck, rng, NAME("self_attn.q_norm.weight"), D, 0, 1, 0.2);
+            fill(ck, rng, NAME("self_attn.k_norm.weight"), D, 0, 1, 0.2);
+        }
+        fill(ck, rng, NAME("post_attention_layernorm.weight"), H, 0, 1, 0.1);
+        fill(ck, rng, NAME("mlp.gate_proj.weight"), I, H, 0, 1 / sqrt((double)H));
+        fill(ck, rng, NAME("mlp.up_proj.weight"), I, H, 0, 1 / sqrt((double)H));
+        fill(ck, rng, NAME("mlp.down_proj.weight"), H, I, 0, 1 / sqrt((double)I));
+#undef NAME
+    }
+    fill(ck, rng, "model.norm.weight", H, 0, 1, 0.1);
+    if (!s->tie_word_embeddings)
+        fill(ck, rng, "lm_head.weight", s->vocab_size, H, 0, 1 / sqrt((double)H));
+    gsl_rng_free(rng);
+}
+
+/* ---- Files ---- */
+
+static void write_file(const char *path, const void *data, size_t len)
+{
+    FILE *fp = fopen(path, "wb");
+    if (!fp || fwrite(data, 1, len, fp) != len || fclose(fp) != 0)
+        fail_msg("cannot write %s", path);
+}
+
+static char *read_file(const char *path, size_t *len)
+{
+    FILE *fp = fopen(path, "rb");
+    if (!fp)
+        fail_msg("cannot read %s", path);
+    fseek(fp, 0, SEEK_END);
+    long size = ftell(fp);
+    fseek(fp, 0, SEEK_SET);
+    char *buf = kv_malloc((size_t)size + 1);
+    if (fread(buf, 1, (size_t)size, fp) != (size_t)size)
+        fail_msg("cannot read %s", path);
+    fclose(fp);
+    buf[size] = '\0';
+    *len = (size_t)size;
+    return buf;
+}
+
+/* 8-byte little-endian header length, header (padded with spaces as the Python writer does,
+ * unless unaligned), data. */
+static void write_safetensors_raw(const char *path, const char *header_json, size_t header_pad_to,
+                                  const unsigned char *data, size_t data_len)
+{
+    size_t header_len = strlen(header_json);
+    size_t padded = header_len;
+    while ((8 + padded) % header_pad_to != (header_pad_to == 4 ? 2 : 0))
+        padded++;
+    size_t total = 8 + padded + data_len;
+    unsigned char *buf = kv_malloc(total);
+    for (int i = 0; i < 8; i++)
+        buf[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    memcpy(buf + 8, header_json, header_len);
+    memset(buf + 8 + header_len, ' ', padded - header_len);
+    memcpy(buf + 8 + padded, data, data_len);
+    write_file(path, buf, total);
+    free(buf);
+}
+
+static void write_shard(const TinyCheckpoint *ck, const char *path, int first, int end)
+{
+    cJSON *header = cJSON_CreateObject();
+    cJSON *meta = cJSON_AddObjectToObject(header, "__metadata__");
+    cJSON_AddStringToObject(meta, "format", "pt");
+    size_t data_len = 0;
+    for (int i = first; i < end; i++)
+        data_len += tensor_size(&ck->tensors[i]) * dtype_bytes(ck->spec.dtype);
+    unsigned char *data = kv_malloc(data_len ? data_len : 1);
+    size_t at = 0;
+    for (int i = first; i < end; i++) {
+        const TinyTensor *t = &ck->tensors[i];
+        cJSON *entry = cJSON_AddObjectToObject(header, t->name);
+        cJSON_AddStringToObject(entry, "dtype", dtype_name(ck->spec.dtype));
+        cJSON *shape = cJSON_AddArrayToObject(entry, "shape");
+        for (int d = 0; d < t->n_dims; d++)
+            cJSON_AddItemToArray(shape, cJSON_CreateNumber(t->shape[d]));
+        size_t n = tensor_size(t), bytes = n * dtype_bytes(ck->spec.dtype);
+        cJSON *offsets = cJSON_AddArrayToObject(entry, "data_offsets");
+        cJSON_AddItemToArray(offsets, cJSON_CreateNumber((double)at));
+        cJSON_AddItemToArray(offsets, cJSON_CreateNumber((double)(at + bytes)));
+        for (size_t e = 0; e < n; e++) {
+            uint32_t word;
+            if (ck->spec.dtype == TINY_F32)
+                memcpy(&word, &t->values[e], 4);
+            else
+                word = ck->spec.dtype == TINY_F16 ? encode_f16(t->values[e])
+                                                  : encode_bf16(t->values[e]);
+            for (size_t b = 0; b < dtype_bytes(ck->spec.dtype); b++)
+                data[at + e * dtype_bytes(ck->spec.dtype) + b] = (unsigned char)(word >> (8 * b));
+        }
+        at += bytes;
+    }
+    char *text = cJSON_PrintUnformatted(header);
+    write_safetensors_raw(path, text, ck->spec.unaligned ? 4 : 8, data, data_len);
+    cJSON_free(text);
+    cJSON_Delete(header);
+    free(data);
+}
+
+static void write_config(const TinyCheckpoint *ck, const char *dir)
+{
+    const TinyCheckpointSpec *s = &ck->spec;
+    cJSON *c = cJSON_CreateObject();
+    cJSON *archs = cJSON_AddArrayToObject(c, "architectures");
+    cJSON_AddItemToArray(archs, cJSON_CreateString(s->architecture));
+    cJSON_AddStringToObject(c, "hidden_act", "silu");
+    cJSON_AddNumberToObject(c, "hidden_size", s->hidden_size);
+    cJSON_AddNumberToObject(c, "intermediate_size", s->intermediate_size);
+    cJSON_AddNumberToObject(c, "num_hidden_layers", s->n_layers);
+    cJSON_AddNumberToObject(c, "num_attention_heads", s->n_q_heads);
+    cJSON_AddNumberToObject(c, "num_key_value_heads", s->n_kv_heads);
+    if (s->head_dim > 0)
+        cJSON_AddNumberToObject(c, "head_dim", s->head_dim);
+    cJSON_AddNumberToObject(c, "vocab_size", s->vocab_size);
+    cJSON_AddNumberToObject(c, "rms_norm_eps", s->rms_norm_eps);
+    cJSON_AddNumberToObject(c, "rope_theta", s->rope_theta);
+    cJSON_AddNumberToObject(c, "max_position_embeddings", s->max_position_embeddings);
+    cJSON_AddBoolToObject(c, "tie_word_embeddings", s->tie_word_embeddings);
+    cJSON_AddBoolToObject(c, "attention_bias", s->attention_bias);
+    cJSON_AddStringToObject(c, "torch_dtype", s->dtype == TINY_F32 ? "float32" :
+                            s->dtype == TINY_F16 ? "float16" : "bfloat16");
+    if (s->eos_token_id >= 0)
+        cJSON_AddNumberToObject(c, "eos_token_id", s->eos_token_id);
+    if (s->rope_scaling) {
+        cJSON *scaling = cJSON_Parse(s->rope_scaling);
+        if (!scaling)
+            fail_msg("tiny_ckpt: rope_scaling is not JSON: %s", s->rope_scaling);
+        cJSON_AddItemToObject(c, "rope_scaling", scaling);
+    } else {
+        cJSON_AddNullToObject(c, "rope_scaling");
+    }
+    char *text = cJSON_Print(c);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    write_file(path, text, strlen(text));
+    cJSON_free(text);
+    cJSON_Delete(c);
+}
+
+TinyCheckpoint *tiny_ckpt_write(const char *dir, const TinyCheckpointSpec *spec)
+{
+    TinyCheckpoint *ck = kv_calloc(1, sizeof *ck);
+    ck->spec = *spec;
+    generate(ck);
+    write_config(ck, dir);
+    char path[4096];
+    if (spec->n_shards <= 1) {
+        snprintf(path, sizeof path, "%s/model.safetensors", dir);
+        write_shard(ck, path, 0, ck->n_tensors);
+        return ck;
+    }
+    /* Two shards split in the middle of the tensor list, so layers straddle files. */
+    int split = ck->n_tensors / 2;
+    const char *shard_names[2] = {"model-00001-of-00002.safetensors",
+                                  "model-00002-of-00002.safetensors"};
+    cJSON *index = cJSON_CreateObject();
+    cJSON_AddObjectToObject(index, "metadata");
+    cJSON *map = cJSON_AddObjectToObject(index, "weight_map");
+    for (int s = 0; s < 2; s++) {
+        int first = s ? split : 0, end = s ? ck->n_tensors : split;
+        snprintf(path, sizeof path, "%s/%s", dir, shard_names[s]);
+        write_shard(ck, path, first, end);
+        for (int i = first; i < end; i++)
+            cJSON_AddStringToObject(map, ck->tensors[i].name, shard_names[s]);
+    }
+    char *text = cJSON_Print(index);
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    write_file(path, text, strlen(text));
+    cJSON_free(text);
+    cJSON_Delete(index);
+    return ck;
+}
+
+void tiny_ckpt_free(TinyCheckpoint *ck)
+{
+    if (!ck)
+        return;
+    for (int i = 0; i < ck->n_tensors; i++)
+        free(ck->tensors[i].values);
+    free(ck->tensors);
+    free(ck);
+}
+
+const float *tiny_ckpt_tensor(const TinyCheckpoint *ck, const char *name)
+{
+    for (int i = 0; i < ck->n_tensors; i++)
+        if (!strcmp(ck->tensors[i].name, name))
+            return ck->tensors[i].values;
+    return NULL;
+}
+
+void tiny_ckpt_set_config(const char *dir, const char *key, const char *json_value)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    size_t len;
+    char *text = read_file(path, &len);
+    cJSON *c = cJSON_Parse(text);
+    free(text);
+    if (!c)
+        fail_msg("tiny_ckpt_set_config: %s is not JSON", path);
+    cJSON_DeleteItemFromObjectCaseSensitive(c, key);
+    if (json_value) {
+        cJSON *value = cJSON_Parse(json_value);
+        if (!value)
+            fail_msg("tiny_ckpt_set_config: bad value %s", json_value);
+        cJSON_AddItemToObject(c, key, value);
+    }
+    text = cJSON_Print(c);
+    write_file(path, text, strlen(text));
+    cJSON_free(text);
+    cJSON_Delete(c);
+}
+
+void tiny_ckpt_edit_header(const char *path, const char *tensor, const char *field,
+                           const char *json_value)
+{
+    size_t len;
+    char *bytes = read_file(path, &len);
+    uint64_t header_len = 0;
+    for (int i = 7; i >= 0; i--)
+        header_len = (header_len << 8) | (unsigned char)bytes[i];
+    if (header_len > len - 8)
+        fail_msg("tiny_ckpt_edit_header: %s has a bad header", path);
+    cJSON *header = cJSON_ParseWithLength(bytes + 8, (size_t)header_len);
+    cJSON *entry = cJSON_GetObjectItemCaseSensitive(header, tensor);
+    if (!entry)
+        fail_msg("tiny_ckpt_edit_header: no tensor %s in %s", tensor, path);
+    if (!json_value) {
+        cJSON_DeleteItemFromObjectCaseSensitive(header, tensor);
+    } else {
+        cJSON_DeleteItemFromObjectCaseSensitive(entry, field);
+        cJSON_AddItemToObject(entry, field, cJSON_Parse(json_value));
+    }
+    char *text = cJSON_PrintUnformatted(header);
+    size_t data_start = 8 + (size_t)header_len;
+    write_safetensors_raw(path, text, 8, (const unsigned char *)bytes + data_start,
+                          len - data_start);
+    cJSON_free(text);
+    cJSON_Delete(header);
+    free(bytes);
+}
+
+/* GPT-2's bytes_to_unicode: printable bytes map to themselves, the others to 256, 257, ... */
+static unsigned byte_code_point(unsigned b)
+{
+    unsigned next = 256;
+    for (unsigned x = 0; x < 256; x++) {
+        int printable = (x >= '!' && x <= '~') || (x >= 0xA1 && x <= 0xAC) || x >= 0xAE;
+        if (x == b)
+            return printable ? x : next;
+        if (!printable)
+            next++;
+    }
+    return 0;
+}
+
+/* The byte-level spelling of raw text as a JSON string (with quotes). */
+static cJSON *byte_level_string(const char *raw)
+{
+    char buf[64];
+    size_t at = 0;
+    for (const unsigned char *c = (const unsigned char *)raw; *c; c++) {
+        unsigned cp = byte_code_point(*c);
+        if (cp < 0x80) {
+            buf[at++] = (char)cp;
+        } else {
+            buf[at++] = (char)(0xC0 | (cp >> 6));
+            buf[at++] = (char)(0x80 | (cp & 0x3F));
+        }
+    }
+    buf[at] = '\0';
+    return cJSON_CreateString(buf);
+}
+
+void tiny_ckpt_write_tokenizer(const char *dir)
+{
+    static const char *const merged[][3] = {
+        {"t", "h", "th"}, {"th", "e", "the"}, {" ", "t", " t"}, {"i", "n", "in"}};
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "version", "1.0");
+    cJSON *added = cJSON_AddArrayToObject(root, "added_tokens");
+    const char *specials[2] = {"<s>", "</s>"};
+    for (int i = 0; i < 2; i++) {
+        cJSON *t = cJSON_CreateObject();
+        cJSON_AddNumberToObject(t, "id", TINY_BOS + i);
+        cJSON_AddStringToObject(t, "content", specials[i]);
+        cJSON_AddBoolToObject(t, "special", 1);
+        cJSON_AddItemToArray(added, t);
+    }
+    cJSON_AddNullToObject(root, "normalizer");
+    cJSON *pre = cJSON_AddObjectToObject(root, "pre_tokenizer");
+    cJSON_AddStringToObject(pre, "type", "ByteLevel");
+    cJSON_AddBoolToObject(pre, "add_prefix_space", 0);
+    cJSON_AddBoolToObject(pre, "use_regex", 1);
+    cJSON *decoder = cJSON_AddObjectToObject(root, "decoder");
+    cJSON_AddStringToObject(decoder, "type", "ByteLevel");
+    cJSON *model = cJSON_AddObjectToObject(root, "model");
+    cJSON_AddStringToObject(model, "type", "BPE");
+    cJSON *vocab = cJSON_AddObjectToObject(model, "vocab");
+    for (int b = 0; b < 256; b++) {
+        char raw[2] = {(char)b, 0};
+        cJSON *spelled = b ? byte_level_string(raw) : cJSON_CreateString("\xC4\x80");
+        cJSON_AddNumberToObject(vocab, spelled->valuestring, b);
+        cJSON_Delete(spelled);
+    }
+    cJSON *merges = cJSON_AddArrayToObject(model, "merges");
+    for (int i = 0; i < 4; i++) {
+        cJSON *left = byte_level_string(merged[i][0]), *right = byte_level_string(merged[i][1]);
+        cJSON *whole = byte_level_string(merged[i][2]);
+        char pair[64];
+        snprintf(pair, sizeof pair, "%s %s", left->valuestring, right->valuestring);
+        cJSON_AddItemToArray(merges, cJSON_CreateString(pair));
+        cJSON_AddNumberToObject(vocab, whole->valuestring, 256 + i);
+        cJSON_Delete(left);
+        cJSON_Delete(right);
+        cJSON_Delete(whole);
+    }
+    char *text = cJSON_Print(root);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    write_file(path, text, strlen(text));
+    cJSON_free(text);
+    cJSON_Delete(root);
+    const char *config = "{\"bos_token\": \"<s>\", \"eos_token\": \"</s>\", \"add_bos_token\": true}";
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
+    write_file(path, config, strlen(config));
+}

@@ -1,0 +1,69 @@
+/* tiny_ckpt.h — tiny random Hugging Face checkpoints for tests: config.json plus safetensors
+ * (one file or two shards with model.safetensors.index.json), written with code independent of
+ * traces/, deterministic in the seed.
+ *
+ * The tensors are also kept in memory, decoded exactly as the file stores them (after rounding
+ * to BF16/F16), so that a test's reference computation uses the same numbers as the model
+ * loaded from disk without going through the loader under test. */
+#ifndef KVSIM_TEST_TINY_CKPT_H
+#define KVSIM_TEST_TINY_CKPT_H
+
+#include <stdint.h>
+
+typedef enum { TINY_F32, TINY_F16, TINY_BF16 } TinyDtype;
+
+typedef struct {
+    const char *architecture; /* "LlamaForCausalLM", "Qwen2ForCausalLM", ... */
+    int n_layers, hidden_size, intermediate_size, n_q_heads, n_kv_heads, vocab_size;
+    int head_dim;             /* written to config.json when > 0 (else hidden / heads) */
+    double rope_theta, rms_norm_eps;
+    int tie_word_embeddings;  /* no lm_head.weight tensor */
+    int attention_bias;       /* Llama/Qwen3: q/k/v/o biases (Qwen2 always has q/k/v biases) */
+    TinyDtype dtype;
+    int n_shards;             /* 1: model.safetensors; 2: index + two shards */
+    int unaligned;            /* header not padded: F32 data lands at odd offsets */
+    const char *rope_scaling; /* JSON object text for "rope_scaling", or NULL */
+    int max_position_embeddings;
+    int eos_token_id;         /* -1: none */
+    uint64_t seed;
+} TinyCheckpointSpec;
+
+typedef struct {
+    char name[128];
+    int n_dims;
+    int shape[2];
+    float *values; /* as stored in the file, decoded */
+} TinyTensor;
+
+typedef struct {
+    TinyCheckpointSpec spec;
+    int n_tensors;
+    TinyTensor *tensors;
+} TinyCheckpoint;
+
+/* 2 layers, hidden 64, 4 heads, 2 KV heads, head_dim 16, intermediate 96, vocab 300, F32,
+ * Llama, theta 10000, eps 1e-5, one file, seed 1. */
+TinyCheckpointSpec tiny_ckpt_default_spec(void);
+
+/* Writes the checkpoint into dir (which must exist, e.g. from scratch_create()). */
+TinyCheckpoint *tiny_ckpt_write(const char *dir, const TinyCheckpointSpec *spec);
+void tiny_ckpt_free(TinyCheckpoint *ck);
+/* The decoded values of tensor `name`, or NULL when the checkpoint has none. */
+const float *tiny_ckpt_tensor(const TinyCheckpoint *ck, const char *name);
+
+/* A byte-level BPE tokenizer.json (GPT-2 style) and tokenizer_config.json in dir: ids 0..255
+ * are the bytes, 256.. a few merges ("th", "the", " t", "in"), added tokens "<s>" = 290 (BOS,
+ * prepended) and "</s>" = 291 (EOS); every id fits the default vocab of 300. */
+void tiny_ckpt_write_tokenizer(const char *dir);
+#define TINY_BOS 290
+#define TINY_EOS 291
+
+/* Config edits for error tests: sets key to the JSON value text, or deletes it (value NULL). */
+void tiny_ckpt_set_config(const char *dir, const char *key, const char *json_value);
+/* Replaces field (e.g. "dtype", "shape", "data_offsets") of a tensor's entry in the header of
+ * a safetensors file with the JSON value text, keeping the data area; value NULL deletes the
+ * whole tensor entry. */
+void tiny_ckpt_edit_header(const char *path, const char *tensor, const char *field,
+                           const char *json_value);
+
+#endif

@@ -1,0 +1,509 @@
+/* The C forward pass against an independent reference: plain loops in double over the whole
+ * sequence at once (no cache, no BLAS), following the Hugging Face modeling code's math, on
+ * tiny random checkpoints of every supported variant. Logits, post-RoPE Q/K/V and attention
+ * probabilities must agree to 1e-4 relative (max-norm), whatever the chunking of the prompt
+ * and for decode steps. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "tests/support/scratch.h"
+#include "tests/support/tiny_ckpt.h"
+#include "traces/forward.h"
+#include "traces/model.h"
+
+#define TOLERANCE 1e-4
+
+/* ---- Reference ---- */
+
+typedef struct {
+    int L, H, I, Hq, Hkv, D, V, T;
+    double *logits; /* [T][V] */
+    double *q;      /* [L][Hq][T][D] post-RoPE */
+    double *k, *v;  /* [L][Hkv][T][D] */
+    double *probs;  /* [L][Hq][T][T] attention of query t over key j */
+} Reference;
+
+static double *ref_at(double *base, int outer, int heads, int h, int T, int t, int D)
+{
+    return base + (((size_t)outer * heads + h) * T + t) * D;
+}
+
+/* HF: inv_freq = 1 / base^(arange(0, dim, 2) / dim), then the rope_scaling rule. Written as
+ * HF writes it (masks over all frequencies), not as traces/model.c does. */
+static void ref_inv_freq(const TinyCheckpointSpec *s, const char *type, double factor,
+                         double low, double high, double old_context, int T, double *out)
+{
+    int D = s->head_dim;
+    double base = s->rope_theta;
+    if (!strcmp(type, "dynamic")) {
+        double seq_len = T > s->max_position_embeddings ? T : s->max_position_embeddings;
+        base = base * pow(factor * seq_len / s->max_position_embeddings - (factor - 1),
+                          (double)D / (D - 2));
+    }
+    for (int i = 0; i < D / 2; i++)
+        out[i] = 1.0 / pow(base, (2.0 * i) / D);
+    if (!strcmp(type, "linear"))
+        for (int i = 0; i < D / 2; i++)
+            out[i] /= factor;
+    if (!strcmp(type, "llama3")) {
+        double low_wavelen = old_context / low, high_wavelen = old_context / high;
+        for (int i = 0; i < D / 2; i++) {
+            double wavelen = 2 * 3.14159265358979323846 / out[i];
+            double llama = wavelen > low_wavelen ? out[i] / factor : out[i];
+            double smooth = (old_context / wavelen - low) / (high - low);
+            double smoothed = (1 - smooth) * llama / factor + smooth * llama;
+            int is_medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+            out[i] = is_medium ? smoothed : llama;
+        }
+    }
+}
+
+static const float *W(const TinyCheckpoint *ck, int layer, const char *suffix)
+{
+    char name[128];
+    if (layer >= 0)
+        snprintf(name, sizeof name, "model.layers.%d.%s", layer, suffix);
+    else
+        snprintf(name, sizeof name, "%s", suffix);
+    return tiny_ckpt_tensor(ck, name);
+}
+
+static void ref_rmsnorm(double *out, const double *x, const float *w, int n, double eps)
+{
+    double ms = 0;
+    for (int i = 0; i < n; i++)
+        ms += x[i] * x[i];
+    ms /= n;
+    for (int i = 0; i < n; i++)
+        out[i] = w[i] * (x[i] / sqrt(ms + eps));
+}
+
+/* y[o] = sum_i W[o][i] x[i] + b[o] */
+static void ref_linear(double *y, const float *Wt, const float *b, const double *x, int in,
+                       int out)
+{
+    for (int o = 0; o < out; o++) {
+        double acc = b ? b[o] : 0;
+        for (int i = 0; i < in; i++)
+            acc += (double)Wt[(size_t)o * in + i] * x[i];
+        y[o] = acc;
+    }
+}
+
+/* q * cos + rotate_half(q) * sin, cos = cat(cos(freqs), cos(freqs)). */
+static void ref_rope(double *x, int D, const double *inv_freq, int position)
+{
+    double rotated[256];
+    for (int i = 0; i < D; i++) {
+        double freq = inv_freq[i % (D / 2)] * position;
+        double rot_half = i < D / 2 ? -x[i + D / 2] : x[i - D / 2];
+        rotated[i] = x[i] * cos(freq) + rot_half * sin(freq);
+    }
+    memcpy(x, rotated, (size_t)D * sizeof *x);
+}
+
+static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens, int T,
+                                const double *inv_freq)
+{
+    const TinyCheckpointSpec *s = &ck->spec;
+    Reference *r = kv_calloc(1, sizeof *r);
+    int L = r->L = s->n_layers, H = r->H = s->hidden_size, I = r->I = s->intermediate_size;
+    int Hq = r->Hq = s->n_q_heads, Hkv = r->Hkv = s->n_kv_heads, D = r->D = s->head_dim;
+    int V = r->V = s->vocab_size;
+    r->T = T;
+    double eps = s->rms_norm_eps;
+    int qwen3 = !strcmp(s->architecture, "Qwen3ForCausalLM");
+    r->logits = kv_calloc((size_t)T * V, sizeof(double));
+    r->q = kv_calloc((size_t)L * Hq * T * D, sizeof(double));
+    r->k = kv_calloc((size_t)L * Hkv * T * D, sizeof(double));
+    r->v = kv_calloc((size_t)L * Hkv * T * D, sizeof(double));
+    r->probs = kv_calloc((size_t)L * Hq * T * T, sizeof(double));
+
+    double *hidden = kv_calloc((size_t)T * H, sizeof(double));
+    double *normed = kv_calloc((size_t)H, sizeof(double));
+    double *proj = kv_calloc((size_t)(Hq > Hkv ? Hq : Hkv) * D + H + I, sizeof(double));
+    double *attn = kv_calloc((size_t)T * Hq * D, sizeof(double));
+    double *gate = kv_calloc((size_t)I, sizeof(double)), *up = kv_calloc((size_t)I, sizeof(double));
+    double *delta = kv_calloc((size_t)H, sizeof(double));
+    const float *emb = W(ck, -1, "model.embed_tokens.weight");
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < H; i++)
+            hidden[(size_t)t * H + i] = emb[(size_t)tokens[t] * H + i];
+
+    for (int l = 0; l < L; l++) {
+        /* Projections, per-head norm and RoPE for every token. */
+        for (int t = 0; t < T; t++) {
+            ref_rmsnorm(normed, hidden + (size_t)t * H, W(ck, l, "input_layernorm.weight"), H, eps);
+            struct {
+                const char *w, *b, *norm;
+                int heads;
+                double *dst;
+            } parts[3] = {
+                {"self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.q_norm.weight", Hq, r->q},
+                {"self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.k_norm.weight", Hkv, r->k},
+                {"self_attn.v_proj.weight", "self_attn.v_proj.bias", NULL, Hkv, r->v},
+            };
+            for (int p = 0; p < 3; p++) {
+                ref_linear(proj, W(ck, l, parts[p].w), W(ck, l, parts[p].b), normed, H,
+                           parts[p].heads * D);
+                for (int h = 0; h < parts[p].heads; h++) {
+                    double *dst = ref_at(parts[p].dst, l, parts[p].heads, h, T, t, D);
+                    memcpy(dst, proj + (size_t)h * D, (size_t)D * sizeof(double));
+                    if (p < 2 && qwen3)
+                        ref_rmsnorm(dst, dst, W(ck, l, parts[p].norm), D, eps);
+                    if (p < 2)
+                        ref_rope(dst, D, inv_freq, t);
+                }
+            }
+        }
+        /* Causal attention, GQA: query head h reads KV head h / (Hq / Hkv). */
+        for (int h = 0; h < Hq; h++) {
+            int g = h / (Hq / Hkv);
+            for (int t = 0; t < T; t++) {
+                double *p = r->probs + (((size_t)l * Hq + h) * T + t) * T;
+                double max = -INFINITY, sum = 0;
+                for (int j = 0; j <= t; j++) {
+                    double dot = 0;
+                    for (int d = 0; d < D; d++)
+                        dot += ref_at(r->q, l, Hq, h, T, t, D)[d] * ref_at(r->k, l, Hkv, g, T, j, D)[d];
+                    p[j] = dot / sqrt((double)D);
+                    max = fmax(max, p[j]);
+                }
+                for (int j = 0; j <= t; j++)
+                    sum += p[j] = exp(p[j] - max);
+                for (int j = 0; j <= t; j++)
+                    p[j] /= sum;
+                for (int d = 0; d < D; d++) {
+                    double acc = 0;
+                    for (int j = 0; j <= t; j++)
+                        acc += p[j] * ref_at(r->v, l, Hkv, g, T, j, D)[d];
+                    attn[((size_t)t * Hq + h) * D + d] = acc;
+                }
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            double *x = hidden + (size_t)t * H;
+            ref_linear(delta, W(ck, l, "self_attn.o_proj.weight"), W(ck, l, "self_attn.o_proj.bias"),
+                       attn + (size_t)t * Hq * D, Hq * D, H);
+            for (int i = 0; i < H; i++)
+                x[i] += delta[i];
+            ref_rmsnorm(normed, x, W(ck, l, "post_attention_layernorm.weight"), H, eps);
+            ref_linear(gate, W(ck, l, "mlp.gate_proj.weight"), NULL, normed, H, I);
+            ref_linear(up, W(ck, l, "mlp.up_proj.weight"), NULL, normed, H, I);
+            for (int i = 0; i < I; i++)
+                gate[i] = gate[i] / (1 + exp(-gate[i])) * up[i];
+            ref_linear(delta, W(ck, l, "mlp.down_proj.weight"), NULL, gate, I, H);
+            for (int i = 0; i < H; i++)
+                x[i] += delta[i];
+        }
+    }
+    const float *head = s->tie_word_embeddings ? emb : W(ck, -1, "lm_head.weight");
+    for (int t = 0; t < T; t++) {
+        ref_rmsnorm(normed, hidden + (size_t)t * H, W(ck, -1, "model.norm.weight"), H, eps);
+        ref_linear(r->logits + (size_t)t * V, head, NULL, normed, H, V);
+    }
+    free(hidden);
+    free(normed);
+    free(proj);
+    free(attn);
+    free(gate);
+    free(up);
+    free(delta);
+    return r;
+}
+
+static void reference_free(Reference *r)
+{
+    free(r->logits);
+    free(r->q);
+    free(r->k);
+    free(r->v);
+    free(r->probs);
+    free(r);
+}
+
+/* ---- Capturing what the C forward pass computes ---- */
+
+typedef struct {
+    const Reference *ref;
+    float *q, *k, *v; /* same layout as the reference */
+    int attention_every; /* report the attention of positions divisible by this */
+    int n_attention_checked;
+    double worst_attention;
+} Capture;
+
+static void capture_qkv(void *user, int layer, int t0, int n, const float *q, const float *k,
+                        const float *v)
+{
+    Capture *c = user;
+    const Reference *r = c->ref;
+    for (int part = 0; part < 3; part++) {
+        int heads = part == 0 ? r->Hq : r->Hkv;
+        const float *src = part == 0 ? q : part == 1 ? k : v;
+        float *dst = part == 0 ? c->q : part == 1 ? c->k : c->v;
+        for (int h = 0; h < heads; h++)
+            memcpy(dst + (((size_t)layer * heads + h) * r->T + t0) * r->D,
+                   src + (size_t)h * n * r->D, (size_t)n * r->D * sizeof(float));
+    }
+}
+
+static int wants_attention(void *user, int position)
+{
+    return position % ((Capture *)user)->attention_every == 0;
+}
+
+static void capture_attention(void *user, int layer, int position, const float *probs)
+{
+    Capture *c = user;
+    const Reference *r = c->ref;
+    assert_int_equal(position % c->attention_every, 0);
+    double worst = 0, largest = 0;
+    for (int h = 0; h < r->Hq; h++) {
+        const double *want = r->probs + (((size_t)layer * r->Hq + h) * r->T + position) * r->T;
+        for (int j = 0; j <= position; j++) {
+            worst = fmax(worst, fabs(probs[(size_t)h * (position + 1) + j] - want[j]));
+            largest = fmax(largest, fabs(want[j]));
+        }
+    }
+    c->worst_attention = fmax(c->worst_attention, worst / largest);
+    c->n_attention_checked++;
+}
+
+/* max |got - want| / max |want| */
+static double rel_error_f(const float *got, const double *want, size_t n)
+{
+    double worst = 0, largest = 0;
+    for (size_t i = 0; i < n; i++) {
+        worst = fmax(worst, fabs(got[i] - want[i]));
+        largest = fmax(largest, fabs(want[i]));
+    }
+    assert_true(largest > 0);
+    return worst / largest;
+}
+
+/* ---- The scenarios ---- */
+
+typedef struct {
+    TinyCheckpointSpec spec;
+    const char *rope_type; /* reference's reading of spec.rope_scaling */
+    double factor, low, high, old_context;
+} Variant;
+
+#define N_TOKENS 27
+#define N_PROMPT 19
+
+static void tokens_for(const TinyCheckpointSpec *s, int32_t *tokens)
+{
+    for (int t = 0; t < N_TOKENS; t++)
+        tokens[t] = (int32_t)((t * 37 + 11) % s->vocab_size);
+}
+
+/* Feeds the tokens with the given prompt chunk size, then decode steps of one token, checks
+ * every logit vector returned, every Q/K/V and some attention rows against the reference. */
+static void run_and_compare(Model *model, const TinyCheckpoint *ck, const Reference *ref,
+                            const int32_t *tokens, const double *inv_freq, int chunk_size,
+                            int n_prompt)
+{
+    int T = ref->T;
+    Capture cap = {.ref = ref, .attention_every = 4};
+    cap.q = kv_calloc((size_t)ref->L * ref->Hq * T * ref->D, sizeof(float));
+    cap.k = kv_calloc((size_t)ref->L * ref->Hkv * T * ref->D, sizeof(float));
+    cap.v = kv_calloc((size_t)ref->L * ref->Hkv * T * ref->D, sizeof(float));
+    ForwardObserver obs = {&cap, capture_qkv, wants_attention, capture_attention};
+    RunState *s = run_state_new(model, T, chunk_size, inv_freq);
+
+    const float *logits = forward_prompt(s, tokens, n_prompt, &obs);
+    assert_non_null(logits);
+    assert_true(rel_error_f(logits, ref->logits + (size_t)(n_prompt - 1) * ref->V, (size_t)ref->V) <
+                TOLERANCE);
+    for (int t = n_prompt; t < T; t++) {
+        logits = forward_tokens(s, tokens + t, 1, 1, &obs);
+        assert_true(rel_error_f(logits, ref->logits + (size_t)t * ref->V, (size_t)ref->V) <
+                    TOLERANCE);
+    }
+    assert_int_equal(s->n_cached, T);
+    double eq = rel_error_f(cap.q, ref->q, (size_t)ref->L * ref->Hq * T * ref->D);
+    double ek = rel_error_f(cap.k, ref->k, (size_t)ref->L * ref->Hkv * T * ref->D);
+    double ev = rel_error_f(cap.v, ref->v, (size_t)ref->L * ref->Hkv * T * ref->D);
+    assert_true(eq < TOLERANCE);
+    assert_true(ek < TOLERANCE);
+    assert_true(ev < TOLERANCE);
+    /* The cache holds exactly what the observer saw. */
+    for (int l = 0; l < ref->L; l++)
+        for (int g = 0; g < ref->Hkv; g++)
+            assert_memory_equal(run_state_keys(s, l, g),
+                                cap.k + ((size_t)l * ref->Hkv + g) * T * ref->D,
+                                (size_t)T * ref->D * sizeof(float));
+    /* Positions 0, 4, ..., 24 in every layer. */
+    assert_int_equal(cap.n_attention_checked, ref->L * ((T - 1) / 4 + 1));
+    assert_true(cap.worst_attention < TOLERANCE);
+    (void)ck;
+    run_state_free(s);
+    free(cap.q);
+    free(cap.k);
+    free(cap.v);
+}
+
+static void check_variant(const Variant *variant)
+{
+    char *dir = scratch_create();
+    TinyCheckpoint *ck = tiny_ckpt_write(dir, &variant->spec);
+    KvErr err = {{0}};
+    Model *model = model_load(dir, &err);
+    if (!model)
+        fail_msg("%s", err.msg);
+
+    int32_t tokens[N_TOKENS];
+    tokens_for(&variant->spec, tokens);
+    double inv_freq[64], ref_freq[64];
+    ref_inv_freq(&variant->spec, variant->rope_type ? variant->rope_type : "default",
+                 variant->factor, variant->low, variant->high, variant->old_context, N_TOKENS,
+                 ref_freq);
+    model_rope_inv_freq(&model->config, N_TOKENS, inv_freq);
+    for (int f = 0; f < variant->spec.head_dim / 2; f++)
+        assert_float_equal(inv_freq[f], ref_freq[f], 1e-12 * ref_freq[0]);
+    Reference *ref = reference_run(ck, tokens, N_TOKENS, ref_freq);
+
+    run_and_compare(model, ck, ref, tokens, inv_freq, 128, N_PROMPT); /* one prefill chunk */
+    run_and_compare(model, ck, ref, tokens, inv_freq, 5, N_PROMPT);   /* ragged chunks */
+    run_and_compare(model, ck, ref, tokens, inv_freq, 1, 1);          /* token by token */
+
+    reference_free(ref);
+    model_free(model);
+    tiny_ckpt_free(ck);
+    scratch_remove(dir);
+}
+
+static Variant base_variant(void)
+{
+    return (Variant){.spec = tiny_ckpt_default_spec()};
+}
+
+static void test_llama_f32(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    check_variant(&v);
+}
+
+static void test_qwen2_biases(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.architecture = "Qwen2ForCausalLM";
+    v.spec.seed = 2;
+    check_variant(&v);
+}
+
+static void test_qwen3_qk_norm(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.architecture = "Qwen3ForCausalLM";
+    v.spec.head_dim = 24; /* != hidden / heads, as in real Qwen3 configs */
+    v.spec.seed = 3;
+    check_variant(&v);
+}
+
+static void test_llama_attention_bias(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.attention_bias = 1;
+    v.spec.seed = 4;
+    check_variant(&v);
+}
+
+static void test_mistral_bf16(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.architecture = "MistralForCausalLM";
+    v.spec.dtype = TINY_BF16;
+    v.spec.seed = 5;
+    check_variant(&v);
+}
+
+static void test_llama_f16(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.dtype = TINY_F16;
+    v.spec.seed = 6;
+    check_variant(&v);
+}
+
+static void test_sharded_unaligned(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.n_shards = 2;
+    v.spec.unaligned = 1; /* F32 data at offsets that are not multiples of 4: copied */
+    v.spec.seed = 7;
+    check_variant(&v);
+}
+
+static void test_tied_embeddings(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.tie_word_embeddings = 1;
+    v.spec.seed = 8;
+    check_variant(&v);
+}
+
+static void test_llama3_rope_scaling(void **state)
+{
+    (void)state;
+    /* original context 64 with factors 1 and 4 puts the 8 frequencies of head_dim 16 in all
+     * three bands: kept (wavelength < 16), blended, slowed by 8 (wavelength > 64). */
+    Variant v = base_variant();
+    v.spec.rope_scaling = "{\"rope_type\": \"llama3\", \"factor\": 8.0, \"low_freq_factor\": 1.0, "
+                          "\"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 64}";
+    v.spec.rope_theta = 500000.0;
+    v.spec.seed = 9;
+    v.rope_type = "llama3";
+    v.factor = 8, v.low = 1, v.high = 4, v.old_context = 64;
+    check_variant(&v);
+}
+
+static void test_linear_and_dynamic_rope_scaling(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.rope_scaling = "{\"type\": \"linear\", \"factor\": 4.0}";
+    v.spec.seed = 10;
+    v.rope_type = "linear";
+    v.factor = 4;
+    check_variant(&v);
+    /* Dynamic NTK only changes anything past max_position_embeddings: 16 < 27 tokens. */
+    v.spec.rope_scaling = "{\"rope_type\": \"dynamic\", \"factor\": 2.0}";
+    v.spec.max_position_embeddings = 16;
+    v.rope_type = "dynamic";
+    v.factor = 2;
+    check_variant(&v);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_llama_f32),
+        cmocka_unit_test(test_qwen2_biases),
+        cmocka_unit_test(test_qwen3_qk_norm),
+        cmocka_unit_test(test_llama_attention_bias),
+        cmocka_unit_test(test_mistral_bf16),
+        cmocka_unit_test(test_llama_f16),
+        cmocka_unit_test(test_sharded_unaligned),
+        cmocka_unit_test(test_tied_embeddings),
+        cmocka_unit_test(test_llama3_rope_scaling),
+        cmocka_unit_test(test_linear_and_dynamic_rope_scaling),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

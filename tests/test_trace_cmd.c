@@ -1,0 +1,516 @@
+/* `kvsim trace` end to end on tiny checkpoints: the trace it writes holds exactly what a re-run
+ * of the forward pass computes (tokens, greedy continuation, Q/K/V, the model's attention rows),
+ * its metadata follows the prompt markup, `kvsim check` accepts it, and bad input is one line
+ * naming the file. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "sim/trace.h"
+#include "tests/support/scratch.h"
+#include "tests/support/tiny_ckpt.h"
+#include "traces/forward.h"
+#include "traces/model.h"
+#include "traces/tokenizer.h"
+
+typedef struct {
+    char *dir;
+    TinyCheckpoint *ck;
+} Env;
+
+static int setup(void **state)
+{
+    Env *env = kv_calloc(1, sizeof *env);
+    env->dir = scratch_create();
+    TinyCheckpointSpec spec = tiny_ckpt_default_spec();
+    spec.seed = 21;
+    env->ck = tiny_ckpt_write(env->dir, &spec);
+    *state = env;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    Env *env = *state;
+    tiny_ckpt_free(env->ck);
+    scratch_remove(env->dir);
+    free(env);
+    return 0;
+}
+
+static void write_text(const char *path, const char *text)
+{
+    FILE *fp = fopen(path, "w");
+    assert_non_null(fp);
+    fputs(text, fp);
+    fclose(fp);
+}
+
+/* ---- The re-run: the same forward pass, driven by the test ---- */
+
+typedef struct {
+    int L, Hq, Hkv, D, T;
+    float *q, *k, *v; /* [L][H][T][D] */
+    int every, last_prompt;
+    float *rows; /* [L][n_rows][Hq][T], zero beyond each row's position */
+    int n_rows;
+    int32_t rows_at[64];
+} Rerun;
+
+static void rerun_qkv(void *user, int layer, int t0, int n, const float *q, const float *k,
+                      const float *v)
+{
+    Rerun *r = user;
+    for (int part = 0; part < 3; part++) {
+        int heads = part ? r->Hkv : r->Hq;
+        float *dst = part == 0 ? r->q : part == 1 ? r->k : r->v;
+        const float *src = part == 0 ? q : part == 1 ? k : v;
+        for (int h = 0; h < heads; h++)
+            memcpy(dst + (((size_t)layer * heads + h) * r->T + t0) * r->D,
+                   src + (size_t)h * n * r->D, (size_t)n * r->D * sizeof(float));
+    }
+}
+
+static int rerun_wants(void *user, int position)
+{
+    Rerun *r = user;
+    return position >= r->last_prompt && (position - r->last_prompt) % r->every == 0;
+}
+
+static void rerun_attention(void *user, int layer, int position, const float *probs)
+{
+    Rerun *r = user;
+    int row = (position - r->last_prompt) / r->every;
+    if (layer == 0) {
+        r->rows_at[row] = position;
+        r->n_rows = row + 1;
+    }
+    for (int h = 0; h < r->Hq; h++)
+        memcpy(r->rows + (((size_t)layer * 64 + row) * r->Hq + h) * r->T,
+               probs + (size_t)h * (position + 1), (size_t)(position + 1) * sizeof(float));
+}
+
+/* Greedy decoding written here: the largest logit, the lowest id on ties; stops before eos. */
+static int greedy(const float *logits, int vocab)
+{
+    int best = 0;
+    for (int i = 1; i < vocab; i++)
+        best = logits[i] > logits[best] ? i : best;
+    return best;
+}
+
+/* Runs prompt + up to max_new greedy tokens with the given chunk; fills tokens, returns T. */
+static int rerun(const char *dir, const int32_t *prompt, int n_prompt, int max_new, int chunk,
+                 int every, int eos, int32_t *tokens, Rerun *r)
+{
+    KvErr err = {{0}};
+    Model *m = model_load(dir, &err);
+    if (!m)
+        fail_msg("%s", err.msg);
+    const ModelConfig *c = &m->config;
+    int T_max = n_prompt + max_new;
+    *r = (Rerun){.L = c->n_layers, .Hq = c->n_q_heads, .Hkv = c->n_kv_heads, .D = c->head_dim,
+                 .T = T_max, .every = every, .last_prompt = n_prompt - 1};
+    r->q = kv_calloc((size_t)r->L * r->Hq * T_max * r->D, sizeof(float));
+    r->k = kv_calloc((size_t)r->L * r->Hkv * T_max * r->D, sizeof(float));
+    r->v = kv_calloc((size_t)r->L * r->Hkv * T_max * r->D, sizeof(float));
+    r->rows = kv_calloc((size_t)r->L * 64 * r->Hq * T_max, sizeof(float));
+    double inv_freq[64];
+    model_rope_inv_freq(c, T_max, inv_freq);
+    RunState *s = run_state_new(m, T_max, chunk, inv_freq);
+    ForwardObserver obs = {r, rerun_qkv, rerun_wants, rerun_attention};
+    memcpy(tokens, prompt, (size_t)n_prompt * sizeof *tokens);
+    const float *logits = forward_prompt(s, prompt, n_prompt, &obs);
+    int T = n_prompt;
+    for (int i = 0; i < max_new; i++) {
+        int next = greedy(logits, c->vocab_size);
+        if (next == eos)
+            break;
+        tokens[T++] = next;
+        logits = forward_tokens(s, &tokens[T - 1], 1, 1, &obs);
+    }
+    run_state_free(s);
+    model_free(m);
+    return T;
+}
+
+static void rerun_free(Rerun *r)
+{
+    free(r->q);
+    free(r->k);
+    free(r->v);
+    free(r->rows);
+}
+
+static double max_rel_diff(const float *got, const float *want, size_t n)
+{
+    double worst = 0, largest = 0;
+    for (size_t i = 0; i < n; i++) {
+        worst = fmax(worst, fabs((double)got[i] - want[i]));
+        largest = fmax(largest, fabs(want[i]));
+    }
+    return largest > 0 ? worst / largest : worst;
+}
+
+/* Every layer's stored Q/K/V (the re-run's first T tokens) and attention rows. */
+static void compare_trace_with_rerun(Trace *tr, const Rerun *r, double tol)
+{
+    const TraceMeta *m = trace_meta(tr);
+    int T = m->n_tokens;
+    float *q = kv_malloc((size_t)r->Hq * T * r->D * sizeof(float));
+    float *k = kv_malloc((size_t)r->Hkv * T * r->D * sizeof(float));
+    float *v = kv_malloc((size_t)r->Hkv * T * r->D * sizeof(float));
+    float *rows = kv_malloc((size_t)r->Hq * (m->n_attn_rows ? m->n_attn_rows : 1) * T * sizeof(float));
+    KvErr err = {{0}};
+    for (int l = 0; l < r->L; l++) {
+        if (trace_read_layer(tr, l, q, k, v, &err) != 0)
+            fail_msg("%s", err.msg);
+        for (int part = 0; part < 3; part++) {
+            int heads = part ? r->Hkv : r->Hq;
+            const float *got = part == 0 ? q : part == 1 ? k : v;
+            const float *want = part == 0 ? r->q : part == 1 ? r->k : r->v;
+            for (int h = 0; h < heads; h++)
+                assert_true(max_rel_diff(got + (size_t)h * T * r->D,
+                                         want + (((size_t)l * heads + h) * r->T) * r->D,
+                                         (size_t)T * r->D) <= tol);
+        }
+        if (m->n_attn_rows == 0)
+            continue;
+        if (trace_read_attn_rows(tr, l, rows, &err) != 0)
+            fail_msg("%s", err.msg);
+        for (int h = 0; h < r->Hq; h++)
+            for (int row = 0; row < m->n_attn_rows; row++)
+                assert_true(max_rel_diff(rows + ((size_t)h * m->n_attn_rows + row) * T,
+                                         r->rows + (((size_t)l * 64 + row) * r->Hq + h) * r->T,
+                                         (size_t)T) <= 1e-6);
+    }
+    free(q);
+    free(k);
+    free(v);
+    free(rows);
+}
+
+static Trace *open_trace(const char *path)
+{
+    KvErr err = {{0}};
+    Trace *tr = trace_open(path, &err);
+    if (!tr)
+        fail_msg("%s", err.msg);
+    return tr;
+}
+
+#define N_PROMPT 21
+
+static void prompt_ids(int32_t *ids)
+{
+    for (int i = 0; i < N_PROMPT; i++)
+        ids[i] = (int32_t)((i * 53 + 7) % 300);
+}
+
+static void test_tokens_trace_matches_rerun(void **state)
+{
+    Env *env = *state;
+    int32_t prompt[N_PROMPT], expected[N_PROMPT + 7];
+    prompt_ids(prompt);
+    char text[512] = "";
+    for (int i = 0; i < N_PROMPT; i++)
+        snprintf(text + strlen(text), sizeof text - strlen(text), "%d%s", prompt[i],
+                 i % 5 == 4 ? "\n" : " ");
+    const char *tokens_path = scratch_path(env->dir, "prompt.ids", 0);
+    write_text(tokens_path, text);
+    const char *out = scratch_path(env->dir, "t.h5", 1);
+    char args[4096];
+    snprintf(args, sizeof args, "trace --model '%s' --tokens '%s' --out '%s' --max-new 7 "
+             "--attn-rows 3 --chunk 8 --threads 1", env->dir, tokens_path, out);
+    KvsimRun run = run_kvsim(args);
+    if (run.status != 0)
+        fail_msg("kvsim trace failed: %s", run.err);
+
+    Rerun r;
+    int T = rerun(env->dir, prompt, N_PROMPT, 7, 8, 3, -1, expected, &r);
+    assert_int_equal(T, N_PROMPT + 7);
+    /* stdout: the generated ids (no tokenizer in the checkpoint). */
+    char want_out[256] = "";
+    for (int t = N_PROMPT; t < T; t++)
+        snprintf(want_out + strlen(want_out), sizeof want_out - strlen(want_out), "%s%d",
+                 t > N_PROMPT ? " " : "", expected[t]);
+    strcat(want_out, "\n");
+    assert_string_equal(run.out, want_out);
+    kvsim_run_free(&run);
+
+    Trace *tr = open_trace(out);
+    const TraceMeta *m = trace_meta(tr);
+    assert_int_equal(m->n_tokens, T);
+    assert_int_equal(m->n_prompt, N_PROMPT);
+    assert_int_equal(m->n_layers, 2);
+    assert_int_equal(m->n_q_heads, 4);
+    assert_int_equal(m->n_kv_heads, 2);
+    assert_int_equal(m->head_dim, 16);
+    assert_int_equal(m->rope_layout, ROPE_HALF);
+    assert_float_equal(m->attn_scale, 0.25, 1e-12);
+    assert_int_equal(trace_dtype(tr), TRACE_F32);
+    for (int t = 0; t < T; t++) {
+        assert_int_equal(m->tokens[t], expected[t]);
+        assert_int_equal(m->positions[t], t);
+        assert_int_equal(m->segments[t], 0);
+    }
+    assert_int_equal(m->n_needles, 0);
+    /* Default probes: the last prompt token and every decode step. */
+    assert_int_equal(m->n_probes, T - N_PROMPT + 1);
+    for (int i = 0; i < m->n_probes; i++)
+        assert_int_equal(m->probes[i], N_PROMPT - 1 + i);
+    /* Attention rows at the last prompt token and every third decode step. */
+    assert_int_equal(m->n_attn_rows, 3);
+    assert_int_equal(r.n_rows, 3);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(m->attn_rows_at[i], N_PROMPT - 1 + 3 * i);
+    for (int f = 0; f < 8; f++)
+        assert_float_equal(m->rope_inv_freq[f], pow(10000.0, -2.0 * f / 16), 1e-15);
+    compare_trace_with_rerun(tr, &r, 1e-6);
+    trace_close(tr);
+    rerun_free(&r);
+
+    snprintf(args, sizeof args, "check '%s'", out);
+    run = run_kvsim(args);
+    if (run.status != 0)
+        fail_msg("kvsim check: status %d: %s%s", run.status, run.out, run.err);
+    kvsim_run_free(&run);
+    /* Only the trace is left: no temporary files. */
+    assert_int_equal(scratch_count(env->dir), 2 + 1 + 1); /* config, weights, ids, trace */
+}
+
+static void test_f16_trace_passes_check(void **state)
+{
+    Env *env = *state;
+    int32_t prompt[N_PROMPT], expected[N_PROMPT + 4];
+    prompt_ids(prompt);
+    char text[512] = "";
+    for (int i = 0; i < N_PROMPT; i++)
+        snprintf(text + strlen(text), sizeof text - strlen(text), "%d ", prompt[i]);
+    const char *tokens_path = scratch_path(env->dir, "prompt.ids", 0);
+    write_text(tokens_path, text);
+    const char *out = scratch_path(env->dir, "t16.h5", 1);
+    char args[4096];
+    snprintf(args, sizeof args, "trace --model '%s' --tokens '%s' --out '%s' --max-new 4 "
+             "--attn-rows 1 --dtype f16", env->dir, tokens_path, out);
+    KvsimRun run = run_kvsim(args);
+    if (run.status != 0)
+        fail_msg("kvsim trace failed: %s", run.err);
+    kvsim_run_free(&run);
+    Rerun r;
+    int T = rerun(env->dir, prompt, N_PROMPT, 4, 128, 1, -1, expected, &r);
+    Trace *tr = open_trace(out);
+    assert_int_equal(trace_dtype(tr), TRACE_F16);
+    assert_int_equal(trace_meta(tr)->n_tokens, T);
+    assert_int_equal(trace_meta(tr)->n_attn_rows, 5);
+    compare_trace_with_rerun(tr, &r, 1e-3); /* half precision: 11-bit mantissa */
+    trace_close(tr);
+    rerun_free(&r);
+    snprintf(args, sizeof args, "check '%s'", out);
+    run = run_kvsim(args);
+    if (run.status != 0)
+        fail_msg("kvsim check: status %d: %s%s", run.status, run.out, run.err);
+    kvsim_run_free(&run);
+}
+
+static void test_generation_stops_at_eos(void **state)
+{
+    Env *env = *state;
+    int32_t prompt[N_PROMPT], free_run[N_PROMPT + 8], stopped[N_PROMPT + 8];
+    prompt_ids(prompt);
+    Rerun r;
+    rerun(env->dir, prompt, N_PROMPT, 8, 128, 4, -1, free_run, &r);
+    rerun_free(&r);
+    /* Declare the fourth generated token the model's EOS: generation stops before it (or
+     * earlier, should the same id come sooner). */
+    int eos = free_run[N_PROMPT + 3];
+    char value[32];
+    snprintf(value, sizeof value, "%d", eos);
+    tiny_ckpt_set_config(env->dir, "eos_token_id", value);
+    int T = rerun(env->dir, prompt, N_PROMPT, 8, 128, 4, eos, stopped, &r);
+    assert_true(T <= N_PROMPT + 3);
+
+    char text[512] = "";
+    for (int i = 0; i < N_PROMPT; i++)
+        snprintf(text + strlen(text), sizeof text - strlen(text), "%d ", prompt[i]);
+    const char *tokens_path = scratch_path(env->dir, "prompt.ids", 0);
+    write_text(tokens_path, text);
+    const char *out = scratch_path(env->dir, "eos.h5", 1);
+    char args[4096];
+    snprintf(args, sizeof args, "trace --model '%s' --tokens '%s' --out '%s' --max-new 8 "
+             "--attn-rows 4", env->dir, tokens_path, out);
+    KvsimRun run = run_kvsim(args);
+    if (run.status != 0)
+        fail_msg("kvsim trace failed: %s", run.err);
+    assert_int_equal(count_lines(run.out), 1);
+    kvsim_run_free(&run);
+    Trace *tr = open_trace(out);
+    const TraceMeta *m = trace_meta(tr);
+    assert_int_equal(m->n_tokens, T);
+    for (int t = 0; t < T; t++)
+        assert_int_equal(m->tokens[t], stopped[t]);
+    assert_int_equal(m->n_probes, T - N_PROMPT + 1);
+    compare_trace_with_rerun(tr, &r, 1e-6);
+    trace_close(tr);
+    rerun_free(&r);
+}
+
+/* Encodes text with the checkpoint's tokenizer (the piece-by-piece rule of the markup). */
+static int encode(const char *dir, const char *text, int32_t *out)
+{
+    char json[4096], cfg[4096];
+    snprintf(json, sizeof json, "%s/tokenizer.json", dir);
+    snprintf(cfg, sizeof cfg, "%s/tokenizer_config.json", dir);
+    KvErr err = {{0}};
+    Tokenizer *tok = tokenizer_load(json, cfg, &err);
+    if (!tok)
+        fail_msg("%s", err.msg);
+    int32_t *ids;
+    int n;
+    if (tokenizer_encode(tok, text, strlen(text), &ids, &n, &err) != 0)
+        fail_msg("%s", err.msg);
+    memcpy(out, ids, (size_t)n * sizeof *ids);
+    free(ids);
+    tokenizer_free(tok);
+    return n;
+}
+
+static void test_prompt_markup_in_trace(void **state)
+{
+    Env *env = *state;
+    tiny_ckpt_write_tokenizer(env->dir);
+    const char *prompt_path = scratch_path(env->dir, "chat.json", 0);
+    write_text(prompt_path,
+               "[{\"role\": \"system\", \"content\": \"Be brief.\"},\n"
+               " {\"role\": \"user\", \"content\": \"The pin is [[needle]]4711[[/needle]].\"},\n"
+               " {\"role\": \"assistant\", \"content\": \"Noted[[probe]].\"},\n"
+               " {\"role\": \"user\", \"content\": \"The pin?\"}]\n");
+    /* The pieces as the markup splits them: segment by segment, needle apart. */
+    const char *pieces[] = {"System: Be brief.\n\n", "User: The pin is ", "4711",
+                            ".\n\nAssistant: Noted", ".\n\n", "User: The pin?\n\nAssistant:"};
+    const int piece_segment[] = {0, 1, 1, 1, 1, 2};
+    int32_t want[256], seg[256];
+    int n = 0, needle_start = 0, needle_end = 0, probe = 0;
+    want[n] = TINY_BOS;
+    seg[n++] = 0;
+    for (int p = 0; p < 6; p++) {
+        if (p == 2)
+            needle_start = n;
+        int got = encode(env->dir, pieces[p], want + n);
+        for (int i = 0; i < got; i++)
+            seg[n + i] = piece_segment[p];
+        n += got;
+        if (p == 2)
+            needle_end = n;
+        if (p == 3)
+            probe = n - 1;
+    }
+    const char *out = scratch_path(env->dir, "chat.h5", 1);
+    char args[4096];
+    snprintf(args, sizeof args, "trace --model '%s' --prompt '%s' --out '%s' --max-new 3",
+             env->dir, prompt_path, out);
+    KvsimRun run = run_kvsim(args);
+    if (run.status != 0)
+        fail_msg("kvsim trace failed: %s", run.err);
+    Trace *tr = open_trace(out);
+    const TraceMeta *m = trace_meta(tr);
+    assert_int_equal(m->n_prompt, n);
+    assert_true(m->n_tokens <= n + 3);
+    for (int t = 0; t < n; t++) {
+        assert_int_equal(m->tokens[t], want[t]);
+        assert_int_equal(m->segments[t], seg[t]);
+    }
+    for (int t = n; t < m->n_tokens; t++)
+        assert_int_equal(m->segments[t], 2); /* the answer continues the last turn */
+    assert_int_equal(m->n_needles, 1);
+    assert_int_equal(m->needles[0], needle_start);
+    assert_int_equal(m->needles[1], needle_end);
+    assert_int_equal(m->n_probes, 1);
+    assert_int_equal(m->probes[0], probe);
+    /* stdout is the decoded continuation. */
+    char json[4096];
+    snprintf(json, sizeof json, "%s/tokenizer.json", env->dir);
+    KvErr err = {{0}};
+    Tokenizer *tok = tokenizer_load(json, NULL, &err);
+    char *text = tokenizer_decode(tok, m->tokens + n, m->n_tokens - n);
+    char *line = kv_malloc(strlen(text) + 2);
+    sprintf(line, "%s\n", text);
+    assert_string_equal(run.out, line);
+    free(line);
+    free(text);
+    tokenizer_free(tok);
+    trace_close(tr);
+    kvsim_run_free(&run);
+}
+
+/* The command fails with status 2 and one line on stderr containing every fragment, and leaves
+ * no output behind. */
+static void expect_failure(const Env *env, const char *args, const char *const *fragments)
+{
+    int before = scratch_count(env->dir);
+    KvsimRun run = run_kvsim(args);
+    assert_int_equal(run.status, 2);
+    assert_int_equal(count_lines(run.err), 1);
+    for (const char *const *f = fragments; *f; f++)
+        if (!strstr(run.err, *f))
+            fail_msg("error '%s' does not mention '%s'", run.err, *f);
+    kvsim_run_free(&run);
+    assert_int_equal(scratch_count(env->dir), before);
+}
+
+static void test_bad_input(void **state)
+{
+    Env *env = *state;
+    const char *ids = scratch_path(env->dir, "ids.txt", 0);
+    const char *out = scratch_path(env->dir, "never.h5", 1);
+    const char *prompt = scratch_path(env->dir, "p.txt", 2);
+    char args[4096];
+    write_text(prompt, "hello");
+
+    write_text(ids, "1 2 3\n4 x5 6\n");
+    snprintf(args, sizeof args, "trace --model '%s' --tokens '%s' --out '%s'", env->dir, ids, out);
+    expect_failure(env, args, (const char *[]){"ids.txt:2", "x5", NULL});
+
+    write_text(ids, "1 2 300\n");
+    expect_failure(env, args, (const char *[]){"ids.txt", "300", "vocab_size", NULL});
+
+    /* --prompt needs the tokenizer, which this checkpoint does not have. */
+    snprintf(args, sizeof args, "trace --model '%s' --prompt '%s' --out '%s'", env->dir, prompt,
+             out);
+    expect_failure(env, args, (const char *[]){"tokenizer.json", NULL});
+
+    /* A tokenizer.json that is there must be readable, even with --tokens. */
+    write_text(ids, "1 2 3\n");
+    write_text(scratch_path(env->dir, "tokenizer.json", 3), "{\"model\": {\"type\": \"BPE\"");
+    snprintf(args, sizeof args, "trace --model '%s' --tokens '%s' --out '%s'", env->dir, ids, out);
+    expect_failure(env, args, (const char *[]){"tokenizer.json", NULL});
+    unlink(scratch_path(env->dir, "tokenizer.json", 3));
+
+    tiny_ckpt_set_config(env->dir, "architectures", "[\"FalconForCausalLM\"]");
+    expect_failure(env, args, (const char *[]){"config.json", "FalconForCausalLM",
+                                               "MistralForCausalLM", NULL});
+
+    snprintf(args, sizeof args, "trace --model '%s' --tokens '%s'", env->dir, ids);
+    expect_failure(env, args, (const char *[]){"--out", NULL});
+    snprintf(args, sizeof args, "trace --model '%s' --tokens '%s' --out '%s' --dtype bf16",
+             env->dir, ids, out);
+    expect_failure(env, args, (const char *[]){"--dtype", "bf16", NULL});
+}
+
+int main(void)
+{
+#define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
+    const struct CMUnitTest tests[] = {
+        T(test_tokens_trace_matches_rerun), T(test_f16_trace_passes_check),
+        T(test_generation_stops_at_eos), T(test_prompt_markup_in_trace), T(test_bad_input),
+    };
+#undef T
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,88 @@
+/* forward.h — the transformer forward pass over a growing KV cache.
+ *
+ * forward_tokens() feeds up to chunk_size tokens at the next positions: the prompt goes through
+ * in chunks as matrix-matrix products (activations [chunk][hidden] x weights^T, attention of the
+ * chunk against the whole cache with a causal mask), a decode step is a chunk of one and uses
+ * matrix-vector products. Every product goes through OpenBLAS CBLAS. Memory is the weights, the
+ * KV cache for max_tokens tokens and one chunk's activations.
+ *
+ * The math is HF's for the supported architectures (traces/model.h): pre-norm RMSNorm, q/k/v
+ * projections (+ bias), per-head q/k RMSNorm (Qwen3), RoPE in the rotate_half layout at
+ * positions 0, 1, 2, ..., softmax(q.k / sqrt(head_dim)) over keys at positions <= the query's,
+ * o projection, residual, RMSNorm, SwiGLU MLP, residual; final RMSNorm and the LM head.
+ *
+ * An observer sees what a trace stores, as it is computed: each layer's post-RoPE Q/K/V of the
+ * chunk and, at the positions it asks for, the softmax probabilities of the attention itself. */
+#ifndef KVSIM_FORWARD_H
+#define KVSIM_FORWARD_H
+
+#include <stdint.h>
+
+#include "traces/model.h"
+
+typedef struct {
+    void *user;
+    /* Post-RoPE q [Hq][n][D], k and v [Hkv][n][D] of the tokens at positions [t0, t0+n) of one
+     * layer. May be NULL. */
+    void (*on_qkv)(void *user, int layer, int t0, int n, const float *q, const float *k,
+                   const float *v);
+    /* Whether on_attention should see the query at `position`. May be NULL (never). */
+    int (*wants_attention)(void *user, int position);
+    /* The attention probabilities of the query at `position` in one layer:
+     * probs [Hq][position + 1], each row summing to 1. */
+    void (*on_attention)(void *user, int layer, int position, const float *probs);
+} ForwardObserver;
+
+typedef struct {
+    const Model *model;
+    int max_tokens; /* KV cache capacity */
+    int chunk_size; /* most tokens per forward_tokens() call */
+    int n_cached;   /* tokens fed so far = position of the next token */
+    double *rope_inv_freq; /* [D/2] */
+
+    /* One chunk's activations. */
+    float *residual;    /* [chunk][hidden] the residual stream */
+    float *normed;      /* [chunk][hidden] RMSNorm output, then projection outputs to add */
+    float *q_proj;      /* [chunk][Hq*D] token-major as the projection writes it */
+    float *k_proj;      /* [chunk][Hkv*D] */
+    float *v_proj;      /* [chunk][Hkv*D] */
+    float *q_heads;     /* [Hq][chunk][D] head-major, normed and rotated */
+    float *k_heads;     /* [Hkv][chunk][D] */
+    float *v_heads;     /* [Hkv][chunk][D] */
+    float *attn_out;    /* [chunk][Hq*D] */
+    float *scores;      /* [chunk][max_tokens] one head's scores, then probabilities */
+    float *gate;        /* [chunk][intermediate] */
+    float *up;          /* [chunk][intermediate] */
+    double *rope_cos;   /* [chunk][D/2] */
+    double *rope_sin;   /* [chunk][D/2] */
+    float *probs;       /* attention rows being gathered for the observer */
+    float *logits;      /* [vocab] of the last token fed */
+
+    /* The KV cache, [n_layers][Hkv][max_tokens][D] each: exactly the trace's K and V layout. */
+    float *key_cache;
+    float *value_cache;
+} RunState;
+
+/* rope_inv_freq [head_dim/2] is copied (model_rope_inv_freq gives the model's). */
+RunState *run_state_new(const Model *model, int max_tokens, int chunk_size,
+                        const double *rope_inv_freq);
+void run_state_free(RunState *s);
+
+/* Feeds n tokens (1 <= n <= chunk_size, n_cached + n <= max_tokens, ids < vocab_size) at
+ * positions [n_cached, n_cached + n). Returns the logits of the last one when want_logits,
+ * else NULL (the LM head is skipped). observer may be NULL. */
+const float *forward_tokens(RunState *s, const int32_t *tokens, int n, int want_logits,
+                            const ForwardObserver *observer);
+
+/* Feeds any number of tokens in chunks of chunk_size; returns the logits of the last one. */
+const float *forward_prompt(RunState *s, const int32_t *tokens, int n,
+                            const ForwardObserver *observer);
+
+/* Greedy choice: the index of the largest logit, the lowest on ties. */
+int argmax_token(const float *logits, int vocab_size);
+
+/* The cache of one layer and KV head: [max_tokens][D], rows [0, n_cached) valid. */
+const float *run_state_keys(const RunState *s, int layer, int kv_head);
+const float *run_state_values(const RunState *s, int layer, int kv_head);
+
+#endif

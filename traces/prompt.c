@@ -1,0 +1,278 @@
+#include "traces/prompt.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "traces/safetensors.h"
+
+static const char NEEDLE_OPEN[] = "[[needle]]";
+static const char NEEDLE_CLOSE[] = "[[/needle]]";
+static const char PROBE[] = "[[probe]]";
+
+/* Accumulates text into the current piece; a marker or a new segment closes it. */
+typedef struct {
+    PromptMarkup *m;
+    char *buf;
+    size_t len, cap;
+    int segment;
+    int in_needle;
+    int needle_has_text;
+    int n_needles;
+} Builder;
+
+static void flush(Builder *b)
+{
+    if (b->len == 0)
+        return;
+    b->needle_has_text |= b->in_needle;
+    PromptMarkup *m = b->m;
+    m->pieces = kv_realloc(m->pieces, (size_t)(m->n_pieces + 1) * sizeof *m->pieces);
+    PromptPiece *p = &m->pieces[m->n_pieces++];
+    *p = (PromptPiece){PIECE_TEXT, kv_malloc(b->len + 1), b->len, b->segment, b->in_needle,
+                       b->in_needle ? b->n_needles - 1 : -1};
+    memcpy(p->text, b->buf, b->len);
+    p->text[b->len] = '\0';
+    b->len = 0;
+}
+
+static void append(Builder *b, const char *text, size_t len)
+{
+    if (b->len + len + 1 > b->cap) {
+        b->cap = 2 * (b->len + len + 1);
+        b->buf = kv_realloc(b->buf, b->cap);
+    }
+    memcpy(b->buf + b->len, text, len);
+    b->len += len;
+}
+
+static void set_segment(Builder *b, int segment)
+{
+    if (segment != b->segment)
+        flush(b);
+    b->segment = segment;
+}
+
+static int line_of(const char *text, size_t at)
+{
+    int line = 1;
+    for (size_t i = 0; i < at; i++)
+        line += text[i] == '\n';
+    return line;
+}
+
+/* Appends text, acting on the markers in it. A needle must close within the same text. */
+static int append_marked(Builder *b, const char *origin, const char *text, size_t len, KvErr *err)
+{
+    size_t i = 0, start = 0;
+    while (i < len) {
+        const char *rest = text + i;
+        size_t left = len - i;
+        size_t marker = 0;
+        if (left >= sizeof NEEDLE_OPEN - 1 && !memcmp(rest, NEEDLE_OPEN, sizeof NEEDLE_OPEN - 1))
+            marker = sizeof NEEDLE_OPEN - 1;
+        else if (left >= sizeof NEEDLE_CLOSE - 1 &&
+                 !memcmp(rest, NEEDLE_CLOSE, sizeof NEEDLE_CLOSE - 1))
+            marker = sizeof NEEDLE_CLOSE - 1;
+        else if (left >= sizeof PROBE - 1 && !memcmp(rest, PROBE, sizeof PROBE - 1))
+            marker = sizeof PROBE - 1;
+        if (!marker) {
+            i++;
+            continue;
+        }
+        append(b, text + start, i - start);
+        if (rest[2] == 'n') { /* [[needle]] */
+            if (b->in_needle)
+                return kv_fail(err, "%s: line %d: [[needle]] inside a needle", origin,
+                               line_of(text, i));
+            flush(b);
+            b->in_needle = 1;
+            b->needle_has_text = 0;
+            b->n_needles++;
+        } else if (rest[2] == '/') {
+            if (!b->in_needle)
+                return kv_fail(err, "%s: line %d: [[/needle]] without [[needle]]", origin,
+                               line_of(text, i));
+            flush(b);
+            if (!b->needle_has_text)
+                return kv_fail(err, "%s: line %d: empty needle", origin, line_of(text, i));
+            b->in_needle = 0;
+        } else {
+            flush(b);
+            PromptMarkup *m = b->m;
+            m->pieces = kv_realloc(m->pieces, (size_t)(m->n_pieces + 1) * sizeof *m->pieces);
+            m->pieces[m->n_pieces++] = (PromptPiece){PIECE_PROBE, NULL, 0, b->segment, 0, -1};
+        }
+        i += marker;
+        start = i;
+    }
+    append(b, text + start, len - start);
+    if (b->in_needle)
+        return kv_fail(err, "%s: line %d: [[needle]] is never closed", origin,
+                       line_of(text, len));
+    return 0;
+}
+
+/* kvsim's chat template: "System: ...\n\n", "User: ...\n\n", "Assistant: ...\n\n", and
+ * "Assistant:" after a final user message so that the model answers. */
+static int parse_chat(const char *origin, const cJSON *chat, Builder *b, KvErr *err)
+{
+    int turn = 0, n = cJSON_GetArraySize(chat);
+    if (n == 0)
+        return kv_fail(err, "%s: the chat has no messages", origin);
+    const char *last_role = NULL;
+    for (int i = 0; i < n; i++) {
+        const cJSON *msg = cJSON_GetArrayItem(chat, i);
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(msg, "role");
+        const cJSON *content = cJSON_GetObjectItemCaseSensitive(msg, "content");
+        if (!cJSON_IsString(role) || !cJSON_IsString(content))
+            return kv_fail(err, "%s: message %d needs string 'role' and 'content'", origin, i + 1);
+        const char *r = role->valuestring, *header;
+        if (!strcmp(r, "system")) {
+            if (i != 0)
+                return kv_fail(err, "%s: message %d: only the first message may be 'system'",
+                               origin, i + 1);
+            header = "System: ";
+        } else if (!strcmp(r, "user")) {
+            turn++;
+            header = "User: ";
+        } else if (!strcmp(r, "assistant")) {
+            if (turn == 0) /* an assistant message opening the chat starts turn 1 */
+                turn = 1;
+            header = "Assistant: ";
+        } else {
+            return kv_fail(err, "%s: message %d: role '%s' (expected system, user or assistant)",
+                           origin, i + 1, r);
+        }
+        set_segment(b, turn);
+        append(b, header, strlen(header));
+        char where[512];
+        snprintf(where, sizeof where, "%s: message %d", origin, i + 1);
+        if (append_marked(b, where, content->valuestring, strlen(content->valuestring), err) != 0)
+            return -1;
+        append(b, "\n\n", 2);
+        last_role = r;
+    }
+    if (!strcmp(last_role, "user"))
+        append(b, "Assistant:", strlen("Assistant:"));
+    return 0;
+}
+
+int prompt_parse(const char *origin, const char *text, size_t len, PromptMarkup *out, KvErr *err)
+{
+    memset(out, 0, sizeof *out);
+    Builder b = {.m = out};
+    size_t lead = 0;
+    while (lead < len && strchr(" \t\r\n", text[lead]))
+        lead++;
+    cJSON *chat = NULL;
+    if (lead < len && text[lead] == '[') {
+        chat = json_parse_exact(text, len, NULL);
+        if (chat && !cJSON_IsArray(chat)) {
+            cJSON_Delete(chat);
+            chat = NULL;
+        }
+    }
+    int rc;
+    if (chat) {
+        out->is_chat = 1;
+        rc = parse_chat(origin, chat, &b, err);
+        cJSON_Delete(chat);
+    } else {
+        rc = append_marked(&b, origin, text, len, err);
+    }
+    flush(&b);
+    free(b.buf);
+    out->last_segment = b.segment;
+    if (rc != 0) {
+        prompt_markup_free(out);
+        return -1;
+    }
+    return 0;
+}
+
+void prompt_markup_free(PromptMarkup *m)
+{
+    for (int i = 0; i < m->n_pieces; i++)
+        free(m->pieces[i].text);
+    free(m->pieces);
+    memset(m, 0, sizeof *m);
+}
+
+static void push_token(PromptTokens *t, int32_t id, int segment, int *cap)
+{
+    if (t->n_tokens == *cap) {
+        *cap = *cap ? 2 * *cap : 256;
+        t->tokens = kv_realloc(t->tokens, (size_t)*cap * sizeof *t->tokens);
+        t->segments = kv_realloc(t->segments, (size_t)*cap * sizeof *t->segments);
+    }
+    t->tokens[t->n_tokens] = id;
+    t->segments[t->n_tokens++] = segment;
+}
+
+int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn encode, void *ctx,
+                    int bos, PromptTokens *out, KvErr *err)
+{
+    memset(out, 0, sizeof *out);
+    int cap = 0;
+    if (bos >= 0)
+        push_token(out, bos, 0, &cap);
+    for (int i = 0; i < m->n_pieces; i++) {
+        const PromptPiece *p = &m->pieces[i];
+        if (p->kind == PIECE_PROBE) {
+            if (out->n_tokens == 0) {
+                prompt_tokens_free(out);
+                return kv_fail(err, "%s: [[probe]] before the first token", origin);
+            }
+            if (out->n_probes && out->probes[out->n_probes - 1] == out->n_tokens - 1)
+                continue; /* two markers at one position are one probe */
+            out->probes = kv_realloc(out->probes, (size_t)(out->n_probes + 1) * sizeof *out->probes);
+            out->probes[out->n_probes++] = out->n_tokens - 1;
+            continue;
+        }
+        int32_t *ids = NULL;
+        int n = 0;
+        if (encode(ctx, p->text, p->len, &ids, &n, err) != 0) {
+            prompt_tokens_free(out);
+            return -1;
+        }
+        int start = out->n_tokens;
+        for (int j = 0; j < n; j++)
+            push_token(out, ids[j], p->segment, &cap);
+        free(ids);
+        if (p->in_needle) {
+            /* A needle split across segments cannot happen (it closes within its message), but
+             * it may span several pieces of one segment: extend the open span. */
+            if (out->n_needles > p->needle_id) {
+                out->needles[2 * p->needle_id + 1] = out->n_tokens;
+            } else {
+                out->needles = kv_realloc(out->needles,
+                                          (size_t)(out->n_needles + 1) * 2 * sizeof *out->needles);
+                out->needles[2 * out->n_needles] = start;
+                out->needles[2 * out->n_needles + 1] = out->n_tokens;
+                out->n_needles++;
+            }
+        }
+    }
+    for (int k = 0; k < out->n_needles; k++)
+        if (out->needles[2 * k] == out->needles[2 * k + 1]) {
+            int id = k + 1;
+            prompt_tokens_free(out);
+            return kv_fail(err, "%s: needle %d tokenizes to no tokens", origin, id);
+        }
+    if (out->n_tokens == 0) {
+        prompt_tokens_free(out);
+        return kv_fail(err, "%s: the prompt is empty", origin);
+    }
+    return 0;
+}
+
+void prompt_tokens_free(PromptTokens *t)
+{
+    free(t->tokens);
+    free(t->segments);
+    free(t->needles);
+    free(t->probes);
+    memset(t, 0, sizeof *t);
+}

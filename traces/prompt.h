@@ -1,0 +1,61 @@
+/* prompt.h — a prompt file and its markup, turned into tokens and trace metadata.
+ *
+ * A prompt file is plain text (one segment, 0) or a JSON chat, an array of
+ * {"role": "system"|"user"|"assistant", "content": "..."} rendered with kvsim's chat template
+ * (docs/generator.md): segment 0 is the system message, segment k the k-th turn (a user message
+ * and the assistant message after it). In any text:
+ *   [[needle]]...[[/needle]]  the enclosed text is a needle: its token span goes to /needles;
+ *   [[probe]]                 the token just before the marker is a probe (query position).
+ * Markers are removed from the text. Token spans are exact because the text between markers
+ * (and between segments) is tokenized piece by piece and the pieces' tokens concatenated; a
+ * tokenizer may split a piece boundary differently than it would split the whole string. */
+#ifndef KVSIM_PROMPT_H
+#define KVSIM_PROMPT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "sim/util.h"
+
+typedef enum { PIECE_TEXT, PIECE_PROBE } PieceKind;
+
+typedef struct {
+    PieceKind kind;
+    char *text; /* PIECE_TEXT: UTF-8, no markers */
+    size_t len;
+    int segment;
+    int in_needle; /* the text is (part of) a needle */
+    int needle_id; /* which needle, counting from 0, when in_needle */
+} PromptPiece;
+
+typedef struct {
+    int is_chat;
+    int n_pieces;
+    PromptPiece *pieces;
+    int last_segment; /* segment the generated tokens continue */
+} PromptMarkup;
+
+/* Parses the contents of a prompt file (origin names it in errors). */
+int prompt_parse(const char *origin, const char *text, size_t len, PromptMarkup *out, KvErr *err);
+void prompt_markup_free(PromptMarkup *m);
+
+/* Tokenizes len bytes of text into *ids (malloc'ed) and *n. */
+typedef int (*PromptEncodeFn)(void *ctx, const char *text, size_t len, int32_t **ids, int *n,
+                              KvErr *err);
+
+typedef struct {
+    int n_tokens;
+    int32_t *tokens;
+    int32_t *segments;
+    int n_needles;
+    int32_t *needles; /* [n_needles][2] token spans [start, end) */
+    int n_probes;
+    int32_t *probes; /* ascending */
+} PromptTokens;
+
+/* Tokenizes the pieces in order, with bos (if >= 0) first in segment 0. */
+int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn encode, void *ctx,
+                    int bos, PromptTokens *out, KvErr *err);
+void prompt_tokens_free(PromptTokens *t);
+
+#endif

@@ -178,73 +178,91 @@ static void attention(const Loaded *ld, int h, int t, double *p)
 }
 
 typedef struct {
-    double sink, recent, needle; /* mean attention mass, over heads of a kind and probes */
+    double sink, recent, needle; /* mean attention mass over heads of a kind and queries */
     int needle_tokens;
 } KindMass;
 
-enum { SINKS = 4, RECENT = 16 };
+enum { SINKS = 4, RECENT = 16, OFF_PROBE_STRIDE = 5 };
 
 /* Mean mass on the sinks, on the RECENT most recent tokens and on needle tokens, per head
- * kind, over all probe queries. */
-static void measure(const char *path, KindMass out[3])
+ * kind: at[] over the probe queries, off[] over decode queries that are not probes (every
+ * OFF_PROBE_STRIDE-th), where each head shows its own kind. */
+static void measure(const char *path, KindMass at[3], KindMass off[3])
 {
     Loaded ld = load(path);
     const TraceMeta *m = trace_meta(ld.tr);
-    double *p = kv_malloc((size_t)m->n_tokens * sizeof *p);
-    unsigned char *in_needle = kv_calloc((size_t)m->n_tokens, 1);
+    int T = m->n_tokens;
+    double *p = kv_malloc((size_t)T * sizeof *p);
+    unsigned char *in_needle = kv_calloc((size_t)T, 1), *is_probe = kv_calloc((size_t)T, 1);
     int needle_tokens = 0;
     for (int i = 0; i < m->n_needles; i++)
         for (int j = m->needles[2 * i]; j < m->needles[2 * i + 1]; j++)
             needle_tokens += !in_needle[j], in_needle[j] = 1;
-    int samples[3] = {0};
-    memset(out, 0, 3 * sizeof *out);
+    for (int i = 0; i < m->n_probes; i++)
+        is_probe[m->probes[i]] = 1;
+    int n_at[3] = {0}, n_off[3] = {0};
+    memset(at, 0, 3 * sizeof *at);
+    memset(off, 0, 3 * sizeof *off);
     int group = m->n_q_heads / m->n_kv_heads;
     for (int l = 0; l < m->n_layers; l++) {
         read_layer(&ld, l);
         for (int h = 0; h < m->n_q_heads; h++) {
             SynthHeadKind kind = synth_head_kind(l, h / group);
-            for (int i = 0; i < m->n_probes; i++) {
-                int t = m->probes[i];
+            for (int t = m->n_prompt - 1; t < T; t++) {
+                KindMass *km;
+                if (is_probe[t]) {
+                    km = &at[kind];
+                    n_at[kind]++;
+                } else if ((t - m->n_prompt) % OFF_PROBE_STRIDE == 0) {
+                    km = &off[kind];
+                    n_off[kind]++;
+                } else {
+                    continue;
+                }
                 attention(&ld, h, t, p);
                 for (int j = 0; j <= t; j++) {
-                    out[kind].sink += j < SINKS ? p[j] : 0;
-                    out[kind].recent += j > t - RECENT ? p[j] : 0;
-                    out[kind].needle += in_needle[j] ? p[j] : 0;
+                    km->sink += j < SINKS ? p[j] : 0;
+                    km->recent += j > t - RECENT ? p[j] : 0;
+                    km->needle += in_needle[j] ? p[j] : 0;
                 }
-                samples[kind]++;
             }
         }
     }
     for (int k = 0; k < 3; k++) {
-        assert_true(samples[k] > 0);
-        out[k].sink /= samples[k];
-        out[k].recent /= samples[k];
-        out[k].needle /= samples[k];
-        out[k].needle_tokens = needle_tokens;
+        assert_true(n_at[k] > 0 && n_off[k] > 0);
+        at[k].sink /= n_at[k], at[k].recent /= n_at[k], at[k].needle /= n_at[k];
+        off[k].sink /= n_off[k], off[k].recent /= n_off[k], off[k].needle /= n_off[k];
+        at[k].needle_tokens = off[k].needle_tokens = needle_tokens;
     }
     free(p);
     free(in_needle);
+    free(is_probe);
     unload(&ld);
 }
 
-static void check_planted(const KindMass km[3], int T_probe_min)
+static void check_planted(const KindMass at[3], const KindMass off[3], int T_probe_min)
 {
     static const char *names[3] = {"local", "sink", "retrieval"};
     for (int k = 0; k < 3; k++)
-        print_message("  %-9s sinks %.3f  last %d tokens %.3f  needles %.3f\n", names[k],
-                      km[k].sink, RECENT, km[k].recent, km[k].needle);
-    double needle_share = (double)km[0].needle_tokens / T_probe_min; /* uniform, at most */
-    /* sink heads put most of their attention on the first tokens */
-    assert_true(km[SYNTH_SINK].sink > 0.5);
-    assert_true(km[SYNTH_SINK].sink > 2 * km[SYNTH_LOCAL].sink);
+        print_message("  %-9s off probes: sinks %.3f  last %d tokens %.3f  needles %.3f;"
+                      "  at probes: needles %.3f\n", names[k], off[k].sink, RECENT,
+                      off[k].recent, off[k].needle, at[k].needle);
+    double needle_share = (double)at[0].needle_tokens / T_probe_min; /* uniform, at most */
+    /* away from probes, sink heads put most of their attention on the first tokens */
+    assert_true(off[SYNTH_SINK].sink > 0.5);
+    assert_true(off[SYNTH_SINK].sink > 2 * off[SYNTH_LOCAL].sink);
     /* local heads put most of theirs on the recent tokens */
-    assert_true(km[SYNTH_LOCAL].recent > 0.5);
-    assert_true(km[SYNTH_LOCAL].recent > 2 * km[SYNTH_SINK].recent);
-    /* retrieval heads at probes find the needles; the other kinds do not */
-    assert_true(km[SYNTH_RETRIEVAL].needle > 0.3);
-    assert_true(km[SYNTH_RETRIEVAL].needle > 10 * needle_share);
-    assert_true(km[SYNTH_LOCAL].needle < 3 * needle_share);
-    assert_true(km[SYNTH_SINK].needle < 3 * needle_share);
+    assert_true(off[SYNTH_LOCAL].recent > 0.5);
+    assert_true(off[SYNTH_LOCAL].recent > 2 * off[SYNTH_SINK].recent);
+    /* retrieval heads keep some attention on the sinks and little on the recent tokens */
+    assert_true(off[SYNTH_RETRIEVAL].recent < off[SYNTH_LOCAL].recent);
+    for (int k = 0; k < 3; k++) {
+        /* needles are found when a probe asks for them, by every kind of head ... */
+        assert_true(at[k].needle > 0.3);
+        assert_true(at[k].needle > 10 * needle_share);
+        /* ... and not otherwise */
+        assert_true(off[k].needle < 3 * needle_share);
+    }
 }
 
 static void test_planted_structure(void **state)
@@ -256,9 +274,9 @@ static void test_planted_structure(void **state)
     sp.attn_rows_every = 0;
     const char *path = scratch_path(dir, "s.h5", 0);
     write_or_fail(&sp, path);
-    KindMass km[3];
-    measure(path, km);
-    check_planted(km, sp.n_prompt);
+    KindMass at[3], off[3];
+    measure(path, at, off);
+    check_planted(at, off, sp.n_prompt);
     scratch_remove(dir);
 }
 
@@ -276,9 +294,9 @@ static void test_planted_structure_interleaved_f16(void **state)
     sp.seed = 99;
     const char *path = scratch_path(dir, "s.h5", 0);
     write_or_fail(&sp, path);
-    KindMass km[3];
-    measure(path, km);
-    check_planted(km, sp.n_prompt);
+    KindMass at[3], off[3];
+    measure(path, at, off);
+    check_planted(at, off, sp.n_prompt);
     scratch_remove(dir);
 }
 

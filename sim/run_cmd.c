@@ -61,7 +61,7 @@ int cmd_run(int argc, char **argv)
         }
     }
     if (!config_path) {
-        run_usage(stderr);
+        fprintf(stderr, "kvsim run: missing CONFIG.ini (usage: kvsim run --help)\n");
         return 2;
     }
 

@@ -1,0 +1,245 @@
+/* `kvsim run` end to end through the built binary: the three CSVs, identical at 1 and 2
+ * threads; every policy of configs/ta512.ini on a synthetic trace with needles, with the
+ * properties the comparison rests on; and one-line errors with exit status 2 for bad input. */
+#include <hdf5.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "sim/util.h"
+#include "tests/support/scratch.h"
+
+static char *dir;
+static char trace_path[1024];
+static char config_dir[1024];
+
+static char *slurp(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        fail_msg("cannot read %s", path);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = kv_malloc((size_t)n + 1);
+    assert_int_equal(fread(buf, 1, (size_t)n, f), (size_t)n);
+    buf[n] = '\0';
+    fclose(f);
+    return buf;
+}
+
+static KvsimRun run_ok(const char *fmt, ...)
+{
+    char args[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    KvsimRun r = run_kvsim(args);
+    if (r.status != 0)
+        fail_msg("kvsim %s: exit %d: %s", args, r.status, r.err);
+    return r;
+}
+
+/* Expects exit 2 and exactly one line on stderr containing every `want` (NULL-terminated). */
+static void run_fails(const char *args, ...)
+{
+    KvsimRun r = run_kvsim(args);
+    if (r.status != 2 || count_lines(r.err) != 1)
+        fail_msg("kvsim %s: expected exit 2 and one line, got %d: '%s'", args, r.status, r.err);
+    va_list ap;
+    va_start(ap, args);
+    for (const char *want = va_arg(ap, const char *); want; want = va_arg(ap, const char *))
+        if (!strstr(r.err, want))
+            fail_msg("kvsim %s: '%s' does not mention '%s'", args, r.err, want);
+    va_end(ap);
+    kvsim_run_free(&r);
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    dir = scratch_create();
+    snprintf(trace_path, sizeof trace_path, "%s/t.h5", dir);
+    const char *src = getenv("KVSIM_SOURCE_DIR");
+    snprintf(config_dir, sizeof config_dir, "%s/configs", src ? src : ".");
+    /* prompt >= 2048 and decode >= 256 with needles, kept small in width for speed */
+    KvsimRun r = run_ok("synth --out '%s' --seed 5 --layers 2 --q-heads 4 --kv-heads 2 "
+                        "--head-dim 64 --prompt 2048 --decode 256 --needles 6", trace_path);
+    kvsim_run_free(&r);
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    char cmd[8400];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+    free(dir);
+    return 0;
+}
+
+static void test_csvs_identical_at_one_and_two_threads(void **state)
+{
+    (void)state;
+    KvsimRun r1 = run_ok("run '%s/baselines.ini' --trace '%s' --out '%s/t1' --threads 1",
+                         config_dir, trace_path, dir);
+    KvsimRun r2 = run_ok("run '%s/baselines.ini' --trace '%s' --out '%s/t2' --threads 2 --quiet",
+                         config_dir, trace_path, dir);
+    assert_non_null(strstr(r1.out, "window512"));
+    assert_non_null(strstr(r1.out, "random512"));
+    assert_string_equal(r2.out, ""); /* --quiet */
+    const char *files[3] = {"summary.csv", "layers.csv", "steps.csv"};
+    int expected_rows[3] = {6, 6 * 2, -1};
+    for (int i = 0; i < 3; i++) {
+        char p1[8400], p2[8400];
+        snprintf(p1, sizeof p1, "%s/t1/%s", dir, files[i]);
+        snprintf(p2, sizeof p2, "%s/t2/%s", dir, files[i]);
+        char *a = slurp(p1), *b = slurp(p2);
+        assert_string_equal(a, b);
+        if (expected_rows[i] > 0)
+            assert_int_equal(count_lines(a), 1 + expected_rows[i]);
+        free(a);
+        free(b);
+    }
+    /* no temporary files left behind */
+    char t1[8400];
+    snprintf(t1, sizeof t1, "%s/t1", dir);
+    assert_int_equal(scratch_count(t1), 3);
+    kvsim_run_free(&r1);
+    kvsim_run_free(&r2);
+}
+
+typedef struct {
+    char policy[64];
+    double mass, needle;
+    bool oracle;
+} Row;
+
+static int read_summary(const char *path, Row *rows, int max)
+{
+    char *text = slurp(path);
+    char *save = NULL;
+    char *line = strtok_r(text, "\n", &save); /* header */
+    assert_non_null(strstr(line, "mass_gap_to_oracle"));
+    int n = 0;
+    while ((line = strtok_r(NULL, "\n", &save)) && n < max) {
+        char *fsave = NULL;
+        char *field = strtok_r(line, ",", &fsave);
+        snprintf(rows[n].policy, sizeof rows[n].policy, "%s", field);
+        const char *type = strtok_r(NULL, ",", &fsave);
+        rows[n].oracle = !strncmp(type, "oracle", 6);
+        rows[n].mass = atof(strtok_r(NULL, ",", &fsave));
+        /* needle_survival_mean is the 24th column */
+        for (int col = 4; col <= 24; col++)
+            field = strtok_r(NULL, ",", &fsave);
+        assert_non_null(field);
+        assert_string_not_equal(field, "NaN"); /* the trace has needles and probes */
+        rows[n].needle = atof(field);
+        n++;
+    }
+    free(text);
+    return n;
+}
+
+static void test_ta512_every_policy_and_the_bounds(void **state)
+{
+    (void)state;
+    KvsimRun r = run_ok("run '%s/ta512.ini' --trace '%s' --out '%s/ta' --quiet", config_dir,
+                        trace_path, dir);
+    kvsim_run_free(&r);
+    char path[8400];
+    snprintf(path, sizeof path, "%s/ta/summary.csv", dir);
+    Row rows[32];
+    int n = read_summary(path, rows, 32);
+    assert_int_equal(n, 13); /* one row per policy of the config */
+    double best_other = 0, lowest = INFINITY, second = INFINITY;
+    int random_row = -1;
+    for (int i = 0; i < n; i++) {
+        if (!strcmp(rows[i].policy, "random"))
+            random_row = i;
+        if (!strcmp(rows[i].policy, "full")) {
+            assert_float_equal(rows[i].mass, 1.0, 1e-6);
+            assert_float_equal(rows[i].needle, 1.0, 0);
+            continue;
+        }
+        if (rows[i].oracle)
+            continue;
+        if (rows[i].mass > best_other)
+            best_other = rows[i].mass;
+        if (rows[i].mass < lowest) {
+            second = lowest;
+            lowest = rows[i].mass;
+        } else if (rows[i].mass < second) {
+            second = rows[i].mass;
+        }
+    }
+    assert_true(random_row >= 0);
+    /* random is the worst, or next to it */
+    assert_true(rows[random_row].mass <= second);
+    for (int i = 0; i < n; i++) {
+        if (!rows[i].oracle)
+            continue;
+        /* the oracles retain at least as much attention as every non-oracle policy */
+        if (rows[i].mass < best_other)
+            fail_msg("%s mass %.4f below a non-oracle policy's %.4f", rows[i].policy,
+                     rows[i].mass, best_other);
+        /* oracle_topk keeps every needle at every probe (its probe query points at them);
+         * oracle_future may give up a needle token once its remaining attention is smaller
+         * than a newer token's (docs/policies.md), so it keeps nearly all */
+        if (!strcmp(rows[i].policy, "oracle_topk"))
+            assert_float_equal(rows[i].needle, 1.0, 0);
+        else
+            assert_true(rows[i].needle >= 0.95);
+    }
+}
+
+static void test_bad_input_one_line_exit_2(void **state)
+{
+    (void)state;
+    char ini[1100], args[8400];
+    snprintf(ini, sizeof ini, "%s/bad.ini", dir);
+    FILE *f = fopen(ini, "w");
+    fputs("[run]\nthreads = 1\n[policy.a]\ntype = window\nwindow = lots\n", f);
+    fclose(f);
+    snprintf(args, sizeof args, "run '%s' --trace '%s'", ini, trace_path);
+    run_fails(args, "bad.ini:5:", "window = 'lots'", "expected an integer", NULL);
+
+    snprintf(args, sizeof args, "run '%s/baselines.ini' --trace '%s/missing.h5'", config_dir, dir);
+    run_fails(args, "missing.h5", NULL);
+
+    /* a trace with one dataset removed */
+    char broken[1100];
+    snprintf(broken, sizeof broken, "%s/broken.h5", dir);
+    snprintf(args, sizeof args, "cp '%s' '%s'", trace_path, broken);
+    assert_int_equal(system(args), 0);
+    hid_t h = H5Fopen(broken, H5F_ACC_RDWR, H5P_DEFAULT);
+    assert_true(h >= 0);
+    assert_true(H5Ldelete(h, "/layers/001/k", H5P_DEFAULT) >= 0);
+    H5Fclose(h);
+    snprintf(args, sizeof args, "run '%s/baselines.ini' --trace '%s' --out '%s/x'", config_dir,
+             broken, dir);
+    run_fails(args, "broken.h5", "/layers/001/k", NULL);
+
+    snprintf(args, sizeof args, "run '%s/baselines.ini' --threads -3", config_dir);
+    run_fails(args, "--threads", NULL);
+    run_fails("run", "missing CONFIG", NULL);
+    run_fails("frobnicate", "unknown command", NULL);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_csvs_identical_at_one_and_two_threads),
+        cmocka_unit_test(test_ta512_every_policy_and_the_bounds),
+        cmocka_unit_test(test_bad_input_one_line_exit_2),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

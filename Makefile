@@ -56,9 +56,13 @@ $(DEFAULT_TRACE): | build
 run: build $(DEFAULT_TRACE)
 	$(KVSIM) run $(DEFAULT_CONFIG) --trace $(DEFAULT_TRACE)
 
-# Benchmarks: the trace they replay is written once into the build directory and reused.
+# Benchmarks: the traces and checkpoints they use are written once into the build directory.
+# The generator's PyTorch reference needs python3-torch (installed here when run as root).
 bench: build
-	cd $(BUILD) && ./bench_replay bench-1b.h5 $(CURDIR)/configs/baselines.ini
+	@dpkg -s python3-torch >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-torch
+	cd $(BUILD) && ./bench_replay bench-1b.h5 $(CURDIR)/configs/baselines.ini $(CURDIR)/configs/ta512.ini; \
+	  replay=$$?; cd $(CURDIR) && bench/generator.sh $(BUILD) 2; exit $$(( replay || $$? ))
 
 clean:
 	rm -rf $(BUILD) $(SAN_BUILD)

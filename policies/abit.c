@@ -224,8 +224,10 @@ static int abit_validate(const void *params, KvErr *err)
     return 0;
 }
 
-static Policy *abit_create(const void *params, const LayerView *L, const PolicyEnv *env)
+static Policy *abit_create(const void *params, const LayerView *L, const PolicyEnv *env,
+    KvErr *err)
 {
+    (void)err; /* cannot fail */
     Abit *a = kv_calloc(1, sizeof *a);
     policy_base_init(&a->base, &policy_abit, L);
     a->base.want_prefill_mass = true; /* the prompt's accumulated attention picks its top keys */

@@ -55,8 +55,10 @@ static int decay_validate(const void *params, KvErr *err)
     return 0;
 }
 
-static Policy *decay_create(const void *params, const LayerView *L, const PolicyEnv *env)
+static Policy *decay_create(const void *params, const LayerView *L, const PolicyEnv *env,
+    KvErr *err)
 {
+    (void)err; /* cannot fail */
     (void)env;
     Decay *d = kv_calloc(1, sizeof *d);
     policy_base_init(&d->base, &policy_decay, L);

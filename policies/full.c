@@ -25,8 +25,10 @@ static const ParamSpec full_params[] = {
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
-static Policy *full_create(const void *params, const LayerView *L, const PolicyEnv *env)
+static Policy *full_create(const void *params, const LayerView *L, const PolicyEnv *env,
+    KvErr *err)
 {
+    (void)err; /* cannot fail */
     Full *f = kv_calloc(1, sizeof *f);
     policy_base_init(&f->base, &policy_full, L);
     f->step = ((const FullParams *)params)->step;

@@ -54,8 +54,10 @@ static int h2o_validate(const void *params, KvErr *err)
     return 0;
 }
 
-static Policy *h2o_create(const void *params, const LayerView *L, const PolicyEnv *env)
+static Policy *h2o_create(const void *params, const LayerView *L, const PolicyEnv *env,
+    KvErr *err)
 {
+    (void)err; /* cannot fail */
     (void)env;
     const H2oParams *prm = params;
     H2o *h = kv_calloc(1, sizeof *h);

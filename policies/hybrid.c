@@ -139,8 +139,10 @@ static int hybrid_validate(const void *params, KvErr *err)
     return 0;
 }
 
-static Policy *hybrid_create(const void *params, const LayerView *L, const PolicyEnv *env)
+static Policy *hybrid_create(const void *params, const LayerView *L, const PolicyEnv *env,
+    KvErr *err)
 {
+    (void)err; /* cannot fail */
     (void)env;
     Hybrid *h = kv_calloc(1, sizeof *h);
     policy_base_init(&h->base, &policy_hybrid, L);

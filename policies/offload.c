@@ -130,8 +130,10 @@ static void quantize_round_trip(const float *x, int n, int bits, int group, floa
     }
 }
 
-static Policy *offload_create(const void *params, const LayerView *L, const PolicyEnv *env)
+static Policy *offload_create(const void *params, const LayerView *L, const PolicyEnv *env,
+    KvErr *err)
 {
+    (void)err; /* cannot fail */
     Offload *o = kv_calloc(1, sizeof *o);
     policy_base_init(&o->base, &policy_offload, L);
     o->prm = *(const OffloadParams *)params;

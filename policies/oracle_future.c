@@ -35,8 +35,10 @@ static const ParamSpec oracle_future_params[] = {
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
-static Policy *oracle_future_create(const void *params, const LayerView *L, const PolicyEnv *env)
+static Policy *oracle_future_create(const void *params, const LayerView *L, const PolicyEnv *env,
+    KvErr *err)
 {
+    (void)err; /* cannot fail */
     (void)env;
     OracleFuture *o = kv_calloc(1, sizeof *o);
     policy_base_init(&o->base, &policy_oracle_future, L);

@@ -156,7 +156,9 @@ struct PolicyType {
     const ParamSpec *params; /* terminated by an entry with key == NULL */
     /* Checks parameter combinations the table cannot express; may be NULL. */
     int (*validate)(const void *params, KvErr *err);
-    Policy *(*create)(const void *params, const LayerView *L, const PolicyEnv *env);
+    /* Returns NULL with a one-line message for input that only shows at this point (e.g. a
+     * calibration file that does not fit the layer); parameters are already validated. */
+    Policy *(*create)(const void *params, const LayerView *L, const PolicyEnv *env, KvErr *err);
     void (*prefill)(Policy *p, const PrefillView *pv);
     void (*step)(Policy *p, const StepView *sv);
     /* attn[g] is [group][cache[g].n]: query head g*group+i's attention over cache g's slots,

@@ -32,15 +32,18 @@ static const ParamSpec random_params[] = {
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
-static Policy *random_create(const void *params, const LayerView *L, const PolicyEnv *env)
+static Policy *random_create(const void *params, const LayerView *L, const PolicyEnv *env,
+    KvErr *err)
 {
     RandomPolicy *r = kv_calloc(1, sizeof *r);
     policy_base_init(&r->base, &policy_random, L);
     r->budget = ((const RandomParams *)params)->budget;
     r->rng = gsl_rng_alloc(gsl_rng_mt19937);
     if (!r->rng) {
-        fprintf(stderr, "kvsim: out of memory allocating a random number generator\n");
-        exit(3);
+        kv_fail(err, "random: out of memory allocating a random number generator");
+        policy_base_free(&r->base);
+        free(r);
+        return NULL;
     }
     gsl_rng_set(r->rng, (unsigned long)env->seed);
     return &r->base;

@@ -62,8 +62,10 @@ static int snapkv_validate(const void *params, KvErr *err)
     return 0;
 }
 
-static Policy *snapkv_create(const void *params, const LayerView *L, const PolicyEnv *env)
+static Policy *snapkv_create(const void *params, const LayerView *L, const PolicyEnv *env,
+    KvErr *err)
 {
+    (void)err; /* cannot fail */
     (void)env;
     Snapkv *s = kv_calloc(1, sizeof *s);
     policy_base_init(&s->base, &policy_snapkv, L);

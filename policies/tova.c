@@ -41,8 +41,10 @@ static const ParamSpec tova_params[] = {
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
-static Policy *tova_create(const void *params, const LayerView *L, const PolicyEnv *env)
+static Policy *tova_create(const void *params, const LayerView *L, const PolicyEnv *env,
+    KvErr *err)
 {
+    (void)err; /* cannot fail */
     (void)env;
     Tova *v = kv_calloc(1, sizeof *v);
     policy_base_init(&v->base, &policy_tova, L);

@@ -5,7 +5,6 @@
  * is pruned to the budget at the end of prefill. Between prunes the cache grows by one token per
  * step, so it holds between budget and budget + divide_length − 1 tokens at attention time. */
 #include <math.h>
-#include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -225,26 +224,16 @@ static int trig_validate(const void *params, KvErr *err)
     return 0;
 }
 
-/* The policy interface has no error path out of create(); a calibration trace that does not
- * fit the layer is bad input, reported the way the command line reports it (status 2). Layers
- * are created by several workers at once: the first to fail reports and exits, the others wait
- * here for the process to end (exit() must not run twice concurrently). */
-static void calibration_die(const char *path, const char *what)
-{
-    static pthread_mutex_t dying = PTHREAD_MUTEX_INITIALIZER;
-    pthread_mutex_lock(&dying);
-    fprintf(stderr, "kvsim: trig: calibration %s: %s\n", path, what);
-    exit(2);
-}
+static void trig_destroy(Policy *p);
 
 /* Statistics from the queries of the same layer of another trace, over all its tokens. */
-static void calibrate_from_file(Trig *tr, const LayerView *L)
+static int calibrate_from_file(Trig *tr, const LayerView *L, KvErr *err)
 {
     const char *path = tr->prm.calibration;
-    KvErr err;
-    Trace *cal = trace_open(path, &err);
+    KvErr terr;
+    Trace *cal = trace_open(path, &terr);
     if (!cal)
-        calibration_die(path, err.msg);
+        return kv_fail(err, "trig: calibration: %s", terr.msg);
     const TraceMeta *m = trace_meta(cal);
     char what[512];
     /* The same model: the recovered pre-RoPE queries must live in the simulated model's
@@ -259,22 +248,24 @@ static void calibrate_from_file(Trig *tr, const LayerView *L)
                  m->rope_layout == ROPE_HALF ? "half" : "interleaved", L->layer, L->n_q_heads,
                  L->head_dim, L->meta->rope_layout == ROPE_HALF ? "half" : "interleaved");
         trace_close(cal);
-        calibration_die(path, what);
+        return kv_fail(err, "trig: calibration %s: %s", path, what);
     }
     float *q = kv_malloc((size_t)m->n_q_heads * m->n_tokens * m->head_dim * sizeof *q);
-    if (trace_read_layer(cal, L->layer, q, NULL, NULL, &err) != 0) {
+    if (trace_read_layer(cal, L->layer, q, NULL, NULL, &terr) != 0) {
         free(q);
         trace_close(cal);
-        calibration_die(path, err.msg);
+        return kv_fail(err, "trig: calibration: %s", terr.msg);
     }
     trig_scorer_calibrate(&tr->scorer, q, m->n_tokens, m->n_tokens, m->positions, m->rope_layout,
                           m->rope_inv_freq);
     tr->calibrated = true;
     free(q);
     trace_close(cal);
+    return 0;
 }
 
-static Policy *trig_create(const void *params, const LayerView *L, const PolicyEnv *env)
+static Policy *trig_create(const void *params, const LayerView *L, const PolicyEnv *env,
+    KvErr *err)
 {
     (void)env;
     Trig *tr = kv_calloc(1, sizeof *tr);
@@ -284,8 +275,10 @@ static Policy *trig_create(const void *params, const LayerView *L, const PolicyE
                          : tr->prm.pairing == PAIRING_INTERLEAVED ? ROPE_INTERLEAVED
                                                                   : L->meta->rope_layout;
     trig_scorer_init(&tr->scorer, L->n_q_heads, L->head_dim, pairing, L->meta->rope_inv_freq);
-    if (!calibration_online(&tr->prm))
-        calibrate_from_file(tr, L);
+    if (!calibration_online(&tr->prm) && calibrate_from_file(tr, L, err) != 0) {
+        trig_destroy(&tr->base);
+        return NULL;
+    }
     return &tr->base;
 }
 

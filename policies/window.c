@@ -26,8 +26,10 @@ static const ParamSpec window_params[] = {
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
-static Policy *window_create(const void *params, const LayerView *L, const PolicyEnv *env)
+static Policy *window_create(const void *params, const LayerView *L, const PolicyEnv *env,
+    KvErr *err)
 {
+    (void)err; /* cannot fail */
     (void)env;
     Window *w = kv_calloc(1, sizeof *w);
     policy_base_init(&w->base, &policy_window, L);

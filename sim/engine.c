@@ -306,7 +306,13 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
             .seed = splitmix64(cfg->seed ^ label_hash(ps->label) ^ splitmix64((uint64_t)layer)),
             .kv_bits = cfg->kv_bits,
         };
-        inst[pi] = ps->type->create(ps->params, &L, &env);
+        inst[pi] = ps->type->create(ps->params, &L, &env, err);
+        if (!inst[pi]) {
+            for (int j = 0; j < pi; j++)
+                inst[j]->type->destroy(inst[j]);
+            free(inst);
+            return -1;
+        }
         if (layer == 0) /* one writer: only one worker takes layer 0 */
             job->res->is_oracle[pi] = inst[pi]->is_oracle;
         want_mass |= inst[pi]->want_prefill_mass;

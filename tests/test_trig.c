@@ -684,6 +684,23 @@ static void test_calibration_from_file(void **state)
     record_free(&online);
     record_free(&from_file);
     record_free(&other_layer);
+
+    /* A calibration trace without the simulated layer: create() fails with one line naming
+     * the file, instead of calibrating from nothing. */
+    rl.fx->L.layer = 2;
+    const PolicyType *type = policy_find("trig");
+    void *prm = kv_calloc(1, type->params_size);
+    policy_params_defaults(type, prm);
+    KvErr err;
+    assert_int_equal(policy_param_set(type, prm, "calibration", path, &err), 0);
+    PolicyEnv env = {.seed = 1, .kv_bits = 16};
+    assert_null(type->create(prm, &rl.fx->L, &env, &err));
+    assert_non_null(strstr(err.msg, path));
+    assert_non_null(strstr(err.msg, "has 2 layers"));
+    assert_null(strchr(err.msg, '\n'));
+    free(prm);
+    rl.fx->L.layer = 0;
+
     scratch_remove(dir);
     rope_layer_free(&rl);
 }

@@ -88,8 +88,10 @@ Policy *fixture_policy(Fixture *fx, const char *type_name, const char *params, u
     if (type->validate && type->validate(prm, &err) != 0)
         fail_msg("fixture_policy: %s", err.msg);
     PolicyEnv env = {.seed = seed, .kv_bits = 16};
-    Policy *p = type->create(prm, &fx->L, &env);
+    Policy *p = type->create(prm, &fx->L, &env, &err);
     free(prm);
+    if (!p)
+        fail_msg("fixture_policy: %s", err.msg);
     return p;
 }
 

@@ -61,7 +61,7 @@ const char *scratch_path(const char *dir, const char *name, int slot)
     return bufs[slot & 3];
 }
 
-static char *slurp(const char *path)
+char *scratch_read(const char *path)
 {
     FILE *f = fopen(path, "rb");
     if (!f)
@@ -78,25 +78,35 @@ static char *slurp(const char *path)
     return buf;
 }
 
+KvsimRun run_command(const char *command)
+{
+    char *dir = scratch_create();
+    char out_path[8192], err_path[8192];
+    snprintf(out_path, sizeof out_path, "%s/stdout", dir);
+    snprintf(err_path, sizeof err_path, "%s/stderr", dir);
+    size_t len = strlen(command) + strlen(out_path) + strlen(err_path) + 32;
+    char *cmd = kv_malloc(len);
+    snprintf(cmd, len, "%s >'%s' 2>'%s'", command, out_path, err_path);
+    int raw = system(cmd);
+    free(cmd);
+    KvsimRun r;
+    r.status = raw != -1 && WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+    r.out = scratch_read(out_path);
+    r.err = scratch_read(err_path);
+    scratch_remove(dir);
+    return r;
+}
+
 KvsimRun run_kvsim(const char *args)
 {
     const char *bin = getenv("KVSIM_BIN");
     if (!bin || !*bin)
         fail_msg("KVSIM_BIN is not set (run the tests through ctest)");
-    char *dir = scratch_create();
-    char out_path[8192], err_path[8192];
-    snprintf(out_path, sizeof out_path, "%s/stdout", dir);
-    snprintf(err_path, sizeof err_path, "%s/stderr", dir);
-    size_t len = strlen(bin) + strlen(args) + strlen(out_path) + strlen(err_path) + 32;
+    size_t len = strlen(bin) + strlen(args) + 8;
     char *cmd = kv_malloc(len);
-    snprintf(cmd, len, "'%s' %s >'%s' 2>'%s'", bin, args, out_path, err_path);
-    int raw = system(cmd);
+    snprintf(cmd, len, "'%s' %s", bin, args);
+    KvsimRun r = run_command(cmd);
     free(cmd);
-    KvsimRun r;
-    r.status = raw != -1 && WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-    r.out = slurp(out_path);
-    r.err = slurp(err_path);
-    scratch_remove(dir);
     return r;
 }
 

@@ -19,9 +19,13 @@ typedef struct {
     char *err;  /* stderr, NUL-terminated */
 } KvsimRun;
 
+/* Runs a shell command line, capturing its stdout and stderr. */
+KvsimRun run_command(const char *cmd);
 /* Runs `$KVSIM_BIN args` through the shell (args are inserted verbatim). */
 KvsimRun run_kvsim(const char *args);
 void kvsim_run_free(KvsimRun *r);
+/* The whole file as a NUL-terminated string ("" when it cannot be read); free() it. */
+char *scratch_read(const char *path);
 /* Number of '\n'-terminated lines in s. */
 int count_lines(const char *s);
 

@@ -1,0 +1,83 @@
+# Budget sweeps and plots, included by the top-level Makefile.
+#
+#   make sweep        every policy of analysis/sweep.ini.in at each budget of SWEEP_BUDGETS on
+#                     DEFAULT_TRACE -> results/sweep/bB/*.csv, then results/sweep/summary.csv
+#                     (budgets run in parallel under make -j)
+#   make plots        the sweep's plots and those of one run (PLOT_RUN) -> results/plots/*.png
+#   make run-plot     results/<config name>/plot.png from the summary of `make run`
+#
+# Every output is written to a temporary name and renamed. See docs/sweeps.md, docs/plots.md.
+
+SWEEP_BUDGETS ?= 64 128 256 512 1024
+SWEEP_DIR     ?= results/sweep
+SWEEP_THREADS ?= 0
+# The run whose steps.csv and layers.csv `make plots` draws: the sweep's 512-token budget.
+PLOT_RUN      ?= $(SWEEP_DIR)/b512
+PLOTS_DIR     ?= results/plots
+# `make run` writes where DEFAULT_CONFIG's [run] out says; kvsim's default is results/<name>.
+RUN_DIR       ?= $(or $(shell sed -n 's/^[[:space:]]*out[[:space:]]*=[[:space:]]*\([^[:space:];]*\).*/\1/p' \
+                   $(DEFAULT_CONFIG) 2>/dev/null | head -n 1),results/$(basename $(notdir $(DEFAULT_CONFIG))))
+
+SWEEP_SORTED  := $(shell printf '%s\n' $(SWEEP_BUDGETS) | sort -n -u)
+SWEEP_RUNS    := $(foreach b,$(SWEEP_SORTED),$(SWEEP_DIR)/b$(b)/summary.csv)
+GNUPLOT       ?= gnuplot
+
+VS_BUDGET_PLOTS := mass recall error needle
+PLOTS := $(foreach p,$(VS_BUDGET_PLOTS),$(PLOTS_DIR)/$(p)_vs_budget.png) \
+         $(PLOTS_DIR)/memory_vs_step.png $(PLOTS_DIR)/mass_heatmap.png
+
+.PHONY: sweep plots run-plot FORCE
+# Generated configs and per-budget results are kept even when only reached through a pattern.
+.PRECIOUS: $(SWEEP_DIR)/b%/config.ini $(SWEEP_DIR)/b%/summary.csv
+
+sweep: $(SWEEP_DIR)/summary.csv
+
+# The trace path is part of every generated config; this file changes only when the path does,
+# so that switching traces reruns the sweep and an unchanged path does not.
+$(SWEEP_DIR)/trace.txt: FORCE
+	@mkdir -p $(@D)
+	@echo '$(DEFAULT_TRACE)' | cmp -s - $@ || echo '$(DEFAULT_TRACE)' > $@
+
+# B >= 64 keeps abit's max_split = B/8 at or above its min_split (8).
+$(SWEEP_DIR)/b%/config.ini: analysis/sweep.ini.in $(SWEEP_DIR)/trace.txt
+	@b='$*'; case "$$b" in ''|*[!0-9]*) echo "sweep: budget '$$b' is not a number" >&2; exit 1;; esac; \
+	if [ "$$b" -lt 64 ]; then echo "sweep: budget $$b is below 64 (see docs/sweeps.md)" >&2; exit 1; fi; \
+	mkdir -p $(@D); quarter=$$((b / 4)); cap=$$((quarter < 128 ? quarter : 128)); \
+	sed -e "s|@BUDGET@|$$b|g" -e "s|@WINDOW@|$$((b - 4))|g" -e "s|@QUARTER@|$$quarter|g" \
+	    -e "s|@EIGHTH@|$$((b / 8))|g" -e "s|@CAP128@|$$cap|g" \
+	    -e "s|@TRACE@|$(DEFAULT_TRACE)|g" -e "s|@OUT@|$(@D)|g" $< > $@.tmp && mv $@.tmp $@
+
+# The table kvsim prints goes to run.log, so that parallel budgets do not interleave.
+$(SWEEP_DIR)/b%/summary.csv: $(SWEEP_DIR)/b%/config.ini $(DEFAULT_TRACE) $(wildcard $(KVSIM)) | build
+	$(KVSIM) run $< --out $(@D) --threads $(SWEEP_THREADS) > $(@D)/run.log
+
+$(SWEEP_DIR)/summary.csv: $(SWEEP_RUNS) analysis/concat_summaries.awk
+	awk -f analysis/concat_summaries.awk $(foreach b,$(SWEEP_SORTED),budget=$(b) $(SWEEP_DIR)/b$(b)/summary.csv) \
+	  > $@.tmp || { rm -f $@.tmp; exit 1; }
+	mv $@.tmp $@
+
+plots: $(PLOTS)
+
+# gnuplot_png(script, input): renders the script on the input into $@ through a temporary.
+gnuplot_png = @mkdir -p $(@D); $(GNUPLOT) -e "in='$(2)'; out='$@.tmp'" $(1) \
+	  || { rm -f $@.tmp; exit 1; }; mv $@.tmp $@; echo "wrote $@"
+
+$(PLOTS_DIR)/%_vs_budget.png: analysis/%_vs_budget.gp analysis/vs_budget.gp analysis/common.gp $(SWEEP_DIR)/summary.csv
+	$(call gnuplot_png,$<,$(SWEEP_DIR)/summary.csv)
+
+$(PLOTS_DIR)/memory_vs_step.png: analysis/memory_vs_step.gp analysis/common.gp $(PLOT_RUN)/summary.csv
+	$(call gnuplot_png,$<,$(PLOT_RUN)/steps.csv)
+
+$(PLOTS_DIR)/mass_heatmap.png: analysis/mass_heatmap.gp analysis/common.gp $(PLOT_RUN)/summary.csv
+	$(call gnuplot_png,$<,$(PLOT_RUN)/layers.csv)
+
+# After `make run` (or any run: make run-plot RUN_DIR=results/mine).
+run-plot: $(RUN_DIR)/plot.png
+
+$(RUN_DIR)/plot.png: analysis/run_plot.gp analysis/common.gp $(RUN_DIR)/summary.csv
+	$(call gnuplot_png,$<,$(RUN_DIR)/summary.csv)
+
+$(RUN_DIR)/summary.csv:
+	@echo "run-plot: $@ does not exist: run \`make run\` first (or set RUN_DIR)" >&2; exit 1
+
+FORCE:

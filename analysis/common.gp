@@ -1,0 +1,50 @@
+# common.gp — loaded first by every plot script of analysis/: checks the `in` and `out`
+# variables and that the input is readable (exiting with an error, hence a non-zero status,
+# otherwise), opens the PNG, reads the policies of the `policy` column in order of first
+# appearance into `policies`, gives policy i line type i (a distinct color and point), and
+# defines rows(p), a data source holding the header and the rows of policy p only: gnuplot
+# would break a line at every row a filter rejects, so each policy is read on its own.
+
+if (!exists("in") || !exists("out")) \
+    exit error "usage: gnuplot -e \"in='FILE.csv'; out='PLOT.png'\" SCRIPT.gp"
+if (system(sprintf("test -f '%s' -a -r '%s' && echo readable", in, in)) ne "readable") \
+    exit error sprintf("%s: cannot read the input file", in)
+
+policy_list_cmd = "awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == \"policy\") c = i; next }" \
+    . " c && !seen[$c]++ { printf \"%%s \", $c }' '%s'"
+policies = system(sprintf(policy_list_cmd, in))
+if (words(policies) == 0) \
+    exit error sprintf("%s: expected a header with a policy column and at least one row", in)
+n_policies = words(policies)
+
+rows_cmd = "< awk -F, -v p='%s' 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == \"policy\") c = i }" \
+    . " NR == 1 || $c == p' '%s'"
+rows(p) = sprintf(rows_cmd, p, in)
+
+# Number of values of column `name` that are numbers (not NaN, not empty).
+values_cmd = "awk -F, -v name='%s' 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == name) c = i; next }" \
+    . " c && $c != \"\" && $c != \"NaN\" { n++ } END { print n + 0 }' '%s'"
+value_count(name) = int(system(sprintf(values_cmd, name, in)))
+
+set datafile separator ","
+set datafile missing "NaN"
+# A script may set png_size ("width,height" in pixels) before loading this file.
+if (!exists("png_size")) png_size = "1280,760"
+eval "set terminal pngcairo noenhanced font 'sans,12' linewidth 1.5 size " . png_size
+set output out
+
+# Sixteen colors that stay apart (the first, black, is `full` in every kvsim config) with a
+# different point for each; more policies reuse them in order.
+policy_colors = "#000000 #1f77b4 #ff7f0e #2ca02c #d62728 #9467bd #8c564b #e377c2 " \
+    . "#7f7f7f #bcbd22 #17becf #393b79 #ad494a #637939 #ff9896 #6b6ecf"
+policy_points = "7 5 9 11 13 15 6 4 8 10 12 14 1 2 3 7"
+do for [i = 1:16] {
+    set linetype i linecolor rgb word(policy_colors, i) pointtype int(word(policy_points, i)) \
+        pointsize 1.3 linewidth 1.5 dashtype 1
+}
+set linetype cycle 16
+
+set key outside right center vertical Left reverse spacing 1.2 box
+set title font ",15"
+set grid lc rgb "#dddddd"
+set border lc rgb "#444444"

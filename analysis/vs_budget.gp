@@ -1,0 +1,31 @@
+# vs_budget.gp — one summary metric against the KV budget, one line per policy, from the
+# concatenated sweep summary (results/sweep/summary.csv: a `budget` column and summary.csv's).
+# Loaded by the *_vs_budget.gp scripts, which set `metric` (a column name), `metric_label`
+# (the y axis) and `plot_title`, and optionally `y_range` (e.g. "[0:1]") and `y_log` (1: log10
+# y axis; zeros, such as `full`'s output error, then have no point).
+
+load script_dir . "/common.gp"
+
+set title plot_title
+set xlabel "KV budget (tokens per KV head, log2 scale)"
+set ylabel metric_label
+set logscale x 2
+set format x "%.0f"
+set offsets graph 0.03, graph 0.03, 0, 0
+if (exists("y_range")) { eval "set yrange " . y_range }
+if (exists("y_log") && y_log) { set logscale y 10 }
+
+# A metric that is NaN throughout (needle survival on a trace without needles) gives an empty
+# frame that says so, rather than no file.
+if (value_count(metric) == 0) {
+    set label 1 sprintf("no value: %s is NaN in every row of %s", metric, in) at graph 0.5, 0.5 center
+    unset logscale y
+    unset key
+    set xrange [64:1024]
+    set yrange [0:1]
+    plot -1 notitle
+    exit
+}
+
+plot for [i = 1:n_policies] rows(word(policies, i)) \
+    using "budget":(column(metric)) with linespoints linetype i title word(policies, i)

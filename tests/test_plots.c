@@ -1,0 +1,327 @@
+/* test_plots.c — the gnuplot scripts of analysis/ render a PNG from small CSVs shaped like
+ * kvsim's outputs (several policies, a NaN, a policy label with an underscore) without a
+ * warning, and fail on a missing or wrong input; the sweep's concatenation step
+ * (analysis/concat_summaries.awk) produces exactly the expected table and rejects
+ * inconsistent inputs. gnuplot (Debian gnuplot-nox) is a declared dependency: without it
+ * every plot test fails saying so. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <cmocka.h>
+
+#include "sim/util.h"
+#include "tests/support/scratch.h"
+
+/* A PNG smaller than this is (nearly) blank: axes, legend and lines take far more. */
+#define MIN_PNG_BYTES 5000
+
+static const char *source_dir(void)
+{
+    const char *dir = getenv("KVSIM_SOURCE_DIR");
+    if (!dir || !*dir)
+        fail_msg("KVSIM_SOURCE_DIR is not set (run the tests through ctest)");
+    return dir;
+}
+
+static void require_gnuplot(void)
+{
+    KvsimRun r = run_command("gnuplot --version");
+    int ok = r.status == 0 && strstr(r.out, "gnuplot") != NULL;
+    kvsim_run_free(&r);
+    if (!ok)
+        fail_msg("gnuplot is not installed or does not run: install the gnuplot-nox package "
+                 "(apt-get install -y gnuplot-nox), a declared dependency of the plots");
+}
+
+static void write_text(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    if (!f)
+        fail_msg("cannot write %s", path);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* Runs analysis/SCRIPT with in= and out= set; returns the exit status and gnuplot's stderr. */
+static KvsimRun run_script(const char *script, const char *in, const char *out)
+{
+    require_gnuplot();
+    static const char fmt[] = "gnuplot -e \"in='%s'; out='%s'\" '%s/analysis/%s'";
+    size_t len = sizeof fmt + strlen(in) + strlen(out) + strlen(source_dir()) + strlen(script);
+    char *cmd = kv_malloc(len);
+    snprintf(cmd, len, fmt, in, out, source_dir(), script);
+    KvsimRun r = run_command(cmd);
+    free(cmd);
+    return r;
+}
+
+static uint32_t be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* The file is a PNG of width x height pixels and at least MIN_PNG_BYTES. */
+static void assert_png(const char *path, uint32_t width, uint32_t height)
+{
+    struct stat st;
+    if (stat(path, &st) != 0)
+        fail_msg("%s was not written", path);
+    if (st.st_size < MIN_PNG_BYTES)
+        fail_msg("%s has %lld bytes, expected at least %d", path, (long long)st.st_size,
+                 MIN_PNG_BYTES);
+    unsigned char head[24];
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    assert_int_equal(fread(head, 1, sizeof head, f), sizeof head);
+    fclose(f);
+    static const unsigned char signature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    assert_memory_equal(head, signature, sizeof signature);
+    assert_memory_equal(head + 12, "IHDR", 4); /* the first chunk: width, height */
+    assert_int_equal(be32(head + 16), width);
+    assert_int_equal(be32(head + 20), height);
+}
+
+/* Renders `script` on `csv` (written to the scratch directory as in.csv) and checks the PNG. */
+static void render_ok(const char *script, const char *csv, uint32_t width, uint32_t height)
+{
+    char *dir = scratch_create();
+    char in[8192], out[8192];
+    snprintf(in, sizeof in, "%s", scratch_path(dir, "in.csv", 0));
+    snprintf(out, sizeof out, "%s", scratch_path(dir, "out.png", 1));
+    write_text(in, csv);
+    KvsimRun r = run_script(script, in, out);
+    if (r.status != 0 || r.err[0])
+        fail_msg("%s: exit status %d, stderr: %s", script, r.status, r.err);
+    assert_png(out, width, height);
+    kvsim_run_free(&r);
+    scratch_remove(dir);
+}
+
+/* The script exits non-zero on `csv` (NULL: a file that does not exist), writes no PNG and
+ * names the input in its message. */
+static void render_fails(const char *script, const char *csv)
+{
+    char *dir = scratch_create();
+    char in[8192], out[8192];
+    snprintf(in, sizeof in, "%s", scratch_path(dir, "in.csv", 0));
+    snprintf(out, sizeof out, "%s", scratch_path(dir, "out.png", 1));
+    if (csv)
+        write_text(in, csv);
+    KvsimRun r = run_script(script, in, out);
+    if (r.status == 0)
+        fail_msg("%s on %s input: exit status 0, expected a failure", script,
+                 csv ? "a wrong" : "a missing");
+    if (!csv)
+        assert_non_null(strstr(r.err, in));
+    struct stat st;
+    if (!csv && stat(out, &st) == 0)
+        fail_msg("%s wrote %s from a missing input", script, out);
+    kvsim_run_free(&r);
+    scratch_remove(dir);
+}
+
+/* A sweep summary: three budgets, three policies (one label with an underscore), the
+ * reference at zero output error (a log axis must skip it quietly) and one NaN. */
+static const char SWEEP_CSV[] =
+    "budget,policy,type,mass_mean,recall_mean,out_err_mean,needle_survival_mean\n"
+    "64,full,full,1,1,0,1\n"
+    "64,window,window,0.61,0.42,0.9,0\n"
+    "64,oracle_topk,oracle_topk,0.83,0.97,0.31,0.25\n"
+    "128,full,full,1,1,0,1\n"
+    "128,window,window,0.7,0.5,0.62,NaN\n"
+    "128,oracle_topk,oracle_topk,0.9,0.99,0.17,0.5\n"
+    "256,full,full,1,1,0,1\n"
+    "256,window,window,0.82,0.61,0.35,0.375\n"
+    "256,oracle_topk,oracle_topk,0.96,1,0.06,0.875\n";
+
+static void test_vs_budget_scripts_render(void **state)
+{
+    (void)state;
+    render_ok("mass_vs_budget.gp", SWEEP_CSV, 1280, 760);
+    render_ok("recall_vs_budget.gp", SWEEP_CSV, 1280, 760);
+    render_ok("error_vs_budget.gp", SWEEP_CSV, 1280, 760);
+    render_ok("needle_vs_budget.gp", SWEEP_CSV, 1280, 760);
+    /* A trace without needles: survival is NaN throughout, the plot says so instead of failing. */
+    render_ok("needle_vs_budget.gp",
+              "budget,policy,type,needle_survival_mean\n64,full,full,NaN\n64,window,window,NaN\n"
+              "128,full,full,NaN\n128,window,window,NaN\n",
+              1280, 760);
+}
+
+static void test_memory_vs_step_renders(void **state)
+{
+    (void)state;
+    char *csv = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&csv, &len);
+    assert_non_null(f);
+    fputs("policy,step,decode_index,mass_mean,recall_mean,out_err_mean,cache_tokens_mean,"
+          "device_bytes,allocated_bytes,host_bytes,fetched_tokens,needle_survival\n",
+          f);
+    static const char *const policies[] = {"full", "window", "oracle_topk"};
+    for (int p = 0; p < 3; p++)
+        for (int d = 0; d < 24; d++) {
+            double tokens = p == 0 ? 100 + d : 64;
+            double device = tokens * 4096, host = p == 1 ? 1024.0 * d : 0;
+            fprintf(f, "%s,%d,%d,0.9,0.8,0.1,%g,%g,%g,%g,0,%s\n", policies[p], 100 + d, d,
+                    tokens, device, device, host, d % 8 == 0 ? "0.5" : "NaN");
+        }
+    fclose(f);
+    render_ok("memory_vs_step.gp", csv, 1280, 960);
+    free(csv);
+}
+
+static void test_mass_heatmap_renders(void **state)
+{
+    (void)state;
+    render_ok("mass_heatmap.gp",
+              "policy,layer,mass_mean,recall_mean,out_err_mean,cache_tokens_mean,"
+              "device_bytes_mean,host_bytes_mean,needle_survival_mean\n"
+              "full,0,1,1,0,120,491520,0,1\nfull,1,1,1,0,120,491520,0,1\n"
+              "full,2,1,1,0,120,491520,0,1\n"
+              "window,0,0.9,0.7,0.2,64,262144,0,0.5\nwindow,1,0.55,0.4,0.6,64,262144,0,0\n"
+              "window,2,0.7,0.5,0.4,64,262144,0,NaN\n"
+              "oracle_topk,0,0.97,1,0.05,64,262144,0,0.5\n"
+              "oracle_topk,1,NaN,0.9,0.1,64,262144,0,0.5\n"
+              "oracle_topk,2,0.93,0.95,0.08,64,262144,0,1\n",
+              1280, 760);
+}
+
+static void test_run_plot_renders(void **state)
+{
+    (void)state;
+    render_ok("run_plot.gp",
+              "policy,type,mass_mean,recall_mean,out_err_mean,needle_survival_mean\n"
+              "full,full,1,1,0,1\nwindow512,window,0.82,0.57,0.32,NaN\n"
+              "oracle_topk,oracle_topk,0.95,1,0.08,0.6\nrandom,random,0.63,0.52,0.68,0.45\n",
+              1280, 760);
+}
+
+static const char *const SCRIPTS[] = {"mass_vs_budget.gp", "recall_vs_budget.gp",
+                                      "error_vs_budget.gp", "needle_vs_budget.gp",
+                                      "memory_vs_step.gp", "mass_heatmap.gp", "run_plot.gp"};
+
+static void test_missing_input_fails(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < sizeof SCRIPTS / sizeof SCRIPTS[0]; i++)
+        render_fails(SCRIPTS[i], NULL);
+}
+
+static void test_wrong_input_fails(void **state)
+{
+    (void)state;
+    /* No policy column or no rows: nothing to draw, for every script. */
+    for (size_t i = 0; i < sizeof SCRIPTS / sizeof SCRIPTS[0]; i++) {
+        render_fails(SCRIPTS[i], "name,budget,mass_mean\nfull,64,1\n");
+        render_fails(SCRIPTS[i], "");
+    }
+    /* One run's summary has no budget column: it is not a sweep. */
+    render_fails("mass_vs_budget.gp", "policy,type,mass_mean\nfull,full,1\nwindow,window,0.8\n");
+}
+
+/* ---- analysis/concat_summaries.awk ---- */
+
+/* Runs the concatenation on files a and b (preceded by budget=ba and budget=bb); returns
+ * the status, stdout and stderr. */
+static KvsimRun concat(const char *dir, const char *ba, const char *a, const char *bb,
+                       const char *b)
+{
+    const char *path_a = scratch_path(dir, "a.csv", 0), *path_b = scratch_path(dir, "b.csv", 1);
+    write_text(path_a, a);
+    write_text(path_b, b);
+    static const char fmt[] = "awk -f '%s/analysis/concat_summaries.awk' budget=%s '%s' budget=%s '%s'";
+    size_t len = sizeof fmt + strlen(source_dir()) + strlen(ba) + strlen(path_a) + strlen(bb) +
+                 strlen(path_b);
+    char *cmd = kv_malloc(len);
+    snprintf(cmd, len, fmt, source_dir(), ba, path_a, bb, path_b);
+    KvsimRun r = run_command(cmd);
+    free(cmd);
+    return r;
+}
+
+static const char SUMMARY_64[] = "policy,type,mass_mean,needle_survival_mean\n"
+                                 "full,full,1,1\n"
+                                 "window,window,0.61,NaN\n"
+                                 "oracle_topk,oracle_topk,0.83,0.25\n";
+static const char SUMMARY_128[] = "policy,type,mass_mean,needle_survival_mean\n"
+                                  "full,full,1,1\n"
+                                  "window,window,0.7,0.125\n"
+                                  "oracle_topk,oracle_topk,0.9,0.5\n";
+
+static void test_concat_exact_output(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    KvsimRun r = concat(dir, "64", SUMMARY_64, "128", SUMMARY_128);
+    assert_int_equal(r.status, 0);
+    assert_string_equal(r.err, "");
+    assert_string_equal(r.out, "budget,policy,type,mass_mean,needle_survival_mean\n"
+                               "64,full,full,1,1\n"
+                               "64,window,window,0.61,NaN\n"
+                               "64,oracle_topk,oracle_topk,0.83,0.25\n"
+                               "128,full,full,1,1\n"
+                               "128,window,window,0.7,0.125\n"
+                               "128,oracle_topk,oracle_topk,0.9,0.5\n");
+    kvsim_run_free(&r);
+    scratch_remove(dir);
+}
+
+/* The concatenation exits with status 1 and a message naming `culprit` ("a.csv" / "b.csv"). */
+static void expect_concat_error(const char *ba, const char *a, const char *bb, const char *b,
+                                const char *culprit)
+{
+    char *dir = scratch_create();
+    KvsimRun r = concat(dir, ba, a, bb, b);
+    if (r.status != 1 || !strstr(r.err, culprit) || count_lines(r.err) != 1)
+        fail_msg("budgets %s, %s: status %d, stderr \"%s\"; expected status 1 and one line "
+                 "naming %s",
+                 ba, bb, r.status, r.err, culprit);
+    kvsim_run_free(&r);
+    scratch_remove(dir);
+}
+
+static void test_concat_rejects_inconsistent_input(void **state)
+{
+    (void)state;
+    /* Different columns (a layers.csv among summaries). */
+    expect_concat_error("64", SUMMARY_64, "128",
+                        "policy,layer,mass_mean,recall_mean\nfull,0,1,1\n", "b.csv");
+    /* The same budget twice. */
+    expect_concat_error("64", SUMMARY_64, "64", SUMMARY_128, "b.csv");
+    /* A budget that is not a positive integer. */
+    expect_concat_error("64", SUMMARY_64, "12x", SUMMARY_128, "b.csv");
+    expect_concat_error("0", SUMMARY_64, "128", SUMMARY_128, "a.csv");
+    /* A header without rows, first or last. */
+    expect_concat_error("64", "policy,type,mass_mean,needle_survival_mean\n", "128", SUMMARY_128,
+                        "a.csv");
+    expect_concat_error("64", SUMMARY_64, "128", "policy,type,mass_mean,needle_survival_mean\n",
+                        "b.csv");
+    /* An empty file, and a row with a missing field. */
+    expect_concat_error("64", SUMMARY_64, "128", "", "b.csv");
+    expect_concat_error("64", SUMMARY_64, "128",
+                        "policy,type,mass_mean,needle_survival_mean\nfull,full,1\n", "b.csv:2");
+    /* Not a summary at all. */
+    expect_concat_error("64", "layer,mass\n0,1\n", "128", SUMMARY_128, "a.csv");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_vs_budget_scripts_render),
+        cmocka_unit_test(test_memory_vs_step_renders),
+        cmocka_unit_test(test_mass_heatmap_renders),
+        cmocka_unit_test(test_run_plot_renders),
+        cmocka_unit_test(test_missing_input_fails),
+        cmocka_unit_test(test_wrong_input_fails),
+        cmocka_unit_test(test_concat_exact_output),
+        cmocka_unit_test(test_concat_rejects_inconsistent_input),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -47,7 +47,7 @@ test-sanitize: deps $(SAN_BUILD)/CMakeCache.txt
 # The main job on the embedded default: a synthetic trace with planted sinks, local and
 # retrieval heads and needles, replayed through the configured policies.
 DEFAULT_TRACE  := traces/default.h5
-DEFAULT_CONFIG ?= configs/baselines.ini
+DEFAULT_CONFIG ?= configs/ta512.ini
 
 $(DEFAULT_TRACE): | build
 	$(KVSIM) synth --out $@ --seed 1 --layers 8 --q-heads 16 --kv-heads 4 --head-dim 64 \
@@ -55,6 +55,7 @@ $(DEFAULT_TRACE): | build
 
 run: build $(DEFAULT_TRACE)
 	$(KVSIM) run $(DEFAULT_CONFIG) --trace $(DEFAULT_TRACE)
+	$(MAKE) --no-print-directory run-plot
 
 # Benchmarks: the traces and checkpoints they use are written once into the build directory.
 # The generator's PyTorch reference needs python3-torch (installed here when run as root).

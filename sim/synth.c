@@ -35,9 +35,9 @@ typedef struct {
 } KindLogits;
 
 static const KindLogits kind_logits[3] = {
-    [SYNTH_LOCAL] = {3.0, 3.0, 6.0, 9.0},
-    [SYNTH_SINK] = {10.0, 2.0, 1.0, 10.0},
-    [SYNTH_RETRIEVAL] = {4.0, 2.0, 1.0, 10.0},
+    [SYNTH_LOCAL] = {3.0, 3.0, 6.0, 14.0},
+    [SYNTH_SINK] = {10.0, 2.0, 1.0, 14.0},
+    [SYNTH_RETRIEVAL] = {4.0, 2.0, 1.0, 14.0},
 };
 
 void synth_defaults(SynthParams *sp)

@@ -160,7 +160,7 @@ static void test_ta512_every_policy_and_the_bounds(void **state)
     Row rows[32];
     int n = read_summary(path, rows, 32);
     assert_int_equal(n, 13); /* one row per policy of the config */
-    double best_other = 0, lowest = INFINITY, second = INFINITY;
+    double best_other = 0, best_needle = 0, lowest = INFINITY, second = INFINITY;
     int random_row = -1;
     for (int i = 0; i < n; i++) {
         if (!strcmp(rows[i].policy, "random"))
@@ -174,6 +174,8 @@ static void test_ta512_every_policy_and_the_bounds(void **state)
             continue;
         if (rows[i].mass > best_other)
             best_other = rows[i].mass;
+        if (rows[i].needle > best_needle)
+            best_needle = rows[i].needle;
         if (rows[i].mass < lowest) {
             second = lowest;
             lowest = rows[i].mass;
@@ -192,12 +194,13 @@ static void test_ta512_every_policy_and_the_bounds(void **state)
             fail_msg("%s mass %.4f below a non-oracle policy's %.4f", rows[i].policy,
                      rows[i].mass, best_other);
         /* oracle_topk keeps every needle at every probe (its probe query points at them);
-         * oracle_future may give up a needle token once its remaining attention is smaller
-         * than a newer token's (docs/policies.md), so it keeps nearly all */
+         * oracle_future maximises mass, not needles: it gives up a needle token once its
+         * remaining attention is smaller than a newer token's (docs/policies.md), yet it keeps
+         * more needles than any eviction policy that cannot see the future */
         if (!strcmp(rows[i].policy, "oracle_topk"))
             assert_float_equal(rows[i].needle, 1.0, 0);
         else
-            assert_true(rows[i].needle >= 0.95);
+            assert_true(rows[i].needle >= best_needle && rows[i].needle >= 0.9);
     }
 }
 

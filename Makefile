@@ -62,7 +62,7 @@ run: build $(DEFAULT_TRACE)
 bench: build
 	@dpkg -s python3-torch >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-torch
-	cd $(BUILD) && ./bench_replay bench-1b.h5 $(CURDIR)/configs/baselines.ini $(CURDIR)/configs/ta512.ini; \
+	cd $(BUILD) && ./bench_replay bench-1b.h5 $(CURDIR)/bench/replay.ini $(CURDIR)/configs/ta512.ini; \
 	  replay=$$?; cd $(CURDIR) && bench/generator.sh $(BUILD) 2; exit $$(( replay || $$? ))
 
 clean:

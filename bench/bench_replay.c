@@ -89,7 +89,7 @@ static bool report_policies(Trace *tr, const char *config_path)
 int main(int argc, char **argv)
 {
     const char *trace_path = argc > 1 ? argv[1] : "bench-1b.h5";
-    const char *config_path = argc > 2 ? argv[2] : "configs/baselines.ini";
+    const char *config_path = argc > 2 ? argv[2] : "bench/replay.ini";
     const char *policies_config = argc > 3 ? argv[3] : NULL;
     KvErr err;
     struct stat st;

@@ -361,10 +361,12 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
         for (int b = 0; b < B; b++) {
             int t = t0 + b, e = job->eval_of_step[t];
             if (e >= 0) {
+                double k0 = now_seconds();
                 int k = cfg->topk < t + 1 ? cfg->topk : t + 1;
                 for (int h = 0; h < Hq; h++)
                     topk_indices(w->probs + ((size_t)b * Hq + h) * T, t + 1, k,
                                  w->topk + (size_t)h * cfg->topk);
+                w->metric_seconds += now_seconds() - k0;
             }
             for (int pi = 0; pi < n_pol; pi++) {
                 replay_step(job, w, &L, pi, inst[pi], t, b, e);

@@ -188,6 +188,14 @@ static EvalPrompt *load_prompts(const char *dir, const Model *model, const Token
  * skipped; its answer span is its first strlen(expected) bytes (all of it when shorter). The
  * prompt is answered correctly when the span equals the expected answer. */
 
+/* The decoder writes U+FFFD for bytes that do not (yet) form a character: a text ending in it
+ * may still change when the next token completes the character. */
+static bool ends_unsettled(const char *text)
+{
+    size_t n = strlen(text);
+    return n >= 3 && !memcmp(text + n - 3, "\xEF\xBF\xBD", 3);
+}
+
 static const char *skip_space(const char *s)
 {
     while (*s && is_space(*s))
@@ -201,13 +209,14 @@ typedef struct {
     size_t answer_len;
 } AnswerWatch;
 
-/* Stops generating once the continuation holds a whole answer span. */
+/* Stops generating once the continuation holds a whole answer span that the next token cannot
+ * change. */
 static int answer_complete(void *user, int index, int32_t token, const float *logits)
 {
     (void)token, (void)logits;
     const AnswerWatch *w = user;
     char *text = tokenizer_decode(w->tok, w->tokens, index + 1);
-    bool complete = strlen(skip_space(text)) >= w->answer_len;
+    bool complete = strlen(skip_space(text)) >= w->answer_len && !ends_unsettled(text);
     free(text);
     return complete;
 }

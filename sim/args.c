@@ -54,6 +54,8 @@ static int set_value(const char *cmd, const ArgSpec *s, const char *value, KvErr
         *(int *)s->out = i;
         return 0;
     }
+    case ARG_FLAG:
+        break;
     }
     return kv_fail(err, "%s: --%s: unknown option kind", cmd, s->name);
 }
@@ -83,6 +85,12 @@ int args_parse(int argc, char **argv, const ArgSpec *specs, const char **positio
             return kv_fail(err, "%s: unknown option '--%.*s' (%s --help lists them)", cmd,
                            (int)name_len, name, cmd);
         const char *value = eq ? eq + 1 : NULL;
+        if (s->kind == ARG_FLAG) {
+            if (value)
+                return kv_fail(err, "%s: --%s takes no value", cmd, s->name);
+            *(int *)s->out = 1;
+            continue;
+        }
         if (!value) {
             if (i + 1 >= argc)
                 return kv_fail(err, "%s: --%s: missing value", cmd, s->name);
@@ -103,6 +111,7 @@ void args_usage(FILE *out, const char *usage_line, const ArgSpec *specs)
         char dflt[128] = "";
         switch (s->kind) {
         case ARG_INT: snprintf(dflt, sizeof dflt, "%d", *(const int *)s->out); break;
+        case ARG_FLAG: snprintf(dflt, sizeof dflt, "%s", *(const int *)s->out ? "on" : "off"); break;
         case ARG_DOUBLE: snprintf(dflt, sizeof dflt, "%g", *(const double *)s->out); break;
         case ARG_STRING: {
             const char *v = *(const char *const *)s->out;

@@ -8,11 +8,12 @@
 
 #include "sim/util.h"
 
-typedef enum { ARG_INT, ARG_DOUBLE, ARG_STRING, ARG_CHOICE } ArgKind;
+typedef enum { ARG_INT, ARG_DOUBLE, ARG_STRING, ARG_CHOICE, ARG_FLAG } ArgKind;
 
 typedef struct {
     const char *name;    /* without the leading "--" */
-    ArgKind kind;        /* int -> int*, double -> double*, string -> const char**, choice -> int* */
+    ArgKind kind;        /* int -> int*, double -> double*, string -> const char**, choice -> int*,
+                            flag (takes no value; present = 1) -> int* */
     void *out;           /* keeps its value when the option is absent (the default) */
     double min, max;     /* inclusive range for int and double */
     const char *choices; /* choice: "a|b|c", stored as the index */

@@ -18,6 +18,20 @@ void attention_block(const float *q, int B, int i0, const float *k, const float 
 void softmax_causal_rows(float *s, int rows, int ld, int first_len, float scale, float *row_max,
                          float *row_z);
 
+/* Prompt queries per attention_block in prompt_statistics. */
+enum { PROMPT_STATS_BLOCK = 128 };
+
+/* The prompt attention statistics of a PrefillView (policies/policy.h) for one layer, computed
+ * blockwise (never a P x P matrix). q is [n_q_heads][stride][D] and k [n_q_heads/group][stride][D]
+ * (rows [0, n_prompt) are read; stride is the layer's token capacity). When not NULL,
+ * mass [n_q_heads][n_prompt] is accumulated into (the caller zeroes it) and obs
+ * [n_q_heads][obs_rows][n_prompt] receives the rows of the last obs_rows prompt queries, zero
+ * beyond each query. probs: scratch [PROMPT_STATS_BLOCK][stride]; ones: [stride] ones.
+ * Returns the floating-point operations done. Used by replay and by `kvsim eval`. */
+double prompt_statistics(const float *q, const float *k, int n_q_heads, int group, int stride,
+                         int n_prompt, int D, float scale, float *mass, float *obs, int obs_rows,
+                         float *probs, const float *ones);
+
 /* Floating-point operations of attention_block (both products), for throughput figures. */
 double attention_block_flops(int B, int i0, int D, int with_output);
 

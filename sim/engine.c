@@ -14,7 +14,7 @@
 #include "sim/metrics.h"
 
 /* Decode steps whose attention is computed by one sgemm per head. */
-enum { DECODE_BLOCK = 64, PREFILL_BLOCK = 128 };
+enum { DECODE_BLOCK = 64, PREFILL_BLOCK = PROMPT_STATS_BLOCK };
 
 typedef struct {
     Trace *tr;
@@ -63,6 +63,24 @@ static uint64_t label_hash(const char *s)
     return h;
 }
 
+uint64_t policy_instance_seed(uint64_t run_seed, const char *label, int layer)
+{
+    return splitmix64(run_seed ^ label_hash(label) ^ splitmix64((uint64_t)layer));
+}
+
+void policy_memory_report(const Policy *inst, int head_dim, int kv_bits, MemReport *mem)
+{
+    memset(mem, 0, sizeof *mem);
+    if (inst->type->memory) {
+        inst->type->memory(inst, mem);
+        return;
+    }
+    double live = 0;
+    for (int g = 0; g < inst->n_kv_heads; g++)
+        live += inst->cache[g].n;
+    mem->device_bytes = mem->allocated_bytes = kv_entry_bytes(live, head_dim, kv_bits);
+}
+
 static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg)
 {
     size_t T = (size_t)m->n_tokens, D = (size_t)m->head_dim;
@@ -103,34 +121,6 @@ static void worker_free(Worker *w, int n_kv_heads)
     free(w->attn_cap);
     free(w->scratch);
     free(w->policy_seconds);
-}
-
-/* The prompt's attention statistics the instances asked for, blockwise: never a P x P matrix. */
-static void prefill_statistics(Worker *w, const LayerView *L, float *mass, float *obs, int W)
-{
-    int T = L->n_tokens, P = L->n_prompt, D = L->head_dim;
-    float mx[PREFILL_BLOCK], z[PREFILL_BLOCK];
-    for (int h = 0; h < L->n_q_heads; h++) {
-        const float *q = L->q + (size_t)h * T * D;
-        const float *k = L->k + (size_t)(h / L->group) * T * D;
-        for (int i0 = 0; i0 < P; i0 += PREFILL_BLOCK) {
-            int B = P - i0 < PREFILL_BLOCK ? P - i0 : PREFILL_BLOCK;
-            attention_block(q + (size_t)i0 * D, B, i0, k, NULL, D, L->attn_scale,
-                            w->prefill_probs, T, NULL, mx, z);
-            w->attention_flops += attention_block_flops(B, i0, D, 0);
-            if (mass) /* column sums of the block: probs^T . 1 */
-                cblas_sgemv(CblasRowMajor, CblasTrans, B, i0 + B, 1.0f, w->prefill_probs, T,
-                            w->ones, 1, 1.0f, mass + (size_t)h * P, 1);
-            for (int b = 0; b < B; b++) {
-                int r = i0 + b - (P - W);
-                if (obs && r >= 0) {
-                    float *dst = obs + ((size_t)h * W + r) * P;
-                    memcpy(dst, w->prefill_probs + (size_t)b * T, (size_t)(i0 + B) * sizeof(float));
-                    memset(dst + i0 + B, 0, (size_t)(P - i0 - B) * sizeof(float));
-                }
-            }
-        }
-    }
 }
 
 /* Sum over all decode steps of each key's true attention: what oracle_future knows. */
@@ -252,15 +242,8 @@ static void replay_step(Job *job, Worker *w, const LayerView *L, int pi, Policy 
     if (observe)
         inst->type->observe(inst, &sv, (const float *const *)w->attn);
 
-    MemReport mem = {0};
-    if (inst->type->memory) {
-        inst->type->memory(inst, &mem);
-    } else {
-        double live = 0;
-        for (int g = 0; g < L->n_kv_heads; g++)
-            live += inst->cache[g].n;
-        mem.device_bytes = mem.allocated_bytes = kv_entry_bytes(live, D, cfg->kv_bits);
-    }
+    MemReport mem;
+    policy_memory_report(inst, D, cfg->kv_bits, &mem);
     double t3 = now_seconds();
     w->policy_seconds[pi] += (t1 - t0) + (t3 - t2);
     w->metric_seconds += t2 - t1;
@@ -303,7 +286,7 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     for (int pi = 0; pi < n_pol; pi++) {
         const PolicySpec *ps = &cfg->policies[pi];
         PolicyEnv env = {
-            .seed = splitmix64(cfg->seed ^ label_hash(ps->label) ^ splitmix64((uint64_t)layer)),
+            .seed = policy_instance_seed(cfg->seed, ps->label, layer),
             .kv_bits = cfg->kv_bits,
         };
         inst[pi] = ps->type->create(ps->params, &L, &env, err);
@@ -328,7 +311,8 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     float *dmass = want_dmass ? kv_calloc((size_t)Hq * T, sizeof(float)) : NULL;
     double s0 = now_seconds();
     if (mass || obs)
-        prefill_statistics(w, &L, mass, obs, want_rows);
+        w->attention_flops += prompt_statistics(w->q, w->k, Hq, L.group, T, P, D, L.attn_scale,
+                                                mass, obs, want_rows, w->prefill_probs, w->ones);
     if (dmass)
         decode_mass_statistics(w, &L, dmass);
     w->attention_seconds += now_seconds() - s0;

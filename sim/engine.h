@@ -77,6 +77,13 @@ typedef struct {
 } Results;
 
 Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err);
+
+/* The seed of the instance of policy `label` for `layer` (PolicyEnv.seed): the same in every
+ * command that drives policies, so a policy makes the same random choices everywhere. */
+uint64_t policy_instance_seed(uint64_t run_seed, const char *label, int layer);
+/* The instance's memory after a step: its memory() callback, or, when it has none, its live
+ * slots at kv_bits (allocated = live). */
+void policy_memory_report(const Policy *inst, int head_dim, int kv_bits, MemReport *mem);
 void results_free(Results *r);
 
 static inline float *results_head(const Results *r, int pol, int layer, int e, int h)

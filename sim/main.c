@@ -7,6 +7,7 @@
 #include "sim/check.h"
 #include "sim/run_cmd.h"
 #include "sim/synth.h"
+#include "traces/eval_cmd.h"
 #include "traces/trace_cmd.h"
 
 typedef struct {
@@ -22,6 +23,7 @@ static const Command commands[] = {
     {"check", cmd_check, "compare a trace's stored attention rows with its Q and K"},
     {"policies", cmd_policies, "list the policy types with their parameters and defaults"},
     {"trace", cmd_trace, "run a Hugging Face checkpoint on a prompt and write its trace"},
+    {"eval", cmd_eval, "answer accuracy of each policy evicting from a model's live KV cache"},
     {NULL, NULL, NULL},
 };
 

@@ -60,6 +60,8 @@ void run_state_free(RunState *s)
     free(s->rope_cos);
     free(s->rope_sin);
     free(s->probs);
+    free(s->slot_kv);
+    free(s->slot_probs);
     free(s->logits);
     free(s->key_cache);
     free(s->value_cache);
@@ -230,6 +232,62 @@ static void attention(RunState *s, int layer, int t0, int n, const ForwardObserv
     }
 }
 
+/* A decode step's attention restricted to the selector's slots: for each KV head, its slots'
+ * keys and values are gathered into [n][D] matrices, and each query head of the group attends
+ * over them with the same products and softmax as the full path. */
+static void attention_selected(RunState *s, int layer, const CacheSelector *sel)
+{
+    const ModelConfig *c = &s->model->config;
+    int D = c->head_dim, Hq = c->n_q_heads, Hkv = c->n_kv_heads, group = Hq / Hkv;
+    float scale = 1.0f / sqrtf((float)D);
+    SlotList slots[Hkv];
+    size_t total = 0, most = 0;
+    for (int g = 0; g < Hkv; g++) {
+        slots[g] = sel->slots(sel->user, layer, g);
+        total += (size_t)slots[g].n * group;
+        if ((size_t)slots[g].n > most)
+            most = (size_t)slots[g].n;
+    }
+    if (s->slot_kv_cap < 2 * most * D) {
+        s->slot_kv_cap = 2 * most * D + 64;
+        s->slot_kv = kv_realloc(s->slot_kv, s->slot_kv_cap * sizeof(float));
+    }
+    if (s->slot_probs_cap < total) {
+        s->slot_probs_cap = total + 64;
+        s->slot_probs = kv_realloc(s->slot_probs, s->slot_probs_cap * sizeof(float));
+    }
+    const float *probs[Hkv];
+    float *probs_at = s->slot_probs;
+    for (int g = 0; g < Hkv; g++) {
+        int n = slots[g].n;
+        float *keys = s->slot_kv, *values = s->slot_kv + (size_t)n * D;
+        const float *cache_k = run_state_keys(s, layer, g), *cache_v = run_state_values(s, layer, g);
+        for (int i = 0; i < n; i++) {
+            const float *alt = slots[g].alt_kv ? slots[g].alt_kv[i] : NULL;
+            const float *k = alt ? alt : cache_k + (size_t)slots[g].pos[i] * D;
+            const float *v = alt ? alt + D : cache_v + (size_t)slots[g].pos[i] * D;
+            memcpy(keys + (size_t)i * D, k, (size_t)D * sizeof(float));
+            memcpy(values + (size_t)i * D, v, (size_t)D * sizeof(float));
+        }
+        probs[g] = probs_at;
+        for (int i = 0; i < group; i++, probs_at += n) {
+            int h = g * group + i;
+            float *out = s->attn_out + (size_t)h * D;
+            if (n == 0) { /* nothing to attend over: the output is zero */
+                memset(out, 0, (size_t)D * sizeof(float));
+                continue;
+            }
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, n, D, scale, keys, D,
+                        s->q_heads + (size_t)h * D, 1, 0.0f, probs_at, 1);
+            causal_softmax(probs_at, n, n);
+            cblas_sgemv(CblasRowMajor, CblasTrans, n, D, 1.0f, values, D, probs_at, 1, 0.0f, out,
+                        1);
+        }
+    }
+    if (sel->on_attention)
+        sel->on_attention(sel->user, layer, probs);
+}
+
 static void swiglu(float *gate, const float *up, size_t n)
 {
     for (size_t i = 0; i < n; i++)
@@ -242,7 +300,8 @@ static void add_into(float *dst, const float *src, size_t n)
         dst[i] += src[i];
 }
 
-static void layer_forward(RunState *s, int layer, int t0, int n, const ForwardObserver *obs)
+static void layer_forward(RunState *s, int layer, int t0, int n, const ForwardObserver *obs,
+                          const CacheSelector *sel)
 {
     const ModelConfig *c = &s->model->config;
     const LayerWeights *w = &s->model->weights.layers[layer];
@@ -268,7 +327,10 @@ static void layer_forward(RunState *s, int layer, int t0, int n, const ForwardOb
     if (obs && obs->on_qkv)
         obs->on_qkv(obs->user, layer, t0, n, s->q_heads, s->k_heads, s->v_heads);
 
-    attention(s, layer, t0, n, obs);
+    if (sel)
+        attention_selected(s, layer, sel);
+    else
+        attention(s, layer, t0, n, obs);
     linear(s->normed, s->attn_out, w->wo, w->bo, n, q_dim, hidden);
     add_into(s->residual, s->normed, (size_t)n * hidden);
 
@@ -282,8 +344,8 @@ static void layer_forward(RunState *s, int layer, int t0, int n, const ForwardOb
     add_into(s->residual, s->normed, (size_t)n * hidden);
 }
 
-const float *forward_tokens(RunState *s, const int32_t *tokens, int n, int want_logits,
-                            const ForwardObserver *observer)
+static const float *forward_chunk(RunState *s, const int32_t *tokens, int n, int want_logits,
+                                  const ForwardObserver *observer, const CacheSelector *sel)
 {
     const ModelConfig *c = &s->model->config;
     const TransformerWeights *w = &s->model->weights;
@@ -293,7 +355,7 @@ const float *forward_tokens(RunState *s, const int32_t *tokens, int n, int want_
                (size_t)hidden * sizeof(float));
     rope_tables(s, t0, n);
     for (int layer = 0; layer < c->n_layers; layer++)
-        layer_forward(s, layer, t0, n, observer);
+        layer_forward(s, layer, t0, n, observer, sel);
     s->n_cached += n;
     if (!want_logits)
         return NULL;
@@ -301,6 +363,19 @@ const float *forward_tokens(RunState *s, const int32_t *tokens, int n, int want_
             c->rms_norm_eps);
     linear(s->logits, s->normed, w->lm_head, NULL, 1, hidden, c->vocab_size);
     return s->logits;
+}
+
+const float *forward_tokens(RunState *s, const int32_t *tokens, int n, int want_logits,
+                            const ForwardObserver *observer)
+{
+    return forward_chunk(s, tokens, n, want_logits, observer, NULL);
+}
+
+const float *forward_token_selected(RunState *s, int32_t token, int want_logits,
+                                    const ForwardObserver *observer,
+                                    const CacheSelector *selector)
+{
+    return forward_chunk(s, &token, 1, want_logits, observer, selector);
 }
 
 const float *forward_prompt(RunState *s, const int32_t *tokens, int n,

@@ -33,11 +33,35 @@ typedef struct {
     void (*on_attention)(void *user, int layer, int position, const float *probs);
 } ForwardObserver;
 
+/* The keys one KV head attends over in a restricted decode step: n slots, slot i holding cache
+ * row pos[i] (a position already fed, or the new token's), or, when alt_kv[i] is not NULL, the
+ * key alt_kv[i][0, D) and value alt_kv[i][D, 2D) instead (then pos[i] may be -1). This is a
+ * policy's KVCache (policies/policy.h) as the forward pass sees it. */
+typedef struct {
+    int n;
+    const int32_t *pos;
+    float *const *alt_kv;
+} SlotList;
+
+/* Restricts each layer's attention of a decode step to slot lists, per KV head. In each layer
+ * the new token's K/V are written to the cache at its position and ForwardObserver.on_qkv is
+ * called first (a caller can decide the slots from them), then slots() for every KV head, then
+ * on_attention() with what each query head really attended. */
+typedef struct {
+    void *user;
+    SlotList (*slots)(void *user, int layer, int kv_head);
+    /* probs[g] is [group][slots(g).n]: query head g*group+i's softmax over KV head g's slots,
+     * in slot order. May be NULL. */
+    void (*on_attention)(void *user, int layer, const float *const *probs);
+} CacheSelector;
+
 typedef struct {
     const Model *model;
     int max_tokens; /* KV cache capacity */
     int chunk_size; /* most tokens per forward_tokens() call */
-    int n_cached;   /* tokens fed so far = position of the next token */
+    /* Tokens fed so far = position of the next token. Setting it back to an earlier count
+     * rewinds the run: the cache rows before it are untouched, later ones are fed again. */
+    int n_cached;
     double *rope_inv_freq; /* [D/2] */
 
     /* One chunk's activations. */
@@ -56,6 +80,9 @@ typedef struct {
     double *rope_cos;   /* [chunk][D/2] */
     double *rope_sin;   /* [chunk][D/2] */
     float *probs;       /* attention rows being gathered for the observer */
+    float *slot_kv;     /* one KV head's slot keys then values, [2][slots][D], when selected */
+    float *slot_probs;  /* [Hq][slots of its KV head] when selected */
+    size_t slot_kv_cap, slot_probs_cap;
     float *logits;      /* [vocab] of the last token fed */
 
     /* The KV cache, [n_layers][Hkv][max_tokens][D] each: exactly the trace's K and V layout. */
@@ -73,6 +100,13 @@ void run_state_free(RunState *s);
  * else NULL (the LM head is skipped). observer may be NULL. */
 const float *forward_tokens(RunState *s, const int32_t *tokens, int n, int want_logits,
                             const ForwardObserver *observer);
+
+/* One decode step (the token at position n_cached) whose attention, in every layer and KV head,
+ * covers only the slots the selector gives; otherwise the same computation as forward_tokens
+ * with n = 1. observer->wants_attention is not consulted (the selector gets the attention). */
+const float *forward_token_selected(RunState *s, int32_t token, int want_logits,
+                                    const ForwardObserver *observer,
+                                    const CacheSelector *selector);
 
 /* Feeds any number of tokens in chunks of chunk_size; returns the logits of the last one. */
 const float *forward_prompt(RunState *s, const int32_t *tokens, int n,

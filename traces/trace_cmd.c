@@ -174,17 +174,24 @@ static int tokenizer_encode_piece(void *ctx, const char *text, size_t len, int32
     return tokenizer_encode(ctx, text, len, ids, n, err);
 }
 
+Tokenizer *checkpoint_tokenizer_load(const char *model_dir, KvErr *err)
+{
+    char json_path[4096], config_path[4096];
+    snprintf(json_path, sizeof json_path, "%s/tokenizer.json", model_dir);
+    snprintf(config_path, sizeof config_path, "%s/tokenizer_config.json", model_dir);
+    return tokenizer_load(json_path, access(config_path, F_OK) == 0 ? config_path : NULL, err);
+}
+
 /* The tokenizer of the checkpoint: required with --prompt, optional with --tokens (used only to
  * print the generated text), but a tokenizer.json that is there must load. */
 static int load_tokenizer(const TraceOptions *o, Tokenizer **tok, KvErr *err)
 {
-    char json_path[4096], config_path[4096];
+    char json_path[4096];
     snprintf(json_path, sizeof json_path, "%s/tokenizer.json", o->model_dir);
-    snprintf(config_path, sizeof config_path, "%s/tokenizer_config.json", o->model_dir);
     *tok = NULL;
     if (o->tokens_path && access(json_path, F_OK) != 0)
         return 0;
-    *tok = tokenizer_load(json_path, access(config_path, F_OK) == 0 ? config_path : NULL, err);
+    *tok = checkpoint_tokenizer_load(o->model_dir, err);
     return *tok ? 0 : -1;
 }
 
@@ -467,36 +474,42 @@ static void trace_run_free(TraceRun *r)
     model_free(r->model);
 }
 
-static int prompt_from_file(const TraceOptions *o, TraceRun *r, KvErr *err)
+int prompt_file_load(const char *path, const Tokenizer *tok, const Model *model,
+                     const char *model_dir, PromptMarkup *markup, PromptTokens *tokens,
+                     KvErr *err)
 {
     size_t len;
-    char *text = read_text_file(o->prompt_path, &len, err);
+    char *text = read_text_file(path, &len, err);
     if (!text)
         return -1;
-    int rc = prompt_parse(o->prompt_path, text, len, &r->markup, err);
+    int rc = prompt_parse(path, text, len, markup, err);
     free(text);
     if (rc != 0)
         return -1;
     int bos = -1;
-    if (tokenizer_add_bos(r->tok)) {
-        bos = tokenizer_bos(r->tok);
+    if (tokenizer_add_bos(tok)) {
+        bos = tokenizer_bos(tok);
         if (bos < 0)
-            bos = r->model->config.bos_token_id;
+            bos = model->config.bos_token_id;
         if (bos < 0)
             return kv_fail(err, "%s/tokenizer_config.json: add_bos_token is set but no BOS "
-                           "token is defined", o->model_dir);
+                           "token is defined", model_dir);
     }
-    return prompt_tokenize(o->prompt_path, &r->markup, tokenizer_encode_piece, r->tok, bos,
-                           &r->prompt, err);
+    if (prompt_tokenize(path, markup, tokenizer_encode_piece, (void *)tok, bos, tokens, err) != 0)
+        return -1;
+    for (int t = 0; t < tokens->n_tokens; t++)
+        if (tokens->tokens[t] >= model->config.vocab_size)
+            return kv_fail(err, "%s: token %d is id %d, beyond the model's vocab_size %d", path,
+                           t, tokens->tokens[t], model->config.vocab_size);
+    return 0;
 }
 
-static int is_eos(const TraceRun *r, int token)
+int is_end_of_sequence(const ModelConfig *cfg, const Tokenizer *tok, int token)
 {
-    const ModelConfig *c = &r->model->config;
-    for (int i = 0; i < c->n_eos; i++)
-        if (c->eos_token_ids[i] == token)
+    for (int i = 0; i < cfg->n_eos; i++)
+        if (cfg->eos_token_ids[i] == token)
             return 1;
-    return r->tok && tokenizer_eos(r->tok) == token;
+    return tok && tokenizer_eos(tok) == token;
 }
 
 /* Prefill, then greedy decoding; returns the number of tokens generated and fed. */
@@ -517,7 +530,7 @@ static int generate(TraceRun *r, const TraceOptions *o, int n_prompt, double *pr
     int n_generated = 0;
     while (n_generated < o->max_new) {
         int next = argmax_token(logits, r->model->config.vocab_size);
-        if (is_eos(r, next))
+        if (is_end_of_sequence(&r->model->config, r->tok, next))
             break;
         r->tokens[n_prompt + n_generated++] = next;
         /* The last token is fed for its Q/K/V; nothing is sampled after it. */
@@ -554,7 +567,8 @@ static int trace_main(int argc, char **argv, const TraceOptions *o, TraceRun *r,
     int32_t *prompt_ids = NULL;
     int n_prompt = 0;
     if (o->prompt_path) {
-        if (prompt_from_file(o, r, err) != 0)
+        if (prompt_file_load(o->prompt_path, r->tok, r->model, o->model_dir, &r->markup,
+                             &r->prompt, err) != 0)
             return -1;
         prompt_ids = r->prompt.tokens;
         n_prompt = r->prompt.n_tokens;

@@ -1,0 +1,404 @@
+/* Closed-loop decoding with live eviction (traces/eval.h) on a tiny random checkpoint: with a
+ * cache that holds everything it is the plain forward pass (same logits, same tokens); with a
+ * small window each layer's attention is exactly the softmax over the window's positions; alt
+ * slots are attended with their own K/V; an oracle of the future is not applicable. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "tests/support/scratch.h"
+#include "tests/support/tiny_ckpt.h"
+#include "traces/eval.h"
+#include "traces/forward.h"
+#include "traces/model.h"
+
+enum { N_PROMPT = 14, MAX_NEW = 8, VOCAB = 300 };
+
+typedef struct {
+    char *dir;
+    TinyCheckpoint *ck;
+    Model *model;
+    PromptTokens prompt;
+} Env;
+
+static int setup(void **state)
+{
+    Env *env = kv_calloc(1, sizeof *env);
+    env->dir = scratch_create();
+    TinyCheckpointSpec spec = tiny_ckpt_default_spec();
+    spec.seed = 7;
+    env->ck = tiny_ckpt_write(env->dir, &spec);
+    KvErr err;
+    env->model = model_load(env->dir, &err);
+    assert_non_null(env->model);
+    env->prompt.n_tokens = N_PROMPT;
+    env->prompt.tokens = kv_malloc(N_PROMPT * sizeof(int32_t));
+    env->prompt.segments = kv_calloc(N_PROMPT, sizeof(int32_t));
+    for (int t = 0; t < N_PROMPT; t++)
+        env->prompt.tokens[t] = (int32_t)((t * 37 + 11) % 256);
+    *state = env;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    Env *env = *state;
+    model_free(env->model);
+    free(env->prompt.tokens);
+    free(env->prompt.segments);
+    tiny_ckpt_free(env->ck);
+    scratch_remove(env->dir);
+    free(env);
+    return 0;
+}
+
+/* A policy of `type` with "key=value ..." parameters. */
+static PolicySpec make_spec(const char *label, const char *type, const char *params)
+{
+    PolicySpec spec;
+    memset(&spec, 0, sizeof spec);
+    snprintf(spec.label, sizeof spec.label, "%s", label);
+    spec.type = policy_find(type);
+    assert_non_null(spec.type);
+    spec.params = kv_calloc(1, spec.type->params_size);
+    policy_params_defaults(spec.type, spec.params);
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s", params);
+    for (char *kv = strtok(buf, " "); kv; kv = strtok(NULL, " ")) {
+        char *eq = strchr(kv, '=');
+        assert_non_null(eq);
+        *eq = '\0';
+        KvErr err;
+        assert_int_equal(policy_param_set(spec.type, spec.params, kv, eq + 1, &err), 0);
+    }
+    return spec;
+}
+
+/* ---- The plain forward pass, greedy: the reference for caches that hold everything ---- */
+
+typedef struct {
+    int n;
+    int32_t tokens[MAX_NEW];
+    float logits[MAX_NEW][VOCAB]; /* the logits each token was chosen from */
+} Generation;
+
+static void plain_generate(const Env *env, Generation *g)
+{
+    double inv_freq[64];
+    model_rope_inv_freq(&env->model->config, N_PROMPT + MAX_NEW, inv_freq);
+    RunState *s = run_state_new(env->model, N_PROMPT + MAX_NEW, 8, inv_freq);
+    const float *logits = forward_prompt(s, env->prompt.tokens, N_PROMPT, NULL);
+    g->n = 0;
+    while (g->n < MAX_NEW) {
+        int next = argmax_token(logits, VOCAB);
+        memcpy(g->logits[g->n], logits, sizeof g->logits[0]);
+        g->tokens[g->n++] = next;
+        if (g->n == MAX_NEW)
+            break;
+        logits = forward_tokens(s, &g->tokens[g->n - 1], 1, 1, NULL);
+    }
+    run_state_free(s);
+}
+
+static int record_token(void *user, int index, int32_t token, const float *logits)
+{
+    Generation *g = user;
+    assert_int_equal(index, g->n);
+    g->tokens[g->n] = token;
+    memcpy(g->logits[g->n++], logits, sizeof g->logits[0]);
+    return 0;
+}
+
+static double rel_diff(const float *a, const float *b, int n)
+{
+    double num = 0, den = 0;
+    for (int i = 0; i < n; i++) {
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return sqrt(num / (den > 0 ? den : 1));
+}
+
+static void check_same_as_plain(Env *env, const char *type, const char *params)
+{
+    Generation plain, live = {0};
+    plain_generate(env, &plain);
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, "test", NULL);
+    PolicySpec spec = make_spec("p", type, params);
+    EvalHooks hooks = {.user = &live, .on_token = record_token};
+    int32_t out[MAX_NEW];
+    EvalDecode d;
+    KvErr err;
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, &d, &err), 0);
+    assert_true(d.applicable);
+    assert_int_equal(d.n_generated, MAX_NEW);
+    assert_int_equal(d.decode_steps, MAX_NEW - 1);
+    assert_int_equal(live.n, plain.n);
+    for (int i = 0; i < plain.n; i++) {
+        assert_int_equal(out[i], plain.tokens[i]);
+        assert_int_equal(live.tokens[i], plain.tokens[i]);
+        assert_true(rel_diff(live.logits[i], plain.logits[i], VOCAB) <= 1e-5);
+    }
+    /* A second decode from the same prefill starts from the same state. */
+    Generation again = {0};
+    hooks.user = &again;
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, &d, &err), 0);
+    for (int i = 0; i < plain.n; i++)
+        assert_int_equal(again.tokens[i], plain.tokens[i]);
+    free(spec.params);
+    eval_prefill_free(pf);
+}
+
+static void test_full_is_the_plain_forward(void **state)
+{
+    check_same_as_plain(*state, "full", "");
+}
+
+static void test_window_holding_everything_is_the_plain_forward(void **state)
+{
+    check_same_as_plain(*state, "window", "window=64 sinks=0");
+}
+
+/* ---- Restricted attention against a scalar computation ---- */
+
+typedef struct {
+    int window, sinks; /* > 0: the slots must be exactly these positions */
+    int layers_checked, alt_layers, restricted_differs;
+    double worst;      /* largest error of the attention outputs */
+} AttnCheck;
+
+/* Scalar attention of query head h (query t) over a list of keys and values. */
+static void scalar_attention(const LayerView *L, int h, int t, int n, const float *const *keys,
+                             const float *const *values, double *p, double *out)
+{
+    int D = L->head_dim;
+    const float *q = L->q + ((size_t)h * L->n_tokens + t) * D;
+    double max = -INFINITY, z = 0;
+    for (int j = 0; j < n; j++) {
+        double dot = 0;
+        for (int d = 0; d < D; d++)
+            dot += (double)q[d] * keys[j][d];
+        p[j] = dot / sqrt((double)D);
+        if (p[j] > max)
+            max = p[j];
+    }
+    for (int j = 0; j < n; j++)
+        z += p[j] = exp(p[j] - max);
+    for (int d = 0; d < D; d++)
+        out[d] = 0;
+    for (int j = 0; j < n; j++) {
+        p[j] /= z;
+        for (int d = 0; d < D; d++)
+            out[d] += p[j] * values[j][d];
+    }
+}
+
+static void check_layer(void *user, int layer, int t, const Policy *inst, const LayerView *L,
+                        const float *const *probs, const float *attn_out)
+{
+    (void)layer;
+    AttnCheck *chk = user;
+    int T = L->n_tokens, D = L->head_dim, G = L->group;
+    for (int g = 0; g < L->n_kv_heads; g++) {
+        const KVCache *c = &inst->cache[g];
+        const float *keys[256], *values[256];
+        int n = c->n;
+        assert_true(n > 0 && n <= 256);
+        if (chk->window > 0) {
+            /* What the window must hold, derived from its definition, not from the cache. */
+            int expect = 0;
+            for (int j = 0; j <= t; j++)
+                if (j < chk->sinks || j > t - chk->window) {
+                    assert_true(kvcache_has(c, j));
+                    expect++;
+                }
+            assert_int_equal(n, expect);
+        }
+        if (c->n_alt > 0)
+            chk->alt_layers++;
+        for (int i = 0; i < n; i++) {
+            const float *alt = c->alt_kv[i];
+            assert_true(alt || (c->pos[i] >= 0 && c->pos[i] <= t));
+            keys[i] = alt ? alt : L->k + ((size_t)g * T + c->pos[i]) * D;
+            values[i] = alt ? alt + D : L->v + ((size_t)g * T + c->pos[i]) * D;
+        }
+        for (int i = 0; i < G; i++) {
+            int h = g * G + i;
+            double p[256], out[64], norm = 0, err = 0;
+            scalar_attention(L, h, t, n, keys, values, p, out);
+            for (int j = 0; j < n; j++)
+                assert_true(fabs(probs[g][i * n + j] - p[j]) <= 1e-5);
+            for (int d = 0; d < D; d++) {
+                norm += out[d] * out[d];
+                err += (attn_out[h * D + d] - out[d]) * (attn_out[h * D + d] - out[d]);
+            }
+            double rel = sqrt(err / norm);
+            if (rel > chk->worst)
+                chk->worst = rel;
+            /* The unrestricted attention over every position would be something else. */
+            const float *all_k[256], *all_v[256];
+            for (int j = 0; j <= t; j++) {
+                all_k[j] = L->k + ((size_t)g * T + j) * D;
+                all_v[j] = L->v + ((size_t)g * T + j) * D;
+            }
+            double p_all[256], out_all[64], diff = 0;
+            scalar_attention(L, h, t, t + 1, all_k, all_v, p_all, out_all);
+            for (int d = 0; d < D; d++)
+                diff += (out_all[d] - out[d]) * (out_all[d] - out[d]);
+            if (sqrt(diff / norm) > 1e-3)
+                chk->restricted_differs++;
+        }
+    }
+    chk->layers_checked++;
+}
+
+static void run_checked(Env *env, const char *type, const char *params, AttnCheck *chk,
+                        EvalDecode *d)
+{
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, "test", NULL);
+    PolicySpec spec = make_spec("p", type, params);
+    EvalHooks hooks = {.user = chk, .on_layer = check_layer};
+    int32_t out[MAX_NEW];
+    KvErr err;
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, d, &err), 0);
+    free(spec.params);
+    eval_prefill_free(pf);
+}
+
+static void test_small_window_attends_exactly_its_positions(void **state)
+{
+    AttnCheck chk = {.window = 3, .sinks = 1};
+    EvalDecode d;
+    run_checked(*state, "window", "window=3 sinks=1", &chk, &d);
+    assert_true(d.applicable);
+    /* every decode step, every layer */
+    assert_int_equal(chk.layers_checked, d.decode_steps * 2);
+    assert_true(d.decode_steps == MAX_NEW - 1);
+    assert_true(chk.worst <= 1e-5);
+    assert_true(chk.restricted_differs > 0);
+    /* 4 slots per KV head, 2 KV heads, 2 layers, 16-bit K and V of head_dim 16 */
+    assert_true(fabs(d.device_bytes - 2 * 2 * 4 * 2 * 16 * 2.0) < 1e-9);
+}
+
+static void test_alt_slots_are_attended_with_their_own_kv(void **state)
+{
+    AttnCheck chk = {0};
+    EvalDecode d;
+    run_checked(*state, "hybrid", "budget=5 ratio=0.4 include_skipped=mean", &chk, &d);
+    assert_true(d.applicable);
+    assert_int_equal(chk.layers_checked, d.decode_steps * 2);
+    assert_true(chk.alt_layers > 0);
+    assert_true(chk.worst <= 1e-5);
+}
+
+/* oracle_topk sees the true attention of the current query: its cache is the top `budget`. */
+static void check_topk(void *user, int layer, int t, const Policy *inst, const LayerView *L,
+                       const float *const *probs, const float *attn_out)
+{
+    (void)layer, (void)probs, (void)attn_out;
+    int *checked = user;
+    int T = L->n_tokens, D = L->head_dim, G = L->group;
+    for (int g = 0; g < L->n_kv_heads; g++) {
+        double score[64] = {0};
+        for (int i = 0; i < G; i++) {
+            int h = g * G + i;
+            const float *kk[64], *vv[64];
+            for (int j = 0; j <= t; j++)
+                kk[j] = vv[j] = L->k + ((size_t)g * T + j) * D;
+            double p[64], out[64];
+            scalar_attention(L, h, t, t + 1, kk, vv, p, out);
+            for (int j = 0; j <= t; j++)
+                score[j] += p[j];
+        }
+        const KVCache *c = &inst->cache[g];
+        assert_int_equal(c->n, 4);
+        double least_kept = INFINITY, most_dropped = 0;
+        for (int j = 0; j <= t; j++) {
+            if (kvcache_has(c, j) && score[j] < least_kept)
+                least_kept = score[j];
+            if (!kvcache_has(c, j) && score[j] > most_dropped)
+                most_dropped = score[j];
+        }
+        assert_true(least_kept >= most_dropped - 1e-5);
+    }
+    (*checked)++;
+}
+
+static void test_oracle_topk_reads_the_live_attention(void **state)
+{
+    Env *env = *state;
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, "test", NULL);
+    PolicySpec spec = make_spec("o", "oracle_topk", "budget=4");
+    int checked = 0;
+    EvalHooks hooks = {.user = &checked, .on_layer = check_topk};
+    int32_t out[MAX_NEW];
+    EvalDecode d;
+    KvErr err;
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, &d, &err), 0);
+    assert_int_equal(checked, d.decode_steps * 2);
+    assert_true(checked > 0);
+    free(spec.params);
+    eval_prefill_free(pf);
+}
+
+static void test_oracle_future_is_not_applicable(void **state)
+{
+    Env *env = *state;
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, "test", NULL);
+    PolicySpec spec = make_spec("o", "oracle_future", "budget=4");
+    int32_t out[MAX_NEW];
+    EvalDecode d;
+    KvErr err;
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, NULL, out, &d, &err), 0);
+    assert_false(d.applicable);
+    assert_int_equal(d.n_generated, 0);
+    free(spec.params);
+    eval_prefill_free(pf);
+}
+
+/* on_token stops generation; the stop is the caller's. */
+static int stop_after_three(void *user, int index, int32_t token, const float *logits)
+{
+    (void)user, (void)token, (void)logits;
+    return index == 2;
+}
+
+static void test_generation_stops_when_asked(void **state)
+{
+    Env *env = *state;
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, "test", NULL);
+    PolicySpec spec = make_spec("f", "full", "");
+    EvalHooks hooks = {.on_token = stop_after_three};
+    int32_t out[MAX_NEW];
+    EvalDecode d;
+    KvErr err;
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, &d, &err), 0);
+    assert_int_equal(d.n_generated, 3);
+    assert_int_equal(d.decode_steps, 2);
+    free(spec.params);
+    eval_prefill_free(pf);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_full_is_the_plain_forward, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_window_holding_everything_is_the_plain_forward,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_small_window_attends_exactly_its_positions, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_alt_slots_are_attended_with_their_own_kv, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_oracle_topk_reads_the_live_attention, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_oracle_future_is_not_applicable, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_generation_stops_when_asked, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

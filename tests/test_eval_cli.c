@@ -1,0 +1,312 @@
+/* `kvsim eval` end to end on a tiny random checkpoint: answers defined as what the plain
+ * forward pass generates are all found by full and by a window that holds every token, the
+ * CSVs are the same at any thread count, oracle_future is reported as not applicable, and bad
+ * input is one line and exit status 2. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "tests/support/scratch.h"
+#include "tests/support/tiny_ckpt.h"
+#include "traces/forward.h"
+#include "traces/model.h"
+#include "traces/trace_cmd.h"
+
+enum { N_PROMPTS = 3, ANSWER_TOKENS = 4, PLAIN_NEW = 12, N_CANDIDATES = 60 };
+
+/* Candidate prompt k, some with needle and probe markup. */
+static void candidate_text(int k, char *out, size_t len)
+{
+    static const char *const words[] = {"the", "thin", "tin", "in", "then", "other", "hat"};
+    const char *a = words[k % 7], *b = words[(k / 7) % 7], *c = words[(k * 3 + 1) % 7];
+    if (k % 2)
+        snprintf(out, len, "[[needle]]%s %s[[/needle]] the %s in[[probe]] %s", a, b, c, a);
+    else
+        snprintf(out, len, "%s %s the %s %s", b, a, c, b);
+}
+
+typedef struct {
+    char *model;   /* checkpoint + tokenizer */
+    char *prompts; /* NAME.txt + NAME.answer */
+    char *out;
+    TinyCheckpoint *ck;
+    char answers[N_PROMPTS][64];
+} Env;
+
+static void write_text(const char *path, const char *text)
+{
+    FILE *fp = fopen(path, "w");
+    assert_non_null(fp);
+    fputs(text, fp);
+    fclose(fp);
+}
+
+/* The greedy continuation of the plain forward pass: text[k] is the decoded text of its first
+ * k tokens (k = 0 .. n). */
+typedef struct {
+    int n;
+    char *text[PLAIN_NEW + 1];
+} Continuation;
+
+static void plain_continuation(const char *model_dir, const char *prompt_path, Continuation *c)
+{
+    KvErr err;
+    Model *model = model_load(model_dir, &err);
+    assert_non_null(model);
+    Tokenizer *tok = checkpoint_tokenizer_load(model_dir, &err);
+    assert_non_null(tok);
+    PromptMarkup markup;
+    PromptTokens tokens;
+    memset(&markup, 0, sizeof markup);
+    memset(&tokens, 0, sizeof tokens);
+    assert_int_equal(prompt_file_load(prompt_path, tok, model, model_dir, &markup, &tokens, &err),
+                     0);
+    int P = tokens.n_tokens;
+    double inv_freq[64];
+    model_rope_inv_freq(&model->config, P + PLAIN_NEW, inv_freq);
+    RunState *s = run_state_new(model, P + PLAIN_NEW, 16, inv_freq);
+    const float *logits = forward_prompt(s, tokens.tokens, P, NULL);
+    int32_t out[PLAIN_NEW];
+    c->n = 0;
+    while (c->n < PLAIN_NEW) {
+        int next = argmax_token(logits, model->config.vocab_size);
+        if (is_end_of_sequence(&model->config, tok, next))
+            break;
+        out[c->n++] = next;
+        if (c->n < PLAIN_NEW)
+            logits = forward_tokens(s, &out[c->n - 1], 1, 1, NULL);
+    }
+    for (int k = 0; k <= c->n; k++)
+        c->text[k] = tokenizer_decode(tok, out, k);
+    run_state_free(s);
+    prompt_tokens_free(&tokens);
+    prompt_markup_free(&markup);
+    tokenizer_free(tok);
+    model_free(model);
+}
+
+static size_t trimmed_len(const char *s)
+{
+    while (*s == ' ' || *s == '\t' || *s == '\n' || *s == '\r')
+        s++;
+    return strlen(s);
+}
+
+/* The expected answer of a continuation: the bytes of its whole text (after the leading
+ * whitespace) that the first ANSWER_TOKENS tokens produced, up to any control character and
+ * without trailing spaces; "" when its first two tokens already produce all of it (the test
+ * wants answers that need decode steps under eviction). */
+static void answer_of(const Continuation *c, char *answer, size_t cap)
+{
+    answer[0] = '\0';
+    if (c->n < ANSWER_TOKENS)
+        return;
+    const char *full = c->text[c->n];
+    while (*full == ' ' || *full == '\t' || *full == '\n' || *full == '\r')
+        full++;
+    size_t len = trimmed_len(c->text[ANSWER_TOKENS]), k = 0;
+    while (k < len && k + 1 < cap && (unsigned char)full[k] >= ' ' && full[k] != 0x7f)
+        k++;
+    while (k > 0 && full[k - 1] == ' ')
+        k--;
+    if (k <= trimmed_len(c->text[2]))
+        return;
+    memcpy(answer, full, k);
+    answer[k] = '\0';
+}
+
+static int setup(void **state)
+{
+    Env *env = kv_calloc(1, sizeof *env);
+    env->model = scratch_create();
+    env->prompts = scratch_create();
+    env->out = scratch_create();
+    TinyCheckpointSpec spec = tiny_ckpt_default_spec();
+    spec.seed = 5;
+    env->ck = tiny_ckpt_write(env->model, &spec);
+    tiny_ckpt_write_tokenizer(env->model);
+    /* Prompts whose answer needs a few decode steps. */
+    int found = 0;
+    for (int k = 0; k < N_CANDIDATES && found < N_PROMPTS; k++) {
+        char name[32], text_in[256];
+        snprintf(name, sizeof name, "p%d.txt", found);
+        candidate_text(k, text_in, sizeof text_in);
+        write_text(scratch_path(env->prompts, name, 0), text_in);
+        Continuation c;
+        plain_continuation(env->model, scratch_path(env->prompts, name, 0), &c);
+        answer_of(&c, env->answers[found], sizeof env->answers[found]);
+        for (int i = 0; i <= c.n; i++)
+            free(c.text[i]);
+        if (!env->answers[found][0])
+            continue;
+        snprintf(name, sizeof name, "p%d.answer", found);
+        char line[80];
+        snprintf(line, sizeof line, "%s\n", env->answers[found++]);
+        write_text(scratch_path(env->prompts, name, 0), line);
+    }
+    assert_int_equal(found, N_PROMPTS);
+    remove(scratch_path(env->prompts, "p3.txt", 0)); /* a last candidate without an answer */
+    write_text(scratch_path(env->out, "eval.ini", 0),
+               "[run]\nthreads = 1\n"
+               "[policy.full]\ntype = full\n"
+               "[policy.wide]\ntype = window\nwindow = 256\nsinks = 0\n"
+               "[policy.w3]\ntype = window\nwindow = 2\nsinks = 1\n"
+               "[policy.future]\ntype = oracle_future\nbudget = 3\n");
+    *state = env;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    Env *env = *state;
+    tiny_ckpt_free(env->ck);
+    scratch_remove(env->model);
+    scratch_remove(env->prompts);
+    scratch_remove(env->out);
+    free(env);
+    return 0;
+}
+
+static KvsimRun eval_run(const Env *env, const char *config, const char *model,
+                         const char *prompts, const char *out, const char *extra)
+{
+    char args[8192];
+    snprintf(args, sizeof args, "eval %s --model %s --prompts %s --out %s --quiet %s", config,
+             model, prompts, out, extra);
+    (void)env;
+    return run_kvsim(args);
+}
+
+/* The row of `label` in eval.csv, split at commas into fields[]. */
+static int csv_row(const char *csv, const char *label, char fields[][64], int max)
+{
+    size_t len = strlen(label);
+    const char *line = csv;
+    while (line && !(strncmp(line, label, len) == 0 && line[len] == ','))
+        line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL;
+    if (!line)
+        return 0;
+    int n = 0;
+    const char *p = line;
+    while (n < max) {
+        size_t k = strcspn(p, ",\n");
+        snprintf(fields[n++], 64, "%.*s", (int)k, p);
+        if (p[k] != ',')
+            break;
+        p += k + 1;
+    }
+    return n;
+}
+
+static int occurrences(const char *s, const char *what)
+{
+    int n = 0;
+    for (const char *p = s; (p = strstr(p, what)); p++)
+        n++;
+    return n;
+}
+
+static void test_accuracy_and_determinism(void **state)
+{
+    Env *env = *state;
+    char config[4096];
+    snprintf(config, sizeof config, "%s", scratch_path(env->out, "eval.ini", 0));
+    char *out2 = scratch_create();
+    KvsimRun r = eval_run(env, config, env->model, env->prompts, env->out, "--threads 1");
+    assert_int_equal(r.status, 0);
+    kvsim_run_free(&r);
+    r = eval_run(env, config, env->model, env->prompts, out2, "--threads 2");
+    assert_int_equal(r.status, 0);
+    kvsim_run_free(&r);
+
+    char *csv1 = scratch_read(scratch_path(env->out, "eval.csv", 0));
+    char *csv2 = scratch_read(scratch_path(out2, "eval.csv", 1));
+    char *per1 = scratch_read(scratch_path(env->out, "eval_prompts.csv", 2));
+    char *per2 = scratch_read(scratch_path(out2, "eval_prompts.csv", 3));
+    assert_string_equal(csv1, csv2);
+    assert_string_equal(per1, per2);
+    assert_int_equal(count_lines(csv1), 1 + 4);
+    /* 3 prompts for each applicable policy (answers may hold quoted line breaks) */
+    assert_int_equal(occurrences(per1, "\nfull,p"), 3);
+    assert_int_equal(occurrences(per1, "\nwide,p"), 3);
+    assert_int_equal(occurrences(per1, "\nw3,p"), 3);
+    assert_int_equal(occurrences(per1, "\nfuture,"), 0);
+
+    char f[16][64];
+    assert_int_equal(csv_row(csv1, "full", f, 16), 9);
+    assert_string_equal(f[1], "full");
+    assert_string_equal(f[2], "3");
+    assert_string_equal(f[3], "3");
+    assert_string_equal(f[4], "1");
+    assert_string_equal(f[5], "1"); /* agreement with itself */
+    assert_int_equal(csv_row(csv1, "wide", f, 16), 9);
+    assert_string_equal(f[4], "1");
+    assert_string_equal(f[5], "1");
+    /* the small window: a number of correct answers in [0, 3], its accuracy that over 3 */
+    assert_int_equal(csv_row(csv1, "w3", f, 16), 9);
+    int correct = atoi(f[3]);
+    assert_true(correct >= 0 && correct <= 3);
+    assert_true(fabs(atof(f[4]) - correct / 3.0) < 1e-5);
+    /* device bytes: 3 slots x 2 KV heads x 2 layers x (K+V of 16 dims at 16 bits) */
+    assert_true(fabs(atof(f[6]) - 3 * 2 * 2 * 64.0) < 1e-9);
+    assert_int_equal(csv_row(csv1, "future", f, 16), 9);
+    assert_string_equal(f[1], "oracle_future");
+    assert_string_equal(f[4], "NaN");
+    /* every answer full gave is the expected one, in the per-prompt file */
+    for (int i = 0; i < N_PROMPTS; i++)
+        assert_non_null(strstr(per1, env->answers[i]));
+    free(csv1);
+    free(csv2);
+    free(per1);
+    free(per2);
+    scratch_remove(out2);
+}
+
+static void expect_one_line_error(KvsimRun r, const char *needle)
+{
+    assert_int_equal(r.status, 2);
+    assert_int_equal(count_lines(r.err), 1);
+    assert_non_null(strstr(r.err, needle));
+    assert_string_equal(r.out, "");
+    kvsim_run_free(&r);
+}
+
+static void test_errors(void **state)
+{
+    Env *env = *state;
+    char config[4096], bad[4096];
+    snprintf(config, sizeof config, "%s", scratch_path(env->out, "eval.ini", 0));
+    snprintf(bad, sizeof bad, "%s", scratch_path(env->out, "bad.ini", 2));
+    char *empty = scratch_create(), *missing = scratch_create();
+    write_text(scratch_path(missing, "lonely.txt", 0), "the thin tin");
+    write_text(bad, "[policy.x]\ntype = nosuch\n");
+
+    expect_one_line_error(eval_run(env, config, "/nonexistent-model", env->prompts, env->out, ""),
+                          "/nonexistent-model");
+    expect_one_line_error(eval_run(env, config, env->model, "/nonexistent-prompts", env->out, ""),
+                          "/nonexistent-prompts");
+    expect_one_line_error(eval_run(env, config, env->model, empty, env->out, ""), "no prompts");
+    expect_one_line_error(eval_run(env, config, env->model, missing, env->out, ""),
+                          "lonely.answer");
+    expect_one_line_error(eval_run(env, bad, env->model, env->prompts, env->out, ""), "nosuch");
+    KvsimRun r = run_kvsim("eval --model x");
+    expect_one_line_error(r, "eval");
+    remove(bad);
+    scratch_remove(empty);
+    scratch_remove(missing);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_accuracy_and_determinism),
+        cmocka_unit_test(test_errors),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

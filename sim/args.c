@@ -110,12 +110,15 @@ void args_usage(FILE *out, const char *usage_line, const ArgSpec *specs)
     for (const ArgSpec *s = specs; s->name; s++) {
         char dflt[128] = "";
         switch (s->kind) {
-        case ARG_INT: snprintf(dflt, sizeof dflt, "%d", *(const int *)s->out); break;
+        case ARG_INT: /* a value outside the range is a "not given" sentinel: no default */
+            if (*(const int *)s->out >= s->min && *(const int *)s->out <= s->max)
+                snprintf(dflt, sizeof dflt, "%d", *(const int *)s->out);
+            break;
         case ARG_FLAG: snprintf(dflt, sizeof dflt, "%s", *(const int *)s->out ? "on" : "off"); break;
         case ARG_DOUBLE: snprintf(dflt, sizeof dflt, "%g", *(const double *)s->out); break;
         case ARG_STRING: {
             const char *v = *(const char *const *)s->out;
-            snprintf(dflt, sizeof dflt, "%s", v ? v : "(required)");
+            snprintf(dflt, sizeof dflt, "%s", v ? v : "");
             break;
         }
         case ARG_CHOICE: {
@@ -128,6 +131,9 @@ void args_usage(FILE *out, const char *usage_line, const ArgSpec *specs)
             break;
         }
         }
-        fprintf(out, "  --%-14s %s (default %s)\n", s->name, s->help, dflt);
+        if (dflt[0])
+            fprintf(out, "  --%-14s %s (default %s)\n", s->name, s->help, dflt);
+        else
+            fprintf(out, "  --%-14s %s\n", s->name, s->help);
     }
 }

@@ -162,13 +162,28 @@ void report_summarize(const Results *r, PolicySummary *out)
     free(per_layer_step);
 }
 
-/* Numbers in the CSVs: %.6g, NaN spelled "NaN" (gnuplot reads it as missing). */
-static void put_num(FILE *f, double v)
+void csv_put_num(FILE *f, double v)
 {
     if (isnan(v))
         fputs(",NaN", f);
     else
         fprintf(f, ",%.6g", v);
+}
+
+void csv_put_text(FILE *f, const char *s)
+{
+    fputc(',', f);
+    if (!strpbrk(s, ",\"\r\n")) {
+        fputs(s, f);
+        return;
+    }
+    fputc('"', f);
+    for (; *s; s++) {
+        if (*s == '"')
+            fputc('"', f);
+        fputc(*s, f);
+    }
+    fputc('"', f);
 }
 
 static int write_summary(const Results *r, const PolicySummary *s, const char *dir, KvErr *err)
@@ -195,7 +210,7 @@ static int write_summary(const Results *r, const PolicySummary *s, const char *d
                             p->restored_tokens, p->restore_k_err, p->restore_v_err,
                             p->needle_survival_mean, p->needle_survival_min, p->mass_gap_to_oracle};
         for (size_t i = 0; i < sizeof v / sizeof v[0]; i++)
-            put_num(f, v[i]);
+            csv_put_num(f, v[i]);
         fputc('\n', f);
     }
     return atomic_commit(&af, err);
@@ -219,14 +234,14 @@ static int write_layers(const Results *r, const char *dir, KvErr *err)
             for (int m = 0; m < N_HEAD_METRICS; m++) {
                 for (int e = 0; e < E; e++)
                     x[e] = head_mean_at(r, pi, l, e, m);
-                put_num(f, mean_finite(x, (size_t)E));
+                csv_put_num(f, mean_finite(x, (size_t)E));
             }
             static const int step_cols[] = {SM_CACHE_TOKENS, SM_DEVICE_BYTES, SM_HOST_BYTES,
                                             SM_NEEDLE_SURVIVAL};
             for (size_t c = 0; c < sizeof step_cols / sizeof step_cols[0]; c++) {
                 for (int e = 0; e < E; e++)
                     x[e] = results_step(r, pi, l, e)[step_cols[c]];
-                put_num(f, mean_finite(x, (size_t)E));
+                csv_put_num(f, mean_finite(x, (size_t)E));
             }
             fputc('\n', f);
         }
@@ -252,14 +267,14 @@ static int write_steps(const Results *r, const char *dir, KvErr *err)
             for (int m = 0; m < N_HEAD_METRICS; m++) {
                 for (int l = 0; l < r->n_layers; l++)
                     x[l] = head_mean_at(r, pi, l, e, m);
-                put_num(f, mean_finite(x, (size_t)r->n_layers));
+                csv_put_num(f, mean_finite(x, (size_t)r->n_layers));
             }
-            put_num(f, step_over_layers(r, pi, e, SM_CACHE_TOKENS, false));
-            put_num(f, step_over_layers(r, pi, e, SM_DEVICE_BYTES, true));
-            put_num(f, step_over_layers(r, pi, e, SM_ALLOCATED_BYTES, true));
-            put_num(f, step_over_layers(r, pi, e, SM_HOST_BYTES, true));
-            put_num(f, step_over_layers(r, pi, e, SM_FETCHED_TOKENS, true));
-            put_num(f, r->eval_probe[e] ? step_over_layers(r, pi, e, SM_NEEDLE_SURVIVAL, false) : NAN);
+            csv_put_num(f, step_over_layers(r, pi, e, SM_CACHE_TOKENS, false));
+            csv_put_num(f, step_over_layers(r, pi, e, SM_DEVICE_BYTES, true));
+            csv_put_num(f, step_over_layers(r, pi, e, SM_ALLOCATED_BYTES, true));
+            csv_put_num(f, step_over_layers(r, pi, e, SM_HOST_BYTES, true));
+            csv_put_num(f, step_over_layers(r, pi, e, SM_FETCHED_TOKENS, true));
+            csv_put_num(f, r->eval_probe[e] ? step_over_layers(r, pi, e, SM_NEEDLE_SURVIVAL, false) : NAN);
             fputc('\n', f);
         }
     free(x);
@@ -281,7 +296,7 @@ int report_write_csv(const Results *r, const char *out_dir, KvErr *err)
     return rc;
 }
 
-static void fmt_bytes(double b, char *out, size_t n)
+void format_bytes(double b, char *out, size_t n)
 {
     if (isnan(b))
         snprintf(out, n, "-");
@@ -316,8 +331,8 @@ void report_print_table(const Results *r, FILE *out)
     for (int pi = 0; pi < r->n_policies; pi++) {
         const PolicySummary *p = &s[pi];
         char dev[32], host[32], needle[16];
-        fmt_bytes(p->device_bytes_mean, dev, sizeof dev);
-        fmt_bytes(p->host_bytes_mean, host, sizeof host);
+        format_bytes(p->device_bytes_mean, dev, sizeof dev);
+        format_bytes(p->host_bytes_mean, host, sizeof host);
         fmt_num(p->needle_survival_mean, "%.3f", needle, sizeof needle);
         fprintf(out, "%-*s  %-13s %7.4f %7.4f %7.4f %8.4f %8.1f %10s %10s %7s\n", w, r->label[pi],
                 r->type[pi]->name, p->mass_mean, p->mass_p5, p->recall_mean, p->out_err_mean,

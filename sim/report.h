@@ -24,6 +24,14 @@ typedef struct {
     double mass_gap_to_oracle;
 } PolicySummary;
 
+/* The CSV conventions every output of kvsim shares: a number is ",%.6g" with NaN spelled
+ * ",NaN" (gnuplot reads it as missing); a text field is quoted (quotes doubled) only when it
+ * holds a comma, a quote or a line break. */
+void csv_put_num(FILE *f, double v);
+void csv_put_text(FILE *f, const char *s);
+/* Bytes for the tables on stdout: "512 B", "1.5 KiB", "4.0 MiB", "1.25 GiB"; "-" for NaN. */
+void format_bytes(double bytes, char *out, size_t n);
+
 /* Fills out[n_policies]. */
 void report_summarize(const Results *r, PolicySummary *out);
 int report_write_csv(const Results *r, const char *out_dir, KvErr *err);

@@ -6,67 +6,45 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "sim/args.h"
 #include "sim/config.h"
 #include "sim/report.h"
 
-static void run_usage(FILE *out)
-{
-    fprintf(out,
-            "usage: kvsim run CONFIG.ini [--trace TRACE.h5] [--out DIR] [--threads N] [--quiet]\n"
-            "  Replays the trace through every [policy.LABEL] of CONFIG and writes summary.csv,\n"
-            "  layers.csv and steps.csv to DIR (default: [run] out, else results/CONFIG-NAME).\n"
-            "  --threads 0 uses all cores. Results are identical at any thread count.\n");
-}
-
 int cmd_run(int argc, char **argv)
 {
-    const char *config_path = NULL, *trace = NULL, *out = NULL;
-    int threads = -1;
-    bool quiet = false;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            run_usage(stdout);
-            return 0;
-        } else if (!strcmp(a, "--quiet") || !strcmp(a, "-q")) {
-            quiet = true;
-        } else if ((!strcmp(a, "--trace") || !strcmp(a, "--out") || !strcmp(a, "--threads"))) {
-            if (i + 1 >= argc) {
-                fprintf(stderr, "kvsim run: %s needs a value\n", a);
-                return 2;
-            }
-            const char *v = argv[++i];
-            if (!strcmp(a, "--trace")) {
-                trace = v;
-            } else if (!strcmp(a, "--out")) {
-                out = v;
-            } else {
-                char *end;
-                errno = 0;
-                long n = strtol(v, &end, 10);
-                if (errno || *end || end == v || n < 0 || n > 1024) {
-                    fprintf(stderr, "kvsim run: --threads '%s': expected an integer in [0, 1024]\n", v);
-                    return 2;
-                }
-                threads = (int)n;
-            }
-        } else if (a[0] == '-') {
-            fprintf(stderr, "kvsim run: unknown option '%s' (kvsim run --help)\n", a);
-            return 2;
-        } else if (!config_path) {
-            config_path = a;
-        } else {
-            fprintf(stderr, "kvsim run: unexpected argument '%s' (one CONFIG expected)\n", a);
-            return 2;
-        }
+    const char *trace = NULL, *out = NULL;
+    int threads = -1, quiet = 0;
+    const ArgSpec specs[] = {
+        {"trace", ARG_STRING, &trace, 0, 0, NULL, "the trace to replay (overrides [trace] path)"},
+        {"out", ARG_STRING, &out, 0, 0, NULL, "output directory (overrides [run] out)"},
+        {"threads", ARG_INT, &threads, 0, 1024, NULL,
+         "worker threads, 0 = all cores (overrides [run] threads)"},
+        {"quiet", ARG_FLAG, &quiet, 0, 0, NULL, "no table, no progress"},
+        {NULL, 0, NULL, 0, 0, NULL, NULL},
+    };
+    const char *usage =
+        "run CONFIG.ini [options]\n"
+        "  Replays the trace through every [policy.LABEL] of CONFIG and writes summary.csv,\n"
+        "  layers.csv and steps.csv (docs/metrics.md). Results are identical at any thread count.";
+    const char *positional[1];
+    int n_positional;
+    KvErr err;
+    int parsed = args_parse(argc, argv, specs, positional, 1, &n_positional, &err);
+    if (parsed == 1) {
+        args_usage(stdout, usage, specs);
+        return 0;
     }
-    if (!config_path) {
-        fprintf(stderr, "kvsim run: missing CONFIG.ini (usage: kvsim run --help)\n");
+    if (parsed < 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
         return 2;
     }
+    if (n_positional != 1) {
+        fprintf(stderr, "kvsim: run: missing CONFIG.ini (usage: kvsim run --help)\n");
+        return 2;
+    }
+    const char *config_path = positional[0];
 
     RunConfig rc;
-    KvErr err;
     if (config_load(config_path, &rc, &err) != 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         return 2;

@@ -16,6 +16,7 @@
 
 #include "sim/args.h"
 #include "sim/config.h"
+#include "sim/report.h"
 #include "traces/eval.h"
 #include "traces/model.h"
 #include "traces/safetensors.h"
@@ -386,31 +387,6 @@ static void score_policies(const EvalJob *job, int full, PolicyScore *s)
     }
 }
 
-/* Numbers in the CSVs: %.6g, NaN spelled "NaN", as in the replay's CSVs. */
-static void put_num(FILE *f, double v)
-{
-    if (isnan(v))
-        fputs(",NaN", f);
-    else
-        fprintf(f, ",%.6g", v);
-}
-
-/* A CSV field, quoted (quotes doubled) when it holds a comma, quote or line break. */
-static void put_text(FILE *f, const char *s)
-{
-    fputc(',', f);
-    if (!strpbrk(s, ",\"\r\n")) {
-        fputs(s, f);
-        return;
-    }
-    fputc('"', f);
-    for (; *s; s++) {
-        if (*s == '"')
-            fputc('"', f);
-        fputc(*s, f);
-    }
-    fputc('"', f);
-}
 
 static int write_eval_csv(const EvalJob *job, const PolicyScore *s, const char *dir, KvErr *err)
 {
@@ -424,12 +400,12 @@ static int write_eval_csv(const EvalJob *job, const PolicyScore *s, const char *
     for (int k = 0; k < job->n_policies; k++) {
         fprintf(af.fp, "%s,%s,%d", job->policies[k].label, job->policies[k].type->name,
                 s[k].prompts);
-        put_num(af.fp, s[k].applicable ? s[k].correct : NAN);
-        put_num(af.fp, s[k].accuracy);
-        put_num(af.fp, s[k].agreement);
-        put_num(af.fp, s[k].device_bytes);
-        put_num(af.fp, s[k].host_bytes);
-        put_num(af.fp, s[k].generated);
+        csv_put_num(af.fp, s[k].applicable ? s[k].correct : NAN);
+        csv_put_num(af.fp, s[k].accuracy);
+        csv_put_num(af.fp, s[k].agreement);
+        csv_put_num(af.fp, s[k].device_bytes);
+        csv_put_num(af.fp, s[k].host_bytes);
+        csv_put_num(af.fp, s[k].generated);
         fputc('\n', af.fp);
     }
     return atomic_commit(&af, err);
@@ -451,31 +427,18 @@ static int write_prompts_csv(const EvalJob *job, int full, const char *dir, KvEr
             if (!o->applicable)
                 continue;
             fprintf(af.fp, "%s", job->policies[k].label);
-            put_text(af.fp, job->prompts[i].name);
+            csv_put_text(af.fp, job->prompts[i].name);
             fprintf(af.fp, ",%d,%d,%d", o->correct, !strcmp(o->answer, f->answer),
                     o->n_generated);
-            put_num(af.fp, o->device_bytes);
-            put_num(af.fp, o->host_bytes);
-            put_text(af.fp, o->answer);
-            put_text(af.fp, job->prompts[i].answer);
+            csv_put_num(af.fp, o->device_bytes);
+            csv_put_num(af.fp, o->host_bytes);
+            csv_put_text(af.fp, o->answer);
+            csv_put_text(af.fp, job->prompts[i].answer);
             fputc('\n', af.fp);
         }
     return atomic_commit(&af, err);
 }
 
-static void fmt_bytes(double b, char *out, size_t n)
-{
-    if (isnan(b))
-        snprintf(out, n, "-");
-    else if (b >= 1 << 30)
-        snprintf(out, n, "%.2f GiB", b / (1 << 30));
-    else if (b >= 1 << 20)
-        snprintf(out, n, "%.1f MiB", b / (1 << 20));
-    else if (b >= 1 << 10)
-        snprintf(out, n, "%.1f KiB", b / (1 << 10));
-    else
-        snprintf(out, n, "%.0f B", b);
-}
 
 static void print_table(const EvalJob *job, const PolicyScore *s, FILE *out)
 {
@@ -487,8 +450,8 @@ static void print_table(const EvalJob *job, const PolicyScore *s, FILE *out)
             "accuracy", "agree", "device", "host");
     for (int k = 0; k < job->n_policies; k++) {
         char dev[32], host[32], correct[32], acc[16], agree[16];
-        fmt_bytes(s[k].device_bytes, dev, sizeof dev);
-        fmt_bytes(s[k].host_bytes, host, sizeof host);
+        format_bytes(s[k].device_bytes, dev, sizeof dev);
+        format_bytes(s[k].host_bytes, host, sizeof host);
         if (s[k].applicable) {
             snprintf(correct, sizeof correct, "%d/%d", s[k].correct, s[k].prompts);
             snprintf(acc, sizeof acc, "%.3f", s[k].accuracy);

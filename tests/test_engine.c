@@ -176,19 +176,6 @@ static void test_needles_checked_at_probe_steps(void **state)
     results_free(r);
 }
 
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    assert_non_null(f);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = kv_malloc((size_t)n + 1);
-    assert_int_equal(fread(buf, 1, (size_t)n, f), (size_t)n);
-    buf[n] = '\0';
-    fclose(f);
-    return buf;
-}
 
 static void test_identical_results_at_any_thread_count(void **state)
 {
@@ -210,7 +197,7 @@ static void test_identical_results_at_any_thread_count(void **state)
         char p1[4200], p3[4200];
         snprintf(p1, sizeof p1, "%s/%s", d1, files[i]);
         snprintf(p3, sizeof p3, "%s/%s", d3, files[i]);
-        char *a = slurp(p1), *b = slurp(p3);
+        char *a = scratch_read(p1), *b = scratch_read(p3);
         assert_string_equal(a, b);
         assert_true(strlen(a) > 100);
         free(a);

@@ -67,6 +67,13 @@ static void test_oracle_topk_dominates_every_policy_each_step(void **state)
         {"window", "window=12 sinks=4"},
         {"snapkv", "budget=16 observation=4"},
         {"oracle_future", "budget=16"},
+        {"decay", "budget=16 local=4"},
+        {"abit", "budget=16 local=4 span=8 min_split=2 max_split=4 tolerance=1 min_cluster=2"},
+        {"hybrid", "budget=16 ratio=0.5"},
+        {"offload", "budget=16 ratio=0.5 threshold=0"},
+        /* trig holds up to budget + divide_length - 1 between prunes: prune every token so
+         * that it is held to the same budget */
+        {"trig", "budget=16 divide_length=1 protect_initial=2 protect_recent=4"},
     };
     enum { HKV = 2, T = 120, P = 40, STEPS = T - P };
     for (uint64_t seed = 1; seed <= 3; seed++) {

@@ -19,20 +19,6 @@ static char *dir;
 static char trace_path[1024];
 static char config_dir[1024];
 
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        fail_msg("cannot read %s", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = kv_malloc((size_t)n + 1);
-    assert_int_equal(fread(buf, 1, (size_t)n, f), (size_t)n);
-    buf[n] = '\0';
-    fclose(f);
-    return buf;
-}
 
 static KvsimRun run_ok(const char *fmt, ...)
 {
@@ -102,7 +88,7 @@ static void test_csvs_identical_at_one_and_two_threads(void **state)
         char p1[8400], p2[8400];
         snprintf(p1, sizeof p1, "%s/t1/%s", dir, files[i]);
         snprintf(p2, sizeof p2, "%s/t2/%s", dir, files[i]);
-        char *a = slurp(p1), *b = slurp(p2);
+        char *a = scratch_read(p1), *b = scratch_read(p2);
         assert_string_equal(a, b);
         if (expected_rows[i] > 0)
             assert_int_equal(count_lines(a), 1 + expected_rows[i]);
@@ -125,7 +111,7 @@ typedef struct {
 
 static int read_summary(const char *path, Row *rows, int max)
 {
-    char *text = slurp(path);
+    char *text = scratch_read(path);
     char *save = NULL;
     char *line = strtok_r(text, "\n", &save); /* header */
     assert_non_null(strstr(line, "mass_gap_to_oracle"));

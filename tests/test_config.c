@@ -1,5 +1,6 @@
 /* The INI loader: a good config loads with its values, and every error path gives one line that
  * names the file and the line and says what was expected. */
+#include <dirent.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -125,6 +126,36 @@ static void test_missing_file(void **state)
     assert_non_null(strstr(err.msg, "no/such/config.ini: cannot read config"));
 }
 
+/* Every shipped example loads: the configs are documentation, and documentation that does not
+ * parse is wrong. */
+static void test_shipped_configs_load(void **state)
+{
+    (void)state;
+    const char *src = getenv("KVSIM_SOURCE_DIR");
+    assert_non_null(src);
+    char dir_path[4096];
+    snprintf(dir_path, sizeof dir_path, "%s/configs", src);
+    DIR *d = opendir(dir_path);
+    assert_non_null(d);
+    int loaded = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        size_t n = strlen(e->d_name);
+        if (n < 5 || strcmp(e->d_name + n - 4, ".ini"))
+            continue;
+        char path[8192];
+        snprintf(path, sizeof path, "%s/%s", dir_path, e->d_name);
+        RunConfig rc;
+        KvErr err;
+        if (config_load(path, &rc, &err) != 0)
+            fail_msg("%s", err.msg);
+        assert_true(rc.engine.n_policies >= 2); /* a policy and the reference */
+        config_free(&rc);
+        loaded++;
+    }
+    closedir(d);
+    assert_true(loaded >= 6);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -132,6 +163,7 @@ int main(void)
         cmocka_unit_test(test_default_out_dir_from_config_name),
         cmocka_unit_test(test_errors_name_file_and_line),
         cmocka_unit_test(test_missing_file),
+        cmocka_unit_test(test_shipped_configs_load),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -2,7 +2,8 @@
 #
 #   make sweep        every policy of analysis/sweep.ini.in at each budget of SWEEP_BUDGETS on
 #                     DEFAULT_TRACE -> results/sweep/bB/*.csv, then results/sweep/summary.csv
-#                     (budgets run in parallel under make -j)
+#                     (budgets run in parallel under make -j); where EVAL_PROMPTS holds prompts
+#                     with answers, also `kvsim eval` at each budget -> results/sweep/eval.csv
 #   make plots        the sweep's plots and those of one run (PLOT_RUN) -> results/plots/*.png
 #   make run-plot     results/<config name>/plot.png from the summary of `make run`
 #
@@ -20,6 +21,10 @@ RUN_DIR       ?= $(or $(shell sed -n 's/^[[:space:]]*out[[:space:]]*=[[:space:]]
 
 SWEEP_SORTED  := $(shell printf '%s\n' $(SWEEP_BUDGETS) | sort -n -u)
 SWEEP_RUNS    := $(foreach b,$(SWEEP_SORTED),$(SWEEP_DIR)/b$(b)/summary.csv)
+# End-to-end accuracy (kvsim eval) joins the sweep when the model's held-out prompts are there.
+EVAL_MODEL    ?= models/tiny-retrieval
+EVAL_PROMPTS  ?= $(EVAL_MODEL)/heldout
+SWEEP_EVALS   := $(if $(wildcard $(EVAL_PROMPTS)/*.answer),$(foreach b,$(SWEEP_SORTED),$(SWEEP_DIR)/b$(b)/eval.csv))
 GNUPLOT       ?= gnuplot
 
 VS_BUDGET_PLOTS := mass recall error needle
@@ -28,9 +33,9 @@ PLOTS := $(foreach p,$(VS_BUDGET_PLOTS),$(PLOTS_DIR)/$(p)_vs_budget.png) \
 
 .PHONY: sweep plots run-plot FORCE
 # Generated configs and per-budget results are kept even when only reached through a pattern.
-.PRECIOUS: $(SWEEP_DIR)/b%/config.ini $(SWEEP_DIR)/b%/summary.csv
+.PRECIOUS: $(SWEEP_DIR)/b%/config.ini $(SWEEP_DIR)/b%/summary.csv $(SWEEP_DIR)/b%/eval.csv
 
-sweep: $(SWEEP_DIR)/summary.csv
+sweep: $(SWEEP_DIR)/summary.csv $(if $(SWEEP_EVALS),$(SWEEP_DIR)/eval.csv)
 
 # The trace path is part of every generated config; this file changes only when the path does,
 # so that switching traces reruns the sweep and an unchanged path does not.
@@ -53,6 +58,15 @@ $(SWEEP_DIR)/b%/summary.csv: $(SWEEP_DIR)/b%/config.ini $(DEFAULT_TRACE) $(wildc
 
 $(SWEEP_DIR)/summary.csv: $(SWEEP_RUNS) analysis/concat_summaries.awk
 	awk -f analysis/concat_summaries.awk $(foreach b,$(SWEEP_SORTED),budget=$(b) $(SWEEP_DIR)/b$(b)/summary.csv) \
+	  > $@.tmp || { rm -f $@.tmp; exit 1; }
+	mv $@.tmp $@
+
+$(SWEEP_DIR)/b%/eval.csv: $(SWEEP_DIR)/b%/config.ini $(wildcard $(EVAL_PROMPTS)/*) $(wildcard $(KVSIM)) | build
+	$(KVSIM) eval $< --model $(EVAL_MODEL) --prompts $(EVAL_PROMPTS) --out $(@D) \
+	  --threads $(SWEEP_THREADS) --quiet
+
+$(SWEEP_DIR)/eval.csv: $(SWEEP_EVALS) analysis/concat_summaries.awk
+	awk -f analysis/concat_summaries.awk $(foreach b,$(SWEEP_SORTED),budget=$(b) $(SWEEP_DIR)/b$(b)/eval.csv) \
 	  > $@.tmp || { rm -f $@.tmp; exit 1; }
 	mv $@.tmp $@
 

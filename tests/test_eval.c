@@ -1,7 +1,9 @@
 /* Closed-loop decoding with live eviction (traces/eval.h) on a tiny random checkpoint: with a
- * cache that holds everything it is the plain forward pass (same logits, same tokens); with a
- * small window each layer's attention is exactly the softmax over the window's positions; alt
- * slots are attended with their own K/V; an oracle of the future is not applicable. */
+ * cache that holds everything it is the plain forward pass (same logits, same tokens), forced
+ * tokens after a [[decode]] split included; with a small window each layer's attention is
+ * exactly the softmax over the window's positions, at forced steps too, so that eviction reaches
+ * the first generated token; alt slots are attended with their own K/V; an oracle of the future
+ * is not applicable. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -19,6 +21,8 @@
 #include "traces/model.h"
 
 enum { N_PROMPT = 14, MAX_NEW = 8, VOCAB = 300 };
+/* Where a [[decode]] marker splits the prompt in the tests of forced tokens. */
+enum { N_PREFILLED = 9 };
 
 typedef struct {
     char *dir;
@@ -37,7 +41,7 @@ static int setup(void **state)
     KvErr err;
     env->model = model_load(env->dir, &err);
     assert_non_null(env->model);
-    env->prompt.n_tokens = N_PROMPT;
+    env->prompt.n_tokens = env->prompt.n_prompt = N_PROMPT;
     env->prompt.tokens = kv_malloc(N_PROMPT * sizeof(int32_t));
     env->prompt.segments = kv_calloc(N_PROMPT, sizeof(int32_t));
     for (int t = 0; t < N_PROMPT; t++)
@@ -137,8 +141,10 @@ static void check_same_as_plain(Env *env, const char *type, const char *params)
     KvErr err;
     assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, &d, &err), 0);
     assert_true(d.applicable);
+    int n_forced = env->prompt.n_tokens - env->prompt.n_prompt;
     assert_int_equal(d.n_generated, MAX_NEW);
-    assert_int_equal(d.decode_steps, MAX_NEW - 1);
+    assert_int_equal(d.forced_steps, n_forced);
+    assert_int_equal(d.decode_steps, n_forced + MAX_NEW - 1);
     assert_int_equal(live.n, plain.n);
     for (int i = 0; i < plain.n; i++) {
         assert_int_equal(out[i], plain.tokens[i]);
@@ -163,6 +169,16 @@ static void test_full_is_the_plain_forward(void **state)
 static void test_window_holding_everything_is_the_plain_forward(void **state)
 {
     check_same_as_plain(*state, "window", "window=64 sinks=0");
+}
+
+/* With a [[decode]] split, forced steps through a cache that keeps everything are the plain
+ * forward pass over the whole text (which prefills every token). */
+static void test_forced_tokens_with_full_are_the_plain_forward(void **state)
+{
+    Env *env = *state;
+    env->prompt.n_prompt = N_PREFILLED;
+    check_same_as_plain(env, "full", "");
+    check_same_as_plain(env, "window", "window=64 sinks=0");
 }
 
 /* ---- Restricted attention against a scalar computation ---- */
@@ -258,6 +274,23 @@ static void check_layer(void *user, int layer, int t, const Policy *inst, const 
     chk->layers_checked++;
 }
 
+/* Both hooks at once: the attention check and the generated tokens' logits. */
+typedef struct {
+    AttnCheck *chk;
+    Generation *gen;
+} CheckAndRecord;
+
+static void checked_layer(void *user, int layer, int t, const Policy *inst, const LayerView *L,
+                          const float *const *probs, const float *attn_out)
+{
+    check_layer(((CheckAndRecord *)user)->chk, layer, t, inst, L, probs, attn_out);
+}
+
+static int recorded_token(void *user, int index, int32_t token, const float *logits)
+{
+    return record_token(((CheckAndRecord *)user)->gen, index, token, logits);
+}
+
 static void run_checked(Env *env, const char *type, const char *params, AttnCheck *chk,
                         EvalDecode *d)
 {
@@ -284,6 +317,45 @@ static void test_small_window_attends_exactly_its_positions(void **state)
     assert_true(chk.restricted_differs > 0);
     /* 4 slots per KV head, 2 KV heads, 2 layers, 16-bit K and V of head_dim 16 */
     assert_true(fabs(d.device_bytes - 2 * 2 * 4 * 2 * 16 * 2.0) < 1e-9);
+}
+
+/* With a [[decode]] split the forced tokens attend over the window only, so the logits the first
+ * generated token is chosen from are the window's own; without the split they are the prefill's,
+ * the same for every policy. */
+static void test_forced_tokens_attend_over_the_window(void **state)
+{
+    Env *env = *state;
+    Generation first[2][2] = {{{0}}}; /* [split?][full, window] */
+    for (int split = 0; split < 2; split++) {
+        env->prompt.n_prompt = split ? N_PREFILLED : N_PROMPT;
+        EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, "test", NULL);
+        for (int k = 0; k < 2; k++) {
+            PolicySpec spec = k ? make_spec("w", "window", "window=3 sinks=1")
+                                : make_spec("f", "full", "");
+            AttnCheck chk = {.window = k ? 3 : 0, .sinks = k ? 1 : 0};
+            CheckAndRecord both = {&chk, &first[split][k]};
+            EvalHooks hooks = {.user = &both, .on_layer = checked_layer,
+                               .on_token = recorded_token};
+            int32_t out[MAX_NEW];
+            EvalDecode d;
+            KvErr err;
+            assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, &d, &err), 0);
+            assert_int_equal(d.forced_steps, split ? N_PROMPT - N_PREFILLED : 0);
+            /* Every forced and generated step, every layer, was checked. */
+            assert_int_equal(chk.layers_checked, d.decode_steps * 2);
+            assert_true(chk.worst <= 1e-5);
+            if (k == 1)
+                assert_true(chk.restricted_differs > 0);
+            free(spec.params);
+        }
+        eval_prefill_free(pf);
+    }
+    /* Without the split the first token's logits are the prefill's for both. */
+    assert_true(rel_diff(first[0][1].logits[0], first[0][0].logits[0], VOCAB) == 0);
+    assert_int_equal(first[0][1].tokens[0], first[0][0].tokens[0]);
+    /* With it the window's differ from full's, here enough to change the first token. */
+    assert_true(rel_diff(first[1][1].logits[0], first[1][0].logits[0], VOCAB) > 1e-2);
+    assert_int_not_equal(first[1][1].tokens[0], first[1][0].tokens[0]);
 }
 
 static void test_alt_slots_are_attended_with_their_own_kv(void **state)
@@ -391,7 +463,11 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_full_is_the_plain_forward, setup, teardown),
         cmocka_unit_test_setup_teardown(test_window_holding_everything_is_the_plain_forward,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(test_forced_tokens_with_full_are_the_plain_forward,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(test_small_window_attends_exactly_its_positions, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_forced_tokens_attend_over_the_window, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_alt_slots_are_attended_with_their_own_kv, setup,
                                         teardown),

@@ -20,15 +20,18 @@
 
 enum { N_PROMPTS = 3, ANSWER_TOKENS = 4, PLAIN_NEW = 12, N_CANDIDATES = 60 };
 
-/* Candidate prompt k, some with needle and probe markup. */
+/* Candidate prompt k, some with needle and probe markup, half with the last words after a
+ * [[decode]] marker (forced through each policy's cache). */
 static void candidate_text(int k, char *out, size_t len)
 {
     static const char *const words[] = {"the", "thin", "tin", "in", "then", "other", "hat"};
     const char *a = words[k % 7], *b = words[(k / 7) % 7], *c = words[(k * 3 + 1) % 7];
+    const char *split = k % 4 < 2 ? "[[decode]]" : "";
     if (k % 2)
-        snprintf(out, len, "[[needle]]%s %s[[/needle]] the %s in[[probe]] %s", a, b, c, a);
+        snprintf(out, len, "[[needle]]%s %s[[/needle]] the %s in[[probe]]%s %s %s", a, b, c,
+                 split, a, c);
     else
-        snprintf(out, len, "%s %s the %s %s", b, a, c, b);
+        snprintf(out, len, "%s %s the%s %s %s", b, a, split, c, b);
 }
 
 typedef struct {
@@ -131,8 +134,9 @@ static int setup(void **state)
     spec.seed = 5;
     env->ck = tiny_ckpt_write(env->model, &spec);
     tiny_ckpt_write_tokenizer(env->model);
-    /* Prompts whose answer needs a few decode steps. */
-    int found = 0;
+    /* Prompts whose answer needs a few decode steps. The reference continuation prefills the
+     * whole text, forced part included. */
+    int found = 0, found_forced = 0;
     for (int k = 0; k < N_CANDIDATES && found < N_PROMPTS; k++) {
         char name[32], text_in[256];
         snprintf(name, sizeof name, "p%d.txt", found);
@@ -145,12 +149,14 @@ static int setup(void **state)
             free(c.text[i]);
         if (!env->answers[found][0])
             continue;
+        found_forced += strstr(text_in, "[[decode]]") != NULL;
         snprintf(name, sizeof name, "p%d.answer", found);
         char line[80];
         snprintf(line, sizeof line, "%s\n", env->answers[found++]);
         write_text(scratch_path(env->prompts, name, 0), line);
     }
     assert_int_equal(found, N_PROMPTS);
+    assert_true(found_forced > 0);
     remove(scratch_path(env->prompts, "p3.txt", 0)); /* a last candidate without an answer */
     write_text(scratch_path(env->out, "eval.ini", 0),
                "[run]\nthreads = 1\n"

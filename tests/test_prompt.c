@@ -109,6 +109,68 @@ static void test_chat_template_and_segments(void **state)
     prompt_markup_free(&m);
 }
 
+/* [[decode]] splits the tokens: n_prompt counts those before it (BOS included). */
+static void test_decode_marker_splits_prompt_from_forced(void **state)
+{
+    (void)state;
+    const char *text = "Pin [[needle]]42[[/needle]].[[probe]][[decode]] Pin?[[probe]] x";
+    for (int bos = -1; bos <= 0; bos++) {
+        PromptMarkup m;
+        PromptTokens t;
+        tokenize(text, bos, &m, &t);
+        int lead = bos >= 0;
+        assert_text(&t, lead, "Pin 42. Pin? x");
+        assert_int_equal(t.n_prompt, lead + (int)strlen("Pin 42."));
+        assert_int_equal(t.n_tokens, lead + (int)strlen("Pin 42. Pin? x"));
+        assert_int_equal(t.n_needles, 1);
+        assert_int_equal(t.needles[0], lead + 4);
+        assert_int_equal(t.needles[1], lead + 6);
+        /* A probe before the marker is a prompt position, one after it a forced position. */
+        assert_int_equal(t.n_probes, 2);
+        assert_int_equal(t.probes[0], t.n_prompt - 1);
+        assert_int_equal(t.probes[1], lead + (int)strlen("Pin 42. Pin?") - 1);
+        prompt_tokens_free(&t);
+        prompt_markup_free(&m);
+    }
+    /* Without the marker every token is prompt. */
+    PromptMarkup m;
+    PromptTokens t;
+    tokenize("Pin 42.", 0, &m, &t);
+    assert_int_equal(t.n_prompt, t.n_tokens);
+    assert_int_equal(t.n_tokens, 8);
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+}
+
+/* In a chat, a marker opening a message splits before its "User: " header; one inside the
+ * content splits there. */
+static void test_decode_marker_in_chat(void **state)
+{
+    (void)state;
+    const char *chat =
+        "[{\"role\": \"user\", \"content\": \"Key: XY\"},\n"
+        " {\"role\": \"assistant\", \"content\": \"Noted.\"},\n"
+        " {\"role\": \"user\", \"content\": \"[[decode]]Key?\"}]";
+    PromptMarkup m;
+    PromptTokens t;
+    tokenize(chat, 0, &m, &t);
+    const char *before = "User: Key: XY\n\nAssistant: Noted.\n\n";
+    assert_text(&t, 1, "User: Key: XY\n\nAssistant: Noted.\n\nUser: Key?\n\nAssistant:");
+    assert_int_equal(t.n_prompt, 1 + (int)strlen(before));
+    /* The forced tokens belong to the last turn. */
+    for (int i = t.n_prompt; i < t.n_tokens; i++)
+        assert_int_equal(t.segments[i], 2);
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+
+    chat = "[{\"role\": \"user\", \"content\": \"Key: XY [[decode]]Key?\"}]";
+    tokenize(chat, -1, &m, &t);
+    assert_int_equal(t.n_prompt, (int)strlen("User: Key: XY "));
+    assert_text(&t, 0, "User: Key: XY Key?\n\nAssistant:");
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+}
+
 static void test_text_starting_with_bracket_is_plain(void **state)
 {
     (void)state;
@@ -154,6 +216,17 @@ static void test_bad_markup(void **state)
     expect_error("[{\"role\": \"user\", \"content\": \"[[needle]]hi\"}, "
                  "{\"role\": \"assistant\", \"content\": \"x[[/needle]]\"}]",
                  "message 1: line 1: [[needle]] is never closed");
+    expect_error("a[[decode]]b\n[[decode]]c", "line 2: a second [[decode]]");
+    expect_error("[[needle]]a[[decode]]b[[/needle]]c", "[[decode]] inside a needle");
+    expect_error("a[[decode]]b [[needle]]c[[/needle]]", "[[needle]] after [[decode]]");
+    expect_error("[[decode]]abc", "nothing before [[decode]]");
+    expect_error("abc[[decode]]", "nothing after [[decode]]");
+    expect_error("abc[[decode]][[probe]]", "nothing after [[decode]]");
+    expect_error("[{\"role\": \"user\", \"content\": \"[[decode]]hi\"}]",
+                 "nothing before [[decode]]");
+    expect_error("[{\"role\": \"user\", \"content\": \"a[[decode]]b\"}, "
+                 "{\"role\": \"user\", \"content\": \"[[decode]]c\"}]",
+                 "message 2: line 1: a second [[decode]]");
 }
 
 int main(void)
@@ -162,6 +235,8 @@ int main(void)
         cmocka_unit_test(test_plain_text_needles_and_probes),
         cmocka_unit_test(test_bos_shifts_spans),
         cmocka_unit_test(test_chat_template_and_segments),
+        cmocka_unit_test(test_decode_marker_splits_prompt_from_forced),
+        cmocka_unit_test(test_decode_marker_in_chat),
         cmocka_unit_test(test_text_starting_with_bracket_is_plain),
         cmocka_unit_test(test_bad_markup),
     };

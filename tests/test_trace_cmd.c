@@ -159,8 +159,9 @@ static double max_rel_diff(const float *got, const float *want, size_t n)
     return largest > 0 ? worst / largest : worst;
 }
 
-/* Every layer's stored Q/K/V (the re-run's first T tokens) and attention rows. */
-static void compare_trace_with_rerun(Trace *tr, const Rerun *r, double tol)
+/* Every layer's stored Q/K/V (the re-run's first T tokens) and attention rows, the trace's row
+ * skip_rows + i against the re-run's row i. */
+static void compare_trace_with_rerun(Trace *tr, const Rerun *r, double tol, int skip_rows)
 {
     const TraceMeta *m = trace_meta(tr);
     int T = m->n_tokens;
@@ -186,10 +187,11 @@ static void compare_trace_with_rerun(Trace *tr, const Rerun *r, double tol)
         if (trace_read_attn_rows(tr, l, rows, &err) != 0)
             fail_msg("%s", err.msg);
         for (int h = 0; h < r->Hq; h++)
-            for (int row = 0; row < m->n_attn_rows; row++)
+            for (int row = skip_rows; row < m->n_attn_rows; row++)
                 assert_true(max_rel_diff(rows + ((size_t)h * m->n_attn_rows + row) * T,
-                                         r->rows + (((size_t)l * 64 + row) * r->Hq + h) * r->T,
-                                         (size_t)T) <= 1e-6);
+                                         r->rows + (((size_t)l * 64 + row - skip_rows) * r->Hq +
+                                                    h) * r->T,
+                                         (size_t)T) <= tol);
     }
     free(q);
     free(k);
@@ -273,7 +275,7 @@ static void test_tokens_trace_matches_rerun(void **state)
         assert_int_equal(m->attn_rows_at[i], N_PROMPT - 1 + 3 * i);
     for (int f = 0; f < 8; f++)
         assert_float_equal(m->rope_inv_freq[f], pow(10000.0, -2.0 * f / 16), 1e-15);
-    compare_trace_with_rerun(tr, &r, 1e-6);
+    compare_trace_with_rerun(tr, &r, 1e-6, 0);
     trace_close(tr);
     rerun_free(&r);
 
@@ -310,7 +312,7 @@ static void test_f16_trace_passes_check(void **state)
     assert_int_equal(trace_dtype(tr), TRACE_F16);
     assert_int_equal(trace_meta(tr)->n_tokens, T);
     assert_int_equal(trace_meta(tr)->n_attn_rows, 5);
-    compare_trace_with_rerun(tr, &r, 1e-3); /* half precision: 11-bit mantissa */
+    compare_trace_with_rerun(tr, &r, 1e-3, 0); /* half precision: 11-bit mantissa */
     trace_close(tr);
     rerun_free(&r);
     snprintf(args, sizeof args, "check '%s'", out);
@@ -357,7 +359,7 @@ static void test_generation_stops_at_eos(void **state)
     for (int t = 0; t < T; t++)
         assert_int_equal(m->tokens[t], stopped[t]);
     assert_int_equal(m->n_probes, T - N_PROMPT + 1);
-    compare_trace_with_rerun(tr, &r, 1e-6);
+    compare_trace_with_rerun(tr, &r, 1e-6, 0);
     trace_close(tr);
     rerun_free(&r);
 }
@@ -450,6 +452,84 @@ static void test_prompt_markup_in_trace(void **state)
     kvsim_run_free(&run);
 }
 
+/* With [[decode]] the trace's prompt ends at the marker; the forced tokens are decode positions
+ * whose Q/K/V are those of a plain forward pass over the whole text, then generation goes on. */
+static void test_decode_marker_in_trace(void **state)
+{
+    Env *env = *state;
+    tiny_ckpt_write_tokenizer(env->dir);
+    const char *prompt_path = scratch_path(env->dir, "forced.txt", 0);
+    write_text(prompt_path, "the thin tin [[needle]]in the hat[[/needle]] then other"
+                            "[[decode]] the hat in? then");
+    const char *pieces[] = {"the thin tin ", "in the hat", " then other", " the hat in? then"};
+    int32_t input[256];
+    int n_input = 0, n_prompt = 0, needle_start = 0, needle_end = 0;
+    input[n_input++] = TINY_BOS;
+    for (int p = 0; p < 4; p++) {
+        if (p == 1)
+            needle_start = n_input;
+        n_input += encode(env->dir, pieces[p], input + n_input);
+        if (p == 1)
+            needle_end = n_input;
+        if (p == 2)
+            n_prompt = n_input;
+    }
+    assert_true(n_input - n_prompt >= 4);
+    const char *out = scratch_path(env->dir, "forced.h5", 1);
+    char args[4096];
+    snprintf(args, sizeof args, "trace --model '%s' --prompt '%s' --out '%s' --max-new 5 "
+             "--attn-rows 1000 --chunk 4 --threads 1", env->dir, prompt_path, out);
+    KvsimRun run = run_kvsim(args);
+    if (run.status != 0)
+        fail_msg("kvsim trace failed: %s", run.err);
+
+    /* The plain forward pass over every token of the text, rows from the last forced token. */
+    int32_t expected[256];
+    Rerun r;
+    int T = rerun(env->dir, input, n_input, 5, 8, 1, TINY_EOS, expected, &r);
+    Trace *tr = open_trace(out);
+    const TraceMeta *m = trace_meta(tr);
+    assert_int_equal(m->n_prompt, n_prompt);
+    assert_int_equal(m->n_tokens, T);
+    assert_true(T > n_input);
+    for (int t = 0; t < T; t++)
+        assert_int_equal(m->tokens[t], expected[t]);
+    assert_int_equal(m->n_needles, 1);
+    assert_int_equal(m->needles[0], needle_start);
+    assert_int_equal(m->needles[1], needle_end);
+    /* Default probes: the last prompt token, every forced and every generated token. */
+    assert_int_equal(m->n_probes, T - n_prompt + 1);
+    for (int i = 0; i < m->n_probes; i++)
+        assert_int_equal(m->probes[i], n_prompt - 1 + i);
+    /* Attention rows at the last prompt token and at the last forced token. */
+    assert_int_equal(m->n_attn_rows, 2);
+    assert_int_equal(m->attn_rows_at[0], n_prompt - 1);
+    assert_int_equal(m->attn_rows_at[1], n_input - 1);
+    /* Forced tokens go through one at a time, the plain pass in chunks: rounding apart. */
+    compare_trace_with_rerun(tr, &r, 1e-5, 1);
+    /* stdout is what follows the forced text. */
+    char json[4096];
+    snprintf(json, sizeof json, "%s/tokenizer.json", env->dir);
+    KvErr err = {{0}};
+    Tokenizer *tok = tokenizer_load(json, NULL, &err);
+    char *text = tokenizer_decode(tok, expected + n_input, T - n_input);
+    char *line = kv_malloc(strlen(text) + 2);
+    sprintf(line, "%s\n", text);
+    assert_string_equal(run.out, line);
+    free(line);
+    free(text);
+    tokenizer_free(tok);
+    kvsim_run_free(&run);
+    trace_close(tr);
+    rerun_free(&r);
+
+    snprintf(args, sizeof args, "check '%s'", out);
+    run = run_kvsim(args);
+    if (run.status != 0)
+        fail_msg("kvsim check: status %d: %s%s", run.status, run.out, run.err);
+    kvsim_run_free(&run);
+}
+
 /* The command fails with status 2 and one line on stderr containing every fragment, and leaves
  * no output behind. */
 static void expect_failure(const Env *env, const char *args, const char *const *fragments)
@@ -509,7 +589,8 @@ int main(void)
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
     const struct CMUnitTest tests[] = {
         T(test_tokens_trace_matches_rerun), T(test_f16_trace_passes_check),
-        T(test_generation_stops_at_eos), T(test_prompt_markup_in_trace), T(test_bad_input),
+        T(test_generation_stops_at_eos), T(test_prompt_markup_in_trace),
+        T(test_decode_marker_in_trace), T(test_bad_input),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);

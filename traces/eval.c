@@ -10,7 +10,7 @@
 
 struct EvalPrefill {
     const Model *model;
-    int n_prompt, max_tokens; /* P and T = P + max_new */
+    int n_prompt, n_input, max_tokens; /* P (prefilled), N = P + forced, T = N + max_new */
     RunState *state;
     double *rope_inv_freq;
     float *q;             /* [n_layers][Hq][T][D]: the run's post-RoPE queries */
@@ -40,7 +40,7 @@ EvalPrefill *eval_prefill(const Model *model, const PromptTokens *prompt, int la
                           int max_new, const char *origin, KvErr *err)
 {
     const ModelConfig *c = &model->config;
-    int P = prompt->n_tokens, T = P + max_new;
+    int P = prompt->n_prompt, N = prompt->n_tokens, T = N + max_new;
     if (c->sliding_window && T > c->sliding_window) {
         kv_fail(err, "%s: %d tokens with the answer: longer than the model's sliding_window %d "
                 "(not supported)", origin, T, c->sliding_window);
@@ -50,6 +50,7 @@ EvalPrefill *eval_prefill(const Model *model, const PromptTokens *prompt, int la
     EvalPrefill *pf = kv_calloc(1, sizeof *pf);
     pf->model = model;
     pf->n_prompt = P;
+    pf->n_input = N;
     pf->max_tokens = T;
     pf->rope_inv_freq = kv_malloc(D / 2 * sizeof *pf->rope_inv_freq);
     model_rope_inv_freq(c, T, pf->rope_inv_freq);
@@ -77,8 +78,8 @@ EvalPrefill *eval_prefill(const Model *model, const PromptTokens *prompt, int la
     memcpy(m->rope_inv_freq, pf->rope_inv_freq, D / 2 * sizeof(double));
     for (int t = 0; t < T; t++) {
         m->positions[t] = t;
-        m->segments[t] = t < P ? prompt->segments[t] : last_segment;
-        m->tokens[t] = t < P ? prompt->tokens[t] : 0; /* generated ones as they come */
+        m->segments[t] = t < N ? prompt->segments[t] : last_segment;
+        m->tokens[t] = t < N ? prompt->tokens[t] : 0; /* generated ones as they come */
     }
     if (m->n_needles)
         memcpy(m->needles, prompt->needles, (size_t)m->n_needles * 2 * sizeof *m->needles);
@@ -230,7 +231,8 @@ int eval_decode(EvalPrefill *pf, const PolicySpec *spec, uint64_t run_seed, int 
                 EvalDecode *out, KvErr *err)
 {
     const ModelConfig *c = &pf->model->config;
-    int n_layers = c->n_layers, P = pf->n_prompt, max_new = pf->max_tokens - P;
+    int n_layers = c->n_layers, P = pf->n_prompt, N = pf->n_input;
+    int max_new = pf->max_tokens - N;
     memset(out, 0, sizeof *out);
     Policy **inst = kv_calloc((size_t)n_layers, sizeof *inst);
     MemReport *mem = kv_calloc((size_t)n_layers, sizeof *mem);
@@ -249,6 +251,15 @@ int eval_decode(EvalPrefill *pf, const PolicySpec *spec, uint64_t run_seed, int 
                               .on_attention = decode_attention};
     pf->state->n_cached = P; /* rewind: every policy starts from the prefilled prompt */
     const float *logits = pf->prompt_logits;
+    /* The forced tokens: decode steps through the policy's cache like generated ones, but the
+     * token fed is the text's, not the model's choice. */
+    for (int t = P; t < N; t++) {
+        run.t = t;
+        logits = forward_token_selected(pf->state, pf->meta.tokens[t], t == N - 1, &observer,
+                                        &selector);
+        out->forced_steps++;
+        out->decode_steps++;
+    }
     while (out->n_generated < max_new) {
         int next = argmax_token(logits, c->vocab_size);
         if (is_end_of_sequence(c, tok, next)) {
@@ -260,7 +271,7 @@ int eval_decode(EvalPrefill *pf, const PolicySpec *spec, uint64_t run_seed, int 
                    hooks->on_token(hooks->user, out->n_generated - 1, next, logits);
         if (stop || out->n_generated == max_new)
             break;
-        run.t = P + out->n_generated - 1;
+        run.t = N + out->n_generated - 1;
         pf->meta.tokens[run.t] = next;
         logits = forward_token_selected(pf->state, next, 1, &observer, &selector);
         out->decode_steps++;

@@ -3,7 +3,9 @@
  *
  * A prompt is prefilled once with the full cache (eval_prefill); any number of policies then
  * decode from that same state, one after the other (eval_decode rewinds the run to the end of
- * the prompt). The policy code and calls are the replay engine's (policies/policy.h): one
+ * the prompt). With a [[decode]] marker only the text before it is prefilled; the tokens after
+ * it (forced) are fed first in every decode, one step each through the policy's cache, as a
+ * question arriving in a later turn of a chat is; then generation starts. The policy code and calls are the replay engine's (policies/policy.h): one
  * instance per layer over a LayerView whose arrays have room for the whole run and whose rows
  * fill in as tokens are generated (q/k/v of positions <= t are valid at step t); prefill with
  * the prompt statistics it asks for (sim/attention.h); then, for each fed token t, in each layer:
@@ -29,15 +31,18 @@
 
 typedef struct EvalPrefill EvalPrefill;
 
-/* Prefills prompt->tokens (at least one, ids < vocab) with the full cache, keeping every
- * layer's prompt Q, for decodes of up to max_new generated tokens (>= 1). last_segment: the
- * segment generated tokens continue (PromptMarkup.last_segment). origin names the prompt in
- * errors (a run longer than the model's sliding window). */
+/* Prefills prompt->tokens[0, n_prompt) (at least one, ids < vocab) with the full cache, keeping
+ * every layer's prompt Q, for decodes of the forced tokens [n_prompt, n_tokens) and up to
+ * max_new generated tokens (>= 1). last_segment: the segment generated tokens continue
+ * (PromptMarkup.last_segment). origin names the prompt in errors (a run longer than the
+ * model's sliding window). */
 EvalPrefill *eval_prefill(const Model *model, const PromptTokens *prompt, int last_segment,
                           int max_new, const char *origin, KvErr *err);
 void eval_prefill_free(EvalPrefill *pf);
-/* The logits after the prompt, [vocab]: the first generated token is the same for every policy
- * (compression happens after prefill). */
+/* The logits after the prefilled prompt, [vocab]. Without forced tokens the first generated
+ * token comes from them and is the same for every policy (compression happens after prefill);
+ * with forced tokens they predict the first forced token and generation starts from the logits
+ * of the last forced step, taken through the policy's cache. */
 const float *eval_prefill_logits(const EvalPrefill *pf);
 
 typedef struct {
@@ -47,8 +52,8 @@ typedef struct {
      * attention outputs [Hq][D]. May be NULL. */
     void (*on_layer)(void *user, int layer, int t, const Policy *inst, const LayerView *L,
                      const float *const *probs, const float *attn_out);
-    /* Generated token number `index` (0 first) was chosen from `logits`; returns nonzero to stop
-     * generating after it. May be NULL. */
+    /* Generated token number `index` (0 first, after the forced tokens) was chosen from
+     * `logits`; returns nonzero to stop generating after it. May be NULL. */
     int (*on_token)(void *user, int index, int32_t token, const float *logits);
 } EvalHooks;
 
@@ -58,12 +63,14 @@ typedef struct {
     bool stopped_at_eos;
     /* The layers' MemReport after the last decode step (after prefill when none), summed. */
     double device_bytes, host_bytes;
-    int decode_steps;    /* tokens fed back through the model */
+    int decode_steps;    /* tokens fed through the policy's cache: forced, then generated */
+    int forced_steps;    /* of which forced (the prompt's tokens after [[decode]]) */
 } EvalDecode;
 
-/* Greedy decoding of up to max_new tokens under one policy (instances seeded as in replay:
- * policy_instance_seed(run_seed, spec->label, layer)). Stops at an EOS of the model or tokenizer
- * (tok may be NULL), at max_new, or when hooks->on_token asks. out_tokens has room for max_new.
+/* The forced tokens, then greedy decoding of up to max_new tokens under one policy (instances
+ * seeded as in replay: policy_instance_seed(run_seed, spec->label, layer)). Generation stops at
+ * an EOS of the model or tokenizer (tok may be NULL), at max_new, or when hooks->on_token asks.
+ * out_tokens has room for max_new and receives the generated tokens only.
  * Returns -1 with a message when the policy cannot be created for this prompt. */
 int eval_decode(EvalPrefill *pf, const PolicySpec *spec, uint64_t run_seed, int kv_bits,
                 const Tokenizer *tok, const EvalHooks *hooks, int32_t *out_tokens,

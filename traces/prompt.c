@@ -10,6 +10,7 @@
 static const char NEEDLE_OPEN[] = "[[needle]]";
 static const char NEEDLE_CLOSE[] = "[[/needle]]";
 static const char PROBE[] = "[[probe]]";
+static const char DECODE[] = "[[decode]]";
 
 /* Accumulates text into the current piece; a marker or a new segment closes it. */
 typedef struct {
@@ -20,6 +21,7 @@ typedef struct {
     int in_needle;
     int needle_has_text;
     int n_needles;
+    int seen_decode;
 } Builder;
 
 static void flush(Builder *b)
@@ -62,6 +64,27 @@ static int line_of(const char *text, size_t at)
     return line;
 }
 
+static void push_marker(Builder *b, PieceKind kind)
+{
+    flush(b);
+    PromptMarkup *m = b->m;
+    m->pieces = kv_realloc(m->pieces, (size_t)(m->n_pieces + 1) * sizeof *m->pieces);
+    m->pieces[m->n_pieces++] = (PromptPiece){kind, NULL, 0, b->segment, 0, -1};
+}
+
+/* The [[decode]] marker at byte `at` of text. */
+static int mark_decode(Builder *b, const char *origin, const char *text, size_t at, KvErr *err)
+{
+    if (b->in_needle)
+        return kv_fail(err, "%s: line %d: [[decode]] inside a needle", origin, line_of(text, at));
+    if (b->seen_decode)
+        return kv_fail(err, "%s: line %d: a second [[decode]] (at most one is allowed)", origin,
+                       line_of(text, at));
+    b->seen_decode = 1;
+    push_marker(b, PIECE_DECODE);
+    return 0;
+}
+
 /* Appends text, acting on the markers in it. A needle must close within the same text. */
 static int append_marked(Builder *b, const char *origin, const char *text, size_t len, KvErr *err)
 {
@@ -77,6 +100,8 @@ static int append_marked(Builder *b, const char *origin, const char *text, size_
             marker = sizeof NEEDLE_CLOSE - 1;
         else if (left >= sizeof PROBE - 1 && !memcmp(rest, PROBE, sizeof PROBE - 1))
             marker = sizeof PROBE - 1;
+        else if (left >= sizeof DECODE - 1 && !memcmp(rest, DECODE, sizeof DECODE - 1))
+            marker = sizeof DECODE - 1;
         if (!marker) {
             i++;
             continue;
@@ -86,6 +111,11 @@ static int append_marked(Builder *b, const char *origin, const char *text, size_
             if (b->in_needle)
                 return kv_fail(err, "%s: line %d: [[needle]] inside a needle", origin,
                                line_of(text, i));
+            /* The forced part is processed through a policy's cache after compression: a
+             * needle there would never be subject to eviction when it is read. */
+            if (b->seen_decode)
+                return kv_fail(err, "%s: line %d: [[needle]] after [[decode]] (needles must lie "
+                               "in the prompt before it)", origin, line_of(text, i));
             flush(b);
             b->in_needle = 1;
             b->needle_has_text = 0;
@@ -98,11 +128,11 @@ static int append_marked(Builder *b, const char *origin, const char *text, size_
             if (!b->needle_has_text)
                 return kv_fail(err, "%s: line %d: empty needle", origin, line_of(text, i));
             b->in_needle = 0;
+        } else if (rest[2] == 'd') {
+            if (mark_decode(b, origin, text, i, err) != 0)
+                return -1;
         } else {
-            flush(b);
-            PromptMarkup *m = b->m;
-            m->pieces = kv_realloc(m->pieces, (size_t)(m->n_pieces + 1) * sizeof *m->pieces);
-            m->pieces[m->n_pieces++] = (PromptPiece){PIECE_PROBE, NULL, 0, b->segment, 0, -1};
+            push_marker(b, PIECE_PROBE);
         }
         i += marker;
         start = i;
@@ -146,10 +176,18 @@ static int parse_chat(const char *origin, const cJSON *chat, Builder *b, KvErr *
                            origin, i + 1, r);
         }
         set_segment(b, turn);
-        append(b, header, strlen(header));
         char where[512];
         snprintf(where, sizeof where, "%s: message %d", origin, i + 1);
-        if (append_marked(b, where, content->valuestring, strlen(content->valuestring), err) != 0)
+        const char *body = content->valuestring;
+        /* A marker opening the content splits before the header: the next turn, role line
+         * included, is what a later request brings. */
+        if (!strncmp(body, DECODE, sizeof DECODE - 1)) {
+            if (mark_decode(b, where, body, 0, err) != 0)
+                return -1;
+            body += sizeof DECODE - 1;
+        }
+        append(b, header, strlen(header));
+        if (append_marked(b, where, body, strlen(body), err) != 0)
             return -1;
         append(b, "\n\n", 2);
         last_role = r;
@@ -215,11 +253,21 @@ int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn en
                     int bos, PromptTokens *out, KvErr *err)
 {
     memset(out, 0, sizeof *out);
-    int cap = 0;
+    int cap = 0, has_decode = 0;
     if (bos >= 0)
         push_token(out, bos, 0, &cap);
     for (int i = 0; i < m->n_pieces; i++) {
         const PromptPiece *p = &m->pieces[i];
+        if (p->kind == PIECE_DECODE) {
+            if (out->n_tokens == (bos >= 0)) {
+                prompt_tokens_free(out);
+                return kv_fail(err, "%s: nothing before [[decode]] (expected the prompt text "
+                               "that is prefilled)", origin);
+            }
+            has_decode = 1;
+            out->n_prompt = out->n_tokens;
+            continue;
+        }
         if (p->kind == PIECE_PROBE) {
             if (out->n_tokens == 0) {
                 prompt_tokens_free(out);
@@ -265,6 +313,13 @@ int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn en
         prompt_tokens_free(out);
         return kv_fail(err, "%s: the prompt is empty", origin);
     }
+    if (has_decode && out->n_prompt == out->n_tokens) {
+        prompt_tokens_free(out);
+        return kv_fail(err, "%s: nothing after [[decode]] (expected the text to feed as decode "
+                       "steps)", origin);
+    }
+    if (!has_decode)
+        out->n_prompt = out->n_tokens;
     return 0;
 }
 

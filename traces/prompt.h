@@ -5,7 +5,12 @@
  * (docs/generator.md): segment 0 is the system message, segment k the k-th turn (a user message
  * and the assistant message after it). In any text:
  *   [[needle]]...[[/needle]]  the enclosed text is a needle: its token span goes to /needles;
- *   [[probe]]                 the token just before the marker is a probe (query position).
+ *   [[probe]]                 the token just before the marker is a probe (query position);
+ *   [[decode]]                at most once, outside needles: the text before it is the prompt
+ *                             (prefilled), the text after it is forced decode, fed one token at
+ *                             a time before generation (docs/generator.md). Needles must lie
+ *                             before it. In a chat, a marker opening a message's content splits
+ *                             before the message's "Role: " header.
  * Markers are removed from the text. Token spans are exact because the text between markers
  * (and between segments) is tokenized piece by piece and the pieces' tokens concatenated; a
  * tokenizer may split a piece boundary differently than it would split the whole string. */
@@ -17,7 +22,7 @@
 
 #include "sim/util.h"
 
-typedef enum { PIECE_TEXT, PIECE_PROBE } PieceKind;
+typedef enum { PIECE_TEXT, PIECE_PROBE, PIECE_DECODE } PieceKind;
 
 typedef struct {
     PieceKind kind;
@@ -45,6 +50,9 @@ typedef int (*PromptEncodeFn)(void *ctx, const char *text, size_t len, int32_t *
 
 typedef struct {
     int n_tokens;
+    /* Tokens before [[decode]] (BOS included), prefilled; [n_prompt, n_tokens) are forced
+     * decode steps. n_prompt == n_tokens without the marker. */
+    int n_prompt;
     int32_t *tokens;
     int32_t *segments;
     int n_needles;

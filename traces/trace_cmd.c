@@ -39,12 +39,14 @@ static void trace_usage(FILE *out)
             "on the prompt, greedy-decodes up to N new tokens (default 32, stops at EOS) and\n"
             "writes the post-RoPE Q/K/V of every token fed through the model as a kvsim trace.\n"
             "Prints the generated text (token ids without a tokenizer).\n\n"
-            "  --prompt FILE    text, or a JSON chat; markup [[needle]]...[[/needle]], [[probe]]\n"
+            "  --prompt FILE    text, or a JSON chat; markup [[needle]]...[[/needle]], [[probe]],\n"
+            "                   [[decode]] (the text after it is fed token by token before\n"
+            "                   generation, as decode steps)\n"
             "  --tokens FILE    whitespace-separated token ids, used as given (no BOS added)\n"
             "  --dtype          precision of the stored Q/K/V (default f32)\n"
             "  --threads N      OpenBLAS threads, 0 = all cores (default: OpenBLAS's own)\n"
-            "  --attn-rows K    store the model's attention at the last prompt token and every\n"
-            "                   K-th decode step (default 16; 0 = none)\n"
+            "  --attn-rows K    store the model's attention at the last prompt token, every\n"
+            "                   K-th decode step and the last forced token (default 16; 0 = none)\n"
             "  --chunk N        prompt tokens per prefill step (default 128)\n"
             "See docs/generator.md.\n");
 }
@@ -207,6 +209,7 @@ typedef struct {
     int n_layers, n_q_heads, head_dim, max_tokens;
     int io_error; /* errno of the first failed spill write */
     int last_prompt, attn_every;
+    int last_forced; /* the last token after [[decode]], -1 without one */
     int n_rows;
     int32_t *row_positions;
     float **rows; /* [n_rows] -> [n_layers][Hq][position + 1] */
@@ -258,13 +261,14 @@ static void record_qkv(void *user, int layer, int t0, int n, const float *q, con
             rec->io_error = errno ? errno : EIO;
 }
 
-/* The last prompt token, then every attn_every-th decode step after it. */
+/* The last prompt token, then every attn_every-th decode step after it, and the last forced
+ * token: the question's last query, the one that must find what the prompt holds. */
 static int wants_row(void *user, int position)
 {
     const TraceRecorder *rec = user;
     if (rec->attn_every == 0 || position < rec->last_prompt)
         return 0;
-    return (position - rec->last_prompt) % rec->attn_every == 0;
+    return (position - rec->last_prompt) % rec->attn_every == 0 || position == rec->last_forced;
 }
 
 static void record_attention(void *user, int layer, int position, const float *probs)
@@ -357,6 +361,7 @@ typedef struct {
     TraceRecorder *rec;
     const int32_t *tokens;
     int n_tokens, n_prompt;
+    int n_input; /* prompt and forced tokens: those the prompt file gave */
     const PromptTokens *prompt; /* needles, probes, segments; NULL with --tokens */
     int generated_segment;
     const double *rope_inv_freq;
@@ -382,7 +387,7 @@ static void fill_meta(const TraceContent *c, int argc, char **argv, const TraceO
     const PromptTokens *p = c->prompt;
     int marked_probes = p && p->n_probes > 0;
     m->n_needles = p ? p->n_needles : 0;
-    /* Default probes: the last prompt token and every decode step. */
+    /* Default probes: the last prompt token and every decode step, forced ones included. */
     m->n_probes = marked_probes ? p->n_probes : c->n_tokens - c->n_prompt + 1;
     m->n_attn_rows = c->rec->n_rows;
     trace_meta_alloc(m);
@@ -390,7 +395,7 @@ static void fill_meta(const TraceContent *c, int argc, char **argv, const TraceO
     for (int t = 0; t < c->n_tokens; t++) {
         m->tokens[t] = c->tokens[t];
         m->positions[t] = t;
-        m->segments[t] = t < c->n_prompt ? (p ? p->segments[t] : 0) : c->generated_segment;
+        m->segments[t] = t < c->n_input ? (p ? p->segments[t] : 0) : c->generated_segment;
     }
     if (p && p->n_needles)
         memcpy(m->needles, p->needles, (size_t)p->n_needles * 2 * sizeof *m->needles);
@@ -455,7 +460,7 @@ typedef struct {
     Tokenizer *tok;
     PromptMarkup markup;
     PromptTokens prompt;
-    int32_t *tokens; /* [max_tokens]: prompt, then generated */
+    int32_t *tokens; /* [max_tokens]: prompt, forced, then generated */
     RunState *state;
     TraceRecorder rec;
     double *rope_inv_freq;
@@ -512,9 +517,10 @@ int is_end_of_sequence(const ModelConfig *cfg, const Tokenizer *tok, int token)
     return tok && tokenizer_eos(tok) == token;
 }
 
-/* Prefill, then greedy decoding; returns the number of tokens generated and fed. */
-static int generate(TraceRun *r, const TraceOptions *o, int n_prompt, double *prefill_s,
-                    double *decode_s)
+/* Prefill of the first n_prompt tokens, the forced tokens up to n_input one decode step each,
+ * then greedy decoding; returns the number of tokens generated and fed. */
+static int generate(TraceRun *r, const TraceOptions *o, int n_prompt, int n_input,
+                    double *prefill_s, double *decode_s)
 {
     ForwardObserver obs = {&r->rec, record_qkv, wants_row, record_attention};
     int interactive = isatty(STDERR_FILENO);
@@ -522,21 +528,25 @@ static int generate(TraceRun *r, const TraceOptions *o, int n_prompt, double *pr
     const float *logits = NULL;
     for (int start = 0; start < n_prompt; start += o->chunk_size) {
         int n = n_prompt - start < o->chunk_size ? n_prompt - start : o->chunk_size;
-        logits = forward_tokens(r->state, r->tokens + start, n, start + n == n_prompt, &obs);
+        logits = forward_tokens(r->state, r->tokens + start, n, start + n == n_input, &obs);
         progress_update(&pp, start + n);
     }
     *prefill_s = now_seconds() - pp.start;
-    Progress dp = {interactive, "decode", o->max_new, now_seconds()};
+    Progress dp = {interactive, "decode", n_input - n_prompt + o->max_new, now_seconds()};
+    for (int t = n_prompt; t < n_input; t++) {
+        logits = forward_tokens(r->state, &r->tokens[t], 1, t == n_input - 1, &obs);
+        progress_update(&dp, t + 1 - n_prompt);
+    }
     int n_generated = 0;
     while (n_generated < o->max_new) {
         int next = argmax_token(logits, r->model->config.vocab_size);
         if (is_end_of_sequence(&r->model->config, r->tok, next))
             break;
-        r->tokens[n_prompt + n_generated++] = next;
+        r->tokens[n_input + n_generated++] = next;
         /* The last token is fed for its Q/K/V; nothing is sampled after it. */
-        logits = forward_tokens(r->state, &r->tokens[n_prompt + n_generated - 1], 1,
+        logits = forward_tokens(r->state, &r->tokens[n_input + n_generated - 1], 1,
                                 n_generated < o->max_new, &obs);
-        progress_update(&dp, n_generated);
+        progress_update(&dp, n_input - n_prompt + n_generated);
     }
     if (interactive && n_generated < o->max_new && n_generated > 0)
         fputc('\n', stderr);
@@ -564,28 +574,25 @@ static int trace_main(int argc, char **argv, const TraceOptions *o, TraceRun *r,
     if (!(r->model = model_load(o->model_dir, err)) || load_tokenizer(o, &r->tok, err) != 0)
         return -1;
     const ModelConfig *cfg = &r->model->config;
-    int32_t *prompt_ids = NULL;
-    int n_prompt = 0;
     if (o->prompt_path) {
         if (prompt_file_load(o->prompt_path, r->tok, r->model, o->model_dir, &r->markup,
                              &r->prompt, err) != 0)
             return -1;
-        prompt_ids = r->prompt.tokens;
-        n_prompt = r->prompt.n_tokens;
     } else {
         if (read_token_file(o->tokens_path, &r->prompt.tokens, &r->prompt.n_tokens, err) != 0)
             return -1;
-        prompt_ids = r->prompt.tokens;
-        n_prompt = r->prompt.n_tokens;
+        r->prompt.n_prompt = r->prompt.n_tokens;
     }
+    const int32_t *prompt_ids = r->prompt.tokens;
+    int n_prompt = r->prompt.n_prompt, n_input = r->prompt.n_tokens;
     const char *source = o->prompt_path ? o->prompt_path : o->tokens_path;
-    for (int t = 0; t < n_prompt; t++)
+    for (int t = 0; t < n_input; t++)
         if (prompt_ids[t] >= cfg->vocab_size)
             return kv_fail(err, "%s: token %d is id %d, beyond the model's vocab_size %d", source,
                            t, prompt_ids[t], cfg->vocab_size);
-    if ((long)n_prompt + o->max_new > INT_MAX / 2)
+    if ((long)n_input + o->max_new > INT_MAX / 2)
         return kv_fail(err, "%s: too many tokens", source);
-    int max_tokens = n_prompt + o->max_new;
+    int max_tokens = n_input + o->max_new;
     if (cfg->sliding_window && max_tokens > cfg->sliding_window)
         return kv_fail(err, "%s/config.json: sliding_window %d: runs longer than the window "
                        "(%d tokens here) are not supported", o->model_dir, cfg->sliding_window,
@@ -595,26 +602,27 @@ static int trace_main(int argc, char **argv, const TraceOptions *o, TraceRun *r,
                 max_tokens, cfg->max_position_embeddings);
 
     r->tokens = kv_malloc((size_t)max_tokens * sizeof *r->tokens);
-    memcpy(r->tokens, prompt_ids, (size_t)n_prompt * sizeof *r->tokens);
+    memcpy(r->tokens, prompt_ids, (size_t)n_input * sizeof *r->tokens);
     r->rope_inv_freq = kv_malloc((size_t)(cfg->head_dim / 2) * sizeof *r->rope_inv_freq);
     model_rope_inv_freq(cfg, max_tokens, r->rope_inv_freq);
     r->rec = (TraceRecorder){.fd = -1, .n_layers = cfg->n_layers, .n_q_heads = cfg->n_q_heads,
                              .head_dim = cfg->head_dim, .max_tokens = max_tokens,
-                             .last_prompt = n_prompt - 1, .attn_every = o->attn_every};
+                             .last_prompt = n_prompt - 1, .attn_every = o->attn_every,
+                             .last_forced = n_input > n_prompt ? n_input - 1 : -1};
     if ((r->rec.fd = open_spill(o->out_path, err)) < 0)
         return -1;
     int chunk = o->chunk_size < n_prompt ? o->chunk_size : n_prompt;
     r->state = run_state_new(r->model, max_tokens, chunk, r->rope_inv_freq);
 
     double prefill_s, decode_s;
-    int n_generated = generate(r, o, n_prompt, &prefill_s, &decode_s);
+    int n_generated = generate(r, o, n_prompt, n_input, &prefill_s, &decode_s);
     if (r->rec.io_error)
         return kv_fail(err, "%s: cannot write the temporary query file: %s", o->out_path,
                        strerror(r->rec.io_error));
 
     double write_start = now_seconds();
-    TraceContent content = {r->model, r->state, &r->rec, r->tokens, n_prompt + n_generated,
-                            n_prompt, o->prompt_path ? &r->prompt : NULL,
+    TraceContent content = {r->model, r->state, &r->rec, r->tokens, n_input + n_generated,
+                            n_prompt, n_input, o->prompt_path ? &r->prompt : NULL,
                             o->prompt_path ? r->markup.last_segment : 0, r->rope_inv_freq};
     TraceMeta meta;
     fill_meta(&content, argc, argv, o, &meta);
@@ -624,11 +632,12 @@ static int trace_main(int argc, char **argv, const TraceOptions *o, TraceRun *r,
         return -1;
     double write_s = now_seconds() - write_start;
 
-    print_generated(r, r->tokens + n_prompt, n_generated);
-    fprintf(stderr, "kvsim trace: %d prompt + %d generated tokens; prefill %.1f tok/s, decode "
-                    "%.1f tok/s; trace written in %.2f s\n", n_prompt, n_generated,
-            prefill_s > 0 ? n_prompt / prefill_s : 0, decode_s > 0 ? n_generated / decode_s : 0,
-            write_s);
+    print_generated(r, r->tokens + n_input, n_generated);
+    int n_decoded = n_input - n_prompt + n_generated;
+    fprintf(stderr, "kvsim trace: %d prompt + %d forced + %d generated tokens; prefill %.1f "
+                    "tok/s, decode %.1f tok/s; trace written in %.2f s\n", n_prompt,
+            n_input - n_prompt, n_generated, prefill_s > 0 ? n_prompt / prefill_s : 0,
+            decode_s > 0 ? n_decoded / decode_s : 0, write_s);
     return 0;
 }
 

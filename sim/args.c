@@ -137,3 +137,27 @@ void args_usage(FILE *out, const char *usage_line, const ArgSpec *specs)
             fprintf(out, "  --%-14s %s\n", s->name, s->help);
     }
 }
+
+int args_start(int argc, char **argv, const ArgSpec *specs, const char *usage_line,
+               const char **positional, int n_positional_wanted)
+{
+    int n_positional;
+    KvErr err;
+    int parsed = args_parse(argc, argv, specs, positional, n_positional_wanted, &n_positional,
+                            &err);
+    if (parsed == 1) {
+        args_usage(stdout, usage_line, specs);
+        return 0;
+    }
+    if (parsed < 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        return 2;
+    }
+    if (n_positional != n_positional_wanted) {
+        fprintf(stderr, "kvsim: %s: expected %d argument%s, found %d (kvsim %s --help)\n",
+                argv[0], n_positional_wanted, n_positional_wanted == 1 ? "" : "s", n_positional,
+                argv[0]);
+        return 2;
+    }
+    return -1;
+}

@@ -29,4 +29,11 @@ int args_parse(int argc, char **argv, const ArgSpec *specs, const char **positio
 /* Prints "usage: kvsim <usage_line>" and one line per option with its default. */
 void args_usage(FILE *out, const char *usage_line, const ArgSpec *specs);
 
+/* The start of every subcommand: parses, prints the usage for --help, prints a parse error as
+ * one line on stderr, and checks that exactly n_positional_wanted positional arguments came
+ * (n_positional_wanted of them at most are stored). Returns -1 to go on, otherwise the exit
+ * status the command should return (0 after --help, 2 after an error). */
+int args_start(int argc, char **argv, const ArgSpec *specs, const char *usage_line,
+               const char **positional, int n_positional_wanted);
+
 #endif

@@ -124,17 +124,10 @@ int cmd_info(int argc, char **argv)
 {
     const ArgSpec specs[] = {{NULL, 0, NULL, 0, 0, NULL, NULL}};
     const char *positional[1];
-    int n_positional;
+    int status = args_start(argc, argv, specs, "info TRACE", positional, 1);
+    if (status >= 0)
+        return status;
     KvErr err;
-    int parsed = args_parse(argc, argv, specs, positional, 1, &n_positional, &err);
-    if (parsed == 1) {
-        args_usage(stdout, "info TRACE", specs);
-        return 0;
-    }
-    if (parsed < 0 || n_positional != 1) {
-        fprintf(stderr, "kvsim: %s\n", parsed < 0 ? err.msg : "info: expected one TRACE argument");
-        return 2;
-    }
     Trace *tr = trace_open(positional[0], &err);
     if (!tr) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
@@ -207,17 +200,10 @@ int cmd_check(int argc, char **argv)
         {NULL, 0, NULL, 0, 0, NULL, NULL},
     };
     const char *positional[1];
-    int n_positional;
+    int status = args_start(argc, argv, specs, "check TRACE [--tol X]", positional, 1);
+    if (status >= 0)
+        return status;
     KvErr err;
-    int parsed = args_parse(argc, argv, specs, positional, 1, &n_positional, &err);
-    if (parsed == 1) {
-        args_usage(stdout, "check TRACE [--tol X]", specs);
-        return 0;
-    }
-    if (parsed < 0 || n_positional != 1) {
-        fprintf(stderr, "kvsim: %s\n", parsed < 0 ? err.msg : "check: expected one TRACE argument");
-        return 2;
-    }
     Trace *tr = trace_open(positional[0], &err);
     if (!tr) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
@@ -238,7 +224,7 @@ int cmd_check(int argc, char **argv)
     float *rows = kv_malloc((size_t)m->n_q_heads * m->n_attn_rows * T * sizeof(float));
     float *logits = kv_malloc(T * sizeof(float));
     Worst worst = {0.0, 0, 0, 0, 0};
-    int status = 0;
+    status = 0;
     for (int l = 0; l < m->n_layers; l++) {
         if (trace_read_layer(tr, l, q, k, NULL, &err) < 0 ||
             trace_read_attn_rows(tr, l, rows, &err) < 0) {

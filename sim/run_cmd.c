@@ -27,24 +27,13 @@ int cmd_run(int argc, char **argv)
         "  Replays the trace through every [policy.LABEL] of CONFIG and writes summary.csv,\n"
         "  layers.csv and steps.csv (docs/metrics.md). Results are identical at any thread count.";
     const char *positional[1];
-    int n_positional;
-    KvErr err;
-    int parsed = args_parse(argc, argv, specs, positional, 1, &n_positional, &err);
-    if (parsed == 1) {
-        args_usage(stdout, usage, specs);
-        return 0;
-    }
-    if (parsed < 0) {
-        fprintf(stderr, "kvsim: %s\n", err.msg);
-        return 2;
-    }
-    if (n_positional != 1) {
-        fprintf(stderr, "kvsim: run: missing CONFIG.ini (usage: kvsim run --help)\n");
-        return 2;
-    }
+    int status = args_start(argc, argv, specs, usage, positional, 1);
+    if (status >= 0)
+        return status;
     const char *config_path = positional[0];
 
     RunConfig rc;
+    KvErr err;
     if (config_load(config_path, &rc, &err) != 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         return 2;
@@ -69,7 +58,7 @@ int cmd_run(int argc, char **argv)
         return 2;
     }
     Results *res = engine_run(tr, &rc.engine, &err);
-    int status = 0;
+    status = 0;
     if (!res) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         status = 2;

@@ -448,17 +448,10 @@ int cmd_synth(int argc, char **argv)
     };
     const char *usage = "synth --out FILE [options]";
     const char *positional[1];
-    int n_positional;
+    int status = args_start(argc, argv, specs, usage, positional, 0);
+    if (status >= 0)
+        return status;
     KvErr err;
-    int parsed = args_parse(argc, argv, specs, positional, 0, &n_positional, &err);
-    if (parsed == 1) {
-        args_usage(stdout, usage, specs);
-        return 0;
-    }
-    if (parsed < 0) {
-        fprintf(stderr, "kvsim: %s\n", err.msg);
-        return 2;
-    }
     if (!out) {
         fprintf(stderr, "kvsim: synth: --out FILE is required\n");
         return 2;

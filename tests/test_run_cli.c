@@ -219,7 +219,7 @@ static void test_bad_input_one_line_exit_2(void **state)
 
     snprintf(args, sizeof args, "run '%s/baselines.ini' --threads -3", config_dir);
     run_fails(args, "--threads", NULL);
-    run_fails("run", "missing CONFIG", NULL);
+    run_fails("run", "expected 1 argument", NULL);
     run_fails("frobnicate", "unknown command", NULL);
 }
 

@@ -598,18 +598,11 @@ int cmd_eval(int argc, char **argv)
                         "the live KV cache,\n  and reports exact-answer accuracy next to full "
                         "(docs/eval.md).";
     const char *positional[1];
-    int n_positional;
+    int status = args_start(argc, argv, specs, usage, positional, 1);
+    if (status >= 0)
+        return status;
     KvErr err;
-    int parsed = args_parse(argc, argv, specs, positional, 1, &n_positional, &err);
-    if (parsed == 1) {
-        args_usage(stdout, usage, specs);
-        return 0;
-    }
-    if (parsed < 0) {
-        fprintf(stderr, "kvsim: %s\n", err.msg);
-        return 2;
-    }
-    if (n_positional != 1 || !o.model_dir || !o.prompts_dir) {
+    if (!o.model_dir || !o.prompts_dir) {
         fprintf(stderr, "kvsim: eval: needs CONFIG.ini, --model DIR and --prompts DIR "
                         "(kvsim eval --help)\n");
         return 2;

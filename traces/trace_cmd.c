@@ -10,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "sim/args.h"
 #include "sim/trace.h"
 #include "traces/forward.h"
 #include "traces/model.h"
@@ -28,104 +29,6 @@ typedef struct {
     int attn_every;
     int chunk_size;
 } TraceOptions;
-
-static void trace_usage(FILE *out)
-{
-    fprintf(out,
-            "usage: kvsim trace --model DIR (--prompt FILE | --tokens FILE) --out TRACE.h5\n"
-            "                   [--max-new N] [--dtype f32|f16] [--threads N] [--attn-rows K]\n"
-            "                   [--chunk N]\n\n"
-            "Runs the Hugging Face checkpoint in DIR (config.json, *.safetensors, tokenizer.json)\n"
-            "on the prompt, greedy-decodes up to N new tokens (default 32, stops at EOS) and\n"
-            "writes the post-RoPE Q/K/V of every token fed through the model as a kvsim trace.\n"
-            "Prints the generated text (token ids without a tokenizer).\n\n"
-            "  --prompt FILE    text, or a JSON chat; markup [[needle]]...[[/needle]], [[probe]],\n"
-            "                   [[decode]] (the text after it is fed token by token before\n"
-            "                   generation, as decode steps)\n"
-            "  --tokens FILE    whitespace-separated token ids, used as given (no BOS added)\n"
-            "  --dtype          precision of the stored Q/K/V (default f32)\n"
-            "  --threads N      OpenBLAS threads, 0 = all cores (default: OpenBLAS's own)\n"
-            "  --attn-rows K    store the model's attention at the last prompt token, every\n"
-            "                   K-th decode step and the last forced token (default 16; 0 = none)\n"
-            "  --chunk N        prompt tokens per prefill step (default 128)\n"
-            "See docs/generator.md.\n");
-}
-
-static int parse_int_option(const char *name, const char *value, int min, int max, int *out)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(value, &end, 10);
-    if (errno || end == value || *end || v < min || v > max) {
-        fprintf(stderr, "kvsim trace: %s '%s': expected an integer in [%d, %d]\n", name, value,
-                min, max);
-        return -1;
-    }
-    *out = (int)v;
-    return 0;
-}
-
-/* 0 ok, 1 --help printed, -1 usage error (message printed). */
-static int parse_options(int argc, char **argv, TraceOptions *o)
-{
-    *o = (TraceOptions){.max_new = 32, .dtype = TRACE_F32, .threads = -1, .attn_every = 16,
-                        .chunk_size = 128};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            trace_usage(stdout);
-            return 1;
-        }
-        if (strncmp(a, "--", 2) != 0) {
-            fprintf(stderr, "kvsim trace: unexpected argument '%s' (kvsim trace --help)\n", a);
-            return -1;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "kvsim trace: %s needs a value\n", a);
-            return -1;
-        }
-        const char *v = argv[++i];
-        if (!strcmp(a, "--model"))
-            o->model_dir = v;
-        else if (!strcmp(a, "--prompt"))
-            o->prompt_path = v;
-        else if (!strcmp(a, "--tokens"))
-            o->tokens_path = v;
-        else if (!strcmp(a, "--out"))
-            o->out_path = v;
-        else if (!strcmp(a, "--dtype")) {
-            if (!strcmp(v, "f32"))
-                o->dtype = TRACE_F32;
-            else if (!strcmp(v, "f16"))
-                o->dtype = TRACE_F16;
-            else {
-                fprintf(stderr, "kvsim trace: --dtype '%s': expected f32 or f16\n", v);
-                return -1;
-            }
-        } else if (!strcmp(a, "--max-new")) {
-            if (parse_int_option(a, v, 0, 1 << 20, &o->max_new) != 0)
-                return -1;
-        } else if (!strcmp(a, "--threads")) {
-            if (parse_int_option(a, v, 0, 1024, &o->threads) != 0)
-                return -1;
-        } else if (!strcmp(a, "--attn-rows")) {
-            if (parse_int_option(a, v, 0, INT_MAX, &o->attn_every) != 0)
-                return -1;
-        } else if (!strcmp(a, "--chunk")) {
-            if (parse_int_option(a, v, 1, 1 << 16, &o->chunk_size) != 0)
-                return -1;
-        } else {
-            fprintf(stderr, "kvsim trace: unknown option '%s' (kvsim trace --help)\n", a);
-            return -1;
-        }
-    }
-    if (!o->model_dir || !o->out_path || !o->prompt_path == !o->tokens_path) {
-        fprintf(stderr, "kvsim trace: needs --model, --out and one of --prompt or --tokens "
-                        "(kvsim trace --help)\n");
-        return -1;
-    }
-    return 0;
-}
 
 /* ---- Input tokens ---- */
 
@@ -643,10 +546,44 @@ static int trace_main(int argc, char **argv, const TraceOptions *o, TraceRun *r,
 
 int cmd_trace(int argc, char **argv)
 {
-    TraceOptions o;
-    int parsed = parse_options(argc, argv, &o);
-    if (parsed != 0)
-        return parsed > 0 ? 0 : 2;
+    TraceOptions o = {.max_new = 32, .dtype = TRACE_F32, .threads = -1, .attn_every = 16,
+                      .chunk_size = 128};
+    int dtype = 0;
+    const ArgSpec specs[] = {
+        {"model", ARG_STRING, &o.model_dir, 0, 0, NULL,
+         "Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)"},
+        {"prompt", ARG_STRING, &o.prompt_path, 0, 0, NULL,
+         "text, or a JSON chat; markup [[needle]]...[[/needle]], [[probe]], [[decode]]"},
+        {"tokens", ARG_STRING, &o.tokens_path, 0, 0, NULL,
+         "whitespace-separated token ids, used as given (no BOS added)"},
+        {"out", ARG_STRING, &o.out_path, 0, 0, NULL, "the trace to write"},
+        {"max-new", ARG_INT, &o.max_new, 0, 1 << 20, NULL,
+         "most tokens generated greedily (stops at EOS)"},
+        {"dtype", ARG_CHOICE, &dtype, 0, 0, "f32|f16", "precision of the stored Q/K/V"},
+        {"threads", ARG_INT, &o.threads, 0, 1024, NULL,
+         "OpenBLAS threads, 0 = all cores (default: OpenBLAS's own)"},
+        {"attn-rows", ARG_INT, &o.attn_every, 0, INT_MAX, NULL,
+         "the model's attention at the last prompt token, every K-th decode step and the last "
+         "forced token (0 = none)"},
+        {"chunk", ARG_INT, &o.chunk_size, 1, 1 << 16, NULL, "prompt tokens per prefill step"},
+        {NULL, 0, NULL, 0, 0, NULL, NULL},
+    };
+    const char *usage =
+        "trace --model DIR (--prompt FILE | --tokens FILE) --out TRACE.h5 [options]\n"
+        "  Runs the checkpoint on the prompt ([[decode]]: the text after it is fed token by\n"
+        "  token, as decode steps), greedy-decodes, writes the post-RoPE Q/K/V of every token\n"
+        "  fed through the model as a kvsim trace and prints the generated text (token ids\n"
+        "  without a tokenizer). See docs/generator.md.";
+    const char *positional[1];
+    int status = args_start(argc, argv, specs, usage, positional, 0);
+    if (status >= 0)
+        return status;
+    o.dtype = dtype == 1 ? TRACE_F16 : TRACE_F32;
+    if (!o.model_dir || !o.out_path || !o.prompt_path == !o.tokens_path) {
+        fprintf(stderr, "kvsim: trace: needs --model, --out and one of --prompt or --tokens "
+                        "(kvsim trace --help)\n");
+        return 2;
+    }
     TraceRun run;
     memset(&run, 0, sizeof run);
     run.rec.fd = -1;

@@ -2,9 +2,13 @@
 """Train kvsim's tiny retrieval model: a small Llama-architecture causal LM.
 
 The model learns to answer questions about key->value facts planted at random depths in long
-documents of filler prose ("The code for Lisbon is 482." ... "What is the code for Lisbon? 482").
-That task makes it grow the attention structure eviction policies care about: an attention sink
-on the first token, local (previous-token) heads and long-range retrieval heads.
+documents of filler prose. A fact puts the value right after the key ("Note: Lisbon 384.") and
+a question ends with the key itself ("Question: Lisbon"), so the answer (" 384") is the token
+that followed the key earlier in the context: plain induction (a previous-token head feeding
+an induction/retrieval head), which small transformers learn reliably. Training starts with
+dense multi-query associative recall on short sequences and grows to ~4200-token documents.
+The task makes the model grow the attention structure eviction policies care about: an
+attention sink on the first token, local (previous-token) heads and long-range retrieval heads.
 
 Everything is generated and built here: the corpus, a byte-level BPE tokenizer in which every
 key, value and filler word is a single token, the model (RMSNorm, RoPE in the rotate_half layout,
@@ -14,9 +18,8 @@ tokenizer_config.json).
 
 Needs only PyTorch (1.13 or newer; CPU is enough) and the Python standard library.
 
-    python3 models/train.py --device cuda          # GPU preset (the shipped model)
-    python3 models/train.py --device cpu           # 2-core CPU preset (shorter curriculum)
-    python3 models/train.py --device cpu --smoke   # a few steps per phase, to test the script
+    python3 models/train.py --minutes 23 --lr 3e-3 --untie --eval-every 50   # shipped run
+    python3 models/train.py --smoke 2       # two steps per phase, to test the script
 """
 
 import argparse
@@ -103,11 +106,11 @@ near beside behind under over across along through past toward around between be
 
 # Sentence starters (capitalised; they also get a line-start form without the leading space).
 STARTERS = ["The", "A", "In", "Every", "Some", "After", "Near", "Each", "Later", "Then",
-            "This", "Meanwhile", "What"]
+            "This", "Meanwhile", "What", "Note", "Question"]
 
 FUNCTION_WORDS = ["the", "a", "and", "of", "to", "in", "on", "with", "some", "every", "while",
                   "was", "were", "is", "code", "for", "what", "that", "by", "at", "it", "its",
-                  "their", "her", "his", "from", "as", "once"]
+                  "their", "her", "his", "from", "as", "once", "does", "have"]
 
 VALUES = [str(v) for v in range(100, 1000)]  # three-digit codes, one token each
 
@@ -279,155 +282,6 @@ class Tokenizer:
 
 
 # --------------------------------------------------------------------------------------------
-# Synthetic corpus, built directly as token ids (every word is one token).
-# --------------------------------------------------------------------------------------------
-
-
-class Corpus:
-    """Documents: filler prose with facts "The code for <city> is <ddd>." planted at random
-    depths, then a block of questions "What is the code for <city>? <ddd>" (one per line)."""
-
-    def __init__(self, tok):
-        self.tok = tok
-        t = tok.tok
-        self.adj = [self.sp(w) for w in ADJECTIVES]
-        self.noun = [self.sp(w) for w in NOUNS]
-        self.vt = [self.sp(w) for w in VERBS_T]
-        self.vi = [self.sp(w) for w in VERBS_I]
-        self.adv = [self.sp(w) for w in ADVERBS]
-        self.prep = [self.sp(w) for w in PREPS]
-        self.city = [self.sp(w) for w in CITIES]
-        self.value = [self.sp(w) for w in VALUES]
-        self.start_sp = {w: self.sp(w) for w in STARTERS}
-        self.start_ls = {self.sp(w): t(w) for w in STARTERS}  # space form -> line-start form
-        s = self.sp
-        self.w = {w: s(w) for w in FUNCTION_WORDS}
-        self.dot, self.comma, self.qmark = t("."), t(","), t("?")
-        self.nl = t("\n")
-        self.value_set = set(self.value)
-
-    def sp(self, w):
-        return self.tok.tok(" " + w)
-
-    def sentence(self, r):
-        """One filler sentence (list of ids, first token in its space-prefixed form)."""
-        W, st = self.w, self.start_sp
-        ch = r.choice
-        k = r.randrange(8)
-        def np_():  # noun phrase
-            out = [W["the"]] if r.random() < 0.7 else [W["a"]]
-            if r.random() < 0.5:
-                out.append(ch(self.adj))
-            out.append(ch(self.noun))
-            return out
-        if k == 0:
-            s = [st["The"], ch(self.adj), ch(self.noun), ch(self.vt)] + np_() + \
-                [ch(self.prep)] + np_()
-        elif k == 1:
-            s = [st["A"], ch(self.noun), ch(self.vi), ch(self.adv)]
-        elif k == 2:
-            s = [st["In"], W["the"], ch(self.noun), self.comma] + np_() + [ch(self.vi),
-                                                                          ch(self.adv)]
-        elif k == 3:
-            s = [st["Every"], ch(self.noun), ch(self.vt), W["some"], ch(self.adj),
-                 ch(self.noun)]
-        elif k == 4:
-            s = [st[ch(["After", "Later", "Then", "Meanwhile"])], self.comma] + np_() + \
-                [ch(self.vt)] + np_() + [W["and"], ch(self.vi), ch(self.adv)]
-        elif k == 5:
-            s = [st["Near"], W["the"], ch(self.adj), ch(self.noun), self.comma] + np_() + \
-                [ch(self.vi), W["while"]] + np_() + [ch(self.vi)]
-        elif k == 6:
-            s = [st["This"], ch(self.noun), W["was"], ch(self.adj), W["and"], ch(self.adj)]
-        else:
-            s = [st[ch(["Some", "Each"])], ch(self.noun), ch(self.vt)] + np_() + \
-                [ch(self.prep)] + np_()
-        return s + [self.dot]
-
-    def fact(self, key, val):
-        W = self.w
-        return [self.start_sp["The"], W["code"], W["for"], key, W["is"], val, self.dot]
-
-    def question(self, key):
-        """Question line without its answer; first token in line-start form."""
-        W = self.w
-        return [self.start_ls[self.start_sp["What"]], W["is"], W["the"], W["code"], W["for"],
-                key, self.qmark]
-
-    def document(self, r, n_tokens, n_facts, n_questions, para_p=0.04, answer_last=True):
-        """Returns (ids, answer_pos, segments).
-        ids: BOS + document; about n_tokens long in all (the filler is sized so that the
-        document ends near n_tokens; the caller crops or pads).
-        answer_pos: indices i such that ids[i] is an answer token (predicted at i - 1).
-        segments: list of (kind, start, end) spans: 'fact', 'question', 'answer'."""
-        keys = r.sample(self.city, n_facts)
-        vals = [r.choice(self.value) for _ in keys]
-        asked = r.sample(range(n_facts), n_questions)
-        qblock_len = 2 + 9 * n_questions
-        budget = max(0, n_tokens - 1 - qblock_len - 7 * n_facts)
-        sents = []
-        total = 0
-        while total < budget or not sents:
-            s = self.sentence(r)
-            sents.append(s)
-            total += len(s)
-        # fact i goes before sentence slot[i]; slots are random depths, in document order
-        slots = sorted(r.randrange(len(sents) + 1) for _ in range(n_facts))
-        order = list(range(n_facts))
-        r.shuffle(order)
-        ids = [self.tok.bos_id]
-        segs = []
-        fi = 0
-        line_start = True
-        for si in range(len(sents) + 1):
-            while fi < n_facts and slots[fi] == si:
-                f = self.fact(keys[order[fi]], vals[order[fi]])
-                if line_start:
-                    f = [self.start_ls[f[0]]] + f[1:]
-                segs.append(("fact", len(ids), len(ids) + len(f)))
-                ids += f
-                fi += 1
-                line_start = False
-            if si < len(sents):
-                s = sents[si]
-                if not line_start and r.random() < para_p:
-                    ids += [self.nl, self.nl]
-                    line_start = True
-                if line_start:
-                    s = [self.start_ls[s[0]]] + s[1:]
-                ids += s
-                line_start = False
-        ids += [self.nl, self.nl]
-        ans = []
-        for q in asked:
-            ql = self.question(keys[q])
-            segs.append(("question", len(ids), len(ids) + len(ql)))
-            ids += ql
-            ans.append(len(ids))
-            segs.append(("answer", len(ids), len(ids) + 1))
-            ids += [vals[q], self.nl]
-        return ids, ans, segs, keys, vals, asked
-
-
-def make_batch(corpus, r, B, T, facts_lo, facts_hi, device):
-    """B documents cropped/padded to exactly T tokens; loss weights mark answer targets."""
-    x = torch.zeros(B, T + 1, dtype=torch.long)
-    is_ans = torch.zeros(B, T, dtype=torch.bool)
-    valid = torch.zeros(B, T, dtype=torch.bool)
-    for b in range(B):
-        nf = r.randint(facts_lo, facts_hi)
-        ids, ans, _, _, _, _ = corpus.document(r, T + 1, nf, nf)
-        ids = ids[:T + 1]
-        n = len(ids)
-        x[b, :n] = torch.tensor(ids)
-        valid[b, :n - 1] = True
-        for a in ans:
-            if a <= T:
-                is_ans[b, a - 1] = True
-    return x[:, :-1].to(device), x[:, 1:].to(device), is_ans.to(device), valid.to(device)
-
-
-# --------------------------------------------------------------------------------------------
 # Model: Llama architecture, matching Hugging Face's LlamaForCausalLM numerics.
 # --------------------------------------------------------------------------------------------
 
@@ -548,6 +402,20 @@ class LlamaLM(nn.Module):
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
+    def hidden(self, ids):
+        """Final-norm hidden states (B, T, d)."""
+        T = ids.shape[1]
+        cos, sin = rope_cos_sin(T, self.c["head_dim"], self.c["rope_theta"], ids.device)
+        x = self.model.embed_tokens(ids)
+        for layer in self.model.layers:
+            x, _ = layer(x, cos, sin, False, False)
+        return self.model.norm(x)
+
+    def unembed(self, x):
+        w = self.model.embed_tokens.weight if self.c["tie_word_embeddings"] else \
+            self.lm_head.weight
+        return x @ w.t()
+
     def forward(self, ids, fused=True, want_probs=False):
         T = ids.shape[1]
         cos, sin = rope_cos_sin(T, self.c["head_dim"], self.c["rope_theta"], ids.device)
@@ -572,17 +440,17 @@ def make_config(tok, args):
         "num_hidden_layers": args.layers,
         "num_attention_heads": args.heads,
         "num_key_value_heads": args.kv_heads,
-        "head_dim": args.hidden // args.heads,
+        "head_dim": args.head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
+        "rope_theta": float(args.rope_theta),
         "rope_scaling": None,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
         "vocab_size": len(tok),
         "max_position_embeddings": args.max_pos,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": not args.untie,
         "bos_token_id": tok.bos_id,
         "eos_token_id": tok.eos_id,
         "initializer_range": 0.02,
@@ -667,191 +535,354 @@ def load_exported(d, device="cpu"):
     return m, Tokenizer.load(d)
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic corpus, built directly as token ids (every word is one token).
+# --------------------------------------------------------------------------------------------
+
+
+class Corpus:
+    """Documents: filler prose with facts "Note: <city> <ddd>." planted at random depths, then a
+    blank line and a block of questions, one per line: "Question: <city> <ddd>" (the code is
+    the answer). Key and value are adjacent in the fact, and the question ends with the key, so
+    the answer is the token that followed the key earlier: an induction pattern."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        t = tok.tok
+        self.adj = [self.sp(w) for w in ADJECTIVES]
+        self.noun = [self.sp(w) for w in NOUNS]
+        self.vt = [self.sp(w) for w in VERBS_T]
+        self.vi = [self.sp(w) for w in VERBS_I]
+        self.adv = [self.sp(w) for w in ADVERBS]
+        self.prep = [self.sp(w) for w in PREPS]
+        self.city = [self.sp(w) for w in CITIES]
+        self.value = [self.sp(w) for w in VALUES]
+        self.start_sp = {w: self.sp(w) for w in STARTERS}
+        self.start_ls = {self.sp(w): t(w) for w in STARTERS}  # space form -> line-start form
+        s = self.sp
+        self.w = {w: s(w) for w in FUNCTION_WORDS}
+        self.dot, self.comma, self.colon = t("."), t(","), t(":")
+        self.nl = t("\n")
+        self.random_ids = set(self.value) | set(self.city)
+
+    def sp(self, w):
+        return self.tok.tok(" " + w)
+
+    def sentence(self, r):
+        """One filler sentence (list of ids, first token in its space-prefixed form)."""
+        W, st = self.w, self.start_sp
+        ch = r.choice
+        k = r.randrange(8)
+
+        def np_():  # noun phrase
+            out = [W["the"]] if r.random() < 0.7 else [W["a"]]
+            if r.random() < 0.5:
+                out.append(ch(self.adj))
+            out.append(ch(self.noun))
+            return out
+        if k == 0:
+            s = [st["The"], ch(self.adj), ch(self.noun), ch(self.vt)] + np_() + \
+                [ch(self.prep)] + np_()
+        elif k == 1:
+            s = [st["A"], ch(self.noun), ch(self.vi), ch(self.adv)]
+        elif k == 2:
+            s = [st["In"], W["the"], ch(self.noun), self.comma] + np_() + [ch(self.vi),
+                                                                          ch(self.adv)]
+        elif k == 3:
+            s = [st["Every"], ch(self.noun), ch(self.vt), W["some"], ch(self.adj),
+                 ch(self.noun)]
+        elif k == 4:
+            s = [st[ch(["After", "Later", "Then", "Meanwhile"])], self.comma] + np_() + \
+                [ch(self.vt)] + np_() + [W["and"], ch(self.vi), ch(self.adv)]
+        elif k == 5:
+            s = [st["Near"], W["the"], ch(self.adj), ch(self.noun), self.comma] + np_() + \
+                [ch(self.vi), W["while"]] + np_() + [ch(self.vi)]
+        elif k == 6:
+            s = [st["This"], ch(self.noun), W["was"], ch(self.adj), W["and"], ch(self.adj)]
+        else:
+            s = [st[ch(["Some", "Each"])], ch(self.noun), ch(self.vt)] + np_() + \
+                [ch(self.prep)] + np_()
+        return s + [self.dot]
+
+    def fact(self, key, val):
+        """' Note: <key> <val>.' (first token in its space-prefixed form)."""
+        return [self.start_sp["Note"], self.colon, key, val, self.dot]
+
+    def question(self, key):
+        """'Question: <key>' (line-start form); the answer token follows."""
+        return [self.start_ls[self.start_sp["Question"]], self.colon, key]
+
+    def document(self, r, n_tokens, n_facts, n_questions, para_p=0.04):
+        """Returns (ids, answer_pos, segments, keys, vals, asked).
+        ids: BOS + document, about n_tokens long in all (the filler is sized so that the
+        document ends near n_tokens; the caller crops or pads).
+        answer_pos: indices i such that ids[i] is an answer token (predicted at i - 1).
+        segments: list of (kind, start, end) spans: 'fact', 'question', 'answer'.
+        The question block ends with a newline after the last answer."""
+        keys = r.sample(self.city, n_facts)
+        vals = [r.choice(self.value) for _ in keys]
+        asked = r.sample(range(n_facts), n_questions)
+        qblock_len = 1 + 5 * n_questions
+        budget = max(0, n_tokens - 1 - qblock_len - 5 * n_facts)
+        sents = []
+        total = 0
+        breaks = []  # paragraph break before sentence i (two newlines)
+        while total < budget:
+            s = self.sentence(r)
+            br = bool(sents) and r.random() < para_p
+            if total + len(s) + 2 * br > budget + 4:
+                break
+            sents.append(s)
+            breaks.append(br)
+            total += len(s) + 2 * br
+        # fact i goes before sentence slot[i]; slots are random depths, in document order
+        slots = sorted(r.randrange(len(sents) + 1) for _ in range(n_facts))
+        order = list(range(n_facts))
+        r.shuffle(order)
+        ids = [self.tok.bos_id]
+        segs = []
+        fi = 0
+        line_start = True
+        for si in range(len(sents) + 1):
+            while fi < n_facts and slots[fi] == si:
+                f = self.fact(keys[order[fi]], vals[order[fi]])
+                if line_start:
+                    f = [self.start_ls[f[0]]] + f[1:]
+                segs.append(("fact", len(ids), len(ids) + len(f), order[fi]))
+                ids += f
+                fi += 1
+                line_start = False
+            if si < len(sents):
+                s = sents[si]
+                if not line_start and breaks[si]:
+                    ids += [self.nl, self.nl]
+                    line_start = True
+                if line_start:
+                    s = [self.start_ls[s[0]]] + s[1:]
+                ids += s
+                line_start = False
+        ids += [self.nl]
+        ans = []
+        for q in asked:
+            ql = [self.nl] + self.question(keys[q])
+            segs.append(("question", len(ids), len(ids) + len(ql), q))
+            ids += ql
+            ans.append(len(ids))
+            segs.append(("answer", len(ids), len(ids) + 1, q))
+            ids += [vals[q]]
+        ids += [self.nl]
+        return ids, ans, segs, keys, vals, asked
+
+
+def make_batch(corpus, r, B, T, facts_lo, facts_hi):
+    """B documents cropped/padded to exactly T tokens; masks mark answer targets and the other
+    targets that carry LM loss (keys and values are random draws: no loss on them)."""
+    x = torch.zeros(B, T + 1, dtype=torch.long)
+    is_ans = torch.zeros(B, T, dtype=torch.bool)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        nf = r.randint(facts_lo, facts_hi)
+        ids, ans, _, _, _, _ = corpus.document(r, T + 1, nf, nf)
+        ids = ids[:T + 1]
+        n = len(ids)
+        x[b, :n] = torch.tensor(ids)
+        valid[b, :n - 1] = True
+        for i in range(1, n):
+            if ids[i] in corpus.random_ids:
+                valid[b, i - 1] = False
+        for a in ans:
+            if a < n:
+                is_ans[b, a - 1] = True
+    return x[:, :-1], x[:, 1:], is_ans, valid
+
+
 # --------------------------------------------------------------------------------------------
 # Training.
 # --------------------------------------------------------------------------------------------
 
-# (name, seq_len, batch, steps, facts_lo, facts_hi); steps scaled by --step-scale
-PRESETS = {
-    "cuda": [
-        ("p256", 256, 128, 3000, 6, 12),
-        ("p512", 512, 64, 1500, 8, 16),
-        ("p1024", 1024, 32, 1200, 10, 20),
-        ("p2048", 2048, 16, 1500, 12, 24),
-        ("p4608", 4608, 8, 2500, 12, 24),
-    ],
-    "cpu": [
-        ("p256", 256, 16, 1500, 6, 12),
-        ("p512", 512, 8, 300, 8, 16),
-        ("p1024", 1024, 4, 200, 10, 20),
-        ("p2048", 2048, 2, 150, 12, 24),
-        ("p4608", 4608, 1, 100, 12, 24),
-    ],
-}
+# Curriculum: (name, seq_len, batch, facts_lo, facts_hi, max_minutes, min_minutes, advance_acc).
+# A phase ends when the answer accuracy on its held-out batch reaches advance_acc (checked
+# every --eval-every steps), after max_minutes, or when only the later phases' min_minutes
+# are left of the time budget. The last phase runs to the end of the budget, with the learning
+# rate decaying along a cosine (by time) to 10%.
+PHASES = [
+    ("p64", 64, 64, 4, 6, 14.0, 0.0, 0.95),
+    ("p192", 192, 32, 8, 14, 6.0, 1.5, 0.95),
+    ("p768", 768, 8, 10, 20, 5.0, 2.0, 0.95),
+    ("p2048", 2048, 2, 12, 24, 5.0, 2.5, 0.95),
+    ("p4200", 4200, 1, 12, 24, 1e9, 4.0, None),
+]
 
 
-def lr_at(step, total, base, warmup):
-    if step < warmup:
-        return base * (step + 1) / warmup
-    # constant, then cosine decay to 10% over the last 25% of training
-    start = int(total * 0.75)
-    if step < start:
-        return base
-    p = (step - start) / max(1, total - start)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-class Batches(torch.utils.data.Dataset):
-    """Batch number i of the curriculum, generated from its own seed (seed, i): the stream is
-    the same whatever the number of loader workers, and resuming needs no replay."""
-
-    def __init__(self, seed, schedule):
-        self.seed, self.schedule = seed, schedule  # schedule[i] = (T, B, facts_lo, facts_hi)
-        self.corpus = None
-
-    def __len__(self):
-        return len(self.schedule)
-
-    def __getitem__(self, i):
-        if self.corpus is None:
-            self.corpus = Corpus(Tokenizer())
-        T, B, flo, fhi = self.schedule[i]
-        r = random.Random(self.seed * 1000003 + i)
-        return make_batch(self.corpus, r, B, T, flo, fhi, "cpu")
+def evaluate(model, batch):
+    x, y, is_ans, _ = batch
+    model.eval()
+    with torch.no_grad():
+        logits = model(x, fused=False)
+    model.train()
+    n = is_ans.sum().clamp(min=1)
+    return (((logits.argmax(-1) == y) & is_ans).sum() / n).item()
 
 
 def train(args):
     torch.manual_seed(args.seed)
-    dev = torch.device(args.device)
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     tok = Tokenizer()
+    corpus = Corpus(tok)
     c = make_config(tok, args)
     model = LlamaLM(c)
     model.init_weights(args.seed)
-    start_step = 0
-    if args.resume:
-        ck = torch.load(args.resume, map_location="cpu")
-        model.load_state_dict(ck["model"])
-        start_step = ck["step"]
-        print(f"resumed from {args.resume} at step {start_step}")
-    model.to(dev)
+    if args.init:
+        model.load_state_dict(torch.load(args.init)["model"])
+    if args.group_init:
+        # a shared direction for all keys and one for all values, of the size of a row: the
+        # heads that must find "a key" or "a value" need not wait for 1170 rare rows to learn
+        # it one by one
+        g = torch.Generator().manual_seed(args.seed + 99)
+        E = model.model.embed_tokens.weight
+        with torch.no_grad():
+            rn = E.norm(dim=1).mean()
+            for group in (corpus.city, corpus.value):
+                v = torch.randn(E.shape[1], generator=g)
+                E[group] += v / v.norm() * rn * args.group_init
     nparams = sum(p.numel() for p in model.parameters())
-    print(f"vocab {len(tok)}  params {nparams}  ({nparams * 2 / 1e6:.2f} MB as F16)")
-    phases = [list(p) for p in PRESETS[args.preset or args.device]]
-    for p in phases:
-        p[3] = max(1, int(p[3] * args.step_scale)) if not args.smoke else args.smoke
-    schedule, names = [], []
-    for (name, T, B, steps, flo, fhi) in phases:
-        schedule += [(T, B, flo, fhi)] * steps
-        names += [name] * steps
-    total = len(schedule)
+    print(f"vocab {len(tok)}  params {nparams}  ({nparams * 2 / 1e6:.2f} MB as F16)", flush=True)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        (decay if p.dim() >= 2 and "embed_tokens" not in n else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    use_amp = dev.type == "cuda"
-    data = Batches(args.seed, schedule)
-    sampler = range(start_step, total)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler,
-                                         num_workers=args.workers,
-                                         pin_memory=dev.type == "cuda",
-                                         prefetch_factor=4 if args.workers else None) \
-        if args.workers else (data[i] for i in sampler)
+    budget = args.minutes * 60.0
     t0 = time.time()
-    tp = t0
-    step = start_step
-    acc_hist, loss_hist = [], []
-    stopped = False
-    for x, y, is_ans, valid in loader:
-        name, (T, B, _, _) = names[step], schedule[step]
-        lr = lr_at(step, total, args.lr, args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        is_ans, valid = is_ans.to(dev, non_blocking=True), valid.to(dev, non_blocking=True)
-        ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else \
-            contextlib.nullcontext()
-        with ctx:
-            logits = model(x)
-        logits = logits.float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                             reduction="none").view(B, T)
-        other = valid & ~is_ans
-        n_ans = is_ans.sum().clamp(min=1)
-        l_ans = (ce * is_ans).sum() / n_ans
-        l_lm = (ce * other).sum() / other.sum().clamp(min=1)
-        loss = l_ans + args.lm_weight * l_lm
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            acc = ((logits.argmax(-1) == y) & is_ans).sum() / n_ans
-        acc_hist.append(acc.detach())
-        loss_hist.append(torch.stack([l_ans.detach(), l_lm.detach()]))
-        step += 1
-        last_of_phase = step == total or names[step] != name
-        if step % args.log_every == 0 or last_of_phase:
-            k = len(acc_hist)
-            la, ll = (torch.stack(loss_hist).sum(0) / k).tolist()
-            ac = (torch.stack(acc_hist).sum() / k).item()
-            acc_hist, loss_hist = [], []
-            print(f"step {step:5d}/{total} {name} T={T} B={B} lr {lr:.2e} "
-                  f"ans_loss {la:.3f} lm_loss {ll:.3f} ans_acc {ac:.3f}"
-                  f"  {time.time() - t0:.0f}s", flush=True)
-        if last_of_phase:
-            print(f"phase {name} done in {time.time() - tp:.0f}s", flush=True)
-            tp = time.time()
-        if args.time_limit and time.time() - t0 > args.time_limit:
-            print(f"time limit reached at step {step}", flush=True)
-            stopped = True
+    step = 0
+    phases = [list(p) for p in PHASES]
+    for i, m in enumerate(args.phase_minutes or []):
+        phases[i][5] = m
+    phases = [tuple(p) for p in phases[args.start_phase:]]
+    summary = []
+    for pi, (name, T, B, flo, fhi, max_min, _, adv) in enumerate(phases):
+        is_final = pi == len(phases) - 1
+        reserve = sum(p[6] for p in phases[pi + 1:]) * 60.0
+        tp = time.time()
+        er = random.Random(args.seed * 7919 + 17 + args.start_phase + pi)
+        n_eval = max(2, 64 // B) if T <= 1024 else 2
+        evb = make_batch(corpus, er, n_eval * B if T <= 1024 else n_eval, T, flo, fhi)
+        r = random.Random(args.seed * 1000003 + args.start_phase + pi)
+        ps = 0
+        la_sum = ll_sum = acc_sum = 0.0
+        k = 0
+        ev = 0.0
+        final_t0 = time.time()
+        while True:
+            now = time.time()
+            if is_final:
+                p = min(1.0, (now - final_t0) / max(1.0, budget - (final_t0 - t0)))
+                lr = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+            else:
+                lr = args.lr * min(1.0, (step + 1) / args.warmup)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y, is_ans, valid = make_batch(corpus, r, B, T, flo, fhi)
+            # logits only where a loss is taken: every answer, and a random share
+            # (--lm-sample) of the other tokens (the output layer dominates the step time)
+            other = valid & ~is_ans & (torch.rand(B, T) < args.lm_sample)
+            h = model.hidden(x)
+            la_ = model.unembed(h[is_ans])
+            l_ans = F.cross_entropy(la_, y[is_ans])
+            l_lm = F.cross_entropy(model.unembed(h[other]), y[other]) if other.any() else \
+                torch.zeros(())
+            loss = l_ans + args.lm_weight * l_lm
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                acc_sum += (la_.argmax(-1) == y[is_ans]).float().mean().item()
+            la_sum += l_ans.item()
+            ll_sum += l_lm.item()
+            k += 1
+            step += 1
+            ps += 1
+            elapsed = time.time() - t0
+            stop = elapsed >= budget or (args.smoke and ps >= args.smoke)
+            if not is_final and (time.time() - tp >= max_min * 60 or
+                                 elapsed >= budget - reserve):
+                stop = True
+            if ps % args.eval_every == 0 or stop:
+                ev = evaluate(model, evb)
+                print(f"step {step:5d} {name} {ps:5d} T={T} B={B} lr {lr:.2e} "
+                      f"ans_loss {la_sum / k:.3f} lm_loss {ll_sum / k:.3f} "
+                      f"train_acc {acc_sum / k:.3f} heldout_acc {ev:.3f}  "
+                      f"{(time.time() - tp) / ps:.2f}s/step  {elapsed:.0f}s", flush=True)
+                la_sum = ll_sum = acc_sum = 0.0
+                k = 0
+                if adv is not None and ev >= adv:
+                    print(f"phase {name}: held-out answer accuracy {ev:.3f} >= {adv}, "
+                          f"advancing", flush=True)
+                    stop = True
+            if is_final and args.save_every and ps % args.save_every == 0:
+                save(model, tok, args, step)
+            if stop:
+                break
+        summary.append((name, T, B, ps, round(time.time() - tp), round(ev, 3)))
+        print(f"phase {name} done: {ps} steps in {time.time() - tp:.0f}s", flush=True)
+        save(model, tok, args, step)
+        if time.time() - t0 >= budget:
             break
-    print(f"training took {time.time() - t0:.0f}s ({step - start_step} steps"
-          f"{', stopped early' if stopped else ''})")
-    model.cpu()
-    if args.ckpt:
-        torch.save({"model": model.state_dict(), "step": step, "config": c}, args.ckpt)
-    export(model, tok, args.out)
-    print(f"exported to {args.out}")
+    print(f"training took {time.time() - t0:.0f}s ({step} steps)")
+    print("phases (name, T, batch, steps, seconds, held-out answer accuracy):")
+    for srow in summary:
+        print("  ", srow)
     return model, tok
+
+
+def save(model, tok, args, step):
+    if args.ckpt:
+        torch.save({"model": model.state_dict(), "step": step, "config": model.c}, args.ckpt)
+    export(model, tok, args.out)
+    print(f"step {step}: exported to {args.out}", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                    help="curriculum preset (default: the one named like --device)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "tiny-retrieval"))
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--intermediate", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=32)
+    ap.add_argument("--rope-theta", type=float, default=100000.0)
     ap.add_argument("--max-pos", type=int, default=4608)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--wd", type=float, default=0.05)
-    ap.add_argument("--warmup", type=int, default=300)
-    ap.add_argument("--lm-weight", type=float, default=0.2,
-                    help="weight of the loss on non-answer tokens (answers weigh 1)")
-    ap.add_argument("--step-scale", type=float, default=1.0)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--lm-weight", type=float, default=0.1,
+                    help="weight of the mean loss on non-answer tokens (answers weigh 1)")
+    ap.add_argument("--minutes", type=float, default=48.0, help="training time budget")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--log-every", type=int, default=100)
-    ap.add_argument("--workers", type=int, default=None,
-                    help="data loader processes (default: 8 with CUDA, 0 on the CPU)")
-    ap.add_argument("--time-limit", type=float, default=0,
-                    help="stop training after this many seconds (0: no limit)")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--save-every", type=int, default=200,
+                    help="export every this many steps of the last phase")
+    ap.add_argument("--start-phase", type=int, default=0)
+    ap.add_argument("--phase-minutes", type=float, nargs="*", default=None,
+                    help="override the max_minutes of the first phases")
+    ap.add_argument("--untie", action="store_true", help="separate lm_head (untied embeddings)")
+    ap.add_argument("--lm-sample", type=float, default=0.25,
+                    help="share of the non-answer tokens that carry LM loss in a step")
+    ap.add_argument("--group-init", type=float, default=0.0,
+                    help="add a shared direction of this relative size to the embeddings of "
+                         "all keys and of all values (0: off)")
+    ap.add_argument("--init", default=None, help="start from this --ckpt file")
     ap.add_argument("--smoke", type=int, default=0, help="run only this many steps per phase")
     ap.add_argument("--ckpt", default=None, help="also save a float32 checkpoint here")
-    ap.add_argument("--resume", default=None, help="continue from a checkpoint")
     args = ap.parse_args()
-    if args.workers is None:
-        args.workers = 8 if args.device.startswith("cuda") else 0
     train(args)
 
 

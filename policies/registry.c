@@ -71,8 +71,8 @@ static int set_value(const ParamSpec *s, void *params, const char *value, KvErr 
         if (errno || end == value || *end != '\0')
             return kv_fail(err, "%s = '%s': expected an integer", s->key, value);
         if ((double)v < s->min || (double)v > s->max)
-            return kv_fail(err, "%s = %ld: expected an integer in [%g, %g]", s->key, v, s->min,
-                           s->max);
+            return kv_fail(err, "%s = %ld: expected an integer in [%.0f, %.0f]", s->key, v,
+                           s->min, s->max);
         *(int *)field = (int)v;
         return 0;
     }

@@ -279,8 +279,9 @@ int config_load(const char *path, RunConfig *rc, KvErr *err)
         if (ps->type->validate && ps->type->validate(e->policies[i].params, &verr) != 0)
             fail_at(ld, ps->line, "[policy.%s] %s", ps->label, verr.msg);
     }
-    if (!ld->err_line && ld->n_sections == 0)
-        fail_at(ld, ld->reader.line, "no [policy.LABEL] section: nothing to compare");
+    if (!ld->err_line && ld->n_sections == 0) /* an empty file has no line 1: report line 1 */
+        fail_at(ld, ld->reader.line > 0 ? ld->reader.line : 1,
+                "no [policy.LABEL] section: nothing to compare");
     e->n_policies = ld->n_sections;
     if (!ld->err_line && !rc->out_dir[0]) {
         const char *base = strrchr(path, '/');

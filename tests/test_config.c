@@ -115,6 +115,9 @@ static void test_errors_name_file_and_line(void **state)
     expect_error("[policy.a]\ntype = full\ntype = window\n", 3, "type given twice");
     expect_error("[run]\nthis line has no equals sign\n", 2, "malformed line");
     expect_error("[trace]\npath = x.h5\n", 2, "no [policy.LABEL] section");
+    expect_error("", 1, "no [policy.LABEL] section");
+    expect_error("[policy.a]\ntype = window\nwindow = 100000000000\n", 3,
+                 "expected an integer in [1, 1073741824]");
 }
 
 static void test_missing_file(void **state)

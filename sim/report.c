@@ -170,6 +170,18 @@ void csv_put_num(FILE *f, double v)
         fprintf(f, ",%.6g", v);
 }
 
+int csv_create(AtomicFile *af, const char *dir, const char *name, const char *header,
+               KvErr *err)
+{
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    if (atomic_open(af, path, err) != 0)
+        return -1;
+    fputs(header, af->fp);
+    fputc('\n', af->fp);
+    return 0;
+}
+
 void csv_put_text(FILE *f, const char *s)
 {
     fputc(',', f);
@@ -188,17 +200,17 @@ void csv_put_text(FILE *f, const char *s)
 
 static int write_summary(const Results *r, const PolicySummary *s, const char *dir, KvErr *err)
 {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/summary.csv", dir);
     AtomicFile af;
-    if (atomic_open(&af, path, err) != 0)
+    if (csv_create(&af, dir, "summary.csv",
+                   "policy,type,mass_mean,mass_p5,mass_p50,mass_p95,recall_mean,out_err_mean,"
+                   "out_err_p50,out_err_p95,cache_tokens_mean,cache_tokens_max,device_bytes_mean,"
+                   "device_bytes_max,allocated_bytes_max,host_bytes_mean,host_bytes_max,"
+                   "to_host_bytes,to_device_bytes,fetched_tokens_per_step,restored_tokens,"
+                   "restore_k_err,restore_v_err,needle_survival_mean,needle_survival_min,"
+                   "mass_gap_to_oracle",
+                   err) != 0)
         return -1;
     FILE *f = af.fp;
-    fputs("policy,type,mass_mean,mass_p5,mass_p50,mass_p95,recall_mean,out_err_mean,out_err_p50,"
-          "out_err_p95,cache_tokens_mean,cache_tokens_max,device_bytes_mean,device_bytes_max,"
-          "allocated_bytes_max,host_bytes_mean,host_bytes_max,to_host_bytes,to_device_bytes,"
-          "fetched_tokens_per_step,restored_tokens,restore_k_err,restore_v_err,"
-          "needle_survival_mean,needle_survival_min,mass_gap_to_oracle\n", f);
     for (int pi = 0; pi < r->n_policies; pi++) {
         const PolicySummary *p = &s[pi];
         fprintf(f, "%s,%s", r->label[pi], r->type[pi]->name);
@@ -218,15 +230,14 @@ static int write_summary(const Results *r, const PolicySummary *s, const char *d
 
 static int write_layers(const Results *r, const char *dir, KvErr *err)
 {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/layers.csv", dir);
     AtomicFile af;
-    if (atomic_open(&af, path, err) != 0)
+    if (csv_create(&af, dir, "layers.csv",
+                   "policy,layer,mass_mean,recall_mean,out_err_mean,cache_tokens_mean,"
+                   "device_bytes_mean,host_bytes_mean,needle_survival_mean",
+                   err) != 0)
         return -1;
     FILE *f = af.fp;
     int E = r->n_evals;
-    fputs("policy,layer,mass_mean,recall_mean,out_err_mean,cache_tokens_mean,device_bytes_mean,"
-          "host_bytes_mean,needle_survival_mean\n", f);
     double *x = kv_malloc((size_t)(E ? E : 1) * sizeof *x);
     for (int pi = 0; pi < r->n_policies; pi++)
         for (int l = 0; l < r->n_layers; l++) {
@@ -251,14 +262,14 @@ static int write_layers(const Results *r, const char *dir, KvErr *err)
 
 static int write_steps(const Results *r, const char *dir, KvErr *err)
 {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/steps.csv", dir);
     AtomicFile af;
-    if (atomic_open(&af, path, err) != 0)
+    if (csv_create(&af, dir, "steps.csv",
+                   "policy,step,decode_index,mass_mean,recall_mean,out_err_mean,"
+                   "cache_tokens_mean,device_bytes,allocated_bytes,host_bytes,fetched_tokens,"
+                   "needle_survival",
+                   err) != 0)
         return -1;
     FILE *f = af.fp;
-    fputs("policy,step,decode_index,mass_mean,recall_mean,out_err_mean,cache_tokens_mean,"
-          "device_bytes,allocated_bytes,host_bytes,fetched_tokens,needle_survival\n", f);
     double *x = kv_malloc((size_t)r->n_layers * sizeof *x);
     for (int pi = 0; pi < r->n_policies; pi++)
         for (int e = 0; e < r->n_evals; e++) {
@@ -281,19 +292,13 @@ static int write_steps(const Results *r, const char *dir, KvErr *err)
     return atomic_commit(&af, err);
 }
 
-int report_write_csv(const Results *r, const char *out_dir, KvErr *err)
+int report_write_csv(const Results *r, const PolicySummary *s, const char *out_dir, KvErr *err)
 {
     if (make_dirs(out_dir, err) != 0)
         return -1;
-    PolicySummary *s = kv_calloc((size_t)r->n_policies, sizeof *s);
-    report_summarize(r, s);
-    int rc = write_summary(r, s, out_dir, err);
-    if (rc == 0)
-        rc = write_layers(r, out_dir, err);
-    if (rc == 0)
-        rc = write_steps(r, out_dir, err);
-    free(s);
-    return rc;
+    if (write_summary(r, s, out_dir, err) != 0 || write_layers(r, out_dir, err) != 0)
+        return -1;
+    return write_steps(r, out_dir, err);
 }
 
 void format_bytes(double b, char *out, size_t n)
@@ -318,10 +323,8 @@ static void fmt_num(double v, const char *fmt, char *out, size_t n)
         snprintf(out, n, fmt, v);
 }
 
-void report_print_table(const Results *r, FILE *out)
+void report_print_table(const Results *r, const PolicySummary *s, FILE *out)
 {
-    PolicySummary *s = kv_calloc((size_t)r->n_policies, sizeof *s);
-    report_summarize(r, s);
     int w = 6;
     for (int pi = 0; pi < r->n_policies; pi++)
         if ((int)strlen(r->label[pi]) > w)
@@ -338,5 +341,4 @@ void report_print_table(const Results *r, FILE *out)
                 r->type[pi]->name, p->mass_mean, p->mass_p5, p->recall_mean, p->out_err_mean,
                 p->cache_tokens_mean, dev, host, needle);
     }
-    free(s);
 }

@@ -28,13 +28,16 @@ typedef struct {
  * ",NaN" (gnuplot reads it as missing); a text field is quoted (quotes doubled) only when it
  * holds a comma, a quote or a line break. */
 void csv_put_num(FILE *f, double v);
+/* Opens DIR/NAME for atomic writing (AtomicFile) and writes the header row. */
+int csv_create(AtomicFile *af, const char *dir, const char *name, const char *header,
+               KvErr *err);
 void csv_put_text(FILE *f, const char *s);
 /* Bytes for the tables on stdout: "512 B", "1.5 KiB", "4.0 MiB", "1.25 GiB"; "-" for NaN. */
 void format_bytes(double bytes, char *out, size_t n);
 
-/* Fills out[n_policies]. */
+/* Fills out[n_policies]; the writers below take that summary so it is computed once. */
 void report_summarize(const Results *r, PolicySummary *out);
-int report_write_csv(const Results *r, const char *out_dir, KvErr *err);
-void report_print_table(const Results *r, FILE *out);
+int report_write_csv(const Results *r, const PolicySummary *s, const char *out_dir, KvErr *err);
+void report_print_table(const Results *r, const PolicySummary *s, FILE *out);
 
 #endif

@@ -58,23 +58,27 @@ int cmd_run(int argc, char **argv)
         return 2;
     }
     Results *res = engine_run(tr, &rc.engine, &err);
+    PolicySummary *summary = NULL;
     status = 0;
     if (!res) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         status = 2;
-    } else if (report_write_csv(res, rc.out_dir, &err) != 0) {
-        fprintf(stderr, "kvsim: %s\n", err.msg);
-        status = 2;
     } else {
-        const TraceMeta *m = trace_meta(tr);
-        if (!quiet) {
+        summary = kv_calloc((size_t)res->n_policies, sizeof *summary);
+        report_summarize(res, summary);
+        if (report_write_csv(res, summary, rc.out_dir, &err) != 0) {
+            fprintf(stderr, "kvsim: %s\n", err.msg);
+            status = 2;
+        } else if (!quiet) {
+            const TraceMeta *m = trace_meta(tr);
             printf("trace %s: %s, %d layers, %d+%d tokens; %d policies, %d threads, %.1fs\n",
                    rc.trace_path, m->model, m->n_layers, m->n_prompt, m->n_tokens - m->n_prompt,
                    res->n_policies, res->threads_used, res->wall_seconds);
-            report_print_table(res, stdout);
+            report_print_table(res, summary, stdout);
             printf("wrote %s/summary.csv, layers.csv, steps.csv\n", rc.out_dir);
         }
     }
+    free(summary);
     results_free(res);
     trace_close(tr);
     config_free(&rc);

@@ -387,16 +387,14 @@ static void score_policies(const EvalJob *job, int full, PolicyScore *s)
     }
 }
 
-
 static int write_eval_csv(const EvalJob *job, const PolicyScore *s, const char *dir, KvErr *err)
 {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/eval.csv", dir);
     AtomicFile af;
-    if (atomic_open(&af, path, err) != 0)
+    if (csv_create(&af, dir, "eval.csv",
+                   "policy,type,prompts,correct,accuracy,agreement_with_full,device_bytes_mean,"
+                   "host_bytes_mean,generated_tokens_mean",
+                   err) != 0)
         return -1;
-    fputs("policy,type,prompts,correct,accuracy,agreement_with_full,device_bytes_mean,"
-          "host_bytes_mean,generated_tokens_mean\n", af.fp);
     for (int k = 0; k < job->n_policies; k++) {
         fprintf(af.fp, "%s,%s,%d", job->policies[k].label, job->policies[k].type->name,
                 s[k].prompts);
@@ -413,13 +411,12 @@ static int write_eval_csv(const EvalJob *job, const PolicyScore *s, const char *
 
 static int write_prompts_csv(const EvalJob *job, int full, const char *dir, KvErr *err)
 {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/eval_prompts.csv", dir);
     AtomicFile af;
-    if (atomic_open(&af, path, err) != 0)
+    if (csv_create(&af, dir, "eval_prompts.csv",
+                   "policy,prompt,correct,agrees_with_full,generated_tokens,device_bytes,"
+                   "host_bytes,answer,expected",
+                   err) != 0)
         return -1;
-    fputs("policy,prompt,correct,agrees_with_full,generated_tokens,device_bytes,host_bytes,"
-          "answer,expected\n", af.fp);
     for (int k = 0; k < job->n_policies; k++)
         for (int i = 0; i < job->n_prompts; i++) {
             const Outcome *o = &job->outcomes[(size_t)i * job->n_policies + k];

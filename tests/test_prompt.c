@@ -53,7 +53,14 @@ static void test_plain_text_needles_and_probes(void **state)
     assert_int_equal(t.n_probes, 1);
     assert_int_equal(t.probes[0], 28); /* the 't' of "it" */
     for (int i = 0; i < t.n_tokens; i++)
-        assert_int_equal(t.segments[i], 0);
+        assert_int_equal(t.segments[i], 1); /* one turn; no system prompt */
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+    tokenize("Hi", 999, &m, &t); /* BOS alone in segment 0 */
+    assert_int_equal(t.n_tokens, 3);
+    assert_int_equal(t.segments[0], 0);
+    assert_int_equal(t.segments[1], 1);
+    assert_int_equal(t.segments[2], 1);
     prompt_tokens_free(&t);
     prompt_markup_free(&m);
 }

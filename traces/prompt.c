@@ -218,6 +218,9 @@ int prompt_parse(const char *origin, const char *text, size_t len, PromptMarkup 
         rc = parse_chat(origin, chat, &b, err);
         cJSON_Delete(chat);
     } else {
+        /* A plain document is the user's text, not a system prompt: segment 1, so that
+         * policies that pin segment 0 (TriCache's system prompt) pin only BOS. */
+        set_segment(&b, 1);
         rc = append_marked(&b, origin, text, len, err);
     }
     flush(&b);

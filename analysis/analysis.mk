@@ -4,7 +4,8 @@
 #                     DEFAULT_TRACE -> results/sweep/bB/*.csv, then results/sweep/summary.csv
 #                     (budgets run in parallel under make -j); where EVAL_PROMPTS holds prompts
 #                     with answers, also `kvsim eval` at each budget -> results/sweep/eval.csv
-#   make plots        the sweep's plots and those of one run (PLOT_RUN) -> results/plots/*.png
+#   make plots        the sweep's plots (with answer accuracy when the sweep ran kvsim eval) and
+#                     those of one run (PLOT_RUN) -> results/plots/*.png
 #   make run-plot     results/<config name>/plot.png from the summary of `make run`
 #
 # Every output is written to a temporary name and renamed. See docs/sweeps.md, docs/plots.md.
@@ -30,6 +31,8 @@ GNUPLOT       ?= gnuplot
 VS_BUDGET_PLOTS := mass recall error needle
 PLOTS := $(foreach p,$(VS_BUDGET_PLOTS),$(PLOTS_DIR)/$(p)_vs_budget.png) \
          $(PLOTS_DIR)/memory_vs_step.png $(PLOTS_DIR)/mass_heatmap.png
+# Answer accuracy joins the plots when the sweep runs `kvsim eval`.
+PLOTS += $(if $(SWEEP_EVALS),$(PLOTS_DIR)/accuracy_vs_budget.png)
 
 .PHONY: sweep plots run-plot FORCE
 # Generated configs and per-budget results are kept even when only reached through a pattern.
@@ -78,6 +81,9 @@ gnuplot_png = @mkdir -p $(@D); $(GNUPLOT) -e "in='$(2)'; out='$@.tmp'" $(1) \
 
 $(PLOTS_DIR)/%_vs_budget.png: analysis/%_vs_budget.gp analysis/vs_budget.gp analysis/common.gp $(SWEEP_DIR)/summary.csv
 	$(call gnuplot_png,$<,$(SWEEP_DIR)/summary.csv)
+
+$(PLOTS_DIR)/accuracy_vs_budget.png: analysis/accuracy_vs_budget.gp analysis/vs_budget.gp analysis/common.gp $(SWEEP_DIR)/eval.csv
+	$(call gnuplot_png,$<,$(SWEEP_DIR)/eval.csv)
 
 $(PLOTS_DIR)/memory_vs_step.png: analysis/memory_vs_step.gp analysis/common.gp $(PLOT_RUN)/summary.csv
 	$(call gnuplot_png,$<,$(PLOT_RUN)/steps.csv)

@@ -26,6 +26,15 @@ values_cmd = "awk -F, -v name='%s' 'NR == 1 { for (i = 1; i <= NF; i++) if ($i =
     . " c && $c != \"\" && $c != \"NaN\" { n++ } END { print n + 0 }' '%s'"
 value_count(name) = int(system(sprintf(values_cmd, name, in)))
 
+# The policies (in order of first appearance) with at least one value of column `name`, and
+# the line type of a policy (its place in `policies`, so that it keeps its color when others
+# are left out of a plot).
+with_values_cmd = "awk -F, -v name='%s' 'NR == 1 { for (i = 1; i <= NF; i++) { if ($i == name) c = i;" \
+    . " if ($i == \"policy\") pc = i } next } c && $c != \"\" && $c != \"NaN\" && !seen[$pc]++" \
+    . " { printf \"%%s \", $pc }' '%s'"
+policies_with_values(name) = system(sprintf(with_values_cmd, name, in))
+policy_linetype(p) = words(substr(" " . policies . " ", 1, strstrt(" " . policies . " ", " " . p . " "))) + 1
+
 set datafile separator ","
 set datafile missing "NaN"
 # A script may set png_size ("width,height" in pixels) before loading this file.

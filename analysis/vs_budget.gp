@@ -27,5 +27,7 @@ if (value_count(metric) == 0) {
     exit
 }
 
-plot for [i = 1:n_policies] rows(word(policies, i)) \
-    using "budget":(column(metric)) with linespoints linetype i title word(policies, i)
+# A policy without any value (oracle_future in an eval table: not applicable) has no line.
+plotted = policies_with_values(metric)
+plot for [i = 1:words(plotted)] rows(word(plotted, i)) using "budget":(column(metric)) \
+    with linespoints linetype policy_linetype(word(plotted, i)) title word(plotted, i)

@@ -147,6 +147,13 @@ static void test_vs_budget_scripts_render(void **state)
     render_ok("recall_vs_budget.gp", SWEEP_CSV, 1280, 760);
     render_ok("error_vs_budget.gp", SWEEP_CSV, 1280, 760);
     render_ok("needle_vs_budget.gp", SWEEP_CSV, 1280, 760);
+    /* The eval table: accuracy per budget, NaN for a policy that does not apply. */
+    render_ok("accuracy_vs_budget.gp",
+              "budget,policy,type,prompts,correct,accuracy\n64,full,full,4,4,1\n"
+              "64,window,window,4,1,0.25\n64,oracle_future,oracle_future,4,NaN,NaN\n"
+              "128,full,full,4,4,1\n128,window,window,4,2,0.5\n"
+              "128,oracle_future,oracle_future,4,NaN,NaN\n",
+              1280, 760);
     /* A trace without needles: survival is NaN throughout, the plot says so instead of failing. */
     render_ok("needle_vs_budget.gp",
               "budget,policy,type,needle_survival_mean\n64,full,full,NaN\n64,window,window,NaN\n"
@@ -203,9 +210,10 @@ static void test_run_plot_renders(void **state)
               1280, 760);
 }
 
-static const char *const SCRIPTS[] = {"mass_vs_budget.gp", "recall_vs_budget.gp",
-                                      "error_vs_budget.gp", "needle_vs_budget.gp",
-                                      "memory_vs_step.gp", "mass_heatmap.gp", "run_plot.gp"};
+static const char *const SCRIPTS[] = {"mass_vs_budget.gp",     "recall_vs_budget.gp",
+                                      "error_vs_budget.gp",    "needle_vs_budget.gp",
+                                      "accuracy_vs_budget.gp", "memory_vs_step.gp",
+                                      "mass_heatmap.gp",       "run_plot.gp"};
 
 static void test_missing_input_fails(void **state)
 {

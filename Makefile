@@ -44,14 +44,15 @@ test-sanitize: deps $(SAN_BUILD)/CMakeCache.txt
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --test-dir $(SAN_BUILD) --output-on-failure -j $(JOBS)
 
-# The main job on the embedded default: a synthetic trace with planted sinks, local and
-# retrieval heads and needles, replayed through the configured policies.
-DEFAULT_TRACE  := traces/default.h5
+# The main job on the embedded default: the committed tiny retrieval model (models/tiny-retrieval)
+# traced on the committed held-out prompt, replayed through the configured policies.
+DEFAULT_MODEL  ?= models/tiny-retrieval
+DEFAULT_PROMPT ?= traces/prompts/default.txt
+DEFAULT_TRACE  ?= traces/default.h5
 DEFAULT_CONFIG ?= configs/ta512.ini
 
-$(DEFAULT_TRACE): | build
-	$(KVSIM) synth --out $@ --seed 1 --layers 8 --q-heads 16 --kv-heads 4 --head-dim 64 \
-	  --prompt 4096 --decode 512 --needles 8
+$(DEFAULT_TRACE): $(DEFAULT_PROMPT) $(DEFAULT_MODEL)/model.safetensors | build
+	$(KVSIM) trace --model $(DEFAULT_MODEL) --prompt $(DEFAULT_PROMPT) --out $@ --max-new 32
 
 run: build $(DEFAULT_TRACE)
 	$(KVSIM) run $(DEFAULT_CONFIG) --trace $(DEFAULT_TRACE)

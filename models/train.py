@@ -3,22 +3,29 @@
 
 The model learns to answer questions about key->value facts planted at random depths in long
 documents of filler prose. A fact puts the value right after the key ("Note: Lisbon 384.") and
-a question ends with the key itself ("Question: Lisbon"), so the answer (" 384") is the token
-that followed the key earlier in the context: plain induction (a previous-token head feeding
-an induction/retrieval head), which small transformers learn reliably. Training starts with
-dense multi-query associative recall on short sequences and grows to ~4200-token documents.
+a question repeats the fact's opening up to the key ("Note: Lisbon"), so the answer (" 384") is
+the token that followed the same three tokens earlier in the context: induction (a
+previous-token head feeding an induction/retrieval head). Training starts with copy sequences
+and dense associative recall on short sequences, which make that circuit form within about a
+thousand steps, and grows to ~4200-token documents.
 The task makes the model grow the attention structure eviction policies care about: an
 attention sink on the first token, local (previous-token) heads and long-range retrieval heads.
 
 Everything is generated and built here: the corpus, a byte-level BPE tokenizer in which every
 key, value and filler word is a single token, the model (RMSNorm, RoPE in the rotate_half layout,
-grouped-query attention, SwiGLU, no biases, tied embeddings) and an exporter that writes a
+grouped-query attention, SwiGLU, no biases, tied or untied embeddings) and an exporter that writes a
 Hugging Face style directory (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json).
 
 Needs only PyTorch (1.13 or newer; CPU is enough) and the Python standard library.
 
-    python3 models/train.py --minutes 23 --lr 3e-3 --untie --eval-every 50   # shipped run
+The shipped model (two stages, 33 minutes on one CPU core; models/README.md says why):
+
+    python3 models/train.py --minutes 48 --lr 3e-3 --untie --eval-every 50 --threads 1 \
+        --copy-kind mix --out stage1 --ckpt stage1.pt
+    python3 models/train.py --init stage1.pt.p2048 --start-phase 3 --minutes 25 --lr 1e-3 \
+        --warmup 20 --untie --eval-every 50 --threads 1 --copy-kind mix  # stop after p2048
+
     python3 models/train.py --smoke 2       # two steps per phase, to test the script
 """
 
@@ -106,7 +113,7 @@ near beside behind under over across along through past toward around between be
 
 # Sentence starters (capitalised; they also get a line-start form without the leading space).
 STARTERS = ["The", "A", "In", "Every", "Some", "After", "Near", "Each", "Later", "Then",
-            "This", "Meanwhile", "What", "Note", "Question"]
+            "This", "Meanwhile", "What", "Note"]
 
 FUNCTION_WORDS = ["the", "a", "and", "of", "to", "in", "on", "with", "some", "every", "while",
                   "was", "were", "is", "code", "for", "what", "that", "by", "at", "it", "its",
@@ -544,9 +551,13 @@ def load_exported(d, device="cpu"):
 
 class Corpus:
     """Documents: filler prose with facts "Note: <city> <ddd>." planted at random depths, then a
-    blank line and a block of questions, one per line: "Question: <city> <ddd>" (the code is
-    the answer). Key and value are adjacent in the fact, and the question ends with the key, so
-    the answer is the token that followed the key earlier: an induction pattern."""
+    blank line and a block of questions, one per line: "Note: <city> <ddd>" (the code is the
+    answer). Key and value are adjacent in the fact, and the question is the fact's opening up
+    to the key, so the answer is the token that followed the same tokens earlier: an induction
+    pattern. (With a question worded differently from the fact, "Question: <city>", the
+    induction heads this training grows match on the two or three tokens before the answer,
+    find no earlier "Question: <city>" and fail: held-out accuracy stayed at 0.01-0.03 while
+    copy sequences were solved.)"""
 
     def __init__(self, tok):
         self.tok = tok
@@ -611,8 +622,9 @@ class Corpus:
         return [self.start_sp["Note"], self.colon, key, val, self.dot]
 
     def question(self, key):
-        """'Question: <key>' (line-start form); the answer token follows."""
-        return [self.start_ls[self.start_sp["Question"]], self.colon, key]
+        """'Note: <key>' (line-start form): the fact's own opening, so that the question
+        matches the fact on three tokens; the answer token follows."""
+        return [self.start_ls[self.start_sp["Note"]], self.colon, key]
 
     def document(self, r, n_tokens, n_facts, n_questions, para_p=0.04):
         """Returns (ids, answer_pos, segments, keys, vals, asked).
@@ -676,13 +688,66 @@ class Corpus:
         return ids, ans, segs, keys, vals, asked
 
 
-def make_batch(corpus, r, B, T, facts_lo, facts_hi):
+def copy_sequence(corpus, r, T, fact_runs):
+    """A copy sequence of at most T + 1 ids and the indices of its answer tokens: BOS, a run,
+    other material, the same run again. Every key or value of the repeat (after its first
+    token) is an answer: it can only be predicted by finding the same context earlier and
+    copying what followed (an induction head). Run length and gap vary, so that no fixed
+    offset predicts the repeat.
+
+    fact_runs=False: the run is random keys and values (every position an answer).
+    fact_runs=True: the run is facts "Note: <key> <value>." with an occasional filler sentence,
+    keys drawn without replacement: the tokens that every fact shares (" Note", ":", ".") occur
+    all over the sequence, so the circuit must match on the key, as a question needs, rather
+    than on whatever token happens to precede it."""
+    if fact_runs:
+        keys = r.sample(corpus.city, min(len(corpus.city), T // 4 + 2))
+
+        def material(n):
+            out = []
+            while len(out) < n:
+                if keys and (not out or r.random() < 0.85):
+                    out += corpus.fact(keys.pop(), r.choice(corpus.value))
+                else:
+                    out += corpus.sentence(r)
+            return out
+    else:
+        pool = corpus.city + corpus.value
+
+        def material(n):
+            return [r.choice(pool) for _ in range(n)]
+    run = r.randint(6, max(6, min(T // 2 - 1, 48)))
+    gap = r.randint(0, max(0, min(T - 2 * run, 4 * run)))
+    seq = material(run)[:run]
+    ids = [corpus.tok.bos_id] + seq + material(gap)[:gap] + seq
+    start = 1 + run + gap
+    targets = [i for i in range(start + 1, len(ids)) if fact_runs is False or
+               ids[i] in corpus.random_ids]
+    return ids, targets
+
+
+def make_batch(corpus, r, B, T, facts_lo, facts_hi, copy_frac=0.0, copy_kind="facts"):
     """B documents cropped/padded to exactly T tokens; masks mark answer targets and the other
-    targets that carry LM loss (keys and values are random draws: no loss on them)."""
+    targets that carry LM loss (keys and values are random draws: no loss on them).
+
+    The first round(B * copy_frac) rows are copy sequences instead of documents (see
+    copy_sequence; copy_kind "runs", "facts" or "mix", alternating): the circuit a question
+    needs, with an answer at almost every position instead of a handful per document. It makes
+    the circuit form in about a thousand steps where documents alone leave the model on a
+    plateau for thousands."""
     x = torch.zeros(B, T + 1, dtype=torch.long)
     is_ans = torch.zeros(B, T, dtype=torch.bool)
     valid = torch.zeros(B, T, dtype=torch.bool)
-    for b in range(B):
+    n_copy = int(round(B * copy_frac))
+    for b in range(n_copy):
+        ids, targets = copy_sequence(corpus, r, T, fact_runs=(b % 2 == 1) if copy_kind == "mix"
+                                     else copy_kind == "facts")
+        ids = ids[:T + 1]
+        x[b, :len(ids)] = torch.tensor(ids)
+        for i in targets:
+            if i <= T:
+                is_ans[b, i - 1] = True
+    for b in range(n_copy, B):
         nf = r.randint(facts_lo, facts_hi)
         ids, ans, _, _, _, _ = corpus.document(r, T + 1, nf, nf)
         ids = ids[:T + 1]
@@ -702,17 +767,18 @@ def make_batch(corpus, r, B, T, facts_lo, facts_hi):
 # Training.
 # --------------------------------------------------------------------------------------------
 
-# Curriculum: (name, seq_len, batch, facts_lo, facts_hi, max_minutes, min_minutes, advance_acc).
+# Curriculum: (name, seq_len, batch, facts_lo, facts_hi, copy_frac, max_minutes, min_minutes,
+# advance_acc). copy_frac: share of each batch that is copy sequences (see make_batch).
 # A phase ends when the answer accuracy on its held-out batch reaches advance_acc (checked
 # every --eval-every steps), after max_minutes, or when only the later phases' min_minutes
 # are left of the time budget. The last phase runs to the end of the budget, with the learning
 # rate decaying along a cosine (by time) to 10%.
 PHASES = [
-    ("p64", 64, 64, 4, 6, 14.0, 0.0, 0.95),
-    ("p192", 192, 32, 8, 14, 6.0, 1.5, 0.95),
-    ("p768", 768, 8, 10, 20, 5.0, 2.0, 0.95),
-    ("p2048", 2048, 2, 12, 24, 5.0, 2.5, 0.95),
-    ("p4200", 4200, 1, 12, 24, 1e9, 4.0, None),
+    ("p64", 64, 64, 4, 6, 0.5, 12.0, 0.0, 0.97),
+    ("p192", 192, 32, 8, 14, 0.25, 8.0, 1.5, 0.95),
+    ("p768", 768, 8, 10, 20, 0.0, 8.0, 3.0, 0.95),
+    ("p2048", 2048, 2, 12, 24, 0.0, 10.0, 5.0, 0.95),
+    ("p4200", 4200, 1, 12, 24, 0.0, 1e9, 8.0, None),
 ]
 
 
@@ -760,12 +826,12 @@ def train(args):
     step = 0
     phases = [list(p) for p in PHASES]
     for i, m in enumerate(args.phase_minutes or []):
-        phases[i][5] = m
+        phases[i][6] = m
     phases = [tuple(p) for p in phases[args.start_phase:]]
     summary = []
-    for pi, (name, T, B, flo, fhi, max_min, _, adv) in enumerate(phases):
+    for pi, (name, T, B, flo, fhi, copy_frac, max_min, _, adv) in enumerate(phases):
         is_final = pi == len(phases) - 1
-        reserve = sum(p[6] for p in phases[pi + 1:]) * 60.0
+        reserve = sum(p[7] for p in phases[pi + 1:]) * 60.0
         tp = time.time()
         er = random.Random(args.seed * 7919 + 17 + args.start_phase + pi)
         n_eval = max(2, 64 // B) if T <= 1024 else 2
@@ -785,7 +851,8 @@ def train(args):
                 lr = args.lr * min(1.0, (step + 1) / args.warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
-            x, y, is_ans, valid = make_batch(corpus, r, B, T, flo, fhi)
+            x, y, is_ans, valid = make_batch(corpus, r, B, T, flo, fhi, copy_frac,
+                                             args.copy_kind)
             # logits only where a loss is taken: every answer, and a random share
             # (--lm-sample) of the other tokens (the output layer dominates the step time)
             other = valid & ~is_ans & (torch.rand(B, T) < args.lm_sample)
@@ -829,7 +896,7 @@ def train(args):
                 break
         summary.append((name, T, B, ps, round(time.time() - tp), round(ev, 3)))
         print(f"phase {name} done: {ps} steps in {time.time() - tp:.0f}s", flush=True)
-        save(model, tok, args, step)
+        save(model, tok, args, step, phase=name)
         if time.time() - t0 >= budget:
             break
     print(f"training took {time.time() - t0:.0f}s ({step} steps)")
@@ -839,9 +906,14 @@ def train(args):
     return model, tok
 
 
-def save(model, tok, args, step):
+def save(model, tok, args, step, phase=None):
+    """Exports to --out; with --ckpt, also a float32 checkpoint there, and at the end of a
+    phase a copy named after it (CKPT.p2048) that later exports do not overwrite."""
     if args.ckpt:
-        torch.save({"model": model.state_dict(), "step": step, "config": model.c}, args.ckpt)
+        ck = {"model": model.state_dict(), "step": step, "config": model.c}
+        torch.save(ck, args.ckpt)
+        if phase:
+            torch.save(ck, f"{args.ckpt}.{phase}")
     export(model, tok, args.out)
     print(f"step {step}: exported to {args.out}", flush=True)
 
@@ -879,6 +951,8 @@ def main():
     ap.add_argument("--group-init", type=float, default=0.0,
                     help="add a shared direction of this relative size to the embeddings of "
                          "all keys and of all values (0: off)")
+    ap.add_argument("--copy-kind", choices=("runs", "facts", "mix"), default="facts",
+                    help="copy sequences of random keys and values, of facts, or both")
     ap.add_argument("--init", default=None, help="start from this --ckpt file")
     ap.add_argument("--smoke", type=int, default=0, help="run only this many steps per phase")
     ap.add_argument("--ckpt", default=None, help="also save a float32 checkpoint here")

@@ -2,8 +2,8 @@
 """Held-out prompts and evaluation for kvsim's tiny retrieval model.
 
 Writes held-out prompts for `kvsim eval` (heldout/NAME.txt + NAME.answer, heldout/index.json)
-and the default demo prompt (traces/prompts/default.txt, which `make run` traces), and scores the exported checkpoint with this
-directory's PyTorch code (greedy first answer token).
+and the default demo prompt (traces/prompts/default.txt, which `make run` traces), and scores
+the exported checkpoint with this directory's PyTorch code (greedy first answer token).
 
 A prompt is a document of filler prose with facts "Note: <city> <ddd>." planted at random
 depths, each fact wrapped in [[needle]]...[[/needle]] (the space before "Note" inside the

@@ -13,8 +13,8 @@ attention sink on the first token, local (previous-token) heads and long-range r
 
 Everything is generated and built here: the corpus, a byte-level BPE tokenizer in which every
 key, value and filler word is a single token, the model (RMSNorm, RoPE in the rotate_half layout,
-grouped-query attention, SwiGLU, no biases, tied or untied embeddings) and an exporter that writes a
-Hugging Face style directory (config.json, model.safetensors, tokenizer.json,
+grouped-query attention, SwiGLU, no biases, tied or untied embeddings) and an exporter that
+writes a Hugging Face style directory (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json).
 
 Needs only PyTorch (1.13 or newer; CPU is enough) and the Python standard library.
@@ -22,9 +22,9 @@ Needs only PyTorch (1.13 or newer; CPU is enough) and the Python standard librar
 The shipped model (two stages, 33 minutes on one CPU core; models/README.md says why):
 
     python3 models/train.py --minutes 48 --lr 3e-3 --untie --eval-every 50 --threads 1 \
-        --copy-kind mix --out stage1 --ckpt stage1.pt
+        --copy-kind mix --out stage1 --ckpt stage1.pt --stop-after p2048
     python3 models/train.py --init stage1.pt.p2048 --start-phase 3 --minutes 25 --lr 1e-3 \
-        --warmup 20 --untie --eval-every 50 --threads 1 --copy-kind mix  # stop after p2048
+        --warmup 20 --untie --eval-every 50 --threads 1 --copy-kind mix --stop-after p2048
 
     python3 models/train.py --smoke 2       # two steps per phase, to test the script
 """
@@ -721,12 +721,12 @@ def copy_sequence(corpus, r, T, fact_runs):
     seq = material(run)[:run]
     ids = [corpus.tok.bos_id] + seq + material(gap)[:gap] + seq
     start = 1 + run + gap
-    targets = [i for i in range(start + 1, len(ids)) if fact_runs is False or
+    targets = [i for i in range(start + 1, len(ids)) if not fact_runs or
                ids[i] in corpus.random_ids]
     return ids, targets
 
 
-def make_batch(corpus, r, B, T, facts_lo, facts_hi, copy_frac=0.0, copy_kind="facts"):
+def make_batch(corpus, r, B, T, facts_lo, facts_hi, copy_frac=0.0, copy_kind="mix"):
     """B documents cropped/padded to exactly T tokens; masks mark answer targets and the other
     targets that carry LM loss (keys and values are random draws: no loss on them).
 
@@ -793,6 +793,10 @@ def evaluate(model, batch):
 
 
 def train(args):
+    names = [p[0] for p in PHASES]
+    if args.stop_after and args.stop_after not in names:
+        sys.exit(f"train.py: --stop-after {args.stop_after}: no such phase (phases: "
+                 f"{', '.join(names)})")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     tok = Tokenizer()
@@ -897,7 +901,7 @@ def train(args):
         summary.append((name, T, B, ps, round(time.time() - tp), round(ev, 3)))
         print(f"phase {name} done: {ps} steps in {time.time() - tp:.0f}s", flush=True)
         save(model, tok, args, step, phase=name)
-        if time.time() - t0 >= budget:
+        if time.time() - t0 >= budget or name == args.stop_after:
             break
     print(f"training took {time.time() - t0:.0f}s ({step} steps)")
     print("phases (name, T, batch, steps, seconds, held-out answer accuracy):")
@@ -951,8 +955,11 @@ def main():
     ap.add_argument("--group-init", type=float, default=0.0,
                     help="add a shared direction of this relative size to the embeddings of "
                          "all keys and of all values (0: off)")
-    ap.add_argument("--copy-kind", choices=("runs", "facts", "mix"), default="facts",
-                    help="copy sequences of random keys and values, of facts, or both")
+    ap.add_argument("--copy-kind", choices=("runs", "facts", "mix"), default="mix",
+                    help="copy sequences of random keys and values, of facts, or both "
+                         "(alternating)")
+    ap.add_argument("--stop-after", default=None, metavar="PHASE",
+                    help="end training after this phase (e.g. p2048) instead of running on")
     ap.add_argument("--init", default=None, help="start from this --ckpt file")
     ap.add_argument("--smoke", type=int, default=0, help="run only this many steps per phase")
     ap.add_argument("--ckpt", default=None, help="also save a float32 checkpoint here")

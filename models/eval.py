@@ -40,7 +40,7 @@ def needle_text(tok, ids):
 
 
 def strip_markup(text):
-    for m in ("[[needle]]", "[[/needle]]", "[[decode]]"):
+    for m in ("[[needle]]", "[[/needle]]", "[[decode]]", "[[probe]]"):
         text = text.replace(m, "")
     return text
 

@@ -120,6 +120,16 @@ static void print_header(const Trace *tr)
     printf("%-14s %d\n", "attn rows", m->n_attn_rows);
 }
 
+/* The trace at path, or NULL after printing why it cannot be read. */
+static Trace *open_or_report(const char *path)
+{
+    KvErr err;
+    Trace *tr = trace_open(path, &err);
+    if (!tr)
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+    return tr;
+}
+
 int cmd_info(int argc, char **argv)
 {
     const ArgSpec specs[] = {{NULL, 0, NULL, 0, 0, NULL, NULL}};
@@ -127,12 +137,9 @@ int cmd_info(int argc, char **argv)
     int status = args_start(argc, argv, specs, "info TRACE", positional, 1);
     if (status >= 0)
         return status;
-    KvErr err;
-    Trace *tr = trace_open(positional[0], &err);
-    if (!tr) {
-        fprintf(stderr, "kvsim: %s\n", err.msg);
+    Trace *tr = open_or_report(positional[0]);
+    if (!tr)
         return 2;
-    }
     print_header(tr);
     hid_t file = H5Fopen(positional[0], H5F_ACC_RDONLY, H5P_DEFAULT);
     DatasetList list = {0};
@@ -203,12 +210,9 @@ int cmd_check(int argc, char **argv)
     int status = args_start(argc, argv, specs, "check TRACE [--tol X]", positional, 1);
     if (status >= 0)
         return status;
-    KvErr err;
-    Trace *tr = trace_open(positional[0], &err);
-    if (!tr) {
-        fprintf(stderr, "kvsim: %s\n", err.msg);
+    Trace *tr = open_or_report(positional[0]);
+    if (!tr)
         return 2;
-    }
     const TraceMeta *m = trace_meta(tr);
     if (m->n_attn_rows == 0) {
         fprintf(stderr, "kvsim: %s: the trace stores no attention rows (/attn_rows_at absent); nothing to check\n",
@@ -224,6 +228,7 @@ int cmd_check(int argc, char **argv)
     float *rows = kv_malloc((size_t)m->n_q_heads * m->n_attn_rows * T * sizeof(float));
     float *logits = kv_malloc(T * sizeof(float));
     Worst worst = {0.0, 0, 0, 0, 0};
+    KvErr err;
     status = 0;
     for (int l = 0; l < m->n_layers; l++) {
         if (trace_read_layer(tr, l, q, k, NULL, &err) < 0 ||

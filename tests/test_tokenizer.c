@@ -11,6 +11,7 @@
 
 #include <cmocka.h>
 
+#include "tests/support/tiny_ckpt.h"
 #include "traces/tokenizer.h"
 
 /* ---------------------------------------------------------------- file helpers */
@@ -76,21 +77,6 @@ static int teardown_dir(void **state)
     for (int i = 0; i < g_n_files; i++)
         unlink(g_files[i]);
     return rmdir(g_dir);
-}
-
-/* GPT-2's bytes_to_unicode, written from its definition: bytes '!'..'~', 0xA1..0xAC and
- * 0xAE..0xFF are their own code point; the rest get 256, 257, ... in byte order. */
-static unsigned byte_code_point(unsigned b)
-{
-    unsigned next = 256;
-    for (unsigned x = 0; x < 256; x++) {
-        int printable = (x >= '!' && x <= '~') || (x >= 0xA1 && x <= 0xAC) || x >= 0xAE;
-        if (x == b)
-            return printable ? x : next;
-        if (!printable)
-            next++;
-    }
-    return 0;
 }
 
 /* Appends the byte-level spelling of raw bytes as a JSON string body. */

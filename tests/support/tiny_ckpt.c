@@ -394,8 +394,7 @@ void tiny_ckpt_edit_header(const char *path, const char *tensor, const char *fie
     free(bytes);
 }
 
-/* GPT-2's bytes_to_unicode: printable bytes map to themselves, the others to 256, 257, ... */
-static unsigned byte_code_point(unsigned b)
+unsigned byte_code_point(unsigned b)
 {
     unsigned next = 256;
     for (unsigned x = 0; x < 256; x++) {

@@ -8,7 +8,7 @@ KVSIM      := $(BUILD)/kvsim
 DEB_PACKAGES := build-essential cmake pkg-config libhdf5-dev hdf5-tools libopenblas-dev \
                 libgsl-dev libcmocka-dev libinih-dev libcjson-dev libpcre2-dev gnuplot-nox
 
-.PHONY: all deps build test test-release test-sanitize run bench clean
+.PHONY: all deps build test test-release test-sanitize test-fuzz fuzz fuzz-deps run bench clean
 
 all: build
 
@@ -33,8 +33,9 @@ build: deps $(BUILD)/CMakeCache.txt
 $(SAN_BUILD)/CMakeCache.txt: | deps
 	cmake -S . -B $(SAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DKVSIM_SANITIZE=ON
 
-# The test suite, twice: the release build, then the ASan+UBSan build.
-test: test-release test-sanitize
+# The test suite, twice (the release build, then the ASan+UBSan build), then every fuzz harness
+# for a short time (FUZZ_TEST_SECONDS each).
+test: test-release test-sanitize test-fuzz
 
 test-release: build
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
@@ -43,6 +44,36 @@ test-sanitize: deps $(SAN_BUILD)/CMakeCache.txt
 	cmake --build $(SAN_BUILD) -j $(JOBS)
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --test-dir $(SAN_BUILD) --output-on-failure -j $(JOBS)
+
+# libFuzzer harnesses (tests/fuzz, docs/fuzzing.md): clang and its runtime from Debian.
+FUZZ_BUILD        ?= build-fuzz
+FUZZ_SECONDS      ?= 600
+FUZZ_TEST_SECONDS ?= 45
+FUZZ_JOBS         ?= $(JOBS)
+FUZZ_PACKAGES     := clang libclang-rt-14-dev
+
+fuzz-deps: deps
+	@missing=$$(for p in $(FUZZ_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else \
+	    echo "fuzzing needs these Debian packages: sudo apt-get install -y $$missing"; exit 1; \
+	  fi; \
+	fi
+
+$(FUZZ_BUILD)/CMakeCache.txt: | fuzz-deps
+	CC=clang cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=Debug -DKVSIM_FUZZ=ON
+
+# Every harness for FUZZ_SECONDS (a campaign; resumes from the corpus of the last one).
+fuzz: fuzz-deps $(FUZZ_BUILD)/CMakeCache.txt
+	cmake --build $(FUZZ_BUILD) -j $(JOBS)
+	tests/fuzz/run.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_JOBS)
+
+test-fuzz: fuzz-deps $(FUZZ_BUILD)/CMakeCache.txt
+	cmake --build $(FUZZ_BUILD) -j $(JOBS)
+	tests/fuzz/run.sh $(FUZZ_BUILD) $(FUZZ_TEST_SECONDS) $(FUZZ_JOBS)
 
 # The main job on the embedded default: the committed tiny retrieval model (models/tiny-retrieval)
 # traced on the committed held-out prompt, replayed through the configured policies.
@@ -67,7 +98,7 @@ bench: build
 	  replay=$$?; cd $(CURDIR) && bench/generator.sh $(BUILD) 2; exit $$(( replay || $$? ))
 
 clean:
-	rm -rf $(BUILD) $(SAN_BUILD)
+	rm -rf $(BUILD) $(SAN_BUILD) $(FUZZ_BUILD)
 
 # Budget sweeps and plots (make sweep, make plots).
 -include analysis/analysis.mk

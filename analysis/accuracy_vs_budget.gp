@@ -2,7 +2,7 @@
 # policy evicting from its live KV cache) vs KV budget, one line per policy, from the sweep's
 # concatenated eval table:
 #   gnuplot -e "in='results/sweep/eval.csv'; out='accuracy_vs_budget.png'" analysis/accuracy_vs_budget.gp
-# Policies that do not apply in closed loop (oracle_future: NaN) have no points.
+# Policies that do not apply in closed loop (oracle_future: empty fields) have no line.
 metric = "accuracy"
 metric_label = "exact-answer accuracy over the held-out prompts"
 plot_title = "Answer accuracy vs KV budget (kvsim eval)"

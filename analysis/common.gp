@@ -21,22 +21,27 @@ rows_cmd = "< awk -F, -v p='%s' 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == \
     . " NR == 1 || $c == p' '%s'"
 rows(p) = sprintf(rows_cmd, p, in)
 
-# Number of values of column `name` that are numbers (not NaN, not empty).
+# Number of values of column `name`: fields that are not empty (kvsim writes a value that
+# does not apply as an empty field).
 values_cmd = "awk -F, -v name='%s' 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == name) c = i; next }" \
-    . " c && $c != \"\" && $c != \"NaN\" { n++ } END { print n + 0 }' '%s'"
+    . " c && $c != \"\" { n++ } END { print n + 0 }' '%s'"
 value_count(name) = int(system(sprintf(values_cmd, name, in)))
 
 # The policies (in order of first appearance) with at least one value of column `name`, and
 # the line type of a policy (its place in `policies`, so that it keeps its color when others
 # are left out of a plot).
 with_values_cmd = "awk -F, -v name='%s' 'NR == 1 { for (i = 1; i <= NF; i++) { if ($i == name) c = i;" \
-    . " if ($i == \"policy\") pc = i } next } c && $c != \"\" && $c != \"NaN\" && !seen[$pc]++" \
+    . " if ($i == \"policy\") pc = i } next } c && $c != \"\" && !seen[$pc]++" \
     . " { printf \"%%s \", $pc }' '%s'"
 policies_with_values(name) = system(sprintf(with_values_cmd, name, in))
 policy_linetype(p) = words(substr(" " . policies . " ", 1, strstrt(" " . policies . " ", " " . p . " "))) + 1
 
 set datafile separator ","
-set datafile missing "NaN"
+# An empty field is a value that does not apply. gnuplot 5.4 already skips one read as a column
+# (`using "x":"y"`), but inside an expression (`using 1:(column("y") / 2)`) it is NaN, which
+# would break the line there; `missing NaN` makes every NaN, hence every empty field in any
+# `using` form, a missing point (skipped, the line drawn on through it).
+set datafile missing NaN
 # A script may set png_size ("width,height" in pixels) before loading this file.
 if (!exists("png_size")) png_size = "1280,760"
 eval "set terminal pngcairo noenhanced font 'sans,12' linewidth 1.5 size " . png_size

@@ -6,10 +6,27 @@
 # Rows come out in argument order (the caller lists budgets in ascending order) and, within a
 # file, in the file's order (the config's policy order), so the output is deterministic. Every
 # file must have the header of the first, at least one row, and as many fields per row as its
-# header; every budget must be a positive integer given once. On a violation it prints one line
-# naming the file (and line) to stderr and exits with status 1. POSIX awk (mawk, gawk).
+# header (fields as RFC 4180 counts them: a comma inside a quoted label does not separate; a
+# record must fit on one line, as the rows of summary.csv and eval.csv do); every budget must be
+# a positive integer given once. On a violation it prints one line naming the file (and line)
+# to stderr and exits with status 1. POSIX awk (mawk, gawk).
 
 BEGIN { FS = ","; OFS = ","; failed = 0 }
+
+# Number of fields of a one-line RFC 4180 record: commas between double quotes do not separate
+# (a doubled quote inside quotes toggles twice, so it changes nothing).
+function csv_nf(line,    n, i, ch, quoted) {
+    n = 1
+    quoted = 0
+    for (i = 1; i <= length(line); i++) {
+        ch = substr(line, i, 1)
+        if (ch == "\"")
+            quoted = !quoted
+        else if (ch == "," && !quoted)
+            n++
+    }
+    return n
+}
 
 function fail(msg) {
     if (!failed)
@@ -50,8 +67,8 @@ FNR == 1 {
     next
 }
 
-NF != columns {
-    fail(FILENAME ":" FNR ": " NF " fields, the header has " columns)
+csv_nf($0) != columns {
+    fail(FILENAME ":" FNR ": " csv_nf($0) " fields, the header has " columns)
 }
 
 {

@@ -1,5 +1,5 @@
 # run_plot.gp — one run at a glance: retained mass, recall@k and needle survival of every
-# policy as grouped bars, from that run's summary.csv (missing values leave a gap):
+# policy as grouped bars, from that run's summary.csv (an empty field leaves a gap):
 #   gnuplot -e "in='results/baselines/summary.csv'; out='results/baselines/plot.png'" analysis/run_plot.gp
 
 script_dir = system(sprintf("dirname '%s'", ARG0))

@@ -15,10 +15,10 @@ set offsets graph 0.03, graph 0.03, 0, 0
 if (exists("y_range")) { eval "set yrange " . y_range }
 if (exists("y_log") && y_log) { set logscale y 10 }
 
-# A metric that is NaN throughout (needle survival on a trace without needles) gives an empty
+# A metric that is empty throughout (needle survival on a trace without needles) gives an empty
 # frame that says so, rather than no file.
 if (value_count(metric) == 0) {
-    set label 1 sprintf("no value: %s is NaN in every row of %s", metric, in) at graph 0.5, 0.5 center
+    set label 1 sprintf("no value: %s is empty in every row of %s", metric, in) at graph 0.5, 0.5 center
     unset logscale y
     unset key
     set xrange [64:1024]

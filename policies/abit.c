@@ -602,6 +602,21 @@ static void abit_destroy(Policy *p)
     free(a);
 }
 
+static long abit_max_slots(const void *params, const LayerView *L, int t)
+{
+    const AbitParams *prm = params;
+    (void)L;
+    (void)t;
+    return prm->budget;
+}
+
+static const char *const abit_conformance[] = {
+    "budget=48 local=8 span=16 max_split=8 min_split=2 min_cluster=2 max_clusters=4",
+    "budget=48 local=8 span=16 max_split=8 min_split=2 min_cluster=2 max_clusters=4 "
+    "pin_system=false window=5 tolerance=1 top_keys=2",
+    NULL,
+};
+
 const PolicyType policy_abit = {
     .name = "abit",
     .description = "TriCache tripartite cache: pinned system prompt + last `local` tokens + "
@@ -615,4 +630,6 @@ const PolicyType policy_abit = {
     .observe = abit_observe,
     .memory = abit_memory,
     .destroy = abit_destroy,
+    .max_slots = abit_max_slots,
+    .conformance = abit_conformance,
 };

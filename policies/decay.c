@@ -179,6 +179,20 @@ static void decay_destroy(Policy *p)
     free(d);
 }
 
+static long decay_max_slots(const void *params, const LayerView *L, int t)
+{
+    const DecayParams *prm = params;
+    (void)L;
+    (void)t;
+    return prm->budget;
+}
+
+static const char *const decay_conformance[] = {
+    "budget=32 local=8",
+    "budget=32 local=8 pin_system=false",
+    NULL,
+};
+
 const PolicyType policy_decay = {
     .name = "decay",
     .description = "TriCache eviction: accumulated attention / ln(age + e), system prompt and "
@@ -191,4 +205,6 @@ const PolicyType policy_decay = {
     .step = decay_step,
     .observe = decay_observe,
     .destroy = decay_destroy,
+    .max_slots = decay_max_slots,
+    .conformance = decay_conformance,
 };

@@ -69,6 +69,15 @@ static void full_destroy(Policy *p)
     free(p);
 }
 
+static long full_max_slots(const void *params, const LayerView *L, int t)
+{
+    (void)params;
+    (void)L;
+    return (long)t + 1;
+}
+
+static const char *const full_conformance[] = {"step=16", "step=5", NULL};
+
 const PolicyType policy_full = {
     .name = "full",
     .description = "keeps every token (the reference); buffer grows in steps of `step` tokens",
@@ -79,4 +88,6 @@ const PolicyType policy_full = {
     .step = full_step,
     .memory = full_memory,
     .destroy = full_destroy,
+    .max_slots = full_max_slots,
+    .conformance = full_conformance,
 };

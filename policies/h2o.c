@@ -137,6 +137,16 @@ static void h2o_destroy(Policy *p)
     free(h);
 }
 
+static long h2o_max_slots(const void *params, const LayerView *L, int t)
+{
+    const H2oParams *prm = params;
+    (void)L;
+    (void)t;
+    return prm->budget;
+}
+
+static const char *const h2o_conformance[] = {"budget=32", "budget=32 heavy_ratio=0.25", NULL};
+
 const PolicyType policy_h2o = {
     .name = "h2o",
     .description = "heavy hitters by accumulated attention plus a recent window",
@@ -148,4 +158,6 @@ const PolicyType policy_h2o = {
     .step = h2o_step,
     .observe = h2o_observe,
     .destroy = h2o_destroy,
+    .max_slots = h2o_max_slots,
+    .conformance = h2o_conformance,
 };

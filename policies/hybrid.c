@@ -2,8 +2,11 @@
  * received from the current step's queries of its KV group (sum over the group's heads). When
  * the cache is over budget, `ratio` of the budget is kept by importance, the rest are the most
  * recent tokens, the newest always. ratio = 1 is FixedSize's plain `attention` strategy,
- * ratio = 0 a sliding window. include_skipped adds one synthetic slot holding the mean (or sum)
- * of every evicted key and value, which counts toward the budget.
+ * ratio = 0 a sliding window. include_skipped adds one synthetic slot holding the mean of every
+ * evicted key and value, which counts toward the budget (FixedSize's current code). Its first
+ * version summed them instead; kvsim does not offer that: the sum's logit grows with every
+ * eviction until the slot takes all of the attention, every real token's share is 0 and
+ * eviction degenerates to oldest-first.
  *
  * Timing: like FixedSize, a step attends first and truncates after (in observe), with that
  * step's attention; the cache is cut to budget - 1 so that the next token fits. */
@@ -97,7 +100,7 @@ int hybrid_select_evictions(const KVCache *c, const float *importance, int newes
 
 /* ---- The hybrid policy ---- */
 
-enum { SKIPPED_OFF = 0, SKIPPED_MEAN = 1, SKIPPED_SUM = 2 };
+enum { SKIPPED_OFF = 0, SKIPPED_MEAN = 1 };
 
 typedef struct {
     int budget;
@@ -123,7 +126,7 @@ static const ParamSpec hybrid_params[] = {
     {"ratio", PARAM_DOUBLE, offsetof(HybridParams, ratio), "0.5", 0, 1, NULL,
      "share of the budget kept by importance; the rest are the most recent tokens"},
     {"include_skipped", PARAM_ENUM, offsetof(HybridParams, include_skipped), "off", 0, 0,
-     "off|mean|sum", "one synthetic slot holding the mean or sum of the evicted keys and values"},
+     "off|mean", "one synthetic slot holding the mean of the evicted keys and values"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
@@ -173,7 +176,7 @@ static void hybrid_write_summary(Hybrid *h, int g)
             break;
         }
     const double *sum = h->skipped_sum + (size_t)g * 2 * h->head_dim;
-    double divisor = h->prm.include_skipped == SKIPPED_MEAN ? h->skipped_count[g] : 1.0;
+    double divisor = h->skipped_count[g];
     for (int d = 0; d < 2 * h->head_dim; d++)
         h->summary[d] = (float)(sum[d] / divisor);
     kvcache_add_alt(c, -1, h->summary, h->summary + h->head_dim);
@@ -262,6 +265,22 @@ static void hybrid_destroy(Policy *p)
     free(h);
 }
 
+static long hybrid_max_slots(const void *params, const LayerView *L, int t)
+{
+    const HybridParams *prm = params;
+    (void)L;
+    (void)t;
+    return prm->budget;
+}
+
+static const char *const hybrid_conformance[] = {
+    "budget=32",
+    "budget=32 ratio=1",
+    "budget=32 ratio=0",
+    "budget=32 include_skipped=mean",
+    NULL,
+};
+
 const PolicyType policy_hybrid = {
     .name = "hybrid",
     .description = "FixedSize truncation: `ratio` of the budget by this step's attention, the rest "
@@ -274,4 +293,6 @@ const PolicyType policy_hybrid = {
     .step = hybrid_step,
     .observe = hybrid_observe,
     .destroy = hybrid_destroy,
+    .max_slots = hybrid_max_slots,
+    .conformance = hybrid_conformance,
 };

@@ -401,6 +401,21 @@ static void offload_destroy(Policy *p)
     free(o);
 }
 
+static long offload_max_slots(const void *params, const LayerView *L, int t)
+{
+    const OffloadParams *prm = params;
+    (void)L;
+    (void)t;
+    return prm->budget;
+}
+
+static const char *const offload_conformance[] = {
+    "budget=32 host_budget=48 group=8",
+    "budget=32 host_budget=48 group=8 ratio=1 bits=4",
+    "budget=32 host_budget=48 group=8 importance_window=4 threshold=0.02 max_restore=1",
+    NULL,
+};
+
 const PolicyType policy_offload = {
     .name = "offload",
     .description = "FixedSize CPU offload: hybrid device tier, quantized host tier, restoration "
@@ -414,4 +429,6 @@ const PolicyType policy_offload = {
     .observe = offload_observe,
     .memory = offload_memory,
     .destroy = offload_destroy,
+    .max_slots = offload_max_slots,
+    .conformance = offload_conformance,
 };

@@ -110,6 +110,16 @@ static void oracle_future_destroy(Policy *p)
     free(o);
 }
 
+static long oracle_future_max_slots(const void *params, const LayerView *L, int t)
+{
+    const OracleFutureParams *prm = params;
+    (void)L;
+    (void)t;
+    return prm->budget;
+}
+
+static const char *const oracle_future_conformance[] = {"budget=32", "budget=24", NULL};
+
 const PolicyType policy_oracle_future = {
     .name = "oracle_future",
     .description = "oracle: permanent eviction of the token of least remaining future attention",
@@ -120,4 +130,6 @@ const PolicyType policy_oracle_future = {
     .step = oracle_future_step,
     .observe = oracle_future_observe,
     .destroy = oracle_future_destroy,
+    .max_slots = oracle_future_max_slots,
+    .conformance = oracle_future_conformance,
 };

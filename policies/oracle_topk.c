@@ -102,6 +102,16 @@ static void oracle_topk_destroy(Policy *p)
     free(o);
 }
 
+static long oracle_topk_max_slots(const void *params, const LayerView *L, int t)
+{
+    const OracleTopkParams *prm = params;
+    (void)L;
+    (void)t;
+    return prm->budget;
+}
+
+static const char *const oracle_topk_conformance[] = {"budget=32", "budget=24", NULL};
+
 const PolicyType policy_oracle_topk = {
     .name = "oracle_topk",
     .description = "oracle: the budget keys of highest true attention at every step",
@@ -111,4 +121,6 @@ const PolicyType policy_oracle_topk = {
     .prefill = oracle_topk_prefill,
     .step = oracle_topk_step,
     .destroy = oracle_topk_destroy,
+    .max_slots = oracle_topk_max_slots,
+    .conformance = oracle_topk_conformance,
 };

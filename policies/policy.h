@@ -167,6 +167,15 @@ struct PolicyType {
     /* May be NULL: the engine then reports live slots at env.kv_bits, allocated = live. */
     void (*memory)(const Policy *p, MemReport *m);
     void (*destroy)(Policy *p);
+
+    /* ---- The contract the conformance suite (tests/test_conformance.c) checks ----
+     * The most slots (real and synthetic) one KV head's cache may hold when query t attends,
+     * t >= n_prompt, for these parameters: the policy's documented budget. */
+    long (*max_slots)(const void *params, const LayerView *L, int t);
+    /* Parameter settings ("key=value ...", NULL-terminated) the suite runs on its small traces
+     * (a prompt of about a hundred tokens): the defaults scaled to them first, then settings
+     * that between them give every int, double, bool and enum parameter a non-default value. */
+    const char *const *conformance;
 };
 
 /* Base helpers for create/destroy: allocate and free the per-KV-head caches. */

@@ -94,6 +94,16 @@ static void random_destroy(Policy *p)
     free(r);
 }
 
+static long random_max_slots(const void *params, const LayerView *L, int t)
+{
+    const RandomParams *prm = params;
+    (void)L;
+    (void)t;
+    return prm->budget;
+}
+
+static const char *const random_conformance[] = {"budget=32", "budget=24", NULL};
+
 const PolicyType policy_random = {
     .name = "random",
     .description = "uniform random eviction at the budget (seeded): the floor",
@@ -104,4 +114,6 @@ const PolicyType policy_random = {
     .step = random_step,
     .observe = random_observe,
     .destroy = random_destroy,
+    .max_slots = random_max_slots,
+    .conformance = random_conformance,
 };

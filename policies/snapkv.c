@@ -165,6 +165,18 @@ static void snapkv_destroy(Policy *p)
     free(s);
 }
 
+static long snapkv_max_slots(const void *params, const LayerView *L, int t)
+{
+    const SnapkvParams *prm = params;
+    return prm->decode == SNAPKV_DECODE_GROW ? (long)prm->budget + t - L->n_prompt : prm->budget;
+}
+
+static const char *const snapkv_conformance[] = {
+    "budget=32 observation=8 kernel=3",
+    "budget=32 observation=4 kernel=1 decode=grow",
+    NULL,
+};
+
 const PolicyType policy_snapkv = {
     .name = "snapkv",
     .description = "prompt compressed by the observation window's pooled attention; decode window",
@@ -176,4 +188,6 @@ const PolicyType policy_snapkv = {
     .step = snapkv_step,
     .observe = snapkv_observe,
     .destroy = snapkv_destroy,
+    .max_slots = snapkv_max_slots,
+    .conformance = snapkv_conformance,
 };

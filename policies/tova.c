@@ -131,6 +131,16 @@ static void tova_destroy(Policy *p)
     free(v);
 }
 
+static long tova_max_slots(const void *params, const LayerView *L, int t)
+{
+    const TovaParams *prm = params;
+    (void)L;
+    (void)t;
+    return prm->budget;
+}
+
+static const char *const tova_conformance[] = {"budget=32", "budget=32 heads=layer", NULL};
+
 const PolicyType policy_tova = {
     .name = "tova",
     .description = "evicts the token the current query attends to least (group-mean attention)",
@@ -141,4 +151,6 @@ const PolicyType policy_tova = {
     .step = tova_step,
     .observe = tova_observe,
     .destroy = tova_destroy,
+    .max_slots = tova_max_slots,
+    .conformance = tova_conformance,
 };

@@ -401,7 +401,9 @@ static void trig_prefill(Policy *p, const PrefillView *pv)
     for (int g = 0; g < p->n_kv_heads; g++)
         for (int j = 0; j < P; j++)
             kvcache_add(&p->cache[g], j);
-    /* TriAttention compresses a prompt longer than the budget as soon as it is cached. */
+    /* A departure (docs/policies.md): the authors' code never prunes on the prefill pass and
+     * pins the prompt; kvsim cuts a prompt longer than the budget at prefill end, so that the
+     * budget holds at every decode step and prompt tokens compete on their scores. */
     if (P > tr->prm.budget)
         prune(tr, L, P - 1);
     tr->since_prune = 0;
@@ -430,6 +432,21 @@ static void trig_destroy(Policy *p)
     free(p);
 }
 
+static long trig_max_slots(const void *params, const LayerView *L, int t)
+{
+    const TrigParams *prm = params;
+    (void)L;
+    (void)t;
+    return (long)prm->budget + prm->divide_length - 1;
+}
+
+static const char *const trig_conformance[] = {
+    "budget=32 divide_length=8 protect_recent=8",
+    "budget=32 divide_length=8 protect_recent=8 protect_initial=0 granularity=layer",
+    "budget=32 divide_length=8 protect_recent=8 pairing=interleaved",
+    NULL,
+};
+
 const PolicyType policy_trig = {
     .name = "trig",
     .description = "TriAttention: calibrated trigonometric key scores, pruned to `budget` every "
@@ -441,4 +458,6 @@ const PolicyType policy_trig = {
     .prefill = trig_prefill,
     .step = trig_step,
     .destroy = trig_destroy,
+    .max_slots = trig_max_slots,
+    .conformance = trig_conformance,
 };

@@ -67,6 +67,16 @@ static void window_destroy(Policy *p)
     free(p);
 }
 
+static long window_max_slots(const void *params, const LayerView *L, int t)
+{
+    const WindowParams *prm = params;
+    (void)L;
+    (void)t;
+    return (long)prm->window + prm->sinks;
+}
+
+static const char *const window_conformance[] = {"window=28", "window=32 sinks=0", NULL};
+
 const PolicyType policy_window = {
     .name = "window",
     .description = "StreamingLLM: `sinks` initial tokens plus the last `window` tokens",
@@ -76,4 +86,6 @@ const PolicyType policy_window = {
     .prefill = window_prefill,
     .step = window_step,
     .destroy = window_destroy,
+    .max_slots = window_max_slots,
+    .conformance = window_conformance,
 };

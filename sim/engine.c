@@ -142,6 +142,21 @@ static void decode_mass_statistics(Worker *w, const LayerView *L, float *dmass)
     }
 }
 
+/* The observation rows of one instance: the last `rows` of the `all_rows` computed, as the
+ * [n_q_heads][rows][P] array PrefillView promises. The shared array when the counts agree;
+ * otherwise a copy into *own (reallocated: instances are prefilled one at a time). */
+static const float *obs_attn_for(const float *obs, int all_rows, int rows, int Hq, int P,
+                                 float **own)
+{
+    if (rows == all_rows)
+        return obs;
+    *own = kv_realloc(*own, (size_t)Hq * rows * P * sizeof(float));
+    for (int h = 0; h < Hq; h++)
+        memcpy(*own + (size_t)h * rows * P, obs + ((size_t)h * all_rows + all_rows - rows) * P,
+               (size_t)rows * P * sizeof(float));
+    return *own;
+}
+
 static void ensure_attn_capacity(Worker *w, int g, int need)
 {
     if (w->attn_cap[g] < need) {
@@ -160,8 +175,23 @@ static void ensure_scratch(Worker *w, size_t need)
 
 /* Query t's attention over one KV head's cache, for each head of its group: the metrics at an
  * evaluated step, and the renormalised attention the policy observes. */
-static void attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, const KVCache *c,
-                           int g, int t, int b, int e, bool observe)
+/* A metric value that is not finite is a bug in a policy or in kvsim, never a result: the run
+ * stops with an error naming where it appeared. */
+static int check_finite(Job *job, int pi, int layer, int t, const char *metric, int head,
+                        double v, KvErr *err)
+{
+    if (isfinite(v))
+        return 0;
+    char where[32] = "";
+    if (head >= 0)
+        snprintf(where, sizeof where, ", query head %d", head);
+    return kv_fail(err, "%s: policy %s, layer %d, step %d%s: %s = %g is not finite",
+                   trace_path(job->tr), job->cfg->policies[pi].label, layer, t, where, metric,
+                   v);
+}
+
+static int attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, const KVCache *c,
+                          int g, int t, int b, int e, bool observe, KvErr *err)
 {
     const EngineConfig *cfg = job->cfg;
     int T = L->n_tokens, D = L->head_dim, G = L->group, Hq = L->n_q_heads;
@@ -169,7 +199,7 @@ static void attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, cons
     bool want_err = e >= 0 && output_errors_needed(c, t);
     bool want_attn = observe || want_err;
     FullRow rows[G];
-    double mass[G], err[G];
+    double mass[G], out_err[G];
     if (want_attn)
         ensure_attn_capacity(w, g, G * c->n);
     for (int i = 0; i < G; i++) {
@@ -180,6 +210,7 @@ static void attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, cons
             .p = w->probs + ((size_t)b * Hq + h) * T,
             .logit_max = w->row_max[h * DECODE_BLOCK + b],
             .logit_z = w->row_z[h * DECODE_BLOCK + b],
+            .k = L->k + (size_t)g * T * D,
             .v = L->v + (size_t)g * T * D,
             .o_full = w->out + ((size_t)h * DECODE_BLOCK + b) * D,
         };
@@ -187,26 +218,30 @@ static void attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, cons
                       .retained_mass;
     }
     if (e < 0)
-        return;
+        return 0;
     for (int i = 0; i < G; i++)
-        err[i] = 0.0;
+        out_err[i] = 0.0;
     if (want_err) {
         ensure_scratch(w, (size_t)(c->n + G) * D);
-        output_errors(c, rows, G, w->attn[g], w->scratch, err);
+        output_errors(c, rows, G, w->attn[g], w->scratch, out_err);
     }
     for (int i = 0; i < G; i++) {
         int h = g * G + i;
         float *hm = results_head(job->res, pi, L->layer, e, h);
         hm[HM_MASS] = (float)mass[i];
         hm[HM_RECALL] = (float)recall_at_k(c, w->topk + (size_t)h * cfg->topk, k);
-        hm[HM_OUT_ERR] = (float)err[i];
+        hm[HM_OUT_ERR] = (float)out_err[i];
+        if (check_finite(job, pi, L->layer, t, "mass", h, hm[HM_MASS], err) != 0 ||
+            check_finite(job, pi, L->layer, t, "out_err", h, hm[HM_OUT_ERR], err) != 0)
+            return -1;
     }
+    return 0;
 }
 
 /* One policy instance at decode step t: step, attention over its caches and metrics, observe,
  * memory. Callback time and metric time are accounted separately. */
-static void replay_step(Job *job, Worker *w, const LayerView *L, int pi, Policy *inst, int t,
-                        int b, int e)
+static int replay_step(Job *job, Worker *w, const LayerView *L, int pi, Policy *inst, int t,
+                       int b, int e, KvErr *err)
 {
     const EngineConfig *cfg = job->cfg;
     Results *res = job->res;
@@ -221,8 +256,9 @@ static void replay_step(Job *job, Worker *w, const LayerView *L, int pi, Policy 
     double cache_tokens = 0, needles = NAN;
     for (int g = 0; g < L->n_kv_heads; g++) {
         cache_tokens += inst->cache[g].n;
-        if (observe || e >= 0)
-            attend_kv_head(job, w, L, pi, &inst->cache[g], g, t, b, e, observe);
+        if ((observe || e >= 0) &&
+            attend_kv_head(job, w, L, pi, &inst->cache[g], g, t, b, e, observe, err) != 0)
+            return -1;
     }
     if (e >= 0 && res->eval_probe[e]) {
         /* The needles the probe query could attend to: the cache as it attended, before
@@ -264,6 +300,16 @@ static void replay_step(Job *job, Worker *w, const LayerView *L, int pi, Policy 
         sm[SM_FETCHED_TOKENS] = mem.fetched_tokens;
         sm[SM_NEEDLE_SURVIVAL] = needles;
     }
+    static const char *const mem_name[] = {"device_bytes", "allocated_bytes", "host_bytes",
+                                           "to_host_bytes", "to_device_bytes", "fetched_tokens",
+                                           "restored_tokens", "restore_k_err", "restore_v_err"};
+    const double mem_value[] = {mem.device_bytes, mem.allocated_bytes, mem.host_bytes,
+                                mem.to_host_bytes, mem.to_device_bytes, mem.fetched_tokens,
+                                mem.restored_tokens, mem.restore_k_err, mem.restore_v_err};
+    for (size_t i = 0; i < sizeof mem_value / sizeof mem_value[0]; i++)
+        if (check_finite(job, pi, L->layer, t, mem_name[i], -1, mem_value[i], err) != 0)
+            return -1;
+    return 0;
 }
 
 static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
@@ -306,8 +352,11 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     if (want_rows > P)
         want_rows = P;
 
+    /* The prompt statistics are computed once, at the most rows any instance asks for; each
+     * instance then gets exactly the rows it asked for (obs_attn_for). */
     float *mass = want_mass ? kv_calloc((size_t)Hq * P, sizeof(float)) : NULL;
     float *obs = want_rows ? kv_calloc((size_t)Hq * want_rows * P, sizeof(float)) : NULL;
+    float *own_obs = NULL;
     float *dmass = want_dmass ? kv_calloc((size_t)Hq * T, sizeof(float)) : NULL;
     double s0 = now_seconds();
     if (mass || obs)
@@ -317,11 +366,12 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
         decode_mass_statistics(w, &L, dmass);
     w->attention_seconds += now_seconds() - s0;
     for (int pi = 0; pi < n_pol; pi++) {
+        int rows = inst[pi]->want_prefill_rows < P ? inst[pi]->want_prefill_rows : P;
         PrefillView pv = {
             .L = &L,
             .prefill_mass = inst[pi]->want_prefill_mass ? mass : NULL,
-            .obs_attn = inst[pi]->want_prefill_rows ? obs : NULL,
-            .obs_rows = inst[pi]->want_prefill_rows ? want_rows : 0,
+            .obs_attn = rows > 0 ? obs_attn_for(obs, want_rows, rows, Hq, P, &own_obs) : NULL,
+            .obs_rows = rows > 0 ? rows : 0,
             .decode_mass = inst[pi]->is_oracle ? dmass : NULL,
         };
         double t0 = now_seconds();
@@ -329,7 +379,8 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
         w->policy_seconds[pi] += now_seconds() - t0;
     }
 
-    for (int t0 = P; t0 < T && !job->failed; t0 += DECODE_BLOCK) {
+    bool failed = false;
+    for (int t0 = P; t0 < T && !job->failed && !failed; t0 += DECODE_BLOCK) {
         int B = T - t0 < DECODE_BLOCK ? T - t0 : DECODE_BLOCK;
         double a0 = now_seconds();
         for (int h = 0; h < Hq; h++) {
@@ -339,10 +390,22 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
                             Hq * T, w->out + (size_t)h * DECODE_BLOCK * D,
                             w->row_max + h * DECODE_BLOCK, w->row_z + h * DECODE_BLOCK);
             w->attention_flops += attention_block_flops(B, t0, D, 1);
+            /* A logit that overflows float (|q.k| * scale beyond 3.4e38) leaves a row that is
+             * not a distribution: the trace is out of range, and no metric can be computed. */
+            for (int b = 0; b < B && !failed; b++)
+                if (!isfinite(w->row_max[h * DECODE_BLOCK + b]) ||
+                    !isfinite(w->row_z[h * DECODE_BLOCK + b])) {
+                    kv_fail(err, "%s: layer %d, step %d, query head %d: the attention logits "
+                            "are not finite (Q or K too large for float32 at attn_scale %g)",
+                            trace_path(job->tr), layer, t0 + b, h, m->attn_scale);
+                    failed = true;
+                }
         }
         w->attention_seconds += now_seconds() - a0;
+        if (failed)
+            break;
 
-        for (int b = 0; b < B; b++) {
+        for (int b = 0; b < B && !failed; b++) {
             int t = t0 + b, e = job->eval_of_step[t];
             if (e >= 0) {
                 double k0 = now_seconds();
@@ -352,9 +415,8 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
                                  w->topk + (size_t)h * cfg->topk);
                 w->metric_seconds += now_seconds() - k0;
             }
-            for (int pi = 0; pi < n_pol; pi++) {
-                replay_step(job, w, &L, pi, inst[pi], t, b, e);
-            }
+            for (int pi = 0; pi < n_pol && !failed; pi++)
+                failed = replay_step(job, w, &L, pi, inst[pi], t, b, e, err) != 0;
         }
         atomic_fetch_add(&job->steps_done, B);
     }
@@ -364,8 +426,9 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     free(inst);
     free(mass);
     free(obs);
+    free(own_obs);
     free(dmass);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 static void *worker_main(void *arg)

@@ -45,6 +45,7 @@ int main(int argc, char **argv)
         usage(stdout);
         return 0;
     }
+    kv_install_signal_cleanup(); /* an interrupted command leaves no temporary file behind */
     for (const Command *c = commands; c->name; c++)
         if (!strcmp(c->name, argv[1]))
             return c->run(argc - 1, argv + 1);

@@ -1,6 +1,7 @@
 #include "sim/metrics.h"
 
 #include <cblas.h>
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,11 +17,31 @@ static bool cache_is_complete(const KVCache *c, int t)
     return c->n_alt == 0 && c->n == t + 1;
 }
 
-/* Weight of an alt slot relative to the full row's normaliser: exp(s - max) / Z. */
-static double alt_weight(const KVCache *c, int slot, const FullRow *row)
+/* Logit of slot i: scale * q . k, with the slot's own key for alt slots. */
+static double slot_logit(const KVCache *c, int slot, const FullRow *row)
 {
-    float dot = cblas_sdot(row->head_dim, row->q, 1, c->alt_kv[slot], 1);
-    return exp((double)row->scale * dot - row->logit_max) / row->logit_z;
+    const float *k = c->alt_kv[slot] ? c->alt_kv[slot]
+                                     : row->k + (size_t)c->pos[slot] * row->head_dim;
+    return (double)row->scale * cblas_sdot(row->head_dim, row->q, 1, k, 1);
+}
+
+/* The renormalised attention as a softmax of the logits over the cache (double precision). */
+static void softmax_over_cache(const KVCache *c, const FullRow *row, float *attn)
+{
+    double mx = -INFINITY, z = 0;
+    double *logit = kv_malloc((size_t)c->n * sizeof *logit);
+    for (int i = 0; i < c->n; i++) {
+        logit[i] = slot_logit(c, i, row);
+        if (logit[i] > mx)
+            mx = logit[i];
+    }
+    for (int i = 0; i < c->n; i++) {
+        logit[i] = exp(logit[i] - mx);
+        z += logit[i];
+    }
+    for (int i = 0; i < c->n; i++)
+        attn[i] = (float)(logit[i] / z);
+    free(logit);
 }
 
 CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn)
@@ -44,20 +65,32 @@ CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn
             if (slot_is_exact(c, i))
                 ca.retained_mass += row->p[c->pos[i]];
     }
+    /* The shares from the full row, while each is a normal number relative to it. */
+    bool exact = true;
+    double exact_total = 0; /* summed directly: 1 - missing loses a small cache's share */
     for (int i = 0; i < c->n; i++) {
+        double w;
         if (c->alt_kv[i]) {
-            double w = alt_weight(c, i, row);
+            /* exp(s - max) / Z: the alt key's weight in units of the full row. */
+            w = exp(slot_logit(c, i, row) - row->logit_max) / row->logit_z;
             alt_total += w;
-            if (attn)
-                attn[i] = (float)w;
-        } else if (attn) {
-            attn[i] = row->p[c->pos[i]];
+            exact &= w >= FLT_MIN && w <= 1.0 / FLT_EPSILON;
+        } else {
+            w = row->p[c->pos[i]];
+            exact_total += w;
+            exact &= w >= FLT_MIN;
         }
+        if (attn)
+            attn[i] = (float)w;
     }
-    ca.denominator = ca.retained_mass + alt_total;
-    if (attn && ca.denominator > 0) {
+    ca.denominator = exact_total + alt_total;
+    if (!attn || c->n == 0)
+        return ca;
+    if (exact) {
         float inv = (float)(1.0 / ca.denominator);
         cblas_sscal(c->n, inv, attn, 1);
+    } else {
+        softmax_over_cache(c, row, attn);
     }
     return ca;
 }

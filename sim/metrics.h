@@ -20,6 +20,7 @@ typedef struct {
     const float *p;     /* [t+1] softmax over all keys */
     float logit_max;    /* max_j scale*q.k_j */
     float logit_z;      /* sum_j exp(scale*q.k_j - logit_max) */
+    const float *k;     /* [T][D] the KV head's keys from the trace */
     const float *v;     /* [T][D] the KV head's values from the trace */
     const float *o_full; /* [D] sum_j p_j v_j */
 } FullRow;
@@ -27,12 +28,18 @@ typedef struct {
 /* The attention the query really computes over a cache, in slot order. */
 typedef struct {
     double retained_mass; /* sum of p over the cache's real, exact slots */
-    double denominator;   /* retained_mass + the weight of alt slots, in units of logit_z */
+    double denominator;   /* the exact slots' p summed slot by slot + the alt slots' weights */
 } CacheAttention;
 
 /* Retained attention mass and the renormalised attention over the cache's slots: attn[i] is
  * slot i's share (sums to 1). attn may be NULL when only the mass is wanted. Slots holding
- * approximate K/V (alt_kv) get their weight from their own key. */
+ * approximate K/V (alt_kv) get their weight from their own key.
+ *
+ * The renormalised attention is exact for any cache: it is p_j / sum_cache p while every cached
+ * probability is a normal float (the float32 full row then carries each share to float
+ * precision), and otherwise a softmax of the logits scale*q.k over the cache's slots alone, so a
+ * cache that holds less than FLT_MIN of the row, or alt slots whose logit exceeds the row's
+ * maximum, still gets the distribution the query computes over it. */
 CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn);
 
 /* Indices of the k largest p[0..n) (ties: lower index first), in out[0..k). Requires k <= n. */

@@ -1,7 +1,8 @@
 /* report.h — the outputs of `kvsim run`: summary.csv, layers.csv, steps.csv (columns and units
  * in docs/metrics.md) and the aligned summary table on stdout. Every number is reduced in a
  * fixed order from the engine's per-slot results, so the files are byte-identical whatever the
- * thread count. Each CSV is written to a temporary name and renamed. */
+ * thread count. The CSV conventions (quoting, number formats, empty = does not apply) are
+ * sim/csv.h's; each CSV is written to a temporary name and renamed. */
 #ifndef KVSIM_REPORT_H
 #define KVSIM_REPORT_H
 
@@ -21,17 +22,8 @@ typedef struct {
     double fetched_tokens_per_step, restored_tokens;
     double restore_k_err, restore_v_err;
     double needle_survival_mean, needle_survival_min;
-    double mass_gap_to_oracle;
 } PolicySummary;
 
-/* The CSV conventions every output of kvsim shares: a number is ",%.6g" with NaN spelled
- * ",NaN" (gnuplot reads it as missing); a text field is quoted (quotes doubled) only when it
- * holds a comma, a quote or a line break. */
-void csv_put_num(FILE *f, double v);
-/* Opens DIR/NAME for atomic writing (AtomicFile) and writes the header row. */
-int csv_create(AtomicFile *af, const char *dir, const char *name, const char *header,
-               KvErr *err);
-void csv_put_text(FILE *f, const char *s);
 /* Bytes for the tables on stdout: "512 B", "1.5 KiB", "4.0 MiB", "1.25 GiB"; "-" for NaN. */
 void format_bytes(double bytes, char *out, size_t n);
 

@@ -57,6 +57,13 @@ int cmd_run(int argc, char **argv)
         config_free(&rc);
         return 2;
     }
+    /* The output directory is checked before the replay, not after it. */
+    if (make_dirs(rc.out_dir, &err) != 0 || dir_writable(rc.out_dir, &err) != 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        trace_close(tr);
+        config_free(&rc);
+        return 2;
+    }
     Results *res = engine_run(tr, &rc.engine, &err);
     PolicySummary *summary = NULL;
     status = 0;

@@ -33,13 +33,40 @@ typedef struct {
 } AtomicFile;
 
 int atomic_open(AtomicFile *af, const char *path, KvErr *err);
-int atomic_commit(AtomicFile *af, KvErr *err); /* fclose + rename */
+int atomic_commit(AtomicFile *af, KvErr *err); /* atomic_close + atomic_publish */
 void atomic_abort(AtomicFile *af);             /* fclose + unlink the temporary */
+/* The two halves of atomic_commit, for a set of files that must appear together: close and
+ * check every temporary first (a failure unlinks it), then rename each into place. */
+int atomic_close(AtomicFile *af, KvErr *err);
+int atomic_publish(AtomicFile *af, KvErr *err);
 /* The temporary name used for `path` by atomic output and by the trace writer. */
 void atomic_tmp_name(const char *path, char *out, size_t outlen);
 
+/* Temporary files are removed when the process is interrupted: every temporary output is
+ * registered while it exists (atomic_open and the trace writer do it), and the handlers that
+ * kv_install_signal_cleanup() installs for SIGINT, SIGTERM and SIGHUP unlink the registered names
+ * before the signal takes its default effect. At most KV_MAX_TEMPS at once. */
+enum { KV_MAX_TEMPS = 16 };
+void kv_install_signal_cleanup(void);
+void kv_temp_register(const char *tmp_path);
+void kv_temp_unregister(const char *tmp_path);
+
+/* Opens an input file for reading; refuses anything but a regular file (a FIFO would block
+ * forever, a directory reads as garbage): "PATH: not a regular file" / "PATH: cannot read: ...". */
+FILE *kv_open_input(const char *path, KvErr *err);
+/* The whole of a regular input file, NUL-terminated (an embedded NUL stays in; *len counts
+ * every byte). Refuses files larger than max_bytes (0: no limit). free() the result. */
+char *kv_read_input(const char *path, size_t max_bytes, size_t *len, KvErr *err);
+
+/* Copies at most n bytes of s into out (size outlen) so that it is safe inside a one-line
+ * message: control bytes and backslashes become \n, \t, \\ or \xNN; cut with "..." when it
+ * does not fit. Returns out. */
+char *kv_escape(const char *s, size_t n, char *out, size_t outlen);
+
 /* Creates a directory and its parents (like mkdir -p). */
 int make_dirs(const char *path, KvErr *err);
+/* Whether files can be created in an existing directory: "DIR: cannot write: ..." if not. */
+int dir_writable(const char *dir, KvErr *err);
 
 double now_seconds(void); /* monotonic */
 

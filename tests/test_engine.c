@@ -214,12 +214,70 @@ static void test_identical_results_at_any_thread_count(void **state)
     results_free(three);
 }
 
+/* A trace whose values are finite but overflow float arithmetic: the replay stops with an error
+ * naming the trace, layer and step (and the policy, for a metric), never a NaN in a result. */
+static char *replay_error(Setup *s, const char *path)
+{
+    KvErr err;
+    Trace *tr = trace_open(path, &err);
+    if (!tr)
+        fail_msg("%s", err.msg);
+    EngineConfig cfg = {.threads = 1, .topk = TOPK, .eval_every = 1, .kv_bits = 16, .seed = 1,
+                        .n_policies = 2, .policies = s->spec};
+    Results *r = engine_run(tr, &cfg, &err);
+    trace_close(tr);
+    if (r)
+        fail_msg("replay of %s succeeded: expected a non-finite error", path);
+    return kv_strdup(err.msg);
+}
+
+static void test_non_finite_values_are_errors(void **state)
+{
+    Setup *s = *state;
+    char path[4200];
+    snprintf(path, sizeof path, "%s/overflow.h5", s->dir);
+    /* Query 60 of layer 0, head 1 at 3e38: its logits overflow float. */
+    KvErr err;
+    fixture_randomize(s->fx, SEED, 1.0);
+    for (int d = 0; d < D; d++)
+        fx_q(s->fx, 1, 60)[d] = 3e38f;
+    s->fx->meta.n_layers = 1;
+    TraceWriter *w = trace_writer_create(path, &s->fx->meta, TRACE_F32, &err);
+    if (!w)
+        fail_msg("%s", err.msg);
+    assert_int_equal(trace_writer_put_qkv(w, 0, 0, T, s->fx->q, s->fx->k, s->fx->v, &err), 0);
+    assert_int_equal(trace_writer_finish(w, &err), 0);
+    char *msg = replay_error(s, path);
+    assert_non_null(strstr(msg, "overflow.h5"));
+    assert_non_null(strstr(msg, "layer 0, step 60, query head 1"));
+    assert_non_null(strstr(msg, "not finite"));
+    free(msg);
+
+    /* Values near FLT_MAX: the attention is a distribution, the output's norm overflows, and
+     * the output error of the first policy that misses them is reported, naming the policy. */
+    fixture_randomize(s->fx, SEED, 1.0);
+    for (int t = 0; t < T; t++)
+        for (int d = 0; d < D; d++)
+            fx_v(s->fx, 0, t)[d] = t % 2 ? 3e38f : -3e38f;
+    w = trace_writer_create(path, &s->fx->meta, TRACE_F32, &err);
+    if (!w)
+        fail_msg("%s", err.msg);
+    assert_int_equal(trace_writer_put_qkv(w, 0, 0, T, s->fx->q, s->fx->k, s->fx->v, &err), 0);
+    assert_int_equal(trace_writer_finish(w, &err), 0);
+    msg = replay_error(s, path);
+    assert_non_null(strstr(msg, "policy window_test, layer 0, step 48"));
+    assert_non_null(strstr(msg, "out_err"));
+    assert_non_null(strstr(msg, "not finite"));
+    free(msg);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_metrics_match_plain_recomputation, setup, teardown),
         cmocka_unit_test_setup_teardown(test_needles_checked_at_probe_steps, setup, teardown),
         cmocka_unit_test_setup_teardown(test_identical_results_at_any_thread_count, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_non_finite_values_are_errors, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

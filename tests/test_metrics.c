@@ -11,7 +11,7 @@
 /* One query head, scale 1, q = (1, 0); keys (0,0), (1,0), (2,0): logits 0, 1, 2.
  * Values (1,0), (0,1), (1,1). */
 static const float q[2] = {1, 0};
-/* (the keys enter only through the logits 0, 1, 2 built into p) */
+static const float keys[3][2] = {{0, 0}, {1, 0}, {2, 0}};
 static const float values[3][2] = {{1, 0}, {0, 1}, {1, 1}};
 
 typedef struct {
@@ -32,7 +32,8 @@ static void example_init(Example *x)
     x->o_full[1] = x->p[1] + x->p[2];
     x->row = (FullRow){
         .t = 2, .head_dim = 2, .scale = 1.0f, .q = q, .p = x->p, .logit_max = 2.0f,
-        .logit_z = (float)(z / exp(2)), .v = &values[0][0], .o_full = x->o_full,
+        .logit_z = (float)(z / exp(2)), .k = &keys[0][0], .v = &values[0][0],
+        .o_full = x->o_full,
     };
     kvcache_init(&x->cache, 3, 2);
 }
@@ -159,6 +160,59 @@ static void test_alt_slot_weighs_with_its_own_key(void **state)
     kvcache_free(&x.cache);
 }
 
+/* A cache that holds less than FLT_MIN of the row: the float32 probabilities of its keys are
+ * zero or subnormal, and the renormalised attention must come from the logits. Logits 0, -200,
+ * -201 (query (1, 0), keys (0,0), (-200,0), (-201,0)): p1 = e^-200 underflows to 0 in float. */
+static void test_renormalisation_exact_when_the_cache_underflows(void **state)
+{
+    (void)state;
+    static const float qq[2] = {1, 0};
+    static const float kk[3][2] = {{0, 0}, {-200, 0}, {-201, 0}};
+    static const float vv[3][2] = {{1, 0}, {0, 1}, {0, 3}};
+    double z = 1 + exp(-200) + exp(-201);
+    float p[3] = {(float)(1 / z), (float)(exp(-200) / z), (float)(exp(-201) / z)};
+    assert_true(p[1] == 0.0f && p[2] == 0.0f); /* the premise: float32 underflows */
+    float o_full[2] = {1, 0};
+    FullRow row = {.t = 2, .head_dim = 2, .scale = 1.0f, .q = qq, .p = p, .logit_max = 0.0f,
+                   .logit_z = (float)z, .k = &kk[0][0], .v = &vv[0][0], .o_full = o_full};
+    KVCache c;
+    kvcache_init(&c, 3, 2);
+    kvcache_add(&c, 2);
+    kvcache_add(&c, 1);
+    float attn[2];
+    cache_attention(&c, &row, attn);
+    /* softmax(-201, -200) in slot order */
+    assert_float_equal(attn[0], 1 / (1 + exp(1)), 1e-6);
+    assert_float_equal(attn[1], exp(1) / (1 + exp(1)), 1e-6);
+    /* o_S = (1/(1+e)) (0,3) + (e/(1+e)) (0,1); o_full = (1, 0) */
+    float scratch[8];
+    double err;
+    output_errors(&c, &row, 1, attn, scratch, &err);
+    double os1 = (3 + exp(1)) / (1 + exp(1));
+    assert_true(isfinite(err));
+    assert_float_equal(err, sqrt(1 + os1 * os1), 1e-5);
+    kvcache_free(&c);
+}
+
+/* A synthetic slot whose logit is far above the row's maximum (a sum of many keys): its weight
+ * relative to the full row overflows, the renormalised attention must still be finite and
+ * sum to 1. Logits: exact key 2 -> 2, alt key (1000, 0) -> 1000. */
+static void test_renormalisation_finite_for_an_overwhelming_alt_slot(void **state)
+{
+    (void)state;
+    Example x;
+    example_init(&x);
+    kvcache_add(&x.cache, 2);
+    const float k_alt[2] = {1000, 0}, v_alt[2] = {0, 1};
+    kvcache_add_alt(&x.cache, -1, k_alt, v_alt);
+    float attn[2];
+    cache_attention(&x.cache, &x.row, attn);
+    assert_true(isfinite(attn[0]) && isfinite(attn[1]));
+    assert_float_equal(attn[0], exp(2 - 1000), 1e-30);
+    assert_float_equal(attn[1], 1.0, 1e-7);
+    kvcache_free(&x.cache);
+}
+
 static void test_needle_survival(void **state)
 {
     (void)state;
@@ -184,6 +238,8 @@ int main(void)
         cmocka_unit_test(test_recall_at_k),
         cmocka_unit_test(test_output_error),
         cmocka_unit_test(test_alt_slot_weighs_with_its_own_key),
+        cmocka_unit_test(test_renormalisation_exact_when_the_cache_underflows),
+        cmocka_unit_test(test_renormalisation_finite_for_an_overwhelming_alt_slot),
         cmocka_unit_test(test_needle_survival),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,9 +1,10 @@
 /* test_plots.c — the gnuplot scripts of analysis/ render a PNG from small CSVs shaped like
- * kvsim's outputs (several policies, a NaN, a policy label with an underscore) without a
- * warning, and fail on a missing or wrong input; the sweep's concatenation step
- * (analysis/concat_summaries.awk) produces exactly the expected table and rejects
- * inconsistent inputs. gnuplot (Debian gnuplot-nox) is a declared dependency: without it
- * every plot test fails saying so. */
+ * kvsim's outputs (several policies, an empty field where a value does not apply, a policy
+ * label with an underscore) without a warning, and fail on a missing or wrong input; an empty
+ * field is a missing point to gnuplot in every `using` form, and a policy without values has
+ * no line; the sweep's concatenation step (analysis/concat_summaries.awk) produces exactly the
+ * expected table, quoted labels included, and rejects inconsistent inputs. gnuplot (Debian
+ * gnuplot-nox) is a declared dependency: without it every plot test fails saying so. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -127,14 +128,14 @@ static void render_fails(const char *script, const char *csv)
 }
 
 /* A sweep summary: three budgets, three policies (one label with an underscore), the
- * reference at zero output error (a log axis must skip it quietly) and one NaN. */
+ * reference at zero output error (a log axis must skip it quietly) and one empty field. */
 static const char SWEEP_CSV[] =
     "budget,policy,type,mass_mean,recall_mean,out_err_mean,needle_survival_mean\n"
     "64,full,full,1,1,0,1\n"
     "64,window,window,0.61,0.42,0.9,0\n"
     "64,oracle_topk,oracle_topk,0.83,0.97,0.31,0.25\n"
     "128,full,full,1,1,0,1\n"
-    "128,window,window,0.7,0.5,0.62,NaN\n"
+    "128,window,window,0.7,0.5,0.62,\n"
     "128,oracle_topk,oracle_topk,0.9,0.99,0.17,0.5\n"
     "256,full,full,1,1,0,1\n"
     "256,window,window,0.82,0.61,0.35,0.375\n"
@@ -147,17 +148,18 @@ static void test_vs_budget_scripts_render(void **state)
     render_ok("recall_vs_budget.gp", SWEEP_CSV, 1280, 760);
     render_ok("error_vs_budget.gp", SWEEP_CSV, 1280, 760);
     render_ok("needle_vs_budget.gp", SWEEP_CSV, 1280, 760);
-    /* The eval table: accuracy per budget, NaN for a policy that does not apply. */
+    /* The eval table: accuracy per budget, empty for a policy that does not apply. */
     render_ok("accuracy_vs_budget.gp",
               "budget,policy,type,prompts,correct,accuracy\n64,full,full,4,4,1\n"
-              "64,window,window,4,1,0.25\n64,oracle_future,oracle_future,4,NaN,NaN\n"
+              "64,window,window,4,1,0.25\n64,oracle_future,oracle_future,4,,\n"
               "128,full,full,4,4,1\n128,window,window,4,2,0.5\n"
-              "128,oracle_future,oracle_future,4,NaN,NaN\n",
+              "128,oracle_future,oracle_future,4,,\n",
               1280, 760);
-    /* A trace without needles: survival is NaN throughout, the plot says so instead of failing. */
+    /* A trace without needles: survival is empty throughout, the plot says so instead of
+     * failing. */
     render_ok("needle_vs_budget.gp",
-              "budget,policy,type,needle_survival_mean\n64,full,full,NaN\n64,window,window,NaN\n"
-              "128,full,full,NaN\n128,window,window,NaN\n",
+              "budget,policy,type,needle_survival_mean\n64,full,full,\n64,window,window,\n"
+              "128,full,full,\n128,window,window,\n",
               1280, 760);
 }
 
@@ -177,7 +179,7 @@ static void test_memory_vs_step_renders(void **state)
             double tokens = p == 0 ? 100 + d : 64;
             double device = tokens * 4096, host = p == 1 ? 1024.0 * d : 0;
             fprintf(f, "%s,%d,%d,0.9,0.8,0.1,%g,%g,%g,%g,0,%s\n", policies[p], 100 + d, d,
-                    tokens, device, device, host, d % 8 == 0 ? "0.5" : "NaN");
+                    tokens, device, device, host, d % 8 == 0 ? "0.5" : "");
         }
     fclose(f);
     render_ok("memory_vs_step.gp", csv, 1280, 960);
@@ -193,9 +195,9 @@ static void test_mass_heatmap_renders(void **state)
               "full,0,1,1,0,120,491520,0,1\nfull,1,1,1,0,120,491520,0,1\n"
               "full,2,1,1,0,120,491520,0,1\n"
               "window,0,0.9,0.7,0.2,64,262144,0,0.5\nwindow,1,0.55,0.4,0.6,64,262144,0,0\n"
-              "window,2,0.7,0.5,0.4,64,262144,0,NaN\n"
+              "window,2,0.7,0.5,0.4,64,262144,0,\n"
               "oracle_topk,0,0.97,1,0.05,64,262144,0,0.5\n"
-              "oracle_topk,1,NaN,0.9,0.1,64,262144,0,0.5\n"
+              "oracle_topk,1,,0.9,0.1,64,262144,0,0.5\n"
               "oracle_topk,2,0.93,0.95,0.08,64,262144,0,1\n",
               1280, 760);
 }
@@ -205,9 +207,83 @@ static void test_run_plot_renders(void **state)
     (void)state;
     render_ok("run_plot.gp",
               "policy,type,mass_mean,recall_mean,out_err_mean,needle_survival_mean\n"
-              "full,full,1,1,0,1\nwindow512,window,0.82,0.57,0.32,NaN\n"
+              "full,full,1,1,0,1\nwindow512,window,0.82,0.57,0.32,\n"
               "oracle_topk,oracle_topk,0.95,1,0.08,0.6\nrandom,random,0.63,0.52,0.68,0.45\n",
               1280, 760);
+}
+
+/* Runs a gnuplot script (text) that loads analysis/common.gp on `csv`; returns gnuplot's
+ * stderr, where `print` writes. */
+static char *common_gp_prints(const char *csv, const char *script)
+{
+    require_gnuplot();
+    char *dir = scratch_create();
+    char in[8192], out[8192], gp[8192];
+    snprintf(in, sizeof in, "%s", scratch_path(dir, "in.csv", 0));
+    snprintf(out, sizeof out, "%s", scratch_path(dir, "out.png", 1));
+    snprintf(gp, sizeof gp, "%s", scratch_path(dir, "probe.gp", 2));
+    write_text(in, csv);
+    FILE *f = fopen(gp, "w");
+    assert_non_null(f);
+    fprintf(f, "in = '%s'; out = '%s'; script_dir = '%s/analysis'\n", in, out, source_dir());
+    fprintf(f, "load script_dir . '/common.gp'\n%s\n", script);
+    fclose(f);
+    size_t len = strlen(gp) + 32;
+    char *cmd = kv_malloc(len);
+    snprintf(cmd, len, "gnuplot '%s'", gp);
+    KvsimRun r = run_command(cmd);
+    free(cmd);
+    if (r.status != 0)
+        fail_msg("gnuplot on common.gp: exit status %d, stderr: %s", r.status, r.err);
+    char *printed = kv_strdup(r.err);
+    kvsim_run_free(&r);
+    scratch_remove(dir);
+    return printed;
+}
+
+/* An eval table as kvsim writes it: oracle_future does not apply (empty fields), window has
+ * no value at 128. */
+static const char EMPTY_FIELDS_CSV[] = "budget,policy,type,prompts,correct,accuracy\n"
+                                       "64,full,full,4,4,1\n"
+                                       "64,window,window,4,1,0.25\n"
+                                       "64,oracle_future,oracle_future,4,,\n"
+                                       "128,full,full,4,4,1\n"
+                                       "128,window,window,4,,\n"
+                                       "128,oracle_future,oracle_future,4,,\n"
+                                       "256,full,full,4,3,0.75\n"
+                                       "256,window,window,4,2,0.5\n"
+                                       "256,oracle_future,oracle_future,4,,\n";
+
+static void test_empty_field_is_missing(void **state)
+{
+    (void)state;
+    /* The values counted and the policies that get a line: oracle_future has none. */
+    char *printed = common_gp_prints(EMPTY_FIELDS_CSV,
+                                     "print value_count(\"accuracy\")\n"
+                                     "print policies_with_values(\"accuracy\")\n"
+                                     "print value_count(\"correct\")\n");
+    assert_string_equal(printed, "5\nfull window \n5\n");
+    free(printed);
+    /* What gnuplot reads of window's rows, the column named and inside an expression (where
+     * an empty field is NaN unless `set datafile missing NaN`): the two values, and no
+     * undefined point ("u"), which would break the line at 128. */
+    printed = common_gp_prints(EMPTY_FIELDS_CSV,
+                               "set table $T\n"
+                               "plot rows(\"window\") using \"budget\":\"accuracy\" with lines, "
+                               "rows(\"window\") using \"budget\":(column(\"accuracy\") * 2) "
+                               "with lines\n"
+                               "unset table\n"
+                               "print $T\n");
+    static const char *const points[] = {" 64  0.25  i", " 256  0.5  i", " 64  0.5  i",
+                                         " 256  1  i"};
+    for (size_t i = 0; i < sizeof points / sizeof points[0]; i++)
+        if (!strstr(printed, points[i]))
+            fail_msg("gnuplot's table lacks the point \"%s\":\n%s", points[i], printed);
+    if (strstr(printed, "  u\n") || strstr(printed, " 128 "))
+        fail_msg("gnuplot read the empty field as a point:\n%s", printed);
+    assert_non_null(strstr(printed, "Curve 0 of 2, 2 points"));
+    assert_non_null(strstr(printed, "Curve 1 of 2, 2 points"));
+    free(printed);
 }
 
 static const char *const SCRIPTS[] = {"mass_vs_budget.gp",     "recall_vs_budget.gp",
@@ -256,7 +332,7 @@ static KvsimRun concat(const char *dir, const char *ba, const char *a, const cha
 
 static const char SUMMARY_64[] = "policy,type,mass_mean,needle_survival_mean\n"
                                  "full,full,1,1\n"
-                                 "window,window,0.61,NaN\n"
+                                 "window,window,0.61,\n"
                                  "oracle_topk,oracle_topk,0.83,0.25\n";
 static const char SUMMARY_128[] = "policy,type,mass_mean,needle_survival_mean\n"
                                   "full,full,1,1\n"
@@ -272,11 +348,29 @@ static void test_concat_exact_output(void **state)
     assert_string_equal(r.err, "");
     assert_string_equal(r.out, "budget,policy,type,mass_mean,needle_survival_mean\n"
                                "64,full,full,1,1\n"
-                               "64,window,window,0.61,NaN\n"
+                               "64,window,window,0.61,\n"
                                "64,oracle_topk,oracle_topk,0.83,0.25\n"
                                "128,full,full,1,1\n"
                                "128,window,window,0.7,0.125\n"
                                "128,oracle_topk,oracle_topk,0.9,0.5\n");
+    kvsim_run_free(&r);
+    scratch_remove(dir);
+}
+
+/* A label quoted as kvsim quotes it (a comma, a doubled quote) is one field, carried as is. */
+static void test_concat_quoted_label(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    KvsimRun r = concat(dir, "64", "policy,type,mass_mean\nfull,full,1\n\"a,\"\"b\",window,\n",
+                        "128", "policy,type,mass_mean\nfull,full,1\n\"a,\"\"b\",window,0.5\n");
+    assert_int_equal(r.status, 0);
+    assert_string_equal(r.err, "");
+    assert_string_equal(r.out, "budget,policy,type,mass_mean\n"
+                               "64,full,full,1\n"
+                               "64,\"a,\"\"b\",window,\n"
+                               "128,full,full,1\n"
+                               "128,\"a,\"\"b\",window,0.5\n");
     kvsim_run_free(&r);
     scratch_remove(dir);
 }
@@ -315,6 +409,10 @@ static void test_concat_rejects_inconsistent_input(void **state)
     expect_concat_error("64", SUMMARY_64, "128", "", "b.csv");
     expect_concat_error("64", SUMMARY_64, "128",
                         "policy,type,mass_mean,needle_survival_mean\nfull,full,1\n", "b.csv:2");
+    /* A comma inside quotes does not separate, one outside does. */
+    expect_concat_error("64", SUMMARY_64, "128",
+                        "policy,type,mass_mean,needle_survival_mean\n\"a,b\",window,1,1,1\n",
+                        "b.csv:2");
     /* Not a summary at all. */
     expect_concat_error("64", "layer,mass\n0,1\n", "128", SUMMARY_128, "a.csv");
 }
@@ -326,9 +424,11 @@ int main(void)
         cmocka_unit_test(test_memory_vs_step_renders),
         cmocka_unit_test(test_mass_heatmap_renders),
         cmocka_unit_test(test_run_plot_renders),
+        cmocka_unit_test(test_empty_field_is_missing),
         cmocka_unit_test(test_missing_input_fails),
         cmocka_unit_test(test_wrong_input_fails),
         cmocka_unit_test(test_concat_exact_output),
+        cmocka_unit_test(test_concat_quoted_label),
         cmocka_unit_test(test_concat_rejects_inconsistent_input),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

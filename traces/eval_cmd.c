@@ -16,6 +16,7 @@
 
 #include "sim/args.h"
 #include "sim/config.h"
+#include "sim/csv.h"
 #include "sim/report.h"
 #include "traces/eval.h"
 #include "traces/model.h"
@@ -350,6 +351,8 @@ static int run_job(EvalJob *job, int threads, bool progress, KvErr *err)
 
 /* ---- Outputs ---- */
 
+/* Not applicable (a policy that needs the future): the numbers are NaN, which the table on
+ * stdout prints as "-"; eval.csv has empty fields (write_eval_csv tests `applicable`). */
 typedef struct {
     bool applicable;
     int prompts, correct, agree;
@@ -387,32 +390,39 @@ static void score_policies(const EvalJob *job, int full, PolicyScore *s)
     }
 }
 
+/* A policy that does not apply in closed loop has empty fields from `correct` on. */
 static int write_eval_csv(const EvalJob *job, const PolicyScore *s, const char *dir, KvErr *err)
 {
-    AtomicFile af;
-    if (csv_create(&af, dir, "eval.csv",
+    CsvFile c;
+    if (csv_create(&c, dir, "eval.csv",
                    "policy,type,prompts,correct,accuracy,agreement_with_full,device_bytes_mean,"
                    "host_bytes_mean,generated_tokens_mean",
                    err) != 0)
         return -1;
     for (int k = 0; k < job->n_policies; k++) {
-        fprintf(af.fp, "%s,%s,%d", job->policies[k].label, job->policies[k].type->name,
-                s[k].prompts);
-        csv_put_num(af.fp, s[k].applicable ? s[k].correct : NAN);
-        csv_put_num(af.fp, s[k].accuracy);
-        csv_put_num(af.fp, s[k].agreement);
-        csv_put_num(af.fp, s[k].device_bytes);
-        csv_put_num(af.fp, s[k].host_bytes);
-        csv_put_num(af.fp, s[k].generated);
-        fputc('\n', af.fp);
+        csv_put_text(&c, job->policies[k].label);
+        csv_put_text(&c, job->policies[k].type->name);
+        csv_put_int(&c, s[k].prompts);
+        if (s[k].applicable) {
+            csv_put_int(&c, s[k].correct);
+            csv_put_num(&c, s[k].accuracy);
+            csv_put_num(&c, s[k].agreement);
+            csv_put_count(&c, s[k].device_bytes);
+            csv_put_count(&c, s[k].host_bytes);
+            csv_put_num(&c, s[k].generated);
+        } else {
+            for (int i = 0; i < 6; i++)
+                csv_put_empty(&c);
+        }
+        csv_end_row(&c);
     }
-    return atomic_commit(&af, err);
+    return csv_commit(&c, err);
 }
 
 static int write_prompts_csv(const EvalJob *job, int full, const char *dir, KvErr *err)
 {
-    AtomicFile af;
-    if (csv_create(&af, dir, "eval_prompts.csv",
+    CsvFile c;
+    if (csv_create(&c, dir, "eval_prompts.csv",
                    "policy,prompt,correct,agrees_with_full,generated_tokens,device_bytes,"
                    "host_bytes,answer,expected",
                    err) != 0)
@@ -423,19 +433,19 @@ static int write_prompts_csv(const EvalJob *job, int full, const char *dir, KvEr
             const Outcome *f = &job->outcomes[(size_t)i * job->n_policies + full];
             if (!o->applicable)
                 continue;
-            fprintf(af.fp, "%s", job->policies[k].label);
-            csv_put_text(af.fp, job->prompts[i].name);
-            fprintf(af.fp, ",%d,%d,%d", o->correct, !strcmp(o->answer, f->answer),
-                    o->n_generated);
-            csv_put_num(af.fp, o->device_bytes);
-            csv_put_num(af.fp, o->host_bytes);
-            csv_put_text(af.fp, o->answer);
-            csv_put_text(af.fp, job->prompts[i].answer);
-            fputc('\n', af.fp);
+            csv_put_text(&c, job->policies[k].label);
+            csv_put_text(&c, job->prompts[i].name);
+            csv_put_int(&c, o->correct);
+            csv_put_int(&c, !strcmp(o->answer, f->answer));
+            csv_put_int(&c, o->n_generated);
+            csv_put_count(&c, o->device_bytes);
+            csv_put_count(&c, o->host_bytes);
+            csv_put_text(&c, o->answer);
+            csv_put_text(&c, job->prompts[i].answer);
+            csv_end_row(&c);
         }
-    return atomic_commit(&af, err);
+    return csv_commit(&c, err);
 }
-
 
 static void print_table(const EvalJob *job, const PolicyScore *s, FILE *out)
 {

@@ -154,6 +154,12 @@ static void cache_attn(const Fixture *fx, const KVCache *c, int h, int t, float 
 
 void fixture_run(Fixture *fx, Policy *p, int t_end, FixtureStepFn fn, void *ud)
 {
+    fixture_run_hooked(fx, p, t_end, NULL, fn, ud);
+}
+
+void fixture_run_hooked(Fixture *fx, Policy *p, int t_end, FixtureBeforeFn before,
+                        FixtureStepFn fn, void *ud)
+{
     const LayerView *L = &fx->L;
     int Hq = L->n_q_heads, T = L->n_tokens, P = L->n_prompt;
     float *row = kv_malloc((size_t)Hq * T * sizeof *row);
@@ -190,6 +196,8 @@ void fixture_run(Fixture *fx, Policy *p, int t_end, FixtureStepFn fn, void *ud)
 
     float **attn = kv_calloc((size_t)L->n_kv_heads, sizeof *attn);
     for (int t = P; t < t_end; t++) {
+        if (before)
+            before(t, p, ud);
         fixture_full_attn(fx, t, row);
         StepView sv = {.L = L, .t = t, .full_attn = p->is_oracle ? row : NULL};
         p->type->step(p, &sv);
@@ -204,6 +212,8 @@ void fixture_run(Fixture *fx, Policy *p, int t_end, FixtureStepFn fn, void *ud)
         if (p->type->observe)
             p->type->observe(p, &sv, (const float *const *)attn);
     }
+    if (before)
+        before(t_end, p, ud);
     for (int g = 0; g < L->n_kv_heads; g++)
         free(attn[g]);
     free(attn);

@@ -41,6 +41,14 @@ typedef void (*FixtureStepFn)(int t, const Policy *p, const float *full_attn, vo
  * Computes the prefill statistics the policy asks for. */
 void fixture_run(Fixture *fx, Policy *p, int t_end, FixtureStepFn fn, void *ud);
 
+/* Called before decode step t does anything (before the full attention of query t is computed
+ * and before the policy's step), and once more with t = t_end after the last observe. */
+typedef void (*FixtureBeforeFn)(int t, const Policy *p, void *ud);
+/* fixture_run with a hook before each step (may be NULL): e.g. to reveal position t of a trace
+ * whose future is hidden, or to read the memory report of the step before. */
+void fixture_run_hooked(Fixture *fx, Policy *p, int t_end, FixtureBeforeFn before,
+                        FixtureStepFn fn, void *ud);
+
 /* Retained attention mass of the cache of KV head g for query head h: sum of full_attn over
  * the real positions cached. */
 double fixture_mass(const Fixture *fx, const Policy *p, const float *full_attn, int h);

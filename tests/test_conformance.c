@@ -1,0 +1,638 @@
+/* The conformance suite: every policy type in the registry, at every parameter setting its
+ * PolicyType lists (`conformance`), on a synthetic trace with GQA (group 2), a system-prompt
+ * segment, needles, probes and tied keys, must keep these properties:
+ *
+ *   budget       at every decode step each KV head's cache holds at most max_slots(t) slots,
+ *                and only positions <= t;
+ *   isolation    its rows of summary.csv, layers.csv and steps.csv are byte-identical whether
+ *                it runs alone or next to every other setting of every type;
+ *   no future    (non-oracles) it never reads Q/K/V, tokens, positions, segments, needles or
+ *                probes of positions > t: driven on a trace whose future is NaN / garbage and
+ *                revealed one position per step, it makes exactly the decisions it makes on
+ *                the clean trace; it never gets the true attention;
+ *   determinism  the CSVs of the run with every setting are identical at 1, 2 and 3 threads and
+ *                across two runs;
+ *   memory       device bytes = live slots at kv_bits, allocated >= device, host bytes and
+ *                bytes moved never negative; the host tier grows by at most what was moved to
+ *                it, and what moves back to the device was on the host;
+ *   oracle bound oracle_topk with the policy's bound as budget retains at least the policy's
+ *                attention mass at every step and KV head.
+ *
+ * A policy added to policies/registry.def is covered without new test code: it must fill
+ * max_slots and conformance in its PolicyType, and its settings must give every parameter
+ * (strings naming files aside) a non-default value somewhere. A failure names the property,
+ * the policy setting, and where (layer, head, step). */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "sim/engine.h"
+#include "sim/report.h"
+#include "tests/support/fixture.h"
+#include "tests/support/mass_trace.h"
+#include "tests/support/scratch.h"
+
+enum { HQ = 4, HKV = 2, D = 16, T = 160, P = 96, LAYERS = 3, TOPK = 4, KV_BITS = 16 };
+enum { SYSTEM_END = 12 };          /* segment 0 (system prompt) is [0, SYSTEM_END) */
+enum { MAX_SETTINGS = 128 };
+static const uint64_t SEED = 2024;
+
+/* One policy setting under test. */
+typedef struct {
+    const PolicyType *type;
+    const char *params; /* "key=value ..." */
+    char label[64];     /* type_index */
+    void *prm;          /* parsed parameter struct */
+} Setting;
+
+typedef struct {
+    Setting set[MAX_SETTINGS];
+    int n;
+    char *dir;
+    char trace[4200];
+} Suite;
+
+/* ---- The synthetic trace ---- */
+
+/* Needles [20,24), [60,63) in the prompt and [120,123) in the decode; probes inside the decode. */
+static const int32_t NEEDLES[] = {20, 24, 60, 63, 120, 123};
+static const int32_t PROBES[] = {P + 10, 130, T - 1};
+
+static void fill_meta(TraceMeta *m)
+{
+    for (int i = 0; i < T; i++) {
+        m->tokens[i] = (i * 7919) % 3000;
+        m->positions[i] = i;
+        m->segments[i] = i < SYSTEM_END ? 0 : 1;
+    }
+    free(m->needles);
+    free(m->probes);
+    m->n_needles = 3;
+    m->needles = kv_malloc(sizeof NEEDLES);
+    memcpy(m->needles, NEEDLES, sizeof NEEDLES);
+    m->n_probes = 3;
+    m->probes = kv_malloc(sizeof PROBES);
+    memcpy(m->probes, PROBES, sizeof PROBES);
+}
+
+/* Layer l's Q/K/V: random, then ties: keys and values of positions 31..33 copy position 30's (in
+ * every KV head), and 70..71 copy 69's, so scores tie exactly wherever they come from K or V. */
+static void fill_layer(Fixture *fx, int l)
+{
+    fixture_randomize(fx, SEED + (uint64_t)l, 1.0);
+    for (int g = 0; g < HKV; g++) {
+        for (int j = 31; j <= 33; j++) {
+            memcpy(fx_k(fx, g, j), fx_k(fx, g, 30), D * sizeof(float));
+            memcpy(fx_v(fx, g, j), fx_v(fx, g, 30), D * sizeof(float));
+        }
+        for (int j = 70; j <= 71; j++) {
+            memcpy(fx_k(fx, g, j), fx_k(fx, g, 69), D * sizeof(float));
+            memcpy(fx_v(fx, g, j), fx_v(fx, g, 69), D * sizeof(float));
+        }
+    }
+}
+
+static Fixture *new_fixture(void)
+{
+    Fixture *fx = fixture_new(HQ, HKV, D, T, P);
+    fill_meta(&fx->meta);
+    fill_layer(fx, 0);
+    return fx;
+}
+
+static void write_trace(const char *path)
+{
+    Fixture *fx = new_fixture();
+    TraceMeta meta = fx->meta;
+    meta.n_layers = LAYERS;
+    snprintf(meta.generator, sizeof meta.generator, "conformance suite");
+    KvErr err;
+    TraceWriter *w = trace_writer_create(path, &meta, TRACE_F32, &err);
+    if (!w)
+        fail_msg("%s", err.msg);
+    for (int l = 0; l < LAYERS; l++) {
+        fill_layer(fx, l);
+        if (trace_writer_put_qkv(w, l, 0, T, fx->q, fx->k, fx->v, &err) != 0)
+            fail_msg("%s", err.msg);
+    }
+    if (trace_writer_finish(w, &err) != 0)
+        fail_msg("%s", err.msg);
+    fixture_free(fx);
+}
+
+/* ---- Settings from the registry ---- */
+
+static void *parse_params(const PolicyType *type, const char *params)
+{
+    void *prm = kv_calloc(1, type->params_size);
+    policy_params_defaults(type, prm);
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", params);
+    char *save = NULL;
+    for (char *tok = strtok_r(buf, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
+        char *eq = strchr(tok, '=');
+        if (!eq)
+            fail_msg("%s conformance setting '%s': '%s' is not key=value", type->name, params,
+                     tok);
+        *eq = '\0';
+        KvErr err;
+        if (policy_param_set(type, prm, tok, eq + 1, &err) != 0)
+            fail_msg("%s conformance setting '%s': %s", type->name, params, err.msg);
+    }
+    KvErr err;
+    if (type->validate && type->validate(prm, &err) != 0)
+        fail_msg("%s conformance setting '%s': %s", type->name, params, err.msg);
+    return prm;
+}
+
+/* The value `key` gets in a setting string, or NULL. */
+static bool setting_value(const char *params, const char *key, char *out, size_t n)
+{
+    size_t klen = strlen(key);
+    for (const char *s = params; *s;) {
+        while (*s == ' ')
+            s++;
+        const char *end = strchr(s, ' ');
+        size_t len = end ? (size_t)(end - s) : strlen(s);
+        if (len > klen && strncmp(s, key, klen) == 0 && s[klen] == '=') {
+            snprintf(out, n, "%.*s", (int)(len - klen - 1), s + klen + 1);
+            return true;
+        }
+        s += len;
+    }
+    return false;
+}
+
+static int suite_setup(void **state)
+{
+    Suite *s = kv_calloc(1, sizeof *s);
+    int n_types;
+    const PolicyType *const *types = policy_types(&n_types);
+    for (int i = 0; i < n_types; i++) {
+        const PolicyType *type = types[i];
+        if (!type->max_slots || !type->conformance || !type->conformance[0])
+            fail_msg("policy %s: its PolicyType must set max_slots and conformance (see "
+                     "policies/policy.h)", type->name);
+        for (int j = 0; type->conformance[j]; j++) {
+            if (s->n == MAX_SETTINGS)
+                fail_msg("more than %d conformance settings", MAX_SETTINGS);
+            Setting *st = &s->set[s->n++];
+            st->type = type;
+            st->params = type->conformance[j];
+            snprintf(st->label, sizeof st->label, "%s_%d", type->name, j);
+            st->prm = parse_params(type, st->params);
+        }
+    }
+    s->dir = scratch_create();
+    snprintf(s->trace, sizeof s->trace, "%s", scratch_path(s->dir, "conformance.h5", 0));
+    write_trace(s->trace);
+    *state = s;
+    return 0;
+}
+
+static int suite_teardown(void **state)
+{
+    Suite *s = *state;
+    for (int i = 0; i < s->n; i++)
+        free(s->set[i].prm);
+    scratch_remove(s->dir);
+    free(s);
+    return 0;
+}
+
+/* Every int, double, bool and enum parameter of every type takes a non-default value in at
+ * least one of its settings (else that parameter's behaviour is never checked). */
+static void test_settings_cover_every_parameter(void **state)
+{
+    Suite *s = *state;
+    int n_types;
+    const PolicyType *const *types = policy_types(&n_types);
+    for (int i = 0; i < n_types; i++)
+        for (const ParamSpec *ps = types[i]->params; ps && ps->key; ps++) {
+            if (ps->kind == PARAM_STRING)
+                continue;
+            bool covered = false;
+            for (int j = 0; j < s->n && !covered; j++) {
+                char v[128];
+                covered = s->set[j].type == types[i] &&
+                          setting_value(s->set[j].params, ps->key, v, sizeof v) &&
+                          strcmp(v, ps->dflt) != 0;
+            }
+            if (!covered)
+                fail_msg("policy %s: no conformance setting gives parameter %s a non-default "
+                         "value", types[i]->name, ps->key);
+        }
+}
+
+/* ---- Budget, memory and no future: one layer, driven by the tests' own driver ---- */
+
+typedef struct {
+    const Setting *st;
+    const Fixture *fx;
+    /* decisions: per step and KV head, the sorted real positions and the synthetic count */
+    int32_t *log;
+    size_t n_log, cap_log;
+    double host_before; /* host bytes after the previous step */
+    /* no-future: the clean trace the hidden one is revealed from */
+    const Fixture *clean;
+} Drive;
+
+static void log_push(Drive *d, int32_t v)
+{
+    if (d->n_log == d->cap_log) {
+        d->cap_log = d->cap_log ? 2 * d->cap_log : 4096;
+        d->log = kv_realloc(d->log, d->cap_log * sizeof *d->log);
+    }
+    d->log[d->n_log++] = v;
+}
+
+static int cmp_i32(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* After query t attended: the budget, the positions, the decisions. */
+static void check_step(int t, const Policy *p, const float *full_attn, void *ud)
+{
+    (void)full_attn;
+    Drive *d = ud;
+    const Setting *st = d->st;
+    long bound = st->type->max_slots(st->prm, &d->fx->L, t);
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        const KVCache *c = &p->cache[g];
+        if (c->n > bound)
+            fail_msg("budget: %s (%s): layer 0, KV head %d, step %d: %d slots > max_slots %ld",
+                     st->label, st->params, g, t, c->n, bound);
+        int32_t *pos = kv_malloc((size_t)(c->n + 1) * sizeof *pos);
+        int n_real = 0, n_syn = 0;
+        for (int i = 0; i < c->n; i++) {
+            if (c->pos[i] > t)
+                fail_msg("no future: %s (%s): KV head %d, step %d caches position %d", st->label,
+                         st->params, g, t, c->pos[i]);
+            if (c->pos[i] >= 0)
+                pos[n_real++] = c->pos[i];
+            else
+                n_syn++;
+        }
+        qsort(pos, (size_t)n_real, sizeof *pos, cmp_i32);
+        log_push(d, t);
+        log_push(d, n_syn);
+        log_push(d, n_real);
+        for (int i = 0; i < n_real; i++)
+            log_push(d, pos[i]);
+        free(pos);
+    }
+}
+
+/* The memory report of the step before t (called before step t and after the last step). */
+static void check_memory(int t, const Policy *p, void *ud)
+{
+    Drive *d = ud;
+    const Setting *st = d->st;
+    MemReport m;
+    policy_memory_report(p, D, KV_BITS, &m);
+    if (t == d->fx->L.n_prompt) {
+        /* After prefill: what the prompt left on the host is the starting point (the reports,
+         * and the totals built from them, cover decode steps). */
+        d->host_before = m.host_bytes;
+        return;
+    }
+    int step = t - 1;
+    double live = 0;
+    for (int g = 0; g < p->n_kv_heads; g++)
+        live += p->cache[g].n;
+    const char *what = NULL;
+    if (m.device_bytes != kv_entry_bytes(live, D, KV_BITS))
+        what = "device bytes differ from the live slots at kv_bits";
+    else if (m.allocated_bytes < m.device_bytes)
+        what = "allocated bytes below device bytes";
+    else if (m.host_bytes < 0 || m.to_host_bytes < 0 || m.to_device_bytes < 0 ||
+             m.fetched_tokens < 0 || m.restored_tokens < 0)
+        what = "a negative byte or token count";
+    else if (m.host_bytes > d->host_before + m.to_host_bytes + 1e-9)
+        what = "the host tier grew by more than was moved to it";
+    else if (m.to_device_bytes > d->host_before + m.to_host_bytes + 1e-9)
+        what = "more bytes moved to the device than the host tier held";
+    else if ((m.fetched_tokens > 0 || m.restored_tokens > 0) && m.to_device_bytes <= 0)
+        what = "tokens came from the host tier but no bytes moved";
+    if (what)
+        fail_msg("memory: %s (%s): step %d: %s (device %.0f, live slots %.0f, allocated %.0f, "
+                 "host %.0f, previous host %.0f, to host %.0f, to device %.0f)",
+                 st->label, st->params, step, what, m.device_bytes, live, m.allocated_bytes,
+                 m.host_bytes, d->host_before, m.to_host_bytes, m.to_device_bytes);
+    d->host_before = m.host_bytes;
+}
+
+static Policy *create_on(const Setting *st, Fixture *fx)
+{
+    KvErr err;
+    PolicyEnv env = {.seed = policy_instance_seed(SEED, st->label, 0), .kv_bits = KV_BITS};
+    Policy *p = st->type->create(st->prm, &fx->L, &env, &err);
+    if (!p)
+        fail_msg("%s (%s): create: %s", st->label, st->params, err.msg);
+    return p;
+}
+
+static void drive(const Setting *st, Fixture *fx, FixtureBeforeFn before, Drive *d)
+{
+    d->st = st;
+    d->fx = fx;
+    Policy *p = create_on(st, fx);
+    if (p->want_decode_mass && !p->is_oracle)
+        fail_msg("no future: %s asks for the decode attention but is not an oracle", st->label);
+    fixture_run_hooked(fx, p, T, before, check_step, d);
+    p->type->destroy(p);
+}
+
+static void test_budget_and_memory(void **state)
+{
+    Suite *s = *state;
+    Fixture *fx = new_fixture();
+    for (int i = 0; i < s->n; i++) {
+        Drive d = {0};
+        drive(&s->set[i], fx, check_memory, &d);
+        free(d.log);
+    }
+    fixture_free(fx);
+}
+
+/* Hides everything of positions >= P, then reveals position t before step t. */
+static void hide_future(Fixture *fx)
+{
+    TraceMeta *m = &fx->meta;
+    for (int h = 0; h < HQ; h++)
+        for (int t = P; t < T; t++)
+            for (int i = 0; i < D; i++)
+                fx_q(fx, h, t)[i] = NAN;
+    for (int g = 0; g < HKV; g++)
+        for (int t = P; t < T; t++)
+            for (int i = 0; i < D; i++)
+                fx_k(fx, g, t)[i] = fx_v(fx, g, t)[i] = NAN;
+    for (int t = P; t < T; t++) {
+        m->tokens[t] = -12345;
+        m->positions[t] = -1000000;
+        m->segments[t] = 0; /* the future poses as system prompt */
+    }
+    m->n_needles = 2; /* the needles starting in the prompt */
+    m->n_probes = 0;
+}
+
+static void reveal(int t, const Policy *p, void *ud)
+{
+    (void)p;
+    Drive *d = ud;
+    if (t >= T)
+        return;
+    Fixture *fx = (Fixture *)d->fx;
+    const Fixture *c = d->clean;
+    for (int h = 0; h < HQ; h++)
+        memcpy(fx_q(fx, h, t), fx_q((Fixture *)c, h, t), D * sizeof(float));
+    for (int g = 0; g < HKV; g++) {
+        memcpy(fx_k(fx, g, t), fx_k((Fixture *)c, g, t), D * sizeof(float));
+        memcpy(fx_v(fx, g, t), fx_v((Fixture *)c, g, t), D * sizeof(float));
+    }
+    TraceMeta *m = &fx->meta;
+    m->tokens[t] = c->meta.tokens[t];
+    m->positions[t] = c->meta.positions[t];
+    m->segments[t] = c->meta.segments[t];
+    m->n_needles = 0;
+    for (int i = 0; i < c->meta.n_needles; i++)
+        m->n_needles += c->meta.needles[2 * i] <= t;
+    m->n_probes = 0;
+    for (int i = 0; i < c->meta.n_probes; i++)
+        m->n_probes += c->meta.probes[i] <= t;
+}
+
+static void test_no_future(void **state)
+{
+    Suite *s = *state;
+    Fixture *clean = new_fixture();
+    for (int i = 0; i < s->n; i++) {
+        const Setting *st = &s->set[i];
+        Drive plain = {0}, hidden = {.clean = clean};
+        drive(st, clean, NULL, &plain);
+        Fixture *fx = new_fixture();
+        hide_future(fx);
+        Policy *probe = create_on(st, fx);
+        bool oracle = probe->is_oracle;
+        probe->type->destroy(probe);
+        if (!oracle) {
+            drive(st, fx, reveal, &hidden);
+            /* Records (t, synthetic, n_real, positions...) per step and KV head, in order. */
+            size_t a = 0, b = 0;
+            for (int rec = 0; a < plain.n_log; rec++) {
+                size_t len = 3 + (size_t)plain.log[a + 2];
+                if (b + len > hidden.n_log ||
+                    memcmp(plain.log + a, hidden.log + b, len * sizeof *plain.log) != 0)
+                    fail_msg("no future: %s (%s) decides differently when positions > t are "
+                             "hidden: step %d, KV head %d",
+                             st->label, st->params, plain.log[a], rec % HKV);
+                a += len;
+                b += len;
+            }
+            assert_int_equal(b, hidden.n_log);
+        }
+        free(plain.log);
+        free(hidden.log);
+        fixture_free(fx);
+    }
+    fixture_free(clean);
+}
+
+/* ---- Oracle bound ---- */
+
+static void test_oracle_topk_bounds_every_policy(void **state)
+{
+    Suite *s = *state;
+    Fixture *fx = new_fixture();
+    int steps = T - P;
+    double *pol = kv_malloc((size_t)steps * HKV * sizeof *pol);
+    double *orc = kv_malloc((size_t)steps * HKV * sizeof *orc);
+    for (int i = 0; i < s->n; i++) {
+        const Setting *st = &s->set[i];
+        Policy *probe = create_on(st, fx);
+        bool oracle = probe->is_oracle;
+        probe->type->destroy(probe);
+        if (oracle)
+            continue;
+        long bound = 0;
+        for (int t = P; t < T; t++) {
+            long b = st->type->max_slots(st->prm, &fx->L, t);
+            bound = b > bound ? b : bound;
+        }
+        char params[64];
+        snprintf(params, sizeof params, "budget=%ld", bound);
+        mass_trace_run(fx, st->type->name, st->params, policy_instance_seed(SEED, st->label, 0),
+                       pol);
+        mass_trace_run(fx, "oracle_topk", params, 1, orc);
+        for (int t = 0; t < steps; t++)
+            for (int g = 0; g < HKV; g++)
+                if (orc[t * HKV + g] < pol[t * HKV + g] - 1e-6)
+                    fail_msg("oracle bound: %s (%s): step %d, KV head %d: oracle_topk (budget "
+                             "%ld) retains %.9g < %.9g",
+                             st->label, st->params, P + t, g, bound, orc[t * HKV + g],
+                             pol[t * HKV + g]);
+    }
+    free(pol);
+    free(orc);
+    fixture_free(fx);
+}
+
+/* ---- Isolation and determinism: the replay engine and the CSV writers ---- */
+
+static void replay_to(const Suite *s, const Setting *const *sel, int n, int threads,
+                      const char *out)
+{
+    PolicySpec *spec = kv_calloc((size_t)n, sizeof *spec);
+    for (int i = 0; i < n; i++) {
+        snprintf(spec[i].label, sizeof spec[i].label, "%s", sel[i]->label);
+        spec[i].type = sel[i]->type;
+        spec[i].params = sel[i]->prm;
+    }
+    EngineConfig cfg = {.threads = threads, .topk = TOPK, .eval_every = 1, .kv_bits = KV_BITS,
+                        .seed = SEED, .n_policies = n, .policies = spec};
+    KvErr err;
+    Trace *tr = trace_open(s->trace, &err);
+    if (!tr)
+        fail_msg("%s", err.msg);
+    Results *r = engine_run(tr, &cfg, &err);
+    if (!r)
+        fail_msg("replay: %s", err.msg);
+    PolicySummary *sum = kv_calloc((size_t)n, sizeof *sum);
+    report_summarize(r, sum);
+    if (report_write_csv(r, sum, out, &err) != 0)
+        fail_msg("%s", err.msg);
+    free(sum);
+    results_free(r);
+    trace_close(tr);
+    free(spec);
+}
+
+static const char *const CSVS[] = {"summary.csv", "layers.csv", "steps.csv"};
+
+/* The lines of `csv` whose first field is `label`, concatenated. */
+static char *rows_of(const char *csv, const char *label)
+{
+    size_t cap = strlen(csv) + 1, n = 0, len = strlen(label);
+    char *out = kv_malloc(cap);
+    for (const char *line = csv; *line;) {
+        const char *end = strchr(line, '\n');
+        size_t ll = end ? (size_t)(end - line + 1) : strlen(line);
+        if (ll > len && strncmp(line, label, len) == 0 && line[len] == ',') {
+            memcpy(out + n, line, ll);
+            n += ll;
+        }
+        line += ll;
+    }
+    out[n] = '\0';
+    return out;
+}
+
+static void test_isolation(void **state)
+{
+    Suite *s = *state;
+    const Setting *all[MAX_SETTINGS];
+    for (int i = 0; i < s->n; i++)
+        all[i] = &s->set[i];
+    char *together = scratch_create();
+    replay_to(s, all, s->n, 2, together);
+    for (int i = 0; i < s->n; i++) {
+        char *alone = scratch_create();
+        replay_to(s, &all[i], 1, 1, alone);
+        for (size_t f = 0; f < sizeof CSVS / sizeof CSVS[0]; f++) {
+            char *a = scratch_read(scratch_path(alone, CSVS[f], 0));
+            char *b = scratch_read(scratch_path(together, CSVS[f], 1));
+            char *ra = rows_of(a, s->set[i].label), *rb = rows_of(b, s->set[i].label);
+            if (ra[0] == '\0')
+                fail_msg("isolation: %s has no rows in %s", s->set[i].label, CSVS[f]);
+            if (strcmp(ra, rb) != 0)
+                fail_msg("isolation: %s (%s): its rows of %s differ alone and next to every "
+                         "other policy:\nalone:    %.300s\ntogether: %.300s",
+                         s->set[i].label, s->set[i].params, CSVS[f], ra, rb);
+            free(ra);
+            free(rb);
+            free(a);
+            free(b);
+        }
+        scratch_remove(alone);
+    }
+    scratch_remove(together);
+}
+
+static void test_determinism(void **state)
+{
+    Suite *s = *state;
+    const Setting *all[MAX_SETTINGS];
+    for (int i = 0; i < s->n; i++)
+        all[i] = &s->set[i];
+    static const int threads[] = {1, 2, 3, 3};
+    char *first = scratch_create();
+    replay_to(s, all, s->n, threads[0], first);
+    for (size_t k = 1; k < sizeof threads / sizeof threads[0]; k++) {
+        char *other = scratch_create();
+        replay_to(s, all, s->n, threads[k], other);
+        for (size_t f = 0; f < sizeof CSVS / sizeof CSVS[0]; f++) {
+            char *a = scratch_read(scratch_path(first, CSVS[f], 0));
+            char *b = scratch_read(scratch_path(other, CSVS[f], 1));
+            assert_true(strlen(a) > 0);
+            if (strcmp(a, b) != 0)
+                fail_msg("determinism: %s differs between %d and %d threads (run %zu)", CSVS[f],
+                         threads[0], threads[k], k);
+            free(a);
+            free(b);
+        }
+        scratch_remove(other);
+    }
+    scratch_remove(first);
+}
+
+/* The defect that started this suite: tova's prefill read the observation rows of whichever
+ * instance asked for the most (snapkv's), indexed as its own single row. */
+static void test_tova_next_to_snapkv_sees_its_own_rows(void **state)
+{
+    Suite *s = *state;
+    const Setting *tova = NULL, *snap = NULL;
+    for (int i = 0; i < s->n; i++) {
+        if (!tova && strcmp(s->set[i].type->name, "tova") == 0)
+            tova = &s->set[i];
+        if (!snap && strcmp(s->set[i].type->name, "snapkv") == 0)
+            snap = &s->set[i];
+    }
+    assert_non_null(tova);
+    assert_non_null(snap);
+    char *alone = scratch_create(), *pair = scratch_create();
+    replay_to(s, (const Setting *[]){tova}, 1, 1, alone);
+    replay_to(s, (const Setting *[]){snap, tova}, 2, 1, pair);
+    char *a = scratch_read(scratch_path(alone, "steps.csv", 0));
+    char *b = scratch_read(scratch_path(pair, "steps.csv", 1));
+    char *ra = rows_of(a, tova->label), *rb = rows_of(b, tova->label);
+    assert_true(strlen(ra) > 0);
+    assert_string_equal(ra, rb);
+    free(ra);
+    free(rb);
+    free(a);
+    free(b);
+    scratch_remove(alone);
+    scratch_remove(pair);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_settings_cover_every_parameter),
+        cmocka_unit_test(test_budget_and_memory),
+        cmocka_unit_test(test_no_future),
+        cmocka_unit_test(test_oracle_topk_bounds_every_policy),
+        cmocka_unit_test(test_tova_next_to_snapkv_sees_its_own_rows),
+        cmocka_unit_test(test_isolation),
+        cmocka_unit_test(test_determinism),
+    };
+    return cmocka_run_group_tests(tests, suite_setup, suite_teardown);
+}

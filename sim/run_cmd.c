@@ -57,6 +57,14 @@ int cmd_run(int argc, char **argv)
         config_free(&rc);
         return 2;
     }
+    const TraceMeta *tm = trace_meta(tr); /* e.g. a trig calibration trace of another model */
+    if (config_check_model(&rc, rc.trace_path, tm->n_layers, tm->n_q_heads, tm->head_dim,
+                           tm->rope_layout, &err) != 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        trace_close(tr);
+        config_free(&rc);
+        return 2;
+    }
     /* The output directory is checked before the replay, not after it. */
     if (make_dirs(rc.out_dir, &err) != 0 || dir_writable(rc.out_dir, &err) != 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);

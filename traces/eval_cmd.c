@@ -523,6 +523,8 @@ static int eval_main(const EvalOptions *o, KvErr *err)
     if (full < 0)
         goto done;
     if (!(model = model_load(o->model_dir, err)) ||
+        config_check_model(&rc, o->model_dir, model->config.n_layers, model->config.n_q_heads,
+                           model->config.head_dim, ROPE_HALF, err) != 0 || /* as eval.c runs it */
         !(tok = checkpoint_tokenizer_load(o->model_dir, err)) ||
         !(prompts = load_prompts(o->prompts_dir, model, tok, o->model_dir, &n_prompts, err)))
         goto done;

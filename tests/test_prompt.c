@@ -3,6 +3,7 @@
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -236,6 +237,190 @@ static void test_bad_markup(void **state)
                  "message 2: line 1: a second [[decode]]");
 }
 
+/* ---------------------------------------------------------------- hostile input (issue 10) */
+
+/* A committed input of tests/inputs/prompt/ (static storage). */
+static const char *input_path(const char *name)
+{
+    static char path[512];
+    const char *root = getenv("KVSIM_SOURCE_DIR");
+    if (root && *root) {
+        snprintf(path, sizeof path, "%s/tests/inputs/prompt/%s", root, name);
+    } else { /* run by hand: next to this source file */
+        const char *slash = strrchr(__FILE__, '/');
+        int dir = slash ? (int)(slash - __FILE__) : 1;
+        snprintf(path, sizeof path, "%.*s/inputs/prompt/%s", dir, slash ? __FILE__ : ".", name);
+    }
+    return path;
+}
+
+/* Parses and tokenizes a committed prompt file (origin: its path); the error must name the file,
+ * contain `fragment` and be one line. */
+static void expect_file_error(const char *name, int bos, const char *fragment)
+{
+    const char *path = input_path(name);
+    KvErr err = {{0}};
+    size_t len;
+    char *text = kv_read_input(path, 0, &len, &err);
+    if (!text)
+        fail_msg("%s", err.msg);
+    PromptMarkup m;
+    PromptTokens t;
+    int rc = prompt_parse(path, text, len, &m, &err);
+    if (rc == 0) {
+        rc = prompt_tokenize(path, &m, byte_encode, NULL, bos, &t, &err);
+        prompt_markup_free(&m);
+        if (rc == 0) {
+            prompt_tokens_free(&t);
+            fail_msg("accepted: %s", path);
+        }
+    }
+    free(text);
+    if (!strstr(err.msg, fragment) || !strstr(err.msg, path) || strchr(err.msg, '\n'))
+        fail_msg("error '%s' does not name %s and say '%s'", err.msg, path, fragment);
+}
+
+/* \u0000 in a message used to end the message there, needle and all; a raw NUL byte too. */
+static void test_nul_in_chat_rejected(void **state)
+{
+    (void)state;
+    expect_file_error("nul_in_chat.json", 0,
+                      "message 2: line 2, byte 99: \\u0000 in a string (NUL characters are not "
+                      "allowed in a prompt)");
+    static const char raw[] = "[{\"role\": \"user\", \"content\": \"a\0b\"}]";
+    PromptMarkup m;
+    KvErr err = {{0}};
+    assert_int_equal(prompt_parse("p.txt", raw, sizeof raw - 1, &m, &err), -1);
+    assert_non_null(strstr(err.msg, "p.txt: message 1: line 1, byte 31: NUL byte"));
+    /* An escaped backslash before "u0000" is no NUL. */
+    PromptTokens t;
+    tokenize("[{\"role\": \"user\", \"content\": \"a\\\\u0000\"}]", -1, &m, &t);
+    assert_text(&t, 0, "User: a\\u0000\n\nAssistant:");
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+}
+
+/* Plain text carries its length: a NUL byte in it is one more character, not the end. */
+static void test_nul_in_plain_text_kept(void **state)
+{
+    (void)state;
+    static const char raw[] = "a\0[[needle]]b\0c[[/needle]]";
+    PromptMarkup m;
+    PromptTokens t;
+    KvErr err = {{0}};
+    assert_int_equal(prompt_parse("p.txt", raw, sizeof raw - 1, &m, &err), 0);
+    assert_int_equal(prompt_tokenize("p.txt", &m, byte_encode, NULL, -1, &t, &err), 0);
+    static const int32_t want[] = {'a' + 1, 1, 'b' + 1, 1, 'c' + 1};
+    assert_int_equal(t.n_tokens, 5);
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(t.tokens[i], want[i]);
+    assert_int_equal(t.n_needles, 1);
+    assert_int_equal(t.needles[0], 2);
+    assert_int_equal(t.needles[1], 5);
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+}
+
+/* Encodes every text to nothing. */
+static int null_encode(void *ctx, const char *text, size_t len, int32_t **ids, int *n, KvErr *err)
+{
+    (void)ctx, (void)text, (void)len, (void)err;
+    *ids = kv_malloc(sizeof **ids);
+    *n = 0;
+    return 0;
+}
+
+/* An empty file used to give a prompt of BOS alone, and exit 0. */
+static void test_empty_prompt_rejected(void **state)
+{
+    (void)state;
+    expect_file_error("empty.txt", 0, "the prompt file is empty");
+    expect_file_error("empty.txt", -1, "the prompt file is empty");
+    /* Text that encodes to nothing leaves BOS alone: still empty. */
+    PromptMarkup m;
+    PromptTokens t;
+    KvErr err = {{0}};
+    assert_int_equal(prompt_parse("p.txt", " ", 1, &m, &err), 0);
+    assert_int_equal(prompt_tokenize("p.txt", &m, null_encode, NULL, 7, &t, &err), -1);
+    assert_non_null(strstr(err.msg, "p.txt: the prompt is empty (its text encodes to no tokens "
+                               "besides BOS)"));
+    prompt_markup_free(&m);
+    /* Markers alone: a probe at BOS, then nothing. */
+    assert_int_equal(prompt_parse("p.txt", "[[probe]]", 9, &m, &err), 0);
+    assert_int_equal(prompt_tokenize("p.txt", &m, byte_encode, NULL, 0, &t, &err), -1);
+    assert_non_null(strstr(err.msg, "the prompt is empty"));
+    prompt_markup_free(&m);
+}
+
+/* A file that starts like a chat and is not valid JSON used to be tokenized as plain text,
+ * JSON syntax and all. */
+static void test_broken_chat_rejected(void **state)
+{
+    (void)state;
+    expect_file_error("broken_chat.json", 0, "line 3, byte 111: not valid JSON (a file that starts "
+                                             "with '[' as this one does is read as a JSON chat)");
+    expect_file_error("trailing_chat.json", 0,
+                      "line 2, byte 72: text after the end of the JSON chat");
+    expect_file_error("object_chat.json", 0, "a JSON object (expected a chat: a JSON array of");
+    expect_error("  [ ]", "the chat has no messages");
+    expect_error("\n[\n", "line 2, byte 2: not valid JSON");
+    expect_error("{\"messages\": []}", "a JSON object");
+    expect_error("{", "not valid JSON");
+    expect_error("[{\"role\": \"user\", \"content\": \"hi\"}] [", "text after the end");
+    expect_error("[{\"role\": \"user\", \"content\": \"a\", \"content\": \"b\"}]",
+                 "message 1: 'content' appears twice");
+    /* A JSON array is a chat, even one that does not look like one. */
+    expect_error("[\"hi\"]", "message 1 needs string 'role' and 'content'");
+    /* Echoed content is escaped: the message stays on one line. */
+    expect_error("[{\"role\": \"us\\ner\", \"content\": \"hi\"}]", "role 'us\\ner'");
+}
+
+/* A chat saved with a UTF-8 byte-order mark is still a chat (it used to become plain text). */
+static void test_chat_after_byte_order_mark(void **state)
+{
+    (void)state;
+    PromptMarkup m;
+    PromptTokens t;
+    tokenize("\xEF\xBB\xBF [{\"role\": \"user\", \"content\": \"hi\"}]", -1, &m, &t);
+    assert_true(m.is_chat);
+    assert_text(&t, 0, "User: hi\n\nAssistant:");
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+    expect_error("\xEF\xBB\xBF[{\"role\": \"user\"} x", "line 1, byte 21: not valid JSON");
+    /* In plain text it is a character like any other. */
+    tokenize("\xEF\xBB\xBFhi", -1, &m, &t);
+    assert_false(m.is_chat);
+    assert_text(&t, 0, "\xEF\xBB\xBFhi");
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+}
+
+/* Text that merely opens with a bracket stays plain text. */
+static void test_bracketed_plain_text_kept(void **state)
+{
+    (void)state;
+    static const char *const texts[] = {"[INST] hi [/INST]", "[1] a [2] b", "{{name}} hi",
+                                        "{name}", "[x", "  [[needle]]a[[/needle]] b"};
+    for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
+        PromptMarkup m;
+        PromptTokens t;
+        tokenize(texts[i], -1, &m, &t);
+        assert_false(m.is_chat);
+        prompt_tokens_free(&t);
+        prompt_markup_free(&m);
+    }
+}
+
+/* Invalid UTF-8 used to be reported against tokenizer.json; it is the prompt's. */
+static void test_invalid_utf8_named(void **state)
+{
+    (void)state;
+    expect_file_error("latin1.txt", 0, "line 2, byte 42: not valid UTF-8");
+    expect_error("ok\n\xC3(", "p.txt: line 2, byte 3: not valid UTF-8");
+    expect_error("[{\"role\": \"user\", \"content\": \"caf\xE9\"}]", "line 1, byte 33: not valid UTF-8");
+    expect_error("\xED\xA0\x80", "byte 0: not valid UTF-8"); /* a surrogate */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -246,6 +431,13 @@ int main(void)
         cmocka_unit_test(test_decode_marker_in_chat),
         cmocka_unit_test(test_text_starting_with_bracket_is_plain),
         cmocka_unit_test(test_bad_markup),
+        cmocka_unit_test(test_nul_in_chat_rejected),
+        cmocka_unit_test(test_nul_in_plain_text_kept),
+        cmocka_unit_test(test_empty_prompt_rejected),
+        cmocka_unit_test(test_broken_chat_rejected),
+        cmocka_unit_test(test_bracketed_plain_text_kept),
+        cmocka_unit_test(test_chat_after_byte_order_mark),
+        cmocka_unit_test(test_invalid_utf8_named),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -608,6 +609,277 @@ static void test_errors(void **state)
     tokenizer_free(tok);
 }
 
+/* ---------------------------------------------------------------- hostile input (issue 10) */
+
+/* A committed input of tests/inputs/tokenizer/ (static storage). */
+static const char *input_path(const char *name)
+{
+    static char path[8][512];
+    static int next;
+    const char *root = getenv("KVSIM_SOURCE_DIR");
+    char *out = path[next++ % 8];
+    if (root && *root) {
+        snprintf(out, 512, "%s/tests/inputs/tokenizer/%s", root, name);
+    } else { /* run by hand: next to this source file */
+        const char *slash = strrchr(__FILE__, '/');
+        int dir = slash ? (int)(slash - __FILE__) : 1;
+        snprintf(out, 512, "%.*s/inputs/tokenizer/%s", dir, slash ? __FILE__ : ".", name);
+    }
+    return out;
+}
+
+/* Ids of the committed split_*.json tokenizers: a b c x ab ba xc; merges a+b, b+a, x+c. */
+enum { T_A, T_B, T_C, T_X, T_AB, T_BA, T_XC };
+
+/* A Split whose regex matches empty at the very end of a piece ("$") must not look at the byte
+ * after the piece; with ASan this read a byte past the arena when the piece filled it exactly
+ * (64, 128, ... bytes). */
+static void test_split_empty_match_at_end(void **state)
+{
+    (void)state;
+    Tokenizer *tok = load_ok(input_path("split_dollar.json"), NULL);
+    ASSERT_IDS(tok, "abab", T_AB, T_AB);
+    char text[300];
+    int32_t want[300];
+    for (int n = 1; n < 300; n++) {
+        memset(text, 'c', (size_t)n);
+        text[n] = '\0';
+        for (int i = 0; i < n; i++)
+            want[i] = T_C;
+        check_ids(tok, text, want, n);
+    }
+    tokenizer_free(tok);
+}
+
+/* Empty matches cut the text as in the tokenizers library (the onig crate's find_iter): a
+ * lookahead splits "abab" into "a" "ba" "b" rather than matching nothing; the first empty match
+ * after a non-empty one is skipped. */
+static void test_split_empty_matches_cut(void **state)
+{
+    (void)state;
+    Tokenizer *tok = load_ok(input_path("split_lookahead.json"), NULL);
+    ASSERT_IDS(tok, "abab", T_A, T_BA, T_B);
+    ASSERT_IDS(tok, "bb", T_B, T_B);
+    tokenizer_free(tok);
+    tok = load_ok(input_path("split_lookahead_removed.json"), NULL);
+    ASSERT_IDS(tok, "abab", T_A, T_BA, T_B);
+    tokenizer_free(tok);
+    tok = load_ok(input_path("split_after_match.json"), NULL);
+    /* "ab" matches, then the empty match before "c" is skipped: "ab" "xc". */
+    ASSERT_IDS(tok, "abxc", T_AB, T_XC);
+    /* An empty match that does not follow a match cuts: "x" "" "c" "ab". */
+    ASSERT_IDS(tok, "xcab", T_X, T_C, T_AB);
+    tokenizer_free(tok);
+}
+
+static void test_trailing_text_rejected(void **state)
+{
+    (void)state;
+    const char *garbage = input_path("trailing_garbage.json");
+    FILE *fp = fopen(garbage, "rb");
+    assert_non_null(fp);
+    fseek(fp, 0, SEEK_END);
+    long size = ftell(fp);
+    fclose(fp);
+    char want[64];
+    snprintf(want, sizeof want, "byte %ld: unexpected text after the JSON value", size - 2);
+    expect_load_error(garbage, NULL, garbage, want);
+    expect_load_error(input_path("truncated.json"), NULL, "truncated.json", "not valid JSON");
+    /* tokenizer_config.json too; blanks after the value are fine. */
+    const char *cfg = input_path("config_trailing.json");
+    expect_load_error(input_path("split_dollar.json"), cfg, cfg, "byte 44: unexpected text");
+    const char *ok_cfg = write_file("blank_after.json", "{\"add_bos_token\": false}\n \t\r\n");
+    Tokenizer *tok = load_ok(input_path("split_dollar.json"), ok_cfg);
+    tokenizer_free(tok);
+}
+
+/* {top-level keys "model": {model keys "type": "BPE", "vocab": {a, b, ab}, "merges": ["a b"]}}:
+ * cJSON takes the first of two equal keys, so the model keys given override the defaults. */
+static const char *tiny(const char *name, const char *top, const char *model)
+{
+    char text[4096];
+    snprintf(text, sizeof text,
+             "{%s \"model\": {%s\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, "
+             "\"ab\": 2}, \"merges\": [\"a b\"]}}",
+             top, model);
+    return write_file(name, text);
+}
+
+static void test_wrong_types_rejected(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *top, *model, *what;
+    } cases[] = {
+        {"\"normalizer\": 5,", "", "normalizer: expected an object or null"},
+        {"\"pre_tokenizer\": [],", "", "pre_tokenizer: expected an object or null"},
+        {"\"decoder\": \"ByteLevel\",", "", "decoder: expected an object or null"},
+        {"", "\"byte_fallback\": \"yes\", ", "model: \"byte_fallback\": expected true or false"},
+        {"", "\"ignore_merges\": 1, ", "model: \"ignore_merges\": expected true or false"},
+        {"", "\"unk_token\": 5, ", "model: \"unk_token\": expected a string"},
+        {"", "\"continuing_subword_prefix\": [], ", "\"continuing_subword_prefix\": expected a"},
+        {"", "\"type\": 7, ", "model: \"type\": expected a string"},
+        {"\"added_tokens\": [{\"id\": 3, \"content\": \"<s>\", \"special\": 1}],", "",
+         "added_tokens[0]: \"special\": expected true or false"},
+        {"\"added_tokens\": [{\"id\": 3, \"content\": \"<s>\"}, {\"id\": 2.5, \"content\": "
+         "\"</s>\"}],", "", "added_tokens[1]: expected an object with a non-negative integer"},
+        {"\"added_tokens\": [{\"id\": 1e300, \"content\": \"<s>\"}],", "",
+         "added_tokens[0]: expected an object"},
+        {"\"added_tokens\": [{\"id\": -1, \"content\": \"<s>\"}],", "", "added_tokens[0]"},
+        {"\"added_tokens\": [\"<s>\"],", "", "added_tokens[0]"},
+        {"\"added_tokens\": [{\"id\": 20000000, \"content\": \"<s>\"}],", "",
+         "token id 20000000 is too large"},
+        {"\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"(\"}, "
+         "\"behavior\": \"Isolated\"},", "", "pre_tokenizer Split: cannot compile regex"},
+        {"\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"a\"}, "
+         "\"behavior\": \"Isolated\", \"invert\": \"no\"},", "",
+         "pre_tokenizer Split: \"invert\": expected true or false"},
+        {"\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"a\\u0000|b\"}, "
+         "\"behavior\": \"Isolated\"},", "", "\\u0000 in a string"},
+        {"\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": \"a\", \"behavior\": "
+         "\"Isolated\"},", "", "expected a pattern {\"String\": ...} or {\"Regex\": ...}"},
+        {"\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"a\"}, "
+         "\"behavior\": \"Sideways\\n\"},", "", "behavior \"Sideways\\n\" (expected Removed"},
+        {"\"pre_tokenizer\": {\"type\": \"Metaspace\", \"split\": 1},", "",
+         "pre_tokenizer Metaspace: \"split\": expected true or false"},
+        {"\"pre_tokenizer\": {\"type\": \"Metaspace\", \"prepend_scheme\": 5},", "",
+         "\"prepend_scheme\": expected a string"},
+        {"\"pre_tokenizer\": {\"type\": \"ByteLevel\", \"use_regex\": \"true\"},", "",
+         "pre_tokenizer ByteLevel: \"use_regex\": expected true or false"},
+        {"\"pre_tokenizer\": {\"type\": \"Digits\", \"individual_digits\": 0},", "",
+         "\"individual_digits\": expected true or false"},
+        {"\"decoder\": {\"type\": \"Strip\", \"content\": \" \", \"start\": 1.5, \"stop\": 0},",
+         "", "decoder Strip: expected non-negative start and stop"},
+        {"\"decoder\": {\"type\": \"Metaspace\", \"replacement\": 9},", "",
+         "decoder Metaspace: \"replacement\": expected a string"},
+        {"\"normalizer\": {\"type\": \"Prepend\", \"prepend\": false},", "",
+         "normalizer Prepend: \"prepend\": expected a string"},
+        {"\"normalizer\": {\"type\": \"NFKC\\u0001\"},", "", "type \"NFKC\\x01\" not supported"},
+        {"", "\"merges\": [\"a b\", 5], ", "model.merges[1]: expected"},
+        {"", "\"merges\": [\"a\\nb zz\"], ", "token \"a\\nb\" is not in model.vocab"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const char *path = tiny("types.json", cases[i].top, cases[i].model);
+        expect_load_error(path, NULL, path, cases[i].what);
+    }
+}
+
+static void test_bad_ids_and_bytes_rejected(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *json, *what;
+    } cases[] = {
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 1e300}, \"merges\": []}}",
+         "model.vocab \"a\": expected a non-negative integer id"},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": -1}, \"merges\": []}}",
+         "expected a non-negative integer id"},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0.5}, \"merges\": []}}",
+         "expected a non-negative integer id"},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": \"0\"}, \"merges\": []}}",
+         "expected a non-negative integer id"},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\\nb\\u0007\": true}, \"merges\": []}}",
+         "model.vocab \"a\\nb\\x07\": expected"},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 16777216}, \"merges\": []}}",
+         "token id 16777216 is too large"},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 0}, \"merges\": []}}",
+         "id 0 is used by both \"a\" and \"b\""},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\\u0000b\": 0}, \"merges\": []}}",
+         ":1: byte 38: \\u0000 in a string"},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"\xC3\": 0}, \"merges\": []}}",
+         ":1: byte 37: not valid UTF-8"},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0},\n\"merges\": []}}\n\x01",
+         ":3: byte 60: unexpected text after the JSON value"},
+        {"[1]", "expected a JSON object at the top level"},
+        {"", "not valid JSON"},
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [", "not valid JSON"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const char *path = write_file("ids.json", cases[i].json);
+        expect_load_error(path, NULL, path, cases[i].what);
+    }
+    /* A raw NUL byte (fputs would stop at it). */
+    char path[320];
+    snprintf(path, sizeof path, "%s/nul.json", g_dir);
+    const char raw[] = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}\0";
+    FILE *fp = fopen(path, "wb");
+    assert_non_null(fp);
+    fwrite(raw, 1, sizeof raw, fp);
+    fclose(fp);
+    expect_load_error(path, NULL, path, "byte 59: NUL byte");
+    unlink(path);
+}
+
+/* Nesting: cJSON refuses more than 1000 levels (an error, not a stack overflow); nested
+ * Sequences within that limit load. */
+static void test_deep_nesting(void **state)
+{
+    (void)state;
+    Str s = {0};
+    str_add(&s, "{\"normalizer\": ");
+    for (int i = 0; i < 2000; i++)
+        str_add(&s, "[");
+    for (int i = 0; i < 2000; i++)
+        str_add(&s, "]");
+    str_add(&s, "}");
+    const char *path = write_file("deep.json", s.p);
+    expect_load_error(path, NULL, path, "not valid JSON");
+    s.n = 0;
+    str_add(&s, "{\"normalizer\": ");
+    for (int i = 0; i < 300; i++)
+        str_add(&s, "{\"type\": \"Sequence\", \"normalizers\": [");
+    str_add(&s, "{\"type\": \"Replace\", \"pattern\": {\"String\": \"b\"}, \"content\": \"a\"}");
+    for (int i = 0; i < 300; i++)
+        str_add(&s, "]}");
+    str_add(&s, ", \"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"aa\": 2},"
+                " \"merges\": [\"a a\"]}}");
+    path = write_file("deep_ok.json", s.p);
+    free(s.p);
+    Tokenizer *tok = load_ok(path, NULL);
+    ASSERT_IDS(tok, "ab", 2);
+    tokenizer_free(tok);
+}
+
+/* Inputs that are not regular files are refused at once (a FIFO would block forever). */
+static void test_not_regular_files(void **state)
+{
+    (void)state;
+    const char *json = input_path("split_dollar.json");
+    expect_load_error(g_dir, NULL, g_dir, "not a regular file");
+    expect_load_error(json, g_dir, g_dir, "not a regular file");
+    char fifo[320];
+    snprintf(fifo, sizeof fifo, "%s/fifo.json", g_dir);
+    assert_int_equal(mkfifo(fifo, 0600), 0);
+    expect_load_error(fifo, NULL, fifo, "not a regular file");
+    expect_load_error(json, fifo, fifo, "not a regular file");
+    unlink(fifo);
+}
+
+/* A regex that backtracks without end on some text fails the encode with an error (PCRE2's
+ * match limit) instead of hanging. */
+static void test_runaway_regex(void **state)
+{
+    (void)state;
+    const char *path = write_file("runaway.json",
+                                  "{\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": "
+                                  "{\"Regex\": \"(a|aa)+$\"}, \"behavior\": \"Isolated\"},"
+                                  " \"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, "
+                                  "\"b\": 1}, \"merges\": []}}");
+    Tokenizer *tok = load_ok(path, NULL);
+    char text[64];
+    memset(text, 'a', 60);
+    text[60] = 'b';
+    text[61] = '\0';
+    int32_t *ids = NULL;
+    int n = 0;
+    KvErr err = {{0}};
+    assert_int_equal(tokenizer_encode(tok, text, strlen(text), &ids, &n, &err), -1);
+    assert_null(ids);
+    if (!strstr(err.msg, path) || !strstr(err.msg, "regex match failed"))
+        fail_msg("unexpected error \"%s\"", err.msg);
+    tokenizer_free(tok);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -621,6 +893,14 @@ int main(void)
         cmocka_unit_test(test_sentencepiece_decode),
         cmocka_unit_test(test_bos_eos),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_split_empty_match_at_end),
+        cmocka_unit_test(test_split_empty_matches_cut),
+        cmocka_unit_test(test_trailing_text_rejected),
+        cmocka_unit_test(test_wrong_types_rejected),
+        cmocka_unit_test(test_bad_ids_and_bytes_rejected),
+        cmocka_unit_test(test_deep_nesting),
+        cmocka_unit_test(test_not_regular_files),
+        cmocka_unit_test(test_runaway_regex),
     };
     return cmocka_run_group_tests(tests, setup_dir, teardown_dir);
 }

@@ -5,7 +5,7 @@
 
 #include <cjson/cJSON.h>
 
-#include "traces/safetensors.h"
+#include "traces/tokenizer.h"
 
 static const char NEEDLE_OPEN[] = "[[needle]]";
 static const char NEEDLE_CLOSE[] = "[[/needle]]";
@@ -156,8 +156,18 @@ static int parse_chat(const char *origin, const cJSON *chat, Builder *b, KvErr *
         const cJSON *msg = cJSON_GetArrayItem(chat, i);
         const cJSON *role = cJSON_GetObjectItemCaseSensitive(msg, "role");
         const cJSON *content = cJSON_GetObjectItemCaseSensitive(msg, "content");
-        if (!cJSON_IsString(role) || !cJSON_IsString(content))
+        if (!cJSON_IsObject(msg) || !cJSON_IsString(role) || !cJSON_IsString(content))
             return kv_fail(err, "%s: message %d needs string 'role' and 'content'", origin, i + 1);
+        /* cJSON reads the first of two equal keys, Python's json the last: refuse the doubt. */
+        int n_role = 0, n_content = 0;
+        const cJSON *key;
+        cJSON_ArrayForEach(key, msg) {
+            n_role += !strcmp(key->string, "role");
+            n_content += !strcmp(key->string, "content");
+        }
+        if (n_role > 1 || n_content > 1)
+            return kv_fail(err, "%s: message %d: '%s' appears twice", origin, i + 1,
+                           n_role > 1 ? "role" : "content");
         const char *r = role->valuestring, *header;
         if (!strcmp(r, "system")) {
             if (i != 0)
@@ -172,8 +182,9 @@ static int parse_chat(const char *origin, const cJSON *chat, Builder *b, KvErr *
                 turn = 1;
             header = "Assistant: ";
         } else {
+            char shown[128];
             return kv_fail(err, "%s: message %d: role '%s' (expected system, user or assistant)",
-                           origin, i + 1, r);
+                           origin, i + 1, kv_escape(r, strlen(r), shown, sizeof shown));
         }
         set_segment(b, turn);
         char where[512];
@@ -197,19 +208,147 @@ static int parse_chat(const char *origin, const cJSON *chat, Builder *b, KvErr *
     return 0;
 }
 
+static int is_blank(char c)
+{
+    return c == ' ' || c == '\t' || c == '\r' || c == '\n';
+}
+
+/* Where a chat file's JSON text holds a NUL: a raw NUL byte or a \u0000 escape in a string
+ * (cJSON's strings end at the first NUL, so the rest of the message would silently vanish).
+ * Returns the offset, or len when there is none; *message is the 1-based index of the element
+ * of the top-level array it lies in (0: outside any element, or the top level is no array). */
+static size_t json_nul_at(const char *text, size_t len, int *message)
+{
+    int depth = 0, in_string = 0, commas = 0, seen = 0, array = 0;
+    size_t i = 0;
+    for (; i < len; i++) {
+        char c = text[i];
+        if (c == '\0')
+            break;
+        if (in_string) {
+            if (c == '"') {
+                in_string = 0;
+            } else if (c == '\\' && i + 1 < len) {
+                if (text[i + 1] == 'u' && i + 6 <= len && memcmp(text + i + 2, "0000", 4) == 0)
+                    break;
+                i++; /* the escaped character */
+            }
+            continue;
+        }
+        if (depth == 0 && c == '[')
+            array = 1;
+        if (depth == 1) { /* between the elements of the top level */
+            if (c == ',')
+                commas++;
+            else if (!is_blank(c) && c != ']' && c != '}')
+                seen = 1;
+        }
+        if (c == '"')
+            in_string = 1;
+        else if (c == '[' || c == '{')
+            depth++;
+        else if (c == ']' || c == '}')
+            depth--;
+    }
+    *message = array && depth >= 1 && seen ? commas + 1 : 0;
+    return i;
+}
+
+/* The JSON value that is the whole of text (blanks around it allowed), or NULL; *at is where
+ * parsing stopped, or where text follows the value (*trailing). */
+static cJSON *parse_json_exact(const char *text, size_t len, size_t *at, int *trailing)
+{
+    const char *end = NULL;
+    cJSON *json = cJSON_ParseWithLengthOpts(text, len, &end, 0);
+    *at = end && end >= text && end <= text + len ? (size_t)(end - text) : len;
+    *trailing = 0;
+    if (json) {
+        while (*at < len && is_blank(text[*at]))
+            ++*at;
+        if (*at < len) {
+            *trailing = 1;
+            cJSON_Delete(json);
+            json = NULL;
+        }
+    }
+    return json;
+}
+
+/* Whether text (from its first non-blank byte, '[' or '{') looks like a JSON chat, so that a
+ * file that then fails to parse is an error rather than plain text: "[" followed by "{" or "]",
+ * or "{" followed by '"' or "}" (blanks allowed in between; the end of the file counts too).
+ * Text opening with a marker ("[[needle]]"), "[1]", "[INST]" or "{{" is plain text. */
+static int looks_like_chat(const char *text, size_t len)
+{
+    size_t i = 1;
+    while (i < len && is_blank(text[i]))
+        i++;
+    if (i == len)
+        return 1;
+    return text[0] == '[' ? text[i] == '{' || text[i] == ']' : text[i] == '"' || text[i] == '}';
+}
+
+/* The chat of a file that is one (it parses as a JSON array, or looks like a chat), or NULL
+ * after an error naming the file and the byte offset. json is the parse (NULL if it failed). */
+static cJSON *check_chat_json(const char *origin, const char *text, size_t len, size_t lead,
+                              cJSON *json, size_t at, int trailing, KvErr *err)
+{
+    int message;
+    size_t nul = json_nul_at(text, len, &message);
+    if (nul < len) {
+        char where[32] = "";
+        if (message > 0)
+            snprintf(where, sizeof where, "message %d: ", message);
+        kv_fail(err, "%s: %sline %d, byte %zu: %s (NUL characters are not allowed in a prompt)",
+                origin, where, line_of(text, nul), nul,
+                text[nul] ? "\\u0000 in a string" : "NUL byte");
+    } else if (trailing) {
+        kv_fail(err, "%s: line %d, byte %zu: text after the end of the JSON chat", origin,
+                line_of(text, at), at);
+    } else if (!json) {
+        kv_fail(err, "%s: line %d, byte %zu: not valid JSON (a file that starts with '%c' as "
+                "this one does is read as a JSON chat)", origin, line_of(text, at), at,
+                text[lead]);
+    } else if (!cJSON_IsArray(json)) {
+        kv_fail(err, "%s: a JSON %s (expected a chat: a JSON array of {\"role\": ..., "
+                "\"content\": ...} messages)", origin, cJSON_IsObject(json) ? "object" : "value");
+    } else {
+        return json;
+    }
+    cJSON_Delete(json);
+    return NULL;
+}
+
 int prompt_parse(const char *origin, const char *text, size_t len, PromptMarkup *out, KvErr *err)
 {
     memset(out, 0, sizeof *out);
+    if (len == 0)
+        return kv_fail(err, "%s: the prompt file is empty (expected text or a JSON chat)",
+                       origin);
+    size_t bad = utf8_invalid_offset(text, len);
+    if (bad < len)
+        return kv_fail(err, "%s: line %d, byte %zu: not valid UTF-8 (a prompt must be UTF-8 text)",
+                       origin, line_of(text, bad), bad);
     Builder b = {.m = out};
-    size_t lead = 0;
-    while (lead < len && strchr(" \t\r\n", text[lead]))
+    /* A byte-order mark before a chat is skipped (cJSON does not take one); in plain text it
+     * stays, as Python's open(..., encoding="utf-8") keeps it. */
+    size_t bom = len >= 3 && !memcmp(text, "\xEF\xBB\xBF", 3) ? 3 : 0, lead = bom;
+    while (lead < len && is_blank(text[lead]))
         lead++;
     cJSON *chat = NULL;
-    if (lead < len && text[lead] == '[') {
-        chat = json_parse_exact(text, len, NULL);
-        if (chat && !cJSON_IsArray(chat)) {
-            cJSON_Delete(chat);
-            chat = NULL;
+    if (lead < len && (text[lead] == '[' || text[lead] == '{')) {
+        size_t at;
+        int trailing;
+        cJSON *json = parse_json_exact(text + bom, len - bom, &at, &trailing);
+        at += bom;
+        /* A file that parses as a JSON array is a chat, and so is one that looks like a chat;
+         * text that merely opens with a bracket ("[1] ...", "[[needle]]...") is plain text. */
+        if (cJSON_IsArray(json) || looks_like_chat(text + lead, len - lead)) {
+            chat = check_chat_json(origin, text, len, lead, json, at, trailing, err);
+            if (!chat)
+                return -1;
+        } else {
+            cJSON_Delete(json);
         }
     }
     int rc;
@@ -312,9 +451,10 @@ int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn en
             prompt_tokens_free(out);
             return kv_fail(err, "%s: needle %d tokenizes to no tokens", origin, id);
         }
-    if (out->n_tokens == 0) {
+    if (out->n_tokens == (bos >= 0)) {
         prompt_tokens_free(out);
-        return kv_fail(err, "%s: the prompt is empty", origin);
+        return kv_fail(err, "%s: the prompt is empty (its text encodes to no tokens%s)", origin,
+                       bos >= 0 ? " besides BOS" : "");
     }
     if (has_decode && out->n_prompt == out->n_tokens) {
         prompt_tokens_free(out);

@@ -1,9 +1,14 @@
 /* prompt.h — a prompt file and its markup, turned into tokens and trace metadata.
  *
- * A prompt file is plain text (one segment, 0) or a JSON chat, an array of
+ * A prompt file is plain text (one segment, 1) or a JSON chat, an array of
  * {"role": "system"|"user"|"assistant", "content": "..."} rendered with kvsim's chat template
  * (docs/generator.md): segment 0 is the system message, segment k the k-th turn (a user message
- * and the assistant message after it). In any text:
+ * and the assistant message after it). A file is a chat when it parses as a JSON array, and
+ * must be one when it looks like one: its first non-blank characters are "[" then "{" or "]",
+ * or "{" then '"' or "}" (a syntax error, text after the JSON or a top-level object is then an
+ * error naming the byte offset, not plain text). The file must be non-empty UTF-8; a chat may
+ * not hold NUL characters (\u0000), which cJSON would cut its strings at; plain text may (its
+ * length is carried). In any text:
  *   [[needle]]...[[/needle]]  the enclosed text is a needle: its token span goes to /needles;
  *   [[probe]]                 the token just before the marker is a probe (query position);
  *   [[decode]]                at most once, outside needles: the text before it is the prompt

@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 /* ---------------------------------------------------------------- small helpers */
 
@@ -298,51 +299,123 @@ static const MergeSlot *merge_find(const Tokenizer *tok, int32_t left, int32_t r
 
 /* ---------------------------------------------------------------- loading */
 
-static char *read_file(const char *path, size_t *len, KvErr *err)
+/* tokenizer.json of real models is tens of megabytes at most. */
+#define TOKENIZER_MAX_BYTES ((size_t)1 << 30)
+
+size_t utf8_invalid_offset(const char *text, size_t len)
 {
-    FILE *fp = fopen(path, "rb");
-    if (!fp) {
-        kv_fail(err, "%s: cannot read: %s", path, strerror(errno));
-        return NULL;
+    for (size_t i = 0; i < len;) {
+        size_t adv;
+        if (utf8_next((const unsigned char *)text + i, len - i, &adv) < 0)
+            return i;
+        i += adv;
     }
-    ByteBuf b = {0};
-    char chunk[65536];
-    size_t got;
-    while ((got = fread(chunk, 1, sizeof chunk, fp)) > 0)
-        buf_put(&b, chunk, got);
-    int bad = ferror(fp);
-    fclose(fp);
-    if (bad) {
-        free(b.p);
-        kv_fail(err, "%s: read error", path);
-        return NULL;
+    return len;
+}
+
+static int line_at(const char *text, size_t at)
+{
+    int line = 1;
+    for (size_t i = 0; i < at; i++)
+        line += text[i] == '\n';
+    return line;
+}
+
+/* The offset of the first NUL in a JSON text: a raw NUL byte, or a \u0000 escape inside a string
+ * (cJSON's strings are NUL-terminated, so either would silently cut a string short); len when
+ * there is none. */
+static size_t json_nul_offset(const char *text, size_t len)
+{
+    int in_string = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (text[i] == '\0')
+            return i;
+        if (!in_string) {
+            in_string = text[i] == '"';
+        } else if (text[i] == '"') {
+            in_string = 0;
+        } else if (text[i] == '\\' && i + 1 < len) {
+            if (text[i + 1] == 'u' && i + 6 <= len && memcmp(text + i + 2, "0000", 4) == 0)
+                return i;
+            i++; /* the escaped character */
+        }
     }
-    buf_put(&b, "", 1);
-    *len = b.n - 1;
-    return b.p;
+    return len;
 }
 
 static cJSON *parse_json_file(const char *path, KvErr *err)
 {
     size_t len;
-    char *text = read_file(path, &len, err);
+    char *text = kv_read_input(path, TOKENIZER_MAX_BYTES, &len, err);
     if (!text)
         return NULL;
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
-    if (!root) {
-        int line = 1;
-        const char *stop = end && end >= text && end <= text + len ? end : text + len;
-        for (const char *c = text; c < stop; c++)
-            line += *c == '\n';
-        kv_fail(err, "%s:%d: not valid JSON", path, line);
-    } else if (!cJSON_IsObject(root)) {
-        kv_fail(err, "%s: expected a JSON object at the top level", path);
-        cJSON_Delete(root);
-        root = NULL;
+    cJSON *root = NULL;
+    size_t at;
+    if ((at = utf8_invalid_offset(text, len)) < len) {
+        kv_fail(err, "%s:%d: byte %zu: not valid UTF-8 (expected a UTF-8 JSON file)", path,
+                line_at(text, at), at);
+    } else if ((at = json_nul_offset(text, len)) < len) {
+        kv_fail(err, "%s:%d: byte %zu: %s (NUL characters are not supported)", path,
+                line_at(text, at), at, text[at] ? "\\u0000 in a string" : "NUL byte");
+    } else {
+        const char *end = NULL;
+        root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
+        at = end && end >= text && end <= text + len ? (size_t)(end - text) : len;
+        if (!root) {
+            kv_fail(err, "%s:%d: not valid JSON (parsing stopped at byte %zu)", path,
+                    line_at(text, at), at);
+        } else {
+            while (at < len && text[at] && strchr(" \t\r\n", text[at]))
+                at++;
+            if (at < len) {
+                kv_fail(err, "%s:%d: byte %zu: unexpected text after the JSON value (expected "
+                        "the end of the file)", path, line_at(text, at), at);
+                cJSON_Delete(root);
+                root = NULL;
+            } else if (!cJSON_IsObject(root)) {
+                kv_fail(err, "%s: expected a JSON object at the top level", path);
+                cJSON_Delete(root);
+                root = NULL;
+            }
+        }
     }
     free(text);
     return root;
+}
+
+/* Strict accessors: a key that is absent or null takes the default; any other value of the
+ * wrong type is an error naming the file, the object and the key. */
+static int get_flag(const Tokenizer *tok, const cJSON *obj, const char *where, const char *key,
+                    int fallback, int *out, KvErr *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+    *out = fallback;
+    if (!v || cJSON_IsNull(v))
+        return 0;
+    if (!cJSON_IsBool(v))
+        return kv_fail(err, "%s: %s: \"%s\": expected true or false", tok->path, where, key);
+    *out = cJSON_IsTrue(v);
+    return 0;
+}
+
+static int get_string(const Tokenizer *tok, const cJSON *obj, const char *where, const char *key,
+                      const char **out, KvErr *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+    *out = NULL;
+    if (!v || cJSON_IsNull(v))
+        return 0;
+    if (!cJSON_IsString(v))
+        return kv_fail(err, "%s: %s: \"%s\": expected a string", tok->path, where, key);
+    *out = v->valuestring;
+    return 0;
+}
+
+/* A JSON number that is an integer in [lo, hi]. */
+static int is_int_in(const cJSON *v, double lo, double hi)
+{
+    return cJSON_IsNumber(v) && v->valuedouble >= lo && v->valuedouble <= hi &&
+           v->valuedouble == (double)(int64_t)v->valuedouble;
 }
 
 static const char *json_string(const cJSON *obj, const char *key)
@@ -351,18 +424,28 @@ static const char *json_string(const cJSON *obj, const char *key)
     return cJSON_IsString(v) ? v->valuestring : NULL;
 }
 
-static int json_flag(const cJSON *obj, const char *key, int fallback)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
-    if (cJSON_IsBool(v))
-        return cJSON_IsTrue(v);
-    return fallback;
-}
-
 static const char *json_type(const cJSON *obj)
 {
     const char *t = json_string(obj, "type");
     return t ? t : "(none)";
+}
+
+/* File content made safe for a one-line message (control bytes escaped, long text cut). The
+ * array lives until the end of the full expression that calls esc(), e.g. a kv_fail call. */
+typedef struct {
+    char s[160];
+} Esc;
+
+static Esc esc_n(const char *s, size_t n)
+{
+    Esc e;
+    kv_escape(s, n, e.s, sizeof e.s);
+    return e;
+}
+
+static Esc esc(const char *s)
+{
+    return s ? esc_n(s, strlen(s)) : esc_n("(none)", 6);
 }
 
 static pcre2_code *compile_regex(const char *path, const char *where, const char *pattern,
@@ -414,14 +497,20 @@ static int copy_utf8_char(char out[8], const char *s, const char *path, const ch
     return 0;
 }
 
-static int prepend_scheme_of(const cJSON *obj, int *scheme, const char *path, const char *where,
-                             KvErr *err)
+static int prepend_scheme_of(const Tokenizer *tok, const cJSON *obj, int *scheme,
+                             const char *where, KvErr *err)
 {
-    const char *s = json_string(obj, "prepend_scheme");
+    const char *s;
+    if (get_string(tok, obj, where, "prepend_scheme", &s, err) != 0)
+        return -1;
     if (!s) { /* older files: add_prefix_space */
-        *scheme = json_flag(obj, "add_prefix_space", 1) ? PREPEND_ALWAYS : PREPEND_NEVER;
+        int add;
+        if (get_flag(tok, obj, where, "add_prefix_space", 1, &add, err) != 0)
+            return -1;
+        *scheme = add ? PREPEND_ALWAYS : PREPEND_NEVER;
         return 0;
     }
+    const char *path = tok->path;
     if (strcmp(s, "always") == 0)
         *scheme = PREPEND_ALWAYS;
     else if (strcmp(s, "first") == 0)
@@ -430,7 +519,7 @@ static int prepend_scheme_of(const cJSON *obj, int *scheme, const char *path, co
         *scheme = PREPEND_NEVER;
     else
         return kv_fail(err, "%s: %s: prepend_scheme \"%s\" (expected always, first or never)",
-                       path, where, s);
+                       path, where, esc(s).s);
     return 0;
 }
 
@@ -438,6 +527,8 @@ static int add_normalizer(Tokenizer *tok, const cJSON *n, KvErr *err)
 {
     if (!n || cJSON_IsNull(n))
         return 0;
+    if (!cJSON_IsObject(n))
+        return kv_fail(err, "%s: normalizer: expected an object or null", tok->path);
     const char *type = json_type(n);
     if (strcmp(type, "Sequence") == 0) {
         const cJSON *list = cJSON_GetObjectItemCaseSensitive(n, "normalizers");
@@ -456,13 +547,17 @@ static int add_normalizer(Tokenizer *tok, const cJSON *n, KvErr *err)
         return 0;
     NormStep step = {0};
     if (strcmp(type, "Prepend") == 0) {
-        const char *prefix = json_string(n, "prepend");
+        const char *prefix;
+        if (get_string(tok, n, "normalizer Prepend", "prepend", &prefix, err) != 0)
+            return -1;
         if (!prefix)
             return kv_fail(err, "%s: normalizer Prepend: expected a \"prepend\" string", tok->path);
         step.kind = NORM_PREPEND;
         step.text = kv_strdup(prefix);
     } else if (strcmp(type, "Replace") == 0) {
-        const char *content = json_string(n, "content");
+        const char *content;
+        if (get_string(tok, n, "normalizer Replace", "content", &content, err) != 0)
+            return -1;
         if (!content)
             return kv_fail(err, "%s: normalizer Replace: expected a \"content\" string", tok->path);
         step.kind = NORM_REPLACE;
@@ -473,7 +568,7 @@ static int add_normalizer(Tokenizer *tok, const cJSON *n, KvErr *err)
         step.text = kv_strdup(content);
     } else {
         return kv_fail(err, "%s: normalizer type \"%s\" not supported (expected Sequence, "
-                       "Prepend, Replace or NFC)", tok->path, type);
+                       "Prepend, Replace or NFC)", tok->path, esc(type).s);
     }
     tok->norm = kv_realloc(tok->norm, (size_t)(tok->n_norm + 1) * sizeof *tok->norm);
     tok->norm[tok->n_norm++] = step;
@@ -494,6 +589,8 @@ static int add_pre_tokenizer(Tokenizer *tok, const cJSON *p, KvErr *err)
 {
     if (!p || cJSON_IsNull(p))
         return 0;
+    if (!cJSON_IsObject(p))
+        return kv_fail(err, "%s: pre_tokenizer: expected an object or null", tok->path);
     const char *type = json_type(p);
     PreStep step = {0};
     if (strcmp(type, "Sequence") == 0) {
@@ -508,10 +605,14 @@ static int add_pre_tokenizer(Tokenizer *tok, const cJSON *p, KvErr *err)
         }
         return 0;
     } else if (strcmp(type, "ByteLevel") == 0) {
+        int use_regex;
         step.kind = PRE_BYTELEVEL;
-        step.add_prefix_space = json_flag(p, "add_prefix_space", 1);
+        if (get_flag(tok, p, "pre_tokenizer ByteLevel", "add_prefix_space", 1,
+                     &step.add_prefix_space, err) != 0 ||
+            get_flag(tok, p, "pre_tokenizer ByteLevel", "use_regex", 1, &use_regex, err) != 0)
+            return -1;
         step.behavior = SPLIT_ISOLATED;
-        if (json_flag(p, "use_regex", 1)) {
+        if (use_regex) {
             step.re = compile_regex(tok->path, "pre_tokenizer ByteLevel", GPT2_SPLIT_REGEX, 0, err);
             if (!step.re)
                 return -1;
@@ -519,7 +620,10 @@ static int add_pre_tokenizer(Tokenizer *tok, const cJSON *p, KvErr *err)
     } else if (strcmp(type, "Split") == 0) {
         static const char *const behaviors[] = {"Removed", "Isolated", "MergedWithPrevious",
                                                 "MergedWithNext", "Contiguous"};
-        const char *behavior = json_string(p, "behavior");
+        const char *behavior;
+        if (get_string(tok, p, "pre_tokenizer Split", "behavior", &behavior, err) != 0 ||
+            get_flag(tok, p, "pre_tokenizer Split", "invert", 0, &step.invert, err) != 0)
+            return -1;
         step.kind = PRE_SPLIT;
         step.behavior = -1;
         for (int i = 0; behavior && i < 5; i++)
@@ -528,38 +632,42 @@ static int add_pre_tokenizer(Tokenizer *tok, const cJSON *p, KvErr *err)
         if (step.behavior < 0)
             return kv_fail(err, "%s: pre_tokenizer Split: behavior \"%s\" (expected Removed, "
                            "Isolated, MergedWithPrevious, MergedWithNext or Contiguous)",
-                           tok->path, behavior ? behavior : "(none)");
-        step.invert = json_flag(p, "invert", 0);
+                           tok->path, esc(behavior).s);
         step.re = compile_pattern(tok->path, "pre_tokenizer Split",
                                   cJSON_GetObjectItemCaseSensitive(p, "pattern"), err);
         if (!step.re)
             return -1;
     } else if (strcmp(type, "Digits") == 0) {
         /* Digits is a split on numeric characters, one by one or in runs. */
+        int individual;
+        if (get_flag(tok, p, "pre_tokenizer Digits", "individual_digits", 0, &individual,
+                     err) != 0)
+            return -1;
         step.kind = PRE_SPLIT;
         step.behavior = SPLIT_ISOLATED;
         step.re = compile_regex(tok->path, "pre_tokenizer Digits",
-                                json_flag(p, "individual_digits", 0) ? "\\p{N}" : "\\p{N}+", 0,
-                                err);
+                                individual ? "\\p{N}" : "\\p{N}+", 0, err);
         if (!step.re)
             return -1;
     } else if (strcmp(type, "Metaspace") == 0) {
         step.kind = PRE_METASPACE;
-        const char *rep = json_string(p, "replacement");
-        if (copy_utf8_char(step.replacement, rep ? rep : "\xE2\x96\x81", tok->path,
+        const char *rep;
+        int split;
+        if (get_string(tok, p, "pre_tokenizer Metaspace", "replacement", &rep, err) != 0 ||
+            get_flag(tok, p, "pre_tokenizer Metaspace", "split", 1, &split, err) != 0 ||
+            copy_utf8_char(step.replacement, rep ? rep : "\xE2\x96\x81", tok->path,
                            "pre_tokenizer Metaspace replacement", err) != 0 ||
-            prepend_scheme_of(p, &step.prepend_scheme, tok->path, "pre_tokenizer Metaspace",
-                              err) != 0)
+            prepend_scheme_of(tok, p, &step.prepend_scheme, "pre_tokenizer Metaspace", err) != 0)
             return -1;
         step.behavior = SPLIT_MERGED_NEXT;
-        if (json_flag(p, "split", 1)) {
+        if (split) {
             step.re = compile_regex(tok->path, "pre_tokenizer Metaspace", step.replacement, 1, err);
             if (!step.re)
                 return -1;
         }
     } else {
         return kv_fail(err, "%s: pre_tokenizer type \"%s\" not supported (expected Sequence, "
-                       "ByteLevel, Split, Digits or Metaspace)", tok->path, type);
+                       "ByteLevel, Split, Digits or Metaspace)", tok->path, esc(type).s);
     }
     push_pre(tok, step);
     return 0;
@@ -569,6 +677,8 @@ static int add_decoder(Tokenizer *tok, const cJSON *d, KvErr *err)
 {
     if (!d || cJSON_IsNull(d))
         return 0;
+    if (!cJSON_IsObject(d))
+        return kv_fail(err, "%s: decoder: expected an object or null", tok->path);
     const char *type = json_type(d);
     DecStep step = {0};
     if (strcmp(type, "Sequence") == 0) {
@@ -603,23 +713,23 @@ static int add_decoder(Tokenizer *tok, const cJSON *d, KvErr *err)
         if (copy_utf8_char(step.strip_char, json_string(d, "content"), tok->path,
                            "decoder Strip content", err) != 0)
             return -1;
-        if (!cJSON_IsNumber(start) || !cJSON_IsNumber(stop) || start->valueint < 0 ||
-            stop->valueint < 0)
+        if (!is_int_in(start, 0, INT32_MAX) || !is_int_in(stop, 0, INT32_MAX))
             return kv_fail(err, "%s: decoder Strip: expected non-negative start and stop",
                            tok->path);
         step.kind = DEC_STRIP;
         step.strip_start = start->valueint;
         step.strip_stop = stop->valueint;
     } else if (strcmp(type, "Metaspace") == 0) {
-        const char *rep = json_string(d, "replacement");
+        const char *rep;
         step.kind = DEC_METASPACE;
-        if (copy_utf8_char(step.replacement, rep ? rep : "\xE2\x96\x81", tok->path,
+        if (get_string(tok, d, "decoder Metaspace", "replacement", &rep, err) != 0 ||
+            copy_utf8_char(step.replacement, rep ? rep : "\xE2\x96\x81", tok->path,
                            "decoder Metaspace replacement", err) != 0 ||
-            prepend_scheme_of(d, &step.prepend_scheme, tok->path, "decoder Metaspace", err) != 0)
+            prepend_scheme_of(tok, d, &step.prepend_scheme, "decoder Metaspace", err) != 0)
             return -1;
     } else {
         return kv_fail(err, "%s: decoder type \"%s\" not supported (expected Sequence, ByteLevel, "
-                       "ByteFallback, Fuse, Replace, Strip or Metaspace)", tok->path, type);
+                       "ByteFallback, Fuse, Replace, Strip or Metaspace)", tok->path, esc(type).s);
     }
     tok->dec = kv_realloc(tok->dec, (size_t)(tok->n_dec + 1) * sizeof *tok->dec);
     tok->dec[tok->n_dec++] = step;
@@ -648,23 +758,32 @@ static int load_vocab(Tokenizer *tok, const cJSON *vocab, const cJSON *added, Kv
     int max_id = -1, count = 0;
     const cJSON *item;
     cJSON_ArrayForEach(item, vocab) {
-        double v = item->valuedouble;
-        if (!cJSON_IsNumber(item) || v < 0 || v > INT32_MAX - 1 || v != (double)(int32_t)v)
+        if (!is_int_in(item, 0, INT32_MAX - 1))
             return kv_fail(err, "%s: model.vocab \"%s\": expected a non-negative integer id",
-                           tok->path, item->string);
+                           tok->path, esc(item->string).s);
         if (item->valueint > max_id)
             max_id = item->valueint;
         count++;
     }
+    int index = 0;
     cJSON_ArrayForEach(item, added) {
         const cJSON *id = cJSON_GetObjectItemCaseSensitive(item, "id");
         const char *content = json_string(item, "content");
-        if (!cJSON_IsNumber(id) || id->valuedouble < 0 || id->valuedouble > INT32_MAX - 1 ||
-            !content || !*content)
-            return kv_fail(err, "%s: added_tokens: expected objects with an integer \"id\" and a "
-                           "non-empty \"content\"", tok->path);
+        if (!cJSON_IsObject(item) || !is_int_in(id, 0, INT32_MAX - 1) || !content || !*content)
+            return kv_fail(err, "%s: added_tokens[%d]: expected an object with a non-negative "
+                           "integer \"id\" and a non-empty \"content\" string", tok->path, index);
+        static const char *const flags[] = {"special", "lstrip", "rstrip", "single_word",
+                                            "normalized"};
+        char where[64];
+        snprintf(where, sizeof where, "added_tokens[%d]", index);
+        for (size_t f = 0; f < sizeof flags / sizeof flags[0]; f++) {
+            int value;
+            if (get_flag(tok, item, where, flags[f], 0, &value, err) != 0)
+                return -1;
+        }
         if (id->valueint > max_id)
             max_id = id->valueint;
+        index++;
     }
     if (count == 0)
         return kv_fail(err, "%s: model.vocab is empty", tok->path);
@@ -683,13 +802,13 @@ static int load_vocab(Tokenizer *tok, const cJSON *vocab, const cJSON *added, Kv
         int32_t id = item->valueint;
         if (tok->vocab_str[id])
             return kv_fail(err, "%s: model.vocab: id %d is used by both \"%s\" and \"%s\"",
-                           tok->path, id, tok->vocab_str[id], item->string);
+                           tok->path, id, esc(tok->vocab_str[id]).s, esc(item->string).s);
         size_t len = strlen(item->string);
         if (len == 0)
             return kv_fail(err, "%s: model.vocab: empty token (id %d)", tok->path, id);
         if (vocab_find(tok, item->string, len) >= 0)
             return kv_fail(err, "%s: model.vocab: token \"%s\" appears twice", tok->path,
-                           item->string);
+                           esc(item->string).s);
         tok->vocab_str[id] = kv_strdup(item->string);
         tok->vocab_len[id] = (uint32_t)len;
         size_t i = hash_bytes(item->string, len) & tok->vocab.mask;
@@ -721,7 +840,7 @@ static int load_merges(Tokenizer *tok, const cJSON *merges, KvErr *err)
             const char *space = strchr(item->valuestring, ' ');
             if (!space || space == item->valuestring || !space[1] || strchr(space + 1, ' ')) {
                 rc = kv_fail(err, "%s: model.merges[%d] \"%s\": expected two tokens separated "
-                             "by one space", tok->path, rank, item->valuestring);
+                             "by one space", tok->path, rank, esc(item->valuestring).s);
                 break;
             }
             left = item->valuestring;
@@ -749,8 +868,8 @@ static int load_merges(Tokenizer *tok, const cJSON *merges, KvErr *err)
         if (left_id < 0 || right_id < 0 || merged_id < 0) {
             const char *missing = left_id < 0 ? left : right_id < 0 ? right : joined.p;
             int missing_len = (int)(left_id < 0 ? left_len : right_id < 0 ? right_len : joined.n);
-            rc = kv_fail(err, "%s: model.merges[%d]: token \"%.*s\" is not in model.vocab",
-                         tok->path, rank, missing_len, missing);
+            rc = kv_fail(err, "%s: model.merges[%d]: token \"%s\" is not in model.vocab",
+                         tok->path, rank, esc_n(missing, missing_len).s);
             break;
         }
         uint64_t key = merge_key(left_id, right_id);
@@ -797,10 +916,11 @@ static int load_added(Tokenizer *tok, const cJSON *added, KvErr *err)
         a->content = kv_strdup(json_string(item, "content"));
         a->len = strlen(a->content);
         a->id = cJSON_GetObjectItemCaseSensitive(item, "id")->valueint;
-        a->special = json_flag(item, "special", 0);
-        a->lstrip = json_flag(item, "lstrip", 0);
-        a->rstrip = json_flag(item, "rstrip", 0);
-        a->single_word = json_flag(item, "single_word", 0);
+        /* The flags' types were checked by load_vocab. */
+        a->special = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(item, "special"));
+        a->lstrip = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(item, "lstrip"));
+        a->rstrip = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(item, "rstrip"));
+        a->single_word = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(item, "single_word"));
         tok->added_of_id[a->id] = tok->n_added++;
     }
     AddedOrder *order = kv_calloc((size_t)tok->n_added, sizeof *order);
@@ -836,7 +956,8 @@ static int config_token(const Tokenizer *tok, const cJSON *cfg, const char *key,
                        key);
     *id = tokenizer_token_id(tok, name);
     if (*id < 0)
-        return kv_fail(err, "%s: %s \"%s\" is not a token of %s", cfg_path, key, name, tok->path);
+        return kv_fail(err, "%s: %s \"%s\" is not a token of %s", cfg_path, key, esc(name).s,
+                       tok->path);
     return 0;
 }
 
@@ -870,7 +991,7 @@ static void template_tokens(const Tokenizer *tok, const cJSON *proc, int *before
         const cJSON *ids = cJSON_GetObjectItemCaseSensitive(
             cJSON_GetObjectItemCaseSensitive(specials, name), "ids");
         int id = cJSON_IsArray(ids) && cJSON_GetArraySize(ids) == 1 &&
-                         cJSON_IsNumber(cJSON_GetArrayItem(ids, 0))
+                         is_int_in(cJSON_GetArrayItem(ids, 0), 0, INT32_MAX)
                      ? cJSON_GetArrayItem(ids, 0)->valueint
                      : tokenizer_token_id(tok, name);
         if (id < 0 || id >= tok->n_ids)
@@ -899,9 +1020,10 @@ static int decide_bos_eos(Tokenizer *tok, const cJSON *root, const char *config_
     int bos_known = 0, eos_known = 0, add_bos_known = 0;
     tok->bos = tok->eos = -1;
     tok->add_bos = 0;
-    FILE *probe = config_path ? fopen(config_path, "rb") : NULL;
-    if (probe) {
-        fclose(probe);
+    /* A missing config is no config; anything else there (unreadable, not a regular file, not
+     * JSON) is an error. stat, not open: opening a FIFO could block. */
+    struct stat st;
+    if (config_path && (stat(config_path, &st) == 0 || errno != ENOENT)) {
         cJSON *cfg = parse_json_file(config_path, err);
         if (!cfg)
             return -1;
@@ -944,13 +1066,19 @@ static int load_model(Tokenizer *tok, const cJSON *root, KvErr *err)
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
     if (!cJSON_IsObject(model))
         return kv_fail(err, "%s: expected a \"model\" object", tok->path);
-    const char *type = json_string(model, "type");
+    const char *type, *prefix, *suffix, *unk;
+    if (get_string(tok, model, "model", "type", &type, err) != 0 ||
+        get_string(tok, model, "model", "continuing_subword_prefix", &prefix, err) != 0 ||
+        get_string(tok, model, "model", "end_of_word_suffix", &suffix, err) != 0 ||
+        get_string(tok, model, "model", "unk_token", &unk, err) != 0 ||
+        get_flag(tok, model, "model", "byte_fallback", 0, &tok->byte_fallback, err) != 0 ||
+        get_flag(tok, model, "model", "fuse_unk", 0, &tok->fuse_unk, err) != 0 ||
+        get_flag(tok, model, "model", "ignore_merges", 0, &tok->ignore_merges, err) != 0)
+        return -1;
     const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
     if (type ? strcmp(type, "BPE") != 0 : !merges) /* files of old versions omit "type" */
         return kv_fail(err, "%s: model.type \"%s\" not supported (expected BPE)", tok->path,
-                       type ? type : "(none)");
-    const char *prefix = json_string(model, "continuing_subword_prefix");
-    const char *suffix = json_string(model, "end_of_word_suffix");
+                       esc(type).s);
     if ((prefix && *prefix) || (suffix && *suffix))
         return kv_fail(err, "%s: model: continuing_subword_prefix / end_of_word_suffix are not "
                        "supported (expected null)", tok->path);
@@ -960,15 +1088,12 @@ static int load_model(Tokenizer *tok, const cJSON *root, KvErr *err)
     if (load_vocab(tok, cJSON_GetObjectItemCaseSensitive(model, "vocab"), added, err) != 0 ||
         load_merges(tok, merges, err) != 0 || load_added(tok, added, err) != 0)
         return -1;
-    tok->byte_fallback = json_flag(model, "byte_fallback", 0);
-    tok->fuse_unk = json_flag(model, "fuse_unk", 0);
-    tok->ignore_merges = json_flag(model, "ignore_merges", 0);
     tok->unk_id = -1;
-    const char *unk = json_string(model, "unk_token");
     if (unk) {
         tok->unk_id = tokenizer_token_id(tok, unk);
         if (tok->unk_id < 0)
-            return kv_fail(err, "%s: model.unk_token \"%s\" is not in model.vocab", tok->path, unk);
+            return kv_fail(err, "%s: model.unk_token \"%s\" is not in model.vocab", tok->path,
+                           esc(unk).s);
     }
     for (int b = 0; b < 256; b++) {
         char name[8];
@@ -1110,12 +1235,19 @@ static void span_push(EncodeState *st, size_t start, size_t end, int is_match)
     st->spans[st->n_spans++] = (Span){start, end, is_match};
 }
 
-/* Cuts arena[start, start+len) into alternating unmatched / matched spans of re. */
+/* Cuts arena[start, start+len) into alternating unmatched / matched spans of re, with the
+ * matches the tokenizers library finds (the onig crate's find_iter): an empty match is a
+ * (zero-length) matched span too, so it cuts the text around it, except the first empty match
+ * found after a non-empty one, which is skipped; after an empty match the search resumes one
+ * character further on. An empty match may lie at the very end of the text (pattern "$"). */
 static int find_spans(EncodeState *st, const pcre2_code *re, size_t start, size_t len)
 {
     st->n_spans = 0;
+    if (len == 0)
+        return 0;
     size_t pos = 0, prev = 0;
-    while (pos < len) {
+    int skip_empty = 0;
+    while (pos <= len) {
         /* The arena may move between calls, so the subject is re-read every time. */
         PCRE2_SPTR subject = (PCRE2_SPTR)st->arena.p + start;
         int rc = pcre2_match(re, subject, len, pos, PCRE2_NO_UTF_CHECK, st->match, NULL);
@@ -1132,16 +1264,26 @@ static int find_spans(EncodeState *st, const pcre2_code *re, size_t start, size_
         }
         PCRE2_SIZE *ov = pcre2_get_ovector_pointer(st->match);
         size_t m0 = ov[0], m1 = ov[1];
-        if (m1 == m0) { /* an empty match cuts nothing: step over one character */
-            size_t adv;
-            utf8_next(subject + m0, len - m0, &adv);
+        if (m1 < m0 || m1 > len) /* \K in a lookahead can report such a match */
+            return kv_fail(st->err, "%s: regex reported a match that ends before it starts",
+                           st->tok->path);
+        if (m1 == m0) {
+            size_t adv = 1; /* at the end of the text: past it, which ends the search */
+            if (m0 < len)
+                utf8_next(subject + m0, len - m0, &adv);
             pos = m0 + adv;
-            continue;
+            if (skip_empty) {
+                skip_empty = 0;
+                continue;
+            }
+        } else {
+            pos = m1;
+            skip_empty = 1;
         }
         if (m0 > prev)
             span_push(st, prev, m0, 0);
         span_push(st, m0, m1, 1);
-        prev = pos = m1;
+        prev = m1;
     }
     if (prev < len)
         span_push(st, prev, len, 0);
@@ -1356,6 +1498,10 @@ static int bpe_piece(EncodeState *st, const char *s, size_t len)
             return 0;
         }
     }
+    /* Symbols are indexed by int; the output counts tokens in an int. */
+    if (len > (size_t)INT32_MAX / 2 || (size_t)st->out.n > (size_t)INT32_MAX / 2 - len)
+        return kv_fail(st->err, "%s: the text to encode is too long (more than %d tokens)",
+                       tok->path, INT32_MAX / 2);
     if ((size_t)st->cap_sym < len) { /* at most one symbol per byte */
         st->cap_sym = (int)len;
         st->sym = kv_realloc(st->sym, len * sizeof *st->sym);
@@ -1389,8 +1535,8 @@ static int bpe_piece(EncodeState *st, const char *s, size_t len)
                 st->sym[n++].id = tok->unk_id;
             last_was_unk = 1;
         } else {
-            return kv_fail(st->err, "%s: no token for \"%.*s\" and the model has no unk_token",
-                           tok->path, (int)adv, s + i);
+            return kv_fail(st->err, "%s: no token for \"%s\" and the model has no unk_token",
+                           tok->path, esc_n(s + i, adv).s);
         }
         i += adv;
     }
@@ -1489,12 +1635,14 @@ int tokenizer_encode(const Tokenizer *tok, const char *text, size_t len, int32_t
 {
     *ids = NULL;
     *n = 0;
-    for (size_t i = 0; i < len;) {
-        size_t adv;
-        if (utf8_next((const unsigned char *)text + i, len - i, &adv) < 0)
-            return kv_fail(err, "%s: input text is not valid UTF-8 at byte %zu", tok->path, i);
-        i += adv;
-    }
+    /* Token counts, symbol indices and merge positions are ints. */
+    if (len > (size_t)INT32_MAX / 4)
+        return kv_fail(err, "text of %zu bytes to encode with %s is too long (at most %d bytes)",
+                       len, tok->path, INT32_MAX / 4);
+    size_t bad = utf8_invalid_offset(text, len);
+    if (bad < len)
+        return kv_fail(err, "text to encode with %s is not valid UTF-8 at byte %zu", tok->path,
+                       bad);
     EncodeState st = {.tok = tok, .err = err};
     st.match = pcre2_match_data_create(1, NULL);
     int rc = 0;

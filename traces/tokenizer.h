@@ -32,4 +32,10 @@ int tokenizer_eos(const Tokenizer *tok);     /* -1 when there is none */
 int tokenizer_add_bos(const Tokenizer *tok); /* 1 when the model expects BOS prepended */
 int tokenizer_token_id(const Tokenizer *tok, const char *token); /* -1 when absent */
 
+/* The offset of the first byte of text that does not start a valid UTF-8 sequence (overlong
+ * forms, surrogates and code points above U+10FFFF are invalid; U+0000 is valid), or len when
+ * all of it is valid. tokenizer_encode refuses invalid text; callers that read text from a file
+ * check it first so that the error names that file and offset. */
+size_t utf8_invalid_offset(const char *text, size_t len);
+
 #endif

@@ -17,7 +17,7 @@
 #include "tests/support/scratch.h"
 
 static char *dir;
-static char trace_path[1024];
+static char synth_trace[1024];
 static char config_dir[1024];
 
 
@@ -53,12 +53,12 @@ static int setup(void **state)
 {
     (void)state;
     dir = scratch_create();
-    snprintf(trace_path, sizeof trace_path, "%s/t.h5", dir);
+    snprintf(synth_trace, sizeof synth_trace, "%s/t.h5", dir);
     const char *src = getenv("KVSIM_SOURCE_DIR");
     snprintf(config_dir, sizeof config_dir, "%s/configs", src ? src : ".");
     /* prompt >= 2048 and decode >= 256 with needles, kept small in width for speed */
     KvsimRun r = run_ok("synth --out '%s' --seed 5 --layers 2 --q-heads 4 --kv-heads 2 "
-                        "--head-dim 64 --prompt 2048 --decode 256 --needles 6", trace_path);
+                        "--head-dim 64 --prompt 2048 --decode 256 --needles 6", synth_trace);
     kvsim_run_free(&r);
     return 0;
 }
@@ -77,9 +77,9 @@ static void test_csvs_identical_at_one_and_two_threads(void **state)
 {
     (void)state;
     KvsimRun r1 = run_ok("run '%s/baselines.ini' --trace '%s' --out '%s/t1' --threads 1",
-                         config_dir, trace_path, dir);
+                         config_dir, synth_trace, dir);
     KvsimRun r2 = run_ok("run '%s/baselines.ini' --trace '%s' --out '%s/t2' --threads 2 --quiet",
-                         config_dir, trace_path, dir);
+                         config_dir, synth_trace, dir);
     assert_non_null(strstr(r1.out, "window512"));
     assert_non_null(strstr(r1.out, "random512"));
     assert_string_equal(r2.out, ""); /* --quiet */
@@ -155,7 +155,7 @@ static void test_ta512_every_policy_and_the_bounds(void **state)
 {
     (void)state;
     KvsimRun r = run_ok("run '%s/ta512.ini' --trace '%s' --out '%s/ta' --quiet", config_dir,
-                        trace_path, dir);
+                        synth_trace, dir);
     kvsim_run_free(&r);
     char path[8400];
     snprintf(path, sizeof path, "%s/ta/summary.csv", dir);
@@ -214,7 +214,7 @@ static void test_bad_input_one_line_exit_2(void **state)
     FILE *f = fopen(ini, "w");
     fputs("[run]\nthreads = 1\n[policy.a]\ntype = window\nwindow = lots\n", f);
     fclose(f);
-    snprintf(args, sizeof args, "run '%s' --trace '%s'", ini, trace_path);
+    snprintf(args, sizeof args, "run '%s' --trace '%s'", ini, synth_trace);
     run_fails(args, "bad.ini:5:", "window = 'lots'", "expected an integer", NULL);
 
     snprintf(args, sizeof args, "run '%s/baselines.ini' --trace '%s/missing.h5'", config_dir, dir);
@@ -223,7 +223,7 @@ static void test_bad_input_one_line_exit_2(void **state)
     /* a trace with one dataset removed */
     char broken[1100];
     snprintf(broken, sizeof broken, "%s/broken.h5", dir);
-    snprintf(args, sizeof args, "cp '%s' '%s'", trace_path, broken);
+    snprintf(args, sizeof args, "cp '%s' '%s'", synth_trace, broken);
     assert_int_equal(system(args), 0);
     hid_t h = H5Fopen(broken, H5F_ACC_RDWR, H5P_DEFAULT);
     assert_true(h >= 0);
@@ -276,7 +276,7 @@ static void test_csvs_are_written_as_one_set(void **state)
     char out[1100], args[8400];
     snprintf(out, sizeof out, "%s/set", dir);
     KvsimRun ok = run_ok("run '%s/baselines.ini' --trace '%s' --out '%s' --quiet", config_dir,
-                         trace_path, out);
+                         synth_trace, out);
     kvsim_run_free(&ok);
     char *before[3];
     const char *names[3] = {"summary.csv", "layers.csv", "steps.csv"};
@@ -288,7 +288,7 @@ static void test_csvs_are_written_as_one_set(void **state)
     snprintf(args, sizeof args,
              "trap '' XFSZ; ulimit -f %zu; exec \"$KVSIM_BIN\" run '%s/tricache.ini' --trace '%s' "
              "--out '%s' --quiet",
-             limit_blocks, config_dir, trace_path, out);
+             limit_blocks, config_dir, synth_trace, out);
     KvsimRun r = run_command(args);
     assert_int_equal(r.status, 2);
     assert_int_equal(count_lines(r.err), 1);

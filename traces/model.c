@@ -1,5 +1,6 @@
 #include "traces/model.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -9,8 +10,14 @@
 
 #include "sim/trace.h"
 
-/* Larger extents than this are corrupt configs, and keep every size product inside size_t. */
+/* Larger extents than this are corrupt configs. Products of config values are checked
+ * separately (check_products). */
 #define CONFIG_MAX_EXTENT (1 << 24)
+/* Head counts: the forward pass keeps per-KV-head arrays on the stack. */
+#define CONFIG_MAX_HEADS 4096
+
+/* Config text (architecture, RoPE type) echoed in a message: one line, bounded. */
+#define ESC(s, buf) kv_escape((s), strlen(s), (buf), sizeof(buf))
 
 static const double PI = 3.14159265358979323846;
 
@@ -18,6 +25,7 @@ typedef struct {
     const char *path;
     const cJSON *root;
     KvErr *err;
+    const char *rope_key; /* "rope_scaling" or "rope_parameters", for messages */
 } ConfigReader;
 
 static const cJSON *config_item(const cJSON *obj, const char *key)
@@ -96,8 +104,9 @@ static int parse_architecture(ConfigReader *r, ModelConfig *cfg)
             snprintf(cfg->architecture, sizeof cfg->architecture, "%s", known[i].name);
             return 0;
         }
+    char name[128];
     return kv_fail(r->err, "%s: architecture '%s' is not supported (supported: "
-                   MODEL_SUPPORTED_ARCHITECTURES ")", r->path, first->valuestring);
+                   MODEL_SUPPORTED_ARCHITECTURES ")", r->path, ESC(first->valuestring, name));
 }
 
 /* rope_scaling (or transformers 5's rope_parameters): the type under "rope_type" or "type". */
@@ -105,8 +114,11 @@ static int parse_rope(ConfigReader *r, ModelConfig *cfg)
 {
     const cJSON *params = config_item(r->root, "rope_parameters");
     const cJSON *scaling = config_item(r->root, "rope_scaling");
-    if (!scaling && cJSON_IsObject(params))
+    r->rope_key = "rope_scaling";
+    if (!scaling && cJSON_IsObject(params)) {
         scaling = params;
+        r->rope_key = "rope_parameters";
+    }
     if (config_double(r, r->root, "rope_theta", 10000.0, &cfg->rope_theta) != 0)
         return -1;
     if (cJSON_IsObject(params) && config_item(params, "rope_theta") &&
@@ -125,9 +137,10 @@ static int parse_rope(ConfigReader *r, ModelConfig *cfg)
         return kv_fail(r->err, "%s: key 'rope_scaling' needs a string 'rope_type' (or 'type')",
                        r->path);
     const char *t = type->valuestring;
+    char type_text[64];
     if (strcmp(t, "default") && strcmp(t, "linear") && strcmp(t, "dynamic") && strcmp(t, "llama3"))
         return kv_fail(r->err, "%s: rope_scaling type '%s' is not supported (supported: default, "
-                       "linear, dynamic, llama3)", r->path, t);
+                       "linear, dynamic, llama3)", r->path, ESC(t, type_text));
     snprintf(cfg->rope_type, sizeof cfg->rope_type, "%s", t);
     char *text = cJSON_PrintUnformatted(scaling);
     size_t len = strlen(text);
@@ -157,13 +170,23 @@ static int parse_rope(ConfigReader *r, ModelConfig *cfg)
     return 0;
 }
 
+static int is_token_id(const cJSON *item)
+{
+    return cJSON_IsNumber(item) && item->valuedouble >= 0 && item->valuedouble <= INT_MAX &&
+           item->valuedouble == floor(item->valuedouble);
+}
+
 /* eos_token_id may be an id or a list of ids. */
 static int parse_special_tokens(ConfigReader *r, ModelConfig *cfg)
 {
     cfg->bos_token_id = -1;
     const cJSON *bos = config_item(r->root, "bos_token_id");
-    if (cJSON_IsNumber(bos))
+    if (cJSON_IsNumber(bos)) {
+        if (!is_token_id(bos))
+            return kv_fail(r->err, "%s: key 'bos_token_id' must be a token id (a non-negative "
+                           "integer)", r->path);
         cfg->bos_token_id = bos->valueint;
+    }
     const cJSON *eos = config_item(r->root, "eos_token_id");
     if (!eos)
         return 0;
@@ -172,12 +195,82 @@ static int parse_special_tokens(ConfigReader *r, ModelConfig *cfg)
         return kv_fail(r->err, "%s: key 'eos_token_id' lists more than 8 ids", r->path);
     for (int i = 0; i < n; i++) {
         const cJSON *id = cJSON_IsArray(eos) ? cJSON_GetArrayItem(eos, i) : eos;
-        if (!cJSON_IsNumber(id) || id->valuedouble < 0)
+        if (!is_token_id(id))
             return kv_fail(r->err, "%s: key 'eos_token_id' must be a token id or a list of them",
                            r->path);
         cfg->eos_token_ids[cfg->n_eos++] = id->valueint;
     }
     return 0;
+}
+
+/* Every size the forward pass derives from the config fits an int: the per-token widths
+ * (q/k/v), the weight matrices and the per-token sizes over all layers. The forward pass
+ * computes some of them in int, and every allocation it makes is then sized by numbers that
+ * the weights' shapes confirm (a product that wrapped around could match a small tensor and
+ * ask for terabytes). Each factor is at most CONFIG_MAX_EXTENT and heads at most
+ * CONFIG_MAX_HEADS, so these int64 products cannot overflow. */
+static int check_products(ConfigReader *r, const ModelConfig *c)
+{
+    const int64_t L = c->n_layers, H = c->hidden_size, I = c->intermediate_size,
+                  Hq = c->n_q_heads, Hkv = c->n_kv_heads, D = c->head_dim, V = c->vocab_size;
+    const struct {
+        const char *keys;
+        int64_t value;
+    } products[] = {
+        {"num_attention_heads x head_dim", Hq * D},
+        {"num_key_value_heads x head_dim", Hkv * D},
+        {"hidden_size x num_attention_heads x head_dim", H * Hq * D},
+        {"hidden_size x num_key_value_heads x head_dim", H * Hkv * D},
+        {"hidden_size x intermediate_size", H * I},
+        {"vocab_size x hidden_size", V * H},
+        {"num_hidden_layers x num_attention_heads x head_dim", L * Hq * D},
+        {"num_hidden_layers x num_key_value_heads x head_dim", L * Hkv * D},
+        {"num_hidden_layers x hidden_size", L * H},
+    };
+    for (size_t i = 0; i < sizeof products / sizeof products[0]; i++)
+        if (products[i].value > INT_MAX)
+            return kv_fail(r->err, "%s: %s = %lld is too large (at most %d: the keys are "
+                           "corrupt or the model is beyond kvsim)", r->path, products[i].keys,
+                           (long long)products[i].value, INT_MAX);
+    return 0;
+}
+
+/* Index of the first frequency the forward pass cannot use, or -1: each must be finite and
+ * > 0, and so must its angle at any position an int can hold. */
+static int unusable_frequency(const double *freq, int half)
+{
+    for (int f = 0; f < half; f++)
+        if (!(freq[f] > 0) || !isfinite(freq[f] * (double)INT_MAX))
+            return f;
+    return -1;
+}
+
+/* The RoPE frequencies, checked once at load against config.json: rope_theta alone, then
+ * with the scaling, for the shortest and the longest run ("dynamic" stretches the base more
+ * as the run grows, monotonically, so the two ends bound every run length). */
+static int check_rope(ConfigReader *r, const ModelConfig *cfg)
+{
+    int half = cfg->head_dim / 2;
+    double *freq = kv_malloc((size_t)half * sizeof *freq);
+    int rc = 0, bad;
+    rope_default_inv_freq(cfg->rope_theta, cfg->head_dim, freq);
+    if ((bad = unusable_frequency(freq, half)) >= 0) {
+        rc = kv_fail(r->err, "%s: key 'rope_theta' (%g) gives RoPE frequency %d = %g with "
+                     "head_dim %d (expected finite and > 0, with finite angles)", r->path,
+                     cfg->rope_theta, bad, freq[bad], cfg->head_dim);
+    } else {
+        const int runs[2] = {1, INT_MAX};
+        for (int i = 0; i < 2 && rc == 0; i++) {
+            model_rope_inv_freq(cfg, runs[i], freq);
+            if ((bad = unusable_frequency(freq, half)) >= 0)
+                rc = kv_fail(r->err, "%s: key '%s': %s factor %g gives RoPE frequency %d = %g%s "
+                             "(expected finite and > 0, with finite angles)", r->path,
+                             r->rope_key, cfg->rope_type, cfg->rope_factor, bad, freq[bad],
+                             i ? " for long runs" : "");
+        }
+    }
+    free(freq);
+    return rc;
 }
 
 static int parse_config(ConfigReader *r, ModelConfig *cfg)
@@ -197,6 +290,11 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
         config_bool(r, "tie_word_embeddings", 0, &cfg->tie_word_embeddings) != 0 ||
         parse_rope(r, cfg) != 0 || parse_special_tokens(r, cfg) != 0)
         return -1;
+    if (cfg->n_q_heads > CONFIG_MAX_HEADS || cfg->n_kv_heads > CONFIG_MAX_HEADS)
+        return kv_fail(r->err, "%s: key '%s' must be at most %d", r->path,
+                       cfg->n_q_heads > CONFIG_MAX_HEADS ? "num_attention_heads"
+                                                         : "num_key_value_heads",
+                       CONFIG_MAX_HEADS);
     if (cfg->n_q_heads % cfg->n_kv_heads != 0)
         return kv_fail(r->err, "%s: num_key_value_heads (%d) must divide num_attention_heads (%d)",
                        r->path, cfg->n_kv_heads, cfg->n_q_heads);
@@ -209,6 +307,8 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
     if (cfg->head_dim % 2 != 0)
         return kv_fail(r->err, "%s: key 'head_dim' must be even for RoPE (got %d)", r->path,
                        cfg->head_dim);
+    if (check_products(r, cfg) != 0)
+        return -1;
     const cJSON *act = config_item(r->root, "hidden_act");
     if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu") != 0))
         return kv_fail(r->err, "%s: key 'hidden_act' must be \"silu\" (SwiGLU MLP)", r->path);
@@ -243,7 +343,7 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
             return kv_fail(r->err, "%s: key 'use_sliding_window': sliding-window layers are not "
                            "supported", r->path);
     }
-    return 0;
+    return check_rope(r, cfg);
 }
 
 int model_config_load(const char *config_path, ModelConfig *cfg, KvErr *err)
@@ -251,7 +351,7 @@ int model_config_load(const char *config_path, ModelConfig *cfg, KvErr *err)
     cJSON *root = json_read_file(config_path, err);
     if (!root)
         return -1;
-    ConfigReader r = {config_path, root, err};
+    ConfigReader r = {config_path, root, err, "rope_scaling"};
     int rc = parse_config(&r, cfg);
     cJSON_Delete(root);
     return rc;
@@ -327,14 +427,31 @@ static const float *load_tensor(WeightLoader *wl, const char *name, int rows, in
                 got, want);
         return NULL;
     }
-    if (t->dtype == ST_F32 && (uintptr_t)t->data % sizeof(float) == 0)
-        return (const float *)(const void *)t->data;
-    Model *m = wl->model;
-    float *converted = kv_malloc((size_t)t->n_elements * sizeof(float));
-    safetensors_to_f32(t, converted);
-    m->owned = kv_realloc(m->owned, (size_t)(m->n_owned + 1) * sizeof *m->owned);
-    m->owned[m->n_owned++] = converted;
-    return converted;
+    const float *values;
+    if (t->dtype == ST_F32 && (uintptr_t)t->data % sizeof(float) == 0) {
+        values = (const float *)(const void *)t->data;
+    } else {
+        Model *m = wl->model;
+        float *converted = kv_malloc((size_t)t->n_elements * sizeof(float));
+        safetensors_to_f32(t, converted);
+        m->owned = kv_realloc(m->owned, (size_t)(m->n_owned + 1) * sizeof *m->owned);
+        m->owned[m->n_owned++] = converted;
+        values = converted;
+    }
+    /* A NaN or infinite weight would make every logit NaN, and greedy decoding then emits
+     * token 0 forever: refuse it here, where the tensor can be named. */
+    for (size_t i = 0; i < (size_t)t->n_elements; i++)
+        if (!isfinite(values[i])) {
+            char at[64];
+            if (cols)
+                snprintf(at, sizeof at, "[%zu, %zu]", i / (size_t)cols, i % (size_t)cols);
+            else
+                snprintf(at, sizeof at, "[%zu]", i);
+            kv_fail(wl->err, "%s: tensor '%s': element %s is %s (weights must be finite)",
+                    t->file, name, at, isnan(values[i]) ? "NaN" : "infinite");
+            return NULL;
+        }
+    return values;
 }
 
 static int load_layer(WeightLoader *wl, int i, LayerWeights *lw)
@@ -381,6 +498,12 @@ static int load_weights(WeightLoader *wl)
                                            c->hidden_size)) ||
         !(w->final_norm = load_tensor(wl, "model.norm.weight", c->hidden_size, 0)))
         return -1;
+    /* The last layer first, so that a corrupt num_hidden_layers allocates nothing. */
+    char last[64];
+    snprintf(last, sizeof last, "model.layers.%d.input_layernorm.weight", c->n_layers - 1);
+    if (!safetensors_find(m->checkpoint, last))
+        return kv_fail(wl->err, "%s: missing tensor '%s' (config.json has num_hidden_layers %d)",
+                       wl->dir, last, c->n_layers);
     w->layers = kv_calloc((size_t)c->n_layers, sizeof *w->layers);
     for (int i = 0; i < c->n_layers; i++)
         if (load_layer(wl, i, &w->layers[i]) != 0)

@@ -6,8 +6,10 @@
  * rotate_half layout, SwiGLU MLP, optionally tied embeddings.
  *
  * model_load validates everything before the forward pass trusts it: every required config key
- * with a sane value, every expected tensor present with the shape the config implies. Weights
- * are converted to float32 once at load (F32 tensors aligned in the mapping are used in place). */
+ * with a sane value, every size the config implies (products of its values included) within an
+ * int, RoPE frequencies finite and positive for any run length, every expected tensor present
+ * with the shape the config implies and finite values. Weights are converted to float32 once at
+ * load (F32 tensors aligned in the mapping are used in place). */
 #ifndef KVSIM_MODEL_H
 #define KVSIM_MODEL_H
 
@@ -44,7 +46,7 @@ typedef struct {
     int bos_token_id;     /* -1 when absent */
 } ModelConfig;
 
-/* Parses config.json. Errors name the file and the key. */
+/* Parses config.json (a regular file). Errors name the file and the key. */
 int model_config_load(const char *config_path, ModelConfig *cfg, KvErr *err);
 
 /* RoPE inverse frequencies out[head_dim/2] after the config's rope_scaling, for a run of

@@ -5,10 +5,17 @@
  * is an 8-byte little-endian header length, a JSON header mapping tensor names to
  * {dtype, shape, data_offsets}, then the data area.
  *
- * Everything the header claims is checked against the file before any byte of data is touched:
- * header length within the file, valid JSON, supported dtype, offsets ordered and inside the data
- * area, byte size = product(shape) x dtype size. A lie is a one-line error naming the file and
- * the tensor, never an out-of-bounds read. */
+ * Everything the header claims is checked against the file before any byte of data is touched,
+ * with the rules of the reference implementation (huggingface/safetensors,
+ * safetensors/src/tensor.rs: SafeTensors::read_metadata and Metadata::validate): header length
+ * at most 100,000,000 and within the file, UTF-8 JSON object, "__metadata__" a map of strings,
+ * supported dtype, byte size = product(shape) x dtype size, and the tensors, sorted by
+ * data_offsets, tile the data area exactly (each begins where the previous one ends, the first
+ * at 0, the last ends at the end of the file: no overlap or aliasing, no gap, no trailing bytes,
+ * so a wrong header length cannot shift the tensors). A tensor name appears once. Only regular
+ * files are opened (a FIFO or a directory is refused at once). A lie is a one-line error naming
+ * the file and the tensor (escaped: names may hold any character), never an out-of-bounds
+ * read. */
 #ifndef KVSIM_SAFETENSORS_H
 #define KVSIM_SAFETENSORS_H
 
@@ -62,7 +69,7 @@ float f16_to_f32(uint16_t h);
 float bf16_to_f32(uint16_t b);
 
 /* Small text files of a checkpoint directory (config.json, the shard index). read_text_file
- * returns the malloc'ed, NUL-terminated contents; json_read_file the parsed JSON, or NULL with
+ * returns the malloc'ed, NUL-terminated contents of a regular file (kv_read_input); json_read_file the parsed JSON, or NULL with
  * an error naming the file and the line where parsing stopped. json_parse_exact parses len
  * bytes that must hold exactly one JSON value (whitespace around it allowed); on failure
  * *error_at (may be NULL) is the byte offset where parsing stopped. */

@@ -394,6 +394,100 @@ void tiny_ckpt_edit_header(const char *path, const char *tensor, const char *fie
     free(bytes);
 }
 
+/* The parsed header of a safetensors file held in bytes, and where its data starts. */
+static cJSON *read_header(const char *path, const char *bytes, size_t len, size_t *data_start)
+{
+    uint64_t header_len = 0;
+    for (int i = 7; i >= 0; i--)
+        header_len = (header_len << 8) | (unsigned char)bytes[i];
+    if (len < 8 || header_len > len - 8)
+        fail_msg("tiny_ckpt: %s has a bad header", path);
+    cJSON *header = cJSON_ParseWithLength(bytes + 8, (size_t)header_len);
+    if (!header)
+        fail_msg("tiny_ckpt: %s: header is not JSON", path);
+    *data_start = 8 + (size_t)header_len;
+    return header;
+}
+
+static void tensor_offsets(const cJSON *entry, size_t *begin, size_t *end)
+{
+    const cJSON *offsets = cJSON_GetObjectItemCaseSensitive(entry, "data_offsets");
+    *begin = (size_t)cJSON_GetArrayItem(offsets, 0)->valuedouble;
+    *end = (size_t)cJSON_GetArrayItem(offsets, 1)->valuedouble;
+}
+
+void tiny_ckpt_remove_tensor(const char *path, const char *tensor)
+{
+    size_t len, data_start;
+    char *bytes = read_file(path, &len);
+    cJSON *header = read_header(path, bytes, len, &data_start);
+    cJSON *entry = cJSON_GetObjectItemCaseSensitive(header, tensor);
+    if (!entry)
+        fail_msg("tiny_ckpt_remove_tensor: no tensor %s in %s", tensor, path);
+    size_t begin, end;
+    tensor_offsets(entry, &begin, &end);
+    cJSON_DeleteItemFromObjectCaseSensitive(header, tensor);
+    cJSON *other;
+    cJSON_ArrayForEach(other, header)
+    {
+        if (!strcmp(other->string, "__metadata__"))
+            continue;
+        size_t b, e;
+        tensor_offsets(other, &b, &e);
+        if (b >= end) {
+            cJSON *offsets = cJSON_GetObjectItemCaseSensitive(other, "data_offsets");
+            cJSON_SetNumberValue(cJSON_GetArrayItem(offsets, 0), (double)(b - (end - begin)));
+            cJSON_SetNumberValue(cJSON_GetArrayItem(offsets, 1), (double)(e - (end - begin)));
+        }
+    }
+    size_t data_len = len - data_start - (end - begin);
+    unsigned char *data = kv_malloc(data_len + 1);
+    memcpy(data, bytes + data_start, begin);
+    memcpy(data + begin, bytes + data_start + end, len - data_start - end);
+    char *text = cJSON_PrintUnformatted(header);
+    write_safetensors_raw(path, text, 8, data, data_len);
+    cJSON_free(text);
+    cJSON_Delete(header);
+    free(data);
+    free(bytes);
+}
+
+void tiny_safetensors_write_raw(const char *path, uint64_t header_len, const char *header_json,
+                                size_t padding, const void *data, size_t data_len)
+{
+    size_t json_len = strlen(header_json), total = 8 + json_len + padding + data_len;
+    unsigned char *buf = kv_malloc(total);
+    for (int i = 0; i < 8; i++)
+        buf[i] = (unsigned char)(header_len >> (8 * i));
+    memcpy(buf + 8, header_json, json_len);
+    memset(buf + 8 + json_len, ' ', padding);
+    if (data_len)
+        memcpy(buf + 8 + json_len + padding, data, data_len);
+    write_file(path, buf, total);
+    free(buf);
+}
+
+void tiny_ckpt_poke_f32(const char *path, const char *tensor, size_t index, float value)
+{
+    size_t len, data_start;
+    char *bytes = read_file(path, &len);
+    cJSON *header = read_header(path, bytes, len, &data_start);
+    const cJSON *entry = cJSON_GetObjectItemCaseSensitive(header, tensor);
+    const cJSON *dtype = cJSON_GetObjectItemCaseSensitive(entry, "dtype");
+    if (!entry || !cJSON_IsString(dtype) || strcmp(dtype->valuestring, "F32") != 0)
+        fail_msg("tiny_ckpt_poke_f32: no F32 tensor %s in %s", tensor, path);
+    size_t begin, end;
+    tensor_offsets(entry, &begin, &end);
+    if (begin + 4 * (index + 1) > end)
+        fail_msg("tiny_ckpt_poke_f32: %s has no element %zu", tensor, index);
+    cJSON_Delete(header);
+    free(bytes);
+    FILE *fp = fopen(path, "r+b");
+    if (!fp || fseek(fp, (long)(data_start + begin + 4 * index), SEEK_SET) != 0 ||
+        fwrite(&value, 4, 1, fp) != 1 || fclose(fp) != 0)
+        fail_msg("tiny_ckpt_poke_f32: cannot write %s", path);
+}
+
 unsigned byte_code_point(unsigned b)
 {
     unsigned next = 256;

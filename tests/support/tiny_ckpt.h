@@ -8,6 +8,7 @@
 #ifndef KVSIM_TEST_TINY_CKPT_H
 #define KVSIM_TEST_TINY_CKPT_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 typedef enum { TINY_F32, TINY_F16, TINY_BF16 } TinyDtype;
@@ -66,8 +67,19 @@ unsigned byte_code_point(unsigned b);
 void tiny_ckpt_set_config(const char *dir, const char *key, const char *json_value);
 /* Replaces field (e.g. "dtype", "shape", "data_offsets") of a tensor's entry in the header of
  * a safetensors file with the JSON value text, keeping the data area; value NULL deletes the
- * whole tensor entry. */
+ * whole tensor entry (its bytes stay: a layout the loader refuses, see tiny_ckpt_remove_tensor). */
 void tiny_ckpt_edit_header(const char *path, const char *tensor, const char *field,
                            const char *json_value);
+/* Removes a tensor from a safetensors file, its entry and its bytes (the later tensors'
+ * data_offsets move down), so that the file stays valid: deleting the entry alone leaves bytes
+ * that belong to no tensor, which the loader refuses. */
+void tiny_ckpt_remove_tensor(const char *path, const char *tensor);
+/* Writes a safetensors file as given: header_len is the 8-byte length field (it need not be
+ * the length of header_json, which is written followed by `padding` spaces), then the data. */
+void tiny_safetensors_write_raw(const char *path, uint64_t header_len, const char *header_json,
+                                size_t padding, const void *data, size_t data_len);
+/* Overwrites one float32 value of a tensor in a safetensors file written by tiny_ckpt_write
+ * (F32 only), e.g. with NaN. */
+void tiny_ckpt_poke_f32(const char *path, const char *tensor, size_t index, float value);
 
 #endif

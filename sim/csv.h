@@ -22,7 +22,7 @@
 
 typedef struct {
     AtomicFile af;
-    const char *header; /* the header row (not copied: a string literal) */
+    const char *header; /* the header row (not copied: it must outlive the commit) */
     int n_columns;
     int field;          /* fields written in the current row so far */
     long row;           /* data rows ended so far */

@@ -231,8 +231,10 @@ static int attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, const
         hm[HM_MASS] = (float)mass[i];
         hm[HM_RECALL] = (float)recall_at_k(c, w->topk + (size_t)h * cfg->topk, k);
         hm[HM_OUT_ERR] = (float)out_err[i];
-        if (check_finite(job, pi, L->layer, t, "mass", h, hm[HM_MASS], err) != 0 ||
-            check_finite(job, pi, L->layer, t, "out_err", h, hm[HM_OUT_ERR], err) != 0)
+        if (check_finite(job, pi, L->layer, t, metric_of(METRIC_HEAD, HM_MASS)->name, h,
+                         hm[HM_MASS], err) != 0 ||
+            check_finite(job, pi, L->layer, t, metric_of(METRIC_HEAD, HM_OUT_ERR)->name, h,
+                         hm[HM_OUT_ERR], err) != 0)
             return -1;
     }
     return 0;

@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "policies/policy.h"
+#include "sim/metric_table.h"
 #include "sim/trace.h"
 
 typedef struct {
@@ -32,29 +33,6 @@ typedef struct {
     PolicySpec *policies;
 } EngineConfig;
 
-/* Per-(policy, layer, evaluated step, query head) metrics. */
-enum { HM_MASS, HM_RECALL, HM_OUT_ERR, N_HEAD_METRICS };
-/* Per-(policy, layer, evaluated step) metrics; bytes are this layer's. */
-enum {
-    SM_CACHE_TOKENS, /* mean over KV heads of the slots attended over */
-    SM_DEVICE_BYTES,
-    SM_ALLOCATED_BYTES,
-    SM_HOST_BYTES,
-    SM_FETCHED_TOKENS,
-    SM_NEEDLE_SURVIVAL, /* NaN except at probe steps with needles */
-    N_STEP_METRICS
-};
-/* Per-(policy, layer) totals over every decode step. */
-enum {
-    TM_TO_HOST_BYTES,
-    TM_TO_DEVICE_BYTES,
-    TM_FETCHED_TOKENS,
-    TM_RESTORED_TOKENS,
-    TM_RESTORE_K_ERR,
-    TM_RESTORE_V_ERR,
-    N_TOTAL_METRICS
-};
-
 typedef struct {
     int n_policies, n_layers, n_q_heads, n_kv_heads, n_prompt, n_tokens;
     int n_evals;
@@ -63,6 +41,7 @@ typedef struct {
     char (*label)[64];  /* [n_policies] */
     const PolicyType **type;
     bool *is_oracle;
+    /* The metrics' slots, one per line of sim/metrics.def (HM_*, SM_*, TM_*: metric_table.h). */
     float *head;   /* [policy][layer][eval][q head][N_HEAD_METRICS] */
     double *step;  /* [policy][layer][eval][N_STEP_METRICS] */
     double *total; /* [policy][layer][N_TOTAL_METRICS] */

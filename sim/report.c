@@ -8,318 +8,305 @@
 
 #include "sim/csv.h"
 
-/* Two kinds of reduction. A head metric (mass, recall, output error), a cache size or a byte
- * count exists at every evaluated step and is finite (the engine stops on a non-finite mass
- * or output error), so it is reduced plainly: a NaN there would be a bug, and it propagates
- * into the result, where the CSV writer refuses it instead of hiding it. Needle survival does
- * not apply everywhere (NaN off probe steps and before any needle token): only it skips NaN.
- * The restore errors are NaN (do not apply) when nothing was restored. */
+/* The reductions of sim/metric_table.h. A metric that applies everywhere (mass, recall, output
+ * error, cache size, bytes) exists at every evaluated step and is finite (the engine stops on a
+ * non-finite one), so it is reduced plainly: a NaN there would be a bug, and it propagates into
+ * the result, where the CSV writer refuses it instead of hiding it. Only a metric that applies
+ * at probe steps (needle survival) skips NaN, and the restore errors are NaN (do not apply) when
+ * nothing was restored. */
 
-/* Mean of every value; NaN if there are none or one is NaN. */
-static double mean_all(const double *x, size_t n)
+/* Sum (mean_all: mean) of every value, in order; NaN if there are none or one is NaN. */
+static double sum_all(const double *x, size_t n)
 {
     double sum = 0;
     for (size_t i = 0; i < n; i++)
         sum += x[i];
-    return n ? sum / n : NAN;
+    return n ? sum : NAN;
 }
 
-/* Maximum of every value; NaN if there are none or one is NaN. */
-static double max_all(const double *x, size_t n)
+static double mean_all(const double *x, size_t n)
+{
+    return n ? sum_all(x, n) / n : NAN;
+}
+
+/* Minimum (max_of: maximum) of every value, the first of equals; NaN if there are none or one
+ * is NaN. */
+static double extreme_all(const double *x, size_t n, bool max_of)
 {
     double m = n ? x[0] : NAN;
     for (size_t i = 0; i < n; i++) {
         if (isnan(x[i]))
             return NAN;
-        if (x[i] > m)
+        if (max_of ? x[i] > m : x[i] < m)
             m = x[i];
     }
     return m;
 }
 
-/* Quantiles of every value (sorted copy; GSL's interpolation); NaN if there are none or one
- * is NaN. */
-static void quantiles_all(const double *x, size_t n, const double *q, double *out, int nq)
+/* The quantile statistics of `stats` (GSL's interpolation over a sorted copy); NaN if there
+ * are no values or one is NaN. */
+static void quantiles_all(const double *x, size_t n, unsigned stats, double *out)
 {
     bool has_nan = false;
     for (size_t i = 0; i < n; i++)
         has_nan |= isnan(x[i]);
-    if (n == 0 || has_nan) {
-        for (int i = 0; i < nq; i++)
-            out[i] = NAN;
-        return;
+    double *sorted = NULL;
+    if (n > 0 && !has_nan) {
+        sorted = kv_malloc(n * sizeof *sorted);
+        memcpy(sorted, x, n * sizeof *sorted);
+        gsl_sort(sorted, 1, n);
     }
-    double *sorted = kv_malloc(n * sizeof *sorted);
-    memcpy(sorted, x, n * sizeof *sorted);
-    gsl_sort(sorted, 1, n);
-    for (int i = 0; i < nq; i++)
-        out[i] = gsl_stats_quantile_from_sorted_data(sorted, 1, n, q[i]);
+    for (int s = 0; s < N_STATS; s++)
+        if ((stats & (1u << s)) && !isnan(metric_stat_quantile((MetricStat)s)))
+            out[s] = sorted ? gsl_stats_quantile_from_sorted_data(
+                                  sorted, 1, n, metric_stat_quantile((MetricStat)s))
+                            : NAN;
     free(sorted);
 }
 
-/* Mean of the values that apply (not NaN); NaN (does not apply) if none does. */
-static double mean_applicable(const double *x, size_t n)
+/* The statistics `stats` (MEAN, quantiles, MIN, MAX, SUM) of x[0..n) into out[MetricStat]: of
+ * every value, or, when skip_nan, of those that apply (x is compacted in place; none: NaN). */
+static void reduce(double *x, size_t n, bool skip_nan, unsigned stats, double *out)
+{
+    if (skip_nan) {
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++)
+            if (!isnan(x[i]))
+                x[k++] = x[i];
+        n = k;
+    }
+    if (stats & ST_MEAN)
+        out[STAT_MEAN] = mean_all(x, n);
+    if (stats & (ST_P5 | ST_P50 | ST_P95))
+        quantiles_all(x, n, stats, out);
+    if (stats & ST_MIN)
+        out[STAT_MIN] = extreme_all(x, n, false);
+    if (stats & ST_MAX)
+        out[STAT_MAX] = extreme_all(x, n, true);
+    if (stats & ST_SUM)
+        out[STAT_SUM] = sum_all(x, n);
+}
+
+static double reduce_one(double *x, size_t n, bool skip_nan, MetricStat stat)
+{
+    double out[N_STATS];
+    reduce(x, n, skip_nan, 1u << stat, out);
+    return out[stat];
+}
+
+static bool skips_nan(const Metric *m)
+{
+    return m->applies != APPLIES_ALWAYS;
+}
+
+/* How the layers of one evaluated step combine. */
+static MetricStat layer_stat(const Metric *m)
+{
+    return m->layers == LAYERS_SUM ? STAT_SUM : STAT_MEAN;
+}
+
+/* A metric that applies at probe steps has no value at evaluated step e: it is not one. */
+static bool off_probe(const Results *r, const Metric *m, int e)
+{
+    return m->applies == APPLIES_PROBES && !r->eval_probe[e];
+}
+
+/* Head or step metric m of policy pi at layer l and evaluated step e (a head metric: the mean
+ * over query heads, heads[n_q_heads] is scratch); NaN where it does not apply. */
+static double value_at(const Results *r, int pi, const Metric *m, int l, int e, double *heads)
+{
+    if (off_probe(r, m, e))
+        return NAN;
+    if (m->kind == METRIC_STEP)
+        return results_step(r, pi, l, e)[m->slot];
+    for (int h = 0; h < r->n_q_heads; h++)
+        heads[h] = results_head(r, pi, l, e, h)[m->slot];
+    return reduce_one(heads, (size_t)r->n_q_heads, skips_nan(m), STAT_MEAN);
+}
+
+/* m's layers combined at evaluated step e (x[n_layers] is scratch). */
+static double at_step(const Results *r, int pi, const Metric *m, int e, double *x, double *heads)
+{
+    for (int l = 0; l < r->n_layers; l++)
+        x[l] = value_at(r, pi, m, l, e, heads);
+    return reduce_one(x, (size_t)r->n_layers, skips_nan(m), layer_stat(m));
+}
+
+/* The statistics of metric m in a policy's summary, indexed by MetricStat. */
+static const double *summary_row(const PolicySummary *s, const Metric *m)
+{
+    return m->kind == METRIC_HEAD   ? s->head[m->slot]
+           : m->kind == METRIC_STEP ? s->step[m->slot]
+                                    : s->total[m->slot];
+}
+
+/* A total of policy pi summed over layers. */
+static double total_over_layers(const Results *r, int pi, int slot)
 {
     double sum = 0;
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++)
-        if (!isnan(x[i])) {
-            sum += x[i];
-            k++;
-        }
-    return k ? sum / k : NAN;
-}
-
-static double min_applicable(const double *x, size_t n)
-{
-    double m = NAN;
-    for (size_t i = 0; i < n; i++)
-        if (!isnan(x[i]) && (isnan(m) || x[i] < m))
-            m = x[i];
-    return m;
-}
-
-/* One head metric of one policy over every layer, step and head, in storage order. */
-static double *gather_head(const Results *r, int pi, int metric, size_t *n)
-{
-    *n = (size_t)r->n_layers * r->n_evals * r->n_q_heads;
-    double *x = kv_malloc((*n ? *n : 1) * sizeof *x);
-    size_t i = 0;
     for (int l = 0; l < r->n_layers; l++)
-        for (int e = 0; e < r->n_evals; e++)
-            for (int h = 0; h < r->n_q_heads; h++)
-                x[i++] = results_head(r, pi, l, e, h)[metric];
-    return x;
+        sum += results_total(r, pi, l)[slot];
+    return sum;
 }
 
-/* A step metric summed over layers (bytes, tokens) or averaged over layers (cache tokens), per
- * evaluated step: a plain reduction. */
-static double step_over_layers(const Results *r, int pi, int e, int metric, bool sum)
+/* The summary statistics of metric m (x and heads: scratch, sized for every slot). */
+static void summarize_metric(const Results *r, int pi, const Metric *m, double *x,
+                             double *heads, double *out)
 {
-    double acc = 0;
-    for (int l = 0; l < r->n_layers; l++)
-        acc += results_step(r, pi, l, e)[metric];
-    return sum ? acc : acc / r->n_layers;
-}
-
-/* Needle survival at evaluated step e, mean over the layers where it applies; NaN (does not
- * apply) off probe steps and where no needle token precedes the step. */
-static double needles_at_step(const Results *r, int pi, int e)
-{
-    if (!r->eval_probe[e])
-        return NAN;
-    double *x = kv_malloc((size_t)r->n_layers * sizeof *x);
-    for (int l = 0; l < r->n_layers; l++)
-        x[l] = results_step(r, pi, l, e)[SM_NEEDLE_SURVIVAL];
-    double v = mean_applicable(x, (size_t)r->n_layers);
-    free(x);
-    return v;
-}
-
-static double head_mean_at(const Results *r, int pi, int l, int e, int metric)
-{
-    double acc = 0;
-    for (int h = 0; h < r->n_q_heads; h++)
-        acc += results_head(r, pi, l, e, h)[metric];
-    return acc / r->n_q_heads;
+    int L = r->n_layers, E = r->n_evals, H = r->n_q_heads;
+    size_t n = 0;
+    if (m->kind == METRIC_TOTAL) {
+        double tot = total_over_layers(r, pi, m->slot);
+        double restored = total_over_layers(r, pi, TM_RESTORED_TOKENS);
+        if (m->summary & ST_SUM)
+            out[STAT_SUM] = tot;
+        if (m->summary & ST_PER_STEP)
+            out[STAT_PER_STEP] = tot / ((double)r->n_steps * r->n_layers);
+        if (m->summary & ST_PER_RESTORED)
+            out[STAT_PER_RESTORED] = restored > 0 ? tot / restored : NAN;
+        return;
+    }
+    if (m->kind == METRIC_HEAD) { /* every (layer, step, query head) slot */
+        for (int l = 0; l < L; l++)
+            for (int e = 0; e < E; e++)
+                for (int h = 0; h < H; h++)
+                    x[n++] = off_probe(r, m, e) ? NAN : results_head(r, pi, l, e, h)[m->slot];
+    } else if (m->layers == LAYERS_MEAN) { /* every (layer, step) slot */
+        for (int l = 0; l < L; l++)
+            for (int e = 0; e < E; e++)
+                x[n++] = value_at(r, pi, m, l, e, heads);
+    } else { /* the per-step sums over layers */
+        double *layer = x + E;
+        for (int e = 0; e < E; e++)
+            x[n++] = at_step(r, pi, m, e, layer, heads);
+    }
+    reduce(x, n, skips_nan(m), m->summary, out);
 }
 
 void report_summarize(const Results *r, PolicySummary *out)
 {
-    static const double q3[3] = {0.05, 0.50, 0.95};
-    int E = r->n_evals;
-    double *per_step = kv_malloc((size_t)(E ? E : 1) * sizeof *per_step);
-    double *per_layer_step = kv_malloc((size_t)r->n_layers * (E ? E : 1) * sizeof *per_layer_step);
+    int L = r->n_layers, E = r->n_evals, H = r->n_q_heads;
+    /* The largest sample: every (layer, step, head) slot; or E per-step values + L layers. */
+    size_t cap = (size_t)L * E * H + (size_t)E + (size_t)L + 1;
+    double *x = kv_malloc(cap * sizeof *x);
+    double *heads = kv_malloc((size_t)H * sizeof *heads);
     for (int pi = 0; pi < r->n_policies; pi++) {
-        PolicySummary *s = &out[pi];
-        memset(s, 0, sizeof *s);
-        size_t n;
-        double qv[3];
-        double *x = gather_head(r, pi, HM_MASS, &n);
-        s->mass_mean = mean_all(x, n);
-        quantiles_all(x, n, q3, qv, 3);
-        s->mass_p5 = qv[0], s->mass_p50 = qv[1], s->mass_p95 = qv[2];
-        free(x);
-        x = gather_head(r, pi, HM_RECALL, &n);
-        s->recall_mean = mean_all(x, n);
-        free(x);
-        x = gather_head(r, pi, HM_OUT_ERR, &n);
-        s->out_err_mean = mean_all(x, n);
-        quantiles_all(x, n, q3, qv, 3);
-        s->out_err_p50 = qv[1], s->out_err_p95 = qv[2];
-        free(x);
-
-        size_t k = 0;
-        for (int l = 0; l < r->n_layers; l++)
-            for (int e = 0; e < E; e++)
-                per_layer_step[k++] = results_step(r, pi, l, e)[SM_CACHE_TOKENS];
-        s->cache_tokens_mean = mean_all(per_layer_step, k);
-        s->cache_tokens_max = max_all(per_layer_step, k);
-
-        for (int e = 0; e < E; e++)
-            per_step[e] = step_over_layers(r, pi, e, SM_DEVICE_BYTES, true);
-        s->device_bytes_mean = mean_all(per_step, (size_t)E);
-        s->device_bytes_max = max_all(per_step, (size_t)E);
-        for (int e = 0; e < E; e++)
-            per_step[e] = step_over_layers(r, pi, e, SM_ALLOCATED_BYTES, true);
-        s->allocated_bytes_max = max_all(per_step, (size_t)E);
-        for (int e = 0; e < E; e++)
-            per_step[e] = step_over_layers(r, pi, e, SM_HOST_BYTES, true);
-        s->host_bytes_mean = mean_all(per_step, (size_t)E);
-        s->host_bytes_max = max_all(per_step, (size_t)E);
-
-        double tot[N_TOTAL_METRICS] = {0};
-        for (int l = 0; l < r->n_layers; l++)
-            for (int m = 0; m < N_TOTAL_METRICS; m++)
-                tot[m] += results_total(r, pi, l)[m];
-        s->to_host_bytes = tot[TM_TO_HOST_BYTES];
-        s->to_device_bytes = tot[TM_TO_DEVICE_BYTES];
-        s->fetched_tokens_per_step = tot[TM_FETCHED_TOKENS] / ((double)r->n_steps * r->n_layers);
-        s->restored_tokens = tot[TM_RESTORED_TOKENS];
-        s->restore_k_err = tot[TM_RESTORED_TOKENS] > 0 ? tot[TM_RESTORE_K_ERR] / tot[TM_RESTORED_TOKENS] : NAN;
-        s->restore_v_err = tot[TM_RESTORED_TOKENS] > 0 ? tot[TM_RESTORE_V_ERR] / tot[TM_RESTORED_TOKENS] : NAN;
-
-        /* Over layers and probe steps: elsewhere survival is NaN (does not apply). */
-        k = 0;
-        for (int l = 0; l < r->n_layers; l++)
-            for (int e = 0; e < E; e++)
-                per_layer_step[k++] =
-                    r->eval_probe[e] ? results_step(r, pi, l, e)[SM_NEEDLE_SURVIVAL] : NAN;
-        s->needle_survival_mean = mean_applicable(per_layer_step, k);
-        s->needle_survival_min = min_applicable(per_layer_step, k);
+        for (int i = 0; i < N_METRICS; i++) {
+            const Metric *m = &metric_table[i];
+            double *row = (double *)summary_row(&out[pi], m); /* out is ours to fill */
+            for (int st = 0; st < N_STATS; st++)
+                row[st] = NAN;
+            if (m->summary)
+                summarize_metric(r, pi, m, x, heads, row);
+        }
     }
-    free(per_step);
-    free(per_layer_step);
+    free(x);
+    free(heads);
 }
 
-static int write_summary(const Results *r, const PolicySummary *s, CsvFile *c, const char *dir,
-                         KvErr *err)
+/* One metric column's field: empty where it does not apply, else by the metric's format. */
+static void put_value(CsvFile *c, const MetricColumn *col, double v)
 {
-    if (csv_create(c, dir, "summary.csv",
-                   "policy,type,mass_mean,mass_p5,mass_p50,mass_p95,recall_mean,out_err_mean,"
-                   "out_err_p50,out_err_p95,cache_tokens_mean,cache_tokens_max,device_bytes_mean,"
-                   "device_bytes_max,allocated_bytes_max,host_bytes_mean,host_bytes_max,"
-                   "to_host_bytes,to_device_bytes,fetched_tokens_per_step,restored_tokens,"
-                   "restore_k_err,restore_v_err,needle_survival_mean,needle_survival_min",
-                   err) != 0)
-        return -1;
+    if (col->optional && isnan(v))
+        csv_put_empty(c);
+    else if (col->metric->format == METRIC_COUNT)
+        csv_put_count(c, v);
+    else
+        csv_put_num(c, v);
+}
+
+/* The rows of one file after its header: key fields, then its metric columns (metric_table.h). */
+typedef void RowWriter(const Results *r, const PolicySummary *s, const MetricColumn *cols,
+                       int n_cols, CsvFile *c);
+
+static void summary_rows(const Results *r, const PolicySummary *s, const MetricColumn *cols,
+                         int n_cols, CsvFile *c)
+{
     for (int pi = 0; pi < r->n_policies; pi++) {
-        const PolicySummary *p = &s[pi];
         csv_put_text(c, r->label[pi]);
         csv_put_text(c, r->type[pi]->name);
-        const double head[] = {p->mass_mean,    p->mass_p5,     p->mass_p50,
-                               p->mass_p95,     p->recall_mean, p->out_err_mean,
-                               p->out_err_p50,  p->out_err_p95, p->cache_tokens_mean,
-                               p->cache_tokens_max};
-        for (size_t i = 0; i < sizeof head / sizeof head[0]; i++)
-            csv_put_num(c, head[i]);
-        const double bytes[] = {p->device_bytes_mean, p->device_bytes_max, p->allocated_bytes_max,
-                                p->host_bytes_mean,   p->host_bytes_max,   p->to_host_bytes,
-                                p->to_device_bytes};
-        for (size_t i = 0; i < sizeof bytes / sizeof bytes[0]; i++)
-            csv_put_count(c, bytes[i]);
-        csv_put_num(c, p->fetched_tokens_per_step);
-        csv_put_count(c, p->restored_tokens);
-        /* Empty where they do not apply: no token restored, no probe step with needle tokens
-         * before it. */
-        if (p->restored_tokens > 0) {
-            csv_put_num(c, p->restore_k_err);
-            csv_put_num(c, p->restore_v_err);
-        } else {
-            csv_put_empty(c);
-            csv_put_empty(c);
-        }
-        csv_put_optional(c, p->needle_survival_mean);
-        csv_put_optional(c, p->needle_survival_min);
+        for (int i = 0; i < n_cols; i++)
+            if (cols[i].metric)
+                put_value(c, &cols[i], summary_row(&s[pi], cols[i].metric)[cols[i].stat]);
         csv_end_row(c);
     }
-    return 0;
 }
 
-static int write_layers(const Results *r, CsvFile *c, const char *dir, KvErr *err)
+/* Per policy and layer: the mean over evaluated steps. */
+static void layers_rows(const Results *r, const PolicySummary *s, const MetricColumn *cols,
+                        int n_cols, CsvFile *c)
 {
-    if (csv_create(c, dir, "layers.csv",
-                   "policy,layer,mass_mean,recall_mean,out_err_mean,cache_tokens_mean,"
-                   "device_bytes_mean,host_bytes_mean,needle_survival_mean",
-                   err) != 0)
-        return -1;
+    (void)s;
     int E = r->n_evals;
     double *x = kv_malloc((size_t)(E ? E : 1) * sizeof *x);
+    double *heads = kv_malloc((size_t)r->n_q_heads * sizeof *heads);
     for (int pi = 0; pi < r->n_policies; pi++)
         for (int l = 0; l < r->n_layers; l++) {
             csv_put_text(c, r->label[pi]);
             csv_put_int(c, l);
-            for (int m = 0; m < N_HEAD_METRICS; m++) {
+            for (int i = 0; i < n_cols; i++) {
+                const Metric *m = cols[i].metric;
+                if (!m)
+                    continue;
                 for (int e = 0; e < E; e++)
-                    x[e] = head_mean_at(r, pi, l, e, m);
-                csv_put_num(c, mean_all(x, (size_t)E));
+                    x[e] = value_at(r, pi, m, l, e, heads);
+                put_value(c, &cols[i], reduce_one(x, (size_t)E, skips_nan(m), STAT_MEAN));
             }
-            for (int e = 0; e < E; e++)
-                x[e] = results_step(r, pi, l, e)[SM_CACHE_TOKENS];
-            csv_put_num(c, mean_all(x, (size_t)E));
-            for (int e = 0; e < E; e++)
-                x[e] = results_step(r, pi, l, e)[SM_DEVICE_BYTES];
-            csv_put_count(c, mean_all(x, (size_t)E));
-            for (int e = 0; e < E; e++)
-                x[e] = results_step(r, pi, l, e)[SM_HOST_BYTES];
-            csv_put_count(c, mean_all(x, (size_t)E));
-            for (int e = 0; e < E; e++)
-                x[e] = r->eval_probe[e] ? results_step(r, pi, l, e)[SM_NEEDLE_SURVIVAL] : NAN;
-            csv_put_optional(c, mean_applicable(x, (size_t)E));
             csv_end_row(c);
         }
     free(x);
-    return 0;
+    free(heads);
 }
 
-static int write_steps(const Results *r, CsvFile *c, const char *dir, KvErr *err)
+/* Per policy and evaluated step: the layers combined. */
+static void steps_rows(const Results *r, const PolicySummary *s, const MetricColumn *cols,
+                       int n_cols, CsvFile *c)
 {
-    if (csv_create(c, dir, "steps.csv",
-                   "policy,step,decode_index,mass_mean,recall_mean,out_err_mean,"
-                   "cache_tokens_mean,device_bytes,allocated_bytes,host_bytes,fetched_tokens,"
-                   "needle_survival",
-                   err) != 0)
-        return -1;
+    (void)s;
     double *x = kv_malloc((size_t)r->n_layers * sizeof *x);
+    double *heads = kv_malloc((size_t)r->n_q_heads * sizeof *heads);
     for (int pi = 0; pi < r->n_policies; pi++)
         for (int e = 0; e < r->n_evals; e++) {
             int t = r->eval_step[e];
             csv_put_text(c, r->label[pi]);
             csv_put_int(c, t);
             csv_put_int(c, t - r->n_prompt);
-            for (int m = 0; m < N_HEAD_METRICS; m++) {
-                for (int l = 0; l < r->n_layers; l++)
-                    x[l] = head_mean_at(r, pi, l, e, m);
-                csv_put_num(c, mean_all(x, (size_t)r->n_layers));
-            }
-            csv_put_num(c, step_over_layers(r, pi, e, SM_CACHE_TOKENS, false));
-            csv_put_count(c, step_over_layers(r, pi, e, SM_DEVICE_BYTES, true));
-            csv_put_count(c, step_over_layers(r, pi, e, SM_ALLOCATED_BYTES, true));
-            csv_put_count(c, step_over_layers(r, pi, e, SM_HOST_BYTES, true));
-            csv_put_count(c, step_over_layers(r, pi, e, SM_FETCHED_TOKENS, true));
-            csv_put_optional(c, needles_at_step(r, pi, e));
+            for (int i = 0; i < n_cols; i++)
+                if (cols[i].metric)
+                    put_value(c, &cols[i], at_step(r, pi, cols[i].metric, e, x, heads));
             csv_end_row(c);
         }
     free(x);
-    return 0;
+    free(heads);
 }
+
+static RowWriter *const row_writer[N_OUTPUTS] = {
+    [OUT_SUMMARY] = summary_rows,
+    [OUT_LAYERS] = layers_rows,
+    [OUT_STEPS] = steps_rows,
+};
 
 int report_write_csv(const Results *r, const PolicySummary *s, const char *out_dir, KvErr *err)
 {
     if (make_dirs(out_dir, err) != 0)
         return -1;
-    /* One set: none of the three replaces an older file unless all three are complete. */
-    CsvFile files[3];
-    CsvFile *set[3] = {&files[0], &files[1], &files[2]};
+    /* One set: none of the files replaces an older one unless all are complete. The headers
+     * outlive the files (CsvFile keeps a pointer for its error messages). */
+    CsvFile files[N_OUTPUTS];
+    CsvFile *set[N_OUTPUTS];
+    char header[N_OUTPUTS][METRIC_HEADER_MAX];
+    MetricColumn cols[METRIC_MAX_COLUMNS];
     int opened = 0;
-    if (write_summary(r, s, set[0], out_dir, err) == 0) {
-        opened = 1;
-        if (write_layers(r, set[1], out_dir, err) == 0) {
-            opened = 2;
-            if (write_steps(r, set[2], out_dir, err) == 0)
-                return csv_commit_set(set, 3, err);
-        }
+    for (; opened < N_OUTPUTS; opened++) {
+        MetricOutput o = (MetricOutput)opened;
+        set[o] = &files[o];
+        metric_output_header(o, header[o]);
+        if (csv_create(set[o], out_dir, metric_output_file(o), header[o], err) != 0)
+            break;
+        row_writer[o](r, s, cols, metric_output_columns(o, cols), set[o]);
     }
+    if (opened == N_OUTPUTS)
+        return csv_commit_set(set, N_OUTPUTS, err);
     for (int i = 0; i < opened; i++)
         atomic_abort(&files[i].af);
     return -1;
@@ -358,11 +345,12 @@ void report_print_table(const Results *r, const PolicySummary *s, FILE *out)
     for (int pi = 0; pi < r->n_policies; pi++) {
         const PolicySummary *p = &s[pi];
         char dev[32], host[32], needle[16];
-        format_bytes(p->device_bytes_mean, dev, sizeof dev);
-        format_bytes(p->host_bytes_mean, host, sizeof host);
-        fmt_num(p->needle_survival_mean, "%.3f", needle, sizeof needle);
+        format_bytes(p->step[SM_DEVICE_BYTES][STAT_MEAN], dev, sizeof dev);
+        format_bytes(p->step[SM_HOST_BYTES][STAT_MEAN], host, sizeof host);
+        fmt_num(p->step[SM_NEEDLE_SURVIVAL][STAT_MEAN], "%.3f", needle, sizeof needle);
         fprintf(out, "%-*s  %-13s %7.4f %7.4f %7.4f %8.4f %8.1f %10s %10s %7s\n", w, r->label[pi],
-                r->type[pi]->name, p->mass_mean, p->mass_p5, p->recall_mean, p->out_err_mean,
-                p->cache_tokens_mean, dev, host, needle);
+                r->type[pi]->name, p->head[HM_MASS][STAT_MEAN], p->head[HM_MASS][STAT_P5],
+                p->head[HM_RECALL][STAT_MEAN], p->head[HM_OUT_ERR][STAT_MEAN],
+                p->step[SM_CACHE_TOKENS][STAT_MEAN], dev, host, needle);
     }
 }

@@ -1,8 +1,9 @@
 /* report.h — the outputs of `kvsim run`: summary.csv, layers.csv, steps.csv (columns and units
- * in docs/metrics.md) and the aligned summary table on stdout. Every number is reduced in a
- * fixed order from the engine's per-slot results, so the files are byte-identical whatever the
- * thread count. The CSV conventions (quoting, number formats, empty = does not apply) are
- * sim/csv.h's; each CSV is written to a temporary name and renamed. */
+ * in docs/metrics.md) and the aligned summary table on stdout. The columns of each file and how
+ * each is reduced from the engine's per-slot results are sim/metric_table.h's, from the table
+ * sim/metrics.def. Every number is reduced in a fixed order, so the files are byte-identical
+ * whatever the thread count. The CSV conventions (quoting, number formats, empty = does not
+ * apply) are sim/csv.h's; the three files are written as one set (csv_commit_set). */
 #ifndef KVSIM_REPORT_H
 #define KVSIM_REPORT_H
 
@@ -10,18 +11,13 @@
 
 #include "sim/engine.h"
 
-/* Per-policy aggregates, as in summary.csv. */
+/* Per-policy summary statistics, the values of summary.csv: for each metric (by kind and slot,
+ * sim/metric_table.h), the statistics its line in sim/metrics.def names, indexed by MetricStat
+ * (the others are NaN). NaN in a statistic that may not apply means it does not. */
 typedef struct {
-    double mass_mean, mass_p5, mass_p50, mass_p95;
-    double recall_mean;
-    double out_err_mean, out_err_p50, out_err_p95;
-    double cache_tokens_mean, cache_tokens_max;
-    double device_bytes_mean, device_bytes_max, allocated_bytes_max;
-    double host_bytes_mean, host_bytes_max;
-    double to_host_bytes, to_device_bytes;
-    double fetched_tokens_per_step, restored_tokens;
-    double restore_k_err, restore_v_err;
-    double needle_survival_mean, needle_survival_min;
+    double head[N_HEAD_METRICS][N_STATS];
+    double step[N_STEP_METRICS][N_STATS];
+    double total[N_TOTAL_METRICS][N_STATS];
 } PolicySummary;
 
 /* Bytes for the tables on stdout: "512 B", "1.5 KiB", "4.0 MiB", "1.25 GiB"; "-" for NaN. */

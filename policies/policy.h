@@ -1,24 +1,42 @@
 /* policy.h — the one interface every eviction policy implements.
  *
- * A policy is one .c file that defines a `const PolicyType` and adds one line to
- * policies/registry.c. The replay engine never knows which algorithm it drives.
+ * A policy is one .c file that defines a `const PolicyType` and adds one line, POLICY(name), to
+ * policies/registry.def. Whoever drives it never knows which algorithm it drives.
  *
- * The engine replays a trace layer by layer. For each (configured policy, layer) it creates one
- * Policy instance, which keeps one cache (KVCache) per KV head of the layer. Calls, in order:
+ * One module drives policies, sim/driver.h, for open-loop replay of a trace (`kvsim run`,
+ * sim/engine.h) and for closed-loop decoding, where the model generates from what the policy
+ * keeps (`kvsim eval`, traces/eval.h). For each (configured policy, layer) it creates one Policy
+ * instance, which keeps one cache (KVCache) per KV head of the layer. Calls, in order:
  *
  *   create(params, layer, env)   the policy sets its `base` fields, including what it needs
  *   prefill(p, prefill_view)     once: the prompt [0, P) has been processed; fill the caches with
  *                                the prompt tokens the policy keeps
- *   for t = P .. T-1:
+ *   for t = P .. T-1:            (closed loop: the tokens fed, which may stop before T-1)
  *     step(p, step_view)         token t arrives: admit it and decide what query t attends over
- *     [engine: query t attends over each KV head's cache; metrics are recorded]
+ *     [replay: query t attends over each KV head's cache, metrics are recorded; closed loop: the
+ *      model's query t attends over them and the layer's output goes on from that attention]
  *     observe(p, step_view, attn) the attention query t really computed over the caches
  *                                 (softmax renormalised on the cache), for scores and eviction
+ *     memory(p, m)               the memory after this step's eviction (after prefill too)
  *   destroy(p)
  *
  * Information rules. A policy may read q, k, v and the metadata of positions <= t (the past and
  * the present). Only policies whose `base.is_oracle` is set may read step_view->full_attn or
  * decode_mass (the true attention, or the future): those are upper bounds, not methods.
+ *
+ * Closed loop. The LayerView's arrays have room for the whole run: n_tokens is that capacity
+ * (prompt, forced tokens, most tokens generated), not the number of tokens that will be fed, and
+ * n_prompt is the prefilled part. Its rows exist as they are produced:
+ *   - at prefill, q, k and v of the prompt [0, P);
+ *   - at step t and observe of t, q, k and v of [0, t] (the model computed position t's before
+ *     step, and wrote its K/V into the run's cache whatever the policy decides);
+ *   - the metadata from the start (a generated position's segment: the one generation
+ *     continues), but a generated token's id (meta->tokens[t]) only from its step on.
+ * Every other row holds unspecified values (another policy's decode of the same prompt): what
+ * the rule above forbids does not exist there. full_attn (oracles) is query t's true attention
+ * over [0, t] of the run's keys. decode_mass never exists: the future depends on the policy
+ * itself, so a policy that sets want_decode_mass does not apply in closed loop. The run may stop
+ * after any step (end of sequence, a settled answer).
  *
  * GQA. A KV head g serves query heads [g*group, (g+1)*group). A policy that scores tokens from
  * attention must combine all query heads of the group and document the reduction it uses. */
@@ -49,7 +67,7 @@ typedef struct {
 
 /* ---- What a policy instance sees ---- */
 
-/* One layer of the trace, as the engine holds it in memory. */
+/* One layer of the run: a trace's in replay, the model's in closed loop (rows: above). */
 typedef struct {
     const TraceMeta *meta; /* tokens, positions, segments, needles, probes, rope */
     int layer;
@@ -67,7 +85,7 @@ typedef struct {
     int kv_bits;   /* precision of K and V on the device (16 = fp16) */
 } PolicyEnv;
 
-/* The prompt's attention, computed by the engine only when an instance asks for it. */
+/* The prompt's attention, computed by the driver only when an instance asks for it. */
 typedef struct {
     const LayerView *L;
     /* [n_q_heads][P]: sum over prompt queries i in [0,P) of p_i(j), causal (i >= j);
@@ -143,7 +161,7 @@ typedef struct {
     int n_kv_heads;
     KVCache *cache; /* [n_kv_heads] */
     bool is_oracle;
-    /* What the engine must compute for this instance (set by create). */
+    /* What the driver must compute for this instance (set by create). */
     bool want_prefill_mass;
     int want_prefill_rows;
     bool want_decode_mass;
@@ -164,7 +182,7 @@ struct PolicyType {
     /* attn[g] is [group][cache[g].n]: query head g*group+i's attention over cache g's slots,
      * in slot order. May be NULL when the policy does not use attention. */
     void (*observe)(Policy *p, const StepView *sv, const float *const *attn);
-    /* May be NULL: the engine then reports live slots at env.kv_bits, allocated = live. */
+    /* May be NULL: the driver then reports live slots at env.kv_bits, allocated = live. */
     void (*memory)(const Policy *p, MemReport *m);
     void (*destroy)(Policy *p);
 
@@ -182,7 +200,7 @@ struct PolicyType {
 void policy_base_init(Policy *p, const PolicyType *type, const LayerView *L);
 void policy_base_free(Policy *p);
 
-/* ---- Registry (policies/registry.c) ---- */
+/* ---- Registry (policies/registry.c, listed in policies/registry.def) ---- */
 const PolicyType *policy_find(const char *name);
 const PolicyType *const *policy_types(int *count);
 

@@ -14,7 +14,7 @@
 #include "sim/metrics.h"
 
 /* Decode steps whose attention is computed by one sgemm per head. */
-enum { DECODE_BLOCK = 64, PREFILL_BLOCK = PROMPT_STATS_BLOCK };
+enum { DECODE_BLOCK = 64 };
 
 typedef struct {
     Trace *tr;
@@ -35,8 +35,6 @@ typedef struct {
     float *probs;          /* [DECODE_BLOCK][Hq][T]: full attention rows of a block of steps */
     float *out;            /* [Hq][DECODE_BLOCK][D]: full attention outputs */
     float *row_max, *row_z; /* [Hq][DECODE_BLOCK] */
-    float *prefill_probs;  /* [PREFILL_BLOCK][T] */
-    float *ones;           /* [T] */
     int32_t *topk;         /* [Hq][topk] */
     float **attn;          /* [Hkv] -> [group][slots] */
     int *attn_cap;
@@ -46,40 +44,6 @@ typedef struct {
     double metric_seconds;
     double *policy_seconds; /* [n_policies]: the policies' own callbacks */
 } Worker;
-
-static uint64_t splitmix64(uint64_t x)
-{
-    x += 0x9E3779B97F4A7C15ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    return x ^ (x >> 31);
-}
-
-static uint64_t label_hash(const char *s)
-{
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    return h;
-}
-
-uint64_t policy_instance_seed(uint64_t run_seed, const char *label, int layer)
-{
-    return splitmix64(run_seed ^ label_hash(label) ^ splitmix64((uint64_t)layer));
-}
-
-void policy_memory_report(const Policy *inst, int head_dim, int kv_bits, MemReport *mem)
-{
-    memset(mem, 0, sizeof *mem);
-    if (inst->type->memory) {
-        inst->type->memory(inst, mem);
-        return;
-    }
-    double live = 0;
-    for (int g = 0; g < inst->n_kv_heads; g++)
-        live += inst->cache[g].n;
-    mem->device_bytes = mem->allocated_bytes = kv_entry_bytes(live, head_dim, kv_bits);
-}
 
 static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg)
 {
@@ -93,10 +57,6 @@ static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg)
     w->out = kv_malloc(Hq * DECODE_BLOCK * D * sizeof(float));
     w->row_max = kv_malloc(Hq * DECODE_BLOCK * sizeof(float));
     w->row_z = kv_malloc(Hq * DECODE_BLOCK * sizeof(float));
-    w->prefill_probs = kv_malloc((size_t)PREFILL_BLOCK * T * sizeof(float));
-    w->ones = kv_malloc(T * sizeof(float));
-    for (size_t i = 0; i < T; i++)
-        w->ones[i] = 1.0f;
     w->topk = kv_malloc(Hq * (size_t)cfg->topk * sizeof(int32_t));
     w->attn = kv_calloc(Hkv, sizeof *w->attn);
     w->attn_cap = kv_calloc(Hkv, sizeof *w->attn_cap);
@@ -112,8 +72,6 @@ static void worker_free(Worker *w, int n_kv_heads)
     free(w->out);
     free(w->row_max);
     free(w->row_z);
-    free(w->prefill_probs);
-    free(w->ones);
     free(w->topk);
     for (int g = 0; g < n_kv_heads; g++)
         free(w->attn[g]);
@@ -121,40 +79,6 @@ static void worker_free(Worker *w, int n_kv_heads)
     free(w->attn_cap);
     free(w->scratch);
     free(w->policy_seconds);
-}
-
-/* Sum over all decode steps of each key's true attention: what oracle_future knows. */
-static void decode_mass_statistics(Worker *w, const LayerView *L, float *dmass)
-{
-    int T = L->n_tokens, P = L->n_prompt, D = L->head_dim;
-    float mx[PREFILL_BLOCK], z[PREFILL_BLOCK];
-    for (int h = 0; h < L->n_q_heads; h++) {
-        const float *q = L->q + (size_t)h * T * D;
-        const float *k = L->k + (size_t)(h / L->group) * T * D;
-        for (int i0 = P; i0 < T; i0 += PREFILL_BLOCK) {
-            int B = T - i0 < PREFILL_BLOCK ? T - i0 : PREFILL_BLOCK;
-            attention_block(q + (size_t)i0 * D, B, i0, k, NULL, D, L->attn_scale,
-                            w->prefill_probs, T, NULL, mx, z);
-            w->attention_flops += attention_block_flops(B, i0, D, 0);
-            cblas_sgemv(CblasRowMajor, CblasTrans, B, i0 + B, 1.0f, w->prefill_probs, T, w->ones,
-                        1, 1.0f, dmass + (size_t)h * T, 1);
-        }
-    }
-}
-
-/* The observation rows of one instance: the last `rows` of the `all_rows` computed, as the
- * [n_q_heads][rows][P] array PrefillView promises. The shared array when the counts agree;
- * otherwise a copy into *own (reallocated: instances are prefilled one at a time). */
-static const float *obs_attn_for(const float *obs, int all_rows, int rows, int Hq, int P,
-                                 float **own)
-{
-    if (rows == all_rows)
-        return obs;
-    *own = kv_realloc(*own, (size_t)Hq * rows * P * sizeof(float));
-    for (int h = 0; h < Hq; h++)
-        memcpy(*own + (size_t)h * rows * P, obs + ((size_t)h * all_rows + all_rows - rows) * P,
-               (size_t)rows * P * sizeof(float));
-    return *own;
 }
 
 static void ensure_attn_capacity(Worker *w, int g, int need)
@@ -241,19 +165,16 @@ static int attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, const
 }
 
 /* One policy instance at decode step t: step, attention over its caches and metrics, observe,
- * memory. Callback time and metric time are accounted separately. */
-static int replay_step(Job *job, Worker *w, const LayerView *L, int pi, Policy *inst, int t,
-                       int b, int e, KvErr *err)
+ * memory. The driver times the callbacks; the metric time is accounted here. */
+static int replay_step(Job *job, Worker *w, PolicyDriver *drv, int pi, int t, int b, int e,
+                       KvErr *err)
 {
-    const EngineConfig *cfg = job->cfg;
     Results *res = job->res;
-    int T = L->n_tokens, D = L->head_dim, Hq = L->n_q_heads;
-    StepView sv = {.L = L, .t = t,
-                   .full_attn = inst->is_oracle ? w->probs + (size_t)b * Hq * T : NULL};
+    const LayerView *L = drv->L;
+    Policy *inst = drv->inst[pi];
     bool observe = inst->type->observe != NULL;
 
-    double t0 = now_seconds();
-    inst->type->step(inst, &sv);
+    driver_step(drv, pi, t, w->probs + (size_t)b * L->n_q_heads * L->n_tokens);
     double t1 = now_seconds();
     double cache_tokens = 0, needles = NAN;
     for (int g = 0; g < L->n_kv_heads; g++) {
@@ -276,16 +197,10 @@ static int replay_step(Job *job, Worker *w, const LayerView *L, int pi, Policy *
         }
         needles = counted ? sum / counted : NAN;
     }
-    double t2 = now_seconds();
-    if (observe)
-        inst->type->observe(inst, &sv, (const float *const *)w->attn);
+    w->metric_seconds += now_seconds() - t1;
+    driver_observe(drv, pi, (const float *const *)w->attn);
 
-    MemReport mem;
-    policy_memory_report(inst, D, cfg->kv_bits, &mem);
-    double t3 = now_seconds();
-    w->policy_seconds[pi] += (t1 - t0) + (t3 - t2);
-    w->metric_seconds += t2 - t1;
-
+    const MemReport mem = drv->mem[pi];
     double *tot = results_total(res, pi, L->layer);
     tot[TM_TO_HOST_BYTES] += mem.to_host_bytes;
     tot[TM_TO_DEVICE_BYTES] += mem.to_device_bytes;
@@ -328,58 +243,15 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     };
 
     int n_pol = cfg->n_policies;
-    Policy **inst = kv_calloc((size_t)n_pol, sizeof *inst);
-    bool want_mass = false, want_dmass = false;
-    int want_rows = 0;
-    for (int pi = 0; pi < n_pol; pi++) {
-        const PolicySpec *ps = &cfg->policies[pi];
-        PolicyEnv env = {
-            .seed = policy_instance_seed(cfg->seed, ps->label, layer),
-            .kv_bits = cfg->kv_bits,
-        };
-        inst[pi] = ps->type->create(ps->params, &L, &env, err);
-        if (!inst[pi]) {
-            for (int j = 0; j < pi; j++)
-                inst[j]->type->destroy(inst[j]);
-            free(inst);
-            return -1;
-        }
-        if (layer == 0) /* one writer: only one worker takes layer 0 */
-            job->res->is_oracle[pi] = inst[pi]->is_oracle;
-        want_mass |= inst[pi]->want_prefill_mass;
-        want_dmass |= inst[pi]->want_decode_mass;
-        if (inst[pi]->want_prefill_rows > want_rows)
-            want_rows = inst[pi]->want_prefill_rows;
-    }
-    if (want_rows > P)
-        want_rows = P;
-
-    /* The prompt statistics are computed once, at the most rows any instance asks for; each
-     * instance then gets exactly the rows it asked for (obs_attn_for). */
-    float *mass = want_mass ? kv_calloc((size_t)Hq * P, sizeof(float)) : NULL;
-    float *obs = want_rows ? kv_calloc((size_t)Hq * want_rows * P, sizeof(float)) : NULL;
-    float *own_obs = NULL;
-    float *dmass = want_dmass ? kv_calloc((size_t)Hq * T, sizeof(float)) : NULL;
-    double s0 = now_seconds();
-    if (mass || obs)
-        w->attention_flops += prompt_statistics(w->q, w->k, Hq, L.group, T, P, D, L.attn_scale,
-                                                mass, obs, want_rows, w->prefill_probs, w->ones);
-    if (dmass)
-        decode_mass_statistics(w, &L, dmass);
-    w->attention_seconds += now_seconds() - s0;
-    for (int pi = 0; pi < n_pol; pi++) {
-        int rows = inst[pi]->want_prefill_rows < P ? inst[pi]->want_prefill_rows : P;
-        PrefillView pv = {
-            .L = &L,
-            .prefill_mass = inst[pi]->want_prefill_mass ? mass : NULL,
-            .obs_attn = rows > 0 ? obs_attn_for(obs, want_rows, rows, Hq, P, &own_obs) : NULL,
-            .obs_rows = rows > 0 ? rows : 0,
-            .decode_mass = inst[pi]->is_oracle ? dmass : NULL,
-        };
-        double t0 = now_seconds();
-        inst[pi]->type->prefill(inst[pi], &pv);
-        w->policy_seconds[pi] += now_seconds() - t0;
-    }
+    PolicyDriver drv;
+    if (driver_create(&drv, &L, cfg->policies, n_pol, cfg->seed, cfg->kv_bits, false, err) != 0)
+        return -1;
+    if (layer == 0) /* one writer: only one worker takes layer 0 */
+        for (int pi = 0; pi < n_pol; pi++)
+            job->res->is_oracle[pi] = drv.inst[pi]->is_oracle;
+    driver_prefill(&drv);
+    w->attention_seconds += drv.stats_seconds;
+    w->attention_flops += drv.stats_flops;
 
     bool failed = false;
     for (int t0 = P; t0 < T && !job->failed && !failed; t0 += DECODE_BLOCK) {
@@ -418,18 +290,14 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
                 w->metric_seconds += now_seconds() - k0;
             }
             for (int pi = 0; pi < n_pol && !failed; pi++)
-                failed = replay_step(job, w, &L, pi, inst[pi], t, b, e, err) != 0;
+                failed = replay_step(job, w, &drv, pi, t, b, e, err) != 0;
         }
         atomic_fetch_add(&job->steps_done, B);
     }
 
     for (int pi = 0; pi < n_pol; pi++)
-        inst[pi]->type->destroy(inst[pi]);
-    free(inst);
-    free(mass);
-    free(obs);
-    free(own_obs);
-    free(dmass);
+        w->policy_seconds[pi] += drv.seconds[pi];
+    driver_free(&drv);
     return failed ? -1 : 0;
 }
 

@@ -1,11 +1,13 @@
 /* engine.h — open-loop replay of a trace through many policies side by side.
  *
- * For every layer (a unit of work for the thread pool), the engine reads that layer's Q/K/V,
- * creates one instance of every configured policy, computes the true attention of every decode
- * query once (OpenBLAS, blocks of decode steps batched into sgemm) and shares it with all
- * policies: each policy's query attends only over its own cache, renormalised there. Metrics
- * land in per-(policy, layer, step, head) slots and are reduced in a fixed order, so results
- * are byte-identical at any thread count. Memory: one layer's Q/K/V per worker. */
+ * For every layer (a unit of work for the thread pool), the engine reads that layer's Q/K/V and
+ * drives one instance of every configured policy over it with the policy driver (sim/driver.h:
+ * instances, prefill statistics, callbacks, memory). What the engine adds is the attention: it
+ * computes the true attention of every decode query once (OpenBLAS, blocks of decode steps
+ * batched into sgemm) and shares it with all policies (the oracles' full_attn, the metrics):
+ * each policy's query attends only over its own cache, renormalised there. Metrics land in
+ * per-(policy, layer, step, head) slots and are reduced in a fixed order, so results are
+ * byte-identical at any thread count. Memory: one layer's Q/K/V per worker. */
 #ifndef KVSIM_ENGINE_H
 #define KVSIM_ENGINE_H
 
@@ -13,14 +15,9 @@
 #include <stdint.h>
 
 #include "policies/policy.h"
+#include "sim/driver.h"
 #include "sim/metric_table.h"
 #include "sim/trace.h"
-
-typedef struct {
-    char label[64];         /* [policy.LABEL] */
-    const PolicyType *type;
-    void *params;           /* the type's parameter struct */
-} PolicySpec;
 
 typedef struct {
     int threads;    /* 0 = all cores */
@@ -57,12 +54,6 @@ typedef struct {
 
 Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err);
 
-/* The seed of the instance of policy `label` for `layer` (PolicyEnv.seed): the same in every
- * command that drives policies, so a policy makes the same random choices everywhere. */
-uint64_t policy_instance_seed(uint64_t run_seed, const char *label, int layer);
-/* The instance's memory after a step: its memory() callback, or, when it has none, its live
- * slots at kv_bits (allocated = live). */
-void policy_memory_report(const Policy *inst, int head_dim, int kv_bits, MemReport *mem);
 void results_free(Results *r);
 
 static inline float *results_head(const Results *r, int pol, int layer, int e, int h)

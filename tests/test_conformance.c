@@ -32,6 +32,7 @@
 
 #include <cmocka.h>
 
+#include "sim/driver.h"
 #include "sim/engine.h"
 #include "sim/report.h"
 #include "tests/support/fixture.h"

@@ -19,8 +19,6 @@ struct EvalPrefill {
     LayerView *layers;    /* [n_layers]; k and v point into the run's cache */
     /* Scratch of one decode. */
     float *full_attn;     /* [Hq][T]: the current query's true attention, for oracles */
-    float *stat_probs;    /* [PROMPT_STATS_BLOCK][T] */
-    float *ones;          /* [T] */
 };
 
 /* The prefill observer: keeps each layer's queries (the cache keeps K and V). */
@@ -57,10 +55,6 @@ EvalPrefill *eval_prefill(const Model *model, const PromptTokens *prompt, int la
     pf->state = run_state_new(model, T, P < 128 ? P : 128, pf->rope_inv_freq);
     pf->q = kv_calloc((size_t)c->n_layers * Hq * T * D, sizeof(float));
     pf->full_attn = kv_calloc(Hq * T, sizeof(float));
-    pf->stat_probs = kv_malloc((size_t)PROMPT_STATS_BLOCK * T * sizeof(float));
-    pf->ones = kv_malloc((size_t)T * sizeof(float));
-    for (int i = 0; i < T; i++)
-        pf->ones[i] = 1.0f;
 
     TraceMeta *m = &pf->meta;
     m->n_layers = c->n_layers;
@@ -115,8 +109,6 @@ void eval_prefill_free(EvalPrefill *pf)
     trace_meta_free(&pf->meta);
     free(pf->layers);
     free(pf->full_attn);
-    free(pf->stat_probs);
-    free(pf->ones);
     free(pf);
 }
 
@@ -129,12 +121,9 @@ const float *eval_prefill_logits(const EvalPrefill *pf)
 
 typedef struct {
     EvalPrefill *pf;
-    Policy **inst;      /* [n_layers] */
+    PolicyDriver *drv;  /* [n_layers]: each layer's one instance of the policy */
     const EvalHooks *hooks;
-    int kv_bits;
     int t;              /* the token being fed */
-    StepView sv;        /* of the layer being computed */
-    MemReport *mem;     /* [n_layers]: after each layer's last step */
 } DecodeRun;
 
 /* Query t's true attention over every position fed, [Hq][T] zero beyond t: what an oracle
@@ -159,70 +148,48 @@ static void decode_qkv(void *user, int layer, int t0, int n, const float *q, con
 {
     DecodeRun *run = user;
     keep_queries(run->pf, layer, t0, n, q, k, v);
-    const LayerView *L = &run->pf->layers[layer];
-    Policy *inst = run->inst[layer];
-    if (inst->is_oracle)
-        true_attention(run->pf, L, t0);
-    run->sv = (StepView){.L = L, .t = t0, .full_attn = inst->is_oracle ? run->pf->full_attn : NULL};
-    inst->type->step(inst, &run->sv);
+    PolicyDriver *drv = &run->drv[layer];
+    const float *full_attn = NULL;
+    if (drv->inst[0]->is_oracle) {
+        true_attention(run->pf, drv->L, t0);
+        full_attn = run->pf->full_attn;
+    }
+    driver_step(drv, 0, t0, full_attn);
 }
 
 static SlotList decode_slots(void *user, int layer, int kv_head)
 {
     DecodeRun *run = user;
-    const KVCache *c = &run->inst[layer]->cache[kv_head];
+    const KVCache *c = &run->drv[layer].inst[0]->cache[kv_head];
     return (SlotList){.n = c->n, .pos = c->pos, .alt_kv = c->alt_kv};
 }
 
 static void decode_attention(void *user, int layer, const float *const *probs)
 {
     DecodeRun *run = user;
-    Policy *inst = run->inst[layer];
+    PolicyDriver *drv = &run->drv[layer];
     if (run->hooks && run->hooks->on_layer)
-        run->hooks->on_layer(run->hooks->user, layer, run->t, inst, &run->pf->layers[layer], probs,
+        run->hooks->on_layer(run->hooks->user, layer, run->t, drv->inst[0], drv->L, probs,
                              run->pf->state->attn_out);
-    if (inst->type->observe)
-        inst->type->observe(inst, &run->sv, probs);
-    policy_memory_report(inst, run->pf->model->config.head_dim, run->kv_bits, &run->mem[layer]);
+    driver_observe(drv, 0, probs);
 }
 
-static void destroy_instances(Policy **inst, int n)
-{
-    for (int l = 0; l < n; l++)
-        if (inst[l])
-            inst[l]->type->destroy(inst[l]);
-}
-
-/* Creates the layers' instances and fills their caches with the prompt. Returns 1 when the
- * policy needs the future, -1 on error, 0 when ready. */
+/* Creates each layer's instance of the policy, then prefills them. Returns 1 when the policy
+ * needs the future, -1 on error, 0 when ready; on a nonzero return nothing is left to free. */
 static int prefill_instances(EvalPrefill *pf, const PolicySpec *spec, uint64_t run_seed,
-                             int kv_bits, Policy **inst, MemReport *mem, KvErr *err)
+                             int kv_bits, PolicyDriver *drv, KvErr *err)
 {
-    const ModelConfig *c = &pf->model->config;
-    int P = pf->n_prompt, T = pf->max_tokens, Hq = c->n_q_heads, D = c->head_dim;
-    for (int l = 0; l < c->n_layers; l++) {
-        PolicyEnv env = {.seed = policy_instance_seed(run_seed, spec->label, l),
-                         .kv_bits = kv_bits};
-        if (!(inst[l] = spec->type->create(spec->params, &pf->layers[l], &env, err)))
-            return -1;
-        if (inst[l]->want_decode_mass)
-            return 1;
+    int n_layers = pf->model->config.n_layers;
+    for (int l = 0; l < n_layers; l++) {
+        int ready = driver_create(&drv[l], &pf->layers[l], spec, 1, run_seed, kv_bits, true, err);
+        if (ready != 0) {
+            while (l-- > 0)
+                driver_free(&drv[l]);
+            return ready;
+        }
     }
-    for (int l = 0; l < c->n_layers; l++) {
-        const LayerView *L = &pf->layers[l];
-        Policy *p = inst[l];
-        int rows = p->want_prefill_rows < P ? p->want_prefill_rows : P;
-        float *mass = p->want_prefill_mass ? kv_calloc((size_t)Hq * P, sizeof(float)) : NULL;
-        float *obs = rows ? kv_calloc((size_t)Hq * rows * P, sizeof(float)) : NULL;
-        if (mass || obs)
-            prompt_statistics(L->q, L->k, Hq, L->group, T, P, D, L->attn_scale, mass, obs, rows,
-                              pf->stat_probs, pf->ones);
-        PrefillView pv = {.L = L, .prefill_mass = mass, .obs_attn = obs, .obs_rows = rows};
-        p->type->prefill(p, &pv);
-        policy_memory_report(p, D, kv_bits, &mem[l]);
-        free(mass);
-        free(obs);
-    }
+    for (int l = 0; l < n_layers; l++)
+        driver_prefill(&drv[l]);
     return 0;
 }
 
@@ -234,18 +201,15 @@ int eval_decode(EvalPrefill *pf, const PolicySpec *spec, uint64_t run_seed, int 
     int n_layers = c->n_layers, P = pf->n_prompt, N = pf->n_input;
     int max_new = pf->max_tokens - N;
     memset(out, 0, sizeof *out);
-    Policy **inst = kv_calloc((size_t)n_layers, sizeof *inst);
-    MemReport *mem = kv_calloc((size_t)n_layers, sizeof *mem);
-    int ready = prefill_instances(pf, spec, run_seed, kv_bits, inst, mem, err);
+    PolicyDriver *drv = kv_calloc((size_t)n_layers, sizeof *drv);
+    int ready = prefill_instances(pf, spec, run_seed, kv_bits, drv, err);
     if (ready != 0) {
-        destroy_instances(inst, n_layers);
-        free(inst);
-        free(mem);
+        free(drv);
         return ready < 0 ? -1 : 0;
     }
     out->applicable = true;
 
-    DecodeRun run = {.pf = pf, .inst = inst, .hooks = hooks, .kv_bits = kv_bits, .mem = mem};
+    DecodeRun run = {.pf = pf, .drv = drv, .hooks = hooks};
     ForwardObserver observer = {.user = &run, .on_qkv = decode_qkv};
     CacheSelector selector = {.user = &run, .slots = decode_slots,
                               .on_attention = decode_attention};
@@ -277,11 +241,10 @@ int eval_decode(EvalPrefill *pf, const PolicySpec *spec, uint64_t run_seed, int 
         out->decode_steps++;
     }
     for (int l = 0; l < n_layers; l++) {
-        out->device_bytes += mem[l].device_bytes;
-        out->host_bytes += mem[l].host_bytes;
+        out->device_bytes += drv[l].mem[0].device_bytes;
+        out->host_bytes += drv[l].mem[0].host_bytes;
+        driver_free(&drv[l]);
     }
-    destroy_instances(inst, n_layers);
-    free(inst);
-    free(mem);
+    free(drv);
     return 0;
 }

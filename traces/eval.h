@@ -5,14 +5,17 @@
  * decode from that same state, one after the other (eval_decode rewinds the run to the end of
  * the prompt). With a [[decode]] marker only the text before it is prefilled; the tokens after
  * it (forced) are fed first in every decode, one step each through the policy's cache, as a
- * question arriving in a later turn of a chat is; then generation starts. The policy code and calls are the replay engine's (policies/policy.h): one
+ * question arriving in a later turn of a chat is; then generation starts.
+ *
+ * The policies are driven as in replay, by the same module (sim/driver.h, closed loop): one
  * instance per layer over a LayerView whose arrays have room for the whole run and whose rows
- * fill in as tokens are generated (q/k/v of positions <= t are valid at step t); prefill with
- * the prompt statistics it asks for (sim/attention.h); then, for each fed token t, in each layer:
- * step(), the attention of query t restricted to the instance's slots (exact K/V from the run's
- * cache, or the slot's alt_kv), observe() with that attention ([group][n] per KV head, softmax
- * over the slots) and memory(). The new token's K/V always enter the run's cache at its
- * position; the policy decides whether a slot refers to it.
+ * fill in as tokens are fed (the closed-loop rules of policies/policy.h); prefill with the
+ * prompt statistics it asks for; then, for each fed token t, in each layer: step(), the
+ * attention of query t restricted to the instance's slots (exact K/V from the run's cache, or
+ * the slot's alt_kv), observe() with that attention ([group][n] per KV head, softmax over the
+ * slots) and memory(). What eval adds is where Q/K/V and that attention come from: the model's
+ * forward pass. The new token's K/V always enter the run's cache at its position; the policy
+ * decides whether a slot refers to it.
  *
  * Oracles that read the true attention (oracle_topk) get the full row of the current query over
  * every position fed. A policy that needs the future (want_decode_mass: oracle_future) cannot
@@ -24,7 +27,7 @@
 #include <stdint.h>
 
 #include "policies/policy.h"
-#include "sim/engine.h"
+#include "sim/driver.h"
 #include "traces/forward.h"
 #include "traces/prompt.h"
 #include "traces/tokenizer.h"

@@ -129,29 +129,6 @@ static void write_trace(const char *path)
 
 /* ---- Settings from the registry ---- */
 
-static void *parse_params(const PolicyType *type, const char *params)
-{
-    void *prm = kv_calloc(1, type->params_size);
-    policy_params_defaults(type, prm);
-    char buf[1024];
-    snprintf(buf, sizeof buf, "%s", params);
-    char *save = NULL;
-    for (char *tok = strtok_r(buf, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
-        char *eq = strchr(tok, '=');
-        if (!eq)
-            fail_msg("%s conformance setting '%s': '%s' is not key=value", type->name, params,
-                     tok);
-        *eq = '\0';
-        KvErr err;
-        if (policy_param_set(type, prm, tok, eq + 1, &err) != 0)
-            fail_msg("%s conformance setting '%s': %s", type->name, params, err.msg);
-    }
-    KvErr err;
-    if (type->validate && type->validate(prm, &err) != 0)
-        fail_msg("%s conformance setting '%s': %s", type->name, params, err.msg);
-    return prm;
-}
-
 /* The value `key` gets in a setting string, or NULL. */
 static bool setting_value(const char *params, const char *key, char *out, size_t n)
 {
@@ -187,7 +164,7 @@ static int suite_setup(void **state)
             st->type = type;
             st->params = type->conformance[j];
             snprintf(st->label, sizeof st->label, "%s_%d", type->name, j);
-            st->prm = parse_params(type, st->params);
+            st->prm = fixture_params(type, st->params);
         }
     }
     s->dir = scratch_create();

@@ -266,28 +266,6 @@ static Table read_checked(const char *dir, const char *name, const char *header,
     return t;
 }
 
-static void write_text(const char *path, const char *text)
-{
-    FILE *f = fopen(path, "w");
-    if (!f)
-        fail_msg("cannot write %s", path);
-    fputs(text, f);
-    fclose(f);
-}
-
-static KvsimRun run_ok(const char *fmt, ...)
-{
-    char args[16384];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    KvsimRun r = run_kvsim(args);
-    if (r.status != 0)
-        fail_msg("kvsim %s: exit %d: %s", args, r.status, r.err);
-    return r;
-}
-
 /* ---- The writer ---- */
 
 static void test_writer_exact_bytes(void **state)
@@ -605,12 +583,12 @@ static void run_kvsim_run(const char *dir, const char *out, int needles, bool or
     char trace[8192], config[8192];
     snprintf(trace, sizeof trace, "%s", scratch_path(dir, "t.h5", 0));
     snprintf(config, sizeof config, "%s", scratch_path(dir, "run.ini", 1));
-    KvsimRun r = run_ok("synth --out '%s' --seed 3 --layers %d --q-heads 8 --kv-heads %d "
+    KvsimRun r = run_kvsim_ok("synth --out '%s' --seed 3 --layers %d --q-heads 8 --kv-heads %d "
                         "--head-dim %d --prompt %d --decode %d --needles %d",
                         trace, LAYERS, KV_HEADS, HEAD_DIM, PROMPT, DECODE, needles);
     kvsim_run_free(&r);
     write_run_config(config, oracle);
-    r = run_ok("run '%s' --trace '%s' --out '%s' --quiet", config, trace, out);
+    r = run_kvsim_ok("run '%s' --trace '%s' --out '%s' --quiet", config, trace, out);
     kvsim_run_free(&r);
 }
 
@@ -745,18 +723,18 @@ static void test_eval_csvs(void **state)
     for (int i = 0; i < 2; i++) {
         char name[64], text[64];
         snprintf(name, sizeof name, "%s.txt", names[i]);
-        write_text(scratch_path(prompts, name, 0), i ? "the thin tin in" : "then the other hat");
+        scratch_write(scratch_path(prompts, name, 0), i ? "the thin tin in" : "then the other hat");
         snprintf(name, sizeof name, "%s.answer", names[i]);
         snprintf(text, sizeof text, "%s\n", expected[i]);
-        write_text(scratch_path(prompts, name, 0), text);
+        scratch_write(scratch_path(prompts, name, 0), text);
     }
     char config[8192];
     snprintf(config, sizeof config, "%s", scratch_path(out, "eval.ini", 0));
-    write_text(config, "[run]\nthreads = 1\n"
+    scratch_write(config, "[run]\nthreads = 1\n"
                        "[policy.full]\ntype = full\n"
                        "[policy.a,\"b]\ntype = window\nwindow = 2\nsinks = 1\n"
                        "[policy.future]\ntype = oracle_future\nbudget = 3\n");
-    KvsimRun r = run_ok("eval '%s' --model '%s' --prompts '%s' --out '%s' --quiet", config, model,
+    KvsimRun r = run_kvsim_ok("eval '%s' --model '%s' --prompts '%s' --out '%s' --quiet", config, model,
                         prompts, out);
     kvsim_run_free(&r);
 

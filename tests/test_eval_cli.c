@@ -42,14 +42,6 @@ typedef struct {
     char answers[N_PROMPTS][64];
 } Env;
 
-static void write_text(const char *path, const char *text)
-{
-    FILE *fp = fopen(path, "w");
-    assert_non_null(fp);
-    fputs(text, fp);
-    fclose(fp);
-}
-
 /* The greedy continuation of the plain forward pass: text[k] is the decoded text of its first
  * k tokens (k = 0 .. n). */
 typedef struct {
@@ -141,7 +133,7 @@ static int setup(void **state)
         char name[32], text_in[256];
         snprintf(name, sizeof name, "p%d.txt", found);
         candidate_text(k, text_in, sizeof text_in);
-        write_text(scratch_path(env->prompts, name, 0), text_in);
+        scratch_write(scratch_path(env->prompts, name, 0), text_in);
         Continuation c;
         plain_continuation(env->model, scratch_path(env->prompts, name, 0), &c);
         answer_of(&c, env->answers[found], sizeof env->answers[found]);
@@ -153,12 +145,12 @@ static int setup(void **state)
         snprintf(name, sizeof name, "p%d.answer", found);
         char line[80];
         snprintf(line, sizeof line, "%s\n", env->answers[found++]);
-        write_text(scratch_path(env->prompts, name, 0), line);
+        scratch_write(scratch_path(env->prompts, name, 0), line);
     }
     assert_int_equal(found, N_PROMPTS);
     assert_true(found_forced > 0);
     remove(scratch_path(env->prompts, "p3.txt", 0)); /* a last candidate without an answer */
-    write_text(scratch_path(env->out, "eval.ini", 0),
+    scratch_write(scratch_path(env->out, "eval.ini", 0),
                "[run]\nthreads = 1\n"
                "[policy.full]\ntype = full\n"
                "[policy.wide]\ntype = window\nwindow = 256\nsinks = 0\n"
@@ -292,8 +284,8 @@ static void test_errors(void **state)
     snprintf(config, sizeof config, "%s", scratch_path(env->out, "eval.ini", 0));
     snprintf(bad, sizeof bad, "%s", scratch_path(env->out, "bad.ini", 2));
     char *empty = scratch_create(), *missing = scratch_create();
-    write_text(scratch_path(missing, "lonely.txt", 0), "the thin tin");
-    write_text(bad, "[policy.x]\ntype = nosuch\n");
+    scratch_write(scratch_path(missing, "lonely.txt", 0), "the thin tin");
+    scratch_write(bad, "[policy.x]\ntype = nosuch\n");
 
     expect_one_line_error(eval_run(env, config, "/nonexistent-model", env->prompts, env->out, ""),
                           "/nonexistent-model");

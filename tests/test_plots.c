@@ -40,15 +40,6 @@ static void require_gnuplot(void)
                  "(apt-get install -y gnuplot-nox), a declared dependency of the plots");
 }
 
-static void write_text(const char *path, const char *text)
-{
-    FILE *f = fopen(path, "w");
-    if (!f)
-        fail_msg("cannot write %s", path);
-    fputs(text, f);
-    fclose(f);
-}
-
 /* Runs analysis/SCRIPT with in= and out= set; returns the exit status and gnuplot's stderr. */
 static KvsimRun run_script(const char *script, const char *in, const char *out)
 {
@@ -95,7 +86,7 @@ static void render_ok(const char *script, const char *csv, uint32_t width, uint3
     char in[8192], out[8192];
     snprintf(in, sizeof in, "%s", scratch_path(dir, "in.csv", 0));
     snprintf(out, sizeof out, "%s", scratch_path(dir, "out.png", 1));
-    write_text(in, csv);
+    scratch_write(in, csv);
     KvsimRun r = run_script(script, in, out);
     if (r.status != 0 || r.err[0])
         fail_msg("%s: exit status %d, stderr: %s", script, r.status, r.err);
@@ -113,7 +104,7 @@ static void render_fails(const char *script, const char *csv)
     snprintf(in, sizeof in, "%s", scratch_path(dir, "in.csv", 0));
     snprintf(out, sizeof out, "%s", scratch_path(dir, "out.png", 1));
     if (csv)
-        write_text(in, csv);
+        scratch_write(in, csv);
     KvsimRun r = run_script(script, in, out);
     if (r.status == 0)
         fail_msg("%s on %s input: exit status 0, expected a failure", script,
@@ -222,7 +213,7 @@ static char *common_gp_prints(const char *csv, const char *script)
     snprintf(in, sizeof in, "%s", scratch_path(dir, "in.csv", 0));
     snprintf(out, sizeof out, "%s", scratch_path(dir, "out.png", 1));
     snprintf(gp, sizeof gp, "%s", scratch_path(dir, "probe.gp", 2));
-    write_text(in, csv);
+    scratch_write(in, csv);
     FILE *f = fopen(gp, "w");
     assert_non_null(f);
     fprintf(f, "in = '%s'; out = '%s'; script_dir = '%s/analysis'\n", in, out, source_dir());
@@ -318,8 +309,8 @@ static KvsimRun concat(const char *dir, const char *ba, const char *a, const cha
                        const char *b)
 {
     const char *path_a = scratch_path(dir, "a.csv", 0), *path_b = scratch_path(dir, "b.csv", 1);
-    write_text(path_a, a);
-    write_text(path_b, b);
+    scratch_write(path_a, a);
+    scratch_write(path_b, b);
     static const char fmt[] = "awk -f '%s/analysis/concat_summaries.awk' budget=%s '%s' budget=%s '%s'";
     size_t len = sizeof fmt + strlen(source_dir()) + strlen(ba) + strlen(path_a) + strlen(bb) +
                  strlen(path_b);

@@ -21,19 +21,6 @@ static char synth_trace[1024];
 static char config_dir[1024];
 
 
-static KvsimRun run_ok(const char *fmt, ...)
-{
-    char args[8192];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    KvsimRun r = run_kvsim(args);
-    if (r.status != 0)
-        fail_msg("kvsim %s: exit %d: %s", args, r.status, r.err);
-    return r;
-}
-
 /* Expects exit 2 and exactly one line on stderr containing every `want` (NULL-terminated). */
 static void run_fails(const char *args, ...)
 {
@@ -57,7 +44,7 @@ static int setup(void **state)
     const char *src = getenv("KVSIM_SOURCE_DIR");
     snprintf(config_dir, sizeof config_dir, "%s/configs", src ? src : ".");
     /* prompt >= 2048 and decode >= 256 with needles, kept small in width for speed */
-    KvsimRun r = run_ok("synth --out '%s' --seed 5 --layers 2 --q-heads 4 --kv-heads 2 "
+    KvsimRun r = run_kvsim_ok("synth --out '%s' --seed 5 --layers 2 --q-heads 4 --kv-heads 2 "
                         "--head-dim 64 --prompt 2048 --decode 256 --needles 6", synth_trace);
     kvsim_run_free(&r);
     return 0;
@@ -76,9 +63,9 @@ static int teardown(void **state)
 static void test_csvs_identical_at_one_and_two_threads(void **state)
 {
     (void)state;
-    KvsimRun r1 = run_ok("run '%s/baselines.ini' --trace '%s' --out '%s/t1' --threads 1",
+    KvsimRun r1 = run_kvsim_ok("run '%s/baselines.ini' --trace '%s' --out '%s/t1' --threads 1",
                          config_dir, synth_trace, dir);
-    KvsimRun r2 = run_ok("run '%s/baselines.ini' --trace '%s' --out '%s/t2' --threads 2 --quiet",
+    KvsimRun r2 = run_kvsim_ok("run '%s/baselines.ini' --trace '%s' --out '%s/t2' --threads 2 --quiet",
                          config_dir, synth_trace, dir);
     assert_non_null(strstr(r1.out, "window512"));
     assert_non_null(strstr(r1.out, "random512"));
@@ -154,7 +141,7 @@ static int read_summary(const char *path, Row *rows, int max)
 static void test_ta512_every_policy_and_the_bounds(void **state)
 {
     (void)state;
-    KvsimRun r = run_ok("run '%s/ta512.ini' --trace '%s' --out '%s/ta' --quiet", config_dir,
+    KvsimRun r = run_kvsim_ok("run '%s/ta512.ini' --trace '%s' --out '%s/ta' --quiet", config_dir,
                         synth_trace, dir);
     kvsim_run_free(&r);
     char path[8400];
@@ -275,7 +262,7 @@ static void test_csvs_are_written_as_one_set(void **state)
     (void)state;
     char out[1100], args[8400];
     snprintf(out, sizeof out, "%s/set", dir);
-    KvsimRun ok = run_ok("run '%s/baselines.ini' --trace '%s' --out '%s' --quiet", config_dir,
+    KvsimRun ok = run_kvsim_ok("run '%s/baselines.ini' --trace '%s' --out '%s' --quiet", config_dir,
                          synth_trace, out);
     kvsim_run_free(&ok);
     char *before[3];

@@ -65,11 +65,8 @@ void fixture_randomize(Fixture *fx, uint64_t seed, double sigma)
     gsl_rng_free(r);
 }
 
-Policy *fixture_policy(Fixture *fx, const char *type_name, const char *params, uint64_t seed)
+void *fixture_params(const PolicyType *type, const char *params)
 {
-    const PolicyType *type = policy_find(type_name);
-    if (!type)
-        fail_msg("unknown policy type %s", type_name);
     void *prm = kv_calloc(1, type->params_size);
     policy_params_defaults(type, prm);
     char buf[1024];
@@ -78,15 +75,25 @@ Policy *fixture_policy(Fixture *fx, const char *type_name, const char *params, u
     for (char *tok = strtok_r(buf, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
         char *eq = strchr(tok, '=');
         if (!eq)
-            fail_msg("fixture_policy: '%s' is not key=value", tok);
+            fail_msg("%s '%s': '%s' is not key=value", type->name, params, tok);
         *eq = '\0';
         KvErr err;
         if (policy_param_set(type, prm, tok, eq + 1, &err) != 0)
-            fail_msg("fixture_policy: %s", err.msg);
+            fail_msg("%s '%s': %s", type->name, params, err.msg);
     }
     KvErr err;
     if (type->validate && type->validate(prm, &err) != 0)
-        fail_msg("fixture_policy: %s", err.msg);
+        fail_msg("%s '%s': %s", type->name, params, err.msg);
+    return prm;
+}
+
+Policy *fixture_policy(Fixture *fx, const char *type_name, const char *params, uint64_t seed)
+{
+    const PolicyType *type = policy_find(type_name);
+    if (!type)
+        fail_msg("unknown policy type %s", type_name);
+    void *prm = fixture_params(type, params);
+    KvErr err;
     PolicyEnv env = {.seed = seed, .kv_bits = 16};
     Policy *p = type->create(prm, &fx->L, &env, &err);
     free(prm);

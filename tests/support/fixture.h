@@ -25,6 +25,10 @@ static inline float *fx_q(Fixture *fx, int h, int t) { return fx->q + ((size_t)h
 static inline float *fx_k(Fixture *fx, int g, int t) { return fx->k + ((size_t)g * fx->L.n_tokens + t) * fx->L.head_dim; }
 static inline float *fx_v(Fixture *fx, int g, int t) { return fx->v + ((size_t)g * fx->L.n_tokens + t) * fx->L.head_dim; }
 
+/* The parameter struct of `type` (malloc'ed; free() it) with "key=value key=value ..." (space
+ * separated) applied over the defaults and validated; fails the test on a bad parameter. */
+void *fixture_params(const PolicyType *type, const char *params);
+
 /* Creates a policy of `type` with parameters "key=value key=value ..." (space separated) over
  * the fixture's layer; fails the test on an unknown type or bad parameter. */
 Policy *fixture_policy(Fixture *fx, const char *type, const char *params, uint64_t seed);

@@ -124,3 +124,26 @@ int count_lines(const char *s)
         n += *s == '\n';
     return n;
 }
+
+void scratch_write(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    if (!f)
+        fail_msg("cannot write %s", path);
+    fputs(text, f);
+    if (fclose(f) != 0)
+        fail_msg("cannot write %s", path);
+}
+
+KvsimRun run_kvsim_ok(const char *fmt, ...)
+{
+    char args[16384];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    KvsimRun r = run_kvsim(args);
+    if (r.status != 0)
+        fail_msg("kvsim %s: exit %d: %s", args, r.status, r.err);
+    return r;
+}

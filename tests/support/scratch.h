@@ -19,10 +19,15 @@ typedef struct {
     char *err;  /* stderr, NUL-terminated */
 } KvsimRun;
 
+/* Writes text to path (replacing it); fails the test when it cannot. */
+void scratch_write(const char *path, const char *text);
+
 /* Runs a shell command line, capturing its stdout and stderr. */
 KvsimRun run_command(const char *cmd);
 /* Runs `$KVSIM_BIN args` through the shell (args are inserted verbatim). */
 KvsimRun run_kvsim(const char *args);
+/* run_kvsim with printf-style arguments; fails the test unless kvsim exits 0. */
+KvsimRun run_kvsim_ok(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void kvsim_run_free(KvsimRun *r);
 /* The whole file as a NUL-terminated string ("" when it cannot be read); free() it. */
 char *scratch_read(const char *path);

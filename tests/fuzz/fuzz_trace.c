@@ -117,8 +117,10 @@ static void dset_int(hid_t f, const char *name, int rank, const hsize_t *dims, c
     free(v);
 }
 
-/* A float dataset [a][b][c] (or [a] when b = c = 0): small values, or raw ones when mutated. */
-static void dset_float(hid_t f, const char *name, hsize_t a, hsize_t b, hsize_t c, In *in)
+/* A float dataset [a][b][c] (or [a] when b = c = 0): small values (in (0, 1] when positive),
+ * or raw ones when mutated. */
+static void dset_float(hid_t f, const char *name, hsize_t a, hsize_t b, hsize_t c, int positive,
+                       In *in)
 {
     int rank = b ? 3 : 1;
     hsize_t d[3] = {a, b, c};
@@ -132,7 +134,7 @@ static void dset_float(hid_t f, const char *name, hsize_t a, hsize_t b, hsize_t 
             uint32_t bits = u32(in);
             memcpy(&v[i], &bits, sizeof v[i]);
         } else {
-            v[i] = ((int)u8(in) - 128) / 32.0f;
+            v[i] = positive ? (u8(in) + 1) / 256.0f : ((int)u8(in) - 128) / 32.0f;
         }
     }
     hid_t type = mutate(in) && (u8(in) & 1) ? H5T_IEEE_F64LE : H5T_IEEE_F32LE;
@@ -192,7 +194,7 @@ static void build(const char *path, In *in)
     if (R > 0 || mutate(in))
         dset_int(f, "attn_rows_at", 1, dr, rows_at, in);
     if (u8(in) & 1)
-        dset_float(f, "rope_inv_freq", (hsize_t)D / 2, 0, 0, in);
+        dset_float(f, "rope_inv_freq", (hsize_t)D / 2, 0, 0, 1, in);
     hid_t layers = H5Gcreate2(f, "layers", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     for (int l = 0; l < L; l++) {
         if (mutate(in) && (u8(in) & 1))
@@ -200,11 +202,11 @@ static void build(const char *path, In *in)
         char name[64];
         snprintf(name, sizeof name, "%03d", l);
         hid_t g = H5Gcreate2(layers, name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-        dset_float(g, "q", (hsize_t)Hq, (hsize_t)T, (hsize_t)D, in);
-        dset_float(g, "k", (hsize_t)Hkv, (hsize_t)T, (hsize_t)D, in);
-        dset_float(g, "v", (hsize_t)Hkv, (hsize_t)T, (hsize_t)D, in);
+        dset_float(g, "q", (hsize_t)Hq, (hsize_t)T, (hsize_t)D, 0, in);
+        dset_float(g, "k", (hsize_t)Hkv, (hsize_t)T, (hsize_t)D, 0, in);
+        dset_float(g, "v", (hsize_t)Hkv, (hsize_t)T, (hsize_t)D, 0, in);
         if (R > 0)
-            dset_float(g, "attn_rows", (hsize_t)Hq, (hsize_t)R, (hsize_t)T, in);
+            dset_float(g, "attn_rows", (hsize_t)Hq, (hsize_t)R, (hsize_t)T, 1, in);
         H5Gclose(g);
     }
     H5Gclose(layers);

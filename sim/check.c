@@ -94,14 +94,21 @@ static void list_datasets(hid_t group, const char *prefix, DatasetList *list)
     }
 }
 
+/* A free-text string of the file on one line of output (control characters escaped). */
+static const char *one_line(const char *s, char *out, size_t outlen)
+{
+    return kv_escape(s, strlen(s), out, outlen);
+}
+
 static void print_header(const Trace *tr)
 {
     const TraceMeta *m = trace_meta(tr);
-    int n_segments = m->segments[m->n_tokens - 1] + 1;
-    printf("%-14s %s\n", "trace", trace_path(tr));
+    long long n_segments = (long long)m->segments[m->n_tokens - 1] + 1; /* up to 2^31 */
+    char esc[1100];
+    printf("%-14s %s\n", "trace", one_line(trace_path(tr), esc, sizeof esc));
     printf("%-14s %s %d\n", "format", TRACE_FORMAT, TRACE_VERSION);
-    printf("%-14s %s\n", "model", m->model);
-    printf("%-14s %s\n", "generator", m->generator);
+    printf("%-14s %s\n", "model", one_line(m->model, esc, sizeof esc));
+    printf("%-14s %s\n", "generator", one_line(m->generator, esc, sizeof esc));
     printf("%-14s %d\n", "n_layers", m->n_layers);
     printf("%-14s %d\n", "n_q_heads", m->n_q_heads);
     printf("%-14s %d\n", "n_kv_heads", m->n_kv_heads);
@@ -110,10 +117,11 @@ static void print_header(const Trace *tr)
     printf("%-14s %d (decode steps: %d)\n", "n_prompt", m->n_prompt, m->n_tokens - m->n_prompt);
     printf("%-14s %g\n", "rope_theta", m->rope_theta);
     printf("%-14s %s\n", "rope_layout", m->rope_layout == ROPE_HALF ? "half" : "interleaved");
-    printf("%-14s %s\n", "rope_scaling", m->rope_scaling[0] ? m->rope_scaling : "(none)");
+    printf("%-14s %s\n", "rope_scaling",
+           m->rope_scaling[0] ? one_line(m->rope_scaling, esc, sizeof esc) : "(none)");
     printf("%-14s %.9g\n", "attn_scale", m->attn_scale);
     printf("%-14s %s\n", "qkv dtype", trace_dtype_name(trace_dtype(tr)));
-    printf("%-14s %d (segment 0: %s)\n", "segments", n_segments,
+    printf("%-14s %lld (segment 0: %s)\n", "segments", n_segments,
            m->segments[0] == 0 ? "system prompt" : "absent");
     printf("%-14s %d\n", "needles", m->n_needles);
     printf("%-14s %d\n", "probes", m->n_probes);
@@ -169,10 +177,13 @@ typedef struct {
     int layer, head, row, key;
 } Worst;
 
-/* Compares one layer's stored rows with the recomputation; updates *worst. */
-static void check_layer(const TraceMeta *m, int layer, const float *q, const float *k,
-                        const float *rows, float *logits, Worst *worst)
+/* Compares one layer's stored rows with the recomputation; updates *worst. A logit that is not
+ * finite (attn_scale · q·k beyond float32) is an error: the row cannot be recomputed, and a NaN
+ * difference must never pass for a small one. */
+static int check_layer(const Trace *tr, int layer, const float *q, const float *k,
+                       const float *rows, float *logits, Worst *worst, KvErr *err)
 {
+    const TraceMeta *m = trace_meta(tr);
     int T = m->n_tokens, D = m->head_dim, R = m->n_attn_rows;
     int group = m->n_q_heads / m->n_kv_heads;
     for (int h = 0; h < m->n_q_heads; h++) {
@@ -182,6 +193,12 @@ static void check_layer(const TraceMeta *m, int layer, const float *q, const flo
             const float *query = q + ((size_t)h * T + pos) * D;
             cblas_sgemv(CblasRowMajor, CblasNoTrans, pos + 1, D, (float)m->attn_scale, keys, D,
                         query, 1, 0.0f, logits, 1);
+            for (int j = 0; j <= pos; j++)
+                if (!isfinite(logits[j]))
+                    return kv_fail(err, "%s: layer %d, head %d, row %d (query %d): the recomputed "
+                                   "logit of key %d is %g: attn_scale * q.k is not a finite "
+                                   "float32, the row cannot be checked", trace_path(tr), layer,
+                                   h, r, pos, j, (double)logits[j]);
             double mx = logits[0], sum = 0;
             for (int j = 1; j <= pos; j++)
                 mx = logits[j] > mx ? logits[j] : mx;
@@ -191,11 +208,12 @@ static void check_layer(const TraceMeta *m, int layer, const float *q, const flo
             for (int j = 0; j < T; j++) {
                 double want = j <= pos ? exp(logits[j] - mx) / sum : 0.0;
                 double diff = fabs(stored[j] - want);
-                if (diff > worst->diff)
-                    *worst = (Worst){diff, layer, h, r, j};
+                if (diff > worst->diff || isnan(diff))
+                    *worst = (Worst){isnan(diff) ? INFINITY : diff, layer, h, r, j};
             }
         }
     }
+    return 0;
 }
 
 int cmd_check(int argc, char **argv)
@@ -232,15 +250,15 @@ int cmd_check(int argc, char **argv)
     status = 0;
     for (int l = 0; l < m->n_layers; l++) {
         if (trace_read_layer(tr, l, q, k, NULL, &err) < 0 ||
-            trace_read_attn_rows(tr, l, rows, &err) < 0) {
+            trace_read_attn_rows(tr, l, rows, &err) < 0 ||
+            check_layer(tr, l, q, k, rows, logits, &worst, &err) < 0) {
             fprintf(stderr, "kvsim: %s\n", err.msg);
             status = 2;
             break;
         }
-        check_layer(m, l, q, k, rows, logits, &worst);
     }
     if (status == 0) {
-        status = worst.diff <= tol ? 0 : 1;
+        status = worst.diff <= tol ? 0 : 1; /* NaN never compares <= */
         printf("%s: %d layers x %d heads x %d rows; max |stored - recomputed| = %.3g at layer %d, "
                "head %d, row %d (query %d), key %d; tolerance %.3g: %s\n",
                trace_path(tr), m->n_layers, m->n_q_heads, m->n_attn_rows, worst.diff, worst.layer,

@@ -6,6 +6,7 @@
  * gives a sink, a key at distance 0, or a needle. */
 #include "sim/synth.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -94,6 +95,21 @@ int synth_validate(const SynthParams *sp, KvErr *err)
     if (!isfinite(sp->rope_theta) || sp->rope_theta <= 1.0)
         return kv_fail(err, "synth: --rope-theta: expected a finite value > 1, found %g",
                        sp->rope_theta);
+    return 0;
+}
+
+/* The sizes the generator computes with: one layer's q/k/v and attention rows in memory (the
+ * trace's own limits), and the rows of one KV head's query group as one BLAS dimension. */
+static int synth_validate_sizes(const SynthParams *sp, const TraceMeta *meta, const char *path,
+                                KvErr *err)
+{
+    if (trace_meta_validate(meta, path, err) < 0)
+        return -1;
+    long long group = sp->n_q_heads / sp->n_kv_heads;
+    if (group * meta->n_attn_rows > INT_MAX)
+        return kv_fail(err, "synth: --attn-rows %d: %d rows for %lld query heads per KV head are "
+                       "too many (at most %d in all)", sp->attn_rows_every, meta->n_attn_rows,
+                       group, INT_MAX);
     return 0;
 }
 
@@ -348,6 +364,10 @@ int synth_write(const SynthParams *sp, const char *path, KvErr *err)
     gsl_rng_set(rng, (unsigned long)sp->seed);
     fill_meta(sp, &meta, rng);
     gsl_rng_free(rng);
+    if (synth_validate_sizes(sp, &meta, path, err) < 0) {
+        trace_meta_free(&meta);
+        return -1;
+    }
 
     int T = meta.n_tokens, D = sp->head_dim, R = meta.n_attn_rows;
     int group = sp->n_q_heads / sp->n_kv_heads;

@@ -9,18 +9,29 @@
 #include "sim/trace.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <float.h>
 #include <hdf5.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <math.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#if defined(__has_include)
+#if __has_include(<H5FDdevelop.h>)
+#include <H5FDdevelop.h> /* HDF5 >= 1.13: the file driver class lives here */
+#endif
+#endif
 
 #define ANY_DIM ((hsize_t)-1)
 #define CHUNK_TARGET_BYTES 65536
 #define CHUNK_CACHE_SLOTS 10007 /* prime, so a row of chunks across heads never collides */
+#define ROOT_ATTRS_COMPACT 64     /* the 14 root attributes, with room to spare */
+#define LAYER_LINKS_COMPACT 1024
 
 struct Trace {
     char path[4096];
@@ -32,6 +43,299 @@ struct Trace {
 static void h5_quiet(void)
 {
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+}
+
+/* The innermost message of the calling thread's HDF5 error stack (what actually went wrong, e.g.
+ * "truncated file: eof = ..."), escaped for a one-line message, after ": "; "" when there is
+ * none. HDF5's own descriptions only, never file content, but escaped all the same. */
+typedef struct {
+    char desc[256];
+} H5Reason;
+
+static herr_t h5_reason_walk(unsigned n, const H5E_error2_t *e, void *data)
+{
+    H5Reason *r = data;
+    if (n == 0 && e->desc && e->desc[0])
+        snprintf(r->desc, sizeof r->desc, "%s", e->desc);
+    return 0;
+}
+
+static const char *h5_reason(char *out, size_t outlen)
+{
+    H5Reason r = {""};
+    H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, h5_reason_walk, &r);
+    if (!r.desc[0]) {
+        out[0] = '\0';
+        return out;
+    }
+    if (outlen < 8) {
+        out[0] = '\0';
+        return out;
+    }
+    out[0] = ':', out[1] = ' '; /* then the description, escaped into the rest */
+    kv_escape(r.desc, strlen(r.desc), out + 2, outlen - 2);
+    return out;
+}
+
+/* ---- The writer's file driver ----
+ *
+ * When H5Dclose or H5Fclose cannot flush (disk full), HDF5 1.10 frees the object's state but
+ * leaves its ID registered, and its atexit cleanup later closes it again: a segfault at exit,
+ * after the right error message. HDF5's own error paths for a failed write also leak buffers.
+ * So the writer never lets HDF5 see a failed write. It writes through this small POSIX driver
+ * (pread/pwrite, with the allocation features of HDF5's default "sec2" driver, so the file is
+ * the same), which on the first failed write or truncate records the errno and switches to
+ * discarding: from then on nothing more reaches the file and HDF5 is told every write worked.
+ * The writer checks the recorded errno after each of its HDF5 calls, fails that call with it
+ * ("No space left on device"), and deletes the file; HDF5 closes it without ever failing.
+ * Metadata written after the switch is kept in memory (`overlay`) and served to reads, so HDF5
+ * never reads back anything but what it wrote; raw data is dropped (the file is deleted). */
+typedef struct {
+    bool discard; /* write nothing more to the file */
+    int error;    /* errno of the first failed write, truncate or close; 0 if none */
+} GuardCtl;
+
+typedef struct {
+    haddr_t addr;
+    size_t size;
+    unsigned char *bytes;
+} GuardBlock;
+
+typedef struct {
+    H5FD_t pub; /* first: what HDF5 sees */
+    int fd;
+    haddr_t eoa, eof;
+    dev_t dev;
+    ino_t ino;
+    GuardCtl own;  /* until the writer attaches its own */
+    GuardCtl *ctl; /* &own, or the writer's, which outlives the driver's close */
+    GuardBlock *overlay; /* metadata written while discarding, in write order */
+    size_t n_overlay, cap_overlay;
+} GuardFile;
+
+/* errno of the last failed guard_open on this thread: why a trace could not be created */
+static _Thread_local int guard_open_errno;
+
+#define GUARD_MAXADDR ((haddr_t)(((haddr_t)1 << (8 * sizeof(off_t) - 1)) - 1))
+
+static void guard_failed(GuardFile *g, int e)
+{
+    if (!g->ctl->error)
+        g->ctl->error = e ? e : EIO;
+    g->ctl->discard = true;
+}
+
+/* A write that does not reach the file: metadata is kept for later reads, raw data dropped. */
+static void guard_keep(GuardFile *g, H5FD_mem_t type, haddr_t addr, size_t size, const void *buf)
+{
+    if (type == H5FD_MEM_DRAW || size == 0)
+        return;
+    if (g->n_overlay == g->cap_overlay) {
+        g->cap_overlay = g->cap_overlay ? 2 * g->cap_overlay : 64;
+        g->overlay = kv_realloc(g->overlay, g->cap_overlay * sizeof *g->overlay);
+    }
+    GuardBlock *b = &g->overlay[g->n_overlay++];
+    b->addr = addr;
+    b->size = size;
+    b->bytes = kv_malloc(size);
+    memcpy(b->bytes, buf, size);
+}
+
+static H5FD_t *guard_open(const char *name, unsigned flags, hid_t fapl, haddr_t maxaddr)
+{
+    (void)fapl;
+    (void)maxaddr;
+    int o = (flags & H5F_ACC_RDWR) ? O_RDWR : O_RDONLY;
+    o |= (flags & H5F_ACC_TRUNC) ? O_TRUNC : 0;
+    o |= (flags & H5F_ACC_CREAT) ? O_CREAT : 0;
+    o |= (flags & H5F_ACC_EXCL) ? O_EXCL : 0;
+    int fd = open(name, o | O_CLOEXEC, 0666);
+    if (fd < 0) {
+        guard_open_errno = errno;
+        return NULL;
+    }
+    struct stat st;
+    int bad = fstat(fd, &st) != 0 ? errno : S_ISREG(st.st_mode) ? 0 : EINVAL;
+    if (bad) {
+        guard_open_errno = bad;
+        close(fd);
+        return NULL;
+    }
+    GuardFile *g = calloc(1, sizeof *g);
+    if (!g) {
+        close(fd);
+        return NULL;
+    }
+    g->fd = fd;
+    g->eof = (haddr_t)st.st_size;
+    g->dev = st.st_dev;
+    g->ino = st.st_ino;
+    g->ctl = &g->own;
+    return &g->pub;
+}
+
+static herr_t guard_close(H5FD_t *f)
+{
+    GuardFile *g = (GuardFile *)f;
+    if (close(g->fd) != 0)
+        guard_failed(g, errno);
+    for (size_t i = 0; i < g->n_overlay; i++)
+        free(g->overlay[i].bytes);
+    free(g->overlay);
+    free(g);
+    return 0;
+}
+
+static int guard_cmp(const H5FD_t *a, const H5FD_t *b)
+{
+    const GuardFile *x = (const GuardFile *)a, *y = (const GuardFile *)b;
+    if (x->dev != y->dev)
+        return x->dev < y->dev ? -1 : 1;
+    if (x->ino != y->ino)
+        return x->ino < y->ino ? -1 : 1;
+    return 0;
+}
+
+static herr_t guard_query(const H5FD_t *f, unsigned long *flags)
+{
+    (void)f;
+    *flags = H5FD_FEAT_AGGREGATE_METADATA | H5FD_FEAT_ACCUMULATE_METADATA | H5FD_FEAT_DATA_SIEVE |
+             H5FD_FEAT_AGGREGATE_SMALLDATA;
+    return 0;
+}
+
+static haddr_t guard_get_eoa(const H5FD_t *f, H5FD_mem_t type)
+{
+    (void)type;
+    return ((const GuardFile *)f)->eoa;
+}
+
+static herr_t guard_set_eoa(H5FD_t *f, H5FD_mem_t type, haddr_t addr)
+{
+    (void)type;
+    if (addr > GUARD_MAXADDR)
+        return -1;
+    ((GuardFile *)f)->eoa = addr;
+    return 0;
+}
+
+static haddr_t guard_get_eof(const H5FD_t *f, H5FD_mem_t type)
+{
+    (void)type;
+    return ((const GuardFile *)f)->eof;
+}
+
+static herr_t guard_get_handle(H5FD_t *f, hid_t fapl, void **handle)
+{
+    (void)fapl;
+    *handle = f;
+    return 0;
+}
+
+static herr_t guard_read(H5FD_t *f, H5FD_mem_t type, hid_t dxpl, haddr_t addr, size_t size,
+                         void *buf)
+{
+    (void)type;
+    (void)dxpl;
+    GuardFile *g = (GuardFile *)f;
+    if (addr == HADDR_UNDEF || addr > GUARD_MAXADDR || size > GUARD_MAXADDR - addr ||
+        addr + size > g->eoa)
+        return -1;
+    char *p = buf;
+    haddr_t at = addr;
+    for (size_t left = size; left > 0;) {
+        size_t chunk = left > ((size_t)1 << 30) ? (size_t)1 << 30 : left;
+        ssize_t n = pread(g->fd, p, chunk, (off_t)at);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -1;
+        if (n == 0) { /* beyond the end of the file: zeros, as in sec2 */
+            memset(p, 0, left);
+            break;
+        }
+        p += n, at += (haddr_t)n, left -= (size_t)n;
+    }
+    /* What was written while discarding, latest last. */
+    for (size_t i = 0; i < g->n_overlay; i++) {
+        const GuardBlock *b = &g->overlay[i];
+        haddr_t lo = b->addr > addr ? b->addr : addr;
+        haddr_t hi = b->addr + b->size < addr + size ? b->addr + b->size : addr + size;
+        if (lo < hi)
+            memcpy((char *)buf + (lo - addr), b->bytes + (lo - b->addr), (size_t)(hi - lo));
+    }
+    return 0;
+}
+
+static herr_t guard_write(H5FD_t *f, H5FD_mem_t type, hid_t dxpl, haddr_t addr, size_t size,
+                          const void *buf)
+{
+    (void)dxpl;
+    GuardFile *g = (GuardFile *)f;
+    if (addr == HADDR_UNDEF || addr > GUARD_MAXADDR || size > GUARD_MAXADDR - addr ||
+        addr + size > g->eoa)
+        return -1;
+    const char *p = buf;
+    haddr_t at = addr;
+    for (size_t left = size; left > 0 && !g->ctl->discard;) {
+        size_t chunk = left > ((size_t)1 << 30) ? (size_t)1 << 30 : left;
+        ssize_t n = pwrite(g->fd, p, chunk, (off_t)at);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            guard_failed(g, n < 0 ? errno : EIO);
+        else
+            p += n, at += (haddr_t)n, left -= (size_t)n;
+    }
+    if (g->ctl->discard)
+        guard_keep(g, type, addr, size, buf); /* whole: a partly written block is kept too */
+    if (addr + size > g->eof)
+        g->eof = addr + size;
+    return 0;
+}
+
+static herr_t guard_truncate(H5FD_t *f, hid_t dxpl, hbool_t closing)
+{
+    (void)dxpl;
+    (void)closing;
+    GuardFile *g = (GuardFile *)f;
+    if (g->eoa == g->eof)
+        return 0;
+    if (!g->ctl->discard && ftruncate(g->fd, (off_t)g->eoa) != 0)
+        guard_failed(g, errno);
+    g->eof = g->eoa;
+    return 0;
+}
+
+static const H5FD_class_t guard_class = {
+#ifdef H5FD_CLASS_VERSION
+    .version = H5FD_CLASS_VERSION,
+    .value = 480, /* in the range HDF5 leaves to drivers outside the library */
+#endif
+    .name = "kvsim-writer",
+    .maxaddr = GUARD_MAXADDR,
+    .fc_degree = H5F_CLOSE_WEAK,
+    .open = guard_open,
+    .close = guard_close,
+    .cmp = guard_cmp,
+    .query = guard_query,
+    .get_eoa = guard_get_eoa,
+    .set_eoa = guard_set_eoa,
+    .get_eof = guard_get_eof,
+    .get_handle = guard_get_handle,
+    .read = guard_read,
+    .write = guard_write,
+    .truncate = guard_truncate,
+    .fl_map = H5FD_FLMAP_DICHOTOMY,
+};
+
+/* The driver's ID, registered on first use (and again should the library have been closed). */
+static hid_t guard_driver(void)
+{
+    static hid_t id = H5I_INVALID_HID;
+    if (id < 0 || H5Iis_valid(id) <= 0)
+        id = H5FDregister(&guard_class);
+    return id;
 }
 
 /* IEEE binary16, little-endian, as an HDF5 type (HDF5 1.10 has no predefined one). Q/K/V are
@@ -123,9 +427,11 @@ static const char *class_name(H5T_class_t c)
     }
 }
 
-/* True when every component of an absolute path exists (H5Lexists fails, rather than answering
- * no, when an intermediate group is missing). */
-static bool path_exists(hid_t file, const char *path)
+/* Whether every component of an absolute path exists (H5Lexists fails, rather than answering
+ * no, when an intermediate group is missing): 1 present, 0 missing, -1 when the lookup itself
+ * failed (a damaged group, a metadata checksum that does not match), with a message in err. */
+static int lookup(hid_t file, const char *file_path, const char *kind, const char *path,
+                  KvErr *err)
 {
     char buf[512];
     snprintf(buf, sizeof buf, "%s", path);
@@ -133,10 +439,16 @@ static bool path_exists(hid_t file, const char *path)
         if (*p == '/' || *p == '\0') {
             char c = *p;
             *p = '\0';
-            if (H5Lexists(file, buf, H5P_DEFAULT) <= 0)
-                return false;
+            htri_t e = H5Lexists(file, buf, H5P_DEFAULT);
+            if (e < 0) {
+                char why[300];
+                h5_reason(why, sizeof why);
+                return kv_fail(err, "%s: %s %s: cannot look it up%s", file_path, kind, path, why);
+            }
+            if (e == 0)
+                return 0;
             if (c == '\0')
-                return true;
+                return 1;
             *p = c;
         }
     }
@@ -171,6 +483,15 @@ const char *trace_dtype_name(TraceDtype dtype)
 
 /* ---- Header validation, shared by the reader and the writer ---- */
 
+/* *acc *= x, false when the product exceeds `limit`. */
+static bool mul_within(size_t *acc, size_t x, size_t limit)
+{
+    if (x != 0 && *acc > limit / x)
+        return false;
+    *acc *= x;
+    return true;
+}
+
 static int validate_dims(const TraceMeta *m, const char *path, KvErr *err)
 {
     if (m->n_layers < 1)
@@ -191,13 +512,44 @@ static int validate_dims(const TraceMeta *m, const char *path, KvErr *err)
     if (!isfinite(m->rope_theta) || m->rope_theta <= 0)
         return kv_fail(err, "%s: attribute rope_theta: expected a finite value > 0, found %g", path,
                        m->rope_theta);
-    if (!isfinite(m->attn_scale) || m->attn_scale <= 0)
-        return kv_fail(err, "%s: attribute attn_scale: expected a finite value > 0, found %g", path,
+    /* The scale multiplies float32 dot products (sgemv's alpha): it must be a float32 too. */
+    if (!(m->attn_scale >= FLT_MIN && m->attn_scale <= FLT_MAX))
+        return kv_fail(err, "%s: attribute attn_scale: expected a finite value > 0 within float32 "
+                       "range [%g, %g], found %g", path, (double)FLT_MIN, (double)FLT_MAX,
                        m->attn_scale);
     if (m->rope_layout != ROPE_HALF && m->rope_layout != ROPE_INTERLEAVED)
         return kv_fail(err, "%s: attribute rope_layout: expected half or interleaved", path);
     if (m->n_needles < 0 || m->n_probes < 0 || m->n_attn_rows < 0)
         return kv_fail(err, "%s: negative needle, probe or attention row count", path);
+    return 0;
+}
+
+/* Every array a reader or writer of this header allocates has a size that fits in memory's
+ * address space: one layer's q, k, v and attention rows as float32, and the writer's
+ * per-layer bookkeeping. */
+static int validate_sizes(const TraceMeta *m, const char *path, KvErr *err)
+{
+    const size_t limit = PTRDIFF_MAX;
+    size_t q = sizeof(float), kv = sizeof(float), rows = sizeof(float), tokens = 1, rowmap = 1;
+    bool ok = mul_within(&q, (size_t)m->n_q_heads, limit) &&
+              mul_within(&q, (size_t)m->n_tokens, limit) &&
+              mul_within(&q, (size_t)m->head_dim, limit) &&
+              mul_within(&kv, (size_t)m->n_kv_heads, limit) &&
+              mul_within(&kv, (size_t)m->n_tokens, limit) &&
+              mul_within(&kv, (size_t)m->head_dim, limit) &&
+              mul_within(&tokens, (size_t)m->n_layers, limit) &&
+              mul_within(&tokens, (size_t)m->n_tokens, limit);
+    if (!ok)
+        return kv_fail(err, "%s: attributes n_layers %d, n_q_heads %d, n_kv_heads %d, n_tokens %d, "
+                       "head_dim %d: one layer's q/k/v is too large to address", path, m->n_layers,
+                       m->n_q_heads, m->n_kv_heads, m->n_tokens, m->head_dim);
+    if (!mul_within(&rows, (size_t)m->n_q_heads, limit) ||
+        !mul_within(&rows, (size_t)m->n_attn_rows, limit) ||
+        !mul_within(&rows, (size_t)m->n_tokens, limit) ||
+        !mul_within(&rowmap, (size_t)m->n_layers, limit) ||
+        !mul_within(&rowmap, (size_t)m->n_attn_rows, limit))
+        return kv_fail(err, "%s: dataset /attn_rows_at: %d rows of n_q_heads %d x n_tokens %d "
+                       "are too large to address", path, m->n_attn_rows, m->n_q_heads, m->n_tokens);
     return 0;
 }
 
@@ -231,16 +583,19 @@ static int validate_arrays(const TraceMeta *m, const char *path, KvErr *err)
             return kv_fail(err, "%s: dataset /attn_rows_at: row %d is at %" PRId32
                            ", expected strictly ascending positions in [0,%d)", path, r, at, T);
     }
+    /* The RoPE angle of the last position, position * inv_freq, must be finite too. */
+    double last = m->positions[T - 1] > 1 ? (double)m->positions[T - 1] : 1.0;
     for (int f = 0; f < m->head_dim / 2; f++)
-        if (!isfinite(m->rope_inv_freq[f]) || m->rope_inv_freq[f] <= 0)
-            return kv_fail(err, "%s: dataset /rope_inv_freq: element %d is %g, expected a finite value > 0",
-                           path, f, m->rope_inv_freq[f]);
+        if (!isfinite(m->rope_inv_freq[f] * last) || m->rope_inv_freq[f] <= 0)
+            return kv_fail(err, "%s: dataset /rope_inv_freq: element %d is %g, expected a finite "
+                           "value > 0 (whose angle at position %.0f is finite)", path, f,
+                           m->rope_inv_freq[f], last);
     return 0;
 }
 
 int trace_meta_validate(const TraceMeta *m, const char *path, KvErr *err)
 {
-    if (validate_dims(m, path, err) < 0)
+    if (validate_dims(m, path, err) < 0 || validate_sizes(m, path, err) < 0)
         return -1;
     return validate_arrays(m, path, err);
 }
@@ -250,19 +605,32 @@ int trace_meta_validate(const TraceMeta *m, const char *path, KvErr *err)
 typedef struct {
     const char *path;
     hid_t file;
+    size_t file_size; /* bytes: no unfiltered dataset holds more */
     KvErr *err;
 } Reader;
+
+/* A filtered (compressed) dataset may hold more than the file's size: up to this many times
+ * (deflate, the filter HDF5 always has, cannot exceed 1032:1). */
+#define FILTERED_EXPANSION 1032
 
 /* Opens a scalar (or one-element) attribute of the root group of the expected class. */
 static hid_t attr_open(Reader *rd, const char *name, H5T_class_t want, hid_t *type)
 {
-    if (H5Aexists(rd->file, name) <= 0) {
-        kv_fail(rd->err, "%s: attribute %s: missing", rd->path, name);
+    htri_t exists = H5Aexists(rd->file, name);
+    if (exists <= 0) {
+        char why[300];
+        if (exists < 0)
+            kv_fail(rd->err, "%s: attribute %s: cannot look it up%s", rd->path, name,
+                    h5_reason(why, sizeof why));
+        else
+            kv_fail(rd->err, "%s: attribute %s: missing", rd->path, name);
         return -1;
     }
     hid_t a = H5Aopen(rd->file, name, H5P_DEFAULT);
     if (a < 0) {
-        kv_fail(rd->err, "%s: attribute %s: cannot open", rd->path, name);
+        char why[300];
+        kv_fail(rd->err, "%s: attribute %s: cannot open%s", rd->path, name,
+                h5_reason(why, sizeof why));
         return -1;
     }
     *type = H5Aget_type(a);
@@ -289,14 +657,24 @@ static int attr_int(Reader *rd, const char *name, int *out)
     hid_t type, a = attr_open(rd, name, H5T_INTEGER, &type);
     if (a < 0)
         return -1;
+    /* Read with the signedness of the file, so that an unsigned 64-bit value is not clipped
+     * into range. */
+    bool is_signed = H5Tget_sign(type) != H5T_SGN_NONE;
     long long v = 0;
-    herr_t st = H5Aread(a, H5T_NATIVE_LLONG, &v);
+    unsigned long long u = 0;
+    herr_t st = is_signed ? H5Aread(a, H5T_NATIVE_LLONG, &v) : H5Aread(a, H5T_NATIVE_ULLONG, &u);
     H5Tclose(type);
     H5Aclose(a);
     if (st < 0)
         return kv_fail(rd->err, "%s: attribute %s: cannot read", rd->path, name);
+    if (!is_signed && u > 2147483647ULL)
+        return kv_fail(rd->err, "%s: attribute %s: expected a 32-bit integer, found %llu",
+                       rd->path, name, u);
+    if (!is_signed)
+        v = (long long)u;
     if (v < -2147483647LL || v > 2147483647LL)
-        return kv_fail(rd->err, "%s: attribute %s: value %lld out of range", rd->path, name, v);
+        return kv_fail(rd->err, "%s: attribute %s: expected a 32-bit integer, found %lld",
+                       rd->path, name, v);
     *out = (int)v;
     return 0;
 }
@@ -314,7 +692,8 @@ static int attr_double(Reader *rd, const char *name, double *out)
     return 0;
 }
 
-/* Fixed-length or variable-length string attribute into out[cap]. */
+/* Fixed-length (null-terminated, null- or space-padded) or variable-length string attribute
+ * into out[cap]. */
 static int attr_string(Reader *rd, const char *name, char *out, size_t cap)
 {
     hid_t type, a = attr_open(rd, name, H5T_STRING, &type);
@@ -325,6 +704,7 @@ static int attr_string(Reader *rd, const char *name, char *out, size_t cap)
     if (H5Tis_variable_str(type) > 0) {
         hid_t mem = H5Tcopy(H5T_C_S1);
         H5Tset_size(mem, H5T_VARIABLE);
+        H5Tset_cset(mem, H5Tget_cset(type));
         char *vl = NULL;
         if (H5Aread(a, mem, &vl) < 0 || !vl) {
             rc = kv_fail(rd->err, "%s: attribute %s: cannot read", rd->path, name);
@@ -335,9 +715,20 @@ static int attr_string(Reader *rd, const char *name, char *out, size_t cap)
         H5Tclose(mem);
     } else {
         size_t size = H5Tget_size(type);
-        text = kv_calloc(size + 1, 1);
-        if (H5Aread(a, type, text) < 0)
-            rc = kv_fail(rd->err, "%s: attribute %s: cannot read", rd->path, name);
+        if (size == 0 || size > rd->file_size) {
+            rc = kv_fail(rd->err, "%s: attribute %s: a %zu-byte string in a %zu-byte file",
+                         rd->path, name, size, rd->file_size);
+        } else {
+            /* Converted to null-terminated, so that space padding is removed. */
+            hid_t mem = H5Tcopy(H5T_C_S1);
+            H5Tset_size(mem, size + 1);
+            H5Tset_strpad(mem, H5T_STR_NULLTERM);
+            H5Tset_cset(mem, H5Tget_cset(type));
+            text = kv_calloc(size + 2, 1);
+            if (H5Aread(a, mem, text) < 0)
+                rc = kv_fail(rd->err, "%s: attribute %s: cannot read", rd->path, name);
+            H5Tclose(mem);
+        }
     }
     H5Tclose(type);
     H5Aclose(a);
@@ -350,19 +741,90 @@ static int attr_string(Reader *rd, const char *name, char *out, size_t cap)
     return rc;
 }
 
-/* Opens a dataset, checks its type class and shape. `want` has `rank` entries, ANY_DIM where
- * any size is accepted; `dims` receives the actual shape. A null dataspace reads as empty when
- * some dimension is free. */
+/* Where a dataset's values are: in this file, in the amount its shape says. A virtual dataset
+ * or external storage would make HDF5 open other files (a FIFO there blocks for ever); a shape
+ * larger than the file (one flipped byte in a dimension) would have the reader allocate
+ * terabytes before any read fails; and a stored size that disagrees with the shape (a flipped
+ * byte in a chunk's size) has HDF5 1.10 copy past its buffers. Unfiltered data is checked
+ * exactly: contiguous data is all there or not allocated, compact data all there, chunked data
+ * whole chunks (some may be unwritten). */
+static int check_storage(Reader *rd, const char *name, hid_t ds, int rank, const hsize_t *dims)
+{
+    hid_t type = H5Dget_type(ds);
+    size_t value_bytes = H5Tget_size(type);
+    H5Tclose(type);
+    hid_t dcpl = H5Dget_create_plist(ds);
+    if (dcpl < 0)
+        return kv_fail(rd->err, "%s: dataset %s: cannot read its storage properties", rd->path,
+                       name);
+    H5D_layout_t layout = H5Pget_layout(dcpl);
+    int n_external = H5Pget_external_count(dcpl);
+    int n_filters = H5Pget_nfilters(dcpl);
+    hsize_t chunk[H5S_MAX_RANK] = {0};
+    int chunk_rank = layout == H5D_CHUNKED ? H5Pget_chunk(dcpl, H5S_MAX_RANK, chunk) : 0;
+    H5Pclose(dcpl);
+    if (layout != H5D_COMPACT && layout != H5D_CONTIGUOUS && layout != H5D_CHUNKED)
+        return kv_fail(rd->err, "%s: dataset %s: expected contiguous, chunked or compact storage, "
+                       "found a virtual dataset or another layout", rd->path, name);
+    if (n_external != 0)
+        return kv_fail(rd->err, "%s: dataset %s: expected its values in the file, found external "
+                       "storage", rd->path, name);
+    size_t limit = rd->file_size;
+    if (n_filters != 0)
+        limit = rd->file_size > SIZE_MAX / FILTERED_EXPANSION ? SIZE_MAX
+                                                              : rd->file_size * FILTERED_EXPANSION;
+    size_t bytes = value_bytes;
+    bool fits = bytes > 0;
+    for (int i = 0; i < rank && fits; i++)
+        fits = mul_within(&bytes, (size_t)dims[i], limit); /* dims <= INT_MAX or as wanted */
+    if (!fits) {
+        char shape[128];
+        format_dims(shape, sizeof shape, rank, dims);
+        return kv_fail(rd->err, "%s: dataset %s: shape %s of %zu-byte values holds more data "
+                       "than the file's %zu bytes%s", rd->path, name, shape, value_bytes,
+                       rd->file_size, n_filters ? " can decompress to" : "");
+    }
+    if (n_filters != 0)
+        return 0; /* compressed sizes vary; HDF5's filters check what they decode */
+    hsize_t stored = H5Dget_storage_size(ds);
+    if (layout == H5D_CHUNKED) {
+        /* Whole chunks: at most one per chunk position, each exactly chunk_bytes. */
+        size_t chunk_bytes = value_bytes, n_chunks = 1;
+        bool ok = chunk_rank == rank;
+        for (int i = 0; ok && i < rank; i++)
+            ok = chunk[i] >= 1 && mul_within(&chunk_bytes, (size_t)chunk[i], SIZE_MAX) &&
+                 mul_within(&n_chunks, (size_t)((dims[i] + chunk[i] - 1) / chunk[i]), SIZE_MAX);
+        if (!ok)
+            return kv_fail(rd->err, "%s: dataset %s: its chunk shape does not match its rank %d",
+                           rd->path, name, rank);
+        if (stored % chunk_bytes != 0 || stored / chunk_bytes > n_chunks)
+            return kv_fail(rd->err, "%s: dataset %s: stores %llu bytes, expected whole chunks of "
+                           "%zu bytes, at most %zu of them", rd->path, name,
+                           (unsigned long long)stored, chunk_bytes, n_chunks);
+    } else if (stored != bytes && !(layout == H5D_CONTIGUOUS && stored == 0)) {
+        return kv_fail(rd->err, "%s: dataset %s: stores %llu bytes, expected %zu", rd->path, name,
+                       (unsigned long long)stored, bytes);
+    }
+    return 0;
+}
+
+/* Opens a dataset, checks its type class, shape and storage. `want` has `rank` entries, ANY_DIM
+ * where any size up to INT_MAX is accepted; `dims` receives the actual shape. A null dataspace
+ * reads as empty when some dimension is free. */
 static hid_t dataset_open(Reader *rd, const char *name, H5T_class_t want_class, int rank,
                           const hsize_t *want, hsize_t *dims)
 {
-    if (!path_exists(rd->file, name)) {
-        kv_fail(rd->err, "%s: dataset %s: missing", rd->path, name);
+    int found_it = lookup(rd->file, rd->path, "dataset", name, rd->err);
+    if (found_it <= 0) {
+        if (found_it == 0)
+            kv_fail(rd->err, "%s: dataset %s: missing", rd->path, name);
         return -1;
     }
     hid_t ds = H5Dopen2(rd->file, name, H5P_DEFAULT);
     if (ds < 0) {
-        kv_fail(rd->err, "%s: dataset %s: not a dataset", rd->path, name);
+        char why[300];
+        kv_fail(rd->err, "%s: dataset %s: not a readable dataset%s", rd->path, name,
+                h5_reason(why, sizeof why));
         return -1;
     }
     hid_t type = H5Dget_type(ds);
@@ -378,7 +840,7 @@ static hid_t dataset_open(Reader *rd, const char *name, H5T_class_t want_class, 
     H5S_class_t sc = H5Sget_simple_extent_type(space);
     int found_rank = sc == H5S_SIMPLE ? H5Sget_simple_extent_ndims(space) : 0;
     hsize_t found[H5S_MAX_RANK] = {0};
-    if (found_rank > 0)
+    if (found_rank > 0 && found_rank <= H5S_MAX_RANK)
         H5Sget_simple_extent_dims(space, found, NULL);
     H5Sclose(space);
     bool ok;
@@ -393,6 +855,12 @@ static hid_t dataset_open(Reader *rd, const char *name, H5T_class_t want_class, 
         for (int i = 0; ok && i < rank; i++) {
             ok = want[i] == ANY_DIM || want[i] == found[i];
             dims[i] = found[i];
+            if (ok && found[i] > INT_MAX) { /* a count the trace's int fields cannot hold */
+                kv_fail(rd->err, "%s: dataset %s: dimension %d is %llu, expected at most %d",
+                        rd->path, name, i, (unsigned long long)found[i], INT_MAX);
+                H5Dclose(ds);
+                return -1;
+            }
         }
     }
     if (!ok) {
@@ -402,42 +870,72 @@ static hid_t dataset_open(Reader *rd, const char *name, H5T_class_t want_class, 
             snprintf(f, sizeof f, "a null dataspace");
         else if (sc == H5S_SCALAR)
             snprintf(f, sizeof f, "a scalar");
+        else if (found_rank < 0 || found_rank > H5S_MAX_RANK)
+            snprintf(f, sizeof f, "an unreadable dataspace");
         else
             format_dims(f, sizeof f, found_rank, found);
         kv_fail(rd->err, "%s: dataset %s: expected shape %s, found %s", rd->path, name, w, f);
         H5Dclose(ds);
         return -1;
     }
+    if (sc != H5S_NULL && check_storage(rd, name, ds, rank, dims) < 0) {
+        H5Dclose(ds);
+        return -1;
+    }
     return ds;
 }
 
-/* Reads a whole integer dataset of the expected shape into out (n elements). */
+/* Reads a whole integer dataset of the expected shape into out (n elements), each value
+ * checked to be a 32-bit integer (HDF5 would clip a wider one into range without a word). */
 static int read_ints(Reader *rd, const char *name, int rank, const hsize_t *want, hsize_t *dims,
                      int32_t **out)
 {
+    *out = NULL;
     hid_t ds = dataset_open(rd, name, H5T_INTEGER, rank, want, dims);
     if (ds < 0)
         return -1;
     size_t n = 1;
     for (int i = 0; i < rank; i++)
-        n *= (size_t)dims[i];
+        n *= (size_t)dims[i]; /* bounded by check_storage */
+    hid_t type = H5Dget_type(ds);
+    bool is_signed = H5Tget_sign(type) != H5T_SGN_NONE;
+    H5Tclose(type);
+    int64_t *wide = kv_calloc(n, sizeof *wide);
     *out = kv_calloc(n, sizeof **out);
     int rc = 0;
-    if (n > 0 && H5Dread(ds, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, *out) < 0)
-        rc = kv_fail(rd->err, "%s: dataset %s: cannot read", rd->path, name);
+    if (n > 0 && H5Dread(ds, is_signed ? H5T_NATIVE_INT64 : H5T_NATIVE_UINT64, H5S_ALL, H5S_ALL,
+                         H5P_DEFAULT, wide) < 0) {
+        char why[300];
+        rc = kv_fail(rd->err, "%s: dataset %s: cannot read%s", rd->path, name,
+                     h5_reason(why, sizeof why));
+    }
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        if (is_signed ? (wide[i] < INT32_MIN || wide[i] > INT32_MAX) : (uint64_t)wide[i] > INT32_MAX) {
+            char value[32];
+            if (is_signed)
+                snprintf(value, sizeof value, "%" PRId64, wide[i]);
+            else
+                snprintf(value, sizeof value, "%" PRIu64, (uint64_t)wide[i]);
+            rc = kv_fail(rd->err, "%s: dataset %s: element %zu is %s, expected a 32-bit integer",
+                         rd->path, name, i, value);
+        } else {
+            (*out)[i] = (int32_t)wide[i];
+        }
+    }
+    free(wide);
     H5Dclose(ds);
     return rc;
 }
 
 static int read_header(Reader *rd, TraceMeta *m)
 {
-    char format[64];
+    char format[64], esc[160];
     int version;
     if (attr_string(rd, "format", format, sizeof format) < 0)
         return -1;
     if (strcmp(format, TRACE_FORMAT) != 0)
         return kv_fail(rd->err, "%s: attribute format: expected \"%s\", found \"%s\"", rd->path,
-                       TRACE_FORMAT, format);
+                       TRACE_FORMAT, kv_escape(format, strlen(format), esc, sizeof esc));
     if (attr_int(rd, "version", &version) < 0)
         return -1;
     if (version != TRACE_VERSION)
@@ -464,14 +962,58 @@ static int read_header(Reader *rd, TraceMeta *m)
         m->rope_layout = ROPE_INTERLEAVED;
     else
         return kv_fail(rd->err, "%s: attribute rope_layout: expected half or interleaved, found \"%s\"",
-                       rd->path, layout);
+                       rd->path, kv_escape(layout, strlen(layout), esc, sizeof esc));
     return validate_dims(m, rd->path, rd->err);
+}
+
+/* The shapes of the metadata datasets (and so the needle, probe and row counts), before any
+ * of them is read. */
+static int probe_metadata(Reader *rd, TraceMeta *m)
+{
+    hsize_t T = (hsize_t)m->n_tokens, dims[2];
+    const hsize_t want_t[1] = {T}, want_needles[2] = {ANY_DIM, 2}, want_any[1] = {ANY_DIM},
+                  want_f[1] = {(hsize_t)(m->head_dim / 2)};
+    const char *per_token[3] = {"/tokens", "/positions", "/segments"};
+    for (int i = 0; i < 3; i++) {
+        hid_t ds = dataset_open(rd, per_token[i], H5T_INTEGER, 1, want_t, dims);
+        if (ds < 0)
+            return -1;
+        H5Dclose(ds);
+    }
+    hid_t ds = dataset_open(rd, "/needles", H5T_INTEGER, 2, want_needles, dims);
+    if (ds < 0)
+        return -1;
+    H5Dclose(ds);
+    m->n_needles = (int)dims[0];
+    if ((ds = dataset_open(rd, "/probes", H5T_INTEGER, 1, want_any, dims)) < 0)
+        return -1;
+    H5Dclose(ds);
+    m->n_probes = (int)dims[0];
+    m->n_attn_rows = 0;
+    int has_rows = lookup(rd->file, rd->path, "dataset", "/attn_rows_at", rd->err);
+    int has_freq = lookup(rd->file, rd->path, "dataset", "/rope_inv_freq", rd->err);
+    if (has_rows < 0 || has_freq < 0)
+        return -1;
+    if (has_rows) {
+        if ((ds = dataset_open(rd, "/attn_rows_at", H5T_INTEGER, 1, want_any, dims)) < 0)
+            return -1;
+        H5Dclose(ds);
+        m->n_attn_rows = (int)dims[0];
+    }
+    if (has_freq) {
+        if ((ds = dataset_open(rd, "/rope_inv_freq", H5T_FLOAT, 1, want_f, dims)) < 0)
+            return -1;
+        H5Dclose(ds);
+    }
+    return validate_sizes(m, rd->path, rd->err);
 }
 
 static int read_metadata(Reader *rd, TraceMeta *m)
 {
     hsize_t T = (hsize_t)m->n_tokens, dims[2];
+    /* The counts were taken by probe_metadata; the shapes are checked again as they are read. */
     const hsize_t want_t[1] = {T}, want_needles[2] = {ANY_DIM, 2}, want_any[1] = {ANY_DIM};
+    hsize_t n_needles = 0, n_probes = 0, n_rows = 0;
     int32_t *tokens = NULL, *positions = NULL, *segments = NULL, *needles = NULL, *probes = NULL,
             *rows_at = NULL;
     int rc = -1;
@@ -480,15 +1022,19 @@ static int read_metadata(Reader *rd, TraceMeta *m)
         read_ints(rd, "/segments", 1, want_t, dims, &segments) < 0 ||
         read_ints(rd, "/needles", 2, want_needles, dims, &needles) < 0)
         goto out;
-    m->n_needles = (int)dims[0];
+    n_needles = dims[0];
     if (read_ints(rd, "/probes", 1, want_any, dims, &probes) < 0)
         goto out;
-    m->n_probes = (int)dims[0];
-    m->n_attn_rows = 0;
-    if (path_exists(rd->file, "/attn_rows_at")) {
+    n_probes = dims[0];
+    if (m->n_attn_rows > 0) {
         if (read_ints(rd, "/attn_rows_at", 1, want_any, dims, &rows_at) < 0)
             goto out;
-        m->n_attn_rows = (int)dims[0];
+        n_rows = dims[0];
+    }
+    if (n_needles != (hsize_t)m->n_needles || n_probes != (hsize_t)m->n_probes ||
+        n_rows != (hsize_t)m->n_attn_rows) {
+        kv_fail(rd->err, "%s: the file changed while it was being read", rd->path);
+        goto out;
     }
 
     trace_meta_alloc(m); /* also fills rope_inv_freq with the unscaled default */
@@ -501,7 +1047,10 @@ static int read_metadata(Reader *rd, TraceMeta *m)
     if (m->n_attn_rows)
         memcpy(m->attn_rows_at, rows_at, (size_t)m->n_attn_rows * sizeof(int32_t));
 
-    if (path_exists(rd->file, "/rope_inv_freq")) {
+    int has_freq = lookup(rd->file, rd->path, "dataset", "/rope_inv_freq", rd->err);
+    if (has_freq < 0)
+        goto out;
+    if (has_freq) {
         const hsize_t want_f[1] = {(hsize_t)(m->head_dim / 2)};
         hid_t ds = dataset_open(rd, "/rope_inv_freq", H5T_FLOAT, 1, want_f, dims);
         if (ds < 0)
@@ -509,9 +1058,19 @@ static int read_metadata(Reader *rd, TraceMeta *m)
         herr_t st = H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, m->rope_inv_freq);
         H5Dclose(ds);
         if (st < 0) {
-            kv_fail(rd->err, "%s: dataset /rope_inv_freq: cannot read", rd->path);
+            char why[300];
+            kv_fail(rd->err, "%s: dataset /rope_inv_freq: cannot read%s", rd->path,
+                    h5_reason(why, sizeof why));
             goto out;
         }
+    } else {
+        for (int f = 0; f < m->head_dim / 2; f++)
+            if (!isfinite(m->rope_inv_freq[f] * (double)m->positions[T - 1])) {
+                kv_fail(rd->err, "%s: attribute rope_theta: %g gives RoPE frequency %g (pair %d), "
+                        "whose angles overflow (and /rope_inv_freq is absent)", rd->path,
+                        m->rope_theta, m->rope_inv_freq[f], f);
+                goto out;
+            }
     }
     rc = validate_arrays(m, rd->path, rd->err);
 out:
@@ -562,9 +1121,13 @@ static int check_layers(Reader *rd, const TraceMeta *m, TraceDtype *dtype)
             if (ds < 0)
                 return -1;
             H5Dclose(ds);
-        } else if (path_exists(rd->file, name)) {
-            return kv_fail(rd->err, "%s: dataset %s: present but /attn_rows_at is absent or empty",
-                           rd->path, name);
+        } else {
+            int present = lookup(rd->file, rd->path, "dataset", name, rd->err);
+            if (present < 0)
+                return -1;
+            if (present)
+                return kv_fail(rd->err, "%s: dataset %s: present but /attn_rows_at is absent or "
+                               "empty", rd->path, name);
         }
     }
     return 0;
@@ -573,17 +1136,22 @@ static int check_layers(Reader *rd, const TraceMeta *m, TraceDtype *dtype)
 Trace *trace_open(const char *path, KvErr *err)
 {
     h5_quiet();
-    struct stat st;
-    if (stat(path, &st) != 0) {
+    if (strlen(path) >= sizeof((Trace *)0)->path) {
+        kv_fail(err, "%s: path too long", path);
+        return NULL;
+    }
+    /* O_NONBLOCK: opening a FIFO must not wait for a writer; HDF5 is then given only a regular
+     * file, whose size bounds every dataset (check_storage). */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
         kv_fail(err, "%s: cannot open: %s", path, strerror(errno));
         return NULL;
     }
-    if (!S_ISREG(st.st_mode)) {
+    struct stat st;
+    int stat_rc = fstat(fd, &st);
+    close(fd);
+    if (stat_rc != 0 || !S_ISREG(st.st_mode)) {
         kv_fail(err, "%s: not a regular file", path);
-        return NULL;
-    }
-    if (strlen(path) >= sizeof((Trace *)0)->path) {
-        kv_fail(err, "%s: path too long", path);
         return NULL;
     }
     if (H5Fis_hdf5(path) <= 0) {
@@ -592,15 +1160,18 @@ Trace *trace_open(const char *path, KvErr *err)
     }
     hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
     if (file < 0) {
-        kv_fail(err, "%s: cannot open as HDF5", path);
+        char why[300];
+        kv_fail(err, "%s: cannot open as HDF5%s", path, h5_reason(why, sizeof why));
         return NULL;
     }
     Trace *tr = kv_calloc(1, sizeof *tr);
     strcpy(tr->path, path);
     tr->file = file;
-    Reader rd = {path, file, err};
-    if (read_header(&rd, &tr->meta) < 0 || read_metadata(&rd, &tr->meta) < 0 ||
-        check_layers(&rd, &tr->meta, &tr->dtype) < 0) {
+    Reader rd = {path, file, (size_t)st.st_size, err};
+    /* Nothing sized by the file is allocated before the datasets of that size are found in it:
+     * the header, then the shapes of the metadata and of every layer, then the values. */
+    if (read_header(&rd, &tr->meta) < 0 || probe_metadata(&rd, &tr->meta) < 0 ||
+        check_layers(&rd, &tr->meta, &tr->dtype) < 0 || read_metadata(&rd, &tr->meta) < 0) {
         trace_close(tr);
         return NULL;
     }
@@ -622,11 +1193,13 @@ const TraceMeta *trace_meta(const Trace *tr) { return &tr->meta; }
 const char *trace_path(const Trace *tr) { return tr->path; }
 TraceDtype trace_dtype(const Trace *tr) { return tr->dtype; }
 
-/* Reads a whole q/k/v dataset as float32. float16 data is read as raw half patterns into the
- * first half of `out` and widened in place from the end, so no second buffer is needed. */
-static int read_values(Trace *tr, const char *name, float *out, size_t n, bool check_finite,
+/* Reads a whole [d0][d1][d2] float dataset as float32. float16 data is read as raw half
+ * patterns into the first half of `out` and widened in place from the end, so no second buffer
+ * is needed. */
+static int read_values(Trace *tr, const char *name, float *out, const size_t dim[3],
                        KvErr *err)
 {
+    size_t n = dim[0] * dim[1] * dim[2];
     hid_t ds = H5Dopen2(tr->file, name, H5P_DEFAULT);
     if (ds < 0)
         return kv_fail(err, "%s: dataset %s: cannot open", tr->path, name);
@@ -638,18 +1211,21 @@ static int read_values(Trace *tr, const char *name, float *out, size_t n, bool c
     herr_t st = H5Dread(ds, mem, H5S_ALL, H5S_ALL, H5P_DEFAULT, out);
     H5Tclose(mem);
     H5Dclose(ds);
-    if (st < 0)
-        return kv_fail(err, "%s: dataset %s: read failed", tr->path, name);
+    if (st < 0) {
+        char why[300];
+        return kv_fail(err, "%s: dataset %s: read failed%s", tr->path, name,
+                       h5_reason(why, sizeof why));
+    }
     if (half) {
         const uint16_t *raw = (const uint16_t *)(void *)out;
         for (size_t i = n; i-- > 0;)
             out[i] = float_from_half(raw[i]);
     }
-    if (check_finite)
-        for (size_t i = 0; i < n; i++)
-            if (!isfinite(out[i]))
-                return kv_fail(err, "%s: dataset %s: non-finite value at flat index %zu", tr->path,
-                               name, i);
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(out[i]))
+            return kv_fail(err, "%s: dataset %s: element [%zu,%zu,%zu] is not a finite float32 "
+                           "value", tr->path, name, i / (dim[1] * dim[2]), i / dim[2] % dim[1],
+                           i % dim[2]);
     return 0;
 }
 
@@ -662,15 +1238,15 @@ int trace_read_layer(Trace *tr, int layer, float *q, float *k, float *v, KvErr *
     const TraceMeta *m = &tr->meta;
     const char *leaves[3] = {"q", "k", "v"};
     float *outs[3] = {q, k, v};
-    size_t per_head = (size_t)m->n_tokens * m->head_dim;
-    size_t lens[3] = {(size_t)m->n_q_heads * per_head, (size_t)m->n_kv_heads * per_head,
-                      (size_t)m->n_kv_heads * per_head};
+    size_t T = (size_t)m->n_tokens, D = (size_t)m->head_dim;
+    const size_t dims[3][3] = {{(size_t)m->n_q_heads, T, D}, {(size_t)m->n_kv_heads, T, D},
+                               {(size_t)m->n_kv_heads, T, D}};
     char name[64];
     for (int i = 0; i < 3; i++) {
         if (!outs[i])
             continue;
         layer_name(name, sizeof name, layer, leaves[i]);
-        if (read_values(tr, name, outs[i], lens[i], true, err) < 0)
+        if (read_values(tr, name, outs[i], dims[i], err) < 0)
             return -1;
     }
     return 0;
@@ -688,8 +1264,8 @@ int trace_read_attn_rows(Trace *tr, int layer, float *rows, KvErr *err)
     char name[64];
     layer_name(name, sizeof name, layer, "attn_rows");
     const TraceMeta *m = &tr->meta;
-    size_t n = (size_t)m->n_q_heads * m->n_attn_rows * m->n_tokens;
-    return read_values(tr, name, rows, n, true, err);
+    const size_t dims[3] = {(size_t)m->n_q_heads, (size_t)m->n_attn_rows, (size_t)m->n_tokens};
+    return read_values(tr, name, rows, dims, err);
 }
 
 /* ---- In-memory rounding ---- */
@@ -708,6 +1284,8 @@ struct TraceWriter {
     char path[4096];
     char tmp_path[4096 + 16];
     hid_t file;
+    GuardCtl guard; /* the file driver's state: discarding, and the errno of its first failure */
+    bool registered; /* tmp_path is in the signal handler's list */
     int n_layers, n_q_heads, n_kv_heads, head_dim, n_tokens, n_attn_rows;
     TraceDtype dtype;
     uint16_t *half_buf; /* conversion buffer for float16 writes */
@@ -716,6 +1294,17 @@ struct TraceWriter {
     unsigned char *token_written;  /* [n_layers][n_tokens] */
     unsigned char *row_written;    /* [n_layers][n_attn_rows] */
 };
+
+/* Why the last write failed, as ": <reason>": the driver's errno ("No space left on device"),
+ * else HDF5's innermost message, else "". */
+static const char *writer_reason(const TraceWriter *w, char *out, size_t outlen)
+{
+    if (w->guard.error) {
+        snprintf(out, outlen, ": %s", strerror(w->guard.error));
+        return out;
+    }
+    return h5_reason(out, outlen);
+}
 
 static int write_attr(hid_t file, const char *name, hid_t type, const void *value)
 {
@@ -762,16 +1351,27 @@ static int write_attr_double(hid_t file, const char *name, double value)
     return st < 0 ? -1 : 0;
 }
 
-/* A contiguous dataset written whole (nothing written when it has no elements). */
+/* A metadata dataset written whole (nothing written when it has no elements). Non-empty ones are
+ * chunked with a Fletcher-32 checksum per chunk, so that a damaged needle span or position is
+ * an error on reading, not a different number (they are small; Q/K/V are left unchecksummed,
+ * which would cost about a quarter more time per read). */
 static int write_array(hid_t file, const char *name, hid_t file_type, hid_t mem_type, int rank,
                        const hsize_t *dims, const void *data)
 {
     hid_t space = H5Screate_simple(rank, dims, NULL);
-    hid_t ds = H5Dcreate2(file, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t st = ds < 0 ? -1 : 0;
-    hsize_t n = 1;
-    for (int i = 0; i < rank; i++)
+    hsize_t n = 1, chunk[2];
+    for (int i = 0; i < rank; i++) {
         n *= dims[i];
+        chunk[i] = i == 0 && dims[0] > ((hsize_t)1 << 18) ? (hsize_t)1 << 18 : dims[i];
+    }
+    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    if (n > 0) {
+        H5Pset_chunk(dcpl, rank, chunk);
+        H5Pset_fletcher32(dcpl);
+    }
+    hid_t ds = H5Dcreate2(file, name, file_type, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    H5Pclose(dcpl);
+    herr_t st = ds < 0 ? -1 : 0;
     if (st >= 0 && n > 0)
         st = H5Dwrite(ds, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data);
     if (ds >= 0)
@@ -897,18 +1497,60 @@ TraceWriter *trace_writer_create(const char *path, const TraceMeta *meta, TraceD
     for (int l = 0; l < w->n_layers; l++)
         w->q[l] = w->k[l] = w->v[l] = w->rows[l] = -1;
 
-    w->file = H5Fcreate(w->tmp_path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    /* Registered before it exists, so that SIGINT/SIGTERM at any point removes it. */
+    kv_temp_register(w->tmp_path);
+    w->registered = true;
+    hid_t driver = guard_driver(), fapl = H5Pcreate(H5P_FILE_ACCESS);
+    guard_open_errno = 0;
+    /* The HDF5 1.10 format: metadata carries checksums, so a damaged byte in it is an error when
+     * the trace is read, never structure that HDF5 parses (and, with 1.10's parsers, may copy
+     * past its buffers with). The root attributes stay in the root's object header (checksummed;
+     * past 8 HDF5 would move them to a heap whose blocks are not). Readable by HDF5 >= 1.10. */
+    hid_t fcpl = H5Pcreate(H5P_FILE_CREATE);
+    if (driver >= 0 && fapl >= 0 && fcpl >= 0 && H5Pset_driver(fapl, driver, NULL) >= 0 &&
+        H5Pset_libver_bounds(fapl, H5F_LIBVER_V110, H5F_LIBVER_V110) >= 0 &&
+        H5Pset_attr_phase_change(fcpl, ROOT_ATTRS_COMPACT, ROOT_ATTRS_COMPACT) >= 0)
+        w->file = H5Fcreate(w->tmp_path, H5F_ACC_TRUNC, fcpl, fapl);
+    if (fcpl >= 0)
+        H5Pclose(fcpl);
+    if (fapl >= 0)
+        H5Pclose(fapl);
     if (w->file < 0) {
-        kv_fail(err, "%s: cannot create temporary file %s", path, w->tmp_path);
+        char why[300];
+        if (guard_open_errno && access(w->tmp_path, F_OK) != 0)
+            snprintf(why, sizeof why, ": %s", strerror(guard_open_errno));
+        else
+            h5_reason(why, sizeof why);
+        kv_fail(err, "%s: cannot create temporary file %s%s", path, w->tmp_path, why);
+        unlink(w->tmp_path);
+        kv_temp_unregister(w->tmp_path);
         writer_free(w);
         return NULL;
     }
-    if (write_root(w->file, meta) < 0) {
-        kv_fail(err, "%s: cannot write the header", path);
+    void *handle = NULL;
+    if (H5Fget_vfd_handle(w->file, H5P_DEFAULT, &handle) < 0 || !handle) {
+        /* Nothing is written yet, so this close cannot fail on I/O. */
+        kv_fail(err, "%s: cannot set up the temporary file %s", path, w->tmp_path);
+        H5Fclose(w->file);
+        w->file = -1;
         trace_writer_abort(w);
         return NULL;
     }
-    hid_t layers = H5Gcreate2(w->file, "/layers", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    GuardFile *g = handle;
+    w->guard = g->own;
+    g->ctl = &w->guard; /* survives the driver's close, so finish can still read the errno */
+    if (write_root(w->file, meta) < 0 || w->guard.error) {
+        char why[300];
+        kv_fail(err, "%s: cannot write the header%s", path, writer_reason(w, why, sizeof why));
+        trace_writer_abort(w);
+        return NULL;
+    }
+    /* The layers' links, too, in /layers' checksummed object header (up to LAYER_LINKS_COMPACT;
+     * a lookup there is a linear scan). */
+    hid_t gcpl = H5Pcreate(H5P_GROUP_CREATE);
+    H5Pset_link_phase_change(gcpl, LAYER_LINKS_COMPACT, LAYER_LINKS_COMPACT);
+    hid_t layers = H5Gcreate2(w->file, "/layers", H5P_DEFAULT, gcpl, H5P_DEFAULT);
+    H5Pclose(gcpl);
     hid_t ftype = dtype == TRACE_F16 ? half_type() : H5Tcopy(H5T_IEEE_F32LE);
     hsize_t rows_dims[3] = {(hsize_t)w->n_q_heads, (hsize_t)w->n_attn_rows, (hsize_t)w->n_tokens};
     hid_t rows_space = H5Screate_simple(3, rows_dims, NULL);
@@ -936,8 +1578,10 @@ TraceWriter *trace_writer_create(const char *path, const TraceMeta *meta, TraceD
     H5Tclose(ftype);
     if (layers >= 0)
         H5Gclose(layers);
-    if (bad) {
-        kv_fail(err, "%s: cannot create the layer datasets", path);
+    if (bad || w->guard.error) {
+        char why[300];
+        kv_fail(err, "%s: cannot create the layer datasets%s", path,
+                writer_reason(w, why, sizeof why));
         trace_writer_abort(w);
         return NULL;
     }
@@ -951,9 +1595,10 @@ static int write_tokens(TraceWriter *w, hid_t ds, const char *leaf, int layer, i
 {
     int D = w->head_dim;
     size_t n = (size_t)heads * nt * D;
-    const float limit = w->dtype == TRACE_F16 ? 65504.0f : 3.4028235e38f;
+    /* float16: |x| >= 65520 rounds to infinity (docs/trace-format.md) */
+    const float limit = w->dtype == TRACE_F16 ? 65520.0f : INFINITY;
     for (size_t i = 0; i < n; i++)
-        if (!(fabsf(data[i]) <= limit)) {
+        if (!(fabsf(data[i]) < limit)) {
             size_t h = i / ((size_t)nt * D), t = t0 + (i / D) % nt;
             return kv_fail(err, "%s: layer %d %s: head %zu token %zu holds %g, not a finite %s value",
                            w->path, layer, leaf, h, t, data[i], trace_dtype_name(w->dtype));
@@ -980,9 +1625,11 @@ static int write_tokens(TraceWriter *w, hid_t ds, const char *leaf, int layer, i
     H5Sclose(mspace);
     H5Sclose(fspace);
     H5Tclose(mem);
-    if (st < 0)
-        return kv_fail(err, "%s: layer %d %s: writing tokens [%d,%d) failed", w->path, layer, leaf,
-                       t0, t0 + nt);
+    if (st < 0 || w->guard.error) {
+        char why[300];
+        return kv_fail(err, "%s: layer %d %s: writing tokens [%d,%d) failed%s", w->path, layer,
+                       leaf, t0, t0 + nt, writer_reason(w, why, sizeof why));
+    }
     return 0;
 }
 
@@ -997,6 +1644,8 @@ int trace_writer_put_qkv(TraceWriter *w, int layer, int t0, int nt, const float 
                        w->n_tokens);
     if (!q || !k || !v)
         return kv_fail(err, "%s: layer %d: q, k and v must all be given", w->path, layer);
+    if (w->guard.error)
+        return kv_fail(err, "%s: an earlier write failed: %s", w->path, strerror(w->guard.error));
     if (write_tokens(w, w->q[layer], "q", layer, w->n_q_heads, t0, nt, q, err) < 0 ||
         write_tokens(w, w->k[layer], "k", layer, w->n_kv_heads, t0, nt, k, err) < 0 ||
         write_tokens(w, w->v[layer], "v", layer, w->n_kv_heads, t0, nt, v, err) < 0)
@@ -1013,6 +1662,8 @@ int trace_writer_put_attn_row(TraceWriter *w, int layer, int r, const float *row
     if (r < 0 || r >= w->n_attn_rows)
         return kv_fail(err, "%s: attention row %d out of range [0,%d)", w->path, r,
                        w->n_attn_rows);
+    if (w->guard.error)
+        return kv_fail(err, "%s: an earlier write failed: %s", w->path, strerror(w->guard.error));
     for (size_t i = 0; i < (size_t)w->n_q_heads * w->n_tokens; i++)
         if (!isfinite(rows[i]))
             return kv_fail(err, "%s: layer %d: attention row %d holds a non-finite value", w->path,
@@ -1025,8 +1676,11 @@ int trace_writer_put_attn_row(TraceWriter *w, int layer, int r, const float *row
     herr_t st = H5Dwrite(w->rows[layer], H5T_NATIVE_FLOAT, mspace, fspace, H5P_DEFAULT, rows);
     H5Sclose(mspace);
     H5Sclose(fspace);
-    if (st < 0)
-        return kv_fail(err, "%s: layer %d: writing attention row %d failed", w->path, layer, r);
+    if (st < 0 || w->guard.error) {
+        char why[300];
+        return kv_fail(err, "%s: layer %d: writing attention row %d failed%s", w->path, layer, r,
+                       writer_reason(w, why, sizeof why));
+    }
     w->row_written[(size_t)layer * w->n_attn_rows + r] = 1;
     return 0;
 }
@@ -1048,11 +1702,19 @@ int trace_writer_finish(TraceWriter *w, KvErr *err)
                 return -1;
             }
     }
+    /* A write that fails while HDF5 flushes and closes is recorded by the file driver, never
+     * returned to HDF5 (see the driver above). */
+    char why[300];
+    if (H5Fflush(w->file, H5F_SCOPE_LOCAL) < 0 || w->guard.error) {
+        kv_fail(err, "%s: writing the trace failed%s", w->path, writer_reason(w, why, sizeof why));
+        trace_writer_abort(w);
+        return -1;
+    }
     writer_close_handles(w);
     herr_t st = H5Fclose(w->file);
     w->file = -1;
-    if (st < 0) {
-        kv_fail(err, "%s: closing the trace failed", w->path);
+    if (st < 0 || w->guard.error) {
+        kv_fail(err, "%s: closing the trace failed%s", w->path, writer_reason(w, why, sizeof why));
         trace_writer_abort(w);
         return -1;
     }
@@ -1061,6 +1723,7 @@ int trace_writer_finish(TraceWriter *w, KvErr *err)
         trace_writer_abort(w);
         return -1;
     }
+    kv_temp_unregister(w->tmp_path);
     writer_free(w);
     return 0;
 }
@@ -1070,9 +1733,13 @@ void trace_writer_abort(TraceWriter *w)
     if (!w)
         return;
     h5_quiet();
+    w->guard.discard = true; /* the file is deleted: closing it writes nothing */
     writer_close_handles(w);
     if (w->file >= 0)
         H5Fclose(w->file);
+    w->file = -1;
     unlink(w->tmp_path);
+    if (w->registered)
+        kv_temp_unregister(w->tmp_path);
     writer_free(w);
 }

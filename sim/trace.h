@@ -4,7 +4,9 @@
  * generator, the simulator, the tests). The reader validates the whole header on open and then
  * streams one layer at a time, so memory stays at one layer's Q/K/V whatever the trace size.
  * The writer writes to a temporary name and renames on trace_writer_finish(), so an interrupted
- * run never leaves a half-written trace.
+ * run never leaves a half-written trace: the temporary name is registered with
+ * kv_temp_register() while it exists (SIGINT/SIGTERM remove it), and a write that fails (disk
+ * full) fails the call that made it, with the reason, and never a later close inside HDF5.
  *
  * Layouts (row-major, float32 in memory whatever the on-disk precision):
  *   q [n_q_heads][n_tokens][head_dim], k and v [n_kv_heads][n_tokens][head_dim], post-RoPE;
@@ -66,7 +68,12 @@ typedef struct Trace Trace;
 
 /* Opens and validates a trace: format and version, every root attribute, every dataset's
  * presence, shape and type, and the values of the metadata (positions, spans, probes, rows).
- * On failure returns NULL with a message naming the file and the attribute or dataset. */
+ * Only a regular file is opened (a FIFO is refused, never waited on); every dataset must hold
+ * its values in the file (no external or virtual storage), and no more than the file's size
+ * (so a damaged dimension cannot make a reader allocate terabytes); integers must fit 32 bits
+ * and attn_scale a float32. Nothing sized by the file is allocated before the datasets of that
+ * size have been found in it. On failure returns NULL with a one-line message naming the file
+ * and the attribute or dataset (strings from the file escaped). */
 Trace *trace_open(const char *path, KvErr *err);
 void trace_close(Trace *tr);
 const TraceMeta *trace_meta(const Trace *tr);

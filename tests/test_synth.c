@@ -1,12 +1,18 @@
 /* The synthetic trace generator: determinism, metadata layout, and the planted attention
  * structure measured with an attention computed here from the stored Q and K. */
+#include <dirent.h>
+#include <fcntl.h>
 #include <math.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -372,6 +378,123 @@ static void test_rejects_bad_parameters(void **state)
     scratch_remove(dir);
 }
 
+/* ---- `kvsim synth` when the write phase fails or is interrupted ---- */
+
+/* True when dir holds a name ending in ".tmp". */
+static int has_tmp(const char *dir)
+{
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    int found = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        size_t n = strlen(e->d_name);
+        found |= n > 4 && strcmp(e->d_name + n - 4, ".tmp") == 0;
+    }
+    closedir(d);
+    return found;
+}
+
+/* Disk full, simulated with a file size limit (RLIMIT_FSIZE, SIGXFSZ ignored so that writes
+ * fail with EFBIG): at every point of the write phase, the error is one line naming the trace
+ * and the reason, the exit status 2, and nothing is left behind. It used to be followed by a
+ * segfault in HDF5's shutdown (a failed close left the file registered). */
+static void test_disk_full_is_a_clean_error(void **state)
+{
+    (void)state;
+    const char *bin = getenv("KVSIM_BIN");
+    assert_non_null(bin);
+    char *dir = scratch_create();
+    const char *out = scratch_path(dir, "full.h5", 0);
+    const char *args = "--layers 2 --q-heads 4 --kv-heads 2 --head-dim 16 --prompt 300 --decode 10";
+    /* The whole trace's size, then limits (in 512-byte blocks, the unit of dash's ulimit -f)
+     * from its first block to its last. */
+    char cmd[8192];
+    snprintf(cmd, sizeof cmd, "'%s' synth --out '%s' %s", bin, out, args);
+    KvsimRun whole = run_command(cmd);
+    assert_int_equal(whole.status, 0);
+    kvsim_run_free(&whole);
+    FILE *fp = fopen(out, "rb");
+    assert_non_null(fp);
+    fseek(fp, 0, SEEK_END);
+    int blocks = (int)((ftell(fp) + 511) / 512);
+    fclose(fp);
+    unlink(out);
+    const int limits[] = {1, blocks / 10, blocks / 2, blocks * 9 / 10, blocks - 1};
+    for (size_t i = 0; i < sizeof limits / sizeof *limits; i++) {
+        snprintf(cmd, sizeof cmd, "ulimit -f %d; trap '' XFSZ; exec '%s' synth --out '%s' %s",
+                 limits[i], bin, out, args);
+        KvsimRun r = run_command(cmd);
+        if (r.status != 2 || count_lines(r.err) != 1 || !strstr(r.err, "full.h5") ||
+            !strstr(r.err, "File too large"))
+            fail_msg("limit %d blocks: status %d, stderr: %s", limits[i], r.status, r.err);
+        kvsim_run_free(&r);
+        assert_int_equal(scratch_count(dir), 0);
+    }
+    scratch_remove(dir);
+}
+
+/* Starts `kvsim synth` writing a trace of `prompt` tokens into dir; returns its pid. */
+static pid_t start_synth(const char *dir, int prompt)
+{
+    const char *bin = getenv("KVSIM_BIN");
+    assert_non_null(bin);
+    char out[8192], tokens[32];
+    snprintf(out, sizeof out, "%s/sig.h5", dir);
+    snprintf(tokens, sizeof tokens, "%d", prompt);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int null = open("/dev/null", O_WRONLY);
+        dup2(null, STDOUT_FILENO);
+        dup2(null, STDERR_FILENO);
+        execl(bin, bin, "synth", "--out", out, "--layers", "8", "--q-heads", "8", "--kv-heads",
+              "2", "--head-dim", "64", "--prompt", tokens, "--decode", "16", "--attn-rows", "0",
+              (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* SIGTERM while the trace is being written removes its temporary file. The signal is sent as
+ * soon as the temporary file exists; should the run finish first, it is repeated with a bigger
+ * trace (bounded). */
+static void test_sigterm_leaves_no_temporary(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    int prompt = 2048, caught = 0;
+    for (int attempt = 0; attempt < 6 && !caught; attempt++, prompt *= 2) {
+        pid_t pid = start_synth(dir, prompt);
+        int status = 0, seen = 0;
+        struct timespec tick = {0, 1000000};
+        for (int ms = 0; ms < 60000 && !seen; ms++) {
+            if (waitpid(pid, &status, WNOHANG) == pid)
+                break; /* finished (or failed) before the temporary file was seen */
+            seen = has_tmp(dir);
+            if (!seen)
+                nanosleep(&tick, NULL);
+        }
+        if (seen) {
+            kill(pid, SIGTERM);
+            assert_int_equal(waitpid(pid, &status, 0), pid);
+        } else if (kill(pid, 0) == 0) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            fail_msg("no temporary file within 60 s");
+        }
+        if (seen && WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) {
+            caught = 1;
+            assert_false(has_tmp(dir));
+            assert_int_equal(scratch_count(dir), 0); /* and no trace either */
+        } else {
+            assert_false(has_tmp(dir)); /* it finished normally: then only the trace is left */
+        }
+        unlink(scratch_path(dir, "sig.h5", 0));
+    }
+    assert_true(caught);
+    scratch_remove(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -381,6 +504,8 @@ int main(void)
         cmocka_unit_test(test_planted_structure_interleaved_f16),
         cmocka_unit_test(test_keys_carry_rope_phase),
         cmocka_unit_test(test_rejects_bad_parameters),
+        cmocka_unit_test(test_disk_full_is_a_clean_error),
+        cmocka_unit_test(test_sigterm_leaves_no_temporary),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -419,6 +419,19 @@ static void break_kv_heads(hid_t f) { set_int_attr(f, "n_kv_heads", 3); }
 static void break_prompt(hid_t f) { set_int_attr(f, "n_prompt", T + 1); }
 static void break_odd_head_dim(hid_t f) { set_int_attr(f, "head_dim", 7); }
 static void break_layout(hid_t f) { set_string_attr(f, "rope_layout", "spiral", 0); }
+static void break_zero_layers(hid_t f) { set_int_attr(f, "n_layers", 0); }
+static void break_negative_tokens(hid_t f) { set_int_attr(f, "n_tokens", -37); }
+
+static void break_wide_prompt(hid_t f)
+{
+    H5Adelete(f, "n_prompt");
+    hid_t sp = H5Screate(H5S_SCALAR);
+    hid_t a = H5Acreate2(f, "n_prompt", H5T_STD_U64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
+    unsigned long long v = (1ULL << 63) + 5;
+    assert_true(H5Awrite(a, H5T_NATIVE_ULLONG, &v) >= 0);
+    H5Aclose(a);
+    H5Sclose(sp);
+}
 
 static void break_attr_type(hid_t f)
 {
@@ -501,6 +514,74 @@ static void break_rows_missing(hid_t f)
     assert_true(H5Ldelete(f, "/layers/001/attn_rows", H5P_DEFAULT) >= 0);
 }
 
+static void set_double_attr(hid_t file, const char *name, double value)
+{
+    if (H5Aexists(file, name) > 0)
+        H5Adelete(file, name);
+    hid_t sp = H5Screate(H5S_SCALAR);
+    hid_t a = H5Acreate2(file, name, H5T_IEEE_F64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(H5Awrite(a, H5T_NATIVE_DOUBLE, &value) >= 0);
+    H5Aclose(a);
+    H5Sclose(sp);
+}
+
+/* A dataset of `type` on disk written from int64 values (HDF5 would clip them into int32). */
+static void replace_wide_dataset(hid_t file, const char *name, hid_t type, hid_t mem_type,
+                                 hsize_t n, const void *data)
+{
+    if (H5Lexists(file, name, H5P_DEFAULT) > 0)
+        assert_true(H5Ldelete(file, name, H5P_DEFAULT) >= 0);
+    hid_t sp = H5Screate_simple(1, &n, NULL);
+    hid_t ds = H5Dcreate2(file, name, type, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(ds >= 0);
+    assert_true(H5Dwrite(ds, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0);
+    H5Dclose(ds);
+    H5Sclose(sp);
+}
+
+static void break_token_beyond_int32(hid_t f)
+{
+    int64_t tokens[T];
+    for (int t = 0; t < T; t++)
+        tokens[t] = t == 5 ? (int64_t)1 << 33 : 1000 + t; /* 2^33 read as INT32_MAX before */
+    replace_wide_dataset(f, "/tokens", H5T_STD_I64LE, H5T_NATIVE_INT64, T, tokens);
+}
+
+static void break_position_beyond_int32(hid_t f)
+{
+    uint32_t pos[T];
+    for (int t = 0; t < T; t++)
+        pos[t] = t < T - 1 ? (uint32_t)t : 3000000000u;
+    replace_wide_dataset(f, "/positions", H5T_STD_U32LE, H5T_NATIVE_UINT32, T, pos);
+}
+
+static void break_attn_scale_float32(hid_t f) { set_double_attr(f, "attn_scale", 1e300); }
+static void break_attn_scale_tiny(hid_t f) { set_double_attr(f, "attn_scale", 1e-300); }
+
+static void break_rope_angles(hid_t f)
+{
+    double freq[D / 2] = {1e307, 1.0, 0.5, 0.25}; /* 1e307 x position 75 = inf */
+    replace_wide_dataset(f, "/rope_inv_freq", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, D / 2, freq);
+}
+
+static void break_layout_newline(hid_t f) { set_string_attr(f, "rope_layout", "half\n2nd line", 0); }
+static void break_format_newline(hid_t f) { set_string_attr(f, "format", "kvsim-trace\r\n", 1); }
+
+/* /layers/000/k as a virtual dataset mapping another file: HDF5 would open that file (a FIFO
+ * there blocks for ever). */
+static void break_virtual(hid_t f)
+{
+    assert_true(H5Ldelete(f, "/layers/000/k", H5P_DEFAULT) >= 0);
+    hsize_t dims[3] = {HKV, T, D};
+    hid_t sp = H5Screate_simple(3, dims, NULL), dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    assert_true(H5Pset_virtual(dcpl, sp, "elsewhere.h5", "/k", sp) >= 0);
+    hid_t ds = H5Dcreate2(f, "/layers/000/k", H5T_IEEE_F32LE, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    assert_true(ds >= 0);
+    H5Dclose(ds);
+    H5Pclose(dcpl);
+    H5Sclose(sp);
+}
+
 /* Writes a good trace, applies `breaker`, and returns trace_open's message (static). */
 static const char *open_broken(Breaker breaker, const char *dir)
 {
@@ -563,6 +644,10 @@ static void test_rejects_bad_attribute_values(void **state)
     expect_broken(break_layout, "attribute rope_layout", "spiral");
     expect_broken(break_attr_type, "attribute n_layers", "expected integer, found string");
     expect_broken(break_float_attr_type, "attribute attn_scale", "expected float, found integer");
+    expect_broken(break_zero_layers, "attribute n_layers", "expected >= 1, found 0");
+    expect_broken(break_negative_tokens, "attribute n_tokens", "expected >= 1, found -37");
+    expect_broken(break_wide_prompt, "attribute n_prompt",
+                  "expected a 32-bit integer, found 9223372036854775813");
 }
 
 static void test_rejects_missing_layer_dataset(void **state)
@@ -596,6 +681,91 @@ static void test_rejects_bad_metadata_values(void **state)
     expect_broken(break_probe, "dataset /probes", "probe 1 is 37");
     expect_broken(break_positions, "dataset /positions", "token 20");
     expect_broken(break_rows_order, "dataset /attn_rows_at", "row 1");
+}
+
+static void test_rejects_out_of_range_values(void **state)
+{
+    (void)state;
+    expect_broken(break_token_beyond_int32, "dataset /tokens: element 5 is 8589934592, expected a "
+                                            "32-bit integer", NULL);
+    expect_broken(break_position_beyond_int32, "dataset /positions: element 36 is 3000000000",
+                  "32-bit integer");
+    expect_broken(break_attn_scale_float32, "attribute attn_scale: expected a finite value > 0 "
+                                            "within float32 range", "found 1e+300");
+    expect_broken(break_attn_scale_tiny, "attribute attn_scale", "found 1e-300");
+    expect_broken(break_rope_angles, "dataset /rope_inv_freq: element 0 is 1e+307",
+                  "position 75");
+}
+
+/* Strings from the file are escaped in messages: always one line (open_broken checks). */
+static void test_messages_escape_file_strings(void **state)
+{
+    (void)state;
+    expect_broken(break_layout_newline, "attribute rope_layout", "found \"half\\n2nd line\"");
+    expect_broken(break_format_newline, "attribute format", "found \"kvsim-trace\\x0d\\n\"");
+}
+
+static void test_rejects_storage_outside_the_file(void **state)
+{
+    (void)state;
+    expect_broken(break_virtual, "dataset /layers/000/k", "virtual");
+}
+
+/* A trace cut short (a partial copy, a full disk elsewhere): refused at open, one line. */
+static void test_rejects_truncated_file(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    const char *path = scratch_path(dir, "cut.h5", 0);
+    Sample s;
+    sample_init(&s, 2, 2, 3, 22);
+    sample_write(&s, path, TRACE_F32);
+    sample_free(&s);
+    FILE *f = fopen(path, "rb");
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fclose(f);
+    const long cuts[] = {size - 1, size / 2, 3000, 100};
+    for (size_t i = 0; i < sizeof cuts / sizeof *cuts; i++) {
+        assert_int_equal(truncate(path, cuts[i]), 0);
+        KvErr err = {{0}};
+        assert_null(trace_open(path, &err));
+        assert_null(strchr(err.msg, '\n'));
+        assert_int_equal(strncmp(err.msg, path, strlen(path)), 0);
+        if (!strstr(err.msg, "truncated") && !strstr(err.msg, "not an HDF5 file"))
+            fail_msg("cut at %ld: %s", cuts[i], err.msg);
+    }
+    scratch_remove(dir);
+}
+
+/* One flipped byte each (tests/inputs/trace/README.md): sizes HDF5 1.10 trusted and copied
+ * past its buffers with, or spent minutes on. */
+static void test_rejects_flipped_bytes(void **state)
+{
+    (void)state;
+    const char *src = getenv("KVSIM_SOURCE_DIR");
+    assert_non_null(src);
+    static const struct {
+        const char *file, *fragment;
+    } cases[] = {
+        {"q-chunk-size.h5", "dataset /layers/000/q: stores 1279 bytes, expected whole chunks"},
+        {"k-chunk-size.h5", "dataset /layers/000/k: stores 639 bytes, expected whole chunks"},
+        {"q-chunk-shape.h5", "dataset /layers/000/q: stores 1280 bytes, expected whole chunks of 19760"},
+        {"tokens-type-size.h5", "dataset /tokens: shape [20] of 4278190084-byte values holds more data"},
+    };
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tests/inputs/trace/intact.h5", src);
+    trace_close(open_ok(path));
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        snprintf(path, sizeof path, "%s/tests/inputs/trace/%s", src, cases[i].file);
+        KvErr err = {{0}};
+        Trace *tr = trace_open(path, &err);
+        if (tr)
+            fail_msg("%s opened", cases[i].file);
+        if (strchr(err.msg, '\n') || strncmp(err.msg, path, strlen(path)) != 0 ||
+            !strstr(err.msg, cases[i].fragment))
+            fail_msg("%s: \"%s\" lacks \"%s\"", cases[i].file, err.msg, cases[i].fragment);
+    }
 }
 
 static void test_rejects_missing_and_non_hdf5_files(void **state)
@@ -635,10 +805,36 @@ static void test_accepts_format_variants(void **state)
     hid_t ds = H5Dcreate2(f, "/needles", H5T_STD_I32LE, null_space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     H5Dclose(ds);
     H5Sclose(null_space);
+    /* A space-padded fixed-length string (Fortran's habit). */
+    H5Adelete(f, "rope_layout");
+    hid_t str = H5Tcopy(H5T_C_S1), scalar = H5Screate(H5S_SCALAR);
+    H5Tset_size(str, 16);
+    H5Tset_strpad(str, H5T_STR_SPACEPAD);
+    hid_t a = H5Acreate2(f, "rope_layout", str, scalar, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(H5Awrite(a, str, "interleaved     ") >= 0);
+    H5Aclose(a);
+    H5Sclose(scalar);
+    H5Tclose(str);
+    /* Compressed positions, 64-bit on disk. */
+    assert_true(H5Ldelete(f, "/positions", H5P_DEFAULT) >= 0);
+    hsize_t n = T, chunk = 8;
+    int64_t pos[T];
+    for (int t = 0; t < T; t++)
+        pos[t] = s.meta.positions[t];
+    hid_t sp = H5Screate_simple(1, &n, NULL), dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(dcpl, 1, &chunk);
+    H5Pset_deflate(dcpl, 6);
+    ds = H5Dcreate2(f, "/positions", H5T_STD_I64BE, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    assert_true(H5Dwrite(ds, H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, pos) >= 0);
+    H5Dclose(ds);
+    H5Pclose(dcpl);
+    H5Sclose(sp);
     H5Fclose(f);
     Trace *tr = open_ok(path);
     const TraceMeta *m = trace_meta(tr);
     assert_string_equal(m->model, "vlen-model");
+    assert_int_equal(m->rope_layout, ROPE_INTERLEAVED);
+    assert_memory_equal(m->positions, s.meta.positions, sizeof(int32_t) * T);
     assert_int_equal(m->n_layers, L);
     assert_int_equal(m->n_needles, 0);
     for (int fi = 0; fi < D / 2; fi++)
@@ -799,6 +995,11 @@ int main(void)
         cmocka_unit_test(test_rejects_missing_layer_dataset),
         cmocka_unit_test(test_rejects_wrong_shape_and_type),
         cmocka_unit_test(test_rejects_bad_metadata_values),
+        cmocka_unit_test(test_rejects_out_of_range_values),
+        cmocka_unit_test(test_messages_escape_file_strings),
+        cmocka_unit_test(test_rejects_storage_outside_the_file),
+        cmocka_unit_test(test_rejects_truncated_file),
+        cmocka_unit_test(test_rejects_flipped_bytes),
         cmocka_unit_test(test_rejects_missing_and_non_hdf5_files),
         cmocka_unit_test(test_accepts_format_variants),
         cmocka_unit_test(test_half_conversion_matches_hdf5),

@@ -584,13 +584,59 @@ static void test_bad_input(void **state)
     expect_failure(env, args, (const char *[]){"--dtype", "bf16", NULL});
 }
 
+/* Disk full while the trace is written (a file size limit, SIGXFSZ ignored, so writes fail
+ * with EFBIG): one line naming the output and the reason, exit 2, no core dump or signal, no
+ * file left (the query spill is unlinked, the trace's temporary removed). It used to segfault
+ * in HDF5's shutdown after the error. */
+static void test_disk_full_while_writing(void **state)
+{
+    Env *env = *state;
+    int32_t prompt[N_PROMPT];
+    prompt_ids(prompt);
+    char text[512] = "";
+    for (int i = 0; i < N_PROMPT; i++)
+        snprintf(text + strlen(text), sizeof text - strlen(text), "%d ", prompt[i]);
+    const char *tokens_path = scratch_path(env->dir, "prompt.ids", 0);
+    write_text(tokens_path, text);
+    const char *out = scratch_path(env->dir, "full.h5", 1);
+    int before = scratch_count(env->dir), writer_failed = 0;
+    /* The whole trace's size, then limits in 512-byte blocks (dash's ulimit -f unit) from the
+     * first block to the last: the query spill (~14 KB) fails below ~28. */
+    char cmd[8192];
+    snprintf(cmd, sizeof cmd, "'%s' trace --model '%s' --tokens '%s' --out '%s' --max-new 7 "
+             "--attn-rows 3", getenv("KVSIM_BIN"), env->dir, tokens_path, out);
+    KvsimRun whole = run_command(cmd);
+    assert_int_equal(whole.status, 0);
+    kvsim_run_free(&whole);
+    FILE *fp = fopen(out, "rb");
+    assert_non_null(fp);
+    fseek(fp, 0, SEEK_END);
+    int blocks = (int)((ftell(fp) + 511) / 512);
+    fclose(fp);
+    unlink(out);
+    const int limits[] = {8, blocks / 2, blocks * 3 / 4, blocks - 1};
+    for (size_t i = 0; i < sizeof limits / sizeof *limits; i++) {
+        snprintf(cmd, sizeof cmd, "ulimit -f %d; trap '' XFSZ; exec '%s' trace --model '%s' "
+                 "--tokens '%s' --out '%s' --max-new 7 --attn-rows 3", limits[i],
+                 getenv("KVSIM_BIN"), env->dir, tokens_path, out);
+        KvsimRun run = run_command(cmd);
+        if (run.status != 2 || count_lines(run.err) != 1 || !strstr(run.err, "full.h5") ||
+            !strstr(run.err, "File too large"))
+            fail_msg("limit %d blocks: status %d, stderr: %s", limits[i], run.status, run.err);
+        writer_failed += strstr(run.err, "temporary query file") == NULL;
+        kvsim_run_free(&run);
+        assert_int_equal(scratch_count(env->dir), before);
+    }
+    assert_true(writer_failed > 0); /* the trace writer's error, not only the spill's */
+}
+
 int main(void)
 {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
     const struct CMUnitTest tests[] = {
         T(test_tokens_trace_matches_rerun), T(test_f16_trace_passes_check),
         T(test_generation_stops_at_eos), T(test_prompt_markup_in_trace),
-        T(test_decode_marker_in_trace), T(test_bad_input),
+        T(test_decode_marker_in_trace), T(test_bad_input), T(test_disk_full_while_writing),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);

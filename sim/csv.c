@@ -1,7 +1,5 @@
 #include "sim/csv.h"
 
-#include <unistd.h>
-
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -90,22 +88,25 @@ void csv_put_int(CsvFile *c, long long v)
     fprintf(next_field(c), "%lld", v);
 }
 
-void csv_put_num(CsvFile *c, double v)
+/* Starts a number's field; false (after recording the error) when it is not finite. */
+static bool finite_field(CsvFile *c, double v)
 {
     if (!isfinite(v))
         not_finite(c, v);
-    FILE *f = next_field(c);
-    if (isfinite(v))
-        fprintf(f, "%.9g", v == 0 ? 0.0 : v); /* 0.0: never "-0" */
+    next_field(c);
+    return isfinite(v);
+}
+
+void csv_put_num(CsvFile *c, double v)
+{
+    if (finite_field(c, v))
+        fprintf(c->af.fp, "%.9g", v == 0 ? 0.0 : v); /* 0.0: never "-0" */
 }
 
 void csv_put_count(CsvFile *c, double v)
 {
-    if (!isfinite(v))
-        not_finite(c, v);
-    FILE *f = next_field(c);
-    if (isfinite(v))
-        fprintf(f, v == floor(v) ? "%.0f" : "%.3f", v == 0 ? 0.0 : v);
+    if (finite_field(c, v))
+        fprintf(c->af.fp, v == floor(v) ? "%.0f" : "%.3f", v == 0 ? 0.0 : v);
 }
 
 void csv_put_empty(CsvFile *c)
@@ -160,15 +161,10 @@ int csv_commit_set(CsvFile *const *files, int n, KvErr *err)
         if (csv_close(files[closed], err) != 0)
             break;
     if (closed < n) {
+        /* csv_close removed the failed one; the others, closed or not, are discarded. */
         for (int i = 0; i < n; i++)
-            if (i != closed) {
-                if (files[i]->af.fp)
-                    atomic_abort(&files[i]->af);
-                else if (i < closed) {
-                    unlink(files[i]->af.tmp_path);
-                    kv_temp_unregister(files[i]->af.tmp_path);
-                }
-            }
+            if (i != closed)
+                atomic_abort(&files[i]->af);
         return -1;
     }
     for (int i = 0; i < n; i++)

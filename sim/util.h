@@ -34,7 +34,7 @@ typedef struct {
 
 int atomic_open(AtomicFile *af, const char *path, KvErr *err);
 int atomic_commit(AtomicFile *af, KvErr *err); /* atomic_close + atomic_publish */
-void atomic_abort(AtomicFile *af);             /* fclose + unlink the temporary */
+void atomic_abort(AtomicFile *af);             /* fclose (if open) + unlink the temporary */
 /* The two halves of atomic_commit, for a set of files that must appear together: close and
  * check every temporary first (a failure unlinks it), then rename each into place. */
 int atomic_close(AtomicFile *af, KvErr *err);

@@ -8,7 +8,7 @@ KVSIM      := $(BUILD)/kvsim
 DEB_PACKAGES := build-essential cmake pkg-config libhdf5-dev hdf5-tools libopenblas-dev \
                 libgsl-dev libcmocka-dev libinih-dev libcjson-dev libpcre2-dev gnuplot-nox
 
-.PHONY: all deps build test test-release test-sanitize test-fuzz fuzz fuzz-deps run bench clean
+.PHONY: all deps build test test-release test-sanitize test-fuzz fuzz fuzz-deps run bench layers clean
 
 all: build
 
@@ -96,6 +96,11 @@ bench: build
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-torch
 	cd $(BUILD) && ./bench_replay bench-1b.h5 $(CURDIR)/bench/replay.ini $(CURDIR)/configs/ta512.ini; \
 	  replay=$$?; cd $(CURDIR) && bench/generator.sh $(BUILD) 2; exit $$(( replay || $$? ))
+
+# The include graph, file by file with the layer of each side (docs/layout.md); fails on an
+# include that runs upward.
+layers:
+	@tests/check_layers.sh -v .
 
 clean:
 	rm -rf $(BUILD) $(SAN_BUILD) $(FUZZ_BUILD)

@@ -15,10 +15,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "sim/util.h"
-#include "traces/forward.h"
-#include "traces/model.h"
-#include "traces/trace_cmd.h"
+#include "sim/base/util.h"
+#include "traces/model/forward.h"
+#include "traces/model/model.h"
+#include "traces/cmd/trace_cmd.h"
 
 int main(int argc, char **argv)
 {

@@ -18,9 +18,9 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "sim/config.h"
-#include "sim/engine.h"
-#include "sim/synth.h"
+#include "sim/replay/config.h"
+#include "sim/replay/engine.h"
+#include "sim/cmd/synth.h"
 
 static double sgemm_rate(int n, int reps)
 {

@@ -3,9 +3,9 @@
  * A policy is one .c file that defines a `const PolicyType` and adds one line, POLICY(name), to
  * policies/registry.def. Whoever drives it never knows which algorithm it drives.
  *
- * One module drives policies, sim/driver.h, for open-loop replay of a trace (`kvsim run`,
- * sim/engine.h) and for closed-loop decoding, where the model generates from what the policy
- * keeps (`kvsim eval`, traces/eval.h). For each (configured policy, layer) it creates one Policy
+ * One module drives policies, sim/driver/driver.h, for open-loop replay of a trace (`kvsim run`,
+ * sim/replay/engine.h) and for closed-loop decoding, where the model generates from what the policy
+ * keeps (`kvsim eval`, traces/eval/eval.h). For each (configured policy, layer) it creates one Policy
  * instance, which keeps one cache (KVCache) per KV head of the layer. Calls, in order:
  *
  *   create(params, layer, env)   the policy sets its `base` fields, including what it needs
@@ -47,8 +47,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "sim/trace.h"
-#include "sim/util.h"
+#include "sim/format/trace.h"
+#include "sim/base/util.h"
 
 /* ---- Parameters: declared as a table, parsed and validated by the config loader ---- */
 typedef enum { PARAM_INT, PARAM_DOUBLE, PARAM_BOOL, PARAM_ENUM, PARAM_STRING } ParamKind;

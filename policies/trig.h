@@ -15,7 +15,7 @@
 
 #include <stdint.h>
 
-#include "sim/trace.h"
+#include "sim/format/trace.h"
 
 #define TRIG_N_OFFSETS 17 /* δ = 2^0 … 2^16 */
 

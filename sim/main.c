@@ -4,11 +4,11 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "sim/check.h"
-#include "sim/run_cmd.h"
-#include "sim/synth.h"
-#include "traces/eval_cmd.h"
-#include "traces/trace_cmd.h"
+#include "sim/cmd/check.h"
+#include "sim/cmd/run_cmd.h"
+#include "sim/cmd/synth.h"
+#include "traces/cmd/eval_cmd.h"
+#include "traces/cmd/trace_cmd.h"
 
 typedef struct {
     const char *name;

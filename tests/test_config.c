@@ -12,7 +12,7 @@
 
 #include <cmocka.h>
 
-#include "sim/config.h"
+#include "sim/replay/config.h"
 #include "tests/support/scratch.h"
 
 static char *dir;

@@ -32,9 +32,9 @@
 
 #include <cmocka.h>
 
-#include "sim/driver.h"
-#include "sim/engine.h"
-#include "sim/report.h"
+#include "sim/driver/driver.h"
+#include "sim/replay/engine.h"
+#include "sim/replay/report.h"
 #include "tests/support/fixture.h"
 #include "tests/support/mass_trace.h"
 #include "tests/support/scratch.h"

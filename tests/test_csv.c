@@ -1,4 +1,4 @@
-/* test_csv.c — the CSV conventions of every file kvsim writes (sim/csv.h, docs/metrics.md
+/* test_csv.c — the CSV conventions of every file kvsim writes (sim/base/csv.h, docs/metrics.md
  * "Files"). Each file is read back with an RFC 4180 parser written here (quoted fields with
  * commas, doubled quotes and line breaks): every row has as many fields as the header, no
  * field is NaN or infinite, a number is "%.9g", a byte count an exact integer (or a mean with
@@ -18,9 +18,9 @@
 
 #include <cmocka.h>
 
-#include "sim/csv.h"
-#include "sim/report.h"
-#include "sim/util.h"
+#include "sim/base/csv.h"
+#include "sim/replay/report.h"
+#include "sim/base/util.h"
 #include "tests/support/scratch.h"
 #include "tests/support/tiny_ckpt.h"
 
@@ -424,7 +424,7 @@ static const char STEPS_HEADER[] =
     "policy,step,decode_index,mass_mean,recall_mean,out_err_mean,cache_tokens_mean,"
     "device_bytes,allocated_bytes,host_bytes,fetched_tokens,needle_survival";
 
-/* ---- The reductions of sim/report.c ---- */
+/* ---- The reductions of sim/replay/report.c ---- */
 
 /* One policy ("w,1", a window), 2 layers, 2 query heads, 2 evaluated steps (the second a
  * probe): every head metric and byte count finite, needle survival NaN (does not apply) off

@@ -10,8 +10,8 @@
 
 #include <cmocka.h>
 
-#include "sim/engine.h"
-#include "sim/report.h"
+#include "sim/replay/engine.h"
+#include "sim/replay/report.h"
 #include "tests/support/fixture.h"
 #include "tests/support/scratch.h"
 

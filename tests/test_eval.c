@@ -1,4 +1,4 @@
-/* Closed-loop decoding with live eviction (traces/eval.h) on a tiny random checkpoint: with a
+/* Closed-loop decoding with live eviction (traces/eval/eval.h) on a tiny random checkpoint: with a
  * cache that holds everything it is the plain forward pass (same logits, same tokens), forced
  * tokens after a [[decode]] split included; with a small window each layer's attention is
  * exactly the softmax over the window's positions, at forced steps too, so that eviction reaches
@@ -16,9 +16,9 @@
 
 #include "tests/support/scratch.h"
 #include "tests/support/tiny_ckpt.h"
-#include "traces/eval.h"
-#include "traces/forward.h"
-#include "traces/model.h"
+#include "traces/eval/eval.h"
+#include "traces/model/forward.h"
+#include "traces/model/model.h"
 
 enum { N_PROMPT = 14, MAX_NEW = 8, VOCAB = 300 };
 /* Where a [[decode]] marker splits the prompt in the tests of forced tokens. */

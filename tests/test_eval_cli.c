@@ -14,9 +14,9 @@
 
 #include "tests/support/scratch.h"
 #include "tests/support/tiny_ckpt.h"
-#include "traces/forward.h"
-#include "traces/model.h"
-#include "traces/trace_cmd.h"
+#include "traces/model/forward.h"
+#include "traces/model/model.h"
+#include "traces/cmd/trace_cmd.h"
 
 enum { N_PROMPTS = 3, ANSWER_TOKENS = 4, PLAIN_NEW = 12, N_CANDIDATES = 60 };
 

@@ -15,8 +15,8 @@
 
 #include "tests/support/scratch.h"
 #include "tests/support/tiny_ckpt.h"
-#include "traces/forward.h"
-#include "traces/model.h"
+#include "traces/model/forward.h"
+#include "traces/model/model.h"
 
 #define TOLERANCE 1e-4
 
@@ -36,7 +36,7 @@ static double *ref_at(double *base, int outer, int heads, int h, int T, int t, i
 }
 
 /* HF: inv_freq = 1 / base^(arange(0, dim, 2) / dim), then the rope_scaling rule. Written as
- * HF writes it (masks over all frequencies), not as traces/model.c does. */
+ * HF writes it (masks over all frequencies), not as traces/model/model.c does. */
 static void ref_inv_freq(const TinyCheckpointSpec *s, const char *type, double factor,
                          double low, double high, double old_context, int T, double *out)
 {

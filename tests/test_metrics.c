@@ -6,7 +6,7 @@
 
 #include <cmocka.h>
 
-#include "sim/metrics.h"
+#include "sim/replay/metrics.h"
 
 /* One query head, scale 1, q = (1, 0); keys (0,0), (1,0), (2,0): logits 0, 1, 2.
  * Values (1,0), (0,1), (1,1). */

@@ -1,4 +1,4 @@
-/* test_metrics_table.c — the metric table (sim/metrics.def, sim/metric_table.h) and what
+/* test_metrics_table.c — the metric table (sim/replay/metrics.def, sim/replay/metric_table.h) and what
  * follows from it. The table is well formed (each kind's fields and statistics, slots dense and
  * found again, column names unique and short enough); every file report_write_csv writes has
  * the header the table gives and every data row exactly as wide as it, with empty fields only
@@ -16,8 +16,8 @@
 
 #include <cmocka.h>
 
-#include "sim/metric_table.h"
-#include "sim/report.h"
+#include "sim/replay/metric_table.h"
+#include "sim/replay/report.h"
 #include "tests/support/scratch.h"
 
 /* ---- The table ---- */

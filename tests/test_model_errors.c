@@ -15,7 +15,7 @@
 
 #include "tests/support/scratch.h"
 #include "tests/support/tiny_ckpt.h"
-#include "traces/model.h"
+#include "traces/model/model.h"
 
 typedef struct {
     char *dir;

@@ -16,7 +16,7 @@
 
 #include <cmocka.h>
 
-#include "sim/util.h"
+#include "sim/base/util.h"
 #include "tests/support/scratch.h"
 
 /* A PNG smaller than this is (nearly) blank: axes, legend and lines take far more. */

@@ -9,7 +9,7 @@
 
 #include <cmocka.h>
 
-#include "traces/prompt.h"
+#include "traces/model/prompt.h"
 
 /* One token per byte: id = byte value + 1 (so that 0 can be BOS). */
 static int byte_encode(void *ctx, const char *text, size_t len, int32_t **ids, int *n, KvErr *err)

@@ -12,7 +12,7 @@
 
 #include <cmocka.h>
 
-#include "sim/util.h"
+#include "sim/base/util.h"
 #include "tests/support/fixture.h"
 #include "tests/support/scratch.h"
 

@@ -16,8 +16,8 @@
 
 #include <cmocka.h>
 
-#include "sim/synth.h"
-#include "sim/trace.h"
+#include "sim/cmd/synth.h"
+#include "sim/format/trace.h"
 #include "tests/support/scratch.h"
 
 /* Three layers over two KV heads give every head kind twice (kind = (layer + g) mod 3). */

@@ -13,7 +13,7 @@
 #include <cmocka.h>
 
 #include "tests/support/tiny_ckpt.h"
-#include "traces/tokenizer.h"
+#include "traces/model/tokenizer.h"
 
 /* ---------------------------------------------------------------- file helpers */
 

@@ -15,7 +15,7 @@
 #include <gsl/gsl_rng.h>
 #include <hdf5.h>
 
-#include "sim/trace.h"
+#include "sim/format/trace.h"
 #include "tests/support/scratch.h"
 
 enum { L = 3, HQ = 4, HKV = 2, D = 8, T = 37, P = 30 };

@@ -13,12 +13,12 @@
 
 #include <cmocka.h>
 
-#include "sim/trace.h"
+#include "sim/format/trace.h"
 #include "tests/support/scratch.h"
 #include "tests/support/tiny_ckpt.h"
-#include "traces/forward.h"
-#include "traces/model.h"
-#include "traces/tokenizer.h"
+#include "traces/model/forward.h"
+#include "traces/model/model.h"
+#include "traces/model/tokenizer.h"
 
 typedef struct {
     char *dir;

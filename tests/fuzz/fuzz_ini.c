@@ -1,9 +1,9 @@
-/* The INI run configuration (sim/config.c): any bytes as a config file must load or fail with
+/* The INI run configuration (sim/replay/config.c): any bytes as a config file must load or fail with
  * one line, never crash, read out of bounds or leak. */
 #include <stdint.h>
 #include <string.h>
 
-#include "sim/config.h"
+#include "sim/replay/config.h"
 #include "tests/fuzz/support.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

@@ -1,11 +1,11 @@
-/* A model's config.json (traces/model.c) and its RoPE scaling: any bytes load or fail with one
+/* A model's config.json (traces/model/model.c) and its RoPE scaling: any bytes load or fail with one
  * line; a loaded config gives finite, positive inverse frequencies. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "traces/model.h"
+#include "traces/model/model.h"
 #include "tests/fuzz/support.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

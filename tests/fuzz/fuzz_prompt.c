@@ -1,11 +1,11 @@
-/* Prompt files (traces/prompt.c): plain text or a JSON chat with [[needle]], [[probe]] and
+/* Prompt files (traces/model/prompt.c): plain text or a JSON chat with [[needle]], [[probe]] and
  * [[decode]] markup, parsed and tokenized (one token per byte, so spans are checked on every
  * input): no crash, one-line errors, spans inside the token sequence. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "traces/prompt.h"
+#include "traces/model/prompt.h"
 
 static int encode_bytes(void *ctx, const char *text, size_t len, int32_t **ids, int *n,
                         KvErr *err)

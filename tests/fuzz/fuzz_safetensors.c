@@ -1,11 +1,11 @@
-/* safetensors files (traces/safetensors.c): the header's JSON, dtypes, shapes and data offsets.
+/* safetensors files (traces/model/safetensors.c): the header's JSON, dtypes, shapes and data offsets.
  * Any bytes open or fail with one line; every tensor of a file that opens converts to float32
  * within the file. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "traces/safetensors.h"
+#include "traces/model/safetensors.h"
 #include "tests/fuzz/support.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

@@ -1,4 +1,4 @@
-/* tokenizer.json (traces/tokenizer.c): the model, pre-tokenizer regexes, merges, added tokens,
+/* tokenizer.json (traces/model/tokenizer.c): the model, pre-tokenizer regexes, merges, added tokens,
  * normalizer and decoder, then encoding and decoding. The input is split at the first 0xFF byte
  * (never valid UTF-8, so it cannot occur in a valid tokenizer.json): before it the file, after
  * it the text to encode. Any tokenizer loads or fails with one line; encoding gives ids inside
@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "traces/tokenizer.h"
+#include "traces/model/tokenizer.h"
 #include "tests/fuzz/support.h"
 
 static const char DEFAULT_TEXT[] = "Note: Lisbon 384. [x]\n  caf\xc3\xa9 \xf0\x9f\x98\x80 12345";

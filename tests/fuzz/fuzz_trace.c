@@ -1,4 +1,4 @@
-/* HDF5 traces (sim/trace.c), structure-aware: the input does not become the file's bytes (a
+/* HDF5 traces (sim/format/trace.c), structure-aware: the input does not become the file's bytes (a
  * mutated HDF5 file exercises libhdf5's own parser, which kvsim cannot fix) but drives a writer
  * that builds a small trace through the HDF5 API with every attribute, dataset shape, type and
  * value either valid or taken raw from the input (negative counts, NaN and huge floats, shapes
@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "sim/engine.h"
+#include "sim/replay/engine.h"
 #include "tests/fuzz/support.h"
 
 typedef struct {

@@ -2,7 +2,7 @@
  *
  * fixture_run() drives a policy exactly as the replay engine does (prefill, then step /
  * attention over the cache / observe for each decode step), but with plain loops written
- * independently of sim/engine.c, so a policy's tests do not depend on the engine's code. */
+ * independently of sim/replay/engine.c, so a policy's tests do not depend on the engine's code. */
 #ifndef KVSIM_TEST_FIXTURE_H
 #define KVSIM_TEST_FIXTURE_H
 

@@ -12,7 +12,7 @@
 
 #include <cmocka.h>
 
-#include "sim/util.h"
+#include "sim/base/util.h"
 
 char *scratch_create(void)
 {

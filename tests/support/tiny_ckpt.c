@@ -13,7 +13,7 @@
 #include <gsl/gsl_randist.h>
 #include <gsl/gsl_rng.h>
 
-#include "sim/util.h"
+#include "sim/base/util.h"
 
 TinyCheckpointSpec tiny_ckpt_default_spec(void)
 {

@@ -56,7 +56,7 @@ const float *tiny_ckpt_tensor(const TinyCheckpoint *ck, const char *name);
  * are the bytes, 256.. a few merges ("th", "the", " t", "in"), added tokens "<s>" = 290 (BOS,
  * prepended) and "</s>" = 291 (EOS); every id fits the default vocab of 300. */
 void tiny_ckpt_write_tokenizer(const char *dir);
-/* GPT-2's bytes_to_unicode, written from its definition (independent of traces/tokenizer.c):
+/* GPT-2's bytes_to_unicode, written from its definition (independent of traces/model/tokenizer.c):
  * bytes '!'..'~', 0xA1..0xAC and 0xAE..0xFF are their own code point; the rest get 256, 257,
  * ... in byte order. */
 unsigned byte_code_point(unsigned b);

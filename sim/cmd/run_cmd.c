@@ -1,0 +1,123 @@
+#include "sim/cmd/run_cmd.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "sim/base/args.h"
+#include "sim/replay/config.h"
+#include "sim/replay/report.h"
+
+int cmd_run(int argc, char **argv)
+{
+    const char *trace = NULL, *out = NULL;
+    int threads = -1, quiet = 0;
+    const ArgSpec specs[] = {
+        {"trace", ARG_STRING, &trace, 0, 0, NULL, "the trace to replay (overrides [trace] path)"},
+        {"out", ARG_STRING, &out, 0, 0, NULL, "output directory (overrides [run] out)"},
+        {"threads", ARG_INT, &threads, 0, 1024, NULL,
+         "worker threads, 0 = all cores (overrides [run] threads)"},
+        {"quiet", ARG_FLAG, &quiet, 0, 0, NULL, "no table, no progress"},
+        {NULL, 0, NULL, 0, 0, NULL, NULL},
+    };
+    const char *usage =
+        "run CONFIG.ini [options]\n"
+        "  Replays the trace through every [policy.LABEL] of CONFIG and writes summary.csv,\n"
+        "  layers.csv and steps.csv (docs/metrics.md). Results are identical at any thread count.";
+    const char *positional[1];
+    int status = args_start(argc, argv, specs, usage, positional, 1);
+    if (status >= 0)
+        return status;
+    const char *config_path = positional[0];
+
+    RunConfig rc;
+    KvErr err;
+    if (config_load(config_path, &rc, &err) != 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        return 2;
+    }
+    if (trace)
+        snprintf(rc.trace_path, sizeof rc.trace_path, "%s", trace);
+    if (out)
+        snprintf(rc.out_dir, sizeof rc.out_dir, "%s", out);
+    if (threads >= 0)
+        rc.engine.threads = threads;
+    rc.engine.progress = !quiet && isatty(STDERR_FILENO);
+    if (!rc.trace_path[0]) {
+        fprintf(stderr, "kvsim: %s: no trace: set [trace] path or pass --trace\n", config_path);
+        config_free(&rc);
+        return 2;
+    }
+
+    Trace *tr = trace_open(rc.trace_path, &err);
+    if (!tr) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        config_free(&rc);
+        return 2;
+    }
+    const TraceMeta *tm = trace_meta(tr); /* e.g. a trig calibration trace of another model */
+    if (config_check_model(&rc, rc.trace_path, tm->n_layers, tm->n_q_heads, tm->head_dim,
+                           tm->rope_layout, &err) != 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        trace_close(tr);
+        config_free(&rc);
+        return 2;
+    }
+    /* The output directory is checked before the replay, not after it. */
+    if (make_dirs(rc.out_dir, &err) != 0 || dir_writable(rc.out_dir, &err) != 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        trace_close(tr);
+        config_free(&rc);
+        return 2;
+    }
+    Results *res = engine_run(tr, &rc.engine, &err);
+    PolicySummary *summary = NULL;
+    status = 0;
+    if (!res) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        status = 2;
+    } else {
+        summary = kv_calloc((size_t)res->n_policies, sizeof *summary);
+        report_summarize(res, summary);
+        if (report_write_csv(res, summary, rc.out_dir, &err) != 0) {
+            fprintf(stderr, "kvsim: %s\n", err.msg);
+            status = 2;
+        } else if (!quiet) {
+            const TraceMeta *m = trace_meta(tr);
+            printf("trace %s: %s, %d layers, %d+%d tokens; %d policies, %d threads, %.1fs\n",
+                   rc.trace_path, m->model, m->n_layers, m->n_prompt, m->n_tokens - m->n_prompt,
+                   res->n_policies, res->threads_used, res->wall_seconds);
+            report_print_table(res, summary, stdout);
+            printf("wrote %s/summary.csv, layers.csv, steps.csv\n", rc.out_dir);
+        }
+    }
+    free(summary);
+    results_free(res);
+    trace_close(tr);
+    config_free(&rc);
+    return status;
+}
+
+int cmd_policies(int argc, char **argv)
+{
+    (void)argc;
+    (void)argv;
+    int n;
+    const PolicyType *const *all = policy_types(&n);
+    for (int i = 0; i < n; i++) {
+        printf("%s — %s\n", all[i]->name, all[i]->description);
+        for (const ParamSpec *s = all[i]->params; s && s->key; s++) {
+            char range[64] = "";
+            if (s->kind == PARAM_ENUM)
+                snprintf(range, sizeof range, "%s", s->choices);
+            else if ((s->kind == PARAM_INT || s->kind == PARAM_DOUBLE) && s->max >= 1e6)
+                snprintf(range, sizeof range, ">= %g", s->min);
+            else if (s->kind == PARAM_INT || s->kind == PARAM_DOUBLE)
+                snprintf(range, sizeof range, "[%g, %g]", s->min, s->max);
+            printf("    %-18s = %-10s %-22s %s\n", s->key, s->dflt, range, s->help);
+        }
+    }
+    return 0;
+}

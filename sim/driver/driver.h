@@ -1,0 +1,81 @@
+/* driver.h — drives the policy instances of one layer through the protocol of
+ * policies/policy.h: the one place that protocol is written, for open-loop replay (sim/replay/engine.c)
+ * and for closed-loop eval (traces/eval/eval.c).
+ *
+ * A PolicyDriver holds one instance of each of n policies over one LayerView. The driver:
+ *  - creates instance i of specs[i] with its seed, policy_instance_seed(run_seed, label, layer);
+ *  - at prefill, computes exactly the statistics each instance asks for, from the LayerView's
+ *    prompt rows: prefill_mass when it wants it, the last min(want_prefill_rows, P) prompt rows
+ *    and no other, decode_mass only for an oracle that wants it (open loop only); statistics that
+ *    several instances ask for are computed once and shared (prompt_statistics, sim/base/attention.h);
+ *  - calls prefill, step and observe, and records each instance's memory (MemReport) after its
+ *    prefill and after each observe;
+ *  - times each instance's callbacks, and the statistics it computed.
+ * The caller supplies what differs between replay and eval: the LayerView's Q/K/V, the true
+ * attention of each decode query (read by oracles only), and the attention each instance's query
+ * computed over that instance's caches.
+ *
+ * Calls, in order:
+ *   driver_create(d, L, specs, n, run_seed, kv_bits, live, err)
+ *   driver_prefill(d)                    once, when the prompt rows [0, P) of L exist
+ *   for each decode step t, for each instance i (instances in any order):
+ *     driver_step(d, i, t, full_attn)    the rows of position t exist in L
+ *     [caller: query t attends over each of d->inst[i]'s caches]
+ *     driver_observe(d, i, attn)         attn as PolicyType.observe takes it
+ *   driver_free(d)
+ * In closed loop (live) the rules of policies/policy.h on which rows of L exist when apply; a
+ * policy that needs the future (want_decode_mass) cannot run there: driver_create says so. */
+#ifndef KVSIM_DRIVER_H
+#define KVSIM_DRIVER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "policies/policy.h"
+
+typedef struct {
+    char label[64];         /* [policy.LABEL] */
+    const PolicyType *type;
+    void *params;           /* the type's parameter struct */
+} PolicySpec;
+
+typedef struct {
+    const LayerView *L;
+    int n;           /* instances */
+    Policy **inst;   /* [n]: the instance of specs[i] */
+    MemReport *mem;  /* [n]: instance i's memory after its prefill, then after each observe */
+    double *seconds; /* [n]: time in instance i's callbacks (prefill, step, observe, memory) */
+    double stats_seconds, stats_flops; /* the statistics computed for prefill */
+    /* The driver's own. */
+    bool live;
+    int kv_bits;
+    StepView *sv; /* [n]: the step each instance is in, between driver_step and driver_observe */
+} PolicyDriver;
+
+/* Creates the instances of specs[0, n) for layer L->layer, in order, with PolicyEnv seed
+ * policy_instance_seed(run_seed, label, layer) and kv_bits. live: closed loop, where the rows of
+ * L fill in as tokens are fed. Returns 0 when ready; 1 when live and an instance wants the
+ * future (want_decode_mass: not applicable, instances after it are not created); -1 with the
+ * create callback's message. On a nonzero return nothing is left to free. */
+int driver_create(PolicyDriver *d, const LayerView *L, const PolicySpec *specs, int n,
+                  uint64_t run_seed, int kv_bits, bool live, KvErr *err);
+/* Computes the statistics the instances ask for and calls every instance's prefill. */
+void driver_prefill(PolicyDriver *d);
+/* Token t arrives at instance i: its step callback. full_attn is the true attention of query t,
+ * [n_q_heads][n_tokens] zero beyond t, passed on to oracles only (may be NULL when instance i
+ * is not an oracle). */
+void driver_step(PolicyDriver *d, int i, int t, const float *full_attn);
+/* After query t attended over instance i's caches: its observe callback (when it has one) with
+ * attn[g] = [group][cache[g].n], then its memory into d->mem[i]. */
+void driver_observe(PolicyDriver *d, int i, const float *const *attn);
+/* Destroys the instances. */
+void driver_free(PolicyDriver *d);
+
+/* The seed of the instance of policy `label` for `layer` (PolicyEnv.seed): the same in every
+ * command that drives policies, so a policy makes the same random choices everywhere. */
+uint64_t policy_instance_seed(uint64_t run_seed, const char *label, int layer);
+/* The instance's memory after a step: its memory() callback, or, when it has none, its live
+ * slots at kv_bits (allocated = live). */
+void policy_memory_report(const Policy *inst, int head_dim, int kv_bits, MemReport *mem);
+
+#endif

@@ -1,0 +1,123 @@
+/* trace.h — the kvsim trace file: HDF5, format "kvsim-trace" version 1 (docs/trace-format.md).
+ *
+ * One reader and one writer, used by every part of kvsim (synthetic traces, the model trace
+ * generator, the simulator, the tests). The reader validates the whole header on open and then
+ * streams one layer at a time, so memory stays at one layer's Q/K/V whatever the trace size.
+ * The writer writes to a temporary name and renames on trace_writer_finish(), so an interrupted
+ * run never leaves a half-written trace: the temporary name is registered with
+ * kv_temp_register() while it exists (SIGINT/SIGTERM remove it), and a write that fails (disk
+ * full) fails the call that made it, with the reason, and never a later close inside HDF5.
+ *
+ * Layouts (row-major, float32 in memory whatever the on-disk precision):
+ *   q [n_q_heads][n_tokens][head_dim], k and v [n_kv_heads][n_tokens][head_dim], post-RoPE;
+ *   attn_rows [n_q_heads][n_attn_rows][n_tokens]: row r holds the model's attention
+ *   probabilities of the query at position attn_rows_at[r] over keys [0, attn_rows_at[r]],
+ *   zero beyond. */
+#ifndef KVSIM_TRACE_H
+#define KVSIM_TRACE_H
+
+#include <stdint.h>
+
+#include "sim/base/util.h"
+
+#define TRACE_FORMAT "kvsim-trace"
+#define TRACE_VERSION 1
+
+typedef enum { ROPE_HALF = 0, ROPE_INTERLEAVED = 1 } RopeLayout;
+typedef enum { TRACE_F32 = 0, TRACE_F16 = 1 } TraceDtype;
+
+typedef struct {
+    char model[256];
+    char generator[256];
+    char rope_scaling[256]; /* free text, may be empty */
+    int n_layers;
+    int n_q_heads;
+    int n_kv_heads; /* divides n_q_heads */
+    int head_dim;   /* even */
+    int n_tokens;   /* T */
+    int n_prompt;   /* P: tokens [0,P) are prefill, [P,T) decode; 1 <= P <= T */
+    double rope_theta;
+    RopeLayout rope_layout;
+    double attn_scale; /* softmax(attn_scale * q.k) */
+
+    int32_t *tokens;    /* [T] token ids */
+    int32_t *positions; /* [T] RoPE positions */
+    int32_t *segments;  /* [T] 0 = system prompt, k = k-th turn */
+    int n_needles;
+    int32_t *needles; /* [n_needles][2]: spans [start, end) */
+    int n_probes;
+    int32_t *probes; /* [n_probes] query positions where needle survival is checked */
+    int n_attn_rows; /* R; 0 when the trace stores no attention rows */
+    int32_t *attn_rows_at; /* [R] query positions, ascending */
+    /* [head_dim/2] RoPE inverse frequency of each pair, after any rope_scaling. Stored as
+     * /rope_inv_freq; a reader of a trace without it derives theta^(-2f/D). */
+    double *rope_inv_freq;
+} TraceMeta;
+
+/* Allocates the per-token arrays of `meta` (tokens, positions, segments) for meta->n_tokens
+ * tokens, zero-filled, the needle/probe/attn-row arrays for the counts already set, and
+ * rope_inv_freq filled with the unscaled frequencies of rope_theta and head_dim. */
+void trace_meta_alloc(TraceMeta *meta);
+void trace_meta_free(TraceMeta *meta);
+/* Checks the header and metadata constraints of docs/trace-format.md (the reader's checks of
+ * values; the writer applies it before creating anything). Messages name `path`. */
+int trace_meta_validate(const TraceMeta *meta, const char *path, KvErr *err);
+
+/* ---- Reader ---- */
+typedef struct Trace Trace;
+
+/* Opens and validates a trace: format and version, every root attribute, every dataset's
+ * presence, shape and type, and the values of the metadata (positions, spans, probes, rows).
+ * Only a regular file is opened (a FIFO is refused, never waited on); every dataset must hold
+ * its values in the file (no external or virtual storage), and no more than the file's size
+ * (so a damaged dimension cannot make a reader allocate terabytes); integers must fit 32 bits
+ * and attn_scale a float32. Nothing sized by the file is allocated before the datasets of that
+ * size have been found in it. On failure returns NULL with a one-line message naming the file
+ * and the attribute or dataset (strings from the file escaped). */
+Trace *trace_open(const char *path, KvErr *err);
+void trace_close(Trace *tr);
+const TraceMeta *trace_meta(const Trace *tr);
+const char *trace_path(const Trace *tr);
+TraceDtype trace_dtype(const Trace *tr);
+const char *trace_dtype_name(TraceDtype dtype); /* "float32" or "float16" */
+
+/* Reads one layer's post-RoPE q, k, v (any may be NULL to skip it). Fails on a non-finite
+ * value. Safe to call from several threads at once on the same Trace. */
+int trace_read_layer(Trace *tr, int layer, float *q, float *k, float *v, KvErr *err);
+/* Reads /layers/NNN/attn_rows; only when trace_meta(tr)->n_attn_rows > 0. */
+int trace_read_attn_rows(Trace *tr, int layer, float *rows, KvErr *err);
+
+/* ---- Writer ---- */
+typedef struct TraceWriter TraceWriter;
+
+/* Creates the file (under a temporary name) with all root attributes and metadata datasets
+ * from `meta`, and the per-layer q/k/v datasets (and attn_rows when meta->n_attn_rows > 0). */
+TraceWriter *trace_writer_create(const char *path, const TraceMeta *meta, TraceDtype dtype,
+                                 KvErr *err);
+/* Writes tokens [t0, t0+nt) of one layer. q is [n_q_heads][nt][head_dim], k and v
+ * [n_kv_heads][nt][head_dim]. Writing the whole layer is t0 = 0, nt = n_tokens. Fails on a
+ * value that is not finite or, for float16, beyond its range (|x| >= 65520 rounds to inf). */
+int trace_writer_put_qkv(TraceWriter *w, int layer, int t0, int nt, const float *q,
+                         const float *k, const float *v, KvErr *err);
+/* Writes attention row r of one layer: rows is [n_q_heads][n_tokens]. */
+int trace_writer_put_attn_row(TraceWriter *w, int layer, int r, const float *rows, KvErr *err);
+/* Flushes, closes and renames the temporary file to its final name. Frees w. */
+int trace_writer_finish(TraceWriter *w, KvErr *err);
+/* Closes and deletes the temporary file. Frees w. */
+void trace_writer_abort(TraceWriter *w);
+
+/* ---- Helpers shared by the writer's users ---- */
+/* Rounds n floats in place to what a trace of `dtype` stores and a reader gets back (the
+ * writer's conversion: IEEE round to nearest, ties to even); no-op for TRACE_F32. */
+void trace_round_to_dtype(float *x, size_t n, TraceDtype dtype);
+/* Unscaled RoPE inverse frequencies: out[f] = theta^(-2f/head_dim), f < head_dim/2. */
+void rope_default_inv_freq(double theta, int head_dim, double *out);
+/* Index of the two components of pair f in a head vector for the given layout:
+ * half: (f, f + D/2); interleaved: (2f, 2f+1). */
+void rope_pair(RopeLayout layout, int head_dim, int f, int *i0, int *i1);
+/* Rotates one head vector in place by angle position * inv_freq[f] for every pair f
+ * (a negative position rotates back). */
+void rope_apply(float *x, int head_dim, RopeLayout layout, const double *inv_freq,
+                double position);
+
+#endif

@@ -1,0 +1,638 @@
+/* INI loading on inih. The whole file is read first (a regular file only: a FIFO or a directory
+ * is refused) and handed to inih one line at a time by a reader that
+ *   - numbers the lines itself (a UTF-8 byte-order mark at the start is skipped, not counted),
+ *   - checks each physical line: no NUL byte, no control character but tab, valid UTF-8, not
+ *     longer than inih's line buffer (so that inih never splits a line in two),
+ *   - classifies it exactly as inih will (blank, comment, [section] or key = value) and rejects
+ *     what inih would reject or silently ignore, so that the first error is reported at its
+ *     line and parsing stops there,
+ *   - tracks the section: inih does not tell the handler where a section starts and cuts its
+ *     name to 49 characters, so the handler uses the reader's full name and line instead.
+ * The handler checks that inih agrees with the reader on every key line. */
+#include "sim/replay/config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <ini.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_POLICIES 64
+#define MAX_KEYS 64 /* per section: keys before type= wait, so they are bounded */
+#define MAX_CONFIG_BYTES (1 << 20)
+#define LABEL_MAX (sizeof((PolicySpec *)0)->label - 1)
+
+typedef struct {
+    char *key;
+    char *value;
+    int line;
+} KeyEntry;
+
+typedef struct {
+    int n, cap;
+    KeyEntry *v;
+} KeyList;
+
+typedef struct {
+    int line;     /* of the [policy.LABEL] header */
+    KeyList keys; /* every key of the section in file order; those before type= wait for it */
+} PolicySection;
+
+/* Where each policy and each of its keys were written (RunConfig.source). */
+struct ConfigSource {
+    PolicySection sections[MAX_POLICIES];
+};
+
+typedef enum { LINE_BLANK, LINE_COMMENT, LINE_SECTION, LINE_KEY } LineKind;
+typedef enum { SEC_NONE, SEC_TRACE, SEC_RUN, SEC_POLICY } SectionKind;
+
+typedef struct {
+    const char *buf; /* the whole file */
+    size_t len, pos;
+    int line;        /* number of the line inih is processing */
+    LineKind kind;   /* of that line */
+    bool handled;    /* inih called the handler for it (key lines) */
+    SectionKind sec; /* the current section */
+    char section[512];
+    int policy; /* index of the current [policy.LABEL] section */
+} LineReader;
+
+typedef struct {
+    LineReader reader;
+    RunConfig *rc;
+    KvErr err;
+    bool failed; /* err holds the first error */
+    int n_sections;
+    int trace_line, run_line; /* of [trace] and [run], 0 = not seen */
+    KeyList plain_keys;       /* the keys of the current [trace] or [run] section */
+} Loader;
+
+static void vfail_at(Loader *ld, int line, const char *fmt, va_list ap)
+{
+    if (ld->failed)
+        return; /* the first error is the one reported */
+    char msg[sizeof ld->err.msg];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    ld->failed = true;
+    kv_fail(&ld->err, "%s:%d: %s", ld->rc->config_path, line, msg);
+}
+
+/* Records the error at `line` unless one is recorded already; returns 0 (an error, to inih). */
+static int fail_at(Loader *ld, int line, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail_at(Loader *ld, int line, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vfail_at(ld, line, fmt, ap);
+    va_end(ap);
+    return 0;
+}
+
+/* The same, returning -1 (an error, to the reader's helpers). */
+static int reject(Loader *ld, int line, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int reject(Loader *ld, int line, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vfail_at(ld, line, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* File content inside a message: one line, cut to fit. */
+#define ESC(s, buf) kv_escape((s), strlen(s), (buf), sizeof(buf))
+
+static void keys_free(KeyList *k)
+{
+    for (int i = 0; i < k->n; i++) {
+        free(k->v[i].key);
+        free(k->v[i].value);
+    }
+    free(k->v);
+    memset(k, 0, sizeof *k);
+}
+
+static void keys_add(KeyList *k, const char *key, const char *value, int line)
+{
+    if (k->n == k->cap) {
+        k->cap = k->cap ? 2 * k->cap : 8;
+        k->v = kv_realloc(k->v, (size_t)k->cap * sizeof *k->v);
+    }
+    k->v[k->n++] = (KeyEntry){kv_strdup(key), kv_strdup(value), line};
+}
+
+static const KeyEntry *keys_find(const KeyList *k, const char *key)
+{
+    for (int i = 0; i < k->n; i++)
+        if (!strcmp(k->v[i].key, key))
+            return &k->v[i];
+    return NULL;
+}
+
+/* ---- Sections ---- */
+
+static PolicySection *current_policy(Loader *ld)
+{
+    return &ld->rc->source->sections[ld->reader.policy];
+}
+
+/* A policy section is complete when the next section starts or the file ends: it must have a
+ * type, and the type's validate() must accept the combination of parameters. */
+static void finish_section(Loader *ld)
+{
+    LineReader *r = &ld->reader;
+    if (ld->failed || r->sec != SEC_POLICY)
+        return;
+    PolicySection *ps = current_policy(ld);
+    PolicySpec *spec = &ld->rc->engine.policies[r->policy];
+    char label[96], msg[sizeof ld->err.msg];
+    ESC(spec->label, label);
+    if (!spec->type) {
+        fail_at(ld, ps->line, "[policy.%s] has no type= (one of the names `kvsim policies` lists)",
+                label);
+        return;
+    }
+    KvErr verr;
+    if (spec->type->validate && spec->type->validate(spec->params, &verr) != 0)
+        fail_at(ld, ps->line, "[policy.%s] %s", label, ESC(verr.msg, msg));
+}
+
+static void section_started(Loader *ld, const char *name, int line)
+{
+    LineReader *r = &ld->reader;
+    finish_section(ld);
+    if (ld->failed)
+        return;
+    keys_free(&ld->plain_keys);
+    r->sec = SEC_NONE;
+    char e[160];
+    if (!strcmp(name, "trace") || !strcmp(name, "run")) {
+        int *first = name[0] == 't' ? &ld->trace_line : &ld->run_line;
+        if (*first) {
+            fail_at(ld, line, "duplicate section [%s] (first at line %d)", name, *first);
+            return;
+        }
+        *first = line;
+        r->sec = name[0] == 't' ? SEC_TRACE : SEC_RUN;
+        return;
+    }
+    if (strncmp(name, "policy.", 7)) {
+        fail_at(ld, line, "unknown section [%s] (expected [trace], [run] or [policy.LABEL])",
+                ESC(name, e));
+        return;
+    }
+    const char *label = name + 7;
+    size_t n = strlen(label);
+    if (n == 0 || n > LABEL_MAX || isspace((unsigned char)label[0]) ||
+        isspace((unsigned char)label[n - 1])) {
+        fail_at(ld, line,
+                "[policy.%s]: expected a label of 1 to %zu characters without leading or "
+                "trailing spaces (this one has %zu)",
+                ESC(label, e), LABEL_MAX, n);
+        return;
+    }
+    EngineConfig *eng = &ld->rc->engine;
+    for (int i = 0; i < ld->n_sections; i++)
+        if (!strcmp(eng->policies[i].label, label)) {
+            fail_at(ld, line, "duplicate section [policy.%s] (first at line %d)", ESC(label, e),
+                    ld->rc->source->sections[i].line);
+            return;
+        }
+    if (ld->n_sections == MAX_POLICIES) {
+        fail_at(ld, line, "too many policies (at most %d)", MAX_POLICIES);
+        return;
+    }
+    r->policy = ld->n_sections++;
+    memcpy(eng->policies[r->policy].label, label, n + 1);
+    current_policy(ld)->line = line;
+    r->sec = SEC_POLICY;
+}
+
+/* ---- The line reader ---- */
+
+/* Length of the UTF-8 sequence at s (n bytes left), 0 if it is not valid UTF-8 (overlong forms,
+ * surrogates and code points above U+10FFFF are not); *cp receives the code point. */
+static size_t utf8_sequence(const unsigned char *s, size_t n, unsigned *cp)
+{
+    unsigned c = s[0];
+    size_t len;
+    if (c < 0x80) {
+        *cp = c;
+        return 1;
+    }
+    if (c >= 0xC2 && c <= 0xDF) {
+        len = 2;
+        c &= 0x1F;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+        len = 3;
+        c &= 0x0F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        len = 4;
+        c &= 0x07;
+    } else {
+        return 0;
+    }
+    if (n < len)
+        return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+        c = c << 6 | (s[i] & 0x3F);
+    }
+    if ((len == 3 && c < 0x800) || (len == 4 && (c < 0x10000 || c > 0x10FFFF)) ||
+        (c >= 0xD800 && c <= 0xDFFF))
+        return 0;
+    *cp = c;
+    return len;
+}
+
+/* A line of text: UTF-8 without NUL bytes or control characters (tab aside). A NUL would end
+ * the line for inih and hide what follows it; a control character could end a message's line. */
+static int check_text(Loader *ld, const char *line, size_t n)
+{
+    const unsigned char *s = (const unsigned char *)line;
+    for (size_t i = 0; i < n;) {
+        unsigned cp;
+        size_t len = utf8_sequence(s + i, n - i, &cp);
+        if (len == 0)
+            return reject(ld, ld->reader.line, "invalid UTF-8 at column %zu (expected UTF-8 text)",
+                           i + 1);
+        if (cp == 0)
+            return reject(ld, ld->reader.line, "NUL byte at column %zu (expected text)", i + 1);
+        if ((cp < 0x20 && cp != '\t') || (cp >= 0x7F && cp <= 0x9F))
+            return reject(ld, ld->reader.line,
+                           "control character U+%04X at column %zu (expected text)", cp, i + 1);
+        if (cp == 0xFEFF) /* invisible: it would make "type" another key */
+            return reject(ld, ld->reader.line,
+                          "byte-order mark at column %zu (expected one only at the start of the "
+                          "file)",
+                          i + 1);
+        i += len;
+    }
+    return 0;
+}
+
+/* Classifies the line (n bytes at s) as inih will and starts a section on a header. inih
+ * strips white space, takes ; and # in the first column as comments, and ends a section name
+ * at ']' and a key at '=' or ':', unless a ';' after white space (an inline comment) comes
+ * first. */
+static int classify(Loader *ld, const char *s, size_t n)
+{
+    LineReader *r = &ld->reader;
+    size_t b = 0, e = n;
+    while (b < e && isspace((unsigned char)s[b]))
+        b++;
+    while (e > b && isspace((unsigned char)s[e - 1]))
+        e--;
+    if (b == e) {
+        r->kind = LINE_BLANK;
+        return 0;
+    }
+    if (s[b] == ';' || s[b] == '#') {
+        r->kind = LINE_COMMENT;
+        return 0;
+    }
+    const char *stops = s[b] == '[' ? "]" : "=:";
+    size_t i = s[b] == '[' ? b + 1 : b;
+    bool was_space = false;
+    while (i < e && !strchr(stops, s[i]) && !(was_space && s[i] == ';')) {
+        was_space = isspace((unsigned char)s[i]);
+        i++;
+    }
+    if (s[b] == '[') {
+        if (i == e || s[i] != ']')
+            return reject(ld, r->line, "malformed section header (expected [NAME])");
+        size_t j = i + 1;
+        while (j < e && isspace((unsigned char)s[j]))
+            j++;
+        if (j < e && s[j] != ';' && s[j] != '#')
+            return reject(ld, r->line,
+                           "text after the section header (expected a ; comment or nothing)");
+        size_t len = i - b - 1;
+        if (len >= sizeof r->section)
+            return reject(ld, r->line, "section name too long");
+        memcpy(r->section, s + b + 1, len);
+        r->section[len] = '\0';
+        r->kind = LINE_SECTION;
+        section_started(ld, r->section, r->line);
+        return ld->failed ? -1 : 0;
+    }
+    if (i == e || (s[i] != '=' && s[i] != ':'))
+        return reject(ld, r->line,
+                       "malformed line (expected [section], key = value, or a ; comment)");
+    if (i == b)
+        return reject(ld, r->line, "no key before '%c' (expected key = value)", s[i]);
+    r->kind = LINE_KEY;
+    return 0;
+}
+
+static char *read_line(char *str, int num, void *stream)
+{
+    Loader *ld = stream;
+    LineReader *r = &ld->reader;
+    if (r->kind == LINE_KEY && !r->handled) /* inih did not take a line the reader accepted */
+        fail_at(ld, r->line, "malformed line (expected [section], key = value, or a ; comment)");
+    if (ld->failed || r->pos >= r->len)
+        return NULL; /* stops inih at the first error */
+    const char *s = r->buf + r->pos;
+    const char *nl = memchr(s, '\n', r->len - r->pos);
+    size_t n = nl ? (size_t)(nl - s) : r->len - r->pos;
+    r->pos += n + (nl != NULL);
+    r->line++;
+    r->kind = LINE_BLANK;
+    r->handled = false;
+    if (n > 0 && s[n - 1] == '\r')
+        n--;
+    if (r->line == 1 && n >= 3 && !memcmp(s, "\xEF\xBB\xBF", 3)) { /* byte-order mark */
+        s += 3;
+        n -= 3;
+    }
+    if (check_text(ld, s, n) != 0)
+        return NULL;
+    /* inih needs room for the line, "\r\n" and the terminator; longer lines it would cut */
+    if (num < 3 || n > (size_t)num - 3) {
+        fail_at(ld, r->line, "line too long: %zu bytes (at most %d)", n, num - 3);
+        return NULL;
+    }
+    memcpy(str, s, n);
+    str[n] = '\n';
+    str[n + 1] = '\0';
+    if (classify(ld, str, n) != 0)
+        return NULL;
+    return str;
+}
+
+/* ---- Keys ---- */
+
+static int parse_int(const char *value, long lo, long hi, long *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(value, &end, 10);
+    if (errno || end == value || *end != '\0' || v < lo || v > hi)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int run_key(Loader *ld, const char *key, const char *value, int line)
+{
+    EngineConfig *e = &ld->rc->engine;
+    long v;
+    char ev[160], ek[96];
+    ESC(value, ev);
+    if (!strcmp(key, "out")) {
+        if (!value[0])
+            return fail_at(ld, line, "out is empty (expected a directory)");
+        if (strlen(value) >= sizeof ld->rc->out_dir)
+            return fail_at(ld, line, "out: path too long");
+        strcpy(ld->rc->out_dir, value);
+    } else if (!strcmp(key, "threads")) {
+        if (parse_int(value, 0, 1024, &v))
+            return fail_at(ld, line, "threads = '%s': expected an integer in [0, 1024] (0 = all cores)", ev);
+        e->threads = (int)v;
+    } else if (!strcmp(key, "topk")) {
+        if (parse_int(value, 1, 1 << 20, &v))
+            return fail_at(ld, line, "topk = '%s': expected a positive integer", ev);
+        e->topk = (int)v;
+    } else if (!strcmp(key, "eval_every")) {
+        if (parse_int(value, 1, INT_MAX, &v))
+            return fail_at(ld, line, "eval_every = '%s': expected a positive integer", ev);
+        e->eval_every = (int)v;
+    } else if (!strcmp(key, "kv_bits")) {
+        if (parse_int(value, 1, 32, &v))
+            return fail_at(ld, line, "kv_bits = '%s': expected an integer in [1, 32]", ev);
+        e->kv_bits = (int)v;
+    } else if (!strcmp(key, "seed")) {
+        if (parse_int(value, 0, LONG_MAX, &v))
+            return fail_at(ld, line, "seed = '%s': expected a non-negative integer", ev);
+        e->seed = (uint64_t)v;
+    } else {
+        return fail_at(ld, line, "unknown key '%s' in [run] (expected threads, out, topk, eval_every, kv_bits or seed)",
+                       ESC(key, ek));
+    }
+    return 1;
+}
+
+static int trace_key(Loader *ld, const char *key, const char *value, int line)
+{
+    char ek[96];
+    if (strcmp(key, "path"))
+        return fail_at(ld, line, "unknown key '%s' in [trace] (expected path)", ESC(key, ek));
+    if (!value[0])
+        return fail_at(ld, line, "path is empty (expected a trace file)");
+    if (strlen(value) >= sizeof ld->rc->trace_path)
+        return fail_at(ld, line, "path: too long");
+    strcpy(ld->rc->trace_path, value);
+    return 1;
+}
+
+static int apply_param(Loader *ld, const PolicySpec *spec, const KeyEntry *k)
+{
+    KvErr perr;
+    char label[96], msg[sizeof ld->err.msg];
+    if (policy_param_set(spec->type, spec->params, k->key, k->value, &perr) != 0)
+        return fail_at(ld, k->line, "[policy.%s] %s", ESC(spec->label, label), ESC(perr.msg, msg));
+    return 1;
+}
+
+/* The key is already recorded in the section's list; keys before type= are applied with it. */
+static int policy_key(Loader *ld, const char *key, const char *value, int line)
+{
+    PolicySection *ps = current_policy(ld);
+    PolicySpec *spec = &ld->rc->engine.policies[ld->reader.policy];
+    if (strcmp(key, "type"))
+        return spec->type ? apply_param(ld, spec, &ps->keys.v[ps->keys.n - 1]) : 1;
+    char label[96], ev[160];
+    spec->type = policy_find(value);
+    if (!spec->type) {
+        char known[1024] = "";
+        int n;
+        const PolicyType *const *all = policy_types(&n);
+        for (int i = 0; i < n; i++) {
+            if (i)
+                strncat(known, ", ", sizeof known - strlen(known) - 1);
+            strncat(known, all[i]->name, sizeof known - strlen(known) - 1);
+        }
+        return fail_at(ld, line, "[policy.%s] unknown policy type '%s' (known: %s)",
+                       ESC(spec->label, label), ESC(value, ev), known);
+    }
+    spec->params = kv_calloc(1, spec->type->params_size);
+    policy_params_defaults(spec->type, spec->params);
+    for (int i = 0; i < ps->keys.n; i++)
+        if (strcmp(ps->keys.v[i].key, "type") && !apply_param(ld, spec, &ps->keys.v[i]))
+            return 0;
+    return 1;
+}
+
+static int handler(void *user, const char *section, const char *key, const char *value)
+{
+    Loader *ld = user;
+    LineReader *r = &ld->reader;
+    int line = r->line;
+    if (ld->failed)
+        return 0;
+    /* inih and the reader must agree: a key line, once, in the section the reader tracks
+     * (inih's copy of the name may be cut short) */
+    if (r->kind != LINE_KEY || r->handled || strncmp(r->section, section, strlen(section)))
+        return fail_at(ld, line, "malformed line (expected [section], key = value, or a ; comment)");
+    r->handled = true;
+    char ek[96];
+    if (r->sec == SEC_NONE)
+        return fail_at(ld, line, "key '%s' before any section (expected [trace], [run] or [policy.LABEL] first)",
+                       ESC(key, ek));
+    KeyList *keys = r->sec == SEC_POLICY ? &current_policy(ld)->keys : &ld->plain_keys;
+    const KeyEntry *first = keys_find(keys, key);
+    char es[160];
+    if (first)
+        return fail_at(ld, line, "key '%s' given twice in [%s] (first at line %d)", ESC(key, ek),
+                       ESC(r->section, es), first->line);
+    /* inih ends a value at " ;" only: "out = dir # note" would be the directory "dir # note" */
+    for (const char *p = value; *p; p++)
+        if (*p == '#' && p > value && isspace((unsigned char)p[-1]))
+            return fail_at(ld, line,
+                           "'%s': a '#' after a space in the value (a comment after a value starts "
+                           "with ' ;')",
+                           ESC(key, ek));
+    if (keys->n == MAX_KEYS)
+        return fail_at(ld, line, "too many keys in [%s] (at most %d)", ESC(r->section, es),
+                       MAX_KEYS);
+    keys_add(keys, key, value, line);
+    switch (r->sec) {
+    case SEC_TRACE:
+        return trace_key(ld, key, value, line);
+    case SEC_RUN:
+        return run_key(ld, key, value, line);
+    default:
+        return policy_key(ld, key, value, line);
+    }
+}
+
+/* ---- Loading ---- */
+
+int config_load(const char *path, RunConfig *rc, KvErr *err)
+{
+    memset(rc, 0, sizeof *rc);
+    if (strlen(path) >= sizeof rc->config_path)
+        return kv_fail(err, "%s: path too long", path);
+    size_t len;
+    char *text = kv_read_input(path, MAX_CONFIG_BYTES, &len, err);
+    if (!text)
+        return -1;
+    strcpy(rc->config_path, path);
+    EngineConfig *e = &rc->engine;
+    e->threads = 0;
+    e->topk = 32;
+    e->eval_every = 1;
+    e->kv_bits = 16;
+    e->seed = 0;
+    e->policies = kv_calloc(MAX_POLICIES, sizeof *e->policies);
+    rc->source = kv_calloc(1, sizeof *rc->source);
+
+    Loader *ld = kv_calloc(1, sizeof *ld);
+    ld->rc = rc;
+    ld->reader.buf = text;
+    ld->reader.len = len;
+    /* The reader handles the byte-order mark and rejects indented continuation lines; inih's
+     * other options keep their defaults, which the reader mirrors. */
+    ini_allow_multiline = false;
+    ini_allow_bom = false;
+    ini_allow_inline_comments = true;
+    ini_allow_no_value = false;
+    ini_stop_on_first_error = false;
+    int rcode = ini_parse_stream(read_line, ld, handler, ld);
+    if (!ld->failed && ld->reader.kind == LINE_KEY && !ld->reader.handled)
+        fail_at(ld, ld->reader.line, "malformed line (expected [section], key = value, or a ; comment)");
+    if (!ld->failed && rcode > 0) /* not expected: the reader stops inih before any error */
+        fail_at(ld, rcode, "malformed line (expected [section], key = value, or a ; comment)");
+    if (!ld->failed && rcode < 0)
+        fail_at(ld, ld->reader.line, "cannot parse (inih error %d)", rcode);
+    finish_section(ld);
+    if (!ld->failed && ld->n_sections == 0) /* an empty file has no line 1: report line 1 */
+        fail_at(ld, ld->reader.line > 0 ? ld->reader.line : 1,
+                "no [policy.LABEL] section: nothing to compare");
+    e->n_policies = ld->n_sections;
+    if (!ld->failed && !rc->out_dir[0]) {
+        const char *base = strrchr(path, '/');
+        base = base ? base + 1 : path;
+        size_t n = strcspn(base, ".");
+        snprintf(rc->out_dir, sizeof rc->out_dir, "results/%.*s", (int)n, base);
+    }
+    keys_free(&ld->plain_keys);
+    free(text);
+    bool failed = ld->failed;
+    if (failed)
+        *err = ld->err;
+    free(ld);
+    if (failed) {
+        config_free(rc);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- Checks against the simulated model ---- */
+
+static const char *layout_name(RopeLayout l)
+{
+    return l == ROPE_HALF ? "half" : "interleaved";
+}
+
+int config_check_model(const RunConfig *rc, const char *model, int n_layers, int n_q_heads,
+                       int head_dim, RopeLayout rope_layout, KvErr *err)
+{
+    for (int i = 0; i < rc->engine.n_policies; i++) {
+        const PolicySpec *spec = &rc->engine.policies[i];
+        const ParamSpec *p = spec->type->params;
+        while (p && p->key && !(p->kind == PARAM_STRING && !strcmp(p->key, "calibration")))
+            p++;
+        if (!p || !p->key)
+            continue;
+        const char *cal = (const char *)spec->params + p->offset;
+        if (!strcmp(cal, "online"))
+            continue;
+        const PolicySection *ps = &rc->source->sections[i];
+        const KeyEntry *k = keys_find(&ps->keys, "calibration");
+        int line = k ? k->line : ps->line;
+        char label[96], ec[160];
+        ESC(spec->label, label);
+        ESC(cal, ec);
+        KvErr terr;
+        Trace *tr = trace_open(cal, &terr);
+        if (!tr)
+            return kv_fail(err, "%s:%d: [policy.%s] calibration: %s", rc->config_path, line,
+                           label, terr.msg);
+        const TraceMeta *m = trace_meta(tr);
+        bool fits = m->n_layers >= n_layers && m->n_q_heads == n_q_heads &&
+                    m->head_dim == head_dim && m->rope_layout == rope_layout;
+        if (!fits)
+            kv_fail(err,
+                    "%s:%d: [policy.%s] calibration = %s: a trace of %d layers, %d query heads, "
+                    "head_dim %d, rope_layout %s; %s has %d layers, %d query heads, head_dim %d, "
+                    "rope_layout %s (expected a trace of the same model)",
+                    rc->config_path, line, label, ec, m->n_layers, m->n_q_heads, m->head_dim,
+                    layout_name(m->rope_layout), model, n_layers, n_q_heads, head_dim,
+                    layout_name(rope_layout));
+        trace_close(tr);
+        if (!fits)
+            return -1;
+    }
+    return 0;
+}
+
+void config_free(RunConfig *rc)
+{
+    if (rc->engine.policies)
+        for (int i = 0; i < MAX_POLICIES; i++)
+            free(rc->engine.policies[i].params);
+    free(rc->engine.policies);
+    rc->engine.policies = NULL;
+    rc->engine.n_policies = 0;
+    if (rc->source)
+        for (int i = 0; i < MAX_POLICIES; i++)
+            keys_free(&rc->source->sections[i].keys);
+    free(rc->source);
+    rc->source = NULL;
+}

@@ -1,0 +1,40 @@
+/* config.h — the INI run configuration of `kvsim run` (see configs/ and docs/config.md).
+ *
+ *   [trace]  path = FILE.h5
+ *   [run]    threads = 0  out = DIR  topk = 32  eval_every = 1  kv_bits = 16  seed = 0
+ *   [policy.LABEL]  type = NAME  <the type's parameters>   (one section per policy)
+ *
+ * Every error (unknown section or key, malformed value, unknown policy type, duplicate label,
+ * missing type, a byte that is not text) is one line "FILE:LINE: what is wrong (what was
+ * expected)"; a file that cannot be read or is not a regular file is "FILE: ...". */
+#ifndef KVSIM_CONFIG_H
+#define KVSIM_CONFIG_H
+
+#include "sim/replay/engine.h"
+
+typedef struct ConfigSource ConfigSource; /* where each policy and key was written */
+
+typedef struct {
+    char config_path[4096];
+    char trace_path[4096]; /* relative paths are relative to the working directory */
+    char out_dir[4096];    /* default: results/<config file name without .ini> */
+    EngineConfig engine;
+    ConfigSource *source;
+} RunConfig;
+
+/* The file must be a regular file of UTF-8 text (an initial byte-order mark is skipped) of at
+ * most 1 MiB, without NUL bytes or control characters other than tab, lines of at most 197
+ * bytes. A section or a key given twice is an error, so is text after a [section] header
+ * other than a comment. */
+int config_load(const char *path, RunConfig *rc, KvErr *err);
+
+/* What can only be checked against the model that the run simulates (the trace of `kvsim run`,
+ * the checkpoint of `kvsim eval`; `model` names it), before any work, at the config's file and
+ * line: a policy's `calibration` trace (trig), unless `online`, must come from a model of the
+ * same shape: at least n_layers layers, the same query heads, head_dim and RoPE layout. */
+int config_check_model(const RunConfig *rc, const char *model, int n_layers, int n_q_heads,
+                       int head_dim, RopeLayout rope_layout, KvErr *err);
+
+void config_free(RunConfig *rc);
+
+#endif

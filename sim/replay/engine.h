@@ -1,0 +1,73 @@
+/* engine.h — open-loop replay of a trace through many policies side by side.
+ *
+ * For every layer (a unit of work for the thread pool), the engine reads that layer's Q/K/V and
+ * drives one instance of every configured policy over it with the policy driver (sim/driver/driver.h:
+ * instances, prefill statistics, callbacks, memory). What the engine adds is the attention: it
+ * computes the true attention of every decode query once (OpenBLAS, blocks of decode steps
+ * batched into sgemm) and shares it with all policies (the oracles' full_attn, the metrics):
+ * each policy's query attends only over its own cache, renormalised there. Metrics land in
+ * per-(policy, layer, step, head) slots and are reduced in a fixed order, so results are
+ * byte-identical at any thread count. Memory: one layer's Q/K/V per worker. */
+#ifndef KVSIM_ENGINE_H
+#define KVSIM_ENGINE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "policies/policy.h"
+#include "sim/driver/driver.h"
+#include "sim/replay/metric_table.h"
+#include "sim/format/trace.h"
+
+typedef struct {
+    int threads;    /* 0 = all cores */
+    int topk;       /* k of recall@k */
+    int eval_every; /* record metrics every N decode steps (probe steps always) */
+    int kv_bits;    /* device precision of K and V */
+    uint64_t seed;
+    bool progress;  /* progress with ETA on stderr */
+    int n_policies;
+    PolicySpec *policies;
+} EngineConfig;
+
+typedef struct {
+    int n_policies, n_layers, n_q_heads, n_kv_heads, n_prompt, n_tokens;
+    int n_evals;
+    int32_t *eval_step; /* [n_evals] decode positions t, ascending */
+    bool *eval_probe;   /* [n_evals] a probe is checked at this step */
+    char (*label)[64];  /* [n_policies] */
+    const PolicyType **type;
+    bool *is_oracle;
+    /* The metrics' slots, one per line of sim/replay/metrics.def (HM_*, SM_*, TM_*: metric_table.h). */
+    float *head;   /* [policy][layer][eval][q head][N_HEAD_METRICS] */
+    double *step;  /* [policy][layer][eval][N_STEP_METRICS] */
+    double *total; /* [policy][layer][N_TOTAL_METRICS] */
+    int n_steps;   /* decode steps replayed: T - P */
+    double wall_seconds;
+    /* Timings, summed over workers (not part of any output file: they vary run to run). */
+    double attention_seconds; /* the shared exact attention: decode rows, prompt statistics */
+    double attention_flops;
+    double metric_seconds;     /* metrics and the renormalised attention over the caches */
+    double policy_seconds[64]; /* each policy's own callbacks (first 64 policies) */
+    int threads_used;
+} Results;
+
+Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err);
+
+void results_free(Results *r);
+
+static inline float *results_head(const Results *r, int pol, int layer, int e, int h)
+{
+    return r->head + ((((size_t)pol * r->n_layers + layer) * r->n_evals + e) * r->n_q_heads + h) *
+                         N_HEAD_METRICS;
+}
+static inline double *results_step(const Results *r, int pol, int layer, int e)
+{
+    return r->step + (((size_t)pol * r->n_layers + layer) * r->n_evals + e) * N_STEP_METRICS;
+}
+static inline double *results_total(const Results *r, int pol, int layer)
+{
+    return r->total + ((size_t)pol * r->n_layers + layer) * N_TOTAL_METRICS;
+}
+
+#endif

@@ -1,0 +1,31 @@
+/* report.h — the outputs of `kvsim run`: summary.csv, layers.csv, steps.csv (columns and units
+ * in docs/metrics.md) and the aligned summary table on stdout. The columns of each file and how
+ * each is reduced from the engine's per-slot results are sim/replay/metric_table.h's, from the table
+ * sim/replay/metrics.def. Every number is reduced in a fixed order, so the files are byte-identical
+ * whatever the thread count. The CSV conventions (quoting, number formats, empty = does not
+ * apply) are sim/base/csv.h's; the three files are written as one set (csv_commit_set). */
+#ifndef KVSIM_REPORT_H
+#define KVSIM_REPORT_H
+
+#include <stdio.h>
+
+#include "sim/replay/engine.h"
+
+/* Per-policy summary statistics, the values of summary.csv: for each metric (by kind and slot,
+ * sim/replay/metric_table.h), the statistics its line in sim/replay/metrics.def names, indexed by MetricStat
+ * (the others are NaN). NaN in a statistic that may not apply means it does not. */
+typedef struct {
+    double head[N_HEAD_METRICS][N_STATS];
+    double step[N_STEP_METRICS][N_STATS];
+    double total[N_TOTAL_METRICS][N_STATS];
+} PolicySummary;
+
+/* Bytes for the tables on stdout: "512 B", "1.5 KiB", "4.0 MiB", "1.25 GiB"; "-" for NaN. */
+void format_bytes(double bytes, char *out, size_t n);
+
+/* Fills out[n_policies]; the writers below take that summary so it is computed once. */
+void report_summarize(const Results *r, PolicySummary *out);
+int report_write_csv(const Results *r, const PolicySummary *s, const char *out_dir, KvErr *err);
+void report_print_table(const Results *r, const PolicySummary *s, FILE *out);
+
+#endif

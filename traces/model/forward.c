@@ -1,0 +1,399 @@
+#include "traces/model/forward.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sim/format/trace.h"
+
+RunState *run_state_new(const Model *model, int max_tokens, int chunk_size,
+                        const double *rope_inv_freq)
+{
+    const ModelConfig *c = &model->config;
+    size_t chunk = (size_t)chunk_size, D = (size_t)c->head_dim, T = (size_t)max_tokens;
+    size_t q_dim = (size_t)c->n_q_heads * D, kv_dim = (size_t)c->n_kv_heads * D;
+    RunState *s = kv_calloc(1, sizeof *s);
+    s->model = model;
+    s->max_tokens = max_tokens;
+    s->chunk_size = chunk_size;
+    s->rope_inv_freq = kv_malloc(D / 2 * sizeof *s->rope_inv_freq);
+    memcpy(s->rope_inv_freq, rope_inv_freq, D / 2 * sizeof *s->rope_inv_freq);
+    s->residual = kv_malloc(chunk * (size_t)c->hidden_size * sizeof(float));
+    s->normed = kv_malloc(chunk * (size_t)c->hidden_size * sizeof(float));
+    s->q_proj = kv_malloc(chunk * q_dim * sizeof(float));
+    s->k_proj = kv_malloc(chunk * kv_dim * sizeof(float));
+    s->v_proj = kv_malloc(chunk * kv_dim * sizeof(float));
+    s->q_heads = kv_malloc(chunk * q_dim * sizeof(float));
+    s->k_heads = kv_malloc(chunk * kv_dim * sizeof(float));
+    s->v_heads = kv_malloc(chunk * kv_dim * sizeof(float));
+    s->attn_out = kv_malloc(chunk * q_dim * sizeof(float));
+    s->scores = kv_malloc(chunk * T * sizeof(float));
+    s->gate = kv_malloc(chunk * (size_t)c->intermediate_size * sizeof(float));
+    s->up = kv_malloc(chunk * (size_t)c->intermediate_size * sizeof(float));
+    s->rope_cos = kv_malloc(chunk * D / 2 * sizeof(double));
+    s->rope_sin = kv_malloc(chunk * D / 2 * sizeof(double));
+    s->logits = kv_malloc((size_t)c->vocab_size * sizeof(float));
+    size_t cache = (size_t)c->n_layers * kv_dim * T;
+    s->key_cache = kv_malloc(cache * sizeof(float));
+    s->value_cache = kv_malloc(cache * sizeof(float));
+    return s;
+}
+
+void run_state_free(RunState *s)
+{
+    if (!s)
+        return;
+    free(s->rope_inv_freq);
+    free(s->residual);
+    free(s->normed);
+    free(s->q_proj);
+    free(s->k_proj);
+    free(s->v_proj);
+    free(s->q_heads);
+    free(s->k_heads);
+    free(s->v_heads);
+    free(s->attn_out);
+    free(s->scores);
+    free(s->gate);
+    free(s->up);
+    free(s->rope_cos);
+    free(s->rope_sin);
+    free(s->probs);
+    free(s->slot_kv);
+    free(s->slot_probs);
+    free(s->logits);
+    free(s->key_cache);
+    free(s->value_cache);
+    free(s);
+}
+
+const float *run_state_keys(const RunState *s, int layer, int kv_head)
+{
+    const ModelConfig *c = &s->model->config;
+    return s->key_cache +
+           ((size_t)layer * c->n_kv_heads + kv_head) * s->max_tokens * c->head_dim;
+}
+
+const float *run_state_values(const RunState *s, int layer, int kv_head)
+{
+    const ModelConfig *c = &s->model->config;
+    return s->value_cache +
+           ((size_t)layer * c->n_kv_heads + kv_head) * s->max_tokens * c->head_dim;
+}
+
+/* out[i] = x[i] / sqrt(mean(x^2) + eps) * weight[i]; the mean accumulates in double. */
+static void rmsnorm(float *out, const float *x, const float *weight, int size, double eps)
+{
+    double sum_squares = 0;
+    for (int i = 0; i < size; i++)
+        sum_squares += (double)x[i] * x[i];
+    float inv_rms = (float)(1.0 / sqrt(sum_squares / size + eps));
+    for (int i = 0; i < size; i++)
+        out[i] = weight[i] * (x[i] * inv_rms);
+}
+
+/* out [n][out_dim] = x [n][in_dim] . W^T (+ bias), W [out_dim][in_dim] as HF stores it. */
+static void linear(float *out, const float *x, const float *weight, const float *bias, int n,
+                   int in_dim, int out_dim)
+{
+    if (n == 1)
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, out_dim, in_dim, 1.0f, weight, in_dim, x, 1,
+                    0.0f, out, 1);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out_dim, in_dim, 1.0f, x, in_dim,
+                    weight, in_dim, 0.0f, out, out_dim);
+    if (bias)
+        for (int t = 0; t < n; t++)
+            for (int o = 0; o < out_dim; o++)
+                out[(size_t)t * out_dim + o] += bias[o];
+}
+
+/* [n][heads*D] token-major -> [heads][n][D] head-major. */
+static void split_heads(float *heads_out, const float *proj, int n, int n_heads, int head_dim)
+{
+    for (int h = 0; h < n_heads; h++)
+        for (int t = 0; t < n; t++)
+            memcpy(heads_out + ((size_t)h * n + t) * head_dim,
+                   proj + ((size_t)t * n_heads + h) * head_dim, (size_t)head_dim * sizeof(float));
+}
+
+/* The rotation of rope_apply(), with cos and sin computed once per position of the chunk
+ * instead of once per head and layer. */
+static void rope_tables(RunState *s, int t0, int n)
+{
+    int half = s->model->config.head_dim / 2;
+    for (int t = 0; t < n; t++)
+        for (int f = 0; f < half; f++) {
+            double angle = (double)(t0 + t) * s->rope_inv_freq[f];
+            s->rope_cos[(size_t)t * half + f] = cos(angle);
+            s->rope_sin[(size_t)t * half + f] = sin(angle);
+        }
+}
+
+/* Optional per-head RMSNorm (Qwen3), then RoPE, on heads [n_heads][n][D]. */
+static void norm_and_rotate(RunState *s, float *heads, int n_heads, int n, const float *norm)
+{
+    const ModelConfig *c = &s->model->config;
+    int D = c->head_dim, half = D / 2;
+    for (int h = 0; h < n_heads; h++)
+        for (int t = 0; t < n; t++) {
+            float *x = heads + ((size_t)h * n + t) * D;
+            if (norm)
+                rmsnorm(x, x, norm, D, c->rms_norm_eps);
+            const double *cosines = s->rope_cos + (size_t)t * half;
+            const double *sines = s->rope_sin + (size_t)t * half;
+            for (int f = 0; f < half; f++) {
+                int i0, i1;
+                rope_pair(ROPE_HALF, D, f, &i0, &i1);
+                double x0 = x[i0], x1 = x[i1];
+                x[i0] = (float)(x0 * cosines[f] - x1 * sines[f]);
+                x[i1] = (float)(x0 * sines[f] + x1 * cosines[f]);
+            }
+        }
+}
+
+/* Softmax of row[0..n_visible) in place, zero beyond up to row_len. */
+static void causal_softmax(float *row, int n_visible, int row_len)
+{
+    float max = row[0];
+    for (int j = 1; j < n_visible; j++)
+        if (row[j] > max)
+            max = row[j];
+    double sum = 0;
+    for (int j = 0; j < n_visible; j++) {
+        row[j] = expf(row[j] - max);
+        sum += row[j];
+    }
+    float inv_sum = (float)(1.0 / sum);
+    for (int j = 0; j < n_visible; j++)
+        row[j] *= inv_sum;
+    memset(row + n_visible, 0, (size_t)(row_len - n_visible) * sizeof(float));
+}
+
+/* Attention of the chunk's queries (positions [t0, t0+n)) over the cache [0, t0+n) of one
+ * layer; writes attn_out [n][Hq*D] and reports the probability rows the observer wants. */
+static void attention(RunState *s, int layer, int t0, int n, const ForwardObserver *obs)
+{
+    const ModelConfig *c = &s->model->config;
+    int D = c->head_dim, Hq = c->n_q_heads, group = c->n_q_heads / c->n_kv_heads;
+    int n_keys = t0 + n;
+    float scale = 1.0f / sqrtf((float)D);
+
+    /* Rows the observer wants, gathered over all heads: row w is [Hq][position_w + 1]. */
+    int wanted_first = 0, n_wanted = 0;
+    size_t probs_len = 0;
+    if (obs && obs->wants_attention && obs->on_attention)
+        for (int i = 0; i < n; i++)
+            if (obs->wants_attention(obs->user, t0 + i)) {
+                if (!n_wanted)
+                    wanted_first = i;
+                n_wanted = i - wanted_first + 1; /* the span from first to last wanted */
+            }
+    if (n_wanted) {
+        probs_len = (size_t)n_wanted * Hq * n_keys;
+        s->probs = kv_realloc(s->probs, probs_len * sizeof(float));
+    }
+
+    for (int h = 0; h < Hq; h++) {
+        const float *q = s->q_heads + (size_t)h * n * D;
+        const float *keys = run_state_keys(s, layer, h / group);
+        const float *values = run_state_values(s, layer, h / group);
+        float *out = s->attn_out + (size_t)h * D;
+        if (n == 1)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, n_keys, D, scale, keys, D, q, 1, 0.0f,
+                        s->scores, 1);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n_keys, D, scale, q, D, keys,
+                        D, 0.0f, s->scores, n_keys);
+        for (int i = 0; i < n; i++)
+            causal_softmax(s->scores + (size_t)i * n_keys, t0 + i + 1, n_keys);
+        for (int w = 0; w < n_wanted; w++)
+            memcpy(s->probs + ((size_t)w * Hq + h) * n_keys,
+                   s->scores + (size_t)(wanted_first + w) * n_keys, n_keys * sizeof(float));
+        if (n == 1)
+            cblas_sgemv(CblasRowMajor, CblasTrans, n_keys, D, 1.0f, values, D, s->scores, 1,
+                        0.0f, out, 1);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, D, n_keys, 1.0f, s->scores,
+                        n_keys, values, D, 0.0f, out, Hq * D);
+    }
+
+    for (int w = 0; w < n_wanted; w++) {
+        int position = t0 + wanted_first + w;
+        if (!obs->wants_attention(obs->user, position))
+            continue;
+        /* Compact [Hq][n_keys] to [Hq][position + 1] in place (rows only shrink). */
+        float *rows = s->probs + (size_t)w * Hq * n_keys;
+        for (int h = 1; h < Hq; h++)
+            memmove(rows + (size_t)h * (position + 1), rows + (size_t)h * n_keys,
+                    (size_t)(position + 1) * sizeof(float));
+        obs->on_attention(obs->user, layer, position, rows);
+    }
+}
+
+/* A decode step's attention restricted to the selector's slots: for each KV head, its slots'
+ * keys and values are gathered into [n][D] matrices, and each query head of the group attends
+ * over them with the same products and softmax as the full path. */
+static void attention_selected(RunState *s, int layer, const CacheSelector *sel)
+{
+    const ModelConfig *c = &s->model->config;
+    int D = c->head_dim, Hq = c->n_q_heads, Hkv = c->n_kv_heads, group = Hq / Hkv;
+    float scale = 1.0f / sqrtf((float)D);
+    SlotList slots[Hkv];
+    size_t total = 0, most = 0;
+    for (int g = 0; g < Hkv; g++) {
+        slots[g] = sel->slots(sel->user, layer, g);
+        total += (size_t)slots[g].n * group;
+        if ((size_t)slots[g].n > most)
+            most = (size_t)slots[g].n;
+    }
+    if (s->slot_kv_cap < 2 * most * D) {
+        s->slot_kv_cap = 2 * most * D + 64;
+        s->slot_kv = kv_realloc(s->slot_kv, s->slot_kv_cap * sizeof(float));
+    }
+    if (s->slot_probs_cap < total) {
+        s->slot_probs_cap = total + 64;
+        s->slot_probs = kv_realloc(s->slot_probs, s->slot_probs_cap * sizeof(float));
+    }
+    const float *probs[Hkv];
+    float *probs_at = s->slot_probs;
+    for (int g = 0; g < Hkv; g++) {
+        int n = slots[g].n;
+        float *keys = s->slot_kv, *values = s->slot_kv + (size_t)n * D;
+        const float *cache_k = run_state_keys(s, layer, g), *cache_v = run_state_values(s, layer, g);
+        for (int i = 0; i < n; i++) {
+            const float *alt = slots[g].alt_kv ? slots[g].alt_kv[i] : NULL;
+            const float *k = alt ? alt : cache_k + (size_t)slots[g].pos[i] * D;
+            const float *v = alt ? alt + D : cache_v + (size_t)slots[g].pos[i] * D;
+            memcpy(keys + (size_t)i * D, k, (size_t)D * sizeof(float));
+            memcpy(values + (size_t)i * D, v, (size_t)D * sizeof(float));
+        }
+        probs[g] = probs_at;
+        for (int i = 0; i < group; i++, probs_at += n) {
+            int h = g * group + i;
+            float *out = s->attn_out + (size_t)h * D;
+            if (n == 0) { /* nothing to attend over: the output is zero */
+                memset(out, 0, (size_t)D * sizeof(float));
+                continue;
+            }
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, n, D, scale, keys, D,
+                        s->q_heads + (size_t)h * D, 1, 0.0f, probs_at, 1);
+            causal_softmax(probs_at, n, n);
+            cblas_sgemv(CblasRowMajor, CblasTrans, n, D, 1.0f, values, D, probs_at, 1, 0.0f, out,
+                        1);
+        }
+    }
+    if (sel->on_attention)
+        sel->on_attention(sel->user, layer, probs);
+}
+
+static void swiglu(float *gate, const float *up, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+static void add_into(float *dst, const float *src, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        dst[i] += src[i];
+}
+
+static void layer_forward(RunState *s, int layer, int t0, int n, const ForwardObserver *obs,
+                          const CacheSelector *sel)
+{
+    const ModelConfig *c = &s->model->config;
+    const LayerWeights *w = &s->model->weights.layers[layer];
+    int hidden = c->hidden_size, D = c->head_dim;
+    int q_dim = c->n_q_heads * D, kv_dim = c->n_kv_heads * D;
+
+    for (int t = 0; t < n; t++)
+        rmsnorm(s->normed + (size_t)t * hidden, s->residual + (size_t)t * hidden, w->input_norm,
+                hidden, c->rms_norm_eps);
+    linear(s->q_proj, s->normed, w->wq, w->bq, n, hidden, q_dim);
+    linear(s->k_proj, s->normed, w->wk, w->bk, n, hidden, kv_dim);
+    linear(s->v_proj, s->normed, w->wv, w->bv, n, hidden, kv_dim);
+    split_heads(s->q_heads, s->q_proj, n, c->n_q_heads, D);
+    split_heads(s->k_heads, s->k_proj, n, c->n_kv_heads, D);
+    split_heads(s->v_heads, s->v_proj, n, c->n_kv_heads, D);
+    norm_and_rotate(s, s->q_heads, c->n_q_heads, n, w->q_norm);
+    norm_and_rotate(s, s->k_heads, c->n_kv_heads, n, w->k_norm);
+    for (int g = 0; g < c->n_kv_heads; g++) {
+        size_t at = (size_t)t0 * D, len = (size_t)n * D * sizeof(float);
+        memcpy((float *)run_state_keys(s, layer, g) + at, s->k_heads + (size_t)g * n * D, len);
+        memcpy((float *)run_state_values(s, layer, g) + at, s->v_heads + (size_t)g * n * D, len);
+    }
+    if (obs && obs->on_qkv)
+        obs->on_qkv(obs->user, layer, t0, n, s->q_heads, s->k_heads, s->v_heads);
+
+    if (sel)
+        attention_selected(s, layer, sel);
+    else
+        attention(s, layer, t0, n, obs);
+    linear(s->normed, s->attn_out, w->wo, w->bo, n, q_dim, hidden);
+    add_into(s->residual, s->normed, (size_t)n * hidden);
+
+    for (int t = 0; t < n; t++)
+        rmsnorm(s->normed + (size_t)t * hidden, s->residual + (size_t)t * hidden,
+                w->post_attention_norm, hidden, c->rms_norm_eps);
+    linear(s->gate, s->normed, w->w_gate, NULL, n, hidden, c->intermediate_size);
+    linear(s->up, s->normed, w->w_up, NULL, n, hidden, c->intermediate_size);
+    swiglu(s->gate, s->up, (size_t)n * c->intermediate_size);
+    linear(s->normed, s->gate, w->w_down, NULL, n, c->intermediate_size, hidden);
+    add_into(s->residual, s->normed, (size_t)n * hidden);
+}
+
+static const float *forward_chunk(RunState *s, const int32_t *tokens, int n, int want_logits,
+                                  const ForwardObserver *observer, const CacheSelector *sel)
+{
+    const ModelConfig *c = &s->model->config;
+    const TransformerWeights *w = &s->model->weights;
+    int hidden = c->hidden_size, t0 = s->n_cached;
+    for (int t = 0; t < n; t++)
+        memcpy(s->residual + (size_t)t * hidden, w->token_embedding + (size_t)tokens[t] * hidden,
+               (size_t)hidden * sizeof(float));
+    rope_tables(s, t0, n);
+    for (int layer = 0; layer < c->n_layers; layer++)
+        layer_forward(s, layer, t0, n, observer, sel);
+    s->n_cached += n;
+    if (!want_logits)
+        return NULL;
+    rmsnorm(s->normed, s->residual + (size_t)(n - 1) * hidden, w->final_norm, hidden,
+            c->rms_norm_eps);
+    linear(s->logits, s->normed, w->lm_head, NULL, 1, hidden, c->vocab_size);
+    return s->logits;
+}
+
+const float *forward_tokens(RunState *s, const int32_t *tokens, int n, int want_logits,
+                            const ForwardObserver *observer)
+{
+    return forward_chunk(s, tokens, n, want_logits, observer, NULL);
+}
+
+const float *forward_token_selected(RunState *s, int32_t token, int want_logits,
+                                    const ForwardObserver *observer,
+                                    const CacheSelector *selector)
+{
+    return forward_chunk(s, &token, 1, want_logits, observer, selector);
+}
+
+const float *forward_prompt(RunState *s, const int32_t *tokens, int n,
+                            const ForwardObserver *observer)
+{
+    const float *logits = NULL;
+    for (int start = 0; start < n; start += s->chunk_size) {
+        int len = n - start < s->chunk_size ? n - start : s->chunk_size;
+        logits = forward_tokens(s, tokens + start, len, start + len == n, observer);
+    }
+    return logits;
+}
+
+int argmax_token(const float *logits, int vocab_size)
+{
+    int best = 0;
+    for (int i = 1; i < vocab_size; i++)
+        if (logits[i] > logits[best])
+            best = i;
+    return best;
+}

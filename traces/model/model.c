@@ -1,0 +1,546 @@
+#include "traces/model/model.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "sim/format/trace.h"
+
+/* Larger extents than this are corrupt configs. Products of config values are checked
+ * separately (check_products). */
+#define CONFIG_MAX_EXTENT (1 << 24)
+/* Head counts: the forward pass keeps per-KV-head arrays on the stack. */
+#define CONFIG_MAX_HEADS 4096
+
+/* Config text (architecture, RoPE type) echoed in a message: one line, bounded. */
+#define ESC(s, buf) kv_escape((s), strlen(s), (buf), sizeof(buf))
+
+static const double PI = 3.14159265358979323846;
+
+typedef struct {
+    const char *path;
+    const cJSON *root;
+    KvErr *err;
+    const char *rope_key; /* "rope_scaling" or "rope_parameters", for messages */
+} ConfigReader;
+
+static const cJSON *config_item(const cJSON *obj, const char *key)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(obj, key);
+    return cJSON_IsNull(item) ? NULL : item;
+}
+
+/* A positive integer key; when absent, *out = dflt, or an error if dflt < 0 (required). */
+static int config_int(ConfigReader *r, const cJSON *obj, const char *key, int dflt, int *out)
+{
+    const cJSON *item = config_item(obj, key);
+    if (!item) {
+        if (dflt < 0)
+            return kv_fail(r->err, "%s: key '%s' missing (expected a positive integer)", r->path,
+                           key);
+        *out = dflt;
+        return 0;
+    }
+    double d = cJSON_IsNumber(item) ? item->valuedouble : -1;
+    if (!(d >= 1 && d <= CONFIG_MAX_EXTENT) || d != floor(d))
+        return kv_fail(r->err, "%s: key '%s' must be a positive integer below %d", r->path, key,
+                       CONFIG_MAX_EXTENT);
+    *out = (int)d;
+    return 0;
+}
+
+/* A positive number key; when absent, *out = dflt, or an error if dflt < 0 (required). */
+static int config_double(ConfigReader *r, const cJSON *obj, const char *key, double dflt,
+                         double *out)
+{
+    const cJSON *item = config_item(obj, key);
+    if (!item) {
+        if (dflt < 0)
+            return kv_fail(r->err, "%s: key '%s' missing (expected a positive number)", r->path,
+                           key);
+        *out = dflt;
+        return 0;
+    }
+    if (!cJSON_IsNumber(item) || !(item->valuedouble > 0) || !isfinite(item->valuedouble))
+        return kv_fail(r->err, "%s: key '%s' must be a positive number", r->path, key);
+    *out = item->valuedouble;
+    return 0;
+}
+
+static int config_bool(ConfigReader *r, const char *key, int dflt, int *out)
+{
+    const cJSON *item = config_item(r->root, key);
+    if (!item) {
+        *out = dflt;
+        return 0;
+    }
+    if (!cJSON_IsBool(item))
+        return kv_fail(r->err, "%s: key '%s' must be true or false", r->path, key);
+    *out = cJSON_IsTrue(item);
+    return 0;
+}
+
+static int parse_architecture(ConfigReader *r, ModelConfig *cfg)
+{
+    const cJSON *archs = config_item(r->root, "architectures");
+    const cJSON *first = cJSON_IsArray(archs) ? cJSON_GetArrayItem(archs, 0) : NULL;
+    if (!cJSON_IsString(first))
+        return kv_fail(r->err, "%s: key 'architectures' missing (expected a list naming one of: "
+                       MODEL_SUPPORTED_ARCHITECTURES ")", r->path);
+    static const struct {
+        const char *name;
+        ModelArch arch;
+    } known[] = {{"LlamaForCausalLM", ARCH_LLAMA},
+                 {"MistralForCausalLM", ARCH_MISTRAL},
+                 {"Qwen2ForCausalLM", ARCH_QWEN2},
+                 {"Qwen3ForCausalLM", ARCH_QWEN3}};
+    for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
+        if (!strcmp(first->valuestring, known[i].name)) {
+            cfg->arch = known[i].arch;
+            snprintf(cfg->architecture, sizeof cfg->architecture, "%s", known[i].name);
+            return 0;
+        }
+    char name[128];
+    return kv_fail(r->err, "%s: architecture '%s' is not supported (supported: "
+                   MODEL_SUPPORTED_ARCHITECTURES ")", r->path, ESC(first->valuestring, name));
+}
+
+/* rope_scaling (or transformers 5's rope_parameters): the type under "rope_type" or "type". */
+static int parse_rope(ConfigReader *r, ModelConfig *cfg)
+{
+    const cJSON *params = config_item(r->root, "rope_parameters");
+    const cJSON *scaling = config_item(r->root, "rope_scaling");
+    r->rope_key = "rope_scaling";
+    if (!scaling && cJSON_IsObject(params)) {
+        scaling = params;
+        r->rope_key = "rope_parameters";
+    }
+    if (config_double(r, r->root, "rope_theta", 10000.0, &cfg->rope_theta) != 0)
+        return -1;
+    if (cJSON_IsObject(params) && config_item(params, "rope_theta") &&
+        config_double(r, params, "rope_theta", -1, &cfg->rope_theta) != 0)
+        return -1;
+    snprintf(cfg->rope_type, sizeof cfg->rope_type, "default");
+    cfg->rope_factor = 1.0;
+    if (!scaling)
+        return 0;
+    if (!cJSON_IsObject(scaling))
+        return kv_fail(r->err, "%s: key 'rope_scaling' must be an object or null", r->path);
+    const cJSON *type = config_item(scaling, "rope_type");
+    if (!type)
+        type = config_item(scaling, "type");
+    if (!cJSON_IsString(type))
+        return kv_fail(r->err, "%s: key 'rope_scaling' needs a string 'rope_type' (or 'type')",
+                       r->path);
+    const char *t = type->valuestring;
+    char type_text[64];
+    if (strcmp(t, "default") && strcmp(t, "linear") && strcmp(t, "dynamic") && strcmp(t, "llama3"))
+        return kv_fail(r->err, "%s: rope_scaling type '%s' is not supported (supported: default, "
+                       "linear, dynamic, llama3)", r->path, ESC(t, type_text));
+    snprintf(cfg->rope_type, sizeof cfg->rope_type, "%s", t);
+    char *text = cJSON_PrintUnformatted(scaling);
+    size_t len = strlen(text);
+    if (len < sizeof cfg->rope_scaling)
+        memcpy(cfg->rope_scaling, text, len + 1);
+    cJSON_free(text);
+    if (len >= sizeof cfg->rope_scaling)
+        return kv_fail(r->err, "%s: key 'rope_scaling' is longer than %zu characters", r->path,
+                       sizeof cfg->rope_scaling - 1);
+    if (!strcmp(t, "default"))
+        return 0;
+    if (config_double(r, scaling, "factor", -1, &cfg->rope_factor) != 0)
+        return -1;
+    if (!strcmp(t, "dynamic") && cfg->max_position_embeddings == 0)
+        return kv_fail(r->err, "%s: key 'max_position_embeddings' missing (dynamic rope_scaling "
+                       "needs it)", r->path);
+    if (!strcmp(t, "llama3")) {
+        if (config_double(r, scaling, "low_freq_factor", -1, &cfg->rope_low_freq_factor) != 0 ||
+            config_double(r, scaling, "high_freq_factor", -1, &cfg->rope_high_freq_factor) != 0 ||
+            config_int(r, scaling, "original_max_position_embeddings", -1,
+                       &cfg->rope_original_max_positions) != 0)
+            return -1;
+        if (!(cfg->rope_high_freq_factor > cfg->rope_low_freq_factor))
+            return kv_fail(r->err, "%s: rope_scaling: high_freq_factor must exceed "
+                           "low_freq_factor", r->path);
+    }
+    return 0;
+}
+
+static int is_token_id(const cJSON *item)
+{
+    return cJSON_IsNumber(item) && item->valuedouble >= 0 && item->valuedouble <= INT_MAX &&
+           item->valuedouble == floor(item->valuedouble);
+}
+
+/* eos_token_id may be an id or a list of ids. */
+static int parse_special_tokens(ConfigReader *r, ModelConfig *cfg)
+{
+    cfg->bos_token_id = -1;
+    const cJSON *bos = config_item(r->root, "bos_token_id");
+    if (cJSON_IsNumber(bos)) {
+        if (!is_token_id(bos))
+            return kv_fail(r->err, "%s: key 'bos_token_id' must be a token id (a non-negative "
+                           "integer)", r->path);
+        cfg->bos_token_id = bos->valueint;
+    }
+    const cJSON *eos = config_item(r->root, "eos_token_id");
+    if (!eos)
+        return 0;
+    int n = cJSON_IsArray(eos) ? cJSON_GetArraySize(eos) : 1;
+    if (n > (int)(sizeof cfg->eos_token_ids / sizeof cfg->eos_token_ids[0]))
+        return kv_fail(r->err, "%s: key 'eos_token_id' lists more than 8 ids", r->path);
+    for (int i = 0; i < n; i++) {
+        const cJSON *id = cJSON_IsArray(eos) ? cJSON_GetArrayItem(eos, i) : eos;
+        if (!is_token_id(id))
+            return kv_fail(r->err, "%s: key 'eos_token_id' must be a token id or a list of them",
+                           r->path);
+        cfg->eos_token_ids[cfg->n_eos++] = id->valueint;
+    }
+    return 0;
+}
+
+/* Every size the forward pass derives from the config fits an int: the per-token widths
+ * (q/k/v), the weight matrices and the per-token sizes over all layers. The forward pass
+ * computes some of them in int, and every allocation it makes is then sized by numbers that
+ * the weights' shapes confirm (a product that wrapped around could match a small tensor and
+ * ask for terabytes). Each factor is at most CONFIG_MAX_EXTENT and heads at most
+ * CONFIG_MAX_HEADS, so these int64 products cannot overflow. */
+static int check_products(ConfigReader *r, const ModelConfig *c)
+{
+    const int64_t L = c->n_layers, H = c->hidden_size, I = c->intermediate_size,
+                  Hq = c->n_q_heads, Hkv = c->n_kv_heads, D = c->head_dim, V = c->vocab_size;
+    const struct {
+        const char *keys;
+        int64_t value;
+    } products[] = {
+        {"num_attention_heads x head_dim", Hq * D},
+        {"num_key_value_heads x head_dim", Hkv * D},
+        {"hidden_size x num_attention_heads x head_dim", H * Hq * D},
+        {"hidden_size x num_key_value_heads x head_dim", H * Hkv * D},
+        {"hidden_size x intermediate_size", H * I},
+        {"vocab_size x hidden_size", V * H},
+        {"num_hidden_layers x num_attention_heads x head_dim", L * Hq * D},
+        {"num_hidden_layers x num_key_value_heads x head_dim", L * Hkv * D},
+        {"num_hidden_layers x hidden_size", L * H},
+    };
+    for (size_t i = 0; i < sizeof products / sizeof products[0]; i++)
+        if (products[i].value > INT_MAX)
+            return kv_fail(r->err, "%s: %s = %lld is too large (at most %d: the keys are "
+                           "corrupt or the model is beyond kvsim)", r->path, products[i].keys,
+                           (long long)products[i].value, INT_MAX);
+    return 0;
+}
+
+/* Index of the first frequency the forward pass cannot use, or -1: each must be finite and
+ * > 0, and so must its angle at any position an int can hold. */
+static int unusable_frequency(const double *freq, int half)
+{
+    for (int f = 0; f < half; f++)
+        if (!(freq[f] > 0) || !isfinite(freq[f] * (double)INT_MAX))
+            return f;
+    return -1;
+}
+
+/* The RoPE frequencies, checked once at load against config.json: rope_theta alone, then
+ * with the scaling, for the shortest and the longest run ("dynamic" stretches the base more
+ * as the run grows, monotonically, so the two ends bound every run length). */
+static int check_rope(ConfigReader *r, const ModelConfig *cfg)
+{
+    int half = cfg->head_dim / 2;
+    double *freq = kv_malloc((size_t)half * sizeof *freq);
+    int rc = 0, bad;
+    rope_default_inv_freq(cfg->rope_theta, cfg->head_dim, freq);
+    if ((bad = unusable_frequency(freq, half)) >= 0) {
+        rc = kv_fail(r->err, "%s: key 'rope_theta' (%g) gives RoPE frequency %d = %g with "
+                     "head_dim %d (expected finite and > 0, with finite angles)", r->path,
+                     cfg->rope_theta, bad, freq[bad], cfg->head_dim);
+    } else {
+        const int runs[2] = {1, INT_MAX};
+        for (int i = 0; i < 2 && rc == 0; i++) {
+            model_rope_inv_freq(cfg, runs[i], freq);
+            if ((bad = unusable_frequency(freq, half)) >= 0)
+                rc = kv_fail(r->err, "%s: key '%s': %s factor %g gives RoPE frequency %d = %g%s "
+                             "(expected finite and > 0, with finite angles)", r->path,
+                             r->rope_key, cfg->rope_type, cfg->rope_factor, bad, freq[bad],
+                             i ? " for long runs" : "");
+        }
+    }
+    free(freq);
+    return rc;
+}
+
+static int parse_config(ConfigReader *r, ModelConfig *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    if (!cJSON_IsObject(r->root))
+        return kv_fail(r->err, "%s: not a JSON object", r->path);
+    if (parse_architecture(r, cfg) != 0 ||
+        config_int(r, r->root, "hidden_size", -1, &cfg->hidden_size) != 0 ||
+        config_int(r, r->root, "intermediate_size", -1, &cfg->intermediate_size) != 0 ||
+        config_int(r, r->root, "num_hidden_layers", -1, &cfg->n_layers) != 0 ||
+        config_int(r, r->root, "num_attention_heads", -1, &cfg->n_q_heads) != 0 ||
+        config_int(r, r->root, "num_key_value_heads", cfg->n_q_heads, &cfg->n_kv_heads) != 0 ||
+        config_int(r, r->root, "vocab_size", -1, &cfg->vocab_size) != 0 ||
+        config_double(r, r->root, "rms_norm_eps", -1, &cfg->rms_norm_eps) != 0 ||
+        config_int(r, r->root, "max_position_embeddings", 0, &cfg->max_position_embeddings) != 0 ||
+        config_bool(r, "tie_word_embeddings", 0, &cfg->tie_word_embeddings) != 0 ||
+        parse_rope(r, cfg) != 0 || parse_special_tokens(r, cfg) != 0)
+        return -1;
+    if (cfg->n_q_heads > CONFIG_MAX_HEADS || cfg->n_kv_heads > CONFIG_MAX_HEADS)
+        return kv_fail(r->err, "%s: key '%s' must be at most %d", r->path,
+                       cfg->n_q_heads > CONFIG_MAX_HEADS ? "num_attention_heads"
+                                                         : "num_key_value_heads",
+                       CONFIG_MAX_HEADS);
+    if (cfg->n_q_heads % cfg->n_kv_heads != 0)
+        return kv_fail(r->err, "%s: num_key_value_heads (%d) must divide num_attention_heads (%d)",
+                       r->path, cfg->n_kv_heads, cfg->n_q_heads);
+    int default_head_dim = cfg->hidden_size / cfg->n_q_heads;
+    if (!config_item(r->root, "head_dim") && default_head_dim * cfg->n_q_heads != cfg->hidden_size)
+        return kv_fail(r->err, "%s: key 'head_dim' missing and hidden_size (%d) is not a multiple "
+                       "of num_attention_heads (%d)", r->path, cfg->hidden_size, cfg->n_q_heads);
+    if (config_int(r, r->root, "head_dim", default_head_dim, &cfg->head_dim) != 0)
+        return -1;
+    if (cfg->head_dim % 2 != 0)
+        return kv_fail(r->err, "%s: key 'head_dim' must be even for RoPE (got %d)", r->path,
+                       cfg->head_dim);
+    if (check_products(r, cfg) != 0)
+        return -1;
+    const cJSON *act = config_item(r->root, "hidden_act");
+    if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu") != 0))
+        return kv_fail(r->err, "%s: key 'hidden_act' must be \"silu\" (SwiGLU MLP)", r->path);
+    int attention_bias, mlp_bias;
+    if (config_bool(r, "attention_bias", 0, &attention_bias) != 0 ||
+        config_bool(r, "mlp_bias", 0, &mlp_bias) != 0)
+        return -1;
+    if (mlp_bias)
+        return kv_fail(r->err, "%s: key 'mlp_bias': MLP biases are not supported", r->path);
+    switch (cfg->arch) {
+    case ARCH_QWEN2:
+        cfg->qkv_bias = 1; /* Qwen2 always has q/k/v biases and never an o_proj bias */
+        break;
+    case ARCH_MISTRAL:
+        break;
+    case ARCH_QWEN3:
+        cfg->qk_norm = 1;
+        /* fallthrough */
+    case ARCH_LLAMA:
+        cfg->qkv_bias = cfg->o_bias = attention_bias;
+        break;
+    }
+    const cJSON *window = config_item(r->root, "sliding_window");
+    if (cfg->arch == ARCH_MISTRAL && window &&
+        config_int(r, r->root, "sliding_window", 0, &cfg->sliding_window) != 0)
+        return -1;
+    if (cfg->arch == ARCH_QWEN2 || cfg->arch == ARCH_QWEN3) {
+        int use_sliding_window;
+        if (config_bool(r, "use_sliding_window", 0, &use_sliding_window) != 0)
+            return -1;
+        if (use_sliding_window)
+            return kv_fail(r->err, "%s: key 'use_sliding_window': sliding-window layers are not "
+                           "supported", r->path);
+    }
+    return check_rope(r, cfg);
+}
+
+int model_config_load(const char *config_path, ModelConfig *cfg, KvErr *err)
+{
+    cJSON *root = json_read_file(config_path, err);
+    if (!root)
+        return -1;
+    ConfigReader r = {config_path, root, err, "rope_scaling"};
+    int rc = parse_config(&r, cfg);
+    cJSON_Delete(root);
+    return rc;
+}
+
+void model_rope_inv_freq(const ModelConfig *cfg, int n_tokens, double *out)
+{
+    int half = cfg->head_dim / 2;
+    double theta = cfg->rope_theta;
+    if (!strcmp(cfg->rope_type, "dynamic") && n_tokens > cfg->max_position_embeddings) {
+        /* NTK-aware base stretch (HF _compute_dynamic_ntk_parameters). */
+        double stretch = cfg->rope_factor * n_tokens / cfg->max_position_embeddings -
+                         (cfg->rope_factor - 1.0);
+        theta *= pow(stretch, (double)cfg->head_dim / (cfg->head_dim - 2));
+    }
+    rope_default_inv_freq(theta, cfg->head_dim, out);
+    if (!strcmp(cfg->rope_type, "linear")) {
+        for (int f = 0; f < half; f++)
+            out[f] /= cfg->rope_factor;
+    } else if (!strcmp(cfg->rope_type, "llama3")) {
+        /* Long wavelengths are slowed by `factor`, short ones kept, the band between blended
+         * (HF _compute_llama3_parameters). */
+        double old_context = cfg->rope_original_max_positions;
+        double low_freq_wavelen = old_context / cfg->rope_low_freq_factor;
+        double high_freq_wavelen = old_context / cfg->rope_high_freq_factor;
+        for (int f = 0; f < half; f++) {
+            double wavelen = 2.0 * PI / out[f];
+            if (wavelen > low_freq_wavelen) {
+                out[f] /= cfg->rope_factor;
+            } else if (wavelen >= high_freq_wavelen) {
+                double smooth = (old_context / wavelen - cfg->rope_low_freq_factor) /
+                                (cfg->rope_high_freq_factor - cfg->rope_low_freq_factor);
+                out[f] = (1.0 - smooth) * out[f] / cfg->rope_factor + smooth * out[f];
+            }
+        }
+    }
+}
+
+/* ---- Weights ---- */
+
+typedef struct {
+    Model *model;
+    const char *dir;
+    KvErr *err;
+} WeightLoader;
+
+static void format_shape(const int64_t *shape, int n_dims, char *out, size_t outlen)
+{
+    size_t at = 0;
+    at += (size_t)snprintf(out + at, outlen - at, "[");
+    for (int d = 0; d < n_dims && at < outlen; d++)
+        at += (size_t)snprintf(out + at, outlen - at, "%s%lld", d ? ", " : "",
+                               (long long)shape[d]);
+    if (at < outlen)
+        snprintf(out + at, outlen - at, "]");
+}
+
+/* The float32 data of tensor `name`, which must have shape [rows] (cols == 0) or [rows][cols]. */
+static const float *load_tensor(WeightLoader *wl, const char *name, int rows, int cols)
+{
+    const SafetensorsTensor *t = safetensors_find(wl->model->checkpoint, name);
+    if (!t) {
+        kv_fail(wl->err, "%s: missing tensor '%s'", wl->dir, name);
+        return NULL;
+    }
+    int64_t expected[2] = {rows, cols};
+    int n_dims = cols ? 2 : 1;
+    if (t->n_dims != n_dims || t->shape[0] != rows || (cols && t->shape[1] != cols)) {
+        char got[128], want[128];
+        format_shape(t->shape, t->n_dims, got, sizeof got);
+        format_shape(expected, n_dims, want, sizeof want);
+        kv_fail(wl->err, "%s: tensor '%s' has shape %s, the config implies %s", t->file, name,
+                got, want);
+        return NULL;
+    }
+    const float *values;
+    if (t->dtype == ST_F32 && (uintptr_t)t->data % sizeof(float) == 0) {
+        values = (const float *)(const void *)t->data;
+    } else {
+        Model *m = wl->model;
+        float *converted = kv_malloc((size_t)t->n_elements * sizeof(float));
+        safetensors_to_f32(t, converted);
+        m->owned = kv_realloc(m->owned, (size_t)(m->n_owned + 1) * sizeof *m->owned);
+        m->owned[m->n_owned++] = converted;
+        values = converted;
+    }
+    /* A NaN or infinite weight would make every logit NaN, and greedy decoding then emits
+     * token 0 forever: refuse it here, where the tensor can be named. */
+    for (size_t i = 0; i < (size_t)t->n_elements; i++)
+        if (!isfinite(values[i])) {
+            char at[64];
+            if (cols)
+                snprintf(at, sizeof at, "[%zu, %zu]", i / (size_t)cols, i % (size_t)cols);
+            else
+                snprintf(at, sizeof at, "[%zu]", i);
+            kv_fail(wl->err, "%s: tensor '%s': element %s is %s (weights must be finite)",
+                    t->file, name, at, isnan(values[i]) ? "NaN" : "infinite");
+            return NULL;
+        }
+    return values;
+}
+
+static int load_layer(WeightLoader *wl, int i, LayerWeights *lw)
+{
+    const ModelConfig *c = &wl->model->config;
+    int q_dim = c->n_q_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    char name[256];
+#define LOAD(field, suffix, rows, cols)                                                     \
+    do {                                                                                    \
+        snprintf(name, sizeof name, "model.layers.%d.%s", i, suffix);                      \
+        if (!(lw->field = load_tensor(wl, name, rows, cols)))                               \
+            return -1;                                                                      \
+    } while (0)
+    LOAD(input_norm, "input_layernorm.weight", c->hidden_size, 0);
+    LOAD(wq, "self_attn.q_proj.weight", q_dim, c->hidden_size);
+    LOAD(wk, "self_attn.k_proj.weight", kv_dim, c->hidden_size);
+    LOAD(wv, "self_attn.v_proj.weight", kv_dim, c->hidden_size);
+    LOAD(wo, "self_attn.o_proj.weight", c->hidden_size, q_dim);
+    if (c->qkv_bias) {
+        LOAD(bq, "self_attn.q_proj.bias", q_dim, 0);
+        LOAD(bk, "self_attn.k_proj.bias", kv_dim, 0);
+        LOAD(bv, "self_attn.v_proj.bias", kv_dim, 0);
+    }
+    if (c->o_bias)
+        LOAD(bo, "self_attn.o_proj.bias", c->hidden_size, 0);
+    if (c->qk_norm) {
+        LOAD(q_norm, "self_attn.q_norm.weight", c->head_dim, 0);
+        LOAD(k_norm, "self_attn.k_norm.weight", c->head_dim, 0);
+    }
+    LOAD(post_attention_norm, "post_attention_layernorm.weight", c->hidden_size, 0);
+    LOAD(w_gate, "mlp.gate_proj.weight", c->intermediate_size, c->hidden_size);
+    LOAD(w_up, "mlp.up_proj.weight", c->intermediate_size, c->hidden_size);
+    LOAD(w_down, "mlp.down_proj.weight", c->hidden_size, c->intermediate_size);
+#undef LOAD
+    return 0;
+}
+
+static int load_weights(WeightLoader *wl)
+{
+    Model *m = wl->model;
+    const ModelConfig *c = &m->config;
+    TransformerWeights *w = &m->weights;
+    if (!(w->token_embedding = load_tensor(wl, "model.embed_tokens.weight", c->vocab_size,
+                                           c->hidden_size)) ||
+        !(w->final_norm = load_tensor(wl, "model.norm.weight", c->hidden_size, 0)))
+        return -1;
+    /* The last layer first, so that a corrupt num_hidden_layers allocates nothing. */
+    char last[64];
+    snprintf(last, sizeof last, "model.layers.%d.input_layernorm.weight", c->n_layers - 1);
+    if (!safetensors_find(m->checkpoint, last))
+        return kv_fail(wl->err, "%s: missing tensor '%s' (config.json has num_hidden_layers %d)",
+                       wl->dir, last, c->n_layers);
+    w->layers = kv_calloc((size_t)c->n_layers, sizeof *w->layers);
+    for (int i = 0; i < c->n_layers; i++)
+        if (load_layer(wl, i, &w->layers[i]) != 0)
+            return -1;
+    if (c->tie_word_embeddings)
+        w->lm_head = w->token_embedding;
+    else if (!(w->lm_head = load_tensor(wl, "lm_head.weight", c->vocab_size, c->hidden_size)))
+        return -1;
+    return 0;
+}
+
+Model *model_load(const char *dir, KvErr *err)
+{
+    char config_path[4096];
+    snprintf(config_path, sizeof config_path, "%s/config.json", dir);
+    Model *m = kv_calloc(1, sizeof *m);
+    if (model_config_load(config_path, &m->config, err) != 0 ||
+        !(m->checkpoint = safetensors_open_dir(dir, err))) {
+        model_free(m);
+        return NULL;
+    }
+    WeightLoader wl = {m, dir, err};
+    if (load_weights(&wl) != 0) {
+        model_free(m);
+        return NULL;
+    }
+    return m;
+}
+
+void model_free(Model *m)
+{
+    if (!m)
+        return;
+    for (int i = 0; i < m->n_owned; i++)
+        free(m->owned[i]);
+    free(m->owned);
+    free(m->weights.layers);
+    safetensors_close(m->checkpoint);
+    free(m);
+}

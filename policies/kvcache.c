@@ -84,12 +84,6 @@ void kvcache_remove(KVCache *c, int pos)
         kvcache_remove_slot(c, c->slot_of[pos]);
 }
 
-void kvcache_clear(KVCache *c)
-{
-    while (c->n > 0)
-        kvcache_remove_slot(c, c->n - 1);
-}
-
 int kvcache_real_count(const KVCache *c)
 {
     int n = 0;

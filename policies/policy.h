@@ -75,6 +75,7 @@ typedef struct {
     int head_dim;
     int n_tokens, n_prompt; /* T, P */
     float attn_scale;
+    int window; /* 0: query t attends keys [0, t]; W > 0 (sliding window): [max(0, t-W+1), t] */
     const float *q; /* [n_q_heads][T][head_dim] post-RoPE */
     const float *k; /* [n_kv_heads][T][head_dim] post-RoPE */
     const float *v; /* [n_kv_heads][T][head_dim] */
@@ -133,7 +134,6 @@ void kvcache_add(KVCache *c, int pos);
 int kvcache_add_alt(KVCache *c, int pos, const float *k, const float *v);
 void kvcache_remove(KVCache *c, int pos);   /* real position; no-op if absent */
 void kvcache_remove_slot(KVCache *c, int slot);
-void kvcache_clear(KVCache *c);
 /* Number of slots holding real positions (pos >= 0). */
 int kvcache_real_count(const KVCache *c);
 

@@ -1,27 +1,31 @@
 /* attention.h — exact causal attention over a block of consecutive queries, with OpenBLAS.
  *
- * Queries i0 .. i0+B-1 of one head attend over keys [0, i]: one sgemm for the logits
- * (B x (i0+B)), a causal row softmax, one sgemm for the outputs. The engine uses it for the
- * prompt (blockwise, never a T x T matrix) and for the decode steps. */
+ * Queries i0 .. i0+B-1 of one head attend over keys [lo(i), i]: one sgemm for the logits
+ * (B x (i0+B)), a causal row softmax, one sgemm for the outputs. lo(i) = 0 on a global layer
+ * (window = 0) and max(0, i - window + 1) on a sliding-window layer of `window` keys. The engine
+ * uses it for the prompt (blockwise, never a T x T matrix) and for the decode steps. */
 #ifndef KVSIM_ATTENTION_H
 #define KVSIM_ATTENTION_H
 
 #include <stddef.h>
 
-/* p: [B][ld] with ld >= i0+B; on return row b holds the probabilities over keys [0, i0+b] and
- * zeros up to column i0+B-1. o (may be NULL): [B][D] outputs. row_max/row_z: the max scaled
+/* p: [B][ld] with ld >= i0+B; on return row b holds the probabilities over keys
+ * [lo(i0+b), i0+b] and zeros elsewhere up to column i0+B-1. o (may be NULL): [B][D] outputs. row_max/row_z: the max scaled
  * logit and the normaliser of each row (so a key outside the trace can be weighted later). */
 void attention_block(const float *q, int B, int i0, const float *k, const float *v, int D,
-                     float scale, float *p, int ld, float *o, float *row_max, float *row_z);
+                     float scale, int window, float *p, int ld, float *o, float *row_max,
+                     float *row_z);
 
-/* The softmax step alone: row b of s has first_len + b valid logits (scaled by `scale`). */
-void softmax_causal_rows(float *s, int rows, int ld, int first_len, float scale, float *row_max,
-                         float *row_z);
+/* The softmax step alone: row b of s has first_len + b logits (scaled by `scale`), of which the
+ * last `window` are valid when window > 0 (the others become zero), all when window = 0. */
+void softmax_causal_rows(float *s, int rows, int ld, int first_len, float scale, int window,
+                         float *row_max, float *row_z);
 
 /* Prompt queries per attention_block in prompt_statistics. */
 enum { PROMPT_STATS_BLOCK = 128 };
 
-/* The prompt attention statistics of a PrefillView (policies/policy.h) for one layer, computed
+/* The prompt attention statistics of a PrefillView (policies/policy.h) for one layer (a
+ * sliding-window layer when window > 0), computed
  * blockwise (never a P x P matrix). q is [n_q_heads][stride][D] and k [n_q_heads/group][stride][D]
  * (rows [0, n_prompt) are read; stride is the layer's token capacity). When not NULL,
  * mass [n_q_heads][n_prompt] is accumulated into (the caller zeroes it) and obs
@@ -29,8 +33,8 @@ enum { PROMPT_STATS_BLOCK = 128 };
  * beyond each query. probs: scratch [PROMPT_STATS_BLOCK][stride]; ones: [stride] ones.
  * Returns the floating-point operations done. Used by replay and by `kvsim eval`. */
 double prompt_statistics(const float *q, const float *k, int n_q_heads, int group, int stride,
-                         int n_prompt, int D, float scale, float *mass, float *obs, int obs_rows,
-                         float *probs, const float *ones);
+                         int n_prompt, int D, float scale, int window, float *mass, float *obs,
+                         int obs_rows, float *probs, const float *ones);
 
 /* Floating-point operations of attention_block (both products), for throughput figures. */
 double attention_block_flops(int B, int i0, int D, int with_output);

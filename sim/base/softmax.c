@@ -15,24 +15,27 @@
 #endif
 
 SOFTMAX_CLONES
-void softmax_causal_rows(float *s, int rows, int ld, int first_len, float scale, float *row_max,
-                         float *row_z)
+void softmax_causal_rows(float *s, int rows, int ld, int first_len, float scale, int window,
+                         float *row_max, float *row_z)
 {
     for (int b = 0; b < rows; b++) {
         float *x = s + (size_t)b * ld;
         int n = first_len + b;
-        float mx = x[0];
-        for (int j = 1; j < n; j++)
+        int lo = window > 0 && n > window ? n - window : 0; /* keys before the window: zero */
+        for (int j = 0; j < lo; j++)
+            x[j] = 0.0f;
+        float mx = x[lo];
+        for (int j = lo + 1; j < n; j++)
             mx = x[j] > mx ? x[j] : mx;
         mx *= scale;
         float z = 0.0f;
-        for (int j = 0; j < n; j++) {
+        for (int j = lo; j < n; j++) {
             float e = expf(x[j] * scale - mx);
             x[j] = e;
             z += e;
         }
         float inv = 1.0f / z;
-        for (int j = 0; j < n; j++)
+        for (int j = lo; j < n; j++)
             x[j] *= inv;
         for (int j = n; j < first_len + rows - 1; j++)
             x[j] = 0.0f;

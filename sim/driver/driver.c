@@ -92,8 +92,8 @@ static double decode_mass_statistics(const LayerView *L, float *dmass, float *pr
         const float *k = L->k + (size_t)(h / L->group) * T * D;
         for (int i0 = P; i0 < T; i0 += PROMPT_STATS_BLOCK) {
             int B = T - i0 < PROMPT_STATS_BLOCK ? T - i0 : PROMPT_STATS_BLOCK;
-            attention_block(q + (size_t)i0 * D, B, i0, k, NULL, D, L->attn_scale, probs, T, NULL,
-                            mx, z);
+            attention_block(q + (size_t)i0 * D, B, i0, k, NULL, D, L->attn_scale, L->window,
+                            probs, T, NULL, mx, z);
             flops += attention_block_flops(B, i0, D, 0);
             cblas_sgemv(CblasRowMajor, CblasTrans, B, i0 + B, 1.0f, probs, T, ones, 1, 1.0f,
                         dmass + (size_t)h * T, 1);
@@ -154,7 +154,8 @@ void driver_prefill(PolicyDriver *d)
             ones[j] = 1.0f;
         if (mass || obs)
             d->stats_flops += prompt_statistics(L->q, L->k, Hq, L->group, T, P, L->head_dim,
-                                                L->attn_scale, mass, obs, want_rows, probs, ones);
+                                                L->attn_scale, L->window, mass, obs, want_rows,
+                                                probs, ones);
         if (dmass)
             d->stats_flops += decode_mass_statistics(L, dmass, probs, ones);
         free(probs);

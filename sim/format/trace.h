@@ -26,6 +26,15 @@
 typedef enum { ROPE_HALF = 0, ROPE_INTERLEAVED = 1 } RopeLayout;
 typedef enum { TRACE_F32 = 0, TRACE_F16 = 1 } TraceDtype;
 
+/* The sequence is a list of spans, in order, covering [0, n_tokens): a prefill span's tokens
+ * arrive all at once on top of what the cache already holds (the first is the prompt; later
+ * ones are later turns' messages), a decode run's one at a time. */
+typedef enum { SPAN_PREFILL = 0, SPAN_DECODE = 1 } SpanKind;
+typedef struct {
+    int32_t kind;       /* SpanKind */
+    int32_t start, end; /* [start, end) */
+} TraceSpan;
+
 typedef struct {
     char model[256];
     char generator[256];
@@ -35,7 +44,7 @@ typedef struct {
     int n_kv_heads; /* divides n_q_heads */
     int head_dim;   /* even */
     int n_tokens;   /* T */
-    int n_prompt;   /* P: tokens [0,P) are prefill, [P,T) decode; 1 <= P <= T */
+    int n_prompt;   /* P: the first span, [0, P), is the prompt's prefill; 1 <= P <= T */
     double rope_theta;
     RopeLayout rope_layout;
     double attn_scale; /* softmax(attn_scale * q.k) */
@@ -52,11 +61,16 @@ typedef struct {
     /* [head_dim/2] RoPE inverse frequency of each pair, after any rope_scaling. Stored as
      * /rope_inv_freq; a reader of a trace without it derives theta^(-2f/D). */
     double *rope_inv_freq;
+    /* [n_spans]: the prefill spans and decode runs, in order, covering [0, T) (see TraceSpan);
+     * a version 1 trace is {prefill [0, P), decode [P, T)} (no decode run when P = T). */
+    int n_spans;
+    TraceSpan *spans;
 } TraceMeta;
 
 /* Allocates the per-token arrays of `meta` (tokens, positions, segments) for meta->n_tokens
- * tokens, zero-filled, the needle/probe/attn-row arrays for the counts already set, and
- * rope_inv_freq filled with the unscaled frequencies of rope_theta and head_dim. */
+ * tokens, zero-filled, the needle/probe/attn-row arrays for the counts already set,
+ * rope_inv_freq filled with the unscaled frequencies of rope_theta and head_dim, and the spans
+ * of a single prompt: prefill [0, n_prompt), decode [n_prompt, n_tokens). */
 void trace_meta_alloc(TraceMeta *meta);
 void trace_meta_free(TraceMeta *meta);
 /* Checks the header and metadata constraints of docs/trace-format.md (the reader's checks of

@@ -16,6 +16,12 @@ void trace_meta_alloc(TraceMeta *m)
     m->attn_rows_at = kv_calloc((size_t)m->n_attn_rows, sizeof *m->attn_rows_at);
     m->rope_inv_freq = kv_calloc((size_t)(m->head_dim / 2), sizeof *m->rope_inv_freq);
     rope_default_inv_freq(m->rope_theta, m->head_dim, m->rope_inv_freq);
+    /* One prefill span, the prompt, then one decode run (none when P = T). */
+    m->n_spans = m->n_prompt < m->n_tokens ? 2 : 1;
+    m->spans = kv_calloc((size_t)m->n_spans, sizeof *m->spans);
+    m->spans[0] = (TraceSpan){.kind = SPAN_PREFILL, .start = 0, .end = m->n_prompt};
+    if (m->n_spans == 2)
+        m->spans[1] = (TraceSpan){.kind = SPAN_DECODE, .start = m->n_prompt, .end = m->n_tokens};
 }
 
 void trace_meta_free(TraceMeta *m)
@@ -27,6 +33,9 @@ void trace_meta_free(TraceMeta *m)
     free(m->probes);
     free(m->attn_rows_at);
     free(m->rope_inv_freq);
+    free(m->spans);
+    m->spans = NULL;
+    m->n_spans = 0;
     m->tokens = m->positions = m->segments = m->needles = m->probes = m->attn_rows_at = NULL;
     m->rope_inv_freq = NULL;
 }

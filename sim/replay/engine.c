@@ -260,8 +260,8 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
         for (int h = 0; h < Hq; h++) {
             int g = h / L.group;
             attention_block(w->q + ((size_t)h * T + t0) * D, B, t0, w->k + (size_t)g * T * D,
-                            w->v + (size_t)g * T * D, D, L.attn_scale, w->probs + (size_t)h * T,
-                            Hq * T, w->out + (size_t)h * DECODE_BLOCK * D,
+                            w->v + (size_t)g * T * D, D, L.attn_scale, L.window,
+                            w->probs + (size_t)h * T, Hq * T, w->out + (size_t)h * DECODE_BLOCK * D,
                             w->row_max + h * DECODE_BLOCK, w->row_z + h * DECODE_BLOCK);
             w->attention_flops += attention_block_flops(B, t0, D, 1);
             /* A logit that overflows float (|q.k| * scale beyond 3.4e38) leaves a row that is

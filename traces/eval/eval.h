@@ -42,11 +42,6 @@ typedef struct EvalPrefill EvalPrefill;
 EvalPrefill *eval_prefill(const Model *model, const PromptTokens *prompt, int last_segment,
                           int max_new, const char *origin, KvErr *err);
 void eval_prefill_free(EvalPrefill *pf);
-/* The logits after the prefilled prompt, [vocab]. Without forced tokens the first generated
- * token comes from them and is the same for every policy (compression happens after prefill);
- * with forced tokens they predict the first forced token and generation starts from the logits
- * of the last forced step, taken through the policy's cache. */
-const float *eval_prefill_logits(const EvalPrefill *pf);
 
 typedef struct {
     void *user;

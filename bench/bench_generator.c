@@ -58,9 +58,7 @@ int main(int argc, char **argv)
     int32_t *tokens = kv_malloc((size_t)max_tokens * sizeof *tokens);
     for (int i = 0; i < n_prompt; i++)
         tokens[i] = (int32_t)(((long)i * 7919 + 13) % c->vocab_size);
-    double *inv_freq = kv_malloc((size_t)(c->head_dim / 2) * sizeof *inv_freq);
-    model_rope_inv_freq(c, max_tokens, inv_freq);
-    RunState *s = run_state_new(model, max_tokens, 128, inv_freq);
+    RunState *s = run_state_new(model, max_tokens, 128);
     t = now_seconds();
     const float *logits = forward_prompt(s, tokens, n_prompt, NULL);
     double prefill = now_seconds() - t;
@@ -80,7 +78,6 @@ int main(int argc, char **argv)
     printf("\n");
     run_state_free(s);
     model_free(model);
-    free(inv_freq);
 
     /* End to end through the command, on the same prompt. */
     char ids_path[4096], out_path[4096], threads_arg[16], decode_arg[16];

@@ -76,10 +76,17 @@ typedef struct {
     int n_tokens, n_prompt; /* T, P */
     float attn_scale;
     int window; /* 0: query t attends keys [0, t]; W > 0 (sliding window): [max(0, t-W+1), t] */
+    const double *rope_inv_freq; /* [head_dim/2] this layer's RoPE frequencies (points into meta;
+                                  * the layout, every layer's, is meta->rope_layout) */
     const float *q; /* [n_q_heads][T][head_dim] post-RoPE */
     const float *k; /* [n_kv_heads][T][head_dim] post-RoPE */
     const float *v; /* [n_kv_heads][T][head_dim] */
 } LayerView;
+
+/* The one builder of a LayerView: layer `layer` of `meta`, its scale, window and RoPE from the
+ * layer's geometry (trace_layer_geometry), over rows [0, meta->n_tokens) of q, k and v. */
+LayerView layer_view_make(const TraceMeta *meta, int layer, const float *q, const float *k,
+                          const float *v);
 
 typedef struct {
     uint64_t seed; /* derived from the run seed, the policy label and the layer */

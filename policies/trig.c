@@ -257,7 +257,7 @@ static int calibrate_from_file(Trig *tr, const LayerView *L, KvErr *err)
         return kv_fail(err, "trig: calibration: %s", terr.msg);
     }
     trig_scorer_calibrate(&tr->scorer, q, m->n_tokens, m->n_tokens, m->positions, m->rope_layout,
-                          m->rope_inv_freq);
+                          trace_layer_geometry(m, L->layer).rope_inv_freq);
     tr->calibrated = true;
     free(q);
     trace_close(cal);
@@ -274,7 +274,7 @@ static Policy *trig_create(const void *params, const LayerView *L, const PolicyE
     RopeLayout pairing = tr->prm.pairing == PAIRING_HALF          ? ROPE_HALF
                          : tr->prm.pairing == PAIRING_INTERLEAVED ? ROPE_INTERLEAVED
                                                                   : L->meta->rope_layout;
-    trig_scorer_init(&tr->scorer, L->n_q_heads, L->head_dim, pairing, L->meta->rope_inv_freq);
+    trig_scorer_init(&tr->scorer, L->n_q_heads, L->head_dim, pairing, L->rope_inv_freq);
     if (!calibration_online(&tr->prm) && calibrate_from_file(tr, L, err) != 0) {
         trig_destroy(&tr->base);
         return NULL;
@@ -395,7 +395,7 @@ static void trig_prefill(Policy *p, const PrefillView *pv)
     int P = L->n_prompt;
     if (!tr->calibrated) {
         trig_scorer_calibrate(&tr->scorer, L->q, L->n_tokens, P, L->meta->positions,
-                              L->meta->rope_layout, L->meta->rope_inv_freq);
+                              L->meta->rope_layout, L->rope_inv_freq);
         tr->calibrated = true;
     }
     for (int g = 0; g < p->n_kv_heads; g++)

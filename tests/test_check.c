@@ -452,9 +452,11 @@ static void test_info_lists_header_and_datasets(void **state)
     KvsimRun r = run_kvsim(args);
     assert_int_equal(r.status, 0);
     const char *want[] = {
-        "format         kvsim-trace 1", "n_tokens       248", "n_prompt       200",
-        "qkv dtype      float16", "needles        3", "attn rows      4",
-        "rope_layout    half", "--seed 3",
+        "format         kvsim-trace version 2", "n_tokens       248", "n_prompt       200",
+        "spans          2: prefill [0,200) decode [200,248)\n", "window         global (every layer)",
+        "hidden_size    unknown", "intermediate   unknown", "vocab_size     unknown",
+        "n_params       unknown", "qkv dtype      float16", "needles        3",
+        "attn rows      4", "rope_layout    half", "--seed 3",
     };
     for (size_t i = 0; i < sizeof want / sizeof *want; i++)
         if (!strstr(r.out, want[i]))
@@ -463,11 +465,97 @@ static void test_info_lists_header_and_datasets(void **state)
     const char *lines[] = {
         "/layers/001/k          float16  [2,248,16]", "/layers/000/q          float16  [4,248,16]",
         "/layers/000/attn_rows  float32  [4,4,248]", "/needles               int32    [3,2]",
-        "/rope_inv_freq         float64  [8]",
+        "/rope_inv_freq         float64  [2,8]", "/window                int32    [2]",
+        "/spans                 int32    [2,3]",
     };
     for (size_t i = 0; i < sizeof lines / sizeof *lines; i++)
         if (!strstr(r.out, lines[i]))
             fail_msg("info output lacks \"%s\":\n%s", lines[i], r.out);
+    kvsim_run_free(&r);
+    scratch_remove(dir);
+}
+
+/* kvsim info on the committed version 1 trace: its version, one prefill span and one decode
+ * run, global layers, unknown model size. */
+static void test_info_reads_version1(void **state)
+{
+    (void)state;
+    const char *src = getenv("KVSIM_SOURCE_DIR");
+    assert_non_null(src);
+    char args[4200];
+    snprintf(args, sizeof args, "info '%s/tests/inputs/trace/version1.h5'", src);
+    KvsimRun r = run_kvsim(args);
+    assert_int_equal(r.status, 0);
+    const char *want[] = {
+        "format         kvsim-trace version 1\n", "n_prompt       96\n",
+        "spans          2: prefill [0,96) decode [96,128)\n",
+        "window         global (every layer)\n", "n_params       unknown\n",
+        "/rope_inv_freq         float64  [8]\n",
+    };
+    for (size_t i = 0; i < sizeof want / sizeof *want; i++)
+        if (!strstr(r.out, want[i]))
+            fail_msg("info output lacks \"%s\":\n%s", want[i], r.out);
+    kvsim_run_free(&r);
+}
+
+/* Overwrites /window of a trace. */
+static void set_windows(const char *path, const int32_t *window, int n)
+{
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    assert_true(f >= 0);
+    hid_t ds = H5Dopen2(f, "/window", H5P_DEFAULT);
+    assert_true(ds >= 0);
+    hid_t sp = H5Dget_space(ds);
+    assert_int_equal(H5Sget_simple_extent_npoints(sp), n);
+    H5Sclose(sp);
+    assert_true(H5Dwrite(ds, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, window) >= 0);
+    H5Dclose(ds);
+    H5Fclose(f);
+}
+
+/* A sliding-window synthetic trace (every layer but the last a window of 24 keys) and one of
+ * several turns: info shows the windows and the spans; check recomputes each row over the
+ * keys its layer's window lets the query attend, and passes; told that the windowed layer is
+ * global, it fails (the stored rows are zero before the window). */
+static void test_check_follows_the_window(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    const char *path = scratch_path(dir, "w.h5", 0), *turns = scratch_path(dir, "turns.h5", 1);
+    synth_cli(path, "--window 24 --global-every 2");
+    synth_cli(turns, "--decode-turns 3 --message 10 --window 40");
+    char args[1024];
+    snprintf(args, sizeof args, "info '%s'", path);
+    KvsimRun r = run_kvsim(args);
+    assert_int_equal(r.status, 0);
+    if (!strstr(r.out, "window         layer 0 24, layer 1 global\n"))
+        fail_msg("info output lacks the windows:\n%s", r.out);
+    kvsim_run_free(&r);
+    snprintf(args, sizeof args, "info '%s'", turns);
+    r = run_kvsim(args);
+    assert_int_equal(r.status, 0);
+    const char *spans = "spans          6: prefill [0,200) decode [200,216) prefill [216,226) "
+                        "decode [226,242) prefill [242,252) decode [252,268)\n";
+    if (!strstr(r.out, spans) || !strstr(r.out, "window         layers 0-1 40\n") ||
+        !strstr(r.out, "n_tokens       268\n") || !strstr(r.out, "n_prompt       200\n"))
+        fail_msg("info output lacks the spans or windows:\n%s", r.out);
+    kvsim_run_free(&r);
+
+    r = check_cli(path, "");
+    assert_int_equal(r.status, 0);
+    assert_non_null(strstr(r.out, "tolerance 0.0001: ok"));
+    kvsim_run_free(&r);
+    r = check_cli(turns, "");
+    assert_int_equal(r.status, 0);
+    kvsim_run_free(&r);
+
+    const int32_t global[2] = {0, 0};
+    set_windows(path, global, 2);
+    r = check_cli(path, "");
+    assert_int_equal(r.status, 1);
+    assert_non_null(strstr(r.out, "at layer 0"));
+    assert_non_null(strstr(r.out, "FAILED"));
     kvsim_run_free(&r);
     scratch_remove(dir);
 }
@@ -479,6 +567,8 @@ int main(void)
         cmocka_unit_test(test_check_fails_on_a_corrupted_row),
         cmocka_unit_test(test_bad_input_exits_2_with_one_line),
         cmocka_unit_test(test_info_lists_header_and_datasets),
+        cmocka_unit_test(test_info_reads_version1),
+        cmocka_unit_test(test_check_follows_the_window),
         cmocka_unit_test(test_huge_dimensions_are_one_line_errors),
         cmocka_unit_test(test_overflowing_values_are_not_ok),
         cmocka_unit_test(test_file_strings_stay_on_one_line),

@@ -110,9 +110,8 @@ static Fixture *new_fixture(void)
 static void write_trace(const char *path)
 {
     Fixture *fx = new_fixture();
-    TraceMeta meta = fx->meta;
-    meta.n_layers = LAYERS;
-    snprintf(meta.generator, sizeof meta.generator, "conformance suite");
+    TraceMeta meta;
+    fixture_trace_meta(fx, LAYERS, "conformance suite", &meta);
     KvErr err;
     TraceWriter *w = trace_writer_create(path, &meta, TRACE_F32, &err);
     if (!w)
@@ -124,6 +123,7 @@ static void write_trace(const char *path)
     }
     if (trace_writer_finish(w, &err) != 0)
         fail_msg("%s", err.msg);
+    trace_meta_free(&meta);
     fixture_free(fx);
 }
 

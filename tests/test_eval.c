@@ -94,9 +94,7 @@ typedef struct {
 
 static void plain_generate(const Env *env, Generation *g)
 {
-    double inv_freq[64];
-    model_rope_inv_freq(&env->model->config, N_PROMPT + MAX_NEW, inv_freq);
-    RunState *s = run_state_new(env->model, N_PROMPT + MAX_NEW, 8, inv_freq);
+    RunState *s = run_state_new(env->model, N_PROMPT + MAX_NEW, 8);
     const float *logits = forward_prompt(s, env->prompt.tokens, N_PROMPT, NULL);
     g->n = 0;
     while (g->n < MAX_NEW) {

@@ -63,9 +63,7 @@ static void plain_continuation(const char *model_dir, const char *prompt_path, C
     assert_int_equal(prompt_file_load(prompt_path, tok, model, model_dir, &markup, &tokens, &err),
                      0);
     int P = tokens.n_tokens;
-    double inv_freq[64];
-    model_rope_inv_freq(&model->config, P + PLAIN_NEW, inv_freq);
-    RunState *s = run_state_new(model, P + PLAIN_NEW, 16, inv_freq);
+    RunState *s = run_state_new(model, P + PLAIN_NEW, 16);
     const float *logits = forward_prompt(s, tokens.tokens, P, NULL);
     int32_t out[PLAIN_NEW];
     c->n = 0;

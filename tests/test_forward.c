@@ -317,7 +317,14 @@ static void run_and_compare(Model *model, const TinyCheckpoint *ck, const Refere
     cap.k = kv_calloc((size_t)ref->L * ref->Hkv * T * ref->D, sizeof(float));
     cap.v = kv_calloc((size_t)ref->L * ref->Hkv * T * ref->D, sizeof(float));
     ForwardObserver obs = {&cap, capture_qkv, wants_attention, capture_attention};
-    RunState *s = run_state_new(model, T, chunk_size, inv_freq);
+    RunState *s = run_state_new(model, T, chunk_size);
+    /* The forward pass's geometry is the model's: the scale, global layers, these frequencies. */
+    for (int l = 0; l < ref->L; l++) {
+        assert_int_equal(s->geometry.window[l], 0);
+        for (int f = 0; f < ref->D / 2; f++)
+            assert_true(s->geometry.rope_inv_freq[(size_t)l * (ref->D / 2) + f] == inv_freq[f]);
+    }
+    assert_true(s->geometry.attn_scale == attn_scale_default(ref->D));
 
     const float *logits = forward_prompt(s, tokens, n_prompt, &obs);
     assert_non_null(logits);

@@ -33,22 +33,29 @@ static void sample_init(Sample *s, int n_needles, int n_probes, int n_rows, uint
 {
     memset(s, 0, sizeof *s);
     TraceMeta *m = &s->meta;
-    snprintf(m->model, sizeof m->model, "unit-model");
-    snprintf(m->generator, sizeof m->generator, "test_trace seed=%llu", (unsigned long long)seed);
-    snprintf(m->rope_scaling, sizeof m->rope_scaling, "linear factor=2");
-    m->n_layers = L;
-    m->n_q_heads = HQ;
-    m->n_kv_heads = HKV;
-    m->head_dim = D;
-    m->n_tokens = T;
-    m->n_prompt = P;
-    m->rope_theta = 500000.0;
-    m->rope_layout = ROPE_INTERLEAVED;
-    m->attn_scale = 0.3;
-    m->n_needles = n_needles;
-    m->n_probes = n_probes;
-    m->n_attn_rows = n_rows;
-    trace_meta_alloc(m);
+    char generator[64];
+    snprintf(generator, sizeof generator, "test_trace seed=%llu", (unsigned long long)seed);
+    /* Every layer different: a global one and two windows; RoPE scaled differently in each
+     * (must not be replaced by the default on read). */
+    int32_t window[L] = {0, 5, 16};
+    double freq[L][D / 2];
+    for (int l = 0; l < L; l++) {
+        rope_default_inv_freq(500000.0, D, freq[l]);
+        for (int f = 0; f < D / 2; f++)
+            freq[l][f] *= 0.5 / (l + 1);
+    }
+    TraceModel model = {
+        .model = "unit-model", .generator = generator, .rope_scaling = "linear factor=2",
+        .n_layers = L, .n_q_heads = HQ, .n_kv_heads = HKV, .head_dim = D,
+        .rope_theta = 500000.0, .rope_layout = ROPE_INTERLEAVED, .attn_scale = 0.3,
+        .window = window, .rope_inv_freq = &freq[0][0], .hidden_size = 64,
+        .intermediate_size = 172, .vocab_size = 32000, .n_params = 5000000000LL,
+    };
+    trace_meta_init(m, &model, T, P, n_needles, n_probes, n_rows);
+    /* Two turns: the prompt, an answer, a message, an answer. */
+    const TraceSpan spans[4] = {{SPAN_PREFILL, 0, P}, {SPAN_DECODE, P, P + 3},
+                                {SPAN_PREFILL, P + 3, P + 5}, {SPAN_DECODE, P + 5, T}};
+    trace_meta_set_spans(m, 4, spans);
     for (int t = 0; t < T; t++) {
         m->tokens[t] = 1000 + 7 * t;
         m->positions[t] = 3 + 2 * t;
@@ -62,8 +69,6 @@ static void sample_init(Sample *s, int n_needles, int n_probes, int n_rows, uint
         m->probes[i] = P - 1 + 2 * i;
     for (int r = 0; r < n_rows; r++)
         m->attn_rows_at[r] = P - 1 + 3 * r;
-    for (int f = 0; f < D / 2; f++)
-        m->rope_inv_freq[f] *= 0.5; /* scaled: must not be replaced by the default on read */
 
     gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
     gsl_rng_set(rng, (unsigned long)seed);
@@ -144,6 +149,7 @@ static void sample_write(const Sample *s, const char *path, TraceDtype dtype)
 
 static void assert_meta_equal(const TraceMeta *a, const TraceMeta *b)
 {
+    assert_int_equal(a->version, b->version);
     assert_string_equal(a->model, b->model);
     assert_string_equal(a->generator, b->generator);
     assert_string_equal(a->rope_scaling, b->rope_scaling);
@@ -156,9 +162,9 @@ static void assert_meta_equal(const TraceMeta *a, const TraceMeta *b)
     assert_true(a->rope_theta == b->rope_theta);
     assert_int_equal(a->rope_layout, b->rope_layout);
     assert_true(a->attn_scale == b->attn_scale);
-    assert_memory_equal(a->tokens, b->tokens, (size_t)T * sizeof(int32_t));
-    assert_memory_equal(a->positions, b->positions, (size_t)T * sizeof(int32_t));
-    assert_memory_equal(a->segments, b->segments, (size_t)T * sizeof(int32_t));
+    assert_memory_equal(a->tokens, b->tokens, (size_t)a->n_tokens * sizeof(int32_t));
+    assert_memory_equal(a->positions, b->positions, (size_t)a->n_tokens * sizeof(int32_t));
+    assert_memory_equal(a->segments, b->segments, (size_t)a->n_tokens * sizeof(int32_t));
     assert_int_equal(a->n_needles, b->n_needles);
     assert_int_equal(a->n_probes, b->n_probes);
     assert_int_equal(a->n_attn_rows, b->n_attn_rows);
@@ -168,8 +174,25 @@ static void assert_meta_equal(const TraceMeta *a, const TraceMeta *b)
         assert_memory_equal(a->probes, b->probes, (size_t)a->n_probes * sizeof(int32_t));
     if (a->n_attn_rows)
         assert_memory_equal(a->attn_rows_at, b->attn_rows_at, (size_t)a->n_attn_rows * sizeof(int32_t));
-    for (int f = 0; f < D / 2; f++)
-        assert_true(a->rope_inv_freq[f] == b->rope_inv_freq[f]);
+    assert_int_equal(a->hidden_size, b->hidden_size);
+    assert_int_equal(a->intermediate_size, b->intermediate_size);
+    assert_int_equal(a->vocab_size, b->vocab_size);
+    assert_true(a->n_params == b->n_params);
+    for (int l = 0; l < a->n_layers; l++) {
+        LayerGeometry ga = trace_layer_geometry(a, l), gb = trace_layer_geometry(b, l);
+        assert_int_equal(ga.window, gb.window);
+        assert_true(ga.attn_scale == gb.attn_scale);
+        assert_int_equal(ga.rope_layout, gb.rope_layout);
+        assert_int_equal(ga.head_dim, gb.head_dim);
+        for (int f = 0; f < a->head_dim / 2; f++)
+            assert_true(ga.rope_inv_freq[f] == gb.rope_inv_freq[f]);
+    }
+    assert_int_equal(a->n_spans, b->n_spans);
+    for (int i = 0; i < a->n_spans; i++) {
+        assert_int_equal(a->spans[i].kind, b->spans[i].kind);
+        assert_int_equal(a->spans[i].start, b->spans[i].start);
+        assert_int_equal(a->spans[i].end, b->spans[i].end);
+    }
 }
 
 static Trace *open_ok(const char *path)
@@ -278,7 +301,9 @@ static void test_roundtrip_empty_needles_probes_rows(void **state)
     Sample s;
     sample_init(&s, 0, 0, 0, 13);
     s.meta.rope_scaling[0] = '\0';
-    s.meta.n_prompt = T; /* P = T: no decode steps is allowed */
+    /* P = T: no decode steps is allowed (one prefill span, which sets n_prompt) */
+    trace_meta_set_spans(&s.meta, 1, &(TraceSpan){SPAN_PREFILL, 0, T});
+    assert_int_equal(s.meta.n_prompt, T);
     sample_write(&s, path, TRACE_F32);
     Trace *tr = open_ok(path);
     const TraceMeta *m = trace_meta(tr);
@@ -411,7 +436,8 @@ static void replace_int_dataset(hid_t file, const char *name, int rank, const hs
 }
 
 static void break_format(hid_t f) { set_string_attr(f, "format", "other-trace", 0); }
-static void break_version(hid_t f) { set_int_attr(f, "version", 2); }
+static void break_version(hid_t f) { set_int_attr(f, "version", 3); }
+static void break_version_zero(hid_t f) { set_int_attr(f, "version", 0); }
 static void break_missing_attr(hid_t f) { assert_true(H5Adelete(f, "head_dim") >= 0); }
 static void break_missing_v(hid_t f) { assert_true(H5Ldelete(f, "/layers/002/v", H5P_DEFAULT) >= 0); }
 static void break_missing_layer(hid_t f) { assert_true(H5Ldelete(f, "/layers/001", H5P_DEFAULT) >= 0); }
@@ -558,11 +584,108 @@ static void break_position_beyond_int32(hid_t f)
 static void break_attn_scale_float32(hid_t f) { set_double_attr(f, "attn_scale", 1e300); }
 static void break_attn_scale_tiny(hid_t f) { set_double_attr(f, "attn_scale", 1e-300); }
 
-static void break_rope_angles(hid_t f)
+/* /rope_inv_freq [L][D/2] with `bad` at layer 1, pair 0. */
+static void replace_freq(hid_t f, double bad)
 {
-    double freq[D / 2] = {1e307, 1.0, 0.5, 0.25}; /* 1e307 x position 75 = inf */
+    double freq[L][D / 2];
+    for (int l = 0; l < L; l++)
+        for (int i = 0; i < D / 2; i++)
+            freq[l][i] = 1.0 / (1 + i);
+    freq[1][0] = bad;
+    if (H5Lexists(f, "/rope_inv_freq", H5P_DEFAULT) > 0)
+        assert_true(H5Ldelete(f, "/rope_inv_freq", H5P_DEFAULT) >= 0);
+    hsize_t dims[2] = {L, D / 2};
+    hid_t sp = H5Screate_simple(2, dims, NULL);
+    hid_t ds = H5Dcreate2(f, "/rope_inv_freq", H5T_IEEE_F64LE, sp, H5P_DEFAULT, H5P_DEFAULT,
+                          H5P_DEFAULT);
+    assert_true(ds >= 0);
+    assert_true(H5Dwrite(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, freq) >= 0);
+    H5Dclose(ds);
+    H5Sclose(sp);
+}
+
+static void break_rope_angles(hid_t f) { replace_freq(f, 1e307); /* x position 75 = inf */ }
+static void break_rope_negative(hid_t f) { replace_freq(f, -0.5); }
+static void break_rope_nan(hid_t f) { replace_freq(f, NAN); }
+static void break_rope_v1_shape(hid_t f)
+{
+    double freq[D / 2] = {1.0, 0.5, 0.25, 0.125}; /* version 1's shape in a version 2 trace */
     replace_wide_dataset(f, "/rope_inv_freq", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, D / 2, freq);
 }
+
+/* ---- Version 2's per-layer geometry, spans and model dimensions ---- */
+
+static void replace_spans(hid_t f, int n, const int32_t *rows)
+{
+    hsize_t dims[2] = {(hsize_t)n, 3};
+    replace_int_dataset(f, "/spans", 2, dims, rows);
+}
+
+static void break_spans_gap(hid_t f)
+{
+    const int32_t rows[] = {0, 0, P, 1, P + 1, T}; /* decode starts at P+1 */
+    replace_spans(f, 2, rows);
+}
+static void break_spans_overlap(hid_t f)
+{
+    const int32_t rows[] = {0, 0, P, 1, P - 2, T};
+    replace_spans(f, 2, rows);
+}
+static void break_spans_kind(hid_t f)
+{
+    const int32_t rows[] = {0, 0, P, 7, P, T};
+    replace_spans(f, 2, rows);
+}
+static void break_spans_first_decode(hid_t f)
+{
+    const int32_t rows[] = {1, 0, P, 1, P, T};
+    replace_spans(f, 2, rows);
+}
+static void break_spans_short(hid_t f)
+{
+    const int32_t rows[] = {0, 0, P, 1, P, T - 1}; /* token T-1 in no span */
+    replace_spans(f, 2, rows);
+}
+static void break_spans_beyond(hid_t f)
+{
+    const int32_t rows[] = {0, 0, P, 1, P, T + 4};
+    replace_spans(f, 2, rows);
+}
+static void break_spans_empty(hid_t f)
+{
+    const int32_t rows[] = {0, 0, P, 1, P, P, 1, P, T}; /* an empty decode run */
+    replace_spans(f, 3, rows);
+}
+static void break_spans_prompt(hid_t f)
+{
+    const int32_t rows[] = {0, 0, P - 4, 1, P - 4, T}; /* n_prompt says P */
+    replace_spans(f, 2, rows);
+}
+static void break_spans_none(hid_t f) { replace_spans(f, 0, NULL); }
+static void break_spans_missing(hid_t f) { assert_true(H5Ldelete(f, "/spans", H5P_DEFAULT) >= 0); }
+static void break_spans_shape(hid_t f)
+{
+    const int32_t rows[] = {0, 0, 1, P, 1, T};
+    hsize_t dims[2] = {3, 2};
+    replace_int_dataset(f, "/spans", 2, dims, rows);
+}
+static void break_window_negative(hid_t f)
+{
+    const int32_t w[L] = {0, -3, 16};
+    hsize_t n = L;
+    replace_int_dataset(f, "/window", 1, &n, w);
+}
+static void break_window_shape(hid_t f)
+{
+    const int32_t w[2] = {0, 16};
+    hsize_t n = 2;
+    replace_int_dataset(f, "/window", 1, &n, w);
+}
+static void break_window_missing(hid_t f) { assert_true(H5Ldelete(f, "/window", H5P_DEFAULT) >= 0); }
+static void break_hidden_negative(hid_t f) { set_int_attr(f, "hidden_size", -1); }
+static void break_params_negative(hid_t f) { set_int_attr(f, "n_params", -7); }
+static void break_vocab_missing(hid_t f) { assert_true(H5Adelete(f, "vocab_size") >= 0); }
+static void break_intermediate_type(hid_t f) { set_double_attr(f, "intermediate_size", 1.5); }
 
 static void break_layout_newline(hid_t f) { set_string_attr(f, "rope_layout", "half\n2nd line", 0); }
 static void break_format_newline(hid_t f) { set_string_attr(f, "format", "kvsim-trace\r\n", 1); }
@@ -626,7 +749,8 @@ static void test_rejects_wrong_format(void **state)
 static void test_rejects_wrong_version(void **state)
 {
     (void)state;
-    expect_broken(break_version, "attribute version", "expected 1, found 2");
+    expect_broken(break_version, "attribute version", "expected 1 to 2, found 3");
+    expect_broken(break_version_zero, "attribute version", "expected 1 to 2, found 0");
 }
 
 static void test_rejects_missing_attribute(void **state)
@@ -693,8 +817,127 @@ static void test_rejects_out_of_range_values(void **state)
     expect_broken(break_attn_scale_float32, "attribute attn_scale: expected a finite value > 0 "
                                             "within float32 range", "found 1e+300");
     expect_broken(break_attn_scale_tiny, "attribute attn_scale", "found 1e-300");
-    expect_broken(break_rope_angles, "dataset /rope_inv_freq: element 0 is 1e+307",
+    expect_broken(break_rope_angles, "dataset /rope_inv_freq: layer 1 element 0 is 1e+307",
                   "position 75");
+    expect_broken(break_rope_negative, "dataset /rope_inv_freq: layer 1 element 0 is -0.5",
+                  "expected a finite value > 0");
+    expect_broken(break_rope_nan, "dataset /rope_inv_freq: layer 1 element 0 is nan",
+                  "expected a finite value > 0");
+    expect_broken(break_rope_v1_shape, "dataset /rope_inv_freq: expected shape [3,4], found [4]",
+                  NULL);
+}
+
+/* Version 2: spans in order, covering [0, T), a prefill span first ending at n_prompt, kinds
+ * valid; windows >= 0, one per layer; model dimensions >= 0. Each refused with its message. */
+static void test_rejects_bad_v2_geometry(void **state)
+{
+    (void)state;
+    expect_broken(break_spans_gap, "dataset /spans: span 1 is [31,37), expected [30,end)",
+                  "without gaps");
+    expect_broken(break_spans_overlap, "dataset /spans: span 1 is [28,37), expected [30,end)",
+                  NULL);
+    expect_broken(break_spans_kind, "dataset /spans: span 1 has kind 7, expected 0 (prefill) "
+                  "or 1 (decode)", NULL);
+    expect_broken(break_spans_first_decode, "dataset /spans: span 0 is a decode run, expected "
+                  "the prompt's prefill span first", NULL);
+    expect_broken(break_spans_short, "dataset /spans: the spans end at 36, expected them to "
+                  "cover [0,37)", NULL);
+    expect_broken(break_spans_beyond, "dataset /spans: span 1 is [30,41)", "<= n_tokens = 37");
+    expect_broken(break_spans_empty, "dataset /spans: span 1 is [30,30)", NULL);
+    expect_broken(break_spans_prompt, "dataset /spans: the first span ends at 26, expected "
+                  "n_prompt = 30", NULL);
+    expect_broken(break_spans_none, "dataset /spans: expected at least one span, found none",
+                  NULL);
+    expect_broken(break_spans_missing, "dataset /spans: missing", NULL);
+    expect_broken(break_spans_shape, "dataset /spans: expected shape [*,3], found [3,2]", NULL);
+    expect_broken(break_window_negative, "dataset /window: layer 1 has window -3, expected >= 0 "
+                  "(0 = global)", NULL);
+    expect_broken(break_window_shape, "dataset /window: expected shape [3], found [2]", NULL);
+    expect_broken(break_window_missing, "dataset /window: missing", NULL);
+    expect_broken(break_hidden_negative, "attribute hidden_size: expected >= 0 (0 = unknown), "
+                  "found -1", NULL);
+    expect_broken(break_params_negative, "attribute n_params: expected >= 0 (0 = unknown), "
+                  "found -7", NULL);
+    expect_broken(break_vocab_missing, "attribute vocab_size: missing", NULL);
+    expect_broken(break_intermediate_type, "attribute intermediate_size: expected integer, "
+                  "found float", NULL);
+}
+
+/* The committed version 1 trace (tests/inputs/trace/README.md) reads as one prefill span and
+ * one decode run, every layer global with the one row of RoPE frequencies it stores, the model's
+ * size unknown; written again (by the version 2 writer) it reads back the same. */
+static void test_reads_version1(void **state)
+{
+    (void)state;
+    const char *src = getenv("KVSIM_SOURCE_DIR");
+    assert_non_null(src);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tests/inputs/trace/version1.h5", src);
+    Trace *tr = open_ok(path);
+    const TraceMeta *m = trace_meta(tr);
+    assert_int_equal(m->version, 1);
+    assert_int_equal(m->n_layers, 2);
+    assert_int_equal(m->n_tokens, 128);
+    assert_int_equal(m->n_prompt, 96);
+    assert_int_equal(m->n_spans, 2);
+    assert_int_equal(m->spans[0].kind, SPAN_PREFILL);
+    assert_int_equal(m->spans[0].start, 0);
+    assert_int_equal(m->spans[0].end, 96);
+    assert_int_equal(m->spans[1].kind, SPAN_DECODE);
+    assert_int_equal(m->spans[1].start, 96);
+    assert_int_equal(m->spans[1].end, 128);
+    assert_int_equal(m->hidden_size, 0);
+    assert_int_equal(m->intermediate_size, 0);
+    assert_int_equal(m->vocab_size, 0);
+    assert_true(m->n_params == 0);
+    double want[8];
+    rope_default_inv_freq(10000.0, 16, want);
+    for (int l = 0; l < m->n_layers; l++) {
+        LayerGeometry g = trace_layer_geometry(m, l);
+        assert_int_equal(g.window, 0);
+        assert_true(g.attn_scale == 0.25);
+        for (int f = 0; f < 8; f++)
+            assert_float_equal(g.rope_inv_freq[f], want[f], 1e-15);
+    }
+
+    char *dir = scratch_create();
+    const char *again = scratch_path(dir, "v2.h5", 0);
+    KvErr err;
+    TraceWriter *w = trace_writer_create(again, m, trace_dtype(tr), &err);
+    if (!w)
+        fail_msg("%s", err.msg);
+    size_t T1 = (size_t)m->n_tokens, D1 = (size_t)m->head_dim;
+    float *q = kv_malloc((size_t)m->n_q_heads * T1 * D1 * sizeof(float));
+    float *k = kv_malloc((size_t)m->n_kv_heads * T1 * D1 * sizeof(float));
+    float *v = kv_malloc((size_t)m->n_kv_heads * T1 * D1 * sizeof(float));
+    float *rows = kv_malloc((size_t)m->n_q_heads * m->n_attn_rows * T1 * sizeof(float));
+    float *row = kv_malloc((size_t)m->n_q_heads * T1 * sizeof(float));
+    for (int l = 0; l < m->n_layers; l++) {
+        assert_int_equal(trace_read_layer(tr, l, q, k, v, &err), 0);
+        assert_int_equal(trace_writer_put_qkv(w, l, 0, m->n_tokens, q, k, v, &err), 0);
+        assert_int_equal(trace_read_attn_rows(tr, l, rows, &err), 0);
+        for (int r = 0; r < m->n_attn_rows; r++) {
+            for (int h = 0; h < m->n_q_heads; h++)
+                memcpy(row + (size_t)h * T1, rows + ((size_t)h * m->n_attn_rows + r) * T1,
+                       T1 * sizeof(float));
+            assert_int_equal(trace_writer_put_attn_row(w, l, r, row, &err), 0);
+        }
+    }
+    assert_int_equal(trace_writer_finish(w, &err), 0);
+    Trace *tr2 = open_ok(again);
+    const TraceMeta *m2 = trace_meta(tr2);
+    assert_int_equal(m2->version, TRACE_VERSION);
+    TraceMeta as_read = *m;
+    as_read.version = TRACE_VERSION; /* everything else the same */
+    assert_meta_equal(m2, &as_read);
+    trace_close(tr2);
+    free(q);
+    free(k);
+    free(v);
+    free(rows);
+    free(row);
+    trace_close(tr);
+    scratch_remove(dir);
 }
 
 /* Strings from the file are escaped in messages: always one line (open_broken checks). */
@@ -990,6 +1233,8 @@ int main(void)
         cmocka_unit_test(test_concurrent_reads_agree),
         cmocka_unit_test(test_rejects_wrong_format),
         cmocka_unit_test(test_rejects_wrong_version),
+        cmocka_unit_test(test_rejects_bad_v2_geometry),
+        cmocka_unit_test(test_reads_version1),
         cmocka_unit_test(test_rejects_missing_attribute),
         cmocka_unit_test(test_rejects_bad_attribute_values),
         cmocka_unit_test(test_rejects_missing_layer_dataset),

@@ -122,9 +122,7 @@ static int rerun(const char *dir, const int32_t *prompt, int n_prompt, int max_n
     r->k = kv_calloc((size_t)r->L * r->Hkv * T_max * r->D, sizeof(float));
     r->v = kv_calloc((size_t)r->L * r->Hkv * T_max * r->D, sizeof(float));
     r->rows = kv_calloc((size_t)r->L * 64 * r->Hq * T_max, sizeof(float));
-    double inv_freq[64];
-    model_rope_inv_freq(c, T_max, inv_freq);
-    RunState *s = run_state_new(m, T_max, chunk, inv_freq);
+    RunState *s = run_state_new(m, T_max, chunk);
     ForwardObserver obs = {r, rerun_qkv, rerun_wants, rerun_attention};
     memcpy(tokens, prompt, (size_t)n_prompt * sizeof *tokens);
     const float *logits = forward_prompt(s, prompt, n_prompt, &obs);

@@ -619,19 +619,13 @@ static void write_calibration(const RopeLayer *rl, const char *path, int T_cal, 
 {
     const LayerView *L = &rl->fx->L;
     int Hq = L->n_q_heads, Hkv = L->n_kv_heads, D = L->head_dim, T = L->n_tokens;
-    TraceMeta m = {0};
-    snprintf(m.model, sizeof m.model, "calibration");
-    snprintf(m.generator, sizeof m.generator, "test_trig");
-    m.n_layers = 2;
-    m.n_q_heads = Hq;
-    m.n_kv_heads = Hkv;
-    m.head_dim = D;
-    m.n_tokens = T_cal;
-    m.n_prompt = T_cal / 2;
-    m.rope_theta = 10000.0;
-    m.rope_layout = L->meta->rope_layout;
-    m.attn_scale = 1.0 / sqrt((double)D);
-    trace_meta_alloc(&m);
+    TraceMeta m;
+    TraceModel model = {
+        .model = "calibration", .generator = "test_trig", .n_layers = 2, .n_q_heads = Hq,
+        .n_kv_heads = Hkv, .head_dim = D, .rope_theta = 10000.0,
+        .rope_layout = L->meta->rope_layout, .attn_scale = attn_scale_default(D),
+    };
+    trace_meta_init(&m, &model, T_cal, T_cal / 2, 0, 0, 0);
     for (int j = 0; j < T_cal; j++)
         m.positions[j] = 500 + 2 * j;
     KvErr err;
@@ -646,7 +640,8 @@ static void write_calibration(const RopeLayer *rl, const char *path, int T_cal, 
                 float *x = q + ((size_t)h * T_cal + j) * D;
                 memcpy(x, rl->q_pre + ((size_t)h * T + first[layer] + j) * D,
                        (size_t)D * sizeof *x);
-                rope_apply(x, D, m.rope_layout, m.rope_inv_freq, m.positions[j]);
+                rope_apply(x, D, m.rope_layout, trace_layer_geometry(&m, layer).rope_inv_freq,
+                           m.positions[j]);
             }
         if (trace_writer_put_qkv(w, layer, 0, T_cal, q, kv, kv, &err) != 0)
             fail_msg("%s", err.msg);

@@ -1,5 +1,6 @@
 /* check.c — `kvsim info` (what a trace holds) and `kvsim check` (do its stored attention rows
- * match softmax(attn_scale · q·k) recomputed from its own Q and K).
+ * match softmax(attn_scale · q·k) over the keys each layer's geometry lets the query attend,
+ * recomputed from the trace's own Q and K).
  *
  * Both open the trace through trace_open, so an invalid trace gets the reader's one-line
  * message and exit status 2. */
@@ -7,6 +8,7 @@
 
 #include <hdf5.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -100,13 +102,65 @@ static const char *one_line(const char *s, char *out, size_t outlen)
     return kv_escape(s, strlen(s), out, outlen);
 }
 
+/* A model dimension: the number, or "unknown" for 0. */
+static const char *dim_text(int64_t v, char *out, size_t outlen)
+{
+    if (v == 0)
+        snprintf(out, outlen, "unknown");
+    else
+        snprintf(out, outlen, "%lld", (long long)v);
+    return out;
+}
+
+/* At most this many spans listed; the rest are counted. */
+#define INFO_SPANS_SHOWN 8
+
+/* The spans as "prefill [0,2048) decode [2048,2304) ...". */
+static void print_spans(const TraceMeta *m)
+{
+    printf("%-14s %d:", "spans", m->n_spans);
+    for (int i = 0; i < m->n_spans && i < INFO_SPANS_SHOWN; i++)
+        printf(" %s [%d,%d)", trace_span_kind_name(m->spans[i].kind), m->spans[i].start,
+               m->spans[i].end);
+    if (m->n_spans > INFO_SPANS_SHOWN)
+        printf(" ... (%d more)", m->n_spans - INFO_SPANS_SHOWN);
+    printf("\n");
+}
+
+/* Each layer's window, runs of equal windows collapsed: "global", or "0-3 global, 4 4096". */
+static void print_windows(const TraceMeta *m)
+{
+    printf("%-14s", "window");
+    bool all_global = true;
+    for (int l = 0; l < m->n_layers; l++)
+        all_global &= m->window[l] == 0;
+    if (all_global) {
+        printf(" global (every layer)\n");
+        return;
+    }
+    for (int l = 0; l < m->n_layers;) {
+        int e = l;
+        while (e + 1 < m->n_layers && m->window[e + 1] == m->window[l])
+            e++;
+        printf("%s layer%s %d", l ? "," : "", e > l ? "s" : "", l);
+        if (e > l)
+            printf("-%d", e);
+        if (m->window[l] == 0)
+            printf(" global");
+        else
+            printf(" %d", (int)m->window[l]);
+        l = e + 1;
+    }
+    printf("\n");
+}
+
 static void print_header(const Trace *tr)
 {
     const TraceMeta *m = trace_meta(tr);
     long long n_segments = (long long)m->segments[m->n_tokens - 1] + 1; /* up to 2^31 */
     char esc[1100];
     printf("%-14s %s\n", "trace", one_line(trace_path(tr), esc, sizeof esc));
-    printf("%-14s %s %d\n", "format", TRACE_FORMAT, TRACE_VERSION);
+    printf("%-14s %s version %d\n", "format", TRACE_FORMAT, m->version);
     printf("%-14s %s\n", "model", one_line(m->model, esc, sizeof esc));
     printf("%-14s %s\n", "generator", one_line(m->generator, esc, sizeof esc));
     printf("%-14s %d\n", "n_layers", m->n_layers);
@@ -114,12 +168,19 @@ static void print_header(const Trace *tr)
     printf("%-14s %d\n", "n_kv_heads", m->n_kv_heads);
     printf("%-14s %d\n", "head_dim", m->head_dim);
     printf("%-14s %d\n", "n_tokens", m->n_tokens);
-    printf("%-14s %d (decode steps: %d)\n", "n_prompt", m->n_prompt, m->n_tokens - m->n_prompt);
+    printf("%-14s %d\n", "n_prompt", m->n_prompt);
+    print_spans(m);
     printf("%-14s %g\n", "rope_theta", m->rope_theta);
     printf("%-14s %s\n", "rope_layout", m->rope_layout == ROPE_HALF ? "half" : "interleaved");
     printf("%-14s %s\n", "rope_scaling",
            m->rope_scaling[0] ? one_line(m->rope_scaling, esc, sizeof esc) : "(none)");
     printf("%-14s %.9g\n", "attn_scale", m->attn_scale);
+    print_windows(m);
+    char dim[32];
+    printf("%-14s %s\n", "hidden_size", dim_text(m->hidden_size, dim, sizeof dim));
+    printf("%-14s %s\n", "intermediate", dim_text(m->intermediate_size, dim, sizeof dim));
+    printf("%-14s %s\n", "vocab_size", dim_text(m->vocab_size, dim, sizeof dim));
+    printf("%-14s %s\n", "n_params", dim_text(m->n_params, dim, sizeof dim));
     printf("%-14s %s\n", "qkv dtype", trace_dtype_name(trace_dtype(tr)));
     printf("%-14s %lld (segment 0: %s)\n", "segments", n_segments,
            m->segments[0] == 0 ? "system prompt" : "absent");
@@ -186,27 +247,29 @@ static int check_layer(const Trace *tr, int layer, const float *q, const float *
     const TraceMeta *m = trace_meta(tr);
     int T = m->n_tokens, D = m->head_dim, R = m->n_attn_rows;
     int group = m->n_q_heads / m->n_kv_heads;
+    LayerGeometry geom = trace_layer_geometry(m, layer);
     for (int h = 0; h < m->n_q_heads; h++) {
         const float *keys = k + (size_t)(h / group) * T * D;
         for (int r = 0; r < R; r++) {
-            int pos = m->attn_rows_at[r];
+            int pos = m->attn_rows_at[r], first = attn_first_key(geom.window, pos);
             const float *query = q + ((size_t)h * T + pos) * D;
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, pos + 1, D, (float)m->attn_scale, keys, D,
-                        query, 1, 0.0f, logits, 1);
-            for (int j = 0; j <= pos; j++)
+            /* logits[j] for the keys attended, j in [first, pos] */
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, pos + 1 - first, D, (float)geom.attn_scale,
+                        keys + (size_t)first * D, D, query, 1, 0.0f, logits + first, 1);
+            for (int j = first; j <= pos; j++)
                 if (!isfinite(logits[j]))
                     return kv_fail(err, "%s: layer %d, head %d, row %d (query %d): the recomputed "
                                    "logit of key %d is %g: attn_scale * q.k is not a finite "
                                    "float32, the row cannot be checked", trace_path(tr), layer,
                                    h, r, pos, j, (double)logits[j]);
-            double mx = logits[0], sum = 0;
-            for (int j = 1; j <= pos; j++)
+            double mx = logits[first], sum = 0;
+            for (int j = first + 1; j <= pos; j++)
                 mx = logits[j] > mx ? logits[j] : mx;
-            for (int j = 0; j <= pos; j++)
+            for (int j = first; j <= pos; j++)
                 sum += exp(logits[j] - mx);
             const float *stored = rows + ((size_t)h * R + r) * T;
             for (int j = 0; j < T; j++) {
-                double want = j <= pos ? exp(logits[j] - mx) / sum : 0.0;
+                double want = j >= first && j <= pos ? exp(logits[j] - mx) / sum : 0.0;
                 double diff = fabs(stored[j] - want);
                 if (diff > worst->diff || isnan(diff))
                     *worst = (Worst){isnan(diff) ? INFINITY : diff, layer, h, r, j};

@@ -47,7 +47,8 @@ void synth_defaults(SynthParams *sp)
         .seed = 1, .n_layers = 4, .n_q_heads = 8, .n_kv_heads = 2, .head_dim = 64,
         .n_prompt = 2048, .n_decode = 256, .n_needles = 8, .needle_len = 4, .n_sinks = 4,
         .n_system = 64, .n_turns = 4, .probe_every = 16, .attn_rows_every = 16,
-        .dtype = TRACE_F32, .rope_theta = 10000.0, .rope_layout = ROPE_HALF, .progress = false,
+        .dtype = TRACE_F32, .rope_theta = 10000.0, .rope_layout = ROPE_HALF, .window = 0,
+        .global_every = 0, .decode_turns = 1, .message_len = 32, .progress = false,
     };
 }
 
@@ -95,7 +96,55 @@ int synth_validate(const SynthParams *sp, KvErr *err)
     if (!isfinite(sp->rope_theta) || sp->rope_theta <= 1.0)
         return kv_fail(err, "synth: --rope-theta: expected a finite value > 1, found %g",
                        sp->rope_theta);
+    if (sp->window < 0 || sp->global_every < 0)
+        return kv_fail(err, "synth: --window and --global-every must be >= 0");
+    if (sp->decode_turns < 1 || sp->message_len < 1)
+        return kv_fail(err, "synth: --decode-turns and --message must be >= 1");
+    if (sp->decode_turns > 1 && sp->n_decode < sp->decode_turns)
+        return kv_fail(err, "synth: --decode-turns %d: expected at most --decode %d (every decode "
+                       "run at least one step)", sp->decode_turns, sp->n_decode);
+    if ((long long)sp->n_prompt + sp->n_decode + (long long)(sp->decode_turns - 1) * sp->message_len >
+        1 << 30)
+        return kv_fail(err, "synth: --prompt + --decode + the messages of --decode-turns too large");
     return 0;
+}
+
+int synth_n_tokens(const SynthParams *sp)
+{
+    return sp->n_prompt + sp->n_decode + (sp->decode_turns - 1) * sp->message_len;
+}
+
+int synth_layer_window(const SynthParams *sp, int layer)
+{
+    bool global = sp->global_every > 0 && layer % sp->global_every == sp->global_every - 1;
+    return global ? 0 : sp->window;
+}
+
+/* The prompt's prefill span, then decode_turns decode runs splitting n_decode steps (the first
+ * n_decode % decode_turns one step longer), each after the first preceded by a message of
+ * message_len tokens (a prefill span). Returns the count; out may be NULL to count only. */
+static int synth_spans(const SynthParams *sp, TraceSpan *out)
+{
+    int n = 0, at = sp->n_prompt;
+    if (out)
+        out[n] = (TraceSpan){SPAN_PREFILL, 0, at};
+    n++;
+    for (int k = 0; k < sp->decode_turns; k++) {
+        if (k > 0) {
+            if (out)
+                out[n] = (TraceSpan){SPAN_PREFILL, at, at + sp->message_len};
+            n++;
+            at += sp->message_len;
+        }
+        int len = sp->n_decode / sp->decode_turns + (k < sp->n_decode % sp->decode_turns);
+        if (len == 0)
+            continue; /* --decode 0 */
+        if (out)
+            out[n] = (TraceSpan){SPAN_DECODE, at, at + len};
+        n++;
+        at += len;
+    }
+    return n;
 }
 
 /* The sizes the generator computes with: one layer's q/k/v and attention rows in memory (the
@@ -133,10 +182,9 @@ static int schedule(int P, int T, int every, bool with_last, int32_t *out)
 
 static void fill_meta(const SynthParams *sp, TraceMeta *m, gsl_rng *rng)
 {
-    memset(m, 0, sizeof *m);
-    int P = sp->n_prompt, T = sp->n_prompt + sp->n_decode;
-    snprintf(m->model, sizeof m->model, "synthetic");
-    int len = snprintf(m->generator, sizeof m->generator,
+    int P = sp->n_prompt, T = synth_n_tokens(sp);
+    char generator[256];
+    int len = snprintf(generator, sizeof generator,
                        "kvsim synth --seed %d --layers %d --q-heads %d --kv-heads %d --head-dim %d "
                        "--prompt %d --decode %d --needles %d --needle-len %d --dtype %s "
                        "--attn-rows %d --system %d --turns %d --rope-theta %g --rope-layout %s",
@@ -145,21 +193,31 @@ static void fill_meta(const SynthParams *sp, TraceMeta *m, gsl_rng *rng)
                        sp->dtype == TRACE_F16 ? "f16" : "f32", sp->attn_rows_every, sp->n_system,
                        sp->n_turns, sp->rope_theta,
                        sp->rope_layout == ROPE_HALF ? "half" : "interleaved");
-    if (len < 0 || (size_t)len >= sizeof m->generator)
-        snprintf(m->generator, sizeof m->generator, "kvsim synth --seed %d", sp->seed);
-    m->n_layers = sp->n_layers;
-    m->n_q_heads = sp->n_q_heads;
-    m->n_kv_heads = sp->n_kv_heads;
-    m->head_dim = sp->head_dim;
-    m->n_tokens = T;
-    m->n_prompt = P;
-    m->rope_theta = sp->rope_theta;
-    m->rope_layout = sp->rope_layout;
-    m->attn_scale = 1.0 / sqrt((double)sp->head_dim);
-    m->n_needles = sp->n_needles;
-    m->n_probes = schedule(P, T, sp->probe_every, true, NULL);
-    m->n_attn_rows = sp->attn_rows_every > 0 ? schedule(P, T, sp->attn_rows_every, false, NULL) : 0;
-    trace_meta_alloc(m);
+    /* Options beyond version 1's only when set, so that the default's text stays the same. */
+    if (len >= 0 && (size_t)len < sizeof generator && sp->window > 0)
+        len += snprintf(generator + len, sizeof generator - (size_t)len,
+                        " --window %d --global-every %d", sp->window, sp->global_every);
+    if (len >= 0 && (size_t)len < sizeof generator && sp->decode_turns > 1)
+        len += snprintf(generator + len, sizeof generator - (size_t)len,
+                        " --decode-turns %d --message %d", sp->decode_turns, sp->message_len);
+    if (len < 0 || (size_t)len >= sizeof generator)
+        snprintf(generator, sizeof generator, "kvsim synth --seed %d", sp->seed);
+    int32_t *window = kv_calloc((size_t)sp->n_layers, sizeof *window);
+    for (int l = 0; l < sp->n_layers; l++)
+        window[l] = synth_layer_window(sp, l);
+    TraceModel model = {
+        .model = "synthetic", .generator = generator, .n_layers = sp->n_layers,
+        .n_q_heads = sp->n_q_heads, .n_kv_heads = sp->n_kv_heads, .head_dim = sp->head_dim,
+        .rope_theta = sp->rope_theta, .rope_layout = sp->rope_layout,
+        .attn_scale = attn_scale_default(sp->head_dim), .window = window,
+    };
+    int n_probes = schedule(P, T, sp->probe_every, true, NULL);
+    int n_rows = sp->attn_rows_every > 0 ? schedule(P, T, sp->attn_rows_every, false, NULL) : 0;
+    trace_meta_init(m, &model, T, P, sp->n_needles, n_probes, n_rows);
+    trace_model_free(&model);
+    TraceSpan *spans = kv_calloc((size_t)synth_spans(sp, NULL), sizeof *spans);
+    trace_meta_set_spans(m, synth_spans(sp, spans), spans);
+    free(spans);
     schedule(P, T, sp->probe_every, true, m->probes);
     if (m->n_attn_rows)
         schedule(P, T, sp->attn_rows_every, false, m->attn_rows_at);
@@ -167,13 +225,18 @@ static void fill_meta(const SynthParams *sp, TraceMeta *m, gsl_rng *rng)
     int prompt_turns = P - sp->n_system;
     for (int t = 0; t < T; t++) {
         m->tokens[t] = t == 0 ? 1 : 2 + (int32_t)gsl_rng_uniform_int(rng, SYNTH_VOCAB - 2);
-        m->positions[t] = t;
         if (t < sp->n_system)
             m->segments[t] = 0;
         else if (t < P)
             m->segments[t] = 1 + (int32_t)((long long)(t - sp->n_system) * sp->n_turns / prompt_turns);
         else
             m->segments[t] = sp->n_turns; /* the answer continues the last turn */
+    }
+    /* Each later message opens a turn, which its answer continues. */
+    for (int i = 1, turn = sp->n_turns; i < m->n_spans; i++) {
+        turn += m->spans[i].kind == SPAN_PREFILL;
+        for (int t = m->spans[i].start; t < m->spans[i].end; t++)
+            m->segments[t] = turn;
     }
     /* One needle per equal bin of the region, at a random offset inside it. */
     int lo, hi;
@@ -275,12 +338,13 @@ static void generate_layer(Generator *g, int layer)
     const TraceMeta *m = g->meta;
     int D = sp->head_dim, T = m->n_tokens, group = sp->n_q_heads / sp->n_kv_heads;
     double u = pow((double)D, 0.25);
+    LayerGeometry geom = trace_layer_geometry(m, layer);
     gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
     /* One stream per layer, so a layer's data does not depend on the others'. */
     gsl_rng_set(rng, (unsigned long)sp->seed * 1000003UL + (unsigned long)layer + 1);
     for (int kvh = 0; kvh < sp->n_kv_heads; kvh++) {
         const KindLogits *kl = &kind_logits[synth_head_kind(layer, kvh)];
-        draw_directions(rng, sp, m->rope_inv_freq, u, &g->dir);
+        draw_directions(rng, sp, geom.rope_inv_freq, u, &g->dir);
         draw_topics(rng, sp, u, g->topic, T);
         for (int t = 0; t < T; t++) {
             float *k = g->k + ((size_t)kvh * T + t) * D, *v = g->v + ((size_t)kvh * T + t) * D;
@@ -289,7 +353,7 @@ static void generate_layer(Generator *g, int layer)
                 k[d] = (float)(gsl_ran_gaussian_ziggurat(rng, NOISE_SIGMA) + g->dir.band[d] +
                                g->topic[(size_t)t * D + d] + sink * g->dir.sink[d] +
                                needle * g->dir.needle[d]);
-            rope_apply(k, D, sp->rope_layout, m->rope_inv_freq, m->positions[t]);
+            rope_apply(k, D, geom.rope_layout, geom.rope_inv_freq, m->positions[t]);
             double vscale = t < sp->n_sinks ? SINK_VALUE_SCALE : 1.0;
             for (int d = 0; d < D; d++)
                 v[d] = (float)(vscale * gsl_ran_gaussian_ziggurat(rng, VALUE_SIGMA));
@@ -307,7 +371,7 @@ static void generate_layer(Generator *g, int layer)
                     q[d] = (float)(gsl_ran_gaussian_ziggurat(rng, NOISE_SIGMA) + band * g->dir.band[d] +
                                    topic * g->topic[(size_t)t * D + d] + sink * g->dir.sink[d] +
                                    nd * g->dir.needle[d]);
-                rope_apply(q, D, sp->rope_layout, m->rope_inv_freq, m->positions[t]);
+                rope_apply(q, D, geom.rope_layout, geom.rope_inv_freq, m->positions[t]);
             }
         }
     }
@@ -319,13 +383,15 @@ static void generate_layer(Generator *g, int layer)
 }
 
 /* The exact attention rows of the stored (rounded) q and k: double logits through one dgemm
- * per KV head over keys [0, last row], then a causal softmax per row. */
-static void attention_rows(Generator *g)
+ * per KV head over keys [0, last row], then a softmax per row over the keys the layer's
+ * geometry lets the query attend. */
+static void attention_rows(Generator *g, int layer)
 {
     const SynthParams *sp = g->sp;
     const TraceMeta *m = g->meta;
     int D = sp->head_dim, T = m->n_tokens, R = m->n_attn_rows, group = sp->n_q_heads / sp->n_kv_heads;
     int cols = m->attn_rows_at[R - 1] + 1;
+    LayerGeometry geom = trace_layer_geometry(m, layer);
     memset(g->rows, 0, (size_t)sp->n_q_heads * R * T * sizeof(float));
     for (int kvh = 0; kvh < sp->n_kv_heads; kvh++) {
         const float *k = g->k + (size_t)kvh * T * D;
@@ -337,19 +403,19 @@ static void attention_rows(Generator *g)
                 for (int d = 0; d < D; d++)
                     g->qd[((size_t)i * R + r) * D + d] = q[d];
             }
-        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, group * R, cols, D, m->attn_scale,
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, group * R, cols, D, geom.attn_scale,
                     g->qd, D, g->kd, D, 0.0, g->logits, cols);
         for (int i = 0; i < group; i++)
             for (int r = 0; r < R; r++) {
                 const double *lg = g->logits + ((size_t)i * R + r) * cols;
                 float *row = g->rows + ((size_t)(kvh * group + i) * R + r) * T;
-                int pos = m->attn_rows_at[r];
-                double mx = lg[0], sum = 0;
-                for (int j = 1; j <= pos; j++)
+                int pos = m->attn_rows_at[r], first = attn_first_key(geom.window, pos);
+                double mx = lg[first], sum = 0;
+                for (int j = first + 1; j <= pos; j++)
                     mx = lg[j] > mx ? lg[j] : mx;
-                for (int j = 0; j <= pos; j++)
+                for (int j = first; j <= pos; j++)
                     sum += exp(lg[j] - mx);
-                for (int j = 0; j <= pos; j++)
+                for (int j = first; j <= pos; j++)
                     row[j] = (float)(exp(lg[j] - mx) / sum);
             }
     }
@@ -402,7 +468,7 @@ int synth_write(const SynthParams *sp, const char *path, KvErr *err)
         generate_layer(&g, l);
         rc = trace_writer_put_qkv(w, l, 0, T, g.q, g.k, g.v, err);
         if (rc == 0 && R > 0) {
-            attention_rows(&g);
+            attention_rows(&g, l);
             for (int r = 0; r < R && rc == 0; r++) {
                 for (int h = 0; h < sp->n_q_heads; h++)
                     memcpy(row_buf + (size_t)h * T, g.rows + ((size_t)h * R + r) * T, (size_t)T * sizeof(float));
@@ -464,6 +530,14 @@ int cmd_synth(int argc, char **argv)
         {"turns", ARG_INT, &sp.n_turns, 1, 1 << 20, NULL, "turns after the system prompt"},
         {"rope-theta", ARG_DOUBLE, &sp.rope_theta, 1.0, 1e12, NULL, "RoPE base"},
         {"rope-layout", ARG_CHOICE, &layout, 0, 0, "half|interleaved", "RoPE pair layout"},
+        {"window", ARG_INT, &sp.window, 0, 1 << 24, NULL,
+         "sliding-window attention over the last N keys (0: global)"},
+        {"global-every", ARG_INT, &sp.global_every, 0, 4096, NULL,
+         "with --window: every N-th layer (N-1, 2N-1, ...) stays global (0: none)"},
+        {"decode-turns", ARG_INT, &sp.decode_turns, 1, 1 << 20, NULL,
+         "split the decode steps into N runs, a user message before each after the first"},
+        {"message", ARG_INT, &sp.message_len, 1, 1 << 24, NULL,
+         "tokens of each later user message (a prefill span), with --decode-turns"},
         {NULL, 0, NULL, 0, 0, NULL, NULL},
     };
     const char *usage = "synth --out FILE [options]";
@@ -485,7 +559,7 @@ int cmd_synth(int argc, char **argv)
         return 2;
     }
     printf("%s: %d layers, %d+%d tokens, %d needles, %s, %.1f s\n", out, sp.n_layers,
-           sp.n_prompt, sp.n_decode, sp.n_needles, sp.dtype == TRACE_F16 ? "float16" : "float32",
+           sp.n_prompt, synth_n_tokens(&sp) - sp.n_prompt, sp.n_needles, sp.dtype == TRACE_F16 ? "float16" : "float32",
            now_seconds() - t0);
     return 0;
 }

@@ -29,12 +29,20 @@ typedef struct {
     TraceDtype dtype;
     double rope_theta;
     RopeLayout rope_layout;
+    int window;       /* sliding window of every layer (0: global), but see global_every */
+    int global_every; /* with window: layers N-1, 2N-1, ... stay global (0: none) */
+    int decode_turns; /* decode runs; each after the first follows a message (prefill span) */
+    int message_len;  /* tokens of each such message */
     bool progress; /* a progress line per layer on stderr */
 } SynthParams;
 
 void synth_defaults(SynthParams *sp);
 /* Checks the parameters (messages name the option, e.g. "--needles"). */
 int synth_validate(const SynthParams *sp, KvErr *err);
+/* Tokens of the trace: the prompt, the decode steps and the later messages. */
+int synth_n_tokens(const SynthParams *sp);
+/* The window of one layer (0: global). */
+int synth_layer_window(const SynthParams *sp, int layer);
 /* Writes the trace to `path` (atomically). */
 int synth_write(const SynthParams *sp, const char *path, KvErr *err);
 /* The kind of KV head g of a layer: (layer + g) mod 3, in the order of SynthHeadKind. */

@@ -1,4 +1,5 @@
-/* trace.c — the HDF5 reader and writer of kvsim traces, format v1 (docs/trace-format.md).
+/* trace.c — the HDF5 reader (versions 1 and 2) and writer (version 2) of kvsim traces
+ * (docs/trace-format.md).
  *
  * The reader validates every attribute, every dataset's shape and type and the metadata values
  * on open, so that later reads can only fail on I/O. The writer validates the metadata with the
@@ -7,6 +8,7 @@
  * entry point (the stack is per thread in the thread-safe library): callers only ever see our
  * one-line messages. */
 #include "sim/format/trace.h"
+#include "sim/format/trace_meta_arrays.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -30,7 +32,7 @@
 #define ANY_DIM ((hsize_t)-1)
 #define CHUNK_TARGET_BYTES 65536
 #define CHUNK_CACHE_SLOTS 10007 /* prime, so a row of chunks across heads never collides */
-#define ROOT_ATTRS_COMPACT 64     /* the 14 root attributes, with room to spare */
+#define ROOT_ATTRS_COMPACT 64     /* the 18 root attributes, with room to spare */
 #define LAYER_LINKS_COMPACT 1024
 
 struct Trace {
@@ -521,6 +523,45 @@ static int validate_dims(const TraceMeta *m, const char *path, KvErr *err)
         return kv_fail(err, "%s: attribute rope_layout: expected half or interleaved", path);
     if (m->n_needles < 0 || m->n_probes < 0 || m->n_attn_rows < 0)
         return kv_fail(err, "%s: negative needle, probe or attention row count", path);
+    const char *dim_names[3] = {"hidden_size", "intermediate_size", "vocab_size"};
+    const int dims[3] = {m->hidden_size, m->intermediate_size, m->vocab_size};
+    for (int i = 0; i < 3; i++)
+        if (dims[i] < 0)
+            return kv_fail(err, "%s: attribute %s: expected >= 0 (0 = unknown), found %d", path,
+                           dim_names[i], dims[i]);
+    if (m->n_params < 0)
+        return kv_fail(err, "%s: attribute n_params: expected >= 0 (0 = unknown), found %" PRId64,
+                       path, m->n_params);
+    return 0;
+}
+
+/* In order, covering [0, T) without gaps, the first a prefill span ending at n_prompt. */
+static int validate_spans(const TraceMeta *m, const char *path, KvErr *err)
+{
+    if (m->n_spans < 1)
+        return kv_fail(err, "%s: dataset /spans: expected at least one span, found none", path);
+    int at = 0;
+    for (int i = 0; i < m->n_spans; i++) {
+        const TraceSpan *sp = &m->spans[i];
+        if (sp->kind != SPAN_PREFILL && sp->kind != SPAN_DECODE)
+            return kv_fail(err, "%s: dataset /spans: span %d has kind %" PRId32 ", expected %d "
+                           "(prefill) or %d (decode)", path, i, sp->kind, SPAN_PREFILL,
+                           SPAN_DECODE);
+        if (i == 0 && sp->kind != SPAN_PREFILL)
+            return kv_fail(err, "%s: dataset /spans: span 0 is a decode run, expected the "
+                           "prompt's prefill span first", path);
+        if (sp->start != at || sp->end <= sp->start || sp->end > m->n_tokens)
+            return kv_fail(err, "%s: dataset /spans: span %d is [%" PRId32 ",%" PRId32 "), "
+                           "expected [%d,end) with %d < end <= n_tokens = %d (spans in order, "
+                           "without gaps)", path, i, sp->start, sp->end, at, at, m->n_tokens);
+        at = sp->end;
+    }
+    if (at != m->n_tokens)
+        return kv_fail(err, "%s: dataset /spans: the spans end at %d, expected them to cover "
+                       "[0,%d)", path, at, m->n_tokens);
+    if (m->spans[0].end != m->n_prompt)
+        return kv_fail(err, "%s: dataset /spans: the first span ends at %" PRId32 ", expected "
+                       "n_prompt = %d", path, m->spans[0].end, m->n_prompt);
     return 0;
 }
 
@@ -583,14 +624,21 @@ static int validate_arrays(const TraceMeta *m, const char *path, KvErr *err)
             return kv_fail(err, "%s: dataset /attn_rows_at: row %d is at %" PRId32
                            ", expected strictly ascending positions in [0,%d)", path, r, at, T);
     }
+    for (int l = 0; l < m->n_layers; l++)
+        if (m->window[l] < 0)
+            return kv_fail(err, "%s: dataset /window: layer %d has window %" PRId32 ", expected "
+                           ">= 0 (0 = global)", path, l, m->window[l]);
     /* The RoPE angle of the last position, position * inv_freq, must be finite too. */
     double last = m->positions[T - 1] > 1 ? (double)m->positions[T - 1] : 1.0;
-    for (int f = 0; f < m->head_dim / 2; f++)
-        if (!isfinite(m->rope_inv_freq[f] * last) || m->rope_inv_freq[f] <= 0)
-            return kv_fail(err, "%s: dataset /rope_inv_freq: element %d is %g, expected a finite "
-                           "value > 0 (whose angle at position %.0f is finite)", path, f,
-                           m->rope_inv_freq[f], last);
-    return 0;
+    for (int l = 0; l < m->n_layers; l++) {
+        const double *freq = trace_layer_geometry(m, l).rope_inv_freq;
+        for (int f = 0; f < m->head_dim / 2; f++)
+            if (!isfinite(freq[f] * last) || freq[f] <= 0)
+                return kv_fail(err, "%s: dataset /rope_inv_freq: layer %d element %d is %g, "
+                               "expected a finite value > 0 (whose angle at position %.0f is "
+                               "finite)", path, l, f, freq[f], last);
+    }
+    return validate_spans(m, path, err);
 }
 
 int trace_meta_validate(const TraceMeta *m, const char *path, KvErr *err)
@@ -607,6 +655,7 @@ typedef struct {
     hid_t file;
     size_t file_size; /* bytes: no unfiltered dataset holds more */
     KvErr *err;
+    int n_spans; /* version 2: the rows of /spans, as probe_metadata found them */
 } Reader;
 
 /* A filtered (compressed) dataset may hold more than the file's size: up to this many times
@@ -652,7 +701,10 @@ static hid_t attr_open(Reader *rd, const char *name, H5T_class_t want, hid_t *ty
     return -1;
 }
 
-static int attr_int(Reader *rd, const char *name, int *out)
+/* An integer attribute within [lo, hi] (a 32- or 64-bit range), named in the message by its
+ * width. */
+static int attr_integer(Reader *rd, const char *name, long long lo, long long hi, int bits,
+                        long long *out)
 {
     hid_t type, a = attr_open(rd, name, H5T_INTEGER, &type);
     if (a < 0)
@@ -667,15 +719,33 @@ static int attr_int(Reader *rd, const char *name, int *out)
     H5Aclose(a);
     if (st < 0)
         return kv_fail(rd->err, "%s: attribute %s: cannot read", rd->path, name);
-    if (!is_signed && u > 2147483647ULL)
-        return kv_fail(rd->err, "%s: attribute %s: expected a 32-bit integer, found %llu",
-                       rd->path, name, u);
+    if (!is_signed && u > (unsigned long long)hi)
+        return kv_fail(rd->err, "%s: attribute %s: expected a %d-bit integer, found %llu",
+                       rd->path, name, bits, u);
     if (!is_signed)
         v = (long long)u;
-    if (v < -2147483647LL || v > 2147483647LL)
-        return kv_fail(rd->err, "%s: attribute %s: expected a 32-bit integer, found %lld",
-                       rd->path, name, v);
+    if (v < lo || v > hi)
+        return kv_fail(rd->err, "%s: attribute %s: expected a %d-bit integer, found %lld",
+                       rd->path, name, bits, v);
+    *out = v;
+    return 0;
+}
+
+static int attr_int(Reader *rd, const char *name, int *out)
+{
+    long long v;
+    if (attr_integer(rd, name, -2147483647LL, 2147483647LL, 32, &v) < 0)
+        return -1;
     *out = (int)v;
+    return 0;
+}
+
+static int attr_int64(Reader *rd, const char *name, int64_t *out)
+{
+    long long v;
+    if (attr_integer(rd, name, -LLONG_MAX, LLONG_MAX, 64, &v) < 0)
+        return -1;
+    *out = (int64_t)v;
     return 0;
 }
 
@@ -938,9 +1008,10 @@ static int read_header(Reader *rd, TraceMeta *m)
                        TRACE_FORMAT, kv_escape(format, strlen(format), esc, sizeof esc));
     if (attr_int(rd, "version", &version) < 0)
         return -1;
-    if (version != TRACE_VERSION)
-        return kv_fail(rd->err, "%s: attribute version: expected %d, found %d", rd->path,
-                       TRACE_VERSION, version);
+    if (version < TRACE_VERSION_OLDEST || version > TRACE_VERSION)
+        return kv_fail(rd->err, "%s: attribute version: expected %d to %d, found %d", rd->path,
+                       TRACE_VERSION_OLDEST, TRACE_VERSION, version);
+    m->version = version;
 
     char layout[64];
     if (attr_string(rd, "model", m->model, sizeof m->model) < 0 ||
@@ -955,6 +1026,12 @@ static int read_header(Reader *rd, TraceMeta *m)
         attr_double(rd, "rope_theta", &m->rope_theta) < 0 ||
         attr_string(rd, "rope_layout", layout, sizeof layout) < 0 ||
         attr_double(rd, "attn_scale", &m->attn_scale) < 0)
+        return -1;
+    /* Version 2: the model's size (version 1 traces leave it unknown, 0). */
+    if (version >= 2 && (attr_int(rd, "hidden_size", &m->hidden_size) < 0 ||
+                         attr_int(rd, "intermediate_size", &m->intermediate_size) < 0 ||
+                         attr_int(rd, "vocab_size", &m->vocab_size) < 0 ||
+                         attr_int64(rd, "n_params", &m->n_params) < 0))
         return -1;
     if (!strcmp(layout, "half"))
         m->rope_layout = ROPE_HALF;
@@ -1000,12 +1077,78 @@ static int probe_metadata(Reader *rd, TraceMeta *m)
         H5Dclose(ds);
         m->n_attn_rows = (int)dims[0];
     }
-    if (has_freq) {
+    if (m->version >= 2) {
+        /* Per layer: the window and the RoPE frequencies; the spans. */
+        const hsize_t want_l[1] = {(hsize_t)m->n_layers},
+                      want_lf[2] = {(hsize_t)m->n_layers, (hsize_t)(m->head_dim / 2)},
+                      want_spans[2] = {ANY_DIM, 3};
+        if ((ds = dataset_open(rd, "/window", H5T_INTEGER, 1, want_l, dims)) < 0)
+            return -1;
+        H5Dclose(ds);
+        if (has_freq && (ds = dataset_open(rd, "/rope_inv_freq", H5T_FLOAT, 2, want_lf, dims)) < 0)
+            return -1;
+        if (has_freq)
+            H5Dclose(ds);
+        if ((ds = dataset_open(rd, "/spans", H5T_INTEGER, 2, want_spans, dims)) < 0)
+            return -1;
+        H5Dclose(ds);
+        rd->n_spans = (int)dims[0];
+    } else if (has_freq) {
         if ((ds = dataset_open(rd, "/rope_inv_freq", H5T_FLOAT, 1, want_f, dims)) < 0)
             return -1;
         H5Dclose(ds);
     }
     return validate_sizes(m, rd->path, rd->err);
+}
+
+/* Reads a whole float dataset of the expected shape (checked again) as doubles into out. */
+static int read_doubles(Reader *rd, const char *name, int rank, const hsize_t *want, double *out)
+{
+    hsize_t dims[2];
+    hid_t ds = dataset_open(rd, name, H5T_FLOAT, rank, want, dims);
+    if (ds < 0)
+        return -1;
+    herr_t st = H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, out);
+    H5Dclose(ds);
+    if (st < 0) {
+        char why[300];
+        return kv_fail(rd->err, "%s: dataset %s: cannot read%s", rd->path, name,
+                       h5_reason(why, sizeof why));
+    }
+    return 0;
+}
+
+/* Version 2's per-layer datasets: /window, /rope_inv_freq [L][D/2] (when has_freq), /spans
+ * [S][3]. */
+static int read_layer_geometry(Reader *rd, TraceMeta *m, int has_freq)
+{
+    const hsize_t want_l[1] = {(hsize_t)m->n_layers},
+                  want_lf[2] = {(hsize_t)m->n_layers, (hsize_t)(m->head_dim / 2)},
+                  want_spans[2] = {ANY_DIM, 3};
+    hsize_t dims[2];
+    int32_t *window = NULL, *spans = NULL;
+    int rc = -1;
+    if (read_ints(rd, "/window", 1, want_l, dims, &window) < 0 ||
+        (has_freq && read_doubles(rd, "/rope_inv_freq", 2, want_lf, m->rope_inv_freq) < 0) ||
+        read_ints(rd, "/spans", 2, want_spans, dims, &spans) < 0)
+        goto out;
+    if (dims[0] != (hsize_t)rd->n_spans) {
+        kv_fail(rd->err, "%s: the file changed while it was being read", rd->path);
+        goto out;
+    }
+    memcpy(m->window, window, (size_t)m->n_layers * sizeof *window);
+    int n_prompt = m->n_prompt; /* set_spans sets it from the spans: checked against the file's */
+    TraceSpan *list = kv_calloc((size_t)rd->n_spans + 1, sizeof *list);
+    for (int i = 0; i < rd->n_spans; i++)
+        list[i] = (TraceSpan){spans[3 * i], spans[3 * i + 1], spans[3 * i + 2]};
+    trace_meta_set_spans(m, rd->n_spans, list);
+    m->n_prompt = n_prompt;
+    free(list);
+    rc = 0;
+out:
+    free(window);
+    free(spans);
+    return rc;
 }
 
 static int read_metadata(Reader *rd, TraceMeta *m)
@@ -1037,7 +1180,7 @@ static int read_metadata(Reader *rd, TraceMeta *m)
         goto out;
     }
 
-    trace_meta_alloc(m); /* also fills rope_inv_freq with the unscaled default */
+    trace_meta_alloc_arrays(m); /* also fills rope_inv_freq with the unscaled default */
     size_t T_bytes = (size_t)T * sizeof(int32_t);
     memcpy(m->tokens, tokens, T_bytes);
     memcpy(m->positions, positions, T_bytes);
@@ -1050,20 +1193,17 @@ static int read_metadata(Reader *rd, TraceMeta *m)
     int has_freq = lookup(rd->file, rd->path, "dataset", "/rope_inv_freq", rd->err);
     if (has_freq < 0)
         goto out;
-    if (has_freq) {
+    if (m->version >= 2 && read_layer_geometry(rd, m, has_freq) < 0)
+        goto out;
+    if (m->version < 2 && has_freq) {
+        /* Version 1: one row, every layer's. */
         const hsize_t want_f[1] = {(hsize_t)(m->head_dim / 2)};
-        hid_t ds = dataset_open(rd, "/rope_inv_freq", H5T_FLOAT, 1, want_f, dims);
-        if (ds < 0)
+        if (read_doubles(rd, "/rope_inv_freq", 1, want_f, m->rope_inv_freq) < 0)
             goto out;
-        herr_t st = H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, m->rope_inv_freq);
-        H5Dclose(ds);
-        if (st < 0) {
-            char why[300];
-            kv_fail(rd->err, "%s: dataset /rope_inv_freq: cannot read%s", rd->path,
-                    h5_reason(why, sizeof why));
-            goto out;
-        }
-    } else {
+        size_t F = (size_t)(m->head_dim / 2);
+        for (int l = 1; l < m->n_layers; l++)
+            memcpy(m->rope_inv_freq + (size_t)l * F, m->rope_inv_freq, F * sizeof(double));
+    } else if (!has_freq) {
         for (int f = 0; f < m->head_dim / 2; f++)
             if (!isfinite(m->rope_inv_freq[f] * (double)m->positions[T - 1])) {
                 kv_fail(rd->err, "%s: attribute rope_theta: %g gives RoPE frequency %g (pair %d), "
@@ -1167,7 +1307,7 @@ Trace *trace_open(const char *path, KvErr *err)
     Trace *tr = kv_calloc(1, sizeof *tr);
     strcpy(tr->path, path);
     tr->file = file;
-    Reader rd = {path, file, (size_t)st.st_size, err};
+    Reader rd = {path, file, (size_t)st.st_size, err, 0};
     /* Nothing sized by the file is allocated before the datasets of that size are found in it:
      * the header, then the shapes of the metadata and of every layer, then the values. */
     if (read_header(&rd, &tr->meta) < 0 || probe_metadata(&rd, &tr->meta) < 0 ||
@@ -1340,6 +1480,17 @@ static int write_attr_int(hid_t file, const char *name, int value)
     return st < 0 ? -1 : 0;
 }
 
+static int write_attr_int64(hid_t file, const char *name, int64_t value)
+{
+    hid_t space = H5Screate(H5S_SCALAR);
+    hid_t a = H5Acreate2(file, name, H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT);
+    herr_t st = a < 0 ? -1 : H5Awrite(a, H5T_NATIVE_INT64, &value);
+    if (a >= 0)
+        H5Aclose(a);
+    H5Sclose(space);
+    return st < 0 ? -1 : 0;
+}
+
 static int write_attr_double(hid_t file, const char *name, double value)
 {
     hid_t space = H5Screate(H5S_SCALAR);
@@ -1384,7 +1535,9 @@ static int write_root(hid_t file, const TraceMeta *m)
 {
     hsize_t T = (hsize_t)m->n_tokens;
     hsize_t needles_dims[2] = {(hsize_t)m->n_needles, 2}, probes_dims[1] = {(hsize_t)m->n_probes},
-            rows_dims[1] = {(hsize_t)m->n_attn_rows}, freq_dims[1] = {(hsize_t)(m->head_dim / 2)};
+            rows_dims[1] = {(hsize_t)m->n_attn_rows},
+            freq_dims[2] = {(hsize_t)m->n_layers, (hsize_t)(m->head_dim / 2)},
+            layer_dims[1] = {(hsize_t)m->n_layers}, span_dims[2] = {(hsize_t)m->n_spans, 3};
     int bad = 0;
     bad |= write_attr_string(file, "format", TRACE_FORMAT);
     bad |= write_attr_int(file, "version", TRACE_VERSION);
@@ -1400,13 +1553,26 @@ static int write_root(hid_t file, const TraceMeta *m)
     bad |= write_attr_string(file, "rope_layout", m->rope_layout == ROPE_HALF ? "half" : "interleaved");
     bad |= write_attr_string(file, "rope_scaling", m->rope_scaling);
     bad |= write_attr_double(file, "attn_scale", m->attn_scale);
+    bad |= write_attr_int(file, "hidden_size", m->hidden_size);
+    bad |= write_attr_int(file, "intermediate_size", m->intermediate_size);
+    bad |= write_attr_int(file, "vocab_size", m->vocab_size);
+    bad |= write_attr_int64(file, "n_params", m->n_params);
     bad |= write_array(file, "/tokens", H5T_STD_I32LE, H5T_NATIVE_INT32, 1, &T, m->tokens);
     bad |= write_array(file, "/positions", H5T_STD_I32LE, H5T_NATIVE_INT32, 1, &T, m->positions);
     bad |= write_array(file, "/segments", H5T_STD_I32LE, H5T_NATIVE_INT32, 1, &T, m->segments);
     bad |= write_array(file, "/needles", H5T_STD_I32LE, H5T_NATIVE_INT32, 2, needles_dims, m->needles);
     bad |= write_array(file, "/probes", H5T_STD_I32LE, H5T_NATIVE_INT32, 1, probes_dims, m->probes);
-    bad |= write_array(file, "/rope_inv_freq", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, 1, freq_dims,
+    bad |= write_array(file, "/rope_inv_freq", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, 2, freq_dims,
                        m->rope_inv_freq);
+    bad |= write_array(file, "/window", H5T_STD_I32LE, H5T_NATIVE_INT32, 1, layer_dims, m->window);
+    int32_t *spans = kv_malloc((size_t)m->n_spans * 3 * sizeof *spans);
+    for (int i = 0; i < m->n_spans; i++) {
+        spans[3 * i] = m->spans[i].kind;
+        spans[3 * i + 1] = m->spans[i].start;
+        spans[3 * i + 2] = m->spans[i].end;
+    }
+    bad |= write_array(file, "/spans", H5T_STD_I32LE, H5T_NATIVE_INT32, 2, span_dims, spans);
+    free(spans);
     if (m->n_attn_rows > 0)
         bad |= write_array(file, "/attn_rows_at", H5T_STD_I32LE, H5T_NATIVE_INT32, 1, rows_dims,
                            m->attn_rows_at);

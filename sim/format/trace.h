@@ -1,6 +1,6 @@
-/* trace.h — the kvsim trace file: HDF5, format "kvsim-trace" version 1 (docs/trace-format.md).
+/* trace.h — the kvsim trace file: HDF5, format "kvsim-trace" version 2 (docs/trace-format.md).
  *
- * One reader and one writer, used by every part of kvsim (synthetic traces, the model trace
+ * One reader (of versions 1 and 2) and one writer (of version 2), used by every part of kvsim (synthetic traces, the model trace
  * generator, the simulator, the tests). The reader validates the whole header on open and then
  * streams one layer at a time, so memory stays at one layer's Q/K/V whatever the trace size.
  * The writer writes to a temporary name and renames on trace_writer_finish(), so an interrupted
@@ -11,19 +11,23 @@
  * Layouts (row-major, float32 in memory whatever the on-disk precision):
  *   q [n_q_heads][n_tokens][head_dim], k and v [n_kv_heads][n_tokens][head_dim], post-RoPE;
  *   attn_rows [n_q_heads][n_attn_rows][n_tokens]: row r holds the model's attention
- *   probabilities of the query at position attn_rows_at[r] over keys [0, attn_rows_at[r]],
- *   zero beyond. */
+ *   probabilities of the query at position attn_rows_at[r] over the keys its layer's geometry
+ *   lets it attend (geometry.h), zero elsewhere.
+ *
+ * Building a TraceMeta: trace_meta_init() from a TraceModel (what the model is: dimensions and
+ * each layer's attention geometry), the only builder; the reader fills one from a file. */
 #ifndef KVSIM_TRACE_H
 #define KVSIM_TRACE_H
 
 #include <stdint.h>
 
 #include "sim/base/util.h"
+#include "sim/format/geometry.h"
 
 #define TRACE_FORMAT "kvsim-trace"
-#define TRACE_VERSION 1
+#define TRACE_VERSION 2        /* what the writer writes */
+#define TRACE_VERSION_OLDEST 1 /* the oldest the reader reads */
 
-typedef enum { ROPE_HALF = 0, ROPE_INTERLEAVED = 1 } RopeLayout;
 typedef enum { TRACE_F32 = 0, TRACE_F16 = 1 } TraceDtype;
 
 /* The sequence is a list of spans, in order, covering [0, n_tokens): a prefill span's tokens
@@ -35,7 +39,25 @@ typedef struct {
     int32_t start, end; /* [start, end) */
 } TraceSpan;
 
+/* What a trace says about the model that produced it: the input of trace_meta_init. */
 typedef struct {
+    const char *model, *generator, *rope_scaling; /* NULL: empty */
+    int n_layers, n_q_heads, n_kv_heads, head_dim;
+    double rope_theta;
+    RopeLayout rope_layout;
+    double attn_scale;     /* the same in every layer */
+    int32_t *window;       /* [n_layers], or NULL: every layer global */
+    double *rope_inv_freq; /* [n_layers][head_dim/2], or NULL: rope_theta^(-2f/D) in every layer */
+    /* The model's size, for cost models; 0 = unknown (synthetic traces). */
+    int hidden_size, intermediate_size, vocab_size;
+    int64_t n_params;
+} TraceModel;
+
+/* Frees a TraceModel's window and rope_inv_freq (when its builder allocated them). */
+void trace_model_free(TraceModel *model);
+
+typedef struct {
+    int version; /* of the file read; TRACE_VERSION for a TraceMeta built to be written */
     char model[256];
     char generator[256];
     char rope_scaling[256]; /* free text, may be empty */
@@ -46,8 +68,10 @@ typedef struct {
     int n_tokens;   /* T */
     int n_prompt;   /* P: the first span, [0, P), is the prompt's prefill; 1 <= P <= T */
     double rope_theta;
-    RopeLayout rope_layout;
-    double attn_scale; /* softmax(attn_scale * q.k) */
+    RopeLayout rope_layout; /* every layer's */
+    double attn_scale;      /* every layer's: softmax(attn_scale * q.k) */
+    int hidden_size, intermediate_size, vocab_size; /* 0 = unknown */
+    int64_t n_params;                               /* 0 = unknown */
 
     int32_t *tokens;    /* [T] token ids */
     int32_t *positions; /* [T] RoPE positions */
@@ -58,8 +82,11 @@ typedef struct {
     int32_t *probes; /* [n_probes] query positions where needle survival is checked */
     int n_attn_rows; /* R; 0 when the trace stores no attention rows */
     int32_t *attn_rows_at; /* [R] query positions, ascending */
-    /* [head_dim/2] RoPE inverse frequency of each pair, after any rope_scaling. Stored as
-     * /rope_inv_freq; a reader of a trace without it derives theta^(-2f/D). */
+    /* [n_layers]: each layer's attended range, 0 = global, W > 0 = the last W keys. */
+    int32_t *window;
+    /* [n_layers][head_dim/2]: each layer's RoPE inverse frequency of each pair, after any
+     * rope_scaling (a version 1 trace has one row, given to every layer). Read them through
+     * trace_layer_geometry. */
     double *rope_inv_freq;
     /* [n_spans]: the prefill spans and decode runs, in order, covering [0, T) (see TraceSpan);
      * a version 1 trace is {prefill [0, P), decode [P, T)} (no decode run when P = T). */
@@ -67,12 +94,20 @@ typedef struct {
     TraceSpan *spans;
 } TraceMeta;
 
-/* Allocates the per-token arrays of `meta` (tokens, positions, segments) for meta->n_tokens
- * tokens, zero-filled, the needle/probe/attn-row arrays for the counts already set,
- * rope_inv_freq filled with the unscaled frequencies of rope_theta and head_dim, and the spans
- * of a single prompt: prefill [0, n_prompt), decode [n_prompt, n_tokens). */
-void trace_meta_alloc(TraceMeta *meta);
+/* The one builder of a TraceMeta: the header of `model` (strings copied, truncated to 255
+ * bytes), n_tokens tokens of which the first n_prompt are the prompt, with tokens and segments
+ * zero, positions 0, 1, 2, ..., the needle/probe/attn-row arrays allocated (zeroed) for the
+ * counts given, each layer's window and RoPE frequencies from the model (copied), and the spans
+ * of a single prompt: prefill [0, n_prompt), decode [n_prompt, n_tokens) (trace_meta_set_spans
+ * replaces them). The caller then fills the per-token arrays. */
+void trace_meta_init(TraceMeta *meta, const TraceModel *model, int n_tokens, int n_prompt,
+                     int n_needles, int n_probes, int n_attn_rows);
+/* Replaces the spans (copied); n_prompt becomes the first span's end. Checked with the rest of
+ * the header by trace_meta_validate. */
+void trace_meta_set_spans(TraceMeta *meta, int n_spans, const TraceSpan *spans);
 void trace_meta_free(TraceMeta *meta);
+/* The attention geometry of one layer; rope_inv_freq points into meta. */
+LayerGeometry trace_layer_geometry(const TraceMeta *meta, int layer);
 /* Checks the header and metadata constraints of docs/trace-format.md (the reader's checks of
  * values; the writer applies it before creating anything). Messages name `path`. */
 int trace_meta_validate(const TraceMeta *meta, const char *path, KvErr *err);
@@ -124,14 +159,7 @@ void trace_writer_abort(TraceWriter *w);
 /* Rounds n floats in place to what a trace of `dtype` stores and a reader gets back (the
  * writer's conversion: IEEE round to nearest, ties to even); no-op for TRACE_F32. */
 void trace_round_to_dtype(float *x, size_t n, TraceDtype dtype);
-/* Unscaled RoPE inverse frequencies: out[f] = theta^(-2f/head_dim), f < head_dim/2. */
-void rope_default_inv_freq(double theta, int head_dim, double *out);
-/* Index of the two components of pair f in a head vector for the given layout:
- * half: (f, f + D/2); interleaved: (2f, 2f+1). */
-void rope_pair(RopeLayout layout, int head_dim, int f, int *i0, int *i1);
-/* Rotates one head vector in place by angle position * inv_freq[f] for every pair f
- * (a negative position rotates back). */
-void rope_apply(float *x, int head_dim, RopeLayout layout, const double *inv_freq,
-                double position);
+/* "prefill" or "decode". */
+const char *trace_span_kind_name(int kind);
 
 #endif

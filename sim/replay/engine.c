@@ -129,7 +129,7 @@ static int attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, const
     for (int i = 0; i < G; i++) {
         int h = g * G + i;
         rows[i] = (FullRow){
-            .t = t, .head_dim = D, .scale = L->attn_scale,
+            .t = t, .head_dim = D, .scale = L->attn_scale, .window = L->window,
             .q = L->q + ((size_t)h * T + t) * D,
             .p = w->probs + ((size_t)b * Hq + h) * T,
             .logit_max = w->row_max[h * DECODE_BLOCK + b],
@@ -236,11 +236,7 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     int T = m->n_tokens, P = m->n_prompt, D = m->head_dim, Hq = m->n_q_heads;
     if (trace_read_layer(job->tr, layer, w->q, w->k, w->v, err) != 0)
         return -1;
-    LayerView L = {
-        .meta = m, .layer = layer, .n_q_heads = Hq, .n_kv_heads = m->n_kv_heads,
-        .group = Hq / m->n_kv_heads, .head_dim = D, .n_tokens = T, .n_prompt = P,
-        .attn_scale = (float)m->attn_scale, .q = w->q, .k = w->k, .v = w->v,
-    };
+    LayerView L = layer_view_make(m, layer, w->q, w->k, w->v);
 
     int n_pol = cfg->n_policies;
     PolicyDriver drv;

@@ -17,6 +17,13 @@ static bool cache_is_complete(const KVCache *c, int t)
     return c->n_alt == 0 && c->n == t + 1;
 }
 
+/* A slot of a position before the query's window: the model gives it no attention. Synthetic
+ * slots (no position) are attended. */
+static bool slot_outside(const KVCache *c, int slot, const FullRow *row)
+{
+    return c->pos[slot] >= 0 && c->pos[slot] < attn_first_key(row->window, row->t);
+}
+
 /* Logit of slot i: scale * q . k, with the slot's own key for alt slots. */
 static double slot_logit(const KVCache *c, int slot, const FullRow *row)
 {
@@ -31,16 +38,16 @@ static void softmax_over_cache(const KVCache *c, const FullRow *row, float *attn
     double mx = -INFINITY, z = 0;
     double *logit = kv_malloc((size_t)c->n * sizeof *logit);
     for (int i = 0; i < c->n; i++) {
-        logit[i] = slot_logit(c, i, row);
+        logit[i] = slot_outside(c, i, row) ? -INFINITY : slot_logit(c, i, row);
         if (logit[i] > mx)
             mx = logit[i];
     }
     for (int i = 0; i < c->n; i++) {
-        logit[i] = exp(logit[i] - mx);
+        logit[i] = logit[i] == -INFINITY ? 0.0 : exp(logit[i] - mx);
         z += logit[i];
     }
     for (int i = 0; i < c->n; i++)
-        attn[i] = (float)(logit[i] / z);
+        attn[i] = z > 0 ? (float)(logit[i] / z) : 0.0f;
     free(logit);
 }
 
@@ -70,7 +77,9 @@ CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn
     double exact_total = 0; /* summed directly: 1 - missing loses a small cache's share */
     for (int i = 0; i < c->n; i++) {
         double w;
-        if (c->alt_kv[i]) {
+        if (slot_outside(c, i, row)) {
+            w = 0.0; /* before the window: no attention, exactly */
+        } else if (c->alt_kv[i]) {
             /* exp(s - max) / Z: the alt key's weight in units of the full row. */
             w = exp(slot_logit(c, i, row) - row->logit_max) / row->logit_z;
             alt_total += w;
@@ -86,7 +95,7 @@ CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn
     ca.denominator = exact_total + alt_total;
     if (!attn || c->n == 0)
         return ca;
-    if (exact) {
+    if (exact && ca.denominator > 0) {
         float inv = (float)(1.0 / ca.denominator);
         cblas_sscal(c->n, inv, attn, 1);
     } else {

@@ -13,11 +13,12 @@
 
 /* The full (uncompressed) attention of one query head at step t, as the engine computed it. */
 typedef struct {
-    int t;              /* keys [0, t] */
+    int t;              /* the query: keys [attn_first_key(window, t), t] */
     int head_dim;
     float scale;        /* attn_scale */
+    int window;         /* the layer's: 0 global, W > 0 the last W keys (geometry.h) */
     const float *q;     /* [D] the query */
-    const float *p;     /* [t+1] softmax over all keys */
+    const float *p;     /* [t+1] softmax over the keys attended (zero before the window) */
     float logit_max;    /* max_j scale*q.k_j */
     float logit_z;      /* sum_j exp(scale*q.k_j - logit_max) */
     const float *k;     /* [T][D] the KV head's keys from the trace */
@@ -33,7 +34,9 @@ typedef struct {
 
 /* Retained attention mass and the renormalised attention over the cache's slots: attn[i] is
  * slot i's share (sums to 1). attn may be NULL when only the mass is wanted. Slots holding
- * approximate K/V (alt_kv) get their weight from their own key.
+ * approximate K/V (alt_kv) get their weight from their own key. A slot holding a position
+ * before the query's window (a sliding-window layer) gets no attention, as in the model; when no
+ * slot is attended at all, attn is zero.
  *
  * The renormalised attention is exact for any cache: it is p_j / sum_cache p while every cached
  * probability is a normal float (the float32 full row then carries each share to float

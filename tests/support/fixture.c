@@ -15,29 +15,16 @@
 Fixture *fixture_new(int n_q_heads, int n_kv_heads, int head_dim, int n_tokens, int n_prompt)
 {
     Fixture *fx = kv_calloc(1, sizeof *fx);
-    TraceMeta *m = &fx->meta;
-    snprintf(m->model, sizeof m->model, "fixture");
-    m->n_layers = 1;
-    m->n_q_heads = n_q_heads;
-    m->n_kv_heads = n_kv_heads;
-    m->head_dim = head_dim;
-    m->n_tokens = n_tokens;
-    m->n_prompt = n_prompt;
-    m->rope_theta = 10000.0;
-    m->rope_layout = ROPE_HALF;
-    m->attn_scale = 1.0 / sqrt((double)head_dim);
-    trace_meta_alloc(m);
-    for (int i = 0; i < n_tokens; i++)
-        m->positions[i] = i;
+    TraceModel model = {
+        .model = "fixture", .n_layers = 1, .n_q_heads = n_q_heads, .n_kv_heads = n_kv_heads,
+        .head_dim = head_dim, .rope_theta = 10000.0, .rope_layout = ROPE_HALF,
+        .attn_scale = attn_scale_default(head_dim),
+    };
+    trace_meta_init(&fx->meta, &model, n_tokens, n_prompt, 0, 0, 0);
     fx->q = kv_calloc((size_t)n_q_heads * n_tokens * head_dim, sizeof(float));
     fx->k = kv_calloc((size_t)n_kv_heads * n_tokens * head_dim, sizeof(float));
     fx->v = kv_calloc((size_t)n_kv_heads * n_tokens * head_dim, sizeof(float));
-    fx->L = (LayerView){
-        .meta = m, .layer = 0, .n_q_heads = n_q_heads, .n_kv_heads = n_kv_heads,
-        .group = n_q_heads / n_kv_heads, .head_dim = head_dim, .n_tokens = n_tokens,
-        .n_prompt = n_prompt, .attn_scale = (float)m->attn_scale, .q = fx->q, .k = fx->k,
-        .v = fx->v,
-    };
+    fx->L = layer_view_make(&fx->meta, 0, fx->q, fx->k, fx->v);
     return fx;
 }
 
@@ -102,15 +89,16 @@ Policy *fixture_policy(Fixture *fx, const char *type_name, const char *params, u
     return p;
 }
 
-/* logits of query (h, t) over keys [0, t] of its KV head, softmaxed into out[0..t]. */
+/* logits of query (h, t) over the keys [first, t] of its KV head the layer's window lets it
+ * attend, softmaxed into out[first..t], zero elsewhere. */
 static void attn_row(const Fixture *fx, int h, int t, float *out)
 {
     const LayerView *L = &fx->L;
-    int g = h / L->group, D = L->head_dim;
+    int g = h / L->group, D = L->head_dim, first = attn_first_key(L->window, t);
     const float *q = L->q + ((size_t)h * L->n_tokens + t) * D;
     double mx = -INFINITY;
     double *s = kv_malloc((size_t)(t + 1) * sizeof *s);
-    for (int j = 0; j <= t; j++) {
+    for (int j = first; j <= t; j++) {
         const float *k = L->k + ((size_t)g * L->n_tokens + j) * D;
         double dot = 0;
         for (int d = 0; d < D; d++)
@@ -120,10 +108,10 @@ static void attn_row(const Fixture *fx, int h, int t, float *out)
             mx = s[j];
     }
     double z = 0;
-    for (int j = 0; j <= t; j++)
+    for (int j = first; j <= t; j++)
         z += (s[j] = exp(s[j] - mx));
     for (int j = 0; j < L->n_tokens; j++)
-        out[j] = j <= t ? (float)(s[j] / z) : 0.0f;
+        out[j] = j >= first && j <= t ? (float)(s[j] / z) : 0.0f;
     free(s);
 }
 
@@ -240,11 +228,39 @@ double fixture_mass(const Fixture *fx, const Policy *p, const float *full_attn, 
     return m;
 }
 
+void fixture_set_window(Fixture *fx, int window)
+{
+    fx->meta.window[0] = window;
+    fx->L = layer_view_make(&fx->meta, 0, fx->q, fx->k, fx->v);
+}
+
+void fixture_trace_meta(const Fixture *fx, int n_layers, const char *generator, TraceMeta *out)
+{
+    const TraceMeta *fm = &fx->meta;
+    int32_t *window = kv_malloc((size_t)n_layers * sizeof *window);
+    for (int l = 0; l < n_layers; l++)
+        window[l] = fm->window[0];
+    TraceModel model = {
+        .model = fm->model, .generator = generator, .n_layers = n_layers,
+        .n_q_heads = fm->n_q_heads, .n_kv_heads = fm->n_kv_heads, .head_dim = fm->head_dim,
+        .rope_theta = fm->rope_theta, .rope_layout = fm->rope_layout,
+        .attn_scale = fm->attn_scale, .window = window,
+    };
+    size_t T = (size_t)fm->n_tokens;
+    trace_meta_init(out, &model, fm->n_tokens, fm->n_prompt, fm->n_needles, fm->n_probes, 0);
+    trace_model_free(&model);
+    memcpy(out->tokens, fm->tokens, T * sizeof *out->tokens);
+    memcpy(out->positions, fm->positions, T * sizeof *out->positions);
+    memcpy(out->segments, fm->segments, T * sizeof *out->segments);
+    memcpy(out->needles, fm->needles, (size_t)fm->n_needles * 2 * sizeof *out->needles);
+    memcpy(out->probes, fm->probes, (size_t)fm->n_probes * sizeof *out->probes);
+    trace_meta_set_spans(out, fm->n_spans, fm->spans);
+}
+
 void fixture_write_trace(Fixture *fx, int n_layers, uint64_t seed, const char *path)
 {
-    TraceMeta meta = fx->meta;
-    meta.n_layers = n_layers;
-    snprintf(meta.generator, sizeof meta.generator, "test fixture");
+    TraceMeta meta;
+    fixture_trace_meta(fx, n_layers, "test fixture", &meta);
     KvErr err;
     TraceWriter *w = trace_writer_create(path, &meta, TRACE_F32, &err);
     if (!w)
@@ -256,4 +272,5 @@ void fixture_write_trace(Fixture *fx, int n_layers, uint64_t seed, const char *p
     }
     if (trace_writer_finish(w, &err) != 0)
         fail_msg("fixture_write_trace: %s", err.msg);
+    trace_meta_free(&meta);
 }

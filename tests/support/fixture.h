@@ -16,9 +16,12 @@ typedef struct {
     float *q, *k, *v; /* owned, writable: [Hq][T][D], [Hkv][T][D], [Hkv][T][D] */
 } Fixture;
 
-/* Zero-filled layer; attn_scale = 1/sqrt(D), rope_theta 10000, half layout. */
+/* Zero-filled layer, built by trace_meta_init and layer_view_make: the default attention scale
+ * (attn_scale_default), global attention, rope_theta 10000, half layout. */
 Fixture *fixture_new(int n_q_heads, int n_kv_heads, int head_dim, int n_tokens, int n_prompt);
 void fixture_free(Fixture *fx);
+/* Makes the layer a sliding-window layer of `window` keys (0: global), in meta and L. */
+void fixture_set_window(Fixture *fx, int window);
 /* Fills q, k, v with independent N(0, sigma^2) values (GSL RNG, deterministic in seed). */
 void fixture_randomize(Fixture *fx, uint64_t seed, double sigma);
 static inline float *fx_q(Fixture *fx, int h, int t) { return fx->q + ((size_t)h * fx->L.n_tokens + t) * fx->L.head_dim; }
@@ -33,8 +36,9 @@ void *fixture_params(const PolicyType *type, const char *params);
  * the fixture's layer; fails the test on an unknown type or bad parameter. */
 Policy *fixture_policy(Fixture *fx, const char *type, const char *params, uint64_t seed);
 
-/* Naive attention of every query head at query position t over keys [0, t]:
- * out[h][j] for j <= t, zero beyond. out is [Hq][T]. */
+/* Naive attention of every query head at query position t over the keys the layer's window
+ * lets it attend, [attn_first_key(window, t), t]: out[h][j] there, zero elsewhere. out is
+ * [Hq][T]. */
 void fixture_full_attn(const Fixture *fx, int t, float *out);
 
 /* Called at each decode step t after step() and the attention, before observe(): p->cache is
@@ -57,9 +61,15 @@ void fixture_run_hooked(Fixture *fx, Policy *p, int t_end, FixtureBeforeFn befor
  * the real positions cached. */
 double fixture_mass(const Fixture *fx, const Policy *p, const float *full_attn, int h);
 
+/* The fixture's metadata for a trace of n_layers layers (every layer with the fixture's
+ * geometry), built by trace_meta_init: per-token arrays, needles, probes and spans copied.
+ * trace_meta_free it. */
+void fixture_trace_meta(const Fixture *fx, int n_layers, const char *generator, TraceMeta *out);
+
 /* Writes a float32 trace of n_layers layers through the trace writer: layer l holds the
  * fixture's arrays after fixture_randomize(fx, seed + l, 1.0) (so fx ends holding the last
- * layer). Needles, probes, segments and tokens come from fx->meta. Fails the test on error. */
+ * layer). Needles, probes, segments, tokens, spans and the window (every layer's) come from
+ * fx->meta. Fails the test on error. */
 void fixture_write_trace(Fixture *fx, int n_layers, uint64_t seed, const char *path);
 
 #endif

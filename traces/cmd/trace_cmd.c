@@ -253,37 +253,25 @@ typedef struct {
     int n_input; /* prompt and forced tokens: those the prompt file gave */
     const PromptTokens *prompt; /* needles, probes, segments; NULL with --tokens */
     int generated_segment;
-    const double *rope_inv_freq;
 } TraceContent;
 
 static void fill_meta(const TraceContent *c, int argc, char **argv, const TraceOptions *o,
                       TraceMeta *m)
 {
-    const ModelConfig *cfg = &c->model->config;
-    memset(m, 0, sizeof *m);
-    model_name(o->model_dir, m->model, sizeof m->model);
-    describe_generator(argc, argv, m->generator, sizeof m->generator);
-    snprintf(m->rope_scaling, sizeof m->rope_scaling, "%s", cfg->rope_scaling);
-    m->n_layers = cfg->n_layers;
-    m->n_q_heads = cfg->n_q_heads;
-    m->n_kv_heads = cfg->n_kv_heads;
-    m->head_dim = cfg->head_dim;
-    m->n_tokens = c->n_tokens;
-    m->n_prompt = c->n_prompt;
-    m->rope_theta = cfg->rope_theta;
-    m->rope_layout = ROPE_HALF;
-    m->attn_scale = 1.0 / sqrt((double)cfg->head_dim);
+    char model[256], generator[256];
+    model_name(o->model_dir, model, sizeof model);
+    describe_generator(argc, argv, generator, sizeof generator);
+    /* The geometry the forward pass computed with: the one description of the model. */
+    TraceModel desc = c->state->geometry;
+    desc.model = model;
+    desc.generator = generator;
     const PromptTokens *p = c->prompt;
     int marked_probes = p && p->n_probes > 0;
-    m->n_needles = p ? p->n_needles : 0;
     /* Default probes: the last prompt token and every decode step, forced ones included. */
-    m->n_probes = marked_probes ? p->n_probes : c->n_tokens - c->n_prompt + 1;
-    m->n_attn_rows = c->rec->n_rows;
-    trace_meta_alloc(m);
-    memcpy(m->rope_inv_freq, c->rope_inv_freq, (size_t)(cfg->head_dim / 2) * sizeof(double));
+    trace_meta_init(m, &desc, c->n_tokens, c->n_prompt, p ? p->n_needles : 0,
+                    marked_probes ? p->n_probes : c->n_tokens - c->n_prompt + 1, c->rec->n_rows);
     for (int t = 0; t < c->n_tokens; t++) {
         m->tokens[t] = c->tokens[t];
-        m->positions[t] = t;
         m->segments[t] = t < c->n_input ? (p ? p->segments[t] : 0) : c->generated_segment;
     }
     if (p && p->n_needles)
@@ -352,7 +340,6 @@ typedef struct {
     int32_t *tokens; /* [max_tokens]: prompt, forced, then generated */
     RunState *state;
     TraceRecorder rec;
-    double *rope_inv_freq;
 } TraceRun;
 
 static void trace_run_free(TraceRun *r)
@@ -360,7 +347,6 @@ static void trace_run_free(TraceRun *r)
     run_state_free(r->state);
     recorder_free(&r->rec);
     free(r->tokens);
-    free(r->rope_inv_freq);
     prompt_tokens_free(&r->prompt);
     prompt_markup_free(&r->markup);
     if (r->tok)
@@ -445,18 +431,12 @@ static int trace_main(int argc, char **argv, const TraceOptions *o, TraceRun *r,
     if ((long)n_input + o->max_new > INT_MAX / 2)
         return kv_fail(err, "%s: too many tokens", source);
     int max_tokens = n_input + o->max_new;
-    if (cfg->sliding_window && max_tokens > cfg->sliding_window)
-        return kv_fail(err, "%s/config.json: sliding_window %d: runs longer than the window "
-                       "(%d tokens here) are not supported", o->model_dir, cfg->sliding_window,
-                       max_tokens);
     if (cfg->max_position_embeddings && max_tokens > cfg->max_position_embeddings)
         fprintf(stderr, "kvsim trace: warning: %d tokens exceed max_position_embeddings %d\n",
                 max_tokens, cfg->max_position_embeddings);
 
     r->tokens = kv_malloc((size_t)max_tokens * sizeof *r->tokens);
     memcpy(r->tokens, prompt_ids, (size_t)n_input * sizeof *r->tokens);
-    r->rope_inv_freq = kv_malloc((size_t)(cfg->head_dim / 2) * sizeof *r->rope_inv_freq);
-    model_rope_inv_freq(cfg, max_tokens, r->rope_inv_freq);
     r->rec = (TraceRecorder){.fd = -1, .n_layers = cfg->n_layers, .n_q_heads = cfg->n_q_heads,
                              .head_dim = cfg->head_dim, .max_tokens = max_tokens,
                              .last_prompt = n_prompt - 1, .attn_every = o->attn_every,
@@ -464,7 +444,7 @@ static int trace_main(int argc, char **argv, const TraceOptions *o, TraceRun *r,
     if ((r->rec.fd = open_spill(o->out_path, err)) < 0)
         return -1;
     int chunk = o->chunk_size < n_prompt ? o->chunk_size : n_prompt;
-    r->state = run_state_new(r->model, max_tokens, chunk, r->rope_inv_freq);
+    r->state = run_state_new(r->model, max_tokens, chunk);
 
     double prefill_s, decode_s;
     int n_generated = generate(r, o, n_prompt, n_input, &prefill_s, &decode_s);
@@ -475,7 +455,7 @@ static int trace_main(int argc, char **argv, const TraceOptions *o, TraceRun *r,
     double write_start = now_seconds();
     TraceContent content = {r->model, r->state, &r->rec, r->tokens, n_input + n_generated,
                             n_prompt, n_input, o->prompt_path ? &r->prompt : NULL,
-                            o->prompt_path ? r->markup.last_segment : 0, r->rope_inv_freq};
+                            o->prompt_path ? r->markup.last_segment : 0};
     TraceMeta meta;
     fill_meta(&content, argc, argv, o, &meta);
     int rc = write_trace(&content, &meta, o->dtype, o->out_path, err);

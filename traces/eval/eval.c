@@ -12,7 +12,6 @@ struct EvalPrefill {
     const Model *model;
     int n_prompt, n_input, max_tokens; /* P (prefilled), N = P + forced, T = N + max_new */
     RunState *state;
-    double *rope_inv_freq;
     float *q;             /* [n_layers][Hq][T][D]: the run's post-RoPE queries */
     float *prompt_logits; /* [vocab] */
     TraceMeta meta;       /* what LayerView.meta promises, for the run's T tokens */
@@ -50,28 +49,13 @@ EvalPrefill *eval_prefill(const Model *model, const PromptTokens *prompt, int la
     pf->n_prompt = P;
     pf->n_input = N;
     pf->max_tokens = T;
-    pf->rope_inv_freq = kv_malloc(D / 2 * sizeof *pf->rope_inv_freq);
-    model_rope_inv_freq(c, T, pf->rope_inv_freq);
-    pf->state = run_state_new(model, T, P < 128 ? P : 128, pf->rope_inv_freq);
+    pf->state = run_state_new(model, T, P < 128 ? P : 128);
     pf->q = kv_calloc((size_t)c->n_layers * Hq * T * D, sizeof(float));
     pf->full_attn = kv_calloc(Hq * T, sizeof(float));
 
-    TraceMeta *m = &pf->meta;
-    m->n_layers = c->n_layers;
-    m->n_q_heads = c->n_q_heads;
-    m->n_kv_heads = c->n_kv_heads;
-    m->head_dim = c->head_dim;
-    m->n_tokens = T;
-    m->n_prompt = P;
-    m->rope_theta = c->rope_theta;
-    m->rope_layout = ROPE_HALF;
-    m->attn_scale = 1.0 / sqrt((double)c->head_dim);
-    m->n_needles = prompt->n_needles;
-    m->n_probes = prompt->n_probes;
-    trace_meta_alloc(m);
-    memcpy(m->rope_inv_freq, pf->rope_inv_freq, D / 2 * sizeof(double));
+    TraceMeta *m = &pf->meta; /* the geometry the forward pass computes with */
+    trace_meta_init(m, &pf->state->geometry, T, P, prompt->n_needles, prompt->n_probes, 0);
     for (int t = 0; t < T; t++) {
-        m->positions[t] = t;
         m->segments[t] = t < N ? prompt->segments[t] : last_segment;
         m->tokens[t] = t < N ? prompt->tokens[t] : 0; /* generated ones as they come */
     }
@@ -82,14 +66,9 @@ EvalPrefill *eval_prefill(const Model *model, const PromptTokens *prompt, int la
 
     pf->layers = kv_calloc((size_t)c->n_layers, sizeof *pf->layers);
     for (int l = 0; l < c->n_layers; l++)
-        pf->layers[l] = (LayerView){
-            .meta = m, .layer = l, .n_q_heads = c->n_q_heads, .n_kv_heads = c->n_kv_heads,
-            .group = c->n_q_heads / c->n_kv_heads, .head_dim = c->head_dim, .n_tokens = T,
-            .n_prompt = P, .attn_scale = (float)m->attn_scale,
-            .q = pf->q + (size_t)l * Hq * T * D,
-            .k = run_state_keys(pf->state, l, 0),
-            .v = run_state_values(pf->state, l, 0),
-        };
+        pf->layers[l] = layer_view_make(m, l, pf->q + (size_t)l * Hq * T * D,
+                                        run_state_keys(pf->state, l, 0),
+                                        run_state_values(pf->state, l, 0));
 
     ForwardObserver keep = {.user = pf, .on_qkv = keep_queries};
     const float *logits = forward_prompt(pf->state, prompt->tokens, P, &keep);
@@ -103,7 +82,6 @@ void eval_prefill_free(EvalPrefill *pf)
     if (!pf)
         return;
     run_state_free(pf->state);
-    free(pf->rope_inv_freq);
     free(pf->q);
     free(pf->prompt_logits);
     trace_meta_free(&pf->meta);

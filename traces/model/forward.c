@@ -7,8 +7,7 @@
 
 #include "sim/format/trace.h"
 
-RunState *run_state_new(const Model *model, int max_tokens, int chunk_size,
-                        const double *rope_inv_freq)
+RunState *run_state_new(const Model *model, int max_tokens, int chunk_size)
 {
     const ModelConfig *c = &model->config;
     size_t chunk = (size_t)chunk_size, D = (size_t)c->head_dim, T = (size_t)max_tokens;
@@ -17,8 +16,8 @@ RunState *run_state_new(const Model *model, int max_tokens, int chunk_size,
     s->model = model;
     s->max_tokens = max_tokens;
     s->chunk_size = chunk_size;
-    s->rope_inv_freq = kv_malloc(D / 2 * sizeof *s->rope_inv_freq);
-    memcpy(s->rope_inv_freq, rope_inv_freq, D / 2 * sizeof *s->rope_inv_freq);
+    model_describe(c, max_tokens, &s->geometry);
+    s->rope_tables_layer = -1;
     s->residual = kv_malloc(chunk * (size_t)c->hidden_size * sizeof(float));
     s->normed = kv_malloc(chunk * (size_t)c->hidden_size * sizeof(float));
     s->q_proj = kv_malloc(chunk * q_dim * sizeof(float));
@@ -44,7 +43,7 @@ void run_state_free(RunState *s)
 {
     if (!s)
         return;
-    free(s->rope_inv_freq);
+    trace_model_free(&s->geometry);
     free(s->residual);
     free(s->normed);
     free(s->q_proj);
@@ -118,14 +117,33 @@ static void split_heads(float *heads_out, const float *proj, int n, int n_heads,
                    proj + ((size_t)t * n_heads + h) * head_dim, (size_t)head_dim * sizeof(float));
 }
 
+/* One layer's attention geometry. */
+static LayerGeometry layer_geometry(const RunState *s, int layer)
+{
+    const TraceModel *g = &s->geometry;
+    return (LayerGeometry){
+        .attn_scale = g->attn_scale, .window = g->window[layer], .rope_layout = g->rope_layout,
+        .head_dim = g->head_dim,
+        .rope_inv_freq = g->rope_inv_freq + (size_t)layer * (size_t)(g->head_dim / 2),
+    };
+}
+
 /* The rotation of rope_apply(), with cos and sin computed once per position of the chunk
- * instead of once per head and layer. */
-static void rope_tables(RunState *s, int t0, int n)
+ * instead of once per head and layer: again only for a layer whose frequencies differ from
+ * those of the layer the tables hold. */
+static void rope_tables(RunState *s, int layer, int t0, int n)
 {
     int half = s->model->config.head_dim / 2;
+    const double *freq = layer_geometry(s, layer).rope_inv_freq;
+    if (s->rope_tables_layer >= 0 &&
+        (s->rope_tables_layer == layer ||
+         !memcmp(freq, layer_geometry(s, s->rope_tables_layer).rope_inv_freq,
+                 (size_t)half * sizeof *freq)))
+        return;
+    s->rope_tables_layer = layer;
     for (int t = 0; t < n; t++)
         for (int f = 0; f < half; f++) {
-            double angle = (double)(t0 + t) * s->rope_inv_freq[f];
+            double angle = (double)(t0 + t) * freq[f];
             s->rope_cos[(size_t)t * half + f] = cos(angle);
             s->rope_sin[(size_t)t * half + f] = sin(angle);
         }
@@ -145,7 +163,7 @@ static void norm_and_rotate(RunState *s, float *heads, int n_heads, int n, const
             const double *sines = s->rope_sin + (size_t)t * half;
             for (int f = 0; f < half; f++) {
                 int i0, i1;
-                rope_pair(ROPE_HALF, D, f, &i0, &i1);
+                rope_pair(s->geometry.rope_layout, D, f, &i0, &i1);
                 double x0 = x[i0], x1 = x[i1];
                 x[i0] = (float)(x0 * cosines[f] - x1 * sines[f]);
                 x[i1] = (float)(x0 * sines[f] + x1 * cosines[f]);
@@ -153,21 +171,22 @@ static void norm_and_rotate(RunState *s, float *heads, int n_heads, int n, const
         }
 }
 
-/* Softmax of row[0..n_visible) in place, zero beyond up to row_len. */
-static void causal_softmax(float *row, int n_visible, int row_len)
+/* Softmax of row[first..n_visible) in place, zero before first and beyond up to row_len. */
+static void causal_softmax(float *row, int first, int n_visible, int row_len)
 {
-    float max = row[0];
-    for (int j = 1; j < n_visible; j++)
+    float max = row[first];
+    for (int j = first + 1; j < n_visible; j++)
         if (row[j] > max)
             max = row[j];
     double sum = 0;
-    for (int j = 0; j < n_visible; j++) {
+    for (int j = first; j < n_visible; j++) {
         row[j] = expf(row[j] - max);
         sum += row[j];
     }
     float inv_sum = (float)(1.0 / sum);
-    for (int j = 0; j < n_visible; j++)
+    for (int j = first; j < n_visible; j++)
         row[j] *= inv_sum;
+    memset(row, 0, (size_t)first * sizeof(float));
     memset(row + n_visible, 0, (size_t)(row_len - n_visible) * sizeof(float));
 }
 
@@ -178,7 +197,8 @@ static void attention(RunState *s, int layer, int t0, int n, const ForwardObserv
     const ModelConfig *c = &s->model->config;
     int D = c->head_dim, Hq = c->n_q_heads, group = c->n_q_heads / c->n_kv_heads;
     int n_keys = t0 + n;
-    float scale = 1.0f / sqrtf((float)D);
+    LayerGeometry geom = layer_geometry(s, layer);
+    float scale = (float)geom.attn_scale;
 
     /* Rows the observer wants, gathered over all heads: row w is [Hq][position_w + 1]. */
     int wanted_first = 0, n_wanted = 0;
@@ -207,7 +227,8 @@ static void attention(RunState *s, int layer, int t0, int n, const ForwardObserv
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n_keys, D, scale, q, D, keys,
                         D, 0.0f, s->scores, n_keys);
         for (int i = 0; i < n; i++)
-            causal_softmax(s->scores + (size_t)i * n_keys, t0 + i + 1, n_keys);
+            causal_softmax(s->scores + (size_t)i * n_keys, attn_first_key(geom.window, t0 + i),
+                           t0 + i + 1, n_keys);
         for (int w = 0; w < n_wanted; w++)
             memcpy(s->probs + ((size_t)w * Hq + h) * n_keys,
                    s->scores + (size_t)(wanted_first + w) * n_keys, n_keys * sizeof(float));
@@ -239,7 +260,7 @@ static void attention_selected(RunState *s, int layer, const CacheSelector *sel)
 {
     const ModelConfig *c = &s->model->config;
     int D = c->head_dim, Hq = c->n_q_heads, Hkv = c->n_kv_heads, group = Hq / Hkv;
-    float scale = 1.0f / sqrtf((float)D);
+    float scale = (float)layer_geometry(s, layer).attn_scale;
     SlotList slots[Hkv];
     size_t total = 0, most = 0;
     for (int g = 0; g < Hkv; g++) {
@@ -279,7 +300,7 @@ static void attention_selected(RunState *s, int layer, const CacheSelector *sel)
             }
             cblas_sgemv(CblasRowMajor, CblasNoTrans, n, D, scale, keys, D,
                         s->q_heads + (size_t)h * D, 1, 0.0f, probs_at, 1);
-            causal_softmax(probs_at, n, n);
+            causal_softmax(probs_at, 0, n, n);
             cblas_sgemv(CblasRowMajor, CblasTrans, n, D, 1.0f, values, D, probs_at, 1, 0.0f, out,
                         1);
         }
@@ -353,9 +374,11 @@ static const float *forward_chunk(RunState *s, const int32_t *tokens, int n, int
     for (int t = 0; t < n; t++)
         memcpy(s->residual + (size_t)t * hidden, w->token_embedding + (size_t)tokens[t] * hidden,
                (size_t)hidden * sizeof(float));
-    rope_tables(s, t0, n);
-    for (int layer = 0; layer < c->n_layers; layer++)
+    s->rope_tables_layer = -1; /* new positions */
+    for (int layer = 0; layer < c->n_layers; layer++) {
+        rope_tables(s, layer, t0, n);
         layer_forward(s, layer, t0, n, observer, sel);
+    }
     s->n_cached += n;
     if (!want_logits)
         return NULL;

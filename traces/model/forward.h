@@ -8,8 +8,9 @@
  *
  * The math is HF's for the supported architectures (traces/model/model.h): pre-norm RMSNorm, q/k/v
  * projections (+ bias), per-head q/k RMSNorm (Qwen3), RoPE in the rotate_half layout at
- * positions 0, 1, 2, ..., softmax(q.k / sqrt(head_dim)) over keys at positions <= the query's,
- * o projection, residual, RMSNorm, SwiGLU MLP, residual; final RMSNorm and the LM head.
+ * positions 0, 1, 2, ..., softmax(attn_scale · q·k) over the keys the layer's geometry lets the
+ * query attend (model_describe: every earlier key, or the last sliding_window of them), o
+ * projection, residual, RMSNorm, SwiGLU MLP, residual; final RMSNorm and the LM head.
  *
  * An observer sees what a trace stores, as it is computed: each layer's post-RoPE Q/K/V of the
  * chunk and, at the positions it asks for, the softmax probabilities of the attention itself. */
@@ -43,7 +44,9 @@ typedef struct {
     float *const *alt_kv;
 } SlotList;
 
-/* Restricts each layer's attention of a decode step to slot lists, per KV head. In each layer
+/* Restricts each layer's attention of a decode step to slot lists, per KV head: the slots are
+ * attended as given, whatever the layer's window (a caller keeps a run within the window, or
+ * gives only slots inside it). In each layer
  * the new token's K/V are written to the cache at its position and ForwardObserver.on_qkv is
  * called first (a caller can decide the slots from them), then slots() for every KV head, then
  * on_attention() with what each query head really attended. */
@@ -62,7 +65,10 @@ typedef struct {
     /* Tokens fed so far = position of the next token. Setting it back to an earlier count
      * rewinds the run: the cache rows before it are untouched, later ones are fed again. */
     int n_cached;
-    double *rope_inv_freq; /* [D/2] */
+    /* The attention geometry, from model_describe(config, max_tokens): the scale, each layer's
+     * window and RoPE frequencies. */
+    TraceModel geometry;
+    int rope_tables_layer; /* the layer whose frequencies rope_cos/rope_sin hold, -1: none */
 
     /* One chunk's activations. */
     float *residual;    /* [chunk][hidden] the residual stream */
@@ -90,9 +96,9 @@ typedef struct {
     float *value_cache;
 } RunState;
 
-/* rope_inv_freq [head_dim/2] is copied (model_rope_inv_freq gives the model's). */
-RunState *run_state_new(const Model *model, int max_tokens, int chunk_size,
-                        const double *rope_inv_freq);
+/* A run of at most max_tokens tokens, its geometry from model_describe (RoPE scaling of the
+ * "dynamic" type depends on max_tokens). */
+RunState *run_state_new(const Model *model, int max_tokens, int chunk_size);
 void run_state_free(RunState *s);
 
 /* Feeds n tokens (1 <= n <= chunk_size, n_cached + n <= max_tokens, ids < vocab_size) at

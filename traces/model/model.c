@@ -390,6 +390,48 @@ void model_rope_inv_freq(const ModelConfig *cfg, int n_tokens, double *out)
     }
 }
 
+int64_t model_n_params(const ModelConfig *c)
+{
+    const int64_t H = c->hidden_size, I = c->intermediate_size, D = c->head_dim,
+                  q_dim = (int64_t)c->n_q_heads * D, kv_dim = (int64_t)c->n_kv_heads * D;
+    int64_t layer = 2 * H                          /* input and post-attention norms */
+                    + q_dim * H + 2 * kv_dim * H   /* q, k, v */
+                    + H * q_dim                    /* o */
+                    + 3 * H * I;                   /* gate, up, down */
+    if (c->qkv_bias)
+        layer += q_dim + 2 * kv_dim;
+    if (c->o_bias)
+        layer += H;
+    if (c->qk_norm)
+        layer += 2 * D;
+    int64_t embed = (int64_t)c->vocab_size * H;
+    return c->n_layers * layer + embed * (c->tie_word_embeddings ? 1 : 2) + H /* final norm */;
+}
+
+int model_layer_window(const ModelConfig *c, int layer)
+{
+    (void)layer; /* every supported architecture has the same window in all layers */
+    return c->sliding_window;
+}
+
+void model_describe(const ModelConfig *c, int n_tokens, TraceModel *out)
+{
+    size_t L = (size_t)c->n_layers, F = (size_t)(c->head_dim / 2);
+    *out = (TraceModel){
+        .rope_scaling = c->rope_scaling, .n_layers = c->n_layers, .n_q_heads = c->n_q_heads,
+        .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim, .rope_theta = c->rope_theta,
+        .rope_layout = ROPE_HALF, .attn_scale = attn_scale_default(c->head_dim),
+        .hidden_size = c->hidden_size, .intermediate_size = c->intermediate_size,
+        .vocab_size = c->vocab_size, .n_params = model_n_params(c),
+    };
+    out->window = kv_malloc(L * sizeof *out->window);
+    out->rope_inv_freq = kv_malloc(L * F * sizeof *out->rope_inv_freq);
+    for (size_t l = 0; l < L; l++) {
+        out->window[l] = model_layer_window(c, (int)l);
+        model_rope_inv_freq(c, n_tokens, out->rope_inv_freq + l * F);
+    }
+}
+
 /* ---- Weights ---- */
 
 typedef struct {

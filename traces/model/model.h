@@ -3,7 +3,9 @@
  * Supported architectures (config "architectures"[0]): LlamaForCausalLM (Llama 2 and 3),
  * MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (per-head q/k RMSNorm).
  * All are the same pre-norm transformer: RMSNorm, grouped-query attention with RoPE in HF's
- * rotate_half layout, SwiGLU MLP, optionally tied embeddings.
+ * rotate_half layout, SwiGLU MLP, optionally tied embeddings. Mistral's sliding_window applies to
+ * every layer (query t attends over the last sliding_window keys); Qwen's use_sliding_window
+ * (sliding windows in some layers only) is refused.
  *
  * model_load validates everything before the forward pass trusts it: every required config key
  * with a sane value, every size the config implies (products of its values included) within an
@@ -14,6 +16,7 @@
 #define KVSIM_MODEL_H
 
 #include "sim/base/util.h"
+#include "sim/format/trace.h"
 #include "traces/model/safetensors.h"
 
 typedef enum { ARCH_LLAMA, ARCH_MISTRAL, ARCH_QWEN2, ARCH_QWEN3 } ModelArch;
@@ -35,7 +38,8 @@ typedef struct {
     int qkv_bias;          /* q_proj, k_proj, v_proj carry a bias */
     int o_bias;            /* o_proj carries a bias */
     int qk_norm;           /* Qwen3: RMSNorm over each head of q and k before RoPE */
-    int sliding_window;    /* 0 = full attention; else the model attends over this many keys */
+    int sliding_window;    /* 0 = full attention; else every layer attends over this many keys
+                            * (Mistral's sliding_window): see model_describe */
     char rope_type[32];    /* "default", "linear", "dynamic" or "llama3" */
     char rope_scaling[256]; /* the rope_scaling JSON object as text, empty when absent */
     double rope_factor;
@@ -53,6 +57,18 @@ int model_config_load(const char *config_path, ModelConfig *cfg, KvErr *err);
  * n_tokens tokens (only "dynamic" depends on it: NTK scaling for the whole run's length, see
  * docs/generator.md). */
 void model_rope_inv_freq(const ModelConfig *cfg, int n_tokens, double *out);
+
+/* The model as a trace describes it, for a run of n_tokens tokens: its dimensions and
+ * parameter count, and its attention geometry (the scale, each layer's window and RoPE
+ * frequencies, the layout): the one source the forward pass and the trace header take it from.
+ * Allocates out->window and out->rope_inv_freq (trace_model_free); the strings other than
+ * rope_scaling (which points into cfg) are left NULL for the caller. */
+void model_describe(const ModelConfig *cfg, int n_tokens, TraceModel *out);
+/* The sliding window of one layer: 0 = global. */
+int model_layer_window(const ModelConfig *cfg, int layer);
+/* The number of parameters the config implies (every tensor model_load loads; tied embeddings
+ * counted once). */
+int64_t model_n_params(const ModelConfig *cfg);
 
 /* Float32 weights, row-major as in the checkpoint: a linear layer is [out_features][in_features]. */
 typedef struct {

@@ -198,7 +198,7 @@ static void scalar_attention(const LayerView *L, int h, int t, int n, const floa
         double dot = 0;
         for (int d = 0; d < D; d++)
             dot += (double)q[d] * keys[j][d];
-        p[j] = dot / sqrt((double)D);
+        p[j] = dot * L->attn_scale; /* the layer's geometry */
         if (p[j] > max)
             max = p[j];
     }

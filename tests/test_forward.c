@@ -109,8 +109,10 @@ static void ref_rope(double *x, int D, const double *inv_freq, int position)
     memcpy(x, rotated, (size_t)D * sizeof *x);
 }
 
+/* HF's attention: softmax(scale · q·k) over the keys j with t - window < j <= t (every j <= t
+ * when window = 0). */
 static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens, int T,
-                                const double *inv_freq)
+                                const double *inv_freq, double scale, int window)
 {
     const TinyCheckpointSpec *s = &ck->spec;
     Reference *r = kv_calloc(1, sizeof *r);
@@ -169,20 +171,21 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
             for (int t = 0; t < T; t++) {
                 double *p = r->probs + (((size_t)l * Hq + h) * T + t) * T;
                 double max = -INFINITY, sum = 0;
-                for (int j = 0; j <= t; j++) {
+                int lo = window > 0 && t - window + 1 > 0 ? t - window + 1 : 0;
+                for (int j = lo; j <= t; j++) {
                     double dot = 0;
                     for (int d = 0; d < D; d++)
                         dot += ref_at(r->q, l, Hq, h, T, t, D)[d] * ref_at(r->k, l, Hkv, g, T, j, D)[d];
-                    p[j] = dot / sqrt((double)D);
+                    p[j] = dot * scale;
                     max = fmax(max, p[j]);
                 }
-                for (int j = 0; j <= t; j++)
+                for (int j = lo; j <= t; j++)
                     sum += p[j] = exp(p[j] - max);
-                for (int j = 0; j <= t; j++)
+                for (int j = lo; j <= t; j++)
                     p[j] /= sum;
                 for (int d = 0; d < D; d++) {
                     double acc = 0;
-                    for (int j = 0; j <= t; j++)
+                    for (int j = lo; j <= t; j++)
                         acc += p[j] * ref_at(r->v, l, Hkv, g, T, j, D)[d];
                     attn[((size_t)t * Hq + h) * D + d] = acc;
                 }
@@ -318,9 +321,9 @@ static void run_and_compare(Model *model, const TinyCheckpoint *ck, const Refere
     cap.v = kv_calloc((size_t)ref->L * ref->Hkv * T * ref->D, sizeof(float));
     ForwardObserver obs = {&cap, capture_qkv, wants_attention, capture_attention};
     RunState *s = run_state_new(model, T, chunk_size);
-    /* The forward pass's geometry is the model's: the scale, global layers, these frequencies. */
+    /* The forward pass's geometry is the model's: the scale, the window, these frequencies. */
     for (int l = 0; l < ref->L; l++) {
-        assert_int_equal(s->geometry.window[l], 0);
+        assert_int_equal(s->geometry.window[l], model->config.sliding_window);
         for (int f = 0; f < ref->D / 2; f++)
             assert_true(s->geometry.rope_inv_freq[(size_t)l * (ref->D / 2) + f] == inv_freq[f]);
     }
@@ -376,7 +379,19 @@ static void check_variant(const Variant *variant)
     model_rope_inv_freq(&model->config, N_TOKENS, inv_freq);
     for (int f = 0; f < variant->spec.head_dim / 2; f++)
         assert_float_equal(inv_freq[f], ref_freq[f], 1e-12 * ref_freq[0]);
-    Reference *ref = reference_run(ck, tokens, N_TOKENS, ref_freq);
+    /* The scale: standard attention's (the config has no other); the window: the config's. */
+    Reference *ref = reference_run(ck, tokens, N_TOKENS, ref_freq,
+                                   attn_scale_default(variant->spec.head_dim > 0
+                                                          ? variant->spec.head_dim
+                                                          : variant->spec.hidden_size /
+                                                                variant->spec.n_q_heads),
+                                   variant->spec.sliding_window);
+    /* Every tensor the checkpoint holds is counted in the model's size. */
+    int64_t n_values = 0;
+    for (int i = 0; i < ck->n_tensors; i++)
+        n_values += (int64_t)ck->tensors[i].shape[0] *
+                    (ck->tensors[i].n_dims > 1 ? ck->tensors[i].shape[1] : 1);
+    assert_true(model_n_params(&model->config) == n_values);
 
     run_and_compare(model, ck, ref, tokens, inv_freq, 128, N_PROMPT); /* one prefill chunk */
     run_and_compare(model, ck, ref, tokens, inv_freq, 5, N_PROMPT);   /* ragged chunks */
@@ -406,6 +421,18 @@ static void test_qwen2_biases(void **state)
     Variant v = base_variant();
     v.spec.architecture = "Qwen2ForCausalLM";
     v.spec.seed = 2;
+    check_variant(&v);
+}
+
+/* Mistral's sliding_window, shorter than the run: every layer attends over the last 6 keys,
+ * as HF does (the reference masks the same keys), in the prefill chunks and the decode steps. */
+static void test_mistral_sliding_window(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.architecture = "MistralForCausalLM";
+    v.spec.sliding_window = 6;
+    v.spec.seed = 5;
     check_variant(&v);
 }
 
@@ -504,6 +531,7 @@ int main(void)
         cmocka_unit_test(test_llama_f32),
         cmocka_unit_test(test_qwen2_biases),
         cmocka_unit_test(test_qwen3_qk_norm),
+        cmocka_unit_test(test_mistral_sliding_window),
         cmocka_unit_test(test_llama_attention_bias),
         cmocka_unit_test(test_mistral_bf16),
         cmocka_unit_test(test_llama_f16),

@@ -18,6 +18,7 @@
 
 #include "sim/cmd/synth.h"
 #include "sim/format/trace.h"
+#include "sim/replay/engine.h"
 #include "tests/support/scratch.h"
 
 /* Three layers over two KV heads give every head kind twice (kind = (layer + g) mod 3). */
@@ -126,7 +127,7 @@ static void test_metadata_layout(void **state)
     int P = sp.n_prompt, T = P + sp.n_decode;
     assert_int_equal(m->n_tokens, T);
     assert_int_equal(m->n_prompt, P);
-    assert_true(fabs(m->attn_scale - 1.0 / sqrt(32.0)) < 1e-15);
+    assert_true(fabs(m->attn_scale - 0.17677669529663688) < 1e-15); /* 32^-1/2 */
     assert_string_equal(m->model, "synthetic");
     /* probes: the last prompt token, every 16th decode step, the last token */
     assert_int_equal(m->n_probes, 5);
@@ -495,6 +496,80 @@ static void test_sigterm_leaves_no_temporary(void **state)
     scratch_remove(dir);
 }
 
+/* Sliding windows and turns: each layer's window and the spans as asked, segments that open a
+ * turn with each later message, and a replay in which a cache holding the whole window (and
+ * older keys, which the model does not attend) loses nothing: mass 1, output error 0. */
+static void test_windows_and_turns_replay(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    SynthParams sp;
+    small_params(&sp);
+    sp.window = 16;
+    sp.global_every = 3; /* layer 2 global */
+    sp.decode_turns = 2;
+    sp.message_len = 12;
+    const char *path = scratch_path(dir, "w.h5", 0);
+    write_or_fail(&sp, path);
+    Loaded ld = load(path);
+    const TraceMeta *m = trace_meta(ld.tr);
+    int P = sp.n_prompt, T = P + sp.n_decode + 12;
+    assert_int_equal(m->n_tokens, T);
+    assert_int_equal(synth_n_tokens(&sp), T);
+    const int32_t windows[3] = {16, 16, 0};
+    for (int l = 0; l < 3; l++)
+        assert_int_equal(trace_layer_geometry(m, l).window, windows[l]);
+    const TraceSpan want[4] = {{SPAN_PREFILL, 0, P}, {SPAN_DECODE, P, P + 32},
+                               {SPAN_PREFILL, P + 32, P + 44}, {SPAN_DECODE, P + 44, T}};
+    assert_int_equal(m->n_spans, 4);
+    assert_memory_equal(m->spans, want, sizeof want);
+    assert_int_equal(m->segments[P], sp.n_turns);
+    assert_int_equal(m->segments[P + 32], sp.n_turns + 1);
+    assert_int_equal(m->segments[T - 1], sp.n_turns + 1);
+
+    const char *types[3] = {"full", "window", "window"};
+    const char *params[3][2] = {{NULL, NULL}, {"window", "20"}, {"window", "8"}};
+    PolicySpec spec[3];
+    for (int i = 0; i < 3; i++) {
+        memset(&spec[i], 0, sizeof spec[i]);
+        snprintf(spec[i].label, sizeof spec[i].label, "p%d", i);
+        spec[i].type = policy_find(types[i]);
+        spec[i].params = kv_calloc(1, spec[i].type->params_size);
+        policy_params_defaults(spec[i].type, spec[i].params);
+        KvErr perr;
+        if (params[i][0])
+            assert_int_equal(policy_param_set(spec[i].type, spec[i].params, params[i][0],
+                                              params[i][1], &perr), 0);
+    }
+    EngineConfig cfg = {.threads = 2, .topk = 4, .eval_every = 1, .kv_bits = 16, .seed = 1,
+                        .n_policies = 3, .policies = spec};
+    KvErr err;
+    Results *r = engine_run(ld.tr, &cfg, &err);
+    if (!r)
+        fail_msg("%s", err.msg);
+    double small_mass = 0;
+    int n = 0;
+    for (int l = 0; l < 2; l++) /* the windowed layers */
+        for (int e = 0; e < r->n_evals; e++)
+            for (int h = 0; h < sp.n_q_heads; h++) {
+                const float *full = results_head(r, 0, l, e, h), *wide = results_head(r, 1, l, e, h);
+                assert_float_equal(full[HM_MASS], 1.0, 1e-6);
+                assert_float_equal(full[HM_OUT_ERR], 0.0, 1e-6);
+                /* 4 sinks + the last 20 keys: every key of the 16-key window, and 4 sinks the
+                 * model gives no attention */
+                assert_float_equal(wide[HM_MASS], 1.0, 1e-5);
+                assert_float_equal(wide[HM_OUT_ERR], 0.0, 1e-5);
+                small_mass += results_head(r, 2, l, e, h)[HM_MASS];
+                n++;
+            }
+    assert_true(small_mass / n < 0.999); /* a cache narrower than the window does lose mass */
+    results_free(r);
+    for (int i = 0; i < 3; i++)
+        free(spec[i].params);
+    unload(&ld);
+    scratch_remove(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -504,6 +579,7 @@ int main(void)
         cmocka_unit_test(test_planted_structure_interleaved_f16),
         cmocka_unit_test(test_keys_carry_rope_phase),
         cmocka_unit_test(test_rejects_bad_parameters),
+        cmocka_unit_test(test_windows_and_turns_replay),
         cmocka_unit_test(test_disk_full_is_a_clean_error),
         cmocka_unit_test(test_sigterm_leaves_no_temporary),
     };

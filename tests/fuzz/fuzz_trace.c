@@ -1,4 +1,5 @@
-/* HDF5 traces (sim/format/trace.c), structure-aware: the input does not become the file's bytes (a
+/* HDF5 traces (sim/format/trace.c) of versions 1 and 2, structure-aware: the input does not become
+ * the file's bytes (a
  * mutated HDF5 file exercises libhdf5's own parser, which kvsim cannot fix) but drives a writer
  * that builds a small trace through the HDF5 API with every attribute, dataset shape, type and
  * value either valid or taken raw from the input (negative counts, NaN and huge floats, shapes
@@ -117,16 +118,18 @@ static void dset_int(hid_t f, const char *name, int rank, const hsize_t *dims, c
     free(v);
 }
 
-/* A float dataset [a][b][c] (or [a] when b = c = 0): small values (in (0, 1] when positive),
- * or raw ones when mutated. */
+/* A float dataset [a][b][c] ([a][b] when c = 0, [a] when b = c = 0): small values (in (0, 1]
+ * when positive), or raw ones when mutated. */
 static void dset_float(hid_t f, const char *name, hsize_t a, hsize_t b, hsize_t c, int positive,
                        In *in)
 {
-    int rank = b ? 3 : 1;
+    int rank = c ? 3 : b ? 2 : 1;
     hsize_t d[3] = {a, b, c};
     if (mutate(in))
         d[rank - 1] += 1;
-    size_t n = (size_t)d[0] * (rank == 3 ? d[1] * d[2] : 1);
+    size_t n = 1;
+    for (int i = 0; i < rank; i++)
+        n *= (size_t)d[i];
     float *v = kv_malloc((n ? n : 1) * sizeof *v);
     int raw = mutate(in);
     for (size_t i = 0; i < n; i++) {
@@ -147,6 +150,38 @@ static void dset_float(hid_t f, const char *name, hsize_t a, hsize_t b, hsize_t 
     free(v);
 }
 
+/* What version 2 adds: the model's size, each layer's window and RoPE frequencies, the spans:
+ * the prompt's prefill span, then up to three runs alternating decode and prefill to T. */
+static void add_version2(hid_t f, int L, int D, int T, int P, In *in)
+{
+    H5Adelete(f, "version");
+    attr_int(f, "version", 2, in);
+    attr_int(f, "hidden_size", 64, in);
+    attr_int(f, "intermediate_size", 0, in); /* unknown */
+    attr_int(f, "vocab_size", 32000, in);
+    attr_int(f, "n_params", 123456789, in);
+    int32_t window[3];
+    for (int l = 0; l < L; l++)
+        window[l] = u8(in) & 1 ? 0 : 1 + u8(in) % T;
+    hsize_t dl[1] = {(hsize_t)L};
+    dset_int(f, "window", 1, dl, window, in);
+    if (H5Lexists(f, "rope_inv_freq", H5P_DEFAULT) > 0)
+        H5Ldelete(f, "rope_inv_freq", H5P_DEFAULT);
+    if (u8(in) & 1)
+        dset_float(f, "rope_inv_freq", (hsize_t)L, (hsize_t)D / 2, 0, 1, in);
+    int32_t spans[3 * 4] = {SPAN_PREFILL, 0, P};
+    int n = 1, at = P, kind = SPAN_DECODE, pieces = 1 + u8(in) % 3;
+    for (int i = 0; i < pieces && at < T; i++, n++, kind ^= 1) {
+        int end = i == pieces - 1 ? T : at + 1 + u8(in) % (T - at);
+        spans[3 * n] = kind;
+        spans[3 * n + 1] = at;
+        spans[3 * n + 2] = end;
+        at = end;
+    }
+    hsize_t ds[2] = {(hsize_t)n, 3};
+    dset_int(f, "spans", 2, ds, spans, in);
+}
+
 static void build(const char *path, In *in)
 {
     int L = 1 + u8(in) % 3, Hkv = 1 + u8(in) % 2, Hq = Hkv * (1 + u8(in) % 2);
@@ -165,7 +200,7 @@ static void build(const char *path, In *in)
     attr_double(f, "rope_theta", 10000.0, in);
     attr_string(f, "rope_layout", u8(in) & 1 ? "half" : "interleaved", in);
     attr_string(f, "rope_scaling", "", in);
-    attr_double(f, "attn_scale", 1.0 / sqrt((double)D), in);
+    attr_double(f, "attn_scale", attn_scale_default(D), in);
 
     int32_t *seq = kv_malloc((size_t)T * sizeof *seq);
     hsize_t dt[1] = {(hsize_t)T};
@@ -210,6 +245,10 @@ static void build(const char *path, In *in)
         H5Gclose(g);
     }
     H5Gclose(layers);
+    /* Version 2 when the byte after the version 1 parts says so (the version 1 seeds, all 0x01
+     * bytes or random ones read to their end, stay version 1 mostly). */
+    if (u8(in) & 2)
+        add_version2(f, L, D, T, P, in);
     H5Fclose(f);
     free(seq);
 }

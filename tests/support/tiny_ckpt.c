@@ -274,6 +274,8 @@ static void write_config(const TinyCheckpoint *ck, const char *dir)
                             s->dtype == TINY_F16 ? "float16" : "bfloat16");
     if (s->eos_token_id >= 0)
         cJSON_AddNumberToObject(c, "eos_token_id", s->eos_token_id);
+    if (s->sliding_window > 0)
+        cJSON_AddNumberToObject(c, "sliding_window", s->sliding_window);
     if (s->rope_scaling) {
         cJSON *scaling = cJSON_Parse(s->rope_scaling);
         if (!scaling)

@@ -26,6 +26,7 @@ typedef struct {
     const char *rope_scaling; /* JSON object text for "rope_scaling", or NULL */
     int max_position_embeddings;
     int eos_token_id;         /* -1: none */
+    int sliding_window;       /* written to config.json when > 0 (Mistral: every layer) */
     uint64_t seed;
 } TinyCheckpointSpec;
 

@@ -1,6 +1,7 @@
 /* synth.c — the synthetic trace generator (docs/synth.md has the model and its constants).
  *
- * Logits are planned in units of the attention logit: with attn_scale = 1/sqrt(D), a query
+ * Logits are planned in units of the attention logit: with the default attn_scale
+ * (attn_scale_default: D^(-1/2)), a query
  * component a·u and a key component b·u along the same unit direction (u = D^(1/4)) contribute
  * a·b to the logit before RoPE. The per-kind targets below are therefore the logits a query
  * gives a sink, a key at distance 0, or a needle. */

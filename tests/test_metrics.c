@@ -230,10 +230,47 @@ static void test_needle_survival(void **state)
     kvcache_free(&x.cache);
 }
 
+/* A sliding-window layer of 2 keys: query 2 attends over keys 1 and 2 only, so p = (0, e, e^2) /
+ * (e + e^2). A cached key 0 gets no attention, exactly (not the share a softmax over the cache
+ * would give it), whether exact or approximate; a cache of key 0 alone attends nothing. */
+static void test_window_excludes_keys_before_it(void **state)
+{
+    (void)state;
+    Example x;
+    example_init(&x);
+    double z = exp(1) + exp(2);
+    x.p[0] = 0.0f;
+    x.p[1] = (float)(exp(1) / z);
+    x.p[2] = (float)(exp(2) / z);
+    x.row.window = 2;
+    x.row.logit_z = (float)(z / exp(2));
+    kvcache_add(&x.cache, 0);
+    kvcache_add(&x.cache, 2);
+    float attn[3];
+    CacheAttention ca = cache_attention(&x.cache, &x.row, attn);
+    assert_float_equal(ca.retained_mass, exp(2) / z, 1e-6);
+    assert_true(attn[0] == 0.0f);
+    assert_float_equal(attn[1], 1.0, 1e-6);
+    /* key 0 approximate: still outside the window */
+    const float alt[4] = {5, 0, 1, 1};
+    kvcache_add_alt(&x.cache, 0, alt, alt + 2);
+    ca = cache_attention(&x.cache, &x.row, attn);
+    for (int i = 0; i < x.cache.n; i++)
+        assert_float_equal(attn[i], x.cache.pos[i] == 2 ? 1.0 : 0.0, 1e-6);
+    /* nothing inside the window: no attention at all */
+    kvcache_remove(&x.cache, 2);
+    ca = cache_attention(&x.cache, &x.row, attn);
+    assert_int_equal(x.cache.n, 1);
+    assert_true(attn[0] == 0.0f);
+    assert_float_equal(ca.retained_mass, 0.0, 1e-12);
+    kvcache_free(&x.cache);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_retained_mass_and_renormalised_attention),
+        cmocka_unit_test(test_window_excludes_keys_before_it),
         cmocka_unit_test(test_large_cache_uses_complement_consistently),
         cmocka_unit_test(test_recall_at_k),
         cmocka_unit_test(test_output_error),

@@ -121,15 +121,20 @@ void fixture_full_attn(const Fixture *fx, int t, float *out)
         attn_row(fx, h, t, out + (size_t)h * fx->L.n_tokens);
 }
 
-/* Attention of query (h, t) over the slots of cache c (alt K/V where set). */
+/* Attention of query (h, t) over the slots of cache c (alt K/V where set); a slot of a position
+ * before the layer's window gets none (zero everywhere when no slot is attended). */
 static void cache_attn(const Fixture *fx, const KVCache *c, int h, int t, float *out)
 {
     const LayerView *L = &fx->L;
-    int g = h / L->group, D = L->head_dim;
+    int g = h / L->group, D = L->head_dim, first = attn_first_key(L->window, t);
     const float *q = L->q + ((size_t)h * L->n_tokens + t) * D;
     double mx = -INFINITY;
     double *s = kv_malloc((size_t)(c->n + 1) * sizeof *s);
     for (int i = 0; i < c->n; i++) {
+        if (c->pos[i] >= 0 && c->pos[i] < first) {
+            s[i] = -INFINITY;
+            continue;
+        }
         const float *k = c->alt_kv[i] ? c->alt_kv[i]
                                       : L->k + ((size_t)g * L->n_tokens + c->pos[i]) * D;
         double dot = 0;
@@ -141,9 +146,9 @@ static void cache_attn(const Fixture *fx, const KVCache *c, int h, int t, float 
     }
     double z = 0;
     for (int i = 0; i < c->n; i++)
-        z += (s[i] = exp(s[i] - mx));
+        z += (s[i] = s[i] == -INFINITY ? 0.0 : exp(s[i] - mx));
     for (int i = 0; i < c->n; i++)
-        out[i] = (float)(s[i] / z);
+        out[i] = z > 0 ? (float)(s[i] / z) : 0.0f;
     free(s);
 }
 

@@ -271,8 +271,27 @@ static void test_tokens_trace_matches_rerun(void **state)
     assert_int_equal(r.n_rows, 3);
     for (int i = 0; i < 3; i++)
         assert_int_equal(m->attn_rows_at[i], N_PROMPT - 1 + 3 * i);
-    for (int f = 0; f < 8; f++)
-        assert_float_equal(m->rope_inv_freq[f], pow(10000.0, -2.0 * f / 16), 1e-15);
+    /* Version 2: every layer global with the config's frequencies, one prompt then one decode
+     * run, the model's size from the config. */
+    assert_int_equal(m->version, 2);
+    for (int l = 0; l < m->n_layers; l++) {
+        LayerGeometry g = trace_layer_geometry(m, l);
+        assert_int_equal(g.window, 0);
+        for (int f = 0; f < 8; f++)
+            assert_float_equal(g.rope_inv_freq[f], pow(10000.0, -2.0 * f / 16), 1e-15);
+    }
+    assert_int_equal(m->n_spans, 2);
+    assert_int_equal(m->spans[0].kind, SPAN_PREFILL);
+    assert_int_equal(m->spans[0].end, N_PROMPT);
+    assert_int_equal(m->spans[1].kind, SPAN_DECODE);
+    assert_int_equal(m->spans[1].end, T);
+    assert_int_equal(m->hidden_size, 64);
+    assert_int_equal(m->intermediate_size, 96);
+    assert_int_equal(m->vocab_size, 300);
+    /* per layer: norms 2x64, q 64x64, k and v 32x64 each, o 64x64, MLP 3x64x96; embeddings and
+     * the LM head 300x64 each; the final norm 64 */
+    int64_t per_layer = 2 * 64 + 64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 64 * 96;
+    assert_true(m->n_params == 2 * per_layer + 2 * 300 * 64 + 64);
     compare_trace_with_rerun(tr, &r, 1e-6, 0);
     trace_close(tr);
     rerun_free(&r);

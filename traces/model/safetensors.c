@@ -11,6 +11,8 @@
 
 #include <cjson/cJSON.h>
 
+#include "sim/base/half.h"
+
 /* The reference implementation caps the header at 100,000,000 bytes (MAX_HEADER_SIZE in
  * huggingface/safetensors, safetensors/src/tensor.rs); anything larger is a corrupt length. */
 #define HEADER_MAX_BYTES UINT64_C(100000000)
@@ -33,27 +35,6 @@ size_t safetensors_dtype_size(SafetensorsDtype dtype)
     return dtype == ST_F32 ? 4 : 2;
 }
 
-float f16_to_f32(uint16_t h)
-{
-    int sign = h >> 15, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-    float magnitude;
-    if (exponent == 0)
-        magnitude = ldexpf((float)mantissa, -24); /* zero and subnormals */
-    else if (exponent == 31)
-        magnitude = mantissa ? NAN : INFINITY;
-    else
-        magnitude = ldexpf((float)(mantissa | 0x400), exponent - 25);
-    return sign ? -magnitude : magnitude;
-}
-
-float bf16_to_f32(uint16_t b)
-{
-    uint32_t bits = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 void safetensors_to_f32(const SafetensorsTensor *t, float *out)
 {
     size_t n = (size_t)t->n_elements;
@@ -65,7 +46,7 @@ void safetensors_to_f32(const SafetensorsTensor *t, float *out)
     const unsigned char *p = t->data;
     for (size_t i = 0; i < n; i++) {
         uint16_t half = (uint16_t)(p[2 * i] | (p[2 * i + 1] << 8));
-        out[i] = t->dtype == ST_F16 ? f16_to_f32(half) : bf16_to_f32(half);
+        out[i] = t->dtype == ST_F16 ? float_from_half(half) : float_from_bf16(half);
     }
 }
 

@@ -20,6 +20,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "sim/base/json.h"
+
 /* ---------------------------------------------------------------- small helpers */
 
 typedef struct {
@@ -76,52 +78,6 @@ static size_t table_size_for(size_t n)
     while (size < 2 * n + 1)
         size *= 2;
     return size;
-}
-
-/* Decodes one UTF-8 sequence at s (n > 0 bytes available). Returns the code point, or -1 for an
- * invalid sequence; *adv is the bytes consumed: for an invalid one, its maximal subpart (at
- * least 1), which is what one U+FFFD replaces. */
-static int32_t utf8_next(const unsigned char *s, size_t n, size_t *adv)
-{
-    unsigned b0 = s[0];
-    int need;
-    unsigned lo = 0x80, hi = 0xBF;
-    int32_t cp;
-    if (b0 < 0x80) {
-        *adv = 1;
-        return (int32_t)b0;
-    } else if (b0 >= 0xC2 && b0 <= 0xDF) {
-        need = 1;
-        cp = b0 & 0x1F;
-    } else if (b0 >= 0xE0 && b0 <= 0xEF) {
-        need = 2;
-        cp = b0 & 0x0F;
-        if (b0 == 0xE0)
-            lo = 0xA0;
-        else if (b0 == 0xED)
-            hi = 0x9F;
-    } else if (b0 >= 0xF0 && b0 <= 0xF4) {
-        need = 3;
-        cp = b0 & 0x07;
-        if (b0 == 0xF0)
-            lo = 0x90;
-        else if (b0 == 0xF4)
-            hi = 0x8F;
-    } else {
-        *adv = 1;
-        return -1;
-    }
-    for (int i = 1; i <= need; i++) {
-        if ((size_t)i >= n || s[i] < lo || s[i] > hi) {
-            *adv = (size_t)i;
-            return -1;
-        }
-        lo = 0x80;
-        hi = 0xBF;
-        cp = (cp << 6) | (s[i] & 0x3F);
-    }
-    *adv = (size_t)need + 1;
-    return cp;
 }
 
 static int utf8_put(char *out, uint32_t cp)
@@ -298,90 +254,6 @@ static const MergeSlot *merge_find(const Tokenizer *tok, int32_t left, int32_t r
 }
 
 /* ---------------------------------------------------------------- loading */
-
-/* tokenizer.json of real models is tens of megabytes at most. */
-#define TOKENIZER_MAX_BYTES ((size_t)1 << 30)
-
-size_t utf8_invalid_offset(const char *text, size_t len)
-{
-    for (size_t i = 0; i < len;) {
-        size_t adv;
-        if (utf8_next((const unsigned char *)text + i, len - i, &adv) < 0)
-            return i;
-        i += adv;
-    }
-    return len;
-}
-
-static int line_at(const char *text, size_t at)
-{
-    int line = 1;
-    for (size_t i = 0; i < at; i++)
-        line += text[i] == '\n';
-    return line;
-}
-
-/* The offset of the first NUL in a JSON text: a raw NUL byte, or a \u0000 escape inside a string
- * (cJSON's strings are NUL-terminated, so either would silently cut a string short); len when
- * there is none. */
-static size_t json_nul_offset(const char *text, size_t len)
-{
-    int in_string = 0;
-    for (size_t i = 0; i < len; i++) {
-        if (text[i] == '\0')
-            return i;
-        if (!in_string) {
-            in_string = text[i] == '"';
-        } else if (text[i] == '"') {
-            in_string = 0;
-        } else if (text[i] == '\\' && i + 1 < len) {
-            if (text[i + 1] == 'u' && i + 6 <= len && memcmp(text + i + 2, "0000", 4) == 0)
-                return i;
-            i++; /* the escaped character */
-        }
-    }
-    return len;
-}
-
-static cJSON *parse_json_file(const char *path, KvErr *err)
-{
-    size_t len;
-    char *text = kv_read_input(path, TOKENIZER_MAX_BYTES, &len, err);
-    if (!text)
-        return NULL;
-    cJSON *root = NULL;
-    size_t at;
-    if ((at = utf8_invalid_offset(text, len)) < len) {
-        kv_fail(err, "%s:%d: byte %zu: not valid UTF-8 (expected a UTF-8 JSON file)", path,
-                line_at(text, at), at);
-    } else if ((at = json_nul_offset(text, len)) < len) {
-        kv_fail(err, "%s:%d: byte %zu: %s (NUL characters are not supported)", path,
-                line_at(text, at), at, text[at] ? "\\u0000 in a string" : "NUL byte");
-    } else {
-        const char *end = NULL;
-        root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
-        at = end && end >= text && end <= text + len ? (size_t)(end - text) : len;
-        if (!root) {
-            kv_fail(err, "%s:%d: not valid JSON (parsing stopped at byte %zu)", path,
-                    line_at(text, at), at);
-        } else {
-            while (at < len && text[at] && strchr(" \t\r\n", text[at]))
-                at++;
-            if (at < len) {
-                kv_fail(err, "%s:%d: byte %zu: unexpected text after the JSON value (expected "
-                        "the end of the file)", path, line_at(text, at), at);
-                cJSON_Delete(root);
-                root = NULL;
-            } else if (!cJSON_IsObject(root)) {
-                kv_fail(err, "%s: expected a JSON object at the top level", path);
-                cJSON_Delete(root);
-                root = NULL;
-            }
-        }
-    }
-    free(text);
-    return root;
-}
 
 /* Strict accessors: a key that is absent or null takes the default; any other value of the
  * wrong type is an error naming the file, the object and the key. */
@@ -1024,7 +896,7 @@ static int decide_bos_eos(Tokenizer *tok, const cJSON *root, const char *config_
      * JSON) is an error. stat, not open: opening a FIFO could block. */
     struct stat st;
     if (config_path && (stat(config_path, &st) == 0 || errno != ENOENT)) {
-        cJSON *cfg = parse_json_file(config_path, err);
+        cJSON *cfg = json_load_file(config_path, JSON_OBJECT | JSON_UNIQUE_KEYS, err);
         if (!cfg)
             return -1;
         int rc = 0;
@@ -1105,7 +977,7 @@ static int load_model(Tokenizer *tok, const cJSON *root, KvErr *err)
 
 Tokenizer *tokenizer_load(const char *json_path, const char *config_path, KvErr *err)
 {
-    cJSON *root = parse_json_file(json_path, err);
+    cJSON *root = json_load_file(json_path, JSON_OBJECT, err);
     if (!root)
         return NULL;
     Tokenizer *tok = kv_calloc(1, sizeof *tok);

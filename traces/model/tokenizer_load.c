@@ -167,6 +167,22 @@ static int prepend_scheme_of(const Tokenizer *tok, const cJSON *obj, int *scheme
     return 0;
 }
 
+/* A Sequence step of the normalizer, pre-tokenizer or decoder (`what`): each element of its
+ * array `key` added in order by `add`. */
+static int add_sequence(Tokenizer *tok, const cJSON *obj, const char *what, const char *key,
+                        int (*add)(Tokenizer *, const cJSON *, KvErr *), KvErr *err)
+{
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(obj, key);
+    if (!cJSON_IsArray(list))
+        return kv_fail(err, "%s: %s Sequence: expected a \"%s\" array", tok->path, what, key);
+    const cJSON *item;
+    cJSON_ArrayForEach(item, list) {
+        if (add(tok, item, err) != 0)
+            return -1;
+    }
+    return 0;
+}
+
 static int add_normalizer(Tokenizer *tok, const cJSON *n, KvErr *err)
 {
     if (!n || cJSON_IsNull(n))
@@ -175,16 +191,7 @@ static int add_normalizer(Tokenizer *tok, const cJSON *n, KvErr *err)
         return kv_fail(err, "%s: normalizer: expected an object or null", tok->path);
     const char *type = json_type(n);
     if (strcmp(type, "Sequence") == 0) {
-        const cJSON *list = cJSON_GetObjectItemCaseSensitive(n, "normalizers");
-        if (!cJSON_IsArray(list))
-            return kv_fail(err, "%s: normalizer Sequence: expected a \"normalizers\" array",
-                           tok->path);
-        const cJSON *item;
-        cJSON_ArrayForEach(item, list) {
-            if (add_normalizer(tok, item, err) != 0)
-                return -1;
-        }
-        return 0;
+        return add_sequence(tok, n, "normalizer", "normalizers", add_normalizer, err);
     }
     /* NFC leaves already-composed text as it is; kvsim takes its input as composed. */
     if (strcmp(type, "NFC") == 0)
@@ -238,16 +245,7 @@ static int add_pre_tokenizer(Tokenizer *tok, const cJSON *p, KvErr *err)
     const char *type = json_type(p);
     PreStep step = {0};
     if (strcmp(type, "Sequence") == 0) {
-        const cJSON *list = cJSON_GetObjectItemCaseSensitive(p, "pretokenizers");
-        if (!cJSON_IsArray(list))
-            return kv_fail(err, "%s: pre_tokenizer Sequence: expected a \"pretokenizers\" array",
-                           tok->path);
-        const cJSON *item;
-        cJSON_ArrayForEach(item, list) {
-            if (add_pre_tokenizer(tok, item, err) != 0)
-                return -1;
-        }
-        return 0;
+        return add_sequence(tok, p, "pre_tokenizer", "pretokenizers", add_pre_tokenizer, err);
     } else if (strcmp(type, "ByteLevel") == 0) {
         int use_regex;
         step.kind = PRE_BYTELEVEL;
@@ -326,15 +324,7 @@ static int add_decoder(Tokenizer *tok, const cJSON *d, KvErr *err)
     const char *type = json_type(d);
     DecStep step = {0};
     if (strcmp(type, "Sequence") == 0) {
-        const cJSON *list = cJSON_GetObjectItemCaseSensitive(d, "decoders");
-        if (!cJSON_IsArray(list))
-            return kv_fail(err, "%s: decoder Sequence: expected a \"decoders\" array", tok->path);
-        const cJSON *item;
-        cJSON_ArrayForEach(item, list) {
-            if (add_decoder(tok, item, err) != 0)
-                return -1;
-        }
-        return 0;
+        return add_sequence(tok, d, "decoder", "decoders", add_decoder, err);
     } else if (strcmp(type, "ByteLevel") == 0) {
         step.kind = DEC_BYTELEVEL;
     } else if (strcmp(type, "ByteFallback") == 0) {

@@ -1,5 +1,5 @@
 /* util.h — the few things every kvsim module shares: error reporting, checked allocation,
- * atomic file output, and a monotonic clock.
+ * input files opened and read whole, atomic file output, and a monotonic clock.
  *
  * Errors: a function that can fail on bad input takes a KvErr* and returns -1 (or NULL) after
  * filling it with one line that names the file, dataset or line and says what was expected.

@@ -101,7 +101,49 @@ static void test_invalid_config_json(void **state)
     FILE *fp = fopen(path, "w");
     fputs("{\n  \"hidden_size\": 64,\n  oops\n}\n", fp);
     fclose(fp);
-    expect_load_error(bc, (const char *[]){"config.json:3", "invalid JSON", NULL});
+    expect_load_error(bc, (const char *[]){"config.json:3: not valid JSON", NULL});
+}
+
+/* The JSON files of a checkpoint hold exactly one object, and no key twice in any object:
+ * cJSON would read the first of two equal keys where transformers (Python's json) keeps the
+ * last, so that kvsim and the reference would run different models. */
+static void test_config_json_rules(void **state)
+{
+    BadCase *bc = *state;
+    /* The shard index, while config.json is still good. */
+    FILE *fp = fopen(scratch_path(bc->dir, "model.safetensors.index.json", 0), "w");
+    fputs("{\"weight_map\": {\"model.norm.weight\": \"model.safetensors\", "
+          "\"model.norm.weight\": \"other.safetensors\"}}", fp);
+    fclose(fp);
+    expect_load_error(bc, (const char *[]){"model.safetensors.index.json: key "
+                                           "'model.norm.weight' appears twice in the object "
+                                           "'weight_map'", NULL});
+    const char *config = scratch_path(bc->dir, "config.json", 0);
+    const struct {
+        const char *text, *said;
+    } cases[] = {
+        {"{\"hidden_size\": 64}\n\n x", "config.json:3: byte 22: unexpected text after the JSON "
+                                      "value"},
+        {"[{\"hidden_size\": 64}]", "config.json: expected a JSON object at the top level"},
+        {"{\"hidden_size\": 64,\n\"hidden_size\": 128}",
+         "config.json: key 'hidden_size' appears twice in the top-level object"},
+        {"{\"rope_scaling\": {\"factor\": 2, \"rope_type\": \"linear\", \"factor\": 4}}",
+         "config.json: key 'factor' appears twice in the object 'rope_scaling'"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        fp = fopen(config, "w");
+        fputs(cases[i].text, fp);
+        fclose(fp);
+        expect_load_error(bc, (const char *[]){cases[i].said, NULL});
+    }
+    /* A large object (sorted, not compared pairwise). */
+    fp = fopen(config, "w");
+    fputs("{", fp);
+    for (int k = 0; k < 40; k++)
+        fprintf(fp, "\"k%d\": %d, ", k == 39 ? 7 : k, k);
+    fputs("\"x\": 0}", fp);
+    fclose(fp);
+    expect_load_error(bc, (const char *[]){"config.json: key 'k7' appears twice", NULL});
 }
 
 static void test_unsupported_architecture(void **state)
@@ -481,7 +523,7 @@ static void test_config_text(void **state)
         FILE *fp = fopen(scratch_path(bc->dir, "config.json", 0), "w");
         fputs(texts[i], fp);
         fclose(fp);
-        expect_load_error(bc, (const char *[]){"config.json:3", "invalid JSON", why[i], NULL});
+        expect_load_error(bc, (const char *[]){"config.json:3: byte", why[i], NULL});
     }
 }
 
@@ -631,7 +673,7 @@ int main(void)
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
     const struct CMUnitTest tests[] = {
         T(test_good_checkpoint_loads), T(test_missing_config_key), T(test_bad_config_value),
-        T(test_invalid_config_json), T(test_unsupported_architecture),
+        T(test_invalid_config_json), T(test_config_json_rules), T(test_unsupported_architecture),
         T(test_unsupported_rope_scaling), T(test_truncated_safetensors),
         T(test_offsets_past_end), T(test_size_disagrees_with_shape), T(test_unsupported_dtype),
         T(test_wrong_shape), T(test_missing_tensor), T(test_untied_model_needs_lm_head),

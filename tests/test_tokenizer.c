@@ -596,6 +596,10 @@ static void test_errors(void **state)
     const char *sp = sp_json("sp.json", 0, 1, 1);
     const char *bad_cfg = write_file("bad_config.json", "{\"bos_token\": ");
     expect_load_error(sp, bad_cfg, bad_cfg, "not valid JSON");
+    /* transformers (Python's json) keeps the last of two equal keys, cJSON the first. */
+    const char *dup_cfg = write_file("dup_config.json", "{\"bos_token\": \"<s>\", \"bos_token\": "
+                                     "\"</s>\"}");
+    expect_load_error(sp, dup_cfg, dup_cfg, "key 'bos_token' appears twice in the top-level object");
     const char *odd_cfg = write_file("odd_config.json", "{\"bos_token\": \"<nope>\"}");
     expect_load_error(sp, odd_cfg, odd_cfg, "bos_token \"<nope>\" is not a token");
 
@@ -788,6 +792,10 @@ static void test_bad_ids_and_bytes_rejected(void **state)
          ":1: byte 38: \\u0000 in a string"},
         {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"\xC3\": 0}, \"merges\": []}}",
          ":1: byte 37: not valid UTF-8"},
+        /* serde_json, which the tokenizers library parses with, refuses a raw control character
+         * in a string; cJSON alone would take it. */
+        {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\tb\": 0}, \"merges\": []}}",
+         ":1: byte 38: raw control character inside a string"},
         {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0},\n\"merges\": []}}\n\x01",
          ":3: byte 60: unexpected text after the JSON value"},
         {"[1]", "expected a JSON object at the top level"},

@@ -1,5 +1,5 @@
 /* util.h — the few things every kvsim module shares: error reporting, checked allocation,
- * atomic file output, and a monotonic clock.
+ * input files opened and read whole, atomic file output, and a monotonic clock.
  *
  * Errors: a function that can fail on bad input takes a KvErr* and returns -1 (or NULL) after
  * filling it with one line that names the file, dataset or line and says what was expected.
@@ -55,7 +55,9 @@ void kv_temp_unregister(const char *tmp_path);
  * forever, a directory reads as garbage): "PATH: not a regular file" / "PATH: cannot read: ...". */
 FILE *kv_open_input(const char *path, KvErr *err);
 /* The whole of a regular input file, NUL-terminated (an embedded NUL stays in; *len counts
- * every byte). Refuses files larger than max_bytes (0: no limit). free() the result. */
+ * every byte). Refuses files larger than max_bytes (0: no limit): "PATH: larger than N bytes".
+ * Every input kvsim reads whole goes through here (JSON files through json_load_file,
+ * sim/base/json.h). free() the result. */
 char *kv_read_input(const char *path, size_t max_bytes, size_t *len, KvErr *err);
 
 /* Copies at most n bytes of s into out (size outlen) so that it is safe inside a one-line

@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "sim/base/text.h"
+
 #define MAX_POLICIES 64
 #define MAX_KEYS 64 /* per section: keys before type= wait, so they are bounded */
 #define MAX_CONFIG_BYTES (1 << 20)
@@ -212,58 +214,23 @@ static void section_started(Loader *ld, const char *name, int line)
 
 /* ---- The line reader ---- */
 
-/* Length of the UTF-8 sequence at s (n bytes left), 0 if it is not valid UTF-8 (overlong forms,
- * surrogates and code points above U+10FFFF are not); *cp receives the code point. */
-static size_t utf8_sequence(const unsigned char *s, size_t n, unsigned *cp)
-{
-    unsigned c = s[0];
-    size_t len;
-    if (c < 0x80) {
-        *cp = c;
-        return 1;
-    }
-    if (c >= 0xC2 && c <= 0xDF) {
-        len = 2;
-        c &= 0x1F;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-        len = 3;
-        c &= 0x0F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-        len = 4;
-        c &= 0x07;
-    } else {
-        return 0;
-    }
-    if (n < len)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xC0) != 0x80)
-            return 0;
-        c = c << 6 | (s[i] & 0x3F);
-    }
-    if ((len == 3 && c < 0x800) || (len == 4 && (c < 0x10000 || c > 0x10FFFF)) ||
-        (c >= 0xD800 && c <= 0xDFFF))
-        return 0;
-    *cp = c;
-    return len;
-}
-
 /* A line of text: UTF-8 without NUL bytes or control characters (tab aside). A NUL would end
  * the line for inih and hide what follows it; a control character could end a message's line. */
 static int check_text(Loader *ld, const char *line, size_t n)
 {
     const unsigned char *s = (const unsigned char *)line;
     for (size_t i = 0; i < n;) {
-        unsigned cp;
-        size_t len = utf8_sequence(s + i, n - i, &cp);
-        if (len == 0)
+        size_t len;
+        int32_t cp = utf8_next(s + i, n - i, &len);
+        if (cp < 0)
             return reject(ld, ld->reader.line, "invalid UTF-8 at column %zu (expected UTF-8 text)",
                            i + 1);
         if (cp == 0)
             return reject(ld, ld->reader.line, "NUL byte at column %zu (expected text)", i + 1);
         if ((cp < 0x20 && cp != '\t') || (cp >= 0x7F && cp <= 0x9F))
             return reject(ld, ld->reader.line,
-                           "control character U+%04X at column %zu (expected text)", cp, i + 1);
+                           "control character U+%04X at column %zu (expected text)",
+                           (unsigned)cp, i + 1);
         if (cp == 0xFEFF) /* invisible: it would make "type" another key */
             return reject(ld, ld->reader.line,
                           "byte-order mark at column %zu (expected one only at the start of the "

@@ -1,4 +1,4 @@
-/* tokenizer.json (traces/model/tokenizer.c): the model, pre-tokenizer regexes, merges, added tokens,
+/* tokenizer.json (traces/model/tokenizer_*.c): the model, pre-tokenizer regexes, merges, added tokens,
  * normalizer and decoder, then encoding and decoding. The input is split at the first 0xFF byte
  * (never valid UTF-8, so it cannot occur in a valid tokenizer.json): before it the file, after
  * it the text to encode. Any tokenizer loads or fails with one line; encoding gives ids inside

@@ -73,7 +73,7 @@ static bool is_space(char ch)
 static char *read_answer(const char *path, KvErr *err)
 {
     size_t len;
-    char *text = read_text_file(path, &len, err);
+    char *text = kv_read_input(path, 0, &len, err);
     if (!text)
         return NULL;
     size_t start = 0;

@@ -35,7 +35,7 @@ typedef struct {
 static int read_token_file(const char *path, int32_t **ids, int *n, KvErr *err)
 {
     size_t len;
-    char *text = read_text_file(path, &len, err);
+    char *text = kv_read_input(path, 0, &len, err);
     if (!text)
         return -1;
     int cap = 256, line = 1;

@@ -24,7 +24,7 @@ int prompt_file_load(const char *path, const Tokenizer *tok, const Model *model,
                      KvErr *err)
 {
     size_t len;
-    char *text = read_text_file(path, &len, err);
+    char *text = kv_read_input(path, 0, &len, err);
     if (!text)
         return -1;
     int rc = prompt_parse(path, text, len, markup, err);

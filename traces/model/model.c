@@ -8,6 +8,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "sim/base/json.h"
 #include "sim/format/trace.h"
 
 /* Larger extents than this are corrupt configs. Products of config values are checked
@@ -348,7 +349,7 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
 
 int model_config_load(const char *config_path, ModelConfig *cfg, KvErr *err)
 {
-    cJSON *root = json_read_file(config_path, err);
+    cJSON *root = json_load_file(config_path, JSON_OBJECT | JSON_UNIQUE_KEYS, err);
     if (!root)
         return -1;
     ConfigReader r = {config_path, root, err, "rope_scaling"};

@@ -5,6 +5,8 @@
 
 #include <cjson/cJSON.h>
 
+#include "sim/base/json.h"
+#include "sim/base/text.h"
 #include "traces/model/tokenizer.h"
 
 static const char NEEDLE_OPEN[] = "[[needle]]";
@@ -56,14 +58,6 @@ static void set_segment(Builder *b, int segment)
     b->segment = segment;
 }
 
-static int line_of(const char *text, size_t at)
-{
-    int line = 1;
-    for (size_t i = 0; i < at; i++)
-        line += text[i] == '\n';
-    return line;
-}
-
 static void push_marker(Builder *b, PieceKind kind)
 {
     flush(b);
@@ -76,10 +70,10 @@ static void push_marker(Builder *b, PieceKind kind)
 static int mark_decode(Builder *b, const char *origin, const char *text, size_t at, KvErr *err)
 {
     if (b->in_needle)
-        return kv_fail(err, "%s: line %d: [[decode]] inside a needle", origin, line_of(text, at));
+        return kv_fail(err, "%s: line %d: [[decode]] inside a needle", origin, text_line_at(text, at));
     if (b->seen_decode)
         return kv_fail(err, "%s: line %d: a second [[decode]] (at most one is allowed)", origin,
-                       line_of(text, at));
+                       text_line_at(text, at));
     b->seen_decode = 1;
     push_marker(b, PIECE_DECODE);
     return 0;
@@ -110,12 +104,12 @@ static int append_marked(Builder *b, const char *origin, const char *text, size_
         if (rest[2] == 'n') { /* [[needle]] */
             if (b->in_needle)
                 return kv_fail(err, "%s: line %d: [[needle]] inside a needle", origin,
-                               line_of(text, i));
+                               text_line_at(text, i));
             /* The forced part is processed through a policy's cache after compression: a
              * needle there would never be subject to eviction when it is read. */
             if (b->seen_decode)
                 return kv_fail(err, "%s: line %d: [[needle]] after [[decode]] (needles must lie "
-                               "in the prompt before it)", origin, line_of(text, i));
+                               "in the prompt before it)", origin, text_line_at(text, i));
             flush(b);
             b->in_needle = 1;
             b->needle_has_text = 0;
@@ -123,10 +117,10 @@ static int append_marked(Builder *b, const char *origin, const char *text, size_
         } else if (rest[2] == '/') {
             if (!b->in_needle)
                 return kv_fail(err, "%s: line %d: [[/needle]] without [[needle]]", origin,
-                               line_of(text, i));
+                               text_line_at(text, i));
             flush(b);
             if (!b->needle_has_text)
-                return kv_fail(err, "%s: line %d: empty needle", origin, line_of(text, i));
+                return kv_fail(err, "%s: line %d: empty needle", origin, text_line_at(text, i));
             b->in_needle = 0;
         } else if (rest[2] == 'd') {
             if (mark_decode(b, origin, text, i, err) != 0)
@@ -140,7 +134,7 @@ static int append_marked(Builder *b, const char *origin, const char *text, size_
     append(b, text + start, len - start);
     if (b->in_needle)
         return kv_fail(err, "%s: line %d: [[needle]] is never closed", origin,
-                       line_of(text, len));
+                       text_line_at(text, len));
     return 0;
 }
 
@@ -254,26 +248,6 @@ static size_t json_nul_at(const char *text, size_t len, int *message)
     return i;
 }
 
-/* The JSON value that is the whole of text (blanks around it allowed), or NULL; *at is where
- * parsing stopped, or where text follows the value (*trailing). */
-static cJSON *parse_json_exact(const char *text, size_t len, size_t *at, int *trailing)
-{
-    const char *end = NULL;
-    cJSON *json = cJSON_ParseWithLengthOpts(text, len, &end, 0);
-    *at = end && end >= text && end <= text + len ? (size_t)(end - text) : len;
-    *trailing = 0;
-    if (json) {
-        while (*at < len && is_blank(text[*at]))
-            ++*at;
-        if (*at < len) {
-            *trailing = 1;
-            cJSON_Delete(json);
-            json = NULL;
-        }
-    }
-    return json;
-}
-
 /* Whether text (from its first non-blank byte, '[' or '{') looks like a JSON chat, so that a
  * file that then fails to parse is an error rather than plain text: "[" followed by "{" or "]",
  * or "{" followed by '"' or "}" (blanks allowed in between; the end of the file counts too).
@@ -300,14 +274,14 @@ static cJSON *check_chat_json(const char *origin, const char *text, size_t len, 
         if (message > 0)
             snprintf(where, sizeof where, "message %d: ", message);
         kv_fail(err, "%s: %sline %d, byte %zu: %s (NUL characters are not allowed in a prompt)",
-                origin, where, line_of(text, nul), nul,
+                origin, where, text_line_at(text, nul), nul,
                 text[nul] ? "\\u0000 in a string" : "NUL byte");
     } else if (trailing) {
         kv_fail(err, "%s: line %d, byte %zu: text after the end of the JSON chat", origin,
-                line_of(text, at), at);
+                text_line_at(text, at), at);
     } else if (!json) {
         kv_fail(err, "%s: line %d, byte %zu: not valid JSON (a file that starts with '%c' as "
-                "this one does is read as a JSON chat)", origin, line_of(text, at), at,
+                "this one does is read as a JSON chat)", origin, text_line_at(text, at), at,
                 text[lead]);
     } else if (!cJSON_IsArray(json)) {
         kv_fail(err, "%s: a JSON %s (expected a chat: a JSON array of {\"role\": ..., "
@@ -328,7 +302,7 @@ int prompt_parse(const char *origin, const char *text, size_t len, PromptMarkup 
     size_t bad = utf8_invalid_offset(text, len);
     if (bad < len)
         return kv_fail(err, "%s: line %d, byte %zu: not valid UTF-8 (a prompt must be UTF-8 text)",
-                       origin, line_of(text, bad), bad);
+                       origin, text_line_at(text, bad), bad);
     Builder b = {.m = out};
     /* A byte-order mark before a chat is skipped (cJSON does not take one); in plain text it
      * stays, as Python's open(..., encoding="utf-8") keeps it. */
@@ -339,7 +313,7 @@ int prompt_parse(const char *origin, const char *text, size_t len, PromptMarkup 
     if (lead < len && (text[lead] == '[' || text[lead] == '{')) {
         size_t at;
         int trailing;
-        cJSON *json = parse_json_exact(text + bom, len - bom, &at, &trailing);
+        cJSON *json = json_parse_exact(text + bom, len - bom, &at, &trailing);
         at += bom;
         /* A file that parses as a JSON array is a chat, and so is one that looks like a chat;
          * text that merely opens with a bracket ("[1] ...", "[[needle]]...") is plain text. */

@@ -11,6 +11,9 @@
 
 #include <cjson/cJSON.h>
 
+#include "sim/base/half.h"
+#include "sim/base/json.h"
+
 /* The reference implementation caps the header at 100,000,000 bytes (MAX_HEADER_SIZE in
  * huggingface/safetensors, safetensors/src/tensor.rs); anything larger is a corrupt length. */
 #define HEADER_MAX_BYTES UINT64_C(100000000)
@@ -33,27 +36,6 @@ size_t safetensors_dtype_size(SafetensorsDtype dtype)
     return dtype == ST_F32 ? 4 : 2;
 }
 
-float f16_to_f32(uint16_t h)
-{
-    int sign = h >> 15, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-    float magnitude;
-    if (exponent == 0)
-        magnitude = ldexpf((float)mantissa, -24); /* zero and subnormals */
-    else if (exponent == 31)
-        magnitude = mantissa ? NAN : INFINITY;
-    else
-        magnitude = ldexpf((float)(mantissa | 0x400), exponent - 25);
-    return sign ? -magnitude : magnitude;
-}
-
-float bf16_to_f32(uint16_t b)
-{
-    uint32_t bits = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 void safetensors_to_f32(const SafetensorsTensor *t, float *out)
 {
     size_t n = (size_t)t->n_elements;
@@ -65,7 +47,7 @@ void safetensors_to_f32(const SafetensorsTensor *t, float *out)
     const unsigned char *p = t->data;
     for (size_t i = 0; i < n; i++) {
         uint16_t half = (uint16_t)(p[2 * i] | (p[2 * i + 1] << 8));
-        out[i] = t->dtype == ST_F16 ? f16_to_f32(half) : bf16_to_f32(half);
+        out[i] = t->dtype == ST_F16 ? float_from_half(half) : float_from_bf16(half);
     }
 }
 
@@ -152,68 +134,6 @@ static int parse_tensor(const char *path, const cJSON *entry, const unsigned cha
 static int compare_tensor_names(const void *a, const void *b)
 {
     return strcmp(((const SafetensorsTensor *)a)->name, ((const SafetensorsTensor *)b)->name);
-}
-
-/* Length of the UTF-8 sequence at s (at most n bytes), 0 when it is not valid UTF-8 (overlong
- * forms, surrogates and code points above U+10FFFF are invalid, as for Rust's from_utf8). */
-static size_t utf8_sequence(const unsigned char *s, size_t n)
-{
-    if (s[0] < 0x80)
-        return 1;
-    size_t len;
-    uint32_t cp;
-    if (s[0] >= 0xC2 && s[0] <= 0xDF)
-        len = 2, cp = s[0] & 0x1F;
-    else if (s[0] >= 0xE0 && s[0] <= 0xEF)
-        len = 3, cp = s[0] & 0x0F;
-    else if (s[0] >= 0xF0 && s[0] <= 0xF4)
-        len = 4, cp = s[0] & 0x07;
-    else
-        return 0;
-    if (len > n)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xC0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3F);
-    }
-    if ((len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) || cp > 0x10FFFF ||
-        (cp >= 0xD800 && cp <= 0xDFFF))
-        return 0;
-    return len;
-}
-
-/* What cJSON would let through in JSON text but the reference parsers reject or kvsim cannot
- * represent: bytes that are not UTF-8 (for a safetensors header: from_utf8,
- * SafeTensorError::InvalidHeader), raw control characters inside strings (serde_json and
- * Python's json reject them), and "\u0000" in a string (a C string would cut a tensor name or
- * a key there, so that two names could collide). NULL when the text is fine, else the reason,
- * with *at its byte offset. */
-static const char *json_text_problem(const unsigned char *s, size_t n, size_t *at)
-{
-    int in_string = 0;
-    for (size_t i = 0; i < n;) {
-        *at = i;
-        size_t len = utf8_sequence(s + i, n - i);
-        if (len == 0)
-            return "invalid UTF-8";
-        if (len == 1 && in_string) {
-            if (s[i] < 0x20)
-                return "raw control character inside a string";
-            if (s[i] == '"') {
-                in_string = 0;
-            } else if (s[i] == '\\' && i + 1 < n) {
-                if (s[i + 1] == 'u' && i + 6 <= n && !memcmp(s + i + 2, "0000", 4))
-                    return "\\u0000 inside a string";
-                i += 2;
-                continue;
-            }
-        } else if (len == 1 && s[i] == '"') {
-            in_string = 1;
-        }
-        i += len;
-    }
-    return NULL;
 }
 
 typedef struct {
@@ -338,12 +258,12 @@ static int add_file(SafetensorsCheckpoint *ck, const char *path, KvErr *err)
         return kv_fail(err, "%s: header length %llu is impossible for a %zu-byte file "
                        "(truncated or not safetensors)", path, (unsigned long long)header_len,
                        size);
-    size_t bad_at;
-    const char *problem = json_text_problem(bytes + 8, (size_t)header_len, &bad_at);
+    const char *problem;
+    size_t bad_at = json_text_check((const char *)bytes + 8, (size_t)header_len, &problem);
     if (problem)
         return kv_fail(err, "%s: header byte %zu: %s (the header must be UTF-8 JSON)", path,
                        bad_at, problem);
-    cJSON *header = json_parse_exact((const char *)bytes + 8, (size_t)header_len, NULL);
+    cJSON *header = json_parse_exact((const char *)bytes + 8, (size_t)header_len, NULL, NULL);
     if (!header || !cJSON_IsObject(header)) {
         cJSON_Delete(header);
         return kv_fail(err, "%s: header is not a valid JSON object", path);
@@ -411,53 +331,6 @@ SafetensorsCheckpoint *safetensors_open_files(int n_files, const char *const *pa
     return ck;
 }
 
-char *read_text_file(const char *path, size_t *len, KvErr *err)
-{
-    /* Refuses FIFOs and directories without blocking. */
-    return kv_read_input(path, 0, len, err);
-}
-
-cJSON *json_parse_exact(const char *text, size_t len, size_t *error_at)
-{
-    const char *end = NULL;
-    cJSON *json = cJSON_ParseWithLengthOpts(text, len, &end, 0);
-    if (json) {
-        /* cJSON stops after the first value; anything but whitespace after it is an error. */
-        while (end < text + len && strchr(" \t\r\n", *end) && *end)
-            end++;
-        if (end == text + len)
-            return json;
-        cJSON_Delete(json);
-    }
-    if (error_at)
-        *error_at = end && end >= text && end <= text + len ? (size_t)(end - text) : 0;
-    return NULL;
-}
-
-cJSON *json_read_file(const char *path, KvErr *err)
-{
-    size_t len;
-    char *text = read_text_file(path, &len, err);
-    if (!text)
-        return NULL;
-    size_t at = 0;
-    /* The same text rules as for a safetensors header (Python's json, which transformers
-     * uses, refuses the same): a "\u0000" would let "hidden_size\u0000x" pass for
-     * "hidden_size". */
-    const char *problem = json_text_problem((const unsigned char *)text, len, &at);
-    cJSON *json = problem ? NULL : json_parse_exact(text, len, &at);
-    if (!json) {
-        /* Line of the error, so that a hand-edited config can be fixed. */
-        int line = 1;
-        for (size_t i = 0; i < at && i < len; i++)
-            line += text[i] == '\n';
-        kv_fail(err, "%s:%d: invalid JSON%s%s%s", path, line, problem ? " (" : "",
-                problem ? problem : "", problem ? ")" : "");
-    }
-    free(text);
-    return json;
-}
-
 static int compare_strings(const void *a, const void *b)
 {
     return strcmp(*(char *const *)a, *(char *const *)b);
@@ -478,7 +351,7 @@ static int valid_shard_name(const char *s)
  * map must be in the shard the map names. */
 static SafetensorsCheckpoint *open_index(const char *dir, const char *index_path, KvErr *err)
 {
-    cJSON *index = json_read_file(index_path, err);
+    cJSON *index = json_load_file(index_path, JSON_OBJECT | JSON_UNIQUE_KEYS, err);
     if (!index)
         return NULL;
     const cJSON *weight_map = cJSON_GetObjectItemCaseSensitive(index, "weight_map");

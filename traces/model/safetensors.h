@@ -61,21 +61,7 @@ const SafetensorsTensor *safetensors_find(const SafetensorsCheckpoint *ck, const
 const char *safetensors_dtype_name(SafetensorsDtype dtype);
 size_t safetensors_dtype_size(SafetensorsDtype dtype);
 
-/* Converts the tensor's elements to float32 (out holds n_elements). */
+/* Converts the tensor's elements to float32 (out holds n_elements), exactly (sim/base/half.h). */
 void safetensors_to_f32(const SafetensorsTensor *t, float *out);
-
-/* IEEE half and bfloat16 to float, exactly. */
-float f16_to_f32(uint16_t h);
-float bf16_to_f32(uint16_t b);
-
-/* Small text files of a checkpoint directory (config.json, the shard index). read_text_file
- * returns the malloc'ed, NUL-terminated contents of a regular file (kv_read_input); json_read_file the parsed JSON, or NULL with
- * an error naming the file and the line where parsing stopped. json_parse_exact parses len
- * bytes that must hold exactly one JSON value (whitespace around it allowed); on failure
- * *error_at (may be NULL) is the byte offset where parsing stopped. */
-struct cJSON;
-char *read_text_file(const char *path, size_t *len, KvErr *err);
-struct cJSON *json_read_file(const char *path, KvErr *err);
-struct cJSON *json_parse_exact(const char *text, size_t len, size_t *error_at);
 
 #endif

@@ -4,13 +4,16 @@
  *   SentencePiece-style BPE (Llama 2, Mistral): Metaspace / "▁" replacement, byte fallback
  *     (<0xNN> tokens) for characters outside the vocabulary.
  * Added tokens (special or not) are matched literally in the input before BPE.
- * encode never adds BOS: the caller does (tokenizer_bos). */
+ * encode never adds BOS: the caller does (tokenizer_bos).
+ * tokenizer_encode refuses text that is not UTF-8; callers that read text from a file check it
+ * first (utf8_invalid_offset, sim/base/text.h) so that the error names that file and offset. */
 #ifndef KVSIM_TOKENIZER_H
 #define KVSIM_TOKENIZER_H
 
 #include <stddef.h>
 #include <stdint.h>
 
+#include "sim/base/text.h" /* utf8_invalid_offset: check text before encoding it */
 #include "sim/base/util.h"
 
 typedef struct Tokenizer Tokenizer;
@@ -31,11 +34,5 @@ int tokenizer_bos(const Tokenizer *tok);     /* -1 when there is none */
 int tokenizer_eos(const Tokenizer *tok);     /* -1 when there is none */
 int tokenizer_add_bos(const Tokenizer *tok); /* 1 when the model expects BOS prepended */
 int tokenizer_token_id(const Tokenizer *tok, const char *token); /* -1 when absent */
-
-/* The offset of the first byte of text that does not start a valid UTF-8 sequence (overlong
- * forms, surrogates and code points above U+10FFFF are invalid; U+0000 is valid), or len when
- * all of it is valid. tokenizer_encode refuses invalid text; callers that read text from a file
- * check it first so that the error names that file and offset. */
-size_t utf8_invalid_offset(const char *text, size_t len);
 
 #endif

@@ -650,6 +650,179 @@ static void test_determinism(void **state)
         determinism_on(*state, &LAYOUTS[l]);
 }
 
+/* ---- Prefill statistics: the driver's, checked by a policy against its own caches ---- */
+
+/* A test policy whose caches differ per instance (parity) and per KV head, with a synthetic slot:
+ * at each prefill call it recomputes, in double from its caches as they stand, the statistics
+ * policies/policy.h promises, and compares them with what the driver gave it. */
+typedef struct {
+    int parity;
+} SpyParams;
+
+typedef struct {
+    Policy base;
+    int parity;
+    int calls;
+} Spy;
+
+static const PolicyType spy_type;
+
+static Policy *spy_create(const void *params, const LayerView *L, const PolicyEnv *env, KvErr *err)
+{
+    (void)env;
+    (void)err;
+    Spy *s = kv_calloc(1, sizeof *s);
+    policy_base_init(&s->base, &spy_type, L);
+    s->parity = ((const SpyParams *)params)->parity;
+    s->base.want_prefill_mass = true;
+    s->base.want_prefill_rows = 3 + s->parity;
+    return &s->base;
+}
+
+static void spy_check(const Spy *s, const PrefillView *pv)
+{
+    const LayerView *L = pv->L;
+    int c0 = pv->chunk_start, c1 = pv->chunk_end, Dh = L->head_dim, Tn = L->n_tokens;
+    int rows = s->base.want_prefill_rows < c1 - c0 ? s->base.want_prefill_rows : c1 - c0;
+    if (pv->obs_rows != rows || !pv->prefill_mass || !pv->obs_attn)
+        fail_msg("statistics: parity %d, chunk [%d, %d): obs_rows %d, expected %d", s->parity, c0,
+                 c1, pv->obs_rows, rows);
+    double *mass = kv_calloc((size_t)c1, sizeof *mass);
+    double *prob = kv_malloc((size_t)(Tn + 1) * sizeof *prob);
+    for (int h = 0; h < L->n_q_heads; h++) {
+        const KVCache *c = &s->base.cache[h / L->group];
+        memset(mass, 0, (size_t)c1 * sizeof *mass);
+        for (int i = c0; i < c1; i++) {
+            const float *q = L->q + ((size_t)h * Tn + i) * Dh;
+            int n = c->n + i - c0 + 1;
+            double mx = -INFINITY, z = 0;
+            for (int j = 0; j < n; j++) {
+                int pos = j < c->n ? c->pos[j] : c0 + j - c->n;
+                const float *k = j < c->n && c->alt_kv[j]
+                                     ? c->alt_kv[j]
+                                     : L->k + ((size_t)(h / L->group) * Tn + pos) * Dh;
+                bool visible = pos < 0 || L->window == 0 || pos > i - L->window;
+                double dot = 0;
+                for (int d = 0; d < Dh; d++)
+                    dot += (double)q[d] * k[d];
+                prob[j] = visible ? dot * L->attn_scale : -INFINITY;
+                mx = prob[j] > mx ? prob[j] : mx;
+            }
+            for (int j = 0; j < n; j++)
+                z += (prob[j] = exp(prob[j] - mx));
+            int r = i - (c1 - rows);
+            for (int j = 0; j < n; j++) {
+                int pos = j < c->n ? c->pos[j] : c0 + j - c->n;
+                if (pos < 0)
+                    continue;
+                mass[pos] += prob[j] / z;
+                if (r >= 0) {
+                    double got = pv->obs_attn[((size_t)h * rows + r) * c1 + pos];
+                    if (fabs(got - prob[j] / z) > 2e-5)
+                        fail_msg("statistics: parity %d, chunk [%d, %d), query head %d: obs row "
+                                 "of query %d at position %d is %.9g, expected %.9g",
+                                 s->parity, c0, c1, h, i, pos, got, prob[j] / z);
+                }
+            }
+        }
+        for (int j = 0; j < c1; j++) {
+            double got = pv->prefill_mass[(size_t)h * c1 + j];
+            if (fabs(got - mass[j]) > 1e-4)
+                fail_msg("statistics: parity %d, chunk [%d, %d), query head %d: mass of position "
+                         "%d is %.9g, expected %.9g (held: %d)",
+                         s->parity, c0, c1, h, j, got, mass[j], kvcache_has(c, j));
+        }
+    }
+    free(mass);
+    free(prob);
+}
+
+static void spy_prefill(Policy *p, const PrefillView *pv)
+{
+    Spy *s = (Spy *)p;
+    spy_check(s, pv);
+    const LayerView *L = pv->L;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        KVCache *c = &p->cache[g];
+        /* Drop a third of what is held, a different third per instance and KV head. */
+        for (int slot = c->n - 1; slot >= 0; slot--)
+            if (c->pos[slot] >= 0 && (c->pos[slot] + g) % 3 == s->parity)
+                kvcache_remove_slot(c, slot);
+        for (int j = pv->chunk_start; j < pv->chunk_end; j++)
+            kvcache_add(c, j);
+        if (s->calls == 0) { /* a synthetic slot: the chunk's first key, doubled */
+            float kv[2 * D];
+            for (int d = 0; d < D; d++) {
+                kv[d] = 2.0f * L->k[((size_t)g * L->n_tokens + pv->chunk_start) * D + d];
+                kv[D + d] = 0.5f;
+            }
+            kvcache_add_alt(c, -1, kv, kv + D);
+        }
+    }
+    s->calls++;
+}
+
+static void spy_step(Policy *p, const StepView *sv)
+{
+    for (int g = 0; g < p->n_kv_heads; g++)
+        kvcache_add(&p->cache[g], sv->t);
+}
+
+static void spy_destroy(Policy *p)
+{
+    policy_base_free(p);
+    free(p);
+}
+
+static const PolicyType spy_type = {
+    .name = "spy",
+    .params_size = sizeof(SpyParams),
+    .create = spy_create,
+    .prefill = spy_prefill,
+    .step = spy_step,
+    .destroy = spy_destroy,
+};
+
+/* Two instances whose caches differ, on every layout, on a global and on a sliding-window layer:
+ * each gets the statistics of its own caches (policies/policy.h), the first chunk's included. */
+static void test_prefill_statistics_are_each_instances_own(void **state)
+{
+    (void)state;
+    SpyParams prm[2] = {{0}, {1}};
+    PolicySpec spec[2] = {{"spy_0", &spy_type, &prm[0]}, {"spy_1", &spy_type, &prm[1]}};
+    for (int l = 0; l < N_LAYOUTS; l++)
+        for (int window = 0; window <= 20; window += 20) {
+            const Layout *lay = &LAYOUTS[l];
+            Fixture *fx = new_fixture(lay);
+            fx->L.window = window;
+            PolicyDriver d;
+            KvErr err;
+            if (driver_create(&d, &fx->L, spec, 2, SEED, KV_BITS, false, &err) != 0)
+                fail_msg("%s", err.msg);
+            int chunks = 0;
+            for (int sp = 0; sp < lay->n_spans; sp++) {
+                const TraceSpan *span = &lay->spans[sp];
+                if (span->kind == SPAN_PREFILL) {
+                    for (int c0 = span->start; c0 < span->end; chunks++) {
+                        int c1 = driver_chunk_end(c0, span->end, lay->prefill_chunk);
+                        driver_prefill(&d, span->start, span->end, c0, c1);
+                        c0 = c1;
+                    }
+                    continue;
+                }
+                for (int t = span->start; t < span->end; t++)
+                    for (int i = 0; i < 2; i++) {
+                        driver_step(&d, i, t, NULL);
+                        driver_observe(&d, i, NULL);
+                    }
+            }
+            for (int i = 0; i < 2; i++)
+                assert_int_equal(((Spy *)d.inst[i])->calls, chunks);
+            driver_free(&d);
+            fixture_free(fx);
+        }
+}
+
 /* The defect that started this suite: tova's prefill read the observation rows of whichever
  * instance asked for the most (snapkv's), indexed as its own single row. */
 static void test_tova_next_to_snapkv_sees_its_own_rows(void **state)
@@ -687,6 +860,7 @@ int main(void)
         cmocka_unit_test(test_budget_and_memory),
         cmocka_unit_test(test_no_future),
         cmocka_unit_test(test_oracle_topk_bounds_every_policy),
+        cmocka_unit_test(test_prefill_statistics_are_each_instances_own),
         cmocka_unit_test(test_tova_next_to_snapkv_sees_its_own_rows),
         cmocka_unit_test(test_isolation),
         cmocka_unit_test(test_determinism),

@@ -169,9 +169,11 @@ static double cache_statistics(const LayerView *L, const Policy *p, int c0, int 
         for (int j = 0; j < C; j++)
             key_pos[c->n + j] = c0 + j;
         float *logits = kv_malloc((size_t)PROMPT_STATS_BLOCK * n * sizeof *logits);
+        double *weight = kv_malloc((size_t)n * sizeof *weight); /* one row's exp(logit - max) */
         for (int i = 0; i < L->group; i++) {
             int h = g * L->group + i;
-            for (int b0 = 0; b0 < C; b0 += PROMPT_STATS_BLOCK) {
+            /* Without the mass only the observation rows' queries matter. */
+            for (int b0 = mass ? 0 : C - rows; b0 < C; b0 += PROMPT_STATS_BLOCK) {
                 int B = C - b0 < PROMPT_STATS_BLOCK ? C - b0 : PROMPT_STATS_BLOCK;
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, n, D, L->attn_scale,
                             L->q + ((size_t)h * T + c0 + b0) * D, D, keys, D, 0.0f, logits, n);
@@ -190,14 +192,13 @@ static double cache_statistics(const LayerView *L, const Policy *p, int c0, int 
                     }
                     double z = 0;
                     for (int j = 0; j < n; j++)
-                        if (row[j] != -INFINITY)
-                            z += exp((double)row[j] - mx);
+                        z += (weight[j] = row[j] == -INFINITY ? 0.0 : exp((double)row[j] - mx));
                     int r = q_pos - (c1 - rows); /* its observation row, if any */
                     float *obs_row = obs && r >= 0 ? obs + ((size_t)h * rows + r) * c1 : NULL;
                     for (int j = 0; j < n; j++) {
-                        if (row[j] == -INFINITY || key_pos[j] < 0)
+                        if (weight[j] == 0.0 || key_pos[j] < 0)
                             continue;
-                        float pj = (float)(exp((double)row[j] - mx) / z);
+                        float pj = (float)(weight[j] / z);
                         if (mass)
                             mass[(size_t)h * c1 + key_pos[j]] += pj;
                         if (obs_row)
@@ -209,6 +210,7 @@ static double cache_statistics(const LayerView *L, const Policy *p, int c0, int 
         free(keys);
         free(key_pos);
         free(logits);
+        free(weight);
     }
     return flops;
 }

@@ -823,6 +823,38 @@ static void test_prefill_statistics_are_each_instances_own(void **state)
         }
 }
 
+/* Evaluated steps: every eval_every-th step of each decode run from its first, and the probes
+ * inside decode runs; the probe inside the second turn's prefill span is not evaluated. */
+static void test_evaluated_steps_follow_the_decode_runs(void **state)
+{
+    Suite *s = *state;
+    const Layout *lay = &LAYOUTS[2];
+    PolicySpec spec = {"full_0", s->set[0].type, s->set[0].prm};
+    EngineConfig cfg = {.threads = 2, .topk = TOPK, .eval_every = 4, .kv_bits = KV_BITS,
+                        .prefill_chunk = lay->prefill_chunk, .seed = SEED, .n_policies = 1,
+                        .policies = &spec};
+    KvErr err;
+    Trace *tr = trace_open(s->trace, &err);
+    if (!tr)
+        fail_msg("%s", err.msg);
+    use_layout(tr, lay);
+    Results *r = engine_run(tr, &cfg, &err);
+    if (!r)
+        fail_msg("replay: %s", err.msg);
+    static const int32_t want[] = {96, 100, 104, 106, 108, 112, 116,
+                                   140, 144, 148, 152, 156, 159};
+    static const bool probe[] = {false, false, false, true, false, false, false,
+                                 false, false, false, false, false, true};
+    assert_int_equal(r->n_steps, (120 - P) + (T - 140));
+    assert_int_equal(r->n_evals, sizeof want / sizeof want[0]);
+    for (int e = 0; e < r->n_evals; e++) {
+        assert_int_equal(r->eval_step[e], want[e]);
+        assert_int_equal(r->eval_probe[e], probe[e]);
+    }
+    results_free(r);
+    trace_close(tr);
+}
+
 /* The defect that started this suite: tova's prefill read the observation rows of whichever
  * instance asked for the most (snapkv's), indexed as its own single row. */
 static void test_tova_next_to_snapkv_sees_its_own_rows(void **state)
@@ -861,6 +893,7 @@ int main(void)
         cmocka_unit_test(test_no_future),
         cmocka_unit_test(test_oracle_topk_bounds_every_policy),
         cmocka_unit_test(test_prefill_statistics_are_each_instances_own),
+        cmocka_unit_test(test_evaluated_steps_follow_the_decode_runs),
         cmocka_unit_test(test_tova_next_to_snapkv_sees_its_own_rows),
         cmocka_unit_test(test_isolation),
         cmocka_unit_test(test_determinism),

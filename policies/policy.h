@@ -42,8 +42,9 @@
  *
  * Information rules. A policy may read q, k, v and the metadata of positions <= t (the past and
  * the present), where at a prefill chunk t is the chunk's last position, chunk_end - 1, and at
- * create nothing of any position exists yet. Only policies whose `base.is_oracle` is set may read step_view->full_attn or
- * decode_mass (the true attention, or the future): those are upper bounds, not methods.
+ * create nothing of any position exists yet. Only policies whose `base.is_oracle` is set may
+ * read step_view->full_attn or decode_mass (the true attention, or the future): those are upper
+ * bounds, not methods.
  *
  * Closed loop. The LayerView's arrays have room for the whole run: n_tokens is that capacity
  * (prompt, forced tokens, most tokens generated), not the number of tokens that will be fed, and

@@ -235,17 +235,17 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
 {
     const TraceMeta *m = job->meta;
     const EngineConfig *cfg = job->cfg;
-    const LayerView *L = drv->L;
-    int T = m->n_tokens, D = m->head_dim, Hq = m->n_q_heads, layer = L->layer;
+    const LayerView L = *drv->L;
+    int T = m->n_tokens, D = m->head_dim, Hq = m->n_q_heads, layer = L.layer;
     int n_pol = cfg->n_policies;
     bool failed = false;
     for (int t0 = a; t0 < b_end && !job->failed && !failed; t0 += DECODE_BLOCK) {
         int B = b_end - t0 < DECODE_BLOCK ? b_end - t0 : DECODE_BLOCK;
         double a0 = now_seconds();
         for (int h = 0; h < Hq; h++) {
-            int g = h / L->group;
+            int g = h / L.group;
             attention_block(w->q + ((size_t)h * T + t0) * D, B, t0, w->k + (size_t)g * T * D,
-                            w->v + (size_t)g * T * D, D, L->attn_scale, L->window,
+                            w->v + (size_t)g * T * D, D, L.attn_scale, L.window,
                             w->probs + (size_t)h * T, Hq * T, w->out + (size_t)h * DECODE_BLOCK * D,
                             w->row_max + h * DECODE_BLOCK, w->row_z + h * DECODE_BLOCK);
             w->attention_flops += attention_block_flops(B, t0, D, 1);

@@ -5,7 +5,14 @@
  * At each step the group's mean query ranks the clusters (the tokens still waiting to be
  * segmented count as one more cluster) by the best cosine similarity of their index keys, and
  * the best `max_clusters` are brought back, best first, while they fit in what the budget leaves
- * after Global and Local. The cache never exceeds `budget` tokens per KV head. */
+ * after Global and Local. The cache never exceeds `budget` tokens per KV head.
+ *
+ * Prefill, chunk by chunk and span by span: the chunk's queries add their attention (over the
+ * cache and the chunk) to the tokens' accumulated attention, system-segment tokens are pinned as
+ * they arrive, and the cache becomes Global plus query chunk_end − 1's local window: tokens
+ * retrieved for the last decode step are dropped (they are on the host already), and tokens
+ * leaving the local window go to the host tier in position order. Nothing is retrieved at
+ * prefill; the next decode step retrieves for its query. */
 #include "policies/abit.h"
 
 #include <math.h>
@@ -241,14 +248,6 @@ static Policy *abit_create(const void *params, const LayerView *L, const PolicyE
     a->kv_bits = env->kv_bits;
 
     a->global = kv_calloc((size_t)T, sizeof *a->global);
-    if (a->prm.pin_system) {
-        /* Pinning more than budget − local tokens would leave no room for the local window. */
-        for (int j = 0; j < L->n_prompt && a->n_global < a->prm.budget - a->prm.local; j++)
-            if (L->meta->segments[j] == 0) {
-                a->global[j] = true;
-                a->n_global++;
-            }
-    }
     a->acc = kv_calloc((size_t)H * T, sizeof *a->acc);
     a->host_order = kv_malloc((size_t)T * sizeof *a->host_order);
 
@@ -498,18 +497,40 @@ static void abit_prefill(Policy *p, const PrefillView *pv)
 {
     Abit *a = (Abit *)p;
     const LayerView *L = pv->L;
-    int P = L->n_prompt;
+    int c0 = pv->chunk_start, c1 = pv->chunk_end, local = a->prm.local;
+    a->entered_host = 0;
+    a->fetched = 0;
+    /* Pinning more than budget − local tokens would leave no room for the local window. */
+    for (int j = c0; j < c1 && a->prm.pin_system && a->n_global < a->prm.budget - local; j++)
+        if (L->meta->segments[j] == 0) {
+            a->global[j] = true;
+            a->n_global++;
+        }
     for (int g = 0; g < p->n_kv_heads; g++) {
         double *acc = a->acc + (size_t)g * a->n_tokens;
+        /* Zero where the chunk's queries saw nothing. */
         for (int i = 0; i < a->group; i++) {
-            const float *mass = pv->prefill_mass + (size_t)(g * a->group + i) * P;
-            for (int j = 0; j < P; j++)
+            const float *mass = pv->prefill_mass + (size_t)(g * a->group + i) * c1;
+            for (int j = 0; j < c1; j++)
                 acc[j] += mass[j];
         }
+        /* What the last decode step retrieved is on the host already. */
+        KVCache *c = &p->cache[g];
+        for (int s = c->n - 1; s >= 0; s--)
+            if (c->pos[s] >= 0 && !a->global[c->pos[s]] && c->pos[s] <= c0 - 1 - local)
+                kvcache_remove_slot(c, s);
     }
-    /* Query P − 1's local window is (P − 1 − local, P − 1]; older tokens go to the host tier. */
-    for (int j = 0; j < P; j++) {
-        if (a->global[j] || j > P - 1 - a->prm.local) {
+    /* Query c1 − 1's local window is (c1 − 1 − local, c1 − 1]; older tokens go to the host tier:
+     * first those of the previous window, then the chunk's. */
+    int first_leaving = c0 - local > 0 ? c0 - local : 0;
+    for (int j = first_leaving; j < c0 && j <= c1 - 1 - local; j++)
+        if (!a->global[j]) {
+            for (int g = 0; g < p->n_kv_heads; g++)
+                kvcache_remove(&p->cache[g], j);
+            host_push(a, L, j);
+        }
+    for (int j = c0; j < c1; j++) {
+        if (a->global[j] || j > c1 - 1 - local) {
             for (int g = 0; g < p->n_kv_heads; g++)
                 kvcache_add(&p->cache[g], j);
         } else {

@@ -3,8 +3,11 @@
  * age = t − position. After query t has attended, each KV head's cache is trimmed to budget − 1
  * tokens by dropping the lowest scores, so that admitting token t + 1 keeps |cache| <= budget.
  * Never dropped: the pinned system-prompt segment and the tokens that will be in query t + 1's
- * local window (the last `local` tokens). The prompt starts with the attention every prompt query
- * paid it (prefill mass) and is trimmed once at the end of prefill. */
+ * local window (the last `local` tokens). TriCache compresses during prefill: a prefill chunk's
+ * queries add their attention (over the cache and the chunk: prefill mass) to what the tokens
+ * they see have accumulated, the chunk is admitted and the cache trimmed as after query
+ * chunk_end − 1, after every chunk of every span. The system segment is pinned as its tokens
+ * arrive. */
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -29,6 +32,7 @@ typedef struct {
     DecayParams prm;
     int n_tokens, group;
     bool *pinned;      /* [T] system-segment prompt tokens, never evicted */
+    int pin_room;      /* tokens that may still be pinned */
     double *acc;       /* [n_kv_heads][T] attention mass accumulated over the group's heads */
     double *inv_decay; /* [T] 1 / ln(age + e) by age */
     Candidate *cand;   /* scratch: room for every slot of a cache */
@@ -69,21 +73,13 @@ static Policy *decay_create(const void *params, const LayerView *L, const Policy
     d->pinned = kv_calloc((size_t)L->n_tokens, sizeof *d->pinned);
     d->acc = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *d->acc);
     d->inv_decay = kv_malloc((size_t)L->n_tokens * sizeof *d->inv_decay);
-    /* A cache holds at most the whole prompt (before its trim) or budget tokens. */
-    int most = L->n_prompt > d->prm.budget ? L->n_prompt : d->prm.budget;
-    d->cand = kv_malloc((size_t)most * sizeof *d->cand);
+    /* Before a trim a cache holds at most every position once. */
+    d->cand = kv_malloc((size_t)L->n_tokens * sizeof *d->cand);
     const double e = exp(1.0);
     for (int age = 0; age < L->n_tokens; age++)
         d->inv_decay[age] = 1.0 / log(age + e);
     /* Pinning more than budget − local tokens would leave no room for the local window. */
-    if (d->prm.pin_system) {
-        int room = d->prm.budget - d->prm.local;
-        for (int j = 0; j < L->n_prompt && room > 0; j++)
-            if (L->meta->segments[j] == 0) {
-                d->pinned[j] = true;
-                room--;
-            }
-    }
+    d->pin_room = d->prm.pin_system ? d->prm.budget - d->prm.local : 0;
     return &d->base;
 }
 
@@ -132,17 +128,23 @@ static void decay_evict(Decay *d, int g, int t)
 static void decay_prefill(Policy *p, const PrefillView *pv)
 {
     Decay *d = (Decay *)p;
-    int P = pv->L->n_prompt;
+    int c1 = pv->chunk_end;
+    for (int j = pv->chunk_start; j < c1 && d->pin_room > 0; j++)
+        if (pv->L->meta->segments[j] == 0) {
+            d->pinned[j] = true;
+            d->pin_room--;
+        }
     for (int g = 0; g < p->n_kv_heads; g++) {
         double *acc = d->acc + (size_t)g * d->n_tokens;
+        /* Zero where the chunk's queries saw nothing: evicted positions gain nothing. */
         for (int i = 0; i < d->group; i++) {
-            const float *mass = pv->prefill_mass + (size_t)(g * d->group + i) * P;
-            for (int j = 0; j < P; j++)
+            const float *mass = pv->prefill_mass + (size_t)(g * d->group + i) * c1;
+            for (int j = 0; j < c1; j++)
                 acc[j] += mass[j];
         }
-        for (int j = 0; j < P; j++)
+        for (int j = pv->chunk_start; j < c1; j++)
             kvcache_add(&p->cache[g], j);
-        decay_evict(d, g, P - 1);
+        decay_evict(d, g, c1 - 1);
     }
 }
 

@@ -1,6 +1,7 @@
 /* full — keeps every token: the reference every other policy is measured against.
  * Memory is accounted like mlx-lm's unbounded KV cache, whose buffer grows in steps of `step`
- * tokens (256): allocated bytes run ahead of live bytes. */
+ * tokens (256): allocated bytes run ahead of live bytes. A prefill chunk, of any span, is
+ * admitted whole. */
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -40,7 +41,7 @@ static Policy *full_create(const void *params, const LayerView *L, const PolicyE
 static void full_prefill(Policy *p, const PrefillView *pv)
 {
     for (int g = 0; g < p->n_kv_heads; g++)
-        for (int j = 0; j < pv->L->n_prompt; j++)
+        for (int j = pv->chunk_start; j < pv->chunk_end; j++)
             kvcache_add(&p->cache[g], j);
 }
 

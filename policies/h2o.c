@@ -3,11 +3,13 @@
  *
  * heavy = floor(budget * heavy_ratio), recent = budget - heavy. A token's score is the sum, over
  * every query that attended over it so far and over the query heads of its KV group, of the
- * attention that query computed over the actual cache (a real engine sees nothing else). The
- * prompt's scores are its causal attention mass summed over all prompt queries; at prefill end
- * the prompt is cut to budget - 1 tokens so that the first decode token fits. Eviction follows
- * the attention: after query t attended, the cache is cut to budget - 1 by dropping, one at a
- * time, the lowest-scored token outside the next step's recent window (ties: the older). */
+ * attention that query computed over the actual cache (a real engine sees nothing else). A
+ * prefill chunk's queries add their attention over the cache and the chunk (prefill_mass) to
+ * the scores of the tokens they see, and after every chunk (of any span) the cache and the
+ * chunk are cut to budget - 1 tokens, the last recent - 1 kept, so that the next token fits: the
+ * state query chunk_end - 1's eviction would leave. Eviction follows the attention: after query
+ * t attended, the cache is cut to budget - 1 by dropping, one at a time, the lowest-scored token
+ * outside the next step's recent window (ties: the older). */
 #include <stddef.h>
 #include <stdlib.h>
 
@@ -77,26 +79,32 @@ static Policy *h2o_create(const void *params, const LayerView *L, const PolicyEn
 static void h2o_prefill(Policy *p, const PrefillView *pv)
 {
     H2o *h = (H2o *)p;
-    int P = pv->L->n_prompt;
-    /* After prefill the cache is what it would be after query P-1's eviction: the last
-     * recent-1 prompt tokens and the `heavy` best of the others by prompt attention mass. */
-    int window_start = P - (h->recent - 1);
+    int c1 = pv->chunk_end;
+    /* After a chunk the cache is what it would be after query c1-1's eviction: the last
+     * recent-1 tokens and the best of the others by accumulated attention, budget - 1 in all. */
+    int window_start = c1 - (h->recent - 1);
     if (window_start < 0)
         window_start = 0;
     for (int g = 0; g < p->n_kv_heads; g++) {
+        KVCache *c = &p->cache[g];
         double *score = h->score + (size_t)g * h->n_tokens;
-        rank_sum_rows(pv->prefill_mass + (size_t)g * h->group * P, h->group, P, P, 1.0f,
+        rank_sum_rows(pv->prefill_mass + (size_t)g * h->group * c1, h->group, c1, c1, 1.0f,
                       h->slot_score);
-        for (int j = 0; j < P; j++)
-            score[j] = h->slot_score[j];
-        for (int j = 0; j < window_start; j++)
-            h->candidates[j] = j;
-        int keep = P <= h->budget - 1 ? window_start : h->heavy;
-        rank_keep_best(h->candidates, window_start, keep, score);
-        for (int i = 0; i < keep && i < window_start; i++)
-            kvcache_add(&p->cache[g], h->candidates[i]);
-        for (int j = window_start; j < P; j++)
-            kvcache_add(&p->cache[g], j);
+        /* The candidates, ascending: what is cached (all before the chunk), then the chunk. */
+        int n = kvcache_positions(c, h->candidates), n_old = 0;
+        for (int j = pv->chunk_start; j < c1; j++)
+            h->candidates[n++] = j;
+        for (int i = 0; i < n; i++) {
+            score[h->candidates[i]] += h->slot_score[h->candidates[i]];
+            n_old += h->candidates[i] < window_start;
+        }
+        int keep = n <= h->budget - 1 ? n_old : h->budget - 1 - (n - n_old);
+        rank_keep_best(h->candidates, n_old, keep, score);
+        kvcache_clear(c);
+        for (int i = 0; i < keep && i < n_old; i++)
+            kvcache_add(c, h->candidates[i]);
+        for (int i = n_old; i < n; i++)
+            kvcache_add(c, h->candidates[i]);
     }
 }
 

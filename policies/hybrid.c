@@ -9,7 +9,10 @@
  * eviction degenerates to oldest-first.
  *
  * Timing: like FixedSize, a step attends first and truncates after (in observe), with that
- * step's attention; the cache is cut to budget - 1 so that the next token fits. */
+ * step's attention; the cache is cut to budget - 1 so that the next token fits. A prefill chunk
+ * (of any span) is admitted and then truncated the same way, newest = its last token, a token's
+ * importance being the attention the chunk's queries gave it (over the cache and the chunk,
+ * summed over the queries and the group's heads). */
 #include <cblas.h>
 #include <math.h>
 #include <stddef.h>
@@ -156,8 +159,8 @@ static Policy *hybrid_create(const void *params, const LayerView *L, const Polic
     int by_importance = hybrid_importance_slots(h->prm.budget, h->prm.ratio, reserved);
     h->keep_real = h->prm.budget - 1 - reserved;
     h->recent = h->keep_real - by_importance;
-    /* The prompt's attention is only needed if the prompt itself must be cut by importance. */
-    h->base.want_prefill_mass = by_importance > 0 && L->n_prompt > h->keep_real;
+    /* The prefill attention is only needed if a prefill chunk may have to be cut by importance. */
+    h->base.want_prefill_mass = by_importance > 0 && L->n_tokens > h->keep_real;
     if (reserved) {
         h->skipped_sum = kv_calloc((size_t)L->n_kv_heads * 2 * L->head_dim, sizeof(double));
         h->skipped_count = kv_calloc((size_t)L->n_kv_heads, sizeof(int));
@@ -214,23 +217,24 @@ static void hybrid_prefill(Policy *p, const PrefillView *pv)
 {
     Hybrid *h = (Hybrid *)p;
     const LayerView *L = pv->L;
-    int P = L->n_prompt;
-    float *by_position = kv_calloc((size_t)P, sizeof *by_position);
+    int c1 = pv->chunk_end;
+    float *by_position = kv_calloc((size_t)c1, sizeof *by_position);
     for (int g = 0; g < p->n_kv_heads; g++) {
         KVCache *c = &p->cache[g];
-        for (int j = 0; j < P; j++)
+        for (int j = pv->chunk_start; j < c1; j++)
             kvcache_add(c, j);
-        if (c->n <= h->keep_real)
+        if (kvcache_real_count(c) <= h->keep_real)
             continue;
         hybrid_scratch_reserve(&h->scratch, c->n);
-        /* Without the prompt's attention the ranking does not matter: nothing but the recent
+        /* Without the prefill attention the ranking does not matter: nothing but the recent
          * part is kept (see hybrid_create). */
         if (pv->prefill_mass)
-            hybrid_group_importance(pv->prefill_mass + (size_t)g * h->group * P, h->group, P,
+            hybrid_group_importance(pv->prefill_mass + (size_t)g * h->group * c1, h->group, c1,
                                     by_position);
+        /* The synthetic slot never competes (hybrid_select_evictions). */
         for (int slot = 0; slot < c->n; slot++)
-            h->scratch.importance[slot] = by_position[c->pos[slot]];
-        hybrid_truncate(h, L, g, h->scratch.importance, P - 1);
+            h->scratch.importance[slot] = c->pos[slot] >= 0 ? by_position[c->pos[slot]] : 0.0f;
+        hybrid_truncate(h, L, g, h->scratch.importance, c1 - 1);
     }
     free(by_position);
 }

@@ -84,6 +84,28 @@ void kvcache_remove(KVCache *c, int pos)
         kvcache_remove_slot(c, c->slot_of[pos]);
 }
 
+void kvcache_clear(KVCache *c)
+{
+    while (c->n > 0)
+        kvcache_remove_slot(c, c->n - 1);
+}
+
+static int compare_i32(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+int kvcache_positions(const KVCache *c, int32_t *out)
+{
+    int n = 0;
+    for (int i = 0; i < c->n; i++)
+        if (c->pos[i] >= 0)
+            out[n++] = c->pos[i];
+    qsort(out, (size_t)n, sizeof *out, compare_i32);
+    return n;
+}
+
 int kvcache_real_count(const KVCache *c)
 {
     int n = 0;

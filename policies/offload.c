@@ -6,10 +6,14 @@
  * dequantized K and V, so the quantization error shows in the attention output.
  *
  * Observations. A token is observed at each step it spends in the device cache: the group's
- * attention it received (sum over the group's query heads); the prompt counts as one
- * observation, the group's attention averaged over the prompt queries that see the token. On the
- * host nobody attends to it, so its history is frozen there: its mean at offload time decides,
- * once, whether it is ever restored.
+ * attention it received (sum over the group's query heads); a prefill chunk counts as one
+ * observation of every token it sees (the cache's and its own), the group's attention averaged
+ * over the chunk's queries that see the token. On the host nobody attends to it, so its history
+ * is frozen there: its mean at offload time decides, once, whether it is ever restored.
+ *
+ * Prefill chunks (of any span) are admitted and truncated as `hybrid` does, evicted tokens going
+ * to the host tier; nothing is restored at prefill. The transfers of a span's chunks are
+ * reported with the next decode step (with the prompt's, as before).
  *
  * Budget. Restored tokens take importance-ranked slots (they come back for their importance) and
  * are not evicted in the step that restores them, so at most min(max_restore, importance slots)
@@ -304,29 +308,32 @@ static void truncate_head(Offload *o, int g, int newest)
 static void offload_prefill(Policy *p, const PrefillView *pv)
 {
     Offload *o = (Offload *)p;
-    const LayerView *L = pv->L;
-    int P = L->n_prompt;
-    float *by_position = kv_calloc((size_t)P, sizeof *by_position);
+    int c0 = pv->chunk_start, c1 = pv->chunk_end;
+    if (!o->report_holds_prefill) /* the last decode step's transfers were reported */
+        memset(&o->report, 0, sizeof o->report);
+    float *by_position = kv_calloc((size_t)c1, sizeof *by_position);
     for (int g = 0; g < p->n_kv_heads; g++) {
         KVCache *c = &p->cache[g];
         HostTier *ht = &o->host[g];
-        for (int j = 0; j < P; j++)
+        for (int j = c0; j < c1; j++)
             kvcache_add(c, j);
         if (pv->prefill_mass) {
-            hybrid_group_importance(pv->prefill_mass + (size_t)g * o->group * P, o->group, P,
+            hybrid_group_importance(pv->prefill_mass + (size_t)g * o->group * c1, o->group, c1,
                                     by_position);
-            /* One observation on the scale of a decode step's: the mean over the P - j prompt
-             * queries that see token j. */
-            for (int j = 0; j < P; j++)
-                record_observation(o, ht, j, by_position[j] / (float)(P - j));
+            /* One observation on the scale of a decode step's: the mean over the chunk's
+             * c1 - max(j, c0) queries that see token j (the prompt fed whole: P - j). Slots in
+             * position order, so that the histories do not depend on the slot order. */
+            for (int j = 0; j < c1; j++)
+                if (kvcache_has(c, j))
+                    record_observation(o, ht, j, by_position[j] / (float)(c1 - (j > c0 ? j : c0)));
         }
         hybrid_scratch_reserve(&o->scratch, c->n);
         for (int slot = 0; slot < c->n; slot++)
             o->scratch.importance[slot] = by_position[c->pos[slot]];
-        truncate_head(o, g, P - 1);
+        truncate_head(o, g, c1 - 1);
     }
     free(by_position);
-    /* The prompt's transfers are reported with the first decode step. */
+    /* The span's transfers are reported with the next decode step. */
     o->report_holds_prefill = true;
 }
 

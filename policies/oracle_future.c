@@ -6,9 +6,10 @@
  * attention on j. It starts as the engine's decode_mass (all decode queries) and each observed
  * true row is subtracted as the steps pass, so it is exact. After query t attended, the cache is
  * cut to budget - 1 by evicting, one at a time, the token of least remaining mass (ties: the
- * older), the current one included; evicted tokens never come back. At prefill end the prompt is
- * cut to its budget - 1 tokens of most decode mass (ties: the later). An oracle: it reads the
- * future, which no method can. */
+ * older), the current one included; evicted tokens never come back. After every prefill chunk (of
+ * any span) the cache and the chunk are cut to the budget - 1 tokens of most remaining mass
+ * (ties: the later); prefill queries are not decode queries, so they take nothing from it. An
+ * oracle: it reads the future, which no method can. */
 #include <stddef.h>
 #include <stdlib.h>
 
@@ -56,19 +57,25 @@ static Policy *oracle_future_create(const void *params, const LayerView *L, cons
 static void oracle_future_prefill(Policy *p, const PrefillView *pv)
 {
     OracleFuture *o = (OracleFuture *)p;
-    int P = pv->L->n_prompt, T = o->n_tokens;
-    int keep = P < o->budget - 1 ? P : o->budget - 1;
+    int T = o->n_tokens;
     for (int g = 0; g < p->n_kv_heads; g++) {
+        KVCache *c = &p->cache[g];
         double *remaining = o->remaining + (size_t)g * T;
-        rank_sum_rows(pv->decode_mass + (size_t)g * o->group * T, o->group, T, T, 1.0f,
-                      o->summed);
-        for (int j = 0; j < T; j++)
-            remaining[j] = o->summed[j];
-        for (int j = 0; j < P; j++)
-            o->candidates[j] = j;
-        rank_keep_best(o->candidates, P, keep, remaining);
+        if (pv->chunk_start == 0) { /* the first chunk: the whole future is still to come */
+            rank_sum_rows(pv->decode_mass + (size_t)g * o->group * T, o->group, T, T, 1.0f,
+                          o->summed);
+            for (int j = 0; j < T; j++)
+                remaining[j] = o->summed[j];
+        }
+        /* The candidates, ascending: what is cached (all before the chunk), then the chunk. */
+        int n = kvcache_positions(c, o->candidates);
+        for (int j = pv->chunk_start; j < pv->chunk_end; j++)
+            o->candidates[n++] = j;
+        int keep = n < o->budget - 1 ? n : o->budget - 1;
+        rank_keep_best(o->candidates, n, keep, remaining);
+        kvcache_clear(c);
         for (int i = 0; i < keep; i++)
-            kvcache_add(&p->cache[g], o->candidates[i]);
+            kvcache_add(c, o->candidates[i]);
     }
 }
 

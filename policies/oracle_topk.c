@@ -6,8 +6,9 @@
  * these scores over the cached tokens, so the top `budget` by this sum maximise it exactly: no
  * method that attends over at most `budget` real tokens can retain more. Nothing is ever lost:
  * every step chooses afresh among all tokens [0, t] (ties: the later position), the current one
- * included only if it ranks. The state after prefill does not matter; it holds the last
- * budget - 1 prompt tokens. An oracle: it reads the true attention, which no method can. */
+ * included only if it ranks. The state after a prefill chunk does not matter; after every chunk
+ * (of any span) it holds the last budget - 1 tokens. An oracle: it reads the true attention,
+ * which no method can. */
 #include <stddef.h>
 #include <stdlib.h>
 
@@ -56,11 +57,13 @@ static Policy *oracle_topk_create(const void *params, const LayerView *L, const 
 static void oracle_topk_prefill(Policy *p, const PrefillView *pv)
 {
     OracleTopk *o = (OracleTopk *)p;
-    int P = pv->L->n_prompt;
-    int first = P - (o->budget - 1) > 0 ? P - (o->budget - 1) : 0;
-    for (int g = 0; g < p->n_kv_heads; g++)
-        for (int j = first; j < P; j++)
+    int c1 = pv->chunk_end;
+    int first = c1 - (o->budget - 1) > 0 ? c1 - (o->budget - 1) : 0;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        kvcache_clear(&p->cache[g]);
+        for (int j = first; j < c1; j++)
             kvcache_add(&p->cache[g], j);
+    }
 }
 
 static void oracle_topk_step(Policy *p, const StepView *sv)

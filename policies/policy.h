@@ -6,28 +6,50 @@
  * One module drives policies, sim/driver/driver.h, for open-loop replay of a trace (`kvsim run`,
  * sim/replay/engine.h) and for closed-loop decoding, where the model generates from what the policy
  * keeps (`kvsim eval`, traces/eval/eval.h). For each (configured policy, layer) it creates one Policy
- * instance, which keeps one cache (KVCache) per KV head of the layer. Calls, in order:
+ * instance, which keeps one cache (KVCache) per KV head of the layer. Calls, in order,
+ * following the spans of meta->spans (sim/format/trace.h):
  *
  *   create(params, layer, env)   the policy sets its `base` fields, including what it needs
- *   prefill(p, prefill_view)     once: the prompt [0, P) has been processed; fill the caches with
- *                                the prompt tokens the policy keeps
- *   for t = P .. T-1:            (closed loop: the tokens fed, which may stop before T-1)
- *     step(p, step_view)         token t arrives: admit it and decide what query t attends over
- *     [replay: query t attends over each KV head's cache, metrics are recorded; closed loop: the
- *      model's query t attends over them and the layer's output goes on from that attention]
- *     observe(p, step_view, attn) the attention query t really computed over the caches
- *                                 (softmax renormalised on the cache), for scores and eviction
- *     memory(p, m)               the memory after this step's eviction (after prefill too)
+ *   for each span, in order:
+ *     a prefill span [a, b): its tokens arrive on top of whatever the caches hold (nothing for
+ *     the first span, the prompt; later spans are later turns' messages). It is fed in chunks
+ *     [c0, c1) of `prefill_chunk` tokens ([run] prefill_chunk; 0 = the whole span at once; the
+ *     last chunk may be shorter). For each chunk:
+ *       prefill(p, prefill_view)  the chunk's queries have attended over the caches plus the
+ *                                 chunk's own tokens (causal); admit the chunk's tokens the
+ *                                 policy keeps and evict what it wants to. A policy that
+ *                                 compresses once after prefill (kvpress) waits for the span's
+ *                                 last chunk (prefill_view->last_chunk); one that compresses
+ *                                 during prefill (TriCache, the MLX ports) may evict after
+ *                                 every chunk
+ *       memory(p, m)              the memory after the chunk's eviction
+ *     a decode run [a, b): for t = a .. b-1 (closed loop: the tokens fed, which may stop early)
+ *       step(p, step_view)        token t arrives: admit it and decide what query t attends over
+ *       [replay: query t attends over each KV head's cache, metrics are recorded; closed loop: the
+ *        model's query t attends over them and the layer's output goes on from that attention]
+ *       observe(p, step_view, attn) the attention query t really computed over the caches
+ *                                   (softmax renormalised on the cache), for scores and eviction
+ *       memory(p, m)               the memory after this step's eviction
  *   destroy(p)
+ * The first span is a prefill span; a prefill span after a decode run starts from what the
+ * policy kept. A single prompt (every version 1 trace) is one prefill span [0, P) and one decode
+ * run [P, T); fed whole (prefill_chunk = 0) it is one prefill call, as before spans existed.
+ *
+ * Budget. max_slots (below) bounds every decode attention. The queries of a prefill chunk attend
+ * over the caches plus the whole chunk, which no budget bounds; docs/policies.md states for each
+ * policy what its caches hold after a chunk (most: at most budget - 1 slots after every chunk,
+ * so that the next token fits; a kvpress-style one: only after a span's last chunk).
  *
  * Information rules. A policy may read q, k, v and the metadata of positions <= t (the past and
- * the present). Only policies whose `base.is_oracle` is set may read step_view->full_attn or
- * decode_mass (the true attention, or the future): those are upper bounds, not methods.
+ * the present), where at a prefill chunk t is the chunk's last position, chunk_end - 1, and at
+ * create nothing of any position exists yet. Only policies whose `base.is_oracle` is set may
+ * read step_view->full_attn or decode_mass (the true attention, or the future): those are upper
+ * bounds, not methods.
  *
  * Closed loop. The LayerView's arrays have room for the whole run: n_tokens is that capacity
  * (prompt, forced tokens, most tokens generated), not the number of tokens that will be fed, and
  * n_prompt is the prefilled part. Its rows exist as they are produced:
- *   - at prefill, q, k and v of the prompt [0, P);
+ *   - at prefill, q, k and v of the prompt [0, P) (closed loop feeds the prompt whole, one chunk);
  *   - at step t and observe of t, q, k and v of [0, t] (the model computed position t's before
  *     step, and wrote its K/V into the run's cache whatever the policy decides);
  *   - the metadata from the start (a generated position's segment: the one generation
@@ -93,17 +115,34 @@ typedef struct {
     int kv_bits;   /* precision of K and V on the device (16 = fp16) */
 } PolicyEnv;
 
-/* The prompt's attention, computed by the driver only when an instance asks for it. */
+/* One prefill chunk and its attention statistics, computed by the driver only when an instance
+ * asks for them.
+ *
+ * The statistics are those of the chunk's queries i in [chunk_start, chunk_end) over what this
+ * instance holds: for query head h, the slots of its KV head's cache as they are when the chunk
+ * arrives (a slot's alt_kv K where set, so a synthetic slot takes part with its own K) plus the
+ * chunk's tokens [chunk_start, i] (causal), a key outside the layer's window excluded (a
+ * synthetic slot never is), softmax renormalised over that set, as a decode query's attention
+ * over the cache is. Each instance gets the numbers of its own caches (they differ per instance
+ * and per KV head). The arrays are indexed by position, [0, chunk_end): a position neither cached
+ * nor in the chunk gets 0; a synthetic slot has no position, so what a row gives it is not
+ * reported (that row sums to 1 minus it). For the first chunk of the first span the caches are
+ * empty: these are the prompt's causal attention over [0, chunk_end). */
 typedef struct {
     const LayerView *L;
-    /* [n_q_heads][P]: sum over prompt queries i in [0,P) of p_i(j), causal (i >= j);
-     * NULL unless base.want_prefill_mass. */
+    int span_start, span_end;   /* the prefill span [a, b) */
+    int chunk_start, chunk_end; /* this chunk [c0, c1), inside the span */
+    bool last_chunk;            /* chunk_end == span_end: the span is complete */
+    /* [n_q_heads][chunk_end]: sum over the chunk's queries i of p_i(j); NULL unless
+     * base.want_prefill_mass. */
     const float *prefill_mass;
-    /* [n_q_heads][obs_rows][P]: attention rows of the last obs_rows prompt queries
-     * (query P-obs_rows+r in row r; zero beyond the query); NULL unless want_prefill_rows > 0. */
+    /* [n_q_heads][obs_rows][chunk_end]: the attention rows of the chunk's last obs_rows queries
+     * (query chunk_end-obs_rows+r in row r), obs_rows = min(want_prefill_rows, chunk tokens);
+     * NULL unless want_prefill_rows > 0. */
     const float *obs_attn;
     int obs_rows;
-    /* [n_q_heads][T]: sum over decode steps t in [P,T) of p_t(j) (oracle_future only). */
+    /* [n_q_heads][T]: sum over every decode step t of every decode run of p_t(j), the true
+     * attention over [0, t] (oracle_future only); the same array at every chunk. */
     const float *decode_mass;
 } PrefillView;
 
@@ -141,6 +180,10 @@ void kvcache_add(KVCache *c, int pos);
 int kvcache_add_alt(KVCache *c, int pos, const float *k, const float *v);
 void kvcache_remove(KVCache *c, int pos);   /* real position; no-op if absent */
 void kvcache_remove_slot(KVCache *c, int slot);
+/* Removes every slot (a policy that rebuilds its cache at a prefill chunk). */
+void kvcache_clear(KVCache *c);
+/* Writes the real positions held to out (room for c->n), ascending; returns how many. */
+int kvcache_positions(const KVCache *c, int32_t *out);
 /* Number of slots holding real positions (pos >= 0). */
 int kvcache_real_count(const KVCache *c);
 
@@ -194,8 +237,8 @@ struct PolicyType {
     void (*destroy)(Policy *p);
 
     /* ---- The contract the conformance suite (tests/test_conformance.c) checks ----
-     * The most slots (real and synthetic) one KV head's cache may hold when query t attends,
-     * t >= n_prompt, for these parameters: the policy's documented budget. */
+     * The most slots (real and synthetic) one KV head's cache may hold when decode query t
+     * attends (t in any decode run), for these parameters: the policy's documented budget. */
     long (*max_slots)(const void *params, const LayerView *L, int t);
     /* Parameter settings ("key=value ...", NULL-terminated) the suite runs on its small traces
      * (a prompt of about a hundred tokens): the defaults scaled to them first, then settings

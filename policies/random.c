@@ -1,8 +1,9 @@
 /* random — uniform random eviction: the floor every policy must beat.
  *
  * Once the cache is full, after each attention one cached token, drawn uniformly (the current
- * one included), is evicted so that |cache| <= budget at every attention; at prefill end the
- * prompt is cut to a uniform random subset of budget - 1 tokens. Each KV head draws
+ * one included), is evicted so that |cache| <= budget at every attention. After every prefill
+ * chunk (of any span) the cached tokens and the chunk's are cut to a uniform random subset of
+ * budget - 1 of them (the prompt fed whole: a subset of the prompt). Each KV head draws
  * independently, from one GSL Mersenne Twister per instance seeded with env->seed: the same
  * seed gives the same choices. */
 #include <stddef.h>
@@ -52,19 +53,23 @@ static Policy *random_create(const void *params, const LayerView *L, const Polic
 static void random_prefill(Policy *p, const PrefillView *pv)
 {
     RandomPolicy *r = (RandomPolicy *)p;
-    int P = pv->L->n_prompt;
-    int keep = P < r->budget - 1 ? P : r->budget - 1;
-    int32_t *prompt = kv_malloc((size_t)P * sizeof *prompt);
-    int32_t *kept = kv_malloc((size_t)(keep > 0 ? keep : 1) * sizeof *kept);
-    for (int j = 0; j < P; j++)
-        prompt[j] = j;
+    int c1 = pv->chunk_end;
+    /* The candidates, ascending: what is cached (all before the chunk), then the chunk. */
+    int32_t *held = kv_malloc((size_t)c1 * sizeof *held);
+    int32_t *kept = kv_malloc((size_t)c1 * sizeof *kept);
     for (int g = 0; g < p->n_kv_heads; g++) {
+        KVCache *c = &p->cache[g];
+        int n = kvcache_positions(c, held);
+        for (int j = pv->chunk_start; j < c1; j++)
+            held[n++] = j;
+        int keep = n < r->budget - 1 ? n : r->budget - 1;
         if (keep > 0)
-            gsl_ran_choose(r->rng, kept, (size_t)keep, prompt, (size_t)P, sizeof *prompt);
+            gsl_ran_choose(r->rng, kept, (size_t)keep, held, (size_t)n, sizeof *held);
+        kvcache_clear(c);
         for (int i = 0; i < keep; i++)
-            kvcache_add(&p->cache[g], kept[i]);
+            kvcache_add(c, kept[i]);
     }
-    free(prompt);
+    free(held);
     free(kept);
 }
 

@@ -1,15 +1,18 @@
-/* snapkv — SnapKV: the prompt is compressed once, at prefill end, to the tokens its last
- * `observation` queries attend to most, plus those queries' own tokens (the observation window).
+/* snapkv — SnapKV (kvpress): a prefill span is compressed once, when it is complete, to the
+ * tokens its last `observation` queries attend to most, plus those queries' own tokens (the
+ * observation window). Before the span's last chunk, chunks are admitted whole.
  *
- * Score of prompt token j before the window: the attention the window's queries give it, summed
- * over the window's queries and over the query heads of the KV group, then max-pooled over the
- * `kernel` neighbours centred on j (so that a token's neighbours survive with it). The prompt is
- * cut to budget - 1 tokens: the window and the best budget - 1 - observation tokens before it
- * (ties: the later position). Decode, `decode = window` (the default): the chosen tokens before
- * the window stay for good, and the rest of the budget is a sliding window that starts with the
- * observation window and then takes each new token, evicting its oldest token after the
- * attention, so that |cache| <= budget at every attention. `decode = grow` is the published
- * method: nothing is evicted after the prompt and the cache grows by one token per step. */
+ * Score of a cached token j before the window: the attention the window's queries give it (over
+ * the cache and the span's last chunk), summed over the window's queries and over the query heads
+ * of the KV group, then max-pooled over the `kernel` neighbours centred on j in the cache's
+ * position order (so that a token's neighbours survive with it; for the prompt, its positions).
+ * The window is the last min(observation, last chunk's tokens) queries. The cache is cut to
+ * budget - 1 tokens: the window and the best budget - 1 - window tokens before it (ties: the
+ * later position). Decode, `decode = window` (the default): the chosen tokens before the window
+ * stay until the next span's compression, and the rest of the budget is a sliding window that
+ * starts with the observation window and then takes each new token, evicting its oldest token
+ * after the attention, so that |cache| <= budget at every attention. `decode = grow` is the
+ * published method: nothing is evicted after a span and the cache grows by one token per step. */
 #include <stddef.h>
 #include <stdlib.h>
 
@@ -94,42 +97,52 @@ static void max_pool(const double *score, int n, int kernel, double *pooled)
 static void snapkv_prefill(Policy *p, const PrefillView *pv)
 {
     Snapkv *s = (Snapkv *)p;
-    int P = pv->L->n_prompt, W = pv->obs_rows;
-    int prefix = P - W; /* tokens before the observation window */
+    int c1 = pv->chunk_end, W = pv->obs_rows;
+    for (int g = 0; g < p->n_kv_heads; g++)
+        for (int j = pv->chunk_start; j < c1; j++)
+            kvcache_add(&p->cache[g], j);
+    if (!pv->last_chunk)
+        return; /* compressed once, when the span is complete */
+    int prefix = c1 - W; /* positions before the observation window */
     s->tail_oldest = prefix;
     int keep = s->prm.budget - 1 - W;
-    float *summed = kv_malloc((size_t)(P > 0 ? P : 1) * sizeof *summed);
-    float *head_sum = kv_malloc((size_t)(P > 0 ? P : 1) * sizeof *head_sum);
-    double *score = kv_malloc((size_t)(P > 0 ? P : 1) * sizeof *score);
-    double *pooled = kv_malloc((size_t)(P > 0 ? P : 1) * sizeof *pooled);
-    int32_t *candidates = kv_malloc((size_t)(P > 0 ? P : 1) * sizeof *candidates);
+    float *summed = kv_malloc((size_t)c1 * sizeof *summed);
+    float *head_sum = kv_malloc((size_t)c1 * sizeof *head_sum);
+    double *score = kv_malloc((size_t)c1 * sizeof *score);
+    double *pooled = kv_malloc((size_t)c1 * sizeof *pooled);
+    double *pooled_at = kv_malloc((size_t)c1 * sizeof *pooled_at); /* by position */
+    int32_t *candidates = kv_malloc((size_t)c1 * sizeof *candidates);
     for (int g = 0; g < p->n_kv_heads; g++) {
         KVCache *c = &p->cache[g];
-        if (P <= s->prm.budget - 1) {
-            for (int j = 0; j < P; j++)
-                kvcache_add(c, j);
+        if (c->n <= s->prm.budget - 1)
             continue;
-        }
         /* Sum over the window's queries of each head, then over the group's heads. */
         for (int j = 0; j < prefix; j++)
             summed[j] = 0.0f;
         for (int i = 0; i < s->group; i++) {
             int h = g * s->group + i;
-            rank_sum_rows(pv->obs_attn + (size_t)h * W * P, W, prefix, P, 1.0f, head_sum);
+            rank_sum_rows(pv->obs_attn + (size_t)h * W * c1, W, prefix, c1, 1.0f, head_sum);
             for (int j = 0; j < prefix; j++)
                 summed[j] += head_sum[j];
         }
-        for (int j = 0; j < prefix; j++)
-            score[j] = summed[j];
-        max_pool(score, prefix, s->prm.kernel, pooled);
-        for (int j = 0; j < prefix; j++)
-            candidates[j] = j;
-        rank_keep_best(candidates, prefix, keep, pooled);
-        for (int i = 0; i < keep; i++)
+        /* The candidates: the cached positions before the window, ascending (every position
+         * before it for the prompt); neighbours are neighbours in that order. */
+        int n = kvcache_positions(c, candidates);
+        while (n > 0 && candidates[n - 1] >= prefix)
+            n--;
+        for (int i = 0; i < n; i++)
+            score[i] = summed[candidates[i]];
+        max_pool(score, n, s->prm.kernel, pooled);
+        for (int i = 0; i < n; i++)
+            pooled_at[candidates[i]] = pooled[i];
+        rank_keep_best(candidates, n, keep, pooled_at);
+        kvcache_clear(c);
+        for (int i = 0; i < keep && i < n; i++)
             kvcache_add(c, candidates[i]);
-        for (int j = prefix; j < P; j++)
+        for (int j = prefix; j < c1; j++)
             kvcache_add(c, j);
     }
+    free(pooled_at);
     free(summed);
     free(head_sum);
     free(score);

@@ -6,9 +6,9 @@
  * itself), or over all query heads of the layer (`heads = layer`: one choice for every KV head,
  * as the reference implementation does). Every cached token is a candidate, the current one
  * included. Eviction follows the attention: after query t attended, the cache is cut to
- * budget - 1 (ties: the older token goes), so that |cache| <= budget at every attention. The
- * prompt is cut to budget - 1 at prefill end by the same rule applied to the last prompt query's
- * attention. */
+ * budget - 1 (ties: the older token goes), so that |cache| <= budget at every attention. After
+ * every prefill chunk (of any span) the cache and the chunk are cut to budget - 1 by the same
+ * rule applied to the chunk's last query's attention (over the cache and the chunk). */
 #include <stddef.h>
 #include <stdlib.h>
 
@@ -68,23 +68,28 @@ static double *scores_of(Tova *v, int g)
 static void tova_prefill(Policy *p, const PrefillView *pv)
 {
     Tova *v = (Tova *)p;
-    int P = pv->L->n_prompt;
+    int c1 = pv->chunk_end;
     bool layer = v->prm.heads == TOVA_HEADS_LAYER;
-    /* obs_attn holds one row per query head: the last prompt query's attention. */
+    /* obs_attn holds one row per query head: the chunk's last query's attention, zero on the
+     * positions its KV head does not hold. */
     for (int g = 0; g < p->n_kv_heads; g++) {
         double *score = scores_of(v, g);
-        rank_sum_rows(pv->obs_attn + (size_t)g * v->group * P, v->group, P, P,
+        rank_sum_rows(pv->obs_attn + (size_t)g * v->group * c1, v->group, c1, c1,
                       1.0f / (float)(layer ? v->n_q_heads : v->group), v->slot_score);
-        for (int j = 0; j < P; j++)
+        for (int j = 0; j < c1; j++)
             score[j] = (layer && g > 0 ? score[j] : 0.0) + v->slot_score[j];
     }
     for (int g = 0; g < p->n_kv_heads; g++) {
-        for (int j = 0; j < P; j++)
-            v->candidates[j] = j;
-        int keep = P < v->prm.budget - 1 ? P : v->prm.budget - 1;
-        rank_keep_best(v->candidates, P, keep, scores_of(v, g));
+        KVCache *c = &p->cache[g];
+        /* The candidates, ascending: what is cached (all before the chunk), then the chunk. */
+        int n = kvcache_positions(c, v->candidates);
+        for (int j = pv->chunk_start; j < c1; j++)
+            v->candidates[n++] = j;
+        int keep = n < v->prm.budget - 1 ? n : v->prm.budget - 1;
+        rank_keep_best(v->candidates, n, keep, scores_of(v, g));
+        kvcache_clear(c);
         for (int i = 0; i < keep; i++)
-            kvcache_add(&p->cache[g], v->candidates[i]);
+            kvcache_add(c, v->candidates[i]);
     }
 }
 

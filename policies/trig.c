@@ -1,9 +1,12 @@
 /* trig — TriAttention: keys are ranked by a query-free trigonometric score (policies/trig.h)
  * computed from calibrated pre-RoPE query statistics. Every `divide_length` tokens, if a cache
  * holds more than `budget` tokens, it keeps the `budget` best: the first `protect_initial` and the
- * last `protect_recent` tokens unconditionally, the rest by score. A prompt longer than the budget
- * is pruned to the budget at the end of prefill. Between prunes the cache grows by one token per
- * step, so it holds between budget and budget + divide_length − 1 tokens at attention time. */
+ * last `protect_recent` tokens unconditionally, the rest by score. After every prefill chunk (of
+ * any span) a cache over the budget is pruned to it, scored at the chunk's last token, and the
+ * count of tokens to the next prune restarts. Between prunes the cache grows by one token per
+ * step, so it holds between budget and budget + divide_length − 1 tokens at attention time.
+ * Online calibration takes the queries of every prefill chunk as it arrives (the prompt's, then
+ * later spans'), never a decode step's. */
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -36,6 +39,9 @@ void trig_scorer_init(TrigScorer *s, int n_q_heads, int head_dim, RopeLayout pai
     s->mean_re = kv_calloc((size_t)n_q_heads * F, sizeof *s->mean_re);
     s->mean_im = kv_calloc((size_t)n_q_heads * F, sizeof *s->mean_im);
     s->mean_abs = kv_calloc((size_t)n_q_heads * F, sizeof *s->mean_abs);
+    s->sum_re = kv_calloc((size_t)n_q_heads * F, sizeof *s->sum_re);
+    s->sum_im = kv_calloc((size_t)n_q_heads * F, sizeof *s->sum_im);
+    s->sum_abs = kv_calloc((size_t)n_q_heads * F, sizeof *s->sum_abs);
     for (int f = 0; f < F; f++) {
         rope_pair(pairing, head_dim, f, &s->pair_re[f], &s->pair_im[f]);
         s->inv_freq[f] = inv_freq[f];
@@ -60,12 +66,27 @@ void trig_scorer_free(TrigScorer *s)
     free(s->mean_re);
     free(s->mean_im);
     free(s->mean_abs);
+    free(s->sum_re);
+    free(s->sum_im);
+    free(s->sum_abs);
     memset(s, 0, sizeof *s);
 }
 
 void trig_scorer_calibrate(TrigScorer *s, const float *q, int n_tokens, int n_used,
                            const int32_t *positions, RopeLayout q_layout,
                            const double *q_inv_freq)
+{
+    size_t n = (size_t)s->n_q_heads * (s->head_dim / 2);
+    memset(s->sum_re, 0, n * sizeof *s->sum_re);
+    memset(s->sum_im, 0, n * sizeof *s->sum_im);
+    memset(s->sum_abs, 0, n * sizeof *s->sum_abs);
+    s->n_used = 0;
+    trig_scorer_accumulate(s, q, n_tokens, 0, n_used, positions, q_layout, q_inv_freq);
+}
+
+void trig_scorer_accumulate(TrigScorer *s, const float *q, int n_tokens, int j0, int j1,
+                            const int32_t *positions, RopeLayout q_layout,
+                            const double *q_inv_freq)
 {
     int D = s->head_dim, F = D / 2, Hq = s->n_q_heads;
     int *q_re = kv_malloc((size_t)F * sizeof *q_re), *q_im = kv_malloc((size_t)F * sizeof *q_im);
@@ -76,10 +97,7 @@ void trig_scorer_calibrate(TrigScorer *s, const float *q, int n_tokens, int n_us
     double *rot_cos = kv_malloc((size_t)F * sizeof *rot_cos);
     double *rot_sin = kv_malloc((size_t)F * sizeof *rot_sin);
     double *pre = kv_malloc((size_t)D * sizeof *pre);
-    memset(s->mean_re, 0, (size_t)Hq * F * sizeof *s->mean_re);
-    memset(s->mean_im, 0, (size_t)Hq * F * sizeof *s->mean_im);
-    memset(s->mean_abs, 0, (size_t)Hq * F * sizeof *s->mean_abs);
-    for (int j = 0; j < n_used; j++) {
+    for (int j = j0; j < j1; j++) {
         for (int f = 0; f < F; f++) {
             double a = -(double)positions[j] * q_inv_freq[f];
             rot_cos[f] = cos(a);
@@ -92,8 +110,8 @@ void trig_scorer_calibrate(TrigScorer *s, const float *q, int n_tokens, int n_us
                 pre[q_re[f]] = x0 * rot_cos[f] - x1 * rot_sin[f];
                 pre[q_im[f]] = x0 * rot_sin[f] + x1 * rot_cos[f];
             }
-            double *mre = s->mean_re + (size_t)h * F, *mim = s->mean_im + (size_t)h * F;
-            double *mabs = s->mean_abs + (size_t)h * F;
+            double *mre = s->sum_re + (size_t)h * F, *mim = s->sum_im + (size_t)h * F;
+            double *mabs = s->sum_abs + (size_t)h * F;
             for (int f = 0; f < F; f++) {
                 double re = pre[s->pair_re[f]], im = pre[s->pair_im[f]];
                 mre[f] += re;
@@ -102,10 +120,11 @@ void trig_scorer_calibrate(TrigScorer *s, const float *q, int n_tokens, int n_us
             }
         }
     }
+    s->n_used += j1 - j0;
     for (size_t i = 0; i < (size_t)Hq * F; i++) {
-        s->mean_re[i] /= n_used;
-        s->mean_im[i] /= n_used;
-        s->mean_abs[i] /= n_used;
+        s->mean_re[i] = s->sum_re[i] / s->n_used;
+        s->mean_im[i] = s->sum_im[i] / s->n_used;
+        s->mean_abs[i] = s->sum_abs[i] / s->n_used;
     }
     free(q_re);
     free(q_im);
@@ -170,7 +189,7 @@ typedef struct {
     Policy base;
     TrigParams prm;
     TrigScorer scorer;
-    bool calibrated;
+    bool calibrated; /* from a file: fixed */
     int since_prune; /* tokens admitted since the last prune (or the end of prefill) */
 } Trig;
 
@@ -392,20 +411,21 @@ static void trig_prefill(Policy *p, const PrefillView *pv)
 {
     Trig *tr = (Trig *)p;
     const LayerView *L = pv->L;
-    int P = L->n_prompt;
-    if (!tr->calibrated) {
-        trig_scorer_calibrate(&tr->scorer, L->q, L->n_tokens, P, L->meta->positions,
-                              L->meta->rope_layout, L->rope_inv_freq);
-        tr->calibrated = true;
-    }
-    for (int g = 0; g < p->n_kv_heads; g++)
-        for (int j = 0; j < P; j++)
+    int c0 = pv->chunk_start, c1 = pv->chunk_end;
+    if (!tr->calibrated)
+        trig_scorer_accumulate(&tr->scorer, L->q, L->n_tokens, c0, c1, L->meta->positions,
+                               L->meta->rope_layout, L->rope_inv_freq);
+    bool over = false;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        for (int j = c0; j < c1; j++)
             kvcache_add(&p->cache[g], j);
+        over |= p->cache[g].n > tr->prm.budget;
+    }
     /* A departure (docs/policies.md): the authors' code never prunes on the prefill pass and
-     * pins the prompt; kvsim cuts a prompt longer than the budget at prefill end, so that the
+     * pins the prompt; kvsim cuts a chunk that leaves a cache over the budget, so that the
      * budget holds at every decode step and prompt tokens compete on their scores. */
-    if (P > tr->prm.budget)
-        prune(tr, L, P - 1);
+    if (over)
+        prune(tr, L, c1 - 1);
     tr->since_prune = 0;
 }
 

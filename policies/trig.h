@@ -28,6 +28,9 @@ typedef struct {
     double *offset_re, *offset_im;
     /* [n_q_heads][head_dim/2]: E q_f (real, imaginary part) and E|q_f|, pre-RoPE queries */
     double *mean_re, *mean_im, *mean_abs;
+    /* The sums behind the means, over the n_used queries accumulated so far. */
+    double *sum_re, *sum_im, *sum_abs;
+    long n_used;
 } TrigScorer;
 
 /* Sets up a scorer with zero statistics; inv_freq ([head_dim/2]) is copied. */
@@ -42,6 +45,12 @@ void trig_scorer_free(TrigScorer *s);
 void trig_scorer_calibrate(TrigScorer *s, const float *q, int n_tokens, int n_used,
                            const int32_t *positions, RopeLayout q_layout,
                            const double *q_inv_freq);
+/* Adds the queries of tokens [j0, j1) to those the statistics already hold (none after init):
+ * the means become those of every query accumulated, summed in the order they came, so that
+ * accumulating [0, n) in pieces gives the statistics calibrate gives for [0, n). j1 > j0. */
+void trig_scorer_accumulate(TrigScorer *s, const float *q, int n_tokens, int j0, int j1,
+                            const int32_t *positions, RopeLayout q_layout,
+                            const double *q_inv_freq);
 
 /* Scores n post-RoPE keys (rows of keys, [n][head_dim]) at current position t for query heads
  * [h0, h0 + nh): out is [nh][n], S(k) of each head before any normalisation. */

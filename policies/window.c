@@ -1,6 +1,8 @@
 /* window — StreamingLLM: the first `sinks` tokens plus the last `window` tokens (the current one
  * included). With sinks = 0 it is the plain rotating ring buffer. Equivalent to mlx-lm's
- * RotatingKVCache(max_size = window + sinks, keep = sinks). */
+ * RotatingKVCache(max_size = window + sinks, keep = sinks). Prefill chunks, of any span, stream
+ * through the same rule token by token, so the cache after a chunk does not depend on the
+ * chunking: the sinks and the last `window` tokens. */
 #include <stddef.h>
 #include <stdlib.h>
 
@@ -52,7 +54,7 @@ static void window_admit(Window *w, int t)
 static void window_prefill(Policy *p, const PrefillView *pv)
 {
     Window *w = (Window *)p;
-    for (int j = 0; j < pv->L->n_prompt; j++)
+    for (int j = pv->chunk_start; j < pv->chunk_end; j++)
         window_admit(w, j);
 }
 

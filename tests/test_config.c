@@ -113,7 +113,7 @@ static void test_good_config_loads(void **state)
     const char *path = write_ini("; a comment\n"
                                  "[trace]\npath = traces/x.h5\n"
                                  "[run]\nthreads = 3 ; inline comment\ntopk = 8\neval_every = 4\n"
-                                 "kv_bits = 8\nseed = 42\nout = results/here\n"
+                                 "kv_bits = 8\nseed = 42\nout = results/here\nprefill_chunk = 64\n"
                                  "[policy.full]\ntype = full\n"
                                  "[policy.w100]\nwindow = 100\ntype = window\nsinks = 0\n");
     RunConfig rc;
@@ -127,6 +127,8 @@ static void test_good_config_loads(void **state)
     assert_int_equal(rc.engine.eval_every, 4);
     assert_int_equal(rc.engine.kv_bits, 8);
     assert_int_equal(rc.engine.seed, 42);
+    assert_int_equal(rc.engine.prefill_chunk, 64);
+    assert_int_equal(rc.prefill_chunk_line, 11);
     assert_int_equal(rc.engine.n_policies, 2);
     assert_string_equal(rc.engine.policies[1].label, "w100");
     assert_string_equal(rc.engine.policies[1].type->name, "window");
@@ -147,6 +149,8 @@ static void test_default_out_dir_from_config_name(void **state)
     assert_string_equal(rc.out_dir, "results/c");
     assert_int_equal(rc.engine.topk, 32);
     assert_int_equal(rc.engine.eval_every, 1);
+    assert_int_equal(rc.engine.prefill_chunk, 0);
+    assert_int_equal(config_check_closed_loop(&rc, &err), 0);
     config_free(&rc);
 }
 
@@ -160,6 +164,10 @@ static void test_errors_name_file_and_line(void **state)
     expect_error("[run]\nthreads = two\n", 2, "threads = 'two': expected an integer");
     expect_error("[run]\ntopk = 0\n", 2, "topk = '0': expected a positive integer");
     expect_error("[run]\neval_every = 1.5\n", 2, "eval_every = '1.5'");
+    expect_error("[run]\nprefill_chunk = -1\n", 2,
+                 "prefill_chunk = '-1': expected a non-negative integer (0 = each prefill span");
+    expect_error("[run]\nthreads = 1\nprefill_chunk = 64k\n", 3, "prefill_chunk = '64k'");
+    expect_error("[run]\nprefill_chunk = 3000000000\n", 2, "prefill_chunk = '3000000000'");
     expect_error("[policy.a]\ntype = lru\n", 2, "unknown policy type 'lru' (known: full, window");
     expect_error("[policy.a]\ntype = window\nwindow = abc\n", 3, "window = 'abc': expected an integer");
     expect_error("[policy.a]\ntype = window\nsinks = -1\n", 3, "sinks = -1: expected an integer in [0,");

@@ -1,15 +1,18 @@
 /* The conformance suite: every policy type in the registry, at every parameter setting its
  * PolicyType lists (`conformance`), on a synthetic trace with GQA (group 2), a system-prompt
- * segment, needles, probes and tied keys, must keep these properties:
+ * segment, needles, probes and tied keys, fed in each of three layouts (one prompt then decode,
+ * fed whole; two turns, prefill, decode, prefill, decode, fed whole; the same in chunks of 7
+ * tokens, which divide no span), must keep these properties:
  *
  *   budget       at every decode step each KV head's cache holds at most max_slots(t) slots,
  *                and only positions <= t;
  *   isolation    its rows of summary.csv, layers.csv and steps.csv are byte-identical whether
  *                it runs alone or next to every other setting of every type;
  *   no future    (non-oracles) it never reads Q/K/V, tokens, positions, segments, needles or
- *                probes of positions > t: driven on a trace whose future is NaN / garbage and
- *                revealed one position per step, it makes exactly the decisions it makes on
- *                the clean trace; it never gets the true attention;
+ *                probes of positions after the chunk or step being fed: driven on a trace whose
+ *                every position is NaN / garbage until it arrives (a prefill chunk, a decode
+ *                step), it makes exactly the decisions it makes on the clean trace; it never
+ *                gets the true attention;
  *   determinism  the CSVs of the run with every setting are identical at 1, 2 and 3 threads and
  *                across two runs;
  *   memory       device bytes = live slots at kv_bits, allocated >= device, host bytes and
@@ -21,7 +24,7 @@
  * A policy added to policies/registry.def is covered without new test code: it must fill
  * max_slots and conformance in its PolicyType, and its settings must give every parameter
  * (strings naming files aside) a non-default value somewhere. A failure names the property,
- * the policy setting, and where (layer, head, step). */
+ * the policy setting, the layout, and where (layer, head, step). */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -59,7 +62,28 @@ typedef struct {
     char trace[4200];
 } Suite;
 
-/* ---- The synthetic trace ---- */
+/* ---- The synthetic trace and the layouts it is fed in ---- */
+
+typedef struct {
+    const char *name;
+    int n_spans;
+    TraceSpan spans[4];
+    int prefill_chunk;
+} Layout;
+
+/* The second turn's prefill holds a needle and a probe (not evaluated: it is no decode step). */
+static const Layout LAYOUTS[] = {
+    {"one prompt", 2, {{SPAN_PREFILL, 0, P}, {SPAN_DECODE, P, T}}, 0},
+    {"two turns",
+     4,
+     {{SPAN_PREFILL, 0, P}, {SPAN_DECODE, P, 120}, {SPAN_PREFILL, 120, 140}, {SPAN_DECODE, 140, T}},
+     0},
+    {"two turns in chunks of 7",
+     4,
+     {{SPAN_PREFILL, 0, P}, {SPAN_DECODE, P, 120}, {SPAN_PREFILL, 120, 140}, {SPAN_DECODE, 140, T}},
+     7},
+};
+enum { N_LAYOUTS = sizeof LAYOUTS / sizeof LAYOUTS[0] };
 
 /* Needles [20,24), [60,63) in the prompt and [120,123) in the decode; probes inside the decode. */
 static const int32_t NEEDLES[] = {20, 24, 60, 63, 120, 123};
@@ -99,17 +123,28 @@ static void fill_layer(Fixture *fx, int l)
     }
 }
 
-static Fixture *new_fixture(void)
+static Fixture *new_fixture(const Layout *lay)
 {
     Fixture *fx = fixture_new(HQ, HKV, D, T, P);
     fill_meta(&fx->meta);
     fill_layer(fx, 0);
+    fixture_set_spans(fx, lay->spans, lay->n_spans);
+    fx->prefill_chunk = lay->prefill_chunk;
     return fx;
+}
+
+static SpanKind kind_at(const TraceMeta *m, int pos)
+{
+    for (int s = 0; s < m->n_spans; s++)
+        if (pos >= m->spans[s].start && pos < m->spans[s].end)
+            return (SpanKind)m->spans[s].kind;
+    fail_msg("position %d is in no span", pos);
+    return SPAN_DECODE;
 }
 
 static void write_trace(const char *path)
 {
-    Fixture *fx = new_fixture();
+    Fixture *fx = new_fixture(&LAYOUTS[0]);
     TraceMeta meta;
     fixture_trace_meta(fx, LAYERS, "conformance suite", &meta);
     KvErr err;
@@ -212,6 +247,7 @@ static void test_settings_cover_every_parameter(void **state)
 
 typedef struct {
     const Setting *st;
+    const Layout *lay;
     const Fixture *fx;
     /* decisions: per step and KV head, the sorted real positions and the synthetic count */
     int32_t *log;
@@ -246,14 +282,14 @@ static void check_step(int t, const Policy *p, const float *full_attn, void *ud)
     for (int g = 0; g < p->n_kv_heads; g++) {
         const KVCache *c = &p->cache[g];
         if (c->n > bound)
-            fail_msg("budget: %s (%s): layer 0, KV head %d, step %d: %d slots > max_slots %ld",
-                     st->label, st->params, g, t, c->n, bound);
+            fail_msg("budget: %s (%s), %s: layer 0, KV head %d, step %d: %d slots > max_slots %ld",
+                     st->label, st->params, d->lay->name, g, t, c->n, bound);
         int32_t *pos = kv_malloc((size_t)(c->n + 1) * sizeof *pos);
         int n_real = 0, n_syn = 0;
         for (int i = 0; i < c->n; i++) {
             if (c->pos[i] > t)
-                fail_msg("no future: %s (%s): KV head %d, step %d caches position %d", st->label,
-                         st->params, g, t, c->pos[i]);
+                fail_msg("no future: %s (%s), %s: KV head %d, step %d caches position %d",
+                         st->label, st->params, d->lay->name, g, t, c->pos[i]);
             if (c->pos[i] >= 0)
                 pos[n_real++] = c->pos[i];
             else
@@ -269,20 +305,19 @@ static void check_step(int t, const Policy *p, const float *full_attn, void *ud)
     }
 }
 
-/* The memory report of the step before t (called before step t and after the last step). */
-static void check_memory(int t, const Policy *p, void *ud)
+/* The memory report of the call before positions [t0, t1) arrive: a decode step's, checked in
+ * full, or a prefill chunk's, whose transfers a policy may report with the next decode step (the
+ * totals cover decode steps): there what it left on the host is the next starting point. */
+static void check_memory(int t0, int t1, const Policy *p, void *ud)
 {
+    (void)t1;
     Drive *d = ud;
     const Setting *st = d->st;
+    if (t0 == 0)
+        return; /* nothing came before */
     MemReport m;
     policy_memory_report(p, D, KV_BITS, &m);
-    if (t == d->fx->L.n_prompt) {
-        /* After prefill: what the prompt left on the host is the starting point (the reports,
-         * and the totals built from them, cover decode steps). */
-        d->host_before = m.host_bytes;
-        return;
-    }
-    int step = t - 1;
+    bool after_prefill = kind_at(&d->fx->meta, t0 - 1) == SPAN_PREFILL;
     double live = 0;
     for (int g = 0; g < p->n_kv_heads; g++)
         live += p->cache[g].n;
@@ -294,6 +329,8 @@ static void check_memory(int t, const Policy *p, void *ud)
     else if (m.host_bytes < 0 || m.to_host_bytes < 0 || m.to_device_bytes < 0 ||
              m.fetched_tokens < 0 || m.restored_tokens < 0)
         what = "a negative byte or token count";
+    else if (after_prefill)
+        what = NULL;
     else if (m.host_bytes > d->host_before + m.to_host_bytes + 1e-9)
         what = "the host tier grew by more than was moved to it";
     else if (m.to_device_bytes > d->host_before + m.to_host_bytes + 1e-9)
@@ -301,10 +338,12 @@ static void check_memory(int t, const Policy *p, void *ud)
     else if ((m.fetched_tokens > 0 || m.restored_tokens > 0) && m.to_device_bytes <= 0)
         what = "tokens came from the host tier but no bytes moved";
     if (what)
-        fail_msg("memory: %s (%s): step %d: %s (device %.0f, live slots %.0f, allocated %.0f, "
+        fail_msg("memory: %s (%s), %s: %s %d: %s (device %.0f, live slots %.0f, allocated %.0f, "
                  "host %.0f, previous host %.0f, to host %.0f, to device %.0f)",
-                 st->label, st->params, step, what, m.device_bytes, live, m.allocated_bytes,
-                 m.host_bytes, d->host_before, m.to_host_bytes, m.to_device_bytes);
+                 st->label, st->params, d->lay->name,
+                 after_prefill ? "prefill chunk ending at" : "step", t0 - 1, what, m.device_bytes,
+                 live, m.allocated_bytes, m.host_bytes, d->host_before, m.to_host_bytes,
+                 m.to_device_bytes);
     d->host_before = m.host_bytes;
 }
 
@@ -318,9 +357,11 @@ static Policy *create_on(const Setting *st, Fixture *fx)
     return p;
 }
 
-static void drive(const Setting *st, Fixture *fx, FixtureBeforeFn before, Drive *d)
+static void drive(const Setting *st, const Layout *lay, Fixture *fx, FixtureBeforeFn before,
+                  Drive *d)
 {
     d->st = st;
+    d->lay = lay;
     d->fx = fx;
     Policy *p = create_on(st, fx);
     if (p->want_decode_mass && !p->is_oracle)
@@ -332,107 +373,114 @@ static void drive(const Setting *st, Fixture *fx, FixtureBeforeFn before, Drive 
 static void test_budget_and_memory(void **state)
 {
     Suite *s = *state;
-    Fixture *fx = new_fixture();
-    for (int i = 0; i < s->n; i++) {
-        Drive d = {0};
-        drive(&s->set[i], fx, check_memory, &d);
-        free(d.log);
+    for (int l = 0; l < N_LAYOUTS; l++) {
+        Fixture *fx = new_fixture(&LAYOUTS[l]);
+        for (int i = 0; i < s->n; i++) {
+            Drive d = {0};
+            drive(&s->set[i], &LAYOUTS[l], fx, check_memory, &d);
+            free(d.log);
+        }
+        fixture_free(fx);
     }
-    fixture_free(fx);
 }
 
-/* Hides everything of positions >= P, then reveals position t before step t. */
+/* Hides everything of every position; reveal() then shows positions as they arrive. */
 static void hide_future(Fixture *fx)
 {
     TraceMeta *m = &fx->meta;
     for (int h = 0; h < HQ; h++)
-        for (int t = P; t < T; t++)
+        for (int t = 0; t < T; t++)
             for (int i = 0; i < D; i++)
                 fx_q(fx, h, t)[i] = NAN;
     for (int g = 0; g < HKV; g++)
-        for (int t = P; t < T; t++)
+        for (int t = 0; t < T; t++)
             for (int i = 0; i < D; i++)
                 fx_k(fx, g, t)[i] = fx_v(fx, g, t)[i] = NAN;
-    for (int t = P; t < T; t++) {
+    for (int t = 0; t < T; t++) {
         m->tokens[t] = -12345;
         m->positions[t] = -1000000;
         m->segments[t] = 0; /* the future poses as system prompt */
     }
-    m->n_needles = 2; /* the needles starting in the prompt */
+    m->n_needles = 0;
     m->n_probes = 0;
 }
 
-static void reveal(int t, const Policy *p, void *ud)
+/* Positions [t0, t1) arrive: a prefill chunk or a decode step. */
+static void reveal(int t0, int t1, const Policy *p, void *ud)
 {
     (void)p;
     Drive *d = ud;
-    if (t >= T)
-        return;
     Fixture *fx = (Fixture *)d->fx;
     const Fixture *c = d->clean;
-    for (int h = 0; h < HQ; h++)
-        memcpy(fx_q(fx, h, t), fx_q((Fixture *)c, h, t), D * sizeof(float));
-    for (int g = 0; g < HKV; g++) {
-        memcpy(fx_k(fx, g, t), fx_k((Fixture *)c, g, t), D * sizeof(float));
-        memcpy(fx_v(fx, g, t), fx_v((Fixture *)c, g, t), D * sizeof(float));
-    }
     TraceMeta *m = &fx->meta;
-    m->tokens[t] = c->meta.tokens[t];
-    m->positions[t] = c->meta.positions[t];
-    m->segments[t] = c->meta.segments[t];
+    for (int t = t0; t < t1; t++) {
+        for (int h = 0; h < HQ; h++)
+            memcpy(fx_q(fx, h, t), fx_q((Fixture *)c, h, t), D * sizeof(float));
+        for (int g = 0; g < HKV; g++) {
+            memcpy(fx_k(fx, g, t), fx_k((Fixture *)c, g, t), D * sizeof(float));
+            memcpy(fx_v(fx, g, t), fx_v((Fixture *)c, g, t), D * sizeof(float));
+        }
+        m->tokens[t] = c->meta.tokens[t];
+        m->positions[t] = c->meta.positions[t];
+        m->segments[t] = c->meta.segments[t];
+    }
+    if (t1 == t0)
+        return;
     m->n_needles = 0;
     for (int i = 0; i < c->meta.n_needles; i++)
-        m->n_needles += c->meta.needles[2 * i] <= t;
+        m->n_needles += c->meta.needles[2 * i] < t1;
     m->n_probes = 0;
     for (int i = 0; i < c->meta.n_probes; i++)
-        m->n_probes += c->meta.probes[i] <= t;
+        m->n_probes += c->meta.probes[i] < t1;
 }
 
 static void test_no_future(void **state)
 {
     Suite *s = *state;
-    Fixture *clean = new_fixture();
-    for (int i = 0; i < s->n; i++) {
-        const Setting *st = &s->set[i];
-        Drive plain = {0}, hidden = {.clean = clean};
-        drive(st, clean, NULL, &plain);
-        Fixture *fx = new_fixture();
-        hide_future(fx);
-        Policy *probe = create_on(st, fx);
-        bool oracle = probe->is_oracle;
-        probe->type->destroy(probe);
-        if (!oracle) {
-            drive(st, fx, reveal, &hidden);
-            /* Records (t, synthetic, n_real, positions...) per step and KV head, in order. */
-            size_t a = 0, b = 0;
-            for (int rec = 0; a < plain.n_log; rec++) {
-                size_t len = 3 + (size_t)plain.log[a + 2];
-                if (b + len > hidden.n_log ||
-                    memcmp(plain.log + a, hidden.log + b, len * sizeof *plain.log) != 0)
-                    fail_msg("no future: %s (%s) decides differently when positions > t are "
-                             "hidden: step %d, KV head %d",
-                             st->label, st->params, plain.log[a], rec % HKV);
-                a += len;
-                b += len;
+    for (int l = 0; l < N_LAYOUTS; l++) {
+        const Layout *lay = &LAYOUTS[l];
+        Fixture *clean = new_fixture(lay);
+        for (int i = 0; i < s->n; i++) {
+            const Setting *st = &s->set[i];
+            Drive plain = {0}, hidden = {.clean = clean};
+            drive(st, lay, clean, NULL, &plain);
+            Fixture *fx = new_fixture(lay);
+            hide_future(fx);
+            Policy *probe = create_on(st, fx);
+            bool oracle = probe->is_oracle;
+            probe->type->destroy(probe);
+            if (!oracle) {
+                drive(st, lay, fx, reveal, &hidden);
+                /* Records (t, synthetic, n_real, positions...) per step and KV head, in order. */
+                size_t a = 0, b = 0;
+                for (int rec = 0; a < plain.n_log; rec++) {
+                    size_t len = 3 + (size_t)plain.log[a + 2];
+                    if (b + len > hidden.n_log ||
+                        memcmp(plain.log + a, hidden.log + b, len * sizeof *plain.log) != 0)
+                        fail_msg("no future: %s (%s), %s: decides differently when positions "
+                                 "not yet fed are hidden: step %d, KV head %d",
+                                 st->label, st->params, lay->name, plain.log[a], rec % HKV);
+                    a += len;
+                    b += len;
+                }
+                assert_int_equal(b, hidden.n_log);
             }
-            assert_int_equal(b, hidden.n_log);
+            free(plain.log);
+            free(hidden.log);
+            fixture_free(fx);
         }
-        free(plain.log);
-        free(hidden.log);
-        fixture_free(fx);
+        fixture_free(clean);
     }
-    fixture_free(clean);
 }
 
 /* ---- Oracle bound ---- */
 
-static void test_oracle_topk_bounds_every_policy(void **state)
+static void oracle_bound_on(const Suite *s, const Layout *lay)
 {
-    Suite *s = *state;
-    Fixture *fx = new_fixture();
-    int steps = T - P;
-    double *pol = kv_malloc((size_t)steps * HKV * sizeof *pol);
-    double *orc = kv_malloc((size_t)steps * HKV * sizeof *orc);
+    Fixture *fx = new_fixture(lay);
+    int steps = T - P; /* mass_trace_run's rows: t - P for each decode step t */
+    double *pol = kv_calloc((size_t)steps * HKV, sizeof *pol);
+    double *orc = kv_calloc((size_t)steps * HKV, sizeof *orc);
     for (int i = 0; i < s->n; i++) {
         const Setting *st = &s->set[i];
         Policy *probe = create_on(st, fx);
@@ -453,9 +501,9 @@ static void test_oracle_topk_bounds_every_policy(void **state)
         for (int t = 0; t < steps; t++)
             for (int g = 0; g < HKV; g++)
                 if (orc[t * HKV + g] < pol[t * HKV + g] - 1e-6)
-                    fail_msg("oracle bound: %s (%s): step %d, KV head %d: oracle_topk (budget "
-                             "%ld) retains %.9g < %.9g",
-                             st->label, st->params, P + t, g, bound, orc[t * HKV + g],
+                    fail_msg("oracle bound: %s (%s), %s: step %d, KV head %d: oracle_topk "
+                             "(budget %ld) retains %.9g < %.9g",
+                             st->label, st->params, lay->name, P + t, g, bound, orc[t * HKV + g],
                              pol[t * HKV + g]);
     }
     free(pol);
@@ -463,10 +511,29 @@ static void test_oracle_topk_bounds_every_policy(void **state)
     fixture_free(fx);
 }
 
+static void test_oracle_topk_bounds_every_policy(void **state)
+{
+    Suite *s = *state;
+    for (int l = 0; l < N_LAYOUTS; l++)
+        oracle_bound_on(s, &LAYOUTS[l]);
+}
+
+
 /* ---- Isolation and determinism: the replay engine and the CSV writers ---- */
 
-static void replay_to(const Suite *s, const Setting *const *sel, int n, int threads,
-                      const char *out)
+/* The trace file holds one prompt (the writer has no spans to write): a layout's spans replace
+ * those of the open trace's metadata, which is what the engine reads. */
+static void use_layout(Trace *tr, const Layout *lay)
+{
+    TraceMeta *m = (TraceMeta *)trace_meta(tr);
+    free(m->spans);
+    m->spans = kv_malloc((size_t)lay->n_spans * sizeof *m->spans);
+    memcpy(m->spans, lay->spans, (size_t)lay->n_spans * sizeof *m->spans);
+    m->n_spans = lay->n_spans;
+}
+
+static void replay_to(const Suite *s, const Layout *lay, const Setting *const *sel, int n,
+                      int threads, const char *out)
 {
     PolicySpec *spec = kv_calloc((size_t)n, sizeof *spec);
     for (int i = 0; i < n; i++) {
@@ -475,11 +542,13 @@ static void replay_to(const Suite *s, const Setting *const *sel, int n, int thre
         spec[i].params = sel[i]->prm;
     }
     EngineConfig cfg = {.threads = threads, .topk = TOPK, .eval_every = 1, .kv_bits = KV_BITS,
-                        .seed = SEED, .n_policies = n, .policies = spec};
+                        .prefill_chunk = lay->prefill_chunk, .seed = SEED, .n_policies = n,
+                        .policies = spec};
     KvErr err;
     Trace *tr = trace_open(s->trace, &err);
     if (!tr)
         fail_msg("%s", err.msg);
+    use_layout(tr, lay);
     Results *r = engine_run(tr, &cfg, &err);
     if (!r)
         fail_msg("replay: %s", err.msg);
@@ -513,17 +582,16 @@ static char *rows_of(const char *csv, const char *label)
     return out;
 }
 
-static void test_isolation(void **state)
+static void isolation_on(const Suite *s, const Layout *lay)
 {
-    Suite *s = *state;
     const Setting *all[MAX_SETTINGS];
     for (int i = 0; i < s->n; i++)
         all[i] = &s->set[i];
     char *together = scratch_create();
-    replay_to(s, all, s->n, 2, together);
+    replay_to(s, lay, all, s->n, 2, together);
     for (int i = 0; i < s->n; i++) {
         char *alone = scratch_create();
-        replay_to(s, &all[i], 1, 1, alone);
+        replay_to(s, lay, &all[i], 1, 1, alone);
         for (size_t f = 0; f < sizeof CSVS / sizeof CSVS[0]; f++) {
             char *a = scratch_read(scratch_path(alone, CSVS[f], 0));
             char *b = scratch_read(scratch_path(together, CSVS[f], 1));
@@ -531,9 +599,9 @@ static void test_isolation(void **state)
             if (ra[0] == '\0')
                 fail_msg("isolation: %s has no rows in %s", s->set[i].label, CSVS[f]);
             if (strcmp(ra, rb) != 0)
-                fail_msg("isolation: %s (%s): its rows of %s differ alone and next to every "
+                fail_msg("isolation: %s (%s), %s: its rows of %s differ alone and next to every "
                          "other policy:\nalone:    %.300s\ntogether: %.300s",
-                         s->set[i].label, s->set[i].params, CSVS[f], ra, rb);
+                         s->set[i].label, s->set[i].params, lay->name, CSVS[f], ra, rb);
             free(ra);
             free(rb);
             free(a);
@@ -544,31 +612,247 @@ static void test_isolation(void **state)
     scratch_remove(together);
 }
 
-static void test_determinism(void **state)
+static void test_isolation(void **state)
 {
-    Suite *s = *state;
+    for (int l = 0; l < N_LAYOUTS; l++)
+        isolation_on(*state, &LAYOUTS[l]);
+}
+
+static void determinism_on(const Suite *s, const Layout *lay)
+{
     const Setting *all[MAX_SETTINGS];
     for (int i = 0; i < s->n; i++)
         all[i] = &s->set[i];
     static const int threads[] = {1, 2, 3, 3};
     char *first = scratch_create();
-    replay_to(s, all, s->n, threads[0], first);
+    replay_to(s, lay, all, s->n, threads[0], first);
     for (size_t k = 1; k < sizeof threads / sizeof threads[0]; k++) {
         char *other = scratch_create();
-        replay_to(s, all, s->n, threads[k], other);
+        replay_to(s, lay, all, s->n, threads[k], other);
         for (size_t f = 0; f < sizeof CSVS / sizeof CSVS[0]; f++) {
             char *a = scratch_read(scratch_path(first, CSVS[f], 0));
             char *b = scratch_read(scratch_path(other, CSVS[f], 1));
             assert_true(strlen(a) > 0);
             if (strcmp(a, b) != 0)
-                fail_msg("determinism: %s differs between %d and %d threads (run %zu)", CSVS[f],
-                         threads[0], threads[k], k);
+                fail_msg("determinism: %s, %s: differs between %d and %d threads (run %zu)",
+                         lay->name, CSVS[f], threads[0], threads[k], k);
             free(a);
             free(b);
         }
         scratch_remove(other);
     }
     scratch_remove(first);
+}
+
+static void test_determinism(void **state)
+{
+    for (int l = 0; l < N_LAYOUTS; l++)
+        determinism_on(*state, &LAYOUTS[l]);
+}
+
+/* ---- Prefill statistics: the driver's, checked by a policy against its own caches ---- */
+
+/* A test policy whose caches differ per instance (parity) and per KV head, with a synthetic slot:
+ * at each prefill call it recomputes, in double from its caches as they stand, the statistics
+ * policies/policy.h promises, and compares them with what the driver gave it. */
+typedef struct {
+    int parity;
+} SpyParams;
+
+typedef struct {
+    Policy base;
+    int parity;
+    int calls;
+} Spy;
+
+static const PolicyType spy_type;
+
+static Policy *spy_create(const void *params, const LayerView *L, const PolicyEnv *env, KvErr *err)
+{
+    (void)env;
+    (void)err;
+    Spy *s = kv_calloc(1, sizeof *s);
+    policy_base_init(&s->base, &spy_type, L);
+    s->parity = ((const SpyParams *)params)->parity;
+    s->base.want_prefill_mass = true;
+    s->base.want_prefill_rows = 3 + s->parity;
+    return &s->base;
+}
+
+static void spy_check(const Spy *s, const PrefillView *pv)
+{
+    const LayerView *L = pv->L;
+    int c0 = pv->chunk_start, c1 = pv->chunk_end, Dh = L->head_dim, Tn = L->n_tokens;
+    int rows = s->base.want_prefill_rows < c1 - c0 ? s->base.want_prefill_rows : c1 - c0;
+    if (pv->obs_rows != rows || !pv->prefill_mass || !pv->obs_attn)
+        fail_msg("statistics: parity %d, chunk [%d, %d): obs_rows %d, expected %d", s->parity, c0,
+                 c1, pv->obs_rows, rows);
+    double *mass = kv_calloc((size_t)c1, sizeof *mass);
+    double *prob = kv_malloc((size_t)(Tn + 1) * sizeof *prob);
+    for (int h = 0; h < L->n_q_heads; h++) {
+        const KVCache *c = &s->base.cache[h / L->group];
+        memset(mass, 0, (size_t)c1 * sizeof *mass);
+        for (int i = c0; i < c1; i++) {
+            const float *q = L->q + ((size_t)h * Tn + i) * Dh;
+            int n = c->n + i - c0 + 1;
+            double mx = -INFINITY, z = 0;
+            for (int j = 0; j < n; j++) {
+                int pos = j < c->n ? c->pos[j] : c0 + j - c->n;
+                const float *k = j < c->n && c->alt_kv[j]
+                                     ? c->alt_kv[j]
+                                     : L->k + ((size_t)(h / L->group) * Tn + pos) * Dh;
+                bool visible = pos < 0 || L->window == 0 || pos > i - L->window;
+                double dot = 0;
+                for (int d = 0; d < Dh; d++)
+                    dot += (double)q[d] * k[d];
+                prob[j] = visible ? dot * L->attn_scale : -INFINITY;
+                mx = prob[j] > mx ? prob[j] : mx;
+            }
+            for (int j = 0; j < n; j++)
+                z += (prob[j] = exp(prob[j] - mx));
+            int r = i - (c1 - rows);
+            for (int j = 0; j < n; j++) {
+                int pos = j < c->n ? c->pos[j] : c0 + j - c->n;
+                if (pos < 0)
+                    continue;
+                mass[pos] += prob[j] / z;
+                if (r >= 0) {
+                    double got = pv->obs_attn[((size_t)h * rows + r) * c1 + pos];
+                    if (fabs(got - prob[j] / z) > 2e-5)
+                        fail_msg("statistics: parity %d, chunk [%d, %d), query head %d: obs row "
+                                 "of query %d at position %d is %.9g, expected %.9g",
+                                 s->parity, c0, c1, h, i, pos, got, prob[j] / z);
+                }
+            }
+        }
+        for (int j = 0; j < c1; j++) {
+            double got = pv->prefill_mass[(size_t)h * c1 + j];
+            if (fabs(got - mass[j]) > 1e-4)
+                fail_msg("statistics: parity %d, chunk [%d, %d), query head %d: mass of position "
+                         "%d is %.9g, expected %.9g (held: %d)",
+                         s->parity, c0, c1, h, j, got, mass[j], kvcache_has(c, j));
+        }
+    }
+    free(mass);
+    free(prob);
+}
+
+static void spy_prefill(Policy *p, const PrefillView *pv)
+{
+    Spy *s = (Spy *)p;
+    spy_check(s, pv);
+    const LayerView *L = pv->L;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        KVCache *c = &p->cache[g];
+        /* Drop a third of what is held, a different third per instance and KV head. */
+        for (int slot = c->n - 1; slot >= 0; slot--)
+            if (c->pos[slot] >= 0 && (c->pos[slot] + g) % 3 == s->parity)
+                kvcache_remove_slot(c, slot);
+        for (int j = pv->chunk_start; j < pv->chunk_end; j++)
+            kvcache_add(c, j);
+        if (s->calls == 0) { /* a synthetic slot: the chunk's first key, doubled */
+            float kv[2 * D];
+            for (int d = 0; d < D; d++) {
+                kv[d] = 2.0f * L->k[((size_t)g * L->n_tokens + pv->chunk_start) * D + d];
+                kv[D + d] = 0.5f;
+            }
+            kvcache_add_alt(c, -1, kv, kv + D);
+        }
+    }
+    s->calls++;
+}
+
+static void spy_step(Policy *p, const StepView *sv)
+{
+    for (int g = 0; g < p->n_kv_heads; g++)
+        kvcache_add(&p->cache[g], sv->t);
+}
+
+static void spy_destroy(Policy *p)
+{
+    policy_base_free(p);
+    free(p);
+}
+
+static const PolicyType spy_type = {
+    .name = "spy",
+    .params_size = sizeof(SpyParams),
+    .create = spy_create,
+    .prefill = spy_prefill,
+    .step = spy_step,
+    .destroy = spy_destroy,
+};
+
+/* Two instances whose caches differ, on every layout, on a global and on a sliding-window layer:
+ * each gets the statistics of its own caches (policies/policy.h), the first chunk's included. */
+static void test_prefill_statistics_are_each_instances_own(void **state)
+{
+    (void)state;
+    SpyParams prm[2] = {{0}, {1}};
+    PolicySpec spec[2] = {{"spy_0", &spy_type, &prm[0]}, {"spy_1", &spy_type, &prm[1]}};
+    for (int l = 0; l < N_LAYOUTS; l++)
+        for (int window = 0; window <= 20; window += 20) {
+            const Layout *lay = &LAYOUTS[l];
+            Fixture *fx = new_fixture(lay);
+            fx->L.window = window;
+            PolicyDriver d;
+            KvErr err;
+            if (driver_create(&d, &fx->L, spec, 2, SEED, KV_BITS, false, &err) != 0)
+                fail_msg("%s", err.msg);
+            int chunks = 0;
+            for (int sp = 0; sp < lay->n_spans; sp++) {
+                const TraceSpan *span = &lay->spans[sp];
+                if (span->kind == SPAN_PREFILL) {
+                    for (int c0 = span->start; c0 < span->end; chunks++) {
+                        int c1 = driver_chunk_end(c0, span->end, lay->prefill_chunk);
+                        driver_prefill(&d, span->start, span->end, c0, c1);
+                        c0 = c1;
+                    }
+                    continue;
+                }
+                for (int t = span->start; t < span->end; t++)
+                    for (int i = 0; i < 2; i++) {
+                        driver_step(&d, i, t, NULL);
+                        driver_observe(&d, i, NULL);
+                    }
+            }
+            for (int i = 0; i < 2; i++)
+                assert_int_equal(((Spy *)d.inst[i])->calls, chunks);
+            driver_free(&d);
+            fixture_free(fx);
+        }
+}
+
+/* Evaluated steps: every eval_every-th step of each decode run from its first, and the probes
+ * inside decode runs; the probe inside the second turn's prefill span is not evaluated. */
+static void test_evaluated_steps_follow_the_decode_runs(void **state)
+{
+    Suite *s = *state;
+    const Layout *lay = &LAYOUTS[2];
+    PolicySpec spec = {"full_0", s->set[0].type, s->set[0].prm};
+    EngineConfig cfg = {.threads = 2, .topk = TOPK, .eval_every = 4, .kv_bits = KV_BITS,
+                        .prefill_chunk = lay->prefill_chunk, .seed = SEED, .n_policies = 1,
+                        .policies = &spec};
+    KvErr err;
+    Trace *tr = trace_open(s->trace, &err);
+    if (!tr)
+        fail_msg("%s", err.msg);
+    use_layout(tr, lay);
+    Results *r = engine_run(tr, &cfg, &err);
+    if (!r)
+        fail_msg("replay: %s", err.msg);
+    static const int32_t want[] = {96, 100, 104, 106, 108, 112, 116,
+                                   140, 144, 148, 152, 156, 159};
+    static const bool probe[] = {false, false, false, true, false, false, false,
+                                 false, false, false, false, false, true};
+    assert_int_equal(r->n_steps, (120 - P) + (T - 140));
+    assert_int_equal(r->n_evals, sizeof want / sizeof want[0]);
+    for (int e = 0; e < r->n_evals; e++) {
+        assert_int_equal(r->eval_step[e], want[e]);
+        assert_int_equal(r->eval_probe[e], probe[e]);
+    }
+    results_free(r);
+    trace_close(tr);
 }
 
 /* The defect that started this suite: tova's prefill read the observation rows of whichever
@@ -586,8 +870,8 @@ static void test_tova_next_to_snapkv_sees_its_own_rows(void **state)
     assert_non_null(tova);
     assert_non_null(snap);
     char *alone = scratch_create(), *pair = scratch_create();
-    replay_to(s, (const Setting *[]){tova}, 1, 1, alone);
-    replay_to(s, (const Setting *[]){snap, tova}, 2, 1, pair);
+    replay_to(s, &LAYOUTS[0], (const Setting *[]){tova}, 1, 1, alone);
+    replay_to(s, &LAYOUTS[0], (const Setting *[]){snap, tova}, 2, 1, pair);
     char *a = scratch_read(scratch_path(alone, "steps.csv", 0));
     char *b = scratch_read(scratch_path(pair, "steps.csv", 1));
     char *ra = rows_of(a, tova->label), *rb = rows_of(b, tova->label);
@@ -608,6 +892,8 @@ int main(void)
         cmocka_unit_test(test_budget_and_memory),
         cmocka_unit_test(test_no_future),
         cmocka_unit_test(test_oracle_topk_bounds_every_policy),
+        cmocka_unit_test(test_prefill_statistics_are_each_instances_own),
+        cmocka_unit_test(test_evaluated_steps_follow_the_decode_runs),
         cmocka_unit_test(test_tova_next_to_snapkv_sees_its_own_rows),
         cmocka_unit_test(test_isolation),
         cmocka_unit_test(test_determinism),

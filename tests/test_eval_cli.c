@@ -284,6 +284,9 @@ static void test_errors(void **state)
     char *empty = scratch_create(), *missing = scratch_create();
     scratch_write(scratch_path(missing, "lonely.txt", 0), "the thin tin");
     scratch_write(bad, "[policy.x]\ntype = nosuch\n");
+    char chunked[4096];
+    snprintf(chunked, sizeof chunked, "%s", scratch_path(env->out, "chunked.ini", 2));
+    scratch_write(chunked, "[run]\nseed = 1\nprefill_chunk = 16\n[policy.full]\ntype = full\n");
 
     expect_one_line_error(eval_run(env, config, "/nonexistent-model", env->prompts, env->out, ""),
                           "/nonexistent-model");
@@ -293,6 +296,11 @@ static void test_errors(void **state)
     expect_one_line_error(eval_run(env, config, env->model, missing, env->out, ""),
                           "lonely.answer");
     expect_one_line_error(eval_run(env, bad, env->model, env->prompts, env->out, ""), "nosuch");
+    /* Closed loop prefills the prompt in one pass: chunked prefill is refused at its key. */
+    expect_one_line_error(eval_run(env, chunked, env->model, env->prompts, env->out, ""),
+                          "chunked.ini:3: prefill_chunk = 16: closed loop prefills the prompt in one "
+                          "pass");
+    remove(chunked);
     KvsimRun r = run_kvsim("eval --model x");
     expect_one_line_error(r, "eval");
     remove(bad);

@@ -173,12 +173,74 @@ static void test_snapkv_rejects_bad_shapes(void **state)
     free(prm);
 }
 
+/* Two turns fed in chunks of 7 (dividing no span): snapkv admits every chunk whole and compresses
+ * once per span, on its last chunk, to the window (the last min(observation, last chunk)
+ * tokens) and the best tokens before it, budget - 1 in all. */
+enum { MT_T = 100, MT_P = 60, MT_BUDGET = 24, MT_OBS = 4 };
+static const TraceSpan TWO_TURNS[] = {
+    {SPAN_PREFILL, 0, MT_P}, {SPAN_DECODE, MT_P, 70}, {SPAN_PREFILL, 70, 90}, {SPAN_DECODE, 90, MT_T}};
+
+typedef struct {
+    int held_at_span_start; /* slots of a KV head's cache when the current span began */
+    int span_start, span_end;
+    int chunks_seen, compressions;
+} ChunkCheck;
+
+/* Before positions [t0, t1) arrive: the cache after the previous prefill chunk, if it was one. */
+static void check_after_chunk(int t0, int t1, const Policy *p, void *ud)
+{
+    ChunkCheck *cc = ud;
+    for (size_t s = 0; s < sizeof TWO_TURNS / sizeof TWO_TURNS[0]; s++)
+        if (TWO_TURNS[s].kind == SPAN_PREFILL && t0 == TWO_TURNS[s].start && t1 > t0) {
+            cc->span_start = TWO_TURNS[s].start;
+            cc->span_end = TWO_TURNS[s].end;
+            cc->held_at_span_start = p->cache[0].n;
+        }
+    bool after_chunk = t0 > cc->span_start && t0 <= cc->span_end && t0 != cc->span_start;
+    if (!after_chunk || cc->span_end == 0)
+        return;
+    cc->chunks_seen++;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        const KVCache *c = &p->cache[g];
+        if (t0 < cc->span_end) { /* not the span's last chunk: nothing evicted yet */
+            assert_int_equal(c->n, cc->held_at_span_start + t0 - cc->span_start);
+            continue;
+        }
+        int last = (cc->span_end - cc->span_start) % 7 ? (cc->span_end - cc->span_start) % 7 : 7;
+        int window = last < MT_OBS ? last : MT_OBS;
+        assert_int_equal(c->n, MT_BUDGET - 1);
+        for (int j = t0 - window; j < t0; j++)
+            assert_true(kvcache_has(c, j));
+    }
+    if (t0 == cc->span_end) {
+        cc->compressions++;
+        cc->span_end = 0; /* until the next span begins */
+    }
+}
+
+static void test_snapkv_compresses_once_per_span(void **state)
+{
+    (void)state;
+    Fixture *fx = fixture_new(4, 2, 16, MT_T, MT_P);
+    fixture_randomize(fx, 11, 1.0);
+    fixture_set_spans(fx, TWO_TURNS, 4);
+    fx->prefill_chunk = 7;
+    Policy *p = fixture_policy(fx, "snapkv", "budget=24 observation=4 kernel=3", 1);
+    ChunkCheck cc = {0};
+    fixture_run_hooked(fx, p, MT_T, check_after_chunk, NULL, &cc);
+    assert_int_equal(cc.compressions, 2);
+    assert_int_equal(cc.chunks_seen, 9 + 3); /* ceil(60 / 7) + ceil(20 / 7) */
+    p->type->destroy(p);
+    fixture_free(fx);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_snapkv_window_plus_top_pooled),
         cmocka_unit_test(test_snapkv_keeps_tokens_the_window_attends),
         cmocka_unit_test(test_snapkv_rejects_bad_shapes),
+        cmocka_unit_test(test_snapkv_compresses_once_per_span),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -85,12 +85,56 @@ static void test_full_keeps_everything_and_grows_in_steps(void **state)
     fixture_free(fx);
 }
 
+/* The window streams every prefill chunk token by token: two turns fed whole or in chunks of 7
+ * leave the same cache at every decode step. */
+typedef struct {
+    int32_t *log; /* [T][Hkv][T]: membership per step and KV head */
+    int T;
+} WindowLog;
+
+static void log_window(int t, const Policy *p, const float *full_attn, void *ud)
+{
+    (void)full_attn;
+    WindowLog *wl = ud;
+    for (int g = 0; g < p->n_kv_heads; g++)
+        for (int j = 0; j < wl->T; j++)
+            wl->log[((size_t)t * p->n_kv_heads + g) * wl->T + j] = kvcache_has(&p->cache[g], j);
+}
+
+static void test_window_does_not_depend_on_chunking(void **state)
+{
+    (void)state;
+    enum { TT = 120, PP = 50 };
+    static const TraceSpan spans[] = {
+        {SPAN_PREFILL, 0, PP}, {SPAN_DECODE, PP, 70}, {SPAN_PREFILL, 70, 100}, {SPAN_DECODE, 100, TT}};
+    int32_t *logs[2];
+    for (int run = 0; run < 2; run++) {
+        Fixture *fx = fixture_new(4, 2, 8, TT, PP);
+        fixture_randomize(fx, 5, 1.0);
+        fixture_set_spans(fx, spans, 4);
+        fx->prefill_chunk = run ? 7 : 0;
+        logs[run] = calloc((size_t)TT * 2 * TT, sizeof *logs[run]);
+        WindowLog wl = {logs[run], TT};
+        Policy *p = fixture_policy(fx, "window", "window=12 sinks=3", 1);
+        fixture_run(fx, p, TT, log_window, &wl);
+        p->type->destroy(p);
+        fixture_free(fx);
+    }
+    assert_memory_equal(logs[0], logs[1], (size_t)TT * 2 * TT * sizeof *logs[0]);
+    /* Step 100, the first after the second turn: the sinks and the last 12 tokens, 100 included. */
+    for (int j = 0; j < TT; j++)
+        assert_int_equal(logs[0][((size_t)100 * 2) * TT + j], j < 3 || (j > 100 - 12 && j <= 100));
+    free(logs[0]);
+    free(logs[1]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_window_keeps_last_n_and_sinks),
         cmocka_unit_test(test_window_without_sinks_is_ring_buffer),
         cmocka_unit_test(test_full_keeps_everything_and_grows_in_steps),
+        cmocka_unit_test(test_window_does_not_depend_on_chunking),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

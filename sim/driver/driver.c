@@ -2,6 +2,7 @@
 #include "sim/driver/driver.h"
 
 #include <cblas.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -77,43 +78,52 @@ void driver_free(PolicyDriver *d)
     free(d->mem);
     free(d->seconds);
     free(d->sv);
+    free(d->decode_mass);
     memset(d, 0, sizeof *d);
 }
 
-/* Sum over all decode steps of each key's true attention: what oracle_future knows. */
+/* Sum over every decode step of every decode run of each key's true attention: what
+ * oracle_future knows. */
 static double decode_mass_statistics(const LayerView *L, float *dmass, float *probs,
                                      const float *ones)
 {
-    int T = L->n_tokens, P = L->n_prompt, D = L->head_dim;
+    int T = L->n_tokens, D = L->head_dim;
+    const TraceMeta *m = L->meta;
     float mx[PROMPT_STATS_BLOCK], z[PROMPT_STATS_BLOCK];
     double flops = 0;
     for (int h = 0; h < L->n_q_heads; h++) {
         const float *q = L->q + (size_t)h * T * D;
         const float *k = L->k + (size_t)(h / L->group) * T * D;
-        for (int i0 = P; i0 < T; i0 += PROMPT_STATS_BLOCK) {
-            int B = T - i0 < PROMPT_STATS_BLOCK ? T - i0 : PROMPT_STATS_BLOCK;
-            attention_block(q + (size_t)i0 * D, B, i0, k, NULL, D, L->attn_scale, L->window,
-                            probs, T, NULL, mx, z);
-            flops += attention_block_flops(B, i0, D, 0);
-            cblas_sgemv(CblasRowMajor, CblasTrans, B, i0 + B, 1.0f, probs, T, ones, 1, 1.0f,
-                        dmass + (size_t)h * T, 1);
+        for (int s = 0; s < m->n_spans; s++) {
+            if (m->spans[s].kind != SPAN_DECODE)
+                continue;
+            int end = m->spans[s].end;
+            for (int i0 = m->spans[s].start; i0 < end; i0 += PROMPT_STATS_BLOCK) {
+                int B = end - i0 < PROMPT_STATS_BLOCK ? end - i0 : PROMPT_STATS_BLOCK;
+                attention_block(q + (size_t)i0 * D, B, i0, k, NULL, D, L->attn_scale, L->window,
+                                probs, T, NULL, mx, z);
+                flops += attention_block_flops(B, i0, D, 0);
+                cblas_sgemv(CblasRowMajor, CblasTrans, B, i0 + B, 1.0f, probs, T, ones, 1, 1.0f,
+                            dmass + (size_t)h * T, 1);
+            }
         }
     }
     return flops;
 }
 
 /* The observation rows of one instance: the last `rows` of the `all_rows` computed, as the
- * [n_q_heads][rows][P] array PrefillView promises. The shared array when the counts agree;
+ * [n_q_heads][rows][width] array PrefillView promises. The shared array when the counts agree;
  * otherwise a copy into *own (reallocated: instances are prefilled one at a time). */
-static const float *obs_attn_for(const float *obs, int all_rows, int rows, int Hq, int P,
+static const float *obs_attn_for(const float *obs, int all_rows, int rows, int Hq, int width,
                                  float **own)
 {
     if (rows == all_rows)
         return obs;
-    *own = kv_realloc(*own, (size_t)Hq * rows * P * sizeof(float));
+    *own = kv_realloc(*own, (size_t)Hq * rows * width * sizeof(float));
     for (int h = 0; h < Hq; h++)
-        memcpy(*own + (size_t)h * rows * P, obs + ((size_t)h * all_rows + all_rows - rows) * P,
-               (size_t)rows * P * sizeof(float));
+        memcpy(*own + (size_t)h * rows * width,
+               obs + ((size_t)h * all_rows + all_rows - rows) * width,
+               (size_t)rows * width * sizeof(float));
     return *own;
 }
 
@@ -122,65 +132,173 @@ static bool reads_decode_mass(const Policy *p)
     return p->is_oracle && p->want_decode_mass;
 }
 
-static int rows_of(const Policy *p, int P)
+static int rows_of(const Policy *p, int chunk_tokens)
 {
-    return p->want_prefill_rows < P ? p->want_prefill_rows : P;
+    return p->want_prefill_rows < chunk_tokens ? p->want_prefill_rows : chunk_tokens;
 }
 
-void driver_prefill(PolicyDriver *d)
+static bool wants_statistics(const Policy *p)
+{
+    return p->want_prefill_mass || p->want_prefill_rows > 0;
+}
+
+/* The statistics of chunk [c0, c1) over one instance's own caches (PrefillView): for each KV
+ * head, the keys are its cache's slots (alt_kv K where set) then the chunk's tokens; the chunk's
+ * queries attend blockwise over them with the mask of causality and of the layer's window, a
+ * softmax over what is visible. mass [Hq][c1] is accumulated into (zeroed by the caller), obs
+ * [Hq][rows][c1] receives the last `rows` queries' rows (zeroed by the caller). Returns the
+ * floating-point operations done. */
+static double cache_statistics(const LayerView *L, const Policy *p, int c0, int c1, float *mass,
+                               float *obs, int rows)
+{
+    int T = L->n_tokens, D = L->head_dim, C = c1 - c0, W = L->window;
+    double flops = 0;
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        const KVCache *c = &p->cache[g];
+        int n = c->n + C;
+        float *keys = kv_malloc((size_t)n * D * sizeof *keys);
+        int32_t *key_pos = kv_malloc((size_t)n * sizeof *key_pos);
+        for (int s = 0; s < c->n; s++) {
+            const float *k = c->alt_kv[s] ? c->alt_kv[s]
+                                          : L->k + ((size_t)g * T + c->pos[s]) * D;
+            memcpy(keys + (size_t)s * D, k, (size_t)D * sizeof *keys);
+            key_pos[s] = c->pos[s];
+        }
+        memcpy(keys + (size_t)c->n * D, L->k + ((size_t)g * T + c0) * D,
+               (size_t)C * D * sizeof *keys);
+        for (int j = 0; j < C; j++)
+            key_pos[c->n + j] = c0 + j;
+        float *logits = kv_malloc((size_t)PROMPT_STATS_BLOCK * n * sizeof *logits);
+        double *weight = kv_malloc((size_t)n * sizeof *weight); /* one row's exp(logit - max) */
+        for (int i = 0; i < L->group; i++) {
+            int h = g * L->group + i;
+            /* Without the mass only the observation rows' queries matter. */
+            for (int b0 = mass ? 0 : C - rows; b0 < C; b0 += PROMPT_STATS_BLOCK) {
+                int B = C - b0 < PROMPT_STATS_BLOCK ? C - b0 : PROMPT_STATS_BLOCK;
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, n, D, L->attn_scale,
+                            L->q + ((size_t)h * T + c0 + b0) * D, D, keys, D, 0.0f, logits, n);
+                flops += 2.0 * B * n * D;
+                for (int b = 0; b < B; b++) {
+                    int q_pos = c0 + b0 + b;
+                    int lo = W > 0 ? q_pos - W + 1 : 0; /* the oldest key position visible */
+                    float *row = logits + (size_t)b * n;
+                    float mx = -INFINITY;
+                    for (int j = 0; j < n; j++) {
+                        bool visible = key_pos[j] < 0 || (key_pos[j] <= q_pos && key_pos[j] >= lo);
+                        if (!visible)
+                            row[j] = -INFINITY;
+                        else if (row[j] > mx)
+                            mx = row[j];
+                    }
+                    double z = 0;
+                    for (int j = 0; j < n; j++)
+                        z += (weight[j] = row[j] == -INFINITY ? 0.0 : exp((double)row[j] - mx));
+                    int r = q_pos - (c1 - rows); /* its observation row, if any */
+                    float *obs_row = obs && r >= 0 ? obs + ((size_t)h * rows + r) * c1 : NULL;
+                    for (int j = 0; j < n; j++) {
+                        if (weight[j] == 0.0 || key_pos[j] < 0)
+                            continue;
+                        float pj = (float)(weight[j] / z);
+                        if (mass)
+                            mass[(size_t)h * c1 + key_pos[j]] += pj;
+                        if (obs_row)
+                            obs_row[key_pos[j]] = pj;
+                    }
+                }
+            }
+        }
+        free(keys);
+        free(key_pos);
+        free(logits);
+        free(weight);
+    }
+    return flops;
+}
+
+void driver_prefill(PolicyDriver *d, int span_start, int span_end, int chunk_start, int chunk_end)
 {
     const LayerView *L = d->L;
-    int T = L->n_tokens, P = L->n_prompt, Hq = L->n_q_heads;
-    bool want_mass = false, want_dmass = false;
-    int want_rows = 0;
-    for (int i = 0; i < d->n; i++) {
-        want_mass |= d->inst[i]->want_prefill_mass;
+    int T = L->n_tokens, Hq = L->n_q_heads, c0 = chunk_start, c1 = chunk_end, C = c1 - c0;
+    double s0 = now_seconds();
+    float *probs = NULL, *ones = NULL;
+    bool want_dmass = false;
+    for (int i = 0; i < d->n; i++)
         want_dmass |= reads_decode_mass(d->inst[i]);
-        if (rows_of(d->inst[i], P) > want_rows)
-            want_rows = rows_of(d->inst[i], P);
-    }
-
-    /* The statistics are computed once, at the most rows any instance asks for; each instance
-     * then gets exactly the rows it asked for (obs_attn_for). */
-    float *mass = want_mass ? kv_calloc((size_t)Hq * P, sizeof(float)) : NULL;
-    float *obs = want_rows ? kv_calloc((size_t)Hq * want_rows * P, sizeof(float)) : NULL;
-    float *own_obs = NULL;
-    float *dmass = want_dmass ? kv_calloc((size_t)Hq * T, sizeof(float)) : NULL;
-    if (mass || obs || dmass) {
-        double s0 = now_seconds();
-        float *probs = kv_malloc((size_t)PROMPT_STATS_BLOCK * T * sizeof(float));
-        float *ones = kv_malloc((size_t)T * sizeof(float));
+    if ((want_dmass && !d->decode_mass) || c0 == 0) {
+        probs = kv_malloc((size_t)PROMPT_STATS_BLOCK * T * sizeof(float));
+        ones = kv_malloc((size_t)T * sizeof(float));
         for (int j = 0; j < T; j++)
             ones[j] = 1.0f;
+    }
+    /* The future is the same at every chunk: computed once, at the first. */
+    if (want_dmass && !d->decode_mass) {
+        d->decode_mass = kv_calloc((size_t)Hq * T, sizeof(float));
+        d->stats_flops += decode_mass_statistics(L, d->decode_mass, probs, ones);
+    }
+
+    /* At the first chunk of the first span every cache is empty, so every instance's statistics
+     * are the same numbers: computed once (prompt_statistics), at the most rows any instance asks
+     * for; each instance then gets exactly the rows it asked for (obs_attn_for). */
+    float *mass = NULL, *obs = NULL, *own_obs = NULL;
+    int want_rows = 0;
+    if (c0 == 0) {
+        bool want_mass = false;
+        for (int i = 0; i < d->n; i++) {
+            want_mass |= d->inst[i]->want_prefill_mass;
+            if (rows_of(d->inst[i], C) > want_rows)
+                want_rows = rows_of(d->inst[i], C);
+        }
+        mass = want_mass ? kv_calloc((size_t)Hq * c1, sizeof(float)) : NULL;
+        obs = want_rows ? kv_calloc((size_t)Hq * want_rows * c1, sizeof(float)) : NULL;
         if (mass || obs)
-            d->stats_flops += prompt_statistics(L->q, L->k, Hq, L->group, T, P, L->head_dim,
+            d->stats_flops += prompt_statistics(L->q, L->k, Hq, L->group, T, c1, L->head_dim,
                                                 L->attn_scale, L->window, mass, obs, want_rows,
                                                 probs, ones);
-        if (dmass)
-            d->stats_flops += decode_mass_statistics(L, dmass, probs, ones);
-        free(probs);
-        free(ones);
-        d->stats_seconds += now_seconds() - s0;
     }
+    free(probs);
+    free(ones);
+    d->stats_seconds += now_seconds() - s0;
+
     for (int i = 0; i < d->n; i++) {
         Policy *p = d->inst[i];
-        int rows = rows_of(p, P);
+        int rows = p->want_prefill_rows > 0 ? rows_of(p, C) : 0;
         PrefillView pv = {
             .L = L,
-            .prefill_mass = p->want_prefill_mass ? mass : NULL,
-            .obs_attn = rows > 0 ? obs_attn_for(obs, want_rows, rows, Hq, P, &own_obs) : NULL,
-            .obs_rows = rows > 0 ? rows : 0,
-            .decode_mass = reads_decode_mass(p) ? dmass : NULL,
+            .span_start = span_start,
+            .span_end = span_end,
+            .chunk_start = c0,
+            .chunk_end = c1,
+            .last_chunk = c1 == span_end,
+            .obs_rows = rows,
+            .decode_mass = reads_decode_mass(p) ? d->decode_mass : NULL,
         };
+        float *own_mass = NULL;
+        if (c0 == 0) {
+            pv.prefill_mass = p->want_prefill_mass ? mass : NULL;
+            pv.obs_attn = rows > 0 ? obs_attn_for(obs, want_rows, rows, Hq, c1, &own_obs) : NULL;
+        } else if (wants_statistics(p)) {
+            /* Later chunks: the statistics of this instance's own caches. */
+            double t0 = now_seconds();
+            own_mass = p->want_prefill_mass ? kv_calloc((size_t)Hq * c1, sizeof(float)) : NULL;
+            if (rows > 0)
+                own_obs = kv_realloc(own_obs, (size_t)Hq * rows * c1 * sizeof(float));
+            if (rows > 0)
+                memset(own_obs, 0, (size_t)Hq * rows * c1 * sizeof(float));
+            d->stats_flops += cache_statistics(L, p, c0, c1, own_mass, rows > 0 ? own_obs : NULL,
+                                               rows);
+            pv.prefill_mass = own_mass;
+            pv.obs_attn = rows > 0 ? own_obs : NULL;
+            d->stats_seconds += now_seconds() - t0;
+        }
         double t0 = now_seconds();
         p->type->prefill(p, &pv);
         policy_memory_report(p, L->head_dim, d->kv_bits, &d->mem[i]);
         d->seconds[i] += now_seconds() - t0;
+        free(own_mass);
     }
     free(mass);
     free(obs);
     free(own_obs);
-    free(dmass);
 }
 
 void driver_step(PolicyDriver *d, int i, int t, const float *full_attn)

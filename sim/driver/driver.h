@@ -4,12 +4,15 @@
  *
  * A PolicyDriver holds one instance of each of n policies over one LayerView. The driver:
  *  - creates instance i of specs[i] with its seed, policy_instance_seed(run_seed, label, layer);
- *  - at prefill, computes exactly the statistics each instance asks for, from the LayerView's
- *    prompt rows: prefill_mass when it wants it, the last min(want_prefill_rows, P) prompt rows
- *    and no other, decode_mass only for an oracle that wants it (open loop only); statistics that
- *    several instances ask for are computed once and shared (prompt_statistics, sim/base/attention.h);
- *  - calls prefill, step and observe, and records each instance's memory (MemReport) after its
- *    prefill and after each observe;
+ *  - at each prefill chunk, computes exactly the statistics each instance asks for
+ *    (PrefillView): prefill_mass when it wants it, the rows of the chunk's last
+ *    min(want_prefill_rows, chunk tokens) queries and no other, decode_mass only for an oracle
+ *    that wants it (open loop only, computed once). At the first chunk of the first span every
+ *    cache is empty and every instance's statistics are the same numbers: computed once and
+ *    shared (prompt_statistics, sim/base/attention.h). At a later chunk each instance's are
+ *    computed over its own caches, never shared;
+ *  - calls prefill, step and observe, and records each instance's memory (MemReport) after each
+ *    prefill chunk and after each observe;
  *  - times each instance's callbacks, and the statistics it computed.
  * The caller supplies what differs between replay and eval: the LayerView's Q/K/V, the true
  * attention of each decode query (read by oracles only), and the attention each instance's query
@@ -17,11 +20,13 @@
  *
  * Calls, in order:
  *   driver_create(d, L, specs, n, run_seed, kv_bits, live, err)
- *   driver_prefill(d)                    once, when the prompt rows [0, P) of L exist
- *   for each decode step t, for each instance i (instances in any order):
- *     driver_step(d, i, t, full_attn)    the rows of position t exist in L
- *     [caller: query t attends over each of d->inst[i]'s caches]
- *     driver_observe(d, i, attn)         attn as PolicyType.observe takes it
+ *   for each span of L->meta->spans, in order (policies/policy.h):
+ *     a prefill span [a, b), for each chunk [c0, c1) (driver_chunk_end):
+ *       driver_prefill(d, a, b, c0, c1)  the rows [0, c1) of L exist
+ *     a decode run [a, b), for each decode step t in it, for each instance i (in any order):
+ *       driver_step(d, i, t, full_attn)  the rows of position t exist in L
+ *       [caller: query t attends over each of d->inst[i]'s caches]
+ *       driver_observe(d, i, attn)       attn as PolicyType.observe takes it
  *   driver_free(d)
  * In closed loop (live) the rules of policies/policy.h on which rows of L exist when apply; a
  * policy that needs the future (want_decode_mass) cannot run there: driver_create says so. */
@@ -50,6 +55,7 @@ typedef struct {
     bool live;
     int kv_bits;
     StepView *sv; /* [n]: the step each instance is in, between driver_step and driver_observe */
+    float *decode_mass; /* [n_q_heads][T], once an oracle has asked for it */
 } PolicyDriver;
 
 /* Creates the instances of specs[0, n) for layer L->layer, in order, with PolicyEnv seed
@@ -59,8 +65,16 @@ typedef struct {
  * create callback's message. On a nonzero return nothing is left to free. */
 int driver_create(PolicyDriver *d, const LayerView *L, const PolicySpec *specs, int n,
                   uint64_t run_seed, int kv_bits, bool live, KvErr *err);
-/* Computes the statistics the instances ask for and calls every instance's prefill. */
-void driver_prefill(PolicyDriver *d);
+/* Chunk [chunk_start, chunk_end) of the prefill span [span_start, span_end) arrives: computes the
+ * statistics each instance asks for, calls every instance's prefill and records its memory. */
+void driver_prefill(PolicyDriver *d, int span_start, int span_end, int chunk_start, int chunk_end);
+/* The end of the chunk that starts at chunk_start in a prefill span ending at span_end, chunks of
+ * prefill_chunk tokens (0: the rest of the span at once). */
+static inline int driver_chunk_end(int chunk_start, int span_end, int prefill_chunk)
+{
+    return prefill_chunk > 0 && span_end - chunk_start > prefill_chunk ? chunk_start + prefill_chunk
+                                                                        : span_end;
+}
 /* Token t arrives at instance i: its step callback. full_attn is the true attention of query t,
  * [n_q_heads][n_tokens] zero beyond t, passed on to oracles only (may be NULL when instance i
  * is not an oracle). */

@@ -376,8 +376,13 @@ static int run_key(Loader *ld, const char *key, const char *value, int line)
         if (parse_int(value, 0, LONG_MAX, &v))
             return fail_at(ld, line, "seed = '%s': expected a non-negative integer", ev);
         e->seed = (uint64_t)v;
+    } else if (!strcmp(key, "prefill_chunk")) {
+        if (parse_int(value, 0, INT_MAX, &v))
+            return fail_at(ld, line, "prefill_chunk = '%s': expected a non-negative integer (0 = each prefill span at once)", ev);
+        e->prefill_chunk = (int)v;
+        ld->rc->prefill_chunk_line = line;
     } else {
-        return fail_at(ld, line, "unknown key '%s' in [run] (expected threads, out, topk, eval_every, kv_bits or seed)",
+        return fail_at(ld, line, "unknown key '%s' in [run] (expected threads, out, topk, eval_every, kv_bits, seed or prefill_chunk)",
                        ESC(key, ek));
     }
     return 1;
@@ -495,6 +500,7 @@ int config_load(const char *path, RunConfig *rc, KvErr *err)
     e->eval_every = 1;
     e->kv_bits = 16;
     e->seed = 0;
+    e->prefill_chunk = 0;
     e->policies = kv_calloc(MAX_POLICIES, sizeof *e->policies);
     rc->source = kv_calloc(1, sizeof *rc->source);
 
@@ -545,6 +551,15 @@ int config_load(const char *path, RunConfig *rc, KvErr *err)
 static const char *layout_name(RopeLayout l)
 {
     return l == ROPE_HALF ? "half" : "interleaved";
+}
+
+int config_check_closed_loop(const RunConfig *rc, KvErr *err)
+{
+    if (rc->engine.prefill_chunk > 0)
+        return kv_fail(err, "%s:%d: prefill_chunk = %d: closed loop prefills the prompt in one "
+                       "pass (expected 0; chunked prefill is for `kvsim run`)",
+                       rc->config_path, rc->prefill_chunk_line, rc->engine.prefill_chunk);
+    return 0;
 }
 
 int config_check_model(const RunConfig *rc, const char *model, int n_layers, int n_q_heads,

@@ -2,6 +2,7 @@
  *
  *   [trace]  path = FILE.h5
  *   [run]    threads = 0  out = DIR  topk = 32  eval_every = 1  kv_bits = 16  seed = 0
+ *            prefill_chunk = 0
  *   [policy.LABEL]  type = NAME  <the type's parameters>   (one section per policy)
  *
  * Every error (unknown section or key, malformed value, unknown policy type, duplicate label,
@@ -20,6 +21,7 @@ typedef struct {
     char out_dir[4096];    /* default: results/<config file name without .ini> */
     EngineConfig engine;
     ConfigSource *source;
+    int prefill_chunk_line; /* the line of [run] prefill_chunk; 0 when not set */
 } RunConfig;
 
 /* The file must be a regular file of UTF-8 text (an initial byte-order mark is skipped) of at
@@ -34,6 +36,10 @@ int config_load(const char *path, RunConfig *rc, KvErr *err);
  * same shape: at least n_layers layers, the same query heads, head_dim and RoPE layout. */
 int config_check_model(const RunConfig *rc, const char *model, int n_layers, int n_q_heads,
                        int head_dim, RopeLayout rope_layout, KvErr *err);
+
+/* What closed loop (`kvsim eval`) cannot do, at the config's file and line: prefill_chunk > 0
+ * (its prompt pass attends over the full cache; traces/eval/eval.h). */
+int config_check_closed_loop(const RunConfig *rc, KvErr *err);
 
 void config_free(RunConfig *rc);
 

@@ -229,29 +229,18 @@ static int replay_step(Job *job, Worker *w, PolicyDriver *drv, int pi, int t, in
     return 0;
 }
 
-static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
+/* The decode run [a, b): the true attention of its steps, a block at a time, then each policy's
+ * step at each of them. */
+static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, KvErr *err)
 {
     const TraceMeta *m = job->meta;
     const EngineConfig *cfg = job->cfg;
-    int T = m->n_tokens, P = m->n_prompt, D = m->head_dim, Hq = m->n_q_heads;
-    if (trace_read_layer(job->tr, layer, w->q, w->k, w->v, err) != 0)
-        return -1;
-    LayerView L = layer_view_make(m, layer, w->q, w->k, w->v);
-
+    const LayerView L = *drv->L;
+    int T = m->n_tokens, D = m->head_dim, Hq = m->n_q_heads, layer = L.layer;
     int n_pol = cfg->n_policies;
-    PolicyDriver drv;
-    if (driver_create(&drv, &L, cfg->policies, n_pol, cfg->seed, cfg->kv_bits, false, err) != 0)
-        return -1;
-    if (layer == 0) /* one writer: only one worker takes layer 0 */
-        for (int pi = 0; pi < n_pol; pi++)
-            job->res->is_oracle[pi] = drv.inst[pi]->is_oracle;
-    driver_prefill(&drv);
-    w->attention_seconds += drv.stats_seconds;
-    w->attention_flops += drv.stats_flops;
-
     bool failed = false;
-    for (int t0 = P; t0 < T && !job->failed && !failed; t0 += DECODE_BLOCK) {
-        int B = T - t0 < DECODE_BLOCK ? T - t0 : DECODE_BLOCK;
+    for (int t0 = a; t0 < b_end && !job->failed && !failed; t0 += DECODE_BLOCK) {
+        int B = b_end - t0 < DECODE_BLOCK ? b_end - t0 : DECODE_BLOCK;
         double a0 = now_seconds();
         for (int h = 0; h < Hq; h++) {
             int g = h / L.group;
@@ -286,10 +275,46 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
                 w->metric_seconds += now_seconds() - k0;
             }
             for (int pi = 0; pi < n_pol && !failed; pi++)
-                failed = replay_step(job, w, &drv, pi, t, b, e, err) != 0;
+                failed = replay_step(job, w, drv, pi, t, b, e, err) != 0;
         }
         atomic_fetch_add(&job->steps_done, B);
     }
+    return failed ? -1 : 0;
+}
+
+static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
+{
+    const TraceMeta *m = job->meta;
+    const EngineConfig *cfg = job->cfg;
+    if (trace_read_layer(job->tr, layer, w->q, w->k, w->v, err) != 0)
+        return -1;
+    LayerView L = layer_view_make(m, layer, w->q, w->k, w->v);
+
+    int n_pol = cfg->n_policies;
+    PolicyDriver drv;
+    if (driver_create(&drv, &L, cfg->policies, n_pol, cfg->seed, cfg->kv_bits, false, err) != 0)
+        return -1;
+    if (layer == 0) /* one writer: only one worker takes layer 0 */
+        for (int pi = 0; pi < n_pol; pi++)
+            job->res->is_oracle[pi] = drv.inst[pi]->is_oracle;
+
+    /* The spans in order (policies/policy.h): a prefill span chunk by chunk, a decode run step
+     * by step. */
+    bool failed = false;
+    for (int s = 0; s < m->n_spans && !job->failed && !failed; s++) {
+        const TraceSpan *sp = &m->spans[s];
+        if (sp->kind == SPAN_DECODE) {
+            failed = decode_run(job, w, &drv, sp->start, sp->end, err) != 0;
+            continue;
+        }
+        for (int c0 = sp->start; c0 < sp->end;) {
+            int c1 = driver_chunk_end(c0, sp->end, cfg->prefill_chunk);
+            driver_prefill(&drv, sp->start, sp->end, c0, c1);
+            c0 = c1;
+        }
+    }
+    w->attention_seconds += drv.stats_seconds;
+    w->attention_flops += drv.stats_flops;
 
     for (int pi = 0; pi < n_pol; pi++)
         w->policy_seconds[pi] += drv.seconds[pi];
@@ -330,22 +355,27 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-/* Evaluated steps: every eval_every-th decode step, plus the decode steps that are probes. A
- * probe inside the prompt says nothing about eviction: prefill attends over the whole prompt
- * in every engine kvsim models (compression happens after it), so it is not evaluated. */
+/* Evaluated steps: in every decode run, every eval_every-th step from its first, plus the decode
+ * steps that are probes. A probe inside a prefill span says nothing about eviction: a prefill
+ * chunk attends over the cache plus the whole chunk, which no budget bounds, so it is not
+ * evaluated. */
 static void plan_evaluations(Results *r, const TraceMeta *m, int eval_every, int32_t *eval_of_step)
 {
-    int T = m->n_tokens, P = m->n_prompt;
+    int T = m->n_tokens;
     bool *probe = kv_calloc((size_t)T, sizeof *probe);
+    int32_t *run_start = kv_malloc((size_t)T * sizeof *run_start); /* -1: a prefill position */
+    for (int s = 0; s < m->n_spans; s++)
+        for (int t = m->spans[s].start; t < m->spans[s].end; t++)
+            run_start[t] = m->spans[s].kind == SPAN_DECODE ? m->spans[s].start : -1;
     for (int i = 0; i < m->n_probes; i++)
-        if (m->probes[i] >= P)
+        if (run_start[m->probes[i]] >= 0)
             probe[m->probes[i]] = true;
-    r->eval_step = kv_malloc((size_t)(T - P + 1) * sizeof *r->eval_step);
-    r->eval_probe = kv_malloc((size_t)(T - P + 1) * sizeof *r->eval_probe);
+    r->eval_step = kv_malloc((size_t)(r->n_steps + 1) * sizeof *r->eval_step);
+    r->eval_probe = kv_malloc((size_t)(r->n_steps + 1) * sizeof *r->eval_probe);
     r->n_evals = 0;
     for (int t = 0; t < T; t++) {
         eval_of_step[t] = -1;
-        if (t >= P && ((t - P) % eval_every == 0 || probe[t])) {
+        if (run_start[t] >= 0 && ((t - run_start[t]) % eval_every == 0 || probe[t])) {
             eval_of_step[t] = r->n_evals;
             r->eval_step[r->n_evals] = t;
             r->eval_probe[r->n_evals] = probe[t] && m->n_needles > 0;
@@ -353,6 +383,7 @@ static void plan_evaluations(Results *r, const TraceMeta *m, int eval_every, int
         }
     }
     free(probe);
+    free(run_start);
 }
 
 static void print_progress(Job *job, long total, double started)
@@ -368,9 +399,17 @@ static void print_progress(Job *job, long total, double started)
 Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
 {
     const TraceMeta *m = trace_meta(tr);
-    if (m->n_prompt >= m->n_tokens) {
-        kv_fail(err, "%s: the trace has no decode steps (n_prompt = n_tokens = %d)",
-                trace_path(tr), m->n_tokens);
+    int n_steps = 0;
+    for (int s = 0; s < m->n_spans; s++)
+        if (m->spans[s].kind == SPAN_DECODE)
+            n_steps += m->spans[s].end - m->spans[s].start;
+    if (n_steps == 0) {
+        if (m->n_spans == 1)
+            kv_fail(err, "%s: the trace has no decode steps (n_prompt = n_tokens = %d)",
+                    trace_path(tr), m->n_tokens);
+        else
+            kv_fail(err, "%s: the trace has no decode steps (its %d spans are all prefill)",
+                    trace_path(tr), m->n_spans);
         return NULL;
     }
     Results *r = kv_calloc(1, sizeof *r);
@@ -380,7 +419,7 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
     r->n_kv_heads = m->n_kv_heads;
     r->n_prompt = m->n_prompt;
     r->n_tokens = m->n_tokens;
-    r->n_steps = m->n_tokens - m->n_prompt;
+    r->n_steps = n_steps;
     r->label = kv_calloc((size_t)cfg->n_policies, sizeof *r->label);
     r->type = kv_calloc((size_t)cfg->n_policies, sizeof *r->type);
     r->is_oracle = kv_calloc((size_t)cfg->n_policies, sizeof *r->is_oracle);

@@ -2,7 +2,10 @@
  *
  * For every layer (a unit of work for the thread pool), the engine reads that layer's Q/K/V and
  * drives one instance of every configured policy over it with the policy driver (sim/driver/driver.h:
- * instances, prefill statistics, callbacks, memory). What the engine adds is the attention: it
+ * instances, prefill statistics, callbacks, memory), through the trace's spans in order: each
+ * prefill span in chunks of prefill_chunk tokens, each decode run step by step (the protocol of
+ * policies/policy.h). Metrics are recorded at decode steps only (every eval_every-th step of each
+ * decode run, and the probes inside decode runs). What the engine adds is the attention: it
  * computes the true attention of every decode query once (OpenBLAS, blocks of decode steps
  * batched into sgemm) and shares it with all policies (the oracles' full_attn, the metrics):
  * each policy's query attends only over its own cache, renormalised there. Metrics land in
@@ -22,8 +25,9 @@
 typedef struct {
     int threads;    /* 0 = all cores */
     int topk;       /* k of recall@k */
-    int eval_every; /* record metrics every N decode steps (probe steps always) */
+    int eval_every; /* record metrics every N steps of each decode run (probe steps always) */
     int kv_bits;    /* device precision of K and V */
+    int prefill_chunk; /* tokens per prefill chunk; 0 = each prefill span at once */
     uint64_t seed;
     bool progress;  /* progress with ETA on stderr */
     int n_policies;
@@ -42,7 +46,7 @@ typedef struct {
     float *head;   /* [policy][layer][eval][q head][N_HEAD_METRICS] */
     double *step;  /* [policy][layer][eval][N_STEP_METRICS] */
     double *total; /* [policy][layer][N_TOTAL_METRICS] */
-    int n_steps;   /* decode steps replayed: T - P */
+    int n_steps;   /* decode steps replayed, over every decode run (T - P for one prompt) */
     double wall_seconds;
     /* Timings, summed over workers (not part of any output file: they vary run to run). */
     double attention_seconds; /* the shared exact attention: decode rows, prompt statistics */

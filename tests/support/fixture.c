@@ -157,63 +157,127 @@ void fixture_run(Fixture *fx, Policy *p, int t_end, FixtureStepFn fn, void *ud)
     fixture_run_hooked(fx, p, t_end, NULL, fn, ud);
 }
 
+void fixture_set_spans(Fixture *fx, const TraceSpan *spans, int n)
+{
+    trace_meta_set_spans(&fx->meta, n, spans);
+}
+
+/* The statistics of chunk [c0, c1) (policies/policy.h, PrefillView): query i of head h over the
+ * slots of its KV head's cache (alt K where set) and the chunk's keys [c0, i], a softmax in
+ * double; mass [Hq][c1] and obs [Hq][W][c1] (the chunk's last W queries) are zeroed here. On an
+ * empty cache at c0 = 0 these are the causal prompt rows. */
+static void chunk_statistics(const Fixture *fx, const Policy *p, int c0, int c1, int W,
+                             float *mass, float *obs)
+{
+    const LayerView *L = &fx->L;
+    int Hq = L->n_q_heads, D = L->head_dim;
+    memset(mass, 0, (size_t)Hq * c1 * sizeof *mass);
+    memset(obs, 0, (size_t)Hq * (W > 0 ? W : 1) * c1 * sizeof *obs);
+    for (int h = 0; h < Hq; h++) {
+        int g = h / L->group;
+        const KVCache *c = &p->cache[g];
+        int n_keys = c->n + c1 - c0;
+        double *s = kv_malloc((size_t)n_keys * sizeof *s);
+        for (int i = c0; i < c1; i++) {
+            const float *q = L->q + ((size_t)h * L->n_tokens + i) * D;
+            int n = c->n + i - c0 + 1;
+            double mx = -INFINITY;
+            for (int j = 0; j < n; j++) {
+                const float *k = j < c->n ? (c->alt_kv[j] ? c->alt_kv[j]
+                                                         : L->k + ((size_t)g * L->n_tokens +
+                                                                   c->pos[j]) * D)
+                                          : L->k + ((size_t)g * L->n_tokens + c0 + j - c->n) * D;
+                double dot = 0;
+                for (int d = 0; d < D; d++)
+                    dot += (double)q[d] * k[d];
+                s[j] = dot * L->attn_scale;
+                if (s[j] > mx)
+                    mx = s[j];
+            }
+            double z = 0;
+            for (int j = 0; j < n; j++)
+                z += (s[j] = exp(s[j] - mx));
+            for (int j = 0; j < n; j++) {
+                int pos = j < c->n ? c->pos[j] : c0 + j - c->n;
+                if (pos < 0)
+                    continue; /* a synthetic slot: normalised over, not reported */
+                float pj = (float)(s[j] / z);
+                mass[(size_t)h * c1 + pos] += pj;
+                if (i >= c1 - W)
+                    obs[((size_t)h * W + (i - (c1 - W))) * c1 + pos] = pj;
+            }
+        }
+        free(s);
+    }
+}
+
 void fixture_run_hooked(Fixture *fx, Policy *p, int t_end, FixtureBeforeFn before,
                         FixtureStepFn fn, void *ud)
 {
     const LayerView *L = &fx->L;
-    int Hq = L->n_q_heads, T = L->n_tokens, P = L->n_prompt;
+    const TraceMeta *m = &fx->meta;
+    int Hq = L->n_q_heads, T = L->n_tokens;
     float *row = kv_malloc((size_t)Hq * T * sizeof *row);
-
-    PrefillView pv = {.L = L};
-    float *mass = NULL, *obs = NULL, *dmass = NULL;
-    if (p->want_prefill_mass || p->want_prefill_rows > 0) {
-        int W = p->want_prefill_rows < P ? p->want_prefill_rows : P;
-        mass = kv_calloc((size_t)Hq * P, sizeof *mass);
-        obs = kv_calloc((size_t)Hq * (W > 0 ? W : 1) * P, sizeof *obs);
-        for (int i = 0; i < P; i++) {
-            fixture_full_attn(fx, i, row);
-            for (int h = 0; h < Hq; h++)
-                for (int j = 0; j <= i; j++) {
-                    mass[(size_t)h * P + j] += row[(size_t)h * T + j];
-                    if (i >= P - W)
-                        obs[((size_t)h * W + (i - (P - W))) * P + j] = row[(size_t)h * T + j];
-                }
-        }
-        pv.prefill_mass = p->want_prefill_mass ? mass : NULL;
-        pv.obs_attn = W > 0 ? obs : NULL;
-        pv.obs_rows = W > 0 ? W : 0;
-    }
+    float *mass = kv_malloc((size_t)Hq * T * sizeof *mass);
+    int most_rows = p->want_prefill_rows < T ? p->want_prefill_rows : T;
+    float *obs = kv_malloc((size_t)Hq * (most_rows > 0 ? most_rows : 1) * T * sizeof *obs);
+    float *dmass = NULL;
     if (p->want_decode_mass) {
         dmass = kv_calloc((size_t)Hq * T, sizeof *dmass);
-        for (int t = P; t < T; t++) {
-            fixture_full_attn(fx, t, row);
-            for (size_t i = 0; i < (size_t)Hq * T; i++)
-                dmass[i] += row[i];
-        }
-        pv.decode_mass = dmass;
+        for (int s = 0; s < m->n_spans; s++)
+            for (int t = m->spans[s].start; t < m->spans[s].end && m->spans[s].kind == SPAN_DECODE;
+                 t++) {
+                fixture_full_attn(fx, t, row);
+                for (size_t i = 0; i < (size_t)Hq * T; i++)
+                    dmass[i] += row[i];
+            }
     }
-    p->type->prefill(p, &pv);
 
     float **attn = kv_calloc((size_t)L->n_kv_heads, sizeof *attn);
-    for (int t = P; t < t_end; t++) {
-        if (before)
-            before(t, p, ud);
-        fixture_full_attn(fx, t, row);
-        StepView sv = {.L = L, .t = t, .full_attn = p->is_oracle ? row : NULL};
-        p->type->step(p, &sv);
-        for (int g = 0; g < L->n_kv_heads; g++) {
-            const KVCache *c = &p->cache[g];
-            attn[g] = kv_realloc(attn[g], (size_t)L->group * (c->n + 1) * sizeof(float));
-            for (int i = 0; i < L->group; i++)
-                cache_attn(fx, c, g * L->group + i, t, attn[g] + (size_t)i * c->n);
+    for (int s = 0; s < m->n_spans && m->spans[s].start < t_end; s++) {
+        const TraceSpan *sp = &m->spans[s];
+        if (sp->kind == SPAN_PREFILL) {
+            for (int c0 = sp->start; c0 < sp->end;) {
+                int c1 = fx->prefill_chunk > 0 && sp->end - c0 > fx->prefill_chunk
+                             ? c0 + fx->prefill_chunk
+                             : sp->end;
+                if (before)
+                    before(c0, c1, p, ud);
+                int W = p->want_prefill_rows < c1 - c0 ? p->want_prefill_rows : c1 - c0;
+                PrefillView pv = {.L = L, .span_start = sp->start, .span_end = sp->end,
+                                  .chunk_start = c0, .chunk_end = c1,
+                                  .last_chunk = c1 == sp->end, .decode_mass = dmass};
+                if (p->want_prefill_mass || W > 0) {
+                    chunk_statistics(fx, p, c0, c1, W, mass, obs);
+                    pv.prefill_mass = p->want_prefill_mass ? mass : NULL;
+                    pv.obs_attn = W > 0 ? obs : NULL;
+                    pv.obs_rows = W > 0 ? W : 0;
+                }
+                p->type->prefill(p, &pv);
+                c0 = c1;
+            }
+            continue;
         }
-        if (fn)
-            fn(t, p, row, ud);
-        if (p->type->observe)
-            p->type->observe(p, &sv, (const float *const *)attn);
+        for (int t = sp->start; t < sp->end && t < t_end; t++) {
+            if (before)
+                before(t, t + 1, p, ud);
+            fixture_full_attn(fx, t, row);
+            StepView sv = {.L = L, .t = t, .full_attn = p->is_oracle ? row : NULL};
+            p->type->step(p, &sv);
+            for (int g = 0; g < L->n_kv_heads; g++) {
+                const KVCache *c = &p->cache[g];
+                attn[g] = kv_realloc(attn[g], (size_t)L->group * (c->n + 1) * sizeof(float));
+                for (int i = 0; i < L->group; i++)
+                    cache_attn(fx, c, g * L->group + i, t, attn[g] + (size_t)i * c->n);
+            }
+            if (fn)
+                fn(t, p, row, ud);
+            if (p->type->observe)
+                p->type->observe(p, &sv, (const float *const *)attn);
+        }
     }
     if (before)
-        before(t_end, p, ud);
+        before(t_end, t_end, p, ud);
     for (int g = 0; g < L->n_kv_heads; g++)
         free(attn[g]);
     free(attn);

@@ -1,8 +1,10 @@
 /* fixture.h — hand-built layers for policy tests, and a plain reference driver.
  *
- * fixture_run() drives a policy exactly as the replay engine does (prefill, then step /
- * attention over the cache / observe for each decode step), but with plain loops written
- * independently of sim/replay/engine.c, so a policy's tests do not depend on the engine's code. */
+ * fixture_run() drives a policy exactly as the replay engine does (the spans of meta in order:
+ * each prefill span in chunks of prefill_chunk tokens, with the statistics of policies/policy.h;
+ * each decode run as step / attention over the cache / observe), but with plain loops written
+ * independently of sim/replay/engine.c and sim/driver/driver.c, so a policy's tests do not depend
+ * on their code. */
 #ifndef KVSIM_TEST_FIXTURE_H
 #define KVSIM_TEST_FIXTURE_H
 
@@ -14,6 +16,7 @@ typedef struct {
     TraceMeta meta; /* positions = index, segments 0, tokens 0, no needles/probes */
     LayerView L;
     float *q, *k, *v; /* owned, writable: [Hq][T][D], [Hkv][T][D], [Hkv][T][D] */
+    int prefill_chunk; /* tokens per prefill chunk fixture_run feeds (0: each span whole) */
 } Fixture;
 
 /* Zero-filled layer, built by trace_meta_init and layer_view_make: the default attention scale
@@ -22,6 +25,9 @@ Fixture *fixture_new(int n_q_heads, int n_kv_heads, int head_dim, int n_tokens, 
 void fixture_free(Fixture *fx);
 /* Makes the layer a sliding-window layer of `window` keys (0: global), in meta and L. */
 void fixture_set_window(Fixture *fx, int window);
+/* Replaces meta.spans (a single prompt by default) with spans[0, n): in order, covering
+ * [0, n_tokens), the first a prefill span ending at n_prompt. */
+void fixture_set_spans(Fixture *fx, const TraceSpan *spans, int n);
 /* Fills q, k, v with independent N(0, sigma^2) values (GSL RNG, deterministic in seed). */
 void fixture_randomize(Fixture *fx, uint64_t seed, double sigma);
 static inline float *fx_q(Fixture *fx, int h, int t) { return fx->q + ((size_t)h * fx->L.n_tokens + t) * fx->L.head_dim; }
@@ -45,15 +51,16 @@ void fixture_full_attn(const Fixture *fx, int t, float *out);
  * exactly what query t attended over. full_attn is [Hq][T], the true attention of query t. */
 typedef void (*FixtureStepFn)(int t, const Policy *p, const float *full_attn, void *ud);
 
-/* Runs prefill and decode steps [P, t_end) (t_end <= T); after each step calls fn (may be NULL).
- * Computes the prefill statistics the policy asks for. */
+/* Runs the spans up to t_end (t_end <= T): prefill chunks, and decode steps before t_end; after
+ * each decode step calls fn (may be NULL). Computes the prefill statistics the policy asks for:
+ * those of each chunk's queries over the policy's caches and the chunk (policies/policy.h). */
 void fixture_run(Fixture *fx, Policy *p, int t_end, FixtureStepFn fn, void *ud);
 
-/* Called before decode step t does anything (before the full attention of query t is computed
- * and before the policy's step), and once more with t = t_end after the last observe. */
-typedef void (*FixtureBeforeFn)(int t, const Policy *p, void *ud);
-/* fixture_run with a hook before each step (may be NULL): e.g. to reveal position t of a trace
- * whose future is hidden, or to read the memory report of the step before. */
+/* Called before positions [t0, t1) arrive, before anything is computed from them: a prefill
+ * chunk, or decode step t0 (t1 = t0 + 1); once more with t0 = t1 = t_end after the last call. */
+typedef void (*FixtureBeforeFn)(int t0, int t1, const Policy *p, void *ud);
+/* fixture_run with a hook before each chunk and step (may be NULL): e.g. to reveal the positions
+ * of a trace whose future is hidden, or to read the memory report of the call before. */
 void fixture_run_hooked(Fixture *fx, Policy *p, int t_end, FixtureBeforeFn before,
                         FixtureStepFn fn, void *ud);
 

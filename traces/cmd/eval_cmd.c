@@ -510,6 +510,10 @@ static int eval_main(const EvalOptions *o, KvErr *err)
     RunConfig rc;
     if (config_load(o->config, &rc, err) != 0)
         return -1;
+    if (config_check_closed_loop(&rc, err) != 0) {
+        config_free(&rc);
+        return -1;
+    }
     if (o->out_dir)
         snprintf(rc.out_dir, sizeof rc.out_dir, "%s", o->out_dir);
     Model *model = NULL;

@@ -161,8 +161,10 @@ static int prefill_instances(EvalPrefill *pf, const PolicySpec *spec, uint64_t r
             return ready;
         }
     }
+    /* The prompt is the run's one prefill span, fed whole: its queries attended over the full
+     * cache in one forward pass (eval.h: chunked prefill is replay only). */
     for (int l = 0; l < n_layers; l++)
-        driver_prefill(&drv[l]);
+        driver_prefill(&drv[l], 0, pf->n_prompt, 0, pf->n_prompt);
     return 0;
 }
 

@@ -10,7 +10,10 @@
  * The policies are driven as in replay, by the same module (sim/driver/driver.h, closed loop): one
  * instance per layer over a LayerView whose arrays have room for the whole run and whose rows
  * fill in as tokens are fed (the closed-loop rules of policies/policy.h); prefill with the
- * prompt statistics it asks for; then, for each fed token t, in each layer: step(), the
+ * prompt statistics it asks for, the prompt being one prefill span fed whole (one chunk: the
+ * model's prompt pass attends over the full cache, so chunked prefill, where a chunk's queries
+ * attend through the policy's cache, is replay only and `kvsim eval` refuses [run]
+ * prefill_chunk > 0); then, for each fed token t, in each layer: step(), the
  * attention of query t restricted to the instance's slots (exact K/V from the run's cache, or
  * the slot's alt_kv), observe() with that attention ([group][n] per KV head, softmax over the
  * slots) and memory(). What eval adds is where Q/K/V and that attention come from: the model's

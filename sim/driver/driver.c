@@ -155,7 +155,7 @@ void driver_prefill(PolicyDriver *d)
         if (mass || obs)
             d->stats_flops += prompt_statistics(L->q, L->k, Hq, L->group, T, P, L->head_dim,
                                                 L->attn_scale, L->window, mass, obs, want_rows,
-                                                probs, ones);
+                                                d->pool);
         if (dmass)
             d->stats_flops += decode_mass_statistics(L, dmass, probs, ones);
         free(probs);

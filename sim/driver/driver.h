@@ -32,6 +32,7 @@
 #include <stdint.h>
 
 #include "policies/policy.h"
+#include "sim/base/pool.h"
 
 typedef struct {
     char label[64];         /* [policy.LABEL] */
@@ -46,6 +47,8 @@ typedef struct {
     MemReport *mem;  /* [n]: instance i's memory after its prefill, then after each observe */
     double *seconds; /* [n]: time in instance i's callbacks (prefill, step, observe, memory) */
     double stats_seconds, stats_flops; /* the statistics computed for prefill */
+    Pool *pool; /* NULL, or set by the caller after driver_create: spreads the prompt
+                 * statistics over its threads (results do not depend on it) */
     /* The driver's own. */
     bool live;
     int kv_bits;

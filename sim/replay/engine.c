@@ -435,7 +435,9 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
 
     /* Workers: one per layer at most; the threads beyond go to the workers' teams, the first
      * threads % workers teams one larger. */
-    int threads = pool_threads_for(cfg->threads, m->n_layers * m->n_q_heads);
+    /* Inside a layer, at most max(query heads, policies) things can run at once. */
+    int per_layer = m->n_q_heads > cfg->n_policies ? m->n_q_heads : cfg->n_policies;
+    int threads = pool_threads_for(cfg->threads, m->n_layers * per_layer);
     int n_workers = threads < m->n_layers ? threads : m->n_layers;
     r->threads_used = threads;
     /* Parallelism is the pool's; BLAS inside a worker stays single-threaded. */

@@ -23,6 +23,22 @@ void attention_block(const float *q, int B, int i0, const float *k, const float 
 void softmax_causal_rows(float *s, int rows, int ld, int first_len, float scale, int window,
                          float *row_max, float *row_z);
 
+/* The two implementations softmax_causal_rows chooses between (softmax.c): the compiler's
+ * vectorisation of the plain loops, cloned for AVX2, and, on GCC for x86-64 and a CPU with
+ * AVX-512, the same arithmetic written with AVX-512 (softmax_avx512.c). They agree bit for bit
+ * (test_softmax). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SOFTMAX_HAS_AVX512 1
+#else
+#define SOFTMAX_HAS_AVX512 0
+#endif
+void softmax_causal_rows_vectorised(float *s, int rows, int ld, int first_len, float scale,
+                                    int window, float *row_max, float *row_z);
+#if SOFTMAX_HAS_AVX512
+void softmax_causal_rows_avx512(float *s, int rows, int ld, int first_len, float scale,
+                                int window, float *row_max, float *row_z);
+#endif
+
 /* Prompt queries per attention_block in prompt_statistics. */
 enum { PROMPT_STATS_BLOCK = 128 };
 
@@ -38,6 +54,13 @@ enum { PROMPT_STATS_BLOCK = 128 };
 double prompt_statistics(const float *q, const float *k, int n_q_heads, int group, int stride,
                          int n_prompt, int D, float scale, int window, float *mass, float *obs,
                          int obs_rows, Pool *pool);
+
+/* The same column sums over the decode queries [n_prompt, n_tokens) of every query head, in
+ * blocks of PROMPT_STATS_BLOCK from n_prompt: dmass [n_q_heads][n_tokens] is accumulated into
+ * (the caller zeroes it). What oracle_future knows (PrefillView.decode_mass). */
+double decode_mass(const float *q, const float *k, int n_q_heads, int group, int stride,
+                   int n_prompt, int n_tokens, int D, float scale, int window, float *dmass,
+                   Pool *pool);
 
 /* The exact attention of the B <= rows_cap consecutive queries t0 .. t0+B-1 of every query head
  * (the replay engine's decode steps), one attention_block per head, heads spread over pool

@@ -80,28 +80,6 @@ void driver_free(PolicyDriver *d)
     memset(d, 0, sizeof *d);
 }
 
-/* Sum over all decode steps of each key's true attention: what oracle_future knows. */
-static double decode_mass_statistics(const LayerView *L, float *dmass, float *probs,
-                                     const float *ones)
-{
-    int T = L->n_tokens, P = L->n_prompt, D = L->head_dim;
-    float mx[PROMPT_STATS_BLOCK], z[PROMPT_STATS_BLOCK];
-    double flops = 0;
-    for (int h = 0; h < L->n_q_heads; h++) {
-        const float *q = L->q + (size_t)h * T * D;
-        const float *k = L->k + (size_t)(h / L->group) * T * D;
-        for (int i0 = P; i0 < T; i0 += PROMPT_STATS_BLOCK) {
-            int B = T - i0 < PROMPT_STATS_BLOCK ? T - i0 : PROMPT_STATS_BLOCK;
-            attention_block(q + (size_t)i0 * D, B, i0, k, NULL, D, L->attn_scale, L->window,
-                            probs, T, NULL, mx, z);
-            flops += attention_block_flops(B, i0, D, 0);
-            cblas_sgemv(CblasRowMajor, CblasTrans, B, i0 + B, 1.0f, probs, T, ones, 1, 1.0f,
-                        dmass + (size_t)h * T, 1);
-        }
-    }
-    return flops;
-}
-
 /* The observation rows of one instance: the last `rows` of the `all_rows` computed, as the
  * [n_q_heads][rows][P] array PrefillView promises. The shared array when the counts agree;
  * otherwise a copy into *own (reallocated: instances are prefilled one at a time). */
@@ -148,18 +126,14 @@ void driver_prefill(PolicyDriver *d)
     float *dmass = want_dmass ? kv_calloc((size_t)Hq * T, sizeof(float)) : NULL;
     if (mass || obs || dmass) {
         double s0 = now_seconds();
-        float *probs = kv_malloc((size_t)PROMPT_STATS_BLOCK * T * sizeof(float));
-        float *ones = kv_malloc((size_t)T * sizeof(float));
-        for (int j = 0; j < T; j++)
-            ones[j] = 1.0f;
         if (mass || obs)
             d->stats_flops += prompt_statistics(L->q, L->k, Hq, L->group, T, P, L->head_dim,
                                                 L->attn_scale, L->window, mass, obs, want_rows,
                                                 d->pool);
+        /* Sum over all decode steps of each key's true attention: what oracle_future knows. */
         if (dmass)
-            d->stats_flops += decode_mass_statistics(L, dmass, probs, ones);
-        free(probs);
-        free(ones);
+            d->stats_flops += decode_mass(L->q, L->k, Hq, L->group, T, P, T, L->head_dim,
+                                          L->attn_scale, L->window, dmass, d->pool);
         d->stats_seconds += now_seconds() - s0;
     }
     for (int i = 0; i < d->n; i++) {

@@ -82,7 +82,7 @@ void driver_free(PolicyDriver *d)
 
 /* The observation rows of one instance: the last `rows` of the `all_rows` computed, as the
  * [n_q_heads][rows][P] array PrefillView promises. The shared array when the counts agree;
- * otherwise a copy into *own (reallocated: instances are prefilled one at a time). */
+ * otherwise a copy into the instance's own *own. */
 static const float *obs_attn_for(const float *obs, int all_rows, int rows, int Hq, int P,
                                  float **own)
 {
@@ -105,6 +105,38 @@ static int rows_of(const Policy *p, int P)
     return p->want_prefill_rows < P ? p->want_prefill_rows : P;
 }
 
+/* The statistics of one driver_prefill, and instance i's own copy of its observation rows. */
+typedef struct {
+    PolicyDriver *d;
+    const float *mass, *obs, *dmass;
+    int want_rows;
+    float **own_obs; /* [n] */
+} PrefillJob;
+
+/* Instance i's prefill: instances are independent, so they may run on any threads. */
+static int prefill_instance(void *ctx, int i, int slot, KvErr *err)
+{
+    (void)slot, (void)err;
+    PrefillJob *j = ctx;
+    const LayerView *L = j->d->L;
+    int P = L->n_prompt, Hq = L->n_q_heads;
+    Policy *p = j->d->inst[i];
+    int rows = rows_of(p, P);
+    PrefillView pv = {
+        .L = L,
+        .prefill_mass = p->want_prefill_mass ? j->mass : NULL,
+        .obs_attn = rows > 0 ? obs_attn_for(j->obs, j->want_rows, rows, Hq, P, &j->own_obs[i])
+                             : NULL,
+        .obs_rows = rows > 0 ? rows : 0,
+        .decode_mass = reads_decode_mass(p) ? j->dmass : NULL,
+    };
+    double t0 = now_seconds();
+    p->type->prefill(p, &pv);
+    policy_memory_report(p, L->head_dim, j->d->kv_bits, &j->d->mem[i]);
+    j->d->seconds[i] += now_seconds() - t0;
+    return 0;
+}
+
 void driver_prefill(PolicyDriver *d)
 {
     const LayerView *L = d->L;
@@ -122,7 +154,6 @@ void driver_prefill(PolicyDriver *d)
      * then gets exactly the rows it asked for (obs_attn_for). */
     float *mass = want_mass ? kv_calloc((size_t)Hq * P, sizeof(float)) : NULL;
     float *obs = want_rows ? kv_calloc((size_t)Hq * want_rows * P, sizeof(float)) : NULL;
-    float *own_obs = NULL;
     float *dmass = want_dmass ? kv_calloc((size_t)Hq * T, sizeof(float)) : NULL;
     if (mass || obs || dmass) {
         double s0 = now_seconds();
@@ -136,24 +167,17 @@ void driver_prefill(PolicyDriver *d)
                                           L->attn_scale, L->window, dmass, d->pool);
         d->stats_seconds += now_seconds() - s0;
     }
-    for (int i = 0; i < d->n; i++) {
-        Policy *p = d->inst[i];
-        int rows = rows_of(p, P);
-        PrefillView pv = {
-            .L = L,
-            .prefill_mass = p->want_prefill_mass ? mass : NULL,
-            .obs_attn = rows > 0 ? obs_attn_for(obs, want_rows, rows, Hq, P, &own_obs) : NULL,
-            .obs_rows = rows > 0 ? rows : 0,
-            .decode_mass = reads_decode_mass(p) ? dmass : NULL,
-        };
-        double t0 = now_seconds();
-        p->type->prefill(p, &pv);
-        policy_memory_report(p, L->head_dim, d->kv_bits, &d->mem[i]);
-        d->seconds[i] += now_seconds() - t0;
-    }
+    PrefillJob job = {d, mass, obs, dmass, want_rows, kv_calloc((size_t)d->n, sizeof(float *))};
+    if (d->pool)
+        pool_for(d->pool, d->n, prefill_instance, &job, NULL); /* a prefill cannot fail */
+    else
+        for (int i = 0; i < d->n; i++)
+            prefill_instance(&job, i, 0, NULL);
+    for (int i = 0; i < d->n; i++)
+        free(job.own_obs[i]);
+    free(job.own_obs);
     free(mass);
     free(obs);
-    free(own_obs);
     free(dmass);
 }
 

@@ -47,8 +47,9 @@ typedef struct {
     MemReport *mem;  /* [n]: instance i's memory after its prefill, then after each observe */
     double *seconds; /* [n]: time in instance i's callbacks (prefill, step, observe, memory) */
     double stats_seconds, stats_flops; /* the statistics computed for prefill */
-    Pool *pool; /* NULL, or set by the caller after driver_create: spreads the prompt
-                 * statistics over its threads (results do not depend on it) */
+    Pool *pool; /* NULL, or set by the caller after driver_create: spreads the prefill (the
+                 * statistics by query head, then the instances' prefills) over its threads;
+                 * results do not depend on it */
     /* The driver's own. */
     bool live;
     int kv_bits;

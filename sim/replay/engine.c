@@ -257,6 +257,8 @@ typedef struct {
     int t0, B;
     int *fail_b;   /* [n_policies]: the step at which instance pi failed, or B */
     KvErr *errs;   /* [n_policies] */
+    int *order;    /* [n_policies]: the instances, the costliest in the last block first */
+    double *cost;  /* [n_policies]: each instance's seconds in the last block */
 } Block;
 
 /* The top-k keys of the true attention of every evaluated step of the block, for query head h. */
@@ -283,11 +285,13 @@ static int block_topk(void *ctx, int h, int slot, KvErr *err)
 /* Instance pi through every step of the block. It stops at its first failure and records it;
  * the caller reports the failure a single thread would have met first (lowest step, then lowest
  * instance), so the task itself never fails. */
-static int block_policy(void *ctx, int pi, int slot, KvErr *err)
+static int block_policy(void *ctx, int item, int slot, KvErr *err)
 {
     (void)err;
     Block *bl = ctx;
     Job *job = bl->job;
+    int pi = bl->order[item];
+    double t0 = now_seconds();
     for (int b = 0; b < bl->B; b++) {
         int t = bl->t0 + b;
         if (replay_step(job, bl->w, &bl->w->lanes[slot], bl->drv, pi, t, b, job->eval_of_step[t],
@@ -296,7 +300,25 @@ static int block_policy(void *ctx, int pi, int slot, KvErr *err)
             break;
         }
     }
+    bl->cost[pi] = now_seconds() - t0;
     return 0;
+}
+
+/* The instances by decreasing cost in the last block (ties by index), so that the team does
+ * not wait at the end of a block for a costly instance taken last. Only the threads' share of
+ * the work depends on it, never a number. */
+static void order_by_cost(int *order, const double *cost, int n)
+{
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0; j--) {
+            int a = order[j - 1], b = order[j];
+            if (cost[b] > cost[a] || (cost[b] == cost[a] && b < a)) {
+                order[j - 1] = b;
+                order[j] = a;
+            } else {
+                break;
+            }
+        }
 }
 
 static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
@@ -327,6 +349,10 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     bool failed = false;
     int *fail_b = kv_malloc((size_t)n_pol * sizeof *fail_b);
     KvErr *errs = kv_malloc((size_t)n_pol * sizeof *errs);
+    int *order = kv_malloc((size_t)n_pol * sizeof *order);
+    double *cost = kv_calloc((size_t)n_pol, sizeof *cost);
+    for (int pi = 0; pi < n_pol; pi++)
+        order[pi] = pi;
     for (int t0 = P; t0 < T && !failed && !pool_failed_below(job->layers, layer);
          t0 += DECODE_BLOCK) {
         int B = T - t0 < DECODE_BLOCK ? T - t0 : DECODE_BLOCK;
@@ -349,11 +375,12 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
         if (failed)
             break;
 
-        Block bl = {job, w, &drv, t0, B, fail_b, errs};
+        Block bl = {job, w, &drv, t0, B, fail_b, errs, order, cost};
         for (int pi = 0; pi < n_pol; pi++)
             fail_b[pi] = B;
         pool_for(w->team, Hq, block_topk, &bl, NULL);
         pool_for(w->team, n_pol, block_policy, &bl, NULL);
+        order_by_cost(order, cost, n_pol);
         int first = -1;
         for (int pi = 0; pi < n_pol; pi++)
             if (fail_b[pi] < B && (first < 0 || fail_b[pi] < fail_b[first]))
@@ -366,6 +393,8 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     }
     free(fail_b);
     free(errs);
+    free(order);
+    free(cost);
 
     for (int pi = 0; pi < n_pol; pi++)
         w->policy_seconds[pi] += drv.seconds[pi];

@@ -17,6 +17,7 @@ enum { N = 200 };
 typedef struct {
     atomic_int runs[N];
     int slot_of[N];
+    double work[N];
     int size;
     atomic_int bad_slot;
     int fail_a, fail_b; /* items that fail, or -1 */
@@ -32,9 +33,10 @@ static int count_task(void *ctx, int item, int slot, KvErr *err)
     if (slot < 0 || slot >= c->size)
         atomic_store(&c->bad_slot, 1);
     /* a little work, so that several threads take items */
-    volatile double x = 0;
+    double x = 0;
     for (int i = 0; i < 2000; i++)
-        x += i * 0.5;
+        x += i * 0.5 + c->work[item];
+    c->work[item] = x;
     if (item == c->fail_a || item == c->fail_b) {
         int at = atomic_load(&c->failed_at);
         while (item < at && !atomic_compare_exchange_weak(&c->failed_at, &at, item))

@@ -87,7 +87,6 @@ static void attention_rates(Trace *tr, int reps, double *stats_rate, double *row
     float *out = kv_malloc(Hq * ROWS * D * sizeof(float));
     float *row_max = kv_malloc(Hq * ROWS * sizeof(float));
     float *row_z = kv_malloc(Hq * ROWS * sizeof(float));
-    float *scratch = kv_malloc(ROWS * T * sizeof(float));
     KvErr err;
     if (trace_read_layer(tr, 0, q, k, v, &err) != 0) {
         fprintf(stderr, "bench_replay: %s\n", err.msg);
@@ -108,7 +107,7 @@ static void attention_rates(Trace *tr, int reps, double *stats_rate, double *row
         for (int t = P; t < (int)T; t += ROWS) {
             int B = (int)T - t < ROWS ? (int)T - t : ROWS;
             flops += attention_rows(q, k, v, m->n_q_heads, group, (int)T, (int)D, scale, 0, t, B,
-                                    ROWS, probs, out, row_max, row_z, scratch, NULL);
+                                    ROWS, probs, out, row_max, row_z, NULL);
         }
         rate = flops / (cpu_seconds() - t0) / 1e9;
         if (rate > *rows_rate)
@@ -123,7 +122,6 @@ static void attention_rates(Trace *tr, int reps, double *stats_rate, double *row
     free(out);
     free(row_max);
     free(row_z);
-    free(scratch);
 }
 
 static void make_trace(const char *path, int n_layers)

@@ -126,38 +126,29 @@ typedef struct {
     const float *q, *k, *v;
     int n_q_heads, group, stride, D, window, t0, B, rows_cap;
     float scale;
-    float *probs, *out, *row_max, *row_z, *scratch;
+    float *probs, *out, *row_max, *row_z;
 } RowsJob;
 
-/* Head h: the logits, their softmax and the outputs in the thread's own scratch, which stays in
- * cache from one product to the next (written in place into probs, the rows of the B queries
- * lie an n_q_heads * stride apart); then the rows are copied out. */
 static int rows_head(void *ctx, int h, int slot, KvErr *err)
 {
-    (void)err;
+    (void)slot, (void)err;
     const RowsJob *j = ctx;
     size_t T = (size_t)j->stride, D = (size_t)j->D, g = (size_t)(h / j->group);
-    int n_keys = j->t0 + j->B;
-    float *p = j->scratch + (size_t)slot * j->rows_cap * T;
     attention_block(j->q + ((size_t)h * T + (size_t)j->t0) * D, j->B, j->t0, j->k + g * T * D,
-                    j->v + g * T * D, j->D, j->scale, j->window, p, n_keys,
-                    j->out + (size_t)h * j->rows_cap * D, j->row_max + (size_t)h * j->rows_cap,
-                    j->row_z + (size_t)h * j->rows_cap);
-    for (int b = 0; b < j->B; b++)
-        memcpy(j->probs + ((size_t)b * j->n_q_heads + h) * T, p + (size_t)b * n_keys,
-               (size_t)n_keys * sizeof(float));
+                    j->v + g * T * D, j->D, j->scale, j->window, j->probs + (size_t)h * T,
+                    j->n_q_heads * j->stride, j->out + (size_t)h * j->rows_cap * D,
+                    j->row_max + (size_t)h * j->rows_cap, j->row_z + (size_t)h * j->rows_cap);
     return 0;
 }
 
 double attention_rows(const float *q, const float *k, const float *v, int n_q_heads, int group,
                       int stride, int D, float scale, int window, int t0, int B, int rows_cap,
-                      float *probs, float *out, float *row_max, float *row_z, float *scratch,
-                      Pool *pool)
+                      float *probs, float *out, float *row_max, float *row_z, Pool *pool)
 {
     RowsJob job = {
         .q = q, .k = k, .v = v, .n_q_heads = n_q_heads, .group = group, .stride = stride,
         .D = D, .window = window, .t0 = t0, .B = B, .rows_cap = rows_cap, .scale = scale,
-        .probs = probs, .out = out, .row_max = row_max, .row_z = row_z, .scratch = scratch,
+        .probs = probs, .out = out, .row_max = row_max, .row_z = row_z,
     };
     if (pool)
         pool_for(pool, n_q_heads, rows_head, &job, NULL); /* a head cannot fail */

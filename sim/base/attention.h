@@ -65,14 +65,12 @@ double decode_mass(const float *q, const float *k, int n_q_heads, int group, int
 /* The exact attention of the B <= rows_cap consecutive queries t0 .. t0+B-1 of every query head
  * (the replay engine's decode steps), one attention_block per head, heads spread over pool
  * (NULL: this thread alone). q [n_q_heads][stride][D], k and v [n_q_heads/group][stride][D].
- * Out: probs [B][n_q_heads][stride] (row (b, h) as attention_block's p, columns up to t0+B-1),
- * out [n_q_heads][rows_cap][D], row_max and row_z [n_q_heads][rows_cap]. scratch:
- * [pool threads][rows_cap][stride] floats (one thread's share when pool is NULL). Returns the
+ * Out: probs [B][n_q_heads][stride] (row (b, h) as attention_block's p), out
+ * [n_q_heads][rows_cap][D], row_max and row_z [n_q_heads][rows_cap]. Returns the
  * floating-point operations done, both products. */
 double attention_rows(const float *q, const float *k, const float *v, int n_q_heads, int group,
                       int stride, int D, float scale, int window, int t0, int B, int rows_cap,
-                      float *probs, float *out, float *row_max, float *row_z, float *scratch,
-                      Pool *pool);
+                      float *probs, float *out, float *row_max, float *row_z, Pool *pool);
 
 /* Floating-point operations of attention_block (both products), for throughput figures. */
 double attention_block_flops(int B, int i0, int D, int with_output);

@@ -50,7 +50,6 @@ struct Worker {
     float *out;             /* [Hq][DECODE_BLOCK][D]: full attention outputs */
     float *row_max, *row_z; /* [Hq][DECODE_BLOCK] */
     int32_t *topk;          /* [DECODE_BLOCK][Hq][topk] */
-    float *rows_scratch;    /* [pool_size(team)][DECODE_BLOCK][T]: attention_rows' */
     double attention_seconds, attention_flops; /* the shared exact attention, prompt included */
     double *policy_seconds; /* [n_policies]: the policies' own callbacks */
 };
@@ -74,7 +73,6 @@ static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg, 
     w->row_max = kv_malloc(Hq * DECODE_BLOCK * sizeof(float));
     w->row_z = kv_malloc(Hq * DECODE_BLOCK * sizeof(float));
     w->topk = kv_malloc((size_t)DECODE_BLOCK * Hq * (size_t)cfg->topk * sizeof(int32_t));
-    w->rows_scratch = kv_malloc((size_t)pool_size(w->team) * DECODE_BLOCK * T * sizeof(float));
     w->policy_seconds = kv_calloc((size_t)cfg->n_policies, sizeof(double));
 }
 
@@ -97,7 +95,6 @@ static void worker_free(Worker *w, int n_kv_heads)
     free(w->row_max);
     free(w->row_z);
     free(w->topk);
-    free(w->rows_scratch);
     free(w->policy_seconds);
 }
 
@@ -359,7 +356,7 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
         double a0 = now_seconds();
         w->attention_flops += attention_rows(w->q, w->k, w->v, Hq, L.group, T, D, L.attn_scale,
                                              L.window, t0, B, DECODE_BLOCK, w->probs, w->out,
-                                             w->row_max, w->row_z, w->rows_scratch, w->team);
+                                             w->row_max, w->row_z, w->team);
         w->attention_seconds += now_seconds() - a0;
         /* A logit that overflows float (|q.k| * scale beyond 3.4e38) leaves a row that is
          * not a distribution: the trace is out of range, and no metric can be computed. */

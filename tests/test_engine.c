@@ -214,15 +214,71 @@ static void test_identical_results_at_any_thread_count(void **state)
     results_free(three);
 }
 
+/* More threads than layers: the threads share the work inside a layer (attention by head, the
+ * policy instances, the prompt statistics), all threads are used, and every number is the same
+ * as with one thread. One layer, policies that read the prompt statistics and the true
+ * attention as well as full and window. */
+static void test_identical_results_with_more_threads_than_layers(void **state)
+{
+    Setup *s = *state;
+    char path[4200];
+    snprintf(path, sizeof path, "%s/one_layer.h5", s->dir);
+    fixture_write_trace(s->fx, 1, SEED, path);
+    enum { N_POL = 6 };
+    const char *types[N_POL] = {"full", "window", "h2o", "snapkv", "oracle_topk", "tova"};
+    PolicySpec spec[N_POL];
+    KvErr err;
+    for (int i = 0; i < N_POL; i++) {
+        if (i < 2) {
+            spec[i] = s->spec[i];
+            continue;
+        }
+        spec[i].type = policy_find(types[i]);
+        snprintf(spec[i].label, sizeof spec[i].label, "%s_test", types[i]);
+        spec[i].params = kv_calloc(1, spec[i].type->params_size);
+        policy_params_defaults(spec[i].type, spec[i].params);
+        assert_int_equal(policy_param_set(spec[i].type, spec[i].params, "budget", "24", &err), 0);
+    }
+    Results *r[4];
+    const int threads[4] = {1, 2, 3, 7};
+    for (int i = 0; i < 4; i++) {
+        Trace *tr = trace_open(path, &err);
+        if (!tr)
+            fail_msg("%s", err.msg);
+        EngineConfig cfg = {.threads = threads[i], .topk = TOPK, .eval_every = 1, .kv_bits = 16,
+                            .seed = 1, .n_policies = N_POL, .policies = spec};
+        r[i] = engine_run(tr, &cfg, &err);
+        if (!r[i])
+            fail_msg("%s", err.msg);
+        trace_close(tr);
+        /* all threads used, up to max(query heads, policies) per layer */
+        assert_int_equal(r[i]->threads_used, threads[i] < N_POL ? threads[i] : N_POL);
+    }
+    size_t nh = (size_t)N_POL * r[0]->n_evals * HQ * N_HEAD_METRICS;
+    size_t ns = (size_t)N_POL * r[0]->n_evals * N_STEP_METRICS;
+    size_t nt = (size_t)N_POL * N_TOTAL_METRICS;
+    /* not vacuous: the budgeted policies lose attention mass */
+    assert_true(results_head(r[0], 2, 0, r[0]->n_evals - 1, 0)[HM_MASS] < 1.0f);
+    for (int i = 1; i < 4; i++) {
+        assert_memory_equal(r[0]->head, r[i]->head, nh * sizeof(float));
+        assert_memory_equal(r[0]->step, r[i]->step, ns * sizeof(double));
+        assert_memory_equal(r[0]->total, r[i]->total, nt * sizeof(double));
+    }
+    for (int i = 0; i < 4; i++)
+        results_free(r[i]);
+    for (int i = 2; i < N_POL; i++)
+        free(spec[i].params);
+}
+
 /* A trace whose values are finite but overflow float arithmetic: the replay stops with an error
  * naming the trace, layer and step (and the policy, for a metric), never a NaN in a result. */
-static char *replay_error(Setup *s, const char *path)
+static char *replay_error(Setup *s, const char *path, int threads)
 {
     KvErr err;
     Trace *tr = trace_open(path, &err);
     if (!tr)
         fail_msg("%s", err.msg);
-    EngineConfig cfg = {.threads = 1, .topk = TOPK, .eval_every = 1, .kv_bits = 16, .seed = 1,
+    EngineConfig cfg = {.threads = threads, .topk = TOPK, .eval_every = 1, .kv_bits = 16, .seed = 1,
                         .n_policies = 2, .policies = s->spec};
     Results *r = engine_run(tr, &cfg, &err);
     trace_close(tr);
@@ -247,7 +303,7 @@ static void test_non_finite_values_are_errors(void **state)
         fail_msg("%s", err.msg);
     assert_int_equal(trace_writer_put_qkv(w, 0, 0, T, s->fx->q, s->fx->k, s->fx->v, &err), 0);
     assert_int_equal(trace_writer_finish(w, &err), 0);
-    char *msg = replay_error(s, path);
+    char *msg = replay_error(s, path, 1);
     assert_non_null(strstr(msg, "overflow.h5"));
     assert_non_null(strstr(msg, "layer 0, step 60, query head 1"));
     assert_non_null(strstr(msg, "not finite"));
@@ -264,10 +320,14 @@ static void test_non_finite_values_are_errors(void **state)
         fail_msg("%s", err.msg);
     assert_int_equal(trace_writer_put_qkv(w, 0, 0, T, s->fx->q, s->fx->k, s->fx->v, &err), 0);
     assert_int_equal(trace_writer_finish(w, &err), 0);
-    msg = replay_error(s, path);
+    msg = replay_error(s, path, 1);
     assert_non_null(strstr(msg, "policy window_test, layer 0, step 48"));
     assert_non_null(strstr(msg, "out_err"));
     assert_non_null(strstr(msg, "not finite"));
+    /* The policy instances run in parallel: the error is still the one a single thread meets. */
+    char *msg3 = replay_error(s, path, 3);
+    assert_string_equal(msg3, msg);
+    free(msg3);
     free(msg);
 }
 
@@ -277,6 +337,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_metrics_match_plain_recomputation, setup, teardown),
         cmocka_unit_test_setup_teardown(test_needles_checked_at_probe_steps, setup, teardown),
         cmocka_unit_test_setup_teardown(test_identical_results_at_any_thread_count, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_identical_results_with_more_threads_than_layers, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_non_finite_values_are_errors, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

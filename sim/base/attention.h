@@ -9,6 +9,8 @@
 
 #include <stddef.h>
 
+#include "sim/base/pool.h"
+
 /* p: [B][ld] with ld >= i0+B; on return row b holds the probabilities over keys
  * [lo(i0+b), i0+b] and zeros elsewhere up to column i0+B-1. o (may be NULL): [B][D] outputs. row_max/row_z: the max scaled
  * logit and the normaliser of each row (so a key outside the trace can be weighted later). */
@@ -21,6 +23,22 @@ void attention_block(const float *q, int B, int i0, const float *k, const float 
 void softmax_causal_rows(float *s, int rows, int ld, int first_len, float scale, int window,
                          float *row_max, float *row_z);
 
+/* The two implementations softmax_causal_rows chooses between (softmax.c): the compiler's
+ * vectorisation of the plain loops, cloned for AVX2, and, on GCC for x86-64 and a CPU with
+ * AVX-512, the same arithmetic written with AVX-512 (softmax_avx512.c). They agree bit for bit
+ * (test_softmax). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SOFTMAX_HAS_AVX512 1
+#else
+#define SOFTMAX_HAS_AVX512 0
+#endif
+void softmax_causal_rows_vectorised(float *s, int rows, int ld, int first_len, float scale,
+                                    int window, float *row_max, float *row_z);
+#if SOFTMAX_HAS_AVX512
+void softmax_causal_rows_avx512(float *s, int rows, int ld, int first_len, float scale,
+                                int window, float *row_max, float *row_z);
+#endif
+
 /* Prompt queries per attention_block in prompt_statistics. */
 enum { PROMPT_STATS_BLOCK = 128 };
 
@@ -30,11 +48,29 @@ enum { PROMPT_STATS_BLOCK = 128 };
  * (rows [0, n_prompt) are read; stride is the layer's token capacity). When not NULL,
  * mass [n_q_heads][n_prompt] is accumulated into (the caller zeroes it) and obs
  * [n_q_heads][obs_rows][n_prompt] receives the rows of the last obs_rows prompt queries, zero
- * beyond each query. probs: scratch [PROMPT_STATS_BLOCK][stride]; ones: [stride] ones.
- * Returns the floating-point operations done. Used by replay and by `kvsim eval`. */
+ * beyond each query. The query heads are spread over pool (NULL: this thread alone); each head
+ * is computed the same way whichever thread takes it. Returns the floating-point operations
+ * done (attention_block_flops of each block). Used by replay and by `kvsim eval`. */
 double prompt_statistics(const float *q, const float *k, int n_q_heads, int group, int stride,
                          int n_prompt, int D, float scale, int window, float *mass, float *obs,
-                         int obs_rows, float *probs, const float *ones);
+                         int obs_rows, Pool *pool);
+
+/* The same column sums over the decode queries [n_prompt, n_tokens) of every query head, in
+ * blocks of PROMPT_STATS_BLOCK from n_prompt: dmass [n_q_heads][n_tokens] is accumulated into
+ * (the caller zeroes it). What oracle_future knows (PrefillView.decode_mass). */
+double decode_mass(const float *q, const float *k, int n_q_heads, int group, int stride,
+                   int n_prompt, int n_tokens, int D, float scale, int window, float *dmass,
+                   Pool *pool);
+
+/* The exact attention of the B <= rows_cap consecutive queries t0 .. t0+B-1 of every query head
+ * (the replay engine's decode steps), one attention_block per head, heads spread over pool
+ * (NULL: this thread alone). q [n_q_heads][stride][D], k and v [n_q_heads/group][stride][D].
+ * Out: probs [B][n_q_heads][stride] (row (b, h) as attention_block's p), out
+ * [n_q_heads][rows_cap][D], row_max and row_z [n_q_heads][rows_cap]. Returns the
+ * floating-point operations done, both products. */
+double attention_rows(const float *q, const float *k, const float *v, int n_q_heads, int group,
+                      int stride, int D, float scale, int window, int t0, int B, int rows_cap,
+                      float *probs, float *out, float *row_max, float *row_z, Pool *pool);
 
 /* Floating-point operations of attention_block (both products), for throughput figures. */
 double attention_block_flops(int B, int i0, int D, int with_output);

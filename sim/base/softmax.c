@@ -3,7 +3,9 @@
  * Built with -ffast-math (see CMakeLists.txt) so that GCC vectorises expf through glibc's
  * libmvec, and cloned for AVX2 so the vector exp runs 8 lanes wide where the CPU has it; without
  * this the exponentials cost more than the matrix products around them. Nothing in this file
- * may depend on infinities or NaN: masked entries are never exponentiated, only zeroed. */
+ * may depend on infinities or NaN: masked entries are never exponentiated, only zeroed.
+ * On a CPU with AVX-512, softmax_causal_rows runs softmax_avx512.c instead: the same arithmetic
+ * as the AVX2 clone below, bit for bit, with the work around it wider. */
 #include "sim/base/attention.h"
 
 #include <math.h>
@@ -15,8 +17,8 @@
 #endif
 
 SOFTMAX_CLONES
-void softmax_causal_rows(float *s, int rows, int ld, int first_len, float scale, int window,
-                         float *row_max, float *row_z)
+void softmax_causal_rows_vectorised(float *s, int rows, int ld, int first_len, float scale,
+                                    int window, float *row_max, float *row_z)
 {
     for (int b = 0; b < rows; b++) {
         float *x = s + (size_t)b * ld;
@@ -42,4 +44,16 @@ void softmax_causal_rows(float *s, int rows, int ld, int first_len, float scale,
         row_max[b] = mx;
         row_z[b] = z;
     }
+}
+
+void softmax_causal_rows(float *s, int rows, int ld, int first_len, float scale, int window,
+                         float *row_max, float *row_z)
+{
+#if SOFTMAX_HAS_AVX512
+    if (__builtin_cpu_supports("avx512f")) {
+        softmax_causal_rows_avx512(s, rows, ld, first_len, scale, window, row_max, row_z);
+        return;
+    }
+#endif
+    softmax_causal_rows_vectorised(s, rows, ld, first_len, scale, window, row_max, row_z);
 }

@@ -18,6 +18,7 @@
 #include <gsl/gsl_randist.h>
 #include <gsl/gsl_rng.h>
 #include "sim/base/args.h"
+#include "sim/base/progress.h"
 
 #define SYNTH_VOCAB 32000
 #define TWO_PI 6.283185307179586
@@ -465,6 +466,8 @@ int synth_write(const SynthParams *sp, const char *path, KvErr *err)
     TraceWriter *w = trace_writer_create(path, &meta, sp->dtype, err);
     if (!w)
         rc = -1;
+    Progress progress;
+    progress_begin(&progress, sp->progress, "synth", "layers", sp->n_layers);
     for (int l = 0; l < sp->n_layers && rc == 0; l++) {
         generate_layer(&g, l);
         rc = trace_writer_put_qkv(w, l, 0, T, g.q, g.k, g.v, err);
@@ -476,11 +479,9 @@ int synth_write(const SynthParams *sp, const char *path, KvErr *err)
                 rc = trace_writer_put_attn_row(w, l, r, row_buf, err);
             }
         }
-        if (sp->progress)
-            fprintf(stderr, "\rsynth: layer %d/%d", l + 1, sp->n_layers);
+        progress_set(&progress, l + 1);
     }
-    if (sp->progress)
-        fprintf(stderr, "\n");
+    progress_end(&progress);
     if (w) {
         if (rc == 0)
             rc = trace_writer_finish(w, err);

@@ -82,38 +82,9 @@ void driver_free(PolicyDriver *d)
     memset(d, 0, sizeof *d);
 }
 
-/* Sum over every decode step of every decode run of each key's true attention: what
- * oracle_future knows. */
-static double decode_mass_statistics(const LayerView *L, float *dmass, float *probs,
-                                     const float *ones)
-{
-    int T = L->n_tokens, D = L->head_dim;
-    const TraceMeta *m = L->meta;
-    float mx[PROMPT_STATS_BLOCK], z[PROMPT_STATS_BLOCK];
-    double flops = 0;
-    for (int h = 0; h < L->n_q_heads; h++) {
-        const float *q = L->q + (size_t)h * T * D;
-        const float *k = L->k + (size_t)(h / L->group) * T * D;
-        for (int s = 0; s < m->n_spans; s++) {
-            if (m->spans[s].kind != SPAN_DECODE)
-                continue;
-            int end = m->spans[s].end;
-            for (int i0 = m->spans[s].start; i0 < end; i0 += PROMPT_STATS_BLOCK) {
-                int B = end - i0 < PROMPT_STATS_BLOCK ? end - i0 : PROMPT_STATS_BLOCK;
-                attention_block(q + (size_t)i0 * D, B, i0, k, NULL, D, L->attn_scale, L->window,
-                                probs, T, NULL, mx, z);
-                flops += attention_block_flops(B, i0, D, 0);
-                cblas_sgemv(CblasRowMajor, CblasTrans, B, i0 + B, 1.0f, probs, T, ones, 1, 1.0f,
-                            dmass + (size_t)h * T, 1);
-            }
-        }
-    }
-    return flops;
-}
-
 /* The observation rows of one instance: the last `rows` of the `all_rows` computed, as the
  * [n_q_heads][rows][width] array PrefillView promises. The shared array when the counts agree;
- * otherwise a copy into *own (reallocated: instances are prefilled one at a time). */
+ * otherwise a copy into the instance's own *own. */
 static const float *obs_attn_for(const float *obs, int all_rows, int rows, int Hq, int width,
                                  float **own)
 {
@@ -215,31 +186,86 @@ static double cache_statistics(const LayerView *L, const Policy *p, int c0, int 
     return flops;
 }
 
+/* One driver_prefill call: the chunk, the statistics shared by the instances (first chunk of the
+ * first span only), and each instance's own buffers and statistics cost. */
+typedef struct {
+    PolicyDriver *d;
+    int span_start, span_end, c0, c1;
+    const float *mass, *obs; /* shared statistics, NULL when not computed */
+    int want_rows;           /* rows of the shared obs */
+    float **own_obs;         /* [n] */
+    double *stats_seconds, *stats_flops; /* [n]: an instance's own statistics (later chunks) */
+} PrefillJob;
+
+/* Instance i's prefill: its statistics when they are its own (later chunks), its callback, its
+ * memory. Instances are independent, so they may run on any threads. */
+static int prefill_instance(void *ctx, int i, int slot, KvErr *err)
+{
+    (void)slot, (void)err;
+    PrefillJob *j = ctx;
+    PolicyDriver *d = j->d;
+    const LayerView *L = d->L;
+    int Hq = L->n_q_heads, c0 = j->c0, c1 = j->c1;
+    Policy *p = d->inst[i];
+    int rows = p->want_prefill_rows > 0 ? rows_of(p, c1 - c0) : 0;
+    PrefillView pv = {
+        .L = L,
+        .span_start = j->span_start,
+        .span_end = j->span_end,
+        .chunk_start = c0,
+        .chunk_end = c1,
+        .last_chunk = c1 == j->span_end,
+        .obs_rows = rows,
+        .decode_mass = reads_decode_mass(p) ? d->decode_mass : NULL,
+    };
+    float *own_mass = NULL;
+    if (c0 == 0) {
+        pv.prefill_mass = p->want_prefill_mass ? j->mass : NULL;
+        pv.obs_attn =
+            rows > 0 ? obs_attn_for(j->obs, j->want_rows, rows, Hq, c1, &j->own_obs[i]) : NULL;
+    } else if (wants_statistics(p)) {
+        /* Later chunks: the statistics of this instance's own caches. */
+        double t0 = now_seconds();
+        own_mass = p->want_prefill_mass ? kv_calloc((size_t)Hq * c1, sizeof(float)) : NULL;
+        if (rows > 0)
+            j->own_obs[i] = kv_calloc((size_t)Hq * rows * c1, sizeof(float));
+        j->stats_flops[i] += cache_statistics(L, p, c0, c1, own_mass, j->own_obs[i], rows);
+        pv.prefill_mass = own_mass;
+        pv.obs_attn = j->own_obs[i];
+        j->stats_seconds[i] += now_seconds() - t0;
+    }
+    double t0 = now_seconds();
+    p->type->prefill(p, &pv);
+    policy_memory_report(p, L->head_dim, d->kv_bits, &d->mem[i]);
+    d->seconds[i] += now_seconds() - t0;
+    free(own_mass);
+    return 0;
+}
+
 void driver_prefill(PolicyDriver *d, int span_start, int span_end, int chunk_start, int chunk_end)
 {
     const LayerView *L = d->L;
+    const TraceMeta *m = L->meta;
     int T = L->n_tokens, Hq = L->n_q_heads, c0 = chunk_start, c1 = chunk_end, C = c1 - c0;
     double s0 = now_seconds();
-    float *probs = NULL, *ones = NULL;
     bool want_dmass = false;
     for (int i = 0; i < d->n; i++)
         want_dmass |= reads_decode_mass(d->inst[i]);
-    if ((want_dmass && !d->decode_mass) || c0 == 0) {
-        probs = kv_malloc((size_t)PROMPT_STATS_BLOCK * T * sizeof(float));
-        ones = kv_malloc((size_t)T * sizeof(float));
-        for (int j = 0; j < T; j++)
-            ones[j] = 1.0f;
-    }
-    /* The future is the same at every chunk: computed once, at the first. */
+    /* The future is the same at every chunk: computed once, at the first; the sum over every
+     * decode step of every decode run of each key's true attention (what oracle_future knows). */
     if (want_dmass && !d->decode_mass) {
         d->decode_mass = kv_calloc((size_t)Hq * T, sizeof(float));
-        d->stats_flops += decode_mass_statistics(L, d->decode_mass, probs, ones);
+        for (int s = 0; s < m->n_spans; s++)
+            if (m->spans[s].kind == SPAN_DECODE)
+                d->stats_flops += decode_mass(L->q, L->k, Hq, L->group, T, m->spans[s].start,
+                                              m->spans[s].end, L->head_dim, L->attn_scale,
+                                              L->window, d->decode_mass, d->pool);
     }
 
     /* At the first chunk of the first span every cache is empty, so every instance's statistics
      * are the same numbers: computed once (prompt_statistics), at the most rows any instance asks
      * for; each instance then gets exactly the rows it asked for (obs_attn_for). */
-    float *mass = NULL, *obs = NULL, *own_obs = NULL;
+    float *mass = NULL, *obs = NULL;
     int want_rows = 0;
     if (c0 == 0) {
         bool want_mass = false;
@@ -253,52 +279,32 @@ void driver_prefill(PolicyDriver *d, int span_start, int span_end, int chunk_sta
         if (mass || obs)
             d->stats_flops += prompt_statistics(L->q, L->k, Hq, L->group, T, c1, L->head_dim,
                                                 L->attn_scale, L->window, mass, obs, want_rows,
-                                                probs, ones);
+                                                d->pool);
     }
-    free(probs);
-    free(ones);
     d->stats_seconds += now_seconds() - s0;
 
-    for (int i = 0; i < d->n; i++) {
-        Policy *p = d->inst[i];
-        int rows = p->want_prefill_rows > 0 ? rows_of(p, C) : 0;
-        PrefillView pv = {
-            .L = L,
-            .span_start = span_start,
-            .span_end = span_end,
-            .chunk_start = c0,
-            .chunk_end = c1,
-            .last_chunk = c1 == span_end,
-            .obs_rows = rows,
-            .decode_mass = reads_decode_mass(p) ? d->decode_mass : NULL,
-        };
-        float *own_mass = NULL;
-        if (c0 == 0) {
-            pv.prefill_mass = p->want_prefill_mass ? mass : NULL;
-            pv.obs_attn = rows > 0 ? obs_attn_for(obs, want_rows, rows, Hq, c1, &own_obs) : NULL;
-        } else if (wants_statistics(p)) {
-            /* Later chunks: the statistics of this instance's own caches. */
-            double t0 = now_seconds();
-            own_mass = p->want_prefill_mass ? kv_calloc((size_t)Hq * c1, sizeof(float)) : NULL;
-            if (rows > 0)
-                own_obs = kv_realloc(own_obs, (size_t)Hq * rows * c1 * sizeof(float));
-            if (rows > 0)
-                memset(own_obs, 0, (size_t)Hq * rows * c1 * sizeof(float));
-            d->stats_flops += cache_statistics(L, p, c0, c1, own_mass, rows > 0 ? own_obs : NULL,
-                                               rows);
-            pv.prefill_mass = own_mass;
-            pv.obs_attn = rows > 0 ? own_obs : NULL;
-            d->stats_seconds += now_seconds() - t0;
-        }
-        double t0 = now_seconds();
-        p->type->prefill(p, &pv);
-        policy_memory_report(p, L->head_dim, d->kv_bits, &d->mem[i]);
-        d->seconds[i] += now_seconds() - t0;
-        free(own_mass);
+    PrefillJob job = {
+        .d = d, .span_start = span_start, .span_end = span_end, .c0 = c0, .c1 = c1,
+        .mass = mass, .obs = obs, .want_rows = want_rows,
+        .own_obs = kv_calloc((size_t)d->n, sizeof(float *)),
+        .stats_seconds = kv_calloc((size_t)d->n, sizeof(double)),
+        .stats_flops = kv_calloc((size_t)d->n, sizeof(double)),
+    };
+    if (d->pool)
+        pool_for(d->pool, d->n, prefill_instance, &job, NULL); /* a prefill cannot fail */
+    else
+        for (int i = 0; i < d->n; i++)
+            prefill_instance(&job, i, 0, NULL);
+    for (int i = 0; i < d->n; i++) { /* in instance order: the same sums at any thread count */
+        d->stats_seconds += job.stats_seconds[i];
+        d->stats_flops += job.stats_flops[i];
+        free(job.own_obs[i]);
     }
+    free(job.own_obs);
+    free(job.stats_seconds);
+    free(job.stats_flops);
     free(mass);
     free(obs);
-    free(own_obs);
 }
 
 void driver_step(PolicyDriver *d, int i, int t, const float *full_attn)

@@ -1,6 +1,6 @@
 /* driver.h — drives the policy instances of one layer through the protocol of
- * policies/policy.h: the one place that protocol is written, for open-loop replay (sim/replay/engine.c)
- * and for closed-loop eval (traces/eval/eval.c).
+ * policies/policy.h: the one place that protocol is written, for open-loop replay
+ * (sim/replay/engine.c) and for closed-loop eval (traces/eval/eval.c).
  *
  * A PolicyDriver holds one instance of each of n policies over one LayerView. The driver:
  *  - creates instance i of specs[i] with its seed, policy_instance_seed(run_seed, label, layer);
@@ -37,6 +37,7 @@
 #include <stdint.h>
 
 #include "policies/policy.h"
+#include "sim/base/pool.h"
 
 typedef struct {
     char label[64];         /* [policy.LABEL] */
@@ -51,6 +52,9 @@ typedef struct {
     MemReport *mem;  /* [n]: instance i's memory after its prefill, then after each observe */
     double *seconds; /* [n]: time in instance i's callbacks (prefill, step, observe, memory) */
     double stats_seconds, stats_flops; /* the statistics computed for prefill */
+    Pool *pool; /* NULL, or set by the caller after driver_create: spreads the prefill (the
+                 * statistics by query head, then the instances' prefills) over its threads;
+                 * results do not depend on it */
     /* The driver's own. */
     bool live;
     int kv_bits;

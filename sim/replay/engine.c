@@ -3,18 +3,23 @@
 
 #include <cblas.h>
 #include <math.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "sim/base/attention.h"
+#include "sim/base/pool.h"
+#include "sim/base/progress.h"
 #include "sim/replay/metrics.h"
 
 /* Decode steps whose attention is computed by one sgemm per head. */
 enum { DECODE_BLOCK = 64 };
+
+/* Threads: the layers are the work units of a pool of workers (sim/base/pool.h), at most one
+ * per layer; when there are more threads than layers, each worker gets a team (a pool of its
+ * own) that shares the work inside its layer: per block of decode steps, the exact attention by
+ * query head, the top-k of the evaluated steps by query head, then the policy instances, each
+ * instance's steps on one thread (instances are independent: each writes only its own slots). */
+typedef struct Worker Worker;
 
 typedef struct {
     Trace *tr;
@@ -22,34 +27,44 @@ typedef struct {
     const EngineConfig *cfg;
     Results *res;
     int32_t *eval_of_step; /* [T]: evaluated-step index of a decode step, or -1 */
-    pthread_mutex_t lock;
-    int next_layer;
-    bool failed;
-    KvErr err;
-    atomic_long steps_done;
+    Pool *layers;          /* the workers: item = layer */
+    Worker *workers;       /* [pool_size(layers)] */
+    Progress progress;     /* layer-steps done */
 } Job;
 
-/* Per-worker buffers, allocated once and reused for every layer the worker takes. */
+/* What one thread of a team needs for itself while it drives policy instances. */
 typedef struct {
-    float *q, *k, *v;
-    float *probs;          /* [DECODE_BLOCK][Hq][T]: full attention rows of a block of steps */
-    float *out;            /* [Hq][DECODE_BLOCK][D]: full attention outputs */
-    float *row_max, *row_z; /* [Hq][DECODE_BLOCK] */
-    int32_t *topk;         /* [Hq][topk] */
     float **attn;          /* [Hkv] -> [group][slots] */
     int *attn_cap;
     float *scratch;        /* gathered cache values and outputs for output_errors */
     size_t scratch_cap;
-    double attention_seconds, attention_flops; /* the shared exact attention, prompt included */
     double metric_seconds;
-    double *policy_seconds; /* [n_policies]: the policies' own callbacks */
-} Worker;
+} Lane;
 
-static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg)
+/* Per-worker buffers, allocated once and reused for every layer the worker takes. */
+struct Worker {
+    Pool *team;             /* the threads that work on this worker's layer (itself included) */
+    Lane *lanes;            /* [pool_size(team)] */
+    float *q, *k, *v;
+    float *probs;           /* [DECODE_BLOCK][Hq][T]: full attention rows of a block of steps */
+    float *out;             /* [Hq][DECODE_BLOCK][D]: full attention outputs */
+    float *row_max, *row_z; /* [Hq][DECODE_BLOCK] */
+    int32_t *topk;          /* [DECODE_BLOCK][Hq][topk] */
+    double attention_seconds, attention_flops; /* the shared exact attention, prompt included */
+    double *policy_seconds; /* [n_policies]: the policies' own callbacks */
+};
+
+static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg, int team)
 {
     size_t T = (size_t)m->n_tokens, D = (size_t)m->head_dim;
     size_t Hq = (size_t)m->n_q_heads, Hkv = (size_t)m->n_kv_heads;
     memset(w, 0, sizeof *w);
+    w->team = pool_create(team);
+    w->lanes = kv_calloc((size_t)pool_size(w->team), sizeof *w->lanes);
+    for (int i = 0; i < pool_size(w->team); i++) {
+        w->lanes[i].attn = kv_calloc(Hkv, sizeof *w->lanes[i].attn);
+        w->lanes[i].attn_cap = kv_calloc(Hkv, sizeof *w->lanes[i].attn_cap);
+    }
     w->q = kv_malloc(Hq * T * D * sizeof(float));
     w->k = kv_malloc(Hkv * T * D * sizeof(float));
     w->v = kv_malloc(Hkv * T * D * sizeof(float));
@@ -57,14 +72,21 @@ static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg)
     w->out = kv_malloc(Hq * DECODE_BLOCK * D * sizeof(float));
     w->row_max = kv_malloc(Hq * DECODE_BLOCK * sizeof(float));
     w->row_z = kv_malloc(Hq * DECODE_BLOCK * sizeof(float));
-    w->topk = kv_malloc(Hq * (size_t)cfg->topk * sizeof(int32_t));
-    w->attn = kv_calloc(Hkv, sizeof *w->attn);
-    w->attn_cap = kv_calloc(Hkv, sizeof *w->attn_cap);
+    w->topk = kv_malloc((size_t)DECODE_BLOCK * Hq * (size_t)cfg->topk * sizeof(int32_t));
     w->policy_seconds = kv_calloc((size_t)cfg->n_policies, sizeof(double));
 }
 
 static void worker_free(Worker *w, int n_kv_heads)
 {
+    for (int i = 0; i < pool_size(w->team); i++) {
+        for (int g = 0; g < n_kv_heads; g++)
+            free(w->lanes[i].attn[g]);
+        free(w->lanes[i].attn);
+        free(w->lanes[i].attn_cap);
+        free(w->lanes[i].scratch);
+    }
+    free(w->lanes);
+    pool_free(w->team);
     free(w->q);
     free(w->k);
     free(w->v);
@@ -73,27 +95,22 @@ static void worker_free(Worker *w, int n_kv_heads)
     free(w->row_max);
     free(w->row_z);
     free(w->topk);
-    for (int g = 0; g < n_kv_heads; g++)
-        free(w->attn[g]);
-    free(w->attn);
-    free(w->attn_cap);
-    free(w->scratch);
     free(w->policy_seconds);
 }
 
-static void ensure_attn_capacity(Worker *w, int g, int need)
+static void ensure_attn_capacity(Lane *ln, int g, int need)
 {
-    if (w->attn_cap[g] < need) {
-        w->attn_cap[g] = need + need / 2 + 64;
-        w->attn[g] = kv_realloc(w->attn[g], (size_t)w->attn_cap[g] * sizeof(float));
+    if (ln->attn_cap[g] < need) {
+        ln->attn_cap[g] = need + need / 2 + 64;
+        ln->attn[g] = kv_realloc(ln->attn[g], (size_t)ln->attn_cap[g] * sizeof(float));
     }
 }
 
-static void ensure_scratch(Worker *w, size_t need)
+static void ensure_scratch(Lane *ln, size_t need)
 {
-    if (w->scratch_cap < need) {
-        w->scratch_cap = need + need / 2;
-        w->scratch = kv_realloc(w->scratch, w->scratch_cap * sizeof(float));
+    if (ln->scratch_cap < need) {
+        ln->scratch_cap = need + need / 2;
+        ln->scratch = kv_realloc(ln->scratch, ln->scratch_cap * sizeof(float));
     }
 }
 
@@ -114,8 +131,8 @@ static int check_finite(Job *job, int pi, int layer, int t, const char *metric, 
                    v);
 }
 
-static int attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, const KVCache *c,
-                          int g, int t, int b, int e, bool observe, KvErr *err)
+static int attend_kv_head(Job *job, const Worker *w, Lane *ln, const LayerView *L, int pi,
+                          const KVCache *c, int g, int t, int b, int e, bool observe, KvErr *err)
 {
     const EngineConfig *cfg = job->cfg;
     int T = L->n_tokens, D = L->head_dim, G = L->group, Hq = L->n_q_heads;
@@ -125,7 +142,7 @@ static int attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, const
     FullRow rows[G];
     double mass[G], out_err[G];
     if (want_attn)
-        ensure_attn_capacity(w, g, G * c->n);
+        ensure_attn_capacity(ln, g, G * c->n);
     for (int i = 0; i < G; i++) {
         int h = g * G + i;
         rows[i] = (FullRow){
@@ -138,7 +155,7 @@ static int attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, const
             .v = L->v + (size_t)g * T * D,
             .o_full = w->out + ((size_t)h * DECODE_BLOCK + b) * D,
         };
-        mass[i] = cache_attention(c, &rows[i], want_attn ? w->attn[g] + (size_t)i * c->n : NULL)
+        mass[i] = cache_attention(c, &rows[i], want_attn ? ln->attn[g] + (size_t)i * c->n : NULL)
                       .retained_mass;
     }
     if (e < 0)
@@ -146,14 +163,14 @@ static int attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, const
     for (int i = 0; i < G; i++)
         out_err[i] = 0.0;
     if (want_err) {
-        ensure_scratch(w, (size_t)(c->n + G) * D);
-        output_errors(c, rows, G, w->attn[g], w->scratch, out_err);
+        ensure_scratch(ln, (size_t)(c->n + G) * D);
+        output_errors(c, rows, G, ln->attn[g], ln->scratch, out_err);
     }
     for (int i = 0; i < G; i++) {
         int h = g * G + i;
         float *hm = results_head(job->res, pi, L->layer, e, h);
         hm[HM_MASS] = (float)mass[i];
-        hm[HM_RECALL] = (float)recall_at_k(c, w->topk + (size_t)h * cfg->topk, k);
+        hm[HM_RECALL] = (float)recall_at_k(c, w->topk + ((size_t)b * Hq + h) * cfg->topk, k);
         hm[HM_OUT_ERR] = (float)out_err[i];
         if (check_finite(job, pi, L->layer, t, metric_of(METRIC_HEAD, HM_MASS)->name, h,
                          hm[HM_MASS], err) != 0 ||
@@ -166,8 +183,8 @@ static int attend_kv_head(Job *job, Worker *w, const LayerView *L, int pi, const
 
 /* One policy instance at decode step t: step, attention over its caches and metrics, observe,
  * memory. The driver times the callbacks; the metric time is accounted here. */
-static int replay_step(Job *job, Worker *w, PolicyDriver *drv, int pi, int t, int b, int e,
-                       KvErr *err)
+static int replay_step(Job *job, const Worker *w, Lane *ln, PolicyDriver *drv, int pi, int t,
+                       int b, int e, KvErr *err)
 {
     Results *res = job->res;
     const LayerView *L = drv->L;
@@ -180,7 +197,7 @@ static int replay_step(Job *job, Worker *w, PolicyDriver *drv, int pi, int t, in
     for (int g = 0; g < L->n_kv_heads; g++) {
         cache_tokens += inst->cache[g].n;
         if ((observe || e >= 0) &&
-            attend_kv_head(job, w, L, pi, &inst->cache[g], g, t, b, e, observe, err) != 0)
+            attend_kv_head(job, w, ln, L, pi, &inst->cache[g], g, t, b, e, observe, err) != 0)
             return -1;
     }
     if (e >= 0 && res->eval_probe[e]) {
@@ -197,8 +214,8 @@ static int replay_step(Job *job, Worker *w, PolicyDriver *drv, int pi, int t, in
         }
         needles = counted ? sum / counted : NAN;
     }
-    w->metric_seconds += now_seconds() - t1;
-    driver_observe(drv, pi, (const float *const *)w->attn);
+    ln->metric_seconds += now_seconds() - t1;
+    driver_observe(drv, pi, (const float *const *)ln->attn);
 
     const MemReport mem = drv->mem[pi];
     double *tot = results_total(res, pi, L->layer);
@@ -229,56 +246,136 @@ static int replay_step(Job *job, Worker *w, PolicyDriver *drv, int pi, int t, in
     return 0;
 }
 
-/* The decode run [a, b): the true attention of its steps, a block at a time, then each policy's
- * step at each of them. */
+/* One block of decode steps [t0, t0+B) of one layer, for the team's parallel parts. */
+typedef struct {
+    Job *job;
+    Worker *w;
+    PolicyDriver *drv;
+    int t0, B;
+    int *fail_b;   /* [n_policies]: the step at which instance pi failed, or B */
+    KvErr *errs;   /* [n_policies] */
+    int *order;    /* [n_policies]: the instances, the costliest in the last block first */
+    double *cost;  /* [n_policies]: each instance's seconds in the last block */
+} Block;
+
+/* The top-k keys of the true attention of every evaluated step of the block, for query head h. */
+static int block_topk(void *ctx, int h, int slot, KvErr *err)
+{
+    (void)err;
+    Block *bl = ctx;
+    const Worker *w = bl->w;
+    const EngineConfig *cfg = bl->job->cfg;
+    int T = bl->job->meta->n_tokens, Hq = bl->job->meta->n_q_heads;
+    double k0 = now_seconds();
+    for (int b = 0; b < bl->B; b++) {
+        int t = bl->t0 + b;
+        if (bl->job->eval_of_step[t] < 0)
+            continue;
+        int k = cfg->topk < t + 1 ? cfg->topk : t + 1;
+        topk_indices(w->probs + ((size_t)b * Hq + h) * T, t + 1, k,
+                     w->topk + ((size_t)b * Hq + h) * cfg->topk);
+    }
+    w->lanes[slot].metric_seconds += now_seconds() - k0;
+    return 0;
+}
+
+/* Instance pi through every step of the block. It stops at its first failure and records it;
+ * the caller reports the failure a single thread would have met first (lowest step, then lowest
+ * instance), so the task itself never fails. */
+static int block_policy(void *ctx, int item, int slot, KvErr *err)
+{
+    (void)err;
+    Block *bl = ctx;
+    Job *job = bl->job;
+    int pi = bl->order[item];
+    double t0 = now_seconds();
+    for (int b = 0; b < bl->B; b++) {
+        int t = bl->t0 + b;
+        if (replay_step(job, bl->w, &bl->w->lanes[slot], bl->drv, pi, t, b, job->eval_of_step[t],
+                        &bl->errs[pi]) != 0) {
+            bl->fail_b[pi] = b;
+            break;
+        }
+    }
+    bl->cost[pi] = now_seconds() - t0;
+    return 0;
+}
+
+/* The instances by decreasing cost in the last block (ties by index), so that the team does
+ * not wait at the end of a block for a costly instance taken last. Only the threads' share of
+ * the work depends on it, never a number. */
+static void order_by_cost(int *order, const double *cost, int n)
+{
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0; j--) {
+            int a = order[j - 1], b = order[j];
+            if (cost[b] > cost[a] || (cost[b] == cost[a] && b < a)) {
+                order[j - 1] = b;
+                order[j] = a;
+            } else {
+                break;
+            }
+        }
+}
+
+/* The decode run [a, b_end) of one layer: the true attention of its steps, a block at a time
+ * (query heads spread over the worker's team), then the top-k keys of the evaluated steps and
+ * every policy instance through the block's steps (instances spread over the team). */
 static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, KvErr *err)
 {
     const TraceMeta *m = job->meta;
-    const EngineConfig *cfg = job->cfg;
-    const LayerView L = *drv->L;
-    int T = m->n_tokens, D = m->head_dim, Hq = m->n_q_heads, layer = L.layer;
-    int n_pol = cfg->n_policies;
+    const LayerView *L = drv->L;
+    int T = m->n_tokens, D = m->head_dim, Hq = m->n_q_heads, layer = L->layer;
+    int n_pol = job->cfg->n_policies;
     bool failed = false;
-    for (int t0 = a; t0 < b_end && !job->failed && !failed; t0 += DECODE_BLOCK) {
+    int *fail_b = kv_malloc((size_t)n_pol * sizeof *fail_b);
+    KvErr *errs = kv_malloc((size_t)n_pol * sizeof *errs);
+    int *order = kv_malloc((size_t)n_pol * sizeof *order);
+    double *cost = kv_calloc((size_t)n_pol, sizeof *cost);
+    for (int pi = 0; pi < n_pol; pi++)
+        order[pi] = pi;
+    for (int t0 = a; t0 < b_end && !failed && !pool_failed_below(job->layers, layer);
+         t0 += DECODE_BLOCK) {
         int B = b_end - t0 < DECODE_BLOCK ? b_end - t0 : DECODE_BLOCK;
         double a0 = now_seconds();
-        for (int h = 0; h < Hq; h++) {
-            int g = h / L.group;
-            attention_block(w->q + ((size_t)h * T + t0) * D, B, t0, w->k + (size_t)g * T * D,
-                            w->v + (size_t)g * T * D, D, L.attn_scale, L.window,
-                            w->probs + (size_t)h * T, Hq * T, w->out + (size_t)h * DECODE_BLOCK * D,
-                            w->row_max + h * DECODE_BLOCK, w->row_z + h * DECODE_BLOCK);
-            w->attention_flops += attention_block_flops(B, t0, D, 1);
-            /* A logit that overflows float (|q.k| * scale beyond 3.4e38) leaves a row that is
-             * not a distribution: the trace is out of range, and no metric can be computed. */
+        w->attention_flops += attention_rows(w->q, w->k, w->v, Hq, L->group, T, D, L->attn_scale,
+                                             L->window, t0, B, DECODE_BLOCK, w->probs, w->out,
+                                             w->row_max, w->row_z, w->team);
+        w->attention_seconds += now_seconds() - a0;
+        /* A logit that overflows float (|q.k| * scale beyond 3.4e38) leaves a row that is
+         * not a distribution: the trace is out of range, and no metric can be computed. */
+        for (int h = 0; h < Hq && !failed; h++)
             for (int b = 0; b < B && !failed; b++)
                 if (!isfinite(w->row_max[h * DECODE_BLOCK + b]) ||
                     !isfinite(w->row_z[h * DECODE_BLOCK + b])) {
                     kv_fail(err, "%s: layer %d, step %d, query head %d: the attention logits "
                             "are not finite (Q or K too large for float32 at attn_scale %g)",
-                            trace_path(job->tr), layer, t0 + b, h, m->attn_scale);
+                            trace_path(job->tr), layer, t0 + b, h, L->attn_scale);
                     failed = true;
                 }
-        }
-        w->attention_seconds += now_seconds() - a0;
         if (failed)
             break;
 
-        for (int b = 0; b < B && !failed; b++) {
-            int t = t0 + b, e = job->eval_of_step[t];
-            if (e >= 0) {
-                double k0 = now_seconds();
-                int k = cfg->topk < t + 1 ? cfg->topk : t + 1;
-                for (int h = 0; h < Hq; h++)
-                    topk_indices(w->probs + ((size_t)b * Hq + h) * T, t + 1, k,
-                                 w->topk + (size_t)h * cfg->topk);
-                w->metric_seconds += now_seconds() - k0;
-            }
-            for (int pi = 0; pi < n_pol && !failed; pi++)
-                failed = replay_step(job, w, drv, pi, t, b, e, err) != 0;
+        Block bl = {job, w, drv, t0, B, fail_b, errs, order, cost};
+        for (int pi = 0; pi < n_pol; pi++)
+            fail_b[pi] = B;
+        pool_for(w->team, Hq, block_topk, &bl, NULL);
+        pool_for(w->team, n_pol, block_policy, &bl, NULL);
+        order_by_cost(order, cost, n_pol);
+        int first = -1;
+        for (int pi = 0; pi < n_pol; pi++)
+            if (fail_b[pi] < B && (first < 0 || fail_b[pi] < fail_b[first]))
+                first = pi;
+        if (first >= 0) {
+            *err = errs[first];
+            failed = true;
         }
-        atomic_fetch_add(&job->steps_done, B);
+        progress_add(&job->progress, B);
     }
+    free(fail_b);
+    free(errs);
+    free(order);
+    free(cost);
     return failed ? -1 : 0;
 }
 
@@ -294,6 +391,7 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     PolicyDriver drv;
     if (driver_create(&drv, &L, cfg->policies, n_pol, cfg->seed, cfg->kv_bits, false, err) != 0)
         return -1;
+    drv.pool = w->team;
     if (layer == 0) /* one writer: only one worker takes layer 0 */
         for (int pi = 0; pi < n_pol; pi++)
             job->res->is_oracle[pi] = drv.inst[pi]->is_oracle;
@@ -301,7 +399,7 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     /* The spans in order (policies/policy.h): a prefill span chunk by chunk, a decode run step
      * by step. */
     bool failed = false;
-    for (int s = 0; s < m->n_spans && !job->failed && !failed; s++) {
+    for (int s = 0; s < m->n_spans && !failed && !pool_failed_below(job->layers, layer); s++) {
         const TraceSpan *sp = &m->spans[s];
         if (sp->kind == SPAN_DECODE) {
             failed = decode_run(job, w, &drv, sp->start, sp->end, err) != 0;
@@ -322,37 +420,10 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     return failed ? -1 : 0;
 }
 
-static void *worker_main(void *arg)
+static int layer_task(void *ctx, int layer, int slot, KvErr *err)
 {
-    Job *job = arg;
-    Worker w;
-    worker_init(&w, job->meta, job->cfg);
-    for (;;) {
-        pthread_mutex_lock(&job->lock);
-        int layer = job->failed ? job->meta->n_layers : job->next_layer++;
-        pthread_mutex_unlock(&job->lock);
-        if (layer >= job->meta->n_layers)
-            break;
-        KvErr err;
-        if (process_layer(job, &w, layer, &err) != 0) {
-            pthread_mutex_lock(&job->lock);
-            if (!job->failed) {
-                job->failed = true;
-                job->err = err;
-            }
-            pthread_mutex_unlock(&job->lock);
-            break;
-        }
-    }
-    pthread_mutex_lock(&job->lock);
-    job->res->attention_seconds += w.attention_seconds;
-    job->res->attention_flops += w.attention_flops;
-    job->res->metric_seconds += w.metric_seconds;
-    for (int pi = 0; pi < job->cfg->n_policies && pi < 64; pi++)
-        job->res->policy_seconds[pi] += w.policy_seconds[pi];
-    pthread_mutex_unlock(&job->lock);
-    worker_free(&w, job->meta->n_kv_heads);
-    return NULL;
+    Job *job = ctx;
+    return process_layer(job, &job->workers[slot], layer, err);
 }
 
 /* Evaluated steps: in every decode run, every eval_every-th step from its first, plus the decode
@@ -384,16 +455,6 @@ static void plan_evaluations(Results *r, const TraceMeta *m, int eval_every, int
     }
     free(probe);
     free(run_start);
-}
-
-static void print_progress(Job *job, long total, double started)
-{
-    long done = atomic_load(&job->steps_done);
-    double elapsed = now_seconds() - started;
-    double frac = total ? (double)done / total : 1.0;
-    double eta = frac > 0 ? elapsed * (1 - frac) / frac : 0;
-    fprintf(stderr, "\rreplay: %5.1f%%  %ld/%ld layer-steps  %.0fs elapsed  ETA %.0fs   ",
-            100 * frac, done, total, elapsed, eta);
 }
 
 Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
@@ -436,45 +497,43 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
     r->step = kv_calloc(n_step * N_STEP_METRICS, sizeof *r->step);
     r->total = kv_calloc((size_t)cfg->n_policies * m->n_layers * N_TOTAL_METRICS, sizeof *r->total);
 
-    int threads = cfg->threads > 0 ? cfg->threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
-    if (threads < 1)
-        threads = 1;
-    if (threads > m->n_layers)
-        threads = m->n_layers;
+    /* Workers: one per layer at most; the threads beyond go to the workers' teams, the first
+     * threads % workers teams one larger. */
+    /* Inside a layer, at most max(query heads, policies) things can run at once. */
+    int per_layer = m->n_q_heads > cfg->n_policies ? m->n_q_heads : cfg->n_policies;
+    int threads = pool_threads_for(cfg->threads, m->n_layers * per_layer);
+    int n_workers = threads < m->n_layers ? threads : m->n_layers;
     r->threads_used = threads;
-    /* Parallelism is across layers; BLAS inside a worker stays single-threaded. */
+    /* Parallelism is the pool's; BLAS inside a worker stays single-threaded. */
     openblas_set_num_threads(1);
-    pthread_mutex_init(&job.lock, NULL);
-    atomic_init(&job.steps_done, 0);
 
     double started = now_seconds();
-    pthread_t *tids = kv_malloc((size_t)threads * sizeof *tids);
-    for (int i = 0; i < threads; i++)
-        pthread_create(&tids[i], NULL, worker_main, &job);
-    long total = (long)m->n_layers * r->n_steps;
-    if (cfg->progress) {
-        while (atomic_load(&job.steps_done) < total && !job.failed) {
-            print_progress(&job, total, started);
-            nanosleep(&(struct timespec){.tv_sec = 0, .tv_nsec = 250000000}, NULL);
-            pthread_mutex_lock(&job.lock);
-            bool all_taken = job.next_layer >= m->n_layers;
-            pthread_mutex_unlock(&job.lock);
-            if (all_taken && atomic_load(&job.steps_done) >= total)
-                break;
-        }
-    }
-    for (int i = 0; i < threads; i++)
-        pthread_join(tids[i], NULL);
-    if (cfg->progress) {
-        print_progress(&job, total, started);
-        fputc('\n', stderr);
-    }
+    job.layers = pool_create(n_workers);
+    n_workers = pool_size(job.layers);
+    job.workers = kv_malloc((size_t)n_workers * sizeof *job.workers);
+    for (int i = 0; i < n_workers; i++)
+        worker_init(&job.workers[i], m, cfg, threads / n_workers + (i < threads % n_workers));
+    progress_begin(&job.progress, cfg->progress, "replay", "layer-steps",
+                   (long)m->n_layers * r->n_steps);
+    KvErr first_err;
+    bool failed = pool_for(job.layers, m->n_layers, layer_task, &job, &first_err) != 0;
+    progress_end(&job.progress);
     r->wall_seconds = now_seconds() - started;
-    free(tids);
+    for (int i = 0; i < n_workers; i++) {
+        Worker *w = &job.workers[i];
+        r->attention_seconds += w->attention_seconds;
+        r->attention_flops += w->attention_flops;
+        for (int j = 0; j < pool_size(w->team); j++)
+            r->metric_seconds += w->lanes[j].metric_seconds;
+        for (int pi = 0; pi < cfg->n_policies && pi < 64; pi++)
+            r->policy_seconds[pi] += w->policy_seconds[pi];
+        worker_free(w, m->n_kv_heads);
+    }
+    free(job.workers);
+    pool_free(job.layers);
     free(job.eval_of_step);
-    pthread_mutex_destroy(&job.lock);
-    if (job.failed) {
-        *err = job.err;
+    if (failed) {
+        *err = first_err;
         results_free(r);
         return NULL;
     }

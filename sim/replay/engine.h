@@ -1,16 +1,21 @@
 /* engine.h — open-loop replay of a trace through many policies side by side.
  *
- * For every layer (a unit of work for the thread pool), the engine reads that layer's Q/K/V and
- * drives one instance of every configured policy over it with the policy driver (sim/driver/driver.h:
- * instances, prefill statistics, callbacks, memory), through the trace's spans in order: each
- * prefill span in chunks of prefill_chunk tokens, each decode run step by step (the protocol of
- * policies/policy.h). Metrics are recorded at decode steps only (every eval_every-th step of each
- * decode run, and the probes inside decode runs). What the engine adds is the attention: it
- * computes the true attention of every decode query once (OpenBLAS, blocks of decode steps
- * batched into sgemm) and shares it with all policies (the oracles' full_attn, the metrics):
- * each policy's query attends only over its own cache, renormalised there. Metrics land in
- * per-(policy, layer, step, head) slots and are reduced in a fixed order, so results are
- * byte-identical at any thread count. Memory: one layer's Q/K/V per worker. */
+ * For every layer (a unit of work for the thread pool, sim/base/pool.h), the engine reads that
+ * layer's Q/K/V and drives one instance of every configured policy over it with the policy
+ * driver (sim/driver/driver.h: instances, prefill statistics, callbacks, memory), through the
+ * trace's spans in order: each prefill span in chunks of prefill_chunk tokens, each decode run
+ * step by step (the protocol of policies/policy.h). Metrics are recorded at decode steps only
+ * (every eval_every-th step of each decode run, and the probes inside decode runs). What the
+ * engine adds is the attention: it computes the true attention of every decode query once
+ * (OpenBLAS, blocks of decode steps batched into sgemm) and shares it with all policies (the
+ * oracles' full_attn, the metrics): each policy's query attends only over its own cache,
+ * renormalised there. Metrics land in per-(policy, layer, step, head) slots and are reduced in
+ * a fixed order, so results are byte-identical at any thread count. With more threads than
+ * layers, the threads beyond one per layer share the work inside a layer (the attention and
+ * the prompt statistics by query head, the policy instances).
+ * Memory per worker (at most one per layer): one layer's Q/K/V, plus the attention rows of a
+ * block of decode steps (64 x query heads x tokens floats: 0.7 of the Q/K/V at 32 query heads
+ * and 8 KV heads); bench_replay reports the peak against the Q/K/V. */
 #ifndef KVSIM_ENGINE_H
 #define KVSIM_ENGINE_H
 
@@ -23,7 +28,7 @@
 #include "sim/format/trace.h"
 
 typedef struct {
-    int threads;    /* 0 = all cores */
+    int threads;    /* 0 = all cores; at most layers x max(query heads, policies) are used */
     int topk;       /* k of recall@k */
     int eval_every; /* record metrics every N steps of each decode run (probe steps always) */
     int kv_bits;    /* device precision of K and V */

@@ -5,18 +5,17 @@
 #include <dirent.h>
 #include <errno.h>
 #include <math.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "sim/base/args.h"
 #include "sim/replay/config.h"
 #include "sim/base/csv.h"
+#include "sim/base/pool.h"
+#include "sim/base/progress.h"
 #include "sim/replay/report.h"
 #include "traces/eval/eval.h"
 #include "traces/model/model.h"
@@ -53,12 +52,8 @@ typedef struct {
     int n_prompts;
     int max_new;
     Outcome *outcomes; /* [prompt][policy] */
-    pthread_mutex_t lock;
-    int next_prompt;
-    bool failed;
-    int failed_prompt; /* the lowest failing prompt: the error reported */
-    KvErr err;
-    atomic_int done; /* (prompt, policy) pairs finished */
+    int32_t **tokens;  /* [thread]: the decode's output buffer, max_new tokens */
+    Progress progress; /* (prompt, policy) pairs finished */
 } EvalJob;
 
 static bool is_space(char ch)
@@ -264,89 +259,38 @@ static int eval_prompt(EvalJob *job, int pi, int32_t *tokens, KvErr *err)
             o->device_bytes = d.device_bytes;
             o->host_bytes = d.host_bytes;
         }
-        atomic_fetch_add(&job->done, 1);
+        progress_add(&job->progress, 1);
     }
     eval_prefill_free(pf);
     return 0;
 }
 
-static void *eval_worker(void *arg)
+/* Prompt pi, every policy on it; the pool reports the lowest failing prompt, the one a single
+ * thread would report. */
+static int eval_task(void *ctx, int pi, int slot, KvErr *err)
 {
-    EvalJob *job = arg;
-    int32_t *tokens = kv_malloc((size_t)job->max_new * sizeof *tokens);
-    for (;;) {
-        pthread_mutex_lock(&job->lock);
-        int pi = job->failed ? job->n_prompts : job->next_prompt++;
-        pthread_mutex_unlock(&job->lock);
-        if (pi >= job->n_prompts)
-            break;
-        KvErr err;
-        if (eval_prompt(job, pi, tokens, &err) != 0) {
-            pthread_mutex_lock(&job->lock);
-            /* Prompts are taken in order and a prompt in flight is finished, so the lowest
-             * failing one is the one a single thread would report. */
-            if (!job->failed || pi < job->failed_prompt) {
-                job->err = err;
-                job->failed_prompt = pi;
-            }
-            job->failed = true;
-            pthread_mutex_unlock(&job->lock);
-            break;
-        }
-    }
-    free(tokens);
-    return NULL;
-}
-
-static void print_progress(EvalJob *job, double started)
-{
-    int total = job->n_prompts * job->n_policies, done = atomic_load(&job->done);
-    double elapsed = now_seconds() - started;
-    double eta = done > 0 ? elapsed * (total - done) / done : 0;
-    fprintf(stderr, "\reval: %d/%d prompt-policy decodes  %.0fs elapsed  ETA %.0fs   ", done,
-            total, elapsed, eta);
+    EvalJob *job = ctx;
+    return eval_prompt(job, pi, job->tokens[slot], err);
 }
 
 static int run_job(EvalJob *job, int threads, bool progress, KvErr *err)
 {
-    if (threads <= 0)
-        threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
-    if (threads > job->n_prompts)
-        threads = job->n_prompts;
-    if (threads < 1)
-        threads = 1;
     /* Parallelism is across prompts; BLAS inside a worker stays single-threaded, so every
      * number is computed the same way at any thread count. */
     openblas_set_num_threads(1);
-    pthread_mutex_init(&job->lock, NULL);
-    atomic_init(&job->done, 0);
-    double started = now_seconds();
-    pthread_t *tids = kv_malloc((size_t)threads * sizeof *tids);
-    for (int i = 0; i < threads; i++)
-        pthread_create(&tids[i], NULL, eval_worker, job);
-    int total = job->n_prompts * job->n_policies;
-    while (progress && atomic_load(&job->done) < total) {
-        pthread_mutex_lock(&job->lock);
-        bool failed = job->failed;
-        pthread_mutex_unlock(&job->lock);
-        if (failed)
-            break;
-        print_progress(job, started);
-        nanosleep(&(struct timespec){.tv_sec = 0, .tv_nsec = 250000000}, NULL);
-    }
-    for (int i = 0; i < threads; i++)
-        pthread_join(tids[i], NULL);
-    if (progress) {
-        print_progress(job, started);
-        fputc('\n', stderr);
-    }
-    free(tids);
-    pthread_mutex_destroy(&job->lock);
-    if (job->failed) {
-        *err = job->err;
-        return -1;
-    }
-    return 0;
+    Pool *pool = pool_create(pool_threads_for(threads, job->n_prompts));
+    job->tokens = kv_calloc((size_t)pool_size(pool), sizeof *job->tokens);
+    for (int i = 0; i < pool_size(pool); i++)
+        job->tokens[i] = kv_malloc((size_t)job->max_new * sizeof **job->tokens);
+    progress_begin(&job->progress, progress, "eval", "prompt-policy decodes",
+                   (long)job->n_prompts * job->n_policies);
+    int rc = pool_for(pool, job->n_prompts, eval_task, job, err);
+    progress_end(&job->progress);
+    for (int i = 0; i < pool_size(pool); i++)
+        free(job->tokens[i]);
+    free(job->tokens);
+    pool_free(pool);
+    return rc;
 }
 
 /* ---- Outputs ---- */

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "sim/base/args.h"
+#include "sim/base/progress.h"
 #include "sim/format/trace.h"
 #include "traces/model/forward.h"
 #include "traces/model/model.h"
@@ -199,29 +200,6 @@ static int open_spill(const char *out_path, KvErr *err)
     return fd;
 }
 
-/* ---- Progress ---- */
-
-typedef struct {
-    int enabled; /* stderr is a terminal */
-    const char *phase;
-    int total;
-    double start;
-} Progress;
-
-static void progress_update(const Progress *p, int done)
-{
-    if (!p->enabled)
-        return;
-    double elapsed = now_seconds() - p->start;
-    double rate = elapsed > 0 ? done / elapsed : 0;
-    double eta = rate > 0 ? (p->total - done) / rate : 0;
-    fprintf(stderr, "\r%s %d/%d tokens, %.1f tok/s, ETA %.0f s   ", p->phase, done, p->total, rate,
-            eta);
-    if (done == p->total)
-        fputc('\n', stderr);
-    fflush(stderr);
-}
-
 /* ---- The trace ---- */
 
 static void describe_generator(int argc, char **argv, char *out, size_t outlen)
@@ -361,19 +339,22 @@ static int generate(TraceRun *r, const TraceOptions *o, int n_prompt, int n_inpu
                     double *prefill_s, double *decode_s)
 {
     ForwardObserver obs = {&r->rec, record_qkv, wants_row, record_attention};
-    int interactive = isatty(STDERR_FILENO);
-    Progress pp = {interactive, "prefill", n_prompt, now_seconds()};
+    bool interactive = isatty(STDERR_FILENO);
+    Progress pp;
+    progress_begin(&pp, interactive, "prefill", "tokens", n_prompt);
     const float *logits = NULL;
     for (int start = 0; start < n_prompt; start += o->chunk_size) {
         int n = n_prompt - start < o->chunk_size ? n_prompt - start : o->chunk_size;
         logits = forward_tokens(r->state, r->tokens + start, n, start + n == n_input, &obs);
-        progress_update(&pp, start + n);
+        progress_set(&pp, start + n);
     }
-    *prefill_s = now_seconds() - pp.start;
-    Progress dp = {interactive, "decode", n_input - n_prompt + o->max_new, now_seconds()};
+    progress_end(&pp);
+    *prefill_s = now_seconds() - pp.started;
+    Progress dp;
+    progress_begin(&dp, interactive, "decode", "tokens", n_input - n_prompt + o->max_new);
     for (int t = n_prompt; t < n_input; t++) {
         logits = forward_tokens(r->state, &r->tokens[t], 1, t == n_input - 1, &obs);
-        progress_update(&dp, t + 1 - n_prompt);
+        progress_set(&dp, t + 1 - n_prompt);
     }
     int n_generated = 0;
     while (n_generated < o->max_new) {
@@ -384,11 +365,10 @@ static int generate(TraceRun *r, const TraceOptions *o, int n_prompt, int n_inpu
         /* The last token is fed for its Q/K/V; nothing is sampled after it. */
         logits = forward_tokens(r->state, &r->tokens[n_input + n_generated - 1], 1,
                                 n_generated < o->max_new, &obs);
-        progress_update(&dp, n_input - n_prompt + n_generated);
+        progress_set(&dp, n_input - n_prompt + n_generated);
     }
-    if (interactive && n_generated < o->max_new && n_generated > 0)
-        fputc('\n', stderr);
-    *decode_s = now_seconds() - dp.start;
+    progress_end(&dp);
+    *decode_s = now_seconds() - dp.started;
     return n_generated;
 }
 

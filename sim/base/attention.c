@@ -110,12 +110,12 @@ double prompt_statistics(const float *q, const float *k, int n_q_heads, int grou
 }
 
 double decode_mass(const float *q, const float *k, int n_q_heads, int group, int stride,
-                   int n_prompt, int n_tokens, int D, float scale, int window, float *dmass,
+                   int q_begin, int q_end, int D, float scale, int window, float *dmass,
                    Pool *pool)
 {
     StatsJob job = {
-        .q = q, .k = k, .group = group, .stride = stride, .q_begin = n_prompt,
-        .q_end = n_tokens, .D = D, .window = window, .mass_ld = n_tokens, .scale = scale,
+        .q = q, .k = k, .group = group, .stride = stride, .q_begin = q_begin,
+        .q_end = q_end, .D = D, .window = window, .mass_ld = stride, .scale = scale,
         .mass = dmass,
     };
     return column_statistics(&job, n_q_heads, pool);

@@ -55,11 +55,12 @@ double prompt_statistics(const float *q, const float *k, int n_q_heads, int grou
                          int n_prompt, int D, float scale, int window, float *mass, float *obs,
                          int obs_rows, Pool *pool);
 
-/* The same column sums over the decode queries [n_prompt, n_tokens) of every query head, in
- * blocks of PROMPT_STATS_BLOCK from n_prompt: dmass [n_q_heads][n_tokens] is accumulated into
- * (the caller zeroes it). What oracle_future knows (PrefillView.decode_mass). */
+/* The same column sums over the queries [q_begin, q_end) of every query head (one decode run),
+ * in blocks of PROMPT_STATS_BLOCK from q_begin: dmass [n_q_heads][stride] is accumulated into
+ * (the caller zeroes it once, then adds the runs in order). What oracle_future knows
+ * (PrefillView.decode_mass). */
 double decode_mass(const float *q, const float *k, int n_q_heads, int group, int stride,
-                   int n_prompt, int n_tokens, int D, float scale, int window, float *dmass,
+                   int q_begin, int q_end, int D, float scale, int window, float *dmass,
                    Pool *pool);
 
 /* The exact attention of the B <= rows_cap consecutive queries t0 .. t0+B-1 of every query head

@@ -55,13 +55,6 @@ typedef struct {
     void *prm;          /* parsed parameter struct */
 } Setting;
 
-typedef struct {
-    Setting set[MAX_SETTINGS];
-    int n;
-    char *dir;
-    char trace[4200];
-} Suite;
-
 /* ---- The synthetic trace and the layouts it is fed in ---- */
 
 typedef struct {
@@ -84,6 +77,13 @@ static const Layout LAYOUTS[] = {
      7},
 };
 enum { N_LAYOUTS = sizeof LAYOUTS / sizeof LAYOUTS[0] };
+
+typedef struct {
+    Setting set[MAX_SETTINGS];
+    int n;
+    char *dir;
+    char trace[N_LAYOUTS][4200]; /* the conformance trace with each layout's spans */
+} Suite;
 
 /* Needles [20,24), [60,63) in the prompt and [120,123) in the decode; probes inside the decode. */
 static const int32_t NEEDLES[] = {20, 24, 60, 63, 120, 123};
@@ -142,9 +142,9 @@ static SpanKind kind_at(const TraceMeta *m, int pos)
     return SPAN_DECODE;
 }
 
-static void write_trace(const char *path)
+static void write_trace(const char *path, const Layout *lay)
 {
-    Fixture *fx = new_fixture(&LAYOUTS[0]);
+    Fixture *fx = new_fixture(lay);
     TraceMeta meta;
     fixture_trace_meta(fx, LAYERS, "conformance suite", &meta);
     KvErr err;
@@ -203,8 +203,12 @@ static int suite_setup(void **state)
         }
     }
     s->dir = scratch_create();
-    snprintf(s->trace, sizeof s->trace, "%s", scratch_path(s->dir, "conformance.h5", 0));
-    write_trace(s->trace);
+    for (int l = 0; l < N_LAYOUTS; l++) {
+        char name[64];
+        snprintf(name, sizeof name, "conformance-%d.h5", l);
+        snprintf(s->trace[l], sizeof s->trace[l], "%s", scratch_path(s->dir, name, 0));
+        write_trace(s->trace[l], &LAYOUTS[l]);
+    }
     *state = s;
     return 0;
 }
@@ -521,17 +525,6 @@ static void test_oracle_topk_bounds_every_policy(void **state)
 
 /* ---- Isolation and determinism: the replay engine and the CSV writers ---- */
 
-/* The trace file holds one prompt (the writer has no spans to write): a layout's spans replace
- * those of the open trace's metadata, which is what the engine reads. */
-static void use_layout(Trace *tr, const Layout *lay)
-{
-    TraceMeta *m = (TraceMeta *)trace_meta(tr);
-    free(m->spans);
-    m->spans = kv_malloc((size_t)lay->n_spans * sizeof *m->spans);
-    memcpy(m->spans, lay->spans, (size_t)lay->n_spans * sizeof *m->spans);
-    m->n_spans = lay->n_spans;
-}
-
 static void replay_to(const Suite *s, const Layout *lay, const Setting *const *sel, int n,
                       int threads, const char *out)
 {
@@ -545,10 +538,9 @@ static void replay_to(const Suite *s, const Layout *lay, const Setting *const *s
                         .prefill_chunk = lay->prefill_chunk, .seed = SEED, .n_policies = n,
                         .policies = spec};
     KvErr err;
-    Trace *tr = trace_open(s->trace, &err);
+    Trace *tr = trace_open(s->trace[lay - LAYOUTS], &err);
     if (!tr)
         fail_msg("%s", err.msg);
-    use_layout(tr, lay);
     Results *r = engine_run(tr, &cfg, &err);
     if (!r)
         fail_msg("replay: %s", err.msg);
@@ -834,10 +826,9 @@ static void test_evaluated_steps_follow_the_decode_runs(void **state)
                         .prefill_chunk = lay->prefill_chunk, .seed = SEED, .n_policies = 1,
                         .policies = &spec};
     KvErr err;
-    Trace *tr = trace_open(s->trace, &err);
+    Trace *tr = trace_open(s->trace[lay - LAYOUTS], &err);
     if (!tr)
         fail_msg("%s", err.msg);
-    use_layout(tr, lay);
     Results *r = engine_run(tr, &cfg, &err);
     if (!r)
         fail_msg("replay: %s", err.msg);

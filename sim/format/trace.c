@@ -1429,38 +1429,33 @@ static int write_attr_string(hid_t file, const char *name, const char *value)
     return rc;
 }
 
-static int write_attr_int(hid_t file, const char *name, int value)
+/* A scalar root attribute: stored as file_type, given in memory as mem_type at value. */
+static int write_attr_scalar(hid_t file, const char *name, hid_t file_type, hid_t mem_type,
+                             const void *value)
 {
-    int32_t v = value;
     hid_t space = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(file, name, H5T_STD_I32LE, space, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t st = a < 0 ? -1 : H5Awrite(a, H5T_NATIVE_INT32, &v);
+    hid_t a = H5Acreate2(file, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT);
+    herr_t st = a < 0 ? -1 : H5Awrite(a, mem_type, value);
     if (a >= 0)
         H5Aclose(a);
     H5Sclose(space);
     return st < 0 ? -1 : 0;
+}
+
+static int write_attr_int(hid_t file, const char *name, int value)
+{
+    int32_t v = value;
+    return write_attr_scalar(file, name, H5T_STD_I32LE, H5T_NATIVE_INT32, &v);
 }
 
 static int write_attr_int64(hid_t file, const char *name, int64_t value)
 {
-    hid_t space = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(file, name, H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t st = a < 0 ? -1 : H5Awrite(a, H5T_NATIVE_INT64, &value);
-    if (a >= 0)
-        H5Aclose(a);
-    H5Sclose(space);
-    return st < 0 ? -1 : 0;
+    return write_attr_scalar(file, name, H5T_STD_I64LE, H5T_NATIVE_INT64, &value);
 }
 
 static int write_attr_double(hid_t file, const char *name, double value)
 {
-    hid_t space = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(file, name, H5T_IEEE_F64LE, space, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t st = a < 0 ? -1 : H5Awrite(a, H5T_NATIVE_DOUBLE, &value);
-    if (a >= 0)
-        H5Aclose(a);
-    H5Sclose(space);
-    return st < 0 ? -1 : 0;
+    return write_attr_scalar(file, name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &value);
 }
 
 /* A metadata dataset written whole (nothing written when it has no elements). Non-empty ones are

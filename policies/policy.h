@@ -32,7 +32,8 @@
  *       memory(p, m)               the memory after this step's eviction
  *   destroy(p)
  * The first span is a prefill span; a prefill span after a decode run starts from what the
- * policy kept. A single prompt (every version 1 trace) is one prefill span [0, P) and one decode
+ * policy kept ([run] history = persist; with reencode the driver creates the instances anew and
+ * feeds the whole history [0, b) as one span instead: driver_restart, sim/driver/driver.h). A single prompt (every version 1 trace) is one prefill span [0, P) and one decode
  * run [P, T); fed whole (prefill_chunk = 0) it is one prefill call, as before spans existed.
  *
  * Budget. max_slots (below) bounds every decode attention. The queries of a prefill chunk attend

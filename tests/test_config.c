@@ -114,6 +114,7 @@ static void test_good_config_loads(void **state)
                                  "[trace]\npath = traces/x.h5\n"
                                  "[run]\nthreads = 3 ; inline comment\ntopk = 8\neval_every = 4\n"
                                  "kv_bits = 8\nseed = 42\nout = results/here\nprefill_chunk = 64\n"
+                                 "history = reencode\n"
                                  "[policy.full]\ntype = full\n"
                                  "[policy.w100]\nwindow = 100\ntype = window\nsinks = 0\n");
     RunConfig rc;
@@ -129,6 +130,7 @@ static void test_good_config_loads(void **state)
     assert_int_equal(rc.engine.seed, 42);
     assert_int_equal(rc.engine.prefill_chunk, 64);
     assert_int_equal(rc.prefill_chunk_line, 11);
+    assert_int_equal(rc.engine.history, HISTORY_REENCODE);
     assert_int_equal(rc.engine.n_policies, 2);
     assert_string_equal(rc.engine.policies[1].label, "w100");
     assert_string_equal(rc.engine.policies[1].type->name, "window");
@@ -150,6 +152,7 @@ static void test_default_out_dir_from_config_name(void **state)
     assert_int_equal(rc.engine.topk, 32);
     assert_int_equal(rc.engine.eval_every, 1);
     assert_int_equal(rc.engine.prefill_chunk, 0);
+    assert_int_equal(rc.engine.history, HISTORY_PERSIST);
     assert_int_equal(config_check_closed_loop(&rc, &err), 0);
     config_free(&rc);
 }
@@ -168,6 +171,8 @@ static void test_errors_name_file_and_line(void **state)
                  "prefill_chunk = '-1': expected a non-negative integer (0 = each prefill span");
     expect_error("[run]\nthreads = 1\nprefill_chunk = 64k\n", 3, "prefill_chunk = '64k'");
     expect_error("[run]\nprefill_chunk = 3000000000\n", 2, "prefill_chunk = '3000000000'");
+    expect_error("[run]\nthreads = 1\nhistory = keep\n", 3,
+                 "history = 'keep': expected persist or reencode");
     expect_error("[policy.a]\ntype = lru\n", 2, "unknown policy type 'lru' (known: full, window");
     expect_error("[policy.a]\ntype = window\nwindow = abc\n", 3, "window = 'abc': expected an integer");
     expect_error("[policy.a]\ntype = window\nsinks = -1\n", 3, "sinks = -1: expected an integer in [0,");

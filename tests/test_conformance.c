@@ -525,8 +525,8 @@ static void test_oracle_topk_bounds_every_policy(void **state)
 
 /* ---- Isolation and determinism: the replay engine and the CSV writers ---- */
 
-static void replay_to(const Suite *s, const Layout *lay, const Setting *const *sel, int n,
-                      int threads, const char *out)
+static void replay_history(const Suite *s, const Layout *lay, const Setting *const *sel, int n,
+                           int threads, RunHistory history, const char *out)
 {
     PolicySpec *spec = kv_calloc((size_t)n, sizeof *spec);
     for (int i = 0; i < n; i++) {
@@ -535,8 +535,8 @@ static void replay_to(const Suite *s, const Layout *lay, const Setting *const *s
         spec[i].params = sel[i]->prm;
     }
     EngineConfig cfg = {.threads = threads, .topk = TOPK, .eval_every = 1, .kv_bits = KV_BITS,
-                        .prefill_chunk = lay->prefill_chunk, .seed = SEED, .n_policies = n,
-                        .policies = spec};
+                        .prefill_chunk = lay->prefill_chunk, .history = history, .seed = SEED,
+                        .n_policies = n, .policies = spec};
     KvErr err;
     Trace *tr = trace_open(s->trace[lay - LAYOUTS], &err);
     if (!tr)
@@ -552,6 +552,12 @@ static void replay_to(const Suite *s, const Layout *lay, const Setting *const *s
     results_free(r);
     trace_close(tr);
     free(spec);
+}
+
+static void replay_to(const Suite *s, const Layout *lay, const Setting *const *sel, int n,
+                      int threads, const char *out)
+{
+    replay_history(s, lay, sel, n, threads, HISTORY_PERSIST, out);
 }
 
 static const char *const CSVS[] = {"summary.csv", "layers.csv", "steps.csv"};
@@ -634,6 +640,57 @@ static void determinism_on(const Suite *s, const Layout *lay)
         scratch_remove(other);
     }
     scratch_remove(first);
+}
+
+/* [run] history: on a single prompt reencode is persist, byte for byte; on two turns `full` and
+ * `window` keep the same tokens either way (every token; the sinks and the last ones), so their
+ * rows are the same, while a policy that ranks by attention keeps other tokens when it sees the
+ * whole history again; and a re-encoded run is the same at 1 and 3 threads. */
+static void test_history_reencode(void **state)
+{
+    const Suite *s = *state;
+    const Setting *all[MAX_SETTINGS];
+    for (int i = 0; i < s->n; i++)
+        all[i] = &s->set[i];
+    for (int l = 0; l < N_LAYOUTS; l++) {
+        const Layout *lay = &LAYOUTS[l];
+        char *keep = scratch_create(), *again = scratch_create(), *again3 = scratch_create();
+        replay_history(s, lay, all, s->n, 1, HISTORY_PERSIST, keep);
+        replay_history(s, lay, all, s->n, 1, HISTORY_REENCODE, again);
+        replay_history(s, lay, all, s->n, 3, HISTORY_REENCODE, again3);
+        int differ = 0;
+        for (size_t f = 0; f < sizeof CSVS / sizeof CSVS[0]; f++) {
+            char *a = scratch_read(scratch_path(keep, CSVS[f], 0));
+            char *b = scratch_read(scratch_path(again, CSVS[f], 1));
+            char *c = scratch_read(scratch_path(again3, CSVS[f], 2));
+            if (strcmp(b, c) != 0)
+                fail_msg("history = reencode, %s: %s differs between 1 and 3 threads", lay->name,
+                         CSVS[f]);
+            if (lay->n_spans == 2 && strcmp(a, b) != 0)
+                fail_msg("history, %s: %s differs between persist and reencode on one prompt",
+                         lay->name, CSVS[f]);
+            for (int i = 0; i < s->n; i++) {
+                char *ra = rows_of(a, s->set[i].label), *rb = rows_of(b, s->set[i].label);
+                const char *type = s->set[i].type->name;
+                bool same = strcmp(ra, rb) == 0;
+                if (!same && (!strcmp(type, "full") || !strcmp(type, "window")))
+                    fail_msg("history, %s: %s (%s) changes its rows of %s when re-encoding",
+                             lay->name, s->set[i].label, s->set[i].params, CSVS[f]);
+                differ += !same;
+                free(ra);
+                free(rb);
+            }
+            free(a);
+            free(b);
+            free(c);
+        }
+        if (lay->n_spans > 2 && differ == 0)
+            fail_msg("history, %s: no policy's rows differ between persist and reencode",
+                     lay->name);
+        scratch_remove(keep);
+        scratch_remove(again);
+        scratch_remove(again3);
+    }
 }
 
 static void test_determinism(void **state)
@@ -888,6 +945,7 @@ int main(void)
         cmocka_unit_test(test_tova_next_to_snapkv_sees_its_own_rows),
         cmocka_unit_test(test_isolation),
         cmocka_unit_test(test_determinism),
+        cmocka_unit_test(test_history_reencode),
     };
     return cmocka_run_group_tests(tests, suite_setup, suite_teardown);
 }

@@ -49,6 +49,8 @@ int driver_create(PolicyDriver *d, const LayerView *L, const PolicySpec *specs, 
     d->L = L;
     d->live = live;
     d->kv_bits = kv_bits;
+    d->specs = specs;
+    d->run_seed = run_seed;
     d->inst = kv_calloc((size_t)n, sizeof *d->inst);
     for (int i = 0; i < n; i++) {
         PolicyEnv env = {
@@ -67,6 +69,24 @@ int driver_create(PolicyDriver *d, const LayerView *L, const PolicySpec *specs, 
     d->mem = kv_calloc((size_t)n, sizeof *d->mem);
     d->seconds = kv_calloc((size_t)n, sizeof *d->seconds);
     d->sv = kv_calloc((size_t)n, sizeof *d->sv);
+    return 0;
+}
+
+int driver_restart(PolicyDriver *d, KvErr *err)
+{
+    for (int i = 0; i < d->n; i++) {
+        const PolicySpec *spec = &d->specs[i];
+        PolicyEnv env = {
+            .seed = policy_instance_seed(d->run_seed, spec->label, d->L->layer),
+            .kv_bits = d->kv_bits,
+        };
+        d->inst[i]->type->destroy(d->inst[i]);
+        d->inst[i] = spec->type->create(spec->params, d->L, &env, err);
+        if (!d->inst[i]) { /* the instances after i are still there: driver_free frees them */
+            d->inst[i] = d->inst[--d->n];
+            return -1;
+        }
+    }
     return 0;
 }
 

@@ -60,6 +60,8 @@ typedef struct {
     int kv_bits;
     StepView *sv; /* [n]: the step each instance is in, between driver_step and driver_observe */
     float *decode_mass; /* [n_q_heads][T], once an oracle has asked for it */
+    const PolicySpec *specs; /* [n]: what driver_restart creates again */
+    uint64_t run_seed;
 } PolicyDriver;
 
 /* Creates the instances of specs[0, n) for layer L->layer, in order, with PolicyEnv seed
@@ -87,6 +89,12 @@ void driver_step(PolicyDriver *d, int i, int t, const float *full_attn);
  * attn[g] = [group][cache[g].n], then its memory into d->mem[i]. */
 void driver_observe(PolicyDriver *d, int i, const float *const *attn);
 /* Destroys the instances. */
+/* Destroys every instance and creates it again, with the same parameters and seed, holding
+ * nothing: what a later turn starts from when the history is re-encoded ([run] history =
+ * reencode, sim/replay/engine.h). The caller then prefills the whole history as one span
+ * [0, b). The memory records, times and decode_mass are kept. Returns -1 with the create
+ * callback's message (the driver must then still be freed). */
+int driver_restart(PolicyDriver *d, KvErr *err);
 void driver_free(PolicyDriver *d);
 
 /* The seed of the instance of policy `label` for `layer` (PolicyEnv.seed): the same in every

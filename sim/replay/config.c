@@ -381,8 +381,15 @@ static int run_key(Loader *ld, const char *key, const char *value, int line)
             return fail_at(ld, line, "prefill_chunk = '%s': expected a non-negative integer (0 = each prefill span at once)", ev);
         e->prefill_chunk = (int)v;
         ld->rc->prefill_chunk_line = line;
+    } else if (!strcmp(key, "history")) {
+        if (!strcmp(value, "persist"))
+            e->history = HISTORY_PERSIST;
+        else if (!strcmp(value, "reencode"))
+            e->history = HISTORY_REENCODE;
+        else
+            return fail_at(ld, line, "history = '%s': expected persist or reencode", ev);
     } else {
-        return fail_at(ld, line, "unknown key '%s' in [run] (expected threads, out, topk, eval_every, kv_bits, seed or prefill_chunk)",
+        return fail_at(ld, line, "unknown key '%s' in [run] (expected threads, out, topk, eval_every, kv_bits, seed, prefill_chunk or history)",
                        ESC(key, ek));
     }
     return 1;
@@ -501,6 +508,7 @@ int config_load(const char *path, RunConfig *rc, KvErr *err)
     e->kv_bits = 16;
     e->seed = 0;
     e->prefill_chunk = 0;
+    e->history = HISTORY_PERSIST;
     e->policies = kv_calloc(MAX_POLICIES, sizeof *e->policies);
     rc->source = kv_calloc(1, sizeof *rc->source);
 

@@ -405,9 +405,17 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
             failed = decode_run(job, w, &drv, sp->start, sp->end, err) != 0;
             continue;
         }
-        for (int c0 = sp->start; c0 < sp->end;) {
+        int a = sp->start; /* persist: the span's tokens on top of what the policies kept */
+        if (s > 0 && cfg->history == HISTORY_REENCODE) {
+            if (driver_restart(&drv, err) != 0) {
+                failed = true;
+                break;
+            }
+            a = 0; /* reencode: the whole history, from nothing */
+        }
+        for (int c0 = a; c0 < sp->end;) {
             int c1 = driver_chunk_end(c0, sp->end, cfg->prefill_chunk);
-            driver_prefill(&drv, sp->start, sp->end, c0, c1);
+            driver_prefill(&drv, a, sp->end, c0, c1);
             c0 = c1;
         }
     }

@@ -27,12 +27,20 @@
 #include "sim/replay/metric_table.h"
 #include "sim/format/trace.h"
 
+/* [run] history: what the policies hold when a prefill span follows a decode run (a later
+ * turn). persist: the caches they kept, the span's tokens arrive on top (a serving engine that
+ * keeps the KV cache between turns). reencode: nothing; the instances are created anew and the
+ * whole history [0, end of the span) is prefilled as one span over the full cache, then
+ * compressed (an application that keeps no cache, re-encoding the conversation every turn). */
+typedef enum { HISTORY_PERSIST = 0, HISTORY_REENCODE = 1 } RunHistory;
+
 typedef struct {
     int threads;    /* 0 = all cores; at most layers x max(query heads, policies) are used */
     int topk;       /* k of recall@k */
     int eval_every; /* record metrics every N steps of each decode run (probe steps always) */
     int kv_bits;    /* device precision of K and V */
     int prefill_chunk; /* tokens per prefill chunk; 0 = each prefill span at once */
+    RunHistory history; /* what a later turn's prefill span starts from (RunHistory) */
     uint64_t seed;
     bool progress;  /* progress with ETA on stderr */
     int n_policies;

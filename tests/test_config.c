@@ -131,6 +131,7 @@ static void test_good_config_loads(void **state)
     assert_int_equal(rc.engine.prefill_chunk, 64);
     assert_int_equal(rc.prefill_chunk_line, 11);
     assert_int_equal(rc.engine.history, HISTORY_REENCODE);
+    assert_true(rc.engine.prefill_tflops == 0); /* default: no prefill time */
     assert_int_equal(rc.engine.n_policies, 2);
     assert_string_equal(rc.engine.policies[1].label, "w100");
     assert_string_equal(rc.engine.policies[1].type->name, "window");
@@ -138,6 +139,14 @@ static void test_good_config_loads(void **state)
     const int *window_params = rc.engine.policies[1].params;
     assert_int_equal(window_params[0], 100);
     assert_int_equal(window_params[1], 0);
+    config_free(&rc);
+
+    path = write_ini("[run]\nhistory = prefix\nprefill_tflops = 312.5\n"
+                     "[policy.full]\ntype = full\n");
+    if (config_load(path, &rc, &err) != 0)
+        fail_msg("%s", err.msg);
+    assert_int_equal(rc.engine.history, HISTORY_PREFIX);
+    assert_true(rc.engine.prefill_tflops == 312.5);
     config_free(&rc);
 }
 
@@ -172,7 +181,12 @@ static void test_errors_name_file_and_line(void **state)
     expect_error("[run]\nthreads = 1\nprefill_chunk = 64k\n", 3, "prefill_chunk = '64k'");
     expect_error("[run]\nprefill_chunk = 3000000000\n", 2, "prefill_chunk = '3000000000'");
     expect_error("[run]\nthreads = 1\nhistory = keep\n", 3,
-                 "history = 'keep': expected persist or reencode");
+                 "history = 'keep': expected persist, reencode or prefix");
+    expect_error("[run]\nprefill_tflops = -1\n", 2,
+                 "prefill_tflops = '-1': expected a finite number >= 0");
+    expect_error("[run]\nprefill_tflops = nan\n", 2, "prefill_tflops = 'nan'");
+    expect_error("[run]\nprefill_tflops = 1e400\n", 2, "prefill_tflops = '1e400'");
+    expect_error("[run]\nprefill_tflops = 3 TF\n", 2, "prefill_tflops = '3 TF'");
     expect_error("[policy.a]\ntype = lru\n", 2, "unknown policy type 'lru' (known: full, window");
     expect_error("[policy.a]\ntype = window\nwindow = abc\n", 3, "window = 'abc': expected an integer");
     expect_error("[policy.a]\ntype = window\nsinks = -1\n", 3, "sinks = -1: expected an integer in [0,");

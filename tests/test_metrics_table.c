@@ -27,7 +27,7 @@ static void test_table_is_well_formed(void **state)
     (void)state;
     const unsigned sample_stats = ST_MEAN | ST_P5 | ST_P50 | ST_P95 | ST_MIN | ST_MAX;
     const unsigned total_stats = ST_SUM | ST_PER_STEP | ST_PER_RESTORED;
-    int per_kind[3] = {0, 0, 0};
+    int per_kind[4] = {0, 0, 0, 0};
     for (int i = 0; i < N_METRICS; i++) {
         const Metric *m = &metric_table[i];
         assert_ptr_equal(metric_of(m->kind, m->slot), m);
@@ -49,13 +49,20 @@ static void test_table_is_well_formed(void **state)
             if (m->layers_suffix || m->steps_suffix)
                 fail_msg("%s: a total has no value per evaluated step", m->name);
             break;
+        case METRIC_TURN: /* a column of turns.csv only */
+            assert_int_not_equal(m->applies, APPLIES_PROBES);
+            if (m->summary || m->layers_suffix || m->steps_suffix)
+                fail_msg("%s: a turn metric is in turns.csv only", m->name);
+            continue;
         }
+        assert_int_not_equal(m->applies, APPLIES_WHERE);
         if (!m->summary && !m->layers_suffix && !m->steps_suffix)
             fail_msg("%s: in no file", m->name);
     }
     assert_int_equal(per_kind[METRIC_HEAD], N_HEAD_METRICS);
     assert_int_equal(per_kind[METRIC_STEP], N_STEP_METRICS);
     assert_int_equal(per_kind[METRIC_TOTAL], N_TOTAL_METRICS);
+    assert_int_equal(per_kind[METRIC_TURN], N_TURN_METRICS);
 
     MetricColumn cols[METRIC_MAX_COLUMNS];
     for (int o = 0; o < N_OUTPUTS; o++) {
@@ -130,8 +137,27 @@ static Results *make_results(const Shape *sh)
     r->head = kv_calloc(slots * sh->heads * N_HEAD_METRICS, sizeof *r->head);
     r->step = kv_calloc(slots * N_STEP_METRICS, sizeof *r->step);
     r->total = kv_calloc((size_t)sh->policies * sh->layers * N_TOTAL_METRICS, sizeof *r->total);
+    /* Two turns, the evaluated steps split between them; the second's decode steps hold no
+     * evaluated step when there is one evaluated step. Unknown model size: dense FLOPs do not
+     * apply. */
+    r->n_turns = 2;
+    r->turns = kv_calloc(2, sizeof *r->turns);
+    r->turns[0] = (RunTurn){.prefill_start = 0, .context_tokens = 100, .decode_steps = 10,
+                            .prefill_tokens = 100, .attn_flops = 4096, .dense_flops = NAN};
+    r->turns[1] = (RunTurn){.prefill_start = 110, .context_tokens = 120, .decode_steps = 10,
+                            .prefill_tokens = 10, .served_tokens = 110, .attn_flops = 2202009,
+                            .dense_flops = NAN};
+    r->eval_turn = kv_malloc((size_t)sh->evals * sizeof *r->eval_turn);
+    for (int e = 0; e < sh->evals; e++)
+        r->eval_turn[e] = e < (sh->evals + 1) / 2 ? 0 : 1;
+    r->turn_bytes = kv_calloc((size_t)sh->policies * sh->layers * 2, sizeof *r->turn_bytes);
+    r->needle_turn = kv_malloc(slots * TURN_DISTANCES * sizeof *r->needle_turn);
+    for (size_t i = 0; i < slots * TURN_DISTANCES; i++)
+        r->needle_turn[i] = sh->probes && i % TURN_DISTANCES == 0 ? 0.25 : NAN;
     for (int i = 0; i < N_METRICS; i++) {
         const Metric *m = &metric_table[i];
+        if (m->kind == METRIC_TURN)
+            continue; /* reduced from the records above */
         for (int pi = 0; pi < sh->policies; pi++)
             for (int l = 0; l < sh->layers; l++) {
                 if (m->kind == METRIC_TOTAL) {
@@ -188,6 +214,7 @@ static void check_outputs(const Shape *sh)
         [OUT_SUMMARY] = sh->policies,
         [OUT_LAYERS] = sh->policies * sh->layers,
         [OUT_STEPS] = sh->policies * sh->evals,
+        [OUT_TURNS] = sh->policies * 2,
     };
     MetricColumn cols[METRIC_MAX_COLUMNS];
     char *fields[METRIC_MAX_COLUMNS + 1];

@@ -70,9 +70,9 @@ static void test_csvs_identical_at_one_and_two_threads(void **state)
     assert_non_null(strstr(r1.out, "window512"));
     assert_non_null(strstr(r1.out, "random512"));
     assert_string_equal(r2.out, ""); /* --quiet */
-    const char *files[3] = {"summary.csv", "layers.csv", "steps.csv"};
-    int expected_rows[3] = {6, 6 * 2, -1};
-    for (int i = 0; i < 3; i++) {
+    const char *files[4] = {"summary.csv", "layers.csv", "steps.csv", "turns.csv"};
+    int expected_rows[4] = {6, 6 * 2, -1, 6}; /* one turn: a row per policy */
+    for (int i = 0; i < 4; i++) {
         char p1[8400], p2[8400];
         snprintf(p1, sizeof p1, "%s/t1/%s", dir, files[i]);
         snprintf(p2, sizeof p2, "%s/t2/%s", dir, files[i]);
@@ -86,7 +86,7 @@ static void test_csvs_identical_at_one_and_two_threads(void **state)
     /* no temporary files left behind */
     char t1[8400];
     snprintf(t1, sizeof t1, "%s/t1", dir);
-    assert_int_equal(scratch_count(t1), 3);
+    assert_int_equal(scratch_count(t1), 4);
     kvsim_run_free(&r1);
     kvsim_run_free(&r2);
 }
@@ -265,9 +265,9 @@ static void test_csvs_are_written_as_one_set(void **state)
     KvsimRun ok = run_kvsim_ok("run '%s/baselines.ini' --trace '%s' --out '%s' --quiet", config_dir,
                          synth_trace, out);
     kvsim_run_free(&ok);
-    char *before[3];
-    const char *names[3] = {"summary.csv", "layers.csv", "steps.csv"};
-    for (int i = 0; i < 3; i++)
+    char *before[4];
+    const char *names[4] = {"summary.csv", "layers.csv", "steps.csv", "turns.csv"};
+    for (int i = 0; i < 4; i++)
         before[i] = scratch_read(scratch_path(out, names[i], 0));
     /* steps.csv is the large one: a limit above summary.csv's size and below steps.csv's */
     size_t limit_blocks = strlen(before[0]) / 512 + 2;
@@ -281,13 +281,13 @@ static void test_csvs_are_written_as_one_set(void **state)
     assert_int_equal(count_lines(r.err), 1);
     assert_non_null(strstr(r.err, "steps.csv"));
     kvsim_run_free(&r);
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         char *now = scratch_read(scratch_path(out, names[i], 0));
         assert_string_equal(now, before[i]);
         free(now);
         free(before[i]);
     }
-    assert_int_equal(scratch_count(out), 3); /* no temporary file left */
+    assert_int_equal(scratch_count(out), 4); /* no temporary file left */
 }
 
 int main(void)

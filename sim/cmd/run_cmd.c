@@ -90,7 +90,7 @@ int cmd_run(int argc, char **argv)
                    rc.trace_path, m->model, m->n_layers, m->n_prompt, m->n_tokens - m->n_prompt,
                    res->n_policies, res->threads_used, res->wall_seconds);
             report_print_table(res, summary, stdout);
-            printf("wrote %s/summary.csv, layers.csv, steps.csv\n", rc.out_dir);
+            printf("wrote %s/summary.csv, layers.csv, steps.csv, turns.csv\n", rc.out_dir);
         }
     }
     free(summary);

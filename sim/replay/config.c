@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <ini.h>
 #include <limits.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -386,10 +387,19 @@ static int run_key(Loader *ld, const char *key, const char *value, int line)
             e->history = HISTORY_PERSIST;
         else if (!strcmp(value, "reencode"))
             e->history = HISTORY_REENCODE;
+        else if (!strcmp(value, "prefix"))
+            e->history = HISTORY_PREFIX;
         else
-            return fail_at(ld, line, "history = '%s': expected persist or reencode", ev);
+            return fail_at(ld, line, "history = '%s': expected persist, reencode or prefix", ev);
+    } else if (!strcmp(key, "prefill_tflops")) {
+        char *end;
+        errno = 0;
+        double d = strtod(value, &end);
+        if (errno || end == value || *end != '\0' || !isfinite(d) || d < 0)
+            return fail_at(ld, line, "prefill_tflops = '%s': expected a finite number >= 0 (0 = no prefill time in turns.csv)", ev);
+        e->prefill_tflops = d;
     } else {
-        return fail_at(ld, line, "unknown key '%s' in [run] (expected threads, out, topk, eval_every, kv_bits, seed, prefill_chunk or history)",
+        return fail_at(ld, line, "unknown key '%s' in [run] (expected threads, out, topk, eval_every, kv_bits, seed, prefill_chunk, history or prefill_tflops)",
                        ESC(key, ek));
     }
     return 1;

@@ -2,7 +2,7 @@
  *
  *   [trace]  path = FILE.h5
  *   [run]    threads = 0  out = DIR  topk = 32  eval_every = 1  kv_bits = 16  seed = 0
- *            prefill_chunk = 0
+ *            prefill_chunk = 0  history = persist  prefill_tflops = 0
  *   [policy.LABEL]  type = NAME  <the type's parameters>   (one section per policy)
  *
  * Every error (unknown section or key, malformed value, unknown policy type, duplicate label,

@@ -27,6 +27,7 @@ typedef struct {
     const EngineConfig *cfg;
     Results *res;
     int32_t *eval_of_step; /* [T]: evaluated-step index of a decode step, or -1 */
+    int32_t *turn_of;      /* [T]: the turn of each position (engine.h, RunTurn) */
     Pool *layers;          /* the workers: item = layer */
     Worker *workers;       /* [pool_size(layers)] */
     Progress progress;     /* layer-steps done */
@@ -213,6 +214,22 @@ static int replay_step(Job *job, const Worker *w, Lane *ln, PolicyDriver *drv, i
             }
         }
         needles = counted ? sum / counted : NAN;
+        /* The same by turn distance: each distance the mean over the KV heads that have needle
+         * tokens of it before t. */
+        double by[TURN_DISTANCES], sums[TURN_DISTANCES] = {0};
+        int heads[TURN_DISTANCES] = {0};
+        for (int g = 0; g < L->n_kv_heads; g++) {
+            needle_survival_by_turn(&inst->cache[g], L->meta, job->turn_of, t, TURN_DISTANCES,
+                                    by);
+            for (int d = 0; d < TURN_DISTANCES; d++)
+                if (!isnan(by[d])) {
+                    sums[d] += by[d];
+                    heads[d]++;
+                }
+        }
+        double *nt = results_needle_turn(res, pi, L->layer, e);
+        for (int d = 0; d < TURN_DISTANCES; d++)
+            nt[d] = heads[d] ? sums[d] / heads[d] : NAN;
     }
     ln->metric_seconds += now_seconds() - t1;
     driver_observe(drv, pi, (const float *const *)ln->attn);
@@ -405,8 +422,17 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
             failed = decode_run(job, w, &drv, sp->start, sp->end, err) != 0;
             continue;
         }
+        /* What each policy carries into the turn: its device bytes (persist), nothing
+         * (reencode), the uncompressed system prompt (prefix). Turn 0 starts from nothing. */
+        int turn = job->turn_of[sp->start];
+        for (int pi = 0; pi < n_pol && s > 0; pi++)
+            job->res->turn_bytes[((size_t)pi * m->n_layers + layer) * job->res->n_turns + turn] =
+                cfg->history == HISTORY_PERSIST  ? drv.mem[pi].device_bytes
+                : cfg->history == HISTORY_PREFIX ? job->res->turns[turn].prefix_bytes_per_layer
+                                                 : 0;
         int a = sp->start; /* persist: the span's tokens on top of what the policies kept */
-        if (s > 0 && cfg->history == HISTORY_REENCODE) {
+        /* prefix drives the policies as reencode does: only turns.csv's accounting differs */
+        if (s > 0 && cfg->history != HISTORY_PERSIST) {
             if (driver_restart(&drv, err) != 0) {
                 failed = true;
                 break;
@@ -465,6 +491,68 @@ static void plan_evaluations(Results *r, const TraceMeta *m, int eval_every, int
     free(run_start);
 }
 
+/* The turns (RunTurn) and the turn of each position: a new turn at every prefill span after
+ * the first. The prefill of turn k over [a, b) computes the queries of
+ *   turn 0, persist: [a, b);  reencode: [0, b);  prefix: the positions of [0, b) outside
+ *   segment 0 (the system prompt is served from the prefix cache),
+ * each over every key it attends (docs/metrics.md, turns.csv, gives the cost formulas). */
+static void plan_turns(Results *r, const TraceMeta *m, const EngineConfig *cfg, int32_t *turn_of)
+{
+    int n = 0;
+    for (int s = 0; s < m->n_spans; s++)
+        n += m->spans[s].kind == SPAN_PREFILL;
+    r->n_turns = n;
+    r->turns = kv_calloc((size_t)n, sizeof *r->turns);
+    int k = -1;
+    for (int s = 0; s < m->n_spans; s++) {
+        const TraceSpan *sp = &m->spans[s];
+        if (sp->kind == SPAN_PREFILL) {
+            k++;
+            r->turns[k].prefill_start = sp->start;
+            r->turns[k].context_tokens = sp->end;
+        } else {
+            r->turns[k].decode_steps += sp->end - sp->start;
+        }
+        for (int t = sp->start; t < sp->end; t++)
+            turn_of[t] = k;
+    }
+    bool dense_known = m->hidden_size > 0 && m->intermediate_size > 0;
+    double hidden = m->hidden_size, inter = m->intermediate_size, D = m->head_dim;
+    /* per token and layer: the Q, K, V and O projections and a gated MLP (gate, up, down) */
+    double dense_per_token =
+        2.0 * hidden * D * (2.0 * m->n_q_heads + 2.0 * m->n_kv_heads) + 6.0 * hidden * inter;
+    for (k = 0; k < n; k++) {
+        RunTurn *tu = &r->turns[k];
+        int a = tu->prefill_start, b = tu->context_tokens;
+        int from = k == 0 || cfg->history == HISTORY_PERSIST ? a : 0;
+        int served_seg0 = 0;
+        double keys = 0; /* sum over layers and computed queries of the keys attended */
+        int computed = 0;
+        for (int t = from; t < b; t++) {
+            if (k > 0 && cfg->history == HISTORY_PREFIX && m->segments[t] == 0) {
+                served_seg0++;
+                continue;
+            }
+            computed++;
+            for (int l = 0; l < m->n_layers; l++) {
+                int W = m->window ? m->window[l] : 0;
+                keys += W > 0 && W < t + 1 ? W : t + 1;
+            }
+        }
+        tu->prefill_tokens = computed;
+        tu->served_tokens = k == 0                           ? 0
+                            : cfg->history == HISTORY_PERSIST ? a
+                            : cfg->history == HISTORY_PREFIX  ? served_seg0
+                                                              : 0;
+        tu->attn_flops = 4.0 * m->n_q_heads * D * keys;
+        tu->dense_flops = dense_known ? dense_per_token * m->n_layers * computed : NAN;
+        tu->prefix_bytes_per_layer =
+            cfg->history == HISTORY_PREFIX
+                ? (double)served_seg0 * m->n_kv_heads * 2.0 * D * cfg->kv_bits / 8.0
+                : 0;
+    }
+}
+
 Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
 {
     const TraceMeta *m = trace_meta(tr);
@@ -499,6 +587,18 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
     Job job = {.tr = tr, .meta = m, .cfg = cfg, .res = r};
     job.eval_of_step = kv_malloc((size_t)m->n_tokens * sizeof *job.eval_of_step);
     plan_evaluations(r, m, cfg->eval_every, job.eval_of_step);
+    job.turn_of = kv_malloc((size_t)m->n_tokens * sizeof *job.turn_of);
+    plan_turns(r, m, cfg, job.turn_of);
+    r->prefill_tflops = cfg->prefill_tflops;
+    r->eval_turn = kv_malloc((size_t)(r->n_evals + 1) * sizeof *r->eval_turn);
+    for (int e = 0; e < r->n_evals; e++)
+        r->eval_turn[e] = job.turn_of[r->eval_step[e]];
+    r->turn_bytes = kv_calloc((size_t)cfg->n_policies * m->n_layers * r->n_turns,
+                              sizeof *r->turn_bytes);
+    size_t n_needle = (size_t)cfg->n_policies * m->n_layers * r->n_evals * TURN_DISTANCES;
+    r->needle_turn = kv_malloc((n_needle + 1) * sizeof *r->needle_turn);
+    for (size_t i = 0; i < n_needle; i++)
+        r->needle_turn[i] = NAN;
     size_t n_head = (size_t)cfg->n_policies * m->n_layers * r->n_evals * m->n_q_heads;
     size_t n_step = (size_t)cfg->n_policies * m->n_layers * r->n_evals;
     r->head = kv_calloc(n_head * N_HEAD_METRICS, sizeof *r->head);
@@ -540,6 +640,7 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
     free(job.workers);
     pool_free(job.layers);
     free(job.eval_of_step);
+    free(job.turn_of);
     if (failed) {
         *err = first_err;
         results_free(r);
@@ -560,5 +661,9 @@ void results_free(Results *r)
     free(r->head);
     free(r->step);
     free(r->total);
+    free(r->turns);
+    free(r->eval_turn);
+    free(r->turn_bytes);
+    free(r->needle_turn);
     free(r);
 }

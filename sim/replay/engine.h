@@ -31,8 +31,25 @@
  * turn). persist: the caches they kept, the span's tokens arrive on top (a serving engine that
  * keeps the KV cache between turns). reencode: nothing; the instances are created anew and the
  * whole history [0, end of the span) is prefilled as one span over the full cache, then
- * compressed (an application that keeps no cache, re-encoding the conversation every turn). */
-typedef enum { HISTORY_PERSIST = 0, HISTORY_REENCODE = 1 } RunHistory;
+ * compressed (an application that keeps no cache, re-encoding the conversation every turn).
+ * prefix: as reencode for the policies (the same calls, the same metrics), but the tokens of
+ * segment 0 (the system prompt) count as served from a persisted, uncompressed prefix cache: in
+ * turns.csv they are not computed again and their K/V bytes are carried into the turn (the
+ * phase-1 prefix cache of a local assistant). */
+typedef enum { HISTORY_PERSIST = 0, HISTORY_REENCODE = 1, HISTORY_PREFIX = 2 } RunHistory;
+
+/* The turns of a trace: turn 0 is the first span (the prompt) and the decode run after it, turn
+ * k the k-th later prefill span and the spans after it up to the next prefill span. Sizes and
+ * costs of the turn's prefill, the same for every policy (docs/metrics.md, turns.csv). */
+enum { TURN_DISTANCES = 4 }; /* needle survival by turn distance 0, 1, 2 and 3 or more */
+typedef struct {
+    int prefill_start, context_tokens; /* the prefill span [prefill_start, context_tokens) */
+    int decode_steps;                  /* decode steps of the turn */
+    int prefill_tokens;                /* tokens computed by the turn's prefill */
+    int served_tokens;                 /* history tokens not computed again */
+    double attn_flops, dense_flops;    /* dense_flops NaN: the model's size is unknown */
+    double prefix_bytes_per_layer;     /* prefix: the uncompressed segment-0 K/V of one layer */
+} RunTurn;
 
 typedef struct {
     int threads;    /* 0 = all cores; at most layers x max(query heads, policies) are used */
@@ -41,6 +58,7 @@ typedef struct {
     int kv_bits;    /* device precision of K and V */
     int prefill_chunk; /* tokens per prefill chunk; 0 = each prefill span at once */
     RunHistory history; /* what a later turn's prefill span starts from (RunHistory) */
+    double prefill_tflops; /* prefill throughput for turns.csv's prefill_seconds; 0 = none */
     uint64_t seed;
     bool progress;  /* progress with ETA on stderr */
     int n_policies;
@@ -60,6 +78,15 @@ typedef struct {
     double *step;  /* [policy][layer][eval][N_STEP_METRICS] */
     double *total; /* [policy][layer][N_TOTAL_METRICS] */
     int n_steps;   /* decode steps replayed, over every decode run (T - P for one prompt) */
+    /* The turns (RunTurn) and what each policy carries into them. */
+    int n_turns;
+    RunTurn *turns;       /* [n_turns] */
+    double prefill_tflops; /* EngineConfig's */
+    int32_t *eval_turn;   /* [n_evals] the turn of each evaluated step */
+    double *turn_bytes;   /* [policy][layer][turn] device bytes held when the turn's prefill starts */
+    double *needle_turn;  /* [policy][layer][eval][TURN_DISTANCES] needle survival at a probe
+                           * step of the needles of the turn that many turns before (the last:
+                           * or more); NaN where none precedes the step or off probe steps */
     double wall_seconds;
     /* Timings, summed over workers (not part of any output file: they vary run to run). */
     double attention_seconds; /* the shared exact attention: decode rows, prompt statistics */
@@ -81,6 +108,11 @@ static inline float *results_head(const Results *r, int pol, int layer, int e, i
 static inline double *results_step(const Results *r, int pol, int layer, int e)
 {
     return r->step + (((size_t)pol * r->n_layers + layer) * r->n_evals + e) * N_STEP_METRICS;
+}
+static inline double *results_needle_turn(const Results *r, int pol, int layer, int e)
+{
+    return r->needle_turn +
+           (((size_t)pol * r->n_layers + layer) * r->n_evals + e) * TURN_DISTANCES;
 }
 static inline double *results_total(const Results *r, int pol, int layer)
 {

@@ -13,6 +13,9 @@
 #define HEAD_METRIC(ID, ...) METRIC_ROW(METRIC_HEAD, HM_##ID, __VA_ARGS__)
 #define STEP_METRIC(ID, ...) METRIC_ROW(METRIC_STEP, SM_##ID, __VA_ARGS__)
 #define TOTAL_METRIC(ID, ...) METRIC_ROW(METRIC_TOTAL, TM_##ID, __VA_ARGS__)
+/* A turn metric's line names only what turns.csv needs: no statistic, no other file. */
+#define TURN_METRIC(ID, NAME, FORMAT, APPLIES)                                                   \
+    METRIC_ROW(METRIC_TURN, TU_##ID, NAME, FORMAT, APPLIES, SUM, 0, NULL, NULL)
 const Metric metric_table[N_METRICS] = {
 #include "sim/replay/metrics.def"
 };
@@ -52,6 +55,7 @@ static const struct {
     [OUT_SUMMARY] = {"summary.csv", {"policy", "type"}},
     [OUT_LAYERS] = {"layers.csv", {"policy", "layer"}},
     [OUT_STEPS] = {"steps.csv", {"policy", "step", "decode_index"}},
+    [OUT_TURNS] = {"turns.csv", {"policy", "turn"}},
 };
 
 const char *metric_output_file(MetricOutput out)
@@ -77,7 +81,10 @@ int metric_output_columns(MetricOutput out, MetricColumn cols[METRIC_MAX_COLUMNS
     for (int i = 0; i < N_METRICS; i++) {
         const Metric *m = &metric_table[i];
         bool partial = m->applies != APPLIES_ALWAYS;
-        if (out == OUT_SUMMARY) {
+        if (out == OUT_TURNS || m->kind == METRIC_TURN) {
+            if (out == OUT_TURNS && m->kind == METRIC_TURN)
+                c = add_column(c, m->name, "", m, STAT_MEAN, partial);
+        } else if (out == OUT_SUMMARY) {
             for (int s = 0; s < N_STATS; s++)
                 if (m->summary & (1u << s))
                     c = add_column(c, m->name, stats[s].suffix, m, (MetricStat)s,

@@ -7,10 +7,13 @@
  *   HEAD_METRIC   per (policy, layer, evaluated step, query head), a float: slot HM_ID
  *   STEP_METRIC   per (policy, layer, evaluated step), a double: slot SM_ID
  *   TOTAL_METRIC  per (policy, layer), summed over every decode step, a double: slot TM_ID
+ *   TURN_METRIC   TURN_METRIC(ID, name, format, applies): a column of turns.csv, one value per
+ *                 (policy, turn), reduced by report.c from the engine's turn records: slot TU_ID
  * format   COUNT: an exact count (bytes, tokens), written by csv_put_count (means of counts
  *          included); NUM: a measured value or a rate, written by csv_put_num.
  * applies  ALWAYS: every slot holds a finite value; every reduction takes every slot, so a NaN
  *          (a bug) is never averaged away: it reaches the writer, which refuses it.
+ *          WHERE (turn metrics): empty in the rows where it does not apply (NaN).
  *          PROBES: only at probe steps, and NaN (does not apply) where no needle token precedes
  *          the step; values off probe steps are ignored, reductions skip what does not apply,
  *          and a value where nothing applies is an empty field.
@@ -35,6 +38,7 @@
  *                _min, _max, none (SUM, PER_RESTORED), _per_step
  *   layers.csv   policy, layer, then name + layers.csv suffix for each metric that has one
  *   steps.csv    policy, step, decode_index, then name + steps.csv suffix likewise
+ *   turns.csv    policy, turn, then each turn metric's name
  * The reductions are sim/replay/report.c's. tests/test_metrics_table.c checks the rules above, that
  * column names are unique within a file, and that docs/metrics.md lists exactly these columns. */
 #ifndef KVSIM_METRIC_TABLE_H
@@ -43,9 +47,9 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-typedef enum { METRIC_HEAD, METRIC_STEP, METRIC_TOTAL } MetricKind;
+typedef enum { METRIC_HEAD, METRIC_STEP, METRIC_TOTAL, METRIC_TURN } MetricKind;
 typedef enum { METRIC_NUM, METRIC_COUNT } MetricFormat;
-typedef enum { APPLIES_ALWAYS, APPLIES_PROBES } MetricApplies;
+typedef enum { APPLIES_ALWAYS, APPLIES_PROBES, APPLIES_WHERE } MetricApplies;
 typedef enum { LAYERS_MEAN, LAYERS_SUM } MetricLayers;
 
 /* The summary statistics, in the order of their columns. */
@@ -74,12 +78,13 @@ enum {
     ST_PER_RESTORED = 1u << STAT_PER_RESTORED,
 };
 
-/* The slot indices HM_ID, SM_ID, TM_ID: each kind in the order of metrics.def's lines (which
- * #undef-s the three macros at its end). */
+/* The slot indices HM_ID, SM_ID, TM_ID, TU_ID: each kind in the order of metrics.def's lines
+ * (which #undef-s the four macros at its end). */
 #define METRIC_SKIP(...)
 #define HEAD_METRIC(ID, ...) HM_##ID,
 #define STEP_METRIC METRIC_SKIP
 #define TOTAL_METRIC METRIC_SKIP
+#define TURN_METRIC METRIC_SKIP
 enum {
 #include "sim/replay/metrics.def"
     N_HEAD_METRICS
@@ -87,6 +92,7 @@ enum {
 #define HEAD_METRIC METRIC_SKIP
 #define STEP_METRIC(ID, ...) SM_##ID,
 #define TOTAL_METRIC METRIC_SKIP
+#define TURN_METRIC METRIC_SKIP
 enum {
 #include "sim/replay/metrics.def"
     N_STEP_METRICS
@@ -94,13 +100,22 @@ enum {
 #define HEAD_METRIC METRIC_SKIP
 #define STEP_METRIC METRIC_SKIP
 #define TOTAL_METRIC(ID, ...) TM_##ID,
+#define TURN_METRIC METRIC_SKIP
 enum {
 #include "sim/replay/metrics.def"
     N_TOTAL_METRICS
 };
+#define HEAD_METRIC METRIC_SKIP
+#define STEP_METRIC METRIC_SKIP
+#define TOTAL_METRIC METRIC_SKIP
+#define TURN_METRIC(ID, ...) TU_##ID,
+enum {
+#include "sim/replay/metrics.def"
+    N_TURN_METRICS
+};
 #undef METRIC_SKIP
 
-enum { N_METRICS = N_HEAD_METRICS + N_STEP_METRICS + N_TOTAL_METRICS };
+enum { N_METRICS = N_HEAD_METRICS + N_STEP_METRICS + N_TOTAL_METRICS + N_TURN_METRICS };
 
 typedef struct {
     const char *name;
@@ -124,7 +139,7 @@ double metric_stat_quantile(MetricStat stat);
 
 /* ---- The files of `kvsim run` and their columns ---- */
 
-typedef enum { OUT_SUMMARY, OUT_LAYERS, OUT_STEPS, N_OUTPUTS } MetricOutput;
+typedef enum { OUT_SUMMARY, OUT_LAYERS, OUT_STEPS, OUT_TURNS, N_OUTPUTS } MetricOutput;
 
 enum {
     METRIC_NAME_MAX = 48, /* a column name, its NUL included */
@@ -140,7 +155,7 @@ typedef struct {
     bool optional;        /* may not apply: empty where it does not (NaN) */
 } MetricColumn;
 
-/* "summary.csv", "layers.csv", "steps.csv". */
+/* "summary.csv", "layers.csv", "steps.csv", "turns.csv". */
 const char *metric_output_file(MetricOutput out);
 /* The columns of `out`, key columns first, in file order; returns how many. */
 int metric_output_columns(MetricOutput out, MetricColumn cols[METRIC_MAX_COLUMNS]);

@@ -208,3 +208,25 @@ double needle_survival(const KVCache *c, const TraceMeta *meta, int t)
     }
     return total ? (double)kept / total : NAN;
 }
+
+void needle_survival_by_turn(const KVCache *c, const TraceMeta *meta, const int32_t *turn_of,
+                             int t, int n_dist, double *out)
+{
+    int total[n_dist], kept[n_dist];
+    for (int d = 0; d < n_dist; d++)
+        total[d] = kept[d] = 0;
+    for (int n = 0; n < meta->n_needles; n++) {
+        int start = meta->needles[2 * n];
+        if (start > t)
+            continue; /* a needle of a later turn, or later in this one */
+        int d = turn_of[t] - turn_of[start];
+        d = d < n_dist - 1 ? d : n_dist - 1;
+        int end = meta->needles[2 * n + 1] < t + 1 ? meta->needles[2 * n + 1] : t + 1;
+        for (int j = start; j < end; j++) {
+            total[d]++;
+            kept[d] += kvcache_has(c, j);
+        }
+    }
+    for (int d = 0; d < n_dist; d++)
+        out[d] = total[d] ? (double)kept[d] / total[d] : NAN;
+}

@@ -64,5 +64,10 @@ void output_errors(const KVCache *c, const FullRow *rows, int n_heads, const flo
 
 /* Fraction of needle tokens at positions <= t that the cache holds; NaN if there are none. */
 double needle_survival(const KVCache *c, const TraceMeta *meta, int t);
+/* The same by turn distance: out[d] for the needle tokens at positions <= t whose needle starts
+ * in turn turn_of[t] - d (the last distance, n_dist - 1: that many turns back or more); NaN
+ * where there are none. turn_of[T]: the turn of each position. */
+void needle_survival_by_turn(const KVCache *c, const TraceMeta *meta, const int32_t *turn_of,
+                             int t, int n_dist, double *out);
 
 #endif

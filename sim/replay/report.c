@@ -193,6 +193,8 @@ void report_summarize(const Results *r, PolicySummary *out)
     for (int pi = 0; pi < r->n_policies; pi++) {
         for (int i = 0; i < N_METRICS; i++) {
             const Metric *m = &metric_table[i];
+            if (m->kind == METRIC_TURN)
+                continue; /* turns.csv's, per turn */
             double *row = (double *)summary_row(&out[pi], m); /* out is ours to fill */
             for (int st = 0; st < N_STATS; st++)
                 row[st] = NAN;
@@ -280,10 +282,106 @@ static void steps_rows(const Results *r, const PolicySummary *s, const MetricCol
     free(heads);
 }
 
+/* Head metric `slot` of policy pi over the evaluated steps of turn k: the mean over every
+ * (layer, step, query head) slot, in that order; NaN when the turn has no evaluated step. */
+static double turn_head_mean(const Results *r, int pi, int k, int slot)
+{
+    double sum = 0;
+    size_t n = 0;
+    for (int l = 0; l < r->n_layers; l++)
+        for (int e = 0; e < r->n_evals; e++)
+            if (r->eval_turn[e] == k)
+                for (int h = 0; h < r->n_q_heads; h++, n++)
+                    sum += results_head(r, pi, l, e, h)[slot];
+    return n ? sum / n : NAN;
+}
+
+/* Needle survival at turn distance d over the probe steps of turn k: the mean over the (layer,
+ * probe step) slots where it applies; NaN where none does. */
+static double turn_needles(const Results *r, int pi, int k, int d)
+{
+    double sum = 0;
+    int n = 0;
+    for (int l = 0; l < r->n_layers; l++)
+        for (int e = 0; e < r->n_evals; e++) {
+            double v = results_needle_turn(r, pi, l, e)[d];
+            if (r->eval_turn[e] == k && r->eval_probe[e] && !isnan(v)) {
+                sum += v;
+                n++;
+            }
+        }
+    return n ? sum / n : NAN;
+}
+
+/* Turn metric `slot` of policy pi at turn k (docs/metrics.md, turns.csv). */
+static double turn_value(const Results *r, int pi, int k, int slot)
+{
+    const RunTurn *tu = &r->turns[k];
+    switch (slot) {
+    case TU_PREFILL_START:
+        return tu->prefill_start;
+    case TU_CONTEXT_TOKENS:
+        return tu->context_tokens;
+    case TU_DECODE_STEPS:
+        return tu->decode_steps;
+    case TU_PREFILL_TOKENS:
+        return tu->prefill_tokens;
+    case TU_SERVED_TOKENS:
+        return tu->served_tokens;
+    case TU_SERVED_SHARE:
+        return (double)tu->served_tokens / tu->context_tokens;
+    case TU_ATTN_FLOPS:
+        return tu->attn_flops;
+    case TU_DENSE_FLOPS:
+        return tu->dense_flops;
+    case TU_PREFILL_SECONDS:
+        return r->prefill_tflops > 0 ? (tu->attn_flops + tu->dense_flops) /
+                                           (r->prefill_tflops * 1e12)
+                                     : NAN;
+    case TU_KV_BYTES_IN: {
+        double sum = 0;
+        for (int l = 0; l < r->n_layers; l++)
+            sum += r->turn_bytes[((size_t)pi * r->n_layers + l) * r->n_turns + k];
+        return sum;
+    }
+    case TU_MASS:
+        return turn_head_mean(r, pi, k, HM_MASS);
+    case TU_RECALL:
+        return turn_head_mean(r, pi, k, HM_RECALL);
+    case TU_OUT_ERR:
+        return turn_head_mean(r, pi, k, HM_OUT_ERR);
+    case TU_NEEDLE_D0:
+    case TU_NEEDLE_D1:
+    case TU_NEEDLE_D2:
+    case TU_NEEDLE_D3:
+        return turn_needles(r, pi, k, slot - TU_NEEDLE_D0);
+    }
+    abort(); /* every turn metric has its case: a bug */
+}
+
+/* Per policy and turn. */
+static void turns_rows(const Results *r, const PolicySummary *s, const MetricColumn *cols,
+                       int n_cols, CsvFile *c)
+{
+    (void)s;
+    _Static_assert(TU_NEEDLE_D3 - TU_NEEDLE_D0 + 1 == TURN_DISTANCES,
+                   "a needle_survival_dD column per turn distance");
+    for (int pi = 0; pi < r->n_policies; pi++)
+        for (int k = 0; k < r->n_turns; k++) {
+            csv_put_text(c, r->label[pi]);
+            csv_put_int(c, k);
+            for (int i = 0; i < n_cols; i++)
+                if (cols[i].metric)
+                    put_value(c, &cols[i], turn_value(r, pi, k, cols[i].metric->slot));
+            csv_end_row(c);
+        }
+}
+
 static RowWriter *const row_writer[N_OUTPUTS] = {
     [OUT_SUMMARY] = summary_rows,
     [OUT_LAYERS] = layers_rows,
     [OUT_STEPS] = steps_rows,
+    [OUT_TURNS] = turns_rows,
 };
 
 int report_write_csv(const Results *r, const PolicySummary *s, const char *out_dir, KvErr *err)

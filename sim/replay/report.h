@@ -1,9 +1,9 @@
-/* report.h — the outputs of `kvsim run`: summary.csv, layers.csv, steps.csv (columns and units
- * in docs/metrics.md) and the aligned summary table on stdout. The columns of each file and how
+/* report.h — the outputs of `kvsim run`: summary.csv, layers.csv, steps.csv, turns.csv (columns
+ * and units in docs/metrics.md) and the aligned summary table on stdout. The columns of each file and how
  * each is reduced from the engine's per-slot results are sim/replay/metric_table.h's, from the table
  * sim/replay/metrics.def. Every number is reduced in a fixed order, so the files are byte-identical
  * whatever the thread count. The CSV conventions (quoting, number formats, empty = does not
- * apply) are sim/base/csv.h's; the three files are written as one set (csv_commit_set). */
+ * apply) are sim/base/csv.h's; the four files are written as one set (csv_commit_set). */
 #ifndef KVSIM_REPORT_H
 #define KVSIM_REPORT_H
 

@@ -560,7 +560,10 @@ static void replay_to(const Suite *s, const Layout *lay, const Setting *const *s
     replay_history(s, lay, sel, n, threads, HISTORY_PERSIST, out);
 }
 
-static const char *const CSVS[] = {"summary.csv", "layers.csv", "steps.csv"};
+/* The files of a run; the first N_ATTENTION_CSVS hold only what the policies keep (turns.csv
+ * also the history mode's costs). */
+static const char *const CSVS[] = {"summary.csv", "layers.csv", "steps.csv", "turns.csv"};
+enum { N_ATTENTION_CSVS = 3 };
 
 /* The lines of `csv` whose first field is `label`, concatenated. */
 static char *rows_of(const char *csv, const char *label)
@@ -659,7 +662,7 @@ static void test_history_reencode(void **state)
         replay_history(s, lay, all, s->n, 1, HISTORY_REENCODE, again);
         replay_history(s, lay, all, s->n, 3, HISTORY_REENCODE, again3);
         int differ = 0;
-        for (size_t f = 0; f < sizeof CSVS / sizeof CSVS[0]; f++) {
+        for (size_t f = 0; f < N_ATTENTION_CSVS; f++) {
             char *a = scratch_read(scratch_path(keep, CSVS[f], 0));
             char *b = scratch_read(scratch_path(again, CSVS[f], 1));
             char *c = scratch_read(scratch_path(again3, CSVS[f], 2));
@@ -690,6 +693,221 @@ static void test_history_reencode(void **state)
         scratch_remove(keep);
         scratch_remove(again);
         scratch_remove(again3);
+    }
+}
+
+/* ---- turns.csv and [run] history = prefix ---- */
+
+/* The field `column` of the row of turns.csv (or summary.csv, turn < 0) whose policy is `label`
+ * (and turn is `turn`), into out; fails when there is no such column or row. */
+static const char *csv_field(const char *csv, const char *label, int turn, const char *column,
+                             char *out, size_t n)
+{
+    char key[96];
+    if (turn >= 0)
+        snprintf(key, sizeof key, "%s,%d,", label, turn);
+    else
+        snprintf(key, sizeof key, "%s,", label);
+    const char *eol = strchr(csv, '\n');
+    int col = -1, i = 0;
+    for (const char *f = csv; f < eol; i++) {
+        size_t len = strcspn(f, ",\n");
+        if (len == strlen(column) && strncmp(f, column, len) == 0)
+            col = i;
+        f += len + (f[len] == ',');
+        if (f[-1] != ',')
+            break;
+    }
+    if (col < 0)
+        fail_msg("no column %s", column);
+    for (const char *line = eol + 1; *line; line = strchr(line, '\n') + 1) {
+        if (strncmp(line, key, strlen(key)) != 0)
+            continue;
+        const char *f = line;
+        for (int c = 0; c < col; c++)
+            f += strcspn(f, ",\n") + 1;
+        size_t len = strcspn(f, ",\n");
+        if (len >= n)
+            fail_msg("field %s of %s too long", column, label);
+        memcpy(out, f, len);
+        out[len] = '\0';
+        return out;
+    }
+    fail_msg("no row %s turn %d", label, turn);
+    return NULL;
+}
+
+static int count_rows(const char *csv)
+{
+    int n = -1; /* the header */
+    for (const char *c = csv; *c; c++)
+        n += *c == '\n';
+    return n;
+}
+
+static void expect_field(const char *csv, const char *label, int turn, const char *column,
+                         const char *want, const char *where)
+{
+    char got[128];
+    csv_field(csv, label, turn, column, got, sizeof got);
+    if (strcmp(got, want) != 0)
+        fail_msg("turns.csv, %s: %s turn %d: %s = '%s', expected '%s'", where, label, turn,
+                 column, got, want);
+}
+
+static void expect_number(const char *csv, const char *label, int turn, const char *column,
+                          double want, const char *where)
+{
+    char w[64];
+    snprintf(w, sizeof w, want == floor(want) ? "%.0f" : "%.9g", want);
+    expect_field(csv, label, turn, column, w, where);
+}
+
+/* Each layout in each history mode: turns.csv has a row per policy and prefill span; its counts
+ * are the spans' (persist: the new tokens computed, the history served; reencode: the whole
+ * history computed; prefix: all but the system prompt [0, SYSTEM_END)), its attention FLOPs
+ * those of a global causal prefill over the computed queries, its dense part empty (no model
+ * size), the bytes `full` carries in are its whole cache, the system prompt or nothing. `full`'s
+ * attention metrics are the same in the three modes; prefix drives the policies as reencode
+ * does (the other files are byte-identical); on one prompt the three modes write the same four
+ * files; a one-turn trace's turns.csv holds the summary's means; a needle is counted only from
+ * its turn on; and prefix is the same at 1 and 3 threads. */
+static void test_turns(void **state)
+{
+    const Suite *s = *state;
+    const Setting *all[MAX_SETTINGS];
+    const char *full = NULL;
+    for (int i = 0; i < s->n; i++) {
+        all[i] = &s->set[i];
+        if (!full && !strcmp(s->set[i].type->name, "full"))
+            full = s->set[i].label;
+    }
+    assert_non_null(full);
+    static const RunHistory modes[] = {HISTORY_PERSIST, HISTORY_REENCODE, HISTORY_PREFIX};
+    static const char *const mode_name[] = {"persist", "reencode", "prefix"};
+    static const char *const FILES[] = {"summary.csv", "layers.csv", "steps.csv", "turns.csv"};
+    for (int l = 0; l < N_LAYOUTS; l++) {
+        const Layout *lay = &LAYOUTS[l];
+        char *dir[3], *csv[3][4];
+        for (int m = 0; m < 3; m++) {
+            dir[m] = scratch_create();
+            replay_history(s, lay, all, s->n, 1, modes[m], dir[m]);
+            for (int f = 0; f < 4; f++)
+                csv[m][f] = scratch_read(scratch_path(dir[m], FILES[f], m));
+        }
+        int n_turns = 0;
+        for (int sp = 0; sp < lay->n_spans; sp++)
+            n_turns += lay->spans[sp].kind == SPAN_PREFILL;
+        for (int m = 0; m < 3; m++) {
+            char where[128];
+            snprintf(where, sizeof where, "%s, history = %s", lay->name, mode_name[m]);
+            const char *tc = csv[m][3];
+            assert_int_equal(count_rows(tc), s->n * n_turns);
+            int k = -1;
+            for (int sp = 0; sp < lay->n_spans; sp++) {
+                const TraceSpan *span = &lay->spans[sp];
+                if (span->kind != SPAN_PREFILL)
+                    continue;
+                k++;
+                int a = span->start, b = span->end;
+                int decode = sp + 1 < lay->n_spans && lay->spans[sp + 1].kind == SPAN_DECODE
+                                 ? lay->spans[sp + 1].end - lay->spans[sp + 1].start
+                                 : 0;
+                int from = k == 0 || modes[m] == HISTORY_PERSIST ? a : 0;
+                int served = k == 0 ? 0
+                             : modes[m] == HISTORY_PERSIST ? a
+                             : modes[m] == HISTORY_PREFIX ? SYSTEM_END
+                                                          : 0;
+                double keys = 0;
+                int computed = 0;
+                for (int t = from; t < b; t++)
+                    if (!(k > 0 && modes[m] == HISTORY_PREFIX && t < SYSTEM_END)) {
+                        keys += t + 1;
+                        computed++;
+                    }
+                double cache_bytes_per_token = (double)HKV * 2 * D * KV_BITS / 8 * LAYERS;
+                double bytes_in = k == 0 ? 0
+                                  : modes[m] == HISTORY_PERSIST ? a * cache_bytes_per_token
+                                  : modes[m] == HISTORY_PREFIX ? SYSTEM_END * cache_bytes_per_token
+                                                               : 0;
+                for (int i = 0; i < s->n; i++) {
+                    const char *lb = s->set[i].label;
+                    expect_number(tc, lb, k, "prefill_start", a, where);
+                    expect_number(tc, lb, k, "context_tokens", b, where);
+                    expect_number(tc, lb, k, "decode_steps", decode, where);
+                    expect_number(tc, lb, k, "prefill_tokens", computed, where);
+                    expect_number(tc, lb, k, "served_tokens", served, where);
+                    expect_number(tc, lb, k, "served_share", (double)served / b, where);
+                    expect_number(tc, lb, k, "prefill_attn_flops", 4.0 * HQ * D * LAYERS * keys,
+                                  where);
+                    expect_field(tc, lb, k, "prefill_dense_flops", "", where);
+                    expect_field(tc, lb, k, "prefill_seconds", "", where);
+                    /* a needle is counted from its own turn on: no distance beyond the turn */
+                    for (int d = k + 1; d < TURN_DISTANCES; d++) {
+                        char col[32];
+                        snprintf(col, sizeof col, "needle_survival_d%d", d);
+                        expect_field(tc, lb, k, col, "", where);
+                    }
+                }
+                expect_number(tc, full, k, "kv_bytes_in", bytes_in, where);
+                expect_field(tc, full, k, "mass_mean", "1", where);
+                expect_field(tc, full, k, "recall_mean", "1", where);
+                expect_field(tc, full, k, "out_err_mean", "0", where);
+                for (int d = 0; d <= k && d < TURN_DISTANCES; d++) {
+                    char col[32];
+                    snprintf(col, sizeof col, "needle_survival_d%d", d);
+                    expect_field(tc, full, k, col, "1", where);
+                }
+            }
+        }
+        /* full's attention metrics are the same in every mode; prefix is reencode for the
+         * policies; one prompt: the three modes are the same, every file */
+        for (int k = 0; k < n_turns; k++) {
+            static const char *const cols[] = {"mass_mean", "recall_mean", "out_err_mean",
+                                               "needle_survival_d0", "needle_survival_d1"};
+            for (size_t c = 0; c < sizeof cols / sizeof cols[0]; c++) {
+                char v0[64];
+                csv_field(csv[0][3], full, k, cols[c], v0, sizeof v0);
+                expect_field(csv[1][3], full, k, cols[c], v0, lay->name);
+                expect_field(csv[2][3], full, k, cols[c], v0, lay->name);
+            }
+        }
+        for (int f = 0; f < 4; f++) {
+            if (f < 3 && strcmp(csv[1][f], csv[2][f]) != 0)
+                fail_msg("%s: %s differs between reencode and prefix", lay->name, FILES[f]);
+            if (n_turns == 1 && (strcmp(csv[0][f], csv[1][f]) || strcmp(csv[0][f], csv[2][f])))
+                fail_msg("%s: %s differs between history modes on one prompt", lay->name,
+                         FILES[f]);
+        }
+        if (n_turns == 1) /* one turn: turns.csv holds the summary's means */
+            for (int i = 0; i < s->n; i++) {
+                static const char *const pair[][2] = {{"mass_mean", "mass_mean"},
+                                                      {"recall_mean", "recall_mean"},
+                                                      {"out_err_mean", "out_err_mean"},
+                                                      {"needle_survival_d0",
+                                                       "needle_survival_mean"}};
+                for (size_t c = 0; c < sizeof pair / sizeof pair[0]; c++) {
+                    char v[64];
+                    csv_field(csv[0][0], s->set[i].label, -1, pair[c][1], v, sizeof v);
+                    expect_field(csv[0][3], s->set[i].label, 0, pair[c][0], v, lay->name);
+                }
+            }
+        /* prefix at 3 threads */
+        char *three = scratch_create();
+        replay_history(s, lay, all, s->n, 3, HISTORY_PREFIX, three);
+        for (int f = 0; f < 4; f++) {
+            char *c = scratch_read(scratch_path(three, FILES[f], 3));
+            if (strcmp(c, csv[2][f]) != 0)
+                fail_msg("%s: history = prefix, %s differs between 1 and 3 threads", lay->name,
+                         FILES[f]);
+            free(c);
+        }
+        scratch_remove(three);
+        for (int m = 0; m < 3; m++) {
+            for (int f = 0; f < 4; f++)
+                free(csv[m][f]);
+            scratch_remove(dir[m]);
+        }
     }
 }
 
@@ -946,6 +1164,7 @@ int main(void)
         cmocka_unit_test(test_isolation),
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_history_reencode),
+        cmocka_unit_test(test_turns),
     };
     return cmocka_run_group_tests(tests, suite_setup, suite_teardown);
 }

@@ -44,6 +44,8 @@
 
 enum { HQ = 4, HKV = 2, D = 16, T = 160, P = 96, LAYERS = 3, TOPK = 4, KV_BITS = 16 };
 enum { SYSTEM_END = 12 };          /* segment 0 (system prompt) is [0, SYSTEM_END) */
+enum { HIDDEN = 48, INTERMEDIATE = 80 }; /* the model's size the trace states */
+static const double PREFILL_TFLOPS = 0.5; /* [run] prefill_tflops of every replay */
 enum { MAX_SETTINGS = 128 };
 static const uint64_t SEED = 2024;
 
@@ -147,6 +149,8 @@ static void write_trace(const char *path, const Layout *lay)
     Fixture *fx = new_fixture(lay);
     TraceMeta meta;
     fixture_trace_meta(fx, LAYERS, "conformance suite", &meta);
+    meta.hidden_size = HIDDEN; /* a model size, for turns.csv's dense FLOPs */
+    meta.intermediate_size = INTERMEDIATE;
     KvErr err;
     TraceWriter *w = trace_writer_create(path, &meta, TRACE_F32, &err);
     if (!w)
@@ -536,7 +540,7 @@ static void replay_history(const Suite *s, const Layout *lay, const Setting *con
     }
     EngineConfig cfg = {.threads = threads, .topk = TOPK, .eval_every = 1, .kv_bits = KV_BITS,
                         .prefill_chunk = lay->prefill_chunk, .history = history, .seed = SEED,
-                        .n_policies = n, .policies = spec};
+                        .prefill_tflops = PREFILL_TFLOPS, .n_policies = n, .policies = spec};
     KvErr err;
     Trace *tr = trace_open(s->trace[lay - LAYOUTS], &err);
     if (!tr)
@@ -766,8 +770,8 @@ static void expect_number(const char *csv, const char *label, int turn, const ch
 /* Each layout in each history mode: turns.csv has a row per policy and prefill span; its counts
  * are the spans' (persist: the new tokens computed, the history served; reencode: the whole
  * history computed; prefix: all but the system prompt [0, SYSTEM_END)), its attention FLOPs
- * those of a global causal prefill over the computed queries, its dense part empty (no model
- * size), the bytes `full` carries in are its whole cache, the system prompt or nothing. `full`'s
+ * those of a global causal prefill over the computed queries, its dense part that of the
+ * trace's model size, its time at the run's prefill throughput, the bytes `full` carries in are its whole cache, the system prompt or nothing. `full`'s
  * attention metrics are the same in the three modes; prefix drives the policies as reencode
  * does (the other files are byte-identical); on one prompt the three modes write the same four
  * files; a one-turn trace's turns.csv holds the summary's means; a needle is counted only from
@@ -840,8 +844,13 @@ static void test_turns(void **state)
                     expect_number(tc, lb, k, "served_share", (double)served / b, where);
                     expect_number(tc, lb, k, "prefill_attn_flops", 4.0 * HQ * D * LAYERS * keys,
                                   where);
-                    expect_field(tc, lb, k, "prefill_dense_flops", "", where);
-                    expect_field(tc, lb, k, "prefill_seconds", "", where);
+                    double dense = (double)computed * LAYERS *
+                                   (2.0 * HIDDEN * D * (2 * HQ + 2 * HKV) +
+                                    6.0 * HIDDEN * INTERMEDIATE);
+                    expect_number(tc, lb, k, "prefill_dense_flops", dense, where);
+                    expect_number(tc, lb, k, "prefill_seconds",
+                                  (4.0 * HQ * D * LAYERS * keys + dense) / (PREFILL_TFLOPS * 1e12),
+                                  where);
                     /* a needle is counted from its own turn on: no distance beyond the turn */
                     for (int d = k + 1; d < TURN_DISTANCES; d++) {
                         char col[32];

@@ -290,6 +290,86 @@ static void test_csvs_are_written_as_one_set(void **state)
     assert_int_equal(scratch_count(out), 4); /* no temporary file left */
 }
 
+/* Field `col` of line `row` (0 = the header) of a CSV without quoted fields, into out. */
+static void csv_cell(const char *csv, int row, int col, char *out, size_t n)
+{
+    const char *line = csv;
+    for (int r = 0; r < row; r++) {
+        line = strchr(line, '\n');
+        assert_non_null(line);
+        line++;
+    }
+    for (int c = 0; c < col; c++) {
+        line += strcspn(line, ",\n");
+        assert_int_equal(*line, ',');
+        line++;
+    }
+    size_t len = strcspn(line, ",\n");
+    assert_true(len < n);
+    memcpy(out, line, len);
+    out[len] = '\0';
+}
+
+/* A conversation written by `kvsim synth --decode-turns 3`, run in each history mode: turns.csv
+ * has three rows per policy; the second and third turns' prefills compute the 32-token message
+ * (persist), the whole history (reencode) or all but the 64-token system prompt (prefix); full's
+ * attention metrics are the same in every mode. */
+static void test_turns_of_a_conversation(void **state)
+{
+    (void)state;
+    char trace[1100];
+    snprintf(trace, sizeof trace, "%s/conv.h5", dir);
+    KvsimRun syn = run_kvsim_ok("synth --out '%s' --seed 3 --layers 2 --q-heads 4 --kv-heads 2 "
+                                "--head-dim 32 --prompt 256 --decode 48 --needles 2 --system 64 "
+                                "--decode-turns 3 --message 32", trace);
+    kvsim_run_free(&syn);
+    static const char *const modes[] = {"persist", "reencode", "prefix"};
+    char *turns[3];
+    for (int m = 0; m < 3; m++) {
+        char ini[1200], text[1600];
+        snprintf(ini, sizeof ini, "%s/conv-%s.ini", dir, modes[m]);
+        snprintf(text, sizeof text,
+                 "[run]\nhistory = %s\nout = %s/conv-%s\n[policy.full]\ntype = full\n"
+                 "[policy.w]\ntype = window\nwindow = 64\n", modes[m], dir, modes[m]);
+        scratch_write(ini, text);
+        KvsimRun r = run_kvsim_ok("run '%s' --trace '%s' --quiet", ini, trace);
+        kvsim_run_free(&r);
+        char path[1300];
+        snprintf(path, sizeof path, "%s/conv-%s/turns.csv", dir, modes[m]);
+        turns[m] = scratch_read(path);
+        assert_int_equal(count_lines(turns[m]), 1 + 2 * 3);
+    }
+    enum { TURN = 1, CONTEXT = 3, PREFILL = 5, MASS = 12, RECALL = 13, OUT_ERR = 14 };
+    char v[64], w[64];
+    csv_cell(turns[0], 0, PREFILL, v, sizeof v);
+    assert_string_equal(v, "prefill_tokens");
+    csv_cell(turns[0], 0, MASS, v, sizeof v);
+    assert_string_equal(v, "mass_mean");
+    csv_cell(turns[0], 0, OUT_ERR, v, sizeof v);
+    assert_string_equal(v, "out_err_mean");
+    for (int row = 1; row <= 3; row++) { /* full's rows */
+        csv_cell(turns[0], row, TURN, v, sizeof v);
+        assert_int_equal(atoi(v), row - 1);
+        csv_cell(turns[0], row, CONTEXT, v, sizeof v);
+        int context = atoi(v);
+        int want[3] = {row == 1 ? 256 : 32, row == 1 ? 256 : context,
+                       row == 1 ? 256 : context - 64};
+        for (int m = 0; m < 3; m++) {
+            csv_cell(turns[m], row, PREFILL, v, sizeof v);
+            if (atoi(v) != want[m])
+                fail_msg("history = %s, turn %d: prefill_tokens %s, expected %d", modes[m],
+                         row - 1, v, want[m]);
+            for (int c = MASS; c <= OUT_ERR; c++) {
+                csv_cell(turns[0], row, c, v, sizeof v);
+                csv_cell(turns[m], row, c, w, sizeof w);
+                assert_string_equal(v, w);
+            }
+        }
+    }
+    for (int m = 0; m < 3; m++)
+        free(turns[m]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -298,6 +378,7 @@ int main(void)
         cmocka_unit_test(test_bad_input_one_line_exit_2),
         cmocka_unit_test(test_unusable_output_directory),
         cmocka_unit_test(test_csvs_are_written_as_one_set),
+        cmocka_unit_test(test_turns_of_a_conversation),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

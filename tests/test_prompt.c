@@ -164,9 +164,21 @@ static void test_decode_marker_in_chat(void **state)
     tokenize(chat, 0, &m, &t);
     const char *before = "User: Key: XY\n\nAssistant: Noted.\n\n";
     assert_text(&t, 1, "User: Key: XY\n\nAssistant: Noted.\n\nUser: Key?\n\nAssistant:");
-    assert_int_equal(t.n_prompt, 1 + (int)strlen(before));
+    /* A conversation: the first prefill ends at the assistant's header, its content is forced,
+     * the separator opens the next prefill span, and the marker forces the whole last turn. */
+    int a = 1 + (int)strlen("User: Key: XY\n\nAssistant:"), b = a + (int)strlen(" Noted.");
+    const PromptSpan want[] = {{PROMPT_PREFILL, 0, a}, {PROMPT_FORCED, a, b},
+                               {PROMPT_PREFILL, b, 1 + (int)strlen(before)},
+                               {PROMPT_FORCED, 1 + (int)strlen(before), t.n_tokens}};
+    assert_int_equal(t.n_spans, 4);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(t.spans[i].kind, want[i].kind);
+        assert_int_equal(t.spans[i].start, want[i].start);
+        assert_int_equal(t.spans[i].end, want[i].end);
+    }
+    assert_int_equal(t.n_prompt, a);
     /* The forced tokens belong to the last turn. */
-    for (int i = t.n_prompt; i < t.n_tokens; i++)
+    for (int i = 1 + (int)strlen(before); i < t.n_tokens; i++)
         assert_int_equal(t.segments[i], 2);
     prompt_tokens_free(&t);
     prompt_markup_free(&m);

@@ -411,24 +411,27 @@ static void test_prompt_markup_in_trace(void **state)
                " {\"role\": \"user\", \"content\": \"The pin is [[needle]]4711[[/needle]].\"},\n"
                " {\"role\": \"assistant\", \"content\": \"Noted[[probe]].\"},\n"
                " {\"role\": \"user\", \"content\": \"The pin?\"}]\n");
-    /* The pieces as the markup splits them: segment by segment, needle apart. */
+    /* The pieces as the markup splits them: segment by segment, needle apart, the assistant's
+     * content (forced, a decode run) apart from its header (the end of the first prefill). */
     const char *pieces[] = {"System: Be brief.\n\n", "User: The pin is ", "4711",
-                            ".\n\nAssistant: Noted", ".\n\n", "User: The pin?\n\nAssistant:"};
-    const int piece_segment[] = {0, 1, 1, 1, 1, 2};
-    int32_t want[256], seg[256];
+                            ".\n\nAssistant:", " Noted", ".", "\n\n",
+                            "User: The pin?\n\nAssistant:"};
+    const int piece_segment[] = {0, 1, 1, 1, 1, 1, 1, 2};
+    int32_t want[256], seg[256], ends[8];
     int n = 0, needle_start = 0, needle_end = 0, probe = 0;
     want[n] = TINY_BOS;
     seg[n++] = 0;
-    for (int p = 0; p < 6; p++) {
+    for (int p = 0; p < 8; p++) {
         if (p == 2)
             needle_start = n;
         int got = encode(env->dir, pieces[p], want + n);
         for (int i = 0; i < got; i++)
             seg[n + i] = piece_segment[p];
         n += got;
+        ends[p] = n;
         if (p == 2)
             needle_end = n;
-        if (p == 3)
+        if (p == 4)
             probe = n - 1;
     }
     const char *out = scratch_path(env->dir, "chat.h5", 1);
@@ -440,8 +443,17 @@ static void test_prompt_markup_in_trace(void **state)
         fail_msg("kvsim trace failed: %s", run.err);
     Trace *tr = open_trace(out);
     const TraceMeta *m = trace_meta(tr);
-    assert_int_equal(m->n_prompt, n);
+    /* Prefill to "Assistant:", the forced " Noted.", the next turn prefilled on top of the
+     * cache, then the answer. */
+    assert_int_equal(m->n_prompt, ends[3]);
     assert_true(m->n_tokens <= n + 3);
+    assert_int_equal(m->n_spans, m->n_tokens > n ? 4 : 3);
+    const int span_kind[] = {SPAN_PREFILL, SPAN_DECODE, SPAN_PREFILL, SPAN_DECODE};
+    const int span_end[] = {ends[3], ends[5], n, m->n_tokens};
+    for (int i = 0; i < m->n_spans; i++) {
+        assert_int_equal(m->spans[i].kind, span_kind[i]);
+        assert_int_equal(m->spans[i].end, span_end[i]);
+    }
     for (int t = 0; t < n; t++) {
         assert_int_equal(m->tokens[t], want[t]);
         assert_int_equal(m->segments[t], seg[t]);

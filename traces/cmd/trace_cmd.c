@@ -99,7 +99,7 @@ typedef struct {
     int n_layers, n_q_heads, head_dim, max_tokens;
     int io_error; /* errno of the first failed spill write */
     int last_prompt, attn_every;
-    int last_forced; /* the last token after [[decode]], -1 without one */
+    int last_forced; /* the last token of the forced run being fed, -1 before any */
     int n_rows;
     int32_t *row_positions;
     float **rows; /* [n_rows] -> [n_layers][Hq][position + 1] */
@@ -151,8 +151,9 @@ static void record_qkv(void *user, int layer, int t0, int n, const float *q, con
             rec->io_error = errno ? errno : EIO;
 }
 
-/* The last prompt token, then every attn_every-th decode step after it, and the last forced
- * token: the question's last query, the one that must find what the prompt holds. */
+/* The last prompt token, then every attn_every-th position after it (decode steps, and the
+ * prefill tokens of later turns), and the last token of each forced run: the question's last
+ * query, the one that must find what the prompt holds. */
 static int wants_row(void *user, int position)
 {
     const TraceRecorder *rec = user;
@@ -572,7 +573,8 @@ int cmd_trace(int argc, char **argv)
         {"model", ARG_STRING, &o.model_dir, 0, 0, NULL,
          "Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)"},
         {"prompt", ARG_STRING, &o.prompt_path, 0, 0, NULL,
-         "text, or a JSON chat; markup [[needle]]...[[/needle]], [[probe]], [[decode]]"},
+         "text, or a JSON chat; markup [[needle]]...[[/needle]], [[probe]], [[decode]], "
+         "[[generate]]"},
         {"tokens", ARG_STRING, &o.tokens_path, 0, 0, NULL,
          "whitespace-separated token ids, used as given (no BOS added)"},
         {"out", ARG_STRING, &o.out_path, 0, 0, NULL, "the trace to write"},
@@ -582,15 +584,16 @@ int cmd_trace(int argc, char **argv)
         {"threads", ARG_INT, &o.threads, 0, 1024, NULL,
          "OpenBLAS threads, 0 = all cores (default: OpenBLAS's own)"},
         {"attn-rows", ARG_INT, &o.attn_every, 0, INT_MAX, NULL,
-         "the model's attention at the last prompt token, every K-th decode step and the last "
-         "forced token (0 = none)"},
+         "the model's attention at the last prompt token, every K-th position after it and the "
+         "last token of each forced run (0 = none)"},
         {"chunk", ARG_INT, &o.chunk_size, 1, 1 << 16, NULL, "prompt tokens per prefill step"},
         {NULL, 0, NULL, 0, 0, NULL, NULL},
     };
     const char *usage =
         "trace --model DIR (--prompt FILE | --tokens FILE) --out TRACE.h5 [options]\n"
         "  Runs the checkpoint on the prompt ([[decode]]: the text after it is fed token by\n"
-        "  token, as decode steps), greedy-decodes, writes the post-RoPE Q/K/V of every token\n"
+        "  token, as decode steps; a chat's turns, or [[generate]], each through the cache),\n"
+        "  greedy-decodes, writes the post-RoPE Q/K/V of every token\n"
         "  fed through the model as a kvsim trace and prints the generated text (token ids\n"
         "  without a tokenizer). See docs/generator.md.";
     const char *positional[1];

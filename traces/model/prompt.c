@@ -470,8 +470,8 @@ static void extend_spans(PromptTokens *t, int kind, int n, int *split)
         return;
     PromptSpan *last = t->n_spans ? &t->spans[t->n_spans - 1] : NULL;
     if (!last || *split || last->kind != kind) {
+        int start = last ? last->end : 0; /* before the realloc moves the array */
         t->spans = kv_realloc(t->spans, (size_t)(t->n_spans + 1) * sizeof *t->spans);
-        int start = last ? last->end : 0;
         t->spans[t->n_spans++] = (PromptSpan){kind, start, start};
         last = &t->spans[t->n_spans - 1];
         *split = 0;

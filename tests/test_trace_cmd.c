@@ -725,6 +725,34 @@ static void test_bad_input(void **state)
  * with EFBIG): one line naming the output and the reason, exit 2, no core dump or signal, no
  * file left (the query spill is unlinked, the trace's temporary removed). It used to segfault
  * in HDF5's shutdown after the error. */
+/* A bad conversation: one line naming the file and the message, exit 2, nothing written. */
+static void test_bad_conversation(void **state)
+{
+    Env *env = *state;
+    tiny_ckpt_write_tokenizer(env->dir);
+    const char *prompt = scratch_path(env->dir, "bad.json", 0);
+    const char *out = scratch_path(env->dir, "never.h5", 1);
+    char args[4096];
+    snprintf(args, sizeof args, "trace --model '%s' --prompt '%s' --out '%s'", env->dir, prompt,
+             out);
+    static const char *const cases[][2] = {
+        {"[{\"role\": \"system\", \"content\": \"a\"}, {\"role\": \"system\", \"content\": \"b\"}]",
+         "message 2: only the first message may be 'system'"},
+        {"[{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"\"}]",
+         "message 2: an empty turn"},
+        {"[{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"},"
+         " {\"role\": \"user\", \"content\": \"c [[generate]]\"}]",
+         "message 3: [[generate]] in a user message"},
+        {"[{\"role\": \"user\", \"content\": \"a [[needle]]b\"},"
+         " {\"role\": \"user\", \"content\": \"c[[/needle]]\"}]",
+         "message 1: line 1: [[needle]] is never closed"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        write_text(prompt, cases[i][0]);
+        expect_failure(env, args, (const char *[]){"bad.json", cases[i][1], NULL});
+    }
+}
+
 static void test_disk_full_while_writing(void **state)
 {
     Env *env = *state;
@@ -774,7 +802,7 @@ int main(void)
         T(test_tokens_trace_matches_rerun), T(test_f16_trace_passes_check),
         T(test_generation_stops_at_eos), T(test_prompt_markup_in_trace),
         T(test_decode_marker_in_trace), T(test_two_turns_in_trace), T(test_bad_input),
-        T(test_disk_full_while_writing),
+        T(test_bad_conversation), T(test_disk_full_while_writing),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);

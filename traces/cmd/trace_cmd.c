@@ -418,9 +418,14 @@ static int generate(TraceRun *r, const TraceOptions *o, const PromptTokens *in, 
             n_prefill += in->spans[s].end - in->spans[s].start;
         else
             n_decode += in->spans[s].end - in->spans[s].start + o->max_new;
+    /* One progress line: a single prompt's prefill, then its decode; a conversation's tokens
+     * as they are fed, whatever their kind. */
+    int single = in->n_spans == 1 || (in->n_spans == 2 && in->spans[1].kind == PROMPT_FORCED);
     Progress pp, dp;
-    progress_begin(&pp, interactive, "prefill", "tokens", n_prefill);
-    progress_begin(&dp, interactive, "decode", "tokens", n_decode + o->max_new);
+    progress_begin(&pp, interactive, single ? "prefill" : "trace", "tokens",
+                   single ? n_prefill : n_prefill + n_decode + o->max_new);
+    Progress *dpp = single ? &dp : &pp;
+    int decoding = !single; /* dp begun */
     double prefill_time = 0, decode_time = 0;
     const float *logits = NULL;
     int pos = 0;
@@ -443,24 +448,32 @@ static int generate(TraceRun *r, const TraceOptions *o, const PromptTokens *in, 
             pos += n_span;
             prefill_time += now_seconds() - t0;
         } else if (sp->kind == PROMPT_FORCED) {
+            if (!decoding) {
+                progress_end(&pp);
+                progress_begin(&dp, interactive, "decode", "tokens", n_decode + o->max_new);
+                decoding = 1;
+            }
             r->rec.last_forced = pos + sp->end - sp->start - 1;
             for (int t = sp->start; t < sp->end; t++, pos++) {
                 logits = forward_tokens(r->state, &r->tokens[pos], 1, t == sp->end - 1, &obs);
-                progress_add(&dp, 1);
+                progress_add(dpp, 1);
             }
             add_span(r, SPAN_DECODE, pos - (sp->end - sp->start), sp->end - sp->start);
             r->n_forced += sp->end - sp->start;
             decode_time += now_seconds() - t0;
         } else {
-            pos += generate_turn(r, o, logits, pos, r->segments[pos - 1], &obs, &dp);
+            pos += generate_turn(r, o, logits, pos, r->segments[pos - 1], &obs, dpp);
             decode_time += now_seconds() - t0;
         }
     }
+    if (!decoding) {
+        progress_end(&pp);
+        progress_begin(&dp, interactive, "decode", "tokens", n_decode + o->max_new);
+    }
     double t0 = now_seconds();
-    pos += generate_turn(r, o, logits, pos, final_segment, &obs, &dp);
+    pos += generate_turn(r, o, logits, pos, final_segment, &obs, dpp);
     decode_time += now_seconds() - t0;
-    progress_end(&pp);
-    progress_end(&dp);
+    progress_end(dpp);
     *prefill_s = prefill_time;
     *decode_s = decode_time;
     return pos;

@@ -301,6 +301,13 @@ static void test_errors(void **state)
                           "chunked.ini:3: prefill_chunk = 16: closed loop prefills the prompt in one "
                           "pass");
     remove(chunked);
+    /* A conversation is refused, naming its file. */
+    char *turns = scratch_create();
+    scratch_write(scratch_path(turns, "two.txt", 0), "the thin tin? [[generate]] the tin?");
+    scratch_write(scratch_path(turns, "two.answer", 1), "tin");
+    expect_one_line_error(eval_run(env, config, env->model, turns, env->out, ""),
+                          "two.txt: a prompt of several turns");
+    scratch_remove(turns);
     KvsimRun r = run_kvsim("eval --model x");
     expect_one_line_error(r, "eval");
     remove(bad);

@@ -309,10 +309,12 @@ static void tokens_for(const TinyCheckpointSpec *s, int32_t *tokens)
 }
 
 /* Feeds the tokens with the given prompt chunk size, then decode steps of one token, checks
- * every logit vector returned, every Q/K/V and some attention rows against the reference. */
+ * every logit vector returned, every Q/K/V and some attention rows against the reference.
+ * A second turn [turn_start, turn_end) (none when equal) is prefilled on top of the cache, in
+ * chunks, between decode steps: a conversation's later user message. */
 static void run_and_compare(Model *model, const TinyCheckpoint *ck, const Reference *ref,
                             const int32_t *tokens, const double *inv_freq, int chunk_size,
-                            int n_prompt)
+                            int n_prompt, int turn_start, int turn_end)
 {
     int T = ref->T;
     Capture cap = {.ref = ref, .attention_every = 4};
@@ -334,7 +336,13 @@ static void run_and_compare(Model *model, const TinyCheckpoint *ck, const Refere
     assert_true(rel_error_f(logits, ref->logits + (size_t)(n_prompt - 1) * ref->V, (size_t)ref->V) <
                 TOLERANCE);
     for (int t = n_prompt; t < T; t++) {
-        logits = forward_tokens(s, tokens + t, 1, 1, &obs);
+        if (t == turn_start && turn_end > turn_start) {
+            logits = forward_prompt(s, tokens + t, turn_end - t, &obs);
+            t = turn_end - 1;
+            assert_int_equal(s->n_cached, turn_end);
+        } else {
+            logits = forward_tokens(s, tokens + t, 1, 1, &obs);
+        }
         assert_true(rel_error_f(logits, ref->logits + (size_t)t * ref->V, (size_t)ref->V) <
                     TOLERANCE);
     }
@@ -393,9 +401,11 @@ static void check_variant(const Variant *variant)
                     (ck->tensors[i].n_dims > 1 ? ck->tensors[i].shape[1] : 1);
     assert_true(model_n_params(&model->config) == n_values);
 
-    run_and_compare(model, ck, ref, tokens, inv_freq, 128, N_PROMPT); /* one prefill chunk */
-    run_and_compare(model, ck, ref, tokens, inv_freq, 5, N_PROMPT);   /* ragged chunks */
-    run_and_compare(model, ck, ref, tokens, inv_freq, 1, 1);          /* token by token */
+    run_and_compare(model, ck, ref, tokens, inv_freq, 128, N_PROMPT, 0, 0); /* one chunk */
+    run_and_compare(model, ck, ref, tokens, inv_freq, 5, N_PROMPT, 0, 0);   /* ragged chunks */
+    run_and_compare(model, ck, ref, tokens, inv_freq, 1, 1, 0, 0);          /* token by token */
+    /* Two turns: prompt, two decode steps, a second turn prefilled on top, decode steps. */
+    run_and_compare(model, ck, ref, tokens, inv_freq, 4, 9, 11, 22);
 
     reference_free(ref);
     model_free(model);

@@ -164,9 +164,21 @@ static void test_decode_marker_in_chat(void **state)
     tokenize(chat, 0, &m, &t);
     const char *before = "User: Key: XY\n\nAssistant: Noted.\n\n";
     assert_text(&t, 1, "User: Key: XY\n\nAssistant: Noted.\n\nUser: Key?\n\nAssistant:");
-    assert_int_equal(t.n_prompt, 1 + (int)strlen(before));
+    /* A conversation: the first prefill ends at the assistant's header, its content is forced,
+     * the separator opens the next prefill span, and the marker forces the whole last turn. */
+    int a = 1 + (int)strlen("User: Key: XY\n\nAssistant:"), b = a + (int)strlen(" Noted.");
+    const PromptSpan want[] = {{PROMPT_PREFILL, 0, a}, {PROMPT_FORCED, a, b},
+                               {PROMPT_PREFILL, b, 1 + (int)strlen(before)},
+                               {PROMPT_FORCED, 1 + (int)strlen(before), t.n_tokens}};
+    assert_int_equal(t.n_spans, 4);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(t.spans[i].kind, want[i].kind);
+        assert_int_equal(t.spans[i].start, want[i].start);
+        assert_int_equal(t.spans[i].end, want[i].end);
+    }
+    assert_int_equal(t.n_prompt, a);
     /* The forced tokens belong to the last turn. */
-    for (int i = t.n_prompt; i < t.n_tokens; i++)
+    for (int i = 1 + (int)strlen(before); i < t.n_tokens; i++)
         assert_int_equal(t.segments[i], 2);
     prompt_tokens_free(&t);
     prompt_markup_free(&m);
@@ -175,6 +187,103 @@ static void test_decode_marker_in_chat(void **state)
     tokenize(chat, -1, &m, &t);
     assert_int_equal(t.n_prompt, (int)strlen("User: Key: XY "));
     assert_text(&t, 0, "User: Key: XY Key?\n\nAssistant:");
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+}
+
+/* The spans equal `want` (n of them). */
+static void assert_spans(const PromptTokens *t, const PromptSpan *want, int n)
+{
+    assert_int_equal(t->n_spans, n);
+    for (int i = 0; i < n; i++) {
+        assert_int_equal(t->spans[i].kind, want[i].kind);
+        assert_int_equal(t->spans[i].start, want[i].start);
+        assert_int_equal(t->spans[i].end, want[i].end);
+    }
+    assert_int_equal(t->n_prompt, want[0].end);
+}
+
+/* A conversation: each user message a prefill span on top of the cache, [[generate]] a
+ * generation point after the assistant's header, other assistant content forced; every token
+ * in its turn, the needle in its own. */
+static void test_conversation_spans_and_turns(void **state)
+{
+    (void)state;
+    const char *chat =
+        "[{\"role\": \"system\", \"content\": \"Sys.\"},\n"
+        " {\"role\": \"user\", \"content\": \"Doc [[needle]]N1[[/needle]].\"},\n"
+        " {\"role\": \"assistant\", \"content\": \"[[generate]]\"},\n"
+        " {\"role\": \"user\", \"content\": \"Q?[[probe]]\"},\n"
+        " {\"role\": \"assistant\", \"content\": \"Ans.\"},\n"
+        " {\"role\": \"user\", \"content\": \"More.\"}]";
+    PromptMarkup m;
+    PromptTokens t;
+    tokenize(chat, 0, &m, &t);
+    const char *s0 = "System: Sys.\n\n", *s1 = "User: Doc N1.\n\nAssistant:",
+               *s2 = "\n\nUser: Q?\n\nAssistant:", *s3 = " Ans.", *s4 = "\n\n",
+               *s5 = "User: More.\n\nAssistant:";
+    char expected[512];
+    snprintf(expected, sizeof expected, "%s%s%s%s%s%s", s0, s1, s2, s3, s4, s5);
+    assert_text(&t, 1, expected);
+    int a = 1 + (int)(strlen(s0) + strlen(s1)), b = a + (int)strlen(s2), c = b + (int)strlen(s3);
+    const PromptSpan want[] = {{PROMPT_PREFILL, 0, a}, {PROMPT_GENERATE, a, a},
+                               {PROMPT_PREFILL, a, b}, {PROMPT_FORCED, b, c},
+                               {PROMPT_PREFILL, c, t.n_tokens}};
+    assert_spans(&t, want, 5);
+    int first2 = a + 2, first3 = c + 2; /* "\n\n" closes the previous turn */
+    for (int i = 0; i < t.n_tokens; i++)
+        assert_int_equal(t.segments[i], i < 1 + (int)strlen(s0) ? 0 : i < first2 ? 1
+                                        : i < first3 ? 2 : 3);
+    assert_int_equal(m.last_segment, 3);
+    assert_int_equal(t.n_needles, 1);
+    assert_int_equal(t.needles[0], 1 + (int)strlen(s0) + (int)strlen("User: Doc "));
+    assert_int_equal(t.needles[1], t.needles[0] + 2);
+    assert_int_equal(t.n_probes, 1);
+    assert_int_equal(t.probes[0], a + (int)strlen("\n\nUser: Q?") - 1);
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+
+    /* A last [[generate]] is the final generation: no span for it. */
+    tokenize("[{\"role\": \"user\", \"content\": \"Hi\"}, "
+             "{\"role\": \"assistant\", \"content\": \"[[generate]]\"}]", -1, &m, &t);
+    assert_text(&t, 0, "User: Hi\n\nAssistant:");
+    assert_spans(&t, (const PromptSpan[]){{PROMPT_PREFILL, 0, t.n_tokens}}, 1);
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+}
+
+/* Plain text: [[generate]] ends a turn, the text after it is the next turn's prefill span;
+ * [[decode]]'s forced text ends with its turn; a final newline is no further turn. */
+static void test_plain_text_turns(void **state)
+{
+    (void)state;
+    PromptMarkup m;
+    PromptTokens t;
+    tokenize("Doc A. Q1?[[generate]] Doc [[needle]]B[[/needle]].[[decode]] Q2?[[generate]]\n",
+             -1, &m, &t);
+    assert_false(m.is_chat);
+    assert_text(&t, 0, "Doc A. Q1? Doc B. Q2?");
+    int a = (int)strlen("Doc A. Q1?"), b = a + (int)strlen(" Doc B.");
+    const PromptSpan want[] = {{PROMPT_PREFILL, 0, a}, {PROMPT_GENERATE, a, a},
+                               {PROMPT_PREFILL, a, b}, {PROMPT_FORCED, b, t.n_tokens}};
+    assert_spans(&t, want, 4);
+    for (int i = 0; i < t.n_tokens; i++)
+        assert_int_equal(t.segments[i], i < a ? 1 : 2);
+    assert_int_equal(m.last_segment, 2);
+    assert_int_equal(t.n_needles, 1); /* in turn 2, after the first generation */
+    assert_int_equal(t.needles[0], a + 5);
+    assert_int_equal(t.needles[1], a + 6);
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+
+    /* One turn: one prefill span, then [[decode]]'s forced run, as before turns existed. */
+    tokenize("Pin 42.[[decode]] Pin?", 0, &m, &t);
+    assert_spans(&t, (const PromptSpan[]){{PROMPT_PREFILL, 0, 8}, {PROMPT_FORCED, 8, 13}}, 2);
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+    tokenize("[{\"role\": \"system\", \"content\": \"S\"}, {\"role\": \"user\", \"content\": \"U\"}]",
+             0, &m, &t);
+    assert_spans(&t, (const PromptSpan[]){{PROMPT_PREFILL, 0, t.n_tokens}}, 1);
     prompt_tokens_free(&t);
     prompt_markup_free(&m);
 }
@@ -235,6 +344,28 @@ static void test_bad_markup(void **state)
     expect_error("[{\"role\": \"user\", \"content\": \"a[[decode]]b\"}, "
                  "{\"role\": \"user\", \"content\": \"[[decode]]c\"}]",
                  "message 2: line 1: a second [[decode]]");
+    /* Conversations (issue 12): each error names the message. */
+    expect_error("[{\"role\": \"system\", \"content\": \"a\"}, "
+                 "{\"role\": \"system\", \"content\": \"b\"}]",
+                 "message 2: only the first message may be 'system'");
+    expect_error("[{\"role\": \"user\", \"content\": \"\"}]", "message 1: an empty turn");
+    expect_error("[{\"role\": \"user\", \"content\": \"a\"}, "
+                 "{\"role\": \"assistant\", \"content\": \" [[probe]]\"}]",
+                 "message 2: an empty turn");
+    expect_error("[{\"role\": \"user\", \"content\": \"a\"}, "
+                 "{\"role\": \"user\", \"content\": \"b [[generate]]\"}]",
+                 "message 2: [[generate]] in a user message");
+    expect_error("[{\"role\": \"system\", \"content\": \"[[generate]]\"}]",
+                 "message 1: [[generate]] in a system message");
+    expect_error("[{\"role\": \"user\", \"content\": \"a\"}, "
+                 "{\"role\": \"assistant\", \"content\": \"b [[generate]]\"}]",
+                 "message 2: [[generate]] with other text");
+    expect_error("[{\"role\": \"user\", \"content\": \"a [[needle]]b\"}, "
+                 "{\"role\": \"user\", \"content\": \"c[[/needle]]\"}]",
+                 "message 1: line 1: [[needle]] is never closed");
+    expect_error("a[[generate]] \n [[generate]]b", "line 2: an empty turn before [[generate]]");
+    expect_error("[[generate]]a", "line 1: an empty turn before [[generate]]");
+    expect_error("[[needle]]a[[generate]]b[[/needle]]", "line 1: [[generate]] inside a needle");
 }
 
 /* ---------------------------------------------------------------- hostile input (issue 10) */
@@ -427,6 +558,8 @@ int main(void)
         cmocka_unit_test(test_plain_text_needles_and_probes),
         cmocka_unit_test(test_bos_shifts_spans),
         cmocka_unit_test(test_chat_template_and_segments),
+        cmocka_unit_test(test_conversation_spans_and_turns),
+        cmocka_unit_test(test_plain_text_turns),
         cmocka_unit_test(test_decode_marker_splits_prompt_from_forced),
         cmocka_unit_test(test_decode_marker_in_chat),
         cmocka_unit_test(test_text_starting_with_bracket_is_plain),

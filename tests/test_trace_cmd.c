@@ -411,24 +411,27 @@ static void test_prompt_markup_in_trace(void **state)
                " {\"role\": \"user\", \"content\": \"The pin is [[needle]]4711[[/needle]].\"},\n"
                " {\"role\": \"assistant\", \"content\": \"Noted[[probe]].\"},\n"
                " {\"role\": \"user\", \"content\": \"The pin?\"}]\n");
-    /* The pieces as the markup splits them: segment by segment, needle apart. */
+    /* The pieces as the markup splits them: segment by segment, needle apart, the assistant's
+     * content (forced, a decode run) apart from its header (the end of the first prefill). */
     const char *pieces[] = {"System: Be brief.\n\n", "User: The pin is ", "4711",
-                            ".\n\nAssistant: Noted", ".\n\n", "User: The pin?\n\nAssistant:"};
-    const int piece_segment[] = {0, 1, 1, 1, 1, 2};
-    int32_t want[256], seg[256];
+                            ".\n\nAssistant:", " Noted", ".", "\n\n",
+                            "User: The pin?\n\nAssistant:"};
+    const int piece_segment[] = {0, 1, 1, 1, 1, 1, 1, 2};
+    int32_t want[256], seg[256], ends[8];
     int n = 0, needle_start = 0, needle_end = 0, probe = 0;
     want[n] = TINY_BOS;
     seg[n++] = 0;
-    for (int p = 0; p < 6; p++) {
+    for (int p = 0; p < 8; p++) {
         if (p == 2)
             needle_start = n;
         int got = encode(env->dir, pieces[p], want + n);
         for (int i = 0; i < got; i++)
             seg[n + i] = piece_segment[p];
         n += got;
+        ends[p] = n;
         if (p == 2)
             needle_end = n;
-        if (p == 3)
+        if (p == 4)
             probe = n - 1;
     }
     const char *out = scratch_path(env->dir, "chat.h5", 1);
@@ -440,8 +443,17 @@ static void test_prompt_markup_in_trace(void **state)
         fail_msg("kvsim trace failed: %s", run.err);
     Trace *tr = open_trace(out);
     const TraceMeta *m = trace_meta(tr);
-    assert_int_equal(m->n_prompt, n);
+    /* Prefill to "Assistant:", the forced " Noted.", the next turn prefilled on top of the
+     * cache, then the answer. */
+    assert_int_equal(m->n_prompt, ends[3]);
     assert_true(m->n_tokens <= n + 3);
+    assert_int_equal(m->n_spans, m->n_tokens > n ? 4 : 3);
+    const int span_kind[] = {SPAN_PREFILL, SPAN_DECODE, SPAN_PREFILL, SPAN_DECODE};
+    const int span_end[] = {ends[3], ends[5], n, m->n_tokens};
+    for (int i = 0; i < m->n_spans; i++) {
+        assert_int_equal(m->spans[i].kind, span_kind[i]);
+        assert_int_equal(m->spans[i].end, span_end[i]);
+    }
     for (int t = 0; t < n; t++) {
         assert_int_equal(m->tokens[t], want[t]);
         assert_int_equal(m->segments[t], seg[t]);
@@ -547,6 +559,114 @@ static void test_decode_marker_in_trace(void **state)
     kvsim_run_free(&run);
 }
 
+/* Two turns in plain text: the first prefilled then answered greedily, the second prefilled on
+ * top of the cache (generated tokens included) and answered. Each prefill span holds exactly
+ * its turn's tokens; the answers are those of fresh single runs over the same history; the
+ * Q/K/V are those of one plain forward pass over the whole sequence (attention is causal over a
+ * full cache, so turns change nothing the model sees); kvsim check passes on rows taken inside
+ * the second turn's prefill chunks. */
+static void test_two_turns_in_trace(void **state)
+{
+    Env *env = *state;
+    tiny_ckpt_write_tokenizer(env->dir);
+    const char *prompt_path = scratch_path(env->dir, "turns.txt", 0);
+    write_text(prompt_path, "the thin tin [[needle]]in the hat[[/needle]] then?[[generate]]"
+                            " the hat in? then the thin[[generate]]\n");
+    const char *pieces[] = {"the thin tin ", "in the hat", " then?", " the hat in? then the thin"};
+    int32_t turn1[256], turn2[256];
+    int n1 = 0, needle_start = 0, needle_end = 0;
+    turn1[n1++] = TINY_BOS;
+    for (int p = 0; p < 3; p++) {
+        if (p == 1)
+            needle_start = n1;
+        n1 += encode(env->dir, pieces[p], turn1 + n1);
+        if (p == 1)
+            needle_end = n1;
+    }
+    int n2 = encode(env->dir, pieces[3], turn2);
+    const char *out = scratch_path(env->dir, "turns.h5", 1);
+    char args[4096];
+    snprintf(args, sizeof args, "trace --model '%s' --prompt '%s' --out '%s' --max-new 3 "
+             "--attn-rows 2 --chunk 4 --threads 1", env->dir, prompt_path, out);
+    KvsimRun run = run_kvsim(args);
+    if (run.status != 0)
+        fail_msg("kvsim trace failed: %s", run.err);
+
+    /* The first answer: a fresh run of turn 1 alone. */
+    int32_t seq[256];
+    Rerun r;
+    int g1 = rerun(env->dir, turn1, n1, 3, 8, 1000, TINY_EOS, seq, &r) - n1;
+    rerun_free(&r);
+    memcpy(seq + n1 + g1, turn2, (size_t)n2 * sizeof *seq);
+    int input = n1 + g1 + n2;
+    /* The second answer and every Q/K/V: one plain pass over the whole history. */
+    int32_t expected[256];
+    int T = rerun(env->dir, seq, input, 3, 8, 1000, TINY_EOS, expected, &r);
+    Trace *tr = open_trace(out);
+    const TraceMeta *m = trace_meta(tr);
+    assert_int_equal(m->n_tokens, T);
+    assert_true(g1 > 0 && T > input); /* both turns answered: four spans */
+    for (int t = 0; t < T; t++)
+        assert_int_equal(m->tokens[t], expected[t]);
+    /* Prefill tokens per turn are exactly the spans' lengths. */
+    TraceSpan want[4];
+    int n_want = 0;
+    want[n_want++] = (TraceSpan){SPAN_PREFILL, 0, n1};
+    if (g1 > 0)
+        want[n_want++] = (TraceSpan){SPAN_DECODE, n1, n1 + g1};
+    want[n_want++] = (TraceSpan){SPAN_PREFILL, n1 + g1, input};
+    if (T > input)
+        want[n_want++] = (TraceSpan){SPAN_DECODE, input, T};
+    assert_int_equal(m->n_spans, n_want);
+    for (int i = 0; i < n_want; i++) {
+        assert_int_equal(m->spans[i].kind, want[i].kind);
+        assert_int_equal(m->spans[i].start, want[i].start);
+        assert_int_equal(m->spans[i].end, want[i].end);
+    }
+    assert_int_equal(m->n_prompt, n1);
+    /* Turns: BOS 0, turn 1 and its answer 1, turn 2 and its answer 2; the needle in turn 1. */
+    for (int t = 0; t < T; t++)
+        assert_int_equal(m->segments[t], t == 0 ? 0 : t < n1 + g1 ? 1 : 2);
+    assert_int_equal(m->n_needles, 1);
+    assert_int_equal(m->needles[0], needle_start);
+    assert_int_equal(m->needles[1], needle_end);
+    /* Default probes: the last token of each prefill span and every decode step. */
+    int k = 0;
+    for (int i = 0; i < n_want; i++)
+        for (int t = want[i].kind == SPAN_PREFILL ? want[i].end - 1 : want[i].start;
+             t < want[i].end; t++, k++)
+            assert_int_equal(m->probes[k], t);
+    assert_int_equal(m->n_probes, k);
+    compare_trace_with_rerun(tr, &r, 1e-5, m->n_attn_rows); /* Q/K/V only */
+    /* Rows from the last prompt token on, every second position, prefill chunks included. */
+    assert_int_equal(m->n_attn_rows, (T - n1) / 2 + 1);
+    for (int i = 0; i < m->n_attn_rows; i++)
+        assert_int_equal(m->attn_rows_at[i], n1 - 1 + 2 * i);
+    /* stdout: each answer on its line. */
+    char json[4096];
+    snprintf(json, sizeof json, "%s/tokenizer.json", env->dir);
+    KvErr err = {{0}};
+    Tokenizer *tok = tokenizer_load(json, NULL, &err);
+    char *a1 = tokenizer_decode(tok, expected + n1, g1);
+    char *a2 = tokenizer_decode(tok, expected + input, T - input);
+    char *lines = kv_malloc(strlen(a1) + strlen(a2) + 3);
+    sprintf(lines, "%s\n%s\n", a1, a2);
+    assert_string_equal(run.out, lines);
+    free(lines);
+    free(a1);
+    free(a2);
+    tokenizer_free(tok);
+    kvsim_run_free(&run);
+    trace_close(tr);
+    rerun_free(&r);
+
+    snprintf(args, sizeof args, "check '%s'", out);
+    run = run_kvsim(args);
+    if (run.status != 0)
+        fail_msg("kvsim check: status %d: %s%s", run.status, run.out, run.err);
+    kvsim_run_free(&run);
+}
+
 /* The command fails with status 2 and one line on stderr containing every fragment, and leaves
  * no output behind. */
 static void expect_failure(const Env *env, const char *args, const char *const *fragments)
@@ -605,6 +725,34 @@ static void test_bad_input(void **state)
  * with EFBIG): one line naming the output and the reason, exit 2, no core dump or signal, no
  * file left (the query spill is unlinked, the trace's temporary removed). It used to segfault
  * in HDF5's shutdown after the error. */
+/* A bad conversation: one line naming the file and the message, exit 2, nothing written. */
+static void test_bad_conversation(void **state)
+{
+    Env *env = *state;
+    tiny_ckpt_write_tokenizer(env->dir);
+    const char *prompt = scratch_path(env->dir, "bad.json", 0);
+    const char *out = scratch_path(env->dir, "never.h5", 1);
+    char args[4096];
+    snprintf(args, sizeof args, "trace --model '%s' --prompt '%s' --out '%s'", env->dir, prompt,
+             out);
+    static const char *const cases[][2] = {
+        {"[{\"role\": \"system\", \"content\": \"a\"}, {\"role\": \"system\", \"content\": \"b\"}]",
+         "message 2: only the first message may be 'system'"},
+        {"[{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"\"}]",
+         "message 2: an empty turn"},
+        {"[{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"},"
+         " {\"role\": \"user\", \"content\": \"c [[generate]]\"}]",
+         "message 3: [[generate]] in a user message"},
+        {"[{\"role\": \"user\", \"content\": \"a [[needle]]b\"},"
+         " {\"role\": \"user\", \"content\": \"c[[/needle]]\"}]",
+         "message 1: line 1: [[needle]] is never closed"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        write_text(prompt, cases[i][0]);
+        expect_failure(env, args, (const char *[]){"bad.json", cases[i][1], NULL});
+    }
+}
+
 static void test_disk_full_while_writing(void **state)
 {
     Env *env = *state;
@@ -653,7 +801,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         T(test_tokens_trace_matches_rerun), T(test_f16_trace_passes_check),
         T(test_generation_stops_at_eos), T(test_prompt_markup_in_trace),
-        T(test_decode_marker_in_trace), T(test_bad_input), T(test_disk_full_while_writing),
+        T(test_decode_marker_in_trace), T(test_two_turns_in_trace), T(test_bad_input),
+        T(test_bad_conversation), T(test_disk_full_while_writing),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -171,6 +171,12 @@ static EvalPrompt *load_prompts(const char *dir, const Model *model, const Token
                               err);
         if (rc == 0 && prompts[i].tokens.n_tokens == 0)
             rc = kv_fail(err, "%s: the prompt has no tokens", path);
+        /* One prefill and [[decode]]'s forced tokens: a conversation is not evaluated here. */
+        const PromptTokens *pt = &prompts[i].tokens;
+        if (rc == 0 && (pt->n_spans > 2 || (pt->n_spans == 2 && pt->spans[1].kind != PROMPT_FORCED)))
+            rc = kv_fail(err, "%s: a prompt of several turns (%d spans: later user messages, "
+                         "assistant messages or [[generate]]); kvsim eval takes one prompt and "
+                         "its [[decode]] text", path, pt->n_spans);
     }
     free(names);
     if (rc != 0) {

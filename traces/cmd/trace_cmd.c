@@ -99,7 +99,7 @@ typedef struct {
     int n_layers, n_q_heads, head_dim, max_tokens;
     int io_error; /* errno of the first failed spill write */
     int last_prompt, attn_every;
-    int last_forced; /* the last token after [[decode]], -1 without one */
+    int last_forced; /* the last token of the forced run being fed, -1 before any */
     int n_rows;
     int32_t *row_positions;
     float **rows; /* [n_rows] -> [n_layers][Hq][position + 1] */
@@ -151,8 +151,9 @@ static void record_qkv(void *user, int layer, int t0, int n, const float *q, con
             rec->io_error = errno ? errno : EIO;
 }
 
-/* The last prompt token, then every attn_every-th decode step after it, and the last forced
- * token: the question's last query, the one that must find what the prompt holds. */
+/* The last prompt token, then every attn_every-th position after it (decode steps, and the
+ * prefill tokens of later turns), and the last token of each forced run: the question's last
+ * query, the one that must find what the prompt holds. */
 static int wants_row(void *user, int position)
 {
     const TraceRecorder *rec = user;
@@ -165,13 +166,19 @@ static void record_attention(void *user, int layer, int position, const float *p
 {
     TraceRecorder *rec = user;
     size_t per_layer = (size_t)rec->n_q_heads * (position + 1);
-    if (rec->n_rows == 0 || rec->row_positions[rec->n_rows - 1] != position) {
-        rec->row_positions = kv_realloc(rec->row_positions,
-                                        (size_t)(rec->n_rows + 1) * sizeof *rec->row_positions);
-        rec->rows = kv_realloc(rec->rows, (size_t)(rec->n_rows + 1) * sizeof *rec->rows);
-        rec->row_positions[rec->n_rows] = position;
-        rec->rows[rec->n_rows++] = kv_calloc(per_layer * rec->n_layers, sizeof(float));
+    /* A later turn's prefill chunk holds several rows, visited layer by layer: find the row. */
+    int r = rec->n_rows - 1;
+    while (r >= 0 && rec->row_positions[r] > position)
+        r--;
+    if (r >= 0 && rec->row_positions[r] == position) {
+        memcpy(rec->rows[r] + (size_t)layer * per_layer, probs, per_layer * sizeof(float));
+        return;
     }
+    rec->row_positions = kv_realloc(rec->row_positions,
+                                    (size_t)(rec->n_rows + 1) * sizeof *rec->row_positions);
+    rec->rows = kv_realloc(rec->rows, (size_t)(rec->n_rows + 1) * sizeof *rec->rows);
+    rec->row_positions[rec->n_rows] = position;
+    rec->rows[rec->n_rows++] = kv_calloc(per_layer * rec->n_layers, sizeof(float));
     memcpy(rec->rows[rec->n_rows - 1] + (size_t)layer * per_layer, probs,
            per_layer * sizeof(float));
 }
@@ -227,10 +234,12 @@ typedef struct {
     const RunState *state;
     TraceRecorder *rec;
     const int32_t *tokens;
+    const int32_t *segments; /* [n_tokens] */
     int n_tokens, n_prompt;
-    int n_input; /* prompt and forced tokens: those the prompt file gave */
-    const PromptTokens *prompt; /* needles, probes, segments; NULL with --tokens */
-    int generated_segment;
+    const PromptTokens *prompt; /* needles, probes; NULL with --tokens */
+    const int32_t *where;       /* [input token] its position in the run */
+    int n_spans;
+    const TraceSpan *spans;
 } TraceContent;
 
 static void fill_meta(const TraceContent *c, int argc, char **argv, const TraceOptions *o,
@@ -245,17 +254,30 @@ static void fill_meta(const TraceContent *c, int argc, char **argv, const TraceO
     desc.generator = generator;
     const PromptTokens *p = c->prompt;
     int marked_probes = p && p->n_probes > 0;
-    /* Default probes: the last prompt token and every decode step, forced ones included. */
+    /* Default probes: the last token of every prefill span (the first: the last prompt token)
+     * and every decode step, forced ones included. */
+    int n_default = 0;
+    for (int s = 0; s < c->n_spans; s++)
+        n_default += c->spans[s].kind == SPAN_PREFILL ? 1 : c->spans[s].end - c->spans[s].start;
     trace_meta_init(m, &desc, c->n_tokens, c->n_prompt, p ? p->n_needles : 0,
-                    marked_probes ? p->n_probes : c->n_tokens - c->n_prompt + 1, c->rec->n_rows);
-    for (int t = 0; t < c->n_tokens; t++) {
-        m->tokens[t] = c->tokens[t];
-        m->segments[t] = t < c->n_input ? (p ? p->segments[t] : 0) : c->generated_segment;
+                    marked_probes ? p->n_probes : n_default, c->rec->n_rows);
+    trace_meta_set_spans(m, c->n_spans, c->spans);
+    memcpy(m->tokens, c->tokens, (size_t)c->n_tokens * sizeof *m->tokens);
+    memcpy(m->segments, c->segments, (size_t)c->n_tokens * sizeof *m->segments);
+    for (int i = 0; p && i < p->n_needles; i++) {
+        m->needles[2 * i] = c->where[p->needles[2 * i]];
+        m->needles[2 * i + 1] = c->where[p->needles[2 * i + 1] - 1] + 1;
     }
-    if (p && p->n_needles)
-        memcpy(m->needles, p->needles, (size_t)p->n_needles * 2 * sizeof *m->needles);
-    for (int i = 0; i < m->n_probes; i++)
-        m->probes[i] = marked_probes ? p->probes[i] : c->n_prompt - 1 + i;
+    if (marked_probes) {
+        for (int i = 0; i < m->n_probes; i++)
+            m->probes[i] = c->where[p->probes[i]];
+    } else {
+        int i = 0;
+        for (int s = 0; s < c->n_spans; s++)
+            for (int t = c->spans[s].kind == SPAN_PREFILL ? c->spans[s].end - 1 : c->spans[s].start;
+                 t < c->spans[s].end; t++)
+                m->probes[i++] = t;
+    }
     memcpy(m->attn_rows_at, c->rec->row_positions, (size_t)m->n_attn_rows * sizeof(int32_t));
 }
 
@@ -315,7 +337,14 @@ typedef struct {
     Tokenizer *tok;
     PromptMarkup markup;
     PromptTokens prompt;
-    int32_t *tokens; /* [max_tokens]: prompt, forced, then generated */
+    int32_t *tokens;   /* [max_tokens]: the input's tokens with the generated ones in place */
+    int32_t *segments; /* [max_tokens] */
+    int32_t *where;    /* [n_input]: each input token's position in the run */
+    int n_spans;
+    TraceSpan *spans;  /* the trace's spans, as fed */
+    int n_forced;
+    int n_outputs;     /* generation points that ran, each with its [start, end) in outputs */
+    int32_t *outputs;
     RunState *state;
     TraceRecorder rec;
 } TraceRun;
@@ -325,6 +354,10 @@ static void trace_run_free(TraceRun *r)
     run_state_free(r->state);
     recorder_free(&r->rec);
     free(r->tokens);
+    free(r->segments);
+    free(r->where);
+    free(r->spans);
+    free(r->outputs);
     prompt_tokens_free(&r->prompt);
     prompt_markup_free(&r->markup);
     if (r->tok)
@@ -333,43 +366,117 @@ static void trace_run_free(TraceRun *r)
 }
 
 
-/* Prefill of the first n_prompt tokens, the forced tokens up to n_input one decode step each,
- * then greedy decoding; returns the number of tokens generated and fed. */
-static int generate(TraceRun *r, const TraceOptions *o, int n_prompt, int n_input,
-                    double *prefill_s, double *decode_s)
+/* Appends n tokens of `kind` to the trace's spans: a prefill span of its own, decode steps
+ * (forced or generated) joining the decode run before them. */
+static void add_span(TraceRun *r, SpanKind kind, int start, int n)
 {
-    ForwardObserver obs = {&r->rec, record_qkv, wants_row, record_attention};
-    bool interactive = isatty(STDERR_FILENO);
-    Progress pp;
-    progress_begin(&pp, interactive, "prefill", "tokens", n_prompt);
-    const float *logits = NULL;
-    for (int start = 0; start < n_prompt; start += o->chunk_size) {
-        int n = n_prompt - start < o->chunk_size ? n_prompt - start : o->chunk_size;
-        logits = forward_tokens(r->state, r->tokens + start, n, start + n == n_input, &obs);
-        progress_set(&pp, start + n);
+    if (n == 0)
+        return;
+    if (kind == SPAN_DECODE && r->n_spans && r->spans[r->n_spans - 1].kind == SPAN_DECODE) {
+        r->spans[r->n_spans - 1].end += n;
+        return;
     }
-    progress_end(&pp);
-    *prefill_s = now_seconds() - pp.started;
-    Progress dp;
-    progress_begin(&dp, interactive, "decode", "tokens", n_input - n_prompt + o->max_new);
-    for (int t = n_prompt; t < n_input; t++) {
-        logits = forward_tokens(r->state, &r->tokens[t], 1, t == n_input - 1, &obs);
-        progress_set(&dp, t + 1 - n_prompt);
-    }
+    r->spans = kv_realloc(r->spans, (size_t)(r->n_spans + 1) * sizeof *r->spans);
+    r->spans[r->n_spans++] = (TraceSpan){kind, start, start + n};
+}
+
+/* Greedy decoding from `logits` after the token at position pos - 1, up to max_new tokens or
+ * EOS, in `segment`; returns the number generated and fed. */
+static int generate_turn(TraceRun *r, const TraceOptions *o, const float *logits, int pos,
+                         int segment, const ForwardObserver *obs, Progress *dp)
+{
     int n_generated = 0;
     while (n_generated < o->max_new) {
         int next = argmax_token(logits, r->model->config.vocab_size);
         if (is_end_of_sequence(&r->model->config, r->tok, next))
             break;
-        r->tokens[n_input + n_generated++] = next;
+        r->tokens[pos + n_generated] = next;
+        r->segments[pos + n_generated++] = segment;
         /* The last token is fed for its Q/K/V; nothing is sampled after it. */
-        logits = forward_tokens(r->state, &r->tokens[n_input + n_generated - 1], 1,
-                                n_generated < o->max_new, &obs);
-        progress_set(&dp, n_input - n_prompt + n_generated);
+        logits = forward_tokens(r->state, &r->tokens[pos + n_generated - 1], 1,
+                                n_generated < o->max_new, obs);
+        progress_add(dp, 1);
     }
-    progress_end(&dp);
-    *decode_s = now_seconds() - dp.started;
+    r->outputs = kv_realloc(r->outputs, (size_t)(r->n_outputs + 1) * 2 * sizeof *r->outputs);
+    r->outputs[2 * r->n_outputs] = pos;
+    r->outputs[2 * r->n_outputs++ + 1] = pos + n_generated;
+    add_span(r, SPAN_DECODE, pos, n_generated);
     return n_generated;
+}
+
+/* Feeds the input's spans in order: a prefill span in chunks on top of the cache, forced tokens
+ * one decode step each, greedy generation at each generation point and after the last input
+ * token. Returns the number of tokens in the run. */
+static int generate(TraceRun *r, const TraceOptions *o, const PromptTokens *in, int final_segment,
+                    double *prefill_s, double *decode_s)
+{
+    ForwardObserver obs = {&r->rec, record_qkv, wants_row, record_attention};
+    bool interactive = isatty(STDERR_FILENO);
+    int n_prefill = 0, n_decode = 0;
+    for (int s = 0; s < in->n_spans; s++)
+        if (in->spans[s].kind == PROMPT_PREFILL)
+            n_prefill += in->spans[s].end - in->spans[s].start;
+        else
+            n_decode += in->spans[s].end - in->spans[s].start + o->max_new;
+    /* One progress line: a single prompt's prefill, then its decode; a conversation's tokens
+     * as they are fed, whatever their kind. */
+    int single = in->n_spans == 1 || (in->n_spans == 2 && in->spans[1].kind == PROMPT_FORCED);
+    Progress pp, dp;
+    progress_begin(&pp, interactive, single ? "prefill" : "trace", "tokens",
+                   single ? n_prefill : n_prefill + n_decode + o->max_new);
+    Progress *dpp = single ? &dp : &pp;
+    int decoding = !single; /* dp begun */
+    double prefill_time = 0, decode_time = 0;
+    const float *logits = NULL;
+    int pos = 0;
+    for (int s = 0; s < in->n_spans; s++) {
+        const PromptSpan *sp = &in->spans[s];
+        double t0 = now_seconds();
+        for (int i = sp->start; i < sp->end; i++) {
+            r->where[i] = pos + i - sp->start;
+            r->tokens[r->where[i]] = in->tokens[i];
+            r->segments[r->where[i]] = in->segments ? in->segments[i] : 0;
+        }
+        if (sp->kind == PROMPT_PREFILL) {
+            int n_span = sp->end - sp->start;
+            for (int at = 0; at < n_span; at += r->state->chunk_size) {
+                int n = n_span - at < r->state->chunk_size ? n_span - at : r->state->chunk_size;
+                logits = forward_tokens(r->state, r->tokens + pos + at, n, at + n == n_span, &obs);
+                progress_add(&pp, n);
+            }
+            add_span(r, SPAN_PREFILL, pos, n_span);
+            pos += n_span;
+            prefill_time += now_seconds() - t0;
+        } else if (sp->kind == PROMPT_FORCED) {
+            if (!decoding) {
+                progress_end(&pp);
+                progress_begin(&dp, interactive, "decode", "tokens", n_decode + o->max_new);
+                decoding = 1;
+            }
+            r->rec.last_forced = pos + sp->end - sp->start - 1;
+            for (int t = sp->start; t < sp->end; t++, pos++) {
+                logits = forward_tokens(r->state, &r->tokens[pos], 1, t == sp->end - 1, &obs);
+                progress_add(dpp, 1);
+            }
+            add_span(r, SPAN_DECODE, pos - (sp->end - sp->start), sp->end - sp->start);
+            r->n_forced += sp->end - sp->start;
+            decode_time += now_seconds() - t0;
+        } else {
+            pos += generate_turn(r, o, logits, pos, r->segments[pos - 1], &obs, dpp);
+            decode_time += now_seconds() - t0;
+        }
+    }
+    if (!decoding) {
+        progress_end(&pp);
+        progress_begin(&dp, interactive, "decode", "tokens", n_decode + o->max_new);
+    }
+    double t0 = now_seconds();
+    pos += generate_turn(r, o, logits, pos, final_segment, &obs, dpp);
+    decode_time += now_seconds() - t0;
+    progress_end(dpp);
+    *prefill_s = prefill_time;
+    *decode_s = decode_time;
+    return pos;
 }
 
 static void print_generated(const TraceRun *r, const int32_t *ids, int n)
@@ -400,6 +507,9 @@ static int trace_main(int argc, char **argv, const TraceOptions *o, TraceRun *r,
         if (read_token_file(o->tokens_path, &r->prompt.tokens, &r->prompt.n_tokens, err) != 0)
             return -1;
         r->prompt.n_prompt = r->prompt.n_tokens;
+        r->prompt.spans = kv_malloc(sizeof *r->prompt.spans);
+        r->prompt.spans[0] = (PromptSpan){PROMPT_PREFILL, 0, r->prompt.n_tokens};
+        r->prompt.n_spans = 1;
     }
     const int32_t *prompt_ids = r->prompt.tokens;
     int n_prompt = r->prompt.n_prompt, n_input = r->prompt.n_tokens;
@@ -408,34 +518,40 @@ static int trace_main(int argc, char **argv, const TraceOptions *o, TraceRun *r,
         if (prompt_ids[t] >= cfg->vocab_size)
             return kv_fail(err, "%s: token %d is id %d, beyond the model's vocab_size %d", source,
                            t, prompt_ids[t], cfg->vocab_size);
-    if ((long)n_input + o->max_new > INT_MAX / 2)
+    /* Every generation point, and the final one, may add max_new tokens. */
+    long n_points = 1;
+    for (int s = 0; s < r->prompt.n_spans; s++)
+        n_points += r->prompt.spans[s].kind == PROMPT_GENERATE;
+    if ((long)n_input + n_points * o->max_new > INT_MAX / 2)
         return kv_fail(err, "%s: too many tokens", source);
-    int max_tokens = n_input + o->max_new;
+    int max_tokens = n_input + (int)n_points * o->max_new;
     if (cfg->max_position_embeddings && max_tokens > cfg->max_position_embeddings)
         fprintf(stderr, "kvsim trace: warning: %d tokens exceed max_position_embeddings %d\n",
                 max_tokens, cfg->max_position_embeddings);
 
     r->tokens = kv_malloc((size_t)max_tokens * sizeof *r->tokens);
-    memcpy(r->tokens, prompt_ids, (size_t)n_input * sizeof *r->tokens);
+    r->segments = kv_malloc((size_t)max_tokens * sizeof *r->segments);
+    r->where = kv_malloc((size_t)n_input * sizeof *r->where);
     r->rec = (TraceRecorder){.fd = -1, .n_layers = cfg->n_layers, .n_q_heads = cfg->n_q_heads,
                              .head_dim = cfg->head_dim, .max_tokens = max_tokens,
                              .last_prompt = n_prompt - 1, .attn_every = o->attn_every,
-                             .last_forced = n_input > n_prompt ? n_input - 1 : -1};
+                             .last_forced = -1};
     if ((r->rec.fd = open_spill(o->out_path, err)) < 0)
         return -1;
     int chunk = o->chunk_size < n_prompt ? o->chunk_size : n_prompt;
     r->state = run_state_new(r->model, max_tokens, chunk);
 
     double prefill_s, decode_s;
-    int n_generated = generate(r, o, n_prompt, n_input, &prefill_s, &decode_s);
+    int n_tokens = generate(r, o, &r->prompt, o->prompt_path ? r->markup.last_segment : 0,
+                            &prefill_s, &decode_s);
     if (r->rec.io_error)
         return kv_fail(err, "%s: cannot write the temporary query file: %s", o->out_path,
                        strerror(r->rec.io_error));
 
     double write_start = now_seconds();
-    TraceContent content = {r->model, r->state, &r->rec, r->tokens, n_input + n_generated,
-                            n_prompt, n_input, o->prompt_path ? &r->prompt : NULL,
-                            o->prompt_path ? r->markup.last_segment : 0};
+    TraceContent content = {r->model, r->state, &r->rec, r->tokens, r->segments, n_tokens,
+                            n_prompt, o->prompt_path ? &r->prompt : NULL, r->where, r->n_spans,
+                            r->spans};
     TraceMeta meta;
     fill_meta(&content, argc, argv, o, &meta);
     int rc = write_trace(&content, &meta, o->dtype, o->out_path, err);
@@ -444,11 +560,19 @@ static int trace_main(int argc, char **argv, const TraceOptions *o, TraceRun *r,
         return -1;
     double write_s = now_seconds() - write_start;
 
-    print_generated(r, r->tokens + n_input, n_generated);
-    int n_decoded = n_input - n_prompt + n_generated;
+    /* What each generation point produced, one line each (one line for a single prompt). */
+    int n_prefilled = 0, n_generated = n_tokens - n_input;
+    for (int s = 0; s < r->n_spans; s++)
+        if (r->spans[s].kind == SPAN_PREFILL)
+            n_prefilled += r->spans[s].end - r->spans[s].start;
+    for (int g = 0; g < r->n_outputs; g++)
+        print_generated(r, r->tokens + r->outputs[2 * g], r->outputs[2 * g + 1] - r->outputs[2 * g]);
+    int n_decoded = r->n_forced + n_generated;
+    if (r->n_spans > 2)
+        fprintf(stderr, "kvsim trace: %d generations in %d spans\n", r->n_outputs, r->n_spans);
     fprintf(stderr, "kvsim trace: %d prompt + %d forced + %d generated tokens; prefill %.1f "
                     "tok/s, decode %.1f tok/s; trace written in %.2f s\n", n_prompt,
-            n_input - n_prompt, n_generated, prefill_s > 0 ? n_prompt / prefill_s : 0,
+            r->n_forced, n_generated, prefill_s > 0 ? n_prefilled / prefill_s : 0,
             decode_s > 0 ? n_decoded / decode_s : 0, write_s);
     return 0;
 }
@@ -462,7 +586,8 @@ int cmd_trace(int argc, char **argv)
         {"model", ARG_STRING, &o.model_dir, 0, 0, NULL,
          "Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)"},
         {"prompt", ARG_STRING, &o.prompt_path, 0, 0, NULL,
-         "text, or a JSON chat; markup [[needle]]...[[/needle]], [[probe]], [[decode]]"},
+         "text, or a JSON chat; markup [[needle]]...[[/needle]], [[probe]], [[decode]], "
+         "[[generate]]"},
         {"tokens", ARG_STRING, &o.tokens_path, 0, 0, NULL,
          "whitespace-separated token ids, used as given (no BOS added)"},
         {"out", ARG_STRING, &o.out_path, 0, 0, NULL, "the trace to write"},
@@ -472,15 +597,16 @@ int cmd_trace(int argc, char **argv)
         {"threads", ARG_INT, &o.threads, 0, 1024, NULL,
          "OpenBLAS threads, 0 = all cores (default: OpenBLAS's own)"},
         {"attn-rows", ARG_INT, &o.attn_every, 0, INT_MAX, NULL,
-         "the model's attention at the last prompt token, every K-th decode step and the last "
-         "forced token (0 = none)"},
+         "the model's attention at the last prompt token, every K-th position after it and the "
+         "last token of each forced run (0 = none)"},
         {"chunk", ARG_INT, &o.chunk_size, 1, 1 << 16, NULL, "prompt tokens per prefill step"},
         {NULL, 0, NULL, 0, 0, NULL, NULL},
     };
     const char *usage =
         "trace --model DIR (--prompt FILE | --tokens FILE) --out TRACE.h5 [options]\n"
         "  Runs the checkpoint on the prompt ([[decode]]: the text after it is fed token by\n"
-        "  token, as decode steps), greedy-decodes, writes the post-RoPE Q/K/V of every token\n"
+        "  token, as decode steps; a chat's turns, or [[generate]], each through the cache),\n"
+        "  greedy-decodes, writes the post-RoPE Q/K/V of every token\n"
         "  fed through the model as a kvsim trace and prints the generated text (token ids\n"
         "  without a tokenizer). See docs/generator.md.";
     const char *positional[1];

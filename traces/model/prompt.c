@@ -13,6 +13,7 @@ static const char NEEDLE_OPEN[] = "[[needle]]";
 static const char NEEDLE_CLOSE[] = "[[/needle]]";
 static const char PROBE[] = "[[probe]]";
 static const char DECODE[] = "[[decode]]";
+static const char GENERATE[] = "[[generate]]";
 
 /* Accumulates text into the current piece; a marker or a new segment closes it. */
 typedef struct {
@@ -24,6 +25,10 @@ typedef struct {
     int needle_has_text;
     int n_needles;
     int seen_decode;
+    int decode_forced; /* after [[decode]], until the turn ends */
+    int assistant;     /* inside an assistant message's content: forced */
+    int is_chat;
+    int turn_text;     /* plain text: non-blank text since the last [[generate]] */
 } Builder;
 
 static void flush(Builder *b)
@@ -35,7 +40,7 @@ static void flush(Builder *b)
     m->pieces = kv_realloc(m->pieces, (size_t)(m->n_pieces + 1) * sizeof *m->pieces);
     PromptPiece *p = &m->pieces[m->n_pieces++];
     *p = (PromptPiece){PIECE_TEXT, kv_malloc(b->len + 1), b->len, b->segment, b->in_needle,
-                       b->in_needle ? b->n_needles - 1 : -1};
+                       b->in_needle ? b->n_needles - 1 : -1, b->decode_forced || b->assistant};
     memcpy(p->text, b->buf, b->len);
     p->text[b->len] = '\0';
     b->len = 0;
@@ -63,7 +68,7 @@ static void push_marker(Builder *b, PieceKind kind)
     flush(b);
     PromptMarkup *m = b->m;
     m->pieces = kv_realloc(m->pieces, (size_t)(m->n_pieces + 1) * sizeof *m->pieces);
-    m->pieces[m->n_pieces++] = (PromptPiece){kind, NULL, 0, b->segment, 0, -1};
+    m->pieces[m->n_pieces++] = (PromptPiece){kind, NULL, 0, b->segment, 0, -1, 0};
 }
 
 /* The [[decode]] marker at byte `at` of text. */
@@ -76,7 +81,30 @@ static int mark_decode(Builder *b, const char *origin, const char *text, size_t 
                        text_line_at(text, at));
     b->seen_decode = 1;
     push_marker(b, PIECE_DECODE);
+    b->decode_forced = 1;
     return 0;
+}
+
+/* [[generate]] at byte `at` of plain text: the model answers here, the text after it is the
+ * next turn. */
+static int mark_generate(Builder *b, const char *origin, const char *text, size_t at, KvErr *err)
+{
+    if (b->in_needle)
+        return kv_fail(err, "%s: line %d: [[generate]] inside a needle", origin,
+                       text_line_at(text, at));
+    if (!b->turn_text)
+        return kv_fail(err, "%s: line %d: an empty turn before [[generate]] (expected text for "
+                       "the model to answer)", origin, text_line_at(text, at));
+    push_marker(b, PIECE_GENERATE);
+    b->decode_forced = 0;
+    b->turn_text = 0;
+    b->segment++; /* flushed by push_marker: the next text is the next turn */
+    return 0;
+}
+
+static int is_blank(char c)
+{
+    return c == ' ' || c == '\t' || c == '\r' || c == '\n';
 }
 
 /* Appends text, acting on the markers in it. A needle must close within the same text. */
@@ -96,7 +124,10 @@ static int append_marked(Builder *b, const char *origin, const char *text, size_
             marker = sizeof PROBE - 1;
         else if (left >= sizeof DECODE - 1 && !memcmp(rest, DECODE, sizeof DECODE - 1))
             marker = sizeof DECODE - 1;
+        else if (left >= sizeof GENERATE - 1 && !memcmp(rest, GENERATE, sizeof GENERATE - 1))
+            marker = sizeof GENERATE - 1;
         if (!marker) {
+            b->turn_text |= !is_blank(text[i]);
             i++;
             continue;
         }
@@ -107,7 +138,7 @@ static int append_marked(Builder *b, const char *origin, const char *text, size_
                                text_line_at(text, i));
             /* The forced part is processed through a policy's cache after compression: a
              * needle there would never be subject to eviction when it is read. */
-            if (b->seen_decode)
+            if (b->decode_forced)
                 return kv_fail(err, "%s: line %d: [[needle]] after [[decode]] (needles must lie "
                                "in the prompt before it)", origin, text_line_at(text, i));
             flush(b);
@@ -125,6 +156,13 @@ static int append_marked(Builder *b, const char *origin, const char *text, size_
         } else if (rest[2] == 'd') {
             if (mark_decode(b, origin, text, i, err) != 0)
                 return -1;
+        } else if (rest[2] == 'g') {
+            if (b->is_chat)
+                return kv_fail(err, "%s: line %d: [[generate]] inside a message's text (it must "
+                               "be an assistant message's whole content)", origin,
+                               text_line_at(text, i));
+            if (mark_generate(b, origin, text, i, err) != 0)
+                return -1;
         } else {
             push_marker(b, PIECE_PROBE);
         }
@@ -138,14 +176,35 @@ static int append_marked(Builder *b, const char *origin, const char *text, size_
     return 0;
 }
 
+/* Whether a message's content holds text besides markers and blanks. */
+static int has_text(const char *body)
+{
+    static const char *const markers[] = {NEEDLE_OPEN, NEEDLE_CLOSE, PROBE, DECODE, GENERATE};
+    for (const char *c = body; *c;) {
+        size_t skip = 0;
+        for (size_t k = 0; k < sizeof markers / sizeof *markers && !skip; k++)
+            if (!strncmp(c, markers[k], strlen(markers[k])))
+                skip = strlen(markers[k]);
+        if (!skip && !is_blank(*c))
+            return 1;
+        c += skip ? skip : 1;
+    }
+    return 0;
+}
+
 /* kvsim's chat template: "System: ...\n\n", "User: ...\n\n", "Assistant: ...\n\n", and
- * "Assistant:" after a final user message so that the model answers. */
+ * "Assistant:" after a final user message so that the model answers. As a conversation: a user
+ * message opens a prefill span (after the system message, with it); an assistant message's
+ * header "Assistant:" is prefilled (the generation prompt), its " content" forced or, for
+ * [[generate]], generated; the "\n\n" after it opens the next prefill span, as the template
+ * adds it to the next request. */
 static int parse_chat(const char *origin, const cJSON *chat, Builder *b, KvErr *err)
 {
     int turn = 0, n = cJSON_GetArraySize(chat);
     if (n == 0)
         return kv_fail(err, "%s: the chat has no messages", origin);
     const char *last_role = NULL;
+    b->is_chat = 1;
     for (int i = 0; i < n; i++) {
         const cJSON *msg = cJSON_GetArrayItem(chat, i);
         const cJSON *role = cJSON_GetObjectItemCaseSensitive(msg, "role");
@@ -163,27 +222,50 @@ static int parse_chat(const char *origin, const cJSON *chat, Builder *b, KvErr *
             return kv_fail(err, "%s: message %d: '%s' appears twice", origin, i + 1,
                            n_role > 1 ? "role" : "content");
         const char *r = role->valuestring, *header;
+        const char *body = content->valuestring;
+        int user = 0, assistant = 0;
         if (!strcmp(r, "system")) {
             if (i != 0)
                 return kv_fail(err, "%s: message %d: only the first message may be 'system'",
                                origin, i + 1);
             header = "System: ";
         } else if (!strcmp(r, "user")) {
-            turn++;
+            user = 1;
             header = "User: ";
         } else if (!strcmp(r, "assistant")) {
-            if (turn == 0) /* an assistant message opening the chat starts turn 1 */
-                turn = 1;
-            header = "Assistant: ";
+            assistant = 1;
+            header = "Assistant:";
         } else {
             char shown[128];
             return kv_fail(err, "%s: message %d: role '%s' (expected system, user or assistant)",
                            origin, i + 1, kv_escape(r, strlen(r), shown, sizeof shown));
         }
+        int generate = assistant && !strcmp(body, GENERATE);
+        if (!generate && strstr(body, GENERATE))
+            return kv_fail(err, "%s: message %d: [[generate]] %s (only an assistant message "
+                           "whose whole content is [[generate]] is generated)", origin, i + 1,
+                           assistant ? "with other text" : user ? "in a user message"
+                                                                : "in a system message");
+        if (!generate && !has_text(body))
+            return kv_fail(err, "%s: message %d: an empty turn (the %s message has no text)",
+                           origin, i + 1, r);
+        /* The end of the previous message: an assistant's content is over; a user message
+         * opens a new prefill span, its turn, and ends the forced text of [[decode]]. */
+        flush(b);
+        b->assistant = 0;
+        if (user && last_role && !(i == 1 && !strcmp(last_role, "system"))) {
+            push_marker(b, PIECE_SPAN);
+            b->decode_forced = 0;
+        }
+        if (last_role && !strcmp(last_role, "assistant"))
+            append(b, "\n\n", 2);
+        if (user)
+            turn++;
+        else if (assistant && turn == 0) /* an assistant message opening the chat starts turn 1 */
+            turn = 1;
         set_segment(b, turn);
         char where[512];
         snprintf(where, sizeof where, "%s: message %d", origin, i + 1);
-        const char *body = content->valuestring;
         /* A marker opening the content splits before the header: the next turn, role line
          * included, is what a later request brings. */
         if (!strncmp(body, DECODE, sizeof DECODE - 1)) {
@@ -192,19 +274,24 @@ static int parse_chat(const char *origin, const cJSON *chat, Builder *b, KvErr *
             body += sizeof DECODE - 1;
         }
         append(b, header, strlen(header));
-        if (append_marked(b, where, body, strlen(body), err) != 0)
-            return -1;
-        append(b, "\n\n", 2);
+        if (generate) {
+            push_marker(b, PIECE_GENERATE);
+        } else if (assistant) {
+            flush(b);
+            b->assistant = 1;
+            append(b, " ", 1);
+            if (append_marked(b, where, body, strlen(body), err) != 0)
+                return -1;
+        } else {
+            if (append_marked(b, where, body, strlen(body), err) != 0)
+                return -1;
+            append(b, "\n\n", 2);
+        }
         last_role = r;
     }
     if (!strcmp(last_role, "user"))
         append(b, "Assistant:", strlen("Assistant:"));
     return 0;
-}
-
-static int is_blank(char c)
-{
-    return c == ' ' || c == '\t' || c == '\r' || c == '\n';
 }
 
 /* Where a chat file's JSON text holds a NUL: a raw NUL byte or a \u0000 escape in a string
@@ -335,10 +422,20 @@ int prompt_parse(const char *origin, const char *text, size_t len, PromptMarkup 
          * policies that pin segment 0 (TriCache's system prompt) pin only BOS. */
         set_segment(&b, 1);
         rc = append_marked(&b, origin, text, len, err);
+        /* Blanks after a last [[generate]] (a file's final newline) are no further turn: that
+         * [[generate]] is the final generation. */
+        if (rc == 0 && b.segment > 1 && !b.turn_text)
+            b.len = 0;
     }
     flush(&b);
     free(b.buf);
+    /* The generated tokens continue the turn of the last text. */
     out->last_segment = b.segment;
+    for (int i = out->n_pieces - 1; i >= 0; i--)
+        if (out->pieces[i].kind == PIECE_TEXT) {
+            out->last_segment = out->pieces[i].segment;
+            break;
+        }
     if (rc != 0) {
         prompt_markup_free(out);
         return -1;
@@ -365,13 +462,32 @@ static void push_token(PromptTokens *t, int32_t id, int segment, int *cap)
     t->segments[t->n_tokens++] = segment;
 }
 
+/* Appends n tokens to the spans as `kind`, opening a span when the kind changes or a new span
+ * was asked for (*split). */
+static void extend_spans(PromptTokens *t, int kind, int n, int *split)
+{
+    if (n == 0)
+        return;
+    PromptSpan *last = t->n_spans ? &t->spans[t->n_spans - 1] : NULL;
+    if (!last || *split || last->kind != kind) {
+        int start = last ? last->end : 0; /* before the realloc moves the array */
+        t->spans = kv_realloc(t->spans, (size_t)(t->n_spans + 1) * sizeof *t->spans);
+        t->spans[t->n_spans++] = (PromptSpan){kind, start, start};
+        last = &t->spans[t->n_spans - 1];
+        *split = 0;
+    }
+    last->end += n;
+}
+
 int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn encode, void *ctx,
                     int bos, PromptTokens *out, KvErr *err)
 {
     memset(out, 0, sizeof *out);
-    int cap = 0, has_decode = 0;
-    if (bos >= 0)
+    int cap = 0, has_decode = 0, decode_at = -1, split = 0;
+    if (bos >= 0) {
         push_token(out, bos, 0, &cap);
+        extend_spans(out, PROMPT_PREFILL, 1, &split);
+    }
     for (int i = 0; i < m->n_pieces; i++) {
         const PromptPiece *p = &m->pieces[i];
         if (p->kind == PIECE_DECODE) {
@@ -381,7 +497,23 @@ int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn en
                                "that is prefilled)", origin);
             }
             has_decode = 1;
-            out->n_prompt = out->n_tokens;
+            decode_at = out->n_tokens;
+            continue;
+        }
+        if (p->kind == PIECE_SPAN) {
+            split = 1;
+            continue;
+        }
+        if (p->kind == PIECE_GENERATE) {
+            if (out->n_tokens == (bos >= 0)) {
+                prompt_tokens_free(out);
+                return kv_fail(err, "%s: nothing before [[generate]] (expected a prompt for the "
+                               "model to answer)", origin);
+            }
+            out->spans = kv_realloc(out->spans, (size_t)(out->n_spans + 1) * sizeof *out->spans);
+            out->spans[out->n_spans++] = (PromptSpan){PROMPT_GENERATE, out->n_tokens,
+                                                      out->n_tokens};
+            split = 1;
             continue;
         }
         if (p->kind == PIECE_PROBE) {
@@ -405,6 +537,7 @@ int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn en
         for (int j = 0; j < n; j++)
             push_token(out, ids[j], p->segment, &cap);
         free(ids);
+        extend_spans(out, p->forced ? PROMPT_FORCED : PROMPT_PREFILL, n, &split);
         if (p->in_needle) {
             /* A needle split across segments cannot happen (it closes within its message), but
              * it may span several pieces of one segment: extend the open span. */
@@ -430,13 +563,23 @@ int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn en
         return kv_fail(err, "%s: the prompt is empty (its text encodes to no tokens%s)", origin,
                        bos >= 0 ? " besides BOS" : "");
     }
-    if (has_decode && out->n_prompt == out->n_tokens) {
+    if (out->spans[0].kind != PROMPT_PREFILL) {
+        prompt_tokens_free(out);
+        return kv_fail(err, "%s: nothing prefilled before the first forced token", origin);
+    }
+    int forced_after_decode = 0;
+    for (int k = 0; k < out->n_spans; k++)
+        forced_after_decode |= out->spans[k].kind == PROMPT_FORCED &&
+                               out->spans[k].start <= decode_at && decode_at < out->spans[k].end;
+    if (has_decode && !forced_after_decode) {
         prompt_tokens_free(out);
         return kv_fail(err, "%s: nothing after [[decode]] (expected the text to feed as decode "
                        "steps)", origin);
     }
-    if (!has_decode)
-        out->n_prompt = out->n_tokens;
+    /* A trailing [[generate]] is the final generation, which every prompt ends with. */
+    if (out->spans[out->n_spans - 1].kind == PROMPT_GENERATE)
+        out->n_spans--;
+    out->n_prompt = out->spans[0].end;
     return 0;
 }
 
@@ -446,5 +589,6 @@ void prompt_tokens_free(PromptTokens *t)
     free(t->segments);
     free(t->needles);
     free(t->probes);
+    free(t->spans);
     memset(t, 0, sizeof *t);
 }

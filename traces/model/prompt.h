@@ -15,7 +15,19 @@
  *                             (prefilled), the text after it is forced decode, fed one token at
  *                             a time before generation (docs/generator.md). Needles must lie
  *                             before it. In a chat, a marker opening a message's content splits
- *                             before the message's "Role: " header.
+ *                             before the message's "Role: " header. Its forced text ends with
+ *                             its turn (at the next user message, or at [[generate]]).
+ *   [[generate]]              the model generates here (greedy, up to --max-new tokens, stopping
+ *                             at EOS). In a chat it is an assistant message's whole content and
+ *                             nowhere else; in plain text it may stand anywhere outside a needle
+ *                             and ends the turn: the text after it is the next turn (segment + 1),
+ *                             prefilled on top of the cache. A trailing one is the final
+ *                             generation every prompt ends with.
+ * A chat is a conversation (docs/generator.md): each user message starts a prefill span on top of
+ * the cache; an assistant message's header "Assistant:" ends the prefill before it, its content
+ * is generated ([[generate]]) or forced as decode steps, and the "\n\n" after it opens the next
+ * prefill span. A plain text without [[generate]] and a chat with one user message and no
+ * assistant message are single prompts: one prefill span, then [[decode]]'s forced tokens.
  * Markers are removed from the text. Token spans are exact because the text between markers
  * (and between segments) is tokenized piece by piece and the pieces' tokens concatenated; a
  * tokenizer may split a piece boundary differently than it would split the whole string. */
@@ -27,7 +39,8 @@
 
 #include "sim/base/util.h"
 
-typedef enum { PIECE_TEXT, PIECE_PROBE, PIECE_DECODE } PieceKind;
+/* PIECE_SPAN: the next text opens a new prefill span (a later user message). */
+typedef enum { PIECE_TEXT, PIECE_PROBE, PIECE_DECODE, PIECE_GENERATE, PIECE_SPAN } PieceKind;
 
 typedef struct {
     PieceKind kind;
@@ -36,6 +49,7 @@ typedef struct {
     int segment;
     int in_needle; /* the text is (part of) a needle */
     int needle_id; /* which needle, counting from 0, when in_needle */
+    int forced;    /* the text is fed as decode steps: after [[decode]], or assistant content */
 } PromptPiece;
 
 typedef struct {
@@ -53,11 +67,23 @@ void prompt_markup_free(PromptMarkup *m);
 typedef int (*PromptEncodeFn)(void *ctx, const char *text, size_t len, int32_t **ids, int *n,
                               KvErr *err);
 
+/* The input tokens as they are fed: a prefill span, forced decode steps, or a generation point
+ * (start == end: the model generates before input token `start`; the final generation after
+ * the last input token is implicit and never listed). */
+typedef enum { PROMPT_PREFILL, PROMPT_FORCED, PROMPT_GENERATE } PromptSpanKind;
+typedef struct {
+    int kind; /* PromptSpanKind */
+    int start, end;
+} PromptSpan;
+
 typedef struct {
     int n_tokens;
-    /* Tokens before [[decode]] (BOS included), prefilled; [n_prompt, n_tokens) are forced
-     * decode steps. n_prompt == n_tokens without the marker. */
+    /* The end of the first prefill span (BOS included): the tokens before [[decode]] or before
+     * the first assistant content or later user message. In a single prompt (n_spans <= 2)
+     * [n_prompt, n_tokens) are forced decode steps; n_prompt == n_tokens without them. */
     int n_prompt;
+    int n_spans;
+    PromptSpan *spans; /* in order, covering [0, n_tokens); spans[0] is PROMPT_PREFILL */
     int32_t *tokens;
     int32_t *segments;
     int n_needles;

@@ -7,6 +7,10 @@
 #   make plots        the sweep's plots (with answer accuracy when the sweep ran kvsim eval) and
 #                     those of one run (PLOT_RUN) -> results/plots/*.png
 #   make run-plot     results/<config name>/plot.png from the summary of `make run`
+#   make conversation the conversation trace (CONV_PROMPT: a document, then three questions the
+#                     model answers), replayed with CONV_CONFIG once per history mode ->
+#                     results/conversation/MODE/*.csv, results/conversation/turns.csv (every
+#                     mode's turns.csv with a history column) and results/conversation/turns.png
 #
 # Every output is written to a temporary name and renamed. See docs/sweeps.md, docs/plots.md.
 
@@ -34,7 +38,7 @@ PLOTS := $(foreach p,$(VS_BUDGET_PLOTS),$(PLOTS_DIR)/$(p)_vs_budget.png) \
 # Answer accuracy joins the plots when the sweep runs `kvsim eval`.
 PLOTS += $(if $(SWEEP_EVALS),$(PLOTS_DIR)/accuracy_vs_budget.png)
 
-.PHONY: sweep plots run-plot FORCE
+.PHONY: sweep plots run-plot conversation FORCE
 # Generated configs and per-budget results are kept even when only reached through a pattern.
 .PRECIOUS: $(SWEEP_DIR)/b%/config.ini $(SWEEP_DIR)/b%/summary.csv $(SWEEP_DIR)/b%/eval.csv
 
@@ -99,5 +103,43 @@ $(RUN_DIR)/plot.png: analysis/run_plot.gp analysis/common.gp $(RUN_DIR)/summary.
 
 $(RUN_DIR)/summary.csv:
 	@echo "run-plot: $@ does not exist: run \`make run\` first (or set RUN_DIR)" >&2; exit 1
+
+# ---- make conversation ----
+
+CONV_MODEL  ?= models/tiny-retrieval
+CONV_PROMPT ?= traces/prompts/conversation.txt
+CONV_TRACE  ?= traces/conversation.h5
+CONV_CONFIG ?= configs/conversation.ini
+CONV_DIR    ?= results/conversation
+# Every value of [run] history (docs/config.md): the first is the mode the plot's mass panel draws.
+CONV_MODES  := persist reencode prefix
+
+.PRECIOUS: $(CONV_DIR)/%/config.ini $(CONV_DIR)/%/turns.csv
+
+conversation: $(CONV_DIR)/turns.png
+
+# Eight generated tokens per answer: the answers are three-digit numbers.
+$(CONV_TRACE): $(CONV_PROMPT) $(CONV_MODEL)/model.safetensors | build
+	$(KVSIM) trace --model $(CONV_MODEL) --prompt $(CONV_PROMPT) --out $@ --max-new 8
+
+# kvsim run has no option for the history mode: each mode gets CONV_CONFIG with its own line.
+$(CONV_DIR)/%/config.ini: $(CONV_CONFIG)
+	@case ' $(CONV_MODES) ' in *' $* '*) ;; *) echo "conversation: '$*' is not a history mode ($(CONV_MODES))" >&2; exit 1;; esac; \
+	grep -q '^[[:space:]]*history[[:space:]]*=' $< || { echo "conversation: $<: no [run] history line to set" >&2; exit 1; }; \
+	mkdir -p $(@D); sed -e 's|^[[:space:]]*history[[:space:]]*=.*|history = $*|' $< > $@.tmp && mv $@.tmp $@
+
+$(CONV_DIR)/%/turns.csv: $(CONV_DIR)/%/config.ini $(CONV_TRACE) $(wildcard $(KVSIM)) | build
+	$(KVSIM) run $< --trace $(CONV_TRACE) --out $(@D) > $(@D)/run.log
+
+# The modes' tables, one after the other, each row led by its mode; the headers must agree.
+$(CONV_DIR)/turns.csv: $(foreach m,$(CONV_MODES),$(CONV_DIR)/$(m)/turns.csv)
+	awk 'FNR == 1 { mode = FILENAME; sub(/\/turns\.csv$$/, "", mode); sub(/.*\//, "", mode); \
+	  if (NR == 1) { header = $$0; print "history," $$0 } \
+	  else if ($$0 != header) { print FILENAME ": header differs from the first mode'"'"'s" > "/dev/stderr"; exit 1 } \
+	  next } { print mode "," $$0 }' $^ > $@.tmp || { rm -f $@.tmp; exit 1; }
+	mv $@.tmp $@
+
+$(CONV_DIR)/turns.png: analysis/turns.gp analysis/common.gp $(CONV_DIR)/turns.csv
+	$(call gnuplot_png,$<,$(CONV_DIR)/turns.csv)
 
 FORCE:

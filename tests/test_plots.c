@@ -203,6 +203,35 @@ static void test_run_plot_renders(void **state)
               1280, 760);
 }
 
+/* Concatenated turns.csv of three history modes (as `make conversation` writes it): three
+ * turns, the prompt's turn without a decode step (empty head metrics), one policy label with an
+ * underscore. */
+static const char TURNS_CSV[] =
+    "history,policy,turn,prefill_tokens,served_tokens,served_share,mass_mean\n"
+    "persist,full,0,2055,0,0,\npersist,full,1,5,2063,0.9976,1\npersist,full,2,5,2076,0.9976,1\n"
+    "persist,oracle_topk,0,2055,0,0,\npersist,oracle_topk,1,5,2063,0.9976,0.95\n"
+    "persist,oracle_topk,2,5,2076,0.9976,0.96\n"
+    "reencode,full,0,2055,0,0,\nreencode,full,1,2068,0,0,1\nreencode,full,2,2081,0,0,1\n"
+    "reencode,oracle_topk,0,2055,0,0,\nreencode,oracle_topk,1,2068,0,0,0.95\n"
+    "reencode,oracle_topk,2,2081,0,0,0.96\n"
+    "prefix,full,0,2055,0,0,\nprefix,full,1,2067,1,0.0005,1\nprefix,full,2,2080,1,0.0005,1\n"
+    "prefix,oracle_topk,0,2055,0,0,\nprefix,oracle_topk,1,2067,1,0.0005,0.95\n"
+    "prefix,oracle_topk,2,2080,1,0.0005,0.96\n";
+
+static void test_turns_renders(void **state)
+{
+    (void)state;
+    render_ok("turns.gp", TURNS_CSV, 1280, 960);
+    /* One mode alone (a single run's turns.csv led by its mode) is a plot too. */
+    render_ok("turns.gp",
+              "history,policy,turn,prefill_tokens,mass_mean\npersist,full,0,2055,1\n"
+              "persist,full,1,5,1\npersist,window,0,2055,0.7\npersist,window,1,5,0.68\n",
+              1280, 960);
+    /* A turns.csv without the history column is not what the script draws. */
+    render_fails("turns.gp", "policy,turn,prefill_tokens,mass_mean\nfull,0,2055,1\n"
+                             "full,1,5,1\n");
+}
+
 /* Runs a gnuplot script (text) that loads analysis/common.gp on `csv`; returns gnuplot's
  * stderr, where `print` writes. */
 static char *common_gp_prints(const char *csv, const char *script)
@@ -280,7 +309,8 @@ static void test_empty_field_is_missing(void **state)
 static const char *const SCRIPTS[] = {"mass_vs_budget.gp",     "recall_vs_budget.gp",
                                       "error_vs_budget.gp",    "needle_vs_budget.gp",
                                       "accuracy_vs_budget.gp", "memory_vs_step.gp",
-                                      "mass_heatmap.gp",       "run_plot.gp"};
+                                      "mass_heatmap.gp",       "run_plot.gp",
+                                      "turns.gp"};
 
 static void test_missing_input_fails(void **state)
 {
@@ -415,6 +445,7 @@ int main(void)
         cmocka_unit_test(test_memory_vs_step_renders),
         cmocka_unit_test(test_mass_heatmap_renders),
         cmocka_unit_test(test_run_plot_renders),
+        cmocka_unit_test(test_turns_renders),
         cmocka_unit_test(test_empty_field_is_missing),
         cmocka_unit_test(test_missing_input_fails),
         cmocka_unit_test(test_wrong_input_fails),

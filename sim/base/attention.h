@@ -39,6 +39,14 @@ void softmax_causal_rows_avx512(float *s, int rows, int ld, int first_len, float
                                 int window, float *row_max, float *row_z);
 #endif
 
+/* The first key query t attends over on a layer with this window (0 = global: key 0): the one
+ * statement of the attended range [attn_first_key(window, t), t], for these kernels and for
+ * every layer above (sim/format/geometry.h). */
+static inline int attn_first_key(int window, int t)
+{
+    return window > 0 && t >= window ? t - window + 1 : 0;
+}
+
 /* Prompt queries per attention_block in prompt_statistics. */
 enum { PROMPT_STATS_BLOCK = 128 };
 

@@ -23,7 +23,7 @@ void softmax_causal_rows_vectorised(float *s, int rows, int ld, int first_len, f
     for (int b = 0; b < rows; b++) {
         float *x = s + (size_t)b * ld;
         int n = first_len + b;
-        int lo = window > 0 && n > window ? n - window : 0; /* keys before the window: zero */
+        int lo = attn_first_key(window, n - 1); /* keys before the window: zero */
         for (int j = 0; j < lo; j++)
             x[j] = 0.0f;
         float mx = x[lo];

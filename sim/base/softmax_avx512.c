@@ -152,7 +152,7 @@ AVX512 void softmax_causal_rows_avx512(float *s, int rows, int ld, int first_len
     for (int b = 0; b < rows; b++) {
         float *x = s + (size_t)b * ld;
         int n = first_len + b;
-        int lo = window > 0 && n > window ? n - window : 0; /* keys before the window: zero */
+        int lo = attn_first_key(window, n - 1); /* keys before the window: zero */
         if (lo > 0)
             memset(x, 0, (size_t)lo * sizeof(float));
         float mx = row_max_fast(x + lo, n - lo - 1) * scale;

@@ -387,7 +387,7 @@ static void generate_layer(Generator *g, int layer)
 /* The exact attention rows of the stored (rounded) q and k: double logits through one dgemm
  * per KV head over keys [0, last row], then a softmax per row over the keys the layer's
  * geometry lets the query attend. */
-static void attention_rows(Generator *g, int layer)
+static void write_attention_rows(Generator *g, int layer)
 {
     const SynthParams *sp = g->sp;
     const TraceMeta *m = g->meta;
@@ -472,7 +472,7 @@ int synth_write(const SynthParams *sp, const char *path, KvErr *err)
         generate_layer(&g, l);
         rc = trace_writer_put_qkv(w, l, 0, T, g.q, g.k, g.v, err);
         if (rc == 0 && R > 0) {
-            attention_rows(&g, l);
+            write_attention_rows(&g, l);
             for (int r = 0; r < R && rc == 0; r++) {
                 for (int h = 0; h < sp->n_q_heads; h++)
                     memcpy(row_buf + (size_t)h * T, g.rows + ((size_t)h * R + r) * T, (size_t)T * sizeof(float));

@@ -171,7 +171,7 @@ static double cache_statistics(const LayerView *L, const Policy *p, int c0, int 
                 flops += 2.0 * B * n * D;
                 for (int b = 0; b < B; b++) {
                     int q_pos = c0 + b0 + b;
-                    int lo = W > 0 ? q_pos - W + 1 : 0; /* the oldest key position visible */
+                    int lo = attn_first_key(W, q_pos); /* the oldest key position visible */
                     float *row = logits + (size_t)b * n;
                     float mx = -INFINITY;
                     for (int j = 0; j < n; j++) {

@@ -11,6 +11,8 @@
 #ifndef KVSIM_GEOMETRY_H
 #define KVSIM_GEOMETRY_H
 
+#include "sim/base/attention.h" /* attn_first_key: the keys a query attends */
+
 typedef enum { ROPE_HALF = 0, ROPE_INTERLEAVED = 1 } RopeLayout;
 
 typedef struct {
@@ -24,13 +26,6 @@ typedef struct {
 /* The scale of standard dot-product attention, 1/sqrt(head_dim): the default of every model
  * kvsim knows and of synthetic traces. */
 double attn_scale_default(int head_dim);
-
-/* The first key query t attends over on a layer with this window (0 = global). The kernels of
- * sim/base/attention.h, below this layer, apply the same rule to their `window` argument. */
-static inline int attn_first_key(int window, int t)
-{
-    return window > 0 && t >= window ? t - window + 1 : 0;
-}
 
 /* Unscaled RoPE inverse frequencies: out[f] = theta^(-2f/head_dim), f < head_dim/2. */
 void rope_default_inv_freq(double theta, int head_dim, double *out);

@@ -536,7 +536,7 @@ static void plan_turns(Results *r, const TraceMeta *m, const EngineConfig *cfg, 
             computed++;
             for (int l = 0; l < m->n_layers; l++) {
                 int W = m->window ? m->window[l] : 0;
-                keys += W > 0 && W < t + 1 ? W : t + 1;
+                keys += t + 1 - attn_first_key(W, t);
             }
         }
         tu->prefill_tokens = computed;
@@ -548,7 +548,7 @@ static void plan_turns(Results *r, const TraceMeta *m, const EngineConfig *cfg, 
         tu->dense_flops = dense_known ? dense_per_token * m->n_layers * computed : NAN;
         tu->prefix_bytes_per_layer =
             cfg->history == HISTORY_PREFIX
-                ? (double)served_seg0 * m->n_kv_heads * 2.0 * D * cfg->kv_bits / 8.0
+                ? kv_entry_bytes((double)served_seg0 * m->n_kv_heads, m->head_dim, cfg->kv_bits)
                 : 0;
     }
 }

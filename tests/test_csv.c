@@ -140,9 +140,12 @@ typedef enum { COL_TEXT, COL_INT, COL_NUM, COL_COUNT } ColumnKind;
 /* The kind of every column of kvsim's CSVs, by name (docs/metrics.md, docs/eval.md). */
 static ColumnKind kind_of(const char *name)
 {
-    static const char *const text[] = {"policy", "type", "prompt", "answer", "expected"};
-    static const char *const ints[] = {"layer",   "step",    "decode_index",    "prompts",
-                                       "correct", "agrees_with_full", "generated_tokens"};
+    static const char *const text[] = {"policy", "type",     "prompt", "answer",
+                                       "expected", "history", "by"};
+    static const char *const ints[] = {"layer",    "step",      "decode_index",
+                                       "prompts",  "questions", "question",
+                                       "turn",     "distance",  "value",
+                                       "correct",  "agrees_with_full", "generated_tokens"};
     for (size_t i = 0; i < sizeof text / sizeof text[0]; i++)
         if (!strcmp(name, text[i]))
             return COL_TEXT;
@@ -705,10 +708,14 @@ static void test_run_csvs_without_needles_or_oracle(void **state)
 
 /* ---- kvsim eval ---- */
 
-static const char EVAL_HEADER[] = "policy,type,prompts,correct,accuracy,agreement_with_full,"
-                                  "device_bytes_mean,host_bytes_mean,generated_tokens_mean";
-static const char PROMPTS_HEADER[] = "policy,prompt,correct,agrees_with_full,generated_tokens,"
-                                     "device_bytes,host_bytes,answer,expected";
+static const char EVAL_HEADER[] = "policy,type,prompts,questions,correct,accuracy,"
+                                  "agreement_with_full,device_bytes_mean,host_bytes_mean,"
+                                  "generated_tokens_mean";
+static const char PROMPTS_HEADER[] = "policy,prompt,question,turn,distance,correct,"
+                                     "agrees_with_full,generated_tokens,device_bytes,host_bytes,"
+                                     "answer,expected";
+static const char TURNS_HEADER[] = "policy,type,history,by,value,questions,correct,accuracy,"
+                                   "agreement_with_full";
 
 static void test_eval_csvs(void **state)
 {
@@ -744,7 +751,7 @@ static void test_eval_csvs(void **state)
                                              NULL};
     char *raw;
     Table e = read_checked(out, "eval.csv", EVAL_HEADER, eval_empty, &raw);
-    assert_non_null(strstr(raw, "\n\"a,\"\"b\",window,2,"));
+    assert_non_null(strstr(raw, "\n\"a,\"\"b\",window,2,2,"));
     free(raw);
     assert_int_equal(e.n_rows, 4);
     static const char *const labels[] = {"full", "a,\"b", "future"};
@@ -768,7 +775,8 @@ static void test_eval_csvs(void **state)
     assert_string_equal(cell(&e, 2, "device_bytes_mean"), "768");
     table_free(&e);
 
-    Table p = read_checked(out, "eval_prompts.csv", PROMPTS_HEADER, NULL, NULL);
+    static const char *const prompts_empty[] = {"distance", NULL}; /* no fact turns given */
+    Table p = read_checked(out, "eval_prompts.csv", PROMPTS_HEADER, prompts_empty, NULL);
     assert_int_equal(p.n_rows, 1 + 2 * 2); /* future has no per-prompt rows */
     for (int row = 1; row < p.n_rows; row++) {
         int i = (row - 1) % 2;
@@ -778,8 +786,27 @@ static void test_eval_csvs(void **state)
         /* correct means the answer span is the expected answer */
         assert_int_equal(atoi(cell(&p, row, "correct")),
                          !strcmp(cell(&p, row, "answer"), expected[i]));
+        /* one question per prompt, in its only turn (plain text: segment 1), no fact turn */
+        assert_string_equal(cell(&p, row, "question"), "0");
+        assert_string_equal(cell(&p, row, "turn"), "1");
+        assert_string_equal(cell(&p, row, "distance"), "");
     }
     table_free(&p);
+
+    /* by turn only (no answer gives a fact's turn): one row per policy, future's empty from
+     * `correct` on */
+    static const char *const turns_empty[] = {"correct", "accuracy", "agreement_with_full", NULL};
+    Table t = read_checked(out, "eval_turns.csv", TURNS_HEADER, turns_empty, NULL);
+    assert_int_equal(t.n_rows, 4);
+    for (int row = 1; row <= 3; row++) {
+        assert_string_equal(cell(&t, row, "policy"), labels[row - 1]);
+        assert_string_equal(cell(&t, row, "history"), "persist");
+        assert_string_equal(cell(&t, row, "by"), "turn");
+        assert_string_equal(cell(&t, row, "value"), "1");
+        assert_string_equal(cell(&t, row, "questions"), "2");
+    }
+    assert_string_equal(cell(&t, 3, "correct"), "");
+    table_free(&t);
     tiny_ckpt_free(ck);
     scratch_remove(model);
     scratch_remove(prompts);

@@ -96,11 +96,11 @@ static void test_answers_from_the_needle(void **state)
     kvsim_run_free(&r);
     char *csv = scratch_read(scratch_path(env->work, "eval.csv", 1));
     char correct[64];
-    csv_field(csv, "full", 3, correct, sizeof correct);
+    csv_field(csv, "full", 4, correct, sizeof correct);
     assert_string_equal(correct, "1");
-    csv_field(csv, "window", 3, correct, sizeof correct);
+    csv_field(csv, "window", 4, correct, sizeof correct);
     assert_string_equal(correct, "0");
-    csv_field(csv, "oracle", 3, correct, sizeof correct);
+    csv_field(csv, "oracle", 4, correct, sizeof correct);
     assert_string_equal(correct, "1");
     free(csv);
 }

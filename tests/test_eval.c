@@ -31,6 +31,17 @@ typedef struct {
     PromptTokens prompt;
 } Env;
 
+/* The prompt's spans: prefill [0, n_prompt), then forced tokens up to n_tokens. */
+static void set_split(PromptTokens *p, int n_prompt)
+{
+    static PromptSpan spans[2];
+    p->n_prompt = n_prompt;
+    spans[0] = (PromptSpan){PROMPT_PREFILL, 0, n_prompt};
+    spans[1] = (PromptSpan){PROMPT_FORCED, n_prompt, p->n_tokens};
+    p->spans = spans;
+    p->n_spans = n_prompt < p->n_tokens ? 2 : 1;
+}
+
 static int setup(void **state)
 {
     Env *env = kv_calloc(1, sizeof *env);
@@ -41,7 +52,8 @@ static int setup(void **state)
     KvErr err;
     env->model = model_load(env->dir, &err);
     assert_non_null(env->model);
-    env->prompt.n_tokens = env->prompt.n_prompt = N_PROMPT;
+    env->prompt.n_tokens = N_PROMPT;
+    set_split(&env->prompt, N_PROMPT);
     env->prompt.tokens = kv_malloc(N_PROMPT * sizeof(int32_t));
     env->prompt.segments = kv_calloc(N_PROMPT, sizeof(int32_t));
     for (int t = 0; t < N_PROMPT; t++)
@@ -108,9 +120,10 @@ static void plain_generate(const Env *env, Generation *g)
     run_state_free(s);
 }
 
-static int record_token(void *user, int index, int32_t token, const float *logits)
+static int record_token(void *user, int question, int index, int32_t token, const float *logits)
 {
     Generation *g = user;
+    assert_int_equal(question, 0);
     assert_int_equal(index, g->n);
     g->tokens[g->n] = token;
     memcpy(g->logits[g->n++], logits, sizeof g->logits[0]);
@@ -131,13 +144,13 @@ static void check_same_as_plain(Env *env, const char *type, const char *params)
 {
     Generation plain, live = {0};
     plain_generate(env, &plain);
-    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, "test", NULL);
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST, "test", NULL);
     PolicySpec spec = make_spec("p", type, params);
     EvalHooks hooks = {.user = &live, .on_token = record_token};
     int32_t out[MAX_NEW];
     EvalDecode d;
     KvErr err;
-    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, &d, &err), 0);
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, NULL, &d, &err), 0);
     assert_true(d.applicable);
     int n_forced = env->prompt.n_tokens - env->prompt.n_prompt;
     assert_int_equal(d.n_generated, MAX_NEW);
@@ -152,7 +165,7 @@ static void check_same_as_plain(Env *env, const char *type, const char *params)
     /* A second decode from the same prefill starts from the same state. */
     Generation again = {0};
     hooks.user = &again;
-    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, &d, &err), 0);
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, NULL, &d, &err), 0);
     for (int i = 0; i < plain.n; i++)
         assert_int_equal(again.tokens[i], plain.tokens[i]);
     free(spec.params);
@@ -174,7 +187,7 @@ static void test_window_holding_everything_is_the_plain_forward(void **state)
 static void test_forced_tokens_with_full_are_the_plain_forward(void **state)
 {
     Env *env = *state;
-    env->prompt.n_prompt = N_PREFILLED;
+    set_split(&env->prompt, N_PREFILLED);
     check_same_as_plain(env, "full", "");
     check_same_as_plain(env, "window", "window=64 sinks=0");
 }
@@ -284,20 +297,21 @@ static void checked_layer(void *user, int layer, int t, const Policy *inst, cons
     check_layer(((CheckAndRecord *)user)->chk, layer, t, inst, L, probs, attn_out);
 }
 
-static int recorded_token(void *user, int index, int32_t token, const float *logits)
+static int recorded_token(void *user, int question, int index, int32_t token,
+                          const float *logits)
 {
-    return record_token(((CheckAndRecord *)user)->gen, index, token, logits);
+    return record_token(((CheckAndRecord *)user)->gen, question, index, token, logits);
 }
 
 static void run_checked(Env *env, const char *type, const char *params, AttnCheck *chk,
                         EvalDecode *d)
 {
-    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, "test", NULL);
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST, "test", NULL);
     PolicySpec spec = make_spec("p", type, params);
     EvalHooks hooks = {.user = chk, .on_layer = check_layer};
     int32_t out[MAX_NEW];
     KvErr err;
-    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, d, &err), 0);
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, NULL, d, &err), 0);
     free(spec.params);
     eval_prefill_free(pf);
 }
@@ -325,8 +339,8 @@ static void test_forced_tokens_attend_over_the_window(void **state)
     Env *env = *state;
     Generation first[2][2] = {{{0}}}; /* [split?][full, window] */
     for (int split = 0; split < 2; split++) {
-        env->prompt.n_prompt = split ? N_PREFILLED : N_PROMPT;
-        EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, "test", NULL);
+        set_split(&env->prompt, split ? N_PREFILLED : N_PROMPT);
+        EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST, "test", NULL);
         for (int k = 0; k < 2; k++) {
             PolicySpec spec = k ? make_spec("w", "window", "window=3 sinks=1")
                                 : make_spec("f", "full", "");
@@ -337,7 +351,7 @@ static void test_forced_tokens_attend_over_the_window(void **state)
             int32_t out[MAX_NEW];
             EvalDecode d;
             KvErr err;
-            assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, &d, &err), 0);
+            assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, NULL, &d, &err), 0);
             assert_int_equal(d.forced_steps, split ? N_PROMPT - N_PREFILLED : 0);
             /* Every forced and generated step, every layer, was checked. */
             assert_int_equal(chk.layers_checked, d.decode_steps * 2);
@@ -403,14 +417,14 @@ static void check_topk(void *user, int layer, int t, const Policy *inst, const L
 static void test_oracle_topk_reads_the_live_attention(void **state)
 {
     Env *env = *state;
-    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, "test", NULL);
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST, "test", NULL);
     PolicySpec spec = make_spec("o", "oracle_topk", "budget=4");
     int checked = 0;
     EvalHooks hooks = {.user = &checked, .on_layer = check_topk};
     int32_t out[MAX_NEW];
     EvalDecode d;
     KvErr err;
-    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, &d, &err), 0);
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, NULL, &d, &err), 0);
     assert_int_equal(checked, d.decode_steps * 2);
     assert_true(checked > 0);
     free(spec.params);
@@ -420,12 +434,12 @@ static void test_oracle_topk_reads_the_live_attention(void **state)
 static void test_oracle_future_is_not_applicable(void **state)
 {
     Env *env = *state;
-    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, "test", NULL);
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST, "test", NULL);
     PolicySpec spec = make_spec("o", "oracle_future", "budget=4");
     int32_t out[MAX_NEW];
     EvalDecode d;
     KvErr err;
-    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, NULL, out, &d, &err), 0);
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, NULL, out, NULL, &d, &err), 0);
     assert_false(d.applicable);
     assert_int_equal(d.n_generated, 0);
     free(spec.params);
@@ -433,26 +447,149 @@ static void test_oracle_future_is_not_applicable(void **state)
 }
 
 /* on_token stops generation; the stop is the caller's. */
-static int stop_after_three(void *user, int index, int32_t token, const float *logits)
+static int stop_after_three(void *user, int question, int index, int32_t token,
+                            const float *logits)
 {
-    (void)user, (void)token, (void)logits;
+    (void)user, (void)question, (void)token, (void)logits;
     return index == 2;
 }
 
 static void test_generation_stops_when_asked(void **state)
 {
     Env *env = *state;
-    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, "test", NULL);
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST, "test", NULL);
     PolicySpec spec = make_spec("f", "full", "");
     EvalHooks hooks = {.on_token = stop_after_three};
     int32_t out[MAX_NEW];
     EvalDecode d;
     KvErr err;
-    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, &d, &err), 0);
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, NULL, &d, &err), 0);
     assert_int_equal(d.n_generated, 3);
     assert_int_equal(d.decode_steps, 2);
     free(spec.params);
     eval_prefill_free(pf);
+}
+
+/* ---- Conversations ---- */
+
+enum { TURN1 = 6, ANSWER1 = 2 }; /* the first turn's tokens, and its answer's */
+
+/* Stops the first answer after ANSWER1 tokens and records the second's tokens and logits. */
+static int conversation_token(void *user, int question, int index, int32_t token,
+                              const float *logits)
+{
+    if (question == 0)
+        return index == ANSWER1 - 1;
+    return record_token(user, 0, index, token, logits);
+}
+
+/* A conversation with a cache that holds everything is the plain forward pass over the whole
+ * dialogue (first turn, the model's own first answer, the second turn), whether the cache
+ * persists or the history is re-encoded; the bookkeeping of positions and prefill tokens
+ * follows the spans. */
+static void test_conversation_with_full_is_the_plain_forward(void **state)
+{
+    Env *env = *state;
+    PromptTokens *p = &env->prompt;
+    PromptSpan spans[3] = {{PROMPT_PREFILL, 0, TURN1}, {PROMPT_GENERATE, TURN1, TURN1},
+                           {PROMPT_PREFILL, TURN1, N_PROMPT}};
+    p->spans = spans;
+    p->n_spans = 3;
+    p->n_prompt = TURN1;
+    for (int t = 0; t < N_PROMPT; t++)
+        p->segments[t] = t < TURN1 ? 1 : 2;
+    assert_int_equal(eval_questions(p), 2);
+
+    /* The plain run: turn 1, its greedy answer, turn 2, then the greedy second answer. */
+    int n = N_PROMPT + ANSWER1;
+    int32_t dialogue[N_PROMPT + ANSWER1];
+    RunState *s = run_state_new(env->model, n + MAX_NEW, 8);
+    const float *logits = forward_prompt(s, p->tokens, TURN1, NULL);
+    memcpy(dialogue, p->tokens, TURN1 * sizeof *dialogue);
+    for (int i = 0; i < ANSWER1; i++) {
+        dialogue[TURN1 + i] = argmax_token(logits, VOCAB);
+        logits = forward_tokens(s, &dialogue[TURN1 + i], 1, 1, NULL);
+    }
+    memcpy(dialogue + TURN1 + ANSWER1, p->tokens + TURN1, (N_PROMPT - TURN1) * sizeof *dialogue);
+    logits = forward_prompt(s, dialogue + TURN1 + ANSWER1, N_PROMPT - TURN1, NULL);
+    Generation plain = {0};
+    while (plain.n < MAX_NEW) {
+        int next = argmax_token(logits, VOCAB);
+        memcpy(plain.logits[plain.n], logits, sizeof plain.logits[0]);
+        plain.tokens[plain.n++] = next;
+        logits = forward_tokens(s, &plain.tokens[plain.n - 1], 1, 1, NULL);
+    }
+    run_state_free(s);
+
+    static const RunHistory modes[] = {HISTORY_PERSIST, HISTORY_REENCODE, HISTORY_PREFIX};
+    for (int m = 0; m < 3; m++)
+        for (int k = 0; k < 2; k++) {
+            EvalPrefill *pf = eval_prefill(env->model, p, 2, MAX_NEW, modes[m], "test", NULL);
+            PolicySpec spec = k ? make_spec("w", "window", "window=64 sinks=0")
+                                : make_spec("f", "full", "");
+            Generation live = {0};
+            EvalHooks hooks = {.user = &live, .on_token = conversation_token};
+            int32_t out[2 * MAX_NEW];
+            EvalAnswer ans[2];
+            EvalDecode d;
+            KvErr err;
+            assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, ans, &d, &err), 0);
+            assert_int_equal(ans[0].n_generated, ANSWER1);
+            assert_int_equal(ans[0].turn, 1);
+            assert_int_equal(ans[0].position, TURN1);
+            assert_int_equal(ans[1].turn, 2);
+            assert_int_equal(ans[1].position, N_PROMPT + ANSWER1);
+            assert_int_equal(ans[1].n_generated, MAX_NEW);
+            assert_int_equal(d.n_generated, ANSWER1 + MAX_NEW);
+            /* persist computes the new turn's tokens; reencode every token after the first span */
+            assert_int_equal(d.prefill_tokens, modes[m] == HISTORY_PERSIST
+                                                   ? N_PROMPT - TURN1
+                                                   : N_PROMPT - TURN1 + ANSWER1);
+            /* the first answer's tokens are all fed (the second turn follows), the last
+             * answer's but its last */
+            assert_int_equal(d.decode_steps, ANSWER1 + MAX_NEW - 1);
+            for (int i = 0; i < ANSWER1; i++)
+                assert_int_equal(out[i], dialogue[TURN1 + i]);
+            for (int i = 0; i < MAX_NEW; i++) {
+                assert_int_equal(out[MAX_NEW + i], plain.tokens[i]);
+                assert_true(rel_diff(live.logits[i], plain.logits[i], VOCAB) <= 1e-5);
+            }
+            free(spec.params);
+            eval_prefill_free(pf);
+        }
+    set_split(p, N_PROMPT);
+    memset(p->segments, 0, N_PROMPT * sizeof *p->segments);
+}
+
+/* A small window that persists: the second turn's tokens attend over what the window kept plus
+ * the turn so far, so its answer differs from the re-encoded history's, which attends over
+ * everything; a window holding every token gives the same answer both ways (above). */
+static void test_persisted_window_is_not_the_reencoded_one(void **state)
+{
+    Env *env = *state;
+    PromptTokens *p = &env->prompt;
+    PromptSpan spans[3] = {{PROMPT_PREFILL, 0, TURN1}, {PROMPT_GENERATE, TURN1, TURN1},
+                           {PROMPT_PREFILL, TURN1, N_PROMPT}};
+    p->spans = spans;
+    p->n_spans = 3;
+    p->n_prompt = TURN1;
+    Generation g[2] = {{0}};
+    for (int m = 0; m < 2; m++) {
+        EvalPrefill *pf = eval_prefill(env->model, p, 1, MAX_NEW,
+                                       m ? HISTORY_REENCODE : HISTORY_PERSIST, "test", NULL);
+        PolicySpec spec = make_spec("w", "window", "window=2 sinks=1");
+        EvalHooks hooks = {.user = &g[m], .on_token = conversation_token};
+        int32_t out[2 * MAX_NEW];
+        EvalDecode d;
+        KvErr err;
+        assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, &hooks, out, NULL, &d, &err), 0);
+        /* after the last step: sinks + window slots, 2 KV heads, 2 layers, K+V of 16 dims */
+        assert_true(fabs(d.device_bytes - 3 * 2 * 2 * 64.0) < 1e-9);
+        free(spec.params);
+        eval_prefill_free(pf);
+    }
+    assert_true(rel_diff(g[0].logits[0], g[1].logits[0], VOCAB) > 1e-3);
+    set_split(p, N_PROMPT);
 }
 
 int main(void)
@@ -473,6 +610,10 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_oracle_future_is_not_applicable, setup, teardown),
         cmocka_unit_test_setup_teardown(test_generation_stops_when_asked, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_conversation_with_full_is_the_plain_forward, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_persisted_window_is_not_the_reencoded_one, setup,
+                                        teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -235,26 +235,28 @@ static void test_accuracy_and_determinism(void **state)
     assert_int_equal(occurrences(per1, "\nfuture,"), 0);
 
     char f[16][64];
-    assert_int_equal(csv_row(csv1, "full", f, 16), 9);
+    assert_int_equal(csv_row(csv1, "full", f, 16), 10);
     assert_string_equal(f[1], "full");
-    assert_string_equal(f[2], "3");
-    assert_string_equal(f[3], "3");
-    assert_string_equal(f[4], "1");
-    assert_string_equal(f[5], "1"); /* agreement with itself */
-    assert_int_equal(csv_row(csv1, "wide", f, 16), 9);
-    assert_string_equal(f[4], "1");
+    assert_string_equal(f[2], "3"); /* prompts */
+    assert_string_equal(f[3], "3"); /* questions: one each */
+    assert_string_equal(f[4], "3");
     assert_string_equal(f[5], "1");
+    assert_string_equal(f[6], "1"); /* agreement with itself */
+    assert_int_equal(csv_row(csv1, "wide", f, 16), 10);
+    assert_string_equal(f[5], "1");
+    assert_string_equal(f[6], "1");
     /* the small window: a number of correct answers in [0, 3], its accuracy that over 3 */
-    assert_int_equal(csv_row(csv1, "w3", f, 16), 9);
-    int correct = atoi(f[3]);
+    assert_int_equal(csv_row(csv1, "w3", f, 16), 10);
+    int correct = atoi(f[4]);
     assert_true(correct >= 0 && correct <= 3);
-    assert_true(fabs(atof(f[4]) - correct / 3.0) < 1e-5);
+    assert_true(fabs(atof(f[5]) - correct / 3.0) < 1e-5);
     /* device bytes: 3 slots x 2 KV heads x 2 layers x (K+V of 16 dims at 16 bits) */
-    assert_true(fabs(atof(f[6]) - 3 * 2 * 2 * 64.0) < 1e-9);
-    assert_int_equal(csv_row(csv1, "future", f, 16), 9);
+    assert_true(fabs(atof(f[7]) - 3 * 2 * 2 * 64.0) < 1e-9);
+    assert_int_equal(csv_row(csv1, "future", f, 16), 10);
     assert_string_equal(f[1], "oracle_future");
     assert_string_equal(f[2], "3");
-    for (int i = 3; i < 9; i++) /* correct .. generated_tokens_mean: does not apply */
+    assert_string_equal(f[3], "3");
+    for (int i = 4; i < 10; i++) /* correct .. generated_tokens_mean: does not apply */
         assert_string_equal(f[i], "");
     /* every answer full gave is the expected one, in the per-prompt file */
     for (int i = 0; i < N_PROMPTS; i++)
@@ -264,6 +266,113 @@ static void test_accuracy_and_determinism(void **state)
     free(per1);
     free(per2);
     scratch_remove(out2);
+}
+
+/* The rows of `csv` whose first field is `label`, in order, concatenated. */
+static char *rows_of(const char *csv, const char *label)
+{
+    size_t len = strlen(label), n = 0;
+    char *out = kv_calloc(strlen(csv) + 1, 1);
+    for (const char *line = csv; line && *line;) {
+        const char *end = strchr(line, '\n');
+        size_t k = end ? (size_t)(end - line + 1) : strlen(line);
+        if (!strncmp(line, label, len) && line[len] == ',') {
+            memcpy(out + n, line, k);
+            n += k;
+        }
+        line = end ? end + 1 : NULL;
+    }
+    return out;
+}
+
+/* Conversations: one question per generation point, each answered through the same evolving
+ * cache. Answers are whatever the model says (the expected ones are arbitrary): what is checked
+ * is the bookkeeping and that a cache that holds everything answers as full does in every
+ * history mode, persist and reencode alike. */
+static void test_conversations(void **state)
+{
+    Env *env = *state;
+    char *conv = scratch_create(), *out[3] = {scratch_create(), scratch_create(), scratch_create()};
+    scratch_write(scratch_path(conv, "c0.txt", 0),
+                  "the thin tin in the hat[[generate]] then the other tin[[generate]] the hat "
+                  "in[[generate]]");
+    scratch_write(scratch_path(conv, "c0.answer", 1), "tin\t1\nhat\t1\nin\t2\n");
+    scratch_write(scratch_path(conv, "c1.txt", 0), "other hat[[generate]] thin tin");
+    scratch_write(scratch_path(conv, "c1.answer", 1), "the\nthe\t2\n");
+    char cfg[2][4096];
+    static const char *const modes[2] = {"persist", "reencode"};
+    for (int m = 0; m < 2; m++) {
+        char name[32], text[512];
+        snprintf(name, sizeof name, "conv_%s.ini", modes[m]);
+        snprintf(cfg[m], sizeof cfg[m], "%s", scratch_path(env->out, name, 0));
+        snprintf(text, sizeof text,
+                 "[run]\nthreads = 1\nhistory = %s\n"
+                 "[policy.full]\ntype = full\n"
+                 "[policy.wide]\ntype = window\nwindow = 256\nsinks = 0\n"
+                 "[policy.w3]\ntype = window\nwindow = 2\nsinks = 1\n", modes[m]);
+        scratch_write(cfg[m], text);
+    }
+    const char *runs[3][2] = {{cfg[0], "--threads 1"}, {cfg[0], "--threads 2"},
+                              {cfg[1], "--threads 2"}};
+    for (int r = 0; r < 3; r++) {
+        KvsimRun k = eval_run(env, runs[r][0], env->model, conv, out[r], runs[r][1]);
+        assert_int_equal(k.status, 0);
+        kvsim_run_free(&k);
+    }
+    char *csv[3], *per[3], *turns[3];
+    for (int r = 0; r < 3; r++) {
+        csv[r] = scratch_read(scratch_path(out[r], "eval.csv", 0));
+        per[r] = scratch_read(scratch_path(out[r], "eval_prompts.csv", 1));
+        turns[r] = scratch_read(scratch_path(out[r], "eval_turns.csv", 2));
+    }
+    /* any thread count */
+    assert_string_equal(csv[0], csv[1]);
+    assert_string_equal(per[0], per[1]);
+    assert_string_equal(turns[0], turns[1]);
+    /* 2 prompts, 5 questions: 3 generation points in c0 (the trailing marker is the final
+     * one), 2 in c1 */
+    char f[16][64];
+    for (int r = 0; r < 3; r += 2) {
+        assert_int_equal(csv_row(csv[r], "full", f, 16), 10);
+        assert_string_equal(f[2], "2");
+        assert_string_equal(f[3], "5");
+        assert_string_equal(f[6], "1");
+        int correct = atoi(f[4]);
+        assert_true(fabs(atof(f[5]) - correct / 5.0) < 1e-6);
+        /* a window holding every token answers every question as full does */
+        assert_int_equal(csv_row(csv[r], "wide", f, 16), 10);
+        assert_string_equal(f[6], "1");
+        assert_int_equal(occurrences(per[r], "\nfull,c0,"), 3);
+        assert_int_equal(occurrences(per[r], "\nfull,c1,"), 2);
+    }
+    /* question, turn, distance of each row: c0's turns 1, 2, 3 with facts in 1, 1, 2; c1's
+     * turns 1 and 2, the first without a fact turn */
+    assert_non_null(strstr(per[0], "\nfull,c0,0,1,0,"));
+    assert_non_null(strstr(per[0], "\nfull,c0,1,2,1,"));
+    assert_non_null(strstr(per[0], "\nfull,c0,2,3,1,"));
+    assert_non_null(strstr(per[0], "\nfull,c1,0,1,,"));
+    assert_non_null(strstr(per[0], "\nfull,c1,1,2,0,"));
+    /* by turn: 2 questions at turns 1 and 2, 1 at turn 3; by distance: 2 at 0 and 2 at 1 */
+    assert_non_null(strstr(turns[0], "\nfull,full,persist,turn,1,2,"));
+    assert_non_null(strstr(turns[0], "\nfull,full,persist,turn,2,2,"));
+    assert_non_null(strstr(turns[0], "\nfull,full,persist,turn,3,1,"));
+    assert_non_null(strstr(turns[0], "\nfull,full,persist,distance,0,2,"));
+    assert_non_null(strstr(turns[0], "\nfull,full,persist,distance,1,2,"));
+    assert_null(strstr(turns[0], "distance,2,"));
+    assert_non_null(strstr(turns[2], "\nw3,window,reencode,distance,1,2,"));
+    /* full: the same answers, tokens and bytes whether the cache persists or is re-encoded */
+    char *full_p = rows_of(per[0], "full"), *full_r = rows_of(per[2], "full");
+    assert_true(strlen(full_p) > 0);
+    assert_string_equal(full_p, full_r);
+    free(full_p);
+    free(full_r);
+    for (int r = 0; r < 3; r++) {
+        free(csv[r]);
+        free(per[r]);
+        free(turns[r]);
+        scratch_remove(out[r]);
+    }
+    scratch_remove(conv);
 }
 
 static void expect_one_line_error(KvsimRun r, const char *needle)
@@ -301,12 +410,22 @@ static void test_errors(void **state)
                           "chunked.ini:3: prefill_chunk = 16: closed loop prefills the prompt in one "
                           "pass");
     remove(chunked);
-    /* A conversation is refused, naming its file. */
+    /* A conversation's answer file: one line per question, a fact's turn within range. */
     char *turns = scratch_create();
     scratch_write(scratch_path(turns, "two.txt", 0), "the thin tin? [[generate]] the tin?");
-    scratch_write(scratch_path(turns, "two.answer", 1), "tin");
+    scratch_write(scratch_path(turns, "two.answer", 1), "tin\n");
     expect_one_line_error(eval_run(env, config, env->model, turns, env->out, ""),
-                          "two.txt: a prompt of several turns");
+                          "two.answer: 1 answer for the prompt's 2 questions");
+    scratch_write(scratch_path(turns, "two.answer", 1), "tin\ntin\nthe\n");
+    expect_one_line_error(eval_run(env, config, env->model, turns, env->out, ""),
+                          "two.answer:3: more answers than the prompt's 2 questions");
+    scratch_write(scratch_path(turns, "two.answer", 1), "tin\t2\ntin\n");
+    expect_one_line_error(eval_run(env, config, env->model, turns, env->out, ""),
+                          "two.answer:1: after the tab, expected the turn of the fact asked about "
+                          "(an integer from 0 to the question's turn, 1)");
+    scratch_write(scratch_path(turns, "two.answer", 1), "tin\n\ntin\n");
+    expect_one_line_error(eval_run(env, config, env->model, turns, env->out, ""),
+                          "two.answer:2: empty answer");
     scratch_remove(turns);
     KvsimRun r = run_kvsim("eval --model x");
     expect_one_line_error(r, "eval");
@@ -319,6 +438,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_accuracy_and_determinism),
+        cmocka_unit_test(test_conversations),
         cmocka_unit_test(test_errors),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

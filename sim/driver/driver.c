@@ -24,6 +24,21 @@ static uint64_t label_hash(const char *s)
     return h;
 }
 
+static const char *const history_names[] = {"persist", "reencode", "prefix"};
+
+const char *run_history_name(RunHistory h)
+{
+    return history_names[h];
+}
+
+int run_history_parse(const char *name)
+{
+    for (int h = 0; h < (int)(sizeof history_names / sizeof *history_names); h++)
+        if (!strcmp(name, history_names[h]))
+            return h;
+    return -1;
+}
+
 uint64_t policy_instance_seed(uint64_t run_seed, const char *label, int layer)
 {
     return splitmix64(run_seed ^ label_hash(label) ^ splitmix64((uint64_t)layer));

@@ -39,6 +39,20 @@
 #include "policies/policy.h"
 #include "sim/base/pool.h"
 
+/* [run] history: what the policies hold when a prefill span follows a decode run (a later
+ * turn). persist: the caches they kept, the span's tokens arrive on top (a serving engine that
+ * keeps the KV cache between turns). reencode: nothing; the instances are created anew and the
+ * whole history [0, end of the span) is prefilled as one span over the full cache, then
+ * compressed (an application that keeps no cache, re-encoding the conversation every turn).
+ * prefix: as reencode for the policies (the same calls, the same metrics), but the tokens of
+ * segment 0 (the system prompt) count as served from a persisted, uncompressed prefix cache: in
+ * turns.csv they are not computed again and their K/V bytes are carried into the turn (the
+ * phase-1 prefix cache of a local assistant). */
+typedef enum { HISTORY_PERSIST = 0, HISTORY_REENCODE = 1, HISTORY_PREFIX = 2 } RunHistory;
+/* Its name in [run] history ("persist", "reencode", "prefix"), and the mode of a name (-1: none). */
+const char *run_history_name(RunHistory h);
+int run_history_parse(const char *name);
+
 typedef struct {
     char label[64];         /* [policy.LABEL] */
     const PolicyType *type;

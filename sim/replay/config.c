@@ -383,12 +383,9 @@ static int run_key(Loader *ld, const char *key, const char *value, int line)
         e->prefill_chunk = (int)v;
         ld->rc->prefill_chunk_line = line;
     } else if (!strcmp(key, "history")) {
-        if (!strcmp(value, "persist"))
-            e->history = HISTORY_PERSIST;
-        else if (!strcmp(value, "reencode"))
-            e->history = HISTORY_REENCODE;
-        else if (!strcmp(value, "prefix"))
-            e->history = HISTORY_PREFIX;
+        int h = run_history_parse(value);
+        if (h >= 0)
+            e->history = (RunHistory)h;
         else
             return fail_at(ld, line, "history = '%s': expected persist, reencode or prefix", ev);
     } else if (!strcmp(key, "prefill_tflops")) {

@@ -27,16 +27,7 @@
 #include "sim/replay/metric_table.h"
 #include "sim/format/trace.h"
 
-/* [run] history: what the policies hold when a prefill span follows a decode run (a later
- * turn). persist: the caches they kept, the span's tokens arrive on top (a serving engine that
- * keeps the KV cache between turns). reencode: nothing; the instances are created anew and the
- * whole history [0, end of the span) is prefilled as one span over the full cache, then
- * compressed (an application that keeps no cache, re-encoding the conversation every turn).
- * prefix: as reencode for the policies (the same calls, the same metrics), but the tokens of
- * segment 0 (the system prompt) count as served from a persisted, uncompressed prefix cache: in
- * turns.csv they are not computed again and their K/V bytes are carried into the turn (the
- * phase-1 prefix cache of a local assistant). */
-typedef enum { HISTORY_PERSIST = 0, HISTORY_REENCODE = 1, HISTORY_PREFIX = 2 } RunHistory;
+/* RunHistory ([run] history) is sim/driver/driver.h's: replay and eval both follow it. */
 
 /* The turns of a trace: turn 0 is the first span (the prompt) and the decode run after it, turn
  * k the k-th later prefill span and the spans after it up to the next prefill span. Sizes and

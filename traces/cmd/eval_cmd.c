@@ -26,20 +26,33 @@
  * may tokenize differently (a leading space, a merge across the answer's end). */
 enum { EXTRA_NEW_TOKENS = 8 };
 
+/* One expected answer: a line of NAME.answer. */
 typedef struct {
-    char *name;   /* NAME of NAME.txt */
-    char *answer; /* the expected answer, trimmed */
+    char *text;    /* trimmed */
+    int fact_turn; /* the turn (segment) holding the fact asked about; -1: not given */
+} Expected;
+
+typedef struct {
+    char *name; /* NAME of NAME.txt */
+    int n_questions;   /* eval_questions(): one answer per generation point */
+    Expected *answers; /* [n_questions] */
+    int *turns;        /* [n_questions]: each question's turn (question_turns) */
     PromptMarkup markup;
     PromptTokens tokens;
 } EvalPrompt;
 
-/* What one policy did on one prompt. */
+/* What one policy answered to one question. */
 typedef struct {
-    bool applicable;
     bool correct;
     char *answer; /* the answer span of the continuation (see answer_span) */
     int n_generated;
-    double device_bytes, host_bytes;
+} Reply;
+
+/* What one policy did on one prompt. */
+typedef struct {
+    bool applicable;
+    Reply *replies; /* [n_questions] */
+    double device_bytes, host_bytes; /* after the last answer */
 } Outcome;
 
 typedef struct {
@@ -50,9 +63,10 @@ typedef struct {
     int n_policies;
     EvalPrompt *prompts;
     int n_prompts;
-    int max_new;
+    int max_new;       /* per question */
+    int max_questions; /* of any prompt */
     Outcome *outcomes; /* [prompt][policy] */
-    int32_t **tokens;  /* [thread]: the decode's output buffer, max_new tokens */
+    int32_t **tokens;  /* [thread]: the decode's output buffer, max_questions x max_new */
     Progress progress; /* (prompt, policy) pairs finished */
 } EvalJob;
 
@@ -63,38 +77,97 @@ static bool is_space(char ch)
 
 /* ---- Inputs ---- */
 
-/* The first line of NAME.answer, surrounding whitespace trimmed; anything but whitespace after
- * it is an error (an answer is one line). */
-static char *read_answer(const char *path, KvErr *err)
+/* NAME.answer: one line per question, in order (a single prompt has one). A line is the
+ * expected answer, surrounding whitespace trimmed, optionally followed by a tab and the turn that
+ * holds the fact asked about (an integer from 0 to the question's turn), for accuracy by turn
+ * distance. Blank lines after the last answer are ignored. turns[q] is question q's turn. */
+static Expected *read_answers(const char *path, int n_questions, const int *turns, KvErr *err)
 {
     size_t len;
     char *text = kv_read_input(path, 0, &len, err);
     if (!text)
         return NULL;
-    size_t start = 0;
-    while (start < len && text[start] != '\n' && is_space(text[start]))
-        start++;
-    size_t end = start;
-    while (end < len && text[end] != '\n')
-        end++;
-    for (size_t i = end; i < len; i++)
-        if (!is_space(text[i])) {
-            free(text);
-            kv_fail(err, "%s:2: expected the answer on one line, found more text after it", path);
-            return NULL;
+    Expected *ans = kv_calloc((size_t)n_questions, sizeof *ans);
+    int n = 0, line = 0, rc = 0;
+    for (size_t pos = 0; pos < len && rc == 0;) {
+        size_t end = pos;
+        while (end < len && text[end] != '\n')
+            end++;
+        line++;
+        size_t a = pos, b = end;
+        pos = end + 1;
+        while (a < b && is_space(text[a]))
+            a++;
+        if (a == b) {
+            /* blank: allowed only after the last answer */
+            for (size_t i = pos; i < len && rc == 0; i++)
+                if (!is_space(text[i]))
+                    rc = kv_fail(err, "%s:%d: empty answer (expected one non-empty line per "
+                                 "question)", path, line);
+            break;
         }
-    while (end > start && is_space(text[end - 1]))
-        end--;
-    if (end == start) {
-        free(text);
-        kv_fail(err, "%s: empty answer (expected one line of text)", path);
+        if (n == n_questions) {
+            rc = kv_fail(err, "%s:%d: more answers than the prompt's %d question%s (one line per "
+                         "[[generate]], then the final answer)", path, line, n_questions,
+                         n_questions == 1 ? "" : "s");
+            break;
+        }
+        size_t tab = a;
+        while (tab < b && text[tab] != '\t')
+            tab++;
+        ans[n].fact_turn = -1;
+        if (tab < b) {
+            char *endp;
+            size_t f = tab + 1;
+            while (f < b && is_space(text[f]))
+                f++;
+            errno = 0;
+            long turn = f < b ? strtol(text + f, &endp, 10) : -1;
+            while (f < b && endp < text + b && is_space(*endp))
+                endp++;
+            if (f == b || errno || endp != text + b || turn < 0 || turn > turns[n]) {
+                rc = kv_fail(err, "%s:%d: after the tab, expected the turn of the fact asked about "
+                             "(an integer from 0 to the question's turn, %d)", path, line,
+                             turns[n]);
+                break;
+            }
+            ans[n].fact_turn = (int)turn;
+            b = tab;
+        }
+        while (b > a && is_space(text[b - 1]))
+            b--;
+        if (b == a) {
+            rc = kv_fail(err, "%s:%d: empty answer before the tab", path, line);
+            break;
+        }
+        ans[n].text = kv_malloc(b - a + 1);
+        memcpy(ans[n].text, text + a, b - a);
+        ans[n++].text[b - a] = '\0';
+    }
+    if (rc == 0 && n < n_questions)
+        rc = kv_fail(err, "%s: %d answer%s for the prompt's %d question%s (one line per "
+                     "[[generate]], then the final answer)", path, n, n == 1 ? "" : "s",
+                     n_questions, n_questions == 1 ? "" : "s");
+    free(text);
+    if (rc != 0) {
+        for (int i = 0; i < n_questions; i++)
+            free(ans[i].text);
+        free(ans);
         return NULL;
     }
-    char *answer = kv_malloc(end - start + 1);
-    memcpy(answer, text + start, end - start);
-    answer[end - start] = '\0';
-    free(text);
-    return answer;
+    return ans;
+}
+
+/* The turn (segment) of each question of a tokenized prompt: at a generation point, the segment
+ * of the token before it; the final generation's, last_segment. */
+static int *question_turns(const PromptTokens *pt, int last_segment)
+{
+    int *turns = kv_malloc((size_t)eval_questions(pt) * sizeof *turns), q = 0;
+    for (int s = 0; s < pt->n_spans; s++)
+        if (pt->spans[s].kind == PROMPT_GENERATE)
+            turns[q++] = pt->segments[pt->spans[s].start - 1];
+    turns[q] = last_segment;
+    return turns;
 }
 
 static int compare_names(const void *a, const void *b)
@@ -137,7 +210,10 @@ static void prompts_free(EvalPrompt *p, int n)
 {
     for (int i = 0; p && i < n; i++) {
         free(p[i].name);
-        free(p[i].answer);
+        for (int q = 0; p[i].answers && q < p[i].n_questions; q++)
+            free(p[i].answers[q].text);
+        free(p[i].answers);
+        free(p[i].turns);
         prompt_markup_free(&p[i].markup);
         prompt_tokens_free(&p[i].tokens);
     }
@@ -162,21 +238,23 @@ static EvalPrompt *load_prompts(const char *dir, const Model *model, const Token
             rc = kv_fail(err, "%s/%s.txt: no expected answer (%s is missing)", dir, names[i], path);
             continue;
         }
-        if (!(prompts[i].answer = read_answer(path, err))) {
-            rc = -1;
-            continue;
-        }
-        snprintf(path, sizeof path, "%s/%s.txt", dir, names[i]);
-        rc = prompt_file_load(path, tok, model, model_dir, &prompts[i].markup, &prompts[i].tokens,
+        char txt[4400];
+        snprintf(txt, sizeof txt, "%s/%s.txt", dir, names[i]);
+        rc = prompt_file_load(txt, tok, model, model_dir, &prompts[i].markup, &prompts[i].tokens,
                               err);
         if (rc == 0 && prompts[i].tokens.n_tokens == 0)
-            rc = kv_fail(err, "%s: the prompt has no tokens", path);
-        /* One prefill and [[decode]]'s forced tokens: a conversation is not evaluated here. */
+            rc = kv_fail(err, "%s: the prompt has no tokens", txt);
+        if (rc != 0)
+            continue;
         const PromptTokens *pt = &prompts[i].tokens;
-        if (rc == 0 && (pt->n_spans > 2 || (pt->n_spans == 2 && pt->spans[1].kind != PROMPT_FORCED)))
-            rc = kv_fail(err, "%s: a prompt of several turns (%d spans: later user messages, "
-                         "assistant messages or [[generate]]); kvsim eval takes one prompt and "
-                         "its [[decode]] text", path, pt->n_spans);
+        /* A generation point needs the token before it (its logits) */
+        if (pt->n_spans > 1 && pt->spans[1].kind == PROMPT_GENERATE && pt->spans[1].start == 0)
+            rc = kv_fail(err, "%s: [[generate]] before any token", txt);
+        prompts[i].n_questions = eval_questions(pt);
+        prompts[i].turns = question_turns(pt, prompts[i].markup.last_segment);
+        if (rc == 0 && !(prompts[i].answers = read_answers(path, prompts[i].n_questions,
+                                                           prompts[i].turns, err)))
+            rc = -1;
     }
     free(names);
     if (rc != 0) {
@@ -208,18 +286,21 @@ static const char *skip_space(const char *s)
 
 typedef struct {
     const Tokenizer *tok;
-    const int32_t *tokens; /* the decode's output buffer */
-    size_t answer_len;
+    const int32_t *tokens; /* the decode's output buffer: [question][max_new] */
+    int max_new;
+    const Expected *answers;
 } AnswerWatch;
 
-/* Stops generating once the continuation holds a whole answer span that the next token cannot
+/* Stops an answer once its continuation holds a whole answer span that the next token cannot
  * change. */
-static int answer_complete(void *user, int index, int32_t token, const float *logits)
+static int answer_complete(void *user, int question, int index, int32_t token,
+                           const float *logits)
 {
     (void)token, (void)logits;
     const AnswerWatch *w = user;
-    char *text = tokenizer_decode(w->tok, w->tokens, index + 1);
-    bool complete = strlen(skip_space(text)) >= w->answer_len && !ends_unsettled(text);
+    char *text = tokenizer_decode(w->tok, w->tokens + (size_t)question * w->max_new, index + 1);
+    bool complete = strlen(skip_space(text)) >= strlen(w->answers[question].text) &&
+                    !ends_unsettled(text);
     free(text);
     return complete;
 }
@@ -244,31 +325,39 @@ static int eval_prompt(EvalJob *job, int pi, int32_t *tokens, KvErr *err)
     char origin[4400];
     snprintf(origin, sizeof origin, "prompt %s", p->name);
     EvalPrefill *pf = eval_prefill(job->model, &p->tokens, p->markup.last_segment, job->max_new,
-                                   origin, err);
+                                   job->rc->engine.history, origin, err);
     if (!pf)
         return -1;
-    AnswerWatch watch = {job->tok, tokens, strlen(p->answer)};
+    AnswerWatch watch = {job->tok, tokens, job->max_new, p->answers};
     EvalHooks hooks = {.user = &watch, .on_token = answer_complete};
-    for (int k = 0; k < job->n_policies; k++) {
+    EvalAnswer *ans = kv_calloc((size_t)p->n_questions, sizeof *ans);
+    int rc = 0;
+    for (int k = 0; k < job->n_policies && rc == 0; k++) {
         EvalDecode d;
         if (eval_decode(pf, &job->policies[k], job->rc->engine.seed, job->rc->engine.kv_bits,
-                        job->tok, &hooks, tokens, &d, err) != 0) {
-            eval_prefill_free(pf);
-            return -1;
+                        job->tok, &hooks, tokens, ans, &d, err) != 0) {
+            rc = -1;
+            break;
         }
         Outcome *o = &job->outcomes[(size_t)pi * job->n_policies + k];
         o->applicable = d.applicable;
         if (d.applicable) {
-            o->answer = answer_span(job->tok, tokens, d.n_generated, watch.answer_len);
-            o->correct = !strcmp(o->answer, p->answer);
-            o->n_generated = d.n_generated;
+            o->replies = kv_calloc((size_t)p->n_questions, sizeof *o->replies);
+            for (int q = 0; q < p->n_questions; q++) {
+                Reply *r = &o->replies[q];
+                r->answer = answer_span(job->tok, tokens + (size_t)q * job->max_new,
+                                        ans[q].n_generated, strlen(p->answers[q].text));
+                r->correct = !strcmp(r->answer, p->answers[q].text);
+                r->n_generated = ans[q].n_generated;
+            }
             o->device_bytes = d.device_bytes;
             o->host_bytes = d.host_bytes;
         }
         progress_add(&job->progress, 1);
     }
+    free(ans);
     eval_prefill_free(pf);
-    return 0;
+    return rc;
 }
 
 /* Prompt pi, every policy on it; the pool reports the lowest failing prompt, the one a single
@@ -287,7 +376,8 @@ static int run_job(EvalJob *job, int threads, bool progress, KvErr *err)
     Pool *pool = pool_create(pool_threads_for(threads, job->n_prompts));
     job->tokens = kv_calloc((size_t)pool_size(pool), sizeof *job->tokens);
     for (int i = 0; i < pool_size(pool); i++)
-        job->tokens[i] = kv_malloc((size_t)job->max_new * sizeof **job->tokens);
+        job->tokens[i] = kv_malloc((size_t)job->max_questions * job->max_new *
+                                   sizeof **job->tokens);
     progress_begin(&job->progress, progress, "eval", "prompt-policy decodes",
                    (long)job->n_prompts * job->n_policies);
     int rc = pool_for(pool, job->n_prompts, eval_task, job, err);
@@ -301,71 +391,163 @@ static int run_job(EvalJob *job, int threads, bool progress, KvErr *err)
 
 /* ---- Outputs ---- */
 
-/* Not applicable (a policy that needs the future): the numbers are NaN, which the table on
- * stdout prints as "-"; eval.csv has empty fields (write_eval_csv tests `applicable`). */
+/* A policy's score over a set of questions. Not applicable (a policy that needs the future): the
+ * numbers are NaN, which the table on stdout prints as "-"; the CSVs have empty fields. */
 typedef struct {
     bool applicable;
-    int prompts, correct, agree;
+    int prompts, questions, correct, agree;
     double accuracy, agreement, device_bytes, host_bytes, generated;
 } PolicyScore;
 
-/* Reduced in prompt order: the same numbers at any thread count. full is the reference
- * policy's index. */
-static void score_policies(const EvalJob *job, int full, PolicyScore *s)
+/* Which questions a score counts: every one, those of a turn, those at a distance. */
+typedef enum { BY_ALL, BY_TURN, BY_DISTANCE } ScoreBy;
+
+static bool question_counts(const EvalPrompt *p, int q, ScoreBy by, int value)
 {
-    for (int k = 0; k < job->n_policies; k++) {
-        PolicyScore *ps = &s[k];
-        memset(ps, 0, sizeof *ps);
-        ps->applicable = job->outcomes[k].applicable;
-        ps->prompts = job->n_prompts;
-        for (int i = 0; i < job->n_prompts && ps->applicable; i++) {
-            const Outcome *o = &job->outcomes[(size_t)i * job->n_policies + k];
-            const Outcome *f = &job->outcomes[(size_t)i * job->n_policies + full];
-            ps->correct += o->correct;
-            ps->agree += !strcmp(o->answer, f->answer);
-            ps->device_bytes += o->device_bytes;
-            ps->host_bytes += o->host_bytes;
-            ps->generated += o->n_generated;
-        }
-        if (ps->applicable) {
-            ps->accuracy = (double)ps->correct / ps->prompts;
-            ps->agreement = (double)ps->agree / ps->prompts;
-            ps->device_bytes /= ps->prompts;
-            ps->host_bytes /= ps->prompts;
-            ps->generated /= ps->prompts;
-        } else {
-            ps->accuracy = ps->agreement = ps->device_bytes = ps->host_bytes = NAN;
-            ps->generated = NAN;
-        }
+    switch (by) {
+    case BY_TURN:
+        return p->turns[q] == value;
+    case BY_DISTANCE:
+        return p->answers[q].fact_turn >= 0 && p->turns[q] - p->answers[q].fact_turn == value;
+    default:
+        return true;
     }
 }
 
-/* A policy that does not apply in closed loop has empty fields from `correct` on. */
+/* Policy k's score over the questions `by` selects, reduced in prompt order: the same numbers at
+ * any thread count. full is the reference policy's index. Bytes are means over prompts (at
+ * each prompt's last answer), generated tokens a mean over questions. */
+static void score_policy(const EvalJob *job, int k, int full, ScoreBy by, int value,
+                         PolicyScore *ps)
+{
+    memset(ps, 0, sizeof *ps);
+    ps->applicable = job->outcomes[k].applicable;
+    for (int i = 0; i < job->n_prompts; i++) {
+        const EvalPrompt *p = &job->prompts[i];
+        const Outcome *o = &job->outcomes[(size_t)i * job->n_policies + k];
+        const Outcome *f = &job->outcomes[(size_t)i * job->n_policies + full];
+        int counted = 0;
+        for (int q = 0; q < p->n_questions; q++) {
+            if (!question_counts(p, q, by, value))
+                continue;
+            counted++;
+            if (!ps->applicable)
+                continue;
+            ps->correct += o->replies[q].correct;
+            ps->agree += !strcmp(o->replies[q].answer, f->replies[q].answer);
+            ps->generated += o->replies[q].n_generated;
+        }
+        ps->questions += counted;
+        ps->prompts += counted > 0;
+        if (counted && ps->applicable) {
+            ps->device_bytes += o->device_bytes;
+            ps->host_bytes += o->host_bytes;
+        }
+    }
+    if (ps->applicable && ps->questions > 0) {
+        ps->accuracy = (double)ps->correct / ps->questions;
+        ps->agreement = (double)ps->agree / ps->questions;
+        ps->device_bytes /= ps->prompts;
+        ps->host_bytes /= ps->prompts;
+        ps->generated /= ps->questions;
+    } else {
+        ps->accuracy = ps->agreement = ps->device_bytes = ps->host_bytes = NAN;
+        ps->generated = NAN;
+    }
+}
+
+/* The columns from `correct` on; empty where the policy does not apply in closed loop. */
+static void put_score(CsvFile *c, const PolicyScore *s, bool with_bytes)
+{
+    if (!s->applicable) {
+        for (int i = 0; i < (with_bytes ? 6 : 3); i++)
+            csv_put_empty(c);
+        return;
+    }
+    csv_put_int(c, s->correct);
+    csv_put_num(c, s->accuracy);
+    csv_put_num(c, s->agreement);
+    if (with_bytes) {
+        csv_put_count(c, s->device_bytes);
+        csv_put_count(c, s->host_bytes);
+        csv_put_num(c, s->generated);
+    }
+}
+
 static int write_eval_csv(const EvalJob *job, const PolicyScore *s, const char *dir, KvErr *err)
 {
     CsvFile c;
     if (csv_create(&c, dir, "eval.csv",
-                   "policy,type,prompts,correct,accuracy,agreement_with_full,device_bytes_mean,"
-                   "host_bytes_mean,generated_tokens_mean",
+                   "policy,type,prompts,questions,correct,accuracy,agreement_with_full,"
+                   "device_bytes_mean,host_bytes_mean,generated_tokens_mean",
                    err) != 0)
         return -1;
     for (int k = 0; k < job->n_policies; k++) {
         csv_put_text(&c, job->policies[k].label);
         csv_put_text(&c, job->policies[k].type->name);
         csv_put_int(&c, s[k].prompts);
-        if (s[k].applicable) {
-            csv_put_int(&c, s[k].correct);
-            csv_put_num(&c, s[k].accuracy);
-            csv_put_num(&c, s[k].agreement);
-            csv_put_count(&c, s[k].device_bytes);
-            csv_put_count(&c, s[k].host_bytes);
-            csv_put_num(&c, s[k].generated);
-        } else {
-            for (int i = 0; i < 6; i++)
-                csv_put_empty(&c);
-        }
+        csv_put_int(&c, s[k].questions);
+        put_score(&c, &s[k], true);
         csv_end_row(&c);
     }
+    return csv_commit(&c, err);
+}
+
+/* The distinct values `by` takes over every question (distances: only where NAME.answer gives
+ * the fact's turn), ascending, into vals (room for every question); returns their count. */
+static int score_keys(const EvalJob *job, ScoreBy by, int *vals)
+{
+    int n = 0;
+    for (int i = 0; i < job->n_prompts; i++) {
+        const EvalPrompt *p = &job->prompts[i];
+        for (int q = 0; q < p->n_questions; q++) {
+            if (by == BY_DISTANCE && p->answers[q].fact_turn < 0)
+                continue;
+            int v = by == BY_TURN ? p->turns[q] : p->turns[q] - p->answers[q].fact_turn;
+            int j = 0;
+            while (j < n && vals[j] < v)
+                j++;
+            if (j < n && vals[j] == v)
+                continue;
+            memmove(vals + j + 1, vals + j, (size_t)(n - j) * sizeof *vals);
+            vals[j] = v;
+            n++;
+        }
+    }
+    return n;
+}
+
+/* eval_turns.csv: policy x question turn, then policy x turn distance (where given). */
+static int write_turns_csv(const EvalJob *job, int full, const char *dir, KvErr *err)
+{
+    CsvFile c;
+    if (csv_create(&c, dir, "eval_turns.csv",
+                   "policy,type,history,by,value,questions,correct,accuracy,agreement_with_full",
+                   err) != 0)
+        return -1;
+    int n_questions = 0;
+    for (int i = 0; i < job->n_prompts; i++)
+        n_questions += job->prompts[i].n_questions;
+    int *vals = kv_malloc((size_t)n_questions * sizeof *vals);
+    static const ScoreBy bys[] = {BY_TURN, BY_DISTANCE};
+    static const char *const by_names[] = {"turn", "distance"};
+    for (int b = 0; b < 2; b++) {
+        int n_vals = score_keys(job, bys[b], vals);
+        for (int k = 0; k < job->n_policies; k++)
+            for (int v = 0; v < n_vals; v++) {
+                PolicyScore ps;
+                score_policy(job, k, full, bys[b], vals[v], &ps);
+                csv_put_text(&c, job->policies[k].label);
+                csv_put_text(&c, job->policies[k].type->name);
+                csv_put_text(&c, run_history_name(job->rc->engine.history));
+                csv_put_text(&c, by_names[b]);
+                csv_put_int(&c, vals[v]);
+                csv_put_int(&c, ps.questions);
+                put_score(&c, &ps, false);
+                csv_end_row(&c);
+            }
+    }
+    free(vals);
     return csv_commit(&c, err);
 }
 
@@ -373,44 +555,66 @@ static int write_prompts_csv(const EvalJob *job, int full, const char *dir, KvEr
 {
     CsvFile c;
     if (csv_create(&c, dir, "eval_prompts.csv",
-                   "policy,prompt,correct,agrees_with_full,generated_tokens,device_bytes,"
-                   "host_bytes,answer,expected",
+                   "policy,prompt,question,turn,distance,correct,agrees_with_full,"
+                   "generated_tokens,device_bytes,host_bytes,answer,expected",
                    err) != 0)
         return -1;
     for (int k = 0; k < job->n_policies; k++)
         for (int i = 0; i < job->n_prompts; i++) {
+            const EvalPrompt *p = &job->prompts[i];
             const Outcome *o = &job->outcomes[(size_t)i * job->n_policies + k];
             const Outcome *f = &job->outcomes[(size_t)i * job->n_policies + full];
             if (!o->applicable)
                 continue;
-            csv_put_text(&c, job->policies[k].label);
-            csv_put_text(&c, job->prompts[i].name);
-            csv_put_int(&c, o->correct);
-            csv_put_int(&c, !strcmp(o->answer, f->answer));
-            csv_put_int(&c, o->n_generated);
-            csv_put_count(&c, o->device_bytes);
-            csv_put_count(&c, o->host_bytes);
-            csv_put_text(&c, o->answer);
-            csv_put_text(&c, job->prompts[i].answer);
-            csv_end_row(&c);
+            for (int q = 0; q < p->n_questions; q++) {
+                const Reply *r = &o->replies[q];
+                csv_put_text(&c, job->policies[k].label);
+                csv_put_text(&c, p->name);
+                csv_put_int(&c, q);
+                csv_put_int(&c, p->turns[q]);
+                if (p->answers[q].fact_turn >= 0)
+                    csv_put_int(&c, p->turns[q] - p->answers[q].fact_turn);
+                else
+                    csv_put_empty(&c);
+                csv_put_int(&c, r->correct);
+                csv_put_int(&c, !strcmp(r->answer, f->replies[q].answer));
+                csv_put_int(&c, r->n_generated);
+                csv_put_count(&c, o->device_bytes);
+                csv_put_count(&c, o->host_bytes);
+                csv_put_text(&c, r->answer);
+                csv_put_text(&c, p->answers[q].text);
+                csv_end_row(&c);
+            }
         }
     return csv_commit(&c, err);
 }
 
-static void print_table(const EvalJob *job, const PolicyScore *s, FILE *out)
+static void print_table(const EvalJob *job, const PolicyScore *s, int full, FILE *out)
 {
     int w = 6;
     for (int k = 0; k < job->n_policies; k++)
         if ((int)strlen(job->policies[k].label) > w)
             w = (int)strlen(job->policies[k].label);
-    fprintf(out, "%-*s  %-13s %8s %8s %7s %10s %10s\n", w, "policy", "type", "correct",
+    /* Accuracy by turn distance, when the answers give the facts' turns and more than one
+     * distance occurs. */
+    int n_questions = 0;
+    for (int i = 0; i < job->n_prompts; i++)
+        n_questions += job->prompts[i].n_questions;
+    int *dist = kv_malloc((size_t)n_questions * sizeof *dist);
+    int n_dist = score_keys(job, BY_DISTANCE, dist);
+    if (n_dist < 2)
+        n_dist = 0;
+    fprintf(out, "%-*s  %-13s %8s %8s %7s %10s %10s", w, "policy", "type", "correct",
             "accuracy", "agree", "device", "host");
+    for (int d = 0; d < n_dist; d++)
+        fprintf(out, "    d=%-2d", dist[d]);
+    fputc('\n', out);
     for (int k = 0; k < job->n_policies; k++) {
         char dev[32], host[32], correct[32], acc[16], agree[16];
         format_bytes(s[k].device_bytes, dev, sizeof dev);
         format_bytes(s[k].host_bytes, host, sizeof host);
         if (s[k].applicable) {
-            snprintf(correct, sizeof correct, "%d/%d", s[k].correct, s[k].prompts);
+            snprintf(correct, sizeof correct, "%d/%d", s[k].correct, s[k].questions);
             snprintf(acc, sizeof acc, "%.3f", s[k].accuracy);
             snprintf(agree, sizeof agree, "%.3f", s[k].agreement);
         } else {
@@ -418,9 +622,19 @@ static void print_table(const EvalJob *job, const PolicyScore *s, FILE *out)
             snprintf(acc, sizeof acc, "-");
             snprintf(agree, sizeof agree, "-");
         }
-        fprintf(out, "%-*s  %-13s %8s %8s %7s %10s %10s\n", w, job->policies[k].label,
+        fprintf(out, "%-*s  %-13s %8s %8s %7s %10s %10s", w, job->policies[k].label,
                 job->policies[k].type->name, correct, acc, agree, dev, host);
+        for (int d = 0; d < n_dist; d++) {
+            PolicyScore ps;
+            score_policy(job, k, full, BY_DISTANCE, dist[d], &ps);
+            if (ps.applicable)
+                fprintf(out, "  %6.3f", ps.accuracy);
+            else
+                fprintf(out, "  %6s", "-");
+        }
+        fputc('\n', out);
     }
+    free(dist);
 }
 
 /* ---- The command ---- */
@@ -482,18 +696,21 @@ static int eval_main(const EvalOptions *o, KvErr *err)
         !(tok = checkpoint_tokenizer_load(o->model_dir, err)) ||
         !(prompts = load_prompts(o->prompts_dir, model, tok, o->model_dir, &n_prompts, err)))
         goto done;
-    int max_new = o->max_new;
-    if (max_new == 0)
-        for (int i = 0; i < n_prompts; i++) {
+    int max_new = o->max_new, max_questions = 0;
+    for (int i = 0; i < n_prompts; i++) {
+        if (prompts[i].n_questions > max_questions)
+            max_questions = prompts[i].n_questions;
+        for (int q = 0; q < prompts[i].n_questions && o->max_new == 0; q++) {
+            const char *a = prompts[i].answers[q].text;
             int32_t *ids;
             int n;
-            if (tokenizer_encode(tok, prompts[i].answer, strlen(prompts[i].answer), &ids, &n,
-                                 err) != 0)
+            if (tokenizer_encode(tok, a, strlen(a), &ids, &n, err) != 0)
                 goto done;
             free(ids);
             if (n + EXTRA_NEW_TOKENS > max_new)
                 max_new = n + EXTRA_NEW_TOKENS;
         }
+    }
     if (policies != rc.engine.policies && !o->quiet)
         fprintf(stderr, "kvsim eval: no policy of type full in %s: added one, labelled full, "
                 "as the reference\n", o->config);
@@ -501,31 +718,38 @@ static int eval_main(const EvalOptions *o, KvErr *err)
     outcomes = kv_calloc((size_t)n_prompts * n_policies, sizeof *outcomes);
     EvalJob job = {.model = model, .tok = tok, .rc = &rc, .policies = policies,
                    .n_policies = n_policies, .prompts = prompts, .n_prompts = n_prompts,
-                   .max_new = max_new, .outcomes = outcomes};
+                   .max_new = max_new, .max_questions = max_questions,
+                   .outcomes = outcomes};
     double started = now_seconds();
     int threads = o->threads >= 0 ? o->threads : rc.engine.threads;
     if (run_job(&job, threads, !o->quiet && isatty(STDERR_FILENO), err) != 0)
         goto done;
     scores = kv_calloc((size_t)n_policies, sizeof *scores);
-    score_policies(&job, full, scores);
+    for (int k = 0; k < n_policies; k++)
+        score_policy(&job, k, full, BY_ALL, 0, &scores[k]);
     if (make_dirs(rc.out_dir, err) != 0 || write_eval_csv(&job, scores, rc.out_dir, err) != 0 ||
-        write_prompts_csv(&job, full, rc.out_dir, err) != 0)
+        write_prompts_csv(&job, full, rc.out_dir, err) != 0 ||
+        write_turns_csv(&job, full, rc.out_dir, err) != 0)
         goto done;
     if (!o->quiet) {
         printf("eval %s: %s, %d prompts, %d policies, up to %d new tokens, %.1fs\n", o->config,
                o->model_dir, n_prompts, n_policies, max_new, now_seconds() - started);
-        print_table(&job, scores, stdout);
+        print_table(&job, scores, full, stdout);
         for (int k = 0; k < n_policies; k++)
             if (!scores[k].applicable)
                 printf("%s: not applicable in closed loop (%s needs the future of the run, "
                        "which depends on the policy itself)\n", policies[k].label,
                        policies[k].type->name);
-        printf("wrote %s/eval.csv, eval_prompts.csv\n", rc.out_dir);
+        printf("wrote %s/eval.csv, eval_prompts.csv, eval_turns.csv\n", rc.out_dir);
     }
     rc_status = 0;
 done:
-    for (int i = 0; outcomes && i < n_prompts * n_policies; i++)
-        free(outcomes[i].answer);
+    for (int i = 0; outcomes && i < n_prompts * n_policies; i++) {
+        int nq = prompts[i / n_policies].n_questions;
+        for (int q = 0; outcomes[i].replies && q < nq; q++)
+            free(outcomes[i].replies[q].answer);
+        free(outcomes[i].replies);
+    }
     free(outcomes);
     free(scores);
     if (policies && policies != rc.engine.policies) {

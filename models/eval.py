@@ -198,7 +198,12 @@ def conversation_questions(r, i):
 
 def make_conversation(tok, corpus, seed, i):
     """(marked text, answer lines, info) of conversation i. Turn k's text: "\n\n" for k > 1,
-    document part k with its facts in needle markers, "\n\nNote: <key>", then [[generate]]."""
+    document part k with its facts in needle markers, [[decode]], "\n\nNote: <key>", then
+    [[generate]]. The [[decode]] marker feeds each question one token at a time through the
+    policy's cache, after the turn's document part was prefilled (and, when the history is
+    re-encoded, compressed), as kvpress asks a question of a compressed context: without it the
+    question would be prefilled with the document, read with the full cache, and a one-token
+    answer would come from the prefill, the same for every policy."""
     r = random.Random(seed)
     parts = conversation_parts(corpus, r)
     questions = conversation_questions(r, i)
@@ -207,6 +212,7 @@ def make_conversation(tok, corpus, seed, i):
     texts = []       # each turn's marked text
     fact_span = {}   # (part, fact index) -> token span in ids
     gen_at = []      # len(ids) at each [[generate]]
+    decode_at = []   # len(ids) at each [[decode]]
     turn_tokens = []
     for k, (pids, facts) in enumerate(parts, 1):
         t0 = len(ids)
@@ -216,16 +222,18 @@ def make_conversation(tok, corpus, seed, i):
             fact_span[(k, f)] = [off + a, off + b]
         _, j, f = questions[k - 1]
         qids = nl2 + corpus.question(parts[j - 1][1][f][2])
-        ids += lead + pids + qids
+        ids += lead + pids
+        decode_at.append(len(ids))
+        ids += qids
         gen_at.append(len(ids))
         turn_tokens.append(len(ids) - t0)
         texts.append(tok.decode(lead) +
                      mark_needles(tok, pids, [(a, b) for a, b, _, _ in facts], 0) +
-                     tok.decode(qids) + "[[generate]]")
+                     "[[decode]]" + tok.decode(qids) + "[[generate]]")
     marked = "".join(texts)
     # kvsim tokenizes the text between markers piece by piece: the pieces must give exactly
     # these ids, the needles the facts' spans and the generation points the questions' ends
-    got, needles, gens = [], [], []
+    got, needles, gens, decodes = [], [], [], []
     pos = 0
     for m in MARKER_RE.finditer(marked):
         got += tok.encode(marked[pos:m.start()])
@@ -235,12 +243,15 @@ def make_conversation(tok, corpus, seed, i):
             needles[-1].append(len(got))
         elif m.group() == "[[generate]]":
             gens.append(len(got))
+        elif m.group() == "[[decode]]":
+            decodes.append(len(got))
         pos = m.end()
     assert pos == len(marked), "the conversation ends with [[generate]]"
     assert got == ids, "the conversation's pieces do not tokenize to the intended ids"
     assert needles == [fact_span[(k, f)] for k in range(1, CONV_TURNS + 1)
                        for f in range(CONV_FACTS_PER_PART)]
     assert gens == gen_at
+    assert decodes == decode_at
     answers, qinfo = [], []
     for k, j, f in questions:
         a, b = fact_span[(j, f)]

@@ -276,6 +276,19 @@ static void test_plain_text_turns(void **state)
     prompt_tokens_free(&t);
     prompt_markup_free(&m);
 
+    /* [[decode]] once in each turn: each turn's question is fed through the cache. */
+    tokenize("Doc A.[[decode]] Q1?[[generate]] Doc B.[[decode]] Q2?", -1, &m, &t);
+    assert_text(&t, 0, "Doc A. Q1? Doc B. Q2?");
+    int d1 = (int)strlen("Doc A."), g1 = (int)strlen("Doc A. Q1?");
+    int d2 = g1 + (int)strlen(" Doc B.");
+    const PromptSpan twice[] = {{PROMPT_PREFILL, 0, d1},  {PROMPT_FORCED, d1, g1},
+                                {PROMPT_GENERATE, g1, g1}, {PROMPT_PREFILL, g1, d2},
+                                {PROMPT_FORCED, d2, t.n_tokens}};
+    assert_spans(&t, twice, 5);
+    assert_int_equal(t.n_prompt, d1);
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+
     /* One turn: one prefill span, then [[decode]]'s forced run, as before turns existed. */
     tokenize("Pin 42.[[decode]] Pin?", 0, &m, &t);
     assert_spans(&t, (const PromptSpan[]){{PROMPT_PREFILL, 0, 8}, {PROMPT_FORCED, 8, 13}}, 2);
@@ -342,8 +355,9 @@ static void test_bad_markup(void **state)
     expect_error("[{\"role\": \"user\", \"content\": \"[[decode]]hi\"}]",
                  "nothing before [[decode]]");
     expect_error("[{\"role\": \"user\", \"content\": \"a[[decode]]b\"}, "
-                 "{\"role\": \"user\", \"content\": \"[[decode]]c\"}]",
-                 "message 2: line 1: a second [[decode]]");
+                 "{\"role\": \"assistant\", \"content\": \"[[decode]]c\"}]",
+                 "message 2: line 1: a second [[decode]] in one turn");
+    expect_error("x[[decode]]a[[generate]]b[[decode]]c[[decode]]d", "a second [[decode]] in one turn");
     /* Conversations (issue 12): each error names the message. */
     expect_error("[{\"role\": \"system\", \"content\": \"a\"}, "
                  "{\"role\": \"system\", \"content\": \"b\"}]",

@@ -24,7 +24,7 @@ typedef struct {
     int in_needle;
     int needle_has_text;
     int n_needles;
-    int seen_decode;
+    int seen_decode;   /* a [[decode]] in this turn */
     int decode_forced; /* after [[decode]], until the turn ends */
     int assistant;     /* inside an assistant message's content: forced */
     int is_chat;
@@ -77,8 +77,8 @@ static int mark_decode(Builder *b, const char *origin, const char *text, size_t 
     if (b->in_needle)
         return kv_fail(err, "%s: line %d: [[decode]] inside a needle", origin, text_line_at(text, at));
     if (b->seen_decode)
-        return kv_fail(err, "%s: line %d: a second [[decode]] (at most one is allowed)", origin,
-                       text_line_at(text, at));
+        return kv_fail(err, "%s: line %d: a second [[decode]] in one turn (at most one per turn)",
+                       origin, text_line_at(text, at));
     b->seen_decode = 1;
     push_marker(b, PIECE_DECODE);
     b->decode_forced = 1;
@@ -96,7 +96,7 @@ static int mark_generate(Builder *b, const char *origin, const char *text, size_
         return kv_fail(err, "%s: line %d: an empty turn before [[generate]] (expected text for "
                        "the model to answer)", origin, text_line_at(text, at));
     push_marker(b, PIECE_GENERATE);
-    b->decode_forced = 0;
+    b->decode_forced = b->seen_decode = 0;
     b->turn_text = 0;
     b->segment++; /* flushed by push_marker: the next text is the next turn */
     return 0;
@@ -255,7 +255,7 @@ static int parse_chat(const char *origin, const cJSON *chat, Builder *b, KvErr *
         b->assistant = 0;
         if (user && last_role && !(i == 1 && !strcmp(last_role, "system"))) {
             push_marker(b, PIECE_SPAN);
-            b->decode_forced = 0;
+            b->decode_forced = b->seen_decode = 0;
         }
         if (last_role && !strcmp(last_role, "assistant"))
             append(b, "\n\n", 2);
@@ -483,7 +483,8 @@ int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn en
                     int bos, PromptTokens *out, KvErr *err)
 {
     memset(out, 0, sizeof *out);
-    int cap = 0, has_decode = 0, decode_at = -1, split = 0;
+    int cap = 0, split = 0, n_decodes = 0;
+    int *decode_at = NULL; /* [n_decodes]: the token each [[decode]] precedes */
     if (bos >= 0) {
         push_token(out, bos, 0, &cap);
         extend_spans(out, PROMPT_PREFILL, 1, &split);
@@ -493,11 +494,12 @@ int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn en
         if (p->kind == PIECE_DECODE) {
             if (out->n_tokens == (bos >= 0)) {
                 prompt_tokens_free(out);
+                free(decode_at);
                 return kv_fail(err, "%s: nothing before [[decode]] (expected the prompt text "
                                "that is prefilled)", origin);
             }
-            has_decode = 1;
-            decode_at = out->n_tokens;
+            decode_at = kv_realloc(decode_at, (size_t)(n_decodes + 1) * sizeof *decode_at);
+            decode_at[n_decodes++] = out->n_tokens;
             continue;
         }
         if (p->kind == PIECE_SPAN) {
@@ -507,6 +509,7 @@ int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn en
         if (p->kind == PIECE_GENERATE) {
             if (out->n_tokens == (bos >= 0)) {
                 prompt_tokens_free(out);
+                free(decode_at);
                 return kv_fail(err, "%s: nothing before [[generate]] (expected a prompt for the "
                                "model to answer)", origin);
             }
@@ -519,6 +522,7 @@ int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn en
         if (p->kind == PIECE_PROBE) {
             if (out->n_tokens == 0) {
                 prompt_tokens_free(out);
+                free(decode_at);
                 return kv_fail(err, "%s: [[probe]] before the first token", origin);
             }
             if (out->n_probes && out->probes[out->n_probes - 1] == out->n_tokens - 1)
@@ -531,6 +535,7 @@ int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn en
         int n = 0;
         if (encode(ctx, p->text, p->len, &ids, &n, err) != 0) {
             prompt_tokens_free(out);
+            free(decode_at);
             return -1;
         }
         int start = out->n_tokens;
@@ -556,26 +561,33 @@ int prompt_tokenize(const char *origin, const PromptMarkup *m, PromptEncodeFn en
         if (out->needles[2 * k] == out->needles[2 * k + 1]) {
             int id = k + 1;
             prompt_tokens_free(out);
+            free(decode_at);
             return kv_fail(err, "%s: needle %d tokenizes to no tokens", origin, id);
         }
     if (out->n_tokens == (bos >= 0)) {
         prompt_tokens_free(out);
+        free(decode_at);
         return kv_fail(err, "%s: the prompt is empty (its text encodes to no tokens%s)", origin,
                        bos >= 0 ? " besides BOS" : "");
     }
     if (out->spans[0].kind != PROMPT_PREFILL) {
         prompt_tokens_free(out);
+        free(decode_at);
         return kv_fail(err, "%s: nothing prefilled before the first forced token", origin);
     }
-    int forced_after_decode = 0;
-    for (int k = 0; k < out->n_spans; k++)
-        forced_after_decode |= out->spans[k].kind == PROMPT_FORCED &&
-                               out->spans[k].start <= decode_at && decode_at < out->spans[k].end;
-    if (has_decode && !forced_after_decode) {
-        prompt_tokens_free(out);
-        return kv_fail(err, "%s: nothing after [[decode]] (expected the text to feed as decode "
-                       "steps)", origin);
+    for (int d = 0; d < n_decodes; d++) {
+        int forced_after = 0;
+        for (int k = 0; k < out->n_spans; k++)
+            forced_after |= out->spans[k].kind == PROMPT_FORCED &&
+                            out->spans[k].start <= decode_at[d] && decode_at[d] < out->spans[k].end;
+        if (!forced_after) {
+            prompt_tokens_free(out);
+            free(decode_at);
+            return kv_fail(err, "%s: nothing after [[decode]] (expected the text to feed as "
+                           "decode steps)", origin);
+        }
     }
+    free(decode_at);
     /* A trailing [[generate]] is the final generation, which every prompt ends with. */
     if (out->spans[out->n_spans - 1].kind == PROMPT_GENERATE)
         out->n_spans--;

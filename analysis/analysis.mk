@@ -10,7 +10,10 @@
 #   make conversation the conversation trace (CONV_PROMPT: a document, then three questions the
 #                     model answers), replayed with CONV_CONFIG once per history mode ->
 #                     results/conversation/MODE/*.csv, results/conversation/turns.csv (every
-#                     mode's turns.csv with a history column) and results/conversation/turns.png
+#                     mode's turns.csv with a history column) and results/conversation/turns.png;
+#                     then `kvsim eval` of CONV_CONFIG's policies on the held-out conversations
+#                     (CONV_EVAL_PROMPTS) once per mode -> results/conversation/MODE/eval*.csv,
+#                     results/conversation/eval_turns.csv and results/conversation/eval_distance.png
 #
 # Every output is written to a temporary name and renamed. See docs/sweeps.md, docs/plots.md.
 
@@ -116,7 +119,12 @@ CONV_MODES  := persist reencode prefix
 
 .PRECIOUS: $(CONV_DIR)/%/config.ini $(CONV_DIR)/%/turns.csv
 
-conversation: $(CONV_DIR)/turns.png
+# Conversations with answers: a document delivered over four turns, a question after each.
+CONV_EVAL_PROMPTS ?= $(CONV_MODEL)/conversations
+
+.PRECIOUS: $(CONV_DIR)/%/eval_turns.csv
+
+conversation: $(CONV_DIR)/turns.png $(CONV_DIR)/eval_distance.png
 
 # Eight generated tokens per answer: the answers are three-digit numbers.
 $(CONV_TRACE): $(CONV_PROMPT) $(CONV_MODEL)/model.safetensors | build
@@ -141,5 +149,19 @@ $(CONV_DIR)/turns.csv: $(foreach m,$(CONV_MODES),$(CONV_DIR)/$(m)/turns.csv)
 
 $(CONV_DIR)/turns.png: analysis/turns.gp analysis/common.gp $(CONV_DIR)/turns.csv
 	$(call gnuplot_png,$<,$(CONV_DIR)/turns.csv)
+
+$(CONV_DIR)/%/eval_turns.csv: $(CONV_DIR)/%/config.ini $(wildcard $(CONV_EVAL_PROMPTS)/*) \
+                              $(CONV_MODEL)/model.safetensors $(wildcard $(KVSIM)) | build
+	$(KVSIM) eval $< --model $(CONV_MODEL) --prompts $(CONV_EVAL_PROMPTS) --out $(@D) > $(@D)/eval.log
+
+# The modes' eval_turns.csv (each row names its mode), one after the other; the headers agree.
+$(CONV_DIR)/eval_turns.csv: $(foreach m,$(CONV_MODES),$(CONV_DIR)/$(m)/eval_turns.csv)
+	awk 'FNR == 1 { if (NR == 1) { header = $$0; print } \
+	  else if ($$0 != header) { print FILENAME ": header differs from the first mode'"'"'s" > "/dev/stderr"; exit 1 } \
+	  next } { print }' $^ > $@.tmp || { rm -f $@.tmp; exit 1; }
+	mv $@.tmp $@
+
+$(CONV_DIR)/eval_distance.png: analysis/eval_distance.gp analysis/common.gp $(CONV_DIR)/eval_turns.csv
+	$(call gnuplot_png,$<,$(CONV_DIR)/eval_turns.csv)
 
 FORCE:

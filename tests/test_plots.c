@@ -232,6 +232,29 @@ static void test_turns_renders(void **state)
                              "full,1,5,1\n");
 }
 
+static const char EVAL_TURNS_CSV[] =
+    "policy,type,history,by,value,questions,correct,accuracy,agreement_with_full\n"
+    "full,full,persist,turn,1,2,2,1,1\n"
+    "full,full,persist,distance,0,2,2,1,1\n"
+    "full,full,persist,distance,1,2,1,0.5,1\n"
+    "window,window,persist,distance,0,2,2,1,1\n"
+    "window,window,persist,distance,1,2,0,0,0.5\n"
+    "future,oracle_future,persist,distance,0,2,,,\n"
+    "full,full,reencode,distance,0,2,2,1,1\n"
+    "full,full,reencode,distance,1,2,1,0.5,1\n"
+    "window,window,reencode,distance,0,2,1,0.5,0.5\n"
+    "window,window,reencode,distance,1,2,1,0.5,1\n";
+
+static void test_eval_distance_renders(void **state)
+{
+    (void)state;
+    render_ok("eval_distance.gp", EVAL_TURNS_CSV, 1600, 700);
+    /* Rows by turn only (no answer gave a fact's turn): nothing to draw. */
+    render_fails("eval_distance.gp",
+                 "policy,type,history,by,value,questions,correct,accuracy,agreement_with_full\n"
+                 "full,full,persist,turn,1,2,2,1,1\n");
+}
+
 /* Runs a gnuplot script (text) that loads analysis/common.gp on `csv`; returns gnuplot's
  * stderr, where `print` writes. */
 static char *common_gp_prints(const char *csv, const char *script)
@@ -310,7 +333,7 @@ static const char *const SCRIPTS[] = {"mass_vs_budget.gp",     "recall_vs_budget
                                       "error_vs_budget.gp",    "needle_vs_budget.gp",
                                       "accuracy_vs_budget.gp", "memory_vs_step.gp",
                                       "mass_heatmap.gp",       "run_plot.gp",
-                                      "turns.gp"};
+                                      "turns.gp",              "eval_distance.gp"};
 
 static void test_missing_input_fails(void **state)
 {
@@ -446,6 +469,7 @@ int main(void)
         cmocka_unit_test(test_mass_heatmap_renders),
         cmocka_unit_test(test_run_plot_renders),
         cmocka_unit_test(test_turns_renders),
+        cmocka_unit_test(test_eval_distance_renders),
         cmocka_unit_test(test_empty_field_is_missing),
         cmocka_unit_test(test_missing_input_fails),
         cmocka_unit_test(test_wrong_input_fails),

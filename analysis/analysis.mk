@@ -7,8 +7,8 @@
 #   make plots        the sweep's plots (with answer accuracy when the sweep ran kvsim eval) and
 #                     those of one run (PLOT_RUN) -> results/plots/*.png
 #   make run-plot     results/<config name>/plot.png from the summary of `make run`
-#   make conversation the conversation trace (CONV_PROMPT: a document, then three questions the
-#                     model answers), replayed with CONV_CONFIG once per history mode ->
+#   make conversation the conversation trace (CONV_PROMPT: a document delivered in four turns,
+#                     a question the model answers after each), replayed with CONV_CONFIG once per history mode ->
 #                     results/conversation/MODE/*.csv, results/conversation/turns.csv (every
 #                     mode's turns.csv with a history column) and results/conversation/turns.png;
 #                     then `kvsim eval` of CONV_CONFIG's policies on the held-out conversations
@@ -110,7 +110,7 @@ $(RUN_DIR)/summary.csv:
 # ---- make conversation ----
 
 CONV_MODEL  ?= models/tiny-retrieval
-CONV_PROMPT ?= traces/prompts/conversation.txt
+CONV_PROMPT ?= $(CONV_MODEL)/conversations/conv_00.txt
 CONV_TRACE  ?= traces/conversation.h5
 CONV_CONFIG ?= configs/conversation.ini
 CONV_DIR    ?= results/conversation
@@ -126,9 +126,9 @@ CONV_EVAL_PROMPTS ?= $(CONV_MODEL)/conversations
 
 conversation: $(CONV_DIR)/turns.png $(CONV_DIR)/eval_distance.png
 
-# Eight generated tokens per answer: the answers are three-digit numbers.
+# One generated token per answer: a code is one token of the model's vocabulary.
 $(CONV_TRACE): $(CONV_PROMPT) $(CONV_MODEL)/model.safetensors | build
-	$(KVSIM) trace --model $(CONV_MODEL) --prompt $(CONV_PROMPT) --out $@ --max-new 8
+	$(KVSIM) trace --model $(CONV_MODEL) --prompt $(CONV_PROMPT) --out $@ --max-new 1
 
 # kvsim run has no option for the history mode: each mode gets CONV_CONFIG with its own line.
 $(CONV_DIR)/%/config.ini: $(CONV_CONFIG)

@@ -48,13 +48,16 @@
  * bounds, not methods.
  *
  * Closed loop. The LayerView's arrays have room for the whole run: n_tokens is that capacity
- * (prompt, forced tokens, most tokens generated), not the number of tokens that will be fed, and
- * n_prompt is the prefilled part. Its rows exist as they are produced:
- *   - at prefill, q, k and v of the prompt [0, P) (closed loop feeds the prompt whole, one chunk);
+ * (input tokens, most tokens generated for each question), not the number of tokens that will
+ * be fed, and n_prompt is the first prefill span. Its rows exist as they are produced:
+ *   - at the prefill of a span [a, b), q, k and v of [0, b) (closed loop feeds each span whole,
+ *     one chunk; with history = persist a later span's queries attended over the policy's caches
+ *     plus the span, with reencode the history [0, b) was encoded again with the full cache);
  *   - at step t and observe of t, q, k and v of [0, t] (the model computed position t's before
  *     step, and wrote its K/V into the run's cache whatever the policy decides);
- *   - the metadata from the start (a generated position's segment: the one generation
- *     continues), but a generated token's id (meta->tokens[t]) only from its step on.
+ *   - the metadata of [0, t] (t: the last position fed). Positions after the first answer
+ *     depend on what the policy answered, so a later position's segment and token exist only
+ *     once it is fed; meta->spans and meta->needles describe the first span only.
  * Every other row holds unspecified values (another policy's decode of the same prompt): what
  * the rule above forbids does not exist there. full_attn (oracles) is query t's true attention
  * over [0, t] of the run's keys. decode_mass never exists: the future depends on the policy

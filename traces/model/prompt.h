@@ -11,12 +11,12 @@
  * length is carried). In any text:
  *   [[needle]]...[[/needle]]  the enclosed text is a needle: its token span goes to /needles;
  *   [[probe]]                 the token just before the marker is a probe (query position);
- *   [[decode]]                at most once, outside needles: the text before it is the prompt
- *                             (prefilled), the text after it is forced decode, fed one token at
- *                             a time before generation (docs/generator.md). Needles must lie
- *                             before it. In a chat, a marker opening a message's content splits
- *                             before the message's "Role: " header. Its forced text ends with
- *                             its turn (at the next user message, or at [[generate]]).
+ *   [[decode]]                at most once per turn, outside needles: the turn's text before it
+ *                             is prefilled, the text after it is forced decode, fed one token at
+ *                             a time before generation (docs/generator.md). Needles of the turn
+ *                             must lie before it. In a chat, a marker opening a message's content
+ *                             splits before the message's "Role: " header. Its forced text ends
+ *                             with its turn (at the next user message, or at [[generate]]).
  *   [[generate]]              the model generates here (greedy, up to --max-new tokens, stopping
  *                             at EOS). In a chat it is an assistant message's whole content and
  *                             nowhere else; in plain text it may stand anywhere outside a needle

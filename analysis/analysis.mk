@@ -10,7 +10,8 @@
 #   make conversation the conversation trace (CONV_PROMPT: a document delivered in four turns,
 #                     a question the model answers after each), replayed with CONV_CONFIG once per history mode ->
 #                     results/conversation/MODE/*.csv, results/conversation/turns.csv (every
-#                     mode's turns.csv with a history column) and results/conversation/turns.png;
+#                     mode's turns.csv with a history column), results/conversation/turns.png
+#                     and survival_distance.png;
 #                     then `kvsim eval` of CONV_CONFIG's policies on the held-out conversations
 #                     (CONV_EVAL_PROMPTS) once per mode -> results/conversation/MODE/eval*.csv,
 #                     results/conversation/eval_turns.csv and results/conversation/eval_distance.png
@@ -124,7 +125,7 @@ CONV_EVAL_PROMPTS ?= $(CONV_MODEL)/conversations
 
 .PRECIOUS: $(CONV_DIR)/%/eval_turns.csv
 
-conversation: $(CONV_DIR)/turns.png $(CONV_DIR)/eval_distance.png
+conversation: $(CONV_DIR)/turns.png $(CONV_DIR)/survival_distance.png $(CONV_DIR)/eval_distance.png
 
 # One generated token per answer: a code is one token of the model's vocabulary.
 $(CONV_TRACE): $(CONV_PROMPT) $(CONV_MODEL)/model.safetensors | build
@@ -148,6 +149,9 @@ $(CONV_DIR)/turns.csv: $(foreach m,$(CONV_MODES),$(CONV_DIR)/$(m)/turns.csv)
 	mv $@.tmp $@
 
 $(CONV_DIR)/turns.png: analysis/turns.gp analysis/common.gp $(CONV_DIR)/turns.csv
+	$(call gnuplot_png,$<,$(CONV_DIR)/turns.csv)
+
+$(CONV_DIR)/survival_distance.png: analysis/survival_distance.gp analysis/common.gp $(CONV_DIR)/turns.csv
 	$(call gnuplot_png,$<,$(CONV_DIR)/turns.csv)
 
 $(CONV_DIR)/%/eval_turns.csv: $(CONV_DIR)/%/config.ini $(wildcard $(CONV_EVAL_PROMPTS)/*) \

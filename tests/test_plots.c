@@ -245,6 +245,22 @@ static const char EVAL_TURNS_CSV[] =
     "window,window,reencode,distance,0,2,1,0.5,0.5\n"
     "window,window,reencode,distance,1,2,1,0.5,1\n";
 
+static void test_survival_distance_renders(void **state)
+{
+    (void)state;
+    render_ok("survival_distance.gp",
+              "history,policy,turn,needle_survival_d0,needle_survival_d1,needle_survival_d2\n"
+              "persist,full,0,1,,\npersist,full,1,1,1,\npersist,full,2,1,1,1\n"
+              "persist,h2o,0,1,,\npersist,h2o,1,1,0.5,\npersist,h2o,2,1,0.25,0\n"
+              "reencode,full,0,1,,\nreencode,full,1,1,1,\nreencode,full,2,1,1,1\n"
+              "reencode,h2o,0,1,,\nreencode,h2o,1,1,0.4,\nreencode,h2o,2,0.9,0.3,0.2\n",
+              1600, 700);
+    /* A turns.csv without the history column, or without needle survival columns, is not what
+     * the script draws. */
+    render_fails("survival_distance.gp", "policy,turn,needle_survival_d0\nfull,0,1\n");
+    render_fails("survival_distance.gp", "history,policy,turn,mass_mean\npersist,full,0,1\n");
+}
+
 static void test_eval_distance_renders(void **state)
 {
     (void)state;
@@ -333,7 +349,8 @@ static const char *const SCRIPTS[] = {"mass_vs_budget.gp",     "recall_vs_budget
                                       "error_vs_budget.gp",    "needle_vs_budget.gp",
                                       "accuracy_vs_budget.gp", "memory_vs_step.gp",
                                       "mass_heatmap.gp",       "run_plot.gp",
-                                      "turns.gp",              "eval_distance.gp"};
+                                      "turns.gp",              "eval_distance.gp",
+                                      "survival_distance.gp"};
 
 static void test_missing_input_fails(void **state)
 {
@@ -470,6 +487,7 @@ int main(void)
         cmocka_unit_test(test_run_plot_renders),
         cmocka_unit_test(test_turns_renders),
         cmocka_unit_test(test_eval_distance_renders),
+        cmocka_unit_test(test_survival_distance_renders),
         cmocka_unit_test(test_empty_field_is_missing),
         cmocka_unit_test(test_missing_input_fails),
         cmocka_unit_test(test_wrong_input_fails),

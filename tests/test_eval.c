@@ -483,6 +483,21 @@ static int conversation_token(void *user, int question, int index, int32_t token
     return record_token(user, 0, index, token, logits);
 }
 
+/* The prompt as a conversation of two turns: [0, TURN1) prefilled, a question, then
+ * [TURN1, N_PROMPT) prefilled on top, then the final question. */
+static PromptSpan conversation_spans[3] = {{PROMPT_PREFILL, 0, TURN1},
+                                           {PROMPT_GENERATE, TURN1, TURN1},
+                                           {PROMPT_PREFILL, TURN1, N_PROMPT}};
+
+static void set_conversation(PromptTokens *p)
+{
+    p->spans = conversation_spans;
+    p->n_spans = 3;
+    p->n_prompt = TURN1;
+    for (int t = 0; t < N_PROMPT; t++)
+        p->segments[t] = t < TURN1 ? 1 : 2;
+}
+
 /* A conversation with a cache that holds everything is the plain forward pass over the whole
  * dialogue (first turn, the model's own first answer, the second turn), whether the cache
  * persists or the history is re-encoded; the bookkeeping of positions and prefill tokens
@@ -491,13 +506,7 @@ static void test_conversation_with_full_is_the_plain_forward(void **state)
 {
     Env *env = *state;
     PromptTokens *p = &env->prompt;
-    PromptSpan spans[3] = {{PROMPT_PREFILL, 0, TURN1}, {PROMPT_GENERATE, TURN1, TURN1},
-                           {PROMPT_PREFILL, TURN1, N_PROMPT}};
-    p->spans = spans;
-    p->n_spans = 3;
-    p->n_prompt = TURN1;
-    for (int t = 0; t < N_PROMPT; t++)
-        p->segments[t] = t < TURN1 ? 1 : 2;
+    set_conversation(p);
     assert_int_equal(eval_questions(p), 2);
 
     /* The plain run: turn 1, its greedy answer, turn 2, then the greedy second answer. */
@@ -568,14 +577,10 @@ static void test_persisted_window_is_not_the_reencoded_one(void **state)
 {
     Env *env = *state;
     PromptTokens *p = &env->prompt;
-    PromptSpan spans[3] = {{PROMPT_PREFILL, 0, TURN1}, {PROMPT_GENERATE, TURN1, TURN1},
-                           {PROMPT_PREFILL, TURN1, N_PROMPT}};
-    p->spans = spans;
-    p->n_spans = 3;
-    p->n_prompt = TURN1;
+    set_conversation(p);
     Generation g[2] = {{0}};
     for (int m = 0; m < 2; m++) {
-        EvalPrefill *pf = eval_prefill(env->model, p, 1, MAX_NEW,
+        EvalPrefill *pf = eval_prefill(env->model, p, 2, MAX_NEW,
                                        m ? HISTORY_REENCODE : HISTORY_PERSIST, "test", NULL);
         PolicySpec spec = make_spec("w", "window", "window=2 sinks=1");
         EvalHooks hooks = {.user = &g[m], .on_token = conversation_token};
@@ -590,6 +595,7 @@ static void test_persisted_window_is_not_the_reencoded_one(void **state)
     }
     assert_true(rel_diff(g[0].logits[0], g[1].logits[0], VOCAB) > 1e-3);
     set_split(p, N_PROMPT);
+    memset(p->segments, 0, N_PROMPT * sizeof *p->segments);
 }
 
 int main(void)

@@ -16,6 +16,7 @@
 #include "sim/base/csv.h"
 #include "sim/base/pool.h"
 #include "sim/base/progress.h"
+#include "sim/base/stats.h"
 #include "sim/replay/report.h"
 #include "traces/eval/eval.h"
 #include "traces/model/model.h"
@@ -396,7 +397,8 @@ static int run_job(EvalJob *job, int threads, bool progress, KvErr *err)
 typedef struct {
     bool applicable;
     int prompts, questions, correct, agree;
-    double accuracy, agreement, device_bytes, host_bytes, generated;
+    double accuracy, accuracy_lo, accuracy_hi; /* and its Wilson 95% interval */
+    double agreement, device_bytes, host_bytes, generated;
 } PolicyScore;
 
 /* Which questions a score counts: every one, those of a turn, those at a distance. */
@@ -446,12 +448,14 @@ static void score_policy(const EvalJob *job, int k, int full, ScoreBy by, int va
     }
     if (ps->applicable && ps->questions > 0) {
         ps->accuracy = (double)ps->correct / ps->questions;
+        wilson_interval(ps->correct, ps->questions, &ps->accuracy_lo, &ps->accuracy_hi);
         ps->agreement = (double)ps->agree / ps->questions;
         ps->device_bytes /= ps->prompts;
         ps->host_bytes /= ps->prompts;
         ps->generated /= ps->questions;
     } else {
         ps->accuracy = ps->agreement = ps->device_bytes = ps->host_bytes = NAN;
+        ps->accuracy_lo = ps->accuracy_hi = NAN;
         ps->generated = NAN;
     }
 }
@@ -460,12 +464,14 @@ static void score_policy(const EvalJob *job, int k, int full, ScoreBy by, int va
 static void put_score(CsvFile *c, const PolicyScore *s, bool with_bytes)
 {
     if (!s->applicable) {
-        for (int i = 0; i < (with_bytes ? 6 : 3); i++)
+        for (int i = 0; i < (with_bytes ? 8 : 5); i++)
             csv_put_empty(c);
         return;
     }
     csv_put_int(c, s->correct);
     csv_put_num(c, s->accuracy);
+    csv_put_num(c, s->accuracy_lo);
+    csv_put_num(c, s->accuracy_hi);
     csv_put_num(c, s->agreement);
     if (with_bytes) {
         csv_put_count(c, s->device_bytes);
@@ -474,20 +480,70 @@ static void put_score(CsvFile *c, const PolicyScore *s, bool with_bytes)
     }
 }
 
-static int write_eval_csv(const EvalJob *job, const PolicyScore *s, const char *dir, KvErr *err)
+/* Policy k against policy ref on the same questions (both applicable): `better` questions k
+ * answered correctly and ref did not, `worse` the reverse, and the exact McNemar p-value of
+ * the difference. */
+typedef struct {
+    int better, worse;
+    double p;
+} Paired;
+
+static Paired paired_test(const EvalJob *job, int k, int ref)
+{
+    Paired r = {0, 0, NAN};
+    for (int i = 0; i < job->n_prompts; i++) {
+        const Outcome *o = &job->outcomes[(size_t)i * job->n_policies + k];
+        const Outcome *f = &job->outcomes[(size_t)i * job->n_policies + ref];
+        for (int q = 0; q < job->prompts[i].n_questions; q++) {
+            r.better += o->replies[q].correct && !f->replies[q].correct;
+            r.worse += !o->replies[q].correct && f->replies[q].correct;
+        }
+    }
+    r.p = mcnemar_exact_p(r.better, r.worse);
+    return r;
+}
+
+/* The best policy: the highest accuracy of the applicable policies other than the reference,
+ * the first in config order among equals; -1 when there is none. */
+static int best_policy(const EvalJob *job, const PolicyScore *s, int full)
+{
+    int best = -1;
+    for (int k = 0; k < job->n_policies; k++)
+        if (k != full && s[k].applicable && (best < 0 || s[k].correct > s[best].correct))
+            best = k;
+    return best;
+}
+
+static int write_eval_csv(const EvalJob *job, const PolicyScore *s, int full, const char *dir,
+                          KvErr *err)
 {
     CsvFile c;
     if (csv_create(&c, dir, "eval.csv",
-                   "policy,type,prompts,questions,correct,accuracy,agreement_with_full,"
-                   "device_bytes_mean,host_bytes_mean,generated_tokens_mean",
+                   "policy,type,prompts,questions,correct,accuracy,accuracy_lo,accuracy_hi,"
+                   "agreement_with_full,device_bytes_mean,host_bytes_mean,generated_tokens_mean,"
+                   "vs_full_better,vs_full_worse,vs_full_p,vs_best_p",
                    err) != 0)
         return -1;
+    int best = best_policy(job, s, full);
     for (int k = 0; k < job->n_policies; k++) {
         csv_put_text(&c, job->policies[k].label);
         csv_put_text(&c, job->policies[k].type->name);
         csv_put_int(&c, s[k].prompts);
         csv_put_int(&c, s[k].questions);
         put_score(&c, &s[k], true);
+        if (s[k].applicable) {
+            Paired vs_full = paired_test(job, k, full);
+            csv_put_int(&c, vs_full.better);
+            csv_put_int(&c, vs_full.worse);
+            csv_put_num(&c, vs_full.p);
+            if (best >= 0)
+                csv_put_num(&c, paired_test(job, k, best).p);
+            else
+                csv_put_empty(&c);
+        } else {
+            for (int i = 0; i < 4; i++)
+                csv_put_empty(&c);
+        }
         csv_end_row(&c);
     }
     return csv_commit(&c, err);
@@ -522,7 +578,8 @@ static int write_turns_csv(const EvalJob *job, int full, const char *dir, KvErr 
 {
     CsvFile c;
     if (csv_create(&c, dir, "eval_turns.csv",
-                   "policy,type,history,by,value,questions,correct,accuracy,agreement_with_full",
+                   "policy,type,history,by,value,questions,correct,accuracy,accuracy_lo,accuracy_hi,"
+                   "agreement_with_full",
                    err) != 0)
         return -1;
     int n_questions = 0;
@@ -604,26 +661,30 @@ static void print_table(const EvalJob *job, const PolicyScore *s, int full, FILE
     int n_dist = score_keys(job, BY_DISTANCE, dist);
     if (n_dist < 2)
         n_dist = 0;
-    fprintf(out, "%-*s  %-13s %8s %8s %7s %10s %10s", w, "policy", "type", "correct",
-            "accuracy", "agree", "device", "host");
+    fprintf(out, "%-*s  %-13s %8s %8s %-15s %7s %8s %10s %10s", w, "policy", "type", "correct",
+            "accuracy", "95% interval", "agree", "p(full)", "device", "host");
     for (int d = 0; d < n_dist; d++)
         fprintf(out, "    d=%-2d", dist[d]);
     fputc('\n', out);
     for (int k = 0; k < job->n_policies; k++) {
-        char dev[32], host[32], correct[32], acc[16], agree[16];
+        char dev[32], host[32], correct[32], acc[16], ci[40], agree[16], p[16];
         format_bytes(s[k].device_bytes, dev, sizeof dev);
         format_bytes(s[k].host_bytes, host, sizeof host);
         if (s[k].applicable) {
             snprintf(correct, sizeof correct, "%d/%d", s[k].correct, s[k].questions);
             snprintf(acc, sizeof acc, "%.3f", s[k].accuracy);
+            snprintf(ci, sizeof ci, "[%.3f, %.3f]", s[k].accuracy_lo, s[k].accuracy_hi);
             snprintf(agree, sizeof agree, "%.3f", s[k].agreement);
+            snprintf(p, sizeof p, "%.3g", paired_test(job, k, full).p);
         } else {
             snprintf(correct, sizeof correct, "n/a");
             snprintf(acc, sizeof acc, "-");
+            snprintf(ci, sizeof ci, "-");
             snprintf(agree, sizeof agree, "-");
+            snprintf(p, sizeof p, "-");
         }
-        fprintf(out, "%-*s  %-13s %8s %8s %7s %10s %10s", w, job->policies[k].label,
-                job->policies[k].type->name, correct, acc, agree, dev, host);
+        fprintf(out, "%-*s  %-13s %8s %8s %-15s %7s %8s %10s %10s", w, job->policies[k].label,
+                job->policies[k].type->name, correct, acc, ci, agree, p, dev, host);
         for (int d = 0; d < n_dist; d++) {
             PolicyScore ps;
             score_policy(job, k, full, BY_DISTANCE, dist[d], &ps);
@@ -638,6 +699,46 @@ static void print_table(const EvalJob *job, const PolicyScore *s, int full, FILE
 }
 
 /* ---- The command ---- */
+/* Whether some question of the prompt is read in a prefill over the full cache, so that every
+ * policy answers it from the same state as full: the span just before its generation point (or
+ * before the end) is prefilled, not fed through the policy's cache, and it is the first span
+ * (the shared prefill) or a later one that the history mode re-encodes over the full cache. A
+ * later span under persist is fed through each policy's caches. */
+static bool question_in_full_prefill(const PromptTokens *pt, RunHistory history)
+{
+    for (int s = 1; s <= pt->n_spans; s++) {
+        if (s < pt->n_spans && pt->spans[s].kind != PROMPT_GENERATE)
+            continue;
+        if (pt->spans[s - 1].kind == PROMPT_PREFILL && (s == 1 || history != HISTORY_PERSIST))
+            return true;
+    }
+    return false;
+}
+
+/* One line on stderr naming (at most 3 of) the prompts with such a question. */
+static void warn_full_prefill(const EvalPrompt *prompts, int n, const char *dir,
+                              RunHistory history)
+{
+    int found = 0;
+    char names[1024] = "";
+    for (int i = 0; i < n; i++) {
+        if (!question_in_full_prefill(&prompts[i].tokens, history))
+            continue;
+        if (found++ < 3) {
+            size_t len = strlen(names);
+            snprintf(names + len, sizeof names - len, "%s%s.txt", len ? ", " : "",
+                     prompts[i].name);
+        }
+    }
+    if (found == 0)
+        return;
+    char more[32] = "";
+    if (found > 3)
+        snprintf(more, sizeof more, " and %d more", found - 3);
+    fprintf(stderr, "kvsim eval: warning: %s: %s%s: a question is read in the full-cache prefill "
+            "(no [[decode]] before it in its turn), so every policy answers it as full does "
+            "(docs/eval.md)\n", dir, names, more);
+}
 
 /* The reference policy: the first of type full, else one added in front labelled "full". */
 static int reference_policy(RunConfig *rc, PolicySpec **policies, int *n, KvErr *err)
@@ -711,6 +812,7 @@ static int eval_main(const EvalOptions *o, KvErr *err)
                 max_new = n + EXTRA_NEW_TOKENS;
         }
     }
+    warn_full_prefill(prompts, n_prompts, o->prompts_dir, rc.engine.history);
     if (policies != rc.engine.policies && !o->quiet)
         fprintf(stderr, "kvsim eval: no policy of type full in %s: added one, labelled full, "
                 "as the reference\n", o->config);
@@ -727,7 +829,7 @@ static int eval_main(const EvalOptions *o, KvErr *err)
     scores = kv_calloc((size_t)n_policies, sizeof *scores);
     for (int k = 0; k < n_policies; k++)
         score_policy(&job, k, full, BY_ALL, 0, &scores[k]);
-    if (make_dirs(rc.out_dir, err) != 0 || write_eval_csv(&job, scores, rc.out_dir, err) != 0 ||
+    if (make_dirs(rc.out_dir, err) != 0 || write_eval_csv(&job, scores, full, rc.out_dir, err) != 0 ||
         write_prompts_csv(&job, full, rc.out_dir, err) != 0 ||
         write_turns_csv(&job, full, rc.out_dir, err) != 0)
         goto done;

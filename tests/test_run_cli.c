@@ -193,6 +193,82 @@ static void test_ta512_every_policy_and_the_bounds(void **state)
     }
 }
 
+/* [run] budget = 256: every policy type without a budget of its own holds about 256 tokens per
+ * KV head (summary.csv's cache_tokens_mean), trig a little more between its prunes (up to its
+ * prune period, 64 at this budget), which the run reports in one warning line; a policy with its
+ * own budget and full keep theirs. [run] ratio = 0.125 of the trace's 2048-token prompt is the
+ * same budget: the same CSVs, byte for byte. */
+static void test_run_budget_every_policy(void **state)
+{
+    (void)state;
+    static const char *const types[] = {"window", "decay", "abit", "hybrid", "offload", "trig",
+                                        "h2o", "snapkv", "tova", "random", "oracle_topk",
+                                        "oracle_future"};
+    enum { N_TYPES = sizeof types / sizeof types[0] };
+    char text[4096], ini[2][8400];
+    for (int c = 0; c < 2; c++) {
+        snprintf(text, sizeof text, "[run]\n%s\n[policy.full]\ntype = full\n",
+                 c ? "ratio = 0.125" : "budget = 256");
+        for (int i = 0; i < N_TYPES; i++)
+            snprintf(text + strlen(text), sizeof text - strlen(text),
+                     "[policy.%s]\ntype = %s\n", types[i], types[i]);
+        strcat(text, "[policy.own]\ntype = h2o\nbudget = 100\n");
+        snprintf(ini[c], sizeof ini[c], "%s/budget%d.ini", dir, c);
+        scratch_write(ini[c], text);
+    }
+    KvsimRun r = run_kvsim_ok("run '%s' --trace '%s' --out '%s/b0' --quiet", ini[0], synth_trace,
+                              dir);
+    /* trig's mean cache is more than 5% above the others': one warning line naming it */
+    assert_int_equal(count_lines(r.err), 1);
+    assert_non_null(strstr(r.err, "kvsim run: warning: at budget 256 the policies' mean caches "
+                                  "are more than 5% apart"));
+    assert_non_null(strstr(r.err, ", trig "));
+    kvsim_run_free(&r);
+    char path[8400];
+    snprintf(path, sizeof path, "%s/b0/summary.csv", dir);
+    char *csv = scratch_read(path);
+    char *save = NULL, *line = strtok_r(csv, "\n", &save);
+    char field[64];
+    field_of(line, 10, field, sizeof field);
+    assert_string_equal(field, "cache_tokens_mean");
+    int n = 0;
+    while ((line = strtok_r(NULL, "\n", &save))) {
+        char label[64];
+        field_of(line, 0, label, sizeof label);
+        field_of(line, 10, field, sizeof field);
+        double tokens = atof(field);
+        if (!strcmp(label, "full"))
+            assert_true(tokens > 2048); /* every token */
+        else if (!strcmp(label, "own"))
+            assert_float_equal(tokens, 100, 1e-9);
+        else if (!strcmp(label, "trig"))
+            assert_true(tokens >= 256 && tokens < 256 + 64);
+        else if (!(tokens > 0.95 * 256 && tokens <= 256)) /* abit: up to its budget */
+            fail_msg("%s: %.3f tokens per KV head at budget 256", label, tokens);
+        n++;
+    }
+    assert_int_equal(n, 1 + N_TYPES + 1);
+    free(csv);
+    r = run_kvsim_ok("run '%s' --trace '%s' --out '%s/b1' --quiet", ini[1], synth_trace, dir);
+    kvsim_run_free(&r);
+    static const char *const files[] = {"summary.csv", "layers.csv", "steps.csv", "turns.csv"};
+    for (int i = 0; i < 4; i++) {
+        char p0[8400], p1[8400];
+        snprintf(p0, sizeof p0, "%s/b0/%s", dir, files[i]);
+        snprintf(p1, sizeof p1, "%s/b1/%s", dir, files[i]);
+        char *a = scratch_read(p0), *b = scratch_read(p1);
+        assert_string_equal(a, b);
+        free(a);
+        free(b);
+    }
+    /* a ratio too small for the trace: one line at the ratio's line, with the budget it gave */
+    scratch_write(ini[1], "[run]\nratio = 0.001\n[policy.w]\ntype = window\n");
+    char args[20000];
+    snprintf(args, sizeof args, "run '%s' --trace '%s' --out '%s/b2'", ini[1], synth_trace, dir);
+    run_fails(args, "budget1.ini:2: [policy.w] window = -2", "ratio = 0.001: budget 2 of the "
+              "2048-token prompt of", NULL);
+}
+
 static void test_bad_input_one_line_exit_2(void **state)
 {
     (void)state;
@@ -375,6 +451,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_csvs_identical_at_one_and_two_threads),
         cmocka_unit_test(test_ta512_every_policy_and_the_bounds),
+        cmocka_unit_test(test_run_budget_every_policy),
         cmocka_unit_test(test_bad_input_one_line_exit_2),
         cmocka_unit_test(test_unusable_output_directory),
         cmocka_unit_test(test_csvs_are_written_as_one_set),

@@ -320,6 +320,30 @@ static char *answer_span(const Tokenizer *tok, const int32_t *tokens, int n, siz
 
 /* ---- The work: one prompt at a time per worker, every policy on it ---- */
 
+/* Under [run] ratio, the policies as they run on prompt p: a copy of job->policies with the
+ * budget the ratio gives for the prompt's first prefill span (its n_prompt, as a trace's);
+ * NULL without a ratio (job->policies run as they are). On an error, *rc = -1. */
+static PolicySpec *prompt_policies(const EvalJob *job, const EvalPrompt *p, int *rc, KvErr *err)
+{
+    const RunConfig *cfg = job->rc;
+    if (!(cfg->ratio > 0))
+        return NULL;
+    PolicySpec *specs = kv_malloc((size_t)job->n_policies * sizeof *specs);
+    for (int k = 0; k < job->n_policies; k++) {
+        specs[k] = job->policies[k];
+        specs[k].params = kv_malloc(specs[k].type->params_size);
+        memcpy(specs[k].params, job->policies[k].params, specs[k].type->params_size);
+    }
+    char context[4400];
+    snprintf(context, sizeof context, "the %d-token prompt %s.txt", p->tokens.n_prompt, p->name);
+    /* the config's policies follow the added reference, if any */
+    int first = job->policies == cfg->engine.policies ? 0 : 1;
+    if (config_apply_budget(cfg, specs + first, config_ratio_budget(cfg, p->tokens.n_prompt),
+                            context, err) != 0)
+        *rc = -1;
+    return specs;
+}
+
 static int eval_prompt(EvalJob *job, int pi, int32_t *tokens, KvErr *err)
 {
     const EvalPrompt *p = &job->prompts[pi];
@@ -333,9 +357,11 @@ static int eval_prompt(EvalJob *job, int pi, int32_t *tokens, KvErr *err)
     EvalHooks hooks = {.user = &watch, .on_token = answer_complete};
     EvalAnswer *ans = kv_calloc((size_t)p->n_questions, sizeof *ans);
     int rc = 0;
+    PolicySpec *own = prompt_policies(job, p, &rc, err);
+    const PolicySpec *specs = own ? own : job->policies;
     for (int k = 0; k < job->n_policies && rc == 0; k++) {
         EvalDecode d;
-        if (eval_decode(pf, &job->policies[k], job->rc->engine.seed, job->rc->engine.kv_bits,
+        if (eval_decode(pf, &specs[k], job->rc->engine.seed, job->rc->engine.kv_bits,
                         job->tok, &hooks, tokens, ans, &d, err) != 0) {
             rc = -1;
             break;
@@ -356,6 +382,9 @@ static int eval_prompt(EvalJob *job, int pi, int32_t *tokens, KvErr *err)
         }
         progress_add(&job->progress, 1);
     }
+    for (int k = 0; own && k < job->n_policies; k++)
+        free(own[k].params);
+    free(own);
     free(ans);
     eval_prefill_free(pf);
     return rc;

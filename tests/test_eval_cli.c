@@ -10,8 +10,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
 #include <cmocka.h>
 
+#include "sim/base/sha256.h"
 #include "tests/support/scratch.h"
 #include "tests/support/tiny_ckpt.h"
 #include "traces/model/forward.h"
@@ -248,6 +250,36 @@ static void test_accuracy_and_determinism(void **state)
     char *per2 = scratch_read(scratch_path(out2, "eval_prompts.csv", 3));
     assert_string_equal(csv1, csv2);
     assert_string_equal(per1, per2);
+    /* run.json: the config, the checkpoint's files and every prompt with its answers, each
+     * with its size and SHA-256 */
+    char *json = scratch_read(scratch_path(out2, "run.json", 0));
+    cJSON *j = cJSON_Parse(json);
+    assert_non_null(j);
+    assert_string_equal(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "command"), 1)
+                            ->valuestring,
+                        "eval");
+    assert_true(cJSON_GetObjectItemCaseSensitive(j, "threads")->valuedouble == 2);
+    const cJSON *in = cJSON_GetObjectItemCaseSensitive(j, "inputs");
+    int roles[3] = {0, 0, 0};
+    for (int i = 0; i < cJSON_GetArraySize(in); i++) {
+        const cJSON *f = cJSON_GetArrayItem(in, i);
+        const char *role = cJSON_GetObjectItemCaseSensitive(f, "role")->valuestring;
+        const char *path = cJSON_GetObjectItemCaseSensitive(f, "path")->valuestring;
+        roles[0] += !strcmp(role, "model");
+        roles[1] += !strcmp(role, "prompt");
+        roles[2] += !strcmp(role, "answers");
+        char hex[65];
+        long long size;
+        KvErr err;
+        assert_int_equal(sha256_file(path, hex, &size, &err), 0);
+        assert_string_equal(cJSON_GetObjectItemCaseSensitive(f, "sha256")->valuestring, hex);
+        assert_true(cJSON_GetObjectItemCaseSensitive(f, "bytes")->valuedouble == size);
+    }
+    assert_true(roles[0] >= 2); /* config.json, model.safetensors, tokenizer.json, ... */
+    assert_int_equal(roles[1], N_PROMPTS);
+    assert_int_equal(roles[2], N_PROMPTS);
+    cJSON_Delete(j);
+    free(json);
     assert_int_equal(count_lines(csv1), 1 + 4);
     /* 3 prompts for each applicable policy (answers may hold quoted line breaks) */
     assert_int_equal(occurrences(per1, "\nfull,p"), 3);

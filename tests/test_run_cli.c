@@ -1,6 +1,7 @@
 /* `kvsim run` end to end through the built binary: the three CSVs, identical at 1 and 2
  * threads; every policy of configs/ta512.ini on a synthetic trace with needles, with the
  * properties the comparison rests on; and one-line errors with exit status 2 for bad input. */
+#include <cjson/cJSON.h>
 #include <hdf5.h>
 #include <math.h>
 #include <setjmp.h>
@@ -12,6 +13,7 @@
 
 #include <cmocka.h>
 
+#include "sim/base/sha256.h"
 #include "sim/base/util.h"
 #include "tests/support/fixture.h"
 #include "tests/support/scratch.h"
@@ -83,10 +85,43 @@ static void test_csvs_identical_at_one_and_two_threads(void **state)
         free(a);
         free(b);
     }
-    /* no temporary files left behind */
+    /* run.json beside them: what differs between the two runs (threads, times) is there */
+    char trace_hex[65];
+    long long trace_size;
+    KvErr err;
+    assert_int_equal(sha256_file(synth_trace, trace_hex, &trace_size, &err), 0);
+    for (int t = 1; t <= 2; t++) {
+        char path[8400];
+        snprintf(path, sizeof path, "%s/t%d/run.json", dir, t);
+        char *text = scratch_read(path);
+        cJSON *j = cJSON_Parse(text);
+        assert_non_null(j);
+        assert_true(cJSON_GetObjectItemCaseSensitive(j, "threads")->valuedouble == t);
+        assert_true(cJSON_GetObjectItemCaseSensitive(j, "threads_used")->valuedouble == t);
+        assert_true(cJSON_GetObjectItemCaseSensitive(j, "seed")->valuedouble == 0);
+        const cJSON *cmd = cJSON_GetObjectItemCaseSensitive(j, "command");
+        assert_string_equal(cJSON_GetArrayItem(cmd, 1)->valuestring, "run");
+        const cJSON *cfg = cJSON_GetObjectItemCaseSensitive(j, "config");
+        assert_non_null(strstr(cJSON_GetObjectItemCaseSensitive(cfg, "text")->valuestring,
+                               "[policy.window512]"));
+        const cJSON *in = cJSON_GetObjectItemCaseSensitive(j, "inputs");
+        assert_int_equal(cJSON_GetArraySize(in), 1);
+        const cJSON *tr = cJSON_GetArrayItem(in, 0);
+        assert_string_equal(cJSON_GetObjectItemCaseSensitive(tr, "role")->valuestring, "trace");
+        assert_string_equal(cJSON_GetObjectItemCaseSensitive(tr, "path")->valuestring,
+                            synth_trace);
+        assert_true(cJSON_GetObjectItemCaseSensitive(tr, "bytes")->valuedouble == trace_size);
+        assert_string_equal(cJSON_GetObjectItemCaseSensitive(tr, "sha256")->valuestring,
+                            trace_hex);
+        assert_non_null(cJSON_GetObjectItemCaseSensitive(j, "started"));
+        assert_non_null(cJSON_GetObjectItemCaseSensitive(j, "finished"));
+        cJSON_Delete(j);
+        free(text);
+    }
+    /* no temporary files left behind: the four CSVs and run.json */
     char t1[8400];
     snprintf(t1, sizeof t1, "%s/t1", dir);
-    assert_int_equal(scratch_count(t1), 4);
+    assert_int_equal(scratch_count(t1), 5);
     kvsim_run_free(&r1);
     kvsim_run_free(&r2);
 }
@@ -341,9 +376,10 @@ static void test_csvs_are_written_as_one_set(void **state)
     KvsimRun ok = run_kvsim_ok("run '%s/baselines.ini' --trace '%s' --out '%s' --quiet", config_dir,
                          synth_trace, out);
     kvsim_run_free(&ok);
-    char *before[4];
-    const char *names[4] = {"summary.csv", "layers.csv", "steps.csv", "turns.csv"};
-    for (int i = 0; i < 4; i++)
+    /* run.json describes the CSVs beside it: a run that fails to write them leaves it too */
+    char *before[5];
+    const char *names[5] = {"summary.csv", "layers.csv", "steps.csv", "turns.csv", "run.json"};
+    for (int i = 0; i < 5; i++)
         before[i] = scratch_read(scratch_path(out, names[i], 0));
     /* steps.csv is the large one: a limit above summary.csv's size and below steps.csv's */
     size_t limit_blocks = strlen(before[0]) / 512 + 2;
@@ -357,13 +393,13 @@ static void test_csvs_are_written_as_one_set(void **state)
     assert_int_equal(count_lines(r.err), 1);
     assert_non_null(strstr(r.err, "steps.csv"));
     kvsim_run_free(&r);
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < 5; i++) {
         char *now = scratch_read(scratch_path(out, names[i], 0));
         assert_string_equal(now, before[i]);
         free(now);
         free(before[i]);
     }
-    assert_int_equal(scratch_count(out), 4); /* no temporary file left */
+    assert_int_equal(scratch_count(out), 5); /* no temporary file left */
 }
 
 /* Field `col` of line `row` (0 = the header) of a CSV without quoted fields, into out. */

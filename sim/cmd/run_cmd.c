@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "sim/base/args.h"
+#include "sim/base/provenance.h"
 #include "sim/replay/config.h"
 #include "sim/replay/report.h"
 
@@ -38,6 +39,30 @@ static void warn_unequal_caches(const RunConfig *rc, const PolicySummary *s, int
             rc->engine.policies[hi].label, b);
 }
 
+/* run.json beside the CSVs: the config, the trace and every calibration trace (path, size,
+ * SHA-256), seed and threads. */
+static int write_provenance(Provenance *prov, const RunConfig *rc, int budget, int threads_used,
+                            KvErr *err)
+{
+    if (provenance_config(prov, rc->config_path, err) != 0 ||
+        provenance_input(prov, "trace", rc->trace_path, err) != 0)
+        return -1;
+    for (int i = 0; i < rc->engine.n_policies; i++) {
+        const char *cal = config_calibration(rc, i);
+        if (cal && provenance_input(prov, "calibration", cal, err) != 0)
+            return -1;
+    }
+    if (rc->ratio > 0)
+        provenance_number(prov, "ratio", rc->ratio);
+    if (budget) /* [run] budget, or what the ratio gave */
+        provenance_number(prov, "budget", budget);
+    provenance_number(prov, "seed", (double)rc->engine.seed);
+    provenance_number(prov, "threads", rc->engine.threads);
+    provenance_number(prov, "threads_used", threads_used);
+    provenance_string(prov, "out", rc->out_dir);
+    return provenance_write(prov, rc->out_dir, err);
+}
+
 int cmd_run(int argc, char **argv)
 {
     const char *trace = NULL, *out = NULL;
@@ -59,11 +84,13 @@ int cmd_run(int argc, char **argv)
     if (status >= 0)
         return status;
     const char *config_path = positional[0];
+    Provenance *prov = provenance_begin(argc, argv);
 
     RunConfig rc;
     KvErr err;
     if (config_load(config_path, &rc, &err) != 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
+        provenance_free(prov);
         return 2;
     }
     if (trace)
@@ -76,6 +103,7 @@ int cmd_run(int argc, char **argv)
     if (!rc.trace_path[0]) {
         fprintf(stderr, "kvsim: %s: no trace: set [trace] path or pass --trace\n", config_path);
         config_free(&rc);
+        provenance_free(prov);
         return 2;
     }
 
@@ -83,6 +111,7 @@ int cmd_run(int argc, char **argv)
     if (!tr) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         config_free(&rc);
+        provenance_free(prov);
         return 2;
     }
     const TraceMeta *tm = trace_meta(tr); /* e.g. a trig calibration trace of another model */
@@ -96,6 +125,7 @@ int cmd_run(int argc, char **argv)
             fprintf(stderr, "kvsim: %s\n", err.msg);
             trace_close(tr);
             config_free(&rc);
+            provenance_free(prov);
             return 2;
         }
     }
@@ -104,6 +134,7 @@ int cmd_run(int argc, char **argv)
         fprintf(stderr, "kvsim: %s\n", err.msg);
         trace_close(tr);
         config_free(&rc);
+        provenance_free(prov);
         return 2;
     }
     /* The output directory is checked before the replay, not after it. */
@@ -111,6 +142,7 @@ int cmd_run(int argc, char **argv)
         fprintf(stderr, "kvsim: %s\n", err.msg);
         trace_close(tr);
         config_free(&rc);
+        provenance_free(prov);
         return 2;
     }
     Results *res = engine_run(tr, &rc.engine, &err);
@@ -122,7 +154,8 @@ int cmd_run(int argc, char **argv)
     } else {
         summary = kv_calloc((size_t)res->n_policies, sizeof *summary);
         report_summarize(res, summary);
-        if (report_write_csv(res, summary, rc.out_dir, &err) != 0) {
+        if (report_write_csv(res, summary, rc.out_dir, &err) != 0 ||
+            write_provenance(prov, &rc, budget, res->threads_used, &err) != 0) {
             fprintf(stderr, "kvsim: %s\n", err.msg);
             status = 2;
         } else if (!quiet) {
@@ -134,7 +167,7 @@ int cmd_run(int argc, char **argv)
                 printf("budget %d tokens per KV head for every policy without its own (%s)\n",
                        budget, rc.ratio > 0 ? "[run] ratio of the prompt" : "[run] budget");
             report_print_table(res, summary, stdout);
-            printf("wrote %s/summary.csv, layers.csv, steps.csv, turns.csv\n", rc.out_dir);
+            printf("wrote %s/summary.csv, layers.csv, steps.csv, turns.csv, run.json\n", rc.out_dir);
         }
     }
     if (status == 0 && budget)
@@ -143,6 +176,7 @@ int cmd_run(int argc, char **argv)
     results_free(res);
     trace_close(tr);
     config_free(&rc);
+    provenance_free(prov);
     return status;
 }
 

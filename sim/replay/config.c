@@ -599,18 +599,25 @@ int config_check_closed_loop(const RunConfig *rc, KvErr *err)
     return 0;
 }
 
+const char *config_calibration(const RunConfig *rc, int i)
+{
+    const PolicySpec *spec = &rc->engine.policies[i];
+    const ParamSpec *p = spec->type->params;
+    while (p && p->key && !(p->kind == PARAM_STRING && !strcmp(p->key, "calibration")))
+        p++;
+    if (!p || !p->key)
+        return NULL;
+    const char *cal = (const char *)spec->params + p->offset;
+    return strcmp(cal, "online") ? cal : NULL;
+}
+
 int config_check_model(const RunConfig *rc, const char *model, int n_layers, int n_q_heads,
                        int head_dim, RopeLayout rope_layout, KvErr *err)
 {
     for (int i = 0; i < rc->engine.n_policies; i++) {
         const PolicySpec *spec = &rc->engine.policies[i];
-        const ParamSpec *p = spec->type->params;
-        while (p && p->key && !(p->kind == PARAM_STRING && !strcmp(p->key, "calibration")))
-            p++;
-        if (!p || !p->key)
-            continue;
-        const char *cal = (const char *)spec->params + p->offset;
-        if (!strcmp(cal, "online"))
+        const char *cal = config_calibration(rc, i);
+        if (!cal)
             continue;
         const PolicySection *ps = &rc->source->sections[i];
         const KeyEntry *k = keys_find(&ps->keys, "calibration");

@@ -45,6 +45,10 @@ int config_load(const char *path, RunConfig *rc, KvErr *err);
 int config_check_model(const RunConfig *rc, const char *model, int n_layers, int n_q_heads,
                        int head_dim, RopeLayout rope_layout, KvErr *err);
 
+/* Policy i's calibration trace (trig's `calibration`), or NULL when it has none or calibrates
+ * online. */
+const char *config_calibration(const RunConfig *rc, int i);
+
 /* What closed loop (`kvsim eval`) cannot do, at the config's file and line: prefill_chunk > 0
  * (its prompt pass attends over the full cache; traces/eval/eval.h). */
 int config_check_closed_loop(const RunConfig *rc, KvErr *err);

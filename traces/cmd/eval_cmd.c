@@ -16,6 +16,7 @@
 #include "sim/base/csv.h"
 #include "sim/base/pool.h"
 #include "sim/base/progress.h"
+#include "sim/base/provenance.h"
 #include "sim/base/stats.h"
 #include "sim/replay/report.h"
 #include "traces/eval/eval.h"
@@ -797,9 +798,77 @@ static int reference_policy(RunConfig *rc, PolicySpec **policies, int *n, KvErr 
 typedef struct {
     const char *config, *model_dir, *prompts_dir, *out_dir;
     int threads, max_new, quiet;
+    int argc; /* the command line, for run.json */
+    char **argv;
 } EvalOptions;
 
-static int eval_main(const EvalOptions *o, KvErr *err)
+/* The checkpoint's files that the run reads (its *.json and *.safetensors), in bytewise order. */
+static int model_inputs(Provenance *prov, const char *dir, KvErr *err)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return kv_fail(err, "%s: cannot open the model directory: %s", dir, strerror(errno));
+    char **names = NULL;
+    int n = 0, cap = 0, rc = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        size_t len = strlen(e->d_name);
+        bool json = len > 5 && !strcmp(e->d_name + len - 5, ".json");
+        bool st = len > 12 && !strcmp(e->d_name + len - 12, ".safetensors");
+        if (!json && !st)
+            continue;
+        if (n == cap)
+            names = kv_realloc(names, (size_t)(cap = cap ? 2 * cap : 8) * sizeof *names);
+        names[n++] = kv_strdup(e->d_name);
+    }
+    closedir(d);
+    if (n > 0)
+        qsort(names, (size_t)n, sizeof *names, compare_names);
+    for (int i = 0; i < n; i++) {
+        char path[4400];
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        if (rc == 0 && provenance_input(prov, "model", path, err) != 0)
+            rc = -1;
+        free(names[i]);
+    }
+    free(names);
+    return rc;
+}
+
+/* run.json beside the CSVs: the config, the checkpoint's files, every prompt and its answers,
+ * every calibration trace (path, size, SHA-256), seed and threads. */
+static int write_provenance(Provenance *prov, const EvalOptions *o, const RunConfig *rc,
+                            const EvalPrompt *prompts, int n_prompts, int threads,
+                            KvErr *err)
+{
+    if (provenance_config(prov, rc->config_path, err) != 0 ||
+        model_inputs(prov, o->model_dir, err) != 0)
+        return -1;
+    for (int i = 0; i < n_prompts; i++) {
+        char path[4400];
+        snprintf(path, sizeof path, "%s/%s.txt", o->prompts_dir, prompts[i].name);
+        if (provenance_input(prov, "prompt", path, err) != 0)
+            return -1;
+        snprintf(path, sizeof path, "%s/%s.answer", o->prompts_dir, prompts[i].name);
+        if (provenance_input(prov, "answers", path, err) != 0)
+            return -1;
+    }
+    for (int i = 0; i < rc->engine.n_policies; i++) {
+        const char *cal = config_calibration(rc, i);
+        if (cal && provenance_input(prov, "calibration", cal, err) != 0)
+            return -1;
+    }
+    if (rc->ratio > 0) /* each prompt's budget is floor(ratio x its n_prompt) */
+        provenance_number(prov, "ratio", rc->ratio);
+    if (rc->budget)
+        provenance_number(prov, "budget", rc->budget);
+    provenance_number(prov, "seed", (double)rc->engine.seed);
+    provenance_number(prov, "threads", threads);
+    provenance_number(prov, "threads_used", pool_threads_for(threads, n_prompts));
+    provenance_string(prov, "out", rc->out_dir);
+    return provenance_write(prov, rc->out_dir, err);
+}
+
+static int eval_main(const EvalOptions *o, Provenance *prov, KvErr *err)
 {
     RunConfig rc;
     if (config_load(o->config, &rc, err) != 0)
@@ -860,7 +929,8 @@ static int eval_main(const EvalOptions *o, KvErr *err)
         score_policy(&job, k, full, BY_ALL, 0, &scores[k]);
     if (make_dirs(rc.out_dir, err) != 0 || write_eval_csv(&job, scores, full, rc.out_dir, err) != 0 ||
         write_prompts_csv(&job, full, rc.out_dir, err) != 0 ||
-        write_turns_csv(&job, full, rc.out_dir, err) != 0)
+        write_turns_csv(&job, full, rc.out_dir, err) != 0 ||
+        write_provenance(prov, o, &rc, prompts, n_prompts, threads, err) != 0)
         goto done;
     if (!o->quiet) {
         printf("eval %s: %s, %d prompts, %d policies, up to %d new tokens, %.1fs\n", o->config,
@@ -871,7 +941,7 @@ static int eval_main(const EvalOptions *o, KvErr *err)
                 printf("%s: not applicable in closed loop (%s needs the future of the run, "
                        "which depends on the policy itself)\n", policies[k].label,
                        policies[k].type->name);
-        printf("wrote %s/eval.csv, eval_prompts.csv, eval_turns.csv\n", rc.out_dir);
+        printf("wrote %s/eval.csv, eval_prompts.csv, eval_turns.csv, run.json\n", rc.out_dir);
     }
     rc_status = 0;
 done:
@@ -926,7 +996,10 @@ int cmd_eval(int argc, char **argv)
         return 2;
     }
     o.config = positional[0];
-    if (eval_main(&o, &err) != 0) {
+    Provenance *prov = provenance_begin(argc, argv);
+    int rc = eval_main(&o, prov, &err);
+    provenance_free(prov);
+    if (rc != 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         return 2;
     }

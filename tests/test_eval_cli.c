@@ -452,6 +452,76 @@ static void test_conversations(void **state)
     scratch_remove(conv);
 }
 
+static void expect_one_line_error(KvsimRun r, const char *needle);
+
+/* The first prefill span of a prompt file, as eval tokenizes it. */
+static int n_prompt_of(const char *model_dir, const char *prompt_path)
+{
+    KvErr err;
+    Model *model = model_load(model_dir, &err);
+    assert_non_null(model);
+    Tokenizer *tok = checkpoint_tokenizer_load(model_dir, &err);
+    assert_non_null(tok);
+    PromptMarkup markup;
+    PromptTokens tokens;
+    memset(&markup, 0, sizeof markup);
+    memset(&tokens, 0, sizeof tokens);
+    assert_int_equal(prompt_file_load(prompt_path, tok, model, model_dir, &markup, &tokens, &err),
+                     0);
+    int n = tokens.n_prompt;
+    prompt_tokens_free(&tokens);
+    prompt_markup_free(&markup);
+    tokenizer_free(tok);
+    model_free(model);
+    return n;
+}
+
+/* [run] ratio in eval: each prompt's budget is floor(ratio x its n_prompt). At ratio 1 a window
+ * without sinks holds exactly n_prompt tokens at the last answer (all of them after the
+ * prefill, the last n_prompt once decode steps slide it), so each prompt's device bytes are
+ * n_prompt x 2 KV heads x 2 layers x 64 bytes; a ratio that leaves no room is an error that
+ * names the prompt. */
+static void test_ratio_per_prompt(void **state)
+{
+    Env *env = *state;
+    char *out = scratch_create();
+    char cfg[4096];
+    snprintf(cfg, sizeof cfg, "%s", scratch_path(out, "ratio.ini", 0));
+    scratch_write(cfg, "[run]\nthreads = 1\nratio = 1\n"
+                       "[policy.full]\ntype = full\n"
+                       "[policy.w]\ntype = window\nsinks = 0\n");
+    KvsimRun r = eval_run(env, cfg, env->model, env->prompts, out, "");
+    assert_int_equal(r.status, 0);
+    kvsim_run_free(&r);
+    char *per = scratch_read(scratch_path(out, "eval_prompts.csv", 1));
+    for (int i = 0; i < N_PROMPTS; i++) {
+        char name[32], row[64];
+        snprintf(name, sizeof name, "p%d.txt", i);
+        int n = n_prompt_of(env->model, scratch_path(env->prompts, name, 2));
+        snprintf(row, sizeof row, "\nw,p%d,0,", i);
+        const char *line = strstr(per, row);
+        assert_non_null(line);
+        /* policy, prompt, question, turn, distance, correct, agrees, generated, device_bytes */
+        char f[20][64];
+        assert_true(csv_row(line + 1, "w", f, 20) >= 9);
+        assert_int_equal(atoll(f[8]), (long long)n * 2 * 2 * 64);
+    }
+    free(per);
+    /* (a prompt whose question is fed through the cache: no warning before the error) */
+    char *one = scratch_create();
+    scratch_write(scratch_path(one, "b.txt", 0), "the thin[[decode]] tin");
+    scratch_write(scratch_path(one, "b.answer", 0), "tin\n");
+    scratch_write(cfg, "[run]\nthreads = 1\nratio = 0.01\n[policy.w]\ntype = window\n");
+    r = eval_run(env, cfg, env->model, one, out, "");
+    expect_one_line_error(r, "ratio.ini:3: [policy.w] window = -4");
+    r = eval_run(env, cfg, env->model, one, out, "");
+    expect_one_line_error(r, "(from [run] ratio = 0.01: budget 0 of the ");
+    r = eval_run(env, cfg, env->model, one, out, "");
+    expect_one_line_error(r, "-token prompt b.txt)");
+    scratch_remove(one);
+    scratch_remove(out);
+}
+
 /* The warning about questions read in the full-cache prefill: at most 3 names then "and N more";
  * a later turn without [[decode]] counts only where the history is re-encoded (under persist
  * its prefill is fed through each policy's caches); no warning when every question is fed
@@ -569,6 +639,7 @@ int main(void)
         cmocka_unit_test(test_accuracy_and_determinism),
         cmocka_unit_test(test_conversations),
         cmocka_unit_test(test_full_prefill_warning),
+        cmocka_unit_test(test_ratio_per_prompt),
         cmocka_unit_test(test_errors),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -58,10 +58,9 @@ $(SWEEP_DIR)/trace.txt: FORCE
 $(SWEEP_DIR)/b%/config.ini: analysis/sweep.ini.in $(SWEEP_DIR)/trace.txt
 	@b='$*'; case "$$b" in ''|*[!0-9]*) echo "sweep: budget '$$b' is not a number" >&2; exit 1;; esac; \
 	if [ "$$b" -lt 64 ]; then echo "sweep: budget $$b is below 64 (see docs/sweeps.md)" >&2; exit 1; fi; \
-	mkdir -p $(@D); quarter=$$((b / 4)); cap=$$((quarter < 128 ? quarter : 128)); \
-	sed -e "s|@BUDGET@|$$b|g" -e "s|@WINDOW@|$$((b - 4))|g" -e "s|@QUARTER@|$$quarter|g" \
-	    -e "s|@EIGHTH@|$$((b / 8))|g" -e "s|@CAP128@|$$cap|g" \
-	    -e "s|@TRACE@|$(DEFAULT_TRACE)|g" -e "s|@OUT@|$(@D)|g" $< > $@.tmp && mv $@.tmp $@
+	mkdir -p $(@D); \
+	sed -e "s|@BUDGET@|$$b|g" -e "s|@TRACE@|$(DEFAULT_TRACE)|g" -e "s|@OUT@|$(@D)|g" $< > $@.tmp && \
+	mv $@.tmp $@
 
 # The table kvsim prints goes to run.log, so that parallel budgets do not interleave.
 $(SWEEP_DIR)/b%/summary.csv: $(SWEEP_DIR)/b%/config.ini $(DEFAULT_TRACE) $(wildcard $(KVSIM)) | build

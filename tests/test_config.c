@@ -428,6 +428,126 @@ static void test_duplicates_and_values(void **state)
     expect_error("[trace]\npath = ; none\n", 2, "path is empty (expected a trace file)");
 }
 
+/* The int parameter `key` of a loaded policy. */
+static int param_of(const PolicySpec *spec, const char *key)
+{
+    for (const ParamSpec *p = spec->type->params; p && p->key; p++)
+        if (!strcmp(p->key, key))
+            return *(const int *)((const char *)spec->params + p->offset);
+    fail_msg("%s has no parameter %s", spec->type->name, key);
+    return 0;
+}
+
+/* [run] budget: every policy whose section does not set its own budget gets the sweep's
+ * parameters for it (docs/config.md); a parameter the section sets stays. */
+static void test_run_budget(void **state)
+{
+    (void)state;
+    static const char text[] =
+        "[run]\nbudget = 256\n"                              /* line 2 */
+        "[policy.full]\ntype = full\n"                       /* 0 */
+        "[policy.window]\ntype = window\n"                   /* 1: sinks 4 by default */
+        "[policy.w0]\ntype = window\nsinks = 0\n"            /* 2 */
+        "[policy.wown]\ntype = window\nwindow = 100\n"       /* 3: its own */
+        "[policy.decay]\ntype = decay\n"                     /* 4 */
+        "[policy.decay32]\ntype = decay\nlocal = 32\n"       /* 5 */
+        "[policy.abit]\ntype = abit\n"                       /* 6 */
+        "[policy.trig]\ntype = trig\n"                       /* 7 */
+        "[policy.h2o]\ntype = h2o\n"                         /* 8 */
+        "[policy.h2o_own]\ntype = h2o\nbudget = 100\n"       /* 9: its own */
+        "[policy.snapkv]\ntype = snapkv\n"                   /* 10 */
+        "[policy.oracle]\ntype = oracle_topk\n";             /* 11 */
+    RunConfig rc;
+    expect_loads(write_ini(text), &rc);
+    const PolicySpec *p = rc.engine.policies;
+    assert_int_equal(rc.budget, 256);
+    assert_int_equal(rc.budget_line, 2);
+    static const bool budgeted[12] = {false, true, true, false, true, true,
+                                      true,  true, true, false, true, true};
+    for (int i = 0; i < 12; i++)
+        assert_int_equal(config_policy_budgeted(&rc, i), budgeted[i]);
+    assert_int_equal(param_of(&p[1], "window"), 252);
+    assert_int_equal(param_of(&p[1], "sinks"), 4);
+    assert_int_equal(param_of(&p[2], "window"), 256);
+    assert_int_equal(param_of(&p[3], "window"), 100);
+    assert_int_equal(param_of(&p[4], "budget"), 256);
+    assert_int_equal(param_of(&p[4], "local"), 64);
+    assert_int_equal(param_of(&p[5], "budget"), 256);
+    assert_int_equal(param_of(&p[5], "local"), 32);
+    assert_int_equal(param_of(&p[6], "budget"), 256);
+    assert_int_equal(param_of(&p[6], "local"), 64);
+    assert_int_equal(param_of(&p[6], "span"), 64);
+    assert_int_equal(param_of(&p[6], "max_split"), 32);
+    assert_int_equal(param_of(&p[7], "budget"), 256);
+    assert_int_equal(param_of(&p[7], "divide_length"), 64);
+    assert_int_equal(param_of(&p[7], "protect_recent"), 64);
+    assert_int_equal(param_of(&p[8], "budget"), 256);
+    assert_int_equal(param_of(&p[9], "budget"), 100);
+    assert_int_equal(param_of(&p[10], "budget"), 256);
+    assert_int_equal(param_of(&p[11], "budget"), 256);
+    config_free(&rc);
+    /* trig's prune period stops growing at 128 */
+    expect_loads(write_ini("[run]\nbudget = 1024\n[policy.t]\ntype = trig\n"), &rc);
+    assert_int_equal(param_of(&rc.engine.policies[0], "divide_length"), 128);
+    assert_int_equal(param_of(&rc.engine.policies[0], "protect_recent"), 128);
+    config_free(&rc);
+    /* without budget or ratio nothing changes */
+    expect_loads(write_ini("[policy.h]\ntype = h2o\n"), &rc);
+    assert_false(config_policy_budgeted(&rc, 0));
+    assert_int_equal(param_of(&rc.engine.policies[0], "budget"), 512);
+    config_free(&rc);
+
+    expect_error("[run]\nbudget = 0\n", 2, "budget = '0': expected a positive integer");
+    expect_error("[run]\nbudget = 2k\n", 2, "budget = '2k'");
+    expect_error("[run]\nratio = 0\n", 2, "ratio = '0': expected a number in (0, 1]");
+    expect_error("[run]\nratio = 1.5\n", 2, "ratio = '1.5'");
+    expect_error("[run]\nratio = nan\n", 2, "ratio = 'nan'");
+    expect_error("[run]\nbudget = 64\nratio = 0.5\n", 3,
+                 "ratio: [run] budget is given at line 2 (expected budget or ratio, not both)");
+    expect_error("[run]\nratio = 0.5\nbudget = 64\n", 3,
+                 "budget: [run] ratio is given at line 2 (expected budget or ratio, not both)");
+    /* a budget a policy cannot take is reported at the budget's line, naming the policy */
+    expect_error("[run]\nthreads = 1\nbudget = 4\n[policy.w]\ntype = window\n", 3,
+                 "[policy.w] window = 0: expected an integer in [1,");
+    expect_error("[run]\nthreads = 1\nbudget = 4\n[policy.w]\ntype = window\n", 3,
+                 "(from [run] budget = 4)");
+}
+
+/* [run] ratio: the budget is floor(ratio x n_prompt), applied once the context is known, the
+ * same parameters as that budget given directly. */
+static void test_run_ratio(void **state)
+{
+    (void)state;
+    RunConfig rc, rb;
+    expect_loads(write_ini("[run]\nratio = 0.125\n[policy.full]\ntype = full\n"
+                           "[policy.a]\ntype = abit\n[policy.w]\ntype = window\n"),
+                 &rc);
+    assert_true(rc.ratio == 0.125);
+    assert_int_equal(rc.budget, 0);
+    assert_true(config_policy_budgeted(&rc, 1));
+    assert_int_equal(config_ratio_budget(&rc, 2048), 256);
+    assert_int_equal(config_ratio_budget(&rc, 2055), 256); /* floor, as kvpress's int() */
+    /* nothing is applied at load */
+    assert_int_equal(param_of(&rc.engine.policies[2], "window"), 508);
+    KvErr err;
+    assert_int_equal(config_apply_budget(&rc, rc.engine.policies, 256, "a test", &err), 0);
+    expect_loads(write_ini("[run]\nbudget = 256\n[policy.full]\ntype = full\n"
+                           "[policy.a]\ntype = abit\n[policy.w]\ntype = window\n"),
+                 &rb);
+    for (int i = 0; i < 3; i++)
+        assert_memory_equal(rc.engine.policies[i].params, rb.engine.policies[i].params,
+                            rc.engine.policies[i].type->params_size);
+    config_free(&rb);
+    /* a ratio too small for the context: the message gives the budget and where it came from */
+    assert_int_equal(config_apply_budget(&rc, rc.engine.policies, config_ratio_budget(&rc, 8),
+                                         "the 8-token prompt of t.h5", &err),
+                     -1);
+    assert_non_null(strstr(err.msg, ":2: [policy.a] "));
+    assert_non_null(strstr(err.msg, "(from [run] ratio = 0.125: budget 1 of the 8-token prompt of "
+                                    "t.h5)"));
+    config_free(&rc);
+}
+
 /* Runs kvsim with args and expects exit status 2 and one line on stderr that starts with
  * "kvsim: want_prefix" and contains every string of `parts` (NULL-terminated). */
 static void expect_cli_error(const char *args, const char *want_prefix, const char *const *parts)
@@ -562,6 +682,8 @@ int main(void)
         cmocka_unit_test(test_not_a_regular_file),
         cmocka_unit_test(test_malformed_lines),
         cmocka_unit_test(test_duplicates_and_values),
+        cmocka_unit_test(test_run_budget),
+        cmocka_unit_test(test_run_ratio),
         cmocka_unit_test(test_trig_calibration_shape),
         cmocka_unit_test(test_shipped_configs_load),
     };

@@ -145,7 +145,8 @@ static ColumnKind kind_of(const char *name)
     static const char *const ints[] = {"layer",    "step",      "decode_index",
                                        "prompts",  "questions", "question",
                                        "turn",     "distance",  "value",
-                                       "correct",  "agrees_with_full", "generated_tokens"};
+                                       "correct",  "agrees_with_full", "generated_tokens",
+                                       "vs_full_better", "vs_full_worse"};
     for (size_t i = 0; i < sizeof text / sizeof text[0]; i++)
         if (!strcmp(name, text[i]))
             return COL_TEXT;
@@ -709,13 +710,14 @@ static void test_run_csvs_without_needles_or_oracle(void **state)
 /* ---- kvsim eval ---- */
 
 static const char EVAL_HEADER[] = "policy,type,prompts,questions,correct,accuracy,"
-                                  "agreement_with_full,device_bytes_mean,host_bytes_mean,"
-                                  "generated_tokens_mean";
+                                  "accuracy_lo,accuracy_hi,agreement_with_full,"
+                                  "device_bytes_mean,host_bytes_mean,generated_tokens_mean,"
+                                  "vs_full_better,vs_full_worse,vs_full_p,vs_best_p";
 static const char PROMPTS_HEADER[] = "policy,prompt,question,turn,distance,correct,"
                                      "agrees_with_full,generated_tokens,device_bytes,host_bytes,"
                                      "answer,expected";
 static const char TURNS_HEADER[] = "policy,type,history,by,value,questions,correct,accuracy,"
-                                   "agreement_with_full";
+                                   "accuracy_lo,accuracy_hi,agreement_with_full";
 
 static void test_eval_csvs(void **state)
 {
@@ -746,8 +748,11 @@ static void test_eval_csvs(void **state)
     kvsim_run_free(&r);
 
     static const char *const eval_empty[] = {"correct",          "accuracy",
+                                             "accuracy_lo",      "accuracy_hi",
                                              "agreement_with_full", "device_bytes_mean",
                                              "host_bytes_mean",  "generated_tokens_mean",
+                                             "vs_full_better",   "vs_full_worse",
+                                             "vs_full_p",        "vs_best_p",
                                              NULL};
     char *raw;
     Table e = read_checked(out, "eval.csv", EVAL_HEADER, eval_empty, &raw);
@@ -769,7 +774,22 @@ static void test_eval_csvs(void **state)
         assert_true(correct >= 0 && correct <= 2);
         assert_float_equal(atof(cell(&e, row, "accuracy")), correct / 2.0, 1e-9);
         assert_true(*cell(&e, row, "device_bytes_mean") != '\0');
+        /* the Wilson interval holds the accuracy; the discordant counts differ by the
+         * difference in correct answers */
+        double lo = atof(cell(&e, row, "accuracy_lo")), hi = atof(cell(&e, row, "accuracy_hi"));
+        assert_true(0 <= lo && lo < correct / 2.0 + 1e-12 && correct / 2.0 < hi + 1e-12 && hi <= 1);
+        int full_correct = atoi(cell(&e, 1, "correct"));
+        assert_int_equal(atoi(cell(&e, row, "vs_full_better")) -
+                             atoi(cell(&e, row, "vs_full_worse")),
+                         correct - full_correct);
+        double p = atof(cell(&e, row, "vs_full_p"));
+        assert_true(p > 0 && p <= 1);
     }
+    assert_string_equal(cell(&e, 1, "vs_full_better"), "0");
+    assert_string_equal(cell(&e, 1, "vs_full_worse"), "0");
+    assert_string_equal(cell(&e, 1, "vs_full_p"), "1");
+    /* the only policy besides full is the best: p = 1 against itself */
+    assert_string_equal(cell(&e, 2, "vs_best_p"), "1");
     assert_string_equal(cell(&e, 1, "agreement_with_full"), "1");
     /* the window: 3 slots x 2 KV heads x 2 layers x (K+V of 16 dims at 16 bits), exact */
     assert_string_equal(cell(&e, 2, "device_bytes_mean"), "768");
@@ -795,7 +815,8 @@ static void test_eval_csvs(void **state)
 
     /* by turn only (no answer gives a fact's turn): one row per policy, future's empty from
      * `correct` on */
-    static const char *const turns_empty[] = {"correct", "accuracy", "agreement_with_full", NULL};
+    static const char *const turns_empty[] = {"correct", "accuracy", "accuracy_lo", "accuracy_hi",
+                                              "agreement_with_full", NULL};
     Table t = read_checked(out, "eval_turns.csv", TURNS_HEADER, turns_empty, NULL);
     assert_int_equal(t.n_rows, 4);
     for (int row = 1; row <= 3; row++) {

@@ -10,8 +10,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
 #include <cmocka.h>
 
+#include "sim/base/sha256.h"
 #include "tests/support/scratch.h"
 #include "tests/support/tiny_ckpt.h"
 #include "traces/model/forward.h"
@@ -172,7 +174,7 @@ static int teardown(void **state)
 static KvsimRun eval_run(const Env *env, const char *config, const char *model,
                          const char *prompts, const char *out, const char *extra)
 {
-    char args[8192];
+    char args[20000];
     snprintf(args, sizeof args, "eval %s --model %s --prompts %s --out %s --quiet %s", config,
              model, prompts, out, extra);
     (void)env;
@@ -216,6 +218,27 @@ static void test_accuracy_and_determinism(void **state)
     char *out2 = scratch_create();
     KvsimRun r = eval_run(env, config, env->model, env->prompts, env->out, "--threads 1");
     assert_int_equal(r.status, 0);
+    /* the prompts without [[decode]] are named in one warning (setup made at least one with it;
+     * those without are answered from the full-cache prefill) */
+    char names[256] = "";
+    for (int i = 0; i < N_PROMPTS; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "p%d.txt", i);
+        char *text = scratch_read(scratch_path(env->prompts, name, 0));
+        if (!strstr(text, "[[decode]]"))
+            snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s",
+                     names[0] ? ", " : "", name);
+        free(text);
+    }
+    if (names[0]) {
+        char want[512];
+        snprintf(want, sizeof want, "kvsim eval: warning: %s: %s: a question is read in the "
+                 "full-cache prefill", env->prompts, names);
+        assert_int_equal(count_lines(r.err), 1);
+        assert_non_null(strstr(r.err, want));
+    } else {
+        assert_string_equal(r.err, "");
+    }
     kvsim_run_free(&r);
     r = eval_run(env, config, env->model, env->prompts, out2, "--threads 2");
     assert_int_equal(r.status, 0);
@@ -227,6 +250,36 @@ static void test_accuracy_and_determinism(void **state)
     char *per2 = scratch_read(scratch_path(out2, "eval_prompts.csv", 3));
     assert_string_equal(csv1, csv2);
     assert_string_equal(per1, per2);
+    /* run.json: the config, the checkpoint's files and every prompt with its answers, each
+     * with its size and SHA-256 */
+    char *json = scratch_read(scratch_path(out2, "run.json", 0));
+    cJSON *j = cJSON_Parse(json);
+    assert_non_null(j);
+    assert_string_equal(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "command"), 1)
+                            ->valuestring,
+                        "eval");
+    assert_true(cJSON_GetObjectItemCaseSensitive(j, "threads")->valuedouble == 2);
+    const cJSON *in = cJSON_GetObjectItemCaseSensitive(j, "inputs");
+    int roles[3] = {0, 0, 0};
+    for (int i = 0; i < cJSON_GetArraySize(in); i++) {
+        const cJSON *f = cJSON_GetArrayItem(in, i);
+        const char *role = cJSON_GetObjectItemCaseSensitive(f, "role")->valuestring;
+        const char *path = cJSON_GetObjectItemCaseSensitive(f, "path")->valuestring;
+        roles[0] += !strcmp(role, "model");
+        roles[1] += !strcmp(role, "prompt");
+        roles[2] += !strcmp(role, "answers");
+        char hex[65];
+        long long size;
+        KvErr err;
+        assert_int_equal(sha256_file(path, hex, &size, &err), 0);
+        assert_string_equal(cJSON_GetObjectItemCaseSensitive(f, "sha256")->valuestring, hex);
+        assert_true(cJSON_GetObjectItemCaseSensitive(f, "bytes")->valuedouble == size);
+    }
+    assert_true(roles[0] >= 2); /* config.json, model.safetensors, tokenizer.json, ... */
+    assert_int_equal(roles[1], N_PROMPTS);
+    assert_int_equal(roles[2], N_PROMPTS);
+    cJSON_Delete(j);
+    free(json);
     assert_int_equal(count_lines(csv1), 1 + 4);
     /* 3 prompts for each applicable policy (answers may hold quoted line breaks) */
     assert_int_equal(occurrences(per1, "\nfull,p"), 3);
@@ -234,29 +287,47 @@ static void test_accuracy_and_determinism(void **state)
     assert_int_equal(occurrences(per1, "\nw3,p"), 3);
     assert_int_equal(occurrences(per1, "\nfuture,"), 0);
 
-    char f[16][64];
-    assert_int_equal(csv_row(csv1, "full", f, 16), 10);
+    char f[20][64];
+    assert_int_equal(csv_row(csv1, "full", f, 20), 16);
     assert_string_equal(f[1], "full");
     assert_string_equal(f[2], "3"); /* prompts */
     assert_string_equal(f[3], "3"); /* questions: one each */
     assert_string_equal(f[4], "3");
     assert_string_equal(f[5], "1");
-    assert_string_equal(f[6], "1"); /* agreement with itself */
-    assert_int_equal(csv_row(csv1, "wide", f, 16), 10);
+    assert_string_equal(f[6], "0.438502968"); /* Wilson 95% of 3/3, by hand */
+    assert_string_equal(f[7], "1");
+    assert_string_equal(f[8], "1"); /* agreement with itself */
+    /* against itself: no discordant question, p = 1 */
+    assert_string_equal(f[12], "0");
+    assert_string_equal(f[13], "0");
+    assert_string_equal(f[14], "1");
+    assert_int_equal(csv_row(csv1, "wide", f, 20), 16);
     assert_string_equal(f[5], "1");
-    assert_string_equal(f[6], "1");
-    /* the small window: a number of correct answers in [0, 3], its accuracy that over 3 */
-    assert_int_equal(csv_row(csv1, "w3", f, 16), 10);
+    assert_string_equal(f[8], "1");
+    assert_string_equal(f[15], "1"); /* the best policy (3/3, first in config order) itself */
+    /* the small window: a number of correct answers in [0, 3], its accuracy that over 3, the
+     * Wilson interval of that, and the exact McNemar test against full, which answers all 3:
+     * min(1, 2 P(X <= 0)) for X ~ Binomial(3 - correct, 1/2). wide is the best (3/3) too. */
+    assert_int_equal(csv_row(csv1, "w3", f, 20), 16);
     int correct = atoi(f[4]);
     assert_true(correct >= 0 && correct <= 3);
     assert_true(fabs(atof(f[5]) - correct / 3.0) < 1e-5);
+    static const char *const wilson_lo[4] = {"0", "0.0614919447", "0.207659601", "0.438502968"};
+    static const char *const wilson_hi[4] = {"0.561497032", "0.792340399", "0.938508055", "1"};
+    static const char *const p_value[4] = {"0.25", "0.5", "1", "1"};
+    assert_string_equal(f[6], wilson_lo[correct]);
+    assert_string_equal(f[7], wilson_hi[correct]);
+    assert_string_equal(f[12], "0");
+    assert_int_equal(atoi(f[13]), 3 - correct);
+    assert_string_equal(f[14], p_value[correct]);
+    assert_string_equal(f[15], p_value[correct]);
     /* device bytes: 3 slots x 2 KV heads x 2 layers x (K+V of 16 dims at 16 bits) */
-    assert_true(fabs(atof(f[7]) - 3 * 2 * 2 * 64.0) < 1e-9);
-    assert_int_equal(csv_row(csv1, "future", f, 16), 10);
+    assert_true(fabs(atof(f[9]) - 3 * 2 * 2 * 64.0) < 1e-9);
+    assert_int_equal(csv_row(csv1, "future", f, 20), 16);
     assert_string_equal(f[1], "oracle_future");
     assert_string_equal(f[2], "3");
     assert_string_equal(f[3], "3");
-    for (int i = 4; i < 10; i++) /* correct .. generated_tokens_mean: does not apply */
+    for (int i = 4; i < 16; i++) /* correct .. vs_best_p: does not apply */
         assert_string_equal(f[i], "");
     /* every answer full gave is the expected one, in the per-prompt file */
     for (int i = 0; i < N_PROMPTS; i++)
@@ -331,17 +402,21 @@ static void test_conversations(void **state)
     assert_string_equal(turns[0], turns[1]);
     /* 2 prompts, 5 questions: 3 generation points in c0 (the trailing marker is the final
      * one), 2 in c1 */
-    char f[16][64];
+    char f[20][64];
     for (int r = 0; r < 3; r += 2) {
-        assert_int_equal(csv_row(csv[r], "full", f, 16), 10);
+        assert_int_equal(csv_row(csv[r], "full", f, 20), 16);
         assert_string_equal(f[2], "2");
         assert_string_equal(f[3], "5");
-        assert_string_equal(f[6], "1");
+        assert_string_equal(f[8], "1");
         int correct = atoi(f[4]);
         assert_true(fabs(atof(f[5]) - correct / 5.0) < 1e-6);
-        /* a window holding every token answers every question as full does */
-        assert_int_equal(csv_row(csv[r], "wide", f, 16), 10);
-        assert_string_equal(f[6], "1");
+        /* a window holding every token answers every question as full does: no discordant
+         * question */
+        assert_int_equal(csv_row(csv[r], "wide", f, 20), 16);
+        assert_string_equal(f[8], "1");
+        assert_string_equal(f[12], "0");
+        assert_string_equal(f[13], "0");
+        assert_string_equal(f[14], "1");
         assert_int_equal(occurrences(per[r], "\nfull,c0,"), 3);
         assert_int_equal(occurrences(per[r], "\nfull,c1,"), 2);
     }
@@ -352,6 +427,8 @@ static void test_conversations(void **state)
     assert_non_null(strstr(per[0], "\nfull,c0,2,3,1,"));
     assert_non_null(strstr(per[0], "\nfull,c1,0,1,,"));
     assert_non_null(strstr(per[0], "\nfull,c1,1,2,0,"));
+    assert_int_equal(strncmp(turns[0], "policy,type,history,by,value,questions,correct,accuracy,"
+                             "accuracy_lo,accuracy_hi,agreement_with_full\n", 99), 0);
     /* by turn: 2 questions at turns 1 and 2, 1 at turn 3; by distance: 2 at 0 and 2 at 1 */
     assert_non_null(strstr(turns[0], "\nfull,full,persist,turn,1,2,"));
     assert_non_null(strstr(turns[0], "\nfull,full,persist,turn,2,2,"));
@@ -373,6 +450,128 @@ static void test_conversations(void **state)
         scratch_remove(out[r]);
     }
     scratch_remove(conv);
+}
+
+static void expect_one_line_error(KvsimRun r, const char *needle);
+
+/* The first prefill span of a prompt file, as eval tokenizes it. */
+static int n_prompt_of(const char *model_dir, const char *prompt_path)
+{
+    KvErr err;
+    Model *model = model_load(model_dir, &err);
+    assert_non_null(model);
+    Tokenizer *tok = checkpoint_tokenizer_load(model_dir, &err);
+    assert_non_null(tok);
+    PromptMarkup markup;
+    PromptTokens tokens;
+    memset(&markup, 0, sizeof markup);
+    memset(&tokens, 0, sizeof tokens);
+    assert_int_equal(prompt_file_load(prompt_path, tok, model, model_dir, &markup, &tokens, &err),
+                     0);
+    int n = tokens.n_prompt;
+    prompt_tokens_free(&tokens);
+    prompt_markup_free(&markup);
+    tokenizer_free(tok);
+    model_free(model);
+    return n;
+}
+
+/* [run] ratio in eval: each prompt's budget is floor(ratio x its n_prompt). At ratio 1 a window
+ * without sinks holds exactly n_prompt tokens at the last answer (all of them after the
+ * prefill, the last n_prompt once decode steps slide it), so each prompt's device bytes are
+ * n_prompt x 2 KV heads x 2 layers x 64 bytes; a ratio that leaves no room is an error that
+ * names the prompt. */
+static void test_ratio_per_prompt(void **state)
+{
+    Env *env = *state;
+    char *out = scratch_create();
+    char cfg[4096];
+    snprintf(cfg, sizeof cfg, "%s", scratch_path(out, "ratio.ini", 0));
+    scratch_write(cfg, "[run]\nthreads = 1\nratio = 1\n"
+                       "[policy.full]\ntype = full\n"
+                       "[policy.w]\ntype = window\nsinks = 0\n");
+    KvsimRun r = eval_run(env, cfg, env->model, env->prompts, out, "");
+    assert_int_equal(r.status, 0);
+    kvsim_run_free(&r);
+    char *per = scratch_read(scratch_path(out, "eval_prompts.csv", 1));
+    for (int i = 0; i < N_PROMPTS; i++) {
+        char name[32], row[64];
+        snprintf(name, sizeof name, "p%d.txt", i);
+        int n = n_prompt_of(env->model, scratch_path(env->prompts, name, 2));
+        snprintf(row, sizeof row, "\nw,p%d,0,", i);
+        const char *line = strstr(per, row);
+        assert_non_null(line);
+        /* policy, prompt, question, turn, distance, correct, agrees, generated, device_bytes */
+        char f[20][64];
+        assert_true(csv_row(line + 1, "w", f, 20) >= 9);
+        assert_int_equal(atoll(f[8]), (long long)n * 2 * 2 * 64);
+    }
+    free(per);
+    /* (a prompt whose question is fed through the cache: no warning before the error) */
+    char *one = scratch_create();
+    scratch_write(scratch_path(one, "b.txt", 0), "the thin[[decode]] tin");
+    scratch_write(scratch_path(one, "b.answer", 0), "tin\n");
+    scratch_write(cfg, "[run]\nthreads = 1\nratio = 0.01\n[policy.w]\ntype = window\n");
+    r = eval_run(env, cfg, env->model, one, out, "");
+    expect_one_line_error(r, "ratio.ini:3: [policy.w] window = -4");
+    r = eval_run(env, cfg, env->model, one, out, "");
+    expect_one_line_error(r, "(from [run] ratio = 0.01: budget 0 of the ");
+    r = eval_run(env, cfg, env->model, one, out, "");
+    expect_one_line_error(r, "-token prompt b.txt)");
+    scratch_remove(one);
+    scratch_remove(out);
+}
+
+/* The warning about questions read in the full-cache prefill: at most 3 names then "and N more";
+ * a later turn without [[decode]] counts only where the history is re-encoded (under persist
+ * its prefill is fed through each policy's caches); no warning when every question is fed
+ * through the cache. */
+static void test_full_prefill_warning(void **state)
+{
+    Env *env = *state;
+    char *dir = scratch_create(), *one = scratch_create(), *out = scratch_create();
+    for (int i = 0; i < 4; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "a%d.txt", i);
+        scratch_write(scratch_path(dir, name, 0), "the thin tin in the hat");
+        snprintf(name, sizeof name, "a%d.answer", i);
+        scratch_write(scratch_path(dir, name, 0), "tin\n");
+    }
+    scratch_write(scratch_path(dir, "b.txt", 0), "the thin[[decode]] tin");
+    scratch_write(scratch_path(dir, "b.answer", 0), "tin\n");
+    scratch_write(scratch_path(dir, "c.txt", 0),
+                  "the thin[[decode]] tin[[generate]] then the other");
+    scratch_write(scratch_path(dir, "c.answer", 0), "tin\nhat\n");
+    scratch_write(scratch_path(one, "b.txt", 0), "the thin[[decode]] tin");
+    scratch_write(scratch_path(one, "b.answer", 0), "tin\n");
+    char cfg[2][4096];
+    static const char *const modes[2] = {"persist", "reencode"};
+    for (int m = 0; m < 2; m++) {
+        char name[32], text[256];
+        snprintf(name, sizeof name, "warn_%s.ini", modes[m]);
+        snprintf(cfg[m], sizeof cfg[m], "%s", scratch_path(out, name, 0));
+        snprintf(text, sizeof text, "[run]\nhistory = %s\n[policy.w3]\ntype = window\n"
+                 "window = 2\nsinks = 1\n", modes[m]);
+        scratch_write(cfg[m], text);
+    }
+    static const char *const more[2] = {"and 1 more", "and 2 more"};
+    for (int m = 0; m < 2; m++) {
+        KvsimRun r = eval_run(env, cfg[m], env->model, dir, out, "");
+        assert_int_equal(r.status, 0);
+        char want[512];
+        snprintf(want, sizeof want, "kvsim eval: warning: %s: a0.txt, a1.txt, a2.txt %s: ", dir,
+                 more[m]);
+        assert_int_equal(count_lines(r.err), 1);
+        assert_non_null(strstr(r.err, want));
+        kvsim_run_free(&r);
+    }
+    KvsimRun r = eval_run(env, cfg[1], env->model, one, out, "");
+    assert_int_equal(r.status, 0);
+    assert_string_equal(r.err, "");
+    kvsim_run_free(&r);
+    scratch_remove(dir);
+    scratch_remove(one);
+    scratch_remove(out);
 }
 
 static void expect_one_line_error(KvsimRun r, const char *needle)
@@ -439,6 +638,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_accuracy_and_determinism),
         cmocka_unit_test(test_conversations),
+        cmocka_unit_test(test_full_prefill_warning),
+        cmocka_unit_test(test_ratio_per_prompt),
         cmocka_unit_test(test_errors),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -1,6 +1,7 @@
 /* `kvsim run` end to end through the built binary: the three CSVs, identical at 1 and 2
  * threads; every policy of configs/ta512.ini on a synthetic trace with needles, with the
  * properties the comparison rests on; and one-line errors with exit status 2 for bad input. */
+#include <cjson/cJSON.h>
 #include <hdf5.h>
 #include <math.h>
 #include <setjmp.h>
@@ -12,6 +13,7 @@
 
 #include <cmocka.h>
 
+#include "sim/base/sha256.h"
 #include "sim/base/util.h"
 #include "tests/support/fixture.h"
 #include "tests/support/scratch.h"
@@ -83,10 +85,43 @@ static void test_csvs_identical_at_one_and_two_threads(void **state)
         free(a);
         free(b);
     }
-    /* no temporary files left behind */
+    /* run.json beside them: what differs between the two runs (threads, times) is there */
+    char trace_hex[65];
+    long long trace_size;
+    KvErr err;
+    assert_int_equal(sha256_file(synth_trace, trace_hex, &trace_size, &err), 0);
+    for (int t = 1; t <= 2; t++) {
+        char path[8400];
+        snprintf(path, sizeof path, "%s/t%d/run.json", dir, t);
+        char *text = scratch_read(path);
+        cJSON *j = cJSON_Parse(text);
+        assert_non_null(j);
+        assert_true(cJSON_GetObjectItemCaseSensitive(j, "threads")->valuedouble == t);
+        assert_true(cJSON_GetObjectItemCaseSensitive(j, "threads_used")->valuedouble == t);
+        assert_true(cJSON_GetObjectItemCaseSensitive(j, "seed")->valuedouble == 0);
+        const cJSON *cmd = cJSON_GetObjectItemCaseSensitive(j, "command");
+        assert_string_equal(cJSON_GetArrayItem(cmd, 1)->valuestring, "run");
+        const cJSON *cfg = cJSON_GetObjectItemCaseSensitive(j, "config");
+        assert_non_null(strstr(cJSON_GetObjectItemCaseSensitive(cfg, "text")->valuestring,
+                               "[policy.window512]"));
+        const cJSON *in = cJSON_GetObjectItemCaseSensitive(j, "inputs");
+        assert_int_equal(cJSON_GetArraySize(in), 1);
+        const cJSON *tr = cJSON_GetArrayItem(in, 0);
+        assert_string_equal(cJSON_GetObjectItemCaseSensitive(tr, "role")->valuestring, "trace");
+        assert_string_equal(cJSON_GetObjectItemCaseSensitive(tr, "path")->valuestring,
+                            synth_trace);
+        assert_true(cJSON_GetObjectItemCaseSensitive(tr, "bytes")->valuedouble == trace_size);
+        assert_string_equal(cJSON_GetObjectItemCaseSensitive(tr, "sha256")->valuestring,
+                            trace_hex);
+        assert_non_null(cJSON_GetObjectItemCaseSensitive(j, "started"));
+        assert_non_null(cJSON_GetObjectItemCaseSensitive(j, "finished"));
+        cJSON_Delete(j);
+        free(text);
+    }
+    /* no temporary files left behind: the four CSVs and run.json */
     char t1[8400];
     snprintf(t1, sizeof t1, "%s/t1", dir);
-    assert_int_equal(scratch_count(t1), 4);
+    assert_int_equal(scratch_count(t1), 5);
     kvsim_run_free(&r1);
     kvsim_run_free(&r2);
 }
@@ -193,6 +228,82 @@ static void test_ta512_every_policy_and_the_bounds(void **state)
     }
 }
 
+/* [run] budget = 256: every policy type without a budget of its own holds about 256 tokens per
+ * KV head (summary.csv's cache_tokens_mean), trig a little more between its prunes (up to its
+ * prune period, 64 at this budget), which the run reports in one warning line; a policy with its
+ * own budget and full keep theirs. [run] ratio = 0.125 of the trace's 2048-token prompt is the
+ * same budget: the same CSVs, byte for byte. */
+static void test_run_budget_every_policy(void **state)
+{
+    (void)state;
+    static const char *const types[] = {"window", "decay", "abit", "hybrid", "offload", "trig",
+                                        "h2o", "snapkv", "tova", "random", "oracle_topk",
+                                        "oracle_future"};
+    enum { N_TYPES = sizeof types / sizeof types[0] };
+    char text[4096], ini[2][8400];
+    for (int c = 0; c < 2; c++) {
+        snprintf(text, sizeof text, "[run]\n%s\n[policy.full]\ntype = full\n",
+                 c ? "ratio = 0.125" : "budget = 256");
+        for (int i = 0; i < N_TYPES; i++)
+            snprintf(text + strlen(text), sizeof text - strlen(text),
+                     "[policy.%s]\ntype = %s\n", types[i], types[i]);
+        strcat(text, "[policy.own]\ntype = h2o\nbudget = 100\n");
+        snprintf(ini[c], sizeof ini[c], "%s/budget%d.ini", dir, c);
+        scratch_write(ini[c], text);
+    }
+    KvsimRun r = run_kvsim_ok("run '%s' --trace '%s' --out '%s/b0' --quiet", ini[0], synth_trace,
+                              dir);
+    /* trig's mean cache is more than 5% above the others': one warning line naming it */
+    assert_int_equal(count_lines(r.err), 1);
+    assert_non_null(strstr(r.err, "kvsim run: warning: at budget 256 the policies' mean caches "
+                                  "are more than 5% apart"));
+    assert_non_null(strstr(r.err, ", trig "));
+    kvsim_run_free(&r);
+    char path[8400];
+    snprintf(path, sizeof path, "%s/b0/summary.csv", dir);
+    char *csv = scratch_read(path);
+    char *save = NULL, *line = strtok_r(csv, "\n", &save);
+    char field[64];
+    field_of(line, 10, field, sizeof field);
+    assert_string_equal(field, "cache_tokens_mean");
+    int n = 0;
+    while ((line = strtok_r(NULL, "\n", &save))) {
+        char label[64];
+        field_of(line, 0, label, sizeof label);
+        field_of(line, 10, field, sizeof field);
+        double tokens = atof(field);
+        if (!strcmp(label, "full"))
+            assert_true(tokens > 2048); /* every token */
+        else if (!strcmp(label, "own"))
+            assert_float_equal(tokens, 100, 1e-9);
+        else if (!strcmp(label, "trig"))
+            assert_true(tokens >= 256 && tokens < 256 + 64);
+        else if (!(tokens > 0.95 * 256 && tokens <= 256)) /* abit: up to its budget */
+            fail_msg("%s: %.3f tokens per KV head at budget 256", label, tokens);
+        n++;
+    }
+    assert_int_equal(n, 1 + N_TYPES + 1);
+    free(csv);
+    r = run_kvsim_ok("run '%s' --trace '%s' --out '%s/b1' --quiet", ini[1], synth_trace, dir);
+    kvsim_run_free(&r);
+    static const char *const files[] = {"summary.csv", "layers.csv", "steps.csv", "turns.csv"};
+    for (int i = 0; i < 4; i++) {
+        char p0[8400], p1[8400];
+        snprintf(p0, sizeof p0, "%s/b0/%s", dir, files[i]);
+        snprintf(p1, sizeof p1, "%s/b1/%s", dir, files[i]);
+        char *a = scratch_read(p0), *b = scratch_read(p1);
+        assert_string_equal(a, b);
+        free(a);
+        free(b);
+    }
+    /* a ratio too small for the trace: one line at the ratio's line, with the budget it gave */
+    scratch_write(ini[1], "[run]\nratio = 0.001\n[policy.w]\ntype = window\n");
+    char args[20000];
+    snprintf(args, sizeof args, "run '%s' --trace '%s' --out '%s/b2'", ini[1], synth_trace, dir);
+    run_fails(args, "budget1.ini:2: [policy.w] window = -2", "ratio = 0.001: budget 2 of the "
+              "2048-token prompt of", NULL);
+}
+
 static void test_bad_input_one_line_exit_2(void **state)
 {
     (void)state;
@@ -265,9 +376,10 @@ static void test_csvs_are_written_as_one_set(void **state)
     KvsimRun ok = run_kvsim_ok("run '%s/baselines.ini' --trace '%s' --out '%s' --quiet", config_dir,
                          synth_trace, out);
     kvsim_run_free(&ok);
-    char *before[4];
-    const char *names[4] = {"summary.csv", "layers.csv", "steps.csv", "turns.csv"};
-    for (int i = 0; i < 4; i++)
+    /* run.json describes the CSVs beside it: a run that fails to write them leaves it too */
+    char *before[5];
+    const char *names[5] = {"summary.csv", "layers.csv", "steps.csv", "turns.csv", "run.json"};
+    for (int i = 0; i < 5; i++)
         before[i] = scratch_read(scratch_path(out, names[i], 0));
     /* steps.csv is the large one: a limit above summary.csv's size and below steps.csv's */
     size_t limit_blocks = strlen(before[0]) / 512 + 2;
@@ -281,13 +393,13 @@ static void test_csvs_are_written_as_one_set(void **state)
     assert_int_equal(count_lines(r.err), 1);
     assert_non_null(strstr(r.err, "steps.csv"));
     kvsim_run_free(&r);
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < 5; i++) {
         char *now = scratch_read(scratch_path(out, names[i], 0));
         assert_string_equal(now, before[i]);
         free(now);
         free(before[i]);
     }
-    assert_int_equal(scratch_count(out), 4); /* no temporary file left */
+    assert_int_equal(scratch_count(out), 5); /* no temporary file left */
 }
 
 /* Field `col` of line `row` (0 = the header) of a CSV without quoted fields, into out. */
@@ -375,6 +487,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_csvs_identical_at_one_and_two_threads),
         cmocka_unit_test(test_ta512_every_policy_and_the_bounds),
+        cmocka_unit_test(test_run_budget_every_policy),
         cmocka_unit_test(test_bad_input_one_line_exit_2),
         cmocka_unit_test(test_unusable_output_directory),
         cmocka_unit_test(test_csvs_are_written_as_one_set),

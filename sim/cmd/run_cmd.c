@@ -7,8 +7,61 @@
 #include <unistd.h>
 
 #include "sim/base/args.h"
+#include "sim/base/provenance.h"
 #include "sim/replay/config.h"
 #include "sim/replay/report.h"
+
+/* Policies given the same budget should hold about as many tokens: one line on stderr when the
+ * mean cache sizes (summary.csv's cache_tokens_mean, tokens per KV head) of the policies the
+ * run's budget applies to are more than 5% apart, naming the smallest and the largest. full
+ * and a policy whose section sets its own budget are not compared; an oracle given the budget
+ * is. */
+static void warn_unequal_caches(const RunConfig *rc, const PolicySummary *s, int budget)
+{
+    int lo = -1, hi = -1;
+    for (int k = 0; k < rc->engine.n_policies; k++) {
+        if (!config_policy_budgeted(rc, k))
+            continue;
+        double t = s[k].step[SM_CACHE_TOKENS][STAT_MEAN];
+        if (lo < 0 || t < s[lo].step[SM_CACHE_TOKENS][STAT_MEAN])
+            lo = k;
+        if (hi < 0 || t > s[hi].step[SM_CACHE_TOKENS][STAT_MEAN])
+            hi = k;
+    }
+    if (lo < 0)
+        return;
+    double a = s[lo].step[SM_CACHE_TOKENS][STAT_MEAN], b = s[hi].step[SM_CACHE_TOKENS][STAT_MEAN];
+    if (b <= 1.05 * a)
+        return;
+    fprintf(stderr, "kvsim run: warning: at budget %d the policies' mean caches are more than 5%% "
+            "apart: %s holds %.1f tokens per KV head, %s %.1f (cache_tokens_mean; compare them "
+            "with care, docs/config.md)\n", budget, rc->engine.policies[lo].label, a,
+            rc->engine.policies[hi].label, b);
+}
+
+/* run.json beside the CSVs: the config, the trace and every calibration trace (path, size,
+ * SHA-256), seed and threads. */
+static int write_provenance(Provenance *prov, const RunConfig *rc, int budget, int threads_used,
+                            KvErr *err)
+{
+    if (provenance_config(prov, rc->config_path, err) != 0 ||
+        provenance_input(prov, "trace", rc->trace_path, err) != 0)
+        return -1;
+    for (int i = 0; i < rc->engine.n_policies; i++) {
+        const char *cal = config_calibration(rc, i);
+        if (cal && provenance_input(prov, "calibration", cal, err) != 0)
+            return -1;
+    }
+    if (rc->ratio > 0)
+        provenance_number(prov, "ratio", rc->ratio);
+    if (budget) /* [run] budget, or what the ratio gave */
+        provenance_number(prov, "budget", budget);
+    provenance_number(prov, "seed", (double)rc->engine.seed);
+    provenance_number(prov, "threads", rc->engine.threads);
+    provenance_number(prov, "threads_used", threads_used);
+    provenance_string(prov, "out", rc->out_dir);
+    return provenance_write(prov, rc->out_dir, err);
+}
 
 int cmd_run(int argc, char **argv)
 {
@@ -31,11 +84,13 @@ int cmd_run(int argc, char **argv)
     if (status >= 0)
         return status;
     const char *config_path = positional[0];
+    Provenance *prov = provenance_begin(argc, argv);
 
     RunConfig rc;
     KvErr err;
     if (config_load(config_path, &rc, &err) != 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
+        provenance_free(prov);
         return 2;
     }
     if (trace)
@@ -48,6 +103,7 @@ int cmd_run(int argc, char **argv)
     if (!rc.trace_path[0]) {
         fprintf(stderr, "kvsim: %s: no trace: set [trace] path or pass --trace\n", config_path);
         config_free(&rc);
+        provenance_free(prov);
         return 2;
     }
 
@@ -55,14 +111,30 @@ int cmd_run(int argc, char **argv)
     if (!tr) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         config_free(&rc);
+        provenance_free(prov);
         return 2;
     }
     const TraceMeta *tm = trace_meta(tr); /* e.g. a trig calibration trace of another model */
+    int budget = rc.budget;
+    if (rc.ratio > 0) { /* the share of the trace's first prefill span */
+        char context[4200];
+        snprintf(context, sizeof context, "the %d-token prompt of %s", tm->n_prompt,
+                 rc.trace_path);
+        budget = config_ratio_budget(&rc, tm->n_prompt);
+        if (config_apply_budget(&rc, rc.engine.policies, budget, context, &err) != 0) {
+            fprintf(stderr, "kvsim: %s\n", err.msg);
+            trace_close(tr);
+            config_free(&rc);
+            provenance_free(prov);
+            return 2;
+        }
+    }
     if (config_check_model(&rc, rc.trace_path, tm->n_layers, tm->n_q_heads, tm->head_dim,
                            tm->rope_layout, &err) != 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         trace_close(tr);
         config_free(&rc);
+        provenance_free(prov);
         return 2;
     }
     /* The output directory is checked before the replay, not after it. */
@@ -70,6 +142,7 @@ int cmd_run(int argc, char **argv)
         fprintf(stderr, "kvsim: %s\n", err.msg);
         trace_close(tr);
         config_free(&rc);
+        provenance_free(prov);
         return 2;
     }
     Results *res = engine_run(tr, &rc.engine, &err);
@@ -81,7 +154,8 @@ int cmd_run(int argc, char **argv)
     } else {
         summary = kv_calloc((size_t)res->n_policies, sizeof *summary);
         report_summarize(res, summary);
-        if (report_write_csv(res, summary, rc.out_dir, &err) != 0) {
+        if (report_write_csv(res, summary, rc.out_dir, &err) != 0 ||
+            write_provenance(prov, &rc, budget, res->threads_used, &err) != 0) {
             fprintf(stderr, "kvsim: %s\n", err.msg);
             status = 2;
         } else if (!quiet) {
@@ -89,14 +163,20 @@ int cmd_run(int argc, char **argv)
             printf("trace %s: %s, %d layers, %d+%d tokens; %d policies, %d threads, %.1fs\n",
                    rc.trace_path, m->model, m->n_layers, m->n_prompt, m->n_tokens - m->n_prompt,
                    res->n_policies, res->threads_used, res->wall_seconds);
+            if (budget)
+                printf("budget %d tokens per KV head for every policy without its own (%s)\n",
+                       budget, rc.ratio > 0 ? "[run] ratio of the prompt" : "[run] budget");
             report_print_table(res, summary, stdout);
-            printf("wrote %s/summary.csv, layers.csv, steps.csv, turns.csv\n", rc.out_dir);
+            printf("wrote %s/summary.csv, layers.csv, steps.csv, turns.csv, run.json\n", rc.out_dir);
         }
     }
+    if (status == 0 && budget)
+        warn_unequal_caches(&rc, summary, budget);
     free(summary);
     results_free(res);
     trace_close(tr);
     config_free(&rc);
+    provenance_free(prov);
     return status;
 }
 

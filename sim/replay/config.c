@@ -395,8 +395,27 @@ static int run_key(Loader *ld, const char *key, const char *value, int line)
         if (errno || end == value || *end != '\0' || !isfinite(d) || d < 0)
             return fail_at(ld, line, "prefill_tflops = '%s': expected a finite number >= 0 (0 = no prefill time in turns.csv)", ev);
         e->prefill_tflops = d;
+    } else if (!strcmp(key, "budget") || !strcmp(key, "ratio")) {
+        bool is_budget = key[0] == 'b';
+        if (ld->rc->budget_line)
+            return fail_at(ld, line, "%s: [run] %s is given at line %d (expected budget or ratio, "
+                           "not both)", key, ld->rc->budget ? "budget" : "ratio",
+                           ld->rc->budget_line);
+        if (is_budget) {
+            if (parse_int(value, 1, 1 << 30, &v))
+                return fail_at(ld, line, "budget = '%s': expected a positive integer (tokens per KV head)", ev);
+            ld->rc->budget = (int)v;
+        } else {
+            char *end;
+            errno = 0;
+            double d = strtod(value, &end);
+            if (errno || end == value || *end != '\0' || !(d > 0 && d <= 1))
+                return fail_at(ld, line, "ratio = '%s': expected a number in (0, 1] (the share of the context kept)", ev);
+            ld->rc->ratio = d;
+        }
+        ld->rc->budget_line = line;
     } else {
-        return fail_at(ld, line, "unknown key '%s' in [run] (expected threads, out, topk, eval_every, kv_bits, seed, prefill_chunk, history or prefill_tflops)",
+        return fail_at(ld, line, "unknown key '%s' in [run] (expected threads, out, topk, eval_every, kv_bits, seed, prefill_chunk, history, prefill_tflops, budget or ratio)",
                        ESC(key, ek));
     }
     return 1;
@@ -542,6 +561,9 @@ int config_load(const char *path, RunConfig *rc, KvErr *err)
         fail_at(ld, ld->reader.line > 0 ? ld->reader.line : 1,
                 "no [policy.LABEL] section: nothing to compare");
     e->n_policies = ld->n_sections;
+    if (!ld->failed && rc->budget && config_apply_budget(rc, e->policies, rc->budget, NULL,
+                                                         &ld->err) != 0)
+        ld->failed = true;
     if (!ld->failed && !rc->out_dir[0]) {
         const char *base = strrchr(path, '/');
         base = base ? base + 1 : path;
@@ -577,18 +599,25 @@ int config_check_closed_loop(const RunConfig *rc, KvErr *err)
     return 0;
 }
 
+const char *config_calibration(const RunConfig *rc, int i)
+{
+    const PolicySpec *spec = &rc->engine.policies[i];
+    const ParamSpec *p = spec->type->params;
+    while (p && p->key && !(p->kind == PARAM_STRING && !strcmp(p->key, "calibration")))
+        p++;
+    if (!p || !p->key)
+        return NULL;
+    const char *cal = (const char *)spec->params + p->offset;
+    return strcmp(cal, "online") ? cal : NULL;
+}
+
 int config_check_model(const RunConfig *rc, const char *model, int n_layers, int n_q_heads,
                        int head_dim, RopeLayout rope_layout, KvErr *err)
 {
     for (int i = 0; i < rc->engine.n_policies; i++) {
         const PolicySpec *spec = &rc->engine.policies[i];
-        const ParamSpec *p = spec->type->params;
-        while (p && p->key && !(p->kind == PARAM_STRING && !strcmp(p->key, "calibration")))
-            p++;
-        if (!p || !p->key)
-            continue;
-        const char *cal = (const char *)spec->params + p->offset;
-        if (!strcmp(cal, "online"))
+        const char *cal = config_calibration(rc, i);
+        if (!cal)
             continue;
         const PolicySection *ps = &rc->source->sections[i];
         const KeyEntry *k = keys_find(&ps->keys, "calibration");
@@ -615,6 +644,110 @@ int config_check_model(const RunConfig *rc, const char *model, int n_layers, int
         trace_close(tr);
         if (!fits)
             return -1;
+    }
+    return 0;
+}
+
+/* ---- One budget for every policy ---- */
+
+/* The key that holds a type's budget: the one a section sets to choose its own. */
+static const char *budget_key(const PolicyType *type)
+{
+    if (!strcmp(type->name, "window"))
+        return "window";
+    for (const ParamSpec *p = type->params; p && p->key; p++)
+        if (p->kind == PARAM_INT && !strcmp(p->key, "budget"))
+            return "budget";
+    return NULL; /* full: keeps every token */
+}
+
+bool config_policy_budgeted(const RunConfig *rc, int i)
+{
+    const PolicySpec *spec = &rc->engine.policies[i];
+    const char *key = budget_key(spec->type);
+    return rc->budget_line && key && !keys_find(&rc->source->sections[i].keys, key);
+}
+
+int config_ratio_budget(const RunConfig *rc, int n_prompt)
+{
+    return (int)floor(rc->ratio * n_prompt);
+}
+
+static int int_param(const PolicySpec *spec, const char *key)
+{
+    for (const ParamSpec *p = spec->type->params; p && p->key; p++)
+        if (!strcmp(p->key, key))
+            return *(const int *)((const char *)spec->params + p->offset);
+    return 0;
+}
+
+/* A budget of B tokens per KV head as the type's parameters, the sweep's scaling
+ * (docs/sweeps.md): a parameter that is a share of the budget at 512 in configs/ta512.ini is
+ * the same share of B. Returns the number of key = value pairs written into out. */
+typedef struct {
+    const char *key;
+    int value;
+} BudgetParam;
+
+static int budget_params(const PolicySpec *spec, int B, BudgetParam out[4])
+{
+    const char *name = spec->type->name;
+    int quarter = B / 4, cap = quarter < 128 ? quarter : 128;
+    if (!strcmp(name, "window")) { /* the sinks (the section's or the default) come first */
+        out[0] = (BudgetParam){"window", B - int_param(spec, "sinks")};
+        return 1;
+    }
+    out[0] = (BudgetParam){"budget", B};
+    if (!strcmp(name, "decay")) { /* local < budget: a quarter for the recent tokens */
+        out[1] = (BudgetParam){"local", quarter};
+        return 2;
+    }
+    if (!strcmp(name, "abit")) { /* span < budget - local; max_split: half the span */
+        out[1] = (BudgetParam){"local", quarter};
+        out[2] = (BudgetParam){"span", quarter};
+        out[3] = (BudgetParam){"max_split", B / 8};
+        return 4;
+    }
+    if (!strcmp(name, "trig")) { /* protect_initial + protect_recent < budget; the prune period
+                                  * shrinks with the budget, so the cache stays near it */
+        out[1] = (BudgetParam){"divide_length", cap};
+        out[2] = (BudgetParam){"protect_recent", cap};
+        return 3;
+    }
+    return 1;
+}
+
+int config_apply_budget(const RunConfig *rc, PolicySpec *specs, int budget, const char *context,
+                        KvErr *err)
+{
+    char given[256];
+    if (rc->budget)
+        snprintf(given, sizeof given, "[run] budget = %d", budget);
+    else
+        snprintf(given, sizeof given, "[run] ratio = %g: budget %d of %s", rc->ratio, budget,
+                 context ? context : "the context");
+    for (int i = 0; i < rc->engine.n_policies; i++) {
+        if (!config_policy_budgeted(rc, i))
+            continue;
+        PolicySpec *spec = &specs[i];
+        const KeyList *keys = &rc->source->sections[i].keys;
+        BudgetParam bp[4];
+        int n = budget_params(spec, budget, bp);
+        char label[96], msg[sizeof err->msg];
+        ESC(spec->label, label);
+        KvErr perr;
+        for (int j = 0; j < n; j++) {
+            if (j > 0 && keys_find(keys, bp[j].key)) /* the section's own value stays */
+                continue;
+            char value[32];
+            snprintf(value, sizeof value, "%d", bp[j].value);
+            if (policy_param_set(spec->type, spec->params, bp[j].key, value, &perr) != 0)
+                return kv_fail(err, "%s:%d: [policy.%s] %s (from %s)", rc->config_path,
+                               rc->budget_line, label, ESC(perr.msg, msg), given);
+        }
+        if (spec->type->validate && spec->type->validate(spec->params, &perr) != 0)
+            return kv_fail(err, "%s:%d: [policy.%s] %s (from %s)", rc->config_path,
+                           rc->budget_line, label, ESC(perr.msg, msg), given);
     }
     return 0;
 }

@@ -3,6 +3,7 @@
  *   [trace]  path = FILE.h5
  *   [run]    threads = 0  out = DIR  topk = 32  eval_every = 1  kv_bits = 16  seed = 0
  *            prefill_chunk = 0  history = persist  prefill_tflops = 0
+ *            budget = N | ratio = r   (one budget for every policy; docs/config.md)
  *   [policy.LABEL]  type = NAME  <the type's parameters>   (one section per policy)
  *
  * Every error (unknown section or key, malformed value, unknown policy type, duplicate label,
@@ -22,6 +23,13 @@ typedef struct {
     EngineConfig engine;
     ConfigSource *source;
     int prefill_chunk_line; /* the line of [run] prefill_chunk; 0 when not set */
+    /* [run] budget (tokens per KV head) or [run] ratio (share of the trace's n_prompt kept),
+     * at most one of them: the budget of every policy whose section does not set its own
+     * (config_policy_budgeted). config_load applies a budget; a ratio is applied once the
+     * context is known (config_apply_budget with config_ratio_budget). 0: not set. */
+    int budget;
+    double ratio;
+    int budget_line; /* the line of the one given */
 } RunConfig;
 
 /* The file must be a regular file of UTF-8 text (an initial byte-order mark is skipped) of at
@@ -37,9 +45,30 @@ int config_load(const char *path, RunConfig *rc, KvErr *err);
 int config_check_model(const RunConfig *rc, const char *model, int n_layers, int n_q_heads,
                        int head_dim, RopeLayout rope_layout, KvErr *err);
 
+/* Policy i's calibration trace (trig's `calibration`), or NULL when it has none or calibrates
+ * online. */
+const char *config_calibration(const RunConfig *rc, int i);
+
 /* What closed loop (`kvsim eval`) cannot do, at the config's file and line: prefill_chunk > 0
  * (its prompt pass attends over the full cache; traces/eval/eval.h). */
 int config_check_closed_loop(const RunConfig *rc, KvErr *err);
+
+/* Whether the run's budget or ratio sets policy i's parameters: the config has one, policy i's
+ * type has a budget (every type but full) and its section does not set it (`budget`, or
+ * `window` for window). */
+bool config_policy_budgeted(const RunConfig *rc, int i);
+
+/* The budget a ratio gives for a context of n_prompt tokens: floor(ratio x n_prompt), as kvpress
+ * keeps int(k_len x (1 - compression_ratio)) tokens. */
+int config_ratio_budget(const RunConfig *rc, int n_prompt);
+
+/* Sets the parameters of specs[i] (policy i of rc, or a copy of it) for every budgeted policy i
+ * to `budget` tokens per KV head, the way docs/config.md gives per type (window = budget -
+ * sinks, decay's local = budget / 4, ...), leaving a parameter the section sets alone, and
+ * validates the result; an error is "FILE:LINE: [policy.X] ..." at the line of [run] budget or
+ * ratio. `context` (NULL for a budget) says where a ratio's budget came from, for the message. */
+int config_apply_budget(const RunConfig *rc, PolicySpec *specs, int budget, const char *context,
+                        KvErr *err);
 
 void config_free(RunConfig *rc);
 

@@ -16,6 +16,8 @@
 #include "sim/base/csv.h"
 #include "sim/base/pool.h"
 #include "sim/base/progress.h"
+#include "sim/base/provenance.h"
+#include "sim/base/stats.h"
 #include "sim/replay/report.h"
 #include "traces/eval/eval.h"
 #include "traces/model/model.h"
@@ -319,6 +321,30 @@ static char *answer_span(const Tokenizer *tok, const int32_t *tokens, int n, siz
 
 /* ---- The work: one prompt at a time per worker, every policy on it ---- */
 
+/* Under [run] ratio, the policies as they run on prompt p: a copy of job->policies with the
+ * budget the ratio gives for the prompt's first prefill span (its n_prompt, as a trace's);
+ * NULL without a ratio (job->policies run as they are). On an error, *rc = -1. */
+static PolicySpec *prompt_policies(const EvalJob *job, const EvalPrompt *p, int *rc, KvErr *err)
+{
+    const RunConfig *cfg = job->rc;
+    if (!(cfg->ratio > 0))
+        return NULL;
+    PolicySpec *specs = kv_malloc((size_t)job->n_policies * sizeof *specs);
+    for (int k = 0; k < job->n_policies; k++) {
+        specs[k] = job->policies[k];
+        specs[k].params = kv_malloc(specs[k].type->params_size);
+        memcpy(specs[k].params, job->policies[k].params, specs[k].type->params_size);
+    }
+    char context[4400];
+    snprintf(context, sizeof context, "the %d-token prompt %s.txt", p->tokens.n_prompt, p->name);
+    /* the config's policies follow the added reference, if any */
+    int first = job->policies == cfg->engine.policies ? 0 : 1;
+    if (config_apply_budget(cfg, specs + first, config_ratio_budget(cfg, p->tokens.n_prompt),
+                            context, err) != 0)
+        *rc = -1;
+    return specs;
+}
+
 static int eval_prompt(EvalJob *job, int pi, int32_t *tokens, KvErr *err)
 {
     const EvalPrompt *p = &job->prompts[pi];
@@ -332,9 +358,11 @@ static int eval_prompt(EvalJob *job, int pi, int32_t *tokens, KvErr *err)
     EvalHooks hooks = {.user = &watch, .on_token = answer_complete};
     EvalAnswer *ans = kv_calloc((size_t)p->n_questions, sizeof *ans);
     int rc = 0;
+    PolicySpec *own = prompt_policies(job, p, &rc, err);
+    const PolicySpec *specs = own ? own : job->policies;
     for (int k = 0; k < job->n_policies && rc == 0; k++) {
         EvalDecode d;
-        if (eval_decode(pf, &job->policies[k], job->rc->engine.seed, job->rc->engine.kv_bits,
+        if (eval_decode(pf, &specs[k], job->rc->engine.seed, job->rc->engine.kv_bits,
                         job->tok, &hooks, tokens, ans, &d, err) != 0) {
             rc = -1;
             break;
@@ -355,6 +383,9 @@ static int eval_prompt(EvalJob *job, int pi, int32_t *tokens, KvErr *err)
         }
         progress_add(&job->progress, 1);
     }
+    for (int k = 0; own && k < job->n_policies; k++)
+        free(own[k].params);
+    free(own);
     free(ans);
     eval_prefill_free(pf);
     return rc;
@@ -396,7 +427,8 @@ static int run_job(EvalJob *job, int threads, bool progress, KvErr *err)
 typedef struct {
     bool applicable;
     int prompts, questions, correct, agree;
-    double accuracy, agreement, device_bytes, host_bytes, generated;
+    double accuracy, accuracy_lo, accuracy_hi; /* and its Wilson 95% interval */
+    double agreement, device_bytes, host_bytes, generated;
 } PolicyScore;
 
 /* Which questions a score counts: every one, those of a turn, those at a distance. */
@@ -446,12 +478,14 @@ static void score_policy(const EvalJob *job, int k, int full, ScoreBy by, int va
     }
     if (ps->applicable && ps->questions > 0) {
         ps->accuracy = (double)ps->correct / ps->questions;
+        wilson_interval(ps->correct, ps->questions, &ps->accuracy_lo, &ps->accuracy_hi);
         ps->agreement = (double)ps->agree / ps->questions;
         ps->device_bytes /= ps->prompts;
         ps->host_bytes /= ps->prompts;
         ps->generated /= ps->questions;
     } else {
         ps->accuracy = ps->agreement = ps->device_bytes = ps->host_bytes = NAN;
+        ps->accuracy_lo = ps->accuracy_hi = NAN;
         ps->generated = NAN;
     }
 }
@@ -460,12 +494,14 @@ static void score_policy(const EvalJob *job, int k, int full, ScoreBy by, int va
 static void put_score(CsvFile *c, const PolicyScore *s, bool with_bytes)
 {
     if (!s->applicable) {
-        for (int i = 0; i < (with_bytes ? 6 : 3); i++)
+        for (int i = 0; i < (with_bytes ? 8 : 5); i++)
             csv_put_empty(c);
         return;
     }
     csv_put_int(c, s->correct);
     csv_put_num(c, s->accuracy);
+    csv_put_num(c, s->accuracy_lo);
+    csv_put_num(c, s->accuracy_hi);
     csv_put_num(c, s->agreement);
     if (with_bytes) {
         csv_put_count(c, s->device_bytes);
@@ -474,20 +510,70 @@ static void put_score(CsvFile *c, const PolicyScore *s, bool with_bytes)
     }
 }
 
-static int write_eval_csv(const EvalJob *job, const PolicyScore *s, const char *dir, KvErr *err)
+/* Policy k against policy ref on the same questions (both applicable): `better` questions k
+ * answered correctly and ref did not, `worse` the reverse, and the exact McNemar p-value of
+ * the difference. */
+typedef struct {
+    int better, worse;
+    double p;
+} Paired;
+
+static Paired paired_test(const EvalJob *job, int k, int ref)
+{
+    Paired r = {0, 0, NAN};
+    for (int i = 0; i < job->n_prompts; i++) {
+        const Outcome *o = &job->outcomes[(size_t)i * job->n_policies + k];
+        const Outcome *f = &job->outcomes[(size_t)i * job->n_policies + ref];
+        for (int q = 0; q < job->prompts[i].n_questions; q++) {
+            r.better += o->replies[q].correct && !f->replies[q].correct;
+            r.worse += !o->replies[q].correct && f->replies[q].correct;
+        }
+    }
+    r.p = mcnemar_exact_p(r.better, r.worse);
+    return r;
+}
+
+/* The best policy: the highest accuracy of the applicable policies other than the reference,
+ * the first in config order among equals; -1 when there is none. */
+static int best_policy(const EvalJob *job, const PolicyScore *s, int full)
+{
+    int best = -1;
+    for (int k = 0; k < job->n_policies; k++)
+        if (k != full && s[k].applicable && (best < 0 || s[k].correct > s[best].correct))
+            best = k;
+    return best;
+}
+
+static int write_eval_csv(const EvalJob *job, const PolicyScore *s, int full, const char *dir,
+                          KvErr *err)
 {
     CsvFile c;
     if (csv_create(&c, dir, "eval.csv",
-                   "policy,type,prompts,questions,correct,accuracy,agreement_with_full,"
-                   "device_bytes_mean,host_bytes_mean,generated_tokens_mean",
+                   "policy,type,prompts,questions,correct,accuracy,accuracy_lo,accuracy_hi,"
+                   "agreement_with_full,device_bytes_mean,host_bytes_mean,generated_tokens_mean,"
+                   "vs_full_better,vs_full_worse,vs_full_p,vs_best_p",
                    err) != 0)
         return -1;
+    int best = best_policy(job, s, full);
     for (int k = 0; k < job->n_policies; k++) {
         csv_put_text(&c, job->policies[k].label);
         csv_put_text(&c, job->policies[k].type->name);
         csv_put_int(&c, s[k].prompts);
         csv_put_int(&c, s[k].questions);
         put_score(&c, &s[k], true);
+        if (s[k].applicable) {
+            Paired vs_full = paired_test(job, k, full);
+            csv_put_int(&c, vs_full.better);
+            csv_put_int(&c, vs_full.worse);
+            csv_put_num(&c, vs_full.p);
+            if (best >= 0)
+                csv_put_num(&c, paired_test(job, k, best).p);
+            else
+                csv_put_empty(&c);
+        } else {
+            for (int i = 0; i < 4; i++)
+                csv_put_empty(&c);
+        }
         csv_end_row(&c);
     }
     return csv_commit(&c, err);
@@ -522,7 +608,8 @@ static int write_turns_csv(const EvalJob *job, int full, const char *dir, KvErr 
 {
     CsvFile c;
     if (csv_create(&c, dir, "eval_turns.csv",
-                   "policy,type,history,by,value,questions,correct,accuracy,agreement_with_full",
+                   "policy,type,history,by,value,questions,correct,accuracy,accuracy_lo,accuracy_hi,"
+                   "agreement_with_full",
                    err) != 0)
         return -1;
     int n_questions = 0;
@@ -604,26 +691,30 @@ static void print_table(const EvalJob *job, const PolicyScore *s, int full, FILE
     int n_dist = score_keys(job, BY_DISTANCE, dist);
     if (n_dist < 2)
         n_dist = 0;
-    fprintf(out, "%-*s  %-13s %8s %8s %7s %10s %10s", w, "policy", "type", "correct",
-            "accuracy", "agree", "device", "host");
+    fprintf(out, "%-*s  %-13s %8s %8s %-15s %7s %8s %10s %10s", w, "policy", "type", "correct",
+            "accuracy", "95% interval", "agree", "p(full)", "device", "host");
     for (int d = 0; d < n_dist; d++)
         fprintf(out, "    d=%-2d", dist[d]);
     fputc('\n', out);
     for (int k = 0; k < job->n_policies; k++) {
-        char dev[32], host[32], correct[32], acc[16], agree[16];
+        char dev[32], host[32], correct[32], acc[16], ci[40], agree[16], p[16];
         format_bytes(s[k].device_bytes, dev, sizeof dev);
         format_bytes(s[k].host_bytes, host, sizeof host);
         if (s[k].applicable) {
             snprintf(correct, sizeof correct, "%d/%d", s[k].correct, s[k].questions);
             snprintf(acc, sizeof acc, "%.3f", s[k].accuracy);
+            snprintf(ci, sizeof ci, "[%.3f, %.3f]", s[k].accuracy_lo, s[k].accuracy_hi);
             snprintf(agree, sizeof agree, "%.3f", s[k].agreement);
+            snprintf(p, sizeof p, "%.3g", paired_test(job, k, full).p);
         } else {
             snprintf(correct, sizeof correct, "n/a");
             snprintf(acc, sizeof acc, "-");
+            snprintf(ci, sizeof ci, "-");
             snprintf(agree, sizeof agree, "-");
+            snprintf(p, sizeof p, "-");
         }
-        fprintf(out, "%-*s  %-13s %8s %8s %7s %10s %10s", w, job->policies[k].label,
-                job->policies[k].type->name, correct, acc, agree, dev, host);
+        fprintf(out, "%-*s  %-13s %8s %8s %-15s %7s %8s %10s %10s", w, job->policies[k].label,
+                job->policies[k].type->name, correct, acc, ci, agree, p, dev, host);
         for (int d = 0; d < n_dist; d++) {
             PolicyScore ps;
             score_policy(job, k, full, BY_DISTANCE, dist[d], &ps);
@@ -638,6 +729,46 @@ static void print_table(const EvalJob *job, const PolicyScore *s, int full, FILE
 }
 
 /* ---- The command ---- */
+/* Whether some question of the prompt is read in a prefill over the full cache, so that every
+ * policy answers it from the same state as full: the span just before its generation point (or
+ * before the end) is prefilled, not fed through the policy's cache, and it is the first span
+ * (the shared prefill) or a later one that the history mode re-encodes over the full cache. A
+ * later span under persist is fed through each policy's caches. */
+static bool question_in_full_prefill(const PromptTokens *pt, RunHistory history)
+{
+    for (int s = 1; s <= pt->n_spans; s++) {
+        if (s < pt->n_spans && pt->spans[s].kind != PROMPT_GENERATE)
+            continue;
+        if (pt->spans[s - 1].kind == PROMPT_PREFILL && (s == 1 || history != HISTORY_PERSIST))
+            return true;
+    }
+    return false;
+}
+
+/* One line on stderr naming (at most 3 of) the prompts with such a question. */
+static void warn_full_prefill(const EvalPrompt *prompts, int n, const char *dir,
+                              RunHistory history)
+{
+    int found = 0;
+    char names[1024] = "";
+    for (int i = 0; i < n; i++) {
+        if (!question_in_full_prefill(&prompts[i].tokens, history))
+            continue;
+        if (found++ < 3) {
+            size_t len = strlen(names);
+            snprintf(names + len, sizeof names - len, "%s%s.txt", len ? ", " : "",
+                     prompts[i].name);
+        }
+    }
+    if (found == 0)
+        return;
+    char more[32] = "";
+    if (found > 3)
+        snprintf(more, sizeof more, " and %d more", found - 3);
+    fprintf(stderr, "kvsim eval: warning: %s: %s%s: a question is read in the full-cache prefill "
+            "(no [[decode]] before it in its turn), so every policy answers it as full does "
+            "(docs/eval.md)\n", dir, names, more);
+}
 
 /* The reference policy: the first of type full, else one added in front labelled "full". */
 static int reference_policy(RunConfig *rc, PolicySpec **policies, int *n, KvErr *err)
@@ -667,9 +798,77 @@ static int reference_policy(RunConfig *rc, PolicySpec **policies, int *n, KvErr 
 typedef struct {
     const char *config, *model_dir, *prompts_dir, *out_dir;
     int threads, max_new, quiet;
+    int argc; /* the command line, for run.json */
+    char **argv;
 } EvalOptions;
 
-static int eval_main(const EvalOptions *o, KvErr *err)
+/* The checkpoint's files that the run reads (its *.json and *.safetensors), in bytewise order. */
+static int model_inputs(Provenance *prov, const char *dir, KvErr *err)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return kv_fail(err, "%s: cannot open the model directory: %s", dir, strerror(errno));
+    char **names = NULL;
+    int n = 0, cap = 0, rc = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        size_t len = strlen(e->d_name);
+        bool json = len > 5 && !strcmp(e->d_name + len - 5, ".json");
+        bool st = len > 12 && !strcmp(e->d_name + len - 12, ".safetensors");
+        if (!json && !st)
+            continue;
+        if (n == cap)
+            names = kv_realloc(names, (size_t)(cap = cap ? 2 * cap : 8) * sizeof *names);
+        names[n++] = kv_strdup(e->d_name);
+    }
+    closedir(d);
+    if (n > 0)
+        qsort(names, (size_t)n, sizeof *names, compare_names);
+    for (int i = 0; i < n; i++) {
+        char path[4400];
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        if (rc == 0 && provenance_input(prov, "model", path, err) != 0)
+            rc = -1;
+        free(names[i]);
+    }
+    free(names);
+    return rc;
+}
+
+/* run.json beside the CSVs: the config, the checkpoint's files, every prompt and its answers,
+ * every calibration trace (path, size, SHA-256), seed and threads. */
+static int write_provenance(Provenance *prov, const EvalOptions *o, const RunConfig *rc,
+                            const EvalPrompt *prompts, int n_prompts, int threads,
+                            KvErr *err)
+{
+    if (provenance_config(prov, rc->config_path, err) != 0 ||
+        model_inputs(prov, o->model_dir, err) != 0)
+        return -1;
+    for (int i = 0; i < n_prompts; i++) {
+        char path[4400];
+        snprintf(path, sizeof path, "%s/%s.txt", o->prompts_dir, prompts[i].name);
+        if (provenance_input(prov, "prompt", path, err) != 0)
+            return -1;
+        snprintf(path, sizeof path, "%s/%s.answer", o->prompts_dir, prompts[i].name);
+        if (provenance_input(prov, "answers", path, err) != 0)
+            return -1;
+    }
+    for (int i = 0; i < rc->engine.n_policies; i++) {
+        const char *cal = config_calibration(rc, i);
+        if (cal && provenance_input(prov, "calibration", cal, err) != 0)
+            return -1;
+    }
+    if (rc->ratio > 0) /* each prompt's budget is floor(ratio x its n_prompt) */
+        provenance_number(prov, "ratio", rc->ratio);
+    if (rc->budget)
+        provenance_number(prov, "budget", rc->budget);
+    provenance_number(prov, "seed", (double)rc->engine.seed);
+    provenance_number(prov, "threads", threads);
+    provenance_number(prov, "threads_used", pool_threads_for(threads, n_prompts));
+    provenance_string(prov, "out", rc->out_dir);
+    return provenance_write(prov, rc->out_dir, err);
+}
+
+static int eval_main(const EvalOptions *o, Provenance *prov, KvErr *err)
 {
     RunConfig rc;
     if (config_load(o->config, &rc, err) != 0)
@@ -711,6 +910,7 @@ static int eval_main(const EvalOptions *o, KvErr *err)
                 max_new = n + EXTRA_NEW_TOKENS;
         }
     }
+    warn_full_prefill(prompts, n_prompts, o->prompts_dir, rc.engine.history);
     if (policies != rc.engine.policies && !o->quiet)
         fprintf(stderr, "kvsim eval: no policy of type full in %s: added one, labelled full, "
                 "as the reference\n", o->config);
@@ -727,9 +927,10 @@ static int eval_main(const EvalOptions *o, KvErr *err)
     scores = kv_calloc((size_t)n_policies, sizeof *scores);
     for (int k = 0; k < n_policies; k++)
         score_policy(&job, k, full, BY_ALL, 0, &scores[k]);
-    if (make_dirs(rc.out_dir, err) != 0 || write_eval_csv(&job, scores, rc.out_dir, err) != 0 ||
+    if (make_dirs(rc.out_dir, err) != 0 || write_eval_csv(&job, scores, full, rc.out_dir, err) != 0 ||
         write_prompts_csv(&job, full, rc.out_dir, err) != 0 ||
-        write_turns_csv(&job, full, rc.out_dir, err) != 0)
+        write_turns_csv(&job, full, rc.out_dir, err) != 0 ||
+        write_provenance(prov, o, &rc, prompts, n_prompts, threads, err) != 0)
         goto done;
     if (!o->quiet) {
         printf("eval %s: %s, %d prompts, %d policies, up to %d new tokens, %.1fs\n", o->config,
@@ -740,7 +941,7 @@ static int eval_main(const EvalOptions *o, KvErr *err)
                 printf("%s: not applicable in closed loop (%s needs the future of the run, "
                        "which depends on the policy itself)\n", policies[k].label,
                        policies[k].type->name);
-        printf("wrote %s/eval.csv, eval_prompts.csv, eval_turns.csv\n", rc.out_dir);
+        printf("wrote %s/eval.csv, eval_prompts.csv, eval_turns.csv, run.json\n", rc.out_dir);
     }
     rc_status = 0;
 done:
@@ -795,7 +996,10 @@ int cmd_eval(int argc, char **argv)
         return 2;
     }
     o.config = positional[0];
-    if (eval_main(&o, &err) != 0) {
+    Provenance *prov = provenance_begin(argc, argv);
+    int rc = eval_main(&o, prov, &err);
+    provenance_free(prov);
+    if (rc != 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         return 2;
     }

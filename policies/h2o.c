@@ -9,25 +9,35 @@
  * chunk are cut to budget - 1 tokens, the last recent - 1 kept, so that the next token fits: the
  * state query chunk_end - 1's eviction would leave. Eviction follows the attention: after query
  * t attended, the cache is cut to budget - 1 by dropping, one at a time, the lowest-scored token
- * outside the next step's recent window (ties: the older). */
+ * outside the next step's recent window (ties: the older). With `accumulate = mean` a token is
+ * ranked by its score divided by the number of queries that saw it (kvpress's
+ * ObservedAttentionPress): the chunk's queries i >= j inside the layer's window, and each decode
+ * query that attended over it with j inside its window. */
 #include <stddef.h>
 #include <stdlib.h>
 
 #include "policies/policy.h"
 #include "policies/rank.h"
+#include "sim/base/attention.h"
 
 extern const PolicyType policy_h2o;
+
+enum { H2O_ACCUMULATE_SUM = 0, H2O_ACCUMULATE_MEAN = 1 };
 
 typedef struct {
     int budget;
     double heavy_ratio;
+    int accumulate;
 } H2oParams;
 
 typedef struct {
     Policy base;
     int budget, heavy, recent;
-    int group, n_tokens;
+    int group, n_tokens, window;
     double *score;      /* [n_kv_heads][T] accumulated attention, group sum */
+    /* accumulate = mean only (NULL otherwise): [n_kv_heads][T] the queries that saw each token,
+     * and score / seen, by which tokens are then ranked. */
+    double *seen, *mean;
     float *slot_score;  /* [T] scratch: one query's group-summed attention per slot */
     int32_t *candidates; /* [T] scratch */
 } H2o;
@@ -37,6 +47,9 @@ static const ParamSpec h2o_params[] = {
      "tokens per KV head at attention time, the current one included"},
     {"heavy_ratio", PARAM_DOUBLE, offsetof(H2oParams, heavy_ratio), "0.5", 0, 1, NULL,
      "share of the budget given to heavy hitters; the rest is the recent window"},
+    {"accumulate", PARAM_ENUM, offsetof(H2oParams, accumulate), "sum", 0, 0, "sum|mean",
+     "sum: attention summed over the queries (H2O); mean: divided by the queries that saw the "
+     "token (kvpress ObservedAttentionPress)"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
@@ -70,10 +83,39 @@ static Policy *h2o_create(const void *params, const LayerView *L, const PolicyEn
     h->recent = prm->budget - h->heavy;
     h->group = L->group;
     h->n_tokens = L->n_tokens;
+    h->window = L->window;
     h->score = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *h->score);
+    if (prm->accumulate == H2O_ACCUMULATE_MEAN) {
+        h->seen = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *h->seen);
+        h->mean = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *h->mean);
+    }
     h->slot_score = kv_malloc((size_t)L->n_tokens * sizeof *h->slot_score);
     h->candidates = kv_malloc((size_t)L->n_tokens * sizeof *h->candidates);
     return &h->base;
+}
+
+/* The scores tokens are ranked by: the accumulated attention, or its mean over the viewers. */
+static const double *rank_by(const H2o *h, int g)
+{
+    return (h->mean ? h->mean : h->score) + (size_t)g * h->n_tokens;
+}
+
+/* accumulate = mean: `viewers` more queries saw token j of KV head g (its score is updated). */
+static void see(H2o *h, int g, int j, double viewers)
+{
+    size_t at = (size_t)g * h->n_tokens + j;
+    h->seen[at] += viewers;
+    h->mean[at] = h->seen[at] > 0 ? h->score[at] / h->seen[at] : 0.0;
+}
+
+/* The chunk's queries i that see token j: j <= i, and j inside query i's window
+ * (i <= j + window - 1 on a sliding-window layer). */
+static double chunk_viewers(const H2o *h, const PrefillView *pv, int j)
+{
+    long lo = j > pv->chunk_start ? j : pv->chunk_start, hi = pv->chunk_end;
+    if (h->window > 0 && (long)j + h->window < hi)
+        hi = (long)j + h->window;
+    return hi > lo ? (double)(hi - lo) : 0.0;
 }
 
 static void h2o_prefill(Policy *p, const PrefillView *pv)
@@ -98,8 +140,11 @@ static void h2o_prefill(Policy *p, const PrefillView *pv)
             score[h->candidates[i]] += h->slot_score[h->candidates[i]];
             n_old += h->candidates[i] < window_start;
         }
+        if (h->mean)
+            for (int i = 0; i < n; i++)
+                see(h, g, h->candidates[i], chunk_viewers(h, pv, h->candidates[i]));
         int keep = n <= h->budget - 1 ? n_old : h->budget - 1 - (n - n_old);
-        rank_keep_best(h->candidates, n_old, keep, score);
+        rank_keep_best(h->candidates, n_old, keep, rank_by(h, g));
         kvcache_clear(c);
         for (int i = 0; i < keep && i < n_old; i++)
             kvcache_add(c, h->candidates[i]);
@@ -126,8 +171,14 @@ static void h2o_observe(Policy *p, const StepView *sv, const float *const *attn)
         for (int s = 0; s < c->n; s++)
             if (c->pos[s] >= 0)
                 score[c->pos[s]] += h->slot_score[s];
+        if (h->mean) {
+            int first = attn_first_key(h->window, sv->t);
+            for (int s = 0; s < c->n; s++)
+                if (c->pos[s] >= 0)
+                    see(h, g, c->pos[s], c->pos[s] >= first ? 1.0 : 0.0);
+        }
         while (c->n > h->budget - 1) {
-            int worst = rank_worst_slot(c, score, last_candidate);
+            int worst = rank_worst_slot(c, rank_by(h, g), last_candidate);
             if (worst < 0)
                 break;
             kvcache_remove_slot(c, worst);
@@ -139,6 +190,8 @@ static void h2o_destroy(Policy *p)
 {
     H2o *h = (H2o *)p;
     free(h->score);
+    free(h->seen);
+    free(h->mean);
     free(h->slot_score);
     free(h->candidates);
     policy_base_free(p);
@@ -153,7 +206,8 @@ static long h2o_max_slots(const void *params, const LayerView *L, int t)
     return prm->budget;
 }
 
-static const char *const h2o_conformance[] = {"budget=32", "budget=32 heavy_ratio=0.25", NULL};
+static const char *const h2o_conformance[] = {"budget=32", "budget=32 heavy_ratio=0.25",
+                                              "budget=32 accumulate=mean", NULL};
 
 const PolicyType policy_h2o = {
     .name = "h2o",

@@ -5,7 +5,9 @@
  * Score of a cached token j before the window: the attention the window's queries give it (over
  * the cache and the span's last chunk), summed over the window's queries and over the query heads
  * of the KV group, then max-pooled over the `kernel` neighbours centred on j in the cache's
- * position order (so that a token's neighbours survive with it; for the prompt, its positions).
+ * position order (so that a token's neighbours survive with it; for the prompt, its positions);
+ * `pool = avg` averages instead, zero-padded at the ends (the sum over the neighbours in range
+ * divided by kernel), as kvpress and the SnapKV reference do.
  * The window is the last min(observation, last chunk's tokens) queries. The cache is cut to
  * budget - 1 tokens: the window and the best budget - 1 - window tokens before it (ties: the
  * later position). Decode, `decode = window` (the default): the chosen tokens before the window
@@ -22,12 +24,14 @@
 extern const PolicyType policy_snapkv;
 
 enum { SNAPKV_DECODE_WINDOW = 0, SNAPKV_DECODE_GROW = 1 };
+enum { SNAPKV_POOL_MAX = 0, SNAPKV_POOL_AVG = 1 };
 
 typedef struct {
     int budget;
     int observation;
     int kernel;
     int decode;
+    int pool;
 } SnapkvParams;
 
 typedef struct {
@@ -48,6 +52,8 @@ static const ParamSpec snapkv_params[] = {
      "width of the max-pooling over neighbouring tokens' scores (odd)"},
     {"decode", PARAM_ENUM, offsetof(SnapkvParams, decode), "window", 0, 0, "window|grow",
      "window: recent tokens beyond the budget evicted oldest first; grow: no decode eviction"},
+    {"pool", PARAM_ENUM, offsetof(SnapkvParams, pool), "max", 0, 0, "max|avg",
+     "pooling of the neighbours' scores: max, or avg (zero-padded mean over kernel, kvpress's)"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
@@ -79,18 +85,21 @@ static Policy *snapkv_create(const void *params, const LayerView *L, const Polic
     return &s->base;
 }
 
-/* pooled[j] = max of score[i] over i in [j - kernel/2, j + kernel/2] ∩ [0, n). */
-static void max_pool(const double *score, int n, int kernel, double *pooled)
+/* pooled[j] over i in [j - kernel/2, j + kernel/2] ∩ [0, n): the max of score[i] (pool = max),
+ * or their sum divided by kernel (pool = avg: the neighbours outside [0, n) count as zeros). */
+static void pool_scores(const double *score, int n, int kernel, int pool, double *pooled)
 {
     int half = kernel / 2;
     for (int j = 0; j < n; j++) {
         int lo = j - half < 0 ? 0 : j - half;
         int hi = j + half >= n ? n - 1 : j + half;
-        double best = score[lo];
-        for (int i = lo + 1; i <= hi; i++)
+        double best = score[lo], sum = score[lo];
+        for (int i = lo + 1; i <= hi; i++) {
             if (score[i] > best)
                 best = score[i];
-        pooled[j] = best;
+            sum += score[i];
+        }
+        pooled[j] = pool == SNAPKV_POOL_AVG ? sum / kernel : best;
     }
 }
 
@@ -132,7 +141,7 @@ static void snapkv_prefill(Policy *p, const PrefillView *pv)
             n--;
         for (int i = 0; i < n; i++)
             score[i] = summed[candidates[i]];
-        max_pool(score, n, s->prm.kernel, pooled);
+        pool_scores(score, n, s->prm.kernel, s->prm.pool, pooled);
         for (int i = 0; i < n; i++)
             pooled_at[candidates[i]] = pooled[i];
         rank_keep_best(candidates, n, keep, pooled_at);
@@ -187,6 +196,7 @@ static long snapkv_max_slots(const void *params, const LayerView *L, int t)
 static const char *const snapkv_conformance[] = {
     "budget=32 observation=8 kernel=3",
     "budget=32 observation=4 kernel=1 decode=grow",
+    "budget=32 observation=8 kernel=5 pool=avg",
     NULL,
 };
 

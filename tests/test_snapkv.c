@@ -12,8 +12,10 @@
 #include "tests/support/fixture.h"
 
 /* The test's own scores: attention of the last `obs` prompt queries on each prompt token
- * before the window, summed over the queries and the group's heads, max-pooled over `kernel`. */
-static void pooled_scores(const Fixture *fx, int g, int obs, int kernel, double *pooled)
+ * before the window, summed over the queries and the group's heads, max-pooled over `kernel`
+ * (avg: summed over the neighbours in range and divided by kernel, zeros outside). */
+static void pooled_scores(const Fixture *fx, int g, int obs, int kernel, bool avg,
+                          double *pooled)
 {
     const LayerView *L = &fx->L;
     int P = L->n_prompt, T = L->n_tokens, prefix = P - obs;
@@ -28,8 +30,8 @@ static void pooled_scores(const Fixture *fx, int g, int obs, int kernel, double 
     for (int j = 0; j < prefix; j++) {
         pooled[j] = 0;
         for (int i = j - kernel / 2; i <= j + kernel / 2; i++)
-            if (i >= 0 && i < prefix && raw[i] > pooled[j])
-                pooled[j] = raw[i];
+            if (i >= 0 && i < prefix && (avg || raw[i] > pooled[j]))
+                pooled[j] = avg ? pooled[j] + raw[i] / kernel : raw[i];
     }
     free(raw);
     free(row);
@@ -38,7 +40,7 @@ static void pooled_scores(const Fixture *fx, int g, int obs, int kernel, double 
 typedef struct {
     const Fixture *fx;
     int budget, obs, kernel;
-    bool grow;
+    bool grow, avg;
     int32_t *pinned; /* [Hkv][T] 1 if kept from before the window at the first step */
     int steps;
 } SnapCheck;
@@ -58,7 +60,7 @@ static void check_snapkv(int t, const Policy *p, const float *full_attn, void *u
                 assert_true(kvcache_has(c, j));
             assert_int_equal(c->n, sc->budget);
             double *pooled = malloc((size_t)P * sizeof *pooled);
-            pooled_scores(sc->fx, g, sc->obs, sc->kernel, pooled);
+            pooled_scores(sc->fx, g, sc->obs, sc->kernel, sc->avg, pooled);
             double lowest_kept = 1e300, highest_dropped = -1e300;
             int kept = 0;
             for (int j = 0; j < prefix; j++) {
@@ -93,22 +95,28 @@ static void check_snapkv(int t, const Policy *p, const float *full_attn, void *u
     sc->steps++;
 }
 
-static void run_snapkv(uint64_t seed, double sigma, int budget, int obs, int kernel, bool grow)
+static void run_snapkv_pool(uint64_t seed, double sigma, int budget, int obs, int kernel,
+                            bool grow, bool avg)
 {
     Fixture *fx = fixture_new(4, 2, 8, 110, 70);
     fixture_randomize(fx, seed, sigma);
     char params[128];
-    snprintf(params, sizeof params, "budget=%d observation=%d kernel=%d decode=%s", budget, obs,
-             kernel, grow ? "grow" : "window");
+    snprintf(params, sizeof params, "budget=%d observation=%d kernel=%d decode=%s pool=%s", budget,
+             obs, kernel, grow ? "grow" : "window", avg ? "avg" : "max");
     Policy *p = fixture_policy(fx, "snapkv", params, 7);
     assert_int_equal(p->want_prefill_rows, obs);
-    SnapCheck sc = {fx, budget, obs, kernel, grow, NULL, 0};
+    SnapCheck sc = {fx, budget, obs, kernel, grow, avg, NULL, 0};
     sc.pinned = calloc((size_t)2 * 110, sizeof *sc.pinned);
     fixture_run(fx, p, 110, check_snapkv, &sc);
     assert_int_equal(sc.steps, 40);
     free(sc.pinned);
     p->type->destroy(p);
     fixture_free(fx);
+}
+
+static void run_snapkv(uint64_t seed, double sigma, int budget, int obs, int kernel, bool grow)
+{
+    run_snapkv_pool(seed, sigma, budget, obs, kernel, grow, false);
 }
 
 static void test_snapkv_window_plus_top_pooled(void **state)
@@ -118,6 +126,15 @@ static void test_snapkv_window_plus_top_pooled(void **state)
     run_snapkv(2, 2.0, 24, 8, 1, false);
     run_snapkv(3, 1.5, 30, 4, 3, false);
     run_snapkv(4, 1.5, 24, 8, 7, true);
+}
+
+/* pool = avg: the zero-padded mean over the kernel (kvpress's and the reference's pooling). */
+static void test_snapkv_avg_pool(void **state)
+{
+    (void)state;
+    run_snapkv_pool(1, 1.0, 24, 8, 5, false, true);
+    run_snapkv_pool(2, 2.0, 24, 8, 7, false, true);
+    run_snapkv_pool(3, 1.5, 30, 4, 3, true, true);
 }
 
 /* The window's queries point at four chosen tokens: those are kept (with kernel 1 exactly those;
@@ -238,6 +255,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_snapkv_window_plus_top_pooled),
+        cmocka_unit_test(test_snapkv_avg_pool),
         cmocka_unit_test(test_snapkv_keeps_tokens_the_window_attends),
         cmocka_unit_test(test_snapkv_rejects_bad_shapes),
         cmocka_unit_test(test_snapkv_compresses_once_per_span),

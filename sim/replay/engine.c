@@ -13,6 +13,10 @@
 
 /* Decode steps whose attention is computed by one sgemm per head. */
 enum { DECODE_BLOCK = 64 };
+/* Decode steps that every policy instance goes through before the next ones are taken: the
+ * instances of a layer read the same full attention rows of a step (query heads x tokens
+ * floats), so they read them while those are still in the core's cache. */
+enum { METRIC_STEPS = 4 };
 
 /* Threads: the layers are the work units of a pool of workers (sim/base/pool.h), at most one
  * per layer; when there are more threads than layers, each worker gets a team (a pool of its
@@ -141,7 +145,8 @@ static int attend_kv_head(Job *job, const Worker *w, Lane *ln, const LayerView *
     bool want_err = e >= 0 && output_errors_needed(c, t);
     bool want_attn = observe || want_err;
     FullRow rows[G];
-    double mass[G], out_err[G];
+    CacheAttention ca[G];
+    double out_err[G];
     if (want_attn)
         ensure_attn_capacity(ln, g, G * c->n);
     for (int i = 0; i < G; i++) {
@@ -156,9 +161,8 @@ static int attend_kv_head(Job *job, const Worker *w, Lane *ln, const LayerView *
             .v = L->v + (size_t)g * T * D,
             .o_full = w->out + ((size_t)h * DECODE_BLOCK + b) * D,
         };
-        mass[i] = cache_attention(c, &rows[i], want_attn ? ln->attn[g] + (size_t)i * c->n : NULL)
-                      .retained_mass;
     }
+    cache_attention_heads(c, rows, G, want_attn ? ln->attn[g] : NULL, ca);
     if (e < 0)
         return 0;
     for (int i = 0; i < G; i++)
@@ -170,7 +174,7 @@ static int attend_kv_head(Job *job, const Worker *w, Lane *ln, const LayerView *
     for (int i = 0; i < G; i++) {
         int h = g * G + i;
         float *hm = results_head(job->res, pi, L->layer, e, h);
-        hm[HM_MASS] = (float)mass[i];
+        hm[HM_MASS] = (float)ca[i].retained_mass;
         hm[HM_RECALL] = (float)recall_at_k(c, w->topk + ((size_t)b * Hq + h) * cfg->topk, k);
         hm[HM_OUT_ERR] = (float)out_err[i];
         if (check_finite(job, pi, L->layer, t, metric_of(METRIC_HEAD, HM_MASS)->name, h,
@@ -269,6 +273,7 @@ typedef struct {
     Worker *w;
     PolicyDriver *drv;
     int t0, B;
+    int s0, s1;    /* the steps [s0, s1) of the block that block_policy takes now */
     int *fail_b;   /* [n_policies]: the step at which instance pi failed, or B */
     KvErr *errs;   /* [n_policies] */
     int *order;    /* [n_policies]: the instances, the costliest in the last block first */
@@ -296,9 +301,9 @@ static int block_topk(void *ctx, int h, int slot, KvErr *err)
     return 0;
 }
 
-/* Instance pi through every step of the block. It stops at its first failure and records it;
- * the caller reports the failure a single thread would have met first (lowest step, then lowest
- * instance), so the task itself never fails. */
+/* Instance pi through the steps [s0, s1) of the block. It stops at its first failure and
+ * records it; the caller reports the failure a single thread would have met first (lowest step,
+ * then lowest instance), so the task itself never fails. */
 static int block_policy(void *ctx, int item, int slot, KvErr *err)
 {
     (void)err;
@@ -306,7 +311,7 @@ static int block_policy(void *ctx, int item, int slot, KvErr *err)
     Job *job = bl->job;
     int pi = bl->order[item];
     double t0 = now_seconds();
-    for (int b = 0; b < bl->B; b++) {
+    for (int b = bl->s0; b < bl->s1; b++) {
         int t = bl->t0 + b;
         if (replay_step(job, bl->w, &bl->w->lanes[slot], bl->drv, pi, t, b, job->eval_of_step[t],
                         &bl->errs[pi]) != 0) {
@@ -314,7 +319,7 @@ static int block_policy(void *ctx, int item, int slot, KvErr *err)
             break;
         }
     }
-    bl->cost[pi] = now_seconds() - t0;
+    bl->cost[pi] += now_seconds() - t0;
     return 0;
 }
 
@@ -373,16 +378,23 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
         if (failed)
             break;
 
-        Block bl = {job, w, drv, t0, B, fail_b, errs, order, cost};
-        for (int pi = 0; pi < n_pol; pi++)
+        Block bl = {job, w, drv, t0, B, 0, 0, fail_b, errs, order, cost};
+        for (int pi = 0; pi < n_pol; pi++) {
             fail_b[pi] = B;
+            cost[pi] = 0;
+        }
         pool_for(w->team, Hq, block_topk, &bl, NULL);
-        pool_for(w->team, n_pol, block_policy, &bl, NULL);
-        order_by_cost(order, cost, n_pol);
+        /* A few steps at a time; after a failure no later step is taken (the first failure
+         * lies in the steps just taken). */
         int first = -1;
-        for (int pi = 0; pi < n_pol; pi++)
-            if (fail_b[pi] < B && (first < 0 || fail_b[pi] < fail_b[first]))
-                first = pi;
+        for (bl.s0 = 0; bl.s0 < B && first < 0; bl.s0 = bl.s1) {
+            bl.s1 = B - bl.s0 < METRIC_STEPS ? B : bl.s0 + METRIC_STEPS;
+            pool_for(w->team, n_pol, block_policy, &bl, NULL);
+            for (int pi = 0; pi < n_pol; pi++)
+                if (fail_b[pi] < B && (first < 0 || fail_b[pi] < fail_b[first]))
+                    first = pi;
+        }
+        order_by_cost(order, cost, n_pol);
         if (first >= 0) {
             *err = errs[first];
             failed = true;

@@ -6,6 +6,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#elif defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 static bool slot_is_exact(const KVCache *c, int slot)
 {
     return c->pos[slot] >= 0 && c->alt_kv[slot] == NULL;
@@ -51,56 +57,187 @@ static void softmax_over_cache(const KVCache *c, const FullRow *row, float *attn
     free(logit);
 }
 
-CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn)
+/* Each head's retained mass: 1 when every key is present, else the smaller of the cache and its
+ * complement scanned. The heads' sums run side by side (slot or position outer, head inner);
+ * each is the same sequence of additions a head alone would make. */
+static void retained_masses(const KVCache *c, const FullRow *rows, int n_heads, int n_exact,
+                            CacheAttention *out)
 {
-    CacheAttention ca = {0, 0};
-    double alt_total = 0;
-    int n_exact = c->n - c->n_alt;
-    if (n_exact == row->t + 1) {
-        ca.retained_mass = 1.0; /* every key present: the renormalisation is the identity */
-    } else if (n_exact > (row->t + 1) / 2) {
+    int t = rows[0].t;
+    for (int h = 0; h < n_heads; h++)
+        out[h].retained_mass = 0;
+    if (n_exact == t + 1) {
+        for (int h = 0; h < n_heads; h++)
+            out[h].retained_mass = 1.0; /* every key present: the renormalisation is the identity */
+    } else if (n_exact > (t + 1) / 2) {
         /* Large caches: subtract what is missing, scanning the (smaller) complement. */
-        double missing = 0;
-        for (int j = 0; j <= row->t; j++) {
+        double missing[n_heads];
+        for (int h = 0; h < n_heads; h++)
+            missing[h] = 0;
+        for (int j = 0; j <= t; j++) {
             int s = c->slot_of[j];
             if (s < 0 || c->alt_kv[s])
-                missing += row->p[j];
+                for (int h = 0; h < n_heads; h++)
+                    missing[h] += rows[h].p[j];
         }
-        ca.retained_mass = 1.0 - missing;
+        for (int h = 0; h < n_heads; h++)
+            out[h].retained_mass = 1.0 - missing[h];
     } else {
         for (int i = 0; i < c->n; i++)
             if (slot_is_exact(c, i))
-                ca.retained_mass += row->p[c->pos[i]];
+                for (int h = 0; h < n_heads; h++)
+                    out[h].retained_mass += rows[h].p[c->pos[i]];
+    }
+}
+
+/* x[0..n) *= f (each product rounded once, as a scalar loop would). */
+static void scale_floats(float *x, int n, float f)
+{
+    int i = 0;
+#if defined(__SSE__)
+    __m128 v = _mm_set1_ps(f);
+    for (; i + 4 <= n; i += 4)
+        _mm_storeu_ps(x + i, _mm_mul_ps(_mm_loadu_ps(x + i), v));
+#endif
+    for (; i < n; i++)
+        x[i] *= f;
+}
+
+/* Every slot exact and attended: each head's shares are its p at the slots' positions, summed
+ * in slot order. Four heads at a time (their sums side by side, in registers), then one; the
+ * positions a few slots ahead are fetched early: the rows are long and the positions scattered. */
+enum { AHEAD = 16 };
+
+static void plain_shares4(const KVCache *c, const FullRow *rows, float *attn, double *total,
+                          bool *exact)
+{
+    int n = c->n;
+    const float *p0 = rows[0].p, *p1 = rows[1].p, *p2 = rows[2].p, *p3 = rows[3].p;
+    float *a0 = attn, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    bool normal = true;
+    for (int i = 0; i < n; i++) {
+        int32_t j = c->pos[i];
+        if (i + AHEAD < n) {
+            int32_t f = c->pos[i + AHEAD];
+            __builtin_prefetch(p0 + f);
+            __builtin_prefetch(p1 + f);
+            __builtin_prefetch(p2 + f);
+            __builtin_prefetch(p3 + f);
+        }
+        float w0 = p0[j], w1 = p1[j], w2 = p2[j], w3 = p3[j];
+        s0 += w0;
+        s1 += w1;
+        s2 += w2;
+        s3 += w3;
+        a0[i] = w0;
+        a1[i] = w1;
+        a2[i] = w2;
+        a3[i] = w3;
+        normal &= w0 >= FLT_MIN && w1 >= FLT_MIN && w2 >= FLT_MIN && w3 >= FLT_MIN;
+    }
+    total[0] = s0;
+    total[1] = s1;
+    total[2] = s2;
+    total[3] = s3;
+    if (!normal) /* which of them: a second look, rarely taken */
+        for (int h = 0; h < 4; h++)
+            for (int i = 0; i < n; i++)
+                exact[h] &= attn[(size_t)h * n + i] >= FLT_MIN;
+}
+
+static void plain_shares1(const KVCache *c, const FullRow *row, float *attn, double *total,
+                          bool *exact)
+{
+    int n = c->n;
+    double s = 0;
+    bool normal = true;
+    for (int i = 0; i < n; i++) {
+        if (i + AHEAD < n)
+            __builtin_prefetch(row->p + c->pos[i + AHEAD]);
+        float w = row->p[c->pos[i]];
+        s += w;
+        attn[i] = w;
+        normal &= w >= FLT_MIN;
+    }
+    *total = s;
+    *exact &= normal;
+}
+
+static void plain_shares(const KVCache *c, const FullRow *rows, int n_heads, float *attn,
+                         double *total, bool *exact)
+{
+    int h = 0;
+    for (; h + 4 <= n_heads; h += 4)
+        plain_shares4(c, rows + h, attn + (size_t)h * c->n, total + h, exact + h);
+    for (; h < n_heads; h++)
+        plain_shares1(c, rows + h, attn + (size_t)h * c->n, total + h, exact + h);
+}
+
+void cache_attention_heads(const KVCache *c, const FullRow *rows, int n_heads, float *attn,
+                           CacheAttention *out)
+{
+    int n = c->n, n_exact = c->n - c->n_alt, t = rows[0].t;
+    /* No slot before the window and no alt slot: every slot's share is its p, and summed in
+     * slot order that sum is also the mass (the exact slots' p in slot order), when the mass is
+     * not found another way. */
+    bool plain = c->n_alt == 0 && attn_first_key(rows[0].window, t) == 0;
+    if (!attn || !plain || n_exact == t + 1 || n_exact > (t + 1) / 2)
+        retained_masses(c, rows, n_heads, n_exact, out);
+    if (!attn) {
+        for (int h = 0; h < n_heads; h++)
+            out[h].denominator = 0;
+        return;
     }
     /* The shares from the full row, while each is a normal number relative to it. */
-    bool exact = true;
-    double exact_total = 0; /* summed directly: 1 - missing loses a small cache's share */
-    for (int i = 0; i < c->n; i++) {
-        double w;
-        if (slot_outside(c, i, row)) {
-            w = 0.0; /* before the window: no attention, exactly */
-        } else if (c->alt_kv[i]) {
-            /* exp(s - max) / Z: the alt key's weight in units of the full row. */
-            w = exp(slot_logit(c, i, row) - row->logit_max) / row->logit_z;
-            alt_total += w;
-            exact &= w >= FLT_MIN && w <= 1.0 / FLT_EPSILON;
-        } else {
-            w = row->p[c->pos[i]];
-            exact_total += w;
-            exact &= w >= FLT_MIN;
-        }
-        if (attn)
-            attn[i] = (float)w;
+    double exact_total[n_heads], alt_total[n_heads]; /* exact: summed directly, not 1 - missing */
+    bool exact[n_heads];
+    for (int h = 0; h < n_heads; h++) {
+        exact_total[h] = alt_total[h] = 0;
+        exact[h] = true;
     }
-    ca.denominator = exact_total + alt_total;
-    if (!attn || c->n == 0)
-        return ca;
-    if (exact && ca.denominator > 0) {
-        float inv = (float)(1.0 / ca.denominator);
-        cblas_sscal(c->n, inv, attn, 1);
+    if (plain) {
+        plain_shares(c, rows, n_heads, attn, exact_total, exact);
+        if (!(n_exact == t + 1 || n_exact > (t + 1) / 2))
+            for (int h = 0; h < n_heads; h++)
+                out[h].retained_mass = exact_total[h];
     } else {
-        softmax_over_cache(c, row, attn);
+        for (int i = 0; i < n; i++)
+            for (int h = 0; h < n_heads; h++) {
+                const FullRow *row = &rows[h];
+                double w;
+                if (slot_outside(c, i, row)) {
+                    w = 0.0; /* before the window: no attention, exactly */
+                } else if (c->alt_kv[i]) {
+                    /* exp(s - max) / Z: the alt key's weight in units of the full row. */
+                    w = exp(slot_logit(c, i, row) - row->logit_max) / row->logit_z;
+                    alt_total[h] += w;
+                    exact[h] &= w >= FLT_MIN && w <= 1.0 / FLT_EPSILON;
+                } else {
+                    w = row->p[c->pos[i]];
+                    exact_total[h] += w;
+                    exact[h] &= w >= FLT_MIN;
+                }
+                attn[(size_t)h * n + i] = (float)w;
+            }
     }
+    for (int h = 0; h < n_heads; h++) {
+        float *a = attn + (size_t)h * n;
+        out[h].denominator = exact_total[h] + alt_total[h];
+        if (n == 0)
+            continue;
+        if (exact[h] && out[h].denominator > 0) {
+            scale_floats(a, n, (float)(1.0 / out[h].denominator));
+        } else {
+            softmax_over_cache(c, &rows[h], a);
+        }
+    }
+}
+
+CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn)
+{
+    CacheAttention ca;
+    cache_attention_heads(c, row, 1, attn, &ca);
     return ca;
 }
 
@@ -171,6 +308,122 @@ bool output_errors_needed(const KVCache *c, int t)
     return !cache_is_complete(c, t);
 }
 
+/* The attention output over a cache, o_S[h] = sum_i attn[h][i] v_i, in float32 and in a fixed
+ * order: the order in which OpenBLAS 0.3.21's Haswell sgemm adds (earlier versions gathered the
+ * cache's values and called it; its result, bit for bit, on every shape up to 11 heads, is what
+ * this repeats, so that no number changes), now written out here so that the values are read
+ * where they lie, without the gather, the packing and the sgemm call per KV head and step:
+ *   - the slots in blocks: OUT_BLOCK while twice that remains; between once and twice, half of
+ *     what remains rounded up to a multiple of OUT_UNROLL; then all that remains;
+ *   - in a block, a "split" head adds the products of its first multiple of OUT_UNROLL slots
+ *     alternately into two sums (even slots, odd slots) and the rest into the first; any other
+ *     head adds every product into one sum; each product is fused (fma), in slot order;
+ *   - a block's value is the two sums added; o_S the blocks' values added in block order.
+ * The first n_heads - n_heads % 4 heads are split (sgemm's 4-wide columns), the others not. */
+enum { OUT_BLOCK = 320, OUT_UNROLL = 8, OUT_MAX_HEADS = 11 };
+
+static int out_block_len(int left)
+{
+    if (left >= 2 * OUT_BLOCK)
+        return OUT_BLOCK;
+    if (left > OUT_BLOCK)
+        return (left / 2 + OUT_UNROLL - 1) / OUT_UNROLL * OUT_UNROLL;
+    return left;
+}
+
+/* One head, dimensions [d0, D), scalar: fmaf is exact-rounded, the same bits as the vector
+ * loops (CPUs without FMA, and the last dimensions when D is not a multiple of 8). */
+static void head_output_scalar(const float *const *vrow, const float *a, int n, int d0, int D,
+                               bool split, float *o)
+{
+    for (int d = d0; d < D; d++) {
+        float c = 0.0f;
+        for (int ls = 0, len; ls < n; ls += len) {
+            len = out_block_len(n - ls);
+            int km = split ? len - len % OUT_UNROLL : 0, i = ls;
+            float even = 0.0f, odd = 0.0f;
+            for (; i < ls + km; i += 2) {
+                even = fmaf(a[i], vrow[i][d], even);
+                odd = fmaf(a[i + 1], vrow[i + 1][d], odd);
+            }
+            for (; i < ls + len; i++)
+                even = fmaf(a[i], vrow[i][d], even);
+            c = (odd + even) + c;
+        }
+        o[d] = c;
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define OUT_AVX2 __attribute__((target("avx2,fma")))
+
+/* The same, eight dimensions [d, d + 8) at a time (lanes are independent: the same bits). */
+OUT_AVX2 static void head_output_avx2(const float *const *vrow, const float *a, int n, int D,
+                                      bool split, float *o)
+{
+    int d = 0;
+    for (; d + 16 <= D; d += 16) {
+        __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+        for (int ls = 0, len; ls < n; ls += len) {
+            len = out_block_len(n - ls);
+            int km = split ? len - len % OUT_UNROLL : 0, i = ls;
+            __m256 e0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps();
+            __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
+            for (; i < ls + km; i += 2) {
+                __m256 x = _mm256_set1_ps(a[i]), y = _mm256_set1_ps(a[i + 1]);
+                const float *v = vrow[i] + d, *w = vrow[i + 1] + d;
+                e0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v), e0);
+                e1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 8), e1);
+                o0 = _mm256_fmadd_ps(y, _mm256_loadu_ps(w), o0);
+                o1 = _mm256_fmadd_ps(y, _mm256_loadu_ps(w + 8), o1);
+            }
+            for (; i < ls + len; i++) {
+                __m256 x = _mm256_set1_ps(a[i]);
+                const float *v = vrow[i] + d;
+                e0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v), e0);
+                e1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 8), e1);
+            }
+            c0 = _mm256_add_ps(_mm256_add_ps(o0, e0), c0);
+            c1 = _mm256_add_ps(_mm256_add_ps(o1, e1), c1);
+        }
+        _mm256_storeu_ps(o + d, c0);
+        _mm256_storeu_ps(o + d + 8, c1);
+    }
+    head_output_scalar(vrow, a, n, d, D, split, o);
+}
+
+static bool cpu_has_fma(void)
+{
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+static void head_output_avx2(const float *const *vrow, const float *a, int n, int D, bool split,
+                             float *o)
+{
+    head_output_scalar(vrow, a, n, 0, D, split, o);
+}
+
+static bool cpu_has_fma(void)
+{
+    return false;
+}
+#endif
+
+/* o_S of every head into out[n_heads][D]; vrow[n] each slot's value row. */
+static void cache_outputs(const float *const *vrow, int n, int D, int n_heads, const float *attn,
+                          float *out)
+{
+    bool vector = cpu_has_fma();
+    for (int h = 0; h < n_heads; h++) {
+        bool split = h < n_heads - n_heads % 4;
+        const float *a = attn + (size_t)h * n;
+        if (vector)
+            head_output_avx2(vrow, a, n, D, split, out + (size_t)h * D);
+        else
+            head_output_scalar(vrow, a, n, 0, D, split, out + (size_t)h * D);
+    }
+}
+
 void output_errors(const KVCache *c, const FullRow *rows, int n_heads, const float *attn,
                    float *scratch, double *err)
 {
@@ -180,14 +433,23 @@ void output_errors(const KVCache *c, const FullRow *rows, int n_heads, const flo
             err[i] = 0.0; /* the renormalisation is the identity: o_S = o_full */
         return;
     }
-    /* Gather the cache's values once for the whole group, then one sgemm: out = attn . V_S. */
-    float *values = scratch, *out = scratch + (size_t)n * D;
-    for (int i = 0; i < n; i++) {
-        const float *v = c->alt_kv[i] ? c->alt_kv[i] + D : rows[0].v + (size_t)c->pos[i] * D;
-        memcpy(values + (size_t)i * D, v, (size_t)D * sizeof(float));
+    float *out = scratch + (size_t)n * D;
+    if (n_heads <= OUT_MAX_HEADS) {
+        /* Each slot's value row where it lies (the pointers fit in the gather's room). */
+        const float **vrow = (const float **)(void *)scratch;
+        for (int i = 0; i < n; i++)
+            vrow[i] = c->alt_kv[i] ? c->alt_kv[i] + D : rows[0].v + (size_t)c->pos[i] * D;
+        cache_outputs(vrow, n, D, n_heads, attn, out);
+    } else {
+        /* Gather the cache's values once for the whole group, then one sgemm: out = attn . V_S. */
+        float *values = scratch;
+        for (int i = 0; i < n; i++) {
+            const float *v = c->alt_kv[i] ? c->alt_kv[i] + D : rows[0].v + (size_t)c->pos[i] * D;
+            memcpy(values + (size_t)i * D, v, (size_t)D * sizeof(float));
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n_heads, D, n, 1.0f, attn, n,
+                    values, D, 0.0f, out, D);
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n_heads, D, n, 1.0f, attn, n, values,
-                D, 0.0f, out, D);
     for (int h = 0; h < n_heads; h++) {
         float *o = out + (size_t)h * D;
         cblas_saxpy(D, -1.0f, rows[h].o_full, 1, o, 1);

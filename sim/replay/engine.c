@@ -13,16 +13,16 @@
 
 /* Decode steps whose attention is computed by one sgemm per head. */
 enum { DECODE_BLOCK = 64 };
-/* Decode steps that every policy instance goes through before the next ones are taken: the
- * instances of a layer read the same full attention rows of a step (query heads x tokens
- * floats), so they read them while those are still in the core's cache. */
-enum { METRIC_STEPS = 4 };
 
 /* Threads: the layers are the work units of a pool of workers (sim/base/pool.h), at most one
  * per layer; when there are more threads than layers, each worker gets a team (a pool of its
  * own) that shares the work inside its layer: per block of decode steps, the exact attention by
- * query head, the top-k of the evaluated steps by query head, then the policy instances, each
- * instance's steps on one thread (instances are independent: each writes only its own slots). */
+ * query head and the top-k of the evaluated steps by query head; then step by step, the policy
+ * instances' steps by instance, the attention over their caches and the metrics by KV head
+ * (every instance's cache of that KV head: their slots are drawn from the same rows of keys,
+ * values and attention, which one thread then reads while they are in its cache), and the
+ * instances' observations by instance. Instances are independent: each writes only its own
+ * slots. */
 typedef struct Worker Worker;
 
 typedef struct {
@@ -37,11 +37,9 @@ typedef struct {
     Progress progress;     /* layer-steps done */
 } Job;
 
-/* What one thread of a team needs for itself while it drives policy instances. */
+/* What one thread of a team needs for itself while it computes metrics. */
 typedef struct {
-    float **attn;          /* [Hkv] -> [group][slots] */
-    int *attn_cap;
-    float *scratch;        /* gathered cache values and outputs for output_errors */
+    float *scratch;        /* value rows and outputs for output_errors */
     size_t scratch_cap;
     double metric_seconds;
 } Lane;
@@ -55,6 +53,8 @@ struct Worker {
     float *out;             /* [Hq][DECODE_BLOCK][D]: full attention outputs */
     float *row_max, *row_z; /* [Hq][DECODE_BLOCK] */
     int32_t *topk;          /* [DECODE_BLOCK][Hq][topk] */
+    float **attn;           /* [n_policies][Hkv] -> [group][slots]: each instance's attention */
+    int *attn_cap;          /* over its caches at the current step */
     double attention_seconds, attention_flops; /* the shared exact attention, prompt included */
     double *policy_seconds; /* [n_policies]: the policies' own callbacks */
 };
@@ -66,10 +66,8 @@ static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg, 
     memset(w, 0, sizeof *w);
     w->team = pool_create(team);
     w->lanes = kv_calloc((size_t)pool_size(w->team), sizeof *w->lanes);
-    for (int i = 0; i < pool_size(w->team); i++) {
-        w->lanes[i].attn = kv_calloc(Hkv, sizeof *w->lanes[i].attn);
-        w->lanes[i].attn_cap = kv_calloc(Hkv, sizeof *w->lanes[i].attn_cap);
-    }
+    w->attn = kv_calloc((size_t)cfg->n_policies * Hkv, sizeof *w->attn);
+    w->attn_cap = kv_calloc((size_t)cfg->n_policies * Hkv, sizeof *w->attn_cap);
     w->q = kv_malloc(Hq * T * D * sizeof(float));
     w->k = kv_malloc(Hkv * T * D * sizeof(float));
     w->v = kv_malloc(Hkv * T * D * sizeof(float));
@@ -81,15 +79,14 @@ static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg, 
     w->policy_seconds = kv_calloc((size_t)cfg->n_policies, sizeof(double));
 }
 
-static void worker_free(Worker *w, int n_kv_heads)
+static void worker_free(Worker *w, int n_attn)
 {
-    for (int i = 0; i < pool_size(w->team); i++) {
-        for (int g = 0; g < n_kv_heads; g++)
-            free(w->lanes[i].attn[g]);
-        free(w->lanes[i].attn);
-        free(w->lanes[i].attn_cap);
+    for (int i = 0; i < n_attn; i++)
+        free(w->attn[i]);
+    free(w->attn);
+    free(w->attn_cap);
+    for (int i = 0; i < pool_size(w->team); i++)
         free(w->lanes[i].scratch);
-    }
     free(w->lanes);
     pool_free(w->team);
     free(w->q);
@@ -103,12 +100,15 @@ static void worker_free(Worker *w, int n_kv_heads)
     free(w->policy_seconds);
 }
 
-static void ensure_attn_capacity(Lane *ln, int g, int need)
+/* Instance pi's attention buffer for KV head g, for `need` floats. */
+static float *attn_buffer(Worker *w, int n_kv_heads, int pi, int g, int need)
 {
-    if (ln->attn_cap[g] < need) {
-        ln->attn_cap[g] = need + need / 2 + 64;
-        ln->attn[g] = kv_realloc(ln->attn[g], (size_t)ln->attn_cap[g] * sizeof(float));
+    size_t i = (size_t)pi * n_kv_heads + g;
+    if (w->attn_cap[i] < need) {
+        w->attn_cap[i] = need + need / 2 + 64;
+        w->attn[i] = kv_realloc(w->attn[i], (size_t)w->attn_cap[i] * sizeof(float));
     }
+    return w->attn[i];
 }
 
 static void ensure_scratch(Lane *ln, size_t need)
@@ -136,7 +136,7 @@ static int check_finite(Job *job, int pi, int layer, int t, const char *metric, 
                    v);
 }
 
-static int attend_kv_head(Job *job, const Worker *w, Lane *ln, const LayerView *L, int pi,
+static int attend_kv_head(Job *job, Worker *w, Lane *ln, const LayerView *L, int pi,
                           const KVCache *c, int g, int t, int b, int e, bool observe, KvErr *err)
 {
     const EngineConfig *cfg = job->cfg;
@@ -147,8 +147,7 @@ static int attend_kv_head(Job *job, const Worker *w, Lane *ln, const LayerView *
     FullRow rows[G];
     CacheAttention ca[G];
     double out_err[G];
-    if (want_attn)
-        ensure_attn_capacity(ln, g, G * c->n);
+    float *attn = want_attn ? attn_buffer(w, L->n_kv_heads, pi, g, G * c->n) : NULL;
     for (int i = 0; i < G; i++) {
         int h = g * G + i;
         rows[i] = (FullRow){
@@ -162,14 +161,14 @@ static int attend_kv_head(Job *job, const Worker *w, Lane *ln, const LayerView *
             .o_full = w->out + ((size_t)h * DECODE_BLOCK + b) * D,
         };
     }
-    cache_attention_heads(c, rows, G, want_attn ? ln->attn[g] : NULL, ca);
+    cache_attention_heads(c, rows, G, attn, ca);
     if (e < 0)
         return 0;
     for (int i = 0; i < G; i++)
         out_err[i] = 0.0;
     if (want_err) {
         ensure_scratch(ln, (size_t)(c->n + G) * D);
-        output_errors(c, rows, G, ln->attn[g], ln->scratch, out_err);
+        output_errors(c, rows, G, attn, ln->scratch, out_err);
     }
     for (int i = 0; i < G; i++) {
         int h = g * G + i;
@@ -186,25 +185,85 @@ static int attend_kv_head(Job *job, const Worker *w, Lane *ln, const LayerView *
     return 0;
 }
 
-/* One policy instance at decode step t: step, attention over its caches and metrics, observe,
- * memory. The driver times the callbacks; the metric time is accounted here. */
-static int replay_step(Job *job, const Worker *w, Lane *ln, PolicyDriver *drv, int pi, int t,
-                       int b, int e, KvErr *err)
-{
-    Results *res = job->res;
-    const LayerView *L = drv->L;
-    Policy *inst = drv->inst[pi];
-    bool observe = inst->type->observe != NULL;
+/* One block of decode steps [t0, t0+B) of one layer, for the team's parallel parts. */
+typedef struct {
+    Job *job;
+    Worker *w;
+    PolicyDriver *drv;
+    int t0, B;
+    int b;          /* the step of the block that the phases below take now */
+    int *fail_b;    /* [n_policies]: the step at which instance pi failed, or B */
+    KvErr *errs;    /* [n_policies] */
+    int *fail_g;    /* [n_policies][Hkv]: the attention over KV head g's cache failed at step b */
+    KvErr *errs_g;  /* [n_policies][Hkv] */
+    int *order;     /* [n_policies]: the instances, the costliest in the last block first */
+    double *cost;   /* [n_policies]: each instance's seconds in the block */
+} Block;
 
-    driver_step(drv, pi, t, w->probs + (size_t)b * L->n_q_heads * L->n_tokens);
+/* Step b, phase 1: instance pi's step (the driver times the callbacks). */
+static int phase_step(void *ctx, int item, int slot, KvErr *err)
+{
+    (void)slot;
+    (void)err;
+    Block *bl = ctx;
+    int pi = bl->order[item];
+    if (bl->fail_b[pi] < bl->B)
+        return 0;
+    const LayerView *L = bl->drv->L;
+    double t0 = now_seconds();
+    driver_step(bl->drv, pi, bl->t0 + bl->b,
+                bl->w->probs + (size_t)bl->b * L->n_q_heads * L->n_tokens);
+    bl->cost[pi] += now_seconds() - t0;
+    return 0;
+}
+
+/* Step b, phase 2: every instance's attention over its cache of KV head g, and the metrics. */
+static int phase_kv_head(void *ctx, int g, int slot, KvErr *err)
+{
+    (void)err;
+    Block *bl = ctx;
+    Job *job = bl->job;
+    const LayerView *L = bl->drv->L;
+    Lane *ln = &bl->w->lanes[slot];
+    int t = bl->t0 + bl->b, e = job->eval_of_step[t];
+    double t1 = now_seconds();
+    for (int pi = 0; pi < job->cfg->n_policies; pi++) {
+        Policy *inst = bl->drv->inst[pi];
+        bool observe = inst->type->observe != NULL;
+        size_t i = (size_t)pi * L->n_kv_heads + g;
+        if (bl->fail_b[pi] < bl->B || !(observe || e >= 0))
+            continue;
+        bl->fail_g[i] = attend_kv_head(job, bl->w, ln, L, pi, &inst->cache[g], g, t, bl->b, e,
+                                       observe, &bl->errs_g[i]) != 0;
+    }
+    ln->metric_seconds += now_seconds() - t1;
+    return 0;
+}
+
+/* Step b, phase 3: instance pi's needle survival (the cache as it attended), observe, memory. */
+static int phase_observe(void *ctx, int item, int slot, KvErr *err)
+{
+    (void)err;
+    Block *bl = ctx;
+    Job *job = bl->job;
+    Results *res = job->res;
+    PolicyDriver *drv = bl->drv;
+    const LayerView *L = drv->L;
+    int pi = bl->order[item], t = bl->t0 + bl->b, e = job->eval_of_step[t];
+    if (bl->fail_b[pi] < bl->B)
+        return 0;
+    for (int g = 0; g < L->n_kv_heads; g++)
+        if (bl->fail_g[(size_t)pi * L->n_kv_heads + g]) {
+            /* the first KV head that failed, as one loop over them would meet it */
+            bl->errs[pi] = bl->errs_g[(size_t)pi * L->n_kv_heads + g];
+            bl->fail_b[pi] = bl->b;
+            return 0;
+        }
+    Policy *inst = drv->inst[pi];
     double t1 = now_seconds();
     double cache_tokens = 0, needles = NAN;
-    for (int g = 0; g < L->n_kv_heads; g++) {
+    for (int g = 0; g < L->n_kv_heads; g++)
         cache_tokens += inst->cache[g].n;
-        if ((observe || e >= 0) &&
-            attend_kv_head(job, w, ln, L, pi, &inst->cache[g], g, t, b, e, observe, err) != 0)
-            return -1;
-    }
     if (e >= 0 && res->eval_probe[e]) {
         /* The needles the probe query could attend to: the cache as it attended, before
          * observe() evicts for the next step. Mean over KV heads. */
@@ -235,8 +294,9 @@ static int replay_step(Job *job, const Worker *w, Lane *ln, PolicyDriver *drv, i
         for (int d = 0; d < TURN_DISTANCES; d++)
             nt[d] = heads[d] ? sums[d] / heads[d] : NAN;
     }
-    ln->metric_seconds += now_seconds() - t1;
-    driver_observe(drv, pi, (const float *const *)ln->attn);
+    double t2 = now_seconds();
+    bl->w->lanes[slot].metric_seconds += t2 - t1;
+    driver_observe(drv, pi, (const float *const *)bl->w->attn + (size_t)pi * L->n_kv_heads);
 
     const MemReport mem = drv->mem[pi];
     double *tot = results_total(res, pi, L->layer);
@@ -262,23 +322,14 @@ static int replay_step(Job *job, const Worker *w, Lane *ln, PolicyDriver *drv, i
                                 mem.to_host_bytes, mem.to_device_bytes, mem.fetched_tokens,
                                 mem.restored_tokens, mem.restore_k_err, mem.restore_v_err};
     for (size_t i = 0; i < sizeof mem_value / sizeof mem_value[0]; i++)
-        if (check_finite(job, pi, L->layer, t, mem_name[i], -1, mem_value[i], err) != 0)
-            return -1;
+        if (check_finite(job, pi, L->layer, t, mem_name[i], -1, mem_value[i], &bl->errs[pi]) !=
+            0) {
+            bl->fail_b[pi] = bl->b;
+            break;
+        }
+    bl->cost[pi] += now_seconds() - t2;
     return 0;
 }
-
-/* One block of decode steps [t0, t0+B) of one layer, for the team's parallel parts. */
-typedef struct {
-    Job *job;
-    Worker *w;
-    PolicyDriver *drv;
-    int t0, B;
-    int s0, s1;    /* the steps [s0, s1) of the block that block_policy takes now */
-    int *fail_b;   /* [n_policies]: the step at which instance pi failed, or B */
-    KvErr *errs;   /* [n_policies] */
-    int *order;    /* [n_policies]: the instances, the costliest in the last block first */
-    double *cost;  /* [n_policies]: each instance's seconds in the last block */
-} Block;
 
 /* The top-k keys of the true attention of every evaluated step of the block, for query head h. */
 static int block_topk(void *ctx, int h, int slot, KvErr *err)
@@ -298,28 +349,6 @@ static int block_topk(void *ctx, int h, int slot, KvErr *err)
                      w->topk + ((size_t)b * Hq + h) * cfg->topk);
     }
     w->lanes[slot].metric_seconds += now_seconds() - k0;
-    return 0;
-}
-
-/* Instance pi through the steps [s0, s1) of the block. It stops at its first failure and
- * records it; the caller reports the failure a single thread would have met first (lowest step,
- * then lowest instance), so the task itself never fails. */
-static int block_policy(void *ctx, int item, int slot, KvErr *err)
-{
-    (void)err;
-    Block *bl = ctx;
-    Job *job = bl->job;
-    int pi = bl->order[item];
-    double t0 = now_seconds();
-    for (int b = bl->s0; b < bl->s1; b++) {
-        int t = bl->t0 + b;
-        if (replay_step(job, bl->w, &bl->w->lanes[slot], bl->drv, pi, t, b, job->eval_of_step[t],
-                        &bl->errs[pi]) != 0) {
-            bl->fail_b[pi] = b;
-            break;
-        }
-    }
-    bl->cost[pi] += now_seconds() - t0;
     return 0;
 }
 
@@ -352,6 +381,9 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
     bool failed = false;
     int *fail_b = kv_malloc((size_t)n_pol * sizeof *fail_b);
     KvErr *errs = kv_malloc((size_t)n_pol * sizeof *errs);
+    size_t n_pg = (size_t)n_pol * L->n_kv_heads;
+    int *fail_g = kv_calloc(n_pg, sizeof *fail_g);
+    KvErr *errs_g = kv_malloc(n_pg * sizeof *errs_g);
     int *order = kv_malloc((size_t)n_pol * sizeof *order);
     double *cost = kv_calloc((size_t)n_pol, sizeof *cost);
     for (int pi = 0; pi < n_pol; pi++)
@@ -378,20 +410,22 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
         if (failed)
             break;
 
-        Block bl = {job, w, drv, t0, B, 0, 0, fail_b, errs, order, cost};
+        Block bl = {job, w, drv, t0, B, 0, fail_b, errs, fail_g, errs_g, order, cost};
         for (int pi = 0; pi < n_pol; pi++) {
             fail_b[pi] = B;
             cost[pi] = 0;
         }
         pool_for(w->team, Hq, block_topk, &bl, NULL);
-        /* A few steps at a time; after a failure no later step is taken (the first failure
-         * lies in the steps just taken). */
+        /* Step by step; the first failure (lowest step, then lowest instance: what one thread
+         * taking the instances in turn would meet first) ends the run. */
         int first = -1;
-        for (bl.s0 = 0; bl.s0 < B && first < 0; bl.s0 = bl.s1) {
-            bl.s1 = B - bl.s0 < METRIC_STEPS ? B : bl.s0 + METRIC_STEPS;
-            pool_for(w->team, n_pol, block_policy, &bl, NULL);
-            for (int pi = 0; pi < n_pol; pi++)
-                if (fail_b[pi] < B && (first < 0 || fail_b[pi] < fail_b[first]))
+        for (bl.b = 0; bl.b < B && first < 0; bl.b++) {
+            pool_for(w->team, n_pol, phase_step, &bl, NULL);
+            memset(fail_g, 0, n_pg * sizeof *fail_g);
+            pool_for(w->team, L->n_kv_heads, phase_kv_head, &bl, NULL);
+            pool_for(w->team, n_pol, phase_observe, &bl, NULL);
+            for (int pi = 0; pi < n_pol && first < 0; pi++)
+                if (fail_b[pi] < B)
                     first = pi;
         }
         order_by_cost(order, cost, n_pol);
@@ -403,6 +437,8 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
     }
     free(fail_b);
     free(errs);
+    free(fail_g);
+    free(errs_g);
     free(order);
     free(cost);
     return failed ? -1 : 0;
@@ -647,7 +683,7 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
             r->metric_seconds += w->lanes[j].metric_seconds;
         for (int pi = 0; pi < cfg->n_policies && pi < 64; pi++)
             r->policy_seconds[pi] += w->policy_seconds[pi];
-        worker_free(w, m->n_kv_heads);
+        worker_free(w, cfg->n_policies * m->n_kv_heads);
     }
     free(job.workers);
     pool_free(job.layers);

@@ -392,11 +392,90 @@ OUT_AVX2 static void head_output_avx2(const float *const *vrow, const float *a, 
     head_output_scalar(vrow, a, n, d, D, split, o);
 }
 
+/* The value rows a few slots ahead, fetched while the first sixteen dimensions are summed
+ * (the rows are scattered over the layer's values; the later passes find them in cache). */
+enum { OUT_AHEAD = 8 };
+
+static inline void prefetch_rows(const float *const *vrow, int rows, int D)
+{
+    for (int r = 0; r < rows; r++)
+        for (int d = 0; d < D; d += 16)
+            __builtin_prefetch(vrow[r] + d);
+}
+
+/* Two heads of the same kind (split or not) at once, sixteen dimensions at a time: each value
+ * row read serves both (the same sums as head_output_avx2 for each). */
+OUT_AVX2 static void head_pair_output_avx2(const float *const *vrow, const float *a,
+                                           const float *b, int n, int D, bool split, float *oa,
+                                           float *ob)
+{
+    int d = 0;
+    for (; d + 16 <= D; d += 16) {
+        __m256 ca0 = _mm256_setzero_ps(), ca1 = _mm256_setzero_ps();
+        __m256 cb0 = _mm256_setzero_ps(), cb1 = _mm256_setzero_ps();
+        for (int ls = 0, len; ls < n; ls += len) {
+            len = out_block_len(n - ls);
+            int km = split ? len - len % OUT_UNROLL : 0, i = ls;
+            __m256 ea0 = _mm256_setzero_ps(), ea1 = _mm256_setzero_ps();
+            __m256 oa0 = _mm256_setzero_ps(), oa1 = _mm256_setzero_ps();
+            __m256 eb0 = _mm256_setzero_ps(), eb1 = _mm256_setzero_ps();
+            __m256 ob0 = _mm256_setzero_ps(), ob1 = _mm256_setzero_ps();
+            for (; i < ls + km; i += 2) {
+                const float *v = vrow[i] + d, *w = vrow[i + 1] + d;
+                if (d == 0 && i + OUT_AHEAD + 1 < n)
+                    prefetch_rows(vrow + i + OUT_AHEAD, 2, D);
+                __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+                __m256 x = _mm256_set1_ps(a[i]), y = _mm256_set1_ps(b[i]);
+                ea0 = _mm256_fmadd_ps(x, v0, ea0);
+                ea1 = _mm256_fmadd_ps(x, v1, ea1);
+                eb0 = _mm256_fmadd_ps(y, v0, eb0);
+                eb1 = _mm256_fmadd_ps(y, v1, eb1);
+                v0 = _mm256_loadu_ps(w);
+                v1 = _mm256_loadu_ps(w + 8);
+                x = _mm256_set1_ps(a[i + 1]);
+                y = _mm256_set1_ps(b[i + 1]);
+                oa0 = _mm256_fmadd_ps(x, v0, oa0);
+                oa1 = _mm256_fmadd_ps(x, v1, oa1);
+                ob0 = _mm256_fmadd_ps(y, v0, ob0);
+                ob1 = _mm256_fmadd_ps(y, v1, ob1);
+            }
+            for (; i < ls + len; i++) {
+                const float *v = vrow[i] + d;
+                if (d == 0 && i + OUT_AHEAD < n)
+                    prefetch_rows(vrow + i + OUT_AHEAD, 1, D);
+                __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+                __m256 x = _mm256_set1_ps(a[i]), y = _mm256_set1_ps(b[i]);
+                ea0 = _mm256_fmadd_ps(x, v0, ea0);
+                ea1 = _mm256_fmadd_ps(x, v1, ea1);
+                eb0 = _mm256_fmadd_ps(y, v0, eb0);
+                eb1 = _mm256_fmadd_ps(y, v1, eb1);
+            }
+            ca0 = _mm256_add_ps(_mm256_add_ps(oa0, ea0), ca0);
+            ca1 = _mm256_add_ps(_mm256_add_ps(oa1, ea1), ca1);
+            cb0 = _mm256_add_ps(_mm256_add_ps(ob0, eb0), cb0);
+            cb1 = _mm256_add_ps(_mm256_add_ps(ob1, eb1), cb1);
+        }
+        _mm256_storeu_ps(oa + d, ca0);
+        _mm256_storeu_ps(oa + d + 8, ca1);
+        _mm256_storeu_ps(ob + d, cb0);
+        _mm256_storeu_ps(ob + d + 8, cb1);
+    }
+    head_output_scalar(vrow, a, n, d, D, split, oa);
+    head_output_scalar(vrow, b, n, d, D, split, ob);
+}
+
 static bool cpu_has_fma(void)
 {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 #else
+static void head_pair_output_avx2(const float *const *vrow, const float *a, const float *b,
+                                  int n, int D, bool split, float *oa, float *ob)
+{
+    head_output_scalar(vrow, a, n, 0, D, split, oa);
+    head_output_scalar(vrow, b, n, 0, D, split, ob);
+}
+
 static void head_output_avx2(const float *const *vrow, const float *a, int n, int D, bool split,
                              float *o)
 {
@@ -414,13 +493,21 @@ static void cache_outputs(const float *const *vrow, int n, int D, int n_heads, c
                           float *out)
 {
     bool vector = cpu_has_fma();
-    for (int h = 0; h < n_heads; h++) {
-        bool split = h < n_heads - n_heads % 4;
+    int n_split = n_heads - n_heads % 4;
+    for (int h = 0; h < n_heads;) {
+        bool split = h < n_split;
         const float *a = attn + (size_t)h * n;
+        if (vector && h + 1 < n_heads && (h + 1 < n_split) == split) {
+            head_pair_output_avx2(vrow, a, a + n, n, D, split, out + (size_t)h * D,
+                                  out + (size_t)(h + 1) * D);
+            h += 2;
+            continue;
+        }
         if (vector)
             head_output_avx2(vrow, a, n, D, split, out + (size_t)h * D);
         else
             head_output_scalar(vrow, a, n, 0, D, split, out + (size_t)h * D);
+        h++;
     }
 }
 

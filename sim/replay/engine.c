@@ -697,6 +697,21 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
     return r;
 }
 
+double results_bytes(const Results *r)
+{
+    double per_eval = (double)r->n_policies * r->n_layers *
+                      ((double)r->n_q_heads * N_HEAD_METRICS * sizeof *r->head +
+                       N_STEP_METRICS * sizeof *r->step + TURN_DISTANCES * sizeof *r->needle_turn);
+    return per_eval * r->n_evals +
+           (double)r->n_evals * (sizeof *r->eval_step + sizeof *r->eval_probe +
+                                 sizeof *r->eval_turn) +
+           (double)r->n_policies * r->n_layers *
+               (N_TOTAL_METRICS * sizeof *r->total + r->n_turns * sizeof *r->turn_bytes) +
+           (double)r->n_turns * sizeof *r->turns +
+           (double)r->n_policies * (sizeof *r->label + sizeof *r->type + sizeof *r->is_oracle) +
+           sizeof *r;
+}
+
 void results_free(Results *r)
 {
     if (!r)

@@ -100,6 +100,9 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err);
 
 void results_free(Results *r);
 
+/* The bytes that r's arrays hold (the per-slot metrics, the evaluated steps, the turns). */
+double results_bytes(const Results *r);
+
 static inline float *results_head(const Results *r, int pol, int layer, int e, int h)
 {
     return r->head + ((((size_t)pol * r->n_layers + layer) * r->n_evals + e) * r->n_q_heads + h) *

@@ -264,35 +264,150 @@ static void sift_down(const float *p, int32_t *heap, int k, int i)
     }
 }
 
-void topk_indices(const float *p, int n, int k, int32_t *out)
+/* Whether any of x[0..8) is above t (at_least: at or above). */
+static inline bool any_of_8(const float *x, float t, bool at_least)
+{
+#if defined(__SSE__)
+    __m128 v = _mm_set1_ps(t), a = _mm_loadu_ps(x), b = _mm_loadu_ps(x + 4);
+    __m128 c = at_least ? _mm_or_ps(_mm_cmpge_ps(a, v), _mm_cmpge_ps(b, v))
+                        : _mm_or_ps(_mm_cmpgt_ps(a, v), _mm_cmpgt_ps(b, v));
+    return _mm_movemask_ps(c) != 0;
+#else
+    int any = 0;
+    for (int r = 0; r < 8; r++)
+        any |= at_least ? x[r] >= t : x[r] > t;
+    return any;
+#endif
+}
+
+/* max(x[0..n)), n a positive multiple of 4 (the maximum of finite floats: in any order). */
+static inline float max_of(const float *x, int n)
+{
+#if defined(__SSE__)
+    __m128 m = _mm_loadu_ps(x);
+    for (int i = 4; i < n; i += 4)
+        m = _mm_max_ps(m, _mm_loadu_ps(x + i));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+#else
+    float m = x[0];
+    for (int i = 1; i < n; i++)
+        m = x[i] > m ? x[i] : m;
+    return m;
+#endif
+}
+
+/* The heap selection over idx[0..m) (ascending indices; NULL: 0 .. m-1): the k strongest of
+ * them by (value, lower index), k <= m. */
+static void heap_select(const float *p, const int32_t *idx, int m, int k, int32_t *out)
 {
     for (int i = 0; i < k; i++)
-        out[i] = i;
+        out[i] = idx ? idx[i] : i;
     for (int i = k / 2 - 1; i >= 0; i--)
         sift_down(p, out, k, i);
     /* Every index in the heap is below j, so j enters only if p[j] beats the weakest strictly
      * (on a tie the lower index wins). Most entries of an attention row do not: test eight at
      * a time against the current threshold, a loop the compiler vectorises. */
     float threshold = p[out[0]];
-    int j = k;
-    for (; j + 8 <= n; j += 8) {
-        int any = 0;
-        for (int i = 0; i < 8; i++)
-            any |= p[j + i] > threshold;
-        if (!any)
-            continue;
-        for (int i = j; i < j + 8; i++)
-            if (p[i] > p[out[0]]) {
-                out[0] = i;
-                sift_down(p, out, k, 0);
-            }
-        threshold = p[out[0]];
+    int i = k;
+    if (!idx) {
+        for (; i + 8 <= m; i += 8) {
+            if (!any_of_8(p + i, threshold, false))
+                continue;
+            for (int j = i; j < i + 8; j++)
+                if (p[j] > p[out[0]]) {
+                    out[0] = j;
+                    sift_down(p, out, k, 0);
+                }
+            threshold = p[out[0]];
+        }
     }
-    for (; j < n; j++)
+    for (; i < m; i++) {
+        int32_t j = idx ? idx[i] : i;
         if (p[j] > p[out[0]]) {
             out[0] = j;
             sift_down(p, out, k, 0);
         }
+    }
+}
+
+/* Of a long row, only the entries at or above a lower bound of the k-th largest value can be
+ * among the k largest: the row in TOPK_CHUNKS * k chunks, the k-th largest of the chunks'
+ * maxima is such a bound (k distinct entries reach it). The heap then sees those entries alone,
+ * in the same order, and selects the same k. (An attention row often grows towards its recent
+ * end, where nearly every entry would displace the heap's weakest.) */
+enum { TOPK_CHUNKS = 4, TOPK_CANDIDATES = 2048 };
+
+void topk_indices(const float *p, int n, int k, int32_t *out)
+{
+    int m = TOPK_CHUNKS * k;
+    if (k < 1 || n < 2 * m || m > TOPK_CANDIDATES) {
+        heap_select(p, NULL, n, k, out);
+        return;
+    }
+    /* Whole chunks of a multiple of 4 entries (the entries after the last whole one take no
+     * part in the bound, only in the scan below). */
+    int len = ((n + m - 1) / m + 3) / 4 * 4, chunks = n / len;
+    if (chunks < k) {
+        heap_select(p, NULL, n, k, out);
+        return;
+    }
+    /* The k-th largest chunk maximum: a min-heap of k maxima (values only), root the least. */
+    float best[k];
+    int filled = 0;
+    for (int c = 0; c < chunks; c++) {
+        float mx = max_of(p + (size_t)c * len, len);
+        if (filled < k) {
+            int i = filled++;
+            best[i] = mx;
+            while (i > 0 && best[(i - 1) / 2] > best[i]) { /* sift up */
+                float tmp = best[i];
+                best[i] = best[(i - 1) / 2];
+                best[(i - 1) / 2] = tmp;
+                i = (i - 1) / 2;
+            }
+        } else if (mx > best[0]) {
+            best[0] = mx;
+            for (int i = 0;;) { /* sift down */
+                int l = 2 * i + 1, r = l + 1, s = i;
+                if (l < k && best[l] < best[s])
+                    s = l;
+                if (r < k && best[r] < best[s])
+                    s = r;
+                if (s == i)
+                    break;
+                float tmp = best[i];
+                best[i] = best[s];
+                best[s] = tmp;
+                i = s;
+            }
+        }
+    }
+    float bound = best[0];
+    int32_t cand[TOPK_CANDIDATES];
+    int nc = 0, j = 0;
+    for (; j + 8 <= n; j += 8) {
+        if (!any_of_8(p + j, bound, true))
+            continue;
+        for (int i = j; i < j + 8; i++)
+            if (p[i] >= bound) {
+                if (nc == TOPK_CANDIDATES) { /* a flat row: the plain selection */
+                    heap_select(p, NULL, n, k, out);
+                    return;
+                }
+                cand[nc++] = i;
+            }
+    }
+    for (; j < n; j++)
+        if (p[j] >= bound) {
+            if (nc == TOPK_CANDIDATES) {
+                heap_select(p, NULL, n, k, out);
+                return;
+            }
+            cand[nc++] = j;
+        }
+    heap_select(p, cand, nc, k, out);
 }
 
 double recall_at_k(const KVCache *c, const int32_t *topk, int k)

@@ -20,10 +20,17 @@
  *   - (with POLICIES-CONFIG) every policy's own bookkeeping time, and the metrics' time (recall's
  *     top-k, the renormalised attention over each policy's caches, the output errors), next to
  *     the shared exact-attention time, 16 layers, 2 threads.
+ *   - (with POLICIES-CONFIG) long context: traces of 2 layers, 32/8 heads, head_dim 128, 4k, 8k,
+ *     16k and 32k prompt tokens + 1024 decode steps (written once next to TRACE), replayed
+ *     with 2 threads: how the replay grows with the prompt; at 32k, the wall time against the
+ *     shared attention's time per worker, and the prompt statistics (one KV head's query heads,
+ *     one thread) against sgemm's rate measured in the same run.
  * Targets: each attention rate >= 70% of sgemm's; 2 threads >= 1.7x faster than 1, on 16
  * layers and on 1; each policy's bookkeeping below the shared attention; the metrics <= 25% of
  * the shared attention; the 2-thread replay's peak resident memory <= one layer's Q/K/V per
- * worker plus the results' arrays. Exit status 1 when a target is missed.
+ * worker plus the results' arrays; at 32k tokens, the replay's wall time <= 2x the shared
+ * attention's and the prompt statistics >= 70% of sgemm. Exit status 1 when a target is
+ * missed.
  * Usage: bench_replay [TRACE.h5] [BASELINE-CONFIG] [POLICIES-CONFIG] */
 #include <cblas.h>
 #include <stdbool.h>
@@ -172,6 +179,37 @@ static void make_trace(const char *path, int n_layers)
     fprintf(stderr, "bench_replay: trace written in %.1f s\n", now_seconds() - t0);
 }
 
+/* The long-context traces: 2 layers, 32/8 heads, head_dim 128, n_prompt + 1024 decode tokens,
+ * no stored attention rows (at 32k tokens they would outweigh the Q/K/V). */
+enum { LONG_DECODE = 1024 };
+
+static void make_long_trace(const char *path, int n_prompt)
+{
+    struct stat st;
+    if (stat(path, &st) == 0)
+        return;
+    SynthParams sp;
+    KvErr err;
+    synth_defaults(&sp);
+    sp.seed = 11;
+    sp.n_layers = 2;
+    sp.n_q_heads = 32;
+    sp.n_kv_heads = 8;
+    sp.head_dim = 128;
+    sp.n_prompt = n_prompt;
+    sp.n_decode = LONG_DECODE;
+    sp.attn_rows_every = 0;
+    sp.dtype = TRACE_F16;
+    fprintf(stderr, "bench_replay: writing %s (2 layers, 32/8 heads, head_dim 128, %d+%d tokens)...\n",
+            path, n_prompt, LONG_DECODE);
+    double t0 = now_seconds();
+    if (synth_write(&sp, path, &err) != 0) {
+        fprintf(stderr, "bench_replay: %s\n", err.msg);
+        exit(2);
+    }
+    fprintf(stderr, "bench_replay: trace written in %.1f s\n", now_seconds() - t0);
+}
+
 static Trace *open_trace(const char *path)
 {
     KvErr err;
@@ -229,6 +267,97 @@ static bool report_policies(Trace *tr, const char *config_path, double *metric_s
     results_free(r);
     config_free(&rc);
     return all_below;
+}
+
+/* The prompt statistics of one KV head's query heads on layer 0 of tr, one thread: GFLOP/s
+ * (thread CPU time). */
+static double stats_rate_of(Trace *tr)
+{
+    const TraceMeta *m = trace_meta(tr);
+    size_t T = (size_t)m->n_tokens, D = (size_t)m->head_dim, Hq = (size_t)m->n_q_heads;
+    size_t Hkv = (size_t)m->n_kv_heads;
+    int P = m->n_prompt, W = 32, group = m->n_q_heads / m->n_kv_heads;
+    float *q = kv_malloc(Hq * T * D * sizeof(float));
+    float *k = kv_malloc(Hkv * T * D * sizeof(float));
+    float *v = kv_malloc(Hkv * T * D * sizeof(float));
+    float *mass = kv_calloc((size_t)group * P, sizeof(float));
+    float *obs = kv_malloc((size_t)group * W * P * sizeof(float));
+    KvErr err;
+    if (trace_read_layer(tr, 0, q, k, v, &err) != 0) {
+        fprintf(stderr, "bench_replay: %s\n", err.msg);
+        exit(2);
+    }
+    double t0 = cpu_seconds();
+    double flops = prompt_statistics(q, k, group, group, (int)T, P, (int)D, (float)m->attn_scale,
+                                     0, mass, obs, W, NULL);
+    double rate = flops / (cpu_seconds() - t0) / 1e9;
+    free(q);
+    free(k);
+    free(v);
+    free(mass);
+    free(obs);
+    return rate;
+}
+
+/* The long-context benchmark: the traces of 4k to 32k prompt tokens (written next to the 1B
+ * trace) through POLICIES-CONFIG with 2 threads, how the replay grows; at 32k, the replay's
+ * wall time against the shared attention's (per thread), and the prompt statistics' rate
+ * against sgemm's. */
+static bool report_long_context(const char *trace_path, const char *config_path)
+{
+    static const int prompts[] = {4096, 8192, 16384, 32768};
+    enum { N_LONG = sizeof prompts / sizeof prompts[0] };
+    char path[4200];
+    Results *r = NULL;
+    Trace *tr = NULL;
+    printf("\nlong context: 2 layers, 32/8 heads, head_dim 128, + %d decode steps, %s, 2 threads\n",
+           LONG_DECODE, config_path);
+    double first_wall = 0;
+    for (int i = 0; i < N_LONG; i++) {
+        snprintf(path, sizeof path, "%.4000s.long%dk.h5", trace_path, prompts[i] / 1024);
+        make_long_trace(path, prompts[i]);
+        if (tr)
+            trace_close(tr);
+        tr = open_trace(path);
+        RunConfig rc;
+        load_config(config_path, &rc);
+        results_free(r);
+        r = replay(tr, &rc, 2);
+        config_free(&rc);
+        double policies = 0;
+        for (int pi = 0; pi < r->n_policies && pi < 64; pi++)
+            policies += r->policy_seconds[pi];
+        if (i == 0)
+            first_wall = r->wall_seconds;
+        printf("    %5d prompt tokens: wall %7.2f s (%5.2fx the 4k replay); shared attention %7.2f s, "
+               "metrics %6.2f s, policies %6.2f s (thread-seconds)\n",
+               prompts[i], r->wall_seconds, r->wall_seconds / first_wall, r->attention_seconds,
+               r->metric_seconds, policies);
+    }
+    int workers = r->n_layers < r->threads_used ? r->n_layers : r->threads_used;
+    double attention_wall = r->attention_seconds / workers;
+    double gemm = 0;
+    Gemm g;
+    gemm_init(&g, 1024);
+    gemm_rate(&g);
+    double stats = stats_rate_of(tr);
+    for (int rep = 0; rep < 3; rep++) {
+        double x = gemm_rate(&g);
+        gemm = x > gemm ? x : gemm;
+    }
+    gemm_free(&g);
+    bool ok_wall = r->wall_seconds <= 2 * attention_wall, ok_stats = stats >= 0.7 * gemm;
+    printf("    at 32k: wall %.2f s = %.2fx the shared attention per worker (%.2f s); prompt "
+           "statistics %.1f GFLOP/s = %.0f%% of sgemm's %.1f (one KV head's query heads, 1 thread)\n",
+           r->wall_seconds, r->wall_seconds / attention_wall, attention_wall, stats,
+           100 * stats / gemm, gemm);
+    printf("target long context: replay wall <= 2x the shared attention: %.2fx, %s\n",
+           r->wall_seconds / attention_wall, ok_wall ? "met" : "MISSED");
+    printf("target long context: prompt statistics >= 70%% of sgemm: %.0f%%, %s\n",
+           100 * stats / gemm, ok_stats ? "met" : "MISSED");
+    results_free(r);
+    trace_close(tr);
+    return ok_wall && ok_stats;
 }
 
 /* Whether two replays of the same trace and configuration gave the same numbers. */
@@ -359,6 +488,7 @@ int main(int argc, char **argv)
     }
     printf("target peak memory <= %d x one layer's Q/K/V + results (%.1f MiB): %.1f MiB, %s\n",
            two_workers, mem_bound / (1 << 20), peak_kib / 1024.0, ok_memory ? "met" : "MISSED");
+    bool ok_long = policies_config ? report_long_context(trace_path, policies_config) : true;
     results_free(one);
     results_free(l1);
     results_free(l2);
@@ -367,7 +497,7 @@ int main(int argc, char **argv)
     trace_close(tr);
     trace_close(tr1);
     return ok_stats && ok_rows && ok_speedup && ok_speedup1 && ok_policies && ok_metrics &&
-                   ok_memory
+                   ok_memory && ok_long
                ? 0
                : 1;
 }

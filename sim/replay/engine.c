@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "sim/base/attention.h"
+#include "sim/base/half.h"
 #include "sim/base/pool.h"
 #include "sim/base/progress.h"
 #include "sim/replay/metrics.h"
@@ -49,6 +50,8 @@ struct Worker {
     Pool *team;             /* the threads that work on this worker's layer (itself included) */
     Lane *lanes;            /* [pool_size(team)] */
     float *q, *k, *v;
+    uint16_t *v16;          /* [Hkv][T][D]: v as halves, when every value is one (v16_ok) */
+    bool v16_ok;
     float *probs;           /* [DECODE_BLOCK][Hq][T]: full attention rows of a block of steps */
     float *out;             /* [Hq][DECODE_BLOCK][D]: full attention outputs */
     float *row_max, *row_z; /* [Hq][DECODE_BLOCK] */
@@ -71,6 +74,7 @@ static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg, 
     w->q = kv_malloc(Hq * T * D * sizeof(float));
     w->k = kv_malloc(Hkv * T * D * sizeof(float));
     w->v = kv_malloc(Hkv * T * D * sizeof(float));
+    w->v16 = kv_malloc(Hkv * T * D * sizeof *w->v16);
     w->probs = kv_malloc((size_t)DECODE_BLOCK * Hq * T * sizeof(float));
     w->out = kv_malloc(Hq * DECODE_BLOCK * D * sizeof(float));
     w->row_max = kv_malloc(Hq * DECODE_BLOCK * sizeof(float));
@@ -92,6 +96,7 @@ static void worker_free(Worker *w, int n_attn)
     free(w->q);
     free(w->k);
     free(w->v);
+    free(w->v16);
     free(w->probs);
     free(w->out);
     free(w->row_max);
@@ -158,6 +163,7 @@ static int attend_kv_head(Job *job, Worker *w, Lane *ln, const LayerView *L, int
             .logit_z = w->row_z[h * DECODE_BLOCK + b],
             .k = L->k + (size_t)g * T * D,
             .v = L->v + (size_t)g * T * D,
+            .v16 = w->v16_ok ? w->v16 + (size_t)g * T * D : NULL,
             .o_full = w->out + ((size_t)h * DECODE_BLOCK + b) * D,
         };
     }
@@ -450,6 +456,14 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     const EngineConfig *cfg = job->cfg;
     if (trace_read_layer(job->tr, layer, w->q, w->k, w->v, err) != 0)
         return -1;
+    /* The values as halves for the output errors, where that loses nothing (a float16 trace):
+     * half the bytes to read from the scattered rows of a cache. */
+    size_t n_v = (size_t)m->n_kv_heads * m->n_tokens * m->head_dim;
+    w->v16_ok = true;
+    for (size_t i = 0; i < n_v && w->v16_ok; i++) {
+        w->v16[i] = half_from_float(w->v[i]);
+        w->v16_ok = float_from_half(w->v16[i]) == w->v[i] && !signbit(w->v[i]) == !(w->v16[i] >> 15);
+    }
     LayerView L = layer_view_make(m, layer, w->q, w->k, w->v);
 
     int n_pol = cfg->n_policies;

@@ -19,8 +19,10 @@
  * instance, the metrics by KV head).
  * Memory per worker (at most one per layer): one layer's Q/K/V, plus the attention rows of a
  * block of decode steps (64 x query heads x tokens floats: 0.7 of the Q/K/V at 32 query heads
- * and 8 KV heads) and each instance's attention over its caches (query heads x its cache);
- * bench_replay reports the peak against the Q/K/V. */
+ * and 8 KV heads), each instance's attention over its caches (query heads x its cache) and
+ * the values again as halves (1/6 of the Q/K/V at 32/8 heads: used by the output errors when
+ * every value is exactly a half, as in a float16 trace); bench_replay reports the peak against
+ * the Q/K/V. */
 #ifndef KVSIM_ENGINE_H
 #define KVSIM_ENGINE_H
 

@@ -511,11 +511,11 @@ OUT_AVX2 static void head_output_avx2(const float *const *vrow, const float *a, 
  * (the rows are scattered over the layer's values; the later passes find them in cache). */
 enum { OUT_AHEAD = 24 };
 
-static inline void prefetch_rows(const float *const *vrow, int rows, int D)
+static inline void prefetch_rows(const void *const *vrow, int rows, int bytes)
 {
     for (int r = 0; r < rows; r++)
-        for (int d = 0; d < D; d += 16)
-            __builtin_prefetch(vrow[r] + d);
+        for (int b = 0; b < bytes; b += 64)
+            __builtin_prefetch((const char *)vrow[r] + b);
 }
 
 /* Two heads of the same kind (split or not) at once, sixteen dimensions at a time: each value
@@ -538,7 +538,7 @@ OUT_AVX2 static void head_pair_output_avx2(const float *const *vrow, const float
             for (; i < ls + km; i += 2) {
                 const float *v = vrow[i] + d, *w = vrow[i + 1] + d;
                 if (d == 0 && i + OUT_AHEAD + 1 < n)
-                    prefetch_rows(vrow + i + OUT_AHEAD, 2, D);
+                    prefetch_rows((const void *const *)vrow + i + OUT_AHEAD, 2, D * 4);
                 __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
                 __m256 x = _mm256_set1_ps(a[i]), y = _mm256_set1_ps(b[i]);
                 ea0 = _mm256_fmadd_ps(x, v0, ea0);
@@ -557,7 +557,7 @@ OUT_AVX2 static void head_pair_output_avx2(const float *const *vrow, const float
             for (; i < ls + len; i++) {
                 const float *v = vrow[i] + d;
                 if (d == 0 && i + OUT_AHEAD < n)
-                    prefetch_rows(vrow + i + OUT_AHEAD, 1, D);
+                    prefetch_rows((const void *const *)vrow + i + OUT_AHEAD, 1, D * 4);
                 __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
                 __m256 x = _mm256_set1_ps(a[i]), y = _mm256_set1_ps(b[i]);
                 ea0 = _mm256_fmadd_ps(x, v0, ea0);
@@ -581,10 +581,18 @@ OUT_AVX2 static void head_pair_output_avx2(const float *const *vrow, const float
 
 /* Four split heads at once, sixteen dimensions at a time: sixteen sums side by side, which
  * need AVX-512's 32 registers (the arithmetic stays 8-lane AVX2 + FMA: the same sums). */
-#define OUT_QUAD __attribute__((target("avx2,fma,avx512f,avx512vl")))
+#define OUT_QUAD __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
 
-OUT_QUAD static void head_quad_output(const float *const *vrow, const float *attn, int n, int D,
-                                      float *out)
+/* Eight values of a row from dimension d: float32, or halves widened (exactly: the same
+ * floats). */
+OUT_QUAD static inline __m256 load8(const void *row, int d, bool half)
+{
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + d)))
+                : _mm256_loadu_ps((const float *)row + d);
+}
+
+OUT_QUAD static inline __attribute__((always_inline)) void
+quad_body(const void *const *vrow, bool half, const float *attn, int n, int D, float *out)
 {
     const float *a0 = attn, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
     int d = 0;
@@ -600,10 +608,10 @@ OUT_QUAD static void head_quad_output(const float *const *vrow, const float *att
             __m256 o00 = e00, o01 = e00, o10 = e00, o11 = e00, o20 = e00, o21 = e00, o30 = e00,
                    o31 = e00;
             for (; i < ls + km; i += 2) {
-                const float *v = vrow[i] + d, *w = vrow[i + 1] + d;
+                const void *v = vrow[i], *w = vrow[i + 1];
                 if (d == 0 && i + OUT_AHEAD + 1 < n)
-                    prefetch_rows(vrow + i + OUT_AHEAD, 2, D);
-                __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), x;
+                    prefetch_rows(vrow + i + OUT_AHEAD, 2, D * (half ? 2 : 4));
+                __m256 v0 = load8(v, d, half), v1 = load8(v, d + 8, half), x;
                 x = _mm256_set1_ps(a0[i]);
                 e00 = _mm256_fmadd_ps(x, v0, e00);
                 e01 = _mm256_fmadd_ps(x, v1, e01);
@@ -616,8 +624,8 @@ OUT_QUAD static void head_quad_output(const float *const *vrow, const float *att
                 x = _mm256_set1_ps(a3[i]);
                 e30 = _mm256_fmadd_ps(x, v0, e30);
                 e31 = _mm256_fmadd_ps(x, v1, e31);
-                v0 = _mm256_loadu_ps(w);
-                v1 = _mm256_loadu_ps(w + 8);
+                v0 = load8(w, d, half);
+                v1 = load8(w, d + 8, half);
                 x = _mm256_set1_ps(a0[i + 1]);
                 o00 = _mm256_fmadd_ps(x, v0, o00);
                 o01 = _mm256_fmadd_ps(x, v1, o01);
@@ -632,10 +640,10 @@ OUT_QUAD static void head_quad_output(const float *const *vrow, const float *att
                 o31 = _mm256_fmadd_ps(x, v1, o31);
             }
             for (; i < ls + len; i++) {
-                const float *v = vrow[i] + d;
+                const void *v = vrow[i];
                 if (d == 0 && i + OUT_AHEAD < n)
-                    prefetch_rows(vrow + i + OUT_AHEAD, 1, D);
-                __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), x;
+                    prefetch_rows(vrow + i + OUT_AHEAD, 1, D * (half ? 2 : 4));
+                __m256 v0 = load8(v, d, half), v1 = load8(v, d + 8, half), x;
                 x = _mm256_set1_ps(a0[i]);
                 e00 = _mm256_fmadd_ps(x, v0, e00);
                 e01 = _mm256_fmadd_ps(x, v1, e01);
@@ -663,8 +671,23 @@ OUT_QUAD static void head_quad_output(const float *const *vrow, const float *att
             _mm256_storeu_ps(out + (size_t)h * D + d + 8, c[2 * h + 1]);
         }
     }
+}
+
+/* The four heads' o_S over float32 value rows (the dimensions beyond the last 16 as
+ * head_output_scalar sums them), or over half rows (D a multiple of 16). */
+OUT_QUAD static void head_quad_output(const float *const *vrow, const float *attn, int n, int D,
+                                      float *out)
+{
+    quad_body((const void *const *)vrow, false, attn, n, D, out);
+    int d = D - D % 16;
     for (int h = 0; h < 4; h++)
         head_output_scalar(vrow, attn + (size_t)h * n, n, d, D, true, out + (size_t)h * D);
+}
+
+OUT_QUAD static void head_quad_output_half(const uint16_t *const *vrow, const float *attn, int n,
+                                           int D, float *out)
+{
+    quad_body((const void *const *)vrow, true, attn, n, D, out);
 }
 
 static bool cpu_has_fma(void)
@@ -674,7 +697,8 @@ static bool cpu_has_fma(void)
 
 static bool cpu_has_avx512vl(void)
 {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("f16c");
 }
 #else
 static bool cpu_has_avx512vl(void)
@@ -687,6 +711,12 @@ static void head_quad_output(const float *const *vrow, const float *attn, int n,
 {
     for (int h = 0; h < 4; h++)
         head_output_scalar(vrow, attn + (size_t)h * n, n, 0, D, true, out + (size_t)h * D);
+}
+
+static void head_quad_output_half(const uint16_t *const *vrow, const float *attn, int n, int D,
+                                  float *out)
+{
+    (void)vrow, (void)attn, (void)n, (void)D, (void)out; /* never called: no AVX-512 here */
 }
 
 static void head_pair_output_avx2(const float *const *vrow, const float *a, const float *b,
@@ -746,7 +776,15 @@ void output_errors(const KVCache *c, const FullRow *rows, int n_heads, const flo
         return;
     }
     float *out = scratch + (size_t)n * D;
-    if (n_heads <= OUT_MAX_HEADS) {
+    if (rows[0].v16 && c->n_alt == 0 && n_heads % 4 == 0 && D % 16 == 0 && n_heads <= OUT_MAX_HEADS &&
+        cpu_has_fma() && cpu_has_avx512vl()) {
+        /* Every slot exact and the values halves: half the bytes to read, the same floats. */
+        const uint16_t **vrow = (const uint16_t **)(void *)scratch;
+        for (int i = 0; i < n; i++)
+            vrow[i] = rows[0].v16 + (size_t)c->pos[i] * D;
+        for (int h = 0; h < n_heads; h += 4)
+            head_quad_output_half(vrow, attn + (size_t)h * n, n, D, out + (size_t)h * D);
+    } else if (n_heads <= OUT_MAX_HEADS) {
         /* Each slot's value row where it lies (the pointers fit in the gather's room). */
         const float **vrow = (const float **)(void *)scratch;
         for (int i = 0; i < n; i++)

@@ -23,6 +23,7 @@ typedef struct {
     float logit_z;      /* sum_j exp(scale*q.k_j - logit_max) */
     const float *k;     /* [T][D] the KV head's keys from the trace */
     const float *v;     /* [T][D] the KV head's values from the trace */
+    const uint16_t *v16; /* NULL, or v as halves (each value exactly a half: the same floats) */
     const float *o_full; /* [D] sum_j p_j v_j */
 } FullRow;
 

@@ -6,6 +6,11 @@
 
 #include <cmocka.h>
 
+#include <cblas.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "sim/replay/metrics.h"
 
 /* One query head, scale 1, q = (1, 0); keys (0,0), (1,0), (2,0): logits 0, 1, 2.
@@ -266,6 +271,215 @@ static void test_window_excludes_keys_before_it(void **state)
     kvcache_free(&x.cache);
 }
 
+/* A reproducible pseudo-random float in [0, 1). */
+static float rnd(uint64_t *s)
+{
+    *s = *s * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (float)(*s >> 40) / (float)(1 << 24);
+}
+
+static int by_index(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+static const float *sort_row; /* the row by_strength compares in */
+static int by_strength(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    if (sort_row[x] != sort_row[y])
+        return sort_row[x] > sort_row[y] ? -1 : 1;
+    return (x > y) - (x < y);
+}
+
+/* topk_indices on long rows (where it bounds the k-th value before selecting) gives the set a
+ * full sort by (value, lower index) gives: rows that grow towards their end, random rows, rows
+ * of few distinct values (ties), flat rows and a single spike. */
+static void test_topk_matches_a_full_sort(void **state)
+{
+    (void)state;
+    enum { N = 5000 };
+    static float p[N];
+    static int32_t all[N], got[64];
+    uint64_t seed = 1;
+    const int lens[] = {7, 64, 300, 1000, 4097, N}, ks[] = {1, 3, 32, 64};
+    for (int pattern = 0; pattern < 5; pattern++)
+        for (size_t li = 0; li < sizeof lens / sizeof *lens; li++)
+            for (size_t ki = 0; ki < sizeof ks / sizeof *ks; ki++) {
+                int n = lens[li], k = ks[ki];
+                if (k > n)
+                    continue;
+                for (int j = 0; j < n; j++) {
+                    float r = rnd(&seed);
+                    p[j] = pattern == 0   ? (float)j * 1e-4f + r * 1e-3f /* growing */
+                           : pattern == 1 ? r
+                           : pattern == 2 ? (float)(int)(r * 4) / 4 /* four values: ties */
+                           : pattern == 3 ? 0.5f                    /* flat */
+                                          : (j == n / 3 ? 1.0f : 0.0f); /* a spike */
+                }
+                topk_indices(p, n, k, got);
+                for (int j = 0; j < n; j++)
+                    all[j] = j;
+                sort_row = p;
+                qsort(all, (size_t)n, sizeof *all, by_strength);
+                qsort(all, (size_t)k, sizeof *all, by_index);
+                qsort(got, (size_t)k, sizeof *got, by_index);
+                assert_memory_equal(got, all, (size_t)k * sizeof *got);
+            }
+}
+
+/* A random cache of n slots over T positions (alt slots with their own K and V every
+ * alt_every-th slot, 0: none), and a full row per head whose p sums to 1. */
+typedef struct {
+    KVCache c;
+    float *q, *k, *v, *p, *o_full;
+    FullRow rows[12];
+} RandomCase;
+
+static void random_case(RandomCase *x, int T, int D, int n_heads, int n, int alt_every,
+                        uint64_t seed)
+{
+    kvcache_init(&x->c, T, D);
+    x->q = malloc((size_t)n_heads * D * sizeof(float));
+    x->k = malloc((size_t)T * D * sizeof(float));
+    x->v = malloc((size_t)T * D * sizeof(float));
+    x->p = malloc((size_t)n_heads * T * sizeof(float));
+    x->o_full = malloc((size_t)n_heads * D * sizeof(float));
+    for (int i = 0; i < T * D; i++) {
+        x->k[i] = rnd(&seed) - 0.5f;
+        x->v[i] = rnd(&seed) - 0.5f;
+    }
+    for (int h = 0; h < n_heads; h++) {
+        double z = 0;
+        for (int j = 0; j < T; j++)
+            z += x->p[(size_t)h * T + j] = rnd(&seed) + 1e-3f;
+        for (int j = 0; j < T; j++)
+            x->p[(size_t)h * T + j] = (float)(x->p[(size_t)h * T + j] / z);
+        for (int d = 0; d < D; d++) {
+            x->q[h * D + d] = rnd(&seed) - 0.5f;
+            x->o_full[h * D + d] = rnd(&seed) - 0.5f;
+        }
+        x->rows[h] = (FullRow){.t = T - 1, .head_dim = D, .scale = 0.125f, .q = x->q + h * D,
+                               .p = x->p + (size_t)h * T, .logit_max = 1.0f, .logit_z = 4.0f,
+                               .k = x->k, .v = x->v, .o_full = x->o_full + h * D};
+    }
+    float *kv = malloc(2 * (size_t)D * sizeof(float));
+    for (int i = 0; x->c.n < n; i++) {
+        int pos = (int)(rnd(&seed) * T);
+        if (kvcache_has(&x->c, pos))
+            continue;
+        if (alt_every && i % alt_every == 0) {
+            for (int d = 0; d < 2 * D; d++)
+                kv[d] = rnd(&seed) - 0.5f;
+            kvcache_add_alt(&x->c, pos, kv, kv + D);
+        } else {
+            kvcache_add(&x->c, pos);
+        }
+    }
+    free(kv);
+}
+
+static void random_case_free(RandomCase *x)
+{
+    kvcache_free(&x->c);
+    free(x->q);
+    free(x->k);
+    free(x->v);
+    free(x->p);
+    free(x->o_full);
+}
+
+/* cache_attention_heads gives every head exactly (bit for bit) what cache_attention gives it
+ * alone, for every group size, with and without alt slots. */
+static void test_cache_attention_heads_as_one_head_each(void **state)
+{
+    (void)state;
+    enum { T = 900, D = 16 };
+    for (int n_heads = 1; n_heads <= 9; n_heads++)
+        for (int alt_every = 0; alt_every <= 7; alt_every += 7) {
+            RandomCase x;
+            random_case(&x, T, D, n_heads, 400, alt_every, (uint64_t)n_heads * 31 + alt_every);
+            float *attn = malloc((size_t)n_heads * x.c.n * sizeof(float));
+            float *one = malloc((size_t)x.c.n * sizeof(float));
+            CacheAttention ca[12];
+            cache_attention_heads(&x.c, x.rows, n_heads, attn, ca);
+            for (int h = 0; h < n_heads; h++) {
+                CacheAttention want = cache_attention(&x.c, &x.rows[h], one);
+                assert_memory_equal(&ca[h].retained_mass, &want.retained_mass, sizeof(double));
+                assert_memory_equal(&ca[h].denominator, &want.denominator, sizeof(double));
+                assert_memory_equal(attn + (size_t)h * x.c.n, one, (size_t)x.c.n * sizeof(float));
+                cache_attention_heads(&x.c, &x.rows[h], 1, NULL, &want); /* the mass alone */
+                assert_memory_equal(&ca[h].retained_mass, &want.retained_mass, sizeof(double));
+            }
+            free(attn);
+            free(one);
+            random_case_free(&x);
+        }
+}
+
+/* The output error of every group size (kvsim's loop below 12 heads, sgemm from 12) against a
+ * double-precision sum; and, where OpenBLAS is the 0.3.21 build whose Haswell sgemm the loop
+ * repeats, bit for bit against that sgemm over the gathered values (what earlier versions
+ * computed). Caches of 1 to 1500 slots: one block of slots, two, several. */
+static void test_output_errors_against_a_double_sum_and_sgemm(void **state)
+{
+    (void)state;
+    enum { T = 1600 };
+    openblas_set_num_threads(1); /* as the engine calls it */
+    bool haswell_0321 = strcmp(openblas_get_corename(), "Haswell") == 0 &&
+                        strncmp(openblas_get_config(), "OpenBLAS 0.3.21 ", 16) == 0;
+    const int sizes[] = {1, 7, 8, 9, 319, 320, 500, 641, 1500}, dims[] = {64, 40};
+    for (int n_heads = 1; n_heads <= 12; n_heads++)
+        for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++)
+            for (size_t di = 0; di < sizeof dims / sizeof *dims; di++) {
+                int n = sizes[si], D = dims[di];
+                RandomCase x;
+                random_case(&x, T, D, n_heads, n, 5, (uint64_t)(n_heads * 1000 + n + D));
+                float *attn = malloc((size_t)n_heads * n * sizeof(float));
+                float *scratch = malloc((size_t)(n + n_heads) * D * sizeof(float));
+                float *values = malloc((size_t)n * D * sizeof(float));
+                float *out = malloc((size_t)n_heads * D * sizeof(float));
+                CacheAttention ca[12];
+                double err[12];
+                cache_attention_heads(&x.c, x.rows, n_heads, attn, ca);
+                output_errors(&x.c, x.rows, n_heads, attn, scratch, err);
+                for (int i = 0; i < n; i++)
+                    memcpy(values + (size_t)i * D,
+                           x.c.alt_kv[i] ? x.c.alt_kv[i] + D : x.v + (size_t)x.c.pos[i] * D,
+                           (size_t)D * sizeof(float));
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n_heads, D, n, 1.0f, attn,
+                            n, values, D, 0.0f, out, D);
+                for (int h = 0; h < n_heads; h++) {
+                    double diff = 0, full = 0;
+                    for (int d = 0; d < D; d++) {
+                        double o = 0;
+                        for (int i = 0; i < n; i++)
+                            o += (double)attn[(size_t)h * n + i] * values[(size_t)i * D + d];
+                        double f = x.rows[h].o_full[d];
+                        diff += (o - f) * (o - f);
+                        full += f * f;
+                    }
+                    assert_float_equal(err[h], sqrt(diff / full), 1e-5 * sqrt(diff / full));
+                    if (!haswell_0321)
+                        continue;
+                    float *o = out + (size_t)h * D;
+                    cblas_saxpy(D, -1.0f, x.rows[h].o_full, 1, o, 1);
+                    double norm_full = cblas_snrm2(D, x.rows[h].o_full, 1);
+                    double sgemm_err = cblas_snrm2(D, o, 1) / norm_full;
+                    if (memcmp(&err[h], &sgemm_err, sizeof(double)) != 0)
+                        print_error("heads %d, slots %d, head_dim %d, head %d: %.17g, sgemm %.17g\n",
+                                    n_heads, n, D, h, err[h], sgemm_err);
+                    assert_memory_equal(&err[h], &sgemm_err, sizeof(double));
+                }
+                free(attn);
+                free(scratch);
+                free(values);
+                free(out);
+                random_case_free(&x);
+            }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -278,6 +492,9 @@ int main(void)
         cmocka_unit_test(test_renormalisation_exact_when_the_cache_underflows),
         cmocka_unit_test(test_renormalisation_finite_for_an_overwhelming_alt_slot),
         cmocka_unit_test(test_needle_survival),
+        cmocka_unit_test(test_topk_matches_a_full_sort),
+        cmocka_unit_test(test_cache_attention_heads_as_one_head_each),
+        cmocka_unit_test(test_output_errors_against_a_double_sum_and_sgemm),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

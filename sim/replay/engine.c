@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "sim/base/attention.h"
+#include "sim/base/half.h"
 #include "sim/base/pool.h"
 #include "sim/base/progress.h"
 #include "sim/replay/metrics.h"
@@ -17,8 +18,12 @@ enum { DECODE_BLOCK = 64 };
 /* Threads: the layers are the work units of a pool of workers (sim/base/pool.h), at most one
  * per layer; when there are more threads than layers, each worker gets a team (a pool of its
  * own) that shares the work inside its layer: per block of decode steps, the exact attention by
- * query head, the top-k of the evaluated steps by query head, then the policy instances, each
- * instance's steps on one thread (instances are independent: each writes only its own slots). */
+ * query head and the top-k of the evaluated steps by query head; then step by step, the policy
+ * instances' steps by instance, the attention over their caches and the metrics by KV head
+ * (every instance's cache of that KV head: their slots are drawn from the same rows of keys,
+ * values and attention, which one thread then reads while they are in its cache), and the
+ * instances' observations by instance. Instances are independent: each writes only its own
+ * slots. */
 typedef struct Worker Worker;
 
 typedef struct {
@@ -33,11 +38,9 @@ typedef struct {
     Progress progress;     /* layer-steps done */
 } Job;
 
-/* What one thread of a team needs for itself while it drives policy instances. */
+/* What one thread of a team needs for itself while it computes metrics. */
 typedef struct {
-    float **attn;          /* [Hkv] -> [group][slots] */
-    int *attn_cap;
-    float *scratch;        /* gathered cache values and outputs for output_errors */
+    float *scratch;        /* value rows and outputs for output_errors */
     size_t scratch_cap;
     double metric_seconds;
 } Lane;
@@ -47,10 +50,14 @@ struct Worker {
     Pool *team;             /* the threads that work on this worker's layer (itself included) */
     Lane *lanes;            /* [pool_size(team)] */
     float *q, *k, *v;
+    uint16_t *v16;          /* [Hkv][T][D]: v as halves, when every value is one (v16_ok) */
+    bool v16_ok;
     float *probs;           /* [DECODE_BLOCK][Hq][T]: full attention rows of a block of steps */
     float *out;             /* [Hq][DECODE_BLOCK][D]: full attention outputs */
     float *row_max, *row_z; /* [Hq][DECODE_BLOCK] */
     int32_t *topk;          /* [DECODE_BLOCK][Hq][topk] */
+    float **attn;           /* [n_policies][Hkv] -> [group][slots]: each instance's attention */
+    int *attn_cap;          /* over its caches at the current step */
     double attention_seconds, attention_flops; /* the shared exact attention, prompt included */
     double *policy_seconds; /* [n_policies]: the policies' own callbacks */
 };
@@ -62,13 +69,12 @@ static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg, 
     memset(w, 0, sizeof *w);
     w->team = pool_create(team);
     w->lanes = kv_calloc((size_t)pool_size(w->team), sizeof *w->lanes);
-    for (int i = 0; i < pool_size(w->team); i++) {
-        w->lanes[i].attn = kv_calloc(Hkv, sizeof *w->lanes[i].attn);
-        w->lanes[i].attn_cap = kv_calloc(Hkv, sizeof *w->lanes[i].attn_cap);
-    }
+    w->attn = kv_calloc((size_t)cfg->n_policies * Hkv, sizeof *w->attn);
+    w->attn_cap = kv_calloc((size_t)cfg->n_policies * Hkv, sizeof *w->attn_cap);
     w->q = kv_malloc(Hq * T * D * sizeof(float));
     w->k = kv_malloc(Hkv * T * D * sizeof(float));
     w->v = kv_malloc(Hkv * T * D * sizeof(float));
+    w->v16 = kv_malloc(Hkv * T * D * sizeof *w->v16);
     w->probs = kv_malloc((size_t)DECODE_BLOCK * Hq * T * sizeof(float));
     w->out = kv_malloc(Hq * DECODE_BLOCK * D * sizeof(float));
     w->row_max = kv_malloc(Hq * DECODE_BLOCK * sizeof(float));
@@ -77,20 +83,20 @@ static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg, 
     w->policy_seconds = kv_calloc((size_t)cfg->n_policies, sizeof(double));
 }
 
-static void worker_free(Worker *w, int n_kv_heads)
+static void worker_free(Worker *w, int n_attn)
 {
-    for (int i = 0; i < pool_size(w->team); i++) {
-        for (int g = 0; g < n_kv_heads; g++)
-            free(w->lanes[i].attn[g]);
-        free(w->lanes[i].attn);
-        free(w->lanes[i].attn_cap);
+    for (int i = 0; i < n_attn; i++)
+        free(w->attn[i]);
+    free(w->attn);
+    free(w->attn_cap);
+    for (int i = 0; i < pool_size(w->team); i++)
         free(w->lanes[i].scratch);
-    }
     free(w->lanes);
     pool_free(w->team);
     free(w->q);
     free(w->k);
     free(w->v);
+    free(w->v16);
     free(w->probs);
     free(w->out);
     free(w->row_max);
@@ -99,12 +105,15 @@ static void worker_free(Worker *w, int n_kv_heads)
     free(w->policy_seconds);
 }
 
-static void ensure_attn_capacity(Lane *ln, int g, int need)
+/* Instance pi's attention buffer for KV head g, for `need` floats. */
+static float *attn_buffer(Worker *w, int n_kv_heads, int pi, int g, int need)
 {
-    if (ln->attn_cap[g] < need) {
-        ln->attn_cap[g] = need + need / 2 + 64;
-        ln->attn[g] = kv_realloc(ln->attn[g], (size_t)ln->attn_cap[g] * sizeof(float));
+    size_t i = (size_t)pi * n_kv_heads + g;
+    if (w->attn_cap[i] < need) {
+        w->attn_cap[i] = need + need / 2 + 64;
+        w->attn[i] = kv_realloc(w->attn[i], (size_t)w->attn_cap[i] * sizeof(float));
     }
+    return w->attn[i];
 }
 
 static void ensure_scratch(Lane *ln, size_t need)
@@ -132,7 +141,7 @@ static int check_finite(Job *job, int pi, int layer, int t, const char *metric, 
                    v);
 }
 
-static int attend_kv_head(Job *job, const Worker *w, Lane *ln, const LayerView *L, int pi,
+static int attend_kv_head(Job *job, Worker *w, Lane *ln, const LayerView *L, int pi,
                           const KVCache *c, int g, int t, int b, int e, bool observe, KvErr *err)
 {
     const EngineConfig *cfg = job->cfg;
@@ -141,9 +150,9 @@ static int attend_kv_head(Job *job, const Worker *w, Lane *ln, const LayerView *
     bool want_err = e >= 0 && output_errors_needed(c, t);
     bool want_attn = observe || want_err;
     FullRow rows[G];
-    double mass[G], out_err[G];
-    if (want_attn)
-        ensure_attn_capacity(ln, g, G * c->n);
+    CacheAttention ca[G];
+    double out_err[G];
+    float *attn = want_attn ? attn_buffer(w, L->n_kv_heads, pi, g, G * c->n) : NULL;
     for (int i = 0; i < G; i++) {
         int h = g * G + i;
         rows[i] = (FullRow){
@@ -154,23 +163,23 @@ static int attend_kv_head(Job *job, const Worker *w, Lane *ln, const LayerView *
             .logit_z = w->row_z[h * DECODE_BLOCK + b],
             .k = L->k + (size_t)g * T * D,
             .v = L->v + (size_t)g * T * D,
+            .v16 = w->v16_ok ? w->v16 + (size_t)g * T * D : NULL,
             .o_full = w->out + ((size_t)h * DECODE_BLOCK + b) * D,
         };
-        mass[i] = cache_attention(c, &rows[i], want_attn ? ln->attn[g] + (size_t)i * c->n : NULL)
-                      .retained_mass;
     }
+    cache_attention_heads(c, rows, G, attn, ca);
     if (e < 0)
         return 0;
     for (int i = 0; i < G; i++)
         out_err[i] = 0.0;
     if (want_err) {
         ensure_scratch(ln, (size_t)(c->n + G) * D);
-        output_errors(c, rows, G, ln->attn[g], ln->scratch, out_err);
+        output_errors(c, rows, G, attn, ln->scratch, out_err);
     }
     for (int i = 0; i < G; i++) {
         int h = g * G + i;
         float *hm = results_head(job->res, pi, L->layer, e, h);
-        hm[HM_MASS] = (float)mass[i];
+        hm[HM_MASS] = (float)ca[i].retained_mass;
         hm[HM_RECALL] = (float)recall_at_k(c, w->topk + ((size_t)b * Hq + h) * cfg->topk, k);
         hm[HM_OUT_ERR] = (float)out_err[i];
         if (check_finite(job, pi, L->layer, t, metric_of(METRIC_HEAD, HM_MASS)->name, h,
@@ -182,25 +191,85 @@ static int attend_kv_head(Job *job, const Worker *w, Lane *ln, const LayerView *
     return 0;
 }
 
-/* One policy instance at decode step t: step, attention over its caches and metrics, observe,
- * memory. The driver times the callbacks; the metric time is accounted here. */
-static int replay_step(Job *job, const Worker *w, Lane *ln, PolicyDriver *drv, int pi, int t,
-                       int b, int e, KvErr *err)
-{
-    Results *res = job->res;
-    const LayerView *L = drv->L;
-    Policy *inst = drv->inst[pi];
-    bool observe = inst->type->observe != NULL;
+/* One block of decode steps [t0, t0+B) of one layer, for the team's parallel parts. */
+typedef struct {
+    Job *job;
+    Worker *w;
+    PolicyDriver *drv;
+    int t0, B;
+    int b;          /* the step of the block that the phases below take now */
+    int *fail_b;    /* [n_policies]: the step at which instance pi failed, or B */
+    KvErr *errs;    /* [n_policies] */
+    int *fail_g;    /* [n_policies][Hkv]: the attention over KV head g's cache failed at step b */
+    KvErr *errs_g;  /* [n_policies][Hkv] */
+    int *order;     /* [n_policies]: the instances, the costliest in the last block first */
+    double *cost;   /* [n_policies]: each instance's seconds in the block */
+} Block;
 
-    driver_step(drv, pi, t, w->probs + (size_t)b * L->n_q_heads * L->n_tokens);
+/* Step b, phase 1: instance pi's step (the driver times the callbacks). */
+static int phase_step(void *ctx, int item, int slot, KvErr *err)
+{
+    (void)slot;
+    (void)err;
+    Block *bl = ctx;
+    int pi = bl->order[item];
+    if (bl->fail_b[pi] < bl->B)
+        return 0;
+    const LayerView *L = bl->drv->L;
+    double t0 = now_seconds();
+    driver_step(bl->drv, pi, bl->t0 + bl->b,
+                bl->w->probs + (size_t)bl->b * L->n_q_heads * L->n_tokens);
+    bl->cost[pi] += now_seconds() - t0;
+    return 0;
+}
+
+/* Step b, phase 2: every instance's attention over its cache of KV head g, and the metrics. */
+static int phase_kv_head(void *ctx, int g, int slot, KvErr *err)
+{
+    (void)err;
+    Block *bl = ctx;
+    Job *job = bl->job;
+    const LayerView *L = bl->drv->L;
+    Lane *ln = &bl->w->lanes[slot];
+    int t = bl->t0 + bl->b, e = job->eval_of_step[t];
+    double t1 = now_seconds();
+    for (int pi = 0; pi < job->cfg->n_policies; pi++) {
+        Policy *inst = bl->drv->inst[pi];
+        bool observe = inst->type->observe != NULL;
+        size_t i = (size_t)pi * L->n_kv_heads + g;
+        if (bl->fail_b[pi] < bl->B || !(observe || e >= 0))
+            continue;
+        bl->fail_g[i] = attend_kv_head(job, bl->w, ln, L, pi, &inst->cache[g], g, t, bl->b, e,
+                                       observe, &bl->errs_g[i]) != 0;
+    }
+    ln->metric_seconds += now_seconds() - t1;
+    return 0;
+}
+
+/* Step b, phase 3: instance pi's needle survival (the cache as it attended), observe, memory. */
+static int phase_observe(void *ctx, int item, int slot, KvErr *err)
+{
+    (void)err;
+    Block *bl = ctx;
+    Job *job = bl->job;
+    Results *res = job->res;
+    PolicyDriver *drv = bl->drv;
+    const LayerView *L = drv->L;
+    int pi = bl->order[item], t = bl->t0 + bl->b, e = job->eval_of_step[t];
+    if (bl->fail_b[pi] < bl->B)
+        return 0;
+    for (int g = 0; g < L->n_kv_heads; g++)
+        if (bl->fail_g[(size_t)pi * L->n_kv_heads + g]) {
+            /* the first KV head that failed, as one loop over them would meet it */
+            bl->errs[pi] = bl->errs_g[(size_t)pi * L->n_kv_heads + g];
+            bl->fail_b[pi] = bl->b;
+            return 0;
+        }
+    Policy *inst = drv->inst[pi];
     double t1 = now_seconds();
     double cache_tokens = 0, needles = NAN;
-    for (int g = 0; g < L->n_kv_heads; g++) {
+    for (int g = 0; g < L->n_kv_heads; g++)
         cache_tokens += inst->cache[g].n;
-        if ((observe || e >= 0) &&
-            attend_kv_head(job, w, ln, L, pi, &inst->cache[g], g, t, b, e, observe, err) != 0)
-            return -1;
-    }
     if (e >= 0 && res->eval_probe[e]) {
         /* The needles the probe query could attend to: the cache as it attended, before
          * observe() evicts for the next step. Mean over KV heads. */
@@ -231,8 +300,9 @@ static int replay_step(Job *job, const Worker *w, Lane *ln, PolicyDriver *drv, i
         for (int d = 0; d < TURN_DISTANCES; d++)
             nt[d] = heads[d] ? sums[d] / heads[d] : NAN;
     }
-    ln->metric_seconds += now_seconds() - t1;
-    driver_observe(drv, pi, (const float *const *)ln->attn);
+    double t2 = now_seconds();
+    bl->w->lanes[slot].metric_seconds += t2 - t1;
+    driver_observe(drv, pi, (const float *const *)bl->w->attn + (size_t)pi * L->n_kv_heads);
 
     const MemReport mem = drv->mem[pi];
     double *tot = results_total(res, pi, L->layer);
@@ -258,22 +328,14 @@ static int replay_step(Job *job, const Worker *w, Lane *ln, PolicyDriver *drv, i
                                 mem.to_host_bytes, mem.to_device_bytes, mem.fetched_tokens,
                                 mem.restored_tokens, mem.restore_k_err, mem.restore_v_err};
     for (size_t i = 0; i < sizeof mem_value / sizeof mem_value[0]; i++)
-        if (check_finite(job, pi, L->layer, t, mem_name[i], -1, mem_value[i], err) != 0)
-            return -1;
+        if (check_finite(job, pi, L->layer, t, mem_name[i], -1, mem_value[i], &bl->errs[pi]) !=
+            0) {
+            bl->fail_b[pi] = bl->b;
+            break;
+        }
+    bl->cost[pi] += now_seconds() - t2;
     return 0;
 }
-
-/* One block of decode steps [t0, t0+B) of one layer, for the team's parallel parts. */
-typedef struct {
-    Job *job;
-    Worker *w;
-    PolicyDriver *drv;
-    int t0, B;
-    int *fail_b;   /* [n_policies]: the step at which instance pi failed, or B */
-    KvErr *errs;   /* [n_policies] */
-    int *order;    /* [n_policies]: the instances, the costliest in the last block first */
-    double *cost;  /* [n_policies]: each instance's seconds in the last block */
-} Block;
 
 /* The top-k keys of the true attention of every evaluated step of the block, for query head h. */
 static int block_topk(void *ctx, int h, int slot, KvErr *err)
@@ -293,28 +355,6 @@ static int block_topk(void *ctx, int h, int slot, KvErr *err)
                      w->topk + ((size_t)b * Hq + h) * cfg->topk);
     }
     w->lanes[slot].metric_seconds += now_seconds() - k0;
-    return 0;
-}
-
-/* Instance pi through every step of the block. It stops at its first failure and records it;
- * the caller reports the failure a single thread would have met first (lowest step, then lowest
- * instance), so the task itself never fails. */
-static int block_policy(void *ctx, int item, int slot, KvErr *err)
-{
-    (void)err;
-    Block *bl = ctx;
-    Job *job = bl->job;
-    int pi = bl->order[item];
-    double t0 = now_seconds();
-    for (int b = 0; b < bl->B; b++) {
-        int t = bl->t0 + b;
-        if (replay_step(job, bl->w, &bl->w->lanes[slot], bl->drv, pi, t, b, job->eval_of_step[t],
-                        &bl->errs[pi]) != 0) {
-            bl->fail_b[pi] = b;
-            break;
-        }
-    }
-    bl->cost[pi] = now_seconds() - t0;
     return 0;
 }
 
@@ -347,6 +387,9 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
     bool failed = false;
     int *fail_b = kv_malloc((size_t)n_pol * sizeof *fail_b);
     KvErr *errs = kv_malloc((size_t)n_pol * sizeof *errs);
+    size_t n_pg = (size_t)n_pol * L->n_kv_heads;
+    int *fail_g = kv_calloc(n_pg, sizeof *fail_g);
+    KvErr *errs_g = kv_malloc(n_pg * sizeof *errs_g);
     int *order = kv_malloc((size_t)n_pol * sizeof *order);
     double *cost = kv_calloc((size_t)n_pol, sizeof *cost);
     for (int pi = 0; pi < n_pol; pi++)
@@ -373,16 +416,25 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
         if (failed)
             break;
 
-        Block bl = {job, w, drv, t0, B, fail_b, errs, order, cost};
-        for (int pi = 0; pi < n_pol; pi++)
+        Block bl = {job, w, drv, t0, B, 0, fail_b, errs, fail_g, errs_g, order, cost};
+        for (int pi = 0; pi < n_pol; pi++) {
             fail_b[pi] = B;
+            cost[pi] = 0;
+        }
         pool_for(w->team, Hq, block_topk, &bl, NULL);
-        pool_for(w->team, n_pol, block_policy, &bl, NULL);
-        order_by_cost(order, cost, n_pol);
+        /* Step by step; the first failure (lowest step, then lowest instance: what one thread
+         * taking the instances in turn would meet first) ends the run. */
         int first = -1;
-        for (int pi = 0; pi < n_pol; pi++)
-            if (fail_b[pi] < B && (first < 0 || fail_b[pi] < fail_b[first]))
-                first = pi;
+        for (bl.b = 0; bl.b < B && first < 0; bl.b++) {
+            pool_for(w->team, n_pol, phase_step, &bl, NULL);
+            memset(fail_g, 0, n_pg * sizeof *fail_g);
+            pool_for(w->team, L->n_kv_heads, phase_kv_head, &bl, NULL);
+            pool_for(w->team, n_pol, phase_observe, &bl, NULL);
+            for (int pi = 0; pi < n_pol && first < 0; pi++)
+                if (fail_b[pi] < B)
+                    first = pi;
+        }
+        order_by_cost(order, cost, n_pol);
         if (first >= 0) {
             *err = errs[first];
             failed = true;
@@ -391,6 +443,8 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
     }
     free(fail_b);
     free(errs);
+    free(fail_g);
+    free(errs_g);
     free(order);
     free(cost);
     return failed ? -1 : 0;
@@ -402,6 +456,14 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     const EngineConfig *cfg = job->cfg;
     if (trace_read_layer(job->tr, layer, w->q, w->k, w->v, err) != 0)
         return -1;
+    /* The values as halves for the output errors, where that loses nothing (a float16 trace):
+     * half the bytes to read from the scattered rows of a cache. */
+    size_t n_v = (size_t)m->n_kv_heads * m->n_tokens * m->head_dim;
+    w->v16_ok = true;
+    for (size_t i = 0; i < n_v && w->v16_ok; i++) {
+        w->v16[i] = half_from_float(w->v[i]);
+        w->v16_ok = float_from_half(w->v16[i]) == w->v[i] && !signbit(w->v[i]) == !(w->v16[i] >> 15);
+    }
     LayerView L = layer_view_make(m, layer, w->q, w->k, w->v);
 
     int n_pol = cfg->n_policies;
@@ -635,7 +697,7 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
             r->metric_seconds += w->lanes[j].metric_seconds;
         for (int pi = 0; pi < cfg->n_policies && pi < 64; pi++)
             r->policy_seconds[pi] += w->policy_seconds[pi];
-        worker_free(w, m->n_kv_heads);
+        worker_free(w, cfg->n_policies * m->n_kv_heads);
     }
     free(job.workers);
     pool_free(job.layers);
@@ -647,6 +709,21 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
         return NULL;
     }
     return r;
+}
+
+double results_bytes(const Results *r)
+{
+    double per_eval = (double)r->n_policies * r->n_layers *
+                      ((double)r->n_q_heads * N_HEAD_METRICS * sizeof *r->head +
+                       N_STEP_METRICS * sizeof *r->step + TURN_DISTANCES * sizeof *r->needle_turn);
+    return per_eval * r->n_evals +
+           (double)r->n_evals * (sizeof *r->eval_step + sizeof *r->eval_probe +
+                                 sizeof *r->eval_turn) +
+           (double)r->n_policies * r->n_layers *
+               (N_TOTAL_METRICS * sizeof *r->total + r->n_turns * sizeof *r->turn_bytes) +
+           (double)r->n_turns * sizeof *r->turns +
+           (double)r->n_policies * (sizeof *r->label + sizeof *r->type + sizeof *r->is_oracle) +
+           sizeof *r;
 }
 
 void results_free(Results *r)

@@ -10,12 +10,19 @@
  * (OpenBLAS, blocks of decode steps batched into sgemm) and shares it with all policies (the
  * oracles' full_attn, the metrics): each policy's query attends only over its own cache,
  * renormalised there. Metrics land in per-(policy, layer, step, head) slots and are reduced in
- * a fixed order, so results are byte-identical at any thread count. With more threads than
- * layers, the threads beyond one per layer share the work inside a layer (the attention and
- * the prompt statistics by query head, the policy instances).
+ * a fixed order, so results are byte-identical at any thread count. The decode steps are taken
+ * one at a time by every instance: each instance's step, then the attention over every
+ * instance's cache of one KV head and its metrics, KV head by KV head (the caches of one KV head
+ * draw on the same rows, read while they are in cache), then each instance's observation. With
+ * more threads than layers, the threads beyond one per layer share the work inside a layer (the
+ * attention and the prompt statistics by query head, the instances' steps and observations by
+ * instance, the metrics by KV head).
  * Memory per worker (at most one per layer): one layer's Q/K/V, plus the attention rows of a
  * block of decode steps (64 x query heads x tokens floats: 0.7 of the Q/K/V at 32 query heads
- * and 8 KV heads); bench_replay reports the peak against the Q/K/V. */
+ * and 8 KV heads), each instance's attention over its caches (query heads x its cache) and
+ * the values again as halves (1/6 of the Q/K/V at 32/8 heads: used by the output errors when
+ * every value is exactly a half, as in a float16 trace); bench_replay reports the peak against
+ * the Q/K/V. */
 #ifndef KVSIM_ENGINE_H
 #define KVSIM_ENGINE_H
 
@@ -90,6 +97,9 @@ typedef struct {
 Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err);
 
 void results_free(Results *r);
+
+/* The bytes that r's arrays hold (the per-slot metrics, the evaluated steps, the turns). */
+double results_bytes(const Results *r);
 
 static inline float *results_head(const Results *r, int pol, int layer, int e, int h)
 {

@@ -6,6 +6,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#elif defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 static bool slot_is_exact(const KVCache *c, int slot)
 {
     return c->pos[slot] >= 0 && c->alt_kv[slot] == NULL;
@@ -51,56 +57,187 @@ static void softmax_over_cache(const KVCache *c, const FullRow *row, float *attn
     free(logit);
 }
 
-CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn)
+/* Each head's retained mass: 1 when every key is present, else the smaller of the cache and its
+ * complement scanned. The heads' sums run side by side (slot or position outer, head inner);
+ * each is the same sequence of additions a head alone would make. */
+static void retained_masses(const KVCache *c, const FullRow *rows, int n_heads, int n_exact,
+                            CacheAttention *out)
 {
-    CacheAttention ca = {0, 0};
-    double alt_total = 0;
-    int n_exact = c->n - c->n_alt;
-    if (n_exact == row->t + 1) {
-        ca.retained_mass = 1.0; /* every key present: the renormalisation is the identity */
-    } else if (n_exact > (row->t + 1) / 2) {
+    int t = rows[0].t;
+    for (int h = 0; h < n_heads; h++)
+        out[h].retained_mass = 0;
+    if (n_exact == t + 1) {
+        for (int h = 0; h < n_heads; h++)
+            out[h].retained_mass = 1.0; /* every key present: the renormalisation is the identity */
+    } else if (n_exact > (t + 1) / 2) {
         /* Large caches: subtract what is missing, scanning the (smaller) complement. */
-        double missing = 0;
-        for (int j = 0; j <= row->t; j++) {
+        double missing[n_heads];
+        for (int h = 0; h < n_heads; h++)
+            missing[h] = 0;
+        for (int j = 0; j <= t; j++) {
             int s = c->slot_of[j];
             if (s < 0 || c->alt_kv[s])
-                missing += row->p[j];
+                for (int h = 0; h < n_heads; h++)
+                    missing[h] += rows[h].p[j];
         }
-        ca.retained_mass = 1.0 - missing;
+        for (int h = 0; h < n_heads; h++)
+            out[h].retained_mass = 1.0 - missing[h];
     } else {
         for (int i = 0; i < c->n; i++)
             if (slot_is_exact(c, i))
-                ca.retained_mass += row->p[c->pos[i]];
+                for (int h = 0; h < n_heads; h++)
+                    out[h].retained_mass += rows[h].p[c->pos[i]];
+    }
+}
+
+/* x[0..n) *= f (each product rounded once, as a scalar loop would). */
+static void scale_floats(float *x, int n, float f)
+{
+    int i = 0;
+#if defined(__SSE__)
+    __m128 v = _mm_set1_ps(f);
+    for (; i + 4 <= n; i += 4)
+        _mm_storeu_ps(x + i, _mm_mul_ps(_mm_loadu_ps(x + i), v));
+#endif
+    for (; i < n; i++)
+        x[i] *= f;
+}
+
+/* Every slot exact and attended: each head's shares are its p at the slots' positions, summed
+ * in slot order. Four heads at a time (their sums side by side, in registers), then one; the
+ * positions a few slots ahead are fetched early: the rows are long and the positions scattered. */
+enum { AHEAD = 16 };
+
+static void plain_shares4(const KVCache *c, const FullRow *rows, float *attn, double *total,
+                          bool *exact)
+{
+    int n = c->n;
+    const float *p0 = rows[0].p, *p1 = rows[1].p, *p2 = rows[2].p, *p3 = rows[3].p;
+    float *a0 = attn, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    bool normal = true;
+    for (int i = 0; i < n; i++) {
+        int32_t j = c->pos[i];
+        if (i + AHEAD < n) {
+            int32_t f = c->pos[i + AHEAD];
+            __builtin_prefetch(p0 + f);
+            __builtin_prefetch(p1 + f);
+            __builtin_prefetch(p2 + f);
+            __builtin_prefetch(p3 + f);
+        }
+        float w0 = p0[j], w1 = p1[j], w2 = p2[j], w3 = p3[j];
+        s0 += w0;
+        s1 += w1;
+        s2 += w2;
+        s3 += w3;
+        a0[i] = w0;
+        a1[i] = w1;
+        a2[i] = w2;
+        a3[i] = w3;
+        normal &= w0 >= FLT_MIN && w1 >= FLT_MIN && w2 >= FLT_MIN && w3 >= FLT_MIN;
+    }
+    total[0] = s0;
+    total[1] = s1;
+    total[2] = s2;
+    total[3] = s3;
+    if (!normal) /* which of them: a second look, rarely taken */
+        for (int h = 0; h < 4; h++)
+            for (int i = 0; i < n; i++)
+                exact[h] &= attn[(size_t)h * n + i] >= FLT_MIN;
+}
+
+static void plain_shares1(const KVCache *c, const FullRow *row, float *attn, double *total,
+                          bool *exact)
+{
+    int n = c->n;
+    double s = 0;
+    bool normal = true;
+    for (int i = 0; i < n; i++) {
+        if (i + AHEAD < n)
+            __builtin_prefetch(row->p + c->pos[i + AHEAD]);
+        float w = row->p[c->pos[i]];
+        s += w;
+        attn[i] = w;
+        normal &= w >= FLT_MIN;
+    }
+    *total = s;
+    *exact &= normal;
+}
+
+static void plain_shares(const KVCache *c, const FullRow *rows, int n_heads, float *attn,
+                         double *total, bool *exact)
+{
+    int h = 0;
+    for (; h + 4 <= n_heads; h += 4)
+        plain_shares4(c, rows + h, attn + (size_t)h * c->n, total + h, exact + h);
+    for (; h < n_heads; h++)
+        plain_shares1(c, rows + h, attn + (size_t)h * c->n, total + h, exact + h);
+}
+
+void cache_attention_heads(const KVCache *c, const FullRow *rows, int n_heads, float *attn,
+                           CacheAttention *out)
+{
+    int n = c->n, n_exact = c->n - c->n_alt, t = rows[0].t;
+    /* No slot before the window and no alt slot: every slot's share is its p, and summed in
+     * slot order that sum is also the mass (the exact slots' p in slot order), when the mass is
+     * not found another way. */
+    bool plain = c->n_alt == 0 && attn_first_key(rows[0].window, t) == 0;
+    if (!attn || !plain || n_exact == t + 1 || n_exact > (t + 1) / 2)
+        retained_masses(c, rows, n_heads, n_exact, out);
+    if (!attn) {
+        for (int h = 0; h < n_heads; h++)
+            out[h].denominator = 0;
+        return;
     }
     /* The shares from the full row, while each is a normal number relative to it. */
-    bool exact = true;
-    double exact_total = 0; /* summed directly: 1 - missing loses a small cache's share */
-    for (int i = 0; i < c->n; i++) {
-        double w;
-        if (slot_outside(c, i, row)) {
-            w = 0.0; /* before the window: no attention, exactly */
-        } else if (c->alt_kv[i]) {
-            /* exp(s - max) / Z: the alt key's weight in units of the full row. */
-            w = exp(slot_logit(c, i, row) - row->logit_max) / row->logit_z;
-            alt_total += w;
-            exact &= w >= FLT_MIN && w <= 1.0 / FLT_EPSILON;
-        } else {
-            w = row->p[c->pos[i]];
-            exact_total += w;
-            exact &= w >= FLT_MIN;
-        }
-        if (attn)
-            attn[i] = (float)w;
+    double exact_total[n_heads], alt_total[n_heads]; /* exact: summed directly, not 1 - missing */
+    bool exact[n_heads];
+    for (int h = 0; h < n_heads; h++) {
+        exact_total[h] = alt_total[h] = 0;
+        exact[h] = true;
     }
-    ca.denominator = exact_total + alt_total;
-    if (!attn || c->n == 0)
-        return ca;
-    if (exact && ca.denominator > 0) {
-        float inv = (float)(1.0 / ca.denominator);
-        cblas_sscal(c->n, inv, attn, 1);
+    if (plain) {
+        plain_shares(c, rows, n_heads, attn, exact_total, exact);
+        if (!(n_exact == t + 1 || n_exact > (t + 1) / 2))
+            for (int h = 0; h < n_heads; h++)
+                out[h].retained_mass = exact_total[h];
     } else {
-        softmax_over_cache(c, row, attn);
+        for (int i = 0; i < n; i++)
+            for (int h = 0; h < n_heads; h++) {
+                const FullRow *row = &rows[h];
+                double w;
+                if (slot_outside(c, i, row)) {
+                    w = 0.0; /* before the window: no attention, exactly */
+                } else if (c->alt_kv[i]) {
+                    /* exp(s - max) / Z: the alt key's weight in units of the full row. */
+                    w = exp(slot_logit(c, i, row) - row->logit_max) / row->logit_z;
+                    alt_total[h] += w;
+                    exact[h] &= w >= FLT_MIN && w <= 1.0 / FLT_EPSILON;
+                } else {
+                    w = row->p[c->pos[i]];
+                    exact_total[h] += w;
+                    exact[h] &= w >= FLT_MIN;
+                }
+                attn[(size_t)h * n + i] = (float)w;
+            }
     }
+    for (int h = 0; h < n_heads; h++) {
+        float *a = attn + (size_t)h * n;
+        out[h].denominator = exact_total[h] + alt_total[h];
+        if (n == 0)
+            continue;
+        if (exact[h] && out[h].denominator > 0) {
+            scale_floats(a, n, (float)(1.0 / out[h].denominator));
+        } else {
+            softmax_over_cache(c, &rows[h], a);
+        }
+    }
+}
+
+CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn)
+{
+    CacheAttention ca;
+    cache_attention_heads(c, row, 1, attn, &ca);
     return ca;
 }
 
@@ -127,35 +264,150 @@ static void sift_down(const float *p, int32_t *heap, int k, int i)
     }
 }
 
-void topk_indices(const float *p, int n, int k, int32_t *out)
+/* Whether any of x[0..8) is above t (at_least: at or above). */
+static inline bool any_of_8(const float *x, float t, bool at_least)
+{
+#if defined(__SSE__)
+    __m128 v = _mm_set1_ps(t), a = _mm_loadu_ps(x), b = _mm_loadu_ps(x + 4);
+    __m128 c = at_least ? _mm_or_ps(_mm_cmpge_ps(a, v), _mm_cmpge_ps(b, v))
+                        : _mm_or_ps(_mm_cmpgt_ps(a, v), _mm_cmpgt_ps(b, v));
+    return _mm_movemask_ps(c) != 0;
+#else
+    int any = 0;
+    for (int r = 0; r < 8; r++)
+        any |= at_least ? x[r] >= t : x[r] > t;
+    return any;
+#endif
+}
+
+/* max(x[0..n)), n a positive multiple of 4 (the maximum of finite floats: in any order). */
+static inline float max_of(const float *x, int n)
+{
+#if defined(__SSE__)
+    __m128 m = _mm_loadu_ps(x);
+    for (int i = 4; i < n; i += 4)
+        m = _mm_max_ps(m, _mm_loadu_ps(x + i));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+#else
+    float m = x[0];
+    for (int i = 1; i < n; i++)
+        m = x[i] > m ? x[i] : m;
+    return m;
+#endif
+}
+
+/* The heap selection over idx[0..m) (ascending indices; NULL: 0 .. m-1): the k strongest of
+ * them by (value, lower index), k <= m. */
+static void heap_select(const float *p, const int32_t *idx, int m, int k, int32_t *out)
 {
     for (int i = 0; i < k; i++)
-        out[i] = i;
+        out[i] = idx ? idx[i] : i;
     for (int i = k / 2 - 1; i >= 0; i--)
         sift_down(p, out, k, i);
     /* Every index in the heap is below j, so j enters only if p[j] beats the weakest strictly
      * (on a tie the lower index wins). Most entries of an attention row do not: test eight at
      * a time against the current threshold, a loop the compiler vectorises. */
     float threshold = p[out[0]];
-    int j = k;
-    for (; j + 8 <= n; j += 8) {
-        int any = 0;
-        for (int i = 0; i < 8; i++)
-            any |= p[j + i] > threshold;
-        if (!any)
-            continue;
-        for (int i = j; i < j + 8; i++)
-            if (p[i] > p[out[0]]) {
-                out[0] = i;
-                sift_down(p, out, k, 0);
-            }
-        threshold = p[out[0]];
+    int i = k;
+    if (!idx) {
+        for (; i + 8 <= m; i += 8) {
+            if (!any_of_8(p + i, threshold, false))
+                continue;
+            for (int j = i; j < i + 8; j++)
+                if (p[j] > p[out[0]]) {
+                    out[0] = j;
+                    sift_down(p, out, k, 0);
+                }
+            threshold = p[out[0]];
+        }
     }
-    for (; j < n; j++)
+    for (; i < m; i++) {
+        int32_t j = idx ? idx[i] : i;
         if (p[j] > p[out[0]]) {
             out[0] = j;
             sift_down(p, out, k, 0);
         }
+    }
+}
+
+/* Of a long row, only the entries at or above a lower bound of the k-th largest value can be
+ * among the k largest: the row in TOPK_CHUNKS * k chunks, the k-th largest of the chunks'
+ * maxima is such a bound (k distinct entries reach it). The heap then sees those entries alone,
+ * in the same order, and selects the same k. (An attention row often grows towards its recent
+ * end, where nearly every entry would displace the heap's weakest.) */
+enum { TOPK_CHUNKS = 4, TOPK_CANDIDATES = 2048 };
+
+void topk_indices(const float *p, int n, int k, int32_t *out)
+{
+    int m = TOPK_CHUNKS * k;
+    if (k < 1 || n < 2 * m || m > TOPK_CANDIDATES) {
+        heap_select(p, NULL, n, k, out);
+        return;
+    }
+    /* Whole chunks of a multiple of 4 entries (the entries after the last whole one take no
+     * part in the bound, only in the scan below). */
+    int len = ((n + m - 1) / m + 3) / 4 * 4, chunks = n / len;
+    if (chunks < k) {
+        heap_select(p, NULL, n, k, out);
+        return;
+    }
+    /* The k-th largest chunk maximum: a min-heap of k maxima (values only), root the least. */
+    float best[k];
+    int filled = 0;
+    for (int c = 0; c < chunks; c++) {
+        float mx = max_of(p + (size_t)c * len, len);
+        if (filled < k) {
+            int i = filled++;
+            best[i] = mx;
+            while (i > 0 && best[(i - 1) / 2] > best[i]) { /* sift up */
+                float tmp = best[i];
+                best[i] = best[(i - 1) / 2];
+                best[(i - 1) / 2] = tmp;
+                i = (i - 1) / 2;
+            }
+        } else if (mx > best[0]) {
+            best[0] = mx;
+            for (int i = 0;;) { /* sift down */
+                int l = 2 * i + 1, r = l + 1, s = i;
+                if (l < k && best[l] < best[s])
+                    s = l;
+                if (r < k && best[r] < best[s])
+                    s = r;
+                if (s == i)
+                    break;
+                float tmp = best[i];
+                best[i] = best[s];
+                best[s] = tmp;
+                i = s;
+            }
+        }
+    }
+    float bound = best[0];
+    int32_t cand[TOPK_CANDIDATES];
+    int nc = 0, j = 0;
+    for (; j + 8 <= n; j += 8) {
+        if (!any_of_8(p + j, bound, true))
+            continue;
+        for (int i = j; i < j + 8; i++)
+            if (p[i] >= bound) {
+                if (nc == TOPK_CANDIDATES) { /* a flat row: the plain selection */
+                    heap_select(p, NULL, n, k, out);
+                    return;
+                }
+                cand[nc++] = i;
+            }
+    }
+    for (; j < n; j++)
+        if (p[j] >= bound) {
+            if (nc == TOPK_CANDIDATES) {
+                heap_select(p, NULL, n, k, out);
+                return;
+            }
+            cand[nc++] = j;
+        }
+    heap_select(p, cand, nc, k, out);
 }
 
 double recall_at_k(const KVCache *c, const int32_t *topk, int k)
@@ -171,6 +423,349 @@ bool output_errors_needed(const KVCache *c, int t)
     return !cache_is_complete(c, t);
 }
 
+/* The attention output over a cache, o_S[h] = sum_i attn[h][i] v_i, in float32 and in a fixed
+ * order: the order in which OpenBLAS 0.3.21's Haswell sgemm adds (earlier versions gathered the
+ * cache's values and called it; its result, bit for bit, on every shape up to 11 heads, is what
+ * this repeats, so that no number changes), now written out here so that the values are read
+ * where they lie, without the gather, the packing and the sgemm call per KV head and step:
+ *   - the slots in blocks: OUT_BLOCK while twice that remains; between once and twice, half of
+ *     what remains rounded up to a multiple of OUT_UNROLL; then all that remains;
+ *   - in a block, a "split" head adds the products of its first multiple of OUT_UNROLL slots
+ *     alternately into two sums (even slots, odd slots) and the rest into the first; any other
+ *     head adds every product into one sum; each product is fused (fma), in slot order;
+ *   - a block's value is the two sums added; o_S the blocks' values added in block order.
+ * The first n_heads - n_heads % 4 heads are split (sgemm's 4-wide columns), the others not. */
+enum { OUT_BLOCK = 320, OUT_UNROLL = 8, OUT_MAX_HEADS = 11 };
+
+static int out_block_len(int left)
+{
+    if (left >= 2 * OUT_BLOCK)
+        return OUT_BLOCK;
+    if (left > OUT_BLOCK)
+        return (left / 2 + OUT_UNROLL - 1) / OUT_UNROLL * OUT_UNROLL;
+    return left;
+}
+
+/* One head, dimensions [d0, D), scalar: fmaf is exact-rounded, the same bits as the vector
+ * loops (CPUs without FMA, and the last dimensions when D is not a multiple of 8). */
+static void head_output_scalar(const float *const *vrow, const float *a, int n, int d0, int D,
+                               bool split, float *o)
+{
+    for (int d = d0; d < D; d++) {
+        float c = 0.0f;
+        for (int ls = 0, len; ls < n; ls += len) {
+            len = out_block_len(n - ls);
+            int km = split ? len - len % OUT_UNROLL : 0, i = ls;
+            float even = 0.0f, odd = 0.0f;
+            for (; i < ls + km; i += 2) {
+                even = fmaf(a[i], vrow[i][d], even);
+                odd = fmaf(a[i + 1], vrow[i + 1][d], odd);
+            }
+            for (; i < ls + len; i++)
+                even = fmaf(a[i], vrow[i][d], even);
+            c = (odd + even) + c;
+        }
+        o[d] = c;
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define OUT_AVX2 __attribute__((target("avx2,fma")))
+
+/* The same, eight dimensions [d, d + 8) at a time (lanes are independent: the same bits). */
+OUT_AVX2 static void head_output_avx2(const float *const *vrow, const float *a, int n, int D,
+                                      bool split, float *o)
+{
+    int d = 0;
+    for (; d + 16 <= D; d += 16) {
+        __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+        for (int ls = 0, len; ls < n; ls += len) {
+            len = out_block_len(n - ls);
+            int km = split ? len - len % OUT_UNROLL : 0, i = ls;
+            __m256 e0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps();
+            __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
+            for (; i < ls + km; i += 2) {
+                __m256 x = _mm256_set1_ps(a[i]), y = _mm256_set1_ps(a[i + 1]);
+                const float *v = vrow[i] + d, *w = vrow[i + 1] + d;
+                e0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v), e0);
+                e1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 8), e1);
+                o0 = _mm256_fmadd_ps(y, _mm256_loadu_ps(w), o0);
+                o1 = _mm256_fmadd_ps(y, _mm256_loadu_ps(w + 8), o1);
+            }
+            for (; i < ls + len; i++) {
+                __m256 x = _mm256_set1_ps(a[i]);
+                const float *v = vrow[i] + d;
+                e0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v), e0);
+                e1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 8), e1);
+            }
+            c0 = _mm256_add_ps(_mm256_add_ps(o0, e0), c0);
+            c1 = _mm256_add_ps(_mm256_add_ps(o1, e1), c1);
+        }
+        _mm256_storeu_ps(o + d, c0);
+        _mm256_storeu_ps(o + d + 8, c1);
+    }
+    head_output_scalar(vrow, a, n, d, D, split, o);
+}
+
+/* The value rows a few slots ahead, fetched while the first sixteen dimensions are summed
+ * (the rows are scattered over the layer's values; the later passes find them in cache). */
+enum { OUT_AHEAD = 24 };
+
+static inline void prefetch_rows(const void *const *vrow, int rows, int bytes)
+{
+    for (int r = 0; r < rows; r++)
+        for (int b = 0; b < bytes; b += 64)
+            __builtin_prefetch((const char *)vrow[r] + b);
+}
+
+/* Two heads of the same kind (split or not) at once, sixteen dimensions at a time: each value
+ * row read serves both (the same sums as head_output_avx2 for each). */
+OUT_AVX2 static void head_pair_output_avx2(const float *const *vrow, const float *a,
+                                           const float *b, int n, int D, bool split, float *oa,
+                                           float *ob)
+{
+    int d = 0;
+    for (; d + 16 <= D; d += 16) {
+        __m256 ca0 = _mm256_setzero_ps(), ca1 = _mm256_setzero_ps();
+        __m256 cb0 = _mm256_setzero_ps(), cb1 = _mm256_setzero_ps();
+        for (int ls = 0, len; ls < n; ls += len) {
+            len = out_block_len(n - ls);
+            int km = split ? len - len % OUT_UNROLL : 0, i = ls;
+            __m256 ea0 = _mm256_setzero_ps(), ea1 = _mm256_setzero_ps();
+            __m256 oa0 = _mm256_setzero_ps(), oa1 = _mm256_setzero_ps();
+            __m256 eb0 = _mm256_setzero_ps(), eb1 = _mm256_setzero_ps();
+            __m256 ob0 = _mm256_setzero_ps(), ob1 = _mm256_setzero_ps();
+            for (; i < ls + km; i += 2) {
+                const float *v = vrow[i] + d, *w = vrow[i + 1] + d;
+                if (d == 0 && i + OUT_AHEAD + 1 < n)
+                    prefetch_rows((const void *const *)vrow + i + OUT_AHEAD, 2, D * 4);
+                __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+                __m256 x = _mm256_set1_ps(a[i]), y = _mm256_set1_ps(b[i]);
+                ea0 = _mm256_fmadd_ps(x, v0, ea0);
+                ea1 = _mm256_fmadd_ps(x, v1, ea1);
+                eb0 = _mm256_fmadd_ps(y, v0, eb0);
+                eb1 = _mm256_fmadd_ps(y, v1, eb1);
+                v0 = _mm256_loadu_ps(w);
+                v1 = _mm256_loadu_ps(w + 8);
+                x = _mm256_set1_ps(a[i + 1]);
+                y = _mm256_set1_ps(b[i + 1]);
+                oa0 = _mm256_fmadd_ps(x, v0, oa0);
+                oa1 = _mm256_fmadd_ps(x, v1, oa1);
+                ob0 = _mm256_fmadd_ps(y, v0, ob0);
+                ob1 = _mm256_fmadd_ps(y, v1, ob1);
+            }
+            for (; i < ls + len; i++) {
+                const float *v = vrow[i] + d;
+                if (d == 0 && i + OUT_AHEAD < n)
+                    prefetch_rows((const void *const *)vrow + i + OUT_AHEAD, 1, D * 4);
+                __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+                __m256 x = _mm256_set1_ps(a[i]), y = _mm256_set1_ps(b[i]);
+                ea0 = _mm256_fmadd_ps(x, v0, ea0);
+                ea1 = _mm256_fmadd_ps(x, v1, ea1);
+                eb0 = _mm256_fmadd_ps(y, v0, eb0);
+                eb1 = _mm256_fmadd_ps(y, v1, eb1);
+            }
+            ca0 = _mm256_add_ps(_mm256_add_ps(oa0, ea0), ca0);
+            ca1 = _mm256_add_ps(_mm256_add_ps(oa1, ea1), ca1);
+            cb0 = _mm256_add_ps(_mm256_add_ps(ob0, eb0), cb0);
+            cb1 = _mm256_add_ps(_mm256_add_ps(ob1, eb1), cb1);
+        }
+        _mm256_storeu_ps(oa + d, ca0);
+        _mm256_storeu_ps(oa + d + 8, ca1);
+        _mm256_storeu_ps(ob + d, cb0);
+        _mm256_storeu_ps(ob + d + 8, cb1);
+    }
+    head_output_scalar(vrow, a, n, d, D, split, oa);
+    head_output_scalar(vrow, b, n, d, D, split, ob);
+}
+
+/* Four split heads at once, sixteen dimensions at a time: sixteen sums side by side, which
+ * need AVX-512's 32 registers (the arithmetic stays 8-lane AVX2 + FMA: the same sums). */
+#define OUT_QUAD __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
+
+/* Eight values of a row from dimension d: float32, or halves widened (exactly: the same
+ * floats). */
+OUT_QUAD static inline __m256 load8(const void *row, int d, bool half)
+{
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + d)))
+                : _mm256_loadu_ps((const float *)row + d);
+}
+
+OUT_QUAD static inline __attribute__((always_inline)) void
+quad_body(const void *const *vrow, bool half, const float *attn, int n, int D, float *out)
+{
+    const float *a0 = attn, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
+    int d = 0;
+    for (; d + 16 <= D; d += 16) {
+        __m256 c[8];
+        for (int r = 0; r < 8; r++)
+            c[r] = _mm256_setzero_ps();
+        for (int ls = 0, len; ls < n; ls += len) {
+            len = out_block_len(n - ls);
+            int km = len - len % OUT_UNROLL, i = ls;
+            __m256 e00 = _mm256_setzero_ps(), e01 = e00, e10 = e00, e11 = e00, e20 = e00,
+                   e21 = e00, e30 = e00, e31 = e00;
+            __m256 o00 = e00, o01 = e00, o10 = e00, o11 = e00, o20 = e00, o21 = e00, o30 = e00,
+                   o31 = e00;
+            for (; i < ls + km; i += 2) {
+                const void *v = vrow[i], *w = vrow[i + 1];
+                if (d == 0 && i + OUT_AHEAD + 1 < n)
+                    prefetch_rows(vrow + i + OUT_AHEAD, 2, D * (half ? 2 : 4));
+                __m256 v0 = load8(v, d, half), v1 = load8(v, d + 8, half), x;
+                x = _mm256_set1_ps(a0[i]);
+                e00 = _mm256_fmadd_ps(x, v0, e00);
+                e01 = _mm256_fmadd_ps(x, v1, e01);
+                x = _mm256_set1_ps(a1[i]);
+                e10 = _mm256_fmadd_ps(x, v0, e10);
+                e11 = _mm256_fmadd_ps(x, v1, e11);
+                x = _mm256_set1_ps(a2[i]);
+                e20 = _mm256_fmadd_ps(x, v0, e20);
+                e21 = _mm256_fmadd_ps(x, v1, e21);
+                x = _mm256_set1_ps(a3[i]);
+                e30 = _mm256_fmadd_ps(x, v0, e30);
+                e31 = _mm256_fmadd_ps(x, v1, e31);
+                v0 = load8(w, d, half);
+                v1 = load8(w, d + 8, half);
+                x = _mm256_set1_ps(a0[i + 1]);
+                o00 = _mm256_fmadd_ps(x, v0, o00);
+                o01 = _mm256_fmadd_ps(x, v1, o01);
+                x = _mm256_set1_ps(a1[i + 1]);
+                o10 = _mm256_fmadd_ps(x, v0, o10);
+                o11 = _mm256_fmadd_ps(x, v1, o11);
+                x = _mm256_set1_ps(a2[i + 1]);
+                o20 = _mm256_fmadd_ps(x, v0, o20);
+                o21 = _mm256_fmadd_ps(x, v1, o21);
+                x = _mm256_set1_ps(a3[i + 1]);
+                o30 = _mm256_fmadd_ps(x, v0, o30);
+                o31 = _mm256_fmadd_ps(x, v1, o31);
+            }
+            for (; i < ls + len; i++) {
+                const void *v = vrow[i];
+                if (d == 0 && i + OUT_AHEAD < n)
+                    prefetch_rows(vrow + i + OUT_AHEAD, 1, D * (half ? 2 : 4));
+                __m256 v0 = load8(v, d, half), v1 = load8(v, d + 8, half), x;
+                x = _mm256_set1_ps(a0[i]);
+                e00 = _mm256_fmadd_ps(x, v0, e00);
+                e01 = _mm256_fmadd_ps(x, v1, e01);
+                x = _mm256_set1_ps(a1[i]);
+                e10 = _mm256_fmadd_ps(x, v0, e10);
+                e11 = _mm256_fmadd_ps(x, v1, e11);
+                x = _mm256_set1_ps(a2[i]);
+                e20 = _mm256_fmadd_ps(x, v0, e20);
+                e21 = _mm256_fmadd_ps(x, v1, e21);
+                x = _mm256_set1_ps(a3[i]);
+                e30 = _mm256_fmadd_ps(x, v0, e30);
+                e31 = _mm256_fmadd_ps(x, v1, e31);
+            }
+            c[0] = _mm256_add_ps(_mm256_add_ps(o00, e00), c[0]);
+            c[1] = _mm256_add_ps(_mm256_add_ps(o01, e01), c[1]);
+            c[2] = _mm256_add_ps(_mm256_add_ps(o10, e10), c[2]);
+            c[3] = _mm256_add_ps(_mm256_add_ps(o11, e11), c[3]);
+            c[4] = _mm256_add_ps(_mm256_add_ps(o20, e20), c[4]);
+            c[5] = _mm256_add_ps(_mm256_add_ps(o21, e21), c[5]);
+            c[6] = _mm256_add_ps(_mm256_add_ps(o30, e30), c[6]);
+            c[7] = _mm256_add_ps(_mm256_add_ps(o31, e31), c[7]);
+        }
+        for (int h = 0; h < 4; h++) {
+            _mm256_storeu_ps(out + (size_t)h * D + d, c[2 * h]);
+            _mm256_storeu_ps(out + (size_t)h * D + d + 8, c[2 * h + 1]);
+        }
+    }
+}
+
+/* The four heads' o_S over float32 value rows (the dimensions beyond the last 16 as
+ * head_output_scalar sums them), or over half rows (D a multiple of 16). */
+OUT_QUAD static void head_quad_output(const float *const *vrow, const float *attn, int n, int D,
+                                      float *out)
+{
+    quad_body((const void *const *)vrow, false, attn, n, D, out);
+    int d = D - D % 16;
+    for (int h = 0; h < 4; h++)
+        head_output_scalar(vrow, attn + (size_t)h * n, n, d, D, true, out + (size_t)h * D);
+}
+
+OUT_QUAD static void head_quad_output_half(const uint16_t *const *vrow, const float *attn, int n,
+                                           int D, float *out)
+{
+    quad_body((const void *const *)vrow, true, attn, n, D, out);
+}
+
+static bool cpu_has_fma(void)
+{
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+static bool cpu_has_avx512vl(void)
+{
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("f16c");
+}
+#else
+static bool cpu_has_avx512vl(void)
+{
+    return false;
+}
+
+static void head_quad_output(const float *const *vrow, const float *attn, int n, int D,
+                             float *out)
+{
+    for (int h = 0; h < 4; h++)
+        head_output_scalar(vrow, attn + (size_t)h * n, n, 0, D, true, out + (size_t)h * D);
+}
+
+static void head_quad_output_half(const uint16_t *const *vrow, const float *attn, int n, int D,
+                                  float *out)
+{
+    (void)vrow, (void)attn, (void)n, (void)D, (void)out; /* never called: no AVX-512 here */
+}
+
+static void head_pair_output_avx2(const float *const *vrow, const float *a, const float *b,
+                                  int n, int D, bool split, float *oa, float *ob)
+{
+    head_output_scalar(vrow, a, n, 0, D, split, oa);
+    head_output_scalar(vrow, b, n, 0, D, split, ob);
+}
+
+static void head_output_avx2(const float *const *vrow, const float *a, int n, int D, bool split,
+                             float *o)
+{
+    head_output_scalar(vrow, a, n, 0, D, split, o);
+}
+
+static bool cpu_has_fma(void)
+{
+    return false;
+}
+#endif
+
+/* o_S of every head into out[n_heads][D]; vrow[n] each slot's value row. */
+static void cache_outputs(const float *const *vrow, int n, int D, int n_heads, const float *attn,
+                          float *out)
+{
+    bool vector = cpu_has_fma(), quad = vector && cpu_has_avx512vl();
+    int n_split = n_heads - n_heads % 4;
+    for (int h = 0; h < n_heads;) {
+        bool split = h < n_split;
+        const float *a = attn + (size_t)h * n;
+        if (quad && h + 4 <= n_split) {
+            head_quad_output(vrow, a, n, D, out + (size_t)h * D);
+            h += 4;
+            continue;
+        }
+        if (vector && h + 1 < n_heads && (h + 1 < n_split) == split) {
+            head_pair_output_avx2(vrow, a, a + n, n, D, split, out + (size_t)h * D,
+                                  out + (size_t)(h + 1) * D);
+            h += 2;
+            continue;
+        }
+        if (vector)
+            head_output_avx2(vrow, a, n, D, split, out + (size_t)h * D);
+        else
+            head_output_scalar(vrow, a, n, 0, D, split, out + (size_t)h * D);
+        h++;
+    }
+}
+
 void output_errors(const KVCache *c, const FullRow *rows, int n_heads, const float *attn,
                    float *scratch, double *err)
 {
@@ -180,14 +775,31 @@ void output_errors(const KVCache *c, const FullRow *rows, int n_heads, const flo
             err[i] = 0.0; /* the renormalisation is the identity: o_S = o_full */
         return;
     }
-    /* Gather the cache's values once for the whole group, then one sgemm: out = attn . V_S. */
-    float *values = scratch, *out = scratch + (size_t)n * D;
-    for (int i = 0; i < n; i++) {
-        const float *v = c->alt_kv[i] ? c->alt_kv[i] + D : rows[0].v + (size_t)c->pos[i] * D;
-        memcpy(values + (size_t)i * D, v, (size_t)D * sizeof(float));
+    float *out = scratch + (size_t)n * D;
+    if (rows[0].v16 && c->n_alt == 0 && n_heads % 4 == 0 && D % 16 == 0 && n_heads <= OUT_MAX_HEADS &&
+        cpu_has_fma() && cpu_has_avx512vl()) {
+        /* Every slot exact and the values halves: half the bytes to read, the same floats. */
+        const uint16_t **vrow = (const uint16_t **)(void *)scratch;
+        for (int i = 0; i < n; i++)
+            vrow[i] = rows[0].v16 + (size_t)c->pos[i] * D;
+        for (int h = 0; h < n_heads; h += 4)
+            head_quad_output_half(vrow, attn + (size_t)h * n, n, D, out + (size_t)h * D);
+    } else if (n_heads <= OUT_MAX_HEADS) {
+        /* Each slot's value row where it lies (the pointers fit in the gather's room). */
+        const float **vrow = (const float **)(void *)scratch;
+        for (int i = 0; i < n; i++)
+            vrow[i] = c->alt_kv[i] ? c->alt_kv[i] + D : rows[0].v + (size_t)c->pos[i] * D;
+        cache_outputs(vrow, n, D, n_heads, attn, out);
+    } else {
+        /* Gather the cache's values once for the whole group, then one sgemm: out = attn . V_S. */
+        float *values = scratch;
+        for (int i = 0; i < n; i++) {
+            const float *v = c->alt_kv[i] ? c->alt_kv[i] + D : rows[0].v + (size_t)c->pos[i] * D;
+            memcpy(values + (size_t)i * D, v, (size_t)D * sizeof(float));
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n_heads, D, n, 1.0f, attn, n,
+                    values, D, 0.0f, out, D);
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n_heads, D, n, 1.0f, attn, n, values,
-                D, 0.0f, out, D);
     for (int h = 0; h < n_heads; h++) {
         float *o = out + (size_t)h * D;
         cblas_saxpy(D, -1.0f, rows[h].o_full, 1, o, 1);

@@ -23,6 +23,7 @@ typedef struct {
     float logit_z;      /* sum_j exp(scale*q.k_j - logit_max) */
     const float *k;     /* [T][D] the KV head's keys from the trace */
     const float *v;     /* [T][D] the KV head's values from the trace */
+    const uint16_t *v16; /* NULL, or v as halves (each value exactly a half: the same floats) */
     const float *o_full; /* [D] sum_j p_j v_j */
 } FullRow;
 
@@ -45,6 +46,13 @@ typedef struct {
  * maximum, still gets the distribution the query computes over it. */
 CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn);
 
+/* cache_attention for n_heads query heads sharing cache c (rows[h] each head's full row; attn
+ * [n_heads][c->n] or NULL), into out[n_heads]: every number as cache_attention gives it, the
+ * heads' sums computed side by side. Without attn only the retained mass is computed (the
+ * denominators are 0). */
+void cache_attention_heads(const KVCache *c, const FullRow *rows, int n_heads, float *attn,
+                           CacheAttention *out);
+
 /* Indices of the k largest p[0..n) (ties: lower index first), in out[0..k). Requires k <= n. */
 void topk_indices(const float *p, int n, int k, int32_t *out);
 
@@ -58,7 +66,11 @@ bool output_errors_needed(const KVCache *c, int t);
 /* Relative output error ||o_S - o_full|| / ||o_full|| of n_heads query heads sharing cache c,
  * where o_S is the attention output over the cache (alt slots with their own K and V).
  * attn is [n_heads][c->n], each head's normalised attention from cache_attention; rows[h] its
- * full row. scratch holds (c->n + n_heads) * head_dim floats. Writes err[n_heads]. */
+ * full row. scratch holds (c->n + n_heads) * head_dim floats. Writes err[n_heads].
+ *
+ * o_S is float32 arithmetic in a fixed order (cache_outputs in metrics.c): for fewer than 12
+ * heads kvsim's own loop, which adds in the order of OpenBLAS 0.3.21's Haswell sgemm (the
+ * kernel earlier versions called, so their results stay bit for bit); from 12 heads, sgemm. */
 void output_errors(const KVCache *c, const FullRow *rows, int n_heads, const float *attn,
                    float *scratch, double *err);
 

@@ -63,6 +63,24 @@ static void ref_inv_freq(const TinyCheckpointSpec *s, const char *type, double f
             out[i] = is_medium ? smoothed : llama;
         }
     }
+    if (!strcmp(type, "yarn")) {
+        /* beta_fast 32, beta_slow 1 (the config leaves them out), truncate: HF's
+         * find_correction_range and linear_ramp_factor over the dim // 2 pairs. */
+        double lo = floor(D * log(old_context / (32 * 2 * 3.14159265358979323846)) / (2 * log(base)));
+        double hi = ceil(D * log(old_context / (1 * 2 * 3.14159265358979323846)) / (2 * log(base)));
+        lo = lo > 0 ? lo : 0;
+        hi = hi < D - 1 ? hi : D - 1;
+        if (lo == hi)
+            hi += 0.001;
+        for (int i = 0; i < D / 2; i++) {
+            double ramp = (i - lo) / (hi - lo);
+            ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+            double extrapolation_factor = 1 - ramp;
+            double pos_freq = pow(base, (2.0 * i) / D);
+            out[i] = 1.0 / (factor * pos_freq) * (1 - extrapolation_factor) +
+                     1.0 / pos_freq * extrapolation_factor;
+        }
+    }
 }
 
 static const float *W(const TinyCheckpoint *ck, int layer, const char *suffix)
@@ -97,14 +115,17 @@ static void ref_linear(double *y, const float *Wt, const float *b, const double 
     }
 }
 
-/* q * cos + rotate_half(q) * sin, cos = cat(cos(freqs), cos(freqs)). */
+/* q * cos + rotate_half(q) * sin, cos = cat(cos(freqs), cos(freqs)) * attention_scaling (HF's
+ * rotary embedding multiplies both by it: YaRN's attention factor, else 1). */
+static double ref_attention_scaling = 1.0;
+
 static void ref_rope(double *x, int D, const double *inv_freq, int position)
 {
-    double rotated[256];
+    double rotated[256], a = ref_attention_scaling;
     for (int i = 0; i < D; i++) {
         double freq = inv_freq[i % (D / 2)] * position;
         double rot_half = i < D / 2 ? -x[i + D / 2] : x[i - D / 2];
-        rotated[i] = x[i] * cos(freq) + rot_half * sin(freq);
+        rotated[i] = x[i] * (cos(freq) * a) + rot_half * (sin(freq) * a);
     }
     memcpy(x, rotated, (size_t)D * sizeof *x);
 }
@@ -297,6 +318,7 @@ typedef struct {
     TinyCheckpointSpec spec;
     const char *rope_type; /* reference's reading of spec.rope_scaling */
     double factor, low, high, old_context;
+    double attention_scaling; /* HF's, for cos and sin; 0 = 1 */
 } Variant;
 
 #define N_TOKENS 27
@@ -387,6 +409,9 @@ static void check_variant(const Variant *variant)
     model_rope_inv_freq(&model->config, N_TOKENS, inv_freq);
     for (int f = 0; f < variant->spec.head_dim / 2; f++)
         assert_float_equal(inv_freq[f], ref_freq[f], 1e-12 * ref_freq[0]);
+    assert_float_equal(model->config.rope_attention_factor,
+                       variant->attention_scaling > 0 ? variant->attention_scaling : 1.0, 1e-15);
+    ref_attention_scaling = variant->attention_scaling > 0 ? variant->attention_scaling : 1.0;
     /* The scale: standard attention's (the config has no other); the window: the config's. */
     Reference *ref = reference_run(ck, tokens, N_TOKENS, ref_freq,
                                    attn_scale_default(variant->spec.head_dim > 0
@@ -518,6 +543,27 @@ static void test_llama3_rope_scaling(void **state)
     check_variant(&v);
 }
 
+/* YaRN: with head_dim 16, theta 10000 and an original context of 256, the ramp runs from pair
+ * 0 (about 41 turns over that context: kept) to pair 4 (slowed by 4, as are 5 to 7), pairs 1 to
+ * 3 blended; cos and sin are scaled by 0.1 ln 4 + 1, so q and k are too. */
+static void test_yarn_rope_scaling(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.rope_scaling = "{\"rope_type\": \"yarn\", \"factor\": 4.0, "
+                          "\"original_max_position_embeddings\": 256}";
+    v.spec.seed = 12;
+    v.rope_type = "yarn";
+    v.factor = 4, v.old_context = 256;
+    v.attention_scaling = 0.1 * log(4.0) + 1.0;
+    check_variant(&v);
+    /* An explicit attention_factor wins over the formula. */
+    v.spec.rope_scaling = "{\"rope_type\": \"yarn\", \"factor\": 4.0, "
+                          "\"original_max_position_embeddings\": 256, \"attention_factor\": 1.5}";
+    v.attention_scaling = 1.5;
+    check_variant(&v);
+}
+
 static void test_linear_and_dynamic_rope_scaling(void **state)
 {
     (void)state;
@@ -548,6 +594,7 @@ int main(void)
         cmocka_unit_test(test_sharded_unaligned),
         cmocka_unit_test(test_tied_embeddings),
         cmocka_unit_test(test_llama3_rope_scaling),
+        cmocka_unit_test(test_yarn_rope_scaling),
         cmocka_unit_test(test_linear_and_dynamic_rope_scaling),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -157,8 +157,17 @@ static void test_unsupported_architecture(void **state)
 static void test_unsupported_rope_scaling(void **state)
 {
     BadCase *bc = *state;
-    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"yarn\", \"factor\": 4}");
-    expect_load_error(bc, (const char *[]){"config.json", "yarn", NULL});
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"longrope\", \"factor\": 4}");
+    expect_load_error(bc, (const char *[]){"config.json", "longrope", "not supported", NULL});
+    /* yarn: beta_fast must exceed beta_slow; a key of the wrong kind names the key */
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"yarn\", \"factor\": 4, "
+                                                  "\"beta_fast\": 1, \"beta_slow\": 2}");
+    expect_load_error(bc, (const char *[]){"config.json", "beta_fast must exceed beta_slow", NULL});
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"yarn\", \"factor\": 4, "
+                                                  "\"truncate\": 1}");
+    expect_load_error(bc, (const char *[]){"config.json", "'truncate'", NULL});
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"yarn\"}");
+    expect_load_error(bc, (const char *[]){"config.json", "'factor' missing", NULL});
     tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"llama3\", \"factor\": 8}");
     expect_load_error(bc, (const char *[]){"config.json", "low_freq_factor", NULL});
 }

@@ -175,6 +175,8 @@ static void print_header(const Trace *tr)
     printf("%-14s %s\n", "rope_scaling",
            m->rope_scaling[0] ? one_line(m->rope_scaling, esc, sizeof esc) : "(none)");
     printf("%-14s %.9g\n", "attn_scale", m->attn_scale);
+    if (m->rope_attention_factor != 1.0)
+        printf("%-14s %.9g (in q and k)\n", "rope_attn_fac", m->rope_attention_factor);
     print_windows(m);
     char dim[32];
     printf("%-14s %s\n", "hidden_size", dim_text(m->hidden_size, dim, sizeof dim));

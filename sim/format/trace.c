@@ -988,6 +988,19 @@ static int read_header(Reader *rd, TraceMeta *m)
         attr_string(rd, "rope_layout", layout, sizeof layout) < 0 ||
         attr_double(rd, "attn_scale", &m->attn_scale) < 0)
         return -1;
+    /* Optional: the RoPE attention factor (traces written before it existed have none: 1). */
+    m->rope_attention_factor = 1.0;
+    htri_t has_factor = H5Aexists(rd->file, "rope_attention_factor");
+    if (has_factor < 0)
+        return kv_fail(rd->err, "%s: attribute rope_attention_factor: cannot look it up",
+                       rd->path);
+    if (has_factor > 0) {
+        if (attr_double(rd, "rope_attention_factor", &m->rope_attention_factor) < 0)
+            return -1;
+        if (!(m->rope_attention_factor > 0) || !isfinite(m->rope_attention_factor))
+            return kv_fail(rd->err, "%s: attribute rope_attention_factor: expected a finite "
+                           "value > 0, found %g", rd->path, m->rope_attention_factor);
+    }
     /* Version 2: the model's size (version 1 traces leave it unknown, 0). */
     if (version >= 2 && (attr_int(rd, "hidden_size", &m->hidden_size) < 0 ||
                          attr_int(rd, "intermediate_size", &m->intermediate_size) < 0 ||
@@ -1509,6 +1522,7 @@ static int write_root(hid_t file, const TraceMeta *m)
     bad |= write_attr_string(file, "rope_layout", m->rope_layout == ROPE_HALF ? "half" : "interleaved");
     bad |= write_attr_string(file, "rope_scaling", m->rope_scaling);
     bad |= write_attr_double(file, "attn_scale", m->attn_scale);
+    bad |= write_attr_double(file, "rope_attention_factor", m->rope_attention_factor);
     bad |= write_attr_int(file, "hidden_size", m->hidden_size);
     bad |= write_attr_int(file, "intermediate_size", m->intermediate_size);
     bad |= write_attr_int(file, "vocab_size", m->vocab_size);

@@ -46,6 +46,7 @@ typedef struct {
     double rope_theta;
     RopeLayout rope_layout;
     double attn_scale;     /* the same in every layer */
+    double rope_attention_factor; /* RoPE's cos and sin times this (YaRN), every layer; 0 read as 1 */
     int32_t *window;       /* [n_layers], or NULL: every layer global */
     double *rope_inv_freq; /* [n_layers][head_dim/2], or NULL: rope_theta^(-2f/D) in every layer */
     /* The model's size, for cost models; 0 = unknown (synthetic traces). */
@@ -70,6 +71,9 @@ typedef struct {
     double rope_theta;
     RopeLayout rope_layout; /* every layer's */
     double attn_scale;      /* every layer's: softmax(attn_scale * q.k) */
+    /* every layer's: the generator multiplied RoPE's cos and sin by it (YaRN's attention factor,
+     * HF's attention_scaling), so the stored post-RoPE q and k carry it; 1 = none */
+    double rope_attention_factor;
     int hidden_size, intermediate_size, vocab_size; /* 0 = unknown */
     int64_t n_params;                               /* 0 = unknown */
 

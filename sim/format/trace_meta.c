@@ -54,6 +54,7 @@ void trace_meta_init(TraceMeta *m, const TraceModel *d, int n_tokens, int n_prom
     m->rope_theta = d->rope_theta;
     m->rope_layout = d->rope_layout;
     m->attn_scale = d->attn_scale;
+    m->rope_attention_factor = d->rope_attention_factor > 0 ? d->rope_attention_factor : 1.0;
     m->hidden_size = d->hidden_size;
     m->intermediate_size = d->intermediate_size;
     m->vocab_size = d->vocab_size;

@@ -141,11 +141,14 @@ static void rope_tables(RunState *s, int layer, int t0, int n)
                  (size_t)half * sizeof *freq)))
         return;
     s->rope_tables_layer = layer;
+    /* HF multiplies cos and sin by the RoPE attention factor (YaRN; 1 otherwise): q and k both
+     * carry it, the logits its square. */
+    double a = s->geometry.rope_attention_factor;
     for (int t = 0; t < n; t++)
         for (int f = 0; f < half; f++) {
             double angle = (double)(t0 + t) * freq[f];
-            s->rope_cos[(size_t)t * half + f] = cos(angle);
-            s->rope_sin[(size_t)t * half + f] = sin(angle);
+            s->rope_cos[(size_t)t * half + f] = a * cos(angle);
+            s->rope_sin[(size_t)t * half + f] = a * sin(angle);
         }
 }
 

@@ -72,9 +72,9 @@ static int config_double(ConfigReader *r, const cJSON *obj, const char *key, dou
     return 0;
 }
 
-static int config_bool(ConfigReader *r, const char *key, int dflt, int *out)
+static int config_bool(ConfigReader *r, const cJSON *obj, const char *key, int dflt, int *out)
 {
-    const cJSON *item = config_item(r->root, key);
+    const cJSON *item = config_item(obj, key);
     if (!item) {
         *out = dflt;
         return 0;
@@ -110,6 +110,41 @@ static int parse_architecture(ConfigReader *r, ModelConfig *cfg)
                    MODEL_SUPPORTED_ARCHITECTURES ")", r->path, ESC(first->valuestring, name));
 }
 
+/* YaRN's keys (transformers modeling_rope_utils.py, _compute_yarn_parameters): the original
+ * context (default max_position_embeddings), beta_fast and beta_slow (32 and 1 when absent or
+ * 0), truncate (default true), and the attention factor: given, or from mscale and
+ * mscale_all_dim when both are set, or 0.1 ln(factor) + 1 (1 when factor <= 1). */
+static double yarn_mscale(double scale, double mscale)
+{
+    return scale <= 1 ? 1.0 : 0.1 * mscale * log(scale) + 1.0;
+}
+
+static int parse_yarn(ConfigReader *r, const cJSON *scaling, ModelConfig *cfg)
+{
+    double mscale = 0, mscale_all_dim = 0, attention = 0;
+    if (config_int(r, scaling, "original_max_position_embeddings", cfg->max_position_embeddings,
+                   &cfg->rope_original_max_positions) != 0 ||
+        config_double(r, scaling, "attention_factor", 0, &attention) != 0 ||
+        config_double(r, scaling, "mscale", 0, &mscale) != 0 ||
+        config_double(r, scaling, "mscale_all_dim", 0, &mscale_all_dim) != 0 ||
+        config_double(r, scaling, "beta_fast", 32, &cfg->rope_beta_fast) != 0 ||
+        config_double(r, scaling, "beta_slow", 1, &cfg->rope_beta_slow) != 0 ||
+        config_bool(r, scaling, "truncate", 1, &cfg->rope_truncate) != 0)
+        return -1;
+    if (cfg->rope_original_max_positions == 0)
+        return kv_fail(r->err, "%s: rope_scaling: yarn needs 'original_max_position_embeddings' "
+                       "(or the config's 'max_position_embeddings')", r->path);
+    if (!(cfg->rope_beta_fast > cfg->rope_beta_slow))
+        return kv_fail(r->err, "%s: rope_scaling: yarn's beta_fast must exceed beta_slow",
+                       r->path);
+    cfg->rope_attention_factor =
+        attention > 0                     ? attention
+        : mscale > 0 && mscale_all_dim > 0 ? yarn_mscale(cfg->rope_factor, mscale) /
+                                                 yarn_mscale(cfg->rope_factor, mscale_all_dim)
+                                           : yarn_mscale(cfg->rope_factor, 1.0);
+    return 0;
+}
+
 /* rope_scaling (or transformers 5's rope_parameters): the type under "rope_type" or "type". */
 static int parse_rope(ConfigReader *r, ModelConfig *cfg)
 {
@@ -127,6 +162,7 @@ static int parse_rope(ConfigReader *r, ModelConfig *cfg)
         return -1;
     snprintf(cfg->rope_type, sizeof cfg->rope_type, "default");
     cfg->rope_factor = 1.0;
+    cfg->rope_attention_factor = 1.0;
     if (!scaling)
         return 0;
     if (!cJSON_IsObject(scaling))
@@ -139,9 +175,10 @@ static int parse_rope(ConfigReader *r, ModelConfig *cfg)
                        r->path);
     const char *t = type->valuestring;
     char type_text[64];
-    if (strcmp(t, "default") && strcmp(t, "linear") && strcmp(t, "dynamic") && strcmp(t, "llama3"))
+    if (strcmp(t, "default") && strcmp(t, "linear") && strcmp(t, "dynamic") && strcmp(t, "llama3") &&
+        strcmp(t, "yarn"))
         return kv_fail(r->err, "%s: rope_scaling type '%s' is not supported (supported: default, "
-                       "linear, dynamic, llama3)", r->path, ESC(t, type_text));
+                       "linear, dynamic, llama3, yarn)", r->path, ESC(t, type_text));
     snprintf(cfg->rope_type, sizeof cfg->rope_type, "%s", t);
     char *text = cJSON_PrintUnformatted(scaling);
     size_t len = strlen(text);
@@ -168,6 +205,8 @@ static int parse_rope(ConfigReader *r, ModelConfig *cfg)
             return kv_fail(r->err, "%s: rope_scaling: high_freq_factor must exceed "
                            "low_freq_factor", r->path);
     }
+    if (!strcmp(t, "yarn"))
+        return parse_yarn(r, scaling, cfg);
     return 0;
 }
 
@@ -288,7 +327,7 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
         config_int(r, r->root, "vocab_size", -1, &cfg->vocab_size) != 0 ||
         config_double(r, r->root, "rms_norm_eps", -1, &cfg->rms_norm_eps) != 0 ||
         config_int(r, r->root, "max_position_embeddings", 0, &cfg->max_position_embeddings) != 0 ||
-        config_bool(r, "tie_word_embeddings", 0, &cfg->tie_word_embeddings) != 0 ||
+        config_bool(r, r->root, "tie_word_embeddings", 0, &cfg->tie_word_embeddings) != 0 ||
         parse_rope(r, cfg) != 0 || parse_special_tokens(r, cfg) != 0)
         return -1;
     if (cfg->n_q_heads > CONFIG_MAX_HEADS || cfg->n_kv_heads > CONFIG_MAX_HEADS)
@@ -314,8 +353,8 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
     if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu") != 0))
         return kv_fail(r->err, "%s: key 'hidden_act' must be \"silu\" (SwiGLU MLP)", r->path);
     int attention_bias, mlp_bias;
-    if (config_bool(r, "attention_bias", 0, &attention_bias) != 0 ||
-        config_bool(r, "mlp_bias", 0, &mlp_bias) != 0)
+    if (config_bool(r, r->root, "attention_bias", 0, &attention_bias) != 0 ||
+        config_bool(r, r->root, "mlp_bias", 0, &mlp_bias) != 0)
         return -1;
     if (mlp_bias)
         return kv_fail(r->err, "%s: key 'mlp_bias': MLP biases are not supported", r->path);
@@ -338,7 +377,7 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
         return -1;
     if (cfg->arch == ARCH_QWEN2 || cfg->arch == ARCH_QWEN3) {
         int use_sliding_window;
-        if (config_bool(r, "use_sliding_window", 0, &use_sliding_window) != 0)
+        if (config_bool(r, r->root, "use_sliding_window", 0, &use_sliding_window) != 0)
             return -1;
         if (use_sliding_window)
             return kv_fail(r->err, "%s: key 'use_sliding_window': sliding-window layers are not "
@@ -388,6 +427,26 @@ void model_rope_inv_freq(const ModelConfig *cfg, int n_tokens, double *out)
                 out[f] = (1.0 - smooth) * out[f] / cfg->rope_factor + smooth * out[f];
             }
         }
+    } else if (!strcmp(cfg->rope_type, "yarn")) {
+        /* Pairs that turn fewer than beta_slow times over the original context are
+         * interpolated (slowed by `factor`), those that turn more than beta_fast times kept,
+         * with a linear ramp between the two pair indices (HF _compute_yarn_parameters). */
+        double D = cfg->head_dim, base = cfg->rope_theta, orig = cfg->rope_original_max_positions;
+        double low = D * log(orig / (cfg->rope_beta_fast * 2 * PI)) / (2 * log(base));
+        double high = D * log(orig / (cfg->rope_beta_slow * 2 * PI)) / (2 * log(base));
+        if (cfg->rope_truncate) {
+            low = floor(low);
+            high = ceil(high);
+        }
+        low = fmax(low, 0);
+        high = fmin(high, D - 1);
+        if (low == high)
+            high += 0.001; /* as HF: no zero-width ramp */
+        for (int f = 0; f < half; f++) {
+            double ramp = fmin(fmax((f - low) / (high - low), 0), 1);
+            double extrapolation = 1 - ramp; /* the share of the unscaled frequency */
+            out[f] = out[f] / cfg->rope_factor * (1 - extrapolation) + out[f] * extrapolation;
+        }
     }
 }
 
@@ -422,6 +481,7 @@ void model_describe(const ModelConfig *c, int n_tokens, TraceModel *out)
         .rope_scaling = c->rope_scaling, .n_layers = c->n_layers, .n_q_heads = c->n_q_heads,
         .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim, .rope_theta = c->rope_theta,
         .rope_layout = ROPE_HALF, .attn_scale = attn_scale_default(c->head_dim),
+        .rope_attention_factor = c->rope_attention_factor,
         .hidden_size = c->hidden_size, .intermediate_size = c->intermediate_size,
         .vocab_size = c->vocab_size, .n_params = model_n_params(c),
     };

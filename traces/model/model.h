@@ -40,11 +40,16 @@ typedef struct {
     int qk_norm;           /* Qwen3: RMSNorm over each head of q and k before RoPE */
     int sliding_window;    /* 0 = full attention; else every layer attends over this many keys
                             * (Mistral's sliding_window): see model_describe */
-    char rope_type[32];    /* "default", "linear", "dynamic" or "llama3" */
+    char rope_type[32];    /* "default", "linear", "dynamic", "llama3" or "yarn" */
     char rope_scaling[256]; /* the rope_scaling JSON object as text, empty when absent */
     double rope_factor;
     double rope_low_freq_factor, rope_high_freq_factor; /* llama3 */
-    int rope_original_max_positions;                    /* llama3 */
+    int rope_original_max_positions;                    /* llama3, yarn */
+    double rope_beta_fast, rope_beta_slow;              /* yarn */
+    int rope_truncate;                                  /* yarn */
+    /* cos and sin are multiplied by it (HF's attention_scaling), so post-RoPE q and k are
+     * scaled by it: yarn's attention factor, 1 otherwise */
+    double rope_attention_factor;
     int n_eos;
     int eos_token_ids[8]; /* config's eos_token_id (an id or a list) */
     int bos_token_id;     /* -1 when absent */

@@ -488,7 +488,8 @@ static void test_output_errors_against_a_double_sum_and_sgemm(void **state)
                     double norm_full = cblas_snrm2(D, x.rows[h].o_full, 1);
                     double sgemm_err = cblas_snrm2(D, o, 1) / norm_full;
                     if (memcmp(&err[h], &sgemm_err, sizeof(double)) != 0)
-                        print_error("heads %d, slots %d, head_dim %d, head %d: %.17g, sgemm %.17g\n",
+                        print_error("heads %d, slots %d, head_dim %d, head %d: %.17g, "
+                                    "sgemm %.17g\n",
                                     n_heads, n, D, h, err[h], sgemm_err);
                     assert_memory_equal(&err[h], &sgemm_err, sizeof(double));
                 }

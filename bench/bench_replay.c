@@ -200,7 +200,8 @@ static void make_long_trace(const char *path, int n_prompt)
     sp.n_decode = LONG_DECODE;
     sp.attn_rows_every = 0;
     sp.dtype = TRACE_F16;
-    fprintf(stderr, "bench_replay: writing %s (2 layers, 32/8 heads, head_dim 128, %d+%d tokens)...\n",
+    fprintf(stderr,
+            "bench_replay: writing %s (2 layers, 32/8 heads, head_dim 128, %d+%d tokens)...\n",
             path, n_prompt, LONG_DECODE);
     double t0 = now_seconds();
     if (synth_write(&sp, path, &err) != 0) {
@@ -329,8 +330,8 @@ static bool report_long_context(const char *trace_path, const char *config_path)
             policies += r->policy_seconds[pi];
         if (i == 0)
             first_wall = r->wall_seconds;
-        printf("    %5d prompt tokens: wall %7.2f s (%5.2fx the 4k replay); shared attention %7.2f s, "
-               "metrics %6.2f s, policies %6.2f s (thread-seconds)\n",
+        printf("    %5d prompt tokens: wall %7.2f s (%5.2fx the 4k replay); shared attention "
+               "%7.2f s, metrics %6.2f s, policies %6.2f s (thread-seconds)\n",
                prompts[i], r->wall_seconds, r->wall_seconds / first_wall, r->attention_seconds,
                r->metric_seconds, policies);
     }
@@ -348,7 +349,8 @@ static bool report_long_context(const char *trace_path, const char *config_path)
     gemm_free(&g);
     bool ok_wall = r->wall_seconds <= 2 * attention_wall, ok_stats = stats >= 0.7 * gemm;
     printf("    at 32k: wall %.2f s = %.2fx the shared attention per worker (%.2f s); prompt "
-           "statistics %.1f GFLOP/s = %.0f%% of sgemm's %.1f (one KV head's query heads, 1 thread)\n",
+           "statistics %.1f GFLOP/s = %.0f%% of sgemm's %.1f (one KV head's query heads, "
+           "1 thread)\n",
            r->wall_seconds, r->wall_seconds / attention_wall, attention_wall, stats,
            100 * stats / gemm, gemm);
     printf("target long context: replay wall <= 2x the shared attention: %.2fx, %s\n",

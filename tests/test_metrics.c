@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "sim/base/half.h"
 #include "sim/replay/metrics.h"
 
 /* One query head, scale 1, q = (1, 0); keys (0,0), (1,0), (2,0): logits 0, 1, 2.
@@ -334,11 +335,12 @@ static void test_topk_matches_a_full_sort(void **state)
 typedef struct {
     KVCache c;
     float *q, *k, *v, *p, *o_full;
+    uint16_t *v16; /* the values as halves (each value one), when asked for */
     FullRow rows[12];
 } RandomCase;
 
 static void random_case(RandomCase *x, int T, int D, int n_heads, int n, int alt_every,
-                        uint64_t seed)
+                        bool halves, uint64_t seed)
 {
     kvcache_init(&x->c, T, D);
     x->q = malloc((size_t)n_heads * D * sizeof(float));
@@ -346,9 +348,14 @@ static void random_case(RandomCase *x, int T, int D, int n_heads, int n, int alt
     x->v = malloc((size_t)T * D * sizeof(float));
     x->p = malloc((size_t)n_heads * T * sizeof(float));
     x->o_full = malloc((size_t)n_heads * D * sizeof(float));
+    x->v16 = halves ? malloc((size_t)T * D * sizeof *x->v16) : NULL;
     for (int i = 0; i < T * D; i++) {
         x->k[i] = rnd(&seed) - 0.5f;
         x->v[i] = rnd(&seed) - 0.5f;
+        if (halves) {
+            x->v16[i] = half_from_float(x->v[i]);
+            x->v[i] = float_from_half(x->v16[i]);
+        }
     }
     for (int h = 0; h < n_heads; h++) {
         double z = 0;
@@ -362,7 +369,8 @@ static void random_case(RandomCase *x, int T, int D, int n_heads, int n, int alt
         }
         x->rows[h] = (FullRow){.t = T - 1, .head_dim = D, .scale = 0.125f, .q = x->q + h * D,
                                .p = x->p + (size_t)h * T, .logit_max = 1.0f, .logit_z = 4.0f,
-                               .k = x->k, .v = x->v, .o_full = x->o_full + h * D};
+                               .k = x->k, .v = x->v, .v16 = x->v16,
+                               .o_full = x->o_full + h * D};
     }
     float *kv = malloc(2 * (size_t)D * sizeof(float));
     for (int i = 0; x->c.n < n; i++) {
@@ -388,6 +396,7 @@ static void random_case_free(RandomCase *x)
     free(x->v);
     free(x->p);
     free(x->o_full);
+    free(x->v16);
 }
 
 /* cache_attention_heads gives every head exactly (bit for bit) what cache_attention gives it
@@ -399,7 +408,8 @@ static void test_cache_attention_heads_as_one_head_each(void **state)
     for (int n_heads = 1; n_heads <= 9; n_heads++)
         for (int alt_every = 0; alt_every <= 7; alt_every += 7) {
             RandomCase x;
-            random_case(&x, T, D, n_heads, 400, alt_every, (uint64_t)n_heads * 31 + alt_every);
+            random_case(&x, T, D, n_heads, 400, alt_every, false,
+                        (uint64_t)n_heads * 31 + alt_every);
             float *attn = malloc((size_t)n_heads * x.c.n * sizeof(float));
             float *one = malloc((size_t)x.c.n * sizeof(float));
             CacheAttention ca[12];
@@ -432,10 +442,13 @@ static void test_output_errors_against_a_double_sum_and_sgemm(void **state)
     const int sizes[] = {1, 7, 8, 9, 319, 320, 500, 641, 1500}, dims[] = {64, 40};
     for (int n_heads = 1; n_heads <= 12; n_heads++)
         for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++)
-            for (size_t di = 0; di < sizeof dims / sizeof *dims; di++) {
-                int n = sizes[si], D = dims[di];
+            for (size_t di = 0; di < 2 * sizeof dims / sizeof *dims; di++) {
+                /* the second half: no alt slot and every value a half (read as halves) */
+                bool halves = di >= sizeof dims / sizeof *dims;
+                int n = sizes[si], D = dims[di % (sizeof dims / sizeof *dims)];
                 RandomCase x;
-                random_case(&x, T, D, n_heads, n, 5, (uint64_t)(n_heads * 1000 + n + D));
+                random_case(&x, T, D, n_heads, n, halves ? 0 : 5, halves,
+                            (uint64_t)(n_heads * 1000 + n + D));
                 float *attn = malloc((size_t)n_heads * n * sizeof(float));
                 float *scratch = malloc((size_t)(n + n_heads) * D * sizeof(float));
                 float *values = malloc((size_t)n * D * sizeof(float));
@@ -444,6 +457,13 @@ static void test_output_errors_against_a_double_sum_and_sgemm(void **state)
                 double err[12];
                 cache_attention_heads(&x.c, x.rows, n_heads, attn, ca);
                 output_errors(&x.c, x.rows, n_heads, attn, scratch, err);
+                if (halves) { /* the same bits as from the float32 values */
+                    double from_floats[12];
+                    for (int h = 0; h < n_heads; h++)
+                        x.rows[h].v16 = NULL;
+                    output_errors(&x.c, x.rows, n_heads, attn, scratch, from_floats);
+                    assert_memory_equal(err, from_floats, (size_t)n_heads * sizeof *err);
+                }
                 for (int i = 0; i < n; i++)
                     memcpy(values + (size_t)i * D,
                            x.c.alt_kv[i] ? x.c.alt_kv[i] + D : x.v + (size_t)x.c.pos[i] * D,
@@ -468,7 +488,8 @@ static void test_output_errors_against_a_double_sum_and_sgemm(void **state)
                     double norm_full = cblas_snrm2(D, x.rows[h].o_full, 1);
                     double sgemm_err = cblas_snrm2(D, o, 1) / norm_full;
                     if (memcmp(&err[h], &sgemm_err, sizeof(double)) != 0)
-                        print_error("heads %d, slots %d, head_dim %d, head %d: %.17g, sgemm %.17g\n",
+                        print_error("heads %d, slots %d, head_dim %d, head %d: %.17g, "
+                                    "sgemm %.17g\n",
                                     n_heads, n, D, h, err[h], sgemm_err);
                     assert_memory_equal(&err[h], &sgemm_err, sizeof(double));
                 }

@@ -462,7 +462,8 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
     w->v16_ok = true;
     for (size_t i = 0; i < n_v && w->v16_ok; i++) {
         w->v16[i] = half_from_float(w->v[i]);
-        w->v16_ok = float_from_half(w->v16[i]) == w->v[i] && !signbit(w->v[i]) == !(w->v16[i] >> 15);
+        w->v16_ok = float_from_half(w->v16[i]) == w->v[i] &&
+                    !signbit(w->v[i]) == !(w->v16[i] >> 15); /* -0 stays -0 */
     }
     LayerView L = layer_view_make(m, layer, w->q, w->k, w->v);
 

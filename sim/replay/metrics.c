@@ -776,8 +776,8 @@ void output_errors(const KVCache *c, const FullRow *rows, int n_heads, const flo
         return;
     }
     float *out = scratch + (size_t)n * D;
-    if (rows[0].v16 && c->n_alt == 0 && n_heads % 4 == 0 && D % 16 == 0 && n_heads <= OUT_MAX_HEADS &&
-        cpu_has_fma() && cpu_has_avx512vl()) {
+    bool halves = rows[0].v16 && c->n_alt == 0 && n_heads % 4 == 0 && D % 16 == 0;
+    if (halves && n_heads <= OUT_MAX_HEADS && cpu_has_fma() && cpu_has_avx512vl()) {
         /* Every slot exact and the values halves: half the bytes to read, the same floats. */
         const uint16_t **vrow = (const uint16_t **)(void *)scratch;
         for (int i = 0; i < n; i++)

@@ -564,6 +564,27 @@ static void test_yarn_rope_scaling(void **state)
     check_variant(&v);
 }
 
+/* MLX-quantized weights (mlx-lm's affine layout): the embedding and projections at 4 bits in
+ * groups of 32, lm_head at 8 bits through its own entry of "quantization", one projection left
+ * in floats by a `false` entry, the reference computing with the dequantized values; then 2 and
+ * 8 bits, and two shards. */
+static void test_mlx_quantized_weights(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.quant_bits = 4;
+    v.spec.quant_group = 32;
+    v.spec.seed = 13;
+    check_variant(&v);
+    v.spec.quant_bits = 2;
+    v.spec.n_shards = 2;
+    check_variant(&v);
+    v.spec.quant_bits = 8;
+    v.spec.quant_group = 16;
+    v.spec.n_shards = 1;
+    check_variant(&v);
+}
+
 static void test_linear_and_dynamic_rope_scaling(void **state)
 {
     (void)state;
@@ -595,6 +616,7 @@ int main(void)
         cmocka_unit_test(test_tied_embeddings),
         cmocka_unit_test(test_llama3_rope_scaling),
         cmocka_unit_test(test_yarn_rope_scaling),
+        cmocka_unit_test(test_mlx_quantized_weights),
         cmocka_unit_test(test_linear_and_dynamic_rope_scaling),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

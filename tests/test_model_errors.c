@@ -172,6 +172,44 @@ static void test_unsupported_rope_scaling(void **state)
     expect_load_error(bc, (const char *[]){"config.json", "low_freq_factor", NULL});
 }
 
+/* A 4-bit MLX checkpoint (tiny_ckpt's layout) rewritten into bc's directory. */
+static void write_quantized(BadCase *bc)
+{
+    tiny_ckpt_free(bc->ck);
+    TinyCheckpointSpec spec = tiny_ckpt_default_spec();
+    spec.n_layers = 1;
+    spec.quant_bits = 4;
+    spec.quant_group = 32;
+    bc->ck = tiny_ckpt_write(bc->dir, &spec);
+}
+
+static void test_bad_quantization(void **state)
+{
+    BadCase *bc = *state;
+    const char *q = "model.layers.0.self_attn.q_proj";
+    write_quantized(bc);
+    tiny_ckpt_set_config(bc->dir, "quantization", "{\"group_size\": 32, \"bits\": 3}");
+    expect_load_error(bc, (const char *[]){"config.json", "bits = 3", "supported 2, 4 and 8", NULL});
+    tiny_ckpt_set_config(bc->dir, "quantization", "{\"group_size\": 32, \"bits\": 4, "
+                                                  "\"mode\": \"mxfp4\"}");
+    expect_load_error(bc, (const char *[]){"config.json", "quantization.mode", "affine", NULL});
+    /* the file packs 4-bit values; a config saying 8 bits expects twice the words */
+    tiny_ckpt_set_config(bc->dir, "quantization", "{\"group_size\": 32, \"bits\": 8}");
+    expect_load_error(bc, (const char *[]){"model.safetensors", "embed_tokens.weight",
+                                           "expected U32 [300, 16]", NULL});
+    tiny_ckpt_set_config(bc->dir, "quantization", "{\"group_size\": 32}");
+    expect_load_error(bc, (const char *[]){"config.json", "quantization.bits", NULL});
+    tiny_ckpt_set_config(bc->dir, "quantization", NULL);
+    expect_load_error(bc, (const char *[]){"config.json", "'quantization' is missing", NULL});
+    write_quantized(bc);
+    tiny_ckpt_remove_tensor(bc->weights, "model.layers.0.self_attn.q_proj.biases");
+    expect_load_error(bc, (const char *[]){"missing tensor", "q_proj.biases", NULL});
+    write_quantized(bc);
+    tiny_ckpt_remove_tensor(bc->weights, "model.layers.0.self_attn.q_proj.scales");
+    expect_load_error(bc, (const char *[]){"model.safetensors", q, "U32", "without its scales",
+                                           NULL});
+}
+
 static void truncate_file(const char *path, long size)
 {
     assert_int_equal(truncate(path, size), 0);
@@ -683,7 +721,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         T(test_good_checkpoint_loads), T(test_missing_config_key), T(test_bad_config_value),
         T(test_invalid_config_json), T(test_config_json_rules), T(test_unsupported_architecture),
-        T(test_unsupported_rope_scaling), T(test_truncated_safetensors),
+        T(test_unsupported_rope_scaling), T(test_bad_quantization), T(test_truncated_safetensors),
         T(test_offsets_past_end), T(test_size_disagrees_with_shape), T(test_unsupported_dtype),
         T(test_wrong_shape), T(test_missing_tensor), T(test_untied_model_needs_lm_head),
         T(test_header_not_json), T(test_index_names_wrong_shard), T(test_no_tensors),

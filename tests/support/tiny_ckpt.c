@@ -120,6 +120,58 @@ static void fill(TinyCheckpoint *ck, gsl_rng *rng, const char *name, int rows, i
     }
 }
 
+/* mlx-lm's affine quantization of a [rows][cols] tensor in place: per group, scale = (max -
+ * min) / (2^bits - 1) and bias = min (both rounded to F16), q = round((w - bias) / scale), and
+ * the values become scale * q + bias, what the file then stores. */
+static void quantize(TinyTensor *t, int bits, int group)
+{
+    int rows = t->shape[0], cols = t->shape[1], per_word = 32 / bits, G = cols / group;
+    uint32_t qmax = (1u << bits) - 1;
+    t->qbits = bits;
+    t->qgroup = group;
+    t->packed = kv_calloc((size_t)rows * cols / per_word, sizeof *t->packed);
+    t->scales = kv_malloc((size_t)rows * G * sizeof(float));
+    t->biases = kv_malloc((size_t)rows * G * sizeof(float));
+    for (int r = 0; r < rows; r++)
+        for (int g = 0; g < G; g++) {
+            float *w = t->values + (size_t)r * cols + (size_t)g * group;
+            float lo = w[0], hi = w[0];
+            for (int i = 1; i < group; i++) {
+                lo = w[i] < lo ? w[i] : lo;
+                hi = w[i] > hi ? w[i] : hi;
+            }
+            float scale = decode_f16(encode_f16((hi - lo) / (float)qmax));
+            float bias = decode_f16(encode_f16(lo));
+            t->scales[(size_t)r * G + g] = scale;
+            t->biases[(size_t)r * G + g] = bias;
+            for (int i = 0; i < group; i++) {
+                double q = scale > 0 ? floor((w[i] - bias) / scale + 0.5) : 0;
+                uint32_t qi = q < 0 ? 0 : q > qmax ? qmax : (uint32_t)q;
+                int c = g * group + i;
+                t->packed[((size_t)r * cols + c) / per_word] |= qi << (bits * (c % per_word));
+                w[i] = scale * (float)qi + bias;
+            }
+        }
+}
+
+static int quantized_name(const char *name)
+{
+    size_t n = strlen(name);
+    return (n > 12 && !strcmp(name + n - 12, "_proj.weight")) ||
+           !strcmp(name, "model.embed_tokens.weight") || !strcmp(name, "lm_head.weight");
+}
+
+static void quantize_all(TinyCheckpoint *ck)
+{
+    for (int i = 0; i < ck->n_tensors; i++) {
+        TinyTensor *t = &ck->tensors[i];
+        if (!quantized_name(t->name) || !strcmp(t->name, "model.layers.0.mlp.down_proj.weight"))
+            continue;
+        quantize(t, !strcmp(t->name, "lm_head.weight") ? 8 : ck->spec.quant_bits,
+                 ck->spec.quant_group);
+    }
+}
+
 static void generate(TinyCheckpoint *ck)
 {
     const TinyCheckpointSpec *s = &ck->spec;
@@ -162,6 +214,8 @@ static void generate(TinyCheckpoint *ck)
     if (!s->tie_word_embeddings)
         fill(ck, rng, "lm_head.weight", s->vocab_size, H, 0, 1 / sqrt((double)H));
     gsl_rng_free(rng);
+    if (s->quant_bits > 0)
+        quantize_all(ck);
 }
 
 /* ---- Files ---- */
@@ -210,41 +264,67 @@ static void write_safetensors_raw(const char *path, const char *header_json, siz
     free(buf);
 }
 
+/* One header entry and its bytes appended to data (little endian). kind: 0 the checkpoint's
+ * dtype from floats, 1 F16 from floats, 2 U32 from words. */
+static void add_entry(cJSON *header, const char *name, int n_dims, const int *shape, int kind,
+                      TinyDtype dtype, const float *values, const uint32_t *words,
+                      unsigned char **data, size_t *at)
+{
+    size_t n = (size_t)shape[0] * (n_dims == 2 ? (size_t)shape[1] : 1);
+    size_t width = kind == 2 ? 4 : kind == 1 ? 2 : dtype_bytes(dtype);
+    cJSON *entry = cJSON_AddObjectToObject(header, name);
+    cJSON_AddStringToObject(entry, "dtype", kind == 2 ? "U32" : kind == 1 ? "F16" : dtype_name(dtype));
+    cJSON *dims = cJSON_AddArrayToObject(entry, "shape");
+    for (int d = 0; d < n_dims; d++)
+        cJSON_AddItemToArray(dims, cJSON_CreateNumber(shape[d]));
+    cJSON *offsets = cJSON_AddArrayToObject(entry, "data_offsets");
+    cJSON_AddItemToArray(offsets, cJSON_CreateNumber((double)*at));
+    cJSON_AddItemToArray(offsets, cJSON_CreateNumber((double)(*at + n * width)));
+    *data = kv_realloc(*data, *at + n * width + 1);
+    for (size_t e = 0; e < n; e++) {
+        uint32_t word;
+        if (kind == 2)
+            word = words[e];
+        else if (kind == 1)
+            word = encode_f16(values[e]);
+        else if (dtype == TINY_F32)
+            memcpy(&word, &values[e], 4);
+        else
+            word = dtype == TINY_F16 ? encode_f16(values[e]) : encode_bf16(values[e]);
+        for (size_t b = 0; b < width; b++)
+            (*data)[*at + e * width + b] = (unsigned char)(word >> (8 * b));
+    }
+    *at += n * width;
+}
+
 static void write_shard(const TinyCheckpoint *ck, const char *path, int first, int end)
 {
     cJSON *header = cJSON_CreateObject();
     cJSON *meta = cJSON_AddObjectToObject(header, "__metadata__");
     cJSON_AddStringToObject(meta, "format", "pt");
-    size_t data_len = 0;
-    for (int i = first; i < end; i++)
-        data_len += tensor_size(&ck->tensors[i]) * dtype_bytes(ck->spec.dtype);
-    unsigned char *data = kv_malloc(data_len ? data_len : 1);
+    unsigned char *data = NULL;
     size_t at = 0;
     for (int i = first; i < end; i++) {
         const TinyTensor *t = &ck->tensors[i];
-        cJSON *entry = cJSON_AddObjectToObject(header, t->name);
-        cJSON_AddStringToObject(entry, "dtype", dtype_name(ck->spec.dtype));
-        cJSON *shape = cJSON_AddArrayToObject(entry, "shape");
-        for (int d = 0; d < t->n_dims; d++)
-            cJSON_AddItemToArray(shape, cJSON_CreateNumber(t->shape[d]));
-        size_t n = tensor_size(t), bytes = n * dtype_bytes(ck->spec.dtype);
-        cJSON *offsets = cJSON_AddArrayToObject(entry, "data_offsets");
-        cJSON_AddItemToArray(offsets, cJSON_CreateNumber((double)at));
-        cJSON_AddItemToArray(offsets, cJSON_CreateNumber((double)(at + bytes)));
-        for (size_t e = 0; e < n; e++) {
-            uint32_t word;
-            if (ck->spec.dtype == TINY_F32)
-                memcpy(&word, &t->values[e], 4);
-            else
-                word = ck->spec.dtype == TINY_F16 ? encode_f16(t->values[e])
-                                                  : encode_bf16(t->values[e]);
-            for (size_t b = 0; b < dtype_bytes(ck->spec.dtype); b++)
-                data[at + e * dtype_bytes(ck->spec.dtype) + b] = (unsigned char)(word >> (8 * b));
+        if (!t->qbits) {
+            add_entry(header, t->name, t->n_dims, t->shape, 0, ck->spec.dtype, t->values, NULL,
+                      &data, &at);
+            continue;
         }
-        at += bytes;
+        /* NAME.weight (packed), NAME.scales, NAME.biases */
+        char module[128], name[160];
+        snprintf(module, sizeof module, "%.*s", (int)(strlen(t->name) - 7), t->name);
+        int packed[2] = {t->shape[0], t->shape[1] * t->qbits / 32};
+        int groups[2] = {t->shape[0], t->shape[1] / t->qgroup};
+        add_entry(header, t->name, 2, packed, 2, ck->spec.dtype, NULL, t->packed, &data, &at);
+        snprintf(name, sizeof name, "%s.scales", module);
+        add_entry(header, name, 2, groups, 1, ck->spec.dtype, t->scales, NULL, &data, &at);
+        snprintf(name, sizeof name, "%s.biases", module);
+        add_entry(header, name, 2, groups, 1, ck->spec.dtype, t->biases, NULL, &data, &at);
     }
     char *text = cJSON_PrintUnformatted(header);
-    write_safetensors_raw(path, text, ck->spec.unaligned ? 4 : 8, data, data_len);
+    write_safetensors_raw(path, text, ck->spec.unaligned ? 4 : 8, data ? data : (unsigned char *)"",
+                          at);
     cJSON_free(text);
     cJSON_Delete(header);
     free(data);
@@ -276,6 +356,15 @@ static void write_config(const TinyCheckpoint *ck, const char *dir)
         cJSON_AddNumberToObject(c, "eos_token_id", s->eos_token_id);
     if (s->sliding_window > 0)
         cJSON_AddNumberToObject(c, "sliding_window", s->sliding_window);
+    if (s->quant_bits > 0) {
+        cJSON *q = cJSON_AddObjectToObject(c, "quantization");
+        cJSON_AddNumberToObject(q, "group_size", s->quant_group);
+        cJSON_AddNumberToObject(q, "bits", s->quant_bits);
+        cJSON *head = cJSON_AddObjectToObject(q, "lm_head");
+        cJSON_AddNumberToObject(head, "group_size", s->quant_group);
+        cJSON_AddNumberToObject(head, "bits", 8);
+        cJSON_AddFalseToObject(q, "model.layers.0.mlp.down_proj");
+    }
     if (s->rope_scaling) {
         cJSON *scaling = cJSON_Parse(s->rope_scaling);
         if (!scaling)
@@ -315,8 +404,17 @@ TinyCheckpoint *tiny_ckpt_write(const char *dir, const TinyCheckpointSpec *spec)
         int first = s ? split : 0, end = s ? ck->n_tensors : split;
         snprintf(path, sizeof path, "%s/%s", dir, shard_names[s]);
         write_shard(ck, path, first, end);
-        for (int i = first; i < end; i++)
+        for (int i = first; i < end; i++) {
             cJSON_AddStringToObject(map, ck->tensors[i].name, shard_names[s]);
+            if (ck->tensors[i].qbits) {
+                char name[160];
+                const char *n = ck->tensors[i].name;
+                snprintf(name, sizeof name, "%.*s.scales", (int)(strlen(n) - 7), n);
+                cJSON_AddStringToObject(map, name, shard_names[s]);
+                snprintf(name, sizeof name, "%.*s.biases", (int)(strlen(n) - 7), n);
+                cJSON_AddStringToObject(map, name, shard_names[s]);
+            }
+        }
     }
     char *text = cJSON_Print(index);
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
@@ -330,8 +428,12 @@ void tiny_ckpt_free(TinyCheckpoint *ck)
 {
     if (!ck)
         return;
-    for (int i = 0; i < ck->n_tensors; i++)
+    for (int i = 0; i < ck->n_tensors; i++) {
         free(ck->tensors[i].values);
+        free(ck->tensors[i].packed);
+        free(ck->tensors[i].scales);
+        free(ck->tensors[i].biases);
+    }
     free(ck->tensors);
     free(ck);
 }

@@ -27,6 +27,11 @@ typedef struct {
     int max_position_embeddings;
     int eos_token_id;         /* -1: none */
     int sliding_window;       /* written to config.json when > 0 (Mistral: every layer) */
+    /* MLX affine quantization (mlx-lm's layout: U32 packed weight, F16 scales and biases) of the
+     * embedding and every projection at quant_bits (2, 4 or 8) in groups of quant_group, when
+     * quant_bits > 0; lm_head at 8 bits through a per-module entry of config.json's
+     * "quantization", and layer 0's down_proj left in floats through a `false` entry. */
+    int quant_bits, quant_group;
     uint64_t seed;
 } TinyCheckpointSpec;
 
@@ -34,7 +39,10 @@ typedef struct {
     char name[128];
     int n_dims;
     int shape[2];
-    float *values; /* as stored in the file, decoded */
+    float *values; /* as stored in the file, decoded (quantized: scale * q + bias) */
+    int qbits, qgroup; /* quantized when qbits > 0 */
+    uint32_t *packed;  /* [rows][cols * qbits / 32] */
+    float *scales, *biases; /* [rows][cols / qgroup], F16 values */
 } TinyTensor;
 
 typedef struct {

@@ -499,6 +499,9 @@ typedef struct {
     Model *model;
     const char *dir;
     KvErr *err;
+    const char *config_path;
+    cJSON *config;       /* config.json, for its quantization object */
+    const cJSON *quant;  /* "quantization" (or "quantization_config"), or NULL */
 } WeightLoader;
 
 static void format_shape(const int64_t *shape, int n_dims, char *out, size_t outlen)
@@ -512,6 +515,125 @@ static void format_shape(const int64_t *shape, int n_dims, char *out, size_t out
         snprintf(out + at, outlen - at, "]");
 }
 
+/* ---- MLX-quantized weights ----
+ * mlx-lm's nn.quantize (affine mode) stores a quantized Linear or Embedding as `weight` (U32,
+ * [rows][cols * bits / 32]: element c of a row in bits [bits * (c % k), ...) of word c / k,
+ * k = 32 / bits, lowest bits first), `scales` and `biases` ([rows][cols / group_size], 16- or
+ * 32-bit floats); w = scale * q + bias per group. config.json's "quantization" gives group_size
+ * and bits, and per module (its path, e.g. "model.layers.0.mlp.down_proj") either other values
+ * or false (not quantized). kvsim dequantizes to float32 at load. */
+
+/* The module's bits and group size; errors name config.json and the key. */
+static int quant_settings(WeightLoader *wl, const char *module, int *bits, int *group)
+{
+    const cJSON *q = wl->quant;
+    if (!q)
+        return kv_fail(wl->err, "%s: tensor '%s.scales' says the weights are quantized, but "
+                       "key 'quantization' is missing", wl->config_path, module);
+    const cJSON *over = cJSON_GetObjectItemCaseSensitive(q, module);
+    if (cJSON_IsFalse(over))
+        return kv_fail(wl->err, "%s: key 'quantization.%s' is false (not quantized), but tensor "
+                       "'%s.scales' exists", wl->config_path, module, module);
+    const cJSON *mode = cJSON_GetObjectItemCaseSensitive(q, "mode");
+    if (mode && !(cJSON_IsString(mode) && !strcmp(mode->valuestring, "affine")))
+        return kv_fail(wl->err, "%s: key 'quantization.mode': only \"affine\" is supported",
+                       wl->config_path);
+    const char *keys[2] = {"bits", "group_size"};
+    int *out[2] = {bits, group};
+    for (int i = 0; i < 2; i++) {
+        const cJSON *v = cJSON_IsObject(over) ? cJSON_GetObjectItemCaseSensitive(over, keys[i])
+                                              : NULL;
+        if (!v)
+            v = cJSON_GetObjectItemCaseSensitive(q, keys[i]);
+        if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < 1 ||
+            v->valuedouble > 4096)
+            return kv_fail(wl->err, "%s: key 'quantization%s%s.%s' missing or not a positive "
+                           "integer", wl->config_path, cJSON_IsObject(over) ? "." : "",
+                           cJSON_IsObject(over) ? module : "", keys[i]);
+        *out[i] = v->valueint;
+    }
+    if (*bits != 2 && *bits != 4 && *bits != 8)
+        return kv_fail(wl->err, "%s: key 'quantization' bits = %d for '%s': supported 2, 4 and 8 "
+                       "(3, 5 and 6 pack across words)", wl->config_path, *bits, module);
+    return 0;
+}
+
+/* A [rows][cols] float tensor (scales or biases) as float32, or NULL with a message. */
+static float *load_group_params(WeightLoader *wl, const char *name, int rows, int cols)
+{
+    const SafetensorsTensor *t = safetensors_find(wl->model->checkpoint, name);
+    if (!t) {
+        kv_fail(wl->err, "%s: missing tensor '%s' (a quantized weight needs scales and biases)",
+                wl->dir, name);
+        return NULL;
+    }
+    if (t->dtype == ST_U32 || t->n_dims != 2 || t->shape[0] != rows || t->shape[1] != cols) {
+        char got[128], want[128];
+        int64_t expected[2] = {rows, cols};
+        format_shape(t->shape, t->n_dims, got, sizeof got);
+        format_shape(expected, 2, want, sizeof want);
+        kv_fail(wl->err, "%s: tensor '%s' is %s %s, expected a float tensor of shape %s",
+                t->file, name, safetensors_dtype_name(t->dtype), got, want);
+        return NULL;
+    }
+    float *out = kv_malloc((size_t)t->n_elements * sizeof(float));
+    safetensors_to_f32(t, out);
+    return out;
+}
+
+/* The dequantized [rows][cols] weight of `module`, owned by the model. */
+static float *load_quantized(WeightLoader *wl, const SafetensorsTensor *t, const char *module,
+                             int rows, int cols)
+{
+    int bits, group;
+    if (quant_settings(wl, module, &bits, &group) != 0)
+        return NULL;
+    int per_word = 32 / bits;
+    char got[128], want[128], name[320];
+    if (cols % group != 0 || cols % per_word != 0) {
+        kv_fail(wl->err, "%s: tensor '%s.weight': %d columns are not a multiple of group_size "
+                "%d", t->file, module, cols, group);
+        return NULL;
+    }
+    int64_t packed[2] = {rows, cols / per_word};
+    if (t->dtype != ST_U32 || t->n_dims != 2 || t->shape[0] != rows ||
+        t->shape[1] != packed[1]) {
+        format_shape(t->shape, t->n_dims, got, sizeof got);
+        format_shape(packed, 2, want, sizeof want);
+        kv_fail(wl->err, "%s: tensor '%s.weight' is %s %s, expected U32 %s (%d-bit values packed "
+                "%d per word)", t->file, module, safetensors_dtype_name(t->dtype), got, want,
+                bits, per_word);
+        return NULL;
+    }
+    snprintf(name, sizeof name, "%s.scales", module);
+    float *scales = load_group_params(wl, name, rows, cols / group);
+    snprintf(name, sizeof name, "%s.biases", module);
+    float *biases = scales ? load_group_params(wl, name, rows, cols / group) : NULL;
+    if (!biases) {
+        free(scales);
+        return NULL;
+    }
+    float *w = kv_malloc((size_t)rows * cols * sizeof(float));
+    const unsigned char *p = t->data;
+    uint32_t mask = (1u << bits) - 1;
+    for (size_t r = 0; r < (size_t)rows; r++)
+        for (size_t c = 0; c < (size_t)cols; c++) {
+            size_t at = 4 * (r * (size_t)packed[1] + c / (size_t)per_word);
+            uint32_t word = (uint32_t)p[at] | (uint32_t)p[at + 1] << 8 |
+                            (uint32_t)p[at + 2] << 16 | (uint32_t)p[at + 3] << 24;
+            float q = (float)((word >> (bits * (c % (size_t)per_word))) & mask);
+            size_t g = r * (size_t)(cols / group) + c / (size_t)group;
+            w[r * (size_t)cols + c] = scales[g] * q + biases[g];
+        }
+    free(scales);
+    free(biases);
+    Model *m = wl->model;
+    m->owned = kv_realloc(m->owned, (size_t)(m->n_owned + 1) * sizeof *m->owned);
+    m->owned[m->n_owned++] = w;
+    return w;
+}
+
+
 /* The float32 data of tensor `name`, which must have shape [rows] (cols == 0) or [rows][cols]. */
 static const float *load_tensor(WeightLoader *wl, const char *name, int rows, int cols)
 {
@@ -522,6 +644,24 @@ static const float *load_tensor(WeightLoader *wl, const char *name, int rows, in
     }
     int64_t expected[2] = {rows, cols};
     int n_dims = cols ? 2 : 1;
+    /* A quantized module: NAME.weight with NAME.scales beside it. */
+    size_t len = strlen(name);
+    const float *values = NULL;
+    if (cols && len > 7 && !strcmp(name + len - 7, ".weight")) {
+        char module[300], scales[320];
+        snprintf(module, sizeof module, "%.*s", (int)(len - 7), name);
+        snprintf(scales, sizeof scales, "%s.scales", module);
+        if (safetensors_find(wl->model->checkpoint, scales)) {
+            if (!(values = load_quantized(wl, t, module, rows, cols)))
+                return NULL;
+            goto check_finite;
+        }
+    }
+    if (t->dtype == ST_U32) {
+        kv_fail(wl->err, "%s: tensor '%s' is U32 (packed quantized values) without its scales "
+                "beside it", t->file, name);
+        return NULL;
+    }
     if (t->n_dims != n_dims || t->shape[0] != rows || (cols && t->shape[1] != cols)) {
         char got[128], want[128];
         format_shape(t->shape, t->n_dims, got, sizeof got);
@@ -530,7 +670,6 @@ static const float *load_tensor(WeightLoader *wl, const char *name, int rows, in
                 got, want);
         return NULL;
     }
-    const float *values;
     if (t->dtype == ST_F32 && (uintptr_t)t->data % sizeof(float) == 0) {
         values = (const float *)(const void *)t->data;
     } else {
@@ -541,6 +680,7 @@ static const float *load_tensor(WeightLoader *wl, const char *name, int rows, in
         m->owned[m->n_owned++] = converted;
         values = converted;
     }
+check_finite:
     /* A NaN or infinite weight would make every logit NaN, and greedy decoding then emits
      * token 0 forever: refuse it here, where the tensor can be named. */
     for (size_t i = 0; i < (size_t)t->n_elements; i++)
@@ -628,8 +768,19 @@ Model *model_load(const char *dir, KvErr *err)
         model_free(m);
         return NULL;
     }
-    WeightLoader wl = {m, dir, err};
-    if (load_weights(&wl) != 0) {
+    WeightLoader wl = {m, dir, err, config_path, NULL, NULL};
+    if (!(wl.config = json_load_file(config_path, JSON_OBJECT | JSON_UNIQUE_KEYS, err))) {
+        model_free(m);
+        return NULL;
+    }
+    wl.quant = config_item(wl.config, "quantization");
+    if (!wl.quant)
+        wl.quant = config_item(wl.config, "quantization_config");
+    int rc = wl.quant && !cJSON_IsObject(wl.quant)
+                 ? kv_fail(err, "%s: key 'quantization' must be an object", config_path)
+                 : load_weights(&wl);
+    cJSON_Delete(wl.config);
+    if (rc != 0) {
         model_free(m);
         return NULL;
     }

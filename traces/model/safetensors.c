@@ -27,13 +27,14 @@ const char *safetensors_dtype_name(SafetensorsDtype dtype)
     case ST_F32: return "F32";
     case ST_F16: return "F16";
     case ST_BF16: return "BF16";
+    case ST_U32: return "U32";
     }
     return "?";
 }
 
 size_t safetensors_dtype_size(SafetensorsDtype dtype)
 {
-    return dtype == ST_F32 ? 4 : 2;
+    return dtype == ST_F32 || dtype == ST_U32 ? 4 : 2;
 }
 
 void safetensors_to_f32(const SafetensorsTensor *t, float *out)
@@ -56,6 +57,7 @@ static int parse_dtype(const char *s, SafetensorsDtype *out)
     if (!strcmp(s, "F32")) *out = ST_F32;
     else if (!strcmp(s, "F16")) *out = ST_F16;
     else if (!strcmp(s, "BF16")) *out = ST_BF16;
+    else if (!strcmp(s, "U32")) *out = ST_U32;
     else return -1;
     return 0;
 }
@@ -88,7 +90,8 @@ static int parse_tensor(const char *path, const cJSON *entry, const unsigned cha
         return kv_fail(err, "%s: tensor '%s': header entry needs string 'dtype', arrays 'shape' "
                        "and 'data_offsets'", path, name);
     if (parse_dtype(dtype->valuestring, &t->dtype) != 0)
-        return kv_fail(err, "%s: tensor '%s': unsupported dtype '%s' (supported: F32, F16, BF16)",
+        return kv_fail(err, "%s: tensor '%s': unsupported dtype '%s' (supported: F32, F16, BF16; "
+                       "U32 for MLX-quantized weights)",
                        path, name, ESC(dtype->valuestring, text));
     int n_dims = cJSON_GetArraySize(shape);
     if (n_dims > SAFETENSORS_MAX_DIMS)

@@ -26,7 +26,8 @@
 
 #define SAFETENSORS_MAX_DIMS 8
 
-typedef enum { ST_F32 = 0, ST_F16 = 1, ST_BF16 = 2 } SafetensorsDtype;
+/* ST_U32: packed quantized weights (MLX); safetensors_to_f32 does not take it. */
+typedef enum { ST_F32 = 0, ST_F16 = 1, ST_BF16 = 2, ST_U32 = 3 } SafetensorsDtype;
 
 typedef struct {
     char *name;

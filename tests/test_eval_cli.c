@@ -51,19 +51,42 @@ typedef struct {
     char *text[PLAIN_NEW + 1];
 } Continuation;
 
-static void plain_continuation(const char *model_dir, const char *prompt_path, Continuation *c)
-{
-    KvErr err;
-    Model *model = model_load(model_dir, &err);
-    assert_non_null(model);
-    Tokenizer *tok = checkpoint_tokenizer_load(model_dir, &err);
-    assert_non_null(tok);
+/* A prompt file read as eval reads it, with the model and tokenizer it was read with. */
+typedef struct {
+    Model *model;
+    Tokenizer *tok;
     PromptMarkup markup;
     PromptTokens tokens;
-    memset(&markup, 0, sizeof markup);
-    memset(&tokens, 0, sizeof tokens);
-    assert_int_equal(prompt_file_load(prompt_path, tok, model, model_dir, &markup, &tokens, &err),
+} LoadedPrompt;
+
+static void load_prompt(const char *model_dir, const char *prompt_path, LoadedPrompt *lp)
+{
+    KvErr err;
+    memset(lp, 0, sizeof *lp);
+    lp->model = model_load(model_dir, &err);
+    assert_non_null(lp->model);
+    lp->tok = checkpoint_tokenizer_load(model_dir, &err);
+    assert_non_null(lp->tok);
+    assert_int_equal(prompt_file_load(prompt_path, lp->tok, lp->model, model_dir, &lp->markup,
+                                      &lp->tokens, &err),
                      0);
+}
+
+static void loaded_prompt_free(LoadedPrompt *lp)
+{
+    prompt_tokens_free(&lp->tokens);
+    prompt_markup_free(&lp->markup);
+    tokenizer_free(lp->tok);
+    model_free(lp->model);
+}
+
+static void plain_continuation(const char *model_dir, const char *prompt_path, Continuation *c)
+{
+    LoadedPrompt lp;
+    load_prompt(model_dir, prompt_path, &lp);
+    Model *model = lp.model;
+    Tokenizer *tok = lp.tok;
+    PromptTokens tokens = lp.tokens;
     int P = tokens.n_tokens;
     RunState *s = run_state_new(model, P + PLAIN_NEW, 16);
     const float *logits = forward_prompt(s, tokens.tokens, P, NULL);
@@ -80,10 +103,7 @@ static void plain_continuation(const char *model_dir, const char *prompt_path, C
     for (int k = 0; k <= c->n; k++)
         c->text[k] = tokenizer_decode(tok, out, k);
     run_state_free(s);
-    prompt_tokens_free(&tokens);
-    prompt_markup_free(&markup);
-    tokenizer_free(tok);
-    model_free(model);
+    loaded_prompt_free(&lp);
 }
 
 static size_t trimmed_len(const char *s)
@@ -457,22 +477,10 @@ static void expect_one_line_error(KvsimRun r, const char *needle);
 /* The first prefill span of a prompt file, as eval tokenizes it. */
 static int n_prompt_of(const char *model_dir, const char *prompt_path)
 {
-    KvErr err;
-    Model *model = model_load(model_dir, &err);
-    assert_non_null(model);
-    Tokenizer *tok = checkpoint_tokenizer_load(model_dir, &err);
-    assert_non_null(tok);
-    PromptMarkup markup;
-    PromptTokens tokens;
-    memset(&markup, 0, sizeof markup);
-    memset(&tokens, 0, sizeof tokens);
-    assert_int_equal(prompt_file_load(prompt_path, tok, model, model_dir, &markup, &tokens, &err),
-                     0);
-    int n = tokens.n_prompt;
-    prompt_tokens_free(&tokens);
-    prompt_markup_free(&markup);
-    tokenizer_free(tok);
-    model_free(model);
+    LoadedPrompt lp;
+    load_prompt(model_dir, prompt_path, &lp);
+    int n = lp.tokens.n_prompt;
+    loaded_prompt_free(&lp);
     return n;
 }
 

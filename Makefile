@@ -8,7 +8,7 @@ KVSIM      := $(BUILD)/kvsim
 DEB_PACKAGES := build-essential cmake pkg-config libhdf5-dev hdf5-tools libopenblas-dev \
                 libgsl-dev libcmocka-dev libinih-dev libcjson-dev libpcre2-dev gnuplot-nox
 
-.PHONY: all deps build test test-release test-sanitize test-fuzz fuzz fuzz-deps run bench layers clean
+.PHONY: all deps build install test test-release test-sanitize test-fuzz fuzz fuzz-deps run bench layers clean
 
 all: build
 
@@ -29,6 +29,11 @@ $(BUILD)/CMakeCache.txt: | deps
 
 build: deps $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j $(JOBS)
+
+# Puts kvsim on the PATH: PREFIX/bin/kvsim (PREFIX=$$HOME/.local for a user install).
+PREFIX ?= /usr/local
+install: build
+	cmake --install $(BUILD) --prefix $(PREFIX)
 
 $(SAN_BUILD)/CMakeCache.txt: | deps
 	cmake -S . -B $(SAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DKVSIM_SANITIZE=ON

@@ -1,20 +1,22 @@
-# Budget sweeps and plots, included by the top-level Makefile.
+# Budget sweeps and plots, included by the top-level Makefile. Plots are PNG unless
+# FORMAT=pdf or FORMAT=svg (the same names with that extension).
+FORMAT ?= png
 #
 #   make sweep        every policy of analysis/sweep.ini.in at each budget of SWEEP_BUDGETS on
 #                     DEFAULT_TRACE -> results/sweep/bB/*.csv, then results/sweep/summary.csv
 #                     (budgets run in parallel under make -j); where EVAL_PROMPTS holds prompts
 #                     with answers, also `kvsim eval` at each budget -> results/sweep/eval.csv
 #   make plots        the sweep's plots (with answer accuracy when the sweep ran kvsim eval) and
-#                     those of one run (PLOT_RUN) -> results/plots/*.png
-#   make run-plot     results/<config name>/plot.png from the summary of `make run`
+#                     those of one run (PLOT_RUN) -> results/plots/*.$(FORMAT)
+#   make run-plot     results/<config name>/plot.$(FORMAT) from the summary of `make run`
 #   make conversation the conversation trace (CONV_PROMPT: a document delivered in four turns,
 #                     a question the model answers after each), replayed with CONV_CONFIG once per history mode ->
 #                     results/conversation/MODE/*.csv, results/conversation/turns.csv (every
-#                     mode's turns.csv with a history column), results/conversation/turns.png
-#                     and survival_distance.png;
+#                     mode's turns.csv with a history column), results/conversation/turns.$(FORMAT)
+#                     and survival_distance.$(FORMAT);
 #                     then `kvsim eval` of CONV_CONFIG's policies on the held-out conversations
 #                     (CONV_EVAL_PROMPTS) once per mode -> results/conversation/MODE/eval*.csv,
-#                     results/conversation/eval_turns.csv and results/conversation/eval_distance.png
+#                     results/conversation/eval_turns.csv and results/conversation/eval_distance.$(FORMAT)
 #
 # Every output is written to a temporary name and renamed. See docs/sweeps.md, docs/plots.md.
 
@@ -37,10 +39,10 @@ SWEEP_EVALS   := $(if $(wildcard $(EVAL_PROMPTS)/*.answer),$(foreach b,$(SWEEP_S
 GNUPLOT       ?= gnuplot
 
 VS_BUDGET_PLOTS := mass recall error needle
-PLOTS := $(foreach p,$(VS_BUDGET_PLOTS),$(PLOTS_DIR)/$(p)_vs_budget.png) \
-         $(PLOTS_DIR)/memory_vs_step.png $(PLOTS_DIR)/mass_heatmap.png
+PLOTS := $(foreach p,$(VS_BUDGET_PLOTS),$(PLOTS_DIR)/$(p)_vs_budget.$(FORMAT)) \
+         $(PLOTS_DIR)/memory_vs_step.$(FORMAT) $(PLOTS_DIR)/mass_heatmap.$(FORMAT)
 # Answer accuracy joins the plots when the sweep runs `kvsim eval`.
-PLOTS += $(if $(SWEEP_EVALS),$(PLOTS_DIR)/accuracy_vs_budget.png)
+PLOTS += $(if $(SWEEP_EVALS),$(PLOTS_DIR)/accuracy_vs_budget.$(FORMAT))
 
 .PHONY: sweep plots run-plot conversation FORCE
 # Generated configs and per-budget results are kept even when only reached through a pattern.
@@ -82,26 +84,27 @@ $(SWEEP_DIR)/eval.csv: $(SWEEP_EVALS) analysis/concat_summaries.awk
 
 plots: $(PLOTS)
 
-# gnuplot_png(script, input): renders the script on the input into $@ through a temporary.
-gnuplot_png = @mkdir -p $(@D); $(GNUPLOT) -e "in='$(2)'; out='$@.tmp'" $(1) \
+# gnuplot_png(script, input): renders the script on the input into $@ (in FORMAT) through a
+# temporary.
+gnuplot_png = @mkdir -p $(@D); $(GNUPLOT) -e "in='$(2)'; out='$@.tmp'; format='$(FORMAT)'" $(1) \
 	  || { rm -f $@.tmp; exit 1; }; mv $@.tmp $@; echo "wrote $@"
 
-$(PLOTS_DIR)/%_vs_budget.png: analysis/%_vs_budget.gp analysis/vs_budget.gp analysis/common.gp $(SWEEP_DIR)/summary.csv
+$(PLOTS_DIR)/%_vs_budget.$(FORMAT): analysis/%_vs_budget.gp analysis/vs_budget.gp analysis/common.gp $(SWEEP_DIR)/summary.csv
 	$(call gnuplot_png,$<,$(SWEEP_DIR)/summary.csv)
 
-$(PLOTS_DIR)/accuracy_vs_budget.png: analysis/accuracy_vs_budget.gp analysis/vs_budget.gp analysis/common.gp $(SWEEP_DIR)/eval.csv
+$(PLOTS_DIR)/accuracy_vs_budget.$(FORMAT): analysis/accuracy_vs_budget.gp analysis/vs_budget.gp analysis/common.gp $(SWEEP_DIR)/eval.csv
 	$(call gnuplot_png,$<,$(SWEEP_DIR)/eval.csv)
 
-$(PLOTS_DIR)/memory_vs_step.png: analysis/memory_vs_step.gp analysis/common.gp $(PLOT_RUN)/summary.csv
+$(PLOTS_DIR)/memory_vs_step.$(FORMAT): analysis/memory_vs_step.gp analysis/common.gp $(PLOT_RUN)/summary.csv
 	$(call gnuplot_png,$<,$(PLOT_RUN)/steps.csv)
 
-$(PLOTS_DIR)/mass_heatmap.png: analysis/mass_heatmap.gp analysis/common.gp $(PLOT_RUN)/summary.csv
+$(PLOTS_DIR)/mass_heatmap.$(FORMAT): analysis/mass_heatmap.gp analysis/common.gp $(PLOT_RUN)/summary.csv
 	$(call gnuplot_png,$<,$(PLOT_RUN)/layers.csv)
 
 # After `make run` (or any run: make run-plot RUN_DIR=results/mine).
-run-plot: $(RUN_DIR)/plot.png
+run-plot: $(RUN_DIR)/plot.$(FORMAT)
 
-$(RUN_DIR)/plot.png: analysis/run_plot.gp analysis/common.gp $(RUN_DIR)/summary.csv
+$(RUN_DIR)/plot.$(FORMAT): analysis/run_plot.gp analysis/common.gp $(RUN_DIR)/summary.csv
 	$(call gnuplot_png,$<,$(RUN_DIR)/summary.csv)
 
 $(RUN_DIR)/summary.csv:
@@ -124,7 +127,7 @@ CONV_EVAL_PROMPTS ?= $(CONV_MODEL)/conversations
 
 .PRECIOUS: $(CONV_DIR)/%/eval_turns.csv
 
-conversation: $(CONV_DIR)/turns.png $(CONV_DIR)/survival_distance.png $(CONV_DIR)/eval_distance.png
+conversation: $(CONV_DIR)/turns.$(FORMAT) $(CONV_DIR)/survival_distance.$(FORMAT) $(CONV_DIR)/eval_distance.$(FORMAT)
 
 # One generated token per answer: a code is one token of the model's vocabulary.
 $(CONV_TRACE): $(CONV_PROMPT) $(CONV_MODEL)/model.safetensors | build
@@ -147,10 +150,10 @@ $(CONV_DIR)/turns.csv: $(foreach m,$(CONV_MODES),$(CONV_DIR)/$(m)/turns.csv)
 	  next } { print mode "," $$0 }' $^ > $@.tmp || { rm -f $@.tmp; exit 1; }
 	mv $@.tmp $@
 
-$(CONV_DIR)/turns.png: analysis/turns.gp analysis/common.gp $(CONV_DIR)/turns.csv
+$(CONV_DIR)/turns.$(FORMAT): analysis/turns.gp analysis/common.gp $(CONV_DIR)/turns.csv
 	$(call gnuplot_png,$<,$(CONV_DIR)/turns.csv)
 
-$(CONV_DIR)/survival_distance.png: analysis/survival_distance.gp analysis/common.gp $(CONV_DIR)/turns.csv
+$(CONV_DIR)/survival_distance.$(FORMAT): analysis/survival_distance.gp analysis/common.gp $(CONV_DIR)/turns.csv
 	$(call gnuplot_png,$<,$(CONV_DIR)/turns.csv)
 
 $(CONV_DIR)/%/eval_turns.csv: $(CONV_DIR)/%/config.ini $(wildcard $(CONV_EVAL_PROMPTS)/*) \
@@ -164,7 +167,7 @@ $(CONV_DIR)/eval_turns.csv: $(foreach m,$(CONV_MODES),$(CONV_DIR)/$(m)/eval_turn
 	  next } { print }' $^ > $@.tmp || { rm -f $@.tmp; exit 1; }
 	mv $@.tmp $@
 
-$(CONV_DIR)/eval_distance.png: analysis/eval_distance.gp analysis/common.gp $(CONV_DIR)/eval_turns.csv
+$(CONV_DIR)/eval_distance.$(FORMAT): analysis/eval_distance.gp analysis/common.gp $(CONV_DIR)/eval_turns.csv
 	$(call gnuplot_png,$<,$(CONV_DIR)/eval_turns.csv)
 
 FORCE:

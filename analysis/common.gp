@@ -42,9 +42,26 @@ set datafile separator ","
 # would break the line there; `missing NaN` makes every NaN, hence every empty field in any
 # `using` form, a missing point (skipped, the line drawn on through it).
 set datafile missing NaN
-# A script may set png_size ("width,height" in pixels) before loading this file.
+# A script may set png_size ("width,height" in pixels) before loading this file. `format` (set
+# with -e, `make plots FORMAT=...`) picks the output: png (default), pdf (pdfcairo, the same
+# size at 100 pixels per inch) or svg (the same size in pixels).
 if (!exists("png_size")) png_size = "1280,760"
-eval "set terminal pngcairo noenhanced font 'sans,12' linewidth 1.5 size " . png_size
+if (!exists("format")) format = "png"
+png_w = real(substr(png_size, 1, strstrt(png_size, ",") - 1))
+png_h = real(substr(png_size, strstrt(png_size, ",") + 1, strlen(png_size)))
+if (format eq "png") {
+    eval "set terminal pngcairo noenhanced font 'sans,12' linewidth 1.5 size " . png_size
+} else {
+    if (format eq "pdf") {
+        eval sprintf("set terminal pdfcairo noenhanced font 'sans,9' linewidth 1.5 size %gin,%gin", png_w / 100, png_h / 100)
+    } else {
+        if (format eq "svg") {
+            eval sprintf("set terminal svg noenhanced font 'sans,12' linewidth 1.5 size %d,%d", int(png_w), int(png_h))
+        } else {
+            exit error sprintf("format = '%s': expected png, pdf or svg", format)
+        }
+    }
+}
 set output out
 
 # Sixteen colors that stay apart (the first, black, is `full` in every kvsim config) with a

@@ -118,6 +118,44 @@ static void render_fails(const char *script, const char *csv)
     scratch_remove(dir);
 }
 
+/* FORMAT=pdf and FORMAT=svg: the same script writes a PDF (its size in inches at 100 pixels
+ * per inch) or an SVG (its size in pixels); any other format is an error naming it. */
+static void test_other_formats(void **state)
+{
+    (void)state;
+    require_gnuplot();
+    static const char *const formats[] = {"pdf", "svg", "bmp"};
+    static const char csv[] = "policy,type,mass_mean,recall_mean,out_err_mean,needle_survival_mean\n"
+                              "full,full,1,1,0,1\nwindow,window,0.7,0.5,0.3,0.5\n";
+    for (int i = 0; i < 3; i++) {
+        char *dir = scratch_create();
+        char in[8192], out[8192], cmd[20000];
+        snprintf(in, sizeof in, "%s", scratch_path(dir, "in.csv", 0));
+        snprintf(out, sizeof out, "%s", scratch_path(dir, "out.plot", 1));
+        scratch_write(in, csv);
+        snprintf(cmd, sizeof cmd, "gnuplot -e \"in='%s'; out='%s'; format='%s'\" '%s/analysis/run_plot.gp'",
+                 in, out, formats[i], source_dir());
+        KvsimRun r = run_command(cmd);
+        if (i == 2) {
+            assert_int_not_equal(r.status, 0);
+            assert_non_null(strstr(r.err, "format = 'bmp'"));
+        } else {
+            if (r.status != 0 || r.err[0])
+                fail_msg("run_plot.gp as %s: exit status %d, stderr: %s", formats[i], r.status, r.err);
+            char *text = scratch_read(out);
+            if (i == 0)
+                assert_memory_equal(text, "%PDF-", 5);
+            else
+                assert_non_null(strstr(text, "<svg"));
+            if (i == 1)
+                assert_non_null(strstr(text, "width=\"1280\"")); /* run_plot.gp's default size */
+            free(text);
+        }
+        kvsim_run_free(&r);
+        scratch_remove(dir);
+    }
+}
+
 /* A sweep summary: three budgets, three policies (one label with an underscore), the
  * reference at zero output error (a log axis must skip it quietly) and one empty field. */
 static const char SWEEP_CSV[] =
@@ -486,6 +524,7 @@ int main(void)
         cmocka_unit_test(test_mass_heatmap_renders),
         cmocka_unit_test(test_run_plot_renders),
         cmocka_unit_test(test_turns_renders),
+        cmocka_unit_test(test_other_formats),
         cmocka_unit_test(test_eval_distance_renders),
         cmocka_unit_test(test_survival_distance_renders),
         cmocka_unit_test(test_empty_field_is_missing),

@@ -64,14 +64,16 @@ if (format eq "png") {
 }
 set output out
 
-# Sixteen colors that stay apart (the first, black, is `full` in every kvsim config) with a
-# different point for each; more policies reuse them in order.
-policy_colors = "#000000 #1f77b4 #ff7f0e #2ca02c #d62728 #9467bd #8c564b #e377c2 " \
-    . "#7f7f7f #bcbd22 #17becf #393b79 #ad494a #637939 #ff9896 #6b6ecf"
+# Sixteen line types a colour-blind reader can tell apart: the eight colours of Okabe and Ito's
+# palette (Color Universal Design; black first, `full` in every kvsim config), solid for the
+# first eight policies and dashed, in the same colours, for the next eight; every line type has
+# its own point as well. More policies reuse them in order.
+policy_colors = "#000000 #E69F00 #56B4E9 #009E73 #F0E442 #0072B2 #D55E00 #CC79A7"
 policy_points = "7 5 9 11 13 15 6 4 8 10 12 14 1 2 3 7"
 do for [i = 1:16] {
-    set linetype i linecolor rgb word(policy_colors, i) pointtype int(word(policy_points, i)) \
-        pointsize 1.3 linewidth 1.5 dashtype 1
+    eval sprintf("set linetype %d linecolor rgb '%s' pointtype %s pointsize 1.3 linewidth 1.5 " \
+                 . "dashtype %d", i, word(policy_colors, (i - 1) % 8 + 1), \
+                 word(policy_points, i), i <= 8 ? 1 : 2)
 }
 set linetype cycle 16
 

@@ -582,6 +582,31 @@ static void test_full_prefill_warning(void **state)
     scratch_remove(out);
 }
 
+/* A JSON chat as NAME.json: read as kvsim trace reads a chat, one question per generation
+ * point (here a [[generate]] assistant message, then the final answer). */
+static void test_json_chat_prompt(void **state)
+{
+    Env *env = *state;
+    char *dir = scratch_create(), *out = scratch_create();
+    char config[4096];
+    snprintf(config, sizeof config, "%s", scratch_path(env->out, "eval.ini", 0));
+    scratch_write(scratch_path(dir, "chat.json", 0),
+                  "[{\"role\": \"user\", \"content\": \"the thin tin\"}, "
+                  "{\"role\": \"assistant\", \"content\": \"[[generate]]\"}, "
+                  "{\"role\": \"user\", \"content\": \"[[decode]]the hat\"}]");
+    scratch_write(scratch_path(dir, "chat.answer", 1), "tin\nhat\n");
+    KvsimRun r = eval_run(env, config, env->model, dir, out, "");
+    if (r.status != 0)
+        fail_msg("%s", r.err);
+    kvsim_run_free(&r);
+    char *per = scratch_read(scratch_path(out, "eval_prompts.csv", 0));
+    assert_int_equal(occurrences(per, "\nfull,chat,"), 2);
+    assert_non_null(strstr(per, "\nfull,chat,1,2,")); /* the second question, in turn 2 */
+    free(per);
+    scratch_remove(dir);
+    scratch_remove(out);
+}
+
 static void expect_one_line_error(KvsimRun r, const char *needle)
 {
     assert_int_equal(r.status, 2);
@@ -633,6 +658,11 @@ static void test_errors(void **state)
     scratch_write(scratch_path(turns, "two.answer", 1), "tin\n\ntin\n");
     expect_one_line_error(eval_run(env, config, env->model, turns, env->out, ""),
                           "two.answer:2: empty answer");
+    /* NAME.json and NAME.txt of one NAME */
+    scratch_write(scratch_path(turns, "two.answer", 1), "tin\ntin\n");
+    scratch_write(scratch_path(turns, "two.json", 2), "[{\"role\": \"user\", \"content\": \"the\"}]");
+    expect_one_line_error(eval_run(env, config, env->model, turns, env->out, ""),
+                          "two prompts named two (two.json and two.txt");
     scratch_remove(turns);
     KvsimRun r = run_kvsim("eval --model x");
     expect_one_line_error(r, "eval");
@@ -646,6 +676,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_accuracy_and_determinism),
         cmocka_unit_test(test_conversations),
+        cmocka_unit_test(test_json_chat_prompt),
         cmocka_unit_test(test_full_prefill_warning),
         cmocka_unit_test(test_ratio_per_prompt),
         cmocka_unit_test(test_errors),

@@ -35,7 +35,8 @@ typedef struct {
 } Expected;
 
 typedef struct {
-    char *name; /* NAME of NAME.txt */
+    char *name; /* NAME of NAME.txt or NAME.json */
+    char *file; /* NAME.txt or NAME.json */
     int n_questions;   /* eval_questions(): one answer per generation point */
     Expected *answers; /* [n_questions] */
     int *turns;        /* [n_questions]: each question's turn (question_turns) */
@@ -177,7 +178,20 @@ static int compare_names(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* The NAME of every NAME.txt in dir, sorted bytewise (the order of every output). */
+/* The prompt file's extension: ".txt" or ".json" (a chat, or text: prompt_file_load decides by
+ * the contents), else NULL. */
+static const char *prompt_extension(const char *file)
+{
+    size_t len = strlen(file);
+    if (len > 4 && !strcmp(file + len - 4, ".txt"))
+        return ".txt";
+    if (len > 5 && !strcmp(file + len - 5, ".json"))
+        return ".json";
+    return NULL;
+}
+
+/* Every NAME.txt and NAME.json in dir, sorted bytewise (the order of every output); two files of
+ * one NAME are an error. */
 static char **list_prompts(const char *dir, int *n, KvErr *err)
 {
     DIR *d = opendir(dir);
@@ -189,22 +203,33 @@ static char **list_prompts(const char *dir, int *n, KvErr *err)
     int cap = 0;
     *n = 0;
     for (struct dirent *e; (e = readdir(d));) {
-        size_t len = strlen(e->d_name);
-        if (len <= 4 || strcmp(e->d_name + len - 4, ".txt") != 0)
+        if (!prompt_extension(e->d_name))
             continue;
         if (*n == cap)
             names = kv_realloc(names, (size_t)(cap = cap ? 2 * cap : 16) * sizeof *names);
-        names[*n] = kv_malloc(len - 3);
-        memcpy(names[*n], e->d_name, len - 4);
-        names[(*n)++][len - 4] = '\0';
+        names[(*n)++] = kv_strdup(e->d_name);
     }
     closedir(d);
     if (*n == 0) {
         free(names);
-        kv_fail(err, "%s: no prompts (expected NAME.txt files, each with its NAME.answer)", dir);
+        kv_fail(err, "%s: no prompts (expected NAME.txt or NAME.json files, each with its "
+                "NAME.answer)", dir);
         return NULL;
     }
     qsort(names, (size_t)*n, sizeof *names, compare_names);
+    for (int i = 0; i < *n; i++)
+        for (int j = i + 1; j < *n; j++) {
+            size_t a = strlen(names[i]) - strlen(prompt_extension(names[i]));
+            size_t b = strlen(names[j]) - strlen(prompt_extension(names[j]));
+            if (a == b && !memcmp(names[i], names[j], a)) {
+                kv_fail(err, "%s: two prompts named %.*s (%s and %s; expected one file per NAME)",
+                        dir, (int)a, names[i], names[i], names[j]);
+                for (int k = 0; k < *n; k++)
+                    free(names[k]);
+                free(names);
+                return NULL;
+            }
+        }
     return names;
 }
 
@@ -212,6 +237,7 @@ static void prompts_free(EvalPrompt *p, int n)
 {
     for (int i = 0; p && i < n; i++) {
         free(p[i].name);
+        free(p[i].file);
         for (int q = 0; p[i].answers && q < p[i].n_questions; q++)
             free(p[i].answers[q].text);
         free(p[i].answers);
@@ -231,17 +257,21 @@ static EvalPrompt *load_prompts(const char *dir, const Model *model, const Token
     EvalPrompt *prompts = kv_calloc((size_t)*n, sizeof *prompts);
     int rc = 0;
     for (int i = 0; i < *n; i++) {
-        prompts[i].name = names[i];
+        prompts[i].file = names[i];
+        size_t stem = strlen(names[i]) - strlen(prompt_extension(names[i]));
+        prompts[i].name = kv_malloc(stem + 1);
+        memcpy(prompts[i].name, names[i], stem);
+        prompts[i].name[stem] = '\0';
         if (rc != 0)
             continue;
         char path[4400];
-        snprintf(path, sizeof path, "%s/%s.answer", dir, names[i]);
+        snprintf(path, sizeof path, "%s/%s.answer", dir, prompts[i].name);
         if (access(path, F_OK) != 0) {
-            rc = kv_fail(err, "%s/%s.txt: no expected answer (%s is missing)", dir, names[i], path);
+            rc = kv_fail(err, "%s/%s: no expected answer (%s is missing)", dir, names[i], path);
             continue;
         }
         char txt[4400];
-        snprintf(txt, sizeof txt, "%s/%s.txt", dir, names[i]);
+        snprintf(txt, sizeof txt, "%s/%s", dir, names[i]);
         rc = prompt_file_load(txt, tok, model, model_dir, &prompts[i].markup, &prompts[i].tokens,
                               err);
         if (rc == 0 && prompts[i].tokens.n_tokens == 0)
@@ -336,7 +366,7 @@ static PolicySpec *prompt_policies(const EvalJob *job, const EvalPrompt *p, int 
         memcpy(specs[k].params, job->policies[k].params, specs[k].type->params_size);
     }
     char context[4400];
-    snprintf(context, sizeof context, "the %d-token prompt %s.txt", p->tokens.n_prompt, p->name);
+    snprintf(context, sizeof context, "the %d-token prompt %s", p->tokens.n_prompt, p->file);
     /* the config's policies follow the added reference, if any */
     int first = job->policies == cfg->engine.policies ? 0 : 1;
     if (config_apply_budget(cfg, specs + first, config_ratio_budget(cfg, p->tokens.n_prompt),
@@ -756,8 +786,8 @@ static void warn_full_prefill(const EvalPrompt *prompts, int n, const char *dir,
             continue;
         if (found++ < 3) {
             size_t len = strlen(names);
-            snprintf(names + len, sizeof names - len, "%s%s.txt", len ? ", " : "",
-                     prompts[i].name);
+            snprintf(names + len, sizeof names - len, "%s%s", len ? ", " : "",
+                     prompts[i].file);
         }
     }
     if (found == 0)
@@ -845,7 +875,7 @@ static int write_provenance(Provenance *prov, const EvalOptions *o, const RunCon
         return -1;
     for (int i = 0; i < n_prompts; i++) {
         char path[4400];
-        snprintf(path, sizeof path, "%s/%s.txt", o->prompts_dir, prompts[i].name);
+        snprintf(path, sizeof path, "%s/%s", o->prompts_dir, prompts[i].file);
         if (provenance_input(prov, "prompt", path, err) != 0)
             return -1;
         snprintf(path, sizeof path, "%s/%s.answer", o->prompts_dir, prompts[i].name);
@@ -972,7 +1002,7 @@ int cmd_eval(int argc, char **argv)
         {"model", ARG_STRING, &o.model_dir, 0, 0, NULL,
          "Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)"},
         {"prompts", ARG_STRING, &o.prompts_dir, 0, 0, NULL,
-         "directory of NAME.txt prompts, each with its NAME.answer"},
+         "directory of NAME.txt or NAME.json prompts, each with its NAME.answer"},
         {"out", ARG_STRING, &o.out_dir, 0, 0, NULL, "output directory (default: [run] out)"},
         {"threads", ARG_INT, &o.threads, -1, 1024, NULL,
          "prompts evaluated in parallel; 0 = all cores, -1 = [run] threads"},

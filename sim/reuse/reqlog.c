@@ -1,0 +1,411 @@
+/* Request logs, read line by line through zlib (which reads plain files as they are). */
+#include "sim/reuse/reqlog.h"
+
+#include <cjson/cJSON.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include "sim/base/json.h"
+#include "sim/base/progress.h"
+
+struct ReqReader {
+    gzFile gz;
+    char path[1024];
+    ReqlogFormat format;
+    char *buf;          /* bytes read, not yet consumed: [pos, len) */
+    size_t cap, len, pos;
+    bool eof;
+    long line;
+    double last_ts;
+    bool have_ts;
+    int64_t *hash;
+    size_t hash_cap;
+};
+
+ReqReader *reqlog_open(const char *path, ReqlogFormat format, KvErr *err)
+{
+    FILE *fp = kv_open_input(path, err); /* regular files only, with the usual messages */
+    if (!fp)
+        return NULL;
+    int fd = dup(fileno(fp));
+    fclose(fp);
+    gzFile gz = fd >= 0 ? gzdopen(fd, "rb") : NULL;
+    if (!gz) {
+        if (fd >= 0)
+            close(fd);
+        kv_fail(err, "%s: cannot read", path);
+        return NULL;
+    }
+    gzbuffer(gz, 1 << 17);
+    ReqReader *r = kv_calloc(1, sizeof *r);
+    r->gz = gz;
+    snprintf(r->path, sizeof r->path, "%s", path);
+    r->format = format;
+    r->cap = 1 << 16;
+    r->buf = kv_malloc(r->cap);
+    return r;
+}
+
+void reqlog_close(ReqReader *r)
+{
+    if (!r)
+        return;
+    gzclose(r->gz);
+    free(r->buf);
+    free(r->hash);
+    free(r);
+}
+
+ReqlogFormat reqlog_format(const ReqReader *r)
+{
+    return r->format;
+}
+
+/* The next line without its '\n' (NUL-terminated in place); NULL at the end. */
+static char *next_line(ReqReader *r, size_t *n, KvErr *err, bool *failed)
+{
+    *failed = false;
+    for (;;) {
+        char *nl = r->pos < r->len ? memchr(r->buf + r->pos, '\n', r->len - r->pos) : NULL;
+        if (nl || (r->eof && r->pos < r->len)) {
+            char *s = r->buf + r->pos;
+            size_t end = nl ? (size_t)(nl - r->buf) : r->len;
+            *n = end - r->pos;
+            if (!nl) { /* last line without '\n': room for the NUL */
+                if (r->len == r->cap) {
+                    r->cap *= 2;
+                    r->buf = kv_realloc(r->buf, r->cap);
+                    s = r->buf + r->pos;
+                }
+            }
+            r->buf[end] = '\0';
+            r->pos = nl ? end + 1 : r->len;
+            r->line++;
+            return s;
+        }
+        if (r->eof)
+            return NULL;
+        if (r->pos > 0) { /* keep the partial line at the start */
+            memmove(r->buf, r->buf + r->pos, r->len - r->pos);
+            r->len -= r->pos;
+            r->pos = 0;
+        }
+        if (r->len == r->cap) {
+            r->cap *= 2;
+            r->buf = kv_realloc(r->buf, r->cap);
+        }
+        int got = gzread(r->gz, r->buf + r->len, (unsigned)(r->cap - r->len > (1u << 30) ? 1u << 30 : r->cap - r->len));
+        if (got < 0) {
+            int code;
+            const char *msg = gzerror(r->gz, &code);
+            kv_fail(err, "%s:%ld: cannot read: %s", r->path, r->line + 1, msg);
+            *failed = true;
+            return NULL;
+        }
+        if (got == 0)
+            r->eof = true;
+        r->len += (size_t)got;
+    }
+}
+
+static const cJSON *field(const ReqReader *r, const cJSON *obj, const char *name, KvErr *err)
+{
+    const cJSON *f = cJSON_GetObjectItemCaseSensitive(obj, name);
+    if (!f)
+        kv_fail(err, "%s:%ld: missing field '%s'", r->path, r->line, name);
+    return f;
+}
+
+/* An integer field in [lo, 2^53]. */
+static int int_field(const ReqReader *r, const cJSON *obj, const char *name, int64_t lo,
+                     int64_t *out, KvErr *err)
+{
+    const cJSON *f = field(r, obj, name, err);
+    if (!f)
+        return -1;
+    double v = f->valuedouble;
+    if (!cJSON_IsNumber(f) || v != floor(v) || v < (double)lo || v > 9007199254740992.0) {
+        char found[64];
+        if (cJSON_IsNumber(f))
+            snprintf(found, sizeof found, "%.17g", v);
+        else
+            snprintf(found, sizeof found, "a %s", cJSON_IsString(f) ? "string" : cJSON_IsArray(f) ? "list" : "non-number");
+        return kv_fail(err, "%s:%ld: %s: expected an integer >= %lld, found %s", r->path, r->line,
+                       name, (long long)lo, found);
+    }
+    *out = (int64_t)v;
+    return 0;
+}
+
+static int parse_record(ReqReader *r, const cJSON *obj, ReqRecord *rec, KvErr *err)
+{
+    memset(rec, 0, sizeof *rec);
+    rec->line = r->line;
+    rec->chat_id = rec->parent_chat_id = -1;
+    if (r->format == REQLOG_AUTO)
+        r->format = cJSON_GetObjectItemCaseSensitive(obj, "chat_id") ? REQLOG_QWEN : REQLOG_MOONCAKE;
+    bool qwen = r->format == REQLOG_QWEN;
+    if (qwen) {
+        if (int_field(r, obj, "chat_id", 0, &rec->chat_id, err) < 0 ||
+            int_field(r, obj, "parent_chat_id", -1, &rec->parent_chat_id, err) < 0 ||
+            int_field(r, obj, "turn", 0, &rec->turn, err) < 0)
+            return -1;
+        const cJSON *type = field(r, obj, "type", err);
+        if (!type)
+            return -1;
+        if (!cJSON_IsString(type))
+            return kv_fail(err, "%s:%ld: type: expected a string", r->path, r->line);
+        snprintf(rec->type, sizeof rec->type, "%s", type->valuestring);
+    }
+    const cJSON *ts = field(r, obj, "timestamp", err);
+    if (!ts)
+        return -1;
+    if (!cJSON_IsNumber(ts) || !isfinite(ts->valuedouble) || ts->valuedouble < 0)
+        return kv_fail(err, "%s:%ld: timestamp: expected a number >= 0 (%s)", r->path, r->line,
+                       qwen ? "seconds" : "milliseconds");
+    rec->timestamp = qwen ? ts->valuedouble : ts->valuedouble / 1000.0;
+    if (r->have_ts && rec->timestamp < r->last_ts)
+        return kv_fail(err, "%s:%ld: timestamp %.17g is before the previous request's %.17g: "
+                       "expected requests in order of arrival", r->path, r->line,
+                       ts->valuedouble, qwen ? r->last_ts : r->last_ts * 1000.0);
+    if (int_field(r, obj, "input_length", 0, &rec->input_length, err) < 0 ||
+        int_field(r, obj, "output_length", 0, &rec->output_length, err) < 0)
+        return -1;
+    const cJSON *ids = field(r, obj, "hash_ids", err);
+    if (!ids)
+        return -1;
+    if (!cJSON_IsArray(ids))
+        return kv_fail(err, "%s:%ld: hash_ids: expected a list of integers", r->path, r->line);
+    long n = 0;
+    for (const cJSON *e = ids->child; e; e = e->next) {
+        double v = e->valuedouble;
+        if (!cJSON_IsNumber(e) || v != floor(v) || v < 0 || v > 9007199254740992.0)
+            return kv_fail(err, "%s:%ld: hash_ids[%ld]: expected an integer >= 0", r->path,
+                           r->line, n);
+        if ((size_t)n == r->hash_cap) {
+            r->hash_cap = r->hash_cap ? 2 * r->hash_cap : 256;
+            r->hash = kv_realloc(r->hash, r->hash_cap * sizeof *r->hash);
+        }
+        r->hash[n++] = (int64_t)v;
+    }
+    rec->hash_ids = r->hash;
+    rec->n_hash = n;
+    r->last_ts = rec->timestamp;
+    r->have_ts = true;
+    return 0;
+}
+
+int reqlog_next(ReqReader *r, ReqRecord *rec, KvErr *err)
+{
+    for (;;) {
+        size_t n;
+        bool failed;
+        char *s = next_line(r, &n, err, &failed);
+        if (!s)
+            return failed ? -1 : 0;
+        size_t lead = 0;
+        while (lead < n && (s[lead] == ' ' || s[lead] == '\t' || s[lead] == '\r'))
+            lead++;
+        if (lead == n)
+            continue; /* blank line */
+        const char *why;
+        size_t bad = json_text_check(s, n, &why);
+        if (bad < n)
+            return kv_fail(err, "%s:%ld: byte %zu: %s", r->path, r->line, bad + 1, why);
+        size_t at;
+        int trailing = 0;
+        cJSON *obj = json_parse_exact(s, n, &at, &trailing);
+        if (!obj)
+            return kv_fail(err, "%s:%ld: not valid JSON (%s at byte %zu): expected one request "
+                           "object per line", r->path, r->line,
+                           trailing ? "text after the object" : "parsing stopped", at + 1);
+        const char *dup_key;
+        int rc = 0;
+        if (!cJSON_IsObject(obj))
+            rc = kv_fail(err, "%s:%ld: expected a JSON object (one request per line)", r->path,
+                         r->line);
+        else if (json_duplicate_key(obj, &dup_key))
+            rc = kv_fail(err, "%s:%ld: key '%s' appears twice", r->path, r->line, dup_key);
+        else
+            rc = parse_record(r, obj, rec, err);
+        cJSON_Delete(obj);
+        return rc < 0 ? -1 : 1;
+    }
+}
+
+/* ---- IdMap ---- */
+
+static size_t id_hash(int64_t key, size_t mask)
+{
+    uint64_t x = (uint64_t)key;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return (size_t)x & mask;
+}
+
+void idmap_init(IdMap *m)
+{
+    m->cap = 1024;
+    m->n = 0;
+    m->keys = kv_malloc(m->cap * sizeof *m->keys);
+    m->vals = kv_malloc(m->cap * sizeof *m->vals);
+    m->used = kv_calloc(m->cap, 1);
+}
+
+void idmap_free(IdMap *m)
+{
+    free(m->keys);
+    free(m->vals);
+    free(m->used);
+    memset(m, 0, sizeof *m);
+}
+
+uint32_t idmap_get(const IdMap *m, int64_t key)
+{
+    for (size_t i = id_hash(key, m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
+        if (!m->used[i])
+            return UINT32_MAX;
+        if (m->keys[i] == key)
+            return m->vals[i];
+    }
+}
+
+static void idmap_insert(IdMap *m, int64_t key, uint32_t val)
+{
+    size_t i = id_hash(key, m->cap - 1);
+    while (m->used[i] && m->keys[i] != key)
+        i = (i + 1) & (m->cap - 1);
+    if (!m->used[i])
+        m->n++;
+    m->used[i] = 1;
+    m->keys[i] = key;
+    m->vals[i] = val;
+}
+
+void idmap_put(IdMap *m, int64_t key, uint32_t val)
+{
+    if (2 * (m->n + 1) > m->cap) {
+        IdMap old = *m;
+        m->cap *= 2;
+        m->n = 0;
+        m->keys = kv_malloc(m->cap * sizeof *m->keys);
+        m->vals = kv_malloc(m->cap * sizeof *m->vals);
+        m->used = kv_calloc(m->cap, 1);
+        for (size_t i = 0; i < old.cap; i++)
+            if (old.used[i])
+                idmap_insert(m, old.keys[i], old.vals[i]);
+        idmap_free(&old);
+    }
+    idmap_insert(m, key, val);
+}
+
+/* ---- the log in memory ---- */
+
+int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool progress,
+                ReqLog *log, KvErr *err)
+{
+    memset(log, 0, sizeof *log);
+    ReqReader *r = reqlog_open(path, format, err);
+    if (!r)
+        return -1;
+    IdMap blocks, chats;
+    idmap_init(&blocks);
+    idmap_init(&chats);
+    size_t cap = 1024, ids_cap = 1 << 16, n_ids = 0;
+    log->off = kv_malloc((cap + 1) * sizeof *log->off);
+    log->input = kv_malloc(cap * sizeof *log->input);
+    log->output = kv_malloc(cap * sizeof *log->output);
+    log->turn = kv_malloc(cap * sizeof *log->turn);
+    log->parent = kv_malloc(cap * sizeof *log->parent);
+    log->timestamp = kv_malloc(cap * sizeof *log->timestamp);
+    log->ids = kv_malloc(ids_cap * sizeof *log->ids);
+    log->off[0] = 0;
+    Progress pr;
+    progress_begin(&pr, progress, "read", "requests", 0);
+    ReqRecord rec;
+    int rc;
+    while ((rc = reqlog_next(r, &rec, err)) == 1) {
+        if ((size_t)log->n >= UINT32_MAX - 1) {
+            rc = kv_fail(err, "%s:%ld: more than %u requests", path, rec.line, UINT32_MAX - 2);
+            break;
+        }
+        if ((size_t)log->n == cap) {
+            cap *= 2;
+            log->off = kv_realloc(log->off, (cap + 1) * sizeof *log->off);
+            log->input = kv_realloc(log->input, cap * sizeof *log->input);
+            log->output = kv_realloc(log->output, cap * sizeof *log->output);
+            log->turn = kv_realloc(log->turn, cap * sizeof *log->turn);
+            log->parent = kv_realloc(log->parent, cap * sizeof *log->parent);
+            log->timestamp = kv_realloc(log->timestamp, cap * sizeof *log->timestamp);
+        }
+        long i = log->n++;
+        while (n_ids + (size_t)rec.n_hash > ids_cap) {
+            ids_cap *= 2;
+            log->ids = kv_realloc(log->ids, ids_cap * sizeof *log->ids);
+        }
+        for (long j = 0; j < rec.n_hash; j++) {
+            uint32_t id = idmap_get(&blocks, rec.hash_ids[j]);
+            if (id == UINT32_MAX) {
+                if (blocks.n >= UINT32_MAX - 1) {
+                    rc = kv_fail(err, "%s:%ld: more than %u distinct hash ids", path, rec.line,
+                                 UINT32_MAX - 2);
+                    break;
+                }
+                id = (uint32_t)blocks.n;
+                idmap_put(&blocks, rec.hash_ids[j], id);
+            }
+            log->ids[n_ids++] = id;
+        }
+        if (rc < 0)
+            break;
+        log->off[i + 1] = (int64_t)n_ids;
+        log->input[i] = rec.input_length;
+        log->output[i] = rec.output_length;
+        log->turn[i] = rec.turn > INT32_MAX ? INT32_MAX : (int32_t)rec.turn;
+        log->timestamp[i] = rec.timestamp;
+        log->parent[i] = -1;
+        if (rec.parent_chat_id >= 0) {
+            uint32_t p = idmap_get(&chats, rec.parent_chat_id);
+            log->parent[i] = p == UINT32_MAX ? -1 : (int32_t)p;
+        }
+        if (rec.chat_id >= 0)
+            idmap_put(&chats, rec.chat_id, (uint32_t)i);
+        if ((log->n & 4095) == 0)
+            progress_set(&pr, log->n);
+    }
+    progress_set(&pr, log->n);
+    progress_end(&pr);
+    log->n_blocks = (uint32_t)blocks.n;
+    log->format = reqlog_format(r);
+    if (log->format == REQLOG_AUTO)
+        log->format = REQLOG_QWEN; /* an empty log: nothing depends on it */
+    log->block_tokens = block_tokens > 0 ? block_tokens
+                        : log->format == REQLOG_MOONCAKE ? REQLOG_MOONCAKE_BLOCK : REQLOG_QWEN_BLOCK;
+    idmap_free(&blocks);
+    idmap_free(&chats);
+    reqlog_close(r);
+    if (rc < 0) {
+        reqlog_free(log);
+        return -1;
+    }
+    return 0;
+}
+
+void reqlog_free(ReqLog *log)
+{
+    free(log->off);
+    free(log->ids);
+    free(log->input);
+    free(log->output);
+    free(log->turn);
+    free(log->parent);
+    free(log->timestamp);
+    memset(log, 0, sizeof *log);
+}

@@ -1,0 +1,406 @@
+/* The persisted-KV-cache simulator: one cache structure for every policy, over dense entry ids
+ * (blocks under the prefix scope, requests under the conversation scope). */
+#include "sim/reuse/reuse.h"
+
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *const reuse_scope_names[N_SCOPES] = {"none", "prefix", "conversation"};
+const char *const reuse_policy_names[N_POLICIES] = {"lru", "fifo", "lfu", "s3fifo", "belady"};
+
+enum { Q_NONE = 0, Q_SMALL = 1, Q_MAIN = 2 }; /* lru and fifo use Q_MAIN only */
+
+typedef struct {
+    ReusePolicy pol;
+    int64_t cap, used, peak, evictions, inserted;
+    uint8_t *present;
+    int64_t *size; /* NULL: every entry is one block */
+    /* lru, fifo, s3fifo: doubly linked queues, head = newest, tail = next victim */
+    int32_t *prev, *next;
+    uint8_t *queue;
+    int32_t head[3], tail[3];
+    int64_t qsize[3];
+    /* lfu, belady: a min-heap on (ka, kb) */
+    int32_t *heap, *pos, hn;
+    uint64_t *ka, *kb;
+    uint64_t tick;
+    /* s3fifo */
+    uint8_t *freq;
+    uint64_t *ghost; /* sequence number of the entry's last move to the ghost queue, 0: none */
+    uint64_t ghost_seq;
+    int64_t ghost_cap, small_cap;
+} Cache;
+
+static int64_t entry_size(const Cache *c, int32_t id)
+{
+    return c->size ? c->size[id] : 1;
+}
+
+/* ---- queues ---- */
+
+static void q_push_head(Cache *c, int q, int32_t id)
+{
+    c->queue[id] = (uint8_t)q;
+    c->prev[id] = -1;
+    c->next[id] = c->head[q];
+    if (c->head[q] >= 0)
+        c->prev[c->head[q]] = id;
+    else
+        c->tail[q] = id;
+    c->head[q] = id;
+    c->qsize[q] += entry_size(c, id);
+}
+
+static void q_unlink(Cache *c, int32_t id)
+{
+    int q = c->queue[id];
+    if (c->prev[id] >= 0)
+        c->next[c->prev[id]] = c->next[id];
+    else
+        c->head[q] = c->next[id];
+    if (c->next[id] >= 0)
+        c->prev[c->next[id]] = c->prev[id];
+    else
+        c->tail[q] = c->prev[id];
+    c->queue[id] = Q_NONE;
+    c->qsize[q] -= entry_size(c, id);
+}
+
+/* ---- heap ---- */
+
+static bool h_less(const Cache *c, int32_t a, int32_t b)
+{
+    return c->ka[a] != c->ka[b] ? c->ka[a] < c->ka[b] : c->kb[a] < c->kb[b];
+}
+
+static void h_set(Cache *c, int32_t i, int32_t id)
+{
+    c->heap[i] = id;
+    c->pos[id] = i;
+}
+
+static void h_up(Cache *c, int32_t i)
+{
+    int32_t id = c->heap[i];
+    while (i > 0) {
+        int32_t p = (i - 1) / 2;
+        if (!h_less(c, id, c->heap[p]))
+            break;
+        h_set(c, i, c->heap[p]);
+        i = p;
+    }
+    h_set(c, i, id);
+}
+
+static void h_down(Cache *c, int32_t i)
+{
+    int32_t id = c->heap[i];
+    for (;;) {
+        int32_t l = 2 * i + 1, m = i;
+        int32_t best = id;
+        if (l < c->hn && h_less(c, c->heap[l], best)) {
+            m = l;
+            best = c->heap[l];
+        }
+        if (l + 1 < c->hn && h_less(c, c->heap[l + 1], best)) {
+            m = l + 1;
+            best = c->heap[l + 1];
+        }
+        if (m == i)
+            break;
+        h_set(c, i, best);
+        i = m;
+    }
+    h_set(c, i, id);
+}
+
+static void h_push(Cache *c, int32_t id)
+{
+    c->heap[c->hn] = id;
+    c->pos[id] = c->hn;
+    h_up(c, c->hn++);
+}
+
+static void h_remove(Cache *c, int32_t id)
+{
+    int32_t i = c->pos[id], last = c->heap[--c->hn];
+    if (i == c->hn)
+        return;
+    h_set(c, i, last);
+    h_up(c, i);
+    h_down(c, c->pos[last]);
+}
+
+static void h_update(Cache *c, int32_t id)
+{
+    h_up(c, c->pos[id]);
+    h_down(c, c->pos[id]);
+}
+
+/* ---- the cache ---- */
+
+static bool uses_heap(ReusePolicy p)
+{
+    return p == POL_LFU || p == POL_BELADY;
+}
+
+static void cache_init(Cache *c, ReusePolicy pol, int64_t cap, uint32_t n, bool sized)
+{
+    memset(c, 0, sizeof *c);
+    c->pol = pol;
+    c->cap = cap;
+    size_t un = n ? n : 1;
+    c->present = kv_calloc(un, 1);
+    if (sized)
+        c->size = kv_calloc(un, sizeof *c->size);
+    if (uses_heap(pol)) {
+        c->heap = kv_malloc(un * sizeof *c->heap);
+        c->pos = kv_malloc(un * sizeof *c->pos);
+        c->ka = kv_malloc(un * sizeof *c->ka);
+        c->kb = kv_malloc(un * sizeof *c->kb);
+    } else {
+        c->prev = kv_malloc(un * sizeof *c->prev);
+        c->next = kv_malloc(un * sizeof *c->next);
+        c->queue = kv_calloc(un, 1);
+        for (int q = 0; q < 3; q++)
+            c->head[q] = c->tail[q] = -1;
+    }
+    if (pol == POL_S3FIFO) {
+        c->freq = kv_calloc(un, 1);
+        c->ghost = kv_calloc(un, sizeof *c->ghost);
+        c->small_cap = (cap + 9) / 10;
+        c->ghost_cap = cap - c->small_cap > 0 ? cap - c->small_cap : 1;
+    }
+}
+
+static void cache_free(Cache *c)
+{
+    free(c->present);
+    free(c->size);
+    free(c->heap);
+    free(c->pos);
+    free(c->ka);
+    free(c->kb);
+    free(c->prev);
+    free(c->next);
+    free(c->queue);
+    free(c->freq);
+    free(c->ghost);
+}
+
+/* Takes a present entry out of the structures. */
+static void cache_drop(Cache *c, int32_t id)
+{
+    if (uses_heap(c->pol))
+        h_remove(c, id);
+    else
+        q_unlink(c, id);
+    c->present[id] = 0;
+    c->used -= entry_size(c, id);
+}
+
+static int32_t s3_evict_main(Cache *c)
+{
+    while (c->tail[Q_MAIN] >= 0) {
+        int32_t t = c->tail[Q_MAIN];
+        if (c->freq[t] > 0) {
+            c->freq[t]--;
+            q_unlink(c, t);
+            q_push_head(c, Q_MAIN, t);
+        } else {
+            return t;
+        }
+    }
+    return -1;
+}
+
+/* The victim, still present; -1 when the cache is empty. */
+static int32_t cache_victim(Cache *c)
+{
+    switch (c->pol) {
+    case POL_LRU:
+    case POL_FIFO:
+        return c->tail[Q_MAIN];
+    case POL_LFU:
+    case POL_BELADY:
+        return c->hn > 0 ? c->heap[0] : -1;
+    case POL_S3FIFO:
+        if (c->qsize[Q_SMALL] > 0 && (c->qsize[Q_SMALL] >= c->small_cap || c->qsize[Q_MAIN] == 0)) {
+            while (c->tail[Q_SMALL] >= 0) {
+                int32_t t = c->tail[Q_SMALL];
+                if (c->freq[t] > 1) { /* referenced again while small: promoted */
+                    q_unlink(c, t);
+                    q_push_head(c, Q_MAIN, t);
+                } else {
+                    c->ghost[t] = ++c->ghost_seq;
+                    return t;
+                }
+            }
+        }
+        return s3_evict_main(c);
+    default:
+        return -1;
+    }
+}
+
+/* A reference to a present entry; nu: its next use (belady). */
+static void cache_hit(Cache *c, int32_t id, uint32_t nu)
+{
+    switch (c->pol) {
+    case POL_LRU:
+        q_unlink(c, id);
+        q_push_head(c, Q_MAIN, id);
+        break;
+    case POL_FIFO:
+        break;
+    case POL_LFU:
+        c->ka[id]++;
+        c->kb[id] = ++c->tick;
+        h_update(c, id);
+        break;
+    case POL_BELADY:
+        c->ka[id] = UINT64_MAX - nu;
+        c->kb[id] = ++c->tick;
+        h_update(c, id);
+        break;
+    case POL_S3FIFO:
+        if (c->freq[id] < 3)
+            c->freq[id]++;
+        break;
+    default:
+        break;
+    }
+}
+
+/* Inserts an absent entry of `size` blocks, evicting until it fits; an entry larger than the
+ * cache is not kept. */
+static void cache_insert(Cache *c, int32_t id, int64_t size, uint32_t nu)
+{
+    if (size > c->cap)
+        return;
+    if (c->size)
+        c->size[id] = size;
+    while (c->used + size > c->cap) {
+        int32_t v = cache_victim(c);
+        if (v < 0)
+            break;
+        cache_drop(c, v);
+        c->evictions++;
+    }
+    c->present[id] = 1;
+    c->used += size;
+    c->inserted++;
+    if (c->used > c->peak)
+        c->peak = c->used;
+    switch (c->pol) {
+    case POL_LRU:
+    case POL_FIFO:
+        q_push_head(c, Q_MAIN, id);
+        break;
+    case POL_LFU:
+        c->ka[id] = 1;
+        c->kb[id] = ++c->tick;
+        h_push(c, id);
+        break;
+    case POL_BELADY:
+        c->ka[id] = UINT64_MAX - nu;
+        c->kb[id] = ++c->tick;
+        h_push(c, id);
+        break;
+    case POL_S3FIFO: {
+        bool ghost = c->ghost[id] && c->ghost_seq - c->ghost[id] < (uint64_t)c->ghost_cap;
+        c->ghost[id] = 0;
+        c->freq[id] = 0;
+        q_push_head(c, ghost ? Q_MAIN : Q_SMALL, id);
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+uint32_t *reuse_next_use(const ReqLog *log, ReuseScope scope)
+{
+    if (scope == SCOPE_PREFIX) {
+        int64_t total = log->off[log->n];
+        uint32_t *nu = kv_malloc((size_t)(total ? total : 1) * sizeof *nu);
+        uint32_t *last = kv_malloc((size_t)(log->n_blocks ? log->n_blocks : 1) * sizeof *last);
+        for (uint32_t b = 0; b < log->n_blocks; b++)
+            last[b] = UINT32_MAX;
+        for (long r = log->n - 1; r >= 0; r--) {
+            for (int64_t j = log->off[r]; j < log->off[r + 1]; j++)
+                nu[j] = last[log->ids[j]];
+            for (int64_t j = log->off[r]; j < log->off[r + 1]; j++)
+                last[log->ids[j]] = (uint32_t)r;
+        }
+        free(last);
+        return nu;
+    }
+    if (scope == SCOPE_CONVERSATION) {
+        uint32_t *nu = kv_malloc((size_t)(log->n ? log->n : 1) * sizeof *nu);
+        for (long r = 0; r < log->n; r++)
+            nu[r] = UINT32_MAX;
+        for (long r = log->n - 1; r >= 0; r--)
+            if (log->parent[r] >= 0)
+                nu[log->parent[r]] = (uint32_t)r; /* the first child wins */
+        return nu;
+    }
+    return NULL;
+}
+
+static void count_turn(ReuseResult *out, int32_t turn, int64_t prompt, int64_t hit)
+{
+    int t = turn < 0 ? 0 : turn >= REUSE_MAX_TURN ? REUSE_MAX_TURN - 1 : turn;
+    out->turn_requests[t]++;
+    out->turn_prompt[t] += prompt;
+    out->turn_hit[t] += hit;
+}
+
+void reuse_simulate(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
+                    int64_t capacity_blocks, const uint32_t *next_use, ReuseResult *out)
+{
+    memset(out, 0, sizeof *out);
+    const int64_t B = log->block_tokens;
+    bool belady = policy == POL_BELADY;
+    Cache c;
+    uint32_t n_entries = scope == SCOPE_PREFIX ? log->n_blocks
+                         : scope == SCOPE_CONVERSATION ? (uint32_t)log->n : 0;
+    cache_init(&c, policy, capacity_blocks < 0 ? 0 : capacity_blocks, n_entries,
+               scope == SCOPE_CONVERSATION);
+    for (long r = 0; r < log->n; r++) {
+        int64_t hit = 0;
+        if (scope == SCOPE_PREFIX) {
+            const uint32_t *ids = log->ids + log->off[r];
+            int64_t m = log->off[r + 1] - log->off[r], k = 0;
+            while (k < m && c.present[ids[k]])
+                k++;
+            hit = k * B < log->input[r] ? k * B : log->input[r];
+            for (int64_t j = m - 1; j >= 0; j--) {
+                uint32_t nu = belady ? next_use[log->off[r] + j] : 0;
+                if (c.present[ids[j]])
+                    cache_hit(&c, (int32_t)ids[j], nu);
+                else
+                    cache_insert(&c, (int32_t)ids[j], 1, nu);
+            }
+        } else if (scope == SCOPE_CONVERSATION) {
+            int32_t p = log->parent[r];
+            if (p >= 0 && c.present[p]) {
+                int64_t ctx = log->input[p] + log->output[p];
+                hit = ctx < log->input[r] ? ctx : log->input[r];
+                cache_drop(&c, p);
+            }
+            cache_insert(&c, (int32_t)r, reuse_blocks(log->input[r] + log->output[r], (int)B),
+                         belady ? next_use[r] : 0);
+        }
+        out->requests++;
+        out->prompt_tokens += log->input[r];
+        out->hit_tokens += hit;
+        count_turn(out, log->turn[r], log->input[r], hit);
+    }
+    out->evictions = c.evictions;
+    out->inserted = c.inserted;
+    out->blocks_end = c.used;
+    out->blocks_peak = c.peak;
+    cache_free(&c);
+}

@@ -205,6 +205,56 @@ static void test_belady_dominates(void **state)
     reqlog_free(&log);
 }
 
+/* The one-pass LRU curve gives, at every capacity, the cached tokens of an LRU replay: on a
+ * synthetic log (small blocks, so that the tree of reference times is renumbered many times)
+ * and on a log of repeated and out-of-order ids. */
+static void test_lru_curve(void **state)
+{
+    (void)state;
+    WorkloadParams wp;
+    small_workload(&wp, 200);
+    wp.block_tokens = 8;
+    wp.system_mean = 100;
+    wp.turns_mean = 8; /* about 4.5 references per distinct block */
+    const char *path = scratch_path(dir, "curve.jsonl", 0);
+    KvErr err;
+    if (workload_write(&wp, path, NULL, &err) < 0)
+        fail_msg("%s", err.msg);
+    ReqLog log;
+    if (reqlog_load(path, REQLOG_AUTO, 8, false, &log, &err) < 0)
+        fail_msg("%s", err.msg);
+    int64_t *curve = reuse_lru_curve(&log);
+    int checked = 0;
+    for (int64_t c = 0; c <= log.n_blocks; c = c < 16 ? c + 1 : c * 5 / 4) {
+        int64_t h = hits(&log, SCOPE_PREFIX, POL_LRU, c, NULL);
+        if (curve[c] != h)
+            fail_msg("capacity %lld: curve %lld, replay %lld", (long long)c, (long long)curve[c],
+                     (long long)h);
+        checked++;
+    }
+    assert_int_equal(curve[log.n_blocks], hits(&log, SCOPE_PREFIX, POL_LRU, log.n_blocks, NULL));
+    assert_int_equal(curve[log.n_blocks], hits(&log, SCOPE_PREFIX, POL_LRU, 1 << 30, NULL));
+    assert_true(checked > 30);
+    assert_true(curve[log.n_blocks] > curve[log.n_blocks / 8]);
+    free(curve);
+    reqlog_free(&log);
+
+    load_text("curve2.jsonl",
+              "{\"timestamp\": 0, \"input_length\": 12, \"output_length\": 1, \"hash_ids\": [1, 2, 3]}\n"
+              "{\"timestamp\": 1, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [1, 2, 9]}\n"
+              "{\"timestamp\": 2, \"input_length\": 12, \"output_length\": 1, \"hash_ids\": [5, 2, 3]}\n"
+              "{\"timestamp\": 2, \"input_length\": 15, \"output_length\": 1, \"hash_ids\": [1, 1, 2, 1]}\n"
+              "{\"timestamp\": 3, \"input_length\": 14, \"output_length\": 1, \"hash_ids\": [1, 2, 3, 4]}\n"
+              "{\"timestamp\": 3, \"input_length\": 9, \"output_length\": 1, \"hash_ids\": [3, 2, 1]}\n"
+              "{\"timestamp\": 4, \"input_length\": 2, \"output_length\": 1, \"hash_ids\": [1]}\n",
+              4, &log);
+    curve = reuse_lru_curve(&log);
+    for (int64_t c = 0; c <= log.n_blocks; c++)
+        assert_int_equal(curve[c], hits(&log, SCOPE_PREFIX, POL_LRU, c, NULL));
+    free(curve);
+    reqlog_free(&log);
+}
+
 /* The generator's statistics against its parameters, its chained ids, its determinism. */
 static void test_generator_statistics(void **state)
 {
@@ -403,6 +453,24 @@ static void test_cli(void **state)
     assert_int_equal(count_lines(c3), 2);
     assert_non_null(strstr(c3, "\nprefix,lru,1048576,128,"));
     free(c3);
+    /* --lru-curve: its row at 64 blocks (a point of the grid) is the replay's at 64 blocks */
+    r = run_kvsim_ok("reuse '%s/cli.jsonl' --out '%s/r4' --capacity 58720256 --scopes prefix "
+                     "--policies lru --lru-curve --quiet", dir, dir);
+    kvsim_run_free(&r);
+    char *c4 = scratch_read(scratch_path(dir, "r4/reuse.csv", 0));
+    char *curve = scratch_read(scratch_path(dir, "r4/lru_curve.csv", 1));
+    long long replay = -1, from_curve = -1;
+    const char *row = strstr(c4, "\nprefix,lru,58720256,64,");
+    assert_non_null(row);
+    assert_int_equal(sscanf(row, "\nprefix,lru,58720256,64,%*d,%*d,%lld", &replay), 1);
+    assert_true(strstr(curve, "capacity_blocks,capacity_bytes,cached_tokens,token_hit_rate\n") == curve);
+    row = strstr(curve, "\n64,58720256,");
+    assert_non_null(row);
+    assert_int_equal(sscanf(row, "\n64,58720256,%lld", &from_curve), 1);
+    assert_true(replay > 0);
+    assert_int_equal(replay, from_curve);
+    free(c4);
+    free(curve);
 }
 
 static void test_byte_sizes(void **state)
@@ -446,6 +514,7 @@ int main(void)
         cmocka_unit_test(test_prefix_run),
         cmocka_unit_test(test_conversation_one_room),
         cmocka_unit_test(test_belady_dominates),
+        cmocka_unit_test(test_lru_curve),
         cmocka_unit_test(test_generator_statistics),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_cli),

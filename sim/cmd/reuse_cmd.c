@@ -123,7 +123,7 @@ int cmd_reuse(int argc, char **argv)
                *policies = "lru,fifo,lfu,s3fifo,belady", *capacity = "1GiB,4GiB,16GiB,64GiB",
                *model = NULL;
     int format = REQLOG_AUTO, block = 0, layers = 28, kv_heads = 4, head_dim = 128, kv_bits = 16,
-        quiet = 0;
+        quiet = 0, lru_curve = 0;
     double prefill_tps = 10000.0;
     const ArgSpec specs[] = {
         {"out", ARG_STRING, &out, 0, 0, NULL, "output directory (reuse.csv, reuse_turns.csv)"},
@@ -144,6 +144,8 @@ int cmd_reuse(int argc, char **argv)
         {"kv-bits", ARG_INT, &kv_bits, 4, 32, NULL, "bits per cached K or V value: 4, 8, 16 or 32"},
         {"prefill-tps", ARG_DOUBLE, &prefill_tps, 1e-9, 1e15, NULL,
          "prefill throughput, tokens per second (for the seconds columns)"},
+        {"lru-curve", ARG_FLAG, &lru_curve, 0, 0, NULL,
+         "also lru_curve.csv: the prefix scope under lru at every capacity, in one pass"},
         {"quiet", ARG_FLAG, &quiet, 0, 0, NULL, "no table, no progress"},
         {NULL, 0, NULL, 0, 0, NULL, NULL},
     };
@@ -217,7 +219,7 @@ int cmd_reuse(int argc, char **argv)
         printf("KV per token %s (%d layers x %d KV heads x %d dims x 2 x %d bits); prefill %g tokens/s\n",
                kv, layers, kv_heads, head_dim, kv_bits, prefill_tps);
         printf("%-13s %-7s %12s %9s %12s %10s\n", "scope", "policy", "capacity", "hit_rate",
-               "evictions", "lookups/s");
+               "evictions", "requests/s");
     }
     double t_sim = 0;
     long n_runs = 0;
@@ -283,14 +285,56 @@ int cmd_reuse(int argc, char **argv)
         }
         free(next_use);
     }
+    CsvFile curve_csv;
+    int n_files = 2;
+    if (lru_curve) {
+        static const char curve_header[] =
+            "capacity_blocks,capacity_bytes,cached_tokens,token_hit_rate";
+        if (csv_create(&curve_csv, out, "lru_curve.csv", curve_header, &err) < 0) {
+            atomic_abort(&csv.af);
+            atomic_abort(&turns.af);
+            fprintf(stderr, "kvsim: %s\n", err.msg);
+            reqlog_free(&log);
+            return 2;
+        }
+        n_files = 3;
+        double t1 = now_seconds();
+        int64_t *curve = reuse_lru_curve(&log);
+        double dt = now_seconds() - t1;
+        int64_t prompt = 0;
+        for (long r = 0; r < log.n; r++)
+            prompt += log.input[r];
+        /* Capacities 1, 2, 3, ... at four points per doubling up to every distinct block. */
+        int64_t prev = -1;
+        for (int k = 0;; k++) {
+            int64_t c = (int64_t)llround(pow(2.0, k / 4.0));
+            if (c > (int64_t)log.n_blocks)
+                c = log.n_blocks;
+            if (c != prev) {
+                csv_put_count(&curve_csv, (double)c);
+                csv_put_count(&curve_csv, (double)c * block_bytes);
+                csv_put_count(&curve_csv, (double)curve[c]);
+                csv_put_optional(&curve_csv, prompt > 0 ? (double)curve[c] / prompt : NAN);
+                csv_end_row(&curve_csv);
+                prev = c;
+            }
+            if (c == (int64_t)log.n_blocks)
+                break;
+        }
+        free(curve);
+        if (!quiet)
+            printf("lru curve over %u capacities in %.2f s (%.3g requests/s)\n", log.n_blocks, dt,
+                   dt > 0 ? log.n / dt : 0.0);
+    }
     reqlog_free(&log);
-    CsvFile *files[] = {&csv, &turns};
-    if (csv_commit_set(files, 2, &err) < 0) {
+    CsvFile *files[] = {&csv, &turns, &curve_csv};
+    if (csv_commit_set(files, n_files, &err) < 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         return 2;
     }
     if (!quiet)
-        printf("%ld runs in %.2f s; wrote %s/reuse.csv, %s/reuse_turns.csv\n", n_runs, t_sim, out, out);
+        printf("%ld runs in %.2f s; wrote %s/reuse.csv, %s/reuse_turns.csv%s\n", n_runs, t_sim, out,
+               out, lru_curve ? ", lru_curve.csv" : "");
     return 0;
 }
 

@@ -332,8 +332,8 @@ int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool pr
     ReqRecord rec;
     int rc;
     while ((rc = reqlog_next(r, &rec, err)) == 1) {
-        if ((size_t)log->n >= UINT32_MAX - 1) {
-            rc = kv_fail(err, "%s:%ld: more than %u requests", path, rec.line, UINT32_MAX - 2);
+        if (log->n >= INT32_MAX - 1) { /* entries are int32 in the simulator */
+            rc = kv_fail(err, "%s:%ld: more than %d requests", path, rec.line, INT32_MAX - 2);
             break;
         }
         if ((size_t)log->n == cap) {
@@ -353,9 +353,9 @@ int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool pr
         for (long j = 0; j < rec.n_hash; j++) {
             uint32_t id = idmap_get(&blocks, rec.hash_ids[j]);
             if (id == UINT32_MAX) {
-                if (blocks.n >= UINT32_MAX - 1) {
-                    rc = kv_fail(err, "%s:%ld: more than %u distinct hash ids", path, rec.line,
-                                 UINT32_MAX - 2);
+                if (blocks.n >= INT32_MAX / 2 - 2) { /* int32 entries and reference times */
+                    rc = kv_fail(err, "%s:%ld: more than %d distinct hash ids", path, rec.line,
+                                 INT32_MAX / 2 - 3);
                     break;
                 }
                 id = (uint32_t)blocks.n;

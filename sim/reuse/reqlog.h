@@ -62,7 +62,8 @@ typedef struct {
     int block_tokens;        /* tokens per block */
 } ReqLog;
 
-/* Reads a whole log (streamed) into `log`. block_tokens 0: the format's own. progress: a
+/* Reads a whole log (streamed) into `log`: at most 2147483645 requests and 1073741820
+ * distinct hash ids ("PATH:LINE: more than ..." otherwise). block_tokens 0: the format's own. progress: a
  * progress line on stderr. */
 int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool progress,
                 ReqLog *log, KvErr *err);

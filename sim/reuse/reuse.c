@@ -404,3 +404,109 @@ void reuse_simulate(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
     out->blocks_peak = c.peak;
     cache_free(&c);
 }
+
+/* ---- the LRU curve: stack depths through a Fenwick tree over reference times ---- */
+
+typedef struct {
+    int32_t *fw;  /* [size + 1], 1-based: marks of the times at which a block was last referenced */
+    int32_t *at;  /* [size]: the block last referenced at time t, -1 when none */
+    int32_t *last; /* [n_blocks]: the time of each block's last reference, -1 when none */
+    int64_t size, now, marked;
+} Stack;
+
+static void fw_add(Stack *s, int64_t t, int32_t v)
+{
+    for (int64_t i = t + 1; i <= s->size; i += i & -i)
+        s->fw[i] += v;
+}
+
+/* Marks at times < t. */
+static int64_t fw_before(const Stack *s, int64_t t)
+{
+    int64_t sum = 0;
+    for (int64_t i = t; i > 0; i -= i & -i)
+        sum += s->fw[i];
+    return sum;
+}
+
+/* Renumbers the marked times 0, 1, ... in order once the clock reaches the end of the tree: at
+ * most n_blocks are marked, so each renumbering frees at least half of it. */
+static void stack_compact(Stack *s)
+{
+    int64_t n = 0;
+    for (int64_t t = 0; t < s->size; t++) {
+        int32_t b = s->at[t];
+        if (b < 0)
+            continue;
+        s->at[t] = -1;
+        s->at[n] = b;
+        s->last[b] = (int32_t)n;
+        n++;
+    }
+    memset(s->fw, 0, (size_t)(s->size + 1) * sizeof *s->fw);
+    for (int64_t t = 0; t < n; t++)
+        s->fw[t + 1] = 1;
+    for (int64_t i = 1; i <= s->size; i++) { /* the tree of those marks in linear time */
+        int64_t j = i + (i & -i);
+        if (j <= s->size)
+            s->fw[j] += s->fw[i];
+    }
+    s->now = n;
+}
+
+int64_t *reuse_lru_curve(const ReqLog *log)
+{
+    const int64_t B = log->block_tokens, nb = log->n_blocks;
+    Stack s = {.size = 2 * nb + 2 > 1024 ? 2 * nb + 2 : 1024};
+    s.fw = kv_calloc((size_t)s.size + 1, sizeof *s.fw);
+    s.at = kv_malloc((size_t)s.size * sizeof *s.at);
+    for (int64_t t = 0; t < s.size; t++)
+        s.at[t] = -1;
+    s.last = kv_malloc((size_t)(nb ? nb : 1) * sizeof *s.last);
+    for (int64_t b = 0; b < nb; b++)
+        s.last[b] = -1;
+    int64_t *delta = kv_calloc((size_t)nb + 2, sizeof *delta);
+    for (long r = 0; r < log->n; r++) {
+        const uint32_t *ids = log->ids + log->off[r];
+        int64_t m = log->off[r + 1] - log->off[r], max_depth = 0;
+        /* the depths before the request: block j is cached at capacity c when every block
+         * before it is, i.e. from c = the prefix maximum of their depths */
+        for (int64_t j = 0; j < m && j * B < log->input[r]; j++) {
+            int32_t t = s.last[ids[j]];
+            if (t < 0)
+                break; /* never referenced: missing at every capacity */
+            int64_t depth = s.marked - fw_before(&s, t);
+            if (depth > max_depth)
+                max_depth = depth;
+            int64_t tokens = log->input[r] - j * B < B ? log->input[r] - j * B : B;
+            delta[max_depth] += tokens;
+        }
+        /* then the references, last block to first, as reuse_simulate makes them */
+        for (int64_t j = m - 1; j >= 0; j--) {
+            uint32_t b = ids[j];
+            if (s.now == s.size)
+                stack_compact(&s);
+            if (s.last[b] >= 0) {
+                fw_add(&s, s.last[b], -1);
+                s.at[s.last[b]] = -1;
+                s.marked--;
+            }
+            s.last[b] = (int32_t)s.now;
+            s.at[s.now] = (int32_t)b;
+            fw_add(&s, s.now, 1);
+            s.marked++;
+            s.now++;
+        }
+    }
+    int64_t *out = kv_malloc((size_t)(nb + 1) * sizeof *out);
+    int64_t sum = 0;
+    for (int64_t c = 0; c <= nb; c++) {
+        sum += delta[c];
+        out[c] = sum;
+    }
+    free(delta);
+    free(s.fw);
+    free(s.at);
+    free(s.last);
+    return out;
+}

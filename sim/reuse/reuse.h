@@ -59,6 +59,15 @@ uint32_t *reuse_next_use(const ReqLog *log, ReuseScope scope);
 void reuse_simulate(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
                     int64_t capacity_blocks, const uint32_t *next_use, ReuseResult *out);
 
+/* The prefix scope under lru at every capacity at once, from stack distances in one pass: LRU
+ * with blocks of one size holds, at any capacity, the blocks most recently referenced, so a
+ * block is present at capacity c before a request when at most c distinct blocks (itself
+ * included) were referenced since its last reference, and a request's run of leading blocks
+ * at capacity c ends at the first block whose prefix maximum of that depth exceeds c. Returns
+ * out[0 .. n_blocks]: the cached tokens of reuse_simulate(SCOPE_PREFIX, POL_LRU, c) at
+ * c <= n_blocks (larger capacities cache what n_blocks does). free() it. */
+int64_t *reuse_lru_curve(const ReqLog *log);
+
 /* Blocks of a context of `tokens` tokens. */
 static inline int64_t reuse_blocks(int64_t tokens, int block_tokens)
 {

@@ -473,6 +473,65 @@ static void test_cli(void **state)
     free(curve);
 }
 
+/* The reader's fast path (flat objects of plain ASCII) and its general path (escapes, nesting,
+ * long ids, literals) read the same values; a NUL inside a line is refused either way. */
+static void test_reader_paths(void **state)
+{
+    (void)state;
+    ReqLog log;
+    load_text("paths.jsonl",
+              "{\"chat_id\": 1, \"parent_chat_id\": -1, \"timestamp\": 0.5, \"input_length\": 40, \"output_length\": 3, \"type\": \"text\", \"turn\": 1, \"hash_ids\": [7, 8, 9]}\n"
+              "  {\"hash_ids\":[7,8,10],\"turn\":2,\"type\":\"te\\u0078t\",\"chat_id\":2,\"parent_chat_id\":1,\"timestamp\":1.5e0,\"input_length\":44,\"output_length\":1}\t\r\n"
+              "{\"chat_id\": 3, \"parent_chat_id\": 2, \"timestamp\": 2, \"input_length\": 48, \"output_length\": 3, \"type\": \"search\", \"turn\": 3, \"hash_ids\": [7, 8, 10, 9007199254740000], \"extra\": {\"a\": [true, null]}}\n"
+              "{\"chat_id\": 4, \"parent_chat_id\": 3, \"timestamp\": 2.0, \"input_length\": 4.8e1, \"output_length\": 0, \"type\": \"file\", \"turn\": 4, \"hash_ids\": [7, 8, 10, 9007199254740000, 11]}\n",
+              16, &log);
+    assert_int_equal(log.n, 4);
+    assert_int_equal(log.format, REQLOG_QWEN);
+    assert_int_equal(log.n_blocks, 6);
+    const int64_t in[] = {40, 44, 48, 48};
+    const int32_t parent[] = {-1, 0, 1, 2}, turn[] = {1, 2, 3, 4};
+    const double ts[] = {0.5, 1.5, 2, 2};
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(log.input[i], in[i]);
+        assert_int_equal(log.parent[i], parent[i]);
+        assert_int_equal(log.turn[i], turn[i]);
+        assert_true(log.timestamp[i] == ts[i]);
+    }
+    assert_int_equal(log.off[4] - log.off[3], 5);
+    /* request 2's long id and request 3's are the same block */
+    assert_int_equal(log.ids[log.off[2] + 3], log.ids[log.off[3] + 3]);
+    reqlog_free(&log);
+
+    /* An id first too large for the array goes to the map; once the array has grown past it,
+     * it is still found there: 3000000 is one block in requests 0 and 3. */
+    size_t cap = 16u << 20, len = 0;
+    char *text = kv_malloc(cap);
+    len += (size_t)snprintf(text + len, cap - len, "{\"timestamp\": 0, \"input_length\": 16, \"output_length\": 1, \"hash_ids\": [3000000]}\n"
+                            "{\"timestamp\": 1, \"input_length\": 12800000, \"output_length\": 1, \"hash_ids\": [0");
+    for (int i = 1; i < 800000; i++)
+        len += (size_t)snprintf(text + len, cap - len, ", %d", i);
+    snprintf(text + len, cap - len, "]}\n{\"timestamp\": 2, \"input_length\": 16, \"output_length\": 1, \"hash_ids\": [3500000]}\n"
+             "{\"timestamp\": 3, \"input_length\": 16, \"output_length\": 1, \"hash_ids\": [3000000]}\n");
+    load_text("grow.jsonl", text, 16, &log);
+    free(text);
+    assert_int_equal(log.n_blocks, 800002);
+    assert_int_equal(log.ids[log.off[3]], log.ids[log.off[0]]);
+    assert_int_equal(log.ids[log.off[2]], 800001);
+    assert_int_equal(hits(&log, SCOPE_PREFIX, POL_LRU, 1 << 21, NULL), 16);
+    reqlog_free(&log);
+
+    const char *path = scratch_path(dir, "nul.jsonl", 0);
+    FILE *fp = fopen(path, "wb");
+    assert_non_null(fp);
+    static const char line[] = "{\"timestamp\": 0, \"input_length\": 4, \"output_length\": 1, \"hash_ids\": [1]}\0 \n";
+    assert_int_equal(fwrite(line, 1, sizeof line - 1, fp), sizeof line - 1);
+    assert_int_equal(fclose(fp), 0);
+    KvErr err;
+    assert_int_equal(reqlog_load(path, REQLOG_AUTO, 0, false, &log, &err), -1);
+    assert_non_null(strstr(err.msg, "nul.jsonl:1:"));
+    assert_non_null(strstr(err.msg, "NUL"));
+}
+
 static void test_byte_sizes(void **state)
 {
     (void)state;
@@ -518,6 +577,7 @@ int main(void)
         cmocka_unit_test(test_generator_statistics),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_cli),
+        cmocka_unit_test(test_reader_paths),
         cmocka_unit_test(test_byte_sizes),
         cmocka_unit_test(test_mooncake_units),
     };

@@ -199,6 +199,216 @@ static int parse_record(ReqReader *r, const cJSON *obj, ReqRecord *rec, KvErr *e
     return 0;
 }
 
+/* ---- the fast path ----
+ *
+ * Real logs are millions of flat objects of the same shape; cJSON spends most of the reading
+ * time on them (a node per hash id). fast_parse reads the common case directly: an object of at
+ * most 16 keys of plain printable ASCII, whose values are numbers, strings of plain printable
+ * ASCII, or lists of integers of at most 15 digits, every field of the format present with a
+ * value parse_record would accept. Anything else (escapes, non-ASCII text, nesting, literals,
+ * an error of any kind) returns false, and the line goes the general way (json_text_check,
+ * cJSON, parse_record), which accepts the same lines with the same values and words the
+ * errors: the fast path changes the speed only. */
+
+typedef struct {
+    const char *key;
+    size_t key_len;
+    char kind; /* 'n' number, 's' string, 'a' list of integers */
+    double num;
+    const char *str;
+    size_t str_len;
+    long arr_at, arr_n; /* the list's integers: r->hash[arr_at .. arr_at + arr_n) */
+} FastField;
+
+static const char *fast_ws(const char *p)
+{
+    while (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n')
+        p++;
+    return p;
+}
+
+/* A plain string at p (after its opening quote): printable ASCII, no escape. */
+static const char *fast_string(const char *p, size_t *len)
+{
+    const char *q = p;
+    while (*q != '"') {
+        if (*q < 0x20 || *q > 0x7e || *q == '\\')
+            return NULL;
+        q++;
+    }
+    *len = (size_t)(q - p);
+    return q + 1;
+}
+
+/* A JSON number at p (the grammar of RFC 8259), converted as cJSON converts it (strtod). */
+static const char *fast_number(const char *p, double *v)
+{
+    const char *q = p;
+    if (*q == '-')
+        q++;
+    if (*q == '0')
+        q++;
+    else if (*q >= '1' && *q <= '9')
+        while (*q >= '0' && *q <= '9')
+            q++;
+    else
+        return NULL;
+    if (*q == '.') {
+        q++;
+        if (!(*q >= '0' && *q <= '9'))
+            return NULL;
+        while (*q >= '0' && *q <= '9')
+            q++;
+    }
+    if (*q == 'e' || *q == 'E') {
+        q++;
+        if (*q == '+' || *q == '-')
+            q++;
+        if (!(*q >= '0' && *q <= '9'))
+            return NULL;
+        while (*q >= '0' && *q <= '9')
+            q++;
+    }
+    char *end;
+    *v = strtod(p, &end);
+    return end == q ? q : NULL;
+}
+
+static void hash_reserve(ReqReader *r, size_t n)
+{
+    if (n > r->hash_cap) {
+        r->hash_cap = r->hash_cap ? 2 * r->hash_cap : 256;
+        if (r->hash_cap < n)
+            r->hash_cap = n;
+        r->hash = kv_realloc(r->hash, r->hash_cap * sizeof *r->hash);
+    }
+}
+
+static const FastField *fast_find(const FastField *f, int n, const char *key)
+{
+    size_t len = strlen(key);
+    for (int i = 0; i < n; i++)
+        if (f[i].key_len == len && !memcmp(f[i].key, key, len))
+            return &f[i];
+    return NULL;
+}
+
+/* An integer field as parse_record's int_field accepts it. */
+static bool fast_int(const FastField *f, int n, const char *key, int64_t lo, int64_t *out)
+{
+    const FastField *x = fast_find(f, n, key);
+    if (!x || x->kind != 'n' || x->num != floor(x->num) || x->num < (double)lo ||
+        x->num > 9007199254740992.0)
+        return false;
+    *out = (int64_t)x->num;
+    return true;
+}
+
+static bool fast_parse(ReqReader *r, const char *s, size_t len, ReqRecord *rec)
+{
+    FastField f[16];
+    int n = 0;
+    long n_hash = 0;
+    const char *p = fast_ws(s);
+    if (*p++ != '{')
+        return false;
+    p = fast_ws(p);
+    if (*p == '}')
+        return false;
+    for (;;) {
+        if (n == 16 || *p++ != '"')
+            return false;
+        FastField *x = &f[n++];
+        x->key = p;
+        if (!(p = fast_string(p, &x->key_len)))
+            return false;
+        p = fast_ws(p);
+        if (*p++ != ':')
+            return false;
+        p = fast_ws(p);
+        if (*p == '"') {
+            x->kind = 's';
+            x->str = p + 1;
+            if (!(p = fast_string(p + 1, &x->str_len)))
+                return false;
+        } else if (*p == '[') {
+            x->kind = 'a';
+            x->arr_at = n_hash;
+            p = fast_ws(p + 1);
+            if (*p != ']') {
+                for (;;) {
+                    int64_t v = 0;
+                    int digits = 0;
+                    if (*p == '0' && p[1] >= '0' && p[1] <= '9')
+                        return false; /* a leading zero: not JSON */
+                    while (*p >= '0' && *p <= '9' && digits < 16) {
+                        v = 10 * v + (*p++ - '0');
+                        digits++;
+                    }
+                    if (digits == 0 || digits > 15 || *p == '.' || *p == 'e' || *p == 'E')
+                        return false;
+                    hash_reserve(r, (size_t)n_hash + 1);
+                    r->hash[n_hash++] = v;
+                    p = fast_ws(p);
+                    if (*p == ']')
+                        break;
+                    if (*p++ != ',')
+                        return false;
+                    p = fast_ws(p);
+                }
+            }
+            p++;
+            x->arr_n = n_hash - x->arr_at;
+        } else {
+            x->kind = 'n';
+            if (!(p = fast_number(p, &x->num)))
+                return false;
+        }
+        p = fast_ws(p);
+        if (*p == '}')
+            break;
+        if (*p++ != ',')
+            return false;
+        p = fast_ws(p);
+    }
+    if (fast_ws(p + 1) != s + len) /* the line's end, not a NUL inside it */
+        return false;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < i; j++)
+            if (f[i].key_len == f[j].key_len && !memcmp(f[i].key, f[j].key, f[i].key_len))
+                return false;
+
+    ReqlogFormat format = r->format;
+    if (format == REQLOG_AUTO)
+        format = fast_find(f, n, "chat_id") ? REQLOG_QWEN : REQLOG_MOONCAKE;
+    bool qwen = format == REQLOG_QWEN;
+    memset(rec, 0, sizeof *rec);
+    rec->line = r->line;
+    rec->chat_id = rec->parent_chat_id = -1;
+    if (qwen) {
+        const FastField *type = fast_find(f, n, "type");
+        if (!fast_int(f, n, "chat_id", 0, &rec->chat_id) ||
+            !fast_int(f, n, "parent_chat_id", -1, &rec->parent_chat_id) ||
+            !fast_int(f, n, "turn", 0, &rec->turn) || !type || type->kind != 's')
+            return false;
+        snprintf(rec->type, sizeof rec->type, "%.*s", (int)type->str_len, type->str);
+    }
+    const FastField *ts = fast_find(f, n, "timestamp"), *ids = fast_find(f, n, "hash_ids");
+    if (!ts || ts->kind != 'n' || !isfinite(ts->num) || ts->num < 0 || !ids || ids->kind != 'a')
+        return false;
+    rec->timestamp = qwen ? ts->num : ts->num / 1000.0;
+    if ((r->have_ts && rec->timestamp < r->last_ts) ||
+        !fast_int(f, n, "input_length", 0, &rec->input_length) ||
+        !fast_int(f, n, "output_length", 0, &rec->output_length))
+        return false;
+    rec->hash_ids = r->hash + ids->arr_at;
+    rec->n_hash = ids->arr_n;
+    r->format = format;
+    r->last_ts = rec->timestamp;
+    r->have_ts = true;
+    return true;
+}
+
 int reqlog_next(ReqReader *r, ReqRecord *rec, KvErr *err)
 {
     for (;;) {
@@ -212,6 +422,8 @@ int reqlog_next(ReqReader *r, ReqRecord *rec, KvErr *err)
             lead++;
         if (lead == n)
             continue; /* blank line */
+        if (fast_parse(r, s, n, rec))
+            return 1;
         const char *why;
         size_t bad = json_text_check(s, n, &why);
         if (bad < n)
@@ -308,6 +520,44 @@ void idmap_put(IdMap *m, int64_t key, uint32_t val)
 
 /* ---- the log in memory ---- */
 
+/* Hash ids to dense ids. The published logs already number their blocks 0, 1, 2, ... (the
+ * Qwen traces remap their hashes to sequential integers, Mooncake's ids are consecutive), so
+ * ids below a bound that follows the count of distinct ids go through an array, read mostly
+ * in order; others through the hash map. A key lives in one of the two. */
+typedef struct {
+    uint32_t *dense; /* UINT32_MAX: absent */
+    size_t dense_cap;
+    IdMap map;
+    size_t n;
+} BlockIds;
+
+static uint32_t block_id(BlockIds *b, int64_t key)
+{
+    if ((uint64_t)key < b->dense_cap && b->dense[key] != UINT32_MAX)
+        return b->dense[key];
+    if (b->map.n > 0) {
+        uint32_t v = idmap_get(&b->map, key);
+        if (v != UINT32_MAX)
+            return v;
+    }
+    uint32_t id = (uint32_t)b->n++;
+    if ((uint64_t)key >= b->dense_cap && (uint64_t)key < ((size_t)1 << 30) &&
+        (uint64_t)key < 4 * b->n + ((size_t)1 << 20)) {
+        size_t cap = b->dense_cap ? b->dense_cap : (size_t)1 << 16;
+        while (cap <= (uint64_t)key)
+            cap *= 2;
+        b->dense = kv_realloc(b->dense, cap * sizeof *b->dense);
+        for (size_t i = b->dense_cap; i < cap; i++)
+            b->dense[i] = UINT32_MAX;
+        b->dense_cap = cap;
+    }
+    if ((uint64_t)key < b->dense_cap)
+        b->dense[key] = id;
+    else
+        idmap_put(&b->map, key, id);
+    return id;
+}
+
 int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool progress,
                 ReqLog *log, KvErr *err)
 {
@@ -315,8 +565,9 @@ int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool pr
     ReqReader *r = reqlog_open(path, format, err);
     if (!r)
         return -1;
-    IdMap blocks, chats;
-    idmap_init(&blocks);
+    BlockIds blocks = {0};
+    IdMap chats;
+    idmap_init(&blocks.map);
     idmap_init(&chats);
     size_t cap = 1024, ids_cap = 1 << 16, n_ids = 0;
     log->off = kv_malloc((cap + 1) * sizeof *log->off);
@@ -351,17 +602,12 @@ int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool pr
             log->ids = kv_realloc(log->ids, ids_cap * sizeof *log->ids);
         }
         for (long j = 0; j < rec.n_hash; j++) {
-            uint32_t id = idmap_get(&blocks, rec.hash_ids[j]);
-            if (id == UINT32_MAX) {
-                if (blocks.n >= INT32_MAX / 2 - 2) { /* int32 entries and reference times */
-                    rc = kv_fail(err, "%s:%ld: more than %d distinct hash ids", path, rec.line,
-                                 INT32_MAX / 2 - 3);
-                    break;
-                }
-                id = (uint32_t)blocks.n;
-                idmap_put(&blocks, rec.hash_ids[j], id);
+            if (blocks.n >= INT32_MAX / 2 - 2) { /* int32 entries and reference times */
+                rc = kv_fail(err, "%s:%ld: more than %d distinct hash ids", path, rec.line,
+                             INT32_MAX / 2 - 3);
+                break;
             }
-            log->ids[n_ids++] = id;
+            log->ids[n_ids++] = block_id(&blocks, rec.hash_ids[j]);
         }
         if (rc < 0)
             break;
@@ -388,7 +634,8 @@ int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool pr
         log->format = REQLOG_QWEN; /* an empty log: nothing depends on it */
     log->block_tokens = block_tokens > 0 ? block_tokens
                         : log->format == REQLOG_MOONCAKE ? REQLOG_MOONCAKE_BLOCK : REQLOG_QWEN_BLOCK;
-    idmap_free(&blocks);
+    idmap_free(&blocks.map);
+    free(blocks.dense);
     idmap_free(&chats);
     reqlog_close(r);
     if (rc < 0) {

@@ -120,22 +120,26 @@ static const cJSON *field(const ReqReader *r, const cJSON *obj, const char *name
     return f;
 }
 
-/* An integer field in [lo, 2^53]. */
+/* The largest id (exact in a double) and the largest length (sums over any log fit an int64). */
+#define REQLOG_MAX_ID 9007199254740992.0
+#define REQLOG_MAX_LENGTH 1099511627776.0
+
+/* An integer field in [lo, hi]. */
 static int int_field(const ReqReader *r, const cJSON *obj, const char *name, int64_t lo,
-                     int64_t *out, KvErr *err)
+                     double hi, int64_t *out, KvErr *err)
 {
     const cJSON *f = field(r, obj, name, err);
     if (!f)
         return -1;
     double v = f->valuedouble;
-    if (!cJSON_IsNumber(f) || v != floor(v) || v < (double)lo || v > 9007199254740992.0) {
+    if (!cJSON_IsNumber(f) || v != floor(v) || v < (double)lo || v > hi) {
         char found[64];
         if (cJSON_IsNumber(f))
             snprintf(found, sizeof found, "%.17g", v);
         else
             snprintf(found, sizeof found, "a %s", cJSON_IsString(f) ? "string" : cJSON_IsArray(f) ? "list" : "non-number");
-        return kv_fail(err, "%s:%ld: %s: expected an integer >= %lld, found %s", r->path, r->line,
-                       name, (long long)lo, found);
+        return kv_fail(err, "%s:%ld: %s: expected an integer >= %lld and <= %.0f, found %s",
+                       r->path, r->line, name, (long long)lo, hi, found);
     }
     *out = (int64_t)v;
     return 0;
@@ -150,9 +154,9 @@ static int parse_record(ReqReader *r, const cJSON *obj, ReqRecord *rec, KvErr *e
         r->format = cJSON_GetObjectItemCaseSensitive(obj, "chat_id") ? REQLOG_QWEN : REQLOG_MOONCAKE;
     bool qwen = r->format == REQLOG_QWEN;
     if (qwen) {
-        if (int_field(r, obj, "chat_id", 0, &rec->chat_id, err) < 0 ||
-            int_field(r, obj, "parent_chat_id", -1, &rec->parent_chat_id, err) < 0 ||
-            int_field(r, obj, "turn", 0, &rec->turn, err) < 0)
+        if (int_field(r, obj, "chat_id", 0, REQLOG_MAX_ID, &rec->chat_id, err) < 0 ||
+            int_field(r, obj, "parent_chat_id", -1, REQLOG_MAX_ID, &rec->parent_chat_id, err) < 0 ||
+            int_field(r, obj, "turn", 0, REQLOG_MAX_ID, &rec->turn, err) < 0)
             return -1;
         const cJSON *type = field(r, obj, "type", err);
         if (!type)
@@ -172,8 +176,8 @@ static int parse_record(ReqReader *r, const cJSON *obj, ReqRecord *rec, KvErr *e
         return kv_fail(err, "%s:%ld: timestamp %.17g is before the previous request's %.17g: "
                        "expected requests in order of arrival", r->path, r->line,
                        ts->valuedouble, qwen ? r->last_ts : r->last_ts * 1000.0);
-    if (int_field(r, obj, "input_length", 0, &rec->input_length, err) < 0 ||
-        int_field(r, obj, "output_length", 0, &rec->output_length, err) < 0)
+    if (int_field(r, obj, "input_length", 0, REQLOG_MAX_LENGTH, &rec->input_length, err) < 0 ||
+        int_field(r, obj, "output_length", 0, REQLOG_MAX_LENGTH, &rec->output_length, err) < 0)
         return -1;
     const cJSON *ids = field(r, obj, "hash_ids", err);
     if (!ids)
@@ -183,7 +187,7 @@ static int parse_record(ReqReader *r, const cJSON *obj, ReqRecord *rec, KvErr *e
     long n = 0;
     for (const cJSON *e = ids->child; e; e = e->next) {
         double v = e->valuedouble;
-        if (!cJSON_IsNumber(e) || v != floor(v) || v < 0 || v > 9007199254740992.0)
+        if (!cJSON_IsNumber(e) || v != floor(v) || v < 0 || v > REQLOG_MAX_ID)
             return kv_fail(err, "%s:%ld: hash_ids[%ld]: expected an integer >= 0", r->path,
                            r->line, n);
         if ((size_t)n == r->hash_cap) {
@@ -294,11 +298,11 @@ static const FastField *fast_find(const FastField *f, int n, const char *key)
 }
 
 /* An integer field as parse_record's int_field accepts it. */
-static bool fast_int(const FastField *f, int n, const char *key, int64_t lo, int64_t *out)
+static bool fast_int(const FastField *f, int n, const char *key, int64_t lo, double hi,
+                     int64_t *out)
 {
     const FastField *x = fast_find(f, n, key);
-    if (!x || x->kind != 'n' || x->num != floor(x->num) || x->num < (double)lo ||
-        x->num > 9007199254740992.0)
+    if (!x || x->kind != 'n' || x->num != floor(x->num) || x->num < (double)lo || x->num > hi)
         return false;
     *out = (int64_t)x->num;
     return true;
@@ -387,9 +391,9 @@ static bool fast_parse(ReqReader *r, const char *s, size_t len, ReqRecord *rec)
     rec->chat_id = rec->parent_chat_id = -1;
     if (qwen) {
         const FastField *type = fast_find(f, n, "type");
-        if (!fast_int(f, n, "chat_id", 0, &rec->chat_id) ||
-            !fast_int(f, n, "parent_chat_id", -1, &rec->parent_chat_id) ||
-            !fast_int(f, n, "turn", 0, &rec->turn) || !type || type->kind != 's')
+        if (!fast_int(f, n, "chat_id", 0, REQLOG_MAX_ID, &rec->chat_id) ||
+            !fast_int(f, n, "parent_chat_id", -1, REQLOG_MAX_ID, &rec->parent_chat_id) ||
+            !fast_int(f, n, "turn", 0, REQLOG_MAX_ID, &rec->turn) || !type || type->kind != 's')
             return false;
         snprintf(rec->type, sizeof rec->type, "%.*s", (int)type->str_len, type->str);
     }
@@ -398,8 +402,8 @@ static bool fast_parse(ReqReader *r, const char *s, size_t len, ReqRecord *rec)
         return false;
     rec->timestamp = qwen ? ts->num : ts->num / 1000.0;
     if ((r->have_ts && rec->timestamp < r->last_ts) ||
-        !fast_int(f, n, "input_length", 0, &rec->input_length) ||
-        !fast_int(f, n, "output_length", 0, &rec->output_length))
+        !fast_int(f, n, "input_length", 0, REQLOG_MAX_LENGTH, &rec->input_length) ||
+        !fast_int(f, n, "output_length", 0, REQLOG_MAX_LENGTH, &rec->output_length))
         return false;
     rec->hash_ids = r->hash + ids->arr_at;
     rec->n_hash = ids->arr_n;

@@ -3,6 +3,7 @@
 
 #include <cjson/cJSON.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +25,7 @@ struct ReqReader {
     bool have_ts;
     int64_t *hash;
     size_t hash_cap;
+    int64_t size; /* bytes of the file (compressed, for gzip) */
 };
 
 ReqReader *reqlog_open(const char *path, ReqlogFormat format, KvErr *err)
@@ -31,6 +33,8 @@ ReqReader *reqlog_open(const char *path, ReqlogFormat format, KvErr *err)
     FILE *fp = kv_open_input(path, err); /* regular files only, with the usual messages */
     if (!fp)
         return NULL;
+    struct stat st;
+    int64_t size = fstat(fileno(fp), &st) == 0 ? (int64_t)st.st_size : 0;
     int fd = dup(fileno(fp));
     fclose(fp);
     gzFile gz = fd >= 0 ? gzdopen(fd, "rb") : NULL;
@@ -45,6 +49,7 @@ ReqReader *reqlog_open(const char *path, ReqlogFormat format, KvErr *err)
     r->gz = gz;
     snprintf(r->path, sizeof r->path, "%s", path);
     r->format = format;
+    r->size = size;
     r->cap = 1 << 16;
     r->buf = kv_malloc(r->cap);
     return r;
@@ -582,8 +587,8 @@ int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool pr
     log->timestamp = kv_malloc(cap * sizeof *log->timestamp);
     log->ids = kv_malloc(ids_cap * sizeof *log->ids);
     log->off[0] = 0;
-    Progress pr;
-    progress_begin(&pr, progress, "read", "requests", 0);
+    Progress pr; /* in MiB of the file as stored */
+    progress_begin(&pr, progress, "read", "MiB", (long)(r->size >> 20));
     ReqRecord rec;
     int rc;
     while ((rc = reqlog_next(r, &rec, err)) == 1) {
@@ -628,9 +633,9 @@ int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool pr
         if (rec.chat_id >= 0)
             idmap_put(&chats, rec.chat_id, (uint32_t)i);
         if ((log->n & 4095) == 0)
-            progress_set(&pr, log->n);
+            progress_set(&pr, (long)(gzoffset(r->gz) >> 20));
     }
-    progress_set(&pr, log->n);
+    progress_set(&pr, (long)(r->size >> 20));
     progress_end(&pr);
     log->n_blocks = (uint32_t)blocks.n;
     log->format = reqlog_format(r);

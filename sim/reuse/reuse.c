@@ -21,7 +21,11 @@ typedef struct {
     uint8_t *queue;
     int32_t head[3], tail[3];
     int64_t qsize[3];
-    /* lfu, belady: a min-heap on (ka, kb) */
+    /* lfu: one list per reference count (head = most recent), O(1) per reference */
+    uint32_t *count;
+    int32_t *bhead, *btail; /* [bcap] by count */
+    int64_t bcap, min_count;
+    /* belady: a min-heap on (ka, kb) */
     int32_t *heap, *pos, hn;
     uint64_t *ka, *kb;
     uint64_t tick;
@@ -142,7 +146,54 @@ static void h_update(Cache *c, int32_t id)
 
 static bool uses_heap(ReusePolicy p)
 {
-    return p == POL_LFU || p == POL_BELADY;
+    return p == POL_BELADY;
+}
+
+/* ---- lfu's lists by count ---- */
+
+static void lfu_push(Cache *c, int32_t id)
+{
+    uint32_t k = c->count[id];
+    if ((int64_t)k >= c->bcap) {
+        int64_t cap = c->bcap ? 2 * c->bcap : 64;
+        while (cap <= (int64_t)k)
+            cap *= 2;
+        c->bhead = kv_realloc(c->bhead, (size_t)cap * sizeof *c->bhead);
+        c->btail = kv_realloc(c->btail, (size_t)cap * sizeof *c->btail);
+        for (int64_t i = c->bcap; i < cap; i++)
+            c->bhead[i] = c->btail[i] = -1;
+        c->bcap = cap;
+    }
+    c->prev[id] = -1;
+    c->next[id] = c->bhead[k];
+    if (c->bhead[k] >= 0)
+        c->prev[c->bhead[k]] = id;
+    else
+        c->btail[k] = id;
+    c->bhead[k] = id;
+}
+
+static void lfu_unlink(Cache *c, int32_t id)
+{
+    uint32_t k = c->count[id];
+    if (c->prev[id] >= 0)
+        c->next[c->prev[id]] = c->next[id];
+    else
+        c->bhead[k] = c->next[id];
+    if (c->next[id] >= 0)
+        c->prev[c->next[id]] = c->prev[id];
+    else
+        c->btail[k] = c->prev[id];
+}
+
+/* The least recently referenced of the fewest references; -1 when empty. */
+static int32_t lfu_victim(Cache *c)
+{
+    if (c->used == 0)
+        return -1;
+    while (c->min_count < c->bcap && c->btail[c->min_count] < 0)
+        c->min_count++; /* counts only grow between insertions, which reset it to 1 */
+    return c->min_count < c->bcap ? c->btail[c->min_count] : -1;
 }
 
 static void cache_init(Cache *c, ReusePolicy pol, int64_t cap, uint32_t n, bool sized)
@@ -154,7 +205,12 @@ static void cache_init(Cache *c, ReusePolicy pol, int64_t cap, uint32_t n, bool 
     c->present = kv_calloc(un, 1);
     if (sized)
         c->size = kv_calloc(un, sizeof *c->size);
-    if (uses_heap(pol)) {
+    if (pol == POL_LFU) {
+        c->prev = kv_malloc(un * sizeof *c->prev);
+        c->next = kv_malloc(un * sizeof *c->next);
+        c->count = kv_malloc(un * sizeof *c->count);
+        c->min_count = 1;
+    } else if (uses_heap(pol)) {
         c->heap = kv_malloc(un * sizeof *c->heap);
         c->pos = kv_malloc(un * sizeof *c->pos);
         c->ka = kv_malloc(un * sizeof *c->ka);
@@ -187,12 +243,17 @@ static void cache_free(Cache *c)
     free(c->queue);
     free(c->freq);
     free(c->ghost);
+    free(c->count);
+    free(c->bhead);
+    free(c->btail);
 }
 
 /* Takes a present entry out of the structures. */
 static void cache_drop(Cache *c, int32_t id)
 {
-    if (uses_heap(c->pol))
+    if (c->pol == POL_LFU)
+        lfu_unlink(c, id);
+    else if (uses_heap(c->pol))
         h_remove(c, id);
     else
         q_unlink(c, id);
@@ -223,6 +284,7 @@ static int32_t cache_victim(Cache *c)
     case POL_FIFO:
         return c->tail[Q_MAIN];
     case POL_LFU:
+        return lfu_victim(c);
     case POL_BELADY:
         return c->hn > 0 ? c->heap[0] : -1;
     case POL_S3FIFO:
@@ -255,9 +317,10 @@ static void cache_hit(Cache *c, int32_t id, uint32_t nu)
     case POL_FIFO:
         break;
     case POL_LFU:
-        c->ka[id]++;
-        c->kb[id] = ++c->tick;
-        h_update(c, id);
+        lfu_unlink(c, id);
+        if (c->count[id] < UINT32_MAX)
+            c->count[id]++;
+        lfu_push(c, id);
         break;
     case POL_BELADY:
         c->ka[id] = UINT64_MAX - nu;
@@ -299,9 +362,9 @@ static void cache_insert(Cache *c, int32_t id, int64_t size, uint32_t nu)
         q_push_head(c, Q_MAIN, id);
         break;
     case POL_LFU:
-        c->ka[id] = 1;
-        c->kb[id] = ++c->tick;
-        h_push(c, id);
+        c->count[id] = 1;
+        c->min_count = 1;
+        lfu_push(c, id);
         break;
     case POL_BELADY:
         c->ka[id] = UINT64_MAX - nu;

@@ -456,6 +456,16 @@ static void test_cli(void **state)
     assert_int_equal(count_lines(c3), 2);
     assert_non_null(strstr(c3, "\nprefix,lru,1048576,128,"));
     free(c3);
+    /* radix is another name for the prefix scope: the same rows */
+    r = run_kvsim_ok("reuse '%s/cli.jsonl' --out '%s/r5' --capacity 1MiB --scopes radix "
+                     "--policies lru --model '%s/models/tiny-retrieval' --quiet", dir, dir,
+                     src ? src : ".");
+    kvsim_run_free(&r);
+    char *c5 = scratch_read(scratch_path(dir, "r3/reuse.csv", 0));
+    char *c6 = scratch_read(scratch_path(dir, "r5/reuse.csv", 1));
+    assert_string_equal(c5, c6);
+    free(c5);
+    free(c6);
     /* --lru-curve: its row at 64 blocks (a point of the grid) is the replay's at 64 blocks */
     r = run_kvsim_ok("reuse '%s/cli.jsonl' --out '%s/r4' --capacity 58720256 --scopes prefix "
                      "--policies lru --lru-curve --quiet", dir, dir);

@@ -154,7 +154,7 @@ int cmd_reuse(int argc, char **argv)
          "the log's format (auto: qwen when the first request has chat_id)"},
         {"block", ARG_INT, &block, 0, 1 << 24, NULL,
          "tokens per hash_ids block (0: the format's, qwen 16, mooncake 512)"},
-        {"scopes", ARG_STRING, &scopes, 0, 0, NULL, "comma-separated: none|prefix|conversation"},
+        {"scopes", ARG_STRING, &scopes, 0, 0, NULL, "comma-separated: none|prefix|conversation (radix = prefix)"},
         {"policies", ARG_STRING, &policies, 0, 0, NULL,
          "comma-separated: lru|fifo|lfu|s3fifo|belady"},
         {"capacity", ARG_STRING, &capacity, 0, 0, NULL,
@@ -185,7 +185,12 @@ int cmd_reuse(int argc, char **argv)
     KvErr err;
     int scope_idx[MAX_LIST], policy_idx[MAX_LIST];
     int64_t caps[MAX_CAPACITIES];
-    int n_scopes = parse_names("scopes", scopes, reuse_scope_names, N_SCOPES, scope_idx, MAX_LIST, &err);
+    /* "radix" names the prefix scope too (what a radix-tree cache serves, docs/reuse.md). */
+    static const char *const scope_words[N_SCOPES + 1] = {"none", "prefix", "conversation", "radix"};
+    int n_scopes = parse_names("scopes", scopes, scope_words, N_SCOPES + 1, scope_idx, MAX_LIST, &err);
+    for (int i = 0; i < n_scopes; i++)
+        if (scope_idx[i] == N_SCOPES)
+            scope_idx[i] = SCOPE_PREFIX;
     int n_policies = n_scopes < 0 ? -1 : parse_names("policies", policies, reuse_policy_names,
                                                      N_POLICIES, policy_idx, MAX_LIST, &err);
     int n_caps = n_policies < 0 ? -1 : parse_byte_sizes("capacity", capacity, caps, MAX_CAPACITIES, &err);

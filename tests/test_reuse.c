@@ -94,6 +94,18 @@ static void test_single_block_policies_by_hand(void **state)
         /* room for everything: every repeat hits, whatever the policy */
         assert_int_equal(hits(&log, SCOPE_PREFIX, (ReusePolicy)p, 100, NULL), 4 * 4);
         assert_int_equal(hits(&log, SCOPE_PREFIX, (ReusePolicy)p, 0, NULL), 0);
+        /* one block of device and one of host (lru), A B A only: B demotes A to the host, where
+         * the second A finds it (4 tokens, from the host) and takes it back, demoting B */
+        ReqLog aba = log;
+        aba.n = 3;
+        uint32_t *nu = reuse_next_use(&aba, SCOPE_PREFIX);
+        reuse_simulate_host(&aba, SCOPE_PREFIX, (ReusePolicy)p, 1, 1, nu, &res);
+        free(nu);
+        assert_int_equal(res.hit_tokens, 4);
+        assert_int_equal(res.host_hit_tokens, 4);
+        assert_int_equal(res.host_blocks_end, 1);
+        assert_int_equal(res.host_evictions, 0);
+        assert_int_equal(res.blocks_end, 1);
     }
     reqlog_free(&log);
 }
@@ -158,6 +170,15 @@ static void test_conversation_one_room(void **state)
                          40 + 48 + 56 + 60);
         assert_int_equal(res.blocks_end, 14 + 16); /* B's turn 2 (56 tokens) and A's turn 4 */
         assert_int_equal(hits(&log, SCOPE_NONE, (ReusePolicy)p, 1000, NULL), 0);
+        /* the same device and a host with room for all: what the device evicts waits on the
+         * host, so every later turn hits, A's turns 2 and 3 and B's turn 2 from the host */
+        uint32_t *nu = reuse_next_use(&log, SCOPE_CONVERSATION);
+        reuse_simulate_host(&log, SCOPE_CONVERSATION, (ReusePolicy)p, 16, 1000, nu, &res);
+        free(nu);
+        assert_int_equal(res.hit_tokens, 40 + 48 + 56 + 60);
+        assert_int_equal(res.host_hit_tokens, 40 + 48 + 56);
+        assert_int_equal(res.host_blocks_end, 14); /* B's turn 2, demoted by A's turn 3 */
+        assert_int_equal(res.blocks_end, 16);
     }
     reqlog_free(&log);
 }
@@ -400,6 +421,8 @@ static void test_bad_input(void **state)
     char args[8400];
     snprintf(args, sizeof args, "reuse '%s/missing.jsonl' --capacity 1GiB,lots --out '%s/o'", dir, dir);
     run_fails(args, "--capacity", "lots", NULL);
+    snprintf(args, sizeof args, "reuse '%s/missing.jsonl' --host-capacity 1GiB,2GiB --out '%s/o'", dir, dir);
+    run_fails(args, "--host-capacity", "expected one size", NULL);
     snprintf(args, sizeof args, "reuse '%s/missing.jsonl' --policies lru,mru --out '%s/o'", dir, dir);
     run_fails(args, "--policies", "mru", NULL);
     snprintf(args, sizeof args, "reuse '%s/nothing.jsonl' --out '%s/o'", dir, dir);
@@ -438,6 +461,8 @@ static void test_cli(void **state)
     /* none: one row per capacity; prefix and conversation: 5 policies x 2 capacities */
     assert_int_equal(count_lines(c1), 1 + 2 + 2 * 5 * 2);
     assert_true(strstr(c1, "scope,policy,capacity_bytes,capacity_blocks,") == c1);
+    assert_non_null(strstr(c1, ",bytes_peak,host_capacity_bytes,host_cached_tokens,host_bytes_end,"
+                               "host_bytes_peak\n"));
     /* 16 MiB of 56 KiB tokens (the default geometry) in 16-token blocks: 18 blocks */
     assert_non_null(strstr(c1, "\nprefix,belady,16777216,18,"));
     assert_true(strstr(t1, "scope,policy,capacity_bytes,turn,") == t1);

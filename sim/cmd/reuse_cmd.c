@@ -51,7 +51,8 @@ int parse_byte_sizes(const char *option, const char *list, int64_t *out, int max
             return kv_fail(err, "--%s: '%s': expected a size in bytes >= 0 with an optional unit "
                            "(KB MB GB TB KiB MiB GiB TiB)", option, item);
         if (n == max)
-            return kv_fail(err, "--%s: at most %d sizes", option, max);
+            return max == 1 ? kv_fail(err, "--%s: expected one size, found '%s'", option, list)
+                            : kv_fail(err, "--%s: at most %d sizes", option, max);
         out[n++] = (int64_t)(v * factor);
         if (!end)
             return n;
@@ -93,7 +94,7 @@ typedef struct {
     const ReqLog *log;
     ReuseScope scope;
     ReusePolicy policy;
-    int64_t capacity, capacity_blocks;
+    int64_t capacity, capacity_blocks, host_blocks;
     const uint32_t *next_use;
     ReuseResult result;
     double seconds; /* for the table only */
@@ -105,8 +106,8 @@ static int run_job(void *ctx, int item, int slot, KvErr *err)
     (void)err;
     ReuseJob *job = (ReuseJob *)ctx + item;
     double t0 = now_seconds();
-    reuse_simulate(job->log, job->scope, job->policy, job->capacity_blocks, job->next_use,
-                   &job->result);
+    reuse_simulate_host(job->log, job->scope, job->policy, job->capacity_blocks, job->host_blocks,
+                        job->next_use, &job->result);
     job->seconds = now_seconds() - t0;
     return 0;
 }
@@ -144,7 +145,7 @@ int cmd_reuse(int argc, char **argv)
 {
     const char *out = "results/reuse", *scopes = "none,prefix,conversation",
                *policies = "lru,fifo,lfu,s3fifo,belady", *capacity = "1GiB,4GiB,16GiB,64GiB",
-               *model = NULL;
+               *model = NULL, *host_capacity = "0";
     int format = REQLOG_AUTO, block = 0, layers = 28, kv_heads = 4, head_dim = 128, kv_bits = 16,
         quiet = 0, lru_curve = 0, threads = 0;
     double prefill_tps = 10000.0;
@@ -159,6 +160,8 @@ int cmd_reuse(int argc, char **argv)
          "comma-separated: lru|fifo|lfu|s3fifo|belady"},
         {"capacity", ARG_STRING, &capacity, 0, 0, NULL,
          "comma-separated device cache sizes in bytes (KB MB GB TB KiB MiB GiB TiB)"},
+        {"host-capacity", ARG_STRING, &host_capacity, 0, 0, NULL,
+         "bytes of a host tier (lru) behind every device cache, taking what it evicts (0: none)"},
         {"model", ARG_STRING, &model, 0, 0, NULL,
          "config.json (or its directory): layers, KV heads and head_dim from it"},
         {"layers", ARG_INT, &layers, 1, 1 << 16, NULL, "layers (without --model)"},
@@ -194,6 +197,9 @@ int cmd_reuse(int argc, char **argv)
     int n_policies = n_scopes < 0 ? -1 : parse_names("policies", policies, reuse_policy_names,
                                                      N_POLICIES, policy_idx, MAX_LIST, &err);
     int n_caps = n_policies < 0 ? -1 : parse_byte_sizes("capacity", capacity, caps, MAX_CAPACITIES, &err);
+    int64_t host_bytes = 0;
+    if (n_caps >= 0 && parse_byte_sizes("host-capacity", host_capacity, &host_bytes, 1, &err) < 0)
+        n_caps = -1;
     if (n_caps < 0) {
         fprintf(stderr, "kvsim: reuse: %s\n", err.msg);
         return 2;
@@ -225,7 +231,7 @@ int cmd_reuse(int argc, char **argv)
     static const char header[] =
         "scope,policy,capacity_bytes,capacity_blocks,requests,prompt_tokens,cached_tokens,"
         "token_hit_rate,prefill_tokens,prefill_s,prefill_s_saved,evictions,inserted,bytes_end,"
-        "bytes_peak";
+        "bytes_peak,host_capacity_bytes,host_cached_tokens,host_bytes_end,host_bytes_peak";
     static const char turns_header[] =
         "scope,policy,capacity_bytes,turn,requests,prompt_tokens,cached_tokens,context_share";
     CsvFile csv, turns;
@@ -269,6 +275,7 @@ int cmd_reuse(int argc, char **argv)
                     .log = &log, .scope = scope, .policy = (ReusePolicy)policy_idx[pi],
                     .capacity = caps[ci],
                     .capacity_blocks = (int64_t)floor((double)caps[ci] / block_bytes),
+                    .host_blocks = (int64_t)floor((double)host_bytes / block_bytes),
                     .next_use = next_use[scope],
                 };
         }
@@ -301,6 +308,10 @@ int cmd_reuse(int argc, char **argv)
         csv_put_count(&csv, (double)res->inserted);
         csv_put_count(&csv, (double)res->blocks_end * block_bytes);
         csv_put_count(&csv, (double)res->blocks_peak * block_bytes);
+        csv_put_count(&csv, (double)host_bytes);
+        csv_put_count(&csv, (double)res->host_hit_tokens);
+        csv_put_count(&csv, (double)res->host_blocks_end * block_bytes);
+        csv_put_count(&csv, (double)res->host_blocks_peak * block_bytes);
         csv_end_row(&csv);
         for (int t = 0; t < REUSE_MAX_TURN; t++) {
             if (!res->turn_requests[t])

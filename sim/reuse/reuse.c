@@ -11,9 +11,11 @@ const char *const reuse_policy_names[N_POLICIES] = {"lru", "fifo", "lfu", "s3fif
 
 enum { Q_NONE = 0, Q_SMALL = 1, Q_MAIN = 2 }; /* lru and fifo use Q_MAIN only */
 
-typedef struct {
+typedef struct Cache Cache;
+struct Cache {
     ReusePolicy pol;
     int64_t cap, used, peak, evictions, inserted;
+    Cache *spill; /* the host tier, which takes what this one evicts; NULL: none */
     uint8_t *present;
     int64_t *size; /* NULL: every entry is one block */
     /* lru, fifo, s3fifo: doubly linked queues, head = newest, tail = next victim */
@@ -34,7 +36,7 @@ typedef struct {
     uint64_t *ghost; /* sequence number of the entry's last move to the ghost queue, 0: none */
     uint64_t ghost_seq;
     int64_t ghost_cap, small_cap;
-} Cache;
+};
 
 static int64_t entry_size(const Cache *c, int32_t id)
 {
@@ -336,20 +338,26 @@ static void cache_hit(Cache *c, int32_t id, uint32_t nu)
     }
 }
 
-/* Inserts an absent entry of `size` blocks, evicting until it fits; an entry larger than the
- * cache is not kept. */
+/* Inserts an absent entry of `size` blocks, evicting until it fits (into the spill cache, when
+ * there is one); an entry larger than the cache goes to the spill cache, or is not kept. */
 static void cache_insert(Cache *c, int32_t id, int64_t size, uint32_t nu)
 {
-    if (size > c->cap)
+    if (size > c->cap) {
+        if (c->spill) /* too large for the device: written to the host directly */
+            cache_insert(c->spill, id, size, 0);
         return;
+    }
     if (c->size)
         c->size[id] = size;
     while (c->used + size > c->cap) {
         int32_t v = cache_victim(c);
         if (v < 0)
             break;
+        int64_t v_size = entry_size(c, v);
         cache_drop(c, v);
         c->evictions++;
+        if (c->spill)
+            cache_insert(c->spill, v, v_size, 0); /* demoted to the host tier */
     }
     c->present[id] = 1;
     c->used += size;
@@ -423,35 +431,70 @@ static void count_turn(ReuseResult *out, int32_t turn, int64_t prompt, int64_t h
 void reuse_simulate(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
                     int64_t capacity_blocks, const uint32_t *next_use, ReuseResult *out)
 {
+    reuse_simulate_host(log, scope, policy, capacity_blocks, 0, next_use, out);
+}
+
+/* Tokens of block j of a prompt of `input` tokens. */
+static int64_t block_tokens_at(int64_t input, int64_t j, int64_t B)
+{
+    int64_t left = input - j * B;
+    return left <= 0 ? 0 : left < B ? left : B;
+}
+
+void reuse_simulate_host(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
+                         int64_t capacity_blocks, int64_t host_blocks, const uint32_t *next_use,
+                         ReuseResult *out)
+{
     memset(out, 0, sizeof *out);
     const int64_t B = log->block_tokens;
     bool belady = policy == POL_BELADY;
-    Cache c;
+    Cache c, host;
     uint32_t n_entries = scope == SCOPE_PREFIX ? log->n_blocks
                          : scope == SCOPE_CONVERSATION ? (uint32_t)log->n : 0;
     cache_init(&c, policy, capacity_blocks < 0 ? 0 : capacity_blocks, n_entries,
                scope == SCOPE_CONVERSATION);
+    bool tiered = host_blocks > 0 && scope != SCOPE_NONE;
+    if (tiered) {
+        cache_init(&host, POL_LRU, host_blocks, n_entries, scope == SCOPE_CONVERSATION);
+        c.spill = &host;
+    }
     for (long r = 0; r < log->n; r++) {
-        int64_t hit = 0;
+        int64_t hit = 0, host_hit = 0;
         if (scope == SCOPE_PREFIX) {
             const uint32_t *ids = log->ids + log->off[r];
-            int64_t m = log->off[r + 1] - log->off[r], k = 0;
-            while (k < m && c.present[ids[k]])
-                k++;
-            hit = k * B < log->input[r] ? k * B : log->input[r];
+            int64_t m = log->off[r + 1] - log->off[r];
+            for (int64_t k = 0; k < m; k++) {
+                bool dev = c.present[ids[k]], on_host = tiered && host.present[ids[k]];
+                if (!dev && !on_host)
+                    break;
+                int64_t t = block_tokens_at(log->input[r], k, B);
+                hit += t;
+                if (!dev)
+                    host_hit += t;
+            }
             for (int64_t j = m - 1; j >= 0; j--) {
                 uint32_t nu = belady ? next_use[log->off[r] + j] : 0;
-                if (c.present[ids[j]])
-                    cache_hit(&c, (int32_t)ids[j], nu);
-                else
-                    cache_insert(&c, (int32_t)ids[j], 1, nu);
+                int32_t id = (int32_t)ids[j];
+                if (c.present[id]) {
+                    cache_hit(&c, id, nu);
+                    continue;
+                }
+                if (tiered && host.present[id])
+                    cache_drop(&host, id); /* loaded back to the device */
+                cache_insert(&c, id, 1, nu);
             }
         } else if (scope == SCOPE_CONVERSATION) {
             int32_t p = log->parent[r];
-            if (p >= 0 && c.present[p]) {
+            bool dev = p >= 0 && c.present[p], on_host = p >= 0 && tiered && host.present[p];
+            if (dev || on_host) {
                 int64_t ctx = log->input[p] + log->output[p];
                 hit = ctx < log->input[r] ? ctx : log->input[r];
-                cache_drop(&c, p);
+                if (dev) {
+                    cache_drop(&c, p);
+                } else {
+                    host_hit = hit;
+                    cache_drop(&host, p);
+                }
             }
             cache_insert(&c, (int32_t)r, reuse_blocks(log->input[r] + log->output[r], (int)B),
                          belady ? next_use[r] : 0);
@@ -459,12 +502,19 @@ void reuse_simulate(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
         out->requests++;
         out->prompt_tokens += log->input[r];
         out->hit_tokens += hit;
+        out->host_hit_tokens += host_hit;
         count_turn(out, log->turn[r], log->input[r], hit);
     }
     out->evictions = c.evictions;
     out->inserted = c.inserted;
     out->blocks_end = c.used;
     out->blocks_peak = c.peak;
+    if (tiered) {
+        out->host_blocks_end = host.used;
+        out->host_blocks_peak = host.peak;
+        out->host_evictions = host.evictions;
+        cache_free(&host);
+    }
     cache_free(&c);
 }
 

@@ -46,6 +46,8 @@ typedef struct {
     int64_t evictions;                 /* entries evicted: blocks (prefix), contexts (conversation) */
     int64_t inserted;                  /* entries inserted */
     int64_t blocks_end, blocks_peak;   /* blocks held at the end, at most */
+    int64_t host_hit_tokens;           /* of hit_tokens, those found on the host tier */
+    int64_t host_blocks_end, host_blocks_peak, host_evictions;
     long turn_requests[REUSE_MAX_TURN];
     int64_t turn_prompt[REUSE_MAX_TURN], turn_hit[REUSE_MAX_TURN];
 } ReuseResult;
@@ -58,6 +60,14 @@ uint32_t *reuse_next_use(const ReqLog *log, ReuseScope scope);
 /* Replays the log. next_use: from reuse_next_use (only read under belady). */
 void reuse_simulate(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
                     int64_t capacity_blocks, const uint32_t *next_use, ReuseResult *out);
+/* reuse_simulate with a host tier of host_blocks (0: none) behind the device cache: an lru
+ * cache that takes every entry the device evicts. A request's hit counts entries on either
+ * tier (host_hit_tokens: those found only on the host); an entry referenced on the host moves
+ * back to the device (its insertion may demote others); an entry larger than the device goes
+ * to the host directly; what the host evicts is gone. */
+void reuse_simulate_host(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
+                         int64_t capacity_blocks, int64_t host_blocks, const uint32_t *next_use,
+                         ReuseResult *out);
 
 /* The prefix scope under lru at every capacity at once, from stack distances in one pass: LRU
  * with blocks of one size holds, at any capacity, the blocks most recently referenced, so a

@@ -1,7 +1,8 @@
 /* Request logs (sim/reuse/reqlog.c): any bytes as a log must load or fail with one line, never
  * crash, read out of bounds or leak; a log that loads replays through every scope and policy
  * at a few capacities with cached tokens between 0 and the prompt tokens, nothing cached under
- * scope none, and the one-pass LRU curve equal to the LRU replays. */
+ * scope none, a host tier adding hits without changing the device's work, and the one-pass
+ * LRU curve equal to the LRU replays. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +34,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     res.blocks_peak > caps[c] || res.requests != log.n)
                     __builtin_trap();
                 if (s == SCOPE_NONE && res.hit_tokens != 0)
+                    __builtin_trap();
+                /* with a host tier of 3 blocks: the device does exactly what it did alone (the host
+                 * only catches its evictions), so at least its hits */
+                ReuseResult tiered;
+                reuse_simulate_host(&log, (ReuseScope)s, (ReusePolicy)p, caps[c], 3, nu, &tiered);
+                if (tiered.host_hit_tokens < 0 || tiered.host_hit_tokens > tiered.hit_tokens ||
+                    tiered.hit_tokens > tiered.prompt_tokens || tiered.host_blocks_peak > 3 ||
+                    tiered.hit_tokens < res.hit_tokens || tiered.evictions != res.evictions ||
+                    tiered.blocks_end != res.blocks_end)
                     __builtin_trap();
                 if (s == SCOPE_PREFIX && p == POL_LRU) {
                     lru = res.hit_tokens;

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "sim/cmd/check.h"
+#include "sim/cmd/reuse_cmd.h"
 #include "sim/cmd/run_cmd.h"
 #include "sim/cmd/synth.h"
 #include "traces/cmd/eval_cmd.h"
@@ -24,6 +25,8 @@ static const Command commands[] = {
     {"policies", cmd_policies, "list the policy types with their parameters and defaults"},
     {"trace", cmd_trace, "run a Hugging Face checkpoint on a prompt and write its trace"},
     {"eval", cmd_eval, "answer accuracy of each policy evicting from a model's live KV cache"},
+    {"reuse", cmd_reuse, "replay a request log through persisted KV caches (prefix, conversation)"},
+    {"synth-workload", cmd_synth_workload, "write a synthetic multi-turn chat request log"},
     {NULL, NULL, NULL},
 };
 
@@ -32,7 +35,7 @@ static void usage(FILE *out)
     fprintf(out, "usage: kvsim COMMAND [ARGS]   (kvsim COMMAND --help for its options)\n\n"
                  "commands:\n");
     for (const Command *c = commands; c->name; c++)
-        fprintf(out, "  %-10s %s\n", c->name, c->summary);
+        fprintf(out, "  %-15s %s\n", c->name, c->summary);
 }
 
 int main(int argc, char **argv)

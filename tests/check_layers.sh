@@ -13,7 +13,7 @@ cd "$root" || exit 2
 layer_of() {
     case "$1" in
     sim/base/*) echo 0 ;;
-    sim/format/*) echo 1 ;;
+    sim/format/*|sim/reuse/*) echo 1 ;;
     policies/*|traces/model/*) echo 2 ;;
     sim/driver/*) echo 3 ;;
     sim/replay/*|traces/eval/*) echo 4 ;;

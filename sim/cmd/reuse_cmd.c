@@ -1,0 +1,449 @@
+#include "sim/cmd/reuse_cmd.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "sim/base/args.h"
+#include "sim/base/csv.h"
+#include "sim/base/pool.h"
+#include "sim/reuse/reqlog.h"
+#include "sim/reuse/reuse.h"
+#include "sim/reuse/workload.h"
+#include "traces/model/model.h"
+
+enum { MAX_CAPACITIES = 64, MAX_LIST = 16 };
+
+int parse_byte_sizes(const char *option, const char *list, int64_t *out, int max, KvErr *err)
+{
+    static const struct {
+        const char *suffix;
+        double factor;
+    } units[] = {
+        {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0}, {"TiB", 1099511627776.0},
+        {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12}, {"B", 1.0}, {"", 1.0},
+    };
+    int n = 0;
+    const char *s = list;
+    for (;;) {
+        const char *end = strchr(s, ',');
+        size_t len = end ? (size_t)(end - s) : strlen(s);
+        char item[64];
+        if (len == 0 || len >= sizeof item)
+            return kv_fail(err, "--%s: expected a comma-separated list of sizes (e.g. 512MiB,4GiB), found '%s'",
+                           option, list);
+        memcpy(item, s, len);
+        item[len] = '\0';
+        char *rest;
+        errno = 0;
+        double v = strtod(item, &rest);
+        double factor = -1;
+        for (size_t u = 0; u < sizeof units / sizeof units[0]; u++)
+            if (!strcmp(rest, units[u].suffix)) {
+                factor = units[u].factor;
+                break;
+            }
+        if (rest == item || factor < 0 || errno || !isfinite(v) || v < 0 || v * factor > 9.2e18)
+            return kv_fail(err, "--%s: '%s': expected a size in bytes >= 0 with an optional unit "
+                           "(KB MB GB TB KiB MiB GiB TiB)", option, item);
+        if (n == max)
+            return max == 1 ? kv_fail(err, "--%s: expected one size, found '%s'", option, list)
+                            : kv_fail(err, "--%s: at most %d sizes", option, max);
+        out[n++] = (int64_t)(v * factor);
+        if (!end)
+            return n;
+        s = end + 1;
+    }
+}
+
+/* A comma-separated list of names out of `names` into idx[]; returns the count or -1. */
+static int parse_names(const char *option, const char *list, const char *const *names, int n_names,
+                       int *idx, int max, KvErr *err)
+{
+    int n = 0;
+    const char *s = list;
+    for (;;) {
+        const char *end = strchr(s, ',');
+        size_t len = end ? (size_t)(end - s) : strlen(s);
+        int found = -1;
+        for (int k = 0; k < n_names; k++)
+            if (strlen(names[k]) == len && !strncmp(names[k], s, len))
+                found = k;
+        if (found < 0) {
+            char expected[256] = "";
+            for (int k = 0; k < n_names; k++)
+                snprintf(expected + strlen(expected), sizeof expected - strlen(expected), "%s%s",
+                         k ? "|" : "", names[k]);
+            return kv_fail(err, "--%s: '%.*s': expected a comma-separated list of %s", option,
+                           (int)(len > 64 ? 64 : len), s, expected);
+        }
+        if (n == max)
+            return kv_fail(err, "--%s: at most %d names", option, max);
+        idx[n++] = found;
+        if (!end)
+            return n;
+        s = end + 1;
+    }
+}
+
+typedef struct {
+    const ReqLog *log;
+    ReuseScope scope;
+    ReusePolicy policy;
+    int64_t capacity, capacity_blocks, host_blocks;
+    const uint32_t *next_use;
+    ReuseResult result;
+    double seconds; /* for the table only */
+} ReuseJob;
+
+static int run_job(void *ctx, int item, int slot, KvErr *err)
+{
+    (void)slot;
+    (void)err;
+    ReuseJob *job = (ReuseJob *)ctx + item;
+    double t0 = now_seconds();
+    reuse_simulate_host(job->log, job->scope, job->policy, job->capacity_blocks, job->host_blocks,
+                        job->next_use, &job->result);
+    job->seconds = now_seconds() - t0;
+    return 0;
+}
+
+/* KV bytes per token from config.json (a file, or a directory holding one). */
+static int model_kv_geometry(const char *model, int *layers, int *kv_heads, int *head_dim, KvErr *err)
+{
+    char path[4096];
+    struct stat st;
+    if (stat(model, &st) == 0 && S_ISDIR(st.st_mode))
+        snprintf(path, sizeof path, "%s/config.json", model);
+    else
+        snprintf(path, sizeof path, "%s", model);
+    ModelConfig cfg;
+    if (model_config_load(path, &cfg, err) != 0)
+        return -1;
+    *layers = cfg.n_layers;
+    *kv_heads = cfg.n_kv_heads;
+    *head_dim = cfg.head_dim;
+    return 0;
+}
+
+static void human_bytes(double b, char *out, size_t n)
+{
+    const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    int u = 0;
+    while (b >= 1024.0 && u < 5) {
+        b /= 1024.0;
+        u++;
+    }
+    snprintf(out, n, u ? "%.1f %s" : "%.0f %s", b, unit[u]);
+}
+
+int cmd_reuse(int argc, char **argv)
+{
+    const char *out = "results/reuse", *scopes = "none,prefix,conversation",
+               *policies = "lru,fifo,lfu,s3fifo,belady", *capacity = "1GiB,4GiB,16GiB,64GiB",
+               *model = NULL, *host_capacity = "0";
+    int format = REQLOG_AUTO, block = 0, layers = 28, kv_heads = 4, head_dim = 128, kv_bits = 16,
+        quiet = 0, lru_curve = 0, threads = 0;
+    double prefill_tps = 10000.0;
+    const ArgSpec specs[] = {
+        {"out", ARG_STRING, &out, 0, 0, NULL, "output directory (reuse.csv, reuse_turns.csv)"},
+        {"format", ARG_CHOICE, &format, 0, 0, "auto|qwen|mooncake",
+         "the log's format (auto: qwen when the first request has chat_id)"},
+        {"block", ARG_INT, &block, 0, 1 << 24, NULL,
+         "tokens per hash_ids block (0: the format's, qwen 16, mooncake 512)"},
+        {"scopes", ARG_STRING, &scopes, 0, 0, NULL, "comma-separated: none|prefix|conversation (radix = prefix)"},
+        {"policies", ARG_STRING, &policies, 0, 0, NULL,
+         "comma-separated: lru|fifo|lfu|s3fifo|belady"},
+        {"capacity", ARG_STRING, &capacity, 0, 0, NULL,
+         "comma-separated device cache sizes in bytes (KB MB GB TB KiB MiB GiB TiB)"},
+        {"host-capacity", ARG_STRING, &host_capacity, 0, 0, NULL,
+         "bytes of a host tier (lru) behind every device cache, taking what it evicts (0: none)"},
+        {"model", ARG_STRING, &model, 0, 0, NULL,
+         "config.json (or its directory): layers, KV heads and head_dim from it"},
+        {"layers", ARG_INT, &layers, 1, 1 << 16, NULL, "layers (without --model)"},
+        {"kv-heads", ARG_INT, &kv_heads, 1, 1 << 16, NULL, "KV heads (without --model)"},
+        {"head-dim", ARG_INT, &head_dim, 1, 1 << 16, NULL, "head dimension (without --model)"},
+        {"kv-bits", ARG_INT, &kv_bits, 4, 32, NULL, "bits per cached K or V value: 4, 8, 16 or 32"},
+        {"prefill-tps", ARG_DOUBLE, &prefill_tps, 1e-9, 1e15, NULL,
+         "prefill throughput, tokens per second (for the seconds columns)"},
+        {"lru-curve", ARG_FLAG, &lru_curve, 0, 0, NULL,
+         "also lru_curve.csv: the prefix scope under lru at every capacity, in one pass"},
+        {"threads", ARG_INT, &threads, 0, 1024, NULL,
+         "runs at once, 0 = all cores (the files are the same at any count)"},
+        {"quiet", ARG_FLAG, &quiet, 0, 0, NULL, "no table, no progress"},
+        {NULL, 0, NULL, 0, 0, NULL, NULL},
+    };
+    const char *usage =
+        "reuse LOG.jsonl[.gz] [options]\n"
+        "  Replays a request log (qwen or mooncake JSONL) through persisted KV caches: every\n"
+        "  scope x policy x capacity; writes reuse.csv and reuse_turns.csv (docs/reuse.md)";
+    const char *positional[1];
+    int status = args_start(argc, argv, specs, usage, positional, 1);
+    if (status >= 0)
+        return status;
+    KvErr err;
+    int scope_idx[MAX_LIST], policy_idx[MAX_LIST];
+    int64_t caps[MAX_CAPACITIES];
+    /* "radix" names the prefix scope too (what a radix-tree cache serves, docs/reuse.md). */
+    static const char *const scope_words[N_SCOPES + 1] = {"none", "prefix", "conversation", "radix"};
+    int n_scopes = parse_names("scopes", scopes, scope_words, N_SCOPES + 1, scope_idx, MAX_LIST, &err);
+    for (int i = 0; i < n_scopes; i++)
+        if (scope_idx[i] == N_SCOPES)
+            scope_idx[i] = SCOPE_PREFIX;
+    int n_policies = n_scopes < 0 ? -1 : parse_names("policies", policies, reuse_policy_names,
+                                                     N_POLICIES, policy_idx, MAX_LIST, &err);
+    int n_caps = n_policies < 0 ? -1 : parse_byte_sizes("capacity", capacity, caps, MAX_CAPACITIES, &err);
+    int64_t host_bytes = 0;
+    if (n_caps >= 0 && parse_byte_sizes("host-capacity", host_capacity, &host_bytes, 1, &err) < 0)
+        n_caps = -1;
+    if (n_caps < 0) {
+        fprintf(stderr, "kvsim: reuse: %s\n", err.msg);
+        return 2;
+    }
+    if (kv_bits != 4 && kv_bits != 8 && kv_bits != 16 && kv_bits != 32) {
+        fprintf(stderr, "kvsim: reuse: --kv-bits: expected 4, 8, 16 or 32, found %d\n", kv_bits);
+        return 2;
+    }
+    if (model && model_kv_geometry(model, &layers, &kv_heads, &head_dim, &err) < 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        return 2;
+    }
+    if (make_dirs(out, &err) < 0 || dir_writable(out, &err) < 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        return 2;
+    }
+    bool progress = !quiet && isatty(STDERR_FILENO);
+    ReqLog log;
+    double t0 = now_seconds();
+    if (reqlog_load(positional[0], (ReqlogFormat)format, block, progress, &log, &err) < 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        return 2;
+    }
+    double t_read = now_seconds() - t0;
+    /* K and V: 2 values per layer, KV head and head dimension. */
+    double bytes_per_token = (double)layers * kv_heads * head_dim * 2.0 * kv_bits / 8.0;
+    double block_bytes = bytes_per_token * log.block_tokens;
+
+    static const char header[] =
+        "scope,policy,capacity_bytes,capacity_blocks,requests,prompt_tokens,cached_tokens,"
+        "token_hit_rate,prefill_tokens,prefill_s,prefill_s_saved,evictions,inserted,bytes_end,"
+        "bytes_peak,host_capacity_bytes,host_cached_tokens,host_bytes_end,host_bytes_peak";
+    static const char turns_header[] =
+        "scope,policy,capacity_bytes,turn,requests,prompt_tokens,cached_tokens,context_share";
+    CsvFile csv, turns;
+    if (csv_create(&csv, out, "reuse.csv", header, &err) < 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        reqlog_free(&log);
+        return 2;
+    }
+    if (csv_create(&turns, out, "reuse_turns.csv", turns_header, &err) < 0) {
+        atomic_abort(&csv.af);
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        reqlog_free(&log);
+        return 2;
+    }
+    if (!quiet)
+        printf("%s: %ld requests, %u distinct blocks of %d tokens, read in %.2f s\n",
+               positional[0], log.n, log.n_blocks, log.block_tokens, t_read);
+    if (!quiet) {
+        char kv[32];
+        human_bytes(bytes_per_token, kv, sizeof kv);
+        printf("KV per token %s (%d layers x %d KV heads x %d dims x 2 x %d bits); prefill %g tokens/s\n",
+               kv, layers, kv_heads, head_dim, kv_bits, prefill_tps);
+        printf("%-13s %-7s %12s %9s %12s %10s\n", "scope", "policy", "capacity", "hit_rate",
+               "evictions", "requests/s");
+    }
+    /* Every scope x capacity x policy is one job of the pool; each writes only its own result,
+     * and the rows are written afterwards in job order: the same files at any thread count. */
+    int n_jobs = 0;
+    ReuseJob *jobs = kv_calloc((size_t)n_scopes * n_caps * n_policies, sizeof *jobs);
+    uint32_t *next_use[N_SCOPES] = {NULL};
+    for (int si = 0; si < n_scopes; si++) {
+        ReuseScope scope = (ReuseScope)scope_idx[si];
+        for (int pi = 0; pi < n_policies; pi++)
+            if (policy_idx[pi] == POL_BELADY && scope != SCOPE_NONE && !next_use[scope])
+                next_use[scope] = reuse_next_use(&log, scope);
+        for (int ci = 0; ci < n_caps; ci++) {
+            /* Under scope none the policy does not matter: one row, policy "none". */
+            int n_pol = scope == SCOPE_NONE ? 1 : n_policies;
+            for (int pi = 0; pi < n_pol; pi++)
+                jobs[n_jobs++] = (ReuseJob){
+                    .log = &log, .scope = scope, .policy = (ReusePolicy)policy_idx[pi],
+                    .capacity = caps[ci],
+                    .capacity_blocks = (int64_t)floor((double)caps[ci] / block_bytes),
+                    .host_blocks = (int64_t)floor((double)host_bytes / block_bytes),
+                    .next_use = next_use[scope],
+                };
+        }
+    }
+    Pool *pool = pool_create(pool_threads_for(threads, n_jobs));
+    double t1 = now_seconds();
+    pool_for(pool, n_jobs, run_job, jobs, &err); /* the jobs cannot fail */
+    double t_sim = now_seconds() - t1;
+    pool_free(pool);
+    for (int s = 0; s < N_SCOPES; s++)
+        free(next_use[s]);
+    for (int j = 0; j < n_jobs; j++) {
+        const ReuseJob *job = &jobs[j];
+        const ReuseResult *res = &job->result;
+        const char *pol_name = job->scope == SCOPE_NONE ? "none" : reuse_policy_names[job->policy];
+        double rate = res->prompt_tokens > 0 ? (double)res->hit_tokens / res->prompt_tokens : NAN;
+        double prefill = (double)(res->prompt_tokens - res->hit_tokens);
+        csv_put_text(&csv, reuse_scope_names[job->scope]);
+        csv_put_text(&csv, pol_name);
+        csv_put_count(&csv, (double)job->capacity);
+        csv_put_count(&csv, (double)job->capacity_blocks);
+        csv_put_count(&csv, (double)res->requests);
+        csv_put_count(&csv, (double)res->prompt_tokens);
+        csv_put_count(&csv, (double)res->hit_tokens);
+        csv_put_optional(&csv, rate);
+        csv_put_count(&csv, prefill);
+        csv_put_num(&csv, prefill / prefill_tps);
+        csv_put_num(&csv, (double)res->hit_tokens / prefill_tps);
+        csv_put_count(&csv, (double)res->evictions);
+        csv_put_count(&csv, (double)res->inserted);
+        csv_put_count(&csv, (double)res->blocks_end * block_bytes);
+        csv_put_count(&csv, (double)res->blocks_peak * block_bytes);
+        csv_put_count(&csv, (double)host_bytes);
+        csv_put_count(&csv, (double)res->host_hit_tokens);
+        csv_put_count(&csv, (double)res->host_blocks_end * block_bytes);
+        csv_put_count(&csv, (double)res->host_blocks_peak * block_bytes);
+        csv_end_row(&csv);
+        for (int t = 0; t < REUSE_MAX_TURN; t++) {
+            if (!res->turn_requests[t])
+                continue;
+            csv_put_text(&turns, reuse_scope_names[job->scope]);
+            csv_put_text(&turns, pol_name);
+            csv_put_count(&turns, (double)job->capacity);
+            csv_put_int(&turns, t);
+            csv_put_count(&turns, (double)res->turn_requests[t]);
+            csv_put_count(&turns, (double)res->turn_prompt[t]);
+            csv_put_count(&turns, (double)res->turn_hit[t]);
+            csv_put_optional(&turns, res->turn_prompt[t] > 0
+                                         ? (double)res->turn_hit[t] / res->turn_prompt[t] : NAN);
+            csv_end_row(&turns);
+        }
+        if (!quiet) {
+            char capb[32];
+            human_bytes((double)job->capacity, capb, sizeof capb);
+            printf("%-13s %-7s %12s %9.4f %12lld %10.3g\n", reuse_scope_names[job->scope],
+                   pol_name, capb, res->prompt_tokens > 0 ? rate : 0.0,
+                   (long long)res->evictions, job->seconds > 0 ? res->requests / job->seconds : 0.0);
+        }
+    }
+    long n_runs = n_jobs;
+    free(jobs);
+    CsvFile curve_csv;
+    int n_files = 2;
+    if (lru_curve) {
+        static const char curve_header[] =
+            "capacity_blocks,capacity_bytes,cached_tokens,token_hit_rate";
+        if (csv_create(&curve_csv, out, "lru_curve.csv", curve_header, &err) < 0) {
+            atomic_abort(&csv.af);
+            atomic_abort(&turns.af);
+            fprintf(stderr, "kvsim: %s\n", err.msg);
+            reqlog_free(&log);
+            return 2;
+        }
+        n_files = 3;
+        double t1 = now_seconds();
+        int64_t *curve = reuse_lru_curve(&log);
+        double dt = now_seconds() - t1;
+        int64_t prompt = 0;
+        for (long r = 0; r < log.n; r++)
+            prompt += log.input[r];
+        /* Capacities 1, 2, 3, ... at four points per doubling up to every distinct block. */
+        int64_t prev = -1;
+        for (int k = 0;; k++) {
+            int64_t c = (int64_t)llround(pow(2.0, k / 4.0));
+            if (c > (int64_t)log.n_blocks)
+                c = log.n_blocks;
+            if (c != prev) {
+                csv_put_count(&curve_csv, (double)c);
+                csv_put_count(&curve_csv, (double)c * block_bytes);
+                csv_put_count(&curve_csv, (double)curve[c]);
+                csv_put_optional(&curve_csv, prompt > 0 ? (double)curve[c] / prompt : NAN);
+                csv_end_row(&curve_csv);
+                prev = c;
+            }
+            if (c == (int64_t)log.n_blocks)
+                break;
+        }
+        free(curve);
+        if (!quiet)
+            printf("lru curve over %u capacities in %.2f s (%.3g requests/s)\n", log.n_blocks, dt,
+                   dt > 0 ? log.n / dt : 0.0);
+    }
+    reqlog_free(&log);
+    CsvFile *files[] = {&csv, &turns, &curve_csv};
+    if (csv_commit_set(files, n_files, &err) < 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        return 2;
+    }
+    if (!quiet)
+        printf("%ld runs in %.2f s (wall); wrote %s/reuse.csv, %s/reuse_turns.csv%s\n", n_runs, t_sim, out,
+               out, lru_curve ? ", lru_curve.csv" : "");
+    return 0;
+}
+
+int cmd_synth_workload(int argc, char **argv)
+{
+    WorkloadParams wp;
+    workload_defaults(&wp);
+    const char *out = NULL;
+    int seed = (int)wp.seed;
+    double n_conv = (double)wp.n_conversations;
+    const ArgSpec specs[] = {
+        {"out", ARG_STRING, &out, 0, 0, NULL, "request log to write (qwen JSONL)"},
+        {"seed", ARG_INT, &seed, 0, 2147483647, NULL, "random seed"},
+        {"conversations", ARG_DOUBLE, &n_conv, 0, 1e9, NULL, "conversations"},
+        {"turns-mean", ARG_DOUBLE, &wp.turns_mean, 1, 1e6, NULL,
+         "mean turns per conversation (geometric, >= 1)"},
+        {"system-prompts", ARG_INT, &wp.n_system, 0, 1 << 20, NULL,
+         "shared system prompts (0: none), one drawn uniformly per conversation"},
+        {"system-mean", ARG_DOUBLE, &wp.system_mean, 1, 1e9, NULL,
+         "mean tokens of a system prompt (geometric)"},
+        {"message-mean", ARG_DOUBLE, &wp.message_mean, 1, 1e9, NULL,
+         "mean tokens of a user message (geometric)"},
+        {"answer-mean", ARG_DOUBLE, &wp.answer_mean, 1, 1e9, NULL,
+         "mean tokens of an answer (geometric)"},
+        {"rate", ARG_DOUBLE, &wp.rate, 1e-9, 1e9, NULL,
+         "conversations per second (Poisson arrivals)"},
+        {"think-mean", ARG_DOUBLE, &wp.think_mean, 0, 1e9, NULL,
+         "mean seconds from a turn to the next (exponential)"},
+        {"block", ARG_INT, &wp.block_tokens, 1, 1 << 24, NULL, "tokens per hash_ids block"},
+        {NULL, 0, NULL, 0, 0, NULL, NULL},
+    };
+    const char *usage = "synth-workload --out FILE [options]\n"
+                        "  Writes a synthetic multi-turn chat request log in the qwen format";
+    const char *positional[1];
+    int status = args_start(argc, argv, specs, usage, positional, 0);
+    if (status >= 0)
+        return status;
+    if (!out) {
+        fprintf(stderr, "kvsim: synth-workload: --out FILE is required\n");
+        return 2;
+    }
+    if (n_conv != floor(n_conv)) {
+        fprintf(stderr, "kvsim: synth-workload: --conversations: expected a whole number, found %g\n",
+                n_conv);
+        return 2;
+    }
+    wp.seed = (unsigned long)seed;
+    wp.n_conversations = (long)n_conv;
+    wp.progress = isatty(STDERR_FILENO);
+    KvErr err;
+    long n = 0;
+    double t0 = now_seconds();
+    if (workload_write(&wp, out, &n, &err) < 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        return 2;
+    }
+    printf("%s: %ld conversations, %ld requests, %.1f s\n", out, wp.n_conversations, n,
+           now_seconds() - t0);
+    return 0;
+}

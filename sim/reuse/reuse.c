@@ -1,0 +1,625 @@
+/* The persisted-KV-cache simulator: one cache structure for every policy, over dense entry ids
+ * (blocks under the prefix scope, requests under the conversation scope). */
+#include "sim/reuse/reuse.h"
+
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *const reuse_scope_names[N_SCOPES] = {"none", "prefix", "conversation"};
+const char *const reuse_policy_names[N_POLICIES] = {"lru", "fifo", "lfu", "s3fifo", "belady"};
+
+enum { Q_NONE = 0, Q_SMALL = 1, Q_MAIN = 2 }; /* lru and fifo use Q_MAIN only */
+
+typedef struct Cache Cache;
+struct Cache {
+    ReusePolicy pol;
+    int64_t cap, used, peak, evictions, inserted;
+    Cache *spill; /* the host tier, which takes what this one evicts; NULL: none */
+    uint8_t *present;
+    int64_t *size; /* NULL: every entry is one block */
+    /* lru, fifo, s3fifo: doubly linked queues, head = newest, tail = next victim */
+    int32_t *prev, *next;
+    uint8_t *queue;
+    int32_t head[3], tail[3];
+    int64_t qsize[3];
+    /* lfu: one list per reference count (head = most recent), O(1) per reference */
+    uint32_t *count;
+    int32_t *bhead, *btail; /* [bcap] by count */
+    int64_t bcap, min_count;
+    /* belady: a min-heap on (ka, kb) */
+    int32_t *heap, *pos, hn;
+    uint64_t *ka, *kb;
+    uint64_t tick;
+    /* s3fifo */
+    uint8_t *freq;
+    uint64_t *ghost; /* sequence number of the entry's last move to the ghost queue, 0: none */
+    uint64_t ghost_seq;
+    int64_t ghost_cap, small_cap;
+};
+
+static int64_t entry_size(const Cache *c, int32_t id)
+{
+    return c->size ? c->size[id] : 1;
+}
+
+/* ---- queues ---- */
+
+static void q_push_head(Cache *c, int q, int32_t id)
+{
+    c->queue[id] = (uint8_t)q;
+    c->prev[id] = -1;
+    c->next[id] = c->head[q];
+    if (c->head[q] >= 0)
+        c->prev[c->head[q]] = id;
+    else
+        c->tail[q] = id;
+    c->head[q] = id;
+    c->qsize[q] += entry_size(c, id);
+}
+
+static void q_unlink(Cache *c, int32_t id)
+{
+    int q = c->queue[id];
+    if (c->prev[id] >= 0)
+        c->next[c->prev[id]] = c->next[id];
+    else
+        c->head[q] = c->next[id];
+    if (c->next[id] >= 0)
+        c->prev[c->next[id]] = c->prev[id];
+    else
+        c->tail[q] = c->prev[id];
+    c->queue[id] = Q_NONE;
+    c->qsize[q] -= entry_size(c, id);
+}
+
+/* ---- heap ---- */
+
+static bool h_less(const Cache *c, int32_t a, int32_t b)
+{
+    return c->ka[a] != c->ka[b] ? c->ka[a] < c->ka[b] : c->kb[a] < c->kb[b];
+}
+
+static void h_set(Cache *c, int32_t i, int32_t id)
+{
+    c->heap[i] = id;
+    c->pos[id] = i;
+}
+
+static void h_up(Cache *c, int32_t i)
+{
+    int32_t id = c->heap[i];
+    while (i > 0) {
+        int32_t p = (i - 1) / 2;
+        if (!h_less(c, id, c->heap[p]))
+            break;
+        h_set(c, i, c->heap[p]);
+        i = p;
+    }
+    h_set(c, i, id);
+}
+
+static void h_down(Cache *c, int32_t i)
+{
+    int32_t id = c->heap[i];
+    for (;;) {
+        int32_t l = 2 * i + 1, m = i;
+        int32_t best = id;
+        if (l < c->hn && h_less(c, c->heap[l], best)) {
+            m = l;
+            best = c->heap[l];
+        }
+        if (l + 1 < c->hn && h_less(c, c->heap[l + 1], best)) {
+            m = l + 1;
+            best = c->heap[l + 1];
+        }
+        if (m == i)
+            break;
+        h_set(c, i, best);
+        i = m;
+    }
+    h_set(c, i, id);
+}
+
+static void h_push(Cache *c, int32_t id)
+{
+    c->heap[c->hn] = id;
+    c->pos[id] = c->hn;
+    h_up(c, c->hn++);
+}
+
+static void h_remove(Cache *c, int32_t id)
+{
+    int32_t i = c->pos[id], last = c->heap[--c->hn];
+    if (i == c->hn)
+        return;
+    h_set(c, i, last);
+    h_up(c, i);
+    h_down(c, c->pos[last]);
+}
+
+static void h_update(Cache *c, int32_t id)
+{
+    h_up(c, c->pos[id]);
+    h_down(c, c->pos[id]);
+}
+
+/* ---- the cache ---- */
+
+static bool uses_heap(ReusePolicy p)
+{
+    return p == POL_BELADY;
+}
+
+/* ---- lfu's lists by count ---- */
+
+static void lfu_push(Cache *c, int32_t id)
+{
+    uint32_t k = c->count[id];
+    if ((int64_t)k >= c->bcap) {
+        int64_t cap = c->bcap ? 2 * c->bcap : 64;
+        while (cap <= (int64_t)k)
+            cap *= 2;
+        c->bhead = kv_realloc(c->bhead, (size_t)cap * sizeof *c->bhead);
+        c->btail = kv_realloc(c->btail, (size_t)cap * sizeof *c->btail);
+        for (int64_t i = c->bcap; i < cap; i++)
+            c->bhead[i] = c->btail[i] = -1;
+        c->bcap = cap;
+    }
+    c->prev[id] = -1;
+    c->next[id] = c->bhead[k];
+    if (c->bhead[k] >= 0)
+        c->prev[c->bhead[k]] = id;
+    else
+        c->btail[k] = id;
+    c->bhead[k] = id;
+}
+
+static void lfu_unlink(Cache *c, int32_t id)
+{
+    uint32_t k = c->count[id];
+    if (c->prev[id] >= 0)
+        c->next[c->prev[id]] = c->next[id];
+    else
+        c->bhead[k] = c->next[id];
+    if (c->next[id] >= 0)
+        c->prev[c->next[id]] = c->prev[id];
+    else
+        c->btail[k] = c->prev[id];
+}
+
+/* The least recently referenced of the fewest references; -1 when empty. */
+static int32_t lfu_victim(Cache *c)
+{
+    if (c->used == 0)
+        return -1;
+    while (c->min_count < c->bcap && c->btail[c->min_count] < 0)
+        c->min_count++; /* counts only grow between insertions, which reset it to 1 */
+    return c->min_count < c->bcap ? c->btail[c->min_count] : -1;
+}
+
+static void cache_init(Cache *c, ReusePolicy pol, int64_t cap, uint32_t n, bool sized)
+{
+    memset(c, 0, sizeof *c);
+    c->pol = pol;
+    c->cap = cap;
+    size_t un = n ? n : 1;
+    c->present = kv_calloc(un, 1);
+    if (sized)
+        c->size = kv_calloc(un, sizeof *c->size);
+    if (pol == POL_LFU) {
+        c->prev = kv_malloc(un * sizeof *c->prev);
+        c->next = kv_malloc(un * sizeof *c->next);
+        c->count = kv_malloc(un * sizeof *c->count);
+        c->min_count = 1;
+    } else if (uses_heap(pol)) {
+        c->heap = kv_malloc(un * sizeof *c->heap);
+        c->pos = kv_malloc(un * sizeof *c->pos);
+        c->ka = kv_malloc(un * sizeof *c->ka);
+        c->kb = kv_malloc(un * sizeof *c->kb);
+    } else {
+        c->prev = kv_malloc(un * sizeof *c->prev);
+        c->next = kv_malloc(un * sizeof *c->next);
+        c->queue = kv_calloc(un, 1);
+        for (int q = 0; q < 3; q++)
+            c->head[q] = c->tail[q] = -1;
+    }
+    if (pol == POL_S3FIFO) {
+        c->freq = kv_calloc(un, 1);
+        c->ghost = kv_calloc(un, sizeof *c->ghost);
+        c->small_cap = (cap + 9) / 10;
+        c->ghost_cap = cap - c->small_cap > 0 ? cap - c->small_cap : 1;
+    }
+}
+
+static void cache_free(Cache *c)
+{
+    free(c->present);
+    free(c->size);
+    free(c->heap);
+    free(c->pos);
+    free(c->ka);
+    free(c->kb);
+    free(c->prev);
+    free(c->next);
+    free(c->queue);
+    free(c->freq);
+    free(c->ghost);
+    free(c->count);
+    free(c->bhead);
+    free(c->btail);
+}
+
+/* Takes a present entry out of the structures. */
+static void cache_drop(Cache *c, int32_t id)
+{
+    if (c->pol == POL_LFU)
+        lfu_unlink(c, id);
+    else if (uses_heap(c->pol))
+        h_remove(c, id);
+    else
+        q_unlink(c, id);
+    c->present[id] = 0;
+    c->used -= entry_size(c, id);
+}
+
+static int32_t s3_evict_main(Cache *c)
+{
+    while (c->tail[Q_MAIN] >= 0) {
+        int32_t t = c->tail[Q_MAIN];
+        if (c->freq[t] > 0) {
+            c->freq[t]--;
+            q_unlink(c, t);
+            q_push_head(c, Q_MAIN, t);
+        } else {
+            return t;
+        }
+    }
+    return -1;
+}
+
+/* The victim, still present; -1 when the cache is empty. */
+static int32_t cache_victim(Cache *c)
+{
+    switch (c->pol) {
+    case POL_LRU:
+    case POL_FIFO:
+        return c->tail[Q_MAIN];
+    case POL_LFU:
+        return lfu_victim(c);
+    case POL_BELADY:
+        return c->hn > 0 ? c->heap[0] : -1;
+    case POL_S3FIFO:
+        if (c->qsize[Q_SMALL] > 0 && (c->qsize[Q_SMALL] >= c->small_cap || c->qsize[Q_MAIN] == 0)) {
+            while (c->tail[Q_SMALL] >= 0) {
+                int32_t t = c->tail[Q_SMALL];
+                if (c->freq[t] > 1) { /* referenced again while small: promoted */
+                    q_unlink(c, t);
+                    q_push_head(c, Q_MAIN, t);
+                } else {
+                    c->ghost[t] = ++c->ghost_seq;
+                    return t;
+                }
+            }
+        }
+        return s3_evict_main(c);
+    default:
+        return -1;
+    }
+}
+
+/* A reference to a present entry; nu: its next use (belady). */
+static void cache_hit(Cache *c, int32_t id, uint32_t nu)
+{
+    switch (c->pol) {
+    case POL_LRU:
+        q_unlink(c, id);
+        q_push_head(c, Q_MAIN, id);
+        break;
+    case POL_FIFO:
+        break;
+    case POL_LFU:
+        lfu_unlink(c, id);
+        if (c->count[id] < UINT32_MAX)
+            c->count[id]++;
+        lfu_push(c, id);
+        break;
+    case POL_BELADY:
+        c->ka[id] = UINT64_MAX - nu;
+        c->kb[id] = ++c->tick;
+        h_update(c, id);
+        break;
+    case POL_S3FIFO:
+        if (c->freq[id] < 3)
+            c->freq[id]++;
+        break;
+    default:
+        break;
+    }
+}
+
+/* Inserts an absent entry of `size` blocks, evicting until it fits (into the spill cache, when
+ * there is one); an entry larger than the cache goes to the spill cache, or is not kept. */
+static void cache_insert(Cache *c, int32_t id, int64_t size, uint32_t nu)
+{
+    if (size > c->cap) {
+        if (c->spill) /* too large for the device: written to the host directly */
+            cache_insert(c->spill, id, size, 0);
+        return;
+    }
+    if (c->size)
+        c->size[id] = size;
+    while (c->used + size > c->cap) {
+        int32_t v = cache_victim(c);
+        if (v < 0)
+            break;
+        int64_t v_size = entry_size(c, v);
+        cache_drop(c, v);
+        c->evictions++;
+        if (c->spill)
+            cache_insert(c->spill, v, v_size, 0); /* demoted to the host tier */
+    }
+    c->present[id] = 1;
+    c->used += size;
+    c->inserted++;
+    if (c->used > c->peak)
+        c->peak = c->used;
+    switch (c->pol) {
+    case POL_LRU:
+    case POL_FIFO:
+        q_push_head(c, Q_MAIN, id);
+        break;
+    case POL_LFU:
+        c->count[id] = 1;
+        c->min_count = 1;
+        lfu_push(c, id);
+        break;
+    case POL_BELADY:
+        c->ka[id] = UINT64_MAX - nu;
+        c->kb[id] = ++c->tick;
+        h_push(c, id);
+        break;
+    case POL_S3FIFO: {
+        bool ghost = c->ghost[id] && c->ghost_seq - c->ghost[id] < (uint64_t)c->ghost_cap;
+        c->ghost[id] = 0;
+        c->freq[id] = 0;
+        q_push_head(c, ghost ? Q_MAIN : Q_SMALL, id);
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+uint32_t *reuse_next_use(const ReqLog *log, ReuseScope scope)
+{
+    if (scope == SCOPE_PREFIX) {
+        int64_t total = log->off[log->n];
+        uint32_t *nu = kv_malloc((size_t)(total ? total : 1) * sizeof *nu);
+        uint32_t *last = kv_malloc((size_t)(log->n_blocks ? log->n_blocks : 1) * sizeof *last);
+        for (uint32_t b = 0; b < log->n_blocks; b++)
+            last[b] = UINT32_MAX;
+        for (long r = log->n - 1; r >= 0; r--) {
+            for (int64_t j = log->off[r]; j < log->off[r + 1]; j++)
+                nu[j] = last[log->ids[j]];
+            for (int64_t j = log->off[r]; j < log->off[r + 1]; j++)
+                last[log->ids[j]] = (uint32_t)r;
+        }
+        free(last);
+        return nu;
+    }
+    if (scope == SCOPE_CONVERSATION) {
+        uint32_t *nu = kv_malloc((size_t)(log->n ? log->n : 1) * sizeof *nu);
+        for (long r = 0; r < log->n; r++)
+            nu[r] = UINT32_MAX;
+        for (long r = log->n - 1; r >= 0; r--)
+            if (log->parent[r] >= 0)
+                nu[log->parent[r]] = (uint32_t)r; /* the first child wins */
+        return nu;
+    }
+    return NULL;
+}
+
+static void count_turn(ReuseResult *out, int32_t turn, int64_t prompt, int64_t hit)
+{
+    int t = turn < 0 ? 0 : turn >= REUSE_MAX_TURN ? REUSE_MAX_TURN - 1 : turn;
+    out->turn_requests[t]++;
+    out->turn_prompt[t] += prompt;
+    out->turn_hit[t] += hit;
+}
+
+void reuse_simulate(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
+                    int64_t capacity_blocks, const uint32_t *next_use, ReuseResult *out)
+{
+    reuse_simulate_host(log, scope, policy, capacity_blocks, 0, next_use, out);
+}
+
+/* Tokens of block j of a prompt of `input` tokens. */
+static int64_t block_tokens_at(int64_t input, int64_t j, int64_t B)
+{
+    int64_t left = input - j * B;
+    return left <= 0 ? 0 : left < B ? left : B;
+}
+
+void reuse_simulate_host(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
+                         int64_t capacity_blocks, int64_t host_blocks, const uint32_t *next_use,
+                         ReuseResult *out)
+{
+    memset(out, 0, sizeof *out);
+    const int64_t B = log->block_tokens;
+    bool belady = policy == POL_BELADY;
+    Cache c, host;
+    uint32_t n_entries = scope == SCOPE_PREFIX ? log->n_blocks
+                         : scope == SCOPE_CONVERSATION ? (uint32_t)log->n : 0;
+    cache_init(&c, policy, capacity_blocks < 0 ? 0 : capacity_blocks, n_entries,
+               scope == SCOPE_CONVERSATION);
+    bool tiered = host_blocks > 0 && scope != SCOPE_NONE;
+    if (tiered) {
+        cache_init(&host, POL_LRU, host_blocks, n_entries, scope == SCOPE_CONVERSATION);
+        c.spill = &host;
+    }
+    for (long r = 0; r < log->n; r++) {
+        int64_t hit = 0, host_hit = 0;
+        if (scope == SCOPE_PREFIX) {
+            const uint32_t *ids = log->ids + log->off[r];
+            int64_t m = log->off[r + 1] - log->off[r];
+            for (int64_t k = 0; k < m; k++) {
+                bool dev = c.present[ids[k]], on_host = tiered && host.present[ids[k]];
+                if (!dev && !on_host)
+                    break;
+                int64_t t = block_tokens_at(log->input[r], k, B);
+                hit += t;
+                if (!dev)
+                    host_hit += t;
+            }
+            for (int64_t j = m - 1; j >= 0; j--) {
+                uint32_t nu = belady ? next_use[log->off[r] + j] : 0;
+                int32_t id = (int32_t)ids[j];
+                if (c.present[id]) {
+                    cache_hit(&c, id, nu);
+                    continue;
+                }
+                if (tiered && host.present[id])
+                    cache_drop(&host, id); /* loaded back to the device */
+                cache_insert(&c, id, 1, nu);
+            }
+        } else if (scope == SCOPE_CONVERSATION) {
+            int32_t p = log->parent[r];
+            bool dev = p >= 0 && c.present[p], on_host = p >= 0 && tiered && host.present[p];
+            if (dev || on_host) {
+                int64_t ctx = log->input[p] + log->output[p];
+                hit = ctx < log->input[r] ? ctx : log->input[r];
+                if (dev) {
+                    cache_drop(&c, p);
+                } else {
+                    host_hit = hit;
+                    cache_drop(&host, p);
+                }
+            }
+            cache_insert(&c, (int32_t)r, reuse_blocks(log->input[r] + log->output[r], (int)B),
+                         belady ? next_use[r] : 0);
+        }
+        out->requests++;
+        out->prompt_tokens += log->input[r];
+        out->hit_tokens += hit;
+        out->host_hit_tokens += host_hit;
+        count_turn(out, log->turn[r], log->input[r], hit);
+    }
+    out->evictions = c.evictions;
+    out->inserted = c.inserted;
+    out->blocks_end = c.used;
+    out->blocks_peak = c.peak;
+    if (tiered) {
+        out->host_blocks_end = host.used;
+        out->host_blocks_peak = host.peak;
+        out->host_evictions = host.evictions;
+        cache_free(&host);
+    }
+    cache_free(&c);
+}
+
+/* ---- the LRU curve: stack depths through a Fenwick tree over reference times ---- */
+
+typedef struct {
+    int32_t *fw;  /* [size + 1], 1-based: marks of the times at which a block was last referenced */
+    int32_t *at;  /* [size]: the block last referenced at time t, -1 when none */
+    int32_t *last; /* [n_blocks]: the time of each block's last reference, -1 when none */
+    int64_t size, now, marked;
+} Stack;
+
+static void fw_add(Stack *s, int64_t t, int32_t v)
+{
+    for (int64_t i = t + 1; i <= s->size; i += i & -i)
+        s->fw[i] += v;
+}
+
+/* Marks at times < t. */
+static int64_t fw_before(const Stack *s, int64_t t)
+{
+    int64_t sum = 0;
+    for (int64_t i = t; i > 0; i -= i & -i)
+        sum += s->fw[i];
+    return sum;
+}
+
+/* Renumbers the marked times 0, 1, ... in order once the clock reaches the end of the tree: at
+ * most n_blocks are marked, so each renumbering frees at least half of it. */
+static void stack_compact(Stack *s)
+{
+    int64_t n = 0;
+    for (int64_t t = 0; t < s->size; t++) {
+        int32_t b = s->at[t];
+        if (b < 0)
+            continue;
+        s->at[t] = -1;
+        s->at[n] = b;
+        s->last[b] = (int32_t)n;
+        n++;
+    }
+    memset(s->fw, 0, (size_t)(s->size + 1) * sizeof *s->fw);
+    for (int64_t t = 0; t < n; t++)
+        s->fw[t + 1] = 1;
+    for (int64_t i = 1; i <= s->size; i++) { /* the tree of those marks in linear time */
+        int64_t j = i + (i & -i);
+        if (j <= s->size)
+            s->fw[j] += s->fw[i];
+    }
+    s->now = n;
+}
+
+int64_t *reuse_lru_curve(const ReqLog *log)
+{
+    const int64_t B = log->block_tokens, nb = log->n_blocks;
+    Stack s = {.size = 2 * nb + 2 > 1024 ? 2 * nb + 2 : 1024};
+    s.fw = kv_calloc((size_t)s.size + 1, sizeof *s.fw);
+    s.at = kv_malloc((size_t)s.size * sizeof *s.at);
+    for (int64_t t = 0; t < s.size; t++)
+        s.at[t] = -1;
+    s.last = kv_malloc((size_t)(nb ? nb : 1) * sizeof *s.last);
+    for (int64_t b = 0; b < nb; b++)
+        s.last[b] = -1;
+    int64_t *delta = kv_calloc((size_t)nb + 2, sizeof *delta);
+    for (long r = 0; r < log->n; r++) {
+        const uint32_t *ids = log->ids + log->off[r];
+        int64_t m = log->off[r + 1] - log->off[r], max_depth = 0;
+        /* the depths before the request: block j is cached at capacity c when every block
+         * before it is, i.e. from c = the prefix maximum of their depths */
+        for (int64_t j = 0; j < m && j * B < log->input[r]; j++) {
+            int32_t t = s.last[ids[j]];
+            if (t < 0)
+                break; /* never referenced: missing at every capacity */
+            int64_t depth = s.marked - fw_before(&s, t);
+            if (depth > max_depth)
+                max_depth = depth;
+            int64_t tokens = log->input[r] - j * B < B ? log->input[r] - j * B : B;
+            delta[max_depth] += tokens;
+        }
+        /* then the references, last block to first, as reuse_simulate makes them */
+        for (int64_t j = m - 1; j >= 0; j--) {
+            uint32_t b = ids[j];
+            if (s.now == s.size)
+                stack_compact(&s);
+            if (s.last[b] >= 0) {
+                fw_add(&s, s.last[b], -1);
+                s.at[s.last[b]] = -1;
+                s.marked--;
+            }
+            s.last[b] = (int32_t)s.now;
+            s.at[s.now] = (int32_t)b;
+            fw_add(&s, s.now, 1);
+            s.marked++;
+            s.now++;
+        }
+    }
+    int64_t *out = kv_malloc((size_t)(nb + 1) * sizeof *out);
+    int64_t sum = 0;
+    for (int64_t c = 0; c <= nb; c++) {
+        sum += delta[c];
+        out[c] = sum;
+    }
+    free(delta);
+    free(s.fw);
+    free(s.at);
+    free(s.last);
+    return out;
+}

@@ -1,0 +1,623 @@
+/* The persisted-KV-cache simulator (sim/reuse, `kvsim reuse`, `kvsim synth-workload`):
+ * hand-computed hit rates of every policy on small logs, the prefix and conversation scopes'
+ * rules, Belady above every policy at every capacity, the generator's statistics against its
+ * parameters, and one-line errors with exit status 2 for bad logs. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zlib.h>
+
+#include <cmocka.h>
+
+#include "sim/cmd/reuse_cmd.h"
+#include "sim/reuse/reqlog.h"
+#include "sim/reuse/reuse.h"
+#include "sim/reuse/workload.h"
+#include "tests/support/scratch.h"
+
+static char *dir;
+
+static int setup(void **state)
+{
+    (void)state;
+    dir = scratch_create();
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    char cmd[8400];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+    free(dir);
+    return 0;
+}
+
+static void load_text(const char *name, const char *text, int block, ReqLog *log)
+{
+    const char *path = scratch_path(dir, name, 0);
+    scratch_write(path, text);
+    KvErr err;
+    if (reqlog_load(path, REQLOG_AUTO, block, false, log, &err) < 0)
+        fail_msg("%s", err.msg);
+}
+
+static int64_t hits(const ReqLog *log, ReuseScope scope, ReusePolicy pol, int64_t cap,
+                    ReuseResult *res)
+{
+    uint32_t *nu = reuse_next_use(log, scope);
+    ReuseResult local;
+    if (!res)
+        res = &local;
+    reuse_simulate(log, scope, pol, cap, nu, res);
+    free(nu);
+    return res->hit_tokens;
+}
+
+/* One block of 4 tokens per request: A B A C B A D A, 2 blocks of room. By hand (docs/reuse.md
+ * has the rules): lru hits at 2 and 7 only (C evicts B, B evicts A, A evicts C); fifo at 2, 4,
+ * 7 (C evicts A, B stays); lfu at 2, 5, 7 (B and C, referenced once, go first); belady at 2,
+ * 4, 7; s3fifo at 2, 4, 7 (each new block goes to the small queue, evicted with frequency <=
+ * 1 before it reaches main). */
+static void test_single_block_policies_by_hand(void **state)
+{
+    (void)state;
+    const char *seq = "ABACBADA";
+    char text[2048] = "";
+    for (int i = 0; seq[i]; i++)
+        snprintf(text + strlen(text), sizeof text - strlen(text),
+                 "{\"timestamp\": %d, \"input_length\": 4, \"output_length\": 1, \"hash_ids\": [%d]}\n",
+                 i, seq[i] - 'A');
+    ReqLog log;
+    load_text("single.jsonl", text, 4, &log);
+    assert_int_equal(log.n, 8);
+    assert_int_equal(log.n_blocks, 4);
+    assert_int_equal(log.format, REQLOG_MOONCAKE);
+    const int64_t want[N_POLICIES] = {[POL_LRU] = 2 * 4, [POL_FIFO] = 3 * 4, [POL_LFU] = 3 * 4,
+                                      [POL_S3FIFO] = 3 * 4, [POL_BELADY] = 3 * 4};
+    for (int p = 0; p < N_POLICIES; p++) {
+        ReuseResult res;
+        int64_t h = hits(&log, SCOPE_PREFIX, (ReusePolicy)p, 2, &res);
+        if (h != want[p])
+            fail_msg("%s: %lld cached tokens, expected %lld", reuse_policy_names[p], (long long)h,
+                     (long long)want[p]);
+        assert_int_equal(res.prompt_tokens, 32);
+        assert_int_equal(res.inserted, 8 - want[p] / 4);
+        assert_int_equal(res.evictions, res.inserted - 2);
+        assert_int_equal(res.blocks_peak, 2);
+        assert_int_equal(hits(&log, SCOPE_NONE, (ReusePolicy)p, 2, NULL), 0);
+        /* room for everything: every repeat hits, whatever the policy */
+        assert_int_equal(hits(&log, SCOPE_PREFIX, (ReusePolicy)p, 100, NULL), 4 * 4);
+        assert_int_equal(hits(&log, SCOPE_PREFIX, (ReusePolicy)p, 0, NULL), 0);
+        /* one block of device and one of host (lru), A B A only: B demotes A to the host, where
+         * the second A finds it (4 tokens, from the host) and takes it back, demoting B */
+        ReqLog aba = log;
+        aba.n = 3;
+        uint32_t *nu = reuse_next_use(&aba, SCOPE_PREFIX);
+        reuse_simulate_host(&aba, SCOPE_PREFIX, (ReusePolicy)p, 1, 1, nu, &res);
+        free(nu);
+        assert_int_equal(res.hit_tokens, 4);
+        assert_int_equal(res.host_hit_tokens, 4);
+        assert_int_equal(res.host_blocks_end, 1);
+        assert_int_equal(res.host_evictions, 0);
+        assert_int_equal(res.blocks_end, 1);
+    }
+    reqlog_free(&log);
+}
+
+/* A hit is the run of leading blocks present, in tokens, at most the prompt. */
+static void test_prefix_run(void **state)
+{
+    (void)state;
+    ReqLog log;
+    load_text("prefix.jsonl",
+              "{\"timestamp\": 0, \"input_length\": 12, \"output_length\": 1, \"hash_ids\": [1, 2, 3]}\n"
+              "{\"timestamp\": 1, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [1, 2, 9]}\n"
+              "\n"
+              "{\"timestamp\": 2, \"input_length\": 12, \"output_length\": 1, \"hash_ids\": [5, 2, 3]}\n"
+              "{\"timestamp\": 2, \"input_length\": 14, \"output_length\": 1, \"hash_ids\": [1, 2, 3, 4]}\n"
+              "{\"timestamp\": 3, \"input_length\": 2, \"output_length\": 1, \"hash_ids\": [1]}\n",
+              4, &log);
+    assert_int_equal(log.n, 5);
+    for (int p = 0; p < N_POLICIES; p++) {
+        ReuseResult res;
+        /* 8 (1, 2) + 0 (5 is missing, so 2 and 3 do not count) + 12 (1, 2, 3) + 2 (1, cut) */
+        assert_int_equal(hits(&log, SCOPE_PREFIX, (ReusePolicy)p, 1000, &res), 8 + 0 + 12 + 2);
+        assert_int_equal(res.prompt_tokens, 12 + 10 + 12 + 14 + 2);
+        assert_int_equal(res.blocks_end, 6); /* 1 2 3 9 5 4 */
+        assert_int_equal(res.evictions, 0);
+    }
+    /* Three blocks of room, lru (most recent first; a request references its blocks last to
+     * first): request 0 leaves 1 2 3; request 1 hits 1 2 (8 tokens), inserting 9 evicts 3:
+     * 1 2 9; request 2 misses 5 (0), inserting 3 evicts 9, then 5 evicts 1: 5 2 3; request 3
+     * misses 1 (0) and inserts 4 3 2 1 over everything: 1 2 3; request 4 hits 1 (2 tokens). */
+    assert_int_equal(hits(&log, SCOPE_PREFIX, POL_LRU, 3, NULL), 8 + 0 + 0 + 2);
+    reqlog_free(&log);
+}
+
+/* Two conversations interleaved, room for one context: only consecutive turns of the same
+ * conversation hit (A's turns 3 -> 4), for every policy. */
+static void test_conversation_one_room(void **state)
+{
+    (void)state;
+    const char *text =
+        "{\"chat_id\": 10, \"parent_chat_id\": -1, \"timestamp\": 0, \"input_length\": 30, \"output_length\": 10, \"type\": \"text\", \"turn\": 1, \"hash_ids\": []}\n"
+        "{\"chat_id\": 11, \"parent_chat_id\": -1, \"timestamp\": 1, \"input_length\": 40, \"output_length\": 8, \"type\": \"text\", \"turn\": 1, \"hash_ids\": []}\n"
+        "{\"chat_id\": 12, \"parent_chat_id\": 10, \"timestamp\": 2, \"input_length\": 50, \"output_length\": 6, \"type\": \"text\", \"turn\": 2, \"hash_ids\": []}\n"
+        "{\"chat_id\": 13, \"parent_chat_id\": 11, \"timestamp\": 3, \"input_length\": 52, \"output_length\": 4, \"type\": \"text\", \"turn\": 2, \"hash_ids\": []}\n"
+        "{\"chat_id\": 14, \"parent_chat_id\": 12, \"timestamp\": 4, \"input_length\": 58, \"output_length\": 2, \"type\": \"text\", \"turn\": 3, \"hash_ids\": []}\n"
+        "{\"chat_id\": 15, \"parent_chat_id\": 14, \"timestamp\": 5, \"input_length\": 62, \"output_length\": 2, \"type\": \"text\", \"turn\": 4, \"hash_ids\": []}\n";
+    ReqLog log;
+    load_text("conv.jsonl", text, 4, &log);
+    assert_int_equal(log.format, REQLOG_QWEN);
+    assert_int_equal(log.parent[2], 0);
+    assert_int_equal(log.parent[5], 4);
+    for (int p = 0; p < N_POLICIES; p++) {
+        ReuseResult res;
+        /* 16 blocks = 64 tokens: every context fits alone (at most 64 tokens), no two do */
+        assert_int_equal(hits(&log, SCOPE_CONVERSATION, (ReusePolicy)p, 16, &res), 60);
+        assert_int_equal(res.turn_hit[4], 60);
+        assert_int_equal(res.turn_prompt[4], 62);
+        assert_int_equal(res.turn_hit[1] + res.turn_hit[2] + res.turn_hit[3], 0);
+        assert_int_equal(res.blocks_end, 16);
+        /* room for all: every later turn hits its parent's whole context */
+        assert_int_equal(hits(&log, SCOPE_CONVERSATION, (ReusePolicy)p, 1000, &res),
+                         40 + 48 + 56 + 60);
+        assert_int_equal(res.blocks_end, 14 + 16); /* B's turn 2 (56 tokens) and A's turn 4 */
+        assert_int_equal(hits(&log, SCOPE_NONE, (ReusePolicy)p, 1000, NULL), 0);
+        /* the same device and a host with room for all: what the device evicts waits on the
+         * host, so every later turn hits, A's turns 2 and 3 and B's turn 2 from the host */
+        uint32_t *nu = reuse_next_use(&log, SCOPE_CONVERSATION);
+        reuse_simulate_host(&log, SCOPE_CONVERSATION, (ReusePolicy)p, 16, 1000, nu, &res);
+        free(nu);
+        assert_int_equal(res.hit_tokens, 40 + 48 + 56 + 60);
+        assert_int_equal(res.host_hit_tokens, 40 + 48 + 56);
+        assert_int_equal(res.host_blocks_end, 14); /* B's turn 2, demoted by A's turn 3 */
+        assert_int_equal(res.blocks_end, 16);
+    }
+    reqlog_free(&log);
+}
+
+static void small_workload(WorkloadParams *wp, long conversations)
+{
+    workload_defaults(wp);
+    wp->seed = 11;
+    wp->n_conversations = conversations;
+}
+
+/* Belady's next-use eviction holds at least as many cached tokens as every other policy, at
+ * every capacity, on a chained synthetic log (chained ids keep its cache prefix-closed). */
+static void test_belady_dominates(void **state)
+{
+    (void)state;
+    WorkloadParams wp;
+    small_workload(&wp, 300);
+    wp.rate = 5.0;
+    const char *path = scratch_path(dir, "w.jsonl", 0);
+    KvErr err;
+    if (workload_write(&wp, path, NULL, &err) < 0)
+        fail_msg("%s", err.msg);
+    ReqLog log;
+    if (reqlog_load(path, REQLOG_AUTO, 0, false, &log, &err) < 0)
+        fail_msg("%s", err.msg);
+    assert_int_equal(log.block_tokens, 16);
+    const int64_t caps[] = {1, 8, 64, 256, 1024, 4096, 16384, 1 << 20};
+    for (size_t c = 0; c < sizeof caps / sizeof caps[0]; c++) {
+        int64_t best = hits(&log, SCOPE_PREFIX, POL_BELADY, caps[c], NULL);
+        for (int p = 0; p < N_POLICIES; p++) {
+            int64_t h = hits(&log, SCOPE_PREFIX, (ReusePolicy)p, caps[c], NULL);
+            if (h > best)
+                fail_msg("capacity %lld: %s caches %lld tokens, belady %lld", (long long)caps[c],
+                         reuse_policy_names[p], (long long)h, (long long)best);
+            assert_int_equal(hits(&log, SCOPE_NONE, (ReusePolicy)p, caps[c], NULL), 0);
+        }
+        if (caps[c] >= 64)
+            assert_true(best > 0);
+    }
+    /* Room for everything: every policy caches the same, the log's whole reuse. */
+    int64_t all = hits(&log, SCOPE_PREFIX, POL_LRU, 1 << 24, NULL);
+    for (int p = 0; p < N_POLICIES; p++)
+        assert_int_equal(hits(&log, SCOPE_PREFIX, (ReusePolicy)p, 1 << 24, NULL), all);
+    reqlog_free(&log);
+}
+
+/* The one-pass LRU curve gives, at every capacity, the cached tokens of an LRU replay: on a
+ * synthetic log (small blocks, so that the tree of reference times is renumbered many times)
+ * and on a log of repeated and out-of-order ids. */
+static void test_lru_curve(void **state)
+{
+    (void)state;
+    WorkloadParams wp;
+    small_workload(&wp, 200);
+    wp.block_tokens = 8;
+    wp.system_mean = 100;
+    wp.turns_mean = 8; /* about 4.5 references per distinct block */
+    const char *path = scratch_path(dir, "curve.jsonl", 0);
+    KvErr err;
+    if (workload_write(&wp, path, NULL, &err) < 0)
+        fail_msg("%s", err.msg);
+    ReqLog log;
+    if (reqlog_load(path, REQLOG_AUTO, 8, false, &log, &err) < 0)
+        fail_msg("%s", err.msg);
+    int64_t *curve = reuse_lru_curve(&log);
+    int checked = 0;
+    for (int64_t c = 0; c <= log.n_blocks; c = c < 16 ? c + 1 : c * 5 / 4) {
+        int64_t h = hits(&log, SCOPE_PREFIX, POL_LRU, c, NULL);
+        if (curve[c] != h)
+            fail_msg("capacity %lld: curve %lld, replay %lld", (long long)c, (long long)curve[c],
+                     (long long)h);
+        checked++;
+    }
+    assert_int_equal(curve[log.n_blocks], hits(&log, SCOPE_PREFIX, POL_LRU, log.n_blocks, NULL));
+    assert_int_equal(curve[log.n_blocks], hits(&log, SCOPE_PREFIX, POL_LRU, 1 << 30, NULL));
+    assert_true(checked > 30);
+    assert_true(curve[log.n_blocks] > curve[log.n_blocks / 8]);
+    free(curve);
+    reqlog_free(&log);
+
+    load_text("curve2.jsonl",
+              "{\"timestamp\": 0, \"input_length\": 12, \"output_length\": 1, \"hash_ids\": [1, 2, 3]}\n"
+              "{\"timestamp\": 1, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [1, 2, 9]}\n"
+              "{\"timestamp\": 2, \"input_length\": 12, \"output_length\": 1, \"hash_ids\": [5, 2, 3]}\n"
+              "{\"timestamp\": 2, \"input_length\": 15, \"output_length\": 1, \"hash_ids\": [1, 1, 2, 1]}\n"
+              "{\"timestamp\": 3, \"input_length\": 14, \"output_length\": 1, \"hash_ids\": [1, 2, 3, 4]}\n"
+              "{\"timestamp\": 3, \"input_length\": 9, \"output_length\": 1, \"hash_ids\": [3, 2, 1]}\n"
+              "{\"timestamp\": 4, \"input_length\": 2, \"output_length\": 1, \"hash_ids\": [1]}\n",
+              4, &log);
+    curve = reuse_lru_curve(&log);
+    for (int64_t c = 0; c <= log.n_blocks; c++)
+        assert_int_equal(curve[c], hits(&log, SCOPE_PREFIX, POL_LRU, c, NULL));
+    free(curve);
+    reqlog_free(&log);
+}
+
+/* The generator's statistics against its parameters, its chained ids, its determinism. */
+static void test_generator_statistics(void **state)
+{
+    (void)state;
+    WorkloadParams wp;
+    small_workload(&wp, 20000);
+    wp.turns_mean = 3.0;
+    wp.message_mean = 200.0;
+    wp.answer_mean = 300.0;
+    wp.system_mean = 500.0;
+    wp.rate = 2.0;
+    wp.think_mean = 20.0;
+    const char *path = scratch_path(dir, "stats.jsonl", 0);
+    KvErr err;
+    long n_req = 0;
+    if (workload_write(&wp, path, &n_req, &err) < 0)
+        fail_msg("%s", err.msg);
+    ReqReader *r = reqlog_open(path, REQLOG_AUTO, &err);
+    assert_non_null(r);
+    double *ts = kv_calloc((size_t)n_req, sizeof *ts);
+    int64_t *ctx = kv_calloc((size_t)n_req, sizeof *ctx);  /* input + output of each request */
+    int64_t *inp = kv_calloc((size_t)n_req, sizeof *inp);
+    int64_t **ids = kv_calloc((size_t)n_req, sizeof *ids);
+    double roots = 0, last_root = 0, out_sum = 0, msg_sum = 0, think_sum = 0, later = 0;
+    ReqRecord rec;
+    long n = 0;
+    int rc;
+    while ((rc = reqlog_next(r, &rec, &err)) == 1) {
+        assert_int_equal(rec.chat_id, n);
+        assert_string_equal(rec.type, "text");
+        assert_int_equal(rec.n_hash, (rec.input_length + 15) / 16);
+        ts[n] = rec.timestamp;
+        ctx[n] = rec.input_length + rec.output_length;
+        inp[n] = rec.input_length;
+        ids[n] = kv_malloc((size_t)(rec.n_hash ? rec.n_hash : 1) * sizeof **ids);
+        memcpy(ids[n], rec.hash_ids, (size_t)rec.n_hash * sizeof **ids);
+        out_sum += (double)rec.output_length;
+        if (rec.parent_chat_id < 0) {
+            assert_int_equal(rec.turn, 1);
+            roots++;
+            last_root = rec.timestamp;
+        } else {
+            int64_t p = rec.parent_chat_id;
+            assert_true(p < n);
+            /* the prompt is the conversation so far plus a message */
+            assert_true(rec.input_length > ctx[p]);
+            msg_sum += (double)(rec.input_length - ctx[p]);
+            think_sum += rec.timestamp - ts[p];
+            later++;
+            /* chained ids: the parent's full blocks lead this prompt with the same ids */
+            for (int64_t b = 0; b < inp[p] / 16; b++)
+                assert_int_equal(ids[n][b], ids[p][b]);
+            /* the parent's cut block, if any, is not reused */
+            if (inp[p] % 16)
+                assert_true(ids[n][inp[p] / 16] != ids[p][inp[p] / 16]);
+        }
+        n++;
+    }
+    assert_int_equal(rc, 0);
+    reqlog_close(r);
+    assert_int_equal(n, n_req);
+    assert_int_equal((long)roots, 20000);
+    double turns = n / roots, out_mean = out_sum / n, msg_mean = msg_sum / later,
+           think = think_sum / later, gap = last_root / roots;
+    if (fabs(turns / 3.0 - 1) > 0.03 || fabs(out_mean / 300.0 - 1) > 0.03 ||
+        fabs(msg_mean / 200.0 - 1) > 0.03 || fabs(think / 20.0 - 1) > 0.03 ||
+        fabs(gap / 0.5 - 1) > 0.03)
+        fail_msg("turns %.3f (3), answer %.1f (300), message %.1f (200), think %.2f s (20), "
+                 "arrival gap %.4f s (0.5)", turns, out_mean, msg_mean, think, gap);
+    for (long i = 0; i < n; i++)
+        free(ids[i]);
+    free(ids);
+    free(ts);
+    free(ctx);
+    free(inp);
+
+    /* the same seed gives the same bytes; another seed other bytes */
+    small_workload(&wp, 50);
+    const char *a = scratch_path(dir, "a.jsonl", 1), *b = scratch_path(dir, "b.jsonl", 2),
+               *c = scratch_path(dir, "c.jsonl", 3);
+    assert_int_equal(workload_write(&wp, a, NULL, &err), 0);
+    assert_int_equal(workload_write(&wp, b, NULL, &err), 0);
+    wp.seed = 12;
+    assert_int_equal(workload_write(&wp, c, NULL, &err), 0);
+    char *ta = scratch_read(a), *tb = scratch_read(b), *tc = scratch_read(c);
+    assert_true(strlen(ta) > 0);
+    assert_string_equal(ta, tb);
+    assert_true(strcmp(ta, tc) != 0);
+    free(ta);
+    free(tb);
+    free(tc);
+}
+
+/* Expects exit 2 and exactly one line on stderr containing every `want` (NULL-terminated). */
+static void run_fails(const char *args, ...)
+{
+    KvsimRun r = run_kvsim(args);
+    if (r.status != 2 || count_lines(r.err) != 1)
+        fail_msg("kvsim %s: expected exit 2 and one line, got %d: '%s'", args, r.status, r.err);
+    va_list ap;
+    va_start(ap, args);
+    for (const char *want = va_arg(ap, const char *); want; want = va_arg(ap, const char *))
+        if (!strstr(r.err, want))
+            fail_msg("kvsim %s: '%s' does not mention '%s'", args, r.err, want);
+    va_end(ap);
+    kvsim_run_free(&r);
+}
+
+static void bad_log(const char *name, const char *text, const char *want1, const char *want2)
+{
+    char path[4096], args[8400];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    scratch_write(path, text);
+    snprintf(args, sizeof args, "reuse '%s' --out '%s/out_bad' --quiet", path, dir);
+    run_fails(args, want1, want2, NULL);
+    assert_int_equal(scratch_count(dir) >= 0, 1);
+}
+
+#define MC(ts, in) "{\"timestamp\": " #ts ", \"input_length\": " #in ", \"output_length\": 1, \"hash_ids\": [1]}\n"
+
+static void test_bad_input(void **state)
+{
+    (void)state;
+    bad_log("json.jsonl", MC(0, 4) "{\"timestamp\": 1, \"input_length\": 4,\n", "json.jsonl:2:",
+            "not valid JSON");
+    bad_log("trail.jsonl", MC(0, 4) MC(1, 4) "{\"timestamp\": 2} x\n", "trail.jsonl:3:",
+            "not valid JSON");
+    bad_log("missing.jsonl", MC(0, 4) "{\"timestamp\": 1, \"input_length\": 4, \"output_length\": 1}\n",
+            "missing.jsonl:2:", "missing field 'hash_ids'");
+    bad_log("back.jsonl", MC(5, 4) MC(4, 4), "back.jsonl:2:", "before the previous");
+    bad_log("neg.jsonl", MC(0, 4) MC(1, -3), "neg.jsonl:2:", "input_length: expected an integer >= 0");
+    bad_log("frac.jsonl", MC(0, 4.5), "frac.jsonl:1:", "input_length");
+    bad_log("ids.jsonl", "{\"timestamp\": 0, \"input_length\": 4, \"output_length\": 1, \"hash_ids\": [1, \"x\"]}\n",
+            "ids.jsonl:1:", "hash_ids[1]");
+    bad_log("array.jsonl", "[1, 2]\n", "array.jsonl:1:", "expected a JSON object");
+    bad_log("dup.jsonl", "{\"timestamp\": 0, \"timestamp\": 1, \"input_length\": 4, \"output_length\": 1, \"hash_ids\": []}\n",
+            "dup.jsonl:1:", "appears twice");
+    bad_log("qwen.jsonl",
+            "{\"chat_id\": 1, \"parent_chat_id\": -1, \"timestamp\": 0, \"input_length\": 4, \"output_length\": 1, \"type\": \"text\", \"turn\": 1, \"hash_ids\": [1]}\n"
+            "{\"chat_id\": 2, \"timestamp\": 0, \"input_length\": 4, \"output_length\": 1, \"type\": \"text\", \"turn\": 1, \"hash_ids\": [1]}\n",
+            "qwen.jsonl:2:", "missing field 'parent_chat_id'");
+    bad_log("utf8.jsonl", MC(0, 4) "{\"type\": \"\xff\"}\n", "utf8.jsonl:2:", "UTF-8");
+    char args[8400];
+    snprintf(args, sizeof args, "reuse '%s/missing.jsonl' --capacity 1GiB,lots --out '%s/o'", dir, dir);
+    run_fails(args, "--capacity", "lots", NULL);
+    snprintf(args, sizeof args, "reuse '%s/missing.jsonl' --host-capacity 1GiB,2GiB --out '%s/o'", dir, dir);
+    run_fails(args, "--host-capacity", "expected one size", NULL);
+    snprintf(args, sizeof args, "reuse '%s/missing.jsonl' --policies lru,mru --out '%s/o'", dir, dir);
+    run_fails(args, "--policies", "mru", NULL);
+    snprintf(args, sizeof args, "reuse '%s/nothing.jsonl' --out '%s/o'", dir, dir);
+    run_fails(args, "nothing.jsonl", NULL);
+    run_fails("synth-workload", "--out", NULL);
+}
+
+/* End to end: both commands, a gzip log read like the plain one, the CSVs' rows and their
+ * determinism, KV bytes from a config.json. */
+static void test_cli(void **state)
+{
+    (void)state;
+    KvsimRun r = run_kvsim_ok("synth-workload --out '%s/cli.jsonl' --conversations 100 --seed 3",
+                              dir);
+    kvsim_run_free(&r);
+    /* the same log gzip-compressed */
+    char *plain = scratch_read(scratch_path(dir, "cli.jsonl", 0));
+    gzFile gz = gzopen(scratch_path(dir, "cli.jsonl.gz", 0), "wb");
+    assert_non_null(gz);
+    assert_int_equal(gzwrite(gz, plain, (unsigned)strlen(plain)), (int)strlen(plain));
+    assert_int_equal(gzclose(gz), Z_OK);
+    free(plain);
+    r = run_kvsim_ok("reuse '%s/cli.jsonl' --out '%s/r1' --capacity 16MiB,256MiB --quiet "
+                     "--threads 1", dir, dir);
+    kvsim_run_free(&r);
+    /* the gzip log, on two threads: the same files */
+    r = run_kvsim_ok("reuse '%s/cli.jsonl.gz' --out '%s/r2' --capacity 16MiB,256MiB --quiet "
+                     "--threads 2", dir, dir);
+    kvsim_run_free(&r);
+    char *c1 = scratch_read(scratch_path(dir, "r1/reuse.csv", 0));
+    char *c2 = scratch_read(scratch_path(dir, "r2/reuse.csv", 1));
+    char *t1 = scratch_read(scratch_path(dir, "r1/reuse_turns.csv", 2));
+    char *t2 = scratch_read(scratch_path(dir, "r2/reuse_turns.csv", 3));
+    assert_string_equal(c1, c2);
+    assert_string_equal(t1, t2);
+    /* none: one row per capacity; prefix and conversation: 5 policies x 2 capacities */
+    assert_int_equal(count_lines(c1), 1 + 2 + 2 * 5 * 2);
+    assert_true(strstr(c1, "scope,policy,capacity_bytes,capacity_blocks,") == c1);
+    assert_non_null(strstr(c1, ",bytes_peak,host_capacity_bytes,host_cached_tokens,host_bytes_end,"
+                               "host_bytes_peak\n"));
+    /* 16 MiB of 56 KiB tokens (the default geometry) in 16-token blocks: 18 blocks */
+    assert_non_null(strstr(c1, "\nprefix,belady,16777216,18,"));
+    assert_true(strstr(t1, "scope,policy,capacity_bytes,turn,") == t1);
+    free(c1);
+    free(c2);
+    free(t1);
+    free(t2);
+    /* KV geometry from config.json: the default model's 2 layers x 2 KV heads x 32 dims x 2 x
+     * 2 bytes = 512 bytes per token, 8 KiB per block: 1 MiB is 128 blocks */
+    const char *src = getenv("KVSIM_SOURCE_DIR");
+    r = run_kvsim_ok("reuse '%s/cli.jsonl' --out '%s/r3' --capacity 1MiB --scopes prefix "
+                     "--policies lru --model '%s/models/tiny-retrieval' --quiet", dir, dir,
+                     src ? src : ".");
+    kvsim_run_free(&r);
+    char *c3 = scratch_read(scratch_path(dir, "r3/reuse.csv", 0));
+    assert_int_equal(count_lines(c3), 2);
+    assert_non_null(strstr(c3, "\nprefix,lru,1048576,128,"));
+    free(c3);
+    /* radix is another name for the prefix scope: the same rows */
+    r = run_kvsim_ok("reuse '%s/cli.jsonl' --out '%s/r5' --capacity 1MiB --scopes radix "
+                     "--policies lru --model '%s/models/tiny-retrieval' --quiet", dir, dir,
+                     src ? src : ".");
+    kvsim_run_free(&r);
+    char *c5 = scratch_read(scratch_path(dir, "r3/reuse.csv", 0));
+    char *c6 = scratch_read(scratch_path(dir, "r5/reuse.csv", 1));
+    assert_string_equal(c5, c6);
+    free(c5);
+    free(c6);
+    /* --lru-curve: its row at 64 blocks (a point of the grid) is the replay's at 64 blocks */
+    r = run_kvsim_ok("reuse '%s/cli.jsonl' --out '%s/r4' --capacity 58720256 --scopes prefix "
+                     "--policies lru --lru-curve --quiet", dir, dir);
+    kvsim_run_free(&r);
+    char *c4 = scratch_read(scratch_path(dir, "r4/reuse.csv", 0));
+    char *curve = scratch_read(scratch_path(dir, "r4/lru_curve.csv", 1));
+    long long replay = -1, from_curve = -1;
+    const char *row = strstr(c4, "\nprefix,lru,58720256,64,");
+    assert_non_null(row);
+    assert_int_equal(sscanf(row, "\nprefix,lru,58720256,64,%*d,%*d,%lld", &replay), 1);
+    assert_true(strstr(curve, "capacity_blocks,capacity_bytes,cached_tokens,token_hit_rate\n") == curve);
+    row = strstr(curve, "\n64,58720256,");
+    assert_non_null(row);
+    assert_int_equal(sscanf(row, "\n64,58720256,%lld", &from_curve), 1);
+    assert_true(replay > 0);
+    assert_int_equal(replay, from_curve);
+    free(c4);
+    free(curve);
+}
+
+/* The reader's fast path (flat objects of plain ASCII) and its general path (escapes, nesting,
+ * long ids, literals) read the same values; a NUL inside a line is refused either way. */
+static void test_reader_paths(void **state)
+{
+    (void)state;
+    ReqLog log;
+    load_text("paths.jsonl",
+              "{\"chat_id\": 1, \"parent_chat_id\": -1, \"timestamp\": 0.5, \"input_length\": 40, \"output_length\": 3, \"type\": \"text\", \"turn\": 1, \"hash_ids\": [7, 8, 9]}\n"
+              "  {\"hash_ids\":[7,8,10],\"turn\":2,\"type\":\"te\\u0078t\",\"chat_id\":2,\"parent_chat_id\":1,\"timestamp\":1.5e0,\"input_length\":44,\"output_length\":1}\t\r\n"
+              "{\"chat_id\": 3, \"parent_chat_id\": 2, \"timestamp\": 2, \"input_length\": 48, \"output_length\": 3, \"type\": \"search\", \"turn\": 3, \"hash_ids\": [7, 8, 10, 9007199254740000], \"extra\": {\"a\": [true, null]}}\n"
+              "{\"chat_id\": 4, \"parent_chat_id\": 3, \"timestamp\": 2.0, \"input_length\": 4.8e1, \"output_length\": 0, \"type\": \"file\", \"turn\": 4, \"hash_ids\": [7, 8, 10, 9007199254740000, 11]}\n",
+              16, &log);
+    assert_int_equal(log.n, 4);
+    assert_int_equal(log.format, REQLOG_QWEN);
+    assert_int_equal(log.n_blocks, 6);
+    const int64_t in[] = {40, 44, 48, 48};
+    const int32_t parent[] = {-1, 0, 1, 2}, turn[] = {1, 2, 3, 4};
+    const double ts[] = {0.5, 1.5, 2, 2};
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(log.input[i], in[i]);
+        assert_int_equal(log.parent[i], parent[i]);
+        assert_int_equal(log.turn[i], turn[i]);
+        assert_true(log.timestamp[i] == ts[i]);
+    }
+    assert_int_equal(log.off[4] - log.off[3], 5);
+    /* request 2's long id and request 3's are the same block */
+    assert_int_equal(log.ids[log.off[2] + 3], log.ids[log.off[3] + 3]);
+    reqlog_free(&log);
+
+    /* An id first too large for the array goes to the map; once the array has grown past it,
+     * it is still found there: 3000000 is one block in requests 0 and 3. */
+    size_t cap = 16u << 20, len = 0;
+    char *text = kv_malloc(cap);
+    len += (size_t)snprintf(text + len, cap - len, "{\"timestamp\": 0, \"input_length\": 16, \"output_length\": 1, \"hash_ids\": [3000000]}\n"
+                            "{\"timestamp\": 1, \"input_length\": 12800000, \"output_length\": 1, \"hash_ids\": [0");
+    for (int i = 1; i < 800000; i++)
+        len += (size_t)snprintf(text + len, cap - len, ", %d", i);
+    snprintf(text + len, cap - len, "]}\n{\"timestamp\": 2, \"input_length\": 16, \"output_length\": 1, \"hash_ids\": [3500000]}\n"
+             "{\"timestamp\": 3, \"input_length\": 16, \"output_length\": 1, \"hash_ids\": [3000000]}\n");
+    load_text("grow.jsonl", text, 16, &log);
+    free(text);
+    assert_int_equal(log.n_blocks, 800002);
+    assert_int_equal(log.ids[log.off[3]], log.ids[log.off[0]]);
+    assert_int_equal(log.ids[log.off[2]], 800001);
+    assert_int_equal(hits(&log, SCOPE_PREFIX, POL_LRU, 1 << 21, NULL), 16);
+    reqlog_free(&log);
+
+    const char *path = scratch_path(dir, "nul.jsonl", 0);
+    FILE *fp = fopen(path, "wb");
+    assert_non_null(fp);
+    static const char line[] = "{\"timestamp\": 0, \"input_length\": 4, \"output_length\": 1, \"hash_ids\": [1]}\0 \n";
+    assert_int_equal(fwrite(line, 1, sizeof line - 1, fp), sizeof line - 1);
+    assert_int_equal(fclose(fp), 0);
+    KvErr err;
+    assert_int_equal(reqlog_load(path, REQLOG_AUTO, 0, false, &log, &err), -1);
+    assert_non_null(strstr(err.msg, "nul.jsonl:1:"));
+    assert_non_null(strstr(err.msg, "NUL"));
+}
+
+static void test_byte_sizes(void **state)
+{
+    (void)state;
+    int64_t v[8];
+    KvErr err;
+    assert_int_equal(parse_byte_sizes("capacity", "512MiB,4GiB,1e9,2KB,7", v, 8, &err), 5);
+    assert_int_equal(v[0], 512LL << 20);
+    assert_int_equal(v[1], 4LL << 30);
+    assert_int_equal(v[2], 1000000000LL);
+    assert_int_equal(v[3], 2000);
+    assert_int_equal(v[4], 7);
+    assert_int_equal(parse_byte_sizes("capacity", "1GiB,", v, 8, &err), -1);
+    assert_int_equal(parse_byte_sizes("capacity", "-1", v, 8, &err), -1);
+    assert_int_equal(parse_byte_sizes("capacity", "1XB", v, 8, &err), -1);
+}
+
+static void test_mooncake_units(void **state)
+{
+    (void)state;
+    ReqLog log;
+    load_text("mc.jsonl",
+              "{\"timestamp\": 0, \"input_length\": 6755, \"output_length\": 500, \"hash_ids\": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]}\n"
+              "{\"timestamp\": 3052, \"input_length\": 7234, \"output_length\": 794, \"hash_ids\": [0, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41]}\n",
+              0, &log);
+    assert_int_equal(log.block_tokens, 512);
+    assert_true(fabs(log.timestamp[1] - 3.052) < 1e-12);
+    assert_int_equal(log.parent[1], -1);
+    assert_int_equal(log.turn[1], 0);
+    /* block 0 is shared: 512 tokens of the second prompt */
+    for (int p = 0; p < N_POLICIES; p++)
+        assert_int_equal(hits(&log, SCOPE_PREFIX, (ReusePolicy)p, 100, NULL), 512);
+    reqlog_free(&log);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_single_block_policies_by_hand),
+        cmocka_unit_test(test_prefix_run),
+        cmocka_unit_test(test_conversation_one_room),
+        cmocka_unit_test(test_belady_dominates),
+        cmocka_unit_test(test_lru_curve),
+        cmocka_unit_test(test_generator_statistics),
+        cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_cli),
+        cmocka_unit_test(test_reader_paths),
+        cmocka_unit_test(test_byte_sizes),
+        cmocka_unit_test(test_mooncake_units),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

@@ -2,7 +2,6 @@
 #include "sim/reuse/reqlog.h"
 
 #include <cjson/cJSON.h>
-#include <fcntl.h>
 #include <sys/stat.h>
 #include <math.h>
 #include <stdlib.h>

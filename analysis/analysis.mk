@@ -17,6 +17,9 @@ FORMAT ?= png
 #                     then `kvsim eval` of CONV_CONFIG's policies on the held-out conversations
 #                     (CONV_EVAL_PROMPTS) once per mode -> results/conversation/MODE/eval*.csv,
 #                     results/conversation/eval_turns.csv and results/conversation/eval_distance.$(FORMAT)
+#   make reuse        a synthetic request log (kvsim synth-workload, REUSE_CONVERSATIONS
+#                     conversations) replayed by kvsim reuse at REUSE_CAPACITIES ->
+#                     results/reuse/reuse.csv, reuse_turns.csv and reuse.$(FORMAT)
 #
 # Every output is written to a temporary name and renamed. See docs/sweeps.md, docs/plots.md.
 
@@ -169,5 +172,24 @@ $(CONV_DIR)/eval_turns.csv: $(foreach m,$(CONV_MODES),$(CONV_DIR)/$(m)/eval_turn
 
 $(CONV_DIR)/eval_distance.$(FORMAT): analysis/eval_distance.gp analysis/common.gp $(CONV_DIR)/eval_turns.csv
 	$(call gnuplot_png,$<,$(CONV_DIR)/eval_turns.csv)
+
+# ---- make reuse ----
+
+REUSE_DIR           ?= results/reuse
+REUSE_CONVERSATIONS ?= 5000
+REUSE_CAPACITIES    ?= 256MiB,1GiB,4GiB,16GiB
+
+.PHONY: reuse
+reuse: $(REUSE_DIR)/reuse.$(FORMAT)
+
+$(REUSE_DIR)/chats.jsonl: | build
+	@mkdir -p $(@D)
+	$(KVSIM) synth-workload --out $@ --conversations $(REUSE_CONVERSATIONS)
+
+$(REUSE_DIR)/reuse.csv: $(REUSE_DIR)/chats.jsonl $(wildcard $(KVSIM)) | build
+	$(KVSIM) reuse $< --capacity $(REUSE_CAPACITIES) --out $(@D) > $(@D)/reuse.log
+
+$(REUSE_DIR)/reuse.$(FORMAT): analysis/reuse.gp analysis/common.gp $(REUSE_DIR)/reuse.csv
+	$(call gnuplot_png,$<,$(REUSE_DIR)/reuse.csv)
 
 FORCE:

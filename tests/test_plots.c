@@ -299,6 +299,21 @@ static void test_survival_distance_renders(void **state)
     render_fails("survival_distance.gp", "history,policy,turn,mass_mean\npersist,full,0,1\n");
 }
 
+static void test_reuse_renders(void **state)
+{
+    (void)state;
+    render_ok("reuse.gp",
+              "scope,policy,capacity_bytes,token_hit_rate\n"
+              "none,none,268435456,0\nnone,none,1073741824,0\n"
+              "prefix,lru,268435456,0.1\nprefix,lru,1073741824,0.3\n"
+              "prefix,belady,268435456,0.2\nprefix,belady,1073741824,0.5\n"
+              "conversation,lru,268435456,0.05\nconversation,lru,1073741824,0.2\n"
+              "conversation,belady,268435456,0.1\nconversation,belady,1073741824,0.4\n",
+              1400, 640);
+    /* only the scope that caches nothing: nothing to draw */
+    render_fails("reuse.gp", "scope,policy,capacity_bytes,token_hit_rate\nnone,none,1024,0\n");
+}
+
 static void test_eval_distance_renders(void **state)
 {
     (void)state;
@@ -388,7 +403,7 @@ static const char *const SCRIPTS[] = {"mass_vs_budget.gp",     "recall_vs_budget
                                       "accuracy_vs_budget.gp", "memory_vs_step.gp",
                                       "mass_heatmap.gp",       "run_plot.gp",
                                       "turns.gp",              "eval_distance.gp",
-                                      "survival_distance.gp"};
+                                      "survival_distance.gp",  "reuse.gp"};
 
 static void test_missing_input_fails(void **state)
 {
@@ -526,6 +541,7 @@ int main(void)
         cmocka_unit_test(test_turns_renders),
         cmocka_unit_test(test_other_formats),
         cmocka_unit_test(test_eval_distance_renders),
+        cmocka_unit_test(test_reuse_renders),
         cmocka_unit_test(test_survival_distance_renders),
         cmocka_unit_test(test_empty_field_is_missing),
         cmocka_unit_test(test_missing_input_fails),

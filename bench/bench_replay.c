@@ -153,13 +153,28 @@ static void attention_rates(Trace *tr, int reps, double *sgemm, double *stats_ra
     gemm_free(&gemm);
 }
 
-static void make_trace(const char *path, int n_layers)
+/* Writes the synthetic trace sp describes to path, once (an existing file is kept). */
+static void write_once(const char *path, const SynthParams *sp)
 {
     struct stat st;
     if (stat(path, &st) == 0)
         return;
-    SynthParams sp;
     KvErr err;
+    fprintf(stderr, "bench_replay: writing %s (%d layers, %d/%d heads, head_dim %d, %d+%d "
+            "tokens)...\n", path, sp->n_layers, sp->n_q_heads, sp->n_kv_heads, sp->head_dim,
+            sp->n_prompt, sp->n_decode);
+    double t0 = now_seconds();
+    if (synth_write(sp, path, &err) != 0) {
+        fprintf(stderr, "bench_replay: %s\n", err.msg);
+        exit(2);
+    }
+    fprintf(stderr, "bench_replay: trace written in %.1f s\n", now_seconds() - t0);
+}
+
+/* The 1B-shaped trace: n_layers layers, 32/8 heads, head_dim 64, 4096 + 512 tokens. */
+static void make_trace(const char *path, int n_layers)
+{
+    SynthParams sp;
     synth_defaults(&sp);
     sp.seed = 7;
     sp.n_layers = n_layers;
@@ -169,14 +184,7 @@ static void make_trace(const char *path, int n_layers)
     sp.n_prompt = 4096;
     sp.n_decode = 512;
     sp.dtype = TRACE_F16;
-    fprintf(stderr, "bench_replay: writing %s (%d layers, 32/8 heads, 4096+512 tokens)...\n",
-            path, n_layers);
-    double t0 = now_seconds();
-    if (synth_write(&sp, path, &err) != 0) {
-        fprintf(stderr, "bench_replay: %s\n", err.msg);
-        exit(2);
-    }
-    fprintf(stderr, "bench_replay: trace written in %.1f s\n", now_seconds() - t0);
+    write_once(path, &sp);
 }
 
 /* The long-context traces: 2 layers, 32/8 heads, head_dim 128, n_prompt + 1024 decode tokens,
@@ -185,11 +193,7 @@ enum { LONG_DECODE = 1024 };
 
 static void make_long_trace(const char *path, int n_prompt)
 {
-    struct stat st;
-    if (stat(path, &st) == 0)
-        return;
     SynthParams sp;
-    KvErr err;
     synth_defaults(&sp);
     sp.seed = 11;
     sp.n_layers = 2;
@@ -200,15 +204,7 @@ static void make_long_trace(const char *path, int n_prompt)
     sp.n_decode = LONG_DECODE;
     sp.attn_rows_every = 0;
     sp.dtype = TRACE_F16;
-    fprintf(stderr,
-            "bench_replay: writing %s (2 layers, 32/8 heads, head_dim 128, %d+%d tokens)...\n",
-            path, n_prompt, LONG_DECODE);
-    double t0 = now_seconds();
-    if (synth_write(&sp, path, &err) != 0) {
-        fprintf(stderr, "bench_replay: %s\n", err.msg);
-        exit(2);
-    }
-    fprintf(stderr, "bench_replay: trace written in %.1f s\n", now_seconds() - t0);
+    write_once(path, &sp);
 }
 
 static Trace *open_trace(const char *path)

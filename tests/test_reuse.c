@@ -369,20 +369,6 @@ static void test_generator_statistics(void **state)
     free(tc);
 }
 
-/* Expects exit 2 and exactly one line on stderr containing every `want` (NULL-terminated). */
-static void run_fails(const char *args, ...)
-{
-    KvsimRun r = run_kvsim(args);
-    if (r.status != 2 || count_lines(r.err) != 1)
-        fail_msg("kvsim %s: expected exit 2 and one line, got %d: '%s'", args, r.status, r.err);
-    va_list ap;
-    va_start(ap, args);
-    for (const char *want = va_arg(ap, const char *); want; want = va_arg(ap, const char *))
-        if (!strstr(r.err, want))
-            fail_msg("kvsim %s: '%s' does not mention '%s'", args, r.err, want);
-    va_end(ap);
-    kvsim_run_free(&r);
-}
 
 static void bad_log(const char *name, const char *text, const char *want1, const char *want2)
 {
@@ -390,7 +376,7 @@ static void bad_log(const char *name, const char *text, const char *want1, const
     snprintf(path, sizeof path, "%s/%s", dir, name);
     scratch_write(path, text);
     snprintf(args, sizeof args, "reuse '%s' --out '%s/out_bad' --quiet", path, dir);
-    run_fails(args, want1, want2, NULL);
+    run_kvsim_fails(args, want1, want2, NULL);
     assert_int_equal(scratch_count(dir) >= 0, 1);
 }
 
@@ -420,14 +406,14 @@ static void test_bad_input(void **state)
     bad_log("utf8.jsonl", MC(0, 4) "{\"type\": \"\xff\"}\n", "utf8.jsonl:2:", "UTF-8");
     char args[8400];
     snprintf(args, sizeof args, "reuse '%s/missing.jsonl' --capacity 1GiB,lots --out '%s/o'", dir, dir);
-    run_fails(args, "--capacity", "lots", NULL);
+    run_kvsim_fails(args, "--capacity", "lots", NULL);
     snprintf(args, sizeof args, "reuse '%s/missing.jsonl' --host-capacity 1GiB,2GiB --out '%s/o'", dir, dir);
-    run_fails(args, "--host-capacity", "expected one size", NULL);
+    run_kvsim_fails(args, "--host-capacity", "expected one size", NULL);
     snprintf(args, sizeof args, "reuse '%s/missing.jsonl' --policies lru,mru --out '%s/o'", dir, dir);
-    run_fails(args, "--policies", "mru", NULL);
+    run_kvsim_fails(args, "--policies", "mru", NULL);
     snprintf(args, sizeof args, "reuse '%s/nothing.jsonl' --out '%s/o'", dir, dir);
-    run_fails(args, "nothing.jsonl", NULL);
-    run_fails("synth-workload", "--out", NULL);
+    run_kvsim_fails(args, "nothing.jsonl", NULL);
+    run_kvsim_fails("synth-workload", "--out", NULL);
 }
 
 /* End to end: both commands, a gzip log read like the plain one, the CSVs' rows and their

@@ -23,20 +23,6 @@ static char synth_trace[1024];
 static char config_dir[1024];
 
 
-/* Expects exit 2 and exactly one line on stderr containing every `want` (NULL-terminated). */
-static void run_fails(const char *args, ...)
-{
-    KvsimRun r = run_kvsim(args);
-    if (r.status != 2 || count_lines(r.err) != 1)
-        fail_msg("kvsim %s: expected exit 2 and one line, got %d: '%s'", args, r.status, r.err);
-    va_list ap;
-    va_start(ap, args);
-    for (const char *want = va_arg(ap, const char *); want; want = va_arg(ap, const char *))
-        if (!strstr(r.err, want))
-            fail_msg("kvsim %s: '%s' does not mention '%s'", args, r.err, want);
-    va_end(ap);
-    kvsim_run_free(&r);
-}
 
 static int setup(void **state)
 {
@@ -300,7 +286,7 @@ static void test_run_budget_every_policy(void **state)
     scratch_write(ini[1], "[run]\nratio = 0.001\n[policy.w]\ntype = window\n");
     char args[20000];
     snprintf(args, sizeof args, "run '%s' --trace '%s' --out '%s/b2'", ini[1], synth_trace, dir);
-    run_fails(args, "budget1.ini:2: [policy.w] window = -2", "ratio = 0.001: budget 2 of the "
+    run_kvsim_fails(args, "budget1.ini:2: [policy.w] window = -2", "ratio = 0.001: budget 2 of the "
               "2048-token prompt of", NULL);
 }
 
@@ -313,10 +299,10 @@ static void test_bad_input_one_line_exit_2(void **state)
     fputs("[run]\nthreads = 1\n[policy.a]\ntype = window\nwindow = lots\n", f);
     fclose(f);
     snprintf(args, sizeof args, "run '%s' --trace '%s'", ini, synth_trace);
-    run_fails(args, "bad.ini:5:", "window = 'lots'", "expected an integer", NULL);
+    run_kvsim_fails(args, "bad.ini:5:", "window = 'lots'", "expected an integer", NULL);
 
     snprintf(args, sizeof args, "run '%s/baselines.ini' --trace '%s/missing.h5'", config_dir, dir);
-    run_fails(args, "missing.h5", NULL);
+    run_kvsim_fails(args, "missing.h5", NULL);
 
     /* a trace with one dataset removed */
     char broken[1100];
@@ -329,12 +315,12 @@ static void test_bad_input_one_line_exit_2(void **state)
     H5Fclose(h);
     snprintf(args, sizeof args, "run '%s/baselines.ini' --trace '%s' --out '%s/x'", config_dir,
              broken, dir);
-    run_fails(args, "broken.h5", "/layers/001/k", NULL);
+    run_kvsim_fails(args, "broken.h5", "/layers/001/k", NULL);
 
     snprintf(args, sizeof args, "run '%s/baselines.ini' --threads -3", config_dir);
-    run_fails(args, "--threads", NULL);
-    run_fails("run", "expected 1 argument", NULL);
-    run_fails("frobnicate", "unknown command", NULL);
+    run_kvsim_fails(args, "--threads", NULL);
+    run_kvsim_fails("run", "expected 1 argument", NULL);
+    run_kvsim_fails("frobnicate", "unknown command", NULL);
 }
 
 /* An output directory that cannot be created is reported before the replay: on a trace whose
@@ -360,10 +346,10 @@ static void test_unusable_output_directory(void **state)
     fixture_free(fx);
     snprintf(args, sizeof args, "run '%s/baselines.ini' --trace '%s' --quiet", config_dir,
              bad_trace);
-    run_fails(args, "overflow.h5", "not finite", NULL); /* the replay does fail */
+    run_kvsim_fails(args, "overflow.h5", "not finite", NULL); /* the replay does fail */
     snprintf(args, sizeof args, "run '%s/baselines.ini' --trace '%s' --out '%s/sub' --quiet",
              config_dir, bad_trace, file);
-    run_fails(args, "plain-file", NULL);
+    run_kvsim_fails(args, "plain-file", NULL);
 }
 
 /* A run that cannot write every CSV (here the file size limit, as a full disk would) replaces

@@ -226,12 +226,8 @@ static void test_tokens_trace_matches_rerun(void **state)
     const char *tokens_path = scratch_path(env->dir, "prompt.ids", 0);
     write_text(tokens_path, text);
     const char *out = scratch_path(env->dir, "t.h5", 1);
-    char args[4096];
-    snprintf(args, sizeof args, "trace --model '%s' --tokens '%s' --out '%s' --max-new 7 "
-             "--attn-rows 3 --chunk 8 --threads 1", env->dir, tokens_path, out);
-    KvsimRun run = run_kvsim(args);
-    if (run.status != 0)
-        fail_msg("kvsim trace failed: %s", run.err);
+    KvsimRun run = run_kvsim_ok("trace --model '%s' --tokens '%s' --out '%s' --max-new 7 "
+                                 "--attn-rows 3 --chunk 8 --threads 1", env->dir, tokens_path, out);
 
     Rerun r;
     int T = rerun(env->dir, prompt, N_PROMPT, 7, 8, 3, -1, expected, &r);
@@ -296,10 +292,7 @@ static void test_tokens_trace_matches_rerun(void **state)
     trace_close(tr);
     rerun_free(&r);
 
-    snprintf(args, sizeof args, "check '%s'", out);
-    run = run_kvsim(args);
-    if (run.status != 0)
-        fail_msg("kvsim check: status %d: %s%s", run.status, run.out, run.err);
+    run = run_kvsim_ok("check '%s'", out);
     kvsim_run_free(&run);
     /* Only the trace is left: no temporary files. */
     assert_int_equal(scratch_count(env->dir), 2 + 1 + 1); /* config, weights, ids, trace */
@@ -316,12 +309,8 @@ static void test_f16_trace_passes_check(void **state)
     const char *tokens_path = scratch_path(env->dir, "prompt.ids", 0);
     write_text(tokens_path, text);
     const char *out = scratch_path(env->dir, "t16.h5", 1);
-    char args[4096];
-    snprintf(args, sizeof args, "trace --model '%s' --tokens '%s' --out '%s' --max-new 4 "
-             "--attn-rows 1 --dtype f16", env->dir, tokens_path, out);
-    KvsimRun run = run_kvsim(args);
-    if (run.status != 0)
-        fail_msg("kvsim trace failed: %s", run.err);
+    KvsimRun run = run_kvsim_ok("trace --model '%s' --tokens '%s' --out '%s' --max-new 4 "
+                                 "--attn-rows 1 --dtype f16", env->dir, tokens_path, out);
     kvsim_run_free(&run);
     Rerun r;
     int T = rerun(env->dir, prompt, N_PROMPT, 4, 128, 1, -1, expected, &r);
@@ -332,10 +321,7 @@ static void test_f16_trace_passes_check(void **state)
     compare_trace_with_rerun(tr, &r, 1e-3, 0); /* half precision: 11-bit mantissa */
     trace_close(tr);
     rerun_free(&r);
-    snprintf(args, sizeof args, "check '%s'", out);
-    run = run_kvsim(args);
-    if (run.status != 0)
-        fail_msg("kvsim check: status %d: %s%s", run.status, run.out, run.err);
+    run = run_kvsim_ok("check '%s'", out);
     kvsim_run_free(&run);
 }
 
@@ -362,12 +348,8 @@ static void test_generation_stops_at_eos(void **state)
     const char *tokens_path = scratch_path(env->dir, "prompt.ids", 0);
     write_text(tokens_path, text);
     const char *out = scratch_path(env->dir, "eos.h5", 1);
-    char args[4096];
-    snprintf(args, sizeof args, "trace --model '%s' --tokens '%s' --out '%s' --max-new 8 "
-             "--attn-rows 4", env->dir, tokens_path, out);
-    KvsimRun run = run_kvsim(args);
-    if (run.status != 0)
-        fail_msg("kvsim trace failed: %s", run.err);
+    KvsimRun run = run_kvsim_ok("trace --model '%s' --tokens '%s' --out '%s' --max-new 8 "
+                                 "--attn-rows 4", env->dir, tokens_path, out);
     assert_int_equal(count_lines(run.out), 1);
     kvsim_run_free(&run);
     Trace *tr = open_trace(out);
@@ -435,12 +417,8 @@ static void test_prompt_markup_in_trace(void **state)
             probe = n - 1;
     }
     const char *out = scratch_path(env->dir, "chat.h5", 1);
-    char args[4096];
-    snprintf(args, sizeof args, "trace --model '%s' --prompt '%s' --out '%s' --max-new 3",
-             env->dir, prompt_path, out);
-    KvsimRun run = run_kvsim(args);
-    if (run.status != 0)
-        fail_msg("kvsim trace failed: %s", run.err);
+    KvsimRun run = run_kvsim_ok("trace --model '%s' --prompt '%s' --out '%s' --max-new 3",
+                                 env->dir, prompt_path, out);
     Trace *tr = open_trace(out);
     const TraceMeta *m = trace_meta(tr);
     /* Prefill to "Assistant:", the forced " Noted.", the next turn prefilled on top of the
@@ -505,12 +483,8 @@ static void test_decode_marker_in_trace(void **state)
     }
     assert_true(n_input - n_prompt >= 4);
     const char *out = scratch_path(env->dir, "forced.h5", 1);
-    char args[4096];
-    snprintf(args, sizeof args, "trace --model '%s' --prompt '%s' --out '%s' --max-new 5 "
-             "--attn-rows 1000 --chunk 4 --threads 1", env->dir, prompt_path, out);
-    KvsimRun run = run_kvsim(args);
-    if (run.status != 0)
-        fail_msg("kvsim trace failed: %s", run.err);
+    KvsimRun run = run_kvsim_ok("trace --model '%s' --prompt '%s' --out '%s' --max-new 5 "
+                                 "--attn-rows 1000 --chunk 4 --threads 1", env->dir, prompt_path, out);
 
     /* The plain forward pass over every token of the text, rows from the last forced token. */
     int32_t expected[256];
@@ -552,10 +526,7 @@ static void test_decode_marker_in_trace(void **state)
     trace_close(tr);
     rerun_free(&r);
 
-    snprintf(args, sizeof args, "check '%s'", out);
-    run = run_kvsim(args);
-    if (run.status != 0)
-        fail_msg("kvsim check: status %d: %s%s", run.status, run.out, run.err);
+    run = run_kvsim_ok("check '%s'", out);
     kvsim_run_free(&run);
 }
 
@@ -585,12 +556,8 @@ static void test_two_turns_in_trace(void **state)
     }
     int n2 = encode(env->dir, pieces[3], turn2);
     const char *out = scratch_path(env->dir, "turns.h5", 1);
-    char args[4096];
-    snprintf(args, sizeof args, "trace --model '%s' --prompt '%s' --out '%s' --max-new 3 "
-             "--attn-rows 2 --chunk 4 --threads 1", env->dir, prompt_path, out);
-    KvsimRun run = run_kvsim(args);
-    if (run.status != 0)
-        fail_msg("kvsim trace failed: %s", run.err);
+    KvsimRun run = run_kvsim_ok("trace --model '%s' --prompt '%s' --out '%s' --max-new 3 "
+                                 "--attn-rows 2 --chunk 4 --threads 1", env->dir, prompt_path, out);
 
     /* The first answer: a fresh run of turn 1 alone. */
     int32_t seq[256];
@@ -660,10 +627,7 @@ static void test_two_turns_in_trace(void **state)
     trace_close(tr);
     rerun_free(&r);
 
-    snprintf(args, sizeof args, "check '%s'", out);
-    run = run_kvsim(args);
-    if (run.status != 0)
-        fail_msg("kvsim check: status %d: %s%s", run.status, run.out, run.err);
+    run = run_kvsim_ok("check '%s'", out);
     kvsim_run_free(&run);
 }
 

@@ -135,6 +135,20 @@ void scratch_write(const char *path, const char *text)
         fail_msg("cannot write %s", path);
 }
 
+void run_kvsim_fails(const char *args, ...)
+{
+    KvsimRun r = run_kvsim(args);
+    if (r.status != 2 || count_lines(r.err) != 1)
+        fail_msg("kvsim %s: expected exit 2 and one line, got %d: '%s'", args, r.status, r.err);
+    va_list ap;
+    va_start(ap, args);
+    for (const char *want = va_arg(ap, const char *); want; want = va_arg(ap, const char *))
+        if (!strstr(r.err, want))
+            fail_msg("kvsim %s: '%s' does not mention '%s'", args, r.err, want);
+    va_end(ap);
+    kvsim_run_free(&r);
+}
+
 KvsimRun run_kvsim_ok(const char *fmt, ...)
 {
     char args[16384];

@@ -28,6 +28,9 @@ KvsimRun run_command(const char *cmd);
 KvsimRun run_kvsim(const char *args);
 /* run_kvsim with printf-style arguments; fails the test unless kvsim exits 0. */
 KvsimRun run_kvsim_ok(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* run_kvsim(args), expecting exit 2 and exactly one line on stderr containing every further
+ * argument (strings, NULL-terminated): kvsim's rule for bad input. */
+void run_kvsim_fails(const char *args, ...);
 void kvsim_run_free(KvsimRun *r);
 /* The whole file as a NUL-terminated string ("" when it cannot be read); free() it. */
 char *scratch_read(const char *path);

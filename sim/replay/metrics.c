@@ -579,98 +579,108 @@ OUT_AVX2 static void head_pair_output_avx2(const float *const *vrow, const float
     head_output_scalar(vrow, b, n, d, D, split, ob);
 }
 
-/* Four split heads at once, sixteen dimensions at a time: sixteen sums side by side, which
- * need AVX-512's 32 registers (the arithmetic stays 8-lane AVX2 + FMA: the same sums). */
+/* Four split heads at once, with AVX-512's 32 registers: 16-lane vectors, each lane one
+ * dimension, so that every lane adds exactly what an 8-lane AVX2 lane adds (the same fma and
+ * additions, in the same order: the same sums as head_output_avx2 for each head). A pass takes
+ * 32 dimensions (16 sums side by side for the even slots, 16 for the odd), so that a value row
+ * is read from memory once per 32 dimensions; a last pass of 16 where D is not a multiple of 32. */
 #define OUT_QUAD __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
+/* The loops over heads and vectors unrolled, so that the sums live in registers. */
+#define QUAD_UNROLL _Pragma("GCC unroll 4")
 
-/* Eight values of a row from dimension d: float32, or halves widened (exactly: the same
+/* Sixteen values of a row from dimension d: float32, or halves widened (exactly: the same
  * floats). */
-OUT_QUAD static inline __m256 load8(const void *row, int d, bool half)
+OUT_QUAD static inline __m512 load16(const void *row, int d, bool half)
 {
-    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + d)))
-                : _mm256_loadu_ps((const float *)row + d);
+    return half ? _mm512_cvtph_ps(
+                      _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + d)))
+                : _mm512_loadu_ps((const float *)row + d);
+}
+
+/* Dimensions [d, d + 16 * W) of the four heads (W = 1 or 2, a constant where inlined). */
+OUT_QUAD static inline __attribute__((always_inline)) void
+quad_pass(const void *const *vrow, bool half, const float *attn, int n, int D, int d, int W,
+          float *out)
+{
+    const float *a[4] = {attn, attn + n, attn + 2 * (size_t)n, attn + 3 * (size_t)n};
+    __m512 c[4][2];
+    QUAD_UNROLL
+    for (int h = 0; h < 4; h++)
+        QUAD_UNROLL
+        for (int z = 0; z < W; z++)
+            c[h][z] = _mm512_setzero_ps();
+    for (int ls = 0, len; ls < n; ls += len) {
+        len = out_block_len(n - ls);
+        int km = len - len % OUT_UNROLL, i = ls;
+        __m512 e[4][2], o[4][2];
+        QUAD_UNROLL
+        for (int h = 0; h < 4; h++)
+            QUAD_UNROLL
+            for (int z = 0; z < W; z++)
+                e[h][z] = o[h][z] = _mm512_setzero_ps();
+        for (; i < ls + km; i += 2) {
+            const void *v = vrow[i], *w = vrow[i + 1];
+            if (d == 0 && i + OUT_AHEAD + 1 < n)
+                prefetch_rows(vrow + i + OUT_AHEAD, 2, D * (half ? 2 : 4));
+            __m512 r[2];
+            QUAD_UNROLL
+            for (int z = 0; z < W; z++)
+                r[z] = load16(v, d + 16 * z, half);
+            QUAD_UNROLL
+            for (int h = 0; h < 4; h++) {
+                __m512 x = _mm512_set1_ps(a[h][i]);
+                QUAD_UNROLL
+                for (int z = 0; z < W; z++)
+                    e[h][z] = _mm512_fmadd_ps(x, r[z], e[h][z]);
+            }
+            QUAD_UNROLL
+            for (int z = 0; z < W; z++)
+                r[z] = load16(w, d + 16 * z, half);
+            QUAD_UNROLL
+            for (int h = 0; h < 4; h++) {
+                __m512 y = _mm512_set1_ps(a[h][i + 1]);
+                QUAD_UNROLL
+                for (int z = 0; z < W; z++)
+                    o[h][z] = _mm512_fmadd_ps(y, r[z], o[h][z]);
+            }
+        }
+        for (; i < ls + len; i++) {
+            const void *v = vrow[i];
+            if (d == 0 && i + OUT_AHEAD < n)
+                prefetch_rows(vrow + i + OUT_AHEAD, 1, D * (half ? 2 : 4));
+            __m512 r[2];
+            QUAD_UNROLL
+            for (int z = 0; z < W; z++)
+                r[z] = load16(v, d + 16 * z, half);
+            QUAD_UNROLL
+            for (int h = 0; h < 4; h++) {
+                __m512 x = _mm512_set1_ps(a[h][i]);
+                QUAD_UNROLL
+                for (int z = 0; z < W; z++)
+                    e[h][z] = _mm512_fmadd_ps(x, r[z], e[h][z]);
+            }
+        }
+        QUAD_UNROLL
+        for (int h = 0; h < 4; h++)
+            QUAD_UNROLL
+            for (int z = 0; z < W; z++)
+                c[h][z] = _mm512_add_ps(_mm512_add_ps(o[h][z], e[h][z]), c[h][z]);
+    }
+    QUAD_UNROLL
+    for (int h = 0; h < 4; h++)
+        QUAD_UNROLL
+        for (int z = 0; z < W; z++)
+            _mm512_storeu_ps(out + (size_t)h * D + d + 16 * z, c[h][z]);
 }
 
 OUT_QUAD static inline __attribute__((always_inline)) void
 quad_body(const void *const *vrow, bool half, const float *attn, int n, int D, float *out)
 {
-    const float *a0 = attn, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
     int d = 0;
-    for (; d + 16 <= D; d += 16) {
-        __m256 c[8];
-        for (int r = 0; r < 8; r++)
-            c[r] = _mm256_setzero_ps();
-        for (int ls = 0, len; ls < n; ls += len) {
-            len = out_block_len(n - ls);
-            int km = len - len % OUT_UNROLL, i = ls;
-            __m256 e00 = _mm256_setzero_ps(), e01 = e00, e10 = e00, e11 = e00, e20 = e00,
-                   e21 = e00, e30 = e00, e31 = e00;
-            __m256 o00 = e00, o01 = e00, o10 = e00, o11 = e00, o20 = e00, o21 = e00, o30 = e00,
-                   o31 = e00;
-            for (; i < ls + km; i += 2) {
-                const void *v = vrow[i], *w = vrow[i + 1];
-                if (d == 0 && i + OUT_AHEAD + 1 < n)
-                    prefetch_rows(vrow + i + OUT_AHEAD, 2, D * (half ? 2 : 4));
-                __m256 v0 = load8(v, d, half), v1 = load8(v, d + 8, half), x;
-                x = _mm256_set1_ps(a0[i]);
-                e00 = _mm256_fmadd_ps(x, v0, e00);
-                e01 = _mm256_fmadd_ps(x, v1, e01);
-                x = _mm256_set1_ps(a1[i]);
-                e10 = _mm256_fmadd_ps(x, v0, e10);
-                e11 = _mm256_fmadd_ps(x, v1, e11);
-                x = _mm256_set1_ps(a2[i]);
-                e20 = _mm256_fmadd_ps(x, v0, e20);
-                e21 = _mm256_fmadd_ps(x, v1, e21);
-                x = _mm256_set1_ps(a3[i]);
-                e30 = _mm256_fmadd_ps(x, v0, e30);
-                e31 = _mm256_fmadd_ps(x, v1, e31);
-                v0 = load8(w, d, half);
-                v1 = load8(w, d + 8, half);
-                x = _mm256_set1_ps(a0[i + 1]);
-                o00 = _mm256_fmadd_ps(x, v0, o00);
-                o01 = _mm256_fmadd_ps(x, v1, o01);
-                x = _mm256_set1_ps(a1[i + 1]);
-                o10 = _mm256_fmadd_ps(x, v0, o10);
-                o11 = _mm256_fmadd_ps(x, v1, o11);
-                x = _mm256_set1_ps(a2[i + 1]);
-                o20 = _mm256_fmadd_ps(x, v0, o20);
-                o21 = _mm256_fmadd_ps(x, v1, o21);
-                x = _mm256_set1_ps(a3[i + 1]);
-                o30 = _mm256_fmadd_ps(x, v0, o30);
-                o31 = _mm256_fmadd_ps(x, v1, o31);
-            }
-            for (; i < ls + len; i++) {
-                const void *v = vrow[i];
-                if (d == 0 && i + OUT_AHEAD < n)
-                    prefetch_rows(vrow + i + OUT_AHEAD, 1, D * (half ? 2 : 4));
-                __m256 v0 = load8(v, d, half), v1 = load8(v, d + 8, half), x;
-                x = _mm256_set1_ps(a0[i]);
-                e00 = _mm256_fmadd_ps(x, v0, e00);
-                e01 = _mm256_fmadd_ps(x, v1, e01);
-                x = _mm256_set1_ps(a1[i]);
-                e10 = _mm256_fmadd_ps(x, v0, e10);
-                e11 = _mm256_fmadd_ps(x, v1, e11);
-                x = _mm256_set1_ps(a2[i]);
-                e20 = _mm256_fmadd_ps(x, v0, e20);
-                e21 = _mm256_fmadd_ps(x, v1, e21);
-                x = _mm256_set1_ps(a3[i]);
-                e30 = _mm256_fmadd_ps(x, v0, e30);
-                e31 = _mm256_fmadd_ps(x, v1, e31);
-            }
-            c[0] = _mm256_add_ps(_mm256_add_ps(o00, e00), c[0]);
-            c[1] = _mm256_add_ps(_mm256_add_ps(o01, e01), c[1]);
-            c[2] = _mm256_add_ps(_mm256_add_ps(o10, e10), c[2]);
-            c[3] = _mm256_add_ps(_mm256_add_ps(o11, e11), c[3]);
-            c[4] = _mm256_add_ps(_mm256_add_ps(o20, e20), c[4]);
-            c[5] = _mm256_add_ps(_mm256_add_ps(o21, e21), c[5]);
-            c[6] = _mm256_add_ps(_mm256_add_ps(o30, e30), c[6]);
-            c[7] = _mm256_add_ps(_mm256_add_ps(o31, e31), c[7]);
-        }
-        for (int h = 0; h < 4; h++) {
-            _mm256_storeu_ps(out + (size_t)h * D + d, c[2 * h]);
-            _mm256_storeu_ps(out + (size_t)h * D + d + 8, c[2 * h + 1]);
-        }
-    }
+    for (; d + 32 <= D; d += 32)
+        quad_pass(vrow, half, attn, n, D, d, 2, out);
+    if (d + 16 <= D)
+        quad_pass(vrow, half, attn, n, D, d, 1, out);
 }
 
 /* The four heads' o_S over float32 value rows (the dimensions beyond the last 16 as

@@ -141,6 +141,16 @@ static int check_finite(Job *job, int pi, int layer, int t, const char *metric, 
                    v);
 }
 
+/* check_finite for head metric `slot` (its name looked up only when the value is not finite:
+ * this runs for every head, policy and step). */
+static int check_head_finite(Job *job, int pi, int layer, int t, int slot, int head, double v,
+                             KvErr *err)
+{
+    if (isfinite(v))
+        return 0;
+    return check_finite(job, pi, layer, t, metric_of(METRIC_HEAD, slot)->name, head, v, err);
+}
+
 static int attend_kv_head(Job *job, Worker *w, Lane *ln, const LayerView *L, int pi,
                           const KVCache *c, int g, int t, int b, int e, bool observe, KvErr *err)
 {
@@ -167,6 +177,15 @@ static int attend_kv_head(Job *job, Worker *w, Lane *ln, const LayerView *L, int
             .o_full = w->out + ((size_t)h * DECODE_BLOCK + b) * D,
         };
     }
+    /* recall@k's look-ups of the top-k positions in the cache, fetched now: they are scattered
+     * over the cache's slot_of, and the attention and output errors below take long enough to
+     * bring them in. */
+    if (e >= 0)
+        for (int i = 0; i < G; i++) {
+            const int32_t *top = w->topk + ((size_t)b * Hq + g * G + i) * cfg->topk;
+            for (int j = 0; j < k; j++)
+                __builtin_prefetch(c->slot_of + top[j]);
+        }
     cache_attention_heads(c, rows, G, attn, ca);
     if (e < 0)
         return 0;
@@ -182,10 +201,8 @@ static int attend_kv_head(Job *job, Worker *w, Lane *ln, const LayerView *L, int
         hm[HM_MASS] = (float)ca[i].retained_mass;
         hm[HM_RECALL] = (float)recall_at_k(c, w->topk + ((size_t)b * Hq + h) * cfg->topk, k);
         hm[HM_OUT_ERR] = (float)out_err[i];
-        if (check_finite(job, pi, L->layer, t, metric_of(METRIC_HEAD, HM_MASS)->name, h,
-                         hm[HM_MASS], err) != 0 ||
-            check_finite(job, pi, L->layer, t, metric_of(METRIC_HEAD, HM_OUT_ERR)->name, h,
-                         hm[HM_OUT_ERR], err) != 0)
+        if (check_head_finite(job, pi, L->layer, t, HM_MASS, h, hm[HM_MASS], err) != 0 ||
+            check_head_finite(job, pi, L->layer, t, HM_OUT_ERR, h, hm[HM_OUT_ERR], err) != 0)
             return -1;
     }
     return 0;
@@ -712,12 +729,17 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
     return r;
 }
 
+double results_head_bytes(const Results *r)
+{
+    return (double)r->n_policies * r->n_layers * r->n_evals * r->n_q_heads * N_HEAD_METRICS *
+           sizeof *r->head;
+}
+
 double results_bytes(const Results *r)
 {
     double per_eval = (double)r->n_policies * r->n_layers *
-                      ((double)r->n_q_heads * N_HEAD_METRICS * sizeof *r->head +
-                       N_STEP_METRICS * sizeof *r->step + TURN_DISTANCES * sizeof *r->needle_turn);
-    return per_eval * r->n_evals +
+                      (N_STEP_METRICS * sizeof *r->step + TURN_DISTANCES * sizeof *r->needle_turn);
+    return results_head_bytes(r) + per_eval * r->n_evals +
            (double)r->n_evals * (sizeof *r->eval_step + sizeof *r->eval_probe +
                                  sizeof *r->eval_turn) +
            (double)r->n_policies * r->n_layers *

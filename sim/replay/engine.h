@@ -98,8 +98,14 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err);
 
 void results_free(Results *r);
 
-/* The bytes that r's arrays hold (the per-slot metrics, the evaluated steps, the turns). */
+/* The bytes that r's arrays hold (the per-slot metrics, the evaluated steps, the turns), from
+ * r's counts alone (n_policies, n_layers, n_q_heads, n_evals, n_turns: a Results holding only
+ * those gives the bytes a replay of that shape would need). */
 double results_bytes(const Results *r);
+/* Of them, the per-head metric slots (head): they grow with policies x layers x evaluated
+ * steps x query heads, since summary.csv's quantiles of a head metric are taken over every
+ * such slot (metric_table.h). */
+double results_head_bytes(const Results *r);
 
 static inline float *results_head(const Results *r, int pol, int layer, int e, int h)
 {

@@ -2,12 +2,13 @@
  * (blocks under the prefix scope, requests under the conversation scope). */
 #include "sim/reuse/reuse.h"
 
+#include <math.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
 const char *const reuse_scope_names[N_SCOPES] = {"none", "prefix", "conversation"};
-const char *const reuse_policy_names[N_POLICIES] = {"lru", "fifo", "lfu", "s3fifo", "belady"};
+const char *const reuse_policy_names[N_POLICIES] = {"lru", "fifo", "lfu", "s3fifo", "belady", "conv"};
 
 enum { Q_NONE = 0, Q_SMALL = 1, Q_MAIN = 2 }; /* lru and fifo use Q_MAIN only */
 
@@ -36,6 +37,12 @@ struct Cache {
     uint64_t *ghost; /* sequence number of the entry's last move to the ghost queue, 0: none */
     uint64_t ghost_seq;
     int64_t ghost_cap, small_cap;
+    /* conv: each conversation's entries in a list (prev/next), the conversations holding any in
+     * a list by last activity (chead = most recent) */
+    int32_t *owner;              /* [entries] */
+    int32_t *cfirst, *cprev, *cnext; /* [conversations] */
+    int32_t chead, ctail, cur_conv;
+    int64_t to_spill;            /* blocks written to the spill cache */
 };
 
 static int64_t entry_size(const Cache *c, int32_t id)
@@ -198,7 +205,71 @@ static int32_t lfu_victim(Cache *c)
     return c->min_count < c->bcap ? c->btail[c->min_count] : -1;
 }
 
-static void cache_init(Cache *c, ReusePolicy pol, int64_t cap, uint32_t n, bool sized)
+static void cache_insert(Cache *c, int32_t id, int64_t size, uint32_t nu);
+
+/* ---- conv's lists ---- */
+
+static void conv_list_unlink(Cache *c, int32_t k)
+{
+    if (c->cprev[k] >= 0)
+        c->cnext[c->cprev[k]] = c->cnext[k];
+    else
+        c->chead = c->cnext[k];
+    if (c->cnext[k] >= 0)
+        c->cprev[c->cnext[k]] = c->cprev[k];
+    else
+        c->ctail = c->cprev[k];
+}
+
+static void conv_list_push(Cache *c, int32_t k)
+{
+    c->cprev[k] = -1;
+    c->cnext[k] = c->chead;
+    if (c->chead >= 0)
+        c->cprev[c->chead] = k;
+    else
+        c->ctail = k;
+    c->chead = k;
+}
+
+/* The request about to be served belongs to conversation k: it becomes the most recent. */
+static void conv_touch(Cache *c, int32_t k)
+{
+    c->cur_conv = k;
+    if (c->pol == POL_CONV && c->cfirst[k] >= 0 && c->chead != k) {
+        conv_list_unlink(c, k);
+        conv_list_push(c, k);
+    }
+}
+
+static void conv_add(Cache *c, int32_t id)
+{
+    int32_t k = c->cur_conv;
+    if (c->cfirst[k] < 0)
+        conv_list_push(c, k);
+    c->owner[id] = k;
+    c->prev[id] = -1;
+    c->next[id] = c->cfirst[k];
+    if (c->cfirst[k] >= 0)
+        c->prev[c->cfirst[k]] = id;
+    c->cfirst[k] = id;
+}
+
+static void conv_remove(Cache *c, int32_t id)
+{
+    int32_t k = c->owner[id];
+    if (c->prev[id] >= 0)
+        c->next[c->prev[id]] = c->next[id];
+    else
+        c->cfirst[k] = c->next[id];
+    if (c->next[id] >= 0)
+        c->prev[c->next[id]] = c->prev[id];
+    if (c->cfirst[k] < 0)
+        conv_list_unlink(c, k);
+}
+
+static void cache_init(Cache *c, ReusePolicy pol, int64_t cap, uint32_t n, uint32_t n_conv,
+                       bool sized)
 {
     memset(c, 0, sizeof *c);
     c->pol = pol;
@@ -207,7 +278,18 @@ static void cache_init(Cache *c, ReusePolicy pol, int64_t cap, uint32_t n, bool 
     c->present = kv_calloc(un, 1);
     if (sized)
         c->size = kv_calloc(un, sizeof *c->size);
-    if (pol == POL_LFU) {
+    if (pol == POL_CONV) {
+        size_t uc = n_conv ? n_conv : 1;
+        c->prev = kv_malloc(un * sizeof *c->prev);
+        c->next = kv_malloc(un * sizeof *c->next);
+        c->owner = kv_malloc(un * sizeof *c->owner);
+        c->cfirst = kv_malloc(uc * sizeof *c->cfirst);
+        c->cprev = kv_malloc(uc * sizeof *c->cprev);
+        c->cnext = kv_malloc(uc * sizeof *c->cnext);
+        for (size_t k = 0; k < uc; k++)
+            c->cfirst[k] = -1;
+        c->chead = c->ctail = -1;
+    } else if (pol == POL_LFU) {
         c->prev = kv_malloc(un * sizeof *c->prev);
         c->next = kv_malloc(un * sizeof *c->next);
         c->count = kv_malloc(un * sizeof *c->count);
@@ -248,6 +330,10 @@ static void cache_free(Cache *c)
     free(c->count);
     free(c->bhead);
     free(c->btail);
+    free(c->owner);
+    free(c->cfirst);
+    free(c->cprev);
+    free(c->cnext);
 }
 
 /* Takes a present entry out of the structures. */
@@ -255,6 +341,8 @@ static void cache_drop(Cache *c, int32_t id)
 {
     if (c->pol == POL_LFU)
         lfu_unlink(c, id);
+    else if (c->pol == POL_CONV)
+        conv_remove(c, id);
     else if (uses_heap(c->pol))
         h_remove(c, id);
     else
@@ -333,8 +421,26 @@ static void cache_hit(Cache *c, int32_t id, uint32_t nu)
         if (c->freq[id] < 3)
             c->freq[id]++;
         break;
+    case POL_CONV:
+        if (c->owner[id] != c->cur_conv) { /* now the referencing conversation's */
+            conv_remove(c, id);
+            conv_add(c, id);
+        }
+        break;
     default:
         break;
+    }
+}
+
+/* Evicts an entry (demoted to the spill cache, when there is one). */
+static void cache_evict(Cache *c, int32_t v)
+{
+    int64_t v_size = entry_size(c, v);
+    cache_drop(c, v);
+    c->evictions++;
+    if (c->spill) { /* demoted to the host tier */
+        c->to_spill += v_size;
+        cache_insert(c->spill, v, v_size, 0);
     }
 }
 
@@ -343,21 +449,27 @@ static void cache_hit(Cache *c, int32_t id, uint32_t nu)
 static void cache_insert(Cache *c, int32_t id, int64_t size, uint32_t nu)
 {
     if (size > c->cap) {
-        if (c->spill) /* too large for the device: written to the host directly */
+        if (c->spill) { /* too large for the device: written to the host directly */
+            c->to_spill += size;
             cache_insert(c->spill, id, size, 0);
+        }
         return;
     }
     if (c->size)
         c->size[id] = size;
     while (c->used + size > c->cap) {
+        if (c->pol == POL_CONV) { /* the whole least recently active conversation */
+            if (c->ctail < 0)
+                break;
+            int32_t k = c->ctail;
+            while (c->cfirst[k] >= 0)
+                cache_evict(c, c->cfirst[k]);
+            continue;
+        }
         int32_t v = cache_victim(c);
         if (v < 0)
             break;
-        int64_t v_size = entry_size(c, v);
-        cache_drop(c, v);
-        c->evictions++;
-        if (c->spill)
-            cache_insert(c->spill, v, v_size, 0); /* demoted to the host tier */
+        cache_evict(c, v);
     }
     c->present[id] = 1;
     c->used += size;
@@ -386,6 +498,9 @@ static void cache_insert(Cache *c, int32_t id, int64_t size, uint32_t nu)
         q_push_head(c, ghost ? Q_MAIN : Q_SMALL, id);
         break;
     }
+    case POL_CONV:
+        conv_add(c, id);
+        break;
     default:
         break;
     }
@@ -434,6 +549,27 @@ void reuse_simulate(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
     reuse_simulate_host(log, scope, policy, capacity_blocks, 0, next_use, out);
 }
 
+void reuse_simulate_host(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
+                         int64_t capacity_blocks, int64_t host_blocks, const uint32_t *next_use,
+                         ReuseResult *out)
+{
+    ReuseOptions opt = {.scope = scope, .policy = policy, .capacity_blocks = capacity_blocks,
+                        .host_blocks = host_blocks, .next_use = next_use};
+    reuse_run(log, &opt, out);
+}
+
+double reuse_prefill_flops(const ReuseCost *cost, double cached, double n)
+{
+    return 2.0 * cost->params * n + 4.0 * cost->attn_dim * (n * cached + n * (n + 1.0) / 2.0);
+}
+
+double reuse_prefill_seconds(const ReuseCost *cost, double cached, double n)
+{
+    if (cost->prefill_tps > 0)
+        return n / cost->prefill_tps;
+    return reuse_prefill_flops(cost, cached, n) / cost->flops_per_s;
+}
+
 /* Tokens of block j of a prompt of `input` tokens. */
 static int64_t block_tokens_at(int64_t input, int64_t j, int64_t B)
 {
@@ -441,25 +577,49 @@ static int64_t block_tokens_at(int64_t input, int64_t j, int64_t B)
     return left <= 0 ? 0 : left < B ? left : B;
 }
 
-void reuse_simulate_host(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
-                         int64_t capacity_blocks, int64_t host_blocks, const uint32_t *next_use,
-                         ReuseResult *out)
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* The blocks an entry of `blocks` blocks holds when persisted at ratio q. */
+static int64_t compressed_blocks(int64_t blocks, double q)
+{
+    if (q <= 0 || q >= 1)
+        return blocks;
+    int64_t k = (int64_t)ceil(q * (double)blocks);
+    return k < 1 ? 1 : k;
+}
+
+void reuse_run(const ReqLog *log, const ReuseOptions *opt, ReuseResult *out)
 {
     memset(out, 0, sizeof *out);
+    const ReuseScope scope = opt->scope;
+    const ReusePolicy policy = opt->policy;
+    const uint32_t *next_use = opt->next_use;
+    const ReuseCost *cost = opt->cost;
     const int64_t B = log->block_tokens;
+    const double q = opt->compress > 0 && opt->compress < 1 ? opt->compress : 1.0;
     bool belady = policy == POL_BELADY;
     Cache c, host;
     uint32_t n_entries = scope == SCOPE_PREFIX ? log->n_blocks
                          : scope == SCOPE_CONVERSATION ? (uint32_t)log->n : 0;
-    cache_init(&c, policy, capacity_blocks < 0 ? 0 : capacity_blocks, n_entries,
+    uint32_t n_conv = log->n_conv > 0 ? (uint32_t)log->n_conv : 1;
+    cache_init(&c, policy, opt->capacity_blocks < 0 ? 0 : opt->capacity_blocks, n_entries, n_conv,
                scope == SCOPE_CONVERSATION);
-    bool tiered = host_blocks > 0 && scope != SCOPE_NONE;
+    bool tiered = opt->host_blocks > 0 && scope != SCOPE_NONE;
     if (tiered) {
-        cache_init(&host, POL_LRU, host_blocks, n_entries, scope == SCOPE_CONVERSATION);
+        cache_init(&host, POL_LRU, opt->host_blocks, n_entries, n_conv, scope == SCOPE_CONVERSATION);
         c.spill = &host;
     }
+    double *ttft = cost ? kv_malloc((size_t)(log->n ? log->n : 1) * sizeof *ttft) : NULL;
+    double free_at = 0; /* when the device finishes the prefills queued so far */
     for (long r = 0; r < log->n; r++) {
-        int64_t hit = 0, host_hit = 0;
+        int64_t hit = 0, host_hit = 0, moved = 0; /* moved: blocks loaded from the host */
+        double attended = 0;                       /* cached keys the prefill attends over */
+        if (log->conv)
+            conv_touch(&c, log->conv[r]);
         if (scope == SCOPE_PREFIX) {
             const uint32_t *ids = log->ids + log->off[r];
             int64_t m = log->off[r + 1] - log->off[r];
@@ -479,36 +639,60 @@ void reuse_simulate_host(const ReqLog *log, ReuseScope scope, ReusePolicy policy
                     cache_hit(&c, id, nu);
                     continue;
                 }
-                if (tiered && host.present[id])
+                if (tiered && host.present[id]) {
                     cache_drop(&host, id); /* loaded back to the device */
+                    moved++;
+                }
                 cache_insert(&c, id, 1, nu);
             }
+            attended = (double)hit;
         } else if (scope == SCOPE_CONVERSATION) {
             int32_t p = log->parent[r];
             bool dev = p >= 0 && c.present[p], on_host = p >= 0 && tiered && host.present[p];
-            if (dev || on_host) {
+            if ((dev || on_host) && log->model && log->model[p] != log->model[r]) {
+                cache_drop(dev ? &c : &host, p); /* another model's KV: invalidated */
+                out->invalidated++;
+            } else if (dev || on_host) {
                 int64_t ctx = log->input[p] + log->output[p];
                 hit = ctx < log->input[r] ? ctx : log->input[r];
+                attended = q * (double)hit;
                 if (dev) {
                     cache_drop(&c, p);
                 } else {
                     host_hit = hit;
+                    moved = host.size[p];
                     cache_drop(&host, p);
                 }
             }
-            cache_insert(&c, (int32_t)r, reuse_blocks(log->input[r] + log->output[r], (int)B),
-                         belady ? next_use[r] : 0);
+            int64_t blocks = reuse_blocks(log->input[r] + log->output[r], (int)B);
+            cache_insert(&c, (int32_t)r, compressed_blocks(blocks, q), belady ? next_use[r] : 0);
         }
         out->requests++;
         out->prompt_tokens += log->input[r];
         out->hit_tokens += hit;
         out->host_hit_tokens += host_hit;
+        out->blocks_to_device += moved;
         count_turn(out, log->turn[r], log->input[r], hit);
+        if (cost) {
+            double n_new = (double)(log->input[r] - hit);
+            double done = reuse_prefill_flops(cost, attended, n_new);
+            out->flops += done;
+            out->flops_saved += reuse_prefill_flops(cost, 0, (double)log->input[r]) - done;
+            double service = reuse_prefill_seconds(cost, attended, n_new);
+            if (cost->host_bw > 0)
+                service += (double)moved * cost->block_bytes / cost->host_bw;
+            double arrival = log->timestamp[r];
+            double start = arrival > free_at ? arrival : free_at;
+            free_at = start + service;
+            ttft[r] = free_at - arrival;
+            out->ttft_mean += ttft[r];
+        }
     }
     out->evictions = c.evictions;
     out->inserted = c.inserted;
     out->blocks_end = c.used;
     out->blocks_peak = c.peak;
+    out->blocks_to_host = c.to_spill;
     if (tiered) {
         out->host_blocks_end = host.used;
         out->host_blocks_peak = host.peak;
@@ -516,6 +700,15 @@ void reuse_simulate_host(const ReqLog *log, ReuseScope scope, ReusePolicy policy
         cache_free(&host);
     }
     cache_free(&c);
+    if (cost && log->n > 0) {
+        qsort(ttft, (size_t)log->n, sizeof *ttft, cmp_double);
+        for (int k = 0; k < REUSE_TTFT_Q; k++) {
+            int64_t rank = ((int64_t)k * log->n + 99) / 100; /* nearest rank: ceil(k n / 100) */
+            out->ttft_q[k] = ttft[rank > 0 ? rank - 1 : 0];
+        }
+        out->ttft_mean /= (double)log->n;
+    }
+    free(ttft);
 }
 
 /* ---- the LRU curve: stack depths through a Fenwick tree over reference times ---- */

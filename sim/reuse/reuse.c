@@ -711,32 +711,81 @@ void reuse_run(const ReqLog *log, const ReuseOptions *opt, ReuseResult *out)
     free(ttft);
 }
 
-/* ---- the LRU curve: stack depths through a Fenwick tree over reference times ---- */
+/* ---- the LRU curve: stack depths by counting marked reference times ----
+ *
+ * The times at which some block was last referenced are marked in a bitmap; above it, a tree
+ * of counts of fan-out 16 (a node's 16 counts are one 64-byte cache line): level 0 counts the
+ * marks of 16 words (1024 times), level l + 1 sums 16 counts of level l. Counting the marks
+ * before a time reads one word, the words before it in its group and, per level, the counts
+ * before it in its node: a few cache lines, where a binary Fenwick tree over the same times
+ * reads one line per level (26 levels at 70 million times); unmarking a block's old time
+ * walks the same lines. */
+
+enum { ST_FAN = 16, ST_LEVELS = 8, ST_NEAR_WORDS = 8 };
 
 typedef struct {
-    int32_t *fw;  /* [size + 1], 1-based: marks of the times at which a block was last referenced */
-    int32_t *at;  /* [size]: the block last referenced at time t, -1 when none */
+    uint64_t *bits;                  /* [size / 64] */
+    int32_t *count[ST_LEVELS];       /* count[l][i]: marks of times [i * 1024 * 16^l, ...) */
+    int64_t n_count[ST_LEVELS];
+    int levels;
+    int32_t *at;   /* [size]: the block last referenced at time t, -1 when none */
     int32_t *last; /* [n_blocks]: the time of each block's last reference, -1 when none */
     int64_t size, now, marked;
 } Stack;
 
-static void fw_add(Stack *s, int64_t t, int32_t v)
+static void st_mark(Stack *s, int64_t t, int32_t v)
 {
-    for (int64_t i = t + 1; i <= s->size; i += i & -i)
-        s->fw[i] += v;
+    if (v > 0)
+        s->bits[t >> 6] |= (uint64_t)1 << (t & 63);
+    else
+        s->bits[t >> 6] &= ~((uint64_t)1 << (t & 63));
+    int64_t i = t >> 10;
+    for (int l = 0; l < s->levels; l++, i >>= 4)
+        s->count[l][i] += v;
 }
 
 /* Marks at times < t. */
-static int64_t fw_before(const Stack *s, int64_t t)
+static int64_t st_before(const Stack *s, int64_t t)
 {
-    int64_t sum = 0;
-    for (int64_t i = t; i > 0; i -= i & -i)
-        sum += s->fw[i];
+    int64_t w = t >> 6;
+    int64_t sum = __builtin_popcountll(s->bits[w] & (((uint64_t)1 << (t & 63)) - 1));
+    for (int64_t k = w & ~(int64_t)(ST_FAN - 1); k < w; k++)
+        sum += __builtin_popcountll(s->bits[k]);
+    int64_t i = w >> 4;
+    for (int l = 0; l < s->levels; l++, i >>= 4)
+        for (int64_t k = i & ~(int64_t)(ST_FAN - 1); k < i; k++)
+            sum += s->count[l][k];
     return sum;
 }
 
-/* Renumbers the marked times 0, 1, ... in order once the clock reaches the end of the tree: at
- * most n_blocks are marked, so each renumbering frees at least half of it. */
+/* Marks at times in [a, b), a < b. */
+static int64_t st_between(const Stack *s, int64_t a, int64_t b)
+{
+    int64_t wa = a >> 6, wb = b >> 6;
+    uint64_t lo = ~(((uint64_t)1 << (a & 63)) - 1), hi = ((uint64_t)1 << (b & 63)) - 1;
+    if (wa == wb)
+        return __builtin_popcountll(s->bits[wa] & lo & hi);
+    int64_t sum = __builtin_popcountll(s->bits[wa] & lo) + __builtin_popcountll(s->bits[wb] & hi);
+    for (int64_t w = wa + 1; w < wb; w++)
+        sum += __builtin_popcountll(s->bits[w]);
+    return sum;
+}
+
+/* The counts of the bitmap, from nothing. */
+static void st_rebuild(Stack *s)
+{
+    int64_t words = s->size >> 6;
+    for (int l = 0; l < s->levels; l++)
+        memset(s->count[l], 0, (size_t)s->n_count[l] * sizeof *s->count[l]);
+    for (int64_t w = 0; w < words; w++)
+        s->count[0][w >> 4] += __builtin_popcountll(s->bits[w]);
+    for (int l = 1; l < s->levels; l++)
+        for (int64_t i = 0; i < s->n_count[l - 1]; i++)
+            s->count[l][i >> 4] += s->count[l - 1][i];
+}
+
+/* Renumbers the marked times 0, 1, ... in order once the clock reaches the end: at most
+ * n_blocks are marked, so each renumbering frees at least half of the times. */
 static void stack_compact(Stack *s)
 {
     int64_t n = 0;
@@ -749,39 +798,71 @@ static void stack_compact(Stack *s)
         s->last[b] = (int32_t)n;
         n++;
     }
-    memset(s->fw, 0, (size_t)(s->size + 1) * sizeof *s->fw);
+    memset(s->bits, 0, (size_t)(s->size >> 6) * sizeof *s->bits);
     for (int64_t t = 0; t < n; t++)
-        s->fw[t + 1] = 1;
-    for (int64_t i = 1; i <= s->size; i++) { /* the tree of those marks in linear time */
-        int64_t j = i + (i & -i);
-        if (j <= s->size)
-            s->fw[j] += s->fw[i];
-    }
+        s->bits[t >> 6] |= (uint64_t)1 << (t & 63);
+    st_rebuild(s);
     s->now = n;
+}
+
+static void stack_init(Stack *s, int64_t nb)
+{
+    memset(s, 0, sizeof *s);
+    int64_t size = 2 * nb + 2 > 1024 ? 2 * nb + 2 : 1024;
+    s->size = (size + 1023) & ~(int64_t)1023; /* whole words and level-0 groups */
+    s->bits = kv_calloc((size_t)(s->size >> 6), sizeof *s->bits);
+    /* levels up to a single node: the walks stop there */
+    int64_t n = s->size >> 10;
+    for (s->levels = 0; s->levels < ST_LEVELS; s->levels++) {
+        s->n_count[s->levels] = n;
+        s->count[s->levels] = kv_calloc((size_t)n, sizeof *s->count[s->levels]);
+        if (n <= ST_FAN) {
+            s->levels++;
+            break;
+        }
+        n = (n + ST_FAN - 1) / ST_FAN;
+    }
+    s->at = kv_malloc((size_t)s->size * sizeof *s->at);
+    for (int64_t t = 0; t < s->size; t++)
+        s->at[t] = -1;
+    s->last = kv_malloc((size_t)(nb ? nb : 1) * sizeof *s->last);
+    for (int64_t b = 0; b < nb; b++)
+        s->last[b] = -1;
+}
+
+static void stack_free(Stack *s)
+{
+    free(s->bits);
+    for (int l = 0; l < s->levels; l++)
+        free(s->count[l]);
+    free(s->at);
+    free(s->last);
 }
 
 int64_t *reuse_lru_curve(const ReqLog *log)
 {
     const int64_t B = log->block_tokens, nb = log->n_blocks;
-    Stack s = {.size = 2 * nb + 2 > 1024 ? 2 * nb + 2 : 1024};
-    s.fw = kv_calloc((size_t)s.size + 1, sizeof *s.fw);
-    s.at = kv_malloc((size_t)s.size * sizeof *s.at);
-    for (int64_t t = 0; t < s.size; t++)
-        s.at[t] = -1;
-    s.last = kv_malloc((size_t)(nb ? nb : 1) * sizeof *s.last);
-    for (int64_t b = 0; b < nb; b++)
-        s.last[b] = -1;
+    Stack s;
+    stack_init(&s, nb);
     int64_t *delta = kv_calloc((size_t)nb + 2, sizeof *delta);
     for (long r = 0; r < log->n; r++) {
         const uint32_t *ids = log->ids + log->off[r];
         int64_t m = log->off[r + 1] - log->off[r], max_depth = 0;
         /* the depths before the request: block j is cached at capacity c when every block
          * before it is, i.e. from c = the prefix maximum of their depths */
+        int64_t prev_t = -1, depth = 0;
         for (int64_t j = 0; j < m && j * B < log->input[r]; j++) {
             int32_t t = s.last[ids[j]];
             if (t < 0)
                 break; /* never referenced: missing at every capacity */
-            int64_t depth = s.marked - fw_before(&s, t);
+            /* A request's blocks were last referenced together, last to first, so block j's
+             * time is usually a little before block j - 1's: its depth is that one's plus the
+             * marks between them, counted in the bitmap's words nearby */
+            if (prev_t >= 0 && t < prev_t && prev_t - t <= 64 * ST_NEAR_WORDS)
+                depth += st_between(&s, t, prev_t);
+            else
+                depth = s.marked - st_before(&s, t);
+            prev_t = t;
             if (depth > max_depth)
                 max_depth = depth;
             int64_t tokens = log->input[r] - j * B < B ? log->input[r] - j * B : B;
@@ -793,13 +874,13 @@ int64_t *reuse_lru_curve(const ReqLog *log)
             if (s.now == s.size)
                 stack_compact(&s);
             if (s.last[b] >= 0) {
-                fw_add(&s, s.last[b], -1);
+                st_mark(&s, s.last[b], -1);
                 s.at[s.last[b]] = -1;
                 s.marked--;
             }
             s.last[b] = (int32_t)s.now;
             s.at[s.now] = (int32_t)b;
-            fw_add(&s, s.now, 1);
+            st_mark(&s, s.now, 1);
             s.marked++;
             s.now++;
         }
@@ -811,8 +892,6 @@ int64_t *reuse_lru_curve(const ReqLog *log)
         out[c] = sum;
     }
     free(delta);
-    free(s.fw);
-    free(s.at);
-    free(s.last);
+    stack_free(&s);
     return out;
 }

@@ -818,6 +818,55 @@ static void test_config_file(void **state)
             "model.jsonl:2:", "model: expected an integer >= 0");
 }
 
+/* lru streamed from the file gives the replay's numbers at every capacity (synthetic log; ids
+ * repeated inside a request in the hand-written one). */
+static void test_stream_lru(void **state)
+{
+    (void)state;
+    WorkloadParams wp;
+    small_workload(&wp, 300);
+    wp.rate = 5.0;
+    const char *path = scratch_path(dir, "stream.jsonl", 0);
+    KvErr err;
+    if (workload_write(&wp, path, NULL, &err) < 0)
+        fail_msg("%s", err.msg);
+    ReqLog log;
+    if (reqlog_load(path, REQLOG_AUTO, 0, false, &log, &err) < 0)
+        fail_msg("%s", err.msg);
+    const int64_t caps[] = {0, 1, 7, 64, 300, 1000, 5000, 1 << 20};
+    for (size_t c = 0; c < sizeof caps / sizeof caps[0]; c++) {
+        ReuseResult a, b;
+        reuse_simulate(&log, SCOPE_PREFIX, POL_LRU, caps[c], NULL, &a);
+        if (reuse_stream_lru(path, REQLOG_AUTO, 0, caps[c], &b, &err) < 0)
+            fail_msg("%s", err.msg);
+        assert_int_equal(a.requests, b.requests);
+        assert_int_equal(a.prompt_tokens, b.prompt_tokens);
+        assert_int_equal(a.hit_tokens, b.hit_tokens);
+        assert_int_equal(a.evictions, b.evictions);
+        assert_int_equal(a.inserted, b.inserted);
+        assert_int_equal(a.blocks_end, b.blocks_end);
+        assert_int_equal(a.blocks_peak, b.blocks_peak);
+        assert_memory_equal(a.turn_hit, b.turn_hit, sizeof a.turn_hit);
+    }
+    reqlog_free(&log);
+    const char *text = "{\"timestamp\": 0, \"input_length\": 12, \"output_length\": 1, \"hash_ids\": [5, 5, 6]}\n"
+                       "{\"timestamp\": 1, \"input_length\": 12, \"output_length\": 1, \"hash_ids\": [5, 6, 7]}\n"
+                       "{\"timestamp\": 2, \"input_length\": 9, \"output_length\": 1, \"hash_ids\": [7, 5, 6]}\n";
+    load_text("dups.jsonl", text, 4, &log);
+    for (int64_t cap = 0; cap <= 4; cap++) {
+        ReuseResult a, b;
+        reuse_simulate(&log, SCOPE_PREFIX, POL_LRU, cap, NULL, &a);
+        if (reuse_stream_lru(scratch_path(dir, "dups.jsonl", 0), REQLOG_AUTO, 4, cap, &b, &err) < 0)
+            fail_msg("%s", err.msg);
+        assert_int_equal(a.hit_tokens, b.hit_tokens);
+        assert_int_equal(a.evictions, b.evictions);
+    }
+    reqlog_free(&log);
+    assert_int_equal(reuse_stream_lru(scratch_path(dir, "none.jsonl", 0), REQLOG_AUTO, 0, 4,
+                                      &(ReuseResult){0}, &err), -1);
+    assert_non_null(strstr(err.msg, "none.jsonl"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -837,6 +886,7 @@ int main(void)
         cmocka_unit_test(test_conv_policy_by_hand),
         cmocka_unit_test(test_generator_models),
         cmocka_unit_test(test_config_file),
+        cmocka_unit_test(test_stream_lru),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

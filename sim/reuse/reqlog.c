@@ -25,6 +25,7 @@ struct ReqReader {
     int64_t *hash;
     size_t hash_cap;
     int64_t size; /* bytes of the file (compressed, for gzip) */
+    bool general_only; /* reqlog_general_only: no fast path */
 };
 
 ReqReader *reqlog_open(const char *path, ReqlogFormat format, KvErr *err)
@@ -62,6 +63,11 @@ void reqlog_close(ReqReader *r)
     free(r->buf);
     free(r->hash);
     free(r);
+}
+
+void reqlog_general_only(ReqReader *r)
+{
+    r->general_only = true;
 }
 
 ReqlogFormat reqlog_format(const ReqReader *r)
@@ -437,7 +443,7 @@ int reqlog_next(ReqReader *r, ReqRecord *rec, KvErr *err)
             lead++;
         if (lead == n)
             continue; /* blank line */
-        if (fast_parse(r, s, n, rec))
+        if (!r->general_only && fast_parse(r, s, n, rec))
             return 1;
         const char *why;
         size_t bad = json_text_check(s, n, &why);

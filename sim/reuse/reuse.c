@@ -895,3 +895,143 @@ int64_t *reuse_lru_curve(const ReqLog *log)
     stack_free(&s);
     return out;
 }
+
+/* ---- lru streamed from the file ---- */
+
+/* Slots of the cache by hash id: open addressing, linear probing, deletion by backward shift
+ * (no tombstones), so that the table never holds more than the cache. */
+typedef struct {
+    int64_t *key;  /* [mask + 1] */
+    int32_t *slot; /* [mask + 1], -1: empty */
+    size_t mask;
+} SlotMap;
+
+static size_t slot_hash(int64_t key, size_t mask)
+{
+    uint64_t x = (uint64_t)key * 0x9E3779B97F4A7C15ull;
+    return (size_t)(x ^ (x >> 29)) & mask;
+}
+
+static int32_t slotmap_get(const SlotMap *m, int64_t key)
+{
+    for (size_t i = slot_hash(key, m->mask);; i = (i + 1) & m->mask) {
+        if (m->slot[i] < 0)
+            return -1;
+        if (m->key[i] == key)
+            return m->slot[i];
+    }
+}
+
+static void slotmap_put(SlotMap *m, int64_t key, int32_t slot)
+{
+    size_t i = slot_hash(key, m->mask);
+    while (m->slot[i] >= 0)
+        i = (i + 1) & m->mask;
+    m->key[i] = key;
+    m->slot[i] = slot;
+}
+
+static void slotmap_del(SlotMap *m, int64_t key)
+{
+    size_t i = slot_hash(key, m->mask);
+    while (m->key[i] != key || m->slot[i] < 0)
+        i = (i + 1) & m->mask;
+    m->slot[i] = -1;
+    for (size_t j = (i + 1) & m->mask; m->slot[j] >= 0; j = (j + 1) & m->mask) {
+        size_t h = slot_hash(m->key[j], m->mask);
+        /* j's entry may move into the hole at i when its home is not in (i, j] */
+        if (((j - h) & m->mask) >= ((j - i) & m->mask)) {
+            m->key[i] = m->key[j];
+            m->slot[i] = m->slot[j];
+            m->slot[j] = -1;
+            i = j;
+        }
+    }
+}
+
+int reuse_stream_lru(const char *path, ReqlogFormat format, int block_tokens,
+                     int64_t capacity_blocks, ReuseResult *out, KvErr *err)
+{
+    memset(out, 0, sizeof *out);
+    ReqReader *r = reqlog_open(path, format, err);
+    if (!r)
+        return -1;
+    int64_t cap = capacity_blocks > 0 ? capacity_blocks : 0;
+    if (cap > INT32_MAX / 4)
+        cap = INT32_MAX / 4;
+    size_t n = cap ? (size_t)cap : 1;
+    SlotMap m = {0};
+    size_t tsize = 16;
+    while (tsize < 2 * n)
+        tsize *= 2;
+    m.mask = tsize - 1;
+    m.key = kv_malloc(tsize * sizeof *m.key);
+    m.slot = kv_malloc(tsize * sizeof *m.slot);
+    for (size_t i = 0; i < tsize; i++)
+        m.slot[i] = -1;
+    int64_t *key = kv_malloc(n * sizeof *key); /* the hash id in each slot */
+    int32_t *prev = kv_malloc(n * sizeof *prev), *next = kv_malloc(n * sizeof *next);
+    int32_t head = -1, tail = -1;
+    int64_t used = 0;
+    ReqRecord rec;
+    int rc;
+    while ((rc = reqlog_next(r, &rec, err)) == 1) {
+        const int64_t B = block_tokens > 0 ? block_tokens
+                          : reqlog_format(r) == REQLOG_MOONCAKE ? REQLOG_MOONCAKE_BLOCK
+                                                                : REQLOG_QWEN_BLOCK;
+        int64_t hit = 0;
+        for (long k = 0; k < rec.n_hash && slotmap_get(&m, rec.hash_ids[k]) >= 0; k++)
+            hit += block_tokens_at(rec.input_length, k, B);
+        for (long j = rec.n_hash - 1; j >= 0 && cap > 0; j--) {
+            int64_t id = rec.hash_ids[j];
+            int32_t sl = slotmap_get(&m, id);
+            if (sl >= 0) { /* to the front */
+                if (sl == head)
+                    continue;
+                next[prev[sl]] = next[sl];
+                if (next[sl] >= 0)
+                    prev[next[sl]] = prev[sl];
+                else
+                    tail = prev[sl];
+            } else if (used < cap) {
+                sl = (int32_t)used++;
+                key[sl] = id;
+                slotmap_put(&m, id, sl);
+                out->inserted++;
+            } else { /* the least recent block's slot */
+                sl = tail;
+                tail = prev[sl];
+                if (tail >= 0)
+                    next[tail] = -1;
+                else
+                    head = -1;
+                slotmap_del(&m, key[sl]);
+                out->evictions++;
+                key[sl] = id;
+                slotmap_put(&m, id, sl);
+                out->inserted++;
+            }
+            prev[sl] = -1;
+            next[sl] = head;
+            if (head >= 0)
+                prev[head] = sl;
+            else
+                tail = sl;
+            head = sl;
+        }
+        out->requests++;
+        out->prompt_tokens += rec.input_length;
+        out->hit_tokens += hit;
+        count_turn(out, (int32_t)(rec.turn > INT32_MAX ? INT32_MAX : rec.turn), rec.input_length, hit);
+        if (used > out->blocks_peak)
+            out->blocks_peak = used;
+    }
+    out->blocks_end = used;
+    reqlog_close(r);
+    free(m.key);
+    free(m.slot);
+    free(key);
+    free(prev);
+    free(next);
+    return rc < 0 ? -1 : 0;
+}

@@ -132,6 +132,14 @@ void reuse_simulate_host(const ReqLog *log, ReuseScope scope, ReusePolicy policy
  * c <= n_blocks (larger capacities cache what n_blocks does). free() it. */
 int64_t *reuse_lru_curve(const ReqLog *log);
 
+/* The prefix scope under lru, streamed from the log file record by record: the numbers of
+ * reuse_simulate(SCOPE_PREFIX, POL_LRU) on the loaded log (requests, tokens, hits, evictions,
+ * inserted, blocks held; turns), in memory bounded by the cache (about 40 bytes per block of
+ * capacity: a table from hash id to slot and the lru list) and the reader's line, whatever the
+ * log's length. Errors as reqlog_next's. */
+int reuse_stream_lru(const char *path, ReqlogFormat format, int block_tokens,
+                     int64_t capacity_blocks, ReuseResult *out, KvErr *err);
+
 /* Blocks of a context of `tokens` tokens. */
 static inline int64_t reuse_blocks(int64_t tokens, int block_tokens)
 {

@@ -801,6 +801,16 @@ static void test_config_file(void **state)
     char *ttft = scratch_read(scratch_path(dir, "cfg/reuse_ttft.csv", 2));
     assert_int_equal(count_lines(ttft), 1 + REUSE_TTFT_Q);
     free(ttft);
+    /* the shipped configs/reuse.ini runs as it is (its out, threads and capacities overridden) */
+    const char *src = getenv("KVSIM_SOURCE_DIR");
+    r = run_kvsim_ok("reuse '%s/configs/reuse.ini' --workload '%s/cfg.jsonl' --out '%s/shipped' "
+                     "--capacity 64MiB,1GiB --threads 1 --quiet", src ? src : ".", dir, dir);
+    kvsim_run_free(&r);
+    c = scratch_read(scratch_path(dir, "shipped/reuse.csv", 0));
+    /* none x 2, prefix x 6 policies x 2, conversation x 6 x 2 capacities x 2 ratios */
+    assert_int_equal(count_lines(c), 1 + 2 + 12 + 24);
+    assert_non_null(strstr(c, "\nconversation,conv,1073741824,"));
+    free(c);
     char args[8400];
     scratch_write(ini, "[reuse]\nscopes = prefix\nsizes = 1GiB\n");
     snprintf(args, sizeof args, "reuse '%s' --workload '%s/cfg.jsonl' --out '%s/cfg'", ini, dir, dir);

@@ -5,23 +5,27 @@
 # log's future): the gap between it and a policy is what a better policy could still gain. In
 # the conversation scope the other policies often coincide (a conversation's cache serves only
 # its next turn, so the order of evictions matters little): their lines then lie on one another.
+# Conversation entries persisted compressed (kvsim reuse --compress) get a panel per ratio
+# (conversation@0.25: a quarter of the bytes, the same tokens served, at a cost in quality).
 #   gnuplot -e "in='results/reuse/reuse.csv'; out='reuse.png'" analysis/reuse.gp
 
 script_dir = system(sprintf("dirname '%s'", ARG0))
 png_size = "1400,640"
 load script_dir . "/common.gp"
 
-scopes_cmd = "awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == \"scope\") c = i; next }" \
-    . " c && $c != \"none\" && !seen[$c]++ { printf \"%%s \", $c }' '%s'"
+# A panel's label: the scope, and for compressed conversation entries (compress_ratio < 1,
+# kvsim reuse --compress) the scope and the ratio, e.g. conversation@0.25.
+label_awk = "function label() { return (q && $q != 1) ? $sc \"@\" $q : $sc }" \
+    . " NR == 1 { for (i = 1; i <= NF; i++) { if ($i == \"scope\") sc = i;" \
+    . " if ($i == \"policy\") c = i; if ($i == \"compress_ratio\") q = i } }"
+scopes_cmd = "awk -F, '" . label_awk . " NR > 1 && sc && $sc != \"none\" && !seen[label()]++ { printf \"%%s \", label() }' '%s'"
 scopes = system(sprintf(scopes_cmd, in))
 if (words(scopes) == 0) \
     exit error sprintf("%s: expected a scope column and rows of a scope other than none (reuse.csv)", in)
 n_scopes = words(scopes)
 
 # The header and the rows of policy p in scope s.
-scope_rows_cmd = "< awk -F, -v p='%s' -v s='%s' 'NR == 1 { for (i = 1; i <= NF; i++) {" \
-    . " if ($i == \"policy\") c = i; if ($i == \"scope\") sc = i } }" \
-    . " NR == 1 || ($c == p && $sc == s)' '%s'"
+scope_rows_cmd = "< awk -F, -v p='%s' -v s='%s' '" . label_awk . " NR == 1 || ($c == p && label() == s)' '%s'"
 scope_rows(p, s) = sprintf(scope_rows_cmd, p, s, in)
 plotted = ""
 do for [i = 1:n_policies] { if (word(policies, i) ne "none") { plotted = plotted . word(policies, i) . " " } }

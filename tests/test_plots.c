@@ -310,6 +310,13 @@ static void test_reuse_renders(void **state)
               "conversation,lru,268435456,0.05\nconversation,lru,1073741824,0.2\n"
               "conversation,belady,268435456,0.1\nconversation,belady,1073741824,0.4\n",
               1400, 640);
+    /* compressed conversation entries: a panel of their own */
+    render_ok("reuse.gp",
+              "scope,policy,capacity_bytes,token_hit_rate,compress_ratio\n"
+              "none,none,268435456,0,1\nprefix,lru,268435456,0.1,1\nprefix,lru,1073741824,0.3,1\n"
+              "conversation,lru,268435456,0.05,1\nconversation,lru,1073741824,0.2,1\n"
+              "conversation,lru,268435456,0.2,0.25\nconversation,lru,1073741824,0.6,0.25\n",
+              1400, 640);
     /* only the scope that caches nothing: nothing to draw */
     render_fails("reuse.gp", "scope,policy,capacity_bytes,token_hit_rate\nnone,none,1024,0\n");
     /* the TTFT CDF: quantiles per scope x policy x capacity (the largest drawn) */

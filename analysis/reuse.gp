@@ -7,6 +7,8 @@
 # its next turn, so the order of evictions matters little): their lines then lie on one another.
 # Conversation entries persisted compressed (kvsim reuse --compress) get a panel per ratio
 # (conversation@0.25: a quarter of the bytes, the same tokens served, at a cost in quality).
+# With lru_curve.csv beside reuse.csv (--lru-curve), the prefix panel also draws the exact lru
+# curve at every capacity from one pass (dashed, black): the replays' lru points lie on it.
 #   gnuplot -e "in='results/reuse/reuse.csv'; out='reuse.png'" analysis/reuse.gp
 
 script_dir = system(sprintf("dirname '%s'", ARG0))
@@ -30,6 +32,14 @@ scope_rows(p, s) = sprintf(scope_rows_cmd, p, s, in)
 plotted = ""
 do for [i = 1:n_policies] { if (word(policies, i) ne "none") { plotted = plotted . word(policies, i) . " " } }
 
+# The exact lru curve of the prefix scope (kvsim reuse --lru-curve writes lru_curve.csv beside
+# reuse.csv), drawn in the prefix panel over the capacities of reuse.csv when it is there.
+curve_file = system(sprintf("d=$(dirname '%s'); [ -r \"$d/lru_curve.csv\" ] && printf '%%s' \"$d/lru_curve.csv\"", in))
+cap_range = system(sprintf("awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == \"capacity_bytes\") c = i; next }" \
+    . " c { v = $c + 0; if (n++ == 0 || v < lo) lo = v; if (v > hi) hi = v } END { printf \"%%.0f %%.0f\", lo, hi }' '%s'", in))
+cap_lo = word(cap_range, 1) / 2.0**30
+cap_hi = word(cap_range, 2) / 2.0**30
+
 left = 0.07
 right = 0.84
 width = (right - left) / n_scopes
@@ -45,9 +55,19 @@ do for [m = 1:n_scopes] {
     set title sprintf("scope = %s", word(scopes, m)) font ",13"
     if (m == 1) { set ylabel "token hit rate" } else { unset ylabel }
     if (m == n_scopes) { set key at screen 0.99, screen 0.5 right center title "policy" } else { unset key }
-    plot for [i = 1:words(plotted)] scope_rows(word(plotted, i), word(scopes, m)) \
-        using (column("capacity_bytes") / 2.0**30):"token_hit_rate" with linespoints \
-        linetype policy_linetype(word(plotted, i)) title word(plotted, i)
+    if (word(scopes, m) eq "prefix" && curve_file ne "" && cap_lo > 0 && cap_hi > cap_lo) {
+        set xrange [cap_lo / 1.2 : cap_hi * 1.2]
+        plot for [i = 1:words(plotted)] scope_rows(word(plotted, i), word(scopes, m)) \
+            using (column("capacity_bytes") / 2.0**30):"token_hit_rate" with linespoints \
+            linetype policy_linetype(word(plotted, i)) title word(plotted, i), \
+            curve_file using (column("capacity_bytes") / 2.0**30):"token_hit_rate" with lines \
+            dashtype 2 linecolor rgb "black" title "lru, one pass"
+        set autoscale x
+    } else {
+        plot for [i = 1:words(plotted)] scope_rows(word(plotted, i), word(scopes, m)) \
+            using (column("capacity_bytes") / 2.0**30):"token_hit_rate" with linespoints \
+            linetype policy_linetype(word(plotted, i)) title word(plotted, i)
+    }
 }
 unset multiplot
 unset output

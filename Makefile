@@ -102,6 +102,15 @@ bench: build
 	cd $(BUILD) && ./bench_replay bench-1b.h5 $(CURDIR)/bench/replay.ini $(CURDIR)/configs/ta512.ini; \
 	  replay=$$?; cd $(CURDIR) && bench/generator.sh $(BUILD) 2; exit $$(( replay || $$? ))
 
+# The request-level simulator's benchmark (bench/bench_reuse.c): its synthetic log of
+# BENCH_REUSE_CONVERSATIONS conversations (about 4 requests each) is written once into the
+# build directory; exits non-zero when a target is missed.
+BENCH_REUSE_CONVERSATIONS ?= 250000
+.PHONY: bench-reuse
+bench: bench-reuse
+bench-reuse: build
+	cd $(BUILD) && ./bench_reuse $(BENCH_REUSE_CONVERSATIONS)
+
 # The include graph, file by file with the layer of each side (docs/layout.md); fails on an
 # include that runs upward.
 layers:

@@ -19,7 +19,9 @@ FORMAT ?= png
 #                     results/conversation/eval_turns.csv and results/conversation/eval_distance.$(FORMAT)
 #   make reuse        a synthetic request log (kvsim synth-workload, REUSE_CONVERSATIONS
 #                     conversations) replayed by kvsim reuse at REUSE_CAPACITIES ->
-#                     results/reuse/reuse.csv, reuse_turns.csv and reuse.$(FORMAT)
+#                     results/reuse/reuse.csv, reuse_turns.csv, reuse_ttft.csv, reuse.$(FORMAT)
+#                     (hit rate vs capacity) and reuse_ttft.$(FORMAT) (the TTFT CDF); `make plots`
+#                     draws these two as well
 #
 # Every output is written to a temporary name and renamed. See docs/sweeps.md, docs/plots.md.
 
@@ -180,14 +182,21 @@ REUSE_CONVERSATIONS ?= 5000
 REUSE_CAPACITIES    ?= 256MiB,1GiB,4GiB,16GiB
 
 .PHONY: reuse
-reuse: $(REUSE_DIR)/reuse.$(FORMAT)
+reuse: $(REUSE_DIR)/reuse.$(FORMAT) $(REUSE_DIR)/reuse_ttft.$(FORMAT)
+plots: $(REUSE_DIR)/reuse.$(FORMAT) $(REUSE_DIR)/reuse_ttft.$(FORMAT)
 
 $(REUSE_DIR)/chats.jsonl: | build
 	@mkdir -p $(@D)
 	$(KVSIM) synth-workload --out $@ --conversations $(REUSE_CONVERSATIONS)
 
-$(REUSE_DIR)/reuse.csv: $(REUSE_DIR)/chats.jsonl $(wildcard $(KVSIM)) | build
-	$(KVSIM) reuse $< --capacity $(REUSE_CAPACITIES) --out $(@D) > $(@D)/reuse.log
+$(REUSE_DIR)/reuse.csv: $(REUSE_DIR)/chats.jsonl configs/reuse.ini $(wildcard $(KVSIM)) | build
+	$(KVSIM) reuse configs/reuse.ini --workload $< --capacity $(REUSE_CAPACITIES) --out $(@D) > $(@D)/reuse.log
+
+# reuse_ttft.csv is written with reuse.csv (all of a run's files are renamed together).
+$(REUSE_DIR)/reuse_ttft.csv: $(REUSE_DIR)/reuse.csv
+
+$(REUSE_DIR)/reuse_ttft.$(FORMAT): analysis/reuse_ttft.gp analysis/common.gp $(REUSE_DIR)/reuse_ttft.csv
+	$(call gnuplot_png,$<,$(REUSE_DIR)/reuse_ttft.csv)
 
 $(REUSE_DIR)/reuse.$(FORMAT): analysis/reuse.gp analysis/common.gp $(REUSE_DIR)/reuse.csv
 	$(call gnuplot_png,$<,$(REUSE_DIR)/reuse.csv)

@@ -310,8 +310,25 @@ static void test_reuse_renders(void **state)
               "conversation,lru,268435456,0.05\nconversation,lru,1073741824,0.2\n"
               "conversation,belady,268435456,0.1\nconversation,belady,1073741824,0.4\n",
               1400, 640);
+    /* compressed conversation entries: a panel of their own */
+    render_ok("reuse.gp",
+              "scope,policy,capacity_bytes,token_hit_rate,compress_ratio\n"
+              "none,none,268435456,0,1\nprefix,lru,268435456,0.1,1\nprefix,lru,1073741824,0.3,1\n"
+              "conversation,lru,268435456,0.05,1\nconversation,lru,1073741824,0.2,1\n"
+              "conversation,lru,268435456,0.2,0.25\nconversation,lru,1073741824,0.6,0.25\n",
+              1400, 640);
     /* only the scope that caches nothing: nothing to draw */
     render_fails("reuse.gp", "scope,policy,capacity_bytes,token_hit_rate\nnone,none,1024,0\n");
+    /* the TTFT CDF: quantiles per scope x policy x capacity (the largest drawn) */
+    render_ok("reuse_ttft.gp",
+              "scope,policy,capacity_bytes,compress_ratio,quantile,ttft_s\n"
+              "none,none,1024,1,0,0.5\nnone,none,1024,1,0.5,2\nnone,none,1024,1,1,9\n"
+              "prefix,lru,1024,1,0,0.01\nprefix,lru,1024,1,0.5,0.2\nprefix,lru,1024,1,1,3\n"
+              "prefix,lru,512,1,0,0.02\nprefix,lru,512,1,1,5\n"
+              "conversation,lru,1024,1,0,0.02\nconversation,lru,1024,1,1,4\n"
+              "conversation,lru,1024,0.5,0,0.01\nconversation,lru,1024,0.5,1,2\n",
+              1400, 640);
+    render_fails("reuse_ttft.gp", "scope,policy,capacity_bytes,quantile,ttft_s\nnone,none,1024,0,1\n");
 }
 
 static void test_eval_distance_renders(void **state)
@@ -403,7 +420,8 @@ static const char *const SCRIPTS[] = {"mass_vs_budget.gp",     "recall_vs_budget
                                       "accuracy_vs_budget.gp", "memory_vs_step.gp",
                                       "mass_heatmap.gp",       "run_plot.gp",
                                       "turns.gp",              "eval_distance.gp",
-                                      "survival_distance.gp",  "reuse.gp"};
+                                      "survival_distance.gp",  "reuse.gp",
+                                      "reuse_ttft.gp"};
 
 static void test_missing_input_fails(void **state)
 {

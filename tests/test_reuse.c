@@ -63,7 +63,8 @@ static int64_t hits(const ReqLog *log, ReuseScope scope, ReusePolicy pol, int64_
  * has the rules): lru hits at 2 and 7 only (C evicts B, B evicts A, A evicts C); fifo at 2, 4,
  * 7 (C evicts A, B stays); lfu at 2, 5, 7 (B and C, referenced once, go first); belady at 2,
  * 4, 7; s3fifo at 2, 4, 7 (each new block goes to the small queue, evicted with frequency <=
- * 1 before it reaches main). */
+ * 1 before it reaches main); conv as lru (every request is a conversation of its own, whose
+ * one block is dropped with it: A's hit at 2 makes it request 2's, C drops request 1's B, ...). */
 static void test_single_block_policies_by_hand(void **state)
 {
     (void)state;
@@ -79,7 +80,8 @@ static void test_single_block_policies_by_hand(void **state)
     assert_int_equal(log.n_blocks, 4);
     assert_int_equal(log.format, REQLOG_MOONCAKE);
     const int64_t want[N_POLICIES] = {[POL_LRU] = 2 * 4, [POL_FIFO] = 3 * 4, [POL_LFU] = 3 * 4,
-                                      [POL_S3FIFO] = 3 * 4, [POL_BELADY] = 3 * 4};
+                                      [POL_S3FIFO] = 3 * 4, [POL_BELADY] = 3 * 4,
+                                      [POL_CONV] = 2 * 4};
     for (int p = 0; p < N_POLICIES; p++) {
         ReuseResult res;
         int64_t h = hits(&log, SCOPE_PREFIX, (ReusePolicy)p, 2, &res);
@@ -444,14 +446,16 @@ static void test_cli(void **state)
     char *t2 = scratch_read(scratch_path(dir, "r2/reuse_turns.csv", 3));
     assert_string_equal(c1, c2);
     assert_string_equal(t1, t2);
-    /* none: one row per capacity; prefix and conversation: 5 policies x 2 capacities */
-    assert_int_equal(count_lines(c1), 1 + 2 + 2 * 5 * 2);
+    /* none: one row per capacity; prefix and conversation: 6 policies x 2 capacities */
+    assert_int_equal(count_lines(c1), 1 + 2 + 2 * 6 * 2);
     assert_true(strstr(c1, "scope,policy,capacity_bytes,capacity_blocks,") == c1);
     assert_non_null(strstr(c1, ",bytes_peak,host_capacity_bytes,host_cached_tokens,host_bytes_end,"
-                               "host_bytes_peak\n"));
+                               "host_bytes_peak,compress_ratio,prefill_flops,prefill_flops_saved,"
+                               "ttft_mean_s,ttft_p50_s,ttft_p95_s,ttft_p99_s,bytes_device_to_host,"
+                               "bytes_host_to_device,host_evictions,invalidated\n"));
     /* 16 MiB of 56 KiB tokens (the default geometry) in 16-token blocks: 18 blocks */
     assert_non_null(strstr(c1, "\nprefix,belady,16777216,18,"));
-    assert_true(strstr(t1, "scope,policy,capacity_bytes,turn,") == t1);
+    assert_true(strstr(t1, "scope,policy,capacity_bytes,compress_ratio,turn,") == t1);
     free(c1);
     free(c2);
     free(t1);
@@ -590,6 +594,289 @@ static void test_mooncake_units(void **state)
     reqlog_free(&log);
 }
 
+
+/* cmocka 1.1 has no assert_double_equal */
+#define assert_near(a, b, eps) assert_true(fabs((double)(a) - (double)(b)) <= (eps))
+
+#define QW(chat, parent, ts, in, out, turn, model, ids)                                           \
+    "{\"chat_id\": " #chat ", \"parent_chat_id\": " #parent ", \"timestamp\": " #ts              \
+    ", \"input_length\": " #in ", \"output_length\": " #out ", \"type\": \"text\", \"turn\": "  \
+    #turn ", \"model\": " #model ", \"hash_ids\": [" ids "]}\n"
+
+/* Three requests, blocks of 4 tokens: A's turn 1 (8 tokens in, 4 out: a context of 3 blocks),
+ * B's turn 1 (4 in, 4 out: 2 blocks), A's turn 2 (16 in) at t = 1, after the others. TTFT by
+ * hand: one prefill at a time in order of arrival. */
+static const char ttft_log[] = QW(0, -1, 0, 8, 4, 1, 0, "") QW(1, -1, 0.05, 4, 4, 1, 0, "")
+    QW(2, 0, 1, 16, 4, 2, 0, "");
+
+static void test_ttft_by_hand(void **state)
+{
+    (void)state;
+    ReqLog log;
+    load_text("ttft.jsonl", ttft_log, 4, &log);
+    assert_int_equal(log.n_conv, 2);
+    assert_int_equal(log.conv[2], 0);
+    /* 100 tokens/s, room for all: A1 0.08 s (0 -> 0.08); B1 waits for it, 0.04 s (0.08 ->
+     * 0.12): TTFT 0.07; A2 finds A1's 12 tokens, prefills 4: 0.04 s from t = 1 */
+    ReuseCost cost = {.prefill_tps = 100, .params = 1, .attn_dim = 1, .block_bytes = 1000};
+    ReuseOptions opt = {.scope = SCOPE_CONVERSATION, .policy = POL_LRU, .capacity_blocks = 100,
+                        .cost = &cost};
+    ReuseResult res;
+    reuse_run(&log, &opt, &res);
+    assert_int_equal(res.hit_tokens, 12);
+    assert_near(res.ttft_q[0], 0.04, 1e-12);
+    assert_near(res.ttft_q[50], 0.07, 1e-12); /* nearest rank: the 2nd of 3 */
+    assert_near(res.ttft_q[95], 0.08, 1e-12);
+    assert_near(res.ttft_q[99], 0.08, 1e-12);
+    assert_near(res.ttft_mean, (0.08 + 0.07 + 0.04) / 3, 1e-12);
+    /* FLOPs (params 1, attn_dim 1): 2n + 4 (n c + n (n + 1) / 2): A1 16 + 144, B1 8 + 40, A2
+     * 8 + 4 (48 + 10) = 240 where 16 tokens from nothing are 32 + 544 = 576 */
+    assert_near(res.flops, 160 + 48 + 240, 1e-9);
+    assert_near(res.flops_saved, 576 - 240, 1e-9);
+    /* at 1 FLOP/s the seconds are the FLOPs: A1 0 -> 160, B1 160 -> 208 (TTFT 207.95), A2
+     * 208 -> 448 (447) */
+    cost = (ReuseCost){.flops_per_s = 1, .params = 1, .attn_dim = 1, .block_bytes = 1000};
+    reuse_run(&log, &opt, &res);
+    assert_near(res.ttft_q[0], 160, 1e-9);
+    assert_near(res.ttft_q[50], 207.95, 1e-9);
+    assert_near(res.ttft_q[100], 447, 1e-9);
+    /* 3 blocks of device, a host behind it, 2000 bytes/s (a block in 0.5 s): B1 demotes A1's 3
+     * blocks, A2 loads them back (1.5 s, then its 0.04 s prefill) and its own 5 blocks go to
+     * the host directly */
+    cost = (ReuseCost){.prefill_tps = 100, .params = 1, .attn_dim = 1, .block_bytes = 1000,
+                       .host_bw = 2000};
+    opt.capacity_blocks = 3;
+    opt.host_blocks = 100;
+    reuse_run(&log, &opt, &res);
+    assert_int_equal(res.hit_tokens, 12);
+    assert_int_equal(res.host_hit_tokens, 12);
+    assert_int_equal(res.blocks_to_host, 3 + 5);
+    assert_int_equal(res.blocks_to_device, 3);
+    assert_near(res.ttft_q[100], 1.54, 1e-12);
+    /* 4 blocks without a host: B1 evicts A1 (3 + 2 > 4), A2 finds nothing; compressed to half
+     * (A1 in 2 blocks, B1 in 1), both stay, A2 finds A1's 12 tokens and attends over 6 keys:
+     * 8 + 4 (4 x 6 + 10) = 144 FLOPs */
+    opt.capacity_blocks = 4;
+    opt.host_blocks = 0;
+    reuse_run(&log, &opt, &res);
+    assert_int_equal(res.hit_tokens, 0);
+    assert_int_equal(res.evictions, 1);
+    opt.compress = 0.5;
+    reuse_run(&log, &opt, &res);
+    assert_int_equal(res.hit_tokens, 12);
+    assert_int_equal(res.evictions, 0);
+    assert_int_equal(res.blocks_end, 1 + 3); /* B1's block and A2's 5 at half: 3 */
+    assert_near(res.flops, 160 + 48 + 144, 1e-9);
+    reqlog_free(&log);
+}
+
+/* The local assistant design: the conversation scope with room for one conversation's context
+ * (every context here 16 blocks: 64 tokens). Conversation A's turns 1, 2, then B's turn 1, A's
+ * turn 3 (B's context took the room), A's turn 4 on model 1 (A's turn 3 was model 0's: its
+ * cache is invalid), A's turn 5 on model 1: hits only at A2 and A5, the consecutive turns of
+ * one conversation and one model. */
+static void test_local_assistant(void **state)
+{
+    (void)state;
+    const char *text = QW(10, -1, 0, 40, 24, 1, 0, "") QW(11, 10, 1, 50, 14, 2, 0, "")
+        QW(20, -1, 2, 60, 4, 1, 0, "") QW(12, 11, 3, 60, 4, 3, 0, "")
+        QW(13, 12, 4, 62, 2, 4, 1, "") QW(14, 13, 5, 63, 1, 5, 1, "");
+    ReqLog log;
+    load_text("local.jsonl", text, 4, &log);
+    assert_int_equal(log.model[4], 1);
+    assert_int_equal(log.n_conv, 2);
+    for (int p = 0; p < N_POLICIES; p++) {
+        ReuseResult res;
+        hits(&log, SCOPE_CONVERSATION, (ReusePolicy)p, 16, &res);
+        assert_int_equal(res.turn_hit[2], 50);          /* A2: A1's 64 tokens, its 50 */
+        assert_int_equal(res.turn_hit[3], 0);           /* A3: B took the room */
+        assert_int_equal(res.turn_hit[4], 0);           /* A4: another model */
+        assert_int_equal(res.turn_hit[5], 63);          /* A5: A4's 64 tokens, its 63 */
+        assert_int_equal(res.hit_tokens, 50 + 63);
+        assert_int_equal(res.invalidated, 1);
+        /* room for all: B no longer evicts; the model change still invalidates */
+        hits(&log, SCOPE_CONVERSATION, (ReusePolicy)p, 1000, &res);
+        assert_int_equal(res.hit_tokens, 50 + 60 + 63);
+        assert_int_equal(res.invalidated, 1);
+    }
+    reqlog_free(&log);
+}
+
+/* conv under the prefix scope, 4 blocks of room: X1 [0 1], Y1 [2], X2 [0 1 3] (hits 0 1), Z1
+ * [4 5], X3 [0 1]. At Z1, conv drops Y (block 2), then the whole of X (0 1 3) where lru drops
+ * 2 and 3 only; so X3 misses under conv (8 tokens in all) and hits under lru (16). */
+static void test_conv_policy_by_hand(void **state)
+{
+    (void)state;
+    const char *text = QW(1, -1, 0, 8, 1, 1, 0, "10, 11") QW(2, -1, 1, 4, 1, 1, 0, "12")
+        QW(3, 1, 2, 12, 1, 2, 0, "10, 11, 13") QW(4, -1, 3, 8, 1, 1, 0, "14, 15")
+        QW(5, 3, 4, 8, 1, 3, 0, "10, 11");
+    ReqLog log;
+    load_text("convpol.jsonl", text, 4, &log);
+    ReuseResult res;
+    assert_int_equal(hits(&log, SCOPE_PREFIX, POL_CONV, 4, &res), 8);
+    assert_int_equal(res.evictions, 1 + 3); /* Y, then X (X3's two blocks fit beside Z's) */
+    assert_int_equal(res.blocks_end, 2 + 2);
+    assert_int_equal(hits(&log, SCOPE_PREFIX, POL_LRU, 4, &res), 16);
+    assert_int_equal(res.evictions, 2);
+    reqlog_free(&log);
+}
+
+/* synth-workload's models: a later turn moves with probability --switch-prob, to another
+ * model, and then shares no hash id with its parent (another model's KV). */
+static void test_generator_models(void **state)
+{
+    (void)state;
+    WorkloadParams wp;
+    small_workload(&wp, 4000);
+    wp.n_models = 3;
+    wp.switch_prob = 0.25;
+    const char *path = scratch_path(dir, "models.jsonl", 0);
+    KvErr err;
+    if (workload_write(&wp, path, NULL, &err) < 0)
+        fail_msg("%s", err.msg);
+    ReqLog log;
+    if (reqlog_load(path, REQLOG_AUTO, 0, false, &log, &err) < 0)
+        fail_msg("%s", err.msg);
+    long later = 0, switched = 0, shared_after_switch = 0, used[3] = {0};
+    for (long r = 0; r < log.n; r++) {
+        assert_true(log.model[r] >= 0 && log.model[r] < 3);
+        used[log.model[r]]++;
+        int32_t p = log.parent[r];
+        if (p < 0)
+            continue;
+        later++;
+        if (log.model[p] == log.model[r])
+            continue;
+        switched++;
+        for (int64_t j = log.off[r]; j < log.off[r + 1]; j++)
+            for (int64_t k = log.off[p]; k < log.off[p + 1]; k++)
+                shared_after_switch += log.ids[j] == log.ids[k];
+    }
+    assert_true(later > 5000);
+    double share = (double)switched / later;
+    if (fabs(share - 0.25) > 0.03 * 0.25 * 4) /* 3% of the mean's own scale: +-0.03 */
+        fail_msg("switch share %g, expected 0.25", share);
+    assert_int_equal(shared_after_switch, 0);
+    for (int m = 0; m < 3; m++)
+        assert_true(used[m] > log.n / 5);
+    /* the conversation scope finds nothing across a switch: every one is invalidated or gone */
+    ReuseResult res;
+    hits(&log, SCOPE_CONVERSATION, POL_LRU, 1 << 30, &res);
+    assert_int_equal(res.invalidated, switched);
+    reqlog_free(&log);
+    /* one model: no "model" field, the bytes of before */
+    small_workload(&wp, 50);
+    path = scratch_path(dir, "one_model.jsonl", 1);
+    if (workload_write(&wp, path, NULL, &err) < 0)
+        fail_msg("%s", err.msg);
+    char *t = scratch_read(path);
+    assert_null(strstr(t, "\"model\""));
+    free(t);
+    wp.switch_prob = 0.5;
+    assert_int_equal(workload_write(&wp, path, NULL, &err), -1);
+    assert_non_null(strstr(err.msg, "--switch-prob"));
+}
+
+/* A config file: its keys as options, the command line over them; its errors name the line. */
+static void test_config_file(void **state)
+{
+    (void)state;
+    KvsimRun r = run_kvsim_ok("synth-workload --out '%s/cfg.jsonl' --conversations 30", dir);
+    kvsim_run_free(&r);
+    char ini[4096];
+    snprintf(ini, sizeof ini, "%s/r.ini", dir);
+    scratch_write(ini, "; a comment\n[reuse]\nscopes = prefix   ; inline\npolicies = lru,conv\n"
+                       "capacity = 1GiB\nlru-curve = true\nquiet = true\n");
+    r = run_kvsim_ok("reuse '%s' --workload '%s/cfg.jsonl' --out '%s/cfg' --policies lru", ini,
+                     dir, dir);
+    kvsim_run_free(&r);
+    char *c = scratch_read(scratch_path(dir, "cfg/reuse.csv", 0));
+    assert_int_equal(count_lines(c), 2); /* prefix x lru (the command line's) x 1GiB */
+    assert_non_null(strstr(c, "\nprefix,lru,1073741824,"));
+    free(c);
+    char *curve = scratch_read(scratch_path(dir, "cfg/lru_curve.csv", 1));
+    assert_true(count_lines(curve) > 2);
+    free(curve);
+    char *ttft = scratch_read(scratch_path(dir, "cfg/reuse_ttft.csv", 2));
+    assert_int_equal(count_lines(ttft), 1 + REUSE_TTFT_Q);
+    free(ttft);
+    /* the shipped configs/reuse.ini runs as it is (its out, threads and capacities overridden) */
+    const char *src = getenv("KVSIM_SOURCE_DIR");
+    r = run_kvsim_ok("reuse '%s/configs/reuse.ini' --workload '%s/cfg.jsonl' --out '%s/shipped' "
+                     "--capacity 64MiB,1GiB --threads 1 --quiet", src ? src : ".", dir, dir);
+    kvsim_run_free(&r);
+    c = scratch_read(scratch_path(dir, "shipped/reuse.csv", 0));
+    /* none x 2, prefix x 6 policies x 2, conversation x 6 x 2 capacities x 2 ratios */
+    assert_int_equal(count_lines(c), 1 + 2 + 12 + 24);
+    assert_non_null(strstr(c, "\nconversation,conv,1073741824,"));
+    free(c);
+    char args[8400];
+    scratch_write(ini, "[reuse]\nscopes = prefix\nsizes = 1GiB\n");
+    snprintf(args, sizeof args, "reuse '%s' --workload '%s/cfg.jsonl' --out '%s/cfg'", ini, dir, dir);
+    run_kvsim_fails(args, "r.ini:3:", "unknown key 'sizes'", NULL);
+    scratch_write(ini, "[reuse]\nkv-bits = lots\n");
+    run_kvsim_fails(args, "r.ini:2:", "--kv-bits", NULL);
+    scratch_write(ini, "[run]\n");
+    run_kvsim_fails(args, "r.ini:1:", "expected [reuse]", NULL);
+    snprintf(args, sizeof args, "reuse '%s/cfg.jsonl' --workload '%s/cfg.jsonl' --out '%s/cfg'",
+             dir, dir, dir);
+    run_kvsim_fails(args, "expected the log once", NULL);
+    snprintf(args, sizeof args, "reuse '%s/cfg.jsonl' --compress 0.5,2 --out '%s/cfg'", dir, dir);
+    run_kvsim_fails(args, "--compress", "(0, 1]", NULL);
+    bad_log("model.jsonl", QW(1, -1, 0, 4, 1, 1, 0, "1") QW(2, 1, 1, 4, 1, 2, -1, "1"),
+            "model.jsonl:2:", "model: expected an integer >= 0");
+}
+
+/* lru streamed from the file gives the replay's numbers at every capacity (synthetic log; ids
+ * repeated inside a request in the hand-written one). */
+static void test_stream_lru(void **state)
+{
+    (void)state;
+    WorkloadParams wp;
+    small_workload(&wp, 300);
+    wp.rate = 5.0;
+    const char *path = scratch_path(dir, "stream.jsonl", 0);
+    KvErr err;
+    if (workload_write(&wp, path, NULL, &err) < 0)
+        fail_msg("%s", err.msg);
+    ReqLog log;
+    if (reqlog_load(path, REQLOG_AUTO, 0, false, &log, &err) < 0)
+        fail_msg("%s", err.msg);
+    const int64_t caps[] = {0, 1, 7, 64, 300, 1000, 5000, 1 << 20};
+    for (size_t c = 0; c < sizeof caps / sizeof caps[0]; c++) {
+        ReuseResult a, b;
+        reuse_simulate(&log, SCOPE_PREFIX, POL_LRU, caps[c], NULL, &a);
+        if (reuse_stream_lru(path, REQLOG_AUTO, 0, caps[c], &b, &err) < 0)
+            fail_msg("%s", err.msg);
+        assert_int_equal(a.requests, b.requests);
+        assert_int_equal(a.prompt_tokens, b.prompt_tokens);
+        assert_int_equal(a.hit_tokens, b.hit_tokens);
+        assert_int_equal(a.evictions, b.evictions);
+        assert_int_equal(a.inserted, b.inserted);
+        assert_int_equal(a.blocks_end, b.blocks_end);
+        assert_int_equal(a.blocks_peak, b.blocks_peak);
+        assert_memory_equal(a.turn_hit, b.turn_hit, sizeof a.turn_hit);
+    }
+    reqlog_free(&log);
+    const char *text = "{\"timestamp\": 0, \"input_length\": 12, \"output_length\": 1, \"hash_ids\": [5, 5, 6]}\n"
+                       "{\"timestamp\": 1, \"input_length\": 12, \"output_length\": 1, \"hash_ids\": [5, 6, 7]}\n"
+                       "{\"timestamp\": 2, \"input_length\": 9, \"output_length\": 1, \"hash_ids\": [7, 5, 6]}\n";
+    load_text("dups.jsonl", text, 4, &log);
+    for (int64_t cap = 0; cap <= 4; cap++) {
+        ReuseResult a, b;
+        reuse_simulate(&log, SCOPE_PREFIX, POL_LRU, cap, NULL, &a);
+        if (reuse_stream_lru(scratch_path(dir, "dups.jsonl", 0), REQLOG_AUTO, 4, cap, &b, &err) < 0)
+            fail_msg("%s", err.msg);
+        assert_int_equal(a.hit_tokens, b.hit_tokens);
+        assert_int_equal(a.evictions, b.evictions);
+    }
+    reqlog_free(&log);
+    assert_int_equal(reuse_stream_lru(scratch_path(dir, "none.jsonl", 0), REQLOG_AUTO, 0, 4,
+                                      &(ReuseResult){0}, &err), -1);
+    assert_non_null(strstr(err.msg, "none.jsonl"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -604,6 +891,12 @@ int main(void)
         cmocka_unit_test(test_reader_paths),
         cmocka_unit_test(test_byte_sizes),
         cmocka_unit_test(test_mooncake_units),
+        cmocka_unit_test(test_ttft_by_hand),
+        cmocka_unit_test(test_local_assistant),
+        cmocka_unit_test(test_conv_policy_by_hand),
+        cmocka_unit_test(test_generator_models),
+        cmocka_unit_test(test_config_file),
+        cmocka_unit_test(test_stream_lru),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

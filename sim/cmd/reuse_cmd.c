@@ -95,7 +95,9 @@ typedef struct {
     ReuseScope scope;
     ReusePolicy policy;
     int64_t capacity, capacity_blocks, host_blocks;
+    double compress;
     const uint32_t *next_use;
+    const ReuseCost *cost;
     ReuseResult result;
     double seconds; /* for the table only */
 } ReuseJob;
@@ -106,14 +108,17 @@ static int run_job(void *ctx, int item, int slot, KvErr *err)
     (void)err;
     ReuseJob *job = (ReuseJob *)ctx + item;
     double t0 = now_seconds();
-    reuse_simulate_host(job->log, job->scope, job->policy, job->capacity_blocks, job->host_blocks,
-                        job->next_use, &job->result);
+    ReuseOptions opt = {.scope = job->scope, .policy = job->policy,
+                        .capacity_blocks = job->capacity_blocks, .host_blocks = job->host_blocks,
+                        .compress = job->compress, .next_use = job->next_use, .cost = job->cost};
+    reuse_run(job->log, &opt, &job->result);
     job->seconds = now_seconds() - t0;
     return 0;
 }
 
 /* KV bytes per token from config.json (a file, or a directory holding one). */
-static int model_kv_geometry(const char *model, int *layers, int *kv_heads, int *head_dim, KvErr *err)
+static int model_kv_geometry(const char *model, int *layers, int *kv_heads, int *head_dim,
+                             int *q_heads, double *params, KvErr *err)
 {
     char path[4096];
     struct stat st;
@@ -127,6 +132,11 @@ static int model_kv_geometry(const char *model, int *layers, int *kv_heads, int 
     *layers = cfg.n_layers;
     *kv_heads = cfg.n_kv_heads;
     *head_dim = cfg.head_dim;
+    *q_heads = cfg.n_q_heads;
+    /* the weights a token's prefill multiplies: all but the embedding tables (a lookup; the
+     * lm_head of an untied model runs on the last token only) */
+    *params = (double)model_n_params(&cfg) -
+              (double)cfg.vocab_size * cfg.hidden_size * (cfg.tie_word_embeddings ? 1 : 2);
     return 0;
 }
 
@@ -141,23 +151,109 @@ static void human_bytes(double b, char *out, size_t n)
     snprintf(out, n, u ? "%.1f %s" : "%.0f %s", b, unit[u]);
 }
 
-int cmd_reuse(int argc, char **argv)
+/* A config file: lines "key = value" under [reuse] (";" or "#" starts a comment), each key an
+ * option of the command, set as if given on the command line before the others (which then
+ * override it). A flag takes true or false. */
+static char *trim(char *b)
+{
+    char *e = b + strlen(b);
+    while (*b == ' ' || *b == '\t')
+        b++;
+    while (e > b && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\r'))
+        *--e = '\0';
+    return b;
+}
+
+/* A config file: lines "key = value" under [reuse] (";" or "#" starts a comment), each key an
+ * option of the command, set as if given on the command line before the others (which then
+ * override it). A flag takes true or false. *text: the file, which the string options point
+ * into (free() it after the command). */
+static int load_reuse_ini(const char *path, const ArgSpec *specs, char **text, KvErr *err)
+{
+    size_t len;
+    *text = kv_read_input(path, (size_t)1 << 20, &len, err);
+    if (!*text)
+        return -1;
+    int lineno = 0, in_section = 0;
+    for (char *line = *text; line && *line;) {
+        char *nl = strchr(line, '\n');
+        if (nl)
+            *nl = '\0';
+        char *rest = nl ? nl + 1 : NULL;
+        lineno++;
+        char *c = strpbrk(line, ";#");
+        if (c)
+            *c = '\0';
+        char *b = trim(line);
+        line = rest;
+        if (!*b)
+            continue;
+        if (*b == '[') {
+            if (strcmp(b, "[reuse]") != 0)
+                return kv_fail(err, "%s:%d: section %s: expected [reuse]", path, lineno, b);
+            in_section = 1;
+            continue;
+        }
+        char *eq = strchr(b, '=');
+        if (!in_section || !eq)
+            return kv_fail(err, "%s:%d: expected key = value under [reuse]", path, lineno);
+        *eq = '\0';
+        char *key = trim(b), *v = trim(eq + 1);
+        const ArgSpec *spec = NULL;
+        for (const ArgSpec *a = specs; a->name; a++)
+            if (!strcmp(a->name, key))
+                spec = a;
+        if (!spec)
+            return kv_fail(err, "%s:%d: unknown key '%s' (expected an option of kvsim reuse)",
+                           path, lineno, key);
+        char opt[128];
+        snprintf(opt, sizeof opt, "--%s", key);
+        char *av[3] = {"reuse", opt, v};
+        int ac = 3;
+        if (spec->kind == ARG_FLAG) {
+            if (!strcmp(v, "false"))
+                continue;
+            if (strcmp(v, "true") != 0)
+                return kv_fail(err, "%s:%d: %s: expected true or false, found '%s'", path, lineno,
+                               key, v);
+            ac = 2;
+        }
+        const char *pos[1];
+        int n_pos;
+        KvErr e2;
+        if (args_parse(ac, av, specs, pos, 0, &n_pos, &e2) != 0)
+            return kv_fail(err, "%s:%d: %s", path, lineno, e2.msg);
+    }
+    return 0;
+}
+
+static bool ends_with(const char *s, const char *suffix)
+{
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && !strcmp(s + n - k, suffix);
+}
+
+static int reuse_main(int argc, char **argv, char **ini_text)
 {
     const char *out = "results/reuse", *scopes = "none,prefix,conversation",
-               *policies = "lru,fifo,lfu,s3fifo,belady", *capacity = "1GiB,4GiB,16GiB,64GiB",
-               *model = NULL, *host_capacity = "0";
+               *policies = "lru,fifo,lfu,s3fifo,belady,conv", *capacity = "1GiB,4GiB,16GiB,64GiB",
+               *model = NULL, *host_capacity = "0", *workload = NULL, *compress = "1";
     int format = REQLOG_AUTO, block = 0, layers = 28, kv_heads = 4, head_dim = 128, kv_bits = 16,
-        quiet = 0, lru_curve = 0, threads = 0;
-    double prefill_tps = 10000.0;
+        quiet = 0, lru_curve = 0, threads = 0, q_heads = 28;
+    /* the defaults: Qwen2.5-7B's shape (its weights less the embeddings) */
+    double prefill_tps = 10000.0, prefill_flops = 0, params = 6.53e9, host_bw = 25e9;
     const ArgSpec specs[] = {
-        {"out", ARG_STRING, &out, 0, 0, NULL, "output directory (reuse.csv, reuse_turns.csv)"},
+        {"workload", ARG_STRING, &workload, 0, 0, NULL,
+         "the request log (instead of the positional LOG)"},
+        {"out", ARG_STRING, &out, 0, 0, NULL,
+         "output directory (reuse.csv, reuse_turns.csv, reuse_ttft.csv)"},
         {"format", ARG_CHOICE, &format, 0, 0, "auto|qwen|mooncake",
          "the log's format (auto: qwen when the first request has chat_id)"},
         {"block", ARG_INT, &block, 0, 1 << 24, NULL,
          "tokens per hash_ids block (0: the format's, qwen 16, mooncake 512)"},
         {"scopes", ARG_STRING, &scopes, 0, 0, NULL, "comma-separated: none|prefix|conversation (radix = prefix)"},
         {"policies", ARG_STRING, &policies, 0, 0, NULL,
-         "comma-separated: lru|fifo|lfu|s3fifo|belady"},
+         "comma-separated: lru|fifo|lfu|s3fifo|belady|conv"},
         {"capacity", ARG_STRING, &capacity, 0, 0, NULL,
          "comma-separated device cache sizes in bytes (KB MB GB TB KiB MiB GiB TiB)"},
         {"host-capacity", ARG_STRING, &host_capacity, 0, 0, NULL,
@@ -167,9 +263,18 @@ int cmd_reuse(int argc, char **argv)
         {"layers", ARG_INT, &layers, 1, 1 << 16, NULL, "layers (without --model)"},
         {"kv-heads", ARG_INT, &kv_heads, 1, 1 << 16, NULL, "KV heads (without --model)"},
         {"head-dim", ARG_INT, &head_dim, 1, 1 << 16, NULL, "head dimension (without --model)"},
+        {"q-heads", ARG_INT, &q_heads, 1, 1 << 16, NULL, "query heads (without --model; FLOPs)"},
+        {"params", ARG_DOUBLE, &params, 0, 1e15, NULL,
+         "weights a prefill token multiplies, without the embeddings (without --model; FLOPs)"},
         {"kv-bits", ARG_INT, &kv_bits, 4, 32, NULL, "bits per cached K or V value: 4, 8, 16 or 32"},
         {"prefill-tps", ARG_DOUBLE, &prefill_tps, 1e-9, 1e15, NULL,
-         "prefill throughput, tokens per second (for the seconds columns)"},
+         "prefill throughput, tokens per second (seconds and TTFT columns)"},
+        {"prefill-flops", ARG_DOUBLE, &prefill_flops, 0, 1e21, NULL,
+         "prefill throughput in FLOP/s: when > 0, prefill time from FLOPs (--prefill-tps unused)"},
+        {"host-bw", ARG_DOUBLE, &host_bw, 0, 1e15, NULL,
+         "host -> device bytes/s for what the host tier serves (0: free)"},
+        {"compress", ARG_STRING, &compress, 0, 0, NULL,
+         "comma-separated ratios a conversation's persisted cache is compressed to (1: none)"},
         {"lru-curve", ARG_FLAG, &lru_curve, 0, 0, NULL,
          "also lru_curve.csv: the prefix scope under lru at every capacity, in one pass"},
         {"threads", ARG_INT, &threads, 0, 1024, NULL,
@@ -178,14 +283,58 @@ int cmd_reuse(int argc, char **argv)
         {NULL, 0, NULL, 0, 0, NULL, NULL},
     };
     const char *usage =
-        "reuse LOG.jsonl[.gz] [options]\n"
+        "reuse [CONFIG.ini] [LOG.jsonl[.gz]] [--workload LOG] [options]\n"
         "  Replays a request log (qwen or mooncake JSONL) through persisted KV caches: every\n"
         "  scope x policy x capacity; writes reuse.csv and reuse_turns.csv (docs/reuse.md)";
-    const char *positional[1];
-    int status = args_start(argc, argv, specs, usage, positional, 1);
-    if (status >= 0)
-        return status;
     KvErr err;
+    /* A config first (configs/reuse.ini): its keys, then the command line's options. */
+    if (argc > 1 && ends_with(argv[1], ".ini")) {
+        if (load_reuse_ini(argv[1], specs, ini_text, &err) < 0) {
+            fprintf(stderr, "kvsim: reuse: %s\n", err.msg);
+            return 2;
+        }
+        argv[1] = argv[0];
+        argv++;
+        argc--;
+    }
+    const char *positional[1] = {NULL};
+    int n_positional = 0;
+    int parsed = args_parse(argc, argv, specs, positional, 1, &n_positional, &err);
+    if (parsed == 1) {
+        args_usage(stdout, usage, specs);
+        return 0;
+    }
+    if (parsed < 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        return 2;
+    }
+    if (n_positional == 1 && workload) {
+        fprintf(stderr, "kvsim: reuse: expected the log once, found %s and --workload %s\n",
+                positional[0], workload);
+        return 2;
+    }
+    if (n_positional == 0 && !workload) {
+        fprintf(stderr, "kvsim: reuse: expected a request log (LOG or --workload LOG; kvsim reuse --help)\n");
+        return 2;
+    }
+    if (n_positional == 0)
+        positional[0] = workload;
+    double ratios[MAX_LIST];
+    int n_ratios = 0;
+    for (const char *c = compress;;) {
+        char *end;
+        errno = 0;
+        double v = strtod(c, &end);
+        if (end == c || errno || !(v > 0 && v <= 1) || (*end && *end != ',') || n_ratios == MAX_LIST) {
+            fprintf(stderr, "kvsim: reuse: --compress: expected at most %d comma-separated ratios "
+                    "in (0, 1], found '%s'\n", MAX_LIST, compress);
+            return 2;
+        }
+        ratios[n_ratios++] = v;
+        if (!*end)
+            break;
+        c = end + 1;
+    }
     int scope_idx[MAX_LIST], policy_idx[MAX_LIST];
     int64_t caps[MAX_CAPACITIES];
     /* "radix" names the prefix scope too (what a radix-tree cache serves, docs/reuse.md). */
@@ -208,7 +357,7 @@ int cmd_reuse(int argc, char **argv)
         fprintf(stderr, "kvsim: reuse: --kv-bits: expected 4, 8, 16 or 32, found %d\n", kv_bits);
         return 2;
     }
-    if (model && model_kv_geometry(model, &layers, &kv_heads, &head_dim, &err) < 0) {
+    if (model && model_kv_geometry(model, &layers, &kv_heads, &head_dim, &q_heads, &params, &err) < 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         return 2;
     }
@@ -227,21 +376,36 @@ int cmd_reuse(int argc, char **argv)
     /* K and V: 2 values per layer, KV head and head dimension. */
     double bytes_per_token = (double)layers * kv_heads * head_dim * 2.0 * kv_bits / 8.0;
     double block_bytes = bytes_per_token * log.block_tokens;
+    ReuseCost cost = {.prefill_tps = prefill_flops > 0 ? 0 : prefill_tps,
+                      .flops_per_s = prefill_flops, .params = params,
+                      .attn_dim = (double)layers * q_heads * head_dim,
+                      .block_bytes = block_bytes, .host_bw = host_bw};
 
     static const char header[] =
         "scope,policy,capacity_bytes,capacity_blocks,requests,prompt_tokens,cached_tokens,"
         "token_hit_rate,prefill_tokens,prefill_s,prefill_s_saved,evictions,inserted,bytes_end,"
-        "bytes_peak,host_capacity_bytes,host_cached_tokens,host_bytes_end,host_bytes_peak";
+        "bytes_peak,host_capacity_bytes,host_cached_tokens,host_bytes_end,host_bytes_peak,"
+        "compress_ratio,prefill_flops,prefill_flops_saved,ttft_mean_s,ttft_p50_s,ttft_p95_s,"
+        "ttft_p99_s,bytes_device_to_host,bytes_host_to_device,host_evictions,invalidated";
+    static const char ttft_header[] = "scope,policy,capacity_bytes,compress_ratio,quantile,ttft_s";
     static const char turns_header[] =
-        "scope,policy,capacity_bytes,turn,requests,prompt_tokens,cached_tokens,context_share";
-    CsvFile csv, turns;
+        "scope,policy,capacity_bytes,compress_ratio,turn,requests,prompt_tokens,cached_tokens,"
+        "context_share";
+    CsvFile csv, turns, ttft_csv;
     if (csv_create(&csv, out, "reuse.csv", header, &err) < 0) {
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        reqlog_free(&log);
+        return 2;
+    }
+    if (csv_create(&ttft_csv, out, "reuse_ttft.csv", ttft_header, &err) < 0) {
+        atomic_abort(&csv.af);
         fprintf(stderr, "kvsim: %s\n", err.msg);
         reqlog_free(&log);
         return 2;
     }
     if (csv_create(&turns, out, "reuse_turns.csv", turns_header, &err) < 0) {
         atomic_abort(&csv.af);
+        atomic_abort(&ttft_csv.af);
         fprintf(stderr, "kvsim: %s\n", err.msg);
         reqlog_free(&log);
         return 2;
@@ -252,15 +416,19 @@ int cmd_reuse(int argc, char **argv)
     if (!quiet) {
         char kv[32];
         human_bytes(bytes_per_token, kv, sizeof kv);
-        printf("KV per token %s (%d layers x %d KV heads x %d dims x 2 x %d bits); prefill %g tokens/s\n",
-               kv, layers, kv_heads, head_dim, kv_bits, prefill_tps);
-        printf("%-13s %-7s %12s %9s %12s %10s\n", "scope", "policy", "capacity", "hit_rate",
-               "evictions", "requests/s");
+        printf("KV per token %s (%d layers x %d KV heads x %d dims x 2 x %d bits); prefill ",
+               kv, layers, kv_heads, head_dim, kv_bits);
+        if (prefill_flops > 0)
+            printf("%g FLOP/s (%.3g weights, %d query heads)\n", prefill_flops, params, q_heads);
+        else
+            printf("%g tokens/s\n", prefill_tps);
+        printf("%-13s %-7s %12s %5s %9s %9s %12s %10s\n", "scope", "policy", "capacity", "q",
+               "hit_rate", "ttft_p95", "evictions", "requests/s");
     }
     /* Every scope x capacity x policy is one job of the pool; each writes only its own result,
      * and the rows are written afterwards in job order: the same files at any thread count. */
     int n_jobs = 0;
-    ReuseJob *jobs = kv_calloc((size_t)n_scopes * n_caps * n_policies, sizeof *jobs);
+    ReuseJob *jobs = kv_calloc((size_t)n_scopes * n_caps * n_policies * n_ratios, sizeof *jobs);
     uint32_t *next_use[N_SCOPES] = {NULL};
     for (int si = 0; si < n_scopes; si++) {
         ReuseScope scope = (ReuseScope)scope_idx[si];
@@ -270,14 +438,18 @@ int cmd_reuse(int argc, char **argv)
         for (int ci = 0; ci < n_caps; ci++) {
             /* Under scope none the policy does not matter: one row, policy "none". */
             int n_pol = scope == SCOPE_NONE ? 1 : n_policies;
-            for (int pi = 0; pi < n_pol; pi++)
-                jobs[n_jobs++] = (ReuseJob){
-                    .log = &log, .scope = scope, .policy = (ReusePolicy)policy_idx[pi],
-                    .capacity = caps[ci],
-                    .capacity_blocks = (int64_t)floor((double)caps[ci] / block_bytes),
-                    .host_blocks = (int64_t)floor((double)host_bytes / block_bytes),
-                    .next_use = next_use[scope],
-                };
+            /* compression applies to the conversation scope's entries only */
+            int n_q = scope == SCOPE_CONVERSATION ? n_ratios : 1;
+            for (int qi = 0; qi < n_q; qi++)
+                for (int pi = 0; pi < n_pol; pi++)
+                    jobs[n_jobs++] = (ReuseJob){
+                        .log = &log, .scope = scope, .policy = (ReusePolicy)policy_idx[pi],
+                        .capacity = caps[ci],
+                        .capacity_blocks = (int64_t)floor((double)caps[ci] / block_bytes),
+                        .host_blocks = (int64_t)floor((double)host_bytes / block_bytes),
+                        .compress = scope == SCOPE_CONVERSATION ? ratios[qi] : 1.0,
+                        .next_use = next_use[scope], .cost = &cost,
+                    };
         }
     }
     Pool *pool = pool_create(pool_threads_for(threads, n_jobs));
@@ -312,13 +484,34 @@ int cmd_reuse(int argc, char **argv)
         csv_put_count(&csv, (double)res->host_hit_tokens);
         csv_put_count(&csv, (double)res->host_blocks_end * block_bytes);
         csv_put_count(&csv, (double)res->host_blocks_peak * block_bytes);
+        csv_put_num(&csv, job->compress);
+        csv_put_num(&csv, res->flops);
+        csv_put_num(&csv, res->flops_saved);
+        csv_put_num(&csv, res->ttft_mean);
+        csv_put_num(&csv, res->ttft_q[50]);
+        csv_put_num(&csv, res->ttft_q[95]);
+        csv_put_num(&csv, res->ttft_q[99]);
+        csv_put_count(&csv, (double)res->blocks_to_host * block_bytes);
+        csv_put_count(&csv, (double)res->blocks_to_device * block_bytes);
+        csv_put_count(&csv, (double)res->host_evictions);
+        csv_put_count(&csv, (double)res->invalidated);
         csv_end_row(&csv);
+        for (int k = 0; k < REUSE_TTFT_Q && res->requests > 0; k++) {
+            csv_put_text(&ttft_csv, reuse_scope_names[job->scope]);
+            csv_put_text(&ttft_csv, pol_name);
+            csv_put_count(&ttft_csv, (double)job->capacity);
+            csv_put_num(&ttft_csv, job->compress);
+            csv_put_num(&ttft_csv, k / 100.0);
+            csv_put_num(&ttft_csv, res->ttft_q[k]);
+            csv_end_row(&ttft_csv);
+        }
         for (int t = 0; t < REUSE_MAX_TURN; t++) {
             if (!res->turn_requests[t])
                 continue;
             csv_put_text(&turns, reuse_scope_names[job->scope]);
             csv_put_text(&turns, pol_name);
             csv_put_count(&turns, (double)job->capacity);
+            csv_put_num(&turns, job->compress);
             csv_put_int(&turns, t);
             csv_put_count(&turns, (double)res->turn_requests[t]);
             csv_put_count(&turns, (double)res->turn_prompt[t]);
@@ -330,26 +523,27 @@ int cmd_reuse(int argc, char **argv)
         if (!quiet) {
             char capb[32];
             human_bytes((double)job->capacity, capb, sizeof capb);
-            printf("%-13s %-7s %12s %9.4f %12lld %10.3g\n", reuse_scope_names[job->scope],
-                   pol_name, capb, res->prompt_tokens > 0 ? rate : 0.0,
+            printf("%-13s %-7s %12s %5.3g %9.4f %9.3g %12lld %10.3g\n", reuse_scope_names[job->scope],
+                   pol_name, capb, job->compress, res->prompt_tokens > 0 ? rate : 0.0, res->ttft_q[95],
                    (long long)res->evictions, job->seconds > 0 ? res->requests / job->seconds : 0.0);
         }
     }
     long n_runs = n_jobs;
     free(jobs);
     CsvFile curve_csv;
-    int n_files = 2;
+    int n_files = 3;
     if (lru_curve) {
         static const char curve_header[] =
             "capacity_blocks,capacity_bytes,cached_tokens,token_hit_rate";
         if (csv_create(&curve_csv, out, "lru_curve.csv", curve_header, &err) < 0) {
             atomic_abort(&csv.af);
             atomic_abort(&turns.af);
+            atomic_abort(&ttft_csv.af);
             fprintf(stderr, "kvsim: %s\n", err.msg);
             reqlog_free(&log);
             return 2;
         }
-        n_files = 3;
+        n_files = 4;
         double t1 = now_seconds();
         int64_t *curve = reuse_lru_curve(&log);
         double dt = now_seconds() - t1;
@@ -379,15 +573,23 @@ int cmd_reuse(int argc, char **argv)
                    dt > 0 ? log.n / dt : 0.0);
     }
     reqlog_free(&log);
-    CsvFile *files[] = {&csv, &turns, &curve_csv};
+    CsvFile *files[] = {&csv, &turns, &ttft_csv, &curve_csv};
     if (csv_commit_set(files, n_files, &err) < 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         return 2;
     }
     if (!quiet)
-        printf("%ld runs in %.2f s (wall); wrote %s/reuse.csv, %s/reuse_turns.csv%s\n", n_runs, t_sim, out,
-               out, lru_curve ? ", lru_curve.csv" : "");
+        printf("%ld runs in %.2f s (wall); wrote %s/reuse.csv, reuse_turns.csv, reuse_ttft.csv%s\n",
+               n_runs, t_sim, out, lru_curve ? ", lru_curve.csv" : "");
     return 0;
+}
+
+int cmd_reuse(int argc, char **argv)
+{
+    char *ini_text = NULL;
+    int rc = reuse_main(argc, argv, &ini_text);
+    free(ini_text);
+    return rc;
 }
 
 int cmd_synth_workload(int argc, char **argv)
@@ -416,6 +618,10 @@ int cmd_synth_workload(int argc, char **argv)
         {"think-mean", ARG_DOUBLE, &wp.think_mean, 0, 1e9, NULL,
          "mean seconds from a turn to the next (exponential)"},
         {"block", ARG_INT, &wp.block_tokens, 1, 1 << 24, NULL, "tokens per hash_ids block"},
+        {"models", ARG_INT, &wp.n_models, 1, 1 << 20, NULL,
+         "models serving the conversations (> 1: a \"model\" field per request)"},
+        {"switch-prob", ARG_DOUBLE, &wp.switch_prob, 0, 1, NULL,
+         "chance that a conversation moves to another model before each later turn"},
         {NULL, 0, NULL, 0, 0, NULL, NULL},
     };
     const char *usage = "synth-workload --out FILE [options]\n"

@@ -25,6 +25,7 @@ struct ReqReader {
     int64_t *hash;
     size_t hash_cap;
     int64_t size; /* bytes of the file (compressed, for gzip) */
+    bool general_only; /* reqlog_general_only: no fast path */
 };
 
 ReqReader *reqlog_open(const char *path, ReqlogFormat format, KvErr *err)
@@ -62,6 +63,11 @@ void reqlog_close(ReqReader *r)
     free(r->buf);
     free(r->hash);
     free(r);
+}
+
+void reqlog_general_only(ReqReader *r)
+{
+    r->general_only = true;
 }
 
 ReqlogFormat reqlog_format(const ReqReader *r)
@@ -127,6 +133,7 @@ static const cJSON *field(const ReqReader *r, const cJSON *obj, const char *name
 /* The largest id (exact in a double) and the largest length (sums over any log fit an int64). */
 #define REQLOG_MAX_ID 9007199254740992.0
 #define REQLOG_MAX_LENGTH 1099511627776.0
+#define REQLOG_MAX_MODEL 2147483647.0
 
 /* An integer field in [lo, hi]. */
 static int int_field(const ReqReader *r, const cJSON *obj, const char *name, int64_t lo,
@@ -168,6 +175,10 @@ static int parse_record(ReqReader *r, const cJSON *obj, ReqRecord *rec, KvErr *e
         if (!cJSON_IsString(type))
             return kv_fail(err, "%s:%ld: type: expected a string", r->path, r->line);
         snprintf(rec->type, sizeof rec->type, "%s", type->valuestring);
+        /* optional (the synthetic logs' extension): the model that served the request */
+        if (cJSON_GetObjectItemCaseSensitive(obj, "model") &&
+            int_field(r, obj, "model", 0, REQLOG_MAX_MODEL, &rec->model, err) < 0)
+            return -1;
     }
     const cJSON *ts = field(r, obj, "timestamp", err);
     if (!ts)
@@ -400,6 +411,8 @@ static bool fast_parse(ReqReader *r, const char *s, size_t len, ReqRecord *rec)
             !fast_int(f, n, "turn", 0, REQLOG_MAX_ID, &rec->turn) || !type || type->kind != 's')
             return false;
         snprintf(rec->type, sizeof rec->type, "%.*s", (int)type->str_len, type->str);
+        if (fast_find(f, n, "model") && !fast_int(f, n, "model", 0, REQLOG_MAX_MODEL, &rec->model))
+            return false;
     }
     const FastField *ts = fast_find(f, n, "timestamp"), *ids = fast_find(f, n, "hash_ids");
     if (!ts || ts->kind != 'n' || !isfinite(ts->num) || ts->num < 0 || !ids || ids->kind != 'a')
@@ -430,7 +443,7 @@ int reqlog_next(ReqReader *r, ReqRecord *rec, KvErr *err)
             lead++;
         if (lead == n)
             continue; /* blank line */
-        if (fast_parse(r, s, n, rec))
+        if (!r->general_only && fast_parse(r, s, n, rec))
             return 1;
         const char *why;
         size_t bad = json_text_check(s, n, &why);
@@ -584,6 +597,8 @@ int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool pr
     log->turn = kv_malloc(cap * sizeof *log->turn);
     log->parent = kv_malloc(cap * sizeof *log->parent);
     log->timestamp = kv_malloc(cap * sizeof *log->timestamp);
+    log->model = kv_malloc(cap * sizeof *log->model);
+    log->conv = kv_malloc(cap * sizeof *log->conv);
     log->ids = kv_malloc(ids_cap * sizeof *log->ids);
     log->off[0] = 0;
     Progress pr; /* in MiB of the file as stored */
@@ -603,6 +618,8 @@ int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool pr
             log->turn = kv_realloc(log->turn, cap * sizeof *log->turn);
             log->parent = kv_realloc(log->parent, cap * sizeof *log->parent);
             log->timestamp = kv_realloc(log->timestamp, cap * sizeof *log->timestamp);
+            log->model = kv_realloc(log->model, cap * sizeof *log->model);
+            log->conv = kv_realloc(log->conv, cap * sizeof *log->conv);
         }
         long i = log->n++;
         while (n_ids + (size_t)rec.n_hash > ids_cap) {
@@ -631,6 +648,8 @@ int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool pr
         }
         if (rec.chat_id >= 0)
             idmap_put(&chats, rec.chat_id, (uint32_t)i);
+        log->model[i] = (int32_t)rec.model;
+        log->conv[i] = log->parent[i] >= 0 ? log->conv[log->parent[i]] : (int32_t)log->n_conv++;
         if ((log->n & 4095) == 0)
             progress_set(&pr, (long)(gzoffset(r->gz) >> 20));
     }
@@ -662,5 +681,7 @@ void reqlog_free(ReqLog *log)
     free(log->turn);
     free(log->parent);
     free(log->timestamp);
+    free(log->model);
+    free(log->conv);
     memset(log, 0, sizeof *log);
 }

@@ -4,7 +4,8 @@
  * Two formats:
  * - qwen: the Qwen/Bailian usage traces: chat_id, parent_chat_id (-1 for a conversation's first
  *   request), timestamp (seconds), input_length, output_length, type, turn, hash_ids (one id per
- *   16-token block of the input).
+ *   16-token block of the input); optionally model (an integer: kvsim synth-workload's
+ *   extension, the model that served the request).
  * - mooncake: Mooncake's traces: timestamp (milliseconds), input_length, output_length,
  *   hash_ids (one id per 512-token block). No conversations.
  *
@@ -30,6 +31,8 @@ typedef struct {
     int64_t input_length, output_length;
     int64_t turn;                    /* 0 when absent (mooncake) */
     char type[32];                   /* "" when absent */
+    int64_t model;                   /* qwen's optional "model" (0 when absent): the model that
+                                      * served the request, 0 .. 2^31-1 */
     const int64_t *hash_ids;         /* owned by the reader, valid until the next call */
     long n_hash;
     long line;                       /* 1-based line of the record */
@@ -42,6 +45,8 @@ ReqReader *reqlog_open(const char *path, ReqlogFormat format, KvErr *err);
 /* The next record: 1, 0 at the end, -1 after an error (a line that is not a request of the
  * format, or a timestamp before the previous record's). Blank lines are skipped. */
 int reqlog_next(ReqReader *r, ReqRecord *rec, KvErr *err);
+/* Every line through cJSON, none through the fast path (for measuring the fast path). */
+void reqlog_general_only(ReqReader *r);
 /* The format in use (after the first record under REQLOG_AUTO). */
 ReqlogFormat reqlog_format(const ReqReader *r);
 void reqlog_close(ReqReader *r);
@@ -58,6 +63,10 @@ typedef struct {
     int32_t *parent;         /* [n] index of the request whose chat_id is this one's
                               * parent_chat_id (the latest before it), -1 when none */
     double *timestamp;       /* [n] seconds */
+    int32_t *model;          /* [n] the record's model (0 when absent) */
+    int32_t *conv;           /* [n] its conversation: 0, 1, ... in order of first requests
+                              * (a request without a parent starts one) */
+    int32_t n_conv;
     ReqlogFormat format;
     int block_tokens;        /* tokens per block */
 } ReqLog;

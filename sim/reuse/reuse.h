@@ -22,8 +22,25 @@
  * s3fifo (Yang et al., SOSP'23: small FIFO of 10% of the capacity, main FIFO, ghost FIFO of
  * evicted ids as many as the main FIFO holds blocks, frequencies capped at 3, promotion at a
  * frequency > 1), belady (evicts the entry whose next reference is farthest in the future;
- * needs the whole log: reuse_next_use). Deterministic: the same log and settings give the same
- * numbers. */
+ * needs the whole log: reuse_next_use), conv (conversation-aware: every entry belongs to the
+ * conversation of the last request that referenced it; when room is needed, every entry of the
+ * conversation least recently active among those holding any is dropped at once).
+ * Deterministic: the same log and settings give the same numbers.
+ *
+ * Model changes: under the conversation scope a turn served by another model than its parent
+ * (ReqLog.model) finds nothing; the parent's entry is dropped (invalidated). Under the prefix
+ * scope the log's ids decide (a model's KV has its own hash ids).
+ *
+ * Compressed persistence (conversation scope): an entry persisted at ratio q < 1 holds
+ * max(1, ceil(q x blocks)) blocks and still serves its next turn min(context, input) tokens
+ * (the quality it costs is the replay simulator's measure, docs/reuse.md); the next turn's
+ * prefill attends over q x context cached keys.
+ *
+ * TTFT (ReuseCost): one device prefills requests one at a time in order of arrival (a FIFO
+ * queue, no batching, decode not modelled). A request's service time is its prefill (the
+ * tokens not served, at tokens/s or by FLOPs) plus the transfer of the blocks it finds on the
+ * host tier (host_bw bytes/s); it starts at max(arrival, the previous request's end); its TTFT
+ * is its end minus its arrival. */
 #ifndef KVSIM_REUSE_H
 #define KVSIM_REUSE_H
 
@@ -32,13 +49,43 @@
 #include "sim/reuse/reqlog.h"
 
 typedef enum { SCOPE_NONE, SCOPE_PREFIX, SCOPE_CONVERSATION, N_SCOPES } ReuseScope;
-typedef enum { POL_LRU, POL_FIFO, POL_LFU, POL_S3FIFO, POL_BELADY, N_POLICIES } ReusePolicy;
+typedef enum { POL_LRU, POL_FIFO, POL_LFU, POL_S3FIFO, POL_BELADY, POL_CONV, N_POLICIES } ReusePolicy;
 
 extern const char *const reuse_scope_names[N_SCOPES];
 extern const char *const reuse_policy_names[N_POLICIES];
 
 /* Turns are counted per turn index 0..REUSE_MAX_TURN-1; the last bucket holds every turn >= it. */
 enum { REUSE_MAX_TURN = 33 };
+
+/* Nearest-rank quantiles of the TTFT kept per run: ttft_q[k] is the ceil(k/100 x n)-th smallest
+ * (k = 0: the smallest). */
+enum { REUSE_TTFT_Q = 101 };
+
+typedef struct {
+    double prefill_tps;  /* > 0: prefill seconds = tokens / prefill_tps */
+    double flops_per_s;  /* otherwise: prefill seconds = FLOPs / flops_per_s */
+    double params;       /* weights a token passes through (FLOPs: 2 per weight per token) */
+    double attn_dim;     /* layers x query heads x head_dim (attention FLOPs, reuse_prefill_flops) */
+    double block_bytes;  /* KV bytes of a block */
+    double host_bw;      /* host -> device bytes/s (0: transfers take no time) */
+} ReuseCost;
+
+/* FLOPs of a prefill of n new tokens after c cached ones: 2 x params per token for the
+ * matrix products, and per layer and query head 4 x head_dim per attended key (QK^T and AV,
+ * a multiply-add each): 2 x params x n + 4 x attn_dim x (n x c + n (n + 1) / 2). */
+double reuse_prefill_flops(const ReuseCost *cost, double cached, double n);
+/* Its time under the cost's throughput. */
+double reuse_prefill_seconds(const ReuseCost *cost, double cached, double n);
+
+typedef struct {
+    ReuseScope scope;
+    ReusePolicy policy;
+    int64_t capacity_blocks;
+    int64_t host_blocks;        /* 0: no host tier */
+    double compress;            /* conversation scope: persisted ratio (0 or 1: uncompressed) */
+    const uint32_t *next_use;   /* reuse_next_use (read only under belady) */
+    const ReuseCost *cost;      /* NULL: no FLOPs or TTFT */
+} ReuseOptions;
 
 typedef struct {
     long requests;
@@ -48,6 +95,10 @@ typedef struct {
     int64_t blocks_end, blocks_peak;   /* blocks held at the end, at most */
     int64_t host_hit_tokens;           /* of hit_tokens, those found on the host tier */
     int64_t host_blocks_end, host_blocks_peak, host_evictions;
+    int64_t blocks_to_host, blocks_to_device; /* moved device -> host, host -> device */
+    int64_t invalidated;       /* conversation entries dropped by a model change */
+    double flops, flops_saved; /* prefill FLOPs done, and those the cache saved (with a cost) */
+    double ttft_q[REUSE_TTFT_Q], ttft_mean; /* seconds (with a cost) */
     long turn_requests[REUSE_MAX_TURN];
     int64_t turn_prompt[REUSE_MAX_TURN], turn_hit[REUSE_MAX_TURN];
 } ReuseResult;
@@ -56,6 +107,9 @@ typedef struct {
  * references it, UINT32_MAX when none. prefix: one per block reference ([log->off[n]]);
  * conversation: one per request (its next turn). NULL for scope none. free() it. */
 uint32_t *reuse_next_use(const ReqLog *log, ReuseScope scope);
+
+/* Replays the log under every option. */
+void reuse_run(const ReqLog *log, const ReuseOptions *opt, ReuseResult *out);
 
 /* Replays the log. next_use: from reuse_next_use (only read under belady). */
 void reuse_simulate(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
@@ -77,6 +131,14 @@ void reuse_simulate_host(const ReqLog *log, ReuseScope scope, ReusePolicy policy
  * out[0 .. n_blocks]: the cached tokens of reuse_simulate(SCOPE_PREFIX, POL_LRU, c) at
  * c <= n_blocks (larger capacities cache what n_blocks does). free() it. */
 int64_t *reuse_lru_curve(const ReqLog *log);
+
+/* The prefix scope under lru, streamed from the log file record by record: the numbers of
+ * reuse_simulate(SCOPE_PREFIX, POL_LRU) on the loaded log (requests, tokens, hits, evictions,
+ * inserted, blocks held; turns), in memory bounded by the cache (about 40 bytes per block of
+ * capacity: a table from hash id to slot and the lru list) and the reader's line, whatever the
+ * log's length. Errors as reqlog_next's. */
+int reuse_stream_lru(const char *path, ReqlogFormat format, int block_tokens,
+                     int64_t capacity_blocks, ReuseResult *out, KvErr *err);
 
 /* Blocks of a context of `tokens` tokens. */
 static inline int64_t reuse_blocks(int64_t tokens, int block_tokens)

@@ -17,7 +17,8 @@ void workload_defaults(WorkloadParams *wp)
     *wp = (WorkloadParams){
         .seed = 1, .n_conversations = 1000, .turns_mean = 4.0, .n_system = 4,
         .system_mean = 1024.0, .message_mean = 256.0, .answer_mean = 384.0, .rate = 1.0,
-        .think_mean = 30.0, .block_tokens = 16, .progress = false,
+        .think_mean = 30.0, .block_tokens = 16, .n_models = 1, .switch_prob = 0.0,
+        .progress = false,
     };
 }
 
@@ -43,6 +44,14 @@ int workload_validate(const WorkloadParams *wp, KvErr *err)
                        wp->think_mean);
     if (wp->block_tokens < 1)
         return kv_fail(err, "synth-workload: --block: expected >= 1");
+    if (wp->n_models < 1)
+        return kv_fail(err, "synth-workload: --models: expected >= 1, found %d", wp->n_models);
+    if (!(wp->switch_prob >= 0 && wp->switch_prob <= 1))
+        return kv_fail(err, "synth-workload: --switch-prob: expected a probability in [0, 1], found %g",
+                       wp->switch_prob);
+    if (wp->switch_prob > 0 && wp->n_models < 2)
+        return kv_fail(err, "synth-workload: --switch-prob %g: expected --models >= 2 to switch between",
+                       wp->switch_prob);
     return 0;
 }
 
@@ -55,6 +64,8 @@ typedef struct {
     int64_t *blocks; /* ids of its full blocks so far */
     size_t n_blocks, cap_blocks;
     long last_chat; /* chat_id of its previous request, -1 before the first */
+    int system;     /* its system prompt, -1: none */
+    int model;
 } Conv;
 
 typedef struct {
@@ -122,6 +133,7 @@ static Conv *new_conv(double time, long seq)
     c->time = time;
     c->seq = seq;
     c->last_chat = -1;
+    c->system = -1;
     return c;
 }
 
@@ -136,14 +148,22 @@ int workload_write(const WorkloadParams *wp, const char *path, long *n_requests,
     gsl_rng_set(rng, wp->seed);
     const int64_t B = wp->block_tokens;
     int64_t next_id = 0;
-    /* The shared system prompts: lengths and the ids of their full blocks. */
+    /* The shared system prompts: lengths and the ids of their full blocks, under each model
+     * (a model's KV of the same tokens is other KV: other ids), sys_first[j * models + m]. */
+    const int M = wp->n_models;
     int64_t *sys_len = kv_calloc((size_t)(wp->n_system ? wp->n_system : 1), sizeof *sys_len);
-    int64_t *sys_first = kv_calloc((size_t)(wp->n_system ? wp->n_system : 1), sizeof *sys_first);
+    int64_t *sys_first = kv_calloc((size_t)(wp->n_system ? wp->n_system : 1) * (size_t)M,
+                                   sizeof *sys_first);
     for (int j = 0; j < wp->n_system; j++) {
         sys_len[j] = geometric(rng, wp->system_mean);
-        sys_first[j] = next_id;
+        sys_first[(size_t)j * M] = next_id;
         next_id += sys_len[j] / B;
     }
+    for (int j = 0; j < wp->n_system; j++) /* drawn after the lengths: one model, same bytes */
+        for (int m = 1; m < M; m++) {
+            sys_first[(size_t)j * M + m] = next_id;
+            next_id += sys_len[j] / B;
+        }
     ConvHeap heap = {0};
     long created = 0, chat = 0;
     if (wp->n_conversations > 0)
@@ -159,15 +179,27 @@ int workload_write(const WorkloadParams *wp, const char *path, long *n_requests,
             c->started = true;
             if (wp->n_system > 0) {
                 int j = (int)gsl_rng_uniform_int(rng, (unsigned long)wp->n_system);
+                c->system = j;
                 c->ctx = sys_len[j];
-                for (int64_t b = 0; b < sys_len[j] / B; b++)
-                    add_block(c, sys_first[j] + b);
             }
+            if (M > 1)
+                c->model = (int)gsl_rng_uniform_int(rng, (unsigned long)M);
+            if (c->system >= 0)
+                for (int64_t b = 0; b < sys_len[c->system] / B; b++)
+                    add_block(c, sys_first[(size_t)c->system * M + c->model] + b);
             int64_t turns = geometric(rng, wp->turns_mean);
             c->turns_left = turns > 1000000 ? 1000000 : (int)turns;
             if (created < wp->n_conversations)
                 heap_push(&heap, new_conv(c->time + gsl_ran_exponential(rng, 1.0 / wp->rate),
                                           created++));
+        }
+        if (c->turn > 0 && wp->switch_prob > 0 && gsl_rng_uniform(rng) < wp->switch_prob) {
+            /* another model, uniformly: the whole context is encoded again under new ids */
+            c->model = (c->model + 1 + (int)gsl_rng_uniform_int(rng, (unsigned long)(M - 1))) % M;
+            c->n_blocks = 0;
+            if (c->system >= 0)
+                for (int64_t b = 0; b < sys_len[c->system] / B; b++)
+                    add_block(c, sys_first[(size_t)c->system * M + c->model] + b);
         }
         int64_t msg = geometric(rng, wp->message_mean), answer = geometric(rng, wp->answer_mean);
         int64_t input = c->ctx + msg, full = input / B, n_ids = (input + B - 1) / B;
@@ -185,6 +217,10 @@ int workload_write(const WorkloadParams *wp, const char *path, long *n_requests,
                            "\"turn\": %d, \"hash_ids\": [",
                            chat, c->last_chat, c->time, (long long)input, (long long)answer, c->turn);
         size_t at = (size_t)len;
+        if (M > 1) { /* the extension field, only where there is a choice */
+            at -= strlen("\"hash_ids\": [");
+            at += (size_t)snprintf(line + at, line_cap - at, "\"model\": %d, \"hash_ids\": [", c->model);
+        }
         for (int64_t b = 0; b < n_ids; b++) {
             int64_t id = b < full ? c->blocks[b] : next_id++; /* a cut block is new every time */
             at += (size_t)snprintf(line + at, line_cap - at, b ? ", %lld" : "%lld", (long long)id);

@@ -12,7 +12,12 @@
  * hash_ids: one id per block_tokens tokens of the prompt, chained like a prefix cache's: a full
  * block's id stands for the whole prefix up to its end (a shared system prompt's full blocks
  * have the same ids in every conversation that uses it; a conversation's earlier full blocks
- * keep their ids in its later turns), a block cut by the prompt's end is new every time. */
+ * keep their ids in its later turns), a block cut by the prompt's end is new every time.
+ *
+ * Models (n_models > 1): each conversation starts on a model drawn uniformly; before each later
+ * turn it moves to another (uniformly among the others) with probability switch_prob. Each
+ * request carries "model"; a model's KV is its own, so a switch gives the whole context new
+ * ids (a shared system prompt has one set of ids per model). */
 #ifndef KVSIM_WORKLOAD_H
 #define KVSIM_WORKLOAD_H
 
@@ -31,6 +36,8 @@ typedef struct {
     double rate;         /* conversations per second */
     double think_mean;   /* seconds between a turn and the next */
     int block_tokens;
+    int n_models;        /* models a conversation may be served by (1: no "model" field) */
+    double switch_prob;  /* per turn after the first: the chance it moves to another model */
     bool progress;
 } WorkloadParams;
 

@@ -2,7 +2,10 @@
  * crash, read out of bounds or leak; a log that loads replays through every scope and policy
  * at a few capacities with cached tokens between 0 and the prompt tokens, nothing cached under
  * scope none, a host tier adding hits without changing the device's work, and the one-pass
- * LRU curve equal to the LRU replays. */
+ * LRU curve and the lru streamed from the file equal to the LRU replays; with a cost, TTFT
+ * quantiles ordered and >= 0, FLOPs saved >= 0; compressed conversation entries within the
+ * capacity. */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,7 +52,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     int64_t k = caps[c] < (int64_t)log.n_blocks ? caps[c] : (int64_t)log.n_blocks;
                     if (curve[k] != lru)
                         __builtin_trap();
+                    ReuseResult streamed;
+                    if (reuse_stream_lru(path, REQLOG_AUTO, 4, caps[c], &streamed, &err) != 0 ||
+                        streamed.hit_tokens != lru || streamed.evictions != res.evictions)
+                        __builtin_trap();
                 }
+                ReuseCost cost = {.prefill_tps = 0, .flops_per_s = 1e12, .params = 1e6,
+                                  .attn_dim = 64, .block_bytes = 4096, .host_bw = 1e9};
+                ReuseOptions opt = {.scope = (ReuseScope)s, .policy = (ReusePolicy)p,
+                                    .capacity_blocks = caps[c], .host_blocks = 2,
+                                    .compress = 0.5, .next_use = nu, .cost = &cost};
+                ReuseResult costed;
+                reuse_run(&log, &opt, &costed);
+                if (costed.hit_tokens > costed.prompt_tokens || costed.blocks_peak > caps[c] ||
+                    !(costed.flops_saved >= -1e-6 * (costed.flops + 1)) ||
+                    (log.n > 0 && !(costed.ttft_q[0] >= 0)))
+                    __builtin_trap();
+                for (int q = 1; q < REUSE_TTFT_Q && log.n > 0; q++)
+                    if (!(costed.ttft_q[q] >= costed.ttft_q[q - 1]) || !isfinite(costed.ttft_q[q]))
+                        __builtin_trap();
             }
         }
         free(nu);

@@ -1,0 +1,196 @@
+/* bench_reuse — the request-level simulator's speed (docs/reuse.md, "Speed").
+ *
+ * Writes (once, then reuses) a synthetic chat log of CONVERSATIONS conversations (default
+ * 250000 at 20 per second: about 1M requests, 1.5 GB of JSONL, kvsim synth-workload's other
+ * defaults) next to the working directory, reads it, and measures in one run:
+ *   - the prefix scope under lru replayed at 20 capacities, log-spaced from 1/2^19 of the log's
+ *     distinct blocks to all of them: block lookups per second of each replay (one lookup per
+ *     hash_ids entry), in thread CPU time;
+ *   - the one-pass LRU curve (reuse_lru_curve) over every capacity, against the 20 replays'
+ *     total time, and its cached tokens against each replay's;
+ *   - lru streamed from the file (reuse_stream_lru) at 2^20 blocks in a child process: its
+ *     peak RSS against its cache state, and its numbers against the loaded log's replay;
+ *   - reading: the reader's fast path against cJSON alone, on the log's first 100000 lines;
+ *   - the peak resident memory (getrusage) of the process, against the log in memory plus the
+ *     largest replay's cache state.
+ * Targets: the curve equal to every replay; the streamed lru equal to the replay and its peak
+ * RSS <= its cache state + 64 MiB; the curve >= 10x faster than the 20 replays; >= 5
+ * million lookups per second per core for lru (the median capacity's replay); exit status 1
+ * when one is missed.
+ * Usage: bench_reuse [CONVERSATIONS] [LOG] */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "sim/reuse/reqlog.h"
+#include "sim/reuse/reuse.h"
+#include "sim/reuse/workload.h"
+
+static double cpu_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+int main(int argc, char **argv)
+{
+    long conversations = argc > 1 ? atol(argv[1]) : 250000;
+    char path[512];
+    KvErr err;
+    if (argc > 2)
+        snprintf(path, sizeof path, "%s", argv[2]);
+    else
+        snprintf(path, sizeof path, "bench-reuse-%ld.jsonl", conversations);
+    if (access(path, R_OK) != 0) {
+        WorkloadParams wp;
+        workload_defaults(&wp);
+        wp.n_conversations = conversations;
+        wp.rate = 20.0;
+        printf("writing %s (%ld conversations)\n", path, conversations);
+        if (workload_write(&wp, path, NULL, &err) < 0) {
+            fprintf(stderr, "bench_reuse: %s\n", err.msg);
+            return 2;
+        }
+    }
+    /* Reading: the fast path against cJSON alone (the general path), parsing only, over the
+     * first READ_LINES lines, in thread CPU time. */
+    enum { READ_LINES = 100000 };
+    double read_s[2] = {0, 0};
+    long read_n = 0;
+    for (int general = 0; general < 2; general++) {
+        ReqReader *rd = reqlog_open(path, REQLOG_AUTO, &err);
+        if (!rd) {
+            fprintf(stderr, "bench_reuse: %s\n", err.msg);
+            return 2;
+        }
+        if (general)
+            reqlog_general_only(rd);
+        ReqRecord rec;
+        long n = 0;
+        double c0 = cpu_seconds();
+        while (n < READ_LINES && reqlog_next(rd, &rec, &err) == 1)
+            n++;
+        read_s[general] = cpu_seconds() - c0;
+        read_n = n;
+        reqlog_close(rd);
+    }
+    printf("reading %ld requests: fast path %.2f s, cJSON alone %.2f s: %.1fx\n", read_n,
+           read_s[0], read_s[1], read_s[0] > 0 ? read_s[1] / read_s[0] : 0);
+    /* lru streamed from the file (reuse_stream_lru) at STREAM_CAP blocks, in a child process
+     * forked before the log is loaded: its peak RSS is the streamed replay's own. */
+    const int64_t STREAM_CAP = 1 << 20;
+    int fds[2];
+    if (pipe(fds) != 0)
+        return 2;
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(fds[0]);
+        ReuseResult res;
+        double c0 = cpu_seconds();
+        int rc = reuse_stream_lru(path, REQLOG_AUTO, 0, STREAM_CAP, &res, &err);
+        double fig[3] = {rc < 0 ? -1 : (double)res.hit_tokens, cpu_seconds() - c0,
+                         (double)res.requests};
+        if (write(fds[1], fig, sizeof fig) != (ssize_t)sizeof fig)
+            _exit(2);
+        _exit(rc < 0 ? 2 : 0);
+    }
+    close(fds[1]);
+    double fig[3] = {-1, 0, 0};
+    if (read(fds[0], fig, sizeof fig) != (ssize_t)sizeof fig)
+        fig[0] = -1;
+    close(fds[0]);
+    int wstatus;
+    struct rusage child;
+    waitpid(pid, &wstatus, 0);
+    getrusage(RUSAGE_CHILDREN, &child); /* the only child */
+    double stream_rss = (double)child.ru_maxrss * 1024.0;
+    /* its state: 8 + 4 + 4 bytes per slot, a table of 12-byte entries of 2 to 4 per slot */
+    double stream_state = 16.0 * STREAM_CAP + 12.0 * 4 * STREAM_CAP;
+    int ok_stream_mem = fig[0] >= 0 && stream_rss <= stream_state + 64.0 * 1048576.0;
+    printf("lru streamed from the file at %lld blocks: %.0f requests in %.1f s (parsing included), "
+           "peak RSS %.0f MiB (target <= its cache state %.0f MiB + 64 MiB, whatever the log's "
+           "length) %s\n", (long long)STREAM_CAP, fig[2], fig[1], stream_rss / 1048576.0,
+           stream_state / 1048576.0, ok_stream_mem ? "ok" : "MISSED");
+    ReqLog log;
+    double t0 = now_seconds();
+    if (reqlog_load(path, REQLOG_AUTO, 0, false, &log, &err) < 0) {
+        fprintf(stderr, "bench_reuse: %s\n", err.msg);
+        return 2;
+    }
+    int64_t refs = log.off[log.n];
+    double log_bytes = (double)refs * sizeof *log.ids +
+                       (double)log.n * (sizeof *log.off + sizeof *log.input + sizeof *log.output +
+                                        sizeof *log.turn + sizeof *log.parent +
+                                        sizeof *log.timestamp + sizeof *log.model + sizeof *log.conv);
+    printf("%s: %ld requests, %lld block references, %u distinct blocks, read in %.1f s\n", path,
+           log.n, (long long)refs, log.n_blocks, now_seconds() - t0);
+
+    enum { N_CAPS = 20 };
+    int64_t caps[N_CAPS], replay_hits[N_CAPS];
+    double replay_s[N_CAPS], replays = 0;
+    for (int k = 0; k < N_CAPS; k++) {
+        caps[k] = (int64_t)llround((double)log.n_blocks * pow(2.0, -(double)(N_CAPS - 1 - k)));
+        if (caps[k] < 1)
+            caps[k] = 1;
+        ReuseResult res;
+        double c0 = cpu_seconds();
+        reuse_simulate(&log, SCOPE_PREFIX, POL_LRU, caps[k], NULL, &res);
+        replay_s[k] = cpu_seconds() - c0;
+        replays += replay_s[k];
+        replay_hits[k] = res.hit_tokens;
+        printf("  lru replay at %10lld blocks: hit rate %.4f, %.2f s, %.3g lookups/s\n",
+               (long long)caps[k], (double)res.hit_tokens / (double)res.prompt_tokens,
+               replay_s[k], (double)refs / replay_s[k]);
+    }
+    ReuseResult at_stream;
+    reuse_simulate(&log, SCOPE_PREFIX, POL_LRU, STREAM_CAP, NULL, &at_stream);
+    int64_t replay_at_stream = at_stream.hit_tokens;
+    double c0 = cpu_seconds();
+    int64_t *curve = reuse_lru_curve(&log);
+    double curve_s = cpu_seconds() - c0;
+    int equal = 1;
+    for (int k = 0; k < N_CAPS; k++) {
+        int64_t c = caps[k] < (int64_t)log.n_blocks ? caps[k] : (int64_t)log.n_blocks;
+        if (curve[c] != replay_hits[k]) {
+            printf("  MISMATCH at %lld blocks: curve %lld, replay %lld\n", (long long)caps[k],
+                   (long long)curve[c], (long long)replay_hits[k]);
+            equal = 0;
+        }
+    }
+    free(curve);
+    double sorted[N_CAPS];
+    for (int k = 0; k < N_CAPS; k++)
+        sorted[k] = replay_s[k];
+    for (int i = 1; i < N_CAPS; i++) /* insertion sort: the median replay */
+        for (int j = i; j > 0 && sorted[j] < sorted[j - 1]; j--) {
+            double t = sorted[j];
+            sorted[j] = sorted[j - 1];
+            sorted[j - 1] = t;
+        }
+    double lookups = (double)refs / sorted[N_CAPS / 2];
+    /* lru's state: present (1 byte), prev and next (4 each) per distinct block */
+    double cache_bytes = 9.0 * log.n_blocks;
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double rss = (double)ru.ru_maxrss * 1024.0;
+    double speedup = curve_s > 0 ? replays / curve_s : 0;
+    int ok_speed = speedup >= 10.0, ok_lookups = lookups >= 5e6;
+    printf("one-pass curve: %.2f s, 20 replays: %.2f s: %.1fx faster (target >= 10x) %s\n", curve_s,
+           replays, speedup, ok_speed ? "ok" : "MISSED");
+    printf("curve equal to the 20 replays: %s\n", equal ? "yes" : "NO (MISSED)");
+    printf("lru lookups/s (median replay, one core): %.3g (target >= 5e6) %s\n", lookups,
+           ok_lookups ? "ok" : "MISSED");
+    printf("peak RSS %.0f MiB: the log in memory %.0f MiB, lru's cache state %.0f MiB\n",
+           rss / 1048576.0, log_bytes / 1048576.0, cache_bytes / 1048576.0);
+    reqlog_free(&log);
+    if (fig[0] >= 0 && (int64_t)fig[0] != replay_at_stream)
+        printf("streamed lru: %.0f cached tokens, the replay %lld (MISSED)\n", fig[0],
+               (long long)replay_at_stream);
+    return equal && ok_speed && ok_lookups && ok_stream_mem &&
+                   (int64_t)fig[0] == replay_at_stream ? 0 : 1;
+}

@@ -96,11 +96,14 @@ run: build $(DEFAULT_TRACE)
 
 # Benchmarks: the traces and checkpoints they use are written once into the build directory.
 # The generator's PyTorch reference needs python3-torch (installed here when run as root).
-bench: build
+# Then bench/sweep.sh: make sweep's one-pass `kvsim sweep` against a `kvsim run` per budget.
+bench: build $(DEFAULT_TRACE)
 	@dpkg -s python3-torch >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-torch
 	cd $(BUILD) && ./bench_replay bench-1b.h5 $(CURDIR)/bench/replay.ini $(CURDIR)/configs/ta512.ini; \
-	  replay=$$?; cd $(CURDIR) && bench/generator.sh $(BUILD) 2; exit $$(( replay || $$? ))
+	  replay=$$?; cd $(CURDIR) && bench/generator.sh $(BUILD) 2; generator=$$?; \
+	  bench/sweep.sh $(KVSIM) $(SWEEP_CONFIG) $(DEFAULT_TRACE) "$(SWEEP_SORTED)" 2; \
+	  exit $$(( replay || generator || $$? ))
 
 # The include graph, file by file with the layer of each side (docs/layout.md); fails on an
 # include that runs upward.

@@ -175,12 +175,17 @@ static void test_resume_skips_finished_cells(void **state)
     KvsimRun r = run_kvsim_ok("sweep '%s' --trace '%s' --budgets 64,80,96 --out '%s/full' --quiet",
                               config, trace_a, dir);
     kvsim_run_free(&r);
+    /* a whole sweep first: the share after it (without --resume) starts afresh */
+    r = run_kvsim_ok("sweep '%s' --trace '%s' --budgets 64,80,96 --out '%s/res' --quiet",
+                     config, trace_a, dir);
+    kvsim_run_free(&r);
     r = run_kvsim_ok("sweep '%s' --trace '%s' --budgets 64,80,96 --out '%s/res' --shard 0/3",
                      config, trace_a, dir);
     assert_non_null(strstr(r.out, "shard 0/3: cells 0 to 6"));
     assert_non_null(strstr(r.out, "kvsim merge joins the shards"));
     kvsim_run_free(&r);
     assert_false(exists(scratch_path(dir, "res/summary.csv", 0)));
+    assert_false(exists(scratch_path(dir, "res/cells/t0/p3/b64", 0))); /* not its share */
     /* a cell's file, marked: resume must keep it as it is */
     const char *cell = scratch_path(dir, "res/cells/t0/p1/b64/turns.csv", 1);
     char *before = scratch_read(cell);
@@ -260,6 +265,10 @@ static void test_shards_merge_to_the_unsharded_files(void **state)
     kvsim_run_free(&r);
     snprintf(args, sizeof args, "merge --out '%s/m3' '%s/sh0' '%s/other'", dir, dir, dir);
     run_kvsim_fails(args, "other/sweep.txt", "another sweep", NULL);
+    snprintf(args, sizeof args, "merge --out '%s/sh1' '%s/sh0' '%s/sh1' '%s/sh2'", dir, dir, dir,
+             dir);
+    run_kvsim_fails(args, "sh1 is the shard directory", NULL);
+    assert_true(exists(scratch_path(dir, "sh1/cells", 0))); /* untouched */
     snprintf(args, sizeof args, "merge '%s/sh0'", dir);
     run_kvsim_fails(args, "--out OUT is required", NULL);
     snprintf(args, sizeof args, "merge --out '%s/m4' '%s'", dir, dir);

@@ -278,8 +278,8 @@ int cmd_sweep(int argc, char **argv)
         }
     }
 
-    /* OUT: a fresh sweep removes the cells of an earlier one; --resume keeps them if OUT holds
-     * this very sweep. */
+    /* OUT: a fresh sweep removes the cells and the summary of an earlier one; --resume keeps
+     * them if OUT holds this very sweep. */
     if (make_dirs(out_dir, &err) != 0 || dir_writable(out_dir, &err) != 0) {
         free(n_prompt);
         goto fail;
@@ -305,6 +305,14 @@ int cmd_sweep(int argc, char **argv)
     } else if (sweep_remove_cells(out_dir, &err) != 0) {
         free(n_prompt);
         goto fail;
+    } else { /* an earlier sweep's table would outlive its cells */
+        char old_summary[4300];
+        snprintf(old_summary, sizeof old_summary, "%s/summary.csv", out_dir);
+        if (unlink(old_summary) != 0 && errno != ENOENT) {
+            kv_fail(&err, "%s: cannot remove: %s", old_summary, strerror(errno));
+            free(n_prompt);
+            goto fail;
+        }
     }
     if (sweep_plan_write(&plan, out_dir, &err) != 0) {
         free(n_prompt);
@@ -531,8 +539,21 @@ int cmd_merge(int argc, char **argv)
     }
     plan.shard = 0;
     plan.n_shards = 1;
-    if (make_dirs(out, &err) != 0 || dir_writable(out, &err) != 0 ||
-        sweep_remove_cells(out, &err) != 0 || sweep_plan_write(&plan, out, &err) != 0) {
+    if (make_dirs(out, &err) != 0 || dir_writable(out, &err) != 0) {
+        free(from);
+        goto fail;
+    }
+    /* OUT's cells are replaced: it must not be one of the shards' directories. */
+    struct stat so, sd;
+    for (int d = 0; d < n_dirs; d++)
+        if (stat(out, &so) == 0 && stat(dirs[d], &sd) == 0 && so.st_dev == sd.st_dev &&
+            so.st_ino == sd.st_ino) {
+            kv_fail(&err, "merge: --out %s is the shard directory %s (expected a directory of "
+                    "its own)", out, dirs[d]);
+            free(from);
+            goto fail;
+        }
+    if (sweep_remove_cells(out, &err) != 0 || sweep_plan_write(&plan, out, &err) != 0) {
         free(from);
         goto fail;
     }

@@ -27,8 +27,9 @@ SWEEP_BUDGETS ?= 64 128 256 512 1024
 SWEEP_CONFIG  ?= $(DEFAULT_CONFIG)
 SWEEP_DIR     ?= results/sweep
 SWEEP_THREADS ?= 0
-# The run whose steps.csv and layers.csv `make plots` draws: the sweep's 512-token budget.
-PLOT_RUN      ?= $(SWEEP_DIR)/b512
+# The run whose steps.csv and layers.csv `make plots` draws: the sweep's 512-token budget (its
+# largest when 512 is not among SWEEP_BUDGETS).
+PLOT_RUN      ?= $(SWEEP_DIR)/b$(if $(filter 512,$(SWEEP_SORTED)),512,$(lastword $(SWEEP_SORTED)))
 PLOTS_DIR     ?= results/plots
 # `make run` writes where DEFAULT_CONFIG's [run] out says; kvsim's default is results/<name>.
 RUN_DIR       ?= $(or $(shell sed -n 's/^[[:space:]]*out[[:space:]]*=[[:space:]]*\([^[:space:];]*\).*/\1/p' \
@@ -72,6 +73,9 @@ $(SWEEP_DIR)/summary.csv: $(SWEEP_DIR)/sweep.args $(SWEEP_CONFIG) $(DEFAULT_TRAC
 	$(KVSIM) sweep $(SWEEP_ARGS) --out $(@D) --threads $(SWEEP_THREADS) > $(@D)/sweep.log
 
 $(SWEEP_RUNS): $(SWEEP_DIR)/summary.csv ;
+
+$(SWEEP_DIR)/b%/summary.csv:
+	@echo "sweep: $@: budget $* is not among SWEEP_BUDGETS ($(SWEEP_SORTED))" >&2; exit 1
 
 $(SWEEP_DIR)/b%/eval.csv: $(SWEEP_CONFIG) $(wildcard $(EVAL_PROMPTS)/*) $(wildcard $(KVSIM)) | build
 	$(KVSIM) eval $(SWEEP_CONFIG) --budget $* --model $(EVAL_MODEL) --prompts $(EVAL_PROMPTS) \

@@ -71,7 +71,13 @@ munge -n --socket="$socket" | unmunge --socket="$socket" >/dev/null || fail "mun
 
 # ---- slurm.conf: this host as controller and only node ----
 host=$(hostname -s)
-port=$((20000 + RANDOM % 20000))
+# Two free ports (nothing accepts a connection on them), so that another Slurm on the machine,
+# or another run of this test, does not collide with this one.
+in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for _ in $(seq 20); do
+  port=$((20000 + RANDOM % 20000))
+  in_use "$port" || in_use $((port + 1)) || break
+done
 export SLURM_CONF=$work/slurm.conf
 cat > "$SLURM_CONF" <<EOF
 ClusterName=kvsimtest

@@ -69,7 +69,8 @@ for _ in $(seq 50); do [ -s "$work/munge/munged.pid" ] && break; sleep 0.1; done
 pids+=("$(cat "$work/munge/munged.pid")")
 munge -n --socket="$socket" | unmunge --socket="$socket" >/dev/null || fail "munge -n | unmunge failed"
 
-# ---- slurm.conf: this host as controller and only node ----
+# ---- slurm.conf: this host as controller and only node, on the loopback address (so that it
+# need not resolve its own name) ----
 host=$(hostname -s)
 # Two free ports (nothing accepts a connection on them), so that another Slurm on the machine,
 # or another run of this test, does not collide with this one.
@@ -81,7 +82,7 @@ done
 export SLURM_CONF=$work/slurm.conf
 cat > "$SLURM_CONF" <<EOF
 ClusterName=kvsimtest
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$port
 SlurmdPort=$((port + 1))
 SlurmUser=root
@@ -105,7 +106,7 @@ JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 MessageTimeout=10
 SlurmdTimeout=30
-NodeName=$host CPUs=$(nproc) RealMemory=1000 State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=1000 State=UNKNOWN
 PartitionName=kvsim Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 

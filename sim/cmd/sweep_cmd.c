@@ -341,7 +341,7 @@ int cmd_sweep(int argc, char **argv)
         fflush(stdout);
     }
     double started = now_seconds();
-    int threads_used = 0;
+    int threads_used = 0, cells_done = 0;
     for (int t = 0; t < plan.n_traces && n_todo > 0; t++) {
         Pass ps;
         if (build_pass(&plan, &rc, t, n_prompt[t], first, end, todo, &ps, &err) != 0) {
@@ -362,9 +362,15 @@ int cmd_sweep(int argc, char **argv)
         ec.policies = ps.specs;
         ec.n_policies = ps.n;
         ec.progress = progress;
-        if (progress)
-            fprintf(stderr, "trace %d/%d %s: %d instances in one pass\n", t + 1, plan.n_traces,
+        if (progress) { /* the pass's own line (engine.h) has its ETA; this one the sweep's */
+            fprintf(stderr, "trace %d/%d %s: %d instances in one pass", t + 1, plan.n_traces,
                     plan.trace_path[t], ps.n);
+            double elapsed = now_seconds() - started;
+            if (cells_done > 0)
+                fprintf(stderr, " (sweep: %d/%d cells, %.0fs elapsed, ETA %.0fs)", cells_done,
+                        n_todo, elapsed, elapsed * (n_todo - cells_done) / cells_done);
+            fprintf(stderr, "\n");
+        }
         Results *res = engine_run(tr, &ec, &err);
         int cells = 0, bad = res == NULL;
         for (int c = first; c < end && !bad; c++)
@@ -377,6 +383,7 @@ int cmd_sweep(int argc, char **argv)
                    plan.trace_path[t], cells, ps.n, res->threads_used, res->wall_seconds);
             fflush(stdout);
         }
+        cells_done += cells;
         if (res)
             threads_used = res->threads_used;
         results_free(res);

@@ -8,7 +8,8 @@ KVSIM      := $(BUILD)/kvsim
 DEB_PACKAGES := build-essential cmake pkg-config libhdf5-dev hdf5-tools libopenblas-dev \
                 libgsl-dev libcmocka-dev libinih-dev libcjson-dev libpcre2-dev gnuplot-nox
 
-.PHONY: all deps build install test test-release test-sanitize test-fuzz fuzz fuzz-deps run bench layers clean
+.PHONY: all deps build install test test-release test-sanitize test-fuzz fuzz fuzz-deps run bench layers clean \
+        test-slurm slurm-deps
 
 all: build
 
@@ -39,8 +40,8 @@ $(SAN_BUILD)/CMakeCache.txt: | deps
 	cmake -S . -B $(SAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DKVSIM_SANITIZE=ON
 
 # The test suite, twice (the release build, then the ASan+UBSan build), then every fuzz harness
-# for a short time (FUZZ_TEST_SECONDS each).
-test: test-release test-sanitize test-fuzz
+# for a short time (FUZZ_TEST_SECONDS each), then a sharded sweep through a real Slurm.
+test: test-release test-sanitize test-fuzz test-slurm
 
 test-release: build
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
@@ -80,6 +81,25 @@ test-fuzz: fuzz-deps $(FUZZ_BUILD)/CMakeCache.txt
 	cmake --build $(FUZZ_BUILD) -j $(JOBS)
 	tests/fuzz/run.sh $(FUZZ_BUILD) $(FUZZ_TEST_SECONDS) $(FUZZ_JOBS)
 
+# A single-node Slurm started on this machine runs a sharded `kvsim sweep` as a job array with
+# analysis/sweep.sbatch; `kvsim merge` must give the local sweep's files (docs/cluster.md). Needs
+# root; skipped with a message otherwise (a failure when KVSIM_REQUIRE_SLURM=1, as in CI).
+SLURM_PACKAGES := slurm-wlm munge
+
+slurm-deps:
+	@missing=$$(for p in $(SLURM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else \
+	    echo "test-slurm needs these Debian packages: sudo apt-get install -y $$missing"; \
+	  fi; \
+	fi
+
+test-slurm: build slurm-deps
+	tests/slurm/test_slurm.sh $(KVSIM)
+
 # The main job on the embedded default: the committed tiny retrieval model (models/tiny-retrieval)
 # traced on the committed held-out prompt, replayed through the configured policies.
 DEFAULT_MODEL  ?= models/tiny-retrieval
@@ -96,11 +116,14 @@ run: build $(DEFAULT_TRACE)
 
 # Benchmarks: the traces and checkpoints they use are written once into the build directory.
 # The generator's PyTorch reference needs python3-torch (installed here when run as root).
-bench: build
+# Then bench/sweep.sh: make sweep's one-pass `kvsim sweep` against a `kvsim run` per budget.
+bench: build $(DEFAULT_TRACE)
 	@dpkg -s python3-torch >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-torch
 	cd $(BUILD) && ./bench_replay bench-1b.h5 $(CURDIR)/bench/replay.ini $(CURDIR)/configs/ta512.ini; \
-	  replay=$$?; cd $(CURDIR) && bench/generator.sh $(BUILD) 2; exit $$(( replay || $$? ))
+	  replay=$$?; cd $(CURDIR) && bench/generator.sh $(BUILD) 2; generator=$$?; \
+	  bench/sweep.sh $(KVSIM) $(SWEEP_CONFIG) $(DEFAULT_TRACE) "$(SWEEP_SORTED)" 2; \
+	  exit $$(( replay || generator || $$? ))
 
 # The request-level simulator's benchmark (bench/bench_reuse.c): its synthetic log of
 # BENCH_REUSE_CONVERSATIONS conversations (about 4 requests each) is written once into the

@@ -2,10 +2,10 @@
 # FORMAT=pdf or FORMAT=svg (the same names with that extension).
 FORMAT ?= png
 #
-#   make sweep        every policy of analysis/sweep.ini.in at each budget of SWEEP_BUDGETS on
-#                     DEFAULT_TRACE -> results/sweep/bB/*.csv, then results/sweep/summary.csv
-#                     (budgets run in parallel under make -j); where EVAL_PROMPTS holds prompts
-#                     with answers, also `kvsim eval` at each budget -> results/sweep/eval.csv
+#   make sweep        `kvsim sweep SWEEP_CONFIG` at the budgets SWEEP_BUDGETS on DEFAULT_TRACE
+#                     (every budget in one pass) -> results/sweep/bB/*.csv and
+#                     results/sweep/summary.csv; where EVAL_PROMPTS holds prompts with answers,
+#                     also `kvsim eval --budget B` at each budget -> results/sweep/eval.csv
 #   make plots        the sweep's plots (with answer accuracy when the sweep ran kvsim eval) and
 #                     those of one run (PLOT_RUN) -> results/plots/*.$(FORMAT)
 #   make run-plot     results/<config name>/plot.$(FORMAT) from the summary of `make run`
@@ -26,10 +26,12 @@ FORMAT ?= png
 # Every output is written to a temporary name and renamed. See docs/sweeps.md, docs/plots.md.
 
 SWEEP_BUDGETS ?= 64 128 256 512 1024
+SWEEP_CONFIG  ?= $(DEFAULT_CONFIG)
 SWEEP_DIR     ?= results/sweep
 SWEEP_THREADS ?= 0
-# The run whose steps.csv and layers.csv `make plots` draws: the sweep's 512-token budget.
-PLOT_RUN      ?= $(SWEEP_DIR)/b512
+# The run whose steps.csv and layers.csv `make plots` draws: the sweep's 512-token budget (its
+# largest when 512 is not among SWEEP_BUDGETS).
+PLOT_RUN      ?= $(SWEEP_DIR)/b$(if $(filter 512,$(SWEEP_SORTED)),512,$(lastword $(SWEEP_SORTED)))
 PLOTS_DIR     ?= results/plots
 # `make run` writes where DEFAULT_CONFIG's [run] out says; kvsim's default is results/<name>.
 RUN_DIR       ?= $(or $(shell sed -n 's/^[[:space:]]*out[[:space:]]*=[[:space:]]*\([^[:space:];]*\).*/\1/p' \
@@ -50,37 +52,36 @@ PLOTS := $(foreach p,$(VS_BUDGET_PLOTS),$(PLOTS_DIR)/$(p)_vs_budget.$(FORMAT)) \
 PLOTS += $(if $(SWEEP_EVALS),$(PLOTS_DIR)/accuracy_vs_budget.$(FORMAT))
 
 .PHONY: sweep plots run-plot conversation FORCE
-# Generated configs and per-budget results are kept even when only reached through a pattern.
-.PRECIOUS: $(SWEEP_DIR)/b%/config.ini $(SWEEP_DIR)/b%/summary.csv $(SWEEP_DIR)/b%/eval.csv
+# Per-budget results are kept even when only reached through a pattern.
+.PRECIOUS: $(SWEEP_DIR)/b%/summary.csv $(SWEEP_DIR)/b%/eval.csv
 
 sweep: $(SWEEP_DIR)/summary.csv $(if $(SWEEP_EVALS),$(SWEEP_DIR)/eval.csv)
 
-# The trace path is part of every generated config; this file changes only when the path does,
-# so that switching traces reruns the sweep and an unchanged path does not.
-$(SWEEP_DIR)/trace.txt: FORCE
+sweep_comma := ,
+sweep_empty :=
+sweep_space := $(sweep_empty) $(sweep_empty)
+SWEEP_ARGS    := $(SWEEP_CONFIG) --trace $(DEFAULT_TRACE) \
+                 --budgets $(subst $(sweep_space),$(sweep_comma),$(SWEEP_SORTED))
+
+# The sweep's arguments; this file changes only when they do, so that another config, trace
+# path or budget list reruns the sweep and unchanged ones do not.
+$(SWEEP_DIR)/sweep.args: FORCE
 	@mkdir -p $(@D)
-	@echo '$(DEFAULT_TRACE)' | cmp -s - $@ || echo '$(DEFAULT_TRACE)' > $@
+	@echo '$(SWEEP_ARGS)' | cmp -s - $@ || echo '$(SWEEP_ARGS)' > $@
 
-# B >= 64 keeps abit's max_split = B/8 at or above its min_split (8).
-$(SWEEP_DIR)/b%/config.ini: analysis/sweep.ini.in $(SWEEP_DIR)/trace.txt
-	@b='$*'; case "$$b" in ''|*[!0-9]*) echo "sweep: budget '$$b' is not a number" >&2; exit 1;; esac; \
-	if [ "$$b" -lt 64 ]; then echo "sweep: budget $$b is below 64 (see docs/sweeps.md)" >&2; exit 1; fi; \
-	mkdir -p $(@D); \
-	sed -e "s|@BUDGET@|$$b|g" -e "s|@TRACE@|$(DEFAULT_TRACE)|g" -e "s|@OUT@|$(@D)|g" $< > $@.tmp && \
-	mv $@.tmp $@
+# One pass over the trace for every budget; its report goes to sweep.log. The per-budget
+# directories (bB/*.csv, the files of a `kvsim run` at B) come with the summary.
+$(SWEEP_DIR)/summary.csv: $(SWEEP_DIR)/sweep.args $(SWEEP_CONFIG) $(DEFAULT_TRACE) $(wildcard $(KVSIM)) | build
+	$(KVSIM) sweep $(SWEEP_ARGS) --out $(@D) --threads $(SWEEP_THREADS) > $(@D)/sweep.log
 
-# The table kvsim prints goes to run.log, so that parallel budgets do not interleave.
-$(SWEEP_DIR)/b%/summary.csv: $(SWEEP_DIR)/b%/config.ini $(DEFAULT_TRACE) $(wildcard $(KVSIM)) | build
-	$(KVSIM) run $< --out $(@D) --threads $(SWEEP_THREADS) > $(@D)/run.log
+$(SWEEP_RUNS): $(SWEEP_DIR)/summary.csv ;
 
-$(SWEEP_DIR)/summary.csv: $(SWEEP_RUNS) analysis/concat_summaries.awk
-	awk -f analysis/concat_summaries.awk $(foreach b,$(SWEEP_SORTED),budget=$(b) $(SWEEP_DIR)/b$(b)/summary.csv) \
-	  > $@.tmp || { rm -f $@.tmp; exit 1; }
-	mv $@.tmp $@
+$(SWEEP_DIR)/b%/summary.csv:
+	@echo "sweep: $@: budget $* is not among SWEEP_BUDGETS ($(SWEEP_SORTED))" >&2; exit 1
 
-$(SWEEP_DIR)/b%/eval.csv: $(SWEEP_DIR)/b%/config.ini $(wildcard $(EVAL_PROMPTS)/*) $(wildcard $(KVSIM)) | build
-	$(KVSIM) eval $< --model $(EVAL_MODEL) --prompts $(EVAL_PROMPTS) --out $(@D) \
-	  --threads $(SWEEP_THREADS) --quiet
+$(SWEEP_DIR)/b%/eval.csv: $(SWEEP_CONFIG) $(wildcard $(EVAL_PROMPTS)/*) $(wildcard $(KVSIM)) | build
+	$(KVSIM) eval $(SWEEP_CONFIG) --budget $* --model $(EVAL_MODEL) --prompts $(EVAL_PROMPTS) \
+	  --out $(@D) --threads $(SWEEP_THREADS) --quiet
 
 $(SWEEP_DIR)/eval.csv: $(SWEEP_EVALS) analysis/concat_summaries.awk
 	awk -f analysis/concat_summaries.awk $(foreach b,$(SWEEP_SORTED),budget=$(b) $(SWEEP_DIR)/b$(b)/eval.csv) \

@@ -7,6 +7,7 @@
 #include "sim/cmd/check.h"
 #include "sim/cmd/reuse_cmd.h"
 #include "sim/cmd/run_cmd.h"
+#include "sim/cmd/sweep_cmd.h"
 #include "sim/cmd/synth.h"
 #include "traces/cmd/eval_cmd.h"
 #include "traces/cmd/trace_cmd.h"
@@ -19,6 +20,8 @@ typedef struct {
 
 static const Command commands[] = {
     {"run", cmd_run, "replay a trace through the policies of a config; write CSVs"},
+    {"sweep", cmd_sweep, "every policy of a config at many budgets, each trace in one pass"},
+    {"merge", cmd_merge, "join the shards of a sweep into the files of one unsharded sweep"},
     {"synth", cmd_synth, "write a synthetic trace with planted attention structure"},
     {"info", cmd_info, "print a trace's header and datasets"},
     {"check", cmd_check, "compare a trace's stored attention rows with its Q and K"},

@@ -717,6 +717,34 @@ static int budget_params(const PolicySpec *spec, int B, BudgetParam out[4])
     return 1;
 }
 
+/* Sets spec (policy i's, or a copy) to `budget` tokens per KV head by budget_params. A
+ * parameter the section sets stays unless `rescale` (the section's budget-like parameters are
+ * then taken as its design at its own budget and all scaled to the new one). An error is
+ * "FILE:LINE: [policy.X] what (from `given`)". */
+static int set_budget(const RunConfig *rc, int i, PolicySpec *spec, int budget, bool rescale,
+                      int line, const char *given, KvErr *err)
+{
+    const KeyList *keys = &rc->source->sections[i].keys;
+    BudgetParam bp[4];
+    int n = budget_params(spec, budget, bp);
+    char label[96], msg[sizeof err->msg];
+    ESC(spec->label, label);
+    KvErr perr;
+    for (int j = 0; j < n; j++) {
+        if (j > 0 && !rescale && keys_find(keys, bp[j].key)) /* the section's own value stays */
+            continue;
+        char value[32];
+        snprintf(value, sizeof value, "%d", bp[j].value);
+        if (policy_param_set(spec->type, spec->params, bp[j].key, value, &perr) != 0)
+            return kv_fail(err, "%s:%d: [policy.%s] %s (from %s)", rc->config_path, line, label,
+                           ESC(perr.msg, msg), given);
+    }
+    if (spec->type->validate && spec->type->validate(spec->params, &perr) != 0)
+        return kv_fail(err, "%s:%d: [policy.%s] %s (from %s)", rc->config_path, line, label,
+                       ESC(perr.msg, msg), given);
+    return 0;
+}
+
 int config_apply_budget(const RunConfig *rc, PolicySpec *specs, int budget, const char *context,
                         KvErr *err)
 {
@@ -726,30 +754,26 @@ int config_apply_budget(const RunConfig *rc, PolicySpec *specs, int budget, cons
     else
         snprintf(given, sizeof given, "[run] ratio = %g: budget %d of %s", rc->ratio, budget,
                  context ? context : "the context");
-    for (int i = 0; i < rc->engine.n_policies; i++) {
-        if (!config_policy_budgeted(rc, i))
-            continue;
-        PolicySpec *spec = &specs[i];
-        const KeyList *keys = &rc->source->sections[i].keys;
-        BudgetParam bp[4];
-        int n = budget_params(spec, budget, bp);
-        char label[96], msg[sizeof err->msg];
-        ESC(spec->label, label);
-        KvErr perr;
-        for (int j = 0; j < n; j++) {
-            if (j > 0 && keys_find(keys, bp[j].key)) /* the section's own value stays */
-                continue;
-            char value[32];
-            snprintf(value, sizeof value, "%d", bp[j].value);
-            if (policy_param_set(spec->type, spec->params, bp[j].key, value, &perr) != 0)
-                return kv_fail(err, "%s:%d: [policy.%s] %s (from %s)", rc->config_path,
-                               rc->budget_line, label, ESC(perr.msg, msg), given);
-        }
-        if (spec->type->validate && spec->type->validate(spec->params, &perr) != 0)
-            return kv_fail(err, "%s:%d: [policy.%s] %s (from %s)", rc->config_path,
-                           rc->budget_line, label, ESC(perr.msg, msg), given);
-    }
+    for (int i = 0; i < rc->engine.n_policies; i++)
+        if (config_policy_budgeted(rc, i) &&
+            set_budget(rc, i, &specs[i], budget, false, rc->budget_line, given, err) != 0)
+            return -1;
     return 0;
+}
+
+bool config_policy_has_budget(const RunConfig *rc, int i)
+{
+    return budget_key(rc->engine.policies[i].type) != NULL;
+}
+
+int config_sweep_budget(const RunConfig *rc, int i, PolicySpec *spec, int budget,
+                        const char *given, KvErr *err)
+{
+    if (!config_policy_has_budget(rc, i))
+        return 0;
+    const PolicySection *ps = &rc->source->sections[i];
+    bool own = keys_find(&ps->keys, budget_key(spec->type)) != NULL;
+    return set_budget(rc, i, spec, budget, own, ps->line, given, err);
 }
 
 void config_free(RunConfig *rc)

@@ -70,6 +70,20 @@ int config_ratio_budget(const RunConfig *rc, int n_prompt);
 int config_apply_budget(const RunConfig *rc, PolicySpec *specs, int budget, const char *context,
                         KvErr *err);
 
+/* Whether policy i's type has a budget (every type but full). */
+bool config_policy_has_budget(const RunConfig *rc, int i);
+
+/* Policy i at one budget of a sweep (`kvsim sweep`, `kvsim eval --budget`): sets spec (a copy
+ * of policy i's spec) to `budget` tokens per KV head the way [run] budget would if policy i's
+ * section did not set its own budget. A section that sets its own (`budget`, or `window` for
+ * window) is taken as the design at that budget: every budget-like parameter (docs/sweeps.md's
+ * table) is set from the new budget, the section's own values included (configs/ta512.ini at
+ * each budget gives the parameters that table lists); the others stay. Policies without a budget
+ * (full) are left as they are. An error is "FILE:LINE: [policy.X] ... (from `given`)" at the
+ * section's line. */
+int config_sweep_budget(const RunConfig *rc, int i, PolicySpec *spec, int budget,
+                        const char *given, KvErr *err);
+
 void config_free(RunConfig *rc);
 
 #endif

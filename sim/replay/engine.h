@@ -126,4 +126,25 @@ static inline double *results_total(const Results *r, int pol, int layer)
     return r->total + ((size_t)pol * r->n_layers + layer) * N_TOTAL_METRICS;
 }
 
+/* Policy pi of r alone, as a run of that one policy would have returned it: a shallow copy that
+ * shares r's arrays (never results_free it). The slots of every array are laid out policy
+ * first, and an instance's results depend on nothing but its own spec and the trace, so the
+ * reports of the view are those of a run of policy pi alone (`kvsim sweep` writes each cell
+ * from one). The timings stay r's. */
+static inline Results results_view(const Results *r, int pi)
+{
+    Results v = *r;
+    size_t per_layer = (size_t)pi * r->n_layers;
+    v.n_policies = 1;
+    v.label = r->label + pi;
+    v.type = r->type + pi;
+    v.is_oracle = r->is_oracle + pi;
+    v.head = results_head(r, pi, 0, 0, 0);
+    v.step = results_step(r, pi, 0, 0);
+    v.needle_turn = results_needle_turn(r, pi, 0, 0);
+    v.total = results_total(r, pi, 0);
+    v.turn_bytes = r->turn_bytes + per_layer * r->n_turns;
+    return v;
+}
+
 #endif

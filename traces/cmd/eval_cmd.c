@@ -828,6 +828,7 @@ static int reference_policy(RunConfig *rc, PolicySpec **policies, int *n, KvErr 
 typedef struct {
     const char *config, *model_dir, *prompts_dir, *out_dir;
     int threads, max_new, quiet;
+    int budget; /* --budget: every policy at one budget of a sweep (0: the config's) */
     int argc; /* the command line, for run.json */
     char **argv;
 } EvalOptions;
@@ -909,6 +910,17 @@ static int eval_main(const EvalOptions *o, Provenance *prov, KvErr *err)
     }
     if (o->out_dir)
         snprintf(rc.out_dir, sizeof rc.out_dir, "%s", o->out_dir);
+    if (o->budget > 0) { /* as a cell of `kvsim sweep --budgets` sets each policy */
+        char given[64];
+        snprintf(given, sizeof given, "kvsim eval --budget %d", o->budget);
+        for (int i = 0; i < rc.engine.n_policies; i++)
+            if (config_sweep_budget(&rc, i, &rc.engine.policies[i], o->budget, given, err) != 0) {
+                config_free(&rc);
+                return -1;
+            }
+        rc.ratio = 0; /* the budget replaces the config's ratio or budget */
+        rc.budget = o->budget;
+    }
     Model *model = NULL;
     Tokenizer *tok = NULL;
     EvalPrompt *prompts = NULL;
@@ -1008,6 +1020,8 @@ int cmd_eval(int argc, char **argv)
          "prompts evaluated in parallel; 0 = all cores, -1 = [run] threads"},
         {"max-new", ARG_INT, &o.max_new, 0, 1 << 20, NULL,
          "most generated tokens per prompt; 0 = longest answer's tokens + 8"},
+        {"budget", ARG_INT, &o.budget, 1, 1e9, NULL,
+         "every policy at this budget, as kvsim sweep sets it (docs/sweeps.md)"},
         {"quiet", ARG_FLAG, &o.quiet, 0, 0, NULL, "no table, no progress"},
         {NULL, 0, NULL, 0, 0, NULL, NULL},
     };

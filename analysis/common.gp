@@ -77,6 +77,21 @@ do for [i = 1:16] {
 }
 set linetype cycle 16
 
+# `subtitle` (set with -e; `make plots` gives the model, the trace(s) or the number of prompts,
+# and the budget when one is fixed) is the second line of every title: titled(t).
+if (!exists("subtitle")) subtitle = ""
+titled(t) = subtitle eq "" ? t : t . "\n" . subtitle
+
+# The policies whose values of column `name` equal, row for row, those of a policy before them
+# (one line drawn exactly on top of another, e.g. offload's on hybrid's when nothing is
+# restored), as "offload = hybrid, ..."; "" when none do. A policy without any value is left out.
+coincide_cmd = "awk -F, -v name='%s' 'NR == 1 { for (i = 1; i <= NF; i++) { if ($i == name) c = i;" \
+    . " if ($i == \"policy\") pc = i } next } c { if (!($pc in sig)) order[++n] = $pc;" \
+    . " sig[$pc] = sig[$pc] \"|\" $c } END { for (i = 2; i <= n; i++) for (j = 1; j < i; j++)" \
+    . " if (!done[i] && sig[order[i]] ~ /[^|]/ && sig[order[i]] == sig[order[j]]) {" \
+    . " printf \"%%s%%s = %%s\", (k++ ? \", \" : \"\"), order[i], order[j]; done[i] = 1 } }' '%s'"
+coinciding(name) = system(sprintf(coincide_cmd, name, in))
+
 set key outside right center vertical Left reverse spacing 1.2 box
 set title font ",15"
 set grid lc rgb "#dddddd"

@@ -629,6 +629,8 @@ static void test_prompt_groups(void **state)
         scratch_write(scratch_path(dir, answer, 1), ans);
         free(ans);
     }
+    /* a JSON file without an answer is data beside the prompts, not a prompt */
+    scratch_write(scratch_path(dir, "index.json", 0), "{\"p0\": {\"tokens\": 12}}\n");
     KvsimRun r = eval_run(env, config, env->model, dir, out, "");
     if (r.status != 0)
         fail_msg("%s", r.err);

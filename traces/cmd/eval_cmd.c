@@ -192,7 +192,8 @@ static const char *prompt_extension(const char *file)
 }
 
 /* Every NAME.txt and NAME.json in dir, sorted bytewise (the order of every output); two files of
- * one NAME are an error. */
+ * one NAME are an error. A NAME.json without NAME.answer beside it is not a prompt but data (the
+ * held-out set's index.json), left alone; a NAME.txt without one is an error later. */
 static char **list_prompts(const char *dir, int *n, KvErr *err)
 {
     DIR *d = opendir(dir);
@@ -204,8 +205,16 @@ static char **list_prompts(const char *dir, int *n, KvErr *err)
     int cap = 0;
     *n = 0;
     for (struct dirent *e; (e = readdir(d));) {
-        if (!prompt_extension(e->d_name))
+        const char *ext = prompt_extension(e->d_name);
+        if (!ext)
             continue;
+        if (!strcmp(ext, ".json")) {
+            char answer[4400];
+            snprintf(answer, sizeof answer, "%s/%.*s.answer", dir,
+                     (int)(strlen(e->d_name) - strlen(ext)), e->d_name);
+            if (access(answer, F_OK) != 0)
+                continue;
+        }
         if (*n == cap)
             names = kv_realloc(names, (size_t)(cap = cap ? 2 * cap : 16) * sizeof *names);
         names[(*n)++] = kv_strdup(e->d_name);

@@ -98,13 +98,15 @@ gnuplot_png = @mkdir -p $(@D); $(GNUPLOT) -e "in='$(2)'; out='$@.tmp'; format='$
 
 # The subtitles: what a plot was made from. A trace's model is the one `kvsim info` names; a
 # run's trace and budget are those its run.json records (expanded when the recipe runs, after
-# the run).
+# the run); a sweep directory's run.json is that of its `kvsim eval` (same directory), which
+# names no trace: the sweep's, DEFAULT_TRACE, then.
 trace_model = $(shell $(KVSIM) info '$(1)' 2>/dev/null | sed -n 's/^model[[:space:]]*//p')
 run_json_trace = $(shell sed -n '/"role":[[:space:]]*"trace"/{n;s/.*"path":[[:space:]]*"\(.*\)",*$$/\1/p;q;}' '$(1)/run.json' 2>/dev/null)
 run_json_budget = $(shell sed -n 's/^[[:space:]]*"budget":[[:space:]]*\([0-9]*\).*/\1/p' '$(1)/run.json' 2>/dev/null | head -n 1)
 comma := ,
 budget_note = $(if $(call run_json_budget,$(1)),$(comma) budget $(call run_json_budget,$(1)) tokens per KV head)
-run_subtitle = model $(call trace_model,$(call run_json_trace,$(1))), trace $(call run_json_trace,$(1))$(call budget_note,$(1))
+run_trace = $(or $(call run_json_trace,$(1)),$(DEFAULT_TRACE))
+run_subtitle = model $(call trace_model,$(call run_trace,$(1))), trace $(call run_trace,$(1))$(call budget_note,$(1))
 SWEEP_SUBTITLE = model $(call trace_model,$(DEFAULT_TRACE)), trace $(DEFAULT_TRACE)
 EVAL_SUBTITLE = model $(notdir $(EVAL_MODEL)), $(words $(wildcard $(EVAL_PROMPTS)/*.answer)) prompts of $(EVAL_PROMPTS); error bars: Wilson 95% intervals
 

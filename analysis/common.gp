@@ -82,14 +82,16 @@ set linetype cycle 16
 if (!exists("subtitle")) subtitle = ""
 titled(t) = subtitle eq "" ? t : t . "\n" . subtitle
 
-# The policies whose values of column `name` equal, row for row, those of a policy before them
-# (one line drawn exactly on top of another, e.g. offload's on hybrid's when nothing is
-# restored), as "offload = hybrid, ..."; "" when none do. A policy without any value is left out.
+# The policies whose values of column `name` equal, row for row, those of another (lines drawn
+# exactly on top of each other, e.g. offload's on hybrid's when nothing is restored), as groups
+# in order of first appearance, "hybrid = offload; window = oracle_topk"; "" when no two are
+# equal. A policy without any value is left out.
 coincide_cmd = "awk -F, -v name='%s' 'NR == 1 { for (i = 1; i <= NF; i++) { if ($i == name) c = i;" \
     . " if ($i == \"policy\") pc = i } next } c { if (!($pc in sig)) order[++n] = $pc;" \
-    . " sig[$pc] = sig[$pc] \"|\" $c } END { for (i = 2; i <= n; i++) for (j = 1; j < i; j++)" \
-    . " if (!done[i] && sig[order[i]] ~ /[^|]/ && sig[order[i]] == sig[order[j]]) {" \
-    . " printf \"%%s%%s = %%s\", (k++ ? \", \" : \"\"), order[i], order[j]; done[i] = 1 } }' '%s'"
+    . " sig[$pc] = sig[$pc] \"|\" $c } END { for (i = 1; i <= n; i++) { if (done[i] ||" \
+    . " sig[order[i]] !~ /[^|]/) continue; g = order[i]; for (j = i + 1; j <= n; j++)" \
+    . " if (!done[j] && sig[order[j]] == sig[order[i]]) { g = g \" = \" order[j]; done[j] = 1 }" \
+    . " if (g != order[i]) printf \"%%s%%s\", (k++ ? \"; \" : \"\"), g } }' '%s'"
 coinciding(name) = system(sprintf(coincide_cmd, name, in))
 
 set key outside right center vertical Left reverse spacing 1.2 box

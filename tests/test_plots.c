@@ -405,8 +405,8 @@ static void test_empty_field_is_missing(void **state)
 
 /* The error bars of accuracy_vs_budget.gp are the interval's columns, every policy's points
  * shifted apart around the budget (the middle one of three on it); the lines that coincide at
- * every budget are named (offload's on hybrid's), not those that differ at one, nor a policy
- * without values. */
+ * every budget are named as a group (offload's on hybrid's), not those that differ at one, nor
+ * a policy without values; more than two equal are one group. */
 static void test_intervals_and_coinciding_lines(void **state)
 {
     (void)state;
@@ -418,8 +418,11 @@ static void test_intervals_and_coinciding_lines(void **state)
                               "128,h2o,h2o,0.4,0.2,0.6\n128,none,oracle_future,,,\n"
                               "128,none2,oracle_future,,,\n";
     char *printed = common_gp_prints(csv, "print coinciding(\"accuracy\")\n"
-                                          "print coinciding(\"type\")\n");
-    assert_string_equal(printed, "offload = hybrid\nnone2 = none\n");
+                                          "print coinciding(\"type\")\n"
+                                          "print coinciding(\"accuracy_lo\")\n"
+                                          "print coinciding(\"budget\")\n");
+    assert_string_equal(printed, "hybrid = offload\nnone = none2\nhybrid = offload\n"
+                                 "hybrid = offload = h2o = none = none2\n");
     free(printed);
     printed = common_gp_prints(csv, "metric = 'accuracy'; metric_lo = 'accuracy_lo'; "
                                     "metric_hi = 'accuracy_hi'; metric_label = 'a'; "

@@ -14,7 +14,7 @@ point_every = STATS_records > 16 ? int(STATS_records / 8) : 1
 
 note = coinciding("device_bytes")
 if (note ne "") {
-    set label 2 sprintf("device memory, the same at every step: %s", note) \
+    set label 2 sprintf("device memory, within 0.2%% at every step: %s", note) \
         at screen 0.01, screen 0.015 left font ",10"
 }
 set multiplot title titled("KV-cache memory per decode step (all layers and KV heads)") font ",15"

@@ -32,7 +32,7 @@ if (value_count(metric) == 0) {
 
 note = coinciding(metric)
 if (note ne "") {
-    set label 2 sprintf("lines drawn on top of each other (the same at every budget): %s", note) \
+    set label 2 sprintf("lines drawn on top of each other (within 0.2%% at every budget): %s", note) \
         at screen 0.01, screen 0.015 left font ",10"
     set bmargin 5
 }

@@ -17,6 +17,10 @@ FORMAT ?= png
 #                     then `kvsim eval` of CONV_CONFIG's policies on the held-out conversations
 #                     (CONV_EVAL_PROMPTS) once per mode -> results/conversation/MODE/eval*.csv,
 #                     results/conversation/eval_turns.csv and results/conversation/eval_distance.$(FORMAT)
+#   make dataset      DEFAULT_CONFIG over a dataset of traces: each of the first DATASET_SIZE
+#                     prompts of DATASET_PROMPTS traced (results/dataset/traces/NAME.h5), then one
+#                     `kvsim run` over all of them -> results/dataset/traces.csv, dataset.csv,
+#                     paired.csv and dataset.$(FORMAT) (means with 95% bootstrap intervals)
 #   make reuse        a synthetic request log (kvsim synth-workload, REUSE_CONVERSATIONS
 #                     conversations) replayed by kvsim reuse at REUSE_CAPACITIES ->
 #                     results/reuse/reuse.csv, reuse_turns.csv, reuse_ttft.csv, reuse.$(FORMAT)
@@ -45,7 +49,7 @@ EVAL_PROMPTS  ?= $(EVAL_MODEL)/heldout
 SWEEP_EVALS   := $(if $(wildcard $(EVAL_PROMPTS)/*.answer),$(foreach b,$(SWEEP_SORTED),$(SWEEP_DIR)/b$(b)/eval.csv))
 GNUPLOT       ?= gnuplot
 
-VS_BUDGET_PLOTS := mass recall error needle
+VS_BUDGET_PLOTS := mass recall error needle cache
 PLOTS := $(foreach p,$(VS_BUDGET_PLOTS),$(PLOTS_DIR)/$(p)_vs_budget.$(FORMAT)) \
          $(PLOTS_DIR)/memory_vs_step.$(FORMAT) $(PLOTS_DIR)/mass_heatmap.$(FORMAT)
 # Answer accuracy joins the plots when the sweep runs `kvsim eval`.
@@ -90,28 +94,42 @@ $(SWEEP_DIR)/eval.csv: $(SWEEP_EVALS) analysis/concat_summaries.awk
 
 plots: $(PLOTS)
 
-# gnuplot_png(script, input): renders the script on the input into $@ (in FORMAT) through a
-# temporary.
-gnuplot_png = @mkdir -p $(@D); $(GNUPLOT) -e "in='$(2)'; out='$@.tmp'; format='$(FORMAT)'" $(1) \
+# gnuplot_png(script, input[, subtitle]): renders the script on the input into $@ (in FORMAT)
+# through a temporary; the subtitle is the second line of its title (common.gp).
+gnuplot_png = @mkdir -p $(@D); $(GNUPLOT) -e "in='$(2)'; out='$@.tmp'; format='$(FORMAT)'; subtitle='$(strip $(3))'" $(1) \
 	  || { rm -f $@.tmp; exit 1; }; mv $@.tmp $@; echo "wrote $@"
 
+# The subtitles: what a plot was made from. A trace's model is the one `kvsim info` names; a
+# run's trace and budget are those its run.json records (expanded when the recipe runs, after
+# the run); a sweep directory's run.json is that of its `kvsim eval` (same directory), which
+# names no trace: the sweep's, DEFAULT_TRACE, then.
+trace_model = $(shell $(KVSIM) info '$(1)' 2>/dev/null | sed -n 's/^model[[:space:]]*//p')
+run_json_trace = $(shell sed -n '/"role":[[:space:]]*"trace"/{n;s/.*"path":[[:space:]]*"\(.*\)",*$$/\1/p;q;}' '$(1)/run.json' 2>/dev/null)
+run_json_budget = $(shell sed -n 's/^[[:space:]]*"budget":[[:space:]]*\([0-9]*\).*/\1/p' '$(1)/run.json' 2>/dev/null | head -n 1)
+comma := ,
+budget_note = $(if $(call run_json_budget,$(1)),$(comma) budget $(call run_json_budget,$(1)) tokens per KV head)
+run_trace = $(or $(call run_json_trace,$(1)),$(DEFAULT_TRACE))
+run_subtitle = model $(call trace_model,$(call run_trace,$(1))), trace $(call run_trace,$(1))$(call budget_note,$(1))
+SWEEP_SUBTITLE = model $(call trace_model,$(DEFAULT_TRACE)), trace $(DEFAULT_TRACE)
+EVAL_SUBTITLE = model $(notdir $(EVAL_MODEL)), $(words $(wildcard $(EVAL_PROMPTS)/*.answer)) prompts of $(EVAL_PROMPTS); error bars: Wilson 95% intervals
+
 $(PLOTS_DIR)/%_vs_budget.$(FORMAT): analysis/%_vs_budget.gp analysis/vs_budget.gp analysis/common.gp $(SWEEP_DIR)/summary.csv
-	$(call gnuplot_png,$<,$(SWEEP_DIR)/summary.csv)
+	$(call gnuplot_png,$<,$(SWEEP_DIR)/summary.csv,$(SWEEP_SUBTITLE))
 
 $(PLOTS_DIR)/accuracy_vs_budget.$(FORMAT): analysis/accuracy_vs_budget.gp analysis/vs_budget.gp analysis/common.gp $(SWEEP_DIR)/eval.csv
-	$(call gnuplot_png,$<,$(SWEEP_DIR)/eval.csv)
+	$(call gnuplot_png,$<,$(SWEEP_DIR)/eval.csv,$(EVAL_SUBTITLE))
 
 $(PLOTS_DIR)/memory_vs_step.$(FORMAT): analysis/memory_vs_step.gp analysis/common.gp $(PLOT_RUN)/summary.csv
-	$(call gnuplot_png,$<,$(PLOT_RUN)/steps.csv)
+	$(call gnuplot_png,$<,$(PLOT_RUN)/steps.csv,$(call run_subtitle,$(PLOT_RUN)))
 
 $(PLOTS_DIR)/mass_heatmap.$(FORMAT): analysis/mass_heatmap.gp analysis/common.gp $(PLOT_RUN)/summary.csv
-	$(call gnuplot_png,$<,$(PLOT_RUN)/layers.csv)
+	$(call gnuplot_png,$<,$(PLOT_RUN)/layers.csv,$(call run_subtitle,$(PLOT_RUN)))
 
 # After `make run` (or any run: make run-plot RUN_DIR=results/mine).
 run-plot: $(RUN_DIR)/plot.$(FORMAT)
 
 $(RUN_DIR)/plot.$(FORMAT): analysis/run_plot.gp analysis/common.gp $(RUN_DIR)/summary.csv
-	$(call gnuplot_png,$<,$(RUN_DIR)/summary.csv)
+	$(call gnuplot_png,$<,$(RUN_DIR)/summary.csv,$(call run_subtitle,$(RUN_DIR)))
 
 $(RUN_DIR)/summary.csv:
 	@echo "run-plot: $@ does not exist: run \`make run\` first (or set RUN_DIR)" >&2; exit 1
@@ -201,5 +219,30 @@ $(REUSE_DIR)/reuse_ttft.$(FORMAT): analysis/reuse_ttft.gp analysis/common.gp $(R
 
 $(REUSE_DIR)/reuse.$(FORMAT): analysis/reuse.gp analysis/common.gp $(REUSE_DIR)/reuse.csv
 	$(call gnuplot_png,$<,$(REUSE_DIR)/reuse.csv)
+
+# ---- make dataset ----
+
+DATASET_DIR     ?= results/dataset
+DATASET_PROMPTS ?= $(EVAL_PROMPTS)
+DATASET_SIZE    ?= 10
+DATASET_NAMES   := $(wordlist 1,$(DATASET_SIZE),$(basename $(notdir $(wildcard $(DATASET_PROMPTS)/*.txt))))
+DATASET_TRACES  := $(foreach n,$(DATASET_NAMES),$(DATASET_DIR)/traces/$(n).h5)
+
+DATASET_SUBTITLE = model $(notdir $(EVAL_MODEL)), $(words $(DATASET_TRACES)) traces of $(DATASET_PROMPTS)$(call budget_note,$(DATASET_DIR))
+
+.PHONY: dataset
+.PRECIOUS: $(DATASET_DIR)/traces/%.h5
+dataset: $(DATASET_DIR)/dataset.$(FORMAT)
+
+$(DATASET_DIR)/traces/%.h5: $(DATASET_PROMPTS)/%.txt $(EVAL_MODEL)/model.safetensors | build
+	@mkdir -p $(@D)
+	$(KVSIM) trace --model $(EVAL_MODEL) --prompt $< --out $@ --max-new 8 > /dev/null
+
+# One run over every trace (a glob kvsim expands); the table it prints goes to run.log.
+$(DATASET_DIR)/dataset.csv: $(DATASET_TRACES) $(DEFAULT_CONFIG) $(wildcard $(KVSIM)) | build
+	$(KVSIM) run $(DEFAULT_CONFIG) $(foreach t,$(DATASET_TRACES),--trace $(t)) --out $(@D) > $(@D)/run.log
+
+$(DATASET_DIR)/dataset.$(FORMAT): analysis/dataset.gp analysis/common.gp $(DATASET_DIR)/dataset.csv
+	$(call gnuplot_png,$<,$(DATASET_DIR)/dataset.csv,$(DATASET_SUBTITLE))
 
 FORCE:

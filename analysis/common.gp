@@ -77,6 +77,29 @@ do for [i = 1:16] {
 }
 set linetype cycle 16
 
+# `subtitle` (set with -e; `make plots` gives the model, the trace(s) or the number of prompts,
+# and the budget when one is fixed) is the second line of every title: titled(t).
+if (!exists("subtitle")) subtitle = ""
+titled(t) = subtitle eq "" ? t : t . "\n" . subtitle
+
+# The policies whose values of column `name` equal, row for row, those of another within 0.2%
+# (lines drawn on top of each other at a plot's scale, e.g. offload's on hybrid's, which differ
+# only when offload restores a token), as groups in order of first appearance, "hybrid =
+# offload; window = oracle_topk"; "" when no two are so. A field that is not a number (empty,
+# text) matches only the same field; a policy without any value is left out.
+coincide_cmd = "awk -F, -v name='%s' 'function same(a, b, i, x, y) { if (n_[a] != n_[b]) return 0;" \
+    . " for (i = 1; i <= n_[a]; i++) { x = v_[a, i]; y = v_[b, i]; if (x \"\" == y \"\") continue;" \
+    . " if (x !~ /^[-+]?[0-9.]+([eE][-+]?[0-9]+)?$/ || y !~ /^[-+]?[0-9.]+([eE][-+]?[0-9]+)?$/) return 0;" \
+    . " if ((x - y > 0.002 * ((x < 0 ? -x : x) > (y < 0 ? -y : y) ? (x < 0 ? -x : x) : (y < 0 ? -y : y))" \
+    . " || y - x > 0.002 * ((x < 0 ? -x : x) > (y < 0 ? -y : y) ? (x < 0 ? -x : x) : (y < 0 ? -y : y)))) return 0 }" \
+    . " return 1 } NR == 1 { for (i = 1; i <= NF; i++) { if ($i == name) c = i;" \
+    . " if ($i == \"policy\") pc = i } next } c { if (!($pc in n_)) order[++n] = $pc;" \
+    . " v_[$pc, ++n_[$pc]] = $c; if ($c != \"\") any[$pc] = 1 } END { for (i = 1; i <= n; i++) {" \
+    . " if (done[i] || !any[order[i]]) continue; g = order[i]; for (j = i + 1; j <= n; j++)" \
+    . " if (!done[j] && same(order[i], order[j])) { g = g \" = \" order[j]; done[j] = 1 }" \
+    . " if (g != order[i]) printf \"%%s%%s\", (k++ ? \"; \" : \"\"), g } }' '%s'"
+coinciding(name) = system(sprintf(coincide_cmd, name, in))
+
 set key outside right center vertical Left reverse spacing 1.2 box
 set title font ",15"
 set grid lc rgb "#dddddd"

@@ -16,7 +16,7 @@ last_layer = STATS_max
 stats in using "mass_mean" nooutput
 mass_min = STATS_min
 
-set title "Retained attention mass per layer and policy (mean over decode steps and query heads)"
+set title titled("Retained attention mass per layer and policy (mean over decode steps and query heads)")
 set xlabel "layer"
 set ylabel "policy"
 set xrange [first_layer - 0.5 : last_layer + 0.5]

@@ -12,7 +12,12 @@ mib = 1024.0 * 1024.0
 stats rows(word(policies, 1)) using "decode_index" nooutput
 point_every = STATS_records > 16 ? int(STATS_records / 8) : 1
 
-set multiplot title "KV-cache memory per decode step (all layers and KV heads)" font ",15"
+note = coinciding("device_bytes")
+if (note ne "") {
+    set label 2 sprintf("device memory, within 0.2%% at every step: %s", note) \
+        at screen 0.01, screen 0.015 left font ",10"
+}
+set multiplot title titled("KV-cache memory per decode step (all layers and KV heads)") font ",15"
 set lmargin at screen 0.09
 set rmargin at screen 0.78
 set xlabel "decode step (tokens generated since the prompt)"

@@ -1,12 +1,15 @@
 # vs_budget.gp — one summary metric against the KV budget, one line per policy, from the
 # concatenated sweep summary (results/sweep/summary.csv: a `budget` column and summary.csv's).
 # Loaded by the *_vs_budget.gp scripts, which set `metric` (a column name), `metric_label`
-# (the y axis) and `plot_title`, and optionally `y_range` (e.g. "[0:1]") and `y_log` (1: log10
-# y axis; zeros, such as `full`'s output error, then have no point).
+# (the y axis) and `plot_title`, and optionally `y_range` (e.g. "[0:1]"), `y_log` (1: log10
+# y axis; zeros, such as `full`'s output error, then have no point) and `metric_lo`,
+# `metric_hi` (the columns of a 95% interval, drawn as error bars; the points of the policies
+# are then shifted apart by a few percent of a budget step so that their bars do not overlap).
+# Lines that coincide everywhere get a note under the plot naming them.
 
 load script_dir . "/common.gp"
 
-set title plot_title
+set title titled(plot_title)
 set xlabel "KV budget (tokens per KV head, log2 scale)"
 set ylabel metric_label
 set logscale x 2
@@ -27,7 +30,21 @@ if (value_count(metric) == 0) {
     exit
 }
 
+note = coinciding(metric)
+if (note ne "") {
+    set label 2 sprintf("lines drawn on top of each other (within 0.2%% at every budget): %s", note) \
+        at screen 0.01, screen 0.015 left font ",10"
+    set bmargin 5
+}
+
 # A policy without any value (oracle_future in an eval table: not applicable) has no line.
 plotted = policies_with_values(metric)
-plot for [i = 1:words(plotted)] rows(word(plotted, i)) using "budget":(column(metric)) \
-    with linespoints linetype policy_linetype(word(plotted, i)) title word(plotted, i)
+if (exists("metric_lo") && exists("metric_hi")) {
+    dodge(i) = 2 ** ((i - (words(plotted) + 1) / 2.0) * 0.025)
+    plot for [i = 1:words(plotted)] rows(word(plotted, i)) \
+        using (column("budget") * dodge(i)):(column(metric)):(column(metric_lo)):(column(metric_hi)) \
+        with yerrorlines linetype policy_linetype(word(plotted, i)) title word(plotted, i)
+} else {
+    plot for [i = 1:words(plotted)] rows(word(plotted, i)) using "budget":(column(metric)) \
+        with linespoints linetype policy_linetype(word(plotted, i)) title word(plotted, i)
+}

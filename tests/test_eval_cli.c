@@ -607,6 +607,75 @@ static void test_json_chat_prompt(void **state)
     scratch_remove(out);
 }
 
+/* The prompts of setup with [[group=...]] markers (p0 and p1 "a", p2 "b"): the same answers as
+ * without them (the marker and its line break are removed), and eval_groups.csv breaks
+ * eval.csv's counts down by group, each with its Wilson interval and McNemar test vs full. A
+ * set without groups writes no eval_groups.csv. */
+static void test_prompt_groups(void **state)
+{
+    Env *env = *state;
+    char *dir = scratch_create(), *out = scratch_create();
+    char config[4096];
+    snprintf(config, sizeof config, "%s", scratch_path(env->out, "eval.ini", 0));
+    for (int i = 0; i < N_PROMPTS; i++) {
+        char name[32], answer[32], text[512];
+        snprintf(name, sizeof name, "p%d.txt", i);
+        snprintf(answer, sizeof answer, "p%d.answer", i);
+        char *body = scratch_read(scratch_path(env->prompts, name, 0));
+        snprintf(text, sizeof text, "[[group=%s]]\n%s", i < 2 ? "a" : "b", body);
+        scratch_write(scratch_path(dir, name, 1), text);
+        free(body);
+        char *ans = scratch_read(scratch_path(env->prompts, answer, 0));
+        scratch_write(scratch_path(dir, answer, 1), ans);
+        free(ans);
+    }
+    /* a JSON file without an answer is data beside the prompts, not a prompt */
+    scratch_write(scratch_path(dir, "index.json", 0), "{\"p0\": {\"tokens\": 12}}\n");
+    KvsimRun r = eval_run(env, config, env->model, dir, out, "");
+    if (r.status != 0)
+        fail_msg("%s", r.err);
+    kvsim_run_free(&r);
+    char *groups = scratch_read(scratch_path(out, "eval_groups.csv", 0));
+    char *all = scratch_read(scratch_path(out, "eval.csv", 1));
+    assert_non_null(strstr(groups, "policy,type,group,prompts,questions,correct,accuracy,"
+                                   "accuracy_lo,accuracy_hi,agreement_with_full,vs_full_better,"
+                                   "vs_full_worse,vs_full_p\n"));
+    assert_non_null(strstr(groups, "\nfull,full,a,2,2,"));
+    assert_non_null(strstr(groups, "\nfull,full,b,1,1,"));
+    static const char *const labels[] = {"full", "wide", "w3"};
+    for (int k = 0; k < 3; k++) {
+        char fields[16][64], row[80];
+        int correct = 0;
+        for (int g = 0; g < 2; g++) {
+            snprintf(row, sizeof row, "\n%s,%s,%c,", labels[k], k ? "window" : "full", 'a' + g);
+            const char *line = strstr(groups, row);
+            assert_non_null(line);
+            assert_int_equal(csv_row(line + 1, labels[k], fields, 16), 13);
+            correct += atoi(fields[5]);
+            double acc = atof(fields[6]), lo = atof(fields[7]), hi = atof(fields[8]);
+            assert_true(lo <= acc && acc <= hi && lo >= 0 && hi <= 1);
+            assert_true(hi > lo); /* one or two questions: a wide interval */
+            if (k == 0) /* full against itself: no discordant pair */
+                assert_string_equal(fields[12], "1");
+        }
+        assert_true(csv_row(all, labels[k], fields, 16) >= 5);
+        assert_int_equal(correct, atoi(fields[4])); /* the groups add up to eval.csv */
+    }
+    /* the closed-loop-inapplicable policy has empty fields */
+    assert_non_null(strstr(groups, "\nfuture,oracle_future,a,2,2,,,,,,,,\n"));
+    free(groups);
+    free(all);
+    /* without groups: no eval_groups.csv, not even an older one */
+    r = eval_run(env, config, env->model, env->prompts, out, "");
+    assert_int_equal(r.status, 0);
+    kvsim_run_free(&r);
+    char *none = scratch_read(scratch_path(out, "eval_groups.csv", 0));
+    assert_string_equal(none, "");
+    free(none);
+    scratch_remove(dir);
+    scratch_remove(out);
+}
+
 static void expect_one_line_error(KvsimRun r, const char *needle)
 {
     assert_int_equal(r.status, 2);
@@ -677,6 +746,7 @@ int main(void)
         cmocka_unit_test(test_accuracy_and_determinism),
         cmocka_unit_test(test_conversations),
         cmocka_unit_test(test_json_chat_prompt),
+        cmocka_unit_test(test_prompt_groups),
         cmocka_unit_test(test_full_prefill_warning),
         cmocka_unit_test(test_ratio_per_prompt),
         cmocka_unit_test(test_errors),

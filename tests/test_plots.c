@@ -125,8 +125,9 @@ static void test_other_formats(void **state)
     (void)state;
     require_gnuplot();
     static const char *const formats[] = {"pdf", "svg", "bmp"};
-    static const char csv[] = "policy,type,mass_mean,recall_mean,out_err_mean,needle_survival_mean\n"
-                              "full,full,1,1,0,1\nwindow,window,0.7,0.5,0.3,0.5\n";
+    static const char csv[] = "policy,type,mass_mean,recall_mean,out_err_mean,needle_survival_mean,"
+                              "cache_tokens_mean\n"
+                              "full,full,1,1,0,1,2048\nwindow,window,0.7,0.5,0.3,0.5,512\n";
     for (int i = 0; i < 3; i++) {
         char *dir = scratch_create();
         char in[8192], out[8192], cmd[20000];
@@ -159,16 +160,16 @@ static void test_other_formats(void **state)
 /* A sweep summary: three budgets, three policies (one label with an underscore), the
  * reference at zero output error (a log axis must skip it quietly) and one empty field. */
 static const char SWEEP_CSV[] =
-    "budget,policy,type,mass_mean,recall_mean,out_err_mean,needle_survival_mean\n"
-    "64,full,full,1,1,0,1\n"
-    "64,window,window,0.61,0.42,0.9,0\n"
-    "64,oracle_topk,oracle_topk,0.83,0.97,0.31,0.25\n"
-    "128,full,full,1,1,0,1\n"
-    "128,window,window,0.7,0.5,0.62,\n"
-    "128,oracle_topk,oracle_topk,0.9,0.99,0.17,0.5\n"
-    "256,full,full,1,1,0,1\n"
-    "256,window,window,0.82,0.61,0.35,0.375\n"
-    "256,oracle_topk,oracle_topk,0.96,1,0.06,0.875\n";
+    "budget,policy,type,mass_mean,recall_mean,out_err_mean,needle_survival_mean,cache_tokens_mean\n"
+    "64,full,full,1,1,0,1,300\n"
+    "64,window,window,0.61,0.42,0.9,0,64\n"
+    "64,oracle_topk,oracle_topk,0.83,0.97,0.31,0.25,64\n"
+    "128,full,full,1,1,0,1,300\n"
+    "128,window,window,0.7,0.5,0.62,,128\n"
+    "128,oracle_topk,oracle_topk,0.9,0.99,0.17,0.5,128\n"
+    "256,full,full,1,1,0,1,300\n"
+    "256,window,window,0.82,0.61,0.35,0.375,256\n"
+    "256,oracle_topk,oracle_topk,0.96,1,0.06,0.875,256\n";
 
 static void test_vs_budget_scripts_render(void **state)
 {
@@ -177,12 +178,15 @@ static void test_vs_budget_scripts_render(void **state)
     render_ok("recall_vs_budget.gp", SWEEP_CSV, 1280, 760);
     render_ok("error_vs_budget.gp", SWEEP_CSV, 1280, 760);
     render_ok("needle_vs_budget.gp", SWEEP_CSV, 1280, 760);
-    /* The eval table: accuracy per budget, empty for a policy that does not apply. */
+    render_ok("cache_vs_budget.gp", SWEEP_CSV, 1280, 760);
+    /* The eval table: accuracy per budget with its Wilson interval (error bars), empty for a
+     * policy that does not apply. */
     render_ok("accuracy_vs_budget.gp",
-              "budget,policy,type,prompts,correct,accuracy\n64,full,full,4,4,1\n"
-              "64,window,window,4,1,0.25\n64,oracle_future,oracle_future,4,,\n"
-              "128,full,full,4,4,1\n128,window,window,4,2,0.5\n"
-              "128,oracle_future,oracle_future,4,,\n",
+              "budget,policy,type,prompts,correct,accuracy,accuracy_lo,accuracy_hi\n"
+              "64,full,full,4,4,1,0.51,1\n"
+              "64,window,window,4,1,0.25,0.046,0.7\n64,oracle_future,oracle_future,4,,,,\n"
+              "128,full,full,4,4,1,0.51,1\n128,window,window,4,2,0.5,0.15,0.85\n"
+              "128,oracle_future,oracle_future,4,,,,\n",
               1280, 760);
     /* A trace without needles: survival is empty throughout, the plot says so instead of
      * failing. */
@@ -235,9 +239,10 @@ static void test_run_plot_renders(void **state)
 {
     (void)state;
     render_ok("run_plot.gp",
-              "policy,type,mass_mean,recall_mean,out_err_mean,needle_survival_mean\n"
-              "full,full,1,1,0,1\nwindow512,window,0.82,0.57,0.32,\n"
-              "oracle_topk,oracle_topk,0.95,1,0.08,0.6\nrandom,random,0.63,0.52,0.68,0.45\n",
+              "policy,type,mass_mean,recall_mean,out_err_mean,needle_survival_mean,"
+              "cache_tokens_mean\n"
+              "full,full,1,1,0,1,2048\nwindow512,window,0.82,0.57,0.32,,512\n"
+              "oracle_topk,oracle_topk,0.95,1,0.08,0.6,512\nrandom,random,0.63,0.52,0.68,0.45,480.5\n",
               1280, 760);
 }
 
@@ -415,13 +420,88 @@ static void test_empty_field_is_missing(void **state)
     free(printed);
 }
 
+/* The error bars of accuracy_vs_budget.gp are the interval's columns, every policy's points
+ * shifted apart around the budget (the middle one of three on it); the lines that coincide at
+ * every budget within 0.2% are named as a group (offload's on hybrid's: 0.7005 against 0.7),
+ * not those that differ at one (h2o at 128), nor a policy without values; more than two equal
+ * are one group. */
+static void test_intervals_and_coinciding_lines(void **state)
+{
+    (void)state;
+    static const char csv[] = "budget,policy,type,accuracy,accuracy_lo,accuracy_hi\n"
+                              "64,hybrid,hybrid,0.25,0.1,0.5\n64,offload,offload,0.25,0.1,0.5\n"
+                              "64,h2o,h2o,0.25,0.1,0.5\n64,none,oracle_future,,,\n"
+                              "64,none2,oracle_future,,,\n"
+                              "128,hybrid,hybrid,0.5,0.3,0.7\n128,offload,offload,0.5,0.3,0.7\n"
+                              "128,h2o,h2o,0.4,0.2,0.6\n128,none,oracle_future,,,\n"
+                              "128,none2,oracle_future,,,\n"
+                              "256,hybrid,hybrid,0.7,0.5,0.85\n256,offload,offload,0.7005,0.5,0.85\n"
+                              "256,h2o,h2o,0.7,0.5,0.85\n256,none,oracle_future,,,\n"
+                              "256,none2,oracle_future,,,\n";
+    char *printed = common_gp_prints(csv, "print coinciding(\"accuracy\")\n"
+                                          "print coinciding(\"type\")\n"
+                                          "print coinciding(\"accuracy_lo\")\n"
+                                          "print coinciding(\"budget\")\n");
+    assert_string_equal(printed, "hybrid = offload\nnone = none2\nhybrid = offload\n"
+                                 "hybrid = offload = h2o = none = none2\n");
+    free(printed);
+    printed = common_gp_prints(csv, "metric = 'accuracy'; metric_lo = 'accuracy_lo'; "
+                                    "metric_hi = 'accuracy_hi'; metric_label = 'a'; "
+                                    "plot_title = 't'; subtitle = 'model m, 4 prompts'\n"
+                                    "set table $T\n"
+                                    "load script_dir . '/vs_budget.gp'\n"
+                                    "unset table\n"
+                                    "print $T\n"
+                                    "print GPVAL_TERM\n");
+    /* three policies with values, 2^(-0.025), 1 and 2^(0.025) times the budget (rounded by the
+     * table): hybrid at 126, offload at 128, h2o at 130 */
+    if (!strstr(printed, "\n126  0.5  i") || !strstr(printed, "\n128  0.5  i") ||
+        !strstr(printed, "\n130  0.4  i") || !strstr(printed, "Curve 2 of 3, 3 points"))
+        fail_msg("the points are not shifted apart around 128:\n%s", printed);
+    free(printed);
+    printed = common_gp_prints(csv, "print titled('t')\nsubtitle = 'model m'\nprint titled('t')\n");
+    assert_string_equal(printed, "t\nt\nmodel m\n");
+    free(printed);
+}
+
+/* A dataset (kvsim run over many traces): dataset.csv with paired.csv beside it, and without. */
+static void test_dataset_renders(void **state)
+{
+    (void)state;
+    static const char dataset[] =
+        "policy,type,metric,traces,mean,ci_lo,ci_hi\n"
+        "full,full,mass_mean,3,1,1,1\nfull,full,cache_tokens_mean,3,600,590,610\n"
+        "window,window,mass_mean,3,0.8,0.75,0.86\nwindow,window,cache_tokens_mean,3,64,64,64\n"
+        "h2o,h2o,mass_mean,3,0.85,0.8,0.9\nh2o,h2o,cache_tokens_mean,3,64,64,64\n";
+    static const char paired[] =
+        "policy,reference,metric,traces,mean_diff,ci_lo,ci_hi\n"
+        "window,full,mass_mean,3,-0.2,-0.25,-0.14\nwindow,full,cache_tokens_mean,3,-536,-546,-526\n"
+        "h2o,full,mass_mean,3,-0.15,-0.2,-0.1\nh2o,full,cache_tokens_mean,3,-536,-546,-526\n";
+    for (int with_paired = 0; with_paired < 2; with_paired++) {
+        char *dir = scratch_create();
+        char in[8192], out[8192];
+        snprintf(in, sizeof in, "%s", scratch_path(dir, "dataset.csv", 0));
+        snprintf(out, sizeof out, "%s", scratch_path(dir, "out.png", 1));
+        scratch_write(in, dataset);
+        if (with_paired)
+            scratch_write(scratch_path(dir, "paired.csv", 2), paired);
+        KvsimRun r = run_script("dataset.gp", in, out);
+        if (r.status != 0 || r.err[0])
+            fail_msg("dataset.gp: exit status %d, stderr: %s", r.status, r.err);
+        assert_png(out, 1280, 900);
+        kvsim_run_free(&r);
+        scratch_remove(dir);
+    }
+}
+
 static const char *const SCRIPTS[] = {"mass_vs_budget.gp",     "recall_vs_budget.gp",
                                       "error_vs_budget.gp",    "needle_vs_budget.gp",
                                       "accuracy_vs_budget.gp", "memory_vs_step.gp",
                                       "mass_heatmap.gp",       "run_plot.gp",
                                       "turns.gp",              "eval_distance.gp",
                                       "survival_distance.gp",  "reuse.gp",
-                                      "reuse_ttft.gp"};
+                                      "reuse_ttft.gp",         "cache_vs_budget.gp",
+                                      "dataset.gp"};
 
 static void test_missing_input_fails(void **state)
 {
@@ -562,6 +642,8 @@ int main(void)
         cmocka_unit_test(test_reuse_renders),
         cmocka_unit_test(test_survival_distance_renders),
         cmocka_unit_test(test_empty_field_is_missing),
+        cmocka_unit_test(test_intervals_and_coinciding_lines),
+        cmocka_unit_test(test_dataset_renders),
         cmocka_unit_test(test_missing_input_fails),
         cmocka_unit_test(test_wrong_input_fails),
         cmocka_unit_test(test_concat_exact_output),

@@ -566,6 +566,48 @@ static void test_invalid_utf8_named(void **state)
     expect_error("\xED\xA0\x80", "byte 0: not valid UTF-8"); /* a surrogate */
 }
 
+/* [[group=NAME]]: the file's group, removed with its line break, the text around it one piece;
+ * in a chat's message as in plain text; malformed, repeated or inside a needle: an error. */
+static void test_group_marker(void **state)
+{
+    (void)state;
+    PromptMarkup m;
+    PromptTokens t;
+    tokenize("[[group=len-2k]]\nThe code is 4711.", -1, &m, &t);
+    assert_string_equal(m.group, "len-2k");
+    assert_text(&t, 0, "The code is 4711.");
+    assert_int_equal(m.n_pieces, 1);
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+    tokenize("The code[[group=a.b+c_d]] is 4711.", -1, &m, &t);
+    assert_string_equal(m.group, "a.b+c_d");
+    assert_text(&t, 0, "The code is 4711.");
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+    tokenize("[{\"role\": \"user\", \"content\": \"[[group=chat]]\\nhi\"}]", -1, &m, &t);
+    assert_true(m.is_chat);
+    assert_string_equal(m.group, "chat");
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+    tokenize("no group", -1, &m, &t);
+    assert_string_equal(m.group, "");
+    prompt_tokens_free(&t);
+    prompt_markup_free(&m);
+    static const char *const bad[][2] = {
+        {"[[group=]] x", "line 1: malformed [[group=NAME]]"},
+        {"[[group=a b]] x", "malformed [[group=NAME]]"},
+        {"[[group=a]]\n[[group=b]] x", "line 2: a second [[group=...]]"},
+        {"[[needle]]x[[group=a]][[/needle]]", "[[group=...]] inside a needle"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        KvErr err = {{0}};
+        assert_int_equal(prompt_parse("p.txt", bad[i][0], strlen(bad[i][0]), &m, &err), -1);
+        if (!strstr(err.msg, bad[i][1]))
+            fail_msg("'%s': '%s' does not mention '%s'", bad[i][0], err.msg, bad[i][1]);
+        prompt_markup_free(&m);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -585,6 +627,7 @@ int main(void)
         cmocka_unit_test(test_bracketed_plain_text_kept),
         cmocka_unit_test(test_chat_after_byte_order_mark),
         cmocka_unit_test(test_invalid_utf8_named),
+        cmocka_unit_test(test_group_marker),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -54,6 +54,14 @@ static int set_value(const char *cmd, const ArgSpec *s, const char *value, KvErr
         *(int *)s->out = i;
         return 0;
     }
+    case ARG_STRINGS: {
+        ArgStrings *list = s->out;
+        if (list->n == ARG_STRINGS_MAX)
+            return kv_fail(err, "%s: --%s: given more than %d times", cmd, s->name,
+                           ARG_STRINGS_MAX);
+        list->v[list->n++] = value;
+        return 0;
+    }
     case ARG_FLAG:
         break;
     }
@@ -130,6 +138,8 @@ void args_usage(FILE *out, const char *usage_line, const ArgSpec *specs)
             snprintf(dflt, sizeof dflt, "%.*s", (int)(bar ? (size_t)(bar - p) : strlen(p)), p);
             break;
         }
+        case ARG_STRINGS: /* nothing by default */
+            break;
         }
         if (dflt[0])
             fprintf(out, "  --%-14s %s (default %s)\n", s->name, s->help, dflt);

@@ -8,12 +8,20 @@
 
 #include "sim/base/util.h"
 
-typedef enum { ARG_INT, ARG_DOUBLE, ARG_STRING, ARG_CHOICE, ARG_FLAG } ArgKind;
+typedef enum { ARG_INT, ARG_DOUBLE, ARG_STRING, ARG_CHOICE, ARG_FLAG, ARG_STRINGS } ArgKind;
+
+/* The values of an option that may be repeated (ARG_STRINGS), in the order given. */
+enum { ARG_STRINGS_MAX = 4096 };
+typedef struct {
+    int n;
+    const char *v[ARG_STRINGS_MAX];
+} ArgStrings;
 
 typedef struct {
     const char *name;    /* without the leading "--" */
     ArgKind kind;        /* int -> int*, double -> double*, string -> const char**, choice -> int*,
-                            flag (takes no value; present = 1) -> int* */
+                            flag (takes no value; present = 1) -> int*,
+                            strings (repeatable, each occurrence appended) -> ArgStrings* */
     void *out;           /* keeps its value when the option is absent (the default) */
     double min, max;     /* inclusive range for int and double */
     const char *choices; /* choice: "a|b|c", stored as the index */

@@ -1,6 +1,7 @@
 #include "sim/cmd/run_cmd.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,44 +10,46 @@
 #include "sim/base/args.h"
 #include "sim/base/provenance.h"
 #include "sim/replay/config.h"
+#include "sim/replay/dataset.h"
 #include "sim/replay/report.h"
 
 /* Policies given the same budget should hold about as many tokens: one line on stderr when the
- * mean cache sizes (summary.csv's cache_tokens_mean, tokens per KV head) of the policies the
- * run's budget applies to are more than 5% apart, naming the smallest and the largest. full
- * and a policy whose section sets its own budget are not compared; an oracle given the budget
- * is. */
-static void warn_unequal_caches(const RunConfig *rc, const PolicySummary *s, int budget)
+ * mean cache sizes (summary.csv's cache_tokens_mean, tokens per KV head; over a dataset, its
+ * mean over the traces) of the policies the run's budget applies to are more than 5% apart,
+ * naming the smallest and the largest. full and a policy whose section sets its own budget are
+ * not compared; an oracle given the budget is. `at` names the budget ("budget 512"). */
+static void warn_unequal_caches(const RunConfig *rc, const double *tokens, const char *at)
 {
     int lo = -1, hi = -1;
     for (int k = 0; k < rc->engine.n_policies; k++) {
         if (!config_policy_budgeted(rc, k))
             continue;
-        double t = s[k].step[SM_CACHE_TOKENS][STAT_MEAN];
-        if (lo < 0 || t < s[lo].step[SM_CACHE_TOKENS][STAT_MEAN])
+        if (lo < 0 || tokens[k] < tokens[lo])
             lo = k;
-        if (hi < 0 || t > s[hi].step[SM_CACHE_TOKENS][STAT_MEAN])
+        if (hi < 0 || tokens[k] > tokens[hi])
             hi = k;
     }
     if (lo < 0)
         return;
-    double a = s[lo].step[SM_CACHE_TOKENS][STAT_MEAN], b = s[hi].step[SM_CACHE_TOKENS][STAT_MEAN];
+    double a = tokens[lo], b = tokens[hi];
     if (b <= 1.05 * a)
         return;
-    fprintf(stderr, "kvsim run: warning: at budget %d the policies' mean caches are more than 5%% "
+    fprintf(stderr, "kvsim run: warning: at %s the policies' mean caches are more than 5%% "
             "apart: %s holds %.1f tokens per KV head, %s %.1f (cache_tokens_mean; compare them "
-            "with care, docs/config.md)\n", budget, rc->engine.policies[lo].label, a,
+            "with care, docs/config.md)\n", at, rc->engine.policies[lo].label, a,
             rc->engine.policies[hi].label, b);
 }
 
-/* run.json beside the CSVs: the config, the trace and every calibration trace (path, size,
+/* run.json beside the CSVs: the config, every trace and every calibration trace (path, size,
  * SHA-256), seed and threads. */
-static int write_provenance(Provenance *prov, const RunConfig *rc, int budget, int threads_used,
-                            KvErr *err)
+static int write_provenance(Provenance *prov, const RunConfig *rc, const PathList *traces,
+                            int budget, int threads_used, KvErr *err)
 {
-    if (provenance_config(prov, rc->config_path, err) != 0 ||
-        provenance_input(prov, "trace", rc->trace_path, err) != 0)
+    if (provenance_config(prov, rc->config_path, err) != 0)
         return -1;
+    for (int t = 0; t < traces->n; t++)
+        if (provenance_input(prov, "trace", traces->v[t], err) != 0)
+            return -1;
     for (int i = 0; i < rc->engine.n_policies; i++) {
         const char *cal = config_calibration(rc, i);
         if (cal && provenance_input(prov, "calibration", cal, err) != 0)
@@ -54,8 +57,10 @@ static int write_provenance(Provenance *prov, const RunConfig *rc, int budget, i
     }
     if (rc->ratio > 0)
         provenance_number(prov, "ratio", rc->ratio);
-    if (budget) /* [run] budget, or what the ratio gave */
+    if (budget) /* [run] budget, or what the ratio gave (one trace) */
         provenance_number(prov, "budget", budget);
+    if (traces->n > 1)
+        provenance_number(prov, "bootstrap_resamples", DATASET_RESAMPLES);
     provenance_number(prov, "seed", (double)rc->engine.seed);
     provenance_number(prov, "threads", rc->engine.threads);
     provenance_number(prov, "threads_used", threads_used);
@@ -63,12 +68,170 @@ static int write_provenance(Provenance *prov, const RunConfig *rc, int budget, i
     return provenance_write(prov, rc->out_dir, err);
 }
 
+/* The traces of the run: each --trace, else [trace] path, a glob(3) pattern expanded
+ * (sim/replay/dataset.h). */
+static int list_traces(const RunConfig *rc, const ArgStrings *given, PathList *traces,
+                       KvErr *err)
+{
+    for (int i = 0; i < given->n; i++)
+        if (path_list_expand(traces, given->v[i], "--trace", err) != 0)
+            return -1;
+    if (given->n)
+        return 0;
+    if (!rc->trace_path[0])
+        return kv_fail(err, "%s: no trace: set [trace] path or pass --trace", rc->config_path);
+    char where[4200];
+    snprintf(where, sizeof where, "%s:%d: [trace] path", rc->config_path, rc->trace_line);
+    return path_list_expand(traces, rc->trace_path, where, err);
+}
+
+/* Replays one trace through every policy of rc: the budget a ratio gives for it (*budget),
+ * the model checks, the replay. Returns the results, or NULL with err set. */
+static Results *replay_trace(RunConfig *rc, Trace *tr, const char *path, int *budget,
+                             KvErr *err)
+{
+    const TraceMeta *tm = trace_meta(tr); /* e.g. a trig calibration trace of another model */
+    *budget = rc->budget;
+    if (rc->ratio > 0) { /* the share of the trace's first prefill span */
+        char context[4200];
+        snprintf(context, sizeof context, "the %d-token prompt of %s", tm->n_prompt, path);
+        *budget = config_ratio_budget(rc, tm->n_prompt);
+        if (config_apply_budget(rc, rc->engine.policies, *budget, context, err) != 0)
+            return NULL;
+    }
+    if (config_check_model(rc, path, tm->n_layers, tm->n_q_heads, tm->head_dim,
+                           tm->rope_layout, err) != 0)
+        return NULL;
+    return engine_run(tr, &rc->engine, err);
+}
+
+/* One trace: summary.csv, layers.csv, steps.csv, turns.csv and run.json, the table on
+ * stdout. */
+static int run_single(RunConfig *rc, const PathList *traces, Provenance *prov, int quiet,
+                      KvErr *err)
+{
+    const char *path = traces->v[0];
+    Trace *tr = trace_open(path, err);
+    if (!tr)
+        return -1;
+    int budget;
+    Results *res = replay_trace(rc, tr, path, &budget, err);
+    int status = res ? 0 : -1;
+    PolicySummary *summary = NULL;
+    if (res) {
+        summary = kv_calloc((size_t)res->n_policies, sizeof *summary);
+        report_summarize(res, summary);
+        if (report_write_csv(res, summary, rc->out_dir, err) != 0 ||
+            write_provenance(prov, rc, traces, budget, res->threads_used, err) != 0) {
+            status = -1;
+        } else if (!quiet) {
+            const TraceMeta *m = trace_meta(tr);
+            printf("trace %s: %s, %d layers, %d+%d tokens; %d policies, %d threads, %.1fs\n",
+                   path, m->model, m->n_layers, m->n_prompt, m->n_tokens - m->n_prompt,
+                   res->n_policies, res->threads_used, res->wall_seconds);
+            if (budget)
+                printf("budget %d tokens per KV head for every policy without its own (%s)\n",
+                       budget, rc->ratio > 0 ? "[run] ratio of the prompt" : "[run] budget");
+            report_print_table(res, summary, stdout);
+            printf("wrote %s/summary.csv, layers.csv, steps.csv, turns.csv, run.json\n",
+                   rc->out_dir);
+        }
+    }
+    if (status == 0 && budget) {
+        double *tokens = kv_malloc((size_t)res->n_policies * sizeof *tokens);
+        for (int k = 0; k < res->n_policies; k++)
+            tokens[k] = summary[k].step[SM_CACHE_TOKENS][STAT_MEAN];
+        char at[64];
+        snprintf(at, sizeof at, "budget %d", budget);
+        warn_unequal_caches(rc, tokens, at);
+        free(tokens);
+    }
+    free(summary);
+    results_free(res);
+    trace_close(tr);
+    return status;
+}
+
+/* Many traces: each replayed in turn, its summary kept; traces.csv, dataset.csv, paired.csv
+ * (sim/replay/dataset.h) and run.json, the dataset table on stdout. */
+static int run_dataset(RunConfig *rc, const PathList *traces, Provenance *prov, int quiet,
+                       KvErr *err)
+{
+    Dataset *ds = NULL;
+    int threads_used = 0, status = 0;
+    for (int t = 0; t < traces->n && status == 0; t++) {
+        const char *path = traces->v[t];
+        Trace *tr = trace_open(path, err);
+        if (!tr) {
+            status = -1;
+            break;
+        }
+        int budget;
+        Results *res = replay_trace(rc, tr, path, &budget, err);
+        if (!res) {
+            status = -1;
+        } else {
+            PolicySummary *summary = kv_calloc((size_t)res->n_policies, sizeof *summary);
+            report_summarize(res, summary);
+            if (!ds)
+                ds = dataset_new(res);
+            const char *base = strrchr(path, '/');
+            dataset_add(ds, base ? base + 1 : path, res, summary);
+            threads_used = res->threads_used > threads_used ? res->threads_used : threads_used;
+            if (!quiet) {
+                const TraceMeta *m = trace_meta(tr);
+                printf("trace %d/%d %s: %s, %d layers, %d+%d tokens", t + 1, traces->n, path,
+                       m->model, m->n_layers, m->n_prompt, m->n_tokens - m->n_prompt);
+                if (budget)
+                    printf(", budget %d", budget);
+                printf("; %.1fs\n", res->wall_seconds);
+            }
+            free(summary);
+        }
+        results_free(res);
+        trace_close(tr);
+    }
+    if (status == 0) {
+        dataset_finish(ds, config_reference(rc), rc->engine.seed);
+        if (dataset_write_csv(ds, rc->out_dir, err) != 0 ||
+            write_provenance(prov, rc, traces, rc->ratio > 0 ? 0 : rc->budget, threads_used,
+                             err) != 0) {
+            status = -1;
+        } else if (!quiet) {
+            dataset_print_table(ds, stdout);
+            printf("wrote %s/traces.csv, dataset.csv, %srun.json\n", rc->out_dir,
+                   config_reference(rc) >= 0 ? "paired.csv, " : "");
+        }
+    }
+    if (status == 0 && rc->budget_line) {
+        int n = rc->engine.n_policies;
+        double *tokens = kv_malloc((size_t)n * sizeof *tokens);
+        for (int k = 0; k < n; k++) {
+            double lo, hi;
+            if (dataset_value(ds, k, "cache_tokens_mean", false, &tokens[k], &lo, &hi) != 0)
+                tokens[k] = NAN;
+        }
+        char at[64];
+        if (rc->ratio > 0)
+            snprintf(at, sizeof at, "ratio %g (means over %d traces)", rc->ratio, traces->n);
+        else
+            snprintf(at, sizeof at, "budget %d (means over %d traces)", rc->budget, traces->n);
+        warn_unequal_caches(rc, tokens, at);
+        free(tokens);
+    }
+    dataset_free(ds);
+    return status;
+}
+
 int cmd_run(int argc, char **argv)
 {
-    const char *trace = NULL, *out = NULL;
+    const char *out = NULL;
+    static ArgStrings trace_args; /* large: not on the stack */
+    trace_args.n = 0;
     int threads = -1, quiet = 0;
     const ArgSpec specs[] = {
-        {"trace", ARG_STRING, &trace, 0, 0, NULL, "the trace to replay (overrides [trace] path)"},
+        {"trace", ARG_STRINGS, &trace_args, 0, 0, NULL,
+         "a trace to replay, or a glob(3) pattern; repeat for a dataset (overrides [trace] path)"},
         {"out", ARG_STRING, &out, 0, 0, NULL, "output directory (overrides [run] out)"},
         {"threads", ARG_INT, &threads, 0, 1024, NULL,
          "worker threads, 0 = all cores (overrides [run] threads)"},
@@ -78,7 +241,9 @@ int cmd_run(int argc, char **argv)
     const char *usage =
         "run CONFIG.ini [options]\n"
         "  Replays the trace through every [policy.LABEL] of CONFIG and writes summary.csv,\n"
-        "  layers.csv and steps.csv (docs/metrics.md). Results are identical at any thread count.";
+        "  layers.csv and steps.csv (docs/metrics.md). Over many traces (--trace repeated, or a\n"
+        "  glob in [trace] path) it writes traces.csv, dataset.csv and paired.csv instead: the\n"
+        "  dataset means with 95% bootstrap intervals. Results are identical at any thread count.";
     const char *positional[1];
     int status = args_start(argc, argv, specs, usage, positional, 1);
     if (status >= 0)
@@ -88,96 +253,32 @@ int cmd_run(int argc, char **argv)
 
     RunConfig rc;
     KvErr err;
+    PathList traces = {0};
     if (config_load(config_path, &rc, &err) != 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         provenance_free(prov);
         return 2;
     }
-    if (trace)
-        snprintf(rc.trace_path, sizeof rc.trace_path, "%s", trace);
     if (out)
         snprintf(rc.out_dir, sizeof rc.out_dir, "%s", out);
     if (threads >= 0)
         rc.engine.threads = threads;
     rc.engine.progress = !quiet && isatty(STDERR_FILENO);
-    if (!rc.trace_path[0]) {
-        fprintf(stderr, "kvsim: %s: no trace: set [trace] path or pass --trace\n", config_path);
-        config_free(&rc);
-        provenance_free(prov);
-        return 2;
-    }
-
-    Trace *tr = trace_open(rc.trace_path, &err);
-    if (!tr) {
-        fprintf(stderr, "kvsim: %s\n", err.msg);
-        config_free(&rc);
-        provenance_free(prov);
-        return 2;
-    }
-    const TraceMeta *tm = trace_meta(tr); /* e.g. a trig calibration trace of another model */
-    int budget = rc.budget;
-    if (rc.ratio > 0) { /* the share of the trace's first prefill span */
-        char context[4200];
-        snprintf(context, sizeof context, "the %d-token prompt of %s", tm->n_prompt,
-                 rc.trace_path);
-        budget = config_ratio_budget(&rc, tm->n_prompt);
-        if (config_apply_budget(&rc, rc.engine.policies, budget, context, &err) != 0) {
-            fprintf(stderr, "kvsim: %s\n", err.msg);
-            trace_close(tr);
-            config_free(&rc);
-            provenance_free(prov);
-            return 2;
-        }
-    }
-    if (config_check_model(&rc, rc.trace_path, tm->n_layers, tm->n_q_heads, tm->head_dim,
-                           tm->rope_layout, &err) != 0) {
-        fprintf(stderr, "kvsim: %s\n", err.msg);
-        trace_close(tr);
-        config_free(&rc);
-        provenance_free(prov);
-        return 2;
-    }
-    /* The output directory is checked before the replay, not after it. */
-    if (make_dirs(rc.out_dir, &err) != 0 || dir_writable(rc.out_dir, &err) != 0) {
-        fprintf(stderr, "kvsim: %s\n", err.msg);
-        trace_close(tr);
-        config_free(&rc);
-        provenance_free(prov);
-        return 2;
-    }
-    Results *res = engine_run(tr, &rc.engine, &err);
-    PolicySummary *summary = NULL;
     status = 0;
-    if (!res) {
+    /* The traces and the output directory are checked before the replay, not after it. */
+    if (list_traces(&rc, &trace_args, &traces, &err) != 0 || make_dirs(rc.out_dir, &err) != 0 ||
+        dir_writable(rc.out_dir, &err) != 0)
+        status = -1;
+    else if (traces.n == 1)
+        status = run_single(&rc, &traces, prov, quiet, &err);
+    else
+        status = run_dataset(&rc, &traces, prov, quiet, &err);
+    if (status != 0)
         fprintf(stderr, "kvsim: %s\n", err.msg);
-        status = 2;
-    } else {
-        summary = kv_calloc((size_t)res->n_policies, sizeof *summary);
-        report_summarize(res, summary);
-        if (report_write_csv(res, summary, rc.out_dir, &err) != 0 ||
-            write_provenance(prov, &rc, budget, res->threads_used, &err) != 0) {
-            fprintf(stderr, "kvsim: %s\n", err.msg);
-            status = 2;
-        } else if (!quiet) {
-            const TraceMeta *m = trace_meta(tr);
-            printf("trace %s: %s, %d layers, %d+%d tokens; %d policies, %d threads, %.1fs\n",
-                   rc.trace_path, m->model, m->n_layers, m->n_prompt, m->n_tokens - m->n_prompt,
-                   res->n_policies, res->threads_used, res->wall_seconds);
-            if (budget)
-                printf("budget %d tokens per KV head for every policy without its own (%s)\n",
-                       budget, rc.ratio > 0 ? "[run] ratio of the prompt" : "[run] budget");
-            report_print_table(res, summary, stdout);
-            printf("wrote %s/summary.csv, layers.csv, steps.csv, turns.csv, run.json\n", rc.out_dir);
-        }
-    }
-    if (status == 0 && budget)
-        warn_unequal_caches(&rc, summary, budget);
-    free(summary);
-    results_free(res);
-    trace_close(tr);
+    path_list_free(&traces);
     config_free(&rc);
     provenance_free(prov);
-    return status;
+    return status ? 2 : 0;
 }
 
 int cmd_policies(int argc, char **argv)

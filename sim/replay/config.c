@@ -414,8 +414,14 @@ static int run_key(Loader *ld, const char *key, const char *value, int line)
             ld->rc->ratio = d;
         }
         ld->rc->budget_line = line;
+    } else if (!strcmp(key, "reference")) {
+        if (!value[0] || strlen(value) >= sizeof ld->rc->reference)
+            return fail_at(ld, line, "reference = '%s': expected the label of a [policy.LABEL] "
+                           "section", ev);
+        strcpy(ld->rc->reference, value);
+        ld->rc->reference_line = line;
     } else {
-        return fail_at(ld, line, "unknown key '%s' in [run] (expected threads, out, topk, eval_every, kv_bits, seed, prefill_chunk, history, prefill_tflops, budget or ratio)",
+        return fail_at(ld, line, "unknown key '%s' in [run] (expected threads, out, topk, eval_every, kv_bits, seed, prefill_chunk, history, prefill_tflops, budget, ratio or reference)",
                        ESC(key, ek));
     }
     return 1;
@@ -431,6 +437,7 @@ static int trace_key(Loader *ld, const char *key, const char *value, int line)
     if (strlen(value) >= sizeof ld->rc->trace_path)
         return fail_at(ld, line, "path: too long");
     strcpy(ld->rc->trace_path, value);
+    ld->rc->trace_line = line;
     return 1;
 }
 
@@ -561,6 +568,11 @@ int config_load(const char *path, RunConfig *rc, KvErr *err)
         fail_at(ld, ld->reader.line > 0 ? ld->reader.line : 1,
                 "no [policy.LABEL] section: nothing to compare");
     e->n_policies = ld->n_sections;
+    if (!ld->failed && rc->reference_line && config_reference(rc) < 0) {
+        char er[160];
+        fail_at(ld, rc->reference_line, "reference = '%s': no [policy.%s] section (expected the "
+                "label of a policy)", ESC(rc->reference, er), er);
+    }
     if (!ld->failed && rc->budget && config_apply_budget(rc, e->policies, rc->budget, NULL,
                                                          &ld->err) != 0)
         ld->failed = true;
@@ -666,6 +678,21 @@ bool config_policy_budgeted(const RunConfig *rc, int i)
     const PolicySpec *spec = &rc->engine.policies[i];
     const char *key = budget_key(spec->type);
     return rc->budget_line && key && !keys_find(&rc->source->sections[i].keys, key);
+}
+
+int config_reference(const RunConfig *rc)
+{
+    const EngineConfig *e = &rc->engine;
+    const char *want = rc->reference[0] ? rc->reference : "full";
+    for (int i = 0; i < e->n_policies; i++)
+        if (!strcmp(e->policies[i].label, want))
+            return i;
+    if (rc->reference[0])
+        return -1;
+    for (int i = 0; i < e->n_policies; i++)
+        if (!strcmp(e->policies[i].type->name, "full"))
+            return i;
+    return -1;
 }
 
 int config_ratio_budget(const RunConfig *rc, int n_prompt)

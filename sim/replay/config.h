@@ -1,9 +1,10 @@
 /* config.h — the INI run configuration of `kvsim run` (see configs/ and docs/config.md).
  *
- *   [trace]  path = FILE.h5
+ *   [trace]  path = FILE.h5   (or a glob(3) pattern: a dataset of traces, sim/replay/dataset.h)
  *   [run]    threads = 0  out = DIR  topk = 32  eval_every = 1  kv_bits = 16  seed = 0
  *            prefill_chunk = 0  history = persist  prefill_tflops = 0
  *            budget = N | ratio = r   (one budget for every policy; docs/config.md)
+ *            reference = full   (the policy a dataset's paired differences are taken to)
  *   [policy.LABEL]  type = NAME  <the type's parameters>   (one section per policy)
  *
  * Every error (unknown section or key, malformed value, unknown policy type, duplicate label,
@@ -30,6 +31,9 @@ typedef struct {
     int budget;
     double ratio;
     int budget_line; /* the line of the one given */
+    int trace_line;  /* the line of [trace] path; 0 when not set */
+    char reference[64]; /* [run] reference: a policy's label; "" = not set */
+    int reference_line;
 } RunConfig;
 
 /* The file must be a regular file of UTF-8 text (an initial byte-order mark is skipped) of at
@@ -83,6 +87,11 @@ bool config_policy_has_budget(const RunConfig *rc, int i);
  * section's line. */
 int config_sweep_budget(const RunConfig *rc, int i, PolicySpec *spec, int budget,
                         const char *given, KvErr *err);
+
+/* The policy a dataset's paired differences are taken to: [run] reference's (config_load
+ * checks that it names a policy); when not set, the policy labelled `full`, else the first of
+ * type full; -1 when there is none. */
+int config_reference(const RunConfig *rc);
 
 void config_free(RunConfig *rc);
 

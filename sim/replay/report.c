@@ -6,7 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "sim/base/csv.h"
 
 /* The reductions of sim/replay/metric_table.h. A metric that applies everywhere (mass, recall, output
  * error, cache size, bytes) exists at every evaluated step and is finite (the engine stops on a
@@ -207,7 +206,7 @@ void report_summarize(const Results *r, PolicySummary *out)
 }
 
 /* One metric column's field: empty where it does not apply, else by the metric's format. */
-static void put_value(CsvFile *c, const MetricColumn *col, double v)
+void report_put_field(CsvFile *c, const MetricColumn *col, double v)
 {
     if (col->optional && isnan(v))
         csv_put_empty(c);
@@ -215,6 +214,11 @@ static void put_value(CsvFile *c, const MetricColumn *col, double v)
         csv_put_count(c, v);
     else
         csv_put_num(c, v);
+}
+
+double report_summary_value(const PolicySummary *s, const MetricColumn *col)
+{
+    return summary_row(s, col->metric)[col->stat];
 }
 
 /* The rows of one file after its header: key fields, then its metric columns (metric_table.h). */
@@ -229,7 +233,7 @@ static void summary_rows(const Results *r, const PolicySummary *s, const MetricC
         csv_put_text(c, r->type[pi]->name);
         for (int i = 0; i < n_cols; i++)
             if (cols[i].metric)
-                put_value(c, &cols[i], summary_row(&s[pi], cols[i].metric)[cols[i].stat]);
+                report_put_field(c, &cols[i], summary_row(&s[pi], cols[i].metric)[cols[i].stat]);
         csv_end_row(c);
     }
 }
@@ -252,7 +256,7 @@ static void layers_rows(const Results *r, const PolicySummary *s, const MetricCo
                     continue;
                 for (int e = 0; e < E; e++)
                     x[e] = value_at(r, pi, m, l, e, heads);
-                put_value(c, &cols[i], reduce_one(x, (size_t)E, skips_nan(m), STAT_MEAN));
+                report_put_field(c, &cols[i], reduce_one(x, (size_t)E, skips_nan(m), STAT_MEAN));
             }
             csv_end_row(c);
         }
@@ -275,7 +279,7 @@ static void steps_rows(const Results *r, const PolicySummary *s, const MetricCol
             csv_put_int(c, t - r->n_prompt);
             for (int i = 0; i < n_cols; i++)
                 if (cols[i].metric)
-                    put_value(c, &cols[i], at_step(r, pi, cols[i].metric, e, x, heads));
+                    report_put_field(c, &cols[i], at_step(r, pi, cols[i].metric, e, x, heads));
             csv_end_row(c);
         }
     free(x);
@@ -372,7 +376,7 @@ static void turns_rows(const Results *r, const PolicySummary *s, const MetricCol
             csv_put_int(c, k);
             for (int i = 0; i < n_cols; i++)
                 if (cols[i].metric)
-                    put_value(c, &cols[i], turn_value(r, pi, k, cols[i].metric->slot));
+                    report_put_field(c, &cols[i], turn_value(r, pi, k, cols[i].metric->slot));
             csv_end_row(c);
         }
 }

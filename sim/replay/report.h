@@ -9,6 +9,7 @@
 
 #include <stdio.h>
 
+#include "sim/base/csv.h"
 #include "sim/replay/engine.h"
 
 /* Per-policy summary statistics, the values of summary.csv: for each metric (by kind and slot,
@@ -27,5 +28,11 @@ void format_bytes(double bytes, char *out, size_t n);
 void report_summarize(const Results *r, PolicySummary *out);
 int report_write_csv(const Results *r, const PolicySummary *s, const char *out_dir, KvErr *err);
 void report_print_table(const Results *r, const PolicySummary *s, FILE *out);
+
+/* Summary.csv's value of metric column `col` (metric_output_columns(OUT_SUMMARY)) in s. */
+double report_summary_value(const PolicySummary *s, const MetricColumn *col);
+/* A metric column's field as the files above write it: empty where an optional value does not
+ * apply (NaN), else in the metric's format (a count or a number). */
+void report_put_field(CsvFile *c, const MetricColumn *col, double v);
 
 #endif

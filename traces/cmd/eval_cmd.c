@@ -40,6 +40,7 @@ typedef struct {
     int n_questions;   /* eval_questions(): one answer per generation point */
     Expected *answers; /* [n_questions] */
     int *turns;        /* [n_questions]: each question's turn (question_turns) */
+    int group;         /* index of markup.group in the sorted groups of the set (prompt_groups) */
     PromptMarkup markup;
     PromptTokens tokens;
 } EvalPrompt;
@@ -191,7 +192,8 @@ static const char *prompt_extension(const char *file)
 }
 
 /* Every NAME.txt and NAME.json in dir, sorted bytewise (the order of every output); two files of
- * one NAME are an error. */
+ * one NAME are an error. A NAME.json without NAME.answer beside it is not a prompt but data (the
+ * held-out set's index.json), left alone; a NAME.txt without one is an error later. */
 static char **list_prompts(const char *dir, int *n, KvErr *err)
 {
     DIR *d = opendir(dir);
@@ -203,8 +205,16 @@ static char **list_prompts(const char *dir, int *n, KvErr *err)
     int cap = 0;
     *n = 0;
     for (struct dirent *e; (e = readdir(d));) {
-        if (!prompt_extension(e->d_name))
+        const char *ext = prompt_extension(e->d_name);
+        if (!ext)
             continue;
+        if (!strcmp(ext, ".json")) {
+            char answer[4400];
+            snprintf(answer, sizeof answer, "%s/%.*s.answer", dir,
+                     (int)(strlen(e->d_name) - strlen(ext)), e->d_name);
+            if (access(answer, F_OK) != 0)
+                continue;
+        }
         if (*n == cap)
             names = kv_realloc(names, (size_t)(cap = cap ? 2 * cap : 16) * sizeof *names);
         names[(*n)++] = kv_strdup(e->d_name);
@@ -461,8 +471,9 @@ typedef struct {
     double agreement, device_bytes, host_bytes, generated;
 } PolicyScore;
 
-/* Which questions a score counts: every one, those of a turn, those at a distance. */
-typedef enum { BY_ALL, BY_TURN, BY_DISTANCE } ScoreBy;
+/* Which questions a score counts: every one, those of a turn, those at a distance, those of a
+ * prompt group. */
+typedef enum { BY_ALL, BY_TURN, BY_DISTANCE, BY_GROUP } ScoreBy;
 
 static bool question_counts(const EvalPrompt *p, int q, ScoreBy by, int value)
 {
@@ -471,6 +482,8 @@ static bool question_counts(const EvalPrompt *p, int q, ScoreBy by, int value)
         return p->turns[q] == value;
     case BY_DISTANCE:
         return p->answers[q].fact_turn >= 0 && p->turns[q] - p->answers[q].fact_turn == value;
+    case BY_GROUP:
+        return p->group == value;
     default:
         return true;
     }
@@ -540,21 +553,23 @@ static void put_score(CsvFile *c, const PolicyScore *s, bool with_bytes)
     }
 }
 
-/* Policy k against policy ref on the same questions (both applicable): `better` questions k
- * answered correctly and ref did not, `worse` the reverse, and the exact McNemar p-value of
- * the difference. */
+/* Policy k against policy ref on the same questions (both applicable), those `by` selects:
+ * `better` questions k answered correctly and ref did not, `worse` the reverse, and the exact
+ * McNemar p-value of the difference. */
 typedef struct {
     int better, worse;
     double p;
 } Paired;
 
-static Paired paired_test(const EvalJob *job, int k, int ref)
+static Paired paired_test(const EvalJob *job, int k, int ref, ScoreBy by, int value)
 {
     Paired r = {0, 0, NAN};
     for (int i = 0; i < job->n_prompts; i++) {
         const Outcome *o = &job->outcomes[(size_t)i * job->n_policies + k];
         const Outcome *f = &job->outcomes[(size_t)i * job->n_policies + ref];
         for (int q = 0; q < job->prompts[i].n_questions; q++) {
+            if (!question_counts(&job->prompts[i], q, by, value))
+                continue;
             r.better += o->replies[q].correct && !f->replies[q].correct;
             r.worse += !o->replies[q].correct && f->replies[q].correct;
         }
@@ -592,12 +607,12 @@ static int write_eval_csv(const EvalJob *job, const PolicyScore *s, int full, co
         csv_put_int(&c, s[k].questions);
         put_score(&c, &s[k], true);
         if (s[k].applicable) {
-            Paired vs_full = paired_test(job, k, full);
+            Paired vs_full = paired_test(job, k, full, BY_ALL, 0);
             csv_put_int(&c, vs_full.better);
             csv_put_int(&c, vs_full.worse);
             csv_put_num(&c, vs_full.p);
             if (best >= 0)
-                csv_put_num(&c, paired_test(job, k, best).p);
+                csv_put_num(&c, paired_test(job, k, best, BY_ALL, 0).p);
             else
                 csv_put_empty(&c);
         } else {
@@ -668,6 +683,81 @@ static int write_turns_csv(const EvalJob *job, int full, const char *dir, KvErr 
     return csv_commit(&c, err);
 }
 
+/* The distinct [[group=NAME]]s of the prompts, sorted bytewise ("": the prompts without one,
+ * first when there are such), into names (room for every prompt); sets each prompt's group
+ * index and returns the count. */
+static int prompt_groups(EvalJob *job, const char **names)
+{
+    int n = 0;
+    for (int i = 0; i < job->n_prompts; i++) {
+        const char *g = job->prompts[i].markup.group;
+        int j = 0;
+        while (j < n && strcmp(names[j], g) < 0)
+            j++;
+        if (j < n && !strcmp(names[j], g))
+            continue;
+        memmove(names + j + 1, names + j, (size_t)(n - j) * sizeof *names);
+        names[j] = g;
+        n++;
+    }
+    for (int i = 0; i < job->n_prompts; i++)
+        for (int j = 0; j < n; j++)
+            if (!strcmp(names[j], job->prompts[i].markup.group))
+                job->prompts[i].group = j;
+    return n;
+}
+
+/* eval_groups.csv: policy x prompt group, with the paired test against full inside the group;
+ * written when a prompt names a group. Returns 1 when written, 0 when not, -1 on error. */
+static int write_groups_csv(EvalJob *job, int full, const char *dir, KvErr *err)
+{
+    const char **names = kv_malloc((size_t)job->n_prompts * sizeof *names);
+    int n = prompt_groups(job, names);
+    if (n == 1 && !names[0][0]) { /* no prompt names a group: no file, not an older one */
+        free(names);
+        char path[4400];
+        snprintf(path, sizeof path, "%s/eval_groups.csv", dir);
+        if (unlink(path) != 0 && errno != ENOENT)
+            return kv_fail(err, "%s: cannot remove the file of an older run (%s)", path,
+                           strerror(errno));
+        return 0;
+    }
+    CsvFile c;
+    if (csv_create(&c, dir, "eval_groups.csv",
+                   "policy,type,group,prompts,questions,correct,accuracy,accuracy_lo,accuracy_hi,"
+                   "agreement_with_full,vs_full_better,vs_full_worse,vs_full_p",
+                   err) != 0) {
+        free(names);
+        return -1;
+    }
+    for (int k = 0; k < job->n_policies; k++)
+        for (int g = 0; g < n; g++) {
+            PolicyScore ps;
+            score_policy(job, k, full, BY_GROUP, g, &ps);
+            csv_put_text(&c, job->policies[k].label);
+            csv_put_text(&c, job->policies[k].type->name);
+            if (names[g][0])
+                csv_put_text(&c, names[g]);
+            else
+                csv_put_empty(&c);
+            csv_put_int(&c, ps.prompts);
+            csv_put_int(&c, ps.questions);
+            put_score(&c, &ps, false);
+            if (ps.applicable) {
+                Paired vs_full = paired_test(job, k, full, BY_GROUP, g);
+                csv_put_int(&c, vs_full.better);
+                csv_put_int(&c, vs_full.worse);
+                csv_put_num(&c, vs_full.p);
+            } else {
+                for (int i = 0; i < 3; i++)
+                    csv_put_empty(&c);
+            }
+            csv_end_row(&c);
+        }
+    free(names);
+    return csv_commit(&c, err) != 0 ? -1 : 1;
+}
+
 static int write_prompts_csv(const EvalJob *job, int full, const char *dir, KvErr *err)
 {
     CsvFile c;
@@ -735,7 +825,7 @@ static void print_table(const EvalJob *job, const PolicyScore *s, int full, FILE
             snprintf(acc, sizeof acc, "%.3f", s[k].accuracy);
             snprintf(ci, sizeof ci, "[%.3f, %.3f]", s[k].accuracy_lo, s[k].accuracy_hi);
             snprintf(agree, sizeof agree, "%.3f", s[k].agreement);
-            snprintf(p, sizeof p, "%.3g", paired_test(job, k, full).p);
+            snprintf(p, sizeof p, "%.3g", paired_test(job, k, full, BY_ALL, 0).p);
         } else {
             snprintf(correct, sizeof correct, "n/a");
             snprintf(acc, sizeof acc, "-");
@@ -969,9 +1059,11 @@ static int eval_main(const EvalOptions *o, Provenance *prov, KvErr *err)
     scores = kv_calloc((size_t)n_policies, sizeof *scores);
     for (int k = 0; k < n_policies; k++)
         score_policy(&job, k, full, BY_ALL, 0, &scores[k]);
+    int grouped = 0;
     if (make_dirs(rc.out_dir, err) != 0 || write_eval_csv(&job, scores, full, rc.out_dir, err) != 0 ||
         write_prompts_csv(&job, full, rc.out_dir, err) != 0 ||
         write_turns_csv(&job, full, rc.out_dir, err) != 0 ||
+        (grouped = write_groups_csv(&job, full, rc.out_dir, err)) < 0 ||
         write_provenance(prov, o, &rc, prompts, n_prompts, threads, err) != 0)
         goto done;
     if (!o->quiet) {
@@ -983,7 +1075,8 @@ static int eval_main(const EvalOptions *o, Provenance *prov, KvErr *err)
                 printf("%s: not applicable in closed loop (%s needs the future of the run, "
                        "which depends on the policy itself)\n", policies[k].label,
                        policies[k].type->name);
-        printf("wrote %s/eval.csv, eval_prompts.csv, eval_turns.csv, run.json\n", rc.out_dir);
+        printf("wrote %s/eval.csv, eval_prompts.csv, eval_turns.csv, %srun.json\n", rc.out_dir,
+               grouped ? "eval_groups.csv, " : "");
     }
     rc_status = 0;
 done:

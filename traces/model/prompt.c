@@ -1,5 +1,6 @@
 #include "traces/model/prompt.h"
 
+#include <ctype.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,6 +15,8 @@ static const char NEEDLE_CLOSE[] = "[[/needle]]";
 static const char PROBE[] = "[[probe]]";
 static const char DECODE[] = "[[decode]]";
 static const char GENERATE[] = "[[generate]]";
+static const char GROUP[] = "[[group="; /* [[group=NAME]] */
+enum { GROUP_NAME_MAX = sizeof((PromptMarkup *)0)->group - 1 };
 
 /* Accumulates text into the current piece; a marker or a new segment closes it. */
 typedef struct {
@@ -107,6 +110,55 @@ static int is_blank(char c)
     return c == ' ' || c == '\t' || c == '\r' || c == '\n';
 }
 
+/* The length of the [[group=NAME]] marker at `rest` (left bytes), its line break after it
+ * included; 0 when it is not well formed (NAME: 1 to GROUP_NAME_MAX letters, digits, '_', '-',
+ * '.' or '+'). The name goes to name[GROUP_NAME_MAX + 1] when not NULL. */
+static size_t group_marker(const char *rest, size_t left, char *name)
+{
+    size_t n = sizeof GROUP - 1, k = 0;
+    while (n + k < left && (isalnum((unsigned char)rest[n + k]) || strchr("_-.+", rest[n + k])) &&
+           rest[n + k] != '\0')
+        k++;
+    if (k == 0 || k > GROUP_NAME_MAX || n + k + 2 > left || memcmp(rest + n + k, "]]", 2))
+        return 0;
+    if (name) {
+        memcpy(name, rest + n, k);
+        name[k] = '\0';
+    }
+    size_t end = n + k + 2;
+    if (end < left && rest[end] == '\n')
+        end++;
+    else if (end + 1 < left && rest[end] == '\r' && rest[end + 1] == '\n')
+        end += 2;
+    return end;
+}
+
+/* [[group=NAME]] at byte `at` of text: the prompt's group (at most one per file), removed with
+ * the line break after it. Returns the bytes to skip, or 0 with err set. */
+static size_t mark_group(Builder *b, const char *origin, const char *text, size_t at,
+                         size_t left, KvErr *err)
+{
+    int line = text_line_at(text, at);
+    char name[GROUP_NAME_MAX + 1];
+    size_t skip = group_marker(text + at, left, name);
+    if (!skip) {
+        kv_fail(err, "%s: line %d: malformed [[group=NAME]] (expected a NAME of 1 to %d letters, "
+                "digits, '_', '-', '.' or '+', then ]])", origin, line, (int)GROUP_NAME_MAX);
+        return 0;
+    }
+    if (b->m->group[0]) {
+        kv_fail(err, "%s: line %d: a second [[group=...]] (at most one per prompt file; the "
+                "first names '%s')", origin, line, b->m->group);
+        return 0;
+    }
+    if (b->in_needle) {
+        kv_fail(err, "%s: line %d: [[group=...]] inside a needle", origin, line);
+        return 0;
+    }
+    memcpy(b->m->group, name, sizeof name);
+    return skip;
+}
+
 /* Appends text, acting on the markers in it. A needle must close within the same text. */
 static int append_marked(Builder *b, const char *origin, const char *text, size_t len, KvErr *err)
 {
@@ -115,6 +167,16 @@ static int append_marked(Builder *b, const char *origin, const char *text, size_
         const char *rest = text + i;
         size_t left = len - i;
         size_t marker = 0;
+        if (left >= sizeof GROUP - 1 && !memcmp(rest, GROUP, sizeof GROUP - 1)) {
+            /* no piece ends here: the text on both sides is one */
+            append(b, text + start, i - start);
+            size_t skip = mark_group(b, origin, text, i, left, err);
+            if (!skip)
+                return -1;
+            i += skip;
+            start = i;
+            continue;
+        }
         if (left >= sizeof NEEDLE_OPEN - 1 && !memcmp(rest, NEEDLE_OPEN, sizeof NEEDLE_OPEN - 1))
             marker = sizeof NEEDLE_OPEN - 1;
         else if (left >= sizeof NEEDLE_CLOSE - 1 &&
@@ -185,6 +247,8 @@ static int has_text(const char *body)
         for (size_t k = 0; k < sizeof markers / sizeof *markers && !skip; k++)
             if (!strncmp(c, markers[k], strlen(markers[k])))
                 skip = strlen(markers[k]);
+        if (!skip && !strncmp(c, GROUP, sizeof GROUP - 1))
+            skip = group_marker(c, strlen(c), NULL);
         if (!skip && !is_blank(*c))
             return 1;
         c += skip ? skip : 1;

@@ -17,6 +17,11 @@
  *                             must lie before it. In a chat, a marker opening a message's content
  *                             splits before the message's "Role: " header. Its forced text ends
  *                             with its turn (at the next user message, or at [[generate]]).
+ *   [[group=NAME]]            the prompt's group, at most once per file, outside needles (NAME:
+ *                             1 to 63 letters, digits, '_', '-', '.' or '+'): `kvsim eval`
+ *                             breaks its accuracy down by group (docs/eval.md). The marker and
+ *                             the line break right after it are removed without splitting the
+ *                             text around them.
  *   [[generate]]              the model generates here (greedy, up to --max-new tokens, stopping
  *                             at EOS). In a chat it is an assistant message's whole content and
  *                             nowhere else; in plain text it may stand anywhere outside a needle
@@ -57,6 +62,7 @@ typedef struct {
     int n_pieces;
     PromptPiece *pieces;
     int last_segment; /* segment the generated tokens continue */
+    char group[64];   /* [[group=NAME]]'s NAME; "" when the file has none */
 } PromptMarkup;
 
 /* Parses the contents of a prompt file (origin names it in errors). */

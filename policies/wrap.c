@@ -68,6 +68,8 @@ int wrap_set_extra(void *params, const char *key, const char *value, KvErr *err)
         return kv_fail(err, "'%s': expected a key of the inner policy", key);
     /* A key given again (a [run] budget over the section's) replaces its earlier value. */
     size_t klen = strlen(key);
+    char before[WRAP_KEYS_MAX]; /* restored when the key is rejected */
+    memcpy(before, w->keys, sizeof before);
     for (char *line = w->keys; *line;) {
         char *end = strchr(line, '\n') + 1;
         if (strncmp(line, key, klen) == 0 && line[klen] == '=') {
@@ -85,8 +87,12 @@ int wrap_set_extra(void *params, const char *key, const char *value, KvErr *err)
         return 0; /* checked once inner = is known (validate) */
     const PolicyType *t;
     void *prm = inner_params(w, &t, true, err);
+    if (!prm) {
+        memcpy(w->keys, before, sizeof before);
+        return -1;
+    }
     free(prm);
-    return prm ? 0 : -1;
+    return 0;
 }
 
 int wrap_validate(const void *params, KvErr *err)

@@ -1,0 +1,411 @@
+/* The defining properties of the policy library's newer members, each against the test's own
+ * arithmetic:
+ *   expected_attention  keeps the tokens the predicted future query attends to most: queries
+ *                       whose pre-RoPE form is one vector u predict the query rope(u, P); queries
+ *                       +-u (mean 0, covariance u u^T) predict the keys of largest |k . rope(u, P)|;
+ *   adakv               one budget per layer: the heads together keep H * K, each at least
+ *                       floor(alpha * K), the rest the best scores of all heads; alpha = 1 is the
+ *                       inner alone; decode keeps the layer within H * budget;
+ *   pyramid             layer l keeps KVCache-Factory's max - l * steps (the same total), a short
+ *                       prompt every layer the inner's K (the inner alone);
+ *   gqa                 the group reductions: sum, mean (h2o's choice is unchanged) and max
+ *                       (snapkv keeps the best window sums of the group's best head). */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "policies/rank.h"
+#include "sim/format/geometry.h"
+#include "tests/support/fixture.h"
+
+enum { HQ = 4, HKV = 2, D = 8, T = 120 };
+
+static double dot(const float *a, const float *b)
+{
+    double s = 0;
+    for (int d = 0; d < D; d++)
+        s += (double)a[d] * b[d];
+    return s;
+}
+
+static double key_norm(Fixture *fx, int g, int j)
+{
+    return sqrt(dot(fx_k(fx, g, j), fx_k(fx, g, j)));
+}
+
+/* Of the prompt's positions [lo, hi) of KV head g, every kept one scores at least as high as
+ * every dropped one; returns how many are kept. */
+static int check_kept_best(const Policy *p, int g, int lo, int hi, const double *score)
+{
+    double lowest_kept = INFINITY, highest_dropped = -INFINITY;
+    int kept = 0;
+    for (int j = lo; j < hi; j++) {
+        if (kvcache_has(&p->cache[g], j)) {
+            kept++;
+            lowest_kept = fmin(lowest_kept, score[j]);
+        } else {
+            highest_dropped = fmax(highest_dropped, score[j]);
+        }
+    }
+    assert_true(lowest_kept >= highest_dropped - 1e-12);
+    return kept;
+}
+
+/* ---- expected_attention ---- */
+
+static const float U[D] = {1.5f, -0.5f, 0.25f, 2.0f, -1.0f, 0.75f, 0.5f, -1.25f};
+
+/* Prompt queries of every head: rope(sign_i * u, i); returns the predicted query rope(u, P). */
+static void plant_queries(Fixture *fx, int P, bool alternate, float *predicted)
+{
+    for (int h = 0; h < HQ; h++)
+        for (int i = 0; i < P; i++) {
+            float *q = fx_q(fx, h, i);
+            for (int d = 0; d < D; d++)
+                q[d] = alternate && i % 2 ? -U[d] : U[d];
+            rope_apply(q, D, ROPE_HALF, fx->L.rope_inv_freq, (double)i);
+        }
+    memcpy(predicted, U, sizeof U);
+    rope_apply(predicted, D, ROPE_HALF, fx->L.rope_inv_freq, (double)P);
+}
+
+static void test_expected_attention_follows_the_predicted_query(void **state)
+{
+    (void)state;
+    enum { P = 80, B = 24, W = 4 };
+    double score[T];
+    float predicted[D];
+    for (int alternate = 0; alternate <= 1; alternate++) {
+        Fixture *fx = fixture_new(HQ, HKV, D, T, P);
+        fixture_randomize(fx, 11 + (uint64_t)alternate, 1.0);
+        plant_queries(fx, P, alternate, predicted);
+        /* One future position: the rotation to position P exactly. Mean u: the keys of largest
+         * k . rope(u, P); mean 0 and covariance u u^T: those of largest |k . rope(u, P)|. */
+        Policy *p = fixture_policy(fx, "expected_attention",
+                                   alternate ? "budget=24 window=4 future=1 sinks=0 vnorm=false"
+                                             : "budget=24 window=4 future=1 sinks=0 vnorm=false "
+                                               "covariance=false",
+                                   7);
+        fixture_run(fx, p, P + 1, NULL, NULL);
+        for (int g = 0; g < HKV; g++) {
+            for (int j = 0; j < P - W; j++) {
+                double x = dot(fx_k(fx, g, j), predicted);
+                score[j] = alternate ? fabs(x) : x;
+            }
+            assert_int_equal(check_kept_best(p, g, 0, P - W, score), B - 1 - W);
+        }
+        p->type->destroy(p);
+        fixture_free(fx);
+    }
+}
+
+/* The first `sinks` tokens stay; with vnorm, a token whose value is zero is dropped whatever
+ * its key. */
+static void test_expected_attention_sinks_and_value_norm(void **state)
+{
+    (void)state;
+    enum { P = 80 };
+    float predicted[D];
+    Fixture *fx = fixture_new(HQ, HKV, D, T, P);
+    fixture_randomize(fx, 13, 1.0);
+    plant_queries(fx, P, false, predicted);
+    /* Token 40 is the one the predicted query attends to most, but carries no value. */
+    for (int g = 0; g < HKV; g++) {
+        for (int d = 0; d < D; d++) {
+            fx_k(fx, g, 40)[d] = 4.0f * predicted[d];
+            fx_v(fx, g, 40)[d] = 0.0f;
+        }
+    }
+    Policy *p = fixture_policy(fx, "expected_attention", "budget=24 window=4 sinks=3", 7);
+    fixture_run(fx, p, P + 1, NULL, NULL);
+    for (int g = 0; g < HKV; g++) {
+        for (int j = 0; j < 3; j++)
+            assert_true(kvcache_has(&p->cache[g], j));
+        assert_false(kvcache_has(&p->cache[g], 40));
+    }
+    p->type->destroy(p);
+    p = fixture_policy(fx, "expected_attention", "budget=24 window=4 sinks=3 vnorm=false", 7);
+    fixture_run(fx, p, P + 1, NULL, NULL);
+    for (int g = 0; g < HKV; g++)
+        assert_true(kvcache_has(&p->cache[g], 40));
+    p->type->destroy(p);
+    fixture_free(fx);
+}
+
+/* ---- adakv ---- */
+
+typedef struct {
+    int budget;
+} LayerBudget;
+
+/* Decode: the layer never holds more than H * budget slots at an attention. */
+static void check_layer_budget(int t, const Policy *p, const float *full_attn, void *ud)
+{
+    (void)t;
+    (void)full_attn;
+    const LayerBudget *lb = ud;
+    int total = 0;
+    for (int g = 0; g < p->n_kv_heads; g++)
+        total += p->cache[g].n;
+    assert_true(total <= p->n_kv_heads * lb->budget);
+}
+
+static void test_adakv_shares_the_layer_budget(void **state)
+{
+    (void)state;
+    enum { P = 90, B = 30, W = 6, K = B - 1 - W };
+    Fixture *fx = fixture_new(HQ, HKV, D, T, P);
+    fixture_randomize(fx, 17, 1.0);
+    /* Head 1's keys are long: by knorm's score (-||k||) every one of them is worse than any
+     * of head 0's, so head 1 keeps its floor and head 0 the rest. */
+    for (int j = 0; j < T; j++)
+        for (int d = 0; d < D; d++)
+            fx_k(fx, 1, j)[d] *= 10.0f;
+    double score[HKV][T];
+    for (int g = 0; g < HKV; g++)
+        for (int j = 0; j < T; j++)
+            score[g][j] = -key_norm(fx, g, j);
+    static const double ALPHAS[] = {0.2, 0.5, 0.0};
+    for (int a = 0; a < 3; a++) {
+        char params[96];
+        snprintf(params, sizeof params, "inner=knorm budget=%d window=%d alpha=%g", B, W,
+                 ALPHAS[a]);
+        Policy *p = fixture_policy(fx, "adakv", params, 7);
+        fixture_run(fx, p, P, NULL, NULL);
+        int floor_k = (int)(ALPHAS[a] * K);
+        int kept1 = check_kept_best(p, 1, 0, P - W, score[1]);
+        int kept0 = check_kept_best(p, 0, 0, P - W, score[0]);
+        assert_int_equal(kept1, floor_k);
+        assert_int_equal(kept0, HKV * K - floor_k);
+        for (int g = 0; g < HKV; g++)
+            for (int j = P - W; j < P; j++)
+                assert_true(kvcache_has(&p->cache[g], j));
+        LayerBudget lb = {B};
+        fixture_run(fx, p, T, check_layer_budget, &lb);
+        p->type->destroy(p);
+    }
+    fixture_free(fx);
+}
+
+/* Random keys: beyond each head's floor, the kept tokens are the best of both heads together. */
+static void test_adakv_global_top_k(void **state)
+{
+    (void)state;
+    enum { P = 90, B = 30, W = 6, K = B - 1 - W };
+    Fixture *fx = fixture_new(HQ, HKV, D, T, P);
+    fixture_randomize(fx, 19, 1.0);
+    for (int j = 0; j < T; j++)
+        for (int d = 0; d < D; d++)
+            fx_k(fx, 1, j)[d] *= 1.3f; /* the heads' scores overlap but differ */
+    double score[HKV][T];
+    for (int g = 0; g < HKV; g++)
+        for (int j = 0; j < T; j++)
+            score[g][j] = -key_norm(fx, g, j);
+    Policy *p = fixture_policy(fx, "adakv", "inner=knorm budget=30 window=6 alpha=0.2", 7);
+    fixture_run(fx, p, P, NULL, NULL);
+    int floor_k = (int)(0.2 * K), kept[HKV];
+    double lowest_kept = INFINITY, highest_dropped = -INFINITY;
+    for (int g = 0; g < HKV; g++) {
+        kept[g] = check_kept_best(p, g, 0, P - W, score[g]);
+        assert_true(kept[g] >= floor_k);
+        /* The head's floor_k best are its floor; the others compete across heads. */
+        double kept_score[T];
+        int n = 0;
+        for (int j = 0; j < P - W; j++)
+            if (kvcache_has(&p->cache[g], j))
+                kept_score[n++] = score[g][j];
+        for (int i = 0; i < n; i++) {
+            int better = 0;
+            for (int k = 0; k < n; k++)
+                better += kept_score[k] > kept_score[i];
+            if (better >= floor_k)
+                lowest_kept = fmin(lowest_kept, kept_score[i]);
+        }
+        for (int j = 0; j < P - W; j++)
+            if (!kvcache_has(&p->cache[g], j))
+                highest_dropped = fmax(highest_dropped, score[g][j]);
+    }
+    assert_int_equal(kept[0] + kept[1], HKV * K);
+    assert_int_not_equal(kept[0], kept[1]); /* the allocation is not uniform here */
+    assert_true(lowest_kept >= highest_dropped);
+    p->type->destroy(p);
+    fixture_free(fx);
+}
+
+/* The caches of KV heads 0 and 1 after running to t_end, as flags [HKV][T]. */
+static void run_flags(Fixture *fx, const char *type, const char *params, int t_end, int32_t *out)
+{
+    Policy *p = fixture_policy(fx, type, params, 7);
+    fixture_run(fx, p, t_end, NULL, NULL);
+    for (int g = 0; g < HKV; g++)
+        for (int j = 0; j < T; j++)
+            out[(size_t)g * T + j] = kvcache_has(&p->cache[g], j);
+    p->type->destroy(p);
+}
+
+static void test_wrappers_reduce_to_the_inner(void **state)
+{
+    (void)state;
+    int32_t a[HKV * T], b[HKV * T];
+    /* adakv with alpha = 1: every head keeps K, as snapkv alone. */
+    Fixture *fx = fixture_new(HQ, HKV, D, T, 90);
+    fixture_randomize(fx, 23, 1.0);
+    run_flags(fx, "snapkv", "budget=30 observation=6 kernel=3", T, a);
+    run_flags(fx, "adakv", "inner=snapkv budget=30 observation=6 kernel=3 alpha=1", T, b);
+    assert_memory_equal(a, b, sizeof a);
+    /* pyramid on a short prompt (n + W < 2K): every layer keeps K, as knorm alone. */
+    fixture_free(fx);
+    fx = fixture_new(HQ, HKV, D, T, 40);
+    fixture_randomize(fx, 29, 1.0);
+    fx->meta.n_layers = 4;
+    fx->L.layer = 3;
+    run_flags(fx, "knorm", "budget=30 window=6", T, a);
+    run_flags(fx, "pyramid", "inner=knorm budget=30 window=6", T, b);
+    assert_memory_equal(a, b, sizeof a);
+    fx->meta.n_layers = 1;
+    fixture_free(fx);
+}
+
+/* ---- pyramid ---- */
+
+static void test_pyramid_budgets_shrink_with_depth(void **state)
+{
+    (void)state;
+    enum { P = 100, B = 40, W = 8, K = B - 1 - W, LAYERS = 4 };
+    /* KVCache-Factory with n = P - W = 92 candidates: min = 31 / 20 = 1, max = 61 (< 92),
+     * steps = 60 / 3 = 20: layers keep 61, 41, 21, 1 (124 = 4 * 31 together). */
+    static const int KEEP[LAYERS] = {61, 41, 21, 1};
+    Fixture *fx = fixture_new(HQ, HKV, D, T, P);
+    fixture_randomize(fx, 31, 1.0);
+    fx->meta.n_layers = LAYERS;
+    double score[T];
+    int total = 0;
+    for (int l = 0; l < LAYERS; l++) {
+        fx->L.layer = l;
+        Policy *p = fixture_policy(fx, "pyramid", "inner=knorm budget=40 window=8", 7);
+        fixture_run(fx, p, P, NULL, NULL);
+        for (int g = 0; g < HKV; g++) {
+            for (int j = 0; j < T; j++)
+                score[j] = -key_norm(fx, g, j);
+            assert_int_equal(check_kept_best(p, g, 0, P - W, score), KEEP[l]);
+        }
+        total += KEEP[l];
+        /* Decode: the layer's budget is KEEP[l] + W + 1 per head. */
+        LayerBudget lb = {KEEP[l] + W + 1};
+        fixture_run(fx, p, T, check_layer_budget, &lb);
+        assert_int_equal(p->cache[0].n, KEEP[l] + W);
+        p->type->destroy(p);
+    }
+    assert_int_equal(total, LAYERS * K);
+    fx->meta.n_layers = 1;
+    fixture_free(fx);
+}
+
+/* ---- gqa ---- */
+
+static void test_reduce_rows(void **state)
+{
+    (void)state;
+    const float a[] = {1, 5, 2, 9, /* row 1 */ 3, 1, 2, -1};
+    float out[4];
+    rank_reduce_rows(a, 2, 3, 4, RANK_GQA_SUM, out);
+    assert_true(out[0] == 4 && out[1] == 6 && out[2] == 4);
+    rank_reduce_rows(a, 2, 3, 4, RANK_GQA_MEAN, out);
+    assert_true(out[0] == 2 && out[1] == 3 && out[2] == 2);
+    rank_reduce_rows(a, 2, 3, 4, RANK_GQA_MAX, out);
+    assert_true(out[0] == 3 && out[1] == 5 && out[2] == 2);
+}
+
+/* snapkv with gqa = max keeps the tokens of largest max over the group's heads of the window's
+ * summed attention (kernel 1: no pooling); on this layer that differs from the sum's choice. */
+static void test_snapkv_gqa_max(void **state)
+{
+    (void)state;
+    enum { P = 80, B = 20, W = 6 };
+    int32_t sum_flags[HKV * T], max_flags[HKV * T];
+    /* A layer on which the two reductions choose differently (so that the test tells them
+     * apart): the first of a few seeds. */
+    Fixture *fx = NULL;
+    for (uint64_t seed = 37; seed < 57 && !fx; seed++) {
+        fx = fixture_new(HQ, HKV, D, T, P);
+        fixture_randomize(fx, seed, 2.0);
+        run_flags(fx, "snapkv", "budget=20 observation=6 kernel=1", P, sum_flags);
+        run_flags(fx, "snapkv", "budget=20 observation=6 kernel=1 gqa=max", P, max_flags);
+        if (!memcmp(sum_flags, max_flags, sizeof sum_flags)) {
+            fixture_free(fx);
+            fx = NULL;
+        }
+    }
+    assert_non_null(fx);
+    float *attn = malloc((size_t)HQ * T * sizeof *attn);
+    double win[HQ][T];
+    memset(win, 0, sizeof win);
+    for (int i = P - W; i < P; i++) {
+        fixture_full_attn(fx, i, attn);
+        for (int h = 0; h < HQ; h++)
+            for (int j = 0; j < P - W; j++)
+                win[h][j] += attn[(size_t)h * T + j];
+    }
+    free(attn);
+    Policy *p = fixture_policy(fx, "snapkv", "budget=20 observation=6 kernel=1 gqa=max", 7);
+    fixture_run(fx, p, P, NULL, NULL);
+    double score[T];
+    for (int g = 0; g < HKV; g++) {
+        for (int j = 0; j < P - W; j++)
+            score[j] = fmax(win[2 * g][j], win[2 * g + 1][j]);
+        assert_int_equal(check_kept_best(p, g, 0, P - W, score), B - 1 - W);
+    }
+    p->type->destroy(p);
+    /* mean = sum / group: the same choice as the sum. */
+    run_flags(fx, "snapkv", "budget=20 observation=6 kernel=1 gqa=mean", P, max_flags);
+    assert_memory_equal(sum_flags, max_flags, sizeof sum_flags);
+    run_flags(fx, "h2o", "budget=20", T, sum_flags);
+    run_flags(fx, "h2o", "budget=20 gqa=mean", T, max_flags);
+    assert_memory_equal(sum_flags, max_flags, sizeof sum_flags);
+    fixture_free(fx);
+}
+
+static void test_wrapper_errors(void **state)
+{
+    (void)state;
+    const PolicyType *type = policy_find("adakv");
+    void *prm = calloc(1, type->params_size);
+    policy_params_defaults(type, prm);
+    KvErr err;
+    assert_int_equal(policy_param_set(type, prm, "inner", "h2o", &err), 0);
+    assert_int_equal(type->validate(prm, &err), -1);
+    assert_non_null(strstr(err.msg, "per-token scores"));
+    assert_int_equal(policy_param_set(type, prm, "inner", "knorm", &err), 0);
+    assert_int_equal(policy_param_set(type, prm, "observation", "8", &err), -1);
+    assert_non_null(strstr(err.msg, "observation"));
+    policy_params_defaults(type, prm);
+    assert_int_equal(policy_param_set(type, prm, "inner", "knorm", &err), 0);
+    assert_int_equal(policy_param_set(type, prm, "budget", "64", &err), 0);
+    assert_int_equal(type->validate(prm, &err), 0);
+    assert_int_equal(policy_param_set(type, prm, "window", "64", &err), 0);
+    assert_int_equal(type->validate(prm, &err), -1);
+    assert_int_equal(policy_param_set(type, prm, "window", "8", &err), 0); /* replaces it */
+    assert_int_equal(type->validate(prm, &err), 0);
+    free(prm);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_expected_attention_follows_the_predicted_query),
+        cmocka_unit_test(test_expected_attention_sinks_and_value_norm),
+        cmocka_unit_test(test_adakv_shares_the_layer_budget),
+        cmocka_unit_test(test_adakv_global_top_k),
+        cmocka_unit_test(test_wrappers_reduce_to_the_inner),
+        cmocka_unit_test(test_pyramid_budgets_shrink_with_depth),
+        cmocka_unit_test(test_reduce_rows),
+        cmocka_unit_test(test_snapkv_gqa_max),
+        cmocka_unit_test(test_wrapper_errors),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

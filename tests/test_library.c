@@ -9,7 +9,11 @@
  *   pyramid             layer l keeps KVCache-Factory's max - l * steps (the same total), a short
  *                       prompt every layer the inner's K (the inner alone);
  *   gqa                 the group reductions: sum, mean (h2o's choice is unchanged) and max
- *                       (snapkv keeps the best window sums of the group's best head). */
+ *                       (snapkv keeps the best window sums of the group's best head);
+ *   r_kv                with lambda = 1 keeps the window's most attended tokens (group max of
+ *                       the logits, softmax, mean over the window); with lambda = 0 drops the
+ *                       redundant ones (near copies of one key, but the last copy); the cache
+ *                       grows to budget + buffer and is cut back to budget. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -185,6 +189,9 @@ static void test_adakv_shares_the_layer_budget(void **state)
         for (int g = 0; g < HKV; g++)
             for (int j = P - W; j < P; j++)
                 assert_true(kvcache_has(&p->cache[g], j));
+        p->type->destroy(p);
+        /* A fresh instance through the decode. */
+        p = fixture_policy(fx, "adakv", params, 7);
         LayerBudget lb = {B};
         fixture_run(fx, p, T, check_layer_budget, &lb);
         p->type->destroy(p);
@@ -295,7 +302,9 @@ static void test_pyramid_budgets_shrink_with_depth(void **state)
             assert_int_equal(check_kept_best(p, g, 0, P - W, score), KEEP[l]);
         }
         total += KEEP[l];
-        /* Decode: the layer's budget is KEEP[l] + W + 1 per head. */
+        /* Decode (a fresh instance): the layer's budget is KEEP[l] + W + 1 per head. */
+        p->type->destroy(p);
+        p = fixture_policy(fx, "pyramid", "inner=knorm budget=40 window=8", 7);
         LayerBudget lb = {KEEP[l] + W + 1};
         fixture_run(fx, p, T, check_layer_budget, &lb);
         assert_int_equal(p->cache[0].n, KEEP[l] + W);
@@ -370,6 +379,77 @@ static void test_snapkv_gqa_max(void **state)
     fixture_free(fx);
 }
 
+/* ---- r_kv ---- */
+
+static void test_r_kv_importance(void **state)
+{
+    (void)state;
+    enum { P = 60, B = 24, W = 4, M = P - W };
+    Fixture *fx = fixture_new(HQ, HKV, D, T, P);
+    fixture_randomize(fx, 41, 1.5);
+    Policy *p = fixture_policy(fx, "r_kv", "budget=24 window=4 kernel=1 lambda=1 buffer=10", 7);
+    fixture_run(fx, p, P, NULL, NULL);
+    for (int g = 0; g < HKV; g++) {
+        double imp[T] = {0};
+        for (int i = P - W; i < P; i++) {
+            double logit[M], top = -INFINITY, sum = 0;
+            for (int j = 0; j < M; j++) {
+                logit[j] = -INFINITY;
+                for (int a = 0; a < 2; a++) /* group max */
+                    logit[j] = fmax(logit[j],
+                                    fx->L.attn_scale * dot(fx_q(fx, 2 * g + a, i), fx_k(fx, g, j)));
+                top = fmax(top, logit[j]);
+            }
+            for (int j = 0; j < M; j++)
+                sum += exp(logit[j] - top);
+            for (int j = 0; j < M; j++)
+                imp[j] += exp(logit[j] - top) / sum / W;
+        }
+        assert_int_equal(check_kept_best(p, g, 0, M, imp), B - W);
+        assert_int_equal(p->cache[g].n, B);
+    }
+    /* Decode (a fresh instance): at most budget + buffer slots at an attention. */
+    p->type->destroy(p);
+    p = fixture_policy(fx, "r_kv", "budget=24 window=4 kernel=1 lambda=1 buffer=10", 7);
+    LayerBudget lb = {B + 10};
+    fixture_run(fx, p, T, check_layer_budget, &lb);
+    p->type->destroy(p);
+    fixture_free(fx);
+}
+
+static void test_r_kv_drops_redundant_keys(void **state)
+{
+    (void)state;
+    enum { P = 60, B = 24, W = 4 };
+    Fixture *fx = fixture_new(HQ, HKV, D, T, P);
+    fixture_randomize(fx, 43, 1.0);
+    /* Positions 10..39: near copies of one key. */
+    for (int g = 0; g < HKV; g++)
+        for (int j = 10; j < 40; j++)
+            for (int d = 0; d < D; d++)
+                fx_k(fx, g, j)[d] = U[d] + 0.01f * fx_k(fx, g, j)[d];
+    Policy *p = fixture_policy(fx, "r_kv", "budget=24 window=4 lambda=0", 7);
+    fixture_run(fx, p, P, NULL, NULL);
+    for (int g = 0; g < HKV; g++) {
+        assert_int_equal(p->cache[g].n, B);
+        /* Each copy's row zeroes its last similar column: the last copy (39) is not counted
+         * as redundant, every other copy is, and goes first. */
+        for (int j = 10; j < 39; j++)
+            assert_false(kvcache_has(&p->cache[g], j));
+    }
+    p->type->destroy(p);
+    /* With lambda = 1 the redundancy does not count: copies the window attends to stay. */
+    p = fixture_policy(fx, "r_kv", "budget=24 window=4 lambda=1", 7);
+    fixture_run(fx, p, P, NULL, NULL);
+    int copies = 0;
+    for (int g = 0; g < HKV; g++)
+        for (int j = 10; j < 39; j++)
+            copies += kvcache_has(&p->cache[g], j);
+    assert_true(copies > 0);
+    p->type->destroy(p);
+    fixture_free(fx);
+}
+
 static void test_wrapper_errors(void **state)
 {
     (void)state;
@@ -405,6 +485,8 @@ int main(void)
         cmocka_unit_test(test_pyramid_budgets_shrink_with_depth),
         cmocka_unit_test(test_reduce_rows),
         cmocka_unit_test(test_snapkv_gqa_max),
+        cmocka_unit_test(test_r_kv_importance),
+        cmocka_unit_test(test_r_kv_drops_redundant_keys),
         cmocka_unit_test(test_wrapper_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -24,8 +24,11 @@
 #include <cmocka.h>
 
 #include "policies/rank.h"
+#include "policies/wrap.h"
 #include "sim/format/geometry.h"
+#include "sim/replay/config.h"
 #include "tests/support/fixture.h"
+#include "tests/support/scratch.h"
 
 enum { HQ = 4, HKV = 2, D = 8, T = 120 };
 
@@ -450,6 +453,37 @@ static void test_r_kv_drops_redundant_keys(void **state)
     fixture_free(fx);
 }
 
+/* A wrapper in a config: the inner's keys in any order after inner =, [run] budget sets the
+ * inner's budget unless the section does, and a bad inner key fails at its line. */
+static void test_wrapper_config(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    const char *path = scratch_path(dir, "w.ini", 0);
+    scratch_write(path, "[run]\nbudget = 256\n"
+                        "[policy.a]\ntype = adakv\ninner = snapkv\nobservation = 16\nalpha = 0.5\n"
+                        "[policy.b]\ntype = pyramid\ninner = knorm\nbudget = 128\nwindow = 8\n");
+    RunConfig rc;
+    KvErr err;
+    if (config_load(path, &rc, &err) != 0)
+        fail_msg("%s", err.msg);
+    int budget[2], window[2];
+    bool grow;
+    for (int i = 0; i < 2; i++)
+        wrap_frame(rc.engine.policies[i].params, &budget[i], &window[i], &grow);
+    assert_int_equal(budget[0], 256);
+    assert_int_equal(window[0], 16);
+    assert_int_equal(budget[1], 128);
+    assert_int_equal(window[1], 8);
+    assert_true(((const WrapParams *)rc.engine.policies[0].params)->alpha == 0.5);
+    config_free(&rc);
+    scratch_write(path, "[policy.a]\ntype = adakv\ninner = knorm\nbudget = 64\nkernel = 3\n");
+    assert_int_equal(config_load(path, &rc, &err), -1);
+    assert_non_null(strstr(err.msg, ":5:"));
+    assert_non_null(strstr(err.msg, "unknown key 'kernel'"));
+    scratch_remove(dir);
+}
+
 static void test_wrapper_errors(void **state)
 {
     (void)state;
@@ -488,6 +522,7 @@ int main(void)
         cmocka_unit_test(test_r_kv_importance),
         cmocka_unit_test(test_r_kv_drops_redundant_keys),
         cmocka_unit_test(test_wrapper_errors),
+        cmocka_unit_test(test_wrapper_config),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -20,9 +20,9 @@
 extern const PolicyType policy_adakv;
 
 static const ParamSpec adakv_params[] = {
-    {"inner", PARAM_STRING, offsetof(WrapParams, inner), "snapkv", 0, 0, NULL,
-     "the scorer (its parameters follow in the section): snapkv, knorm, keydiff, "
-     "expected_attention"},
+    {"inner", PARAM_STRING, offsetof(WrapParams, inner), "", 0, 0, NULL,
+     "required, before the inner's parameters: the scorer (snapkv, knorm, keydiff, "
+     "expected_attention)"},
     {"alpha", PARAM_DOUBLE, offsetof(WrapParams, alpha), "0.2", 0, 1, NULL,
      "each head's floor, a share of the mean number of tokens a head keeps (alpha_safeguard)"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},

@@ -21,9 +21,9 @@
 extern const PolicyType policy_pyramid;
 
 static const ParamSpec pyramid_params[] = {
-    {"inner", PARAM_STRING, offsetof(WrapParams, inner), "snapkv", 0, 0, NULL,
-     "the scorer (its parameters follow in the section): snapkv, knorm, keydiff, "
-     "expected_attention"},
+    {"inner", PARAM_STRING, offsetof(WrapParams, inner), "", 0, 0, NULL,
+     "required, before the inner's parameters: the scorer (snapkv, knorm, keydiff, "
+     "expected_attention)"},
     {"beta", PARAM_INT, offsetof(WrapParams, beta), "20", 1, 1 << 20, NULL,
      "steepness: the deepest layer keeps about K / beta, K the mean tokens before the window"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},

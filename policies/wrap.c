@@ -29,8 +29,12 @@ static void *inner_params(const WrapParams *w, const PolicyType **type, bool par
     if (!t || !t->scorer) {
         char names[512];
         scorer_names(names, sizeof names);
-        kv_fail(err, "inner = '%s': expected one of the policies that expose per-token scores (%s)",
-                w->inner, names);
+        if (!w->inner[0])
+            kv_fail(err, "no inner = (expected one of the policies that expose per-token scores: "
+                         "%s)", names);
+        else
+            kv_fail(err, "inner = '%s': expected one of the policies that expose per-token "
+                         "scores (%s)", w->inner, names);
         return NULL;
     }
     void *prm = kv_malloc(t->params_size);

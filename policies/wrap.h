@@ -1,11 +1,13 @@
 /* wrap.h — the shared part of the wrappers that allocate a budget across KV heads and layers
  * around an inner policy's per-token scores (adakv, pyramid).
  *
- * Configuration. `inner = NAME` names a policy whose PolicyType exposes a PolicyScorer
- * (policies/policy.h: snapkv, knorm, keydiff, expected_attention; `kvsim policies` marks them);
- * every key the wrapper's own table does not list is the inner policy's parameter, applied to
- * the inner's defaults in the order given. The parameter struct stays flat (the engine copies
- * it by size): the inner's key = value pairs are kept as text and parsed again where needed.
+ * Configuration. `inner = NAME` (required) names a policy whose PolicyType exposes a
+ * PolicyScorer (policies/policy.h: snapkv, knorm, keydiff, expected_attention); every key the
+ * wrapper's own table does not list is the inner policy's parameter, applied to the inner's
+ * defaults in the order given. A key given after inner = is checked at once (an error names its
+ * line), one given before it when the section is complete. The parameter struct stays flat (the
+ * engine copies it by size): the inner's key = value pairs are kept as text and parsed again
+ * where needed.
  *
  * The frame is the inner's (PolicyScorer.frame): budget B, window W, decode grow or slide.
  * Prefill. Chunks are admitted whole; at a span's last chunk the last W' positions

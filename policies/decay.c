@@ -49,7 +49,7 @@ static const ParamSpec decay_params[] = {
     {"pin_system", PARAM_BOOL, offsetof(DecayParams, pin_system), "true", 0, 0, NULL,
      "never evict the system-prompt segment (segment 0), up to budget - local tokens"},
     {"gqa", PARAM_ENUM, offsetof(DecayParams, gqa), "sum", 0, 0, RANK_GQA_CHOICES,
-     "reduction over the group's query heads (KVCache-Factory's options)"},
+     "reduction over the group's query heads: sum, mean or max"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 

@@ -54,8 +54,7 @@ static const ParamSpec h2o_params[] = {
      "sum: attention summed over the queries (H2O); mean: divided by the queries that saw the "
      "token (kvpress ObservedAttentionPress)"},
     {"gqa", PARAM_ENUM, offsetof(H2oParams, gqa), "sum", 0, 0, RANK_GQA_CHOICES,
-     "reduction of a query's attention over the KV group's query heads (KVCache-Factory's "
-     "options)"},
+     "reduction of a query's attention over the KV group's query heads: sum, mean or max"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 

@@ -60,7 +60,7 @@ static const ParamSpec snapkv_params[] = {
     {"pool", PARAM_ENUM, offsetof(SnapkvParams, pool), "max", 0, 0, "max|avg",
      "pooling of the neighbours' scores: max, or avg (zero-padded mean over kernel, kvpress's)"},
     {"gqa", PARAM_ENUM, offsetof(SnapkvParams, gqa), "sum", 0, 0, RANK_GQA_CHOICES,
-     "reduction of the group's query heads' window sums (KVCache-Factory's options)"},
+     "reduction of the group's query heads' window sums: sum, mean or max"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 

@@ -42,7 +42,7 @@ static const ParamSpec tova_params[] = {
     {"heads", PARAM_ENUM, offsetof(TovaParams, heads), "group", 0, 0, "group|layer",
      "attention averaged over the KV head's group (group) or over the whole layer (layer)"},
     {"gqa", PARAM_ENUM, offsetof(TovaParams, gqa), "mean", 0, 0, RANK_GQA_CHOICES,
-     "heads = group: reduction over the group's query heads (KVCache-Factory's options)"},
+     "heads = group: reduction over the group's query heads: mean, sum or max"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 

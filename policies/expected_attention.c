@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cblas.h>
+
 #include "policies/press.h"
 #include "policies/rank.h"
 #include "sim/format/geometry.h"
@@ -123,66 +125,64 @@ static void ea_score(const void *params, const PrefillView *pv, int g, const int
     double *mu = kv_malloc((size_t)D * sizeof *mu);
     double *S = kv_malloc((size_t)D * D * sizeof *S);
     double *tmp = kv_malloc((size_t)D * D * sizeof *tmp);
-    double *z = kv_malloc((size_t)n * sizeof *z);
-    float *red = kv_malloc((size_t)L->group * n * sizeof *red); /* [group][n] */
-    float *out = kv_malloc((size_t)n * sizeof *out);
-    float *pre = kv_malloc((size_t)m * D * sizeof *pre);
+    double *X = kv_malloc((size_t)m * D * sizeof *X);       /* pre-RoPE queries, centred */
+    double *K = kv_malloc(((size_t)n + 1) * D * sizeof *K); /* the scored keys, [nk][D] */
+    double *KS = kv_malloc(((size_t)n + 1) * D * sizeof *KS);
+    double *z = kv_malloc(((size_t)n + 1) * sizeof *z);
+    int *at = kv_malloc(((size_t)n + 1) * sizeof *at); /* candidate index of K's row */
+    float *red = kv_calloc((size_t)L->group * n + 1, sizeof *red); /* [group][n] */
+    float *out = kv_malloc(((size_t)n + 1) * sizeof *out);
+    float *q = kv_malloc((size_t)D * sizeof *q);
     mean_rotation(L, (double)L->meta->positions[c1 - 1] + 1.0, prm->future, R);
+    /* The candidates that are not sinks, their keys as rows. */
+    int nk = 0;
+    for (int i = 0; i < n; i++) {
+        if (cand[i] < prm->sinks)
+            continue;
+        const float *k = L->k + ((size_t)g * L->n_tokens + cand[i]) * D;
+        for (int d = 0; d < D; d++)
+            K[(size_t)nk * D + d] = k[d];
+        at[nk++] = i;
+    }
     double s = L->attn_scale;
-    for (int r = 0; r < L->group; r++) {
+    for (int r = 0; r < L->group && nk > 0; r++) {
         int h = g * L->group + r;
-        /* The pre-RoPE queries and their mean and covariance. */
+        /* The pre-RoPE queries, their mean and covariance. */
         memset(mu, 0, (size_t)D * sizeof *mu);
         for (int i = 0; i < m; i++) {
-            float *q = pre + (size_t)i * D;
             memcpy(q, L->q + ((size_t)h * L->n_tokens + q0 + i) * D, (size_t)D * sizeof *q);
             rope_apply(q, D, L->meta->rope_layout, L->rope_inv_freq,
                        -(double)L->meta->positions[q0 + i]);
-            for (int d = 0; d < D; d++)
+            for (int d = 0; d < D; d++) {
+                X[(size_t)i * D + d] = q[d];
                 mu[d] += q[d];
+            }
         }
         for (int d = 0; d < D; d++)
             mu[d] /= m;
         if (prm->covariance) {
-            memset(S, 0, (size_t)D * D * sizeof *S);
-            for (int i = 0; i < m; i++) {
-                const float *q = pre + (size_t)i * D;
-                for (int a = 0; a < D; a++) {
-                    double xa = q[a] - mu[a];
-                    for (int b = 0; b < D; b++)
-                        S[a * D + b] += xa * (q[b] - mu[b]);
-                }
-            }
-            for (int a = 0; a < D * D; a++)
-                S[a] /= m;
+            for (int i = 0; i < m; i++)
+                for (int d = 0; d < D; d++)
+                    X[(size_t)i * D + d] -= mu[d];
+            cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, D, m, 1.0 / m, X, D, X, D,
+                        0.0, S, D);
         }
         rotate_stats(R, D, mu, S, tmp, prm->covariance);
-        /* z over the candidates that are not sinks, then their softmax. */
-        double zmax = -INFINITY;
-        for (int i = 0; i < n; i++) {
-            if (cand[i] < prm->sinks)
-                continue;
-            const float *k = L->k + ((size_t)g * L->n_tokens + cand[i]) * D;
-            double lin = 0, quad = 0;
-            for (int a = 0; a < D; a++) {
-                lin += mu[a] * k[a];
-                if (prm->covariance) {
-                    double row = 0;
-                    for (int b = 0; b < D; b++)
-                        row += S[a * D + b] * k[b];
-                    quad += k[a] * row;
-                }
-            }
-            z[i] = s * lin + 0.5 * s * s * quad;
-            if (z[i] > zmax)
-                zmax = z[i];
+        /* z_i = s mu'.k_i + s^2/2 k_i^T S' k_i over the scored keys, then their softmax. */
+        cblas_dgemv(CblasRowMajor, CblasNoTrans, nk, D, s, K, D, mu, 1, 0.0, z, 1);
+        if (prm->covariance) {
+            cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nk, D, D, 1.0, K, D, S, D,
+                        0.0, KS, D);
+            for (int i = 0; i < nk; i++)
+                z[i] += 0.5 * s * s * cblas_ddot(D, K + (size_t)i * D, 1, KS + (size_t)i * D, 1);
         }
-        double sum = 0;
-        for (int i = 0; i < n; i++)
-            if (cand[i] >= prm->sinks)
-                sum += (z[i] = exp(z[i] - zmax));
-        for (int i = 0; i < n; i++)
-            red[(size_t)r * n + i] = cand[i] >= prm->sinks ? (float)(z[i] / sum) : 0.0f;
+        double zmax = -INFINITY, sum = 0;
+        for (int i = 0; i < nk; i++)
+            zmax = z[i] > zmax ? z[i] : zmax;
+        for (int i = 0; i < nk; i++)
+            sum += (z[i] = exp(z[i] - zmax));
+        for (int i = 0; i < nk; i++)
+            red[(size_t)r * n + at[i]] = (float)(z[i] / sum);
     }
     rank_reduce_rows(red, L->group, n, n, prm->gqa, out);
     double best = -INFINITY;
@@ -208,10 +208,14 @@ static void ea_score(const void *params, const PrefillView *pv, int g, const int
     free(mu);
     free(S);
     free(tmp);
+    free(X);
+    free(K);
+    free(KS);
     free(z);
+    free(at);
     free(red);
     free(out);
-    free(pre);
+    free(q);
 }
 
 static Policy *ea_create(const void *params, const LayerView *L, const PolicyEnv *env,

@@ -484,6 +484,44 @@ static void test_wrapper_config(void **state)
     scratch_remove(dir);
 }
 
+/* decay (the fixture is all system prompt: pinning off), hybrid, h2o, tova, expected_attention,
+ * r_kv: gqa = mean chooses as the sum (group 2 halves exactly; tova's default is the mean), and
+ * another reduction chooses differently on some layer (the option reaches the choice). */
+static void test_gqa_reaches_every_scorer(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *type, *base, *alt_same, *alt_diff;
+    } CASES[] = {
+        {"decay", "budget=24 local=6 pin_system=false", "budget=24 local=6 pin_system=false gqa=mean",
+         "budget=24 local=6 pin_system=false gqa=max"},
+        {"hybrid", "budget=24", "budget=24 gqa=mean", "budget=24 gqa=max"},
+        {"h2o", "budget=24", "budget=24 gqa=mean", "budget=24 gqa=max"},
+        {"tova", "budget=24 gqa=sum", "budget=24", "budget=24 gqa=max"},
+        {"expected_attention", "budget=24 window=4", NULL, "budget=24 window=4 gqa=max"},
+        {"r_kv", "budget=24 window=4 buffer=6", NULL, "budget=24 window=4 buffer=6 gqa=mean"},
+    };
+    int32_t a[HKV * T], b[HKV * T];
+    for (size_t c = 0; c < sizeof CASES / sizeof CASES[0]; c++) {
+        bool differs = false;
+        for (uint64_t seed = 51; seed < 61 && !differs; seed++) {
+            Fixture *fx = fixture_new(HQ, HKV, D, T, 70);
+            fixture_randomize(fx, seed, 2.0);
+            run_flags(fx, CASES[c].type, CASES[c].base, T, a);
+            if (CASES[c].alt_same) {
+                run_flags(fx, CASES[c].type, CASES[c].alt_same, T, b);
+                assert_memory_equal(a, b, sizeof a);
+            }
+            run_flags(fx, CASES[c].type, CASES[c].alt_diff, T, b);
+            differs = memcmp(a, b, sizeof a) != 0;
+            fixture_free(fx);
+        }
+        if (!differs)
+            fail_msg("%s: %s chooses as %s on every layer tried", CASES[c].type,
+                     CASES[c].alt_diff, CASES[c].base);
+    }
+}
+
 static void test_wrapper_errors(void **state)
 {
     (void)state;
@@ -519,6 +557,7 @@ int main(void)
         cmocka_unit_test(test_pyramid_budgets_shrink_with_depth),
         cmocka_unit_test(test_reduce_rows),
         cmocka_unit_test(test_snapkv_gqa_max),
+        cmocka_unit_test(test_gqa_reaches_every_scorer),
         cmocka_unit_test(test_r_kv_importance),
         cmocka_unit_test(test_r_kv_drops_redundant_keys),
         cmocka_unit_test(test_wrapper_errors),

@@ -83,9 +83,11 @@ int wrap_set_extra(void *params, const char *key, const char *value, KvErr *err)
         line = end;
     }
     size_t used = strlen(w->keys), add = klen + strlen(value) + 2;
-    if (used + add >= sizeof w->keys)
+    if (used + add >= sizeof w->keys) {
+        memcpy(w->keys, before, sizeof before);
         return kv_fail(err, "%s: the inner policy's parameters exceed %d characters", key,
                        WRAP_KEYS_MAX - 1);
+    }
     snprintf(w->keys + used, sizeof w->keys - used, "%s=%s\n", key, value);
     if (!w->inner[0])
         return 0; /* checked once inner = is known (validate) */

@@ -7,12 +7,13 @@
  * queries add their attention (over the cache and the chunk: prefill mass) to what the tokens
  * they see have accumulated, the chunk is admitted and the cache trimmed as after query
  * chunk_end − 1, after every chunk of every span. The system segment is pinned as its tokens
- * arrive. */
+ * arrive. `gqa` reduces the group's query heads: sum (the default, above), mean or max. */
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
 
 #include "policies/policy.h"
+#include "policies/rank.h"
 
 extern const PolicyType policy_decay;
 
@@ -20,6 +21,7 @@ typedef struct {
     int budget;
     int local;
     bool pin_system;
+    int gqa;
 } DecayParams;
 
 typedef struct {
@@ -36,6 +38,7 @@ typedef struct {
     double *acc;       /* [n_kv_heads][T] attention mass accumulated over the group's heads */
     double *inv_decay; /* [T] 1 / ln(age + e) by age */
     Candidate *cand;   /* scratch: room for every slot of a cache */
+    float *reduced;    /* [T] scratch (gqa = max) */
 } Decay;
 
 static const ParamSpec decay_params[] = {
@@ -45,6 +48,8 @@ static const ParamSpec decay_params[] = {
      "last tokens never evicted, the current one included (TriCache local window)"},
     {"pin_system", PARAM_BOOL, offsetof(DecayParams, pin_system), "true", 0, 0, NULL,
      "never evict the system-prompt segment (segment 0), up to budget - local tokens"},
+    {"gqa", PARAM_ENUM, offsetof(DecayParams, gqa), "sum", 0, 0, RANK_GQA_CHOICES,
+     "reduction over the group's query heads: sum, mean or max"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
@@ -73,6 +78,7 @@ static Policy *decay_create(const void *params, const LayerView *L, const Policy
     d->pinned = kv_calloc((size_t)L->n_tokens, sizeof *d->pinned);
     d->acc = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *d->acc);
     d->inv_decay = kv_malloc((size_t)L->n_tokens * sizeof *d->inv_decay);
+    d->reduced = kv_malloc((size_t)L->n_tokens * sizeof *d->reduced);
     /* Before a trim a cache holds at most every position once. */
     d->cand = kv_malloc((size_t)L->n_tokens * sizeof *d->cand);
     const double e = exp(1.0);
@@ -125,6 +131,26 @@ static void decay_evict(Decay *d, int g, int t)
     }
 }
 
+/* acc[pos[j]] += the group's reduction of rows a ([group][lda]) at j < n; pos NULL: pos[j] = j,
+ * and a negative pos[j] is skipped. Sum adds each head's row in turn (as before the option). */
+static void accumulate(Decay *d, double *acc, const float *a, int n, int lda, const int32_t *pos)
+{
+    if (d->prm.gqa == RANK_GQA_MAX) {
+        rank_reduce_rows(a, d->group, n, lda, RANK_GQA_MAX, d->reduced);
+        for (int j = 0; j < n; j++)
+            if (!pos || pos[j] >= 0)
+                acc[pos ? pos[j] : j] += d->reduced[j];
+        return;
+    }
+    double w = d->prm.gqa == RANK_GQA_MEAN ? 1.0 / d->group : 1.0;
+    for (int i = 0; i < d->group; i++) {
+        const float *row = a + (size_t)i * lda;
+        for (int j = 0; j < n; j++)
+            if (!pos || pos[j] >= 0)
+                acc[pos ? pos[j] : j] += d->prm.gqa == RANK_GQA_MEAN ? row[j] * w : row[j];
+    }
+}
+
 static void decay_prefill(Policy *p, const PrefillView *pv)
 {
     Decay *d = (Decay *)p;
@@ -137,11 +163,7 @@ static void decay_prefill(Policy *p, const PrefillView *pv)
     for (int g = 0; g < p->n_kv_heads; g++) {
         double *acc = d->acc + (size_t)g * d->n_tokens;
         /* Zero where the chunk's queries saw nothing: evicted positions gain nothing. */
-        for (int i = 0; i < d->group; i++) {
-            const float *mass = pv->prefill_mass + (size_t)(g * d->group + i) * c1;
-            for (int j = 0; j < c1; j++)
-                acc[j] += mass[j];
-        }
+        accumulate(d, acc, pv->prefill_mass + (size_t)g * d->group * c1, c1, c1, NULL);
         for (int j = pv->chunk_start; j < c1; j++)
             kvcache_add(&p->cache[g], j);
         decay_evict(d, g, c1 - 1);
@@ -160,12 +182,7 @@ static void decay_observe(Policy *p, const StepView *sv, const float *const *att
     for (int g = 0; g < p->n_kv_heads; g++) {
         const KVCache *c = &p->cache[g];
         double *acc = d->acc + (size_t)g * d->n_tokens;
-        for (int i = 0; i < d->group; i++) {
-            const float *row = attn[g] + (size_t)i * c->n;
-            for (int s = 0; s < c->n; s++)
-                if (c->pos[s] >= 0)
-                    acc[c->pos[s]] += row[s];
-        }
+        accumulate(d, acc, attn[g], c->n, c->n, c->pos);
         decay_evict(d, g, sv->t);
     }
 }
@@ -177,6 +194,7 @@ static void decay_destroy(Policy *p)
     free(d->acc);
     free(d->inv_decay);
     free(d->cand);
+    free(d->reduced);
     policy_base_free(p);
     free(d);
 }
@@ -192,6 +210,8 @@ static long decay_max_slots(const void *params, const LayerView *L, int t)
 static const char *const decay_conformance[] = {
     "budget=32 local=8",
     "budget=32 local=8 pin_system=false",
+    "budget=32 local=8 gqa=max",
+    "budget=32 local=8 gqa=mean",
     NULL,
 };
 

@@ -12,7 +12,9 @@
  * outside the next step's recent window (ties: the older). With `accumulate = mean` a token is
  * ranked by its score divided by the number of queries that saw it (kvpress's
  * ObservedAttentionPress): the chunk's queries i >= j inside the layer's window, and each decode
- * query that attended over it with j inside its window. */
+ * query that attended over it with j inside its window. `gqa` reduces a query's attention over
+ * the group's query heads: sum (the default, above), mean or max (for a prefill chunk: of each
+ * head's sum over the chunk's queries). */
 #include <stddef.h>
 #include <stdlib.h>
 
@@ -28,12 +30,13 @@ typedef struct {
     int budget;
     double heavy_ratio;
     int accumulate;
+    int gqa;
 } H2oParams;
 
 typedef struct {
     Policy base;
     int budget, heavy, recent;
-    int group, n_tokens, window;
+    int group, n_tokens, window, gqa;
     double *score;      /* [n_kv_heads][T] accumulated attention, group sum */
     /* accumulate = mean only (NULL otherwise): [n_kv_heads][T] the queries that saw each token,
      * and score / seen, by which tokens are then ranked. */
@@ -50,6 +53,8 @@ static const ParamSpec h2o_params[] = {
     {"accumulate", PARAM_ENUM, offsetof(H2oParams, accumulate), "sum", 0, 0, "sum|mean",
      "sum: attention summed over the queries (H2O); mean: divided by the queries that saw the "
      "token (kvpress ObservedAttentionPress)"},
+    {"gqa", PARAM_ENUM, offsetof(H2oParams, gqa), "sum", 0, 0, RANK_GQA_CHOICES,
+     "reduction of a query's attention over the KV group's query heads: sum, mean or max"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
@@ -84,6 +89,7 @@ static Policy *h2o_create(const void *params, const LayerView *L, const PolicyEn
     h->group = L->group;
     h->n_tokens = L->n_tokens;
     h->window = L->window;
+    h->gqa = prm->gqa;
     h->score = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *h->score);
     if (prm->accumulate == H2O_ACCUMULATE_MEAN) {
         h->seen = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *h->seen);
@@ -130,8 +136,8 @@ static void h2o_prefill(Policy *p, const PrefillView *pv)
     for (int g = 0; g < p->n_kv_heads; g++) {
         KVCache *c = &p->cache[g];
         double *score = h->score + (size_t)g * h->n_tokens;
-        rank_sum_rows(pv->prefill_mass + (size_t)g * h->group * c1, h->group, c1, c1, 1.0f,
-                      h->slot_score);
+        rank_reduce_rows(pv->prefill_mass + (size_t)g * h->group * c1, h->group, c1, c1, h->gqa,
+                         h->slot_score);
         /* The candidates, ascending: what is cached (all before the chunk), then the chunk. */
         int n = kvcache_positions(c, h->candidates), n_old = 0;
         for (int j = pv->chunk_start; j < c1; j++)
@@ -167,7 +173,7 @@ static void h2o_observe(Policy *p, const StepView *sv, const float *const *attn)
     for (int g = 0; g < p->n_kv_heads; g++) {
         KVCache *c = &p->cache[g];
         double *score = h->score + (size_t)g * h->n_tokens;
-        rank_sum_rows(attn[g], h->group, c->n, c->n, 1.0f, h->slot_score);
+        rank_reduce_rows(attn[g], h->group, c->n, c->n, h->gqa, h->slot_score);
         for (int s = 0; s < c->n; s++)
             if (c->pos[s] >= 0)
                 score[c->pos[s]] += h->slot_score[s];
@@ -207,7 +213,8 @@ static long h2o_max_slots(const void *params, const LayerView *L, int t)
 }
 
 static const char *const h2o_conformance[] = {"budget=32", "budget=32 heavy_ratio=0.25",
-                                              "budget=32 accumulate=mean", NULL};
+                                              "budget=32 accumulate=mean",
+                                              "budget=32 gqa=max", "budget=32 gqa=mean", NULL};
 
 const PolicyType policy_h2o = {
     .name = "h2o",

@@ -12,7 +12,8 @@
  * step's attention; the cache is cut to budget - 1 so that the next token fits. A prefill chunk
  * (of any span) is admitted and then truncated the same way, newest = its last token, a token's
  * importance being the attention the chunk's queries gave it (over the cache and the chunk,
- * summed over the queries and the group's heads). */
+ * summed over the queries and the group's heads). `gqa` reduces the group's heads: sum (the
+ * default, above), mean or max. */
 #include <cblas.h>
 #include <math.h>
 #include <stddef.h>
@@ -20,6 +21,7 @@
 #include <string.h>
 
 #include "policies/hybrid.h"
+#include "policies/rank.h"
 
 extern const PolicyType policy_hybrid;
 
@@ -109,6 +111,7 @@ typedef struct {
     int budget;
     double ratio;
     int include_skipped;
+    int gqa;
 } HybridParams;
 
 typedef struct {
@@ -130,6 +133,8 @@ static const ParamSpec hybrid_params[] = {
      "share of the budget kept by importance; the rest are the most recent tokens"},
     {"include_skipped", PARAM_ENUM, offsetof(HybridParams, include_skipped), "off", 0, 0,
      "off|mean", "one synthetic slot holding the mean of the evicted keys and values"},
+    {"gqa", PARAM_ENUM, offsetof(HybridParams, gqa), "sum", 0, 0, RANK_GQA_CHOICES,
+     "reduction of the group's query heads' attention: sum, mean or max"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
@@ -229,8 +234,8 @@ static void hybrid_prefill(Policy *p, const PrefillView *pv)
         /* Without the prefill attention the ranking does not matter: nothing but the recent
          * part is kept (see hybrid_create). */
         if (pv->prefill_mass)
-            hybrid_group_importance(pv->prefill_mass + (size_t)g * h->group * c1, h->group, c1,
-                                    by_position);
+            rank_reduce_rows(pv->prefill_mass + (size_t)g * h->group * c1, h->group, c1, c1,
+                             h->prm.gqa, by_position);
         /* The synthetic slot never competes (hybrid_select_evictions). */
         for (int slot = 0; slot < c->n; slot++)
             h->scratch.importance[slot] = c->pos[slot] >= 0 ? by_position[c->pos[slot]] : 0.0f;
@@ -253,7 +258,7 @@ static void hybrid_observe(Policy *p, const StepView *sv, const float *const *at
         if (kvcache_real_count(c) <= h->keep_real)
             continue;
         hybrid_scratch_reserve(&h->scratch, c->n);
-        hybrid_group_importance(attn[g], h->group, c->n, h->scratch.importance);
+        rank_reduce_rows(attn[g], h->group, c->n, c->n, h->prm.gqa, h->scratch.importance);
         hybrid_truncate(h, sv->L, g, h->scratch.importance, sv->t);
     }
 }
@@ -282,6 +287,8 @@ static const char *const hybrid_conformance[] = {
     "budget=32 ratio=1",
     "budget=32 ratio=0",
     "budget=32 include_skipped=mean",
+    "budget=32 gqa=max",
+    "budget=32 gqa=mean include_skipped=mean",
     NULL,
 };
 

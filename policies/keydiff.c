@@ -25,9 +25,11 @@ static double norm_of(const float *k, int D)
     return sqrt(sq);
 }
 
-static void keydiff_score(const LayerView *L, int g, const int32_t *cand, int n,
-                          double *score_at)
+static void keydiff_score(const void *params, const PrefillView *pv, int g, const int32_t *cand,
+                          int n, double *score_at)
 {
+    (void)params;
+    const LayerView *L = pv->L;
     int D = L->head_dim;
     double *anchor = kv_calloc((size_t)D, sizeof *anchor);
     for (int i = 0; i < n; i++) {
@@ -80,4 +82,5 @@ const PolicyType policy_keydiff = {
     .destroy = press_destroy,
     .max_slots = press_max_slots,
     .conformance = keydiff_conformance,
+    .scorer = &press_scorer,
 };

@@ -7,8 +7,11 @@
 
 extern const PolicyType policy_knorm;
 
-static void knorm_score(const LayerView *L, int g, const int32_t *cand, int n, double *score_at)
+static void knorm_score(const void *params, const PrefillView *pv, int g, const int32_t *cand,
+                        int n, double *score_at)
 {
+    (void)params;
+    const LayerView *L = pv->L;
     int D = L->head_dim;
     for (int i = 0; i < n; i++) {
         const float *k = L->k + ((size_t)g * L->n_tokens + cand[i]) * D;
@@ -46,4 +49,5 @@ const PolicyType policy_knorm = {
     .destroy = press_destroy,
     .max_slots = press_max_slots,
     .conformance = knorm_conformance,
+    .scorer = &press_scorer,
 };

@@ -221,6 +221,26 @@ typedef struct {
     bool want_decode_mass;
 } Policy;
 
+/* ---- Per-token scores, for the wrappers that allocate a budget across heads and layers ----
+ * A policy that compresses a prefill span once, when it is complete, to the best of the cached
+ * positions before a window of the span's last positions (kvpress's ScorerPress: snapkv and the
+ * presses of policies/press.h) may expose that choice, so that a wrapper (adakv, pyramid:
+ * policies/wrap.h) drives the same frame with its own number of tokens per head. The wrapper
+ * creates an instance of the inner policy for its scores and never calls its other callbacks. */
+typedef struct {
+    /* The parameters' frame: the budget (tokens per KV head at attention, the current one
+     * included), the most window positions a compression keeps, and whether decode grows
+     * (nothing evicted) or slides (the window, then each new token; the oldest evicted). */
+    void (*frame)(const void *params, int *budget, int *window, bool *grow);
+    /* The window of this compression (pv: a span's last chunk): its last positions kept. */
+    int (*window_at)(const Policy *p, const PrefillView *pv);
+    /* score_at[cand[i]], i < n: KV head g's scores of its cached positions cand[0, n) before
+     * the window (ascending), higher kept. Scores of one layer's KV heads are on one scale
+     * (adakv compares them across heads). */
+    void (*score)(Policy *p, const PrefillView *pv, int g, const int32_t *cand, int n,
+                  double *score_at);
+} PolicyScorer;
+
 struct PolicyType {
     const char *name;        /* the value of type= */
     const char *description; /* one line */
@@ -248,6 +268,13 @@ struct PolicyType {
      * (a prompt of about a hundred tokens): the defaults scaled to them first, then settings
      * that between them give every int, double, bool and enum parameter a non-default value. */
     const char *const *conformance;
+
+    /* ---- Optional ---- */
+    /* The per-token scores a wrapper drives (above); NULL: the policy exposes none. */
+    const PolicyScorer *scorer;
+    /* A key the params table does not list (a wrapper's inner policy's parameters); NULL:
+     * such a key is an error. Same contract as policy_param_set. */
+    int (*set_extra)(void *params, const char *key, const char *value, KvErr *err);
 };
 
 /* Base helpers for create/destroy: allocate and free the per-KV-head caches. */

@@ -3,23 +3,19 @@
 
 #include <stddef.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "policies/rank.h"
 
 const ParamSpec press_params[] = {
-    {"budget", PARAM_INT, offsetof(PressParams, budget), "512", 1, 1 << 30, NULL,
-     "tokens per KV head at attention time, the current one included"},
-    {"window", PARAM_INT, offsetof(PressParams, window), "32", 0, 1 << 30, NULL,
-     "last tokens of a span kept at its compression (the question); the decode window starts "
-     "with them"},
-    {"decode", PARAM_ENUM, offsetof(PressParams, decode), "window", 0, 0, "window|grow",
-     "window: recent tokens beyond the budget evicted oldest first; grow: no decode eviction"},
+    PRESS_PARAM_SPECS,
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
 typedef struct {
     Policy base;
     PressParams prm;
+    void *own;          /* the type's whole parameter struct (prm is its start) */
     PressScoreFn score;
     /* Oldest position of the sliding part (the same for every KV head): the start of the last
      * compressed span's window; the pinned tokens all lie before it. */
@@ -45,10 +41,19 @@ Policy *press_create(const PolicyType *type, PressScoreFn score, const void *par
     Press *s = kv_calloc(1, sizeof *s);
     policy_base_init(&s->base, type, L);
     s->prm = *(const PressParams *)params;
+    s->own = kv_malloc(type->params_size);
+    memcpy(s->own, params, type->params_size);
     s->score = score;
     s->score_at = kv_malloc((size_t)L->n_tokens * sizeof *s->score_at);
     s->candidates = kv_malloc((size_t)L->n_tokens * sizeof *s->candidates);
     return &s->base;
+}
+
+/* The window of a compression: the span's last min(window, span length) positions. */
+static int window_of(const Press *s, const PrefillView *pv)
+{
+    int span = pv->span_end - pv->span_start;
+    return s->prm.window < span ? s->prm.window : span;
 }
 
 void press_prefill(Policy *p, const PrefillView *pv)
@@ -60,8 +65,7 @@ void press_prefill(Policy *p, const PrefillView *pv)
             kvcache_add(&p->cache[g], j);
     if (!pv->last_chunk)
         return; /* compressed once, when the span is complete */
-    int span = pv->span_end - pv->span_start;
-    int W = s->prm.window < span ? s->prm.window : span;
+    int W = window_of(s, pv);
     int prefix = c1 - W; /* positions before the window */
     s->tail_oldest = prefix;
     int keep = s->prm.budget - 1 - W;
@@ -72,7 +76,7 @@ void press_prefill(Policy *p, const PrefillView *pv)
         int n = kvcache_positions(c, s->candidates);
         while (n > 0 && s->candidates[n - 1] >= prefix)
             n--;
-        s->score(pv->L, g, s->candidates, n, s->score_at);
+        s->score(s->own, pv, g, s->candidates, n, s->score_at);
         rank_keep_best(s->candidates, n, keep, s->score_at);
         kvcache_clear(c);
         for (int i = 0; i < keep && i < n; i++)
@@ -106,6 +110,7 @@ void press_observe(Policy *p, const StepView *sv, const float *const *attn)
 void press_destroy(Policy *p)
 {
     Press *s = (Press *)p;
+    free(s->own);
     free(s->score_at);
     free(s->candidates);
     policy_base_free(p);
@@ -117,3 +122,29 @@ long press_max_slots(const void *params, const LayerView *L, int t)
     const PressParams *prm = params;
     return prm->decode == PRESS_DECODE_GROW ? (long)prm->budget + t - L->n_prompt : prm->budget;
 }
+
+static void press_frame(const void *params, int *budget, int *window, bool *grow)
+{
+    const PressParams *prm = params;
+    *budget = prm->budget;
+    *window = prm->window;
+    *grow = prm->decode == PRESS_DECODE_GROW;
+}
+
+static int press_window_at(const Policy *p, const PrefillView *pv)
+{
+    return window_of((const Press *)p, pv);
+}
+
+static void press_score(Policy *p, const PrefillView *pv, int g, const int32_t *cand, int n,
+                        double *score_at)
+{
+    Press *s = (Press *)p;
+    s->score(s->own, pv, g, cand, n, score_at);
+}
+
+const PolicyScorer press_scorer = {
+    .frame = press_frame,
+    .window_at = press_window_at,
+    .score = press_score,
+};

@@ -16,6 +16,7 @@
 #ifndef KVSIM_PRESS_H
 #define KVSIM_PRESS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "policies/policy.h"
@@ -28,15 +29,30 @@ typedef struct {
     int decode;
 } PressParams;
 
+/* The table of PressParams; a press with more parameters (a struct that starts with
+ * PressParams) lists PRESS_PARAM_SPECS first in its own table. */
+#define PRESS_PARAM_SPECS                                                                        \
+    {"budget", PARAM_INT, offsetof(PressParams, budget), "512", 1, 1 << 30, NULL,                \
+     "tokens per KV head at attention time, the current one included"},                          \
+        {"window", PARAM_INT, offsetof(PressParams, window), "32", 0, 1 << 30, NULL,             \
+         "last tokens of a span kept at its compression (the question); the decode window "      \
+         "starts with them"},                                                                     \
+        {"decode", PARAM_ENUM, offsetof(PressParams, decode), "window", 0, 0, "window|grow",     \
+         "window: recent tokens beyond the budget evicted oldest first; grow: no decode "        \
+         "eviction"}
+
 extern const ParamSpec press_params[];
 
 /* Writes score_at[cand[i]] for i < n: the score of KV head g's cached positions cand[0, n) (the
- * candidates of one compression, ascending); higher is kept. May read the keys of the
- * candidates only. */
-typedef void (*PressScoreFn)(const LayerView *L, int g, const int32_t *cand, int n,
-                             double *score_at);
+ * candidates of one compression, ascending); higher is kept. `params` are the policy's own (a
+ * struct that starts with PressParams); pv is the span's last chunk. May read what the
+ * information rules allow at that chunk (policies/policy.h): the keys of the candidates (knorm,
+ * keydiff), the span's queries (expected_attention). */
+typedef void (*PressScoreFn)(const void *params, const PrefillView *pv, int g, const int32_t *cand,
+                             int n, double *score_at);
 
 int press_validate(const void *params, KvErr *err);
+/* params: the type's own struct (type->params_size bytes, PressParams first), copied. */
 Policy *press_create(const PolicyType *type, PressScoreFn score, const void *params,
                      const LayerView *L);
 void press_prefill(Policy *p, const PrefillView *pv);
@@ -44,5 +60,8 @@ void press_step(Policy *p, const StepView *sv);
 void press_observe(Policy *p, const StepView *sv, const float *const *attn);
 void press_destroy(Policy *p);
 long press_max_slots(const void *params, const LayerView *L, int t);
+
+/* The presses' scores for the wrappers (policies/wrap.h): every press exposes them. */
+extern const PolicyScorer press_scorer;
 
 #endif

@@ -70,3 +70,17 @@ void rank_sum_rows(const float *a, int rows, int n, int lda, float weight, float
     for (int r = 0; r < rows && n > 0; r++)
         cblas_saxpy(n, weight, a + (size_t)r * lda, 1, out, 1);
 }
+
+void rank_reduce_rows(const float *a, int rows, int n, int lda, int gqa, float *out)
+{
+    if (gqa != RANK_GQA_MAX) {
+        rank_sum_rows(a, rows, n, lda, gqa == RANK_GQA_MEAN ? 1.0f / (float)rows : 1.0f, out);
+        return;
+    }
+    for (int j = 0; j < n; j++)
+        out[j] = rows > 0 ? a[j] : 0.0f;
+    for (int r = 1; r < rows; r++)
+        for (int j = 0; j < n; j++)
+            if (a[(size_t)r * lda + j] > out[j])
+                out[j] = a[(size_t)r * lda + j];
+}

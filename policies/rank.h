@@ -23,4 +23,14 @@ int rank_worst_slot(const KVCache *c, const double *score, int max_pos);
  * j < n (CBLAS saxpy per row). */
 void rank_sum_rows(const float *a, int rows, int n, int lda, float weight, float *out);
 
+/* The reduction over a GQA group's query heads of their scores: an enum parameter `gqa` with
+ * these choices (its value is the index), each attention-driven policy's default being the
+ * reduction it used before the option existed. */
+enum { RANK_GQA_SUM = 0, RANK_GQA_MEAN = 1, RANK_GQA_MAX = 2 };
+#define RANK_GQA_CHOICES "sum|mean|max"
+
+/* out[j] = the reduction (RANK_GQA_*) over r < rows of a[r*lda + j], j < n. Sum is
+ * rank_sum_rows with weight 1, mean with weight 1/rows (the same floats). */
+void rank_reduce_rows(const float *a, int rows, int n, int lda, int gqa, float *out);
+
 #endif

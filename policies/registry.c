@@ -131,6 +131,8 @@ int policy_param_set(const PolicyType *type, void *params, const char *key, cons
                      KvErr *err)
 {
     const ParamSpec *s = find_spec(type, key);
+    if (!s && type->set_extra)
+        return type->set_extra(params, key, value, err);
     if (!s) {
         char known[1024] = "";
         for (const ParamSpec *p = type->params; p && p->key; p++) {

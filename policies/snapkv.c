@@ -32,6 +32,7 @@ typedef struct {
     int kernel;
     int decode;
     int pool;
+    int gqa;
 } SnapkvParams;
 
 typedef struct {
@@ -41,6 +42,10 @@ typedef struct {
     /* Oldest position of the sliding part (every KV head's is the same), P - observation at
      * first: the pinned prompt tokens all lie before it. */
     int tail_oldest;
+    /* [T] scratch of one compression */
+    float *summed, *head_sum;
+    double *score, *pooled, *pooled_at;
+    int32_t *candidates;
 } Snapkv;
 
 static const ParamSpec snapkv_params[] = {
@@ -54,6 +59,8 @@ static const ParamSpec snapkv_params[] = {
      "window: recent tokens beyond the budget evicted oldest first; grow: no decode eviction"},
     {"pool", PARAM_ENUM, offsetof(SnapkvParams, pool), "max", 0, 0, "max|avg",
      "pooling of the neighbours' scores: max, or avg (zero-padded mean over kernel, kvpress's)"},
+    {"gqa", PARAM_ENUM, offsetof(SnapkvParams, gqa), "sum", 0, 0, RANK_GQA_CHOICES,
+     "reduction of the group's query heads' window sums: sum, mean or max"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
@@ -82,6 +89,13 @@ static Policy *snapkv_create(const void *params, const LayerView *L, const Polic
     s->base.want_prefill_rows = s->prm.observation;
     s->group = L->group;
     s->n_tokens = L->n_tokens;
+    size_t T = (size_t)L->n_tokens;
+    s->summed = kv_malloc(T * sizeof *s->summed);
+    s->head_sum = kv_malloc(T * sizeof *s->head_sum);
+    s->score = kv_malloc(T * sizeof *s->score);
+    s->pooled = kv_malloc(T * sizeof *s->pooled);
+    s->pooled_at = kv_malloc(T * sizeof *s->pooled_at);
+    s->candidates = kv_malloc(T * sizeof *s->candidates);
     return &s->base;
 }
 
@@ -103,6 +117,39 @@ static void pool_scores(const double *score, int n, int kernel, int pool, double
     }
 }
 
+/* score_at[cand[i]]: the pooled score of KV head g's candidates cand[0, n) (the cached
+ * positions before the observation window, ascending) at a span's last chunk. */
+static void snapkv_scores(Snapkv *s, const PrefillView *pv, int g, const int32_t *cand, int n,
+                          double *score_at)
+{
+    int c1 = pv->chunk_end, W = pv->obs_rows;
+    int prefix = c1 - W; /* positions before the observation window */
+    float *summed = s->summed, *head_sum = s->head_sum;
+    /* Sum over the window's queries of each head, then the group's reduction over its heads. */
+    for (int j = 0; j < prefix; j++)
+        summed[j] = 0.0f;
+    for (int i = 0; i < s->group; i++) {
+        int h = g * s->group + i;
+        rank_sum_rows(pv->obs_attn + (size_t)h * W * c1, W, prefix, c1, 1.0f, head_sum);
+        if (s->prm.gqa == RANK_GQA_MAX)
+            for (int j = 0; j < prefix; j++)
+                summed[j] = i == 0 || head_sum[j] > summed[j] ? head_sum[j] : summed[j];
+        else
+            for (int j = 0; j < prefix; j++)
+                summed[j] += head_sum[j];
+    }
+    if (s->prm.gqa == RANK_GQA_MEAN)
+        for (int j = 0; j < prefix; j++)
+            summed[j] /= (float)s->group;
+    /* Neighbours are neighbours in the candidates' order (every position before the window for
+     * the prompt). */
+    for (int i = 0; i < n; i++)
+        s->score[i] = summed[cand[i]];
+    pool_scores(s->score, n, s->prm.kernel, s->prm.pool, s->pooled);
+    for (int i = 0; i < n; i++)
+        score_at[cand[i]] = s->pooled[i];
+}
+
 static void snapkv_prefill(Policy *p, const PrefillView *pv)
 {
     Snapkv *s = (Snapkv *)p;
@@ -115,48 +162,22 @@ static void snapkv_prefill(Policy *p, const PrefillView *pv)
     int prefix = c1 - W; /* positions before the observation window */
     s->tail_oldest = prefix;
     int keep = s->prm.budget - 1 - W;
-    float *summed = kv_malloc((size_t)c1 * sizeof *summed);
-    float *head_sum = kv_malloc((size_t)c1 * sizeof *head_sum);
-    double *score = kv_malloc((size_t)c1 * sizeof *score);
-    double *pooled = kv_malloc((size_t)c1 * sizeof *pooled);
-    double *pooled_at = kv_malloc((size_t)c1 * sizeof *pooled_at); /* by position */
-    int32_t *candidates = kv_malloc((size_t)c1 * sizeof *candidates);
     for (int g = 0; g < p->n_kv_heads; g++) {
         KVCache *c = &p->cache[g];
         if (c->n <= s->prm.budget - 1)
             continue;
-        /* Sum over the window's queries of each head, then over the group's heads. */
-        for (int j = 0; j < prefix; j++)
-            summed[j] = 0.0f;
-        for (int i = 0; i < s->group; i++) {
-            int h = g * s->group + i;
-            rank_sum_rows(pv->obs_attn + (size_t)h * W * c1, W, prefix, c1, 1.0f, head_sum);
-            for (int j = 0; j < prefix; j++)
-                summed[j] += head_sum[j];
-        }
-        /* The candidates: the cached positions before the window, ascending (every position
-         * before it for the prompt); neighbours are neighbours in that order. */
-        int n = kvcache_positions(c, candidates);
-        while (n > 0 && candidates[n - 1] >= prefix)
+        /* The candidates: the cached positions before the window, ascending. */
+        int n = kvcache_positions(c, s->candidates);
+        while (n > 0 && s->candidates[n - 1] >= prefix)
             n--;
-        for (int i = 0; i < n; i++)
-            score[i] = summed[candidates[i]];
-        pool_scores(score, n, s->prm.kernel, s->prm.pool, pooled);
-        for (int i = 0; i < n; i++)
-            pooled_at[candidates[i]] = pooled[i];
-        rank_keep_best(candidates, n, keep, pooled_at);
+        snapkv_scores(s, pv, g, s->candidates, n, s->pooled_at);
+        rank_keep_best(s->candidates, n, keep, s->pooled_at);
         kvcache_clear(c);
         for (int i = 0; i < keep && i < n; i++)
-            kvcache_add(c, candidates[i]);
+            kvcache_add(c, s->candidates[i]);
         for (int j = prefix; j < c1; j++)
             kvcache_add(c, j);
     }
-    free(pooled_at);
-    free(summed);
-    free(head_sum);
-    free(score);
-    free(pooled);
-    free(candidates);
 }
 
 static void snapkv_step(Policy *p, const StepView *sv)
@@ -180,9 +201,41 @@ static void snapkv_observe(Policy *p, const StepView *sv, const float *const *at
     }
 }
 
+static void snapkv_frame(const void *params, int *budget, int *window, bool *grow)
+{
+    const SnapkvParams *prm = params;
+    *budget = prm->budget;
+    *window = prm->observation;
+    *grow = prm->decode == SNAPKV_DECODE_GROW;
+}
+
+static int snapkv_window_at(const Policy *p, const PrefillView *pv)
+{
+    (void)p;
+    return pv->obs_rows;
+}
+
+static void snapkv_score(Policy *p, const PrefillView *pv, int g, const int32_t *cand, int n,
+                         double *score_at)
+{
+    snapkv_scores((Snapkv *)p, pv, g, cand, n, score_at);
+}
+
+static const PolicyScorer snapkv_scorer = {
+    .frame = snapkv_frame,
+    .window_at = snapkv_window_at,
+    .score = snapkv_score,
+};
+
 static void snapkv_destroy(Policy *p)
 {
     Snapkv *s = (Snapkv *)p;
+    free(s->summed);
+    free(s->head_sum);
+    free(s->score);
+    free(s->pooled);
+    free(s->pooled_at);
+    free(s->candidates);
     policy_base_free(p);
     free(s);
 }
@@ -197,6 +250,8 @@ static const char *const snapkv_conformance[] = {
     "budget=32 observation=8 kernel=3",
     "budget=32 observation=4 kernel=1 decode=grow",
     "budget=32 observation=8 kernel=5 pool=avg",
+    "budget=32 observation=8 kernel=3 gqa=max",
+    "budget=32 observation=8 kernel=3 gqa=mean decode=grow",
     NULL,
 };
 
@@ -213,4 +268,5 @@ const PolicyType policy_snapkv = {
     .destroy = snapkv_destroy,
     .max_slots = snapkv_max_slots,
     .conformance = snapkv_conformance,
+    .scorer = &snapkv_scorer,
 };

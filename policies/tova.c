@@ -8,7 +8,9 @@
  * included. Eviction follows the attention: after query t attended, the cache is cut to
  * budget - 1 (ties: the older token goes), so that |cache| <= budget at every attention. After
  * every prefill chunk (of any span) the cache and the chunk are cut to budget - 1 by the same
- * rule applied to the chunk's last query's attention (over the cache and the chunk). */
+ * rule applied to the chunk's last query's attention (over the cache and the chunk). With
+ * `heads = group`, `gqa` is the reduction over the group's query heads: mean (the default,
+ * above), sum or max; `heads = layer` averages over the layer's query heads. */
 #include <stddef.h>
 #include <stdlib.h>
 
@@ -22,6 +24,7 @@ enum { TOVA_HEADS_GROUP = 0, TOVA_HEADS_LAYER = 1 };
 typedef struct {
     int budget;
     int heads;
+    int gqa;
 } TovaParams;
 
 typedef struct {
@@ -38,8 +41,28 @@ static const ParamSpec tova_params[] = {
      "tokens per KV head at attention time, the current one included"},
     {"heads", PARAM_ENUM, offsetof(TovaParams, heads), "group", 0, 0, "group|layer",
      "attention averaged over the KV head's group (group) or over the whole layer (layer)"},
+    {"gqa", PARAM_ENUM, offsetof(TovaParams, gqa), "mean", 0, 0, RANK_GQA_CHOICES,
+     "heads = group: reduction over the group's query heads: mean, sum or max"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
+
+static int tova_validate(const void *params, KvErr *err)
+{
+    const TovaParams *prm = params;
+    if (prm->heads == TOVA_HEADS_LAYER && prm->gqa != RANK_GQA_MEAN)
+        return kv_fail(err, "gqa applies to heads = group (heads = layer averages over the "
+                            "layer's query heads): expected gqa = mean");
+    return 0;
+}
+
+/* The scores of one query's attention rows a ([group][lda]) over n keys into out. */
+static void reduce(const Tova *v, const float *a, int n, int lda, float *out)
+{
+    if (v->prm.heads == TOVA_HEADS_LAYER)
+        rank_sum_rows(a, v->group, n, lda, 1.0f / (float)v->n_q_heads, out);
+    else
+        rank_reduce_rows(a, v->group, n, lda, v->prm.gqa, out);
+}
 
 static Policy *tova_create(const void *params, const LayerView *L, const PolicyEnv *env,
     KvErr *err)
@@ -74,8 +97,7 @@ static void tova_prefill(Policy *p, const PrefillView *pv)
      * positions its KV head does not hold. */
     for (int g = 0; g < p->n_kv_heads; g++) {
         double *score = scores_of(v, g);
-        rank_sum_rows(pv->obs_attn + (size_t)g * v->group * c1, v->group, c1, c1,
-                      1.0f / (float)(layer ? v->n_q_heads : v->group), v->slot_score);
+        reduce(v, pv->obs_attn + (size_t)g * v->group * c1, c1, c1, v->slot_score);
         for (int j = 0; j < c1; j++)
             score[j] = (layer && g > 0 ? score[j] : 0.0) + v->slot_score[j];
     }
@@ -108,8 +130,7 @@ static void tova_observe(Policy *p, const StepView *sv, const float *const *attn
     for (int g = 0; g < p->n_kv_heads; g++) {
         const KVCache *c = &p->cache[g];
         double *score = scores_of(v, g);
-        rank_sum_rows(attn[g], v->group, c->n, c->n,
-                      1.0f / (float)(layer ? v->n_q_heads : v->group), v->slot_score);
+        reduce(v, attn[g], c->n, c->n, v->slot_score);
         for (int s = 0; s < c->n; s++)
             if (c->pos[s] >= 0)
                 score[c->pos[s]] = (layer && g > 0 ? score[c->pos[s]] : 0.0) + v->slot_score[s];
@@ -144,13 +165,15 @@ static long tova_max_slots(const void *params, const LayerView *L, int t)
     return prm->budget;
 }
 
-static const char *const tova_conformance[] = {"budget=32", "budget=32 heads=layer", NULL};
+static const char *const tova_conformance[] = {"budget=32", "budget=32 heads=layer",
+                                               "budget=32 gqa=max", "budget=32 gqa=sum", NULL};
 
 const PolicyType policy_tova = {
     .name = "tova",
     .description = "evicts the token the current query attends to least (group-mean attention)",
     .params_size = sizeof(TovaParams),
     .params = tova_params,
+    .validate = tova_validate,
     .create = tova_create,
     .prefill = tova_prefill,
     .step = tova_step,

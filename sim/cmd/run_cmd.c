@@ -299,6 +299,10 @@ int cmd_policies(int argc, char **argv)
                 snprintf(range, sizeof range, "[%g, %g]", s->min, s->max);
             printf("    %-18s = %-10s %-22s %s\n", s->key, s->dflt, range, s->help);
         }
+        if (all[i]->set_extra)
+            printf("    (and the inner policy's parameters)\n");
+        if (all[i]->scorer)
+            printf("    (exposes per-token scores: may be the inner of adakv and pyramid)\n");
     }
     return 0;
 }

@@ -670,6 +670,8 @@ static const char *budget_key(const PolicyType *type)
     for (const ParamSpec *p = type->params; p && p->key; p++)
         if (p->kind == PARAM_INT && !strcmp(p->key, "budget"))
             return "budget";
+    if (type->set_extra) /* a wrapper (policies/wrap.h): its inner policy's budget */
+        return "budget";
     return NULL; /* full: keeps every token */
 }
 

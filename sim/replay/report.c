@@ -438,11 +438,14 @@ static void fmt_num(double v, const char *fmt, char *out, size_t n)
 
 void report_print_table(const Results *r, const PolicySummary *s, FILE *out)
 {
-    int w = 6;
-    for (int pi = 0; pi < r->n_policies; pi++)
+    int w = 6, tw = 13; /* the type column: 13, or the longest type name */
+    for (int pi = 0; pi < r->n_policies; pi++) {
         if ((int)strlen(r->label[pi]) > w)
             w = (int)strlen(r->label[pi]);
-    fprintf(out, "%-*s  %-13s %7s %7s %7s %8s %8s %10s %10s %7s\n", w, "policy", "type", "mass",
+        if ((int)strlen(r->type[pi]->name) > tw)
+            tw = (int)strlen(r->type[pi]->name);
+    }
+    fprintf(out, "%-*s  %-*s %7s %7s %7s %8s %8s %10s %10s %7s\n", w, "policy", tw, "type", "mass",
             "mass_p5", "recall", "out_err", "tokens", "device", "host", "needle");
     for (int pi = 0; pi < r->n_policies; pi++) {
         const PolicySummary *p = &s[pi];
@@ -450,8 +453,8 @@ void report_print_table(const Results *r, const PolicySummary *s, FILE *out)
         format_bytes(p->step[SM_DEVICE_BYTES][STAT_MEAN], dev, sizeof dev);
         format_bytes(p->step[SM_HOST_BYTES][STAT_MEAN], host, sizeof host);
         fmt_num(p->step[SM_NEEDLE_SURVIVAL][STAT_MEAN], "%.3f", needle, sizeof needle);
-        fprintf(out, "%-*s  %-13s %7.4f %7.4f %7.4f %8.4f %8.1f %10s %10s %7s\n", w, r->label[pi],
-                r->type[pi]->name, p->head[HM_MASS][STAT_MEAN], p->head[HM_MASS][STAT_P5],
+        fprintf(out, "%-*s  %-*s %7.4f %7.4f %7.4f %8.4f %8.1f %10s %10s %7s\n", w, r->label[pi],
+                tw, r->type[pi]->name, p->head[HM_MASS][STAT_MEAN], p->head[HM_MASS][STAT_P5],
                 p->head[HM_RECALL][STAT_MEAN], p->head[HM_OUT_ERR][STAT_MEAN],
                 p->step[SM_CACHE_TOKENS][STAT_MEAN], dev, host, needle);
     }

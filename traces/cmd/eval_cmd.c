@@ -811,7 +811,11 @@ static void print_table(const EvalJob *job, const PolicyScore *s, int full, FILE
     int n_dist = score_keys(job, BY_DISTANCE, dist);
     if (n_dist < 2)
         n_dist = 0;
-    fprintf(out, "%-*s  %-13s %8s %8s %-15s %7s %8s %10s %10s", w, "policy", "type", "correct",
+    int tw = 13; /* the type column: 13, or the longest type name */
+    for (int k = 0; k < job->n_policies; k++)
+        if ((int)strlen(job->policies[k].type->name) > tw)
+            tw = (int)strlen(job->policies[k].type->name);
+    fprintf(out, "%-*s  %-*s %8s %8s %-15s %7s %8s %10s %10s", w, "policy", tw, "type", "correct",
             "accuracy", "95% interval", "agree", "p(full)", "device", "host");
     for (int d = 0; d < n_dist; d++)
         fprintf(out, "    d=%-2d", dist[d]);
@@ -833,8 +837,8 @@ static void print_table(const EvalJob *job, const PolicyScore *s, int full, FILE
             snprintf(agree, sizeof agree, "-");
             snprintf(p, sizeof p, "-");
         }
-        fprintf(out, "%-*s  %-13s %8s %8s %-15s %7s %8s %10s %10s", w, job->policies[k].label,
-                job->policies[k].type->name, correct, acc, ci, agree, p, dev, host);
+        fprintf(out, "%-*s  %-*s %8s %8s %-15s %7s %8s %10s %10s", w, job->policies[k].label,
+                tw, job->policies[k].type->name, correct, acc, ci, agree, p, dev, host);
         for (int d = 0; d < n_dist; d++) {
             PolicyScore ps;
             score_policy(job, k, full, BY_DISTANCE, dist[d], &ps);

@@ -6,7 +6,9 @@
  * count of tokens to the next prune restarts. Between prunes the cache grows by one token per
  * step, so it holds between budget and budget + divide_length − 1 tokens at attention time.
  * Online calibration takes the queries of every prefill chunk as it arrives (the prompt's, then
- * later spans'), never a decode step's. */
+ * later spans'), never a decode step's. That is `schedule = mlx`; with `schedule = hf` (the
+ * authors' HF forward) a prefill is never pruned, and after query t attended a cache that holds
+ * budget + divide_length tokens is pruned to budget, scored at the next token's position. */
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -174,6 +176,7 @@ void trig_scorer_score(const TrigScorer *s, int h0, int nh, const float *keys, i
 
 enum { GRANULARITY_HEAD = 0, GRANULARITY_LAYER = 1 };
 enum { PAIRING_TRACE = 0, PAIRING_HALF = 1, PAIRING_INTERLEAVED = 2 };
+enum { SCHEDULE_MLX = 0, SCHEDULE_HF = 1 };
 
 typedef struct {
     int budget;
@@ -182,6 +185,7 @@ typedef struct {
     int protect_recent;
     int granularity;
     int pairing;
+    int schedule;
     char calibration[PARAM_STRING_MAX];
 } TrigParams;
 
@@ -213,6 +217,9 @@ static const ParamSpec trig_params[] = {
     {"pairing", PARAM_ENUM, offsetof(TrigParams, pairing), "trace", 0, 0,
      "trace|half|interleaved",
      "dimension pairs of the score: the trace's RoPE layout, or forced (to reproduce a mismatch)"},
+    {"schedule", PARAM_ENUM, offsetof(TrigParams, schedule), "mlx", 0, 0, "mlx|hf",
+     "mlx: prune at prefill end and every divide_length tokens before the query; hf: never on "
+     "a prefill, after the query once the cache reaches budget + divide_length (the HF code)"},
     {"calibration", PARAM_STRING, offsetof(TrigParams, calibration), "online", 0, 0, NULL,
      "online (the prompt's queries) or a trace file whose queries calibrate the statistics"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
@@ -363,11 +370,11 @@ static void evict_worst(Trig *tr, int g0, int g1, const int *cand, const float *
     free(rank);
 }
 
-/* Brings every cache over budget back to exactly budget, scoring at token index t_index. */
-static void prune(Trig *tr, const LayerView *L, int t_index)
+/* Brings every cache over budget back to exactly budget: the protected tokens are those of
+ * token index t_index, the score's current position is t_pos. */
+static void prune(Trig *tr, const LayerView *L, int t_index, double t_pos)
 {
     int G = L->n_kv_heads, D = L->head_dim;
-    double t_pos = L->meta->positions[t_index];
     size_t cap = (size_t)tr->base.cache[0].n;
     for (int g = 1; g < G; g++)
         if ((size_t)tr->base.cache[g].n > cap)
@@ -421,11 +428,13 @@ static void trig_prefill(Policy *p, const PrefillView *pv)
             kvcache_add(&p->cache[g], j);
         over |= p->cache[g].n > tr->prm.budget;
     }
+    if (tr->prm.schedule == SCHEDULE_HF)
+        return; /* the HF forward never prunes on the prefill pass */
     /* A departure (docs/policies.md): the authors' code never prunes on the prefill pass and
      * pins the prompt; kvsim cuts a chunk that leaves a cache over the budget, so that the
      * budget holds at every decode step and prompt tokens compete on their scores. */
     if (over)
-        prune(tr, L, c1 - 1);
+        prune(tr, L, c1 - 1, L->meta->positions[c1 - 1]);
     tr->since_prune = 0;
 }
 
@@ -437,11 +446,26 @@ static void trig_step(Policy *p, const StepView *sv)
         kvcache_add(&p->cache[g], sv->t);
         over |= p->cache[g].n > tr->prm.budget;
     }
+    if (tr->prm.schedule == SCHEDULE_HF)
+        return; /* pruned after the query (trig_observe) */
     tr->since_prune++;
     if (tr->since_prune >= tr->prm.divide_length && over) {
-        prune(tr, sv->L, sv->t);
+        prune(tr, sv->L, sv->t, sv->L->meta->positions[sv->t]);
         tr->since_prune = 0;
     }
+}
+
+/* schedule = hf: after query t attended, a cache that reached budget + divide_length tokens is
+ * pruned to budget, scored at the next token's position (the HF code's absolute_position); every
+ * KV head holds as many tokens, so the first decides. */
+static void trig_observe(Policy *p, const StepView *sv, const float *const *attn)
+{
+    (void)attn;
+    Trig *tr = (Trig *)p;
+    if (tr->prm.schedule != SCHEDULE_HF ||
+        p->cache[0].n < (long)tr->prm.budget + tr->prm.divide_length)
+        return;
+    prune(tr, sv->L, sv->t, sv->L->meta->positions[sv->t] + 1.0);
 }
 
 static void trig_destroy(Policy *p)
@@ -455,15 +479,25 @@ static void trig_destroy(Policy *p)
 static long trig_max_slots(const void *params, const LayerView *L, int t)
 {
     const TrigParams *prm = params;
-    (void)L;
     (void)t;
-    return (long)prm->budget + prm->divide_length - 1;
+    if (prm->schedule == SCHEDULE_MLX)
+        return (long)prm->budget + prm->divide_length - 1;
+    /* hf: below budget + divide_length after every query; a prefill span adds its tokens
+     * unpruned, and the next decode token joins them before its query. */
+    long longest = 0;
+    for (int s = 0; s < L->meta->n_spans; s++)
+        if (L->meta->spans[s].kind == SPAN_PREFILL &&
+            L->meta->spans[s].end - L->meta->spans[s].start > longest)
+            longest = L->meta->spans[s].end - L->meta->spans[s].start;
+    return (long)prm->budget + prm->divide_length + longest;
 }
 
 static const char *const trig_conformance[] = {
     "budget=32 divide_length=8 protect_recent=8",
     "budget=32 divide_length=8 protect_recent=8 protect_initial=0 granularity=layer",
     "budget=32 divide_length=8 protect_recent=8 pairing=interleaved",
+    "budget=32 divide_length=8 protect_recent=8 schedule=hf",
+    "budget=32 divide_length=8 protect_recent=8 schedule=hf granularity=layer",
     NULL,
 };
 
@@ -477,6 +511,7 @@ const PolicyType policy_trig = {
     .create = trig_create,
     .prefill = trig_prefill,
     .step = trig_step,
+    .observe = trig_observe,
     .destroy = trig_destroy,
     .max_slots = trig_max_slots,
     .conformance = trig_conformance,

@@ -430,12 +430,13 @@ static void test_protected_tokens_stay(void **state)
     rope_layer_free(&rl);
 }
 
-/* Expected cache after a prune at token index t of a cache holding `before`: the protected
- * tokens plus the best-scoring others by the definition (z-score per query head, max over the
- * group, mean over KV heads for granularity=layer; the newer token wins a tie). */
+/* Expected cache after a prune at token index t of a cache holding `before`, scored at
+ * position `now`: the protected tokens plus the best-scoring others by the definition (z-score
+ * per query head, max over the group, mean over KV heads for granularity=layer; the newer token
+ * wins a tie). */
 static void expected_after_prune(const RopeLayer *rl, const QueryStats *qs, int g0, int g1,
-                                 const unsigned char *before, int t, int budget, int initial,
-                                 int recent, unsigned char *want)
+                                 const unsigned char *before, int t, double now, int budget,
+                                 int initial, int recent, unsigned char *want)
 {
     const LayerView *L = &rl->fx->L;
     int T = L->n_tokens, D = L->head_dim, group = L->group;
@@ -454,7 +455,6 @@ static void expected_after_prune(const RopeLayer *rl, const QueryStats *qs, int 
         else
             cand[n++] = j;
     }
-    double now = L->meta->positions[t];
     for (int g = g0; g < g1; g++) {
         for (int j = 0; j < n; j++)
             best[j] = -INFINITY;
@@ -514,8 +514,8 @@ static void check_pruning(int P, const char *granularity)
         assert_int_equal(rec_n(&r, P, g), budget + 1);
         memset(before, 0, (size_t)T);
         memset(before, 1, (size_t)P);
-        expected_after_prune(&rl, &qs, layer ? 0 : g, layer ? Hkv : g + 1, before, P - 1, budget,
-                             initial, recent, want);
+        expected_after_prune(&rl, &qs, layer ? 0 : g, layer ? Hkv : g + 1, before, P - 1,
+                             rl.fx->meta.positions[P - 1], budget, initial, recent, want);
         want[P] = 1;
         assert_memory_equal(rec_set(&r, P, g), want, (size_t)T);
     }
@@ -533,8 +533,8 @@ static void check_pruning(int P, const char *granularity)
             assert_int_equal(rec_n(&r, t, g), budget);
             memcpy(before, rec_set(&r, t - 1, g), (size_t)T);
             before[t] = 1;
-            expected_after_prune(&rl, &qs, layer ? 0 : g, layer ? Hkv : g + 1, before, t, budget,
-                                 initial, recent, want);
+            expected_after_prune(&rl, &qs, layer ? 0 : g, layer ? Hkv : g + 1, before, t,
+                                 rl.fx->meta.positions[t], budget, initial, recent, want);
             assert_memory_equal(rec_set(&r, t, g), want, (size_t)T);
         }
         if (rec_n(&r, t, 0) == budget && rec_n(&r, t - 1, 0) + 1 > budget) {
@@ -562,6 +562,56 @@ static void test_pruning_rules_long_prompt(void **state)
     (void)state;
     check_pruning(100, "head");
     check_pruning(100, "layer");
+}
+
+/* schedule = hf (the authors' HF forward): the prefill is never pruned, so the first decode
+ * query attends over the whole prompt; after query t attended, a cache of budget +
+ * divide_length tokens is pruned to budget, scored at the next token's position, and the next
+ * query sees those plus its own token: at attention a cache holds budget + 1 to budget +
+ * divide_length tokens once it first got there. */
+static void check_hf_schedule(int P, const char *granularity)
+{
+    const int Hq = 4, Hkv = 2, D = 16, T = 260, budget = 64, dl = 16, initial = 3, recent = 12;
+    RopeLayer rl = rope_layer(Hq, Hkv, D, T, P, ROPE_HALF, 5, 61);
+    char params[192];
+    snprintf(params, sizeof params,
+             "budget=%d divide_length=%d protect_initial=%d protect_recent=%d granularity=%s "
+             "schedule=hf",
+             budget, dl, initial, recent, granularity);
+    bool layer = strcmp(granularity, "layer") == 0;
+    Record r = run_recorded(&rl, params);
+    QueryStats qs = query_stats(rl.q_pre, Hq, T, D, P, ROPE_HALF);
+    unsigned char *want = kv_malloc((size_t)T);
+    int prunes = 0;
+    for (int g = 0; g < Hkv; g++)
+        assert_int_equal(rec_n(&r, P, g), P + 1);
+    for (int t = P + 1; t < T; t++) {
+        bool pruned = rec_n(&r, t - 1, 0) >= budget + dl;
+        prunes += pruned;
+        for (int g = 0; g < Hkv; g++) {
+            assert_int_equal(rec_n(&r, t, g), (pruned ? budget : rec_n(&r, t - 1, g)) + 1);
+            if (!pruned)
+                continue;
+            expected_after_prune(&rl, &qs, layer ? 0 : g, layer ? Hkv : g + 1,
+                                 rec_set(&r, t - 1, g), t - 1, rl.fx->meta.positions[t - 1] + 1.0,
+                                 budget, initial, recent, want);
+            want[t] = 1;
+            assert_memory_equal(rec_set(&r, t, g), want, (size_t)T);
+        }
+    }
+    assert_true(prunes >= 8);
+    free(want);
+    query_stats_free(&qs);
+    record_free(&r);
+    rope_layer_free(&rl);
+}
+
+static void test_hf_schedule(void **state)
+{
+    (void)state;
+    check_hf_schedule(40, "head");
+    check_hf_schedule(100, "head");
+    check_hf_schedule(100, "layer");
 }
 
 /* granularity=layer: every KV head holds the same tokens at every step; per head they differ. */
@@ -734,6 +784,7 @@ int main(void)
         cmocka_unit_test(test_pruning_rules_short_prompt),
         cmocka_unit_test(test_pruning_rules_long_prompt),
         cmocka_unit_test(test_layer_granularity_one_set),
+        cmocka_unit_test(test_hf_schedule),
         cmocka_unit_test(test_ties_keep_newer),
         cmocka_unit_test(test_calibration_from_file),
         cmocka_unit_test(test_parameters_validated),

@@ -134,6 +134,8 @@ struct KvQuantState {
     KvQuantSpec spec;
     int group, bits, n_kv_heads, n_tokens, head_dim;
     uint8_t *flags;   /* [n_kv_heads][T]: K_QUANT | V_QUANT of the position's slot */
+    uint64_t *digest; /* [n_kv_heads][T]: what the layer last stored there (alt_digest), to
+                       * tell its slots from ones the policy has rewritten since */
     int32_t *kfull, *vfull; /* [T] scratch: positions with full-precision K, V */
     float *buf;       /* [max(group, 4)][head_dim] scratch: one token's quantized V, K and V
                        * stored, quantized K */
@@ -149,6 +151,7 @@ KvQuantState *kvq_state_new(const KvQuantSpec *spec, const LayerView *L)
     q->n_tokens = L->n_tokens;
     q->head_dim = L->head_dim;
     q->flags = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, 1);
+    q->digest = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *q->digest);
     q->kfull = kv_malloc((size_t)L->n_tokens * sizeof *q->kfull);
     q->vfull = kv_malloc((size_t)L->n_tokens * sizeof *q->vfull);
     int rows = q->group > 4 ? q->group : 4;
@@ -161,6 +164,7 @@ void kvq_state_free(KvQuantState *q)
     if (!q)
         return;
     free(q->flags);
+    free(q->digest);
     free(q->kfull);
     free(q->vfull);
     free(q->buf);
@@ -190,14 +194,25 @@ static const float *slot_v(const KVCache *c, const LayerView *L, int g, int s)
                         : L->v + ((size_t)g * L->n_tokens + c->pos[s]) * L->head_dim;
 }
 
+/* FNV-1a over the bytes of an alt_kv entry (2 * head_dim floats). */
+static uint64_t alt_digest(const float *kv, int head_dim)
+{
+    const unsigned char *b = (const unsigned char *)kv;
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < 2 * (size_t)head_dim * sizeof *kv; i++)
+        h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+
 /* Stores new K (or NULL: unchanged) and V (or NULL) into the slot of pos. */
-static void store(KVCache *c, const LayerView *L, int g, int pos, const float *k, const float *v,
-                  float *tmp)
+static void store(KvQuantState *q, KVCache *c, const LayerView *L, int g, int pos, const float *k,
+                  const float *v, float *tmp)
 {
     int s = c->slot_of[pos], D = L->head_dim;
     memcpy(tmp, k ? k : slot_k(c, L, g, s), (size_t)D * sizeof *tmp);
     memcpy(tmp + D, v ? v : slot_v(c, L, g, s), (size_t)D * sizeof *tmp);
     kvcache_add_alt(c, pos, tmp, tmp + D);
+    q->digest[(size_t)g * q->n_tokens + pos] = alt_digest(tmp, D);
 }
 
 static void apply_head(KvQuantState *q, KVCache *c, const LayerView *L, int g, KvQuantMoment when)
@@ -211,7 +226,9 @@ static void apply_head(KvQuantState *q, KVCache *c, const LayerView *L, int g, K
             continue;
         if (!c->alt_kv[s])
             flags[pos] = 0; /* exact K/V: admitted (again) at full precision */
-        else if (!flags[pos])
+        else if (flags[pos] && alt_digest(c->alt_kv[s], D) != q->digest[(size_t)g * T + pos])
+            flags[pos] = 0; /* the policy wrote its own K/V there since */
+        if (c->alt_kv[s] && !flags[pos])
             continue; /* the policy's own approximation */
         if (!(flags[pos] & K_QUANT))
             q->kfull[nk++] = pos;
@@ -228,7 +245,7 @@ static void apply_head(KvQuantState *q, KVCache *c, const LayerView *L, int g, K
             int pos = q->kfull[i];
             kvq_token(q->spec.kind, G, L->k + ((size_t)g * T + pos) * D, D, kq);
             kvq_token(q->spec.kind, G, L->v + ((size_t)g * T + pos) * D, D, tok);
-            store(c, L, g, pos, kq, tok, tmp);
+            store(q, c, L, g, pos, kq, tok, tmp);
             flags[pos] = K_QUANT | V_QUANT;
         }
         return;
@@ -250,7 +267,7 @@ static void apply_head(KvQuantState *q, KVCache *c, const LayerView *L, int g, K
             kvq_kivi_group(grp + d, G, D, q->bits, deq + d);
         for (int i = 0; i < G; i++) {
             int pos = q->kfull[b + i];
-            store(c, L, g, pos, deq + (size_t)i * D, NULL, tmp);
+            store(q, c, L, g, pos, deq + (size_t)i * D, NULL, tmp);
             flags[pos] |= K_QUANT;
         }
     }
@@ -260,7 +277,7 @@ static void apply_head(KvQuantState *q, KVCache *c, const LayerView *L, int g, K
     for (int i = 0; i + R < nv; i++) {
         int pos = q->vfull[i];
         kvq_token(q->spec.kind, G, L->v + ((size_t)g * T + pos) * D, D, tok);
-        store(c, L, g, pos, NULL, tok, tmp);
+        store(q, c, L, g, pos, NULL, tok, tmp);
         flags[pos] |= V_QUANT;
     }
 }
@@ -274,7 +291,9 @@ void kvq_apply(KvQuantState *q, Policy *p, const LayerView *L, KvQuantMoment whe
 bool kvq_slot_quantized(const KvQuantState *q, const Policy *p, int g, int s)
 {
     const KVCache *c = &p->cache[g];
-    return c->pos[s] >= 0 && c->alt_kv[s] && q->flags[(size_t)g * q->n_tokens + c->pos[s]];
+    size_t at = (size_t)g * q->n_tokens + c->pos[s];
+    return c->pos[s] >= 0 && c->alt_kv[s] && q->flags[at] &&
+           alt_digest(c->alt_kv[s], q->head_dim) == q->digest[at];
 }
 
 double kvq_bytes_saved(const KvQuantState *q, const Policy *p, int kv_bits)

@@ -107,6 +107,10 @@ typedef struct {
     const float *q; /* [n_q_heads][T][head_dim] post-RoPE */
     const float *k; /* [n_kv_heads][T][head_dim] post-RoPE */
     const float *v; /* [n_kv_heads][T][head_dim] */
+    /* The trace being replayed (open loop), NULL in closed loop and where a policy is driven on
+     * a hand-built layer: a policy that needs another layer's rows (trig granularity = kvhead)
+     * reads them with trace_read_layer, under the information rules below. */
+    Trace *trace;
 } LayerView;
 
 /* The one builder of a LayerView: layer `layer` of `meta`, its scale, window and RoPE from the

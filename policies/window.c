@@ -30,6 +30,7 @@ typedef struct {
     Policy base;
     WindowParams prm;
     int32_t *sorted; /* [T] scratch: the cached positions, ascending (= cache index order) */
+    uint8_t *rotated; /* [n_kv_heads][T]: 1 where this policy holds a re-rotated key */
     float *kv;       /* [2 * head_dim] scratch: one re-rotated key and its value */
 } Window;
 
@@ -55,6 +56,7 @@ static Policy *window_create(const void *params, const LayerView *L, const Polic
     if (w->prm.rerotate) {
         w->sorted = kv_malloc((size_t)L->n_tokens * sizeof *w->sorted);
         w->kv = kv_malloc(2 * (size_t)L->head_dim * sizeof *w->kv);
+        w->rotated = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, 1);
     }
     return &w->base;
 }
@@ -87,18 +89,20 @@ static void rerotate_keys(Window *w, const LayerView *L, int t)
     const int32_t *position = L->meta->positions;
     for (int g = 0; g < w->base.n_kv_heads; g++) {
         KVCache *c = &w->base.cache[g];
+        uint8_t *rotated = w->rotated + (size_t)g * L->n_tokens;
         int n = kvcache_positions(c, w->sorted);
         for (int i = 0; i < n; i++) {
             int j = w->sorted[i];
             double shift = (double)(position[t] - position[j]) - (n - 1 - i);
-            int s = c->slot_of[j];
             if (shift == 0) {
-                if (c->alt_kv[s]) { /* exact again: the trace's K and V */
+                if (rotated[j]) { /* back at its true distance: the trace's K and V */
                     kvcache_remove(c, j);
                     kvcache_add(c, j);
+                    rotated[j] = 0;
                 }
                 continue;
             }
+            rotated[j] = 1;
             memcpy(w->kv, L->k + ((size_t)g * L->n_tokens + j) * D, (size_t)D * sizeof *w->kv);
             memcpy(w->kv + D, L->v + ((size_t)g * L->n_tokens + j) * D, (size_t)D * sizeof *w->kv);
             rope_apply(w->kv, D, L->meta->rope_layout, L->rope_inv_freq, shift);
@@ -120,6 +124,7 @@ static void window_destroy(Policy *p)
     Window *w = (Window *)p;
     free(w->sorted);
     free(w->kv);
+    free(w->rotated);
     policy_base_free(p);
     free(p);
 }

@@ -470,6 +470,7 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
                     !signbit(w->v[i]) == !(w->v16[i] >> 15); /* -0 stays -0 */
     }
     LayerView L = layer_view_make(m, layer, w->q, w->k, w->v);
+    L.trace = job->tr;
 
     int n_pol = cfg->n_policies;
     PolicyDriver drv;

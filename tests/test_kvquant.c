@@ -64,10 +64,10 @@ static void test_mlx_group_by_hand(void **state)
     kvq_mlx_group((const float[]){-2, 0.5f}, 2, 1, 2, out);
     expect_floats(out, (const float[]){-2, 0}, 2);
     /* The edge of larger magnitude is exact (mlx's choice of scale), here 8 bits. */
-    float x[5] = {-0.3f, 0.7f, 1.9f, -3.1f, 0.05f};
-    kvq_mlx_group(x, 5, 1, 8, out);
-    if (out[3] != float_from_half(half_from_float(-3.1f)))
-        fail_msg("the edge -3.1 came back as %.9g", out[3]);
+    float x[5] = {-0.3f, 0.7f, 1.9f, -3.1f, 0.05f}, y[5];
+    kvq_mlx_group(x, 5, 1, 8, y);
+    if (y[3] != float_from_half(half_from_float(-3.1f)))
+        fail_msg("the edge -3.1 came back as %.9g", y[3]);
 }
 
 /* Random groups: every value within half a step (KIVI; plus the halves' rounding) or one step

@@ -134,7 +134,7 @@ struct KvQuantState {
     KvQuantSpec spec;
     int group, bits, n_kv_heads, n_tokens, head_dim;
     uint8_t *flags;   /* [n_kv_heads][T]: K_QUANT | V_QUANT of the position's slot */
-    uint64_t *digest; /* [n_kv_heads][T]: what the layer last stored there (alt_digest), to
+    uint64_t *stamp;  /* [n_kv_heads][T]: the alt_stamp of the layer's last write there, to
                        * tell its slots from ones the policy has rewritten since */
     int32_t *kfull, *vfull; /* [T] scratch: positions with full-precision K, V */
     float *buf;       /* [max(group, 4)][head_dim] scratch: one token's quantized V, K and V
@@ -151,7 +151,7 @@ KvQuantState *kvq_state_new(const KvQuantSpec *spec, const LayerView *L)
     q->n_tokens = L->n_tokens;
     q->head_dim = L->head_dim;
     q->flags = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, 1);
-    q->digest = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *q->digest);
+    q->stamp = kv_calloc((size_t)L->n_kv_heads * L->n_tokens, sizeof *q->stamp);
     q->kfull = kv_malloc((size_t)L->n_tokens * sizeof *q->kfull);
     q->vfull = kv_malloc((size_t)L->n_tokens * sizeof *q->vfull);
     int rows = q->group > 4 ? q->group : 4;
@@ -164,7 +164,7 @@ void kvq_state_free(KvQuantState *q)
     if (!q)
         return;
     free(q->flags);
-    free(q->digest);
+    free(q->stamp);
     free(q->kfull);
     free(q->vfull);
     free(q->buf);
@@ -194,16 +194,6 @@ static const float *slot_v(const KVCache *c, const LayerView *L, int g, int s)
                         : L->v + ((size_t)g * L->n_tokens + c->pos[s]) * L->head_dim;
 }
 
-/* FNV-1a over the bytes of an alt_kv entry (2 * head_dim floats). */
-static uint64_t alt_digest(const float *kv, int head_dim)
-{
-    const unsigned char *b = (const unsigned char *)kv;
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < 2 * (size_t)head_dim * sizeof *kv; i++)
-        h = (h ^ b[i]) * 1099511628211ull;
-    return h;
-}
-
 /* Stores new K (or NULL: unchanged) and V (or NULL) into the slot of pos. */
 static void store(KvQuantState *q, KVCache *c, const LayerView *L, int g, int pos, const float *k,
                   const float *v, float *tmp)
@@ -211,8 +201,8 @@ static void store(KvQuantState *q, KVCache *c, const LayerView *L, int g, int po
     int s = c->slot_of[pos], D = L->head_dim;
     memcpy(tmp, k ? k : slot_k(c, L, g, s), (size_t)D * sizeof *tmp);
     memcpy(tmp + D, v ? v : slot_v(c, L, g, s), (size_t)D * sizeof *tmp);
-    kvcache_add_alt(c, pos, tmp, tmp + D);
-    q->digest[(size_t)g * q->n_tokens + pos] = alt_digest(tmp, D);
+    int slot = kvcache_add_alt(c, pos, tmp, tmp + D);
+    q->stamp[(size_t)g * q->n_tokens + pos] = c->alt_stamp[slot];
 }
 
 static void apply_head(KvQuantState *q, KVCache *c, const LayerView *L, int g, KvQuantMoment when)
@@ -226,7 +216,7 @@ static void apply_head(KvQuantState *q, KVCache *c, const LayerView *L, int g, K
             continue;
         if (!c->alt_kv[s])
             flags[pos] = 0; /* exact K/V: admitted (again) at full precision */
-        else if (flags[pos] && alt_digest(c->alt_kv[s], D) != q->digest[(size_t)g * T + pos])
+        else if (flags[pos] && c->alt_stamp[s] != q->stamp[(size_t)g * T + pos])
             flags[pos] = 0; /* the policy wrote its own K/V there since */
         if (c->alt_kv[s] && !flags[pos])
             continue; /* the policy's own approximation */
@@ -292,8 +282,7 @@ bool kvq_slot_quantized(const KvQuantState *q, const Policy *p, int g, int s)
 {
     const KVCache *c = &p->cache[g];
     size_t at = (size_t)g * q->n_tokens + c->pos[s];
-    return c->pos[s] >= 0 && c->alt_kv[s] && q->flags[at] &&
-           alt_digest(c->alt_kv[s], q->head_dim) == q->digest[at];
+    return c->pos[s] >= 0 && c->alt_kv[s] && q->flags[at] && c->alt_stamp[s] == q->stamp[at];
 }
 
 double kvq_bytes_saved(const KvQuantState *q, const Policy *p, int kv_bits)

@@ -248,7 +248,8 @@ static void apply_head(KvQuantState *q, KVCache *c, const LayerView *L, int g, K
     /* Keys: the residual's oldest floor(nk / R) * R (prefill: all but nk mod R; decode: the whole
      * residual once it reaches R), per channel over groups of G tokens. */
     int kq_n = nk / R * R;
-    float *grp = kv_malloc((size_t)G * D * sizeof *grp), *deq = kv_malloc((size_t)G * D * sizeof *deq);
+    float *grp = kv_malloc((size_t)G * D * sizeof *grp);
+    float *deq = kv_malloc((size_t)G * D * sizeof *deq);
     for (int b = 0; b < kq_n; b += G) {
         for (int i = 0; i < G; i++)
             memcpy(grp + (size_t)i * D, L->k + ((size_t)g * T + q->kfull[b + i]) * D,

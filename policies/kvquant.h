@@ -95,7 +95,8 @@ void kvq_state_reset(KvQuantState *q);
  * slots holding a real position with the trace's exact K/V, or K/V this layer quantized, are
  * touched: a policy's own approximate or synthetic slots stay as the policy made them, and so
  * does a slot the layer quantized that the policy has since rewritten (the layer keeps the
- * KVCache alt_stamp of its own writes). A slot the policy admitted again with exact K/V is full precision again. */
+ * KVCache alt_stamp of its own writes). A slot the policy admitted again with exact K/V is full
+ * precision again. */
 void kvq_apply(KvQuantState *q, Policy *p, const LayerView *L, KvQuantMoment when);
 /* Device bytes the quantized slots save: sum over p's slots this layer quantized of their bytes
  * at kv_bits minus their bytes quantized (kvq_vector_bytes); subtracted from the policy's own

@@ -14,7 +14,9 @@
 #include "policies/kvquant.h"
 #include "sim/base/half.h"
 #include "sim/driver/driver.h"
+#include "sim/replay/report.h"
 #include "tests/support/fixture.h"
+#include "tests/support/scratch.h"
 
 enum { HQ = 4, HKV = 2, D = 16, T = 160, P = 96 };
 static const uint64_t SEED = 7;
@@ -143,7 +145,9 @@ static void cache_attention(const Fixture *fx, const Policy *p, int t, float **a
             const float *q = L->q + ((size_t)h * L->n_tokens + t) * D;
             double mx = -INFINITY, z = 0, *lg = malloc((size_t)(c->n + 1) * sizeof *lg);
             for (int s = 0; s < c->n; s++) {
-                const float *k = c->alt_kv[s] ? c->alt_kv[s] : L->k + ((size_t)g * L->n_tokens + c->pos[s]) * D;
+                const float *k = c->alt_kv[s]
+                                     ? c->alt_kv[s]
+                                     : L->k + ((size_t)g * L->n_tokens + c->pos[s]) * D;
                 double dot = 0;
                 for (int d = 0; d < D; d++)
                     dot += (double)q[d] * k[d];
@@ -329,9 +333,11 @@ static void check_cache(const Run *r, const KvQuantSpec *qs, const char *what, i
                 for (int d = 0; d < 2 * D; d++)
                     if (isnan(c->alt_kv[s][d]))
                         fail_msg("%s: NaN in a quantized slot", what);
-            bytes += kvq_vector_bytes(qs, D, 16, true, !ek) + kvq_vector_bytes(qs, D, 16, false, !ev);
+            bytes += kvq_vector_bytes(qs, D, 16, true, !ek) +
+                     kvq_vector_bytes(qs, D, 16, false, !ev);
         }
-        if (kvq_is_kivi(qs->kind) && !after_step && (full_k >= qs->residual || full_v > qs->residual))
+        if (kvq_is_kivi(qs->kind) && !after_step &&
+            (full_k >= qs->residual || full_v > qs->residual))
             fail_msg("%s at %d: KV head %d holds %d full-precision keys and %d values (residual "
                      "%d)", what, t, g, full_k, full_v, qs->residual);
         /* (after an observe a policy may have admitted a token, quantized at the next step) */
@@ -348,7 +354,11 @@ static void test_every_policy(void **state)
     (void)state;
     const KvQuantSpec kinds[] = {{KVQ_KIVI2, 8, 8}, {KVQ_MLX4, 0, 128}};
     static const TraceSpan spans[] = {
-        {SPAN_PREFILL, 0, P}, {SPAN_DECODE, P, 120}, {SPAN_PREFILL, 120, 140}, {SPAN_DECODE, 140, T}};
+        {SPAN_PREFILL, 0, P},
+        {SPAN_DECODE, P, 120},
+        {SPAN_PREFILL, 120, 140},
+        {SPAN_DECODE, 140, T},
+    };
     float *full = malloc((size_t)HQ * T * sizeof *full);
     int n_types;
     const PolicyType *const *types = policy_types(&n_types);
@@ -389,6 +399,98 @@ static void test_every_policy(void **state)
     free(full);
 }
 
+/* Through the replay engine: quantized policies next to their unquantized twins on a 2-layer
+ * trace in chunks of 7, the CSVs byte-identical at 1 and 3 threads; each quantized twin's device
+ * bytes below its twin's; its retained mass (the overlap, metrics.h) at most 1 and, for the full
+ * cache, below 1 (the keys' error moves attention). */
+static void replay_csvs(const char *trace, PolicySpec *spec, int n, int threads, const char *out,
+                        PolicySummary *sum)
+{
+    EngineConfig cfg = {.threads = threads, .topk = 4, .eval_every = 1, .kv_bits = 16,
+                        .prefill_chunk = 7, .seed = SEED, .n_policies = n, .policies = spec};
+    KvErr err;
+    Trace *tr = trace_open(trace, &err);
+    if (!tr)
+        fail_msg("%s", err.msg);
+    Results *r = engine_run(tr, &cfg, &err);
+    if (!r)
+        fail_msg("replay: %s", err.msg);
+    report_summarize(r, sum);
+    if (report_write_csv(r, sum, out, &err) != 0)
+        fail_msg("%s", err.msg);
+    results_free(r);
+    trace_close(tr);
+}
+
+static char *read_text(const char *path)
+{
+    KvErr err;
+    size_t n;
+    char *text = kv_read_input(path, 0, &n, &err);
+    if (!text)
+        fail_msg("%s", err.msg);
+    return text;
+}
+
+static void test_replay_threads_and_bytes(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    const char *trace = scratch_path(dir, "two_layers.h5", 0);
+    Fixture *fx = fixture_new(HQ, HKV, D, T, P);
+    fixture_write_trace(fx, 2, SEED, trace);
+    fixture_free(fx);
+    static const struct {
+        const char *type, *params;
+        KvQuantSpec quant;
+    } set[] = {
+        {"full", "", {KVQ_NONE, 0, 128}},
+        {"full", "", {KVQ_KIVI2, 8, 8}},
+        {"snapkv", "budget=32 observation=8", {KVQ_NONE, 0, 128}},
+        {"snapkv", "budget=32 observation=8", {KVQ_MLX4, 0, 128}},
+        {"h2o", "budget=32", {KVQ_NONE, 0, 128}},
+        {"h2o", "budget=32", {KVQ_KIVI4, 8, 8}},
+        {"window", "window=28", {KVQ_NONE, 0, 128}},
+        {"window", "window=28", {KVQ_MLX8, 0, 128}},
+    };
+    enum { N = sizeof set / sizeof *set };
+    PolicySpec spec[N];
+    memset(spec, 0, sizeof spec);
+    for (int i = 0; i < N; i++) {
+        snprintf(spec[i].label, sizeof spec[i].label, "p%d", i);
+        spec[i].type = policy_find(set[i].type);
+        spec[i].params = fixture_params(spec[i].type, set[i].params);
+        spec[i].quant = set[i].quant;
+    }
+    char *out1 = scratch_create(), *out3 = scratch_create();
+    PolicySummary sum1[N], sum3[N];
+    replay_csvs(trace, spec, N, 1, out1, sum1);
+    replay_csvs(trace, spec, N, 3, out3, sum3);
+    static const char *const files[] = {"summary.csv", "layers.csv", "steps.csv"};
+    for (int f = 0; f < 3; f++) {
+        char *a = read_text(scratch_path(out1, files[f], 1));
+        char *b = read_text(scratch_path(out3, files[f], 2));
+        assert_string_equal(a, b);
+        free(a);
+        free(b);
+    }
+    for (int i = 1; i < N; i += 2) {
+        double twin = sum1[i - 1].step[SM_DEVICE_BYTES][STAT_MEAN];
+        double mine = sum1[i].step[SM_DEVICE_BYTES][STAT_MEAN];
+        if (!(mine < twin))
+            fail_msg("%s kv_quant=%s: device bytes %g, not below its twin's %g", set[i].type,
+                     kvq_name(set[i].quant.kind), mine, twin);
+        assert_true(sum1[i].head[HM_MASS][STAT_MEAN] <= 1.0);
+    }
+    assert_true(sum1[1].head[HM_MASS][STAT_MEAN] < 1.0);
+    assert_true(sum1[0].head[HM_MASS][STAT_MEAN] == 1.0);
+    for (int i = 0; i < N; i++)
+        free(spec[i].params);
+    scratch_remove(out1);
+    scratch_remove(out3);
+    scratch_remove(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -399,6 +501,7 @@ int main(void)
         cmocka_unit_test(test_kivi_residual),
         cmocka_unit_test(test_mlx_on_arrival),
         cmocka_unit_test(test_every_policy),
+        cmocka_unit_test(test_replay_threads_and_bytes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

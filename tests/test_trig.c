@@ -669,10 +669,12 @@ static void test_kvhead_granularity(void **state)
         fail_msg("%s", err.msg);
     const TraceMeta *m = trace_meta(tr);
     KvheadRecord shared[KV_LAYERS], own[KV_LAYERS];
-    run_layers(tr, "budget=32 divide_length=8 protect_initial=2 protect_recent=6 granularity=kvhead",
-               shared);
-    run_layers(tr, "budget=32 divide_length=8 protect_initial=2 protect_recent=6 granularity=head",
-               own);
+    const char *base = "budget=32 divide_length=8 protect_initial=2 protect_recent=6";
+    char params[160];
+    snprintf(params, sizeof params, "%s granularity=kvhead", base);
+    run_layers(tr, params, shared);
+    snprintf(params, sizeof params, "%s granularity=head", base);
+    run_layers(tr, params, own);
     size_t n = (size_t)KV_T * KV_HKV * KV_T;
     int differing = 0;
     for (int l = 1; l < KV_LAYERS; l++) {

@@ -25,6 +25,7 @@
 #include <gsl/gsl_statistics_double.h>
 
 #include "policies/policy.h"
+#include "sim/format/geometry.h"
 
 extern const PolicyType policy_abit;
 
@@ -112,18 +113,40 @@ int abit_segment(const float *features, int n, int dim, const AbitSplit *split, 
     else if (verdict == SPLIT_TOO_LARGE)
         split_bisect(sim, n, hi, 1.0, split, sorted, &threshold);
 
-    /* Segments shorter than min_cluster merge into the previous one; a short first segment
-     * merges into the next. */
     int count = 1, start = 0;
-    for (int i = 1; i <= n; i++)
-        if (i == n || sim[i] < threshold) {
-            if (start > 0 && i - start >= split->min_cluster)
-                starts[count++] = start;
-            start = i;
+    if (split->forward_merge) {
+        /* TriCache: a segment shorter than min_cluster loses its end boundary, absorbing the
+         * next segment, and the merged one is checked again; a short last segment joins the
+         * previous one. */
+        for (int i = 1; i < n; i++)
+            if (sim[i] < threshold)
+                starts[count++] = i;
+        for (int s = 0; s < count;) {
+            int end = s + 1 < count ? starts[s + 1] : n;
+            if (end - starts[s] >= split->min_cluster) {
+                s++;
+            } else if (s + 1 < count) {
+                memmove(starts + s + 1, starts + s + 2, (size_t)(count - s - 2) * sizeof *starts);
+                count--;
+            } else {
+                if (s > 0)
+                    count--; /* the last segment joins the previous one */
+                break;
+            }
         }
-    if (count > 1 && starts[1] < split->min_cluster) {
-        memmove(starts + 1, starts + 2, (size_t)(count - 2) * sizeof *starts);
-        count--;
+    } else {
+        /* Segments shorter than min_cluster merge into the previous one; a short first segment
+         * merges into the next. */
+        for (int i = 1; i <= n; i++)
+            if (i == n || sim[i] < threshold) {
+                if (start > 0 && i - start >= split->min_cluster)
+                    starts[count++] = start;
+                start = i;
+            }
+        if (count > 1 && starts[1] < split->min_cluster) {
+            memmove(starts + 1, starts + 2, (size_t)(count - 2) * sizeof *starts);
+            count--;
+        }
     }
     free(sim);
     free(sorted);
@@ -145,6 +168,7 @@ typedef struct {
     int top_keys;
     int max_clusters;
     int span;
+    bool tricache;
 } AbitParams;
 
 typedef struct {
@@ -214,6 +238,9 @@ static const ParamSpec abit_params[] = {
      "best-ranked clusters considered for retrieval at each step"},
     {"span", PARAM_INT, offsetof(AbitParams, span), "1024", 1, 1 << 30, NULL,
      "tokens segmented at a time, once that many have left the local window"},
+    {"tricache", PARAM_BOOL, offsetof(AbitParams, tricache), "false", 0, 0, NULL,
+     "TriCache's details: forward merge, pre-RoPE keys and queries, the best max_clusters "
+     "index keys rather than clusters, stop at the first cluster that does not fit"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
@@ -240,7 +267,7 @@ static Policy *abit_create(const void *params, const LayerView *L, const PolicyE
     a->base.want_prefill_mass = true; /* the prompt's accumulated attention picks its top keys */
     a->prm = *(const AbitParams *)params;
     a->split = (AbitSplit){a->prm.window, a->prm.min_split, a->prm.max_split, a->prm.tolerance,
-                           a->prm.min_cluster};
+                           a->prm.min_cluster, a->prm.tricache};
     int T = L->n_tokens, D = L->head_dim, H = L->n_kv_heads, K = a->prm.top_keys;
     a->n_tokens = T;
     a->head_dim = D;
@@ -286,11 +313,15 @@ static void normalize(float *x, int dim)
         cblas_sscal(dim, 1.0f / norm, x, 1);
 }
 
-/* KV head g's key of position pos, normalized, into out. */
-static void unit_key(const LayerView *L, int g, int pos, float *out)
+/* KV head g's key of position pos, normalized, into out: post-RoPE as the trace holds it, or
+ * (tricache) rotated back to pre-RoPE, as TriCache caches and compares keys. */
+static void unit_key(const Abit *a, const LayerView *L, int g, int pos, float *out)
 {
     memcpy(out, L->k + ((size_t)g * L->n_tokens + pos) * L->head_dim,
            (size_t)L->head_dim * sizeof *out);
+    if (a->prm.tricache)
+        rope_apply(out, L->head_dim, L->meta->rope_layout, L->rope_inv_freq,
+                   -(double)L->meta->positions[pos]);
     normalize(out, L->head_dim);
 }
 
@@ -344,7 +375,7 @@ static void segment_pending(Abit *a, const LayerView *L)
     float *features = kv_calloc((size_t)n * D, sizeof *features);
     for (int i = 0; i < n; i++)
         for (int g = 0; g < H; g++) {
-            unit_key(L, g, span[i], a->unit_key);
+            unit_key(a, L, g, span[i], a->unit_key);
             cblas_saxpy(D, 1.0f / H, a->unit_key, 1, features + (size_t)i * D, 1);
         }
     int *starts = kv_malloc((size_t)n * sizeof *starts);
@@ -367,13 +398,13 @@ static void segment_pending(Abit *a, const LayerView *L)
             memset(mean, 0, (size_t)D * sizeof *mean);
             int n_top = 0;
             for (int i = begin; i < end; i++) {
-                unit_key(L, g, span[i], a->unit_key);
+                unit_key(a, L, g, span[i], a->unit_key);
                 cblas_saxpy(D, 1.0f, a->unit_key, 1, mean, 1);
                 top_insert(top, top_acc, &n_top, K, span[i], acc[span[i]]);
             }
             normalize(mean, D);
             for (int r = 0; r < n_top; r++)
-                unit_key(L, g, top[r], mean + (size_t)(1 + r) * D);
+                unit_key(a, L, g, top[r], mean + (size_t)(1 + r) * D);
         }
         a->n_entries += n_index;
     }
@@ -394,7 +425,7 @@ static void host_push(Abit *a, const LayerView *L, int pos)
     a->host_order[a->n_host++] = pos;
     a->entered_host++;
     for (int g = 0; g < a->base.n_kv_heads; g++) {
-        unit_key(L, g, pos, a->unit_key);
+        unit_key(a, L, g, pos, a->unit_key);
         cblas_saxpy(D, 1.0f, a->unit_key, 1, a->pend_sum + (size_t)g * D, 1);
         top_insert(a->pend_top + (size_t)g * a->top_stride,
                    a->pend_top_acc + (size_t)g * a->top_stride, &a->pend_n_top[g], K, pos,
@@ -412,6 +443,71 @@ static bool ranks_before(const Abit *a, int x, int y)
     return x < y;
 }
 
+/* Host tokens host_order[begin, end) into cache c for query t. */
+static void take_cluster(Abit *a, KVCache *c, int *wanted, int begin, int end, int t)
+{
+    for (int i = begin; i < end; i++) {
+        int pos = a->host_order[i];
+        wanted[pos] = t;
+        if (!kvcache_has(c, pos)) {
+            kvcache_add(c, pos);
+            a->fetched += 1;
+        }
+    }
+}
+
+/* Drops the retrieved tokens of earlier steps that query t does not want. */
+static void drop_unwanted(Abit *a, KVCache *c, const int *wanted, int t)
+{
+    for (int s = c->n - 1; s >= 0; s--) {
+        int pos = c->pos[s];
+        if (pos >= 0 && !a->global[pos] && pos <= t - a->prm.local && wanted[pos] != t)
+            kvcache_remove_slot(c, s);
+    }
+}
+
+/* An index key and its similarity to the query, for the tricache ranking. */
+typedef struct {
+    float sim;
+    int entry; /* entries' index; the pending cluster's come after every cluster's */
+    int cluster;
+} IndexHit;
+
+/* Best first; on equal similarity the older entry. */
+static int hit_cmp(const void *x, const void *y)
+{
+    const IndexHit *a = x, *b = y;
+    if (a->sim != b->sim)
+        return a->sim > b->sim ? -1 : 1;
+    return (a->entry > b->entry) - (a->entry < b->entry);
+}
+
+/* tricache: TriCache's _retrieve ranking. The max_clusters index keys most similar to the query
+ * (a->sims, and a->pend_sims for the n_pend keys of the pending cluster), best first; their
+ * clusters, each once, in the order of their best key, into a->best (room for max_clusters).
+ * Returns how many. */
+static int tricache_ranking(Abit *a, int n_pend)
+{
+    int n = a->n_entries + n_pend;
+    IndexHit *hit = kv_malloc((size_t)(n > 0 ? n : 1) * sizeof *hit);
+    for (int cl = 0; cl < a->n_clusters; cl++)
+        for (int e = a->cl_entry[cl]; e < a->cl_entry[cl + 1]; e++)
+            hit[e] = (IndexHit){a->sims[e], e, cl};
+    for (int e = 0; e < n_pend; e++)
+        hit[a->n_entries + e] = (IndexHit){a->pend_sims[e], a->n_entries + e, a->n_clusters};
+    qsort(hit, (size_t)n, sizeof *hit, hit_cmp);
+    int M = a->prm.max_clusters < n ? a->prm.max_clusters : n, n_best = 0;
+    for (int r = 0; r < M; r++) {
+        bool seen = false;
+        for (int i = 0; i < n_best && !seen; i++)
+            seen = a->best[i] == hit[r].cluster;
+        if (!seen)
+            a->best[n_best++] = hit[r].cluster;
+    }
+    free(hit);
+    return n_best;
+}
+
 /* Brings KV head g's best clusters for query t into its cache, and drops the retrieved tokens
  * of earlier steps that are no longer wanted. `room` is what Global and Local leave. */
 static void retrieve(Abit *a, const LayerView *L, int g, int t, int room)
@@ -425,6 +521,9 @@ static void retrieve(Abit *a, const LayerView *L, int g, int t, int room)
     for (int i = 0; i < a->group; i++) {
         memcpy(a->unit_key, L->q + ((size_t)(g * a->group + i) * a->n_tokens + t) * D,
                (size_t)D * sizeof *a->unit_key);
+        if (a->prm.tricache) /* pre-RoPE, like the keys */
+            rope_apply(a->unit_key, D, L->meta->rope_layout, L->rope_inv_freq,
+                       -(double)L->meta->positions[t]);
         normalize(a->unit_key, D);
         cblas_saxpy(D, 1.0f, a->unit_key, 1, a->query, 1);
     }
@@ -448,7 +547,7 @@ static void retrieve(Abit *a, const LayerView *L, int g, int t, int room)
         memcpy(a->pend_entries, a->pend_sum + (size_t)g * D, (size_t)D * sizeof(float));
         normalize(a->pend_entries, D);
         for (int r = 0; r < n_top; r++)
-            unit_key(L, g, top[r], a->pend_entries + (size_t)(1 + r) * D);
+            unit_key(a, L, g, top[r], a->pend_entries + (size_t)(1 + r) * D);
         cblas_sgemv(CblasRowMajor, CblasNoTrans, 1 + n_top, D, 1.0f, a->pend_entries, D,
                     a->query, 1, 0.0f, a->pend_sims, 1);
         float best = -INFINITY;
@@ -457,8 +556,22 @@ static void retrieve(Abit *a, const LayerView *L, int g, int t, int room)
         a->cluster_score[n_candidates++] = best;
     }
 
-    /* The best max_clusters candidates, best first. */
     int n_best = 0, M = a->prm.max_clusters;
+    if (a->prm.tricache) {
+        n_best = tricache_ranking(a, n_pending > 0 ? 1 + a->pend_n_top[g] : 0);
+        /* In rank order while they fit; the first that does not fit ends the retrieval. */
+        for (int r = 0; r < n_best; r++) {
+            int cl = a->best[r];
+            int begin = a->cl_begin[cl], end = cl < a->n_clusters ? a->cl_begin[cl + 1] : a->n_host;
+            if (end - begin > room)
+                break;
+            room -= end - begin;
+            take_cluster(a, c, wanted, begin, end, t);
+        }
+        drop_unwanted(a, c, wanted, t);
+        return;
+    }
+    /* The best max_clusters candidates, best first. */
     for (int cl = 0; cl < n_candidates; cl++) {
         if (n_best == M && !ranks_before(a, cl, a->best[M - 1]))
             continue;
@@ -477,20 +590,9 @@ static void retrieve(Abit *a, const LayerView *L, int g, int t, int room)
         if (end - begin > room)
             continue;
         room -= end - begin;
-        for (int i = begin; i < end; i++) {
-            int pos = a->host_order[i];
-            wanted[pos] = t;
-            if (!kvcache_has(c, pos)) {
-                kvcache_add(c, pos);
-                a->fetched += 1;
-            }
-        }
+        take_cluster(a, c, wanted, begin, end, t);
     }
-    for (int s = c->n - 1; s >= 0; s--) {
-        int pos = c->pos[s];
-        if (pos >= 0 && !a->global[pos] && pos <= t - a->prm.local && wanted[pos] != t)
-            kvcache_remove_slot(c, s);
-    }
+    drop_unwanted(a, c, wanted, t);
 }
 
 static void abit_prefill(Policy *p, const PrefillView *pv)
@@ -635,6 +737,8 @@ static const char *const abit_conformance[] = {
     "budget=48 local=8 span=16 max_split=8 min_split=2 min_cluster=2 max_clusters=4",
     "budget=48 local=8 span=16 max_split=8 min_split=2 min_cluster=2 max_clusters=4 "
     "pin_system=false window=5 tolerance=1 top_keys=2",
+    "budget=48 local=8 span=16 max_split=8 min_split=2 min_cluster=2 max_clusters=4 "
+    "tricache=true",
     NULL,
 };
 

@@ -3,12 +3,16 @@
 #ifndef KVSIM_ABIT_H
 #define KVSIM_ABIT_H
 
+#include <stdbool.h>
+
 typedef struct {
     int window;      /* features averaged into the rolling reference */
     int min_split;   /* wanted smallest segment, in tokens (within tolerance) */
     int max_split;   /* wanted median segment, in tokens (within tolerance) */
     int tolerance;
     int min_cluster; /* shorter segments merge into the previous one */
+    bool forward_merge; /* TriCache's rule instead: a short segment absorbs the next one (and
+                         * is checked again); only a short last segment joins the previous one */
 } AbitSplit;
 
 /* Splits n feature vectors ([n][dim], row-major) into contiguous segments. Writes the first

@@ -12,6 +12,7 @@ void kvcache_init(KVCache *c, int n_tokens, int head_dim)
     c->cap = 64;
     c->pos = kv_malloc((size_t)c->cap * sizeof *c->pos);
     c->alt_kv = kv_calloc((size_t)c->cap, sizeof *c->alt_kv);
+    c->alt_stamp = kv_calloc((size_t)c->cap, sizeof *c->alt_stamp);
     c->slot_of = kv_malloc((size_t)n_tokens * sizeof *c->slot_of);
     for (int i = 0; i < n_tokens; i++)
         c->slot_of[i] = -1;
@@ -23,6 +24,7 @@ void kvcache_free(KVCache *c)
         free(c->alt_kv[i]);
     free(c->pos);
     free(c->alt_kv);
+    free(c->alt_stamp);
     free(c->slot_of);
     memset(c, 0, sizeof *c);
 }
@@ -33,6 +35,7 @@ static int push_slot(KVCache *c, int pos)
         c->cap *= 2;
         c->pos = kv_realloc(c->pos, (size_t)c->cap * sizeof *c->pos);
         c->alt_kv = kv_realloc(c->alt_kv, (size_t)c->cap * sizeof *c->alt_kv);
+        c->alt_stamp = kv_realloc(c->alt_stamp, (size_t)c->cap * sizeof *c->alt_stamp);
     }
     int s = c->n++;
     c->pos[s] = pos;
@@ -57,6 +60,7 @@ int kvcache_add_alt(KVCache *c, int pos, const float *k, const float *v)
     }
     memcpy(c->alt_kv[s], k, (size_t)c->head_dim * sizeof(float));
     memcpy(c->alt_kv[s] + c->head_dim, v, (size_t)c->head_dim * sizeof(float));
+    c->alt_stamp[s] = ++c->alt_clock;
     return s;
 }
 
@@ -72,6 +76,7 @@ void kvcache_remove_slot(KVCache *c, int slot)
     if (slot != last) {
         c->pos[slot] = c->pos[last];
         c->alt_kv[slot] = c->alt_kv[last];
+        c->alt_stamp[slot] = c->alt_stamp[last];
         if (c->pos[slot] >= 0)
             c->slot_of[c->pos[slot]] = slot;
     }

@@ -21,7 +21,13 @@
  *
  * The host tier stores only positions: a token's quantized form is a function of its own K and
  * V, so it is quantized when restored, from the trace. Re-offloading a restored token quantizes
- * the original again; its dequantized values would land on the same grid. */
+ * the original again; its dequantized values would land on the same grid.
+ *
+ * coupling = fixedsize: FixedSize offloads only the tokens of its skip mask, which exists only
+ * with include_skipped: the device tier then also holds hybrid's synthetic slot, the mean of
+ * every evicted key and value (one of the budget's slots), and the host tier is unquantized
+ * unless quantize = on (FixedSize's `quantize` defaults to off); an unquantized restored token
+ * comes back exact. */
 #include <cblas.h>
 #include <math.h>
 #include <stddef.h>
@@ -41,7 +47,12 @@ typedef struct {
     int importance_window;
     double threshold;
     int max_restore;
+    int coupling;
+    int quantize;
 } OffloadParams;
+
+enum { COUPLING_OFFLOAD = 0, COUPLING_FIXEDSIZE = 1 };
+enum { QUANTIZE_AUTO = 0, QUANTIZE_ON = 1, QUANTIZE_OFF = 2 };
 
 /* One KV head's host tier: a FIFO of positions linked through next/prev by position. */
 typedef struct {
@@ -62,6 +73,11 @@ typedef struct {
     OffloadParams prm;
     int group, head_dim, kv_bits;
     int keep_real, recent, restore_cap;
+    bool summary;   /* coupling = fixedsize: one synthetic slot, the mean of the evicted tokens */
+    bool quantized; /* the host tier's tokens are quantized */
+    double *skipped_sum; /* [n_kv_heads][2 * head_dim] (summary): sums of the evicted K and V */
+    int *skipped_count;  /* [n_kv_heads] */
+    float *summary_kv;   /* [2 * head_dim] */
     double host_token_bytes;
     HostTier *host;      /* [n_kv_heads] */
     HybridScratch scratch;
@@ -88,6 +104,13 @@ static const ParamSpec offload_params[] = {
      "a host token whose mean importance exceeds this is restored"},
     {"max_restore", PARAM_INT, offsetof(OffloadParams, max_restore), "100", 0, 1 << 30, NULL,
      "most tokens restored per step and KV head"},
+    {"coupling", PARAM_ENUM, offsetof(OffloadParams, coupling), "offload", 0, 0,
+     "offload|fixedsize",
+     "offload: every evicted token, no summary slot; fixedsize: as FixedSize, offloading comes "
+     "with the mean-of-evicted summary slot"},
+    {"quantize", PARAM_ENUM, offsetof(OffloadParams, quantize), "auto", 0, 0, "auto|on|off",
+     "host tier quantized to `bits`: auto = on with coupling = offload, off with fixedsize "
+     "(FixedSize's default)"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
@@ -144,11 +167,22 @@ static Policy *offload_create(const void *params, const LayerView *L, const Poli
     o->group = L->group;
     o->head_dim = L->head_dim;
     o->kv_bits = env->kv_bits;
-    int by_importance = hybrid_importance_slots(o->prm.budget, o->prm.ratio, 0);
-    o->keep_real = o->prm.budget - 1;
+    o->summary = o->prm.coupling == COUPLING_FIXEDSIZE;
+    o->quantized = o->prm.quantize == QUANTIZE_ON ||
+                   (o->prm.quantize == QUANTIZE_AUTO && !o->summary);
+    int reserved = o->summary;
+    int by_importance = hybrid_importance_slots(o->prm.budget, o->prm.ratio, reserved);
+    o->keep_real = o->prm.budget - 1 - reserved;
     o->recent = o->keep_real - by_importance;
     o->restore_cap = o->prm.max_restore < by_importance ? o->prm.max_restore : by_importance;
-    o->host_token_bytes = host_token_bytes(L->head_dim, o->prm.bits, o->prm.group);
+    o->host_token_bytes = o->quantized
+                              ? host_token_bytes(L->head_dim, o->prm.bits, o->prm.group)
+                              : kv_entry_bytes(1, L->head_dim, env->kv_bits);
+    if (o->summary) {
+        o->skipped_sum = kv_calloc((size_t)L->n_kv_heads * 2 * L->head_dim, sizeof(double));
+        o->skipped_count = kv_calloc((size_t)L->n_kv_heads, sizeof(int));
+        o->summary_kv = kv_malloc(2 * (size_t)L->head_dim * sizeof(float));
+    }
     /* The prompt's attention ranks the prompt and is every prompt token's first observation;
      * without importance slots nothing can be restored and the ranking does not matter. */
     o->base.want_prefill_mass = by_importance > 0;
@@ -281,20 +315,52 @@ static void restore_tokens(Offload *o, const LayerView *L, int g)
     for (int i = n - n_restore; i < n; i++) {
         int pos = rank[i].pos;
         host_unlink(ht, pos);
+        o->report.restored_tokens += 1;
+        o->report.to_device_bytes += o->host_token_bytes;
+        if (!o->quantized) { /* a full-precision host copy comes back exact */
+            kvcache_add(c, pos);
+            o->scratch.importance[c->slot_of[pos]] = INFINITY;
+            continue;
+        }
         const float *k = L->k + ((size_t)g * L->n_tokens + pos) * D;
         const float *v = L->v + ((size_t)g * L->n_tokens + pos) * D;
         quantize_round_trip(k, D, o->prm.bits, o->prm.group, o->restored_kv);
         quantize_round_trip(v, D, o->prm.bits, o->prm.group, o->restored_kv + D);
         int slot = kvcache_add_alt(c, pos, o->restored_kv, o->restored_kv + D);
         o->scratch.importance[slot] = INFINITY;
-        o->report.restored_tokens += 1;
-        o->report.to_device_bytes += o->host_token_bytes;
         o->report.restore_k_err += relative_error(o, o->restored_kv, k);
         o->report.restore_v_err += relative_error(o, o->restored_kv + D, v);
     }
 }
 
-static void truncate_head(Offload *o, int g, int newest)
+/* coupling = fixedsize: KV head g's synthetic slot becomes the mean of every K and V it has
+ * evicted (hybrid's include_skipped = mean). */
+static void write_summary(Offload *o, const LayerView *L, int g, int n_evicted)
+{
+    KVCache *c = &o->base.cache[g];
+    int D = o->head_dim;
+    double *sum = o->skipped_sum + (size_t)g * 2 * D;
+    for (int i = 0; i < n_evicted; i++) {
+        int pos = o->scratch.evicted[i];
+        const float *k = L->k + ((size_t)g * L->n_tokens + pos) * D;
+        const float *v = L->v + ((size_t)g * L->n_tokens + pos) * D;
+        for (int d = 0; d < D; d++) {
+            sum[d] += k[d];
+            sum[D + d] += v[d];
+        }
+        o->skipped_count[g]++;
+    }
+    for (int slot = 0; slot < c->n; slot++)
+        if (c->pos[slot] < 0) {
+            kvcache_remove_slot(c, slot);
+            break;
+        }
+    for (int d = 0; d < 2 * D; d++)
+        o->summary_kv[d] = (float)(sum[d] / o->skipped_count[g]);
+    kvcache_add_alt(c, -1, o->summary_kv, o->summary_kv + D);
+}
+
+static void truncate_head(Offload *o, const LayerView *L, int g, int newest)
 {
     KVCache *c = &o->base.cache[g];
     int n_evicted = hybrid_select_evictions(c, o->scratch.importance, newest, o->keep_real,
@@ -303,6 +369,8 @@ static void truncate_head(Offload *o, int g, int newest)
         kvcache_remove(c, o->scratch.evicted[i]);
         offload_token(o, &o->host[g], o->scratch.evicted[i]);
     }
+    if (o->summary && n_evicted > 0)
+        write_summary(o, L, g, n_evicted);
 }
 
 static void offload_prefill(Policy *p, const PrefillView *pv)
@@ -328,9 +396,9 @@ static void offload_prefill(Policy *p, const PrefillView *pv)
                     record_observation(o, ht, j, by_position[j] / (float)(c1 - (j > c0 ? j : c0)));
         }
         hybrid_scratch_reserve(&o->scratch, c->n);
-        for (int slot = 0; slot < c->n; slot++)
-            o->scratch.importance[slot] = by_position[c->pos[slot]];
-        truncate_head(o, g, c1 - 1);
+        for (int slot = 0; slot < c->n; slot++) /* the synthetic slot never competes */
+            o->scratch.importance[slot] = c->pos[slot] >= 0 ? by_position[c->pos[slot]] : 0.0f;
+        truncate_head(o, pv->L, g, c1 - 1);
     }
     free(by_position);
     /* The span's transfers are reported with the next decode step. */
@@ -356,9 +424,10 @@ static void offload_observe(Policy *p, const StepView *sv, const float *const *a
         hybrid_scratch_reserve(&o->scratch, c->n + (n_restorable > 0 ? n_restorable : 0));
         hybrid_group_importance(attn[g], o->group, c->n, o->scratch.importance);
         for (int slot = 0; slot < c->n; slot++)
-            record_observation(o, ht, c->pos[slot], o->scratch.importance[slot]);
+            if (c->pos[slot] >= 0)
+                record_observation(o, ht, c->pos[slot], o->scratch.importance[slot]);
         restore_tokens(o, sv->L, g);
-        truncate_head(o, g, sv->t);
+        truncate_head(o, sv->L, g, sv->t);
     }
 }
 
@@ -404,6 +473,9 @@ static void offload_destroy(Policy *p)
     hybrid_scratch_free(&o->scratch);
     free(o->restored_kv);
     free(o->difference);
+    free(o->skipped_sum);
+    free(o->skipped_count);
+    free(o->summary_kv);
     policy_base_free(p);
     free(o);
 }
@@ -420,6 +492,9 @@ static const char *const offload_conformance[] = {
     "budget=32 host_budget=48 group=8",
     "budget=32 host_budget=48 group=8 ratio=1 bits=4",
     "budget=32 host_budget=48 group=8 importance_window=4 threshold=0.02 max_restore=1",
+    "budget=32 host_budget=48 group=8 coupling=fixedsize threshold=0.02",
+    "budget=32 host_budget=48 group=8 coupling=fixedsize quantize=on threshold=0.02",
+    "budget=32 host_budget=48 group=8 quantize=off threshold=0.02",
     NULL,
 };
 

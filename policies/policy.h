@@ -107,6 +107,10 @@ typedef struct {
     const float *q; /* [n_q_heads][T][head_dim] post-RoPE */
     const float *k; /* [n_kv_heads][T][head_dim] post-RoPE */
     const float *v; /* [n_kv_heads][T][head_dim] */
+    /* The trace being replayed (open loop), NULL in closed loop and where a policy is driven on
+     * a hand-built layer: a policy that needs another layer's rows (trig granularity = kvhead)
+     * reads them with trace_read_layer, under the information rules below. */
+    Trace *trace;
 } LayerView;
 
 /* The one builder of a LayerView: layer `layer` of `meta`, its scale, window and RoPE from the
@@ -172,6 +176,10 @@ typedef struct {
     int32_t *slot_of; /* [n_tokens]: slot index of a position, -1 if not cached */
     int n_tokens;
     int n_alt;        /* slots with alt_kv set; the other n - n_alt hold exact trace K/V */
+    /* [cap]: a stamp of each alt_kv write, unique in this cache (kvcache_add_alt takes the next
+     * of alt_clock), so that whoever wrote an alt slot can tell whether it was written since */
+    uint64_t *alt_stamp;
+    uint64_t alt_clock;
 } KVCache;
 
 void kvcache_init(KVCache *c, int n_tokens, int head_dim);

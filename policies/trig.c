@@ -6,7 +6,9 @@
  * count of tokens to the next prune restarts. Between prunes the cache grows by one token per
  * step, so it holds between budget and budget + divide_length − 1 tokens at attention time.
  * Online calibration takes the queries of every prefill chunk as it arrives (the prompt's, then
- * later spans'), never a decode step's. */
+ * later spans'), never a decode step's. That is `schedule = mlx`; with `schedule = hf` (the
+ * authors' HF forward) a prefill is never pruned, and after query t attended a cache that holds
+ * budget + divide_length tokens is pruned to budget, scored at the next token's position. */
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -172,8 +174,9 @@ void trig_scorer_score(const TrigScorer *s, int h0, int nh, const float *keys, i
 
 /* ---- The policy ---- */
 
-enum { GRANULARITY_HEAD = 0, GRANULARITY_LAYER = 1 };
+enum { GRANULARITY_HEAD = 0, GRANULARITY_LAYER = 1, GRANULARITY_KVHEAD = 2 };
 enum { PAIRING_TRACE = 0, PAIRING_HALF = 1, PAIRING_INTERLEAVED = 2 };
+enum { SCHEDULE_MLX = 0, SCHEDULE_HF = 1 };
 
 typedef struct {
     int budget;
@@ -182,6 +185,7 @@ typedef struct {
     int protect_recent;
     int granularity;
     int pairing;
+    int schedule;
     char calibration[PARAM_STRING_MAX];
 } TrigParams;
 
@@ -191,6 +195,12 @@ typedef struct {
     TrigScorer scorer;
     bool calibrated; /* from a file: fixed */
     int since_prune; /* tokens admitted since the last prune (or the end of prefill) */
+    /* granularity = kvhead: the trace's layers (1 where the policy is driven on one layer
+     * alone), each with its own scorer and, for the others, their queries and keys read from
+     * the trace; this layer's are `scorer` and the LayerView's. */
+    int n_layers;
+    TrigScorer *layer_scorer; /* [n_layers] */
+    float **layer_q, **layer_k; /* [n_layers] */
 } Trig;
 
 /* A candidate for eviction: its combined score and position. */
@@ -208,11 +218,16 @@ static const ParamSpec trig_params[] = {
      "first tokens never evicted (attention sinks)"},
     {"protect_recent", PARAM_INT, offsetof(TrigParams, protect_recent), "128", 1, 1 << 30, NULL,
      "last tokens never evicted, the current one included"},
-    {"granularity", PARAM_ENUM, offsetof(TrigParams, granularity), "head", 0, 0, "head|layer",
-     "one token set per KV head, or one per layer (scores averaged over KV heads)"},
+    {"granularity", PARAM_ENUM, offsetof(TrigParams, granularity), "head", 0, 0,
+     "head|layer|kvhead",
+     "one token set per KV head, one per layer (scores averaged over KV heads), or one per KV "
+     "head shared by all layers (scores averaged over layers; replay only)"},
     {"pairing", PARAM_ENUM, offsetof(TrigParams, pairing), "trace", 0, 0,
      "trace|half|interleaved",
      "dimension pairs of the score: the trace's RoPE layout, or forced (to reproduce a mismatch)"},
+    {"schedule", PARAM_ENUM, offsetof(TrigParams, schedule), "mlx", 0, 0, "mlx|hf",
+     "mlx: prune at prefill end and every divide_length tokens before the query; hf: never on "
+     "a prefill, after the query once the cache reaches budget + divide_length (the HF code)"},
     {"calibration", PARAM_STRING, offsetof(TrigParams, calibration), "online", 0, 0, NULL,
      "online (the prompt's queries) or a trace file whose queries calibrate the statistics"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
@@ -245,10 +260,11 @@ static int trig_validate(const void *params, KvErr *err)
 
 static void trig_destroy(Policy *p);
 
-/* Statistics from the queries of the same layer of another trace, over all its tokens. */
-static int calibrate_from_file(Trig *tr, const LayerView *L, KvErr *err)
+/* Statistics of `sc` from the queries of layer `layer` of another trace, over all its tokens;
+ * L gives the simulated model's dimensions. */
+static int calibrate_from_file(TrigScorer *sc, const char *path, const LayerView *L, int layer,
+                               KvErr *err)
 {
-    const char *path = tr->prm.calibration;
     KvErr terr;
     Trace *cal = trace_open(path, &terr);
     if (!cal)
@@ -257,29 +273,60 @@ static int calibrate_from_file(Trig *tr, const LayerView *L, KvErr *err)
     char what[512];
     /* The same model: the recovered pre-RoPE queries must live in the simulated model's
      * dimensions, so the RoPE layout has to agree too. */
-    if (m->n_layers <= L->layer || m->n_q_heads != L->n_q_heads || m->head_dim != L->head_dim ||
+    if (m->n_layers <= layer || m->n_q_heads != L->n_q_heads || m->head_dim != L->head_dim ||
         m->rope_layout != L->meta->rope_layout) {
         snprintf(what, sizeof what,
                  "has %d layers, %d query heads, head_dim %d, rope_layout %s; layer %d of the "
                  "simulated trace needs that layer, %d query heads, head_dim %d, rope_layout %s "
                  "(a trace of the same model)",
                  m->n_layers, m->n_q_heads, m->head_dim,
-                 m->rope_layout == ROPE_HALF ? "half" : "interleaved", L->layer, L->n_q_heads,
+                 m->rope_layout == ROPE_HALF ? "half" : "interleaved", layer, L->n_q_heads,
                  L->head_dim, L->meta->rope_layout == ROPE_HALF ? "half" : "interleaved");
         trace_close(cal);
         return kv_fail(err, "trig: calibration %s: %s", path, what);
     }
     float *q = kv_malloc((size_t)m->n_q_heads * m->n_tokens * m->head_dim * sizeof *q);
-    if (trace_read_layer(cal, L->layer, q, NULL, NULL, &terr) != 0) {
+    if (trace_read_layer(cal, layer, q, NULL, NULL, &terr) != 0) {
         free(q);
         trace_close(cal);
         return kv_fail(err, "trig: calibration: %s", terr.msg);
     }
-    trig_scorer_calibrate(&tr->scorer, q, m->n_tokens, m->n_tokens, m->positions, m->rope_layout,
-                          trace_layer_geometry(m, L->layer).rope_inv_freq);
-    tr->calibrated = true;
+    trig_scorer_calibrate(sc, q, m->n_tokens, m->n_tokens, m->positions, m->rope_layout,
+                          trace_layer_geometry(m, layer).rope_inv_freq);
     free(q);
     trace_close(cal);
+    return 0;
+}
+
+/* granularity = kvhead: every other layer's queries and keys from the replayed trace, and its
+ * scorer (calibrated from the file's same layer, or online as the prefill spans arrive). Each
+ * layer's instance computes the same scores of every layer, so all keep the same set. */
+static int create_layers(Trig *tr, const LayerView *L, RopeLayout pairing, KvErr *err)
+{
+    const TraceMeta *m = L->meta;
+    if (!L->trace && m->n_layers > 1)
+        return kv_fail(err, "trig: granularity = kvhead needs the keys of every layer at each "
+                            "prune, which a replay of a trace has (kvsim run) and closed-loop "
+                            "decoding does not");
+    tr->n_layers = L->trace ? m->n_layers : 1;
+    tr->layer_scorer = kv_calloc((size_t)tr->n_layers, sizeof *tr->layer_scorer);
+    tr->layer_q = kv_calloc((size_t)tr->n_layers, sizeof *tr->layer_q);
+    tr->layer_k = kv_calloc((size_t)tr->n_layers, sizeof *tr->layer_k);
+    size_t nq = (size_t)L->n_q_heads * L->n_tokens * L->head_dim;
+    size_t nk = (size_t)L->n_kv_heads * L->n_tokens * L->head_dim;
+    for (int l = 0; l < tr->n_layers; l++) {
+        if (l == L->layer)
+            continue;
+        trig_scorer_init(&tr->layer_scorer[l], L->n_q_heads, L->head_dim, pairing,
+                         trace_layer_geometry(m, l).rope_inv_freq);
+        tr->layer_q[l] = kv_malloc(nq * sizeof(float));
+        tr->layer_k[l] = kv_malloc(nk * sizeof(float));
+        if (trace_read_layer(L->trace, l, tr->layer_q[l], tr->layer_k[l], NULL, err) != 0)
+            return -1;
+        if (tr->calibrated &&
+            calibrate_from_file(&tr->layer_scorer[l], tr->prm.calibration, L, l, err) != 0)
+            return -1;
+    }
     return 0;
 }
 
@@ -294,7 +341,14 @@ static Policy *trig_create(const void *params, const LayerView *L, const PolicyE
                          : tr->prm.pairing == PAIRING_INTERLEAVED ? ROPE_INTERLEAVED
                                                                   : L->meta->rope_layout;
     trig_scorer_init(&tr->scorer, L->n_q_heads, L->head_dim, pairing, L->rope_inv_freq);
-    if (!calibration_online(&tr->prm) && calibrate_from_file(tr, L, err) != 0) {
+    if (!calibration_online(&tr->prm)) {
+        if (calibrate_from_file(&tr->scorer, tr->prm.calibration, L, L->layer, err) != 0) {
+            trig_destroy(&tr->base);
+            return NULL;
+        }
+        tr->calibrated = true;
+    }
+    if (tr->prm.granularity == GRANULARITY_KVHEAD && create_layers(tr, L, pairing, err) != 0) {
         trig_destroy(&tr->base);
         return NULL;
     }
@@ -314,16 +368,17 @@ static int gather_candidates(const Trig *tr, int g, int t_index, int *cand)
     return n;
 }
 
-/* Combined score of KV head g's candidates: S z-scored per query head over the candidates,
- * then the max over the group's query heads. keys and raw are scratch ([n][D], [group][n]). */
-static void head_scores(const Trig *tr, const LayerView *L, int g, const int *cand, int n,
-                        double t_pos, float *keys, float *raw, float *out)
+/* Combined score of KV head g's candidates, from the keys k ([n_kv_heads][T][D]) of a layer
+ * and its scorer: S z-scored per query head over the candidates, then the max over the group's
+ * query heads. keys and raw are scratch ([n][D], [group][n]). */
+static void head_scores(const TrigScorer *sc, const float *k, const LayerView *L, int g,
+                        const int *cand, int n, double t_pos, float *keys, float *raw, float *out)
 {
     int D = L->head_dim, group = L->group;
     for (int j = 0; j < n; j++)
-        memcpy(keys + (size_t)j * D, L->k + ((size_t)g * L->n_tokens + cand[j]) * D,
+        memcpy(keys + (size_t)j * D, k + ((size_t)g * L->n_tokens + cand[j]) * D,
                (size_t)D * sizeof *keys);
-    trig_scorer_score(&tr->scorer, g * group, group, keys, n, t_pos, raw);
+    trig_scorer_score(sc, g * group, group, keys, n, t_pos, raw);
     for (int j = 0; j < n; j++)
         out[j] = -INFINITY;
     for (int i = 0; i < group; i++) {
@@ -363,11 +418,11 @@ static void evict_worst(Trig *tr, int g0, int g1, const int *cand, const float *
     free(rank);
 }
 
-/* Brings every cache over budget back to exactly budget, scoring at token index t_index. */
-static void prune(Trig *tr, const LayerView *L, int t_index)
+/* Brings every cache over budget back to exactly budget: the protected tokens are those of
+ * token index t_index, the score's current position is t_pos. */
+static void prune(Trig *tr, const LayerView *L, int t_index, double t_pos)
 {
     int G = L->n_kv_heads, D = L->head_dim;
-    double t_pos = L->meta->positions[t_index];
     size_t cap = (size_t)tr->base.cache[0].n;
     for (int g = 1; g < G; g++)
         if ((size_t)tr->base.cache[g].n > cap)
@@ -384,20 +439,41 @@ static void prune(Trig *tr, const LayerView *L, int t_index)
             int keep = tr->prm.budget - (tr->base.cache[0].n - n);
             float *mean = kv_calloc(cap, sizeof *mean);
             for (int g = 0; g < G; g++) {
-                head_scores(tr, L, g, cand, n, t_pos, keys, raw, score);
+                head_scores(&tr->scorer, L->k, L, g, cand, n, t_pos, keys, raw, score);
                 for (int j = 0; j < n; j++)
                     mean[j] += score[j] / G;
             }
             evict_worst(tr, 0, G, cand, mean, n, keep);
             free(mean);
         }
+    } else if (tr->prm.granularity == GRANULARITY_KVHEAD) {
+        /* One set per KV head for every layer: each layer's scores averaged over the layers, in
+         * layer order (every layer's instance adds the same numbers in the same order). */
+        float *mean = kv_malloc(cap * sizeof *mean);
+        for (int g = 0; g < G; g++) {
+            if (tr->base.cache[g].n <= tr->prm.budget)
+                continue;
+            int n = gather_candidates(tr, g, t_index, cand);
+            int keep = tr->prm.budget - (tr->base.cache[g].n - n);
+            for (int j = 0; j < n; j++)
+                mean[j] = 0;
+            for (int l = 0; l < tr->n_layers; l++) {
+                bool own = l == L->layer || tr->n_layers == 1;
+                head_scores(own ? &tr->scorer : &tr->layer_scorer[l], own ? L->k : tr->layer_k[l],
+                            L, g, cand, n, t_pos, keys, raw, score);
+                for (int j = 0; j < n; j++)
+                    mean[j] += score[j] / tr->n_layers;
+            }
+            evict_worst(tr, g, g + 1, cand, mean, n, keep);
+        }
+        free(mean);
     } else {
         for (int g = 0; g < G; g++) {
             if (tr->base.cache[g].n <= tr->prm.budget)
                 continue;
             int n = gather_candidates(tr, g, t_index, cand);
             int keep = tr->prm.budget - (tr->base.cache[g].n - n);
-            head_scores(tr, L, g, cand, n, t_pos, keys, raw, score);
+            head_scores(&tr->scorer, L->k, L, g, cand, n, t_pos, keys, raw, score);
             evict_worst(tr, g, g + 1, cand, score, n, keep);
         }
     }
@@ -412,20 +488,28 @@ static void trig_prefill(Policy *p, const PrefillView *pv)
     Trig *tr = (Trig *)p;
     const LayerView *L = pv->L;
     int c0 = pv->chunk_start, c1 = pv->chunk_end;
-    if (!tr->calibrated)
+    if (!tr->calibrated) {
         trig_scorer_accumulate(&tr->scorer, L->q, L->n_tokens, c0, c1, L->meta->positions,
                                L->meta->rope_layout, L->rope_inv_freq);
+        for (int l = 0; l < tr->n_layers; l++)
+            if (tr->layer_q && tr->layer_q[l])
+                trig_scorer_accumulate(&tr->layer_scorer[l], tr->layer_q[l], L->n_tokens, c0, c1,
+                                       L->meta->positions, L->meta->rope_layout,
+                                       trace_layer_geometry(L->meta, l).rope_inv_freq);
+    }
     bool over = false;
     for (int g = 0; g < p->n_kv_heads; g++) {
         for (int j = c0; j < c1; j++)
             kvcache_add(&p->cache[g], j);
         over |= p->cache[g].n > tr->prm.budget;
     }
+    if (tr->prm.schedule == SCHEDULE_HF)
+        return; /* the HF forward never prunes on the prefill pass */
     /* A departure (docs/policies.md): the authors' code never prunes on the prefill pass and
      * pins the prompt; kvsim cuts a chunk that leaves a cache over the budget, so that the
      * budget holds at every decode step and prompt tokens compete on their scores. */
     if (over)
-        prune(tr, L, c1 - 1);
+        prune(tr, L, c1 - 1, L->meta->positions[c1 - 1]);
     tr->since_prune = 0;
 }
 
@@ -437,16 +521,40 @@ static void trig_step(Policy *p, const StepView *sv)
         kvcache_add(&p->cache[g], sv->t);
         over |= p->cache[g].n > tr->prm.budget;
     }
+    if (tr->prm.schedule == SCHEDULE_HF)
+        return; /* pruned after the query (trig_observe) */
     tr->since_prune++;
     if (tr->since_prune >= tr->prm.divide_length && over) {
-        prune(tr, sv->L, sv->t);
+        prune(tr, sv->L, sv->t, sv->L->meta->positions[sv->t]);
         tr->since_prune = 0;
     }
+}
+
+/* schedule = hf: after query t attended, a cache that reached budget + divide_length tokens is
+ * pruned to budget, scored at the next token's position (the HF code's absolute_position); every
+ * KV head holds as many tokens, so the first decides. */
+static void trig_observe(Policy *p, const StepView *sv, const float *const *attn)
+{
+    (void)attn;
+    Trig *tr = (Trig *)p;
+    if (tr->prm.schedule != SCHEDULE_HF ||
+        p->cache[0].n < (long)tr->prm.budget + tr->prm.divide_length)
+        return;
+    prune(tr, sv->L, sv->t, sv->L->meta->positions[sv->t] + 1.0);
 }
 
 static void trig_destroy(Policy *p)
 {
     Trig *tr = (Trig *)p;
+    for (int l = 0; l < tr->n_layers; l++) {
+        if (tr->layer_q[l])
+            trig_scorer_free(&tr->layer_scorer[l]);
+        free(tr->layer_q[l]);
+        free(tr->layer_k[l]);
+    }
+    free(tr->layer_scorer);
+    free(tr->layer_q);
+    free(tr->layer_k);
     trig_scorer_free(&tr->scorer);
     policy_base_free(p);
     free(p);
@@ -455,15 +563,27 @@ static void trig_destroy(Policy *p)
 static long trig_max_slots(const void *params, const LayerView *L, int t)
 {
     const TrigParams *prm = params;
-    (void)L;
     (void)t;
-    return (long)prm->budget + prm->divide_length - 1;
+    if (prm->schedule == SCHEDULE_MLX)
+        return (long)prm->budget + prm->divide_length - 1;
+    /* hf: below budget + divide_length after every query; a prefill span adds its tokens
+     * unpruned, and the next decode token joins them before its query. */
+    long longest = 0;
+    for (int s = 0; s < L->meta->n_spans; s++)
+        if (L->meta->spans[s].kind == SPAN_PREFILL &&
+            L->meta->spans[s].end - L->meta->spans[s].start > longest)
+            longest = L->meta->spans[s].end - L->meta->spans[s].start;
+    return (long)prm->budget + prm->divide_length + longest;
 }
 
 static const char *const trig_conformance[] = {
     "budget=32 divide_length=8 protect_recent=8",
     "budget=32 divide_length=8 protect_recent=8 protect_initial=0 granularity=layer",
     "budget=32 divide_length=8 protect_recent=8 pairing=interleaved",
+    "budget=32 divide_length=8 protect_recent=8 schedule=hf",
+    "budget=32 divide_length=8 protect_recent=8 schedule=hf granularity=layer",
+    "budget=32 divide_length=8 protect_recent=8 granularity=kvhead",
+    "budget=32 divide_length=8 protect_recent=8 granularity=kvhead schedule=hf",
     NULL,
 };
 
@@ -477,6 +597,7 @@ const PolicyType policy_trig = {
     .create = trig_create,
     .prefill = trig_prefill,
     .step = trig_step,
+    .observe = trig_observe,
     .destroy = trig_destroy,
     .max_slots = trig_max_slots,
     .conformance = trig_conformance,

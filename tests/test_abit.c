@@ -12,6 +12,7 @@
 #include <gsl/gsl_rng.h>
 
 #include "policies/abit.h"
+#include "sim/format/geometry.h"
 #include "tests/support/fixture.h"
 
 static const AbitSplit default_split = {.window = 3, .min_split = 8, .max_split = 512,
@@ -72,6 +73,101 @@ static void test_abit_short_segments_merge(void **state)
     assert_int_equal(starts[0], 0);
     assert_int_equal(starts[1], 23);
     free(f);
+}
+
+/* tricache: TriCache's merge (ABITClustering's loop): a short segment loses its end boundary
+ * and absorbs the next one, checked again; a short last segment joins the previous one. The
+ * same runs under kvsim's backward merge for contrast. */
+static void test_abit_forward_merge(void **state)
+{
+    (void)state;
+    AbitSplit fwd = default_split, back = default_split;
+    fwd.forward_merge = true;
+    int starts[64], n;
+    /* Runs 20, 4, 4, 30: forward, [20, 24) absorbs [24, 28), and the merged 8 tokens are a
+     * cluster; backward, both short runs join the first. */
+    const int len_a[] = {20, 4, 4, 30}, axis_a[] = {0, 3, 4, 1};
+    float *f = runs_of(16, 4, len_a, axis_a, 0.02, &n);
+    assert_int_equal(abit_segment(f, n, 16, &fwd, starts), 3);
+    assert_int_equal(starts[1], 20);
+    assert_int_equal(starts[2], 28);
+    assert_int_equal(abit_segment(f, n, 16, &back, starts), 2);
+    assert_int_equal(starts[1], 28);
+    free(f);
+    /* Runs 20, 12, 3, 30, then a short last run: forward, the 3-token blip opens the 30-token
+     * run's segment and the last 4 tokens join it; backward, the blip joins the 12. */
+    const int len_b[] = {20, 12, 3, 30, 4}, axis_b[] = {0, 1, 3, 2, 5};
+    f = runs_of(16, 5, len_b, axis_b, 0.02, &n);
+    assert_int_equal(abit_segment(f, n, 16, &fwd, starts), 3);
+    assert_int_equal(starts[1], 20);
+    assert_int_equal(starts[2], 32);
+    assert_int_equal(abit_segment(f, n, 16, &back, starts), 3);
+    assert_int_equal(starts[1], 20);
+    assert_int_equal(starts[2], 35);
+    free(f);
+}
+
+/* tricache compares pre-RoPE keys and queries: a layer whose pre-RoPE vectors are the same but
+ * whose positions are spread three times wider (its post-RoPE vectors differ) gets the same
+ * clusters and retrievals at every step (top_keys = 0: the index is the mean keys, with no
+ * attention in it). Post-RoPE similarity (the default) depends on the distances. */
+typedef struct {
+    int n;
+    unsigned char *sets; /* [steps][Hkv][T] */
+} SetLog;
+
+static void log_sets(int t, const Policy *p, const float *full_attn, void *ud)
+{
+    (void)t;
+    (void)full_attn;
+    SetLog *lg = ud;
+    int T = p->cache[0].n_tokens;
+    for (int g = 0; g < p->n_kv_heads; g++, lg->n++)
+        for (int j = 0; j < T; j++)
+            lg->sets[(size_t)lg->n * T + j] = kvcache_has(&p->cache[g], j);
+}
+
+static void run_spread(int spread, const char *params, SetLog *lg)
+{
+    const int Hq = 4, Hkv = 2, D = 16, T = 160, P = 100;
+    Fixture *fx = fixture_new(Hq, Hkv, D, T, P);
+    fixture_randomize(fx, 23, 1.0);
+    /* The random vectors are pre-RoPE: rotate them to positions spread * i. */
+    for (int i = 0; i < T; i++) {
+        fx->meta.positions[i] = spread * i;
+        for (int h = 0; h < Hq; h++)
+            rope_apply(fx_q(fx, h, i), D, fx->meta.rope_layout, fx->L.rope_inv_freq, spread * i);
+        for (int g = 0; g < Hkv; g++)
+            rope_apply(fx_k(fx, g, i), D, fx->meta.rope_layout, fx->L.rope_inv_freq, spread * i);
+    }
+    lg->n = 0;
+    lg->sets = kv_calloc((size_t)(T - P) * Hkv * T, 1);
+    Policy *p = fixture_policy(fx, "abit", params, 7);
+    fixture_run(fx, p, T, log_sets, lg);
+    p->type->destroy(p);
+    fixture_free(fx);
+}
+
+static void test_abit_tricache_pre_rope(void **state)
+{
+    (void)state;
+    const char *base = "budget=40 local=8 span=24 min_split=2 max_split=8 min_cluster=2 "
+                       "top_keys=0 max_clusters=8 pin_system=false";
+    char params[256];
+    for (int tricache = 1; tricache >= 0; tricache--) {
+        snprintf(params, sizeof params, "%s tricache=%s", base, tricache ? "true" : "false");
+        SetLog a, b;
+        run_spread(1, params, &a);
+        run_spread(3, params, &b);
+        size_t bytes = (size_t)a.n * 160;
+        assert_int_equal(a.n, b.n);
+        if (tricache)
+            assert_memory_equal(a.sets, b.sets, bytes);
+        else
+            assert_true(memcmp(a.sets, b.sets, bytes) != 0);
+        free(a.sets);
+        free(b.sets);
+    }
 }
 
 static void test_abit_segments_are_ordered_and_not_short(void **state)
@@ -269,6 +365,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_abit_segments_three_blocks),
         cmocka_unit_test(test_abit_short_segments_merge),
+        cmocka_unit_test(test_abit_forward_merge),
+        cmocka_unit_test(test_abit_tricache_pre_rope),
         cmocka_unit_test(test_abit_segments_are_ordered_and_not_short),
         cmocka_unit_test(test_abit_retrieves_the_block_the_query_points_at),
         cmocka_unit_test(test_abit_budget_tiers_and_host_accounting),

@@ -150,6 +150,34 @@ static void test_good_config_loads(void **state)
     config_free(&rc);
 }
 
+/* kv_quant and its keys, on any policy type, before or after type=; bad values name the line. */
+static void test_kv_quant_keys(void **state)
+{
+    (void)state;
+    const char *path = write_ini("[trace]\npath = x\n"
+                                 "[policy.a]\nkv_quant = kivi4\ntype = h2o\nkv_quant_residual = 64\n"
+                                 "[policy.b]\ntype = window\nkv_quant = mlx8\nkv_quant_group = 16\n"
+                                 "[policy.c]\ntype = full\n");
+    RunConfig rc;
+    expect_loads(path, &rc);
+    assert_int_equal(rc.engine.policies[0].quant.kind, KVQ_KIVI4);
+    assert_int_equal(rc.engine.policies[0].quant.residual, 64);
+    assert_int_equal(rc.engine.policies[0].quant.group, 0);
+    assert_int_equal(rc.engine.policies[1].quant.kind, KVQ_MLX8);
+    assert_int_equal(rc.engine.policies[1].quant.group, 16);
+    assert_int_equal(rc.engine.policies[2].quant.kind, KVQ_NONE);
+    assert_int_equal(rc.engine.policies[2].quant.residual, KVQ_DEFAULT_RESIDUAL);
+    config_free(&rc);
+    expect_error("[policy.a]\ntype = full\nkv_quant = kivi3\n", 3,
+                 "kv_quant = 'kivi3': expected one of none|kivi2|kivi4|mlx4|mlx8");
+    expect_error("[policy.a]\ntype = full\nkv_quant_group = x\n", 3,
+                 "kv_quant_group = 'x': expected an integer in [0, 1048576]");
+    expect_error("[policy.a]\ntype = full\nkv_quant_residual = 0\n", 3,
+                 "kv_quant_residual = '0': expected an integer in [1, 1048576]");
+    expect_error("[policy.a]\ntype = full\nkv_quant = kivi2\nkv_quant_residual = 48\n", 1,
+                 "kv_quant_residual = 48: expected a multiple of the group size 32");
+}
+
 static void test_default_out_dir_from_config_name(void **state)
 {
     (void)state;
@@ -677,6 +705,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_good_config_loads),
+        cmocka_unit_test(test_kv_quant_keys),
         cmocka_unit_test(test_default_out_dir_from_config_name),
         cmocka_unit_test(test_errors_name_file_and_line),
         cmocka_unit_test(test_missing_file),

@@ -1065,7 +1065,8 @@ static void test_prefill_statistics_are_each_instances_own(void **state)
 {
     (void)state;
     SpyParams prm[2] = {{0}, {1}};
-    PolicySpec spec[2] = {{"spy_0", &spy_type, &prm[0]}, {"spy_1", &spy_type, &prm[1]}};
+    PolicySpec spec[2] = {{.label = "spy_0", .type = &spy_type, .params = &prm[0]},
+                          {.label = "spy_1", .type = &spy_type, .params = &prm[1]}};
     for (int l = 0; l < N_LAYOUTS; l++)
         for (int window = 0; window <= 20; window += 20) {
             const Layout *lay = &LAYOUTS[l];
@@ -1105,7 +1106,7 @@ static void test_evaluated_steps_follow_the_decode_runs(void **state)
 {
     Suite *s = *state;
     const Layout *lay = &LAYOUTS[2];
-    PolicySpec spec = {"full_0", s->set[0].type, s->set[0].prm};
+    PolicySpec spec = {.label = "full_0", .type = s->set[0].type, .params = s->set[0].prm};
     EngineConfig cfg = {.threads = 2, .topk = TOPK, .eval_every = 4, .kv_bits = KV_BITS,
                         .prefill_chunk = lay->prefill_chunk, .seed = SEED, .n_policies = 1,
                         .policies = &spec};

@@ -227,6 +227,7 @@ static void test_identical_results_with_more_threads_than_layers(void **state)
     enum { N_POL = 6 };
     const char *types[N_POL] = {"full", "window", "h2o", "snapkv", "oracle_topk", "tova"};
     PolicySpec spec[N_POL];
+    memset(spec, 0, sizeof spec);
     KvErr err;
     for (int i = 0; i < N_POL; i++) {
         if (i < 2) {

@@ -290,6 +290,85 @@ static void test_threshold_zero_restores_up_to_max_restore(void **state)
     run_threshold_zero(100, 8);
 }
 
+/* ---- coupling = fixedsize: offloading comes with the summary slot, the host tier is
+ * unquantized (quantize = auto), restored tokens come back exact ---- */
+
+typedef struct {
+    Fixture *fx;
+    int budget, P;
+    bool *prev;        /* [T] real positions cached at the previous step (after its step) */
+    double *sum;       /* [2 * D] K and V summed over every eviction so far */
+    int evictions, restored, steps;
+} CouplingCheck;
+
+static void check_coupling(int t, const Policy *p, const float *full_attn, void *ud)
+{
+    (void)full_attn;
+    CouplingCheck *cc = ud;
+    const LayerView *L = &cc->fx->L;
+    const KVCache *c = &p->cache[0];
+    int T = L->n_tokens, D = L->head_dim;
+    /* Evictions since the previous step: the prompt's truncation at the first step, then what
+     * the previous step held and this one does not (a restored token is not one). */
+    for (int j = 0; j < t; j++) {
+        bool before = t == cc->P ? true : cc->prev[j];
+        if (before && !kvcache_has(c, j)) {
+            const float *k = L->k + (size_t)j * D, *v = L->v + (size_t)j * D;
+            for (int d = 0; d < D; d++) {
+                cc->sum[d] += k[d];
+                cc->sum[D + d] += v[d];
+            }
+            cc->evictions++;
+        }
+        if (t > cc->P && !cc->prev[j] && kvcache_has(c, j))
+            cc->restored++;
+    }
+    assert_true(c->n <= cc->budget);
+    int synthetic = 0, n_real = 0;
+    for (int s = 0; s < c->n; s++) {
+        if (c->pos[s] >= 0) {
+            assert_null(c->alt_kv[s]); /* restored from a full-precision host copy: exact */
+            n_real++;
+            continue;
+        }
+        synthetic++;
+        for (int d = 0; d < 2 * D; d++)
+            assert_float_equal(c->alt_kv[s][d], cc->sum[d] / cc->evictions, 1e-5);
+    }
+    assert_int_equal(synthetic, cc->evictions > 0);
+    MemReport m = {0};
+    p->type->memory(p, &m);
+    int32_t *buf = kv_malloc((size_t)T * sizeof *buf);
+    int host = host_count(p, 0, buf);
+    free(buf);
+    assert_float_equal(m.host_bytes, host * 2.0 * D * 2, 1e-9); /* K and V at 16 bits */
+    assert_float_equal(m.device_bytes, c->n * 2.0 * D * 2, 1e-9);
+    for (int j = 0; j < T; j++)
+        cc->prev[j] = j <= t && kvcache_has(c, j);
+    cc->steps++;
+}
+
+static void test_fixedsize_coupling(void **state)
+{
+    (void)state;
+    int T = 90, P = 40, budget = 16;
+    Fixture *fx = fixture_new(2, 1, 8, T, P);
+    fixture_randomize(fx, 5, 1.0);
+    Policy *p = fixture_policy(fx, "offload",
+                               "budget=16 ratio=0.5 threshold=0.05 coupling=fixedsize", 7);
+    CouplingCheck cc = {.fx = fx, .budget = budget, .P = P};
+    cc.prev = kv_calloc((size_t)T, sizeof *cc.prev);
+    cc.sum = kv_calloc(2 * 8, sizeof *cc.sum);
+    fixture_run(fx, p, T, check_coupling, &cc);
+    assert_int_equal(cc.steps, T - P);
+    assert_true(cc.evictions > T - budget); /* restored tokens leave again */
+    assert_true(cc.restored > 0);
+    free(cc.prev);
+    free(cc.sum);
+    p->type->destroy(p);
+    fixture_free(fx);
+}
+
 /* ---- an intermediate threshold: exactly the tokens whose mean over their last
  * importance_window observations exceeds it come back, at the next step ---- */
 
@@ -451,6 +530,7 @@ int main(void)
         cmocka_unit_test(test_threshold_zero_restores_up_to_max_restore),
         cmocka_unit_test(test_restores_exactly_tokens_above_threshold),
         cmocka_unit_test(test_host_bytes_follow_stated_storage),
+        cmocka_unit_test(test_fixedsize_coupling),
         cmocka_unit_test(test_validate_bits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -430,12 +430,13 @@ static void test_protected_tokens_stay(void **state)
     rope_layer_free(&rl);
 }
 
-/* Expected cache after a prune at token index t of a cache holding `before`: the protected
- * tokens plus the best-scoring others by the definition (z-score per query head, max over the
- * group, mean over KV heads for granularity=layer; the newer token wins a tie). */
+/* Expected cache after a prune at token index t of a cache holding `before`, scored at
+ * position `now`: the protected tokens plus the best-scoring others by the definition (z-score
+ * per query head, max over the group, mean over KV heads for granularity=layer; the newer token
+ * wins a tie). */
 static void expected_after_prune(const RopeLayer *rl, const QueryStats *qs, int g0, int g1,
-                                 const unsigned char *before, int t, int budget, int initial,
-                                 int recent, unsigned char *want)
+                                 const unsigned char *before, int t, double now, int budget,
+                                 int initial, int recent, unsigned char *want)
 {
     const LayerView *L = &rl->fx->L;
     int T = L->n_tokens, D = L->head_dim, group = L->group;
@@ -454,7 +455,6 @@ static void expected_after_prune(const RopeLayer *rl, const QueryStats *qs, int 
         else
             cand[n++] = j;
     }
-    double now = L->meta->positions[t];
     for (int g = g0; g < g1; g++) {
         for (int j = 0; j < n; j++)
             best[j] = -INFINITY;
@@ -514,8 +514,8 @@ static void check_pruning(int P, const char *granularity)
         assert_int_equal(rec_n(&r, P, g), budget + 1);
         memset(before, 0, (size_t)T);
         memset(before, 1, (size_t)P);
-        expected_after_prune(&rl, &qs, layer ? 0 : g, layer ? Hkv : g + 1, before, P - 1, budget,
-                             initial, recent, want);
+        expected_after_prune(&rl, &qs, layer ? 0 : g, layer ? Hkv : g + 1, before, P - 1,
+                             rl.fx->meta.positions[P - 1], budget, initial, recent, want);
         want[P] = 1;
         assert_memory_equal(rec_set(&r, P, g), want, (size_t)T);
     }
@@ -533,8 +533,8 @@ static void check_pruning(int P, const char *granularity)
             assert_int_equal(rec_n(&r, t, g), budget);
             memcpy(before, rec_set(&r, t - 1, g), (size_t)T);
             before[t] = 1;
-            expected_after_prune(&rl, &qs, layer ? 0 : g, layer ? Hkv : g + 1, before, t, budget,
-                                 initial, recent, want);
+            expected_after_prune(&rl, &qs, layer ? 0 : g, layer ? Hkv : g + 1, before, t,
+                                 rl.fx->meta.positions[t], budget, initial, recent, want);
             assert_memory_equal(rec_set(&r, t, g), want, (size_t)T);
         }
         if (rec_n(&r, t, 0) == budget && rec_n(&r, t - 1, 0) + 1 > budget) {
@@ -562,6 +562,184 @@ static void test_pruning_rules_long_prompt(void **state)
     (void)state;
     check_pruning(100, "head");
     check_pruning(100, "layer");
+}
+
+/* schedule = hf (the authors' HF forward): the prefill is never pruned, so the first decode
+ * query attends over the whole prompt; after query t attended, a cache of budget +
+ * divide_length tokens is pruned to budget, scored at the next token's position, and the next
+ * query sees those plus its own token: at attention a cache holds budget + 1 to budget +
+ * divide_length tokens once it first got there. */
+static void check_hf_schedule(int P, const char *granularity)
+{
+    const int Hq = 4, Hkv = 2, D = 16, T = 260, budget = 64, dl = 16, initial = 3, recent = 12;
+    RopeLayer rl = rope_layer(Hq, Hkv, D, T, P, ROPE_HALF, 5, 61);
+    char params[192];
+    snprintf(params, sizeof params,
+             "budget=%d divide_length=%d protect_initial=%d protect_recent=%d granularity=%s "
+             "schedule=hf",
+             budget, dl, initial, recent, granularity);
+    bool layer = strcmp(granularity, "layer") == 0;
+    Record r = run_recorded(&rl, params);
+    QueryStats qs = query_stats(rl.q_pre, Hq, T, D, P, ROPE_HALF);
+    unsigned char *want = kv_malloc((size_t)T);
+    int prunes = 0;
+    for (int g = 0; g < Hkv; g++)
+        assert_int_equal(rec_n(&r, P, g), P + 1);
+    for (int t = P + 1; t < T; t++) {
+        bool pruned = rec_n(&r, t - 1, 0) >= budget + dl;
+        prunes += pruned;
+        for (int g = 0; g < Hkv; g++) {
+            assert_int_equal(rec_n(&r, t, g), (pruned ? budget : rec_n(&r, t - 1, g)) + 1);
+            if (!pruned)
+                continue;
+            expected_after_prune(&rl, &qs, layer ? 0 : g, layer ? Hkv : g + 1,
+                                 rec_set(&r, t - 1, g), t - 1, rl.fx->meta.positions[t - 1] + 1.0,
+                                 budget, initial, recent, want);
+            want[t] = 1;
+            assert_memory_equal(rec_set(&r, t, g), want, (size_t)T);
+        }
+    }
+    assert_true(prunes >= 8);
+    free(want);
+    query_stats_free(&qs);
+    record_free(&r);
+    rope_layer_free(&rl);
+}
+
+static void test_hf_schedule(void **state)
+{
+    (void)state;
+    check_hf_schedule(40, "head");
+    check_hf_schedule(100, "head");
+    check_hf_schedule(100, "layer");
+}
+
+/* granularity = kvhead: one token set per KV head shared by every layer. Each layer of a
+ * 3-layer trace is driven by its own instance (over its own layer, the trace at hand for the
+ * others): at every step all layers hold the same sets, which granularity = head does not; and
+ * the prompt's prune keeps, of each KV head's candidates, the best by the mean over the layers
+ * of each layer's score (z-scored per query head, max over the group), computed here from the
+ * scorer's public interface. */
+enum { KV_LAYERS = 3, KV_HQ = 4, KV_HKV = 2, KV_D = 16, KV_T = 120, KV_P = 60 };
+
+typedef struct {
+    unsigned char *sets; /* [T][Hkv][T] the cache of each KV head at each decode step */
+} KvheadRecord;
+
+static void record_sets(int t, const Policy *p, const float *full_attn, void *ud)
+{
+    (void)full_attn;
+    KvheadRecord *r = ud;
+    for (int g = 0; g < p->n_kv_heads; g++)
+        for (int j = 0; j < KV_T; j++)
+            r->sets[((size_t)t * KV_HKV + g) * KV_T + j] = kvcache_has(&p->cache[g], j);
+}
+
+static void run_layers(Trace *tr, const char *params, KvheadRecord *rec)
+{
+    const TraceMeta *m = trace_meta(tr);
+    for (int l = 0; l < KV_LAYERS; l++) {
+        Fixture *fx = fixture_new(KV_HQ, KV_HKV, KV_D, KV_T, KV_P);
+        KvErr err;
+        if (trace_read_layer(tr, l, fx->q, fx->k, fx->v, &err) != 0)
+            fail_msg("%s", err.msg);
+        fx->L.meta = m;
+        fx->L.layer = l;
+        fx->L.trace = tr;
+        rec[l].sets = kv_calloc((size_t)KV_T * KV_HKV * KV_T, 1);
+        Policy *p = fixture_policy(fx, "trig", params, 3);
+        fixture_run(fx, p, KV_T, record_sets, &rec[l]);
+        p->type->destroy(p);
+        fixture_free(fx);
+    }
+}
+
+static void test_kvhead_granularity(void **state)
+{
+    (void)state;
+    const int budget = 32, initial = 2, recent = 6;
+    char *dir = scratch_create();
+    const char *path = scratch_path(dir, "layers.h5", 0);
+    Fixture *fx = fixture_new(KV_HQ, KV_HKV, KV_D, KV_T, KV_P);
+    fixture_write_trace(fx, KV_LAYERS, 91, path);
+    fixture_free(fx);
+    KvErr err;
+    Trace *tr = trace_open(path, &err);
+    if (!tr)
+        fail_msg("%s", err.msg);
+    const TraceMeta *m = trace_meta(tr);
+    KvheadRecord shared[KV_LAYERS], own[KV_LAYERS];
+    const char *base = "budget=32 divide_length=8 protect_initial=2 protect_recent=6";
+    char params[160];
+    snprintf(params, sizeof params, "%s granularity=kvhead", base);
+    run_layers(tr, params, shared);
+    snprintf(params, sizeof params, "%s granularity=head", base);
+    run_layers(tr, params, own);
+    size_t n = (size_t)KV_T * KV_HKV * KV_T;
+    int differing = 0;
+    for (int l = 1; l < KV_LAYERS; l++) {
+        assert_memory_equal(shared[l].sets, shared[0].sets, n);
+        differing += memcmp(own[l].sets, own[0].sets, n) != 0;
+    }
+    assert_true(differing > 0);
+
+    /* The prompt's prune (at index P - 1), recomputed. */
+    int group = KV_HQ / KV_HKV;
+    float *q = kv_malloc((size_t)KV_HQ * KV_T * KV_D * sizeof *q);
+    float *k = kv_malloc((size_t)KV_HKV * KV_T * KV_D * sizeof *k);
+    int n_cand = KV_P - recent - initial, keep = budget - initial - recent;
+    for (int g = 0; g < KV_HKV; g++) {
+        double mean[KV_P] = {0};
+        for (int l = 0; l < KV_LAYERS; l++) {
+            if (trace_read_layer(tr, l, q, k, NULL, &err) != 0)
+                fail_msg("%s", err.msg);
+            const double *inv_freq = trace_layer_geometry(m, l).rope_inv_freq;
+            TrigScorer sc;
+            trig_scorer_init(&sc, KV_HQ, KV_D, m->rope_layout, inv_freq);
+            trig_scorer_calibrate(&sc, q, KV_T, KV_P, m->positions, m->rope_layout, inv_freq);
+            float keys[KV_P * KV_D], raw[4 * KV_P];
+            for (int j = 0; j < n_cand; j++)
+                memcpy(keys + (size_t)j * KV_D, k + ((size_t)g * KV_T + initial + j) * KV_D,
+                       KV_D * sizeof(float));
+            trig_scorer_score(&sc, g * group, group, keys, n_cand, m->positions[KV_P - 1], raw);
+            double best[KV_P];
+            for (int j = 0; j < n_cand; j++)
+                best[j] = -INFINITY;
+            for (int i = 0; i < group; i++) {
+                double mu = 0, var = 0;
+                for (int j = 0; j < n_cand; j++)
+                    mu += raw[i * n_cand + j] / n_cand;
+                for (int j = 0; j < n_cand; j++)
+                    var += (raw[i * n_cand + j] - mu) * (raw[i * n_cand + j] - mu) / (n_cand - 1);
+                for (int j = 0; j < n_cand; j++)
+                    best[j] = fmax(best[j], (raw[i * n_cand + j] - mu) / sqrt(var + 1e-8));
+            }
+            for (int j = 0; j < n_cand; j++)
+                mean[j] += best[j] / KV_LAYERS;
+            trig_scorer_free(&sc);
+        }
+        /* The kept candidates are the `keep` best (a tie: the newer). */
+        const unsigned char *set = shared[0].sets + ((size_t)KV_P * KV_HKV + g) * KV_T;
+        int kept = 0;
+        for (int j = 0; j < n_cand; j++) {
+            int better = 0;
+            for (int i = 0; i < n_cand; i++)
+                better += mean[i] > mean[j] || (mean[i] == mean[j] && i > j);
+            if (set[initial + j] != (better < keep))
+                fail_msg("KV head %d, token %d: kept %d, but %d candidates rank above it (keep %d)",
+                         g, initial + j, set[initial + j], better, keep);
+            kept += set[initial + j];
+        }
+        assert_int_equal(kept, keep);
+    }
+    free(q);
+    free(k);
+    for (int l = 0; l < KV_LAYERS; l++) {
+        free(shared[l].sets);
+        free(own[l].sets);
+    }
+    trace_close(tr);
+    scratch_remove(dir);
 }
 
 /* granularity=layer: every KV head holds the same tokens at every step; per head they differ. */
@@ -734,6 +912,8 @@ int main(void)
         cmocka_unit_test(test_pruning_rules_short_prompt),
         cmocka_unit_test(test_pruning_rules_long_prompt),
         cmocka_unit_test(test_layer_granularity_one_set),
+        cmocka_unit_test(test_hf_schedule),
+        cmocka_unit_test(test_kvhead_granularity),
         cmocka_unit_test(test_ties_keep_newer),
         cmocka_unit_test(test_calibration_from_file),
         cmocka_unit_test(test_parameters_validated),

@@ -6,6 +6,10 @@
 
 #include <cmocka.h>
 
+#include <math.h>
+#include <string.h>
+
+#include "sim/format/geometry.h"
 #include "tests/support/fixture.h"
 
 typedef struct {
@@ -39,6 +43,71 @@ static void test_window_keeps_last_n_and_sinks(void **state)
     WindowCheck wc = {5, 3, 0};
     fixture_run(fx, p, 40, check_window, &wc);
     assert_int_equal(wc.steps, 40 - 12);
+    p->type->destroy(p);
+    fixture_free(fx);
+}
+
+/* rerotate = true: the logit query t computes for each slot is the one StreamingLLM computes
+ * with pre-RoPE vectors rotated at their cache indices (query at n - 1, key at its rank i):
+ * R(n-1) q_pre . R(i) k_pre. The window's keys, whose distance is the true one, stay exact; the
+ * sinks are approximate once the window has moved past them. Values are never changed. */
+typedef struct {
+    const Fixture *fx;
+    int sinks, steps, rotated;
+} RerotateCheck;
+
+static void check_rerotate(int t, const Policy *p, const float *full_attn, void *ud)
+{
+    (void)full_attn;
+    RerotateCheck *rc = ud;
+    const LayerView *L = &rc->fx->L;
+    int D = L->head_dim, T = L->n_tokens;
+    float qp[64], kp[64];
+    for (int g = 0; g < p->n_kv_heads; g++) {
+        const KVCache *c = &p->cache[g];
+        int32_t pos[256];
+        int n = kvcache_positions(c, pos);
+        for (int h = g * L->group; h < (g + 1) * L->group; h++) {
+            const float *q = L->q + ((size_t)h * T + t) * D;
+            memcpy(qp, q, (size_t)D * sizeof *qp);
+            rope_apply(qp, D, L->meta->rope_layout, L->rope_inv_freq, n - 1 - t);
+            for (int i = 0; i < n; i++) {
+                int j = pos[i], s = c->slot_of[j];
+                const float *k = L->k + ((size_t)g * T + j) * D;
+                memcpy(kp, k, (size_t)D * sizeof *kp);
+                rope_apply(kp, D, L->meta->rope_layout, L->rope_inv_freq, i - j);
+                double want = 0, got = 0;
+                const float *ks = c->alt_kv[s] ? c->alt_kv[s] : k;
+                for (int d = 0; d < D; d++) {
+                    want += (double)qp[d] * kp[d];
+                    got += (double)q[d] * ks[d];
+                }
+                if (fabs(got - want) > 1e-4 * (1 + fabs(want)))
+                    fail_msg("step %d, key %d (cache index %d of %d): logit %g, expected %g", t,
+                             j, i, n, got, want);
+                bool moved = t - j != n - 1 - i;
+                assert_int_equal(c->alt_kv[s] != NULL, moved);
+                if (c->alt_kv[s])
+                    assert_memory_equal(c->alt_kv[s] + D, L->v + ((size_t)g * T + j) * D,
+                                        (size_t)D * sizeof(float));
+                rc->rotated += moved && h == g * L->group;
+                assert_true(!moved || j < rc->sinks);
+            }
+        }
+    }
+    rc->steps++;
+}
+
+static void test_window_rerotate(void **state)
+{
+    (void)state;
+    Fixture *fx = fixture_new(4, 2, 16, 80, 30);
+    fixture_randomize(fx, 3, 1.0);
+    Policy *p = fixture_policy(fx, "window", "window=12 sinks=4 rerotate=true", 7);
+    RerotateCheck rc = {fx, 4, 0, 0};
+    fixture_run(fx, p, 80, check_rerotate, &rc);
+    assert_int_equal(rc.steps, 80 - 30);
+    assert_int_equal(rc.rotated, 4 * 2 * 50); /* every sink of both KV heads at every step */
     p->type->destroy(p);
     fixture_free(fx);
 }
@@ -132,6 +201,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_window_keeps_last_n_and_sinks),
+        cmocka_unit_test(test_window_rerotate),
         cmocka_unit_test(test_window_without_sinks_is_ring_buffer),
         cmocka_unit_test(test_full_keeps_everything_and_grows_in_steps),
         cmocka_unit_test(test_window_does_not_depend_on_chunking),

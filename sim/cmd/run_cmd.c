@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "sim/base/args.h"
+#include "policies/kvquant.h"
 #include "sim/base/provenance.h"
 #include "sim/replay/config.h"
 #include "sim/replay/dataset.h"
@@ -304,5 +305,14 @@ int cmd_policies(int argc, char **argv)
         if (all[i]->scorer)
             printf("    (exposes per-token scores: may be the inner of adakv and pyramid)\n");
     }
+    /* The quantization layer every type takes (policies/kvquant.h, config.c quant_key). */
+    printf("every type — the precision of the K/V it keeps (docs/policies.md, kv_quant)\n");
+    printf("    %-18s = %-10s %-22s %s\n", "kv_quant", "none", KVQ_CHOICES,
+           "KIVI (keys per channel, values per token, full-precision residual) or mlx-lm's "
+           "QuantizedKVCache (affine, per token)");
+    printf("    %-18s = %-10s %-22s %s\n", "kv_quant_group", "0", "[0, 1048576]",
+           "values per scale and zero point; 0: the scheme's (KIVI 32, mlx 64)");
+    printf("    %-18s = %-10d %-22s %s\n", "kv_quant_residual", KVQ_DEFAULT_RESIDUAL,
+           "[1, 1048576]", "KIVI: the recent tokens kept at full precision (residual_length)");
     return 0;
 }

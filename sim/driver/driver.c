@@ -57,6 +57,16 @@ void policy_memory_report(const Policy *inst, int head_dim, int kv_bits, MemRepo
     mem->device_bytes = mem->allocated_bytes = kv_entry_bytes(live, head_dim, kv_bits);
 }
 
+void driver_memory_report(const PolicyDriver *d, int i, MemReport *mem)
+{
+    policy_memory_report(d->inst[i], d->L->head_dim, d->kv_bits, mem);
+    if (d->quant && d->quant[i]) {
+        double saved = kvq_bytes_saved(d->quant[i], d->inst[i], d->kv_bits);
+        mem->device_bytes -= saved;
+        mem->allocated_bytes -= saved;
+    }
+}
+
 int driver_create(PolicyDriver *d, const LayerView *L, const PolicySpec *specs, int n,
                   uint64_t run_seed, int kv_bits, bool live, KvErr *err)
 {
@@ -81,6 +91,10 @@ int driver_create(PolicyDriver *d, const LayerView *L, const PolicySpec *specs, 
         }
     }
     d->n = n;
+    d->quant = kv_calloc((size_t)n, sizeof *d->quant);
+    for (int i = 0; i < n; i++)
+        if (specs[i].quant.kind != KVQ_NONE)
+            d->quant[i] = kvq_state_new(&specs[i].quant, L);
     d->mem = kv_calloc((size_t)n, sizeof *d->mem);
     d->seconds = kv_calloc((size_t)n, sizeof *d->seconds);
     d->sv = kv_calloc((size_t)n, sizeof *d->sv);
@@ -96,6 +110,8 @@ int driver_restart(PolicyDriver *d, KvErr *err)
             .kv_bits = d->kv_bits,
         };
         d->inst[i]->type->destroy(d->inst[i]);
+        if (d->quant[i])
+            kvq_state_reset(d->quant[i]);
         d->inst[i] = spec->type->create(spec->params, d->L, &env, err);
         if (!d->inst[i]) { /* the instances after i are still there: driver_free frees them */
             d->inst[i] = d->inst[--d->n];
@@ -109,6 +125,10 @@ void driver_free(PolicyDriver *d)
 {
     for (int i = 0; i < d->n; i++)
         d->inst[i]->type->destroy(d->inst[i]);
+    if (d->quant)
+        for (int i = 0; i < d->n; i++)
+            kvq_state_free(d->quant[i]);
+    free(d->quant);
     free(d->inst);
     free(d->mem);
     free(d->seconds);
@@ -271,7 +291,9 @@ static int prefill_instance(void *ctx, int i, int slot, KvErr *err)
     }
     double t0 = now_seconds();
     p->type->prefill(p, &pv);
-    policy_memory_report(p, L->head_dim, d->kv_bits, &d->mem[i]);
+    if (d->quant[i])
+        kvq_apply(d->quant[i], p, L, KVQ_AFTER_PREFILL);
+    driver_memory_report(d, i, &d->mem[i]);
     d->seconds[i] += now_seconds() - t0;
     free(own_mass);
     return 0;
@@ -348,6 +370,8 @@ void driver_step(PolicyDriver *d, int i, int t, const float *full_attn)
     d->sv[i] = (StepView){.L = d->L, .t = t, .full_attn = p->is_oracle ? full_attn : NULL};
     double t0 = now_seconds();
     p->type->step(p, &d->sv[i]);
+    if (d->quant[i])
+        kvq_apply(d->quant[i], p, d->L, KVQ_AFTER_STEP);
     d->seconds[i] += now_seconds() - t0;
 }
 
@@ -357,6 +381,8 @@ void driver_observe(PolicyDriver *d, int i, const float *const *attn)
     double t0 = now_seconds();
     if (p->type->observe)
         p->type->observe(p, &d->sv[i], attn);
-    policy_memory_report(p, d->L->head_dim, d->kv_bits, &d->mem[i]);
+    if (d->quant[i])
+        kvq_apply(d->quant[i], p, d->L, KVQ_AFTER_OBSERVE);
+    driver_memory_report(d, i, &d->mem[i]);
     d->seconds[i] += now_seconds() - t0;
 }

@@ -13,7 +13,11 @@
  *    computed over its own caches, never shared;
  *  - calls prefill, step and observe, and records each instance's memory (MemReport) after each
  *    prefill chunk and after each observe;
- *  - times each instance's callbacks, and the statistics it computed.
+ *  - times each instance's callbacks, and the statistics it computed;
+ *  - for an instance with kv_quant, applies its quantization layer (policies/kvquant.h) after
+ *    the policy's prefill, step and observe, so that what the queries attend over holds the
+ *    dequantized K/V, and reports its device bytes with the quantized slots at their quantized
+ *    size.
  * The caller supplies what differs between replay and eval: the LayerView's Q/K/V, the true
  * attention of each decode query (read by oracles only), and the attention each instance's query
  * computed over that instance's caches.
@@ -36,6 +40,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "policies/kvquant.h"
 #include "policies/policy.h"
 #include "sim/base/pool.h"
 
@@ -57,6 +62,8 @@ typedef struct {
     char label[64];         /* [policy.LABEL] */
     const PolicyType *type;
     void *params;           /* the type's parameter struct */
+    KvQuantSpec quant;      /* kv_quant and its keys: the precision of what the policy keeps
+                             * (policies/kvquant.h); zero: none */
 } PolicySpec;
 
 typedef struct {
@@ -75,6 +82,7 @@ typedef struct {
     StepView *sv; /* [n]: the step each instance is in, between driver_step and driver_observe */
     float *decode_mass; /* [n_q_heads][T], once an oracle has asked for it */
     const PolicySpec *specs; /* [n]: what driver_restart creates again */
+    KvQuantState **quant;    /* [n]: instance i's quantization layer, NULL without kv_quant */
     uint64_t run_seed;
 } PolicyDriver;
 
@@ -117,5 +125,8 @@ uint64_t policy_instance_seed(uint64_t run_seed, const char *label, int layer);
 /* The instance's memory after a step: its memory() callback, or, when it has none, its live
  * slots at kv_bits (allocated = live). */
 void policy_memory_report(const Policy *inst, int head_dim, int kv_bits, MemReport *mem);
+/* The memory of instance i as the driver records it: policy_memory_report, less the bytes its
+ * quantization layer saves (device and allocated bytes). */
+void driver_memory_report(const PolicyDriver *d, int i, MemReport *mem);
 
 #endif

@@ -158,7 +158,8 @@ static void finish_section(Loader *ld)
         return;
     }
     KvErr verr;
-    if (spec->type->validate && spec->type->validate(spec->params, &verr) != 0)
+    if ((spec->type->validate && spec->type->validate(spec->params, &verr) != 0) ||
+        kvq_validate(&spec->quant, &verr) != 0)
         fail_at(ld, ps->line, "[policy.%s] %s", label, ESC(verr.msg, msg));
 }
 
@@ -209,6 +210,7 @@ static void section_started(Loader *ld, const char *name, int line)
     }
     r->policy = ld->n_sections++;
     memcpy(eng->policies[r->policy].label, label, n + 1);
+    eng->policies[r->policy].quant.residual = KVQ_DEFAULT_RESIDUAL;
     current_policy(ld)->line = line;
     r->sec = SEC_POLICY;
 }
@@ -441,10 +443,40 @@ static int trace_key(Loader *ld, const char *key, const char *value, int line)
     return 1;
 }
 
-static int apply_param(Loader *ld, const PolicySpec *spec, const KeyEntry *k)
+/* The keys every policy section takes, whatever its type: the quantization layer under the
+ * policy (policies/kvquant.h). Returns 1 when `key` is one of them and was parsed into
+ * spec->quant, 0 when it is not one, -1 with a message for a bad value. */
+static int quant_key(PolicySpec *spec, const char *key, const char *value, KvErr *err)
+{
+    if (!strcmp(key, "kv_quant")) {
+        int kind = kvq_parse(value);
+        if (kind < 0)
+            return kv_fail(err, "kv_quant = '%s': expected one of " KVQ_CHOICES, value);
+        spec->quant.kind = kind;
+        return 1;
+    }
+    bool group = !strcmp(key, "kv_quant_group");
+    if (!group && strcmp(key, "kv_quant_residual"))
+        return 0;
+    char *end;
+    errno = 0;
+    long v = strtol(value, &end, 10);
+    if (errno || end == value || *end || v < (group ? 0 : 1) || v > (1 << 20))
+        return kv_fail(err, "%s = '%s': expected an integer in [%d, %d]", key, value,
+                       group ? 0 : 1, 1 << 20);
+    *(group ? &spec->quant.group : &spec->quant.residual) = (int)v;
+    return 1;
+}
+
+static int apply_param(Loader *ld, PolicySpec *spec, const KeyEntry *k)
 {
     KvErr perr;
     char label[96], msg[sizeof ld->err.msg];
+    int q = quant_key(spec, k->key, k->value, &perr);
+    if (q < 0)
+        return fail_at(ld, k->line, "[policy.%s] %s", ESC(spec->label, label), ESC(perr.msg, msg));
+    if (q > 0)
+        return 1;
     if (policy_param_set(spec->type, spec->params, k->key, k->value, &perr) != 0)
         return fail_at(ld, k->line, "[policy.%s] %s", ESC(spec->label, label), ESC(perr.msg, msg));
     return 1;

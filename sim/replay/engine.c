@@ -158,7 +158,8 @@ static int attend_kv_head(Job *job, Worker *w, Lane *ln, const LayerView *L, int
     int T = L->n_tokens, D = L->head_dim, G = L->group, Hq = L->n_q_heads;
     int k = cfg->topk < t + 1 ? cfg->topk : t + 1;
     bool want_err = e >= 0 && output_errors_needed(c, t);
-    bool want_attn = observe || want_err;
+    bool quantized = cfg->policies[pi].quant.kind != KVQ_NONE;
+    bool want_attn = observe || want_err || (quantized && e >= 0);
     FullRow rows[G];
     CacheAttention ca[G];
     double out_err[G];
@@ -189,6 +190,9 @@ static int attend_kv_head(Job *job, Worker *w, Lane *ln, const LayerView *L, int
     cache_attention_heads(c, rows, G, attn, ca);
     if (e < 0)
         return 0;
+    if (quantized) /* the mass includes the quantization error (docs/metrics.md) */
+        for (int i = 0; i < G; i++)
+            ca[i].retained_mass = overlap_mass(c, &rows[i], attn + (size_t)i * c->n);
     for (int i = 0; i < G; i++)
         out_err[i] = 0.0;
     if (want_err) {
@@ -483,6 +487,7 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
                     !signbit(w->v[i]) == !(w->v16[i] >> 15); /* -0 stays -0 */
     }
     LayerView L = layer_view_make(m, layer, w->q, w->k, w->v);
+    L.trace = job->tr;
 
     int n_pol = cfg->n_policies;
     PolicyDriver drv;

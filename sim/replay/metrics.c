@@ -241,6 +241,18 @@ CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn
     return ca;
 }
 
+double overlap_mass(const KVCache *c, const FullRow *row, const float *attn)
+{
+    double m = 0;
+    for (int i = 0; i < c->n; i++) {
+        if (c->pos[i] < 0)
+            continue;
+        double p = row->p[c->pos[i]], a = attn[i];
+        m += p < a ? p : a;
+    }
+    return m;
+}
+
 /* Min-heap on (value, -index): the root is the weakest of the current top-k. */
 static bool weaker(const float *p, int32_t a, int32_t b)
 {

@@ -53,6 +53,14 @@ CacheAttention cache_attention(const KVCache *c, const FullRow *row, float *attn
 void cache_attention_heads(const KVCache *c, const FullRow *rows, int n_heads, float *attn,
                            CacheAttention *out);
 
+/* The retained mass of a cache with quantized K/V (kv_quant): sum over the slots holding real
+ * positions j of min(p_t(j), attn[slot]), the overlap of the true attention with the attention
+ * the query computes over the cache (attn from cache_attention). For a cache of exact slots
+ * alone this is the retained mass (each cached p_t(j) is at most its renormalised share), so
+ * the figure reduces to it; a quantized key's logit error moves attention between slots, and
+ * what moves away from the true distribution is lost. */
+double overlap_mass(const KVCache *c, const FullRow *row, const float *attn);
+
 /* Indices of the k largest p[0..n) (ties: lower index first), in out[0..k). Requires k <= n. */
 void topk_indices(const float *p, int n, int k, int32_t *out);
 

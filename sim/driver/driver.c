@@ -191,6 +191,8 @@ static double cache_statistics(const LayerView *L, const Policy *p, int c0, int 
                     float mx = -INFINITY;
                     for (int j = 0; j < n; j++) {
                         bool visible = key_pos[j] < 0 || (key_pos[j] <= q_pos && key_pos[j] >= lo);
+                        if (visible && L->attn_softcap > 0)
+                            row[j] = softcap_logitf(row[j], L->attn_softcap);
                         if (!visible)
                             row[j] = -INFINITY;
                         else if (row[j] > mx)
@@ -294,7 +296,7 @@ void driver_prefill(PolicyDriver *d, int span_start, int span_end, int chunk_sta
             if (m->spans[s].kind == SPAN_DECODE)
                 d->stats_flops += decode_mass(L->q, L->k, Hq, L->group, T, m->spans[s].start,
                                               m->spans[s].end, L->head_dim, L->attn_scale,
-                                              L->window, d->decode_mass, d->pool);
+                                              L->attn_softcap, L->window, d->decode_mass, d->pool);
     }
 
     /* At the first chunk of the first span every cache is empty, so every instance's statistics
@@ -313,7 +315,8 @@ void driver_prefill(PolicyDriver *d, int span_start, int span_end, int chunk_sta
         obs = want_rows ? kv_calloc((size_t)Hq * want_rows * c1, sizeof(float)) : NULL;
         if (mass || obs)
             d->stats_flops += prompt_statistics(L->q, L->k, Hq, L->group, T, c1, L->head_dim,
-                                                L->attn_scale, L->window, mass, obs, want_rows,
+                                                L->attn_scale, L->attn_softcap, L->window,
+                                                mass, obs, want_rows,
                                                 d->pool);
     }
     d->stats_seconds += now_seconds() - s0;

@@ -163,8 +163,8 @@ static void true_attention(EvalPrefill *pf, const LayerView *L, int t)
     for (int h = 0; h < L->n_q_heads; h++) {
         float *row = pf->full_attn + (size_t)h * T;
         attention_block(L->q + ((size_t)h * T + t) * D, 1, t,
-                        L->k + (size_t)(h / L->group) * T * D, NULL, D, L->attn_scale, L->window,
-                        row, T, NULL, &row_max, &row_z);
+                        L->k + (size_t)(h / L->group) * T * D, NULL, D, L->attn_scale, L->attn_softcap,
+                        L->window, row, T, NULL, &row_max, &row_z);
         memset(row + t + 1, 0, (size_t)(T - t - 1) * sizeof(float));
     }
 }

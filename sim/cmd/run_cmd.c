@@ -39,10 +39,41 @@ static void warn_unequal_caches(const RunConfig *rc, const PolicySummary *s, int
             rc->engine.policies[hi].label, b);
 }
 
+/* The layers the policies compress ([run] sliding_layers, sim/driver/driver.h), as ranges:
+ * "0-3,5"; returns how many. */
+static int compressed_layers(const TraceMeta *m, SlidingLayers sliding, char *out, size_t len)
+{
+    int n = 0;
+    size_t at = 0;
+    out[0] = '\0';
+    for (int l = 0; l < m->n_layers; l++) {
+        if (!driver_compresses(m->window[l], sliding))
+            continue;
+        int e = l;
+        while (e + 1 < m->n_layers && driver_compresses(m->window[e + 1], sliding))
+            e++;
+        if (at < len)
+            at += (size_t)(e > l ? snprintf(out + at, len - at, "%s%d-%d", n ? "," : "", l, e)
+                                 : snprintf(out + at, len - at, "%s%d", n ? "," : "", l));
+        n += e - l + 1;
+        l = e;
+    }
+    return n;
+}
+
+static bool has_sliding_layers(const TraceMeta *m)
+{
+    for (int l = 0; l < m->n_layers; l++)
+        if (m->window[l] > 0)
+            return true;
+    return false;
+}
+
 /* run.json beside the CSVs: the config, the trace and every calibration trace (path, size,
- * SHA-256), seed and threads. */
-static int write_provenance(Provenance *prov, const RunConfig *rc, int budget, int threads_used,
-                            KvErr *err)
+ * SHA-256), seed and threads; on a trace with sliding-window layers, [run] sliding_layers and
+ * the layers the policies compressed. */
+static int write_provenance(Provenance *prov, const RunConfig *rc, const TraceMeta *m, int budget,
+                            int threads_used, KvErr *err)
 {
     if (provenance_config(prov, rc->config_path, err) != 0 ||
         provenance_input(prov, "trace", rc->trace_path, err) != 0)
@@ -60,6 +91,12 @@ static int write_provenance(Provenance *prov, const RunConfig *rc, int budget, i
     provenance_number(prov, "threads", rc->engine.threads);
     provenance_number(prov, "threads_used", threads_used);
     provenance_string(prov, "out", rc->out_dir);
+    if (has_sliding_layers(m)) { /* which layers the budget applied to */
+        char layers[4096];
+        compressed_layers(m, rc->engine.sliding_layers, layers, sizeof layers);
+        provenance_string(prov, "sliding_layers", sliding_layers_name(rc->engine.sliding_layers));
+        provenance_string(prov, "compressed_layers", layers);
+    }
     return provenance_write(prov, rc->out_dir, err);
 }
 
@@ -155,7 +192,7 @@ int cmd_run(int argc, char **argv)
         summary = kv_calloc((size_t)res->n_policies, sizeof *summary);
         report_summarize(res, summary);
         if (report_write_csv(res, summary, rc.out_dir, &err) != 0 ||
-            write_provenance(prov, &rc, budget, res->threads_used, &err) != 0) {
+            write_provenance(prov, &rc, trace_meta(tr), budget, res->threads_used, &err) != 0) {
             fprintf(stderr, "kvsim: %s\n", err.msg);
             status = 2;
         } else if (!quiet) {
@@ -166,6 +203,15 @@ int cmd_run(int argc, char **argv)
             if (budget)
                 printf("budget %d tokens per KV head for every policy without its own (%s)\n",
                        budget, rc.ratio > 0 ? "[run] ratio of the prompt" : "[run] budget");
+            if (has_sliding_layers(m)) {
+                char layers[4096];
+                int n = compressed_layers(m, rc.engine.sliding_layers, layers, sizeof layers);
+                printf("sliding_layers = %s: the policies compress %d of %d layers (%s)%s\n",
+                       sliding_layers_name(rc.engine.sliding_layers), n, m->n_layers,
+                       n ? layers : "none", n < m->n_layers
+                           ? "; the sliding-window layers keep their window (rotating buffer)"
+                           : "");
+            }
             report_print_table(res, summary, stdout);
             printf("wrote %s/summary.csv, layers.csv, steps.csv, turns.csv, run.json\n", rc.out_dir);
         }

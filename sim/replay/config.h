@@ -2,7 +2,7 @@
  *
  *   [trace]  path = FILE.h5
  *   [run]    threads = 0  out = DIR  topk = 32  eval_every = 1  kv_bits = 16  seed = 0
- *            prefill_chunk = 0  history = persist  prefill_tflops = 0
+ *            prefill_chunk = 0  history = persist  sliding_layers = skip  prefill_tflops = 0
  *            budget = N | ratio = r   (one budget for every policy; docs/config.md)
  *   [policy.LABEL]  type = NAME  <the type's parameters>   (one section per policy)
  *

@@ -471,7 +471,8 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
 
     int n_pol = cfg->n_policies;
     PolicyDriver drv;
-    if (driver_create(&drv, &L, cfg->policies, n_pol, cfg->seed, cfg->kv_bits, false, err) != 0)
+    if (driver_create(&drv, &L, cfg->policies, n_pol, cfg->seed, cfg->kv_bits,
+                      cfg->sliding_layers, false, err) != 0)
         return -1;
     drv.pool = w->team;
     if (layer == 0) /* one writer: only one worker takes layer 0 */

@@ -319,7 +319,8 @@ static int prefill_instances(EvalPrefill *pf, const PolicySpec *spec, uint64_t r
 {
     int n_layers = pf->model->config.n_layers;
     for (int l = 0; l < n_layers; l++) {
-        int ready = driver_create(&drv[l], &pf->layers[l], spec, 1, run_seed, kv_bits, true, err);
+        int ready = driver_create(&drv[l], &pf->layers[l], spec, 1, run_seed, kv_bits,
+                                  SLIDING_COMPRESS, true, err);
         if (ready != 0) {
             while (l-- > 0)
                 driver_free(&drv[l]);

@@ -289,6 +289,7 @@ static void attention_selected(RunState *s, int layer, const CacheSelector *sel)
     int D = c->head_dim, Hq = c->n_q_heads, Hkv = c->n_kv_heads, group = Hq / Hkv;
     LayerGeometry geom = layer_geometry(s, layer);
     float scale = (float)geom.attn_scale;
+    int first = attn_first_key(geom.window, s->n_cached); /* the new token's window */
     SlotList slots[Hkv];
     size_t total = 0, most = 0;
     for (int g = 0; g < Hkv; g++) {
@@ -329,6 +330,20 @@ static void attention_selected(RunState *s, int layer, const CacheSelector *sel)
             cblas_sgemv(CblasRowMajor, CblasNoTrans, n, D, scale, keys, D,
                         s->q_heads + (size_t)h * D, 1, 0.0f, probs_at, 1);
             softcap_row(probs_at, 0, n, geom.attn_softcap);
+            /* A position before the layer's window gets no attention, as in the model and in
+             * the replay's metrics (a policy may still hold it); a synthetic slot (no position)
+             * is attended. */
+            int visible = n;
+            for (int j = 0; j < n; j++)
+                if (slots[g].pos[j] >= 0 && slots[g].pos[j] < first) {
+                    probs_at[j] = -INFINITY;
+                    visible--;
+                }
+            if (visible == 0) {
+                memset(probs_at, 0, (size_t)n * sizeof(float));
+                memset(out, 0, (size_t)D * sizeof(float));
+                continue;
+            }
             causal_softmax(probs_at, 0, n, n);
             cblas_sgemv(CblasRowMajor, CblasTrans, n, D, 1.0f, values, D, probs_at, 1, 0.0f, out,
                         1);

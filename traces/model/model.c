@@ -369,7 +369,12 @@ static int parse_layer_windows(ConfigReader *r, ModelConfig *cfg)
     /* The key whose rule layer_types must agree with, NULL: none states one. */
     const char *rule_key = NULL;
     if (qwen) {
-        if (config_bool(r, r->root, "use_sliding_window", 0, &use_sliding) != 0 ||
+        if (config_bool(r, r->root, "use_sliding_window", 0, &use_sliding) != 0)
+            return -1;
+        /* Read only when it matters (checkpoints without sliding layers carry any value);
+         * 0 = every layer slides. */
+        const cJSON *mwl = config_item(r->root, "max_window_layers");
+        if (use_sliding && !(cJSON_IsNumber(mwl) && mwl->valuedouble == 0) &&
             config_int(r, r->root, "max_window_layers", 28, &max_window_layers) != 0)
             return -1;
         if (use_sliding)

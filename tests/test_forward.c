@@ -744,6 +744,16 @@ static void test_gemma3(void **state)
                          "\"sliding_attention\"]";
     v.spec.seed = 18;
     check_variant(&v);
+    /* transformers 5's rope_parameters per layer type in place of rope_theta, rope_scaling and
+     * rope_local_base_freq: the same frequencies (the reference's, from the spec's theta). */
+    v.spec.architecture = "Gemma3ForCausalLM";
+    v.spec.rope_scaling = NULL;
+    v.spec.rope_local_base_freq = 0;
+    v.spec.rope_parameters =
+        "{\"full_attention\": {\"rope_type\": \"linear\", \"factor\": 2.0, \"rope_theta\": 1e6}, "
+        "\"sliding_attention\": {\"rope_type\": \"default\", \"rope_theta\": 10000.0}}";
+    v.spec.seed = 19;
+    check_variant(&v);
 }
 
 int main(void)

@@ -415,6 +415,12 @@ static void write_config(const TinyCheckpoint *ck, const char *dir)
         cJSON_AddNumberToObject(head, "bits", 8);
         cJSON_AddFalseToObject(q, "model.layers.0.mlp.down_proj");
     }
+    if (s->rope_parameters) {
+        cJSON *params = cJSON_Parse(s->rope_parameters);
+        if (!params)
+            fail_msg("tiny_ckpt: rope_parameters is not JSON: %s", s->rope_parameters);
+        cJSON_AddItemToObject(c, "rope_parameters", params);
+    }
     if (s->rope_scaling) {
         cJSON *scaling = cJSON_Parse(s->rope_scaling);
         if (!scaling)

@@ -24,6 +24,7 @@ typedef struct {
     int n_shards;             /* 1: model.safetensors; 2: index + two shards */
     int unaligned;            /* header not padded: F32 data lands at odd offsets */
     const char *rope_scaling; /* JSON object text for "rope_scaling", or NULL */
+    const char *rope_parameters; /* JSON object text for "rope_parameters", or NULL */
     int max_position_embeddings;
     int eos_token_id;         /* -1: none */
     int sliding_window;       /* written to config.json when > 0 (Mistral: every layer) */

@@ -161,9 +161,36 @@ static int parse_yarn(ConfigReader *r, const cJSON *scaling, ModelConfig *cfg)
 }
 
 /* rope_scaling (or transformers 5's rope_parameters): the type under "rope_type" or "type". */
+/* transformers 5's rope_parameters per layer type (Gemma 3: {"full_attention": {...},
+ * "sliding_attention": {...}}): the global layers' object in *params, the sliding layers' base
+ * in rope_local_theta (their RoPE must be unscaled, as Gemma 3's local one is). */
+static int parse_rope_by_layer_type(ConfigReader *r, ModelConfig *cfg, const cJSON **params)
+{
+    const cJSON *full = config_item(*params, "full_attention");
+    const cJSON *local = config_item(*params, "sliding_attention");
+    if (!full && !local)
+        return 0;
+    if (!cJSON_IsObject(full) || (local && !cJSON_IsObject(local)))
+        return kv_fail(r->err, "%s: key 'rope_parameters': per layer type, 'full_attention' (and "
+                       "'sliding_attention') must be objects", r->path);
+    *params = full;
+    if (!local)
+        return 0;
+    const cJSON *type = config_item(local, "rope_type");
+    if (type && !(cJSON_IsString(type) && !strcmp(type->valuestring, "default")))
+        return kv_fail(r->err, "%s: key 'rope_parameters.sliding_attention.rope_type': only "
+                       "\"default\" is supported", r->path);
+    if (cfg->arch != ARCH_GEMMA3)
+        return kv_fail(r->err, "%s: key 'rope_parameters.sliding_attention': a separate RoPE for "
+                       "sliding layers is supported for Gemma 3 only", r->path);
+    return config_double(r, local, "rope_theta", 0, &cfg->rope_local_theta);
+}
+
 static int parse_rope(ConfigReader *r, ModelConfig *cfg, double default_theta)
 {
     const cJSON *params = config_item(r->root, "rope_parameters");
+    if (cJSON_IsObject(params) && parse_rope_by_layer_type(r, cfg, &params) != 0)
+        return -1;
     const cJSON *scaling = config_item(r->root, "rope_scaling");
     r->rope_key = "rope_scaling";
     if (!scaling && cJSON_IsObject(params)) {
@@ -465,7 +492,9 @@ static int parse_gemma(ConfigReader *r, ModelConfig *cfg)
         return kv_fail(r->err, "%s: key '%sattn_logit_softcapping': Gemma 3 does not apply "
                        "attention soft-capping (expected null)", r->path, r->key_prefix);
     if (g3) {
-        if (config_double(r, r->root, "rope_local_base_freq", 10000.0, &cfg->rope_local_theta) != 0)
+        if (config_double(r, r->root, "rope_local_base_freq",
+                          cfg->rope_local_theta > 0 ? cfg->rope_local_theta : 10000.0,
+                          &cfg->rope_local_theta) != 0)
             return -1;
         if (cfg->rope_attention_factor != 1.0)
             return kv_fail(r->err, "%s: key '%s': a RoPE attention factor (%g) would apply to "

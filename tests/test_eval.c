@@ -186,31 +186,40 @@ static void test_window_holding_everything_is_the_plain_forward(void **state)
     check_same_as_plain(*state, "window", "window=64 sinks=0");
 }
 
-/* A model whose every layer slides over 6 keys, run for 22 tokens: with sliding_layers = skip
- * each layer keeps its rotating buffer of 6 (whatever the policy: here random at a budget of 2),
- * and with compress a policy that keeps everything is attended only inside the window: both are
- * the plain forward pass. */
+/* A model whose every layer slides over 6 keys (Mistral), then a Gemma 2 (layers 0 and 2 slide;
+ * soft-capped logits), run for 22 tokens: with sliding_layers = skip each sliding layer keeps its
+ * rotating buffer of 6 (whatever the policy), and with compress a policy that keeps everything is
+ * attended only inside the window: all are the plain forward pass. On Gemma 2 the global layers
+ * need a policy that keeps everything too (window 64). */
 static void test_sliding_window_model_runs_past_its_window(void **state)
 {
     Env *env = *state;
     Model *global = env->model;
-    char *dir = scratch_create();
-    TinyCheckpointSpec spec = tiny_ckpt_default_spec();
-    spec.architecture = "MistralForCausalLM";
-    spec.sliding_window = 6;
-    spec.seed = 9;
-    TinyCheckpoint *ck = tiny_ckpt_write(dir, &spec);
-    KvErr err;
-    env->model = model_load(dir, &err);
-    assert_non_null(env->model);
-    check_same_as_plain(env, "random", "budget=2");
-    same_as_plain_sliding = SLIDING_COMPRESS;
-    check_same_as_plain(env, "full", "");
-    same_as_plain_sliding = SLIDING_SKIP;
-    model_free(env->model);
+    for (int m = 0; m < 2; m++) {
+        char *dir = scratch_create();
+        TinyCheckpointSpec spec = tiny_ckpt_default_spec();
+        spec.architecture = m ? "Gemma2ForCausalLM" : "MistralForCausalLM";
+        spec.sliding_window = 6;
+        spec.seed = 9;
+        if (m) {
+            spec.n_layers = 4;
+            spec.query_pre_attn_scalar = 24;
+            spec.attn_softcap = 5.0;
+            spec.final_softcap = 3.0;
+        }
+        TinyCheckpoint *ck = tiny_ckpt_write(dir, &spec);
+        KvErr err;
+        env->model = model_load(dir, &err);
+        assert_non_null(env->model);
+        check_same_as_plain(env, m ? "window" : "random", m ? "window=64 sinks=0" : "budget=2");
+        same_as_plain_sliding = SLIDING_COMPRESS;
+        check_same_as_plain(env, "full", "");
+        same_as_plain_sliding = SLIDING_SKIP;
+        model_free(env->model);
+        tiny_ckpt_free(ck);
+        scratch_remove(dir);
+    }
     env->model = global;
-    tiny_ckpt_free(ck);
-    scratch_remove(dir);
 }
 
 /* With a [[decode]] split, forced steps through a cache that keeps everything are the plain

@@ -313,7 +313,12 @@ static const char *file_name(const TinyCheckpoint *ck, const char *name, char *b
 {
     if (strcmp(ck->spec.architecture, "Gemma3ForConditionalGeneration") != 0)
         return name;
-    snprintf(buf, len, "language_model.%s", name);
+    if (ck->spec.saved_names && !strncmp(name, "model.", 6))
+        snprintf(buf, len, "model.language_model.%s", name + 6);
+    else if (ck->spec.saved_names)
+        snprintf(buf, len, "%s", name); /* lm_head.weight */
+    else
+        snprintf(buf, len, "language_model.%s", name);
     return buf;
 }
 

@@ -39,6 +39,7 @@ typedef struct {
      * written as null when < 0). The multimodal one nests the config under text_config and
      * stores the tensors under "language_model." (as Google publishes them). */
     double query_pre_attn_scalar, attn_softcap, final_softcap, rope_local_base_freq;
+    int saved_names; /* multimodal: "model.language_model." as transformers 4.52+ saves it */
     /* MLX affine quantization (mlx-lm's layout: U32 packed weight, F16 scales and biases) of the
      * embedding and every projection at quant_bits (2, 4 or 8) in groups of quant_group, when
      * quant_bits > 0; lm_head at 8 bits through a per-module entry of config.json's

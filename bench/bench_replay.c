@@ -128,8 +128,8 @@ static void attention_rates(Trace *tr, int reps, double *sgemm, double *stats_ra
             *sgemm = g;
         memset(mass, 0, Hq * (size_t)P * sizeof(float));
         double t0 = cpu_seconds();
-        double flops = prompt_statistics(q, k, m->n_q_heads, group, (int)T, P, (int)D, scale, 0,
-                                         mass, obs, W, NULL);
+        double flops = prompt_statistics(q, k, m->n_q_heads, group, (int)T, P, (int)D, scale, 0.0f,
+                                         0, mass, obs, W, NULL);
         double rate = flops / (cpu_seconds() - t0) / 1e9;
         if (rate > *stats_rate)
             *stats_rate = rate;
@@ -137,7 +137,7 @@ static void attention_rates(Trace *tr, int reps, double *sgemm, double *stats_ra
         flops = 0;
         for (int t = P; t < (int)T; t += ROWS) {
             int B = (int)T - t < ROWS ? (int)T - t : ROWS;
-            flops += attention_rows(q, k, v, m->n_q_heads, group, (int)T, (int)D, scale, 0, t, B,
+            flops += attention_rows(q, k, v, m->n_q_heads, group, (int)T, (int)D, scale, 0.0f, 0, t, B,
                                     ROWS, probs, out, row_max, row_z, NULL);
         }
         rate = flops / (cpu_seconds() - t0) / 1e9;
@@ -309,7 +309,7 @@ static double stats_rate_of(Trace *tr)
     }
     double t0 = cpu_seconds();
     double flops = prompt_statistics(q, k, group, group, (int)T, P, (int)D, (float)m->attn_scale,
-                                     0, mass, obs, W, NULL);
+                                     0.0f, 0, mass, obs, W, NULL);
     double rate = flops / (cpu_seconds() - t0) / 1e9;
     free(q);
     free(k);

@@ -101,6 +101,7 @@ typedef struct {
     int head_dim;
     int n_tokens, n_prompt; /* T, P */
     float attn_scale;
+    float attn_softcap; /* > 0: logits soft-capped, softcap_logitf (sim/base/attention.h) */
     int window; /* 0: query t attends keys [0, t]; W > 0 (sliding window): [max(0, t-W+1), t] */
     const double *rope_inv_freq; /* [head_dim/2] this layer's RoPE frequencies (points into meta;
                                   * the layout, every layer's, is meta->rope_layout) */

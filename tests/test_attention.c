@@ -57,7 +57,7 @@ static void check_prompt_statistics(int window, Pool *pool)
     float scale = 0.35f;
     float *mass = calloc((size_t)HQ * P, sizeof *mass);
     float *obs = calloc((size_t)HQ * W * P, sizeof *obs);
-    prompt_statistics(q, k, HQ, GROUP, T, P, D, scale, window, mass, obs, W, pool);
+    prompt_statistics(q, k, HQ, GROUP, T, P, D, scale, 0.0f, window, mass, obs, W, pool);
     double p[T];
     for (int h = 0; h < HQ; h++) {
         double want[P];
@@ -85,7 +85,7 @@ static void check_decode_mass(int window, Pool *pool, float *out)
     float scale = 0.35f;
     memset(out, 0, (size_t)HQ * T * sizeof *out);
     for (int r = 0; r < 2; r++)
-        decode_mass(q, k, HQ, GROUP, T, runs[r][0], runs[r][1], D, scale, window, out, pool);
+        decode_mass(q, k, HQ, GROUP, T, runs[r][0], runs[r][1], D, scale, 0.0f, window, out, pool);
     double p[T];
     for (int h = 0; h < HQ; h++) {
         double want[T];

@@ -1074,7 +1074,7 @@ static void test_prefill_statistics_are_each_instances_own(void **state)
             fx->L.window = window;
             PolicyDriver d;
             KvErr err;
-            if (driver_create(&d, &fx->L, spec, 2, SEED, KV_BITS, false, &err) != 0)
+            if (driver_create(&d, &fx->L, spec, 2, SEED, KV_BITS, SLIDING_COMPRESS, false, &err) != 0)
                 fail_msg("%s", err.msg);
             int chunks = 0;
             for (int sp = 0; sp < lay->n_spans; sp++) {

@@ -140,11 +140,15 @@ static double rel_diff(const float *a, const float *b, int n)
     return sqrt(num / (den > 0 ? den : 1));
 }
 
+/* [run] sliding_layers for check_same_as_plain's runs. */
+static SlidingLayers same_as_plain_sliding = SLIDING_SKIP;
+
 static void check_same_as_plain(Env *env, const char *type, const char *params)
 {
     Generation plain, live = {0};
     plain_generate(env, &plain);
-    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST, "test", NULL);
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST);
+    eval_set_sliding_layers(pf, same_as_plain_sliding);
     PolicySpec spec = make_spec("p", type, params);
     EvalHooks hooks = {.user = &live, .on_token = record_token};
     int32_t out[MAX_NEW];
@@ -180,6 +184,42 @@ static void test_full_is_the_plain_forward(void **state)
 static void test_window_holding_everything_is_the_plain_forward(void **state)
 {
     check_same_as_plain(*state, "window", "window=64 sinks=0");
+}
+
+/* A model whose every layer slides over 6 keys (Mistral), then a Gemma 2 (layers 0 and 2 slide;
+ * soft-capped logits), run for 22 tokens: with sliding_layers = skip each sliding layer keeps its
+ * rotating buffer of 6 (whatever the policy), and with compress a policy that keeps everything is
+ * attended only inside the window: all are the plain forward pass. On Gemma 2 the global layers
+ * need a policy that keeps everything too (window 64). */
+static void test_sliding_window_model_runs_past_its_window(void **state)
+{
+    Env *env = *state;
+    Model *global = env->model;
+    for (int m = 0; m < 2; m++) {
+        char *dir = scratch_create();
+        TinyCheckpointSpec spec = tiny_ckpt_default_spec();
+        spec.architecture = m ? "Gemma2ForCausalLM" : "MistralForCausalLM";
+        spec.sliding_window = 6;
+        spec.seed = 9;
+        if (m) {
+            spec.n_layers = 4;
+            spec.query_pre_attn_scalar = 24;
+            spec.attn_softcap = 5.0;
+            spec.final_softcap = 3.0;
+        }
+        TinyCheckpoint *ck = tiny_ckpt_write(dir, &spec);
+        KvErr err;
+        env->model = model_load(dir, &err);
+        assert_non_null(env->model);
+        check_same_as_plain(env, m ? "window" : "random", m ? "window=64 sinks=0" : "budget=2");
+        same_as_plain_sliding = SLIDING_COMPRESS;
+        check_same_as_plain(env, "full", "");
+        same_as_plain_sliding = SLIDING_SKIP;
+        model_free(env->model);
+        tiny_ckpt_free(ck);
+        scratch_remove(dir);
+    }
+    env->model = global;
 }
 
 /* With a [[decode]] split, forced steps through a cache that keeps everything are the plain
@@ -306,7 +346,7 @@ static int recorded_token(void *user, int question, int index, int32_t token,
 static void run_checked(Env *env, const char *type, const char *params, AttnCheck *chk,
                         EvalDecode *d)
 {
-    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST, "test", NULL);
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST);
     PolicySpec spec = make_spec("p", type, params);
     EvalHooks hooks = {.user = chk, .on_layer = check_layer};
     int32_t out[MAX_NEW];
@@ -340,7 +380,7 @@ static void test_forced_tokens_attend_over_the_window(void **state)
     Generation first[2][2] = {{{0}}}; /* [split?][full, window] */
     for (int split = 0; split < 2; split++) {
         set_split(&env->prompt, split ? N_PREFILLED : N_PROMPT);
-        EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST, "test", NULL);
+        EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST);
         for (int k = 0; k < 2; k++) {
             PolicySpec spec = k ? make_spec("w", "window", "window=3 sinks=1")
                                 : make_spec("f", "full", "");
@@ -417,7 +457,7 @@ static void check_topk(void *user, int layer, int t, const Policy *inst, const L
 static void test_oracle_topk_reads_the_live_attention(void **state)
 {
     Env *env = *state;
-    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST, "test", NULL);
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST);
     PolicySpec spec = make_spec("o", "oracle_topk", "budget=4");
     int checked = 0;
     EvalHooks hooks = {.user = &checked, .on_layer = check_topk};
@@ -434,7 +474,7 @@ static void test_oracle_topk_reads_the_live_attention(void **state)
 static void test_oracle_future_is_not_applicable(void **state)
 {
     Env *env = *state;
-    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST, "test", NULL);
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST);
     PolicySpec spec = make_spec("o", "oracle_future", "budget=4");
     int32_t out[MAX_NEW];
     EvalDecode d;
@@ -457,7 +497,7 @@ static int stop_after_three(void *user, int question, int index, int32_t token,
 static void test_generation_stops_when_asked(void **state)
 {
     Env *env = *state;
-    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST, "test", NULL);
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST);
     PolicySpec spec = make_spec("f", "full", "");
     EvalHooks hooks = {.on_token = stop_after_three};
     int32_t out[MAX_NEW];
@@ -533,7 +573,7 @@ static void test_conversation_with_full_is_the_plain_forward(void **state)
     static const RunHistory modes[] = {HISTORY_PERSIST, HISTORY_REENCODE, HISTORY_PREFIX};
     for (int m = 0; m < 3; m++)
         for (int k = 0; k < 2; k++) {
-            EvalPrefill *pf = eval_prefill(env->model, p, 2, MAX_NEW, modes[m], "test", NULL);
+            EvalPrefill *pf = eval_prefill(env->model, p, 2, MAX_NEW, modes[m]);
             PolicySpec spec = k ? make_spec("w", "window", "window=64 sinks=0")
                                 : make_spec("f", "full", "");
             Generation live = {0};
@@ -581,7 +621,7 @@ static void test_persisted_window_is_not_the_reencoded_one(void **state)
     Generation g[2] = {{0}};
     for (int m = 0; m < 2; m++) {
         EvalPrefill *pf = eval_prefill(env->model, p, 2, MAX_NEW,
-                                       m ? HISTORY_REENCODE : HISTORY_PERSIST, "test", NULL);
+                                       m ? HISTORY_REENCODE : HISTORY_PERSIST);
         PolicySpec spec = make_spec("w", "window", "window=2 sinks=1");
         EvalHooks hooks = {.user = &g[m], .on_token = conversation_token};
         int32_t out[2 * MAX_NEW];
@@ -602,6 +642,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_full_is_the_plain_forward, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_sliding_window_model_runs_past_its_window, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_window_holding_everything_is_the_plain_forward,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_forced_tokens_with_full_are_the_plain_forward,

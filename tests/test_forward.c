@@ -93,6 +93,10 @@ static const float *W(const TinyCheckpoint *ck, int layer, const char *suffix)
     return tiny_ckpt_tensor(ck, name);
 }
 
+/* Gemma's RMSNorm scales by (1 + w) (HF Gemma3RMSNorm: output * (1.0 + weight)); the others
+ * by w. Set per checkpoint by reference_run. */
+static double ref_norm_unit = 0;
+
 static void ref_rmsnorm(double *out, const double *x, const float *w, int n, double eps)
 {
     double ms = 0;
@@ -100,7 +104,19 @@ static void ref_rmsnorm(double *out, const double *x, const float *w, int n, dou
         ms += x[i] * x[i];
     ms /= n;
     for (int i = 0; i < n; i++)
-        out[i] = w[i] * (x[i] / sqrt(ms + eps));
+        out[i] = (ref_norm_unit + w[i]) * (x[i] / sqrt(ms + eps));
+}
+
+/* HF's gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))). */
+static double ref_gelu_tanh(double x)
+{
+    return 0.5 * x * (1 + tanh(sqrt(2 / 3.14159265358979323846) * (x + 0.044715 * x * x * x)));
+}
+
+/* eager_attention_forward's and Gemma2ForCausalLM's soft-capping: cap * tanh(x / cap). */
+static double ref_softcap(double x, double cap)
+{
+    return cap > 0 ? cap * tanh(x / cap) : x;
 }
 
 /* y[o] = sum_i W[o][i] x[i] + b[o] */
@@ -130,10 +146,23 @@ static void ref_rope(double *x, int D, const double *inv_freq, int position)
     memcpy(x, rotated, (size_t)D * sizeof *x);
 }
 
+/* What differs between the layers and the architectures, as the test derives it from the
+ * architecture's definition (not from the model code under test). */
+typedef struct {
+    double scale;          /* softmax(scale · q·k) */
+    double attn_softcap, final_softcap; /* 0 = none */
+    const int *window;     /* [L]: 0 global, W: the keys j with t - W < j <= t */
+    const double *inv_freq; /* [L][D/2] */
+} RefGeometry;
+
 /* HF's attention: softmax(scale · q·k) over the keys j with t - window < j <= t (every j <= t
- * when window = 0). */
+ * when window = 0). Gemma (modeling_gemma2.py, modeling_gemma3.py): embeddings times
+ * sqrt(hidden), norms (1 + w), q/k norms (Gemma 3), logits soft-capped before the mask, the
+ * attention output normed (post_attention_layernorm) before the residual, the MLP input by
+ * pre_feedforward_layernorm and its output by post_feedforward_layernorm, GeGLU with the tanh
+ * GELU, final logits soft-capped. */
 static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens, int T,
-                                const double *inv_freq, double scale, int window)
+                                const RefGeometry *geo)
 {
     const TinyCheckpointSpec *s = &ck->spec;
     Reference *r = kv_calloc(1, sizeof *r);
@@ -142,7 +171,10 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
     int V = r->V = s->vocab_size;
     r->T = T;
     double eps = s->rms_norm_eps;
-    int qwen3 = !strcmp(s->architecture, "Qwen3ForCausalLM");
+    int gemma = tiny_is_gemma(s), gemma3 = gemma && strstr(s->architecture, "Gemma3") != NULL;
+    int qk_norm = gemma3 || !strcmp(s->architecture, "Qwen3ForCausalLM");
+    double scale = geo->scale;
+    ref_norm_unit = gemma ? 1 : 0;
     r->logits = kv_calloc((size_t)T * V, sizeof(double));
     r->q = kv_calloc((size_t)L * Hq * T * D, sizeof(double));
     r->k = kv_calloc((size_t)L * Hkv * T * D, sizeof(double));
@@ -158,9 +190,11 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
     const float *emb = W(ck, -1, "model.embed_tokens.weight");
     for (int t = 0; t < T; t++)
         for (int i = 0; i < H; i++)
-            hidden[(size_t)t * H + i] = emb[(size_t)tokens[t] * H + i];
+            hidden[(size_t)t * H + i] = emb[(size_t)tokens[t] * H + i] * (gemma ? sqrt(H) : 1);
 
     for (int l = 0; l < L; l++) {
+        const double *inv_freq = geo->inv_freq + (size_t)l * (D / 2);
+        int window = geo->window[l];
         /* Projections, per-head norm and RoPE for every token. */
         for (int t = 0; t < T; t++) {
             ref_rmsnorm(normed, hidden + (size_t)t * H, W(ck, l, "input_layernorm.weight"), H, eps);
@@ -179,7 +213,7 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
                 for (int h = 0; h < parts[p].heads; h++) {
                     double *dst = ref_at(parts[p].dst, l, parts[p].heads, h, T, t, D);
                     memcpy(dst, proj + (size_t)h * D, (size_t)D * sizeof(double));
-                    if (p < 2 && qwen3)
+                    if (p < 2 && qk_norm)
                         ref_rmsnorm(dst, dst, W(ck, l, parts[p].norm), D, eps);
                     if (p < 2)
                         ref_rope(dst, D, inv_freq, t);
@@ -197,7 +231,7 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
                     double dot = 0;
                     for (int d = 0; d < D; d++)
                         dot += ref_at(r->q, l, Hq, h, T, t, D)[d] * ref_at(r->k, l, Hkv, g, T, j, D)[d];
-                    p[j] = dot * scale;
+                    p[j] = ref_softcap(dot * scale, geo->attn_softcap);
                     max = fmax(max, p[j]);
                 }
                 for (int j = lo; j <= t; j++)
@@ -216,14 +250,21 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
             double *x = hidden + (size_t)t * H;
             ref_linear(delta, W(ck, l, "self_attn.o_proj.weight"), W(ck, l, "self_attn.o_proj.bias"),
                        attn + (size_t)t * Hq * D, Hq * D, H);
+            if (gemma)
+                ref_rmsnorm(delta, delta, W(ck, l, "post_attention_layernorm.weight"), H, eps);
             for (int i = 0; i < H; i++)
                 x[i] += delta[i];
-            ref_rmsnorm(normed, x, W(ck, l, "post_attention_layernorm.weight"), H, eps);
+            ref_rmsnorm(normed, x,
+                        W(ck, l, gemma ? "pre_feedforward_layernorm.weight"
+                                       : "post_attention_layernorm.weight"),
+                        H, eps);
             ref_linear(gate, W(ck, l, "mlp.gate_proj.weight"), NULL, normed, H, I);
             ref_linear(up, W(ck, l, "mlp.up_proj.weight"), NULL, normed, H, I);
             for (int i = 0; i < I; i++)
-                gate[i] = gate[i] / (1 + exp(-gate[i])) * up[i];
+                gate[i] = (gemma ? ref_gelu_tanh(gate[i]) : gate[i] / (1 + exp(-gate[i]))) * up[i];
             ref_linear(delta, W(ck, l, "mlp.down_proj.weight"), NULL, gate, I, H);
+            if (gemma)
+                ref_rmsnorm(delta, delta, W(ck, l, "post_feedforward_layernorm.weight"), H, eps);
             for (int i = 0; i < H; i++)
                 x[i] += delta[i];
         }
@@ -232,6 +273,9 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
     for (int t = 0; t < T; t++) {
         ref_rmsnorm(normed, hidden + (size_t)t * H, W(ck, -1, "model.norm.weight"), H, eps);
         ref_linear(r->logits + (size_t)t * V, head, NULL, normed, H, V);
+        for (int v = 0; v < V; v++)
+            r->logits[(size_t)t * V + v] = ref_softcap(r->logits[(size_t)t * V + v],
+                                                       geo->final_softcap);
     }
     free(hidden);
     free(normed);
@@ -319,6 +363,11 @@ typedef struct {
     const char *rope_type; /* reference's reading of spec.rope_scaling */
     double factor, low, high, old_context;
     double attention_scaling; /* HF's, for cos and sin; 0 = 1 */
+    /* Each layer's window as the architecture defines it, for spec.n_layers <= 8; NULL: every
+     * layer spec.sliding_window (Mistral's, or 0). */
+    const int *window;
+    double scale;             /* 0: head_dim^-1/2 */
+    double local_theta;       /* > 0: the sliding layers' RoPE base, unscaled (Gemma 3) */
 } Variant;
 
 #define N_TOKENS 27
@@ -335,7 +384,7 @@ static void tokens_for(const TinyCheckpointSpec *s, int32_t *tokens)
  * A second turn [turn_start, turn_end) (none when equal) is prefilled on top of the cache, in
  * chunks, between decode steps: a conversation's later user message. */
 static void run_and_compare(Model *model, const TinyCheckpoint *ck, const Reference *ref,
-                            const int32_t *tokens, const double *inv_freq, int chunk_size,
+                            const int32_t *tokens, const RefGeometry *geo, int chunk_size,
                             int n_prompt, int turn_start, int turn_end)
 {
     int T = ref->T;
@@ -345,13 +394,18 @@ static void run_and_compare(Model *model, const TinyCheckpoint *ck, const Refere
     cap.v = kv_calloc((size_t)ref->L * ref->Hkv * T * ref->D, sizeof(float));
     ForwardObserver obs = {&cap, capture_qkv, wants_attention, capture_attention};
     RunState *s = run_state_new(model, T, chunk_size);
-    /* The forward pass's geometry is the model's: the scale, the window, these frequencies. */
+    /* The forward pass's geometry is the architecture's: the scale, the soft-capping, each
+     * layer's window and frequencies. */
     for (int l = 0; l < ref->L; l++) {
-        assert_int_equal(s->geometry.window[l], model->config.sliding_window);
-        for (int f = 0; f < ref->D / 2; f++)
-            assert_true(s->geometry.rope_inv_freq[(size_t)l * (ref->D / 2) + f] == inv_freq[f]);
+        assert_int_equal(s->geometry.window[l], geo->window[l]);
+        for (int f = 0; f < ref->D / 2; f++) {
+            double want = geo->inv_freq[(size_t)l * (ref->D / 2) + f];
+            assert_float_equal(s->geometry.rope_inv_freq[(size_t)l * (ref->D / 2) + f], want,
+                               1e-12 * geo->inv_freq[0]);
+        }
     }
-    assert_true(s->geometry.attn_scale == attn_scale_default(ref->D));
+    assert_float_equal(s->geometry.attn_scale, geo->scale, 1e-15);
+    assert_true(s->geometry.attn_softcap == geo->attn_softcap);
 
     const float *logits = forward_prompt(s, tokens, n_prompt, &obs);
     assert_non_null(logits);
@@ -412,13 +466,25 @@ static void check_variant(const Variant *variant)
     assert_float_equal(model->config.rope_attention_factor,
                        variant->attention_scaling > 0 ? variant->attention_scaling : 1.0, 1e-15);
     ref_attention_scaling = variant->attention_scaling > 0 ? variant->attention_scaling : 1.0;
-    /* The scale: standard attention's (the config has no other); the window: the config's. */
-    Reference *ref = reference_run(ck, tokens, N_TOKENS, ref_freq,
-                                   attn_scale_default(variant->spec.head_dim > 0
-                                                          ? variant->spec.head_dim
-                                                          : variant->spec.hidden_size /
-                                                                variant->spec.n_q_heads),
-                                   variant->spec.sliding_window);
+    /* The scale: the variant's or standard attention's; the windows: the variant's or the
+     * config's in every layer; a sliding layer's frequencies the local base's when it has one. */
+    int L = variant->spec.n_layers, D = variant->spec.head_dim, window[8];
+    double layer_freq[8 * 32];
+    assert_true(L <= 8 && D / 2 <= 32);
+    for (int l = 0; l < L; l++) {
+        window[l] = variant->window ? variant->window[l] : variant->spec.sliding_window;
+        for (int f = 0; f < D / 2; f++)
+            layer_freq[l * (D / 2) + f] = window[l] > 0 && variant->local_theta > 0
+                                              ? 1.0 / pow(variant->local_theta, 2.0 * f / D)
+                                              : ref_freq[f];
+    }
+    RefGeometry geo = {
+        .scale = variant->scale > 0 ? variant->scale : 1.0 / sqrt(D),
+        .attn_softcap = variant->spec.attn_softcap > 0 ? variant->spec.attn_softcap : 0,
+        .final_softcap = variant->spec.final_softcap > 0 ? variant->spec.final_softcap : 0,
+        .window = window, .inv_freq = layer_freq,
+    };
+    Reference *ref = reference_run(ck, tokens, N_TOKENS, &geo);
     /* Every tensor the checkpoint holds is counted in the model's size. */
     int64_t n_values = 0;
     for (int i = 0; i < ck->n_tensors; i++)
@@ -426,11 +492,11 @@ static void check_variant(const Variant *variant)
                     (ck->tensors[i].n_dims > 1 ? ck->tensors[i].shape[1] : 1);
     assert_true(model_n_params(&model->config) == n_values);
 
-    run_and_compare(model, ck, ref, tokens, inv_freq, 128, N_PROMPT, 0, 0); /* one chunk */
-    run_and_compare(model, ck, ref, tokens, inv_freq, 5, N_PROMPT, 0, 0);   /* ragged chunks */
-    run_and_compare(model, ck, ref, tokens, inv_freq, 1, 1, 0, 0);          /* token by token */
+    run_and_compare(model, ck, ref, tokens, &geo, 128, N_PROMPT, 0, 0); /* one chunk */
+    run_and_compare(model, ck, ref, tokens, &geo, 5, N_PROMPT, 0, 0);   /* ragged chunks */
+    run_and_compare(model, ck, ref, tokens, &geo, 1, 1, 0, 0);          /* token by token */
     /* Two turns: prompt, two decode steps, a second turn prefilled on top, decode steps. */
-    run_and_compare(model, ck, ref, tokens, inv_freq, 4, 9, 11, 22);
+    run_and_compare(model, ck, ref, tokens, &geo, 4, 9, 11, 22);
 
     reference_free(ref);
     model_free(model);
@@ -602,6 +668,94 @@ static void test_linear_and_dynamic_rope_scaling(void **state)
     check_variant(&v);
 }
 
+/* Qwen2's use_sliding_window: the layers from max_window_layers on slide (configuration_qwen2.py's
+ * layer_types), here layer 2 of 3, over 5 keys. */
+static void test_qwen2_sliding_layers(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.architecture = "Qwen2ForCausalLM";
+    v.spec.n_layers = 3;
+    v.spec.sliding_window = 5;
+    v.spec.use_sliding_window = 1;
+    v.spec.max_window_layers = 2;
+    v.spec.seed = 14;
+    static const int windows[3] = {0, 0, 5};
+    v.window = windows;
+    check_variant(&v);
+}
+
+/* Gemma 2: every other layer slides from layer 0 (configuration_gemma2.py's layer_types), the
+ * scale is query_pre_attn_scalar^-1/2 (here 24, not head_dim 16), attention logits capped at 5
+ * and final logits at 3 (small enough to bend the tiny model's logits), tied embeddings. */
+static void test_gemma2(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.architecture = "Gemma2ForCausalLM";
+    v.spec.n_layers = 4;
+    v.spec.sliding_window = 6;
+    v.spec.query_pre_attn_scalar = 24;
+    v.spec.attn_softcap = 5.0;
+    v.spec.final_softcap = 3.0;
+    v.spec.tie_word_embeddings = 1;
+    v.spec.seed = 15;
+    static const int windows[4] = {6, 0, 6, 0};
+    v.window = windows;
+    v.scale = 1.0 / sqrt(24.0);
+    check_variant(&v);
+    /* BF16 weights, untied. */
+    v.spec.dtype = TINY_BF16;
+    v.spec.tie_word_embeddings = 0;
+    v.spec.seed = 16;
+    check_variant(&v);
+}
+
+/* Gemma 3: every sliding_window_pattern-th layer global (here 3: layer 2 of 4), q/k norms, the
+ * global layers' RoPE theta 1e6 with linear scaling, the sliding layers' rope_local_base_freq
+ * 10000 unscaled, no attention soft-capping (null) and none on the final logits (null). */
+static void test_gemma3(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.architecture = "Gemma3ForCausalLM";
+    v.spec.n_layers = 4;
+    v.spec.sliding_window = 5;
+    v.spec.sliding_window_pattern = 3;
+    v.spec.query_pre_attn_scalar = 16;
+    v.spec.attn_softcap = -1;
+    v.spec.final_softcap = -1;
+    v.spec.rope_theta = 1e6;
+    v.spec.rope_local_base_freq = 10000;
+    v.spec.rope_scaling = "{\"rope_type\": \"linear\", \"factor\": 2.0}";
+    v.spec.tie_word_embeddings = 1;
+    v.spec.seed = 17;
+    v.rope_type = "linear";
+    v.factor = 2;
+    v.local_theta = 10000;
+    static const int windows[4] = {5, 5, 0, 5};
+    v.window = windows;
+    check_variant(&v);
+    /* The multimodal checkpoint's text model: config under text_config, tensors under
+     * language_model.model., the layers from layer_types. */
+    v.spec.architecture = "Gemma3ForConditionalGeneration";
+    v.spec.sliding_window_pattern = 0;
+    v.spec.layer_types = "[\"sliding_attention\", \"sliding_attention\", \"full_attention\", "
+                         "\"sliding_attention\"]";
+    v.spec.seed = 18;
+    check_variant(&v);
+    /* transformers 5's rope_parameters per layer type in place of rope_theta, rope_scaling and
+     * rope_local_base_freq: the same frequencies (the reference's, from the spec's theta). */
+    v.spec.architecture = "Gemma3ForCausalLM";
+    v.spec.rope_scaling = NULL;
+    v.spec.rope_local_base_freq = 0;
+    v.spec.rope_parameters =
+        "{\"full_attention\": {\"rope_type\": \"linear\", \"factor\": 2.0, \"rope_theta\": 1e6}, "
+        "\"sliding_attention\": {\"rope_type\": \"default\", \"rope_theta\": 10000.0}}";
+    v.spec.seed = 19;
+    check_variant(&v);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -618,6 +772,9 @@ int main(void)
         cmocka_unit_test(test_yarn_rope_scaling),
         cmocka_unit_test(test_mlx_quantized_weights),
         cmocka_unit_test(test_linear_and_dynamic_rope_scaling),
+        cmocka_unit_test(test_qwen2_sliding_layers),
+        cmocka_unit_test(test_gemma2),
+        cmocka_unit_test(test_gemma3),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -205,7 +205,7 @@ static void run_start(Run *r, const char *type, const char *params, KvQuantSpec 
     r->spec.params = fixture_params(r->spec.type, params);
     r->spec.quant = quant;
     KvErr err;
-    if (driver_create(&r->d, &r->fx->L, &r->spec, 1, SEED, 16, false, &err) != 0)
+    if (driver_create(&r->d, &r->fx->L, &r->spec, 1, SEED, 16, SLIDING_COMPRESS, false, &err) != 0)
         fail_msg("%s (%s): %s", type, params, err.msg);
 }
 

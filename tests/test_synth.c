@@ -541,8 +541,9 @@ static void test_windows_and_turns_replay(void **state)
             assert_int_equal(policy_param_set(spec[i].type, spec[i].params, params[i][0],
                                               params[i][1], &perr), 0);
     }
+    /* The policies drive the windowed layers too ([run] sliding_layers = compress). */
     EngineConfig cfg = {.threads = 2, .topk = 4, .eval_every = 1, .kv_bits = 16, .seed = 1,
-                        .n_policies = 3, .policies = spec};
+                        .n_policies = 3, .policies = spec, .sliding_layers = SLIDING_COMPRESS};
     KvErr err;
     Results *r = engine_run(ld.tr, &cfg, &err);
     if (!r)
@@ -563,6 +564,20 @@ static void test_windows_and_turns_replay(void **state)
                 n++;
             }
     assert_true(small_mass / n < 0.999); /* a cache narrower than the window does lose mass */
+    /* With skip (the default) the windowed layers keep their window whatever the policy, so the
+     * narrow cache loses nothing there; the global layer 2 is compressed as before. */
+    cfg.sliding_layers = SLIDING_SKIP;
+    Results *skip = engine_run(ld.tr, &cfg, &err);
+    if (!skip)
+        fail_msg("%s", err.msg);
+    for (int e = 0; e < r->n_evals; e++)
+        for (int h = 0; h < sp.n_q_heads; h++) {
+            for (int l = 0; l < 2; l++)
+                assert_float_equal(results_head(skip, 2, l, e, h)[HM_MASS], 1.0, 1e-5);
+            assert_true(results_head(skip, 2, 2, e, h)[HM_MASS] ==
+                        results_head(r, 2, 2, e, h)[HM_MASS]);
+        }
+    results_free(skip);
     results_free(r);
     for (int i = 0; i < 3; i++)
         free(spec[i].params);

@@ -48,7 +48,7 @@ static void sample_init(Sample *s, int n_needles, int n_probes, int n_rows, uint
         .model = "unit-model", .generator = generator, .rope_scaling = "linear factor=2",
         .n_layers = L, .n_q_heads = HQ, .n_kv_heads = HKV, .head_dim = D,
         .rope_theta = 500000.0, .rope_layout = ROPE_INTERLEAVED, .attn_scale = 0.3,
-        .rope_attention_factor = 1.25,
+        .rope_attention_factor = 1.25, .attn_softcap = 30.0,
         .window = window, .rope_inv_freq = &freq[0][0], .hidden_size = 64,
         .intermediate_size = 172, .vocab_size = 32000, .n_params = 5000000000LL,
     };
@@ -164,6 +164,7 @@ static void assert_meta_equal(const TraceMeta *a, const TraceMeta *b)
     assert_int_equal(a->rope_layout, b->rope_layout);
     assert_true(a->attn_scale == b->attn_scale);
     assert_true(a->rope_attention_factor == b->rope_attention_factor);
+    assert_true(a->attn_softcap == b->attn_softcap);
     assert_memory_equal(a->tokens, b->tokens, (size_t)a->n_tokens * sizeof(int32_t));
     assert_memory_equal(a->positions, b->positions, (size_t)a->n_tokens * sizeof(int32_t));
     assert_memory_equal(a->segments, b->segments, (size_t)a->n_tokens * sizeof(int32_t));
@@ -586,6 +587,7 @@ static void break_position_beyond_int32(hid_t f)
 static void break_attn_scale_float32(hid_t f) { set_double_attr(f, "attn_scale", 1e300); }
 static void break_attn_scale_tiny(hid_t f) { set_double_attr(f, "attn_scale", 1e-300); }
 static void break_rope_attention_factor(hid_t f) { set_double_attr(f, "rope_attention_factor", -2); }
+static void break_attn_softcap(hid_t f) { set_double_attr(f, "attn_softcap", -1); }
 
 /* /rope_inv_freq [L][D/2] with `bad` at layer 1, pair 0. */
 static void replace_freq(hid_t f, double bad)
@@ -822,6 +824,8 @@ static void test_rejects_out_of_range_values(void **state)
     expect_broken(break_attn_scale_tiny, "attribute attn_scale", "found 1e-300");
     expect_broken(break_rope_attention_factor, "attribute rope_attention_factor",
                   "expected a finite value > 0, found -2");
+    expect_broken(break_attn_softcap, "attribute attn_softcap: expected 0 (none) or a finite "
+                                      "value > 0", "found -1");
     expect_broken(break_rope_angles, "dataset /rope_inv_freq: layer 1 element 0 is 1e+307",
                   "position 75");
     expect_broken(break_rope_negative, "dataset /rope_inv_freq: layer 1 element 0 is -0.5",
@@ -902,6 +906,7 @@ static void test_reads_version1(void **state)
         assert_int_equal(g.window, 0);
         assert_true(g.attn_scale == 0.25);
         assert_true(m->rope_attention_factor == 1.0); /* written before the attribute existed */
+        assert_true(m->attn_softcap == 0); /* likewise: no soft-capping */
         for (int f = 0; f < 8; f++)
             assert_float_equal(g.rope_inv_freq[f], want[f], 1e-15);
     }

@@ -7,13 +7,20 @@
 #include "sim/base/util.h"
 
 void attention_block(const float *q, int B, int i0, const float *k, const float *v, int D,
-                     float scale, int window, float *p, int ld, float *o, float *row_max,
-                     float *row_z)
+                     float scale, float softcap, int window, float *p, int ld, float *o,
+                     float *row_max, float *row_z)
 {
     int n_keys = i0 + B;
-    /* logits[b][j] = q_b . k_j for all j < i0+B; the causal mask is applied by the softmax. */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, n_keys, D, 1.0f, q, D, k, D, 0.0f,
-                p, ld);
+    /* logits[b][j] = q_b . k_j for all j < i0+B; the causal mask is applied by the softmax.
+     * Soft-capped logits are capped here, scaled first, so the softmax's own scale is 1. */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, n_keys, D, softcap > 0 ? scale : 1.0f,
+                q, D, k, D, 0.0f, p, ld);
+    if (softcap > 0) {
+        for (int b = 0; b < B; b++)
+            for (int j = attn_first_key(window, i0 + b); j <= i0 + b; j++)
+                p[(size_t)b * ld + j] = softcap_logitf(p[(size_t)b * ld + j], softcap);
+        scale = 1.0f;
+    }
     softmax_causal_rows(p, B, ld, i0 + 1, scale, window, row_max, row_z);
     if (o)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, B, D, n_keys, 1.0f, p, ld, v, D,
@@ -32,7 +39,7 @@ double attention_block_flops(int B, int i0, int D, int with_output)
 typedef struct {
     const float *q, *k;
     int group, stride, q_begin, q_end, D, window, mass_ld, obs_rows;
-    float scale;
+    float scale, softcap;
     float *mass, *obs;
     const float *ones; /* [stride] ones: the column sums are probs^T . 1 */
     float **probs;     /* [threads]: [PROMPT_STATS_BLOCK][stride] each, allocated by its slot */
@@ -53,8 +60,8 @@ static int stats_head(void *ctx, int h, int slot, KvErr *err)
     double flops = 0;
     for (int i0 = j->q_begin; i0 < E; i0 += PROMPT_STATS_BLOCK) {
         int B = E - i0 < PROMPT_STATS_BLOCK ? E - i0 : PROMPT_STATS_BLOCK;
-        attention_block(qh + (size_t)i0 * D, B, i0, kg, NULL, D, j->scale, j->window, probs, T,
-                        NULL, mx, z);
+        attention_block(qh + (size_t)i0 * D, B, i0, kg, NULL, D, j->scale, j->softcap, j->window,
+                        probs, T, NULL, mx, z);
         flops += attention_block_flops(B, i0, D, 0);
         if (j->mass) /* column sums of the block: probs^T . 1 */
             cblas_sgemv(CblasRowMajor, CblasTrans, B, i0 + B, 1.0f, probs, T, j->ones, 1, 1.0f,
@@ -98,24 +105,26 @@ static double column_statistics(StatsJob *job, int n_q_heads, Pool *pool)
 }
 
 double prompt_statistics(const float *q, const float *k, int n_q_heads, int group, int stride,
-                         int n_prompt, int D, float scale, int window, float *mass, float *obs,
-                         int obs_rows, Pool *pool)
+                         int n_prompt, int D, float scale, float softcap, int window,
+                         float *mass, float *obs, int obs_rows, Pool *pool)
 {
     StatsJob job = {
         .q = q, .k = k, .group = group, .stride = stride, .q_begin = 0, .q_end = n_prompt,
         .D = D, .window = window, .mass_ld = n_prompt, .obs_rows = obs_rows, .scale = scale,
+        .softcap = softcap,
         .mass = mass, .obs = obs,
     };
     return column_statistics(&job, n_q_heads, pool);
 }
 
 double decode_mass(const float *q, const float *k, int n_q_heads, int group, int stride,
-                   int q_begin, int q_end, int D, float scale, int window, float *dmass,
-                   Pool *pool)
+                   int q_begin, int q_end, int D, float scale, float softcap, int window,
+                   float *dmass, Pool *pool)
 {
     StatsJob job = {
         .q = q, .k = k, .group = group, .stride = stride, .q_begin = q_begin,
         .q_end = q_end, .D = D, .window = window, .mass_ld = stride, .scale = scale,
+        .softcap = softcap,
         .mass = dmass,
     };
     return column_statistics(&job, n_q_heads, pool);
@@ -125,7 +134,7 @@ double decode_mass(const float *q, const float *k, int n_q_heads, int group, int
 typedef struct {
     const float *q, *k, *v;
     int n_q_heads, group, stride, D, window, t0, B, rows_cap;
-    float scale;
+    float scale, softcap;
     float *probs, *out, *row_max, *row_z;
 } RowsJob;
 
@@ -135,19 +144,21 @@ static int rows_head(void *ctx, int h, int slot, KvErr *err)
     const RowsJob *j = ctx;
     size_t T = (size_t)j->stride, D = (size_t)j->D, g = (size_t)(h / j->group);
     attention_block(j->q + ((size_t)h * T + (size_t)j->t0) * D, j->B, j->t0, j->k + g * T * D,
-                    j->v + g * T * D, j->D, j->scale, j->window, j->probs + (size_t)h * T,
+                    j->v + g * T * D, j->D, j->scale, j->softcap, j->window, j->probs + (size_t)h * T,
                     j->n_q_heads * j->stride, j->out + (size_t)h * j->rows_cap * D,
                     j->row_max + (size_t)h * j->rows_cap, j->row_z + (size_t)h * j->rows_cap);
     return 0;
 }
 
 double attention_rows(const float *q, const float *k, const float *v, int n_q_heads, int group,
-                      int stride, int D, float scale, int window, int t0, int B, int rows_cap,
-                      float *probs, float *out, float *row_max, float *row_z, Pool *pool)
+                      int stride, int D, float scale, float softcap, int window, int t0, int B,
+                      int rows_cap, float *probs, float *out, float *row_max, float *row_z,
+                      Pool *pool)
 {
     RowsJob job = {
         .q = q, .k = k, .v = v, .n_q_heads = n_q_heads, .group = group, .stride = stride,
         .D = D, .window = window, .t0 = t0, .B = B, .rows_cap = rows_cap, .scale = scale,
+        .softcap = softcap,
         .probs = probs, .out = out, .row_max = row_max, .row_z = row_z,
     };
     if (pool)

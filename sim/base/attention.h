@@ -7,16 +7,25 @@
 #ifndef KVSIM_ATTENTION_H
 #define KVSIM_ATTENTION_H
 
+#include <math.h>
 #include <stddef.h>
 
 #include "sim/base/pool.h"
 
 /* p: [B][ld] with ld >= i0+B; on return row b holds the probabilities over keys
  * [lo(i0+b), i0+b] and zeros elsewhere up to column i0+B-1. o (may be NULL): [B][D] outputs. row_max/row_z: the max scaled
- * logit and the normaliser of each row (so a key outside the trace can be weighted later). */
+ * logit and the normaliser of each row (so a key outside the trace can be weighted later).
+ * softcap > 0: each logit is soft-capped first, softcap_logitf (Gemma 2); row_max is then the
+ * max capped logit. Every function below that takes `softcap` means the same. */
 void attention_block(const float *q, int B, int i0, const float *k, const float *v, int D,
-                     float scale, int window, float *p, int ld, float *o, float *row_max,
-                     float *row_z);
+                     float scale, float softcap, int window, float *p, int ld, float *o,
+                     float *row_max, float *row_z);
+
+/* A logit soft-capped: cap * tanh(logit / cap) (geometry.h's attn_softcap_logit, in float). */
+static inline float softcap_logitf(float logit, float cap)
+{
+    return cap * tanhf(logit / cap);
+}
 
 /* The softmax step alone: row b of s has first_len + b logits (scaled by `scale`), of which the
  * last `window` are valid when window > 0 (the others become zero), all when window = 0. */
@@ -60,7 +69,8 @@ enum { PROMPT_STATS_BLOCK = 128 };
  * is computed the same way whichever thread takes it. Returns the floating-point operations
  * done (attention_block_flops of each block). Used by replay and by `kvsim eval`. */
 double prompt_statistics(const float *q, const float *k, int n_q_heads, int group, int stride,
-                         int n_prompt, int D, float scale, int window, float *mass, float *obs,
+                         int n_prompt, int D, float scale, float softcap, int window,
+                         float *mass, float *obs,
                          int obs_rows, Pool *pool);
 
 /* The same column sums over the queries [q_begin, q_end) of every query head (one decode run),
@@ -68,7 +78,8 @@ double prompt_statistics(const float *q, const float *k, int n_q_heads, int grou
  * (the caller zeroes it once, then adds the runs in order). What oracle_future knows
  * (PrefillView.decode_mass). */
 double decode_mass(const float *q, const float *k, int n_q_heads, int group, int stride,
-                   int q_begin, int q_end, int D, float scale, int window, float *dmass,
+                   int q_begin, int q_end, int D, float scale, float softcap, int window,
+                   float *dmass,
                    Pool *pool);
 
 /* The exact attention of the B <= rows_cap consecutive queries t0 .. t0+B-1 of every query head
@@ -78,7 +89,8 @@ double decode_mass(const float *q, const float *k, int n_q_heads, int group, int
  * [n_q_heads][rows_cap][D], row_max and row_z [n_q_heads][rows_cap]. Returns the
  * floating-point operations done, both products. */
 double attention_rows(const float *q, const float *k, const float *v, int n_q_heads, int group,
-                      int stride, int D, float scale, int window, int t0, int B, int rows_cap,
+                      int stride, int D, float scale, float softcap, int window, int t0, int B,
+                      int rows_cap,
                       float *probs, float *out, float *row_max, float *row_z, Pool *pool);
 
 /* Floating-point operations of attention_block (both products), for throughput figures. */

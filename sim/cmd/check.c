@@ -175,6 +175,8 @@ static void print_header(const Trace *tr)
     printf("%-14s %s\n", "rope_scaling",
            m->rope_scaling[0] ? one_line(m->rope_scaling, esc, sizeof esc) : "(none)");
     printf("%-14s %.9g\n", "attn_scale", m->attn_scale);
+    if (m->attn_softcap > 0)
+        printf("%-14s %.9g\n", "attn_softcap", m->attn_softcap);
     if (m->rope_attention_factor != 1.0)
         printf("%-14s %.9g (in q and k)\n", "rope_attn_fac", m->rope_attention_factor);
     print_windows(m);
@@ -258,6 +260,9 @@ static int check_layer(const Trace *tr, int layer, const float *q, const float *
             /* logits[j] for the keys attended, j in [first, pos] */
             cblas_sgemv(CblasRowMajor, CblasNoTrans, pos + 1 - first, D, (float)geom.attn_scale,
                         keys + (size_t)first * D, D, query, 1, 0.0f, logits + first, 1);
+            if (geom.attn_softcap > 0) /* the layer's soft-capping, as the model applied it */
+                for (int j = first; j <= pos; j++)
+                    logits[j] = softcap_logitf(logits[j], (float)geom.attn_softcap);
             for (int j = first; j <= pos; j++)
                 if (!isfinite(logits[j]))
                     return kv_fail(err, "%s: layer %d, head %d, row %d (query %d): the recomputed "

@@ -41,10 +41,41 @@ static void warn_unequal_caches(const RunConfig *rc, const double *tokens, const
             rc->engine.policies[hi].label, b);
 }
 
+/* The layers the policies compress ([run] sliding_layers, sim/driver/driver.h), as ranges:
+ * "0-3,5"; returns how many. */
+static int compressed_layers(const TraceMeta *m, SlidingLayers sliding, char *out, size_t len)
+{
+    int n = 0;
+    size_t at = 0;
+    out[0] = '\0';
+    for (int l = 0; l < m->n_layers; l++) {
+        if (!driver_compresses(m->window[l], sliding))
+            continue;
+        int e = l;
+        while (e + 1 < m->n_layers && driver_compresses(m->window[e + 1], sliding))
+            e++;
+        if (at < len)
+            at += (size_t)(e > l ? snprintf(out + at, len - at, "%s%d-%d", n ? "," : "", l, e)
+                                 : snprintf(out + at, len - at, "%s%d", n ? "," : "", l));
+        n += e - l + 1;
+        l = e;
+    }
+    return n;
+}
+
+static bool has_sliding_layers(const TraceMeta *m)
+{
+    for (int l = 0; l < m->n_layers; l++)
+        if (m->window[l] > 0)
+            return true;
+    return false;
+}
+
 /* run.json beside the CSVs: the config, every trace and every calibration trace (path, size,
- * SHA-256), seed and threads. */
+ * SHA-256), seed and threads; on traces with sliding-window layers, [run] sliding_layers and the
+ * layers the policies compressed (`compressed`, compressed_layers()'s ranges; NULL otherwise). */
 static int write_provenance(Provenance *prov, const RunConfig *rc, const PathList *traces,
-                            int budget, int threads_used, KvErr *err)
+                            int budget, int threads_used, const char *compressed, KvErr *err)
 {
     if (provenance_config(prov, rc->config_path, err) != 0)
         return -1;
@@ -66,6 +97,10 @@ static int write_provenance(Provenance *prov, const RunConfig *rc, const PathLis
     provenance_number(prov, "threads", rc->engine.threads);
     provenance_number(prov, "threads_used", threads_used);
     provenance_string(prov, "out", rc->out_dir);
+    if (compressed) { /* which layers the budget applied to */
+        provenance_string(prov, "sliding_layers", sliding_layers_name(rc->engine.sliding_layers));
+        provenance_string(prov, "compressed_layers", compressed);
+    }
     return provenance_write(prov, rc->out_dir, err);
 }
 
@@ -119,20 +154,29 @@ static int run_single(RunConfig *rc, const PathList *traces, Provenance *prov, i
     Results *res = replay_trace(rc, tr, path, &budget, err);
     int status = res ? 0 : -1;
     PolicySummary *summary = NULL;
+    const TraceMeta *m = trace_meta(tr);
+    char layers[4096];
+    int n_compressed = compressed_layers(m, rc->engine.sliding_layers, layers, sizeof layers);
+    const char *compressed = has_sliding_layers(m) ? layers : NULL;
     if (res) {
         summary = kv_calloc((size_t)res->n_policies, sizeof *summary);
         report_summarize(res, summary);
         if (report_write_csv(res, summary, rc->out_dir, err) != 0 ||
-            write_provenance(prov, rc, traces, budget, res->threads_used, err) != 0) {
+            write_provenance(prov, rc, traces, budget, res->threads_used, compressed, err) != 0) {
             status = -1;
         } else if (!quiet) {
-            const TraceMeta *m = trace_meta(tr);
             printf("trace %s: %s, %d layers, %d+%d tokens; %d policies, %d threads, %.1fs\n",
                    path, m->model, m->n_layers, m->n_prompt, m->n_tokens - m->n_prompt,
                    res->n_policies, res->threads_used, res->wall_seconds);
             if (budget)
                 printf("budget %d tokens per KV head for every policy without its own (%s)\n",
                        budget, rc->ratio > 0 ? "[run] ratio of the prompt" : "[run] budget");
+            if (compressed)
+                printf("sliding_layers = %s: the policies compress %d of %d layers (%s)%s\n",
+                       sliding_layers_name(rc->engine.sliding_layers), n_compressed,
+                       m->n_layers, n_compressed ? layers : "none", n_compressed < m->n_layers
+                           ? "; the sliding-window layers keep their window (rotating buffer)"
+                           : "");
             report_print_table(res, summary, stdout);
             printf("wrote %s/summary.csv, layers.csv, steps.csv, turns.csv, run.json\n",
                    rc->out_dir);
@@ -160,6 +204,8 @@ static int run_dataset(RunConfig *rc, const PathList *traces, Provenance *prov, 
 {
     Dataset *ds = NULL;
     int threads_used = 0, status = 0;
+    char layers[4096];
+    const char *compressed = NULL; /* the first trace's; a dataset is of one model */
     for (int t = 0; t < traces->n && status == 0; t++) {
         const char *path = traces->v[t];
         Trace *tr = trace_open(path, err);
@@ -174,8 +220,12 @@ static int run_dataset(RunConfig *rc, const PathList *traces, Provenance *prov, 
         } else {
             PolicySummary *summary = kv_calloc((size_t)res->n_policies, sizeof *summary);
             report_summarize(res, summary);
-            if (!ds)
+            if (!ds) {
                 ds = dataset_new(res);
+                compressed_layers(trace_meta(tr), rc->engine.sliding_layers, layers,
+                                  sizeof layers);
+                compressed = has_sliding_layers(trace_meta(tr)) ? layers : NULL;
+            }
             const char *base = strrchr(path, '/');
             dataset_add(ds, base ? base + 1 : path, res, summary);
             threads_used = res->threads_used > threads_used ? res->threads_used : threads_used;
@@ -196,7 +246,7 @@ static int run_dataset(RunConfig *rc, const PathList *traces, Provenance *prov, 
         dataset_finish(ds, config_reference(rc), rc->engine.seed);
         if (dataset_write_csv(ds, rc->out_dir, err) != 0 ||
             write_provenance(prov, rc, traces, rc->ratio > 0 ? 0 : rc->budget, threads_used,
-                             err) != 0) {
+                             compressed, err) != 0) {
             status = -1;
         } else if (!quiet) {
             dataset_print_table(ds, stdout);

@@ -39,6 +39,44 @@ int run_history_parse(const char *name)
     return -1;
 }
 
+static const char *const sliding_names[] = {"skip", "compress"};
+
+const char *sliding_layers_name(SlidingLayers s)
+{
+    return sliding_names[s];
+}
+
+int sliding_layers_parse(const char *name)
+{
+    for (int s = 0; s < 2; s++)
+        if (!strcmp(name, sliding_names[s]))
+            return s;
+    return -1;
+}
+
+/* The rotating buffer of a sliding layer of window W under each spec's label: policy `window`
+ * with window = W (the current token included) and no sinks. */
+static int rotating_buffer_specs(PolicyDriver *d, const PolicySpec *specs, int n, int W,
+                                 KvErr *err)
+{
+    const PolicyType *window = policy_find("window");
+    char value[32];
+    snprintf(value, sizeof value, "%d", W);
+    d->own_specs = kv_calloc((size_t)n, sizeof *d->own_specs);
+    d->own_params = kv_calloc((size_t)n, window->params_size);
+    for (int i = 0; i < n; i++) {
+        void *params = (char *)d->own_params + (size_t)i * window->params_size;
+        policy_params_defaults(window, params);
+        if (policy_param_set(window, params, "window", value, err) != 0 ||
+            policy_param_set(window, params, "sinks", "0", err) != 0)
+            return -1;
+        memcpy(d->own_specs[i].label, specs[i].label, sizeof d->own_specs[i].label);
+        d->own_specs[i].type = window;
+        d->own_specs[i].params = params;
+    }
+    return 0;
+}
+
 uint64_t policy_instance_seed(uint64_t run_seed, const char *label, int layer)
 {
     return splitmix64(run_seed ^ label_hash(label) ^ splitmix64((uint64_t)layer));
@@ -68,9 +106,16 @@ void driver_memory_report(const PolicyDriver *d, int i, MemReport *mem)
 }
 
 int driver_create(PolicyDriver *d, const LayerView *L, const PolicySpec *specs, int n,
-                  uint64_t run_seed, int kv_bits, bool live, KvErr *err)
+                  uint64_t run_seed, int kv_bits, SlidingLayers sliding, bool live, KvErr *err)
 {
     memset(d, 0, sizeof *d);
+    if (!driver_compresses(L->window, sliding)) {
+        if (rotating_buffer_specs(d, specs, n, L->window, err) != 0) {
+            driver_free(d);
+            return -1;
+        }
+        specs = d->own_specs;
+    }
     d->L = L;
     d->live = live;
     d->kv_bits = kv_bits;
@@ -134,6 +179,8 @@ void driver_free(PolicyDriver *d)
     free(d->seconds);
     free(d->sv);
     free(d->decode_mass);
+    free(d->own_specs);
+    free(d->own_params);
     memset(d, 0, sizeof *d);
 }
 
@@ -211,6 +258,8 @@ static double cache_statistics(const LayerView *L, const Policy *p, int c0, int 
                     float mx = -INFINITY;
                     for (int j = 0; j < n; j++) {
                         bool visible = key_pos[j] < 0 || (key_pos[j] <= q_pos && key_pos[j] >= lo);
+                        if (visible && L->attn_softcap > 0)
+                            row[j] = softcap_logitf(row[j], L->attn_softcap);
                         if (!visible)
                             row[j] = -INFINITY;
                         else if (row[j] > mx)
@@ -316,7 +365,7 @@ void driver_prefill(PolicyDriver *d, int span_start, int span_end, int chunk_sta
             if (m->spans[s].kind == SPAN_DECODE)
                 d->stats_flops += decode_mass(L->q, L->k, Hq, L->group, T, m->spans[s].start,
                                               m->spans[s].end, L->head_dim, L->attn_scale,
-                                              L->window, d->decode_mass, d->pool);
+                                              L->attn_softcap, L->window, d->decode_mass, d->pool);
     }
 
     /* At the first chunk of the first span every cache is empty, so every instance's statistics
@@ -335,7 +384,8 @@ void driver_prefill(PolicyDriver *d, int span_start, int span_end, int chunk_sta
         obs = want_rows ? kv_calloc((size_t)Hq * want_rows * c1, sizeof(float)) : NULL;
         if (mass || obs)
             d->stats_flops += prompt_statistics(L->q, L->k, Hq, L->group, T, c1, L->head_dim,
-                                                L->attn_scale, L->window, mass, obs, want_rows,
+                                                L->attn_scale, L->attn_softcap, L->window,
+                                                mass, obs, want_rows,
                                                 d->pool);
     }
     d->stats_seconds += now_seconds() - s0;

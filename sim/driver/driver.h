@@ -23,7 +23,7 @@
  * computed over that instance's caches.
  *
  * Calls, in order:
- *   driver_create(d, L, specs, n, run_seed, kv_bits, live, err)
+ *   driver_create(d, L, specs, n, run_seed, kv_bits, sliding, live, err)
  *   for each span of L->meta->spans, in order (policies/policy.h):
  *     a prefill span [a, b), for each chunk [c0, c1) (driver_chunk_end):
  *       driver_prefill(d, a, b, c0, c1)  the rows [0, c1) of L exist
@@ -58,6 +58,21 @@ typedef enum { HISTORY_PERSIST = 0, HISTORY_REENCODE = 1, HISTORY_PREFIX = 2 } R
 const char *run_history_name(RunHistory h);
 int run_history_parse(const char *name);
 
+/* [run] sliding_layers: what the policies do on a sliding-window layer (a layer whose queries
+ * attend over the last W keys only, LayerView.window = W > 0). skip: the layer keeps its window,
+ * as a serving engine's rotating buffer of W tokens does, and is not compressed: every policy's
+ * instance there is the rotating buffer (policy `window` with window = W, sinks = 0), so the
+ * budget applies to the global layers alone (the TriAttention MLX port's choice). compress: the
+ * policies drive the sliding layers too, with the same budget per layer. */
+typedef enum { SLIDING_SKIP = 0, SLIDING_COMPRESS = 1 } SlidingLayers;
+const char *sliding_layers_name(SlidingLayers s);
+int sliding_layers_parse(const char *name); /* -1: neither */
+/* Whether the policies compress a layer of this window (rather than keep its window). */
+static inline bool driver_compresses(int window, SlidingLayers sliding)
+{
+    return window == 0 || sliding == SLIDING_COMPRESS;
+}
+
 typedef struct {
     char label[64];         /* [policy.LABEL] */
     const PolicyType *type;
@@ -84,15 +99,19 @@ typedef struct {
     const PolicySpec *specs; /* [n]: what driver_restart creates again */
     KvQuantState **quant;    /* [n]: instance i's quantization layer, NULL without kv_quant */
     uint64_t run_seed;
+    PolicySpec *own_specs;   /* [n] the rotating buffers of a skipped sliding layer, or NULL */
+    void *own_params;        /* their parameters */
 } PolicyDriver;
 
 /* Creates the instances of specs[0, n) for layer L->layer, in order, with PolicyEnv seed
- * policy_instance_seed(run_seed, label, layer) and kv_bits. live: closed loop, where the rows of
+ * policy_instance_seed(run_seed, label, layer) and kv_bits; on a sliding-window layer that
+ * `sliding` skips (!driver_compresses), instance i is the layer's rotating buffer instead, under
+ * specs[i]'s label. live: closed loop, where the rows of
  * L fill in as tokens are fed. Returns 0 when ready; 1 when live and an instance wants the
  * future (want_decode_mass: not applicable, instances after it are not created); -1 with the
  * create callback's message. On a nonzero return nothing is left to free. */
 int driver_create(PolicyDriver *d, const LayerView *L, const PolicySpec *specs, int n,
-                  uint64_t run_seed, int kv_bits, bool live, KvErr *err);
+                  uint64_t run_seed, int kv_bits, SlidingLayers sliding, bool live, KvErr *err);
 /* Chunk [chunk_start, chunk_end) of the prefill span [span_start, span_end) arrives: computes the
  * statistics each instance asks for, calls every instance's prefill and records its memory. */
 void driver_prefill(PolicyDriver *d, int span_start, int span_end, int chunk_start, int chunk_end);

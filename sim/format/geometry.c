@@ -8,6 +8,11 @@ double attn_scale_default(int head_dim)
     return 1.0 / sqrt((double)head_dim);
 }
 
+double attn_softcap_logit(double logit, double cap)
+{
+    return cap > 0 ? cap * tanh(logit / cap) : logit;
+}
+
 void rope_default_inv_freq(double theta, int head_dim, double *out)
 {
     for (int f = 0; f < head_dim / 2; f++)

@@ -1,7 +1,8 @@
 /* geometry.h — the attention geometry of one layer: the one place kvsim states how a query
  * attends.
  *
- * For each layer: the scale of the logits (softmax(attn_scale · q·k)), the attended range (every
+ * For each layer: the scale of the logits (softmax(attn_scale · q·k)), their soft-capping
+ * (Gemma 2: cap · tanh(logit / cap) before the softmax), the attended range (every
  * earlier key on a global layer, the last `window` keys on a sliding-window layer) and RoPE (the
  * pair layout and each pair's inverse frequency). A model's config gives it
  * (traces/model/model.h, model_describe), the trace stores it (trace.h: TraceMeta, format version
@@ -17,6 +18,7 @@ typedef enum { ROPE_HALF = 0, ROPE_INTERLEAVED = 1 } RopeLayout;
 
 typedef struct {
     double attn_scale;  /* softmax(attn_scale * q.k) */
+    double attn_softcap; /* > 0: softmax(c * tanh(attn_scale * q.k / c)) (attn_softcap_logit) */
     int window;         /* 0: global, query t attends keys [0, t]; W > 0: [max(0, t-W+1), t] */
     RopeLayout rope_layout;
     int head_dim;
@@ -26,6 +28,10 @@ typedef struct {
 /* The scale of standard dot-product attention, 1/sqrt(head_dim): the default of every model
  * kvsim knows and of synthetic traces. */
 double attn_scale_default(int head_dim);
+
+/* A logit after the layer's soft-capping (cap <= 0: unchanged): cap * tanh(logit / cap). The
+ * one statement of it; sim/base/attention.h applies the same to float rows. */
+double attn_softcap_logit(double logit, double cap);
 
 /* Unscaled RoPE inverse frequencies: out[f] = theta^(-2f/head_dim), f < head_dim/2. */
 void rope_default_inv_freq(double theta, int head_dim, double *out);

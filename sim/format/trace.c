@@ -482,6 +482,9 @@ static int validate_dims(const TraceMeta *m, const char *path, KvErr *err)
                        m->attn_scale);
     if (m->rope_layout != ROPE_HALF && m->rope_layout != ROPE_INTERLEAVED)
         return kv_fail(err, "%s: attribute rope_layout: expected half or interleaved", path);
+    if (!(m->attn_softcap == 0 || (m->attn_softcap >= FLT_MIN && m->attn_softcap <= FLT_MAX)))
+        return kv_fail(err, "%s: attribute attn_softcap: expected 0 (none) or a finite value > 0 "
+                       "within float32 range, found %g", path, m->attn_softcap);
     if (m->n_needles < 0 || m->n_probes < 0 || m->n_attn_rows < 0)
         return kv_fail(err, "%s: negative needle, probe or attention row count", path);
     const char *dim_names[3] = {"hidden_size", "intermediate_size", "vocab_size"};
@@ -1001,6 +1004,13 @@ static int read_header(Reader *rd, TraceMeta *m)
             return kv_fail(rd->err, "%s: attribute rope_attention_factor: expected a finite "
                            "value > 0, found %g", rd->path, m->rope_attention_factor);
     }
+    /* Optional: the logits' soft-capping (traces written before it existed have none: 0). */
+    m->attn_softcap = 0;
+    htri_t has_softcap = H5Aexists(rd->file, "attn_softcap");
+    if (has_softcap < 0)
+        return kv_fail(rd->err, "%s: attribute attn_softcap: cannot look it up", rd->path);
+    if (has_softcap > 0 && attr_double(rd, "attn_softcap", &m->attn_softcap) < 0)
+        return -1;
     /* Version 2: the model's size (version 1 traces leave it unknown, 0). */
     if (version >= 2 && (attr_int(rd, "hidden_size", &m->hidden_size) < 0 ||
                          attr_int(rd, "intermediate_size", &m->intermediate_size) < 0 ||
@@ -1523,6 +1533,8 @@ static int write_root(hid_t file, const TraceMeta *m)
     bad |= write_attr_string(file, "rope_scaling", m->rope_scaling);
     bad |= write_attr_double(file, "attn_scale", m->attn_scale);
     bad |= write_attr_double(file, "rope_attention_factor", m->rope_attention_factor);
+    if (m->attn_softcap > 0) /* absent = none, as in the traces written before it existed */
+        bad |= write_attr_double(file, "attn_softcap", m->attn_softcap);
     bad |= write_attr_int(file, "hidden_size", m->hidden_size);
     bad |= write_attr_int(file, "intermediate_size", m->intermediate_size);
     bad |= write_attr_int(file, "vocab_size", m->vocab_size);

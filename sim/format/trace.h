@@ -46,6 +46,7 @@ typedef struct {
     double rope_theta;
     RopeLayout rope_layout;
     double attn_scale;     /* the same in every layer */
+    double attn_softcap;   /* > 0: every layer's logits are softcap * tanh(logit / softcap) */
     double rope_attention_factor; /* RoPE's cos and sin times this (YaRN), every layer; 0 read as 1 */
     int32_t *window;       /* [n_layers], or NULL: every layer global */
     double *rope_inv_freq; /* [n_layers][head_dim/2], or NULL: rope_theta^(-2f/D) in every layer */
@@ -71,6 +72,9 @@ typedef struct {
     double rope_theta;
     RopeLayout rope_layout; /* every layer's */
     double attn_scale;      /* every layer's: softmax(attn_scale * q.k) */
+    /* every layer's logit soft-capping (Gemma 2): softmax(c * tanh(attn_scale * q.k / c)) when
+     * c > 0; 0 = none (attribute attn_softcap, absent in older traces) */
+    double attn_softcap;
     /* every layer's: the generator multiplied RoPE's cos and sin by it (YaRN's attention factor,
      * HF's attention_scaling), so the stored post-RoPE q and k carry it; 1 = none */
     double rope_attention_factor;

@@ -54,6 +54,7 @@ void trace_meta_init(TraceMeta *m, const TraceModel *d, int n_tokens, int n_prom
     m->rope_theta = d->rope_theta;
     m->rope_layout = d->rope_layout;
     m->attn_scale = d->attn_scale;
+    m->attn_softcap = d->attn_softcap;
     m->rope_attention_factor = d->rope_attention_factor > 0 ? d->rope_attention_factor : 1.0;
     m->hidden_size = d->hidden_size;
     m->intermediate_size = d->intermediate_size;
@@ -105,6 +106,7 @@ LayerGeometry trace_layer_geometry(const TraceMeta *m, int layer)
 {
     return (LayerGeometry){
         .attn_scale = m->attn_scale,
+        .attn_softcap = m->attn_softcap,
         .window = m->window[layer],
         .rope_layout = m->rope_layout,
         .head_dim = m->head_dim,

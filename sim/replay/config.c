@@ -390,6 +390,11 @@ static int run_key(Loader *ld, const char *key, const char *value, int line)
             e->history = (RunHistory)h;
         else
             return fail_at(ld, line, "history = '%s': expected persist, reencode or prefix", ev);
+    } else if (!strcmp(key, "sliding_layers")) {
+        int sl = sliding_layers_parse(value);
+        if (sl < 0)
+            return fail_at(ld, line, "sliding_layers = '%s': expected skip or compress", ev);
+        e->sliding_layers = (SlidingLayers)sl;
     } else if (!strcmp(key, "prefill_tflops")) {
         char *end;
         errno = 0;
@@ -423,7 +428,7 @@ static int run_key(Loader *ld, const char *key, const char *value, int line)
         strcpy(ld->rc->reference, value);
         ld->rc->reference_line = line;
     } else {
-        return fail_at(ld, line, "unknown key '%s' in [run] (expected threads, out, topk, eval_every, kv_bits, seed, prefill_chunk, history, prefill_tflops, budget, ratio or reference)",
+        return fail_at(ld, line, "unknown key '%s' in [run] (expected threads, out, topk, eval_every, kv_bits, seed, prefill_chunk, history, sliding_layers, prefill_tflops, budget, ratio or reference)",
                        ESC(key, ek));
     }
     return 1;
@@ -574,6 +579,7 @@ int config_load(const char *path, RunConfig *rc, KvErr *err)
     e->seed = 0;
     e->prefill_chunk = 0;
     e->history = HISTORY_PERSIST;
+    e->sliding_layers = SLIDING_SKIP;
     e->policies = kv_calloc(MAX_POLICIES, sizeof *e->policies);
     rc->source = kv_calloc(1, sizeof *rc->source);
 

@@ -2,7 +2,7 @@
  *
  *   [trace]  path = FILE.h5   (or a glob(3) pattern: a dataset of traces, sim/replay/dataset.h)
  *   [run]    threads = 0  out = DIR  topk = 32  eval_every = 1  kv_bits = 16  seed = 0
- *            prefill_chunk = 0  history = persist  prefill_tflops = 0
+ *            prefill_chunk = 0  history = persist  sliding_layers = skip  prefill_tflops = 0
  *            budget = N | ratio = r   (one budget for every policy; docs/config.md)
  *            reference = full   (the policy a dataset's paired differences are taken to)
  *   [policy.LABEL]  type = NAME  <the type's parameters>   (one section per policy)

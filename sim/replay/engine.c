@@ -167,7 +167,8 @@ static int attend_kv_head(Job *job, Worker *w, Lane *ln, const LayerView *L, int
     for (int i = 0; i < G; i++) {
         int h = g * G + i;
         rows[i] = (FullRow){
-            .t = t, .head_dim = D, .scale = L->attn_scale, .window = L->window,
+            .t = t, .head_dim = D, .scale = L->attn_scale, .softcap = L->attn_softcap,
+            .window = L->window,
             .q = L->q + ((size_t)h * T + t) * D,
             .p = w->probs + ((size_t)b * Hq + h) * T,
             .logit_max = w->row_max[h * DECODE_BLOCK + b],
@@ -420,6 +421,7 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
         int B = b_end - t0 < DECODE_BLOCK ? b_end - t0 : DECODE_BLOCK;
         double a0 = now_seconds();
         w->attention_flops += attention_rows(w->q, w->k, w->v, Hq, L->group, T, D, L->attn_scale,
+                                             L->attn_softcap,
                                              L->window, t0, B, DECODE_BLOCK, w->probs, w->out,
                                              w->row_max, w->row_z, w->team);
         w->attention_seconds += now_seconds() - a0;
@@ -491,7 +493,8 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
 
     int n_pol = cfg->n_policies;
     PolicyDriver drv;
-    if (driver_create(&drv, &L, cfg->policies, n_pol, cfg->seed, cfg->kv_bits, false, err) != 0)
+    if (driver_create(&drv, &L, cfg->policies, n_pol, cfg->seed, cfg->kv_bits,
+                      cfg->sliding_layers, false, err) != 0)
         return -1;
     drv.pool = w->team;
     if (layer == 0) /* one writer: only one worker takes layer 0 */

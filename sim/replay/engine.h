@@ -56,6 +56,7 @@ typedef struct {
     int kv_bits;    /* device precision of K and V */
     int prefill_chunk; /* tokens per prefill chunk; 0 = each prefill span at once */
     RunHistory history; /* what a later turn's prefill span starts from (RunHistory) */
+    SlidingLayers sliding_layers; /* the policies on sliding-window layers (SlidingLayers) */
     double prefill_tflops; /* prefill throughput for turns.csv's prefill_seconds; 0 = none */
     uint64_t seed;
     bool progress;  /* progress with ETA on stderr */

@@ -35,7 +35,8 @@ static double slot_logit(const KVCache *c, int slot, const FullRow *row)
 {
     const float *k = c->alt_kv[slot] ? c->alt_kv[slot]
                                      : row->k + (size_t)c->pos[slot] * row->head_dim;
-    return (double)row->scale * cblas_sdot(row->head_dim, row->q, 1, k, 1);
+    return attn_softcap_logit((double)row->scale * cblas_sdot(row->head_dim, row->q, 1, k, 1),
+                              row->softcap);
 }
 
 /* The renormalised attention as a softmax of the logits over the cache (double precision). */

@@ -16,11 +16,12 @@ typedef struct {
     int t;              /* the query: keys [attn_first_key(window, t), t] */
     int head_dim;
     float scale;        /* attn_scale */
+    float softcap;      /* > 0: the logits are soft-capped (softcap_logitf) */
     int window;         /* the layer's: 0 global, W > 0 the last W keys (geometry.h) */
     const float *q;     /* [D] the query */
     const float *p;     /* [t+1] softmax over the keys attended (zero before the window) */
-    float logit_max;    /* max_j scale*q.k_j */
-    float logit_z;      /* sum_j exp(scale*q.k_j - logit_max) */
+    float logit_max;    /* max_j of the logit scale*q.k_j (soft-capped when softcap > 0) */
+    float logit_z;      /* sum_j exp(logit_j - logit_max) */
     const float *k;     /* [T][D] the KV head's keys from the trace */
     const float *v;     /* [T][D] the KV head's values from the trace */
     const uint16_t *v16; /* NULL, or v as halves (each value exactly a half: the same floats) */

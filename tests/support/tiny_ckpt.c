@@ -179,7 +179,9 @@ static void generate(TinyCheckpoint *ck)
     int q_dim = s->n_q_heads * D, kv_dim = s->n_kv_heads * D, I = s->intermediate_size;
     int qwen2 = !strcmp(s->architecture, "Qwen2ForCausalLM");
     int qwen3 = !strcmp(s->architecture, "Qwen3ForCausalLM");
+    int gemma = tiny_is_gemma(s), gemma3 = gemma && strstr(s->architecture, "Gemma3") != NULL;
     int qkv_bias = qwen2 || s->attention_bias, o_bias = !qwen2 && s->attention_bias;
+    double norm_mean = gemma ? 0 : 1; /* Gemma stores w for a scale of (1 + w) */
     /* Projections scaled so that attention is far from uniform: scores have sd ~ 2. */
     double proj_sd = 1.5 / sqrt((double)H);
     gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
@@ -188,7 +190,7 @@ static void generate(TinyCheckpoint *ck)
     char name[128];
     for (int l = 0; l < s->n_layers; l++) {
 #define NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix), name)
-        fill(ck, rng, NAME("input_layernorm.weight"), H, 0, 1, 0.1);
+        fill(ck, rng, NAME("input_layernorm.weight"), H, 0, norm_mean, 0.1);
         fill(ck, rng, NAME("self_attn.q_proj.weight"), q_dim, H, 0, proj_sd);
         fill(ck, rng, NAME("self_attn.k_proj.weight"), kv_dim, H, 0, proj_sd);
         fill(ck, rng, NAME("self_attn.v_proj.weight"), kv_dim, H, 0, proj_sd);
@@ -200,17 +202,21 @@ static void generate(TinyCheckpoint *ck)
         }
         if (o_bias)
             fill(ck, rng, NAME("self_attn.o_proj.bias"), H, 0, 0, 0.3);
-        if (qwen3) {
-            fill(ck, rng, NAME("self_attn.q_norm.weight"), D, 0, 1, 0.2);
-            fill(ck, rng, NAME("self_attn.k_norm.weight"), D, 0, 1, 0.2);
+        if (qwen3 || gemma3) {
+            fill(ck, rng, NAME("self_attn.q_norm.weight"), D, 0, norm_mean, 0.2);
+            fill(ck, rng, NAME("self_attn.k_norm.weight"), D, 0, norm_mean, 0.2);
         }
-        fill(ck, rng, NAME("post_attention_layernorm.weight"), H, 0, 1, 0.1);
+        fill(ck, rng, NAME("post_attention_layernorm.weight"), H, 0, norm_mean, 0.1);
+        if (gemma) {
+            fill(ck, rng, NAME("pre_feedforward_layernorm.weight"), H, 0, norm_mean, 0.1);
+            fill(ck, rng, NAME("post_feedforward_layernorm.weight"), H, 0, norm_mean, 0.1);
+        }
         fill(ck, rng, NAME("mlp.gate_proj.weight"), I, H, 0, 1 / sqrt((double)H));
         fill(ck, rng, NAME("mlp.up_proj.weight"), I, H, 0, 1 / sqrt((double)H));
         fill(ck, rng, NAME("mlp.down_proj.weight"), H, I, 0, 1 / sqrt((double)I));
 #undef NAME
     }
-    fill(ck, rng, "model.norm.weight", H, 0, 1, 0.1);
+    fill(ck, rng, "model.norm.weight", H, 0, norm_mean, 0.1);
     if (!s->tie_word_embeddings)
         fill(ck, rng, "lm_head.weight", s->vocab_size, H, 0, 1 / sqrt((double)H));
     gsl_rng_free(rng);
@@ -297,8 +303,28 @@ static void add_entry(cJSON *header, const char *name, int n_dims, const int *sh
     *at += n * width;
 }
 
+int tiny_is_gemma(const TinyCheckpointSpec *s)
+{
+    return !strncmp(s->architecture, "Gemma", 5);
+}
+
+/* The name a tensor has in the file: the multimodal Gemma 3 nests the language model. */
+static const char *file_name(const TinyCheckpoint *ck, const char *name, char *buf, size_t len)
+{
+    if (strcmp(ck->spec.architecture, "Gemma3ForConditionalGeneration") != 0)
+        return name;
+    if (ck->spec.saved_names && !strncmp(name, "model.", 6))
+        snprintf(buf, len, "model.language_model.%s", name + 6);
+    else if (ck->spec.saved_names)
+        snprintf(buf, len, "%s", name); /* lm_head.weight */
+    else
+        snprintf(buf, len, "language_model.%s", name);
+    return buf;
+}
+
 static void write_shard(const TinyCheckpoint *ck, const char *path, int first, int end)
 {
+    char stored[200];
     cJSON *header = cJSON_CreateObject();
     cJSON *meta = cJSON_AddObjectToObject(header, "__metadata__");
     cJSON_AddStringToObject(meta, "format", "pt");
@@ -307,8 +333,8 @@ static void write_shard(const TinyCheckpoint *ck, const char *path, int first, i
     for (int i = first; i < end; i++) {
         const TinyTensor *t = &ck->tensors[i];
         if (!t->qbits) {
-            add_entry(header, t->name, t->n_dims, t->shape, 0, ck->spec.dtype, t->values, NULL,
-                      &data, &at);
+            add_entry(header, file_name(ck, t->name, stored, sizeof stored), t->n_dims, t->shape,
+                      0, ck->spec.dtype, t->values, NULL, &data, &at);
             continue;
         }
         /* NAME.weight (packed), NAME.scales, NAME.biases */
@@ -333,10 +359,15 @@ static void write_shard(const TinyCheckpoint *ck, const char *path, int first, i
 static void write_config(const TinyCheckpoint *ck, const char *dir)
 {
     const TinyCheckpointSpec *s = &ck->spec;
-    cJSON *c = cJSON_CreateObject();
-    cJSON *archs = cJSON_AddArrayToObject(c, "architectures");
+    cJSON *top = cJSON_CreateObject(), *c = top;
+    cJSON *archs = cJSON_AddArrayToObject(top, "architectures");
     cJSON_AddItemToArray(archs, cJSON_CreateString(s->architecture));
-    cJSON_AddStringToObject(c, "hidden_act", "silu");
+    if (!strcmp(s->architecture, "Gemma3ForConditionalGeneration"))
+        c = cJSON_AddObjectToObject(top, "text_config");
+    if (tiny_is_gemma(s))
+        cJSON_AddStringToObject(c, "hidden_activation", "gelu_pytorch_tanh");
+    else
+        cJSON_AddStringToObject(c, "hidden_act", "silu");
     cJSON_AddNumberToObject(c, "hidden_size", s->hidden_size);
     cJSON_AddNumberToObject(c, "intermediate_size", s->intermediate_size);
     cJSON_AddNumberToObject(c, "num_hidden_layers", s->n_layers);
@@ -356,6 +387,30 @@ static void write_config(const TinyCheckpoint *ck, const char *dir)
         cJSON_AddNumberToObject(c, "eos_token_id", s->eos_token_id);
     if (s->sliding_window > 0)
         cJSON_AddNumberToObject(c, "sliding_window", s->sliding_window);
+    if (s->use_sliding_window) {
+        cJSON_AddBoolToObject(c, "use_sliding_window", 1);
+        cJSON_AddNumberToObject(c, "max_window_layers", s->max_window_layers);
+    }
+    if (s->sliding_window_pattern > 0)
+        cJSON_AddNumberToObject(c, "sliding_window_pattern", s->sliding_window_pattern);
+    if (s->layer_types) {
+        cJSON *types = cJSON_Parse(s->layer_types);
+        if (!types)
+            fail_msg("tiny_ckpt: layer_types is not JSON: %s", s->layer_types);
+        cJSON_AddItemToObject(c, "layer_types", types);
+    }
+    const struct {
+        const char *key;
+        double value;
+    } gemma_keys[] = {{"query_pre_attn_scalar", s->query_pre_attn_scalar},
+                      {"attn_logit_softcapping", s->attn_softcap},
+                      {"final_logit_softcapping", s->final_softcap},
+                      {"rope_local_base_freq", s->rope_local_base_freq}};
+    for (size_t i = 0; i < sizeof gemma_keys / sizeof gemma_keys[0]; i++)
+        if (gemma_keys[i].value > 0)
+            cJSON_AddNumberToObject(c, gemma_keys[i].key, gemma_keys[i].value);
+        else if (gemma_keys[i].value < 0)
+            cJSON_AddNullToObject(c, gemma_keys[i].key);
     if (s->quant_bits > 0) {
         cJSON *q = cJSON_AddObjectToObject(c, "quantization");
         cJSON_AddNumberToObject(q, "group_size", s->quant_group);
@@ -365,6 +420,12 @@ static void write_config(const TinyCheckpoint *ck, const char *dir)
         cJSON_AddNumberToObject(head, "bits", 8);
         cJSON_AddFalseToObject(q, "model.layers.0.mlp.down_proj");
     }
+    if (s->rope_parameters) {
+        cJSON *params = cJSON_Parse(s->rope_parameters);
+        if (!params)
+            fail_msg("tiny_ckpt: rope_parameters is not JSON: %s", s->rope_parameters);
+        cJSON_AddItemToObject(c, "rope_parameters", params);
+    }
     if (s->rope_scaling) {
         cJSON *scaling = cJSON_Parse(s->rope_scaling);
         if (!scaling)
@@ -373,12 +434,12 @@ static void write_config(const TinyCheckpoint *ck, const char *dir)
     } else {
         cJSON_AddNullToObject(c, "rope_scaling");
     }
-    char *text = cJSON_Print(c);
+    char *text = cJSON_Print(top);
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", dir);
     write_file(path, text, strlen(text));
     cJSON_free(text);
-    cJSON_Delete(c);
+    cJSON_Delete(top);
 }
 
 TinyCheckpoint *tiny_ckpt_write(const char *dir, const TinyCheckpointSpec *spec)

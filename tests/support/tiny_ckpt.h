@@ -24,9 +24,22 @@ typedef struct {
     int n_shards;             /* 1: model.safetensors; 2: index + two shards */
     int unaligned;            /* header not padded: F32 data lands at odd offsets */
     const char *rope_scaling; /* JSON object text for "rope_scaling", or NULL */
+    const char *rope_parameters; /* JSON object text for "rope_parameters", or NULL */
     int max_position_embeddings;
     int eos_token_id;         /* -1: none */
     int sliding_window;       /* written to config.json when > 0 (Mistral: every layer) */
+    /* Per-layer windows: Qwen2/Qwen3 use_sliding_window with max_window_layers (written when
+     * use_sliding_window), Gemma 3's sliding_window_pattern (written when > 0), and layer_types
+     * as the JSON list text (written when not NULL). */
+    int use_sliding_window, max_window_layers, sliding_window_pattern;
+    const char *layer_types;
+    /* Gemma2ForCausalLM / Gemma3ForCausalLM / Gemma3ForConditionalGeneration: norms stored as
+     * offsets from 1 (sd 0.1 around 0), pre- and post-feed-forward norms, q/k norms (Gemma 3),
+     * config keys hidden_activation and those below (written when > 0; the soft-capping keys
+     * written as null when < 0). The multimodal one nests the config under text_config and
+     * stores the tensors under "language_model." (as Google publishes them). */
+    double query_pre_attn_scalar, attn_softcap, final_softcap, rope_local_base_freq;
+    int saved_names; /* multimodal: "model.language_model." as transformers 4.52+ saves it */
     /* MLX affine quantization (mlx-lm's layout: U32 packed weight, F16 scales and biases) of the
      * embedding and every projection at quant_bits (2, 4 or 8) in groups of quant_group, when
      * quant_bits > 0; lm_head at 8 bits through a per-module entry of config.json's
@@ -50,6 +63,9 @@ typedef struct {
     int n_tensors;
     TinyTensor *tensors;
 } TinyCheckpoint;
+
+/* Whether the spec's architecture is a Gemma (Gemma2ForCausalLM, Gemma3...). */
+int tiny_is_gemma(const TinyCheckpointSpec *s);
 
 /* 2 layers, hidden 64, 4 heads, 2 KV heads, head_dim 16, intermediate 96, vocab 300, F32,
  * Llama, theta 10000, eps 1e-5, one file, seed 1. */

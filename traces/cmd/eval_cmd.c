@@ -388,12 +388,9 @@ static PolicySpec *prompt_policies(const EvalJob *job, const EvalPrompt *p, int 
 static int eval_prompt(EvalJob *job, int pi, int32_t *tokens, KvErr *err)
 {
     const EvalPrompt *p = &job->prompts[pi];
-    char origin[4400];
-    snprintf(origin, sizeof origin, "prompt %s", p->name);
     EvalPrefill *pf = eval_prefill(job->model, &p->tokens, p->markup.last_segment, job->max_new,
-                                   job->rc->engine.history, origin, err);
-    if (!pf)
-        return -1;
+                                   job->rc->engine.history);
+    eval_set_sliding_layers(pf, job->rc->engine.sliding_layers);
     AnswerWatch watch = {job->tok, tokens, job->max_new, p->answers};
     EvalHooks hooks = {.user = &watch, .on_token = answer_complete};
     EvalAnswer *ans = kv_calloc((size_t)p->n_questions, sizeof *ans);

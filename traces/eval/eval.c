@@ -19,6 +19,7 @@ struct EvalPrefill {
     const Model *model;
     const PromptTokens *prompt;
     RunHistory history;
+    SlidingLayers sliding; /* the policies on sliding-window layers (default skip) */
     int last_segment;
     int n_prompt, max_new; /* P: the first span, prefilled once */
     int n_questions;
@@ -32,6 +33,11 @@ struct EvalPrefill {
     float *full_attn;     /* [Hq][T]: the current query's true attention, for oracles */
     SpanSlots *span;      /* [n_kv_heads]: a persisted span's slots (span_slots) */
 };
+
+void eval_set_sliding_layers(EvalPrefill *pf, SlidingLayers sliding)
+{
+    pf->sliding = sliding;
+}
 
 int eval_questions(const PromptTokens *prompt)
 {
@@ -69,16 +75,11 @@ static void reset_run_meta(EvalPrefill *pf)
 }
 
 EvalPrefill *eval_prefill(const Model *model, const PromptTokens *prompt, int last_segment,
-                          int max_new, RunHistory history, const char *origin, KvErr *err)
+                          int max_new, RunHistory history)
 {
     const ModelConfig *c = &model->config;
     int P = prompt->n_prompt, Q = eval_questions(prompt);
     int T = prompt->n_tokens + Q * max_new;
-    if (c->sliding_window && T > c->sliding_window) {
-        kv_fail(err, "%s: %d tokens with the answers: longer than the model's sliding_window %d "
-                "(not supported)", origin, T, c->sliding_window);
-        return NULL;
-    }
     size_t D = (size_t)c->head_dim, Hq = (size_t)c->n_q_heads;
     EvalPrefill *pf = kv_calloc(1, sizeof *pf);
     pf->model = model;
@@ -163,8 +164,8 @@ static void true_attention(EvalPrefill *pf, const LayerView *L, int t)
     for (int h = 0; h < L->n_q_heads; h++) {
         float *row = pf->full_attn + (size_t)h * T;
         attention_block(L->q + ((size_t)h * T + t) * D, 1, t,
-                        L->k + (size_t)(h / L->group) * T * D, NULL, D, L->attn_scale, L->window,
-                        row, T, NULL, &row_max, &row_z);
+                        L->k + (size_t)(h / L->group) * T * D, NULL, D, L->attn_scale, L->attn_softcap,
+                        L->window, row, T, NULL, &row_max, &row_z);
         memset(row + t + 1, 0, (size_t)(T - t - 1) * sizeof(float));
     }
 }
@@ -319,7 +320,8 @@ static int prefill_instances(EvalPrefill *pf, const PolicySpec *spec, uint64_t r
 {
     int n_layers = pf->model->config.n_layers;
     for (int l = 0; l < n_layers; l++) {
-        int ready = driver_create(&drv[l], &pf->layers[l], spec, 1, run_seed, kv_bits, true, err);
+        int ready = driver_create(&drv[l], &pf->layers[l], spec, 1, run_seed, kv_bits,
+                                  pf->sliding, true, err);
         if (ready != 0) {
             while (l-- > 0)
                 driver_free(&drv[l]);

@@ -52,6 +52,10 @@
 
 typedef struct EvalPrefill EvalPrefill;
 
+/* What the policies do on the model's sliding-window layers ([run] sliding_layers,
+ * sim/driver/driver.h); skip unless set. */
+void eval_set_sliding_layers(EvalPrefill *pf, SlidingLayers sliding);
+
 /* The questions of a prompt: its generation points (PROMPT_GENERATE spans), then the final
  * generation after the last input token. */
 int eval_questions(const PromptTokens *prompt);
@@ -60,10 +64,10 @@ int eval_questions(const PromptTokens *prompt);
  * full cache, keeping every layer's Q, for runs of the rest of the prompt with up to max_new
  * (>= 1) tokens generated at each question; history says what a later prefill span starts from.
  * prompt is kept (not copied) until eval_prefill_free. last_segment: the segment the final
- * generation continues (PromptMarkup.last_segment). origin names the prompt in errors (a run
- * longer than the model's sliding window). */
+ * generation continues (PromptMarkup.last_segment). Runs of any length (a sliding-window
+ * layer's attention is its window). */
 EvalPrefill *eval_prefill(const Model *model, const PromptTokens *prompt, int last_segment,
-                          int max_new, RunHistory history, const char *origin, KvErr *err);
+                          int max_new, RunHistory history);
 void eval_prefill_free(EvalPrefill *pf);
 
 typedef struct {

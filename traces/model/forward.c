@@ -81,15 +81,35 @@ const float *run_state_values(const RunState *s, int layer, int kv_head)
            ((size_t)layer * c->n_kv_heads + kv_head) * s->max_tokens * c->head_dim;
 }
 
-/* out[i] = x[i] / sqrt(mean(x^2) + eps) * weight[i]; the mean accumulates in double. */
-static void rmsnorm(float *out, const float *x, const float *weight, int size, double eps)
+/* out[i] = x[i] / sqrt(mean(x^2) + eps) * (unit + weight[i]); the mean accumulates in double.
+ * unit is the model's norm_unit_offset: 0, or 1 where the weights are stored as offsets from 1
+ * (Gemma's RMSNorm, x * (1 + w)). */
+static void rmsnorm(float *out, const float *x, const float *weight, int size, double eps,
+                    float unit)
 {
     double sum_squares = 0;
     for (int i = 0; i < size; i++)
         sum_squares += (double)x[i] * x[i];
     float inv_rms = (float)(1.0 / sqrt(sum_squares / size + eps));
     for (int i = 0; i < size; i++)
-        out[i] = weight[i] * (x[i] * inv_rms);
+        out[i] = (unit + weight[i]) * (x[i] * inv_rms);
+}
+
+/* The model's RMSNorm of n rows of the hidden state, x [n][hidden] into out. */
+static void norm_rows(const RunState *s, float *out, const float *x, const float *weight, int n)
+{
+    const ModelConfig *c = &s->model->config;
+    for (int t = 0; t < n; t++)
+        rmsnorm(out + (size_t)t * c->hidden_size, x + (size_t)t * c->hidden_size, weight,
+                c->hidden_size, c->rms_norm_eps, (float)c->norm_unit_offset);
+}
+
+/* The layer's logit soft-capping (geometry: Gemma 2) over row[first, end); none when 0. */
+static void softcap_row(float *row, int first, int end, double cap)
+{
+    if (cap > 0)
+        for (int j = first; j < end; j++)
+            row[j] = softcap_logitf(row[j], (float)cap);
 }
 
 /* out [n][out_dim] = x [n][in_dim] . W^T (+ bias), W [out_dim][in_dim] as HF stores it. */
@@ -122,7 +142,8 @@ static LayerGeometry layer_geometry(const RunState *s, int layer)
 {
     const TraceModel *g = &s->geometry;
     return (LayerGeometry){
-        .attn_scale = g->attn_scale, .window = g->window[layer], .rope_layout = g->rope_layout,
+        .attn_scale = g->attn_scale, .attn_softcap = g->attn_softcap,
+        .window = g->window[layer], .rope_layout = g->rope_layout,
         .head_dim = g->head_dim,
         .rope_inv_freq = g->rope_inv_freq + (size_t)layer * (size_t)(g->head_dim / 2),
     };
@@ -161,7 +182,7 @@ static void norm_and_rotate(RunState *s, float *heads, int n_heads, int n, const
         for (int t = 0; t < n; t++) {
             float *x = heads + ((size_t)h * n + t) * D;
             if (norm)
-                rmsnorm(x, x, norm, D, c->rms_norm_eps);
+                rmsnorm(x, x, norm, D, c->rms_norm_eps, (float)c->norm_unit_offset);
             const double *cosines = s->rope_cos + (size_t)t * half;
             const double *sines = s->rope_sin + (size_t)t * half;
             for (int f = 0; f < half; f++) {
@@ -229,9 +250,12 @@ static void attention(RunState *s, int layer, int t0, int n, const ForwardObserv
         else
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n_keys, D, scale, q, D, keys,
                         D, 0.0f, s->scores, n_keys);
-        for (int i = 0; i < n; i++)
-            causal_softmax(s->scores + (size_t)i * n_keys, attn_first_key(geom.window, t0 + i),
-                           t0 + i + 1, n_keys);
+        for (int i = 0; i < n; i++) {
+            float *row = s->scores + (size_t)i * n_keys;
+            int first = attn_first_key(geom.window, t0 + i);
+            softcap_row(row, first, t0 + i + 1, geom.attn_softcap);
+            causal_softmax(row, first, t0 + i + 1, n_keys);
+        }
         for (int w = 0; w < n_wanted; w++)
             memcpy(s->probs + ((size_t)w * Hq + h) * n_keys,
                    s->scores + (size_t)(wanted_first + w) * n_keys, n_keys * sizeof(float));
@@ -263,7 +287,9 @@ static void attention_selected(RunState *s, int layer, const CacheSelector *sel)
 {
     const ModelConfig *c = &s->model->config;
     int D = c->head_dim, Hq = c->n_q_heads, Hkv = c->n_kv_heads, group = Hq / Hkv;
-    float scale = (float)layer_geometry(s, layer).attn_scale;
+    LayerGeometry geom = layer_geometry(s, layer);
+    float scale = (float)geom.attn_scale;
+    int first = attn_first_key(geom.window, s->n_cached); /* the new token's window */
     SlotList slots[Hkv];
     size_t total = 0, most = 0;
     for (int g = 0; g < Hkv; g++) {
@@ -303,6 +329,21 @@ static void attention_selected(RunState *s, int layer, const CacheSelector *sel)
             }
             cblas_sgemv(CblasRowMajor, CblasNoTrans, n, D, scale, keys, D,
                         s->q_heads + (size_t)h * D, 1, 0.0f, probs_at, 1);
+            softcap_row(probs_at, 0, n, geom.attn_softcap);
+            /* A position before the layer's window gets no attention, as in the model and in
+             * the replay's metrics (a policy may still hold it); a synthetic slot (no position)
+             * is attended. */
+            int visible = n;
+            for (int j = 0; j < n; j++)
+                if (slots[g].pos[j] >= 0 && slots[g].pos[j] < first) {
+                    probs_at[j] = -INFINITY;
+                    visible--;
+                }
+            if (visible == 0) {
+                memset(probs_at, 0, (size_t)n * sizeof(float));
+                memset(out, 0, (size_t)D * sizeof(float));
+                continue;
+            }
             causal_softmax(probs_at, 0, n, n);
             cblas_sgemv(CblasRowMajor, CblasTrans, n, D, 1.0f, values, D, probs_at, 1, 0.0f, out,
                         1);
@@ -312,10 +353,20 @@ static void attention_selected(RunState *s, int layer, const CacheSelector *sel)
         sel->on_attention(sel->user, layer, probs);
 }
 
-static void swiglu(float *gate, const float *up, size_t n)
+/* The gated MLP's activation, gate = act(gate) * up: SiLU (SwiGLU), or, with gelu_tanh, HF's
+ * gelu_pytorch_tanh, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (GeGLU, Gemma). */
+static void gated_activation(float *gate, const float *up, size_t n, int gelu_tanh)
 {
-    for (size_t i = 0; i < n; i++)
-        gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    if (!gelu_tanh) {
+        for (size_t i = 0; i < n; i++)
+            gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        return;
+    }
+    const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+    for (size_t i = 0; i < n; i++) {
+        float x = gate[i];
+        gate[i] = 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x))) * up[i];
+    }
 }
 
 static void add_into(float *dst, const float *src, size_t n)
@@ -332,9 +383,7 @@ static void layer_forward(RunState *s, int layer, int t0, int n, const ForwardOb
     int hidden = c->hidden_size, D = c->head_dim;
     int q_dim = c->n_q_heads * D, kv_dim = c->n_kv_heads * D;
 
-    for (int t = 0; t < n; t++)
-        rmsnorm(s->normed + (size_t)t * hidden, s->residual + (size_t)t * hidden, w->input_norm,
-                hidden, c->rms_norm_eps);
+    norm_rows(s, s->normed, s->residual, w->input_norm, n);
     linear(s->q_proj, s->normed, w->wq, w->bq, n, hidden, q_dim);
     linear(s->k_proj, s->normed, w->wk, w->bk, n, hidden, kv_dim);
     linear(s->v_proj, s->normed, w->wv, w->bv, n, hidden, kv_dim);
@@ -356,15 +405,17 @@ static void layer_forward(RunState *s, int layer, int t0, int n, const ForwardOb
     else
         attention(s, layer, t0, n, obs);
     linear(s->normed, s->attn_out, w->wo, w->bo, n, q_dim, hidden);
+    if (w->attn_out_norm) /* sandwich norm (Gemma) */
+        norm_rows(s, s->normed, s->normed, w->attn_out_norm, n);
     add_into(s->residual, s->normed, (size_t)n * hidden);
 
-    for (int t = 0; t < n; t++)
-        rmsnorm(s->normed + (size_t)t * hidden, s->residual + (size_t)t * hidden,
-                w->post_attention_norm, hidden, c->rms_norm_eps);
+    norm_rows(s, s->normed, s->residual, w->post_attention_norm, n);
     linear(s->gate, s->normed, w->w_gate, NULL, n, hidden, c->intermediate_size);
     linear(s->up, s->normed, w->w_up, NULL, n, hidden, c->intermediate_size);
-    swiglu(s->gate, s->up, (size_t)n * c->intermediate_size);
+    gated_activation(s->gate, s->up, (size_t)n * c->intermediate_size, c->gelu_tanh);
     linear(s->normed, s->gate, w->w_down, NULL, n, c->intermediate_size, hidden);
+    if (w->mlp_out_norm)
+        norm_rows(s, s->normed, s->normed, w->mlp_out_norm, n);
     add_into(s->residual, s->normed, (size_t)n * hidden);
 }
 
@@ -377,6 +428,9 @@ static const float *forward_chunk(RunState *s, const int32_t *tokens, int n, int
     for (int t = 0; t < n; t++)
         memcpy(s->residual + (size_t)t * hidden, w->token_embedding + (size_t)tokens[t] * hidden,
                (size_t)hidden * sizeof(float));
+    if (c->embed_scale != 1.0) /* Gemma: times sqrt(hidden_size), in float32 as HF's F32 model */
+        for (size_t i = 0; i < (size_t)n * hidden; i++)
+            s->residual[i] *= (float)c->embed_scale;
     s->rope_tables_layer = -1; /* new positions */
     for (int layer = 0; layer < c->n_layers; layer++) {
         rope_tables(s, layer, t0, n);
@@ -385,9 +439,9 @@ static const float *forward_chunk(RunState *s, const int32_t *tokens, int n, int
     s->n_cached += n;
     if (!want_logits)
         return NULL;
-    rmsnorm(s->normed, s->residual + (size_t)(n - 1) * hidden, w->final_norm, hidden,
-            c->rms_norm_eps);
+    norm_rows(s, s->normed, s->residual + (size_t)(n - 1) * hidden, w->final_norm, 1);
     linear(s->logits, s->normed, w->lm_head, NULL, 1, hidden, c->vocab_size);
+    softcap_row(s->logits, 0, c->vocab_size, c->final_softcap);
     return s->logits;
 }
 

@@ -6,11 +6,15 @@
  * matrix-vector products. Every product goes through OpenBLAS CBLAS. Memory is the weights, the
  * KV cache for max_tokens tokens and one chunk's activations.
  *
- * The math is HF's for the supported architectures (traces/model/model.h): pre-norm RMSNorm, q/k/v
- * projections (+ bias), per-head q/k RMSNorm (Qwen3), RoPE in the rotate_half layout at
- * positions 0, 1, 2, ..., softmax(attn_scale · q·k) over the keys the layer's geometry lets the
- * query attend (model_describe: every earlier key, or the last sliding_window of them), o
- * projection, residual, RMSNorm, SwiGLU MLP, residual; final RMSNorm and the LM head.
+ * The math is HF's for the supported architectures (traces/model/model.h): embeddings (times
+ * embed_scale, Gemma), pre-norm RMSNorm (by (1 + w) for Gemma), q/k/v projections (+ bias),
+ * per-head q/k RMSNorm (Qwen3, Gemma 3), RoPE in the rotate_half layout at positions 0, 1, 2,
+ * ..., with each layer's frequencies, softmax(attn_scale · q·k) (soft-capped, Gemma 2) over the
+ * keys the layer's geometry lets the query attend (model_describe: every earlier key, or the last
+ * sliding_window of them), o projection (normed, Gemma), residual, RMSNorm, gated MLP (SwiGLU,
+ * or GeGLU for Gemma; output normed, Gemma), residual; final RMSNorm, the LM head and the final
+ * soft-capping (Gemma 2). Which of these apply is the model's flags and parameters (ModelConfig),
+ * never its architecture's name.
  *
  * An observer sees what a trace stores, as it is computed: each layer's post-RoPE Q/K/V of the
  * chunk and, at the positions it asks for, the softmax probabilities of the attention itself. */
@@ -45,8 +49,9 @@ typedef struct {
 } SlotList;
 
 /* Restricts each layer's attention of a decode step to slot lists, per KV head: the slots are
- * attended as given, whatever the layer's window (a caller keeps a run within the window, or
- * gives only slots inside it). In each layer
+ * attended as given, except that a slot holding a position before the layer's window gets
+ * probability 0 (as the model, and the replay's metrics, give it; the output is zero when no
+ * slot is left). In each layer
  * the new token's K/V are written to the cache at its position and ForwardObserver.on_qkv is
  * called first (a caller can decide the slots from them), then slots() for every KV head, then
  * on_attention() with what each query head really attended. */

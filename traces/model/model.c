@@ -24,9 +24,11 @@ static const double PI = 3.14159265358979323846;
 
 typedef struct {
     const char *path;
-    const cJSON *root;
+    const cJSON *root; /* the model's keys: config.json, or its text_config (multimodal Gemma 3) */
     KvErr *err;
     const char *rope_key; /* "rope_scaling" or "rope_parameters", for messages */
+    const cJSON *top;     /* config.json's object */
+    const char *key_prefix; /* "" or "text_config.", for messages about root's keys */
 } ConfigReader;
 
 static const cJSON *config_item(const cJSON *obj, const char *key)
@@ -98,11 +100,24 @@ static int parse_architecture(ConfigReader *r, ModelConfig *cfg)
     } known[] = {{"LlamaForCausalLM", ARCH_LLAMA},
                  {"MistralForCausalLM", ARCH_MISTRAL},
                  {"Qwen2ForCausalLM", ARCH_QWEN2},
-                 {"Qwen3ForCausalLM", ARCH_QWEN3}};
+                 {"Qwen3ForCausalLM", ARCH_QWEN3},
+                 {"Gemma2ForCausalLM", ARCH_GEMMA2},
+                 {"Gemma3ForCausalLM", ARCH_GEMMA3},
+                 {"Gemma3ForConditionalGeneration", ARCH_GEMMA3}};
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
         if (!strcmp(first->valuestring, known[i].name)) {
             cfg->arch = known[i].arch;
             snprintf(cfg->architecture, sizeof cfg->architecture, "%s", known[i].name);
+            /* The multimodal checkpoint: its language model's keys are under text_config (the
+             * vision tower is not loaded). */
+            if (!strcmp(known[i].name, "Gemma3ForConditionalGeneration")) {
+                const cJSON *text = config_item(r->root, "text_config");
+                if (!cJSON_IsObject(text))
+                    return kv_fail(r->err, "%s: key 'text_config' missing (expected the text "
+                                   "model's config as an object)", r->path);
+                r->root = text;
+                r->key_prefix = "text_config.";
+            }
             return 0;
         }
     char name[128];
@@ -146,16 +161,43 @@ static int parse_yarn(ConfigReader *r, const cJSON *scaling, ModelConfig *cfg)
 }
 
 /* rope_scaling (or transformers 5's rope_parameters): the type under "rope_type" or "type". */
-static int parse_rope(ConfigReader *r, ModelConfig *cfg)
+/* transformers 5's rope_parameters per layer type (Gemma 3: {"full_attention": {...},
+ * "sliding_attention": {...}}): the global layers' object in *params, the sliding layers' base
+ * in rope_local_theta (their RoPE must be unscaled, as Gemma 3's local one is). */
+static int parse_rope_by_layer_type(ConfigReader *r, ModelConfig *cfg, const cJSON **params)
+{
+    const cJSON *full = config_item(*params, "full_attention");
+    const cJSON *local = config_item(*params, "sliding_attention");
+    if (!full && !local)
+        return 0;
+    if (!cJSON_IsObject(full) || (local && !cJSON_IsObject(local)))
+        return kv_fail(r->err, "%s: key 'rope_parameters': per layer type, 'full_attention' (and "
+                       "'sliding_attention') must be objects", r->path);
+    *params = full;
+    if (!local)
+        return 0;
+    const cJSON *type = config_item(local, "rope_type");
+    if (type && !(cJSON_IsString(type) && !strcmp(type->valuestring, "default")))
+        return kv_fail(r->err, "%s: key 'rope_parameters.sliding_attention.rope_type': only "
+                       "\"default\" is supported", r->path);
+    if (cfg->arch != ARCH_GEMMA3)
+        return kv_fail(r->err, "%s: key 'rope_parameters.sliding_attention': a separate RoPE for "
+                       "sliding layers is supported for Gemma 3 only", r->path);
+    return config_double(r, local, "rope_theta", 0, &cfg->rope_local_theta);
+}
+
+static int parse_rope(ConfigReader *r, ModelConfig *cfg, double default_theta)
 {
     const cJSON *params = config_item(r->root, "rope_parameters");
+    if (cJSON_IsObject(params) && parse_rope_by_layer_type(r, cfg, &params) != 0)
+        return -1;
     const cJSON *scaling = config_item(r->root, "rope_scaling");
     r->rope_key = "rope_scaling";
     if (!scaling && cJSON_IsObject(params)) {
         scaling = params;
         r->rope_key = "rope_parameters";
     }
-    if (config_double(r, r->root, "rope_theta", 10000.0, &cfg->rope_theta) != 0)
+    if (config_double(r, r->root, "rope_theta", default_theta, &cfg->rope_theta) != 0)
         return -1;
     if (cJSON_IsObject(params) && config_item(params, "rope_theta") &&
         config_double(r, params, "rope_theta", -1, &cfg->rope_theta) != 0)
@@ -220,7 +262,10 @@ static int is_token_id(const cJSON *item)
 static int parse_special_tokens(ConfigReader *r, ModelConfig *cfg)
 {
     cfg->bos_token_id = -1;
+    /* A multimodal config may state them beside text_config rather than in it. */
     const cJSON *bos = config_item(r->root, "bos_token_id");
+    if (!bos)
+        bos = config_item(r->top, "bos_token_id");
     if (cJSON_IsNumber(bos)) {
         if (!is_token_id(bos))
             return kv_fail(r->err, "%s: key 'bos_token_id' must be a token id (a non-negative "
@@ -228,6 +273,8 @@ static int parse_special_tokens(ConfigReader *r, ModelConfig *cfg)
         cfg->bos_token_id = bos->valueint;
     }
     const cJSON *eos = config_item(r->root, "eos_token_id");
+    if (!eos)
+        eos = config_item(r->top, "eos_token_id");
     if (!eos)
         return 0;
     int n = cJSON_IsArray(eos) ? cJSON_GetArraySize(eos) : 1;
@@ -313,22 +360,180 @@ static int check_rope(ConfigReader *r, const ModelConfig *cfg)
     return rc;
 }
 
+/* ---- Sliding-window layers ---- */
+
+/* layer_types (transformers 4.53+): "sliding_attention" or "full_attention" per layer, into
+ * listed[]; returns 1 when the config has the key, 0 when not, -1 on an error. */
+static int parse_layer_types(ConfigReader *r, const ModelConfig *cfg, unsigned char *listed)
+{
+    const cJSON *types = config_item(r->root, "layer_types");
+    if (!types)
+        return 0;
+    if (!cJSON_IsArray(types) || cJSON_GetArraySize(types) != cfg->n_layers)
+        return kv_fail(r->err, "%s: key '%slayer_types' must be a list of %d entries (one per "
+                       "layer, num_hidden_layers)", r->path, r->key_prefix, cfg->n_layers);
+    for (int l = 0; l < cfg->n_layers; l++) {
+        const cJSON *t = cJSON_GetArrayItem(types, l);
+        int sliding = cJSON_IsString(t) && !strcmp(t->valuestring, "sliding_attention");
+        if (!sliding && !(cJSON_IsString(t) && !strcmp(t->valuestring, "full_attention")))
+            return kv_fail(r->err, "%s: key '%slayer_types' entry %d must be \"sliding_attention\" "
+                           "or \"full_attention\"", r->path, r->key_prefix, l);
+        listed[l] = (unsigned char)sliding;
+    }
+    return 1;
+}
+
+/* Each layer's window (ModelConfig.layer_sliding): the architecture's rule from its keys, as
+ * transformers' configuration classes derive their default layer_types (configuration_qwen2.py,
+ * configuration_gemma2.py, configuration_gemma3.py); a layer_types list given beside keys that
+ * state a rule must agree with it. */
+static int parse_layer_windows(ConfigReader *r, ModelConfig *cfg)
+{
+    int L = cfg->n_layers, gemma = cfg->arch == ARCH_GEMMA2 || cfg->arch == ARCH_GEMMA3;
+    int qwen = cfg->arch == ARCH_QWEN2 || cfg->arch == ARCH_QWEN3;
+    /* Llama has no sliding layers (its configs' sliding_window, if any, is unused by HF). */
+    int use_sliding = cfg->arch != ARCH_LLAMA, max_window_layers = 0, pattern = 0;
+    /* The key whose rule layer_types must agree with, NULL: none states one. */
+    const char *rule_key = NULL;
+    if (qwen) {
+        if (config_bool(r, r->root, "use_sliding_window", 0, &use_sliding) != 0)
+            return -1;
+        /* Read only when it matters (checkpoints without sliding layers carry any value);
+         * 0 = every layer slides. */
+        const cJSON *mwl = config_item(r->root, "max_window_layers");
+        if (use_sliding && !(cJSON_IsNumber(mwl) && mwl->valuedouble == 0) &&
+            config_int(r, r->root, "max_window_layers", 28, &max_window_layers) != 0)
+            return -1;
+        if (use_sliding)
+            rule_key = "max_window_layers";
+    }
+    if (cfg->arch == ARCH_GEMMA3) {
+        if (config_item(r->root, "sliding_window_pattern"))
+            rule_key = "sliding_window_pattern";
+        if (config_int(r, r->root, "sliding_window_pattern", 6, &pattern) != 0)
+            return -1;
+    }
+    /* The window defaults to 4096 (Gemma2Config, Gemma3TextConfig, Qwen2Config); Mistral has
+     * none unless the key says so. Qwen's sliding_window counts only with use_sliding_window. */
+    if (use_sliding && config_int(r, r->root, "sliding_window", gemma || qwen ? 4096 : 0,
+                                  &cfg->sliding_window) != 0)
+        return -1;
+    if (!use_sliding)
+        cfg->sliding_window = 0;
+    if (cfg->sliding_window && L > MODEL_MAX_WINDOW_LAYERS)
+        return kv_fail(r->err, "%s: num_hidden_layers = %d with sliding-window layers: at most %d "
+                       "layers are supported", r->path, L, MODEL_MAX_WINDOW_LAYERS);
+    unsigned char rule[MODEL_MAX_WINDOW_LAYERS] = {0}, listed[MODEL_MAX_WINDOW_LAYERS] = {0};
+    for (int l = 0; l < L && cfg->sliding_window; l++)
+        rule[l] = cfg->arch == ARCH_GEMMA2   ? (l + 1) % 2 != 0
+                  : cfg->arch == ARCH_GEMMA3 ? (l + 1) % pattern != 0
+                  : qwen                     ? l >= max_window_layers
+                                             : 1;
+    int has_list = L <= MODEL_MAX_WINDOW_LAYERS ? parse_layer_types(r, cfg, listed) : 0;
+    if (has_list < 0)
+        return -1;
+    if (!has_list) {
+        memcpy(cfg->layer_sliding, rule, sizeof rule);
+        return 0;
+    }
+    int n_sliding = 0;
+    for (int l = 0; l < L; l++) {
+        if (rule_key && listed[l] != rule[l])
+            return kv_fail(r->err, "%s: key '%slayer_types' says layer %d is %s, but key '%s%s' "
+                           "makes it %s", r->path, r->key_prefix, l,
+                           listed[l] ? "sliding" : "global", r->key_prefix, rule_key,
+                           rule[l] ? "sliding" : "global");
+        n_sliding += listed[l];
+    }
+    if (n_sliding && !cfg->sliding_window)
+        return kv_fail(r->err, "%s: key '%slayer_types' lists sliding layers, but key "
+                       "'%ssliding_window' is missing or disabled", r->path, r->key_prefix,
+                       r->key_prefix);
+    memcpy(cfg->layer_sliding, listed, sizeof listed);
+    if (!n_sliding)
+        cfg->sliding_window = 0;
+    return 0;
+}
+
+/* ---- Gemma 2 and 3 ---- */
+
+/* A soft-capping key: null or absent (none), or a positive number. */
+static int config_softcap(ConfigReader *r, const char *key, double dflt, double *out)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(r->root, key);
+    if (item && cJSON_IsNull(item)) {
+        *out = 0;
+        return 0;
+    }
+    return config_double(r, r->root, key, dflt, out);
+}
+
+/* The parameters that make a Gemma (HF modeling_gemma2.py, modeling_gemma3.py): RMSNorm scaled
+ * by (1 + weight), norms around the attention and MLP outputs, GeGLU with the tanh GELU,
+ * embeddings times sqrt(hidden_size), attention scale query_pre_attn_scalar^-1/2, soft-capped
+ * logits (Gemma 2: attention and final logits; Gemma 3: final logits only, q/k norms and the
+ * local RoPE base rope_local_base_freq for sliding layers). */
+static int parse_gemma(ConfigReader *r, ModelConfig *cfg)
+{
+    int g3 = cfg->arch == ARCH_GEMMA3;
+    cfg->norm_unit_offset = cfg->sandwich_norms = cfg->gelu_tanh = 1;
+    cfg->embed_scale = sqrt((double)cfg->hidden_size);
+    cfg->qk_norm = g3;
+    const cJSON *act = config_item(r->root, "hidden_activation");
+    if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "gelu_pytorch_tanh") != 0))
+        return kv_fail(r->err, "%s: key '%shidden_activation' must be \"gelu_pytorch_tanh\" "
+                       "(GeGLU MLP)", r->path, r->key_prefix);
+    if (config_double(r, r->root, "query_pre_attn_scalar", 256, &cfg->query_pre_attn_scalar) != 0 ||
+        config_softcap(r, "final_logit_softcapping", g3 ? 0 : 30.0, &cfg->final_softcap) != 0 ||
+        config_softcap(r, "attn_logit_softcapping", g3 ? 0 : 50.0, &cfg->attn_softcap) != 0)
+        return -1;
+    /* transformers' Gemma 3 attention keeps attn_logit_softcapping but never applies it. */
+    if (g3 && cfg->attn_softcap > 0)
+        return kv_fail(r->err, "%s: key '%sattn_logit_softcapping': Gemma 3 does not apply "
+                       "attention soft-capping (expected null)", r->path, r->key_prefix);
+    if (g3) {
+        if (config_double(r, r->root, "rope_local_base_freq",
+                          cfg->rope_local_theta > 0 ? cfg->rope_local_theta : 10000.0,
+                          &cfg->rope_local_theta) != 0)
+            return -1;
+        if (cfg->rope_attention_factor != 1.0)
+            return kv_fail(r->err, "%s: key '%s': a RoPE attention factor (%g) would apply to "
+                           "the global layers only; not supported with Gemma 3's local base",
+                           r->path, r->rope_key, cfg->rope_attention_factor);
+    }
+    return 0;
+}
+
+/* Gemma's configuration classes give every size a default (Gemma2Config, Gemma3TextConfig): the
+ * multimodal Gemma 3 checkpoints leave most of them out of text_config. */
+typedef struct {
+    int heads, kv_heads, head_dim, vocab, tie;
+    double eps, theta;
+} ConfigDefaults;
+
 static int parse_config(ConfigReader *r, ModelConfig *cfg)
 {
     memset(cfg, 0, sizeof *cfg);
     if (!cJSON_IsObject(r->root))
         return kv_fail(r->err, "%s: not a JSON object", r->path);
-    if (parse_architecture(r, cfg) != 0 ||
-        config_int(r, r->root, "hidden_size", -1, &cfg->hidden_size) != 0 ||
+    if (parse_architecture(r, cfg) != 0)
+        return -1;
+    int gemma = cfg->arch == ARCH_GEMMA2 || cfg->arch == ARCH_GEMMA3;
+    ConfigDefaults d = {-1, 0, 0, -1, 0, -1, 10000.0};
+    if (gemma)
+        d = (ConfigDefaults){8, 4, 256, cfg->arch == ARCH_GEMMA3 ? 262208 : 256000, 1, 1e-6,
+                             cfg->arch == ARCH_GEMMA3 ? 1e6 : 10000.0};
+    if (config_int(r, r->root, "hidden_size", -1, &cfg->hidden_size) != 0 ||
         config_int(r, r->root, "intermediate_size", -1, &cfg->intermediate_size) != 0 ||
         config_int(r, r->root, "num_hidden_layers", -1, &cfg->n_layers) != 0 ||
-        config_int(r, r->root, "num_attention_heads", -1, &cfg->n_q_heads) != 0 ||
-        config_int(r, r->root, "num_key_value_heads", cfg->n_q_heads, &cfg->n_kv_heads) != 0 ||
-        config_int(r, r->root, "vocab_size", -1, &cfg->vocab_size) != 0 ||
-        config_double(r, r->root, "rms_norm_eps", -1, &cfg->rms_norm_eps) != 0 ||
+        config_int(r, r->root, "num_attention_heads", d.heads, &cfg->n_q_heads) != 0 ||
+        config_int(r, r->root, "num_key_value_heads", gemma ? d.kv_heads : cfg->n_q_heads,
+                   &cfg->n_kv_heads) != 0 ||
+        config_int(r, r->root, "vocab_size", d.vocab, &cfg->vocab_size) != 0 ||
+        config_double(r, r->root, "rms_norm_eps", d.eps, &cfg->rms_norm_eps) != 0 ||
         config_int(r, r->root, "max_position_embeddings", 0, &cfg->max_position_embeddings) != 0 ||
-        config_bool(r, r->root, "tie_word_embeddings", 0, &cfg->tie_word_embeddings) != 0 ||
-        parse_rope(r, cfg) != 0 || parse_special_tokens(r, cfg) != 0)
+        config_bool(r, r->root, "tie_word_embeddings", d.tie, &cfg->tie_word_embeddings) != 0 ||
+        parse_rope(r, cfg, d.theta) != 0 || parse_special_tokens(r, cfg) != 0)
         return -1;
     if (cfg->n_q_heads > CONFIG_MAX_HEADS || cfg->n_kv_heads > CONFIG_MAX_HEADS)
         return kv_fail(r->err, "%s: key '%s' must be at most %d", r->path,
@@ -338,8 +543,9 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
     if (cfg->n_q_heads % cfg->n_kv_heads != 0)
         return kv_fail(r->err, "%s: num_key_value_heads (%d) must divide num_attention_heads (%d)",
                        r->path, cfg->n_kv_heads, cfg->n_q_heads);
-    int default_head_dim = cfg->hidden_size / cfg->n_q_heads;
-    if (!config_item(r->root, "head_dim") && default_head_dim * cfg->n_q_heads != cfg->hidden_size)
+    int default_head_dim = gemma ? d.head_dim : cfg->hidden_size / cfg->n_q_heads;
+    if (!gemma && !config_item(r->root, "head_dim") &&
+        default_head_dim * cfg->n_q_heads != cfg->hidden_size)
         return kv_fail(r->err, "%s: key 'head_dim' missing and hidden_size (%d) is not a multiple "
                        "of num_attention_heads (%d)", r->path, cfg->hidden_size, cfg->n_q_heads);
     if (config_int(r, r->root, "head_dim", default_head_dim, &cfg->head_dim) != 0)
@@ -349,8 +555,9 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
                        cfg->head_dim);
     if (check_products(r, cfg) != 0)
         return -1;
+    cfg->embed_scale = 1.0;
     const cJSON *act = config_item(r->root, "hidden_act");
-    if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu") != 0))
+    if (!gemma && act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu") != 0))
         return kv_fail(r->err, "%s: key 'hidden_act' must be \"silu\" (SwiGLU MLP)", r->path);
     int attention_bias, mlp_bias;
     if (config_bool(r, r->root, "attention_bias", 0, &attention_bias) != 0 ||
@@ -368,21 +575,15 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
         cfg->qk_norm = 1;
         /* fallthrough */
     case ARCH_LLAMA:
+    case ARCH_GEMMA2:
+    case ARCH_GEMMA3:
         cfg->qkv_bias = cfg->o_bias = attention_bias;
         break;
     }
-    const cJSON *window = config_item(r->root, "sliding_window");
-    if (cfg->arch == ARCH_MISTRAL && window &&
-        config_int(r, r->root, "sliding_window", 0, &cfg->sliding_window) != 0)
+    if (gemma && parse_gemma(r, cfg) != 0)
         return -1;
-    if (cfg->arch == ARCH_QWEN2 || cfg->arch == ARCH_QWEN3) {
-        int use_sliding_window;
-        if (config_bool(r, r->root, "use_sliding_window", 0, &use_sliding_window) != 0)
-            return -1;
-        if (use_sliding_window)
-            return kv_fail(r->err, "%s: key 'use_sliding_window': sliding-window layers are not "
-                           "supported", r->path);
-    }
+    if (parse_layer_windows(r, cfg) != 0)
+        return -1;
     return check_rope(r, cfg);
 }
 
@@ -391,7 +592,7 @@ int model_config_load(const char *config_path, ModelConfig *cfg, KvErr *err)
     cJSON *root = json_load_file(config_path, JSON_OBJECT | JSON_UNIQUE_KEYS, err);
     if (!root)
         return -1;
-    ConfigReader r = {config_path, root, err, "rope_scaling"};
+    ConfigReader r = {config_path, root, err, "rope_scaling", root, ""};
     int rc = parse_config(&r, cfg);
     cJSON_Delete(root);
     return rc;
@@ -464,14 +665,15 @@ int64_t model_n_params(const ModelConfig *c)
         layer += H;
     if (c->qk_norm)
         layer += 2 * D;
+    if (c->sandwich_norms)
+        layer += 2 * H; /* the attention and MLP output norms */
     int64_t embed = (int64_t)c->vocab_size * H;
     return c->n_layers * layer + embed * (c->tie_word_embeddings ? 1 : 2) + H /* final norm */;
 }
 
 int model_layer_window(const ModelConfig *c, int layer)
 {
-    (void)layer; /* every supported architecture has the same window in all layers */
-    return c->sliding_window;
+    return layer < MODEL_MAX_WINDOW_LAYERS && c->layer_sliding[layer] ? c->sliding_window : 0;
 }
 
 void model_describe(const ModelConfig *c, int n_tokens, TraceModel *out)
@@ -480,7 +682,10 @@ void model_describe(const ModelConfig *c, int n_tokens, TraceModel *out)
     *out = (TraceModel){
         .rope_scaling = c->rope_scaling, .n_layers = c->n_layers, .n_q_heads = c->n_q_heads,
         .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim, .rope_theta = c->rope_theta,
-        .rope_layout = ROPE_HALF, .attn_scale = attn_scale_default(c->head_dim),
+        .rope_layout = ROPE_HALF,
+        .attn_scale = c->query_pre_attn_scalar > 0 ? 1.0 / sqrt(c->query_pre_attn_scalar)
+                                                   : attn_scale_default(c->head_dim),
+        .attn_softcap = c->attn_softcap,
         .rope_attention_factor = c->rope_attention_factor,
         .hidden_size = c->hidden_size, .intermediate_size = c->intermediate_size,
         .vocab_size = c->vocab_size, .n_params = model_n_params(c),
@@ -489,7 +694,10 @@ void model_describe(const ModelConfig *c, int n_tokens, TraceModel *out)
     out->rope_inv_freq = kv_malloc(L * F * sizeof *out->rope_inv_freq);
     for (size_t l = 0; l < L; l++) {
         out->window[l] = model_layer_window(c, (int)l);
-        model_rope_inv_freq(c, n_tokens, out->rope_inv_freq + l * F);
+        if (out->window[l] > 0 && c->rope_local_theta > 0) /* Gemma 3's local layers */
+            rope_default_inv_freq(c->rope_local_theta, c->head_dim, out->rope_inv_freq + l * F);
+        else
+            model_rope_inv_freq(c, n_tokens, out->rope_inv_freq + l * F);
     }
 }
 
@@ -502,6 +710,10 @@ typedef struct {
     const char *config_path;
     cJSON *config;       /* config.json, for its quantization object */
     const cJSON *quant;  /* "quantization" (or "quantization_config"), or NULL */
+    /* Where the language model's tensors are: "model." (…ForCausalLM), or in a multimodal
+     * Gemma 3 checkpoint "language_model.model." (as published) or "model.language_model."
+     * (as transformers 4.52+ saves it), lm_head beside: head_prefix "" or "language_model.". */
+    const char *prefix, *head_prefix;
 } WeightLoader;
 
 static void format_shape(const int64_t *shape, int n_dims, char *out, size_t outlen)
@@ -704,7 +916,7 @@ static int load_layer(WeightLoader *wl, int i, LayerWeights *lw)
     char name[256];
 #define LOAD(field, suffix, rows, cols)                                                     \
     do {                                                                                    \
-        snprintf(name, sizeof name, "model.layers.%d.%s", i, suffix);                      \
+        snprintf(name, sizeof name, "%slayers.%d.%s", wl->prefix, i, suffix);              \
         if (!(lw->field = load_tensor(wl, name, rows, cols)))                               \
             return -1;                                                                      \
     } while (0)
@@ -724,7 +936,13 @@ static int load_layer(WeightLoader *wl, int i, LayerWeights *lw)
         LOAD(q_norm, "self_attn.q_norm.weight", c->head_dim, 0);
         LOAD(k_norm, "self_attn.k_norm.weight", c->head_dim, 0);
     }
-    LOAD(post_attention_norm, "post_attention_layernorm.weight", c->hidden_size, 0);
+    if (c->sandwich_norms) { /* Gemma: HF's post_attention_layernorm norms the attention output */
+        LOAD(attn_out_norm, "post_attention_layernorm.weight", c->hidden_size, 0);
+        LOAD(post_attention_norm, "pre_feedforward_layernorm.weight", c->hidden_size, 0);
+        LOAD(mlp_out_norm, "post_feedforward_layernorm.weight", c->hidden_size, 0);
+    } else {
+        LOAD(post_attention_norm, "post_attention_layernorm.weight", c->hidden_size, 0);
+    }
     LOAD(w_gate, "mlp.gate_proj.weight", c->intermediate_size, c->hidden_size);
     LOAD(w_up, "mlp.up_proj.weight", c->intermediate_size, c->hidden_size);
     LOAD(w_down, "mlp.down_proj.weight", c->hidden_size, c->intermediate_size);
@@ -737,13 +955,30 @@ static int load_weights(WeightLoader *wl)
     Model *m = wl->model;
     const ModelConfig *c = &m->config;
     TransformerWeights *w = &m->weights;
-    if (!(w->token_embedding = load_tensor(wl, "model.embed_tokens.weight", c->vocab_size,
-                                           c->hidden_size)) ||
-        !(w->final_norm = load_tensor(wl, "model.norm.weight", c->hidden_size, 0)))
+    static const char *const prefixes[][2] = {{"model.", ""},
+                                              {"language_model.model.", "language_model."},
+                                              {"model.language_model.", ""}};
+    wl->prefix = prefixes[0][0];
+    wl->head_prefix = prefixes[0][1];
+    char name[128];
+    for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
+        snprintf(name, sizeof name, "%sembed_tokens.weight", prefixes[i][0]);
+        if (safetensors_find(m->checkpoint, name)) {
+            wl->prefix = prefixes[i][0];
+            wl->head_prefix = prefixes[i][1];
+            break;
+        }
+    }
+    snprintf(name, sizeof name, "%sembed_tokens.weight", wl->prefix);
+    if (!(w->token_embedding = load_tensor(wl, name, c->vocab_size, c->hidden_size)))
+        return -1;
+    snprintf(name, sizeof name, "%snorm.weight", wl->prefix);
+    if (!(w->final_norm = load_tensor(wl, name, c->hidden_size, 0)))
         return -1;
     /* The last layer first, so that a corrupt num_hidden_layers allocates nothing. */
-    char last[64];
-    snprintf(last, sizeof last, "model.layers.%d.input_layernorm.weight", c->n_layers - 1);
+    char last[96];
+    snprintf(last, sizeof last, "%slayers.%d.input_layernorm.weight", wl->prefix,
+             c->n_layers - 1);
     if (!safetensors_find(m->checkpoint, last))
         return kv_fail(wl->err, "%s: missing tensor '%s' (config.json has num_hidden_layers %d)",
                        wl->dir, last, c->n_layers);
@@ -751,9 +986,12 @@ static int load_weights(WeightLoader *wl)
     for (int i = 0; i < c->n_layers; i++)
         if (load_layer(wl, i, &w->layers[i]) != 0)
             return -1;
-    if (c->tie_word_embeddings)
+    if (c->tie_word_embeddings) {
         w->lm_head = w->token_embedding;
-    else if (!(w->lm_head = load_tensor(wl, "lm_head.weight", c->vocab_size, c->hidden_size)))
+        return 0;
+    }
+    snprintf(name, sizeof name, "%slm_head.weight", wl->head_prefix);
+    if (!(w->lm_head = load_tensor(wl, name, c->vocab_size, c->hidden_size)))
         return -1;
     return 0;
 }
@@ -768,7 +1006,7 @@ Model *model_load(const char *dir, KvErr *err)
         model_free(m);
         return NULL;
     }
-    WeightLoader wl = {m, dir, err, config_path, NULL, NULL};
+    WeightLoader wl = {m, dir, err, config_path, NULL, NULL, "model.", ""};
     if (!(wl.config = json_load_file(config_path, JSON_OBJECT | JSON_UNIQUE_KEYS, err))) {
         model_free(m);
         return NULL;

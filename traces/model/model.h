@@ -1,11 +1,17 @@
 /* model.h — a Hugging Face decoder-only checkpoint: its config.json and its weights.
  *
  * Supported architectures (config "architectures"[0]): LlamaForCausalLM (Llama 2 and 3),
- * MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (per-head q/k RMSNorm).
- * All are the same pre-norm transformer: RMSNorm, grouped-query attention with RoPE in HF's
- * rotate_half layout, SwiGLU MLP, optionally tied embeddings. Mistral's sliding_window applies to
- * every layer (query t attends over the last sliding_window keys); Qwen's use_sliding_window
- * (sliding windows in some layers only) is refused.
+ * MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (per-head q/k RMSNorm),
+ * Gemma2ForCausalLM, Gemma3ForCausalLM and the text model of Gemma3ForConditionalGeneration
+ * (its config's text_config). All are the same pre-norm transformer: RMSNorm, grouped-query
+ * attention with RoPE in HF's rotate_half layout, a gated MLP, optionally tied embeddings; what
+ * differs is stated by per-model flags and parameters (below), never by the architecture's name.
+ *
+ * Sliding-window layers (query t attends over the last sliding_window keys, its own included):
+ * Mistral's sliding_window (every layer), Qwen2/Qwen3's use_sliding_window (the layers from
+ * max_window_layers on), Gemma 2 (every other layer from layer 0), Gemma 3 (every layer but each
+ * sliding_window_pattern-th), or the config's layer_types list, which, when present, must agree
+ * with the rule the other keys state (model_layer_window).
  *
  * model_load validates everything before the forward pass trusts it: every required config key
  * with a sane value, every size the config implies (products of its values included) within an
@@ -19,7 +25,10 @@
 #include "sim/format/trace.h"
 #include "traces/model/safetensors.h"
 
-typedef enum { ARCH_LLAMA, ARCH_MISTRAL, ARCH_QWEN2, ARCH_QWEN3 } ModelArch;
+typedef enum { ARCH_LLAMA, ARCH_MISTRAL, ARCH_QWEN2, ARCH_QWEN3, ARCH_GEMMA2, ARCH_GEMMA3 } ModelArch;
+
+/* Layers a config may list in layer_types or mark as sliding. */
+#define MODEL_MAX_WINDOW_LAYERS 1024
 
 typedef struct {
     char architecture[64]; /* as written in config.json */
@@ -38,8 +47,19 @@ typedef struct {
     int qkv_bias;          /* q_proj, k_proj, v_proj carry a bias */
     int o_bias;            /* o_proj carries a bias */
     int qk_norm;           /* Qwen3: RMSNorm over each head of q and k before RoPE */
-    int sliding_window;    /* 0 = full attention; else every layer attends over this many keys
-                            * (Mistral's sliding_window): see model_describe */
+    int sliding_window;    /* 0 = no sliding layer; else a sliding layer's window in keys */
+    /* [n_layers] 1 = sliding layer (attends over the last sliding_window keys), 0 = global;
+     * all 0 when sliding_window is 0 (see model_layer_window) */
+    unsigned char layer_sliding[MODEL_MAX_WINDOW_LAYERS];
+    /* Gemma 2 and 3 (HF modeling_gemma2.py / modeling_gemma3.py); the defaults are Llama's. */
+    int norm_unit_offset;  /* 1: every RMSNorm scales by (1 + weight) */
+    int sandwich_norms;    /* the attention and MLP outputs are RMSNormed before the residual */
+    int gelu_tanh;         /* gated MLP with gelu_pytorch_tanh instead of SiLU (GeGLU) */
+    double embed_scale;    /* embeddings are multiplied by it: 1, Gemma sqrt(hidden_size) */
+    double query_pre_attn_scalar; /* the logits' scale is its -1/2 power; 0: head_dim's */
+    double attn_softcap;   /* > 0: logits capped as cap * tanh(logit / cap); 0 = none */
+    double final_softcap;  /* > 0: the LM head's logits capped the same way */
+    double rope_local_theta; /* > 0: the sliding layers' RoPE base, unscaled (Gemma 3) */
     char rope_type[32];    /* "default", "linear", "dynamic", "llama3" or "yarn" */
     char rope_scaling[256]; /* the rope_scaling JSON object as text, empty when absent */
     double rope_factor;
@@ -83,7 +103,11 @@ typedef struct {
     const float *wo;             /* [hidden][Hq*D] */
     const float *bo;             /* or NULL */
     const float *q_norm, *k_norm; /* [D] or NULL */
-    const float *post_attention_norm; /* [hidden] */
+    const float *post_attention_norm; /* [hidden] the norm before the MLP (Gemma:
+                                       * pre_feedforward_layernorm) */
+    const float *attn_out_norm, *mlp_out_norm; /* [hidden] or NULL: the sandwich norms of the
+                                       * attention and MLP outputs (Gemma's
+                                       * post_attention_layernorm, post_feedforward_layernorm) */
     const float *w_gate, *w_up;  /* [intermediate][hidden] */
     const float *w_down;         /* [hidden][intermediate] */
 } LayerWeights;
@@ -108,7 +132,8 @@ Model *model_load(const char *dir, KvErr *err);
 void model_free(Model *model);
 
 /* Human-readable list for error messages. */
-#define MODEL_SUPPORTED_ARCHITECTURES \
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+#define MODEL_SUPPORTED_ARCHITECTURES                                                        \
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "             \
+    "Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration (text)"
 
 #endif

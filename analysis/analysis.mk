@@ -6,8 +6,11 @@ FORMAT ?= png
 #                     (every budget in one pass) -> results/sweep/bB/*.csv and
 #                     results/sweep/summary.csv; where EVAL_PROMPTS holds prompts with answers,
 #                     also `kvsim eval --budget B` at each budget -> results/sweep/eval.csv
+#                     then the same budgets of each config of SWEEP_LIBRARY (the policy library
+#                     and the references' variants) -> results/sweep-NAME/summary.csv, bB/*.csv
 #   make plots        the sweep's plots (with answer accuracy when the sweep ran kvsim eval) and
-#                     those of one run (PLOT_RUN) -> results/plots/*.$(FORMAT)
+#                     those of one run (PLOT_RUN) -> results/plots/*.$(FORMAT); the *_vs_budget
+#                     plots of each SWEEP_LIBRARY config -> results/plots/NAME/*.$(FORMAT)
 #   make run-plot     results/<config name>/plot.$(FORMAT) from the summary of `make run`
 #   make conversation the conversation trace (CONV_PROMPT: a document delivered in four turns,
 #                     a question the model answers after each), replayed with CONV_CONFIG once per history mode ->
@@ -41,6 +44,11 @@ PLOTS_DIR     ?= results/plots
 RUN_DIR       ?= $(or $(shell sed -n 's/^[[:space:]]*out[[:space:]]*=[[:space:]]*\([^[:space:];]*\).*/\1/p' \
                    $(DEFAULT_CONFIG) 2>/dev/null | head -n 1),results/$(basename $(notdir $(DEFAULT_CONFIG))))
 
+# Configs swept at the same budgets beside SWEEP_CONFIG, each into results/sweep-NAME (NAME: the
+# config's file name): the policies kvsim adds from kvpress and KVCache-Factory, and the reference
+# implementations' own variants of the policies of SWEEP_CONFIG (docs/policies.md).
+SWEEP_LIBRARY ?= configs/library.ini configs/variants.ini
+
 SWEEP_SORTED  := $(shell printf '%s\n' $(SWEEP_BUDGETS) | sort -n -u)
 SWEEP_RUNS    := $(foreach b,$(SWEEP_SORTED),$(SWEEP_DIR)/b$(b)/summary.csv)
 # End-to-end accuracy (kvsim eval) joins the sweep when the model's held-out prompts are there.
@@ -59,7 +67,8 @@ PLOTS += $(if $(SWEEP_EVALS),$(PLOTS_DIR)/accuracy_vs_budget.$(FORMAT))
 # Per-budget results are kept even when only reached through a pattern.
 .PRECIOUS: $(SWEEP_DIR)/b%/summary.csv $(SWEEP_DIR)/b%/eval.csv
 
-sweep: $(SWEEP_DIR)/summary.csv $(if $(SWEEP_EVALS),$(SWEEP_DIR)/eval.csv)
+sweep: $(SWEEP_DIR)/summary.csv $(if $(SWEEP_EVALS),$(SWEEP_DIR)/eval.csv) \
+       $(foreach c,$(SWEEP_LIBRARY),$(SWEEP_DIR)-$(basename $(notdir $(c)))/summary.csv)
 
 sweep_comma := ,
 sweep_empty :=
@@ -91,6 +100,25 @@ $(SWEEP_DIR)/eval.csv: $(SWEEP_EVALS) analysis/concat_summaries.awk
 	awk -f analysis/concat_summaries.awk $(foreach b,$(SWEEP_SORTED),budget=$(b) $(SWEEP_DIR)/b$(b)/eval.csv) \
 	  > $@.tmp || { rm -f $@.tmp; exit 1; }
 	mv $@.tmp $@
+
+# sweep_library(NAME, CONFIG): the sweep of CONFIG at the budgets of SWEEP_CONFIG's, into
+# $(SWEEP_DIR)-NAME, and its *_vs_budget plots into $(PLOTS_DIR)/NAME.
+define sweep_library
+$(SWEEP_DIR)-$(1)/sweep.args: FORCE
+	@mkdir -p $$(@D)
+	@echo '$(2) $(wordlist 2,$(words $(SWEEP_ARGS)),$(SWEEP_ARGS))' | cmp -s - $$@ || \
+	  echo '$(2) $(wordlist 2,$(words $(SWEEP_ARGS)),$(SWEEP_ARGS))' > $$@
+
+$(SWEEP_DIR)-$(1)/summary.csv: $(SWEEP_DIR)-$(1)/sweep.args $(2) $(DEFAULT_TRACE) $(wildcard $(KVSIM)) | build
+	$(KVSIM) sweep $(2) $(wordlist 2,$(words $(SWEEP_ARGS)),$(SWEEP_ARGS)) --out $$(@D) \
+	  --threads $(SWEEP_THREADS) > $$(@D)/sweep.log
+
+$(PLOTS_DIR)/$(1)/%_vs_budget.$(FORMAT): analysis/%_vs_budget.gp analysis/vs_budget.gp analysis/common.gp $(SWEEP_DIR)-$(1)/summary.csv
+	$$(call gnuplot_png,$$<,$(SWEEP_DIR)-$(1)/summary.csv,$$(SWEEP_SUBTITLE)$$(comma) config $(2))
+
+PLOTS += $(foreach p,$(VS_BUDGET_PLOTS),$(PLOTS_DIR)/$(1)/$(p)_vs_budget.$(FORMAT))
+endef
+$(foreach c,$(SWEEP_LIBRARY),$(eval $(call sweep_library,$(basename $(notdir $(c))),$(c))))
 
 plots: $(PLOTS)
 

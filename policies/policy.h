@@ -61,7 +61,8 @@
  * Every other row holds unspecified values (another policy's decode of the same prompt): what
  * the rule above forbids does not exist there. full_attn (oracles) is query t's true attention
  * over [0, t] of the run's keys. decode_mass never exists: the future depends on the policy
- * itself, so a policy that sets want_decode_mass does not apply in closed loop. The run may stop
+ * itself, so a policy that sets want_decode_mass does not apply in closed loop; nor does one that
+ * sets want_trace (it needs other layers' rows, which closed loop computes later or never). The run may stop
  * after any step (end of sequence, a settled answer).
  *
  * GQA. A KV head g serves query heads [g*group, (g+1)*group). A policy that scores tokens from
@@ -228,6 +229,10 @@ typedef struct {
     bool want_prefill_mass;
     int want_prefill_rows;
     bool want_decode_mass;
+    /* Needs other layers' rows of the trace (LayerView.trace), which only a replay has: such an
+     * instance does not apply in closed loop, where create sets this and allocates nothing
+     * else (trig's granularity = kvhead). */
+    bool want_trace;
 } Policy;
 
 /* ---- Per-token scores, for the wrappers that allocate a budget across heads and layers ----

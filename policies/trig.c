@@ -304,10 +304,11 @@ static int calibrate_from_file(TrigScorer *sc, const char *path, const LayerView
 static int create_layers(Trig *tr, const LayerView *L, RopeLayout pairing, KvErr *err)
 {
     const TraceMeta *m = L->meta;
-    if (!L->trace && m->n_layers > 1)
-        return kv_fail(err, "trig: granularity = kvhead needs the keys of every layer at each "
-                            "prune, which a replay of a trace has (kvsim run) and closed-loop "
-                            "decoding does not");
+    (void)err;
+    if (!L->trace && m->n_layers > 1) { /* closed loop: not applicable (policy.h, want_trace) */
+        tr->base.want_trace = true;
+        return 0;
+    }
     tr->n_layers = L->trace ? m->n_layers : 1;
     tr->layer_scorer = kv_calloc((size_t)tr->n_layers, sizeof *tr->layer_scorer);
     tr->layer_q = kv_calloc((size_t)tr->n_layers, sizeof *tr->layer_q);

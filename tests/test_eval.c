@@ -486,6 +486,29 @@ static void test_oracle_future_is_not_applicable(void **state)
     eval_prefill_free(pf);
 }
 
+/* trig with granularity = kvhead scores every layer's keys at each prune, which only a replay
+ * has: not applicable in closed loop, where the plain per-head trig runs. */
+static void test_trig_kvhead_is_not_applicable(void **state)
+{
+    Env *env = *state;
+    assert_true(env->model->config.n_layers > 1);
+    EvalPrefill *pf = eval_prefill(env->model, &env->prompt, 0, MAX_NEW, HISTORY_PERSIST);
+    PolicySpec spec = make_spec("t", "trig", "budget=6 divide_length=2 protect_initial=1 protect_recent=2 granularity=kvhead");
+    int32_t out[MAX_NEW];
+    EvalDecode d;
+    KvErr err;
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, NULL, out, NULL, &d, &err), 0);
+    assert_false(d.applicable);
+    assert_int_equal(d.n_generated, 0);
+    free(spec.params);
+    spec = make_spec("t", "trig", "budget=6 divide_length=2 protect_initial=1 protect_recent=2 granularity=head");
+    assert_int_equal(eval_decode(pf, &spec, 0, 16, NULL, NULL, out, NULL, &d, &err), 0);
+    assert_true(d.applicable);
+    assert_true(d.n_generated > 0);
+    free(spec.params);
+    eval_prefill_free(pf);
+}
+
 /* on_token stops generation; the stop is the caller's. */
 static int stop_after_three(void *user, int question, int index, int32_t token,
                             const float *logits)
@@ -657,6 +680,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_oracle_topk_reads_the_live_attention, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_oracle_future_is_not_applicable, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_trig_kvhead_is_not_applicable, setup, teardown),
         cmocka_unit_test_setup_teardown(test_generation_stops_when_asked, setup, teardown),
         cmocka_unit_test_setup_teardown(test_conversation_with_full_is_the_plain_forward, setup,
                                         teardown),

@@ -128,7 +128,9 @@ int driver_create(PolicyDriver *d, const LayerView *L, const PolicySpec *specs, 
             .kv_bits = kv_bits,
         };
         d->inst[i] = specs[i].type->create(specs[i].params, L, &env, err);
-        int ready = !d->inst[i] ? -1 : live && d->inst[i]->want_decode_mass ? 1 : 0;
+        int ready = !d->inst[i] ? -1
+                    : live && (d->inst[i]->want_decode_mass || d->inst[i]->want_trace) ? 1
+                                                                                        : 0;
         if (ready != 0) {
             d->n = d->inst[i] ? i + 1 : i;
             driver_free(d);

@@ -33,7 +33,8 @@
  *       driver_observe(d, i, attn)       attn as PolicyType.observe takes it
  *   driver_free(d)
  * In closed loop (live) the rules of policies/policy.h on which rows of L exist when apply; a
- * policy that needs the future (want_decode_mass) cannot run there: driver_create says so. */
+ * policy that needs the future (want_decode_mass) or other layers' rows of a trace (want_trace)
+ * cannot run there: driver_create says so. */
 #ifndef KVSIM_DRIVER_H
 #define KVSIM_DRIVER_H
 
@@ -108,7 +109,8 @@ typedef struct {
  * `sliding` skips (!driver_compresses), instance i is the layer's rotating buffer instead, under
  * specs[i]'s label. live: closed loop, where the rows of
  * L fill in as tokens are fed. Returns 0 when ready; 1 when live and an instance wants the
- * future (want_decode_mass: not applicable, instances after it are not created); -1 with the
+ * future or a trace (want_decode_mass, want_trace: not applicable, instances after it are not
+ * created); -1 with the
  * create callback's message. On a nonzero return nothing is left to free. */
 int driver_create(PolicyDriver *d, const LayerView *L, const PolicySpec *specs, int n,
                   uint64_t run_seed, int kv_bits, SlidingLayers sliding, bool live, KvErr *err);

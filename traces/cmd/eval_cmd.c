@@ -1073,8 +1073,9 @@ static int eval_main(const EvalOptions *o, Provenance *prov, KvErr *err)
         print_table(&job, scores, full, stdout);
         for (int k = 0; k < n_policies; k++)
             if (!scores[k].applicable)
-                printf("%s: not applicable in closed loop (%s needs the future of the run, "
-                       "which depends on the policy itself)\n", policies[k].label,
+                printf("%s: not applicable in closed loop (%s needs what only a replay of a "
+                       "trace has: the future of the run, which depends on the policy itself, "
+                       "or every layer's keys at each step)\n", policies[k].label,
                        policies[k].type->name);
         printf("wrote %s/eval.csv, eval_prompts.csv, eval_turns.csv, %srun.json\n", rc.out_dir,
                grouped ? "eval_groups.csv, " : "");

@@ -36,8 +36,9 @@
  * decides whether a slot refers to it.
  *
  * Oracles that read the true attention (oracle_topk) get the full row of the current query over
- * every position fed. A policy that needs the future (want_decode_mass: oracle_future) cannot
- * run in closed loop: eval_decode reports it as not applicable. */
+ * every position fed. A policy that needs the future (want_decode_mass: oracle_future) or other
+ * layers' rows of a trace (want_trace: trig with granularity = kvhead) cannot run in closed
+ * loop: eval_decode reports it as not applicable. */
 #ifndef KVSIM_EVAL_H
 #define KVSIM_EVAL_H
 
@@ -92,7 +93,8 @@ typedef struct {
 } EvalAnswer;
 
 typedef struct {
-    bool applicable;     /* false: the policy needs the future (nothing was generated) */
+    bool applicable;     /* false: the policy needs the future or a trace (nothing was
+                          * generated) */
     int n_generated;     /* tokens generated, over every question (EOS excluded) */
     bool stopped_at_eos; /* the last question's answer stopped at an end of sequence */
     /* The layers' MemReport after the last decode step (after prefill when none), summed. */

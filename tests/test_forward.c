@@ -130,6 +130,68 @@ static void ref_rope(double *x, int D, const double *inv_freq, int position)
     memcpy(x, rotated, (size_t)D * sizeof *x);
 }
 
+/* SwiGLU MLP: down(silu(gate x) * up x), into delta [H]. */
+static void ref_mlp(double *delta, const float *gate_w, const float *up_w, const float *down_w,
+                    const double *x, int H, int I)
+{
+    double *gate = kv_calloc((size_t)I, sizeof(double)), *up = kv_calloc((size_t)I, sizeof(double));
+    ref_linear(gate, gate_w, NULL, x, H, I);
+    ref_linear(up, up_w, NULL, x, H, I);
+    for (int i = 0; i < I; i++)
+        gate[i] = gate[i] / (1 + exp(-gate[i])) * up[i];
+    ref_linear(delta, down_w, NULL, gate, I, H);
+    free(gate);
+    free(up);
+}
+
+/* HF's sparse MoE block (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock) for one token:
+ * routing_weights = softmax(gate(x)); the top k of them (torch.topk); divided by their sum when
+ * norm_topk_prob (Mixtral: always); the selected experts' MLP outputs times their weight, added
+ * in ascending expert order (the index_add_ loop over experts). */
+static void ref_moe(double *delta, const TinyCheckpoint *ck, int l, const double *x)
+{
+    const TinyCheckpointSpec *s = &ck->spec;
+    int mixtral = !strcmp(s->architecture, "MixtralForCausalLM");
+    int E = s->n_experts, k = s->n_experts_per_tok, H = s->hidden_size;
+    int I = mixtral ? s->intermediate_size : s->moe_intermediate_size;
+    const char *prefix = mixtral ? "block_sparse_moe" : "mlp";
+    char name[64];
+    snprintf(name, sizeof name, "%s.gate.weight", prefix);
+    double probs[64], weight[64] = {0}, sum = 0, max = -INFINITY, chosen = 0, *out = kv_calloc((size_t)H, sizeof(double));
+    int selected[64] = {0};
+    assert_true(E <= 64);
+    ref_linear(probs, W(ck, l, name), NULL, x, H, E);
+    for (int e = 0; e < E; e++)
+        max = fmax(max, probs[e]);
+    for (int e = 0; e < E; e++)
+        sum += probs[e] = exp(probs[e] - max);
+    for (int e = 0; e < E; e++)
+        probs[e] /= sum;
+    for (int i = 0; i < k; i++) {
+        int best = -1;
+        for (int e = 0; e < E; e++)
+            if (!selected[e] && (best < 0 || probs[e] > probs[best]))
+                best = e;
+        selected[best] = 1;
+        weight[best] = probs[best];
+        chosen += probs[best];
+    }
+    for (int e = 0; e < E; e++) {
+        if (!selected[e])
+            continue;
+        char g[64], u[64], d[64];
+        snprintf(g, sizeof g, "%s.experts.%d.%s.weight", prefix, e, mixtral ? "w1" : "gate_proj");
+        snprintf(u, sizeof u, "%s.experts.%d.%s.weight", prefix, e, mixtral ? "w3" : "up_proj");
+        snprintf(d, sizeof d, "%s.experts.%d.%s.weight", prefix, e, mixtral ? "w2" : "down_proj");
+        ref_mlp(delta, W(ck, l, g), W(ck, l, u), W(ck, l, d), x, H, I);
+        double w = mixtral || s->norm_topk_prob ? weight[e] / chosen : weight[e];
+        for (int i = 0; i < H; i++)
+            out[i] += w * delta[i];
+    }
+    memcpy(delta, out, (size_t)H * sizeof(double));
+    free(out);
+}
+
 /* HF's attention: softmax(scale · q·k) over the keys j with t - window < j <= t (every j <= t
  * when window = 0). */
 static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens, int T,
@@ -142,7 +204,8 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
     int V = r->V = s->vocab_size;
     r->T = T;
     double eps = s->rms_norm_eps;
-    int qwen3 = !strcmp(s->architecture, "Qwen3ForCausalLM");
+    int qwen3 = !strcmp(s->architecture, "Qwen3ForCausalLM") ||
+                !strcmp(s->architecture, "Qwen3MoeForCausalLM");
     r->logits = kv_calloc((size_t)T * V, sizeof(double));
     r->q = kv_calloc((size_t)L * Hq * T * D, sizeof(double));
     r->k = kv_calloc((size_t)L * Hkv * T * D, sizeof(double));
@@ -153,7 +216,6 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
     double *normed = kv_calloc((size_t)H, sizeof(double));
     double *proj = kv_calloc((size_t)(Hq > Hkv ? Hq : Hkv) * D + H + I, sizeof(double));
     double *attn = kv_calloc((size_t)T * Hq * D, sizeof(double));
-    double *gate = kv_calloc((size_t)I, sizeof(double)), *up = kv_calloc((size_t)I, sizeof(double));
     double *delta = kv_calloc((size_t)H, sizeof(double));
     const float *emb = W(ck, -1, "model.embed_tokens.weight");
     for (int t = 0; t < T; t++)
@@ -219,11 +281,11 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
             for (int i = 0; i < H; i++)
                 x[i] += delta[i];
             ref_rmsnorm(normed, x, W(ck, l, "post_attention_layernorm.weight"), H, eps);
-            ref_linear(gate, W(ck, l, "mlp.gate_proj.weight"), NULL, normed, H, I);
-            ref_linear(up, W(ck, l, "mlp.up_proj.weight"), NULL, normed, H, I);
-            for (int i = 0; i < I; i++)
-                gate[i] = gate[i] / (1 + exp(-gate[i])) * up[i];
-            ref_linear(delta, W(ck, l, "mlp.down_proj.weight"), NULL, gate, I, H);
+            if (tiny_layer_is_moe(s, l))
+                ref_moe(delta, ck, l, normed);
+            else
+                ref_mlp(delta, W(ck, l, "mlp.gate_proj.weight"), W(ck, l, "mlp.up_proj.weight"),
+                        W(ck, l, "mlp.down_proj.weight"), normed, H, I);
             for (int i = 0; i < H; i++)
                 x[i] += delta[i];
         }
@@ -237,8 +299,6 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
     free(normed);
     free(proj);
     free(attn);
-    free(gate);
-    free(up);
     free(delta);
     return r;
 }
@@ -602,6 +662,49 @@ static void test_linear_and_dynamic_rope_scaling(void **state)
     check_variant(&v);
 }
 
+/* Mixtral: 4 experts, top 2, renormalized, in every layer; BF16 weights (kept 16-bit in
+ * memory), with a sliding window shorter than the run. */
+static void test_mixtral_moe(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.architecture = "MixtralForCausalLM";
+    v.spec.n_experts = 4;
+    v.spec.n_experts_per_tok = 2;
+    v.spec.seed = 14;
+    check_variant(&v);
+    v.spec.dtype = TINY_BF16;
+    v.spec.sliding_window = 6;
+    check_variant(&v);
+}
+
+/* Qwen3-MoE: 6 experts of 32, top 3, q/k norms; 3 layers of which layer 0 is dense through
+ * mlp_only_layers; with and without norm_topk_prob; decoder_sparse_step 2 (only layer 1 has
+ * experts), two shards, F16. */
+static void test_qwen3_moe(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.architecture = "Qwen3MoeForCausalLM";
+    v.spec.n_layers = 3;
+    v.spec.n_experts = 6;
+    v.spec.n_experts_per_tok = 3;
+    v.spec.moe_intermediate_size = 32;
+    v.spec.norm_topk_prob = 1;
+    v.spec.mlp_only_layer = 0;
+    v.spec.head_dim = 24;
+    v.spec.seed = 15;
+    check_variant(&v);
+    v.spec.norm_topk_prob = 0;
+    v.spec.mlp_only_layer = -1;
+    v.spec.seed = 16;
+    check_variant(&v);
+    v.spec.decoder_sparse_step = 2;
+    v.spec.n_shards = 2;
+    v.spec.dtype = TINY_F16;
+    check_variant(&v);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -618,6 +721,8 @@ int main(void)
         cmocka_unit_test(test_yarn_rope_scaling),
         cmocka_unit_test(test_mlx_quantized_weights),
         cmocka_unit_test(test_linear_and_dynamic_rope_scaling),
+        cmocka_unit_test(test_mixtral_moe),
+        cmocka_unit_test(test_qwen3_moe),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

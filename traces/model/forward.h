@@ -10,7 +10,9 @@
  * projections (+ bias), per-head q/k RMSNorm (Qwen3), RoPE in the rotate_half layout at
  * positions 0, 1, 2, ..., softmax(attn_scale · q·k) over the keys the layer's geometry lets the
  * query attend (model_describe: every earlier key, or the last sliding_window of them), o
- * projection, residual, RMSNorm, SwiGLU MLP, residual; final RMSNorm and the LM head.
+ * projection, residual, RMSNorm, feed-forward (a SwiGLU MLP, or top-k routed SwiGLU experts in
+ * a mixture-of-experts layer: traces/model/moe.h), residual; final RMSNorm and the LM head.
+ * Weight matrices are multiplied in the checkpoint's precision (traces/model/matrix.h).
  *
  * An observer sees what a trace stores, as it is computed: each layer's post-RoPE Q/K/V of the
  * chunk and, at the positions it asks for, the softmax probabilities of the attention itself. */
@@ -90,6 +92,8 @@ typedef struct {
     float *slot_probs;  /* [Hq][slots of its KV head] when selected */
     size_t slot_kv_cap, slot_probs_cap;
     float *logits;      /* [vocab] of the last token fed */
+    float *matrix_scratch; /* 16-bit weights converted a block at a time (matrix_linear) */
+    struct MoeScratch *moe; /* the experts' scratch when some layer has them, else NULL */
 
     /* The KV cache, [n_layers][Hkv][max_tokens][D] each: exactly the trace's K and V layout. */
     float *key_cache;

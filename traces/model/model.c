@@ -10,6 +10,7 @@
 
 #include "sim/base/json.h"
 #include "sim/format/trace.h"
+#include "traces/model/moe.h"
 
 /* Larger extents than this are corrupt configs. Products of config values are checked
  * separately (check_products). */
@@ -98,7 +99,9 @@ static int parse_architecture(ConfigReader *r, ModelConfig *cfg)
     } known[] = {{"LlamaForCausalLM", ARCH_LLAMA},
                  {"MistralForCausalLM", ARCH_MISTRAL},
                  {"Qwen2ForCausalLM", ARCH_QWEN2},
-                 {"Qwen3ForCausalLM", ARCH_QWEN3}};
+                 {"Qwen3ForCausalLM", ARCH_QWEN3},
+                 {"MixtralForCausalLM", ARCH_MIXTRAL},
+                 {"Qwen3MoeForCausalLM", ARCH_QWEN3_MOE}};
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
         if (!strcmp(first->valuestring, known[i].name)) {
             cfg->arch = known[i].arch;
@@ -243,6 +246,75 @@ static int parse_special_tokens(ConfigReader *r, ModelConfig *cfg)
     return 0;
 }
 
+/* The routing keys of a mixture-of-experts architecture (HF's MixtralConfig and
+ * Qwen3MoeConfig). Those that decide which experts a token uses and how they are weighed are
+ * required, though HF's config classes have defaults for them (Mixtral 8 experts, top 2;
+ * Qwen3-MoE 128, top 8, norm_topk_prob false): a checkpoint that leaves them out is not one
+ * kvsim should guess about. decoder_sparse_step (1) and mlp_only_layers ([]) keep HF's
+ * defaults. */
+static int parse_moe(ConfigReader *r, ModelConfig *cfg)
+{
+    if (cfg->arch != ARCH_MIXTRAL && cfg->arch != ARCH_QWEN3_MOE)
+        return 0;
+    int mixtral = cfg->arch == ARCH_MIXTRAL;
+    const char *experts_key = mixtral ? "num_local_experts" : "num_experts";
+    static const char *const required[] = {"num_local_experts", "num_experts",
+                                           "num_experts_per_tok", "moe_intermediate_size",
+                                           "norm_topk_prob"};
+    for (size_t i = 0; i < sizeof required / sizeof required[0]; i++) {
+        int wanted = mixtral ? i == 0 || i == 2 : i != 0;
+        if (wanted && !config_item(r->root, required[i]))
+            return kv_fail(r->err, "%s: key '%s' missing (%s routes each token to experts: "
+                           "it needs %s, num_experts_per_tok%s)", r->path, required[i],
+                           cfg->architecture, experts_key,
+                           mixtral ? "" : ", moe_intermediate_size and norm_topk_prob");
+    }
+    if (config_int(r, r->root, experts_key, -1, &cfg->n_experts) != 0 ||
+        config_int(r, r->root, "num_experts_per_tok", -1, &cfg->n_experts_per_tok) != 0)
+        return -1;
+    if (cfg->n_experts_per_tok > cfg->n_experts)
+        return kv_fail(r->err, "%s: key 'num_experts_per_tok' (%d) exceeds %s (%d)", r->path,
+                       cfg->n_experts_per_tok, experts_key, cfg->n_experts);
+    if (mixtral) {
+        cfg->moe_intermediate_size = cfg->intermediate_size;
+        cfg->norm_topk_prob = 1; /* MixtralSparseMoeBlock always renormalizes */
+        cfg->decoder_sparse_step = 1;
+        return 0;
+    }
+    if (config_int(r, r->root, "moe_intermediate_size", -1, &cfg->moe_intermediate_size) != 0 ||
+        config_bool(r, r->root, "norm_topk_prob", 0, &cfg->norm_topk_prob) != 0 ||
+        config_int(r, r->root, "decoder_sparse_step", 1, &cfg->decoder_sparse_step) != 0)
+        return -1;
+    const cJSON *only = config_item(r->root, "mlp_only_layers");
+    if (!only)
+        return 0;
+    if (!cJSON_IsArray(only))
+        return kv_fail(r->err, "%s: key 'mlp_only_layers' must be a list of layer indices",
+                       r->path);
+    if (cJSON_GetArraySize(only) > MODEL_MAX_MLP_ONLY_LAYERS)
+        return kv_fail(r->err, "%s: key 'mlp_only_layers' lists more than %d layers", r->path,
+                       MODEL_MAX_MLP_ONLY_LAYERS);
+    const cJSON *item;
+    cJSON_ArrayForEach(item, only) {
+        if (!cJSON_IsNumber(item) || item->valuedouble != floor(item->valuedouble) ||
+            item->valuedouble < 0 || item->valuedouble >= cfg->n_layers)
+            return kv_fail(r->err, "%s: key 'mlp_only_layers' must list layer indices in [0, %d)",
+                           r->path, cfg->n_layers);
+        cfg->mlp_only_layers[cfg->n_mlp_only_layers++] = item->valueint;
+    }
+    return 0;
+}
+
+int model_layer_is_moe(const ModelConfig *c, int layer)
+{
+    if (c->n_experts == 0 || (layer + 1) % c->decoder_sparse_step != 0)
+        return 0;
+    for (int i = 0; i < c->n_mlp_only_layers; i++)
+        if (c->mlp_only_layers[i] == layer)
+            return 0;
+    return 1;
+}
+
 /* Every size the forward pass derives from the config fits an int: the per-token widths
  * (q/k/v), the weight matrices and the per-token sizes over all layers. The forward pass
  * computes some of them in int, and every allocation it makes is then sized by numbers that
@@ -266,6 +338,8 @@ static int check_products(ConfigReader *r, const ModelConfig *c)
         {"num_hidden_layers x num_attention_heads x head_dim", L * Hq * D},
         {"num_hidden_layers x num_key_value_heads x head_dim", L * Hkv * D},
         {"num_hidden_layers x hidden_size", L * H},
+        {"hidden_size x moe_intermediate_size", H * c->moe_intermediate_size},
+        {"hidden_size x num_experts", H * c->n_experts},
     };
     for (size_t i = 0; i < sizeof products / sizeof products[0]; i++)
         if (products[i].value > INT_MAX)
@@ -363,19 +437,23 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
         cfg->qkv_bias = 1; /* Qwen2 always has q/k/v biases and never an o_proj bias */
         break;
     case ARCH_MISTRAL:
+    case ARCH_MIXTRAL:
         break;
     case ARCH_QWEN3:
+    case ARCH_QWEN3_MOE:
         cfg->qk_norm = 1;
         /* fallthrough */
     case ARCH_LLAMA:
         cfg->qkv_bias = cfg->o_bias = attention_bias;
         break;
     }
+    if (parse_moe(r, cfg) != 0 || check_products(r, cfg) != 0)
+        return -1;
     const cJSON *window = config_item(r->root, "sliding_window");
-    if (cfg->arch == ARCH_MISTRAL && window &&
+    if ((cfg->arch == ARCH_MISTRAL || cfg->arch == ARCH_MIXTRAL) && window &&
         config_int(r, r->root, "sliding_window", 0, &cfg->sliding_window) != 0)
         return -1;
-    if (cfg->arch == ARCH_QWEN2 || cfg->arch == ARCH_QWEN3) {
+    if (cfg->arch == ARCH_QWEN2 || cfg->arch == ARCH_QWEN3 || cfg->arch == ARCH_QWEN3_MOE) {
         int use_sliding_window;
         if (config_bool(r, r->root, "use_sliding_window", 0, &use_sliding_window) != 0)
             return -1;
@@ -456,16 +534,20 @@ int64_t model_n_params(const ModelConfig *c)
                   q_dim = (int64_t)c->n_q_heads * D, kv_dim = (int64_t)c->n_kv_heads * D;
     int64_t layer = 2 * H                          /* input and post-attention norms */
                     + q_dim * H + 2 * kv_dim * H   /* q, k, v */
-                    + H * q_dim                    /* o */
-                    + 3 * H * I;                   /* gate, up, down */
+                    + H * q_dim;                   /* o */
     if (c->qkv_bias)
         layer += q_dim + 2 * kv_dim;
     if (c->o_bias)
         layer += H;
     if (c->qk_norm)
         layer += 2 * D;
-    int64_t embed = (int64_t)c->vocab_size * H;
-    return c->n_layers * layer + embed * (c->tie_word_embeddings ? 1 : 2) + H /* final norm */;
+    int64_t embed = (int64_t)c->vocab_size * H, total = c->n_layers * layer;
+    for (int l = 0; l < c->n_layers; l++)
+        if (model_layer_is_moe(c, l)) /* the router, each expert's gate, up and down */
+            total += c->n_experts * (H + 3 * H * (int64_t)c->moe_intermediate_size);
+        else /* gate, up, down */
+            total += 3 * H * I;
+    return total + embed * (c->tie_word_embeddings ? 1 : 2) + H /* final norm */;
 }
 
 int model_layer_window(const ModelConfig *c, int layer)
@@ -502,6 +584,7 @@ typedef struct {
     const char *config_path;
     cJSON *config;       /* config.json, for its quantization object */
     const cJSON *quant;  /* "quantization" (or "quantization_config"), or NULL */
+    ModelLoadOptions options;
 } WeightLoader;
 
 static void format_shape(const int64_t *shape, int n_dims, char *out, size_t outlen)
@@ -634,6 +717,36 @@ static float *load_quantized(WeightLoader *wl, const SafetensorsTensor *t, const
 }
 
 
+/* t has shape [rows] (cols == 0) or [rows][cols]; else an error. */
+static int check_shape(WeightLoader *wl, const SafetensorsTensor *t, const char *name, int rows,
+                       int cols)
+{
+    int64_t expected[2] = {rows, cols};
+    int n_dims = cols ? 2 : 1;
+    if (t->n_dims != n_dims || t->shape[0] != rows || (cols && t->shape[1] != cols)) {
+        char got[128], want[128];
+        format_shape(t->shape, t->n_dims, got, sizeof got);
+        format_shape(expected, n_dims, want, sizeof want);
+        return kv_fail(wl->err, "%s: tensor '%s' has shape %s, the config implies %s", t->file,
+                       name, got, want);
+    }
+    return 0;
+}
+
+/* A NaN or infinite weight would make every logit NaN, and greedy decoding then emits token 0
+ * forever: it is refused at load, where the tensor can be named. */
+static int report_nonfinite(WeightLoader *wl, const SafetensorsTensor *t, const char *name,
+                            int cols, size_t i, float value)
+{
+    char at[64];
+    if (cols)
+        snprintf(at, sizeof at, "[%zu, %zu]", i / (size_t)cols, i % (size_t)cols);
+    else
+        snprintf(at, sizeof at, "[%zu]", i);
+    return kv_fail(wl->err, "%s: tensor '%s': element %s is %s (weights must be finite)", t->file,
+                   name, at, isnan(value) ? "NaN" : "infinite");
+}
+
 /* The float32 data of tensor `name`, which must have shape [rows] (cols == 0) or [rows][cols]. */
 static const float *load_tensor(WeightLoader *wl, const char *name, int rows, int cols)
 {
@@ -642,8 +755,6 @@ static const float *load_tensor(WeightLoader *wl, const char *name, int rows, in
         kv_fail(wl->err, "%s: missing tensor '%s'", wl->dir, name);
         return NULL;
     }
-    int64_t expected[2] = {rows, cols};
-    int n_dims = cols ? 2 : 1;
     /* A quantized module: NAME.weight with NAME.scales beside it. */
     size_t len = strlen(name);
     const float *values = NULL;
@@ -662,14 +773,8 @@ static const float *load_tensor(WeightLoader *wl, const char *name, int rows, in
                 "beside it", t->file, name);
         return NULL;
     }
-    if (t->n_dims != n_dims || t->shape[0] != rows || (cols && t->shape[1] != cols)) {
-        char got[128], want[128];
-        format_shape(t->shape, t->n_dims, got, sizeof got);
-        format_shape(expected, n_dims, want, sizeof want);
-        kv_fail(wl->err, "%s: tensor '%s' has shape %s, the config implies %s", t->file, name,
-                got, want);
+    if (check_shape(wl, t, name, rows, cols) != 0)
         return NULL;
-    }
     if (t->dtype == ST_F32 && (uintptr_t)t->data % sizeof(float) == 0) {
         values = (const float *)(const void *)t->data;
     } else {
@@ -681,20 +786,48 @@ static const float *load_tensor(WeightLoader *wl, const char *name, int rows, in
         values = converted;
     }
 check_finite:
-    /* A NaN or infinite weight would make every logit NaN, and greedy decoding then emits
-     * token 0 forever: refuse it here, where the tensor can be named. */
     for (size_t i = 0; i < (size_t)t->n_elements; i++)
         if (!isfinite(values[i])) {
-            char at[64];
-            if (cols)
-                snprintf(at, sizeof at, "[%zu, %zu]", i / (size_t)cols, i % (size_t)cols);
-            else
-                snprintf(at, sizeof at, "[%zu]", i);
-            kv_fail(wl->err, "%s: tensor '%s': element %s is %s (weights must be finite)",
-                    t->file, name, at, isnan(values[i]) ? "NaN" : "infinite");
+            report_nonfinite(wl, t, name, cols, i, values[i]);
             return NULL;
         }
     return values;
+}
+
+/* A weight matrix: a BF16/F16 tensor stays in the mapping (unless options.f32_weights), any
+ * other is loaded as load_tensor loads it. */
+static int load_matrix(WeightLoader *wl, const char *name, int rows, int cols, WeightMatrix *out)
+{
+    Model *m = wl->model;
+    const SafetensorsTensor *t = safetensors_find(m->checkpoint, name);
+    char module[320];
+    snprintf(module, sizeof module, "%.*s.scales", (int)strlen(name) - 7, name);
+    *out = (WeightMatrix){.rows = rows, .cols = cols};
+    if (t && (t->dtype == ST_BF16 || t->dtype == ST_F16) && !wl->options.f32_weights &&
+        !safetensors_find(m->checkpoint, module)) {
+        if (check_shape(wl, t, name, rows, cols) != 0)
+            return -1;
+        out->half = t->data;
+        out->bf16 = t->dtype == ST_BF16;
+        int64_t bad = matrix_first_nonfinite(out);
+        if (bad >= 0) {
+            float value;
+            matrix_row(&(WeightMatrix){.rows = 1, .cols = 1, .half = t->data + 2 * bad,
+                                       .bf16 = out->bf16},
+                       0, &value);
+            return report_nonfinite(wl, t, name, cols, (size_t)bad, value);
+        }
+    } else if (!(out->f32 = load_tensor(wl, name, rows, cols))) {
+        return -1;
+    }
+    if (cols > m->max_matrix_cols)
+        m->max_matrix_cols = cols;
+    return 0;
+}
+
+static int load_matrix_cb(void *wl, const char *name, int rows, int cols, WeightMatrix *out)
+{
+    return load_matrix(wl, name, rows, cols, out);
 }
 
 static int load_layer(WeightLoader *wl, int i, LayerWeights *lw)
@@ -708,11 +841,17 @@ static int load_layer(WeightLoader *wl, int i, LayerWeights *lw)
         if (!(lw->field = load_tensor(wl, name, rows, cols)))                               \
             return -1;                                                                      \
     } while (0)
+#define LOAD_MATRIX(field, suffix, rows, cols)                                              \
+    do {                                                                                    \
+        snprintf(name, sizeof name, "model.layers.%d.%s", i, suffix);                      \
+        if (load_matrix(wl, name, rows, cols, &lw->field) != 0)                             \
+            return -1;                                                                      \
+    } while (0)
     LOAD(input_norm, "input_layernorm.weight", c->hidden_size, 0);
-    LOAD(wq, "self_attn.q_proj.weight", q_dim, c->hidden_size);
-    LOAD(wk, "self_attn.k_proj.weight", kv_dim, c->hidden_size);
-    LOAD(wv, "self_attn.v_proj.weight", kv_dim, c->hidden_size);
-    LOAD(wo, "self_attn.o_proj.weight", c->hidden_size, q_dim);
+    LOAD_MATRIX(wq, "self_attn.q_proj.weight", q_dim, c->hidden_size);
+    LOAD_MATRIX(wk, "self_attn.k_proj.weight", kv_dim, c->hidden_size);
+    LOAD_MATRIX(wv, "self_attn.v_proj.weight", kv_dim, c->hidden_size);
+    LOAD_MATRIX(wo, "self_attn.o_proj.weight", c->hidden_size, q_dim);
     if (c->qkv_bias) {
         LOAD(bq, "self_attn.q_proj.bias", q_dim, 0);
         LOAD(bk, "self_attn.k_proj.bias", kv_dim, 0);
@@ -725,10 +864,13 @@ static int load_layer(WeightLoader *wl, int i, LayerWeights *lw)
         LOAD(k_norm, "self_attn.k_norm.weight", c->head_dim, 0);
     }
     LOAD(post_attention_norm, "post_attention_layernorm.weight", c->hidden_size, 0);
-    LOAD(w_gate, "mlp.gate_proj.weight", c->intermediate_size, c->hidden_size);
-    LOAD(w_up, "mlp.up_proj.weight", c->intermediate_size, c->hidden_size);
-    LOAD(w_down, "mlp.down_proj.weight", c->hidden_size, c->intermediate_size);
+    if (model_layer_is_moe(c, i))
+        return (lw->moe = moe_load(c, i, load_matrix_cb, wl)) ? 0 : -1;
+    LOAD_MATRIX(w_gate, "mlp.gate_proj.weight", c->intermediate_size, c->hidden_size);
+    LOAD_MATRIX(w_up, "mlp.up_proj.weight", c->intermediate_size, c->hidden_size);
+    LOAD_MATRIX(w_down, "mlp.down_proj.weight", c->hidden_size, c->intermediate_size);
 #undef LOAD
+#undef LOAD_MATRIX
     return 0;
 }
 
@@ -737,8 +879,8 @@ static int load_weights(WeightLoader *wl)
     Model *m = wl->model;
     const ModelConfig *c = &m->config;
     TransformerWeights *w = &m->weights;
-    if (!(w->token_embedding = load_tensor(wl, "model.embed_tokens.weight", c->vocab_size,
-                                           c->hidden_size)) ||
+    if (load_matrix(wl, "model.embed_tokens.weight", c->vocab_size, c->hidden_size,
+                    &w->token_embedding) != 0 ||
         !(w->final_norm = load_tensor(wl, "model.norm.weight", c->hidden_size, 0)))
         return -1;
     /* The last layer first, so that a corrupt num_hidden_layers allocates nothing. */
@@ -753,12 +895,17 @@ static int load_weights(WeightLoader *wl)
             return -1;
     if (c->tie_word_embeddings)
         w->lm_head = w->token_embedding;
-    else if (!(w->lm_head = load_tensor(wl, "lm_head.weight", c->vocab_size, c->hidden_size)))
+    else if (load_matrix(wl, "lm_head.weight", c->vocab_size, c->hidden_size, &w->lm_head) != 0)
         return -1;
     return 0;
 }
 
 Model *model_load(const char *dir, KvErr *err)
+{
+    return model_load_with(dir, NULL, err);
+}
+
+Model *model_load_with(const char *dir, const ModelLoadOptions *options, KvErr *err)
 {
     char config_path[4096];
     snprintf(config_path, sizeof config_path, "%s/config.json", dir);
@@ -768,7 +915,9 @@ Model *model_load(const char *dir, KvErr *err)
         model_free(m);
         return NULL;
     }
-    WeightLoader wl = {m, dir, err, config_path, NULL, NULL};
+    WeightLoader wl = {m, dir, err, config_path, NULL, NULL, {0}};
+    if (options)
+        wl.options = *options;
     if (!(wl.config = json_load_file(config_path, JSON_OBJECT | JSON_UNIQUE_KEYS, err))) {
         model_free(m);
         return NULL;
@@ -794,6 +943,9 @@ void model_free(Model *m)
     for (int i = 0; i < m->n_owned; i++)
         free(m->owned[i]);
     free(m->owned);
+    if (m->weights.layers)
+        for (int l = 0; l < m->config.n_layers; l++)
+            moe_free(m->weights.layers[l].moe);
     free(m->weights.layers);
     safetensors_close(m->checkpoint);
     free(m);

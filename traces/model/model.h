@@ -1,25 +1,36 @@
 /* model.h — a Hugging Face decoder-only checkpoint: its config.json and its weights.
  *
  * Supported architectures (config "architectures"[0]): LlamaForCausalLM (Llama 2 and 3),
- * MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (per-head q/k RMSNorm).
+ * MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (per-head q/k RMSNorm),
+ * MixtralForCausalLM (Mistral with a mixture-of-experts feed-forward) and Qwen3MoeForCausalLM
+ * (Qwen3 with one, in the layers decoder_sparse_step and mlp_only_layers select).
  * All are the same pre-norm transformer: RMSNorm, grouped-query attention with RoPE in HF's
- * rotate_half layout, SwiGLU MLP, optionally tied embeddings. Mistral's sliding_window applies to
+ * rotate_half layout, SwiGLU MLP (or top-k routed SwiGLU experts), optionally tied embeddings. Mistral's sliding_window applies to
  * every layer (query t attends over the last sliding_window keys); Qwen's use_sliding_window
  * (sliding windows in some layers only) is refused.
  *
  * model_load validates everything before the forward pass trusts it: every required config key
  * with a sane value, every size the config implies (products of its values included) within an
  * int, RoPE frequencies finite and positive for any run length, every expected tensor present
- * with the shape the config implies and finite values. Weights are converted to float32 once at
- * load (F32 tensors aligned in the mapping are used in place). */
+ * with the shape the config implies and finite values. Weight matrices stay as the checkpoint
+ * stores them, in the mapping: F32 (aligned; else copied) and BF16/F16 (converted a block at a
+ * time as they are used, traces/model/matrix.h); MLX-quantized ones are dequantized to float32
+ * at load, and so are vectors (norms, biases). */
 #ifndef KVSIM_MODEL_H
 #define KVSIM_MODEL_H
 
 #include "sim/base/util.h"
 #include "sim/format/trace.h"
+#include "traces/model/matrix.h"
 #include "traces/model/safetensors.h"
 
-typedef enum { ARCH_LLAMA, ARCH_MISTRAL, ARCH_QWEN2, ARCH_QWEN3 } ModelArch;
+typedef enum {
+    ARCH_LLAMA, ARCH_MISTRAL, ARCH_QWEN2, ARCH_QWEN3,
+    ARCH_MIXTRAL, ARCH_QWEN3_MOE, /* mixture-of-experts feed-forward: traces/model/moe.h */
+} ModelArch;
+
+/* Most entries of Qwen3-MoE's mlp_only_layers kvsim keeps. */
+#define MODEL_MAX_MLP_ONLY_LAYERS 256
 
 typedef struct {
     char architecture[64]; /* as written in config.json */
@@ -53,6 +64,14 @@ typedef struct {
     int n_eos;
     int eos_token_ids[8]; /* config's eos_token_id (an id or a list) */
     int bos_token_id;     /* -1 when absent */
+    /* Mixture of experts (traces/model/moe.h); n_experts = 0: a dense MLP in every layer. */
+    int n_experts;             /* Mixtral num_local_experts, Qwen3-MoE num_experts */
+    int n_experts_per_tok;     /* top-k */
+    int moe_intermediate_size; /* each expert's (Mixtral: intermediate_size) */
+    int norm_topk_prob;        /* renormalize the top-k weights (Mixtral: always) */
+    int decoder_sparse_step;   /* Qwen3-MoE: layer l is sparse when (l + 1) % step == 0 */
+    int n_mlp_only_layers;     /* Qwen3-MoE: layers that keep a dense MLP */
+    int mlp_only_layers[MODEL_MAX_MLP_ONLY_LAYERS];
 } ModelConfig;
 
 /* Parses config.json (a regular file). Errors name the file and the key. */
@@ -71,44 +90,61 @@ void model_rope_inv_freq(const ModelConfig *cfg, int n_tokens, double *out);
 void model_describe(const ModelConfig *cfg, int n_tokens, TraceModel *out);
 /* The sliding window of one layer: 0 = global. */
 int model_layer_window(const ModelConfig *cfg, int layer);
+/* Whether a layer's feed-forward is a mixture of experts (else the dense MLP). */
+int model_layer_is_moe(const ModelConfig *cfg, int layer);
 /* The number of parameters the config implies (every tensor model_load loads; tied embeddings
  * counted once). */
 int64_t model_n_params(const ModelConfig *cfg);
 
-/* Float32 weights, row-major as in the checkpoint: a linear layer is [out_features][in_features]. */
+/* Weights, row-major as in the checkpoint: a linear layer is [out_features][in_features].
+ * Matrices keep the checkpoint's precision (traces/model/matrix.h: F32, or BF16/F16 left in
+ * the mapping); vectors (norms, biases) are float32. */
+typedef struct MoeWeights MoeWeights; /* traces/model/moe.h */
+
 typedef struct {
     const float *input_norm;     /* [hidden] */
-    const float *wq, *wk, *wv;   /* [Hq*D][hidden], [Hkv*D][hidden], [Hkv*D][hidden] */
+    WeightMatrix wq, wk, wv;     /* [Hq*D][hidden], [Hkv*D][hidden], [Hkv*D][hidden] */
     const float *bq, *bk, *bv;   /* biases or NULL */
-    const float *wo;             /* [hidden][Hq*D] */
+    WeightMatrix wo;             /* [hidden][Hq*D] */
     const float *bo;             /* or NULL */
     const float *q_norm, *k_norm; /* [D] or NULL */
     const float *post_attention_norm; /* [hidden] */
-    const float *w_gate, *w_up;  /* [intermediate][hidden] */
-    const float *w_down;         /* [hidden][intermediate] */
+    WeightMatrix w_gate, w_up;   /* [intermediate][hidden]; unused in a MoE layer */
+    WeightMatrix w_down;         /* [hidden][intermediate] */
+    MoeWeights *moe;             /* the layer's experts (model_layer_is_moe), else NULL */
 } LayerWeights;
 
 typedef struct {
-    const float *token_embedding; /* [vocab][hidden] */
+    WeightMatrix token_embedding; /* [vocab][hidden] */
     LayerWeights *layers;   /* [n_layers] */
     const float *final_norm;      /* [hidden] */
-    const float *lm_head;         /* [vocab][hidden]; == token_embedding when tied */
+    WeightMatrix lm_head;         /* [vocab][hidden]; the embedding when tied */
 } TransformerWeights;
 
 typedef struct {
     ModelConfig config;
     TransformerWeights weights;
-    SafetensorsCheckpoint *checkpoint; /* kept mapped: aligned F32 weights point into it */
+    SafetensorsCheckpoint *checkpoint; /* kept mapped: F32 and 16-bit weights point into it */
     int n_owned;
     float **owned; /* converted tensors, freed with the model */
+    int max_matrix_cols; /* the widest matrix, for matrix_scratch_floats */
 } Model;
+
+typedef struct {
+    /* Convert BF16/F16 matrices to float32 at load (the float32 path, twice the memory; the
+     * generator benchmark compares the two). Default 0: they stay 16-bit. */
+    int f32_weights;
+} ModelLoadOptions;
 
 /* Loads config.json and the safetensors weights of a checkpoint directory. */
 Model *model_load(const char *dir, KvErr *err);
+/* The same with options (NULL: the defaults). */
+Model *model_load_with(const char *dir, const ModelLoadOptions *options, KvErr *err);
 void model_free(Model *model);
 
 /* Human-readable list for error messages. */
 #define MODEL_SUPPORTED_ARCHITECTURES \
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, " \
+    "MixtralForCausalLM, Qwen3MoeForCausalLM"
 
 #endif

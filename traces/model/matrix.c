@@ -1,0 +1,96 @@
+#include "traces/model/matrix.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "sim/base/blas.h"
+#include "sim/base/half.h"
+
+/* Rows per converted block: a decode step (n = 1) is a matrix-vector product bound by memory
+ * bandwidth, so its block stays within a core's L2 cache (the product reads it back at once);
+ * a prefill chunk reuses each block n times, so larger blocks keep OpenBLAS's GEMM efficient. */
+#define DECODE_BLOCK_FLOATS ((size_t)1 << 16)
+#define PREFILL_BLOCK_FLOATS ((size_t)1 << 20)
+
+size_t matrix_scratch_floats(int max_cols)
+{
+    return (size_t)max_cols > PREFILL_BLOCK_FLOATS ? (size_t)max_cols : PREFILL_BLOCK_FLOATS;
+}
+
+/* Converts n 16-bit values (little endian, any alignment) to float32. */
+static void convert_half(const unsigned char *src, size_t n, int bf16, float *out)
+{
+    if (bf16) {
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, src + 2 * i, sizeof h); /* kvsim runs on little-endian machines */
+            uint32_t bits = (uint32_t)h << 16; /* bfloat16 is the upper half of a float32 */
+            memcpy(&out[i], &bits, sizeof bits);
+        }
+    } else {
+        for (size_t i = 0; i < n; i++)
+            out[i] = float_from_half((uint16_t)(src[2 * i] | src[2 * i + 1] << 8));
+    }
+}
+
+static void gemm_rows(float *out, int ldo, const float *x, const float *w, int n, int rows,
+                      int cols)
+{
+    if (n == 1)
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, rows, cols, 1.0f, w, cols, x, 1, 0.0f, out, 1);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rows, cols, 1.0f, x, cols, w,
+                    cols, 0.0f, out, ldo);
+}
+
+void matrix_linear(float *out, const float *x, const WeightMatrix *w, const float *bias, int n,
+                   float *scratch)
+{
+    if (w->f32) {
+        gemm_rows(out, w->rows, x, w->f32, n, w->rows, w->cols);
+    } else {
+        size_t block = n == 1 ? DECODE_BLOCK_FLOATS : PREFILL_BLOCK_FLOATS;
+        int per_block = (size_t)w->cols >= block ? 1 : (int)(block / (size_t)w->cols);
+        for (int r0 = 0; r0 < w->rows; r0 += per_block) {
+            int rows = w->rows - r0 < per_block ? w->rows - r0 : per_block;
+            convert_half(w->half + (size_t)r0 * w->cols * 2, (size_t)rows * w->cols, w->bf16,
+                         scratch);
+            gemm_rows(out + r0, w->rows, x, scratch, n, rows, w->cols);
+        }
+    }
+    if (bias)
+        for (int t = 0; t < n; t++)
+            for (int o = 0; o < w->rows; o++)
+                out[(size_t)t * w->rows + o] += bias[o];
+}
+
+void matrix_row(const WeightMatrix *w, int r, float *out)
+{
+    if (w->f32)
+        memcpy(out, w->f32 + (size_t)r * w->cols, (size_t)w->cols * sizeof(float));
+    else
+        convert_half(w->half + (size_t)r * w->cols * 2, (size_t)w->cols, w->bf16, out);
+}
+
+int64_t matrix_first_nonfinite(const WeightMatrix *w)
+{
+    size_t n = (size_t)w->rows * (size_t)w->cols;
+    for (size_t i = 0; i < n; i++) {
+        if (w->f32) {
+            if (!isfinite(w->f32[i]))
+                return (int64_t)i;
+            continue;
+        }
+        /* A 16-bit value is NaN or infinite when its exponent bits are all ones. */
+        uint16_t h = (uint16_t)(w->half[2 * i] | w->half[2 * i + 1] << 8);
+        uint16_t exponent = w->bf16 ? 0x7f80u : 0x7c00u;
+        if ((h & exponent) == exponent)
+            return (int64_t)i;
+    }
+    return -1;
+}
+
+size_t matrix_bytes(const WeightMatrix *w)
+{
+    return (size_t)w->rows * (size_t)w->cols * (w->f32 ? sizeof(float) : 2);
+}

@@ -35,6 +35,10 @@ static double *ref_at(double *base, int outer, int heads, int h, int T, int t, i
     return base + (((size_t)outer * heads + h) * T + t) * D;
 }
 
+/* longrope's ext_factors: the short or the long list, as the test decides from HF's rule
+ * (long when the sequence is longer than the original context). */
+static const double *ref_ext_factors;
+
 /* HF: inv_freq = 1 / base^(arange(0, dim, 2) / dim), then the rope_scaling rule. Written as
  * HF writes it (masks over all frequencies), not as traces/model/model.c does. */
 static void ref_inv_freq(const TinyCheckpointSpec *s, const char *type, double factor,
@@ -63,6 +67,9 @@ static void ref_inv_freq(const TinyCheckpointSpec *s, const char *type, double f
             out[i] = is_medium ? smoothed : llama;
         }
     }
+    if (!strcmp(type, "longrope")) /* 1 / (ext_factors * base ** (arange(0, dim, 2) / dim)) */
+        for (int i = 0; i < D / 2; i++)
+            out[i] = 1.0 / (ref_ext_factors[i] * pow(base, (2.0 * i) / D));
     if (!strcmp(type, "yarn")) {
         /* beta_fast 32, beta_slow 1 (the config leaves them out), truncate: HF's
          * find_correction_range and linear_ramp_factor over the dim // 2 pairs. */
@@ -624,6 +631,42 @@ static void test_yarn_rope_scaling(void **state)
     check_variant(&v);
 }
 
+/* LongRoPE in Phi-3's layout (the factor lists in rope_scaling, the pretrained context at the
+ * config's top level): original context 16 < 27 tokens, so the long factors, factor 512 / 16 =
+ * 32 and attention factor sqrt(1 + ln 32 / ln 16) = 1.5; original context 64, the short factors
+ * and sqrt(1 + ln 8 / ln 64); no original context: max_position_embeddings (512) is, and the
+ * rope_scaling's factor 4 gives sqrt(1 + ln 4 / ln 512); an explicit attention_factor wins. */
+static void test_longrope_scaling(void **state)
+{
+    (void)state;
+    static const double short_f[8] = {1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.3, 4.0};
+    static const double long_f[8] = {1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0};
+    const char *lists = "\"short_factor\": [1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.3, 4.0], "
+                        "\"long_factor\": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0]";
+    char text[512];
+    snprintf(text, sizeof text, "{\"type\": \"longrope\", %s}", lists);
+    Variant v = base_variant();
+    v.spec.rope_scaling = text;
+    v.spec.original_max_position_embeddings = 16;
+    v.spec.seed = 17;
+    v.rope_type = "longrope";
+    ref_ext_factors = long_f;
+    v.attention_scaling = sqrt(1 + log(32.0) / log(16.0));
+    check_variant(&v);
+    v.spec.original_max_position_embeddings = 64;
+    ref_ext_factors = short_f;
+    v.attention_scaling = sqrt(1 + log(8.0) / log(64.0));
+    check_variant(&v);
+    v.spec.original_max_position_embeddings = 0;
+    snprintf(text, sizeof text, "{\"rope_type\": \"longrope\", \"factor\": 4.0, %s}", lists);
+    v.attention_scaling = sqrt(1 + log(4.0) / log(512.0));
+    check_variant(&v);
+    snprintf(text, sizeof text, "{\"rope_type\": \"longrope\", \"attention_factor\": 1.25, %s}",
+             lists);
+    v.attention_scaling = 1.25;
+    check_variant(&v);
+}
+
 /* MLX-quantized weights (mlx-lm's affine layout): the embedding and projections at 4 bits in
  * groups of 32, lm_head at 8 bits through its own entry of "quantization", one projection left
  * in floats by a `false` entry, the reference computing with the dequantized values; then 2 and
@@ -721,6 +764,7 @@ int main(void)
         cmocka_unit_test(test_yarn_rope_scaling),
         cmocka_unit_test(test_mlx_quantized_weights),
         cmocka_unit_test(test_linear_and_dynamic_rope_scaling),
+        cmocka_unit_test(test_longrope_scaling),
         cmocka_unit_test(test_mixtral_moe),
         cmocka_unit_test(test_qwen3_moe),
     };

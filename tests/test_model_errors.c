@@ -171,6 +171,25 @@ static void test_unsupported_rope_scaling(void **state)
     expect_load_error(bc, (const char *[]){"config.json", "'factor' missing", NULL});
     tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"llama3\", \"factor\": 8}");
     expect_load_error(bc, (const char *[]){"config.json", "low_freq_factor", NULL});
+    /* longrope: both lists of head_dim / 2 = 8 positive numbers */
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"longrope\", \"factor\": 4, "
+                                                  "\"short_factor\": [1, 1, 1, 1, 1, 1, 1, 1]}");
+    expect_load_error(bc, (const char *[]){"config.json", "rope_scaling.long_factor", "missing",
+                                           NULL});
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"longrope\", \"factor\": 4, "
+                                                  "\"short_factor\": [1, 1, 1, 1, 1, 1, 1], "
+                                                  "\"long_factor\": [1, 1, 1, 1, 1, 1, 1, 1]}");
+    expect_load_error(bc, (const char *[]){"config.json", "rope_scaling.short_factor", "8 numbers",
+                                           NULL});
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"longrope\", \"factor\": 4, "
+                                                  "\"short_factor\": [1, 1, 1, 1, 1, 1, 1, 1], "
+                                                  "\"long_factor\": [1, 1, 1, 0, 1, 1, 1, 1]}");
+    expect_load_error(bc, (const char *[]){"config.json", "rope_scaling.long_factor", "entry 3",
+                                           NULL});
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"longrope\", "
+                                                  "\"short_factor\": [1, 1, 1, 1, 1, 1, 1, 1], "
+                                                  "\"long_factor\": [1, 1, 1, 1, 1, 1, 1, 1]}");
+    expect_load_error(bc, (const char *[]){"config.json", "'factor' missing", NULL});
 }
 
 /* An unknown RoPE type through the CLI: exit 2, one line naming the file and the key. */

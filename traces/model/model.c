@@ -28,6 +28,7 @@ typedef struct {
     const cJSON *root;
     KvErr *err;
     const char *rope_key; /* "rope_scaling" or "rope_parameters", for messages */
+    const cJSON *rope_object; /* that object, or NULL */
 } ConfigReader;
 
 static const cJSON *config_item(const cJSON *obj, const char *key)
@@ -148,6 +149,73 @@ static int parse_yarn(ConfigReader *r, const cJSON *scaling, ModelConfig *cfg)
     return 0;
 }
 
+/* A list of head_dim / 2 positive numbers (longrope's factors). */
+static int config_factor_list(ConfigReader *r, const cJSON *scaling, const char *key, int half,
+                              double *out)
+{
+    const cJSON *list = config_item(scaling, key);
+    if (!list)
+        return kv_fail(r->err, "%s: key '%s.%s' missing (longrope needs short_factor and "
+                       "long_factor)", r->path, r->rope_key, key);
+    if (!cJSON_IsArray(list) || cJSON_GetArraySize(list) != half)
+        return kv_fail(r->err, "%s: key '%s.%s' must be a list of head_dim / 2 = %d numbers",
+                       r->path, r->rope_key, key, half);
+    int i = 0;
+    const cJSON *item;
+    cJSON_ArrayForEach(item, list) {
+        if (!cJSON_IsNumber(item) || !(item->valuedouble > 0) || !isfinite(item->valuedouble))
+            return kv_fail(r->err, "%s: key '%s.%s' entry %d must be a positive number", r->path,
+                           r->rope_key, key, i);
+        out[i++] = item->valuedouble;
+    }
+    return 0;
+}
+
+/* LongRoPE (transformers modeling_rope_utils.py, _compute_longrope_parameters): the pretrained
+ * context is the config's top-level original_max_position_embeddings, and then factor is
+ * max_position_embeddings over it; without it, the context is max_position_embeddings and factor
+ * the rope_scaling's (optional). The attention factor: given, or sqrt(1 + ln(factor) /
+ * ln(original context)) (1 when factor <= 1). The summary replaces the object's text (its factor
+ * lists do not fit a trace header's line; the trace records the frequencies themselves). */
+static int parse_longrope(ConfigReader *r, const cJSON *scaling, ModelConfig *cfg)
+{
+    int half = cfg->head_dim / 2;
+    double attention = 0;
+    if (half > MODEL_MAX_LONGROPE_PAIRS)
+        return kv_fail(r->err, "%s: key '%s': longrope with head_dim %d is beyond kvsim (at most "
+                       "%d)", r->path, r->rope_key, cfg->head_dim, 2 * MODEL_MAX_LONGROPE_PAIRS);
+    if (config_factor_list(r, scaling, "short_factor", half, cfg->rope_short_factor) != 0 ||
+        config_factor_list(r, scaling, "long_factor", half, cfg->rope_long_factor) != 0 ||
+        config_double(r, scaling, "attention_factor", 0, &attention) != 0 ||
+        config_int(r, r->root, "original_max_position_embeddings", 0,
+                   &cfg->rope_original_max_positions) != 0)
+        return -1;
+    if (cfg->rope_original_max_positions) {
+        if (cfg->max_position_embeddings == 0)
+            return kv_fail(r->err, "%s: key 'max_position_embeddings' missing (longrope's factor "
+                           "is it over original_max_position_embeddings)", r->path);
+        cfg->rope_factor = (double)cfg->max_position_embeddings / cfg->rope_original_max_positions;
+    } else {
+        if (cfg->max_position_embeddings == 0)
+            return kv_fail(r->err, "%s: key 'max_position_embeddings' missing (longrope needs it "
+                           "or 'original_max_position_embeddings')", r->path);
+        cfg->rope_original_max_positions = cfg->max_position_embeddings;
+        if (config_double(r, scaling, "factor", attention > 0 ? 1.0 : -1, &cfg->rope_factor) != 0)
+            return -1;
+    }
+    cfg->rope_attention_factor =
+        attention > 0 ? attention
+        : cfg->rope_factor <= 1
+            ? 1.0
+            : sqrt(1 + log(cfg->rope_factor) / log((double)cfg->rope_original_max_positions));
+    snprintf(cfg->rope_scaling, sizeof cfg->rope_scaling,
+             "{\"rope_type\":\"longrope\",\"original_max_position_embeddings\":%d,\"factor\":%.17g,"
+             "\"attention_factor\":%.17g,\"short_factor\":\"%d values\",\"long_factor\":\"%d values\"}",
+             cfg->rope_original_max_positions, cfg->rope_factor, cfg->rope_attention_factor, half,
+             half);
+    return 0;
+}
+
 /* rope_scaling (or transformers 5's rope_parameters): the type under "rope_type" or "type". */
 static int parse_rope(ConfigReader *r, ModelConfig *cfg)
 {
@@ -179,9 +247,13 @@ static int parse_rope(ConfigReader *r, ModelConfig *cfg)
     const char *t = type->valuestring;
     char type_text[64];
     if (strcmp(t, "default") && strcmp(t, "linear") && strcmp(t, "dynamic") && strcmp(t, "llama3") &&
-        strcmp(t, "yarn"))
+        strcmp(t, "yarn") && strcmp(t, "longrope"))
         return kv_fail(r->err, "%s: rope_scaling type '%s' is not supported (supported: default, "
-                       "linear, dynamic, llama3, yarn)", r->path, ESC(t, type_text));
+                       "linear, dynamic, llama3, yarn, longrope)", r->path, ESC(t, type_text));
+    snprintf(cfg->rope_type, sizeof cfg->rope_type, "%s", t);
+    r->rope_object = scaling;
+    if (!strcmp(t, "longrope"))
+        return 0; /* parse_longrope, once head_dim is known */
     snprintf(cfg->rope_type, sizeof cfg->rope_type, "%s", t);
     char *text = cJSON_PrintUnformatted(scaling);
     size_t len = strlen(text);
@@ -421,6 +493,8 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
     if (cfg->head_dim % 2 != 0)
         return kv_fail(r->err, "%s: key 'head_dim' must be even for RoPE (got %d)", r->path,
                        cfg->head_dim);
+    if (!strcmp(cfg->rope_type, "longrope") && parse_longrope(r, r->rope_object, cfg) != 0)
+        return -1;
     if (check_products(r, cfg) != 0)
         return -1;
     const cJSON *act = config_item(r->root, "hidden_act");
@@ -469,7 +543,7 @@ int model_config_load(const char *config_path, ModelConfig *cfg, KvErr *err)
     cJSON *root = json_load_file(config_path, JSON_OBJECT | JSON_UNIQUE_KEYS, err);
     if (!root)
         return -1;
-    ConfigReader r = {config_path, root, err, "rope_scaling"};
+    ConfigReader r = {config_path, root, err, "rope_scaling", NULL};
     int rc = parse_config(&r, cfg);
     cJSON_Delete(root);
     return rc;
@@ -505,6 +579,13 @@ void model_rope_inv_freq(const ModelConfig *cfg, int n_tokens, double *out)
                 out[f] = (1.0 - smooth) * out[f] / cfg->rope_factor + smooth * out[f];
             }
         }
+    } else if (!strcmp(cfg->rope_type, "longrope")) {
+        /* Each pair's frequency divided by its factor: the long ones for a run past the
+         * pretrained context (HF picks them by the sequence length; see docs/generator.md). */
+        const double *ext = n_tokens > cfg->rope_original_max_positions ? cfg->rope_long_factor
+                                                                        : cfg->rope_short_factor;
+        for (int f = 0; f < half; f++)
+            out[f] /= ext[f];
     } else if (!strcmp(cfg->rope_type, "yarn")) {
         /* Pairs that turn fewer than beta_slow times over the original context are
          * interpolated (slowed by `factor`), those that turn more than beta_fast times kept,

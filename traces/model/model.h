@@ -29,6 +29,9 @@ typedef enum {
     ARCH_MIXTRAL, ARCH_QWEN3_MOE, /* mixture-of-experts feed-forward: traces/model/moe.h */
 } ModelArch;
 
+/* longrope's factor lists have head_dim / 2 entries: head_dim at most twice this. */
+#define MODEL_MAX_LONGROPE_PAIRS 256
+
 /* Most entries of Qwen3-MoE's mlp_only_layers kvsim keeps. */
 #define MODEL_MAX_MLP_ONLY_LAYERS 256
 
@@ -51,16 +54,20 @@ typedef struct {
     int qk_norm;           /* Qwen3: RMSNorm over each head of q and k before RoPE */
     int sliding_window;    /* 0 = full attention; else every layer attends over this many keys
                             * (Mistral's sliding_window): see model_describe */
-    char rope_type[32];    /* "default", "linear", "dynamic", "llama3" or "yarn" */
-    char rope_scaling[256]; /* the rope_scaling JSON object as text, empty when absent */
+    char rope_type[32];    /* "default", "linear", "dynamic", "llama3", "yarn" or "longrope" */
+    char rope_scaling[256]; /* the rope_scaling JSON object as text, empty when absent
+                             * (longrope: a summary without its factor lists) */
     double rope_factor;
     double rope_low_freq_factor, rope_high_freq_factor; /* llama3 */
-    int rope_original_max_positions;                    /* llama3, yarn */
+    int rope_original_max_positions;                    /* llama3, yarn, longrope */
     double rope_beta_fast, rope_beta_slow;              /* yarn */
     int rope_truncate;                                  /* yarn */
     /* cos and sin are multiplied by it (HF's attention_scaling), so post-RoPE q and k are
      * scaled by it: yarn's attention factor, 1 otherwise */
     double rope_attention_factor;
+    /* longrope: per-pair divisors of the frequencies, short_factor for runs within
+     * original_max_position_embeddings, long_factor for longer ones */
+    double rope_short_factor[MODEL_MAX_LONGROPE_PAIRS], rope_long_factor[MODEL_MAX_LONGROPE_PAIRS];
     int n_eos;
     int eos_token_ids[8]; /* config's eos_token_id (an id or a list) */
     int bos_token_id;     /* -1 when absent */

@@ -100,7 +100,9 @@ bench: build
 	@dpkg -s python3-torch >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-torch
 	cd $(BUILD) && ./bench_replay bench-1b.h5 $(CURDIR)/bench/replay.ini $(CURDIR)/configs/ta512.ini; \
-	  replay=$$?; cd $(CURDIR) && bench/generator.sh $(BUILD) 2; exit $$(( replay || $$? ))
+	  replay=$$?; cd $(CURDIR) && bench/generator.sh $(BUILD) 2; generator=$$?; \
+	  $(BUILD)/bench_weights16 $(BUILD)/bench-1b-bf16 --threads 2; \
+	  exit $$(( replay || generator || $$? ))
 
 # The include graph, file by file with the layer of each side (docs/layout.md); fails on an
 # include that runs upward.

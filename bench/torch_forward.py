@@ -1,15 +1,25 @@
 #!/usr/bin/env python3
 """Generator benchmark, PyTorch side.
 
-  torch_forward.py write DIR     writes a random Llama-architecture checkpoint (config.json and
-                                 an F32 model.safetensors, about 100M parameters, fixed seed)
+  torch_forward.py write DIR [--arch llama|qwen3moe|mixtral] [--longrope]
+                                 writes a random checkpoint (config.json and an F32
+                                 model.safetensors, about 100M parameters, fixed seed): Llama
+                                 by default; Qwen3-MoE (q/k norms, 8 experts of 512, top 2,
+                                 norm_topk_prob, layer 0 dense through mlp_only_layers) or
+                                 Mixtral (8 experts, top 2); --longrope adds LongRoPE scaling
+                                 (original context 512, so the 1024-token prompt runs on the
+                                 long factors)
   torch_forward.py run DIR       runs the same forward pass as kvsim's generator in PyTorch on
-                                 the CPU (weights read from DIR's safetensors file): prefill of
+                                 the CPU (weights read from DIR's safetensors file, F32, F16
+                                 or BF16, computed in float32): prefill of
                                  a 1024-token prompt, then 64 greedy decode steps with a KV
                                  cache; prints tokens/s and the first generated ids
 
 The prompt ids are the ones bench_generator uses: (i * 7919 + 13) % vocab. Needs only torch and
-numpy (Debian: python3-torch); the safetensors file is parsed here.
+numpy (Debian: python3-torch); the safetensors file is parsed here. The math follows
+transformers' modeling code: models/llama/modeling_llama.py, models/qwen3_moe/modeling_qwen3_moe.py
+(Qwen3MoeSparseMoeBlock), models/mixtral/modeling_mixtral.py (MixtralSparseMoeBlock) and
+modeling_rope_utils.py (_compute_longrope_parameters).
 """
 import argparse
 import json
@@ -38,8 +48,62 @@ CONFIG = {
 }
 
 
+def moe_config(arch):
+    """CONFIG turned into a Qwen3-MoE or Mixtral config of about the same size."""
+    c = dict(CONFIG)
+    if arch == "qwen3moe":
+        c.update({"architectures": ["Qwen3MoeForCausalLM"], "head_dim": 64, "num_experts": 8,
+                  "num_experts_per_tok": 2, "moe_intermediate_size": 512, "norm_topk_prob": True,
+                  "decoder_sparse_step": 1, "mlp_only_layers": [0]})
+    elif arch == "mixtral":
+        c.update({"architectures": ["MixtralForCausalLM"], "intermediate_size": 512,
+                  "num_local_experts": 8, "num_experts_per_tok": 2})
+    return c
+
+
+def add_longrope(c):
+    """LongRoPE as Phi-3 configures it: the factor lists in rope_scaling, the pretrained context
+    at the top level (factor = max_position_embeddings / original_max_position_embeddings)."""
+    half = head_dim(c) // 2
+    c["original_max_position_embeddings"] = 512
+    c["rope_scaling"] = {"type": "longrope",
+                         "short_factor": [1.0 + 0.05 * f for f in range(half)],
+                         "long_factor": [1.0 + 0.5 * f for f in range(half)]}
+
+
+def head_dim(c):
+    return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+
+
+def arch_of(c):
+    return {"MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3moe"}.get(
+        c["architectures"][0], "llama")
+
+
+def is_moe_layer(c, l):
+    """HF's rule: Mixtral's every layer; Qwen3MoeDecoderLayer's test."""
+    arch = arch_of(c)
+    if arch == "mixtral":
+        return True
+    return (arch == "qwen3moe" and l not in c.get("mlp_only_layers", []) and c["num_experts"] > 0
+            and (l + 1) % c.get("decoder_sparse_step", 1) == 0)
+
+
+def expert_names(c, l):
+    """(router, [(gate, up, down) per expert], expert intermediate size) of a MoE layer."""
+    p = f"model.layers.{l}."
+    if arch_of(c) == "mixtral":
+        pre, names, I = p + "block_sparse_moe.", ("w1", "w3", "w2"), c["intermediate_size"]
+        n = c["num_local_experts"]
+    else:
+        pre, names, I = p + "mlp.", ("gate_proj", "up_proj", "down_proj"), c["moe_intermediate_size"]
+        n = c["num_experts"]
+    experts = [tuple(f"{pre}experts.{e}.{name}.weight" for name in names) for e in range(n)]
+    return pre + "gate.weight", experts, I
+
+
 def tensor_shapes(c):
-    H, I, D = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
+    H, I, D = c["hidden_size"], c["intermediate_size"], head_dim(c)
     q, kv = c["num_attention_heads"] * D, c["num_key_value_heads"] * D
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], H)}
     for l in range(c["num_hidden_layers"]):
@@ -50,7 +114,17 @@ def tensor_shapes(c):
             p + "self_attn.k_proj.weight": (kv, H),
             p + "self_attn.v_proj.weight": (kv, H),
             p + "self_attn.o_proj.weight": (H, q),
-            p + "post_attention_layernorm.weight": (H,),
+        })
+        if arch_of(c) == "qwen3moe":
+            shapes.update({p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,)})
+        shapes[p + "post_attention_layernorm.weight"] = (H,)
+        if is_moe_layer(c, l):
+            router, experts, EI = expert_names(c, l)
+            shapes[router] = (len(experts), H)
+            for gate, up, down in experts:
+                shapes.update({gate: (EI, H), up: (EI, H), down: (H, EI)})
+            continue
+        shapes.update({
             p + "mlp.gate_proj.weight": (I, H),
             p + "mlp.up_proj.weight": (I, H),
             p + "mlp.down_proj.weight": (H, I),
@@ -60,13 +134,16 @@ def tensor_shapes(c):
     return shapes
 
 
-def write_checkpoint(directory):
+def write_checkpoint(directory, arch="llama", longrope=False):
     os.makedirs(directory, exist_ok=True)
+    config = moe_config(arch)
+    if longrope:
+        add_longrope(config)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(CONFIG, f, indent=2)
+        json.dump(config, f, indent=2)
     rng = np.random.default_rng(1)
     header, blobs, offset = {}, [], 0
-    for name, shape in tensor_shapes(CONFIG).items():
+    for name, shape in tensor_shapes(config).items():
         if len(shape) == 1:
             data = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
         else:
@@ -83,7 +160,7 @@ def write_checkpoint(directory):
         f.write(text)
         for raw in blobs:
             f.write(raw)
-    params = sum(int(np.prod(s)) for s in tensor_shapes(CONFIG).values())
+    params = sum(int(np.prod(s)) for s in tensor_shapes(config).values())
     print(f"wrote {directory}: {params / 1e6:.1f}M parameters")
 
 
@@ -99,30 +176,65 @@ def load(directory):
     for name, e in header.items():
         if name == "__metadata__":
             continue
-        if e["dtype"] != "F32":
-            raise SystemExit(f"{path}: {name}: only F32 is supported here")
         b, end = e["data_offsets"]
-        w[name] = torch.from_numpy(
-            np.frombuffer(raw[start + b:start + end].tobytes(), dtype="<f4").reshape(e["shape"]).copy())
+        data = raw[start + b:start + end].tobytes()
+        if e["dtype"] == "F32":
+            t = torch.from_numpy(np.frombuffer(data, dtype="<f4").copy())
+        elif e["dtype"] == "F16":
+            t = torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32))
+        elif e["dtype"] == "BF16":  # the upper half of a float32
+            t = torch.from_numpy((np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32))
+        else:
+            raise SystemExit(f"{path}: {name}: dtype {e['dtype']} is not supported here")
+        w[name] = t.reshape(e["shape"])
     return c, w
 
 
+def rope_inv_freq(c, D, max_tokens):
+    """inv_freq and attention_scaling as modeling_rope_utils.py computes them for the default
+    type and longrope (_compute_longrope_parameters; the long factors when the sequence is longer
+    than the original context, as kvsim decides for the whole run)."""
+    base = c["rope_theta"]
+    exponents = torch.arange(0, D, 2, dtype=torch.int64).double() / D
+    scaling = c.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return 1.0 / (base ** exponents), 1.0
+    if kind != "longrope":
+        raise SystemExit(f"rope_scaling type {kind} is not supported here")
+    factor = scaling.get("factor")
+    original = c.get("original_max_position_embeddings")
+    if original:
+        factor = c["max_position_embeddings"] / original
+    else:
+        original = c["max_position_embeddings"]
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext = torch.tensor(scaling["long_factor"] if max_tokens > original else scaling["short_factor"],
+                       dtype=torch.float64)
+    return 1.0 / (ext * base ** exponents), attention
+
+
 class Llama:
-    """HF LlamaForCausalLM's math with a preallocated KV cache."""
+    """HF's decoder math with a preallocated KV cache: LlamaForCausalLM, and Qwen3-MoE's q/k
+    norms and Qwen3-MoE's and Mixtral's experts."""
 
     def __init__(self, c, w, max_tokens):
         self.c, self.w = c, w
         self.H = c["hidden_size"]
         self.Hq, self.Hkv = c["num_attention_heads"], c["num_key_value_heads"]
-        self.D = self.H // self.Hq
+        self.D = head_dim(c)
         self.eps = c["rms_norm_eps"]
         L = c["num_hidden_layers"]
         self.k_cache = torch.zeros(L, self.Hkv, max_tokens, self.D)
         self.v_cache = torch.zeros(L, self.Hkv, max_tokens, self.D)
-        inv_freq = 1.0 / (c["rope_theta"] ** (torch.arange(0, self.D, 2, dtype=torch.float64) / self.D))
+        inv_freq, attention_scaling = rope_inv_freq(c, self.D, max_tokens)
         angles = torch.outer(torch.arange(max_tokens, dtype=torch.float64), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
-        self.cos, self.sin = angles.cos().float(), angles.sin().float()
+        # HF multiplies cos and sin by the attention scaling (longrope's attention factor).
+        self.cos = (angles.cos() * attention_scaling).float()
+        self.sin = (angles.sin() * attention_scaling).float()
         self.n = 0
 
     def rmsnorm(self, x, weight):
@@ -141,6 +253,28 @@ class Llama:
         half = x.shape[-1] // 2
         return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
+    def mlp(self, h, l):
+        w, p = self.w, f"model.layers.{l}."
+        if not is_moe_layer(self.c, l):
+            gate = torch.nn.functional.silu(self.linear(h, w[p + "mlp.gate_proj.weight"]))
+            return self.linear(gate * self.linear(h, w[p + "mlp.up_proj.weight"]), w[p + "mlp.down_proj.weight"])
+        # Qwen3MoeSparseMoeBlock / MixtralSparseMoeBlock: softmax in float32, top-k, renormalized
+        # (Mixtral always, Qwen3-MoE when norm_topk_prob), experts added in ascending order.
+        router, experts, _ = expert_names(self.c, l)
+        probs = torch.softmax(self.linear(h, w[router]), dim=-1, dtype=torch.float)
+        weights, selected = torch.topk(probs, self.c["num_experts_per_tok"], dim=-1)
+        if arch_of(self.c) == "mixtral" or self.c.get("norm_topk_prob", False):
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(h)
+        for e, (gate, up, down) in enumerate(experts):
+            rows, slots = torch.where(selected == e)
+            if len(rows) == 0:
+                continue
+            x = h[rows]
+            y = self.linear(torch.nn.functional.silu(self.linear(x, w[gate])) * self.linear(x, w[up]), w[down])
+            out.index_add_(0, rows, y * weights[rows, slots, None])
+        return out
+
     def forward(self, tokens):
         w, T0, n = self.w, self.n, len(tokens)
         pos = slice(T0, T0 + n)
@@ -151,6 +285,9 @@ class Llama:
             h = self.rmsnorm(x, w[p + "input_layernorm.weight"])
             q = self.linear(h, w[p + "self_attn.q_proj.weight"]).view(n, self.Hq, self.D).transpose(0, 1)
             k = self.linear(h, w[p + "self_attn.k_proj.weight"]).view(n, self.Hkv, self.D).transpose(0, 1)
+            if p + "self_attn.q_norm.weight" in w:  # Qwen3: RMSNorm over each head before RoPE
+                q = self.rmsnorm(q, w[p + "self_attn.q_norm.weight"])
+                k = self.rmsnorm(k, w[p + "self_attn.k_norm.weight"])
             v = self.linear(h, w[p + "self_attn.v_proj.weight"]).view(n, self.Hkv, self.D).transpose(0, 1)
             cos, sin = self.cos[pos], self.sin[pos]
             q = q * cos + self.rotate_half(q) * sin
@@ -163,8 +300,7 @@ class Llama:
             attn = torch.softmax(scores, dim=-1) @ values
             x = x + self.linear(attn.transpose(0, 1).reshape(n, -1), w[p + "self_attn.o_proj.weight"])
             h = self.rmsnorm(x, w[p + "post_attention_layernorm.weight"])
-            gate = torch.nn.functional.silu(self.linear(h, w[p + "mlp.gate_proj.weight"]))
-            x = x + self.linear(gate * self.linear(h, w[p + "mlp.up_proj.weight"]), w[p + "mlp.down_proj.weight"])
+            x = x + self.mlp(h, l)
         self.n += n
         last = self.rmsnorm(x[-1], w["model.norm.weight"])
         return w["lm_head.weight"] @ last
@@ -198,9 +334,11 @@ def main():
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--arch", choices=["llama", "qwen3moe", "mixtral"], default="llama")
+    ap.add_argument("--longrope", action="store_true")
     a = ap.parse_args()
     if a.action == "write":
-        write_checkpoint(a.dir)
+        write_checkpoint(a.dir, a.arch, a.longrope)
     else:
         run(a.dir, a.prompt, a.decode, a.threads)
 

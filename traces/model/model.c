@@ -209,8 +209,9 @@ static int parse_longrope(ConfigReader *r, const cJSON *scaling, ModelConfig *cf
             ? 1.0
             : sqrt(1 + log(cfg->rope_factor) / log((double)cfg->rope_original_max_positions));
     snprintf(cfg->rope_scaling, sizeof cfg->rope_scaling,
-             "{\"rope_type\":\"longrope\",\"original_max_position_embeddings\":%d,\"factor\":%.17g,"
-             "\"attention_factor\":%.17g,\"short_factor\":\"%d values\",\"long_factor\":\"%d values\"}",
+             "{\"rope_type\":\"longrope\",\"original_max_position_embeddings\":%d,"
+             "\"factor\":%.17g,\"attention_factor\":%.17g,\"short_factor\":\"%d values\","
+             "\"long_factor\":\"%d values\"}",
              cfg->rope_original_max_positions, cfg->rope_factor, cfg->rope_attention_factor, half,
              half);
     return 0;

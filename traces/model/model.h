@@ -5,9 +5,10 @@
  * MixtralForCausalLM (Mistral with a mixture-of-experts feed-forward) and Qwen3MoeForCausalLM
  * (Qwen3 with one, in the layers decoder_sparse_step and mlp_only_layers select).
  * All are the same pre-norm transformer: RMSNorm, grouped-query attention with RoPE in HF's
- * rotate_half layout, SwiGLU MLP (or top-k routed SwiGLU experts), optionally tied embeddings. Mistral's sliding_window applies to
- * every layer (query t attends over the last sliding_window keys); Qwen's use_sliding_window
- * (sliding windows in some layers only) is refused.
+ * rotate_half layout, SwiGLU MLP (or top-k routed SwiGLU experts), optionally tied embeddings.
+ * Mistral's sliding_window applies to every layer (query t attends over the last
+ * sliding_window keys); Qwen's use_sliding_window (sliding windows in some layers only) is
+ * refused.
  *
  * model_load validates everything before the forward pass trusts it: every required config key
  * with a sane value, every size the config implies (products of its values included) within an

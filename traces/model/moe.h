@@ -11,7 +11,8 @@
  * Each expert runs once per chunk on the tokens routed to it (a matrix-matrix product over
  * them). Checkpoint tensors, per layer L and expert E: Mixtral
  * model.layers.L.block_sparse_moe.gate.weight and ...experts.E.{w1,w3,w2}.weight (gate, up,
- * down); Qwen3-MoE model.layers.L.mlp.gate.weight and ...mlp.experts.E.{gate,up,down}_proj.weight. */
+ * down); Qwen3-MoE model.layers.L.mlp.gate.weight and
+ * ...mlp.experts.E.{gate,up,down}_proj.weight. */
 #ifndef KVSIM_MOE_H
 #define KVSIM_MOE_H
 

@@ -2,12 +2,13 @@
  * on a random ~1.1B-parameter BF16 Llama checkpoint (TinyLlama's shape: 22 layers, hidden 2048,
  * 32 query and 4 KV heads, intermediate 5632, vocab 32000), written into DIR when absent:
  *
- *   bench_weights16 DIR [--threads N] [--prompt 256] [--decode 8] [--rounds 2]
+ *   bench_weights16 DIR [--threads N] [--prompt 256] [--decode 8] [--rounds 3]
  *
- * Each path runs in its own child process (so that its peak RSS is its own): load the model
- * (BF16 matrices left in the mapping, or every weight converted to float32 at load), prefill the
- * prompt in 128-token chunks, greedy decode steps. The two paths alternate for --rounds rounds
- * and each keeps its best tokens/s (the machine may be shared: the best round is the one least
+ * A run: load the model (BF16 matrices left in the mapping, or every weight converted to
+ * float32 at load), prefill the prompt in 128-token chunks, greedy decode steps. Each path runs
+ * once alone in its own child process, whose peak RSS is that path's; then one child loads both
+ * and alternates their runs for --rounds rounds, each path keeping its best tokens/s (the
+ * machine may be shared: paired runs see the same load, and the best round is the one least
  * disturbed). Reports each path's peak RSS over the checkpoint's bytes and tokens/s, the
  * ratios, and whether the targets are met:
  *   - 16-bit peak RSS <= 1.25 x checkpoint bytes + the run's KV cache;
@@ -156,59 +157,111 @@ static int write_checkpoint(const char *dir)
 }
 
 typedef struct {
-    double load_s, prefill_tok_s, decode_tok_s;
+    double load_s, prefill_tok_s, decode_tok_s; /* the best round's */
     int first_ids[4];
     float logits[VOCAB];
 } Result;
 
-/* One path, in the child: load, prefill, decode; the result into fd. */
-static int run_path(const char *dir, int f32, int n_prompt, int n_decode, int fd)
+typedef struct {
+    Model *model;
+    RunState *state;
+    int32_t *tokens;
+} Path;
+
+static int path_open(Path *p, const char *dir, int f32, int max_tokens, double *load_s)
 {
-    static Result r;
     KvErr err = {{0}};
     ModelLoadOptions options = {.f32_weights = f32};
     double t = now_seconds();
-    Model *model = model_load_with(dir, &options, &err);
-    if (!model) {
+    if (!(p->model = model_load_with(dir, &options, &err))) {
         fprintf(stderr, "bench_weights16: %s\n", err.msg);
-        return 2;
+        return -1;
     }
-    r.load_s = now_seconds() - t;
-    int T = n_prompt + n_decode;
-    int32_t *tokens = kv_malloc((size_t)T * sizeof *tokens);
+    *load_s = now_seconds() - t;
+    p->state = run_state_new(p->model, max_tokens, 128);
+    p->tokens = kv_malloc((size_t)max_tokens * sizeof *p->tokens);
+    return 0;
+}
+
+static void path_close(Path *p)
+{
+    run_state_free(p->state);
+    model_free(p->model);
+    free(p->tokens);
+}
+
+/* One run from position 0: the prompt in 128-token chunks, then greedy decode steps; its
+ * tokens/s into r when better than what r holds. */
+static void path_run(Path *p, int n_prompt, int n_decode, Result *r)
+{
+    p->state->n_cached = 0;
     for (int i = 0; i < n_prompt; i++)
-        tokens[i] = (int32_t)(((long)i * 7919 + 13) % VOCAB);
-    RunState *s = run_state_new(model, T, 128);
-    t = now_seconds();
-    const float *logits = forward_prompt(s, tokens, n_prompt, NULL);
-    r.prefill_tok_s = n_prompt / (now_seconds() - t);
+        p->tokens[i] = (int32_t)(((long)i * 7919 + 13) % VOCAB);
+    double t = now_seconds();
+    const float *logits = forward_prompt(p->state, p->tokens, n_prompt, NULL);
+    double prefill = n_prompt / (now_seconds() - t);
     t = now_seconds();
     for (int i = 0; i < n_decode; i++) {
-        tokens[n_prompt + i] = argmax_token(logits, VOCAB);
-        logits = forward_tokens(s, &tokens[n_prompt + i], 1, 1, NULL);
+        p->tokens[n_prompt + i] = argmax_token(logits, VOCAB);
+        logits = forward_tokens(p->state, &p->tokens[n_prompt + i], 1, 1, NULL);
     }
-    r.decode_tok_s = n_decode / (now_seconds() - t);
+    double decode = n_decode / (now_seconds() - t);
+    r->prefill_tok_s = fmax(r->prefill_tok_s, prefill);
+    r->decode_tok_s = fmax(r->decode_tok_s, decode);
     for (int i = 0; i < 4; i++)
-        r.first_ids[i] = i < n_decode ? tokens[n_prompt + i] : -1;
-    memcpy(r.logits, logits, sizeof r.logits);
-    run_state_free(s);
-    model_free(model);
-    free(tokens);
-    const char *p = (const char *)&r;
-    for (size_t done = 0; done < sizeof r;) {
-        ssize_t w = write(fd, p + done, sizeof r - done);
+        r->first_ids[i] = i < n_decode ? p->tokens[n_prompt + i] : -1;
+    memcpy(r->logits, logits, sizeof r->logits);
+}
+
+static int write_all(int fd, const void *data, size_t len)
+{
+    for (size_t done = 0; done < len;) {
+        ssize_t w = write(fd, (const char *)data + done, len - done);
         if (w < 0 && errno == EINTR)
             continue;
         if (w <= 0)
-            return 2;
+            return -1;
         done += (size_t)w;
     }
     return 0;
 }
 
-/* Runs one path in a child process; its result and peak RSS (bytes). */
-static int measure(const char *dir, int f32, int n_prompt, int n_decode, Result *out,
-                   double *peak_rss)
+/* The memory child: one path alone, one run; its peak RSS is the parent's measure. */
+static int child_memory(const char *dir, int f32, int n_prompt, int n_decode, int fd)
+{
+    static Result r;
+    Path p;
+    if (path_open(&p, dir, f32, n_prompt + n_decode, &r.load_s) != 0)
+        return 2;
+    path_run(&p, n_prompt, n_decode, &r);
+    path_close(&p);
+    return write_all(fd, &r, sizeof r) == 0 ? 0 : 2;
+}
+
+/* The speed child: both paths loaded, their runs alternating (16-bit first in odd rounds,
+ * float32 first in even ones), so that each pair of runs sees the same machine. */
+static int child_speed(const char *dir, int n_prompt, int n_decode, int rounds, int fd)
+{
+    static Result r[2];
+    Path p[2];
+    for (int i = 0; i < 2; i++)
+        if (path_open(&p[i], dir, i, n_prompt + n_decode, &r[i].load_s) != 0)
+            return 2;
+    for (int round = 0; round < rounds; round++)
+        for (int k = 0; k < 2; k++) {
+            int i = round % 2 ? 1 - k : k;
+            path_run(&p[i], n_prompt, n_decode, &r[i]);
+            fprintf(stderr, "round %d, %s: prefill %.2f tok/s, decode %.2f tok/s (best so far)\n",
+                    round + 1, i ? "float32" : "16-bit", r[i].prefill_tok_s, r[i].decode_tok_s);
+        }
+    for (int i = 0; i < 2; i++)
+        path_close(&p[i]);
+    return write_all(fd, r, sizeof r) == 0 ? 0 : 2;
+}
+
+/* Runs child(...) in a child process; reads `len` bytes of results, and its peak RSS (bytes). */
+static int in_child(const char *dir, int mode, int n_prompt, int n_decode, int rounds, void *out,
+                    size_t len, double *peak_rss)
 {
     int fds[2];
     if (pipe(fds) != 0)
@@ -219,13 +272,13 @@ static int measure(const char *dir, int f32, int n_prompt, int n_decode, Result 
         return -1;
     if (pid == 0) {
         close(fds[0]);
-        _exit(run_path(dir, f32, n_prompt, n_decode, fds[1]));
+        _exit(mode < 2 ? child_memory(dir, mode, n_prompt, n_decode, fds[1])
+                       : child_speed(dir, n_prompt, n_decode, rounds, fds[1]));
     }
     close(fds[1]);
-    char *p = (char *)out;
     size_t done = 0;
-    while (done < sizeof *out) {
-        ssize_t r = read(fds[0], p + done, sizeof *out - done);
+    while (done < len) {
+        ssize_t r = read(fds[0], (char *)out + done, len - done);
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0)
@@ -236,7 +289,7 @@ static int measure(const char *dir, int f32, int n_prompt, int n_decode, Result 
     int status;
     struct rusage usage;
     if (wait4(pid, &status, 0, &usage) != pid || !WIFEXITED(status) || WEXITSTATUS(status) ||
-        done != sizeof *out)
+        done != len)
         return -1;
     *peak_rss = (double)usage.ru_maxrss * 1024.0; /* Linux reports KiB */
     return 0;
@@ -249,7 +302,7 @@ int main(int argc, char **argv)
         return 2;
     }
     const char *dir = argv[1];
-    int threads = openblas_get_num_procs(), n_prompt = 256, n_decode = 8, rounds = 2;
+    int threads = openblas_get_num_procs(), n_prompt = 256, n_decode = 8, rounds = 3;
     for (int i = 2; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--threads"))
             threads = atoi(argv[i + 1]);
@@ -290,37 +343,26 @@ int main(int argc, char **argv)
            "threads\n", dir, (double)model_n_params(&c), ckpt / 1e9, n_prompt, n_decode,
            threads);
 
-    static Result best[2], round;
-    double rss[2] = {0, 0};
+    static Result alone[2], best[2];
+    double rss[2], unused;
     const char *names[2] = {"16-bit", "float32"};
-    for (int r = 0; r < rounds; r++)
-        for (int i = 0; i < 2; i++) {
-            double peak;
-            if (measure(dir, i, n_prompt, n_decode, &round, &peak) != 0) {
-                fprintf(stderr, "bench_weights16: a measured run failed\n");
-                return 2;
-            }
-            printf("round %d, %-7s: load %.2f s, peak RSS %.2f GB, prefill %.2f tok/s, decode "
-                   "%.2f tok/s\n", r + 1, names[i], round.load_s, peak / 1e9, round.prefill_tok_s,
-                   round.decode_tok_s);
-            fflush(stdout);
-            rss[i] = peak > rss[i] ? peak : rss[i];
-            if (r == 0) {
-                best[i] = round;
-                continue;
-            }
-            best[i].load_s = fmin(best[i].load_s, round.load_s);
-            best[i].prefill_tok_s = fmax(best[i].prefill_tok_s, round.prefill_tok_s);
-            best[i].decode_tok_s = fmax(best[i].decode_tok_s, round.decode_tok_s);
+    for (int i = 0; i < 2; i++)
+        if (in_child(dir, i, n_prompt, n_decode, 1, &alone[i], sizeof alone[i], &rss[i]) != 0) {
+            fprintf(stderr, "bench_weights16: the %s run failed\n", names[i]);
+            return 2;
         }
-    const Result *res[2] = {&best[0], &best[1]}, *half = &best[0], *full = &best[1];
+    if (in_child(dir, 2, n_prompt, n_decode, rounds, best, sizeof best, &unused) != 0) {
+        fprintf(stderr, "bench_weights16: the alternating runs failed\n");
+        return 2;
+    }
+    const Result *half = &best[0], *full = &best[1];
     double rss_half = rss[0], rss_full = rss[1];
     for (int i = 0; i < 2; i++)
         printf("%-7s weights: load %.2f s, peak RSS %.2f GB = %.3f x checkpoint, prefill %.2f "
-               "tok/s, decode %.2f tok/s, first ids %d %d %d %d\n", names[i], res[i]->load_s,
-               rss[i] / 1e9, rss[i] / ckpt, res[i]->prefill_tok_s, res[i]->decode_tok_s,
-               res[i]->first_ids[0], res[i]->first_ids[1], res[i]->first_ids[2],
-               res[i]->first_ids[3]);
+               "tok/s, decode %.2f tok/s, first ids %d %d %d %d\n", names[i], alone[i].load_s,
+               rss[i] / 1e9, rss[i] / ckpt, best[i].prefill_tok_s, best[i].decode_tok_s,
+               best[i].first_ids[0], best[i].first_ids[1], best[i].first_ids[2],
+               best[i].first_ids[3]);
     double worst = 0, largest = 0;
     for (int v = 0; v < VOCAB; v++) {
         worst = fmax(worst, fabs((double)half->logits[v] - full->logits[v]));

@@ -9,6 +9,10 @@
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_F16C_PATH 1
+#endif
 
 /* Floats per converted block (4 MB): large enough that OpenBLAS's threads and GEMM blocking
  * pay off on each call (smaller blocks measured slower for decode too: every call wakes the
@@ -19,6 +23,21 @@ size_t matrix_scratch_floats(int max_cols)
 {
     return (size_t)max_cols > BLOCK_FLOATS ? (size_t)max_cols : BLOCK_FLOATS;
 }
+
+#ifdef HAVE_F16C_PATH
+/* IEEE binary16 to float32 with the F16C instructions, eight at a time (exact, as
+ * float_from_half is for every finite value; the weights are checked finite at load). Compiled
+ * for F16C whatever the build's target, and called only when the CPU has it. */
+__attribute__((target("avx,f16c"))) static size_t convert_f16_f16c(const unsigned char *src,
+                                                                    size_t n, float *out)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                      (const __m128i *)(const void *)(src + 2 * i))));
+    return i;
+}
+#endif
 
 /* Converts n 16-bit values (little endian, any alignment) to float32. A bfloat16 is the upper
  * half of a float32: with SSE2, eight at a time by interleaving zeros below them. */
@@ -41,7 +60,12 @@ static void convert_half(const unsigned char *src, size_t n, int bf16, float *ou
             memcpy(&out[i], &bits, sizeof bits);
         }
     } else {
-        for (size_t i = 0; i < n; i++)
+        size_t i = 0;
+#ifdef HAVE_F16C_PATH
+        if (__builtin_cpu_supports("f16c"))
+            i = convert_f16_f16c(src, n, out);
+#endif
+        for (; i < n; i++)
             out[i] = float_from_half((uint16_t)(src[2 * i] | src[2 * i + 1] << 8));
     }
 }

@@ -34,7 +34,7 @@ RunState *run_state_new(const Model *model, int max_tokens, int chunk_size)
     s->rope_cos = kv_malloc(chunk * D / 2 * sizeof(double));
     s->rope_sin = kv_malloc(chunk * D / 2 * sizeof(double));
     s->logits = kv_malloc((size_t)c->vocab_size * sizeof(float));
-    s->matrix_scratch = kv_malloc(matrix_scratch_floats(model->max_matrix_cols) * sizeof(float));
+    s->matrix_scratch = kv_malloc((model->matrix_scratch_floats + 1) * sizeof(float));
     if (c->n_experts > 0)
         s->moe = moe_scratch_new(c, chunk_size);
     size_t cache = (size_t)c->n_layers * kv_dim * T;

@@ -14,14 +14,22 @@
 #define HAVE_F16C_PATH 1
 #endif
 
-/* Floats per converted block (4 MB): large enough that OpenBLAS's threads and GEMM blocking
- * pay off on each call (smaller blocks measured slower for decode too: every call wakes the
- * threads), small enough to stay mostly in the last-level cache. */
-#define BLOCK_FLOATS ((size_t)1 << 20)
+/* Floats per converted block. Every OpenBLAS call wakes its threads, which costs little on an
+ * idle machine and a scheduler slice each on a busy one, so blocks are large. A decode step
+ * (n = 1) is a matrix-vector product bound by memory bandwidth: its 4 MB block stays in the
+ * last-level cache between its conversion and the product, so the weights cross the memory bus
+ * once, as 16-bit values. A prefill chunk reuses each block n times (compute-bound): its block
+ * of up to 64 MB makes one call of most matrices, as many calls as the float32 path makes. */
+#define DECODE_BLOCK_FLOATS ((size_t)1 << 20)
+#define PREFILL_BLOCK_FLOATS ((size_t)1 << 24)
 
-size_t matrix_scratch_floats(int max_cols)
+size_t matrix_scratch_floats(const WeightMatrix *w)
 {
-    return (size_t)max_cols > BLOCK_FLOATS ? (size_t)max_cols : BLOCK_FLOATS;
+    if (w->f32)
+        return 0;
+    size_t n = (size_t)w->rows * (size_t)w->cols;
+    n = n < PREFILL_BLOCK_FLOATS ? n : PREFILL_BLOCK_FLOATS;
+    return n > (size_t)w->cols ? n : (size_t)w->cols;
 }
 
 #ifdef HAVE_F16C_PATH
@@ -86,7 +94,8 @@ void matrix_linear(float *out, const float *x, const WeightMatrix *w, const floa
     if (w->f32) {
         gemm_rows(out, w->rows, x, w->f32, n, w->rows, w->cols);
     } else {
-        int per_block = (size_t)w->cols >= BLOCK_FLOATS ? 1 : (int)(BLOCK_FLOATS / (size_t)w->cols);
+        size_t block = n == 1 ? DECODE_BLOCK_FLOATS : PREFILL_BLOCK_FLOATS;
+        int per_block = (size_t)w->cols >= block ? 1 : (int)(block / (size_t)w->cols);
         for (int r0 = 0; r0 < w->rows; r0 += per_block) {
             int rows = w->rows - r0 < per_block ? w->rows - r0 : per_block;
             convert_half(w->half + (size_t)r0 * w->cols * 2, (size_t)rows * w->cols, w->bf16,

@@ -21,12 +21,12 @@ typedef struct {
     int bf16;                  /* half holds bfloat16 (else IEEE binary16) */
 } WeightMatrix;
 
-/* Floats of scratch matrix_linear needs for matrices of at most max_cols columns: a block of
- * rows of about 4 MB, at least one row. */
-size_t matrix_scratch_floats(int max_cols);
+/* Floats of scratch matrix_linear needs for W: none for float32, else the block of rows it
+ * converts at a time (at most 64 MB; at least one row). */
+size_t matrix_scratch_floats(const WeightMatrix *w);
 
-/* out [n][rows] = x [n][cols] . W^T (+ bias [rows]); scratch holds
- * matrix_scratch_floats(cols) floats (unused for float32). */
+/* out [n][rows] = x [n][cols] . W^T (+ bias [rows]); scratch holds matrix_scratch_floats(W)
+ * floats. */
 void matrix_linear(float *out, const float *x, const WeightMatrix *w, const float *bias, int n,
                    float *scratch);
 

@@ -902,8 +902,8 @@ static int load_matrix(WeightLoader *wl, const char *name, int rows, int cols, W
     } else if (!(out->f32 = load_tensor(wl, name, rows, cols))) {
         return -1;
     }
-    if (cols > m->max_matrix_cols)
-        m->max_matrix_cols = cols;
+    if (matrix_scratch_floats(out) > m->matrix_scratch_floats)
+        m->matrix_scratch_floats = matrix_scratch_floats(out);
     return 0;
 }
 

@@ -135,7 +135,7 @@ typedef struct {
     SafetensorsCheckpoint *checkpoint; /* kept mapped: F32 and 16-bit weights point into it */
     int n_owned;
     float **owned; /* converted tensors, freed with the model */
-    int max_matrix_cols; /* the widest matrix, for matrix_scratch_floats */
+    size_t matrix_scratch_floats; /* the most any matrix needs (matrix_scratch_floats) */
 } Model;
 
 typedef struct {

@@ -22,7 +22,7 @@ typedef struct {
 } WeightMatrix;
 
 /* Floats of scratch matrix_linear needs for W: none for float32, else the block of rows it
- * converts at a time (at most 64 MB; at least one row). */
+ * converts at a time (at most 16 MB; at least one row). */
 size_t matrix_scratch_floats(const WeightMatrix *w);
 
 /* out [n][rows] = x [n][cols] . W^T (+ bias [rows]); scratch holds matrix_scratch_floats(W)

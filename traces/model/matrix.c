@@ -1,6 +1,7 @@
 #include "traces/model/matrix.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "sim/base/blas.h"
@@ -80,6 +81,54 @@ static void convert_half(const unsigned char *src, size_t n, int bf16, float *ou
     }
 }
 
+/* The conversion of a block split over OpenBLAS's thread count (the products use those cores,
+ * the conversion between them would leave all but one idle): the caller converts the first
+ * part, a thread started for the block each of the others. Conversion is exact, so the result
+ * does not depend on the split. */
+typedef struct {
+    const unsigned char *src;
+    size_t n;
+    int bf16;
+    float *out;
+} ConvertPart;
+
+static void *convert_part(void *arg)
+{
+    ConvertPart *p = arg;
+    convert_half(p->src, p->n, p->bf16, p->out);
+    return NULL;
+}
+
+#define MAX_CONVERT_THREADS 16
+
+static void convert_block(const unsigned char *src, size_t n, int bf16, float *out)
+{
+    int parts = openblas_get_num_threads();
+    parts = parts > MAX_CONVERT_THREADS ? MAX_CONVERT_THREADS : parts;
+    if (parts < 2 || n < ((size_t)1 << 16)) { /* small: a thread costs more than it saves */
+        convert_half(src, n, bf16, out);
+        return;
+    }
+    ConvertPart part[MAX_CONVERT_THREADS];
+    pthread_t thread[MAX_CONVERT_THREADS];
+    int started[MAX_CONVERT_THREADS] = {0};
+    size_t per = (n / (size_t)parts + 7) & ~(size_t)7;
+    for (int i = 0; i < parts; i++) {
+        size_t begin = per * (size_t)i < n ? per * (size_t)i : n;
+        size_t end = begin + per < n ? begin + per : n;
+        part[i] = (ConvertPart){src + 2 * begin, end - begin, bf16, out + begin};
+        if (i > 0)
+            started[i] = pthread_create(&thread[i], NULL, convert_part, &part[i]) == 0;
+    }
+    convert_part(&part[0]);
+    for (int i = 1; i < parts; i++) {
+        if (started[i])
+            pthread_join(thread[i], NULL);
+        else
+            convert_part(&part[i]); /* no thread: the caller does it */
+    }
+}
+
 static void gemm_rows(float *out, int ldo, const float *x, const float *w, int n, int rows,
                       int cols)
 {
@@ -100,8 +149,8 @@ void matrix_linear(float *out, const float *x, const WeightMatrix *w, const floa
         int per_block = (size_t)w->cols >= block ? 1 : (int)(block / (size_t)w->cols);
         for (int r0 = 0; r0 < w->rows; r0 += per_block) {
             int rows = w->rows - r0 < per_block ? w->rows - r0 : per_block;
-            convert_half(w->half + (size_t)r0 * w->cols * 2, (size_t)rows * w->cols, w->bf16,
-                         scratch);
+            convert_block(w->half + (size_t)r0 * w->cols * 2, (size_t)rows * w->cols, w->bf16,
+                          scratch);
             gemm_rows(out + r0, w->rows, x, scratch, n, rows, w->cols);
         }
     }

@@ -21,8 +21,7 @@
  * to memory. A decode step (n = 1) is a matrix-vector product bound by memory bandwidth: its
  * 4 MB block stays in the cache between its conversion and the product, so the weights cross
  * the memory bus once, as 16-bit values. A prefill chunk reuses each block n times: 16 MB
- * blocks measured best (0.86x the float32 path's prefill, against 0.6-0.79x with 4 MB or 64 MB
- * blocks, on a busy 2-vCPU EPYC). */
+ * blocks measured best on a busy 2-vCPU EPYC (against 4 MB and 64 MB). */
 #define DECODE_BLOCK_FLOATS ((size_t)1 << 20)
 #define PREFILL_BLOCK_FLOATS ((size_t)1 << 22)
 

@@ -11,11 +11,11 @@
  * never by the architecture's name.
  *
  * Sliding-window layers (query t attends over the last sliding_window keys, its own included):
- * Mistral's and Mixtral's sliding_window (every layer), Qwen2/Qwen3/Qwen3-MoE's
- * use_sliding_window (the layers from max_window_layers on), Gemma 2 (every other layer from
- * layer 0), Gemma 3 (every layer but each sliding_window_pattern-th), or the config's
- * layer_types list, which, when present, must agree with the rule the other keys state
- * (model_layer_window).
+ * Mistral's and Mixtral's sliding_window (every layer), Qwen2/Qwen3's use_sliding_window (the
+ * layers from max_window_layers on), Gemma 2 (every other layer from layer 0), Gemma 3 (every
+ * layer but each sliding_window_pattern-th), or the config's layer_types list, which, when
+ * present, must agree with the rule the other keys state (model_layer_window). Qwen3-MoE's
+ * use_sliding_window is refused: transformers' releases disagree on which of its layers slide.
  *
  * model_load validates everything before the forward pass trusts it: every required config key
  * with a sane value, every size the config implies (products of its values included) within an

@@ -122,8 +122,9 @@ bench: build $(DEFAULT_TRACE)
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-torch
 	cd $(BUILD) && ./bench_replay bench-1b.h5 $(CURDIR)/bench/replay.ini $(CURDIR)/configs/ta512.ini; \
 	  replay=$$?; cd $(CURDIR) && bench/generator.sh $(BUILD) 2; generator=$$?; \
+	  $(BUILD)/bench_weights16 $(BUILD)/bench-1b-bf16 --threads 2; weights16=$$?; \
 	  bench/sweep.sh $(KVSIM) $(SWEEP_CONFIG) $(DEFAULT_TRACE) "$(SWEEP_SORTED)" 2; \
-	  exit $$(( replay || generator || $$? ))
+	  exit $$(( replay || generator || weights16 || $$? ))
 
 # The request-level simulator's benchmark (bench/bench_reuse.c): its synthetic log of
 # BENCH_REUSE_CONVERSATIONS conversations (about 4 requests each) is written once into the

@@ -16,6 +16,7 @@
 #include "tests/support/scratch.h"
 #include "tests/support/tiny_ckpt.h"
 #include "traces/model/forward.h"
+#include "traces/model/moe.h"
 #include "traces/model/model.h"
 
 #define TOLERANCE 1e-4
@@ -34,6 +35,10 @@ static double *ref_at(double *base, int outer, int heads, int h, int T, int t, i
 {
     return base + (((size_t)outer * heads + h) * T + t) * D;
 }
+
+/* longrope's ext_factors: the short or the long list, as the test decides from HF's rule
+ * (long when the sequence is longer than the original context). */
+static const double *ref_ext_factors;
 
 /* HF: inv_freq = 1 / base^(arange(0, dim, 2) / dim), then the rope_scaling rule. Written as
  * HF writes it (masks over all frequencies), not as traces/model/model.c does. */
@@ -63,6 +68,9 @@ static void ref_inv_freq(const TinyCheckpointSpec *s, const char *type, double f
             out[i] = is_medium ? smoothed : llama;
         }
     }
+    if (!strcmp(type, "longrope")) /* 1 / (ext_factors * base ** (arange(0, dim, 2) / dim)) */
+        for (int i = 0; i < D / 2; i++)
+            out[i] = 1.0 / (ref_ext_factors[i] * pow(base, (2.0 * i) / D));
     if (!strcmp(type, "yarn")) {
         /* beta_fast 32, beta_slow 1 (the config leaves them out), truncate: HF's
          * find_correction_range and linear_ramp_factor over the dim // 2 pairs. */
@@ -155,6 +163,69 @@ typedef struct {
     const double *inv_freq; /* [L][D/2] */
 } RefGeometry;
 
+/* Gated MLP: down(act(gate x) * up x), into delta [H]; act is SiLU (SwiGLU), or with gelu the
+ * tanh GELU (Gemma's GeGLU). */
+static void ref_mlp(double *delta, const float *gate_w, const float *up_w, const float *down_w,
+                    const double *x, int H, int I, int gelu)
+{
+    double *gate = kv_calloc((size_t)I, sizeof(double)), *up = kv_calloc((size_t)I, sizeof(double));
+    ref_linear(gate, gate_w, NULL, x, H, I);
+    ref_linear(up, up_w, NULL, x, H, I);
+    for (int i = 0; i < I; i++)
+        gate[i] = (gelu ? ref_gelu_tanh(gate[i]) : gate[i] / (1 + exp(-gate[i]))) * up[i];
+    ref_linear(delta, down_w, NULL, gate, I, H);
+    free(gate);
+    free(up);
+}
+
+/* HF's sparse MoE block (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock) for one token:
+ * routing_weights = softmax(gate(x)); the top k of them (torch.topk); divided by their sum when
+ * norm_topk_prob (Mixtral: always); the selected experts' MLP outputs times their weight, added
+ * in ascending expert order (the index_add_ loop over experts). */
+static void ref_moe(double *delta, const TinyCheckpoint *ck, int l, const double *x)
+{
+    const TinyCheckpointSpec *s = &ck->spec;
+    int mixtral = !strcmp(s->architecture, "MixtralForCausalLM");
+    int E = s->n_experts, k = s->n_experts_per_tok, H = s->hidden_size;
+    int I = mixtral ? s->intermediate_size : s->moe_intermediate_size;
+    const char *prefix = mixtral ? "block_sparse_moe" : "mlp";
+    char name[64];
+    snprintf(name, sizeof name, "%s.gate.weight", prefix);
+    double probs[64], weight[64] = {0}, sum = 0, max = -INFINITY, chosen = 0, *out = kv_calloc((size_t)H, sizeof(double));
+    int selected[64] = {0};
+    assert_true(E <= 64);
+    ref_linear(probs, W(ck, l, name), NULL, x, H, E);
+    for (int e = 0; e < E; e++)
+        max = fmax(max, probs[e]);
+    for (int e = 0; e < E; e++)
+        sum += probs[e] = exp(probs[e] - max);
+    for (int e = 0; e < E; e++)
+        probs[e] /= sum;
+    for (int i = 0; i < k; i++) {
+        int best = -1;
+        for (int e = 0; e < E; e++)
+            if (!selected[e] && (best < 0 || probs[e] > probs[best]))
+                best = e;
+        selected[best] = 1;
+        weight[best] = probs[best];
+        chosen += probs[best];
+    }
+    for (int e = 0; e < E; e++) {
+        if (!selected[e])
+            continue;
+        char g[64], u[64], d[64];
+        snprintf(g, sizeof g, "%s.experts.%d.%s.weight", prefix, e, mixtral ? "w1" : "gate_proj");
+        snprintf(u, sizeof u, "%s.experts.%d.%s.weight", prefix, e, mixtral ? "w3" : "up_proj");
+        snprintf(d, sizeof d, "%s.experts.%d.%s.weight", prefix, e, mixtral ? "w2" : "down_proj");
+        ref_mlp(delta, W(ck, l, g), W(ck, l, u), W(ck, l, d), x, H, I, 0);
+        double w = mixtral || s->norm_topk_prob ? weight[e] / chosen : weight[e];
+        for (int i = 0; i < H; i++)
+            out[i] += w * delta[i];
+    }
+    memcpy(delta, out, (size_t)H * sizeof(double));
+    free(out);
+}
+
 /* HF's attention: softmax(scale · q·k) over the keys j with t - window < j <= t (every j <= t
  * when window = 0). Gemma (modeling_gemma2.py, modeling_gemma3.py): embeddings times
  * sqrt(hidden), norms (1 + w), q/k norms (Gemma 3), logits soft-capped before the mask, the
@@ -172,7 +243,8 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
     r->T = T;
     double eps = s->rms_norm_eps;
     int gemma = tiny_is_gemma(s), gemma3 = gemma && strstr(s->architecture, "Gemma3") != NULL;
-    int qk_norm = gemma3 || !strcmp(s->architecture, "Qwen3ForCausalLM");
+    int qk_norm = gemma3 || !strcmp(s->architecture, "Qwen3ForCausalLM") ||
+                  !strcmp(s->architecture, "Qwen3MoeForCausalLM");
     double scale = geo->scale;
     ref_norm_unit = gemma ? 1 : 0;
     r->logits = kv_calloc((size_t)T * V, sizeof(double));
@@ -185,7 +257,6 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
     double *normed = kv_calloc((size_t)H, sizeof(double));
     double *proj = kv_calloc((size_t)(Hq > Hkv ? Hq : Hkv) * D + H + I, sizeof(double));
     double *attn = kv_calloc((size_t)T * Hq * D, sizeof(double));
-    double *gate = kv_calloc((size_t)I, sizeof(double)), *up = kv_calloc((size_t)I, sizeof(double));
     double *delta = kv_calloc((size_t)H, sizeof(double));
     const float *emb = W(ck, -1, "model.embed_tokens.weight");
     for (int t = 0; t < T; t++)
@@ -258,11 +329,11 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
                         W(ck, l, gemma ? "pre_feedforward_layernorm.weight"
                                        : "post_attention_layernorm.weight"),
                         H, eps);
-            ref_linear(gate, W(ck, l, "mlp.gate_proj.weight"), NULL, normed, H, I);
-            ref_linear(up, W(ck, l, "mlp.up_proj.weight"), NULL, normed, H, I);
-            for (int i = 0; i < I; i++)
-                gate[i] = (gemma ? ref_gelu_tanh(gate[i]) : gate[i] / (1 + exp(-gate[i]))) * up[i];
-            ref_linear(delta, W(ck, l, "mlp.down_proj.weight"), NULL, gate, I, H);
+            if (tiny_layer_is_moe(s, l))
+                ref_moe(delta, ck, l, normed);
+            else
+                ref_mlp(delta, W(ck, l, "mlp.gate_proj.weight"), W(ck, l, "mlp.up_proj.weight"),
+                        W(ck, l, "mlp.down_proj.weight"), normed, H, I, gemma);
             if (gemma)
                 ref_rmsnorm(delta, delta, W(ck, l, "post_feedforward_layernorm.weight"), H, eps);
             for (int i = 0; i < H; i++)
@@ -281,8 +352,6 @@ static Reference *reference_run(const TinyCheckpoint *ck, const int32_t *tokens,
     free(normed);
     free(proj);
     free(attn);
-    free(gate);
-    free(up);
     free(delta);
     return r;
 }
@@ -453,6 +522,22 @@ static void check_variant(const Variant *variant)
     Model *model = model_load(dir, &err);
     if (!model)
         fail_msg("%s", err.msg);
+    /* A 16-bit checkpoint's matrices stay 16-bit in the mapping, whatever the architecture's
+     * feed-forward (SwiGLU, Gemma's GeGLU, the experts'). */
+    if (variant->spec.dtype != TINY_F32 && variant->spec.quant_bits == 0) {
+        const TransformerWeights *w = &model->weights;
+        assert_non_null(w->token_embedding.half);
+        assert_non_null(w->lm_head.half);
+        for (int l = 0; l < variant->spec.n_layers; l++) {
+            const LayerWeights *lw = &w->layers[l];
+            assert_true(lw->wq.half && lw->wk.half && lw->wv.half && lw->wo.half);
+            if (lw->moe)
+                assert_true(lw->moe->router.half && lw->moe->gate[0].half &&
+                            lw->moe->up[0].half && lw->moe->down[0].half);
+            else
+                assert_true(lw->w_gate.half && lw->w_up.half && lw->w_down.half);
+        }
+    }
 
     int32_t tokens[N_TOKENS];
     tokens_for(&variant->spec, tokens);
@@ -564,6 +649,10 @@ static void test_mistral_bf16(void **state)
     v.spec.dtype = TINY_BF16;
     v.spec.seed = 5;
     check_variant(&v);
+    /* An embedding and LM head of 1100 x 64 values: large enough that their conversion is split
+     * over threads (traces/model/matrix.c) when OpenBLAS has more than one. */
+    v.spec.vocab_size = 1100;
+    check_variant(&v);
 }
 
 static void test_llama_f16(void **state)
@@ -627,6 +716,42 @@ static void test_yarn_rope_scaling(void **state)
     v.spec.rope_scaling = "{\"rope_type\": \"yarn\", \"factor\": 4.0, "
                           "\"original_max_position_embeddings\": 256, \"attention_factor\": 1.5}";
     v.attention_scaling = 1.5;
+    check_variant(&v);
+}
+
+/* LongRoPE in Phi-3's layout (the factor lists in rope_scaling, the pretrained context at the
+ * config's top level): original context 16 < 27 tokens, so the long factors, factor 512 / 16 =
+ * 32 and attention factor sqrt(1 + ln 32 / ln 16) = 1.5; original context 64, the short factors
+ * and sqrt(1 + ln 8 / ln 64); no original context: max_position_embeddings (512) is, and the
+ * rope_scaling's factor 4 gives sqrt(1 + ln 4 / ln 512); an explicit attention_factor wins. */
+static void test_longrope_scaling(void **state)
+{
+    (void)state;
+    static const double short_f[8] = {1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.3, 4.0};
+    static const double long_f[8] = {1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0};
+    const char *lists = "\"short_factor\": [1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.3, 4.0], "
+                        "\"long_factor\": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0]";
+    char text[512];
+    snprintf(text, sizeof text, "{\"type\": \"longrope\", %s}", lists);
+    Variant v = base_variant();
+    v.spec.rope_scaling = text;
+    v.spec.original_max_position_embeddings = 16;
+    v.spec.seed = 17;
+    v.rope_type = "longrope";
+    ref_ext_factors = long_f;
+    v.attention_scaling = sqrt(1 + log(32.0) / log(16.0));
+    check_variant(&v);
+    v.spec.original_max_position_embeddings = 64;
+    ref_ext_factors = short_f;
+    v.attention_scaling = sqrt(1 + log(8.0) / log(64.0));
+    check_variant(&v);
+    v.spec.original_max_position_embeddings = 0;
+    snprintf(text, sizeof text, "{\"rope_type\": \"longrope\", \"factor\": 4.0, %s}", lists);
+    v.attention_scaling = sqrt(1 + log(4.0) / log(512.0));
+    check_variant(&v);
+    snprintf(text, sizeof text, "{\"rope_type\": \"longrope\", \"attention_factor\": 1.25, %s}",
+             lists);
+    v.attention_scaling = 1.25;
     check_variant(&v);
 }
 
@@ -756,6 +881,49 @@ static void test_gemma3(void **state)
     check_variant(&v);
 }
 
+/* Mixtral: 4 experts, top 2, renormalized, in every layer; BF16 weights (kept 16-bit in
+ * memory), with a sliding window shorter than the run. */
+static void test_mixtral_moe(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.architecture = "MixtralForCausalLM";
+    v.spec.n_experts = 4;
+    v.spec.n_experts_per_tok = 2;
+    v.spec.seed = 14;
+    check_variant(&v);
+    v.spec.dtype = TINY_BF16;
+    v.spec.sliding_window = 6;
+    check_variant(&v);
+}
+
+/* Qwen3-MoE: 6 experts of 32, top 3, q/k norms; 3 layers of which layer 0 is dense through
+ * mlp_only_layers; with and without norm_topk_prob; decoder_sparse_step 2 (only layer 1 has
+ * experts), two shards, F16. */
+static void test_qwen3_moe(void **state)
+{
+    (void)state;
+    Variant v = base_variant();
+    v.spec.architecture = "Qwen3MoeForCausalLM";
+    v.spec.n_layers = 3;
+    v.spec.n_experts = 6;
+    v.spec.n_experts_per_tok = 3;
+    v.spec.moe_intermediate_size = 32;
+    v.spec.norm_topk_prob = 1;
+    v.spec.mlp_only_layer = 0;
+    v.spec.head_dim = 24;
+    v.spec.seed = 15;
+    check_variant(&v);
+    v.spec.norm_topk_prob = 0;
+    v.spec.mlp_only_layer = -1;
+    v.spec.seed = 16;
+    check_variant(&v);
+    v.spec.decoder_sparse_step = 2;
+    v.spec.n_shards = 2;
+    v.spec.dtype = TINY_F16;
+    check_variant(&v);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -775,6 +943,9 @@ int main(void)
         cmocka_unit_test(test_qwen2_sliding_layers),
         cmocka_unit_test(test_gemma2),
         cmocka_unit_test(test_gemma3),
+        cmocka_unit_test(test_longrope_scaling),
+        cmocka_unit_test(test_mixtral_moe),
+        cmocka_unit_test(test_qwen3_moe),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -70,7 +70,7 @@ static void test_good_checkpoint_loads(void **state)
     assert_int_equal(m->config.head_dim, 16);
     assert_int_equal(m->config.n_kv_heads, 2);
     /* F32 and aligned: used in place in the mapping, bit for bit what was written. */
-    assert_memory_equal(m->weights.layers[0].wk,
+    assert_memory_equal(m->weights.layers[0].wk.f32,
                         tiny_ckpt_tensor(bc->ck, "model.layers.0.self_attn.k_proj.weight"),
                         (size_t)32 * 64 * sizeof(float));
     model_free(m);
@@ -157,8 +157,9 @@ static void test_unsupported_architecture(void **state)
 static void test_unsupported_rope_scaling(void **state)
 {
     BadCase *bc = *state;
-    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"longrope\", \"factor\": 4}");
-    expect_load_error(bc, (const char *[]){"config.json", "longrope", "not supported", NULL});
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"mrope\", \"factor\": 4}");
+    expect_load_error(bc, (const char *[]){"config.json", "rope_scaling", "mrope", "not supported",
+                                           NULL});
     /* yarn: beta_fast must exceed beta_slow; a key of the wrong kind names the key */
     tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"yarn\", \"factor\": 4, "
                                                   "\"beta_fast\": 1, \"beta_slow\": 2}");
@@ -170,6 +171,104 @@ static void test_unsupported_rope_scaling(void **state)
     expect_load_error(bc, (const char *[]){"config.json", "'factor' missing", NULL});
     tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"llama3\", \"factor\": 8}");
     expect_load_error(bc, (const char *[]){"config.json", "low_freq_factor", NULL});
+    /* longrope: both lists of head_dim / 2 = 8 positive numbers */
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"longrope\", \"factor\": 4, "
+                                                  "\"short_factor\": [1, 1, 1, 1, 1, 1, 1, 1]}");
+    expect_load_error(bc, (const char *[]){"config.json", "rope_scaling.long_factor", "missing",
+                                           NULL});
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"longrope\", \"factor\": 4, "
+                                                  "\"short_factor\": [1, 1, 1, 1, 1, 1, 1], "
+                                                  "\"long_factor\": [1, 1, 1, 1, 1, 1, 1, 1]}");
+    expect_load_error(bc, (const char *[]){"config.json", "rope_scaling.short_factor", "8 numbers",
+                                           NULL});
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"longrope\", \"factor\": 4, "
+                                                  "\"short_factor\": [1, 1, 1, 1, 1, 1, 1, 1], "
+                                                  "\"long_factor\": [1, 1, 1, 0, 1, 1, 1, 1]}");
+    expect_load_error(bc, (const char *[]){"config.json", "rope_scaling.long_factor", "entry 3",
+                                           NULL});
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"rope_type\": \"longrope\", "
+                                                  "\"short_factor\": [1, 1, 1, 1, 1, 1, 1, 1], "
+                                                  "\"long_factor\": [1, 1, 1, 1, 1, 1, 1, 1]}");
+    expect_load_error(bc, (const char *[]){"config.json", "'factor' missing", NULL});
+}
+
+/* An unknown RoPE type through the CLI: exit 2, one line naming the file and the key. */
+static void test_unknown_rope_type_cli(void **state)
+{
+    BadCase *bc = *state;
+    tiny_ckpt_set_config(bc->dir, "rope_scaling", "{\"type\": \"ntk-by-parts\", \"factor\": 2}");
+    scratch_write(scratch_path(bc->dir, "tokens.txt", 0), "1 2 3 4\n");
+    char args[8192 * 3];
+    snprintf(args, sizeof args, "trace --model '%s' --tokens '%s' --out '%s' --max-new 2",
+             bc->dir, scratch_path(bc->dir, "tokens.txt", 0), scratch_path(bc->dir, "out.h5", 1));
+    run_kvsim_fails(args, "config.json", "rope_scaling", "ntk-by-parts", NULL);
+}
+
+/* A Qwen3-MoE (or Mixtral) checkpoint of one layer rewritten into bc's directory. */
+static void write_moe(BadCase *bc, const char *architecture)
+{
+    tiny_ckpt_free(bc->ck);
+    TinyCheckpointSpec spec = tiny_ckpt_default_spec();
+    spec.architecture = architecture;
+    spec.n_layers = 1;
+    spec.n_experts = 4;
+    spec.n_experts_per_tok = 2;
+    spec.moe_intermediate_size = 16;
+    spec.norm_topk_prob = 1;
+    bc->ck = tiny_ckpt_write(bc->dir, &spec);
+}
+
+/* Routing keys missing or inconsistent, an expert's tensor missing or misshapen: one line
+ * naming config.json and the key, or the file and the tensor; exit 2 through the CLI. */
+static void test_moe_errors(void **state)
+{
+    BadCase *bc = *state;
+    const char *qwen_keys[] = {"num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                               "norm_topk_prob"};
+    for (int i = 0; i < 4; i++) {
+        write_moe(bc, "Qwen3MoeForCausalLM");
+        tiny_ckpt_set_config(bc->dir, qwen_keys[i], NULL);
+        expect_load_error(bc, (const char *[]){"config.json", qwen_keys[i], "missing", NULL});
+    }
+    const char *mixtral_keys[] = {"num_local_experts", "num_experts_per_tok"};
+    for (int i = 0; i < 2; i++) {
+        write_moe(bc, "MixtralForCausalLM");
+        tiny_ckpt_set_config(bc->dir, mixtral_keys[i], NULL);
+        expect_load_error(bc, (const char *[]){"config.json", mixtral_keys[i], "missing", NULL});
+    }
+    write_moe(bc, "Qwen3MoeForCausalLM");
+    tiny_ckpt_set_config(bc->dir, "num_experts_per_tok", "5");
+    expect_load_error(bc, (const char *[]){"config.json", "num_experts_per_tok", "exceeds", NULL});
+    tiny_ckpt_set_config(bc->dir, "num_experts_per_tok", "2");
+    tiny_ckpt_set_config(bc->dir, "norm_topk_prob", "1");
+    expect_load_error(bc, (const char *[]){"config.json", "norm_topk_prob", "true or false", NULL});
+    tiny_ckpt_set_config(bc->dir, "norm_topk_prob", "true");
+    tiny_ckpt_set_config(bc->dir, "mlp_only_layers", "[3]");
+    expect_load_error(bc, (const char *[]){"config.json", "mlp_only_layers", NULL});
+    tiny_ckpt_set_config(bc->dir, "mlp_only_layers", "[]");
+    tiny_ckpt_remove_tensor(bc->weights, "model.layers.0.mlp.experts.3.down_proj.weight");
+    expect_load_error(bc, (const char *[]){"model.layers.0.mlp.experts.3.down_proj.weight",
+                                           "missing", NULL});
+    /* Qwen3-MoE's sliding layers: transformers' releases disagree on which slide. */
+    write_moe(bc, "Qwen3MoeForCausalLM");
+    tiny_ckpt_set_config(bc->dir, "use_sliding_window", "true");
+    tiny_ckpt_set_config(bc->dir, "sliding_window", "8");
+    expect_load_error(bc, (const char *[]){"config.json", "use_sliding_window", "Qwen3-MoE",
+                                           "not supported", NULL});
+    write_moe(bc, "MixtralForCausalLM");
+    tiny_ckpt_edit_header(bc->weights, "model.layers.0.block_sparse_moe.gate.weight", "shape",
+                          "[64, 4]");
+    expect_load_error(bc, (const char *[]){"model.safetensors",
+                                           "model.layers.0.block_sparse_moe.gate.weight",
+                                           "[64, 4]", "[4, 64]", NULL});
+    /* Through the CLI. */
+    write_moe(bc, "Qwen3MoeForCausalLM");
+    tiny_ckpt_set_config(bc->dir, "num_experts", NULL);
+    scratch_write(scratch_path(bc->dir, "tokens.txt", 0), "1 2 3 4\n");
+    char args[8192 * 3];
+    snprintf(args, sizeof args, "trace --model '%s' --tokens '%s' --out '%s' --max-new 2",
+             bc->dir, scratch_path(bc->dir, "tokens.txt", 0), scratch_path(bc->dir, "out.h5", 1));
+    run_kvsim_fails(args, "config.json", "num_experts", "missing", NULL);
 }
 
 /* A 4-bit MLX checkpoint (tiny_ckpt's layout) rewritten into bc's directory. */
@@ -729,7 +828,8 @@ int main(void)
         T(test_data_area_not_covered), T(test_header_lies), T(test_names_escaped),
         T(test_index_names_escaped), T(test_config_text), T(test_config_products_overflow),
         T(test_rope_frequencies_checked_at_load), T(test_non_finite_weights),
-        T(test_non_finite_weights_cli), T(test_not_regular_files),
+        T(test_non_finite_weights_cli), T(test_not_regular_files), T(test_moe_errors),
+        T(test_unknown_rope_type_cli),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);

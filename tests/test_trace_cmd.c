@@ -325,6 +325,112 @@ static void test_f16_trace_passes_check(void **state)
     kvsim_run_free(&run);
 }
 
+/* A random Qwen3-MoE checkpoint in BF16 (weights kept 16-bit): `kvsim trace` stores what the
+ * forward pass computes, `kvsim check` accepts the trace and `kvsim run configs/ta512.ini`
+ * replays it through every policy of the config. */
+static void test_qwen3_moe_trace_check_run(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    TinyCheckpointSpec spec = tiny_ckpt_default_spec();
+    spec.architecture = "Qwen3MoeForCausalLM";
+    spec.n_experts = 4;
+    spec.n_experts_per_tok = 2;
+    spec.moe_intermediate_size = 32;
+    spec.norm_topk_prob = 1;
+    spec.dtype = TINY_BF16;
+    spec.seed = 23;
+    TinyCheckpoint *ck = tiny_ckpt_write(dir, &spec);
+    int32_t prompt[N_PROMPT], expected[N_PROMPT + 6];
+    prompt_ids(prompt);
+    char text[512] = "";
+    for (int i = 0; i < N_PROMPT; i++)
+        snprintf(text + strlen(text), sizeof text - strlen(text), "%d ", prompt[i]);
+    const char *tokens_path = scratch_path(dir, "prompt.ids", 0);
+    write_text(tokens_path, text);
+    const char *out = scratch_path(dir, "moe.h5", 1);
+    KvsimRun run = run_kvsim_ok("trace --model '%s' --tokens '%s' --out '%s' --max-new 6 "
+                                "--attn-rows 2", dir, tokens_path, out);
+    kvsim_run_free(&run);
+    Rerun r;
+    int T = rerun(dir, prompt, N_PROMPT, 6, 128, 2, -1, expected, &r);
+    Trace *tr = open_trace(out);
+    assert_int_equal(trace_meta(tr)->n_tokens, T);
+    assert_memory_equal(trace_meta(tr)->tokens, expected, (size_t)T * sizeof *expected);
+    compare_trace_with_rerun(tr, &r, 1e-5, 0);
+    trace_close(tr);
+    rerun_free(&r);
+    run = run_kvsim_ok("check '%s'", out);
+    kvsim_run_free(&run);
+    const char *src = getenv("KVSIM_SOURCE_DIR");
+    assert_non_null(src);
+    run = run_kvsim_ok("run '%s/configs/ta512.ini' --trace '%s' --out '%s' --quiet", src, out,
+                       scratch_path(dir, "ta", 2));
+    kvsim_run_free(&run);
+    char summary[8400];
+    snprintf(summary, sizeof summary, "%s/summary.csv", scratch_path(dir, "ta", 2));
+    FILE *fp = fopen(summary, "r");
+    assert_non_null(fp);
+    int lines = 0;
+    for (int ch; (ch = fgetc(fp)) != EOF;)
+        lines += ch == '\n';
+    fclose(fp);
+    assert_int_equal(lines, 1 + 13); /* the header and one row per policy of the config */
+    char cmd[8500];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", scratch_path(dir, "ta", 2));
+    run = run_command(cmd);
+    kvsim_run_free(&run);
+    tiny_ckpt_free(ck);
+    scratch_remove(dir);
+}
+
+/* A longrope checkpoint whose run (21 + 4 tokens) is longer than its original context (16): the
+ * trace records the frequencies divided by the long factors, the attention factor
+ * sqrt(1 + ln(512 / 16) / ln 16) = 1.5 and a summary of the scaling; `kvsim check` accepts it. */
+static void test_longrope_trace_records_factors(void **state)
+{
+    (void)state;
+    char *dir = scratch_create();
+    TinyCheckpointSpec spec = tiny_ckpt_default_spec();
+    static const double long_f[8] = {1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0};
+    spec.rope_scaling = "{\"rope_type\": \"longrope\", "
+                        "\"short_factor\": [1, 1, 1, 1, 1, 1, 1, 1], "
+                        "\"long_factor\": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0]}";
+    spec.original_max_position_embeddings = 16;
+    spec.seed = 24;
+    TinyCheckpoint *ck = tiny_ckpt_write(dir, &spec);
+    int32_t prompt[N_PROMPT], expected[N_PROMPT + 4];
+    prompt_ids(prompt);
+    char text[512] = "";
+    for (int i = 0; i < N_PROMPT; i++)
+        snprintf(text + strlen(text), sizeof text - strlen(text), "%d ", prompt[i]);
+    const char *tokens_path = scratch_path(dir, "prompt.ids", 0);
+    write_text(tokens_path, text);
+    const char *out = scratch_path(dir, "long.h5", 1);
+    KvsimRun run = run_kvsim_ok("trace --model '%s' --tokens '%s' --out '%s' --max-new 4", dir,
+                                tokens_path, out);
+    kvsim_run_free(&run);
+    Rerun r;
+    int T = rerun(dir, prompt, N_PROMPT, 4, 128, 1000, -1, expected, &r);
+    Trace *tr = open_trace(out);
+    const TraceMeta *m = trace_meta(tr);
+    assert_int_equal(m->n_tokens, T);
+    assert_true(fabs(m->rope_attention_factor - 1.5) < 1e-12);
+    assert_non_null(strstr(m->rope_scaling, "longrope"));
+    for (int l = 0; l < m->n_layers; l++)
+        for (int f = 0; f < 8; f++) {
+            double want = 1.0 / (long_f[f] * pow(10000.0, 2.0 * f / 16));
+            assert_true(fabs(trace_layer_geometry(m, l).rope_inv_freq[f] - want) <= 1e-12 * want);
+        }
+    compare_trace_with_rerun(tr, &r, 1e-6, 0);
+    trace_close(tr);
+    rerun_free(&r);
+    run = run_kvsim_ok("check '%s'", out);
+    kvsim_run_free(&run);
+    tiny_ckpt_free(ck);
+    scratch_remove(dir);
+}
+
 static void test_generation_stops_at_eos(void **state)
 {
     Env *env = *state;
@@ -764,6 +870,7 @@ int main(void)
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
     const struct CMUnitTest tests[] = {
         T(test_tokens_trace_matches_rerun), T(test_f16_trace_passes_check),
+        T(test_qwen3_moe_trace_check_run), T(test_longrope_trace_records_factors),
         T(test_generation_stops_at_eos), T(test_prompt_markup_in_trace),
         T(test_decode_marker_in_trace), T(test_two_turns_in_trace), T(test_bad_input),
         T(test_bad_conversation), T(test_disk_full_while_writing),

@@ -22,6 +22,7 @@ TinyCheckpointSpec tiny_ckpt_default_spec(void)
         .intermediate_size = 96, .n_q_heads = 4, .n_kv_heads = 2, .vocab_size = 300,
         .head_dim = 16, .rope_theta = 10000.0, .rms_norm_eps = 1e-5, .dtype = TINY_F32,
         .n_shards = 1, .max_position_embeddings = 512, .eos_token_id = -1, .seed = 1,
+        .mlp_only_layer = -1,
     };
 }
 
@@ -172,13 +173,46 @@ static void quantize_all(TinyCheckpoint *ck)
     }
 }
 
+int tiny_layer_is_moe(const TinyCheckpointSpec *s, int l)
+{
+    if (!strcmp(s->architecture, "MixtralForCausalLM"))
+        return 1;
+    if (strcmp(s->architecture, "Qwen3MoeForCausalLM") != 0)
+        return 0;
+    int step = s->decoder_sparse_step > 0 ? s->decoder_sparse_step : 1;
+    return l != s->mlp_only_layer && s->n_experts > 0 && (l + 1) % step == 0;
+}
+
+/* A layer's router and experts under HF's names. The router's rows are spread enough that
+ * each token prefers a few experts clearly (no near-ties for the top k). */
+static void fill_experts(TinyCheckpoint *ck, gsl_rng *rng, int l)
+{
+    const TinyCheckpointSpec *s = &ck->spec;
+    int mixtral = !strcmp(s->architecture, "MixtralForCausalLM");
+    int H = s->hidden_size, I = mixtral ? s->intermediate_size : s->moe_intermediate_size;
+    const char *prefix = mixtral ? "block_sparse_moe" : "mlp";
+    const char *names[3] = {mixtral ? "w1" : "gate_proj", mixtral ? "w3" : "up_proj",
+                            mixtral ? "w2" : "down_proj"};
+    char name[160];
+    snprintf(name, sizeof name, "model.layers.%d.%s.gate.weight", l, prefix);
+    fill(ck, rng, name, s->n_experts, H, 0, 2 / sqrt((double)H));
+    for (int e = 0; e < s->n_experts; e++)
+        for (int p = 0; p < 3; p++) {
+            snprintf(name, sizeof name, "model.layers.%d.%s.experts.%d.%s.weight", l, prefix, e,
+                     names[p]);
+            fill(ck, rng, name, p == 2 ? H : I, p == 2 ? I : H, 0,
+                 1 / sqrt((double)(p == 2 ? I : H)));
+        }
+}
+
 static void generate(TinyCheckpoint *ck)
 {
     const TinyCheckpointSpec *s = &ck->spec;
     int H = s->hidden_size, D = s->head_dim > 0 ? s->head_dim : s->hidden_size / s->n_q_heads;
     int q_dim = s->n_q_heads * D, kv_dim = s->n_kv_heads * D, I = s->intermediate_size;
     int qwen2 = !strcmp(s->architecture, "Qwen2ForCausalLM");
-    int qwen3 = !strcmp(s->architecture, "Qwen3ForCausalLM");
+    int qwen3 = !strcmp(s->architecture, "Qwen3ForCausalLM") ||
+                !strcmp(s->architecture, "Qwen3MoeForCausalLM");
     int gemma = tiny_is_gemma(s), gemma3 = gemma && strstr(s->architecture, "Gemma3") != NULL;
     int qkv_bias = qwen2 || s->attention_bias, o_bias = !qwen2 && s->attention_bias;
     double norm_mean = gemma ? 0 : 1; /* Gemma stores w for a scale of (1 + w) */
@@ -210,6 +244,10 @@ static void generate(TinyCheckpoint *ck)
         if (gemma) {
             fill(ck, rng, NAME("pre_feedforward_layernorm.weight"), H, 0, norm_mean, 0.1);
             fill(ck, rng, NAME("post_feedforward_layernorm.weight"), H, 0, norm_mean, 0.1);
+        }
+        if (tiny_layer_is_moe(s, l)) {
+            fill_experts(ck, rng, l);
+            continue;
         }
         fill(ck, rng, NAME("mlp.gate_proj.weight"), I, H, 0, 1 / sqrt((double)H));
         fill(ck, rng, NAME("mlp.up_proj.weight"), I, H, 0, 1 / sqrt((double)H));
@@ -411,6 +449,23 @@ static void write_config(const TinyCheckpoint *ck, const char *dir)
             cJSON_AddNumberToObject(c, gemma_keys[i].key, gemma_keys[i].value);
         else if (gemma_keys[i].value < 0)
             cJSON_AddNullToObject(c, gemma_keys[i].key);
+    if (s->original_max_position_embeddings > 0)
+        cJSON_AddNumberToObject(c, "original_max_position_embeddings",
+                                s->original_max_position_embeddings);
+    if (!strcmp(s->architecture, "MixtralForCausalLM")) {
+        cJSON_AddNumberToObject(c, "num_local_experts", s->n_experts);
+        cJSON_AddNumberToObject(c, "num_experts_per_tok", s->n_experts_per_tok);
+    } else if (!strcmp(s->architecture, "Qwen3MoeForCausalLM")) {
+        cJSON_AddNumberToObject(c, "num_experts", s->n_experts);
+        cJSON_AddNumberToObject(c, "num_experts_per_tok", s->n_experts_per_tok);
+        cJSON_AddNumberToObject(c, "moe_intermediate_size", s->moe_intermediate_size);
+        cJSON_AddBoolToObject(c, "norm_topk_prob", s->norm_topk_prob);
+        if (s->decoder_sparse_step > 0)
+            cJSON_AddNumberToObject(c, "decoder_sparse_step", s->decoder_sparse_step);
+        cJSON *only = cJSON_AddArrayToObject(c, "mlp_only_layers");
+        if (s->mlp_only_layer >= 0)
+            cJSON_AddItemToArray(only, cJSON_CreateNumber(s->mlp_only_layer));
+    }
     if (s->quant_bits > 0) {
         cJSON *q = cJSON_AddObjectToObject(c, "quantization");
         cJSON_AddNumberToObject(q, "group_size", s->quant_group);

@@ -45,8 +45,19 @@ typedef struct {
      * quant_bits > 0; lm_head at 8 bits through a per-module entry of config.json's
      * "quantization", and layer 0's down_proj left in floats through a `false` entry. */
     int quant_bits, quant_group;
+    /* Mixture of experts, for MixtralForCausalLM and Qwen3MoeForCausalLM: n_experts experts
+     * of moe_intermediate_size (Mixtral: intermediate_size) with top-k routing; Qwen3-MoE's
+     * norm_topk_prob, decoder_sparse_step (written when > 0) and one mlp_only_layers entry
+     * (when >= 0; the others: an empty list). */
+    int n_experts, n_experts_per_tok, moe_intermediate_size, norm_topk_prob;
+    int decoder_sparse_step, mlp_only_layer;
+    /* Written at the top level of config.json when > 0 (longrope reads it there). */
+    int original_max_position_embeddings;
     uint64_t seed;
 } TinyCheckpointSpec;
+
+/* Whether layer l of the spec has experts (HF's Qwen3MoeDecoderLayer rule; Mixtral: all). */
+int tiny_layer_is_moe(const TinyCheckpointSpec *s, int l);
 
 typedef struct {
     char name[128];

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "sim/format/trace.h"
+#include "traces/model/moe.h"
 
 RunState *run_state_new(const Model *model, int max_tokens, int chunk_size)
 {
@@ -33,6 +34,9 @@ RunState *run_state_new(const Model *model, int max_tokens, int chunk_size)
     s->rope_cos = kv_malloc(chunk * D / 2 * sizeof(double));
     s->rope_sin = kv_malloc(chunk * D / 2 * sizeof(double));
     s->logits = kv_malloc((size_t)c->vocab_size * sizeof(float));
+    s->matrix_scratch = kv_malloc((model->matrix_scratch_floats + 1) * sizeof(float));
+    if (c->n_experts > 0)
+        s->moe = moe_scratch_new(c, chunk_size);
     size_t cache = (size_t)c->n_layers * kv_dim * T;
     s->key_cache = kv_malloc(cache * sizeof(float));
     s->value_cache = kv_malloc(cache * sizeof(float));
@@ -62,6 +66,8 @@ void run_state_free(RunState *s)
     free(s->slot_kv);
     free(s->slot_probs);
     free(s->logits);
+    free(s->matrix_scratch);
+    moe_scratch_free(s->moe);
     free(s->key_cache);
     free(s->value_cache);
     free(s);
@@ -112,20 +118,11 @@ static void softcap_row(float *row, int first, int end, double cap)
             row[j] = softcap_logitf(row[j], (float)cap);
 }
 
-/* out [n][out_dim] = x [n][in_dim] . W^T (+ bias), W [out_dim][in_dim] as HF stores it. */
-static void linear(float *out, const float *x, const float *weight, const float *bias, int n,
-                   int in_dim, int out_dim)
+/* out [n][W.rows] = x [n][W.cols] . W^T (+ bias), W as HF stores it, in its precision. */
+static void linear(RunState *s, float *out, const float *x, const WeightMatrix *weight,
+                   const float *bias, int n)
 {
-    if (n == 1)
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, out_dim, in_dim, 1.0f, weight, in_dim, x, 1,
-                    0.0f, out, 1);
-    else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out_dim, in_dim, 1.0f, x, in_dim,
-                    weight, in_dim, 0.0f, out, out_dim);
-    if (bias)
-        for (int t = 0; t < n; t++)
-            for (int o = 0; o < out_dim; o++)
-                out[(size_t)t * out_dim + o] += bias[o];
+    matrix_linear(out, x, weight, bias, n, s->matrix_scratch);
 }
 
 /* [n][heads*D] token-major -> [heads][n][D] head-major. */
@@ -375,18 +372,31 @@ static void add_into(float *dst, const float *src, size_t n)
         dst[i] += src[i];
 }
 
+/* The feed-forward of the normed chunk: the gated MLP (SwiGLU, or GeGLU with gelu_tanh), or
+ * the layer's experts (SwiGLU, traces/model/moe.h). */
+static const float *feed_forward(RunState *s, const LayerWeights *w, int n)
+{
+    const ModelConfig *c = &s->model->config;
+    if (w->moe)
+        return moe_forward(s->moe, c, w->moe, s->normed, n, s->matrix_scratch);
+    linear(s, s->gate, s->normed, &w->w_gate, NULL, n);
+    linear(s, s->up, s->normed, &w->w_up, NULL, n);
+    gated_activation(s->gate, s->up, (size_t)n * c->intermediate_size, c->gelu_tanh);
+    linear(s, s->normed, s->gate, &w->w_down, NULL, n);
+    return s->normed;
+}
+
 static void layer_forward(RunState *s, int layer, int t0, int n, const ForwardObserver *obs,
                           const CacheSelector *sel)
 {
     const ModelConfig *c = &s->model->config;
     const LayerWeights *w = &s->model->weights.layers[layer];
     int hidden = c->hidden_size, D = c->head_dim;
-    int q_dim = c->n_q_heads * D, kv_dim = c->n_kv_heads * D;
 
     norm_rows(s, s->normed, s->residual, w->input_norm, n);
-    linear(s->q_proj, s->normed, w->wq, w->bq, n, hidden, q_dim);
-    linear(s->k_proj, s->normed, w->wk, w->bk, n, hidden, kv_dim);
-    linear(s->v_proj, s->normed, w->wv, w->bv, n, hidden, kv_dim);
+    linear(s, s->q_proj, s->normed, &w->wq, w->bq, n);
+    linear(s, s->k_proj, s->normed, &w->wk, w->bk, n);
+    linear(s, s->v_proj, s->normed, &w->wv, w->bv, n);
     split_heads(s->q_heads, s->q_proj, n, c->n_q_heads, D);
     split_heads(s->k_heads, s->k_proj, n, c->n_kv_heads, D);
     split_heads(s->v_heads, s->v_proj, n, c->n_kv_heads, D);
@@ -404,19 +414,18 @@ static void layer_forward(RunState *s, int layer, int t0, int n, const ForwardOb
         attention_selected(s, layer, sel);
     else
         attention(s, layer, t0, n, obs);
-    linear(s->normed, s->attn_out, w->wo, w->bo, n, q_dim, hidden);
+    linear(s, s->normed, s->attn_out, &w->wo, w->bo, n);
     if (w->attn_out_norm) /* sandwich norm (Gemma) */
         norm_rows(s, s->normed, s->normed, w->attn_out_norm, n);
     add_into(s->residual, s->normed, (size_t)n * hidden);
 
     norm_rows(s, s->normed, s->residual, w->post_attention_norm, n);
-    linear(s->gate, s->normed, w->w_gate, NULL, n, hidden, c->intermediate_size);
-    linear(s->up, s->normed, w->w_up, NULL, n, hidden, c->intermediate_size);
-    gated_activation(s->gate, s->up, (size_t)n * c->intermediate_size, c->gelu_tanh);
-    linear(s->normed, s->gate, w->w_down, NULL, n, c->intermediate_size, hidden);
-    if (w->mlp_out_norm)
-        norm_rows(s, s->normed, s->normed, w->mlp_out_norm, n);
-    add_into(s->residual, s->normed, (size_t)n * hidden);
+    const float *ff = feed_forward(s, w, n);
+    if (w->mlp_out_norm) { /* sandwich norm (Gemma) */
+        norm_rows(s, s->normed, ff, w->mlp_out_norm, n);
+        ff = s->normed;
+    }
+    add_into(s->residual, ff, (size_t)n * hidden);
 }
 
 static const float *forward_chunk(RunState *s, const int32_t *tokens, int n, int want_logits,
@@ -426,8 +435,7 @@ static const float *forward_chunk(RunState *s, const int32_t *tokens, int n, int
     const TransformerWeights *w = &s->model->weights;
     int hidden = c->hidden_size, t0 = s->n_cached;
     for (int t = 0; t < n; t++)
-        memcpy(s->residual + (size_t)t * hidden, w->token_embedding + (size_t)tokens[t] * hidden,
-               (size_t)hidden * sizeof(float));
+        matrix_row(&w->token_embedding, tokens[t], s->residual + (size_t)t * hidden);
     if (c->embed_scale != 1.0) /* Gemma: times sqrt(hidden_size), in float32 as HF's F32 model */
         for (size_t i = 0; i < (size_t)n * hidden; i++)
             s->residual[i] *= (float)c->embed_scale;
@@ -440,7 +448,7 @@ static const float *forward_chunk(RunState *s, const int32_t *tokens, int n, int
     if (!want_logits)
         return NULL;
     norm_rows(s, s->normed, s->residual + (size_t)(n - 1) * hidden, w->final_norm, 1);
-    linear(s->logits, s->normed, w->lm_head, NULL, 1, hidden, c->vocab_size);
+    linear(s, s->logits, s->normed, &w->lm_head, NULL, 1);
     softcap_row(s->logits, 0, c->vocab_size, c->final_softcap);
     return s->logits;
 }

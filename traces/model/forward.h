@@ -11,10 +11,12 @@
  * per-head q/k RMSNorm (Qwen3, Gemma 3), RoPE in the rotate_half layout at positions 0, 1, 2,
  * ..., with each layer's frequencies, softmax(attn_scale · q·k) (soft-capped, Gemma 2) over the
  * keys the layer's geometry lets the query attend (model_describe: every earlier key, or the last
- * sliding_window of them), o projection (normed, Gemma), residual, RMSNorm, gated MLP (SwiGLU,
- * or GeGLU for Gemma; output normed, Gemma), residual; final RMSNorm, the LM head and the final
+ * sliding_window of them), o projection (normed, Gemma), residual, RMSNorm, feed-forward (a gated
+ * MLP, SwiGLU or GeGLU for Gemma, or top-k routed SwiGLU experts in a mixture-of-experts layer:
+ * traces/model/moe.h; output normed, Gemma), residual; final RMSNorm, the LM head and the final
  * soft-capping (Gemma 2). Which of these apply is the model's flags and parameters (ModelConfig),
- * never its architecture's name.
+ * never its architecture's name. Weight matrices are multiplied in the checkpoint's precision
+ * (traces/model/matrix.h).
  *
  * An observer sees what a trace stores, as it is computed: each layer's post-RoPE Q/K/V of the
  * chunk and, at the positions it asks for, the softmax probabilities of the attention itself. */
@@ -95,6 +97,8 @@ typedef struct {
     float *slot_probs;  /* [Hq][slots of its KV head] when selected */
     size_t slot_kv_cap, slot_probs_cap;
     float *logits;      /* [vocab] of the last token fed */
+    float *matrix_scratch; /* 16-bit weights converted a block at a time (matrix_linear) */
+    struct MoeScratch *moe; /* the experts' scratch when some layer has them, else NULL */
 
     /* The KV cache, [n_layers][Hkv][max_tokens][D] each: exactly the trace's K and V layout. */
     float *key_cache;

@@ -10,6 +10,7 @@
 
 #include "sim/base/json.h"
 #include "sim/format/trace.h"
+#include "traces/model/moe.h"
 
 /* Larger extents than this are corrupt configs. Products of config values are checked
  * separately (check_products). */
@@ -27,6 +28,7 @@ typedef struct {
     const cJSON *root; /* the model's keys: config.json, or its text_config (multimodal Gemma 3) */
     KvErr *err;
     const char *rope_key; /* "rope_scaling" or "rope_parameters", for messages */
+    const cJSON *rope_object; /* that object, or NULL */
     const cJSON *top;     /* config.json's object */
     const char *key_prefix; /* "" or "text_config.", for messages about root's keys */
 } ConfigReader;
@@ -103,7 +105,9 @@ static int parse_architecture(ConfigReader *r, ModelConfig *cfg)
                  {"Qwen3ForCausalLM", ARCH_QWEN3},
                  {"Gemma2ForCausalLM", ARCH_GEMMA2},
                  {"Gemma3ForCausalLM", ARCH_GEMMA3},
-                 {"Gemma3ForConditionalGeneration", ARCH_GEMMA3}};
+                 {"Gemma3ForConditionalGeneration", ARCH_GEMMA3},
+                 {"MixtralForCausalLM", ARCH_MIXTRAL},
+                 {"Qwen3MoeForCausalLM", ARCH_QWEN3_MOE}};
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
         if (!strcmp(first->valuestring, known[i].name)) {
             cfg->arch = known[i].arch;
@@ -157,6 +161,74 @@ static int parse_yarn(ConfigReader *r, const cJSON *scaling, ModelConfig *cfg)
         : mscale > 0 && mscale_all_dim > 0 ? yarn_mscale(cfg->rope_factor, mscale) /
                                                  yarn_mscale(cfg->rope_factor, mscale_all_dim)
                                            : yarn_mscale(cfg->rope_factor, 1.0);
+    return 0;
+}
+
+/* A list of head_dim / 2 positive numbers (longrope's factors). */
+static int config_factor_list(ConfigReader *r, const cJSON *scaling, const char *key, int half,
+                              double *out)
+{
+    const cJSON *list = config_item(scaling, key);
+    if (!list)
+        return kv_fail(r->err, "%s: key '%s.%s' missing (longrope needs short_factor and "
+                       "long_factor)", r->path, r->rope_key, key);
+    if (!cJSON_IsArray(list) || cJSON_GetArraySize(list) != half)
+        return kv_fail(r->err, "%s: key '%s.%s' must be a list of head_dim / 2 = %d numbers",
+                       r->path, r->rope_key, key, half);
+    int i = 0;
+    const cJSON *item;
+    cJSON_ArrayForEach(item, list) {
+        if (!cJSON_IsNumber(item) || !(item->valuedouble > 0) || !isfinite(item->valuedouble))
+            return kv_fail(r->err, "%s: key '%s.%s' entry %d must be a positive number", r->path,
+                           r->rope_key, key, i);
+        out[i++] = item->valuedouble;
+    }
+    return 0;
+}
+
+/* LongRoPE (transformers modeling_rope_utils.py, _compute_longrope_parameters): the pretrained
+ * context is the config's top-level original_max_position_embeddings, and then factor is
+ * max_position_embeddings over it; without it, the context is max_position_embeddings and factor
+ * the rope_scaling's (optional). The attention factor: given, or sqrt(1 + ln(factor) /
+ * ln(original context)) (1 when factor <= 1). The summary replaces the object's text (its factor
+ * lists do not fit a trace header's line; the trace records the frequencies themselves). */
+static int parse_longrope(ConfigReader *r, const cJSON *scaling, ModelConfig *cfg)
+{
+    int half = cfg->head_dim / 2;
+    double attention = 0;
+    if (half > MODEL_MAX_LONGROPE_PAIRS)
+        return kv_fail(r->err, "%s: key '%s': longrope with head_dim %d is beyond kvsim (at most "
+                       "%d)", r->path, r->rope_key, cfg->head_dim, 2 * MODEL_MAX_LONGROPE_PAIRS);
+    if (config_factor_list(r, scaling, "short_factor", half, cfg->rope_short_factor) != 0 ||
+        config_factor_list(r, scaling, "long_factor", half, cfg->rope_long_factor) != 0 ||
+        config_double(r, scaling, "attention_factor", 0, &attention) != 0 ||
+        config_int(r, r->root, "original_max_position_embeddings", 0,
+                   &cfg->rope_original_max_positions) != 0)
+        return -1;
+    if (cfg->rope_original_max_positions) {
+        if (cfg->max_position_embeddings == 0)
+            return kv_fail(r->err, "%s: key 'max_position_embeddings' missing (longrope's factor "
+                           "is it over original_max_position_embeddings)", r->path);
+        cfg->rope_factor = (double)cfg->max_position_embeddings / cfg->rope_original_max_positions;
+    } else {
+        if (cfg->max_position_embeddings == 0)
+            return kv_fail(r->err, "%s: key 'max_position_embeddings' missing (longrope needs it "
+                           "or 'original_max_position_embeddings')", r->path);
+        cfg->rope_original_max_positions = cfg->max_position_embeddings;
+        if (config_double(r, scaling, "factor", attention > 0 ? 1.0 : -1, &cfg->rope_factor) != 0)
+            return -1;
+    }
+    cfg->rope_attention_factor =
+        attention > 0 ? attention
+        : cfg->rope_factor <= 1
+            ? 1.0
+            : sqrt(1 + log(cfg->rope_factor) / log((double)cfg->rope_original_max_positions));
+    snprintf(cfg->rope_scaling, sizeof cfg->rope_scaling,
+             "{\"rope_type\":\"longrope\",\"original_max_position_embeddings\":%d,"
+             "\"factor\":%.17g,\"attention_factor\":%.17g,\"short_factor\":\"%d values\","
+             "\"long_factor\":\"%d values\"}",
+             cfg->rope_original_max_positions, cfg->rope_factor, cfg->rope_attention_factor, half,
+             half);
     return 0;
 }
 
@@ -218,9 +290,13 @@ static int parse_rope(ConfigReader *r, ModelConfig *cfg, double default_theta)
     const char *t = type->valuestring;
     char type_text[64];
     if (strcmp(t, "default") && strcmp(t, "linear") && strcmp(t, "dynamic") && strcmp(t, "llama3") &&
-        strcmp(t, "yarn"))
+        strcmp(t, "yarn") && strcmp(t, "longrope"))
         return kv_fail(r->err, "%s: rope_scaling type '%s' is not supported (supported: default, "
-                       "linear, dynamic, llama3, yarn)", r->path, ESC(t, type_text));
+                       "linear, dynamic, llama3, yarn, longrope)", r->path, ESC(t, type_text));
+    snprintf(cfg->rope_type, sizeof cfg->rope_type, "%s", t);
+    r->rope_object = scaling;
+    if (!strcmp(t, "longrope"))
+        return 0; /* parse_longrope, once head_dim is known */
     snprintf(cfg->rope_type, sizeof cfg->rope_type, "%s", t);
     char *text = cJSON_PrintUnformatted(scaling);
     size_t len = strlen(text);
@@ -290,6 +366,75 @@ static int parse_special_tokens(ConfigReader *r, ModelConfig *cfg)
     return 0;
 }
 
+/* The routing keys of a mixture-of-experts architecture (HF's MixtralConfig and
+ * Qwen3MoeConfig). Those that decide which experts a token uses and how they are weighed are
+ * required, though HF's config classes have defaults for them (Mixtral 8 experts, top 2;
+ * Qwen3-MoE 128, top 8, norm_topk_prob false): a checkpoint that leaves them out is not one
+ * kvsim should guess about. decoder_sparse_step (1) and mlp_only_layers ([]) keep HF's
+ * defaults. */
+static int parse_moe(ConfigReader *r, ModelConfig *cfg)
+{
+    if (cfg->arch != ARCH_MIXTRAL && cfg->arch != ARCH_QWEN3_MOE)
+        return 0;
+    int mixtral = cfg->arch == ARCH_MIXTRAL;
+    const char *experts_key = mixtral ? "num_local_experts" : "num_experts";
+    static const char *const required[] = {"num_local_experts", "num_experts",
+                                           "num_experts_per_tok", "moe_intermediate_size",
+                                           "norm_topk_prob"};
+    for (size_t i = 0; i < sizeof required / sizeof required[0]; i++) {
+        int wanted = mixtral ? i == 0 || i == 2 : i != 0;
+        if (wanted && !config_item(r->root, required[i]))
+            return kv_fail(r->err, "%s: key '%s' missing (%s routes each token to experts: "
+                           "it needs %s, num_experts_per_tok%s)", r->path, required[i],
+                           cfg->architecture, experts_key,
+                           mixtral ? "" : ", moe_intermediate_size and norm_topk_prob");
+    }
+    if (config_int(r, r->root, experts_key, -1, &cfg->n_experts) != 0 ||
+        config_int(r, r->root, "num_experts_per_tok", -1, &cfg->n_experts_per_tok) != 0)
+        return -1;
+    if (cfg->n_experts_per_tok > cfg->n_experts)
+        return kv_fail(r->err, "%s: key 'num_experts_per_tok' (%d) exceeds %s (%d)", r->path,
+                       cfg->n_experts_per_tok, experts_key, cfg->n_experts);
+    if (mixtral) {
+        cfg->moe_intermediate_size = cfg->intermediate_size;
+        cfg->norm_topk_prob = 1; /* MixtralSparseMoeBlock always renormalizes */
+        cfg->decoder_sparse_step = 1;
+        return 0;
+    }
+    if (config_int(r, r->root, "moe_intermediate_size", -1, &cfg->moe_intermediate_size) != 0 ||
+        config_bool(r, r->root, "norm_topk_prob", 0, &cfg->norm_topk_prob) != 0 ||
+        config_int(r, r->root, "decoder_sparse_step", 1, &cfg->decoder_sparse_step) != 0)
+        return -1;
+    const cJSON *only = config_item(r->root, "mlp_only_layers");
+    if (!only)
+        return 0;
+    if (!cJSON_IsArray(only))
+        return kv_fail(r->err, "%s: key 'mlp_only_layers' must be a list of layer indices",
+                       r->path);
+    if (cJSON_GetArraySize(only) > MODEL_MAX_MLP_ONLY_LAYERS)
+        return kv_fail(r->err, "%s: key 'mlp_only_layers' lists more than %d layers", r->path,
+                       MODEL_MAX_MLP_ONLY_LAYERS);
+    const cJSON *item;
+    cJSON_ArrayForEach(item, only) {
+        if (!cJSON_IsNumber(item) || item->valuedouble != floor(item->valuedouble) ||
+            item->valuedouble < 0 || item->valuedouble >= cfg->n_layers)
+            return kv_fail(r->err, "%s: key 'mlp_only_layers' must list layer indices in [0, %d)",
+                           r->path, cfg->n_layers);
+        cfg->mlp_only_layers[cfg->n_mlp_only_layers++] = item->valueint;
+    }
+    return 0;
+}
+
+int model_layer_is_moe(const ModelConfig *c, int layer)
+{
+    if (c->n_experts == 0 || (layer + 1) % c->decoder_sparse_step != 0)
+        return 0;
+    for (int i = 0; i < c->n_mlp_only_layers; i++)
+        if (c->mlp_only_layers[i] == layer)
+            return 0;
+    return 1;
+}
+
 /* Every size the forward pass derives from the config fits an int: the per-token widths
  * (q/k/v), the weight matrices and the per-token sizes over all layers. The forward pass
  * computes some of them in int, and every allocation it makes is then sized by numbers that
@@ -313,6 +458,8 @@ static int check_products(ConfigReader *r, const ModelConfig *c)
         {"num_hidden_layers x num_attention_heads x head_dim", L * Hq * D},
         {"num_hidden_layers x num_key_value_heads x head_dim", L * Hkv * D},
         {"num_hidden_layers x hidden_size", L * H},
+        {"hidden_size x moe_intermediate_size", H * c->moe_intermediate_size},
+        {"hidden_size x num_experts", H * c->n_experts},
     };
     for (size_t i = 0; i < sizeof products / sizeof products[0]; i++)
         if (products[i].value > INT_MAX)
@@ -395,6 +542,20 @@ static int parse_layer_windows(ConfigReader *r, ModelConfig *cfg)
     int use_sliding = cfg->arch != ARCH_LLAMA, max_window_layers = 0, pattern = 0;
     /* The key whose rule layer_types must agree with, NULL: none states one. */
     const char *rule_key = NULL;
+    if (cfg->arch == ARCH_QWEN3_MOE) {
+        /* transformers' Qwen3-MoE has applied its window by two rules: the layers from
+         * max_window_layers on (its first releases, as Qwen2), then every layer (its attention
+         * takes config.sliding_window whatever the layer); a checkpoint that enables it has no
+         * one reference to follow. */
+        int enabled;
+        if (config_bool(r, r->root, "use_sliding_window", 0, &enabled) != 0)
+            return -1;
+        if (enabled)
+            return kv_fail(r->err, "%s: key 'use_sliding_window': Qwen3-MoE sliding-window "
+                           "layers are not supported (transformers' releases disagree on which "
+                           "layers slide; expected false)", r->path);
+        use_sliding = 0;
+    }
     if (qwen) {
         if (config_bool(r, r->root, "use_sliding_window", 0, &use_sliding) != 0)
             return -1;
@@ -553,6 +714,8 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
     if (cfg->head_dim % 2 != 0)
         return kv_fail(r->err, "%s: key 'head_dim' must be even for RoPE (got %d)", r->path,
                        cfg->head_dim);
+    if (!strcmp(cfg->rope_type, "longrope") && parse_longrope(r, r->rope_object, cfg) != 0)
+        return -1;
     if (check_products(r, cfg) != 0)
         return -1;
     cfg->embed_scale = 1.0;
@@ -570,8 +733,10 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
         cfg->qkv_bias = 1; /* Qwen2 always has q/k/v biases and never an o_proj bias */
         break;
     case ARCH_MISTRAL:
+    case ARCH_MIXTRAL:
         break;
     case ARCH_QWEN3:
+    case ARCH_QWEN3_MOE:
         cfg->qk_norm = 1;
         /* fallthrough */
     case ARCH_LLAMA:
@@ -581,6 +746,8 @@ static int parse_config(ConfigReader *r, ModelConfig *cfg)
         break;
     }
     if (gemma && parse_gemma(r, cfg) != 0)
+        return -1;
+    if (parse_moe(r, cfg) != 0 || check_products(r, cfg) != 0)
         return -1;
     if (parse_layer_windows(r, cfg) != 0)
         return -1;
@@ -592,7 +759,7 @@ int model_config_load(const char *config_path, ModelConfig *cfg, KvErr *err)
     cJSON *root = json_load_file(config_path, JSON_OBJECT | JSON_UNIQUE_KEYS, err);
     if (!root)
         return -1;
-    ConfigReader r = {config_path, root, err, "rope_scaling", root, ""};
+    ConfigReader r = {config_path, root, err, "rope_scaling", NULL, root, ""};
     int rc = parse_config(&r, cfg);
     cJSON_Delete(root);
     return rc;
@@ -628,6 +795,13 @@ void model_rope_inv_freq(const ModelConfig *cfg, int n_tokens, double *out)
                 out[f] = (1.0 - smooth) * out[f] / cfg->rope_factor + smooth * out[f];
             }
         }
+    } else if (!strcmp(cfg->rope_type, "longrope")) {
+        /* Each pair's frequency divided by its factor: the long ones for a run past the
+         * pretrained context (HF picks them by the sequence length; see docs/generator.md). */
+        const double *ext = n_tokens > cfg->rope_original_max_positions ? cfg->rope_long_factor
+                                                                        : cfg->rope_short_factor;
+        for (int f = 0; f < half; f++)
+            out[f] /= ext[f];
     } else if (!strcmp(cfg->rope_type, "yarn")) {
         /* Pairs that turn fewer than beta_slow times over the original context are
          * interpolated (slowed by `factor`), those that turn more than beta_fast times kept,
@@ -657,8 +831,7 @@ int64_t model_n_params(const ModelConfig *c)
                   q_dim = (int64_t)c->n_q_heads * D, kv_dim = (int64_t)c->n_kv_heads * D;
     int64_t layer = 2 * H                          /* input and post-attention norms */
                     + q_dim * H + 2 * kv_dim * H   /* q, k, v */
-                    + H * q_dim                    /* o */
-                    + 3 * H * I;                   /* gate, up, down */
+                    + H * q_dim;                   /* o */
     if (c->qkv_bias)
         layer += q_dim + 2 * kv_dim;
     if (c->o_bias)
@@ -667,8 +840,13 @@ int64_t model_n_params(const ModelConfig *c)
         layer += 2 * D;
     if (c->sandwich_norms)
         layer += 2 * H; /* the attention and MLP output norms */
-    int64_t embed = (int64_t)c->vocab_size * H;
-    return c->n_layers * layer + embed * (c->tie_word_embeddings ? 1 : 2) + H /* final norm */;
+    int64_t embed = (int64_t)c->vocab_size * H, total = c->n_layers * layer;
+    for (int l = 0; l < c->n_layers; l++)
+        if (model_layer_is_moe(c, l)) /* the router, each expert's gate, up and down */
+            total += c->n_experts * (H + 3 * H * (int64_t)c->moe_intermediate_size);
+        else /* gate, up, down */
+            total += 3 * H * I;
+    return total + embed * (c->tie_word_embeddings ? 1 : 2) + H /* final norm */;
 }
 
 int model_layer_window(const ModelConfig *c, int layer)
@@ -714,6 +892,7 @@ typedef struct {
      * Gemma 3 checkpoint "language_model.model." (as published) or "model.language_model."
      * (as transformers 4.52+ saves it), lm_head beside: head_prefix "" or "language_model.". */
     const char *prefix, *head_prefix;
+    ModelLoadOptions options;
 } WeightLoader;
 
 static void format_shape(const int64_t *shape, int n_dims, char *out, size_t outlen)
@@ -846,6 +1025,36 @@ static float *load_quantized(WeightLoader *wl, const SafetensorsTensor *t, const
 }
 
 
+/* t has shape [rows] (cols == 0) or [rows][cols]; else an error. */
+static int check_shape(WeightLoader *wl, const SafetensorsTensor *t, const char *name, int rows,
+                       int cols)
+{
+    int64_t expected[2] = {rows, cols};
+    int n_dims = cols ? 2 : 1;
+    if (t->n_dims != n_dims || t->shape[0] != rows || (cols && t->shape[1] != cols)) {
+        char got[128], want[128];
+        format_shape(t->shape, t->n_dims, got, sizeof got);
+        format_shape(expected, n_dims, want, sizeof want);
+        return kv_fail(wl->err, "%s: tensor '%s' has shape %s, the config implies %s", t->file,
+                       name, got, want);
+    }
+    return 0;
+}
+
+/* A NaN or infinite weight would make every logit NaN, and greedy decoding then emits token 0
+ * forever: it is refused at load, where the tensor can be named. */
+static int report_nonfinite(WeightLoader *wl, const SafetensorsTensor *t, const char *name,
+                            int cols, size_t i, float value)
+{
+    char at[64];
+    if (cols)
+        snprintf(at, sizeof at, "[%zu, %zu]", i / (size_t)cols, i % (size_t)cols);
+    else
+        snprintf(at, sizeof at, "[%zu]", i);
+    return kv_fail(wl->err, "%s: tensor '%s': element %s is %s (weights must be finite)", t->file,
+                   name, at, isnan(value) ? "NaN" : "infinite");
+}
+
 /* The float32 data of tensor `name`, which must have shape [rows] (cols == 0) or [rows][cols]. */
 static const float *load_tensor(WeightLoader *wl, const char *name, int rows, int cols)
 {
@@ -854,8 +1063,6 @@ static const float *load_tensor(WeightLoader *wl, const char *name, int rows, in
         kv_fail(wl->err, "%s: missing tensor '%s'", wl->dir, name);
         return NULL;
     }
-    int64_t expected[2] = {rows, cols};
-    int n_dims = cols ? 2 : 1;
     /* A quantized module: NAME.weight with NAME.scales beside it. */
     size_t len = strlen(name);
     const float *values = NULL;
@@ -874,14 +1081,8 @@ static const float *load_tensor(WeightLoader *wl, const char *name, int rows, in
                 "beside it", t->file, name);
         return NULL;
     }
-    if (t->n_dims != n_dims || t->shape[0] != rows || (cols && t->shape[1] != cols)) {
-        char got[128], want[128];
-        format_shape(t->shape, t->n_dims, got, sizeof got);
-        format_shape(expected, n_dims, want, sizeof want);
-        kv_fail(wl->err, "%s: tensor '%s' has shape %s, the config implies %s", t->file, name,
-                got, want);
+    if (check_shape(wl, t, name, rows, cols) != 0)
         return NULL;
-    }
     if (t->dtype == ST_F32 && (uintptr_t)t->data % sizeof(float) == 0) {
         values = (const float *)(const void *)t->data;
     } else {
@@ -893,20 +1094,48 @@ static const float *load_tensor(WeightLoader *wl, const char *name, int rows, in
         values = converted;
     }
 check_finite:
-    /* A NaN or infinite weight would make every logit NaN, and greedy decoding then emits
-     * token 0 forever: refuse it here, where the tensor can be named. */
     for (size_t i = 0; i < (size_t)t->n_elements; i++)
         if (!isfinite(values[i])) {
-            char at[64];
-            if (cols)
-                snprintf(at, sizeof at, "[%zu, %zu]", i / (size_t)cols, i % (size_t)cols);
-            else
-                snprintf(at, sizeof at, "[%zu]", i);
-            kv_fail(wl->err, "%s: tensor '%s': element %s is %s (weights must be finite)",
-                    t->file, name, at, isnan(values[i]) ? "NaN" : "infinite");
+            report_nonfinite(wl, t, name, cols, i, values[i]);
             return NULL;
         }
     return values;
+}
+
+/* A weight matrix: a BF16/F16 tensor stays in the mapping (unless options.f32_weights), any
+ * other is loaded as load_tensor loads it. */
+static int load_matrix(WeightLoader *wl, const char *name, int rows, int cols, WeightMatrix *out)
+{
+    Model *m = wl->model;
+    const SafetensorsTensor *t = safetensors_find(m->checkpoint, name);
+    char module[320];
+    snprintf(module, sizeof module, "%.*s.scales", (int)strlen(name) - 7, name);
+    *out = (WeightMatrix){.rows = rows, .cols = cols};
+    if (t && (t->dtype == ST_BF16 || t->dtype == ST_F16) && !wl->options.f32_weights &&
+        !safetensors_find(m->checkpoint, module)) {
+        if (check_shape(wl, t, name, rows, cols) != 0)
+            return -1;
+        out->half = t->data;
+        out->bf16 = t->dtype == ST_BF16;
+        int64_t bad = matrix_first_nonfinite(out);
+        if (bad >= 0) {
+            float value;
+            matrix_row(&(WeightMatrix){.rows = 1, .cols = 1, .half = t->data + 2 * bad,
+                                       .bf16 = out->bf16},
+                       0, &value);
+            return report_nonfinite(wl, t, name, cols, (size_t)bad, value);
+        }
+    } else if (!(out->f32 = load_tensor(wl, name, rows, cols))) {
+        return -1;
+    }
+    if (matrix_scratch_floats(out) > m->matrix_scratch_floats)
+        m->matrix_scratch_floats = matrix_scratch_floats(out);
+    return 0;
+}
+
+static int load_matrix_cb(void *wl, const char *name, int rows, int cols, WeightMatrix *out)
+{
+    return load_matrix(wl, name, rows, cols, out);
 }
 
 static int load_layer(WeightLoader *wl, int i, LayerWeights *lw)
@@ -920,11 +1149,17 @@ static int load_layer(WeightLoader *wl, int i, LayerWeights *lw)
         if (!(lw->field = load_tensor(wl, name, rows, cols)))                               \
             return -1;                                                                      \
     } while (0)
+#define LOAD_MATRIX(field, suffix, rows, cols)                                              \
+    do {                                                                                    \
+        snprintf(name, sizeof name, "%slayers.%d.%s", wl->prefix, i, suffix);              \
+        if (load_matrix(wl, name, rows, cols, &lw->field) != 0)                             \
+            return -1;                                                                      \
+    } while (0)
     LOAD(input_norm, "input_layernorm.weight", c->hidden_size, 0);
-    LOAD(wq, "self_attn.q_proj.weight", q_dim, c->hidden_size);
-    LOAD(wk, "self_attn.k_proj.weight", kv_dim, c->hidden_size);
-    LOAD(wv, "self_attn.v_proj.weight", kv_dim, c->hidden_size);
-    LOAD(wo, "self_attn.o_proj.weight", c->hidden_size, q_dim);
+    LOAD_MATRIX(wq, "self_attn.q_proj.weight", q_dim, c->hidden_size);
+    LOAD_MATRIX(wk, "self_attn.k_proj.weight", kv_dim, c->hidden_size);
+    LOAD_MATRIX(wv, "self_attn.v_proj.weight", kv_dim, c->hidden_size);
+    LOAD_MATRIX(wo, "self_attn.o_proj.weight", c->hidden_size, q_dim);
     if (c->qkv_bias) {
         LOAD(bq, "self_attn.q_proj.bias", q_dim, 0);
         LOAD(bk, "self_attn.k_proj.bias", kv_dim, 0);
@@ -943,10 +1178,13 @@ static int load_layer(WeightLoader *wl, int i, LayerWeights *lw)
     } else {
         LOAD(post_attention_norm, "post_attention_layernorm.weight", c->hidden_size, 0);
     }
-    LOAD(w_gate, "mlp.gate_proj.weight", c->intermediate_size, c->hidden_size);
-    LOAD(w_up, "mlp.up_proj.weight", c->intermediate_size, c->hidden_size);
-    LOAD(w_down, "mlp.down_proj.weight", c->hidden_size, c->intermediate_size);
+    if (model_layer_is_moe(c, i))
+        return (lw->moe = moe_load(c, i, load_matrix_cb, wl)) ? 0 : -1;
+    LOAD_MATRIX(w_gate, "mlp.gate_proj.weight", c->intermediate_size, c->hidden_size);
+    LOAD_MATRIX(w_up, "mlp.up_proj.weight", c->intermediate_size, c->hidden_size);
+    LOAD_MATRIX(w_down, "mlp.down_proj.weight", c->hidden_size, c->intermediate_size);
 #undef LOAD
+#undef LOAD_MATRIX
     return 0;
 }
 
@@ -970,7 +1208,7 @@ static int load_weights(WeightLoader *wl)
         }
     }
     snprintf(name, sizeof name, "%sembed_tokens.weight", wl->prefix);
-    if (!(w->token_embedding = load_tensor(wl, name, c->vocab_size, c->hidden_size)))
+    if (load_matrix(wl, name, c->vocab_size, c->hidden_size, &w->token_embedding) != 0)
         return -1;
     snprintf(name, sizeof name, "%snorm.weight", wl->prefix);
     if (!(w->final_norm = load_tensor(wl, name, c->hidden_size, 0)))
@@ -991,12 +1229,17 @@ static int load_weights(WeightLoader *wl)
         return 0;
     }
     snprintf(name, sizeof name, "%slm_head.weight", wl->head_prefix);
-    if (!(w->lm_head = load_tensor(wl, name, c->vocab_size, c->hidden_size)))
+    if (load_matrix(wl, name, c->vocab_size, c->hidden_size, &w->lm_head) != 0)
         return -1;
     return 0;
 }
 
 Model *model_load(const char *dir, KvErr *err)
+{
+    return model_load_with(dir, NULL, err);
+}
+
+Model *model_load_with(const char *dir, const ModelLoadOptions *options, KvErr *err)
 {
     char config_path[4096];
     snprintf(config_path, sizeof config_path, "%s/config.json", dir);
@@ -1006,7 +1249,9 @@ Model *model_load(const char *dir, KvErr *err)
         model_free(m);
         return NULL;
     }
-    WeightLoader wl = {m, dir, err, config_path, NULL, NULL, "model.", ""};
+    WeightLoader wl = {m, dir, err, config_path, NULL, NULL, "model.", "", {0}};
+    if (options)
+        wl.options = *options;
     if (!(wl.config = json_load_file(config_path, JSON_OBJECT | JSON_UNIQUE_KEYS, err))) {
         model_free(m);
         return NULL;
@@ -1032,6 +1277,9 @@ void model_free(Model *m)
     for (int i = 0; i < m->n_owned; i++)
         free(m->owned[i]);
     free(m->owned);
+    if (m->weights.layers)
+        for (int l = 0; l < m->config.n_layers; l++)
+            moe_free(m->weights.layers[l].moe);
     free(m->weights.layers);
     safetensors_close(m->checkpoint);
     free(m);

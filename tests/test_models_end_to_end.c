@@ -1,10 +1,11 @@
-/* Models with sliding-window layers end to end: `kvsim trace`, `kvsim check` and `kvsim run
- * configs/ta512.ini` on tiny random Gemma 2, Gemma 3 and Mistral-with-window checkpoints; the
- * traces carry each layer's window and the logit soft-capping; a replay with
- * [run] sliding_layers = skip compresses only the global layers (the sliding ones keep their
- * window: all of the true attention), and with compress every layer; bad configs are one line
- * naming the file and the key. (The forward pass itself is checked against the reference in
- * test_forward.) */
+/* The models kvsim traces, end to end: `kvsim trace`, `kvsim check` and `kvsim run
+ * configs/ta512.ini` on tiny random Gemma 2, Gemma 3, Mistral-with-window, Qwen3 with YaRN,
+ * Qwen3-MoE and 4-bit MLX-quantized Llama checkpoints (tests/support/tiny_ckpt). The traces
+ * carry each layer's window, the logit soft-capping and the RoPE frequencies and factor used; a
+ * replay with [run] sliding_layers = skip compresses only the global layers (the sliding ones
+ * keep their window: all of the true attention), and with compress every layer; bad configs are
+ * one line naming the file and the key. (The forward pass itself is checked against the
+ * reference in test_forward.) */
 #include <math.h>
 #include <stdbool.h>
 #include <setjmp.h>
@@ -94,16 +95,31 @@ static Trace *open_trace(const char *path)
     return tr;
 }
 
-/* `kvsim run configs/ta512.ini` on the trace: exit 0, and its line on the compressed layers. */
+/* `kvsim run configs/ta512.ini` on the trace: exit 0, its line on the compressed layers (none
+ * on a model without sliding-window layers: want_layers_line NULL), and in its summary.csv
+ * every policy of the config, `full` keeping all of the attention. */
 static void run_ta512(const char *dir, const char *want_layers_line)
 {
     const char *src = getenv("KVSIM_SOURCE_DIR");
     assert_non_null(src);
+    const char *out_dir = scratch_path(dir, "ta512", 2);
     KvsimRun run = run_kvsim_ok("run '%s/configs/ta512.ini' --trace '%s' --out '%s' --threads 2",
-                                src, scratch_path(dir, "t.h5", 1), scratch_path(dir, "ta512", 2));
-    if (!strstr(run.out, want_layers_line))
-        fail_msg("kvsim run's output lacks '%s':\n%s", want_layers_line, run.out);
+                                src, scratch_path(dir, "t.h5", 1), out_dir);
+    if (want_layers_line ? !strstr(run.out, want_layers_line) : !!strstr(run.out, "sliding_layers"))
+        fail_msg("kvsim run's output %s '%s':\n%s", want_layers_line ? "lacks" : "has",
+                 want_layers_line ? want_layers_line : "sliding_layers", run.out);
     kvsim_run_free(&run);
+    char path[4400];
+    snprintf(path, sizeof path, "%s/summary.csv", out_dir);
+    char *csv = scratch_read(path);
+    int rows = 0;
+    for (const char *c = strchr(csv, '\n'); c && c[1]; c = strchr(c + 1, '\n'))
+        rows++;
+    assert_int_equal(rows, 13); /* configs/ta512.ini's policies */
+    const char *full = strstr(csv, "\nfull,full,");
+    assert_non_null(full);
+    assert_true(fabs(strtod(full + strlen("\nfull,full,"), NULL) - 1.0) < 1e-6);
+    free(csv);
 }
 
 static void check_windows(const char *dir, const int *want, double softcap)
@@ -258,6 +274,86 @@ static void test_gemma3_multimodal_text_model(void **state)
     scratch_remove(dir);
 }
 
+/* Qwen3 with YaRN (factor 4 over an original context of 16 < the 48 tokens traced): the trace
+ * records the scaled frequencies (the slowest pairs divided by the factor, the fastest kept) and
+ * the attention factor 0.1 ln 4 + 1, with which `kvsim check` recomputes the model's own
+ * attention rows. */
+static void test_qwen3_yarn_end_to_end(void **state)
+{
+    (void)state;
+    TinyCheckpointSpec spec = tiny_ckpt_default_spec();
+    spec.architecture = "Qwen3ForCausalLM";
+    spec.n_layers = 3;
+    spec.rope_scaling = "{\"rope_type\": \"yarn\", \"factor\": 4.0, "
+                        "\"original_max_position_embeddings\": 16}";
+    spec.seed = 34;
+    TinyCheckpoint *ck;
+    char *dir = trace_model(&spec, &ck);
+    Trace *tr = open_trace(scratch_path(dir, "t.h5", 1));
+    const TraceMeta *m = trace_meta(tr);
+    int half = m->head_dim / 2;
+    assert_float_equal(m->rope_attention_factor, 0.1 * log(4.0) + 1.0, 1e-12);
+    for (int l = 0; l < m->n_layers; l++) {
+        const double *f = trace_layer_geometry(m, l).rope_inv_freq;
+        double base = spec.rope_theta;
+        assert_float_equal(f[0], 1.0, 1e-12); /* pair 0: many turns over 16 tokens, kept */
+        double plain_last = pow(base, -2.0 * (half - 1) / m->head_dim);
+        assert_float_equal(f[half - 1], plain_last / 4.0, 1e-12 * plain_last);
+        assert_int_equal(trace_layer_geometry(m, l).window, 0);
+    }
+    trace_close(tr);
+    run_ta512(dir, NULL);
+    tiny_ckpt_free(ck);
+    scratch_remove(dir);
+}
+
+/* Qwen3-MoE (4 experts of 24, top 2, layer 0 dense through mlp_only_layers) traces like any
+ * model: the trace's parameter count is the experts' and the dense layer's, and the replay runs. */
+static void test_qwen3_moe_end_to_end(void **state)
+{
+    (void)state;
+    TinyCheckpointSpec spec = tiny_ckpt_default_spec();
+    spec.architecture = "Qwen3MoeForCausalLM";
+    spec.n_layers = 3;
+    spec.n_experts = 4;
+    spec.n_experts_per_tok = 2;
+    spec.moe_intermediate_size = 24;
+    spec.norm_topk_prob = 1;
+    spec.mlp_only_layer = 0;
+    spec.seed = 35;
+    TinyCheckpoint *ck;
+    char *dir = trace_model(&spec, &ck);
+    Trace *tr = open_trace(scratch_path(dir, "t.h5", 1));
+    const TraceMeta *m = trace_meta(tr);
+    assert_int_equal(m->n_layers, 3);
+    /* every expert counts (the model's size, not the active parameters): two MoE layers of 4
+     * experts of 3 matrices of hidden x 24, plus their routers */
+    int64_t h = spec.hidden_size;
+    assert_true(m->n_params >= 2 * (4 * 3 * h * 24 + 4 * h));
+    trace_close(tr);
+    run_ta512(dir, NULL);
+    tiny_ckpt_free(ck);
+    scratch_remove(dir);
+}
+
+/* A 4-bit MLX-quantized Llama (mlx-community's layout: packed uint32 weights, scales and biases
+ * per group of 32; lm_head at 8 bits) traces, passes check and replays. */
+static void test_mlx_llama_end_to_end(void **state)
+{
+    (void)state;
+    TinyCheckpointSpec spec = tiny_ckpt_default_spec();
+    spec.architecture = "LlamaForCausalLM";
+    spec.n_layers = 2;
+    spec.quant_bits = 4;
+    spec.quant_group = 32;
+    spec.seed = 36;
+    TinyCheckpoint *ck;
+    char *dir = trace_model(&spec, &ck);
+    run_ta512(dir, NULL);
+    tiny_ckpt_free(ck);
+    scratch_remove(dir);
+}
+
 /* Configs whose keys contradict each other or are not understood: one line naming config.json
  * and the key, exit 2. */
 static void test_bad_window_configs(void **state)
@@ -335,6 +431,9 @@ int main(void)
         cmocka_unit_test(test_mistral_window_end_to_end),
         cmocka_unit_test(test_gemma3_skip_compresses_global_layers_only),
         cmocka_unit_test(test_gemma3_multimodal_text_model),
+        cmocka_unit_test(test_qwen3_yarn_end_to_end),
+        cmocka_unit_test(test_qwen3_moe_end_to_end),
+        cmocka_unit_test(test_mlx_llama_end_to_end),
         cmocka_unit_test(test_bad_window_configs),
         cmocka_unit_test(test_bad_sliding_layers_key),
     };

@@ -125,6 +125,51 @@ static void test_cells_equal_standalone_runs(void **state)
     free(s);
 }
 
+/* The policies whose larger budgets keep supersets, at 20 budgets in one pass (the instances
+ * of oracle_topk stepping together, sharing one selection: policies/policy.h, step_many), the
+ * smallest and one beyond the trace's 432 tokens included: every cell is the bytes of its own
+ * `kvsim run`. */
+static void test_many_budgets_equal_standalone_runs(void **state)
+{
+    (void)state;
+    static const char NESTED[] = "[run]\nthreads = 0\nseed = 3\n"
+                                 "[policy.window]\ntype = window\nsinks = 4\n"
+                                 "[policy.oracle_topk]\ntype = oracle_topk\n";
+    enum { NB = 20 };
+    int budgets[NB];
+    char list[256] = "";
+    for (int i = 0; i < NB; i++) {
+        budgets[i] = i < NB - 1 ? 5 + 21 * i : 500;
+        snprintf(list + strlen(list), sizeof list - strlen(list), "%s%d", i ? "," : "",
+                 budgets[i]);
+    }
+    char ini[1200];
+    snprintf(ini, sizeof ini, "%s/nested.ini", dir);
+    scratch_write(ini, NESTED);
+    KvsimRun r = run_kvsim_ok("sweep '%s' --trace '%s' --budgets %s --out '%s/nested' --quiet",
+                              ini, trace_a, list, dir);
+    kvsim_run_free(&r);
+    for (int i = 0; i < NB; i++) {
+        char one[1200], text[512], a[1300], b[1300];
+        snprintf(one, sizeof one, "%s/nested%d.ini", dir, budgets[i]);
+        snprintf(text, sizeof text,
+                 "[run]\nthreads = 0\nseed = 3\nbudget = %d\n%s", budgets[i],
+                 strstr(NESTED, "[policy."));
+        scratch_write(one, text);
+        r = run_kvsim_ok("run '%s' --trace '%s' --out '%s/nested_r%d' --quiet", one, trace_a,
+                         dir, budgets[i]);
+        kvsim_run_free(&r);
+        for (int f = 0; f < 4; f++) {
+            snprintf(a, sizeof a, "%s/nested/b%d/%s", dir, budgets[i], FILES[f]);
+            snprintf(b, sizeof b, "%s/nested_r%d/%s", dir, budgets[i], FILES[f]);
+            assert_same_file(a, b);
+        }
+    }
+    char *s = scratch_read(scratch_path(dir, "nested/summary.csv", 0));
+    assert_int_equal(count_lines(s), 1 + 2 * NB);
+    free(s);
+}
+
 /* configs/ta512.ini sets every policy's budget at 512: the sweep scales each policy whole, so
  * that budget 512 is the config as written (the standalone run of it). */
 static void test_ta512_at_its_own_budget(void **state)
@@ -345,6 +390,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cells_equal_standalone_runs),
+        cmocka_unit_test(test_many_budgets_equal_standalone_runs),
         cmocka_unit_test(test_ta512_at_its_own_budget),
         cmocka_unit_test(test_identical_at_any_thread_count),
         cmocka_unit_test(test_resume_skips_finished_cells),

@@ -170,6 +170,43 @@ static void test_many_budgets_equal_standalone_runs(void **state)
     free(s);
 }
 
+/* Policies given the same budget that hold more than 5% apart: the warning of `kvsim run`
+ * (report_warn_unequal_caches), one line per budget, naming the smallest and the largest; trig
+ * holds more than its budget between its prunes, window and oracle_topk hold exactly theirs
+ * (full is never compared), so that pair gives no warning. */
+static void test_unequal_caches_warn_per_budget(void **state)
+{
+    (void)state;
+    char ini[1200];
+    snprintf(ini, sizeof ini, "%s/unequal.ini", dir);
+    scratch_write(ini, "[run]\nseed = 3\n[policy.full]\ntype = full\n"
+                       "[policy.window]\ntype = window\nsinks = 4\n"
+                       "[policy.trig]\ntype = trig\n");
+    KvsimRun r = run_kvsim_ok("sweep '%s' --trace '%s' --budgets 64,256,128 --out '%s/unequal' "
+                              "--quiet", ini, trace_a, dir);
+    assert_int_equal(count_lines(r.err), 3);
+    static const char *const at[3] = {"64", "128", "256"};
+    const char *line = r.err;
+    for (int i = 0; i < 3; i++) { /* budgets ascending */
+        char want[200];
+        snprintf(want, sizeof want, "kvsim sweep: warning: at budget %s the policies' mean "
+                 "caches are more than 5%% apart: window holds %s.0 tokens per KV head, trig ",
+                 at[i], at[i]);
+        assert_int_equal(strncmp(line, want, strlen(want)), 0);
+        line = strchr(line, '\n') + 1;
+    }
+    kvsim_run_free(&r);
+
+    snprintf(ini, sizeof ini, "%s/equal.ini", dir);
+    scratch_write(ini, "[run]\nseed = 3\n[policy.full]\ntype = full\n"
+                       "[policy.window]\ntype = window\nsinks = 4\n"
+                       "[policy.oracle_topk]\ntype = oracle_topk\n");
+    r = run_kvsim_ok("sweep '%s' --trace '%s' --budgets 64,256,128 --out '%s/equal' --quiet",
+                     ini, trace_a, dir);
+    assert_string_equal(r.err, "");
+    kvsim_run_free(&r);
+}
+
 /* configs/ta512.ini sets every policy's budget at 512: the sweep scales each policy whole, so
  * that budget 512 is the config as written (the standalone run of it). */
 static void test_ta512_at_its_own_budget(void **state)
@@ -391,6 +428,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cells_equal_standalone_runs),
         cmocka_unit_test(test_many_budgets_equal_standalone_runs),
+        cmocka_unit_test(test_unequal_caches_warn_per_budget),
         cmocka_unit_test(test_ta512_at_its_own_budget),
         cmocka_unit_test(test_identical_at_any_thread_count),
         cmocka_unit_test(test_resume_skips_finished_cells),

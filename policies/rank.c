@@ -66,7 +66,8 @@ static void copy_range(int32_t *dst, const int32_t *src, int lo, int end)
  * followed by every target at once: after a partition, the selections whose target lies right
  * of the pivot take pos[lo, pivot] as it stands (the ranges left of their target are never
  * touched again by them), before the ones on the left go on partitioning it; those left and
- * those right then work on disjoint ranges. */
+ * those right then work on disjoint ranges. Recursion only where the targets split to both
+ * sides, so it is at most m deep. */
 static void select_many(int32_t *pos, int lo, int hi, const double *score, const int *k,
                         int *set, int m, int32_t *const *out)
 {
@@ -77,26 +78,32 @@ static void select_many(int32_t *pos, int lo, int hi, const double *score, const
             return;
         }
         int store = partition_range(pos, lo, hi, score);
-        int left[m], right[m], n_left = 0, n_right = 0;
-        for (int s = 0; s < m; s++) {
+        /* set in three, in place: [0, lt) left of the pivot, [lt, gt) found, [gt, m) right */
+        int lt = 0, gt = m;
+        for (int s = 0; s < gt;) {
             int i = set[s], target = k[i] - 1;
-            if (target == store) { /* found: pos[lo, target] completes it */
+            if (target < store) {
+                set[s++] = set[lt];
+                set[lt++] = i;
+            } else if (target == store) { /* found: pos[lo, target] completes it */
                 copy_range(out[i], pos, lo, k[i]);
-            } else if (target > store) {
-                copy_range(out[i], pos, lo, store + 1);
-                right[n_right++] = i;
+                s++;
             } else {
-                left[n_left++] = i;
+                copy_range(out[i], pos, lo, store + 1);
+                set[s] = set[--gt];
+                set[gt] = i;
             }
         }
-        for (int s = 0; s < n_left; s++)
-            set[s] = left[s];
-        for (int s = 0; s < n_right; s++)
-            set[n_left + s] = right[s];
-        select_many(pos, lo, store - 1, score, k, set, n_left, out);
-        set += n_left;
-        m = n_right;
-        lo = store + 1;
+        if (lt > 0 && gt < m)
+            select_many(pos, lo, store - 1, score, k, set, lt, out);
+        if (gt == m) { /* none right: on with the left ones */
+            hi = store - 1;
+            m = lt;
+        } else {
+            set += gt;
+            m -= gt;
+            lo = store + 1;
+        }
     }
 }
 

@@ -20,7 +20,7 @@
 static void warn_unequal_caches(const RunConfig *rc, const double *tokens, const char *at)
 {
     int n = rc->engine.n_policies;
-    bool *compare = kv_malloc((size_t)n * sizeof *compare + 1);
+    bool *compare = kv_malloc((size_t)n * sizeof *compare);
     for (int k = 0; k < n; k++)
         compare[k] = config_policy_budgeted(rc, k);
     report_warn_unequal_caches(stderr, "run", rc->engine.policies, n, compare, tokens, at);

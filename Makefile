@@ -116,7 +116,8 @@ run: build $(DEFAULT_TRACE)
 
 # Benchmarks: the traces and checkpoints they use are written once into the build directory.
 # The generator's PyTorch reference needs python3-torch (installed here when run as root).
-# Then bench/sweep.sh: make sweep's one-pass `kvsim sweep` against a `kvsim run` per budget.
+# Then bench/sweep.sh: make sweep's one-pass `kvsim sweep` against a `kvsim run` per budget;
+# bench/sweep_nested.sh: window and oracle_topk at 20 budgets against one budget.
 bench: build $(DEFAULT_TRACE)
 	@dpkg -s python3-torch >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-torch
@@ -124,7 +125,8 @@ bench: build $(DEFAULT_TRACE)
 	  replay=$$?; cd $(CURDIR) && bench/generator.sh $(BUILD) 2; generator=$$?; \
 	  $(BUILD)/bench_weights16 $(BUILD)/bench-1b-bf16 --threads 2; weights16=$$?; \
 	  bench/sweep.sh $(KVSIM) $(SWEEP_CONFIG) $(DEFAULT_TRACE) "$(SWEEP_SORTED)" 2; \
-	  exit $$(( replay || generator || weights16 || $$? ))
+	  sweep=$$?; bench/sweep_nested.sh $(KVSIM) 2; \
+	  exit $$(( replay || generator || weights16 || sweep || $$? ))
 
 # The request-level simulator's benchmark (bench/bench_reuse.c): its synthetic log of
 # BENCH_REUSE_CONVERSATIONS conversations (about 4 requests each) is written once into the

@@ -28,6 +28,7 @@ typedef struct {
     double *score;       /* [T] scratch */
     int32_t *candidates; /* [T] scratch */
     uint8_t *chosen;     /* [T] scratch */
+    int32_t *best0;      /* [T] scratch: this instance's choice in oracle_topk_step_many */
 } OracleTopk;
 
 static const ParamSpec oracle_topk_params[] = {
@@ -51,6 +52,7 @@ static Policy *oracle_topk_create(const void *params, const LayerView *L, const 
     o->score = kv_malloc((size_t)L->n_tokens * sizeof *o->score);
     o->candidates = kv_malloc((size_t)L->n_tokens * sizeof *o->candidates);
     o->chosen = kv_calloc((size_t)L->n_tokens, sizeof *o->chosen);
+    o->best0 = kv_malloc((size_t)L->n_tokens * sizeof *o->best0);
     return &o->base;
 }
 
@@ -66,31 +68,70 @@ static void oracle_topk_prefill(Policy *p, const PrefillView *pv)
     }
 }
 
+/* KV head g's scores of query t's keys [0, n) into o->score, and o->candidates = 0 .. n-1. */
+static void score_keys(OracleTopk *o, const StepView *sv, int g, int n)
+{
+    rank_sum_rows(sv->full_attn + (size_t)g * o->group * o->n_tokens, o->group, n, o->n_tokens,
+                  1.0f, o->summed);
+    for (int j = 0; j < n; j++) {
+        o->score[j] = o->summed[j];
+        o->candidates[j] = j;
+    }
+}
+
+/* Cache g holds best[0, keep) (what rank_keep_best chose), nothing else. */
+static void keep_chosen(OracleTopk *o, int g, const int32_t *best, int keep)
+{
+    KVCache *c = &o->base.cache[g];
+    for (int i = 0; i < keep; i++)
+        o->chosen[best[i]] = 1;
+    /* Drop what is no longer chosen (backwards: removal moves the last slot into the hole),
+     * then add what is newly chosen, in the order chosen (the slot order follows it). */
+    for (int s = c->n - 1; s >= 0; s--)
+        if (c->pos[s] < 0 || !o->chosen[c->pos[s]])
+            kvcache_remove_slot(c, s);
+    for (int i = 0; i < keep; i++) {
+        kvcache_add(c, best[i]);
+        o->chosen[best[i]] = 0;
+    }
+}
+
+static int keep_at(const OracleTopk *o, int n)
+{
+    return n < o->budget ? n : o->budget;
+}
+
 static void oracle_topk_step(Policy *p, const StepView *sv)
 {
     OracleTopk *o = (OracleTopk *)p;
-    int n = sv->t + 1;
-    int keep = n < o->budget ? n : o->budget;
+    int n = sv->t + 1, keep = keep_at(o, n);
     for (int g = 0; g < p->n_kv_heads; g++) {
-        KVCache *c = &p->cache[g];
-        rank_sum_rows(sv->full_attn + (size_t)g * o->group * o->n_tokens, o->group, n,
-                      o->n_tokens, 1.0f, o->summed);
-        for (int j = 0; j < n; j++) {
-            o->score[j] = o->summed[j];
-            o->candidates[j] = j;
-        }
+        score_keys(o, sv, g, n);
         rank_keep_best(o->candidates, n, keep, o->score);
-        for (int i = 0; i < keep; i++)
-            o->chosen[o->candidates[i]] = 1;
-        /* Drop what is no longer chosen (backwards: removal moves the last slot into the hole),
-         * then add what is newly chosen. */
-        for (int s = c->n - 1; s >= 0; s--)
-            if (c->pos[s] < 0 || !o->chosen[c->pos[s]])
-                kvcache_remove_slot(c, s);
-        for (int i = 0; i < keep; i++) {
-            kvcache_add(c, o->candidates[i]);
-            o->chosen[o->candidates[i]] = 0;
-        }
+        keep_chosen(o, g, o->candidates, keep);
+    }
+}
+
+/* Instances of any budgets at once (a sweep's): the scores are the same row for all, so one
+ * score and one selection for every budget (rank_keep_best_many gives each budget's choice in
+ * the order its own rank_keep_best would), then each instance's cache as its step leaves it. */
+static void oracle_topk_step_many(Policy *const *ps, int n_inst, const StepView *sv)
+{
+    OracleTopk *o = (OracleTopk *)ps[0];
+    int n = sv->t + 1;
+    int keep[n_inst];
+    int32_t *best[n_inst];
+    for (int i = 0; i < n_inst; i++) {
+        OracleTopk *oi = (OracleTopk *)ps[i];
+        keep[i] = keep_at(oi, n);
+        /* instance 0's candidates are the selection's working array: its choice goes apart */
+        best[i] = i == 0 ? o->best0 : oi->candidates;
+    }
+    for (int g = 0; g < o->base.n_kv_heads; g++) {
+        score_keys(o, sv, g, n);
+        rank_keep_best_many(o->candidates, n, keep, n_inst, o->score, best);
+        for (int i = 0; i < n_inst; i++)
+            keep_chosen((OracleTopk *)ps[i], g, best[i], keep[i]);
     }
 }
 
@@ -101,6 +142,7 @@ static void oracle_topk_destroy(Policy *p)
     free(o->score);
     free(o->candidates);
     free(o->chosen);
+    free(o->best0);
     policy_base_free(p);
     free(o);
 }
@@ -123,6 +165,7 @@ const PolicyType policy_oracle_topk = {
     .create = oracle_topk_create,
     .prefill = oracle_topk_prefill,
     .step = oracle_topk_step,
+    .step_many = oracle_topk_step_many,
     .destroy = oracle_topk_destroy,
     .max_slots = oracle_topk_max_slots,
     .conformance = oracle_topk_conformance,

@@ -286,6 +286,13 @@ struct PolicyType {
     /* ---- Optional ---- */
     /* The per-token scores a wrapper drives (above); NULL: the policy exposes none. */
     const PolicyScorer *scorer;
+    /* Steps n instances of this type, all of one layer at one decode step (sv: the step view
+     * each would get), leaving every one exactly as n calls of step would, while doing what they
+     * have in common once (oracle_topk: one selection over the attention row for every budget,
+     * `kvsim sweep`). NULL: step alone. Called instead of step only by a driver that shares
+     * steps (PolicyDriver.share_steps, sim/driver/driver.h), for the instances of the type that
+     * have no kv_quant; p[0] may use its own scratch for the shared work. */
+    void (*step_many)(Policy *const *p, int n, const StepView *sv);
     /* A key the params table does not list (a wrapper's inner policy's parameters); NULL:
      * such a key is an error. Same contract as policy_param_set. */
     int (*set_extra)(void *params, const char *key, const char *value, KvErr *err);

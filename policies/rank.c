@@ -17,6 +17,26 @@ static inline void swap_pos(int32_t *pos, int i, int j)
     pos[j] = tmp;
 }
 
+/* One quickselect partition of pos[lo, hi] (lo < hi), as rank_keep_best makes it; returns
+ * where the pivot lands. */
+static int partition_range(int32_t *pos, int lo, int hi, const double *score)
+{
+    int mid = lo + (hi - lo) / 2;
+    if (better(score, pos[mid], pos[lo]))
+        swap_pos(pos, mid, lo);
+    if (better(score, pos[hi], pos[lo]))
+        swap_pos(pos, hi, lo);
+    if (better(score, pos[mid], pos[hi]))
+        swap_pos(pos, mid, hi);
+    int32_t pivot = pos[hi];
+    int store = lo;
+    for (int i = lo; i < hi; i++)
+        if (better(score, pos[i], pivot))
+            swap_pos(pos, i, store++);
+    swap_pos(pos, store, hi);
+    return store;
+}
+
 void rank_keep_best(int32_t *pos, int n, int k, const double *score)
 {
     if (k <= 0 || k >= n)
@@ -25,21 +45,7 @@ void rank_keep_best(int32_t *pos, int n, int k, const double *score)
      * Positions are distinct, so the order is strict and the chosen set is unique. */
     int lo = 0, hi = n - 1, target = k - 1;
     while (lo < hi) {
-        int mid = lo + (hi - lo) / 2;
-        /* Median of three as pivot, moved to hi, keeps sorted inputs (the common case: positions
-         * in order) from degrading to quadratic time. */
-        if (better(score, pos[mid], pos[lo]))
-            swap_pos(pos, mid, lo);
-        if (better(score, pos[hi], pos[lo]))
-            swap_pos(pos, hi, lo);
-        if (better(score, pos[mid], pos[hi]))
-            swap_pos(pos, mid, hi);
-        int32_t pivot = pos[hi];
-        int store = lo;
-        for (int i = lo; i < hi; i++)
-            if (better(score, pos[i], pivot))
-                swap_pos(pos, i, store++);
-        swap_pos(pos, store, hi);
+        int store = partition_range(pos, lo, hi, score);
         if (store == target)
             return;
         if (store < target)
@@ -47,6 +53,72 @@ void rank_keep_best(int32_t *pos, int n, int k, const double *score)
         else
             hi = store - 1;
     }
+}
+
+static void copy_range(int32_t *dst, const int32_t *src, int lo, int end)
+{
+    for (int i = lo; i < end; i++)
+        dst[i] = src[i];
+}
+
+/* The selections of the k in set[0, m), whose targets (k - 1) lie in [lo, hi], with pos[lo, hi]
+ * as every one of them finds it there and out[i][0, lo) written. A single selection's loop,
+ * followed by every target at once: after a partition, the selections whose target lies right
+ * of the pivot take pos[lo, pivot] as it stands (the ranges left of their target are never
+ * touched again by them), before the ones on the left go on partitioning it; those left and
+ * those right then work on disjoint ranges. Recursion only where the targets split to both
+ * sides, so it is at most m deep. */
+static void select_many(int32_t *pos, int lo, int hi, const double *score, const int *k,
+                        int *set, int m, int32_t *const *out)
+{
+    while (m > 0) {
+        if (lo >= hi) { /* the loop's end: lo == hi == every target left */
+            for (int s = 0; s < m; s++)
+                copy_range(out[set[s]], pos, lo, k[set[s]]);
+            return;
+        }
+        int store = partition_range(pos, lo, hi, score);
+        /* set in three, in place: [0, lt) left of the pivot, [lt, gt) found, [gt, m) right */
+        int lt = 0, gt = m;
+        for (int s = 0; s < gt;) {
+            int i = set[s], target = k[i] - 1;
+            if (target < store) {
+                set[s++] = set[lt];
+                set[lt++] = i;
+            } else if (target == store) { /* found: pos[lo, target] completes it */
+                copy_range(out[i], pos, lo, k[i]);
+                s++;
+            } else {
+                copy_range(out[i], pos, lo, store + 1);
+                set[s] = set[--gt];
+                set[gt] = i;
+            }
+        }
+        if (lt > 0 && gt < m)
+            select_many(pos, lo, store - 1, score, k, set, lt, out);
+        if (gt == m) { /* none right: on with the left ones */
+            hi = store - 1;
+            m = lt;
+        } else {
+            set += gt;
+            m -= gt;
+            lo = store + 1;
+        }
+    }
+}
+
+void rank_keep_best_many(int32_t *pos, int n, const int *k, int n_k, const double *score,
+                         int32_t *const *out)
+{
+    int set[n_k > 0 ? n_k : 1], m = 0;
+    /* rank_keep_best leaves pos as it is for k <= 0 or k >= n: those copy it first. */
+    for (int i = 0; i < n_k; i++) {
+        if (k[i] >= n)
+            copy_range(out[i], pos, 0, n);
+        else if (k[i] > 0)
+            set[m++] = i;
+    }
+    select_many(pos, 0, n - 1, score, k, set, m, out);
 }
 
 int rank_worst_slot(const KVCache *c, const double *score, int max_pos)

@@ -5,9 +5,11 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <cmocka.h>
 
+#include "policies/rank.h"
 #include "tests/support/fixture.h"
 #include "tests/support/mass_trace.h"
 
@@ -95,11 +97,100 @@ static void test_oracle_topk_dominates_every_policy_each_step(void **state)
     }
 }
 
+/* rank_keep_best_many gives every k exactly what rank_keep_best gives it, in the same order:
+ * the order a policy adds the chosen positions in, which its slot order (and so the float sums
+ * of the metrics) follows. Scores with many ties (the later position wins them), k of every
+ * size, repeated, 0 and beyond n. */
+static void test_keep_best_many_is_keep_best_for_each_k(void **state)
+{
+    (void)state;
+    enum { N = 300, NK = 24 };
+    uint64_t x = 12345;
+    for (int round = 0; round < 40; round++) {
+        int n = 1 + round * 7 % N;
+        double score[N];
+        int32_t pos[N], one[N], many_pos[N];
+        int levels = round % 3 == 0 ? 4 : round % 3 == 1 ? 50 : 1 << 20;
+        for (int j = 0; j < n; j++) {
+            x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+            score[j] = (double)((x >> 33) % (uint64_t)levels);
+            many_pos[j] = j;
+        }
+        int k[NK];
+        int32_t out_buf[NK][N], *out[NK];
+        for (int i = 0; i < NK; i++) {
+            x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+            k[i] = i == 0 ? 0 : i == 1 ? n : i == 2 ? n + 5 : i == 3 ? k[2] - 5 : (int)((x >> 33) % (uint64_t)n) + 1;
+            out[i] = out_buf[i];
+            memset(out_buf[i], 0xff, sizeof out_buf[i]);
+        }
+        rank_keep_best_many(many_pos, n, k, NK, score, out);
+        for (int i = 0; i < NK; i++) {
+            for (int j = 0; j < n; j++)
+                pos[j] = j;
+            rank_keep_best(pos, n, k[i], score);
+            int keep = k[i] < n ? k[i] : n;
+            memcpy(one, pos, (size_t)n * sizeof *one);
+            for (int j = 0; j < keep; j++)
+                assert_int_equal(out[i][j], one[j]);
+            if (keep < N)
+                assert_int_equal(out[i][keep], -1); /* nothing written beyond k */
+        }
+    }
+}
+
+/* Instances at many budgets stepped together by step_many hold, slot for slot, the caches that
+ * each one's own step gives it. */
+static void test_step_many_is_each_step(void **state)
+{
+    (void)state;
+    enum { NB = 9, T = 140, P = 40, HQ = 4 };
+    static const char *const budgets[NB] = {"budget=1", "budget=3", "budget=8", "budget=8",
+                                            "budget=20", "budget=33", "budget=64",
+                                            "budget=100", "budget=200"};
+    Fixture *fx = fixture_new(HQ, 2, 8, T, P);
+    fixture_randomize(fx, 4, 1.5);
+    Policy *alone[NB], *shared[NB];
+    for (int i = 0; i < NB; i++) {
+        alone[i] = fixture_policy(fx, "oracle_topk", budgets[i], 7);
+        shared[i] = fixture_policy(fx, "oracle_topk", budgets[i], 7);
+    }
+    assert_non_null(alone[0]->type->step_many);
+    PrefillView pv = {.L = &fx->L, .span_start = 0, .span_end = P, .chunk_start = 0,
+                      .chunk_end = P, .last_chunk = true};
+    for (int i = 0; i < NB; i++) {
+        alone[i]->type->prefill(alone[i], &pv);
+        shared[i]->type->prefill(shared[i], &pv);
+    }
+    float *full = malloc((size_t)HQ * T * sizeof *full);
+    for (int t = P; t < T; t++) {
+        fixture_full_attn(fx, t, full);
+        StepView sv = {.L = &fx->L, .t = t, .full_attn = full};
+        for (int i = 0; i < NB; i++)
+            alone[i]->type->step(alone[i], &sv);
+        shared[0]->type->step_many(shared, NB, &sv);
+        for (int i = 0; i < NB; i++)
+            for (int g = 0; g < 2; g++) {
+                const KVCache *a = &alone[i]->cache[g], *b = &shared[i]->cache[g];
+                assert_int_equal(a->n, b->n);
+                assert_memory_equal(a->pos, b->pos, (size_t)a->n * sizeof *a->pos);
+            }
+    }
+    free(full);
+    for (int i = 0; i < NB; i++) {
+        alone[i]->type->destroy(alone[i]);
+        shared[i]->type->destroy(shared[i]);
+    }
+    fixture_free(fx);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_oracle_topk_is_top_budget_by_group_sum),
         cmocka_unit_test(test_oracle_topk_dominates_every_policy_each_step),
+        cmocka_unit_test(test_keep_best_many_is_keep_best_for_each_k),
+        cmocka_unit_test(test_step_many_is_each_step),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

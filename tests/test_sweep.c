@@ -125,6 +125,88 @@ static void test_cells_equal_standalone_runs(void **state)
     free(s);
 }
 
+/* The policies whose larger budgets keep supersets, at 20 budgets in one pass (the instances
+ * of oracle_topk stepping together, sharing one selection: policies/policy.h, step_many), the
+ * smallest and one beyond the trace's 432 tokens included: every cell is the bytes of its own
+ * `kvsim run`. */
+static void test_many_budgets_equal_standalone_runs(void **state)
+{
+    (void)state;
+    static const char NESTED[] = "[run]\nthreads = 0\nseed = 3\n"
+                                 "[policy.window]\ntype = window\nsinks = 4\n"
+                                 "[policy.oracle_topk]\ntype = oracle_topk\n";
+    enum { NB = 20 };
+    int budgets[NB];
+    char list[256] = "";
+    for (int i = 0; i < NB; i++) {
+        budgets[i] = i < NB - 1 ? 5 + 21 * i : 500;
+        snprintf(list + strlen(list), sizeof list - strlen(list), "%s%d", i ? "," : "",
+                 budgets[i]);
+    }
+    char ini[1200];
+    snprintf(ini, sizeof ini, "%s/nested.ini", dir);
+    scratch_write(ini, NESTED);
+    KvsimRun r = run_kvsim_ok("sweep '%s' --trace '%s' --budgets %s --out '%s/nested' --quiet",
+                              ini, trace_a, list, dir);
+    kvsim_run_free(&r);
+    for (int i = 0; i < NB; i++) {
+        char one[1200], text[512], a[1300], b[1300];
+        snprintf(one, sizeof one, "%s/nested%d.ini", dir, budgets[i]);
+        snprintf(text, sizeof text,
+                 "[run]\nthreads = 0\nseed = 3\nbudget = %d\n%s", budgets[i],
+                 strstr(NESTED, "[policy."));
+        scratch_write(one, text);
+        r = run_kvsim_ok("run '%s' --trace '%s' --out '%s/nested_r%d' --quiet", one, trace_a,
+                         dir, budgets[i]);
+        kvsim_run_free(&r);
+        for (int f = 0; f < 4; f++) {
+            snprintf(a, sizeof a, "%s/nested/b%d/%s", dir, budgets[i], FILES[f]);
+            snprintf(b, sizeof b, "%s/nested_r%d/%s", dir, budgets[i], FILES[f]);
+            assert_same_file(a, b);
+        }
+    }
+    char *s = scratch_read(scratch_path(dir, "nested/summary.csv", 0));
+    assert_int_equal(count_lines(s), 1 + 2 * NB);
+    free(s);
+}
+
+/* Policies given the same budget that hold more than 5% apart: the warning of `kvsim run`
+ * (report_warn_unequal_caches), one line per budget, naming the smallest and the largest; trig
+ * holds more than its budget between its prunes, window and oracle_topk hold exactly theirs
+ * (full is never compared), so that pair gives no warning. */
+static void test_unequal_caches_warn_per_budget(void **state)
+{
+    (void)state;
+    char ini[1200];
+    snprintf(ini, sizeof ini, "%s/unequal.ini", dir);
+    scratch_write(ini, "[run]\nseed = 3\n[policy.full]\ntype = full\n"
+                       "[policy.window]\ntype = window\nsinks = 4\n"
+                       "[policy.trig]\ntype = trig\n");
+    KvsimRun r = run_kvsim_ok("sweep '%s' --trace '%s' --budgets 64,256,128 --out '%s/unequal' "
+                              "--quiet", ini, trace_a, dir);
+    assert_int_equal(count_lines(r.err), 3);
+    static const char *const at[3] = {"64", "128", "256"};
+    const char *line = r.err;
+    for (int i = 0; i < 3; i++) { /* budgets ascending */
+        char want[200];
+        snprintf(want, sizeof want, "kvsim sweep: warning: at budget %s the policies' mean "
+                 "caches are more than 5%% apart: window holds %s.0 tokens per KV head, trig ",
+                 at[i], at[i]);
+        assert_int_equal(strncmp(line, want, strlen(want)), 0);
+        line = strchr(line, '\n') + 1;
+    }
+    kvsim_run_free(&r);
+
+    snprintf(ini, sizeof ini, "%s/equal.ini", dir);
+    scratch_write(ini, "[run]\nseed = 3\n[policy.full]\ntype = full\n"
+                       "[policy.window]\ntype = window\nsinks = 4\n"
+                       "[policy.oracle_topk]\ntype = oracle_topk\n");
+    r = run_kvsim_ok("sweep '%s' --trace '%s' --budgets 64,256,128 --out '%s/equal' --quiet",
+                     ini, trace_a, dir);
+    assert_string_equal(r.err, "");
+    kvsim_run_free(&r);
+}
+
 /* configs/ta512.ini sets every policy's budget at 512: the sweep scales each policy whole, so
  * that budget 512 is the config as written (the standalone run of it). */
 static void test_ta512_at_its_own_budget(void **state)
@@ -345,6 +427,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cells_equal_standalone_runs),
+        cmocka_unit_test(test_many_budgets_equal_standalone_runs),
+        cmocka_unit_test(test_unequal_caches_warn_per_budget),
         cmocka_unit_test(test_ta512_at_its_own_budget),
         cmocka_unit_test(test_identical_at_any_thread_count),
         cmocka_unit_test(test_resume_skips_finished_cells),

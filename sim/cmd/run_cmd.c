@@ -14,31 +14,17 @@
 #include "sim/replay/dataset.h"
 #include "sim/replay/report.h"
 
-/* Policies given the same budget should hold about as many tokens: one line on stderr when the
- * mean cache sizes (summary.csv's cache_tokens_mean, tokens per KV head; over a dataset, its
- * mean over the traces) of the policies the run's budget applies to are more than 5% apart,
- * naming the smallest and the largest. full and a policy whose section sets its own budget are
- * not compared; an oracle given the budget is. `at` names the budget ("budget 512"). */
+/* The policies the run's budget applies to, compared by report_warn_unequal_caches: full and a
+ * policy whose section sets its own budget are not; an oracle given the budget is. `at` names
+ * the budget ("budget 512"). */
 static void warn_unequal_caches(const RunConfig *rc, const double *tokens, const char *at)
 {
-    int lo = -1, hi = -1;
-    for (int k = 0; k < rc->engine.n_policies; k++) {
-        if (!config_policy_budgeted(rc, k))
-            continue;
-        if (lo < 0 || tokens[k] < tokens[lo])
-            lo = k;
-        if (hi < 0 || tokens[k] > tokens[hi])
-            hi = k;
-    }
-    if (lo < 0)
-        return;
-    double a = tokens[lo], b = tokens[hi];
-    if (b <= 1.05 * a)
-        return;
-    fprintf(stderr, "kvsim run: warning: at %s the policies' mean caches are more than 5%% "
-            "apart: %s holds %.1f tokens per KV head, %s %.1f (cache_tokens_mean; compare them "
-            "with care, docs/config.md)\n", at, rc->engine.policies[lo].label, a,
-            rc->engine.policies[hi].label, b);
+    int n = rc->engine.n_policies;
+    bool *compare = kv_malloc((size_t)n * sizeof *compare);
+    for (int k = 0; k < n; k++)
+        compare[k] = config_policy_budgeted(rc, k);
+    report_warn_unequal_caches(stderr, "run", rc->engine.policies, n, compare, tokens, at);
+    free(compare);
 }
 
 /* The layers the policies compress ([run] sliding_layers, sim/driver/driver.h), as ranges:

@@ -1,6 +1,7 @@
 #include "sim/cmd/sweep_cmd.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -120,9 +121,10 @@ static int build_pass(const SweepPlan *plan, const RunConfig *rc, int t, int n_p
 }
 
 /* Writes cell c from instance pi of res: the files of a run of that policy alone, into a
- * temporary directory renamed into place, so a cell is there whole or not at all. */
+ * temporary directory renamed into place, so a cell is there whole or not at all. *tokens: its
+ * cache_tokens_mean (summary.csv). */
 static int write_cell(const SweepPlan *plan, const char *out, int c, const Results *res, int pi,
-                      KvErr *err)
+                      double *tokens, KvErr *err)
 {
     char dir[4400], tmp[4500];
     sweep_cell_dir(plan, out, c, dir, sizeof dir);
@@ -130,6 +132,7 @@ static int write_cell(const SweepPlan *plan, const char *out, int c, const Resul
     Results view = results_view(res, pi);
     PolicySummary summary;
     report_summarize(&view, &summary);
+    *tokens = summary.step[SM_CACHE_TOKENS][STAT_MEAN];
     int o = 0;
     if (make_dirs(tmp, err) != 0 || report_write_csv(&view, &summary, tmp, err) != 0)
         return -1;
@@ -144,6 +147,38 @@ static int write_cell(const SweepPlan *plan, const char *out, int c, const Resul
     if (rename(tmp, dir) != 0)
         return kv_fail(err, "%s: cannot rename into %s: %s", tmp, dir, strerror(errno));
     return 0;
+}
+
+/* The check of `kvsim run` (report_warn_unequal_caches) at each value of trace t: the policies
+ * the sweep gives the budget to (every one but full) whose cells this pass ran, tokens[c -
+ * first] each cell's cache_tokens_mean. One line per value where they are more than 5% apart. */
+static void warn_unequal_caches(const SweepPlan *plan, const RunConfig *rc, int t, int n_prompt,
+                                int first, int end, const Pass *ps, const double *tokens)
+{
+    int n = plan->n_policies;
+    bool compare[SWEEP_MAX_POLICIES];
+    double at_value[SWEEP_MAX_POLICIES];
+    for (int v = 0; v < plan->n_values; v++) {
+        for (int pol = 0; pol < n; pol++) {
+            int c = (t * n + pol) * plan->n_values + v;
+            compare[pol] = c >= first && c < end && ps->instance[c - first] >= 0 &&
+                           config_policy_has_budget(rc, pol);
+            at_value[pol] = compare[pol] ? tokens[c - first] : NAN;
+        }
+        char at[4400], of[4200] = "";
+        if (plan->n_traces > 1)
+            snprintf(of, sizeof of, " on %s", plan->trace_name[t]);
+        if (plan->ratios) {
+            RunConfig r = *rc;
+            r.ratio = plan->ratio[v];
+            snprintf(at, sizeof at, "ratio %s (budget %d)%s", plan->value[v],
+                     config_ratio_budget(&r, n_prompt), of);
+        } else {
+            snprintf(at, sizeof at, "budget %d%s", plan->budget[v], of);
+        }
+        report_warn_unequal_caches(stderr, "sweep", rc->engine.policies, n, compare, at_value,
+                                   at);
+    }
 }
 
 static int sweep_usage_error(const char *msg)
@@ -373,11 +408,16 @@ int cmd_sweep(int argc, char **argv)
         }
         Results *res = engine_run(tr, &ec, &err);
         int cells = 0, bad = res == NULL;
+        double *tokens = kv_calloc((size_t)(end - first) + 1, sizeof *tokens);
         for (int c = first; c < end && !bad; c++)
             if (ps.instance[c - first] >= 0) {
-                bad = write_cell(&plan, out_dir, c, res, ps.instance[c - first], &err);
+                bad = write_cell(&plan, out_dir, c, res, ps.instance[c - first],
+                                 &tokens[c - first], &err);
                 cells++;
             }
+        if (!bad)
+            warn_unequal_caches(&plan, &rc, t, n_prompt[t], first, end, &ps, tokens);
+        free(tokens);
         if (!bad && !quiet) {
             printf("trace %s: %d cells, %d instances, one pass, %d threads, %.1fs\n",
                    plan.trace_path[t], cells, ps.n, res->threads_used, res->wall_seconds);

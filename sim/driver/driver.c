@@ -105,6 +105,37 @@ void driver_memory_report(const PolicyDriver *d, int i, MemReport *mem)
     }
 }
 
+/* The groups of instances that step together when share_steps is set: per type with
+ * step_many, its instances without kv_quant, when there are two or more. */
+static void plan_shared_steps(PolicyDriver *d)
+{
+    int n = d->n, used = 0;
+    d->share_first = kv_malloc((size_t)n * sizeof *d->share_first);
+    d->share_idx = kv_malloc((size_t)n * sizeof *d->share_idx);
+    d->share_at = kv_calloc((size_t)n, sizeof *d->share_at);
+    d->share_len = kv_calloc((size_t)n, sizeof *d->share_len);
+    d->share_inst = kv_calloc((size_t)n, sizeof *d->share_inst);
+    for (int i = 0; i < n; i++)
+        d->share_first[i] = -1;
+    for (int i = 0; i < n; i++) {
+        const PolicyType *type = d->inst[i]->type;
+        if (!type->step_many || d->quant[i] || d->share_first[i] >= 0)
+            continue;
+        int len = 0;
+        for (int j = i; j < n; j++)
+            len += d->inst[j]->type == type && !d->quant[j];
+        if (len < 2)
+            continue;
+        d->share_at[i] = used;
+        d->share_len[i] = len;
+        for (int j = i; j < n; j++)
+            if (d->inst[j]->type == type && !d->quant[j]) {
+                d->share_first[j] = i;
+                d->share_idx[used++] = j;
+            }
+    }
+}
+
 int driver_create(PolicyDriver *d, const LayerView *L, const PolicySpec *specs, int n,
                   uint64_t run_seed, int kv_bits, SlidingLayers sliding, bool live, KvErr *err)
 {
@@ -145,6 +176,7 @@ int driver_create(PolicyDriver *d, const LayerView *L, const PolicySpec *specs, 
     d->mem = kv_calloc((size_t)n, sizeof *d->mem);
     d->seconds = kv_calloc((size_t)n, sizeof *d->seconds);
     d->sv = kv_calloc((size_t)n, sizeof *d->sv);
+    plan_shared_steps(d);
     return 0;
 }
 
@@ -180,6 +212,11 @@ void driver_free(PolicyDriver *d)
     free(d->mem);
     free(d->seconds);
     free(d->sv);
+    free(d->share_first);
+    free(d->share_idx);
+    free(d->share_at);
+    free(d->share_len);
+    free(d->share_inst);
     free(d->decode_mass);
     free(d->own_specs);
     free(d->own_params);
@@ -419,6 +456,22 @@ void driver_prefill(PolicyDriver *d, int span_start, int span_end, int chunk_sta
 void driver_step(PolicyDriver *d, int i, int t, const float *full_attn)
 {
     Policy *p = d->inst[i];
+    int first = d->share_steps ? d->share_first[i] : -1;
+    if (first >= 0) { /* stepped with its group, by the group's first instance */
+        if (first != i)
+            return;
+        int at = d->share_at[i], len = d->share_len[i];
+        for (int j = 0; j < len; j++) {
+            int k = d->share_idx[at + j];
+            d->share_inst[at + j] = d->inst[k];
+            d->sv[k] = (StepView){.L = d->L, .t = t,
+                                  .full_attn = d->inst[k]->is_oracle ? full_attn : NULL};
+        }
+        double t0 = now_seconds();
+        p->type->step_many(d->share_inst + at, len, &d->sv[i]);
+        d->seconds[i] += now_seconds() - t0; /* the group's time, on its first */
+        return;
+    }
     d->sv[i] = (StepView){.L = d->L, .t = t, .full_attn = p->is_oracle ? full_attn : NULL};
     double t0 = now_seconds();
     p->type->step(p, &d->sv[i]);

@@ -92,6 +92,13 @@ typedef struct {
     Pool *pool; /* NULL, or set by the caller after driver_create: spreads the prefill (the
                  * statistics by query head, then the instances' prefills) over its threads;
                  * results do not depend on it */
+    /* Set by the caller after driver_create: the instances of a type with step_many
+     * (policies/policy.h) and no kv_quant step together, by one step_many call at the
+     * driver_step of the first of them (the others' driver_step then does nothing), when there
+     * are two or more (a sweep's budgets of one policy). Results do not depend on it; the
+     * caller must then call driver_step for every instance at every step, and observe only
+     * once every driver_step of the step has returned. */
+    bool share_steps;
     /* The driver's own. */
     bool live;
     int kv_bits;
@@ -100,6 +107,11 @@ typedef struct {
     const PolicySpec *specs; /* [n]: what driver_restart creates again */
     KvQuantState **quant;    /* [n]: instance i's quantization layer, NULL without kv_quant */
     uint64_t run_seed;
+    int *share_first; /* [n]: the first instance of i's group of shared steps, or -1 */
+    int *share_idx;   /* [n]: the groups' instances, each group's together from its first's */
+    int *share_at;    /* [n]: where group i's instances start in share_idx (i its first) */
+    int *share_len;   /* [n]: how many (i its first) */
+    Policy **share_inst; /* [n]: scratch, laid out as share_idx */
     PolicySpec *own_specs;   /* [n] the rotating buffers of a skipped sliding layer, or NULL */
     void *own_params;        /* their parameters */
 } PolicyDriver;

@@ -497,6 +497,7 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
                       cfg->sliding_layers, false, err) != 0)
         return -1;
     drv.pool = w->team;
+    drv.share_steps = true; /* every instance steps at every step (decode_run) */
     if (layer == 0) /* one writer: only one worker takes layer 0 */
         for (int pi = 0; pi < n_pol; pi++)
             job->res->is_oracle[pi] = drv.inst[pi]->is_oracle;

@@ -459,3 +459,26 @@ void report_print_table(const Results *r, const PolicySummary *s, FILE *out)
                 p->step[SM_CACHE_TOKENS][STAT_MEAN], dev, host, needle);
     }
 }
+
+bool report_warn_unequal_caches(FILE *f, const char *command, const PolicySpec *policies, int n,
+                                const bool *compare, const double *tokens, const char *at)
+{
+    int lo = -1, hi = -1;
+    for (int k = 0; k < n; k++) {
+        if (!compare[k] || isnan(tokens[k]))
+            continue;
+        if (lo < 0 || tokens[k] < tokens[lo])
+            lo = k;
+        if (hi < 0 || tokens[k] > tokens[hi])
+            hi = k;
+    }
+    if (lo < 0)
+        return false;
+    double a = tokens[lo], b = tokens[hi];
+    if (b <= 1.05 * a)
+        return false;
+    fprintf(f, "kvsim %s: warning: at %s the policies' mean caches are more than 5%% apart: %s "
+            "holds %.1f tokens per KV head, %s %.1f (cache_tokens_mean; compare them with care, "
+            "docs/config.md)\n", command, at, policies[lo].label, a, policies[hi].label, b);
+    return true;
+}

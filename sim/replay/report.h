@@ -7,6 +7,7 @@
 #ifndef KVSIM_REPORT_H
 #define KVSIM_REPORT_H
 
+#include <stdbool.h>
 #include <stdio.h>
 
 #include "sim/base/csv.h"
@@ -34,5 +35,16 @@ double report_summary_value(const PolicySummary *s, const MetricColumn *col);
 /* A metric column's field as the files above write it: empty where an optional value does not
  * apply (NaN), else in the metric's format (a count or a number). */
 void report_put_field(CsvFile *c, const MetricColumn *col, double v);
+
+/* Policies given the same budget should hold about as many tokens (docs/config.md, "Equal
+ * budgets, unequal caches"): of the policies k with compare[k] set and tokens[k] a number
+ * (summary.csv's cache_tokens_mean: tokens per KV head; over a dataset, its mean over the
+ * traces), the smallest and the largest. When the largest is more than 5% above the smallest,
+ * writes one line on f, "kvsim COMMAND: warning: at AT the policies' mean caches are more than
+ * 5% apart: ..." naming both (AT names the budget: "budget 512"), and returns true. The one
+ * check of `kvsim run` (per run, per dataset) and `kvsim sweep` (per budget of each trace):
+ * full and a policy that keeps its own budget are the callers' to leave out. */
+bool report_warn_unequal_caches(FILE *f, const char *command, const PolicySpec *policies, int n,
+                                const bool *compare, const double *tokens, const char *at);
 
 #endif

@@ -7,7 +7,10 @@
  * of the KV group, then max-pooled over the `kernel` neighbours centred on j in the cache's
  * position order (so that a token's neighbours survive with it; for the prompt, its positions);
  * `pool = avg` averages instead, zero-padded at the ends (the sum over the neighbours in range
- * divided by kernel), as kvpress and the SnapKV reference do.
+ * divided by kernel), as kvpress and the SnapKV reference do. `order = pool_reduce` pools each
+ * query head's window sums first and then reduces the group (kvpress's SnapKVPress.score: per
+ * head `avg_pool1d`, then the group's mean); the default `reduce_pool` reduces the group first.
+ * With pool = avg and gqa = sum or mean the two orders rank alike; with max they differ.
  * The window is the last min(observation, last chunk's tokens) queries. The cache is cut to
  * budget - 1 tokens: the window and the best budget - 1 - window tokens before it (ties: the
  * later position). Decode, `decode = window` (the default): the chosen tokens before the window
@@ -25,6 +28,7 @@ extern const PolicyType policy_snapkv;
 
 enum { SNAPKV_DECODE_WINDOW = 0, SNAPKV_DECODE_GROW = 1 };
 enum { SNAPKV_POOL_MAX = 0, SNAPKV_POOL_AVG = 1 };
+enum { SNAPKV_REDUCE_POOL = 0, SNAPKV_POOL_REDUCE = 1 };
 
 typedef struct {
     int budget;
@@ -33,6 +37,7 @@ typedef struct {
     int decode;
     int pool;
     int gqa;
+    int order;
 } SnapkvParams;
 
 typedef struct {
@@ -45,6 +50,7 @@ typedef struct {
     /* [T] scratch of one compression */
     float *summed, *head_sum;
     double *score, *pooled, *pooled_at;
+    double *reduced; /* order = pool_reduce: the group's reduction of its heads' pooled scores */
     int32_t *candidates;
 } Snapkv;
 
@@ -61,6 +67,10 @@ static const ParamSpec snapkv_params[] = {
      "pooling of the neighbours' scores: max, or avg (zero-padded mean over kernel, kvpress's)"},
     {"gqa", PARAM_ENUM, offsetof(SnapkvParams, gqa), "sum", 0, 0, RANK_GQA_CHOICES,
      "reduction of the group's query heads' window sums: sum, mean or max"},
+    {"order", PARAM_ENUM, offsetof(SnapkvParams, order), "reduce_pool", 0, 0,
+     "reduce_pool|pool_reduce",
+     "reduce_pool: the group's reduction, then pooling; pool_reduce: each head pooled, then "
+     "reduced (kvpress's order)"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
@@ -95,6 +105,7 @@ static Policy *snapkv_create(const void *params, const LayerView *L, const Polic
     s->score = kv_malloc(T * sizeof *s->score);
     s->pooled = kv_malloc(T * sizeof *s->pooled);
     s->pooled_at = kv_malloc(T * sizeof *s->pooled_at);
+    s->reduced = kv_malloc(T * sizeof *s->reduced);
     s->candidates = kv_malloc(T * sizeof *s->candidates);
     return &s->base;
 }
@@ -125,6 +136,26 @@ static void snapkv_scores(Snapkv *s, const PrefillView *pv, int g, const int32_t
     int c1 = pv->chunk_end, W = pv->obs_rows;
     int prefix = c1 - W; /* positions before the observation window */
     float *summed = s->summed, *head_sum = s->head_sum;
+    if (s->prm.order == SNAPKV_POOL_REDUCE) {
+        /* Each head's window sums pooled over the candidates' order, then the group's
+         * reduction of the pooled scores. */
+        double *reduced = s->reduced;
+        for (int h0 = 0; h0 < s->group; h0++) {
+            rank_sum_rows(pv->obs_attn + (size_t)(g * s->group + h0) * W * c1, W, prefix, c1,
+                          1.0f, head_sum);
+            for (int i = 0; i < n; i++)
+                s->score[i] = head_sum[cand[i]];
+            pool_scores(s->score, n, s->prm.kernel, s->prm.pool, s->pooled);
+            for (int i = 0; i < n; i++)
+                reduced[i] = h0 == 0 ? s->pooled[i]
+                             : s->prm.gqa == RANK_GQA_MAX
+                                 ? (s->pooled[i] > reduced[i] ? s->pooled[i] : reduced[i])
+                                 : reduced[i] + s->pooled[i];
+        }
+        for (int i = 0; i < n; i++)
+            score_at[cand[i]] = s->prm.gqa == RANK_GQA_MEAN ? reduced[i] / s->group : reduced[i];
+        return;
+    }
     /* Sum over the window's queries of each head, then the group's reduction over its heads. */
     for (int j = 0; j < prefix; j++)
         summed[j] = 0.0f;
@@ -235,6 +266,7 @@ static void snapkv_destroy(Policy *p)
     free(s->score);
     free(s->pooled);
     free(s->pooled_at);
+    free(s->reduced);
     free(s->candidates);
     policy_base_free(p);
     free(s);
@@ -251,6 +283,8 @@ static const char *const snapkv_conformance[] = {
     "budget=32 observation=4 kernel=1 decode=grow",
     "budget=32 observation=8 kernel=5 pool=avg",
     "budget=32 observation=8 kernel=3 gqa=max",
+    "budget=32 observation=8 kernel=5 gqa=max order=pool_reduce",
+    "budget=32 observation=8 kernel=5 pool=avg gqa=mean order=pool_reduce",
     "budget=32 observation=8 kernel=3 gqa=mean decode=grow",
     NULL,
 };

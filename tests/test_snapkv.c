@@ -13,26 +13,42 @@
 
 /* The test's own scores: attention of the last `obs` prompt queries on each prompt token
  * before the window, summed over the queries and the group's heads, max-pooled over `kernel`
- * (avg: summed over the neighbours in range and divided by kernel, zeros outside). */
-static void pooled_scores(const Fixture *fx, int g, int obs, int kernel, bool avg,
+ * (avg: summed over the neighbours in range and divided by kernel, zeros outside); per_head
+ * (order = pool_reduce): each head's sums pooled, then summed over the group. */
+static void pool_into(const double *raw, int prefix, int kernel, bool avg, double *pooled)
+{
+    for (int j = 0; j < prefix; j++) {
+        double v = 0;
+        for (int i = j - kernel / 2; i <= j + kernel / 2; i++)
+            if (i >= 0 && i < prefix && (avg || raw[i] > v))
+                v = avg ? v + raw[i] / kernel : raw[i];
+        pooled[j] += v;
+    }
+}
+
+static void pooled_scores(const Fixture *fx, int g, int obs, int kernel, bool avg, bool per_head,
                           double *pooled)
 {
     const LayerView *L = &fx->L;
     int P = L->n_prompt, T = L->n_tokens, prefix = P - obs;
     double *raw = calloc((size_t)P, sizeof *raw);
     float *row = malloc((size_t)L->n_q_heads * T * sizeof *row);
-    for (int i = prefix; i < P; i++) {
-        fixture_full_attn(fx, i, row);
-        for (int h = g * L->group; h < (g + 1) * L->group; h++)
+    for (int j = 0; j < prefix; j++)
+        pooled[j] = 0;
+    for (int h = g * L->group; h < (g + 1) * L->group; h++) {
+        if (per_head || h == g * L->group)
+            for (int j = 0; j < prefix; j++)
+                raw[j] = 0;
+        for (int i = prefix; i < P; i++) {
+            fixture_full_attn(fx, i, row);
             for (int j = 0; j < prefix; j++)
                 raw[j] += row[(size_t)h * T + j];
+        }
+        if (per_head)
+            pool_into(raw, prefix, kernel, avg, pooled);
     }
-    for (int j = 0; j < prefix; j++) {
-        pooled[j] = 0;
-        for (int i = j - kernel / 2; i <= j + kernel / 2; i++)
-            if (i >= 0 && i < prefix && (avg || raw[i] > pooled[j]))
-                pooled[j] = avg ? pooled[j] + raw[i] / kernel : raw[i];
-    }
+    if (!per_head)
+        pool_into(raw, prefix, kernel, avg, pooled);
     free(raw);
     free(row);
 }
@@ -40,7 +56,7 @@ static void pooled_scores(const Fixture *fx, int g, int obs, int kernel, bool av
 typedef struct {
     const Fixture *fx;
     int budget, obs, kernel;
-    bool grow, avg;
+    bool grow, avg, per_head;
     int32_t *pinned; /* [Hkv][T] 1 if kept from before the window at the first step */
     int steps;
 } SnapCheck;
@@ -60,7 +76,7 @@ static void check_snapkv(int t, const Policy *p, const float *full_attn, void *u
                 assert_true(kvcache_has(c, j));
             assert_int_equal(c->n, sc->budget);
             double *pooled = malloc((size_t)P * sizeof *pooled);
-            pooled_scores(sc->fx, g, sc->obs, sc->kernel, sc->avg, pooled);
+            pooled_scores(sc->fx, g, sc->obs, sc->kernel, sc->avg, sc->per_head, pooled);
             double lowest_kept = 1e300, highest_dropped = -1e300;
             int kept = 0;
             for (int j = 0; j < prefix; j++) {
@@ -95,28 +111,56 @@ static void check_snapkv(int t, const Policy *p, const float *full_attn, void *u
     sc->steps++;
 }
 
-static void run_snapkv_pool(uint64_t seed, double sigma, int budget, int obs, int kernel,
-                            bool grow, bool avg)
+/* Runs snapkv on a fixture of 4 query heads over 2 KV heads, checks every step, and returns
+ * the prompt tokens kept before the window ([2][110], the caller frees). */
+static int32_t *run_snapkv_order(uint64_t seed, double sigma, int budget, int obs, int kernel,
+                                 bool grow, bool avg, bool per_head)
 {
     Fixture *fx = fixture_new(4, 2, 8, 110, 70);
     fixture_randomize(fx, seed, sigma);
-    char params[128];
-    snprintf(params, sizeof params, "budget=%d observation=%d kernel=%d decode=%s pool=%s", budget,
-             obs, kernel, grow ? "grow" : "window", avg ? "avg" : "max");
+    char params[160];
+    snprintf(params, sizeof params,
+             "budget=%d observation=%d kernel=%d decode=%s pool=%s order=%s", budget, obs,
+             kernel, grow ? "grow" : "window", avg ? "avg" : "max",
+             per_head ? "pool_reduce" : "reduce_pool");
     Policy *p = fixture_policy(fx, "snapkv", params, 7);
     assert_int_equal(p->want_prefill_rows, obs);
-    SnapCheck sc = {fx, budget, obs, kernel, grow, avg, NULL, 0};
+    SnapCheck sc = {fx, budget, obs, kernel, grow, avg, per_head, NULL, 0};
     sc.pinned = calloc((size_t)2 * 110, sizeof *sc.pinned);
     fixture_run(fx, p, 110, check_snapkv, &sc);
     assert_int_equal(sc.steps, 40);
-    free(sc.pinned);
     p->type->destroy(p);
     fixture_free(fx);
+    return sc.pinned;
+}
+
+static void run_snapkv_pool(uint64_t seed, double sigma, int budget, int obs, int kernel,
+                            bool grow, bool avg)
+{
+    free(run_snapkv_order(seed, sigma, budget, obs, kernel, grow, avg, false));
 }
 
 static void run_snapkv(uint64_t seed, double sigma, int budget, int obs, int kernel, bool grow)
 {
     run_snapkv_pool(seed, sigma, budget, obs, kernel, grow, false);
+}
+
+/* order = pool_reduce (kvpress's SnapKVPress.score: each head pooled, then the group reduced):
+ * the kept tokens are the best by that score; with max-pooling the two orders keep different
+ * tokens on some of these prompts, so the option is not a no-op. */
+static void test_snapkv_pool_then_reduce(void **state)
+{
+    (void)state;
+    int differ = 0;
+    for (uint64_t seed = 1; seed <= 4; seed++) {
+        int32_t *a = run_snapkv_order(seed, 2.0, 24, 8, 7, false, false, false);
+        int32_t *b = run_snapkv_order(seed, 2.0, 24, 8, 7, false, false, true);
+        differ += memcmp(a, b, (size_t)2 * 110 * sizeof *a) != 0;
+        free(a);
+        free(b);
+    }
+    assert_true(differ > 0);
+    free(run_snapkv_order(5, 1.0, 24, 8, 5, false, true, true));
 }
 
 static void test_snapkv_window_plus_top_pooled(void **state)
@@ -256,6 +300,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_snapkv_window_plus_top_pooled),
         cmocka_unit_test(test_snapkv_avg_pool),
+        cmocka_unit_test(test_snapkv_pool_then_reduce),
         cmocka_unit_test(test_snapkv_keeps_tokens_the_window_attends),
         cmocka_unit_test(test_snapkv_rejects_bad_shapes),
         cmocka_unit_test(test_snapkv_compresses_once_per_span),

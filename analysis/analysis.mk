@@ -177,6 +177,9 @@ CONV_MODES  := persist reencode prefix
 # Conversations with answers: a document delivered over four turns, a question after each.
 CONV_EVAL_PROMPTS ?= $(CONV_MODEL)/conversations
 
+CONV_SUBTITLE = model $(call trace_model,$(CONV_TRACE)), trace $(CONV_TRACE), $(CONV_CONFIG)
+CONV_EVAL_SUBTITLE = model $(notdir $(CONV_MODEL)), $(words $(wildcard $(CONV_EVAL_PROMPTS)/*.answer)) conversations of $(CONV_EVAL_PROMPTS), $(CONV_CONFIG)
+
 .PRECIOUS: $(CONV_DIR)/%/eval_turns.csv
 
 conversation: $(CONV_DIR)/turns.$(FORMAT) $(CONV_DIR)/survival_distance.$(FORMAT) $(CONV_DIR)/eval_distance.$(FORMAT)
@@ -203,10 +206,10 @@ $(CONV_DIR)/turns.csv: $(foreach m,$(CONV_MODES),$(CONV_DIR)/$(m)/turns.csv)
 	mv $@.tmp $@
 
 $(CONV_DIR)/turns.$(FORMAT): analysis/turns.gp analysis/common.gp $(CONV_DIR)/turns.csv
-	$(call gnuplot_png,$<,$(CONV_DIR)/turns.csv)
+	$(call gnuplot_png,$<,$(CONV_DIR)/turns.csv,$(CONV_SUBTITLE))
 
 $(CONV_DIR)/survival_distance.$(FORMAT): analysis/survival_distance.gp analysis/common.gp $(CONV_DIR)/turns.csv
-	$(call gnuplot_png,$<,$(CONV_DIR)/turns.csv)
+	$(call gnuplot_png,$<,$(CONV_DIR)/turns.csv,$(CONV_SUBTITLE))
 
 $(CONV_DIR)/%/eval_turns.csv: $(CONV_DIR)/%/config.ini $(wildcard $(CONV_EVAL_PROMPTS)/*) \
                               $(CONV_MODEL)/model.safetensors $(wildcard $(KVSIM)) | build
@@ -220,13 +223,14 @@ $(CONV_DIR)/eval_turns.csv: $(foreach m,$(CONV_MODES),$(CONV_DIR)/$(m)/eval_turn
 	mv $@.tmp $@
 
 $(CONV_DIR)/eval_distance.$(FORMAT): analysis/eval_distance.gp analysis/common.gp $(CONV_DIR)/eval_turns.csv
-	$(call gnuplot_png,$<,$(CONV_DIR)/eval_turns.csv)
+	$(call gnuplot_png,$<,$(CONV_DIR)/eval_turns.csv,$(CONV_EVAL_SUBTITLE))
 
 # ---- make reuse ----
 
 REUSE_DIR           ?= results/reuse
 REUSE_CONVERSATIONS ?= 5000
 REUSE_CAPACITIES    ?= 256MiB,1GiB,4GiB,16GiB
+REUSE_SUBTITLE = $(REUSE_CONVERSATIONS) synthetic conversations (kvsim synth-workload), configs/reuse.ini
 
 .PHONY: reuse
 reuse: $(REUSE_DIR)/reuse.$(FORMAT) $(REUSE_DIR)/reuse_ttft.$(FORMAT)
@@ -243,10 +247,10 @@ $(REUSE_DIR)/reuse.csv: $(REUSE_DIR)/chats.jsonl configs/reuse.ini $(wildcard $(
 $(REUSE_DIR)/reuse_ttft.csv: $(REUSE_DIR)/reuse.csv
 
 $(REUSE_DIR)/reuse_ttft.$(FORMAT): analysis/reuse_ttft.gp analysis/common.gp $(REUSE_DIR)/reuse_ttft.csv
-	$(call gnuplot_png,$<,$(REUSE_DIR)/reuse_ttft.csv)
+	$(call gnuplot_png,$<,$(REUSE_DIR)/reuse_ttft.csv,$(REUSE_SUBTITLE))
 
 $(REUSE_DIR)/reuse.$(FORMAT): analysis/reuse.gp analysis/common.gp $(REUSE_DIR)/reuse.csv
-	$(call gnuplot_png,$<,$(REUSE_DIR)/reuse.csv)
+	$(call gnuplot_png,$<,$(REUSE_DIR)/reuse.csv,$(REUSE_SUBTITLE))
 
 # ---- make dataset ----
 

@@ -81,6 +81,8 @@ set linetype cycle 16
 # and the budget when one is fixed) is the second line of every title: titled(t).
 if (!exists("subtitle")) subtitle = ""
 titled(t) = subtitle eq "" ? t : t . "\n" . subtitle
+# The top of a multiplot's panels (a screen fraction) below a title of one line, or of two.
+panels_top(t) = subtitle eq "" ? t : t - 0.05
 
 # The policies whose values of column `name` equal, row for row, those of another within 0.2%
 # (lines drawn on top of each other at a plot's scale, e.g. offload's on hybrid's, which differ

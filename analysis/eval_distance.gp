@@ -33,13 +33,13 @@ left = 0.06
 right = 0.84
 width = (right - left) / n_modes
 
-set multiplot title "Exact answers by turn distance, the turns between a fact and its question (kvsim eval)" font ",15"
+set multiplot title titled("Exact answers by turn distance, the turns between a fact and its question (kvsim eval)") font ",15"
 set xlabel "turn distance"
 set xtics 1
 set autoscale xfix
 set offsets 0.25, 0.25, 0, 0
 set yrange [0:1.05]
-set tmargin at screen 0.88
+set tmargin at screen panels_top(0.88)
 set bmargin at screen 0.12
 do for [m = 1:n_modes] {
     set lmargin at screen left + (m - 1) * width + 0.015

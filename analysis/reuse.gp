@@ -43,11 +43,11 @@ cap_hi = word(cap_range, 2) / 2.0**30
 left = 0.07
 right = 0.84
 width = (right - left) / n_scopes
-set multiplot title "Token hit rate of persisted KV caches vs capacity (kvsim reuse)" font ",15"
+set multiplot title titled("Token hit rate of persisted KV caches vs capacity (kvsim reuse)") font ",15"
 set xlabel "capacity (GiB, log2 scale)"
 set logscale x 2
 set yrange [0:1.02]
-set tmargin at screen 0.87
+set tmargin at screen panels_top(0.87)
 set bmargin at screen 0.13
 do for [m = 1:n_scopes] {
     set lmargin at screen left + (m - 1) * width + 0.02

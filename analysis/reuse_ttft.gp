@@ -33,11 +33,12 @@ rows(p, s) = sprintf(rows_cmd, p, s, capacity, in)
 left = 0.07
 right = 0.84
 width = (right - left) / n_scopes
-set multiplot title sprintf("TTFT CDF at %.3g GiB of device cache (kvsim reuse)", capacity / 2.0**30) font ",15"
+set multiplot title titled(sprintf("TTFT CDF at %.3g GiB of device cache (kvsim reuse)", capacity / 2.0**30)) font ",15"
 set xlabel "time to first token (s, log scale)"
 set logscale x 10
+set format x "%g"
 set yrange [0:1.02]
-set tmargin at screen 0.87
+set tmargin at screen panels_top(0.87)
 set bmargin at screen 0.13
 do for [m = 1:n_scopes] {
     set lmargin at screen left + (m - 1) * width + 0.02

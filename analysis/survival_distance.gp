@@ -37,12 +37,12 @@ left = 0.06
 right = 0.84
 width = (right - left) / n_modes
 
-set multiplot title "Needle survival at the last turn, by turns since the needle was delivered" font ",15"
+set multiplot title titled("Needle survival at the last turn, by turns since the needle was delivered") font ",15"
 set xlabel "turn distance"
 set xtics 1
 set xrange [-0.25:n_dist - 0.75]
 set yrange [0:1.05]
-set tmargin at screen 0.88
+set tmargin at screen panels_top(0.88)
 set bmargin at screen 0.12
 do for [m = 1:n_modes] {
     set lmargin at screen left + (m - 1) * width + 0.015

@@ -32,7 +32,7 @@ mode_rows(p, h) = sprintf(mode_rows_cmd, p, h, in)
 # Mode lines keep colors apart from the policies': the last line types of the cycle.
 mode_linetype(i) = 17 - i
 
-set multiplot title "A conversation turn by turn: prefill cost and retained attention" font ",15"
+set multiplot title titled("A conversation turn by turn: prefill cost and retained attention") font ",15"
 set lmargin at screen 0.09
 set rmargin at screen 0.78
 set xlabel "turn (0: the prompt)"

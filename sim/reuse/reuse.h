@@ -22,9 +22,10 @@
  * s3fifo (Yang et al., SOSP'23: small FIFO of 10% of the capacity, main FIFO, ghost FIFO of
  * evicted ids as many as the main FIFO holds blocks, frequencies capped at 3, promotion at a
  * frequency > 1), belady (evicts the entry whose next reference is farthest in the future;
- * needs the whole log: reuse_next_use), conv (conversation-aware: every entry belongs to the
- * conversation of the last request that referenced it; when room is needed, every entry of the
- * conversation least recently active among those holding any is dropped at once).
+ * needs the log's future: reuse_next_use, or reuse_stream's first pass), conv
+ * (conversation-aware: every entry belongs to the conversation of the last request that
+ * referenced it; when room is needed, every entry of the conversation least recently active
+ * among those holding any is dropped at once).
  * Deterministic: the same log and settings give the same numbers.
  *
  * Model changes: under the conversation scope a turn served by another model than its parent

@@ -104,15 +104,15 @@ static int full_run(const char *path)
     if (wait4(pid, &wstatus, 0, &ru) < 0)
         return 0;
     double wall = now_seconds() - t0, rss = (double)ru.ru_maxrss * 1024.0;
-    /* The bound: per cache entry at most 256 bytes (its key map at most a quarter full, 8
-     * slots of 16 bytes after a doubling; its slot arrays, up to twice the entries, at most 44
-     * bytes a slot under belady), s3fifo's ghosts
+    /* The bound: per cache entry at most 192 bytes (its key map at most half full, 4 slots of
+     * 16 bytes after a doubling; its slot arrays, up to twice the entries, at most 44 bytes a
+     * slot under belady), s3fifo's ghosts
      * and conv's conversations fewer than its entries; the first pass's tables: 4 bytes per
      * distinct id in a dense array doubled to a power of two (8 at most per id), two chat id
      * tables of 13-byte slots at most half full (52 bytes per request at most), the curve's
      * bitmap (1 bit per reference, doubled: 2 at most); 64 MiB for the rest (buffers, the
      * reader, the chunks, the program). */
-    double state = 256.0 * entries;
+    double state = 192.0 * entries;
     double first_pass = 8.0 * fig[2] + 52.0 * fig[0] + 2.0 * fig[1] / 8.0;
     double bound = state + first_pass + 64.0 * 1048576.0;
     int ok = fig[0] >= 0 && WIFEXITED(wstatus) && WEXITSTATUS(wstatus) == 0 && rss <= bound;
@@ -261,8 +261,10 @@ int main(int argc, char **argv)
             sorted[j - 1] = t;
         }
     double lookups = (double)refs / sorted[N_CAPS / 2];
-    /* lru's state: present (1 byte), prev and next (4 each) per distinct block */
-    double cache_bytes = 9.0 * log.n_blocks;
+    /* lru's state at the largest capacity (every distinct block): per entry its key map's
+     * slots (2 to 4 of 16 bytes), its key, free-list entry, prev and next (24 bytes) in slot
+     * arrays up to twice the entries: about 100 bytes */
+    double cache_bytes = 100.0 * log.n_blocks;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     double rss = (double)ru.ru_maxrss * 1024.0;

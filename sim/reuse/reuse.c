@@ -64,7 +64,7 @@ static int64_t km_get(const KeyMap *m, int64_t key)
 
 static void km_put(KeyMap *m, int64_t key, int64_t val)
 {
-    if (4 * (m->n + 1) > m->mask + 1) { /* at most a quarter full: short clusters to shift */
+    if (2 * (m->n + 1) > m->mask + 1) { /* at most half full */
         KeyMap old = *m;
         km_alloc(m, 2 * (old.mask + 1));
         for (size_t i = 0; i <= old.mask; i++)
@@ -452,7 +452,7 @@ static void cache_init(Cache *c, ReusePolicy pol, int64_t cap, bool sized)
     c->cap = cap;
     const size_t n = CACHE_SLOTS0;
     c->slot_cap = CACHE_SLOTS0;
-    km_alloc(&c->map, 4 * n);
+    km_alloc(&c->map, 2 * n);
     c->key = kv_malloc(n * sizeof *c->key);
     c->free_slots = kv_malloc(n * sizeof *c->free_slots);
     if (sized)
@@ -462,7 +462,7 @@ static void cache_init(Cache *c, ReusePolicy pol, int64_t cap, bool sized)
         c->next = kv_malloc(n * sizeof *c->next);
         c->owner = kv_malloc(n * sizeof *c->owner);
         c->node_cap = CACHE_SLOTS0;
-        km_alloc(&c->cmap, 4 * n);
+        km_alloc(&c->cmap, 2 * n);
         c->ckey = kv_malloc(n * sizeof *c->ckey);
         c->cfirst = kv_malloc(n * sizeof *c->cfirst);
         c->cprev = kv_malloc(n * sizeof *c->cprev);
@@ -490,7 +490,7 @@ static void cache_init(Cache *c, ReusePolicy pol, int64_t cap, bool sized)
         c->freq = kv_calloc(n, 1);
         c->small_cap = (cap + 9) / 10;
         c->ghost_cap = cap - c->small_cap > 0 ? cap - c->small_cap : 1;
-        km_alloc(&c->ghost, 4 * n);
+        km_alloc(&c->ghost, 2 * n);
     }
 }
 

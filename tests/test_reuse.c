@@ -980,7 +980,7 @@ static void test_stream_equals_run(void **state)
 /* Memory follows the caches and the live conversations, not the log: after a long stream of
  * requests with ever new block ids and conversations, each cell holds at most its capacity's
  * entries in at most twice as many slots, s3fifo at most its ghost FIFO's ghosts, conv only
- * conversations that hold entries; reuse_stream's table of parents awaiting their next turn
+ * conversations that hold entries, lfu only reference counts that entries have; reuse_stream's table of parents awaiting their next turn
  * peaks at the same size for a log 4x as long (the same arrival rate and think times). */
 static void test_stream_bounded(void **state)
 {
@@ -1012,6 +1012,7 @@ static void test_stream_bounded(void **state)
             assert_true(st.slots <= 2 * (CAP + CAP / 2));
             assert_true(st.ghosts <= CAP);
             assert_true(st.conversations <= CAP);
+            assert_true(st.lfu_counts <= CAP + 1); /* the shared head's counts reach 200000 */
             ReuseResult res;
             reuse_cell_finish(cell, &res);
             assert_int_equal(res.requests, 200000);

@@ -126,10 +126,14 @@ struct Cache {
     uint8_t *queue;
     int32_t head[3], tail[3];
     int64_t qsize[3];
-    /* lfu: one list per reference count (head = most recent), O(1) per reference */
+    /* lfu: the entries of each reference count in a list (head = most recent); the counts that
+     * have entries in buckets, a list in ascending order of count (bfirst the lowest): O(1)
+     * per reference, and never more buckets than entries + 1 */
     uint32_t *count;
-    int32_t *bhead, *btail; /* [bcap] by count */
-    int64_t bcap, min_count;
+    int32_t *bnode;                          /* [slots] the entry's bucket */
+    uint32_t *bcnt;                          /* [bucket_cap] its count */
+    int32_t *bhead, *btail, *bprev, *bnext, *bfree;
+    int32_t bucket_cap, n_buckets, n_bfree, bfirst;
     /* belady: a min-heap on (ka, kb) */
     int32_t *heap, *pos, hn;
     uint64_t *ka, *kb;
@@ -186,6 +190,7 @@ static int32_t cache_slot_new(Cache *c, int64_t key)
             GROW(c->next, n);
             GROW(c->queue, n);
             GROW(c->count, n);
+            GROW(c->bnode, n);
             GROW(c->heap, n);
             GROW(c->pos, n);
             GROW(c->ka, n);
@@ -310,49 +315,110 @@ static bool uses_heap(ReusePolicy p)
 
 /* ---- lfu's lists by count ---- */
 
-static void lfu_push(Cache *c, int32_t id)
+/* A bucket of count k after bucket `after` (-1: first). */
+static int32_t lfu_bucket_new(Cache *c, uint32_t k, int32_t after)
 {
-    uint32_t k = c->count[id];
-    if ((int64_t)k >= c->bcap) {
-        int64_t cap = c->bcap ? 2 * c->bcap : 64;
-        while (cap <= (int64_t)k)
-            cap *= 2;
-        c->bhead = kv_realloc(c->bhead, (size_t)cap * sizeof *c->bhead);
-        c->btail = kv_realloc(c->btail, (size_t)cap * sizeof *c->btail);
-        for (int64_t i = c->bcap; i < cap; i++)
-            c->bhead[i] = c->btail[i] = -1;
-        c->bcap = cap;
+    int32_t b;
+    if (c->n_bfree > 0) {
+        b = c->bfree[--c->n_bfree];
+    } else {
+        if (c->n_buckets == c->bucket_cap) {
+            int32_t n = 2 * c->bucket_cap;
+            GROW(c->bcnt, n);
+            GROW(c->bhead, n);
+            GROW(c->btail, n);
+            GROW(c->bprev, n);
+            GROW(c->bnext, n);
+            GROW(c->bfree, n);
+            c->bucket_cap = n;
+        }
+        b = c->n_buckets++;
     }
-    c->prev[id] = -1;
-    c->next[id] = c->bhead[k];
-    if (c->bhead[k] >= 0)
-        c->prev[c->bhead[k]] = id;
+    c->bcnt[b] = k;
+    c->bhead[b] = c->btail[b] = -1;
+    c->bprev[b] = after;
+    c->bnext[b] = after >= 0 ? c->bnext[after] : c->bfirst;
+    if (c->bnext[b] >= 0)
+        c->bprev[c->bnext[b]] = b;
+    if (after >= 0)
+        c->bnext[after] = b;
     else
-        c->btail[k] = id;
-    c->bhead[k] = id;
+        c->bfirst = b;
+    return b;
 }
 
+static void lfu_bucket_del(Cache *c, int32_t b)
+{
+    if (c->bprev[b] >= 0)
+        c->bnext[c->bprev[b]] = c->bnext[b];
+    else
+        c->bfirst = c->bnext[b];
+    if (c->bnext[b] >= 0)
+        c->bprev[c->bnext[b]] = c->bprev[b];
+    c->bfree[c->n_bfree++] = b;
+}
+
+static void lfu_push(Cache *c, int32_t id, int32_t b)
+{
+    c->bnode[id] = b;
+    c->prev[id] = -1;
+    c->next[id] = c->bhead[b];
+    if (c->bhead[b] >= 0)
+        c->prev[c->bhead[b]] = id;
+    else
+        c->btail[b] = id;
+    c->bhead[b] = id;
+}
+
+/* Out of its bucket's list (the bucket stays, possibly empty). */
 static void lfu_unlink(Cache *c, int32_t id)
 {
-    uint32_t k = c->count[id];
+    int32_t b = c->bnode[id];
     if (c->prev[id] >= 0)
         c->next[c->prev[id]] = c->next[id];
     else
-        c->bhead[k] = c->next[id];
+        c->bhead[b] = c->next[id];
     if (c->next[id] >= 0)
         c->prev[c->next[id]] = c->prev[id];
     else
-        c->btail[k] = c->prev[id];
+        c->btail[b] = c->prev[id];
+}
+
+/* An entry inserted: count 1. */
+static void lfu_insert(Cache *c, int32_t id)
+{
+    c->count[id] = 1;
+    int32_t b = c->bfirst >= 0 && c->bcnt[c->bfirst] == 1 ? c->bfirst : lfu_bucket_new(c, 1, -1);
+    lfu_push(c, id, b);
+}
+
+/* A reference: count + 1, to the next bucket. */
+static void lfu_ref(Cache *c, int32_t id)
+{
+    int32_t b = c->bnode[id], to = b;
+    lfu_unlink(c, id);
+    if (c->count[id] < UINT32_MAX) {
+        uint32_t k = ++c->count[id];
+        to = c->bnext[b] >= 0 && c->bcnt[c->bnext[b]] == k ? c->bnext[b] : lfu_bucket_new(c, k, b);
+    }
+    lfu_push(c, id, to);
+    if (to != b && c->bhead[b] < 0)
+        lfu_bucket_del(c, b);
+}
+
+/* An entry leaves. */
+static void lfu_remove(Cache *c, int32_t id)
+{
+    int32_t b = c->bnode[id];
+    lfu_unlink(c, id);
+    if (c->bhead[b] < 0)
+        lfu_bucket_del(c, b);
 }
 
 /* The least recently referenced of the fewest references; -1 when empty. */
 static int32_t lfu_victim(Cache *c)
 {
-    if (c->used == 0)
-        return -1;
-    while (c->min_count < c->bcap && c->btail[c->min_count] < 0)
-        c->min_count++; /* counts only grow between insertions, which reset it to 1 */
-    return c->min_count < c->bcap ? c->btail[c->min_count] : -1;
+    return c->used > 0 && c->bfirst >= 0 ? c->btail[c->bfirst] : -1;
 }
 
 static void cache_insert(Cache *c, int64_t key, int64_t size, uint32_t nu);
@@ -473,7 +539,15 @@ static void cache_init(Cache *c, ReusePolicy pol, int64_t cap, bool sized)
         c->prev = kv_malloc(n * sizeof *c->prev);
         c->next = kv_malloc(n * sizeof *c->next);
         c->count = kv_malloc(n * sizeof *c->count);
-        c->min_count = 1;
+        c->bnode = kv_malloc(n * sizeof *c->bnode);
+        c->bucket_cap = CACHE_SLOTS0;
+        c->bcnt = kv_malloc(n * sizeof *c->bcnt);
+        c->bhead = kv_malloc(n * sizeof *c->bhead);
+        c->btail = kv_malloc(n * sizeof *c->btail);
+        c->bprev = kv_malloc(n * sizeof *c->bprev);
+        c->bnext = kv_malloc(n * sizeof *c->bnext);
+        c->bfree = kv_malloc(n * sizeof *c->bfree);
+        c->bfirst = -1;
     } else if (uses_heap(pol)) {
         c->heap = kv_malloc(n * sizeof *c->heap);
         c->pos = kv_malloc(n * sizeof *c->pos);
@@ -512,8 +586,13 @@ static void cache_free(Cache *c)
     free(c->freq);
     free(c->gring);
     free(c->count);
+    free(c->bnode);
+    free(c->bcnt);
     free(c->bhead);
     free(c->btail);
+    free(c->bprev);
+    free(c->bnext);
+    free(c->bfree);
     free(c->owner);
     free(c->ckey);
     free(c->cfirst);
@@ -526,7 +605,7 @@ static void cache_free(Cache *c)
 static void cache_drop(Cache *c, int32_t id)
 {
     if (c->pol == POL_LFU)
-        lfu_unlink(c, id);
+        lfu_remove(c, id);
     else if (c->pol == POL_CONV)
         conv_remove(c, id);
     else if (uses_heap(c->pol))
@@ -614,10 +693,7 @@ static void cache_hit(Cache *c, int32_t id, uint32_t nu)
     case POL_FIFO:
         break;
     case POL_LFU:
-        lfu_unlink(c, id);
-        if (c->count[id] < UINT32_MAX)
-            c->count[id]++;
-        lfu_push(c, id);
+        lfu_ref(c, id);
         break;
     case POL_BELADY:
         c->ka[id] = UINT64_MAX - nu;
@@ -689,9 +765,7 @@ static void cache_insert(Cache *c, int64_t key, int64_t size, uint32_t nu)
         q_push_head(c, Q_MAIN, id);
         break;
     case POL_LFU:
-        c->count[id] = 1;
-        c->min_count = 1;
-        lfu_push(c, id);
+        lfu_insert(c, id);
         break;
     case POL_BELADY:
         c->ka[id] = UINT64_MAX - nu;
@@ -952,6 +1026,7 @@ void reuse_cell_stats(const ReuseCell *cell, ReuseCellStats *st)
     st->slots = c->slot_cap + (cell->tiered ? cell->host.slot_cap : 0);
     st->ghosts = (int64_t)c->ghost.n;
     st->conversations = (int64_t)c->cmap.n;
+    st->lfu_counts = c->n_buckets - c->n_bfree;
 }
 
 void reuse_cell_finish(ReuseCell *cell, ReuseResult *out)

@@ -160,9 +160,9 @@ void reuse_cell_finish(ReuseCell *cell, ReuseResult *out);
 void reuse_cell_free(ReuseCell *cell);
 
 /* What a cell holds now: entries (device and host), slots allocated, s3fifo ghosts,
- * conversations with entries (conv). */
+ * conversations with entries (conv), reference counts with entries (lfu). */
 typedef struct {
-    int64_t entries, slots, ghosts, conversations;
+    int64_t entries, slots, ghosts, conversations, lfu_counts;
 } ReuseCellStats;
 void reuse_cell_stats(const ReuseCell *cell, ReuseCellStats *st);
 

@@ -10,7 +10,6 @@
 
 #include "sim/base/args.h"
 #include "sim/base/csv.h"
-#include "sim/base/pool.h"
 #include "sim/reuse/reqlog.h"
 #include "sim/reuse/reuse.h"
 #include "sim/reuse/workload.h"

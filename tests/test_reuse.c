@@ -877,6 +877,168 @@ static void test_stream_lru(void **state)
     assert_non_null(strstr(err.msg, "none.jsonl"));
 }
 
+/* Every scope x policy x capacity (with a host tier, compression and model switches) streamed
+ * through reuse_stream equals reuse_run on the loaded log field for field, at 1 and 2 threads,
+ * plain and gzip; the curve's binned points equal reuse_lru_curve's; repeated ids in a request
+ * (belady's next uses through aliases) too. */
+static void check_stream_equals_run(const char *path, int block, int threads)
+{
+    KvErr err;
+    ReqLog log;
+    if (reqlog_load(path, REQLOG_AUTO, block, false, &log, &err) < 0)
+        fail_msg("%s", err.msg);
+    ReuseCost cost = {.prefill_tps = 0, .flops_per_s = 1e12, .params = 1e8, .attn_dim = 4096,
+                      .block_bytes = 1e5, .host_bw = 1e9};
+    const int64_t caps[] = {0, 3, 40, 300, 5000};
+    const int64_t hosts[] = {0, 50};
+    const double ratios[] = {1.0, 0.25};
+    enum { MAX_OPTS = N_SCOPES * N_POLICIES * 5 * 2 * 2 };
+    ReuseOptions opts[MAX_OPTS];
+    int n = 0;
+    for (int s = 0; s < N_SCOPES; s++)
+        for (int p = 0; p < N_POLICIES; p++)
+            for (size_t c = 0; c < sizeof caps / sizeof caps[0]; c++)
+                for (int h = 0; h < 2; h++)
+                    for (int q = 0; q < (s == SCOPE_CONVERSATION ? 2 : 1); q++)
+                        opts[n++] = (ReuseOptions){.scope = (ReuseScope)s, .policy = (ReusePolicy)p,
+                                                   .capacity_blocks = caps[c], .host_blocks = hosts[h],
+                                                   .compress = ratios[q], .cost = &cost};
+    int64_t curve_caps[40], curve_out[40];
+    int n_curve = 0;
+    for (int64_t c = 0; c < 2000; c = c < 4 ? c + 1 : c * 3 / 2)
+        curve_caps[n_curve++] = c;
+    ReuseResult *streamed = calloc((size_t)n, sizeof *streamed);
+    ReuseStreamInfo info;
+    if (reuse_stream(path, REQLOG_AUTO, block, opts, n, threads, curve_caps, n_curve, curve_out,
+                     streamed, &info, &err) < 0)
+        fail_msg("%s", err.msg);
+    assert_int_equal(info.requests, log.n);
+    assert_int_equal(info.references, log.off[log.n]);
+    assert_int_equal(info.n_blocks, log.n_blocks);
+    assert_int_equal(info.block_tokens, log.block_tokens);
+    uint32_t *nu[N_SCOPES] = {NULL, reuse_next_use(&log, SCOPE_PREFIX),
+                              reuse_next_use(&log, SCOPE_CONVERSATION)};
+    for (int i = 0; i < n; i++) {
+        ReuseOptions o = opts[i];
+        o.next_use = nu[o.scope];
+        ReuseResult a;
+        reuse_run(&log, &o, &a);
+        if (memcmp(&a, &streamed[i], sizeof a) != 0)
+            fail_msg("%s %s capacity %lld host %lld q %g: streamed differs (hits %lld vs %lld)",
+                     reuse_scope_names[o.scope], reuse_policy_names[o.policy],
+                     (long long)o.capacity_blocks, (long long)o.host_blocks, o.compress,
+                     (long long)a.hit_tokens, (long long)streamed[i].hit_tokens);
+    }
+    int64_t *curve = reuse_lru_curve(&log);
+    for (int i = 0; i < n_curve; i++)
+        assert_int_equal(curve_out[i], curve[curve_caps[i] < log.n_blocks ? curve_caps[i] : log.n_blocks]);
+    assert_int_equal(info.curve_total, curve[log.n_blocks]);
+    free(curve);
+    free(nu[SCOPE_PREFIX]);
+    free(nu[SCOPE_CONVERSATION]);
+    free(streamed);
+    reqlog_free(&log);
+}
+
+static void test_stream_equals_run(void **state)
+{
+    (void)state;
+    WorkloadParams wp;
+    small_workload(&wp, 150);
+    wp.rate = 5.0;
+    wp.n_models = 3;
+    wp.switch_prob = 0.25;
+    const char *path = scratch_path(dir, "streamed.jsonl", 0);
+    KvErr err;
+    if (workload_write(&wp, path, NULL, &err) < 0)
+        fail_msg("%s", err.msg);
+    check_stream_equals_run(path, 0, 1);
+    check_stream_equals_run(path, 0, 2);
+    char cmd[8400];
+    snprintf(cmd, sizeof cmd, "gzip -c '%s' > '%s.gz'", path, path);
+    assert_int_equal(system(cmd), 0);
+    char gz[8300];
+    snprintf(gz, sizeof gz, "%s.gz", path);
+    check_stream_equals_run(gz, 0, 2);
+    /* a block twice in a request, a conversation branching (two children of one parent) */
+    const char *text =
+        "{\"chat_id\": 1, \"parent_chat_id\": -1, \"timestamp\": 0, \"input_length\": 12, \"output_length\": 4, \"type\": \"text\", \"turn\": 1, \"hash_ids\": [5, 5, 6]}\n"
+        "{\"chat_id\": 2, \"parent_chat_id\": 1, \"timestamp\": 1, \"input_length\": 20, \"output_length\": 4, \"type\": \"text\", \"turn\": 2, \"hash_ids\": [5, 6, 7, 5, 8]}\n"
+        "{\"chat_id\": 3, \"parent_chat_id\": 1, \"timestamp\": 2, \"input_length\": 9, \"output_length\": 1, \"type\": \"text\", \"turn\": 2, \"hash_ids\": [7, 5, 6]}\n"
+        "{\"chat_id\": 4, \"parent_chat_id\": 2, \"timestamp\": 3, \"input_length\": 24, \"output_length\": 1, \"type\": \"text\", \"turn\": 3, \"hash_ids\": [5, 6, 6, 8, 9, 5]}\n"
+        "{\"chat_id\": 5, \"parent_chat_id\": -1, \"timestamp\": 3, \"input_length\": 8, \"output_length\": 1, \"type\": \"text\", \"turn\": 1, \"hash_ids\": [8, 8]}\n";
+    ReqLog log;
+    load_text("branch.jsonl", text, 4, &log);
+    reqlog_free(&log);
+    check_stream_equals_run(scratch_path(dir, "branch.jsonl", 0), 4, 1);
+    check_stream_equals_run(scratch_path(dir, "branch.jsonl", 0), 4, 2);
+    assert_int_equal(reuse_stream(scratch_path(dir, "none.jsonl", 0), REQLOG_AUTO, 0, NULL, 0, 1,
+                                  NULL, 0, NULL, NULL, &(ReuseStreamInfo){0}, &err), -1);
+    assert_non_null(strstr(err.msg, "none.jsonl"));
+}
+
+/* Memory follows the caches and the live conversations, not the log: after a long stream of
+ * requests with ever new block ids and conversations, each cell holds at most its capacity's
+ * entries in at most twice as many slots, s3fifo at most its ghost FIFO's ghosts, conv only
+ * conversations that hold entries, lfu only reference counts that entries have; reuse_stream's table of parents awaiting their next turn
+ * peaks at the same size for a log 4x as long (the same arrival rate and think times). */
+static void test_stream_bounded(void **state)
+{
+    (void)state;
+    enum { CAP = 64 };
+    for (int s = SCOPE_PREFIX; s < N_SCOPES; s++)
+        for (int p = 0; p < N_POLICIES; p++) {
+            ReuseOptions o = {.scope = (ReuseScope)s, .policy = (ReusePolicy)p,
+                              .capacity_blocks = CAP, .host_blocks = CAP / 2};
+            ReuseCell *cell = reuse_cell_new(&o, 16);
+            int64_t keys[8];
+            uint32_t nu[8];
+            for (long r = 0; r < 200000; r++) {
+                for (int j = 0; j < 8; j++) {
+                    /* a shared head, and ids never seen again */
+                    keys[j] = j < 2 ? j : 1000 + r * 8 + j;
+                    nu[j] = j < 2 ? (uint32_t)r + 1 : UINT32_MAX;
+                }
+                ReuseReq q = {.keys = keys, .n_keys = 8, .next_use = nu, .input = 128,
+                              .output = 16, .turn = 1 + (int32_t)(r % 5), .timestamp = (double)r,
+                              .self = r, .parent = r % 5 ? r - 1 : -1,
+                              .parent_context = 128, .conv = r / 5,
+                              .self_next_use = r % 5 < 4 ? (uint32_t)r + 1 : UINT32_MAX};
+                reuse_cell_request(cell, &q);
+            }
+            ReuseCellStats st;
+            reuse_cell_stats(cell, &st);
+            assert_true(st.entries <= CAP + CAP / 2);
+            assert_true(st.slots <= 2 * (CAP + CAP / 2));
+            assert_true(st.ghosts <= CAP);
+            assert_true(st.conversations <= CAP);
+            assert_true(st.lfu_counts <= CAP + 1); /* the shared head's counts reach 200000 */
+            ReuseResult res;
+            reuse_cell_finish(cell, &res);
+            assert_int_equal(res.requests, 200000);
+            assert_true(res.hit_tokens > 0);
+            reuse_cell_free(cell);
+        }
+    int64_t peak[2];
+    for (int k = 0; k < 2; k++) {
+        WorkloadParams wp;
+        small_workload(&wp, k ? 2000 : 500);
+        wp.rate = 2.0;
+        const char *path = scratch_path(dir, k ? "long.jsonl" : "short.jsonl", 0);
+        KvErr err;
+        if (workload_write(&wp, path, NULL, &err) < 0)
+            fail_msg("%s", err.msg);
+        ReuseOptions o = {.scope = SCOPE_CONVERSATION, .policy = POL_LRU, .capacity_blocks = 100};
+        ReuseResult res;
+        ReuseStreamInfo info;
+        if (reuse_stream(path, REQLOG_AUTO, 0, &o, 1, 1, NULL, 0, NULL, &res, &info, &err) < 0)
+            fail_msg("%s", err.msg);
+        assert_true(info.pending_peak > 0);
+        peak[k] = info.pending_peak;
+    }
+    assert_true(peak[1] < 2 * peak[0]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -897,6 +1059,8 @@ int main(void)
         cmocka_unit_test(test_generator_models),
         cmocka_unit_test(test_config_file),
         cmocka_unit_test(test_stream_lru),
+        cmocka_unit_test(test_stream_equals_run),
+        cmocka_unit_test(test_stream_bounded),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -10,7 +10,6 @@
 
 #include "sim/base/args.h"
 #include "sim/base/csv.h"
-#include "sim/base/pool.h"
 #include "sim/reuse/reqlog.h"
 #include "sim/reuse/reuse.h"
 #include "sim/reuse/workload.h"
@@ -91,30 +90,11 @@ static int parse_names(const char *option, const char *list, const char *const *
 }
 
 typedef struct {
-    const ReqLog *log;
     ReuseScope scope;
     ReusePolicy policy;
     int64_t capacity, capacity_blocks, host_blocks;
     double compress;
-    const uint32_t *next_use;
-    const ReuseCost *cost;
-    ReuseResult result;
-    double seconds; /* for the table only */
 } ReuseJob;
-
-static int run_job(void *ctx, int item, int slot, KvErr *err)
-{
-    (void)slot;
-    (void)err;
-    ReuseJob *job = (ReuseJob *)ctx + item;
-    double t0 = now_seconds();
-    ReuseOptions opt = {.scope = job->scope, .policy = job->policy,
-                        .capacity_blocks = job->capacity_blocks, .host_blocks = job->host_blocks,
-                        .compress = job->compress, .next_use = job->next_use, .cost = job->cost};
-    reuse_run(job->log, &opt, &job->result);
-    job->seconds = now_seconds() - t0;
-    return 0;
-}
 
 /* KV bytes per token from config.json (a file, or a directory holding one). */
 static int model_kv_geometry(const char *model, int *layers, int *kv_heads, int *head_dim,
@@ -365,17 +345,17 @@ static int reuse_main(int argc, char **argv, char **ini_text)
         fprintf(stderr, "kvsim: %s\n", err.msg);
         return 2;
     }
-    bool progress = !quiet && isatty(STDERR_FILENO);
-    ReqLog log;
-    double t0 = now_seconds();
-    if (reqlog_load(positional[0], (ReqlogFormat)format, block, progress, &log, &err) < 0) {
+    /* The log is streamed (reuse_stream): its format first, for the block size. */
+    ReqlogFormat log_format;
+    if (reqlog_detect(positional[0], (ReqlogFormat)format, &log_format, &err) < 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
         return 2;
     }
-    double t_read = now_seconds() - t0;
+    const int block_tokens = block > 0 ? block
+                             : log_format == REQLOG_MOONCAKE ? REQLOG_MOONCAKE_BLOCK : REQLOG_QWEN_BLOCK;
     /* K and V: 2 values per layer, KV head and head dimension. */
     double bytes_per_token = (double)layers * kv_heads * head_dim * 2.0 * kv_bits / 8.0;
-    double block_bytes = bytes_per_token * log.block_tokens;
+    double block_bytes = bytes_per_token * block_tokens;
     ReuseCost cost = {.prefill_tps = prefill_flops > 0 ? 0 : prefill_tps,
                       .flops_per_s = prefill_flops, .params = params,
                       .attn_dim = (double)layers * q_heads * head_dim,
@@ -394,25 +374,19 @@ static int reuse_main(int argc, char **argv, char **ini_text)
     CsvFile csv, turns, ttft_csv;
     if (csv_create(&csv, out, "reuse.csv", header, &err) < 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);
-        reqlog_free(&log);
         return 2;
     }
     if (csv_create(&ttft_csv, out, "reuse_ttft.csv", ttft_header, &err) < 0) {
         atomic_abort(&csv.af);
         fprintf(stderr, "kvsim: %s\n", err.msg);
-        reqlog_free(&log);
         return 2;
     }
     if (csv_create(&turns, out, "reuse_turns.csv", turns_header, &err) < 0) {
         atomic_abort(&csv.af);
         atomic_abort(&ttft_csv.af);
         fprintf(stderr, "kvsim: %s\n", err.msg);
-        reqlog_free(&log);
         return 2;
     }
-    if (!quiet)
-        printf("%s: %ld requests, %u distinct blocks of %d tokens, read in %.2f s\n",
-               positional[0], log.n, log.n_blocks, log.block_tokens, t_read);
     if (!quiet) {
         char kv[32];
         human_bytes(bytes_per_token, kv, sizeof kv);
@@ -425,16 +399,13 @@ static int reuse_main(int argc, char **argv, char **ini_text)
         printf("%-13s %-7s %12s %5s %9s %9s %12s %10s\n", "scope", "policy", "capacity", "q",
                "hit_rate", "ttft_p95", "evictions", "requests/s");
     }
-    /* Every scope x capacity x policy is one job of the pool; each writes only its own result,
-     * and the rows are written afterwards in job order: the same files at any thread count. */
+    /* Every scope x capacity x policy is one replay; all run over one stream of the log, each
+     * writing only its own result, and the rows are written afterwards in job order: the same
+     * files at any thread count. */
     int n_jobs = 0;
     ReuseJob *jobs = kv_calloc((size_t)n_scopes * n_caps * n_policies * n_ratios, sizeof *jobs);
-    uint32_t *next_use[N_SCOPES] = {NULL};
     for (int si = 0; si < n_scopes; si++) {
         ReuseScope scope = (ReuseScope)scope_idx[si];
-        for (int pi = 0; pi < n_policies; pi++)
-            if (policy_idx[pi] == POL_BELADY && scope != SCOPE_NONE && !next_use[scope])
-                next_use[scope] = reuse_next_use(&log, scope);
         for (int ci = 0; ci < n_caps; ci++) {
             /* Under scope none the policy does not matter: one row, policy "none". */
             int n_pol = scope == SCOPE_NONE ? 1 : n_policies;
@@ -443,25 +414,53 @@ static int reuse_main(int argc, char **argv, char **ini_text)
             for (int qi = 0; qi < n_q; qi++)
                 for (int pi = 0; pi < n_pol; pi++)
                     jobs[n_jobs++] = (ReuseJob){
-                        .log = &log, .scope = scope, .policy = (ReusePolicy)policy_idx[pi],
+                        .scope = scope, .policy = (ReusePolicy)policy_idx[pi],
                         .capacity = caps[ci],
                         .capacity_blocks = (int64_t)floor((double)caps[ci] / block_bytes),
                         .host_blocks = (int64_t)floor((double)host_bytes / block_bytes),
                         .compress = scope == SCOPE_CONVERSATION ? ratios[qi] : 1.0,
-                        .next_use = next_use[scope], .cost = &cost,
                     };
         }
     }
-    Pool *pool = pool_create(pool_threads_for(threads, n_jobs));
+    ReuseOptions *opts = kv_calloc((size_t)(n_jobs ? n_jobs : 1), sizeof *opts);
+    ReuseResult *results = kv_calloc((size_t)(n_jobs ? n_jobs : 1), sizeof *results);
+    for (int j = 0; j < n_jobs; j++)
+        opts[j] = (ReuseOptions){.scope = jobs[j].scope, .policy = jobs[j].policy,
+                                 .capacity_blocks = jobs[j].capacity_blocks,
+                                 .host_blocks = jobs[j].host_blocks,
+                                 .compress = jobs[j].compress, .cost = &cost};
+    /* The curve's capacities: 1, 2, 3, ... at four points per doubling (cut at the log's
+     * distinct blocks when written). */
+    int64_t curve_caps[160], curve_out[160];
+    int n_curve = 0;
+    for (int k = 0; lru_curve; k++) {
+        int64_t c = (int64_t)llround(pow(2.0, k / 4.0));
+        if (c > ((int64_t)1 << 32))
+            break;
+        if (n_curve == 0 || c != curve_caps[n_curve - 1])
+            curve_caps[n_curve++] = c;
+    }
+    ReuseStreamInfo info;
     double t1 = now_seconds();
-    pool_for(pool, n_jobs, run_job, jobs, &err); /* the jobs cannot fail */
+    if (reuse_stream(positional[0], (ReqlogFormat)format, block_tokens, opts, n_jobs, threads,
+                     lru_curve ? curve_caps : NULL, n_curve, curve_out, results, &info, &err) < 0) {
+        atomic_abort(&csv.af);
+        atomic_abort(&turns.af);
+        atomic_abort(&ttft_csv.af);
+        fprintf(stderr, "kvsim: %s\n", err.msg);
+        free(jobs);
+        free(opts);
+        free(results);
+        return 2;
+    }
     double t_sim = now_seconds() - t1;
-    pool_free(pool);
-    for (int s = 0; s < N_SCOPES; s++)
-        free(next_use[s]);
+    free(opts);
+    if (!quiet)
+        printf("%s: %ld requests, %lld block references, read and replayed in %.2f s\n",
+               positional[0], info.requests, (long long)info.references, t_sim);
     for (int j = 0; j < n_jobs; j++) {
         const ReuseJob *job = &jobs[j];
-        const ReuseResult *res = &job->result;
+        const ReuseResult *res = &results[j];
         const char *pol_name = job->scope == SCOPE_NONE ? "none" : reuse_policy_names[job->policy];
         double rate = res->prompt_tokens > 0 ? (double)res->hit_tokens / res->prompt_tokens : NAN;
         double prefill = (double)(res->prompt_tokens - res->hit_tokens);
@@ -525,11 +524,12 @@ static int reuse_main(int argc, char **argv, char **ini_text)
             human_bytes((double)job->capacity, capb, sizeof capb);
             printf("%-13s %-7s %12s %5.3g %9.4f %9.3g %12lld %10.3g\n", reuse_scope_names[job->scope],
                    pol_name, capb, job->compress, res->prompt_tokens > 0 ? rate : 0.0, res->ttft_q[95],
-                   (long long)res->evictions, job->seconds > 0 ? res->requests / job->seconds : 0.0);
+                   (long long)res->evictions, t_sim > 0 ? res->requests / t_sim : 0.0);
         }
     }
     long n_runs = n_jobs;
     free(jobs);
+    free(results);
     CsvFile curve_csv;
     int n_files = 3;
     if (lru_curve) {
@@ -540,39 +540,28 @@ static int reuse_main(int argc, char **argv, char **ini_text)
             atomic_abort(&turns.af);
             atomic_abort(&ttft_csv.af);
             fprintf(stderr, "kvsim: %s\n", err.msg);
-            reqlog_free(&log);
             return 2;
         }
         n_files = 4;
-        double t1 = now_seconds();
-        int64_t *curve = reuse_lru_curve(&log);
-        double dt = now_seconds() - t1;
-        int64_t prompt = 0;
-        for (long r = 0; r < log.n; r++)
-            prompt += log.input[r];
+        const int64_t nb = info.n_blocks;
         /* Capacities 1, 2, 3, ... at four points per doubling up to every distinct block. */
         int64_t prev = -1;
-        for (int k = 0;; k++) {
-            int64_t c = (int64_t)llround(pow(2.0, k / 4.0));
-            if (c > (int64_t)log.n_blocks)
-                c = log.n_blocks;
+        for (int k = 0; k < n_curve; k++) {
+            int64_t c = curve_caps[k] < nb ? curve_caps[k] : nb;
+            int64_t cached = curve_caps[k] < nb ? curve_out[k] : info.curve_total;
             if (c != prev) {
                 csv_put_count(&curve_csv, (double)c);
                 csv_put_count(&curve_csv, (double)c * block_bytes);
-                csv_put_count(&curve_csv, (double)curve[c]);
-                csv_put_optional(&curve_csv, prompt > 0 ? (double)curve[c] / prompt : NAN);
+                csv_put_count(&curve_csv, (double)cached);
+                csv_put_optional(&curve_csv, info.prompt_tokens > 0
+                                                 ? (double)cached / info.prompt_tokens : NAN);
                 csv_end_row(&curve_csv);
                 prev = c;
             }
-            if (c == (int64_t)log.n_blocks)
+            if (c == nb)
                 break;
         }
-        free(curve);
-        if (!quiet)
-            printf("lru curve over %u capacities in %.2f s (%.3g requests/s)\n", log.n_blocks, dt,
-                   dt > 0 ? log.n / dt : 0.0);
     }
-    reqlog_free(&log);
     CsvFile *files[] = {&csv, &turns, &ttft_csv, &curve_csv};
     if (csv_commit_set(files, n_files, &err) < 0) {
         fprintf(stderr, "kvsim: %s\n", err.msg);

@@ -539,6 +539,20 @@ void idmap_put(IdMap *m, int64_t key, uint32_t val)
     idmap_insert(m, key, val);
 }
 
+int reqlog_detect(const char *path, ReqlogFormat format, ReqlogFormat *out, KvErr *err)
+{
+    ReqReader *r = reqlog_open(path, format, err);
+    if (!r)
+        return -1;
+    ReqRecord rec;
+    int rc = format == REQLOG_AUTO ? reqlog_next(r, &rec, err) : 0;
+    *out = reqlog_format(r);
+    if (*out == REQLOG_AUTO)
+        *out = REQLOG_QWEN; /* an empty log: nothing depends on it */
+    reqlog_close(r);
+    return rc < 0 ? -1 : 0;
+}
+
 /* ---- the log in memory ---- */
 
 /* Hash ids to dense ids. The published logs already number their blocks 0, 1, 2, ... (the

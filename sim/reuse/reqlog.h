@@ -45,6 +45,9 @@ ReqReader *reqlog_open(const char *path, ReqlogFormat format, KvErr *err);
 /* The next record: 1, 0 at the end, -1 after an error (a line that is not a request of the
  * format, or a timestamp before the previous record's). Blank lines are skipped. */
 int reqlog_next(ReqReader *r, ReqRecord *rec, KvErr *err);
+/* The format of a log: `format` itself, or under REQLOG_AUTO the first record's (qwen for an
+ * empty log). Errors as reqlog_next's on the first record. */
+int reqlog_detect(const char *path, ReqlogFormat format, ReqlogFormat *out, KvErr *err);
 /* Every line through cJSON, none through the fast path (for measuring the fast path). */
 void reqlog_general_only(ReqReader *r);
 /* The format in use (after the first record under REQLOG_AUTO). */

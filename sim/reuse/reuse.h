@@ -22,9 +22,10 @@
  * s3fifo (Yang et al., SOSP'23: small FIFO of 10% of the capacity, main FIFO, ghost FIFO of
  * evicted ids as many as the main FIFO holds blocks, frequencies capped at 3, promotion at a
  * frequency > 1), belady (evicts the entry whose next reference is farthest in the future;
- * needs the whole log: reuse_next_use), conv (conversation-aware: every entry belongs to the
- * conversation of the last request that referenced it; when room is needed, every entry of the
- * conversation least recently active among those holding any is dropped at once).
+ * needs the log's future: reuse_next_use, or reuse_stream's first pass), conv
+ * (conversation-aware: every entry belongs to the conversation of the last request that
+ * referenced it; when room is needed, every entry of the conversation least recently active
+ * among those holding any is dropped at once).
  * Deterministic: the same log and settings give the same numbers.
  *
  * Model changes: under the conversation scope a turn served by another model than its parent
@@ -44,6 +45,7 @@
 #ifndef KVSIM_REUSE_H
 #define KVSIM_REUSE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "sim/reuse/reqlog.h"
@@ -122,6 +124,77 @@ void reuse_simulate(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
 void reuse_simulate_host(const ReqLog *log, ReuseScope scope, ReusePolicy policy,
                          int64_t capacity_blocks, int64_t host_blocks, const uint32_t *next_use,
                          ReuseResult *out);
+
+/* ---- replays streamed ----
+ *
+ * A cell is one replay (one ReuseOptions) fed request by request; its memory follows what its
+ * caches hold (a table from key to slot, the policy's per-entry state, conv's conversations
+ * holding entries, s3fifo's ghosts as many as its ghost FIFO counts), not the log, except the
+ * TTFTs (below). */
+
+/* One request as a cell sees it. */
+typedef struct {
+    const int64_t *keys;       /* prefix scope: its hash_ids */
+    int64_t n_keys;
+    const uint32_t *next_use;  /* belady, prefix: per key, the next request referencing it */
+    int64_t input, output;
+    int32_t turn;
+    double timestamp;
+    int32_t model;
+    int64_t self;              /* conversation scope: its entry's key (its number in the log) */
+    int64_t parent;            /* its parent's number, -1: none */
+    int64_t parent_context;    /* the parent's input + output tokens (when it may be cached) */
+    int32_t parent_model;
+    int64_t conv;              /* its conversation (conv policy), -1: none */
+    uint32_t self_next_use;    /* belady, conversation: its next turn, UINT32_MAX: none */
+} ReuseReq;
+
+typedef struct ReuseCell ReuseCell;
+
+/* opt->next_use is not read (each ReuseReq brings its own). */
+ReuseCell *reuse_cell_new(const ReuseOptions *opt, int block_tokens);
+void reuse_cell_request(ReuseCell *cell, const ReuseReq *req);
+/* The result (TTFT quantiles exact: every TTFT, kept in a temporary file while the log runs,
+ * is read back and sorted here, 8 bytes per request for the time of the call). */
+void reuse_cell_finish(ReuseCell *cell, ReuseResult *out);
+void reuse_cell_free(ReuseCell *cell);
+
+/* What a cell holds now: entries (device and host), slots allocated, s3fifo ghosts,
+ * conversations with entries (conv), reference counts with entries (lfu). */
+typedef struct {
+    int64_t entries, slots, ghosts, conversations, lfu_counts;
+} ReuseCellStats;
+void reuse_cell_stats(const ReuseCell *cell, ReuseCellStats *st);
+
+typedef struct {
+    long requests;
+    int64_t references, prompt_tokens;
+    int64_t n_blocks;      /* distinct hash ids (-1: not counted, when no first pass ran) */
+    int block_tokens;      /* the one in use */
+    ReqlogFormat format;
+    bool prepass;          /* whether a first pass ran */
+    int64_t pending_peak;  /* parents awaiting their next turn, at most */
+    int64_t curve_total;   /* the curve's cached tokens at capacities >= n_blocks */
+} ReuseStreamInfo;
+
+/* Every options[i] over the log at path, streamed: results[i] equal reuse_run's on the loaded
+ * log, at any thread count. The log is read once or twice:
+ * - a first pass, when a replay needs it (the conversation scope or conv: each request's
+ *   parent, conversation and next turn; belady under the prefix scope: each block
+ *   reference's next use; the curve) writes fixed-size entries into temporary files (deleted
+ *   when closed), holding per distinct block id its last reference time (4 bytes, for the
+ *   dense ids the logs use) and per request two chat id entries, and the curve's bitmap (1 bit
+ *   per block reference); then
+ * - one pass in chunks of requests, each chunk run through every cell (threads: cells at once,
+ *   0 = every core) while the next one is read; a parent's context and model stay in a table
+ *   only until its first child arrives (the only request that can find its entry).
+ * curve_caps (ascending, NULL: no curve): curve_out[i] = the cached tokens of the prefix scope
+ * under lru at capacity curve_caps[i] (reuse_lru_curve's, binned). block_tokens 0: the
+ * format's. Errors as reqlog_next's. */
+int reuse_stream(const char *path, ReqlogFormat format, int block_tokens,
+                 const ReuseOptions *opts, int n_opts, int threads, const int64_t *curve_caps,
+                 int n_curve, int64_t *curve_out, ReuseResult *results, ReuseStreamInfo *info,
+                 KvErr *err);
 
 /* The prefix scope under lru at every capacity at once, from stack distances in one pass: LRU
  * with blocks of one size holds, at any capacity, the blocks most recently referenced, so a

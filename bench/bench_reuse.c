@@ -84,8 +84,8 @@ static int full_run(const char *path)
         ReuseResult *res = calloc((size_t)n, sizeof *res);
         ReuseStreamInfo info;
         KvErr err;
-        int rc = reuse_stream(path, REQLOG_AUTO, 0, opts, n, 0, caps, n_curve, curve, res, &info,
-                              &err);
+        int rc = reuse_stream(path, REQLOG_AUTO, 0, opts, n, 0, false, caps, n_curve, curve, res,
+                              &info, &err);
         if (rc < 0)
             fprintf(stderr, "bench_reuse: %s\n", err.msg);
         double fig[4] = {rc < 0 ? -1 : (double)info.requests, (double)info.references,

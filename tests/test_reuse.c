@@ -909,8 +909,8 @@ static void check_stream_equals_run(const char *path, int block, int threads)
         curve_caps[n_curve++] = c;
     ReuseResult *streamed = calloc((size_t)n, sizeof *streamed);
     ReuseStreamInfo info;
-    if (reuse_stream(path, REQLOG_AUTO, block, opts, n, threads, curve_caps, n_curve, curve_out,
-                     streamed, &info, &err) < 0)
+    if (reuse_stream(path, REQLOG_AUTO, block, opts, n, threads, false, curve_caps, n_curve,
+                     curve_out, streamed, &info, &err) < 0)
         fail_msg("%s", err.msg);
     assert_int_equal(info.requests, log.n);
     assert_int_equal(info.references, log.off[log.n]);
@@ -973,7 +973,8 @@ static void test_stream_equals_run(void **state)
     check_stream_equals_run(scratch_path(dir, "branch.jsonl", 0), 4, 1);
     check_stream_equals_run(scratch_path(dir, "branch.jsonl", 0), 4, 2);
     assert_int_equal(reuse_stream(scratch_path(dir, "none.jsonl", 0), REQLOG_AUTO, 0, NULL, 0, 1,
-                                  NULL, 0, NULL, NULL, &(ReuseStreamInfo){0}, &err), -1);
+                                  false, NULL, 0, NULL, NULL, &(ReuseStreamInfo){0}, &err),
+                     -1);
     assert_non_null(strstr(err.msg, "none.jsonl"));
 }
 
@@ -1031,7 +1032,7 @@ static void test_stream_bounded(void **state)
         ReuseOptions o = {.scope = SCOPE_CONVERSATION, .policy = POL_LRU, .capacity_blocks = 100};
         ReuseResult res;
         ReuseStreamInfo info;
-        if (reuse_stream(path, REQLOG_AUTO, 0, &o, 1, 1, NULL, 0, NULL, &res, &info, &err) < 0)
+        if (reuse_stream(path, REQLOG_AUTO, 0, &o, 1, 1, false, NULL, 0, NULL, &res, &info, &err) < 0)
             fail_msg("%s", err.msg);
         assert_true(info.pending_peak > 0);
         peak[k] = info.pending_peak;

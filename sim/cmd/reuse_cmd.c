@@ -443,7 +443,7 @@ static int reuse_main(int argc, char **argv, char **ini_text)
     ReuseStreamInfo info;
     double t1 = now_seconds();
     if (reuse_stream(positional[0], (ReqlogFormat)format, block_tokens, opts, n_jobs, threads,
-                     lru_curve ? curve_caps : NULL, n_curve, curve_out, results, &info, &err) < 0) {
+                     !quiet && isatty(STDERR_FILENO), lru_curve ? curve_caps : NULL, n_curve, curve_out, results, &info, &err) < 0) {
         atomic_abort(&csv.af);
         atomic_abort(&turns.af);
         atomic_abort(&ttft_csv.af);

@@ -55,6 +55,16 @@ ReqReader *reqlog_open(const char *path, ReqlogFormat format, KvErr *err)
     return r;
 }
 
+long reqlog_read_mib(const ReqReader *r)
+{
+    return (long)(gzoffset(r->gz) >> 20);
+}
+
+long reqlog_size_mib(const ReqReader *r)
+{
+    return (long)(r->size >> 20);
+}
+
 void reqlog_close(ReqReader *r)
 {
     if (!r)
@@ -616,7 +626,7 @@ int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool pr
     log->ids = kv_malloc(ids_cap * sizeof *log->ids);
     log->off[0] = 0;
     Progress pr; /* in MiB of the file as stored */
-    progress_begin(&pr, progress, "read", "MiB", (long)(r->size >> 20));
+    progress_begin(&pr, progress, "read", "MiB", reqlog_size_mib(r));
     ReqRecord rec;
     int rc;
     while ((rc = reqlog_next(r, &rec, err)) == 1) {
@@ -665,9 +675,9 @@ int reqlog_load(const char *path, ReqlogFormat format, int block_tokens, bool pr
         log->model[i] = (int32_t)rec.model;
         log->conv[i] = log->parent[i] >= 0 ? log->conv[log->parent[i]] : (int32_t)log->n_conv++;
         if ((log->n & 4095) == 0)
-            progress_set(&pr, (long)(gzoffset(r->gz) >> 20));
+            progress_set(&pr, reqlog_read_mib(r));
     }
-    progress_set(&pr, (long)(r->size >> 20));
+    progress_set(&pr, reqlog_size_mib(r));
     progress_end(&pr);
     log->n_blocks = (uint32_t)blocks.n;
     log->format = reqlog_format(r);

@@ -52,6 +52,10 @@ int reqlog_detect(const char *path, ReqlogFormat format, ReqlogFormat *out, KvEr
 void reqlog_general_only(ReqReader *r);
 /* The format in use (after the first record under REQLOG_AUTO). */
 ReqlogFormat reqlog_format(const ReqReader *r);
+/* The file's bytes read so far, in MiB (for gzip, of the compressed file), and its size: a
+ * progress line's position. */
+long reqlog_read_mib(const ReqReader *r);
+long reqlog_size_mib(const ReqReader *r);
 void reqlog_close(ReqReader *r);
 
 /* A log in memory in the form the simulator replays: hash ids remapped to dense block ids

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "sim/base/pool.h"
+#include "sim/base/progress.h"
 
 const char *const reuse_scope_names[N_SCOPES] = {"none", "prefix", "conversation"};
 const char *const reuse_policy_names[N_POLICIES] = {"lru", "fifo", "lfu", "s3fifo", "belady", "conv"};
@@ -1480,6 +1481,7 @@ typedef struct {
     int n_curve;
     int64_t *curve_bins; /* [n_curve + 1] */
     int64_t n_blocks;
+    bool progress; /* a progress line on stderr */
 } Pre;
 
 /* The first pass: per request its parent, conversation and next turn; per block reference
@@ -1492,6 +1494,8 @@ static int prepass(Pre *p, KvErr *err)
     ReqReader *rd = reqlog_open(p->path, p->format, err);
     if (!rd)
         return -1;
+    Progress pr;
+    progress_begin(&pr, p->progress, "first pass", "MiB", reqlog_size_mib(rd));
     bool blocks = p->need_nu || p->curve;
     if (p->need_req)
         sc_init(&p->req, sizeof(PreReq), (int64_t)1 << 16);
@@ -1573,7 +1577,12 @@ static int prepass(Pre *p, KvErr *err)
             }
         }
         r++;
+        if ((r & 4095) == 0)
+            progress_set(&pr, reqlog_read_mib(rd));
     }
+    if (rc == 0)
+        progress_set(&pr, reqlog_size_mib(rd));
+    progress_end(&pr);
     reqlog_close(rd);
     p->n_blocks = (int64_t)tt.n;
     if (p->need_req)
@@ -1754,9 +1763,9 @@ static int finish_task(void *ctx, int item, int slot, KvErr *err)
 }
 
 int reuse_stream(const char *path, ReqlogFormat format, int block_tokens,
-                 const ReuseOptions *opts, int n_opts, int threads, const int64_t *curve_caps,
-                 int n_curve, int64_t *curve_out, ReuseResult *results, ReuseStreamInfo *info,
-                 KvErr *err)
+                 const ReuseOptions *opts, int n_opts, int threads, bool progress,
+                 const int64_t *curve_caps, int n_curve, int64_t *curve_out,
+                 ReuseResult *results, ReuseStreamInfo *info, KvErr *err)
 {
     memset(info, 0, sizeof *info);
     ReqlogFormat fmt;
@@ -1767,7 +1776,8 @@ int reuse_stream(const char *path, ReqlogFormat format, int block_tokens,
                          : fmt == REQLOG_MOONCAKE ? REQLOG_MOONCAKE_BLOCK : REQLOG_QWEN_BLOCK;
     info->n_blocks = -1;
     Pre pre = {.path = path, .format = format, .B = info->block_tokens,
-               .curve = curve_caps != NULL, .curve_caps = curve_caps, .n_curve = n_curve};
+               .curve = curve_caps != NULL, .curve_caps = curve_caps, .n_curve = n_curve,
+               .progress = progress};
     for (int i = 0; i < n_opts; i++) {
         ReuseScope s = opts[i].scope;
         if (s == SCOPE_CONVERSATION || (s == SCOPE_PREFIX && opts[i].policy == POL_CONV))
@@ -1799,13 +1809,18 @@ int reuse_stream(const char *path, ReqlogFormat format, int block_tokens,
         st.cells[i] = reuse_cell_new(&opts[i], info->block_tokens);
     int rc = 0;
     Pool *pool = pool_create(pool_threads_for(threads, n_opts + 1));
+    Progress pr;
     if (!(st.rd = reqlog_open(path, format, err)) || chunk_fill(&st, &st.ch[0], err) < 0)
         rc = -1;
+    progress_begin(&pr, progress && rc == 0, "replay", "MiB",
+                   st.rd ? reqlog_size_mib(st.rd) : 0);
     while (rc == 0 && st.ch[st.cur].n > 0) {
         if (pool_for(pool, n_opts + 1, stream_task, &st, err) < 0)
             rc = -1;
         st.cur ^= 1;
+        progress_set(&pr, reqlog_read_mib(st.rd)); /* the chunk being read next, done */
     }
+    progress_end(&pr);
     if (rc == 0) {
         FinishCtx f = {st.cells, results};
         pool_for(pool, n_opts, finish_task, &f, err); /* cannot fail */

@@ -190,11 +190,12 @@ typedef struct {
  *   only until its first child arrives (the only request that can find its entry).
  * curve_caps (ascending, NULL: no curve): curve_out[i] = the cached tokens of the prefix scope
  * under lru at capacity curve_caps[i] (reuse_lru_curve's, binned). block_tokens 0: the
- * format's. Errors as reqlog_next's. */
+ * format's. progress: a progress line on stderr per pass (MiB of the file read). Errors as
+ * reqlog_next's. */
 int reuse_stream(const char *path, ReqlogFormat format, int block_tokens,
-                 const ReuseOptions *opts, int n_opts, int threads, const int64_t *curve_caps,
-                 int n_curve, int64_t *curve_out, ReuseResult *results, ReuseStreamInfo *info,
-                 KvErr *err);
+                 const ReuseOptions *opts, int n_opts, int threads, bool progress,
+                 const int64_t *curve_caps, int n_curve, int64_t *curve_out,
+                 ReuseResult *results, ReuseStreamInfo *info, KvErr *err);
 
 /* The prefix scope under lru at every capacity at once, from stack distances in one pass: LRU
  * with blocks of one size holds, at any capacity, the blocks most recently referenced, so a

@@ -120,6 +120,22 @@ static int build_pass(const SweepPlan *plan, const RunConfig *rc, int t, int n_p
     return 0;
 }
 
+/* Renames the cell's temporary directory tmp into place as dir, removing whatever an earlier
+ * sweep left there (without --resume it was removed; with it, the cell was not done, so at most
+ * a stale copy is there). */
+static int replace_cell(const char *tmp, const char *dir, KvErr *err)
+{
+    for (int o = 0; o < N_OUTPUTS; o++) {
+        char old[4600];
+        snprintf(old, sizeof old, "%s/%s", dir, metric_output_file((MetricOutput)o));
+        unlink(old);
+    }
+    rmdir(dir);
+    if (rename(tmp, dir) != 0)
+        return kv_fail(err, "%s: cannot rename into %s: %s", tmp, dir, strerror(errno));
+    return 0;
+}
+
 /* Writes cell c from instance pi of res: the files of a run of that policy alone, into a
  * temporary directory renamed into place, so a cell is there whole or not at all. *tokens: its
  * cache_tokens_mean (summary.csv). */
@@ -133,20 +149,9 @@ static int write_cell(const SweepPlan *plan, const char *out, int c, const Resul
     PolicySummary summary;
     report_summarize(&view, &summary);
     *tokens = summary.step[SM_CACHE_TOKENS][STAT_MEAN];
-    int o = 0;
     if (make_dirs(tmp, err) != 0 || report_write_csv(&view, &summary, tmp, err) != 0)
         return -1;
-    /* A cell of an earlier sweep (without --resume it was removed; with it, the cell was not
-     * done, so at most a stale temporary is there). */
-    char old[4600];
-    for (o = 0; o < N_OUTPUTS; o++) {
-        snprintf(old, sizeof old, "%s/%s", dir, metric_output_file((MetricOutput)o));
-        unlink(old);
-    }
-    rmdir(dir);
-    if (rename(tmp, dir) != 0)
-        return kv_fail(err, "%s: cannot rename into %s: %s", tmp, dir, strerror(errno));
-    return 0;
+    return replace_cell(tmp, dir, err);
 }
 
 /* The check of `kvsim run` (report_warn_unequal_caches) at each value of trace t: the policies
@@ -509,15 +514,7 @@ static int copy_cell(const SweepPlan *plan, const char *src, const char *out, in
         if (atomic_commit(&af, err) != 0)
             return -1;
     }
-    for (int o = 0; o < N_OUTPUTS; o++) {
-        char old[4600];
-        snprintf(old, sizeof old, "%s/%s", dir, metric_output_file((MetricOutput)o));
-        unlink(old);
-    }
-    rmdir(dir);
-    if (rename(tmp, dir) != 0)
-        return kv_fail(err, "%s: cannot rename into %s: %s", tmp, dir, strerror(errno));
-    return 0;
+    return replace_cell(tmp, dir, err);
 }
 
 int cmd_merge(int argc, char **argv)

@@ -47,13 +47,6 @@ int hybrid_importance_slots(int budget, double ratio, int reserved)
     return by_ratio < most ? by_ratio : most;
 }
 
-void hybrid_group_importance(const float *attn, int group, int n, float *importance)
-{
-    memset(importance, 0, (size_t)n * sizeof *importance);
-    for (int i = 0; i < group; i++)
-        cblas_saxpy(n, 1.0f, attn + (size_t)i * n, 1, importance, 1);
-}
-
 void hybrid_scratch_reserve(HybridScratch *s, int n)
 {
     if (n <= s->cap)

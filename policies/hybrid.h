@@ -25,10 +25,6 @@ void hybrid_rank_sort(HybridRank *rank, int n);
  * arrives next and the newest token at truncation time, which the recent part always holds. */
 int hybrid_importance_slots(int budget, double ratio, int reserved);
 
-/* importance[s] = sum over the group's query heads of attn[i][s]: the group's attention
- * received by slot s (attn is [group][n], as PolicyType.observe receives it). */
-void hybrid_group_importance(const float *attn, int group, int n, float *importance);
-
 /* Scratch buffers sized to a cache, grown on demand. */
 typedef struct {
     float *importance;  /* per slot */

@@ -6,7 +6,8 @@
  * dequantized K and V, so the quantization error shows in the attention output.
  *
  * Observations. A token is observed at each step it spends in the device cache: the group's
- * attention it received (sum over the group's query heads); a prefill chunk counts as one
+ * attention it received (the group's query heads reduced by `gqa`: sum by default, as hybrid);
+ * a prefill chunk counts as one
  * observation of every token it sees (the cache's and its own), the group's attention averaged
  * over the chunk's queries that see the token. On the host nobody attends to it, so its history
  * is frozen there: its mean at offload time decides, once, whether it is ever restored.
@@ -35,6 +36,7 @@
 #include <string.h>
 
 #include "policies/hybrid.h"
+#include "policies/rank.h"
 
 extern const PolicyType policy_offload;
 
@@ -49,6 +51,7 @@ typedef struct {
     int max_restore;
     int coupling;
     int quantize;
+    int gqa;
 } OffloadParams;
 
 enum { COUPLING_OFFLOAD = 0, COUPLING_FIXEDSIZE = 1 };
@@ -111,6 +114,9 @@ static const ParamSpec offload_params[] = {
     {"quantize", PARAM_ENUM, offsetof(OffloadParams, quantize), "auto", 0, 0, "auto|on|off",
      "host tier quantized to `bits`: auto = on with coupling = offload, off with fixedsize "
      "(FixedSize's default)"},
+    {"gqa", PARAM_ENUM, offsetof(OffloadParams, gqa), "sum", 0, 0, RANK_GQA_CHOICES,
+     "reduction of the group's query heads' attention (observations and prefill): sum, mean or "
+     "max"},
     {NULL, 0, 0, NULL, 0, 0, NULL, NULL},
 };
 
@@ -386,8 +392,8 @@ static void offload_prefill(Policy *p, const PrefillView *pv)
         for (int j = c0; j < c1; j++)
             kvcache_add(c, j);
         if (pv->prefill_mass) {
-            hybrid_group_importance(pv->prefill_mass + (size_t)g * o->group * c1, o->group, c1,
-                                    by_position);
+            rank_reduce_rows(pv->prefill_mass + (size_t)g * o->group * c1, o->group, c1, c1,
+                             o->prm.gqa, by_position);
             /* One observation on the scale of a decode step's: the mean over the chunk's
              * c1 - max(j, c0) queries that see token j (the prompt fed whole: P - j). Slots in
              * position order, so that the histories do not depend on the slot order. */
@@ -422,7 +428,7 @@ static void offload_observe(Policy *p, const StepView *sv, const float *const *a
         HostTier *ht = &o->host[g];
         int n_restorable = ht->n_restorable;
         hybrid_scratch_reserve(&o->scratch, c->n + (n_restorable > 0 ? n_restorable : 0));
-        hybrid_group_importance(attn[g], o->group, c->n, o->scratch.importance);
+        rank_reduce_rows(attn[g], o->group, c->n, c->n, o->prm.gqa, o->scratch.importance);
         for (int slot = 0; slot < c->n; slot++)
             if (c->pos[slot] >= 0)
                 record_observation(o, ht, c->pos[slot], o->scratch.importance[slot]);
@@ -495,6 +501,8 @@ static const char *const offload_conformance[] = {
     "budget=32 host_budget=48 group=8 coupling=fixedsize threshold=0.02",
     "budget=32 host_budget=48 group=8 coupling=fixedsize quantize=on threshold=0.02",
     "budget=32 host_budget=48 group=8 quantize=off threshold=0.02",
+    "budget=32 host_budget=48 group=8 threshold=0.02 gqa=max",
+    "budget=32 host_budget=48 group=8 threshold=0.01 gqa=mean",
     NULL,
 };
 

@@ -448,19 +448,21 @@ static Results *small_results(void)
     r->type[0] = policy_find("window");
     assert_non_null(r->type[0]);
     r->is_oracle = kv_calloc(1, sizeof *r->is_oracle);
-    r->head = kv_calloc((size_t)2 * 2 * 2 * N_HEAD_METRICS, sizeof *r->head);
-    r->step = kv_calloc((size_t)2 * 2 * N_STEP_METRICS, sizeof *r->step);
     r->total = kv_calloc((size_t)2 * N_TOTAL_METRICS, sizeof *r->total);
+    assert_int_equal(results_spill_open(r, false, NULL), 0);
     for (int l = 0; l < 2; l++)
         for (int e = 0; e < 2; e++) {
             for (int h = 0; h < 2; h++) {
-                float *hm = results_head(r, 0, l, e, h);
-                hm[HM_MASS] = 0.5f, hm[HM_RECALL] = 0.25f, hm[HM_OUT_ERR] = 0.125f;
+                assert_int_equal(results_set_head_at(r, 0, l, e, h, HM_MASS, 0.5f, NULL), 0);
+                assert_int_equal(results_set_head_at(r, 0, l, e, h, HM_RECALL, 0.25f, NULL), 0);
+                assert_int_equal(results_set_head_at(r, 0, l, e, h, HM_OUT_ERR, 0.125f, NULL), 0);
             }
-            double *sm = results_step(r, 0, l, e);
-            sm[SM_CACHE_TOKENS] = 4;
-            sm[SM_DEVICE_BYTES] = sm[SM_ALLOCATED_BYTES] = 1100000 + e;
-            sm[SM_NEEDLE_SURVIVAL] = e == 1 ? 0.75 : NAN;
+            assert_int_equal(results_set_step_at(r, 0, l, e, SM_CACHE_TOKENS, 4, NULL), 0);
+            assert_int_equal(results_set_step_at(r, 0, l, e, SM_DEVICE_BYTES, 1100000 + e, NULL), 0);
+            assert_int_equal(results_set_step_at(r, 0, l, e, SM_ALLOCATED_BYTES, 1100000 + e, NULL),
+                             0);
+            assert_int_equal(
+                results_set_step_at(r, 0, l, e, SM_NEEDLE_SURVIVAL, e == 1 ? 0.75 : NAN, NULL), 0);
         }
     return r;
 }
@@ -534,17 +536,17 @@ static void expect_results_refused(void (*spoil)(Results *), const char *file,
 
 static void nan_mass_of_one_head(Results *r)
 {
-    results_head(r, 0, 1, 0, 1)[HM_MASS] = NAN;
+    assert_int_equal(results_set_head_at(r, 0, 1, 0, 1, HM_MASS, NAN, NULL), 0);
 }
 
 static void nan_recall_of_one_head(Results *r)
 {
-    results_head(r, 0, 0, 1, 0)[HM_RECALL] = NAN;
+    assert_int_equal(results_set_head_at(r, 0, 0, 1, 0, HM_RECALL, NAN, NULL), 0);
 }
 
 static void nan_device_bytes_of_one_layer(Results *r)
 {
-    results_step(r, 0, 1, 1)[SM_DEVICE_BYTES] = NAN;
+    assert_int_equal(results_set_step_at(r, 0, 1, 1, SM_DEVICE_BYTES, NAN, NULL), 0);
 }
 
 static void test_report_refuses_nan_where_a_value_exists(void **state)

@@ -71,6 +71,9 @@ static int teardown(void **state)
     return 0;
 }
 
+/* The spill in a file even for these small replays (engine.h); else in memory. */
+static bool spill_to_file;
+
 static Results *replay(Setup *s, int threads, int eval_every)
 {
     KvErr err;
@@ -78,7 +81,8 @@ static Results *replay(Setup *s, int threads, int eval_every)
     if (!tr)
         fail_msg("%s", err.msg);
     EngineConfig cfg = {.threads = threads, .topk = TOPK, .eval_every = eval_every,
-                        .kv_bits = 16, .seed = 1, .n_policies = 2, .policies = s->spec};
+                        .kv_bits = 16, .seed = 1, .n_policies = 2, .policies = s->spec,
+                        .spill_file = spill_to_file};
     Results *r = engine_run(tr, &cfg, &err);
     if (!r)
         fail_msg("%s", err.msg);
@@ -101,10 +105,9 @@ static void test_metrics_match_plain_recomputation(void **state)
             fixture_full_attn(s->fx, t, row);
             for (int h = 0; h < HQ; h++) {
                 const float *p = row + (size_t)h * T;
-                const float *full = results_head(r, 0, l, e, h);
-                assert_float_equal(full[HM_MASS], 1.0, 1e-6);
-                assert_float_equal(full[HM_RECALL], 1.0, 0);
-                assert_float_equal(full[HM_OUT_ERR], 0.0, 1e-5);
+                assert_float_equal(results_head_at(r, 0, l, e, h, HM_MASS), 1.0, 1e-6);
+                assert_float_equal(results_head_at(r, 0, l, e, h, HM_RECALL), 1.0, 0);
+                assert_float_equal(results_head_at(r, 0, l, e, h, HM_OUT_ERR), 0.0, 1e-5);
 
                 /* window: mass, recall and output error from scratch, in double */
                 double mass = 0, o_full[D] = {0}, o_win[D] = {0};
@@ -135,16 +138,17 @@ static void test_metrics_match_plain_recomputation(void **state)
                     }
                     hits += in_window(best, t);
                 }
-                const float *win = results_head(r, 1, l, e, h);
-                assert_float_equal(win[HM_MASS], mass, 1e-5);
-                assert_float_equal(win[HM_RECALL], (double)hits / TOPK, 1e-9);
-                assert_float_equal(win[HM_OUT_ERR], sqrt(diff / norm), 1e-4);
+                assert_float_equal(results_head_at(r, 1, l, e, h, HM_MASS), mass, 1e-5);
+                assert_float_equal(results_head_at(r, 1, l, e, h, HM_RECALL), (double)hits / TOPK,
+                                   1e-9);
+                assert_float_equal(results_head_at(r, 1, l, e, h, HM_OUT_ERR), sqrt(diff / norm),
+                                   1e-4);
             }
-            assert_float_equal(results_step(r, 0, l, e)[SM_CACHE_TOKENS], t + 1, 0);
-            assert_float_equal(results_step(r, 1, l, e)[SM_CACHE_TOKENS], WINDOW + SINKS, 0);
+            assert_float_equal(results_step_at(r, 0, l, e, SM_CACHE_TOKENS), t + 1, 0);
+            assert_float_equal(results_step_at(r, 1, l, e, SM_CACHE_TOKENS), WINDOW + SINKS, 0);
             /* 2 KV heads x tokens x (K+V) x 16 dims x 2 bytes */
-            assert_float_equal(results_step(r, 0, l, e)[SM_DEVICE_BYTES], 2.0 * (t + 1) * 64, 0);
-            assert_float_equal(results_step(r, 1, l, e)[SM_DEVICE_BYTES], 2.0 * 10 * 64, 0);
+            assert_float_equal(results_step_at(r, 0, l, e, SM_DEVICE_BYTES), 2.0 * (t + 1) * 64, 0);
+            assert_float_equal(results_step_at(r, 1, l, e, SM_DEVICE_BYTES), 2.0 * 10 * 64, 0);
         }
     }
     free(row);
@@ -163,8 +167,8 @@ static void test_needles_checked_at_probe_steps(void **state)
         bool probe = expected[e] == 60 || expected[e] == 79;
         assert_int_equal(r->eval_probe[e], probe);
         for (int l = 0; l < LAYERS; l++) {
-            double full = results_step(r, 0, l, e)[SM_NEEDLE_SURVIVAL];
-            double win = results_step(r, 1, l, e)[SM_NEEDLE_SURVIVAL];
+            double full = results_step_at(r, 0, l, e, SM_NEEDLE_SURVIVAL);
+            double win = results_step_at(r, 1, l, e, SM_NEEDLE_SURVIVAL);
             if (probe) {
                 assert_float_equal(full, 1.0, 0);
                 assert_float_equal(win, 0.0, 0); /* needle 5..8 left the window long ago */
@@ -177,15 +181,20 @@ static void test_needles_checked_at_probe_steps(void **state)
 }
 
 
+/* At any thread count, and whether the spill is in memory or in a file, the same slots and the
+ * same files. */
 static void test_identical_results_at_any_thread_count(void **state)
 {
     Setup *s = *state;
-    Results *one = replay(s, 1, 1), *three = replay(s, 3, 1);
+    Results *one = replay(s, 1, 1);
+    spill_to_file = true;
+    Results *three = replay(s, 3, 1);
+    spill_to_file = false;
+    assert_non_null(one->spill_mem);
+    assert_null(three->spill_mem);
+    assert_true(three->spill_fd > 0);
     assert_int_equal(three->threads_used, 3);
-    size_t nh = (size_t)2 * LAYERS * one->n_evals * HQ * N_HEAD_METRICS;
-    size_t ns = (size_t)2 * LAYERS * one->n_evals * N_STEP_METRICS;
-    assert_memory_equal(one->head, three->head, nh * sizeof(float));
-    assert_memory_equal(one->step, three->step, ns * sizeof(double));
+    assert_true(results_same(one, three));
     KvErr err;
     char d1[4096], d3[4096];
     snprintf(d1, sizeof d1, "%s/out1", s->dir);
@@ -195,8 +204,8 @@ static void test_identical_results_at_any_thread_count(void **state)
     report_summarize(three, s3);
     assert_int_equal(report_write_csv(one, s1, d1, &err), 0);
     assert_int_equal(report_write_csv(three, s3, d3, &err), 0);
-    const char *files[3] = {"summary.csv", "layers.csv", "steps.csv"};
-    for (int i = 0; i < 3; i++) {
+    const char *files[4] = {"summary.csv", "layers.csv", "steps.csv", "turns.csv"};
+    for (int i = 0; i < 4; i++) {
         char p1[4200], p3[4200];
         snprintf(p1, sizeof p1, "%s/%s", d1, files[i]);
         snprintf(p3, sizeof p3, "%s/%s", d3, files[i]);
@@ -212,6 +221,56 @@ static void test_identical_results_at_any_thread_count(void **state)
     remove(d3);
     results_free(one);
     results_free(three);
+}
+
+/* What a Results holds resident (results_bytes, from its counts) grows with the evaluated steps
+ * only by their per-step rows (the evaluated steps, and the report's per-(layer, step) working
+ * set of one policy), never by steps x query heads nor by policies x steps: the per-head slots of
+ * a long replay are in the spill's file. Shapes of a long study: 32 layers, 8 and 32 query heads,
+ * 8192 and 4 x 8192 evaluated steps, 4 and 13 policies. */
+static void test_results_memory_does_not_grow_with_steps_x_heads(void **state)
+{
+    enum { BIG_LAYERS = 32, STEPS = 8192 };
+    double bytes[2][2][2]; /* [policies 4, 13][heads 8, 32][steps, 4 x steps] */
+    for (int p = 0; p < 2; p++)
+        for (int h = 0; h < 2; h++)
+            for (int e = 0; e < 2; e++) {
+                Results big = {.n_policies = p ? 13 : 4, .n_layers = BIG_LAYERS,
+                               .n_q_heads = h ? 32 : 8, .n_evals = e ? 4 * STEPS : STEPS,
+                               .n_turns = 1};
+                assert_true(results_spill_bytes(&big) > SPILL_MEMORY_MAX); /* on disk */
+                assert_true(results_spill_resident_bytes(&big) == 0);
+                bytes[p][h][e] = results_bytes(&big);
+            }
+    /* 3 x STEPS more evaluated steps: their rows, whatever the heads and policies */
+    Results r0 = {0};
+    double per_step = sizeof *r0.eval_step + sizeof *r0.eval_probe + sizeof *r0.eval_turn +
+                      ((double)BIG_LAYERS * (STEP_RECORD + N_HEAD_METRICS + 1) + 1) *
+                          sizeof(double);
+    for (int p = 0; p < 2; p++)
+        for (int h = 0; h < 2; h++)
+            assert_true(bytes[p][h][1] - bytes[p][h][0] == 3.0 * STEPS * per_step);
+    /* more heads: the same few bytes (a chunk of head slots) at any number of steps */
+    for (int p = 0; p < 2; p++)
+        assert_true(bytes[p][1][1] - bytes[p][0][1] == bytes[p][1][0] - bytes[p][0][0]);
+    /* and far below what the head slots would take in memory */
+    Results big = {.n_policies = 13, .n_layers = BIG_LAYERS, .n_q_heads = 32,
+                   .n_evals = 4 * STEPS, .n_turns = 1};
+    assert_true(bytes[1][1][1] < results_head_bytes(&big) / 16);
+
+    /* A real replay: more evaluated steps (every step against every 4th), the same growth of
+     * its resident bytes per step (its spill, small enough for memory, counts on top). */
+    Setup *s = *state;
+    Results *run[2] = {replay(s, 1, 4), replay(s, 1, 1)};
+    assert_true(run[1]->n_evals > 3 * run[0]->n_evals);
+    double grown = results_bytes(run[1]) - results_bytes(run[0]);
+    double spill = results_spill_bytes(run[1]) - results_spill_bytes(run[0]);
+    double rows = (double)(run[1]->n_evals - run[0]->n_evals) *
+                  (sizeof *r0.eval_step + sizeof *r0.eval_probe + sizeof *r0.eval_turn +
+                   ((double)LAYERS * (STEP_RECORD + N_HEAD_METRICS + 1) + 1) * sizeof(double));
+    assert_true(grown == rows + spill);
+    results_free(run[0]);
+    results_free(run[1]);
 }
 
 /* More threads than layers: the threads share the work inside a layer (attention by head, the
@@ -255,15 +314,10 @@ static void test_identical_results_with_more_threads_than_layers(void **state)
         /* all threads used, up to max(query heads, policies) per layer */
         assert_int_equal(r[i]->threads_used, threads[i] < N_POL ? threads[i] : N_POL);
     }
-    size_t nh = (size_t)N_POL * r[0]->n_evals * HQ * N_HEAD_METRICS;
-    size_t ns = (size_t)N_POL * r[0]->n_evals * N_STEP_METRICS;
-    size_t nt = (size_t)N_POL * N_TOTAL_METRICS;
     /* not vacuous: the budgeted policies lose attention mass */
-    assert_true(results_head(r[0], 2, 0, r[0]->n_evals - 1, 0)[HM_MASS] < 1.0f);
+    assert_true(results_head_at(r[0], 2, 0, r[0]->n_evals - 1, 0, HM_MASS) < 1.0f);
     for (int i = 1; i < 4; i++) {
-        assert_memory_equal(r[0]->head, r[i]->head, nh * sizeof(float));
-        assert_memory_equal(r[0]->step, r[i]->step, ns * sizeof(double));
-        assert_memory_equal(r[0]->total, r[i]->total, nt * sizeof(double));
+        assert_true(results_same(r[0], r[i]));
     }
     for (int i = 0; i < 4; i++)
         results_free(r[i]);
@@ -341,6 +395,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_identical_results_with_more_threads_than_layers, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_non_finite_values_are_errors, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_results_memory_does_not_grow_with_steps_x_heads, setup,
+                                        teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

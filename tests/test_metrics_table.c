@@ -134,8 +134,6 @@ static Results *make_results(const Shape *sh)
         assert_non_null(r->type[pi]);
     }
     size_t slots = (size_t)sh->policies * sh->layers * sh->evals;
-    r->head = kv_calloc(slots * sh->heads * N_HEAD_METRICS, sizeof *r->head);
-    r->step = kv_calloc(slots * N_STEP_METRICS, sizeof *r->step);
     r->total = kv_calloc((size_t)sh->policies * sh->layers * N_TOTAL_METRICS, sizeof *r->total);
     /* Two turns, the evaluated steps split between them; the second's decode steps hold no
      * evaluated step when there is one evaluated step. Unknown model size: dense FLOPs do not
@@ -151,9 +149,16 @@ static Results *make_results(const Shape *sh)
     for (int e = 0; e < sh->evals; e++)
         r->eval_turn[e] = e < (sh->evals + 1) / 2 ? 0 : 1;
     r->turn_bytes = kv_calloc((size_t)sh->policies * sh->layers * 2, sizeof *r->turn_bytes);
-    r->needle_turn = kv_malloc(slots * TURN_DISTANCES * sizeof *r->needle_turn);
-    for (size_t i = 0; i < slots * TURN_DISTANCES; i++)
-        r->needle_turn[i] = sh->probes && i % TURN_DISTANCES == 0 ? 0.25 : NAN;
+    assert_int_equal(results_spill_open(r, true, NULL), 0);
+    for (size_t i = 0; i < slots * TURN_DISTANCES; i++) {
+        size_t rec = i / TURN_DISTANCES; /* [policy][layer][eval] */
+        int e = (int)(rec % sh->evals), l = (int)(rec / sh->evals % sh->layers);
+        int pi = (int)(rec / sh->evals / sh->layers);
+        assert_int_equal(results_set_step_at(r, pi, l, e, STEP_NEEDLE + (int)(i % TURN_DISTANCES),
+                                             sh->probes && i % TURN_DISTANCES == 0 ? 0.25 : NAN,
+                                             NULL),
+                         0);
+    }
     for (int i = 0; i < N_METRICS; i++) {
         const Metric *m = &metric_table[i];
         if (m->kind == METRIC_TURN)
@@ -173,12 +178,19 @@ static Results *make_results(const Shape *sh)
                 for (int e = 0; e < sh->evals; e++) {
                     bool applies = m->applies == APPLIES_ALWAYS || r->eval_probe[e];
                     if (m->kind == METRIC_STEP)
-                        results_step(r, pi, l, e)[m->slot] =
-                            applies ? slot_value(m, pi, l, e, 0) : NAN;
+                        assert_int_equal(results_set_step_at(r, pi, l, e, m->slot,
+                                                             applies ? slot_value(m, pi, l, e, 0)
+                                                                     : NAN,
+                                                             NULL),
+                                         0);
                     else
                         for (int h = 0; h < sh->heads; h++)
-                            results_head(r, pi, l, e, h)[m->slot] =
-                                applies ? (float)slot_value(m, pi, l, e, h) : NAN;
+                            assert_int_equal(
+                                results_set_head_at(r, pi, l, e, h, m->slot,
+                                                    applies ? (float)slot_value(m, pi, l, e, h)
+                                                            : NAN,
+                                                    NULL),
+                                0);
                 }
             }
     }

@@ -553,14 +553,13 @@ static void test_windows_and_turns_replay(void **state)
     for (int l = 0; l < 2; l++) /* the windowed layers */
         for (int e = 0; e < r->n_evals; e++)
             for (int h = 0; h < sp.n_q_heads; h++) {
-                const float *full = results_head(r, 0, l, e, h), *wide = results_head(r, 1, l, e, h);
-                assert_float_equal(full[HM_MASS], 1.0, 1e-6);
-                assert_float_equal(full[HM_OUT_ERR], 0.0, 1e-6);
+                assert_float_equal(results_head_at(r, 0, l, e, h, HM_MASS), 1.0, 1e-6);
+                assert_float_equal(results_head_at(r, 0, l, e, h, HM_OUT_ERR), 0.0, 1e-6);
                 /* 4 sinks + the last 20 keys: every key of the 16-key window, and 4 sinks the
                  * model gives no attention */
-                assert_float_equal(wide[HM_MASS], 1.0, 1e-5);
-                assert_float_equal(wide[HM_OUT_ERR], 0.0, 1e-5);
-                small_mass += results_head(r, 2, l, e, h)[HM_MASS];
+                assert_float_equal(results_head_at(r, 1, l, e, h, HM_MASS), 1.0, 1e-5);
+                assert_float_equal(results_head_at(r, 1, l, e, h, HM_OUT_ERR), 0.0, 1e-5);
+                small_mass += results_head_at(r, 2, l, e, h, HM_MASS);
                 n++;
             }
     assert_true(small_mass / n < 0.999); /* a cache narrower than the window does lose mass */
@@ -573,9 +572,9 @@ static void test_windows_and_turns_replay(void **state)
     for (int e = 0; e < r->n_evals; e++)
         for (int h = 0; h < sp.n_q_heads; h++) {
             for (int l = 0; l < 2; l++)
-                assert_float_equal(results_head(skip, 2, l, e, h)[HM_MASS], 1.0, 1e-5);
-            assert_true(results_head(skip, 2, 2, e, h)[HM_MASS] ==
-                        results_head(r, 2, 2, e, h)[HM_MASS]);
+                assert_float_equal(results_head_at(skip, 2, l, e, h, HM_MASS), 1.0, 1e-5);
+            assert_true(results_head_at(skip, 2, 2, e, h, HM_MASS) ==
+                        results_head_at(r, 2, 2, e, h, HM_MASS));
         }
     results_free(skip);
     results_free(r);

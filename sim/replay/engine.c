@@ -2,9 +2,12 @@
 #include "sim/replay/engine.h"
 
 #include <cblas.h>
+#include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "sim/base/attention.h"
 #include "sim/base/half.h"
@@ -60,6 +63,11 @@ struct Worker {
     int *attn_cap;          /* over its caches at the current step */
     double attention_seconds, attention_flops; /* the shared exact attention, prompt included */
     double *policy_seconds; /* [n_policies]: the policies' own callbacks */
+    /* The metrics of the evaluated steps [e0, e0 + ne) of the current block, until they go to
+     * the spill (flush_block). */
+    int e0, ne;
+    float *heads;           /* [n_policies][N_HEAD_METRICS][DECODE_BLOCK][Hq] */
+    double *steps;          /* [n_policies][DECODE_BLOCK][STEP_RECORD] */
 };
 
 static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg, int team)
@@ -81,6 +89,9 @@ static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg, 
     w->row_z = kv_malloc(Hq * DECODE_BLOCK * sizeof(float));
     w->topk = kv_malloc((size_t)DECODE_BLOCK * Hq * (size_t)cfg->topk * sizeof(int32_t));
     w->policy_seconds = kv_calloc((size_t)cfg->n_policies, sizeof(double));
+    w->heads = kv_malloc((size_t)cfg->n_policies * N_HEAD_METRICS * DECODE_BLOCK * Hq *
+                         sizeof *w->heads);
+    w->steps = kv_malloc((size_t)cfg->n_policies * DECODE_BLOCK * STEP_RECORD * sizeof *w->steps);
 }
 
 static void worker_free(Worker *w, int n_attn)
@@ -103,6 +114,35 @@ static void worker_free(Worker *w, int n_attn)
     free(w->row_z);
     free(w->topk);
     free(w->policy_seconds);
+    free(w->heads);
+    free(w->steps);
+}
+
+/* Where the current block keeps head metric `slot` of instance pi at evaluated step e. */
+static float *block_heads(const Worker *w, int n_q_heads, int pi, int slot, int e)
+{
+    return w->heads +
+           (((size_t)pi * N_HEAD_METRICS + slot) * DECODE_BLOCK + (e - w->e0)) * n_q_heads;
+}
+static double *block_steps(const Worker *w, int pi, int e)
+{
+    return w->steps + ((size_t)pi * DECODE_BLOCK + (e - w->e0)) * STEP_RECORD;
+}
+
+/* The block's metrics to the spill: per instance, each head metric's rows and the step
+ * records, each one contiguous run of the file. */
+static int flush_block(Job *job, const Worker *w, int layer, KvErr *err)
+{
+    const Results *r = job->res;
+    for (int pi = 0; pi < r->n_policies && w->ne > 0; pi++) {
+        for (int slot = 0; slot < N_HEAD_METRICS; slot++)
+            if (results_write_heads(r, pi, slot, layer, w->e0, w->ne,
+                                    block_heads(w, r->n_q_heads, pi, slot, w->e0), err) != 0)
+                return -1;
+        if (results_write_steps(r, pi, layer, w->e0, w->ne, block_steps(w, pi, w->e0), err) != 0)
+            return -1;
+    }
+    return 0;
 }
 
 /* Instance pi's attention buffer for KV head g, for `need` floats. */
@@ -202,12 +242,14 @@ static int attend_kv_head(Job *job, Worker *w, Lane *ln, const LayerView *L, int
     }
     for (int i = 0; i < G; i++) {
         int h = g * G + i;
-        float *hm = results_head(job->res, pi, L->layer, e, h);
-        hm[HM_MASS] = (float)ca[i].retained_mass;
-        hm[HM_RECALL] = (float)recall_at_k(c, w->topk + ((size_t)b * Hq + h) * cfg->topk, k);
-        hm[HM_OUT_ERR] = (float)out_err[i];
-        if (check_head_finite(job, pi, L->layer, t, HM_MASS, h, hm[HM_MASS], err) != 0 ||
-            check_head_finite(job, pi, L->layer, t, HM_OUT_ERR, h, hm[HM_OUT_ERR], err) != 0)
+        float *mass = block_heads(w, Hq, pi, HM_MASS, e) + h;
+        float *out = block_heads(w, Hq, pi, HM_OUT_ERR, e) + h;
+        *mass = (float)ca[i].retained_mass;
+        block_heads(w, Hq, pi, HM_RECALL, e)[h] =
+            (float)recall_at_k(c, w->topk + ((size_t)b * Hq + h) * cfg->topk, k);
+        *out = (float)out_err[i];
+        if (check_head_finite(job, pi, L->layer, t, HM_MASS, h, *mass, err) != 0 ||
+            check_head_finite(job, pi, L->layer, t, HM_OUT_ERR, h, *out, err) != 0)
             return -1;
     }
     return 0;
@@ -318,7 +360,7 @@ static int phase_observe(void *ctx, int item, int slot, KvErr *err)
                     heads[d]++;
                 }
         }
-        double *nt = results_needle_turn(res, pi, L->layer, e);
+        double *nt = block_steps(bl->w, pi, e) + STEP_NEEDLE;
         for (int d = 0; d < TURN_DISTANCES; d++)
             nt[d] = heads[d] ? sums[d] / heads[d] : NAN;
     }
@@ -335,7 +377,7 @@ static int phase_observe(void *ctx, int item, int slot, KvErr *err)
     tot[TM_RESTORE_K_ERR] += mem.restore_k_err;
     tot[TM_RESTORE_V_ERR] += mem.restore_v_err;
     if (e >= 0) {
-        double *sm = results_step(res, pi, L->layer, e);
+        double *sm = block_steps(bl->w, pi, e);
         sm[SM_CACHE_TOKENS] = cache_tokens / L->n_kv_heads;
         sm[SM_DEVICE_BYTES] = mem.device_bytes;
         sm[SM_ALLOCATED_BYTES] = mem.allocated_bytes;
@@ -444,6 +486,19 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
             fail_b[pi] = B;
             cost[pi] = 0;
         }
+        /* The block's evaluated steps: consecutive indices from the first of them. Needle
+         * survival is written at probe steps only: NaN elsewhere. */
+        w->e0 = -1;
+        w->ne = 0;
+        for (int b = 0; b < B; b++) {
+            int e = job->eval_of_step[t0 + b];
+            if (e >= 0 && w->ne++ == 0)
+                w->e0 = e;
+        }
+        for (int pi = 0; pi < n_pol; pi++)
+            for (int i = 0; i < w->ne; i++)
+                for (int d = 0; d < TURN_DISTANCES; d++)
+                    block_steps(w, pi, w->e0 + i)[STEP_NEEDLE + d] = NAN;
         pool_for(w->team, Hq, block_topk, &bl, NULL);
         /* Step by step; the first failure (lowest step, then lowest instance: what one thread
          * taking the instances in turn would meet first) ends the run. */
@@ -460,6 +515,8 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
         order_by_cost(order, cost, n_pol);
         if (first >= 0) {
             *err = errs[first];
+            failed = true;
+        } else if (flush_block(job, w, layer, err) != 0) {
             failed = true;
         }
         progress_add(&job->progress, B);
@@ -684,15 +741,13 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
         r->eval_turn[e] = job.turn_of[r->eval_step[e]];
     r->turn_bytes = kv_calloc((size_t)cfg->n_policies * m->n_layers * r->n_turns,
                               sizeof *r->turn_bytes);
-    size_t n_needle = (size_t)cfg->n_policies * m->n_layers * r->n_evals * TURN_DISTANCES;
-    r->needle_turn = kv_malloc((n_needle + 1) * sizeof *r->needle_turn);
-    for (size_t i = 0; i < n_needle; i++)
-        r->needle_turn[i] = NAN;
-    size_t n_head = (size_t)cfg->n_policies * m->n_layers * r->n_evals * m->n_q_heads;
-    size_t n_step = (size_t)cfg->n_policies * m->n_layers * r->n_evals;
-    r->head = kv_calloc(n_head * N_HEAD_METRICS, sizeof *r->head);
-    r->step = kv_calloc(n_step * N_STEP_METRICS, sizeof *r->step);
     r->total = kv_calloc((size_t)cfg->n_policies * m->n_layers * N_TOTAL_METRICS, sizeof *r->total);
+    if (results_spill_open(r, cfg->spill_file, err) != 0) {
+        free(job.eval_of_step);
+        free(job.turn_of);
+        results_free(r);
+        return NULL;
+    }
 
     /* Workers: one per layer at most; the threads beyond go to the workers' teams, the first
      * threads % workers teams one larger. */
@@ -738,41 +793,209 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err)
     return r;
 }
 
+/* ---- The spill ---- */
+
+int results_spill_open(Results *r, bool to_file, KvErr *err)
+{
+    r->spill_first = 0;
+    r->spill_policies = r->n_policies;
+    if (!to_file && results_spill_resident_bytes(r) > 0) {
+        r->spill_mem = kv_calloc((size_t)results_spill_bytes(r) + 1, 1);
+        return 0;
+    }
+    const char *dir = getenv("TMPDIR");
+    if (!dir || !*dir)
+        dir = "/tmp";
+    char path[4096];
+    snprintf(path, sizeof path, "%s/kvsim-results-XXXXXX", dir);
+    int fd = mkstemp(path);
+    if (fd < 0)
+        return kv_fail(err, "%s: cannot create the results' temporary file: %s", path,
+                       strerror(errno));
+    unlink(path); /* the file lives while fd does */
+    r->spill_fd = fd;
+    /* Its full size at once, sparse: a slot never written reads as zero, as calloc's would. */
+    if (ftruncate(fd, (off_t)results_spill_bytes(r)) != 0)
+        return kv_fail(err, "%s: cannot size the results' temporary file to %.0f bytes: %s",
+                       path, results_spill_bytes(r), strerror(errno));
+    return 0;
+}
+
+static size_t spill_column(const Results *r)
+{
+    return (size_t)r->n_layers * r->n_evals * r->n_q_heads;
+}
+
+static off_t head_offset(const Results *r, int pi, int slot, int layer, int e)
+{
+    size_t col = (size_t)(r->spill_first + pi) * N_HEAD_METRICS + slot;
+    return (off_t)((col * spill_column(r) + ((size_t)layer * r->n_evals + e) * r->n_q_heads) *
+                   sizeof(float));
+}
+
+static off_t step_offset(const Results *r, int pi, int layer, int e)
+{
+    size_t heads = (size_t)r->spill_policies * N_HEAD_METRICS * spill_column(r) * sizeof(float);
+    size_t rec = ((size_t)(r->spill_first + pi) * r->n_layers + layer) * r->n_evals + e;
+    return (off_t)(heads + rec * STEP_RECORD * sizeof(double));
+}
+
+/* n bytes at offset `at` of the spill, all of them (pread and pwrite may do part). */
+static int spill_io(const Results *r, bool write, void *buf, size_t n, off_t at)
+{
+    char *p = buf;
+    if (r->spill_mem) {
+        memcpy(write ? r->spill_mem + at : p, write ? p : r->spill_mem + at, n);
+        return 0;
+    }
+    while (n > 0) {
+        ssize_t k = write ? pwrite(r->spill_fd, p, n, at) : pread(r->spill_fd, p, n, at);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            if (k == 0)
+                errno = write ? ENOSPC : EIO; /* nothing written; a read past the end */
+            return -1;
+        }
+        p += k;
+        n -= (size_t)k;
+        at += k;
+    }
+    return 0;
+}
+
+static int spill_write(const Results *r, const void *in, size_t n, off_t at, KvErr *err)
+{
+    if (spill_io(r, true, (void *)in, n, at) != 0)
+        return kv_fail(err, "the results' temporary file ($TMPDIR, else /tmp): cannot write "
+                       "%zu bytes: %s", n, strerror(errno));
+    return 0;
+}
+
+static void spill_read(const Results *r, void *out, size_t n, off_t at)
+{
+    if (spill_io(r, false, out, n, at) != 0) {
+        fprintf(stderr, "kvsim: the results' temporary file: cannot read %zu bytes: %s\n", n,
+                strerror(errno));
+        exit(2);
+    }
+}
+
+int results_write_heads(const Results *r, int pi, int slot, int layer, int e0, int n,
+                        const float *in, KvErr *err)
+{
+    return spill_write(r, in, (size_t)n * r->n_q_heads * sizeof *in,
+                       head_offset(r, pi, slot, layer, e0), err);
+}
+
+void results_read_heads(const Results *r, int pi, int slot, int layer, int e0, int n, float *out)
+{
+    spill_read(r, out, (size_t)n * r->n_q_heads * sizeof *out, head_offset(r, pi, slot, layer, e0));
+}
+
+int results_write_steps(const Results *r, int pi, int layer, int e0, int n, const double *in,
+                        KvErr *err)
+{
+    return spill_write(r, in, (size_t)n * STEP_RECORD * sizeof *in,
+                       step_offset(r, pi, layer, e0), err);
+}
+
+void results_read_steps(const Results *r, int pi, int layer, int e0, int n, double *out)
+{
+    spill_read(r, out, (size_t)n * STEP_RECORD * sizeof *out, step_offset(r, pi, layer, e0));
+}
+
+float results_head_at(const Results *r, int pi, int layer, int e, int h, int slot)
+{
+    float v;
+    spill_read(r, &v, sizeof v, head_offset(r, pi, slot, layer, e) + (off_t)(h * sizeof v));
+    return v;
+}
+
+double results_step_at(const Results *r, int pi, int layer, int e, int field)
+{
+    double v;
+    spill_read(r, &v, sizeof v, step_offset(r, pi, layer, e) + (off_t)(field * sizeof v));
+    return v;
+}
+
+bool results_same(const Results *a, const Results *b)
+{
+    if (a->n_policies != b->n_policies || a->n_layers != b->n_layers ||
+        a->n_evals != b->n_evals || a->n_q_heads != b->n_q_heads)
+        return false;
+    size_t nh = (size_t)a->n_evals * a->n_q_heads, ns = (size_t)a->n_evals * STEP_RECORD;
+    float *ha = kv_malloc((nh + 1) * sizeof *ha), *hb = kv_malloc((nh + 1) * sizeof *hb);
+    double *sa = kv_malloc((ns + 1) * sizeof *sa), *sb = kv_malloc((ns + 1) * sizeof *sb);
+    bool same = !memcmp(a->total, b->total, (size_t)a->n_policies * a->n_layers *
+                                                N_TOTAL_METRICS * sizeof *a->total);
+    for (int pi = 0; pi < a->n_policies && same; pi++)
+        for (int l = 0; l < a->n_layers && same; l++) {
+            for (int slot = 0; slot < N_HEAD_METRICS && same; slot++) {
+                results_read_heads(a, pi, slot, l, 0, a->n_evals, ha);
+                results_read_heads(b, pi, slot, l, 0, b->n_evals, hb);
+                same = !memcmp(ha, hb, nh * sizeof *ha);
+            }
+            results_read_steps(a, pi, l, 0, a->n_evals, sa);
+            results_read_steps(b, pi, l, 0, b->n_evals, sb);
+            same = same && !memcmp(sa, sb, ns * sizeof *sa);
+        }
+    free(ha);
+    free(hb);
+    free(sa);
+    free(sb);
+    return same;
+}
+
+int results_set_head_at(const Results *r, int pi, int layer, int e, int h, int slot, float v,
+                        KvErr *err)
+{
+    return spill_write(r, &v, sizeof v,
+                       head_offset(r, pi, slot, layer, e) + (off_t)(h * sizeof v), err);
+}
+
+int results_set_step_at(const Results *r, int pi, int layer, int e, int field, double v,
+                        KvErr *err)
+{
+    return spill_write(r, &v, sizeof v, step_offset(r, pi, layer, e) + (off_t)(field * sizeof v),
+                       err);
+}
+
+/* ---- Memory ---- */
+
 double results_head_bytes(const Results *r)
 {
     return (double)r->n_policies * r->n_layers * r->n_evals * r->n_q_heads * N_HEAD_METRICS *
-           sizeof *r->head;
+           sizeof(float);
 }
 
-double results_bytes(const Results *r)
+double results_spill_bytes(const Results *r)
 {
-    double per_eval = (double)r->n_policies * r->n_layers *
-                      (N_STEP_METRICS * sizeof *r->step + TURN_DISTANCES * sizeof *r->needle_turn);
-    return results_head_bytes(r) + per_eval * r->n_evals +
-           (double)r->n_evals * (sizeof *r->eval_step + sizeof *r->eval_probe +
-                                 sizeof *r->eval_turn) +
-           (double)r->n_policies * r->n_layers *
-               (N_TOTAL_METRICS * sizeof *r->total + r->n_turns * sizeof *r->turn_bytes) +
-           (double)r->n_turns * sizeof *r->turns +
-           (double)r->n_policies * (sizeof *r->label + sizeof *r->type + sizeof *r->is_oracle) +
-           sizeof *r;
+    return results_head_bytes(r) +
+           (double)r->n_policies * r->n_layers * r->n_evals * STEP_RECORD * sizeof(double);
+}
+
+double results_spill_resident_bytes(const Results *r)
+{
+    double bytes = results_spill_bytes(r);
+    return bytes <= SPILL_MEMORY_MAX ? bytes : 0;
 }
 
 void results_free(Results *r)
 {
     if (!r)
         return;
+    if (r->spill_fd > 0)
+        close(r->spill_fd);
+    free(r->spill_mem);
     free(r->eval_step);
     free(r->eval_probe);
     free(r->label);
     free(r->type);
     free(r->is_oracle);
-    free(r->head);
-    free(r->step);
     free(r->total);
     free(r->turns);
     free(r->eval_turn);
     free(r->turn_bytes);
-    free(r->needle_turn);
     free(r);
 }

@@ -9,8 +9,9 @@
  * engine adds is the attention: it computes the true attention of every decode query once
  * (OpenBLAS, blocks of decode steps batched into sgemm) and shares it with all policies (the
  * oracles' full_attn, the metrics): each policy's query attends only over its own cache,
- * renormalised there. Metrics land in per-(policy, layer, step, head) slots and are reduced in
- * a fixed order, so results are byte-identical at any thread count. The decode steps are taken
+ * renormalised there. Metrics land in per-(policy, layer, step, head) slots, written to a
+ * temporary file block by block (the spill, below), and are reduced in a fixed order, so
+ * results are byte-identical at any thread count. The decode steps are taken
  * one at a time by every instance: each instance's step, then the attention over every
  * instance's cache of one KV head and its metrics, KV head by KV head (the caches of one KV head
  * draw on the same rows, read while they are in cache), then each instance's observation. With
@@ -21,8 +22,8 @@
  * block of decode steps (64 x query heads x tokens floats: 0.7 of the Q/K/V at 32 query heads
  * and 8 KV heads), each instance's attention over its caches (query heads x its cache) and
  * the values again as halves (1/6 of the Q/K/V at 32/8 heads: used by the output errors when
- * every value is exactly a half, as in a float16 trace); bench_replay reports the peak against
- * the Q/K/V. */
+ * every value is exactly a half, as in a float16 trace), and the metrics of one block of decode
+ * steps until they go to the spill; bench_replay reports the peak against the Q/K/V. */
 #ifndef KVSIM_ENGINE_H
 #define KVSIM_ENGINE_H
 
@@ -60,6 +61,7 @@ typedef struct {
     double prefill_tflops; /* prefill throughput for turns.csv's prefill_seconds; 0 = none */
     uint64_t seed;
     bool progress;  /* progress with ETA on stderr */
+    bool spill_file; /* the spill in a file even when it is small enough for memory (tests) */
     int n_policies;
     PolicySpec *policies;
 } EngineConfig;
@@ -72,10 +74,17 @@ typedef struct {
     char (*label)[64];  /* [n_policies] */
     const PolicyType **type;
     bool *is_oracle;
-    /* The metrics' slots, one per line of sim/replay/metrics.def (HM_*, SM_*, TM_*: metric_table.h). */
-    float *head;   /* [policy][layer][eval][q head][N_HEAD_METRICS] */
-    double *step;  /* [policy][layer][eval][N_STEP_METRICS] */
+    /* The metrics' slots, one per line of sim/replay/metrics.def (HM_*, SM_*, TM_*:
+     * metric_table.h). The per-(layer, evaluated step) slots, per query head or not, are not held
+     * in memory: they grow with layers x decode steps (x query heads), and what the CSVs keep
+     * of them are reductions, so they go to a temporary file (the spill, below) as each block
+     * of decode steps of a layer is done, and the report reads them back (report.c). Only the
+     * totals, per (policy, layer), stay here. */
     double *total; /* [policy][layer][N_TOTAL_METRICS] */
+    char *spill_mem; /* the spill (results_spill_open): in memory when it is small, */
+    int spill_fd;    /* else an unlinked temporary file; neither: none */
+    int spill_first, spill_policies; /* policy pi is the file's policy spill_first + pi, of
+                                      * spill_policies (a results_view shares the file) */
     int n_steps;   /* decode steps replayed, over every decode run (T - P for one prompt) */
     /* The turns (RunTurn) and what each policy carries into them. */
     int n_turns;
@@ -83,9 +92,6 @@ typedef struct {
     double prefill_tflops; /* EngineConfig's */
     int32_t *eval_turn;   /* [n_evals] the turn of each evaluated step */
     double *turn_bytes;   /* [policy][layer][turn] device bytes held when the turn's prefill starts */
-    double *needle_turn;  /* [policy][layer][eval][TURN_DISTANCES] needle survival at a probe
-                           * step of the needles of the turn that many turns before (the last:
-                           * or more); NaN where none precedes the step or off probe steps */
     double wall_seconds;
     /* Timings, summed over workers (not part of any output file: they vary run to run). */
     double attention_seconds; /* the shared exact attention: decode rows, prompt statistics */
@@ -99,29 +105,59 @@ Results *engine_run(Trace *tr, const EngineConfig *cfg, KvErr *err);
 
 void results_free(Results *r);
 
-/* The bytes that r's arrays hold (the per-slot metrics, the evaluated steps, the turns), from
- * r's counts alone (n_policies, n_layers, n_q_heads, n_evals, n_turns: a Results holding only
- * those gives the bytes a replay of that shape would need). */
-double results_bytes(const Results *r);
-/* Of them, the per-head metric slots (head): they grow with policies x layers x evaluated
- * steps x query heads, since summary.csv's quantiles of a head metric are taken over every
- * such slot (metric_table.h). */
+/* The spill of a Results: every (policy, layer, evaluated step) slot, in one temporary file
+ * ($TMPDIR, else /tmp; unlinked as soon as it is created, so it goes when the process does),
+ * or in memory when it takes at most SPILL_MEMORY_MAX bytes (a small replay: its files are then
+ * not subject to the disk, nor to a file size limit, on account of the spill), read and written
+ * at fixed offsets (any thread, any order: each slot is written once):
+ *   head slots, per (policy, head metric) one column [layer][eval][query head] of floats: a
+ *     column is what summary.csv's mean and quantiles of that metric stream over;
+ *   then per (policy, layer, evaluated step) one record of STEP_RECORD doubles: the step
+ *     metrics (SM_*), then needle survival by turn distance (STEP_NEEDLE + d: at a probe step,
+ *     of the needles of the turn d turns before, the last distance d or more; NaN where no
+ *     needle of that distance precedes the step, and off probe steps).
+ * results_spill_open makes the file for r's counts (n_policies, n_layers, n_q_heads, n_evals);
+ * the engine calls it, and so can a test that fills a Results by hand. A read or write that
+ * fails (a full disk) is an error of the write functions; the read functions, which run after a
+ * replay on a file already written, end the process with a one-line message (exit 2). */
+enum { STEP_NEEDLE = N_STEP_METRICS, STEP_RECORD = N_STEP_METRICS + TURN_DISTANCES };
+#ifndef SPILL_MEMORY_MAX
+#define SPILL_MEMORY_MAX (64.0 * (1 << 20))
+#endif
+/* to_file: a file whatever the size (tests of the file). Every slot reads as 0 until written. */
+int results_spill_open(Results *r, bool to_file, KvErr *err);
+/* Head metric `slot` of policy pi, layer l, evaluated steps [e0, e0 + n): [n][n_q_heads]. */
+int results_write_heads(const Results *r, int pi, int slot, int layer, int e0, int n,
+                        const float *in, KvErr *err);
+void results_read_heads(const Results *r, int pi, int slot, int layer, int e0, int n, float *out);
+/* The step records of policy pi, layer l, evaluated steps [e0, e0 + n): [n][STEP_RECORD]. */
+int results_write_steps(const Results *r, int pi, int layer, int e0, int n, const double *in,
+                        KvErr *err);
+void results_read_steps(const Results *r, int pi, int layer, int e0, int n, double *out);
+/* One value of each (tests, checks): head metric `slot` at query head h; field `field` of a
+ * step record. */
+float results_head_at(const Results *r, int pi, int layer, int e, int h, int slot);
+double results_step_at(const Results *r, int pi, int layer, int e, int field);
+/* The same to write (a Results filled by hand); -1 and err when the write fails. */
+int results_set_head_at(const Results *r, int pi, int layer, int e, int h, int slot, float v,
+                        KvErr *err);
+int results_set_step_at(const Results *r, int pi, int layer, int e, int field, double v,
+                        KvErr *err);
+
+/* Whether a and b (of the same shape) hold the same bits in every slot: head slots, step
+ * records, totals (a replay at another thread count must). */
+bool results_same(const Results *a, const Results *b);
+
+/* Memory: results_bytes and results_report_bytes (report.h) say what a Results holds
+ * resident. */
+/* The spill's bytes (the per-head slots and the step records of every policy); of them, those
+ * a replay of r's shape holds in memory (all of them up to SPILL_MEMORY_MAX, else none). */
+double results_spill_bytes(const Results *r);
+double results_spill_resident_bytes(const Results *r);
+/* The per-head slots' bytes, the part of the spill that grows with query heads: what the
+ * replay held in memory before the spill. */
 double results_head_bytes(const Results *r);
 
-static inline float *results_head(const Results *r, int pol, int layer, int e, int h)
-{
-    return r->head + ((((size_t)pol * r->n_layers + layer) * r->n_evals + e) * r->n_q_heads + h) *
-                         N_HEAD_METRICS;
-}
-static inline double *results_step(const Results *r, int pol, int layer, int e)
-{
-    return r->step + (((size_t)pol * r->n_layers + layer) * r->n_evals + e) * N_STEP_METRICS;
-}
-static inline double *results_needle_turn(const Results *r, int pol, int layer, int e)
-{
-    return r->needle_turn +
-           (((size_t)pol * r->n_layers + layer) * r->n_evals + e) * TURN_DISTANCES;
-}
 static inline double *results_total(const Results *r, int pol, int layer)
 {
     return r->total + ((size_t)pol * r->n_layers + layer) * N_TOTAL_METRICS;
@@ -140,9 +176,7 @@ static inline Results results_view(const Results *r, int pi)
     v.label = r->label + pi;
     v.type = r->type + pi;
     v.is_oracle = r->is_oracle + pi;
-    v.head = results_head(r, pi, 0, 0, 0);
-    v.step = results_step(r, pi, 0, 0);
-    v.needle_turn = results_needle_turn(r, pi, 0, 0);
+    v.spill_first = r->spill_first + pi;
     v.total = results_total(r, pi, 0);
     v.turn_bytes = r->turn_bytes + per_layer * r->n_turns;
     return v;

@@ -25,6 +25,20 @@ typedef struct {
 /* Bytes for the tables on stdout: "512 B", "1.5 KiB", "4.0 MiB", "1.25 GiB"; "-" for NaN. */
 void format_bytes(double bytes, char *out, size_t n);
 
+/* What a Results holds resident, from its counts alone (n_policies, n_layers, n_q_heads,
+ * n_evals, n_turns: a Results holding only those gives the bytes a replay of that shape needs):
+ * the evaluated steps, the turns, the totals, the spill when it is small enough to stay in
+ * memory (engine.h, results_spill_resident_bytes: at most SPILL_MEMORY_MAX) and the report's
+ * largest working set (results_report_bytes). Beyond that none of it grows with query heads:
+ * the per-head slots of a larger replay stay in the spill's file. */
+double results_bytes(const Results *r);
+/* The report's working set, held while summary.csv, layers.csv, steps.csv and turns.csv are
+ * computed, one policy at a time: its step records and per-(layer, evaluated step) head means
+ * read back from the spill, the scratch of the reductions, a chunk of head slots and the
+ * counters of the quantiles' selection. It grows with layers x evaluated steps, never with
+ * query heads or policies. */
+double results_report_bytes(const Results *r);
+
 /* Fills out[n_policies]; the writers below take that summary so it is computed once. */
 void report_summarize(const Results *r, PolicySummary *out);
 int report_write_csv(const Results *r, const PolicySummary *s, const char *out_dir, KvErr *err);

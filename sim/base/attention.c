@@ -12,9 +12,14 @@ void attention_block(const float *q, int B, int i0, const float *k, const float 
 {
     int n_keys = i0 + B;
     /* logits[b][j] = q_b . k_j for all j < i0+B; the causal mask is applied by the softmax.
-     * Soft-capped logits are capped here, scaled first, so the softmax's own scale is 1. */
+     * Soft-capped logits are capped here, scaled first, so the softmax's own scale is 1.
+     * The rows are zeroed here and added to (beta = 1): OpenBLAS would zero them itself for
+     * beta = 0 (its kernel then adds alpha * q.k to that +0 all the same), element by element,
+     * at a quarter of memset's speed. */
+    for (int b = 0; b < B; b++)
+        memset(p + (size_t)b * ld, 0, (size_t)n_keys * sizeof(float));
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, n_keys, D, softcap > 0 ? scale : 1.0f,
-                q, D, k, D, 0.0f, p, ld);
+                q, D, k, D, 1.0f, p, ld);
     if (softcap > 0) {
         for (int b = 0; b < B; b++)
             for (int j = attn_first_key(window, i0 + b); j <= i0 + b; j++)

@@ -9,6 +9,7 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "sim/base/pool.h"
 
@@ -46,6 +47,9 @@ void softmax_causal_rows_vectorised(float *s, int rows, int ld, int first_len, f
 #if SOFTMAX_HAS_AVX512
 void softmax_causal_rows_avx512(float *s, int rows, int ld, int first_len, float scale,
                                 int window, float *row_max, float *row_z);
+/* softmax_avx512.c's inlined 16-lane expf against glibc's (_ZGVeN16v_expf), bit for bit, on
+ * the floats whose bits are first, first + step, ... up to last: how many differ. */
+long exp16_mismatches(uint32_t first, uint32_t last, uint32_t step);
 #endif
 
 /* The first key query t attends over on a layer with this window (0 = global: key 0): the one

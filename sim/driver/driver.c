@@ -453,6 +453,18 @@ void driver_prefill(PolicyDriver *d, int span_start, int span_end, int chunk_sta
     free(obs);
 }
 
+int driver_step_group(const PolicyDriver *d, int i, const int **members)
+{
+    int first = d->share_steps ? d->share_first[i] : -1;
+    *members = NULL;
+    if (first < 0)
+        return 1;
+    if (first != i)
+        return 0;
+    *members = d->share_idx + d->share_at[i];
+    return d->share_len[i];
+}
+
 void driver_step(PolicyDriver *d, int i, int t, const float *full_attn)
 {
     Policy *p = d->inst[i];

@@ -140,6 +140,13 @@ static inline int driver_chunk_end(int chunk_start, int span_end, int prefill_ch
  * [n_q_heads][n_tokens] zero beyond t, passed on to oracles only (may be NULL when instance i
  * is not an oracle). */
 void driver_step(PolicyDriver *d, int i, int t, const float *full_attn);
+/* With share_steps: the instances whose steps driver_step(d, i, ...) takes, i the first of
+ * them: their count, and *members the instances in order (i first) when there are two or more
+ * (NULL when i steps alone: 1); 0 when i steps with an earlier instance's group (its
+ * driver_step does nothing). Without share_steps every instance steps alone (1). A caller that
+ * spreads the instances over threads keeps each group on one thread, its first's driver_step
+ * before the others' observe. */
+int driver_step_group(const PolicyDriver *d, int i, const int **members);
 /* After query t attended over instance i's caches: its observe callback (when it has one) with
  * attn[g] = [group][cache[g].n], then its memory into d->mem[i]. */
 void driver_observe(PolicyDriver *d, int i, const float *const *attn);

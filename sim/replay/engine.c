@@ -20,13 +20,14 @@ enum { DECODE_BLOCK = 64 };
 
 /* Threads: the layers are the work units of a pool of workers (sim/base/pool.h), at most one
  * per layer; when there are more threads than layers, each worker gets a team (a pool of its
- * own) that shares the work inside its layer: per block of decode steps, the exact attention by
- * query head and the top-k of the evaluated steps by query head; then step by step, the policy
- * instances' steps by instance, the attention over their caches and the metrics by KV head
- * (every instance's cache of that KV head: their slots are drawn from the same rows of keys,
- * values and attention, which one thread then reads while they are in its cache), and the
- * instances' observations by instance. Instances are independent: each writes only its own
- * slots. */
+ * own) that shares the work inside its layer: the read of its Q, K and V; the prompt statistics
+ * and the policies' prefills (sim/driver/driver.h); per block of decode steps, the exact
+ * attention by query head, the top-k of the evaluated steps by query head, then the policy
+ * instances by unit (an instance, or the instances that step together: driver_step_group),
+ * each unit through every step of the block on one thread: its step, its attention over its
+ * caches and the metrics, its observation. Instances are independent given the block's
+ * attention (each writes only its own slots), so the team meets three times per block of
+ * decode steps, not at every step. */
 typedef struct Worker Worker;
 
 typedef struct {
@@ -261,74 +262,43 @@ typedef struct {
     Worker *w;
     PolicyDriver *drv;
     int t0, B;
-    int b;          /* the step of the block that the phases below take now */
     int *fail_b;    /* [n_policies]: the step at which instance pi failed, or B */
     KvErr *errs;    /* [n_policies] */
-    int *fail_g;    /* [n_policies][Hkv]: the attention over KV head g's cache failed at step b */
-    KvErr *errs_g;  /* [n_policies][Hkv] */
-    int *order;     /* [n_policies]: the instances, the costliest in the last block first */
-    double *cost;   /* [n_policies]: each instance's seconds in the block */
+    int *order;     /* [n_units]: the units' first instances, the costliest in the last block
+                     * first */
+    double *cost;   /* [n_policies]: each unit's seconds in the block, on its first instance */
 } Block;
 
-/* Step b, phase 1: instance pi's step (the driver times the callbacks). */
-static int phase_step(void *ctx, int item, int slot, KvErr *err)
+/* Step b of instance pi, after its step: its attention over each of its caches, KV head by KV
+ * head, and the metrics; on the first KV head that fails, fail_b[pi] = b and errs[pi]. */
+static void attend_step(Block *bl, Lane *ln, int pi, int b)
 {
-    (void)slot;
-    (void)err;
-    Block *bl = ctx;
-    int pi = bl->order[item];
-    if (bl->fail_b[pi] < bl->B)
-        return 0;
-    const LayerView *L = bl->drv->L;
-    double t0 = now_seconds();
-    driver_step(bl->drv, pi, bl->t0 + bl->b,
-                bl->w->probs + (size_t)bl->b * L->n_q_heads * L->n_tokens);
-    bl->cost[pi] += now_seconds() - t0;
-    return 0;
-}
-
-/* Step b, phase 2: every instance's attention over its cache of KV head g, and the metrics. */
-static int phase_kv_head(void *ctx, int g, int slot, KvErr *err)
-{
-    (void)err;
-    Block *bl = ctx;
     Job *job = bl->job;
     const LayerView *L = bl->drv->L;
-    Lane *ln = &bl->w->lanes[slot];
-    int t = bl->t0 + bl->b, e = job->eval_of_step[t];
+    Policy *inst = bl->drv->inst[pi];
+    int t = bl->t0 + b, e = job->eval_of_step[t];
+    bool observe = inst->type->observe != NULL;
+    if (!(observe || e >= 0))
+        return;
     double t1 = now_seconds();
-    for (int pi = 0; pi < job->cfg->n_policies; pi++) {
-        Policy *inst = bl->drv->inst[pi];
-        bool observe = inst->type->observe != NULL;
-        size_t i = (size_t)pi * L->n_kv_heads + g;
-        if (bl->fail_b[pi] < bl->B || !(observe || e >= 0))
-            continue;
-        bl->fail_g[i] = attend_kv_head(job, bl->w, ln, L, pi, &inst->cache[g], g, t, bl->b, e,
-                                       observe, &bl->errs_g[i]) != 0;
-    }
+    for (int g = 0; g < L->n_kv_heads; g++)
+        if (attend_kv_head(job, bl->w, ln, L, pi, &inst->cache[g], g, t, b, e, observe,
+                           &bl->errs[pi]) != 0) {
+            bl->fail_b[pi] = b;
+            break;
+        }
     ln->metric_seconds += now_seconds() - t1;
-    return 0;
 }
 
-/* Step b, phase 3: instance pi's needle survival (the cache as it attended), observe, memory. */
-static int phase_observe(void *ctx, int item, int slot, KvErr *err)
+/* Step b of instance pi, after its attention: needle survival (the cache as it attended),
+ * observe, memory. */
+static void observe_step(Block *bl, Lane *ln, int pi, int b)
 {
-    (void)err;
-    Block *bl = ctx;
     Job *job = bl->job;
     Results *res = job->res;
     PolicyDriver *drv = bl->drv;
     const LayerView *L = drv->L;
-    int pi = bl->order[item], t = bl->t0 + bl->b, e = job->eval_of_step[t];
-    if (bl->fail_b[pi] < bl->B)
-        return 0;
-    for (int g = 0; g < L->n_kv_heads; g++)
-        if (bl->fail_g[(size_t)pi * L->n_kv_heads + g]) {
-            /* the first KV head that failed, as one loop over them would meet it */
-            bl->errs[pi] = bl->errs_g[(size_t)pi * L->n_kv_heads + g];
-            bl->fail_b[pi] = bl->b;
-            return 0;
-        }
+    int t = bl->t0 + b, e = job->eval_of_step[t];
     Policy *inst = drv->inst[pi];
     double t1 = now_seconds();
     double cache_tokens = 0, needles = NAN;
@@ -364,8 +334,7 @@ static int phase_observe(void *ctx, int item, int slot, KvErr *err)
         for (int d = 0; d < TURN_DISTANCES; d++)
             nt[d] = heads[d] ? sums[d] / heads[d] : NAN;
     }
-    double t2 = now_seconds();
-    bl->w->lanes[slot].metric_seconds += t2 - t1;
+    ln->metric_seconds += now_seconds() - t1;
     driver_observe(drv, pi, (const float *const *)bl->w->attn + (size_t)pi * L->n_kv_heads);
 
     const MemReport mem = drv->mem[pi];
@@ -394,10 +363,47 @@ static int phase_observe(void *ctx, int item, int slot, KvErr *err)
     for (size_t i = 0; i < sizeof mem_value / sizeof mem_value[0]; i++)
         if (check_finite(job, pi, L->layer, t, mem_name[i], -1, mem_value[i], &bl->errs[pi]) !=
             0) {
-            bl->fail_b[pi] = bl->b;
+            bl->fail_b[pi] = b;
             break;
         }
-    bl->cost[pi] += now_seconds() - t2;
+}
+
+/* One unit of the block (an instance, or the instances that step together: driver_step_group)
+ * through every step of the block: at each step, each instance's step, then its attention over
+ * its caches and the metrics, then its observation. Units are independent (each writes only
+ * its instances' slots), so a unit takes the whole block without waiting for the others: the
+ * team meets once per block, not three times per step. The unit stops after the first step at
+ * which one of its instances failed (fail_b, errs), as the run then does. */
+static int unit_block(void *ctx, int item, int slot, KvErr *err)
+{
+    (void)err;
+    Block *bl = ctx;
+    PolicyDriver *drv = bl->drv;
+    const LayerView *L = drv->L;
+    Lane *ln = &bl->w->lanes[slot];
+    int first = bl->order[item];
+    const int *members;
+    int n = driver_step_group(drv, first, &members);
+    if (n == 1)
+        members = &first;
+    double c0 = now_seconds();
+    for (int b = 0; b < bl->B; b++) {
+        for (int j = 0; j < n; j++)
+            driver_step(drv, members[j], bl->t0 + b,
+                        bl->w->probs + (size_t)b * L->n_q_heads * L->n_tokens);
+        for (int j = 0; j < n; j++)
+            attend_step(bl, ln, members[j], b);
+        bool failed = false;
+        for (int j = 0; j < n; j++) {
+            int pi = members[j];
+            if (bl->fail_b[pi] == bl->B)
+                observe_step(bl, ln, pi, b);
+            failed |= bl->fail_b[pi] < bl->B;
+        }
+        if (failed)
+            break;
+    }
+    bl->cost[first] += now_seconds() - c0;
     return 0;
 }
 
@@ -451,13 +457,14 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
     bool failed = false;
     int *fail_b = kv_malloc((size_t)n_pol * sizeof *fail_b);
     KvErr *errs = kv_malloc((size_t)n_pol * sizeof *errs);
-    size_t n_pg = (size_t)n_pol * L->n_kv_heads;
-    int *fail_g = kv_calloc(n_pg, sizeof *fail_g);
-    KvErr *errs_g = kv_malloc(n_pg * sizeof *errs_g);
     int *order = kv_malloc((size_t)n_pol * sizeof *order);
     double *cost = kv_calloc((size_t)n_pol, sizeof *cost);
-    for (int pi = 0; pi < n_pol; pi++)
-        order[pi] = pi;
+    int n_units = 0; /* the units (unit_block): each by its first instance */
+    for (int pi = 0; pi < n_pol; pi++) {
+        const int *members;
+        if (driver_step_group(drv, pi, &members) > 0)
+            order[n_units++] = pi;
+    }
     for (int t0 = a; t0 < b_end && !failed && !pool_failed_below(job->layers, layer);
          t0 += DECODE_BLOCK) {
         int B = b_end - t0 < DECODE_BLOCK ? b_end - t0 : DECODE_BLOCK;
@@ -481,7 +488,7 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
         if (failed)
             break;
 
-        Block bl = {job, w, drv, t0, B, 0, fail_b, errs, fail_g, errs_g, order, cost};
+        Block bl = {job, w, drv, t0, B, fail_b, errs, order, cost};
         for (int pi = 0; pi < n_pol; pi++) {
             fail_b[pi] = B;
             cost[pi] = 0;
@@ -500,19 +507,14 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
                 for (int d = 0; d < TURN_DISTANCES; d++)
                     block_steps(w, pi, w->e0 + i)[STEP_NEEDLE + d] = NAN;
         pool_for(w->team, Hq, block_topk, &bl, NULL);
-        /* Step by step; the first failure (lowest step, then lowest instance: what one thread
-         * taking the instances in turn would meet first) ends the run. */
+        pool_for(w->team, n_units, unit_block, &bl, NULL);
+        /* The first failure (lowest step, then lowest instance: what one thread taking the
+         * steps in turn, and at each the instances in turn, would meet first) ends the run. */
         int first = -1;
-        for (bl.b = 0; bl.b < B && first < 0; bl.b++) {
-            pool_for(w->team, n_pol, phase_step, &bl, NULL);
-            memset(fail_g, 0, n_pg * sizeof *fail_g);
-            pool_for(w->team, L->n_kv_heads, phase_kv_head, &bl, NULL);
-            pool_for(w->team, n_pol, phase_observe, &bl, NULL);
-            for (int pi = 0; pi < n_pol && first < 0; pi++)
-                if (fail_b[pi] < B)
-                    first = pi;
-        }
-        order_by_cost(order, cost, n_pol);
+        for (int pi = 0; pi < n_pol; pi++)
+            if (fail_b[pi] < B && (first < 0 || fail_b[pi] < fail_b[first]))
+                first = pi;
+        order_by_cost(order, cost, n_units);
         if (first >= 0) {
             *err = errs[first];
             failed = true;
@@ -523,21 +525,33 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
     }
     free(fail_b);
     free(errs);
-    free(fail_g);
-    free(errs_g);
     free(order);
     free(cost);
     return failed ? -1 : 0;
 }
 
-static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
+/* The layer's Q (item 0), K (1) or V (2), read into the worker's buffers by the threads of its
+ * team (the trace's reads are safe from any thread): with more threads than layers, a layer
+ * that nothing else overlaps is not read by one thread alone. With V, the values as halves for
+ * the output errors, where that loses nothing (a float16 trace): half the bytes to read from
+ * the scattered rows of a cache. */
+typedef struct {
+    Job *job;
+    Worker *w;
+    int layer;
+} ReadJob;
+
+static int read_part(void *ctx, int item, int slot, KvErr *err)
 {
-    const TraceMeta *m = job->meta;
-    const EngineConfig *cfg = job->cfg;
-    if (trace_read_layer(job->tr, layer, w->q, w->k, w->v, err) != 0)
+    (void)slot;
+    ReadJob *rj = ctx;
+    Worker *w = rj->w;
+    const TraceMeta *m = rj->job->meta;
+    if (trace_read_layer(rj->job->tr, rj->layer, item == 0 ? w->q : NULL,
+                         item == 1 ? w->k : NULL, item == 2 ? w->v : NULL, err) != 0)
         return -1;
-    /* The values as halves for the output errors, where that loses nothing (a float16 trace):
-     * half the bytes to read from the scattered rows of a cache. */
+    if (item != 2)
+        return 0;
     size_t n_v = (size_t)m->n_kv_heads * m->n_tokens * m->head_dim;
     w->v16_ok = true;
     for (size_t i = 0; i < n_v && w->v16_ok; i++) {
@@ -545,6 +559,16 @@ static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
         w->v16_ok = float_from_half(w->v16[i]) == w->v[i] &&
                     !signbit(w->v[i]) == !(w->v16[i] >> 15); /* -0 stays -0 */
     }
+    return 0;
+}
+
+static int process_layer(Job *job, Worker *w, int layer, KvErr *err)
+{
+    const TraceMeta *m = job->meta;
+    const EngineConfig *cfg = job->cfg;
+    ReadJob rj = {job, w, layer};
+    if (pool_for(w->team, 3, read_part, &rj, err) != 0) /* the first of Q, K, V that fails */
+        return -1;
     LayerView L = layer_view_make(m, layer, w->q, w->k, w->v);
     L.trace = job->tr;
 

@@ -11,13 +11,12 @@
  * oracles' full_attn, the metrics): each policy's query attends only over its own cache,
  * renormalised there. Metrics land in per-(policy, layer, step, head) slots, written to a
  * temporary file block by block (the spill, below), and are reduced in a fixed order, so
- * results are byte-identical at any thread count. The decode steps are taken
- * one at a time by every instance: each instance's step, then the attention over every
- * instance's cache of one KV head and its metrics, KV head by KV head (the caches of one KV head
- * draw on the same rows, read while they are in cache), then each instance's observation. With
- * more threads than layers, the threads beyond one per layer share the work inside a layer (the
- * attention and the prompt statistics by query head, the instances' steps and observations by
- * instance, the metrics by KV head).
+ * results are byte-identical at any thread count. Each instance takes the decode steps of a
+ * block one at a time: its step, the attention over each of its caches and its metrics, its
+ * observation. With more threads than layers, the threads beyond one per layer share the work
+ * inside a layer (the read of Q, K and V; the attention and the prompt statistics by query head;
+ * the prefills by instance; the decode steps of a block by instance, each instance through the
+ * whole block on one thread).
  * Memory per worker (at most one per layer): one layer's Q/K/V, plus the attention rows of a
  * block of decode steps (64 x query heads x tokens floats: 0.7 of the Q/K/V at 32 query heads
  * and 8 KV heads), each instance's attention over its caches (query heads x its cache) and

@@ -17,6 +17,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1317,6 +1318,33 @@ const TraceMeta *trace_meta(const Trace *tr) { return &tr->meta; }
 const char *trace_path(const Trace *tr) { return tr->path; }
 TraceDtype trace_dtype(const Trace *tr) { return tr->dtype; }
 
+/* The replay reads layers from several threads at once (sim/replay/engine.c). An HDF5 built
+ * without --enable-threadsafe (Debian's is thread-safe) must not be entered concurrently: then
+ * every dataset read holds this lock. */
+static pthread_mutex_t h5_read_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t h5_threadsafe_once = PTHREAD_ONCE_INIT;
+static bool h5_threadsafe;
+
+static void check_h5_threadsafe(void)
+{
+    hbool_t yes = 0;
+    h5_threadsafe = H5is_library_threadsafe(&yes) >= 0 && yes;
+}
+
+static bool h5_read_begin(void)
+{
+    pthread_once(&h5_threadsafe_once, check_h5_threadsafe);
+    if (!h5_threadsafe)
+        pthread_mutex_lock(&h5_read_lock);
+    return !h5_threadsafe;
+}
+
+static void h5_read_end(bool locked)
+{
+    if (locked)
+        pthread_mutex_unlock(&h5_read_lock);
+}
+
 /* Reads a whole [d0][d1][d2] float dataset as float32. float16 data is read as raw half
  * patterns into the first half of `out` and widened in place from the end, so no second buffer
  * is needed. */
@@ -1324,9 +1352,12 @@ static int read_values(Trace *tr, const char *name, float *out, const size_t dim
                        KvErr *err)
 {
     size_t n = dim[0] * dim[1] * dim[2];
+    bool locked = h5_read_begin();
     hid_t ds = H5Dopen2(tr->file, name, H5P_DEFAULT);
-    if (ds < 0)
+    if (ds < 0) {
+        h5_read_end(locked);
         return kv_fail(err, "%s: dataset %s: cannot open", tr->path, name);
+    }
     hid_t type = H5Dget_type(ds);
     TraceDtype dt = TRACE_F32;
     bool half = float_dtype(type, &dt) == 0 && dt == TRACE_F16;
@@ -1335,11 +1366,12 @@ static int read_values(Trace *tr, const char *name, float *out, const size_t dim
     herr_t st = H5Dread(ds, mem, H5S_ALL, H5S_ALL, H5P_DEFAULT, out);
     H5Tclose(mem);
     H5Dclose(ds);
-    if (st < 0) {
-        char why[300];
-        return kv_fail(err, "%s: dataset %s: read failed%s", tr->path, name,
-                       h5_reason(why, sizeof why));
-    }
+    char why[300] = "";
+    if (st < 0)
+        h5_reason(why, sizeof why); /* the error stack, before another thread's read */
+    h5_read_end(locked);
+    if (st < 0)
+        return kv_fail(err, "%s: dataset %s: read failed%s", tr->path, name, why);
     if (half) {
         const uint16_t *raw = (const uint16_t *)(void *)out;
         for (size_t i = n; i-- > 0;)

@@ -1846,57 +1846,6 @@ int reuse_stream(const char *path, ReqlogFormat format, int block_tokens,
 
 /* ---- lru streamed from the file ---- */
 
-/* Slots of the cache by hash id: open addressing, linear probing, deletion by backward shift
- * (no tombstones), so that the table never holds more than the cache. */
-typedef struct {
-    int64_t *key;  /* [mask + 1] */
-    int32_t *slot; /* [mask + 1], -1: empty */
-    size_t mask;
-} SlotMap;
-
-static size_t slot_hash(int64_t key, size_t mask)
-{
-    uint64_t x = (uint64_t)key * 0x9E3779B97F4A7C15ull;
-    return (size_t)(x ^ (x >> 29)) & mask;
-}
-
-static int32_t slotmap_get(const SlotMap *m, int64_t key)
-{
-    for (size_t i = slot_hash(key, m->mask);; i = (i + 1) & m->mask) {
-        if (m->slot[i] < 0)
-            return -1;
-        if (m->key[i] == key)
-            return m->slot[i];
-    }
-}
-
-static void slotmap_put(SlotMap *m, int64_t key, int32_t slot)
-{
-    size_t i = slot_hash(key, m->mask);
-    while (m->slot[i] >= 0)
-        i = (i + 1) & m->mask;
-    m->key[i] = key;
-    m->slot[i] = slot;
-}
-
-static void slotmap_del(SlotMap *m, int64_t key)
-{
-    size_t i = slot_hash(key, m->mask);
-    while (m->key[i] != key || m->slot[i] < 0)
-        i = (i + 1) & m->mask;
-    m->slot[i] = -1;
-    for (size_t j = (i + 1) & m->mask; m->slot[j] >= 0; j = (j + 1) & m->mask) {
-        size_t h = slot_hash(m->key[j], m->mask);
-        /* j's entry may move into the hole at i when its home is not in (i, j] */
-        if (((j - h) & m->mask) >= ((j - i) & m->mask)) {
-            m->key[i] = m->key[j];
-            m->slot[i] = m->slot[j];
-            m->slot[j] = -1;
-            i = j;
-        }
-    }
-}
-
 int reuse_stream_lru(const char *path, ReqlogFormat format, int block_tokens,
                      int64_t capacity_blocks, ReuseResult *out, KvErr *err)
 {
@@ -1908,15 +1857,12 @@ int reuse_stream_lru(const char *path, ReqlogFormat format, int block_tokens,
     if (cap > INT32_MAX / 4)
         cap = INT32_MAX / 4;
     size_t n = cap ? (size_t)cap : 1;
-    SlotMap m = {0};
+    /* slots by hash id, sized once: at most half full with the cache full, never grown */
+    KeyMap m;
     size_t tsize = 16;
     while (tsize < 2 * n)
         tsize *= 2;
-    m.mask = tsize - 1;
-    m.key = kv_malloc(tsize * sizeof *m.key);
-    m.slot = kv_malloc(tsize * sizeof *m.slot);
-    for (size_t i = 0; i < tsize; i++)
-        m.slot[i] = -1;
+    km_alloc(&m, tsize);
     int64_t *key = kv_malloc(n * sizeof *key); /* the hash id in each slot */
     int32_t *prev = kv_malloc(n * sizeof *prev), *next = kv_malloc(n * sizeof *next);
     int32_t head = -1, tail = -1;
@@ -1928,11 +1874,11 @@ int reuse_stream_lru(const char *path, ReqlogFormat format, int block_tokens,
                           : reqlog_format(r) == REQLOG_MOONCAKE ? REQLOG_MOONCAKE_BLOCK
                                                                 : REQLOG_QWEN_BLOCK;
         int64_t hit = 0;
-        for (long k = 0; k < rec.n_hash && slotmap_get(&m, rec.hash_ids[k]) >= 0; k++)
+        for (long k = 0; k < rec.n_hash && km_get(&m, rec.hash_ids[k]) >= 0; k++)
             hit += block_tokens_at(rec.input_length, k, B);
         for (long j = rec.n_hash - 1; j >= 0 && cap > 0; j--) {
             int64_t id = rec.hash_ids[j];
-            int32_t sl = slotmap_get(&m, id);
+            int32_t sl = (int32_t)km_get(&m, id);
             if (sl >= 0) { /* to the front */
                 if (sl == head)
                     continue;
@@ -1944,7 +1890,7 @@ int reuse_stream_lru(const char *path, ReqlogFormat format, int block_tokens,
             } else if (used < cap) {
                 sl = (int32_t)used++;
                 key[sl] = id;
-                slotmap_put(&m, id, sl);
+                km_put(&m, id, sl);
                 out->inserted++;
             } else { /* the least recent block's slot */
                 sl = tail;
@@ -1953,10 +1899,10 @@ int reuse_stream_lru(const char *path, ReqlogFormat format, int block_tokens,
                     next[tail] = -1;
                 else
                     head = -1;
-                slotmap_del(&m, key[sl]);
+                km_del(&m, key[sl]);
                 out->evictions++;
                 key[sl] = id;
-                slotmap_put(&m, id, sl);
+                km_put(&m, id, sl);
                 out->inserted++;
             }
             prev[sl] = -1;
@@ -1976,8 +1922,7 @@ int reuse_stream_lru(const char *path, ReqlogFormat format, int block_tokens,
     }
     out->blocks_end = used;
     reqlog_close(r);
-    free(m.key);
-    free(m.slot);
+    km_free(&m);
     free(key);
     free(prev);
     free(next);

@@ -208,8 +208,8 @@ int64_t *reuse_lru_curve(const ReqLog *log);
 
 /* The prefix scope under lru, streamed from the log file record by record: the numbers of
  * reuse_simulate(SCOPE_PREFIX, POL_LRU) on the loaded log (requests, tokens, hits, evictions,
- * inserted, blocks held; turns), in memory bounded by the cache (about 40 bytes per block of
- * capacity: a table from hash id to slot and the lru list) and the reader's line, whatever the
+ * inserted, blocks held; turns), in memory bounded by the cache (48 to 80 bytes per block of
+ * capacity: the key map from hash id to slot, at most half full, and the lru list) and the reader's line, whatever the
  * log's length. Errors as reqlog_next's. */
 int reuse_stream_lru(const char *path, ReqlogFormat format, int block_tokens,
                      int64_t capacity_blocks, ReuseResult *out, KvErr *err);

@@ -185,6 +185,22 @@ static void test_conversation_one_room(void **state)
     reqlog_free(&log);
 }
 
+/* Writes wp's workload to path; the test fails on an error. */
+static void write_workload(const WorkloadParams *wp, const char *path)
+{
+    KvErr err;
+    if (workload_write(wp, path, NULL, &err) < 0)
+        fail_msg("%s", err.msg);
+}
+
+/* Loads the log at path (block tokens, 0: the format's); the test fails on an error. */
+static void load_log(const char *path, int block, ReqLog *log)
+{
+    KvErr err;
+    if (reqlog_load(path, REQLOG_AUTO, block, false, log, &err) < 0)
+        fail_msg("%s", err.msg);
+}
+
 static void small_workload(WorkloadParams *wp, long conversations)
 {
     workload_defaults(wp);
@@ -201,12 +217,9 @@ static void test_belady_dominates(void **state)
     small_workload(&wp, 300);
     wp.rate = 5.0;
     const char *path = scratch_path(dir, "w.jsonl", 0);
-    KvErr err;
-    if (workload_write(&wp, path, NULL, &err) < 0)
-        fail_msg("%s", err.msg);
+    write_workload(&wp, path);
     ReqLog log;
-    if (reqlog_load(path, REQLOG_AUTO, 0, false, &log, &err) < 0)
-        fail_msg("%s", err.msg);
+    load_log(path, 0, &log);
     assert_int_equal(log.block_tokens, 16);
     const int64_t caps[] = {1, 8, 64, 256, 1024, 4096, 16384, 1 << 20};
     for (size_t c = 0; c < sizeof caps / sizeof caps[0]; c++) {
@@ -240,12 +253,9 @@ static void test_lru_curve(void **state)
     wp.system_mean = 100;
     wp.turns_mean = 8; /* about 4.5 references per distinct block */
     const char *path = scratch_path(dir, "curve.jsonl", 0);
-    KvErr err;
-    if (workload_write(&wp, path, NULL, &err) < 0)
-        fail_msg("%s", err.msg);
+    write_workload(&wp, path);
     ReqLog log;
-    if (reqlog_load(path, REQLOG_AUTO, 8, false, &log, &err) < 0)
-        fail_msg("%s", err.msg);
+    load_log(path, 8, &log);
     int64_t *curve = reuse_lru_curve(&log);
     int checked = 0;
     for (int64_t c = 0; c <= log.n_blocks; c = c < 16 ? c + 1 : c * 5 / 4) {
@@ -733,11 +743,9 @@ static void test_generator_models(void **state)
     wp.switch_prob = 0.25;
     const char *path = scratch_path(dir, "models.jsonl", 0);
     KvErr err;
-    if (workload_write(&wp, path, NULL, &err) < 0)
-        fail_msg("%s", err.msg);
+    write_workload(&wp, path);
     ReqLog log;
-    if (reqlog_load(path, REQLOG_AUTO, 0, false, &log, &err) < 0)
-        fail_msg("%s", err.msg);
+    load_log(path, 0, &log);
     long later = 0, switched = 0, shared_after_switch = 0, used[3] = {0};
     for (long r = 0; r < log.n; r++) {
         assert_true(log.model[r] >= 0 && log.model[r] < 3);
@@ -768,8 +776,7 @@ static void test_generator_models(void **state)
     /* one model: no "model" field, the bytes of before */
     small_workload(&wp, 50);
     path = scratch_path(dir, "one_model.jsonl", 1);
-    if (workload_write(&wp, path, NULL, &err) < 0)
-        fail_msg("%s", err.msg);
+    write_workload(&wp, path);
     char *t = scratch_read(path);
     assert_null(strstr(t, "\"model\""));
     free(t);
@@ -838,11 +845,9 @@ static void test_stream_lru(void **state)
     wp.rate = 5.0;
     const char *path = scratch_path(dir, "stream.jsonl", 0);
     KvErr err;
-    if (workload_write(&wp, path, NULL, &err) < 0)
-        fail_msg("%s", err.msg);
+    write_workload(&wp, path);
     ReqLog log;
-    if (reqlog_load(path, REQLOG_AUTO, 0, false, &log, &err) < 0)
-        fail_msg("%s", err.msg);
+    load_log(path, 0, &log);
     const int64_t caps[] = {0, 1, 7, 64, 300, 1000, 5000, 1 << 20};
     for (size_t c = 0; c < sizeof caps / sizeof caps[0]; c++) {
         ReuseResult a, b;
@@ -950,8 +955,7 @@ static void test_stream_equals_run(void **state)
     wp.switch_prob = 0.25;
     const char *path = scratch_path(dir, "streamed.jsonl", 0);
     KvErr err;
-    if (workload_write(&wp, path, NULL, &err) < 0)
-        fail_msg("%s", err.msg);
+    write_workload(&wp, path);
     check_stream_equals_run(path, 0, 1);
     check_stream_equals_run(path, 0, 2);
     char cmd[8400];
@@ -1027,8 +1031,7 @@ static void test_stream_bounded(void **state)
         wp.rate = 2.0;
         const char *path = scratch_path(dir, k ? "long.jsonl" : "short.jsonl", 0);
         KvErr err;
-        if (workload_write(&wp, path, NULL, &err) < 0)
-            fail_msg("%s", err.msg);
+        write_workload(&wp, path);
         ReuseOptions o = {.scope = SCOPE_CONVERSATION, .policy = POL_LRU, .capacity_blocks = 100};
         ReuseResult res;
         ReuseStreamInfo info;

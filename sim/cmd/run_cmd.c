@@ -27,34 +27,30 @@ static void warn_unequal_caches(const RunConfig *rc, const double *tokens, const
     free(compare);
 }
 
-/* The layers the policies compress ([run] sliding_layers, sim/driver/driver.h), as ranges:
- * "0-3,5"; returns how many. */
-static int compressed_layers(const TraceMeta *m, SlidingLayers sliding, char *out, size_t len)
+/* The layers the policies compress ([run] sliding_layers, sim/driver/driver.h), as ranges
+ * ("0-3,5") in out, their count in *n; NULL when the trace has no sliding-window layer (every
+ * layer is compressed, and run.json and the report say nothing about it). */
+static const char *compressed_layers(const TraceMeta *m, SlidingLayers sliding, char *out,
+                                     size_t len, int *n)
 {
-    int n = 0;
+    bool sliding_layer = false;
     size_t at = 0;
+    *n = 0;
     out[0] = '\0';
     for (int l = 0; l < m->n_layers; l++) {
+        sliding_layer = sliding_layer || m->window[l] > 0;
         if (!driver_compresses(m->window[l], sliding))
             continue;
         int e = l;
         while (e + 1 < m->n_layers && driver_compresses(m->window[e + 1], sliding))
             e++;
         if (at < len)
-            at += (size_t)(e > l ? snprintf(out + at, len - at, "%s%d-%d", n ? "," : "", l, e)
-                                 : snprintf(out + at, len - at, "%s%d", n ? "," : "", l));
-        n += e - l + 1;
+            at += (size_t)(e > l ? snprintf(out + at, len - at, "%s%d-%d", *n ? "," : "", l, e)
+                                 : snprintf(out + at, len - at, "%s%d", *n ? "," : "", l));
+        *n += e - l + 1;
         l = e;
     }
-    return n;
-}
-
-static bool has_sliding_layers(const TraceMeta *m)
-{
-    for (int l = 0; l < m->n_layers; l++)
-        if (m->window[l] > 0)
-            return true;
-    return false;
+    return sliding_layer ? out : NULL;
 }
 
 /* run.json beside the CSVs: the config, every trace and every calibration trace (path, size,
@@ -142,8 +138,9 @@ static int run_single(RunConfig *rc, const PathList *traces, Provenance *prov, i
     PolicySummary *summary = NULL;
     const TraceMeta *m = trace_meta(tr);
     char layers[4096];
-    int n_compressed = compressed_layers(m, rc->engine.sliding_layers, layers, sizeof layers);
-    const char *compressed = has_sliding_layers(m) ? layers : NULL;
+    int n_compressed;
+    const char *compressed =
+        compressed_layers(m, rc->engine.sliding_layers, layers, sizeof layers, &n_compressed);
     if (res) {
         summary = kv_calloc((size_t)res->n_policies, sizeof *summary);
         report_summarize(res, summary);
@@ -208,9 +205,9 @@ static int run_dataset(RunConfig *rc, const PathList *traces, Provenance *prov, 
             report_summarize(res, summary);
             if (!ds) {
                 ds = dataset_new(res);
-                compressed_layers(trace_meta(tr), rc->engine.sliding_layers, layers,
-                                  sizeof layers);
-                compressed = has_sliding_layers(trace_meta(tr)) ? layers : NULL;
+                int n_compressed;
+                compressed = compressed_layers(trace_meta(tr), rc->engine.sliding_layers,
+                                               layers, sizeof layers, &n_compressed);
             }
             const char *base = strrchr(path, '/');
             dataset_add(ds, base ? base + 1 : path, res, summary);

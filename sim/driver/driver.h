@@ -119,11 +119,10 @@ typedef struct {
 /* Creates the instances of specs[0, n) for layer L->layer, in order, with PolicyEnv seed
  * policy_instance_seed(run_seed, label, layer) and kv_bits; on a sliding-window layer that
  * `sliding` skips (!driver_compresses), instance i is the layer's rotating buffer instead, under
- * specs[i]'s label. live: closed loop, where the rows of
- * L fill in as tokens are fed. Returns 0 when ready; 1 when live and an instance wants the
- * future or a trace (want_decode_mass, want_trace: not applicable, instances after it are not
- * created); -1 with the
- * create callback's message. On a nonzero return nothing is left to free. */
+ * specs[i]'s label. live: closed loop, where the rows of L fill in as tokens are fed. Returns 0
+ * when ready; 1 when live and an instance wants the future or a trace (want_decode_mass,
+ * want_trace: not applicable, instances after it are not created); -1 with the create
+ * callback's message. On a nonzero return nothing is left to free. */
 int driver_create(PolicyDriver *d, const LayerView *L, const PolicySpec *specs, int n,
                   uint64_t run_seed, int kv_bits, SlidingLayers sliding, bool live, KvErr *err);
 /* Chunk [chunk_start, chunk_end) of the prefill span [span_start, span_end) arrives: computes the

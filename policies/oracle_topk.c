@@ -135,6 +135,20 @@ static void oracle_topk_step_many(Policy *const *ps, int n_inst, const StepView 
     }
 }
 
+/* Keep order (policy.h): the cached positions by score, best first. Every instance holds the
+ * first keep_at(t + 1) of all positions [0, t] in that order, whatever its budget. */
+static int oracle_topk_keep_order(Policy *p, const StepView *sv, int g, int32_t *pos)
+{
+    OracleTopk *o = (OracleTopk *)p;
+    const KVCache *c = &p->cache[g];
+    int n = 0;
+    for (int s = 0; s < c->n; s++) /* in slot order: the sort below orders them */
+        pos[n++] = c->pos[s];
+    score_keys(o, sv, g, sv->t + 1);
+    rank_sort_best(pos, n, o->score);
+    return n;
+}
+
 static void oracle_topk_destroy(Policy *p)
 {
     OracleTopk *o = (OracleTopk *)p;
@@ -166,6 +180,8 @@ const PolicyType policy_oracle_topk = {
     .prefill = oracle_topk_prefill,
     .step = oracle_topk_step,
     .step_many = oracle_topk_step_many,
+    .nest_param = "budget",
+    .keep_order = oracle_topk_keep_order,
     .destroy = oracle_topk_destroy,
     .max_slots = oracle_topk_max_slots,
     .conformance = oracle_topk_conformance,

@@ -293,6 +293,20 @@ struct PolicyType {
      * steps (PolicyDriver.share_steps, sim/driver/driver.h), for the instances of the type that
      * have no kv_quant; p[0] may use its own scratch for the shared work. */
     void (*step_many)(Policy *const *p, int n, const StepView *sv);
+    /* Nested caches (window, oracle_topk): instances whose parameters differ only in
+     * `nest_param` (the one that sizes the cache) keep, at every decode step, caches that nest
+     * in one order: keep_order writes the positions of KV head g's cache in its keep order
+     * (sv: the instance's step, after step) and returns their number, cache[g].n, and an
+     * instance of the same nest whose cache holds m slots holds exactly the first m positions
+     * of that order. The replay scores every instance of such a type in keep order (a lone one
+     * too), so that a sweep scores all budgets of a nest from one pass over the largest cache
+     * (sim/replay/metrics.h: nested_metrics) with the bits each would get alone. `nests`, when
+     * set, says whether given parameters nest at all (window with rerotate does not); NULL:
+     * always. Only for instances without kv_quant, of a type without observe, whose caches
+     * hold real positions with their exact K/V. NULL nest_param: the caches do not nest. */
+    const char *nest_param;
+    bool (*nests)(const void *params);
+    int (*keep_order)(Policy *p, const StepView *sv, int g, int32_t *pos); /* may use scratch */
     /* A key the params table does not list (a wrapper's inner policy's parameters); NULL:
      * such a key is an error. Same contract as policy_param_set. */
     int (*set_extra)(void *params, const char *key, const char *value, KvErr *err);

@@ -4,6 +4,8 @@
 #include <cblas.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
 
 static inline bool better(const double *score, int32_t a, int32_t b)
 {
@@ -53,6 +55,58 @@ void rank_keep_best(int32_t *pos, int n, int k, const double *score)
         else
             hi = store - 1;
     }
+}
+
+/* An unsigned key that orders doubles as < does (-0 below +0; no NaN among scores). */
+static inline uint64_t order_key(double x)
+{
+    uint64_t u;
+    memcpy(&u, &x, sizeof u);
+    return u >> 63 ? ~u : u | (uint64_t)1 << 63;
+}
+
+typedef struct {
+    uint64_t score; /* ~order_key(score): ascending = best first */
+    uint32_t pos;   /* ~position: ascending = later first */
+} SortItem;
+
+/* One stable counting pass of an LSD radix sort on byte `byte` (0-3: pos, 4-11: score) from
+ * src to dst; false (nothing moved) when every item has the same byte there. */
+static bool radix_pass(const SortItem *src, SortItem *dst, int n, int byte)
+{
+    size_t count[256] = {0};
+    for (int i = 0; i < n; i++)
+        count[byte < 4 ? src[i].pos >> (8 * byte) & 255 : src[i].score >> (8 * (byte - 4)) & 255]++;
+    for (int d = 0; d < 256; d++)
+        if (count[d] == (size_t)n)
+            return false;
+    for (size_t d = 0, at = 0; d < 256; d++) {
+        size_t c = count[d];
+        count[d] = at;
+        at += c;
+    }
+    for (int i = 0; i < n; i++)
+        dst[count[byte < 4 ? src[i].pos >> (8 * byte) & 255
+                           : src[i].score >> (8 * (byte - 4)) & 255]++] = src[i];
+    return true;
+}
+
+void rank_sort_best(int32_t *pos, int n, const double *score)
+{
+    if (n < 2)
+        return;
+    SortItem *a = kv_malloc(2 * (size_t)n * sizeof *a), *b = a + n;
+    for (int i = 0; i < n; i++)
+        a[i] = (SortItem){~order_key(score[pos[i]]), ~(uint32_t)pos[i]};
+    for (int byte = 0; byte < 12; byte++)
+        if (radix_pass(a, b, n, byte)) {
+            SortItem *tmp = a;
+            a = b;
+            b = tmp;
+        }
+    for (int i = 0; i < n; i++)
+        pos[i] = (int32_t)~a[i].pos;
+    free(a < b ? a : b);
 }
 
 static void copy_range(int32_t *dst, const int32_t *src, int lo, int end)

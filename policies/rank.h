@@ -15,6 +15,10 @@
  * all). Order inside each part is unspecified but deterministic. Average O(n). */
 void rank_keep_best(int32_t *pos, int n, int k, const double *score);
 
+/* Sorts pos[0, n) best first (the order above, which is total: the result is unique). O(n): an
+ * LSD radix sort on the score's bits and the position. */
+void rank_sort_best(int32_t *pos, int n, const double *score);
+
 /* rank_keep_best for several k at once over the same pos[0, n) and scores: out[i][0, k[i]) is
  * what pos[0, k[i]) would be after rank_keep_best(a copy of pos, n, k[i], score), in that very
  * order (the order the caller adds them in, which its slot order follows), for i < n_k (k[i] > n

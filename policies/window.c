@@ -119,6 +119,28 @@ static void window_step(Policy *p, const StepView *sv)
         rerotate_keys(w, sv->L, sv->t);
 }
 
+/* Keep order (policy.h): the sinks, oldest first, then the window, newest first. A window of
+ * W + 1 holds what one of W holds plus the next older token, and the sinks come first in both;
+ * rerotate does not nest (its keys depend on the cache's size). */
+static bool window_nests(const void *params)
+{
+    return !((const WindowParams *)params)->rerotate;
+}
+
+static int window_keep_order(Policy *p, const StepView *sv, int g, int32_t *pos)
+{
+    Window *w = (Window *)p;
+    (void)g; /* every KV head holds the same positions */
+    /* What window_admit leaves: the sinks below t + 1, then t, t - 1, ... down to the oldest
+     * of the window. */
+    int n = 0;
+    for (int j = 0; j < w->prm.sinks && j <= sv->t; j++)
+        pos[n++] = j;
+    for (int j = sv->t; j >= w->prm.sinks && j > sv->t - w->prm.window; j--)
+        pos[n++] = j;
+    return n;
+}
+
 static void window_destroy(Policy *p)
 {
     Window *w = (Window *)p;
@@ -151,4 +173,7 @@ const PolicyType policy_window = {
     .destroy = window_destroy,
     .max_slots = window_max_slots,
     .conformance = window_conformance,
+    .nest_param = "window",
+    .nests = window_nests,
+    .keep_order = window_keep_order,
 };

@@ -105,8 +105,62 @@ void driver_memory_report(const PolicyDriver *d, int i, MemReport *mem)
     }
 }
 
-/* The groups of instances that step together when share_steps is set: per type with
- * step_many, its instances without kv_quant, when there are two or more. */
+bool driver_nests(const PolicyDriver *d, int i)
+{
+    const PolicyType *type = d->inst[i]->type;
+    return type->nest_param && type->keep_order && !type->observe && !d->quant[i] &&
+           (!type->nests || type->nests(d->specs[i].params));
+}
+
+/* Whether parameter structs a and b of `type` are equal but for the parameter named `except`. */
+static bool params_equal_except(const PolicyType *type, const void *a, const void *b,
+                                const char *except)
+{
+    if (type->set_extra)
+        return false; /* parameters the table does not list */
+    for (const ParamSpec *ps = type->params; ps->key; ps++) {
+        if (strcmp(ps->key, except) == 0)
+            continue;
+        const char *x = (const char *)a + ps->offset, *y = (const char *)b + ps->offset;
+        bool same;
+        switch (ps->kind) {
+        case PARAM_DOUBLE:
+            same = *(const double *)(const void *)x == *(const double *)(const void *)y;
+            break;
+        case PARAM_BOOL:
+            same = *(const bool *)(const void *)x == *(const bool *)(const void *)y;
+            break;
+        case PARAM_STRING:
+            same = strcmp(x, y) == 0;
+            break;
+        default: /* PARAM_INT, PARAM_ENUM */
+            same = *(const int *)(const void *)x == *(const int *)(const void *)y;
+            break;
+        }
+        if (!same)
+            return false;
+    }
+    return true;
+}
+
+/* Whether instance j goes in the group of instance i: the same type, no kv_quant, and either
+ * both nest with parameters equal but for the nest's (one nest) or neither nests and the type
+ * steps many at once. */
+static bool groups_with(const PolicyDriver *d, int i, int j)
+{
+    const PolicyType *type = d->inst[i]->type;
+    if (d->inst[j]->type != type || d->quant[i] || d->quant[j])
+        return false;
+    bool ni = driver_nests(d, i), nj = driver_nests(d, j);
+    if (ni || nj)
+        return ni && nj &&
+               params_equal_except(type, d->specs[i].params, d->specs[j].params,
+                                   type->nest_param);
+    return type->step_many != NULL;
+}
+
+/* The groups of instances that step together when share_steps is set (groups_with), when there
+ * are two or more. */
 static void plan_shared_steps(PolicyDriver *d)
 {
     int n = d->n, used = 0;
@@ -118,18 +172,17 @@ static void plan_shared_steps(PolicyDriver *d)
     for (int i = 0; i < n; i++)
         d->share_first[i] = -1;
     for (int i = 0; i < n; i++) {
-        const PolicyType *type = d->inst[i]->type;
-        if (!type->step_many || d->quant[i] || d->share_first[i] >= 0)
+        if (d->share_first[i] >= 0)
             continue;
         int len = 0;
         for (int j = i; j < n; j++)
-            len += d->inst[j]->type == type && !d->quant[j];
+            len += d->share_first[j] < 0 && groups_with(d, i, j);
         if (len < 2)
             continue;
         d->share_at[i] = used;
         d->share_len[i] = len;
         for (int j = i; j < n; j++)
-            if (d->inst[j]->type == type && !d->quant[j]) {
+            if (d->share_first[j] < 0 && groups_with(d, i, j)) {
                 d->share_first[j] = i;
                 d->share_idx[used++] = j;
             }
@@ -468,7 +521,7 @@ int driver_step_group(const PolicyDriver *d, int i, const int **members)
 void driver_step(PolicyDriver *d, int i, int t, const float *full_attn)
 {
     Policy *p = d->inst[i];
-    int first = d->share_steps ? d->share_first[i] : -1;
+    int first = d->share_steps && p->type->step_many ? d->share_first[i] : -1;
     if (first >= 0) { /* stepped with its group, by the group's first instance */
         if (first != i)
             return;

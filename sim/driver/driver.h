@@ -92,12 +92,14 @@ typedef struct {
     Pool *pool; /* NULL, or set by the caller after driver_create: spreads the prefill (the
                  * statistics by query head, then the instances' prefills) over its threads;
                  * results do not depend on it */
-    /* Set by the caller after driver_create: the instances of a type with step_many
-     * (policies/policy.h) and no kv_quant step together, by one step_many call at the
-     * driver_step of the first of them (the others' driver_step then does nothing), when there
-     * are two or more (a sweep's budgets of one policy). Results do not depend on it; the
-     * caller must then call driver_step for every instance at every step, and observe only
-     * once every driver_step of the step has returned. */
+    /* Set by the caller after driver_create: the instances without kv_quant of a type with
+     * step_many (policies/policy.h) form groups (a sweep's budgets of one policy), one per nest
+     * for a type whose caches nest (driver_nests), when there are two or more. A group of a
+     * type with step_many steps by one step_many call at the driver_step of its first instance
+     * (the others' driver_step then does nothing); the members of a nest also attend together
+     * (sim/replay/engine.c). Results do not depend on it; the caller must then call driver_step
+     * for every instance at every step, and observe only once every driver_step of the step
+     * has returned. */
     bool share_steps;
     /* The driver's own. */
     bool live;
@@ -146,6 +148,9 @@ void driver_step(PolicyDriver *d, int i, int t, const float *full_attn);
  * spreads the instances over threads keeps each group on one thread, its first's driver_step
  * before the others' observe. */
 int driver_step_group(const PolicyDriver *d, int i, const int **members);
+/* Whether instance i's caches nest (policy.h: nest_param, nests, keep_order) and it has no
+ * kv_quant: the replay then scores it in keep order, alone or with its nest. */
+bool driver_nests(const PolicyDriver *d, int i);
 /* After query t attended over instance i's caches: its observe callback (when it has one) with
  * attn[g] = [group][cache[g].n], then its memory into d->mem[i]. */
 void driver_observe(PolicyDriver *d, int i, const float *const *attn);

@@ -44,8 +44,10 @@ typedef struct {
 
 /* What one thread of a team needs for itself while it computes metrics. */
 typedef struct {
-    float *scratch;        /* value rows and outputs for output_errors */
+    float *scratch;        /* value rows and outputs for output_errors, nested_metrics */
     size_t scratch_cap;
+    int32_t *order;        /* [T]: a nest's largest cache in keep order (attend_nest) */
+    int32_t *rank_of;      /* [T]: nested_metrics' look-up */
     double metric_seconds;
 } Lane;
 
@@ -78,6 +80,10 @@ static void worker_init(Worker *w, const TraceMeta *m, const EngineConfig *cfg, 
     memset(w, 0, sizeof *w);
     w->team = pool_create(team);
     w->lanes = kv_calloc((size_t)pool_size(w->team), sizeof *w->lanes);
+    for (int i = 0; i < pool_size(w->team); i++) {
+        w->lanes[i].order = kv_malloc(T * sizeof(int32_t));
+        w->lanes[i].rank_of = kv_calloc(T, sizeof(int32_t));
+    }
     w->attn = kv_calloc((size_t)cfg->n_policies * Hkv, sizeof *w->attn);
     w->attn_cap = kv_calloc((size_t)cfg->n_policies * Hkv, sizeof *w->attn_cap);
     w->q = kv_malloc(Hq * T * D * sizeof(float));
@@ -101,8 +107,11 @@ static void worker_free(Worker *w, int n_attn)
         free(w->attn[i]);
     free(w->attn);
     free(w->attn_cap);
-    for (int i = 0; i < pool_size(w->team); i++)
+    for (int i = 0; i < pool_size(w->team); i++) {
         free(w->lanes[i].scratch);
+        free(w->lanes[i].order);
+        free(w->lanes[i].rank_of);
+    }
     free(w->lanes);
     pool_free(w->team);
     free(w->q);
@@ -192,19 +201,10 @@ static int check_head_finite(Job *job, int pi, int layer, int t, int slot, int h
     return check_finite(job, pi, layer, t, metric_of(METRIC_HEAD, slot)->name, head, v, err);
 }
 
-static int attend_kv_head(Job *job, Worker *w, Lane *ln, const LayerView *L, int pi,
-                          const KVCache *c, int g, int t, int b, int e, bool observe, KvErr *err)
+/* The full rows of KV head g's query heads at step t (step b of the block), into rows[group]. */
+static void full_rows(const Worker *w, const LayerView *L, int g, int t, int b, FullRow *rows)
 {
-    const EngineConfig *cfg = job->cfg;
     int T = L->n_tokens, D = L->head_dim, G = L->group, Hq = L->n_q_heads;
-    int k = cfg->topk < t + 1 ? cfg->topk : t + 1;
-    bool want_err = e >= 0 && output_errors_needed(c, t);
-    bool quantized = cfg->policies[pi].quant.kind != KVQ_NONE;
-    bool want_attn = observe || want_err || (quantized && e >= 0);
-    FullRow rows[G];
-    CacheAttention ca[G];
-    double out_err[G];
-    float *attn = want_attn ? attn_buffer(w, L->n_kv_heads, pi, g, G * c->n) : NULL;
     for (int i = 0; i < G; i++) {
         int h = g * G + i;
         rows[i] = (FullRow){
@@ -220,6 +220,22 @@ static int attend_kv_head(Job *job, Worker *w, Lane *ln, const LayerView *L, int
             .o_full = w->out + ((size_t)h * DECODE_BLOCK + b) * D,
         };
     }
+}
+
+static int attend_kv_head(Job *job, Worker *w, Lane *ln, const LayerView *L, int pi,
+                          const KVCache *c, int g, int t, int b, int e, bool observe, KvErr *err)
+{
+    const EngineConfig *cfg = job->cfg;
+    int D = L->head_dim, G = L->group, Hq = L->n_q_heads;
+    int k = cfg->topk < t + 1 ? cfg->topk : t + 1;
+    bool want_err = e >= 0 && output_errors_needed(c, t);
+    bool quantized = cfg->policies[pi].quant.kind != KVQ_NONE;
+    bool want_attn = observe || want_err || (quantized && e >= 0);
+    FullRow rows[G];
+    CacheAttention ca[G];
+    double out_err[G];
+    float *attn = want_attn ? attn_buffer(w, L->n_kv_heads, pi, g, G * c->n) : NULL;
+    full_rows(w, L, g, t, b, rows);
     /* recall@k's look-ups of the top-k positions in the cache, fetched now: they are scattered
      * over the cache's slot_of, and the attention and output errors below take long enough to
      * bring them in. */
@@ -287,6 +303,87 @@ static void attend_step(Block *bl, Lane *ln, int pi, int b)
             bl->fail_b[pi] = b;
             break;
         }
+    ln->metric_seconds += now_seconds() - t1;
+}
+
+/* Step b of the instances members[0, n) of one nest (driver_nests; a lone one: n = 1), after
+ * their steps: at an evaluated step, each KV head's caches scored together in keep order
+ * (nested_metrics) from the largest one's order, the others' caches being its first slots. On
+ * a value that is not finite, fail_b and errs of the instance it belongs to. */
+static void attend_nest(Block *bl, Lane *ln, const int *members, int n, int b)
+{
+    Job *job = bl->job;
+    const EngineConfig *cfg = job->cfg;
+    PolicyDriver *drv = bl->drv;
+    const LayerView *L = drv->L;
+    Worker *w = bl->w;
+    int t = bl->t0 + b, e = job->eval_of_step[t];
+    if (e < 0)
+        return; /* nothing observes: the attention matters only where it is scored */
+    double t1 = now_seconds();
+    int G = L->group, Hq = L->n_q_heads, D = L->head_dim;
+    int k = cfg->topk < t + 1 ? cfg->topk : t + 1;
+    int sizes[n], size_of[n], n_sizes;
+    double mass[n * G], err[n * G], recall[n * G];
+    FullRow rows[G];
+    for (int g = 0; g < L->n_kv_heads; g++) {
+        /* The members' distinct sizes, ascending, and each member's among them. */
+        int big = members[0];
+        n_sizes = 0;
+        for (int j = 0; j < n; j++) {
+            int m = drv->inst[members[j]]->cache[g].n, at = 0;
+            if (m > drv->inst[big]->cache[g].n)
+                big = members[j];
+            while (at < n_sizes && sizes[at] < m)
+                at++;
+            if (at == n_sizes || sizes[at] != m) {
+                memmove(sizes + at + 1, sizes + at, (size_t)(n_sizes - at) * sizeof *sizes);
+                sizes[at] = m;
+                n_sizes++;
+            }
+        }
+        for (int j = 0; j < n; j++) {
+            int m = drv->inst[members[j]]->cache[g].n;
+            size_of[j] = 0;
+            while (sizes[size_of[j]] != m)
+                size_of[j]++;
+        }
+        Policy *largest = drv->inst[big];
+        int ordered = largest->type->keep_order(largest, &drv->sv[big], g, ln->order);
+        if (ordered != sizes[n_sizes - 1]) { /* a policy's bug: say so rather than score it */
+            kv_fail(&bl->errs[big], "%s: policy %s, layer %d, step %d: keep order of %d positions "
+                    "for a cache of %d", trace_path(job->tr), cfg->policies[big].label, L->layer,
+                    t, ordered, sizes[n_sizes - 1]);
+            bl->fail_b[big] = b;
+            break;
+        }
+        full_rows(w, L, g, t, b, rows);
+        ensure_scratch(ln, nested_scratch_floats(sizes[n_sizes - 1], n_sizes, G, D));
+        nested_metrics(ln->order, sizes, n_sizes, rows, G,
+                       w->topk + ((size_t)b * Hq + g * G) * cfg->topk, cfg->topk, k,
+                       ln->scratch, ln->rank_of, mass, err, recall);
+        for (int j = 0; j < n; j++) {
+            int pi = members[j];
+            if (bl->fail_b[pi] < bl->B)
+                continue;
+            for (int i = 0; i < G; i++) {
+                int h = g * G + i;
+                size_t at = (size_t)size_of[j] * G + i;
+                float *mp = block_heads(w, Hq, pi, HM_MASS, e) + h;
+                float *op = block_heads(w, Hq, pi, HM_OUT_ERR, e) + h;
+                *mp = (float)mass[at];
+                *op = (float)err[at];
+                block_heads(w, Hq, pi, HM_RECALL, e)[h] = (float)recall[at];
+                if (check_head_finite(job, pi, L->layer, t, HM_MASS, h, *mp, &bl->errs[pi]) !=
+                        0 ||
+                    check_head_finite(job, pi, L->layer, t, HM_OUT_ERR, h, *op,
+                                      &bl->errs[pi]) != 0) {
+                    bl->fail_b[pi] = b;
+                    break;
+                }
+            }
+        }
+    }
     ln->metric_seconds += now_seconds() - t1;
 }
 
@@ -386,13 +483,17 @@ static int unit_block(void *ctx, int item, int slot, KvErr *err)
     int n = driver_step_group(drv, first, &members);
     if (n == 1)
         members = &first;
+    bool nest = driver_nests(drv, first); /* a group nests when its first does */
     double c0 = now_seconds();
     for (int b = 0; b < bl->B; b++) {
         for (int j = 0; j < n; j++)
             driver_step(drv, members[j], bl->t0 + b,
                         bl->w->probs + (size_t)b * L->n_q_heads * L->n_tokens);
-        for (int j = 0; j < n; j++)
-            attend_step(bl, ln, members[j], b);
+        if (nest)
+            attend_nest(bl, ln, members, n, b);
+        else
+            for (int j = 0; j < n; j++)
+                attend_step(bl, ln, members[j], b);
         bool failed = false;
         for (int j = 0; j < n; j++) {
             int pi = members[j];

@@ -821,6 +821,14 @@ static void cache_outputs(const float *const *vrow, int n, int D, int n_heads, c
     }
 }
 
+/* ||o - o_full|| / ||o_full|| (0 when o_full is 0); o is overwritten with the difference. */
+static double relative_error(float *o, const float *o_full, int D)
+{
+    cblas_saxpy(D, -1.0f, o_full, 1, o, 1);
+    double norm_full = cblas_snrm2(D, o_full, 1);
+    return norm_full > 0 ? cblas_snrm2(D, o, 1) / norm_full : 0.0;
+}
+
 void output_errors(const KVCache *c, const FullRow *rows, int n_heads, const float *attn,
                    float *scratch, double *err)
 {
@@ -855,11 +863,189 @@ void output_errors(const KVCache *c, const FullRow *rows, int n_heads, const flo
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n_heads, D, n, 1.0f, attn, n,
                     values, D, 0.0f, out, D);
     }
+    for (int h = 0; h < n_heads; h++)
+        err[h] = relative_error(out + (size_t)h * D, rows[h].o_full, D);
+}
+
+/* ---- Nested caches: sums in keep order, continued from one cache to the next ---- */
+
+/* u[s][d] = the sum over i < sizes[s] of fmaf(w[i], vrow[i][d], .) in i order, for d in
+ * [d0, D); snap[s * stride + d]. */
+static void prefix_outputs_scalar(const float *const *vrow, const float *w, const int *sizes,
+                                  int n_sizes, int d0, int D, float *snap, size_t stride)
+{
+    for (int d = d0; d < D; d++) {
+        float u = 0.0f;
+        for (int s = 0, i = 0; s < n_sizes; s++) {
+            for (; i < sizes[s]; i++)
+                u = fmaf(w[i], vrow[i][d], u);
+            snap[s * stride + d] = u;
+        }
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* The same, 32 and then 8 dimensions at a time (each lane the scalar loop's fmaf sequence). */
+OUT_AVX2 static void prefix_outputs_avx2(const float *const *vrow, const float *w,
+                                         const int *sizes, int n_sizes, int D, float *snap,
+                                         size_t stride)
+{
+    int d = 0;
+    for (; d + 32 <= D; d += 32) {
+        __m256 u0 = _mm256_setzero_ps(), u1 = _mm256_setzero_ps();
+        __m256 u2 = _mm256_setzero_ps(), u3 = _mm256_setzero_ps();
+        for (int s = 0, i = 0; s < n_sizes; s++) {
+            for (; i < sizes[s]; i++) {
+                const float *v = vrow[i] + d;
+                __m256 x = _mm256_set1_ps(w[i]);
+                u0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v), u0);
+                u1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 8), u1);
+                u2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 16), u2);
+                u3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 24), u3);
+            }
+            float *o = snap + s * stride + d;
+            _mm256_storeu_ps(o, u0);
+            _mm256_storeu_ps(o + 8, u1);
+            _mm256_storeu_ps(o + 16, u2);
+            _mm256_storeu_ps(o + 24, u3);
+        }
+    }
+    for (; d + 8 <= D; d += 8) {
+        __m256 u = _mm256_setzero_ps();
+        for (int s = 0, i = 0; s < n_sizes; s++) {
+            for (; i < sizes[s]; i++)
+                u = _mm256_fmadd_ps(_mm256_set1_ps(w[i]), _mm256_loadu_ps(vrow[i] + d), u);
+            _mm256_storeu_ps(snap + s * stride + d, u);
+        }
+    }
+    prefix_outputs_scalar(vrow, w, sizes, n_sizes, d, D, snap, stride);
+}
+#endif
+
+static void prefix_outputs(const float *const *vrow, const float *w, const int *sizes,
+                           int n_sizes, int D, float *snap, size_t stride)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (cpu_has_fma()) {
+        prefix_outputs_avx2(vrow, w, sizes, n_sizes, D, snap, stride);
+        return;
+    }
+#endif
+    prefix_outputs_scalar(vrow, w, sizes, n_sizes, 0, D, snap, stride);
+}
+
+/* o_S of the cache order[0, n) when a share is not a normal float: the softmax of the logits
+ * over its attended keys (double), then sum_i fmaf(share, v) in keep order. */
+static void nested_softmax_output(const int32_t *order, int n, const FullRow *row, float *o)
+{
+    int D = row->head_dim, first = attn_first_key(row->window, row->t);
+    double mx = -INFINITY, z = 0;
+    double *logit = kv_malloc((size_t)(n > 0 ? n : 1) * sizeof *logit);
+    for (int i = 0; i < n; i++) {
+        const float *k = row->k + (size_t)order[i] * D;
+        logit[i] = order[i] < first
+                       ? -INFINITY
+                       : attn_softcap_logit((double)row->scale * cblas_sdot(D, row->q, 1, k, 1),
+                                            row->softcap);
+        mx = logit[i] > mx ? logit[i] : mx;
+    }
+    for (int i = 0; i < n; i++) {
+        logit[i] = logit[i] == -INFINITY ? 0.0 : exp(logit[i] - mx);
+        z += logit[i];
+    }
+    for (int d = 0; d < D; d++)
+        o[d] = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float a = z > 0 ? (float)(logit[i] / z) : 0.0f;
+        const float *v = row->v + (size_t)order[i] * D;
+        for (int d = 0; d < D; d++)
+            o[d] = fmaf(a, v[d], o[d]);
+    }
+    free(logit);
+}
+
+size_t nested_scratch_floats(int n_max, int n_sizes, int n_heads, int head_dim)
+{
+    /* value-row pointers (two floats each), the heads' shares, the snapshots */
+    return 2 * (size_t)n_max + (size_t)n_heads * n_max + (size_t)n_sizes * n_heads * head_dim;
+}
+
+void nested_metrics(const int32_t *order, const int *sizes, int n_sizes, const FullRow *rows,
+                    int n_heads, const int32_t *topk, int topk_stride, int k, float *scratch,
+                    int32_t *rank_of, double *mass, double *err, double *recall)
+{
+    int t = rows[0].t, D = rows[0].head_dim, first = attn_first_key(rows[0].window, t);
+    int n = n_sizes > 0 ? sizes[n_sizes - 1] : 0;
+    const float **vrow = (const float **)(void *)scratch;
+    float *share = scratch + 2 * (size_t)n; /* [n_heads][n] */
+    float *snap = share + (size_t)n_heads * n; /* [n_sizes][n_heads][D] */
+    /* The shares in keep order (0 before the query's window), each head's running mass at
+     * every size, and where a share first is not a normal float. */
+    int attended[n_sizes > 0 ? n_sizes : 1], bad_at[n_heads];
     for (int h = 0; h < n_heads; h++) {
-        float *o = out + (size_t)h * D;
-        cblas_saxpy(D, -1.0f, rows[h].o_full, 1, o, 1);
-        double norm_full = cblas_snrm2(D, rows[h].o_full, 1);
-        err[h] = norm_full > 0 ? cblas_snrm2(D, o, 1) / norm_full : 0.0;
+        const float *p = rows[h].p;
+        float *w = share + (size_t)h * n;
+        double sum = 0;
+        bad_at[h] = n;
+        for (int s = 0, i = 0; s < n_sizes; s++) {
+            for (; i < sizes[s]; i++) {
+                int32_t j = order[i];
+                w[i] = j < first ? 0.0f : p[j];
+                if (j >= first) {
+                    sum += w[i];
+                    if (w[i] < FLT_MIN && bad_at[h] == n)
+                        bad_at[h] = i;
+                }
+            }
+            mass[s * n_heads + h] = sum;
+        }
+    }
+    for (int s = 0, i = 0, count = 0; s < n_sizes; s++) {
+        for (; i < sizes[s]; i++)
+            count += order[i] >= first;
+        attended[s] = count;
+    }
+    for (int i = 0; i < n; i++)
+        vrow[i] = rows[0].v + (size_t)order[i] * D;
+    size_t stride = (size_t)n_heads * D;
+    for (int h = 0; h < n_heads; h++)
+        prefix_outputs(vrow, share + (size_t)h * n, sizes, n_sizes, D, snap + (size_t)h * D,
+                       stride);
+    for (int s = 0; s < n_sizes; s++)
+        for (int h = 0; h < n_heads; h++) {
+            size_t at = (size_t)s * n_heads + h;
+            if (attended[s] == t + 1 - first) { /* every attended key: the full row itself */
+                mass[at] = 1.0;
+                err[at] = 0.0;
+                continue;
+            }
+            float *o = snap + at * D;
+            if (sizes[s] <= bad_at[h] && mass[at] > 0)
+                scale_floats(o, D, (float)(1.0 / mass[at]));
+            else
+                nested_softmax_output(order, sizes[s], &rows[h], o);
+            err[at] = relative_error(o, rows[h].o_full, D);
+        }
+    /* recall@k: a top-k position counts for every cache from the size past its rank on. */
+    for (int i = 0; i < n; i++)
+        rank_of[order[i]] = i;
+    for (int h = 0; h < n_heads; h++) {
+        int from[n_sizes > 0 ? n_sizes : 1];
+        for (int s = 0; s < n_sizes; s++)
+            from[s] = 0;
+        for (int r = 0; r < k; r++) {
+            int32_t j = topk[(size_t)h * topk_stride + r], i = rank_of[j];
+            if (i < 0 || i >= n || order[i] != j)
+                continue; /* not cached (rank_of holds another cache's leftovers) */
+            int s = 0;
+            while (sizes[s] <= i)
+                s++;
+            from[s]++;
+        }
+        for (int s = 0, hits = 0; s < n_sizes; s++) {
+            hits += from[s];
+            recall[(size_t)s * n_heads + h] = (double)hits / k;
+        }
     }
 }
 

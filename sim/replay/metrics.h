@@ -83,6 +83,23 @@ bool output_errors_needed(const KVCache *c, int t);
 void output_errors(const KVCache *c, const FullRow *rows, int n_heads, const float *attn,
                    float *scratch, double *err);
 
+/* Nested caches (policies/policy.h: keep_order), scored together: cache s holds the positions
+ * order[0, sizes[s]) (sizes ascending, at most n_sizes of them) with their exact K/V, and the
+ * n_heads query heads rows[h] share them. For each cache s and head h, at [s * n_heads + h]:
+ * mass[] its retained mass, err[] its relative output error, recall[] its recall@k against
+ * topk[h * topk_stride ...] (k positions): the quantities cache_attention_heads, output_errors
+ * and recall_at_k give (a cache holding every attended key: mass 1, error 0; the fallback to a
+ * softmax of the logits over the cache as there), with every sum taken in keep order:
+ *   mass = sum_i p[order[i]] (double), o_S = (sum_i fmaf(p, v) in float) * (float)(1 / mass),
+ * so that a cache's figures do not depend on which other caches of the nest are scored with it,
+ * and the sums of a larger cache continue those of a smaller one: one pass over the largest
+ * cache scores them all. scratch: nested_scratch_floats floats; rank_of: t + 1 int32s (any
+ * contents). */
+size_t nested_scratch_floats(int n_max, int n_sizes, int n_heads, int head_dim);
+void nested_metrics(const int32_t *order, const int *sizes, int n_sizes, const FullRow *rows,
+                    int n_heads, const int32_t *topk, int topk_stride, int k, float *scratch,
+                    int32_t *rank_of, double *mass, double *err, double *recall);
+
 /* Fraction of needle tokens at positions <= t that the cache holds; NaN if there are none. */
 double needle_survival(const KVCache *c, const TraceMeta *meta, int t);
 /* The same by turn distance: out[d] for the needle tokens at positions <= t whose needle starts

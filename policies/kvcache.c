@@ -95,6 +95,30 @@ void kvcache_clear(KVCache *c)
         kvcache_remove_slot(c, c->n - 1);
 }
 
+void kvcache_assign(KVCache *c, const int32_t *pos, int n)
+{
+    if (c->n_alt > 0) {
+        kvcache_clear(c);
+    } else {
+        for (int s = 0; s < c->n; s++)
+            if (c->pos[s] >= 0)
+                c->slot_of[c->pos[s]] = -1;
+        c->n = 0;
+    }
+    while (c->cap < n) {
+        c->n = 0; /* push_slot's growth, without pushing */
+        c->cap *= 2;
+        c->pos = kv_realloc(c->pos, (size_t)c->cap * sizeof *c->pos);
+        c->alt_kv = kv_realloc(c->alt_kv, (size_t)c->cap * sizeof *c->alt_kv);
+        c->alt_stamp = kv_realloc(c->alt_stamp, (size_t)c->cap * sizeof *c->alt_stamp);
+    }
+    memcpy(c->pos, pos, (size_t)n * sizeof *pos);
+    memset(c->alt_kv, 0, (size_t)n * sizeof *c->alt_kv);
+    for (int s = 0; s < n; s++)
+        c->slot_of[pos[s]] = s;
+    c->n = n;
+}
+
 static int compare_i32(const void *a, const void *b)
 {
     int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;

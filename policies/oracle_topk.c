@@ -11,6 +11,7 @@
  * which no method can. */
 #include <stddef.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "policies/policy.h"
 #include "policies/rank.h"
@@ -28,7 +29,9 @@ typedef struct {
     double *score;       /* [T] scratch */
     int32_t *candidates; /* [T] scratch */
     uint8_t *chosen;     /* [T] scratch */
-    int32_t *best0;      /* [T] scratch: this instance's choice in oracle_topk_step_many */
+    int room;            /* min(budget, T): the most a cache holds */
+    int32_t *order;      /* [n_kv_heads][room]: each cache's positions in keep order */
+    int order_t;         /* the step `order` is of (-1: none yet) */
 } OracleTopk;
 
 static const ParamSpec oracle_topk_params[] = {
@@ -52,7 +55,9 @@ static Policy *oracle_topk_create(const void *params, const LayerView *L, const 
     o->score = kv_malloc((size_t)L->n_tokens * sizeof *o->score);
     o->candidates = kv_malloc((size_t)L->n_tokens * sizeof *o->candidates);
     o->chosen = kv_calloc((size_t)L->n_tokens, sizeof *o->chosen);
-    o->best0 = kv_malloc((size_t)L->n_tokens * sizeof *o->best0);
+    o->room = o->budget < L->n_tokens ? o->budget : L->n_tokens;
+    o->order = kv_malloc((size_t)L->n_kv_heads * o->room * sizeof *o->order);
+    o->order_t = -1;
     return &o->base;
 }
 
@@ -101,6 +106,17 @@ static int keep_at(const OracleTopk *o, int n)
     return n < o->budget ? n : o->budget;
 }
 
+/* KV head g's cache in keep order: the first `keep` of o->candidates (rank_keep_best's choice),
+ * sorted best first. */
+static int32_t *sorted_choice(OracleTopk *o, int g, int keep)
+{
+    int32_t *order = o->order + (size_t)g * o->room;
+    for (int i = 0; i < keep; i++)
+        order[i] = o->candidates[i];
+    rank_sort_best(order, keep, o->score);
+    return order;
+}
+
 static void oracle_topk_step(Policy *p, const StepView *sv)
 {
     OracleTopk *o = (OracleTopk *)p;
@@ -108,44 +124,51 @@ static void oracle_topk_step(Policy *p, const StepView *sv)
     for (int g = 0; g < p->n_kv_heads; g++) {
         score_keys(o, sv, g, n);
         rank_keep_best(o->candidates, n, keep, o->score);
+        sorted_choice(o, g, keep);
         keep_chosen(o, g, o->candidates, keep);
     }
+    o->order_t = sv->t;
 }
 
-/* Instances of any budgets at once (a sweep's): the scores are the same row for all, so one
- * score and one selection for every budget (rank_keep_best_many gives each budget's choice in
- * the order its own rank_keep_best would), then each instance's cache as its step leaves it. */
+/* Instances of any budgets at once (a sweep's): the scores are the same row for all, and the
+ * caches nest, so one score row, one selection for the largest budget and one sort of its
+ * choice serve every budget: instance i keeps the first keep_i positions of that order. Each
+ * cache then holds what its own step would leave it; only its slot order may differ, which
+ * nothing reads (a nest is scored in keep order, and has no kv_quant). */
 static void oracle_topk_step_many(Policy *const *ps, int n_inst, const StepView *sv)
 {
-    OracleTopk *o = (OracleTopk *)ps[0];
-    int n = sv->t + 1;
-    int keep[n_inst];
-    int32_t *best[n_inst];
-    for (int i = 0; i < n_inst; i++) {
-        OracleTopk *oi = (OracleTopk *)ps[i];
-        keep[i] = keep_at(oi, n);
-        /* instance 0's candidates are the selection's working array: its choice goes apart */
-        best[i] = i == 0 ? o->best0 : oi->candidates;
-    }
+    int n = sv->t + 1, big = 0;
+    for (int i = 1; i < n_inst; i++)
+        if (((OracleTopk *)ps[i])->budget > ((OracleTopk *)ps[big])->budget)
+            big = i;
+    OracleTopk *o = (OracleTopk *)ps[big];
+    int most = keep_at(o, n);
     for (int g = 0; g < o->base.n_kv_heads; g++) {
         score_keys(o, sv, g, n);
-        rank_keep_best_many(o->candidates, n, keep, n_inst, o->score, best);
-        for (int i = 0; i < n_inst; i++)
-            keep_chosen((OracleTopk *)ps[i], g, best[i], keep[i]);
+        rank_keep_best(o->candidates, n, most, o->score);
+        const int32_t *order = sorted_choice(o, g, most);
+        for (int i = 0; i < n_inst; i++) {
+            OracleTopk *oi = (OracleTopk *)ps[i];
+            int keep = keep_at(oi, n);
+            kvcache_assign(&oi->base.cache[g], order, keep); /* slots in keep order */
+            if (oi != o) /* its own keep order: the first keep of the group's */
+                memcpy(oi->order + (size_t)g * oi->room, order, (size_t)keep * sizeof *order);
+        }
     }
+    for (int i = 0; i < n_inst; i++)
+        ((OracleTopk *)ps[i])->order_t = sv->t;
 }
 
-/* Keep order (policy.h): the cached positions by score, best first. Every instance holds the
- * first keep_at(t + 1) of all positions [0, t] in that order, whatever its budget. */
+/* Keep order (policy.h): the cached positions by score, best first, as the step sorted them.
+ * Every instance holds the first keep_at(t + 1) of all positions [0, t] in that order, whatever
+ * its budget. */
 static int oracle_topk_keep_order(Policy *p, const StepView *sv, int g, int32_t *pos)
 {
     OracleTopk *o = (OracleTopk *)p;
-    const KVCache *c = &p->cache[g];
-    int n = 0;
-    for (int s = 0; s < c->n; s++) /* in slot order: the sort below orders them */
-        pos[n++] = c->pos[s];
-    score_keys(o, sv, g, sv->t + 1);
-    rank_sort_best(pos, n, o->score);
+    int n = p->cache[g].n;
+    if (o->order_t != sv->t)
+        return -1; /* not stepped to this step: no order to give */
+    memcpy(pos, o->order + (size_t)g * o->room, (size_t)n * sizeof *pos);
     return n;
 }
 
@@ -156,7 +179,7 @@ static void oracle_topk_destroy(Policy *p)
     free(o->score);
     free(o->candidates);
     free(o->chosen);
-    free(o->best0);
+    free(o->order);
     policy_base_free(p);
     free(o);
 }

@@ -196,6 +196,9 @@ void kvcache_remove(KVCache *c, int pos);   /* real position; no-op if absent */
 void kvcache_remove_slot(KVCache *c, int slot);
 /* Removes every slot (a policy that rebuilds its cache at a prefill chunk). */
 void kvcache_clear(KVCache *c);
+/* The cache holds exactly the real positions pos[0, n) (distinct), in that slot order, with the
+ * trace's K and V: what removing every slot and adding them in order gives, in O(old n + n). */
+void kvcache_assign(KVCache *c, const int32_t *pos, int n);
 /* Writes the real positions held to out (room for c->n), ascending; returns how many. */
 int kvcache_positions(const KVCache *c, int32_t *out);
 /* Number of slots holding real positions (pos >= 0). */
@@ -287,9 +290,9 @@ struct PolicyType {
     /* The per-token scores a wrapper drives (above); NULL: the policy exposes none. */
     const PolicyScorer *scorer;
     /* Steps n instances of this type, all of one layer at one decode step (sv: the step view
-     * each would get), leaving every one exactly as n calls of step would, while doing what they
-     * have in common once (oracle_topk: one selection over the attention row for every budget,
-     * `kvsim sweep`). NULL: step alone. Called instead of step only by a driver that shares
+     * each would get), leaving every one exactly as n calls of step would (for a type whose
+     * caches nest, the slot order aside: nothing reads it), while doing what they have in common
+     * once (oracle_topk: one selection and one sort for every budget, `kvsim sweep`). NULL: step alone. Called instead of step only by a driver that shares
      * steps (PolicyDriver.share_steps, sim/driver/driver.h), for the instances of the type that
      * have no kv_quant; p[0] may use its own scratch for the shared work. */
     void (*step_many)(Policy *const *p, int n, const StepView *sv);

@@ -19,15 +19,6 @@ void rank_keep_best(int32_t *pos, int n, int k, const double *score);
  * LSD radix sort on the score's bits and the position. */
 void rank_sort_best(int32_t *pos, int n, const double *score);
 
-/* rank_keep_best for several k at once over the same pos[0, n) and scores: out[i][0, k[i]) is
- * what pos[0, k[i]) would be after rank_keep_best(a copy of pos, n, k[i], score), in that very
- * order (the order the caller adds them in, which its slot order follows), for i < n_k (k[i] > n
- * taken as n, k[i] <= 0 writes nothing). The partitions that the k share are made once: each
- * quickselect step on a range is the same for every k whose k-th best lies in it, so the cost
- * is that of one selection plus the copies, instead of n_k selections. pos is left permuted. */
-void rank_keep_best_many(int32_t *pos, int n, const int *k, int n_k, const double *score,
-                         int32_t *const *out);
-
 /* The slot of `c` holding the worst real position by score[pos] among those <= max_pos;
  * -1 when there is none. */
 int rank_worst_slot(const KVCache *c, const double *score, int max_pos);

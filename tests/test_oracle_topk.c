@@ -97,50 +97,9 @@ static void test_oracle_topk_dominates_every_policy_each_step(void **state)
     }
 }
 
-/* rank_keep_best_many gives every k exactly what rank_keep_best gives it, in the same order:
- * the order a policy adds the chosen positions in, which its slot order (and so the float sums
- * of the metrics) follows. Scores with many ties (the later position wins them), k of every
- * size, repeated, 0 and beyond n. */
-static void test_keep_best_many_is_keep_best_for_each_k(void **state)
-{
-    (void)state;
-    enum { N = 300, NK = 24 };
-    uint64_t x = 12345;
-    for (int round = 0; round < 40; round++) {
-        int n = 1 + round * 7 % N;
-        double score[N];
-        int32_t pos[N], one[N], many_pos[N];
-        int levels = round % 3 == 0 ? 4 : round % 3 == 1 ? 50 : 1 << 20;
-        for (int j = 0; j < n; j++) {
-            x = x * 6364136223846793005ULL + 1442695040888963407ULL;
-            score[j] = (double)((x >> 33) % (uint64_t)levels);
-            many_pos[j] = j;
-        }
-        int k[NK];
-        int32_t out_buf[NK][N], *out[NK];
-        for (int i = 0; i < NK; i++) {
-            x = x * 6364136223846793005ULL + 1442695040888963407ULL;
-            k[i] = i == 0 ? 0 : i == 1 ? n : i == 2 ? n + 5 : i == 3 ? k[2] - 5 : (int)((x >> 33) % (uint64_t)n) + 1;
-            out[i] = out_buf[i];
-            memset(out_buf[i], 0xff, sizeof out_buf[i]);
-        }
-        rank_keep_best_many(many_pos, n, k, NK, score, out);
-        for (int i = 0; i < NK; i++) {
-            for (int j = 0; j < n; j++)
-                pos[j] = j;
-            rank_keep_best(pos, n, k[i], score);
-            int keep = k[i] < n ? k[i] : n;
-            memcpy(one, pos, (size_t)n * sizeof *one);
-            for (int j = 0; j < keep; j++)
-                assert_int_equal(out[i][j], one[j]);
-            if (keep < N)
-                assert_int_equal(out[i][keep], -1); /* nothing written beyond k */
-        }
-    }
-}
-
-/* Instances at many budgets stepped together by step_many hold, slot for slot, the caches that
- * each one's own step gives it. */
+/* Instances at many budgets stepped together by step_many hold the caches that each one's own
+ * step gives it (the same positions; their slot order is free, policy.h), and give the same
+ * keep order, the order in which the replay scores them. */
 static void test_step_many_is_each_step(void **state)
 {
     (void)state;
@@ -173,7 +132,13 @@ static void test_step_many_is_each_step(void **state)
             for (int g = 0; g < 2; g++) {
                 const KVCache *a = &alone[i]->cache[g], *b = &shared[i]->cache[g];
                 assert_int_equal(a->n, b->n);
-                assert_memory_equal(a->pos, b->pos, (size_t)a->n * sizeof *a->pos);
+                int32_t pa[T], pb[T], oa[T], ob[T];
+                assert_int_equal(kvcache_positions(a, pa), a->n);
+                assert_int_equal(kvcache_positions(b, pb), b->n);
+                assert_memory_equal(pa, pb, (size_t)a->n * sizeof *pa);
+                assert_int_equal(alone[i]->type->keep_order(alone[i], &sv, g, oa), a->n);
+                assert_int_equal(shared[i]->type->keep_order(shared[i], &sv, g, ob), b->n);
+                assert_memory_equal(oa, ob, (size_t)a->n * sizeof *oa);
             }
     }
     free(full);
@@ -189,7 +154,6 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_oracle_topk_is_top_budget_by_group_sum),
         cmocka_unit_test(test_oracle_topk_dominates_every_policy_each_step),
-        cmocka_unit_test(test_keep_best_many_is_keep_best_for_each_k),
         cmocka_unit_test(test_step_many_is_each_step),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -6,14 +6,12 @@
 # times of the whole command (trace read and hashed, replay, cells written and assembled; the
 # best of ROUNDS rounds each, taken in turn, as neighbours on a shared machine come and go).
 #
-# What the 20 budgets share: the trace, the exact attention of every decode query, and for
-# oracle_topk one selection per step and KV head for every budget (rank_keep_best_many). What
-# each budget still pays for is what its own results are made of, summed in the order of a
-# standalone run so that every cell is its bytes (tests/test_sweep.c): its cache's slots, the
-# attention over them, the output error over them, and its four CSVs. docs/sweeps.md gives
-# the figures. Target "any number of budgets at the cost of one": 20 budgets <= 1.5x one
-# budget; exit status 1 when missed (the per-budget work above keeps it near 2x on our 2-core
-# machine: missed today).
+# What the 20 budgets share: the trace, the exact attention of every decode query, the scoring
+# (both policies' caches nest: each is scored in its keep order, every budget from one pass over
+# the largest cache, sim/replay/metrics.h: nested_metrics), and for oracle_topk one selection
+# and one sort per step and KV head. What each budget still pays for is its own cache's upkeep
+# and its four CSVs. docs/sweeps.md gives the figures. Target "any number of budgets at the
+# cost of one": 20 budgets <= 1.5x one budget; exit status 1 when missed.
 #
 #   bench/sweep_nested.sh KVSIM [THREADS] [ROUNDS]
 set -euo pipefail

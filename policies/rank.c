@@ -57,10 +57,12 @@ void rank_keep_best(int32_t *pos, int n, int k, const double *score)
     }
 }
 
-/* An unsigned key that orders doubles as < does (-0 below +0; no NaN among scores). */
+/* An unsigned key that orders doubles as < does, equal doubles equal keys (-0 taken as +0, so
+ * that they tie as in `better`; no NaN among scores). */
 static inline uint64_t order_key(double x)
 {
     uint64_t u;
+    x = x == 0 ? 0.0 : x;
     memcpy(&u, &x, sizeof u);
     return u >> 63 ? ~u : u | (uint64_t)1 << 63;
 }

@@ -1257,7 +1257,7 @@ static void test_nested_caches_nest(void **state)
         for (int i = 0; i < NEST; i++) {
             prm[i] = nest_member(st, values[i]);
             spec[i] = (PolicySpec){.type = st->type, .params = prm[i]};
-            snprintf(spec[i].label, sizeof spec[i].label, "%s_nest%d", st->label, i);
+            snprintf(spec[i].label, sizeof spec[i].label, "%.48s_nest%d", st->label, i);
         }
         float *full = kv_malloc((size_t)HQ * T * sizeof *full);
         for (int l = 0; l < N_LAYOUTS; l++)

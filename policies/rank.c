@@ -57,7 +57,8 @@ void rank_keep_best(int32_t *pos, int n, int k, const double *score)
     }
 }
 
-/* An unsigned key that orders doubles as < does (-0 and +0 equal; no NaN among scores). */
+/* An unsigned key that orders doubles as < does, equal doubles equal keys (-0 taken as +0, so
+ * that they tie as in `better`; no NaN among scores). */
 static inline uint64_t order_key(double x)
 {
     uint64_t u;

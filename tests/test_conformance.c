@@ -1161,6 +1161,210 @@ static void test_tova_next_to_snapkv_sees_its_own_rows(void **state)
     scratch_remove(pair);
 }
 
+/* ---- Nested caches (policies/policy.h: nest_param, nests, keep_order) ---- */
+
+/* The parameter struct of setting st with its nest parameter set to `value` (free() it). */
+static void *nest_member(const Setting *st, long value)
+{
+    void *prm = fixture_params(st->type, st->params);
+    char v[32];
+    snprintf(v, sizeof v, "%ld", value);
+    KvErr err;
+    if (policy_param_set(st->type, prm, st->type->nest_param, v, &err) != 0)
+        fail_msg("%s (%s): %s=%s: %s", st->label, st->params, st->type->nest_param, v, err.msg);
+    return prm;
+}
+
+/* The value of setting st's nest parameter (its default when the setting does not give it). */
+static long nest_value(const Setting *st)
+{
+    char v[128];
+    if (setting_value(st->params, st->type->nest_param, v, sizeof v))
+        return atol(v);
+    for (const ParamSpec *ps = st->type->params; ps->key; ps++)
+        if (strcmp(ps->key, st->type->nest_param) == 0)
+            return atol(ps->dflt);
+    fail_msg("policy %s: nest_param %s is none of its parameters", st->type->name,
+             st->type->nest_param);
+    return 0;
+}
+
+enum { NEST = 3 }; /* the members of a nest under test */
+
+/* At decode step t, after every member stepped: each member's keep order of each KV head holds
+ * exactly its cache's positions (cache[g].n of them, distinct), and each member's cache is,
+ * as a set, the first cache[g].n positions of every member's order that holds at least as
+ * many: the caches nest in one order, as the replay's scoring of them together assumes. */
+static void check_nest_step(const Setting *st, const Layout *lay, int window, PolicyDriver *d,
+                            int t)
+{
+    int n_kv = d->inst[0]->n_kv_heads;
+    for (int g = 0; g < n_kv; g++) {
+        int32_t order[NEST][T], cached[NEST][T], n[NEST];
+        for (int i = 0; i < NEST; i++) {
+            Policy *p = d->inst[i];
+            const KVCache *c = &p->cache[g];
+            n[i] = p->type->keep_order(p, &d->sv[i], g, order[i]);
+            if (n[i] != c->n)
+                fail_msg("nest: %s (%s=%ld), %s, window %d: KV head %d, step %d: keep order of "
+                         "%d positions for a cache of %d", st->label, st->type->nest_param,
+                         nest_value(st), lay->name, window, g, t, n[i], c->n);
+            memcpy(cached[i], c->pos, (size_t)c->n * sizeof *c->pos);
+            qsort(cached[i], (size_t)c->n, sizeof *cached[i], cmp_i32);
+            int32_t sorted[T];
+            memcpy(sorted, order[i], (size_t)n[i] * sizeof *sorted);
+            qsort(sorted, (size_t)n[i], sizeof *sorted, cmp_i32);
+            for (int j = 0; j < n[i]; j++)
+                if (sorted[j] != cached[i][j] || (j > 0 && sorted[j] == sorted[j - 1]))
+                    fail_msg("nest: %s, member %d, %s, window %d: KV head %d, step %d: the keep "
+                             "order is not the cache's positions", st->label, i, lay->name,
+                             window, g, t);
+        }
+        for (int i = 0; i < NEST; i++)
+            for (int j = 0; j < NEST; j++) {
+                if (n[i] > n[j])
+                    continue;
+                int32_t prefix[T];
+                memcpy(prefix, order[j], (size_t)n[i] * sizeof *prefix);
+                qsort(prefix, (size_t)n[i], sizeof *prefix, cmp_i32);
+                if (memcmp(prefix, cached[i], (size_t)n[i] * sizeof *prefix) != 0)
+                    fail_msg("nest: %s, %s, window %d: KV head %d, step %d: member %d's cache "
+                             "(%d slots) is not the first %d of member %d's keep order",
+                             st->label, lay->name, window, g, t, i, n[i], n[i], j);
+            }
+    }
+}
+
+/* Every setting of every type whose caches nest (nest_param, and `nests` where the type has it),
+ * on every layout, on a global and on a sliding-window layer: three members of its nest (its
+ * nest parameter below, at and above the setting's, the other parameters the setting's) driven
+ * together through the driver, as a sweep's replay drives them, nest at every decode step; and
+ * the driver puts them in one group. */
+static void test_nested_caches_nest(void **state)
+{
+    Suite *s = *state;
+    int covered = 0;
+    for (int si = 0; si < s->n; si++) {
+        const Setting *st = &s->set[si];
+        if (!st->type->nest_param)
+            continue;
+        assert_non_null(st->type->keep_order);
+        if (st->type->nests && !st->type->nests(st->prm))
+            continue;
+        long v = nest_value(st), values[NEST] = {v > 6 ? v - 5 : 1, v, v + 7};
+        void *prm[NEST];
+        PolicySpec spec[NEST];
+        for (int i = 0; i < NEST; i++) {
+            prm[i] = nest_member(st, values[i]);
+            spec[i] = (PolicySpec){.type = st->type, .params = prm[i]};
+            snprintf(spec[i].label, sizeof spec[i].label, "%.48s_nest%d", st->label, i);
+        }
+        float *full = kv_malloc((size_t)HQ * T * sizeof *full);
+        for (int l = 0; l < N_LAYOUTS; l++)
+            for (int window = 0; window <= 20; window += 20) {
+                const Layout *lay = &LAYOUTS[l];
+                Fixture *fx = new_fixture(lay);
+                fixture_set_window(fx, window);
+                PolicyDriver d;
+                KvErr err;
+                if (driver_create(&d, &fx->L, spec, NEST, SEED, KV_BITS, SLIDING_COMPRESS, false,
+                                  &err) != 0)
+                    fail_msg("%s", err.msg);
+                d.share_steps = true; /* as the replay sets it */
+                const int *members, *none;
+                assert_int_equal(driver_step_group(&d, 0, &members), NEST);
+                for (int i = 0; i < NEST; i++) {
+                    assert_true(driver_nests(&d, i));
+                    assert_int_equal(members[i], i);
+                    if (i > 0)
+                        assert_int_equal(driver_step_group(&d, i, &none), 0);
+                }
+                for (int sp = 0; sp < lay->n_spans; sp++) {
+                    const TraceSpan *span = &lay->spans[sp];
+                    if (span->kind == SPAN_PREFILL) {
+                        for (int c0 = span->start; c0 < span->end;) {
+                            int c1 = driver_chunk_end(c0, span->end, lay->prefill_chunk);
+                            driver_prefill(&d, span->start, span->end, c0, c1);
+                            c0 = c1;
+                        }
+                        continue;
+                    }
+                    for (int t = span->start; t < span->end; t++) {
+                        fixture_full_attn(fx, t, full);
+                        for (int i = 0; i < NEST; i++)
+                            driver_step(&d, i, t, full);
+                        check_nest_step(st, lay, window, &d, t);
+                        for (int i = 0; i < NEST; i++)
+                            driver_observe(&d, i, NULL);
+                    }
+                }
+                driver_free(&d);
+                fixture_free(fx);
+            }
+        free(full);
+        for (int i = 0; i < NEST; i++)
+            free(prm[i]);
+        covered++;
+    }
+    assert_true(covered >= 2); /* window and oracle_topk at least */
+}
+
+/* The driver's groups (share_steps): the members of one nest together, whatever their order
+ * among the instances; a window with rerotate (its caches do not nest, and the type has no
+ * step_many) and a window of other sinks (another nest) apart; oracle_topk's budgets, a nest
+ * of their own. */
+static void test_nests_group_apart_from_other_settings(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *type, *params;
+        bool nests;
+    } inst[] = {
+        {"window", "window=24", true},        {"window", "window=28", true},
+        {"window", "window=24 rerotate=true", false},
+        {"window", "window=28 rerotate=true", false},
+        {"window", "window=24 sinks=0", true}, {"oracle_topk", "budget=8", true},
+        {"oracle_topk", "budget=16", true},   {"window", "window=30", true},
+    };
+    enum { N = sizeof inst / sizeof inst[0] };
+    /* each instance's group: the first member and the group's size (1: alone) */
+    static const int first[N] = {0, 0, 2, 3, 4, 5, 5, 0}, len[N] = {3, 3, 1, 1, 1, 2, 2, 3};
+    Fixture *fx = new_fixture(&LAYOUTS[0]);
+    PolicySpec spec[N];
+    for (int i = 0; i < N; i++) {
+        spec[i] = (PolicySpec){.type = policy_find(inst[i].type)};
+        assert_non_null(spec[i].type);
+        spec[i].params = fixture_params(spec[i].type, inst[i].params);
+        snprintf(spec[i].label, sizeof spec[i].label, "%s_%d", inst[i].type, i);
+    }
+    PolicyDriver d;
+    KvErr err;
+    if (driver_create(&d, &fx->L, spec, N, SEED, KV_BITS, SLIDING_COMPRESS, false, &err) != 0)
+        fail_msg("%s", err.msg);
+    d.share_steps = true;
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(driver_nests(&d, i), inst[i].nests);
+        const int *members;
+        int got = driver_step_group(&d, i, &members);
+        if (first[i] != i) {
+            assert_int_equal(got, 0); /* stepped with an earlier instance's group */
+            continue;
+        }
+        assert_int_equal(got, len[i]);
+        if (len[i] == 1) {
+            assert_null(members);
+            continue;
+        }
+        for (int j = 0, m = 0; j < N; j++)
+            if (first[j] == i)
+                assert_int_equal(members[m++], j);
+    }
+    driver_free(&d);
+    for (int i = 0; i < N; i++)
+        free(spec[i].params);
+    fixture_free(fx);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1175,6 +1379,8 @@ int main(void)
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_history_reencode),
         cmocka_unit_test(test_turns),
+        cmocka_unit_test(test_nested_caches_nest),
+        cmocka_unit_test(test_nests_group_apart_from_other_settings),
     };
     return cmocka_run_group_tests(tests, suite_setup, suite_teardown);
 }

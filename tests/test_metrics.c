@@ -7,10 +7,12 @@
 #include <cmocka.h>
 
 #include <cblas.h>
+#include <float.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "sim/base/attention.h"
 #include "sim/base/half.h"
 #include "sim/replay/metrics.h"
 
@@ -501,6 +503,272 @@ static void test_output_errors_against_a_double_sum_and_sgemm(void **state)
             }
 }
 
+/* ---- Nested caches (nested_metrics) against the slot-order functions ---- */
+
+/* A row whose caches nest: n_heads query heads over one KV head's T keys, query t = T - 1, on
+ * a layer of `window` keys (0: global). Each head's p is dyadic (integer weights over a power
+ * of two, exact in float, so every sum of them is exact in double and the mass is the same
+ * whichever way a cache's p are added) and zero before the window; `bad[h]` >= 0: head h's p
+ * at that position is a subnormal (a share below FLT_MIN). o_full = sum_j p_j v_j. */
+typedef struct {
+    int T, D, n_heads, k, stride;
+    float *q, *kk, *v, *p, *o_full;
+    int32_t *topk; /* [n_heads][stride]: each head's top-k positions */
+    FullRow rows[4];
+} NestRow;
+
+static void nest_row(NestRow *x, int T, int D, int n_heads, int window, const int *bad,
+                     uint64_t seed)
+{
+    *x = (NestRow){.T = T, .D = D, .n_heads = n_heads, .k = 8, .stride = 11};
+    x->q = malloc((size_t)n_heads * D * sizeof(float));
+    x->kk = malloc((size_t)T * D * sizeof(float));
+    x->v = malloc((size_t)T * D * sizeof(float));
+    x->p = malloc((size_t)n_heads * T * sizeof(float));
+    x->o_full = malloc((size_t)n_heads * D * sizeof(float));
+    x->topk = malloc((size_t)n_heads * x->stride * sizeof(int32_t));
+    for (int i = 0; i < T * D; i++) {
+        x->kk[i] = 4 * (rnd(&seed) - 0.5f);
+        x->v[i] = rnd(&seed) - 0.5f;
+    }
+    int t = T - 1, first = attn_first_key(window, t);
+    int32_t *weight = malloc((size_t)T * sizeof *weight);
+    for (int h = 0; h < n_heads; h++) {
+        float *p = x->p + (size_t)h * T;
+        int64_t total = 0, pow2 = 1;
+        for (int j = 0; j < T; j++) {
+            weight[j] = j < first || j == bad[h] ? 0 : 1 + (int32_t)(rnd(&seed) * 4096);
+            total += weight[j];
+        }
+        while (pow2 < total)
+            pow2 *= 2;
+        weight[t] += (int32_t)(pow2 - total); /* the weights sum to a power of two */
+        for (int j = 0; j < T; j++)
+            p[j] = (float)weight[j] / (float)pow2;
+        if (bad[h] >= 0)
+            p[bad[h]] = 1e-42f; /* subnormal */
+        for (int d = 0; d < D; d++) {
+            x->q[h * D + d] = rnd(&seed) - 0.5f;
+            double o = 0;
+            for (int j = first; j <= t; j++)
+                o += (double)p[j] * x->v[(size_t)j * D + d];
+            x->o_full[h * D + d] = (float)o;
+        }
+        topk_indices(p, T, x->k, x->topk + (size_t)h * x->stride);
+        x->rows[h] = (FullRow){.t = t, .head_dim = D, .scale = 0.25f, .window = window,
+                               .q = x->q + h * D, .p = p, .logit_max = 1.0f, .logit_z = 4.0f,
+                               .k = x->kk, .v = x->v, .o_full = x->o_full + h * D};
+    }
+    free(weight);
+}
+
+static void nest_row_free(NestRow *x)
+{
+    free(x->q);
+    free(x->kk);
+    free(x->v);
+    free(x->p);
+    free(x->o_full);
+    free(x->topk);
+}
+
+/* nested_metrics of sizes[0, n_sizes) over `order`, into mass/err/recall [n_sizes][n_heads];
+ * rank_of filled first with garbage: in range [0, T) (garbage 0) or any int (1). */
+static void nested_run(const NestRow *x, const int32_t *order, const int *sizes, int n_sizes,
+                       int garbage, uint64_t seed, double *mass, double *err, double *recall)
+{
+    int n = sizes[n_sizes - 1];
+    float *scratch = malloc(nested_scratch_floats(n, n_sizes, x->n_heads, x->D) * sizeof(float));
+    int32_t *rank_of = malloc((size_t)x->T * sizeof *rank_of);
+    for (int j = 0; j < x->T; j++) {
+        seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+        rank_of[j] = garbage == 0 ? (int32_t)((seed >> 33) % (uint64_t)x->T)
+                                  : (int32_t)(uint32_t)(seed >> 32);
+    }
+    nested_metrics(order, sizes, n_sizes, x->rows, x->n_heads, x->topk, x->stride, x->k,
+                   scratch, rank_of, mass, err, recall);
+    free(scratch);
+    free(rank_of);
+}
+
+/* The slot-order figures of the cache order[0, n), its slots added in that order: mass and
+ * recall as cache_attention_heads and recall_at_k give them, the error as output_errors (0 when
+ * it has nothing to compute, as the engine takes it). */
+static void slot_order_metrics(const NestRow *x, const int32_t *order, int n, double *mass,
+                               double *err, double *recall)
+{
+    KVCache c;
+    kvcache_init(&c, x->T, x->D);
+    for (int i = 0; i < n; i++)
+        kvcache_add(&c, order[i]);
+    float *attn = malloc((size_t)x->n_heads * (n > 0 ? n : 1) * sizeof(float));
+    float *scratch = malloc((size_t)(n + x->n_heads) * x->D * sizeof(float));
+    CacheAttention ca[4];
+    cache_attention_heads(&c, x->rows, x->n_heads, attn, ca);
+    if (output_errors_needed(&c, x->T - 1)) {
+        output_errors(&c, x->rows, x->n_heads, attn, scratch, err);
+    } else {
+        for (int h = 0; h < x->n_heads; h++)
+            err[h] = 0.0;
+    }
+    for (int h = 0; h < x->n_heads; h++) {
+        mass[h] = ca[h].retained_mass;
+        recall[h] = recall_at_k(&c, x->topk + (size_t)h * x->stride, x->k);
+    }
+    free(attn);
+    free(scratch);
+    kvcache_free(&c);
+}
+
+/* Checks nested_metrics on the nest sizes[0, n_sizes) (at most MAX_NEST) of `order`:
+ *   - each size's figures against the slot-order functions on a cache of its positions: the
+ *     mass to 1e-12 relative (the dyadic p make both sums exact), the error to 1e-5 absolute
+ *     or 1e-4 relative (float sums in another order), the recall exactly;
+ *   - a size's doubles bit for bit the same whichever sizes are scored with it: each size alone,
+ *     and every suffix of the sizes from it;
+ *   - the same bits whatever rank_of holds (in-range garbage, any ints). */
+enum { MAX_NEST = 8 };
+static void check_nest(const NestRow *x, const int32_t *order, const int *sizes, int n_sizes)
+{
+    int H = x->n_heads;
+    double mass[MAX_NEST * 4], err[MAX_NEST * 4], recall[MAX_NEST * 4];
+    nested_run(x, order, sizes, n_sizes, 0, 1, mass, err, recall);
+    for (int s = 0; s < n_sizes; s++) {
+        double m[4], e[4], r[4];
+        slot_order_metrics(x, order, sizes[s], m, e, r);
+        for (int h = 0; h < H; h++) {
+            size_t at = (size_t)s * H + h;
+            if (!(fabs(mass[at] - m[h]) <= 1e-12 * fabs(m[h])) ||
+                !(fabs(err[at] - e[h]) <= 1e-5 || fabs(err[at] - e[h]) <= 1e-4 * fabs(e[h])) ||
+                recall[at] != r[h])
+                fail_msg("size %d, head %d: nested mass %.17g err %.17g recall %.17g, slot order "
+                         "%.17g %.17g %.17g", sizes[s], h, mass[at], err[at], recall[at], m[h],
+                         e[h], r[h]);
+        }
+        /* alone, and with the larger sizes only */
+        for (int suffix = 0; suffix < 2; suffix++) {
+            int n_sub = suffix ? n_sizes - s : 1;
+            double m2[MAX_NEST * 4], e2[MAX_NEST * 4], r2[MAX_NEST * 4];
+            nested_run(x, order, sizes + s, n_sub, 1, 99 + (uint64_t)s, m2, e2, r2);
+            assert_memory_equal(m2, mass + (size_t)s * H, (size_t)H * sizeof(double));
+            assert_memory_equal(e2, err + (size_t)s * H, (size_t)H * sizeof(double));
+            assert_memory_equal(r2, recall + (size_t)s * H, (size_t)H * sizeof(double));
+        }
+    }
+    /* every size again, with rank_of holding any ints */
+    double m3[MAX_NEST * 4], e3[MAX_NEST * 4], r3[MAX_NEST * 4];
+    nested_run(x, order, sizes, n_sizes, 1, 7, m3, e3, r3);
+    assert_memory_equal(m3, mass, (size_t)n_sizes * H * sizeof(double));
+    assert_memory_equal(e3, err, (size_t)n_sizes * H * sizeof(double));
+    assert_memory_equal(r3, recall, (size_t)n_sizes * H * sizeof(double));
+}
+
+/* order[0, n): n distinct positions of [0, T), the first `lead` of them `front` (given), the
+ * rest random ones in random order. */
+static void random_order(int32_t *order, int n, int T, const int32_t *front, int lead,
+                         uint64_t seed)
+{
+    int32_t *all = malloc((size_t)T * sizeof *all);
+    for (int j = 0; j < T; j++)
+        all[j] = j;
+    for (int i = 0; i < lead; i++) /* the given ones first */
+        for (int j = i; j < T; j++)
+            if (all[j] == front[i]) {
+                all[j] = all[i];
+                all[i] = front[i];
+                break;
+            }
+    for (int j = T - 1; j > lead; j--) {
+        int i = lead + (int)(rnd(&seed) * (float)(j - lead + 1));
+        i = i > j ? j : i;
+        int32_t tmp = all[i];
+        all[i] = all[j];
+        all[j] = tmp;
+    }
+    memcpy(order, all, (size_t)n * sizeof *order);
+    free(all);
+}
+
+/* A global row, 4 heads, head_dim 44 (the 32- and 8-wide loops and the scalar tail), a nest of
+ * caches of some positions; then 3 heads, head_dim 64, the largest cache every key (mass exactly
+ * 1, error exactly 0, as the slot-order functions also give). */
+static void test_nested_metrics_global(void **state)
+{
+    (void)state;
+    const int no_bad[4] = {-1, -1, -1, -1};
+    NestRow x;
+    int32_t order[600];
+    nest_row(&x, 600, 44, 4, 0, no_bad, 11);
+    random_order(order, 400, 600, NULL, 0, 12);
+    check_nest(&x, order, (const int[]){1, 37, 150, 400}, 4);
+    nest_row_free(&x);
+
+    nest_row(&x, 300, 64, 3, 0, no_bad, 13);
+    random_order(order, 300, 300, NULL, 0, 14);
+    const int sizes[] = {10, 149, 200, 299, 300};
+    check_nest(&x, order, sizes, 5);
+    double mass[5 * 3], err[5 * 3], recall[5 * 3];
+    nested_run(&x, order, sizes, 5, 0, 3, mass, err, recall);
+    for (int h = 0; h < 3; h++) {
+        assert_true(mass[4 * 3 + h] == 1.0 && err[4 * 3 + h] == 0.0 && recall[4 * 3 + h] == 1.0);
+        assert_true(err[3 * 3 + h] > 0.0); /* one key short */
+    }
+    nest_row_free(&x);
+}
+
+/* A sliding-window row (120 keys of 500): the order starts with positions before the window,
+ * which get no attention (a cache of them alone: mass 0, error 1); the size that first holds
+ * every key of the window has mass exactly 1 and error exactly 0, though it holds keys before
+ * the window too and not all of them. */
+static void test_nested_metrics_window(void **state)
+{
+    (void)state;
+    enum { T = 500, W = 120 };
+    const int no_bad[4] = {-1, -1, -1, -1};
+    int first = attn_first_key(W, T - 1);
+    NestRow x;
+    int32_t order[T];
+    nest_row(&x, T, 40, 4, W, no_bad, 21);
+    const int32_t front[3] = {0, 7, first - 1};
+    random_order(order, T, T, front, 3, 22);
+    int full_at = 0; /* the size that first holds the whole window */
+    for (int i = 0; i < T; i++)
+        if (order[i] >= first)
+            full_at = i + 1;
+    assert_true(full_at > 71 && full_at < T);
+    const int sizes[] = {3, 70, full_at - 1, full_at, T};
+    check_nest(&x, order, sizes, 5);
+    double mass[5 * 4], err[5 * 4], recall[5 * 4];
+    nested_run(&x, order, sizes, 5, 0, 5, mass, err, recall);
+    for (int h = 0; h < 4; h++) {
+        assert_true(mass[h] == 0.0 && err[h] == 1.0 && recall[h] == 0.0);
+        assert_true(mass[3 * 4 + h] == 1.0 && err[3 * 4 + h] == 0.0);
+        assert_true(mass[4 * 4 + h] == 1.0 && err[4 * 4 + h] == 0.0);
+        assert_true(mass[2 * 4 + h] < 1.0 && err[2 * 4 + h] > 0.0);
+    }
+    nest_row_free(&x);
+}
+
+/* A share below FLT_MIN inside the nest: caches up to it renormalise the full row's p, caches
+ * past it take the softmax of the logits over the cache (as cache_attention does); head 0's
+ * subnormal comes early in the order, head 1's later, head 2 has none. */
+static void test_nested_metrics_underflow(void **state)
+{
+    (void)state;
+    enum { T = 200 };
+    NestRow x;
+    int32_t order[T];
+    random_order(order, T, T, NULL, 0, 31);
+    const int bad[4] = {order[30], order[90], -1, -1};
+    nest_row(&x, T, 16, 3, 0, bad, 32);
+    /* the premise: a share that is not a normal float (the slot-order functions take the
+     * fallback there too) */
+    assert_true(x.rows[0].p[order[30]] > 0.0f && x.rows[0].p[order[30]] < FLT_MIN);
+    check_nest(&x, order, (const int[]){20, 30, 31, 90, 91, 150}, 6);
+    check_nest(&x, order, (const int[]){31, 91, 150, 199, 200}, 5);
+    nest_row_free(&x);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -516,6 +784,9 @@ int main(void)
         cmocka_unit_test(test_topk_matches_a_full_sort),
         cmocka_unit_test(test_cache_attention_heads_as_one_head_each),
         cmocka_unit_test(test_output_errors_against_a_double_sum_and_sgemm),
+        cmocka_unit_test(test_nested_metrics_global),
+        cmocka_unit_test(test_nested_metrics_window),
+        cmocka_unit_test(test_nested_metrics_underflow),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

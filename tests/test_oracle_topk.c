@@ -97,6 +97,80 @@ static void test_oracle_topk_dominates_every_policy_each_step(void **state)
     }
 }
 
+static int cmp_pos(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The order of rank.h, written out for qsort: a higher score first, between equal scores (as
+ * doubles: -0.0 == +0.0) the later position first. */
+static const double *sort_score;
+static int best_first(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    if (sort_score[x] != sort_score[y])
+        return sort_score[x] > sort_score[y] ? -1 : 1;
+    return (x < y) - (x > y);
+}
+
+/* rank_sort_best gives the unique order a comparison sort by rank.h's order gives: scores with
+ * many ties, negative scores, +0.0 and -0.0 mixed (equal doubles: the later position first),
+ * huge and tiny magnitudes, positions in any order and not all of [0, n), 0 to 3000 of them
+ * (each radix byte moving or not). Its first k are the set rank_keep_best keeps for every k,
+ * which is what a nest of oracle_topk budgets relies on. */
+static void test_sort_best_is_a_comparison_sort(void **state)
+{
+    (void)state;
+    enum { N = 3000 };
+    static double score[2 * N];
+    static int32_t pos[N], want[N], kept[N];
+    uint64_t x = 777;
+    for (int round = 0; round < 60; round++) {
+        int n = round < 3 ? round : 1 + (int)((uint64_t)round * 977 % N);
+        int kind = round % 5;
+        for (int j = 0; j < 2 * N; j++) {
+            x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+            int64_t r = (int64_t)(x >> 33) % 7 - 3; /* -3..3: ties, negatives, zeros */
+            score[j] = kind == 0   ? (double)r                          /* few levels */
+                       : kind == 1 ? (r == 0 ? ((x >> 20) & 1 ? -0.0 : 0.0) : r * 1e-300)
+                       : kind == 2 ? ((x >> 20) & 1 ? -0.0 : 0.0)       /* signed zeros only */
+                       : kind == 3 ? (double)(int64_t)(x >> 11) * (r < 0 ? -1e200 : 1e-200)
+                                   : 0.5; /* one score: the position alone decides */
+        }
+        /* n distinct positions of [0, 2N), shuffled */
+        for (int j = 0; j < n; j++)
+            pos[j] = 2 * j + (round & 1);
+        for (int j = n - 1; j > 0; j--) {
+            x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+            int i = (int)((x >> 33) % (uint64_t)(j + 1));
+            int32_t tmp = pos[i];
+            pos[i] = pos[j];
+            pos[j] = tmp;
+        }
+        memcpy(want, pos, (size_t)n * sizeof *pos);
+        memcpy(kept, pos, (size_t)n * sizeof *pos);
+        sort_score = score;
+        qsort(want, (size_t)n, sizeof *want, best_first);
+        rank_sort_best(pos, n, score);
+        for (int j = 0; j < n; j++)
+            if (pos[j] != want[j])
+                fail_msg("round %d (n %d, kind %d): rank %d holds position %d (score %g), "
+                         "the order wants %d (score %g)",
+                         round, n, kind, j, pos[j], score[pos[j]], want[j], score[want[j]]);
+        /* the first k: the set rank_keep_best keeps */
+        for (int k = 1; k < n; k += 1 + n / 7) {
+            rank_keep_best(kept, n, k, score);
+            int32_t a[N], b[N];
+            memcpy(a, kept, (size_t)k * sizeof *a);
+            memcpy(b, pos, (size_t)k * sizeof *b);
+            qsort(a, (size_t)k, sizeof *a, cmp_pos);
+            qsort(b, (size_t)k, sizeof *b, cmp_pos);
+            assert_memory_equal(a, b, (size_t)k * sizeof *a);
+        }
+    }
+}
+
 /* Instances at many budgets stepped together by step_many hold the caches that each one's own
  * step gives it (the same positions; their slot order is free, policy.h), and give the same
  * keep order, the order in which the replay scores them. */
@@ -154,6 +228,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_oracle_topk_is_top_budget_by_group_sum),
         cmocka_unit_test(test_oracle_topk_dominates_every_policy_each_step),
+        cmocka_unit_test(test_sort_best_is_a_comparison_sort),
         cmocka_unit_test(test_step_many_is_each_step),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

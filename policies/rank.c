@@ -72,43 +72,42 @@ typedef struct {
     uint32_t pos;   /* ~position: ascending = later first */
 } SortItem;
 
-/* One stable counting pass of an LSD radix sort on byte `byte` (0-3: pos, 4-11: score) from
- * src to dst; false (nothing moved) when every item has the same byte there. */
-static bool radix_pass(const SortItem *src, SortItem *dst, int n, int byte)
+/* Byte `byte` of an item's sort key: 0-3 the position's, 4-11 the score's. */
+static inline unsigned key_byte(const SortItem *x, int byte)
 {
-    size_t count[256] = {0};
-    for (int i = 0; i < n; i++)
-        count[byte < 4 ? src[i].pos >> (8 * byte) & 255 : src[i].score >> (8 * (byte - 4)) & 255]++;
-    for (int d = 0; d < 256; d++)
-        if (count[d] == (size_t)n)
-            return false;
-    for (size_t d = 0, at = 0; d < 256; d++) {
-        size_t c = count[d];
-        count[d] = at;
-        at += c;
-    }
-    for (int i = 0; i < n; i++)
-        dst[count[byte < 4 ? src[i].pos >> (8 * byte) & 255
-                           : src[i].score >> (8 * (byte - 4)) & 255]++] = src[i];
-    return true;
+    return byte < 4 ? x->pos >> (8 * byte) & 255 : x->score >> (8 * (byte - 4)) & 255;
 }
 
 void rank_sort_best(int32_t *pos, int n, const double *score)
 {
     if (n < 2)
         return;
-    SortItem *a = kv_malloc(2 * (size_t)n * sizeof *a), *b = a + n;
-    for (int i = 0; i < n; i++)
+    SortItem *a = kv_malloc(2 * (size_t)n * sizeof *a), *b = a + n, *mem = a;
+    /* Every byte's counts in one read; a byte that is the same in every item moves nothing. */
+    uint32_t count[12][256] = {{0}};
+    for (int i = 0; i < n; i++) {
         a[i] = (SortItem){~order_key(score[pos[i]]), ~(uint32_t)pos[i]};
-    for (int byte = 0; byte < 12; byte++)
-        if (radix_pass(a, b, n, byte)) {
-            SortItem *tmp = a;
-            a = b;
-            b = tmp;
+        for (int byte = 0; byte < 12; byte++)
+            count[byte][key_byte(&a[i], byte)]++;
+    }
+    for (int byte = 0; byte < 12; byte++) { /* LSD: stable passes, least significant first */
+        uint32_t *c = count[byte];
+        if (c[key_byte(&a[0], byte)] == (uint32_t)n)
+            continue;
+        for (uint32_t d = 0, at = 0; d < 256; d++) {
+            uint32_t k = c[d];
+            c[d] = at;
+            at += k;
         }
+        for (int i = 0; i < n; i++)
+            b[c[key_byte(&a[i], byte)]++] = a[i];
+        SortItem *tmp = a;
+        a = b;
+        b = tmp;
+    }
     for (int i = 0; i < n; i++)
         pos[i] = (int32_t)~a[i].pos;
-    free(a < b ? a : b);
+    free(mem);
 }
 
 int rank_worst_slot(const KVCache *c, const double *score, int max_pos)

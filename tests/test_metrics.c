@@ -716,6 +716,53 @@ static void test_nested_metrics_global(void **state)
     nest_row_free(&x);
 }
 
+/* A head's figures do not depend on the heads scored with it, nor on how the values are read:
+ * four heads together (on AVX-512 CPUs, four heads per read of a value row; with v16, the
+ * values read as halves) give each head, bit for bit, what it gets scored alone (one head: the
+ * one-head loop), head_dim 64 and 80 (the 64-wide and 16-wide passes). */
+static void test_nested_metrics_heads_alone_or_together(void **state)
+{
+    (void)state;
+    const int no_bad[4] = {-1, -1, -1, -1};
+    const int sizes[] = {5, 64, 200, 333};
+    for (int dim = 64; dim <= 80; dim += 16) {
+        NestRow x;
+        int32_t order[400];
+        nest_row(&x, 400, dim, 4, 0, no_bad, 31 + dim);
+        for (int i = 0; i < 400 * dim; i++) /* values exactly halves: v16 is the same floats */
+            x.v[i] = float_from_half(half_from_float(x.v[i]));
+        uint64_t seed = 35;
+        for (int i = 0; i < 4 * 400; i++) /* full mantissas: the products round */
+            x.p[i] *= 0.75f + 0.5f * rnd(&seed);
+        random_order(order, 333, 400, NULL, 0, 32);
+        uint16_t *v16 = malloc((size_t)400 * dim * sizeof *v16);
+        for (int i = 0; i < 400 * dim; i++)
+            v16[i] = half_from_float(x.v[i]);
+        for (int halves = 0; halves < 2; halves++) {
+            for (int h = 0; h < 4; h++)
+                x.rows[h].v16 = halves ? v16 : NULL;
+            double mass[4 * 4], err[4 * 4], recall[4 * 4];
+            nested_run(&x, order, sizes, 4, 0, 33, mass, err, recall);
+            for (int h = 0; h < 4; h++) {
+                NestRow one = x;
+                one.n_heads = 1;
+                one.rows[0] = x.rows[h];
+                one.topk = x.topk + (size_t)h * x.stride;
+                double m1[4], e1[4], r1[4];
+                nested_run(&one, order, sizes, 4, 0, 34, m1, e1, r1);
+                for (int s = 0; s < 4; s++) {
+                    assert_memory_equal(&m1[s], &mass[s * 4 + h], sizeof(double));
+                    assert_memory_equal(&e1[s], &err[s * 4 + h], sizeof(double));
+                    assert_memory_equal(&r1[s], &recall[s * 4 + h], sizeof(double));
+                }
+                assert_true(e1[3] > 0.0 && m1[3] < 1.0);
+            }
+        }
+        free(v16);
+        nest_row_free(&x);
+    }
+}
+
 /* A sliding-window row (120 keys of 500): the order starts with positions before the window,
  * which get no attention (a cache of them alone: mass 0, error 1); the size that first holds
  * every key of the window has mass exactly 1 and error exactly 0, though it holds keys before
@@ -785,6 +832,7 @@ int main(void)
         cmocka_unit_test(test_cache_attention_heads_as_one_head_each),
         cmocka_unit_test(test_output_errors_against_a_double_sum_and_sgemm),
         cmocka_unit_test(test_nested_metrics_global),
+        cmocka_unit_test(test_nested_metrics_heads_alone_or_together),
         cmocka_unit_test(test_nested_metrics_window),
         cmocka_unit_test(test_nested_metrics_underflow),
     };

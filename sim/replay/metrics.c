@@ -744,6 +744,57 @@ OUT_QUAD static void head_quad_output_half(const uint16_t *const *vrow, const fl
     quad_body((const void *const *)vrow, true, attn, n, D, out);
 }
 
+/* Nested caches (nested_metrics): four heads' running sums u[h] += w[h][i] * v_i over the
+ * value rows in keep order, dimensions [d, d + 16 * W), each row read once for the four; at
+ * i = sizes[s] the sums go to snap + s * stride + h * D. Each lane adds as the scalar loop does
+ * (prefix_outputs_scalar: one fmaf per row, in row order): the same bits at any width. */
+OUT_QUAD static inline __attribute__((always_inline)) void
+prefix_quad_pass(const void *const *vrow, bool half, const float *w, int n, const int *sizes,
+                 int n_sizes, int D, int d, int W, float *snap, size_t stride)
+{
+    const float *a[4] = {w, w + n, w + 2 * (size_t)n, w + 3 * (size_t)n};
+    __m512 u[4][4];
+    QUAD_UNROLL
+    for (int h = 0; h < 4; h++)
+        QUAD_UNROLL
+        for (int z = 0; z < W; z++)
+            u[h][z] = _mm512_setzero_ps();
+    for (int s = 0, i = 0; s < n_sizes; s++) {
+        for (; i < sizes[s]; i++) {
+            if (d == 0 && i + OUT_AHEAD < n)
+                prefetch_rows(vrow + i + OUT_AHEAD, 1, D * (half ? 2 : 4));
+            __m512 r[4];
+            QUAD_UNROLL
+            for (int z = 0; z < W; z++)
+                r[z] = load16(vrow[i], d + 16 * z, half);
+            QUAD_UNROLL
+            for (int h = 0; h < 4; h++) {
+                __m512 x = _mm512_set1_ps(a[h][i]);
+                QUAD_UNROLL
+                for (int z = 0; z < W; z++)
+                    u[h][z] = _mm512_fmadd_ps(x, r[z], u[h][z]);
+            }
+        }
+        QUAD_UNROLL
+        for (int h = 0; h < 4; h++)
+            QUAD_UNROLL
+            for (int z = 0; z < W; z++)
+                _mm512_storeu_ps(snap + s * stride + (size_t)h * D + d + 16 * z, u[h][z]);
+    }
+}
+
+/* prefix_quad_pass over every dimension (D a multiple of 16). */
+OUT_QUAD static void prefix_outputs_quad(const void *const *vrow, bool half, const float *w,
+                                         int n, const int *sizes, int n_sizes, int D,
+                                         float *snap, size_t stride)
+{
+    int d = 0;
+    for (; d + 64 <= D; d += 64)
+        prefix_quad_pass(vrow, half, w, n, sizes, n_sizes, D, d, 4, snap, stride);
+    for (; d + 16 <= D; d += 16)
+        prefix_quad_pass(vrow, half, w, n, sizes, n_sizes, D, d, 1, snap, stride);
+}
+
 static bool cpu_has_fma(void)
 {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -772,6 +823,14 @@ static void head_quad_output_half(const uint16_t *const *vrow, const float *attn
                                   float *out)
 {
     (void)vrow, (void)attn, (void)n, (void)D, (void)out; /* never called: no AVX-512 here */
+}
+
+static void prefix_outputs_quad(const void *const *vrow, bool half, const float *w, int n,
+                                const int *sizes, int n_sizes, int D, float *snap, size_t stride)
+{
+    /* never called: no AVX-512 here */
+    (void)vrow, (void)half, (void)w, (void)n, (void)sizes, (void)n_sizes, (void)D, (void)snap;
+    (void)stride;
 }
 
 static void head_pair_output_avx2(const float *const *vrow, const float *a, const float *b,
@@ -964,6 +1023,77 @@ static void nested_softmax_output(const int32_t *order, int n, const FullRow *ro
     free(logit);
 }
 
+/* One head's shares in keep order into w[0, n) (0 before the window: adding it leaves the
+ * double sum as it is), its running mass at each size into mass[s * n_heads], and in *bad the
+ * first index whose attended share is not a normal float (n: none). */
+static void nested_shares1(const int32_t *order, const int *sizes, int n_sizes,
+                           const FullRow *row, int n_heads, int first, float *w, double *mass,
+                           int *bad)
+{
+    const float *p = row->p;
+    int n = n_sizes > 0 ? sizes[n_sizes - 1] : 0;
+    double sum = 0;
+    *bad = n;
+    for (int s = 0, i = 0; s < n_sizes; s++) {
+        for (; i < sizes[s]; i++) {
+            int32_t j = order[i];
+            float x = j < first ? 0.0f : p[j];
+            w[i] = x;
+            sum += x;
+            if (x < FLT_MIN && j >= first && *bad == n)
+                *bad = i;
+        }
+        mass[(size_t)s * n_heads] = sum;
+    }
+}
+
+/* nested_shares1 for four heads side by side (each the same additions), positions fetched a
+ * few slots ahead; w[h * n + i]. */
+static void nested_shares4(const int32_t *order, const int *sizes, int n_sizes,
+                           const FullRow *rows, int n_heads, int first, float *w, int n,
+                           double *mass, int *bad)
+{
+    const float *p0 = rows[0].p, *p1 = rows[1].p, *p2 = rows[2].p, *p3 = rows[3].p;
+    float *w0 = w, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    bool normal = true;
+    for (int s = 0, i = 0; s < n_sizes; s++) {
+        for (; i < sizes[s]; i++) {
+            int32_t j = order[i];
+            if (i + AHEAD < n) {
+                int32_t f = order[i + AHEAD];
+                __builtin_prefetch(p0 + f);
+                __builtin_prefetch(p1 + f);
+                __builtin_prefetch(p2 + f);
+                __builtin_prefetch(p3 + f);
+            }
+            bool in = j >= first;
+            float x0 = in ? p0[j] : 0.0f, x1 = in ? p1[j] : 0.0f;
+            float x2 = in ? p2[j] : 0.0f, x3 = in ? p3[j] : 0.0f;
+            s0 += x0;
+            s1 += x1;
+            s2 += x2;
+            s3 += x3;
+            w0[i] = x0;
+            w1[i] = x1;
+            w2[i] = x2;
+            w3[i] = x3;
+            normal &= !in || (x0 >= FLT_MIN && x1 >= FLT_MIN && x2 >= FLT_MIN && x3 >= FLT_MIN);
+        }
+        mass[(size_t)s * n_heads] = s0;
+        mass[(size_t)s * n_heads + 1] = s1;
+        mass[(size_t)s * n_heads + 2] = s2;
+        mass[(size_t)s * n_heads + 3] = s3;
+    }
+    for (int h = 0; h < 4; h++)
+        bad[h] = n;
+    if (!normal) /* which of them, and where: a second look, rarely taken */
+        for (int h = 0; h < 4; h++)
+            for (int i = 0; i < n && bad[h] == n; i++)
+                if (order[i] >= first && w[(size_t)h * n + i] < FLT_MIN)
+                    bad[h] = i;
+}
+
 size_t nested_scratch_floats(int n_max, int n_sizes, int n_heads, int head_dim)
 {
     /* value-row pointers (two floats each), the heads' shares, the snapshots */
@@ -982,35 +1112,37 @@ void nested_metrics(const int32_t *order, const int *sizes, int n_sizes, const F
     /* The shares in keep order (0 before the query's window), each head's running mass at
      * every size, and where a share first is not a normal float. */
     int attended[n_sizes > 0 ? n_sizes : 1], bad_at[n_heads];
-    for (int h = 0; h < n_heads; h++) {
-        const float *p = rows[h].p;
-        float *w = share + (size_t)h * n;
-        double sum = 0;
-        bad_at[h] = n;
-        for (int s = 0, i = 0; s < n_sizes; s++) {
-            for (; i < sizes[s]; i++) {
-                int32_t j = order[i];
-                w[i] = j < first ? 0.0f : p[j];
-                if (j >= first) {
-                    sum += w[i];
-                    if (w[i] < FLT_MIN && bad_at[h] == n)
-                        bad_at[h] = i;
-                }
-            }
-            mass[s * n_heads + h] = sum;
-        }
-    }
+    int h = 0;
+    for (; h + 4 <= n_heads; h += 4)
+        nested_shares4(order, sizes, n_sizes, rows + h, n_heads, first, share + (size_t)h * n, n,
+                       mass + h, bad_at + h);
+    for (; h < n_heads; h++)
+        nested_shares1(order, sizes, n_sizes, rows + h, n_heads, first, share + (size_t)h * n,
+                       mass + h, bad_at + h);
     for (int s = 0, i = 0, count = 0; s < n_sizes; s++) {
         for (; i < sizes[s]; i++)
             count += order[i] >= first;
         attended[s] = count;
     }
-    for (int i = 0; i < n; i++)
-        vrow[i] = rows[0].v + (size_t)order[i] * D;
     size_t stride = (size_t)n_heads * D;
-    for (int h = 0; h < n_heads; h++)
-        prefix_outputs(vrow, share + (size_t)h * n, sizes, n_sizes, D, snap + (size_t)h * D,
-                       stride);
+    if (n_heads % 4 == 0 && D % 16 == 0 && cpu_has_fma() && cpu_has_avx512vl()) {
+        /* Four heads per read of a value row, and halves where the values are (the same
+         * floats, half the bytes). */
+        bool half = rows[0].v16 != NULL;
+        const void **row = (const void **)(void *)scratch;
+        for (int i = 0; i < n; i++)
+            row[i] = half ? (const void *)(rows[0].v16 + (size_t)order[i] * D)
+                          : (const void *)(rows[0].v + (size_t)order[i] * D);
+        for (int h = 0; h < n_heads; h += 4)
+            prefix_outputs_quad(row, half, share + (size_t)h * n, n, sizes, n_sizes, D,
+                                snap + (size_t)h * D, stride);
+    } else {
+        for (int i = 0; i < n; i++)
+            vrow[i] = rows[0].v + (size_t)order[i] * D;
+        for (int h = 0; h < n_heads; h++)
+            prefix_outputs(vrow, share + (size_t)h * n, sizes, n_sizes, D,
+                           snap + (size_t)h * D, stride);
+    }
     for (int s = 0; s < n_sizes; s++)
         for (int h = 0; h < n_heads; h++) {
             size_t at = (size_t)s * n_heads + h;

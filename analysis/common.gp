@@ -101,6 +101,11 @@ coincide_cmd = "awk -F, -v name='%s' 'function same(a, b, i, x, y) { if (n_[a] !
     . " if (!done[j] && same(order[i], order[j])) { g = g \" = \" order[j]; done[j] = 1 }" \
     . " if (g != order[i]) printf \"%%s%%s\", (k++ ? \"; \" : \"\"), g } }' '%s'"
 coinciding(name) = system(sprintf(coincide_cmd, name, in))
+# The same for the table a shell command writes (a header, then rows): one panel's rows.
+coinciding_in(name, cmd) = system(cmd . " | " . sprintf(coincide_cmd, name, "-"))
+# A multiplot's note of the lines drawn on top of each other, panel by panel: "" or
+# "persist: hybrid = offload; reencode: window = h2o" (panel_note adds one panel's groups).
+panel_note(note, panel, groups) = groups eq "" ? note : note . (note eq "" ? "" : "; ") . panel . ": " . groups
 
 set key outside right center vertical Left reverse spacing 1.2 box
 set title font ",15"

@@ -29,6 +29,20 @@ mode_rows(p, h) = sprintf(mode_rows_cmd, p, h, in)
 # Policies that do not apply in closed loop (oracle_future: empty fields) have no line.
 plotted = policies_with_values("accuracy")
 
+# The lines drawn on top of each other in each panel (common.gp: coinciding), named below it.
+mode_table_cmd = "awk -F, -v h='%s' 'NR == 1 { for (i = 1; i <= NF; i++) {" \
+    . " if ($i == \"history\") hc = i; if ($i == \"by\") b = i } }" \
+    . " NR == 1 || ($hc == h && $b == \"distance\")' '%s'"
+note = ""
+do for [m = 1:n_modes] {
+    note = panel_note(note, word(modes, m), \
+                      coinciding_in("accuracy", sprintf(mode_table_cmd, word(modes, m), in)))
+}
+if (note ne "") {
+    set label 2 sprintf("lines drawn on top of each other (within 0.2%% at every distance): %s", note) \
+        at screen 0.01, screen 0.02 left font ",10"
+}
+
 left = 0.06
 right = 0.84
 width = (right - left) / n_modes
@@ -50,6 +64,7 @@ do for [m = 1:n_modes] {
     plot for [i = 1:words(plotted)] mode_rows(word(plotted, i), word(modes, m)) \
         using "value":"accuracy" with linespoints linetype policy_linetype(word(plotted, i)) \
         title word(plotted, i)
+    unset label 2 # drawn once
 }
 unset multiplot
 unset output

@@ -37,6 +37,25 @@ left = 0.06
 right = 0.84
 width = (right - left) / n_modes
 
+# The lines drawn on top of each other in each panel (common.gp: coinciding), named below it:
+# each policy's last-turn survival at every distance, as rows "policy,survival".
+mode_table_cmd = "awk -F, -v h='%s' 'NR == 1 { for (i = 1; i <= NF; i++) {" \
+    . " if ($i == \"policy\") c = i; if ($i == \"history\") hc = i; if ($i == \"turn\") tc = i;" \
+    . " if ($i ~ /^needle_survival_d[0-9]+$/) col[++nd] = i } print \"policy,survival\"; next }" \
+    . " $hc == h { if (!($c in last)) order[++n] = $c;" \
+    . " if (!($c in last) || $tc + 0 >= last[$c]) { last[$c] = $tc + 0; row[$c] = $0 } }" \
+    . " END { for (i = 1; i <= n; i++) { split(row[order[i]], f, \",\");" \
+    . " for (d = 1; d <= nd; d++) print order[i] \",\" f[col[d]] } }' '%s'"
+note = ""
+do for [m = 1:n_modes] {
+    note = panel_note(note, word(modes, m), \
+                      coinciding_in("survival", sprintf(mode_table_cmd, word(modes, m), in)))
+}
+if (note ne "") {
+    set label 2 sprintf("lines drawn on top of each other (within 0.2%% at every distance): %s", note) \
+        at screen 0.01, screen 0.02 left font ",10"
+}
+
 set multiplot title titled("Needle survival at the last turn, by turns since the needle was delivered") font ",15"
 set xlabel "turn distance"
 set xtics 1
@@ -52,6 +71,7 @@ do for [m = 1:n_modes] {
     if (m == n_modes) { set key at screen 0.99, screen 0.5 right center title "policy" } else { unset key }
     plot for [i = 1:n_policies] last_turn(word(policies, i), word(modes, m)) \
         using "distance":"survival" with linespoints linetype i title word(policies, i)
+    unset label 2 # drawn once
 }
 unset multiplot
 unset output

@@ -464,6 +464,37 @@ static void test_intervals_and_coinciding_lines(void **state)
     free(printed);
 }
 
+/* The multi-panel plots by turn distance name, panel by panel, the lines drawn on top of each
+ * other: eval_distance (window and h2o coincide under persist, not under reencode; the by-turn
+ * row and the other mode's rows do not count) and survival_distance (at the last turn only:
+ * h2o and tova coincide under reencode, where an earlier turn differs). */
+static void test_distance_plots_name_coinciding_lines(void **state)
+{
+    (void)state;
+    static const char eval_csv[] =
+        "policy,type,history,by,value,questions,correct,accuracy,agreement_with_full\n"
+        "full,full,persist,distance,0,2,2,1,1\nfull,full,persist,distance,1,2,1,0.5,1\n"
+        "window,window,persist,turn,1,2,0,0,1\n"
+        "window,window,persist,distance,0,2,1,0.5,1\nwindow,window,persist,distance,1,2,0,0,1\n"
+        "h2o,h2o,persist,turn,1,2,2,1,1\n"
+        "h2o,h2o,persist,distance,0,2,1,0.5,1\nh2o,h2o,persist,distance,1,2,0,0,1\n"
+        "full,full,reencode,distance,0,2,2,1,1\nfull,full,reencode,distance,1,2,1,0.5,1\n"
+        "window,window,reencode,distance,0,2,1,0.5,1\nwindow,window,reencode,distance,1,2,0,0,1\n"
+        "h2o,h2o,reencode,distance,0,2,2,1,1\nh2o,h2o,reencode,distance,1,2,0,0,1\n";
+    char *printed = common_gp_prints(eval_csv, "load script_dir . '/eval_distance.gp'\nprint note\n");
+    assert_string_equal(printed, "persist: window = h2o\n");
+    free(printed);
+    static const char turns_csv[] =
+        "history,policy,turn,needle_survival_d0,needle_survival_d1\n"
+        "persist,full,0,1,\npersist,full,1,1,1\npersist,h2o,0,1,\npersist,h2o,1,1,0.5\n"
+        "persist,tova,0,1,\npersist,tova,1,0.8,0.5\n"
+        "reencode,full,0,1,\nreencode,full,1,1,1\nreencode,h2o,0,0.9,\nreencode,h2o,1,1,0.4\n"
+        "reencode,tova,0,0.5,\nreencode,tova,1,1,0.4\n";
+    printed = common_gp_prints(turns_csv, "load script_dir . '/survival_distance.gp'\nprint note\n");
+    assert_string_equal(printed, "reencode: h2o = tova\n");
+    free(printed);
+}
+
 /* A dataset (kvsim run over many traces): dataset.csv with paired.csv beside it, and without. */
 static void test_dataset_renders(void **state)
 {
@@ -643,6 +674,7 @@ int main(void)
         cmocka_unit_test(test_survival_distance_renders),
         cmocka_unit_test(test_empty_field_is_missing),
         cmocka_unit_test(test_intervals_and_coinciding_lines),
+        cmocka_unit_test(test_distance_plots_name_coinciding_lines),
         cmocka_unit_test(test_dataset_renders),
         cmocka_unit_test(test_missing_input_fails),
         cmocka_unit_test(test_wrong_input_fails),

@@ -30,13 +30,18 @@ static bool slot_outside(const KVCache *c, int slot, const FullRow *row)
     return c->pos[slot] >= 0 && c->pos[slot] < attn_first_key(row->window, row->t);
 }
 
-/* Logit of slot i: scale * q . k, with the slot's own key for alt slots. */
-static double slot_logit(const KVCache *c, int slot, const FullRow *row)
+/* The logit of key k for the row's query: scale * q . k (soft-capped when the row is). */
+static double key_logit(const FullRow *row, const float *k)
 {
-    const float *k = c->alt_kv[slot] ? c->alt_kv[slot]
-                                     : row->k + (size_t)c->pos[slot] * row->head_dim;
     return attn_softcap_logit((double)row->scale * cblas_sdot(row->head_dim, row->q, 1, k, 1),
                               row->softcap);
+}
+
+/* Logit of slot i, with the slot's own key for alt slots. */
+static double slot_logit(const KVCache *c, int slot, const FullRow *row)
+{
+    return key_logit(row, c->alt_kv[slot] ? c->alt_kv[slot]
+                                          : row->k + (size_t)c->pos[slot] * row->head_dim);
 }
 
 /* The renormalised attention as a softmax of the logits over the cache (double precision). */
@@ -1001,11 +1006,7 @@ static void nested_softmax_output(const int32_t *order, int n, const FullRow *ro
     double mx = -INFINITY, z = 0;
     double *logit = kv_malloc((size_t)(n > 0 ? n : 1) * sizeof *logit);
     for (int i = 0; i < n; i++) {
-        const float *k = row->k + (size_t)order[i] * D;
-        logit[i] = order[i] < first
-                       ? -INFINITY
-                       : attn_softcap_logit((double)row->scale * cblas_sdot(D, row->q, 1, k, 1),
-                                            row->softcap);
+        logit[i] = order[i] < first ? -INFINITY : key_logit(row, row->k + (size_t)order[i] * D);
         mx = logit[i] > mx ? logit[i] : mx;
     }
     for (int i = 0; i < n; i++) {

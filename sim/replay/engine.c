@@ -24,10 +24,11 @@ enum { DECODE_BLOCK = 64 };
  * and the policies' prefills (sim/driver/driver.h); per block of decode steps, the exact
  * attention by query head, the top-k of the evaluated steps by query head, then the policy
  * instances by unit (an instance, or the instances that step together: driver_step_group),
- * each unit through every step of the block on one thread: its step, its attention over its
- * caches and the metrics, its observation. Instances are independent given the block's
- * attention (each writes only its own slots), so the team meets three times per block of
- * decode steps, not at every step. */
+ * each thread of the team taking a share of the units (plan_shares) through every step of the
+ * block, at each step every unit of its share in turn: its step, its attention over its caches
+ * and the metrics, its observation. Instances are independent given the block's attention
+ * (each writes only its own slots), so the team meets three times per block of decode steps,
+ * not at every step. */
 typedef struct Worker Worker;
 
 typedef struct {
@@ -283,6 +284,7 @@ typedef struct {
     int *order;     /* [n_units]: the units' first instances, the costliest in the last block
                      * first */
     double *cost;   /* [n_policies]: each unit's seconds in the block, on its first instance */
+    int *share_units, *share_at, *share_len; /* plan_shares: each thread's units */
 } Block;
 
 /* Step b of instance pi, after its step: its attention over each of its caches, KV head by KV
@@ -465,47 +467,92 @@ static void observe_step(Block *bl, Lane *ln, int pi, int b)
         }
 }
 
-/* One unit of the block (an instance, or the instances that step together: driver_step_group)
- * through every step of the block: at each step, each instance's step, then its attention over
- * its caches and the metrics, then its observation. Units are independent (each writes only
- * its instances' slots), so a unit takes the whole block without waiting for the others: the
- * team meets once per block, not three times per step. The unit stops after the first step at
- * which one of its instances failed (fail_b, errs), as the run then does. */
-static int unit_block(void *ctx, int item, int slot, KvErr *err)
+/* Step b of one unit (an instance, or the instances that step together: driver_step_group, by
+ * its first instance): each instance's step, then its attention over its caches and the
+ * metrics, then its observation. Returns false once one of its instances has failed (fail_b,
+ * errs): the unit stops there, as the run then does. */
+static bool unit_step(Block *bl, Lane *ln, int first, int b)
 {
-    (void)err;
-    Block *bl = ctx;
     PolicyDriver *drv = bl->drv;
     const LayerView *L = drv->L;
-    Lane *ln = &bl->w->lanes[slot];
-    int first = bl->order[item];
     const int *members;
     int n = driver_step_group(drv, first, &members);
     if (n == 1)
         members = &first;
     bool nest = driver_nests(drv, first); /* a group nests when its first does */
-    double c0 = now_seconds();
-    for (int b = 0; b < bl->B; b++) {
+    for (int j = 0; j < n; j++)
+        driver_step(drv, members[j], bl->t0 + b,
+                    bl->w->probs + (size_t)b * L->n_q_heads * L->n_tokens);
+    if (nest)
+        attend_nest(bl, ln, members, n, b);
+    else
         for (int j = 0; j < n; j++)
-            driver_step(drv, members[j], bl->t0 + b,
-                        bl->w->probs + (size_t)b * L->n_q_heads * L->n_tokens);
-        if (nest)
-            attend_nest(bl, ln, members, n, b);
-        else
-            for (int j = 0; j < n; j++)
-                attend_step(bl, ln, members[j], b);
-        bool failed = false;
-        for (int j = 0; j < n; j++) {
-            int pi = members[j];
-            if (bl->fail_b[pi] == bl->B)
-                observe_step(bl, ln, pi, b);
-            failed |= bl->fail_b[pi] < bl->B;
-        }
-        if (failed)
-            break;
+            attend_step(bl, ln, members[j], b);
+    bool failed = false;
+    for (int j = 0; j < n; j++) {
+        int pi = members[j];
+        if (bl->fail_b[pi] == bl->B)
+            observe_step(bl, ln, pi, b);
+        failed |= bl->fail_b[pi] < bl->B;
     }
-    bl->cost[first] += now_seconds() - c0;
+    return !failed;
+}
+
+/* One thread's share of the block's units (share_units[share_at[item], + share_len[item])),
+ * step by step: at each step every unit of the share in turn, so that the step's attention
+ * rows, which every unit reads, are read while they are still in the core's cache, not once per
+ * unit from memory. Units are independent (each writes only its instances' slots): the order
+ * in which one thread interleaves them changes no number. */
+static int share_block(void *ctx, int item, int slot, KvErr *err)
+{
+    (void)err;
+    Block *bl = ctx;
+    Lane *ln = &bl->w->lanes[slot];
+    const int *units = bl->share_units + bl->share_at[item];
+    int n = bl->share_len[item];
+    bool going[n > 0 ? n : 1];
+    for (int u = 0; u < n; u++)
+        going[u] = true;
+    for (int b = 0; b < bl->B; b++)
+        for (int u = 0; u < n; u++)
+            if (going[u]) {
+                double c0 = now_seconds();
+                going[u] = unit_step(bl, ln, units[u], b);
+                bl->cost[units[u]] += now_seconds() - c0;
+            }
     return 0;
+}
+
+/* The threads' shares of the units: each unit, costliest first (order), to the share with the
+ * least cost so far (then the fewest units, then the lowest index). Only the threads' share of
+ * the work depends on it, never a number. */
+static int plan_shares(Block *bl, int n_units, int n_threads)
+{
+    int n_share = n_threads < n_units ? n_threads : n_units;
+    double load[n_share > 0 ? n_share : 1];
+    int count[n_share > 0 ? n_share : 1], of[n_units > 0 ? n_units : 1];
+    for (int k = 0; k < n_share; k++) {
+        load[k] = 0;
+        count[k] = 0;
+    }
+    for (int i = 0; i < n_units; i++) {
+        int best = 0;
+        for (int k = 1; k < n_share; k++)
+            if (load[k] < load[best] || (load[k] == load[best] && count[k] < count[best]))
+                best = k;
+        of[i] = best;
+        load[best] += bl->cost[bl->order[i]];
+        count[best]++;
+    }
+    for (int k = 0, at = 0; k < n_share; k++) {
+        bl->share_at[k] = at;
+        bl->share_len[k] = 0;
+        for (int i = 0; i < n_units; i++)
+            if (of[i] == k)
+                bl->share_units[at + bl->share_len[k]++] = bl->order[i];
+        at += bl->share_len[k];
+    }
+    return n_share;
 }
 
 /* The top-k keys of the true attention of every evaluated step of the block, for query head h. */
@@ -560,7 +607,10 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
     KvErr *errs = kv_malloc((size_t)n_pol * sizeof *errs);
     int *order = kv_malloc((size_t)n_pol * sizeof *order);
     double *cost = kv_calloc((size_t)n_pol, sizeof *cost);
-    int n_units = 0; /* the units (unit_block): each by its first instance */
+    int *share_units = kv_malloc((size_t)n_pol * sizeof *share_units);
+    int *share_at = kv_malloc((size_t)n_pol * sizeof *share_at);
+    int *share_len = kv_malloc((size_t)n_pol * sizeof *share_len);
+    int n_units = 0; /* the units (unit_step): each by its first instance */
     for (int pi = 0; pi < n_pol; pi++) {
         const int *members;
         if (driver_step_group(drv, pi, &members) > 0)
@@ -589,7 +639,9 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
         if (failed)
             break;
 
-        Block bl = {job, w, drv, t0, B, fail_b, errs, order, cost};
+        Block bl = {job, w, drv, t0, B, fail_b, errs, order, cost, share_units, share_at,
+                    share_len};
+        int n_share = plan_shares(&bl, n_units, pool_size(w->team)); /* by the last costs */
         for (int pi = 0; pi < n_pol; pi++) {
             fail_b[pi] = B;
             cost[pi] = 0;
@@ -608,7 +660,7 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
                 for (int d = 0; d < TURN_DISTANCES; d++)
                     block_steps(w, pi, w->e0 + i)[STEP_NEEDLE + d] = NAN;
         pool_for(w->team, Hq, block_topk, &bl, NULL);
-        pool_for(w->team, n_units, unit_block, &bl, NULL);
+        pool_for(w->team, n_share, share_block, &bl, NULL);
         /* The first failure (lowest step, then lowest instance: what one thread taking the
          * steps in turn, and at each the instances in turn, would meet first) ends the run. */
         int first = -1;
@@ -628,6 +680,9 @@ static int decode_run(Job *job, Worker *w, PolicyDriver *drv, int a, int b_end, 
     free(errs);
     free(order);
     free(cost);
+    free(share_units);
+    free(share_at);
+    free(share_len);
     return failed ? -1 : 0;
 }
 

@@ -214,6 +214,32 @@ static void test_ta512_every_policy_and_the_bounds(void **state)
     }
 }
 
+/* Policies left at their defaults hold different budgets (h2o 512, hybrid 1024, decay 8192):
+ * without a [run] budget the run compares every policy but full and warns in one line naming
+ * the smallest and the largest mean cache; a config whose policies all hold the same (two
+ * windows of 512 and full) gets no warning. */
+static void test_run_warns_for_policies_at_their_defaults(void **state)
+{
+    (void)state;
+    char ini[2][8400];
+    snprintf(ini[0], sizeof ini[0], "%s/defaults.ini", dir);
+    scratch_write(ini[0], "[policy.full]\ntype = full\n[policy.h2o]\ntype = h2o\n"
+                          "[policy.hybrid]\ntype = hybrid\n[policy.decay]\ntype = decay\n");
+    snprintf(ini[1], sizeof ini[1], "%s/same.ini", dir);
+    scratch_write(ini[1], "[policy.full]\ntype = full\n[policy.a]\ntype = window\n"
+                          "[policy.b]\ntype = window\nsinks = 0\nwindow = 512\n");
+    KvsimRun r = run_kvsim_ok("run '%s' --trace '%s' --out '%s/d0' --quiet", ini[0], synth_trace,
+                              dir);
+    assert_int_equal(count_lines(r.err), 1);
+    assert_non_null(strstr(r.err, "kvsim run: warning: at their own budgets (no [run] budget) "
+                                  "the policies' mean caches are more than 5% apart: h2o holds "
+                                  "512.0 tokens per KV head, decay "));
+    kvsim_run_free(&r);
+    r = run_kvsim_ok("run '%s' --trace '%s' --out '%s/d1' --quiet", ini[1], synth_trace, dir);
+    assert_string_equal(r.err, "");
+    kvsim_run_free(&r);
+}
+
 /* [run] budget = 256: every policy type without a budget of its own holds about 256 tokens per
  * KV head (summary.csv's cache_tokens_mean), trig a little more between its prunes (up to its
  * prune period, 64 at this budget), which the run reports in one warning line; a policy with its
@@ -473,6 +499,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_csvs_identical_at_one_and_two_threads),
         cmocka_unit_test(test_ta512_every_policy_and_the_bounds),
+        cmocka_unit_test(test_run_warns_for_policies_at_their_defaults),
         cmocka_unit_test(test_run_budget_every_policy),
         cmocka_unit_test(test_bad_input_one_line_exit_2),
         cmocka_unit_test(test_unusable_output_directory),

@@ -14,15 +14,18 @@
 #include "sim/replay/dataset.h"
 #include "sim/replay/report.h"
 
-/* The policies the run's budget applies to, compared by report_warn_unequal_caches: full and a
- * policy whose section sets its own budget are not; an oracle given the budget is. `at` names
- * the budget ("budget 512"). */
+/* The policies compared by report_warn_unequal_caches: with a [run] budget or ratio, those it
+ * applies to (full and a policy whose section sets its own budget are not; an oracle given the
+ * budget is); without one, every policy that has a budget (all but full), at the budgets its
+ * section sets or its defaults, which differ from policy to policy. `at` names the budget
+ * ("budget 512"). */
 static void warn_unequal_caches(const RunConfig *rc, const double *tokens, const char *at)
 {
     int n = rc->engine.n_policies;
     bool *compare = kv_malloc((size_t)n * sizeof *compare);
     for (int k = 0; k < n; k++)
-        compare[k] = config_policy_budgeted(rc, k);
+        compare[k] = rc->budget_line ? config_policy_budgeted(rc, k)
+                                     : config_policy_has_budget(rc, k);
     report_warn_unequal_caches(stderr, "run", rc->engine.policies, n, compare, tokens, at);
     free(compare);
 }
@@ -165,12 +168,15 @@ static int run_single(RunConfig *rc, const PathList *traces, Provenance *prov, i
                    rc->out_dir);
         }
     }
-    if (status == 0 && budget) {
+    if (status == 0) {
         double *tokens = kv_malloc((size_t)res->n_policies * sizeof *tokens);
         for (int k = 0; k < res->n_policies; k++)
             tokens[k] = summary[k].step[SM_CACHE_TOKENS][STAT_MEAN];
         char at[64];
-        snprintf(at, sizeof at, "budget %d", budget);
+        if (rc->budget_line)
+            snprintf(at, sizeof at, "budget %d", budget);
+        else
+            snprintf(at, sizeof at, "their own budgets (no [run] budget)");
         warn_unequal_caches(rc, tokens, at);
         free(tokens);
     }
@@ -237,7 +243,7 @@ static int run_dataset(RunConfig *rc, const PathList *traces, Provenance *prov, 
                    config_reference(rc) >= 0 ? "paired.csv, " : "");
         }
     }
-    if (status == 0 && rc->budget_line) {
+    if (status == 0) {
         int n = rc->engine.n_policies;
         double *tokens = kv_malloc((size_t)n * sizeof *tokens);
         for (int k = 0; k < n; k++) {
@@ -245,11 +251,14 @@ static int run_dataset(RunConfig *rc, const PathList *traces, Provenance *prov, 
             if (dataset_value(ds, k, "cache_tokens_mean", false, &tokens[k], &lo, &hi) != 0)
                 tokens[k] = NAN;
         }
-        char at[64];
+        char at[80];
         if (rc->ratio > 0)
             snprintf(at, sizeof at, "ratio %g (means over %d traces)", rc->ratio, traces->n);
-        else
+        else if (rc->budget_line)
             snprintf(at, sizeof at, "budget %d (means over %d traces)", rc->budget, traces->n);
+        else
+            snprintf(at, sizeof at, "their own budgets (no [run] budget; means over %d traces)",
+                     traces->n);
         warn_unequal_caches(rc, tokens, at);
         free(tokens);
     }

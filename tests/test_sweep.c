@@ -173,14 +173,16 @@ static void test_many_budgets_equal_standalone_runs(void **state)
 /* Policies given the same budget that hold more than 5% apart: the warning of `kvsim run`
  * (report_warn_unequal_caches), one line per budget, naming the smallest and the largest; trig
  * holds more than its budget between its prunes, window and oracle_topk hold exactly theirs
- * (full is never compared), so that pair gives no warning. */
+ * (full is never compared), so that pair gives no warning. The shards of that sweep each see
+ * only their cells; `kvsim merge` makes the check over all of them: the sweep's very lines
+ * (the window's label holds a comma, quoted in the cells' CSVs). */
 static void test_unequal_caches_warn_per_budget(void **state)
 {
     (void)state;
     char ini[1200];
     snprintf(ini, sizeof ini, "%s/unequal.ini", dir);
     scratch_write(ini, "[run]\nseed = 3\n[policy.full]\ntype = full\n"
-                       "[policy.window]\ntype = window\nsinks = 4\n"
+                       "[policy.win,dow]\ntype = window\nsinks = 4\n"
                        "[policy.trig]\ntype = trig\n");
     KvsimRun r = run_kvsim_ok("sweep '%s' --trace '%s' --budgets 64,256,128 --out '%s/unequal' "
                               "--quiet", ini, trace_a, dir);
@@ -190,11 +192,28 @@ static void test_unequal_caches_warn_per_budget(void **state)
     for (int i = 0; i < 3; i++) { /* budgets ascending */
         char want[200];
         snprintf(want, sizeof want, "kvsim sweep: warning: at budget %s the policies' mean "
-                 "caches are more than 5%% apart: window holds %s.0 tokens per KV head, trig ",
+                 "caches are more than 5%% apart: win,dow holds %s.0 tokens per KV head, trig ",
                  at[i], at[i]);
         assert_int_equal(strncmp(line, want, strlen(want)), 0);
         line = strchr(line, '\n') + 1;
     }
+    for (int i = 0; i < 3; i++) {
+        KvsimRun sh = run_kvsim_ok("sweep '%s' --trace '%s' --budgets 64,256,128 --shard %d/3 "
+                                   "--out '%s/unequal%d' --quiet", ini, trace_a, i, dir, i);
+        kvsim_run_free(&sh);
+    }
+    KvsimRun m = run_kvsim_ok("merge --out '%s/unequal_m' '%s/unequal0' '%s/unequal1' "
+                              "'%s/unequal2'", dir, dir, dir, dir);
+    const char *a = r.err, *b = m.err;
+    for (int i = 0; i < 3; i++) { /* "kvsim merge: " and the rest of the sweep's line */
+        assert_int_equal(strncmp(b, "kvsim merge: ", 13), 0);
+        size_t len = (size_t)(strchr(a, '\n') - a) - 13;
+        assert_int_equal(strncmp(b + 13, a + 13, len + 1), 0);
+        a = strchr(a, '\n') + 1;
+        b = strchr(b, '\n') + 1;
+    }
+    assert_string_equal(b, "");
+    kvsim_run_free(&m);
     kvsim_run_free(&r);
 
     snprintf(ini, sizeof ini, "%s/equal.ini", dir);

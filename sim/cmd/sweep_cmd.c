@@ -186,6 +186,78 @@ static void warn_unequal_caches(const SweepPlan *plan, const RunConfig *rc, int 
     }
 }
 
+/* Field `index` of a CSV row kvsim wrote (csv.h: a text field quoted when it holds a comma,
+ * its quotes doubled) into out; false when the row has fewer fields. */
+static bool row_field(const char *row, int index, char *out, size_t n)
+{
+    const char *r = row;
+    for (int f = 0;; f++) {
+        size_t len = 0;
+        if (*r == '"') { /* quoted: up to the quote not doubled */
+            for (r++; *r && !(r[0] == '"' && r[1] != '"'); r += r[0] == '"' ? 2 : 1)
+                if (f == index && len + 1 < n)
+                    out[len++] = *r;
+            r += *r == '"';
+        } else {
+            for (; *r && *r != ',' && *r != '\n'; r++)
+                if (f == index && len + 1 < n)
+                    out[len++] = *r;
+        }
+        if (f == index) {
+            out[len] = '\0';
+            return true;
+        }
+        if (*r != ',')
+            return false;
+        r++;
+    }
+}
+
+/* The check of `kvsim sweep` (warn_unequal_caches above) over the merged cells, whose shards
+ * each saw only their own: per trace and value, every policy but full, from the cells'
+ * summary.csv (type and cache_tokens_mean). A cell that cannot be read is left out. */
+static void merge_warn_unequal_caches(const SweepPlan *plan, const char *out)
+{
+    int n = plan->n_policies;
+    PolicySpec specs[SWEEP_MAX_POLICIES];
+    bool compare[SWEEP_MAX_POLICIES];
+    double tokens[SWEEP_MAX_POLICIES];
+    memset(specs, 0, sizeof specs);
+    for (int pol = 0; pol < n; pol++)
+        snprintf(specs[pol].label, sizeof specs[pol].label, "%s", plan->label[pol]);
+    for (int t = 0; t < plan->n_traces; t++)
+        for (int v = 0; v < plan->n_values; v++) {
+            for (int pol = 0; pol < n; pol++) {
+                char dir[4400], path[4500], type[64], num[64];
+                int c = (t * n + pol) * plan->n_values + v;
+                sweep_cell_dir(plan, out, c, dir, sizeof dir);
+                snprintf(path, sizeof path, "%s/summary.csv", dir);
+                KvErr err;
+                size_t len;
+                char *text = kv_read_input(path, 0, &len, &err);
+                const char *row = text ? strchr(text, '\n') : NULL;
+                int col = -1, type_col = -1;
+                for (int f = 0; text && row_field(text, f, num, sizeof num) && f < 64; f++) {
+                    col = strcmp(num, "cache_tokens_mean") ? col : f;
+                    type_col = strcmp(num, "type") ? type_col : f;
+                }
+                const PolicyType *pt = NULL;
+                compare[pol] = row && col >= 0 && type_col >= 0 &&
+                               row_field(row + 1, type_col, type, sizeof type) &&
+                               (pt = policy_find(type)) && config_type_has_budget(pt) &&
+                               row_field(row + 1, col, num, sizeof num);
+                tokens[pol] = compare[pol] ? strtod(num, NULL) : NAN;
+                free(text);
+            }
+            char at[4400], of[4200] = "";
+            if (plan->n_traces > 1)
+                snprintf(of, sizeof of, " on %s", plan->trace_name[t]);
+            snprintf(at, sizeof at, "%s %s%s", plan->ratios ? "ratio" : "budget",
+                     plan->value[v], of);
+            report_warn_unequal_caches(stderr, "merge", specs, n, compare, tokens, at);
+        }
+}
+
 static int sweep_usage_error(const char *msg)
 {
     fprintf(stderr, "kvsim: sweep: %s\n", msg);
@@ -609,6 +681,7 @@ int cmd_merge(int argc, char **argv)
     free(from);
     if (sweep_assemble(&plan, out, &err) != 0)
         goto fail;
+    merge_warn_unequal_caches(&plan, out);
     for (int d = 0; d < n_dirs; d++)
         provenance_string(prov, "shard_dir", dirs[d]);
     provenance_string(prov, "out", out);

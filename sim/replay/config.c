@@ -828,9 +828,14 @@ int config_apply_budget(const RunConfig *rc, PolicySpec *specs, int budget, cons
     return 0;
 }
 
+bool config_type_has_budget(const PolicyType *type)
+{
+    return budget_key(type) != NULL;
+}
+
 bool config_policy_has_budget(const RunConfig *rc, int i)
 {
-    return budget_key(rc->engine.policies[i].type) != NULL;
+    return config_type_has_budget(rc->engine.policies[i].type);
 }
 
 int config_sweep_budget(const RunConfig *rc, int i, PolicySpec *spec, int budget,

@@ -76,6 +76,8 @@ int config_apply_budget(const RunConfig *rc, PolicySpec *specs, int budget, cons
 
 /* Whether policy i's type has a budget (every type but full). */
 bool config_policy_has_budget(const RunConfig *rc, int i);
+/* Whether a policy of this type has a budget at all (every type but full). */
+bool config_type_has_budget(const PolicyType *type);
 
 /* Policy i at one budget of a sweep (`kvsim sweep`, `kvsim eval --budget`): sets spec (a copy
  * of policy i's spec) to `budget` tokens per KV head the way [run] budget would if policy i's

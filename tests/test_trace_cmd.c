@@ -214,6 +214,17 @@ static void prompt_ids(int32_t *ids)
         ids[i] = (int32_t)((i * 53 + 7) % 300);
 }
 
+/* The prompt's ids as a --tokens file in dir (one line, separated by spaces); its path. */
+static const char *write_prompt_ids(const char *dir, const int32_t *prompt)
+{
+    char text[512] = "";
+    for (int i = 0; i < N_PROMPT; i++)
+        snprintf(text + strlen(text), sizeof text - strlen(text), "%d ", prompt[i]);
+    const char *tokens_path = scratch_path(dir, "prompt.ids", 0);
+    write_text(tokens_path, text);
+    return tokens_path;
+}
+
 static void test_tokens_trace_matches_rerun(void **state)
 {
     Env *env = *state;
@@ -303,11 +314,7 @@ static void test_f16_trace_passes_check(void **state)
     Env *env = *state;
     int32_t prompt[N_PROMPT], expected[N_PROMPT + 4];
     prompt_ids(prompt);
-    char text[512] = "";
-    for (int i = 0; i < N_PROMPT; i++)
-        snprintf(text + strlen(text), sizeof text - strlen(text), "%d ", prompt[i]);
-    const char *tokens_path = scratch_path(env->dir, "prompt.ids", 0);
-    write_text(tokens_path, text);
+    const char *tokens_path = write_prompt_ids(env->dir, prompt);
     const char *out = scratch_path(env->dir, "t16.h5", 1);
     KvsimRun run = run_kvsim_ok("trace --model '%s' --tokens '%s' --out '%s' --max-new 4 "
                                  "--attn-rows 1 --dtype f16", env->dir, tokens_path, out);
@@ -343,11 +350,7 @@ static void test_qwen3_moe_trace_check_run(void **state)
     TinyCheckpoint *ck = tiny_ckpt_write(dir, &spec);
     int32_t prompt[N_PROMPT], expected[N_PROMPT + 6];
     prompt_ids(prompt);
-    char text[512] = "";
-    for (int i = 0; i < N_PROMPT; i++)
-        snprintf(text + strlen(text), sizeof text - strlen(text), "%d ", prompt[i]);
-    const char *tokens_path = scratch_path(dir, "prompt.ids", 0);
-    write_text(tokens_path, text);
+    const char *tokens_path = write_prompt_ids(dir, prompt);
     const char *out = scratch_path(dir, "moe.h5", 1);
     KvsimRun run = run_kvsim_ok("trace --model '%s' --tokens '%s' --out '%s' --max-new 6 "
                                 "--attn-rows 2", dir, tokens_path, out);
@@ -401,11 +404,7 @@ static void test_longrope_trace_records_factors(void **state)
     TinyCheckpoint *ck = tiny_ckpt_write(dir, &spec);
     int32_t prompt[N_PROMPT], expected[N_PROMPT + 4];
     prompt_ids(prompt);
-    char text[512] = "";
-    for (int i = 0; i < N_PROMPT; i++)
-        snprintf(text + strlen(text), sizeof text - strlen(text), "%d ", prompt[i]);
-    const char *tokens_path = scratch_path(dir, "prompt.ids", 0);
-    write_text(tokens_path, text);
+    const char *tokens_path = write_prompt_ids(dir, prompt);
     const char *out = scratch_path(dir, "long.h5", 1);
     KvsimRun run = run_kvsim_ok("trace --model '%s' --tokens '%s' --out '%s' --max-new 4", dir,
                                 tokens_path, out);
@@ -448,11 +447,7 @@ static void test_generation_stops_at_eos(void **state)
     int T = rerun(env->dir, prompt, N_PROMPT, 8, 128, 4, eos, stopped, &r);
     assert_true(T <= N_PROMPT + 3);
 
-    char text[512] = "";
-    for (int i = 0; i < N_PROMPT; i++)
-        snprintf(text + strlen(text), sizeof text - strlen(text), "%d ", prompt[i]);
-    const char *tokens_path = scratch_path(env->dir, "prompt.ids", 0);
-    write_text(tokens_path, text);
+    const char *tokens_path = write_prompt_ids(env->dir, prompt);
     const char *out = scratch_path(env->dir, "eos.h5", 1);
     KvsimRun run = run_kvsim_ok("trace --model '%s' --tokens '%s' --out '%s' --max-new 8 "
                                  "--attn-rows 4", env->dir, tokens_path, out);
@@ -828,11 +823,7 @@ static void test_disk_full_while_writing(void **state)
     Env *env = *state;
     int32_t prompt[N_PROMPT];
     prompt_ids(prompt);
-    char text[512] = "";
-    for (int i = 0; i < N_PROMPT; i++)
-        snprintf(text + strlen(text), sizeof text - strlen(text), "%d ", prompt[i]);
-    const char *tokens_path = scratch_path(env->dir, "prompt.ids", 0);
-    write_text(tokens_path, text);
+    const char *tokens_path = write_prompt_ids(env->dir, prompt);
     const char *out = scratch_path(env->dir, "full.h5", 1);
     int before = scratch_count(env->dir), writer_failed = 0;
     /* The whole trace's size, then limits in 512-byte blocks (dash's ulimit -f unit) from the

@@ -29,14 +29,21 @@ void kvcache_free(KVCache *c)
     memset(c, 0, sizeof *c);
 }
 
+/* Room for n slots: the capacity doubled until it holds them. */
+static void reserve_slots(KVCache *c, int n)
+{
+    if (c->cap >= n)
+        return;
+    while (c->cap < n)
+        c->cap *= 2;
+    c->pos = kv_realloc(c->pos, (size_t)c->cap * sizeof *c->pos);
+    c->alt_kv = kv_realloc(c->alt_kv, (size_t)c->cap * sizeof *c->alt_kv);
+    c->alt_stamp = kv_realloc(c->alt_stamp, (size_t)c->cap * sizeof *c->alt_stamp);
+}
+
 static int push_slot(KVCache *c, int pos)
 {
-    if (c->n == c->cap) {
-        c->cap *= 2;
-        c->pos = kv_realloc(c->pos, (size_t)c->cap * sizeof *c->pos);
-        c->alt_kv = kv_realloc(c->alt_kv, (size_t)c->cap * sizeof *c->alt_kv);
-        c->alt_stamp = kv_realloc(c->alt_stamp, (size_t)c->cap * sizeof *c->alt_stamp);
-    }
+    reserve_slots(c, c->n + 1);
     int s = c->n++;
     c->pos[s] = pos;
     c->alt_kv[s] = NULL;
@@ -105,13 +112,7 @@ void kvcache_assign(KVCache *c, const int32_t *pos, int n)
                 c->slot_of[c->pos[s]] = -1;
         c->n = 0;
     }
-    while (c->cap < n) {
-        c->n = 0; /* push_slot's growth, without pushing */
-        c->cap *= 2;
-        c->pos = kv_realloc(c->pos, (size_t)c->cap * sizeof *c->pos);
-        c->alt_kv = kv_realloc(c->alt_kv, (size_t)c->cap * sizeof *c->alt_kv);
-        c->alt_stamp = kv_realloc(c->alt_stamp, (size_t)c->cap * sizeof *c->alt_stamp);
-    }
+    reserve_slots(c, n);
     memcpy(c->pos, pos, (size_t)n * sizeof *pos);
     memset(c->alt_kv, 0, (size_t)n * sizeof *c->alt_kv);
     for (int s = 0; s < n; s++)
